@@ -1,0 +1,33 @@
+"""tfx_xmatch: cross-interaction retrieval models for TensorFlow Recommenders."""
+
+from setuptools import find_packages, setup
+
+# The stack is pinned as a set: ScaNN 1.4.2's TF ops are compiled against TF 2.20 only, and
+# TFRS 0.7.7 needs Keras 2 (tf-keras). See DESIGN.md ("Stack").
+INSTALL_REQUIRES = [
+    "tensorflow~=2.20.0",
+    "tf-keras~=2.20.0",
+    "tensorflow-recommenders==0.7.7",
+    "scann==1.4.2",
+    "tensorflow-serving-api~=2.20.0",
+    "tensorflow-datasets>=4.9,<5",
+    "numpy>=1.26,<3",
+    "pyyaml>=6,<7",
+    "matplotlib>=3.8,<4",
+]
+
+setup(
+    name="tfx_xmatch",
+    version="0.1.0",
+    description="Cross-interaction retrieval (SparCode, SPARC, T2Diff) on TensorFlow Recommenders",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["tfx_xmatch", "tfx_xmatch.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "beam": ["apache-beam[gcp]>=2.60,<3"],
+        "test": ["pytest>=8,<10"],
+    },
+    entry_points={"console_scripts": ["xmatch=tfx_xmatch.cli:main"]},
+)

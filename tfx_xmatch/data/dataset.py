@@ -1,0 +1,150 @@
+"""In-memory containers shared by loaders, splits, input pipelines and evaluation.
+
+Item indices are dense integers: 0 is reserved for padding (and never a real item), real items
+are 1..num_items. Raw ids (strings or integers from the source files) live in a Vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from tfx_xmatch.data.vocabulary import Vocabulary
+
+PAD_INDEX = 0
+
+
+@dataclasses.dataclass
+class SequenceDataset:
+    """Chronological item sequences, one per user.
+
+    Attributes:
+      name: Dataset name, e.g. "ml-1m" or "synthetic".
+      sequences: One int32 array per user of item indices in [1, num_items], oldest first.
+      item_vocab: Maps raw item ids to indices (index 0 is padding).
+      user_ids: Raw user id of each sequence (same order as ``sequences``).
+      timestamps: Optional int64 array per user, aligned with ``sequences`` (unix seconds).
+      item_features: Optional per-item feature arrays indexed by item index, each with first
+        dimension num_items + 1 (row 0 is the padding item), e.g. ``{"genres": [N+1, G]}``
+        multi-hot float32.
+      user_features: Optional per-user int32 feature arrays aligned with ``sequences``, e.g.
+        ``{"gender": [U], "age": [U], "occupation": [U]}`` with 0 meaning unknown.
+      feature_vocabs: Names of the categories of categorical features, keyed like the
+        features (e.g. the genre names), for display and export.
+      skipped_lines: How many malformed input lines a loader skipped (only non-zero when the
+        caller asked to skip bad lines instead of failing).
+    """
+
+    name: str
+    sequences: list[np.ndarray]
+    item_vocab: Vocabulary
+    user_ids: np.ndarray
+    timestamps: Optional[list[np.ndarray]] = None
+    item_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    user_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    feature_vocabs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    skipped_lines: int = 0
+
+    @property
+    def num_items(self) -> int:
+        return self.item_vocab.num_items
+
+    @property
+    def num_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    def statistics(self) -> dict:
+        lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
+        return {
+            "name": self.name,
+            "users": self.num_users,
+            "items": self.num_items,
+            "interactions": self.num_interactions,
+            "length_min": int(lengths.min()) if len(lengths) else 0,
+            "length_median": float(np.median(lengths)) if len(lengths) else 0.0,
+            "length_mean": float(lengths.mean()) if len(lengths) else 0.0,
+            "length_max": int(lengths.max()) if len(lengths) else 0,
+        }
+
+
+@dataclasses.dataclass
+class EvalExamples:
+    """Held-out next-item examples: for each user, a history and the item that followed it.
+
+    Attributes:
+      user_rows: Row of each example's user in the SequenceDataset (for user features).
+      histories: One int32 array per example, item indices oldest first (not padded).
+      targets: int32 [E] index of the held-out next item.
+    """
+
+    user_rows: np.ndarray
+    histories: list[np.ndarray]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclasses.dataclass
+class Split:
+    """Train sequences plus validation and test examples over one dataset.
+
+    Attributes:
+      name: "leave_one_out", "user_level" or "time".
+      dataset: The dataset the split was made from (for item/user features and vocabularies).
+      train_user_rows: Row in ``dataset`` of each training sequence's user.
+      train_sequences: Sequences the model may train on (no validation or test target inside).
+      validation: Examples for model selection.
+      test: Examples for the final report.
+    """
+
+    name: str
+    dataset: SequenceDataset
+    train_user_rows: np.ndarray
+    train_sequences: list[np.ndarray]
+    validation: EvalExamples
+    test: EvalExamples
+
+    @property
+    def num_items(self) -> int:
+        return self.dataset.num_items
+
+    def item_popularity(self) -> np.ndarray:
+        """Training interaction count per item index (length num_items + 1, index 0 is 0)."""
+        counts = np.zeros(self.num_items + 1, dtype=np.int64)
+        for sequence in self.train_sequences:
+            np.add.at(counts, sequence, 1)
+        counts[0] = 0
+        return counts
+
+
+def pad_histories(histories: list[np.ndarray], max_length: int) -> np.ndarray:
+    """Left-pads (or truncates to the most recent ``max_length`` items) each history.
+
+    The most recent item always lands in the last column, so position embeddings mean
+    "distance from now" whatever the history length.
+
+    Args:
+      histories: Item-index arrays, oldest first.
+      max_length: Width of the result; must be positive.
+
+    Returns:
+      int32 array [len(histories), max_length], PAD_INDEX where there is no item.
+
+    Raises:
+      ValueError: If ``max_length`` is not positive.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length!r}")
+    padded = np.full((len(histories), max_length), PAD_INDEX, dtype=np.int32)
+    for row, history in enumerate(histories):
+        recent = np.asarray(history, dtype=np.int32)[-max_length:]
+        if len(recent):
+            padded[row, max_length - len(recent):] = recent
+    return padded
