@@ -1,0 +1,8 @@
+"""Keras layers shared by the tfx_xmatch models."""
+
+from tfx_xmatch.layers.causal_transformer_block import CausalTransformerBlock
+from tfx_xmatch.layers.item_tower import ItemTower
+from tfx_xmatch.layers.mean_pooling_encoder import MeanPoolingEncoder
+from tfx_xmatch.layers.sasrec_encoder import SASRecEncoder
+
+__all__ = ["CausalTransformerBlock", "ItemTower", "MeanPoolingEncoder", "SASRecEncoder"]

@@ -1,0 +1,7 @@
+"""Retrieval models (each a tfrs.models.Model), by the name a config uses."""
+
+from tfx_xmatch.models.two_tower import TwoTower
+
+MODELS = {"two_tower": TwoTower}
+
+__all__ = ["MODELS", "TwoTower"]

@@ -1,0 +1,52 @@
+"""The xmatch command line: train, evaluate, quickstart and error reporting."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tfx_xmatch.cli import main
+from tests.test_training import TINY
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    overrides = [arg for override in (*TINY, "train.epochs=2") for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
+    assert "test" in capsys.readouterr().out
+    output = tmp_path / "test_metrics.json"
+    assert main(["evaluate", "--run-dir", str(run_dir), "--output", str(output)]) == 0
+    assert "HR@10" in capsys.readouterr().out
+    assert json.loads(output.read_text()) == json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert main(["evaluate", "--run-dir", str(run_dir), "--split", "validation",
+                 "--set", "eval.mask_history=false"]) == 0
+
+
+def test_config_file_and_bad_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  embeding_dim: 8\n")
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown config key 'model.embeding_dim'" in capsys.readouterr().err
+
+
+def test_evaluate_needs_a_run_directory(tmp_path, capsys):
+    assert main(["evaluate", "--run-dir", str(tmp_path / "missing")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_to_change_the_model(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="only eval"):
+        main(["evaluate", "--run-dir", str(tmp_path), "--set", "model.embedding_dim=3"])
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tfx_xmatch.cli", "quickstart", "--run-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top-10 retrieved" in result.stdout and "HR@10" in result.stdout
+    assert (tmp_path / "training_curves.png").exists()

@@ -1,0 +1,63 @@
+"""RunConfig loading: files, overrides, and errors that name the bad key or value."""
+
+import json
+
+import pytest
+
+from tfx_xmatch.config import ConfigError, RunConfig, config_from_dict, load_config
+
+
+def test_defaults_without_a_file():
+    config = load_config()
+    assert config == RunConfig()
+    assert config.model.user_tower == "sasrec" and config.eval.mask_history is True
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  dataset: ml-1m\nmodel:\n  embedding_dim: 32\ntrain:\n  learning_rate: 1\n")
+    config = load_config(path, ["model.embedding_dim=48", "eval.ks=[5, 10]", "data.synthetic={num_users: 9}"])
+    assert config.data.dataset == "ml-1m"
+    assert config.model.embedding_dim == 48
+    assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+    assert config.eval.ks == [5, 10]
+    assert config.data.synthetic == {"num_users": 9}
+
+
+def test_json_file_and_dict_round_trip(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train": {"epochs": 3, "max_train_seconds": None}}))
+    config = load_config(path)
+    assert config.train.epochs == 3
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.embeding_dim=3", "unknown config key 'model.embeding_dim'"),
+        ("nosection.x=1", "unknown config key 'nosection.x'"),
+        ("train.epochs=ten", "train.epochs must be of type int, got 'ten'"),
+        ("train.epochs=true", "train.epochs must be an integer, got True"),
+        ("eval.mask_history=3", "eval.mask_history must be true or false, got 3"),
+        ("train.epochs", "must look like section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_bad_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    path.write_text("model:\n  layers: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.layers'"):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        load_config("/nonexistent/run.yaml")

@@ -1,0 +1,181 @@
+"""TwoTower and its layers: shapes, causality, config round trips, a training step, save/reload."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfx_xmatch.layers import CausalTransformerBlock, ItemTower, MeanPoolingEncoder, SASRecEncoder
+from tfx_xmatch.models import TwoTower
+from tfx_xmatch.training import load_model, save_model
+
+NUM_ITEMS, LENGTH = 30, 8
+
+
+def _batch(seed=0, batch=6):
+    rng = np.random.default_rng(seed)
+    history = rng.integers(1, NUM_ITEMS + 1, size=(batch, LENGTH)).astype(np.int32)
+    history[0, :3] = 0  # a left-padded row
+    next_items = np.roll(history, -1, axis=1)
+    next_items[:, -1] = rng.integers(1, NUM_ITEMS + 1, size=batch)
+    next_items[history == 0] = 0
+    return {"history": history, "next_items": next_items}
+
+
+def _model(**kwargs):
+    defaults = dict(num_items=NUM_ITEMS, embedding_dim=16, max_length=LENGTH, dropout=0.0)
+    tf.keras.utils.set_random_seed(1)
+    return TwoTower(**{**defaults, **kwargs})
+
+
+def test_sasrec_encoder_is_causal_and_zero_on_padding():
+    encoder = SASRecEncoder(max_length=LENGTH, num_blocks=2, num_heads=2, dropout=0.0)
+    embeddings = tf.random.normal([2, LENGTH, 8], seed=0)
+    mask = tf.constant([[False] * 2 + [True] * 6, [True] * 8])
+    out = encoder(embeddings, mask).numpy()
+    changed = embeddings.numpy().copy()
+    changed[:, 5:] += np.random.default_rng(1).normal(size=changed[:, 5:].shape)  # only the future of position 4
+    out_changed = encoder(tf.constant(changed), mask).numpy()
+    np.testing.assert_allclose(out[:, :5], out_changed[:, :5], atol=1e-5)
+    assert not np.allclose(out[:, 5:], out_changed[:, 5:])
+    np.testing.assert_array_equal(out[0, :2], 0.0)
+
+
+def test_mean_pooling_encoder_is_the_running_mean():
+    encoder = MeanPoolingEncoder(projection=False)
+    embeddings = np.random.default_rng(0).normal(size=(1, 4, 3)).astype(np.float32)
+    mask = np.array([[False, True, True, True]])
+    out = encoder(embeddings, mask).numpy()
+    np.testing.assert_allclose(out[0, 3], embeddings[0, 1:].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(out[0, 1], embeddings[0, 1], rtol=1e-5)
+    np.testing.assert_array_equal(out[0, 0], 0.0)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        CausalTransformerBlock(num_heads=2, ffn_units=12, dropout=0.1),
+        SASRecEncoder(max_length=5, num_blocks=3, num_heads=1, dropout=0.3),
+        MeanPoolingEncoder(projection=False),
+        ItemTower(num_items=9, embedding_dim=4, feature_dims={"genres": 3}, hidden_units=(8,), l2=0.01),
+    ],
+)
+def test_layer_config_round_trip(layer):
+    config = layer.get_config()
+    assert type(layer).from_config(config).get_config() == config
+
+
+@pytest.mark.parametrize("bad", [dict(num_items=0, embedding_dim=4), dict(num_items=4, embedding_dim=0)])
+def test_item_tower_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="must be at least 1"):
+        ItemTower(**bad)
+
+
+def test_item_tower_feature_table_shape_is_checked():
+    with pytest.raises(ValueError, match="genres"):
+        ItemTower(3, 4, feature_dims={"genres": 2}, feature_tables={"genres": np.zeros((3, 2))})
+
+
+@pytest.mark.parametrize("field, value", [("user_tower", "gru"), ("loss", "bpr"), ("temperature", 0.0)])
+def test_model_rejects_bad_hyperparameters(field, value):
+    with pytest.raises(ValueError, match=repr(value)):
+        _model(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(user_tower="sasrec", loss="full_softmax"),
+        dict(user_tower="mean", loss="full_softmax"),
+        dict(user_tower="sasrec", loss="sampled_softmax", num_sampled_negatives=16),
+        dict(user_tower="mean", loss="sampled_softmax"),
+    ],
+)
+def test_one_training_step_reduces_the_loss_on_a_fixed_batch(kwargs):
+    model = _model(**kwargs)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
+    batch = {key: tf.constant(value) for key, value in _batch().items()}
+    if kwargs["loss"] == "sampled_softmax":
+        tf.random.set_seed(0)  # the same negatives before and after the step
+    before = float(model.compute_loss(batch))
+    model.train_on_batch(batch)
+    if kwargs["loss"] == "sampled_softmax":
+        tf.random.set_seed(0)
+    after = float(model.compute_loss(batch))
+    assert np.isfinite(before) and after < before
+
+
+def test_full_softmax_loss_matches_numpy():
+    model = _model(user_tower="mean")
+    batch = _batch()
+    loss = float(model.compute_loss(batch))
+    sequence = model.encode_sequence(batch).numpy()
+    items = model.item_embeddings().numpy()[1:]
+    valid = batch["next_items"] > 0
+    logits = sequence[valid] @ items.T
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -log_probs[np.arange(valid.sum()), batch["next_items"][valid] - 1].mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-4)
+
+
+def test_score_all_is_user_embedding_dot_items():
+    model = _model()
+    batch = _batch()
+    scores = model.score_all(batch).numpy()
+    expected = model.user_embedding(batch).numpy() @ model.item_embeddings().numpy().T
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+    assert scores.shape == (6, NUM_ITEMS + 1)
+
+
+def test_item_frequencies_are_validated_and_smoothed():
+    model = _model()
+    with pytest.raises(ValueError, match=r"expected \(31,\)"):
+        model.set_item_frequencies(np.ones(5))
+    counts = np.zeros(NUM_ITEMS + 1)
+    counts[1] = 10
+    model.set_item_frequencies(counts)
+    frequency = model.item_frequency.numpy()
+    assert frequency[0] == 0 and frequency[1] > frequency[2] > 0
+    np.testing.assert_allclose(frequency.sum(), 1.0, rtol=1e-5)
+
+
+def _features_model():
+    rng = np.random.default_rng(3)
+    genres = (rng.random((NUM_ITEMS + 1, 4)) > 0.5).astype(np.float32)
+    return _model(item_feature_dims={"genres": 4}, item_feature_tables={"genres": genres},
+                  user_feature_cardinalities={"gender": 2, "age": 7}), genres
+
+
+def test_model_config_round_trip_gives_the_same_model():
+    model, _ = _features_model()
+    batch = {**_batch(), "gender": np.array([1, 2, 0, 1, 2, 1], np.int32), "age": np.arange(6, dtype=np.int32)}
+    expected = model.score_all(batch).numpy()
+    clone = TwoTower.from_config(model.get_config())
+    clone.score_all(batch)
+    clone.set_weights(model.get_weights())
+    assert clone.get_config() == model.get_config()
+    np.testing.assert_allclose(clone.score_all(batch).numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("with_features", [False, True])
+def test_save_and_reload_gives_identical_outputs(tmp_path, with_features):
+    if with_features:
+        model, genres = _features_model()
+        extra = {"gender": np.array([1, 2, 0, 1, 2, 1], np.int32), "age": np.arange(6, dtype=np.int32)}
+    else:
+        model, genres, extra = _model(), None, {}
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
+    batch = {**_batch(), **extra}
+    model.train_on_batch(batch)  # weights that differ from any fresh initialisation
+    expected = model.score_all(batch).numpy()
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    np.testing.assert_array_equal(reloaded.score_all(batch).numpy(), expected)
+    if with_features:
+        np.testing.assert_array_equal(reloaded.item_tower.feature_tables["genres"].numpy(), genres)
+
+
+def test_missing_user_feature_is_named():
+    model, _ = _features_model()
+    with pytest.raises(KeyError, match="gender"):
+        model.score_all(_batch())

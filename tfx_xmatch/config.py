@@ -1,0 +1,206 @@
+"""Run configuration: typed sections loaded from YAML/JSON, overridden by ``section.key=value``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import typing
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override names an unknown key or holds a wrongly typed value."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which data, how it is split and how histories are windowed.
+
+    Attributes:
+      dataset: A name known to ``tfx_xmatch.data.load_dataset`` ("synthetic", "ml-1m",
+        "ml-100k", "beauty", "lastfm") or a file path.
+      data_dir: Directory holding the named datasets (e.g. ``../shared/data``).
+      format: For a file path: "pairs", "sequences" or "ratings".
+      split: "leave_one_out", "user_level" or "time".
+      side_info: Load item/user features where the dataset has them, and feed them to the model.
+      skip_bad_lines: Skip (and count) malformed lines instead of failing on the first one.
+      synthetic: Arguments of ``make_synthetic`` when dataset is "synthetic".
+    """
+
+    dataset: str = "synthetic"
+    data_dir: Optional[str] = None
+    format: Optional[str] = None
+    split: str = "leave_one_out"
+    side_info: bool = False
+    skip_bad_lines: bool = False
+    synthetic: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Model name and its hyperparameters (see ``tfx_xmatch.models.TwoTower``)."""
+
+    name: str = "two_tower"
+    embedding_dim: int = 64
+    user_tower: str = "sasrec"
+    max_length: int = 200
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    loss: str = "full_softmax"
+    temperature: float = 1.0
+    num_sampled_negatives: int = 0
+    max_loss_positions: int = 4096
+    item_hidden_units: list = dataclasses.field(default_factory=list)
+    l2: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation, model selection and stopping.
+
+    Attributes:
+      epochs: Maximum number of epochs.
+      batch_size: Sequences per training batch.
+      learning_rate: Adam learning rate.
+      monitor: Validation metric used for model selection and early stopping.
+      early_stopping_patience: Epochs without a better ``monitor`` before stopping (0: never).
+      validation_every: Evaluate on validation every this many epochs.
+      max_train_seconds: Stop after the epoch that passes this wall time (None: no limit).
+      seed: Seed for weights, shuffling and dropout.
+      verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line per epoch.
+    """
+
+    epochs: int = 200
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    monitor: str = "NDCG@10"
+    early_stopping_patience: int = 10
+    validation_every: int = 1
+    max_train_seconds: Optional[float] = None
+    seed: int = 0
+    verbose: int = 1
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Full-ranking evaluation settings."""
+
+    ks: list = dataclasses.field(default_factory=lambda: [1, 10, 20, 50])
+    mask_history: bool = True
+    batch_size: int = 512
+
+
+@dataclasses.dataclass
+class RunConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, field_type: Any, where: str) -> Any:
+    """Checks ``value`` against a dataclass field type, converting int -> float where natural."""
+    origin = typing.get_origin(field_type)
+    if origin is typing.Union:
+        options = [t for t in typing.get_args(field_type) if t is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], where)
+    expected = origin or field_type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list and isinstance(value, tuple):
+        return list(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where} must be of type {expected.__name__}, got {value!r}")
+    return value
+
+
+def _section_fields(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _set(config: RunConfig, dotted_key: str, value: Any) -> None:
+    section_name, _, key = dotted_key.partition(".")
+    sections = {f.name for f in dataclasses.fields(config)}
+    if section_name not in sections or not key:
+        raise ConfigError(f"unknown config key {dotted_key!r}: keys look like 'section.key' with "
+                          f"section one of {sorted(sections)}")
+    section = getattr(config, section_name)
+    fields = _section_fields(section)
+    if key not in fields:
+        raise ConfigError(f"unknown config key {dotted_key!r}; {section_name} has {sorted(fields)}")
+    setattr(section, key, _coerce(value, fields[key], dotted_key))
+
+
+def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
+    """Builds a RunConfig from nested ``{section: {key: value}}``, rejecting unknown keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    config = RunConfig()
+    for section_name, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section_name!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            try:
+                _set(config, f"{section_name}.{key}", value)
+            except ConfigError as error:
+                raise ConfigError(f"{source}: {error}") from None
+    return config
+
+
+def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a YAML or JSON config file (optional) and applies ``section.key=value`` overrides.
+
+    Args:
+      path: A .yaml/.yml/.json file; None starts from the defaults.
+      overrides: Strings like ``"train.epochs=5"``; values are parsed as YAML scalars/lists.
+
+    Returns:
+      The resolved RunConfig.
+
+    Raises:
+      ConfigError: Unknown key, wrong type, unparsable file or override.
+      FileNotFoundError: ``path`` does not exist.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+    config = config_from_dict(raw, source=str(path) if path else "config")
+    apply_overrides(config, overrides)
+    return config
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """Applies ``section.key=value`` strings (values parsed as YAML) to ``config`` in place.
+
+    Raises:
+      ConfigError: An override is not ``key=value``, names an unknown key or has a wrong type.
+    """
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: cannot parse value: {error}") from None
+        _set(config, key.strip(), value)
+    return config

@@ -1,0 +1,441 @@
+"""Full-ranking next-item evaluation (the SASRec protocol): every item is a candidate.
+
+Protocol, per example (a user history and the held-out next item, the *target*):
+
+- Candidates are all real items 1..num_items. Column 0 of the scores is the padding item and is
+  never a candidate.
+- With ``mask_history=True`` (the default) every item of the user's FULL history (not only the
+  window the model saw) is removed from the candidates, except the target itself, which is always
+  ranked. This is the standard protocol: the negatives are the items the user has not seen, and
+  a target the user re-consumes is still a fair question.
+- ``rank`` is the number of candidates scored strictly higher than the target (0-based). With
+  ``tie_policy="optimistic"`` (the default, and the usual convention) ties count in the target's
+  favour; with ``"pessimistic"`` every other candidate scored ``>=`` the target is counted
+  against it. Constant scores therefore give rank 0 (optimistic) or rank ``#candidates - 1``
+  (pessimistic); reporting both brackets a model that produces many ties.
+
+Per example and cutoff K: HR@K = Recall@K = 1[rank < K]; NDCG@K = 1/log2(rank + 2) if rank < K;
+MRR@K = 1/(rank + 1) if rank < K; P@K = HR@K / K (one relevant item). TailRecall@K is HR@K over
+the examples whose target lies outside the most popular ``tail_fraction`` of the catalogue.
+Coverage@K = |union of the top-K lists of all examples| / num_items.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+
+from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, pad_histories
+
+ArrayLike = Union[np.ndarray, tf.Tensor]
+SeenLike = Union[np.ndarray, tf.Tensor, tf.RaggedTensor]
+
+TIE_POLICIES = ("optimistic", "pessimistic")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, but ks=(True,) is certainly a bug.
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, tf.Tensor):
+        return value.numpy()
+    return np.asarray(value)
+
+
+class FullRankingEvaluator:
+    """Accumulates full-ranking retrieval metrics over batches of users.
+
+    Memory stays bounded by one batch of scores ([B, num_items + 1]); the accumulated state is a
+    histogram of target ranks below max(ks) (which makes the means exact and independent of how
+    the examples are batched) and one coverage bitmap per K.
+
+    Coverage uses each example's top-K after masking, with ties broken by the lower item index
+    (``tf.math.top_k``'s order). Candidates scored ``-inf`` are never counted as returned: a
+    ``-inf`` score is how a model says "do not retrieve this item".
+
+    Args:
+      num_items: Number of real items; scores have ``num_items + 1`` columns.
+      ks: Cutoffs, positive ints ``<= num_items`` (duplicates are dropped, order is sorted).
+      mask_history: Remove the items of each user's history from the candidates (the target is
+        always kept).
+      item_popularity: Optional training popularity per item index, shape [num_items + 1]
+        (index 0 is ignored). Enables TailRecall@K and ``num_tail_examples``.
+      tail_fraction: Fraction of the catalogue, taken from the most popular end, that counts as
+        the *head*: the ``floor(tail_fraction * num_items)`` most popular items (ties in
+        popularity go to the lower item index) are head, every other item is tail. Must be in
+        [0, 1).
+      tie_policy: ``"optimistic"`` (ties count for the target) or ``"pessimistic"`` (ties count
+        against it).
+
+    Raises:
+      ValueError: On a non-positive ``num_items``, empty or out-of-range ``ks``, a wrongly shaped
+        or non-finite ``item_popularity``, ``tail_fraction`` outside [0, 1), or an unknown
+        ``tie_policy``.
+
+    Example:
+      >>> evaluator = FullRankingEvaluator(num_items=3, ks=(1, 2))
+      >>> scores = np.array([[9.0, 0.1, 0.7, 0.3]])    # column 0 = padding, never ranked
+      >>> evaluator.update(scores, targets=[3], seen=[[1, 0]])  # item 1 seen -> masked
+      array([1])
+      >>> evaluator.result()["HR@1"], evaluator.result()["HR@2"]
+      (0.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        ks: Iterable[int] = (10, 20, 50),
+        mask_history: bool = True,
+        item_popularity: Optional[ArrayLike] = None,
+        tail_fraction: float = 0.2,
+        tie_policy: str = "optimistic",
+    ) -> None:
+        if not _is_int(num_items) or num_items <= 0:
+            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
+        self.num_items = int(num_items)
+
+        if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+            raise ValueError(f"ks must be an iterable of ints, e.g. (10, 20), got {ks!r}")
+        ks_list = list(ks)
+        if not ks_list:
+            raise ValueError(f"ks must contain at least one cutoff, got {ks!r}")
+        for k in ks_list:
+            if not _is_int(k) or not 1 <= k <= self.num_items:
+                raise ValueError(
+                    f"every k must be an int in [1, num_items={self.num_items}], got {k!r} "
+                    f"in ks={ks!r}"
+                )
+        self.ks: tuple[int, ...] = tuple(sorted({int(k) for k in ks_list}))
+        self.max_k = self.ks[-1]
+
+        self.mask_history = bool(mask_history)
+
+        if tie_policy not in TIE_POLICIES:
+            raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
+        self.tie_policy = tie_policy
+
+        if isinstance(tail_fraction, bool) or not isinstance(tail_fraction, (int, float)) or not (
+            0.0 <= float(tail_fraction) < 1.0
+        ):
+            raise ValueError(f"tail_fraction must be a number in [0, 1), got {tail_fraction!r}")
+        self.tail_fraction = float(tail_fraction)
+
+        self._is_tail: Optional[np.ndarray] = None
+        if item_popularity is not None:
+            self._is_tail = self._tail_items(_to_numpy(item_popularity))
+
+        self.reset()
+
+    def _tail_items(self, popularity: np.ndarray) -> np.ndarray:
+        expected = (self.num_items + 1,)
+        if popularity.shape != expected:
+            raise ValueError(
+                f"item_popularity must have shape {expected} (num_items + 1, index 0 = padding), "
+                f"got {popularity.shape}"
+            )
+        if not np.issubdtype(popularity.dtype, np.number) or np.issubdtype(
+            popularity.dtype, np.complexfloating
+        ):
+            raise ValueError(f"item_popularity must be real numbers, got dtype {popularity.dtype}")
+        if not np.all(np.isfinite(popularity[1:])):
+            bad = int(np.flatnonzero(~np.isfinite(popularity[1:]))[0]) + 1
+            raise ValueError(
+                f"item_popularity must be finite, got {popularity[bad].item()!r} for item {bad}"
+            )
+        items = np.arange(1, self.num_items + 1)
+        # lexsort sorts by the last key first: most popular first, lower index wins ties.
+        by_popularity = items[np.lexsort((items, -popularity[1:].astype(np.float64)))]
+        # The epsilon keeps 0.3 * 10 = 3.0000000000000004 from flooring like 2.9999999999999996.
+        num_head = int(math.floor(self.tail_fraction * self.num_items + 1e-9))
+        is_tail = np.ones(self.num_items + 1, dtype=bool)
+        is_tail[PAD_INDEX] = False
+        is_tail[by_popularity[:num_head]] = False
+        return is_tail
+
+    def reset(self) -> None:
+        """Forgets every example seen so far."""
+        # rank_counts[r] = #examples with rank r for r < max_k; the last bin holds rank >= max_k.
+        self._rank_counts = np.zeros(self.max_k + 1, dtype=np.int64)
+        self._tail_rank_counts = np.zeros(self.max_k + 1, dtype=np.int64)
+        self._covered = {k: np.zeros(self.num_items + 1, dtype=bool) for k in self.ks}
+
+    @property
+    def num_examples(self) -> int:
+        """Examples accumulated since construction or the last ``reset()``."""
+        return int(self._rank_counts.sum())
+
+    def update(
+        self, scores: ArrayLike, targets: ArrayLike, seen: Optional[SeenLike] = None
+    ) -> np.ndarray:
+        """Ranks one batch of examples and adds them to the running metrics.
+
+        Args:
+          scores: float [B, num_items + 1] (tf.Tensor or NumPy), higher = better. Column 0 (the
+            padding item) is ignored. NaN is rejected among the candidates; ``-inf`` is allowed.
+          targets: int [B], each in 1..num_items.
+          seen: Items to mask per example (used when ``mask_history``): an int [B, S] array or
+            tensor padded with 0, or a tf.RaggedTensor [B, None]. Repeats are fine. May be None
+            only when ``mask_history=False``; it is ignored then.
+
+        Returns:
+          int64 [B] 0-based rank of each target under the evaluator's tie policy.
+
+        Raises:
+          ValueError: On wrongly shaped inputs, non-integer or out-of-range targets or seen
+            items, NaN candidate scores, or a missing ``seen`` while ``mask_history`` is on.
+
+        Example:
+          >>> evaluator = FullRankingEvaluator(num_items=4, ks=(2,), mask_history=False)
+          >>> evaluator.update(np.array([[0.0, 4.0, 3.0, 2.0, 1.0]]), targets=np.array([3]))
+          array([2])
+        """
+        num_columns = self.num_items + 1
+        scores = tf.convert_to_tensor(scores)
+        if scores.shape.rank != 2 or scores.shape[1] != num_columns:
+            raise ValueError(
+                f"scores must have shape [batch, num_items + 1 = {num_columns}], "
+                f"got {scores.shape.as_list() if scores.shape.rank is not None else scores.shape}"
+            )
+        if scores.dtype.is_integer:
+            # float64 holds every integer score up to 2**53 exactly, so no new ties appear.
+            scores = tf.cast(scores, tf.float64)
+        elif scores.dtype in (tf.float16, tf.bfloat16):
+            scores = tf.cast(scores, tf.float32)
+        elif not scores.dtype.is_floating:
+            raise ValueError(f"scores must be real numbers, got dtype {scores.dtype.name}")
+        batch_size = int(scores.shape[0])
+
+        targets_np = _to_numpy(targets)
+        if targets_np.shape != (batch_size,):
+            raise ValueError(
+                f"targets must have shape [{batch_size}] (one per row of scores), "
+                f"got {targets_np.shape}"
+            )
+        if batch_size and not np.issubdtype(targets_np.dtype, np.integer):
+            raise ValueError(f"targets must be integer item indices, got dtype {targets_np.dtype}")
+        out_of_range = np.flatnonzero((targets_np < 1) | (targets_np > self.num_items))
+        if len(out_of_range):
+            row = int(out_of_range[0])
+            raise ValueError(
+                f"targets must be item indices in [1, {self.num_items}], got {targets_np[row].item()!r} "
+                f"at row {row}"
+            )
+        if batch_size == 0:
+            return np.zeros(0, dtype=np.int64)
+        targets_t = tf.constant(targets_np.astype(np.int64))
+
+        # [B, N+1] bool, True where the item may be ranked against the target.
+        target_hot = tf.one_hot(targets_t, num_columns, on_value=True, off_value=False)
+        excluded = tf.one_hot(
+            tf.fill([batch_size], tf.constant(PAD_INDEX, tf.int64)), num_columns,
+            on_value=True, off_value=False,
+        )
+        if self.mask_history:
+            if seen is None:
+                raise ValueError(
+                    "seen is required when mask_history=True (pass the users' full histories, "
+                    "or construct the evaluator with mask_history=False)"
+                )
+            excluded = tf.logical_or(excluded, self._seen_mask(seen, batch_size))
+        # The target is always ranked, even when it is in the history.
+        candidate = tf.logical_or(tf.logical_not(excluded), target_hot)
+
+        nan_candidate = tf.logical_and(tf.math.is_nan(scores), candidate)
+        if bool(tf.reduce_any(nan_candidate)):
+            row, column = tf.where(nan_candidate)[0].numpy().tolist()
+            raise ValueError(f"scores contain NaN (row {row}, item {column}); cannot rank it")
+
+        target_scores = tf.gather(scores, targets_t[:, None], batch_dims=1)  # [B, 1]
+        if self.tie_policy == "optimistic":
+            beats_target = scores > target_scores
+        else:
+            # ">=" also matches the target itself, which must not count against itself.
+            beats_target = tf.logical_and(scores >= target_scores, tf.logical_not(target_hot))
+        ranks = tf.reduce_sum(
+            tf.cast(tf.logical_and(beats_target, candidate), tf.int64), axis=1
+        ).numpy()
+
+        self._rank_counts += np.bincount(np.minimum(ranks, self.max_k), minlength=self.max_k + 1)
+        if self._is_tail is not None:
+            tail_ranks = ranks[self._is_tail[targets_np]]
+            self._tail_rank_counts += np.bincount(
+                np.minimum(tail_ranks, self.max_k), minlength=self.max_k + 1
+            )
+
+        masked = tf.where(candidate, scores, tf.constant(-np.inf, dtype=scores.dtype))
+        top_values, top_items = tf.math.top_k(masked, k=self.max_k, sorted=True)
+        # Rows with fewer than max_k candidates pad their top-k with masked (-inf) items.
+        returned = tf.logical_and(
+            tf.gather(candidate, top_items, batch_dims=1), top_values > -np.inf
+        ).numpy()
+        top_items = top_items.numpy()
+        for k in self.ks:
+            self._covered[k][top_items[:, :k][returned[:, :k]]] = True
+        return ranks.astype(np.int64)
+
+    def _seen_mask(self, seen: SeenLike, batch_size: int) -> tf.Tensor:
+        """[B, N+1] bool, True at every item index listed in ``seen`` (padding lands in col 0)."""
+        if isinstance(seen, tf.RaggedTensor):
+            if seen.ragged_rank != 1 or seen.shape.rank != 2:
+                raise ValueError(f"seen as a RaggedTensor must be [batch, None], got {seen.shape}")
+            if int(seen.nrows()) != batch_size:
+                raise ValueError(
+                    f"seen must have one row per example ({batch_size}), got {int(seen.nrows())}"
+                )
+            items = seen.flat_values.numpy()
+            rows = seen.value_rowids().numpy()
+        else:
+            seen_np = _to_numpy(seen)
+            if seen_np.ndim != 2 or seen_np.shape[0] != batch_size:
+                raise ValueError(
+                    f"seen must be a padded [batch = {batch_size}, length] array or a "
+                    f"tf.RaggedTensor, got shape {seen_np.shape}"
+                )
+            items = seen_np.reshape(-1)
+            rows = np.repeat(np.arange(batch_size), seen_np.shape[1])
+        if items.size and not np.issubdtype(items.dtype, np.integer):
+            raise ValueError(f"seen must hold integer item indices, got dtype {items.dtype}")
+        bad = np.flatnonzero((items < 0) | (items > self.num_items))
+        if len(bad):
+            raise ValueError(
+                f"seen items must be in [0, {self.num_items}] (0 = padding), got "
+                f"{items[bad[0]].item()!r} in row {int(rows[bad[0]])}"
+            )
+        indices = tf.constant(np.stack([rows, items], axis=1).astype(np.int64).reshape(-1, 2))
+        counts = tf.scatter_nd(
+            indices, tf.ones([len(items)], tf.int32), [batch_size, self.num_items + 1]
+        )
+        return counts > 0
+
+    def result(self) -> dict[str, float]:
+        """Mean metrics over every example accumulated so far.
+
+        Returns:
+          ``{"HR@K", "Recall@K", "NDCG@K", "MRR@K", "P@K", ["TailRecall@K"], "Coverage@K"}``
+          for each K, plus ``"num_examples"`` and, with ``item_popularity``,
+          ``"num_tail_examples"``. TailRecall@K is NaN when no target was a tail item.
+
+        Raises:
+          ValueError: If no example has been accumulated.
+
+        Example:
+          >>> evaluator = FullRankingEvaluator(num_items=2, ks=(1,), mask_history=False)
+          >>> _ = evaluator.update(np.array([[0.0, 1.0, 2.0]]), targets=np.array([1]))
+          >>> evaluator.result()["MRR@1"]
+          0.0
+        """
+        total = self.num_examples
+        if total == 0:
+            raise ValueError("no examples accumulated (call update() first, or after reset())")
+        ranks = np.arange(self.max_k)
+        ndcg_gain = 1.0 / np.log2(ranks + 2.0)
+        mrr_gain = 1.0 / (ranks + 1.0)
+        tail_total = int(self._tail_rank_counts.sum())
+
+        metrics: dict[str, float] = {}
+        for k in self.ks:
+            counts = self._rank_counts[:k]
+            hits = float(counts.sum()) / total
+            metrics[f"HR@{k}"] = hits
+            metrics[f"Recall@{k}"] = hits
+            metrics[f"NDCG@{k}"] = float(np.dot(counts, ndcg_gain[:k])) / total
+            metrics[f"MRR@{k}"] = float(np.dot(counts, mrr_gain[:k])) / total
+            metrics[f"P@{k}"] = hits / k
+            if self._is_tail is not None:
+                metrics[f"TailRecall@{k}"] = (
+                    float(self._tail_rank_counts[:k].sum()) / tail_total if tail_total else math.nan
+                )
+            metrics[f"Coverage@{k}"] = float(self._covered[k].sum()) / self.num_items
+        metrics["num_examples"] = float(total)
+        if self._is_tail is not None:
+            metrics["num_tail_examples"] = float(tail_total)
+        return metrics
+
+
+def evaluate_full_ranking(
+    score_fn: Callable[[np.ndarray, np.ndarray], ArrayLike],
+    examples: EvalExamples,
+    *,
+    max_length: int,
+    batch_size: int = 256,
+    **evaluator_kwargs: Any,
+) -> dict[str, float]:
+    """Scores every example against the whole catalogue and returns the mean metrics.
+
+    The model sees each history truncated to its most recent ``max_length`` items, but masking
+    (``mask_history=True``) uses the FULL history, so an item the user saw before the window is
+    still not counted as a hit-stealing negative.
+
+    Args:
+      score_fn: ``score_fn(histories, user_rows) -> scores`` with histories int32
+        [B, max_length] left-padded by ``pad_histories``, user_rows int64 [B], and scores
+        [B, num_items + 1] (NumPy or tf.Tensor; column 0 ignored).
+      examples: The held-out examples.
+      max_length: Width of the histories given to ``score_fn``.
+      batch_size: Examples per ``score_fn`` call; bounds memory at [batch_size, num_items + 1].
+      **evaluator_kwargs: Passed to ``FullRankingEvaluator`` (``ks``, ``mask_history``,
+        ``item_popularity``, ``tail_fraction``, ``tie_policy``, and optionally ``num_items``,
+        which is otherwise read from the width of the first batch of scores).
+
+    Returns:
+      The ``FullRankingEvaluator.result()`` dictionary.
+
+    Raises:
+      ValueError: On empty or inconsistent examples, a non-positive ``batch_size`` or
+        ``max_length``, or scores whose shape is not [B, num_items + 1].
+
+    Example:
+      >>> examples = EvalExamples(user_rows=np.array([0]), histories=[np.array([1, 2])],
+      ...                         targets=np.array([3]))
+      >>> fixed = np.array([[0.0, 5.0, 4.0, 3.0, 2.0]])
+      >>> evaluate_full_ranking(lambda h, u: fixed, examples, max_length=5, ks=(1,))["HR@1"]
+      1.0
+    """
+    num_examples = len(examples)
+    if num_examples == 0:
+        raise ValueError("examples is empty: nothing to evaluate")
+    if len(examples.histories) != num_examples or len(examples.user_rows) != num_examples:
+        raise ValueError(
+            f"examples must have as many histories and user_rows as targets ({num_examples}), "
+            f"got {len(examples.histories)} histories and {len(examples.user_rows)} user_rows"
+        )
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not _is_int(max_length) or max_length <= 0:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+
+    num_items: Optional[int] = evaluator_kwargs.pop("num_items", None)
+    evaluator: Optional[FullRankingEvaluator] = None
+    targets = np.asarray(examples.targets)
+    user_rows = np.asarray(examples.user_rows, dtype=np.int64)
+    for start in range(0, num_examples, batch_size):
+        stop = min(start + batch_size, num_examples)
+        batch_histories = [np.asarray(h, dtype=np.int32) for h in examples.histories[start:stop]]
+        scores = score_fn(pad_histories(batch_histories, max_length), user_rows[start:stop])
+        shape = tuple(scores.shape) if hasattr(scores, "shape") else np.shape(scores)
+        if num_items is None:
+            if len(shape) != 2 or shape[1] is None or shape[1] < 2:
+                raise ValueError(
+                    f"score_fn must return scores of shape [batch, num_items + 1]: expected "
+                    f"[{stop - start}, num_items + 1], got {list(shape)}"
+                )
+            num_items = int(shape[1]) - 1
+        expected = (stop - start, num_items + 1)
+        if tuple(shape) != expected:
+            raise ValueError(
+                f"score_fn must return scores of shape [batch, num_items + 1]: expected "
+                f"{list(expected)}, got {list(shape)} for examples {start}:{stop}"
+            )
+        if evaluator is None:
+            evaluator = FullRankingEvaluator(num_items, **evaluator_kwargs)
+        # Masking needs the whole history, not the model's window: pad to the longest in batch.
+        longest = max((len(h) for h in batch_histories), default=0)
+        seen = pad_histories(batch_histories, max(longest, 1))
+        evaluator.update(scores, targets[start:stop], seen)
+    assert evaluator is not None  # num_examples > 0 guarantees one batch
+    return evaluator.result()

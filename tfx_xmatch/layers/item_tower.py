@@ -1,0 +1,118 @@
+"""ItemTower: item id embedding plus optional dense item features."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+
+class ItemTower(tf.keras.layers.Layer):
+    """Embeds item indices from an id table and optional per-item feature tables.
+
+    Feature tables (e.g. multi-hot genres) are data, not hyperparameters: they are kept in
+    non-trainable variables so checkpoints and SavedModels carry them, and ``get_config`` only
+    records their widths.
+
+    Args:
+      num_items: Number of real items; index 0 is padding, so tables have num_items + 1 rows.
+      embedding_dim: Output width (int).
+      feature_dims: Width of each item feature table, e.g. ``{"genres": 18}``. Default none.
+      feature_tables: Initial values of those tables, ``{name: float array [num_items + 1,
+        width]}``. Default zeros (values then come from a checkpoint).
+      hidden_units: Widths of an optional MLP applied after the sum of embeddings; the last
+        layer is linear with ``embedding_dim`` units. Default none (no MLP).
+      l2: L2 penalty on the id embedding (float, default 0).
+
+    Example:
+      >>> tower = ItemTower(num_items=100, embedding_dim=8)
+      >>> tower(tf.constant([1, 2])).shape
+      TensorShape([2, 8])
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int,
+        feature_dims: Optional[dict[str, int]] = None,
+        feature_tables: Optional[dict[str, np.ndarray]] = None,
+        hidden_units: Sequence[int] = (),
+        l2: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_items < 1:
+            raise ValueError(f"num_items must be at least 1, got {num_items!r}")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be at least 1, got {embedding_dim!r}")
+        self.num_items = int(num_items)
+        self.embedding_dim = int(embedding_dim)
+        self.feature_dims = {str(k): int(v) for k, v in (feature_dims or {}).items()}
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.l2 = float(l2)
+        self._initial_tables = dict(feature_tables or {})
+        for name, table in self._initial_tables.items():
+            expected = (self.num_items + 1, self.feature_dims.get(name))
+            if name not in self.feature_dims or tuple(np.shape(table)) != expected:
+                raise ValueError(
+                    f"item feature table {name!r} has shape {np.shape(table)}, expected "
+                    f"{expected} from num_items={self.num_items} and feature_dims={self.feature_dims}"
+                )
+
+    def build(self, input_shape):
+        self.id_embedding = tf.keras.layers.Embedding(
+            self.num_items + 1,
+            self.embedding_dim,
+            embeddings_initializer="glorot_uniform",
+            embeddings_regularizer=tf.keras.regularizers.l2(self.l2) if self.l2 else None,
+            name="id_embedding",
+        )
+        self.feature_tables = {}
+        self.feature_projections = {}
+        for name, width in sorted(self.feature_dims.items()):
+            initial = self._initial_tables.get(name)
+            self.feature_tables[name] = self.add_weight(
+                name=f"{name}_table",
+                shape=(self.num_items + 1, width),
+                initializer=(
+                    tf.keras.initializers.Constant(np.asarray(initial, np.float32))
+                    if initial is not None
+                    else "zeros"
+                ),
+                trainable=False,
+            )
+            self.feature_projections[name] = tf.keras.layers.Dense(
+                self.embedding_dim, use_bias=False, name=f"{name}_projection"
+            )
+        self.mlp = [
+            tf.keras.layers.Dense(units, activation="relu", name=f"mlp_{i}")
+            for i, units in enumerate(self.hidden_units)
+        ]
+        if self.mlp:
+            self.mlp.append(tf.keras.layers.Dense(self.embedding_dim, name="mlp_out"))
+        super().build(input_shape)
+
+    def call(self, item_indices: tf.Tensor) -> tf.Tensor:
+        embeddings = self.id_embedding(item_indices)
+        for name, table in self.feature_tables.items():
+            features = tf.gather(table, item_indices)
+            embeddings += self.feature_projections[name](features)
+        for layer in self.mlp:
+            embeddings = layer(embeddings)
+        return embeddings
+
+    def all_items(self) -> tf.Tensor:
+        """Embeddings of every item index, padding included: [num_items + 1, embedding_dim]."""
+        return self(tf.range(self.num_items + 1))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            num_items=self.num_items,
+            embedding_dim=self.embedding_dim,
+            feature_dims=dict(self.feature_dims),
+            hidden_units=list(self.hidden_units),
+            l2=self.l2,
+        )
+        return config

@@ -1,0 +1,47 @@
+"""MeanPoolingEncoder: the running mean of a history's item embeddings."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class MeanPoolingEncoder(tf.keras.layers.Layer):
+    """Position t is a projection of the mean embedding of items 0..t (padding excluded).
+
+    The running (causal) mean lets the mean tower train on every position like SASRec does,
+    so the two towers differ only in how they summarise a history.
+
+    Args:
+      projection: Whether to apply a learned linear map after the mean (bool, default True).
+
+    Call args:
+      item_embeddings: float [B, L, d].
+      padding_mask: bool [B, L], True where there is a real item.
+      training: Python bool (unused; accepted for a uniform encoder interface).
+
+    Returns:
+      float [B, L, d].
+    """
+
+    def __init__(self, projection: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.projection = bool(projection)
+
+    def build(self, input_shape):
+        width = int(input_shape[-1])
+        self.dense = tf.keras.layers.Dense(width, name="projection") if self.projection else None
+        super().build(input_shape)
+
+    def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+        mask = tf.cast(padding_mask, item_embeddings.dtype)[..., tf.newaxis]
+        running_sum = tf.cumsum(item_embeddings * mask, axis=1)
+        running_count = tf.maximum(tf.cumsum(mask, axis=1), 1.0)
+        pooled = running_sum / running_count
+        if self.dense is not None:
+            pooled = self.dense(pooled)
+        return pooled * mask
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(projection=self.projection)
+        return config

@@ -1,0 +1,77 @@
+"""SASRecEncoder: causal self-attention over a history of item embeddings."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfx_xmatch.layers.causal_transformer_block import CausalTransformerBlock
+
+
+class SASRecEncoder(tf.keras.layers.Layer):
+    """Encodes every prefix of a left-padded history (Kang & McAuley, 2018).
+
+    Output position t summarises items 0..t, so training can ask every position to predict
+    the next item, and the last position is the user's representation at serving time.
+
+    Args:
+      max_length: Window length L (int); position embeddings have L rows.
+      num_blocks: Number of CausalTransformerBlocks (int, default 2).
+      num_heads: Attention heads per block (int, default 1).
+      dropout: Dropout rate (float, default 0.2).
+
+    Call args:
+      item_embeddings: float [B, L, d] embeddings of the history items.
+      padding_mask: bool [B, L], True where there is a real item.
+      training: Python bool.
+
+    Returns:
+      float [B, L, d].
+    """
+
+    def __init__(self, max_length: int, num_blocks: int = 2, num_heads: int = 1, dropout: float = 0.2, **kwargs):
+        super().__init__(**kwargs)
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length!r}")
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks!r}")
+        self.max_length = int(max_length)
+        self.num_blocks = int(num_blocks)
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+
+    def build(self, input_shape):
+        width = int(input_shape[-1])
+        self.position_embedding = self.add_weight(
+            name="position_embedding",
+            shape=(self.max_length, width),
+            initializer="glorot_uniform",
+        )
+        self.input_dropout = tf.keras.layers.Dropout(self.dropout)
+        self.blocks = [
+            CausalTransformerBlock(self.num_heads, dropout=self.dropout, name=f"block_{i}")
+            for i in range(self.num_blocks)
+        ]
+        self.output_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm")
+        super().build(input_shape)
+
+    def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+        width = tf.cast(tf.shape(item_embeddings)[-1], item_embeddings.dtype)
+        length = tf.shape(item_embeddings)[1]
+        # Histories are left-padded, so the last rows of the table always mean "most recent".
+        positions = self.position_embedding[self.max_length - length:]
+        mask = tf.cast(padding_mask, item_embeddings.dtype)[..., tf.newaxis]
+        hidden = (item_embeddings * tf.sqrt(width) + tf.cast(positions, item_embeddings.dtype)) * mask
+        hidden = self.input_dropout(hidden, training=training)
+        for block in self.blocks:
+            hidden = block(hidden, padding_mask, training=training)
+        return self.output_norm(hidden) * mask
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            max_length=self.max_length,
+            num_blocks=self.num_blocks,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+        )
+        return config

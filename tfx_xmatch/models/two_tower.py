@@ -1,0 +1,258 @@
+"""TwoTower: the dot-product retrieval baseline every cross-interaction model is compared to.
+
+Item tower: id embedding (+ item feature embeddings) -> optional MLP. User tower: `mean`
+(running mean of the history) or `sasrec` (causal transformer blocks). The item embedding table
+is shared by the history input and the output layer, as in SASRec. Every history position is
+trained to predict the item that followed it.
+
+Losses:
+  * ``full_softmax``: softmax over the whole catalogue at every position (best when the
+    catalogue is small enough for a [positions x items] matrix per batch, e.g. ML-1M).
+  * ``sampled_softmax``: TFRS ``tasks.Retrieval`` with in-batch negatives (other positions'
+    targets) plus optional uniformly sampled extra negatives, logQ correction for both and
+    accidental-hit removal; for catalogues too large for the full softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, SASRecEncoder
+
+USER_TOWERS = ("mean", "sasrec")
+LOSSES = ("full_softmax", "sampled_softmax")
+
+
+class TwoTower(tfrs.models.Model):
+    """Dot-product two-tower retrieval model over item histories.
+
+    Args:
+      num_items: Number of real items (indices 1..num_items; 0 is padding).
+      embedding_dim: Width of item and user embeddings (int, default 64).
+      user_tower: "mean" or "sasrec" (default "sasrec").
+      max_length: History window L (int, default 200).
+      num_blocks: Transformer blocks of the sasrec tower (int, default 2).
+      num_heads: Attention heads of the sasrec tower (int, default 1).
+      dropout: Dropout rate of the sasrec tower (float, default 0.2).
+      loss: "full_softmax" or "sampled_softmax" (default "full_softmax").
+      temperature: Logits are divided by it (float, default 1.0).
+      num_sampled_negatives: Extra uniformly sampled negatives per batch for the sampled loss
+        (int, default 0: in-batch negatives only).
+      max_loss_positions: The sampled loss uses at most this many (random) positions per batch,
+        bounding its [positions x positions] score matrix (int, default 4096).
+      item_feature_dims: Widths of item feature tables, e.g. {"genres": 18} (default none).
+      item_feature_tables: Their values, {name: float [num_items + 1, width]} (default zeros,
+        filled from a checkpoint).
+      user_feature_cardinalities: Number of categories of each categorical user feature, e.g.
+        {"gender": 3}; index 0 means unknown (default none).
+      item_hidden_units: Optional item-tower MLP widths (default none).
+      l2: L2 penalty on item id embeddings (float, default 0).
+
+    Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
+    "next_items" int32 [B, L] (the item after each history position, 0 at padding); one int32
+    [B] entry per user feature.
+
+    Example:
+      >>> model = TwoTower(num_items=100, embedding_dim=16, max_length=20)
+      >>> model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+      >>> scores = model.score_all({"history": tf.zeros([2, 20], tf.int32)})  # [2, 101]
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int = 64,
+        user_tower: str = "sasrec",
+        max_length: int = 200,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        loss: str = "full_softmax",
+        temperature: float = 1.0,
+        num_sampled_negatives: int = 0,
+        max_loss_positions: int = 4096,
+        item_feature_dims: Optional[dict[str, int]] = None,
+        item_feature_tables: Optional[dict[str, np.ndarray]] = None,
+        user_feature_cardinalities: Optional[dict[str, int]] = None,
+        item_hidden_units: Sequence[int] = (),
+        l2: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if user_tower not in USER_TOWERS:
+            raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        if num_sampled_negatives < 0:
+            raise ValueError(f"num_sampled_negatives must be >= 0, got {num_sampled_negatives!r}")
+        if max_loss_positions < 1:
+            raise ValueError(f"max_loss_positions must be >= 1, got {max_loss_positions!r}")
+        self.num_items = int(num_items)
+        self.embedding_dim = int(embedding_dim)
+        self.user_tower = user_tower
+        self.max_length = int(max_length)
+        self.num_blocks = int(num_blocks)
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.loss_name = loss
+        self.temperature = float(temperature)
+        self.num_sampled_negatives = int(num_sampled_negatives)
+        self.max_loss_positions = int(max_loss_positions)
+        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
+        self.user_feature_cardinalities = {
+            str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()
+        }
+        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
+        self.l2 = float(l2)
+
+        self.item_tower = ItemTower(
+            self.num_items,
+            self.embedding_dim,
+            feature_dims=self.item_feature_dims,
+            feature_tables=item_feature_tables,
+            hidden_units=self.item_hidden_units,
+            l2=self.l2,
+            name="item_tower",
+        )
+        if user_tower == "sasrec":
+            self.encoder = SASRecEncoder(
+                self.max_length, self.num_blocks, self.num_heads, self.dropout, name="sasrec_encoder"
+            )
+        else:
+            self.encoder = MeanPoolingEncoder(name="mean_encoder")
+        self.user_feature_embeddings = {
+            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
+            for name, cardinality in sorted(self.user_feature_cardinalities.items())
+        }
+        # Probability that an item is a training target: the logQ correction of the sampled
+        # loss. Non-trainable so that it is saved with the weights; uniform until set.
+        self.item_frequency = self.add_weight(
+            name="item_frequency",
+            shape=(self.num_items + 1,),
+            initializer=tf.keras.initializers.Constant(1.0 / self.num_items),
+            trainable=False,
+        )
+        self.retrieval_task = tfrs.tasks.Retrieval(
+            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="sum_over_batch_size"),
+            temperature=self.temperature,
+            remove_accidental_hits=True,
+        )
+
+    # ---------------------------------------------------------------- towers
+    def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        """Encodes every history position: float [B, L, d]."""
+        history = tf.convert_to_tensor(inputs["history"])
+        padding_mask = history > 0
+        encoded = self.encoder(self.item_tower(history), padding_mask, training=training)
+        for name, embedding in self.user_feature_embeddings.items():
+            if name not in inputs:
+                raise KeyError(f"input {name!r} is missing: the model was built with user features "
+                               f"{sorted(self.user_feature_embeddings)}")
+            user_vector = embedding(tf.convert_to_tensor(inputs[name]))[:, tf.newaxis, :]
+            encoded += user_vector * tf.cast(padding_mask, encoded.dtype)[..., tf.newaxis]
+        return encoded
+
+    def user_embedding(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        """The representation after the most recent history item: float [B, d]."""
+        return self.encode_sequence(inputs, training=training)[:, -1, :]
+
+    def item_embeddings(self) -> tf.Tensor:
+        """Every item's embedding, padding row included: float [num_items + 1, d]."""
+        return self.item_tower.all_items()
+
+    def score_all(self, inputs: dict) -> tf.Tensor:
+        """Scores of every item index for each user: float [B, num_items + 1] (column 0 = padding)."""
+        return tf.matmul(self.user_embedding(inputs), self.item_embeddings(), transpose_b=True)
+
+    def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        return self.user_embedding(inputs, training=training)
+
+    # ---------------------------------------------------------------- training
+    def set_item_frequencies(self, counts: np.ndarray) -> None:
+        """Sets the logQ correction from training counts per item index ([num_items + 1])."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (self.num_items + 1,):
+            raise ValueError(f"item counts have shape {counts.shape}, expected ({self.num_items + 1},)")
+        counts[0] = 0.0
+        # Add-one smoothing keeps log(q) finite for items never seen in training.
+        smoothed = counts + 1.0
+        smoothed[0] = 0.0
+        self.item_frequency.assign((smoothed / smoothed.sum()).astype(np.float32))
+
+    def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        if isinstance(inputs, (tuple, list)):
+            # Keras packs `train_on_batch(x)` as (x,) or (x, y, sample_weight); y is unused.
+            inputs = inputs[0]
+        sequence = self.encode_sequence(inputs, training=training)
+        next_items = tf.convert_to_tensor(inputs["next_items"])
+        # Only real positions carry a target; dropping padding here saves most of the
+        # softmax cost on short histories.
+        is_target = next_items > 0
+        queries = tf.boolean_mask(sequence, is_target)
+        targets = tf.boolean_mask(next_items, is_target)
+        if self.loss_name == "full_softmax":
+            return self._full_softmax_loss(queries, targets)
+        return self._sampled_softmax_loss(queries, targets)
+
+    def _full_softmax_loss(self, queries: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        item_table = self.item_embeddings()[1:]
+        logits = tf.matmul(queries, item_table, transpose_b=True) / self.temperature
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets - 1, logits=logits)
+        return tf.reduce_mean(losses)
+
+    def _sampled_softmax_loss(self, queries: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        num_positions = tf.shape(targets)[0]
+        keep = tf.random.shuffle(tf.range(num_positions))[: self.max_loss_positions]
+        queries = tf.gather(queries, keep)
+        targets = tf.gather(targets, keep)
+        kept = tf.cast(tf.shape(targets)[0], tf.float32)
+        candidate_ids = targets
+        # logQ uses the expected number of times each candidate is in the sample, so in-batch
+        # (popularity-sampled) and uniform extra negatives are corrected on one scale.
+        sampling_probability = kept * tf.gather(self.item_frequency, targets)
+        if self.num_sampled_negatives:
+            extra = tf.random.uniform(
+                [self.num_sampled_negatives], minval=1, maxval=self.num_items + 1, dtype=targets.dtype
+            )
+            candidate_ids = tf.concat([targets, extra], axis=0)
+            uniform = tf.fill([self.num_sampled_negatives], self.num_sampled_negatives / self.num_items)
+            sampling_probability = tf.concat([sampling_probability, uniform], axis=0)
+        candidates = self.item_tower(candidate_ids)
+        return self.retrieval_task(
+            queries,
+            candidates,
+            candidate_sampling_probability=sampling_probability,
+            candidate_ids=candidate_ids,
+            compute_metrics=False,
+            compute_batch_metrics=False,
+        )
+
+    # ---------------------------------------------------------------- config
+    def get_config(self) -> dict:
+        return {
+            "num_items": self.num_items,
+            "embedding_dim": self.embedding_dim,
+            "user_tower": self.user_tower,
+            "max_length": self.max_length,
+            "num_blocks": self.num_blocks,
+            "num_heads": self.num_heads,
+            "dropout": self.dropout,
+            "loss": self.loss_name,
+            "temperature": self.temperature,
+            "num_sampled_negatives": self.num_sampled_negatives,
+            "max_loss_positions": self.max_loss_positions,
+            "item_feature_dims": dict(self.item_feature_dims),
+            "user_feature_cardinalities": dict(self.user_feature_cardinalities),
+            "item_hidden_units": list(self.item_hidden_units),
+            "l2": self.l2,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TwoTower":
+        return cls(**config)

@@ -1,0 +1,304 @@
+"""Training and evaluation runs: data -> split -> model.fit with model selection -> metrics.
+
+A run directory holds everything a run produced, so it can be inspected, resumed after an
+interruption, and evaluated again later:
+
+  config.json          the resolved RunConfig
+  history.json         one row per epoch: loss, validation metrics, elapsed seconds
+  metrics.json         best validation and test metrics, epochs, train time
+  training_curves.png  loss and validation metric per epoch
+  model/               the selected model (config + weights), loadable with ``load_model``
+  backup/              Keras BackupAndRestore state while training (removed when done)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfx_xmatch.config import RunConfig, config_from_dict
+from tfx_xmatch.data import load_dataset, make_split, sequence_training_dataset
+from tfx_xmatch.data.dataset import SequenceDataset, Split
+from tfx_xmatch.evaluation import evaluate_full_ranking
+from tfx_xmatch.io_utils import atomic_directory, atomic_path, write_json_atomic
+from tfx_xmatch.models import MODELS
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------- data and model
+def prepare_split(config: RunConfig) -> Split:
+    """Loads the configured dataset and splits it."""
+    data = config.data
+    kwargs = dict(data.synthetic) if data.dataset == "synthetic" else {}
+    if data.format:
+        kwargs["format"] = data.format
+    dataset = load_dataset(
+        data.dataset,
+        data_dir=data.data_dir,
+        side_info=data.side_info,
+        skip_bad_lines=data.skip_bad_lines,
+        **kwargs,
+    )
+    return make_split(dataset, data.split)
+
+
+def _user_feature_cardinalities(dataset: SequenceDataset) -> dict[str, int]:
+    return {
+        name: int(max(np.max(values, initial=0), len(dataset.feature_vocabs.get(name, []))))
+        for name, values in dataset.user_features.items()
+    }
+
+
+def build_model(config: RunConfig, dataset: SequenceDataset) -> tf.keras.Model:
+    """Instantiates the configured model for ``dataset``'s catalogue (and features, if asked)."""
+    kwargs = dataclasses.asdict(config.model)
+    name = kwargs.pop("name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    if config.data.side_info:
+        kwargs["item_feature_dims"] = {k: int(v.shape[1]) for k, v in dataset.item_features.items()}
+        kwargs["item_feature_tables"] = dict(dataset.item_features)
+        kwargs["user_feature_cardinalities"] = _user_feature_cardinalities(dataset)
+    return MODELS[name](num_items=dataset.num_items, **kwargs)
+
+
+def model_inputs(model: tf.keras.Model, dataset: SequenceDataset, histories: np.ndarray, user_rows: np.ndarray) -> dict:
+    """The model's input dict for padded histories of the given dataset rows."""
+    inputs = {"history": histories}
+    for name in getattr(model, "user_feature_cardinalities", {}):
+        inputs[name] = dataset.user_features[name][user_rows].astype(np.int32)
+    return inputs
+
+
+def make_score_fn(model: tf.keras.Model, dataset: SequenceDataset) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A ``score_fn(histories, user_rows) -> [B, num_items + 1]`` for full-ranking evaluation."""
+    score_all = tf.function(model.score_all, reduce_retracing=True)
+
+    def score_fn(histories: np.ndarray, user_rows: np.ndarray) -> tf.Tensor:
+        return score_all(model_inputs(model, dataset, histories, user_rows))
+
+    return score_fn
+
+
+def evaluate(model: tf.keras.Model, split: Split, which: str, config: RunConfig) -> dict[str, float]:
+    """Full-ranking metrics of ``model`` on the split's "validation" or "test" examples."""
+    if which not in ("validation", "test"):
+        raise ValueError(f"which must be 'validation' or 'test', got {which!r}")
+    return evaluate_full_ranking(
+        make_score_fn(model, split.dataset),
+        getattr(split, which),
+        num_items=split.num_items,
+        max_length=config.model.max_length,
+        batch_size=config.eval.batch_size,
+        ks=tuple(config.eval.ks),
+        mask_history=config.eval.mask_history,
+        item_popularity=split.item_popularity(),
+    )
+
+
+# ------------------------------------------------------------------------- persistence
+def _build(model: tf.keras.Model) -> None:
+    """Creates every variable with one inference call, so weights can be loaded into them."""
+    inputs = {"history": np.zeros((1, model.max_length), np.int32)}
+    for name in getattr(model, "user_feature_cardinalities", {}):
+        inputs[name] = np.zeros((1,), np.int32)
+    model.score_all(inputs)
+
+
+def save_model(model: tf.keras.Model, directory: str | pathlib.Path) -> None:
+    """Writes ``model`` as config.json + a TF checkpoint, replacing ``directory`` atomically."""
+    name = next(key for key, cls in MODELS.items() if isinstance(model, cls))
+    with atomic_directory(directory) as temporary:
+        write_json_atomic(temporary / "config.json", {"model": name, "config": model.get_config()})
+        model.save_weights(str(temporary / "weights"))
+
+
+def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
+    """Loads a model written by ``save_model``.
+
+    Raises:
+      FileNotFoundError: ``directory`` has no config.json.
+    """
+    directory = pathlib.Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: is {directory} a saved model directory?")
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    model = MODELS[saved["model"]].from_config(saved["config"])
+    _build(model)
+    model.load_weights(str(directory / "weights")).expect_partial()
+    return model
+
+
+# ------------------------------------------------------------------------- model selection
+class ModelSelection(tf.keras.callbacks.Callback):
+    """Evaluates on validation, keeps the best weights, stops early, survives restarts.
+
+    Its state (per-epoch history, best epoch) is a JSON file in the run directory, so a
+    resumed run continues with the same patience count and the same best model.
+    """
+
+    def __init__(self, evaluate_fn: Callable[[], dict], run_dir: pathlib.Path, monitor: str,
+                 patience: int, every: int, max_seconds: Optional[float]):
+        super().__init__()
+        self.evaluate_fn = evaluate_fn
+        self.run_dir = run_dir
+        self.monitor = monitor
+        self.patience = patience
+        self.every = max(1, every)
+        self.max_seconds = max_seconds
+        self.state_path = run_dir / "history.json"
+        self.best_dir = run_dir / "best_weights"
+        self.state = {"epochs": [], "best_epoch": None, "best": -math.inf, "train_seconds": 0.0}
+
+    def on_train_begin(self, logs=None):
+        if self.state_path.exists():
+            self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self.state["best"] = -math.inf if self.state["best"] is None else self.state["best"]
+        self._epoch_start = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        self.state["train_seconds"] += time.time() - self._epoch_start
+        row = {"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan")))}
+        if (epoch + 1) % self.every == 0:
+            metrics = self.evaluate_fn()
+            if self.monitor not in metrics:
+                raise KeyError(f"monitor {self.monitor!r} is not a validation metric; have {sorted(metrics)}")
+            for key, value in metrics.items():
+                logs[f"val_{key}"] = value
+                row[f"val_{key}"] = value
+            if metrics[self.monitor] > self.state["best"]:
+                self.state["best"], self.state["best_epoch"] = metrics[self.monitor], epoch + 1
+                with atomic_directory(self.best_dir) as temporary:
+                    self.model.save_weights(str(temporary / "weights"))
+        row["train_seconds"] = round(self.state["train_seconds"], 2)
+        self.state["epochs"] = [r for r in self.state["epochs"] if r["epoch"] < epoch + 1] + [row]
+        write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
+        since_best = epoch + 1 - (self.state["best_epoch"] or 0)
+        if self.patience and since_best >= self.patience:
+            logger.info("early stopping: no better val %s for %d epochs", self.monitor, since_best)
+            self.model.stop_training = True
+        if self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds:
+            logger.info("stopping: training time budget of %.0f s reached", self.max_seconds)
+            self.model.stop_training = True
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return None if value is None or math.isinf(value) else value
+
+
+# ------------------------------------------------------------------------- runs
+def train(
+    config: RunConfig,
+    run_dir: str | pathlib.Path,
+    split: Optional[Split] = None,
+    callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+) -> dict:
+    """Trains the configured model, selects it on validation and reports test metrics.
+
+    Re-running with the same ``run_dir`` resumes an interrupted run from its last epoch; a run
+    directory that holds a different config is refused rather than mixed.
+
+    Args:
+      config: The run configuration.
+      run_dir: Where the run's artifacts go (created if needed).
+      split: An already prepared split (skips loading the dataset again).
+      callbacks: Extra Keras callbacks for ``model.fit``.
+
+    Returns:
+      The metrics dict also written to ``metrics.json``.
+
+    Raises:
+      ValueError: ``run_dir`` belongs to a run with another configuration.
+    """
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        previous = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
+        if previous.to_dict() != config.to_dict():
+            raise ValueError(f"{run_dir} holds a run with a different config; use another run directory")
+    write_json_atomic(config_path, config.to_dict())
+
+    tf.keras.utils.set_random_seed(config.train.seed)
+    split = split if split is not None else prepare_split(config)
+    model = build_model(config, split.dataset)
+    if hasattr(model, "set_item_frequencies"):
+        model.set_item_frequencies(split.item_popularity())
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
+    train_data = sequence_training_dataset(
+        split.train_sequences,
+        max_length=config.model.max_length,
+        batch_size=config.train.batch_size,
+        shuffle=True,
+        seed=config.train.seed,
+        user_rows=split.train_user_rows,
+        user_features=split.dataset.user_features if config.data.side_info else None,
+    )
+    selection = ModelSelection(
+        lambda: evaluate(model, split, "validation", config),
+        run_dir,
+        monitor=config.train.monitor,
+        patience=config.train.early_stopping_patience,
+        every=config.train.validation_every,
+        max_seconds=config.train.max_train_seconds,
+    )
+    # ModelSelection comes first so its state is on disk before the backup of the same epoch.
+    fit_callbacks = [selection, tf.keras.callbacks.BackupAndRestore(str(run_dir / "backup")), *callbacks]
+    model.fit(train_data, epochs=config.train.epochs, callbacks=fit_callbacks, verbose=config.train.verbose)
+
+    if selection.state["best_epoch"] is not None:
+        model.load_weights(str(run_dir / "best_weights" / "weights")).expect_partial()
+    save_model(model, run_dir / "model")
+    validation = evaluate(model, split, "validation", config)
+    test = evaluate(model, split, "test", config)
+    history = selection.state
+    metrics = {
+        "dataset": split.dataset.name,
+        "split": split.name,
+        "model": config.model.name,
+        "epochs": len(history["epochs"]),
+        "best_epoch": history["best_epoch"],
+        "train_seconds": round(history["train_seconds"], 1),
+        "validation": validation,
+        "test": test,
+    }
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    plot_training_curves(history["epochs"], run_dir / "training_curves.png", config.train.monitor)
+    return metrics
+
+
+def plot_training_curves(rows: list[dict], path: pathlib.Path, monitor: str) -> None:
+    """Loss and the validation ``monitor`` against epochs, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in rows]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [row["loss"] for row in rows], marker=".")
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    validated = [row for row in rows if f"val_{monitor}" in row]
+    for key in (f"val_{monitor}", "val_HR@10"):
+        if validated and key in validated[0]:
+            metric_axis.plot([r["epoch"] for r in validated], [r[key] for r in validated], marker=".", label=key[4:])
+    metric_axis.set(xlabel="epoch", ylabel="validation", title="Validation (full ranking)")
+    metric_axis.legend()
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
