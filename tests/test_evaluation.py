@@ -41,7 +41,7 @@ def oracle_top_k(scores_row, target, history, mask_history, k):
 
 
 def oracle_metrics(scores, targets, histories, ks, mask_history, tie_policy,
-                   popularity=None, tail_fraction=0.2):
+                   popularity=None, head_fraction=0.2):
     num_items = scores.shape[1] - 1
     ranks = [
         oracle_rank(scores[i], int(targets[i]), histories[i], mask_history, tie_policy)
@@ -50,7 +50,7 @@ def oracle_metrics(scores, targets, histories, ks, mask_history, tie_policy,
     tail = None
     if popularity is not None:
         by_popularity = sorted(range(1, num_items + 1), key=lambda item: (-popularity[item], item))
-        head = set(by_popularity[: int(math.floor(tail_fraction * num_items + 1e-9))])
+        head = set(by_popularity[: int(math.floor(head_fraction * num_items + 1e-9))])
         tail = [int(t) not in head for t in targets]
     out = {}
     n = len(targets)
@@ -286,7 +286,7 @@ def test_tail_recall_hand_case():
 def test_tail_recall_nan_without_tail_targets_and_absent_without_popularity():
     popularity = np.arange(5)  # floor(0.25 * 4) = 1 head item: item 4, the most popular
     evaluator = FullRankingEvaluator(4, ks=(1,), mask_history=False,
-                                     item_popularity=popularity, tail_fraction=0.25)
+                                     item_popularity=popularity, head_fraction=0.25)
     evaluator.update(np.array([[0.0, 0, 0, 0, 1]]), np.array([4]), None)
     result = evaluator.result()
     assert result["num_tail_examples"] == 0 and math.isnan(result["TailRecall@1"])
@@ -410,7 +410,7 @@ def test_evaluate_full_ranking_errors():
         ({"num_items": 5, "ks": (2.0,)}, "2.0"),
         ({"num_items": 5, "ks": 3}, "iterable.*3"),
         ({"num_items": 5, "ks": (1,), "tie_policy": "random"}, "'random'"),
-        ({"num_items": 5, "ks": (1,), "tail_fraction": 1.0}, "1.0"),
+        ({"num_items": 5, "ks": (1,), "head_fraction": 1.0}, "1.0"),
         ({"num_items": 5, "ks": (1,), "item_popularity": np.ones(5)}, r"\(6,\).*\(5,\)"),
         ({"num_items": 5, "ks": (1,), "item_popularity": np.array([0, 1, np.nan, 1, 1, 1])},
          "nan.*item 2"),

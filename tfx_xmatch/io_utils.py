@@ -21,9 +21,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     temporary = pathlib.Path(temporary)
     try:
         yield temporary
+        # mkstemp creates 0600 files; outputs should get the usual umask-based mode so that,
+        # e.g., a model server running as another user can read them.
+        if temporary.exists():
+            os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -178,8 +178,11 @@ class ModelSelection(tf.keras.callbacks.Callback):
             if self.monitor not in metrics:
                 raise KeyError(f"monitor {self.monitor!r} is not a validation metric; have {sorted(metrics)}")
             for key, value in metrics.items():
-                logs[f"val_{key}"] = value
                 row[f"val_{key}"] = value
+            # The progress bar shows the selection metric; history.json keeps every metric.
+            for key in dict.fromkeys((self.monitor, "HR@10")):
+                if key in metrics:
+                    logs[f"val_{key}"] = metrics[key]
             if metrics[self.monitor] > self.state["best"]:
                 self.state["best"], self.state["best_epoch"] = metrics[self.monitor], epoch + 1
                 with atomic_directory(self.best_dir) as temporary:
@@ -239,6 +242,7 @@ def train(
     if hasattr(model, "set_item_frequencies"):
         model.set_item_frequencies(split.item_popularity())
     model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
+    _build(model)  # BackupAndRestore can only restore into a built model
     train_data = sequence_training_dataset(
         split.train_sequences,
         max_length=config.model.max_length,

@@ -7,7 +7,7 @@ are 1..num_items. Raw ids (strings or integers from the source files) live in a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -35,6 +35,8 @@ class SequenceDataset:
         features (e.g. the genre names), for display and export.
       skipped_lines: How many malformed input lines a loader skipped (only non-zero when the
         caller asked to skip bad lines instead of failing).
+      metadata: Free-form provenance, e.g. the synthetic generator's parameters and planted
+        ground truth (``metadata["successor"]``). Not meant as model input.
     """
 
     name: str
@@ -46,6 +48,7 @@ class SequenceDataset:
     user_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     feature_vocabs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     skipped_lines: int = 0
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_items(self) -> int:

@@ -16,7 +16,7 @@ Protocol, per example (a user history and the held-out next item, the *target*):
 
 Per example and cutoff K: HR@K = Recall@K = 1[rank < K]; NDCG@K = 1/log2(rank + 2) if rank < K;
 MRR@K = 1/(rank + 1) if rank < K; P@K = HR@K / K (one relevant item). TailRecall@K is HR@K over
-the examples whose target lies outside the most popular ``tail_fraction`` of the catalogue.
+the examples whose target lies outside the most popular ``head_fraction`` of the catalogue.
 Coverage@K = |union of the top-K lists of all examples| / num_items.
 """
 
@@ -65,8 +65,8 @@ class FullRankingEvaluator:
         always kept).
       item_popularity: Optional training popularity per item index, shape [num_items + 1]
         (index 0 is ignored). Enables TailRecall@K and ``num_tail_examples``.
-      tail_fraction: Fraction of the catalogue, taken from the most popular end, that counts as
-        the *head*: the ``floor(tail_fraction * num_items)`` most popular items (ties in
+      head_fraction: Fraction of the catalogue, taken from the most popular end, that counts as
+        the *head*: the ``floor(head_fraction * num_items)`` most popular items (ties in
         popularity go to the lower item index) are head, every other item is tail. Must be in
         [0, 1).
       tie_policy: ``"optimistic"`` (ties count for the target) or ``"pessimistic"`` (ties count
@@ -74,7 +74,7 @@ class FullRankingEvaluator:
 
     Raises:
       ValueError: On a non-positive ``num_items``, empty or out-of-range ``ks``, a wrongly shaped
-        or non-finite ``item_popularity``, ``tail_fraction`` outside [0, 1), or an unknown
+        or non-finite ``item_popularity``, ``head_fraction`` outside [0, 1), or an unknown
         ``tie_policy``.
 
     Example:
@@ -92,7 +92,7 @@ class FullRankingEvaluator:
         ks: Iterable[int] = (10, 20, 50),
         mask_history: bool = True,
         item_popularity: Optional[ArrayLike] = None,
-        tail_fraction: float = 0.2,
+        head_fraction: float = 0.2,
         tie_policy: str = "optimistic",
     ) -> None:
         if not _is_int(num_items) or num_items <= 0:
@@ -119,11 +119,11 @@ class FullRankingEvaluator:
             raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
         self.tie_policy = tie_policy
 
-        if isinstance(tail_fraction, bool) or not isinstance(tail_fraction, (int, float)) or not (
-            0.0 <= float(tail_fraction) < 1.0
+        if isinstance(head_fraction, bool) or not isinstance(head_fraction, (int, float)) or not (
+            0.0 <= float(head_fraction) < 1.0
         ):
-            raise ValueError(f"tail_fraction must be a number in [0, 1), got {tail_fraction!r}")
-        self.tail_fraction = float(tail_fraction)
+            raise ValueError(f"head_fraction must be a number in [0, 1), got {head_fraction!r}")
+        self.head_fraction = float(head_fraction)
 
         self._is_tail: Optional[np.ndarray] = None
         if item_popularity is not None:
@@ -151,7 +151,7 @@ class FullRankingEvaluator:
         # lexsort sorts by the last key first: most popular first, lower index wins ties.
         by_popularity = items[np.lexsort((items, -popularity[1:].astype(np.float64)))]
         # The epsilon keeps 0.3 * 10 = 3.0000000000000004 from flooring like 2.9999999999999996.
-        num_head = int(math.floor(self.tail_fraction * self.num_items + 1e-9))
+        num_head = int(math.floor(self.head_fraction * self.num_items + 1e-9))
         is_tail = np.ones(self.num_items + 1, dtype=bool)
         is_tail[PAD_INDEX] = False
         is_tail[by_popularity[:num_head]] = False
@@ -379,7 +379,7 @@ def evaluate_full_ranking(
       max_length: Width of the histories given to ``score_fn``.
       batch_size: Examples per ``score_fn`` call; bounds memory at [batch_size, num_items + 1].
       **evaluator_kwargs: Passed to ``FullRankingEvaluator`` (``ks``, ``mask_history``,
-        ``item_popularity``, ``tail_fraction``, ``tie_policy``, and optionally ``num_items``,
+        ``item_popularity``, ``head_fraction``, ``tie_policy``, and optionally ``num_items``,
         which is otherwise read from the width of the first batch of scores).
 
     Returns:

@@ -1,0 +1,465 @@
+"""Loaders: small hand-written files, malformed input, side info, registry, and the real data."""
+
+import functools
+import logging
+import os
+import pathlib
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from tfx_xmatch.data import (
+    DATASETS,
+    DataFormatError,
+    load_dataset,
+    load_movielens_side_info,
+    load_pairs,
+    load_rating_log,
+    load_sequences,
+    load_tfds_movielens_1m,
+)
+
+
+def write(path: pathlib.Path, text: str, encoding: str = "utf-8") -> pathlib.Path:
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+def as_lists(dataset):
+    return [sequence.tolist() for sequence in dataset.sequences]
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def test_load_pairs_groups_blocks_in_first_appearance_order(tmp_path):
+    path = write(tmp_path / "pairs.txt", "2 3\n2 1\n1 2\n2 2\n\n1 3\n")
+    dataset = load_pairs(path)
+    assert dataset.name == "pairs"
+    assert dataset.user_ids.tolist() == [2, 1]
+    # Integer ids 1..3 keep item i at index i.
+    assert as_lists(dataset) == [[3, 1, 2], [2, 3]]
+    assert dataset.num_items == 3 and dataset.num_interactions == 5
+    assert dataset.timestamps is None
+    assert dataset.sequences[0].dtype == np.int32
+    assert dataset.skipped_lines == 0
+
+
+def test_load_pairs_accepts_tabs_and_string_ids(tmp_path):
+    path = write(tmp_path / "pairs.tsv", "u1\tbook\nu1\tpen\nu2\tbook\n")
+    dataset = load_pairs(path, name="shop")
+    assert dataset.name == "shop"
+    assert dataset.user_ids.tolist() == ["u1", "u2"]
+    assert dataset.item_vocab.id_type == "str"
+    assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["book", "pen"]
+
+
+def test_integer_ids_not_dense_are_indexed_in_ascending_order(tmp_path):
+    path = write(tmp_path / "pairs.txt", "1 30\n1 10\n2 20\n")
+    dataset = load_pairs(path)
+    assert list(dataset.item_vocab) == [10, 20, 30]
+    assert as_lists(dataset) == [[3, 1], [2]]
+
+
+def test_leading_zero_ids_stay_strings(tmp_path):
+    path = write(tmp_path / "pairs.txt", "1 007\n1 7\n")
+    dataset = load_pairs(path)
+    assert dataset.item_vocab.id_type == "str"
+    assert dataset.num_items == 2
+
+
+def test_malformed_pair_line_reports_path_and_line(tmp_path):
+    path = write(tmp_path / "pairs.txt", "1 1\n1 2\nabc\n")
+    with pytest.raises(DataFormatError) as info:
+        load_pairs(path)
+    assert info.value.path == str(path)
+    assert info.value.line_number == 3
+    assert str(info.value) == f"{path}:3: expected 'user item', got 'abc'"
+    assert isinstance(info.value, ValueError)
+
+
+def test_data_format_error_pickles():
+    error = pickle.loads(pickle.dumps(DataFormatError("f.txt", 4, "bad")))
+    assert (error.path, error.line_number, str(error)) == ("f.txt", 4, "f.txt:4: bad")
+
+
+def test_skip_bad_lines_counts_and_warns(tmp_path, caplog):
+    path = write(tmp_path / "pairs.txt", "1 1\nabc\n1 2 3\n2 5\n")
+    with caplog.at_level(logging.WARNING, logger="tfx_xmatch.data.loaders"):
+        dataset = load_pairs(path, skip_bad_lines=True)
+    assert dataset.skipped_lines == 2
+    assert as_lists(dataset) == [[1], [2]]
+    assert "skipped 2 malformed line(s)" in caplog.text
+    assert f"{path}:2: expected 'user item', got 'abc'" in caplog.text
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_empty_file_has_no_interactions(tmp_path, text):
+    path = write(tmp_path / "empty.txt", text)
+    with pytest.raises(DataFormatError, match="file has no interactions") as info:
+        load_pairs(path)
+    assert info.value.line_number is None
+
+
+def test_only_bad_lines_skipped_still_has_no_interactions(tmp_path):
+    path = write(tmp_path / "bad.txt", "abc\ndef\n")
+    with pytest.raises(DataFormatError, match=r"no interactions \(2 malformed line\(s\) skipped\)"):
+        load_pairs(path, skip_bad_lines=True)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        load_pairs(tmp_path / "nope.txt")
+
+
+# ----------------------------------------------------------------------------- sequences
+
+
+def test_load_sequences(tmp_path):
+    path = write(tmp_path / "seq.txt", "1 1 2 3\n2 2 4\n1 5\n")
+    dataset = load_sequences(path)
+    assert dataset.user_ids.tolist() == [1, 2]
+    assert as_lists(dataset) == [[1, 2, 3, 5], [2, 4]]
+    assert dataset.num_items == 5
+
+
+def test_sequence_line_without_items_is_malformed(tmp_path):
+    path = write(tmp_path / "seq.txt", "1 1 2\n2\n3 3 1\n")
+    with pytest.raises(DataFormatError) as info:
+        load_sequences(path)
+    assert info.value.line_number == 2
+    assert "no items" in str(info.value)
+    dataset = load_sequences(path, skip_bad_lines=True)
+    assert dataset.skipped_lines == 1
+    assert dataset.user_ids.tolist() == [1, 3]
+
+
+# ----------------------------------------------------------------------------- rating logs
+
+
+def test_rating_log_tab_sorts_by_time_stably(tmp_path):
+    path = write(
+        tmp_path / "u.data",
+        "1\t10\t5\t300\n2\t20\t3\t100\n1\t20\t4\t100\n1\t30\t1\t300\n1\t40\t2\t200\n",
+    )
+    dataset = load_rating_log(path)
+    assert dataset.user_ids.tolist() == [1, 2]
+    ids = [dataset.item_vocab.ids(sequence).tolist() for sequence in dataset.sequences]
+    # Ties at t=300 keep file order (10 before 30).
+    assert ids == [[20, 40, 10, 30], [20]]
+    assert [times.tolist() for times in dataset.timestamps] == [[100, 200, 300, 300], [100]]
+    assert dataset.timestamps[0].dtype == np.int64
+
+
+def test_rating_log_double_colon_and_min_rating(tmp_path):
+    path = write(tmp_path / "ratings.dat", "1::10::5::3\n1::20::2::1\n2::10::4::2\n")
+    dataset = load_rating_log(path, min_rating=4)
+    assert dataset.num_interactions == 2
+    assert dataset.item_vocab.ids(np.concatenate(dataset.sequences)).tolist() == [10, 10]
+
+
+def test_rating_log_csv_with_header_and_half_stars(tmp_path):
+    path = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n7,3,3.5,20\n7,1,4.0,10\n")
+    dataset = load_rating_log(path, has_header=True)
+    assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == [1, 3]
+
+
+def test_rating_log_custom_columns_without_timestamp(tmp_path):
+    path = write(tmp_path / "log.txt", "a x 1\na y 2\n")
+    dataset = load_rating_log(path, columns=("user", "item", None))
+    assert dataset.timestamps is None
+    assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["x", "y"]
+    with pytest.raises(ValueError, match="columns must include 'item'"):
+        load_rating_log(path, columns=("user", "rating", "timestamp"))
+    with pytest.raises(ValueError, match="min_rating=3 needs a 'rating' column"):
+        load_rating_log(path, columns=("user", "item", None), min_rating=3)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("1\t2\t5\tyesterday", "timestamp 'yesterday' is not an integer"),
+        ("1\t2\tgood\t100", "rating 'good' is not a number"),
+        ("1\t2\t5", "expected 4 tab-separated fields 'user item rating timestamp', got"),
+    ],
+)
+def test_rating_log_bad_fields_name_the_field(tmp_path, line, message):
+    path = write(tmp_path / "u.data", f"1\t1\t5\t50\n{line}\n")
+    with pytest.raises(DataFormatError, match=message) as info:
+        load_rating_log(path)
+    assert info.value.line_number == 2
+    assert load_rating_log(path, skip_bad_lines=True).skipped_lines == 1
+
+
+def test_rating_log_all_filtered_out(tmp_path):
+    path = write(tmp_path / "u.data", "1\t1\t1\t50\n")
+    with pytest.raises(DataFormatError, match="no interactions rated at least 4"):
+        load_rating_log(path, min_rating=4)
+
+
+# ----------------------------------------------------------------------------- side info
+
+
+def make_ml1m_dir(directory: pathlib.Path) -> pathlib.Path:
+    directory.mkdir()
+    write(directory / "ml-1m.txt", "1 1\n1 2\n2 2\n2 3\n")
+    write(
+        directory / "movies.dat",
+        "1::Toy Story (1995)::Animation|Children's|Comedy\n"
+        "2::Jumanji (1995)::Adventure|Children's|Fantasy\n"
+        "5::Père (1995)::Comedy\n",
+        encoding="latin-1",
+    )
+    write(directory / "users.dat", "10::F::1::10::48067\n20::M::56::16::70072\n")
+    # Remapped item 1 is movie 5, item 2 is movie 1 (Toy Story), item 3 is not in movies.dat.
+    write(directory / "sas_to_original_items.txt", "1 5\n2 1\n3 999\n")
+    write(directory / "sas_to_original_users.txt", "1 20\n2 10\n")
+    return directory
+
+
+def test_ml1m_side_info_remaps_ids(tmp_path):
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    dataset = load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
+    genres = dataset.feature_vocabs["genres"]
+    assert genres == ["Adventure", "Animation", "Children's", "Comedy", "Fantasy"]
+    matrix = dataset.item_features["genres"]
+    assert matrix.shape == (4, 5) and matrix.dtype == np.float32
+    assert matrix[0].sum() == 0 and matrix[3].sum() == 0
+    assert [genres[k] for k in np.flatnonzero(matrix[1])] == ["Comedy"]
+    assert [genres[k] for k in np.flatnonzero(matrix[2])] == ["Animation", "Children's", "Comedy"]
+    vocabs = dataset.feature_vocabs
+    # User 1 is original 20 (M, 56+, self-employed); user 2 is original 10 (F, Under 18, K-12).
+    assert [vocabs["gender"][k] for k in dataset.user_features["gender"]] == ["M", "F"]
+    assert [vocabs["age"][k] for k in dataset.user_features["age"]] == ["56+", "Under 18"]
+    assert [vocabs["occupation"][k] for k in dataset.user_features["occupation"]] == [
+        "self-employed",
+        "K-12 student",
+    ]
+    assert all(values.dtype == np.int32 for values in dataset.user_features.values())
+
+
+def test_ml1m_side_info_without_remapping_uses_original_ids(tmp_path):
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    dataset = load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory, remap_ids=False)
+    # Item index 1 is now movie 1 (Toy Story); users 1 and 2 are not in users.dat.
+    genres = dataset.feature_vocabs["genres"]
+    assert "Animation" in [genres[k] for k in np.flatnonzero(dataset.item_features["genres"][1])]
+    assert dataset.user_features["gender"].tolist() == [0, 0]
+
+
+def make_ml100k_dir(directory: pathlib.Path) -> pathlib.Path:
+    directory.mkdir()
+    write(directory / "u.data", "1\t2\t5\t20\n1\t1\t3\t10\n2\t1\t4\t5\n")
+    flags_toy = "|".join(["0", "0", "0", "1", "1", "1"] + ["0"] * 13)
+    flags_gold = "|".join(["0", "1", "1"] + ["0"] * 13 + ["1", "0", "0"])
+    write(
+        directory / "u.item",
+        f"1|Toy Story (1995)|01-Jan-1995||http://x|{flags_toy}\n"
+        f"2|GoldenEye (1995)|01-Jan-1995||http://y|{flags_gold}\n",
+        encoding="latin-1",
+    )
+    genre_names = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                   "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                   "Romance", "Sci-Fi", "Thriller", "War", "Western"]  # fmt: skip
+    write(directory / "u.genre", "".join(f"{name}|{k}\n" for k, name in enumerate(genre_names)) + "\n")
+    write(directory / "u.user", "1|24|M|technician|85711\n2|17|F|student|94043\n")
+    write(directory / "u.occupation", "student\ntechnician\n")
+    return directory
+
+
+def test_ml100k_side_info_buckets_ages(tmp_path):
+    directory = make_ml100k_dir(tmp_path / "ml-100k")
+    dataset = load_dataset(str(directory / "u.data"), format="ratings", sep="\t")
+    assert dataset.timestamps is not None
+    vocabs = dataset.feature_vocabs
+    assert vocabs["genres"][0] == "unknown" and len(vocabs["genres"]) == 19
+    toy = dataset.item_vocab.index(1)
+    assert [vocabs["genres"][k] for k in np.flatnonzero(dataset.item_features["genres"][toy])] == [
+        "Animation",
+        "Children's",
+        "Comedy",
+    ]
+    assert [vocabs["age"][k] for k in dataset.user_features["age"]] == ["18-24", "Under 18"]
+    assert [vocabs["gender"][k] for k in dataset.user_features["gender"]] == ["M", "F"]
+    assert [vocabs["occupation"][k] for k in dataset.user_features["occupation"]] == ["technician", "student"]
+
+
+def test_side_info_missing_files(tmp_path):
+    dataset = load_pairs(write(tmp_path / "p.txt", "1 1\n"))
+    with pytest.raises(FileNotFoundError, match="movies.dat"):
+        load_movielens_side_info(dataset, tmp_path)
+
+
+def test_side_info_bad_line(tmp_path):
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    write(directory / "users.dat", "10::F::1::10::48067\nx::M::56::16::70072\n")
+    with pytest.raises(DataFormatError, match="users.dat:2: UserID 'x' is not an integer"):
+        load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_load_dataset_by_name_under_data_dir(tmp_path):
+    make_ml1m_dir(tmp_path / "ml-1m")
+    dataset = load_dataset("ml-1m", data_dir=tmp_path)
+    assert dataset.name == "ml-1m"
+    assert "genres" in dataset.item_features and "age" in dataset.user_features
+    plain = load_dataset("ml-1m", data_dir=tmp_path, side_info=False)
+    assert plain.item_features == {} and plain.user_features == {}
+    # The dataset's own folder is accepted too.
+    assert load_dataset("ml-1m", data_dir=tmp_path / "ml-1m").num_users == 2
+
+
+def test_load_dataset_unknown_name_lists_known_names():
+    with pytest.raises(ValueError) as info:
+        load_dataset("ml-20m")
+    for name in DATASETS:
+        assert name in str(info.value)
+
+
+def test_load_dataset_missing_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("beauty", data_dir=tmp_path)
+    assert os.path.join(str(tmp_path), "beauty", "Beauty.txt") in str(info.value)
+    assert "sequences file" in str(info.value)
+
+
+def test_load_dataset_path_needs_format(tmp_path):
+    path = write(tmp_path / "seq.txt", "1 1 2\n")
+    with pytest.raises(ValueError, match="needs format="):
+        load_dataset(str(path))
+    assert load_dataset(str(path), format="sequences").num_interactions == 2
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_dataset(str(tmp_path / "missing.txt"), format="pairs")
+    with pytest.raises(FileNotFoundError, match="not a dataset name; known names: beauty"):
+        load_dataset("movielens/1m-ratings")
+
+
+def test_load_dataset_named_format_must_match(tmp_path):
+    make_ml1m_dir(tmp_path / "ml-1m")
+    assert load_dataset("ml-1m", data_dir=tmp_path, format="pairs").num_users == 2
+    with pytest.raises(ValueError, match="'ml-1m' is a 'pairs' file, got format='ratings'"):
+        load_dataset("ml-1m", data_dir=tmp_path, format="ratings")
+
+
+def test_utf8_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf1 2\n1 3\n")
+    dataset = load_pairs(path)
+    assert dataset.user_ids.tolist() == [1] and dataset.item_vocab.id_type == "int"
+
+
+def test_load_dataset_skip_bad_lines_passes_through(tmp_path):
+    directory = tmp_path / "lastfm"
+    directory.mkdir()
+    write(directory / "LastFM.txt", "1 1 2\n2\n")
+    with pytest.raises(DataFormatError):
+        load_dataset("lastfm", data_dir=tmp_path)
+    assert load_dataset("lastfm", data_dir=tmp_path, skip_bad_lines=True).skipped_lines == 1
+
+
+def test_load_dataset_synthetic_kwargs():
+    dataset = load_dataset("synthetic", num_users=12, num_items=30, num_clusters=3)
+    assert (dataset.num_users, dataset.num_items) == (12, 30)
+
+
+def test_tfds_download_failure_is_a_clear_runtime_error(monkeypatch):
+    class OfflineBuilder:
+        def download_and_prepare(self):
+            raise ConnectionError("Temporary failure in name resolution")
+
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.builder = lambda name, data_dir=None: OfflineBuilder()
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    with pytest.raises(RuntimeError) as info:
+        load_tfds_movielens_1m()
+    message = str(info.value)
+    assert "needs network access to download the data" in message
+    assert "movielens/1m-ratings" in message
+    assert "load_dataset('ml-1m', data_dir=...)" in message
+    with pytest.raises(RuntimeError, match="needs network access"):
+        load_dataset("tfds:movielens/1m-ratings")
+
+
+def test_tfds_records_become_a_timestamped_dataset(monkeypatch):
+    class Builder:
+        def download_and_prepare(self):
+            pass
+
+        def as_dataset(self, split, batch_size):
+            return [
+                {"user_id": np.array([b"7", b"3", b"7"]), "movie_id": np.array([b"2", b"1", b"1"]),
+                 "timestamp": np.array([20, 5, 10])},
+            ]  # fmt: skip
+
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.builder = lambda name, data_dir=None: Builder()
+    fake.as_numpy = lambda batches: batches
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    dataset = load_tfds_movielens_1m()
+    assert dataset.user_ids.tolist() == [7, 3]
+    assert as_lists(dataset) == [[1, 2], [1]]
+    assert [times.tolist() for times in dataset.timestamps] == [[10, 20], [5]]
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+@functools.lru_cache(maxsize=None)
+def real(name: str, data_dir: str):
+    return load_dataset(name, data_dir=data_dir)
+
+
+@pytest.mark.parametrize(
+    "name, users, items, interactions",
+    [
+        ("ml-1m", 6040, 3416, 999611),
+        ("ml-100k", 943, 1682, 100000),
+        ("beauty", 22363, 12101, 198502),
+        ("lastfm", 1090, 3646, 52551),
+    ],
+)
+def test_real_dataset_counts(real_data_dir, name, users, items, interactions):
+    dataset = real(name, str(real_data_dir))
+    assert (dataset.num_users, dataset.num_items, dataset.num_interactions) == (users, items, interactions)
+    assert dataset.skipped_lines == 0
+    # Files with ids 1..N keep item i at index i (comparable with published numbers).
+    np.testing.assert_array_equal(dataset.item_vocab.ids(np.arange(1, items + 1)), np.arange(1, items + 1))
+    assert all(len(sequence) >= 5 for sequence in dataset.sequences)
+
+
+def test_real_ml1m_matches_file_order(real_data_dir):
+    dataset = real("ml-1m", str(real_data_dir))
+    assert dataset.user_ids.tolist() == list(range(1, 6041))
+    with open(real_data_dir / "ml-1m" / "ml-1m.txt") as handle:
+        head = [line.split() for _, line in zip(range(5), handle)]
+    assert dataset.sequences[0][:5].tolist() == [int(item) for user, item in head if user == "1"]
+
+
+def test_real_ml1m_side_info(real_data_dir):
+    dataset = real("ml-1m", str(real_data_dir))
+    genres = dataset.item_features["genres"]
+    assert genres.shape == (3417, 18)
+    assert genres[0].sum() == 0
+    assert (genres[1:].sum(axis=1) >= 1).all(), "every item has at least one genre"
+    with open(real_data_dir / "ml-1m" / "sas_to_original_items.txt") as handle:
+        toy_story = next(int(remapped) for remapped, original in map(str.split, handle) if original == "1")
+    animation = dataset.feature_vocabs["genres"].index("Animation")
+    assert genres[dataset.item_vocab.index(toy_story), animation] == 1.0
+    # Official ML-1M counts: 1,709 women and 4,331 men; every user has demographics.
+    assert np.bincount(dataset.user_features["gender"]).tolist() == [0, 1709, 4331]
+    assert (dataset.user_features["age"] > 0).all() and (dataset.user_features["occupation"] > 0).all()
+
+
+def test_real_ml100k_timestamps_and_side_info(real_data_dir):
+    dataset = real("ml-100k", str(real_data_dir))
+    assert all((np.diff(times) >= 0).all() for times in dataset.timestamps)
+    assert dataset.item_features["genres"].shape == (1683, 19)
+    assert (dataset.user_features["age"] > 0).all() and (dataset.user_features["occupation"] > 0).all()
+    toy_story = dataset.item_vocab.index(1)
+    animation = dataset.feature_vocabs["genres"].index("Animation")
+    assert dataset.item_features["genres"][toy_story, animation] == 1.0

@@ -1,0 +1,139 @@
+"""TFRecord export: write/read round trip equals eval_dataset, sharding, atomic split export."""
+
+import json
+import os
+
+import tfx_xmatch  # noqa: F401  (before TensorFlow: selects Keras 2)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfx_xmatch.data import (
+    EvalExamples,
+    Vocabulary,
+    eval_dataset,
+    feature_spec,
+    leave_one_out,
+    make_synthetic,
+    read_tfrecords,
+    shard_paths,
+    write_split_tfrecords,
+    write_tfrecords,
+)
+
+
+def collect(dataset):
+    batches = [{key: value.numpy() for key, value in batch.items()} for batch in dataset]
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+@pytest.fixture(scope="module")
+def split():
+    data = make_synthetic(num_users=40, num_items=30, num_clusters=3, min_length=3, max_length=15, seed=2)
+    return leave_one_out(data)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_round_trip_equals_eval_dataset(tmp_path, split, num_shards):
+    examples = split.test
+    features = split.dataset.user_features
+    paths = write_tfrecords(
+        str(tmp_path / "test"),
+        examples.histories,
+        examples.targets,
+        {name: values[examples.user_rows] for name, values in features.items()},
+        num_shards=num_shards,
+        user_rows=examples.user_rows,
+    )
+    assert paths == shard_paths(str(tmp_path / "test"), num_shards)
+    assert os.path.basename(paths[-1]) == f"test-{num_shards - 1:05d}-of-{num_shards:05d}.tfrecord"
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(path) for path in paths)
+    # max_length 6 is shorter than most histories, so in-graph truncation is exercised too.
+    read = read_tfrecords(
+        str(tmp_path / "test-*-of-*.tfrecord"), max_length=6, batch_size=4, user_feature_names=list(features)
+    )
+    expected = eval_dataset(examples, max_length=6, batch_size=4, user_features=features)
+    assert {key: spec.dtype for key, spec in read.element_spec.items()} == {
+        key: spec.dtype for key, spec in expected.element_spec.items()
+    }
+    read_arrays, expected_arrays = collect(read), collect(expected)
+    assert sorted(read_arrays) == sorted(expected_arrays)
+    for key in expected_arrays:
+        np.testing.assert_array_equal(read_arrays[key], expected_arrays[key], err_msg=key)
+
+
+def test_short_and_empty_histories_are_left_padded(tmp_path):
+    histories = [np.array([], dtype=np.int32), np.array([4, 5]), np.array([1, 2, 3, 4])]
+    write_tfrecords(str(tmp_path / "x"), histories, np.array([1, 6, 5]))
+    arrays = collect(read_tfrecords(str(tmp_path / "x-*"), max_length=3, batch_size=8))
+    assert arrays["history"].tolist() == [[0, 0, 0], [0, 4, 5], [2, 3, 4]]
+    assert arrays["target"].tolist() == [1, 6, 5]
+    # Records written without user rows read back as -1 (unknown).
+    assert arrays["user_row"].tolist() == [-1, -1, -1]
+
+
+def test_records_are_plain_tf_examples(tmp_path):
+    (path,) = write_tfrecords(str(tmp_path / "x"), [np.array([7, 8])], np.array([9]), {"age": np.array([3])})
+    record = next(iter(tf.data.TFRecordDataset(path))).numpy()
+    example = tf.train.Example.FromString(record)
+    assert list(example.features.feature["history"].int64_list.value) == [7, 8]
+    assert list(example.features.feature["target"].int64_list.value) == [9]
+    assert list(example.features.feature["age"].int64_list.value) == [3]
+    assert sorted(feature_spec(["age"])) == ["age", "history", "target", "user_row"]
+
+
+def test_write_errors(tmp_path):
+    with pytest.raises(ValueError, match="got 1 histories but 2 targets"):
+        write_tfrecords(str(tmp_path / "x"), [np.array([1])], np.array([1, 2]))
+    with pytest.raises(ValueError, match="num_shards must be at least 1, got 0"):
+        write_tfrecords(str(tmp_path / "x"), [np.array([1])], np.array([1]), num_shards=0)
+    with pytest.raises(ValueError, match="'target' is reserved"):
+        write_tfrecords(str(tmp_path / "x"), [np.array([1])], np.array([1]), {"target": np.array([1])})
+    with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
+        read_tfrecords(str(tmp_path / "nothing-*"), max_length=3, batch_size=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_split_tfrecords(tmp_path, split):
+    written = write_split_tfrecords(split, str(tmp_path / "export"), num_shards=2)
+    directory = tmp_path / "export"
+    names = sorted(os.listdir(directory))
+    assert names == sorted(
+        [f"{part}-{k:05d}-of-00002.tfrecord" for part in ("train", "validation", "test") for k in range(2)]
+        + ["item_vocab.json", "statistics.json"]
+    )
+    assert Vocabulary.load(written["item_vocab"][0]) == split.dataset.item_vocab
+    statistics = json.loads((directory / "statistics.json").read_text())
+    assert statistics["split"] == "leave_one_out"
+    assert statistics["num_items"] == 30
+    # Training sequences of a single item (users with 3 interactions) have no target.
+    keep = [k for k, sequence in enumerate(split.train_sequences) if len(sequence) >= 2]
+    assert 0 < len(keep) < 40
+    assert statistics["examples"] == {"train": len(keep), "validation": 40, "test": 40}
+    assert statistics["user_feature_names"] == ["segment"]
+
+    train = collect(
+        read_tfrecords(str(directory / "train-*"), max_length=20, batch_size=16, user_feature_names=["segment"])
+    )
+    rows = split.train_user_rows[keep]
+    sequences = [split.train_sequences[k] for k in keep]
+    np.testing.assert_array_equal(train["user_row"], rows)
+    np.testing.assert_array_equal(train["target"], [sequence[-1] for sequence in sequences])
+    np.testing.assert_array_equal(train["segment"], split.dataset.user_features["segment"][rows])
+    for padded, sequence in zip(train["history"], sequences):
+        history = sequence[:-1]
+        assert padded[-len(history):].tolist() == history.tolist() and (padded[: -len(history)] == 0).all()
+
+    validation = collect(read_tfrecords(str(directory / "validation-*"), max_length=20, batch_size=16))
+    np.testing.assert_array_equal(validation["target"], split.validation.targets)
+
+
+def test_eval_examples_without_features_round_trip(tmp_path):
+    examples = EvalExamples(
+        user_rows=np.array([2, 0]), histories=[np.array([1, 2, 3]), np.array([4])], targets=np.array([4, 1])
+    )
+    write_tfrecords(str(tmp_path / "e"), examples.histories, examples.targets, user_rows=examples.user_rows)
+    read = collect(read_tfrecords(str(tmp_path / "e-*"), max_length=2, batch_size=1))
+    expected = collect(eval_dataset(examples, max_length=2, batch_size=1))
+    for key in expected:
+        np.testing.assert_array_equal(read[key], expected[key])

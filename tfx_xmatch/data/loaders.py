@@ -1,0 +1,840 @@
+"""Loaders that turn interaction files into a SequenceDataset.
+
+Three on-disk formats are read: one "user item" pair per line (SASRec's ml-1m.txt), one user
+per line "uid item1 item2 ..." (Beauty.txt, LastFM.txt), and rating logs with timestamps
+(MovieLens u.data / ratings.dat / ratings.csv). MovieLens side files (genres, demographics) are
+joined by :func:`load_movielens_side_info`, and :func:`load_dataset` resolves the names of the
+benchmark datasets to files under a data directory.
+
+Raw ids that are all canonical non-negative integers ("1", "42", not "007") are kept as ints
+and indexed in ascending order, so a file whose items are already 1..N keeps item i at index i
+(results stay comparable with the literature); other ids are kept as strings, indexed in order
+of first appearance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from tfx_xmatch.data.dataset import SequenceDataset
+from tfx_xmatch.data.vocabulary import PathLike, Vocabulary
+
+logger = logging.getLogger(__name__)
+
+_UNKNOWN = "unknown"
+
+
+class DataFormatError(ValueError):
+    """A data file has a malformed line (or no interactions at all).
+
+    Attributes:
+      path: The file.
+      line_number: 1-based line number of the bad line, or None for whole-file problems.
+      problem: What is wrong, without the location prefix.
+    """
+
+    def __init__(self, path: PathLike, line_number: Optional[int], problem: str) -> None:
+        self.path = os.fspath(path)
+        self.line_number = line_number
+        self.problem = problem
+        location = self.path if line_number is None else f"{self.path}:{line_number}"
+        super().__init__(f"{location}: {problem}")
+
+    def __reduce__(self):
+        # Needed because __init__ takes other arguments than the message (pickling, e.g.
+        # across multiprocessing workers, would fail otherwise).
+        return (type(self), (self.path, self.line_number, self.problem))
+
+
+def _shorten(line: str, limit: int = 80) -> str:
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class _BadLines:
+    """Fails on the first malformed line, or counts them when asked to skip."""
+
+    def __init__(self, path: str, skip: bool) -> None:
+        self.path = path
+        self.skip = skip
+        self.count = 0
+        self.first: Optional[DataFormatError] = None
+
+    def report(self, line_number: int, problem: str) -> None:
+        error = DataFormatError(self.path, line_number, problem)
+        if not self.skip:
+            raise error
+        self.count += 1
+        if self.first is None:
+            self.first = error
+
+    def log(self) -> None:
+        if self.count:
+            logger.warning(
+                "skipped %d malformed line(s) in %s; first: %s", self.count, self.path, self.first
+            )
+
+
+def _check_file(path: PathLike, what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}")
+    return path
+
+
+def _read_lines(path: str, encoding: str) -> list[str]:
+    with open(path, encoding=encoding, newline=None) as handle:
+        return handle.read().splitlines()
+
+
+def _is_canonical_int(token: str) -> bool:
+    # isdigit alone accepts non-ASCII digits such as "²"; leading zeros would make "7" and
+    # "007" collide once parsed, so such files keep string ids.
+    return token.isascii() and token.isdigit() and (token == "0" or token[0] != "0")
+
+
+def _typed_unique(tokens: Sequence[str]) -> tuple[list[str], list[Union[int, str]], bool]:
+    """Distinct tokens in first-seen order, their typed ids, and whether the ids are ints."""
+    unique = list(dict.fromkeys(tokens))
+    if unique and all(_is_canonical_int(token) for token in unique):
+        return unique, [int(token) for token in unique], True
+    return unique, list(unique), False
+
+
+def _no_interactions(path: str, bad: _BadLines, reason: str = "") -> DataFormatError:
+    detail = f" ({bad.count} malformed line(s) skipped)" if bad.count else ""
+    return DataFormatError(path, None, f"file has no interactions{reason}{detail}")
+
+
+def _build_dataset(
+    name: str,
+    user_tokens: list[str],
+    item_tokens: list[str],
+    timestamps: Optional[np.ndarray],
+    skipped_lines: int,
+) -> SequenceDataset:
+    """Groups interactions by user (users in order of first appearance).
+
+    Within a user, events keep file order, or are sorted by timestamp (stably, so ties keep
+    file order) when timestamps are given.
+    """
+    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens)
+    if items_are_ints:
+        vocabulary = Vocabulary(sorted(item_ids))
+    else:
+        vocabulary = Vocabulary(item_ids)
+    token_to_index = dict(zip(unique_items, vocabulary.lookup(item_ids).tolist()))
+    items = np.fromiter(map(token_to_index.__getitem__, item_tokens), np.int32, len(item_tokens))
+
+    unique_users, user_ids, users_are_ints = _typed_unique(user_tokens)
+    user_to_row = {token: row for row, token in enumerate(unique_users)}
+    rows = np.fromiter(map(user_to_row.__getitem__, user_tokens), np.int64, len(user_tokens))
+
+    order = np.arange(len(rows))
+    if timestamps is not None:
+        order = np.argsort(timestamps, kind="stable")
+    # A stable sort by row on top of the timestamp order gives (row, timestamp, file position).
+    order = order[np.argsort(rows[order], kind="stable")]
+    counts = np.bincount(rows, minlength=len(unique_users))
+    boundaries = np.cumsum(counts)[:-1]
+    sequences = np.split(items[order], boundaries)
+    sequence_timestamps = None
+    if timestamps is not None:
+        sequence_timestamps = np.split(timestamps[order].astype(np.int64), boundaries)
+
+    user_array = np.array(user_ids, dtype=np.int64 if users_are_ints else np.str_)
+    return SequenceDataset(
+        name=name,
+        sequences=sequences,
+        item_vocab=vocabulary,
+        user_ids=user_array,
+        timestamps=sequence_timestamps,
+        skipped_lines=skipped_lines,
+    )
+
+
+def _default_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def load_pairs(
+    path: PathLike,
+    name: Optional[str] = None,
+    *,
+    skip_bad_lines: bool = False,
+    encoding: str = "utf-8-sig",
+) -> SequenceDataset:
+    """Loads one "user item" pair per line (space or tab separated), oldest first per user.
+
+    Users may appear in several blocks; their events are concatenated in file order, and users
+    are ordered by first appearance.
+
+    Args:
+      path: The file, e.g. SASRec's ml-1m.txt.
+      name: Dataset name; defaults to the file name without extension.
+      skip_bad_lines: Skip (and count in ``skipped_lines``) lines that are not exactly two
+        fields, instead of failing.
+      encoding: Text encoding of the file (the default also accepts a UTF-8 byte-order mark).
+
+    Returns:
+      The dataset, without timestamps.
+
+    Raises:
+      FileNotFoundError: If the file does not exist.
+      DataFormatError: On a malformed line (unless skipped) or when the file has no
+        interactions.
+    """
+    path = _check_file(path, "pairs file ('user item' per line)")
+    bad = _BadLines(path, skip_bad_lines)
+    users: list[str] = []
+    items: list[str] = []
+    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
+        fields = line.split()
+        if len(fields) == 2:
+            users.append(fields[0])
+            items.append(fields[1])
+        elif fields:
+            bad.report(line_number, f"expected 'user item', got {_shorten(line.strip())!r}")
+    bad.log()
+    if not items:
+        raise _no_interactions(path, bad)
+    return _build_dataset(name or _default_name(path), users, items, None, bad.count)
+
+
+def load_sequences(
+    path: PathLike,
+    name: Optional[str] = None,
+    *,
+    skip_bad_lines: bool = False,
+    encoding: str = "utf-8-sig",
+) -> SequenceDataset:
+    """Loads one user per line, "uid item1 item2 ...", items oldest first.
+
+    A user id appearing on several lines gets the lines' items concatenated in file order.
+
+    Args:
+      path: The file, e.g. Beauty.txt or LastFM.txt.
+      name: Dataset name; defaults to the file name without extension.
+      skip_bad_lines: Skip (and count) malformed lines, e.g. a user id with no items.
+      encoding: Text encoding of the file (the default also accepts a UTF-8 byte-order mark).
+
+    Returns:
+      The dataset, without timestamps.
+
+    Raises:
+      FileNotFoundError: If the file does not exist.
+      DataFormatError: On a malformed line (unless skipped) or when the file has no
+        interactions.
+    """
+    path = _check_file(path, "sequences file ('uid item1 item2 ...' per line)")
+    bad = _BadLines(path, skip_bad_lines)
+    users: list[str] = []
+    items: list[str] = []
+    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
+        fields = line.split()
+        if len(fields) >= 2:
+            users.extend([fields[0]] * (len(fields) - 1))
+            items.extend(fields[1:])
+        elif fields:
+            bad.report(
+                line_number,
+                f"expected 'uid item1 item2 ...', got {_shorten(line.strip())!r} (a user with no items)",
+            )
+    bad.log()
+    if not items:
+        raise _no_interactions(path, bad)
+    return _build_dataset(name or _default_name(path), users, items, None, bad.count)
+
+
+_SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "whitespace"}
+
+
+def _detect_separator(line: str) -> Optional[str]:
+    for separator in ("::", "\t", ","):
+        if separator in line:
+            return separator
+    return None
+
+
+def load_rating_log(
+    path: PathLike,
+    name: Optional[str] = None,
+    sep: Optional[str] = None,
+    columns: Sequence[Optional[str]] = ("user", "item", "rating", "timestamp"),
+    min_rating: Optional[float] = None,
+    has_header: bool = False,
+    *,
+    skip_bad_lines: bool = False,
+    encoding: str = "utf-8-sig",
+) -> SequenceDataset:
+    """Loads a rating log (one event per line, with timestamps) and orders users' events in time.
+
+    Args:
+      path: The file, e.g. MovieLens-100K u.data (tab), ratings.dat ('::') or ratings.csv.
+      name: Dataset name; defaults to the file name without extension.
+      sep: Field separator; None detects it from the first data line ('::', then tab, then
+        comma, else any whitespace).
+      columns: Name of each field in order. "user" and "item" are required; "timestamp"
+        (integer unix seconds) orders each user's events and fills ``timestamps``; "rating"
+        (a number) is needed for ``min_rating``; other names or None mark ignored fields.
+        Every line must have exactly ``len(columns)`` fields.
+      min_rating: Keep only events rated at least this much (e.g. 4 for "liked").
+      has_header: The first line holds column names and is skipped.
+      skip_bad_lines: Skip (and count) malformed lines instead of failing.
+      encoding: Text encoding of the file (the default also accepts a UTF-8 byte-order mark).
+
+    Returns:
+      The dataset, with ``timestamps`` when a timestamp column is given. Each user's events
+      are sorted by timestamp; ties keep file order.
+
+    Raises:
+      FileNotFoundError: If the file does not exist.
+      ValueError: If ``columns`` lacks "user" or "item", names one twice, or ``min_rating``
+        is given without a "rating" column.
+      DataFormatError: On a malformed line (unless skipped), e.g. a wrong number of fields or
+        a non-integer timestamp, or when the file has no (kept) interactions.
+    """
+    columns = tuple(columns)
+    for required in ("user", "item"):
+        if required not in columns:
+            raise ValueError(f"columns must include {required!r}, got {columns!r}")
+    for known in ("user", "item", "rating", "timestamp"):
+        if columns.count(known) > 1:
+            raise ValueError(f"column {known!r} appears more than once in {columns!r}")
+    if min_rating is not None and "rating" not in columns:
+        raise ValueError(f"min_rating={min_rating!r} needs a 'rating' column, got columns {columns!r}")
+    path = _check_file(path, "rating log ('user item rating timestamp' per line)")
+    bad = _BadLines(path, skip_bad_lines)
+    user_column = columns.index("user")
+    item_column = columns.index("item")
+    rating_column = columns.index("rating") if "rating" in columns else None
+    time_column = columns.index("timestamp") if "timestamp" in columns else None
+    expected = " ".join(str(column) for column in columns)
+
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    filtered = 0
+    separator = sep
+    detected = sep is not None
+    lines = _read_lines(path, encoding)
+    for line_number, line in enumerate(lines, start=1):
+        if has_header and line_number == 1:
+            continue
+        if not line.strip():
+            continue
+        if not detected:
+            separator = _detect_separator(line)
+            detected = True
+        fields = [field.strip() for field in line.split(separator)]
+        if len(fields) != len(columns):
+            bad.report(
+                line_number,
+                f"expected {len(columns)} {_SEPARATOR_NAMES.get(separator, repr(separator))}-separated "
+                f"fields '{expected}', got {_shorten(line.strip())!r}",
+            )
+            continue
+        user, item = fields[user_column], fields[item_column]
+        if not user or not item:
+            bad.report(line_number, f"empty user or item field in {_shorten(line.strip())!r}")
+            continue
+        timestamp = 0
+        if time_column is not None:
+            try:
+                timestamp = int(fields[time_column])
+            except ValueError:
+                bad.report(line_number, f"timestamp {fields[time_column]!r} is not an integer")
+                continue
+        if rating_column is not None:
+            try:
+                # Ratings are read as numbers, not only integers: MovieLens-20M/latest logs
+                # have half stars ("3.5").
+                rating = float(fields[rating_column])
+            except ValueError:
+                bad.report(line_number, f"rating {fields[rating_column]!r} is not a number")
+                continue
+            if min_rating is not None and rating < min_rating:
+                filtered += 1
+                continue
+        users.append(user)
+        items.append(item)
+        times.append(timestamp)
+    bad.log()
+    if not items:
+        reason = f" rated at least {min_rating!r} ({filtered} below it)" if filtered else ""
+        raise _no_interactions(path, bad, reason)
+    timestamps = np.array(times, dtype=np.int64) if time_column is not None else None
+    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
+
+
+# ----------------------------------------------------------------------------- side info
+
+_ML_AGE_CODES = (1, 18, 25, 35, 45, 50, 56)
+_ML_AGE_NAMES = ("Under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
+_ML1M_OCCUPATIONS = (
+    "other or not specified", "academic/educator", "artist", "clerical/admin",
+    "college/grad student", "customer service", "doctor/health care", "executive/managerial",
+    "farmer", "homemaker", "K-12 student", "lawyer", "programmer", "retired",
+    "sales/marketing", "scientist", "self-employed", "technician/engineer",
+    "tradesman/craftsman", "unemployed", "writer",
+)  # fmt: skip
+_GENDERS = ("F", "M")
+
+
+def _age_bucket(age: int) -> int:
+    """Index (1..7) of the MovieLens-1M age bucket holding ``age`` (years or an ML-1M code)."""
+    return int(np.searchsorted(_ML_AGE_CODES, age, side="right")) or 1
+
+
+def _read_id_mapping(path: str) -> dict[int, int]:
+    """Reads "remapped_id original_id" lines."""
+    mapping: dict[int, int] = {}
+    for line_number, line in enumerate(_read_lines(path, "utf-8"), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not all(_is_canonical_int(field) for field in fields):
+            raise DataFormatError(
+                path, line_number, f"expected 'remapped_id original_id', got {_shorten(line.strip())!r}"
+            )
+        mapping[int(fields[0])] = int(fields[1])
+    return mapping
+
+
+def _original_ids(raw_ids: np.ndarray, mapping: Optional[dict[int, int]]) -> list[Optional[int]]:
+    """Original MovieLens ids of ``raw_ids`` (None where an id has no integer original)."""
+    originals: list[Optional[int]] = []
+    for raw_id in raw_ids.tolist():
+        if isinstance(raw_id, str):
+            raw_id = int(raw_id) if _is_canonical_int(raw_id) else None
+        if raw_id is not None and mapping is not None:
+            raw_id = mapping.get(raw_id)
+        originals.append(raw_id)
+    return originals
+
+
+def _split_fields(path: str, line_number: int, line: str, sep: str, count: int, what: str) -> list[str]:
+    fields = line.split(sep)
+    if len(fields) < count:
+        raise DataFormatError(path, line_number, f"expected {what}, got {_shorten(line.strip())!r}")
+    return fields
+
+
+def _parse_int(path: str, line_number: int, value: str, field: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataFormatError(path, line_number, f"{field} {value!r} is not an integer") from None
+
+
+def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
+    path = os.path.join(directory, "movies.dat")
+    genres_by_movie: dict[int, list[str]] = {}
+    for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
+        if not line.strip():
+            continue
+        fields = _split_fields(path, line_number, line, "::", 3, "'MovieID::Title::Genres'")
+        movie = _parse_int(path, line_number, fields[0], "MovieID")
+        genres_by_movie[movie] = [genre for genre in fields[-1].strip().split("|") if genre]
+    names = sorted({genre for genres in genres_by_movie.values() for genre in genres})
+    return genres_by_movie, names
+
+
+def _ml1m_users(directory: str) -> dict[int, tuple[int, int, int]]:
+    path = os.path.join(directory, "users.dat")
+    users: dict[int, tuple[int, int, int]] = {}
+    for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
+        if not line.strip():
+            continue
+        fields = _split_fields(
+            path, line_number, line, "::", 4, "'UserID::Gender::Age::Occupation::Zip-code'"
+        )
+        user = _parse_int(path, line_number, fields[0], "UserID")
+        gender = _GENDERS.index(fields[1]) + 1 if fields[1] in _GENDERS else 0
+        age_code = _parse_int(path, line_number, fields[2], "Age")
+        age = _ML_AGE_CODES.index(age_code) + 1 if age_code in _ML_AGE_CODES else 0
+        occupation_code = _parse_int(path, line_number, fields[3], "Occupation")
+        occupation = occupation_code + 1 if 0 <= occupation_code < len(_ML1M_OCCUPATIONS) else 0
+        users[user] = (gender, age, occupation)
+    return users
+
+
+def _ml100k_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
+    genre_path = os.path.join(directory, "u.genre")
+    names: list[str] = []
+    if os.path.isfile(genre_path):
+        for line in _read_lines(genre_path, "latin-1"):
+            if line.strip():
+                names.append(line.rsplit("|", 1)[0])
+    path = os.path.join(directory, "u.item")
+    genres_by_movie: dict[int, list[str]] = {}
+    for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
+        if not line.strip():
+            continue
+        # The title may not contain '|', but the 19 genre flags are always the last fields.
+        fields = _split_fields(
+            path, line_number, line, "|", 6, "'id|title|date|video date|url|19 genre flags'"
+        )
+        flags = fields[5:]
+        if not names:
+            names = [f"genre_{k}" for k in range(len(flags))]
+        if len(flags) != len(names) or any(flag not in ("0", "1") for flag in flags):
+            raise DataFormatError(
+                path, line_number, f"expected {len(names)} genre flags (0/1) after the url, got {flags!r}"
+            )
+        movie = _parse_int(path, line_number, fields[0], "movie id")
+        genres_by_movie[movie] = [name for name, flag in zip(names, flags) if flag == "1"]
+    return genres_by_movie, names
+
+
+def _ml100k_users(directory: str) -> tuple[dict[int, tuple[int, int, int]], list[str]]:
+    occupation_path = os.path.join(directory, "u.occupation")
+    path = os.path.join(directory, "u.user")
+    lines = _read_lines(path, "latin-1")
+    if os.path.isfile(occupation_path):
+        occupations = [line.strip() for line in _read_lines(occupation_path, "latin-1") if line.strip()]
+    else:
+        occupations = sorted({line.split("|")[3] for line in lines if line.count("|") >= 4})
+    users: dict[int, tuple[int, int, int]] = {}
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = _split_fields(path, line_number, line, "|", 5, "'user id|age|gender|occupation|zip code'")
+        user = _parse_int(path, line_number, fields[0], "user id")
+        age = _age_bucket(_parse_int(path, line_number, fields[1], "age"))
+        gender = _GENDERS.index(fields[2]) + 1 if fields[2] in _GENDERS else 0
+        occupation = occupations.index(fields[3]) + 1 if fields[3] in occupations else 0
+        users[user] = (gender, age, occupation)
+    return users, occupations
+
+
+def load_movielens_side_info(
+    dataset: SequenceDataset, data_dir: PathLike, *, remap_ids: Optional[bool] = None
+) -> SequenceDataset:
+    """Joins MovieLens genres and user demographics onto a dataset.
+
+    Adds ``item_features["genres"]`` (multi-hot float32 [N+1, G], row 0 and unmatched items
+    all zero) and ``user_features`` "gender", "age" (the ML-1M buckets Under 18, 18-24, 25-34,
+    35-44, 45-49, 50-55, 56+; ML-100K ages are bucketed the same way) and "occupation", each
+    int32 with 0 meaning unknown, plus their category names in ``feature_vocabs`` (index k of
+    a feature is name k).
+
+    Args:
+      dataset: A MovieLens dataset whose raw user and item ids are MovieLens ids, or SASRec's
+        remapped ids (ml-1m.txt).
+      data_dir: Folder with ML-1M's movies.dat/users.dat (and sas_to_original_*.txt) or
+        ML-100K's u.item/u.user (also accepted: its parent holding a folder named like the
+        dataset).
+      remap_ids: Whether the dataset's ids are SASRec-remapped and must be translated through
+        sas_to_original_items.txt / sas_to_original_users.txt. None decides automatically:
+        remap when those files exist and the dataset has no timestamps (ml-1m.txt has none,
+        while a raw MovieLens rating log, whose ids are original, always has them).
+
+    Returns:
+      A copy of ``dataset`` with the features added (existing other features are kept).
+
+    Raises:
+      FileNotFoundError: If no MovieLens side files are found, or remapping is requested but
+        the mapping files are missing.
+      DataFormatError: If a side file has a malformed line.
+    """
+    directory = os.fspath(data_dir)
+    candidates = [directory, os.path.join(directory, dataset.name)]
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "movies.dat")) or os.path.isfile(
+            os.path.join(candidate, "u.item")
+        ):
+            directory = candidate
+            break
+    else:
+        raise FileNotFoundError(
+            f"no MovieLens side files in {os.fspath(data_dir)!r}: expected movies.dat and "
+            "users.dat (ML-1M) or u.item and u.user (ML-100K)"
+        )
+
+    is_ml1m = os.path.isfile(os.path.join(directory, "movies.dat"))
+    item_map_path = os.path.join(directory, "sas_to_original_items.txt")
+    user_map_path = os.path.join(directory, "sas_to_original_users.txt")
+    if remap_ids is None:
+        remap_ids = is_ml1m and os.path.isfile(item_map_path) and dataset.timestamps is None
+    item_mapping = user_mapping = None
+    if remap_ids:
+        for mapping_path in (item_map_path, user_map_path):
+            _check_file(mapping_path, "id mapping ('remapped_id original_id' per line)")
+        item_mapping = _read_id_mapping(item_map_path)
+        user_mapping = _read_id_mapping(user_map_path)
+
+    if is_ml1m:
+        _check_file(os.path.join(directory, "users.dat"), "ML-1M users file")
+        genres_by_movie, genre_names = _ml1m_items(directory)
+        demographics = _ml1m_users(directory)
+        occupation_names = list(_ML1M_OCCUPATIONS)
+    else:
+        _check_file(os.path.join(directory, "u.user"), "ML-100K users file")
+        genres_by_movie, genre_names = _ml100k_items(directory)
+        demographics, occupation_names = _ml100k_users(directory)
+
+    num_items = dataset.num_items
+    genres = np.zeros((num_items + 1, len(genre_names)), dtype=np.float32)
+    genre_column = {name: column for column, name in enumerate(genre_names)}
+    item_raw_ids = dataset.item_vocab.ids(np.arange(1, num_items + 1)) if num_items else np.array([])
+    matched_items = 0
+    for index, original in enumerate(_original_ids(item_raw_ids, item_mapping), start=1):
+        movie_genres = genres_by_movie.get(original) if original is not None else None
+        if movie_genres is not None:
+            matched_items += 1
+            for genre in movie_genres:
+                genres[index, genre_column[genre]] = 1.0
+
+    user_columns = np.zeros((dataset.num_users, 3), dtype=np.int32)
+    matched_users = 0
+    for row, original in enumerate(_original_ids(np.asarray(dataset.user_ids), user_mapping)):
+        values = demographics.get(original) if original is not None else None
+        if values is not None:
+            matched_users += 1
+            user_columns[row] = values
+
+    # A low match rate almost always means ids were (not) remapped by mistake.
+    if matched_items < num_items or matched_users < dataset.num_users:
+        mostly_unmatched = matched_items < num_items / 2 or matched_users < dataset.num_users / 2
+        log = logger.warning if mostly_unmatched else logger.info
+        log(
+            "MovieLens side info from %s matched %d/%d items and %d/%d users (remap_ids=%s)",
+            directory, matched_items, num_items, matched_users, dataset.num_users, remap_ids,
+        )
+
+    return dataclasses.replace(
+        dataset,
+        item_features={**dataset.item_features, "genres": genres},
+        user_features={
+            **dataset.user_features,
+            "gender": user_columns[:, 0].copy(),
+            "age": user_columns[:, 1].copy(),
+            "occupation": user_columns[:, 2].copy(),
+        },
+        feature_vocabs={
+            **dataset.feature_vocabs,
+            "genres": list(genre_names),
+            "gender": [_UNKNOWN, *_GENDERS],
+            "age": [_UNKNOWN, *_ML_AGE_NAMES],
+            "occupation": [_UNKNOWN, *occupation_names],
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+TFDS_MOVIELENS_1M = "movielens/1m-ratings"
+
+
+def load_tfds_movielens_1m(data_dir: Optional[PathLike] = None, name: str = "ml-1m-tfds") -> SequenceDataset:
+    """Loads MovieLens-1M ratings through TensorFlow Datasets (``movielens/1m-ratings``).
+
+    The raw log is used (all 6,040 users and 3,706 rated movies, ordered by timestamp), which
+    is not SASRec's filtered ml-1m.txt; use ``load_dataset("ml-1m", data_dir=...)`` for
+    numbers comparable with the literature.
+
+    Args:
+      data_dir: TFDS data directory (None: TFDS's default, ~/tensorflow_datasets). If the data
+        is already prepared there, no network is needed.
+      name: Dataset name.
+
+    Returns:
+      The dataset with timestamps; raw ids are MovieLens ids (ints).
+
+    Raises:
+      RuntimeError: If tensorflow_datasets is missing or the data is not prepared and cannot be
+        downloaded (e.g. no network access).
+    """
+    try:
+        import tensorflow_datasets as tfds  # deferred: importing TFDS takes seconds
+    except ImportError as error:
+        raise RuntimeError(
+            f"loading {TFDS_MOVIELENS_1M!r} needs the tensorflow-datasets package "
+            f"({error}); use load_dataset('ml-1m', data_dir=...) with local files"
+        ) from error
+    where = os.fspath(data_dir) if data_dir is not None else "the default TFDS data directory"
+    try:
+        builder = tfds.builder(TFDS_MOVIELENS_1M, data_dir=None if data_dir is None else os.fspath(data_dir))
+        builder.download_and_prepare()
+        batches = tfds.as_numpy(builder.as_dataset(split="train", batch_size=1 << 16))
+    except Exception as error:  # TFDS raises many kinds (DownloadError, OSError, ...)
+        raise RuntimeError(
+            f"tensorflow_datasets {TFDS_MOVIELENS_1M!r} is not prepared in {where}; preparing it "
+            f"needs network access to download the data, and that failed "
+            f"({type(error).__name__}: {error}); use load_dataset('ml-1m', data_dir=...) with "
+            "local files"
+        ) from error
+
+    users: list[str] = []
+    items: list[str] = []
+    times: list[np.ndarray] = []
+    for batch in batches:
+        users.extend(_decode(value) for value in batch["user_id"])
+        items.extend(_decode(value) for value in batch["movie_id"])
+        times.append(np.asarray(batch["timestamp"], dtype=np.int64))
+    if not items:
+        raise RuntimeError(f"tensorflow_datasets {TFDS_MOVIELENS_1M!r} in {where} has no ratings")
+    return _build_dataset(name, users, items, np.concatenate(times), 0)
+
+
+def _decode(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """How :func:`load_dataset` finds and reads one named dataset.
+
+    Attributes:
+      kind: "file" (under a data directory), "synthetic" or "tfds".
+      relative_path: For files, the path under the data directory.
+      format: For files, "pairs", "sequences" or "ratings".
+      options: Extra keyword arguments for the loader.
+      side_info: Whether MovieLens side info can be joined.
+      description: One line for listings.
+    """
+
+    kind: str
+    relative_path: str = ""
+    format: str = ""
+    options: dict = dataclasses.field(default_factory=dict)
+    side_info: bool = False
+    description: str = ""
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "ml-1m": DatasetInfo(
+        "file", "ml-1m/ml-1m.txt", "pairs", side_info=True,
+        description="MovieLens-1M, SASRec preprocessing (6,040 users, 3,416 items)",
+    ),
+    "ml-100k": DatasetInfo(
+        "file", "ml-100k/u.data", "ratings", {"sep": "\t"}, side_info=True,
+        description="MovieLens-100K raw rating log with timestamps (943 users, 1,682 items)",
+    ),
+    "beauty": DatasetInfo(
+        "file", "beauty/Beauty.txt", "sequences",
+        description="Amazon Beauty 5-core (22,363 users, 12,101 items)",
+    ),
+    "lastfm": DatasetInfo(
+        "file", "lastfm/LastFM.txt", "sequences",
+        description="HetRec-2011 Last.fm artists 5-core (1,090 users, 3,646 items)",
+    ),
+    "synthetic": DatasetInfo(
+        "synthetic", description="Generated sequences with planted successor structure",
+    ),
+    "tfds:" + TFDS_MOVIELENS_1M: DatasetInfo(
+        "tfds", description="MovieLens-1M raw ratings via TensorFlow Datasets (needs network once)",
+    ),
+}  # fmt: skip
+
+_FORMATS: dict[str, Callable[..., SequenceDataset]] = {
+    "pairs": load_pairs,
+    "sequences": load_sequences,
+    "ratings": load_rating_log,
+}
+
+
+def _has_movielens_side_files(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, "movies.dat")) or os.path.isfile(
+        os.path.join(directory, "u.item")
+    )
+
+
+def load_dataset(
+    name_or_path: Union[str, "os.PathLike[str]"],
+    data_dir: Optional[PathLike] = None,
+    *,
+    side_info: bool = True,
+    skip_bad_lines: bool = False,
+    **kwargs: Any,
+) -> SequenceDataset:
+    """Loads a named benchmark dataset or an interaction file.
+
+    Args:
+      name_or_path: A name from ``DATASETS`` ("ml-1m", "ml-100k", "beauty", "lastfm",
+        "synthetic", "tfds:movielens/1m-ratings") or the path of a file (then pass
+        ``format="pairs"|"sequences"|"ratings"``).
+      data_dir: For file datasets, the folder holding e.g. ``ml-1m/ml-1m.txt`` (the dataset's
+        own folder is accepted too); defaults to ``$XMATCH_DATA_DIR``, else the current
+        directory. For "tfds:..." the TFDS data directory.
+      side_info: Join MovieLens genres and demographics when the dataset has them (for a path:
+        when its folder holds MovieLens side files).
+      skip_bad_lines: Skip and count malformed lines instead of failing.
+      **kwargs: For "synthetic", arguments of ``make_synthetic``; for files, extra loader
+        arguments (e.g. ``min_rating`` for rating logs) and ``format`` for paths.
+
+    Returns:
+      The dataset.
+
+    Raises:
+      ValueError: If the name is unknown (the message lists the known names) or a path is
+        given without a valid ``format``.
+      FileNotFoundError: If the dataset's file is missing (the message names the path tried).
+      DataFormatError: If the file is malformed.
+      RuntimeError: For "tfds:..." when the data cannot be downloaded.
+    """
+    name = os.fspath(name_or_path)
+    info = DATASETS.get(name)
+    if info is None:
+        return _load_path(name, side_info=side_info, skip_bad_lines=skip_bad_lines, **kwargs)
+    if info.kind == "synthetic":
+        from tfx_xmatch.data.synthetic import make_synthetic  # synthetic does not need loaders
+
+        return make_synthetic(**kwargs)
+    if info.kind == "tfds":
+        return load_tfds_movielens_1m(data_dir=data_dir, **kwargs)
+
+    requested_format = kwargs.pop("format", None)
+    if requested_format is not None and requested_format != info.format:
+        raise ValueError(
+            f"dataset {name!r} is a {info.format!r} file, got format={requested_format!r}"
+        )
+    base = os.fspath(data_dir) if data_dir is not None else os.environ.get("XMATCH_DATA_DIR", ".")
+    tried = [os.path.join(base, info.relative_path), os.path.join(base, os.path.basename(info.relative_path))]
+    path = next((candidate for candidate in tried if os.path.isfile(candidate)), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"dataset {name!r} expects its {info.format} file at {tried[0]!r} (or {tried[1]!r}); "
+            f"not found. Pass data_dir= the folder holding {info.relative_path!r}"
+            + ("" if data_dir is not None else " (or set $XMATCH_DATA_DIR)")
+        )
+    options = {**info.options, **kwargs}
+    dataset = _FORMATS[info.format](path, name=name, skip_bad_lines=skip_bad_lines, **options)
+    if side_info and info.side_info and _has_movielens_side_files(os.path.dirname(path)):
+        dataset = load_movielens_side_info(dataset, os.path.dirname(path))
+    elif side_info and info.side_info:
+        logger.warning("no MovieLens side files beside %s; loading %r without side info", path, name)
+    return dataset
+
+
+def _load_path(
+    path: str, *, side_info: bool, skip_bad_lines: bool, format: Optional[str] = None, **kwargs: Any
+) -> SequenceDataset:
+    looks_like_path = os.sep in path or "/" in path or os.path.splitext(path)[1] or os.path.exists(path)
+    if not looks_like_path:
+        raise ValueError(
+            f"unknown dataset {path!r}; known names: {', '.join(sorted(DATASETS))} "
+            "(or pass the path of a file with format='pairs'|'sequences'|'ratings')"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{format or 'data'} file not found: {path!r} (and it is not a dataset name; known "
+            f"names: {', '.join(sorted(DATASETS))})"
+        )
+    if format not in _FORMATS:
+        raise ValueError(
+            f"loading the file {path!r} needs format= one of {sorted(_FORMATS)}, got {format!r}"
+        )
+    dataset = _FORMATS[format](path, skip_bad_lines=skip_bad_lines, **kwargs)
+    directory = os.path.dirname(os.path.abspath(path))
+    if side_info and _has_movielens_side_files(directory):
+        dataset = load_movielens_side_info(dataset, directory)
+    return dataset

@@ -1,0 +1,273 @@
+"""Next-item examples as sharded TFRecord files of tf.train.Example, and reading them back.
+
+Record layout (all int64): ``history`` (variable-length list, oldest first, unpadded),
+``target``, optional ``user_row`` (the user's row in the source dataset) and one scalar per
+user feature. Padding happens in-graph when reading, so one set of files serves any
+``max_length``. This is the hand-off format to TFX / Beam pipelines.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfx_xmatch.data.dataset import PAD_INDEX, Split
+from tfx_xmatch.io_utils import atomic_path, write_json_atomic
+
+_UNKNOWN_USER_ROW = -1
+_RESERVED = ("history", "target", "user_row")
+SPLIT_PARTS = ("train", "validation", "test")
+
+
+def shard_paths(path_prefix: str, num_shards: int) -> list[str]:
+    """The file names ``{prefix}-{i:05d}-of-{n:05d}.tfrecord`` for ``num_shards`` shards.
+
+    Args:
+      path_prefix: Path prefix, e.g. ``out/test``.
+      num_shards: Number of shards (at least 1).
+
+    Returns:
+      The shard paths in order.
+
+    Raises:
+      ValueError: If ``num_shards`` is below 1.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, got {num_shards!r}")
+    return [f"{path_prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord" for shard in range(num_shards)]
+
+
+def _int64_feature(values) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def write_tfrecords(
+    path_prefix: str,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    user_features: Optional[Mapping[str, np.ndarray]] = None,
+    num_shards: int = 1,
+    *,
+    user_rows: Optional[np.ndarray] = None,
+) -> list[str]:
+    """Writes next-item examples as tf.train.Example records, in contiguous shards.
+
+    Examples keep their order: shard 0 holds the first ones, so reading the shards in name
+    order gives the original order back. Each shard is written atomically.
+
+    Args:
+      path_prefix: Output prefix; shards are ``{prefix}-{i:05d}-of-{n:05d}.tfrecord`` (missing
+        directories are created).
+      histories: One item-index array per example, oldest first.
+      targets: [E] next item of each example.
+      user_features: Per-example int feature values (already looked up per example, each
+        [E]), stored as int64 scalars.
+      num_shards: Number of shards (at least 1; shards may be empty when there are fewer
+        examples).
+      user_rows: Optional [E] dataset row of each example's user, stored as ``user_row`` so
+        that reading gives the same dict as ``eval_dataset``.
+
+    Returns:
+      The shard paths.
+
+    Raises:
+      ValueError: If the lengths of histories, targets, user_rows or features differ, a
+        feature name is reserved, or ``num_shards`` is below 1.
+    """
+    paths = shard_paths(path_prefix, num_shards)
+    targets = np.asarray(targets, dtype=np.int64)
+    num_examples = len(histories)
+    if len(targets) != num_examples:
+        raise ValueError(f"got {num_examples} histories but {len(targets)} targets")
+    columns: dict[str, np.ndarray] = {}
+    if user_rows is not None:
+        columns["user_row"] = np.asarray(user_rows, dtype=np.int64)
+    for name, values in (user_features or {}).items():
+        if name in _RESERVED:
+            raise ValueError(f"user feature name {name!r} is reserved (one of {_RESERVED})")
+        columns[name] = np.asarray(values, dtype=np.int64)
+    for name, values in columns.items():
+        if values.shape != (num_examples,):
+            raise ValueError(f"{name} must have shape ({num_examples},) like targets, got {values.shape}")
+
+    boundaries = np.linspace(0, num_examples, num_shards + 1).astype(np.int64)
+    for shard, path in enumerate(paths):
+        with atomic_path(path) as temporary:
+            with tf.io.TFRecordWriter(str(temporary)) as writer:
+                for k in range(boundaries[shard], boundaries[shard + 1]):
+                    features = {
+                        "history": _int64_feature(np.asarray(histories[k], dtype=np.int64).tolist()),
+                        "target": _int64_feature([int(targets[k])]),
+                    }
+                    for name, values in columns.items():
+                        features[name] = _int64_feature([int(values[k])])
+                    example = tf.train.Example(features=tf.train.Features(feature=features))
+                    writer.write(example.SerializeToString())
+    return paths
+
+
+def feature_spec(user_feature_names: Sequence[str] = ()) -> dict[str, object]:
+    """The ``tf.io.parse_example`` spec of the records written by :func:`write_tfrecords`.
+
+    Args:
+      user_feature_names: User features to parse (missing ones parse as 0, unknown).
+
+    Returns:
+      Spec with ``history`` (ragged int64), ``target`` (int64), ``user_row`` (int64, -1 when
+      not stored) and one int64 scalar per user feature.
+
+    Raises:
+      ValueError: If a feature name is reserved.
+    """
+    spec: dict[str, object] = {
+        "history": tf.io.RaggedFeature(tf.int64),
+        "target": tf.io.FixedLenFeature([], tf.int64),
+        "user_row": tf.io.FixedLenFeature([], tf.int64, default_value=_UNKNOWN_USER_ROW),
+    }
+    for name in user_feature_names:
+        if name in _RESERVED:
+            raise ValueError(f"user feature name {name!r} is reserved (one of {_RESERVED})")
+        spec[name] = tf.io.FixedLenFeature([], tf.int64, default_value=0)
+    return spec
+
+
+def left_pad_ragged(histories: tf.RaggedTensor, max_length: int) -> tf.Tensor:
+    """Left-pads (or keeps the most recent ``max_length`` of) each row, like ``pad_histories``.
+
+    Args:
+      histories: Ragged [B, None] item indices, oldest first.
+      max_length: Output width.
+
+    Returns:
+      Dense [B, max_length] tensor with PAD_INDEX where there is no item.
+    """
+    # Reversing the flat values reverses the row order and every row, so each row starts with
+    # its most recent item: right-padding/truncating then keeps the most recent items, and
+    # reversing both axes back restores row order and oldest-first order with left padding.
+    reversed_rows = tf.RaggedTensor.from_row_lengths(
+        tf.reverse(histories.flat_values, axis=[0]), tf.reverse(histories.row_lengths(), axis=[0])
+    )
+    reversed_rows = tf.reverse(reversed_rows.to_tensor(PAD_INDEX, shape=[None, max_length]), axis=[0])
+    return tf.reverse(reversed_rows, axis=[1])
+
+
+def read_tfrecords(
+    file_pattern: str,
+    *,
+    max_length: int,
+    batch_size: int,
+    user_feature_names: Sequence[str] = (),
+) -> tf.data.Dataset:
+    """Reads records written by :func:`write_tfrecords` into ``eval_dataset``'s dict format.
+
+    Files matching the pattern are read one after another in name order, so the examples come
+    back in the order they were written.
+
+    Args:
+      file_pattern: Glob of the shards, e.g. ``out/test-*-of-*.tfrecord``.
+      max_length: Width L of the histories (padded/truncated in-graph).
+      batch_size: Examples per batch.
+      user_feature_names: User features to read.
+
+    Returns:
+      A dataset of ``{"history": int32 [B, L], "target": int32 [B], "user_row": int32 [B],
+      <feature>: int32 [B]}``.
+
+    Raises:
+      FileNotFoundError: If no file matches the pattern.
+      ValueError: If ``max_length`` or ``batch_size`` is not positive.
+    """
+    for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    files = sorted(tf.io.gfile.glob(file_pattern))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
+    spec = feature_spec(user_feature_names)
+
+    def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        parsed = tf.io.parse_example(serialized, spec)
+        batch = {"history": tf.cast(left_pad_ragged(parsed.pop("history"), max_length), tf.int32)}
+        for name, value in parsed.items():
+            batch[name] = tf.cast(value, tf.int32)
+        return batch
+
+    return (
+        tf.data.TFRecordDataset(files)
+        .batch(batch_size)
+        .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def _lookup(user_features: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.asarray(values)[rows] for name, values in user_features.items()}
+
+
+def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> dict[str, list[str]]:
+    """Writes a split as TFRecords plus its item vocabulary and statistics, all atomically.
+
+    ``train`` holds one example per training sequence with at least two items (history
+    ``seq[:-1]``, target ``seq[-1]``); ``validation`` and ``test`` hold the split's examples.
+    Every record carries ``user_row`` and the dataset's user features.
+
+    Args:
+      split: The split.
+      directory: Output folder (created if missing).
+      num_shards: Shards per part.
+
+    Returns:
+      ``{"train": [...], "validation": [...], "test": [...], "item_vocab": [path],
+      "statistics": [path]}``.
+
+    Raises:
+      ValueError: If ``num_shards`` is below 1.
+    """
+    os.makedirs(directory, exist_ok=True)
+    user_features = split.dataset.user_features
+    train_keep = [k for k, sequence in enumerate(split.train_sequences) if len(sequence) >= 2]
+    train_rows = np.asarray(split.train_user_rows, dtype=np.int64)[train_keep]
+    parts = {
+        "train": (
+            [split.train_sequences[k][:-1] for k in train_keep],
+            np.asarray([split.train_sequences[k][-1] for k in train_keep], dtype=np.int64),
+            train_rows,
+        ),
+        "validation": (split.validation.histories, split.validation.targets, split.validation.user_rows),
+        "test": (split.test.histories, split.test.targets, split.test.user_rows),
+    }
+    written: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for part, (histories, targets, rows) in parts.items():
+        rows = np.asarray(rows, dtype=np.int64)
+        written[part] = write_tfrecords(
+            os.path.join(directory, part),
+            histories,
+            targets,
+            _lookup(user_features, rows),
+            num_shards,
+            user_rows=rows,
+        )
+        counts[part] = len(targets)
+
+    vocab_path = os.path.join(directory, "item_vocab.json")
+    split.dataset.item_vocab.save(vocab_path)
+    statistics = {
+        "dataset": split.dataset.statistics(),
+        "split": split.name,
+        "num_items": split.num_items,
+        "examples": counts,
+        "train_sequences": len(split.train_sequences),
+        "train_interactions": int(sum(len(sequence) for sequence in split.train_sequences)),
+        "user_feature_names": sorted(user_features),
+        "num_shards": num_shards,
+        "files": {part: [os.path.basename(path) for path in paths] for part, paths in written.items()},
+    }
+    statistics_path = os.path.join(directory, "statistics.json")
+    write_json_atomic(statistics_path, statistics)
+    written["item_vocab"] = [vocab_path]
+    written["statistics"] = [statistics_path]
+    return written
