@@ -11,6 +11,8 @@ INSTALL_REQUIRES = [
     "scann==1.4.2",
     "tensorflow-serving-api~=2.20.0",
     "tensorflow-datasets>=4.9,<5",
+    # tensorflow-datasets 4.9 imports it without declaring it; without it TFDS fails to load.
+    "importlib_resources>=6",
     "numpy>=1.26,<3",
     "pyyaml>=6,<7",
     "matplotlib>=3.8,<4",

@@ -108,6 +108,14 @@ def test_eval_dataset_keeps_example_order():
     np.testing.assert_array_equal(arrays["segment"], data.user_features["segment"][split.test.user_rows])
 
 
+@pytest.mark.parametrize("name", ["history", "next_items", "target", "user_row"])
+def test_reserved_user_feature_names_are_rejected(name):
+    with pytest.raises(ValueError, match=f"'{name}' is reserved"):
+        sequence_training_dataset(
+            [np.array([1, 2])], max_length=2, batch_size=1, user_features={name: np.array([1])}
+        )
+
+
 def test_eval_dataset_rejects_out_of_range_user_rows():
     examples = EvalExamples(user_rows=np.array([5]), histories=[np.array([1])], targets=np.array([2]))
     with pytest.raises(ValueError, match="user row 5 is out of range for user feature 'age' with 2 users"):

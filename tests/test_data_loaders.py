@@ -270,6 +270,46 @@ def make_ml100k_dir(directory: pathlib.Path) -> pathlib.Path:
     return directory
 
 
+def test_ml1m_side_info_without_mappings_needs_explicit_remap_ids(tmp_path):
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    for name in ("sas_to_original_items.txt", "sas_to_original_users.txt"):
+        (directory / name).unlink()
+    dataset = load_pairs(directory / "ml-1m.txt")
+    # The remapped ids would silently "match" MovieLens ids; refuse to guess.
+    with pytest.raises(ValueError) as info:
+        load_movielens_side_info(dataset, directory)
+    message = str(info.value)
+    assert "sas_to_original_items.txt" in message and "sas_to_original_users.txt" in message
+    assert "remap_ids=False" in message
+    with pytest.raises(ValueError, match="remap_ids=False"):
+        load_dataset("ml-1m", data_dir=tmp_path)
+    # Saying so explicitly joins the ids as MovieLens ids (item 1 is Toy Story).
+    joined = load_movielens_side_info(dataset, directory, remap_ids=False)
+    genres = joined.feature_vocabs["genres"]
+    assert "Animation" in [genres[k] for k in np.flatnonzero(joined.item_features["genres"][1])]
+    with pytest.raises(FileNotFoundError, match="sas_to_original_items.txt"):
+        load_movielens_side_info(dataset, directory, remap_ids=True)
+
+
+def test_ml1m_side_info_missing_user_mapping_is_named(tmp_path):
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    (directory / "sas_to_original_users.txt").unlink()
+    with pytest.raises(ValueError) as info:
+        load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
+    assert "sas_to_original_users.txt" in str(info.value)
+    assert "sas_to_original_items.txt" not in str(info.value)
+
+
+def test_ml1m_side_info_with_timestamps_uses_original_ids_without_mappings(tmp_path):
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    for name in ("sas_to_original_items.txt", "sas_to_original_users.txt"):
+        (directory / name).unlink()
+    # A raw rating log (ratings.dat) has timestamps and original ids: no mapping needed.
+    write(directory / "ratings.dat", "10::1::5::978300760\n10::5::3::978302109\n20::2::4::978301968\n")
+    dataset = load_movielens_side_info(load_rating_log(directory / "ratings.dat"), directory)
+    assert dataset.user_features["gender"].tolist() == [1, 2]
+
+
 def test_ml100k_side_info_buckets_ages(tmp_path):
     directory = make_ml100k_dir(tmp_path / "ml-100k")
     dataset = load_dataset(str(directory / "u.data"), format="ratings", sep="\t")
@@ -365,6 +405,15 @@ def test_load_dataset_skip_bad_lines_passes_through(tmp_path):
 def test_load_dataset_synthetic_kwargs():
     dataset = load_dataset("synthetic", num_users=12, num_items=30, num_clusters=3)
     assert (dataset.num_users, dataset.num_items) == (12, 30)
+
+
+def test_load_dataset_synthetic_unknown_kwargs_are_named():
+    with pytest.raises(ValueError) as info:
+        load_dataset("synthetic", num_users=12, num_item=30, format="pairs")
+    message = str(info.value)
+    assert "unknown argument(s) for dataset 'synthetic': num_item, format" in message
+    for accepted in ("num_users", "num_items", "min_length", "max_length", "num_clusters", "noise", "seed"):
+        assert accepted in message
 
 
 def test_tfds_download_failure_is_a_clear_runtime_error(monkeypatch):

@@ -16,6 +16,8 @@ from tfx_xmatch.data import (
     leave_one_out,
     make_synthetic,
     read_tfrecords,
+    read_training_tfrecords,
+    sequence_training_dataset,
     shard_paths,
     write_split_tfrecords,
     write_tfrecords,
@@ -89,6 +91,11 @@ def test_write_errors(tmp_path):
         write_tfrecords(str(tmp_path / "x"), [np.array([1])], np.array([1]), num_shards=0)
     with pytest.raises(ValueError, match="'target' is reserved"):
         write_tfrecords(str(tmp_path / "x"), [np.array([1])], np.array([1]), {"target": np.array([1])})
+    # The same reserved names as the input pipelines (a training read yields next_items).
+    with pytest.raises(ValueError, match="'next_items' is reserved"):
+        write_tfrecords(str(tmp_path / "x"), [np.array([1])], np.array([1]), {"next_items": np.array([1])})
+    with pytest.raises(ValueError, match="'next_items' is reserved"):
+        feature_spec(["next_items"])
     with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
         read_tfrecords(str(tmp_path / "nothing-*"), max_length=3, batch_size=2)
     assert os.listdir(tmp_path) == []
@@ -137,3 +144,86 @@ def test_eval_examples_without_features_round_trip(tmp_path):
     expected = collect(eval_dataset(examples, max_length=2, batch_size=1))
     for key in expected:
         np.testing.assert_array_equal(read[key], expected[key])
+
+
+def test_rewrite_with_other_shard_count_removes_stale_shards(tmp_path):
+    prefix = str(tmp_path / "test")
+    histories, targets = [np.array([k]) for k in range(1, 7)], np.arange(2, 8)
+    old = write_tfrecords(prefix, histories, targets, num_shards=3)
+    # Files of other prefixes (even ones starting with "test") are left alone.
+    kept = write_tfrecords(str(tmp_path / "test-extra"), histories[:2], targets[:2], num_shards=2)
+    (tmp_path / "test-notes.txt").write_text("not a shard")
+    new = write_tfrecords(prefix, histories[:4], targets[:4], num_shards=2)
+    assert not any(os.path.exists(path) for path in old)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [os.path.basename(path) for path in new + kept] + ["test-notes.txt"]
+    )
+    arrays = collect(read_tfrecords(prefix + "-[0-9]*-of-*", max_length=1, batch_size=8))
+    assert arrays["target"].tolist() == [2, 3, 4, 5]
+    # Rewriting with the same count replaces the shards in place.
+    assert write_tfrecords(prefix, histories[:1], targets[:1], num_shards=2) == new
+    assert collect(read_tfrecords(prefix + "-[0-9]*-of-*", max_length=1, batch_size=8))["target"].tolist() == [2]
+
+
+def sorted_rows(arrays):
+    """Rows of the dict's arrays as sortable tuples (order-insensitive comparison)."""
+    keys = sorted(arrays)
+    return sorted(
+        tuple(tuple(np.ravel(arrays[key][row]).tolist()) for key in keys) for row in range(len(arrays[keys[0]]))
+    )
+
+
+@pytest.mark.parametrize("max_length", [4, 20])
+def test_training_read_equals_sequence_training_dataset(tmp_path, split, max_length):
+    write_split_tfrecords(split, str(tmp_path), num_shards=2)
+    features = split.dataset.user_features
+    pattern = str(tmp_path / "train-*-of-*.tfrecord")
+    expected_dataset = sequence_training_dataset(
+        split.train_sequences,
+        max_length=max_length,
+        batch_size=8,
+        shuffle=False,
+        user_rows=split.train_user_rows,
+        user_features=features,
+    )
+    read = read_training_tfrecords(
+        pattern, max_length=max_length, batch_size=8, shuffle=False, user_feature_names=list(features)
+    )
+    assert read.element_spec == expected_dataset.element_spec
+    expected = collect(expected_dataset)
+    # max_length 4 truncates most sequences, 20 pads all of them.
+    assert sorted(expected) == ["history", "next_items", "segment"]
+    actual = collect(read)
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+    shuffled = read_training_tfrecords(
+        pattern, max_length=max_length, batch_size=8, seed=3, user_feature_names=list(features)
+    )
+    first, second = [collect(shuffled) for _ in range(2)]
+    assert sorted_rows(first) == sorted_rows(second) == sorted_rows(expected)
+    assert first["history"].tolist() != second["history"].tolist()  # reshuffled each epoch
+    again = read_training_tfrecords(
+        pattern, max_length=max_length, batch_size=8, seed=3, user_feature_names=list(features)
+    )
+    np.testing.assert_array_equal(collect(again)["history"], first["history"])
+
+
+def test_training_read_aligns_next_items_and_skips_empty_histories(tmp_path):
+    # Sequences [1, 2, 3, 4, 5], [6] (no history: nothing to predict) and [7, 8].
+    histories = [np.array([1, 2, 3, 4]), np.array([], dtype=np.int64), np.array([7])]
+    write_tfrecords(str(tmp_path / "t"), histories, np.array([5, 6, 8]), {"age": np.array([1, 2, 3])})
+    dataset = read_training_tfrecords(
+        str(tmp_path / "t-*"), max_length=3, batch_size=2, shuffle=False, user_feature_names=["age"]
+    )
+    arrays = collect(dataset)
+    assert arrays["history"].tolist() == [[2, 3, 4], [0, 0, 7]]
+    assert arrays["next_items"].tolist() == [[3, 4, 5], [0, 0, 8]]
+    assert arrays["age"].tolist() == [1, 3]
+    assert sorted(arrays) == ["age", "history", "next_items"]
+    static = read_training_tfrecords(str(tmp_path / "t-*"), max_length=3, batch_size=2, drop_remainder=True)
+    assert static.element_spec["history"].shape.as_list() == [2, 3]
+    with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
+        read_training_tfrecords(str(tmp_path / "none-*"), max_length=3, batch_size=2)
+    with pytest.raises(ValueError, match="max_length must be positive, got 0"):
+        read_training_tfrecords(str(tmp_path / "t-*"), max_length=0, batch_size=2)

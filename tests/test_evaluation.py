@@ -178,7 +178,8 @@ def test_float64_and_integer_scores():
     base = np.array([[0, 5, 3, 3, 1]])
     for scores in (base.astype(np.float64), base.astype(np.int64), base.astype(np.float16)):
         evaluator = FullRankingEvaluator(4, ks=(1, 2), mask_history=False)
-        assert evaluator.update(scores, np.array([3]), None).tolist() == [1]
+        # Item 1 scores higher and item 2 ties with the target: pessimistic by default.
+        assert evaluator.update(scores, np.array([3]), None).tolist() == [2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +240,9 @@ def test_padding_column_nan_is_ignored():
 
 def test_tie_policies():
     scores = np.array([[0.0, 0.5, 0.5, 0.5, 0.1]])
-    optimistic = FullRankingEvaluator(4, ks=(1,), mask_history=False)
-    pessimistic = FullRankingEvaluator(4, ks=(1,), mask_history=False, tie_policy="pessimistic")
+    optimistic = FullRankingEvaluator(4, ks=(1,), mask_history=False, tie_policy="optimistic")
+    pessimistic = FullRankingEvaluator(4, ks=(1,), mask_history=False)
+    assert pessimistic.tie_policy == "pessimistic"  # the default: constant scores earn nothing
     assert optimistic.update(scores, np.array([2]), None).tolist() == [0]
     assert pessimistic.update(scores, np.array([2]), None).tolist() == [2]
     # With history masking a tied item that was seen stops counting against the target.

@@ -17,6 +17,13 @@ def test_importing_tfx_xmatch_first_selects_keras_2():
     assert result.stdout.strip().startswith("tf_keras")
 
 
+def test_a_bare_tensorflow_import_before_tfx_xmatch_is_fine():
+    # tf.keras resolves lazily, so importing TensorFlow first must not force Keras 3.
+    result = _run("import tensorflow as tf; import tfx_xmatch; print(tf.keras.__name__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("tf_keras")
+
+
 def test_tensorflow_already_imported_with_keras_3_is_refused_with_a_clear_message():
     result = _run("import tensorflow as tf; tf.keras.layers; import tfx_xmatch")
     assert result.returncode != 0

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -31,9 +32,11 @@ class Interrupt(tf.keras.callbacks.Callback):
     def __init__(self, at_epoch):
         super().__init__()
         self.at_epoch = at_epoch
+        self.weights = None
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == self.at_epoch:
+            self.weights = [w.copy() for w in self.model.get_weights()]
             raise RuntimeError("simulated interruption")
 
 
@@ -41,9 +44,12 @@ class EpochRecorder(tf.keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.epochs = []
+        self.first_weights = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(epoch + 1)
+        if self.first_weights is None:
+            self.first_weights = [w.copy() for w in self.model.get_weights()]
 
 
 def test_train_writes_every_artifact_and_learns(tmp_path):
@@ -81,15 +87,39 @@ def test_time_budget_stops_training(tmp_path):
 
 def test_resume_after_interruption_continues_from_the_last_epoch(tmp_path):
     config = tiny_config("train.epochs=4", "train.early_stopping_patience=0")
+    interrupt = Interrupt(at_epoch=2)
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        training.train(config, tmp_path, callbacks=[Interrupt(at_epoch=2)])
+        training.train(config, tmp_path, callbacks=[interrupt])
     assert not (tmp_path / "metrics.json").exists()
     recorder = EpochRecorder()
     metrics = training.train(config, tmp_path, callbacks=[recorder])
     assert recorder.epochs == [3, 4]
+    # Training continues from the weights the interrupted run had reached, not from scratch.
+    for resumed, reached in zip(recorder.first_weights, interrupt.weights):
+        np.testing.assert_array_equal(resumed, reached)
+    assert not (tmp_path / "backup").exists()
     history = json.loads((tmp_path / "history.json").read_text())
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3, 4]
     assert metrics["epochs"] == 4
+
+
+def test_a_finished_run_is_not_retrained(tmp_path):
+    first = training.train(tiny_config("train.epochs=2"), tmp_path)
+    recorder = EpochRecorder()
+    again = training.train(tiny_config("train.epochs=2", "train.verbose=1"), tmp_path, callbacks=[recorder])
+    assert again == json.loads(json.dumps(first)) and recorder.epochs == []
+
+
+def test_patience_is_judged_only_at_validation_epochs(tmp_path):
+    metrics = training.train(
+        tiny_config("train.epochs=9", "train.validation_every=3", "train.early_stopping_patience=2",
+                    "train.learning_rate=0.0"),
+        tmp_path,
+    )
+    history = json.loads((tmp_path / "history.json").read_text())
+    # Validated at 3 (best) and 6 (no better): stops at 6, never before the first validation.
+    assert metrics["epochs"] == 6 and metrics["best_epoch"] == 3
+    assert [r["epoch"] for r in history["epochs"] if "val_NDCG@10" in r] == [3, 6]
 
 
 def test_run_dir_of_another_config_is_refused(tmp_path):

@@ -179,3 +179,36 @@ def test_missing_user_feature_is_named():
     model, _ = _features_model()
     with pytest.raises(KeyError, match="gender"):
         model.score_all(_batch())
+
+
+def _sampled_loss_oracle(model, batch, extra_ids):
+    """Independent NumPy sampled softmax: logQ under both samplers, accidental hits removed."""
+    sequence = model.encode_sequence(batch).numpy()
+    valid = batch["next_items"] > 0
+    queries, targets = sequence[valid], batch["next_items"][valid]
+    candidate_ids = np.concatenate([targets, extra_ids])
+    table = model.item_embeddings().numpy()
+    frequency = model.item_frequency.numpy()
+    expected_count = len(targets) * frequency[candidate_ids] + len(extra_ids) / NUM_ITEMS
+    logits = queries @ table[candidate_ids].T / model.temperature - np.log(expected_count)
+    losses = []
+    for row, target in enumerate(targets):
+        row_logits = logits[row].copy()
+        duplicate = (candidate_ids == target) & (np.arange(len(candidate_ids)) != row)
+        row_logits[duplicate] = -1e30
+        shifted = row_logits - row_logits.max()
+        losses.append(-(shifted[row] - np.log(np.exp(shifted).sum())))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("num_extra", [0, 5])
+def test_sampled_softmax_loss_matches_numpy_oracle(monkeypatch, num_extra):
+    model = _model(loss="sampled_softmax", num_sampled_negatives=num_extra, temperature=0.5)
+    batch = _batch()
+    batch["next_items"][1:, -1] = batch["next_items"][0, -1]  # duplicate targets: accidental hits
+    counts = np.arange(NUM_ITEMS + 1) % 7
+    model.set_item_frequencies(counts)
+    extra_ids = np.array([3, 7, 7, batch["next_items"][0, -1], 30], np.int32)[:num_extra]
+    monkeypatch.setattr(tf.random, "uniform", lambda shape, **kwargs: tf.constant(extra_ids, kwargs["dtype"]))
+    loss = float(model.compute_loss(batch))
+    np.testing.assert_allclose(loss, _sampled_loss_oracle(model, batch, extra_ids), rtol=1e-4)

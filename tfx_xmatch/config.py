@@ -25,6 +25,8 @@ class DataConfig:
       data_dir: Directory holding the named datasets (e.g. ``../shared/data``).
       format: For a file path: "pairs", "sequences" or "ratings".
       split: "leave_one_out", "user_level" or "time".
+      split_options: Keyword arguments of that split, e.g. ``{min_length: 3}`` (leave-one-out),
+        ``{fractions: [0.8, 0.1, 0.1], seed: 0}`` (user-level), ``{quantiles: [0.8, 0.9]}`` (time).
       side_info: Load item/user features where the dataset has them, and feed them to the model.
       skip_bad_lines: Skip (and count) malformed lines instead of failing on the first one.
       synthetic: Arguments of ``make_synthetic`` when dataset is "synthetic".
@@ -34,6 +36,7 @@ class DataConfig:
     data_dir: Optional[str] = None
     format: Optional[str] = None
     split: str = "leave_one_out"
+    split_options: dict = dataclasses.field(default_factory=dict)
     side_info: bool = False
     skip_bad_lines: bool = False
     synthetic: dict = dataclasses.field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -24,16 +25,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         # mkstemp creates 0600 files; outputs should get the usual umask-based mode so that,
         # e.g., a model server running as another user can read them.
         if temporary.exists():
-            os.chmod(temporary, 0o666 & ~_umask())
+            os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe
+# while TensorFlow threads create files.
+_UMASK = _read_umask()
+
+
+def _json_safe(value):
+    """NaN and infinities become None: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -42,7 +59,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, value) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager
@@ -50,7 +67,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yields an empty temporary directory that replaces ``path`` when the block succeeds.
 
     An existing ``path`` is moved aside first and deleted only after the new one is in place,
-    so a crash leaves either the old or the new directory, never a mix.
+    so a crash leaves the old or the new directory (the old one possibly under ``.NAME.old``),
+    never a mix; between the two renames ``path`` is briefly absent.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 from typing import Callable, Optional, Sequence
 
@@ -48,7 +49,7 @@ def prepare_split(config: RunConfig) -> Split:
         skip_bad_lines=data.skip_bad_lines,
         **kwargs,
     )
-    return make_split(dataset, data.split)
+    return make_split(dataset, data.split, **data.split_options)
 
 
 def _user_feature_cardinalities(dataset: SequenceDataset) -> dict[str, int]:
@@ -81,7 +82,11 @@ def model_inputs(model: tf.keras.Model, dataset: SequenceDataset, histories: np.
 
 def make_score_fn(model: tf.keras.Model, dataset: SequenceDataset) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """A ``score_fn(histories, user_rows) -> [B, num_items + 1]`` for full-ranking evaluation."""
-    score_all = tf.function(model.score_all, reduce_retracing=True)
+    # One tf.function per model: re-wrapping on every validation would retrace every epoch.
+    score_all = getattr(model, "_xmatch_score_all", None)
+    if score_all is None:
+        score_all = tf.function(model.score_all, reduce_retracing=True)
+        model._xmatch_score_all = score_all
 
     def score_fn(histories: np.ndarray, user_rows: np.ndarray) -> tf.Tensor:
         return score_all(model_inputs(model, dataset, histories, user_rows))
@@ -173,7 +178,8 @@ class ModelSelection(tf.keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         self.state["train_seconds"] += time.time() - self._epoch_start
         row = {"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan")))}
-        if (epoch + 1) % self.every == 0:
+        validated = (epoch + 1) % self.every == 0
+        if validated:
             metrics = self.evaluate_fn()
             if self.monitor not in metrics:
                 raise KeyError(f"monitor {self.monitor!r} is not a validation metric; have {sorted(metrics)}")
@@ -190,8 +196,10 @@ class ModelSelection(tf.keras.callbacks.Callback):
         row["train_seconds"] = round(self.state["train_seconds"], 2)
         self.state["epochs"] = [r for r in self.state["epochs"] if r["epoch"] < epoch + 1] + [row]
         write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
-        since_best = epoch + 1 - (self.state["best_epoch"] or 0)
-        if self.patience and since_best >= self.patience:
+        # Patience is judged only where there is a fresh validation result, and never before
+        # the first one, so validation_every > patience cannot stop a run unvalidated.
+        since_best = epoch + 1 - (self.state["best_epoch"] or epoch + 1)
+        if validated and self.patience and since_best >= self.patience:
             logger.info("early stopping: no better val %s for %d epochs", self.monitor, since_best)
             self.model.stop_training = True
         if self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds:
@@ -232,15 +240,20 @@ def train(
     config_path = run_dir / "config.json"
     if config_path.exists():
         previous = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
-        if previous.to_dict() != config.to_dict():
-            raise ValueError(f"{run_dir} holds a run with a different config; use another run directory")
+        changed = _changed_keys(previous, config) - RESUMABLE_KEYS
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with a different config ({sorted(changed)} differ); "
+                             "use another run directory")
+        if (run_dir / "metrics.json").exists():
+            logger.info("%s already holds a finished run; returning its metrics", run_dir)
+            return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     write_json_atomic(config_path, config.to_dict())
 
     tf.keras.utils.set_random_seed(config.train.seed)
     split = split if split is not None else prepare_split(config)
     model = build_model(config, split.dataset)
     if hasattr(model, "set_item_frequencies"):
-        model.set_item_frequencies(split.item_popularity())
+        model.set_item_frequencies(target_counts(split))
     model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
     _build(model)  # BackupAndRestore can only restore into a built model
     train_data = sequence_training_dataset(
@@ -261,7 +274,10 @@ def train(
         max_seconds=config.train.max_train_seconds,
     )
     # ModelSelection comes first so its state is on disk before the backup of the same epoch.
-    fit_callbacks = [selection, tf.keras.callbacks.BackupAndRestore(str(run_dir / "backup")), *callbacks]
+    # The backup outlives fit() until metrics.json exists, so a crash in the final evaluation
+    # still resumes instead of retraining.
+    backup = tf.keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False)
+    fit_callbacks = [selection, backup, *callbacks]
     model.fit(train_data, epochs=config.train.epochs, callbacks=fit_callbacks, verbose=config.train.verbose)
 
     if selection.state["best_epoch"] is not None:
@@ -277,12 +293,35 @@ def train(
         "epochs": len(history["epochs"]),
         "best_epoch": history["best_epoch"],
         "train_seconds": round(history["train_seconds"], 1),
+        "skipped_input_lines": split.dataset.skipped_lines,
         "validation": validation,
         "test": test,
     }
-    write_json_atomic(run_dir / "metrics.json", metrics)
     plot_training_curves(history["epochs"], run_dir / "training_curves.png", config.train.monitor)
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
     return metrics
+
+
+# Settings that may change when a run is resumed: they do not change what is being trained.
+RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds"}
+
+
+def _changed_keys(old: RunConfig, new: RunConfig) -> set[str]:
+    old_dict, new_dict = old.to_dict(), new.to_dict()
+    return {f"{section}.{key}" for section in new_dict for key in new_dict[section]
+            if old_dict[section].get(key) != new_dict[section][key]}
+
+
+def target_counts(split: Split) -> np.ndarray:
+    """How often each item index is a training target (every item after a sequence's first).
+
+    This is the sampling distribution of in-batch candidates, i.e. the logQ of the sampled loss.
+    """
+    counts = np.zeros(split.num_items + 1, dtype=np.int64)
+    for sequence in split.train_sequences:
+        np.add.at(counts, sequence[1:], 1)
+    return counts
 
 
 def plot_training_curves(rows: list[dict], path: pathlib.Path, monitor: str) -> None:

@@ -23,6 +23,7 @@ from tfx_xmatch.data.synthetic import (
 from tfx_xmatch.data.tfrecord import (
     feature_spec,
     read_tfrecords,
+    read_training_tfrecords,
     shard_paths,
     write_split_tfrecords,
     write_tfrecords,
@@ -56,6 +57,7 @@ __all__ = [
     "planted_clusters",
     "planted_successor",
     "read_tfrecords",
+    "read_training_tfrecords",
     "sequence_training_dataset",
     "shard_paths",
     "time_split",

@@ -15,6 +15,19 @@ from tfx_xmatch.data.vocabulary import Vocabulary
 
 PAD_INDEX = 0
 
+# Keys of the pipeline dicts (training, evaluation and TFRecord records); no user feature may
+# take one of these names.
+RESERVED_FEATURE_NAMES = ("history", "next_items", "target", "user_row")
+
+
+def check_user_feature_name(name: str) -> None:
+    """Raises ValueError if ``name`` is one of :data:`RESERVED_FEATURE_NAMES`."""
+    if name in RESERVED_FEATURE_NAMES:
+        raise ValueError(
+            f"user feature name {name!r} is reserved (one of {RESERVED_FEATURE_NAMES}): it "
+            "clashes with a pipeline key"
+        )
+
 
 @dataclasses.dataclass
 class SequenceDataset:

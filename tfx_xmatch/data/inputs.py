@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.data.dataset import EvalExamples, pad_histories
+from tfx_xmatch.data.dataset import EvalExamples, check_user_feature_name, pad_histories
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -25,8 +25,7 @@ def _user_feature_columns(
     """Looks up each user feature (indexed by dataset row) for the given rows, as int32."""
     columns: dict[str, np.ndarray] = {}
     for name, values in (user_features or {}).items():
-        if name in ("history", "next_items", "target", "user_row"):
-            raise ValueError(f"user feature name {name!r} clashes with a pipeline key")
+        check_user_feature_name(name)
         values = np.asarray(values)
         if values.ndim != 1:
             raise ValueError(

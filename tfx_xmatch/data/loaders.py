@@ -15,6 +15,7 @@ of first appearance.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence, Union
@@ -161,6 +162,39 @@ def _default_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _load_token_lines(
+    path: PathLike,
+    name: Optional[str],
+    *,
+    what: str,
+    expected: str,
+    max_items: Optional[int],
+    bad_line_hint: str,
+    skip_bad_lines: bool,
+    encoding: str,
+) -> SequenceDataset:
+    """Reads whitespace-separated lines "user item..." with 1..max_items items (None: any).
+
+    Blank lines are ignored; other lines with no item or too many are malformed.
+    """
+    path = _check_file(path, f"{what} ({expected!r} per line)")
+    bad = _BadLines(path, skip_bad_lines)
+    users: list[str] = []
+    items: list[str] = []
+    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
+        fields = line.split()
+        num_items = len(fields) - 1
+        if num_items >= 1 and (max_items is None or num_items <= max_items):
+            users.extend([fields[0]] * num_items)
+            items.extend(fields[1:])
+        elif fields:
+            bad.report(line_number, f"expected {expected!r}, got {_shorten(line.strip())!r}{bad_line_hint}")
+    bad.log()
+    if not items:
+        raise _no_interactions(path, bad)
+    return _build_dataset(name or _default_name(path), users, items, None, bad.count)
+
+
 def load_pairs(
     path: PathLike,
     name: Optional[str] = None,
@@ -188,21 +222,16 @@ def load_pairs(
       DataFormatError: On a malformed line (unless skipped) or when the file has no
         interactions.
     """
-    path = _check_file(path, "pairs file ('user item' per line)")
-    bad = _BadLines(path, skip_bad_lines)
-    users: list[str] = []
-    items: list[str] = []
-    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
-        fields = line.split()
-        if len(fields) == 2:
-            users.append(fields[0])
-            items.append(fields[1])
-        elif fields:
-            bad.report(line_number, f"expected 'user item', got {_shorten(line.strip())!r}")
-    bad.log()
-    if not items:
-        raise _no_interactions(path, bad)
-    return _build_dataset(name or _default_name(path), users, items, None, bad.count)
+    return _load_token_lines(
+        path,
+        name,
+        what="pairs file",
+        expected="user item",
+        max_items=1,
+        bad_line_hint="",
+        skip_bad_lines=skip_bad_lines,
+        encoding=encoding,
+    )
 
 
 def load_sequences(
@@ -230,24 +259,16 @@ def load_sequences(
       DataFormatError: On a malformed line (unless skipped) or when the file has no
         interactions.
     """
-    path = _check_file(path, "sequences file ('uid item1 item2 ...' per line)")
-    bad = _BadLines(path, skip_bad_lines)
-    users: list[str] = []
-    items: list[str] = []
-    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
-        fields = line.split()
-        if len(fields) >= 2:
-            users.extend([fields[0]] * (len(fields) - 1))
-            items.extend(fields[1:])
-        elif fields:
-            bad.report(
-                line_number,
-                f"expected 'uid item1 item2 ...', got {_shorten(line.strip())!r} (a user with no items)",
-            )
-    bad.log()
-    if not items:
-        raise _no_interactions(path, bad)
-    return _build_dataset(name or _default_name(path), users, items, None, bad.count)
+    return _load_token_lines(
+        path,
+        name,
+        what="sequences file",
+        expected="uid item1 item2 ...",
+        max_items=None,
+        bad_line_hint=" (a user with no items)",
+        skip_bad_lines=skip_bad_lines,
+        encoding=encoding,
+    )
 
 
 _SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "whitespace"}
@@ -512,6 +533,13 @@ def _ml100k_users(directory: str) -> tuple[dict[int, tuple[int, int, int]], list
     return users, occupations
 
 
+_MOVIELENS_ITEM_FILES = ("movies.dat", "u.item")  # ML-1M, ML-100K
+
+
+def _has_movielens_side_files(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in _MOVIELENS_ITEM_FILES)
+
+
 def load_movielens_side_info(
     dataset: SequenceDataset, data_dir: PathLike, *, remap_ids: Optional[bool] = None
 ) -> SequenceDataset:
@@ -531,36 +559,48 @@ def load_movielens_side_info(
         dataset).
       remap_ids: Whether the dataset's ids are SASRec-remapped and must be translated through
         sas_to_original_items.txt / sas_to_original_users.txt. None decides automatically:
-        remap when those files exist and the dataset has no timestamps (ml-1m.txt has none,
-        while a raw MovieLens rating log, whose ids are original, always has them).
+        for ML-1M side files, remap when the dataset has no timestamps (ml-1m.txt has none,
+        while a raw MovieLens rating log, whose ids are original, always has them), and fail
+        if the mapping files are then missing rather than guess.
 
     Returns:
       A copy of ``dataset`` with the features added (existing other features are kept).
 
     Raises:
-      FileNotFoundError: If no MovieLens side files are found, or remapping is requested but
-        the mapping files are missing.
+      FileNotFoundError: If no MovieLens side files are found, or ``remap_ids=True`` but the
+        mapping files are missing.
+      ValueError: If ``remap_ids`` is None, the side files are ML-1M's, the dataset has no
+        timestamps and the mapping files are missing (the ids may be remapped or original:
+        pass ``remap_ids`` explicitly).
       DataFormatError: If a side file has a malformed line.
     """
     directory = os.fspath(data_dir)
     candidates = [directory, os.path.join(directory, dataset.name)]
-    for candidate in candidates:
-        if os.path.isfile(os.path.join(candidate, "movies.dat")) or os.path.isfile(
-            os.path.join(candidate, "u.item")
-        ):
-            directory = candidate
-            break
-    else:
+    found = next((candidate for candidate in candidates if _has_movielens_side_files(candidate)), None)
+    if found is None:
         raise FileNotFoundError(
             f"no MovieLens side files in {os.fspath(data_dir)!r}: expected movies.dat and "
             "users.dat (ML-1M) or u.item and u.user (ML-100K)"
         )
+    directory = found
 
     is_ml1m = os.path.isfile(os.path.join(directory, "movies.dat"))
     item_map_path = os.path.join(directory, "sas_to_original_items.txt")
     user_map_path = os.path.join(directory, "sas_to_original_users.txt")
     if remap_ids is None:
-        remap_ids = is_ml1m and os.path.isfile(item_map_path) and dataset.timestamps is None
+        # ml-1m.txt (no timestamps) holds SASRec-remapped ids; joining them as MovieLens ids
+        # would attach the wrong movies' genres while most ids still "match". Without the
+        # mappings the ids cannot be told apart, so the caller has to say which they are.
+        remap_ids = is_ml1m and dataset.timestamps is None
+        missing = [path for path in (item_map_path, user_map_path) if not os.path.isfile(path)]
+        if remap_ids and missing:
+            raise ValueError(
+                f"cannot join MovieLens-1M side info from {directory!r} onto {dataset.name!r}: "
+                "a dataset without timestamps is taken to hold SASRec-remapped ids (like "
+                f"ml-1m.txt), but the id mapping file(s) {', '.join(map(repr, missing))} are "
+                "missing. Add them, or pass remap_ids=False explicitly if the ids are original "
+                "MovieLens ids (load_dataset(..., side_info=False) skips side info)"
+            )
     item_mapping = user_mapping = None
     if remap_ids:
         for mapping_path in (item_map_path, user_map_path):
@@ -742,12 +782,6 @@ _FORMATS: dict[str, Callable[..., SequenceDataset]] = {
 }
 
 
-def _has_movielens_side_files(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "movies.dat")) or os.path.isfile(
-        os.path.join(directory, "u.item")
-    )
-
-
 def load_dataset(
     name_or_path: Union[str, "os.PathLike[str]"],
     data_dir: Optional[PathLike] = None,
@@ -775,8 +809,9 @@ def load_dataset(
       The dataset.
 
     Raises:
-      ValueError: If the name is unknown (the message lists the known names) or a path is
-        given without a valid ``format``.
+      ValueError: If the name is unknown (the message lists the known names), a path is
+        given without a valid ``format``, or "synthetic" gets an argument ``make_synthetic``
+        does not take (the message lists the accepted ones).
       FileNotFoundError: If the dataset's file is missing (the message names the path tried).
       DataFormatError: If the file is malformed.
       RuntimeError: For "tfds:..." when the data cannot be downloaded.
@@ -788,6 +823,13 @@ def load_dataset(
     if info.kind == "synthetic":
         from tfx_xmatch.data.synthetic import make_synthetic  # synthetic does not need loaders
 
+        accepted = list(inspect.signature(make_synthetic).parameters)
+        unknown = [key for key in kwargs if key not in accepted]
+        if unknown:
+            raise ValueError(
+                f"unknown argument(s) for dataset 'synthetic': {', '.join(unknown)}; accepted "
+                f"(arguments of make_synthetic): {', '.join(accepted)}"
+            )
         return make_synthetic(**kwargs)
     if info.kind == "tfds":
         return load_tfds_movielens_1m(data_dir=data_dir, **kwargs)

@@ -3,22 +3,24 @@
 Record layout (all int64): ``history`` (variable-length list, oldest first, unpadded),
 ``target``, optional ``user_row`` (the user's row in the source dataset) and one scalar per
 user feature. Padding happens in-graph when reading, so one set of files serves any
-``max_length``. This is the hand-off format to TFX / Beam pipelines.
+``max_length``. This is the hand-off format to TFX / Beam pipelines: :func:`read_tfrecords`
+gives ``eval_dataset``'s dicts and :func:`read_training_tfrecords` gives
+``sequence_training_dataset``'s (history and next_items of every position).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.data.dataset import PAD_INDEX, Split
+from tfx_xmatch.data.dataset import PAD_INDEX, Split, check_user_feature_name
 from tfx_xmatch.io_utils import atomic_path, write_json_atomic
 
 _UNKNOWN_USER_ROW = -1
-_RESERVED = ("history", "target", "user_row")
 SPLIT_PARTS = ("train", "validation", "test")
 
 
@@ -40,6 +42,23 @@ def shard_paths(path_prefix: str, num_shards: int) -> list[str]:
     return [f"{path_prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord" for shard in range(num_shards)]
 
 
+def _remove_stale_shards(path_prefix: str, keep: Sequence[str]) -> list[str]:
+    """Deletes shards ``{prefix}-NNNNN-of-MMMMM.tfrecord`` not in ``keep`` (an older sharding)."""
+    directory = os.path.dirname(path_prefix) or "."
+    pattern = re.compile(re.escape(os.path.basename(path_prefix)) + r"-\d{5,}-of-\d{5,}\.tfrecord")
+    keep_names = {os.path.basename(path) for path in keep}
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        if pattern.fullmatch(name) and name not in keep_names:
+            path = os.path.join(directory, name)
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # removed concurrently
+                continue
+            removed.append(path)
+    return removed
+
+
 def _int64_feature(values) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
 
@@ -56,7 +75,9 @@ def write_tfrecords(
     """Writes next-item examples as tf.train.Example records, in contiguous shards.
 
     Examples keep their order: shard 0 holds the first ones, so reading the shards in name
-    order gives the original order back. Each shard is written atomically.
+    order gives the original order back. Each shard is written atomically; once all are in
+    place, shards of the same prefix left by an earlier write with another ``num_shards`` are
+    deleted, so a glob like ``{prefix}-*-of-*.tfrecord`` only matches the new ones.
 
     Args:
       path_prefix: Output prefix; shards are ``{prefix}-{i:05d}-of-{n:05d}.tfrecord`` (missing
@@ -86,8 +107,7 @@ def write_tfrecords(
     if user_rows is not None:
         columns["user_row"] = np.asarray(user_rows, dtype=np.int64)
     for name, values in (user_features or {}).items():
-        if name in _RESERVED:
-            raise ValueError(f"user feature name {name!r} is reserved (one of {_RESERVED})")
+        check_user_feature_name(name)
         columns[name] = np.asarray(values, dtype=np.int64)
     for name, values in columns.items():
         if values.shape != (num_examples,):
@@ -106,6 +126,7 @@ def write_tfrecords(
                         features[name] = _int64_feature([int(values[k])])
                     example = tf.train.Example(features=tf.train.Features(feature=features))
                     writer.write(example.SerializeToString())
+    _remove_stale_shards(path_prefix, paths)
     return paths
 
 
@@ -128,8 +149,7 @@ def feature_spec(user_feature_names: Sequence[str] = ()) -> dict[str, object]:
         "user_row": tf.io.FixedLenFeature([], tf.int64, default_value=_UNKNOWN_USER_ROW),
     }
     for name in user_feature_names:
-        if name in _RESERVED:
-            raise ValueError(f"user feature name {name!r} is reserved (one of {_RESERVED})")
+        check_user_feature_name(name)
         spec[name] = tf.io.FixedLenFeature([], tf.int64, default_value=0)
     return spec
 
@@ -152,6 +172,16 @@ def left_pad_ragged(histories: tf.RaggedTensor, max_length: int) -> tf.Tensor:
     )
     reversed_rows = tf.reverse(reversed_rows.to_tensor(PAD_INDEX, shape=[None, max_length]), axis=[0])
     return tf.reverse(reversed_rows, axis=[1])
+
+
+def _matching_files(file_pattern: str, max_length: int, batch_size: int) -> list[str]:
+    for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    files = sorted(tf.io.gfile.glob(file_pattern))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
+    return files
 
 
 def read_tfrecords(
@@ -180,12 +210,7 @@ def read_tfrecords(
       FileNotFoundError: If no file matches the pattern.
       ValueError: If ``max_length`` or ``batch_size`` is not positive.
     """
-    for name, value in (("max_length", max_length), ("batch_size", batch_size)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
-    files = sorted(tf.io.gfile.glob(file_pattern))
-    if not files:
-        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
+    files = _matching_files(file_pattern, max_length, batch_size)
     spec = feature_spec(user_feature_names)
 
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -203,6 +228,82 @@ def read_tfrecords(
     )
 
 
+def read_training_tfrecords(
+    file_pattern: str,
+    *,
+    max_length: int,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    user_feature_names: Sequence[str] = (),
+    drop_remainder: bool = False,
+    shuffle_buffer_size: Optional[int] = None,
+) -> tf.data.Dataset:
+    """Reads training records into :func:`sequence_training_dataset`'s dict format.
+
+    Each record (history, target) is the training sequence ``full = history + [target]``, as
+    written by :func:`write_split_tfrecords` for ``train``. In-graph, ``history = full[:-1]``
+    and ``next_items = full[1:]``, both cut to the most recent ``max_length`` and left-padded
+    with 0, so ``next_items[t]`` is the item after ``history[t]`` (0 where ``history[t]`` is
+    padding). Records with an empty history (a one-item sequence) have nothing to predict and
+    are skipped, like one-item sequences in ``sequence_training_dataset``.
+
+    Args:
+      file_pattern: Glob of the shards, e.g. ``out/train-*-of-*.tfrecord``.
+      max_length: Width L of the rows.
+      batch_size: Sequences per batch.
+      shuffle: Shuffle records, differently every epoch (deterministic given ``seed``);
+        otherwise records come in file (written) order.
+      seed: Shuffle seed.
+      user_feature_names: User features to read; each becomes an int32 [B] entry.
+      drop_remainder: Drop the last incomplete batch (static batch size).
+      shuffle_buffer_size: Records held by the shuffle buffer; None counts the records once
+        and shuffles them all (a uniform shuffle, like ``sequence_training_dataset``).
+
+    Returns:
+      A dataset of ``{"history": int32 [B, L], "next_items": int32 [B, L], <feature>: int32 [B]}``.
+
+    Raises:
+      FileNotFoundError: If no file matches the pattern.
+      ValueError: If ``max_length``, ``batch_size`` or ``shuffle_buffer_size`` is not
+        positive, or a feature name is reserved.
+    """
+    files = _matching_files(file_pattern, max_length, batch_size)
+    if shuffle_buffer_size is not None and shuffle_buffer_size <= 0:
+        raise ValueError(f"shuffle_buffer_size must be positive, got {shuffle_buffer_size!r}")
+    spec = feature_spec(user_feature_names)
+    del spec["user_row"]  # not part of the training dict
+
+    def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        parsed = tf.io.parse_example(serialized, spec)
+        history = parsed.pop("history")
+        target = parsed.pop("target")
+        target = tf.RaggedTensor.from_tensor(target[:, None], row_splits_dtype=history.row_splits.dtype)
+        full = tf.concat([history, target], axis=1)  # the training sequence
+        batch = {
+            "history": tf.cast(left_pad_ragged(full[:, :-1], max_length), tf.int32),
+            "next_items": tf.cast(left_pad_ragged(full[:, 1:], max_length), tf.int32),
+        }
+        for name, value in parsed.items():
+            batch[name] = tf.cast(value, tf.int32)
+        return batch
+
+    def has_history(serialized: tf.Tensor) -> tf.Tensor:
+        parsed = tf.io.parse_single_example(serialized, {"history": tf.io.RaggedFeature(tf.int64)})
+        return tf.size(parsed["history"]) > 0
+
+    dataset = tf.data.TFRecordDataset(files).filter(has_history)
+    if shuffle:
+        if shuffle_buffer_size is None:
+            shuffle_buffer_size = max(1, int(dataset.reduce(np.int64(0), lambda count, _: count + 1)))
+        dataset = dataset.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
+    return (
+        dataset.batch(batch_size, drop_remainder=drop_remainder)
+        .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
 def _lookup(user_features: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(values)[rows] for name, values in user_features.items()}
 
@@ -211,7 +312,8 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
     """Writes a split as TFRecords plus its item vocabulary and statistics, all atomically.
 
     ``train`` holds one example per training sequence with at least two items (history
-    ``seq[:-1]``, target ``seq[-1]``); ``validation`` and ``test`` hold the split's examples.
+    ``seq[:-1]``, target ``seq[-1]``; read it with :func:`read_training_tfrecords`);
+    ``validation`` and ``test`` hold the split's examples (read with :func:`read_tfrecords`).
     Every record carries ``user_row`` and the dataset's user features.
 
     Args:

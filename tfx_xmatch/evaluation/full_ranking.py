@@ -8,10 +8,10 @@ Protocol, per example (a user history and the held-out next item, the *target*):
   window the model saw) is removed from the candidates, except the target itself, which is always
   ranked. This is the standard protocol: the negatives are the items the user has not seen, and
   a target the user re-consumes is still a fair question.
-- ``rank`` is the number of candidates scored strictly higher than the target (0-based). With
-  ``tie_policy="optimistic"`` (the default, and the usual convention) ties count in the target's
-  favour; with ``"pessimistic"`` every other candidate scored ``>=`` the target is counted
-  against it. Constant scores therefore give rank 0 (optimistic) or rank ``#candidates - 1``
+- ``rank`` is the number of other candidates scored at least as high as the target (0-based):
+  with ``tie_policy="pessimistic"`` (the default) ties count against the target, so a collapsed
+  model that scores every item alike gets no credit and is never selected as the best epoch;
+  with ``"optimistic"`` only strictly higher scores count. Constant scores therefore give rank 0 (optimistic) or rank ``#candidates - 1``
   (pessimistic); reporting both brackets a model that produces many ties.
 
 Per example and cutoff K: HR@K = Recall@K = 1[rank < K]; NDCG@K = 1/log2(rank + 2) if rank < K;
@@ -69,8 +69,8 @@ class FullRankingEvaluator:
         the *head*: the ``floor(head_fraction * num_items)`` most popular items (ties in
         popularity go to the lower item index) are head, every other item is tail. Must be in
         [0, 1).
-      tie_policy: ``"optimistic"`` (ties count for the target) or ``"pessimistic"`` (ties count
-        against it).
+      tie_policy: ``"pessimistic"`` (default: ties count against the target) or
+        ``"optimistic"`` (ties count for it).
 
     Raises:
       ValueError: On a non-positive ``num_items``, empty or out-of-range ``ks``, a wrongly shaped
@@ -93,7 +93,7 @@ class FullRankingEvaluator:
         mask_history: bool = True,
         item_popularity: Optional[ArrayLike] = None,
         head_fraction: float = 0.2,
-        tie_policy: str = "optimistic",
+        tie_policy: str = "pessimistic",
     ) -> None:
         if not _is_int(num_items) or num_items <= 0:
             raise ValueError(f"num_items must be a positive int, got {num_items!r}")

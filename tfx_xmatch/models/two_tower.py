@@ -213,16 +213,18 @@ class TwoTower(tfrs.models.Model):
         targets = tf.gather(targets, keep)
         kept = tf.cast(tf.shape(targets)[0], tf.float32)
         candidate_ids = targets
-        # logQ uses the expected number of times each candidate is in the sample, so in-batch
-        # (popularity-sampled) and uniform extra negatives are corrected on one scale.
-        sampling_probability = kept * tf.gather(self.item_frequency, targets)
         if self.num_sampled_negatives:
             extra = tf.random.uniform(
                 [self.num_sampled_negatives], minval=1, maxval=self.num_items + 1, dtype=targets.dtype
             )
             candidate_ids = tf.concat([targets, extra], axis=0)
-            uniform = tf.fill([self.num_sampled_negatives], self.num_sampled_negatives / self.num_items)
-            sampling_probability = tf.concat([sampling_probability, uniform], axis=0)
+        # logQ: the probability that one draw of the mixed sampler (in-batch targets, drawn by
+        # popularity, plus uniform extras) yields the candidate, whichever sampler produced this
+        # copy of it. It is the expected count scaled into [0, 1], which TFRS clips to.
+        num_extra = float(self.num_sampled_negatives)
+        sampling_probability = (
+            kept * tf.gather(self.item_frequency, candidate_ids) + num_extra / self.num_items
+        ) / (kept + num_extra)
         candidates = self.item_tower(candidate_ids)
         return self.retrieval_task(
             queries,
