@@ -61,3 +61,23 @@ def test_bad_file_names_the_file(tmp_path):
 def test_missing_file():
     with pytest.raises(FileNotFoundError):
         load_config("/nonexistent/run.yaml")
+
+
+def test_shipped_configs_load():
+    from tests.conftest import REPO_ROOT
+
+    paths = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+    assert paths, "configs/ should ship example configurations"
+    for path in paths:
+        load_config(path)
+
+
+def test_the_sasrec_config_holds_the_reference_settings():
+    """configs/ml1m_sasrec.yaml is what benchmarks/quality.py trains: SASRec's published setup."""
+    from tests.conftest import REPO_ROOT
+
+    shipped = load_config(REPO_ROOT / "configs" / "ml1m_sasrec.yaml")
+    model = shipped.model
+    assert (model.user_tower, model.embedding_dim, model.num_blocks, model.num_heads, model.max_length,
+            model.loss) == ("sasrec", 64, 2, 1, 200, "full_softmax")
+    assert (shipped.data.dataset, shipped.data.split) == ("ml-1m", "leave_one_out")

@@ -158,19 +158,19 @@ def test_rewrite_with_other_shard_count_removes_stale_shards(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         [os.path.basename(path) for path in new + kept] + ["test-notes.txt"]
     )
-    arrays = collect(read_tfrecords(prefix + "-[0-9]*-of-*", max_length=1, batch_size=8))
-    assert arrays["target"].tolist() == [2, 3, 4, 5]
+    # "[0-9]" keeps the glob from also matching the "test-extra" shards.
+    pattern = prefix + "-[0-9]*-of-*"
+    assert collect(read_tfrecords(pattern, max_length=1, batch_size=8))["target"].tolist() == [2, 3, 4, 5]
     # Rewriting with the same count replaces the shards in place.
     assert write_tfrecords(prefix, histories[:1], targets[:1], num_shards=2) == new
-    assert collect(read_tfrecords(prefix + "-[0-9]*-of-*", max_length=1, batch_size=8))["target"].tolist() == [2]
+    assert collect(read_tfrecords(pattern, max_length=1, batch_size=8))["target"].tolist() == [2]
 
 
 def sorted_rows(arrays):
     """Rows of the dict's arrays as sortable tuples (order-insensitive comparison)."""
     keys = sorted(arrays)
-    return sorted(
-        tuple(tuple(np.ravel(arrays[key][row]).tolist()) for key in keys) for row in range(len(arrays[keys[0]]))
-    )
+    num_rows = len(arrays[keys[0]])
+    return sorted(tuple(tuple(np.ravel(arrays[key][row]).tolist()) for key in keys) for row in range(num_rows))
 
 
 @pytest.mark.parametrize("max_length", [4, 20])
