@@ -1,0 +1,453 @@
+"""Retrieval indexes: every kind against a NumPy brute-force oracle, k as a tensor, exclusions,
+padding, partitioned recall, config round trips, SavedModel round trips and op portability."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from tfx_xmatch.index import (
+    INDEX_KINDS,
+    BruteForceIndex,
+    PartitionedIndex,
+    RetrievalIndex,
+    ScaNNIndex,
+    make_index,
+)
+from tfx_xmatch.index.partitioned_index import kmeans
+
+N, D, B, K_MAX = 300, 8, 5, 20
+KINDS = ("brute_force", "partitioned", "scann")
+
+
+def _exact_index(kind, **kwargs):
+    """An index of ``kind`` configured to search exhaustively (so the oracle must match)."""
+    if kind == "partitioned":
+        return PartitionedIndex(num_partitions=8, num_probes=8, **{"k_max": K_MAX, **kwargs})
+    if kind == "scann":
+        # Every leaf searched and every candidate reordered with exact scores.
+        return ScaNNIndex(
+            num_leaves=4, num_leaves_to_search=4, num_reordering_candidates=512, **{"k_max": K_MAX, **kwargs}
+        )
+    return BruteForceIndex(**{"k_max": K_MAX, **kwargs})
+
+
+def _data(seed=0, num=N):
+    rng = np.random.default_rng(seed)
+    candidates = rng.normal(size=(num, D)).astype(np.float32)
+    queries = rng.normal(size=(B, D)).astype(np.float32)
+    int_ids = (1000 + rng.permutation(num)).astype(np.int64)
+    string_ids = np.array([f"item-{i}" for i in int_ids], dtype=object)
+    return candidates, queries, int_ids, string_ids
+
+
+def _oracle_scores(queries, candidates, ids, k, exclude=None):
+    """Best-first top-k scores per query (-inf padded), excluding ``exclude``'s identifiers."""
+    scores = queries @ candidates.T
+    out = np.full((len(queries), k), -np.inf, np.float32)
+    for row in range(len(queries)):
+        keep = np.ones(len(ids), bool) if exclude is None else ~np.isin(ids, exclude[row])
+        best = np.sort(scores[row, keep])[::-1][:k]
+        out[row, : len(best)] = best
+    return out
+
+
+def _assert_matches_oracle(scores, ids, queries, candidates, all_ids, k, exclude=None, padding=None):
+    """Scores equal the oracle's; each returned identifier really has its score (ties safe)."""
+    scores, ids = np.asarray(scores), np.asarray(ids)
+    expected = _oracle_scores(queries, candidates, all_ids, k, exclude)
+    assert scores.shape == ids.shape == (len(queries), k)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-4)
+    row_of = {identifier: i for i, identifier in enumerate(all_ids.tolist())}
+    for row in range(len(queries)):
+        real = np.isfinite(expected[row])
+        returned = [x.decode() if isinstance(x, bytes) else x for x in ids[row].tolist()]
+        assert len(set(r for r, ok in zip(returned, real) if ok)) == real.sum()  # no duplicates
+        for identifier, score, ok in zip(returned, scores[row], real):
+            if not ok:
+                assert identifier == padding
+                continue
+            assert exclude is None or identifier not in exclude[row].tolist()
+            true_score = queries[row] @ candidates[row_of[identifier]]
+            np.testing.assert_allclose(score, true_score, rtol=1e-5, atol=1e-4)
+
+
+def _ids(id_type, int_ids, string_ids):
+    return (int_ids, -1) if id_type == "int" else (string_ids, "")
+
+
+# ---------------------------------------------------------------- oracle comparisons
+@pytest.mark.parametrize("id_type", ["int", "string"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_configurations_match_the_oracle(kind, id_type):
+    candidates, queries, int_ids, string_ids = _data()
+    ids, padding = _ids(id_type, int_ids, string_ids)
+    index = _exact_index(kind).index(candidates, ids)
+    assert index.is_exact()
+    scores, out = index(queries, k=10)
+    assert scores.dtype == tf.float32 and out.dtype == (tf.int64 if id_type == "int" else tf.string)
+    assert scores.shape == (B, 10)
+    _assert_matches_oracle(scores, out, queries, candidates, ids, 10, padding=padding)
+    scores, out = index(queries)  # default k = k_max
+    _assert_matches_oracle(scores, out, queries, candidates, ids, K_MAX, padding=padding)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_identifiers_are_row_positions(kind):
+    candidates, queries, _, _ = _data()
+    scores, out = _exact_index(kind).index(candidates)(queries, k=5)
+    _assert_matches_oracle(scores, out, queries, candidates, np.arange(N), 5, padding=-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_tensor_in_a_traced_function_varies_without_retracing(kind):
+    candidates, queries, int_ids, _ = _data()
+    index = _exact_index(kind).index(candidates, int_ids)
+    traces = []
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, D], tf.float32),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([None, None], tf.int64),
+        ]
+    )
+    def search(q, k, exclude):
+        traces.append(1)
+        return index(q, k=k, exclude=exclude)
+
+    history = int_ids[np.argsort(-(queries @ candidates.T), axis=1)[:, :3]]  # each row's top 3
+    for k in (1, 7, K_MAX):
+        scores, out = search(queries, tf.constant(k), tf.constant(history))
+        _assert_matches_oracle(scores, out, queries, candidates, int_ids, k, exclude=history, padding=-1)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_out_of_range_is_rejected_with_its_value(kind):
+    candidates, queries, _, _ = _data()
+    index = _exact_index(kind).index(candidates)
+    with pytest.raises(ValueError, match=r"k_max=20\], got k = 21"):
+        index(queries, k=K_MAX + 1)
+    with pytest.raises(ValueError, match=r"got k = 0"):
+        index(queries, k=0)
+    with pytest.raises(ValueError, match=r"got k = 21"):
+        index(queries, k=tf.constant(K_MAX + 1))  # eager tensor: value known
+
+    search = tf.function(
+        lambda q, k: index(q, k=k),
+        input_signature=[tf.TensorSpec([None, D], tf.float32), tf.TensorSpec([], tf.int32)],
+    )
+    assert search(queries, tf.constant(K_MAX))[0].shape == (B, K_MAX)
+    for bad in (K_MAX + 1, 0, -3):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"k_max=20\], got k =.*{bad}"):
+            search(queries, tf.constant(bad))
+
+
+# ---------------------------------------------------------------- exclusions and padding
+@pytest.mark.parametrize("id_type", ["int", "string"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_exclude_removes_the_given_identifiers(kind, id_type):
+    candidates, queries, int_ids, string_ids = _data(seed=1)
+    ids, padding = _ids(id_type, int_ids, string_ids)
+    index = _exact_index(kind).index(candidates, ids)
+    rng = np.random.default_rng(2)
+    top = np.argsort(-(queries @ candidates.T), axis=1)
+    # Each row: its 4 best items, 3 random ones, and 2 padding entries that must be ignored.
+    rows = np.concatenate([top[:, :4], rng.integers(0, N, size=(B, 3))], axis=1)
+    exclude = np.concatenate([ids[rows], np.full((B, 2), padding, dtype=ids.dtype)], axis=1)
+    scores, out = index(queries, k=10, exclude=tf.constant(exclude))
+    _assert_matches_oracle(scores, out, queries, candidates, ids, 10, exclude=exclude, padding=padding)
+
+
+def test_exclude_padding_is_configurable():
+    candidates, queries, _, _ = _data()
+    queries[:, 0], candidates[0] = 1.0, [1000.0] + [0.0] * (D - 1)  # id 0 is everyone's best item
+    zeros = tf.zeros([B, 3], tf.int64)
+    _, default_padding = BruteForceIndex(k_max=5).index(candidates)(queries, exclude=zeros)
+    assert not np.any(default_padding.numpy() == 0)  # 0 is a real id: excluded
+    _, zero_padding = BruteForceIndex(k_max=5, exclude_padding=0).index(candidates)(queries, exclude=zeros)
+    np.testing.assert_array_equal(zero_padding.numpy()[:, 0], 0)  # 0 means "nothing": kept
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fewer_candidates_than_k_are_padded(kind):
+    num = 16  # ScaNN's smallest catalogue (see test_scann_rejects_tiny_catalogues)
+    candidates, queries, int_ids, string_ids = _data(num=num)
+    index = _exact_index(kind).index(candidates, int_ids)
+    scores, out = index(queries, k=19)
+    _assert_matches_oracle(scores, out, queries, candidates, int_ids, 19, padding=-1)
+    assert np.all(np.isneginf(scores.numpy()[:, num:])) and np.all(out.numpy()[:, num:] == -1)
+
+    index = _exact_index(kind, padding_identifier="<none>").index(candidates, string_ids)
+    exclude = string_ids[np.argsort(-(queries @ candidates.T), axis=1)[:, :2]]
+    scores, out = index(queries, k=tf.constant(18), exclude=exclude)
+    _assert_matches_oracle(
+        scores, out, queries, candidates, string_ids, 18, exclude=exclude, padding="<none>"
+    )
+    assert np.sum(np.isfinite(scores.numpy()), axis=1).tolist() == [num - 2] * B
+
+
+def test_scann_rejects_tiny_catalogues():
+    with pytest.raises(ValueError, match="at least 16 candidates.*got 6"):
+        _exact_index("scann").index(_data(num=6)[0])
+
+
+# ---------------------------------------------------------------- partitioned specifics
+def _clustered(seed=3, clusters=32, per_cluster=60, dims=16, queries=50):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dims))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    points = np.repeat(centres, per_cluster, axis=0) + 0.15 * rng.normal(size=(clusters * per_cluster, dims))
+    points *= rng.uniform(0.5, 1.5, size=(len(points), 1))  # norms vary, as in MIPS
+    query = centres[rng.integers(clusters, size=queries)] + 0.3 * rng.normal(size=(queries, dims))
+    return points.astype(np.float32), query.astype(np.float32)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_partitioned_recall_on_clustered_data(spherical):
+    points, queries = _clustered()
+    index = PartitionedIndex(num_partitions=32, num_probes=6, k_max=10, spherical=spherical).index(points)
+    assert not index.is_exact()
+    _, found = index(queries, k=10)
+    truth = np.argsort(-(queries @ points.T), axis=1)[:, :10]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.numpy(), truth)])
+    assert recall > 0.9, recall
+    # The CSR layout covers every candidate exactly once.
+    offsets = index.partition_offsets.numpy()
+    assert offsets[0] == 0 and offsets[-1] == len(points) and np.all(np.diff(offsets) > 0)
+    assert sorted(index.item_order.numpy().tolist()) == list(range(len(points)))
+
+
+def test_kmeans_is_deterministic_and_reseeds_empty_clusters():
+    points, _ = _clustered()
+    a = kmeans(points, 16, seed=5)
+    np.testing.assert_array_equal(a, kmeans(points, 16, seed=5))
+    assert not np.array_equal(a, kmeans(points, 16, seed=6))
+    # Only 3 distinct points for 6 clusters: clusters go empty, are re-seeded, and the index
+    # drops whatever stays empty but still finds everything.
+    few = np.repeat(np.eye(3, 4, dtype=np.float32), 5, axis=0)
+    index = PartitionedIndex(num_partitions=6, num_probes=6, k_max=4).index(few)
+    assert index.centroids.numpy().shape[0] <= 3
+    scores, _ = index(np.ones([1, 4], np.float32), k=4)
+    np.testing.assert_allclose(scores.numpy(), [[1, 1, 1, 1]])
+
+
+def test_partitioned_caps_partitions_and_probes_at_catalogue_size():
+    candidates, queries, _, _ = _data(num=5)
+    index = PartitionedIndex(num_partitions=50, num_probes=80, k_max=5).index(candidates)
+    assert index.centroids.numpy().shape[0] <= 5
+    _assert_matches_oracle(*index(queries, k=5), queries, candidates, np.arange(5), 5, padding=-1)
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned"])
+def test_reindexing_with_another_size_keeps_traced_functions_working(kind):
+    index = _exact_index(kind)
+    candidates, queries, int_ids, _ = _data(num=100)
+    index.index(candidates, int_ids)
+    search = tf.function(
+        lambda q, k: index(q, k=k),
+        input_signature=[tf.TensorSpec([None, D], tf.float32), tf.TensorSpec([], tf.int32)],
+    )
+    _assert_matches_oracle(*search(queries, tf.constant(5)), queries, candidates, int_ids, 5, padding=-1)
+    variables_before = len(index.weights)
+    candidates, queries, int_ids, _ = _data(seed=4, num=170)
+    index.index(candidates, int_ids)
+    assert len(index.weights) == variables_before
+    _assert_matches_oracle(*search(queries, tf.constant(5)), queries, candidates, int_ids, 5, padding=-1)
+    assert search.experimental_get_tracing_count() == 1
+
+
+# ---------------------------------------------------------------- interface details
+def test_is_exact_reflects_the_configuration():
+    candidates = _data()[0]
+    assert BruteForceIndex().is_exact()
+    assert not PartitionedIndex(num_partitions=8, num_probes=2).is_exact()
+    assert PartitionedIndex(num_partitions=8, num_probes=8).is_exact()
+    assert not ScaNNIndex(num_leaves=4, num_leaves_to_search=4, num_reordering_candidates=512).is_exact()
+    assert not ScaNNIndex(num_leaves=4, num_leaves_to_search=2, k_max=5).index(candidates).is_exact()
+    assert not ScaNNIndex(num_leaves=4, num_leaves_to_search=4, k_max=5).index(candidates).is_exact()
+    assert _exact_index("scann").index(candidates).is_exact()
+
+
+def test_registry_and_make_index():
+    assert set(INDEX_KINDS) == set(KINDS)
+    assert all(issubclass(cls, RetrievalIndex) for cls in INDEX_KINDS.values())
+    assert isinstance(make_index("partitioned", num_partitions=4, num_probes=2), PartitionedIndex)
+    with pytest.raises(ValueError, match=r"unknown index kind 'annoy'.*brute_force"):
+        make_index("annoy")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_get_config_round_trip(kind):
+    index = _exact_index(kind, k=7, padding_identifier="none", exclude_padding="pad", name="my_index")
+    config = index.get_config()
+    json.dumps(config)  # plain values only
+    clone = INDEX_KINDS[kind].from_config(config)
+    assert type(clone) is type(index) and clone.get_config() == config
+    assert config["k"] == 7 and config["k_max"] == K_MAX and config["padding_identifier"] == "none"
+
+
+def test_index_from_dataset_matches_index():
+    candidates, queries, int_ids, _ = _data()
+    expected = BruteForceIndex(k_max=5).index(candidates, int_ids)(queries)
+    pairs = tf.data.Dataset.from_tensor_slices((int_ids, candidates)).batch(64)
+    from_pairs = BruteForceIndex(k_max=5).index_from_dataset(pairs)(queries)
+    np.testing.assert_array_equal(from_pairs[1].numpy(), expected[1].numpy())
+    plain = tf.data.Dataset.from_tensor_slices(candidates).batch(64)
+    partitioned = PartitionedIndex(num_partitions=4, num_probes=4, k_max=5)
+    _, positions = partitioned.index_from_dataset(plain)(queries)
+    np.testing.assert_array_equal(int_ids[positions.numpy()], expected[1].numpy())
+    with pytest.raises(ValueError, match="tuples"):
+        BruteForceIndex().index_from_dataset(tf.data.Dataset.from_tensors((int_ids, candidates, candidates)))
+
+
+def test_bad_arguments_are_reported_with_their_values():
+    candidates, queries, int_ids, _ = _data()
+    with pytest.raises(ValueError, match="k_max must be an integer >= 1, got 0"):
+        BruteForceIndex(k_max=0)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, k_max=5\], got 6"):
+        BruteForceIndex(k_max=5, k=6)
+    with pytest.raises(ValueError, match="num_probes must be at least 1, got 0"):
+        PartitionedIndex(num_probes=0)
+    with pytest.raises(ValueError, match="num_reordering_candidates must be >= k_max=100.*got 50"):
+        ScaNNIndex(num_reordering_candidates=50)
+    index = BruteForceIndex(k_max=5)
+    with pytest.raises(ValueError, match="index\\(\\) must be called"):
+        index(queries)
+    with pytest.raises(ValueError, match=r"\[N, d\] matrix, got shape \(300,\)"):
+        index.index(candidates[:, 0])
+    with pytest.raises(ValueError, match=r"at least one row, got shape \(0, 8\)"):
+        index.index(candidates[:0])
+    with pytest.raises(ValueError, match=r"one entry per candidate \(\[300\]\), got shape \(299,\)"):
+        index.index(candidates, int_ids[:-1])
+    with pytest.raises(TypeError, match="integers or strings, got dtype float32"):
+        index.index(candidates, int_ids.astype(np.float32))
+    with pytest.raises(TypeError, match="padding_identifier must be a string.*got -1"):
+        BruteForceIndex(padding_identifier=-1).index(candidates, np.array(["a"] * N))
+    index.index(candidates, int_ids)
+    with pytest.raises(ValueError, match="queries have 3 columns but the indexed candidates have 8"):
+        index(queries[:, :3])
+    with pytest.raises(TypeError, match="exclude must hold integer identifiers.*string"):
+        index(queries, exclude=tf.constant([["a"]] * B))
+    with pytest.raises(ValueError, match="exclude has 2 rows but there are 5 queries"):
+        index(queries, exclude=tf.zeros([2, 1], tf.int64))
+
+
+# ---------------------------------------------------------------- SavedModel and portability
+def _save(index, path, dimension=D, id_dtype=tf.int64):
+    module = tf.Module()
+    module.index = index
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, dimension], tf.float32, name="queries"),
+            tf.TensorSpec([], tf.int32, name="k"),
+            tf.TensorSpec([None, None], id_dtype, name="exclude"),
+        ]
+    )
+    def search(queries, k, exclude):
+        scores, identifiers = index(queries, k=k, exclude=exclude)
+        return {"scores": scores, "identifiers": identifiers}
+
+    module.search = search
+    # ScaNN's ops live in the "Scann" namespace, which SavedModel refuses unless whitelisted.
+    options = None
+    if isinstance(index, ScaNNIndex):
+        options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
+    tf.saved_model.save(module, str(path), signatures={"serving_default": search}, options=options)
+    return search
+
+
+def _saved_model_ops(path):
+    """Op types used anywhere in a SavedModel's graphs, function library included."""
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
+    ops = set()
+    for meta_graph in saved_model.meta_graphs:
+        library = meta_graph.graph_def.library
+        functions = {function.signature.name for function in library.function}
+        ops |= {node.op for node in meta_graph.graph_def.node}
+        for function in library.function:
+            ops |= {node.op for node in function.node_def}
+        ops -= functions  # calls of library functions by name
+    return ops
+
+
+STOCK_OPS = frozenset(name for name in dir(tf.raw_ops) if not name.startswith("_"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_model_reloads_with_identical_results_and_only_expected_ops(kind, tmp_path):
+    candidates, queries, int_ids, _ = _data()
+    if kind == "partitioned":  # approximate on purpose: reload must reproduce it exactly
+        index = PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX)
+    else:
+        index = _exact_index(kind)
+    index.index(candidates, int_ids)
+    search = _save(index, tmp_path)
+    loaded = tf.saved_model.load(str(tmp_path))
+    history = tf.constant(int_ids[:B, None].repeat(2, axis=1))
+    for k in (1, 10, K_MAX):
+        expected = search(queries, tf.constant(k), history)
+        for function in (loaded.search, loaded.signatures["serving_default"]):
+            got = function(queries=queries, k=tf.constant(k), exclude=history)
+            np.testing.assert_array_equal(got["identifiers"].numpy(), expected["identifiers"].numpy())
+            np.testing.assert_array_equal(got["scores"].numpy(), expected["scores"].numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="got k ="):
+        loaded.search(queries=queries, k=tf.constant(K_MAX + 1), exclude=history)
+
+    ops = _saved_model_ops(tmp_path)
+    assert "TopKV2" in ops and (kind == "scann" or "MatMul" in ops)
+    non_stock = ops - STOCK_OPS
+    if kind == "scann":
+        assert non_stock and all(op.startswith("Scann>") for op in non_stock), non_stock
+    else:
+        assert not non_stock, f"ops outside stock TensorFlow: {sorted(non_stock)}"
+
+
+def test_portable_exports_answer_in_a_process_that_imports_only_tensorflow(tmp_path):
+    candidates, queries, _, string_ids = _data()
+    history = string_ids[:B, None]
+    expected = {}
+    for kind, index in [
+        ("brute_force", BruteForceIndex(k_max=K_MAX)),
+        ("partitioned", PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX)),
+    ]:
+        index.index(candidates, string_ids)
+        search = _save(index, tmp_path / kind, id_dtype=tf.string)
+        result = search(queries, tf.constant(7), tf.constant(history))
+        expected[kind] = [x.decode() for x in result["identifiers"].numpy().ravel()]
+    np.save(tmp_path / "queries.npy", queries)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        import tensorflow as tf
+        queries = np.load({str(tmp_path / "queries.npy")!r})
+        history = tf.constant({history.tolist()!r})
+        out = {{}}
+        for kind in ("brute_force", "partitioned"):
+            serve = tf.saved_model.load({str(tmp_path)!r} + "/" + kind).signatures["serving_default"]
+            result = serve(queries=tf.constant(queries), k=tf.constant(7), exclude=history)
+            out[kind] = [x.decode() for x in result["identifiers"].numpy().ravel()]
+        assert not any(name.startswith(("tfx_xmatch", "tensorflow_recommenders", "scann", "tf_keras"))
+                       for name in sys.modules), "imported more than TensorFlow"
+        print(json.dumps(out))
+        """
+    )
+    # tfx_xmatch set TF_USE_LEGACY_KERAS in this process; a plain TF process must not inherit it
+    # (with it, importing TensorFlow imports tf_keras).
+    env = {name: value for name, value in os.environ.items() if name != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == expected

@@ -1,0 +1,55 @@
+"""Top-k retrieval indexes behind one interface (``RetrievalIndex``), and a registry of kinds.
+
+Kinds:
+  * ``brute_force``: exact, stock TF ops (runs on stock TF Serving, CPU or GPU).
+  * ``partitioned``: approximate k-means partitioned index, stock TF ops only.
+  * ``scann``: approximate ScaNN index; needs the ScaNN ops to save, load and serve.
+
+Example:
+  >>> index = make_index("partitioned", num_partitions=32, num_probes=4, k_max=10)
+  >>> scores, ids = index.index(tf.random.normal([1000, 16]))(tf.random.normal([2, 16]), k=5)
+"""
+
+from __future__ import annotations
+
+from tfx_xmatch.index.brute_force_index import BruteForceIndex
+from tfx_xmatch.index.partitioned_index import PartitionedIndex
+from tfx_xmatch.index.retrieval_index import RetrievalIndex
+from tfx_xmatch.index.scann_index import ScaNNIndex
+
+INDEX_KINDS: dict[str, type[RetrievalIndex]] = {
+    "brute_force": BruteForceIndex,
+    "partitioned": PartitionedIndex,
+    "scann": ScaNNIndex,
+}
+
+
+def make_index(kind: str, **kwargs) -> RetrievalIndex:
+    """Creates an index of a registered kind.
+
+    Args:
+      kind: A key of ``INDEX_KINDS`` ("brute_force", "partitioned" or "scann").
+      **kwargs: Constructor arguments of that kind, e.g. ``k_max=100``.
+
+    Returns:
+      A new, not yet indexed, ``RetrievalIndex``.
+
+    Raises:
+      ValueError: If ``kind`` is not registered.
+
+    Example:
+      >>> make_index("brute_force", k_max=10).index(tf.random.normal([50, 8]))
+    """
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(INDEX_KINDS)}")
+    return INDEX_KINDS[kind](**kwargs)
+
+
+__all__ = [
+    "INDEX_KINDS",
+    "BruteForceIndex",
+    "PartitionedIndex",
+    "RetrievalIndex",
+    "ScaNNIndex",
+    "make_index",
+]

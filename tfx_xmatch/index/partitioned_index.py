@@ -1,0 +1,288 @@
+"""PartitionedIndex: a k-means partitioned (IVF) index written with stock TensorFlow ops only.
+
+Stock TF Serving has no ScaNN ops, so a ScaNN export needs a custom server build. This index is
+the portable approximate alternative: ``index()`` clusters the candidates with k-means (NumPy,
+once), and a query scores the partition centroids, probes the ``num_probes`` best partitions and
+scores their members exactly. Every query-time op (MatMul, TopKV2, Gather, RaggedRange,
+RaggedTensorToTensor, ...) is registered in stock TensorFlow, CPU and GPU.
+
+Layout: candidates are stored sorted by partition, so partition p owns the contiguous rows
+``partition_offsets[p]:partition_offsets[p + 1]`` (a CSR layout), and ``item_order`` maps those
+rows back to the positions given to ``index()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from tfx_xmatch.index.retrieval_index import RetrievalIndex
+
+# Rows scored per block when assigning points to centroids: bounds the [block, P] score matrix.
+_ASSIGN_BLOCK = 16384
+
+
+class PartitionedIndex(RetrievalIndex):
+    """Approximate dot-product top-k over k-means partitions; exact inside probed partitions.
+
+    Partitioning. With ``spherical=True`` (default) centroids are unit vectors and each
+    candidate joins the partition maximising ``<centroid, candidate>``: the same dot product a
+    query uses to choose partitions, so assignment and probing agree (for maximum inner product
+    search the direction decides which partition holds a candidate, its norm only how high it
+    scores there). With ``spherical=False`` it is Euclidean k-means (centroids are means,
+    assignment by squared L2); queries still rank partitions by ``<query, centroid>``, i.e. by
+    the mean score of their members.
+
+    k-means runs in NumPy at ``index()`` time on at most ``training_sample_size`` candidates,
+    is deterministic for a ``seed``, starts from k-means++ seeds and re-seeds empty clusters with
+    the worst-fitting points. Partitions left empty after the final assignment are dropped, and
+    ``num_partitions`` is capped by the number of candidates.
+
+    Args:
+      num_partitions: Number of k-means partitions P (int >= 1, default 100). A common choice
+        is about sqrt(N).
+      num_probes: Partitions searched per query (int >= 1, default 10). Recall and cost grow
+        with it; ``num_probes >= num_partitions`` searches everything (exact).
+      k_max: Largest k a call may ask for (int, default 100).
+      kmeans_iterations: Maximum Lloyd iterations (int >= 0, default 20); stops early when
+        assignments no longer change.
+      seed: Seed of the sampling and k-means++ initialisation (int, default 0).
+      spherical: Spherical (dot-product) k-means if True (default), Euclidean if False.
+      training_sample_size: k-means trains on a random sample of at most this many candidates
+        (int >= 1, default 100_000; None trains on all); every candidate is then assigned.
+      **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
+        see ``RetrievalIndex``.
+
+    Raises:
+      ValueError: If an argument is out of range.
+
+    Example:
+      >>> index = PartitionedIndex(num_partitions=32, num_probes=4, k_max=10)
+      >>> index = index.index(tf.random.normal([1000, 16]))
+      >>> scores, ids = index(tf.random.normal([2, 16]), k=10)  # [2, 10] each
+    """
+
+    def __init__(
+        self,
+        num_partitions: int = 100,
+        num_probes: int = 10,
+        k_max: int = 100,
+        kmeans_iterations: int = 20,
+        seed: int = 0,
+        spherical: bool = True,
+        training_sample_size: Optional[int] = 100_000,
+        **kwargs,
+    ):
+        super().__init__(k_max=k_max, **kwargs)
+        if num_partitions < 1:
+            raise ValueError(f"num_partitions must be at least 1, got {num_partitions!r}")
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be at least 1, got {num_probes!r}")
+        if kmeans_iterations < 0:
+            raise ValueError(f"kmeans_iterations must be >= 0, got {kmeans_iterations!r}")
+        if training_sample_size is not None and training_sample_size < 1:
+            raise ValueError(
+                f"training_sample_size must be at least 1 or None, got {training_sample_size!r}"
+            )
+        self.num_partitions = int(num_partitions)
+        self.num_probes = int(num_probes)
+        self.kmeans_iterations = int(kmeans_iterations)
+        self.seed = int(seed)
+        self.spherical = bool(spherical)
+        self.training_sample_size = (
+            None if training_sample_size is None else int(training_sample_size)
+        )
+        self.centroids = None
+        self.partition_offsets = None
+        self.item_order = None
+        self.candidates = None
+
+    def _index(self, candidates: tf.Tensor) -> None:
+        embeddings = candidates.numpy()
+        centroids = kmeans(
+            embeddings,
+            self.num_partitions,
+            iterations=self.kmeans_iterations,
+            seed=self.seed,
+            spherical=self.spherical,
+            training_sample_size=self.training_sample_size,
+        )
+        assignment, _ = _assign(embeddings, centroids, self.spherical)
+        sizes = np.bincount(assignment, minlength=len(centroids))
+        # Empty partitions would only waste probes.
+        kept = np.flatnonzero(sizes)
+        renumber = np.full(len(centroids), -1, np.int64)
+        renumber[kept] = np.arange(len(kept))
+        assignment = renumber[assignment]
+        item_order = np.argsort(assignment, kind="stable")
+        offsets = np.concatenate([[0], np.cumsum(sizes[kept])]).astype(np.int64)
+        self.centroids = self._assign_state("centroids", centroids[kept].astype(np.float32))
+        self.partition_offsets = self._assign_state("partition_offsets", offsets)
+        self.item_order = self._assign_state("item_order", item_order.astype(np.int32))
+        self.candidates = self._assign_state("candidates", embeddings[item_order])
+
+    def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        batch_size = tf.shape(queries)[0]
+        centroid_scores = tf.matmul(queries, self.centroids, transpose_b=True)  # [B, P]
+        num_probes = tf.minimum(self.num_probes, tf.shape(centroid_scores)[1])
+        _, probes = tf.math.top_k(centroid_scores, k=num_probes)  # [B, probes]
+
+        # Member rows of the probed partitions, as one flat vector split by query: no padding
+        # between partitions of different sizes, so scoring work equals the probed members.
+        starts = tf.gather(self.partition_offsets, probes)
+        limits = tf.gather(self.partition_offsets, probes + 1)
+        rows = tf.ragged.range(tf.reshape(starts, [-1]), tf.reshape(limits, [-1])).flat_values
+        members_per_query = tf.reduce_sum(limits - starts, axis=1)  # [B] int64
+        query_of_row = tf.repeat(tf.range(batch_size), members_per_query)
+        flat_scores = tf.reduce_sum(
+            tf.gather(self.candidates, rows) * tf.gather(queries, query_of_row), axis=1
+        )
+
+        # Back to one row per query, padded to the largest probed set with -inf / -1.
+        scores = tf.RaggedTensor.from_row_lengths(flat_scores, members_per_query).to_tensor(
+            default_value=-np.inf
+        )
+        padded_rows = tf.RaggedTensor.from_row_lengths(rows, members_per_query).to_tensor(
+            default_value=-1
+        )
+        top_scores, top = tf.math.top_k(scores, k=tf.minimum(k, tf.shape(scores)[1]))
+        top_rows = tf.gather(padded_rows, top, batch_dims=1)
+        positions = tf.where(
+            top_rows >= 0,
+            tf.gather(self.item_order, tf.maximum(top_rows, 0)),
+            tf.constant(-1, tf.int32),
+        )
+        return top_scores, positions
+
+    def is_exact(self) -> bool:
+        """True iff every partition is probed (``num_probes >= num_partitions``).
+
+        Returns:
+          Whether results equal a brute-force search.
+        """
+        return self.num_probes >= self.num_partitions
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            num_partitions=self.num_partitions,
+            num_probes=self.num_probes,
+            kmeans_iterations=self.kmeans_iterations,
+            seed=self.seed,
+            spherical=self.spherical,
+            training_sample_size=self.training_sample_size,
+        )
+        return config
+
+
+def kmeans(
+    points: np.ndarray,
+    num_clusters: int,
+    iterations: int = 20,
+    seed: int = 0,
+    spherical: bool = True,
+    training_sample_size: Optional[int] = None,
+) -> np.ndarray:
+    """Lloyd k-means with k-means++ seeding, deterministic for a seed.
+
+    Args:
+      points: float [N, d].
+      num_clusters: Wanted clusters; capped at the number of training points.
+      iterations: Maximum Lloyd iterations (stops early once assignments are stable).
+      seed: Seed of the training sample and the k-means++ draws.
+      spherical: Unit-norm centroids and dot-product assignment if True; means and squared
+        L2 assignment if False.
+      training_sample_size: Train on a random sample of at most this many points (None: all).
+
+    Returns:
+      float32 [min(num_clusters, n_train), d] centroids. Clusters that stay empty after
+      re-seeding keep their last centroid.
+    """
+    rng = np.random.default_rng(seed)
+    points = np.asarray(points, np.float32)
+    if training_sample_size is not None and len(points) > training_sample_size:
+        points = points[np.sort(rng.choice(len(points), training_sample_size, replace=False))]
+    train = _unit_rows(points) if spherical else points
+    num_clusters = min(int(num_clusters), len(train))
+    centroids = _kmeans_plus_plus(train, num_clusters, rng)
+    if spherical:
+        centroids = _unit_rows(centroids)
+    previous = None
+    for _ in range(iterations):
+        assignment, fit = _assign(train, centroids, spherical)
+        if previous is not None and np.array_equal(assignment, previous):
+            break
+        previous = assignment
+        counts = np.bincount(assignment, minlength=num_clusters)
+        sums = np.zeros_like(centroids)
+        nonempty = np.flatnonzero(counts)
+        order = np.argsort(assignment, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        sums[nonempty] = np.add.reduceat(train[order], starts[nonempty], axis=0)
+        if spherical:
+            updated = _unit_rows(sums)
+            # A cluster whose members cancel out has no direction; treat it as empty.
+            counts[np.linalg.norm(sums, axis=1) == 0] = 0
+        else:
+            updated = sums / np.maximum(counts, 1)[:, None]
+        empty = np.flatnonzero(counts == 0)
+        centroids = np.where(counts[:, None] > 0, updated, centroids)
+        if len(empty):
+            # Re-seed empty clusters with the points their centroids fit worst: they are the
+            # most under-served part of the data, and the choice is deterministic.
+            worst = np.argsort(fit, kind="stable")[: len(empty)]
+            centroids[empty[: len(worst)]] = train[worst]
+            previous = None  # the assignment will change; do not stop on the next iteration
+    return centroids.astype(np.float32)
+
+
+def _kmeans_plus_plus(
+    points: np.ndarray, num_clusters: int, rng: np.random.Generator
+) -> np.ndarray:
+    """k-means++ seeds: each next seed drawn with probability proportional to squared distance."""
+    centroids = np.empty((num_clusters, points.shape[1]), np.float32)
+    centroids[0] = points[rng.integers(len(points))]
+    # float64: rng.choice insists that the probabilities sum to 1 within a tight tolerance.
+    nearest = np.sum((points - centroids[0]) ** 2, axis=1, dtype=np.float64)
+    for i in range(1, num_clusters):
+        total = float(nearest.sum())
+        if total > 0:
+            choice = rng.choice(len(points), p=nearest / total)
+        else:
+            # Every point coincides with a seed: any will do (Lloyd re-seeds empty clusters).
+            choice = rng.integers(len(points))
+        centroids[i] = points[choice]
+        nearest = np.minimum(nearest, np.sum((points - centroids[i]) ** 2, axis=1, dtype=np.float64))
+    return centroids
+
+
+def _assign(
+    points: np.ndarray, centroids: np.ndarray, spherical: bool
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each point and how well it fits (higher is better), block by block.
+
+    The fit is the dot product with the centroid (spherical) or minus half the squared L2
+    distance (Euclidean).
+    """
+    half_norms = 0.0 if spherical else 0.5 * np.sum(centroids**2, axis=1)
+    assignment = np.empty(len(points), np.int64)
+    fit = np.empty(len(points), np.float32)
+    for start in range(0, len(points), _ASSIGN_BLOCK):
+        block = points[start : start + _ASSIGN_BLOCK]
+        # argmin ||x - c||^2 = argmax (x.c - ||c||^2 / 2); spherical k-means is plain argmax x.c.
+        scores = block @ centroids.T - half_norms
+        best = np.argmax(scores, axis=1)
+        assignment[start : start + len(block)] = best
+        block_fit = scores[np.arange(len(block)), best]
+        if not spherical:
+            block_fit = block_fit - 0.5 * np.sum(block**2, axis=1)
+        fit[start : start + len(block)] = block_fit
+    return assignment, fit
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; all-zero rows stay zero."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.where(norms > 0, norms, 1.0)).astype(np.float32)

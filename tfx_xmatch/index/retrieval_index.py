@@ -1,0 +1,414 @@
+"""RetrievalIndex: the interface every top-k index kind implements.
+
+An index holds candidate embeddings and their identifiers and answers "the k candidates with
+the highest dot product with each query". The interface follows TFRS' ``TopK`` layers
+(``index``, ``index_from_dataset``, ``call(queries, k)``, ``is_exact``) with three additions
+that a serving signature needs:
+
+* ``k`` may be a scalar int32 tensor, so a SavedModel signature can take it as an input; it is
+  never frozen at trace time, and ``k_max`` (a constructor argument) bounds it.
+* ``exclude`` removes given identifiers (e.g. the user's history) from each row's results, for
+  every kind: the base class over-fetches ``k + E`` candidates from the subclass and masks them.
+* Rows with fewer than k results are padded, with score ``-inf`` and ``padding_identifier``, so
+  outputs always have exactly k columns.
+
+Index state lives in non-trainable ``tf.Variable``s created by ``index()`` with unknown
+dimensions: a SavedModel carries the index, and re-indexing with another catalogue size assigns
+new values to the same variables, so functions traced before still answer from the new index.
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+TensorLike = Union[tf.Tensor, np.ndarray, Sequence]
+Identifier = Union[int, str]
+
+_DEFAULT_INT_PADDING = -1
+_DEFAULT_STRING_PADDING = ""
+
+
+class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
+    """Abstract top-k dot-product index over candidate embeddings.
+
+    Subclasses implement ``_index(candidates)`` (build their state from a float32 [N, d]
+    tensor), ``_top_k(queries, k)`` (best-first scores and row positions, at most k per row,
+    position -1 marking an empty slot) and ``is_exact()``. Identifiers, ``k`` checks, exclusion
+    and padding are handled here so that every kind behaves the same.
+
+    Args:
+      k_max: Largest k a call may ask for (int >= 1, default 100). Approximate kinds size their
+        search for it.
+      k: Number of results when ``call`` gets no ``k`` (int in [1, k_max], default k_max).
+      padding_identifier: Identifier returned in empty result slots (when fewer than k
+        candidates remain). Default -1 for integer identifiers, "" for string identifiers.
+      exclude_padding: Value in ``exclude`` rows that stands for "no identifier" (so padded
+        exclusion lists do not remove a real candidate). Default: the padding identifier.
+      **kwargs: Passed to ``tf.keras.layers.Layer`` (e.g. ``name``).
+
+    Raises:
+      ValueError: If ``k_max`` or ``k`` is out of range.
+
+    Example:
+      >>> index = BruteForceIndex(k_max=10).index(tf.random.normal([100, 8]))
+      >>> scores, ids = index(tf.random.normal([2, 8]), k=3)  # float32 [2, 3], int64 [2, 3]
+    """
+
+    def __init__(
+        self,
+        k_max: int = 100,
+        k: Optional[int] = None,
+        padding_identifier: Optional[Identifier] = None,
+        exclude_padding: Optional[Identifier] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not _is_python_int(k_max) or k_max < 1:
+            raise ValueError(f"k_max must be an integer >= 1, got {k_max!r}")
+        self.k_max = int(k_max)
+        if k is None:
+            k = self.k_max
+        if not _is_python_int(k) or not 1 <= k <= self.k_max:
+            raise ValueError(f"k must be an integer in [1, k_max={self.k_max}], got {k!r}")
+        self.k = int(k)
+        self.padding_identifier = _plain_identifier(padding_identifier, "padding_identifier")
+        self.exclude_padding = _plain_identifier(exclude_padding, "exclude_padding")
+        # Set by index(); None means "not indexed yet".
+        self.identifiers: Optional[tf.Variable] = None
+        self.num_candidates: Optional[int] = None
+        self.dimension: Optional[int] = None
+
+    # ------------------------------------------------------------------ indexing
+    def index(
+        self, candidates: TensorLike, identifiers: Optional[TensorLike] = None
+    ) -> "RetrievalIndex":
+        """Builds the index, replacing any previous one.
+
+        Runs eagerly (approximate kinds train their partitions here), so call it outside
+        ``tf.function``.
+
+        Args:
+          candidates: float [N, d] candidate embeddings, N >= 1 (cast to float32).
+          identifiers: [N] identifiers returned by searches, any integer dtype (stored as
+            int64) or string. Default ``0..N-1`` (int64).
+
+        Returns:
+          self, so that ``index = BruteForceIndex().index(embeddings)`` works.
+
+        Raises:
+          ValueError: If shapes are wrong, N is 0, or N differs between the two arguments.
+          TypeError: If dtypes are not float / integer-or-string, or ``padding_identifier``
+            does not match the identifiers' dtype.
+          RuntimeError: If called inside ``tf.function``.
+        """
+        if not tf.executing_eagerly():
+            raise RuntimeError(
+                f"{type(self).__name__}.index() builds variables and must run eagerly; call it "
+                "outside tf.function"
+            )
+        candidates = tf.convert_to_tensor(candidates)
+        if not candidates.dtype.is_floating:
+            raise TypeError(f"candidates must be a float tensor, got dtype {candidates.dtype.name}")
+        candidates = tf.cast(candidates, tf.float32)
+        if candidates.shape.rank != 2:
+            raise ValueError(f"candidates must be a [N, d] matrix, got shape {candidates.shape}")
+        num_candidates, dimension = int(candidates.shape[0]), int(candidates.shape[1])
+        if num_candidates < 1:
+            raise ValueError(f"candidates must hold at least one row, got shape {candidates.shape}")
+        if dimension < 1:
+            raise ValueError(
+                f"candidates must have at least one column, got shape {candidates.shape}"
+            )
+
+        if identifiers is None:
+            identifiers = tf.range(num_candidates, dtype=tf.int64)
+        identifiers = tf.convert_to_tensor(identifiers)
+        if identifiers.dtype.is_integer:
+            identifiers = tf.cast(identifiers, tf.int64)
+        elif identifiers.dtype != tf.string:
+            raise TypeError(
+                f"identifiers must be integers or strings, got dtype {identifiers.dtype.name}"
+            )
+        if identifiers.shape.rank != 1 or int(identifiers.shape[0]) != num_candidates:
+            raise ValueError(
+                f"identifiers must be a vector with one entry per candidate ([{num_candidates}]), "
+                f"got shape {identifiers.shape}"
+            )
+        # Resolve the padding values now that the identifier dtype is known, failing early on
+        # a mismatch rather than inside a serving call.
+        self._resolved_padding(identifiers.dtype, self.padding_identifier, "padding_identifier")
+        self._resolved_padding(identifiers.dtype, self.exclude_padding, "exclude_padding")
+
+        self._index(candidates)
+        self.identifiers = self._assign_state("identifiers", identifiers)
+        self.num_candidates = num_candidates
+        self.dimension = dimension
+        return self
+
+    def index_from_dataset(self, dataset: tf.data.Dataset) -> "RetrievalIndex":
+        """Builds the index from a dataset, like TFRS' ``TopK.index_from_dataset``.
+
+        Args:
+          dataset: Batches of float [n, d] embeddings, or of ``(identifiers [n],
+            embeddings [n, d])`` tuples.
+
+        Returns:
+          self.
+
+        Raises:
+          ValueError: If the elements are neither tensors nor 2-tuples, or the dataset is empty.
+        """
+        spec = dataset.element_spec
+        if isinstance(spec, tuple):
+            if len(spec) != 2:
+                raise ValueError(
+                    "the dataset must yield embeddings or (identifiers, embeddings) tuples, got "
+                    f"elements {spec}"
+                )
+            batches = list(dataset)
+            if not batches:
+                raise ValueError("the candidate dataset is empty")
+            identifiers = tf.concat([ids for ids, _ in batches], axis=0)
+            candidates = tf.concat([embeddings for _, embeddings in batches], axis=0)
+            return self.index(candidates, identifiers)
+        if not isinstance(spec, tf.TensorSpec):
+            raise ValueError(
+                "the dataset must yield embeddings or (identifiers, embeddings) tuples, got "
+                f"elements {spec}"
+            )
+        batches = list(dataset)
+        if not batches:
+            raise ValueError("the candidate dataset is empty")
+        return self.index(tf.concat(batches, axis=0))
+
+    # ------------------------------------------------------------------ querying
+    def call(
+        self,
+        queries: tf.Tensor,
+        k: Optional[Union[int, tf.Tensor]] = None,
+        exclude: Optional[tf.Tensor] = None,
+    ) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Returns the k best candidates of each query, best first.
+
+        Args:
+          queries: float [B, d] query embeddings.
+          k: Number of results, a Python int or a scalar integer tensor in [1, k_max]. Default
+            the constructor's ``k``. A tensor is not frozen when traced, so one traced function
+            serves every k.
+          exclude: Optional [B, E] identifiers (same dtype as the index's) to remove from each
+            row's results, e.g. the user's history; entries equal to ``exclude_padding`` are
+            ignored.
+
+        Returns:
+          ``(scores, identifiers)``: float32 [B, k] dot products, best first, and the matching
+          [B, k] identifiers. Slots beyond the available candidates (catalogue smaller than k,
+          a partition probe with too few members, or exclusions) hold score ``-inf`` and
+          ``padding_identifier``.
+
+        Raises:
+          ValueError: If ``index()`` was not called, shapes are wrong, or a Python / eager k is
+            out of range. A k tensor only known at run time fails a ``tf.debugging`` assertion
+            instead (``tf.errors.InvalidArgumentError``), whose message names the value.
+          TypeError: If dtypes are wrong (float queries, integer k, exclude of the index's
+            identifier dtype).
+        """
+        if self.identifiers is None:
+            raise ValueError(f"{type(self).__name__}.index() must be called before querying it")
+        queries = tf.convert_to_tensor(queries)
+        if not queries.dtype.is_floating:
+            raise TypeError(f"queries must be a float tensor, got dtype {queries.dtype.name}")
+        queries = tf.cast(queries, tf.float32)
+        if queries.shape.rank != 2:
+            raise ValueError(f"queries must be a [B, d] matrix, got shape {queries.shape}")
+        columns = queries.shape[1]
+        if columns is not None and self.dimension is not None and columns != self.dimension:
+            raise ValueError(
+                f"queries have {columns} columns but the indexed candidates have {self.dimension}"
+            )
+        static_k, k = self._checked_k(k)
+
+        id_dtype = self.identifiers.dtype
+        padding = self._resolved_padding(id_dtype, self.padding_identifier, "padding_identifier")
+        fetch = k
+        if exclude is not None:
+            exclude = self._checked_exclude(exclude, id_dtype, queries)
+            # Over-fetch so that k results remain after removing up to E excluded ones.
+            fetch = k + tf.shape(exclude)[1]
+
+        scores, positions = self._top_k(queries, fetch)
+        valid = positions >= 0
+        identifiers = tf.gather(self.identifiers, tf.maximum(positions, 0))
+
+        if exclude is not None:
+            ignored = self._resolved_padding(id_dtype, self.exclude_padding, "exclude_padding")
+            real_exclusions = tf.not_equal(exclude, ignored)[:, tf.newaxis, :]
+            matches = tf.equal(identifiers[:, :, tf.newaxis], exclude[:, tf.newaxis, :])
+            excluded = tf.reduce_any(tf.logical_and(matches, real_exclusions), axis=-1)
+            valid = tf.logical_and(valid, tf.logical_not(excluded))
+            masked = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
+            width = tf.minimum(k, tf.shape(masked)[1])
+            scores, order = tf.math.top_k(masked, k=width)
+            valid = tf.gather(valid, order, batch_dims=1)
+            identifiers = tf.gather(identifiers, order, batch_dims=1)
+        else:
+            width = tf.minimum(k, tf.shape(scores)[1])
+            scores, valid, identifiers = scores[:, :width], valid[:, :width], identifiers[:, :width]
+
+        # Pad to exactly k columns so a signature's output shape does not depend on the data.
+        missing = k - tf.shape(scores)[1]
+        scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=-np.inf)
+        valid = tf.pad(valid, [[0, 0], [0, missing]], constant_values=False)
+        identifiers = tf.pad(identifiers, [[0, 0], [0, missing]], constant_values=padding)
+        scores = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
+        identifiers = tf.where(valid, identifiers, tf.constant(padding, id_dtype))
+        if static_k is not None:
+            scores.set_shape([queries.shape[0], static_k])
+            identifiers.set_shape([queries.shape[0], static_k])
+        return scores, identifiers
+
+    @abc.abstractmethod
+    def is_exact(self) -> bool:
+        """Whether results equal an exhaustive dot-product search (up to float rounding).
+
+        Returns:
+          True for exact kinds and for approximate kinds configured to search everything.
+        """
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abc.abstractmethod
+    def _index(self, candidates: tf.Tensor) -> None:
+        """Builds the kind's state from float32 [N, d] candidates (eagerly)."""
+
+    @abc.abstractmethod
+    def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Best-first (scores float32 [B, m], positions int32 [B, m]) with m <= k.
+
+        Positions index the rows given to ``index()``; -1 marks an empty slot (its score is
+        ignored). ``k`` is a scalar int32 tensor that may exceed the number of candidates.
+        """
+
+    # ------------------------------------------------------------------ helpers
+    def _assign_state(self, name: str, value: TensorLike) -> tf.Variable:
+        """Stores ``value`` in the non-trainable variable attribute ``name``.
+
+        Variables have unknown dimensions (known rank) so that re-indexing with another size
+        assigns in place: functions traced before keep reading the same variables. A new
+        variable is made only on first use or when dtype or rank change.
+        """
+        value = tf.convert_to_tensor(value)
+        existing = getattr(self, name, None)
+        if (
+            isinstance(existing, tf.Variable)
+            and existing.dtype == value.dtype
+            and existing.shape.rank == value.shape.rank
+        ):
+            existing.assign(value)
+            return existing
+        variable = tf.Variable(
+            value, trainable=False, shape=tf.TensorShape([None] * value.shape.rank), name=name
+        )
+        setattr(self, name, variable)
+        return variable
+
+    def _checked_k(self, k: Optional[Union[int, tf.Tensor]]) -> Tuple[Optional[int], tf.Tensor]:
+        """Validates k; returns (its Python value if static, else None; k as int32 scalar)."""
+        if k is None:
+            k = self.k
+        if _is_python_int(k):
+            self._raise_if_bad_k(int(k))
+            return int(k), tf.constant(int(k), tf.int32)
+        k = tf.convert_to_tensor(k)
+        if not k.dtype.is_integer:
+            raise TypeError(f"k must be an integer, got dtype {k.dtype.name}")
+        if k.shape.rank != 0:
+            raise ValueError(f"k must be a scalar, got shape {k.shape}")
+        k = tf.cast(k, tf.int32)
+        static = tf.get_static_value(k)
+        if static is not None:
+            self._raise_if_bad_k(int(static))
+            return int(static), k
+        check = tf.debugging.Assert(
+            tf.logical_and(k >= 1, k <= self.k_max),
+            [f"k must be in [1, k_max={self.k_max}], got k =", k],
+        )
+        with tf.control_dependencies([check]):
+            return None, tf.identity(k)
+
+    def _raise_if_bad_k(self, k: int) -> None:
+        if not 1 <= k <= self.k_max:
+            raise ValueError(f"k must be in [1, k_max={self.k_max}], got k = {k}")
+
+    def _checked_exclude(
+        self, exclude: TensorLike, id_dtype: tf.DType, queries: tf.Tensor
+    ) -> tf.Tensor:
+        """Validates exclude ([B, E], the index's identifier dtype); integers become int64."""
+        exclude = tf.convert_to_tensor(exclude)
+        kind = "string" if id_dtype == tf.string else "integer"
+        if (kind == "string") != (exclude.dtype == tf.string) or not (
+            exclude.dtype == tf.string or exclude.dtype.is_integer
+        ):
+            raise TypeError(
+                f"exclude must hold {kind} identifiers like the index, got dtype {exclude.dtype.name}"
+            )
+        if kind == "integer":
+            exclude = tf.cast(exclude, tf.int64)
+        if exclude.shape.rank != 2:
+            raise ValueError(f"exclude must be a [B, E] matrix, got shape {exclude.shape}")
+        rows, batch = exclude.shape[0], queries.shape[0]
+        if rows is not None and batch is not None and rows != batch:
+            raise ValueError(f"exclude has {rows} rows but there are {batch} queries")
+        check = tf.debugging.assert_equal(
+            tf.shape(exclude)[0],
+            tf.shape(queries)[0],
+            message="exclude must have one row per query",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(exclude)
+
+    @staticmethod
+    def _resolved_padding(dtype: tf.DType, value: Optional[Identifier], name: str) -> Identifier:
+        """The padding value for identifiers of ``dtype``: the configured one or the default."""
+        if dtype == tf.string:
+            if value is None:
+                return _DEFAULT_STRING_PADDING
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string for string identifiers, got {value!r}")
+            return value
+        if value is None:
+            return _DEFAULT_INT_PADDING
+        if not _is_python_int(value):
+            raise TypeError(f"{name} must be an integer for integer identifiers, got {value!r}")
+        return int(value)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            k_max=self.k_max,
+            k=self.k,
+            padding_identifier=self.padding_identifier,
+            exclude_padding=self.exclude_padding,
+        )
+        return config
+
+
+def _is_python_int(value) -> bool:
+    """True for Python / NumPy integers (bool excluded), False for tensors and the rest."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _plain_identifier(value, name: str) -> Optional[Identifier]:
+    """Normalises a configured identifier to None, int or str (bytes decoded) for get_config."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    if _is_python_int(value):
+        return int(value)
+    raise TypeError(f"{name} must be an integer or a string, got {value!r}")

@@ -1,0 +1,175 @@
+"""ScaNNIndex: TFRS' ScaNN layer behind the RetrievalIndex interface.
+
+Fast approximate search, but its ops (``Scann>ScannSearchBatched``, ...) are not part of stock
+TensorFlow: saving needs ``tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])``, loading
+needs ``import scann`` first (it registers the ops), and TF Serving needs a ScaNN-enabled build.
+Use ``PartitionedIndex`` for a portable approximate index.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfx_xmatch.index.retrieval_index import RetrievalIndex
+
+# ScaNN's LUT16 asymmetric hashing trains 16 centres per block and fails on fewer points.
+_MIN_CANDIDATES = 16
+
+
+class ScaNNIndex(RetrievalIndex):
+    """Approximate dot-product top-k with ScaNN (tree partitioning + asymmetric hashing).
+
+    Wraps ``tfrs.layers.factorized_top_k.ScaNN`` (built at ``index()`` time) and passes its
+    tuning arguments through; the distance is always the dot product, so scores mean the same
+    as for the other kinds.
+
+    ScaNN behaviours the wrapper accounts for:
+
+    * ``k`` goes to ScaNN as a tensor (``final_num_neighbors`` is an op input), so one traced
+      function serves every k <= k_max.
+    * ScaNN pads rows with fewer results with NaN scores (and index 0); those slots become
+      ``-inf`` / ``padding_identifier`` like every other kind.
+    * With reordering, ScaNN returns at most ``num_reordering_candidates`` results, so it must be
+      at least ``k_max`` (more if calls use ``exclude``, which over-fetches).
+    * ScaNN refuses more leaves than candidates; ``num_leaves`` and ``num_leaves_to_search`` are
+      capped at the number of candidates. Its hashing needs at least 16 candidates.
+    * Re-indexing builds a new searcher: functions traced before ``index()`` must be traced
+      again (TFRS replaces the searcher's variables), unlike the stock-op kinds.
+
+    Args:
+      num_leaves: Tree partitions (int >= 1, default 100).
+      num_leaves_to_search: Partitions searched per query (int >= 1, default 10).
+      k_max: Largest k a call may ask for (int, default 100); also ScaNN's default
+        ``num_neighbors``.
+      num_reordering_candidates: If set, ScaNN rescores this many hashed-search results with
+        exact dot products (int >= k_max, default None: no reordering).
+      training_iterations: k-means iterations of the tree (int, default 12).
+      dimensions_per_block: Asymmetric-hashing dimensions per block (int, default 2).
+      parallelize_batch_searches: Search the queries of a batch in parallel (default True).
+      **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
+        see ``RetrievalIndex``.
+
+    Raises:
+      ImportError: If the ``scann`` package is not installed.
+      ValueError: If an argument is out of range (and ``index()`` on fewer than 16 candidates).
+
+    Example:
+      >>> index = ScaNNIndex(num_leaves=10, num_leaves_to_search=3, k_max=10)
+      >>> index = index.index(tf.random.normal([1000, 16]))
+      >>> scores, ids = index(tf.random.normal([2, 16]), k=10)  # [2, 10] each
+      >>> # Saving: tf.saved_model.save(module, path,
+      >>> #     options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
+    """
+
+    def __init__(
+        self,
+        num_leaves: int = 100,
+        num_leaves_to_search: int = 10,
+        k_max: int = 100,
+        num_reordering_candidates: Optional[int] = None,
+        training_iterations: int = 12,
+        dimensions_per_block: int = 2,
+        parallelize_batch_searches: bool = True,
+        **kwargs,
+    ):
+        super().__init__(k_max=k_max, **kwargs)
+        if importlib.util.find_spec("scann") is None:
+            raise ImportError("ScaNNIndex needs the scann package: pip install scann")
+        if num_leaves < 1:
+            raise ValueError(f"num_leaves must be at least 1, got {num_leaves!r}")
+        if num_leaves_to_search < 1:
+            raise ValueError(
+                f"num_leaves_to_search must be at least 1, got {num_leaves_to_search!r}"
+            )
+        if num_reordering_candidates is not None and num_reordering_candidates < self.k_max:
+            raise ValueError(
+                f"num_reordering_candidates must be >= k_max={self.k_max} (ScaNN returns at most "
+                f"that many results), got {num_reordering_candidates!r}"
+            )
+        if training_iterations < 1:
+            raise ValueError(f"training_iterations must be at least 1, got {training_iterations!r}")
+        if dimensions_per_block < 1:
+            raise ValueError(
+                f"dimensions_per_block must be at least 1, got {dimensions_per_block!r}"
+            )
+        self.num_leaves = int(num_leaves)
+        self.num_leaves_to_search = int(num_leaves_to_search)
+        self.num_reordering_candidates = (
+            None if num_reordering_candidates is None else int(num_reordering_candidates)
+        )
+        self.training_iterations = int(training_iterations)
+        self.dimensions_per_block = int(dimensions_per_block)
+        self.parallelize_batch_searches = bool(parallelize_batch_searches)
+        self.scann = None
+
+    def _index(self, candidates: tf.Tensor) -> None:
+        num_candidates = int(candidates.shape[0])
+        if num_candidates < _MIN_CANDIDATES:
+            # ScaNN's own error ("Number of clusters per block (16) is greater than asymmetric
+            # hashing training data size") does not say what to change.
+            raise ValueError(
+                f"ScaNNIndex needs at least {_MIN_CANDIDATES} candidates (asymmetric hashing "
+                f"trains {_MIN_CANDIDATES} centres per block), got {num_candidates}; use "
+                "BruteForceIndex for tiny catalogues"
+            )
+        # The TFRS layer fixes its tree size at construction, and ScaNN rejects more leaves
+        # than points, so the layer is made here, once the catalogue size is known.
+        self.scann = tfrs.layers.factorized_top_k.ScaNN(
+            k=self.k_max,
+            distance_measure="dot_product",
+            num_leaves=min(self.num_leaves, num_candidates),
+            num_leaves_to_search=min(self.num_leaves_to_search, num_candidates),
+            training_iterations=self.training_iterations,
+            dimensions_per_block=self.dimensions_per_block,
+            num_reordering_candidates=self.num_reordering_candidates,
+            parallelize_batch_searches=self.parallelize_batch_searches,
+            name="scann",
+        )
+        # No identifiers: ScaNN returns row positions and the base class maps them, so every
+        # kind handles identifiers, exclusion and padding the same way.
+        self.scann.index(candidates)
+
+    def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        scores, positions = self.scann(queries, k=k)
+        missing = tf.math.is_nan(scores)
+        scores = tf.where(missing, tf.constant(-np.inf, tf.float32), scores)
+        positions = tf.where(missing, tf.constant(-1, tf.int32), tf.cast(positions, tf.int32))
+        return scores, positions
+
+    def is_exact(self) -> bool:
+        """True only for an exhaustive configuration.
+
+        That is: every leaf is searched and every candidate is reordered with exact scores
+        (``num_leaves_to_search >= num_leaves``, both capped at the catalogue size, and
+        ``num_reordering_candidates`` >= the number of indexed candidates). False before
+        ``index()``.
+
+        Returns:
+          Whether results equal a brute-force search.
+        """
+        if self.num_candidates is None:
+            return False
+        # Compare the leaf counts as built (both are capped at the catalogue size).
+        searched = min(self.num_leaves_to_search, self.num_candidates)
+        return (
+            searched >= min(self.num_leaves, self.num_candidates)
+            and self.num_reordering_candidates is not None
+            and self.num_reordering_candidates >= self.num_candidates
+        )
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            num_leaves=self.num_leaves,
+            num_leaves_to_search=self.num_leaves_to_search,
+            num_reordering_candidates=self.num_reordering_candidates,
+            training_iterations=self.training_iterations,
+            dimensions_per_block=self.dimensions_per_block,
+            parallelize_batch_searches=self.parallelize_batch_searches,
+        )
+        return config
