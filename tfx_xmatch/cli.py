@@ -72,6 +72,30 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_export(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tfx_xmatch import export, training
+
+    model_dir = pathlib.Path(args.run_dir) / "model"
+    options = {}
+    for item in args.index_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--index-option {item!r} must look like name=value")
+        options[key] = yaml.safe_load(value)
+    path = export.export_retrieval_model(
+        training.load_model(model_dir), training.load_item_vocab(model_dir), args.export_base_path,
+        version=args.version, index_kind=args.index, index_options=options, k_max=args.k_max,
+        default_k=args.default_k, exclude_history=not args.keep_history, model_name=args.model_name,
+    )
+    unexpected = export.non_stock_ops(path)
+    portability = ("stock TensorFlow ops only: serves on stock TF Serving (CPU or GPU)" if not unexpected
+                   else f"needs ops outside stock TensorFlow: {sorted(unexpected)}")
+    print(f"exported {path} (index {args.index}, k_max {args.k_max}); {portability}")
+    return 0
+
+
 def _command_quickstart(args: argparse.Namespace) -> int:
     from tfx_xmatch import training
     from tfx_xmatch.config import load_config
@@ -161,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override an evaluation setting, e.g. --set eval.mask_history=false")
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     evaluate.set_defaults(handler=_command_evaluate)
+
+    export = commands.add_parser("export", help="export a trained run as a SavedModel with a baked-in index")
+    export.add_argument("--run-dir", required=True, help="a run directory written by `xmatch train`")
+    export.add_argument("--export-base-path", required=True, help="MODEL_BASE_PATH; the version goes below it")
+    export.add_argument("--index", default="brute_force", choices=("brute_force", "partitioned", "scann"))
+    export.add_argument("--index-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="index constructor argument, e.g. num_partitions=64 (repeatable)")
+    export.add_argument("--k-max", type=int, default=100, help="largest k a request may ask for")
+    export.add_argument("--default-k", type=int, help="k of serving_default (default: k-max)")
+    export.add_argument("--version", type=int, help="version number (default: next free)")
+    export.add_argument("--keep-history", action="store_true", help="do not remove history items from results")
+    export.add_argument("--model-name", default="xmatch", help="model name for the warm-up requests")
+    export.set_defaults(handler=_command_export)
 
     quickstart = commands.add_parser("quickstart", help="train and evaluate on built-in synthetic data (~2 min)")
     quickstart.add_argument("--run-dir", help="where to keep the run (default: a new temporary directory)")

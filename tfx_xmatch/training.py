@@ -28,6 +28,7 @@ import tensorflow as tf
 from tfx_xmatch.config import RunConfig, config_from_dict
 from tfx_xmatch.data import load_dataset, make_split, sequence_training_dataset
 from tfx_xmatch.data.dataset import SequenceDataset, Split
+from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.io_utils import atomic_directory, atomic_path, write_json_atomic
 from tfx_xmatch.models import MODELS
@@ -119,12 +120,27 @@ def _build(model: tf.keras.Model) -> None:
     model.score_all(inputs)
 
 
-def save_model(model: tf.keras.Model, directory: str | pathlib.Path) -> None:
-    """Writes ``model`` as config.json + a TF checkpoint, replacing ``directory`` atomically."""
+def save_model(model: tf.keras.Model, directory: str | pathlib.Path, item_vocab: Optional[Vocabulary] = None) -> None:
+    """Writes ``model`` as config.json + a TF checkpoint (+ item_vocab.json), replacing
+    ``directory`` atomically. The vocabulary is what export needs to serve raw item ids."""
     name = next(key for key, cls in MODELS.items() if isinstance(model, cls))
     with atomic_directory(directory) as temporary:
         write_json_atomic(temporary / "config.json", {"model": name, "config": model.get_config()})
         model.save_weights(str(temporary / "weights"))
+        if item_vocab is not None:
+            item_vocab.save(temporary / "item_vocab.json")
+
+
+def load_item_vocab(directory: str | pathlib.Path) -> Vocabulary:
+    """The item vocabulary saved beside a model by ``save_model``.
+
+    Raises:
+      FileNotFoundError: The model was saved without one.
+    """
+    path = pathlib.Path(directory) / "item_vocab.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the model in {directory} was saved without its item vocabulary")
+    return Vocabulary.load(path)
 
 
 def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
@@ -282,7 +298,7 @@ def train(
 
     if selection.state["best_epoch"] is not None:
         model.load_weights(str(run_dir / "best_weights" / "weights")).expect_partial()
-    save_model(model, run_dir / "model")
+    save_model(model, run_dir / "model", split.dataset.item_vocab)
     validation = evaluate(model, split, "validation", config)
     test = evaluate(model, split, "test", config)
     history = selection.state

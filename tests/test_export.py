@@ -1,0 +1,187 @@
+"""SavedModel export: answers equal a NumPy oracle over the in-process model, before and after
+reload, in a fresh TensorFlow-only process, with clear errors for bad requests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfx_xmatch.data.dataset import pad_histories
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
+from tfx_xmatch.models import TwoTower
+
+NUM_ITEMS, LENGTH, K_MAX = 40, 6, 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    tf.keras.utils.set_random_seed(4)
+    model = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, dropout=0.0)
+    model.score_all({"history": np.zeros((1, LENGTH), np.int32)})
+    return model
+
+
+def string_vocab():
+    return Vocabulary([f"movie-{i}" for i in range(1, NUM_ITEMS + 1)])
+
+
+def int_vocab():
+    return Vocabulary(list(range(101, 101 + NUM_ITEMS)))
+
+
+def oracle(model, histories, k, exclude_history=True):
+    """Top-k item indices and scores by brute force over model.score_all (NumPy)."""
+    scores = model.score_all({"history": pad_histories(histories, LENGTH)}).numpy()
+    scores[:, 0] = -np.inf
+    if exclude_history:
+        for row, history in enumerate(histories):
+            scores[row, history] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return top, np.take_along_axis(scores, top, axis=1)
+
+
+HISTORIES = [np.array([3, 7, 7, 12]), np.array([40]), np.arange(1, 15)]  # repeats, one item, longer than L
+
+
+def right_padded(vocab, histories, width, padding):
+    rows = [list(vocab.ids(h)) + [padding] * (width - len(h)) for h in histories]
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("vocab_fn, padding", [(string_vocab, ""), (int_vocab, 0)])
+def test_serving_signatures_match_the_oracle(model, vocab_fn, padding):
+    vocab = vocab_fn()
+    module = build_serving_module(model, vocab, k_max=K_MAX, default_k=5)
+    expected_top, expected_scores = oracle(model, HISTORIES, 5)
+    for request in (right_padded(vocab, HISTORIES, 16, padding),
+                    right_padded(vocab, HISTORIES, 16, padding)[:, ::-1][:, ::-1]):
+        result = module.serving_default(tf.constant(request))
+        np.testing.assert_array_equal(result["item_ids"].numpy().astype(vocab.ids([1]).dtype),
+                                      vocab.ids(expected_top.ravel()).reshape(expected_top.shape))
+        np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
+    # Left padding gives the same answer as right padding.
+    left = np.array([[padding] * (16 - len(h)) + list(vocab.ids(h)) for h in HISTORIES])
+    np.testing.assert_array_equal(module.serving_default(tf.constant(left))["item_ids"].numpy(),
+                                  module.serving_default(tf.constant(right_padded(vocab, HISTORIES, 16, padding)))["item_ids"].numpy())
+    # k per request, up to k_max, without retracing into a frozen k.
+    for k in (1, 3, K_MAX):
+        top = module.top_k(tf.constant(right_padded(vocab, HISTORIES, 16, padding)), tf.constant(k))
+        assert top["item_ids"].shape == (3, k)
+        np.testing.assert_allclose(top["scores"].numpy(), oracle(model, HISTORIES, k)[1], rtol=1e-5)
+
+
+def test_history_is_kept_when_asked(model):
+    vocab = int_vocab()
+    module = build_serving_module(model, vocab, k_max=K_MAX, exclude_history=False)
+    result = module.serving_default(tf.constant(right_padded(vocab, HISTORIES, 16, 0)))
+    np.testing.assert_allclose(result["scores"].numpy(), oracle(model, HISTORIES, K_MAX, exclude_history=False)[1],
+                               rtol=1e-5)
+
+
+def test_embedding_signatures(model):
+    vocab = string_vocab()
+    module = build_serving_module(model, vocab, k_max=K_MAX)
+    user = module.user_embedding(tf.constant(right_padded(vocab, HISTORIES, 16, "")))["user_embedding"]
+    np.testing.assert_allclose(user.numpy(), model.user_embedding({"history": pad_histories(HISTORIES, LENGTH)}).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    items = module.item_embeddings(tf.constant(["movie-3", "movie-1"]))["item_embeddings"]
+    np.testing.assert_allclose(items.numpy(), model.item_embeddings().numpy()[[3, 1]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "request_rows, k, message",
+    [
+        ([["movie-1", "unknown-movie"]], 3, "outside the vocabulary"),
+        ([["movie-1", ""], ["", ""]], 3, "empty history"),
+        ([["movie-1"]], 0, "k must be in"),
+        ([["movie-1"]], K_MAX + 1, "k must be in"),
+    ],
+)
+def test_bad_requests_fail_with_a_clear_message(model, request_rows, k, message):
+    module = build_serving_module(model, string_vocab(), k_max=K_MAX)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        module.top_k(tf.constant(request_rows), tf.constant(k))
+
+
+def test_export_arguments_are_checked(model, tmp_path):
+    with pytest.raises(ValueError, match="default_k"):
+        build_serving_module(model, int_vocab(), k_max=5, default_k=6)
+    with pytest.raises(ValueError, match="padding_id 101 is also a real item id"):
+        build_serving_module(model, int_vocab(), padding_id=101)
+    with pytest.raises(ValueError, match="vocabulary has 3 items"):
+        build_serving_module(model, Vocabulary([1, 2, 3]))
+    with pytest.raises(ValueError, match="unknown index kind"):
+        build_serving_module(model, int_vocab(), index_kind="annoy")
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    base = tmp_path_factory.mktemp("models")
+    paths = {
+        kind: export_retrieval_model(model, string_vocab(), base / kind, index_kind=kind, k_max=K_MAX,
+                                     index_options=options)
+        for kind, options in [("brute_force", {}), ("partitioned", {"num_partitions": 4, "num_probes": 4})]
+    }
+    return base, paths
+
+
+def test_export_writes_versions_atomically_with_warmup(model, exported):
+    base, paths = exported
+    assert paths["brute_force"] == base / "brute_force" / "1"
+    assert [p.name for p in (base / "brute_force").iterdir()] == ["1"]  # no temporary left behind
+    second = export_retrieval_model(model, string_vocab(), base / "brute_force", k_max=K_MAX)
+    assert second.name == "2"
+    with pytest.raises(FileExistsError):
+        export_retrieval_model(model, string_vocab(), base / "brute_force", version=2, k_max=K_MAX)
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    records = list(tf.data.TFRecordDataset(str(second / "assets.extra" / "tf_serving_warmup_requests")))
+    log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
+    assert log.predict_log.request.model_spec.signature_name == "serving_default"
+    assert "history" in log.predict_log.request.inputs
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned"])
+def test_reloaded_export_equals_the_in_process_model_and_uses_stock_ops(model, exported, kind):
+    _, paths = exported
+    assert non_stock_ops(paths[kind]) == set()
+    reloaded = tf.saved_model.load(str(paths[kind]))
+    assert set(reloaded.signatures) == {"serving_default", "top_k", "user_embedding", "item_embeddings"}
+    request = tf.constant(right_padded(string_vocab(), HISTORIES, 16, ""))
+    result = reloaded.signatures["top_k"](history=request, k=tf.constant(4))
+    expected_top, expected_scores = oracle(model, HISTORIES, 4)
+    np.testing.assert_array_equal(result["item_ids"].numpy().astype(str),
+                                  string_vocab().ids(expected_top.ravel()).reshape(expected_top.shape))
+    np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
+
+
+FRESH_PROCESS = """
+import json, sys
+import numpy as np, tensorflow as tf
+assert "tfx_xmatch" not in sys.modules
+model = tf.saved_model.load(sys.argv[1])
+request = tf.constant(json.loads(sys.argv[2]))
+result = model.signatures["top_k"](history=request, k=tf.constant(4))
+print(json.dumps({"item_ids": result["item_ids"].numpy().astype(str).tolist(),
+                  "scores": result["scores"].numpy().tolist()}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned"])
+def test_export_answers_in_a_fresh_tensorflow_only_process(model, exported, kind):
+    _, paths = exported
+    request = right_padded(string_vocab(), HISTORIES, 16, "").tolist()
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(paths[kind]), json.dumps(request)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    expected_top, expected_scores = oracle(model, HISTORIES, 4)
+    assert answer["item_ids"] == string_vocab().ids(expected_top.ravel()).reshape(expected_top.shape).tolist()
+    np.testing.assert_allclose(answer["scores"], expected_scores, rtol=1e-5)

@@ -1,0 +1,280 @@
+"""SavedModel export with the retrieval index baked in, ready for TensorFlow Serving.
+
+``export_retrieval_model`` writes ``EXPORT_BASE_PATH/<version>/`` holding:
+
+  * ``serving_default(history)``: top ``default_k`` items for each padded history;
+  * ``top_k(history, k)``: the same with ``k`` chosen per request (1 <= k <= k_max), because a
+    TF Serving signature cannot have optional inputs and ``k`` must not be frozen at export;
+  * ``user_embedding(history)`` and ``item_embeddings(item_ids)``.
+
+Outputs are named (``item_ids``, ``scores``, ``user_embedding``, ``item_embeddings``), item ids
+are the dataset's raw ids (strings or integers, vocabulary inside the graph), and histories may
+be left- or right-padded, longer or shorter than the model's window. Every signature is defined
+with an explicit input signature, so nothing depends on a warm-up call; warm-up requests for
+TF Serving are still written to ``assets.extra/tf_serving_warmup_requests``. The version is
+written to a hidden temporary directory and renamed into place, so a server polling the base
+path never sees half a model.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.index import make_index
+
+SCANN_NAMESPACE = "Scann"
+
+
+class RetrievalServingModule(tf.Module):
+    """A trained model, its vocabulary and a filled index, with serving signatures.
+
+    Args:
+      model: A model with ``user_embedding(inputs)``, ``item_embeddings()`` and ``max_length``.
+      index: A ``RetrievalIndex`` filled with item embeddings under item indices 1..N.
+      item_vocab: Maps raw item ids to the model's item indices.
+      padding_id: The raw id that marks an empty history slot (0 or "" by default).
+      exclude_history: Whether items already in the history are removed from the results.
+      default_k: How many items ``serving_default`` returns.
+    """
+
+    def __init__(self, model, index, item_vocab: Vocabulary, padding_id, exclude_history: bool, default_k: int):
+        super().__init__(name="retrieval")
+        self.model = model
+        self.index = index
+        self.max_length = int(model.max_length)
+        self.exclude_history = bool(exclude_history)
+        self.default_k = int(default_k)
+        raw_ids = np.asarray(item_vocab.ids(np.arange(1, item_vocab.num_items + 1)))
+        self.id_dtype = tf.string if raw_ids.dtype.kind in "US" else tf.int64
+        keys = tf.constant(raw_ids.astype(str) if self.id_dtype == tf.string else raw_ids.astype(np.int64))
+        indices = tf.range(1, item_vocab.num_items + 1, dtype=tf.int64)
+        self.id_to_index = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, indices), -1)
+        # Index 0 (padding) maps back to the padding id, so empty result slots are recognisable.
+        self.index_to_id = tf.Variable(
+            tf.concat([tf.constant([padding_id], self.id_dtype), keys], axis=0), trainable=False, name="index_to_id"
+        )
+        self.padding_id = tf.constant(padding_id, self.id_dtype)
+
+        history_spec = tf.TensorSpec([None, None], self.id_dtype, name="history")
+        self.serving_default = tf.function(self._serve_default, input_signature=[history_spec])
+        self.top_k = tf.function(
+            self._serve_top_k, input_signature=[history_spec, tf.TensorSpec([], tf.int32, name="k")]
+        )
+        self.user_embedding = tf.function(self._serve_user_embedding, input_signature=[history_spec])
+        self.item_embeddings = tf.function(
+            self._serve_item_embeddings, input_signature=[tf.TensorSpec([None], self.id_dtype, name="item_ids")]
+        )
+
+    # ------------------------------------------------------------------ input handling
+    def _to_indices(self, raw_ids: tf.Tensor, what: str) -> tf.Tensor:
+        """Raw ids -> item indices (0 for padding); unknown ids fail with the offending id."""
+        is_padding = tf.equal(raw_ids, self.padding_id)
+        indices = self.id_to_index.lookup(raw_ids)
+        unknown = tf.logical_and(indices < 0, tf.logical_not(is_padding))
+        first_unknown = tf.boolean_mask(raw_ids, unknown)[:1]
+        check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(unknown)),
+            [f"{what} contains item ids outside the vocabulary, e.g.", first_unknown],
+            summarize=1,
+        )
+        # The check must run before any lookup can fail on the -1 with a less helpful message.
+        with tf.control_dependencies([check]):
+            return tf.where(is_padding, tf.zeros_like(indices), indices)
+
+    def _window(self, history: tf.Tensor) -> tf.Tensor:
+        """Right-aligns each row's items (whatever the client's padding) into [B, max_length]."""
+        indices = self._to_indices(history, "history")
+        is_item = indices > 0
+        check = tf.debugging.Assert(
+            tf.reduce_all(tf.reduce_any(is_item, axis=1)),
+            ["history has a row without any item (empty history); every row needs at least one item id"],
+        )
+        with tf.control_dependencies([check]):
+            is_item = tf.identity(is_item)
+        width = tf.shape(indices)[1]
+        positions = tf.range(width)[tf.newaxis, :]
+        # Stable sort on (padding first, then items in their original order) right-aligns items.
+        order = tf.argsort(tf.where(is_item, positions, -1), axis=1, stable=True)
+        aligned = tf.gather(indices, order, batch_dims=1)
+        aligned = aligned[:, tf.maximum(width - self.max_length, 0):]
+        missing = tf.maximum(self.max_length - tf.shape(aligned)[1], 0)
+        return tf.cast(tf.pad(aligned, [[0, 0], [missing, 0]]), tf.int32)
+
+    def _retrieve(self, history: tf.Tensor, k) -> dict:
+        window = self._window(history)
+        user = self.model.user_embedding({"history": window})
+        exclude = tf.cast(self._to_indices(history, "history"), tf.int64) if self.exclude_history else None
+        scores, indices = self.index(user, k=k, exclude=exclude)
+        return {"item_ids": tf.gather(self.index_to_id, tf.maximum(indices, 0)), "scores": scores}
+
+    # ------------------------------------------------------------------ signatures
+    def _serve_default(self, history):
+        return self._retrieve(history, self.default_k)
+
+    def _serve_top_k(self, history, k):
+        return self._retrieve(history, k)
+
+    def _serve_user_embedding(self, history):
+        return {"user_embedding": self.model.user_embedding({"history": self._window(history)})}
+
+    def _serve_item_embeddings(self, item_ids):
+        indices = self._to_indices(item_ids, "item_ids")
+        check = tf.debugging.Assert(tf.reduce_all(indices > 0), ["item_ids must not contain the padding id"])
+        with tf.control_dependencies([check]):
+            indices = tf.identity(indices)
+        return {"item_embeddings": tf.gather(self.model.item_embeddings(), indices)}
+
+    def signatures(self) -> dict:
+        return {
+            "serving_default": self.serving_default,
+            "top_k": self.top_k,
+            "user_embedding": self.user_embedding,
+            "item_embeddings": self.item_embeddings,
+        }
+
+
+def build_serving_module(
+    model,
+    item_vocab: Vocabulary,
+    *,
+    index_kind: str = "brute_force",
+    index_options: Optional[dict] = None,
+    k_max: int = 100,
+    default_k: Optional[int] = None,
+    exclude_history: bool = True,
+    padding_id=None,
+) -> RetrievalServingModule:
+    """Fills an index of ``index_kind`` with the model's item embeddings and wraps it for serving.
+
+    Args:
+      model: A trained model (``user_embedding``, ``item_embeddings``, ``max_length``).
+      item_vocab: The training vocabulary (raw item id <-> item index).
+      index_kind: "brute_force", "partitioned" or "scann".
+      index_options: Constructor arguments of that index kind (e.g. num_partitions).
+      k_max: Largest k a request may ask for.
+      default_k: k of ``serving_default`` (default ``k_max``).
+      exclude_history: Remove items already in the history from the results (default True).
+      padding_id: Raw id that marks empty history slots: 0 for integer ids, "" for strings.
+
+    Raises:
+      ValueError: A bad k, an unknown index kind, or a padding id that is also a real item id.
+    """
+    if item_vocab.num_items != model.item_embeddings().shape[0] - 1:
+        raise ValueError(f"the vocabulary has {item_vocab.num_items} items but the model was built for "
+                         f"{model.item_embeddings().shape[0] - 1}")
+    default_k = k_max if default_k is None else int(default_k)
+    if not 1 <= default_k <= k_max:
+        raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k!r}")
+    string_ids = np.asarray(item_vocab.ids([1])).dtype.kind in "US"
+    if padding_id is None:
+        padding_id = "" if string_ids else 0
+    if padding_id in item_vocab:
+        raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id")
+    index = make_index(index_kind, k_max=k_max, **(index_options or {}))
+    item_table = model.item_embeddings()
+    index.index(item_table[1:], tf.range(1, item_vocab.num_items + 1, dtype=tf.int64))
+    return RetrievalServingModule(model, index, item_vocab, padding_id, exclude_history, default_k)
+
+
+def export_retrieval_model(
+    model,
+    item_vocab: Vocabulary,
+    export_base_path: str | os.PathLike,
+    *,
+    version: Optional[int] = None,
+    index_kind: str = "brute_force",
+    index_options: Optional[dict] = None,
+    k_max: int = 100,
+    default_k: Optional[int] = None,
+    exclude_history: bool = True,
+    padding_id=None,
+    model_name: str = "xmatch",
+    warmup_histories: Optional[list] = None,
+) -> pathlib.Path:
+    """Exports ``model`` with a baked-in index as ``export_base_path/<version>/``.
+
+    Args:
+      model, item_vocab, index_kind, index_options, k_max, default_k, exclude_history,
+        padding_id: See ``build_serving_module``.
+      export_base_path: The ``MODEL_BASE_PATH`` a server watches.
+      version: Version number; default one more than the largest existing version.
+      model_name: Model name used in the warm-up requests.
+      warmup_histories: Histories (lists of raw ids) for the warm-up requests; default the
+        first items of the vocabulary.
+
+    Returns:
+      The version directory.
+
+    Raises:
+      FileExistsError: ``version`` already exists (versions are immutable once served).
+    """
+    base = pathlib.Path(export_base_path)
+    base.mkdir(parents=True, exist_ok=True)
+    existing = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
+    version = (max(existing, default=0) + 1) if version is None else int(version)
+    if version < 1:
+        raise ValueError(f"version must be a positive integer, got {version!r}")
+    final = base / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; versions are immutable, export a new one")
+
+    module = build_serving_module(
+        model, item_vocab, index_kind=index_kind, index_options=index_options, k_max=k_max,
+        default_k=default_k, exclude_history=exclude_history, padding_id=padding_id,
+    )
+    options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if index_kind == "scann" else None)
+    # A hidden sibling directory: servers ignore names that are not version numbers.
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=base))
+    try:
+        tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
+        histories = warmup_histories or [list(item_vocab.ids(np.arange(1, min(item_vocab.num_items, 5) + 1)))]
+        write_warmup_requests(temporary, model_name, histories, module.id_dtype)
+        os.rename(temporary, final)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return final
+
+
+def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType) -> None:
+    """Writes TF Serving warm-up PredictionLogs for ``serving_default`` (one per history)."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    directory = saved_model_dir / "assets.extra"
+    directory.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(directory / "tf_serving_warmup_requests")) as writer:
+        for history in histories:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+            )
+            values = np.asarray([history]).astype(str if id_dtype == tf.string else np.int64)
+            request.inputs["history"].CopyFrom(tf.make_tensor_proto(values))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
+    """Every op type used by a SavedModel's graphs, including its function library."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    ops = set()
+    for meta_graph in proto.meta_graphs:
+        ops.update(node.op for node in meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def non_stock_ops(saved_model_dir: str | os.PathLike) -> set[str]:
+    """Ops of a SavedModel that stock TensorFlow (and so stock TF Serving) does not register."""
+    stock = {name for name in dir(tf.raw_ops) if not name.startswith("_")}
+    return {op for op in saved_model_ops(saved_model_dir) if op not in stock}
