@@ -1,4 +1,4 @@
-"""The ``xmatch`` command: train, evaluate and a self-contained quickstart."""
+"""The ``xmatch`` command: train, evaluate, export, serve, query and a self-contained quickstart."""
 
 from __future__ import annotations
 
@@ -166,10 +166,19 @@ def show_top_items(model, split, config, user_row: int, k: int = 10) -> str:
     return "\n".join(lines)
 
 
+# `serve` and `query` keep TF Serving's own flag names, so their arguments pass straight through.
+PASSTHROUGH_COMMANDS = {
+    "serve": ("tfx_xmatch.serving.server", "serve exports over TF Serving's gRPC/REST protocol"),
+    "query": ("tfx_xmatch.serving.client", "query a TF-Serving-protocol server (ours or tensorflow/serving)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmatch", description=__doc__)
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in PASSTHROUGH_COMMANDS.items():
+        commands.add_parser(name, help=f"{help_text} (`xmatch {name} --help` for its flags)", add_help=False)
 
     train = commands.add_parser("train", help="train a model, select it on validation, report test metrics")
     train.add_argument("--config", help="YAML or JSON run configuration")
@@ -206,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH_COMMANDS:
+        import importlib
+
+        import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+        return importlib.import_module(PASSTHROUGH_COMMANDS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)

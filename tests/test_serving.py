@@ -1,0 +1,1035 @@
+"""The TF-Serving-protocol model server (``serving/``): gRPC and REST, versions, batching.
+
+Every server here listens on 127.0.0.1 on ports the OS picks, serves tiny SavedModels written
+into temporary directories, and every load test is bounded in requests and time.
+"""
+
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.data.experimental.ops import testing as tf_data_testing
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tfx_xmatch.serving import client as serving_client
+from tfx_xmatch.serving.batching import BatchingOptions, parse_batching_parameters
+from tfx_xmatch.serving.model_manager import parse_model_config_text
+from tfx_xmatch.serving.server import ModelServer, ServerOptions, build_parser, options_from_args
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB, K_MAX, HIST, DIM = 50, 5, 5, 4
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny retrieval-shaped SavedModel
+
+
+class TinyRetrieval(tf.Module):
+    def __init__(self, version: int):
+        super().__init__()
+        rng = np.random.default_rng(version)
+        self.version = tf.constant(version, tf.float32)
+        self.item_embeddings = tf.Variable(rng.normal(size=(VOCAB, DIM)).astype("float32"))
+        self.calls = tf.Variable(0, dtype=tf.int64)
+
+    def _user(self, history):
+        mask = tf.cast(history > 0, tf.float32)[:, :, None]
+        embedded = tf.gather(self.item_embeddings, history) * mask
+        return tf.reduce_sum(embedded, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, HIST], tf.int64, name="history"),
+        tf.TensorSpec([], tf.int32, name="k"),
+    ])
+    def serve(self, history, k):
+        checks = [
+            tf.debugging.assert_non_negative(history, message="item ids must be >= 0"),
+            tf.debugging.assert_less(
+                history, tf.constant(VOCAB, tf.int64), message="item ids outside the vocabulary"
+            ),
+            tf.debugging.assert_positive(
+                tf.reduce_sum(tf.cast(history > 0, tf.int32), axis=1), message="empty history"
+            ),
+            tf.debugging.assert_positive(k, message="k must be > 0"),
+            tf.debugging.assert_less_equal(k, K_MAX, message="k must be <= k_max"),
+        ]
+        with tf.control_dependencies(checks):
+            scores = tf.matmul(self._user(history), self.item_embeddings, transpose_b=True)
+            top = tf.math.top_k(scores + 100.0 * self.version, k)
+            counted = self.calls.assign_add(1)
+        with tf.control_dependencies([counted]):
+            return {"item_ids": tf.cast(top.indices, tf.int64), "scores": tf.identity(top.values)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, HIST], tf.int64, name="history")])
+    def user_embedding(self, history):
+        return {"embedding": self._user(history)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="names")])
+    def echo(self, names):
+        return {
+            "upper": tf.strings.upper(names),
+            "length": tf.strings.length(names),
+            "raw_bytes": tf.identity(names),
+        }
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([], tf.int64, name="micros"),
+        tf.TensorSpec([None], tf.float32, name="x"),
+    ])
+    def slow(self, micros, x):
+        # Sleeps ``micros`` twice (before the element and before end-of-sequence); concurrent
+        # calls of this one function run one after the other (tf.data), other signatures do not
+        # wait for it.
+        waited = tf.data.Dataset.range(1).apply(tf_data_testing.sleep(micros)).reduce(
+            tf.constant(0, tf.int64), lambda acc, _: acc + 1
+        )
+        with tf.control_dependencies([waited]):
+            return {"y": 2.0 * x}
+
+    @tf.function(input_signature=[])
+    def call_count(self):
+        return {"calls": tf.identity(self.calls)}
+
+
+def _save(path: str, version: int) -> None:
+    module = TinyRetrieval(version)
+    tf.saved_model.save(module, path, signatures={
+        "serving_default": module.serve,
+        "user_embedding": module.user_embedding,
+        "echo": module.echo,
+        "slow": module.slow,
+        "call_count": module.call_count,
+    })
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving_templates")
+    paths = {}
+    for version in (1, 2, 3):
+        paths[version] = str(root / f"v{version}")
+        _save(paths[version], version)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def reference(templates):
+    """The SavedModels loaded in-process: the oracle for server answers."""
+    return {v: tf.saved_model.load(p) for v, p in templates.items()}
+
+
+def expected(reference, version, history, k):
+    out = reference[version].signatures["serving_default"](
+        history=tf.constant(history, tf.int64), k=tf.constant(k, tf.int32)
+    )
+    return {key: value.numpy() for key, value in out.items()}
+
+
+def install_version(templates, base, version, source_version=None):
+    """Copies a template into ``base/<version>`` through a hidden temp dir and a rename."""
+    os.makedirs(base, exist_ok=True)
+    tmp = os.path.join(base, f".tmp-{version}")
+    shutil.copytree(templates[source_version or version], tmp)
+    os.rename(tmp, os.path.join(base, str(version)))
+
+
+def wait_for_states(server, want, name="tiny", timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = {s.version: s.state for s in server.manager.status(name)}
+        if states == want:
+            return True
+        time.sleep(0.05)
+    raise AssertionError(f"states {states}, wanted {want}")
+
+
+def start_server(configs_or_base, **overrides) -> ModelServer:
+    if isinstance(configs_or_base, str):
+        configs = parse_model_config_text(
+            f'model_config_list {{ config {{ name: "tiny" base_path: "{configs_or_base}" '
+            'model_platform: "tensorflow" } }'
+        )
+    else:
+        configs = configs_or_base
+    options = ServerOptions(
+        model_configs=configs, grpc_port=0, rest_port=0, file_system_poll_wait_seconds=0.1
+    )
+    for key, value in overrides.items():
+        setattr(options, key, value)
+    return ModelServer(options).start()
+
+
+# --------------------------------------------------------------------------------------------
+# Client helpers (stock TF Serving stubs and plain HTTP)
+
+
+def predict_request(model="tiny", inputs=None, signature="", version=None, label=None,
+                    output_filter=()):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    if signature:
+        request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    for alias, value in (inputs or {}).items():
+        request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
+    request.output_filter.extend(output_filter)
+    return request
+
+
+def good_inputs(rows=1):
+    history = np.array([[1, 2, 3, 0, 0]] * rows, dtype=np.int64)
+    return {"history": history, "k": np.int32(3)}
+
+
+def rest(port, method, path, body=None, timeout=30):
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+class Clients:
+    def __init__(self, server: ModelServer):
+        self.server = server
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{server.grpc_port}",
+            options=[("grpc.max_send_message_length", 8 << 20)],
+        )
+        self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    def rest(self, method, path, body=None, timeout=30):
+        return rest(self.server.rest_port, method, path, body, timeout)
+
+    def close(self):
+        self.channel.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The shared server: two models from a models.config, versions 1 and 2 both served, labels,
+# batching on, small limits so that the limit checks are cheap to trigger.
+
+MODELS_CONFIG = """
+model_config_list {{
+  config {{
+    name: "tiny"
+    base_path: "{base}"
+    model_platform: "tensorflow"
+    model_version_policy {{ all {{}} }}
+    version_labels {{ key: "stable" value: 1 }}
+    version_labels {{ key: "canary" value: 2 }}
+  }}
+  config {{
+    name: "other"
+    base_path: "{base}"
+    model_platform: "tensorflow"
+  }}
+}}
+"""
+GRPC_LIMIT = 256 << 10
+REST_LIMIT = 256 << 10
+
+
+@pytest.fixture(scope="module")
+def shared(templates, tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("shared") / "tiny")
+    install_version(templates, base, 1)
+    install_version(templates, base, 2)
+    server = start_server(
+        parse_model_config_text(MODELS_CONFIG.format(base=base)),
+        enable_batching=True,
+        batching=BatchingOptions(max_batch_size=8, batch_timeout_micros=2000,
+                                 enable_large_batch_splitting=True),
+        max_request_batch_size=16,
+        grpc_max_receive_message_length=GRPC_LIMIT,
+        rest_max_body_bytes=REST_LIMIT,
+    )
+    clients = Clients(server)
+    yield clients
+    clients.close()
+    server.stop(grace=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Happy paths
+
+
+def test_stock_stub_predict_matches_the_model(shared, reference):
+    history = np.array([[1, 2, 3, 0, 0], [7, 8, 0, 0, 0]], dtype=np.int64)
+    request = predict_request(inputs={"history": history, "k": np.int32(3)})
+    response = shared.predict.Predict(request, timeout=10)
+    assert response.model_spec.name == "tiny"
+    assert response.model_spec.version.value == 2  # newest by default
+    assert response.model_spec.signature_name == "serving_default"
+    want = expected(reference, 2, history, 3)
+    np.testing.assert_array_equal(tf.make_ndarray(response.outputs["item_ids"]), want["item_ids"])
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), want["scores"])
+
+    for spec in ({"version": 1}, {"label": "stable"}):
+        response = shared.predict.Predict(
+            predict_request(inputs={"history": history, "k": np.int32(2)}, **spec), timeout=10
+        )
+        assert response.model_spec.version.value == 1
+        np.testing.assert_allclose(
+            tf.make_ndarray(response.outputs["scores"]), expected(reference, 1, history, 2)["scores"]
+        )
+    response = shared.predict.Predict(
+        predict_request(inputs=good_inputs(), output_filter=["scores"]), timeout=10
+    )
+    assert list(response.outputs) == ["scores"]
+    # A request larger than max_batch_size (8) runs on its own (large batch splitting on).
+    response = shared.predict.Predict(predict_request(inputs=good_inputs(12)), timeout=10)
+    assert tf.make_ndarray(response.outputs["item_ids"]).shape == (12, 3)
+
+
+def test_grpc_metadata_and_status(shared):
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "tiny"
+    request.metadata_field.append("signature_def")
+    response = shared.predict.GetModelMetadata(request, timeout=10)
+    assert response.model_spec.version.value == 2
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signature_map)
+    serving_default = signature_map.signature_def["serving_default"]
+    assert set(serving_default.inputs) == {"history", "k"}
+    assert set(serving_default.outputs) == {"item_ids", "scores"}
+    assert serving_default.inputs["history"].dtype == tf.int64.as_datatype_enum
+    assert [d.size for d in serving_default.inputs["history"].tensor_shape.dim] == [-1, HIST]
+    assert {"user_embedding", "echo", "slow"} <= set(signature_map.signature_def)
+
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "tiny"
+    status = shared.models.GetModelStatus(status_request, timeout=10)
+    states = {s.version: s.state for s in status.model_version_status}
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert states == {1: available, 2: available}
+    status_request.model_spec.version.value = 1
+    status = shared.models.GetModelStatus(status_request, timeout=10)
+    assert [s.version for s in status.model_version_status] == [1]
+    # The second model has the default policy: only the newest version.
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "other"
+    status = shared.models.GetModelStatus(status_request, timeout=10)
+    assert [(s.version, s.state) for s in status.model_version_status] == [(2, available)]
+
+
+def test_rest_predict_row_and_columnar_formats(shared, reference):
+    history = [[1, 2, 3, 0, 0], [7, 8, 0, 0, 0]]
+    want = expected(reference, 2, np.array(history), 3)
+    status, body = shared.rest("POST", "/v1/models/tiny:predict", {
+        "instances": [{"history": h, "k": 3} for h in history]
+    })
+    assert status == 200, body
+    assert [p["item_ids"] for p in body["predictions"]] == want["item_ids"].tolist()
+    np.testing.assert_allclose([p["scores"] for p in body["predictions"]], want["scores"],
+                               rtol=1e-6)
+
+    status, body = shared.rest("POST", "/v1/models/tiny/versions/1:predict", {
+        "signature_name": "serving_default", "inputs": {"history": history, "k": 3}
+    })
+    assert status == 200, body
+    np.testing.assert_allclose(body["outputs"]["scores"],
+                               expected(reference, 1, np.array(history), 3)["scores"], rtol=1e-6)
+    status, body = shared.rest("POST", "/v1/models/tiny/labels/stable:predict", {
+        "inputs": {"history": history, "k": 1}
+    })
+    assert status == 200 and len(body["outputs"]["item_ids"][0]) == 1
+
+    # A single input and a single output: unnamed on both sides, as TF Serving does.
+    status, body = shared.rest("POST", "/v1/models/tiny:predict", {
+        "signature_name": "user_embedding", "instances": history
+    })
+    assert status == 200, body
+    assert np.asarray(body["predictions"]).shape == (2, DIM)
+    status, columnar = shared.rest("POST", "/v1/models/tiny:predict", {
+        "signature_name": "user_embedding", "inputs": history
+    })
+    assert status == 200 and columnar["outputs"] == body["predictions"]
+
+    # Strings: JSON strings and {"b64": ...} in; text out, *_bytes outputs always base64.
+    status, body = shared.rest("POST", "/v1/models/tiny:predict", {
+        "signature_name": "echo",
+        "instances": ["abc", {"b64": base64.b64encode(b"xy\xff").decode()}],
+    })
+    assert status == 200, body
+    first, second = body["predictions"]
+    assert first == {"upper": "ABC", "length": 3, "raw_bytes": {"b64": "YWJj"}}
+    assert second["length"] == 3
+    assert base64.b64decode(second["raw_bytes"]["b64"]) == b"xy\xff"
+    assert second["upper"] == {"b64": base64.b64encode(b"XY\xff").decode()}  # not UTF-8
+
+    # No inputs at all (columnar, empty object) and a scalar output.
+    status, body = shared.rest("POST", "/v1/models/tiny:predict", {
+        "signature_name": "call_count", "inputs": {}
+    })
+    assert status == 200 and isinstance(body["outputs"], int)
+
+
+def test_rest_status_and_metadata(shared):
+    status, body = shared.rest("GET", "/v1/models/tiny")
+    assert status == 200
+    assert body["model_version_status"] == [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
+        {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
+    ]
+    status, body = shared.rest("GET", "/v1/models/tiny/versions/1")
+    assert status == 200 and [s["version"] for s in body["model_version_status"]] == ["1"]
+    status, body = shared.rest("GET", "/v1/models/tiny/labels/canary")
+    assert status == 200 and [s["version"] for s in body["model_version_status"]] == ["2"]
+
+    status, body = shared.rest("GET", "/v1/models/tiny/versions/1/metadata")
+    assert status == 200
+    assert body["model_spec"] == {"name": "tiny", "signature_name": "", "version": "1"}
+    signature = body["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["history"]["dtype"] == "DT_INT64"
+    assert [d["size"] for d in signature["inputs"]["history"]["tensor_shape"]["dim"]] == ["-1", "5"]
+    assert signature["method_name"] == "tensorflow/serving/predict"
+    status, body = shared.rest("GET", "/v1/models/tiny/metadata")
+    assert status == 200 and body["model_spec"]["version"] == "2"
+
+
+def test_client_module(shared, reference, capsys):
+    target = f"127.0.0.1:{shared.server.grpc_port}"
+    history = [[4, 5, 6, 0, 0]]
+    with serving_client.ServingClient(target) as client:
+        outputs, spec = client.predict(
+            "tiny", {"history": history, "k": 2}, coerce=True, return_model_spec=True
+        )
+        assert spec.version.value == 2
+        np.testing.assert_array_equal(
+            outputs["item_ids"], expected(reference, 2, np.array(history), 2)["item_ids"]
+        )
+        metadata = client.metadata("tiny", version=1)
+        assert metadata["model_spec"]["version"] == 1
+        assert metadata["signatures"]["serving_default"]["inputs"]["history"] == {
+            "dtype": "int64", "shape": [-1, HIST], "name": "serving_default_history:0"
+        }
+        assert [s["state"] for s in client.status("tiny")] == ["AVAILABLE", "AVAILABLE"]
+        with pytest.raises(grpc.RpcError) as info:
+            client.predict("tiny", {"history": history, "k": 9}, coerce=True)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    assert serving_client.main([
+        "--server", target, "--model_name", "tiny", "--version_label", "stable",
+        "--input", "history=[[4, 5, 6, 0, 0]]", "--input", "k=2",
+    ]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["model_spec"]["version"] == 1
+    assert answer["outputs"]["item_ids"] == expected(
+        reference, 1, np.array(history), 2)["item_ids"].tolist()
+    assert serving_client.main(["--server", target, "--model_name", "tiny", "--status"]) == 0
+    assert "AVAILABLE" in capsys.readouterr().out
+    assert serving_client.main(["--server", target, "--model_name", "nope", "--status"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: every case against both protocols; the server keeps serving afterwards.
+
+H_OK = [[1, 2, 3, 0, 0]]
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+
+# (case id, gRPC request kwargs, REST path, REST body, gRPC code, HTTP status, message part)
+BAD_REQUESTS = [
+    ("unknown model", dict(model="nope", inputs=good_inputs()), "/v1/models/nope:predict",
+     {"inputs": {"history": H_OK, "k": 3}}, NOT_FOUND, 404, "Servable not found"),
+    ("unknown version", dict(version=7, inputs=good_inputs()), "/v1/models/tiny/versions/7:predict",
+     {"inputs": {"history": H_OK, "k": 3}}, NOT_FOUND, 404, "Specific(tiny, 7)"),
+    ("unknown label", dict(label="beta", inputs=good_inputs()), "/v1/models/tiny/labels/beta:predict",
+     {"inputs": {"history": H_OK, "k": 3}}, INVALID, 400, "Unrecognized servable version label"),
+    ("unknown signature", dict(signature="nope", inputs=good_inputs()), "/v1/models/tiny:predict",
+     {"signature_name": "nope", "inputs": {"history": H_OK, "k": 3}}, INVALID, 400,
+     'signature key "nope" not found'),
+    ("missing input", dict(inputs={"history": good_inputs()["history"]}),
+     "/v1/models/tiny:predict", {"inputs": {"history": H_OK}}, INVALID, 400, "Missing input(s) {k}"),
+    ("unexpected input", dict(inputs={**good_inputs(), "extra": np.int32(1)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": H_OK, "k": 3, "extra": 1}}, INVALID, 400,
+     "input tensor alias not found in signature: extra"),
+    ("wrong dtype", dict(inputs={"history": np.ones((1, 5), np.float32), "k": np.int32(3)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": [[1.5, 2, 3, 0, 0]], "k": 3}}, INVALID, 400,
+     "int64"),
+    ("wrong dtype scalar", dict(inputs={"history": good_inputs()["history"], "k": np.int64(3)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": H_OK, "k": "three"}}, INVALID, 400, "'k'"),
+    ("wrong rank", dict(inputs={"history": np.array([1, 2, 3, 0, 0]), "k": np.int32(3)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": [1, 2, 3, 0, 0], "k": 3}}, INVALID, 400,
+     "must have rank 2"),
+    ("wrong shape", dict(inputs={"history": np.array([[1, 2, 3, 0]]), "k": np.int32(3)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": [[1, 2, 3, 0]], "k": 3}}, INVALID, 400,
+     "dimension 1 must be 5"),
+    ("scalar given as vector", dict(inputs={"history": good_inputs()["history"],
+                                            "k": np.array([3], np.int32)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": H_OK, "k": [3]}}, INVALID, 400,
+     "input 'k' must have rank 0"),
+    ("batch over limit", dict(inputs=good_inputs(17)), "/v1/models/tiny:predict",
+     {"inputs": {"history": H_OK * 17, "k": 3}}, INVALID, 400, "exceeds the server's limit of 16"),
+    ("empty history", dict(inputs={"history": np.zeros((1, 5), np.int64), "k": np.int32(3)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": [[0] * 5], "k": 3}}, INVALID, 400,
+     "empty history"),
+    ("id outside vocabulary", dict(inputs={"history": np.array([[1, 2, 999, 0, 0]]),
+                                           "k": np.int32(3)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": [[1, 2, 999, 0, 0]], "k": 3}}, INVALID, 400,
+     "outside the vocabulary"),
+    ("negative id", dict(inputs={"history": np.array([[1, -2, 0, 0, 0]]), "k": np.int32(3)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": [[1, -2, 0, 0, 0]], "k": 3}}, INVALID, 400,
+     "item ids must be >= 0"),
+    ("k zero", dict(inputs={**good_inputs(), "k": np.int32(0)}), "/v1/models/tiny:predict",
+     {"inputs": {"history": H_OK, "k": 0}}, INVALID, 400, "k must be > 0"),
+    ("k over k_max", dict(inputs={**good_inputs(), "k": np.int32(K_MAX + 1)}),
+     "/v1/models/tiny:predict", {"inputs": {"history": H_OK, "k": K_MAX + 1}}, INVALID, 400,
+     "k must be <= k_max"),
+    ("empty request", dict(model=""), "/v1/models/tiny:predict", b"", INVALID, 400, ""),
+    ("no inputs", dict(), "/v1/models/tiny:predict", {}, INVALID, 400, ""),
+]
+
+
+@pytest.mark.parametrize(
+    "case", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS]
+)
+def test_bad_requests_on_both_protocols(shared, case):
+    _, grpc_kwargs, path, body, code, http_status, message = case
+    with pytest.raises(grpc.RpcError) as info:
+        shared.predict.Predict(predict_request(**grpc_kwargs), timeout=10)
+    assert info.value.code() == code, info.value.details()
+    assert message in info.value.details()
+
+    status, answer = shared.rest("POST", path, body)
+    assert status == http_status, answer
+    assert set(answer) == {"error"} and message in answer["error"], answer
+
+    # ... and the server keeps serving.
+    response = shared.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+    assert tf.make_ndarray(response.outputs["item_ids"]).shape == (1, 3)
+
+
+def test_bad_requests_protocol_specific(shared):
+    def grpc_code(call, request):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=10)
+        return info.value.code(), info.value.details()
+
+    # Oversized messages: gRPC's own limit answers RESOURCE_EXHAUSTED; REST answers 413.
+    big = {"history": np.ones((GRPC_LIMIT // 40 + 10, 5), np.int64), "k": np.int32(3)}
+    code, details = grpc_code(shared.predict.Predict, predict_request(inputs=big))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    status, answer = shared.rest("POST", "/v1/models/tiny:predict",
+                                 b'{"inputs": {"history": [' + b"[1,2,3,4,5]," * 30000 + b"]}}")
+    assert status == 413 and "exceeds the limit" in answer["error"]
+
+    # Malformed payloads.
+    request = predict_request(inputs=good_inputs())
+    request.inputs["history"].tensor_content = b"\x00" * 7
+    code, details = grpc_code(shared.predict.Predict, request)
+    assert code == INVALID and "tensor parsing error" in details
+    for body, message in [
+        (b'{"instances": [', "Malformed JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"instances": [], "inputs": {}}', "both"),
+        (b'{"instances": []}', "empty"),
+        (b'{"signature_name": 3, "instances": [1]}', "'signature_name' key must be a string"),
+        (json.dumps({"instances": [{"history": H_OK[0], "k": 2},
+                                   {"history": H_OK[0], "k": 3}]}).encode(), "same value"),
+        (json.dumps({"inputs": {"history": [[1, 2, 3, 0, 0], [1, 2]], "k": 3}}).encode(),
+         "rectangular"),
+        (json.dumps({"signature_name": "echo", "inputs": [{"b64": "!!"}]}).encode(),
+         "not valid base64"),
+        (json.dumps({"signature_name": "echo", "inputs": [1, 2]}).encode(),
+         "expects string values"),
+        (json.dumps({"inputs": {"history": [[1, 2, 3, 0, 2 ** 40]], "k": 2 ** 40}}).encode(),
+         "outside the range of int32"),
+    ]:
+        status, answer = shared.rest("POST", "/v1/models/tiny:predict", body)
+        assert status == 400 and message in answer["error"], (body, answer)
+
+    code, details = grpc_code(shared.predict.Predict,
+                              predict_request(inputs=good_inputs(), output_filter=["nope"]))
+    assert code == INVALID and "output tensor alias not found" in details
+
+    metadata_request = get_model_metadata_pb2.GetModelMetadataRequest()
+    metadata_request.model_spec.name = "tiny"
+    code, details = grpc_code(shared.predict.GetModelMetadata, metadata_request)
+    assert code == INVALID and "metadata_field" in details
+    metadata_request.metadata_field.append("nope")
+    code, details = grpc_code(shared.predict.GetModelMetadata, metadata_request)
+    assert code == INVALID and "Metadata field nope is not supported" in details
+
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "nope"
+    code, _ = grpc_code(shared.models.GetModelStatus, status_request)
+    assert code == NOT_FOUND
+    status_request.model_spec.name = "tiny"
+    status_request.model_spec.version.value = 9
+    code, details = grpc_code(shared.models.GetModelStatus, status_request)
+    assert code == NOT_FOUND and "Could not find version 9" in details
+
+    code, details = grpc_code(shared.predict.Classify, classification_pb2.ClassificationRequest())
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "Classify" in details
+
+    assert shared.rest("GET", "/v1/models/nope")[0] == 404
+    assert shared.rest("GET", "/v1/models/tiny/versions/9/metadata")[0] == 404
+    assert shared.rest("GET", "/v2/whatever")[0] == 404
+    assert shared.rest("GET", "/v1/models/tiny:predict")[0] == 405
+    status, answer = shared.rest("POST", "/v1/models/tiny:classify", {"examples": []})
+    assert status == 501 and "classify" in answer["error"]
+
+    response = shared.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+    assert response.model_spec.version.value == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+def test_batching_merges_concurrent_requests_and_splits_answers(templates, reference, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    # A long timeout so that concurrent requests are certain to meet in one batch.
+    server = start_server(
+        base, rest_port=None, enable_batching=True,
+        batching=BatchingOptions(max_batch_size=16, batch_timeout_micros=300_000),
+    )
+    clients = Clients(server)
+    rng = np.random.default_rng(0)
+    jobs = []
+    for i in range(12):
+        rows = 1 + i % 3
+        history = rng.integers(1, VOCAB, size=(rows, HIST)).astype(np.int64)
+        k = 2 if i % 2 else 3
+        jobs.append((history, k))
+    jobs.append((np.array([[1, 2, 999, 0, 0]]), 3))  # fails alone, not its batch
+    barrier = threading.Barrier(len(jobs))
+
+    def call(job):
+        history, k = job
+        barrier.wait(timeout=10)
+        request = predict_request(inputs={"history": history, "k": np.int32(k)})
+        try:
+            return clients.predict.Predict(request, timeout=20)
+        except grpc.RpcError as error:
+            return error
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(call, jobs))
+        for (history, k), result in zip(jobs[:-1], results[:-1]):
+            assert not isinstance(result, grpc.RpcError), result.details()
+            want = expected(reference, 1, history, k)
+            np.testing.assert_array_equal(tf.make_ndarray(result.outputs["item_ids"]),
+                                          want["item_ids"])
+            np.testing.assert_allclose(tf.make_ndarray(result.outputs["scores"]), want["scores"])
+        assert isinstance(results[-1], grpc.RpcError)
+        assert results[-1].code() == INVALID and "outside the vocabulary" in results[-1].details()
+
+        stats = server.batcher.stats
+        assert stats.requests == len(jobs)
+        assert stats.batches < len(jobs)  # merged
+        assert stats.batches >= 2  # k=2 and k=3 never share a batch
+        calls = clients.predict.Predict(predict_request(signature="call_count"), timeout=10)
+        # The model itself ran fewer times than it got requests (re-runs after the bad request's
+        # batch failed included).
+        assert int(tf.make_ndarray(calls.outputs["calls"])) < len(jobs)
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
+def test_batching_disabled_calls_once_per_request(templates, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    server = start_server(base, rest_port=None, enable_batching=False)
+    clients = Clients(server)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: clients.predict.Predict(
+                predict_request(inputs=good_inputs()), timeout=10), range(8)))
+        calls = clients.predict.Predict(predict_request(signature="call_count"), timeout=10)
+        assert int(tf.make_ndarray(calls.outputs["calls"])) == 8
+        assert server.batcher is None
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Versions: hot swap under load, corrupt versions, graceful shutdown
+
+
+def test_hot_swap_under_load_drops_nothing(templates, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    server = start_server(
+        base, enable_batching=True,
+        batching=BatchingOptions(max_batch_size=8, batch_timeout_micros=1000),
+    )
+    clients = Clients(server)
+    seen, failures, counts = set(), [], [0]
+    lock = threading.Lock()
+    swapped = threading.Event()
+    deadline = time.monotonic() + 40
+
+    def worker(index):
+        done_after_swap = 0
+        made = 0
+        while made < 2000 and time.monotonic() < deadline:
+            made += 1
+            time.sleep(0.01)  # a steady, light load: this machine is shared
+            try:
+                if index % 2:
+                    response = clients.predict.Predict(
+                        predict_request(inputs=good_inputs(1 + index)), timeout=10)
+                    version = response.model_spec.version.value
+                else:
+                    status, body = clients.rest("POST", "/v1/models/tiny:predict", {
+                        "inputs": {"history": H_OK * (1 + index), "k": 2}})
+                    if status != 200:
+                        raise RuntimeError(body)
+                    version = 2 if body["outputs"]["scores"][0][0] > 150 else 1
+            except Exception as exc:  # noqa: BLE001 - counted as a failure
+                with lock:
+                    failures.append(repr(exc))
+                continue
+            with lock:
+                seen.add(version)
+                counts[0] += 1
+            if swapped.is_set() and version == 2:
+                done_after_swap += 1
+                if done_after_swap >= 10:
+                    return
+
+    # A slow request on version 1 is in flight across the swap, and must still succeed.
+    slow_result = {}
+
+    def slow_call():
+        request = predict_request(
+            signature="slow", version=1,
+            inputs={"micros": np.int64(1_000_000), "x": np.ones(3, np.float32)})
+        slow_result["response"] = clients.predict.Predict(request, timeout=30)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        slow = threading.Thread(target=slow_call)
+        slow.start()
+        time.sleep(0.4)
+        install_version(templates, base, 2)
+        assert server.manager.wait_until_available("tiny", 2, timeout=20)
+        swapped.set()
+        for t in threads:
+            t.join(timeout=60)
+        slow.join(timeout=30)
+        assert not failures, failures[:3]
+        assert seen == {1, 2}
+        assert counts[0] >= 20
+        assert slow_result["response"].model_spec.version.value == 1
+        np.testing.assert_array_equal(tf.make_ndarray(slow_result["response"].outputs["y"]), 2.0)
+        # Version 1 is unloaded once nothing uses it (latest-only policy).
+        assert wait_for_states(server, {1: "END", 2: "AVAILABLE"})
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
+def test_latest_two_versions_kept(templates, tmp_path):
+    from tfx_xmatch.serving.model_manager import ModelConfig, VersionPolicy
+
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    install_version(templates, base, 2)
+    server = start_server([ModelConfig("tiny", base, VersionPolicy("latest", num_versions=2))],
+                          rest_port=None)
+    clients = Clients(server)
+    try:
+        for version in (1, 2):
+            response = clients.predict.Predict(
+                predict_request(inputs=good_inputs(), version=version), timeout=10)
+            assert response.model_spec.version.value == version
+        install_version(templates, base, 3)
+        assert wait_for_states(server, {1: "END", 2: "AVAILABLE", 3: "AVAILABLE"})
+        response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 3
+        with pytest.raises(grpc.RpcError) as info:
+            clients.predict.Predict(predict_request(inputs=good_inputs(), version=1), timeout=10)
+        assert info.value.code() == NOT_FOUND
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
+def test_corrupt_new_version_keeps_the_old_one_serving(templates, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    server = start_server(base)
+    clients = Clients(server)
+    try:
+        os.makedirs(os.path.join(base, ".tmp-2"))
+        with open(os.path.join(base, ".tmp-2", "saved_model.pb"), "wb") as f:
+            f.write(b"this is not a SavedModel")
+        os.rename(os.path.join(base, ".tmp-2"), os.path.join(base, "2"))
+        os.makedirs(os.path.join(base, "not-a-version"))
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "tiny"
+        for _ in range(200):
+            status = clients.models.GetModelStatus(request, timeout=10)
+            by_version = {s.version: s for s in status.model_version_status}
+            if 2 in by_version and by_version[2].state == by_version[2].END:
+                break
+            time.sleep(0.05)
+        failed = by_version[2]
+        assert failed.state == get_model_status_pb2.ModelVersionStatus.END
+        assert failed.status.error_code == grpc.StatusCode.DATA_LOSS.value[0]
+        assert "saved_model.pb" in failed.status.error_message
+        assert by_version[1].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        assert set(by_version) == {1, 2}
+
+        response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 1
+        status_code, body = clients.rest("GET", "/v1/models/tiny/versions/2")
+        assert status_code == 200
+        assert body["model_version_status"][0]["state"] == "END"
+        assert body["model_version_status"][0]["status"]["error_code"] == "DATA_LOSS"
+        assert "not a valid SavedModel" in body["model_version_status"][0]["status"]["error_message"]
+
+        # Repairing the directory makes the server retry it.
+        shutil.rmtree(os.path.join(base, "2"))
+        install_version(templates, base, 2)
+        assert server.manager.wait_until_available("tiny", 2, timeout=20)
+        response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 2
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(templates, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    server = start_server(base)
+    clients = Clients(server)
+    results = {}
+
+    def grpc_slow():
+        request = predict_request(signature="slow", inputs={
+            "micros": np.int64(500_000), "x": np.array([1.0, 2.0], np.float32)})
+        results["grpc"] = clients.predict.Predict(request, timeout=30)
+
+    def rest_slow():
+        results["rest"] = clients.rest("POST", "/v1/models/tiny:predict", {
+            "signature_name": "slow", "inputs": {"micros": 500_000, "x": [3.0]}})
+
+    threads = [threading.Thread(target=grpc_slow), threading.Thread(target=rest_slow)]
+    for t in threads:
+        t.start()
+    time.sleep(0.4)  # both are running in the model now
+    started = time.monotonic()
+    server.stop(grace=10)
+    assert time.monotonic() - started >= 0.3  # it waited for them
+    for t in threads:
+        t.join(timeout=30)
+    assert tf.make_ndarray(results["grpc"].outputs["y"]).tolist() == [2.0, 4.0]
+    assert results["rest"] == (200, {"outputs": [6.0]})
+    with pytest.raises(grpc.RpcError) as info:
+        clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=2)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}/v1/models/tiny", timeout=2)
+    clients.close()
+
+
+def _write_warmup(path, k):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
+    log = prediction_log_pb2.PredictionLog()
+    log.predict_log.request.CopyFrom(
+        predict_request(inputs={"history": np.array([[1, 2, 0, 0, 0]]), "k": np.int32(k)}))
+    with tf.io.TFRecordWriter(os.path.join(path, "assets.extra",
+                                           "tf_serving_warmup_requests")) as writer:
+        for _ in range(2):
+            writer.write(log.SerializeToString())
+
+
+def test_warmup_requests_run_before_a_version_serves(templates, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    _write_warmup(os.path.join(base, "1"), k=2)
+    server = start_server(base, rest_port=None)
+    clients = Clients(server)
+    try:
+        calls = clients.predict.Predict(predict_request(signature="call_count"), timeout=10)
+        assert int(tf.make_ndarray(calls.outputs["calls"])) == 2  # the two warm-up records
+        # A version whose warm-up fails is not served; the old one stays.
+        tmp = os.path.join(base, ".tmp-2")
+        shutil.copytree(templates[2], tmp)
+        _write_warmup(tmp, k=0)
+        os.rename(tmp, os.path.join(base, "2"))
+        for _ in range(200):
+            statuses = {s.version: s for s in server.manager.status("tiny")}
+            if 2 in statuses and statuses[2].state == "END":
+                break
+            time.sleep(0.05)
+        assert statuses[2].state == "END" and "warm-up request 0 failed" in statuses[2].error_message
+        assert "k must be > 0" in statuses[2].error_message
+        response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 1
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
+def test_model_config_reload(templates, tmp_path):
+    from tensorflow_serving.apis import model_management_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
+    base_a, base_b = str(tmp_path / "a"), str(tmp_path / "b")
+    install_version(templates, base_a, 1)
+    install_version(templates, base_b, 2)
+    config_file = tmp_path / "models.config"
+    one = f'model_config_list {{ config {{ name: "a" base_path: "{base_a}" }} }}'
+    config_file.write_text(one)
+    server = start_server(
+        parse_model_config_text(one), rest_port=None,
+        model_config_file=str(config_file), model_config_file_poll_wait_seconds=0.1,
+    )
+    clients = Clients(server)
+    try:
+        # The config file is polled: adding model "b" to it serves "b".
+        config_file.write_text(
+            one[:-2] + f' config {{ name: "b" base_path: "{base_b}" }} }}')
+        assert server.manager.wait_until_available("b", 2, timeout=20)
+        response = clients.predict.Predict(predict_request("b", inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 2
+
+        # HandleReloadConfigRequest installs a config and loads it before answering.
+        request = model_management_pb2.ReloadConfigRequest()
+        config = request.config.model_config_list.config.add()
+        config.name, config.base_path = "c", base_b
+        answer = clients.models.HandleReloadConfigRequest(request, timeout=30)
+        assert answer.status.error_code == 0
+        response = clients.predict.Predict(predict_request("c", inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 2
+        with pytest.raises(grpc.RpcError) as info:  # "a" is no longer configured
+            clients.predict.Predict(predict_request("a", inputs=good_inputs()), timeout=10)
+        assert info.value.code() == NOT_FOUND
+        request = model_management_pb2.ReloadConfigRequest()
+        request.config.CopyFrom(model_server_config_pb2.ModelServerConfig())
+        bad = request.config.model_config_list.config.add()
+        bad.name, bad.base_path, bad.model_platform = "d", base_b, "pytorch"
+        answer = clients.models.HandleReloadConfigRequest(request, timeout=30)
+        assert answer.status.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "model_platform" in answer.status.error_message
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and the command line
+
+
+def test_config_parsing(tmp_path):
+    configs = parse_model_config_text("""
+        model_config_list {
+          config { name: "a" base_path: "/models/a" model_platform: "tensorflow"
+                   model_version_policy { specific { versions: 3 versions: 5 } }
+                   version_labels { key: "stable" value: 3 } }
+          config { name: "b" base_path: "/models/b"
+                   model_version_policy { latest { num_versions: 2 } } }
+        }""")
+    a, b = configs
+    assert a.version_policy.select({1, 3, 4, 5}) == {3, 5} and a.labels == {"stable": 3}
+    assert b.version_policy.select({1, 2, 3}) == {2, 3}
+    with pytest.raises(ValueError, match="model_platform"):
+        parse_model_config_text(
+            'model_config_list { config { name: "a" base_path: "/a" model_platform: "onnx" } }')
+    with pytest.raises(ValueError, match="twice"):
+        parse_model_config_text('model_config_list { config { name: "a" base_path: "/a" } '
+                                'config { name: "a" base_path: "/b" } }')
+
+    options = parse_batching_parameters(
+        "max_batch_size { value: 32 } batch_timeout_micros { value: 500 } "
+        "num_batch_threads { value: 3 } max_enqueued_batches { value: 7 } "
+        "allowed_batch_sizes: 8 allowed_batch_sizes: 32 pad_variable_length_inputs: true")
+    assert (options.max_batch_size, options.batch_timeout_micros, options.num_batch_threads,
+            options.max_enqueued_batches, options.allowed_batch_sizes) == (32, 500, 3, 7, (8, 32))
+
+    args = build_parser().parse_args([
+        "--model_name", "m", "--model_base_path", str(tmp_path), "--port", "8500",
+        "--rest_api_port", "8501", "--file_system_poll_wait_seconds", "2", "--enable_batching",
+        "--max_batch_size", "64", "--batch_timeout_micros", "2000",
+    ])
+    options = options_from_args(args)
+    assert options.enable_batching and options.batching.max_batch_size == 64
+    assert options.batching.batch_timeout_micros == 2000
+    assert (options.grpc_port, options.rest_port) == (8500, 8501)
+    assert options.model_configs[0].base_path == str(tmp_path)
+    with pytest.raises(ValueError):
+        options_from_args(build_parser().parse_args(["--port", "1"]))
+
+
+def test_cli_serves_until_sigterm(templates, tmp_path, reference):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 3)
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "tiny" base_path: "{base}" '
+                      'model_platform: "tensorflow" } }')
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 1000 }")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys, tfx_xmatch.serving.server as s; sys.exit(s.main(sys.argv[1:]))",
+         "--model_config_file", str(config), "--port", "0", "--enable_batching",
+         "--batching_parameters_file", str(batching), "--file_system_poll_wait_seconds", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT, env=env,
+    )
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            if line.startswith("serving gRPC on "):
+                port = int(line.rsplit(":", 1)[1])
+                break
+        assert port, "the server did not start"
+        with serving_client.ServingClient(f"127.0.0.1:{port}") as client:
+            outputs, spec = client.predict("tiny", good_inputs(2), return_model_spec=True)
+        assert spec.version.value == 3
+        np.testing.assert_allclose(
+            outputs["scores"], expected(reference, 3, good_inputs(2)["history"], 3)["scores"])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "server stopped" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,315 @@
+"""Server-side request batching, like TF Serving's ``--enable_batching``.
+
+Concurrent requests that can share one call are merged: same loaded version and signature, same
+dtypes and non-batch dimensions of the batched inputs (those whose leading dimension is free in
+the signature), and equal values of the per-request constant inputs (scalars such as ``k``,
+fixed-shape tensors). Requests that differ in any of these are batched separately, so no
+padding is ever needed. A batch runs when it holds ``max_batch_size`` rows or when
+``batch_timeout_micros`` has passed since its first request arrived; the outputs are split
+back along the first axis, each caller getting its own rows.
+
+The thread of a batch's first request runs the merged call (no extra scheduler threads);
+``num_batch_threads`` bounds how many merged calls run at once and ``max_enqueued_batches``
+how many closed batches may wait for one (beyond that a request gets UNAVAILABLE, as with TF
+Serving's full batch queue).
+
+If a merged call fails, each request of the batch is re-run on its own, so that one bad request
+(an id outside the vocabulary) cannot fail the others it happened to be batched with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+import grpc
+import numpy as np
+
+from tfx_xmatch.serving import errors
+
+
+@dataclasses.dataclass
+class BatchingOptions:
+    max_batch_size: int = 64
+    batch_timeout_micros: int = 1000
+    num_batch_threads: int = max(1, os.cpu_count() or 1)
+    max_enqueued_batches: int = 100
+    # TF Serving rejects a request with more rows than max_batch_size unless large batch
+    # splitting is on; here "splitting" runs the oversized request on its own.
+    enable_large_batch_splitting: bool = False
+    allowed_batch_sizes: tuple = ()  # accepted for config compatibility; batches are not padded
+
+    def validate(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.batch_timeout_micros < 0:
+            raise ValueError("batch_timeout_micros must be >= 0")
+        if self.num_batch_threads < 1:
+            raise ValueError("num_batch_threads must be >= 1")
+        if self.max_enqueued_batches < 1:
+            raise ValueError("max_enqueued_batches must be >= 1")
+
+
+_BATCHING_PARAMETERS_CLASS = None
+
+
+def _batching_parameters_message():
+    """A dynamic proto class with the fields of ``tensorflow.serving.BatchingParameters``.
+
+    tensorflow-serving-api does not ship ``session_bundle_config_pb2``; the text format of a
+    ``--batching_parameters_file`` only needs field names and types, so we declare them here.
+    """
+    global _BATCHING_PARAMETERS_CLASS
+    if _BATCHING_PARAMETERS_CLASS is not None:
+        return _BATCHING_PARAMETERS_CLASS
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+    file_proto = descriptor_pb2.FileDescriptorProto(
+        name="xmatch_serving_batching.proto",
+        package="tensorflow.serving",
+        dependency=["google/protobuf/wrappers.proto"],
+        syntax="proto3",
+    )
+    message = file_proto.message_type.add(name="BatchingParameters")
+    field_type = descriptor_pb2.FieldDescriptorProto
+    fields = [
+        ("max_batch_size", ".google.protobuf.Int64Value"),
+        ("batch_timeout_micros", ".google.protobuf.Int64Value"),
+        ("max_enqueued_batches", ".google.protobuf.Int64Value"),
+        ("num_batch_threads", ".google.protobuf.Int64Value"),
+        ("thread_pool_name", ".google.protobuf.StringValue"),
+        ("enable_large_batch_splitting", ".google.protobuf.BoolValue"),
+        ("max_execution_batch_size", ".google.protobuf.Int64Value"),
+    ]
+    number = 1
+    for name, type_name in fields:
+        message.field.add(
+            name=name,
+            number=number,
+            type=field_type.TYPE_MESSAGE,
+            type_name=type_name,
+            label=field_type.LABEL_OPTIONAL,
+        )
+        number += 1
+    message.field.add(
+        name="allowed_batch_sizes",
+        number=number,
+        type=field_type.TYPE_INT64,
+        label=field_type.LABEL_REPEATED,
+    )
+    message.field.add(
+        name="pad_variable_length_inputs",
+        number=number + 1,
+        type=field_type.TYPE_BOOL,
+        label=field_type.LABEL_OPTIONAL,
+    )
+    pool.Add(file_proto)
+    descriptor = pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+    _BATCHING_PARAMETERS_CLASS = message_factory.GetMessageClass(descriptor)
+    return _BATCHING_PARAMETERS_CLASS
+
+
+def parse_batching_parameters(text: str, base: BatchingOptions | None = None) -> BatchingOptions:
+    """Parses TF Serving's ``--batching_parameters_file`` text proto, e.g.
+    ``max_batch_size { value: 64 } batch_timeout_micros { value: 2000 }``."""
+    from google.protobuf import text_format
+
+    proto = _batching_parameters_message()()
+    text_format.Parse(text, proto, allow_unknown_field=True)
+    options = dataclasses.replace(base) if base is not None else BatchingOptions()
+    for name in (
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+        "enable_large_batch_splitting",
+    ):
+        if proto.HasField(name):
+            setattr(options, name, getattr(proto, name).value)
+    options.allowed_batch_sizes = tuple(proto.allowed_batch_sizes)
+    options.validate()
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _Task:
+    __slots__ = ("inputs", "rows", "done", "result", "error")
+
+    def __init__(self, inputs: dict, rows: int):
+        self.inputs = inputs
+        self.rows = rows
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+class _Batch:
+    __slots__ = ("key", "tasks", "rows", "closed", "ready")
+
+    def __init__(self, key):
+        self.key = key
+        self.tasks: list[_Task] = []
+        self.rows = 0
+        self.closed = False
+        self.ready = threading.Event()  # set when full (or displaced): run without waiting
+
+
+@dataclasses.dataclass
+class BatchingStats:
+    requests: int = 0  # requests that went through the batcher
+    batches: int = 0  # merged calls made
+    rows: int = 0
+    fallbacks: int = 0  # batches re-run request by request after an error
+
+
+class Batcher:
+    """Merges concurrent calls; see the module docstring."""
+
+    def __init__(self, options: BatchingOptions):
+        options.validate()
+        self.options = options
+        self._lock = threading.Lock()
+        self._open: dict = {}
+        self._slots = threading.Semaphore(options.num_batch_threads)
+        self._waiting = 0  # closed batches waiting for an execution slot
+        self.stats = BatchingStats()
+
+    @staticmethod
+    def batch_key(owner, signature, arrays: dict):
+        """The grouping key, or None when the request cannot be merged with others."""
+        if not signature.batchable:
+            return None
+        parts = [id(owner), signature.name]
+        rows = None
+        for alias in sorted(arrays):
+            array = arrays[alias]
+            if alias in signature.batched_inputs:
+                if array.ndim == 0:
+                    return None
+                if rows is None:
+                    rows = array.shape[0]
+                elif array.shape[0] != rows:
+                    return None  # inputs disagree on the batch size: run as is
+                parts.append((alias, "b", array.dtype.str, array.shape[1:]))
+            else:
+                if array.dtype == object:
+                    value = tuple(array.reshape(-1).tolist())
+                else:
+                    value = array.tobytes()
+                parts.append((alias, "c", array.dtype.str, array.shape, value))
+        if not rows:
+            return None
+        return tuple(parts), rows
+
+    def run(self, key, rows: int, arrays: dict, call, signature) -> dict:
+        """Runs ``call(arrays)`` merged with concurrent requests of the same ``key``."""
+        task = _Task(arrays, rows)
+        leader = False
+        with self._lock:
+            self.stats.requests += 1
+            batch = self._open.get(key)
+            if batch is not None and batch.rows + rows > self.options.max_batch_size:
+                self._close(batch)
+                batch = None
+            if batch is None:
+                batch = _Batch(key)
+                self._open[key] = batch
+                leader = True
+            batch.tasks.append(task)
+            batch.rows += rows
+            if batch.rows >= self.options.max_batch_size:
+                self._close(batch)
+        if leader:
+            batch.ready.wait(self.options.batch_timeout_micros / 1e6)
+            with self._lock:
+                self._close(batch)
+                if self._waiting >= self.options.max_enqueued_batches:
+                    overloaded = True
+                else:
+                    overloaded = False
+                    self._waiting += 1
+            if overloaded:
+                error = errors.ServingError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "The batch scheduling queue is full "
+                    f"({self.options.max_enqueued_batches} batches waiting); retry later",
+                )
+                for t in batch.tasks:
+                    t.error = error
+                    t.done.set()
+            else:
+                try:
+                    with self._slots:
+                        with self._lock:
+                            self._waiting -= 1
+                        self._execute(batch, call, signature)
+                finally:
+                    for t in batch.tasks:
+                        if not t.done.is_set():
+                            t.error = t.error or errors.ServingError(
+                                grpc.StatusCode.INTERNAL, "batch execution failed"
+                            )
+                            t.done.set()
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def _close(self, batch: _Batch) -> None:
+        """Closes ``batch`` to new requests (caller holds the lock)."""
+        if not batch.closed:
+            batch.closed = True
+            if self._open.get(batch.key) is batch:
+                del self._open[batch.key]
+            batch.ready.set()
+
+    def _execute(self, batch: _Batch, call, signature) -> None:
+        tasks = batch.tasks
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.rows += batch.rows
+        if len(tasks) == 1:
+            self._run_single(tasks[0], call)
+            return
+        merged = {}
+        for alias, first in tasks[0].inputs.items():
+            if alias in signature.batched_inputs:
+                merged[alias] = np.concatenate([t.inputs[alias] for t in tasks], axis=0)
+            else:
+                merged[alias] = first
+        try:
+            outputs = call(merged)
+            total = batch.rows
+            if any(np.ndim(v) == 0 or np.shape(v)[0] != total for v in outputs.values()):
+                raise _Unsplittable()
+        except BaseException:  # noqa: BLE001 - re-run one by one to attribute the error
+            with self._lock:
+                self.stats.fallbacks += 1
+            for task in tasks:
+                self._run_single(task, call)
+            return
+        start = 0
+        for task in tasks:
+            end = start + task.rows
+            task.result = {alias: value[start:end] for alias, value in outputs.items()}
+            task.done.set()
+            start = end
+
+    @staticmethod
+    def _run_single(task: _Task, call) -> None:
+        try:
+            task.result = call(task.inputs)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            task.error = exc
+        task.done.set()
+
+
+class _Unsplittable(Exception):
+    pass

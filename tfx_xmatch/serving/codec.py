@@ -1,0 +1,253 @@
+"""Tensor encodings: TensorProto (gRPC) and TF Serving's JSON (REST) <-> NumPy.
+
+Every decoder checks the value against the signature's TensorSpec (dtype, rank, known
+dimensions) and raises INVALID_ARGUMENT naming the input and the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+
+import numpy as np
+
+from tfx_xmatch.serving import errors
+from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+# Refuse to materialise absurdly large tensors from a small message (a TensorProto may declare a
+# huge shape with one value, which TF expands).
+MAX_TENSOR_ELEMENTS = 1 << 28
+
+
+def shape_str(shape) -> str:
+    return "[" + ",".join(str(int(d)) for d in shape) + "]"
+
+
+def check_shape(spec: TensorSpecInfo, shape: tuple) -> None:
+    """Raises INVALID_ARGUMENT when ``shape`` is incompatible with the signature's spec."""
+    if spec.shape is None:
+        return
+    if len(shape) != len(spec.shape):
+        raise errors.invalid_argument(
+            f"input '{spec.alias}' must have rank {len(spec.shape)} (signature shape "
+            f"{spec.shape_str()}) but the request has rank {len(shape)} (shape {shape_str(shape)})"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+        if want is not None and want != got:
+            raise errors.invalid_argument(
+                f"input '{spec.alias}' dimension {axis} must be {want} (signature shape "
+                f"{spec.shape_str()}) but the request has shape {shape_str(shape)}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# TensorProto
+
+
+def tensor_proto_to_ndarray(spec: TensorSpecInfo, proto) -> np.ndarray:
+    """Decodes one request TensorProto, checking dtype and shape against ``spec`` first."""
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
+
+    alias = spec.alias
+    if proto.dtype == types_pb2.DT_INVALID:
+        raise errors.invalid_argument(f"tensor parsing error: input '{alias}' has no dtype")
+    try:
+        got = tf.dtypes.as_dtype(proto.dtype)
+    except TypeError:
+        raise errors.invalid_argument(
+            f"tensor parsing error: input '{alias}' has an unknown dtype {proto.dtype}"
+        ) from None
+    if got != spec.dtype:
+        raise errors.invalid_argument(
+            f"input '{alias}' has dtype {got.name} but the signature expects "
+            f"{spec.dtype.name}"
+        )
+    if proto.tensor_shape.unknown_rank:
+        raise errors.invalid_argument(f"tensor parsing error: input '{alias}' has no shape")
+    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in shape):
+        raise errors.invalid_argument(
+            f"tensor parsing error: input '{alias}' has a negative dimension {shape_str(shape)}"
+        )
+    check_shape(spec, shape)
+    num_elements = math.prod(shape)
+    if num_elements > MAX_TENSOR_ELEMENTS:
+        raise errors.invalid_argument(
+            f"input '{alias}' has {num_elements} elements, more than the limit "
+            f"{MAX_TENSOR_ELEMENTS}"
+        )
+    if proto.tensor_content and got != tf.string:
+        expected = num_elements * got.size
+        if len(proto.tensor_content) != expected:
+            raise errors.invalid_argument(
+                f"tensor parsing error: input '{alias}' of shape {shape_str(shape)} and dtype "
+                f"{got.name} needs {expected} bytes of tensor_content, got "
+                f"{len(proto.tensor_content)}"
+            )
+    try:
+        array = tf.make_ndarray(proto)
+    except Exception as exc:
+        raise errors.invalid_argument(f"tensor parsing error: input '{alias}': {exc}") from None
+    if tuple(array.shape) != shape:
+        raise errors.invalid_argument(
+            f"tensor parsing error: input '{alias}' declares shape {shape_str(shape)} but "
+            f"holds {array.size} values"
+        )
+    return array
+
+
+def ndarray_to_tensor_proto(array: np.ndarray):
+    import tensorflow as tf
+
+    return tf.make_tensor_proto(array)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "booleans"
+    if isinstance(value, int):
+        return "integers"
+    if isinstance(value, float):
+        return "floating-point numbers"
+    if isinstance(value, str):
+        return "strings"
+    if isinstance(value, dict):
+        return "objects"
+    return type(value).__name__
+
+
+def _first_leaf(value):
+    while isinstance(value, list) and value:
+        value = value[0]
+    return value
+
+
+def _string_tensor(alias: str, value) -> np.ndarray:
+    """Nested JSON lists of strings / {"b64": ...} -> object array of bytes."""
+    leaves: list = []
+
+    def walk(node, depth):
+        if isinstance(node, list):
+            sub_shapes = [walk(child, depth + 1) for child in node]
+            if any(s != sub_shapes[0] for s in sub_shapes[1:]):
+                raise errors.invalid_argument(
+                    f"input '{alias}' is a ragged list (nested lists of different lengths); "
+                    "tensors must be rectangular"
+                )
+            return (len(node),) + (sub_shapes[0] if sub_shapes else ())
+        if isinstance(node, str):
+            leaves.append(node.encode("utf-8"))
+            return ()
+        if isinstance(node, dict) and set(node) == {"b64"} and isinstance(node["b64"], str):
+            try:
+                leaves.append(base64.b64decode(node["b64"], validate=True))
+            except (binascii.Error, ValueError):
+                raise errors.invalid_argument(
+                    f"input '{alias}' has a \"b64\" value that is not valid base64"
+                ) from None
+            return ()
+        raise errors.invalid_argument(
+            f"input '{alias}' expects string values (JSON strings or {{\"b64\": ...}}) but the "
+            f"JSON holds {_json_kind(node)}"
+        )
+
+    shape = walk(value, 0)
+    array = np.empty(len(leaves), dtype=object)
+    array[:] = leaves
+    return array.reshape(shape)
+
+
+def json_to_ndarray(spec: TensorSpecInfo, value) -> np.ndarray:
+    """Decodes one JSON tensor value with the signature's dtype and checks its shape."""
+    import tensorflow as tf
+
+    alias, dtype = spec.alias, spec.dtype
+    if dtype == tf.string:
+        array = _string_tensor(alias, value)
+        check_shape(spec, array.shape)
+        return array
+    leaf = _first_leaf(value)
+    if isinstance(leaf, (dict, str)):
+        raise errors.invalid_argument(
+            f"input '{alias}' expects {dtype.name} values but the JSON holds {_json_kind(leaf)}"
+        )
+    try:
+        raw = np.asarray(value)
+    except (ValueError, OverflowError):
+        raise errors.invalid_argument(
+            f"input '{alias}' is not a rectangular tensor of {dtype.name} values (ragged nested "
+            "lists or mixed value types)"
+        ) from None
+    if raw.dtype == object or raw.dtype.kind in "USV":
+        raise errors.invalid_argument(
+            f"input '{alias}' expects {dtype.name} values but the JSON holds values that are "
+            "not all numbers (or integers too large for 64 bits)"
+        )
+    check_shape(spec, raw.shape)
+    target = np.dtype(dtype.as_numpy_dtype)
+    kind = raw.dtype.kind
+    if raw.size:
+        if dtype.is_bool:
+            if kind != "b":
+                raise errors.invalid_argument(
+                    f"input '{alias}' expects bool values (true/false) but the JSON holds "
+                    f"{_json_kind(raw.flat[0].item())}"
+                )
+        elif dtype.is_integer:
+            if kind not in "iu":
+                raise errors.invalid_argument(
+                    f"input '{alias}' expects {dtype.name} values but the JSON holds "
+                    f"{_json_kind(raw.flat[0].item())}"
+                )
+            info = np.iinfo(target)
+            if raw.min() < info.min or raw.max() > info.max:
+                raise errors.invalid_argument(
+                    f"input '{alias}' has values outside the range of {dtype.name}"
+                )
+        elif dtype.is_floating:
+            if kind not in "iuf":
+                raise errors.invalid_argument(
+                    f"input '{alias}' expects {dtype.name} values but the JSON holds "
+                    f"{_json_kind(raw.flat[0].item())}"
+                )
+        else:
+            raise errors.invalid_argument(
+                f"input '{alias}' has dtype {dtype.name}, which the JSON API does not support"
+            )
+    return raw.astype(target)
+
+
+def _bytes_to_json(value: bytes, force_b64: bool):
+    if not force_b64:
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return {"b64": base64.b64encode(value).decode("ascii")}
+
+
+def ndarray_to_json(alias: str, array: np.ndarray):
+    """One output tensor -> JSON value (TF Serving's conventions: ``*_bytes`` outputs as b64)."""
+    array = np.asarray(array)
+    if array.dtype == object or array.dtype.kind == "S":
+        force = alias.endswith("_bytes")
+        flat = [_bytes_to_json(bytes(v), force) for v in array.reshape(-1)]
+        if array.ndim == 0:
+            return flat[0]
+        nested = np.empty(len(flat), dtype=object)
+        nested[:] = flat
+        return nested.reshape(array.shape).tolist()
+    if array.dtype.kind == "f" and array.dtype.itemsize < 8:
+        # Shortest decimal form of each float32 (0.1, not 0.10000000149011612), like TF Serving.
+        return array.astype(np.str_).astype(np.float64).tolist()
+    if array.dtype.kind == "c":
+        raise errors.invalid_argument(
+            f"output '{alias}' has a complex dtype, which the JSON API does not support"
+        )
+    return array.tolist()

@@ -1,0 +1,197 @@
+"""gRPC front-end: ``tensorflow.serving.PredictionService`` and ``tensorflow.serving.ModelService``.
+
+Implemented with the ``tensorflow-serving-api`` generated stubs, so the service names, methods
+and messages are TF Serving's own: a client built for TF Serving talks to this server unchanged.
+``Classify``, ``Regress`` and ``MultiInference`` answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tfx_xmatch.serving import codec, errors
+from tfx_xmatch.serving.inference import Inference, check_input_names
+from tfx_xmatch.serving.model_manager import ModelManager, VersionStatus, model_configs_from_proto
+
+log = logging.getLogger("tfx_xmatch.serving.grpc")
+
+SIGNATURE_DEF_FIELD = "signature_def"
+
+
+def model_spec_version(spec):
+    """(version or None, label or None) of a ``ModelSpec``."""
+    which = spec.WhichOneof("version_choice")
+    if which == "version":
+        return spec.version.value, None
+    if which == "version_label":
+        return None, spec.version_label or None
+    return None, None
+
+
+def _abort(context, error: errors.ServingError):
+    context.abort(error.code, error.message)
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, manager: ModelManager, inference: Inference):
+        self.manager = manager
+        self.inference = inference
+
+    def Predict(self, request, context):
+        try:
+            return self._predict(request)
+        except errors.ServingError as error:
+            _abort(context, error)
+        except Exception as exc:  # noqa: BLE001 - never crash the server on a request
+            log.exception("Predict failed")
+            _abort(context, errors.from_exception(exc))
+
+    def _predict(self, request):
+        spec = request.model_spec
+        version, label = model_spec_version(spec)
+        with self.manager.acquire(spec.name, version, label) as servable:
+            signature = servable.signature(spec.signature_name)
+            check_input_names(signature, request.inputs)
+            arrays = {
+                alias: codec.tensor_proto_to_ndarray(signature.inputs[alias], proto)
+                for alias, proto in request.inputs.items()
+            }
+            outputs = self.inference.predict(
+                servable, signature, arrays, list(request.output_filter)
+            )
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = spec.name
+            response.model_spec.version.value = servable.version
+            response.model_spec.signature_name = signature.name
+            for alias, value in outputs.items():
+                response.outputs[alias].CopyFrom(codec.ndarray_to_tensor_proto(value))
+            return response
+
+    def GetModelMetadata(self, request, context):
+        try:
+            return metadata_response(self.manager, request)
+        except errors.ServingError as error:
+            _abort(context, error)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("GetModelMetadata failed")
+            _abort(context, errors.from_exception(exc))
+
+    def Classify(self, request, context):
+        _abort(context, errors.unimplemented(
+            "Classify is not implemented by this server; use Predict with the model's "
+            "signatures"
+        ))
+
+    def Regress(self, request, context):
+        _abort(context, errors.unimplemented(
+            "Regress is not implemented by this server; use Predict with the model's signatures"
+        ))
+
+    def MultiInference(self, request, context):
+        _abort(context, errors.unimplemented(
+            "MultiInference is not implemented by this server; use Predict"
+        ))
+
+
+def metadata_response(manager: ModelManager, request):
+    """``GetModelMetadataResponse`` with a ``SignatureDefMap``, as TF Serving answers it."""
+    fields = list(request.metadata_field)
+    if not fields:
+        raise errors.invalid_argument(
+            "GetModelMetadataRequest must specify at least one metadata_field"
+        )
+    for field in fields:
+        if field != SIGNATURE_DEF_FIELD:
+            raise errors.invalid_argument(f"Metadata field {field} is not supported")
+    spec = request.model_spec
+    version, label = model_spec_version(spec)
+    with manager.acquire(spec.name, version, label) as servable:
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in servable.signature_defs.items():
+            signature_map.signature_def[name].CopyFrom(signature_def)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = servable.version
+        response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+        return response
+
+
+def status_response(statuses: list[VersionStatus]):
+    response = get_model_status_pb2.GetModelStatusResponse()
+    states = get_model_status_pb2.ModelVersionStatus.State
+    for status in statuses:
+        entry = response.model_version_status.add()
+        entry.version = status.version
+        entry.state = states.Value(status.state)
+        entry.status.error_code = status.error_code.value[0]
+        entry.status.error_message = status.error_message
+    return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def GetModelStatus(self, request, context):
+        try:
+            version, label = model_spec_version(request.model_spec)
+            statuses = self.manager.status(request.model_spec.name, version, label)
+            return status_response(statuses)
+        except errors.ServingError as error:
+            _abort(context, error)
+
+    def HandleReloadConfigRequest(self, request, context):
+        """Installs a new ``ModelServerConfig`` and loads it before answering (as TF Serving)."""
+        response = model_management_pb2.ReloadConfigResponse()
+        try:
+            configs = model_configs_from_proto(request.config)
+            self.manager.set_configs(configs)
+            self.manager.poll_once()
+        except ValueError as exc:
+            response.status.error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            response.status.error_message = str(exc)
+        return response
+
+
+def make_grpc_server(
+    manager: ModelManager,
+    inference: Inference,
+    address: str,
+    max_workers: int = 16,
+    max_receive_message_length: int = 64 << 20,
+    channel_arguments=(),
+):
+    """A started gRPC server and its bound port."""
+    options = [
+        ("grpc.max_receive_message_length", int(max_receive_message_length)),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),
+    ]
+    options += list(channel_arguments)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="serving-grpc"),
+        options=options,
+    )
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(manager, inference), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # recent grpcio raises instead of returning 0
+        raise OSError(f"could not bind the gRPC port at {address}: {exc}") from None
+    if not port:
+        raise OSError(f"could not bind the gRPC port at {address}")
+    server.start()
+    return server, port

@@ -1,0 +1,653 @@
+"""Model versions: discovery under ``MODEL_BASE_PATH/<version>/``, loading, hot swap, unloading.
+
+The life of a version mirrors TF Serving's (``ModelVersionStatus.State``)::
+
+    START -> LOADING -> AVAILABLE -> UNLOADING -> END        (normal life)
+    START -> LOADING -> END with an error status             (failed load)
+
+A background thread polls every model's base path. Versions are the sub-directories whose name
+is an integer; anything else (``.tmp-3``, ``3.partial``, files) is ignored, so an exporter that
+writes into a temporary directory and renames it is never seen half-written. Versions the
+model's version policy wants (``latest {num_versions: N}`` by default N = 1, ``all``,
+``specific {versions: ...}``) are loaded in the poll thread while the current ones keep
+serving; a loaded version is published by replacing the model's serving map under a lock (an
+atomic swap), and versions no longer wanted are retired: they stop receiving new requests at
+once and are unloaded when the last request holding them finishes (reference counting), so no
+in-flight request is dropped.
+
+A version that fails to load (corrupt SavedModel, failed warm-up) is reported in
+``GetModelStatus`` (state END, error status with the message) and logged; it is excluded from
+the policy, so the previous version keeps serving. It is retried only when its directory's
+contents change (file sizes or modification times).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import threading
+from typing import Callable, Iterator
+
+import grpc
+
+from tfx_xmatch.serving import errors
+
+log = logging.getLogger("tfx_xmatch.serving.model_manager")
+
+DEFAULT_SIGNATURE = "serving_default"
+INIT_OP_SIGNATURE = "__saved_model_init_op"
+SERVE_TAG = "serve"
+
+# ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
+START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk to serve: TF Serving's ``ServableVersionPolicy``."""
+
+    kind: str = "latest"  # "latest" | "all" | "specific"
+    num_versions: int = 1
+    versions: frozenset = frozenset()
+
+    def select(self, candidates: set[int]) -> set[int]:
+        if self.kind == "all":
+            return set(candidates)
+        if self.kind == "specific":
+            return set(candidates) & set(self.versions)
+        return set(sorted(candidates)[-max(1, self.num_versions):])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    base_path: str
+    version_policy: VersionPolicy = VersionPolicy()
+    version_labels: tuple = ()  # ((label, version), ...)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return dict(self.version_labels)
+
+
+def model_configs_from_proto(config) -> list[ModelConfig]:
+    """``tensorflow.serving.ModelServerConfig`` -> list of :class:`ModelConfig`."""
+    if config.WhichOneof("config") == "custom_model_config":
+        raise ValueError("custom_model_config is not supported; use model_config_list")
+    result, seen = [], set()
+    for cfg in config.model_config_list.config:
+        if not cfg.name:
+            raise ValueError("every model config needs a name")
+        if cfg.name in seen:
+            raise ValueError(f"model {cfg.name!r} is configured twice")
+        seen.add(cfg.name)
+        if not cfg.base_path:
+            raise ValueError(f"model {cfg.name!r} has no base_path")
+        if cfg.model_platform not in ("", "tensorflow"):
+            raise ValueError(
+                f"model {cfg.name!r}: model_platform {cfg.model_platform!r} is not supported "
+                "(only \"tensorflow\")"
+            )
+        policy_proto = cfg.model_version_policy
+        which = policy_proto.WhichOneof("policy_choice")
+        if which == "all":
+            policy = VersionPolicy("all")
+        elif which == "specific":
+            if not policy_proto.specific.versions:
+                raise ValueError(f"model {cfg.name!r}: specific version policy lists no versions")
+            policy = VersionPolicy("specific", versions=frozenset(policy_proto.specific.versions))
+        elif which == "latest":
+            policy = VersionPolicy("latest", num_versions=max(1, policy_proto.latest.num_versions))
+        else:
+            policy = VersionPolicy()
+        labels = tuple(sorted((str(k), int(v)) for k, v in cfg.version_labels.items()))
+        result.append(
+            ModelConfig(cfg.name, os.path.abspath(cfg.base_path), policy, labels)
+        )
+    return result
+
+
+def parse_model_config_text(text: str) -> list[ModelConfig]:
+    """Parses TF Serving's models.config text proto (``model_config_list { config { ... } }``)."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    proto = model_server_config_pb2.ModelServerConfig()
+    text_format.Parse(text, proto)
+    return model_configs_from_proto(proto)
+
+
+def parse_model_config_file(path: str) -> list[ModelConfig]:
+    with open(path, encoding="utf-8") as f:
+        return parse_model_config_text(f.read())
+
+
+# --------------------------------------------------------------------------------------------
+# Signatures and loaded versions
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpecInfo:
+    """One signature input or output: alias, dtype and shape (None dims unknown; None rank)."""
+
+    alias: str
+    dtype: object  # tf.DType
+    shape: tuple | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def has_batch_dim(self) -> bool:
+        return self.shape is not None and len(self.shape) >= 1 and self.shape[0] is None
+
+    def shape_str(self) -> str:
+        if self.shape is None:
+            return "<unknown rank>"
+        return "[" + ",".join("-1" if d is None else str(d) for d in self.shape) + "]"
+
+    @classmethod
+    def from_tensor_info(cls, alias, info) -> "TensorSpecInfo":
+        import tensorflow as tf
+
+        dtype = tf.dtypes.as_dtype(info.dtype)
+        if info.tensor_shape.unknown_rank:
+            shape = None
+        else:
+            shape = tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)
+        return cls(alias, dtype, shape)
+
+
+class Signature:
+    """A callable signature of a loaded version, with its input/output specs."""
+
+    def __init__(self, name: str, signature_def, function):
+        self.name = name
+        self.signature_def = signature_def
+        self.function = function
+        self.method_name = signature_def.method_name
+        self.inputs = {
+            alias: TensorSpecInfo.from_tensor_info(alias, info)
+            for alias, info in sorted(signature_def.inputs.items())
+        }
+        self.outputs = {
+            alias: TensorSpecInfo.from_tensor_info(alias, info)
+            for alias, info in sorted(signature_def.outputs.items())
+        }
+        # Inputs whose leading dimension is free are the batch dimension; other inputs (scalars
+        # such as ``k``, fixed-size tensors) are per-request constants.
+        self.batched_inputs = tuple(a for a, s in self.inputs.items() if s.has_batch_dim)
+        self.batchable = bool(self.batched_inputs) and bool(self.outputs) and all(
+            s.has_batch_dim for s in self.outputs.values()
+        )
+
+    def __call__(self, arrays: dict) -> dict:
+        """Runs the signature on NumPy inputs; returns NumPy outputs (all of them)."""
+        import tensorflow as tf
+
+        tensors = {
+            alias: tf.convert_to_tensor(arrays[alias], dtype=spec.dtype)
+            for alias, spec in self.inputs.items()
+        }
+        result = self.function(**tensors)
+        return {alias: value.numpy() for alias, value in result.items()}
+
+
+class Servable:
+    """One loaded version of one model."""
+
+    def __init__(self, model_name: str, version: int, path: str, meta_graph, loaded, signatures):
+        self.model_name = model_name
+        self.version = version
+        self.path = path
+        self.signature_defs = dict(meta_graph.signature_def)  # name -> SignatureDef, as on disk
+        self.signatures: dict[str, Signature] = signatures
+        self._loaded = loaded  # keeps the restored objects (variables, tables) alive
+        self.refs = 0
+        self.retired = False
+
+    def signature(self, name: str) -> Signature:
+        key = name or DEFAULT_SIGNATURE
+        sig = self.signatures.get(key)
+        if sig is None:
+            available = ", ".join(sorted(self.signatures)) or "none"
+            raise errors.invalid_argument(
+                f'Serving signature key "{key}" not found. Signatures available in model '
+                f"{self.model_name!r} version {self.version}: {available}."
+            )
+        return sig
+
+    def unload(self) -> None:
+        self.signatures = {}
+        self._loaded = None
+
+
+class CorruptModelError(ValueError):
+    """The SavedModel's files cannot be parsed (reported as DATA_LOSS, as TF Serving does)."""
+
+
+def load_error_code(exc: BaseException) -> grpc.StatusCode:
+    """The status code a failed load is reported with in GetModelStatus."""
+    if isinstance(exc, CorruptModelError):
+        return grpc.StatusCode.DATA_LOSS
+    if isinstance(exc, FileNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, errors.ServingError):
+        return exc.code
+    code = getattr(exc, "error_code", None)  # tf.errors.OpError
+    if isinstance(code, int):
+        return errors.status_code_from_int(code)
+    return grpc.StatusCode.UNKNOWN
+
+
+def read_meta_graph(path: str):
+    """The ``serve`` MetaGraphDef of the SavedModel in ``path`` (raises with a clear message)."""
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = os.path.join(path, "saved_model.pb")
+    pbtxt = os.path.join(path, "saved_model.pbtxt")
+    saved_model = saved_model_pb2.SavedModel()
+    if os.path.exists(pb):
+        with open(pb, "rb") as f:
+            data = f.read()
+        try:
+            saved_model.ParseFromString(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError
+            raise CorruptModelError(
+                f"{pb} is not a valid SavedModel protocol buffer: {exc}"
+            ) from exc
+    elif os.path.exists(pbtxt):
+        with open(pbtxt, encoding="utf-8") as f:
+            text_format.Parse(f.read(), saved_model)
+    else:
+        raise FileNotFoundError(f"no saved_model.pb or saved_model.pbtxt in {path}")
+    for meta_graph in saved_model.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return meta_graph
+    raise ValueError(f"the SavedModel in {path} has no MetaGraph tagged {SERVE_TAG!r}")
+
+
+def load_servable(model_name: str, version: int, path: str) -> Servable:
+    """Loads one version. Raises on any problem (the caller reports it)."""
+    import tensorflow as tf
+
+    meta_graph = read_meta_graph(path)
+    try:
+        loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+    except (tf.errors.NotFoundError, KeyError, ValueError) as exc:
+        # A SavedModel using the ScaNN ops needs them registered first (TF Serving has them
+        # compiled in; here they come with the scann package).
+        if "Scann" not in str(exc) or "scann" in _imported_modules:
+            raise
+        log.info("loading %s needs the ScaNN ops; importing scann and retrying", path)
+        import_modules(["scann"])
+        loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+    signatures = {}
+    for name, function in loaded.signatures.items():
+        signature_def = meta_graph.signature_def.get(name)
+        if signature_def is None:  # pragma: no cover - TF always writes both
+            continue
+        signatures[name] = Signature(name, signature_def, function)
+    if not signatures:
+        raise ValueError(f"the SavedModel in {path} has no callable signatures")
+    return Servable(model_name, version, path, meta_graph, loaded, signatures)
+
+
+_imported_modules: set[str] = set()
+
+
+def import_modules(names) -> None:
+    """Imports modules that register custom ops (e.g. ``scann``) before loading models."""
+    for name in names:
+        if name and name not in _imported_modules:
+            importlib.import_module(name)
+            _imported_modules.add(name)
+
+
+def list_versions(base_path: str) -> dict[int, str]:
+    """Integer-named sub-directories of ``base_path``: version -> path."""
+    found = {}
+    try:
+        entries = list(os.scandir(base_path))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        name = entry.name
+        if not name.isdigit() or not entry.is_dir():
+            continue
+        found[int(name)] = entry.path
+    return found
+
+
+def directory_fingerprint(path: str) -> tuple:
+    """Sizes and modification times of every file under ``path`` (to notice a rewritten dir)."""
+    items = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            items.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    try:
+        items.append((".", 0, os.stat(path).st_mtime_ns))
+    except OSError:
+        pass
+    return tuple(items)
+
+
+# --------------------------------------------------------------------------------------------
+# Models and the manager
+
+
+@dataclasses.dataclass
+class VersionStatus:
+    version: int
+    state: str
+    error_code: grpc.StatusCode = grpc.StatusCode.OK
+    error_message: str = ""
+    fingerprint: tuple | None = None  # for failed loads: retry only when this changes
+
+
+class Model:
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.lock = threading.Lock()
+        self.serving: dict[int, Servable] = {}  # replaced, never mutated in place
+        self.statuses: dict[int, VersionStatus] = {}
+        self.last_scan_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class ModelManager:
+    """Keeps the configured models' versions loaded according to their version policies.
+
+    ``warmup`` is called with each freshly loaded :class:`Servable` before it is published; if
+    it raises, the load fails. ``load_modules`` are imported before the first load (modules that
+    register custom ops).
+    """
+
+    def __init__(
+        self,
+        configs: list[ModelConfig],
+        poll_wait_seconds: float = 1.0,
+        warmup: Callable[[Servable], None] | None = None,
+        load_modules=(),
+        loader: Callable[[str, int, str], Servable] = load_servable,
+    ):
+        self.poll_wait_seconds = poll_wait_seconds
+        self.warmup = warmup
+        self.load_modules = tuple(load_modules)
+        self._loader = loader
+        self._models: dict[str, Model] = {}
+        self._models_lock = threading.Lock()
+        self._poll_lock = threading.Lock()  # one poll at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.set_configs(configs)
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def set_configs(self, configs: list[ModelConfig]) -> None:
+        """Installs a new model list: new models are loaded on the next poll, removed ones are
+        retired (in-flight requests finish first), changed ones take the new policy/labels."""
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate model names in {names}")
+        removed = []
+        with self._models_lock:
+            new_models = {}
+            for config in configs:
+                model = self._models.get(config.name)
+                if model is not None and model.config.base_path == config.base_path:
+                    model.config = config
+                else:
+                    if model is not None:
+                        removed.append(model)
+                    model = Model(config)
+                new_models[config.name] = model
+            removed += [m for name, m in self._models.items() if name not in new_models]
+            self._models = new_models
+        for model in removed:
+            self._retire_versions(model, set(model.serving))
+
+    def model_names(self) -> list[str]:
+        with self._models_lock:
+            return sorted(self._models)
+
+    def get_model(self, name: str) -> Model | None:
+        with self._models_lock:
+            return self._models.get(name)
+
+    # -- polling ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Loads what is on disk now (blocking), then keeps polling in a background thread."""
+        import_modules(self.load_modules)
+        self.poll_once()
+        if self.poll_wait_seconds > 0 and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._poll_loop, name="serving-model-poller", daemon=True
+            )
+            self._thread.start()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_wait_seconds):
+            try:
+                self.poll_once()
+            except Exception:  # never let the poller die
+                log.exception("polling the model base paths failed")
+
+    def stop(self) -> None:
+        """Stops polling and unloads every version (after its in-flight requests)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._models_lock:
+            models = list(self._models.values())
+        for model in models:
+            self._retire_versions(model, set(model.serving))
+
+    def poll_once(self) -> None:
+        with self._poll_lock:
+            with self._models_lock:
+                models = list(self._models.values())
+            for model in models:
+                if self._stop.is_set():
+                    return
+                self._poll_model(model)
+
+    def _poll_model(self, model: Model) -> None:
+        base = model.config.base_path
+        if not os.path.isdir(base):
+            message = f"model base path {base} does not exist"
+            if model.last_scan_error != message:
+                log.warning("model %r: %s", model.name, message)
+            model.last_scan_error = message
+        else:
+            model.last_scan_error = None
+        on_disk = list_versions(base)
+
+        def candidates() -> set[int]:
+            result = set()
+            for version, path in on_disk.items():
+                status = model.statuses.get(version)
+                if status is not None and status.fingerprint is not None:
+                    if directory_fingerprint(path) == status.fingerprint:
+                        continue  # failed before and unchanged since: do not retry
+                result.add(version)
+            return result
+
+        attempted: set[int] = set()
+        while not self._stop.is_set():
+            wanted = model.config.version_policy.select(candidates())
+            to_load = wanted - set(model.serving) - attempted
+            if not to_load:
+                break
+            version = max(to_load)
+            attempted.add(version)
+            self._load_version(model, version, on_disk[version])
+
+        # Availability-preserving: choose among versions actually loaded (and still on disk), so a
+        # loaded version is never retired in favour of one that failed or is not loaded yet.
+        loaded = set(model.serving) & set(on_disk)
+        keep = model.config.version_policy.select(loaded)
+        self._retire_versions(model, set(model.serving) - keep)
+        with model.lock:  # forget versions that vanished from disk and are not loaded
+            for version in list(model.statuses):
+                status = model.statuses[version]
+                if (
+                    version not in on_disk
+                    and version not in model.serving
+                    and status.state in (END, START)
+                    and status.fingerprint is not None
+                ):
+                    del model.statuses[version]
+
+    def _load_version(self, model: Model, version: int, path: str) -> None:
+        with model.lock:
+            model.statuses[version] = VersionStatus(version, LOADING)
+        fingerprint = directory_fingerprint(path)
+        log.info("model %r: loading version %d from %s", model.name, version, path)
+        try:
+            servable = self._loader(model.name, version, path)
+            if self.warmup is not None:
+                self.warmup(servable)
+        except Exception as exc:
+            message = f"Failed to load version {version} of model {model.name!r} from {path}: "
+            message += f"{type(exc).__name__}: {exc}"
+            log.error("%s", message)
+            with model.lock:
+                model.statuses[version] = VersionStatus(
+                    version, END, load_error_code(exc), message, fingerprint
+                )
+            return
+        if self.get_model(model.name) is not model:  # the model was removed while loading
+            servable.unload()
+            return
+        with model.lock:
+            serving = dict(model.serving)
+            serving[version] = servable
+            model.serving = serving  # atomic publish
+            model.statuses[version] = VersionStatus(version, AVAILABLE)
+        log.info("model %r: version %d is AVAILABLE", model.name, version)
+
+    def _retire_versions(self, model: Model, versions: set[int]) -> None:
+        if not versions:
+            return
+        finished = []
+        with model.lock:
+            serving = dict(model.serving)
+            for version in versions:
+                servable = serving.pop(version, None)
+                if servable is None:
+                    continue
+                servable.retired = True
+                model.statuses[version] = VersionStatus(version, UNLOADING)
+                if servable.refs == 0:
+                    finished.append(servable)
+            model.serving = serving
+        for servable in finished:
+            self._finish_unload(model, servable)
+
+    def _finish_unload(self, model: Model, servable: Servable) -> None:
+        servable.unload()
+        with model.lock:
+            status = model.statuses.get(servable.version)
+            if status is not None and status.state == UNLOADING:
+                model.statuses[servable.version] = VersionStatus(servable.version, END)
+        log.info("model %r: version %d unloaded", model.name, servable.version)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def resolve_version(self, model: Model, version: int | None, label: str | None):
+        if label:
+            labels = model.config.labels
+            if label not in labels:
+                raise errors.invalid_argument(f"Unrecognized servable version label: {label}")
+            return labels[label]
+        return version
+
+    @contextlib.contextmanager
+    def acquire(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> Iterator[Servable]:
+        """Holds one version for the duration of a request (it will not be unloaded under it)."""
+        if not name:
+            raise errors.invalid_argument("Missing ModelSpec: the request names no model")
+        model = self.get_model(name)
+        if model is None:
+            what = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
+            raise errors.not_found(f"Servable not found for request: {what}")
+        version = self.resolve_version(model, version, label)
+        with model.lock:
+            serving = model.serving
+            if version is None:
+                if not serving:
+                    raise errors.not_found(f"Servable not found for request: Latest({name})")
+                servable = serving[max(serving)]
+            else:
+                servable = serving.get(version)
+                if servable is None:
+                    raise errors.not_found(
+                        f"Servable not found for request: Specific({name}, {version})"
+                    )
+            servable.refs += 1
+        try:
+            yield servable
+        finally:
+            with model.lock:
+                servable.refs -= 1
+                done = servable.retired and servable.refs == 0
+            if done:
+                self._finish_unload(model, servable)
+
+    def status(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
+        """Statuses of a model's versions (all, or one), ascending by version."""
+        model = self.get_model(name)
+        if model is None:
+            raise errors.not_found(f"Could not find any versions of model {name}")
+        version = self.resolve_version(model, version, label)
+        with model.lock:
+            statuses = dict(model.statuses)
+        if version is not None:
+            if version not in statuses:
+                raise errors.not_found(f"Could not find version {version} of model {name}")
+            return [statuses[version]]
+        if not statuses:
+            detail = f" ({model.last_scan_error})" if model.last_scan_error else ""
+            raise errors.not_found(f"Could not find any versions of model {name}{detail}")
+        return [statuses[v] for v in sorted(statuses)]
+
+    def wait_until_available(
+        self, name: str, version: int | None = None, timeout: float = 10.0
+    ) -> bool:
+        """Test helper: waits until ``version`` (or any version) of ``name`` is serving."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            model = self.get_model(name)
+            if model is not None:
+                serving = model.serving
+                if (version is None and serving) or (version is not None and version in serving):
+                    return True
+            time.sleep(0.02)
+        return False

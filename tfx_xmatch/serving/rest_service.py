@@ -1,0 +1,399 @@
+"""REST front-end: TF Serving's ``/v1/models`` API over the standard library's HTTP server.
+
+Routes (``[...]`` optional)::
+
+    GET  /v1/models/NAME[/versions/N|/labels/L]            model status (GetModelStatus JSON)
+    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signature defs (GetModelMetadata JSON)
+    POST /v1/models/NAME[/versions/N|/labels/L]:predict    {"instances": ...} or {"inputs": ...}
+    POST ...:classify, ...:regress                         501 (not implemented)
+
+Predict follows TF Serving's JSON conventions: the row format (``instances``, answered with
+``predictions``) and the columnar format (``inputs``, answered with ``outputs``); a single
+output is unnamed; strings are JSON strings and binary values ``{"b64": ...}`` (outputs whose
+name ends in ``_bytes`` are always base64); NaN/Infinity tokens are accepted and produced.
+Errors are ``{"error": "..."}`` with 400 (bad request), 404 (unknown model/version/route),
+413 (body over the limit), 501, 503 or 500.
+
+One extension to the row format: a signature input of rank 0 (a scalar such as ``k``) may be
+given in every instance, provided all instances give the same value; TF Serving would reject
+it (it stacks instances), and the columnar format remains the portable way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import re
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import grpc
+from google.protobuf import json_format
+
+from tfx_xmatch.serving import codec, errors
+from tfx_xmatch.serving.grpc_service import SIGNATURE_DEF_FIELD, status_response
+from tfx_xmatch.serving.inference import Inference, check_input_names
+from tfx_xmatch.serving.model_manager import ModelManager, Signature
+
+log = logging.getLogger("tfx_xmatch.serving.rest")
+
+_ROUTE = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)"
+    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<suffix>/metadata|:predict|:classify|:regress)?/?$"
+)
+
+
+def _is_b64(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"b64"}
+
+
+def _bad(message: str) -> errors.ServingError:
+    return errors.invalid_argument(message)
+
+
+class RestApp:
+    """Turns (method, path, body) into (HTTP status, JSON-able body)."""
+
+    def __init__(self, manager: ModelManager, inference: Inference):
+        self.manager = manager
+        self.inference = inference
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, object]:
+        try:
+            return 200, self._dispatch(method, path, body)
+        except errors.ServingError as error:
+            return error.http, {"error": error.message}
+        except Exception as exc:  # noqa: BLE001 - never crash on a request
+            log.exception("REST %s %s failed", method, path)
+            error = errors.from_exception(exc)
+            return error.http, {"error": error.message}
+
+    def _dispatch(self, method: str, path: str, body: bytes):
+        path = urllib.parse.urlsplit(path).path
+        match = _ROUTE.match(path)
+        if match is None:
+            raise errors.not_found(f"Malformed request: {method} {path}")
+        name = urllib.parse.unquote(match["name"])
+        version = int(match["version"]) if match["version"] is not None else None
+        label = urllib.parse.unquote(match["label"]) if match["label"] is not None else None
+        suffix = match["suffix"]
+        if suffix in (None, "/metadata"):
+            if method != "GET":
+                raise errors.ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Malformed request: {method} {path} (use GET)",
+                    http=405,
+                )
+            if suffix is None:
+                statuses = self.manager.status(name, version, label)
+                return json_format.MessageToDict(
+                    status_response(statuses),
+                    preserving_proto_field_name=True,
+                    always_print_fields_with_no_presence=True,
+                )
+            return self._metadata(name, version, label)
+        if method != "POST":
+            raise errors.ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Malformed request: {method} {path} (use POST)",
+                http=405,
+            )
+        if suffix in (":classify", ":regress"):
+            raise errors.unimplemented(
+                f"{suffix[1:]} is not implemented by this server; use :predict"
+            )
+        return self._predict(name, version, label, body)
+
+    def _metadata(self, name, version, label):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        with self.manager.acquire(name, version, label) as servable:
+            signature_map = get_model_metadata_pb2.SignatureDefMap()
+            for key, signature_def in servable.signature_defs.items():
+                signature_map.signature_def[key].CopyFrom(signature_def)
+            return {
+                "model_spec": {
+                    "name": name,
+                    "signature_name": "",
+                    "version": str(servable.version),
+                },
+                "metadata": {
+                    SIGNATURE_DEF_FIELD: json_format.MessageToDict(
+                        signature_map, preserving_proto_field_name=True
+                    )
+                },
+            }
+
+    # -- predict ------------------------------------------------------------------------------
+
+    def _predict(self, name, version, label, body: bytes):
+        if not body or not body.strip():
+            raise _bad(
+                "the request body is empty; send a JSON object with \"instances\" (row format) "
+                "or \"inputs\" (columnar format)"
+            )
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise _bad(f"Malformed JSON in the request body: {exc}") from None
+        if not isinstance(doc, dict):
+            raise _bad("the request body must be a JSON object")
+        signature_name = doc.get("signature_name", "")
+        if not isinstance(signature_name, str):
+            raise _bad("'signature_name' key must be a string value.")
+        has_instances, has_inputs = "instances" in doc, "inputs" in doc
+        if has_instances and has_inputs:
+            raise _bad("the request has both 'instances' and 'inputs'; use one of them")
+        if not has_instances and not has_inputs:
+            raise _bad(
+                "Missing 'instances' or 'inputs' key in the request body (empty request)"
+            )
+        with self.manager.acquire(name, version, label) as servable:
+            signature = servable.signature(signature_name)
+            if has_instances:
+                arrays, rows = decode_instances(signature, doc["instances"])
+            else:
+                arrays = decode_inputs(signature, doc["inputs"])
+            outputs = self.inference.predict(servable, signature, arrays)
+        if has_instances:
+            return {"predictions": encode_predictions(outputs, rows)}
+        if len(outputs) == 1:
+            (alias, value), = outputs.items()
+            return {"outputs": codec.ndarray_to_json(alias, value)}
+        return {"outputs": {a: codec.ndarray_to_json(a, v) for a, v in outputs.items()}}
+
+
+def decode_instances(signature: Signature, instances) -> tuple[dict, int]:
+    if not isinstance(instances, list):
+        raise _bad("'instances' must be a JSON list (one entry per row)")
+    if not instances:
+        raise _bad("'instances' is empty (empty request): send at least one instance")
+    named = [isinstance(x, dict) and not _is_b64(x) for x in instances]
+    if any(named) and not all(named):
+        raise _bad("either every instance is a JSON object of named inputs or none is")
+    if not named[0]:
+        if len(signature.inputs) != 1:
+            raise _bad(
+                f"signature '{signature.name}' has {len(signature.inputs)} inputs "
+                f"{sorted(signature.inputs)}: each instance must be a JSON object naming them"
+            )
+        (alias, spec), = signature.inputs.items()
+        return {alias: codec.json_to_ndarray(spec, instances)}, len(instances)
+    keys = set(instances[0])
+    for index, instance in enumerate(instances[1:], start=1):
+        if set(instance) != keys:
+            raise _bad(
+                f"instance {index} has inputs {sorted(instance)} but instance 0 has "
+                f"{sorted(keys)}; every instance must give the same inputs"
+            )
+    check_input_names(signature, keys)
+    arrays = {}
+    for alias in sorted(keys):
+        spec = signature.inputs[alias]
+        values = [instance[alias] for instance in instances]
+        if spec.rank == 0:
+            first = values[0]
+            if any(v != first for v in values[1:]):
+                raise _bad(
+                    f"input '{alias}' is a scalar in signature '{signature.name}', so every "
+                    "instance must give it the same value (or use the columnar 'inputs' format)"
+                )
+            arrays[alias] = codec.json_to_ndarray(spec, first)
+        else:
+            arrays[alias] = codec.json_to_ndarray(spec, values)
+    return arrays, len(instances)
+
+
+def decode_inputs(signature: Signature, inputs) -> dict:
+    if isinstance(inputs, dict) and not _is_b64(inputs):
+        check_input_names(signature, inputs)
+        return {
+            alias: codec.json_to_ndarray(signature.inputs[alias], value)
+            for alias, value in inputs.items()
+        }
+    if len(signature.inputs) != 1:
+        raise _bad(
+            f"signature '{signature.name}' has {len(signature.inputs)} inputs "
+            f"{sorted(signature.inputs)}: 'inputs' must be a JSON object naming them"
+        )
+    (alias, spec), = signature.inputs.items()
+    return {alias: codec.json_to_ndarray(spec, inputs)}
+
+
+def encode_predictions(outputs: dict, rows: int):
+    for alias, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != rows:
+            raise _bad(
+                f"output '{alias}' has shape {codec.shape_str(value.shape)}, not one row per "
+                f"instance ({rows}); use the columnar 'inputs' format for this signature"
+            )
+    if len(outputs) == 1:
+        (alias, value), = outputs.items()
+        return codec.ndarray_to_json(alias, value)
+    columns = {alias: codec.ndarray_to_json(alias, value) for alias, value in outputs.items()}
+    return [{alias: column[i] for alias, column in columns.items()} for i in range(rows)]
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP plumbing
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "xmatch-serving"
+    protocol_version = "HTTP/1.0"  # one request per connection: nothing idles in the pool
+
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def log_message(self, format, *args):  # noqa: A002 - signature from the base class
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    def _send(self, status: int, payload) -> None:
+        body = json.dumps(payload, allow_nan=True).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self) -> bytes | None:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self._send(411, {"error": "chunked requests are not supported; send Content-Length"})
+            return None
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            return b""
+        try:
+            length = int(length_header)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self._send(400, {"error": f"invalid Content-Length: {length_header!r}"})
+            return None
+        limit = self.server.max_body_bytes
+        if limit and length > limit:
+            self.close_connection = True
+            # Drain a moderately oversized body so the client can read the answer instead of
+            # seeing its upload reset; a huge one is cut off.
+            if length <= 16 * limit:
+                remaining = length
+                while remaining > 0:
+                    chunk = self.rfile.read(min(remaining, 1 << 20))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+            self._send(
+                413,
+                {"error": f"request body of {length} bytes exceeds the limit of {limit} bytes"},
+            )
+            return None
+        return self.rfile.read(length)
+
+    def _handle(self, method: str) -> None:
+        self.server.track(+1)
+        try:
+            body = b""
+            if method == "POST":
+                body = self._read_body()
+                if body is None:
+                    return
+            status, payload = self.server.app.handle(method, self.path, body)
+            self._send(status, payload)
+        finally:
+            self.server.track(-1)
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def do_PUT(self):
+        self._handle("PUT")
+
+    def do_DELETE(self):
+        self._handle("DELETE")
+
+
+class RestServer(HTTPServer):
+    """HTTP server handling connections on a bounded thread pool, with a graceful stop."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        app: RestApp,
+        host: str,
+        port: int,
+        num_threads: int = 16,
+        max_body_bytes: int = 64 << 20,
+        request_timeout: float = 30.0,
+    ):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout = request_timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=num_threads, thread_name_prefix="serving-rest"
+        )
+        self._futures: set = set()
+        self._futures_lock = threading.Lock()
+        self._in_flight = 0
+        self._thread: threading.Thread | None = None
+        super().__init__((host, port), _Handler)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def track(self, delta: int) -> None:
+        with self._futures_lock:
+            self._in_flight += delta
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def process_request(self, request, client_address):
+        future = self._pool.submit(self._process, request, client_address)
+        with self._futures_lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future) -> None:
+        with self._futures_lock:
+            self._futures.discard(future)
+
+    def _process(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        log.debug("REST connection from %s failed", client_address, exc_info=True)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="serving-rest-accept",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stops accepting connections, lets accepted ones finish (up to ``grace`` s)."""
+        if self._thread is not None:
+            self.shutdown()  # ends serve_forever: no new connections are accepted
+        self.server_close()
+        with self._futures_lock:
+            pending = list(self._futures)
+        concurrent.futures.wait(pending, timeout=grace)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
