@@ -1,0 +1,667 @@
+"""Serving benchmark of the index kinds on synthetic catalogues (not a test).
+
+For each catalogue size (default 10^4, 10^5, 10^6 items; d = 64; top-100):
+
+* Data: a seeded synthetic catalogue with cluster structure (see ``synthetic_embeddings``) and
+  held-out queries drawn from the same distribution, so approximate indexes can reach high
+  recall (on structureless random noise no ANN method can).
+* Index kinds: ``brute_force`` (exact); ``partitioned`` with about sqrt(N) k-means partitions
+  and a sweep of ``num_probes``; ``scann`` with about sqrt(N) leaves, a sweep of
+  ``num_leaves_to_search`` and exact reordering of 1000 candidates. Each swept value is its
+  own row (variant ``n_items=N,probes=P`` / ``n_items=N,leaves_to_search=L``).
+* In process: build time, index memory (bytes of the index's variables), single-query latency
+  p50/p99 over ``--queries`` calls of a ``tf.function`` with an input signature (k passed as a
+  tensor, result copied to NumPy; warmed up first), recall@100 against exact (NumPy) top-100.
+* Served: the index is exported as a SavedModel (``serving_default(queries [None, 64] float32,
+  k int32)`` -> ``scores``, ``item_ids``), served by ``ModelServer`` on 127.0.0.1 (free port)
+  in this process, and queried over gRPC with the stock ``tensorflow-serving-api`` stubs from a
+  separate client process (spawned once; the clients do not share this process's GIL): 8
+  concurrent closed-loop clients send ``--served-requests`` single-query requests each
+  (latency p50/p99 and total throughput), then one client alone (``served_single_p50_ms``;
+  ``overhead_ms`` = that minus the in-process p50). Bounded request counts, per-request
+  deadlines and a per-phase time limit: the load stops by itself. Client and server share the
+  machine's cores, as on any single-host loopback test. ``served_recall_vs_exact`` (JSON) is the
+  recall of the single client's answers, a check that the export answers like the index.
+* Targets (issue 6), judged in the "Targets" section from the largest size measured:
+  partitioned at recall@100 >= 0.95 with >= 5x lower p50 than brute force, and in-process
+  p50 <= 1 ms for scann and partitioned, at 10^6 items (``sparse_code`` does not exist yet).
+
+Results (``results/serving.json`` and ``results/serving.md``) are rewritten after every
+catalogue size, so a run that is cut short keeps what finished.
+
+    python benchmarks/serving.py                         # 10^4, 10^5, 10^6 items
+    python benchmarks/serving.py --sizes 10000 100000    # a subset
+    python benchmarks/serving.py --quick --results-dir /tmp/smoke --output serving-smoke
+"""
+
+from __future__ import annotations
+
+# Only light imports at module level: the client process (multiprocessing "spawn") re-imports
+# this module, and should not load the index code or build anything.
+import argparse
+import concurrent.futures
+import importlib.util
+import math
+import multiprocessing
+import pathlib
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import RESULTS_DIR, header  # noqa: E402
+
+DIMENSION = 64
+K = 100
+RECALL_TARGET = 0.95
+SPEEDUP_TARGET = 5.0
+LATENCY_TARGET_MS = 1.0
+MODEL_NAME = "index"
+KINDS = ("brute_force", "partitioned", "scann")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+# Synthetic data: the shape of the mixture (see synthetic_embeddings).
+ITEMS_PER_CLUSTER = 200
+TOPIC_SPREAD = 1.0
+CLUSTER_NOISE = 1.0
+
+
+def synthetic_embeddings(n_items: int, n_queries: int, dimension: int, seed: int,
+                         items_per_cluster: int = ITEMS_PER_CLUSTER, topic_spread: float = TOPIC_SPREAD,
+                         noise: float = CLUSTER_NOISE):
+    """A catalogue and held-out queries from one seeded two-level mixture of Gaussians.
+
+    * Clusters: ``max(8, N // items_per_cluster)`` of them (a bigger catalogue has more niches,
+      not bigger ones), with log-normal weights (sigma 1): some clusters are many times larger
+      than others, like popular genres, and many hold fewer than 100 items, so a query's top-100
+      usually spans several clusters.
+    * Topics: about sqrt(#clusters) unit directions; each cluster centre is a topic plus noise
+      of norm about ``topic_spread`` (1.0: as large as the topic), normalised, so sibling
+      clusters overlap: structure at two scales, not separated blobs.
+    * Anisotropy: all noise is scaled per dimension by ``i ** -0.5`` (rms 1), a decaying
+      spectrum like trained embeddings' (a few directions carry most of the variance).
+    * Each point is its cluster's centre plus noise of norm about ``noise`` (1.0: as large as
+      the centre, so clusters overlap and neighbourhoods cross their borders), then
+      L2-normalised: items and queries are unit vectors (as with two-tower models trained
+      on cosine similarity), so dot products are cosines.
+    * Queries are fresh draws from the same mixture (clusters drawn by weight, a separate
+      random stream), never copies of catalogue items.
+
+    Returns:
+      (items float32 [N, d], queries float32 [Q, d]).
+    """
+    rng = np.random.default_rng(seed)
+    scales = np.arange(1, dimension + 1, dtype=np.float64) ** -0.5
+    scales /= np.sqrt(np.mean(scales**2))
+    unit_noise = scales / np.sqrt(dimension)  # a standard normal draw times this has norm ~1
+
+    def unit_rows(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    n_clusters = max(8, n_items // items_per_cluster)
+    n_topics = max(2, round(math.sqrt(n_clusters)))
+    topics = unit_rows(rng.standard_normal((n_topics, dimension)) * scales)
+    topic_of = rng.integers(n_topics, size=n_clusters)
+    centres = unit_rows(topics[topic_of] + topic_spread * rng.standard_normal((n_clusters, dimension)) * unit_noise)
+    weights = rng.lognormal(0.0, 1.0, n_clusters)
+    weights /= weights.sum()
+
+    def draw(count: int, stream: np.random.Generator) -> np.ndarray:
+        out = np.empty((count, dimension), np.float32)
+        for start in range(0, count, 262144):  # bounded temporaries at 10^6 rows
+            stop = min(count, start + 262144)
+            cluster = stream.choice(n_clusters, stop - start, p=weights)
+            out[start:stop] = unit_rows(
+                centres[cluster] + noise * stream.standard_normal((stop - start, dimension)) * unit_noise)
+        return out
+
+    items = draw(n_items, np.random.default_rng([seed, 1]))
+    queries = draw(n_queries, np.random.default_rng([seed, 2]))
+    return items, queries
+
+
+def exact_top_k(items: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k row ids per query (NumPy, blocks of queries), as sets for recall."""
+    result = np.empty((len(queries), k), np.int64)
+    # <= 128 MiB of float32 scores per block (argpartition's int64 output is twice that).
+    block = max(1, int(2**25 // max(1, len(items))))
+    for start in range(0, len(queries), block):
+        scores = queries[start : start + block] @ items.T
+        result[start : start + block] = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return result
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each query's exact top-k present in its returned ids."""
+    hits = [len(np.intersect1d(f, e, assume_unique=False)) for f, e in zip(found, exact)]
+    return float(np.mean(hits) / exact.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Client process (spawned; imports gRPC and the serving protos only, builds nothing)
+
+
+def client_load(address: str, queries: np.ndarray, k: int, clients: int, requests_per_client: int,
+                timeout: float, time_limit: float, warmup: int, return_ids: bool) -> dict:
+    """``clients`` closed-loop gRPC clients, each on its own channel, ``requests_per_client``
+    single-query Predict calls each (after ``warmup`` untimed ones), started together.
+
+    Returns latencies (ms, successful requests), error counts by status code, the wall time from
+    the common start to the last finish, and (``return_ids``) each request's query row and ids.
+    """
+    import grpc
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    def request_for(row: int):
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=MODEL_NAME, signature_name="serving_default"))
+        shape = tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1),
+                 tensor_shape_pb2.TensorShapeProto.Dim(size=queries.shape[1])])
+        request.inputs["queries"].CopyFrom(tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, tensor_shape=shape,
+            tensor_content=np.ascontiguousarray(queries[row : row + 1], np.float32).tobytes()))
+        request.inputs["k"].CopyFrom(tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_INT32, tensor_shape=tensor_shape_pb2.TensorShapeProto(), int_val=[k]))
+        return request
+
+    def ids_of(response) -> np.ndarray:
+        proto = response.outputs["item_ids"]
+        if proto.tensor_content:
+            return np.frombuffer(proto.tensor_content, np.int64)
+        return np.asarray(proto.int64_val, np.int64)
+
+    requests = [request_for(row) for row in range(len(queries))]
+    # The time limit counts from the common start (set just before the main thread joins the
+    # barrier, so every client sees it once released).
+    deadline = [math.inf]
+    barrier = threading.Barrier(clients + 1, timeout=time_limit + timeout)
+    latencies = [[] for _ in range(clients)]
+    errors = [{} for _ in range(clients)]
+    answers = [[] for _ in range(clients)]
+    finished = [0.0] * clients
+
+    def run(client: int) -> None:
+        channel = grpc.insecure_channel(address)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            for i in range(warmup):
+                try:
+                    stub.Predict(requests[(client + i) % len(requests)], timeout=timeout)
+                except grpc.RpcError:
+                    pass
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+            for i in range(requests_per_client):
+                if time.monotonic() > deadline[0]:
+                    errors[client]["TIME_LIMIT"] = requests_per_client - i  # not sent
+                    break
+                row = (client * requests_per_client + i) % len(requests)
+                started = time.perf_counter()
+                try:
+                    ids = ids_of(stub.Predict(requests[row], timeout=timeout))
+                except grpc.RpcError as error:
+                    code = error.code().name
+                    errors[client][code] = errors[client].get(code, 0) + 1
+                    continue
+                latencies[client].append((time.perf_counter() - started) * 1000.0)
+                if return_ids:
+                    answers[client].append((row, ids))
+        finally:
+            finished[client] = time.perf_counter()
+            channel.close()
+
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    deadline[0] = time.monotonic() + time_limit
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass  # a client failed before the start; the others' numbers still count
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join(max(1.0, deadline[0] - time.monotonic() + timeout + 5.0))
+    merged_errors: dict = {}
+    for per_client in errors:
+        for code, count in per_client.items():
+            merged_errors[code] = merged_errors.get(code, 0) + count
+    return {
+        "latencies_ms": [x for per_client in latencies for x in per_client],
+        "errors": merged_errors,
+        "wall_seconds": max(finished) - started if all(finished) else time.perf_counter() - started,
+        "answers": [a for per_client in answers for a in per_client] if return_ids else [],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# In-process measurements (TensorFlow imported in main() only)
+
+
+def search_module(index, tf):
+    """A tf.Module holding the index, with ``serving_default(queries, k)``."""
+    module = tf.Module()
+    module.index = index
+
+    @tf.function(input_signature=[tf.TensorSpec([None, DIMENSION], tf.float32, name="queries"),
+                                  tf.TensorSpec([], tf.int32, name="k")])
+    def search(queries, k):
+        scores, ids = index(queries, k=k)
+        return {"scores": scores, "item_ids": ids}
+
+    module.search = search
+    return module
+
+
+def index_bytes(index) -> int:
+    """Bytes held by the index's variables (strings: their byte lengths)."""
+    total, seen = 0, set()
+    for variable in index.variables:
+        if id(variable) in seen:
+            continue
+        seen.add(id(variable))
+        if variable.dtype.name == "string":
+            total += int(sum(len(x) for x in np.ravel(variable.numpy())))
+        else:
+            # Variables have unknown static dimensions; the value's shape is the real one.
+            total += int(np.prod(variable.value().shape.as_list())) * variable.dtype.size
+    return total
+
+
+def in_process(module, queries: np.ndarray, warmup: int, tf):
+    """Single-query latencies (ms) and the ids returned for every query."""
+    k = tf.constant(K, tf.int32)
+    tensors = [tf.constant(queries[i : i + 1]) for i in range(len(queries))]
+    for i in range(warmup):
+        module.search(tensors[i % len(tensors)], k)["item_ids"].numpy()
+    latencies, ids = [], []
+    for tensor in tensors:
+        started = time.perf_counter()
+        found = module.search(tensor, k)["item_ids"].numpy()
+        latencies.append((time.perf_counter() - started) * 1000.0)
+        ids.append(found[0])
+    return latencies, np.stack(ids)
+
+
+def served(module, is_scann: bool, queries: np.ndarray, exact: np.ndarray, args, pool, workdir, tf):
+    """Exports the module, serves it, runs the 8-client and the 1-client load from ``pool``."""
+    from tfx_xmatch.serving.batching import BatchingOptions
+    from tfx_xmatch.serving.model_manager import ModelConfig, VersionPolicy
+    from tfx_xmatch.serving.server import ModelServer, ServerOptions
+
+    base = pathlib.Path(tempfile.mkdtemp(prefix="export-", dir=workdir))
+    options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]) if is_scann else None
+    started = time.perf_counter()
+    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": module.search},
+                        options=options)
+    export_seconds = time.perf_counter() - started
+    server_options = ServerOptions(
+        model_configs=[ModelConfig(MODEL_NAME, str(base), VersionPolicy("latest", num_versions=1))],
+        bind_address="127.0.0.1", grpc_port=0, rest_port=None, file_system_poll_wait_seconds=0,
+        enable_batching=args.batching,
+        batching=BatchingOptions(max_batch_size=args.max_batch_size,
+                                 batch_timeout_micros=args.batch_timeout_micros),
+        load_modules=("scann",) if is_scann else (),
+    )
+    started = time.perf_counter()
+    server = ModelServer(server_options).start()
+    load_seconds = time.perf_counter() - started
+    address = f"127.0.0.1:{server.grpc_port}"
+    try:
+        common = dict(address=address, queries=queries, k=K, timeout=args.request_timeout,
+                      time_limit=args.served_time_limit, warmup=3)
+        wait = args.served_time_limit + args.request_timeout + 60
+        loaded = pool.submit(client_load, clients=args.clients, requests_per_client=args.served_requests,
+                             return_ids=False, **common).result(timeout=wait)
+        single = pool.submit(client_load, clients=1, requests_per_client=args.served_requests,
+                             return_ids=True, **common).result(timeout=wait)
+    finally:
+        server.stop(grace=5.0)
+        shutil.rmtree(base, ignore_errors=True)
+    answered = single["answers"]
+    served_recall = (recall(np.stack([ids for _, ids in answered]), exact[[row for row, _ in answered]])
+                     if answered else None)
+    ok = len(loaded["latencies_ms"])
+    return {
+        "qps": round(ok / loaded["wall_seconds"], 1) if ok else 0.0,
+        "served_p50_ms": _percentile(loaded["latencies_ms"], 50),
+        "served_p99_ms": _percentile(loaded["latencies_ms"], 99),
+        "served_single_p50_ms": _percentile(single["latencies_ms"], 50),
+        "served_single_p99_ms": _percentile(single["latencies_ms"], 99),
+        "served_requests": ok + len(single["latencies_ms"]),
+        "served_errors": _merge(loaded["errors"], single["errors"]),
+        "served_recall_vs_exact": None if served_recall is None else round(served_recall, 4),
+        "export_seconds": round(export_seconds, 2),
+        "load_seconds": round(load_seconds, 2),
+    }
+
+
+def _percentile(values, q):
+    return round(float(np.percentile(values, q)), 3) if len(values) else None
+
+
+def _merge(a: dict, b: dict) -> dict:
+    return {code: a.get(code, 0) + b.get(code, 0) for code in sorted(set(a) | set(b))}
+
+
+def sweep(values, cap: int) -> list[int]:
+    """Swept values capped at ``cap``, deduplicated, in order."""
+    return sorted({min(int(v), cap) for v in values})
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="catalogue sizes (default 10000 100000 1000000; --quick: 2000 20000)")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--queries", type=int, default=None,
+                        help="held-out queries, each one in-process call (latency and recall); default 300, --quick 50")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed in-process calls first (default 20, --quick 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partitions-factor", type=float, default=1.0,
+                        help="partitioned: num_partitions = round(factor * sqrt(N))")
+    parser.add_argument("--probes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
+                        help="partitioned: num_probes values swept (capped at num_partitions)")
+    parser.add_argument("--leaves-factor", type=float, default=1.0,
+                        help="scann: num_leaves = round(factor * sqrt(N))")
+    parser.add_argument("--leaves-to-search", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128],
+                        help="scann: num_leaves_to_search values swept (each one a new build)")
+    parser.add_argument("--reorder", type=int, default=1000,
+                        help="scann: num_reordering_candidates (>= 100; with fewer, hashing errors cap recall@100)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent gRPC clients")
+    parser.add_argument("--served-requests", type=int, default=None,
+                        help="requests per client (default 200, --quick 20)")
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="per-request deadline (s)")
+    parser.add_argument("--served-time-limit", type=float, default=300.0,
+                        help="a load phase stops sending after this many seconds")
+    parser.add_argument("--no-served", dest="served", action="store_false", help="in-process numbers only")
+    parser.add_argument("--batching", action="store_true",
+                        help="serve with request batching (default: each request runs on its own)")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--batch-timeout-micros", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: sizes 2000 20000, 50 queries, 20 served requests per client "
+                        "(explicit --sizes / --queries / --served-requests still win)")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--output", default="serving", help="results file stem under --results-dir")
+    parser.add_argument("--workdir", default=None, help="where exports are written (default: a temp dir)")
+    args = parser.parse_args()
+    defaults = {"sizes": ([2000, 20000], [10_000, 100_000, 1_000_000]), "queries": (50, 300),
+                "served_requests": (20, 200), "warmup": (5, 20)}
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.reorder < K:
+        parser.error(f"--reorder must be >= {K} (ScaNN returns at most that many results)")
+
+    import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+    import tensorflow as tf
+
+    from tfx_xmatch.index import make_index
+    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
+
+    results_dir = pathlib.Path(args.results_dir)
+    result = header("serving")
+    result["settings"] = {
+        "dimension": DIMENSION, "k": K, "queries": args.queries, "warmup_calls": args.warmup,
+        "seed": args.seed,
+        "data": f"two-level mixture of anisotropic Gaussians: max(8, N//{ITEMS_PER_CLUSTER}) clusters with "
+        f"log-normal weights around ~sqrt(#clusters) topics (topic spread {TOPIC_SPREAD}, cluster noise "
+        f"{CLUSTER_NOISE}), unit-norm items and held-out queries",
+        "partitioned": {"num_partitions": f"round({args.partitions_factor} * sqrt(N))",
+                        "num_probes": args.probes, "spherical": True, "kmeans_iterations": 20,
+                        "training_sample_size": 100_000},
+        "scann": {"num_leaves": f"round({args.leaves_factor} * sqrt(N))",
+                  "num_leaves_to_search": args.leaves_to_search, "num_reordering_candidates": args.reorder,
+                  "dimensions_per_block": 2, "training_iterations": 12},
+        "served": {"enabled": args.served, "clients": args.clients, "requests_per_client": args.served_requests,
+                   "request_timeout_s": args.request_timeout, "batching": args.batching,
+                   **({"max_batch_size": args.max_batch_size, "batch_timeout_micros": args.batch_timeout_micros}
+                      if args.batching else {}),
+                   "client": "separate process (spawn), stock tensorflow-serving-api stubs, one channel per client",
+                   "server": "tfx_xmatch.serving.ModelServer in the benchmark process, 127.0.0.1, 16 gRPC threads"},
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)",
+    }
+    result["rows"] = []
+
+    workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="xmatch-serving-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    pool = (concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            if args.served else None)
+    try:
+        for n_items in args.sizes:
+            items, queries = synthetic_embeddings(n_items, args.queries, DIMENSION, args.seed)
+            exact = exact_top_k(items, queries, K)
+            for kind in args.kinds:
+                if kind == "scann" and importlib.util.find_spec("scann") is None:
+                    print("skipped scann: the scann package is not installed", file=sys.stderr)
+                    continue
+                for variant, settings, build_index in _configurations(kind, n_items, args, make_index):
+                    index, build_seconds = build_index(items)
+                    module = search_module(index, tf)
+                    latencies, found = in_process(module, queries, args.warmup, tf)
+                    row = {
+                        "dataset": "synthetic", "split": "-", "model": kind,
+                        "variant": f"n_items={n_items}" + (f",{variant}" if variant else ""),
+                        "n_items": n_items,
+                        "build_seconds": round(build_seconds, 2),
+                        "index_bytes": index_bytes(index),
+                        "p50_ms": _percentile(latencies, 50),
+                        "p99_ms": _percentile(latencies, 99),
+                        "recall_vs_exact": round(recall(found, exact), 4),
+                    }
+                    row["meets_recall_target"] = row["recall_vs_exact"] >= RECALL_TARGET
+                    if args.served:
+                        try:
+                            row.update(served(module, kind == "scann", queries, exact, args, pool, workdir, tf))
+                            row["overhead_ms"] = round(row["served_single_p50_ms"] - row["p50_ms"], 3)
+                        except Exception as error:  # noqa: BLE001 - keep the in-process numbers
+                            row["served_failed"] = f"{type(error).__name__}: {error}"
+                            print(f"served measurement failed: {row['served_failed']}", file=sys.stderr)
+                    row["settings"] = settings
+                    result["rows"].append(row)
+                    print({k: v for k, v in row.items() if k != "settings"}, flush=True)
+                    del module, index
+            # Rewritten after every size, so a long run that is cut short keeps what finished.
+            result["targets"] = targets(result["rows"])
+            results_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(results_dir / f"{args.output}.json", result)
+            write_text_atomic(results_dir / f"{args.output}.md", to_markdown(result))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _configurations(kind: str, n_items: int, args, make_index):
+    """(variant suffix, settings, build) for every configuration of ``kind``; ``build(items)``
+    returns the indexed index and its build time in seconds."""
+
+    def timed(make):
+        def build(items):
+            started = time.perf_counter()
+            index = make().index(items)
+            return index, time.perf_counter() - started
+        return build
+
+    if kind == "brute_force":
+        yield "", {"k_max": K}, timed(lambda: make_index("brute_force", k_max=K))
+        return
+    root = math.sqrt(n_items)
+    if kind == "partitioned":
+        partitions = max(1, round(args.partitions_factor * root))
+        built = {}
+
+        def reprobed(probes):
+            # One k-means build per size: the probe count is only read when the search is traced,
+            # so the sweep re-uses the partitions and re-traces the search. Every probe variant
+            # reports that one build's time.
+            def build(items):
+                if "index" not in built:
+                    built["index"], built["seconds"] = timed(lambda: make_index(
+                        "partitioned", num_partitions=partitions, num_probes=probes, k_max=K,
+                        seed=args.seed))(items)
+                built["index"].num_probes = probes
+                return built["index"], built["seconds"]
+            return build
+
+        for probes in sweep(args.probes, partitions):
+            yield f"probes={probes}", {"num_partitions": partitions, "num_probes": probes}, reprobed(probes)
+        return
+    leaves = max(1, round(args.leaves_factor * root))
+    for searched in sweep(args.leaves_to_search, leaves):
+        settings = {"num_leaves": leaves, "num_leaves_to_search": searched,
+                    "num_reordering_candidates": args.reorder}
+        yield (f"leaves_to_search={searched}", settings,
+               timed(lambda searched=searched: make_index(
+                   "scann", num_leaves=leaves, num_leaves_to_search=searched,
+                   num_reordering_candidates=args.reorder, k_max=K)))
+
+
+def targets(rows: list) -> dict:
+    """The issue's targets, judged from the rows of the largest catalogue measured."""
+    if not rows:
+        return {}
+    largest = max(row["n_items"] for row in rows)
+    at = [row for row in rows if row["n_items"] == largest]
+    out = {"n_items": largest, "note": None if largest >= 1_000_000 else
+           f"the targets are stated at 10^6 items; the largest size measured is {largest}"}
+    brute = next((row for row in at if row["model"] == "brute_force"), None)
+
+    def best(kind):
+        good = [row for row in at if row["model"] == kind and row["meets_recall_target"]]
+        return min(good, key=lambda row: row["p50_ms"]) if good else None
+
+    part = best("partitioned")
+    if brute and any(row["model"] == "partitioned" for row in at):
+        speedup = None if part is None else round(brute["p50_ms"] / part["p50_ms"], 2)
+        out["partitioned_recall_and_speedup"] = {
+            "target": f"recall@100 >= {RECALL_TARGET} at >= {SPEEDUP_TARGET:g}x lower p50 than brute_force",
+            "variant": None if part is None else part["variant"],
+            "recall_vs_exact": None if part is None else part["recall_vs_exact"],
+            "p50_ms": None if part is None else part["p50_ms"],
+            "brute_force_p50_ms": brute["p50_ms"],
+            "speedup": speedup,
+            "met": bool(speedup is not None and speedup >= SPEEDUP_TARGET),
+        }
+    for kind in ("scann", "partitioned"):
+        if not any(row["model"] == kind for row in at):
+            continue
+        chosen = best(kind)
+        fastest = min((row for row in at if row["model"] == kind), key=lambda row: row["p50_ms"])
+        out[f"{kind}_p50_le_1ms"] = {
+            "target": f"in-process p50 <= {LATENCY_TARGET_MS:g} ms (at recall@100 >= {RECALL_TARGET})",
+            "variant": None if chosen is None else chosen["variant"],
+            "p50_ms": None if chosen is None else chosen["p50_ms"],
+            "fastest_variant": fastest["variant"], "fastest_p50_ms": fastest["p50_ms"],
+            "fastest_recall": fastest["recall_vs_exact"],
+            "met": bool(chosen is not None and chosen["p50_ms"] <= LATENCY_TARGET_MS),
+        }
+    out["sparse_code_p50_le_1ms"] = {"met": None, "note": "not measured: the sparse_code index kind does not exist yet"}
+    return out
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _kv(settings: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in settings.items())
+
+
+def to_markdown(result: dict) -> str:
+    machine, versions, settings = result["machine"], result["versions"], result["settings"]
+    served = settings["served"]
+    lines = [
+        f"# {result['benchmark']}: index kinds in process and served over gRPC",
+        "",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}",
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- data: synthetic, d = {settings['dimension']}, top-{settings['k']}; {settings['data']}; "
+        f"{settings['queries']} queries, seed {settings['seed']}",
+        f"- partitioned: {_kv(settings['partitioned'])}",
+        f"- scann: {_kv(settings['scann'])}",
+        f"- in process: single-query calls of a `tf.function` with an input signature (k a tensor, "
+        f"ids copied to NumPy), {settings['warmup_calls']} warm-up calls first; TF intra-op threads: "
+        f"{settings['intra_op_threads']}",
+        f"- served: {_kv(served)}",
+        f"- recall_vs_exact: recall@{settings['k']} against exact NumPy top-{settings['k']}; "
+        f"✓ marks recall ≥ {RECALL_TARGET}",
+        "",
+        "| model | variant | build s | index MiB | p50 ms | p99 ms | recall@100 | served p50 ms (8 clients) "
+        "| served p99 ms | qps (8 clients) | served p50 ms (1 client) | overhead ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        mark = " ✓" if row["meets_recall_target"] else ""
+        errors = row.get("served_errors")
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {row['build_seconds']:.2f} | "
+            f"{row['index_bytes'] / 2**20:.1f} | {_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | "
+            f"{row['recall_vs_exact']:.4f}{mark} | {_fmt(row.get('served_p50_ms'))} | "
+            f"{_fmt(row.get('served_p99_ms'))} | {_fmt(row.get('qps'), 1)} | "
+            f"{_fmt(row.get('served_single_p50_ms'))} | {_fmt(row.get('overhead_ms'))} | "
+            f"{'-' if errors is None else (sum(errors.values()) or 0)} |")
+    lines += ["", "Partitioned variants share one k-means build per size (the probe count only changes "
+              "the search), so their build time is the same build; each ScaNN variant is its own build.",
+              "", "## Targets", ""]
+    t = result.get("targets", {})
+    if t.get("note"):
+        lines.append(f"Note: {t['note']}.")
+        lines.append("")
+    size = t.get("n_items")
+    part = t.get("partitioned_recall_and_speedup")
+    if part:
+        if part["variant"] is None:
+            lines.append(f"- partitioned, recall@100 ≥ {RECALL_TARGET} at ≥ {SPEEDUP_TARGET:g}× lower latency "
+                         f"than brute force ({size} items): **not met** — no swept probe count reaches the recall.")
+        else:
+            lines.append(
+                f"- partitioned, recall@100 ≥ {RECALL_TARGET} at ≥ {SPEEDUP_TARGET:g}× lower latency than "
+                f"brute force ({size} items): **{'met' if part['met'] else 'not met'}** — {part['variant']} "
+                f"has recall {part['recall_vs_exact']:.4f} at p50 {part['p50_ms']:.3f} ms vs brute force "
+                f"{part['brute_force_p50_ms']:.3f} ms (speedup {part['speedup']:.1f}×).")
+    for kind in ("scann", "partitioned"):
+        entry = t.get(f"{kind}_p50_le_1ms")
+        if not entry:
+            continue
+        if entry["variant"] is None:
+            detail = (f"no variant reaches recall {RECALL_TARGET}; the fastest ({entry['fastest_variant']}) has "
+                      f"p50 {entry['fastest_p50_ms']:.3f} ms at recall {entry['fastest_recall']:.4f}")
+        else:
+            detail = (f"{entry['variant']} (the fastest with recall ≥ {RECALL_TARGET}) has p50 "
+                      f"{entry['p50_ms']:.3f} ms")
+        lines.append(f"- {kind}, in-process p50 ≤ {LATENCY_TARGET_MS:g} ms ({size} items): "
+                     f"**{'met' if entry['met'] else 'not met'}** — {detail}.")
+    lines.append("- sparse_code, in-process p50 ≤ 1 ms: **not measured** — the `sparse_code` index kind "
+                 "does not exist yet.")
+    lines += ["", "Server overhead: `overhead_ms` = served p50 with one client minus in-process p50 (gRPC, "
+              "request decoding, signature call through the SavedModel, response encoding, loopback)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
