@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model-name", default="xmatch", help="model name for the warm-up requests")
     export.set_defaults(handler=_command_export)
 
-    quickstart = commands.add_parser("quickstart", help="train and evaluate on built-in synthetic data (~2 min)")
+    quickstart = commands.add_parser("quickstart", help="train and evaluate on built-in synthetic data (under a minute)")
     quickstart.add_argument("--run-dir", help="where to keep the run (default: a new temporary directory)")
     quickstart.set_defaults(handler=_command_quickstart)
     return parser

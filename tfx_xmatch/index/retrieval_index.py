@@ -164,19 +164,8 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
           ValueError: If the elements are neither tensors nor 2-tuples, or the dataset is empty.
         """
         spec = dataset.element_spec
-        if isinstance(spec, tuple):
-            if len(spec) != 2:
-                raise ValueError(
-                    "the dataset must yield embeddings or (identifiers, embeddings) tuples, got "
-                    f"elements {spec}"
-                )
-            batches = list(dataset)
-            if not batches:
-                raise ValueError("the candidate dataset is empty")
-            identifiers = tf.concat([ids for ids, _ in batches], axis=0)
-            candidates = tf.concat([embeddings for _, embeddings in batches], axis=0)
-            return self.index(candidates, identifiers)
-        if not isinstance(spec, tf.TensorSpec):
+        is_pair = isinstance(spec, tuple) and len(spec) == 2
+        if not (is_pair or isinstance(spec, tf.TensorSpec)):
             raise ValueError(
                 "the dataset must yield embeddings or (identifiers, embeddings) tuples, got "
                 f"elements {spec}"
@@ -184,6 +173,9 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         batches = list(dataset)
         if not batches:
             raise ValueError("the candidate dataset is empty")
+        if is_pair:
+            identifiers = tf.concat([ids for ids, _ in batches], axis=0)
+            return self.index(tf.concat([embeddings for _, embeddings in batches], axis=0), identifiers)
         return self.index(tf.concat(batches, axis=0))
 
     # ------------------------------------------------------------------ querying
