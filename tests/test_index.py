@@ -277,7 +277,7 @@ def test_is_exact_reflects_the_configuration():
 
 
 def test_registry_and_make_index():
-    assert set(INDEX_KINDS) == set(KINDS)
+    assert set(INDEX_KINDS) == set(KINDS) | {"sparse_code"}
     assert all(issubclass(cls, RetrievalIndex) for cls in INDEX_KINDS.values())
     assert isinstance(make_index("partitioned", num_partitions=4, num_probes=2), PartitionedIndex)
     with pytest.raises(ValueError, match=r"unknown index kind 'annoy'.*brute_force"):

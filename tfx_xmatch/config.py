@@ -44,7 +44,12 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Model name and its hyperparameters (see ``tfx_xmatch.models.TwoTower``)."""
+    """Model name and its hyperparameters (see ``tfx_xmatch.models``).
+
+    The fields are the ones every model shares; ``options`` holds the model's own keyword
+    arguments (e.g. ``num_codewords`` of SparCode), set from YAML as a mapping or on the command
+    line as ``model.options.num_codewords=512``.
+    """
 
     name: str = "two_tower"
     embedding_dim: int = 64
@@ -59,6 +64,7 @@ class ModelConfig:
     max_loss_positions: int = 4096
     item_hidden_units: list = dataclasses.field(default_factory=list)
     l2: float = 0.0
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -143,6 +149,12 @@ def _set(config: RunConfig, dotted_key: str, value: Any) -> None:
                           f"section one of {sorted(sections)}")
     section = getattr(config, section_name)
     fields = _section_fields(section)
+    option_field, _, option_key = key.partition(".")
+    if option_key and fields.get(option_field) is dict:
+        # "model.options.num_codewords=512": one entry of a free-form mapping; the model that
+        # receives it validates the name and the value.
+        getattr(section, option_field)[option_key] = value
+        return
     if key not in fields:
         raise ConfigError(f"unknown config key {dotted_key!r}; {section_name} has {sorted(fields)}")
     setattr(section, key, _coerce(value, fields[key], dotted_key))

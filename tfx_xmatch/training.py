@@ -14,6 +14,7 @@ interruption, and evaluated again later:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.config import RunConfig, config_from_dict
+from tfx_xmatch.config import ConfigError, RunConfig, config_from_dict
 from tfx_xmatch.data import load_dataset, make_split, sequence_training_dataset
 from tfx_xmatch.data.dataset import SequenceDataset, Split
 from tfx_xmatch.data.vocabulary import Vocabulary
@@ -66,6 +67,13 @@ def build_model(config: RunConfig, dataset: SequenceDataset) -> tf.keras.Model:
     name = kwargs.pop("name")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    options = kwargs.pop("options")
+    accepted = set(inspect.signature(MODELS[name].__init__).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"model.options {unknown} are not arguments of model {name!r}; "
+                          f"it accepts {sorted(accepted - {'self', 'kwargs', 'num_items'})}")
+    kwargs.update(options)
     if config.data.side_info:
         kwargs["item_feature_dims"] = {k: int(v.shape[1]) for k, v in dataset.item_features.items()}
         kwargs["item_feature_tables"] = dict(dataset.item_features)

@@ -4,6 +4,9 @@ Kinds:
   * ``brute_force``: exact, stock TF ops (runs on stock TF Serving, CPU or GPU).
   * ``partitioned``: approximate k-means partitioned index, stock TF ops only.
   * ``scann``: approximate ScaNN index; needs the ScaNN ops to save, load and serve.
+  * ``sparse_code``: inverted index of code-item scores for SparCode-style discrete-code queries
+    (candidates = the [N, C] code-score table, queries = [B, C] code weights); exact unless a
+    cache budget prunes the posting lists; stock TF ops only.
 
 Example:
   >>> index = make_index("partitioned", num_partitions=32, num_probes=4, k_max=10)
@@ -16,11 +19,13 @@ from tfx_xmatch.index.brute_force_index import BruteForceIndex
 from tfx_xmatch.index.partitioned_index import PartitionedIndex
 from tfx_xmatch.index.retrieval_index import RetrievalIndex
 from tfx_xmatch.index.scann_index import ScaNNIndex
+from tfx_xmatch.index.sparse_code_index import SparseCodeIndex
 
 INDEX_KINDS: dict[str, type[RetrievalIndex]] = {
     "brute_force": BruteForceIndex,
     "partitioned": PartitionedIndex,
     "scann": ScaNNIndex,
+    "sparse_code": SparseCodeIndex,
 }
 
 
@@ -28,7 +33,7 @@ def make_index(kind: str, **kwargs) -> RetrievalIndex:
     """Creates an index of a registered kind.
 
     Args:
-      kind: A key of ``INDEX_KINDS`` ("brute_force", "partitioned" or "scann").
+      kind: A key of ``INDEX_KINDS`` ("brute_force", "partitioned", "scann" or "sparse_code").
       **kwargs: Constructor arguments of that kind, e.g. ``k_max=100``.
 
     Returns:
@@ -51,5 +56,6 @@ __all__ = [
     "PartitionedIndex",
     "RetrievalIndex",
     "ScaNNIndex",
+    "SparseCodeIndex",
     "make_index",
 ]

@@ -106,48 +106,12 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             does not match the identifiers' dtype.
           RuntimeError: If called inside ``tf.function``.
         """
-        if not tf.executing_eagerly():
-            raise RuntimeError(
-                f"{type(self).__name__}.index() builds variables and must run eagerly; call it "
-                "outside tf.function"
-            )
-        candidates = tf.convert_to_tensor(candidates)
-        if not candidates.dtype.is_floating:
-            raise TypeError(f"candidates must be a float tensor, got dtype {candidates.dtype.name}")
-        candidates = tf.cast(candidates, tf.float32)
-        if candidates.shape.rank != 2:
-            raise ValueError(f"candidates must be a [N, d] matrix, got shape {candidates.shape}")
+        self._require_eager("index()")
+        candidates = self._checked_candidates(candidates)
         num_candidates, dimension = int(candidates.shape[0]), int(candidates.shape[1])
-        if num_candidates < 1:
-            raise ValueError(f"candidates must hold at least one row, got shape {candidates.shape}")
-        if dimension < 1:
-            raise ValueError(
-                f"candidates must have at least one column, got shape {candidates.shape}"
-            )
-
-        if identifiers is None:
-            identifiers = tf.range(num_candidates, dtype=tf.int64)
-        identifiers = tf.convert_to_tensor(identifiers)
-        if identifiers.dtype.is_integer:
-            identifiers = tf.cast(identifiers, tf.int64)
-        elif identifiers.dtype != tf.string:
-            raise TypeError(
-                f"identifiers must be integers or strings, got dtype {identifiers.dtype.name}"
-            )
-        if identifiers.shape.rank != 1 or int(identifiers.shape[0]) != num_candidates:
-            raise ValueError(
-                f"identifiers must be a vector with one entry per candidate ([{num_candidates}]), "
-                f"got shape {identifiers.shape}"
-            )
-        # Resolve the padding values now that the identifier dtype is known, failing early on
-        # a mismatch rather than inside a serving call.
-        self._resolved_padding(identifiers.dtype, self.padding_identifier, "padding_identifier")
-        self._resolved_padding(identifiers.dtype, self.exclude_padding, "exclude_padding")
-
+        identifiers = self._checked_identifiers(identifiers, num_candidates)
         self._index(candidates)
-        self.identifiers = self._assign_state("identifiers", identifiers)
-        self.num_candidates = num_candidates
-        self.dimension = dimension
+        self._set_catalogue(identifiers, num_candidates, dimension)
         return self
 
     def index_from_dataset(self, dataset: tf.data.Dataset) -> "RetrievalIndex":
@@ -163,13 +127,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         Raises:
           ValueError: If the elements are neither tensors nor 2-tuples, or the dataset is empty.
         """
-        spec = dataset.element_spec
-        is_pair = isinstance(spec, tuple) and len(spec) == 2
-        if not (is_pair or isinstance(spec, tf.TensorSpec)):
-            raise ValueError(
-                "the dataset must yield embeddings or (identifiers, embeddings) tuples, got "
-                f"elements {spec}"
-            )
+        is_pair = self._dataset_is_pair(dataset)
         batches = list(dataset)
         if not batches:
             raise ValueError("the candidate dataset is empty")
@@ -285,6 +243,75 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         """
 
     # ------------------------------------------------------------------ helpers
+    def _require_eager(self, method: str) -> None:
+        """Raises RuntimeError inside ``tf.function``: building an index makes variables."""
+        if not tf.executing_eagerly():
+            raise RuntimeError(
+                f"{type(self).__name__}.{method} builds variables and must run eagerly; call it "
+                "outside tf.function"
+            )
+
+    @staticmethod
+    def _checked_candidates(candidates: TensorLike) -> tf.Tensor:
+        """Validates float [N, d] candidates (N, d >= 1); returns them as float32."""
+        candidates = tf.convert_to_tensor(candidates)
+        if not candidates.dtype.is_floating:
+            raise TypeError(f"candidates must be a float tensor, got dtype {candidates.dtype.name}")
+        candidates = tf.cast(candidates, tf.float32)
+        if candidates.shape.rank != 2:
+            raise ValueError(f"candidates must be a [N, d] matrix, got shape {candidates.shape}")
+        if int(candidates.shape[0]) < 1:
+            raise ValueError(f"candidates must hold at least one row, got shape {candidates.shape}")
+        if int(candidates.shape[1]) < 1:
+            raise ValueError(
+                f"candidates must have at least one column, got shape {candidates.shape}"
+            )
+        return candidates
+
+    def _checked_identifiers(
+        self, identifiers: Optional[TensorLike], num_candidates: int
+    ) -> tf.Tensor:
+        """Validates [N] identifiers (default ``0..N-1``); integers become int64.
+
+        Also checks that the configured padding values suit the identifiers' dtype, failing
+        early rather than inside a serving call.
+        """
+        if identifiers is None:
+            identifiers = tf.range(num_candidates, dtype=tf.int64)
+        identifiers = tf.convert_to_tensor(identifiers)
+        if identifiers.dtype.is_integer:
+            identifiers = tf.cast(identifiers, tf.int64)
+        elif identifiers.dtype != tf.string:
+            raise TypeError(
+                f"identifiers must be integers or strings, got dtype {identifiers.dtype.name}"
+            )
+        if identifiers.shape.rank != 1 or int(identifiers.shape[0]) != num_candidates:
+            raise ValueError(
+                f"identifiers must be a vector with one entry per candidate ([{num_candidates}]), "
+                f"got shape {identifiers.shape}"
+            )
+        self._resolved_padding(identifiers.dtype, self.padding_identifier, "padding_identifier")
+        self._resolved_padding(identifiers.dtype, self.exclude_padding, "exclude_padding")
+        return identifiers
+
+    def _set_catalogue(self, identifiers: tf.Tensor, num_candidates: int, dimension: int) -> None:
+        """Stores checked identifiers and the catalogue shape once the kind's state is built."""
+        self.identifiers = self._assign_state("identifiers", identifiers)
+        self.num_candidates = num_candidates
+        self.dimension = dimension
+
+    @staticmethod
+    def _dataset_is_pair(dataset: tf.data.Dataset) -> bool:
+        """True for ``(identifiers, embeddings)`` elements, False for plain embeddings."""
+        spec = dataset.element_spec
+        is_pair = isinstance(spec, tuple) and len(spec) == 2
+        if not (is_pair or isinstance(spec, tf.TensorSpec)):
+            raise ValueError(
+                "the dataset must yield embeddings or (identifiers, embeddings) tuples, got "
+                f"elements {spec}"
+            )
+        return is_pair
+
     def _assign_state(self, name: str, value: TensorLike) -> tf.Variable:
         """Stores ``value`` in the non-trainable variable attribute ``name``.
 

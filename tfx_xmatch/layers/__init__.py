@@ -1,8 +1,17 @@
 """Keras layers shared by the tfx_xmatch models."""
 
+from tfx_xmatch.layers.all_to_all_interaction import AllToAllInteraction
 from tfx_xmatch.layers.causal_transformer_block import CausalTransformerBlock
 from tfx_xmatch.layers.item_tower import ItemTower
 from tfx_xmatch.layers.mean_pooling_encoder import MeanPoolingEncoder
 from tfx_xmatch.layers.sasrec_encoder import SASRecEncoder
+from tfx_xmatch.layers.vector_quantizer import VectorQuantizer
 
-__all__ = ["CausalTransformerBlock", "ItemTower", "MeanPoolingEncoder", "SASRecEncoder"]
+__all__ = [
+    "AllToAllInteraction",
+    "CausalTransformerBlock",
+    "ItemTower",
+    "MeanPoolingEncoder",
+    "SASRecEncoder",
+    "VectorQuantizer",
+]

@@ -102,6 +102,25 @@ class ItemTower(tf.keras.layers.Layer):
             embeddings = layer(embeddings)
         return embeddings
 
+    def tokens(self, item_indices: tf.Tensor) -> tf.Tensor:
+        """The item's separate tokens, id embedding first, then one per feature table.
+
+        Cross-interaction models (e.g. SparCode) attend over these instead of their sum.
+
+        Args:
+          item_indices: int [...] item indices.
+
+        Returns:
+          float [..., 1 + number of feature tables, embedding_dim].
+        """
+        item_indices = tf.convert_to_tensor(item_indices)
+        if not self.built:
+            self.build(item_indices.shape)
+        tokens = [self.id_embedding(item_indices)]
+        for name, table in self.feature_tables.items():
+            tokens.append(self.feature_projections[name](tf.gather(table, item_indices)))
+        return tf.stack(tokens, axis=-2)
+
     def all_items(self) -> tf.Tensor:
         """Embeddings of every item index, padding included: [num_items + 1, embedding_dim]."""
         return self(tf.range(self.num_items + 1))

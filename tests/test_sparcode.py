@@ -1,0 +1,210 @@
+"""SparCode and its interaction layer: NumPy oracles, straight-through training, the inverted index
+against brute force, config round trips, save/reload and export."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfx_xmatch.config import ConfigError, load_config
+from tfx_xmatch.data.dataset import pad_histories
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.export import export_retrieval_model, non_stock_ops
+from tfx_xmatch.index import BruteForceIndex, SparseCodeIndex
+from tfx_xmatch.layers import AllToAllInteraction
+from tfx_xmatch.models import SparCode
+from tfx_xmatch.models.sparcode import relu_with_leaky_gradient
+from tfx_xmatch.training import build_model, load_model, save_model
+from tfx_xmatch.data import make_synthetic
+
+NUM_ITEMS, LENGTH = 40, 8
+
+
+def _batches(num_batches=6, batch=16, seed=0):
+    """Histories with a learnable successor structure: item i is followed by i + 1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num_batches * batch):
+        start = rng.integers(1, NUM_ITEMS - LENGTH)
+        sequence = np.arange(start, start + LENGTH + 1) % NUM_ITEMS + 1
+        rows.append(sequence)
+    rows = np.array(rows, np.int32)
+    history, next_items = rows[:, :-1].copy(), rows[:, 1:].copy()
+    history[::3, :2] = 0  # some left padding
+    next_items[history == 0] = 0
+    return tf.data.Dataset.from_tensor_slices({"history": history, "next_items": next_items}).batch(batch)
+
+
+def _model(**kwargs):
+    defaults = dict(num_items=NUM_ITEMS, embedding_dim=16, max_length=LENGTH, dropout=0.0, num_query_tokens=2,
+                    num_codewords=16, interaction_units=(16,), max_loss_positions=64)
+    tf.keras.utils.set_random_seed(3)
+    model = SparCode(**{**defaults, **kwargs})
+    model.compile(optimizer=tf.keras.optimizers.Adam(5e-3))
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = _model()
+    history = model.fit(_batches(), epochs=3, verbose=0)
+    return model, history
+
+
+def test_relu_with_leaky_gradient_is_relu_forward_and_leaks_backward():
+    x = tf.constant([-2.0, -0.5, 0.5, 3.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = relu_with_leaky_gradient(x, 0.1)
+    np.testing.assert_array_equal(y.numpy(), [0.0, 0.0, 0.5, 3.0])
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), [0.1, 0.1, 1.1, 1.1])
+
+
+def test_all_to_all_interaction_equals_a_numpy_mlp_over_each_pair():
+    layer = AllToAllInteraction(hidden_units=(6, 5), bilinear=True)
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(3, 4)).astype(np.float32)
+    items = rng.normal(size=(7, 2, 4)).astype(np.float32)
+    scores = layer(queries, items).numpy()
+    (a, a_bias), (b,), (w1, b1), (w_out, b_out), (w_bilinear,) = (
+        [v.numpy() for v in layer.query_projection.weights], [layer.item_projection.kernel.numpy()],
+        [v.numpy() for v in layer.hidden_layers[0].weights], [v.numpy() for v in layer.output_layer.weights],
+        [layer.bilinear_projection.kernel.numpy()])
+    relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
+    for p in range(3):
+        for i in range(7):
+            # The factorised first layer is the same as a dense layer on the concatenation.
+            concatenated = np.concatenate([queries[p], items[i].ravel()])
+            first = relu(concatenated @ np.concatenate([a, b]) + a_bias)
+            expected = relu(first @ w1 + b1) @ w_out + b_out + (queries[p] @ w_bilinear) @ items[i, 0]
+            np.testing.assert_allclose(scores[p, i], expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_all_to_all_interaction_config_round_trip_and_bad_arguments():
+    layer = AllToAllInteraction(hidden_units=(8, 4), bilinear=False, name="e")
+    again = AllToAllInteraction.from_config(layer.get_config())
+    assert again.get_config() == layer.get_config()
+    with pytest.raises(ValueError, match=r"hidden_units .* got \(\)"):
+        AllToAllInteraction(hidden_units=())
+    with pytest.raises(ValueError, match="got shape"):
+        AllToAllInteraction()(tf.zeros([2, 3, 4]), tf.zeros([5, 1, 4]))
+
+
+def test_training_shows_losses_and_codebook_usage(trained):
+    _, history = trained
+    logs = history.history
+    assert {"loss", "retrieval_loss", "positive_score_fraction", "quantizer_perplexity",
+            "quantizer_dead_codes"} <= set(logs)
+    assert logs["retrieval_loss"][-1] < logs["retrieval_loss"][0]
+    assert logs["quantizer_perplexity"][-1] > 1.0
+
+
+def test_retrieval_loss_reaches_the_encoder_through_the_codes():
+    model = _model()
+    batch = next(iter(_batches()))
+    model.compute_loss(batch, training=True)  # builds, initialises the codebook from data
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(batch, training=True)
+    gradients = tape.gradient(loss, [model.tokenizer.kernel, model.interaction.output_layer.kernel])
+    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in gradients)
+    assert all(not v.trainable for v in model.quantizer.weights)  # codebooks follow the EMA only
+
+
+def test_scores_depend_on_the_query_only_through_its_codes(trained):
+    model, _ = trained
+    histories = pad_histories([np.arange(1, 6), np.arange(10, 20), np.array([33])], LENGTH)
+    inputs = {"history": histories}
+    codes = model.query_codes(inputs).numpy()
+    table = model.code_item_scores().numpy()
+    expected = table[codes].sum(axis=1)  # sum_k T[code_k, :]
+    np.testing.assert_allclose(model.score_all(inputs).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert (table >= 0).all() and (table[:, 0] == 0).all()
+    np.testing.assert_allclose(model.item_embeddings().numpy(), table.T)
+
+
+def _oracle_top_k(scores, k):
+    """Best-first positive scores and item indices (NumPy); unfilled slots -inf / -1."""
+    out_scores = np.full((len(scores), k), -np.inf, np.float32)
+    out_ids = np.full((len(scores), k), -1, np.int64)
+    for row, values in enumerate(scores):
+        positive = np.flatnonzero(values > 0)
+        order = positive[np.argsort(-values[positive], kind="stable")][:k]
+        out_scores[row, : len(order)] = values[order]
+        out_ids[row, : len(order)] = order
+    return out_scores, out_ids
+
+
+def test_index_at_full_cache_is_the_brute_force_top_k_of_the_quantized_scores(trained):
+    model, _ = trained
+    histories = pad_histories([np.arange(1, 6), np.arange(10, 20), np.array([33]), np.arange(20, 28)], LENGTH)
+    inputs = {"history": histories}
+    index = SparseCodeIndex(k_max=NUM_ITEMS).index(model.item_embeddings()[1:], tf.range(1, NUM_ITEMS + 1))
+    assert index.is_exact()
+    scores, ids = index(model.user_embedding(inputs), k=15)
+    expected_scores, expected_ids = _oracle_top_k(model.score_all(inputs).numpy(), 15)
+    np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-5)
+    found = np.isfinite(expected_scores)
+    np.testing.assert_array_equal(ids.numpy()[found], expected_ids[found])
+    # The same answer as a dense brute-force index over the code-score columns.
+    dense_scores, _ = BruteForceIndex(k_max=NUM_ITEMS).index(model.item_embeddings()[1:])(model.user_embedding(inputs), k=15)
+    np.testing.assert_allclose(scores.numpy()[found], dense_scores.numpy()[found], rtol=1e-5)
+
+
+def test_config_round_trip_and_save_reload_give_identical_retrievals(trained, tmp_path):
+    model, _ = trained
+    again = SparCode.from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    assert isinstance(reloaded, SparCode)
+    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(30, 38)], LENGTH)}
+    np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
+    np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(reloaded.quantizer.codebooks.numpy(), model.quantizer.codebooks.numpy())
+
+
+def test_export_serves_the_inverted_index_with_stock_ops(trained, tmp_path):
+    model, _ = trained
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    path = export_retrieval_model(model, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
+    assert non_stock_ops(path) == set()
+    served = tf.saved_model.load(str(path))
+    histories = [np.arange(1, 6), np.arange(10, 20)]
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in histories])
+    result = served.signatures["top_k"](history=request, k=tf.constant(5))
+    scores = model.score_all({"history": pad_histories(histories, LENGTH)}).numpy()
+    for row, history in enumerate(histories):
+        scores[row, history] = 0.0  # the export removes the history
+    expected_scores, expected_ids = _oracle_top_k(scores, 5)
+    np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
+    found = np.isfinite(expected_scores)
+    assert (result["item_ids"].numpy().astype(str)[found] == vocab.ids(expected_ids[found])).all()
+
+
+def test_unquantized_all_to_all_trains_and_scores_every_item():
+    model = _model(quantize=False, loss="sampled_softmax", num_sampled_negatives=8)
+    model.set_item_frequencies(np.ones(NUM_ITEMS + 1))
+    history = model.fit(_batches(num_batches=2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    inputs = {"history": pad_histories([np.arange(1, 6)], LENGTH)}
+    scores = model.score_all(inputs).numpy()
+    assert scores.shape == (1, NUM_ITEMS + 1) and scores[0, 0] == 0
+    with pytest.raises(ValueError, match="no code bag"):
+        model.user_embedding(inputs)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="num_codebooks must be 1 or num_query_tokens=4, got 3"):
+        SparCode(num_items=5, num_query_tokens=4, num_codebooks=3)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        SparCode(num_items=5, loss="bpr")
+
+
+def test_config_options_reach_the_model_and_unknown_ones_are_refused():
+    config = load_config(None, ["model.name=sparcode", "model.options.num_codewords=32",
+                                "model.options.num_query_tokens=3", "model.max_length=10"])
+    dataset = make_synthetic(num_users=20, num_items=15, seed=0)
+    model = build_model(config, dataset)
+    assert (model.num_codewords, model.num_query_tokens) == (32, 3)
+    config = load_config(None, ["model.name=sparcode", "model.options.num_codeword=32"])
+    with pytest.raises(ConfigError, match=r"\['num_codeword'\] are not arguments of model 'sparcode'"):
+        build_model(config, dataset)

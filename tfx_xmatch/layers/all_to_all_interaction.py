@@ -1,0 +1,92 @@
+"""AllToAllInteraction: one shared network scores every (query token, item) pair."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+
+class AllToAllInteraction(tf.keras.layers.Layer):
+    """Scores (query token, item) pairs from the token and all of the item's tokens.
+
+    Unlike a dot product, the score E(q, i) is an MLP over ``[q ; item tokens]`` (the item's id
+    embedding and each feature embedding), so query and item features interact freely. An
+    optional bilinear term ``(q W) . id_token`` is added, which makes a dot-product model a
+    special case and eases early training.
+
+    Every query row is scored against every item row ("all pairs"). The first MLP layer is
+    linear in the concatenation, so it is computed as ``q A + items B`` and broadcast to the
+    [P, I, H] pair grid: the per-pair cost is the hidden layers only, which is what makes
+    scoring a whole codebook against a whole catalogue per training step affordable.
+
+    Args:
+      hidden_units: Widths of the MLP's hidden ReLU layers (sequence of int, default (64,)).
+        At least one.
+      bilinear: Add the bilinear term (bool, default True).
+
+    Call args:
+      query_tokens: float [P, d] query (or code) tokens.
+      item_tokens: float [I, T, d] tokens of I items (T tokens each, e.g. from
+        ``ItemTower.tokens``).
+
+    Returns:
+      float [P, I] pre-activation pair scores E(q, i).
+
+    Raises:
+      ValueError: If ``hidden_units`` is empty or holds a width < 1, or inputs have the
+        wrong rank.
+
+    Example:
+      >>> interaction = AllToAllInteraction(hidden_units=(32,))
+      >>> interaction(tf.random.normal([4, 8]), tf.random.normal([10, 2, 8])).shape
+      TensorShape([4, 10])
+    """
+
+    def __init__(self, hidden_units: Sequence[int] = (64,), bilinear: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        hidden_units = tuple(hidden_units)
+        if not hidden_units or any(int(u) < 1 for u in hidden_units):
+            raise ValueError(f"hidden_units must be one or more widths >= 1, got {hidden_units!r}")
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.bilinear = bool(bilinear)
+
+    def build(self, input_shape=None):
+        first = self.hidden_units[0]
+        self.query_projection = tf.keras.layers.Dense(first, use_bias=True, name="query_projection")
+        self.item_projection = tf.keras.layers.Dense(first, use_bias=False, name="item_projection")
+        self.hidden_layers = [
+            tf.keras.layers.Dense(units, activation="relu", name=f"hidden_{i + 1}")
+            for i, units in enumerate(self.hidden_units[1:])
+        ]
+        self.output_layer = tf.keras.layers.Dense(1, name="output")
+        if self.bilinear:
+            self.bilinear_projection = None  # width known at the first call
+        super().build(input_shape)
+
+    def call(self, query_tokens: tf.Tensor, item_tokens: tf.Tensor) -> tf.Tensor:
+        query_tokens = tf.convert_to_tensor(query_tokens)
+        item_tokens = tf.convert_to_tensor(item_tokens)
+        if query_tokens.shape.rank != 2:
+            raise ValueError(f"query_tokens must be [P, d], got shape {query_tokens.shape}")
+        if item_tokens.shape.rank != 3:
+            raise ValueError(f"item_tokens must be [I, T, d], got shape {item_tokens.shape}")
+        num_tokens, width = item_tokens.shape[1], item_tokens.shape[2]
+        flat_items = tf.reshape(item_tokens, [-1, num_tokens * width])
+        hidden = tf.nn.relu(
+            self.query_projection(query_tokens)[:, tf.newaxis, :]
+            + self.item_projection(flat_items)[tf.newaxis, :, :]
+        )
+        for layer in self.hidden_layers:
+            hidden = layer(hidden)
+        scores = tf.squeeze(self.output_layer(hidden), axis=-1)
+        if self.bilinear:
+            if self.bilinear_projection is None:
+                self.bilinear_projection = tf.keras.layers.Dense(width, use_bias=False, name="bilinear")
+            scores += tf.matmul(self.bilinear_projection(query_tokens), item_tokens[:, 0, :], transpose_b=True)
+        return scores
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(hidden_units=list(self.hidden_units), bilinear=self.bilinear)
+        return config

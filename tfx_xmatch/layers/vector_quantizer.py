@@ -1,0 +1,277 @@
+"""VectorQuantizer: nearest-codeword quantization with EMA codebooks (VQ-VAE)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+
+class VectorQuantizer(tf.keras.layers.Layer):
+    """Maps vectors to their nearest codewords, with codebooks learnt by exponential moving average.
+
+    Follows van den Oord et al. (2017) and Razavi et al. (2019, VQ-VAE-2): codebooks receive no
+    gradient; each training call moves codeword j to the (Laplace smoothed) running mean of the
+    vectors assigned to it, and the encoder is pulled towards its codewords by a commitment loss.
+    Gradients reach the inputs through the straight-through estimator.
+
+    Two measures keep codes alive, since a code that no vector picks never moves again:
+    the first training call sets every codeword to a random input vector (a random codebook far
+    from the data leaves most codes dead from the start), and codewords whose EMA usage falls
+    below ``dead_code_threshold`` are restarted at random input vectors of the current batch.
+
+    Input layouts (``M = num_codebooks``, ``N = num_codewords``):
+      * ``M == 1``: float ``[..., d]``; codes int32 ``[...]``.
+      * ``M > 1``: float ``[..., M, d]``; group m uses codebook m; codes int32 ``[..., M]``.
+      * ``M > 1`` with ``product_quantization``: float ``[..., d]``, split into M contiguous
+        chunks of ``d / M``; chunk m uses codebook m; codes int32 ``[..., M]``.
+
+    Args:
+      num_codewords: Codewords per codebook N (int, >= 2).
+      num_codebooks: Number of codebooks M (int, default 1).
+      product_quantization: Split each vector into M chunks instead of expecting an M axis
+        (bool, default False; ignored when M == 1).
+      decay: EMA decay in (0, 1) (float, default 0.99).
+      commitment_weight: Weight of the commitment loss (float >= 0, default 0.25).
+      epsilon: Laplace smoothing of the EMA cluster sizes (float > 0, default 1e-5).
+      dead_code_threshold: EMA cluster size under which a codeword counts as dead (float >= 0,
+        default 1.0).
+      restart_dead_codes: Restart dead codewords at batch vectors (bool, default True).
+
+    Call args:
+      inputs: float tensor in one of the layouts above.
+      training: Python bool (default False). When True: data-dependent init on the first call,
+        EMA and dead-code updates, the commitment loss (``add_loss``) and the
+        ``<name>_perplexity`` and ``<name>_dead_codes`` metrics (``add_metric``).
+
+    Returns:
+      ``(quantized, codes)``: ``quantized`` has the shape of ``inputs``, the value of the nearest
+      codewords and the gradient of the identity; ``codes`` are int32 indices (ties go to the
+      lowest index).
+
+    Raises:
+      ValueError: on invalid hyperparameters, a width not divisible by M under product
+        quantization, or inputs without an M-sized group axis.
+
+    Example:
+      >>> vq = VectorQuantizer(num_codewords=16, num_codebooks=2, product_quantization=True)
+      >>> quantized, codes = vq(tf.random.normal([4, 8]), training=True)
+      >>> quantized.shape, codes.shape
+      (TensorShape([4, 8]), TensorShape([4, 2]))
+    """
+
+    def __init__(
+        self,
+        num_codewords: int,
+        num_codebooks: int = 1,
+        product_quantization: bool = False,
+        decay: float = 0.99,
+        commitment_weight: float = 0.25,
+        epsilon: float = 1e-5,
+        dead_code_threshold: float = 1.0,
+        restart_dead_codes: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_codewords < 2:
+            raise ValueError(f"num_codewords must be >= 2, got {num_codewords!r}")
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks!r}")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+        if commitment_weight < 0:
+            raise ValueError(f"commitment_weight must be >= 0, got {commitment_weight!r}")
+        if epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+        if dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold!r}")
+        self.num_codewords = int(num_codewords)
+        self.num_codebooks = int(num_codebooks)
+        self.product_quantization = bool(product_quantization)
+        self.decay = float(decay)
+        self.commitment_weight = float(commitment_weight)
+        self.epsilon = float(epsilon)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.restart_dead_codes = bool(restart_dead_codes)
+        self.num_codes = self.num_codebooks * self.num_codewords
+
+    @property
+    def _grouped(self) -> bool:
+        return self.num_codebooks > 1 and not self.product_quantization
+
+    def _check_shape(self, shape: tf.TensorShape) -> Optional[int]:
+        """Validates a static input shape and returns the codeword width (None if unknown)."""
+        shape = tf.TensorShape(shape)
+        if self._grouped:
+            if shape.rank is not None and (shape.rank < 2 or shape[-2] != self.num_codebooks):
+                raise ValueError(
+                    f"{self.name} with num_codebooks={self.num_codebooks} expects inputs "
+                    f"[..., {self.num_codebooks}, d], got shape {shape}"
+                )
+        elif self.num_codebooks > 1 and shape.rank is not None and shape[-1] is not None:
+            if shape[-1] % self.num_codebooks:
+                raise ValueError(
+                    f"{self.name}: product quantization needs the input width {shape[-1]} to be "
+                    f"divisible by num_codebooks={self.num_codebooks}, got shape {shape}"
+                )
+            return shape[-1] // self.num_codebooks
+        return None if shape.rank is None else shape[-1]
+
+    def build(self, input_shape):
+        width = self._check_shape(input_shape)
+        if width is None:
+            raise ValueError(f"{self.name} needs a known input width, got shape {input_shape}")
+        self.width = int(width)
+        M, N = self.num_codebooks, self.num_codewords
+        # State is written only by assign; under a distribution strategy the first replica's
+        # update wins (replicas see different batches, so there is no meaningful sum).
+        state = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # Placeholder values: the first training call replaces them with batch vectors.
+        self.codebooks = self.add_weight(
+            name="codebooks", shape=(M, N, self.width), initializer="random_normal", **state
+        )
+        self.ema_cluster_size = self.add_weight(
+            name="ema_cluster_size", shape=(M, N), initializer="zeros", **state
+        )
+        self.ema_embed_sum = self.add_weight(
+            name="ema_embed_sum", shape=(M, N, self.width), initializer="zeros", **state
+        )
+        self.initialized = self.add_weight(
+            name="initialized", shape=(), dtype=tf.bool, initializer="zeros", **state
+        )
+        super().build(input_shape)
+
+    def _assign(self, vectors: tf.Tensor, codebooks: tf.Tensor) -> tf.Tensor:
+        """Nearest codeword per vector: [M, V, w] x [M, N, w] -> int32 [M, V]."""
+        # ||x||^2 is the same for every codeword of a row, so it cannot change the argmin.
+        distances = tf.reduce_sum(tf.square(codebooks), -1)[:, tf.newaxis, :] - 2.0 * tf.matmul(
+            vectors, codebooks, transpose_b=True
+        )
+        nearest = distances <= tf.reduce_min(distances, -1, keepdims=True)
+        # tf.argmin does not promise which of tied minima it returns; this takes the lowest.
+        indices = tf.range(self.num_codewords, dtype=tf.int32)
+        return tf.reduce_min(tf.where(nearest, indices, self.num_codewords), -1)
+
+    def _sample(self, vectors: tf.Tensor, distinct: bool) -> tf.Tensor:
+        """N batch vectors per codebook, [M, V, w] -> [M, N, w]."""
+        M, N = self.num_codebooks, self.num_codewords
+        count = tf.shape(vectors)[1]
+        picks = tf.random.uniform([M, N], maxval=count, dtype=tf.int32)
+        if distinct:
+            # Use every batch vector once before repeating any, so small batches still cover
+            # as much of the data as they can.
+            order = tf.argsort(tf.random.uniform([M, count]), axis=-1)
+            slots = tf.range(N)
+            firsts = tf.gather(order, tf.minimum(slots, count - 1), axis=1)
+            picks = tf.where(slots < count, firsts, picks)
+        return tf.gather(vectors, picks, batch_dims=1)
+
+    def _perplexity(self, codes: tf.Tensor) -> tf.Tensor:
+        """exp(entropy of code usage) per codebook, int [M, V] -> float [M]."""
+        usage = tf.reduce_mean(tf.one_hot(codes, self.num_codewords), axis=1)
+        entropy = -tf.reduce_sum(tf.math.multiply_no_nan(tf.math.log(usage), usage), -1)
+        return tf.exp(entropy)
+
+    def _train_step(self, vectors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Init, search, EMA update and restart for [M, V, w] vectors.
+
+        Returns codes [M, V] and their codewords [M, V, w] from before the EMA update.
+        """
+        M, N = self.num_codebooks, self.num_codewords
+
+        def current():
+            state = (self.codebooks, self.ema_cluster_size, self.ema_embed_sum)
+            return tuple(tf.identity(variable) for variable in state)
+
+        def from_batch():
+            # Each codeword starts as the mean of one vector, i.e. the vector itself.
+            codebooks = self._sample(vectors, distinct=True)
+            return codebooks, tf.ones([M, N], codebooks.dtype), codebooks
+
+        # tf.cond rather than a Python `if`: the flag is a variable, read at run time in graphs.
+        initialized = tf.convert_to_tensor(self.initialized)
+        codebooks, cluster_size, embed_sum = tf.cond(initialized, current, from_batch)
+        self.initialized.assign(True)
+
+        codes = self._assign(vectors, codebooks)
+        nearest = tf.gather(codebooks, codes, batch_dims=1)
+        one_hot = tf.one_hot(codes, N, dtype=vectors.dtype)  # [M, V, N]
+        cluster_size = self.decay * cluster_size + (1.0 - self.decay) * tf.reduce_sum(one_hot, 1)
+        batch_sum = tf.matmul(one_hot, vectors, transpose_a=True)  # [M, N, w]
+        embed_sum = self.decay * embed_sum + (1.0 - self.decay) * batch_sum
+        total = tf.reduce_sum(cluster_size, -1, keepdims=True)
+        # Laplace smoothing keeps an unused codeword from dividing by zero.
+        smoothed = (cluster_size + self.epsilon) / (total + N * self.epsilon) * total
+        codebooks = embed_sum / smoothed[..., tf.newaxis]
+
+        dead = cluster_size < self.dead_code_threshold
+        self.add_metric(tf.reduce_mean(tf.cast(dead, tf.float32)), name=f"{self.name}_dead_codes")
+        if self.restart_dead_codes:
+            fresh = self._sample(vectors, distinct=False)
+            # Twice the threshold gives a restarted code time to win vectors before it counts as dead.
+            grace = 2.0 * self.dead_code_threshold
+            codebooks = tf.where(dead[..., tf.newaxis], fresh, codebooks)
+            embed_sum = tf.where(dead[..., tf.newaxis], fresh * grace, embed_sum)
+            cluster_size = tf.where(dead, grace, cluster_size)
+        self.codebooks.assign(codebooks)
+        self.ema_cluster_size.assign(cluster_size)
+        self.ema_embed_sum.assign(embed_sum)
+        self.add_metric(tf.reduce_mean(self._perplexity(codes)), name=f"{self.name}_perplexity")
+        return codes, nearest
+
+    def call(self, inputs: tf.Tensor, training: Optional[bool] = False) -> tuple[tf.Tensor, tf.Tensor]:
+        width = self._check_shape(inputs.shape)
+        if width is not None and width != self.width:
+            raise ValueError(
+                f"{self.name} was built for width {self.width}, got inputs of shape {inputs.shape}"
+            )
+        M = self.num_codebooks
+        # Every layout flattens to [V, M, w]; codebook-major [M, V, w] makes the search a batched matmul.
+        vectors = tf.transpose(tf.reshape(tf.stop_gradient(inputs), [-1, M, self.width]), [1, 0, 2])
+        vectors = tf.cast(vectors, self.codebooks.dtype)
+        if training:
+            codes, nearest = self._train_step(vectors)
+        else:
+            codes = self._assign(vectors, self.codebooks)
+            nearest = tf.gather(self.codebooks, codes, batch_dims=1)
+        shape = tf.shape(inputs)
+        nearest = tf.cast(tf.reshape(tf.transpose(nearest, [1, 0, 2]), shape), inputs.dtype)
+        codes_shape = shape[:-1] if self._grouped or M == 1 else tf.concat([shape[:-1], [M]], 0)
+        codes = tf.reshape(tf.transpose(codes), codes_shape)
+        if training:
+            # Codebooks follow the EMA; this term only pulls the inputs towards their codewords.
+            commitment = tf.reduce_mean(tf.square(inputs - tf.stop_gradient(nearest)))
+            self.add_loss(self.commitment_weight * commitment)
+        # Straight-through estimator: forward value of the codewords, gradient of the identity.
+        return inputs + tf.stop_gradient(nearest - inputs), codes
+
+    def codewords(self, codes: tf.Tensor) -> tf.Tensor:
+        """Codeword vectors of codes: int [..., M] -> [..., M, width] ([...] -> [..., width] if M == 1)."""
+        table = tf.reshape(self.codebooks, [self.num_codes, self.width])
+        return tf.gather(table, self.global_codes(codes))
+
+    def global_codes(self, codes: tf.Tensor) -> tf.Tensor:
+        """One id space for all codebooks: code c of codebook m becomes m * N + c (int32)."""
+        codes = tf.cast(codes, tf.int32)
+        if self.num_codebooks == 1:
+            return codes
+        return codes + tf.range(self.num_codebooks, dtype=tf.int32) * self.num_codewords
+
+    def codebook_perplexity(self, codes: tf.Tensor) -> tf.Tensor:
+        """exp(entropy of the code usage in ``codes``) per codebook: float [M], between 1 and N."""
+        codes = tf.transpose(tf.reshape(tf.cast(codes, tf.int32), [-1, self.num_codebooks]))
+        return self._perplexity(codes)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            num_codewords=self.num_codewords,
+            num_codebooks=self.num_codebooks,
+            product_quantization=self.product_quantization,
+            decay=self.decay,
+            commitment_weight=self.commitment_weight,
+            epsilon=self.epsilon,
+            dead_code_threshold=self.dead_code_threshold,
+            restart_dead_codes=self.restart_dead_codes,
+        )
+        return config

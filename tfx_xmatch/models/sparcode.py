@@ -1,0 +1,431 @@
+"""SparCode: quantized query codes, all-to-all interaction, sparse inverted index.
+
+Su et al., "Beyond Two-Tower Matching: Learning Sparse Retrievable Cross-Interactions for
+Recommendation" (arXiv 2311.18213).
+
+The user's history is encoded (the same SASRec / mean encoder as the two-tower baseline),
+turned into K query tokens, and each token is vector-quantized into a code of a shared codebook
+(or of its own codebook). An all-to-all interaction network E scores a (code, item) pair from
+the codeword and the item's tokens; a query's score of item i is
+
+    score(q, i) = sum_k ReLU(E(code_k, i) + b).
+
+Because the score depends on the query only through its codes, serving needs no network at
+all: a sparse inverted index (``SparseCodeIndex``) holds, for every code, the items with a
+positive score, and a query sums the posting lists of its codes.
+
+Training computes the code-item table T = ReLU(E(codebook, candidates) + b) once per step —
+[codes x candidates], not [queries x candidates] — and scores queries by their bag of codes,
+``bag @ T``. The discrete assignment gets a straight-through gradient: the bag is the hard
+one-hot count plus ``soft - stop_gradient(soft)``, where ``soft`` is a softmax over codeword
+distances, so the retrieval loss reaches the encoder while the forward pass stays exactly the
+hard code lookup that serving uses.
+
+Losses: softmax over the candidates (the full catalogue, or in-batch targets plus uniformly
+sampled negatives with logQ correction) + ``sparsity_weight`` x mean(T) (an L1 penalty that
+empties posting lists) + the quantizer's commitment loss. Codebooks follow an EMA of their
+assigned tokens, with dead-code restarts.
+
+With ``quantize=False`` the same network is the unquantized all-to-all model: continuous
+query tokens go straight into E for every candidate. It cannot be served from an inverted
+index; it is the accuracy upper bound SparCode is measured against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfx_xmatch.layers import (
+    AllToAllInteraction,
+    ItemTower,
+    MeanPoolingEncoder,
+    SASRecEncoder,
+    VectorQuantizer,
+)
+
+USER_TOWERS = ("mean", "sasrec")
+LOSSES = ("full_softmax", "sampled_softmax")
+
+
+def relu_with_leaky_gradient(x: tf.Tensor, leak: float) -> tf.Tensor:
+    """ReLU(x) in the forward pass; gradient 1[x > 0] + leak.
+
+    A target item whose pair scores are all negative would otherwise get no gradient and
+    stay unretrievable for good; the leak lets training pull it back while the forward value
+    (what the index stores) is exactly the ReLU.
+    """
+    if not leak:
+        return tf.nn.relu(x)
+    return tf.nn.relu(x) + leak * (x - tf.stop_gradient(x))
+
+
+class SparCode(tfrs.models.Model):
+    """SparCode retrieval model over item histories.
+
+    Args:
+      num_items: Number of real items (indices 1..num_items; 0 is padding).
+      embedding_dim: Width of item, history and token embeddings (int, default 64).
+      user_tower: History encoder, "sasrec" or "mean" (default "sasrec").
+      max_length: History window L (int, default 200).
+      num_blocks, num_heads, dropout: SASRec encoder settings (defaults 2, 1, 0.2).
+      loss: "full_softmax" (every item is a candidate) or "sampled_softmax" (in-batch
+        targets plus ``num_sampled_negatives`` uniform items, logQ-corrected). Default
+        "full_softmax".
+      temperature: Logits are divided by it (float, default 1.0).
+      num_sampled_negatives: Uniform extra negatives per step for the sampled loss (int,
+        default 1024).
+      max_loss_positions: History positions (chosen at random) trained per step (int, default
+        2048); bounds the [positions x candidates] score matrix.
+      item_feature_dims, item_feature_tables, user_feature_cardinalities, item_hidden_units,
+        l2: As in ``TwoTower``. Item features become extra item tokens of the interaction.
+      num_query_tokens: K, query tokens (and codes) per user (int, default 8).
+      num_codewords: N, codewords per codebook (int, default 512).
+      num_codebooks: 1 (all tokens share one codebook, N codes in all) or K (token k uses
+        codebook k, K x N codes). Default 1.
+      quantize: False trains the unquantized all-to-all upper bound (default True).
+      interaction_units: Hidden widths of the interaction MLP (default (64,)).
+      commitment_weight: Weight of the quantizer's commitment loss (float, default 0.25).
+      codebook_decay: EMA decay of the codebooks (float, default 0.99).
+      sparsity_weight: Weight of the L1 penalty on the code-item scores (float, default 1e-3).
+      assignment_temperature: Temperature of the soft assignment whose gradient trains the
+        encoder, on the mean squared per-dimension codeword distance (float, default 0.1).
+      relu_leak: Gradient leak of the score ReLU during training (float, default 0.01).
+
+    Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
+    "next_items" int32 [B, L]; one int32 [B] entry per user feature.
+
+    Example:
+      >>> model = SparCode(num_items=100, embedding_dim=16, max_length=20, num_codewords=32)
+      >>> model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+      >>> codes = model.query_codes({"history": tf.ones([2, 20], tf.int32)})  # int32 [2, 8]
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int = 64,
+        user_tower: str = "sasrec",
+        max_length: int = 200,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        loss: str = "full_softmax",
+        temperature: float = 1.0,
+        num_sampled_negatives: int = 1024,
+        max_loss_positions: int = 2048,
+        item_feature_dims: Optional[dict[str, int]] = None,
+        item_feature_tables: Optional[dict[str, np.ndarray]] = None,
+        user_feature_cardinalities: Optional[dict[str, int]] = None,
+        item_hidden_units: Sequence[int] = (),
+        l2: float = 0.0,
+        num_query_tokens: int = 8,
+        num_codewords: int = 512,
+        num_codebooks: int = 1,
+        quantize: bool = True,
+        interaction_units: Sequence[int] = (64,),
+        commitment_weight: float = 0.25,
+        codebook_decay: float = 0.99,
+        sparsity_weight: float = 1e-3,
+        assignment_temperature: float = 0.1,
+        relu_leak: float = 0.01,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if user_tower not in USER_TOWERS:
+            raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        if num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens must be >= 1, got {num_query_tokens!r}")
+        if num_codebooks not in (1, num_query_tokens):
+            raise ValueError(f"num_codebooks must be 1 or num_query_tokens={num_query_tokens}, got {num_codebooks!r}")
+        if max_loss_positions < 1:
+            raise ValueError(f"max_loss_positions must be >= 1, got {max_loss_positions!r}")
+        if num_sampled_negatives < 0:
+            raise ValueError(f"num_sampled_negatives must be >= 0, got {num_sampled_negatives!r}")
+        for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if assignment_temperature <= 0:
+            raise ValueError(f"assignment_temperature must be positive, got {assignment_temperature!r}")
+        self.num_items = int(num_items)
+        self.embedding_dim = int(embedding_dim)
+        self.user_tower = user_tower
+        self.max_length = int(max_length)
+        self.num_blocks = int(num_blocks)
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.loss_name = loss
+        self.temperature = float(temperature)
+        self.num_sampled_negatives = int(num_sampled_negatives)
+        self.max_loss_positions = int(max_loss_positions)
+        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
+        self.user_feature_cardinalities = {str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()}
+        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
+        self.l2 = float(l2)
+        self.num_query_tokens = int(num_query_tokens)
+        self.num_codewords = int(num_codewords)
+        self.num_codebooks = int(num_codebooks)
+        self.quantize = bool(quantize)
+        self.interaction_units = tuple(int(u) for u in interaction_units)
+        self.commitment_weight = float(commitment_weight)
+        self.codebook_decay = float(codebook_decay)
+        self.sparsity_weight = float(sparsity_weight)
+        self.assignment_temperature = float(assignment_temperature)
+        self.relu_leak = float(relu_leak)
+
+        self.item_tower = ItemTower(
+            self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
+            feature_tables=item_feature_tables, hidden_units=self.item_hidden_units, l2=self.l2,
+            name="item_tower",
+        )
+        if user_tower == "sasrec":
+            self.encoder = SASRecEncoder(self.max_length, self.num_blocks, self.num_heads, self.dropout,
+                                         name="sasrec_encoder")
+        else:
+            self.encoder = MeanPoolingEncoder(name="mean_encoder")
+        self.user_feature_embeddings = {
+            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
+            for name, cardinality in sorted(self.user_feature_cardinalities.items())
+        }
+        self.tokenizer = tf.keras.layers.Dense(self.num_query_tokens * self.embedding_dim, name="tokenizer")
+        # Tokens on a common scale keep codeword distances (and the assignment temperature)
+        # meaningful whatever the encoder's output scale.
+        self.token_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, center=False, scale=False,
+                                                             name="token_norm")
+        self.quantizer = VectorQuantizer(
+            self.num_codewords, num_codebooks=self.num_codebooks, decay=self.codebook_decay,
+            commitment_weight=self.commitment_weight, name="quantizer",
+        )
+        self.interaction = AllToAllInteraction(self.interaction_units, name="interaction")
+        self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros")
+        self.item_frequency = self.add_weight(
+            name="item_frequency", shape=(self.num_items + 1,),
+            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False,
+        )
+        self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
+        self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")
+
+    # ---------------------------------------------------------------- query side
+    @property
+    def num_codes(self) -> int:
+        """Size of the code id space: num_codebooks x num_codewords."""
+        return self.num_codebooks * self.num_codewords
+
+    def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        """Encodes every history position: float [B, L, d]."""
+        history = tf.convert_to_tensor(inputs["history"])
+        padding_mask = history > 0
+        encoded = self.encoder(self.item_tower(history), padding_mask, training=training)
+        for name, embedding in self.user_feature_embeddings.items():
+            if name not in inputs:
+                raise KeyError(f"input {name!r} is missing: the model was built with user features "
+                               f"{sorted(self.user_feature_embeddings)}")
+            user_vector = embedding(tf.convert_to_tensor(inputs[name]))[:, tf.newaxis, :]
+            encoded += user_vector * tf.cast(padding_mask, encoded.dtype)[..., tf.newaxis]
+        return encoded
+
+    def query_tokens(self, states: tf.Tensor) -> tf.Tensor:
+        """Encoded history states [P, d] -> K continuous query tokens [P, K, d]."""
+        tokens = tf.reshape(self.tokenizer(states), [-1, self.num_query_tokens, self.embedding_dim])
+        return self.token_norm(tokens)
+
+    def _quantize(self, tokens: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Global code ids [P, K] of tokens [P, K, d] (EMA and restarts when training)."""
+        quantizer_input = tokens if self.num_codebooks > 1 else tf.reshape(tokens, [-1, self.embedding_dim])
+        _, codes = self.quantizer(quantizer_input, training=training)
+        codes = tf.reshape(codes, [-1, self.num_query_tokens])
+        if self.num_codebooks > 1:
+            codes = self.quantizer.global_codes(codes)
+        return codes
+
+    def query_codes(self, inputs: dict) -> tf.Tensor:
+        """The codes of each user's most recent state: int32 [B, K] in [0, num_codes)."""
+        states = self.encode_sequence(inputs)[:, -1, :]
+        return self._quantize(self.query_tokens(states))
+
+    def code_bag(self, codes: tf.Tensor) -> tf.Tensor:
+        """How often each code occurs among a query's codes: float [B, num_codes]."""
+        return tf.reduce_sum(tf.one_hot(codes, self.num_codes, dtype=tf.float32), axis=1)
+
+    def user_embedding(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        """The query as served: its bag of codes, float [B, num_codes].
+
+        Scores are ``user_embedding @ item_embeddings().T``, which is exactly what a
+        ``SparseCodeIndex`` (or any dot-product index) over ``item_embeddings`` answers.
+        """
+        if not self.quantize:
+            raise ValueError("an unquantized SparCode (quantize=False) has no code bag; use score_all")
+        return self.code_bag(self.query_codes(inputs))
+
+    # ---------------------------------------------------------------- item side
+    def all_codewords(self) -> tf.Tensor:
+        """Every codeword in global code order: float [num_codes, d]."""
+        return tf.reshape(self.quantizer.codebooks, [self.num_codes, -1])
+
+    def pair_scores(self, query_tokens: tf.Tensor, item_indices: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """ReLU(E(token, item) + b) for every token row and item: float [P, I] (>= 0)."""
+        pre_activation = self.interaction(query_tokens, self.item_tower.tokens(item_indices)) + self.score_bias
+        return relu_with_leaky_gradient(pre_activation, self.relu_leak if training else 0.0)
+
+    def code_item_scores(self, item_indices: Optional[tf.Tensor] = None, batch_size: int = 8192) -> tf.Tensor:
+        """The code-item table T: float [num_codes, I] for ``item_indices`` (default all,
+        padding included as column 0 with score 0), computed in item chunks."""
+        if item_indices is None:
+            item_indices = tf.range(self.num_items + 1)
+        item_indices = tf.convert_to_tensor(item_indices)
+        codewords = tf.stop_gradient(self.all_codewords())
+        chunks = [self.pair_scores(codewords, item_indices[start:start + batch_size])
+                  for start in range(0, int(item_indices.shape[0]), batch_size)]
+        table = tf.concat(chunks, axis=1)
+        return table * tf.cast(item_indices > 0, table.dtype)[tf.newaxis, :]
+
+    def item_embeddings(self) -> tf.Tensor:
+        """Each item's column of code scores: float [num_items + 1, num_codes] (row 0 = padding)."""
+        return tf.transpose(self.code_item_scores())
+
+    # ---------------------------------------------------------------- scoring
+    def score_all(self, inputs: dict) -> tf.Tensor:
+        """Scores of every item index: float [B, num_items + 1] (column 0 = padding).
+
+        Quantized models score through their codes (what the index serves at a 100% cache);
+        ``quantize=False`` models run the all-to-all network for every item.
+        """
+        if not self.quantize:
+            return self.score_all_unquantized(inputs)
+        return tf.matmul(self.user_embedding(inputs), self.code_item_scores())
+
+    def score_all_unquantized(self, inputs: dict, batch_size: int = 64) -> tf.Tensor:
+        """Scores with continuous query tokens (no codes): float [B, num_items + 1].
+
+        Runs E on every (token, item) pair, so it is exact but costs B x K x items; users are
+        processed ``batch_size`` at a time to bound memory.
+        """
+        states = self.encode_sequence(inputs)[:, -1, :]
+        tokens = self.query_tokens(states)
+        items = tf.range(self.num_items + 1)
+        rows = []
+        for start in range(0, int(tokens.shape[0]), batch_size):
+            chunk = tokens[start:start + batch_size]
+            pairs = self.pair_scores(tf.reshape(chunk, [-1, self.embedding_dim]), items)
+            rows.append(tf.reduce_sum(tf.reshape(pairs, [-1, self.num_query_tokens, self.num_items + 1]), axis=1))
+        scores = tf.concat(rows, axis=0)
+        return scores * tf.cast(items > 0, scores.dtype)[tf.newaxis, :]
+
+    def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        return self.query_codes(inputs)
+
+    # ---------------------------------------------------------------- training
+    def set_item_frequencies(self, counts: np.ndarray) -> None:
+        """Sets the logQ correction from training counts per item index ([num_items + 1])."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (self.num_items + 1,):
+            raise ValueError(f"item counts have shape {counts.shape}, expected ({self.num_items + 1},)")
+        smoothed = counts + 1.0  # add-one: items never seen in training keep a finite log(q)
+        smoothed[0] = 0.0
+        self.item_frequency.assign((smoothed / smoothed.sum()).astype(np.float32))
+
+    def _soft_bag(self, tokens: tf.Tensor) -> tf.Tensor:
+        """Softmax assignment of tokens [P, K, d] over codewords, summed into a bag [P, num_codes]."""
+        codebooks = tf.stop_gradient(self.quantizer.codebooks)  # [M, N, d]
+        if self.num_codebooks == 1:
+            cross = tf.einsum("pkd,nd->pkn", tokens, codebooks[0])  # every token vs. the one codebook
+        else:
+            cross = tf.einsum("pkd,knd->pkn", tokens, codebooks)  # token k vs. codebook k
+        squared = (tf.reduce_sum(tf.square(tokens), axis=-1)[..., tf.newaxis] - 2.0 * cross
+                   + tf.reduce_sum(tf.square(codebooks), axis=-1)[tf.newaxis, :, :])
+        distance = squared / float(self.embedding_dim)
+        soft = tf.nn.softmax(-distance / self.assignment_temperature, axis=-1)  # [P, K, N]
+        if self.num_codebooks == 1:
+            return tf.reduce_sum(soft, axis=1)
+        return tf.reshape(soft, [-1, self.num_codes])
+
+    def _candidates(self, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
+        """(candidate item indices [C], label position of each target [P], logQ [C] or None)."""
+        if self.loss_name == "full_softmax":
+            return tf.range(1, self.num_items + 1, dtype=targets.dtype), targets - 1, None
+        extra = tf.random.uniform([self.num_sampled_negatives], 1, self.num_items + 1, dtype=targets.dtype)
+        candidates, positions = tf.unique(tf.concat([targets, extra], axis=0))
+        labels = positions[: tf.shape(targets)[0]]
+        # One draw of the mixed sampler (targets by popularity, extras uniform) yields the item
+        # with this probability; every candidate appears once after the unique.
+        kept = tf.cast(tf.shape(targets)[0], tf.float32)
+        num_extra = float(self.num_sampled_negatives)
+        probability = (kept * tf.gather(self.item_frequency, candidates) + num_extra / self.num_items) / (kept + num_extra)
+        return candidates, labels, tf.math.log(probability)
+
+    def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        if isinstance(inputs, (tuple, list)):
+            inputs = inputs[0]
+        sequence = self.encode_sequence(inputs, training=training)
+        next_items = tf.convert_to_tensor(inputs["next_items"])
+        is_target = next_items > 0
+        states = tf.boolean_mask(sequence, is_target)
+        targets = tf.boolean_mask(next_items, is_target)
+        keep = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[: self.max_loss_positions]
+        states, targets = tf.gather(states, keep), tf.gather(targets, keep)
+        tokens = self.query_tokens(states)
+        candidates, labels, log_q = self._candidates(targets)
+
+        if self.quantize:
+            codes = self._quantize(tokens, training=training)
+            soft = self._soft_bag(tokens)
+            # Forward: the hard bag (what serving uses); backward: the soft assignment's gradient.
+            bag = self.code_bag(codes) + soft - tf.stop_gradient(soft)
+            table = self.pair_scores(tf.stop_gradient(self.all_codewords()), candidates, training=training)
+            logits = tf.matmul(bag, table)
+            sparsity = tf.reduce_mean(table)
+            self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(table > 0, tf.float32)))
+        else:
+            pairs = self.pair_scores(tf.reshape(tokens, [-1, self.embedding_dim]), candidates, training=training)
+            pairs = tf.reshape(pairs, [-1, self.num_query_tokens, tf.shape(candidates)[0]])
+            logits = tf.reduce_sum(pairs, axis=1)
+            sparsity = tf.reduce_mean(pairs)
+            self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(pairs > 0, tf.float32)))
+
+        logits = logits / self.temperature
+        if log_q is not None:
+            logits -= log_q[tf.newaxis, :]
+        retrieval = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        self.retrieval_loss_tracker.update_state(retrieval)
+        return retrieval + self.sparsity_weight * sparsity
+
+    # ---------------------------------------------------------------- config
+    def get_config(self) -> dict:
+        return {
+            "num_items": self.num_items,
+            "embedding_dim": self.embedding_dim,
+            "user_tower": self.user_tower,
+            "max_length": self.max_length,
+            "num_blocks": self.num_blocks,
+            "num_heads": self.num_heads,
+            "dropout": self.dropout,
+            "loss": self.loss_name,
+            "temperature": self.temperature,
+            "num_sampled_negatives": self.num_sampled_negatives,
+            "max_loss_positions": self.max_loss_positions,
+            "item_feature_dims": dict(self.item_feature_dims),
+            "user_feature_cardinalities": dict(self.user_feature_cardinalities),
+            "item_hidden_units": list(self.item_hidden_units),
+            "l2": self.l2,
+            "num_query_tokens": self.num_query_tokens,
+            "num_codewords": self.num_codewords,
+            "num_codebooks": self.num_codebooks,
+            "quantize": self.quantize,
+            "interaction_units": list(self.interaction_units),
+            "commitment_weight": self.commitment_weight,
+            "codebook_decay": self.codebook_decay,
+            "sparsity_weight": self.sparsity_weight,
+            "assignment_temperature": self.assignment_temperature,
+            "relu_leak": self.relu_leak,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "SparCode":
+        return cls(**config)
