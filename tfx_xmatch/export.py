@@ -157,7 +157,8 @@ def build_serving_module(
     Args:
       model: A trained model (``user_embedding``, ``item_embeddings``, ``max_length``).
       item_vocab: The training vocabulary (raw item id <-> item index).
-      index_kind: "brute_force", "partitioned" or "scann".
+      index_kind: "brute_force", "partitioned", "scann" or "sparse_code" (SparCode: the inverted
+        index over its code-score columns; pass e.g. ``{"cache_fraction": 0.01}``).
       index_options: Constructor arguments of that index kind (e.g. num_partitions).
       k_max: Largest k a request may ask for.
       default_k: k of ``serving_default`` (default ``k_max``).

@@ -23,7 +23,9 @@ hard code lookup that serving uses.
 
 Losses: softmax over the candidates (the full catalogue, or in-batch targets plus uniformly
 sampled negatives with logQ correction) + ``sparsity_weight`` x mean(T) (an L1 penalty that
-empties posting lists) + the quantizer's commitment loss. Codebooks follow an EMA of their
+empties posting lists) + the quantizer's commitment loss + ``encoder_loss_weight`` x an
+auxiliary dot-product softmax on the encoder states (our addition: it trains the encoder at
+every position; the codes alone train it too slowly). Codebooks follow an EMA of their
 assigned tokens, with dead-code restarts.
 
 With ``quantize=False`` the same network is the unquantized all-to-all model: continuous
@@ -94,6 +96,8 @@ class SparCode(tfrs.models.Model):
       assignment_temperature: Temperature of the soft assignment whose gradient trains the
         encoder, on the mean squared per-dimension codeword distance (float, default 0.1).
       relu_leak: Gradient leak of the score ReLU during training (float, default 0.01).
+      encoder_loss_weight: Weight of an auxiliary dot-product softmax that trains the history
+        encoder at every position (float, default 1.0; 0 turns it off). Serving never uses it.
 
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
@@ -132,6 +136,7 @@ class SparCode(tfrs.models.Model):
         sparsity_weight: float = 1e-3,
         assignment_temperature: float = 0.1,
         relu_leak: float = 0.01,
+        encoder_loss_weight: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -179,6 +184,7 @@ class SparCode(tfrs.models.Model):
         self.sparsity_weight = float(sparsity_weight)
         self.assignment_temperature = float(assignment_temperature)
         self.relu_leak = float(relu_leak)
+        self.encoder_loss_weight = float(encoder_loss_weight)
 
         self.item_tower = ItemTower(
             self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
@@ -211,6 +217,7 @@ class SparCode(tfrs.models.Model):
         )
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
         self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")
+        self.encoder_loss_tracker = tf.keras.metrics.Mean(name="encoder_loss")
 
     # ---------------------------------------------------------------- query side
     @property
@@ -310,15 +317,23 @@ class SparCode(tfrs.models.Model):
         states = self.encode_sequence(inputs)[:, -1, :]
         tokens = self.query_tokens(states)
         items = tf.range(self.num_items + 1)
-        rows = []
-        for start in range(0, int(tokens.shape[0]), batch_size):
-            chunk = tokens[start:start + batch_size]
-            pairs = self.pair_scores(tf.reshape(chunk, [-1, self.embedding_dim]), items)
-            rows.append(tf.reduce_sum(tf.reshape(pairs, [-1, self.num_query_tokens, self.num_items + 1]), axis=1))
-        scores = tf.concat(rows, axis=0)
+        num_users = tf.shape(tokens)[0]
+        # Fixed-size chunks through map_fn, so the batch size may be unknown when traced.
+        padded = tf.pad(tokens, [[0, (-num_users) % batch_size], [0, 0], [0, 0]])
+        chunks = tf.reshape(padded, [-1, batch_size * self.num_query_tokens, self.embedding_dim])
+
+        def score_chunk(chunk: tf.Tensor) -> tf.Tensor:
+            pairs = tf.reshape(self.pair_scores(chunk, items), [batch_size, self.num_query_tokens, -1])
+            return tf.reduce_sum(pairs, axis=1)
+
+        scores = tf.map_fn(score_chunk, chunks, fn_output_signature=tf.float32)
+        scores = tf.reshape(scores, [-1, self.num_items + 1])[:num_users]
         return scores * tf.cast(items > 0, scores.dtype)[tf.newaxis, :]
 
     def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        """The user's codes (int32 [B, K]); continuous tokens [B, K, d] if unquantized."""
+        if not self.quantize:
+            return self.query_tokens(self.encode_sequence(inputs, training=training)[:, -1, :])
         return self.query_codes(inputs)
 
     # ---------------------------------------------------------------- training
@@ -366,12 +381,13 @@ class SparCode(tfrs.models.Model):
         sequence = self.encode_sequence(inputs, training=training)
         next_items = tf.convert_to_tensor(inputs["next_items"])
         is_target = next_items > 0
-        states = tf.boolean_mask(sequence, is_target)
-        targets = tf.boolean_mask(next_items, is_target)
-        keep = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[: self.max_loss_positions]
-        states, targets = tf.gather(states, keep), tf.gather(targets, keep)
+        all_states = tf.boolean_mask(sequence, is_target)
+        all_targets = tf.boolean_mask(next_items, is_target)
+        keep = tf.random.shuffle(tf.range(tf.shape(all_targets)[0]))[: self.max_loss_positions]
+        states, targets = tf.gather(all_states, keep), tf.gather(all_targets, keep)
         tokens = self.query_tokens(states)
         candidates, labels, log_q = self._candidates(targets)
+        encoder_loss = self._encoder_loss(all_states, all_targets, states, candidates, labels, log_q)
 
         if self.quantize:
             codes = self._quantize(tokens, training=training)
@@ -394,7 +410,32 @@ class SparCode(tfrs.models.Model):
             logits -= log_q[tf.newaxis, :]
         retrieval = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
         self.retrieval_loss_tracker.update_state(retrieval)
-        return retrieval + self.sparsity_weight * sparsity
+        return retrieval + self.sparsity_weight * sparsity + self.encoder_loss_weight * encoder_loss
+
+    def _encoder_loss(self, all_states, all_targets, states, candidates, labels, log_q) -> tf.Tensor:
+        """Dot-product softmax of the encoder states against the item embeddings.
+
+        The codes reach the encoder only through a straight-through assignment gradient, which
+        alone trains it slowly (val HR@10 0.05 after 6 ML-1M epochs, against 0.19 for the
+        two-tower). This auxiliary loss trains the encoder at every position the way the
+        two-tower does, so the tokens it produces are informative from the start; scores are
+        still served from codes only.
+        """
+        if not self.encoder_loss_weight:
+            return tf.constant(0.0)
+        if self.loss_name == "full_softmax":
+            # At most 4 x max_loss_positions random positions: the softmax over every position
+            # would double the step time (measured on ML-1M).
+            subset = tf.random.shuffle(tf.range(tf.shape(all_targets)[0]))[: 4 * self.max_loss_positions]
+            all_states, all_targets = tf.gather(all_states, subset), tf.gather(all_targets, subset)
+            logits = tf.matmul(all_states, self.item_tower(tf.range(1, self.num_items + 1)), transpose_b=True)
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=all_targets - 1, logits=logits)
+        else:
+            logits = tf.matmul(states, self.item_tower(candidates), transpose_b=True) - log_q[tf.newaxis, :]
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        loss = tf.reduce_mean(loss)
+        self.encoder_loss_tracker.update_state(loss)
+        return loss
 
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
@@ -424,6 +465,7 @@ class SparCode(tfrs.models.Model):
             "sparsity_weight": self.sparsity_weight,
             "assignment_temperature": self.assignment_temperature,
             "relu_leak": self.relu_leak,
+            "encoder_loss_weight": self.encoder_loss_weight,
         }
 
     @classmethod
