@@ -92,7 +92,7 @@ def test_all_to_all_interaction_config_round_trip_and_bad_arguments():
 def test_training_shows_losses_and_codebook_usage(trained):
     _, history = trained
     logs = history.history
-    assert {"loss", "retrieval_loss", "positive_score_fraction", "quantizer_perplexity",
+    assert {"loss", "retrieval_loss", "encoder_loss", "positive_score_fraction", "quantizer_perplexity",
             "quantizer_dead_codes"} <= set(logs)
     assert logs["retrieval_loss"][-1] < logs["retrieval_loss"][0]
     assert logs["quantizer_perplexity"][-1] > 1.0
@@ -208,3 +208,59 @@ def test_config_options_reach_the_model_and_unknown_ones_are_refused():
     config = load_config(None, ["model.name=sparcode", "model.options.num_codeword=32"])
     with pytest.raises(ConfigError, match=r"\['num_codeword'\] are not arguments of model 'sparcode'"):
         build_model(config, dataset)
+
+
+@pytest.fixture(scope="module")
+def sparse_export(trained, tmp_path_factory):
+    model, _ = trained
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    base = tmp_path_factory.mktemp("sparse") / "sparcode"
+    export_retrieval_model(model, vocab, base, index_kind="sparse_code", k_max=10,
+                           index_options={"max_items_per_code": 20}, model_name="sparcode")
+    return model, vocab, base
+
+
+def test_sparse_code_export_answers_in_a_tensorflow_only_process_and_over_grpc(sparse_export):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import grpc
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    from tests.test_export import FRESH_PROCESS
+    from tfx_xmatch.export import build_serving_module
+    from tfx_xmatch.serving.model_manager import ModelConfig, VersionPolicy
+    from tfx_xmatch.serving.server import ModelServer, ServerOptions
+
+    model, vocab, base = sparse_export
+    histories = [np.arange(1, 6), np.arange(10, 20), np.array([33])]
+    request = [list(vocab.ids(h)) + [""] * (12 - len(h)) for h in histories]
+    module = build_serving_module(model, vocab, index_kind="sparse_code", k_max=10,
+                                  index_options={"max_items_per_code": 20})
+    expected = module.top_k(tf.constant(request), tf.constant(4))
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(base / "1"), json.dumps(request)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["item_ids"] == expected["item_ids"].numpy().astype(str).tolist()
+    np.testing.assert_allclose(answer["scores"], expected["scores"].numpy(), rtol=1e-5)
+
+    options = ServerOptions(model_configs=[ModelConfig("sparcode", str(base), VersionPolicy("latest", num_versions=1))],
+                            grpc_port=0, rest_port=None, file_system_poll_wait_seconds=0.2)
+    server = ModelServer(options).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            predict = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="sparcode", signature_name="top_k"))
+            predict.inputs["history"].CopyFrom(tf.make_tensor_proto(np.asarray(request)))
+            predict.inputs["k"].CopyFrom(tf.make_tensor_proto(np.int32(4)))
+            response = stub.Predict(predict, timeout=30)
+        np.testing.assert_array_equal(tf.make_ndarray(response.outputs["item_ids"]), expected["item_ids"].numpy())
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), expected["scores"].numpy(), rtol=1e-5)
+    finally:
+        server.stop()

@@ -424,10 +424,8 @@ class SparCode(tfrs.models.Model):
         if not self.encoder_loss_weight:
             return tf.constant(0.0)
         if self.loss_name == "full_softmax":
-            # At most 4 x max_loss_positions random positions: the softmax over every position
-            # would double the step time (measured on ML-1M).
-            subset = tf.random.shuffle(tf.range(tf.shape(all_targets)[0]))[: 4 * self.max_loss_positions]
-            all_states, all_targets = tf.gather(all_states, subset), tf.gather(all_targets, subset)
+            # Every position, as in the two-tower: with a subset of 8,192 positions the encoder
+            # trailed the two-tower's by half after 8 ML-1M epochs (val HR@10 0.10 vs 0.21).
             logits = tf.matmul(all_states, self.item_tower(tf.range(1, self.num_items + 1)), transpose_b=True)
             loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=all_targets - 1, logits=logits)
         else:
