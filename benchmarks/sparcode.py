@@ -81,13 +81,11 @@ def evaluate_with(score_fn, split, config) -> dict:
 def sparcode_rows(run_dir: pathlib.Path, split, config, base: dict) -> list[dict]:
     """Index rows for each cache budget, and the unquantized-evaluation row."""
     model = training.load_model(run_dir / "model")
-    table = model.item_embeddings()[1:]
-    identifiers = tf.range(1, split.num_items + 1, dtype=tf.int64)
     rows = []
     for fraction in CACHE_FRACTIONS:
         started = time.time()
         index = SparseCodeIndex(k_max=RETRIEVED, cache_fraction=fraction, exclude_padding=0)
-        index.index(table, identifiers)
+        model.build_index(index, verbose=0)
         build_seconds = time.time() - started
         metrics = evaluate_with(index_score_fn(model, index, split.dataset, split.num_items), split, config)
         lengths = index.posting_list_lengths()

@@ -264,3 +264,37 @@ def test_sparse_code_export_answers_in_a_tensorflow_only_process_and_over_grpc(s
         np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), expected["scores"].numpy(), rtol=1e-5)
     finally:
         server.stop()
+
+
+def test_model_options_are_typed_and_may_not_shadow_model_fields():
+    dataset = make_synthetic(num_users=20, num_items=15, seed=0)
+    config = load_config(None, ["model.name=sparcode", "model.options.sparsity_weight=1e-3",
+                                "model.options.quantize=false"])
+    model = build_model(config, dataset)
+    assert model.sparsity_weight == 1e-3 and model.quantize is False
+    for override, message in [("model.options.max_length=50", "duplicates model.max_length"),
+                              ("model.options.num_items=3", "comes from the dataset"),
+                              ("model.options.num_codewords=many", "must be like its default 512, got 'many'"),
+                              ("model.options.quantize=1", "must be like its default True, got 1")]:
+        with pytest.raises(ConfigError, match=message):
+            build_model(load_config(None, ["model.name=sparcode", override]), dataset)
+
+
+def test_export_refuses_models_an_index_cannot_serve(trained, tmp_path):
+    from tfx_xmatch.models import TwoTower
+
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    two_tower = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH)
+    with pytest.raises(ValueError, match="'sparse_code' needs a SparCode model"):
+        export_retrieval_model(two_tower, vocab, tmp_path / "a", index_kind="sparse_code")
+    with pytest.raises(ValueError, match="unquantized SparCode"):
+        export_retrieval_model(_model(quantize=False), vocab, tmp_path / "b")
+
+
+def test_streamed_index_build_equals_indexing_the_whole_table(trained):
+    model, _ = trained
+    whole = SparseCodeIndex(k_max=10, max_items_per_code=7).index(
+        model.item_embeddings()[1:], tf.range(1, NUM_ITEMS + 1, dtype=tf.int64))
+    streamed = model.build_index(SparseCodeIndex(k_max=10, max_items_per_code=7), batch_size=6, verbose=0)
+    for name in ("posting_items", "posting_scores", "posting_splits", "identifiers"):
+        np.testing.assert_allclose(getattr(streamed, name).numpy(), getattr(whole, name).numpy(), rtol=1e-6)

@@ -130,7 +130,9 @@ class RetrievalServingModule(tf.Module):
         check = tf.debugging.Assert(tf.reduce_all(indices > 0), ["item_ids must not contain the padding id"])
         with tf.control_dependencies([check]):
             indices = tf.identity(indices)
-        return {"item_embeddings": tf.gather(self.model.item_embeddings(), indices)}
+        # Only the requested items: a model whose item side is a network (SparCode's code-score
+        # columns) would otherwise compute the whole catalogue on every request.
+        return {"item_embeddings": self.model.item_embeddings(tf.cast(indices, tf.int32))}
 
     def signatures(self) -> dict:
         return {
@@ -168,9 +170,15 @@ def build_serving_module(
     Raises:
       ValueError: A bad k, an unknown index kind, or a padding id that is also a real item id.
     """
-    if item_vocab.num_items != model.item_embeddings().shape[0] - 1:
+    if item_vocab.num_items != model.num_items:
         raise ValueError(f"the vocabulary has {item_vocab.num_items} items but the model was built for "
-                         f"{model.item_embeddings().shape[0] - 1}")
+                         f"{model.num_items}")
+    if not getattr(model, "quantize", True):
+        raise ValueError("an unquantized SparCode (quantize=False) scores every item with its interaction "
+                         "network and cannot be served from an index; export a quantized SparCode")
+    if index_kind == "sparse_code" and not hasattr(model, "build_index"):
+        raise ValueError(f"index_kind 'sparse_code' needs a SparCode model (code-score columns), got "
+                         f"{type(model).__name__}; use brute_force, partitioned or scann")
     default_k = k_max if default_k is None else int(default_k)
     if not 1 <= default_k <= k_max:
         raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k!r}")
@@ -180,8 +188,10 @@ def build_serving_module(
     if padding_id in item_vocab:
         raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id")
     index = make_index(index_kind, k_max=k_max, **(index_options or {}))
-    item_table = model.item_embeddings()
-    index.index(item_table[1:], tf.range(1, item_vocab.num_items + 1, dtype=tf.int64))
+    if hasattr(model, "build_index"):
+        model.build_index(index)  # streamed in item chunks, with a progress bar
+    else:
+        index.index(model.item_embeddings()[1:], tf.range(1, item_vocab.num_items + 1, dtype=tf.int64))
     return RetrievalServingModule(model, index, item_vocab, padding_id, exclude_history, default_k)
 
 

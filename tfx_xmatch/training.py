@@ -67,18 +67,50 @@ def build_model(config: RunConfig, dataset: SequenceDataset) -> tf.keras.Model:
     name = kwargs.pop("name")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
-    options = kwargs.pop("options")
-    accepted = set(inspect.signature(MODELS[name].__init__).parameters)
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ConfigError(f"model.options {unknown} are not arguments of model {name!r}; "
-                          f"it accepts {sorted(accepted - {'self', 'kwargs', 'num_items'})}")
-    kwargs.update(options)
+    kwargs.update(_model_options(name, kwargs.pop("options"), shared=set(kwargs)))
     if config.data.side_info:
         kwargs["item_feature_dims"] = {k: int(v.shape[1]) for k, v in dataset.item_features.items()}
         kwargs["item_feature_tables"] = dict(dataset.item_features)
         kwargs["user_feature_cardinalities"] = _user_feature_cardinalities(dataset)
     return MODELS[name](num_items=dataset.num_items, **kwargs)
+
+
+def _model_options(name: str, options: dict, shared: set[str]) -> dict:
+    """Checks ``model.options`` against the model's constructor: known names only, not a shared
+    ``model.*`` field (which would silently disagree with the data pipeline), and values of the
+    type of the argument's default (YAML reads ``1e-3`` as a string, for one)."""
+    parameters = inspect.signature(MODELS[name].__init__).parameters
+    own = {key: p.default for key, p in parameters.items()
+           if key not in shared | {"self", "kwargs", "num_items"} and p.kind is p.POSITIONAL_OR_KEYWORD}
+    checked = {}
+    for key, value in options.items():
+        if key == "num_items":
+            raise ConfigError("model.options.num_items cannot be set: it comes from the dataset")
+        if key in shared:
+            raise ConfigError(f"model.options.{key} duplicates model.{key}; set model.{key} instead")
+        if key not in own:
+            raise ConfigError(f"model.options {[key]} are not arguments of model {name!r}; it accepts {sorted(own)}")
+        default = own[key]
+        if isinstance(default, bool) or default is None:
+            valid = default is None or isinstance(value, bool)
+        elif isinstance(default, float):
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if valid else value
+        elif isinstance(default, int):
+            valid = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, (tuple, list)):
+            valid = isinstance(value, (tuple, list))
+        else:
+            valid = isinstance(value, type(default))
+        if not valid:
+            raise ConfigError(f"model.options.{key} must be like its default {default!r}, got {value!r}")
+        checked[key] = value
+    return checked
 
 
 def model_inputs(model: tf.keras.Model, dataset: SequenceDataset, histories: np.ndarray, user_rows: np.ndarray) -> dict:

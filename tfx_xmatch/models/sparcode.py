@@ -35,6 +35,7 @@ index; it is the accuracy upper bound SparCode is measured against.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import numpy as np
@@ -298,20 +299,59 @@ class SparCode(tfrs.models.Model):
         return relu_with_leaky_gradient(pre_activation, self.relu_leak if training else 0.0)
 
     def code_item_scores(self, item_indices: Optional[tf.Tensor] = None, batch_size: int = 8192) -> tf.Tensor:
-        """The code-item table T: float [num_codes, I] for ``item_indices`` (default all,
-        padding included as column 0 with score 0), computed in item chunks."""
+        """The code-item table T: float [num_codes, I] for ``item_indices`` (default every index,
+        padding included as column 0 with score 0), computed in item chunks when I is known."""
         if item_indices is None:
             item_indices = tf.range(self.num_items + 1)
         item_indices = tf.convert_to_tensor(item_indices)
         codewords = tf.stop_gradient(self.all_codewords())
-        chunks = [self.pair_scores(codewords, item_indices[start:start + batch_size])
-                  for start in range(0, int(item_indices.shape[0]), batch_size)]
-        table = tf.concat(chunks, axis=1)
+        length = item_indices.shape[0]
+        if length is None:  # traced with an unknown length (e.g. a serving signature): one chunk
+            table = self.pair_scores(codewords, item_indices)
+        else:
+            table = tf.concat([self.pair_scores(codewords, item_indices[start:start + batch_size])
+                               for start in range(0, max(int(length), 1), batch_size)], axis=1)
         return table * tf.cast(item_indices > 0, table.dtype)[tf.newaxis, :]
 
-    def item_embeddings(self) -> tf.Tensor:
-        """Each item's column of code scores: float [num_items + 1, num_codes] (row 0 = padding)."""
-        return tf.transpose(self.code_item_scores())
+    def item_embeddings(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """Items' columns of code scores: float [I, num_codes] for ``item_indices`` (default
+        every index, row 0 = padding)."""
+        return tf.transpose(self.code_item_scores(item_indices))
+
+    def build_index(self, index, batch_size: int = 4096, verbose: int = 1):
+        """Fills ``index`` with every item's code-score column, streamed in item chunks.
+
+        A ``SparseCodeIndex`` keeps only its budget while streaming, so the [items x codes]
+        table is never held whole; other kinds get the concatenated table.
+
+        Args:
+          index: A ``RetrievalIndex`` (normally a ``SparseCodeIndex``); identifiers are the item
+            indices 1..num_items (int64).
+          batch_size: Items scored per chunk (int, default 4096).
+          verbose: 1 shows a progress bar, 0 is silent.
+
+        Returns:
+          ``index``, filled.
+
+        Raises:
+          ValueError: If the model is unquantized (it has no codes to index).
+        """
+        if not self.quantize:
+            raise ValueError("an unquantized SparCode (quantize=False) has no codes to index")
+        progress = tf.keras.utils.Progbar(self.num_items, verbose=verbose, unit_name="item")
+
+        def chunks():
+            for start in range(1, self.num_items + 1, batch_size):
+                indices = tf.range(start, min(start + batch_size, self.num_items + 1), dtype=tf.int64)
+                rows = self.item_embeddings(tf.cast(indices, tf.int32))
+                progress.add(int(indices.shape[0]))
+                yield indices, rows
+
+        signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, self.num_codes], tf.float32))
+        dataset = tf.data.Dataset.from_generator(chunks, output_signature=signature)
+        if "num_candidates" in inspect.signature(index.index_from_dataset).parameters:
+            return index.index_from_dataset(dataset, num_candidates=self.num_items)
+        return index.index_from_dataset(dataset)
 
     # ---------------------------------------------------------------- scoring
     def score_all(self, inputs: dict) -> tf.Tensor:

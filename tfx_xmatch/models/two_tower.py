@@ -162,9 +162,11 @@ class TwoTower(tfrs.models.Model):
         """The representation after the most recent history item: float [B, d]."""
         return self.encode_sequence(inputs, training=training)[:, -1, :]
 
-    def item_embeddings(self) -> tf.Tensor:
-        """Every item's embedding, padding row included: float [num_items + 1, d]."""
-        return self.item_tower.all_items()
+    def item_embeddings(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """Embeddings of ``item_indices``: float [I, d]; default every index, padding row 0 included."""
+        if item_indices is None:
+            return self.item_tower.all_items()
+        return self.item_tower(item_indices)
 
     def score_all(self, inputs: dict) -> tf.Tensor:
         """Scores of every item index for each user: float [B, num_items + 1] (column 0 = padding)."""
