@@ -98,14 +98,25 @@ def test_training_shows_losses_and_codebook_usage(trained):
     assert logs["quantizer_perplexity"][-1] > 1.0
 
 
-def test_retrieval_loss_reaches_the_encoder_through_the_codes():
-    model = _model()
-    batch = next(iter(_batches()))
+def _code_path_gradients(model, batch):
+    """Gradients of the code-path loss alone (the auxiliary encoder loss switched off)."""
     model.compute_loss(batch, training=True)  # builds, initialises the codebook from data
+    weight, model.encoder_loss_weight = model.encoder_loss_weight, 0.0
     with tf.GradientTape() as tape:
         loss = model.compute_loss(batch, training=True)
-    gradients = tape.gradient(loss, [model.tokenizer.kernel, model.interaction.output_layer.kernel])
-    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in gradients)
+    model.encoder_loss_weight = weight
+    encoder = model.encoder.trainable_variables
+    gradients = tape.gradient(loss, [model.tokenizer.kernel, model.interaction.output_layer.kernel, *encoder])
+    return [g is not None and float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) > 0 for g in gradients]
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_retrieval_loss_reaches_the_tokenizer_through_the_codes(detach):
+    model = _model(detach_code_path=detach)
+    reached = _code_path_gradients(model, next(iter(_batches())))
+    assert reached[:2] == [True, True]  # straight-through soft assignment -> tokenizer; interaction
+    # The encoder gets the code path's gradient only when it is not detached.
+    assert any(reached[2:]) == (not detach)
     assert all(not v.trainable for v in model.quantizer.weights)  # codebooks follow the EMA only
 
 
