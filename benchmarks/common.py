@@ -64,3 +64,26 @@ def header(benchmark: str) -> dict:
         "machine": machine_info(),
         "versions": versions(),
     }
+
+
+def training_budgets(parser, minutes_args: list, defaults: dict) -> dict:
+    """``--minutes MODEL=MINUTES`` arguments applied over ``defaults`` (parser errors name the bad one)."""
+    budgets = dict(defaults)
+    for item in minutes_args:
+        name, _, minutes = item.partition("=")
+        if name not in defaults:
+            parser.error(f"--minutes: unknown model {name!r}; known: {list(defaults)}")
+        try:
+            budgets[name] = float(minutes)
+        except ValueError:
+            parser.error(f"--minutes: {item!r} is not MODEL=MINUTES")
+    return budgets
+
+
+def training_overrides(dataset: str, data_dir, epochs: int, patience: int, minutes: float) -> list[str]:
+    """The config overrides every quality benchmark trains with (leave-one-out, budget, logging)."""
+    return [
+        f"data.dataset={dataset}", f"data.data_dir={data_dir}", "data.split=leave_one_out",
+        f"train.epochs={epochs}", f"train.early_stopping_patience={patience}",
+        f"train.max_train_seconds={minutes * 60}", "train.verbose=2",
+    ]

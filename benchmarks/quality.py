@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, default_data_dir, header  # noqa: E402
+from common import RESULTS_DIR, default_data_dir, header, training_budgets, training_overrides  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
@@ -52,21 +52,13 @@ def main() -> int:
     if not (dataset_dir / args.dataset).is_dir():
         print(f"skipped: dataset {args.dataset!r} not found under {dataset_dir}", file=sys.stderr)
         return 0
-    budgets = dict(DEFAULT_MINUTES)
-    for item in args.minutes:
-        model_name, _, minutes = item.partition("=")
-        if model_name not in MODELS:
-            parser.error(f"--minutes: unknown model {model_name!r}; known: {list(MODELS)}")
-        budgets[model_name] = float(minutes)
+    budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)
     result = header("quality")
     result["rows"] = []
     split = None
     for name in args.models:
-        overrides = [
-            f"data.dataset={args.dataset}", f"data.data_dir={dataset_dir}", "data.split=leave_one_out",
-            f"train.epochs={args.epochs}", f"train.early_stopping_patience={args.patience}",
-            f"train.max_train_seconds={budgets[name] * 60}", "train.verbose=2", *args.set,
-        ]
+        overrides = [*training_overrides(args.dataset, dataset_dir, args.epochs, args.patience, budgets[name]),
+                     *args.set]
         config = load_config(MODELS[name], overrides)
         split = split or training.prepare_split(config)
         started = time.time()

@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, default_data_dir, header  # noqa: E402
+from common import RESULTS_DIR, default_data_dir, header, training_budgets, training_overrides  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -123,21 +123,12 @@ def main() -> int:
     if not (dataset_dir / "ml-1m").is_dir():
         print(f"skipped: dataset 'ml-1m' not found under {dataset_dir}", file=sys.stderr)
         return 0
-    budgets = dict(DEFAULT_MINUTES)
-    for item in args.minutes:
-        name, _, minutes = item.partition("=")
-        if name not in MODELS:
-            parser.error(f"--minutes: unknown model {name!r}; known: {list(MODELS)}")
-        budgets[name] = float(minutes)
+    budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)
     result = header("sparcode")
     result["rows"] = []
     split = None
     for name in args.models:
-        overrides = [
-            "data.dataset=ml-1m", f"data.data_dir={dataset_dir}", "data.split=leave_one_out",
-            f"train.epochs={args.epochs}", f"train.early_stopping_patience={args.patience}",
-            f"train.max_train_seconds={budgets[name] * 60}", "train.verbose=2",
-        ]
+        overrides = training_overrides("ml-1m", dataset_dir, args.epochs, args.patience, budgets[name])
         config = load_config(MODELS[name], overrides)
         split = split or training.prepare_split(config)
         run_dir = pathlib.Path(args.runs_dir) / RUN_NAMES.get(name, f"{args.output}-{name}")

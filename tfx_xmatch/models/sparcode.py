@@ -49,6 +49,7 @@ from tfx_xmatch.layers import (
     SASRecEncoder,
     VectorQuantizer,
 )
+from tfx_xmatch.models.history_encoding import encode_history, target_frequencies
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -241,16 +242,7 @@ class SparCode(tfrs.models.Model):
 
     def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """Encodes every history position: float [B, L, d]."""
-        history = tf.convert_to_tensor(inputs["history"])
-        padding_mask = history > 0
-        encoded = self.encoder(self.item_tower(history), padding_mask, training=training)
-        for name, embedding in self.user_feature_embeddings.items():
-            if name not in inputs:
-                raise KeyError(f"input {name!r} is missing: the model was built with user features "
-                               f"{sorted(self.user_feature_embeddings)}")
-            user_vector = embedding(tf.convert_to_tensor(inputs[name]))[:, tf.newaxis, :]
-            encoded += user_vector * tf.cast(padding_mask, encoded.dtype)[..., tf.newaxis]
-        return encoded
+        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
 
     def query_tokens(self, states: tf.Tensor) -> tf.Tensor:
         """Encoded history states [P, d] -> K continuous query tokens [P, K, d]."""
@@ -395,12 +387,7 @@ class SparCode(tfrs.models.Model):
     # ---------------------------------------------------------------- training
     def set_item_frequencies(self, counts: np.ndarray) -> None:
         """Sets the logQ correction from training counts per item index ([num_items + 1])."""
-        counts = np.asarray(counts, dtype=np.float64)
-        if counts.shape != (self.num_items + 1,):
-            raise ValueError(f"item counts have shape {counts.shape}, expected ({self.num_items + 1},)")
-        smoothed = counts + 1.0  # add-one: items never seen in training keep a finite log(q)
-        smoothed[0] = 0.0
-        self.item_frequency.assign((smoothed / smoothed.sum()).astype(np.float32))
+        self.item_frequency.assign(target_frequencies(counts, self.num_items))
 
     def _soft_bag(self, tokens: tf.Tensor) -> tf.Tensor:
         """Softmax assignment of tokens [P, K, d] over codewords, summed into a bag [P, num_codes]."""

@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, SASRecEncoder
+from tfx_xmatch.models.history_encoding import encode_history, target_frequencies
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -147,16 +148,7 @@ class TwoTower(tfrs.models.Model):
     # ---------------------------------------------------------------- towers
     def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """Encodes every history position: float [B, L, d]."""
-        history = tf.convert_to_tensor(inputs["history"])
-        padding_mask = history > 0
-        encoded = self.encoder(self.item_tower(history), padding_mask, training=training)
-        for name, embedding in self.user_feature_embeddings.items():
-            if name not in inputs:
-                raise KeyError(f"input {name!r} is missing: the model was built with user features "
-                               f"{sorted(self.user_feature_embeddings)}")
-            user_vector = embedding(tf.convert_to_tensor(inputs[name]))[:, tf.newaxis, :]
-            encoded += user_vector * tf.cast(padding_mask, encoded.dtype)[..., tf.newaxis]
-        return encoded
+        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
 
     def user_embedding(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """The representation after the most recent history item: float [B, d]."""
@@ -178,14 +170,7 @@ class TwoTower(tfrs.models.Model):
     # ---------------------------------------------------------------- training
     def set_item_frequencies(self, counts: np.ndarray) -> None:
         """Sets the logQ correction from training counts per item index ([num_items + 1])."""
-        counts = np.asarray(counts, dtype=np.float64)
-        if counts.shape != (self.num_items + 1,):
-            raise ValueError(f"item counts have shape {counts.shape}, expected ({self.num_items + 1},)")
-        counts[0] = 0.0
-        # Add-one smoothing keeps log(q) finite for items never seen in training.
-        smoothed = counts + 1.0
-        smoothed[0] = 0.0
-        self.item_frequency.assign((smoothed / smoothed.sum()).astype(np.float32))
+        self.item_frequency.assign(target_frequencies(counts, self.num_items))
 
     def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
         if isinstance(inputs, (tuple, list)):
