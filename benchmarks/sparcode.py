@@ -27,7 +27,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, default_data_dir, header, training_budgets, training_overrides  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR, default_data_dir, header, retrieval_score_fn, training_budgets, training_overrides,
+)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -57,17 +59,12 @@ def index_score_fn(model, index: SparseCodeIndex, dataset, num_items: int):
     with the history excluded; every item the index did not return scores -inf."""
     query = tf.function(lambda bag, history: index(bag, k=RETRIEVED, exclude=history), reduce_retracing=True)
 
-    def score_fn(histories: np.ndarray, user_rows: np.ndarray) -> np.ndarray:
+    def query_fn(histories: np.ndarray, user_rows: np.ndarray):
         bag = model.user_embedding(training.model_inputs(model, dataset, histories, user_rows))
         scores, ids = query(bag, tf.constant(histories, tf.int64))
-        dense = np.full((len(histories), num_items + 1), -np.inf, np.float32)
-        ids, scores = ids.numpy(), scores.numpy()
-        found = ids > 0
-        rows = np.broadcast_to(np.arange(len(histories))[:, None], ids.shape)
-        dense[rows[found], ids[found]] = scores[found]
-        return dense
+        return scores.numpy(), ids.numpy()
 
-    return score_fn
+    return retrieval_score_fn(query_fn, num_items)
 
 
 def evaluate_with(score_fn, split, config) -> dict:

@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a trained run as a SavedModel with a baked-in index")
     export.add_argument("--run-dir", required=True, help="a run directory written by `xmatch train`")
     export.add_argument("--export-base-path", required=True, help="MODEL_BASE_PATH; the version goes below it")
-    export.add_argument("--index", default="brute_force", choices=("brute_force", "partitioned", "scann", "sparse_code"),
-                        help="index kind; sparse_code needs a SparCode run")
+    export.add_argument("--index", default="brute_force",
+                        choices=("brute_force", "partitioned", "scann", "sparse_code", "soft_search"),
+                        help="index kind; sparse_code needs a SparCode run, soft_search a SPARC run "
+                             "(e.g. --index-option num_interests=4 --index-option base=scann)")
     export.add_argument("--index-option", action="append", default=[], metavar="NAME=VALUE",
                         help="index constructor argument, e.g. num_partitions=64 (repeatable)")
     export.add_argument("--k-max", type=int, default=100, help="largest k a request may ask for")

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.index import make_index
+from tfx_xmatch.index import SoftSearchIndex, make_index
 
 SCANN_NAMESPACE = "Scann"
 
@@ -110,9 +110,13 @@ class RetrievalServingModule(tf.Module):
 
     def _retrieve(self, history: tf.Tensor, k) -> dict:
         window = self._window(history)
-        user = self.model.user_embedding({"history": window})
         exclude = tf.cast(self._to_indices(history, "history"), tf.int64) if self.exclude_history else None
-        scores, indices = self.index(user, k=k, exclude=exclude)
+        if isinstance(self.index, SoftSearchIndex):
+            vectors, log_probs = self.model.interest_vectors({"history": window}, self.index.num_interests)
+            scores, indices = self.index(vectors, k=k, exclude=exclude, log_weights=log_probs)
+        else:
+            user = self.model.user_embedding({"history": window})
+            scores, indices = self.index(user, k=k, exclude=exclude)
         return {"item_ids": tf.gather(self.index_to_id, tf.maximum(indices, 0)), "scores": scores}
 
     # ------------------------------------------------------------------ signatures
@@ -159,8 +163,10 @@ def build_serving_module(
     Args:
       model: A trained model (``user_embedding``, ``item_embeddings``, ``max_length``).
       item_vocab: The training vocabulary (raw item id <-> item index).
-      index_kind: "brute_force", "partitioned", "scann" or "sparse_code" (SparCode: the inverted
-        index over its code-score columns; pass e.g. ``{"cache_fraction": 0.01}``).
+      index_kind: "brute_force", "partitioned", "scann", "sparse_code" (SparCode: the inverted
+        index over its code-score columns; pass e.g. ``{"cache_fraction": 0.01}``) or
+        "soft_search" (SPARC: one search per interest over a base kind, merged; pass e.g.
+        ``{"num_interests": 4, "base": "scann"}``). SPARC with any other kind is hard search.
       index_options: Constructor arguments of that index kind (e.g. num_partitions).
       k_max: Largest k a request may ask for.
       default_k: k of ``serving_default`` (default ``k_max``).
@@ -178,6 +184,9 @@ def build_serving_module(
                          "network and cannot be served from an index; export a quantized SparCode")
     if index_kind == "sparse_code" and not hasattr(model, "build_index"):
         raise ValueError(f"index_kind 'sparse_code' needs a SparCode model (code-score columns), got "
+                         f"{type(model).__name__}; use brute_force, partitioned or scann")
+    if index_kind == "soft_search" and not hasattr(model, "interest_vectors"):
+        raise ValueError(f"index_kind 'soft_search' needs a multi-interest model (SPARC), got "
                          f"{type(model).__name__}; use brute_force, partitioned or scann")
     default_k = k_max if default_k is None else int(default_k)
     if not 1 <= default_k <= k_max:

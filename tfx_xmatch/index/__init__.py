@@ -7,6 +7,8 @@ Kinds:
   * ``sparse_code``: inverted index of code-item scores for SparCode-style discrete-code queries
     (candidates = the [N, C] code-score table, queries = [B, C] code weights); exact unless a
     cache budget prunes the posting lists; stock TF ops only.
+  * ``soft_search``: SPARC's K searches per user (one per interest vector, queries [B, K, d])
+    over a base kind, merged by interest probability; as portable as its base kind.
 
 Example:
   >>> index = make_index("partitioned", num_partitions=32, num_probes=4, k_max=10)
@@ -19,6 +21,7 @@ from tfx_xmatch.index.brute_force_index import BruteForceIndex
 from tfx_xmatch.index.partitioned_index import PartitionedIndex
 from tfx_xmatch.index.retrieval_index import RetrievalIndex
 from tfx_xmatch.index.scann_index import ScaNNIndex
+from tfx_xmatch.index.soft_search_index import SoftSearchIndex
 from tfx_xmatch.index.sparse_code_index import SparseCodeIndex
 
 INDEX_KINDS: dict[str, type[RetrievalIndex]] = {
@@ -26,6 +29,7 @@ INDEX_KINDS: dict[str, type[RetrievalIndex]] = {
     "partitioned": PartitionedIndex,
     "scann": ScaNNIndex,
     "sparse_code": SparseCodeIndex,
+    "soft_search": SoftSearchIndex,
 }
 
 
@@ -33,8 +37,11 @@ def make_index(kind: str, **kwargs) -> RetrievalIndex:
     """Creates an index of a registered kind.
 
     Args:
-      kind: A key of ``INDEX_KINDS`` ("brute_force", "partitioned", "scann" or "sparse_code").
-      **kwargs: Constructor arguments of that kind, e.g. ``k_max=100``.
+      kind: A key of ``INDEX_KINDS`` ("brute_force", "partitioned", "scann", "sparse_code" or
+        "soft_search").
+      **kwargs: Constructor arguments of that kind, e.g. ``k_max=100``. For "soft_search",
+        ``base`` names the kind searched per interest (default "brute_force") and
+        ``base_options`` holds its arguments; ``k_max`` applies to both.
 
     Returns:
       A new, not yet indexed, ``RetrievalIndex``.
@@ -47,6 +54,13 @@ def make_index(kind: str, **kwargs) -> RetrievalIndex:
     """
     if kind not in INDEX_KINDS:
         raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(INDEX_KINDS)}")
+    if kind == "soft_search":
+        base_kind = kwargs.pop("base", "brute_force")
+        if base_kind in ("soft_search", "sparse_code"):
+            raise ValueError(f"soft_search needs a dense-vector base kind, got base={base_kind!r}")
+        base_options = dict(kwargs.pop("base_options", None) or {})
+        base_options.setdefault("k_max", kwargs.get("k_max", 100))
+        return SoftSearchIndex(make_index(base_kind, **base_options), **kwargs)
     return INDEX_KINDS[kind](**kwargs)
 
 
@@ -56,6 +70,7 @@ __all__ = [
     "PartitionedIndex",
     "RetrievalIndex",
     "ScaNNIndex",
+    "SoftSearchIndex",
     "SparseCodeIndex",
     "make_index",
 ]

@@ -1,8 +1,9 @@
 """Retrieval models (each a tfrs.models.Model), by the name a config uses."""
 
+from tfx_xmatch.models.sparc import SPARC
 from tfx_xmatch.models.sparcode import SparCode
 from tfx_xmatch.models.two_tower import TwoTower
 
-MODELS = {"two_tower": TwoTower, "sparcode": SparCode}
+MODELS = {"two_tower": TwoTower, "sparcode": SparCode, "sparc": SPARC}
 
-__all__ = ["MODELS", "SparCode", "TwoTower"]
+__all__ = ["MODELS", "SPARC", "SparCode", "TwoTower"]

@@ -1,0 +1,116 @@
+"""ResidualQuantizer (RQ-VAE): greedy residual assignments against NumPy, reconstruction per
+level, gradients to the codebooks, dead-code restarts, metrics, config and checkpoint round trips."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfx_xmatch.layers import ResidualQuantizer
+
+
+def _data(n=256, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, d)) * 3
+    return (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_codes_are_the_greedy_nearest_codewords_of_each_residual():
+    layer = ResidualQuantizer(num_levels=3, num_codewords=5)
+    x = _data()
+    out = layer(x, training=True)
+    encoded = layer.encoder(x).numpy()
+    books = layer.codebooks.numpy()  # after the data-dependent initialisation
+    out = layer(x)
+    residual = encoded
+    for level in range(3):
+        distances = ((residual[:, None, :] - books[level][None]) ** 2).sum(-1)
+        expected = distances.argmin(1)
+        np.testing.assert_array_equal(out["codes"].numpy()[:, level], expected)
+        residual = residual - books[level][expected]
+    np.testing.assert_allclose(out["quantized"].numpy(), encoded - residual, rtol=1e-4, atol=1e-5)
+
+
+def test_more_levels_reconstruct_better():
+    errors = {}
+    for levels in (1, 2, 3):
+        tf.keras.utils.set_random_seed(0)
+        layer = ResidualQuantizer(num_levels=levels, num_codewords=4, dead_code_threshold=0.0)
+        optimizer = tf.keras.optimizers.Adam(1e-2)
+        x = tf.constant(_data())
+        for _ in range(150):
+            with tf.GradientTape() as tape:
+                loss = layer(x, training=True)["loss"]
+            optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables))
+        errors[levels] = float(tf.reduce_mean(tf.reduce_sum(tf.square(layer(x)["reconstruction"] - x), -1)))
+    assert errors[1] > errors[2] > errors[3], errors
+
+
+def test_residual_shrinks_with_every_level_of_one_quantizer():
+    layer = ResidualQuantizer(num_levels=4, num_codewords=8)
+    x = _data()
+    layer(x, training=True)
+    encoded = layer.encoder(x)
+    _, codewords, _ = layer.quantize(encoded)
+    partial = tf.cumsum(codewords, axis=1)
+    errors = tf.reduce_mean(tf.reduce_sum(tf.square(encoded[:, None, :] - partial), -1), 0).numpy()
+    assert np.all(np.diff(errors) < 0), errors
+
+
+def test_a_loss_on_the_outputs_reaches_the_codebooks_and_the_encoder():
+    layer = ResidualQuantizer(num_levels=3, num_codewords=4)
+    x = tf.constant(_data(64))
+    layer(x, training=True)
+    target = tf.random.normal(x.shape)
+    with tf.GradientTape() as tape:
+        out = layer(x)
+        downstream = tf.reduce_sum(out["codewords"][:, 0, :] * target[:, :1]) + tf.reduce_sum(
+            out["reconstruction"] * target)
+    codebook_grad, encoder_grad = tape.gradient(downstream, [layer.codebooks, layer.encoder.trainable_variables[0]])
+    assert codebook_grad is not None and encoder_grad is not None
+    used = np.unique(out["codes"].numpy()[:, 2])
+    assert np.abs(tf.convert_to_tensor(codebook_grad).numpy()[2, used]).sum() > 0  # every level, not just level 1
+    assert np.abs(encoder_grad.numpy()).sum() > 0
+
+
+def test_dead_codes_are_restarted_and_metrics_are_reported():
+    layer = ResidualQuantizer(num_levels=2, num_codewords=6, dead_code_threshold=0.5)
+    x = _data(32)
+    layer(x, training=True)
+    layer.usage.assign(tf.tensor_scatter_nd_update(layer.usage, [[0, 1]], [0.0]))
+    before = layer.codebooks.numpy()[0, 1].copy()
+    layer(x, training=True)
+    assert not np.allclose(layer.codebooks.numpy()[0, 1], before)
+    names = {m.name for m in layer.metrics}
+    assert {f"{layer.name}_level0_perplexity",
+            f"{layer.name}_level1_dead_codes", f"{layer.name}_reconstruction_error"} <= names
+
+
+def test_codebook_perplexity_counts_the_codes_in_use():
+    layer = ResidualQuantizer(num_levels=2, num_codewords=4)
+    codes = tf.constant([[0, 1], [1, 1], [2, 1], [3, 1]])
+    np.testing.assert_allclose(layer.codebook_perplexity(codes), [4.0, 1.0], rtol=1e-5)
+
+
+def test_config_round_trip_and_checkpoint_reload(tmp_path):
+    layer = ResidualQuantizer(num_levels=2, num_codewords=5, latent_dim=6, hidden_units=(12,), name="rq")
+    x = _data(40)
+    layer(x, training=True)
+    again = ResidualQuantizer.from_config(layer.get_config())
+    assert again.get_config() == layer.get_config()
+    again(x)
+    checkpoint = tf.train.Checkpoint(layer=layer)
+    path = checkpoint.write(str(tmp_path / "rq"))
+    tf.train.Checkpoint(layer=again).read(path).assert_consumed()
+    for key in ("codes", "reconstruction"):
+        np.testing.assert_allclose(again(x)[key].numpy(), layer(x)[key].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_levels": 0}, "num_levels must be >= 1, got 0"),
+    ({"num_codewords": 1}, "num_codewords must be >= 2, got 1"),
+    ({"commitment_weight": -1.0}, "commitment_weight must be >= 0, got -1.0"),
+    ({"usage_decay": 1.0}, r"usage_decay must be in \(0, 1\), got 1.0"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResidualQuantizer(**kwargs)

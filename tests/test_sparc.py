@@ -1,0 +1,186 @@
+"""SPARC: every loss logged in fit, retrieval gradients reach the codebooks, codeword-shuffle BPR,
+soft search against hard search and the exact mixture, config round trip, save/reload, export."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfx_xmatch.config import load_config
+from tfx_xmatch.data import make_synthetic
+from tfx_xmatch.data.dataset import pad_histories
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
+from tfx_xmatch.index import BruteForceIndex, SoftSearchIndex
+from tfx_xmatch.models import SPARC
+from tfx_xmatch.models.sparc import codeword_shuffle_bpr
+from tfx_xmatch.training import build_model, load_model, save_model
+
+NUM_ITEMS, LENGTH = 40, 8
+HISTORIES = [np.arange(1, 6), np.arange(10, 20), np.array([33])]
+
+
+def _batches(num_batches=6, batch=16, seed=0):
+    """Histories with a learnable successor structure: item i is followed by i + 1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num_batches * batch):
+        start = rng.integers(1, NUM_ITEMS - LENGTH)
+        rows.append(np.arange(start, start + LENGTH + 1) % NUM_ITEMS + 1)
+    rows = np.array(rows, np.int32)
+    history, next_items = rows[:, :-1].copy(), rows[:, 1:].copy()
+    history[::3, :2] = 0
+    next_items[history == 0] = 0
+    return tf.data.Dataset.from_tensor_slices({"history": history, "next_items": next_items}).batch(batch)
+
+
+def _model(**kwargs):
+    defaults = dict(num_items=NUM_ITEMS, embedding_dim=16, max_length=LENGTH, dropout=0.0, num_codewords=6,
+                    serving_interests=3, max_contrastive_positions=32)
+    tf.keras.utils.set_random_seed(5)
+    model = SPARC(**{**defaults, **kwargs})
+    model.compile(optimizer=tf.keras.optimizers.Adam(5e-3))
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = _model()
+    history = model.fit(_batches(), epochs=4, verbose=0)
+    return model, history
+
+
+def _inputs():
+    return {"history": pad_histories(HISTORIES, LENGTH)}
+
+
+def test_training_logs_every_loss_and_codebook_usage_per_level(trained):
+    _, history = trained
+    for name in ("retrieval_loss", "rqvae_loss", "bpr_loss", "contrastive_loss", "interest_loss",
+                 "interest_accuracy", "rqvae_level0_perplexity", "rqvae_level2_dead_codes",
+                 "rqvae_reconstruction_error"):
+        assert name in history.history and np.isfinite(history.history[name]).all(), name
+    assert history.history["retrieval_loss"][-1] < history.history["retrieval_loss"][0]
+
+
+def test_the_retrieval_loss_alone_reaches_every_codebook_level():
+    model = _model(rqvae_weight=0.0, bpr_weight=0.0, contrastive_weight=0.0, interest_weight=0.0)
+    batch = next(iter(_batches(num_batches=1)))
+    model.compute_loss(batch, training=True)  # builds; the projection starts at zero
+    model.interest_projection.kernel.assign(tf.random.normal(model.interest_projection.kernel.shape))
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(batch, training=False)
+    gradient = tf.convert_to_tensor(tape.gradient(loss, model.rqvae.codebooks)).numpy()
+    assert all(np.abs(gradient[level]).sum() > 0 for level in range(model.num_levels))
+
+
+def test_codeword_shuffle_bpr_is_positive_and_log_two_at_a_tie():
+    model = _model()
+    codes = tf.constant(np.arange(600) % 6, tf.int32)
+    shuffled = model.shuffled_codes(codes).numpy()
+    assert (shuffled != codes.numpy()).all() and shuffled.min() >= 0 and shuffled.max() < 6
+    true, other = tf.constant([2.0, -1.0, 0.5]), tf.constant([1.0, 3.0, 0.5])
+    loss = float(codeword_shuffle_bpr(true, other))
+    assert loss > 0
+    np.testing.assert_allclose(loss, np.mean(np.log1p(np.exp(other.numpy() - true.numpy()))), rtol=1e-6)
+    np.testing.assert_allclose(float(codeword_shuffle_bpr(true, true)), np.log(2.0), rtol=1e-6)
+
+
+def test_score_all_is_the_exact_mixture_of_interest_softmaxes(trained):
+    model, _ = trained
+    scores = model.score_all(_inputs()).numpy()
+    assert scores.shape == (3, NUM_ITEMS + 1) and np.isneginf(scores[:, 0]).all()
+    np.testing.assert_allclose(np.exp(scores[:, 1:]).sum(1), 1.0, rtol=1e-5)
+    vectors, log_probs = model.interest_vectors(_inputs(), 3)
+    logits = np.einsum("bkd,id->bki", vectors.numpy(), model.item_embeddings().numpy()[1:])
+    weights = np.exp(log_probs.numpy()) / np.exp(log_probs.numpy()).sum(1, keepdims=True)
+    softmax = np.exp(logits - logits.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.exp(scores[:, 1:]), (weights[:, :, None] * softmax).sum(1), rtol=1e-4, atol=1e-7)
+
+
+def test_interests_are_the_most_probable_codes_and_hard_search_uses_the_first(trained):
+    model, _ = trained
+    vectors, log_probs = model.interest_vectors(_inputs(), 3)
+    all_log_probs = model.interest_log_probs(_inputs()).numpy()
+    np.testing.assert_allclose(log_probs.numpy(), -np.sort(-all_log_probs, axis=1)[:, :3], rtol=1e-5)
+    np.testing.assert_allclose(model.user_embedding(_inputs()).numpy(), vectors.numpy()[:, 0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(vectors.numpy()[:, 0], vectors.numpy()[:, 1])  # interests give different users
+
+
+def test_soft_search_with_one_interest_equals_hard_search(trained):
+    model, _ = trained
+    vocab = Vocabulary(list(range(1, NUM_ITEMS + 1)))
+    hard = build_serving_module(model, vocab, index_kind="brute_force", k_max=10)
+    soft = build_serving_module(model, vocab, index_kind="soft_search", k_max=10, index_options={"num_interests": 1})
+    request = tf.constant([list(h) + [0] * (10 - len(h)) for h in HISTORIES], tf.int64)
+    np.testing.assert_array_equal(soft.serving_default(request)["item_ids"].numpy(),
+                                  hard.serving_default(request)["item_ids"].numpy())
+
+
+def test_config_round_trip_and_save_reload_give_identical_retrievals(trained, tmp_path):
+    model, _ = trained
+    again = SPARC.from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    assert isinstance(reloaded, SPARC)
+    np.testing.assert_allclose(reloaded.score_all(_inputs()).numpy(), model.score_all(_inputs()).numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(reloaded.item_codes().numpy(), model.item_codes().numpy())
+    index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=3, k_max=10)
+    results = []
+    for m in (model, reloaded):
+        index.index(m.item_embeddings()[1:], tf.range(1, NUM_ITEMS + 1))
+        vectors, log_probs = m.interest_vectors(_inputs(), 3)
+        results.append(index(vectors, k=5, log_weights=log_probs))
+    np.testing.assert_array_equal(results[0][1].numpy(), results[1][1].numpy())
+
+
+def test_soft_search_export_uses_stock_ops_and_reloads_with_the_same_answers(trained, tmp_path):
+    model, _ = trained
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    options = {"num_interests": 3, "base": "partitioned", "base_options": {"num_partitions": 4, "num_probes": 4}}
+    module = build_serving_module(model, vocab, index_kind="soft_search", k_max=10, index_options=options)
+    path = export_retrieval_model(model, vocab, tmp_path / "export", index_kind="soft_search", k_max=10,
+                                  index_options=options)
+    assert non_stock_ops(path) == set()
+    served = tf.saved_model.load(str(path))
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in HISTORIES])
+    expected = module.top_k(request, tf.constant(6))
+    result = served.signatures["top_k"](history=request, k=tf.constant(6))
+    np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
+    np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-5)
+    for row, history in enumerate(HISTORIES):  # the history is excluded, nothing repeats
+        ids = [i for i in result["item_ids"].numpy()[row].astype(str) if i]
+        assert len(ids) == len(set(ids)) and not set(ids) & set(vocab.ids(history))
+
+
+def test_export_refuses_soft_search_for_a_single_interest_model(tmp_path):
+    from tfx_xmatch.models import TwoTower
+
+    vocab = Vocabulary(list(range(1, NUM_ITEMS + 1)))
+    with pytest.raises(ValueError, match="'soft_search' needs a multi-interest model"):
+        export_retrieval_model(TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH), vocab,
+                               tmp_path / "a", index_kind="soft_search")
+
+
+def test_sampled_softmax_and_user_features_train():
+    model = _model(loss="sampled_softmax", num_sampled_negatives=8, user_feature_cardinalities={"age": 3})
+    model.set_item_frequencies(np.ones(NUM_ITEMS + 1))
+    data = _batches(num_batches=2).map(lambda b: {**b, "age": tf.ones([tf.shape(b["history"])[0]], tf.int32)})
+    history = model.fit(data, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    with pytest.raises(KeyError, match="'age' is missing"):
+        model.score_all(_inputs())
+
+
+def test_config_options_reach_the_model_and_bad_arguments_are_named():
+    config = load_config(None, ["model.name=sparc", "model.options.num_codewords=16", "model.options.bpr_weight=0.5",
+                                "model.max_length=10"])
+    model = build_model(config, make_synthetic(num_users=20, num_items=15, seed=0))
+    assert (model.num_codewords, model.bpr_weight) == (16, 0.5)
+    with pytest.raises(ValueError, match=r"codeword_query_rate must be in \[0, 1\], got 1.5"):
+        SPARC(num_items=5, codeword_query_rate=1.5)
+    with pytest.raises(ValueError, match=r"serving_interests \(9\) cannot exceed num_codewords \(8\)"):
+        SPARC(num_items=5, num_codewords=8, serving_interests=9)
+    with pytest.raises(ValueError, match="bpr_weight must be >= 0, got -1"):
+        SPARC(num_items=5, bpr_weight=-1)

@@ -1,0 +1,191 @@
+"""SoftSearchIndex: K searches per user (one per interest) merged by interest probability (SPARC)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from tfx_xmatch.index.retrieval_index import RetrievalIndex
+
+
+class SoftSearchIndex(RetrievalIndex):
+    """Searches a base index once per interest vector and merges the lists into one top-k.
+
+    A SPARC user has K interest vectors u_1..u_K with probabilities p_1..p_K (the top-K codes of
+    its interest tower). Each u_k is searched in the base index; the merged score of an item is
+    the log of its mixture probability ``log sum_k p_k softmax_k(item)``, where ``softmax_k`` is
+    the softmax of u_k's scores over the ``k_max`` best items of u_k (the items further down
+    have little probability under that interest). Each interest lists its ``max(k_max, k + E)``
+    best items (E = excluded ids per row), so an item's score does not depend on k or on the
+    exclusions. An item found by several interests appears once, with the probability mass of
+    all of them. With K = 1 the order is exactly the base index's (hard search); the scores are
+    the base scores minus a per-query constant.
+
+    Queries are float [B, K, d] with K = ``num_interests``; ``log_weights`` [B, K] are
+    the interests' log probabilities (renormalised over the K given; default uniform). Uses
+    stock TF ops around the base index, so the result is as portable as the base kind.
+
+    Args:
+      base: The index searched per interest (a ``RetrievalIndex``, e.g. ``BruteForceIndex``,
+        ``ScaNNIndex`` or ``PartitionedIndex``). It is built by this index's ``index()``.
+      num_interests: K, the searches per user (int >= 1, default 4).
+      k_max: Largest k a call may ask for (int, default 100); at most the base's ``k_max``.
+      **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
+        see ``RetrievalIndex``.
+
+    Raises:
+      ValueError: ``base`` is not a ``RetrievalIndex``, its ``k_max`` is below ``k_max``, or
+        ``num_interests`` < 1.
+
+    Example:
+      >>> index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=4, k_max=10)
+      >>> index.index(tf.random.normal([100, 8]))
+      >>> scores, ids = index(tf.random.normal([2, 4, 8]), k=5, log_weights=tf.math.log([[.4, .3, .2, .1]] * 2))
+    """
+
+    def __init__(self, base: RetrievalIndex, num_interests: int = 4, k_max: int = 100, **kwargs):
+        super().__init__(k_max=k_max, **kwargs)
+        if isinstance(num_interests, bool) or not isinstance(num_interests, int) or num_interests < 1:
+            raise ValueError(f"num_interests must be an integer >= 1, got {num_interests!r}")
+        self.num_interests = num_interests
+        if not isinstance(base, RetrievalIndex):
+            raise ValueError(f"base must be a RetrievalIndex, got {type(base).__name__}")
+        if base.k_max < self.k_max:
+            raise ValueError(f"base.k_max ({base.k_max}) must be >= k_max ({self.k_max}): every interest "
+                             "search fetches up to k_max items")
+        self.base = base
+        self.item_dimension: Optional[int] = None
+
+    def index(self, candidates, identifiers=None) -> "SoftSearchIndex":
+        """Builds the base index over ``candidates`` (see ``RetrievalIndex.index``)."""
+        super().index(candidates, identifiers)
+        # Queries reach the base class packed as [B, K * (d + 1)], so its width check is ours.
+        self.item_dimension, self.dimension = self.dimension, None
+        return self
+
+    def _index(self, candidates: tf.Tensor) -> None:
+        # The base answers positions 0..N-1; this index maps them to its own identifiers.
+        self.base.index(candidates)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(num_interests=self.num_interests,
+                      base={"class_name": type(self.base).__name__, "config": self.base.get_config()})
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "SoftSearchIndex":
+        from tfx_xmatch.index import INDEX_KINDS  # the registry imports this module
+
+        config = dict(config)
+        base = config.pop("base")
+        kinds = {kind.__name__: kind for kind in INDEX_KINDS.values()}
+        if base.get("class_name") not in kinds:
+            raise ValueError(f"unknown base index class {base.get('class_name')!r}; known: {sorted(kinds)}")
+        return cls(kinds[base["class_name"]].from_config(base["config"]), **config)
+
+    def is_exact(self) -> bool:
+        """Whether each interest's search is exact (the base kind's answer).
+
+        Returns:
+          ``base.is_exact()``.
+        """
+        return self.base.is_exact()
+
+    def call(
+        self,
+        queries: tf.Tensor,
+        k: Optional[Union[int, tf.Tensor]] = None,
+        exclude: Optional[tf.Tensor] = None,
+        log_weights: Optional[tf.Tensor] = None,
+    ) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Top-k of the merged interest searches, best first.
+
+        Args:
+          queries: float [B, K, d] interest vectors.
+          k, exclude: As in ``RetrievalIndex.call``.
+          log_weights: float [B, K] log probabilities of the interests (default uniform).
+
+        Returns:
+          ``(scores, identifiers)`` [B, k]: merged log mixture probabilities and identifiers.
+
+        Raises:
+          ValueError: If not indexed, or queries are not [B, K, d] with the candidates' d, or
+            ``log_weights`` is not [B, K].
+        """
+        if self.identifiers is None:
+            raise ValueError("SoftSearchIndex.index() must be called before querying it")
+        queries = tf.cast(tf.convert_to_tensor(queries), tf.float32)
+        if queries.shape.rank != 3:
+            raise ValueError(f"queries must be [B, K, d] interest vectors, got shape {queries.shape}")
+        num_interests, width = self.num_interests, queries.shape[2]
+        if queries.shape[1] is None and width == self.item_dimension:
+            queries = tf.ensure_shape(queries, [None, num_interests, width])  # checked when it runs
+        if queries.shape[1] != num_interests or width != self.item_dimension:
+            raise ValueError(f"queries must be [B, num_interests={num_interests}, d={self.item_dimension}], "
+                             f"got shape {queries.shape}")
+        batch = tf.shape(queries)[0]
+        if log_weights is None:
+            log_weights = tf.zeros([batch, num_interests], tf.float32)
+        log_weights = tf.cast(tf.convert_to_tensor(log_weights), tf.float32)
+        if log_weights.shape.rank != 2 or log_weights.shape[1] != num_interests:
+            raise ValueError(f"log_weights must be [B, {num_interests}], got shape {log_weights.shape}")
+        packed = tf.concat([tf.reshape(queries, [batch, num_interests * width]), log_weights], axis=1)
+        return super().call(packed, k=k, exclude=exclude)
+
+    def _top_k(self, packed: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        width = self.item_dimension
+        num_interests = self.num_interests
+        batch = tf.shape(packed)[0]
+        vectors = tf.reshape(packed[:, : num_interests * width], [batch * num_interests, width])
+        log_weights = tf.nn.log_softmax(packed[:, num_interests * width:], axis=1)
+        # Every interest lists at least its k_max best, and normalises over exactly those, so a
+        # larger k or an exclusion only adds or removes items: the others keep their scores.
+        scores, positions = self.base._top_k(vectors, tf.maximum(k, self.k_max))
+        fetched = tf.shape(scores)[1]
+        valid = positions >= 0
+        scores = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
+        # log softmax_k over each interest's list (an empty list contributes nothing).
+        normalizer = tf.reduce_logsumexp(scores[:, : self.k_max], axis=1, keepdims=True)
+        normalizer = tf.where(tf.math.is_finite(normalizer), normalizer, tf.zeros_like(normalizer))
+        log_mass = tf.reshape(scores - normalizer, [batch, num_interests, fetched])
+        log_mass = tf.reshape(log_mass + log_weights[:, :, tf.newaxis], [batch, -1])
+        positions = tf.reshape(positions, [batch, -1])
+        return merge_duplicates(log_mass, positions, k)
+
+
+def merge_duplicates(log_mass: tf.Tensor, positions: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Per row, sums the probability mass of entries with the same position (logsumexp of their
+    log masses) and returns the best ``k`` distinct positions.
+
+    Args:
+      log_mass: float [B, n] log masses (-inf for empty entries).
+      positions: int32 [B, n] candidate positions (-1 for empty entries).
+      k: scalar int32; at most n results per row.
+
+    Returns:
+      ``(scores [B, m], positions [B, m])`` with m = min(k, n), best first; -1 marks empty slots.
+    """
+    batch, width = tf.shape(positions)[0], tf.shape(positions)[1]
+    positions = tf.where(tf.math.is_finite(log_mass), positions, -tf.ones_like(positions))
+    order = tf.argsort(positions, axis=1, stable=True)
+    positions = tf.gather(positions, order, batch_dims=1)
+    log_mass = tf.gather(log_mass, order, batch_dims=1)
+    starts = tf.concat([tf.ones([batch, 1], tf.bool), positions[:, 1:] != positions[:, :-1]], axis=1)
+    segments = tf.cumsum(tf.cast(starts, tf.int32), axis=1) - 1 + tf.range(batch)[:, tf.newaxis] * width
+    segments = tf.reshape(segments, [-1])
+    flat_mass = tf.reshape(log_mass, [-1])
+    num_segments = batch * width
+    peak = tf.math.unsorted_segment_max(flat_mass, segments, num_segments)
+    peak = tf.where(tf.math.is_finite(peak), peak, tf.zeros_like(peak))
+    shifted = tf.where(tf.math.is_finite(flat_mass), tf.exp(flat_mass - tf.gather(peak, segments)), 0.0)
+    total = tf.math.unsorted_segment_sum(shifted, segments, num_segments)
+    merged = tf.where(total > 0, peak + tf.math.log(tf.maximum(total, 1e-30)), -np.inf)
+    merged_positions = tf.math.unsorted_segment_max(tf.reshape(positions, [-1]), segments, num_segments)
+    merged = tf.reshape(tf.where(merged_positions >= 0, merged, -np.inf), [batch, width])
+    merged_positions = tf.reshape(tf.maximum(merged_positions, -1), [batch, width])
+    scores, best = tf.math.top_k(merged, k=tf.minimum(k, width))
+    best_positions = tf.gather(merged_positions, best, batch_dims=1)
+    return scores, tf.where(tf.math.is_finite(scores), best_positions, -tf.ones_like(best_positions))

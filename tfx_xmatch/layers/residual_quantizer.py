@@ -1,0 +1,241 @@
+"""ResidualQuantizer: an RQ-VAE whose codebooks are trained by gradients, jointly with the model."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+
+class ResidualQuantizer(tf.keras.layers.Layer):
+    """Encoder -> L levels of residual vector quantization -> decoder (Lee et al., 2022; SPARC).
+
+    Level l quantizes what the levels before it left over: ``r_0 = enc(z)``,
+    ``c_l = argmin_j ||r_l - e_l[j]||``, ``r_{l+1} = r_l - e_l[c_l]``, and the reconstruction is
+    ``z_rec = dec(sum_l e_l[c_l])``. More levels leave a smaller residual.
+
+    Unlike ``VectorQuantizer`` (EMA codebooks that take no gradient), these codebooks are
+    trainable weights: SPARC trains them jointly with the retrieval loss so that interest codes
+    follow behaviour, not just the geometry of the item embeddings. The quantized sum uses a
+    two-way straight-through: its value is ``sum_l e_l[c_l]``, and its gradient reaches both the
+    selected codewords and the encoder output (as if quantization were the identity).
+
+    Its loss is returned, not added with ``add_loss``, so that a model can weigh and log it:
+    ``reconstruction_weight * ||z_rec - sg(z)||^2`` + ``sum_l ||sg(r_l) - e_l[c_l]||^2`` (codebook)
+    + ``commitment_weight * sum_l ||r_l - sg(e_l[c_l])||^2``, each a mean over vectors. The first training call initialises every level's codebook with
+    random residuals of the batch, and codewords whose moving usage falls below
+    ``dead_code_threshold`` are restarted at random residuals (gradients alone never revive a
+    codeword that no vector picks).
+
+    Args:
+      num_levels: Residual levels L (int >= 1, default 3).
+      num_codewords: Codewords per level K (int >= 2, default 64).
+      latent_dim: Width of the codewords (int, default: the input width).
+      hidden_units: Hidden widths of the encoder and (mirrored) decoder MLPs (default (): a
+        single linear map each).
+      commitment_weight: Weight of the commitment loss (float >= 0, default 0.25).
+      reconstruction_weight: Weight of the reconstruction loss (float >= 0, default 1.0).
+      usage_decay: Decay of the moving codeword usage that detects dead codes (float in (0, 1),
+        default 0.99).
+      dead_code_threshold: Moving usage (expected assignments per batch) under which a codeword
+        is dead (float >= 0, default 0.03; 0 disables restarts).
+
+    Call args:
+      inputs: float [..., d] vectors (item embeddings).
+      training: Python bool. When True: initialisation, restarts and the metrics
+        ``<name>_level<l>_perplexity``, ``<name>_level<l>_dead_codes`` and
+        ``<name>_reconstruction_error``.
+
+    Returns:
+      A dict: ``codes`` int32 [..., L]; ``codewords`` float [..., L, latent] (the selected
+      codewords, gradients reach the codebooks); ``quantized`` float [..., latent] (their sum,
+      two-way straight-through); ``reconstruction`` float [..., d]; ``loss`` the scalar RQ-VAE
+      loss above.
+
+    Raises:
+      ValueError: on invalid hyperparameters.
+
+    Example:
+      >>> rq = ResidualQuantizer(num_levels=3, num_codewords=16)
+      >>> out = rq(tf.random.normal([32, 8]), training=True)
+      >>> out["codes"].shape, out["reconstruction"].shape
+      (TensorShape([32, 3]), TensorShape([32, 8]))
+    """
+
+    def __init__(
+        self,
+        num_levels: int = 3,
+        num_codewords: int = 64,
+        latent_dim: int | None = None,
+        hidden_units: Sequence[int] = (),
+        commitment_weight: float = 0.25,
+        reconstruction_weight: float = 1.0,
+        usage_decay: float = 0.99,
+        dead_code_threshold: float = 0.03,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels!r}")
+        if num_codewords < 2:
+            raise ValueError(f"num_codewords must be >= 2, got {num_codewords!r}")
+        if latent_dim is not None and latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim!r}")
+        for name, value in (("commitment_weight", commitment_weight),
+                            ("reconstruction_weight", reconstruction_weight),
+                            ("dead_code_threshold", dead_code_threshold)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if not 0.0 < usage_decay < 1.0:
+            raise ValueError(f"usage_decay must be in (0, 1), got {usage_decay!r}")
+        self.num_levels = int(num_levels)
+        self.num_codewords = int(num_codewords)
+        self.latent_dim = None if latent_dim is None else int(latent_dim)
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.commitment_weight = float(commitment_weight)
+        self.reconstruction_weight = float(reconstruction_weight)
+        self.usage_decay = float(usage_decay)
+        self.dead_code_threshold = float(dead_code_threshold)
+
+    def build(self, input_shape):
+        width = int(input_shape[-1])
+        latent = self.latent_dim or width
+
+        def mlp(widths, output, name):
+            layers = [tf.keras.layers.Dense(u, activation="relu", name=f"{name}_{i}") for i, u in enumerate(widths)]
+            return tf.keras.Sequential(layers + [tf.keras.layers.Dense(output, name=f"{name}_out")], name=name)
+
+        self.encoder = mlp(self.hidden_units, latent, "encoder")
+        self.decoder = mlp(tuple(reversed(self.hidden_units)), width, "decoder")
+        # Built here, not on first use: checkpoint restores and BackupAndRestore need the weights.
+        self.encoder.build((None, width))
+        self.decoder.build((None, latent))
+        self.codebooks = self.add_weight(
+            name="codebooks", shape=(self.num_levels, self.num_codewords, latent),
+            initializer=tf.keras.initializers.RandomNormal(stddev=0.1),
+        )
+        self.usage = self.add_weight(
+            name="usage", shape=(self.num_levels, self.num_codewords),
+            initializer=tf.keras.initializers.Constant(1.0), trainable=False,
+        )
+        self.initialized = self.add_weight(name="initialized", shape=(), dtype=tf.bool,
+                                           initializer="zeros", trainable=False)
+        super().build(input_shape)
+
+    # ------------------------------------------------------------------ quantization
+    def _nearest(self, residual: tf.Tensor, level: int) -> tf.Tensor:
+        codebook = self.codebooks[level]
+        distances = (tf.reduce_sum(tf.square(residual), -1, keepdims=True)
+                     - 2.0 * tf.matmul(residual, codebook, transpose_b=True)
+                     + tf.reduce_sum(tf.square(codebook), -1)[tf.newaxis, :])
+        return tf.argmin(distances, axis=-1, output_type=tf.int32)
+
+    def quantize(self, vectors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, list]:
+        """Flat encoder outputs [n, latent] -> codes [n, L], selected codewords [n, L, latent]
+        and the residual entering each level (a list of L [n, latent] tensors)."""
+        residual = vectors
+        codes, selected, residuals = [], [], []
+        for level in range(self.num_levels):
+            residuals.append(residual)
+            code = self._nearest(tf.stop_gradient(residual), level)
+            codeword = tf.gather(self.codebooks[level], code)
+            codes.append(code)
+            selected.append(codeword)
+            residual = residual - tf.stop_gradient(codeword)
+        return tf.stack(codes, axis=-1), tf.stack(selected, axis=-2), residuals
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> dict:
+        inputs = tf.convert_to_tensor(inputs)
+        leading = tf.shape(inputs)[:-1]
+        flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
+        encoded = self.encoder(flat)
+        if training:
+            self._initialize_from(encoded)
+        codes, codewords, residuals = self.quantize(encoded)
+        summed = tf.reduce_sum(codewords, axis=1)
+        # Value: the codeword sum. Gradient: to the codewords and, straight through, to the encoder.
+        quantized = summed + encoded - tf.stop_gradient(encoded)
+        reconstruction = self.decoder(quantized)
+        loss, error = self._loss(flat, codewords, residuals, reconstruction)
+        if training:
+            self.add_metric(error, name=f"{self.name}_reconstruction_error")
+            self._track_usage(codes, residuals)
+        latent = tf.shape(codewords)[-1]
+        return {
+            "codes": tf.reshape(codes, tf.concat([leading, [self.num_levels]], 0)),
+            "codewords": tf.reshape(codewords, tf.concat([leading, [self.num_levels, latent]], 0)),
+            "quantized": tf.reshape(quantized, tf.concat([leading, [latent]], 0)),
+            "reconstruction": tf.reshape(reconstruction, tf.shape(inputs)),
+            "loss": loss,
+        }
+
+    def lookup(self, codes: tf.Tensor, level: int = 0) -> tf.Tensor:
+        """Codewords of one level for int codes [...]: float [..., latent]."""
+        return tf.gather(self.codebooks[level], codes)
+
+    # ------------------------------------------------------------------ training state
+    def _initialize_from(self, encoded: tf.Tensor) -> None:
+        def initialize():
+            residual = tf.stop_gradient(encoded)
+            for level in range(self.num_levels):
+                self.codebooks[level].assign(self._random_rows(residual))
+                residual = residual - tf.gather(self.codebooks[level], self._nearest(residual, level))
+            self.initialized.assign(True)
+            return tf.constant(True)
+
+        tf.cond(self.initialized, lambda: tf.constant(False), initialize)
+
+    def _random_rows(self, rows: tf.Tensor) -> tf.Tensor:
+        """num_codewords rows drawn at random (with replacement when there are fewer)."""
+        picks = tf.random.uniform([self.num_codewords], 0, tf.shape(rows)[0], dtype=tf.int32)
+        jitter = tf.random.normal([self.num_codewords, tf.shape(rows)[1]], stddev=1e-3)
+        return tf.gather(rows, picks) + jitter
+
+    def _loss(self, inputs, codewords, residuals, reconstruction) -> tuple[tf.Tensor, tf.Tensor]:
+        """(RQ-VAE loss, reconstruction error), means over vectors."""
+        stacked = tf.stack(residuals, axis=1)  # [n, L, latent]
+        codebook_loss = tf.reduce_mean(tf.reduce_sum(tf.square(tf.stop_gradient(stacked) - codewords), -1))
+        commitment = tf.reduce_mean(tf.reduce_sum(tf.square(stacked - tf.stop_gradient(codewords)), -1))
+        error = tf.reduce_mean(tf.reduce_sum(tf.square(reconstruction - tf.stop_gradient(inputs)), -1))
+        return codebook_loss + self.commitment_weight * commitment + self.reconstruction_weight * error, error
+
+    def _track_usage(self, codes: tf.Tensor, residuals: list) -> None:
+        for level in range(self.num_levels):
+            counts = tf.math.bincount(codes[:, level], minlength=self.num_codewords,
+                                      maxlength=self.num_codewords, dtype=tf.float32)
+            usage = self.usage[level] * self.usage_decay + counts * (1.0 - self.usage_decay)
+            self.usage[level].assign(usage)
+            probabilities = counts / tf.maximum(tf.reduce_sum(counts), 1.0)
+            entropy = -tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-10))
+            self.add_metric(tf.exp(entropy), name=f"{self.name}_level{level}_perplexity")
+            dead = usage < self.dead_code_threshold
+            self.add_metric(tf.reduce_mean(tf.cast(dead, tf.float32)), name=f"{self.name}_level{level}_dead_codes")
+            if self.dead_code_threshold > 0:
+                fresh = self._random_rows(tf.stop_gradient(residuals[level]))
+                self.codebooks[level].assign(tf.where(dead[:, tf.newaxis], fresh, self.codebooks[level]))
+                self.usage[level].assign(tf.where(dead, tf.ones_like(usage), usage))
+
+    def codebook_perplexity(self, codes: tf.Tensor) -> list[float]:
+        """Perplexity of each level's code distribution over the given codes [n, L]: a list of L floats
+        (1 = one code used, K = all codes used equally)."""
+        values = []
+        for level in range(self.num_levels):
+            counts = tf.math.bincount(tf.reshape(codes[..., level], [-1]), minlength=self.num_codewords,
+                                      dtype=tf.float32)
+            probabilities = counts / tf.reduce_sum(counts)
+            values.append(float(tf.exp(-tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-10)))))
+        return values
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            num_levels=self.num_levels,
+            num_codewords=self.num_codewords,
+            latent_dim=self.latent_dim,
+            hidden_units=list(self.hidden_units),
+            commitment_weight=self.commitment_weight,
+            reconstruction_weight=self.reconstruction_weight,
+            usage_decay=self.usage_decay,
+            dead_code_threshold=self.dead_code_threshold,
+        )
+        return config

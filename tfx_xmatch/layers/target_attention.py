@@ -1,0 +1,74 @@
+"""TargetAttention: a target-dependent query attending over an encoded history."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class TargetAttention(tf.keras.layers.Layer):
+    """Multi-head attention of target queries over history states (DIN-style, as in SPARC).
+
+    Each query (e.g. the target item's interest codeword) weighs the history positions it may
+    see; the output is the weighted history projected back to the state width. The query
+    reaches the output only through the attention weights, never as a value, so a query that
+    describes the target cannot be copied into the user vector (in training the query is built
+    from the very item the user vector must retrieve).
+
+    Args:
+      num_heads: Attention heads (int >= 1, default 1).
+      key_dim: Width per head (int, default: the query width divided by ``num_heads``).
+      dropout: Dropout on the attention weights (float in [0, 1), default 0.0).
+
+    Call args:
+      queries: float [B, Q, q] target queries.
+      states: float [B, L, d] encoded history.
+      mask: bool [B, Q, L]: which history positions each query may attend to. A query whose
+        row is all False gets a zero output.
+      training: Python bool.
+
+    Returns:
+      float [B, Q, q].
+
+    Raises:
+      ValueError: on invalid hyperparameters.
+
+    Example:
+      >>> attention = TargetAttention(num_heads=2)
+      >>> out = attention(tf.random.normal([2, 3, 8]), tf.random.normal([2, 5, 16]), tf.ones([2, 3, 5], tf.bool))
+      >>> out.shape
+      TensorShape([2, 3, 8])
+    """
+
+    def __init__(self, num_heads: int = 1, key_dim: int | None = None, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads!r}")
+        if key_dim is not None and key_dim < 1:
+            raise ValueError(f"key_dim must be >= 1, got {key_dim!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_heads = int(num_heads)
+        self.key_dim = None if key_dim is None else int(key_dim)
+        self.dropout = float(dropout)
+
+    def build(self, queries_shape):
+        width = int(queries_shape[-1])
+        self.attention = tf.keras.layers.MultiHeadAttention(
+            num_heads=self.num_heads,
+            key_dim=self.key_dim or max(1, width // self.num_heads),
+            dropout=self.dropout,
+            name="attention",
+        )
+        super().build(queries_shape)
+
+    def call(self, queries: tf.Tensor, states: tf.Tensor, mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+        mask = tf.convert_to_tensor(mask)
+        attended = self.attention(queries, states, states, attention_mask=mask, training=training)
+        # Keras spreads a fully masked row uniformly over the history; such a query has nothing to see.
+        has_context = tf.reduce_any(mask, axis=-1, keepdims=True)
+        return attended * tf.cast(has_context, attended.dtype)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(num_heads=self.num_heads, key_dim=self.key_dim, dropout=self.dropout)
+        return config
