@@ -1,4 +1,5 @@
-"""What every sequence retrieval model shares: encoding histories and the logQ item frequencies."""
+"""What every sequence retrieval model shares: encoding histories, the logQ item frequencies and
+the dot-product softmax over the catalogue."""
 
 from __future__ import annotations
 
@@ -38,3 +39,28 @@ def target_frequencies(counts: np.ndarray, num_items: int) -> np.ndarray:
     smoothed = counts + 1.0
     smoothed[0] = 0.0
     return (smoothed / smoothed.sum()).astype(np.float32)
+
+
+def dot_product_softmax_loss(users: tf.Tensor, targets: tf.Tensor, item_tower, *, num_items: int, loss: str,
+                             temperature: float, num_sampled_negatives: int, max_loss_positions: int,
+                             item_frequency: tf.Tensor) -> tf.Tensor:
+    """Softmax cross-entropy of ``users`` [P, d] against their ``targets`` [P] (item indices).
+
+    ``loss="full_softmax"``: over the whole catalogue. ``"sampled_softmax"``: at most
+    ``max_loss_positions`` random positions, against their in-batch targets plus
+    ``num_sampled_negatives`` uniform items (each candidate once), logQ-corrected with the
+    probability that one draw of that mixed sampler yields the candidate.
+    """
+    if loss == "full_softmax":
+        logits = tf.matmul(users, item_tower(tf.range(1, num_items + 1)), transpose_b=True) / temperature
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets - 1, logits=logits))
+    keep = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[:max_loss_positions]
+    users, targets = tf.gather(users, keep), tf.gather(targets, keep)
+    extra = tf.random.uniform([num_sampled_negatives], 1, num_items + 1, dtype=targets.dtype)
+    candidates, positions = tf.unique(tf.concat([targets, extra], axis=0))
+    kept = tf.cast(tf.shape(targets)[0], tf.float32)
+    log_q = tf.math.log((kept * tf.gather(item_frequency, candidates) + num_sampled_negatives / num_items)
+                        / (kept + num_sampled_negatives))
+    logits = tf.matmul(users, item_tower(candidates), transpose_b=True) / temperature - log_q
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=positions[: tf.shape(targets)[0]], logits=logits))

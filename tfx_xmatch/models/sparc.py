@@ -41,7 +41,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, ResidualQuantizer, SASRecEncoder, TargetAttention
-from tfx_xmatch.models.history_encoding import encode_history, target_frequencies
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, target_frequencies
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -324,7 +324,10 @@ class SPARC(tfrs.models.Model):
         mask = tf.logical_and(causal[tf.newaxis], (history > 0)[:, tf.newaxis, :])
         users = self._user_vectors_at(queries, where, states, mask, training)
 
-        retrieval = self._retrieval_loss(users, targets)
+        retrieval = dot_product_softmax_loss(
+            users, targets, self.item_tower, num_items=self.num_items, loss=self.loss_name,
+            temperature=self.temperature, num_sampled_negatives=self.num_sampled_negatives,
+            max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
         interest = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=tf.stop_gradient(codes), logits=interest_logits))
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(interest_logits, -1, output_type=tf.int32), codes),
@@ -364,25 +367,6 @@ class SPARC(tfrs.models.Model):
                                                         [self.embedding_dim]], 0))
         vectors = self._attend(grid, states, mask, states, training=training)
         return tf.gather_nd(vectors, where)
-
-    def _retrieval_loss(self, users: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
-        if self.loss_name == "full_softmax":
-            logits = tf.matmul(users, self.item_tower(tf.range(1, self.num_items + 1)), transpose_b=True)
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=targets - 1, logits=logits / self.temperature))
-        keep = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[: self.max_loss_positions]
-        users, targets = tf.gather(users, keep), tf.gather(targets, keep)
-        extra = tf.random.uniform([self.num_sampled_negatives], 1, self.num_items + 1, dtype=targets.dtype)
-        candidates, positions = tf.unique(tf.concat([targets, extra], axis=0))
-        # One draw of the mixed sampler (targets by popularity, extras uniform) yields the item
-        # with this probability; every candidate appears once after the unique.
-        kept = tf.cast(tf.shape(targets)[0], tf.float32)
-        num_extra = float(self.num_sampled_negatives)
-        log_q = tf.math.log((kept * tf.gather(self.item_frequency, candidates) + num_extra / self.num_items)
-                            / (kept + num_extra))
-        logits = tf.matmul(users, self.item_tower(candidates), transpose_b=True) / self.temperature - log_q
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=positions[: tf.shape(targets)[0]], logits=logits))
 
     def _info_nce(self, anchors: tf.Tensor, positives: tf.Tensor, item_ids: tf.Tensor) -> tf.Tensor:
         """In-batch InfoNCE on cosine similarity; other rows of the same item are not negatives."""

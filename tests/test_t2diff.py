@@ -1,0 +1,187 @@
+"""T2Diff, its denoiser and mixed attention: stop-gradient in both directions, deterministic
+DDIM serving, sampler settings, config round trips, save/reload and export."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfx_xmatch.config import load_config
+from tfx_xmatch.data import make_synthetic
+from tfx_xmatch.data.dataset import pad_histories
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
+from tfx_xmatch.layers import DriftDenoiser, MixedAttention
+from tfx_xmatch.models import T2Diff
+from tfx_xmatch.training import build_model, load_model, save_model
+
+NUM_ITEMS, LENGTH = 40, 16
+HISTORIES = [np.arange(1, 12), np.arange(10, 14), np.array([33])]
+
+
+def _batches(num_batches=4, batch=16, seed=0):
+    """Histories with a learnable successor structure: item i is followed by i + 1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num_batches * batch):
+        start = rng.integers(1, NUM_ITEMS - LENGTH)
+        rows.append(np.arange(start, start + LENGTH + 1) % NUM_ITEMS + 1)
+    rows = np.array(rows, np.int32)
+    history, next_items = rows[:, :-1].copy(), rows[:, 1:].copy()
+    history[::3, :5] = 0
+    next_items[history == 0] = 0
+    return tf.data.Dataset.from_tensor_slices({"history": history, "next_items": next_items}).batch(batch)
+
+
+def _model(**kwargs):
+    defaults = dict(num_items=NUM_ITEMS, embedding_dim=16, max_length=LENGTH, dropout=0.0, session_length=4,
+                    history_length=6, diffusion_steps=10, denoiser_units=(16, 32), sampling_steps=5)
+    tf.keras.utils.set_random_seed(7)
+    model = T2Diff(**{**defaults, **kwargs})
+    model.compile(optimizer=tf.keras.optimizers.Adam(5e-3))
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = _model()
+    history = model.fit(_batches(), epochs=3, verbose=0)
+    return model, history
+
+
+def _inputs():
+    return {"history": pad_histories(HISTORIES, LENGTH)}
+
+
+def test_training_logs_both_losses_and_learns(trained):
+    _, history = trained
+    for name in ("retrieval_loss", "diffusion_loss"):
+        assert np.isfinite(history.history[name]).all()
+    assert history.history["retrieval_loss"][-1] < history.history["retrieval_loss"][0]
+
+
+def _split_losses(model):
+    """(retrieval loss, diffusion loss) of one batch, each differentiable."""
+    batch = next(iter(_batches(num_batches=1)))
+    model.compute_loss(batch, training=True)
+    losses = {}
+    original = model.trackers
+    model.trackers = {name: _Capture(losses, name) for name in original}
+    tape = tf.GradientTape(persistent=True)
+    with tape:
+        model.compute_loss(batch, training=True)
+    model.trackers = original
+    return tape, losses["retrieval_loss"], losses["diffusion_loss"]
+
+
+class _Capture:
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def update_state(self, value):
+        self.store[self.name] = value
+
+
+def _nonzero(gradients):
+    return any(g is not None and np.abs(tf.convert_to_tensor(g).numpy()).sum() > 0 for g in gradients)
+
+
+def test_stop_gradient_separates_the_diffusion_module_from_the_towers():
+    model = _model()
+    tape, retrieval, diffusion = _split_losses(model)
+    denoiser = model.denoiser.trainable_variables
+    towers = model.item_tower.trainable_variables + model.mixed_attention.trainable_variables
+    assert not _nonzero(tape.gradient(retrieval, denoiser))  # the tower loss does not train the denoiser
+    assert not _nonzero(tape.gradient(diffusion, towers))  # the diffusion loss does not train the towers
+    assert _nonzero(tape.gradient(retrieval, towers)) and _nonzero(tape.gradient(diffusion, denoiser))
+
+
+def test_without_stop_gradient_both_losses_reach_both_modules():
+    model = _model(stop_gradient=False)
+    tape, retrieval, diffusion = _split_losses(model)
+    assert _nonzero(tape.gradient(retrieval, model.denoiser.trainable_variables))
+    assert _nonzero(tape.gradient(diffusion, model.item_tower.trainable_variables))
+
+
+def test_ddim_with_eta_zero_serves_the_same_answer_in_any_batch(trained):
+    model, _ = trained
+    inputs = _inputs()
+    first = model.user_embedding(inputs).numpy()
+    np.testing.assert_array_equal(first, model.user_embedding(inputs).numpy())
+    alone = model.user_embedding({"history": inputs["history"][1:2]}).numpy()
+    np.testing.assert_allclose(alone[0], first[1], rtol=1e-5, atol=1e-6)
+    traced = tf.function(lambda h: model.user_embedding({"history": h}))
+    np.testing.assert_allclose(traced(inputs["history"]).numpy(), first, rtol=1e-5, atol=1e-6)
+
+
+def test_samplers_steps_and_seeds(trained):
+    model, _ = trained
+    inputs = _inputs()
+    ddpm = model.user_embedding(inputs, sampler="ddpm", seed=1).numpy()
+    np.testing.assert_array_equal(ddpm, model.user_embedding(inputs, sampler="ddpm", seed=1).numpy())
+    assert not np.allclose(ddpm, model.user_embedding(inputs, sampler="ddpm", seed=2).numpy())
+    full = model.user_embedding(inputs, steps=10).numpy()
+    assert not np.allclose(full, model.user_embedding(inputs, steps=2).numpy())
+    with pytest.raises(ValueError, match=r"sampling steps must be in \[1, T=10\], got 11"):
+        model.user_embedding(inputs, steps=11)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        model.user_embedding(inputs, sampler="euler")
+
+
+def test_raw_diffusion_ablation_trains():
+    model = _model(diffuse="raw", denoiser="mlp", denoiser_units=(32,))
+    history = model.fit(_batches(num_batches=2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert model.score_all(_inputs()).shape == (3, NUM_ITEMS + 1)
+
+
+def test_config_round_trip_and_save_reload_give_identical_retrievals(trained, tmp_path):
+    model, _ = trained
+    again = T2Diff.from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    assert isinstance(reloaded, T2Diff)
+    np.testing.assert_allclose(reloaded.score_all(_inputs()).numpy(), model.score_all(_inputs()).numpy(), rtol=1e-5)
+
+
+def test_export_is_deterministic_portable_and_equal_after_reload(trained, tmp_path):
+    model, _ = trained
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    module = build_serving_module(model, vocab, k_max=10)
+    path = export_retrieval_model(model, vocab, tmp_path / "export", k_max=10)
+    assert non_stock_ops(path) == set()
+    served = tf.saved_model.load(str(path))
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in HISTORIES])
+    expected = module.top_k(request, tf.constant(5))
+    for _ in range(2):
+        result = served.signatures["top_k"](history=request, k=tf.constant(5))
+        np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
+        np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-5)
+
+
+def test_layers_round_trip_their_config():
+    denoiser = DriftDenoiser("unet", (8, 16), step_embedding_dim=8, name="d")
+    assert DriftDenoiser.from_config(denoiser.get_config()).get_config() == denoiser.get_config()
+    attention = MixedAttention(num_heads=2, num_blocks=2, dropout=0.1, max_session_length=5, name="m")
+    assert MixedAttention.from_config(attention.get_config()).get_config() == attention.get_config()
+    out = attention(tf.zeros([2, 5, 8]), tf.ones([2, 5], tf.bool), tf.zeros([2, 8]), tf.zeros([2, 7, 8]),
+                    tf.ones([2, 7], tf.bool))
+    assert out.shape == (2, 8)
+    unet = denoiser(tf.zeros([3, 8]), tf.constant([1, 2, 3]), tf.zeros([3, 5, 8]), tf.ones([3, 5], tf.bool))
+    assert unet.shape == (3, 8)
+    with pytest.raises(ValueError, match="the unet has two levels"):
+        DriftDenoiser("unet", (8,))
+
+
+def test_config_options_reach_the_model_and_bad_arguments_are_named():
+    config = load_config(None, ["model.name=t2diff", "model.user_tower=mixed_attention",
+                                "model.options.sampling_steps=5", "model.options.denoiser=mlp",
+                                "model.options.denoiser_units=[32]", "model.max_length=20"])
+    model = build_model(config, make_synthetic(num_users=20, num_items=15, seed=0))
+    assert (model.sampling_steps, model.denoiser_kind) == (5, "mlp")
+    with pytest.raises(ValueError, match="set model.user_tower: mixed_attention"):
+        T2Diff(num_items=5, user_tower="sasrec")
+    with pytest.raises(ValueError, match=r"sampling_steps must be in \[1, diffusion_steps=50\], got 60"):
+        T2Diff(num_items=5, sampling_steps=60)
+    with pytest.raises(ValueError, match="diffuse must be 'drift' or 'raw', got 'delta'"):
+        T2Diff(num_items=5, diffuse="delta")

@@ -1,0 +1,106 @@
+"""DriftDenoiser: predicts the clean drift z_0 from a noisy z_s, its step and the session."""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+ARCHITECTURES = ("unet", "mlp")
+
+
+def sinusoidal_embedding(steps: tf.Tensor, width: int) -> tf.Tensor:
+    """Transformer-style sinusoidal embedding of integer steps [B]: float [B, width] (width even)."""
+    half = width // 2
+    frequencies = tf.exp(-math.log(10000.0) * tf.range(half, dtype=tf.float32) / max(half - 1, 1))
+    angles = tf.cast(steps, tf.float32)[:, tf.newaxis] * frequencies[tf.newaxis, :]
+    return tf.concat([tf.sin(angles), tf.cos(angles)], axis=-1)
+
+
+class DriftDenoiser(tf.keras.layers.Layer):
+    """The diffusion approximator of T2Diff: (z_s, s, session) -> z_0.
+
+    ``unet`` (as in the official code): the sequence [session items ; z_s] is a 1-D signal with
+    d channels; the step embedding (sinusoidal -> MLP) is added to every position; two
+    convolution levels go down (stride 2) and come back up with skip connections; the output
+    at the z_s position is projected to z_0. ``mlp``: the light option, an MLP over
+    [z_s ; mean of the session ; last session item ; step embedding].
+
+    Args:
+      architecture: "unet" or "mlp" (default "unet").
+      hidden_units: Channels of the U-Net levels or widths of the MLP (default (64, 128)).
+      step_embedding_dim: Width of the sinusoidal step embedding (even int, default 64).
+
+    Call args:
+      noisy: float [B, d] z_s.
+      steps: int [B] diffusion steps s.
+      session: float [B, S, d] session item embeddings (zeros at padding).
+      session_mask: bool [B, S], True at real items.
+
+    Returns:
+      float [B, d]: the predicted z_0.
+
+    Raises:
+      ValueError: on invalid hyperparameters.
+
+    Example:
+      >>> denoiser = DriftDenoiser("mlp", hidden_units=(32,))
+      >>> denoiser(tf.zeros([2, 8]), tf.constant([1, 5]), tf.zeros([2, 3, 8]), tf.ones([2, 3], tf.bool)).shape
+      TensorShape([2, 8])
+    """
+
+    def __init__(self, architecture: str = "unet", hidden_units=(64, 128), step_embedding_dim: int = 64, **kwargs):
+        super().__init__(**kwargs)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        hidden_units = tuple(int(u) for u in hidden_units)
+        if not hidden_units or min(hidden_units) < 1:
+            raise ValueError(f"hidden_units must be positive widths, got {hidden_units!r}")
+        if architecture == "unet" and len(hidden_units) != 2:
+            raise ValueError(f"the unet has two levels: hidden_units needs two widths, got {hidden_units!r}")
+        if step_embedding_dim < 2 or step_embedding_dim % 2:
+            raise ValueError(f"step_embedding_dim must be an even integer >= 2, got {step_embedding_dim!r}")
+        self.architecture = architecture
+        self.hidden_units = hidden_units
+        self.step_embedding_dim = int(step_embedding_dim)
+
+    def build(self, noisy_shape):
+        width = int(noisy_shape[-1])
+        dense = tf.keras.layers.Dense
+        if self.architecture == "mlp":
+            self.step_mlp = dense(self.step_embedding_dim, activation="swish", name="step_mlp")
+            self.hidden = [dense(u, activation="swish", name=f"hidden_{i}") for i, u in enumerate(self.hidden_units)]
+        else:
+            low, high = self.hidden_units
+            conv = tf.keras.layers.Conv1D
+            self.step_mlp = dense(width, activation="swish", name="step_mlp")
+            self.down_1 = conv(low, 3, padding="same", activation="swish", name="down_1")
+            self.down_2 = conv(high, 3, strides=2, padding="same", activation="swish", name="down_2")
+            self.middle = conv(high, 3, padding="same", activation="swish", name="middle")
+            self.up = tf.keras.layers.Conv1DTranspose(low, 3, strides=2, padding="same", activation="swish", name="up")
+            self.merge = conv(low, 3, padding="same", activation="swish", name="merge")
+        self.output_layer = dense(width, name="output")
+        super().build(noisy_shape)
+
+    def call(self, noisy: tf.Tensor, steps: tf.Tensor, session: tf.Tensor, session_mask: tf.Tensor) -> tf.Tensor:
+        step_embedding = self.step_mlp(sinusoidal_embedding(steps, self.step_embedding_dim))
+        mask = tf.cast(session_mask, noisy.dtype)[..., tf.newaxis]
+        if self.architecture == "mlp":
+            mean = tf.reduce_sum(session * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
+            hidden = tf.concat([noisy, mean, session[:, -1, :], step_embedding], axis=-1)
+            for layer in self.hidden:
+                hidden = layer(hidden)
+            return self.output_layer(hidden)
+        signal = tf.concat([session * mask, noisy[:, tf.newaxis, :]], axis=1) + step_embedding[:, tf.newaxis, :]
+        length = tf.shape(signal)[1]
+        skip = self.down_1(signal)
+        hidden = self.middle(self.down_2(skip))
+        hidden = self.up(hidden)[:, :length, :]  # the transposed conv may add one position
+        hidden = self.merge(tf.concat([hidden, skip], axis=-1))
+        return self.output_layer(hidden[:, -1, :])
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(architecture=self.architecture, hidden_units=list(self.hidden_units),
+                      step_embedding_dim=self.step_embedding_dim)
+        return config

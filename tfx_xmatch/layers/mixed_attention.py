@@ -1,0 +1,103 @@
+"""MixedAttention: T2Diff's user tower over a session, a predicted next item and a long history."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfx_xmatch.layers.target_attention import TargetAttention
+
+
+class MixedAttention(tf.keras.layers.Layer):
+    """Self-attention over [session ; predicted next item], then target attention over the history.
+
+    1. The session items (with position embeddings) and the reconstructed next item x_hat form
+       a sequence; self-attention blocks (residual + layer norm + feed-forward) mix them,
+       so every session item sees the anticipated target ("early interaction").
+    2. The mixed sequence is mean-pooled over its real positions into the session vector.
+    3. The session vector queries the long history with ``TargetAttention``.
+    4. The user vector is a dense map of [session vector ; history read].
+
+    Args:
+      num_heads: Attention heads of both attentions (int, default 1).
+      num_blocks: Self-attention blocks over the session (int, default 1).
+      dropout: Dropout rate (float in [0, 1), default 0.1).
+      max_session_length: Rows of the session position table (int, default 10).
+
+    Call args:
+      session: float [B, S, d] session item embeddings (S <= max_session_length, most recent last).
+      session_mask: bool [B, S].
+      predicted: float [B, d] the reconstructed next item x_hat.
+      history: float [B, H, d] the long-history item embeddings.
+      history_mask: bool [B, H].
+      training: Python bool.
+
+    Returns:
+      float [B, d] user vectors.
+
+    Raises:
+      ValueError: on invalid hyperparameters.
+
+    Example:
+      >>> layer = MixedAttention()
+      >>> layer(tf.zeros([2, 10, 8]), tf.ones([2, 10], tf.bool), tf.zeros([2, 8]), tf.zeros([2, 40, 8]),
+      ...       tf.ones([2, 40], tf.bool)).shape
+      TensorShape([2, 8])
+    """
+
+    def __init__(self, num_heads: int = 1, num_blocks: int = 1, dropout: float = 0.1, max_session_length: int = 10,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks!r}")
+        self.num_blocks = int(num_blocks)
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if max_session_length < 1:
+            raise ValueError(f"max_session_length must be >= 1, got {max_session_length!r}")
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.max_session_length = int(max_session_length)
+
+    def build(self, session_shape):
+        width = int(session_shape[-1])
+        self.positions = self.add_weight(name="session_positions", shape=(self.max_session_length + 1, width),
+                                         initializer="glorot_uniform")
+        self.blocks = []
+        for i in range(self.num_blocks):
+            self.blocks.append((
+                tf.keras.layers.MultiHeadAttention(self.num_heads, max(1, width // self.num_heads),
+                                                   dropout=self.dropout, name=f"self_attention_{i}"),
+                tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"attention_norm_{i}"),
+                tf.keras.Sequential([tf.keras.layers.Dense(width, activation="relu"),
+                                     tf.keras.layers.Dropout(self.dropout), tf.keras.layers.Dense(width)],
+                                    name=f"feed_forward_{i}"),
+                tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"feed_forward_norm_{i}"),
+            ))
+        self.history_attention = TargetAttention(self.num_heads, dropout=self.dropout, name="history_attention")
+        self.combine = tf.keras.layers.Dense(width, name="combine")
+        super().build(session_shape)
+
+    def call(self, session, session_mask, predicted, history, history_mask, training: bool = False) -> tf.Tensor:
+        sequence = tf.concat([session, predicted[:, tf.newaxis, :]], axis=1)
+        mask = tf.concat([tf.convert_to_tensor(session_mask), tf.ones_like(session_mask[:, :1])], axis=1)
+        length = tf.shape(sequence)[1]
+        sequence += self.positions[self.max_session_length + 1 - length:][tf.newaxis]
+        pair_mask = tf.logical_and(mask[:, :, tf.newaxis], mask[:, tf.newaxis, :])
+        hidden = sequence
+        for attention, attention_norm, feed_forward, feed_forward_norm in self.blocks:
+            attended = attention(hidden, hidden, attention_mask=pair_mask, training=training)
+            hidden = attention_norm(hidden + attended)
+            hidden = feed_forward_norm(hidden + feed_forward(hidden, training=training))
+        weights = tf.cast(mask, hidden.dtype)[..., tf.newaxis]
+        session_vector = tf.reduce_sum(hidden * weights, axis=1) / tf.reduce_sum(weights, axis=1)
+        read = self.history_attention(session_vector[:, tf.newaxis, :], history,
+                                      tf.convert_to_tensor(history_mask)[:, tf.newaxis, :], training=training)
+        return self.combine(tf.concat([session_vector, read[:, 0, :]], axis=-1))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(num_heads=self.num_heads, num_blocks=self.num_blocks, dropout=self.dropout,
+                      max_session_length=self.max_session_length)
+        return config

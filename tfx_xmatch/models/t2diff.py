@@ -1,0 +1,370 @@
+"""T2Diff: a two-tower model whose user tower sees a diffusion-generated next item.
+
+For a user whose most recent item is x_n, the window of the last ``session_length +
+history_length`` items (default 10 + 40) is split into the session (the last 10) and the long
+history (the 40 before). A diffusion module learns the drift z0 = x_{n+1} - x_n between the next
+and the current item embedding (``diffuse="raw"``: the next embedding itself, the ablation):
+forward noising with a ``NoiseSchedule`` (exponential beta_s = 0.01 exp(4.5 s / T), T = 50), and
+a ``DriftDenoiser`` conditioned on the session that predicts z0 from z_s. The reconstructed next
+item x_hat = x_n + z0_hat joins the session in ``MixedAttention`` (self-attention over
+[session ; x_hat], pooled, then target attention over the long history), which gives the user
+vector; items are scored by dot product with the item tower, so any dense index serves them.
+
+Stop-gradient (``stop_gradient=True``, the paper's decoupling): the diffusion loss sees the item
+embeddings and the session only through stop-gradient, so it does not train the towers; the
+towers see z0_hat only through stop-gradient, so the retrieval loss does not train the denoiser.
+
+Training: every history position t (with the window ending at t) predicts the next item, with
+a softmax over items; the tower uses the one-shot denoised z0_hat of a random diffusion step.
+Loss = retrieval + ``diffusion_weight`` (0.1) x MSE(z0_hat, z0); both are logged.
+
+Serving: the reverse process from z_T, by ``sampler``: "ddim" (``sampling_steps`` <= T steps,
+``eta`` = 0 is deterministic) or "ddpm" (all T ancestral steps). ``initial_noise="zeros"``
+starts from the prior mean, so a request always gets the same answer whatever batch it is
+served in; "random" draws z_T (and DDPM's step noise).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfx_xmatch.layers import DriftDenoiser, ItemTower, MixedAttention, NoiseSchedule
+from tfx_xmatch.layers.noise_schedule import SCHEDULES
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, target_frequencies
+
+LOSSES = ("full_softmax", "sampled_softmax")
+SAMPLERS = ("ddim", "ddpm")
+
+
+class T2Diff(tfrs.models.Model):
+    """Diffusion-based cross-interaction in a two-tower model (T2Diff, arXiv 2502.20687).
+
+    Args:
+      num_items: Number of real items (indices 1..num_items; 0 is padding).
+      embedding_dim: Width of item and user vectors (int, default 64).
+      user_tower: Must be "mixed_attention" (the only T2Diff user tower).
+      max_length: Width L of the padded histories the model is fed (int, default 200); the
+        model reads the last ``session_length + history_length`` of each window.
+      num_blocks: Self-attention blocks over [session ; x_hat] (int, default 1).
+      num_heads: Attention heads (int, default 1).
+      dropout: Dropout of the attentions (float, default 0.2).
+      loss, temperature, num_sampled_negatives, max_loss_positions: Retrieval softmax, as in
+        ``SPARC`` (defaults "full_softmax", 1.0, 1024, 4096).
+      item_feature_dims, item_feature_tables, user_feature_cardinalities, item_hidden_units, l2:
+        Item and user features, as in ``TwoTower`` (user features are added to the user vector).
+      session_length: Session items S (int, default 10).
+      history_length: Long-history items H before the session (int, default 40).
+      diffusion_steps: T (int, default 50).
+      schedule: "exponential", "linear" or "cosine" (default "exponential").
+      denoiser: "unet" or "mlp" (default "unet").
+      denoiser_units: Denoiser widths (default (64, 128)).
+      diffuse: "drift" (z0 = x_{n+1} - x_n) or "raw" (z0 = x_{n+1}; the ablation) (default "drift").
+      stop_gradient: Decouple the diffusion and retrieval losses (bool, default True).
+      diffusion_weight: Weight of the diffusion loss (float >= 0, default 0.1).
+      sampler: "ddim" or "ddpm" for serving and evaluation (default "ddim").
+      sampling_steps: DDIM steps (int in [1, T], default 10).
+      eta: DDIM eta (float >= 0, default 0.0: deterministic).
+      initial_noise: "zeros" or "random" z_T (default "zeros").
+
+    Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
+    "next_items" int32 [B, L]; one int32 [B] entry per user feature.
+
+    Raises:
+      ValueError: on invalid hyperparameters (the message quotes the value).
+
+    Example:
+      >>> model = T2Diff(num_items=100, embedding_dim=16, max_length=20, denoiser="mlp")
+      >>> scores = model.score_all({"history": tf.ones([2, 20], tf.int32)})  # [2, 101]
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int = 64,
+        user_tower: str = "mixed_attention",
+        max_length: int = 200,
+        num_blocks: int = 1,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        loss: str = "full_softmax",
+        temperature: float = 1.0,
+        num_sampled_negatives: int = 1024,
+        max_loss_positions: int = 4096,
+        item_feature_dims: Optional[dict[str, int]] = None,
+        item_feature_tables: Optional[dict[str, np.ndarray]] = None,
+        user_feature_cardinalities: Optional[dict[str, int]] = None,
+        item_hidden_units: Sequence[int] = (),
+        l2: float = 0.0,
+        session_length: int = 10,
+        history_length: int = 40,
+        diffusion_steps: int = 50,
+        schedule: str = "exponential",
+        denoiser: str = "unet",
+        denoiser_units: Sequence[int] = (64, 128),
+        diffuse: str = "drift",
+        stop_gradient: bool = True,
+        diffusion_weight: float = 0.1,
+        sampler: str = "ddim",
+        sampling_steps: int = 10,
+        eta: float = 0.0,
+        initial_noise: str = "zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if user_tower != "mixed_attention":
+            raise ValueError(f"T2Diff's user tower is 'mixed_attention', got user_tower={user_tower!r}; "
+                             "set model.user_tower: mixed_attention")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if diffuse not in ("drift", "raw"):
+            raise ValueError(f"diffuse must be 'drift' or 'raw', got {diffuse!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if initial_noise not in ("zeros", "random"):
+            raise ValueError(f"initial_noise must be 'zeros' or 'random', got {initial_noise!r}")
+        for name, value in (("session_length", session_length), ("history_length", history_length),
+                            ("diffusion_steps", diffusion_steps), ("max_length", max_length)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if not 1 <= sampling_steps <= diffusion_steps:
+            raise ValueError(f"sampling_steps must be in [1, diffusion_steps={diffusion_steps}], got {sampling_steps!r}")
+        for name, value in (("diffusion_weight", diffusion_weight), ("eta", eta)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        self.num_items = int(num_items)
+        self.embedding_dim = int(embedding_dim)
+        self.user_tower = user_tower
+        self.max_length = int(max_length)
+        self.num_blocks = int(num_blocks)
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.loss_name = loss
+        self.temperature = float(temperature)
+        self.num_sampled_negatives = int(num_sampled_negatives)
+        self.max_loss_positions = int(max_loss_positions)
+        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
+        self.user_feature_cardinalities = {str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()}
+        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
+        self.l2 = float(l2)
+        self.session_length = int(session_length)
+        self.history_length = int(history_length)
+        self.diffusion_steps = int(diffusion_steps)
+        self.schedule_kind = schedule
+        self.denoiser_kind = denoiser
+        self.denoiser_units = tuple(int(u) for u in denoiser_units)
+        self.diffuse = diffuse
+        self.stop_gradient = bool(stop_gradient)
+        self.diffusion_weight = float(diffusion_weight)
+        self.sampler = sampler
+        self.sampling_steps = int(sampling_steps)
+        self.eta = float(eta)
+        self.initial_noise = initial_noise
+
+        self.item_tower = ItemTower(
+            self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
+            feature_tables=item_feature_tables, hidden_units=self.item_hidden_units, l2=self.l2,
+            name="item_tower",
+        )
+        self.schedule = NoiseSchedule(schedule, self.diffusion_steps)
+        self.denoiser = DriftDenoiser(denoiser, self.denoiser_units, name="denoiser")
+        self.mixed_attention = MixedAttention(self.num_heads, self.num_blocks, self.dropout,
+                                              max_session_length=self.session_length, name="mixed_attention")
+        self.user_feature_embeddings = {
+            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
+            for name, cardinality in sorted(self.user_feature_cardinalities.items())
+        }
+        self.item_frequency = self.add_weight(
+            name="item_frequency", shape=(self.num_items + 1,),
+            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False,
+        )
+        self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in ("retrieval_loss", "diffusion_loss")}
+
+    @property
+    def window(self) -> int:
+        """Items the user tower reads: session_length + history_length."""
+        return self.session_length + self.history_length
+
+    # ---------------------------------------------------------------- item side
+    def item_embeddings(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """Item vectors of ``item_indices``: float [I, d]; default every index, padding row 0 included."""
+        if item_indices is None:
+            return self.item_tower.all_items()
+        return self.item_tower(item_indices)
+
+    # ---------------------------------------------------------------- user side
+    def _split_window(self, windows: tf.Tensor):
+        """Item windows int [N, window] -> (session, mask, history, mask, last item x_n) embeddings."""
+        embedded = self.item_tower(windows)
+        present = windows > 0
+        session, session_mask = embedded[:, -self.session_length:], present[:, -self.session_length:]
+        history, history_mask = embedded[:, :-self.session_length], present[:, :-self.session_length]
+        return session, session_mask, history, history_mask, session[:, -1, :]
+
+    def _last_window(self, history: tf.Tensor) -> tf.Tensor:
+        """The most recent ``window`` columns of left-padded histories (padded if shorter)."""
+        history = tf.convert_to_tensor(history)
+        missing = tf.maximum(self.window - tf.shape(history)[1], 0)
+        return tf.pad(history, [[0, 0], [missing, 0]])[:, -self.window:]
+
+    def _user_vector(self, session, session_mask, predicted, history, history_mask, inputs, rows=None,
+                     training=False) -> tf.Tensor:
+        users = self.mixed_attention(session, session_mask, predicted, history, history_mask, training=training)
+        for name, embedding in self.user_feature_embeddings.items():
+            if name not in inputs:
+                raise KeyError(f"input {name!r} is missing: the model was built with user features "
+                               f"{sorted(self.user_feature_embeddings)}")
+            values = tf.convert_to_tensor(inputs[name])
+            users += embedding(values if rows is None else tf.gather(values, rows))
+        return users
+
+    def sample_drift(self, session: tf.Tensor, session_mask: tf.Tensor, sampler: Optional[str] = None,
+                     steps: Optional[int] = None, eta: Optional[float] = None,
+                     initial_noise: Optional[str] = None, seed: Optional[int] = None) -> tf.Tensor:
+        """Runs the reverse process for each session: the predicted z0, float [B, d].
+
+        Args:
+          session, session_mask: Session embeddings [B, S, d] and mask [B, S].
+          sampler, steps, eta, initial_noise: Override the model's serving settings.
+          seed: Seed of the random draws (initial noise "random", DDPM, eta > 0); None uses the
+            global generator.
+
+        Raises:
+          ValueError: unknown sampler or steps outside [1, T].
+        """
+        sampler = sampler or self.sampler
+        eta = self.eta if eta is None else float(eta)
+        initial_noise = initial_noise or self.initial_noise
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        batch = tf.shape(session)[0]
+        shape = tf.stack([batch, self.embedding_dim])
+        draws = iter(range(1, 10**6))
+
+        def normal():
+            # Stateless draws with a seed reproduce; without one, the usual seeded-op randomness.
+            if seed is None:
+                return tf.random.normal(shape)
+            return tf.random.stateless_normal(shape, seed=[int(seed), next(draws)])
+
+        z = normal() if initial_noise == "random" else tf.zeros(shape)
+        if sampler == "ddpm":
+            for step in range(self.diffusion_steps, 0, -1):
+                steps_tensor = tf.fill([batch], step)
+                z0_hat = self.denoiser(z, steps_tensor, session, session_mask)
+                noise = normal() if step > 1 else tf.zeros(shape)
+                z = self.schedule.ddpm_step(z, z0_hat, steps_tensor, noise)
+            return z
+        visited = self.schedule.ddim_timesteps(steps or self.sampling_steps)
+        for step, previous in zip(visited, visited[1:] + [0]):
+            z0_hat = self.denoiser(z, tf.fill([batch], step), session, session_mask)
+            if previous == 0:
+                return z0_hat
+            noise = normal() if eta > 0 else None
+            z = self.schedule.ddim_step(z, z0_hat, tf.fill([batch], step), tf.fill([batch], previous), eta, noise)
+        return z
+
+    def user_embedding(self, inputs: dict, training: bool = False, **sampling) -> tf.Tensor:
+        """User vectors after the most recent history item: float [B, d].
+
+        Args:
+          inputs: The model inputs.
+          training: Unused at serving (dropout off).
+          **sampling: ``sampler``, ``steps``, ``eta``, ``initial_noise``, ``seed`` overrides of
+            ``sample_drift``.
+        """
+        windows = self._last_window(inputs["history"])
+        session, session_mask, history, history_mask, last = self._split_window(windows)
+        drift = self.sample_drift(session, session_mask, **sampling)
+        predicted = last + drift if self.diffuse == "drift" else drift
+        return self._user_vector(session, session_mask, predicted, history, history_mask, inputs)
+
+    def score_all(self, inputs: dict, **sampling) -> tf.Tensor:
+        """Scores of every item index: float [B, num_items + 1] (column 0 = padding)."""
+        return tf.matmul(self.user_embedding(inputs, **sampling), self.item_embeddings(), transpose_b=True)
+
+    def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        return self.user_embedding(inputs)
+
+    # ---------------------------------------------------------------- training
+    def set_item_frequencies(self, counts: np.ndarray) -> None:
+        """Sets the logQ correction of the sampled loss from training counts per item index."""
+        self.item_frequency.assign(target_frequencies(counts, self.num_items))
+
+    def _sg(self, tensor: tf.Tensor) -> tf.Tensor:
+        return tf.stop_gradient(tensor) if self.stop_gradient else tensor
+
+    def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        if isinstance(inputs, (tuple, list)):
+            inputs = inputs[0]
+        history = tf.convert_to_tensor(inputs["history"])
+        next_items = tf.convert_to_tensor(inputs["next_items"])
+        # The window ending at every position t: columns t - window + 1 .. t of the history.
+        padded = tf.pad(history, [[0, 0], [self.window - 1, 0]])
+        offsets = tf.range(tf.shape(history)[1])[:, tf.newaxis] + tf.range(self.window)[tf.newaxis, :]
+        where = tf.where(next_items > 0)
+        windows = tf.gather(tf.gather(padded, where[:, 0]), tf.gather(offsets, where[:, 1]), batch_dims=1)
+        targets = tf.gather_nd(next_items, where)
+        session, session_mask, long_history, history_mask, last = self._split_window(windows)
+        target = self.item_tower(targets)
+
+        clean = target - last if self.diffuse == "drift" else target
+        clean = self._sg(clean)
+        steps = tf.random.uniform(tf.shape(targets), 1, self.diffusion_steps + 1, dtype=tf.int32)
+        noisy = self.schedule.q_sample(clean, steps, tf.random.normal(tf.shape(clean)))
+        z0_hat = self.denoiser(noisy, steps, self._sg(session), session_mask)
+        diffusion = tf.reduce_mean(tf.square(z0_hat - clean))
+
+        drift = self._sg(z0_hat)
+        predicted = last + drift if self.diffuse == "drift" else drift
+        users = self._user_vector(session, session_mask, predicted, long_history, history_mask, inputs,
+                                  rows=where[:, 0], training=training)
+        retrieval = dot_product_softmax_loss(
+            users, targets, self.item_tower, num_items=self.num_items, loss=self.loss_name,
+            temperature=self.temperature, num_sampled_negatives=self.num_sampled_negatives,
+            max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+        self.trackers["retrieval_loss"].update_state(retrieval)
+        self.trackers["diffusion_loss"].update_state(diffusion)
+        return retrieval + self.diffusion_weight * diffusion
+
+    # ---------------------------------------------------------------- config
+    def get_config(self) -> dict:
+        return {
+            "num_items": self.num_items,
+            "embedding_dim": self.embedding_dim,
+            "user_tower": self.user_tower,
+            "max_length": self.max_length,
+            "num_blocks": self.num_blocks,
+            "num_heads": self.num_heads,
+            "dropout": self.dropout,
+            "loss": self.loss_name,
+            "temperature": self.temperature,
+            "num_sampled_negatives": self.num_sampled_negatives,
+            "max_loss_positions": self.max_loss_positions,
+            "item_feature_dims": dict(self.item_feature_dims),
+            "user_feature_cardinalities": dict(self.user_feature_cardinalities),
+            "item_hidden_units": list(self.item_hidden_units),
+            "l2": self.l2,
+            "session_length": self.session_length,
+            "history_length": self.history_length,
+            "diffusion_steps": self.diffusion_steps,
+            "schedule": self.schedule_kind,
+            "denoiser": self.denoiser_kind,
+            "denoiser_units": list(self.denoiser_units),
+            "diffuse": self.diffuse,
+            "stop_gradient": self.stop_gradient,
+            "diffusion_weight": self.diffusion_weight,
+            "sampler": self.sampler,
+            "sampling_steps": self.sampling_steps,
+            "eta": self.eta,
+            "initial_noise": self.initial_noise,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "T2Diff":
+        return cls(**config)
