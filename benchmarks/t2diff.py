@@ -1,0 +1,163 @@
+"""T2Diff quality and sampling benchmark on ML-1M (not a test): two-tower vs T2Diff, the
+no-drift and no-stop-gradient ablations, and DDPM-50 against DDIM with 5, 10 and 25 steps.
+
+Protocol as ``quality.py`` (full ranking over all items, history removed, selection on
+validation NDCG@10, test reported), on the leave-one-out split and on the paper's user-level
+split (80/10/10 users; history -> last item). Every model is a shipped config trained within
+the same time budget; runs live in ``--runs-dir`` and are reused when finished.
+
+Sampling rows re-evaluate the selected T2Diff with another reverse process: DDPM with all
+T = 50 ancestral steps (seeded), and deterministic DDIM (eta = 0) with 5, 10 and 25 steps;
+per-user latency is one user per call through ``user_embedding`` + brute-force top-100, after a
+warm-up, on this machine.
+
+Writes ``results/t2diff.md`` and ``results/t2diff.json``.
+
+    python benchmarks/t2diff.py
+    python benchmarks/t2diff.py --splits leave_one_out --variants t2diff --minutes t2diff=45
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
+from common import RESULTS_DIR, default_data_dir, header, training_budgets, training_overrides  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.config import load_config  # noqa: E402
+from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
+from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
+from tfx_xmatch.index import BruteForceIndex  # noqa: E402
+from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# Variant -> (config, extra overrides).
+VARIANTS = {
+    "two_tower_sasrec": (CONFIGS_DIR / "ml1m_sasrec.yaml", []),
+    "t2diff": (CONFIGS_DIR / "ml1m_t2diff.yaml", []),
+    "t2diff_no_drift": (CONFIGS_DIR / "ml1m_t2diff.yaml", ["model.options.diffuse=raw"]),
+    "t2diff_no_stop_gradient": (CONFIGS_DIR / "ml1m_t2diff.yaml", ["model.options.stop_gradient=false"]),
+}
+DEFAULT_MINUTES = {"two_tower_sasrec": 70.0, "t2diff": 45.0, "t2diff_no_drift": 30.0, "t2diff_no_stop_gradient": 30.0}
+SPLIT_OVERRIDES = {"leave_one_out": ["data.split=leave_one_out"],
+                   "user_level": ["data.split=user_level"]}
+KS = (2, 10, 20, 50)
+REPORTED = ("HR@2", "MRR@2", "HR@10", "MRR@10", "NDCG@10", "HR@20", "MRR@20")
+SAMPLINGS = (("ddpm", 50), ("ddim", 5), ("ddim", 10), ("ddim", 25))
+
+
+def evaluate(model, split, config, **sampling) -> dict:
+    """Test metrics at KS with the given sampler settings (T2Diff) or the model's own scores."""
+    score_all = tf.function(lambda inputs: model.score_all(inputs, **sampling), reduce_retracing=True)
+    return evaluate_full_ranking(
+        lambda histories, rows: score_all(training.model_inputs(model, split.dataset, histories, rows)),
+        split.test, num_items=split.num_items, max_length=config.model.max_length,
+        batch_size=config.eval.batch_size, ks=KS, mask_history=config.eval.mask_history,
+        item_popularity=split.item_popularity(),
+    )
+
+
+def latency(model, split, config, users: int, **sampling) -> tuple[float, float]:
+    """p50/p99 ms of one user (batch 1): user vector with this sampler + brute-force top-100."""
+    index = BruteForceIndex(k_max=100).index(model.item_embeddings()[1:])
+    search = tf.function(lambda inputs: index(model.user_embedding(inputs, **sampling), k=100))
+    histories = pad_histories(split.test.histories[:users], config.model.max_length)
+    timings = []
+    for position in range(len(histories) + 10):
+        row = histories[position % len(histories)][np.newaxis]
+        started = time.perf_counter()
+        search({"history": tf.constant(row)})[0].numpy()
+        if position >= 10:
+            timings.append((time.perf_counter() - started) * 1000)
+    return round(float(np.percentile(timings, 50)), 3), round(float(np.percentile(timings, 99)), 3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--splits", nargs="+", default=list(SPLIT_OVERRIDES), choices=list(SPLIT_OVERRIDES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--minutes", action="append", default=[], metavar="VARIANT=MINUTES",
+                        help=f"training-time budget (default {DEFAULT_MINUTES})")
+    parser.add_argument("--latency-users", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the DDPM draws")
+    parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
+    parser.add_argument("--output", default="t2diff", help="results file stem under benchmarks/results/")
+    args = parser.parse_args()
+
+    dataset_dir = pathlib.Path(args.data_dir)
+    if not (dataset_dir / "ml-1m").is_dir():
+        print(f"skipped: dataset 'ml-1m' not found under {dataset_dir}", file=sys.stderr)
+        return 0
+    budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)
+    result = header("t2diff")
+    result["rows"] = []
+    for split_name in args.splits:
+        split = None
+        for variant in args.variants:
+            config_path, extra = VARIANTS[variant]
+            overrides = [*training_overrides("ml-1m", dataset_dir, args.epochs, args.patience, budgets[variant]),
+                         *SPLIT_OVERRIDES[split_name], *extra]
+            config = load_config(config_path, overrides)
+            split = split or training.prepare_split(config)
+            # The leave-one-out two-tower run is the one quality.py trained.
+            name = ("quality-two_tower_sasrec" if (variant, split_name) == ("two_tower_sasrec", "leave_one_out")
+                    else f"{args.output}-{split_name}-{variant}")
+            metrics = training.train(config, pathlib.Path(args.runs_dir) / name, split=split)
+            model = training.load_model(pathlib.Path(args.runs_dir) / name / "model")
+            base = {"split": split_name, "model": variant, "train_seconds": metrics["train_seconds"],
+                    "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
+                    "settings": config.to_dict()["model"]}
+            samplings = SAMPLINGS if variant == "t2diff" else ((None, None),)
+            for sampler, steps in samplings:
+                sampling = {} if sampler is None else {"sampler": sampler, "steps": steps, "seed": args.seed}
+                test = evaluate(model, split, config, **sampling)
+                p50, p99 = latency(model, split, config, args.latency_users, **sampling)
+                label = "dot product" if sampler is None and variant == "two_tower_sasrec" else (
+                    f"{sampler.upper()}-{steps}" if sampler else "DDIM-10 (serving default)")
+                result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
+                                       "latency_ms_p50": p50, "latency_ms_p99": p99})
+                print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
+            write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
+    return 0
+
+
+def to_markdown(result: dict) -> str:
+    machine, versions = result["machine"], result["versions"]
+    lines = [
+        f"# {result['benchmark']}: T2Diff vs two-tower on ML-1M, full ranking",
+        "",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}",
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "- protocol: full ranking over all 3,416 items, history removed, selection on validation NDCG@10, test "
+        "reported; latency = one user per call (user vector + brute-force top-100)",
+        "",
+    ]
+    for split_name in dict.fromkeys(row["split"] for row in result["rows"]):
+        lines += [f"## {split_name}", "", "| model | sampling | " + " | ".join(REPORTED)
+                  + " | p50 / p99 ms | epochs (best) | train s |", "|" + "---|" * (len(REPORTED) + 5)]
+        for row in (r for r in result["rows"] if r["split"] == split_name):
+            metrics = " | ".join(f"{row[key]:.4f}" for key in REPORTED)
+            lines.append(f"| {row['model']} | {row['sampling']} | {metrics} | {row['latency_ms_p50']} / "
+                         f"{row['latency_ms_p99']} | {row['epochs']} ({row['best_epoch']}) | "
+                         f"{row['train_seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
