@@ -80,7 +80,9 @@ class SPARC(tfrs.models.Model):
       serving_interests: K of ``score_all`` (validation) and the default of ``interest_vectors``
         (int >= 1, default 4).
       rqvae_weight, bpr_weight, contrastive_weight, interest_weight: Loss weights (floats >= 0,
-        defaults 1.0, 0.1, 0.1, 1.0).
+        defaults 1.0, 0.1, 0.01, 1.0). The InfoNCE terms work on cosines at temperature 0.1,
+        so their gradients are ~10x a dot-product loss's: at 0.1 they held ML-1M validation
+        HR@10 at 0.046 after 3 epochs, against 0.085 without them (two-tower: 0.081).
       contrastive_temperature: Temperature of both InfoNCE losses (float > 0, default 0.1).
       max_contrastive_positions: Positions per batch in the BPR and contrastive losses (int,
         default 1024).
@@ -125,7 +127,7 @@ class SPARC(tfrs.models.Model):
         serving_interests: int = 4,
         rqvae_weight: float = 1.0,
         bpr_weight: float = 0.1,
-        contrastive_weight: float = 0.1,
+        contrastive_weight: float = 0.01,
         interest_weight: float = 1.0,
         contrastive_temperature: float = 0.1,
         max_contrastive_positions: int = 1024,
