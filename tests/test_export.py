@@ -172,16 +172,21 @@ print(json.dumps({"item_ids": result["item_ids"].numpy().astype(str).tolist(),
 """
 
 
+def fresh_process_answer(saved_model_dir, request: list) -> dict:
+    """``top_k(request, k=4)`` of an export, answered by a Python process that imports only TensorFlow."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(saved_model_dir), json.dumps(request)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("kind", ["brute_force", "partitioned"])
 def test_export_answers_in_a_fresh_tensorflow_only_process(model, exported, kind):
     _, paths = exported
     request = right_padded(string_vocab(), HISTORIES, 16, "").tolist()
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(paths[kind]), json.dumps(request)],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    answer = fresh_process_answer(paths[kind], request)
     expected_top, expected_scores = oracle(model, HISTORIES, 4)
     assert answer["item_ids"] == string_vocab().ids(expected_top.ravel()).reshape(expected_top.shape).tolist()
     np.testing.assert_allclose(answer["scores"], expected_scores, rtol=1e-5)

@@ -135,7 +135,7 @@ def test_config_round_trip_and_save_reload_give_identical_retrievals(trained, tm
     np.testing.assert_array_equal(results[0][1].numpy(), results[1][1].numpy())
 
 
-def test_soft_search_export_uses_stock_ops_and_reloads_with_the_same_answers(trained, tmp_path):
+def test_soft_search_export_uses_stock_ops_and_answers_the_same_after_reload_and_in_a_fresh_process(trained, tmp_path):
     model, _ = trained
     vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
     options = {"num_interests": 3, "base": "partitioned", "base_options": {"num_partitions": 4, "num_probes": 4}}
@@ -149,6 +149,10 @@ def test_soft_search_export_uses_stock_ops_and_reloads_with_the_same_answers(tra
     result = served.signatures["top_k"](history=request, k=tf.constant(6))
     np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
     np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-5)
+    from tests.test_export import fresh_process_answer
+
+    answer = fresh_process_answer(path, request.numpy().astype(str).tolist())  # top_k with k = 4
+    assert answer["item_ids"] == expected["item_ids"].numpy()[:, :4].astype(str).tolist()
     for row, history in enumerate(HISTORIES):  # the history is excluded, nothing repeats
         ids = [i for i in result["item_ids"].numpy()[row].astype(str) if i]
         assert len(ids) == len(set(ids)) and not set(ids) & set(vocab.ids(history))

@@ -232,15 +232,10 @@ def sparse_export(trained, tmp_path_factory):
 
 
 def test_sparse_code_export_answers_in_a_tensorflow_only_process_and_over_grpc(sparse_export):
-    import json
-    import os
-    import subprocess
-    import sys
-
     import grpc
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
-    from tests.test_export import FRESH_PROCESS
+    from tests.test_export import fresh_process_answer
     from tfx_xmatch.export import build_serving_module
     from tfx_xmatch.serving.model_manager import ModelConfig, VersionPolicy
     from tfx_xmatch.serving.server import ModelServer, ServerOptions
@@ -252,12 +247,7 @@ def test_sparse_code_export_answers_in_a_tensorflow_only_process_and_over_grpc(s
                                   index_options={"max_items_per_code": 20})
     expected = module.top_k(tf.constant(request), tf.constant(4))
 
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(base / "1"), json.dumps(request)],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    answer = fresh_process_answer(base / "1", request)
     assert answer["item_ids"] == expected["item_ids"].numpy().astype(str).tolist()
     np.testing.assert_allclose(answer["scores"], expected["scores"].numpy(), rtol=1e-5)
 

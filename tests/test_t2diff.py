@@ -157,6 +157,10 @@ def test_export_is_deterministic_portable_and_equal_after_reload(trained, tmp_pa
         result = served.signatures["top_k"](history=request, k=tf.constant(5))
         np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
         np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-5)
+    from tests.test_export import fresh_process_answer
+
+    answer = fresh_process_answer(path, request.numpy().astype(str).tolist())  # top_k with k = 4
+    assert answer["item_ids"] == expected["item_ids"].numpy()[:, :4].astype(str).tolist()
 
 
 def test_layers_round_trip_their_config():
