@@ -40,7 +40,8 @@ def _command_train(args: argparse.Namespace) -> int:
     from tfx_xmatch import training
     from tfx_xmatch.config import load_config
 
-    config = load_config(args.config, args.set)
+    overrides = [*args.set, *([f"train.strategy={args.strategy}"] if args.strategy else [])]
+    config = load_config(args.config, overrides)
     metrics = training.train(config, args.run_dir)
     print(format_metrics(f"validation ({metrics['split']}, best epoch {metrics['best_epoch']})", metrics["validation"]))
     print(format_metrics("test", metrics["test"]))
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set train.epochs=5")
     train.add_argument("--run-dir", required=True, help="run directory; re-running resumes an interrupted run")
+    train.add_argument("--strategy", choices=("default", "mirrored", "multi_worker"),
+                       help="tf.distribute strategy (sets train.strategy); multi_worker reads the cluster from "
+                            "TF_CONFIG, and every worker runs the same command with the same --run-dir")
     train.set_defaults(handler=_command_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run with full ranking")

@@ -81,6 +81,8 @@ class TrainConfig:
       max_train_seconds: Stop after the epoch that passes this wall time (None: no limit).
       seed: Seed for weights, shuffling and dropout.
       verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line per epoch.
+      strategy: tf.distribute strategy: "default" (one device), "mirrored" (every local
+        device) or "multi_worker" (MultiWorkerMirroredStrategy over the cluster in TF_CONFIG).
     """
 
     epochs: int = 200
@@ -92,6 +94,7 @@ class TrainConfig:
     max_train_seconds: Optional[float] = None
     seed: int = 0
     verbose: int = 1
+    strategy: str = "default"
 
 
 @dataclasses.dataclass

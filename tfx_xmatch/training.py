@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -299,6 +300,15 @@ def train(
     """
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.train.strategy == "multi_worker" and config.train.max_train_seconds is not None:
+        # Each worker would time itself and stop at a different epoch, and the collective ops
+        # of the one still training would wait forever for the other.
+        raise ConfigError("train.max_train_seconds cannot be used with train.strategy=multi_worker "
+                          "(workers would stop at different epochs); bound train.epochs instead")
+    strategy = make_strategy(config.train.strategy)
+    chief = is_chief(strategy)
+    # Non-chief workers write their copies under the run directory and delete them at the end.
+    output_dir = run_dir if chief else run_dir / ".workers" / worker_name(strategy)
     config_path = run_dir / "config.json"
     if config_path.exists():
         previous = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
@@ -309,15 +319,18 @@ def train(
         if (run_dir / "metrics.json").exists():
             logger.info("%s already holds a finished run; returning its metrics", run_dir)
             return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    write_json_atomic(config_path, config.to_dict())
+    if chief:
+        write_json_atomic(config_path, config.to_dict())
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     tf.keras.utils.set_random_seed(config.train.seed)
     split = split if split is not None else prepare_split(config)
-    model = build_model(config, split.dataset)
-    if hasattr(model, "set_item_frequencies"):
-        model.set_item_frequencies(target_counts(split))
-    model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
-    _build(model)  # BackupAndRestore can only restore into a built model
+    with strategy.scope():
+        model = build_model(config, split.dataset)
+        if hasattr(model, "set_item_frequencies"):
+            model.set_item_frequencies(target_counts(split))
+        model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
+        _build(model)  # BackupAndRestore can only restore into a built model
     train_data = sequence_training_dataset(
         split.train_sequences,
         max_length=config.model.max_length,
@@ -327,9 +340,14 @@ def train(
         user_rows=split.train_user_rows,
         user_features=split.dataset.user_features if config.data.side_info else None,
     )
+    if config.train.strategy == "multi_worker":
+        # Every worker builds the same in-memory dataset; each takes its share of every batch.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        train_data = train_data.with_options(options)
     selection = ModelSelection(
         lambda: evaluate(model, split, "validation", config),
-        run_dir,
+        output_dir,
         monitor=config.train.monitor,
         patience=config.train.early_stopping_patience,
         every=config.train.validation_every,
@@ -343,8 +361,8 @@ def train(
     model.fit(train_data, epochs=config.train.epochs, callbacks=fit_callbacks, verbose=config.train.verbose)
 
     if selection.state["best_epoch"] is not None:
-        model.load_weights(str(run_dir / "best_weights" / "weights")).expect_partial()
-    save_model(model, run_dir / "model", split.dataset.item_vocab)
+        model.load_weights(str(output_dir / "best_weights" / "weights")).expect_partial()
+    save_model(model, output_dir / "model", split.dataset.item_vocab)
     validation = evaluate(model, split, "validation", config)
     test = evaluate(model, split, "test", config)
     history = selection.state
@@ -359,14 +377,53 @@ def train(
         "validation": validation,
         "test": test,
     }
+    if not chief:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return metrics
     plot_training_curves(history["epochs"], run_dir / "training_curves.png", config.train.monitor)
     write_json_atomic(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    shutil.rmtree(run_dir / ".workers", ignore_errors=True)
     return metrics
 
 
 # Settings that may change when a run is resumed: they do not change what is being trained.
-RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds"}
+RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds", "train.strategy"}
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy called ``name`` (see ``TrainConfig.strategy``).
+
+    Raises:
+      ConfigError: unknown name, or "multi_worker" without a TF_CONFIG cluster.
+    """
+    if name not in STRATEGIES:
+        raise ConfigError(f"train.strategy must be one of {STRATEGIES}, got {name!r}")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if "TF_CONFIG" not in os.environ:
+        raise ConfigError("train.strategy=multi_worker needs the cluster in the TF_CONFIG environment variable, "
+                          'e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                          '"index": 0}}')
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's outputs: the chief, or worker 0 of a chief-less cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def worker_name(strategy: tf.distribute.Strategy) -> str:
+    resolver = strategy.cluster_resolver
+    return f"{resolver.task_type}_{resolver.task_id}"
 
 
 def _changed_keys(old: RunConfig, new: RunConfig) -> set[str]:

@@ -38,9 +38,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, ResidualQuantizer, SASRecEncoder, TargetAttention
+from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, target_frequencies
 
 USER_TOWERS = ("mean", "sasrec")
@@ -53,7 +53,7 @@ def codeword_shuffle_bpr(true_scores: tf.Tensor, shuffled_scores: tf.Tensor) -> 
     return tf.reduce_mean(tf.nn.softplus(shuffled_scores - true_scores))
 
 
-class SPARC(tfrs.models.Model):
+class SPARC(RetrievalModel):
     """Soft probabilistic multi-interest retrieval via codebooks (SPARC, arXiv 2508.09090).
 
     Args:

@@ -40,7 +40,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.layers import (
     AllToAllInteraction,
@@ -49,6 +48,7 @@ from tfx_xmatch.layers import (
     SASRecEncoder,
     VectorQuantizer,
 )
+from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import encode_history, target_frequencies
 
 USER_TOWERS = ("mean", "sasrec")
@@ -67,7 +67,7 @@ def relu_with_leaky_gradient(x: tf.Tensor, leak: float) -> tf.Tensor:
     return tf.nn.relu(x) + leak * (x - tf.stop_gradient(x))
 
 
-class SparCode(tfrs.models.Model):
+class SparCode(RetrievalModel):
     """SparCode retrieval model over item histories.
 
     Args:

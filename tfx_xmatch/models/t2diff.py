@@ -30,17 +30,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.layers import DriftDenoiser, ItemTower, MixedAttention, NoiseSchedule
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
+from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, target_frequencies
 
 LOSSES = ("full_softmax", "sampled_softmax")
 SAMPLERS = ("ddim", "ddpm")
 
 
-class T2Diff(tfrs.models.Model):
+class T2Diff(RetrievalModel):
     """Diffusion-based cross-interaction in a two-tower model (T2Diff, arXiv 2502.20687).
 
     Args:

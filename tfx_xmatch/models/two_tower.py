@@ -22,13 +22,14 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, SASRecEncoder
+from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import encode_history, target_frequencies
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
 
 
-class TwoTower(tfrs.models.Model):
+class TwoTower(RetrievalModel):
     """Dot-product two-tower retrieval model over item histories.
 
     Args:

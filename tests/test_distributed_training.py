@@ -1,0 +1,119 @@
+"""Distributed training: MultiWorkerMirroredStrategy with two worker processes on loopback, the
+mirrored strategy in process, and the per-replica gradient scaling."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_training import TINY, tiny_config
+from tfx_xmatch import training
+from tfx_xmatch.config import ConfigError
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_train_one_model_that_evaluates(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    overrides = [*TINY, "train.epochs=3", "train.early_stopping_patience=0"]
+    command = [sys.executable, "-m", "tfx_xmatch.cli", "train", "--strategy", "multi_worker",
+               "--run-dir", str(tmp_path / "run")]
+    for override in overrides:
+        command += ["--set", override]
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+               "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for worker in workers:
+            stdout, stderr = worker.communicate(timeout=420)
+            outputs.append((worker.returncode, stdout, stderr))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for index, (code, stdout, stderr) in enumerate(outputs):
+        assert code == 0, f"worker {index} failed:\n{stderr[-3000:]}"
+        assert "test" in stdout
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and not (run / ".workers").exists() and not (run / "backup").exists()
+    # The chief's saved model loads in a plain process and evaluates to the recorded metrics.
+    config = tiny_config("train.epochs=3")
+    split = training.prepare_split(config)
+    model = training.load_model(run / "model")
+    test = training.evaluate(model, split, "test", config)
+    np.testing.assert_allclose(test["HR@10"], metrics["test"]["HR@10"], rtol=1e-5)
+    assert test["HR@10"] > 0
+
+
+def test_mirrored_strategy_trains_in_process(tmp_path):
+    metrics = training.train(tiny_config("train.epochs=2", "train.strategy=mirrored"), tmp_path)
+    assert metrics["epochs"] == 2 and (tmp_path / "model" / "config.json").exists()
+
+
+def test_multi_worker_refuses_a_time_budget_and_a_missing_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker",
+                                                                                                  "index": 0}}))
+    with pytest.raises(ConfigError, match="max_train_seconds cannot be used with train.strategy=multi_worker"):
+        training.train(tiny_config("train.strategy=multi_worker", "train.max_train_seconds=60"), tmp_path / "a")
+    monkeypatch.delenv("TF_CONFIG")
+    with pytest.raises(ConfigError, match="needs the cluster in the TF_CONFIG"):
+        training.make_strategy("multi_worker")
+    with pytest.raises(ConfigError, match="train.strategy must be one of"):
+        training.make_strategy("tpu")
+
+
+SCALING_CHECK = """
+import numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+import tfx_xmatch
+from tfx_xmatch.models import TwoTower
+
+rng = np.random.default_rng(0)
+history = rng.integers(1, 31, size=(8, 6)).astype(np.int32)  # no padding: equal positions per row
+batch = {"history": history, "next_items": np.roll(history, -1, axis=1)}
+
+def one_step(strategy):
+    with strategy.scope():
+        tf.keras.utils.set_random_seed(0)
+        model = TwoTower(num_items=30, embedding_dim=8, max_length=6, dropout=0.0)
+        model.compile(optimizer=tf.keras.optimizers.SGD(1.0))
+        model({"history": history})
+        before = [w.numpy().copy() for w in model.trainable_variables]
+    model.fit(tf.data.Dataset.from_tensor_slices(batch).batch(8), epochs=1, verbose=0)
+    return [w.numpy() - b for w, b in zip(model.trainable_variables, before)]
+
+single = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
+mirrored = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+ratio = sum(np.abs(m).sum() for m in mirrored) / sum(np.abs(s).sum() for s in single)
+error = max(np.abs(m - s).max() for m, s in zip(mirrored, single))
+print(ratio, error)
+"""
+
+
+def test_the_differentiated_loss_is_divided_by_the_replicas_in_sync():
+    """Two replicas each taking half the batch must take the one-device step: Keras sums the
+    replicas' gradients, so an unscaled per-replica mean loss would take twice the step."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", SCALING_CHECK], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ratio, error = map(float, result.stdout.strip().splitlines()[-1].split())
+    assert abs(ratio - 1.0) < 1e-3 and error < 1e-5, (ratio, error)
