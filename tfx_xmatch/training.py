@@ -327,10 +327,7 @@ def train(
     split = split if split is not None else prepare_split(config)
     with strategy.scope():
         model = build_model(config, split.dataset)
-        if hasattr(model, "set_item_frequencies"):
-            model.set_item_frequencies(target_counts(split))
-        model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
-        _build(model)  # BackupAndRestore can only restore into a built model
+        compile_for_training(model, config, target_counts(split))
     train_data = sequence_training_dataset(
         split.train_sequences,
         max_length=config.model.max_length,
@@ -340,32 +337,12 @@ def train(
         user_rows=split.train_user_rows,
         user_features=split.dataset.user_features if config.data.side_info else None,
     )
-    if config.train.strategy == "multi_worker":
-        # Every worker builds the same in-memory dataset; each takes its share of every batch.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        train_data = train_data.with_options(options)
-    selection = ModelSelection(
-        lambda: evaluate(model, split, "validation", config),
-        output_dir,
-        monitor=config.train.monitor,
-        patience=config.train.early_stopping_patience,
-        every=config.train.validation_every,
-        max_seconds=config.train.max_train_seconds,
-    )
-    # ModelSelection comes first so its state is on disk before the backup of the same epoch.
-    # The backup outlives fit() until metrics.json exists, so a crash in the final evaluation
-    # still resumes instead of retraining.
-    backup = tf.keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False)
-    fit_callbacks = [selection, backup, *callbacks]
-    model.fit(train_data, epochs=config.train.epochs, callbacks=fit_callbacks, verbose=config.train.verbose)
-
-    if selection.state["best_epoch"] is not None:
-        model.load_weights(str(output_dir / "best_weights" / "weights")).expect_partial()
+    selection = fit_with_selection(model, config, train_data, lambda: evaluate(model, split, "validation", config),
+                                   output_dir, run_dir / "backup", callbacks)
     save_model(model, output_dir / "model", split.dataset.item_vocab)
     validation = evaluate(model, split, "validation", config)
     test = evaluate(model, split, "test", config)
-    history = selection.state
+    history = selection
     metrics = {
         "dataset": split.dataset.name,
         "split": split.name,
@@ -385,6 +362,62 @@ def train(
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     shutil.rmtree(run_dir / ".workers", ignore_errors=True)
     return metrics
+
+
+def compile_for_training(model: tf.keras.Model, config: RunConfig, counts: np.ndarray) -> None:
+    """Sets the logQ counts, compiles with Adam and creates every variable (call it inside the
+    strategy's scope)."""
+    if hasattr(model, "set_item_frequencies"):
+        model.set_item_frequencies(counts)
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
+    _build(model)  # BackupAndRestore can only restore into a built model
+
+
+def fit_with_selection(
+    model: tf.keras.Model,
+    config: RunConfig,
+    train_data: tf.data.Dataset,
+    validate: Callable[[], dict],
+    output_dir: pathlib.Path,
+    backup_dir: pathlib.Path,
+    callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+    steps_per_epoch: Optional[int] = None,
+) -> dict:
+    """``model.fit`` with validation-based selection, early stopping and resumption; leaves the
+    best weights loaded and returns the selection state (epochs, best epoch, train seconds).
+
+    Args:
+      model: A compiled, built model.
+      config: The run configuration (train.* settings).
+      train_data: Training batches.
+      validate: Returns the validation metrics of the current weights.
+      output_dir: Where ``history.json`` and ``best_weights/`` go.
+      backup_dir: Keras ``BackupAndRestore`` directory (kept until the caller removes it).
+      callbacks: Extra Keras callbacks.
+      steps_per_epoch: Batches per epoch (default: one pass over ``train_data``).
+    """
+    if config.train.strategy == "multi_worker":
+        # Every worker builds the same dataset; each takes its share of every batch.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        train_data = train_data.with_options(options)
+    selection = ModelSelection(
+        validate,
+        output_dir,
+        monitor=config.train.monitor,
+        patience=config.train.early_stopping_patience,
+        every=config.train.validation_every,
+        max_seconds=config.train.max_train_seconds,
+    )
+    # ModelSelection comes first so its state is on disk before the backup of the same epoch.
+    # The backup outlives fit() until the caller has its final metrics, so a crash in the final
+    # evaluation still resumes instead of retraining.
+    backup = tf.keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False)
+    model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
+              callbacks=[selection, backup, *callbacks], verbose=config.train.verbose)
+    if selection.state["best_epoch"] is not None:
+        model.load_weights(str(output_dir / "best_weights" / "weights")).expect_partial()
+    return selection.state
 
 
 # Settings that may change when a run is resumed: they do not change what is being trained.
