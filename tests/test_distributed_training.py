@@ -104,16 +104,32 @@ single = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
 mirrored = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
 ratio = sum(np.abs(m).sum() for m in mirrored) / sum(np.abs(s).sum() for s in single)
 error = max(np.abs(m - s).max() for m, s in zip(mirrored, single))
-print(ratio, error)
+
+# Quantizer state assigned in replica context (initialisation, restarts) must agree on every
+# replica even when each replica sees different vectors.
+from tfx_xmatch.layers import ResidualQuantizer
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    quantizer = ResidualQuantizer(num_levels=2, num_codewords=4, dead_code_threshold=0.5)
+    quantizer.build(tf.TensorShape([None, 8]))
+vectors = strategy.experimental_distribute_values_from_function(
+    lambda context: tf.random.normal([16, 8], seed=context.replica_id_in_sync_group))
+step = tf.function(lambda v: strategy.run(lambda x: quantizer(x, training=True)["codes"], args=(v,)))
+for _ in range(3):
+    step(vectors)
+copies = [v.numpy() for v in quantizer.codebooks.values]
+spread = max(np.abs(c - copies[0]).max() for c in copies)
+print(ratio, error, spread)
 """
 
 
-def test_the_differentiated_loss_is_divided_by_the_replicas_in_sync():
+def test_the_differentiated_loss_is_divided_by_the_replicas_in_sync_and_codebooks_agree():
     """Two replicas each taking half the batch must take the one-device step: Keras sums the
     replicas' gradients, so an unscaled per-replica mean loss would take twice the step."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", SCALING_CHECK], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ratio, error = map(float, result.stdout.strip().splitlines()[-1].split())
+    ratio, error, spread = map(float, result.stdout.strip().splitlines()[-1].split())
     assert abs(ratio - 1.0) < 1e-3 and error < 1e-5, (ratio, error)
+    assert spread == 0.0, f"the replicas' RQ-VAE codebooks differ by {spread}"

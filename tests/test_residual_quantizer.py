@@ -76,10 +76,15 @@ def test_dead_codes_are_restarted_and_metrics_are_reported():
     layer = ResidualQuantizer(num_levels=2, num_codewords=6, dead_code_threshold=0.5)
     x = _data(32)
     layer(x, training=True)
-    layer.usage.assign(tf.tensor_scatter_nd_update(layer.usage, [[0, 1]], [0.0]))
-    before = layer.codebooks.numpy()[0, 1].copy()
+    layer.usage.assign(tf.maximum(layer.usage, 1.0) + tf.tensor_scatter_nd_update(
+        tf.zeros_like(layer.usage), [[0, 1]], [-100.0]))
+    before = layer.codebooks.numpy().copy()
     layer(x, training=True)
-    assert not np.allclose(layer.codebooks.numpy()[0, 1], before)
+    after = layer.codebooks.numpy()
+    assert not np.allclose(after[0, 1], before[0, 1])
+    live = np.ones(before.shape[:2], bool)
+    live[0, 1] = False
+    np.testing.assert_array_equal(after[live], before[live])  # only the dead codeword moved
     names = {m.name for m in layer.metrics}
     assert {f"{layer.name}_level0_perplexity",
             f"{layer.name}_level1_dead_codes", f"{layer.name}_reconstruction_error"} <= names

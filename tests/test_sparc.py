@@ -167,6 +167,21 @@ def test_export_refuses_soft_search_for_a_single_interest_model(tmp_path):
                                tmp_path / "a", index_kind="soft_search")
 
 
+def test_training_with_only_drawn_interests_does_not_break_the_auxiliary_losses():
+    model = _model(predicted_query_rate=1.0)
+    history = model.fit(_batches(num_batches=2), epochs=1, verbose=0)
+    assert all(np.isfinite(history.history[name]).all() for name in ("loss", "bpr_loss", "contrastive_loss"))
+
+
+def test_export_takes_the_models_interest_count_and_temperature(trained):
+    model, _ = trained
+    vocab = Vocabulary(list(range(1, NUM_ITEMS + 1)))
+    module = build_serving_module(model, vocab, index_kind="soft_search", k_max=10)
+    assert module.index.num_interests == model.serving_interests and module.index.temperature == model.temperature
+    with pytest.raises(ValueError, match="unknown soft_search base 'annoy'"):
+        build_serving_module(model, vocab, index_kind="soft_search", k_max=10, index_options={"base": "annoy"})
+
+
 def test_sampled_softmax_and_user_features_train():
     model = _model(loss="sampled_softmax", num_sampled_negatives=8, user_feature_cardinalities={"age": 3})
     model.set_item_frequencies(np.ones(NUM_ITEMS + 1))

@@ -127,6 +127,33 @@ def test_samplers_steps_and_seeds(trained):
         model.user_embedding(inputs, sampler="euler")
 
 
+def test_reverse_processes_return_a_constant_denoisers_prediction(trained):
+    """With a denoiser that always predicts c, DDIM (eta = 0) and DDPM both end exactly at c:
+    DDIM's last step returns the prediction and DDPM's last posterior has mean c, variance 0."""
+    model, _ = trained
+    constant = tf.constant(np.linspace(-1, 1, 16), tf.float32)
+    original = model.denoiser
+    model.denoiser = lambda noisy, steps, session, mask: tf.broadcast_to(constant, tf.shape(noisy))
+    try:
+        session, mask = tf.random.normal([3, 4, 16]), tf.ones([3, 4], tf.bool)
+        for sampling in ({"sampler": "ddim", "steps": 3}, {"sampler": "ddim", "steps": 10},
+                         {"sampler": "ddpm", "seed": 4}, {"sampler": "ddim", "steps": 5, "eta": 1.0, "seed": 1}):
+            np.testing.assert_allclose(model.sample_drift(session, mask, **sampling).numpy(),
+                                       np.broadcast_to(constant.numpy(), (3, 16)), rtol=1e-5, atol=1e-6)
+    finally:
+        model.denoiser = original
+
+
+def test_sampling_overrides_are_checked(trained):
+    model, _ = trained
+    for sampling, message in [({"steps": 0}, r"sampling steps must be in \[1, T=10\], got 0"),
+                              ({"eta": -1.0}, "eta must be >= 0, got -1.0"),
+                              ({"sampler": "ddpm", "steps": 3}, "ddpm runs all T=10 steps; got steps=3"),
+                              ({"initial_noise": "ones"}, "initial_noise must be 'zeros' or 'random'")]:
+        with pytest.raises(ValueError, match=message):
+            model.user_embedding(_inputs(), **sampling)
+
+
 def test_raw_diffusion_ablation_trains():
     model = _model(diffuse="raw", denoiser="mlp", denoiser_units=(32,))
     history = model.fit(_batches(num_batches=2), epochs=1, verbose=0)
@@ -189,3 +216,5 @@ def test_config_options_reach_the_model_and_bad_arguments_are_named():
         T2Diff(num_items=5, sampling_steps=60)
     with pytest.raises(ValueError, match="diffuse must be 'drift' or 'raw', got 'delta'"):
         T2Diff(num_items=5, diffuse="delta")
+    with pytest.raises(ValueError, match="denoiser must be 'unet' or 'mlp', got 'transformer'"):
+        T2Diff(num_items=5, denoiser="transformer")

@@ -196,7 +196,12 @@ def build_serving_module(
         padding_id = "" if string_ids else 0
     if padding_id in item_vocab:
         raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id")
-    index = make_index(index_kind, k_max=k_max, **(index_options or {}))
+    index_options = dict(index_options or {})
+    if index_kind == "soft_search":
+        # The model's own serving settings unless the caller overrides them.
+        index_options.setdefault("num_interests", model.serving_interests)
+        index_options.setdefault("temperature", model.temperature)
+    index = make_index(index_kind, k_max=k_max, **index_options)
     if hasattr(model, "build_index"):
         model.build_index(index)  # streamed in item chunks, with a progress bar
     else:

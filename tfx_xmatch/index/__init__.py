@@ -56,6 +56,8 @@ def make_index(kind: str, **kwargs) -> RetrievalIndex:
         raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(INDEX_KINDS)}")
     if kind == "soft_search":
         base_kind = kwargs.pop("base", "brute_force")
+        if base_kind not in INDEX_KINDS:
+            raise ValueError(f"unknown soft_search base {base_kind!r}; expected brute_force, partitioned or scann")
         if base_kind in ("soft_search", "sparse_code"):
             raise ValueError(f"soft_search needs a dense-vector base kind, got base={base_kind!r}")
         base_options = dict(kwargs.pop("base_options", None) or {})

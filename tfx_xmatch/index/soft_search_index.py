@@ -31,6 +31,8 @@ class SoftSearchIndex(RetrievalIndex):
       base: The index searched per interest (a ``RetrievalIndex``, e.g. ``BruteForceIndex``,
         ``ScaNNIndex`` or ``PartitionedIndex``). It is built by this index's ``index()``.
       num_interests: K, the searches per user (int >= 1, default 4).
+      temperature: Scores are divided by it before each interest's softmax, like the model's
+        own softmax (float > 0, default 1.0).
       k_max: Largest k a call may ask for (int, default 100); at most the base's ``k_max``.
       **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
         see ``RetrievalIndex``.
@@ -45,8 +47,12 @@ class SoftSearchIndex(RetrievalIndex):
       >>> scores, ids = index(tf.random.normal([2, 4, 8]), k=5, log_weights=tf.math.log([[.4, .3, .2, .1]] * 2))
     """
 
-    def __init__(self, base: RetrievalIndex, num_interests: int = 4, k_max: int = 100, **kwargs):
+    def __init__(self, base: RetrievalIndex, num_interests: int = 4, k_max: int = 100, temperature: float = 1.0,
+                 **kwargs):
         super().__init__(k_max=k_max, **kwargs)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        self.temperature = float(temperature)
         if isinstance(num_interests, bool) or not isinstance(num_interests, int) or num_interests < 1:
             raise ValueError(f"num_interests must be an integer >= 1, got {num_interests!r}")
         self.num_interests = num_interests
@@ -71,7 +77,7 @@ class SoftSearchIndex(RetrievalIndex):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(num_interests=self.num_interests,
+        config.update(num_interests=self.num_interests, temperature=self.temperature,
                       base={"class_name": type(self.base).__name__, "config": self.base.get_config()})
         return config
 
@@ -146,7 +152,7 @@ class SoftSearchIndex(RetrievalIndex):
         scores, positions = self.base._top_k(vectors, tf.maximum(k, self.k_max))
         fetched = tf.shape(scores)[1]
         valid = positions >= 0
-        scores = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
+        scores = tf.where(valid, scores / self.temperature, tf.constant(-np.inf, tf.float32))
         # log softmax_k over each interest's list (an empty list contributes nothing).
         normalizer = tf.reduce_logsumexp(scores[:, : self.k_max], axis=1, keepdims=True)
         normalizer = tf.where(tf.math.is_finite(normalizer), normalizer, tf.zeros_like(normalizer))

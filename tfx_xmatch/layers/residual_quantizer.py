@@ -110,21 +110,27 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         # Built here, not on first use: checkpoint restores and BackupAndRestore need the weights.
         self.encoder.build((None, width))
         self.decoder.build((None, latent))
+        # Initialisation and restarts assign in replica context: under a distribution strategy
+        # the first replica's values must reach every copy, or replicas would code differently.
+        first_replica = tf.VariableAggregation.ONLY_FIRST_REPLICA
         self.codebooks = self.add_weight(
             name="codebooks", shape=(self.num_levels, self.num_codewords, latent),
-            initializer=tf.keras.initializers.RandomNormal(stddev=0.1),
+            initializer=tf.keras.initializers.RandomNormal(stddev=0.1), aggregation=first_replica,
         )
         self.usage = self.add_weight(
             name="usage", shape=(self.num_levels, self.num_codewords),
-            initializer=tf.keras.initializers.Constant(1.0), trainable=False,
+            initializer=tf.keras.initializers.Constant(1.0), trainable=False, aggregation=first_replica,
         )
-        self.initialized = self.add_weight(name="initialized", shape=(), dtype=tf.bool,
-                                           initializer="zeros", trainable=False)
+        self.initialized = self.add_weight(name="initialized", shape=(), dtype=tf.bool, initializer="zeros",
+                                           trainable=False, aggregation=first_replica)
         super().build(input_shape)
 
     # ------------------------------------------------------------------ quantization
     def _nearest(self, residual: tf.Tensor, level: int) -> tf.Tensor:
-        codebook = self.codebooks[level]
+        return self._nearest_in(residual, self.codebooks[level])
+
+    @staticmethod
+    def _nearest_in(residual: tf.Tensor, codebook: tf.Tensor) -> tf.Tensor:
         distances = (tf.reduce_sum(tf.square(residual), -1, keepdims=True)
                      - 2.0 * tf.matmul(residual, codebook, transpose_b=True)
                      + tf.reduce_sum(tf.square(codebook), -1)[tf.newaxis, :])
@@ -175,15 +181,17 @@ class ResidualQuantizer(tf.keras.layers.Layer):
 
     # ------------------------------------------------------------------ training state
     def _initialize_from(self, encoded: tf.Tensor) -> None:
-        def initialize():
-            residual = tf.stop_gradient(encoded)
-            for level in range(self.num_levels):
-                self.codebooks[level].assign(self._random_rows(residual))
-                residual = residual - tf.gather(self.codebooks[level], self._nearest(residual, level))
-            self.initialized.assign(True)
-            return tf.constant(True)
-
-        tf.cond(self.initialized, lambda: tf.constant(False), initialize)
+        # Computed every call and selected with tf.where rather than under tf.cond: under a
+        # distribution strategy, assigning a first-replica variable is a synchronisation point,
+        # which TensorFlow does not allow inside control flow.
+        residual = tf.stop_gradient(encoded)
+        levels = []
+        for level in range(self.num_levels):
+            codebook = self._random_rows(residual)
+            levels.append(codebook)
+            residual = residual - tf.gather(codebook, self._nearest_in(residual, codebook))
+        self.codebooks.assign(tf.where(self.initialized, self.codebooks, tf.stack(levels)))
+        self.initialized.assign(True)
 
     def _random_rows(self, rows: tf.Tensor) -> tf.Tensor:
         """num_codewords rows drawn at random (with replacement when there are fewer)."""
@@ -200,20 +208,27 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         return codebook_loss + self.commitment_weight * commitment + self.reconstruction_weight * error, error
 
     def _track_usage(self, codes: tf.Tensor, residuals: list) -> None:
+        usages, codebooks = [], []
         for level in range(self.num_levels):
             counts = tf.math.bincount(codes[:, level], minlength=self.num_codewords,
                                       maxlength=self.num_codewords, dtype=tf.float32)
             usage = self.usage[level] * self.usage_decay + counts * (1.0 - self.usage_decay)
-            self.usage[level].assign(usage)
             probabilities = counts / tf.maximum(tf.reduce_sum(counts), 1.0)
             entropy = -tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-10))
             self.add_metric(tf.exp(entropy), name=f"{self.name}_level{level}_perplexity")
             dead = usage < self.dead_code_threshold
             self.add_metric(tf.reduce_mean(tf.cast(dead, tf.float32)), name=f"{self.name}_level{level}_dead_codes")
+            codebook = self.codebooks[level]
             if self.dead_code_threshold > 0:
                 fresh = self._random_rows(tf.stop_gradient(residuals[level]))
-                self.codebooks[level].assign(tf.where(dead[:, tf.newaxis], fresh, self.codebooks[level]))
-                self.usage[level].assign(tf.where(dead, tf.ones_like(usage), usage))
+                codebook = tf.where(dead[:, tf.newaxis], fresh, codebook)
+                usage = tf.where(dead, tf.ones_like(usage), usage)
+            usages.append(usage)
+            codebooks.append(codebook)
+        # One whole-variable assignment each: sliced assignments of distributed variables fail.
+        self.usage.assign(tf.stack(usages))
+        if self.dead_code_threshold > 0:
+            self.codebooks.assign(tf.stack(codebooks))
 
     def codebook_perplexity(self, codes: tf.Tensor) -> list[float]:
         """Perplexity of each level's code distribution over the given codes [n, L]: a list of L floats

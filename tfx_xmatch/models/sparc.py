@@ -335,10 +335,13 @@ class SPARC(RetrievalModel):
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(interest_logits, -1, output_type=tf.int32), codes),
                                           tf.float32))
 
-        # The auxiliary losses use a random subset of the teacher-forced positions (whose user
-        # vector saw the target's own interest): they shape, the softmax ranks.
-        forced = tf.cast(tf.where(tf.logical_not(use_drawn))[:, 0], tf.int32)
-        keep = tf.random.shuffle(forced)[: self.max_contrastive_positions]
+        # The auxiliary losses use a random subset of the positions whose query was the target's
+        # own codeword e0 (BPR: the true e0 must beat a shuffled one); they shape, the softmax
+        # ranks. A batch without such a position (possible with few positions) uses them all.
+        own_codeword = tf.logical_and(tf.logical_not(use_drawn), use_codeword)
+        rows = tf.cast(tf.where(own_codeword)[:, 0], tf.int32)
+        rows = tf.cond(tf.size(rows) > 0, lambda: rows, lambda: tf.range(tf.shape(targets)[0]))
+        keep = tf.random.shuffle(rows)[: self.max_contrastive_positions]
         sub_where, sub_targets = tf.gather(where, keep), tf.gather(targets, keep)
         sub_users, sub_z = tf.gather(users, keep), tf.gather(target_z, keep)
         shuffled = self._level1_codewords(self.shuffled_codes(tf.gather(codes, keep)))

@@ -14,14 +14,18 @@ Stop-gradient (``stop_gradient=True``, the paper's decoupling): the diffusion lo
 embeddings and the session only through stop-gradient, so it does not train the towers; the
 towers see z0_hat only through stop-gradient, so the retrieval loss does not train the denoiser.
 
-Training: every history position t (with the window ending at t) predicts the next item, with
-a softmax over items; the tower uses the one-shot denoised z0_hat of a random diffusion step.
-Loss = retrieval + ``diffusion_weight`` (0.1) x MSE(z0_hat, z0); both are logged.
+Training: up to ``max_loss_positions`` random history positions t per batch (the window ending
+at t) predict the next item, with a softmax over items. The tower sees the one-shot denoised
+z0_hat of a random diffusion step, as in the paper; since at small steps that prediction nearly
+restates the answer while serving starts from pure noise, a share ``prior_drift_rate`` of the
+positions (our addition) gets instead the denoiser's prediction from z_T = 0 at s = T (serving's
+first DDIM step). Loss = retrieval + ``diffusion_weight`` (0.1) x MSE(z0_hat, z0); both logged.
 
 Serving: the reverse process from z_T, by ``sampler``: "ddim" (``sampling_steps`` <= T steps,
-``eta`` = 0 is deterministic) or "ddpm" (all T ancestral steps). ``initial_noise="zeros"``
-starts from the prior mean, so a request always gets the same answer whatever batch it is
-served in; "random" draws z_T (and DDPM's step noise).
+``eta`` = 0 is deterministic) or "ddpm" (all T ancestral steps, with noise). DDIM with eta = 0
+and ``initial_noise="zeros"`` (the default) has no randomness at all, so a request gets the same
+answer whatever batch it is served in; "random" draws z_T. Any sampling with noise is
+reproducible with a ``seed``, but a row's draws then depend on its position in the batch.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class T2Diff(RetrievalModel):
       diffuse: "drift" (z0 = x_{n+1} - x_n) or "raw" (z0 = x_{n+1}; the ablation) (default "drift").
       stop_gradient: Decouple the diffusion and retrieval losses (bool, default True).
       diffusion_weight: Weight of the diffusion loss (float >= 0, default 0.1).
+      prior_drift_rate: Share of training positions whose tower input is the prediction from
+        z_T = 0 at s = T rather than from a noised drift (float in [0, 1], default 0.5).
       sampler: "ddim" or "ddpm" for serving and evaluation (default "ddim").
       sampling_steps: DDIM steps (int in [1, T], default 10).
       eta: DDIM eta (float >= 0, default 0.0: deterministic).
@@ -108,6 +114,7 @@ class T2Diff(RetrievalModel):
         diffuse: str = "drift",
         stop_gradient: bool = True,
         diffusion_weight: float = 0.1,
+        prior_drift_rate: float = 0.5,
         sampler: str = "ddim",
         sampling_steps: int = 10,
         eta: float = 0.0,
@@ -122,6 +129,12 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if denoiser not in ("unet", "mlp"):
+            raise ValueError(f"denoiser must be 'unet' or 'mlp', got {denoiser!r}")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim!r}")
+        if not 0.0 <= prior_drift_rate <= 1.0:
+            raise ValueError(f"prior_drift_rate must be in [0, 1], got {prior_drift_rate!r}")
         if diffuse not in ("drift", "raw"):
             raise ValueError(f"diffuse must be 'drift' or 'raw', got {diffuse!r}")
         if sampler not in SAMPLERS:
@@ -161,6 +174,7 @@ class T2Diff(RetrievalModel):
         self.diffuse = diffuse
         self.stop_gradient = bool(stop_gradient)
         self.diffusion_weight = float(diffusion_weight)
+        self.prior_drift_rate = float(prior_drift_rate)
         self.sampler = sampler
         self.sampling_steps = int(sampling_steps)
         self.eta = float(eta)
@@ -242,6 +256,12 @@ class T2Diff(RetrievalModel):
         initial_noise = initial_noise or self.initial_noise
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        if initial_noise not in ("zeros", "random"):
+            raise ValueError(f"initial_noise must be 'zeros' or 'random', got {initial_noise!r}")
+        if sampler == "ddpm" and steps not in (None, self.diffusion_steps):
+            raise ValueError(f"ddpm runs all T={self.diffusion_steps} steps; got steps={steps!r} (use sampler='ddim')")
         batch = tf.shape(session)[0]
         shape = tf.stack([batch, self.embedding_dim])
         draws = iter(range(1, 10**6))
@@ -260,7 +280,7 @@ class T2Diff(RetrievalModel):
                 noise = normal() if step > 1 else tf.zeros(shape)
                 z = self.schedule.ddpm_step(z, z0_hat, steps_tensor, noise)
             return z
-        visited = self.schedule.ddim_timesteps(steps or self.sampling_steps)
+        visited = self.schedule.ddim_timesteps(self.sampling_steps if steps is None else steps)
         for step, previous in zip(visited, visited[1:] + [0]):
             z0_hat = self.denoiser(z, tf.fill([batch], step), session, session_mask)
             if previous == 0:
@@ -307,7 +327,8 @@ class T2Diff(RetrievalModel):
         # The window ending at every position t: columns t - window + 1 .. t of the history.
         padded = tf.pad(history, [[0, 0], [self.window - 1, 0]])
         offsets = tf.range(tf.shape(history)[1])[:, tf.newaxis] + tf.range(self.window)[tf.newaxis, :]
-        where = tf.where(next_items > 0)
+        # A random subset of the positions: each one runs the denoiser and the user tower.
+        where = tf.random.shuffle(tf.where(next_items > 0))[: self.max_loss_positions]
         windows = tf.gather(tf.gather(padded, where[:, 0]), tf.gather(offsets, where[:, 1]), batch_dims=1)
         targets = tf.gather_nd(next_items, where)
         session, session_mask, long_history, history_mask, last = self._split_window(windows)
@@ -320,7 +341,10 @@ class T2Diff(RetrievalModel):
         z0_hat = self.denoiser(noisy, steps, self._sg(session), session_mask)
         diffusion = tf.reduce_mean(tf.square(z0_hat - clean))
 
-        drift = self._sg(z0_hat)
+        prior = self.denoiser(tf.zeros_like(clean), tf.fill(tf.shape(steps), self.diffusion_steps),
+                              self._sg(session), session_mask)
+        use_prior = tf.random.uniform(tf.shape(steps)) < self.prior_drift_rate
+        drift = self._sg(tf.where(use_prior[:, tf.newaxis], prior, z0_hat))
         predicted = last + drift if self.diffuse == "drift" else drift
         users = self._user_vector(session, session_mask, predicted, long_history, history_mask, inputs,
                                   rows=where[:, 0], training=training)
@@ -359,6 +383,7 @@ class T2Diff(RetrievalModel):
             "diffuse": self.diffuse,
             "stop_gradient": self.stop_gradient,
             "diffusion_weight": self.diffusion_weight,
+            "prior_drift_rate": self.prior_drift_rate,
             "sampler": self.sampler,
             "sampling_steps": self.sampling_steps,
             "eta": self.eta,
