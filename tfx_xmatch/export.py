@@ -255,9 +255,28 @@ def export_retrieval_model(
         model, item_vocab, index_kind=index_kind, index_options=index_options, k_max=k_max,
         default_k=default_k, exclude_history=exclude_history, padding_id=padding_id,
     )
-    options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if index_kind == "scann" else None)
-    # A hidden sibling directory: servers ignore names that are not version numbers.
-    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=base))
+    save_serving_module(module, final, item_vocab, model_name=model_name, warmup_histories=warmup_histories)
+    return final
+
+
+def save_serving_module(module: RetrievalServingModule, directory: str | os.PathLike, item_vocab: Vocabulary, *,
+                        model_name: str = "xmatch", warmup_histories: Optional[list] = None) -> pathlib.Path:
+    """Saves ``module`` as a SavedModel (with warm-up requests) at ``directory``, atomically.
+
+    The SavedModel is written to a hidden sibling (servers ignore names that are not version
+    numbers) and renamed into place, so a reader never sees half of it. This is also the TFX
+    Trainer's ``serving_model_dir`` layout (the SavedModel directly in the directory).
+
+    Raises:
+      FileExistsError: ``directory`` already exists.
+    """
+    final = pathlib.Path(directory)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; write the SavedModel to a new directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    uses_scann = any(type(layer).__name__ == "ScaNNIndex" for layer in (module.index, getattr(module.index, "base", None)))
+    options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if uses_scann else None)
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
         histories = warmup_histories or [list(item_vocab.ids(np.arange(1, min(item_vocab.num_items, 5) + 1)))]

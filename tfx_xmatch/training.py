@@ -62,18 +62,30 @@ def _user_feature_cardinalities(dataset: SequenceDataset) -> dict[str, int]:
     }
 
 
-def build_model(config: RunConfig, dataset: SequenceDataset) -> tf.keras.Model:
-    """Instantiates the configured model for ``dataset``'s catalogue (and features, if asked)."""
+def build_model(config: RunConfig, dataset: Optional[SequenceDataset] = None, *,
+                num_items: Optional[int] = None) -> tf.keras.Model:
+    """Instantiates the configured model for ``dataset``'s catalogue (and features, if asked),
+    or for ``num_items`` items without features (e.g. from TFRecords and a vocabulary).
+
+    Raises:
+      ValueError: unknown model, or neither/both of ``dataset`` and ``num_items``.
+      ConfigError: bad model options, or ``data.side_info`` without a dataset to read them from.
+    """
+    if (dataset is None) == (num_items is None):
+        raise ValueError("build_model needs exactly one of dataset and num_items")
     kwargs = dataclasses.asdict(config.model)
     name = kwargs.pop("name")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     kwargs.update(_model_options(name, kwargs.pop("options"), shared=set(kwargs)))
     if config.data.side_info:
+        if dataset is None:
+            raise ConfigError("data.side_info needs the dataset's feature tables; this entry point has only "
+                              "item ids (set data.side_info=false)")
         kwargs["item_feature_dims"] = {k: int(v.shape[1]) for k, v in dataset.item_features.items()}
         kwargs["item_feature_tables"] = dict(dataset.item_features)
         kwargs["user_feature_cardinalities"] = _user_feature_cardinalities(dataset)
-    return MODELS[name](num_items=dataset.num_items, **kwargs)
+    return MODELS[name](num_items=dataset.num_items if dataset is not None else int(num_items), **kwargs)
 
 
 def _model_options(name: str, options: dict, shared: set[str]) -> dict:

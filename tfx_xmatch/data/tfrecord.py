@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.data.dataset import PAD_INDEX, Split, check_user_feature_name
+from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, Split, check_user_feature_name
 from tfx_xmatch.io_utils import atomic_path, write_json_atomic
 
 _UNKNOWN_USER_ROW = -1
@@ -174,14 +174,52 @@ def left_pad_ragged(histories: tf.RaggedTensor, max_length: int) -> tf.Tensor:
     return tf.reverse(reversed_rows, axis=[1])
 
 
-def _matching_files(file_pattern: str, max_length: int, batch_size: int) -> list[str]:
+def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]:
+    """Files of one glob or a list of globs (TFX passes lists), each glob's in name order."""
     for name, value in (("max_length", max_length), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
-    files = sorted(tf.io.gfile.glob(file_pattern))
+    patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
+    files = [path for pattern in patterns for path in sorted(tf.io.gfile.glob(pattern))]
     if not files:
         raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
     return files
+
+
+def _record_dataset(files: Sequence[str]) -> tf.data.Dataset:
+    """A TFRecordDataset of ``files``; GZIP-compressed when they end in .gz (TFX ExampleGen's)."""
+    compressed = {path.endswith(".gz") for path in files}
+    if len(compressed) > 1:
+        raise ValueError(f"cannot mix GZIP (.gz) and plain TFRecord files in one read: {sorted(files)[:4]}")
+    return tf.data.TFRecordDataset(list(files), compression_type="GZIP" if compressed.pop() else "")
+
+
+def read_eval_examples(file_pattern, user_feature_names: Sequence[str] = ()) -> tuple[EvalExamples, dict]:
+    """Reads evaluation records back into in-memory ``EvalExamples`` (for full-ranking evaluation).
+
+    Args:
+      file_pattern: A glob or a list of globs of shards written by :func:`write_tfrecords`
+        (plain or GZIP-compressed ``.gz``).
+      user_feature_names: User features to read.
+
+    Returns:
+      ``(examples, user_features)``: the examples in file order, with ``user_rows`` numbering
+      them 0..E-1, and ``{name: int32 [E]}`` feature values indexed by those rows.
+
+    Raises:
+      FileNotFoundError: If no file matches.
+    """
+    files = _matching_files(file_pattern, 1, 1)
+    spec = feature_spec(user_feature_names)
+    histories, targets, features = [], [], {name: [] for name in user_feature_names}
+    for batch in _record_dataset(files).batch(1024).map(lambda s: tf.io.parse_example(s, spec)):
+        histories += [np.asarray(row, dtype=np.int32) for row in batch["history"].to_list()]
+        targets.append(batch["target"].numpy())
+        for name in user_feature_names:
+            features[name].append(batch[name].numpy())
+    targets = np.concatenate(targets).astype(np.int32) if targets else np.zeros(0, np.int32)
+    examples = EvalExamples(user_rows=np.arange(len(targets), dtype=np.int64), histories=histories, targets=targets)
+    return examples, {name: np.concatenate(values).astype(np.int32) for name, values in features.items()}
 
 
 def read_tfrecords(
@@ -197,7 +235,8 @@ def read_tfrecords(
     back in the order they were written.
 
     Args:
-      file_pattern: Glob of the shards, e.g. ``out/test-*-of-*.tfrecord``.
+      file_pattern: Glob of the shards, e.g. ``out/test-*-of-*.tfrecord``, or a list of globs;
+        ``.gz`` files are read as GZIP (TFX ExampleGen's output).
       max_length: Width L of the histories (padded/truncated in-graph).
       batch_size: Examples per batch.
       user_feature_names: User features to read.
@@ -221,7 +260,7 @@ def read_tfrecords(
         return batch
 
     return (
-        tf.data.TFRecordDataset(files)
+        _record_dataset(files)
         .batch(batch_size)
         .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
@@ -249,7 +288,8 @@ def read_training_tfrecords(
     are skipped, like one-item sequences in ``sequence_training_dataset``.
 
     Args:
-      file_pattern: Glob of the shards, e.g. ``out/train-*-of-*.tfrecord``.
+      file_pattern: Glob of the shards, e.g. ``out/train-*-of-*.tfrecord``, or a list of globs;
+        ``.gz`` files are read as GZIP (TFX ExampleGen's output).
       max_length: Width L of the rows.
       batch_size: Sequences per batch.
       shuffle: Shuffle records, differently every epoch (deterministic given ``seed``);
@@ -292,7 +332,7 @@ def read_training_tfrecords(
         parsed = tf.io.parse_single_example(serialized, {"history": tf.io.RaggedFeature(tf.int64)})
         return tf.size(parsed["history"]) > 0
 
-    dataset = tf.data.TFRecordDataset(files).filter(has_history)
+    dataset = _record_dataset(files).filter(has_history)
     if shuffle:
         if shuffle_buffer_size is None:
             shuffle_buffer_size = max(1, int(dataset.reduce(np.int64(0), lambda count, _: count + 1)))
