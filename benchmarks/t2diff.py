@@ -110,6 +110,7 @@ def main() -> int:
                          *SPLIT_OVERRIDES[split_name], *extra]
             config = load_config(config_path, overrides)
             split = split or training.prepare_split(config)
+            result["num_items"] = split.num_items
             # The leave-one-out two-tower run is the one quality.py trained.
             name = ("quality-two_tower_sasrec" if (variant, split_name) == ("two_tower_sasrec", "leave_one_out")
                     else f"{args.output}-{split_name}-{variant}")
@@ -143,7 +144,8 @@ def to_markdown(result: dict) -> str:
         f"- date: {result['date']}",
         f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "- protocol: full ranking over all 3,416 items, history removed, selection on validation NDCG@10, test "
+        f"- protocol: full ranking over all {result.get('num_items', 0):,} items, history removed, selection on "
+        "validation NDCG@10, test "
         "reported; latency = one user per call (user vector + brute-force top-100)",
         "",
     ]
