@@ -16,6 +16,8 @@ Writes ``results/sparc.md`` and ``results/sparc.json``.
 
     python benchmarks/sparc.py
     python benchmarks/sparc.py --datasets beauty --minutes beauty:sparc=20
+    python benchmarks/sparc.py --datasets ml-1m --output sparc_drawn_only \
+        --sparc-set model.options.predicted_query_rate=1.0 --minutes ml-1m:sparc=30
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def main() -> int:
     parser.add_argument("--minutes", action="append", default=[], metavar="DATASET:MODEL=MINUTES",
                         help=f"training-time budget of a model (default {DEFAULT_MINUTES})")
     parser.add_argument("--latency-users", type=int, default=200)
+    parser.add_argument("--sparc-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra config overrides of the SPARC runs (an ablation; use with --output)")
     parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
     parser.add_argument("--output", default="sparc", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
@@ -137,8 +141,8 @@ def main() -> int:
         split = None
         for name in ("two_tower_sasrec", "sparc"):
             minutes = budgets[f"{dataset}:{name}"]
-            config = load_config(CONFIGS[dataset, name],
-                                 training_overrides(dataset, dataset_dir, args.epochs, args.patience, minutes))
+            overrides = training_overrides(dataset, dataset_dir, args.epochs, args.patience, minutes)
+            config = load_config(CONFIGS[dataset, name], overrides + (args.sparc_set if name == "sparc" else []))
             split = split or training.prepare_split(config)
             run_dir = pathlib.Path(args.runs_dir) / RUN_NAMES.get((dataset, name), f"{args.output}-{dataset}-{name}")
             metrics = training.train(config, run_dir, split=split)
