@@ -66,6 +66,19 @@ def header(benchmark: str) -> dict:
     }
 
 
+def markdown_header(result: dict, title: str) -> list[str]:
+    """The first lines of every results page: title, command, date, machine and versions."""
+    machine, versions = result["machine"], result["versions"]
+    return [
+        f"# {result['benchmark']}: {title}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}",
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    ]
+
+
 def training_budgets(parser, minutes_args: list, defaults: dict) -> dict:
     """``--minutes MODEL=MINUTES`` arguments applied over ``defaults`` (parser errors name the bad one)."""
     budgets = dict(defaults)

@@ -17,7 +17,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, default_data_dir, header, training_budgets, training_overrides  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
+)
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
@@ -80,14 +82,7 @@ def main() -> int:
 
 
 def to_markdown(result: dict) -> str:
-    machine, versions = result["machine"], result["versions"]
-    lines = [
-        f"# {result['benchmark']}: two-tower baseline, full ranking",
-        "",
-        f"- command: `{result['command']}`",
-        f"- date: {result['date']}",
-        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    lines = markdown_header(result, "two-tower baseline, full ranking") + [
         "- protocol: leave-one-out (last item test, second-to-last validation), full ranking over all "
         "items, items already in the history removed, model selected on validation NDCG@10",
         "",

@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, retrieval_score_fn, training_budgets, training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, retrieval_score_fn, training_budgets, training_overrides,
 )
 
 import numpy as np  # noqa: E402
@@ -162,14 +162,7 @@ def main() -> int:
 
 
 def to_markdown(result: dict) -> str:
-    machine, versions = result["machine"], result["versions"]
-    lines = [
-        f"# {result['benchmark']}: SPARC soft/hard search vs two-tower, full ranking",
-        "",
-        f"- command: `{result['command']}`",
-        f"- date: {result['date']}",
-        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    lines = markdown_header(result, "SPARC soft/hard search vs two-tower, full ranking") + [
         "- protocol: leave-one-out (last item test, second-to-last validation), full ranking over all items, "
         "history removed, model selected on validation NDCG@10 (SPARC: the exact 4-interest mixture), test "
         f"reported. SPARC rows answer through SoftSearchIndex over a brute-force index (top-{RETRIEVED} per "

@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, retrieval_score_fn, training_budgets, training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, retrieval_score_fn, training_budgets, training_overrides,
 )
 
 import numpy as np  # noqa: E402
@@ -146,14 +146,7 @@ def main() -> int:
 
 
 def to_markdown(result: dict) -> str:
-    machine, versions = result["machine"], result["versions"]
-    lines = [
-        f"# {result['benchmark']}: SparCode vs two-tower vs all-to-all on ML-1M, full ranking",
-        "",
-        f"- command: `{result['command']}`",
-        f"- date: {result['date']}",
-        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    lines = markdown_header(result, "SparCode vs two-tower vs all-to-all on ML-1M, full ranking") + [
         "- protocol: leave-one-out (last item test, second-to-last validation), full ranking over all "
         "3,416 items, history removed, model selected on validation NDCG@10; SparCode `cache=` rows "
         "answer through the SparseCodeIndex (top-100, history excluded) holding that fraction of all "

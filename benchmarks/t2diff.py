@@ -26,7 +26,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, default_data_dir, header, training_budgets, training_overrides  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
+)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -136,14 +138,7 @@ def main() -> int:
 
 
 def to_markdown(result: dict) -> str:
-    machine, versions = result["machine"], result["versions"]
-    lines = [
-        f"# {result['benchmark']}: T2Diff vs two-tower on ML-1M, full ranking",
-        "",
-        f"- command: `{result['command']}`",
-        f"- date: {result['date']}",
-        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    lines = markdown_header(result, "T2Diff vs two-tower on ML-1M, full ranking") + [
         f"- protocol: full ranking over all {result.get('num_items', 0):,} items, history removed, selection on "
         "validation NDCG@10, test "
         "reported; latency = one user per call (user vector + brute-force top-100)",

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.successor_data import successor_batches
 from tfx_xmatch.config import ConfigError, load_config
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.data.vocabulary import Vocabulary
@@ -20,18 +21,7 @@ NUM_ITEMS, LENGTH = 40, 8
 
 
 def _batches(num_batches=6, batch=16, seed=0):
-    """Histories with a learnable successor structure: item i is followed by i + 1."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(num_batches * batch):
-        start = rng.integers(1, NUM_ITEMS - LENGTH)
-        sequence = np.arange(start, start + LENGTH + 1) % NUM_ITEMS + 1
-        rows.append(sequence)
-    rows = np.array(rows, np.int32)
-    history, next_items = rows[:, :-1].copy(), rows[:, 1:].copy()
-    history[::3, :2] = 0  # some left padding
-    next_items[history == 0] = 0
-    return tf.data.Dataset.from_tensor_slices({"history": history, "next_items": next_items}).batch(batch)
+    return successor_batches(NUM_ITEMS, LENGTH, num_batches=num_batches, batch=batch, seed=seed, padding=2)
 
 
 def _model(**kwargs):

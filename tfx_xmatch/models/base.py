@@ -1,9 +1,15 @@
-"""RetrievalModel: the TFRS base model with a train step that is right under tf.distribute."""
+"""RetrievalModel: the TFRS base model of every tfx_xmatch model: a train step that is right under
+tf.distribute, and the hyperparameters and item-side layers all models share."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
+
+from tfx_xmatch.models.history_encoding import target_frequencies
 
 
 class RetrievalModel(tfrs.models.Model):
@@ -28,3 +34,78 @@ class RetrievalModel(tfrs.models.Model):
         metrics = {metric.name: metric.result() for metric in self.metrics}
         metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
         return metrics
+
+    # ---------------------------------------------------------------- what every model shares
+    # The hyperparameters every model takes (a config's model.* fields) and its item side: the
+    # item tower, the history encoder, user-feature embeddings and the logQ item frequencies.
+    SHARED_CONFIG = ("num_items", "embedding_dim", "user_tower", "max_length", "num_blocks", "num_heads", "dropout",
+                     "loss", "temperature", "num_sampled_negatives", "max_loss_positions", "item_feature_dims",
+                     "user_feature_cardinalities", "item_hidden_units", "l2")
+
+    def _set_shared_hyperparameters(self, *, num_items, embedding_dim, user_tower, max_length, num_blocks, num_heads,
+                                    dropout, loss, temperature, num_sampled_negatives, max_loss_positions,
+                                    item_feature_dims, user_feature_cardinalities, item_hidden_units, l2) -> None:
+        """Stores the shared hyperparameters as plain Python values (what ``get_config`` returns)."""
+        self.num_items = int(num_items)
+        self.embedding_dim = int(embedding_dim)
+        self.user_tower = user_tower
+        self.max_length = int(max_length)
+        self.num_blocks = int(num_blocks)
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.loss_name = loss
+        self.temperature = float(temperature)
+        self.num_sampled_negatives = int(num_sampled_negatives)
+        self.max_loss_positions = int(max_loss_positions)
+        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
+        self.user_feature_cardinalities = {str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()}
+        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
+        self.l2 = float(l2)
+
+    def _build_shared_layers(self, item_feature_tables, sequence_encoder: bool = True) -> None:
+        """Creates ``item_tower``, ``encoder`` (``sasrec`` or ``mean``, when ``sequence_encoder``),
+        ``user_feature_embeddings`` and the non-trainable ``item_frequency`` (uniform until set)."""
+        from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, SASRecEncoder
+
+        self.item_tower = ItemTower(
+            self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
+            feature_tables=item_feature_tables, hidden_units=self.item_hidden_units, l2=self.l2, name="item_tower",
+        )
+        if sequence_encoder:
+            if self.user_tower == "sasrec":
+                self.encoder = SASRecEncoder(self.max_length, self.num_blocks, self.num_heads, self.dropout,
+                                             name="sasrec_encoder")
+            else:
+                self.encoder = MeanPoolingEncoder(name="mean_encoder")
+        self.user_feature_embeddings = {
+            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
+            for name, cardinality in sorted(self.user_feature_cardinalities.items())
+        }
+        # The probability that an item is a training target (the sampled loss' logQ); a
+        # non-trainable weight so that it is saved with the model.
+        self.item_frequency = self.add_weight(
+            name="item_frequency", shape=(self.num_items + 1,),
+            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False,
+        )
+
+    def _shared_config(self) -> dict:
+        # ``loss`` is stored as ``loss_name``: Keras models own a ``loss`` attribute.
+        config = {name: getattr(self, "loss_name" if name == "loss" else name) for name in self.SHARED_CONFIG}
+        config["item_feature_dims"] = dict(self.item_feature_dims)
+        config["user_feature_cardinalities"] = dict(self.user_feature_cardinalities)
+        config["item_hidden_units"] = list(self.item_hidden_units)
+        return config
+
+    def set_item_frequencies(self, counts: np.ndarray) -> None:
+        """Sets the logQ correction from training counts per item index ([num_items + 1])."""
+        self.item_frequency.assign(target_frequencies(counts, self.num_items))
+
+    def item_embeddings(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """Item vectors of ``item_indices``: float [I, d]; default every index, padding row 0 included."""
+        if item_indices is None:
+            return self.item_tower.all_items()
+        return self.item_tower(item_indices)
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)

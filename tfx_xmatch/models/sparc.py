@@ -39,9 +39,9 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, ResidualQuantizer, SASRecEncoder, TargetAttention
+from tfx_xmatch.layers import ResidualQuantizer, TargetAttention
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, target_frequencies
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -157,21 +157,13 @@ class SPARC(RetrievalModel):
         if serving_interests > num_codewords:
             raise ValueError(f"serving_interests ({serving_interests!r}) cannot exceed num_codewords "
                              f"({num_codewords!r})")
-        self.num_items = int(num_items)
-        self.embedding_dim = int(embedding_dim)
-        self.user_tower = user_tower
-        self.max_length = int(max_length)
-        self.num_blocks = int(num_blocks)
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
-        self.loss_name = loss
-        self.temperature = float(temperature)
-        self.num_sampled_negatives = int(num_sampled_negatives)
-        self.max_loss_positions = int(max_loss_positions)
-        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
-        self.user_feature_cardinalities = {str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()}
-        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
-        self.l2 = float(l2)
+        self._set_shared_hyperparameters(
+            num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
+            num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
+            num_sampled_negatives=num_sampled_negatives, max_loss_positions=max_loss_positions,
+            item_feature_dims=item_feature_dims, user_feature_cardinalities=user_feature_cardinalities,
+            item_hidden_units=item_hidden_units, l2=l2,
+        )
         self.num_levels = int(num_levels)
         self.num_codewords = int(num_codewords)
         self.rq_hidden_units = tuple(int(u) for u in rq_hidden_units)
@@ -187,20 +179,7 @@ class SPARC(RetrievalModel):
         self.contrastive_temperature = float(contrastive_temperature)
         self.max_contrastive_positions = int(max_contrastive_positions)
 
-        self.item_tower = ItemTower(
-            self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
-            feature_tables=item_feature_tables, hidden_units=self.item_hidden_units, l2=self.l2,
-            name="item_tower",
-        )
-        if user_tower == "sasrec":
-            self.encoder = SASRecEncoder(self.max_length, self.num_blocks, self.num_heads, self.dropout,
-                                         name="sasrec_encoder")
-        else:
-            self.encoder = MeanPoolingEncoder(name="mean_encoder")
-        self.user_feature_embeddings = {
-            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
-            for name, cardinality in sorted(self.user_feature_cardinalities.items())
-        }
+        self._build_shared_layers(item_feature_tables)
         self.rqvae = ResidualQuantizer(
             self.num_levels, self.num_codewords, hidden_units=self.rq_hidden_units,
             commitment_weight=self.commitment_weight, name="rqvae",
@@ -213,20 +192,10 @@ class SPARC(RetrievalModel):
             tf.keras.layers.Dense(self.embedding_dim, activation="relu", name="interest_hidden"),
             tf.keras.layers.Dense(self.num_codewords, name="interest_logits"),
         ], name="interest_tower")
-        self.item_frequency = self.add_weight(
-            name="item_frequency", shape=(self.num_items + 1,),
-            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False,
-        )
         self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in (
             "retrieval_loss", "rqvae_loss", "bpr_loss", "contrastive_loss", "interest_loss", "interest_accuracy")}
 
     # ---------------------------------------------------------------- item side
-    def item_embeddings(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
-        """Item vectors z of ``item_indices``: float [I, d]; default every index, padding row 0 included."""
-        if item_indices is None:
-            return self.item_tower.all_items()
-        return self.item_tower(item_indices)
-
     def item_codes(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
         """RQ-VAE codes of items: int32 [I, num_levels]; default every real item (1..num_items)."""
         if item_indices is None:
@@ -293,10 +262,6 @@ class SPARC(RetrievalModel):
         return self.user_embedding(inputs, training=training)
 
     # ---------------------------------------------------------------- training
-    def set_item_frequencies(self, counts: np.ndarray) -> None:
-        """Sets the logQ correction of the sampled loss from training counts per item index."""
-        self.item_frequency.assign(target_frequencies(counts, self.num_items))
-
     def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
         if isinstance(inputs, (tuple, list)):
             inputs = inputs[0]
@@ -386,21 +351,7 @@ class SPARC(RetrievalModel):
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
         return {
-            "num_items": self.num_items,
-            "embedding_dim": self.embedding_dim,
-            "user_tower": self.user_tower,
-            "max_length": self.max_length,
-            "num_blocks": self.num_blocks,
-            "num_heads": self.num_heads,
-            "dropout": self.dropout,
-            "loss": self.loss_name,
-            "temperature": self.temperature,
-            "num_sampled_negatives": self.num_sampled_negatives,
-            "max_loss_positions": self.max_loss_positions,
-            "item_feature_dims": dict(self.item_feature_dims),
-            "user_feature_cardinalities": dict(self.user_feature_cardinalities),
-            "item_hidden_units": list(self.item_hidden_units),
-            "l2": self.l2,
+            **self._shared_config(),
             "num_levels": self.num_levels,
             "num_codewords": self.num_codewords,
             "rq_hidden_units": list(self.rq_hidden_units),
@@ -416,7 +367,3 @@ class SPARC(RetrievalModel):
             "contrastive_temperature": self.contrastive_temperature,
             "max_contrastive_positions": self.max_contrastive_positions,
         }
-
-    @classmethod
-    def from_config(cls, config: dict) -> "SPARC":
-        return cls(**config)

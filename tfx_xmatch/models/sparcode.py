@@ -41,15 +41,9 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.layers import (
-    AllToAllInteraction,
-    ItemTower,
-    MeanPoolingEncoder,
-    SASRecEncoder,
-    VectorQuantizer,
-)
+from tfx_xmatch.layers import AllToAllInteraction, VectorQuantizer
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import encode_history, target_frequencies
+from tfx_xmatch.models.history_encoding import encode_history
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -168,21 +162,13 @@ class SparCode(RetrievalModel):
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if assignment_temperature <= 0:
             raise ValueError(f"assignment_temperature must be positive, got {assignment_temperature!r}")
-        self.num_items = int(num_items)
-        self.embedding_dim = int(embedding_dim)
-        self.user_tower = user_tower
-        self.max_length = int(max_length)
-        self.num_blocks = int(num_blocks)
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
-        self.loss_name = loss
-        self.temperature = float(temperature)
-        self.num_sampled_negatives = int(num_sampled_negatives)
-        self.max_loss_positions = int(max_loss_positions)
-        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
-        self.user_feature_cardinalities = {str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()}
-        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
-        self.l2 = float(l2)
+        self._set_shared_hyperparameters(
+            num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
+            num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
+            num_sampled_negatives=num_sampled_negatives, max_loss_positions=max_loss_positions,
+            item_feature_dims=item_feature_dims, user_feature_cardinalities=user_feature_cardinalities,
+            item_hidden_units=item_hidden_units, l2=l2,
+        )
         self.num_query_tokens = int(num_query_tokens)
         self.num_codewords = int(num_codewords)
         self.num_codebooks = int(num_codebooks)
@@ -201,20 +187,7 @@ class SparCode(RetrievalModel):
             raise ValueError("detach_code_path=True needs encoder_loss_weight > 0: nothing else would "
                              "train the encoder")
 
-        self.item_tower = ItemTower(
-            self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
-            feature_tables=item_feature_tables, hidden_units=self.item_hidden_units, l2=self.l2,
-            name="item_tower",
-        )
-        if user_tower == "sasrec":
-            self.encoder = SASRecEncoder(self.max_length, self.num_blocks, self.num_heads, self.dropout,
-                                         name="sasrec_encoder")
-        else:
-            self.encoder = MeanPoolingEncoder(name="mean_encoder")
-        self.user_feature_embeddings = {
-            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
-            for name, cardinality in sorted(self.user_feature_cardinalities.items())
-        }
+        self._build_shared_layers(item_feature_tables)
         self.tokenizer = tf.keras.layers.Dense(self.num_query_tokens * self.embedding_dim, name="tokenizer")
         # Tokens on a common scale keep codeword distances (and the assignment temperature)
         # meaningful whatever the encoder's output scale.
@@ -226,10 +199,6 @@ class SparCode(RetrievalModel):
         )
         self.interaction = AllToAllInteraction(self.interaction_units, name="interaction")
         self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros")
-        self.item_frequency = self.add_weight(
-            name="item_frequency", shape=(self.num_items + 1,),
-            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False,
-        )
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
         self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")
         self.encoder_loss_tracker = tf.keras.metrics.Mean(name="encoder_loss")
@@ -385,10 +354,6 @@ class SparCode(RetrievalModel):
         return self.query_codes(inputs)
 
     # ---------------------------------------------------------------- training
-    def set_item_frequencies(self, counts: np.ndarray) -> None:
-        """Sets the logQ correction from training counts per item index ([num_items + 1])."""
-        self.item_frequency.assign(target_frequencies(counts, self.num_items))
-
     def _soft_bag(self, tokens: tf.Tensor) -> tf.Tensor:
         """Softmax assignment of tokens [P, K, d] over codewords, summed into a bag [P, num_codes]."""
         codebooks = tf.stop_gradient(self.quantizer.codebooks)  # [M, N, d]
@@ -487,21 +452,7 @@ class SparCode(RetrievalModel):
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
         return {
-            "num_items": self.num_items,
-            "embedding_dim": self.embedding_dim,
-            "user_tower": self.user_tower,
-            "max_length": self.max_length,
-            "num_blocks": self.num_blocks,
-            "num_heads": self.num_heads,
-            "dropout": self.dropout,
-            "loss": self.loss_name,
-            "temperature": self.temperature,
-            "num_sampled_negatives": self.num_sampled_negatives,
-            "max_loss_positions": self.max_loss_positions,
-            "item_feature_dims": dict(self.item_feature_dims),
-            "user_feature_cardinalities": dict(self.user_feature_cardinalities),
-            "item_hidden_units": list(self.item_hidden_units),
-            "l2": self.l2,
+            **self._shared_config(),
             "num_query_tokens": self.num_query_tokens,
             "num_codewords": self.num_codewords,
             "num_codebooks": self.num_codebooks,
@@ -515,7 +466,3 @@ class SparCode(RetrievalModel):
             "encoder_loss_weight": self.encoder_loss_weight,
             "detach_code_path": self.detach_code_path,
         }
-
-    @classmethod
-    def from_config(cls, config: dict) -> "SparCode":
-        return cls(**config)

@@ -35,10 +35,10 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.layers import DriftDenoiser, ItemTower, MixedAttention, NoiseSchedule
+from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, target_frequencies
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss
 
 LOSSES = ("full_softmax", "sampled_softmax")
 SAMPLERS = ("ddim", "ddpm")
@@ -150,21 +150,13 @@ class T2Diff(RetrievalModel):
         for name, value in (("diffusion_weight", diffusion_weight), ("eta", eta)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
-        self.num_items = int(num_items)
-        self.embedding_dim = int(embedding_dim)
-        self.user_tower = user_tower
-        self.max_length = int(max_length)
-        self.num_blocks = int(num_blocks)
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
-        self.loss_name = loss
-        self.temperature = float(temperature)
-        self.num_sampled_negatives = int(num_sampled_negatives)
-        self.max_loss_positions = int(max_loss_positions)
-        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
-        self.user_feature_cardinalities = {str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()}
-        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
-        self.l2 = float(l2)
+        self._set_shared_hyperparameters(
+            num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
+            num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
+            num_sampled_negatives=num_sampled_negatives, max_loss_positions=max_loss_positions,
+            item_feature_dims=item_feature_dims, user_feature_cardinalities=user_feature_cardinalities,
+            item_hidden_units=item_hidden_units, l2=l2,
+        )
         self.session_length = int(session_length)
         self.history_length = int(history_length)
         self.diffusion_steps = int(diffusion_steps)
@@ -180,36 +172,17 @@ class T2Diff(RetrievalModel):
         self.eta = float(eta)
         self.initial_noise = initial_noise
 
-        self.item_tower = ItemTower(
-            self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
-            feature_tables=item_feature_tables, hidden_units=self.item_hidden_units, l2=self.l2,
-            name="item_tower",
-        )
+        self._build_shared_layers(item_feature_tables, sequence_encoder=False)
         self.schedule = NoiseSchedule(schedule, self.diffusion_steps)
         self.denoiser = DriftDenoiser(denoiser, self.denoiser_units, name="denoiser")
         self.mixed_attention = MixedAttention(self.num_heads, self.num_blocks, self.dropout,
                                               max_session_length=self.session_length, name="mixed_attention")
-        self.user_feature_embeddings = {
-            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
-            for name, cardinality in sorted(self.user_feature_cardinalities.items())
-        }
-        self.item_frequency = self.add_weight(
-            name="item_frequency", shape=(self.num_items + 1,),
-            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False,
-        )
         self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in ("retrieval_loss", "diffusion_loss")}
 
     @property
     def window(self) -> int:
         """Items the user tower reads: session_length + history_length."""
         return self.session_length + self.history_length
-
-    # ---------------------------------------------------------------- item side
-    def item_embeddings(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
-        """Item vectors of ``item_indices``: float [I, d]; default every index, padding row 0 included."""
-        if item_indices is None:
-            return self.item_tower.all_items()
-        return self.item_tower(item_indices)
 
     # ---------------------------------------------------------------- user side
     def _split_window(self, windows: tf.Tensor):
@@ -312,10 +285,6 @@ class T2Diff(RetrievalModel):
         return self.user_embedding(inputs)
 
     # ---------------------------------------------------------------- training
-    def set_item_frequencies(self, counts: np.ndarray) -> None:
-        """Sets the logQ correction of the sampled loss from training counts per item index."""
-        self.item_frequency.assign(target_frequencies(counts, self.num_items))
-
     def _sg(self, tensor: tf.Tensor) -> tf.Tensor:
         return tf.stop_gradient(tensor) if self.stop_gradient else tensor
 
@@ -359,21 +328,7 @@ class T2Diff(RetrievalModel):
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
         return {
-            "num_items": self.num_items,
-            "embedding_dim": self.embedding_dim,
-            "user_tower": self.user_tower,
-            "max_length": self.max_length,
-            "num_blocks": self.num_blocks,
-            "num_heads": self.num_heads,
-            "dropout": self.dropout,
-            "loss": self.loss_name,
-            "temperature": self.temperature,
-            "num_sampled_negatives": self.num_sampled_negatives,
-            "max_loss_positions": self.max_loss_positions,
-            "item_feature_dims": dict(self.item_feature_dims),
-            "user_feature_cardinalities": dict(self.user_feature_cardinalities),
-            "item_hidden_units": list(self.item_hidden_units),
-            "l2": self.l2,
+            **self._shared_config(),
             "session_length": self.session_length,
             "history_length": self.history_length,
             "diffusion_steps": self.diffusion_steps,
@@ -389,7 +344,3 @@ class T2Diff(RetrievalModel):
             "eta": self.eta,
             "initial_noise": self.initial_noise,
         }
-
-    @classmethod
-    def from_config(cls, config: dict) -> "T2Diff":
-        return cls(**config)

@@ -21,9 +21,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfx_xmatch.layers import ItemTower, MeanPoolingEncoder, SASRecEncoder
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import encode_history, target_frequencies
+from tfx_xmatch.models.history_encoding import encode_history
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -95,51 +94,14 @@ class TwoTower(RetrievalModel):
             raise ValueError(f"num_sampled_negatives must be >= 0, got {num_sampled_negatives!r}")
         if max_loss_positions < 1:
             raise ValueError(f"max_loss_positions must be >= 1, got {max_loss_positions!r}")
-        self.num_items = int(num_items)
-        self.embedding_dim = int(embedding_dim)
-        self.user_tower = user_tower
-        self.max_length = int(max_length)
-        self.num_blocks = int(num_blocks)
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
-        self.loss_name = loss
-        self.temperature = float(temperature)
-        self.num_sampled_negatives = int(num_sampled_negatives)
-        self.max_loss_positions = int(max_loss_positions)
-        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
-        self.user_feature_cardinalities = {
-            str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()
-        }
-        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
-        self.l2 = float(l2)
-
-        self.item_tower = ItemTower(
-            self.num_items,
-            self.embedding_dim,
-            feature_dims=self.item_feature_dims,
-            feature_tables=item_feature_tables,
-            hidden_units=self.item_hidden_units,
-            l2=self.l2,
-            name="item_tower",
+        self._set_shared_hyperparameters(
+            num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
+            num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
+            num_sampled_negatives=num_sampled_negatives, max_loss_positions=max_loss_positions,
+            item_feature_dims=item_feature_dims, user_feature_cardinalities=user_feature_cardinalities,
+            item_hidden_units=item_hidden_units, l2=l2,
         )
-        if user_tower == "sasrec":
-            self.encoder = SASRecEncoder(
-                self.max_length, self.num_blocks, self.num_heads, self.dropout, name="sasrec_encoder"
-            )
-        else:
-            self.encoder = MeanPoolingEncoder(name="mean_encoder")
-        self.user_feature_embeddings = {
-            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
-            for name, cardinality in sorted(self.user_feature_cardinalities.items())
-        }
-        # Probability that an item is a training target: the logQ correction of the sampled
-        # loss. Non-trainable so that it is saved with the weights; uniform until set.
-        self.item_frequency = self.add_weight(
-            name="item_frequency",
-            shape=(self.num_items + 1,),
-            initializer=tf.keras.initializers.Constant(1.0 / self.num_items),
-            trainable=False,
-        )
+        self._build_shared_layers(item_feature_tables)
         self.retrieval_task = tfrs.tasks.Retrieval(
             loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="sum_over_batch_size"),
             temperature=self.temperature,
@@ -155,12 +117,6 @@ class TwoTower(RetrievalModel):
         """The representation after the most recent history item: float [B, d]."""
         return self.encode_sequence(inputs, training=training)[:, -1, :]
 
-    def item_embeddings(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
-        """Embeddings of ``item_indices``: float [I, d]; default every index, padding row 0 included."""
-        if item_indices is None:
-            return self.item_tower.all_items()
-        return self.item_tower(item_indices)
-
     def score_all(self, inputs: dict) -> tf.Tensor:
         """Scores of every item index for each user: float [B, num_items + 1] (column 0 = padding)."""
         return tf.matmul(self.user_embedding(inputs), self.item_embeddings(), transpose_b=True)
@@ -169,10 +125,6 @@ class TwoTower(RetrievalModel):
         return self.user_embedding(inputs, training=training)
 
     # ---------------------------------------------------------------- training
-    def set_item_frequencies(self, counts: np.ndarray) -> None:
-        """Sets the logQ correction from training counts per item index ([num_items + 1])."""
-        self.item_frequency.assign(target_frequencies(counts, self.num_items))
-
     def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
         if isinstance(inputs, (tuple, list)):
             # Keras packs `train_on_batch(x)` as (x,) or (x, y, sample_weight); y is unused.
@@ -225,24 +177,4 @@ class TwoTower(RetrievalModel):
 
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
-        return {
-            "num_items": self.num_items,
-            "embedding_dim": self.embedding_dim,
-            "user_tower": self.user_tower,
-            "max_length": self.max_length,
-            "num_blocks": self.num_blocks,
-            "num_heads": self.num_heads,
-            "dropout": self.dropout,
-            "loss": self.loss_name,
-            "temperature": self.temperature,
-            "num_sampled_negatives": self.num_sampled_negatives,
-            "max_loss_positions": self.max_loss_positions,
-            "item_feature_dims": dict(self.item_feature_dims),
-            "user_feature_cardinalities": dict(self.user_feature_cardinalities),
-            "item_hidden_units": list(self.item_hidden_units),
-            "l2": self.l2,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict) -> "TwoTower":
-        return cls(**config)
+        return self._shared_config()
