@@ -58,8 +58,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+def json_text(value) -> str:
+    """The text every JSON output here is written as: strict JSON, indented, newline-terminated."""
+    return json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, value) -> None:
-    write_text_atomic(path, json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(path, json_text(value))
 
 
 @contextlib.contextmanager

@@ -76,17 +76,22 @@ class SequenceDataset:
         return int(sum(len(s) for s in self.sequences))
 
     def statistics(self) -> dict:
-        lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
-        return {
-            "name": self.name,
-            "users": self.num_users,
-            "items": self.num_items,
-            "interactions": self.num_interactions,
-            "length_min": int(lengths.min()) if len(lengths) else 0,
-            "length_median": float(np.median(lengths)) if len(lengths) else 0.0,
-            "length_mean": float(lengths.mean()) if len(lengths) else 0.0,
-            "length_max": int(lengths.max()) if len(lengths) else 0,
-        }
+        return sequence_statistics(self.name, [len(s) for s in self.sequences], self.num_items)
+
+
+def sequence_statistics(name: str, lengths, num_items: int) -> dict:
+    """Users, items, interactions and the sequence length distribution of a dataset."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return {
+        "name": name,
+        "users": len(lengths),
+        "items": int(num_items),
+        "interactions": int(lengths.sum()),
+        "length_min": int(lengths.min()) if len(lengths) else 0,
+        "length_median": float(np.median(lengths)) if len(lengths) else 0.0,
+        "length_mean": float(lengths.mean()) if len(lengths) else 0.0,
+        "length_max": int(lengths.max()) if len(lengths) else 0,
+    }
 
 
 @dataclasses.dataclass

@@ -111,6 +111,292 @@ def _no_interactions(path: str, bad: _BadLines, reason: str = "") -> DataFormatE
     return DataFormatError(path, None, f"file has no interactions{reason}{detail}")
 
 
+_SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "whitespace"}
+
+
+def _detect_separator(line: str) -> Optional[str]:
+    for separator in ("::", "\t", ","):
+        if separator in line:
+            return separator
+    return None
+
+
+@dataclasses.dataclass
+class ParsedLine:
+    """What one input line holds.
+
+    Attributes:
+      events: (user, item, timestamp) tokens in line order; timestamp is 0 without a column.
+      problem: Why the line is malformed (without the location), or None.
+      filtered: The line was well formed but dropped by ``min_rating``.
+    """
+
+    events: list = dataclasses.field(default_factory=list)
+    problem: Optional[str] = None
+    filtered: bool = False
+
+
+class LineParser:
+    """Parses the lines of one interaction file; the loaders and the Beam ``prepare`` pipeline
+    both read through it, so they accept and reject exactly the same lines.
+
+    A rating log without ``sep`` detects the separator from its first non-blank line, so use
+    one parser per file.
+
+    Args:
+      format: "pairs" ("user item"), "sequences" ("uid item1 item2 ...") or "ratings".
+      sep: Ratings only: field separator, or None to detect it.
+      columns: Ratings only: the name of each field (see ``load_rating_log``).
+      min_rating: Ratings only: drop events rated below it.
+
+    Raises:
+      ValueError: On an unknown format, or ``columns`` without "user"/"item", with a repeated
+        known name, or without "rating" while ``min_rating`` is given.
+    """
+
+    def __init__(
+        self,
+        format: str,
+        *,
+        sep: Optional[str] = None,
+        columns: Sequence[Optional[str]] = ("user", "item", "rating", "timestamp"),
+        min_rating: Optional[float] = None,
+    ) -> None:
+        if format not in ("pairs", "sequences", "ratings"):
+            raise ValueError(f"format must be 'pairs', 'sequences' or 'ratings', got {format!r}")
+        self.format = format
+        self.what, self.expected = {
+            "pairs": ("pairs file", "user item"),
+            "sequences": ("sequences file", "uid item1 item2 ..."),
+            "ratings": ("rating log", "user item rating timestamp"),
+        }[format]
+        columns = tuple(columns)
+        if format == "ratings":
+            for required in ("user", "item"):
+                if required not in columns:
+                    raise ValueError(f"columns must include {required!r}, got {columns!r}")
+            for known in ("user", "item", "rating", "timestamp"):
+                if columns.count(known) > 1:
+                    raise ValueError(f"column {known!r} appears more than once in {columns!r}")
+            if min_rating is not None and "rating" not in columns:
+                raise ValueError(f"min_rating={min_rating!r} needs a 'rating' column, got columns {columns!r}")
+        self.columns = columns
+        self.min_rating = min_rating
+        self.separator = sep
+        self._detected = sep is not None
+        self.has_timestamps = format == "ratings" and "timestamp" in columns
+
+    def parse(self, line: str) -> ParsedLine:
+        """Parses one line (blank lines give no events and no problem)."""
+        if self.format == "ratings":
+            return self._parse_rating(line)
+        fields = line.split()
+        num_items = len(fields) - 1
+        if num_items >= 1 and (self.format == "sequences" or num_items == 1):
+            return ParsedLine([(fields[0], item, 0) for item in fields[1:]])
+        if not fields:
+            return ParsedLine()
+        hint = " (a user with no items)" if self.format == "sequences" else ""
+        return ParsedLine(problem=f"expected {self.expected!r}, got {_shorten(line.strip())!r}{hint}")
+
+    def _parse_rating(self, line: str) -> ParsedLine:
+        if not line.strip():
+            return ParsedLine()
+        if not self._detected:
+            self.separator = _detect_separator(line)
+            self._detected = True
+        columns = self.columns
+        fields = [field.strip() for field in line.split(self.separator)]
+        if len(fields) != len(columns):
+            expected = " ".join(str(column) for column in columns)
+            return ParsedLine(problem=(
+                f"expected {len(columns)} {_SEPARATOR_NAMES.get(self.separator, repr(self.separator))}-separated "
+                f"fields '{expected}', got {_shorten(line.strip())!r}"))
+        user, item = fields[columns.index("user")], fields[columns.index("item")]
+        timestamp = fields[columns.index("timestamp")] if "timestamp" in columns else None
+        rating = fields[columns.index("rating")] if "rating" in columns else None
+        return _event(user, item, timestamp, rating, self.min_rating, line)
+
+
+def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Optional[float], record: str) -> ParsedLine:
+    """One event from its fields (timestamp/rating None when the input has no such column)."""
+    user, item = ("" if value is None else str(value).strip() for value in (user, item))
+    if not user or not item:
+        return ParsedLine(problem=f"empty user or item field in {_shorten(record.strip())!r}")
+    time_value = 0
+    if timestamp is not None:
+        try:
+            time_value = int(str(timestamp).strip())
+        except ValueError:
+            return ParsedLine(problem=f"timestamp {timestamp!r} is not an integer")
+    if rating is not None:
+        try:
+            # Ratings are read as numbers, not only integers: MovieLens-20M/latest logs have
+            # half stars ("3.5").
+            rating_value = float(str(rating).strip())
+        except ValueError:
+            return ParsedLine(problem=f"rating {rating!r} is not a number")
+        if min_rating is not None and rating_value < min_rating:
+            return ParsedLine(filtered=True)
+    return ParsedLine([(user, item, time_value)])
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+
+
+class RowParser:
+    """Parses rows with named columns (CSV/TSV with a header line, Parquet); shared by
+    :func:`load_table` and the Beam ``prepare`` pipeline.
+
+    Args:
+      user_column: Name of the user id column.
+      item_column: Name of the item id column.
+      timestamp_column: Name of the integer unix-time column that orders events, or None.
+      rating_column: Name of the rating column (needed for ``min_rating``), or None.
+      min_rating: Drop events rated below it.
+
+    Raises:
+      ValueError: If ``min_rating`` is given without ``rating_column``, or a name is empty.
+    """
+
+    def __init__(self, user_column: str = "user", item_column: str = "item", timestamp_column: Optional[str] = None,
+                 rating_column: Optional[str] = None, min_rating: Optional[float] = None) -> None:
+        if not user_column or not item_column:
+            raise ValueError(f"user_column and item_column must be names, got {user_column!r} and {item_column!r}")
+        if min_rating is not None and not rating_column:
+            raise ValueError(f"min_rating={min_rating!r} needs rating_column")
+        self.columns = {"user": user_column, "item": item_column, "timestamp": timestamp_column,
+                        "rating": rating_column}
+        self.min_rating = min_rating
+        self.has_timestamps = timestamp_column is not None
+
+    def check_header(self, path: str, header: Sequence[str]) -> None:
+        """Raises DataFormatError if a configured column is missing from ``header``."""
+        missing = [name for name in self.columns.values() if name and name not in header]
+        if missing:
+            raise DataFormatError(path, 1, f"missing column(s) {missing}; the header has {list(header)}")
+
+    def parse(self, row: dict) -> ParsedLine:
+        columns = self.columns
+        record = ", ".join(f"{key}={value}" for key, value in row.items())
+        return _event(row.get(columns["user"]), row.get(columns["item"]),
+                      row.get(columns["timestamp"]) if columns["timestamp"] else None,
+                      row.get(columns["rating"]) if columns["rating"] else None, self.min_rating, record)
+
+
+def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] = None,
+               encoding: str = "utf-8-sig"):
+    """(line or row number, row dict) of a CSV/TSV (header first) or Parquet file's bytes.
+
+    CSV numbers are the physical line of the row's end (the header is line 1); Parquet numbers
+    are 1-based row numbers.
+
+    Raises:
+      DataFormatError: If a configured column is missing, or the file cannot be parsed.
+      ValueError: If the file name has none of the suffixes in ``TABLE_SUFFIXES``.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"table files must end in one of {TABLE_SUFFIXES}, got {path!r}")
+    if suffix == ".parquet":
+        import io
+
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError as error:
+            raise ImportError("reading Parquet needs pyarrow: pip install pyarrow") from error
+        try:
+            table = parquet.read_table(io.BytesIO(data))
+        except Exception as error:  # pyarrow raises several types for a broken file
+            raise DataFormatError(path, None, f"not a readable Parquet file ({error})") from error
+        parser.check_header(path, table.column_names)
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    import csv
+
+    reader = csv.DictReader(_text_lines(data.decode(encoding)), delimiter=sep or ("\t" if suffix == ".tsv" else ","))
+    parser.check_header(path, reader.fieldnames or [])
+    for row in reader:
+        yield reader.line_num, row
+
+
+def _text_lines(text: str):
+    """Text as lines for the csv module (keeps quoted newlines inside a field)."""
+    import io
+
+    return io.StringIO(text, newline="")
+
+
+def load_table(
+    path: PathLike,
+    name: Optional[str] = None,
+    *,
+    user_column: str = "user",
+    item_column: str = "item",
+    timestamp_column: Optional[str] = None,
+    rating_column: Optional[str] = None,
+    min_rating: Optional[float] = None,
+    sep: Optional[str] = None,
+    skip_bad_lines: bool = False,
+    encoding: str = "utf-8-sig",
+) -> SequenceDataset:
+    """Loads a table of events with named columns: CSV/TSV with a header line, or Parquet.
+
+    Args:
+      path: A ``.csv``, ``.tsv`` or ``.parquet`` file.
+      name: Dataset name; defaults to the file name without extension.
+      user_column: The user id column.
+      item_column: The item id column.
+      timestamp_column: Integer unix-time column ordering each user's events (ties keep file
+        order), or None for file order.
+      rating_column: Rating column, needed for ``min_rating``.
+      min_rating: Keep only events rated at least this much.
+      sep: CSV delimiter (default: comma, tab for ``.tsv``).
+      skip_bad_lines: Skip (and count) malformed rows instead of failing.
+      encoding: Text encoding of CSV/TSV files.
+
+    Returns:
+      The dataset, with timestamps when ``timestamp_column`` is given.
+
+    Raises:
+      FileNotFoundError: If the file does not exist.
+      ValueError: On a bad suffix or ``min_rating`` without ``rating_column``.
+      DataFormatError: On a missing column, a malformed row (unless skipped) or no events.
+    """
+    parser = RowParser(user_column, item_column, timestamp_column, rating_column, min_rating)
+    path = _check_file(path, "table of events")
+    bad = _BadLines(path, skip_bad_lines)
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    with open(path, "rb") as handle:
+        data = handle.read()
+    for line_number, row in table_rows(data, path, parser, sep=sep, encoding=encoding):
+        parsed = parser.parse(row)
+        if parsed.problem is not None:
+            bad.report(line_number, parsed.problem)
+        for user, item, timestamp in parsed.events:
+            users.append(user)
+            items.append(item)
+            times.append(timestamp)
+    bad.log()
+    if not items:
+        raise _no_interactions(path, bad)
+    timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
+    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
+
+
+def vocabulary_from_tokens(item_tokens: Sequence[str]) -> tuple[Vocabulary, dict[str, int]]:
+    """The item vocabulary of item tokens in file order (repeats allowed), and token -> index.
+
+    Canonical integer ids are indexed in ascending order, other ids in order of first
+    appearance (see the module docstring).
+    """
+    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens)
+    vocabulary = Vocabulary(sorted(item_ids) if items_are_ints else item_ids)
+    return vocabulary, dict(zip(unique_items, vocabulary.lookup(item_ids).tolist()))
+
+
 def _build_dataset(
     name: str,
     user_tokens: list[str],
@@ -123,12 +409,7 @@ def _build_dataset(
     Within a user, events keep file order, or are sorted by timestamp (stably, so ties keep
     file order) when timestamps are given.
     """
-    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens)
-    if items_are_ints:
-        vocabulary = Vocabulary(sorted(item_ids))
-    else:
-        vocabulary = Vocabulary(item_ids)
-    token_to_index = dict(zip(unique_items, vocabulary.lookup(item_ids).tolist()))
+    vocabulary, token_to_index = vocabulary_from_tokens(item_tokens)
     items = np.fromiter(map(token_to_index.__getitem__, item_tokens), np.int32, len(item_tokens))
 
     unique_users, user_ids, users_are_ints = _typed_unique(user_tokens)
@@ -166,29 +447,23 @@ def _load_token_lines(
     path: PathLike,
     name: Optional[str],
     *,
-    what: str,
-    expected: str,
-    max_items: Optional[int],
-    bad_line_hint: str,
+    format: str,
     skip_bad_lines: bool,
     encoding: str,
 ) -> SequenceDataset:
-    """Reads whitespace-separated lines "user item..." with 1..max_items items (None: any).
-
-    Blank lines are ignored; other lines with no item or too many are malformed.
-    """
-    path = _check_file(path, f"{what} ({expected!r} per line)")
+    """Reads whitespace-separated lines "user item..." (pairs or sequences format)."""
+    parser = LineParser(format)
+    path = _check_file(path, f"{parser.what} ({parser.expected!r} per line)")
     bad = _BadLines(path, skip_bad_lines)
     users: list[str] = []
     items: list[str] = []
     for line_number, line in enumerate(_read_lines(path, encoding), start=1):
-        fields = line.split()
-        num_items = len(fields) - 1
-        if num_items >= 1 and (max_items is None or num_items <= max_items):
-            users.extend([fields[0]] * num_items)
-            items.extend(fields[1:])
-        elif fields:
-            bad.report(line_number, f"expected {expected!r}, got {_shorten(line.strip())!r}{bad_line_hint}")
+        parsed = parser.parse(line)
+        if parsed.problem is not None:
+            bad.report(line_number, parsed.problem)
+        for user, item, _ in parsed.events:
+            users.append(user)
+            items.append(item)
     bad.log()
     if not items:
         raise _no_interactions(path, bad)
@@ -222,16 +497,7 @@ def load_pairs(
       DataFormatError: On a malformed line (unless skipped) or when the file has no
         interactions.
     """
-    return _load_token_lines(
-        path,
-        name,
-        what="pairs file",
-        expected="user item",
-        max_items=1,
-        bad_line_hint="",
-        skip_bad_lines=skip_bad_lines,
-        encoding=encoding,
-    )
+    return _load_token_lines(path, name, format="pairs", skip_bad_lines=skip_bad_lines, encoding=encoding)
 
 
 def load_sequences(
@@ -259,26 +525,7 @@ def load_sequences(
       DataFormatError: On a malformed line (unless skipped) or when the file has no
         interactions.
     """
-    return _load_token_lines(
-        path,
-        name,
-        what="sequences file",
-        expected="uid item1 item2 ...",
-        max_items=None,
-        bad_line_hint=" (a user with no items)",
-        skip_bad_lines=skip_bad_lines,
-        encoding=encoding,
-    )
-
-
-_SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "whitespace"}
-
-
-def _detect_separator(line: str) -> Optional[str]:
-    for separator in ("::", "\t", ","):
-        if separator in line:
-            return separator
-    return None
+    return _load_token_lines(path, name, format="sequences", skip_bad_lines=skip_bad_lines, encoding=encoding)
 
 
 def load_rating_log(
@@ -319,76 +566,29 @@ def load_rating_log(
       DataFormatError: On a malformed line (unless skipped), e.g. a wrong number of fields or
         a non-integer timestamp, or when the file has no (kept) interactions.
     """
-    columns = tuple(columns)
-    for required in ("user", "item"):
-        if required not in columns:
-            raise ValueError(f"columns must include {required!r}, got {columns!r}")
-    for known in ("user", "item", "rating", "timestamp"):
-        if columns.count(known) > 1:
-            raise ValueError(f"column {known!r} appears more than once in {columns!r}")
-    if min_rating is not None and "rating" not in columns:
-        raise ValueError(f"min_rating={min_rating!r} needs a 'rating' column, got columns {columns!r}")
+    parser = LineParser("ratings", sep=sep, columns=columns, min_rating=min_rating)
     path = _check_file(path, "rating log ('user item rating timestamp' per line)")
     bad = _BadLines(path, skip_bad_lines)
-    user_column = columns.index("user")
-    item_column = columns.index("item")
-    rating_column = columns.index("rating") if "rating" in columns else None
-    time_column = columns.index("timestamp") if "timestamp" in columns else None
-    expected = " ".join(str(column) for column in columns)
-
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
     filtered = 0
-    separator = sep
-    detected = sep is not None
-    lines = _read_lines(path, encoding)
-    for line_number, line in enumerate(lines, start=1):
+    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
         if has_header and line_number == 1:
             continue
-        if not line.strip():
-            continue
-        if not detected:
-            separator = _detect_separator(line)
-            detected = True
-        fields = [field.strip() for field in line.split(separator)]
-        if len(fields) != len(columns):
-            bad.report(
-                line_number,
-                f"expected {len(columns)} {_SEPARATOR_NAMES.get(separator, repr(separator))}-separated "
-                f"fields '{expected}', got {_shorten(line.strip())!r}",
-            )
-            continue
-        user, item = fields[user_column], fields[item_column]
-        if not user or not item:
-            bad.report(line_number, f"empty user or item field in {_shorten(line.strip())!r}")
-            continue
-        timestamp = 0
-        if time_column is not None:
-            try:
-                timestamp = int(fields[time_column])
-            except ValueError:
-                bad.report(line_number, f"timestamp {fields[time_column]!r} is not an integer")
-                continue
-        if rating_column is not None:
-            try:
-                # Ratings are read as numbers, not only integers: MovieLens-20M/latest logs
-                # have half stars ("3.5").
-                rating = float(fields[rating_column])
-            except ValueError:
-                bad.report(line_number, f"rating {fields[rating_column]!r} is not a number")
-                continue
-            if min_rating is not None and rating < min_rating:
-                filtered += 1
-                continue
-        users.append(user)
-        items.append(item)
-        times.append(timestamp)
+        parsed = parser.parse(line)
+        if parsed.problem is not None:
+            bad.report(line_number, parsed.problem)
+        filtered += parsed.filtered
+        for user, item, timestamp in parsed.events:
+            users.append(user)
+            items.append(item)
+            times.append(timestamp)
     bad.log()
     if not items:
         reason = f" rated at least {min_rating!r} ({filtered} below it)" if filtered else ""
         raise _no_interactions(path, bad, reason)
-    timestamps = np.array(times, dtype=np.int64) if time_column is not None else None
+    timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
     return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
 
 
@@ -779,6 +979,7 @@ _FORMATS: dict[str, Callable[..., SequenceDataset]] = {
     "pairs": load_pairs,
     "sequences": load_sequences,
     "ratings": load_rating_log,
+    "table": load_table,
 }
 
 
@@ -795,7 +996,7 @@ def load_dataset(
     Args:
       name_or_path: A name from ``DATASETS`` ("ml-1m", "ml-100k", "beauty", "lastfm",
         "synthetic", "tfds:movielens/1m-ratings") or the path of a file (then pass
-        ``format="pairs"|"sequences"|"ratings"``).
+        ``format="pairs"|"sequences"|"ratings"|"table"``).
       data_dir: For file datasets, the folder holding e.g. ``ml-1m/ml-1m.txt`` (the dataset's
         own folder is accepted too); defaults to ``$XMATCH_DATA_DIR``, else the current
         directory. For "tfds:..." the TFDS data directory.

@@ -11,7 +11,8 @@ Three protocols:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import dataclasses
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +26,57 @@ def _examples(user_rows: list[int], histories: list[np.ndarray], targets: list[i
         user_rows=np.asarray(user_rows, dtype=np.int64),
         histories=[np.asarray(history, dtype=np.int32) for history in histories],
         targets=np.asarray(targets, dtype=np.int32),
+    )
+
+
+@dataclasses.dataclass
+class UserSplit:
+    """One user's share of a split; the whole-dataset splits and the Beam ``prepare`` pipeline
+    both build splits from it, user by user.
+
+    Attributes:
+      train: The user's training sequence, or None when the user has none.
+      validation: (history, target) of the user's validation example, or None.
+      test: (history, target) of the user's test example, or None.
+    """
+
+    train: Optional[np.ndarray] = None
+    validation: Optional[tuple[np.ndarray, int]] = None
+    test: Optional[tuple[np.ndarray, int]] = None
+
+
+def _assemble(name: str, dataset: SequenceDataset, users: Iterable[tuple[int, UserSplit]]) -> Split:
+    train_rows: list[int] = []
+    train_sequences: list[np.ndarray] = []
+    parts: dict[str, tuple[list, list, list]] = {"validation": ([], [], []), "test": ([], [], [])}
+    for row, user in users:
+        if user.train is not None:
+            train_rows.append(row)
+            train_sequences.append(np.asarray(user.train, dtype=np.int32))
+        for part, example in (("validation", user.validation), ("test", user.test)):
+            if example is not None:
+                parts[part][0].append(row)
+                parts[part][1].append(example[0])
+                parts[part][2].append(example[1])
+    return Split(
+        name=name,
+        dataset=dataset,
+        train_user_rows=np.asarray(train_rows, dtype=np.int64),
+        train_sequences=train_sequences,
+        validation=_examples(*parts["validation"]),
+        test=_examples(*parts["test"]),
+    )
+
+
+def leave_one_out_user(sequence: np.ndarray, min_length: int = 3) -> UserSplit:
+    """One user's leave-one-out share (see :func:`leave_one_out`)."""
+    sequence = np.asarray(sequence, dtype=np.int32)
+    if len(sequence) < min_length:
+        return UserSplit(train=sequence if len(sequence) else None)
+    return UserSplit(
+        train=sequence[:-2],
+        validation=(sequence[:-2], int(sequence[-2])),
+        test=(sequence[:-1], int(sequence[-1])),
     )
 
 
@@ -59,33 +111,10 @@ def leave_one_out(dataset: SequenceDataset, min_length: int = 3) -> Split:
             f"leave_one_out needs at least one user with >= {min_length} interactions; the "
             f"longest of the {len(lengths)} sequences in {dataset.name!r} has {longest}"
         )
-    train_rows: list[int] = []
-    train_sequences: list[np.ndarray] = []
-    validation: tuple[list, list, list] = ([], [], [])
-    test: tuple[list, list, list] = ([], [], [])
-    for row, sequence in enumerate(dataset.sequences):
-        if len(sequence) >= min_length:
-            train = sequence[:-2]
-            for examples, history, target in (
-                (validation, sequence[:-2], sequence[-2]),
-                (test, sequence[:-1], sequence[-1]),
-            ):
-                examples[0].append(row)
-                examples[1].append(history)
-                examples[2].append(target)
-        else:
-            train = sequence
-        if len(train):
-            train_rows.append(row)
-            train_sequences.append(np.asarray(train, dtype=np.int32))
-    return Split(
-        name="leave_one_out",
-        dataset=dataset,
-        train_user_rows=np.asarray(train_rows, dtype=np.int64),
-        train_sequences=train_sequences,
-        validation=_examples(*validation),
-        test=_examples(*test),
+    users = (
+        (row, leave_one_out_user(sequence, min_length)) for row, sequence in enumerate(dataset.sequences)
     )
+    return _assemble("leave_one_out", dataset, users)
 
 
 def user_level(
@@ -109,6 +138,27 @@ def user_level(
       ValueError: If ``fractions`` is invalid, the dataset has fewer than 10 users, or a
         share with a positive fraction would be empty.
     """
+    parts = user_level_parts(dataset.num_users, fractions, seed, dataset.name)
+    split = _assemble(
+        "user_level", dataset,
+        ((row, user_level_user(sequence, parts[row])) for row, sequence in enumerate(dataset.sequences)),
+    )
+    check_user_level(split_counts(split), parts, fractions, dataset.name)
+    return split
+
+
+USER_LEVEL_PARTS = ("train", "validation", "test")
+
+
+def user_level_parts(
+    num_users: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, name: str = "dataset"
+) -> np.ndarray:
+    """The part (0 train, 1 validation, 2 test) of each user row in a user-level split.
+
+    Raises:
+      ValueError: If ``fractions`` is invalid, there are fewer than 10 users, or no user is
+        left for training.
+    """
     fractions = tuple(float(fraction) for fraction in fractions)
     valid = len(fractions) == 3 and all(fraction >= 0 for fraction in fractions)
     if not valid or not np.isclose(sum(fractions), 1.0):
@@ -116,11 +166,10 @@ def user_level(
             f"fractions must be three non-negative shares (train, validation, test) summing "
             f"to 1, got {fractions!r}"
         )
-    num_users = dataset.num_users
     if num_users < MIN_USERS_FOR_USER_LEVEL:
         raise ValueError(
             f"user_level needs at least {MIN_USERS_FOR_USER_LEVEL} users, dataset "
-            f"{dataset.name!r} has {num_users}"
+            f"{name!r} has {num_users}"
         )
     order = np.random.default_rng(seed).permutation(num_users)
     num_validation = int(round(fractions[1] * num_users))
@@ -128,47 +177,56 @@ def user_level(
     num_train = num_users - num_validation - num_test
     if fractions[0] > 0 and num_train < 1:
         raise ValueError(f"fractions {fractions!r} leave no training user among {num_users}")
-    # Sorting within each part keeps dataset order, which makes results easier to inspect.
-    train_rows = np.sort(order[:num_train])
-    validation_rows = np.sort(order[num_train : num_train + num_validation])
-    test_rows = np.sort(order[num_train + num_validation :])
+    parts = np.zeros(num_users, dtype=np.int8)
+    parts[order[num_train : num_train + num_validation]] = 1
+    parts[order[num_train + num_validation :]] = 2
+    return parts
 
-    def held_out(rows: np.ndarray, part: str, fraction: float) -> EvalExamples:
-        kept = [int(row) for row in rows if len(dataset.sequences[row]) >= 2]
-        if fraction > 0 and not kept:
+
+def user_level_user(sequence: np.ndarray, part: int) -> UserSplit:
+    """One user's user-level share: a training sequence, or one held-out example."""
+    sequence = np.asarray(sequence, dtype=np.int32)
+    if part == 0:
+        return UserSplit(train=sequence if len(sequence) else None)
+    if len(sequence) < 2:
+        return UserSplit()
+    example = (sequence[:-1], int(sequence[-1]))
+    return UserSplit(validation=example) if part == 1 else UserSplit(test=example)
+
+
+def split_counts(split: Split) -> dict[str, int]:
+    """Examples per part: train sequences, validation and test examples."""
+    return {"train": len(split.train_sequences), "validation": len(split.validation), "test": len(split.test)}
+
+
+def check_user_level(counts: dict[str, int], parts: np.ndarray, fractions: Sequence[float], name: str) -> None:
+    """Raises ValueError when a held-out part with a positive share got no example."""
+    for code, part in ((1, "validation"), (2, "test")):
+        if float(fractions[code]) > 0 and not counts[part]:
             raise ValueError(
                 f"user_level {part} users need at least 2 interactions each (a history and a "
-                f"target); none of the {len(rows)} {part} users of {dataset.name!r} has"
+                f"target); none of the {int(np.sum(parts == code))} {part} users of {name!r} has"
             )
-        return _examples(
-            kept,
-            [dataset.sequences[row][:-1] for row in kept],
-            [int(dataset.sequences[row][-1]) for row in kept],
-        )
-
-    train_rows = np.asarray([row for row in train_rows if len(dataset.sequences[row])], dtype=np.int64)
-    return Split(
-        name="user_level",
-        dataset=dataset,
-        train_user_rows=train_rows,
-        train_sequences=[np.asarray(dataset.sequences[row], dtype=np.int32) for row in train_rows],
-        validation=held_out(validation_rows, "validation", fractions[1]),
-        test=held_out(test_rows, "test", fractions[2]),
-    )
 
 
-def _time_cuts(
-    dataset: SequenceDataset,
+def time_cuts(
+    timestamps: Sequence[np.ndarray],
     validation_time: Optional[int],
     test_time: Optional[int],
     quantiles: Sequence[float],
 ) -> tuple[int, int]:
+    """(validation_time, test_time): the given cuts, or quantiles of every event time.
+
+    Raises:
+      ValueError: If ``quantiles`` are not 0 < validation <= test < 1, or the cuts are in the
+        wrong order.
+    """
     if len(quantiles) != 2 or not 0.0 < quantiles[0] <= quantiles[1] < 1.0:
         raise ValueError(
             f"quantiles must be (validation, test) with 0 < validation <= test < 1, got {tuple(quantiles)!r}"
         )
     if validation_time is None or test_time is None:
-        every = np.concatenate([np.asarray(times, dtype=np.int64) for times in dataset.timestamps])
+        every = np.concatenate([np.asarray(times, dtype=np.int64) for times in timestamps])
         # "higher" picks an actual event time, so the first event at the cut is held out.
         cuts = np.quantile(every, quantiles, method="higher")
         validation_time = int(cuts[0]) if validation_time is None else validation_time
@@ -218,60 +276,59 @@ def time_split(
         )
     if dataset.num_interactions == 0:
         raise ValueError(f"time_split needs interactions, dataset {dataset.name!r} has none")
-    validation_time, test_time = _time_cuts(dataset, validation_time, test_time, quantiles)
+    validation_time, test_time = time_cuts(dataset.timestamps, validation_time, test_time, quantiles)
 
-    train_rows: list[int] = []
-    train_sequences: list[np.ndarray] = []
-    validation: tuple[list, list, list] = ([], [], [])
-    test: tuple[list, list, list] = ([], [], [])
     for row, (sequence, times) in enumerate(zip(dataset.sequences, dataset.timestamps)):
-        times = np.asarray(times, dtype=np.int64)
         if len(times) != len(sequence):
             raise ValueError(
                 f"dataset {dataset.name!r} user row {row} has {len(sequence)} items but "
                 f"{len(times)} timestamps"
             )
-        # Loaders already sort by time; sorting again makes hand-built datasets safe too.
-        order = np.argsort(times, kind="stable")
-        sequence, times = np.asarray(sequence, dtype=np.int32)[order], times[order]
-        before_validation = int(np.searchsorted(times, validation_time, side="left"))
-        before_test = int(np.searchsorted(times, test_time, side="left"))
-        if before_validation:
-            train_rows.append(row)
-            train_sequences.append(sequence[:before_validation])
-            if before_test > before_validation:
-                validation[0].append(row)
-                validation[1].append(sequence[:before_validation])
-                validation[2].append(int(sequence[before_validation]))
-        if before_test and before_test < len(sequence):
-            test[0].append(row)
-            test[1].append(sequence[:before_test])
-            test[2].append(int(sequence[before_test]))
+    split = _assemble(
+        "time", dataset,
+        ((row, time_user(sequence, times, validation_time, test_time))
+         for row, (sequence, times) in enumerate(zip(dataset.sequences, dataset.timestamps))),
+    )
+    check_time_split(split_counts(split), validation_time, test_time, dataset.num_users, dataset.name)
+    return split
 
-    if not train_sequences:
+
+def time_user(sequence: np.ndarray, times: np.ndarray, validation_time: int, test_time: int) -> UserSplit:
+    """One user's share of a time split at the given cuts (see :func:`time_split`)."""
+    times = np.asarray(times, dtype=np.int64)
+    # Loaders already sort by time; sorting again makes hand-built datasets safe too.
+    order = np.argsort(times, kind="stable")
+    sequence, times = np.asarray(sequence, dtype=np.int32)[order], times[order]
+    before_validation = int(np.searchsorted(times, validation_time, side="left"))
+    before_test = int(np.searchsorted(times, test_time, side="left"))
+    user = UserSplit()
+    if before_validation:
+        user.train = sequence[:before_validation]
+        if before_test > before_validation:
+            user.validation = (sequence[:before_validation], int(sequence[before_validation]))
+    if before_test and before_test < len(sequence):
+        user.test = (sequence[:before_test], int(sequence[before_test]))
+    return user
+
+
+def check_time_split(counts: dict[str, int], validation_time: int, test_time: int, num_users: int, name: str) -> None:
+    """Raises ValueError when a time split has no training sequence, test or validation example."""
+    if not counts["train"]:
         raise ValueError(
             f"time_split found no event before validation_time={validation_time} in "
-            f"{dataset.name!r}; choose a later cut"
+            f"{name!r}; choose a later cut"
         )
-    if not test[0]:
+    if not counts["test"]:
         raise ValueError(
             f"time_split needs a user with events both before and at/after test_time="
-            f"{test_time}; none of the {dataset.num_users} users of {dataset.name!r} has"
+            f"{test_time}; none of the {num_users} users of {name!r} has"
         )
-    if not validation[0] and validation_time < test_time:
+    if not counts["validation"] and validation_time < test_time:
         raise ValueError(
             f"time_split needs a user with events both before validation_time={validation_time} "
             f"and in [validation_time, test_time={test_time}); none of the "
-            f"{dataset.num_users} users of {dataset.name!r} has"
+            f"{num_users} users of {name!r} has"
         )
-    return Split(
-        name="time",
-        dataset=dataset,
-        train_user_rows=np.asarray(train_rows, dtype=np.int64),
-        train_sequences=train_sequences,
-        validation=_examples(*validation),
-        test=_examples(*test),
-    )
 
 
 SPLITS = {"leave_one_out": leave_one_out, "user_level": user_level, "time": time_split}

@@ -42,7 +42,7 @@ def shard_paths(path_prefix: str, num_shards: int) -> list[str]:
     return [f"{path_prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord" for shard in range(num_shards)]
 
 
-def _remove_stale_shards(path_prefix: str, keep: Sequence[str]) -> list[str]:
+def remove_stale_shards(path_prefix: str, keep: Sequence[str]) -> list[str]:
     """Deletes shards ``{prefix}-NNNNN-of-MMMMM.tfrecord`` not in ``keep`` (an older sharding)."""
     directory = os.path.dirname(path_prefix) or "."
     pattern = re.compile(re.escape(os.path.basename(path_prefix)) + r"-\d{5,}-of-\d{5,}\.tfrecord")
@@ -61,6 +61,22 @@ def _remove_stale_shards(path_prefix: str, keep: Sequence[str]) -> list[str]:
 
 def _int64_feature(values) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def example_bytes(history: Sequence[int], target: int, scalars: Mapping[str, int]) -> bytes:
+    """One serialized record: ``history``, ``target``, then the int64 ``scalars`` in order."""
+    features = {
+        "history": _int64_feature(np.asarray(history, dtype=np.int64).tolist()),
+        "target": _int64_feature([int(target)]),
+    }
+    for name, value in scalars.items():
+        features[name] = _int64_feature([int(value)])
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def shard_boundaries(num_examples: int, num_shards: int) -> np.ndarray:
+    """[num_shards + 1] example offsets of contiguous, near-equal shards."""
+    return np.linspace(0, num_examples, num_shards + 1).astype(np.int64)
 
 
 def write_tfrecords(
@@ -113,20 +129,14 @@ def write_tfrecords(
         if values.shape != (num_examples,):
             raise ValueError(f"{name} must have shape ({num_examples},) like targets, got {values.shape}")
 
-    boundaries = np.linspace(0, num_examples, num_shards + 1).astype(np.int64)
+    boundaries = shard_boundaries(num_examples, num_shards)
     for shard, path in enumerate(paths):
         with atomic_path(path) as temporary:
             with tf.io.TFRecordWriter(str(temporary)) as writer:
                 for k in range(boundaries[shard], boundaries[shard + 1]):
-                    features = {
-                        "history": _int64_feature(np.asarray(histories[k], dtype=np.int64).tolist()),
-                        "target": _int64_feature([int(targets[k])]),
-                    }
-                    for name, values in columns.items():
-                        features[name] = _int64_feature([int(values[k])])
-                    example = tf.train.Example(features=tf.train.Features(feature=features))
-                    writer.write(example.SerializeToString())
-    _remove_stale_shards(path_prefix, paths)
+                    scalars = {name: int(values[k]) for name, values in columns.items()}
+                    writer.write(example_bytes(histories[k], int(targets[k]), scalars))
+    remove_stale_shards(path_prefix, paths)
     return paths
 
 
@@ -405,6 +415,7 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
         "train_sequences": len(split.train_sequences),
         "train_interactions": int(sum(len(sequence) for sequence in split.train_sequences)),
         "user_feature_names": sorted(user_features),
+        "malformed_lines": int(split.dataset.skipped_lines),
         "num_shards": num_shards,
         "files": {part: [os.path.basename(path) for path in paths] for part, paths in written.items()},
     }

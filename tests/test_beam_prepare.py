@@ -1,0 +1,188 @@
+"""The Beam prepare pipeline writes exactly what the in-process loaders, splits and TFRecord
+writer write, routes malformed lines to a dead-letter file, and is idempotent."""
+
+import filecmp
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("apache_beam")
+
+from tfx_xmatch.data import (  # noqa: E402
+    DataFormatError, load_dataset, make_split, make_synthetic, write_split_tfrecords,
+)
+from tfx_xmatch.data.loaders import load_table  # noqa: E402
+from tfx_xmatch.pipelines import prepare  # noqa: E402
+from tfx_xmatch.pipelines.prepare import DEAD_LETTER_FILE, PrepareSpec, run_prepare  # noqa: E402
+
+DATA_DIR = pathlib.Path(os.environ.get("XMATCH_DATA_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def same_outputs(expected_dir: pathlib.Path, actual_dir: pathlib.Path) -> None:
+    """Every file the in-process writer wrote is byte-identical in the Beam output."""
+    expected = sorted(os.listdir(expected_dir))
+    actual = sorted(name for name in os.listdir(actual_dir) if name != DEAD_LETTER_FILE)
+    assert actual == expected
+    for name in expected:
+        assert filecmp.cmp(expected_dir / name, actual_dir / name, shallow=False), name
+
+
+def in_process(dataset, split: str, directory: pathlib.Path, num_shards: int, **split_options) -> pathlib.Path:
+    write_split_tfrecords(make_split(dataset, split, **split_options), str(directory), num_shards=num_shards)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> pathlib.Path:
+    """A pairs file of synthetic sequences with string ids, users interleaved, and bad lines."""
+    dataset = make_synthetic(num_users=60, num_items=40, min_length=2, max_length=12, seed=3)
+    lines = []
+    for position in range(max(len(s) for s in dataset.sequences)):
+        for row, sequence in enumerate(dataset.sequences):
+            if position < len(sequence):
+                lines.append(f"u{row} i{sequence[position]}")
+    lines.insert(5, "only-one-field")
+    lines.insert(40, "u1 i2 i3")
+    lines.insert(41, "")
+    path = tmp_path_factory.mktemp("pairs") / "events.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("split,options,num_shards", [
+    ("leave_one_out", {}, 1), ("leave_one_out", {"min_length": 4}, 3), ("user_level", {"seed": 2}, 2),
+])
+def test_pairs_equal_in_process(pairs_file, tmp_path, split, options, num_shards):
+    dataset = load_dataset(str(pairs_file), format="pairs", skip_bad_lines=True, side_info=False)
+    expected = in_process(dataset, split, tmp_path / "expected", num_shards, **options)
+    spec = PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path / "beam"),
+                       name="events", split=split, split_options=options, num_shards=num_shards)
+    statistics = run_prepare(spec)
+    same_outputs(expected, tmp_path / "beam")
+    assert statistics["malformed_lines"] == dataset.skipped_lines == 2
+
+
+def test_dead_letters_name_file_line_and_problem(pairs_file, tmp_path):
+    spec = PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path), name="events")
+    run_prepare(spec)
+    letters = [json.loads(line) for line in (tmp_path / DEAD_LETTER_FILE).read_text().splitlines()]
+    assert [(letter["file"], letter["line"], letter["record"]) for letter in letters] == [
+        (str(pairs_file), 6, "only-one-field"), (str(pairs_file), 41, "u1 i2 i3")]
+    # The problem is the one the in-process loader fails with on that line.
+    with pytest.raises(DataFormatError) as error:
+        load_dataset(str(pairs_file), format="pairs", side_info=False)
+    assert (error.value.line_number, error.value.problem) == (6, letters[0]["problem"])
+    assert "expected 'user item', got 'u1 i2 i3'" in letters[1]["problem"]
+
+
+def test_rerun_is_idempotent_and_replaces_old_shards(pairs_file, tmp_path):
+    spec = PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path / "out"), num_shards=3)
+    run_prepare(spec)
+    first = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
+    run_prepare(spec)
+    second = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
+    assert first == second
+    run_prepare(PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path / "out"), num_shards=2))
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert not [name for name in names if "-of-00003" in name]
+    assert not [name for name in names if name.startswith(".")], "temporary files left behind"
+
+
+def test_several_input_files_equal_their_concatenation(pairs_file, tmp_path):
+    lines = pairs_file.read_text().splitlines(keepends=True)
+    (tmp_path / "part-b.txt").write_text("".join(lines[len(lines) // 2:]))
+    (tmp_path / "part-a.txt").write_text("".join(lines[: len(lines) // 2]))
+    dataset = load_dataset(str(pairs_file), format="pairs", skip_bad_lines=True, side_info=False)
+    expected = in_process(dataset, "leave_one_out", tmp_path / "expected", 2)
+    spec = PrepareSpec(inputs=(str(tmp_path / "part-*.txt"),), format="pairs", output_dir=str(tmp_path / "beam"),
+                       name="events", num_shards=2)
+    run_prepare(spec)
+    same_outputs(expected, tmp_path / "beam")
+
+
+def rating_lines() -> list[str]:
+    """Rating events with shuffled times, ties, low ratings and malformed lines."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for event in range(600):
+        user, item = rng.integers(1, 40), rng.integers(1, 90)
+        lines.append(f"{user}::{item}::{rng.integers(1, 6)}::{rng.integers(1000, 1060)}")
+    lines[10] = "7::8::5::yesterday"
+    lines[20] = "7::8::five::1000"
+    lines[30] = "7::8::5"
+    return lines
+
+
+@pytest.mark.parametrize("split,options", [("leave_one_out", {}), ("time", {}), ("time", {"quantiles": [0.5, 0.7]})])
+def test_rating_log_with_min_rating_equal_in_process(tmp_path, split, options):
+    path = tmp_path / "ratings.dat"
+    path.write_text("\n".join(rating_lines()) + "\n")
+    dataset = load_dataset(str(path), format="ratings", min_rating=3, skip_bad_lines=True, side_info=False)
+    expected = in_process(dataset, split, tmp_path / "expected", 2, **options)
+    spec = PrepareSpec(inputs=(str(path),), format="ratings", output_dir=str(tmp_path / "beam"), name="ratings",
+                       reader_options={"min_rating": 3}, split=split, split_options=options, num_shards=2)
+    statistics = run_prepare(spec)
+    same_outputs(expected, tmp_path / "beam")
+    assert statistics["malformed_lines"] == 3
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_tables_with_named_columns_equal_in_process(tmp_path, suffix):
+    rows = [line.split("::") for line in rating_lines()[40:]]
+    path = tmp_path / f"events{suffix}"
+    if suffix == ".csv":
+        path.write_text("ts,who,what,stars\n" + "".join(f"{r[3]},{r[0]},{r[1]},{r[2]}\n" for r in rows) + "1,,3,4\n")
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as parquet
+
+        parquet.write_table(pa.table({"who": [int(r[0]) for r in rows], "what": [int(r[1]) for r in rows],
+                                      "stars": [float(r[2]) for r in rows], "ts": [int(r[3]) for r in rows]}), path)
+    options = {"user_column": "who", "item_column": "what", "timestamp_column": "ts", "rating_column": "stars",
+               "min_rating": 2}
+    dataset = load_table(path, name="events", skip_bad_lines=True, **options)
+    expected = in_process(dataset, "leave_one_out", tmp_path / "expected", 1)
+    spec = PrepareSpec(inputs=(str(path),), format="table", output_dir=str(tmp_path / "beam"), name="events",
+                       reader_options=options)
+    statistics = run_prepare(spec)
+    same_outputs(expected, tmp_path / "beam")
+    assert statistics["malformed_lines"] == (1 if suffix == ".csv" else 0)
+
+
+@pytest.mark.skipif(not (DATA_DIR / "ml-100k" / "u.data").is_file(), reason="ML-100K not under ../shared/data")
+@pytest.mark.parametrize("split", ["leave_one_out", "user_level", "time"])
+def test_movielens_100k_equal_in_process(tmp_path, split):
+    dataset = load_dataset("ml-100k", str(DATA_DIR), side_info=False)
+    expected = in_process(dataset, split, tmp_path / "expected", 3)
+    spec = PrepareSpec.for_dataset("ml-100k", str(DATA_DIR), str(tmp_path / "beam"), split=split, num_shards=3)
+    statistics = run_prepare(spec)
+    same_outputs(expected, tmp_path / "beam")
+    assert statistics["dataset"]["users"] == 943 and statistics["malformed_lines"] == 0
+
+
+def test_bad_inputs_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        run_prepare(PrepareSpec(inputs=(str(tmp_path / "nothing-here*.txt"),), format="pairs", output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="'colour'"):
+        PrepareSpec(inputs=("x",), format="ratings", output_dir=str(tmp_path), reader_options={"colour": 1})
+    with pytest.raises(ValueError, match="'random'"):
+        PrepareSpec(inputs=("x",), format="pairs", output_dir=str(tmp_path), split="random")
+    with pytest.raises(ValueError, match="num_shards"):
+        PrepareSpec(inputs=("x",), format="pairs", output_dir=str(tmp_path), num_shards=0)
+    broken = tmp_path / "broken.txt"
+    broken.write_text("a\nb\n")
+    with pytest.raises(Exception, match="no interactions"):
+        run_prepare(PrepareSpec(inputs=(str(broken),), format="pairs", output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "statistics.json").exists()
+
+
+def test_command_line(pairs_file, tmp_path, capsys):
+    assert prepare.main(["--input", str(pairs_file), "--format", "pairs", "--output-dir", str(tmp_path),
+                         "--split", "user_level", "--split-option", "fractions=[0.6,0.2,0.2]",
+                         "--num-shards", "2", "--direct_num_workers=1"]) == 0
+    assert "2 malformed line(s)" in capsys.readouterr().out
+    statistics = json.loads((tmp_path / "statistics.json").read_text())
+    assert statistics["split"] == "user_level" and statistics["num_shards"] == 2

@@ -1,0 +1,40 @@
+"""What every Beam pipeline here shares: importing Beam with a helpful error, and options.
+
+Runner flags pass through untouched (``--runner=FlinkRunner --flink_master=...``,
+``--runner=DataflowRunner --project=... --temp_location=gs://...``); without ``--runner`` the
+pipelines run on the DirectRunner in this process.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+BEAM_INSTALL_HINT = "pip install 'tfx_xmatch[beam]'  (apache-beam >= 2.60)"
+
+
+def require_beam():
+    """Imports ``apache_beam``, or raises ImportError saying how to install it."""
+    try:
+        beam = importlib.import_module("apache_beam")
+    except ImportError as error:
+        raise ImportError(f"the Beam pipelines need Apache Beam, which is not installed: {BEAM_INSTALL_HINT}") from error
+    return beam
+
+
+def pipeline_options(beam_args: Sequence[str] = ()):
+    """``PipelineOptions`` from runner flags; the DirectRunner in-process when none is given.
+
+    Args:
+      beam_args: Beam flags, e.g. ``["--runner=FlinkRunner", "--parallelism=4"]``.
+
+    Returns:
+      The options, with ``save_main_session`` off (the DoFns here import what they need).
+    """
+    require_beam()
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = PipelineOptions(list(beam_args))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    return options
