@@ -157,6 +157,7 @@ def build_serving_module(
     default_k: Optional[int] = None,
     exclude_history: bool = True,
     padding_id=None,
+    index=None,
 ) -> RetrievalServingModule:
     """Fills an index of ``index_kind`` with the model's item embeddings and wraps it for serving.
 
@@ -172,9 +173,12 @@ def build_serving_module(
       default_k: k of ``serving_default`` (default ``k_max``).
       exclude_history: Remove items already in the history from the results (default True).
       padding_id: Raw id that marks empty history slots: 0 for integer ids, "" for strings.
+      index: An index of ``index_kind`` already filled with the item embeddings under item
+        indices 1..N (e.g. by the Beam ``build_index`` pipeline); None builds one here.
 
     Raises:
-      ValueError: A bad k, an unknown index kind, or a padding id that is also a real item id.
+      ValueError: A bad k, an unknown index kind, a padding id that is also a real item id, or
+        a given ``index`` whose ``k_max`` differs from ``k_max``.
     """
     if item_vocab.num_items != model.num_items:
         raise ValueError(f"the vocabulary has {item_vocab.num_items} items but the model was built for "
@@ -201,6 +205,10 @@ def build_serving_module(
         # The model's own serving settings unless the caller overrides them.
         index_options.setdefault("num_interests", model.serving_interests)
         index_options.setdefault("temperature", model.temperature)
+    if index is not None:
+        if int(index.k_max) != int(k_max):
+            raise ValueError(f"the given index has k_max={index.k_max}, the export asks for k_max={k_max}")
+        return RetrievalServingModule(model, index, item_vocab, padding_id, exclude_history, default_k)
     index = make_index(index_kind, k_max=k_max, **index_options)
     if hasattr(model, "build_index"):
         model.build_index(index)  # streamed in item chunks, with a progress bar
@@ -223,12 +231,13 @@ def export_retrieval_model(
     padding_id=None,
     model_name: str = "xmatch",
     warmup_histories: Optional[list] = None,
+    index=None,
 ) -> pathlib.Path:
     """Exports ``model`` with a baked-in index as ``export_base_path/<version>/``.
 
     Args:
       model, item_vocab, index_kind, index_options, k_max, default_k, exclude_history,
-        padding_id: See ``build_serving_module``.
+        padding_id, index: See ``build_serving_module``.
       export_base_path: The ``MODEL_BASE_PATH`` a server watches.
       version: Version number; default one more than the largest existing version.
       model_name: Model name used in the warm-up requests.
@@ -253,7 +262,7 @@ def export_retrieval_model(
 
     module = build_serving_module(
         model, item_vocab, index_kind=index_kind, index_options=index_options, k_max=k_max,
-        default_k=default_k, exclude_history=exclude_history, padding_id=padding_id,
+        default_k=default_k, exclude_history=exclude_history, padding_id=padding_id, index=index,
     )
     save_serving_module(module, final, item_vocab, model_name=model_name, warmup_histories=warmup_histories)
     return final

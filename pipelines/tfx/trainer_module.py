@@ -23,19 +23,12 @@ Errors propagate: a TFX component that swallows them reports success with no mod
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any, Mapping
 
-import numpy as np
-import tensorflow as tf
-
-from tfx_xmatch import training
 from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
-from tfx_xmatch.data.tfrecord import read_eval_examples, read_training_tfrecords
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.export import build_serving_module, save_serving_module
-from tfx_xmatch.io_utils import write_json_atomic
+from tfx_xmatch.pipelines.record_training import train_on_records
 
 CUSTOM_CONFIG_KEYS = ("config", "overrides", "item_vocab", "export")
 
@@ -56,20 +49,6 @@ def run_config_from(custom_config: Mapping[str, Any]) -> RunConfig:
     return load_config(source, overrides)
 
 
-def record_counts(train_files, num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """(target counts for the logQ correction, interaction counts for tail metrics) per item
-    index, from training-sequence records."""
-    targets = np.zeros(num_items + 1, np.int64)
-    interactions = np.zeros(num_items + 1, np.int64)
-    examples, _ = read_eval_examples(train_files)
-    for history, target in zip(examples.histories, examples.targets):
-        sequence = np.append(history, target)
-        np.add.at(targets, sequence[1:], 1)
-        np.add.at(interactions, sequence, 1)
-    interactions[0] = targets[0] = 0
-    return targets, interactions
-
-
 def run_fn(fn_args) -> None:
     """Trains, selects on the eval files, and writes the serving SavedModel (TFX Trainer entry point).
 
@@ -82,43 +61,9 @@ def run_fn(fn_args) -> None:
         raise KeyError("custom_config['item_vocab'] is required: the item_vocab.json written beside the "
                        "TFRecords by the prepare pipeline (it maps raw item ids to the records' indices)")
     config = run_config_from(custom_config)
-    if config.train.strategy == "multi_worker":
-        raise ConfigError("run_fn trains in one process; use train.strategy default or mirrored")
     vocab = Vocabulary.load(custom_config["item_vocab"])
-    run_dir = pathlib.Path(fn_args.model_run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", config.to_dict())
-
-    tf.keras.utils.set_random_seed(config.train.seed)
-    target_counts, popularity = record_counts(fn_args.train_files, vocab.num_items)
-    validation, _ = read_eval_examples(fn_args.eval_files)
-    strategy = training.make_strategy(config.train.strategy)
-    with strategy.scope():
-        model = training.build_model(config, num_items=vocab.num_items)
-        training.compile_for_training(model, config, target_counts)
-    train_data = read_training_tfrecords(fn_args.train_files, max_length=config.model.max_length,
-                                         batch_size=config.train.batch_size, seed=config.train.seed)
-    steps_per_epoch = None
-    train_steps = getattr(fn_args, "train_steps", None)
-    if train_steps:
-        steps_per_epoch = max(1, int(train_steps) // config.train.epochs)
-        train_data = train_data.repeat()
-
-    score_all = tf.function(model.score_all, reduce_retracing=True)
-
-    def validate() -> dict:
-        return evaluate_full_ranking(
-            lambda histories, rows: score_all({"history": histories}), validation, max_length=config.model.max_length,
-            batch_size=config.eval.batch_size, ks=tuple(config.eval.ks), mask_history=config.eval.mask_history,
-            item_popularity=popularity, num_items=vocab.num_items)
-
-    state = training.fit_with_selection(model, config, train_data, validate, run_dir, run_dir / "backup",
-                                        steps_per_epoch=steps_per_epoch)
-    training.save_model(model, run_dir / "model", vocab)
-    metrics = {"model": config.model.name, "epochs": len(state["epochs"]), "best_epoch": state["best_epoch"],
-               "train_seconds": round(state["train_seconds"], 1), "validation": validate()}
-    write_json_atomic(run_dir / "metrics.json", metrics)
-
+    model, _ = train_on_records(config, fn_args.train_files, fn_args.eval_files, vocab, fn_args.model_run_dir,
+                                train_steps=getattr(fn_args, "train_steps", None))
     export = dict(custom_config.get("export", {}))
     module = build_serving_module(model, vocab, index_kind=export.get("index_kind", "brute_force"),
                                   index_options=export.get("index_options"), k_max=int(export.get("k_max", 100)))

@@ -424,3 +424,33 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
     written["item_vocab"] = [vocab_path]
     written["statistics"] = [statistics_path]
     return written
+
+
+def record_counts(train_files, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item counts over training-sequence TFRecords (``write_split_tfrecords``'s ``train``).
+
+    Each record is one training sequence ``history + [target]``.
+
+    Args:
+      train_files: A glob or a list of globs of the train shards (plain or GZIP ``.gz``).
+      num_items: Number of real items; indices in the records must be in 1..num_items.
+
+    Returns:
+      ``(target_counts, interactions)``, both int64 [num_items + 1] with index 0 (padding) = 0:
+      how often each item is a next item to predict (every position but the first of a
+      sequence; the logQ correction of sampled softmax), and how often it occurs at all (the
+      training popularity that ``item_popularity`` wants for tail recall).
+
+    Raises:
+      FileNotFoundError: If no file matches.
+      IndexError: If a record holds an item index above ``num_items``.
+    """
+    targets = np.zeros(num_items + 1, np.int64)
+    interactions = np.zeros(num_items + 1, np.int64)
+    examples, _ = read_eval_examples(train_files)
+    for history, target in zip(examples.histories, examples.targets):
+        sequence = np.append(history, target)
+        np.add.at(targets, sequence[1:], 1)
+        np.add.at(interactions, sequence, 1)
+    interactions[0] = targets[0] = 0
+    return targets, interactions

@@ -18,6 +18,11 @@ Per example and cutoff K: HR@K = Recall@K = 1[rank < K]; NDCG@K = 1/log2(rank + 
 MRR@K = 1/(rank + 1) if rank < K; P@K = HR@K / K (one relevant item). TailRecall@K is HR@K over
 the examples whose target lies outside the most popular ``head_fraction`` of the catalogue.
 Coverage@K = |union of the top-K lists of all examples| / num_items.
+
+The evaluator can also be fed the top-k lists a served model returned
+(``update_from_top_k``; the rank is then the target's position in its list) and two evaluators
+over disjoint examples can be merged (``merge``), which is how the Beam ``evaluate`` pipeline
+(``tfx_xmatch.pipelines.evaluate``) uses this class as its combiner's accumulator.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, pad_histories
+from tfx_xmatch.data.tfrecord import read_eval_examples
 
 ArrayLike = Union[np.ndarray, tf.Tensor]
 SeenLike = Union[np.ndarray, tf.Tensor, tf.RaggedTensor]
@@ -210,21 +216,7 @@ class FullRankingEvaluator:
             raise ValueError(f"scores must be real numbers, got dtype {scores.dtype.name}")
         batch_size = int(scores.shape[0])
 
-        targets_np = _to_numpy(targets)
-        if targets_np.shape != (batch_size,):
-            raise ValueError(
-                f"targets must have shape [{batch_size}] (one per row of scores), "
-                f"got {targets_np.shape}"
-            )
-        if batch_size and not np.issubdtype(targets_np.dtype, np.integer):
-            raise ValueError(f"targets must be integer item indices, got dtype {targets_np.dtype}")
-        out_of_range = np.flatnonzero((targets_np < 1) | (targets_np > self.num_items))
-        if len(out_of_range):
-            row = int(out_of_range[0])
-            raise ValueError(
-                f"targets must be item indices in [1, {self.num_items}], got {targets_np[row].item()!r} "
-                f"at row {row}"
-            )
+        targets_np = self._checked_targets(targets, batch_size, "scores")
         if batch_size == 0:
             return np.zeros(0, dtype=np.int64)
         targets_t = tf.constant(targets_np.astype(np.int64))
@@ -260,12 +252,7 @@ class FullRankingEvaluator:
             tf.cast(tf.logical_and(beats_target, candidate), tf.int64), axis=1
         ).numpy()
 
-        self._rank_counts += np.bincount(np.minimum(ranks, self.max_k), minlength=self.max_k + 1)
-        if self._is_tail is not None:
-            tail_ranks = ranks[self._is_tail[targets_np]]
-            self._tail_rank_counts += np.bincount(
-                np.minimum(tail_ranks, self.max_k), minlength=self.max_k + 1
-            )
+        self._add_ranks(ranks, targets_np)
 
         masked = tf.where(candidate, scores, tf.constant(-np.inf, dtype=scores.dtype))
         top_values, top_items = tf.math.top_k(masked, k=self.max_k, sorted=True)
@@ -273,10 +260,143 @@ class FullRankingEvaluator:
         returned = tf.logical_and(
             tf.gather(candidate, top_items, batch_dims=1), top_values > -np.inf
         ).numpy()
-        top_items = top_items.numpy()
+        self._add_coverage(top_items.numpy(), returned)
+        return ranks.astype(np.int64)
+
+    def update_from_top_k(self, top_items: ArrayLike, targets: ArrayLike) -> np.ndarray:
+        """Adds one batch of examples from the top-k lists a retrieval model returned.
+
+        This is the counterpart of ``update`` for a model that cannot give a score for every item
+        (a served SavedModel's ``top_k`` signature): each row is taken as the model's final answer,
+        whatever masking it applied. The rank of a target is its position in its row (0-based,
+        the first occurrence), or "at least max_k" when it is not among the first ``max(ks)``
+        entries, so ``tie_policy`` plays no part (the list's order already broke ties), and
+        ``mask_history`` only records what the caller promises the lists went through.
+
+        Args:
+          top_items: int [B, W] item indices, best first, W >= max(ks). 0 (padding) marks an
+            empty slot (fewer results than asked, or a result the caller discarded, e.g. one
+            scored ``-inf``); it never counts as returned.
+          targets: int [B], each in 1..num_items.
+
+        Returns:
+          int64 [B] 0-based rank of each target, ``max(ks)`` for a target not in its first
+          ``max(ks)`` entries.
+
+        Raises:
+          ValueError: On wrongly shaped lists (fewer than max(ks) columns), non-integer or
+            out-of-range items or targets.
+
+        Example:
+          >>> evaluator = FullRankingEvaluator(num_items=5, ks=(1, 2))
+          >>> evaluator.update_from_top_k(np.array([[4, 2], [3, 0]]), targets=np.array([2, 5]))
+          array([1, 2])
+          >>> evaluator.result()["HR@2"], evaluator.result()["Coverage@2"]
+          (0.5, 0.6)
+        """
+        items = _to_numpy(top_items)
+        if items.ndim != 2 or items.shape[1] < self.max_k:
+            raise ValueError(
+                f"top_items must have shape [batch, width >= max(ks) = {self.max_k}], "
+                f"got {items.shape}"
+            )
+        batch_size = items.shape[0]
+        targets_np = self._checked_targets(targets, batch_size, "top_items")
+        if batch_size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if items.size and not np.issubdtype(items.dtype, np.integer):
+            raise ValueError(f"top_items must be integer item indices, got dtype {items.dtype}")
+        bad = np.argwhere((items < 0) | (items > self.num_items))
+        if len(bad):
+            row, column = bad[0].tolist()
+            raise ValueError(
+                f"top_items must be item indices in [0, {self.num_items}] (0 = empty slot), got "
+                f"{items[row, column].item()!r} at row {row}, column {column}"
+            )
+        items = items[:, : self.max_k].astype(np.int64)
+        hit = items == targets_np[:, None]
+        # argmax finds the first hit; rows without one get max_k, the "rank >= max_k" bin.
+        ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), self.max_k).astype(np.int64)
+        self._add_ranks(ranks, targets_np)
+        self._add_coverage(items, items != PAD_INDEX)
+        return ranks
+
+    def merge(self, other: "FullRankingEvaluator") -> "FullRankingEvaluator":
+        """Adds the examples accumulated by ``other`` (over different examples) to this one.
+
+        The result equals one evaluator fed both sets of examples: rank histograms add and
+        coverage bitmaps are OR-ed. ``other`` is left unchanged.
+
+        Args:
+          other: An evaluator with the same ``num_items``, ``ks``, ``mask_history``,
+            ``tie_policy`` and tail items (same popularity and ``head_fraction``, or neither
+            has popularity).
+
+        Returns:
+          ``self``, so merges chain.
+
+        Raises:
+          TypeError: If ``other`` is not a FullRankingEvaluator.
+          ValueError: If the two were configured differently (the setting is named).
+
+        Example:
+          >>> a, b = FullRankingEvaluator(3, ks=(1,)), FullRankingEvaluator(3, ks=(1,))
+          >>> _ = a.update_from_top_k(np.array([[1]]), np.array([1]))
+          >>> _ = b.update_from_top_k(np.array([[2]]), np.array([3]))
+          >>> a.merge(b).result()["HR@1"], a.result()["Coverage@1"]
+          (0.5, 0.6666666666666666)
+        """
+        if not isinstance(other, FullRankingEvaluator):
+            raise TypeError(f"can only merge another FullRankingEvaluator, got {type(other).__name__}")
+        for setting in ("num_items", "ks", "mask_history", "tie_policy"):
+            mine, theirs = getattr(self, setting), getattr(other, setting)
+            if mine != theirs:
+                raise ValueError(f"cannot merge evaluators with different {setting}: {mine!r} vs {theirs!r}")
+        if (self._is_tail is None) != (other._is_tail is None) or (
+            self._is_tail is not None and not np.array_equal(self._is_tail, other._is_tail)
+        ):
+            raise ValueError(
+                "cannot merge evaluators with different tail items (item_popularity or "
+                "head_fraction differ, or only one has item_popularity)"
+            )
+        self._rank_counts += other._rank_counts
+        self._tail_rank_counts += other._tail_rank_counts
+        for k in self.ks:
+            self._covered[k] |= other._covered[k]
+        return self
+
+    def _checked_targets(self, targets: ArrayLike, batch_size: int, rows_of: str) -> np.ndarray:
+        """``targets`` as NumPy after checking shape [batch_size], integer dtype and range."""
+        targets_np = _to_numpy(targets)
+        if targets_np.shape != (batch_size,):
+            raise ValueError(
+                f"targets must have shape [{batch_size}] (one per row of {rows_of}), "
+                f"got {targets_np.shape}"
+            )
+        if batch_size and not np.issubdtype(targets_np.dtype, np.integer):
+            raise ValueError(f"targets must be integer item indices, got dtype {targets_np.dtype}")
+        out_of_range = np.flatnonzero((targets_np < 1) | (targets_np > self.num_items))
+        if len(out_of_range):
+            row = int(out_of_range[0])
+            raise ValueError(
+                f"targets must be item indices in [1, {self.num_items}], got {targets_np[row].item()!r} "
+                f"at row {row}"
+            )
+        return targets_np
+
+    def _add_ranks(self, ranks: np.ndarray, targets: np.ndarray) -> None:
+        """Adds 0-based ranks to the histograms (ranks >= max_k share the last bin)."""
+        self._rank_counts += np.bincount(np.minimum(ranks, self.max_k), minlength=self.max_k + 1)
+        if self._is_tail is not None:
+            tail_ranks = ranks[self._is_tail[targets]]
+            self._tail_rank_counts += np.bincount(
+                np.minimum(tail_ranks, self.max_k), minlength=self.max_k + 1
+            )
+
+    def _add_coverage(self, top_items: np.ndarray, returned: np.ndarray) -> None:
+        """Marks the returned items of each row's first K entries as covered, for every K."""
         for k in self.ks:
             self._covered[k][top_items[:, :k][returned[:, :k]]] = True
-        return ranks.astype(np.int64)
 
     def _seen_mask(self, seen: SeenLike, batch_size: int) -> tf.Tensor:
         """[B, N+1] bool, True at every item index listed in ``seen`` (padding lands in col 0)."""

@@ -1,0 +1,83 @@
+"""``xmatch pipeline run`` chains every stage, publishes a servable version only at the end, and
+its evaluation through the export equals the in-process evaluation of the trained model."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("apache_beam")
+
+import tensorflow as tf  # noqa: E402
+
+from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.config import ConfigError, load_config  # noqa: E402
+from tfx_xmatch.data.tfrecord import read_eval_examples, record_counts  # noqa: E402
+from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
+from tfx_xmatch.pipelines import cli  # noqa: E402
+from tfx_xmatch.pipelines.run import run_pipeline  # noqa: E402
+
+OVERRIDES = ["data.format=pairs", "model.embedding_dim=16", "model.max_length=12", "model.num_blocks=1",
+             "train.epochs=2", "train.verbose=0", "train.batch_size=32", "eval.ks=[5,10]"]
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory) -> pathlib.Path:
+    """Users with distinct items (no repeats, so export and in-process ranking agree exactly)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("events") / "events.txt"
+    lines = []
+    for user in range(1, 121):
+        start = rng.integers(1, 60)
+        length = rng.integers(4, 15)
+        lines += [f"{user} {1 + (start + 3 * step) % 60}" for step in range(length)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_run_chains_every_stage_and_publishes(events, tmp_path):
+    config = load_config(None, [f"data.dataset={events}", *OVERRIDES])
+    summary = run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), k_max=10, item_shards=3)
+    assert list(summary["stage_seconds"]) == ["prepare", "train", "build_index", "export", "evaluate", "publish"]
+    assert summary["published"] == str(tmp_path / "models" / "1")
+    assert json.loads((tmp_path / "out" / "pipeline_summary.json").read_text())["test"] == summary["test"]
+
+    # The published version answers, and its test metrics are the trained model's in-process ones.
+    loaded = tf.saved_model.load(str(tmp_path / "models" / "1"))
+    answer = loaded.signatures["top_k"](history=tf.constant([[1, 4, 7]], tf.int64), k=tf.constant(3))
+    assert answer["item_ids"].shape == (1, 3)
+    prepared = tmp_path / "out" / "prepared"
+    model = training.load_model(tmp_path / "out" / "run" / "model")
+    test, _ = read_eval_examples(str(prepared / "test-*"))
+    expected = evaluate_full_ranking(
+        lambda histories, rows: model.score_all({"history": histories}), test, num_items=60,
+        max_length=12, ks=(5, 10), mask_history=True,
+        item_popularity=record_counts(str(prepared / "train-*"), 60)[1])
+    assert summary["test"]["targets_in_history"] == 0
+    for key in ("HR@5", "NDCG@10", "MRR@10", "Coverage@10", "TailRecall@10"):
+        assert summary["test"][key] == pytest.approx(expected[key], abs=1e-9), key
+
+    # A second run publishes the next version beside the first.
+    second = run_pipeline(config, str(tmp_path / "out2"), str(tmp_path / "models"), k_max=10, item_shards=2)
+    assert second["published"] == str(tmp_path / "models" / "2")
+
+
+def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
+    config = load_config(None, [f"data.dataset={events}", *OVERRIDES])
+    with pytest.raises(ConfigError, match="k_max=5"):
+        run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), k_max=5)
+    with pytest.raises(ConfigError, match="side_info"):
+        run_pipeline(load_config(None, [f"data.dataset={events}", *OVERRIDES, "data.side_info=true"]),
+                     str(tmp_path / "out"), str(tmp_path / "models"))
+    with pytest.raises(ConfigError, match="'synthetic' is generated"):
+        run_pipeline(load_config(None, ["data.dataset=synthetic"]), str(tmp_path / "out"), str(tmp_path / "models"))
+    assert not (tmp_path / "models").exists()
+
+
+def test_command_line_reports_bad_stage_and_input(tmp_path, capsys):
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown stage 'nonsense'" in capsys.readouterr().err
+    assert cli.main(["prepare", "--input", str(tmp_path / "none*.txt"), "--format", "pairs",
+                     "--output-dir", str(tmp_path)]) == 2
+    assert "matches no file" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Training on prepared TFRecords: what the TFX Trainer's ``run_fn`` and ``xmatch pipeline run``
+both do between ``prepare`` and the export.
+
+The records are the ``prepare`` pipeline's (or ``write_split_tfrecords``'): training sequences
+for ``fit`` and held-out (history, next item) examples for model selection with full ranking.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+from typing import Optional, Sequence, Union
+
+import tensorflow as tf
+
+from tfx_xmatch import training
+from tfx_xmatch.config import ConfigError, RunConfig
+from tfx_xmatch.data.tfrecord import read_eval_examples, read_training_tfrecords
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.evaluation import evaluate_full_ranking
+from tfx_xmatch.data.tfrecord import record_counts
+from tfx_xmatch.io_utils import write_json_atomic
+
+Files = Union[str, Sequence[str]]
+
+
+def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, item_vocab: Vocabulary,
+                     run_dir: Union[str, pathlib.Path], *, train_steps: Optional[int] = None):
+    """Trains ``config``'s model on TFRecords, selecting epochs on ``eval_files`` with full ranking.
+
+    Writes the run to ``run_dir``: ``config.json``, ``history.json``, the best weights, the
+    selected model under ``model/`` (loadable with ``training.load_model``) and ``metrics.json``
+    (epochs, best epoch, training seconds, validation metrics).
+
+    Args:
+      config: The run configuration (its ``data`` section is not used: the records are the data).
+      train_files: Glob(s) of training-sequence records (plain or ``.gz``).
+      eval_files: Glob(s) of (history, next item) records for model selection.
+      item_vocab: The vocabulary written beside the records.
+      run_dir: The run directory (created if missing).
+      train_steps: If set, the total number of training batches spread over ``train.epochs``
+        epochs (the data repeats); otherwise one pass over the data per epoch.
+
+    Returns:
+      (the selected model, the metrics dict).
+
+    Raises:
+      ConfigError: If ``train.strategy`` is multi_worker (this trains in one process).
+      ValueError, FileNotFoundError: On bad records or files matching nothing.
+    """
+    if config.train.strategy == "multi_worker":
+        raise ConfigError("training on records runs in one process; use train.strategy default or mirrored")
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", config.to_dict())
+
+    tf.keras.utils.set_random_seed(config.train.seed)
+    target_counts, popularity = record_counts(train_files, item_vocab.num_items)
+    validation, _ = read_eval_examples(eval_files)
+    strategy = training.make_strategy(config.train.strategy)
+    with strategy.scope():
+        model = training.build_model(config, num_items=item_vocab.num_items)
+        training.compile_for_training(model, config, target_counts)
+    train_data = read_training_tfrecords(train_files, max_length=config.model.max_length,
+                                         batch_size=config.train.batch_size, seed=config.train.seed)
+    steps_per_epoch = None
+    if train_steps:
+        steps_per_epoch = max(1, int(train_steps) // config.train.epochs)
+        train_data = train_data.repeat()
+
+    score_all = tf.function(model.score_all, reduce_retracing=True)
+
+    def validate() -> dict:
+        return evaluate_full_ranking(
+            lambda histories, rows: score_all({"history": histories}), validation, max_length=config.model.max_length,
+            batch_size=config.eval.batch_size, ks=tuple(config.eval.ks), mask_history=config.eval.mask_history,
+            item_popularity=popularity, num_items=item_vocab.num_items)
+
+    state = training.fit_with_selection(model, config, train_data, validate, run_dir, run_dir / "backup",
+                                        steps_per_epoch=steps_per_epoch)
+    training.save_model(model, run_dir / "model", item_vocab)
+    metrics = {"model": config.model.name, "epochs": len(state["epochs"]), "best_epoch": state["best_epoch"],
+               "train_seconds": round(state["train_seconds"], 1), "validation": validate()}
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    # The Keras backup only serves to resume an interrupted fit; the run is complete now.
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    return model, metrics

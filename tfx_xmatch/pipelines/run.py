@@ -1,0 +1,229 @@
+"""``xmatch pipeline run``: prepare -> train -> build index -> evaluate -> export, end to end.
+
+One run configuration (the same YAML ``xmatch train`` reads) drives every stage:
+
+1. **prepare** (Beam): the configured dataset file -> split TFRecords, vocabulary, statistics
+   and dead letters under ``OUTPUT/prepared``.
+2. **train**: the model trains on those records with model selection on the validation
+   records (``OUTPUT/run``, the same layout as ``xmatch train``).
+3. **build index** (Beam): catalogue embeddings (and SparCode posting lists) in item x code
+   shards under ``OUTPUT/index``.
+4. **export**: a SavedModel whose index is filled from step 3, staged under
+   ``OUTPUT/staging/<version>``.
+5. **evaluate** (Beam): the staged export ranks every test user's next item through its
+   ``top_k`` signature (``OUTPUT/evaluation.json``).
+6. **publish**: the evaluated version is copied into ``MODEL_BASE_PATH/<version>`` under a
+   hidden name and renamed, so ``xmatch serve`` (or TF Serving) polling the base path picks it
+   up whole. Nothing is published when an earlier stage fails.
+
+Each stage prints its progress and wall time; ``OUTPUT/pipeline_summary.json`` records them
+with the headline metrics.
+
+    xmatch pipeline run --config configs/ml1m_sasrec.yaml --set data.data_dir=../shared/data \\
+        --output-dir runs/ml1m-pipeline --model-base-path /models/xmatch
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from tfx_xmatch.config import ConfigError, RunConfig, load_config
+from tfx_xmatch.data.loaders import DATASETS
+from tfx_xmatch.io_utils import write_json_atomic
+from tfx_xmatch.pipelines.prepare import PrepareSpec, run_prepare
+
+STAGES = ("prepare", "train", "build_index", "export", "evaluate", "publish")
+DENSE_KINDS = ("brute_force", "partitioned", "scann", "soft_search")
+
+
+def prepare_spec(config: RunConfig, output_dir: str, num_shards: int = 1) -> PrepareSpec:
+    """The ``prepare`` spec of a run configuration's data section.
+
+    Raises:
+      ConfigError: If the data cannot be prepared by the pipeline (generated or TFDS data,
+        MovieLens side features, or a file path without ``data.format``).
+    """
+    data = config.data
+    if data.side_info:
+        raise ConfigError("data.side_info=true is not supported by the Beam prepare pipeline (it writes no user "
+                          "features); set data.side_info=false")
+    common = dict(split=data.split, split_options=dict(data.split_options), num_shards=num_shards)
+    info = DATASETS.get(data.dataset)
+    if info is not None and info.kind != "file":
+        raise ConfigError(f"data.dataset={data.dataset!r} is generated, not read from files; the pipeline prepares "
+                          f"files (a dataset name like 'ml-1m', or a path with data.format); write it to a file first")
+    if info is not None:
+        data_dir = data.data_dir or os.environ.get("XMATCH_DATA_DIR", ".")
+        return PrepareSpec.for_dataset(data.dataset, data_dir, output_dir, **common)
+    if not data.format:
+        raise ConfigError(f"data.dataset={data.dataset!r} is a path, so data.format is needed "
+                          "(pairs, sequences, ratings or table)")
+    return PrepareSpec(inputs=(data.dataset,), format=data.format, output_dir=output_dir,
+                       name=pathlib.Path(data.dataset).stem, **common)
+
+
+def _stage(number: int, name: str, timings: dict, work: Callable[[], Any]) -> Any:
+    print(f"[{number}/{len(STAGES)}] {name} ...", flush=True)
+    started = time.perf_counter()
+    result = work()
+    timings[name] = round(time.perf_counter() - started, 2)
+    print(f"[{number}/{len(STAGES)}] {name} done in {timings[name]:.1f} s", flush=True)
+    return result
+
+
+def _filled_index(model, index_dir: pathlib.Path, kind: str, options: dict, k_max: int):
+    """The serving index of ``kind`` filled from the build_index outputs (not recomputed)."""
+    import tensorflow as tf
+
+    from tfx_xmatch.index import make_index
+    from tfx_xmatch.pipelines.build_index import load_sparse_code_index
+
+    if kind == "sparse_code":
+        return load_sparse_code_index(index_dir, k_max=k_max)
+    if kind == "soft_search":
+        options = {"num_interests": model.serving_interests, "temperature": model.temperature, **options}
+    index = make_index(kind, k_max=k_max, **options)
+    embeddings = np.load(index_dir / "item_embeddings.npy")
+    return index.index(tf.constant(embeddings[1:]), tf.range(1, len(embeddings), dtype=tf.int64))
+
+
+def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path:
+    """Copies a staged export into the next free version of ``model_base_path``, atomically."""
+    base = pathlib.Path(model_base_path)
+    base.mkdir(parents=True, exist_ok=True)
+    existing = [int(path.name) for path in base.iterdir() if path.is_dir() and path.name.isdigit()]
+    final = base / str(max(existing, default=0) + 1)
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=base))
+    try:
+        shutil.copytree(staged_version, temporary, dirs_exist_ok=True)
+        os.rename(temporary, final)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return final
+
+
+def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, index_kind: str = "brute_force",
+                 index_options: Optional[dict] = None, k_max: int = 100, num_shards: int = 1, item_shards: int = 8,
+                 code_shards: int = 4, beam_args: Sequence[str] = ()) -> dict:
+    """Runs every stage; returns (and writes to ``OUTPUT/pipeline_summary.json``) the summary.
+
+    Args:
+      config: The run configuration (data, model, training, evaluation cutoffs).
+      output_dir: Working directory of the run (prepared data, run, index, staging, evaluation).
+      model_base_path: Where the evaluated export is published as a new version.
+      index_kind: Serving index: brute_force, partitioned, scann, sparse_code (SparCode) or
+        soft_search (SPARC).
+      index_options: Constructor arguments of the index (SparCode budgets: max_items_per_code,
+        cache_fraction).
+      k_max: Largest k a request may ask for; at least the largest ``eval.ks``.
+      num_shards: TFRecord shards per part.
+      item_shards: Item shards of the index build.
+      code_shards: Code shards of SparCode's posting lists.
+      beam_args: Beam runner flags for the Beam stages.
+
+    Raises:
+      ConfigError: If the configuration cannot run as a pipeline (see ``prepare_spec``), or
+        ``k_max`` is below the largest evaluation cutoff.
+      ValueError, FileNotFoundError: From the stages, before anything is published.
+    """
+    from tfx_xmatch import training
+    from tfx_xmatch.data.vocabulary import Vocabulary
+    from tfx_xmatch.export import export_retrieval_model
+    from tfx_xmatch.pipelines.build_index import run_build_index
+    from tfx_xmatch.pipelines.evaluate import run_evaluate
+    from tfx_xmatch.pipelines.record_training import train_on_records
+
+    index_options = dict(index_options or {})
+    if max(config.eval.ks) > k_max:
+        raise ConfigError(f"k_max={k_max} is below the largest evaluation cutoff eval.ks={list(config.eval.ks)}")
+    if index_kind not in (*DENSE_KINDS, "sparse_code"):
+        raise ConfigError(f"index_kind must be one of {(*DENSE_KINDS, 'sparse_code')}, got {index_kind!r}")
+    output = pathlib.Path(output_dir)
+    prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
+    spec = prepare_spec(config, str(prepared), num_shards)
+    timings: dict[str, float] = {}
+
+    statistics = _stage(1, "prepare", timings, lambda: run_prepare(spec, beam_args))
+    print(f"    {statistics['dataset']['users']} users, {statistics['num_items']} items, examples "
+          f"{statistics['examples']}, {statistics['malformed_lines']} malformed line(s)")
+    vocab = Vocabulary.load(prepared / "item_vocab.json")
+    model, train_metrics = _stage(2, "train", timings, lambda: train_on_records(
+        config, str(prepared / "train-*-of-*.tfrecord"), str(prepared / "validation-*-of-*.tfrecord"), vocab, run_dir))
+    print(f"    {train_metrics['epochs']} epochs, best {train_metrics['best_epoch']}, validation "
+          f"{config.train.monitor} {train_metrics['validation'][config.train.monitor]:.4f}")
+    budget = {key: index_options.get(key) for key in ("max_items_per_code", "cache_fraction")} \
+        if index_kind == "sparse_code" else {}
+    index_stats = _stage(3, "build_index", timings, lambda: run_build_index(
+        run_dir, index_dir, beam_args=beam_args, item_shards=item_shards, code_shards=code_shards, **budget))
+    model = training.load_model(run_dir / "model")
+    staged = _stage(4, "export", timings, lambda: export_retrieval_model(
+        model, vocab, output / "staging", index_kind=index_kind, k_max=k_max,
+        index=_filled_index(model, index_dir, index_kind, {k: v for k, v in index_options.items() if k not in budget},
+                            k_max)))
+    metrics = _stage(5, "evaluate", timings, lambda: run_evaluate(
+        str(staged), str(prepared), split="test", ks=tuple(config.eval.ks), output_path=str(output / "evaluation.json"),
+        beam_args=beam_args))
+    published = _stage(6, "publish", timings, lambda: publish(staged, model_base_path))
+
+    summary = {
+        "config": config.to_dict(), "index_kind": index_kind, "index_options": index_options, "k_max": k_max,
+        "stage_seconds": timings, "total_seconds": round(sum(timings.values()), 2),
+        "dataset": statistics["dataset"], "examples": statistics["examples"],
+        "malformed_lines": statistics["malformed_lines"],
+        "training": {key: train_metrics[key] for key in ("epochs", "best_epoch", "train_seconds")},
+        "index": {key: index_stats.get(key) for key in ("num_items", "postings", "wall_seconds") if key in index_stats},
+        "test": metrics, "published": str(published),
+    }
+    write_json_atomic(output / "pipeline_summary.json", summary)
+    print("\nstage          seconds")
+    for name, seconds in timings.items():
+        print(f"  {name:<12} {seconds:8.1f}")
+    print(f"  {'total':<12} {summary['total_seconds']:8.1f}")
+    shown = [key for key in ("HR@10", "NDCG@10", "Recall@50") if key in metrics]
+    print("test (full ranking through the export): " + ", ".join(f"{key} {metrics[key]:.4f}" for key in shown))
+    print(f"published {published}  (serve it: xmatch serve --model_base_path={model_base_path})")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xmatch pipeline run", description=__doc__.split("\n\n")[0],
+        epilog="Other flags are Beam pipeline options for the Beam stages, e.g. --runner=FlinkRunner.")
+    parser.add_argument("--config", help="YAML or JSON run configuration (as for xmatch train)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable)")
+    parser.add_argument("--output-dir", required=True, help="working directory of the run")
+    parser.add_argument("--model-base-path", required=True, help="MODEL_BASE_PATH the export is published to")
+    parser.add_argument("--index", default="brute_force", choices=(*DENSE_KINDS, "sparse_code"))
+    parser.add_argument("--index-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="index argument, e.g. num_partitions=64 or cache_fraction=0.01 (repeatable)")
+    parser.add_argument("--k-max", type=int, default=100)
+    parser.add_argument("--num-shards", type=int, default=1, help="TFRecord shards per part")
+    parser.add_argument("--item-shards", type=int, default=8)
+    parser.add_argument("--code-shards", type=int, default=4)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tfx_xmatch.pipelines.prepare import _options
+
+    args, beam_args = build_parser().parse_known_args(argv)
+    config = load_config(args.config, args.set)
+    run_pipeline(config, args.output_dir, args.model_base_path, index_kind=args.index,
+                 index_options=_options(args.index_option, "--index-option"), k_max=args.k_max,
+                 num_shards=args.num_shards, item_shards=args.item_shards, code_shards=args.code_shards,
+                 beam_args=beam_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
