@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.index.retrieval_index import RetrievalIndex, _is_python_int
+from tfx_xmatch.index.retrieval_index import RetrievalIndex, TensorLike, _is_python_int
 
 # Query row and item share one int64 key (row * 2^32 + item); items are int32 positions.
 _KEY_BASE = 2**32
@@ -182,11 +182,66 @@ class SparseCodeIndex(RetrievalIndex):
         return self
 
     def _builder(self, num_candidates: int, num_codes: int) -> "_PostingBuilder":
-        total = None
-        if self.cache_fraction is not None:
-            # Fraction of the decimal value (0.1 -> 1/10): ceil(0.1 * 1000) is 100, not 101.
-            total = math.ceil(Fraction(repr(self.cache_fraction)) * num_codes * num_candidates)
+        total = cache_budget(self.cache_fraction, num_codes, num_candidates)
         return _PostingBuilder(num_codes, self.max_items_per_code, total)
+
+    def load_postings(
+        self,
+        items: TensorLike,
+        scores: TensorLike,
+        splits: TensorLike,
+        identifiers: Optional[TensorLike] = None,
+        *,
+        num_candidates: Optional[int] = None,
+        num_positive_entries: Optional[int] = None,
+    ) -> "SparseCodeIndex":
+        """Restores posting lists built elsewhere (e.g. by the Beam ``build_index`` pipeline).
+
+        The index then answers exactly as one whose ``index()`` produced these lists. The
+        budget is not re-applied: the lists are stored as given.
+
+        Args:
+          items: int [nnz] row positions in [0, N), code-major (see the module docstring).
+          scores: float [nnz] scores, > 0, best first within each code.
+          splits: int [C + 1] code offsets into ``items``, from 0 to nnz, non-decreasing.
+          identifiers: [N] identifiers (see ``index()``); default ``0..N-1``.
+          num_candidates: N; default the length of ``identifiers`` (one of the two is needed).
+          num_positive_entries: Positive entries of the whole table, for ``is_exact()``;
+            default unknown (``is_exact()`` then says whether a budget is configured).
+
+        Returns:
+          self.
+
+        Raises:
+          ValueError: If shapes, splits or item positions are inconsistent (the message
+            quotes them), or neither ``identifiers`` nor ``num_candidates`` is given.
+          RuntimeError: If called inside ``tf.function``.
+        """
+        self._require_eager("load_postings()")
+        items, scores = np.asarray(items), np.asarray(scores, np.float32)
+        splits = np.asarray(splits)
+        if identifiers is None and num_candidates is None:
+            raise ValueError("load_postings() needs identifiers or num_candidates")
+        if num_candidates is None:
+            num_candidates = int(tf.shape(identifiers)[0])
+        if items.ndim != 1 or items.dtype.kind not in "iu" or items.shape != scores.shape:
+            raise ValueError(f"items and scores must be vectors of one length, items integers; got "
+                             f"items {items.dtype}{list(items.shape)}, scores {list(scores.shape)}")
+        if (splits.ndim != 1 or len(splits) < 2 or splits[0] != 0 or splits[-1] != len(items)
+                or np.any(np.diff(splits) < 0)):
+            raise ValueError(f"splits must rise from 0 to {len(items)} (the number of items), "
+                             f"got {splits.tolist()[:10]}{'...' if len(splits) > 10 else ''}")
+        if len(items) and (items.min() < 0 or items.max() >= num_candidates):
+            raise ValueError(f"items must be row positions in [0, {num_candidates}), got values in "
+                             f"[{items.min()}, {items.max()}]")
+        identifiers = self._checked_identifiers(identifiers, int(num_candidates))
+        self.posting_items = self._assign_state("posting_items", items.astype(np.int32))
+        self.posting_scores = self._assign_state("posting_scores", scores)
+        self.posting_splits = self._assign_state("posting_splits", splits.astype(np.int64))
+        self.num_positive_entries, self.num_postings = num_positive_entries, len(items)
+        self.peak_buffered_entries = None
+        self._set_catalogue(identifiers, int(num_candidates), len(splits) - 1)
+        return self
 
     def _store(self, builder: "_PostingBuilder") -> None:
         items, scores, splits = builder.finish()
@@ -230,7 +285,7 @@ class SparseCodeIndex(RetrievalIndex):
         Returns:
           Whether every positive table entry is stored.
         """
-        if self.num_postings is None:
+        if self.num_postings is None or self.num_positive_entries is None:
             return self.max_items_per_code is None and self.cache_fraction is None
         return self.num_postings == self.num_positive_entries
 
@@ -306,17 +361,10 @@ class _PostingBuilder:
 
     def _compact(self) -> None:
         codes, rows, scores = (np.concatenate(part) for part in zip(*self.parts))
+        codes, rows, scores = prune_entries(
+            codes, rows, scores, self.num_codes, self.per_code, self.total
+        )
         self.threshold[:] = 0
-        if self.per_code is not None:
-            order = np.lexsort((rows, -scores, codes))
-            codes, rows, scores = codes[order], rows[order], scores[order]
-            counts = np.bincount(codes, minlength=self.num_codes)
-            starts = np.cumsum(counts) - counts
-            keep = np.arange(len(codes)) - np.repeat(starts, counts) < self.per_code
-            codes, rows, scores = codes[keep], rows[keep], scores[keep]
-        if self.total is not None and len(scores) > self.total:
-            keep = _best(scores, rows, codes, self.total)
-            codes, rows, scores = codes[keep], rows[keep], scores[keep]
         if self.per_code is not None:  # still sorted by code, then score desc
             counts = np.bincount(codes, minlength=self.num_codes)
             full = counts >= self.per_code
@@ -330,10 +378,67 @@ class _PostingBuilder:
         if not self.parts:
             self.parts = [(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))]
         self._compact()
-        codes, rows, scores = self.parts[0]
+        return entries_to_postings(*self.parts[0], self.num_codes)
+
+
+def cache_budget(
+    cache_fraction: Optional[float], num_codes: int, num_candidates: int
+) -> Optional[int]:
+    """Entries a ``cache_fraction`` keeps of a [num_candidates, num_codes] table (None: no cap)."""
+    if cache_fraction is None:
+        return None
+    # Fraction of the decimal value (0.1 -> 1/10): ceil(0.1 * 1000) is 100, not 101.
+    return math.ceil(Fraction(repr(float(cache_fraction))) * num_codes * num_candidates)
+
+
+def prune_entries(
+    codes: np.ndarray,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    num_codes: int,
+    per_code: Optional[int],
+    total: Optional[int],
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Applies the budget to (code, row, score) entries; ranking (score desc, row asc, code asc).
+
+    Keeps each code's ``per_code`` best entries, then the ``total`` best of those (either cap
+    may be None). Pruning any partition of a table's entries this way and pruning the union of
+    the kept entries again gives the same set as pruning the table at once: the budgeted
+    merge of the Beam ``build_index`` pipeline relies on it.
+
+    Args:
+      codes, rows, scores: Parallel [n] arrays (codes in [0, num_codes)).
+      num_codes: C.
+      per_code: L, or None.
+      total: M, or None.
+
+    Returns:
+      The kept (codes, rows, scores); sorted by code, then rank, when ``per_code`` is set.
+    """
+    if per_code is not None:
         order = np.lexsort((rows, -scores, codes))
-        splits = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=self.num_codes))])
-        return rows[order], scores[order].astype(np.float32), splits.astype(np.int64)
+        codes, rows, scores = codes[order], rows[order], scores[order]
+        counts = np.bincount(codes, minlength=num_codes)
+        starts = np.cumsum(counts) - counts
+        keep = np.arange(len(codes)) - np.repeat(starts, counts) < per_code
+        codes, rows, scores = codes[keep], rows[keep], scores[keep]
+    if total is not None and len(scores) > total:
+        keep = _best(scores, rows, codes, total)
+        codes, rows, scores = codes[keep], rows[keep], scores[keep]
+    return codes, rows, scores
+
+
+def entries_to_postings(
+    codes: np.ndarray, rows: np.ndarray, scores: np.ndarray, num_codes: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kept entries as code-major posting lists, each best first (ties by row).
+
+    Returns:
+      (items int32 [nnz], scores float32 [nnz], splits int64 [C + 1]).
+    """
+    order = np.lexsort((rows, -scores, codes))
+    splits = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=num_codes))])
+    return rows[order].astype(np.int32), scores[order].astype(np.float32), splits.astype(np.int64)
 
 
 def _best(scores: np.ndarray, rows: np.ndarray, codes: np.ndarray, count: int) -> np.ndarray:
