@@ -28,8 +28,10 @@ setup(
     packages=find_packages(include=["tfx_xmatch", "tfx_xmatch.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
+        # The Beam pipelines (tfx_xmatch.pipelines); [gcp] adds the Dataflow runner and GCS.
         "beam": ["apache-beam[gcp]>=2.60,<3"],
-        "test": ["pytest>=8,<10"],
+        # Tests run every Beam pipeline on the DirectRunner, which plain apache-beam has.
+        "test": ["pytest>=8,<10", "apache-beam>=2.60,<3"],
     },
     entry_points={"console_scripts": ["xmatch=tfx_xmatch.cli:main"]},
 )
