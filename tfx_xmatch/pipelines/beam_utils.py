@@ -38,3 +38,20 @@ def pipeline_options(beam_args: Sequence[str] = ()):
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"
     return options
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` to a temporary name beside ``path`` and renames it into place.
+
+    Goes through ``tf.io.gfile``, so ``path`` may be local or on any file system TensorFlow
+    reads (``gs://``, ``hdfs://``): Beam workers write their outputs with it.
+    """
+    import os
+
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+    temporary = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temporary, "w") as handle:
+        handle.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)

@@ -45,8 +45,8 @@ import tensorflow as tf
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.data.tfrecord import record_counts
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
-from tfx_xmatch.io_utils import write_json_atomic
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam
+from tfx_xmatch.io_utils import json_text
+from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, write_text
 
 beam = require_beam()
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference  # noqa: E402
@@ -291,24 +291,28 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
     if tf.io.gfile.glob(train_pattern) and tf.io.gfile.exists(vocab_path):
         popularity = record_counts(train_pattern, Vocabulary.load(vocab_path).num_items)[1]
 
-    staging = tempfile.mkdtemp(prefix="xmatch-evaluate-")
+    settings = {"export_dir": _absolute(export_dir), "prepared_dir": _absolute(prepared_dir),
+                "split": split, "ks": sorted(set(ks)), "batch_size": batch_size,
+                "mask_history": True, "tail_popularity": "train records" if popularity is not None else None}
+    # The last step writes the result through tf.io.gfile, so output_path may be on any file
+    # system the workers reach (gs://...); without one, a local temporary file carries it back.
+    staging = None if output_path is not None else tempfile.mkdtemp(prefix="xmatch-evaluate-")
+    target = output_path or os.path.join(staging, "metrics.json")
     try:
         with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
             metrics = evaluate_pipeline(pipeline, export_dir, pattern, vocab_path, ks=ks, batch_size=batch_size,
                                         popularity=popularity)
-            _ = (metrics | "Serialize" >> beam.Map(json.dumps)
-                 | "Write" >> beam.io.WriteToText(os.path.join(staging, "metrics"), shard_name_template=""))
-        with open(os.path.join(staging, "metrics"), encoding="utf-8") as file:
-            metrics = json.load(file)  # json round-trips NaN (TailRecall without tail targets)
+            _ = metrics | "Write" >> beam.Map(
+                lambda result: write_text(target, json_text({"metrics": result, "settings": settings})))
+        with tf.io.gfile.GFile(target) as handle:
+            metrics = json.load(handle)["metrics"]
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     if not metrics["num_examples"]:
+        if output_path is not None:
+            tf.io.gfile.remove(target)  # no result is better than an empty one
         raise ValueError(f"no examples in {pattern!r}: nothing to evaluate")
-    if output_path is not None:
-        settings = {"export_dir": _absolute(export_dir), "prepared_dir": _absolute(prepared_dir),
-                    "split": split, "ks": sorted(set(ks)), "batch_size": batch_size,
-                    "mask_history": True, "tail_popularity": "train records" if popularity is not None else None}
-        write_json_atomic(output_path, {"metrics": metrics, "settings": settings})
     return metrics
 
 

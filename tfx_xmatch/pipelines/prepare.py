@@ -44,7 +44,7 @@ from tfx_xmatch.data.splits import (
 )
 from tfx_xmatch.data.tfrecord import SPLIT_PARTS, example_bytes, remove_stale_shards, shard_boundaries, shard_paths
 from tfx_xmatch.io_utils import json_text
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam
+from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -258,16 +258,6 @@ def _write_shard(element, output_dir: str, num_shards: int) -> str:
     return path
 
 
-def _write_text(path: str, text: str) -> None:
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temporary, "w") as handle:
-        handle.write(text)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 def _finish(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, settings: dict,
             dead_letters: list[dict], written: list[str]) -> dict:
     """Checks the split, removes stale shards, writes vocabulary, statistics and dead letters."""
@@ -287,9 +277,9 @@ def _finish(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, 
         remove_stale_shards(os.path.join(spec.output_dir, part), shard_paths(os.path.join(spec.output_dir, part),
                                                                               spec.num_shards))
     dead_letters = sorted(dead_letters, key=lambda letter: (letter["file"], letter["line"]))
-    _write_text(os.path.join(spec.output_dir, DEAD_LETTER_FILE),
+    write_text(os.path.join(spec.output_dir, DEAD_LETTER_FILE),
                 "".join(json.dumps(letter, ensure_ascii=False) + "\n" for letter in dead_letters))
-    _write_text(os.path.join(spec.output_dir, "item_vocab.json"),
+    write_text(os.path.join(spec.output_dir, "item_vocab.json"),
                 json_text(vocabulary[0].to_json()))
     statistics = {
         "dataset": sequence_statistics(spec.name, lengths, vocabulary[0].num_items),
@@ -304,7 +294,7 @@ def _finish(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, 
         "files": {part: [os.path.basename(path) for path in shard_paths(os.path.join(spec.output_dir, part),
                                                                         spec.num_shards)] for part in SPLIT_PARTS},
     }
-    _write_text(os.path.join(spec.output_dir, "statistics.json"), json_text(statistics))
+    write_text(os.path.join(spec.output_dir, "statistics.json"), json_text(statistics))
     return statistics
 
 
