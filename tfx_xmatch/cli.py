@@ -171,6 +171,7 @@ def show_top_items(model, split, config, user_row: int, k: int = 10) -> str:
 PASSTHROUGH_COMMANDS = {
     "serve": ("tfx_xmatch.serving.server", "serve exports over TF Serving's gRPC/REST protocol"),
     "query": ("tfx_xmatch.serving.client", "query a TF-Serving-protocol server (ours or tensorflow/serving)"),
+    "bench": ("tfx_xmatch.bench.cli", "run the benchmark suite and write REPORT.md with plots"),
     "pipeline": ("tfx_xmatch.pipelines.cli", "Beam pipelines: prepare, build-index, evaluate, and run (end to end)"),
 }
 

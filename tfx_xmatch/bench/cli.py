@@ -1,0 +1,54 @@
+"""``xmatch bench``: run the benchmark suite and write ``REPORT.md`` with its plots.
+
+    xmatch bench                      # full suite (benchmarks/suite.yaml), hours on 2 cores
+    xmatch bench --quick              # ML-100K (or synthetic) at small budgets, under 10 minutes
+    xmatch bench --suite my.yaml --data-dir ../shared/data --output-dir report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+from tfx_xmatch.io_utils import write_json_atomic
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmatch bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", default=str(REPO_ROOT / "benchmarks" / "suite.yaml"), help="suite file")
+    parser.add_argument("--quick", action="store_true", help="the suite's quick section: a smoke run in minutes")
+    parser.add_argument("--data-dir", default=os.environ.get("XMATCH_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
+    parser.add_argument("--runs-dir", help="training runs, reused when finished (default: OUTPUT/runs-full|quick)")
+    parser.add_argument("--output-dir", default=str(REPO_ROOT / "benchmarks" / "results"),
+                        help="where REPORT.md, bench.json and the plots go")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from tfx_xmatch.bench.environment import header
+    from tfx_xmatch.bench.report import write_report
+    from tfx_xmatch.bench.suite import load_suite, run_suite
+
+    suite = load_suite(args.suite, quick=args.quick)
+    output = pathlib.Path(args.output_dir)
+    mode = "quick" if args.quick else "full"
+    runs_dir = pathlib.Path(args.runs_dir or REPO_ROOT / "benchmarks" / "runs" / f"bench-{mode}")
+    result = {**header("bench"), "quick": args.quick, "suite": args.suite,
+              "budgets": {name: (spec or {}).get("budget_minutes") for name, spec in suite.datasets.items()}}
+    result.update(run_suite(suite, args.data_dir, runs_dir))
+    stem = "bench_quick" if args.quick else "bench"
+    write_json_atomic(output / f"{stem}.json", result)
+    report = write_report(result, output / "quick" if args.quick else output)
+    print(f"report: {report} ({result['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Each model's serving path as the benchmarks measure it: the index an export would bake in,
+and one search from a batch of histories to the top items, history excluded.
+
+Quality and latency go through the same path, so a reported number is what a served export
+answers: items the index does not return rank last in the full-ranking evaluation.
+
+Paths per model (``variants`` of :func:`serving_paths`):
+
+* two-tower: ``{"kind": "brute_force"}`` (exact dot product).
+* SparCode: ``{"kind": "sparse_code", "cache_fraction": f}`` (posting lists under a budget).
+* SPARC: ``{"kind": "soft_search", "interests": K}`` (K = 1 is hard search).
+* T2Diff: ``{"kind": "brute_force", "sampler": "ddim"|"ddpm", "steps": S}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from tfx_xmatch import training
+from tfx_xmatch.data.dataset import pad_histories
+from tfx_xmatch.evaluation import evaluate_full_ranking
+from tfx_xmatch.index import BruteForceIndex, SoftSearchIndex, SparseCodeIndex
+
+RETRIEVED = 100
+
+
+@dataclasses.dataclass
+class ServingPath:
+    """One way a trained model answers.
+
+    Attributes:
+      label: What the path is, e.g. "brute force", "soft K=4", "DDIM-10", "cache 10%".
+      variant: The settings it was built from.
+      index: The filled index.
+      build_seconds: Wall time of filling the index.
+      search: ``search(inputs, history) -> (scores [B, k], item indices [B, k])``.
+    """
+
+    label: str
+    variant: dict
+    index: object
+    build_seconds: float
+    search: Callable
+
+
+def index_bytes(index) -> int:
+    """Bytes held by the index's variables (strings: their byte lengths)."""
+    total, seen = 0, set()
+    for variable in index.variables:
+        if id(variable) in seen:
+            continue
+        seen.add(id(variable))
+        if variable.dtype.name == "string":
+            total += int(sum(len(x) for x in np.ravel(variable.numpy())))
+        else:
+            # Variables have unknown static dimensions; the value's shape is the real one.
+            total += int(np.prod(variable.value().shape.as_list())) * variable.dtype.size
+    return total
+
+
+def _label(variant: dict) -> str:
+    if "sampler" in variant:
+        return f"{variant['sampler'].upper()}-{variant['steps']}"
+    if variant["kind"] == "sparse_code":
+        fraction = variant.get("cache_fraction")
+        return "cache 100%" if fraction is None else f"cache {fraction:.0%}"
+    if variant["kind"] == "soft_search":
+        return "hard (K=1)" if variant["interests"] == 1 else f"soft K={variant['interests']}"
+    return "brute force"
+
+
+def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> ServingPath:
+    """Builds the index of ``variant`` for ``model`` and the search through it.
+
+    Raises:
+      ValueError: If the variant does not fit the model (the message names both).
+    """
+    kind = variant["kind"]
+    ids = tf.range(1, num_items + 1, dtype=tf.int64)
+    started = time.perf_counter()
+    if kind == "sparse_code":
+        if not hasattr(model, "build_index"):
+            raise ValueError(f"variant {variant} needs a SparCode model, got {type(model).__name__}")
+        index = SparseCodeIndex(k_max=RETRIEVED, cache_fraction=variant.get("cache_fraction"), exclude_padding=0)
+        model.build_index(index, verbose=0)
+    elif kind == "soft_search":
+        if not hasattr(model, "interest_vectors"):
+            raise ValueError(f"variant {variant} needs a SPARC model, got {type(model).__name__}")
+        index = SoftSearchIndex(BruteForceIndex(k_max=RETRIEVED), num_interests=variant["interests"],
+                                k_max=RETRIEVED, exclude_padding=0)
+        index.index(model.item_embeddings()[1:], ids)
+    elif kind == "brute_force":
+        index = BruteForceIndex(k_max=RETRIEVED, exclude_padding=0)
+        index.index(model.item_embeddings()[1:], ids)
+    else:
+        raise ValueError(f"unknown serving path kind {kind!r} in {variant}")
+    build_seconds = time.perf_counter() - started
+
+    if kind == "soft_search":
+        interests = variant["interests"]
+
+        @tf.function(reduce_retracing=True)
+        def search(inputs, history):
+            vectors, log_probs = model.interest_vectors(inputs, interests)
+            return index(vectors, k=RETRIEVED, exclude=history, log_weights=log_probs)
+    else:
+        sampling = {key: variant[key] for key in ("sampler", "steps") if key in variant}
+        if sampling:
+            sampling["seed"] = seed
+
+        @tf.function(reduce_retracing=True)
+        def search(inputs, history):
+            return index(model.user_embedding(inputs, **sampling), k=RETRIEVED, exclude=history)
+
+    return ServingPath(_label(variant), dict(variant), index, build_seconds, search)
+
+
+def evaluate_path(path: ServingPath, model, split, config) -> dict:
+    """Test metrics of the path: full ranking, items the path does not return rank last."""
+    num_items = split.num_items
+
+    def score_fn(histories, user_rows):
+        inputs = training.model_inputs(model, split.dataset, histories, user_rows)
+        scores, ids = path.search(inputs, tf.constant(histories, tf.int64))
+        dense = np.full((len(histories), num_items + 1), -np.inf, np.float32)
+        ids, scores = ids.numpy(), scores.numpy()
+        found = ids > 0
+        rows = np.broadcast_to(np.arange(len(histories))[:, None], ids.shape)
+        dense[rows[found], ids[found]] = scores[found]
+        return dense
+
+    return evaluate_full_ranking(
+        score_fn, split.test, num_items=num_items, max_length=config.model.max_length,
+        batch_size=config.eval.batch_size, ks=tuple(config.eval.ks), mask_history=config.eval.mask_history,
+        item_popularity=split.item_popularity())
+
+
+def per_user_latency(path: ServingPath, model, split, config, users: int, warmup: int = 10) -> tuple[float, float]:
+    """p50/p99 milliseconds of one user's query (batch 1) through the path, encoder included."""
+    histories = pad_histories(split.test.histories[:users], config.model.max_length)
+    user_rows = split.test.user_rows[:users]
+    timings = []
+    for position in range(len(histories) + warmup):
+        row = histories[position % len(histories)][np.newaxis]
+        inputs = training.model_inputs(model, split.dataset, row, user_rows[position % len(histories)][np.newaxis])
+        started = time.perf_counter()
+        scores, _ = path.search(inputs, tf.constant(row, tf.int64))
+        scores.numpy()
+        if position >= warmup:  # the first calls trace and warm up
+            timings.append((time.perf_counter() - started) * 1000)
+    return round(float(np.percentile(timings, 50)), 3), round(float(np.percentile(timings, 99)), 3)
