@@ -49,21 +49,3 @@ def training_overrides(dataset: str, data_dir, epochs: int, patience: int, minut
         f"train.epochs={epochs}", f"train.early_stopping_patience={patience}",
         f"train.max_train_seconds={minutes * 60}", "train.verbose=2",
     ]
-
-
-def retrieval_score_fn(query_fn, num_items: int):
-    """A full-ranking ``score_fn`` for a model served through an index, like an export answers:
-    ``query_fn(histories, user_rows) -> (scores [B, k], item indices [B, k])`` gives each row's
-    retrieved items; every item it did not return scores -inf (ranks last)."""
-    import numpy as np
-
-    def score_fn(histories, user_rows):
-        scores, ids = query_fn(histories, user_rows)
-        dense = np.full((len(histories), num_items + 1), -np.inf, np.float32)
-        ids, scores = np.asarray(ids), np.asarray(scores)
-        found = ids > 0
-        rows = np.broadcast_to(np.arange(len(histories))[:, None], ids.shape)
-        dense[rows[found], ids[found]] = scores[found]
-        return dense
-
-    return score_fn

@@ -264,21 +264,6 @@ def search_module(index, tf):
     return module
 
 
-def index_bytes(index) -> int:
-    """Bytes held by the index's variables (strings: their byte lengths)."""
-    total, seen = 0, set()
-    for variable in index.variables:
-        if id(variable) in seen:
-            continue
-        seen.add(id(variable))
-        if variable.dtype.name == "string":
-            total += int(sum(len(x) for x in np.ravel(variable.numpy())))
-        else:
-            # Variables have unknown static dimensions; the value's shape is the real one.
-            total += int(np.prod(variable.value().shape.as_list())) * variable.dtype.size
-    return total
-
-
 def in_process(module, queries: np.ndarray, warmup: int, tf):
     """Single-query latencies (ms) and the ids returned for every query."""
     k = tf.constant(K, tf.int32)
@@ -412,6 +397,7 @@ def main() -> int:
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     import tensorflow as tf
 
+    from tfx_xmatch.bench.serving_paths import index_bytes
     from tfx_xmatch.index import make_index
     from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
 

@@ -25,21 +25,17 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, retrieval_score_fn, training_budgets, training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
 )
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
-from tfx_xmatch.index import BruteForceIndex, SoftSearchIndex  # noqa: E402
+from tfx_xmatch.bench.serving_paths import RETRIEVED, evaluate_path, per_user_latency, serving_path  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -55,60 +51,22 @@ DEFAULT_MINUTES = {"ml-1m:two_tower_sasrec": 70.0, "ml-1m:sparc": 65.0,
                    "beauty:two_tower_sasrec": 15.0, "beauty:sparc": 15.0}
 INTERESTS = (1, 2, 4, 8)
 REPORTED = ("Recall@50", "NDCG@50", "HR@10", "NDCG@10", "TailRecall@50", "Coverage@50")
-RETRIEVED = 100
 
 
 def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_users: int) -> list[dict]:
     """One row per K in INTERESTS (K = 1 is hard search), answered through SoftSearchIndex."""
     model = training.load_model(run_dir / "model")
-    dataset, num_items = split.dataset, split.num_items
     codes = model.item_codes().numpy()
     perplexity = [round(p, 1) for p in model.rqvae.codebook_perplexity(codes)]
     rows = []
     for num_interests in INTERESTS:
-        index = SoftSearchIndex(BruteForceIndex(k_max=RETRIEVED), num_interests=num_interests, k_max=RETRIEVED,
-                                exclude_padding=0)
-        index.index(model.item_embeddings()[1:], tf.range(1, num_items + 1, dtype=tf.int64))
-
-        @tf.function(reduce_retracing=True)
-        def search(inputs, history, index=index, num_interests=num_interests):
-            vectors, log_probs = model.interest_vectors(inputs, num_interests)
-            return index(vectors, k=RETRIEVED, exclude=history, log_weights=log_probs)
-
-        def query_fn(histories, user_rows, search=search):
-            scores, ids = search(training.model_inputs(model, dataset, histories, user_rows),
-                                 tf.constant(histories, tf.int64))
-            return scores.numpy(), ids.numpy()
-
-        metrics = evaluate_full_ranking(
-            retrieval_score_fn(query_fn, num_items), split.test, num_items=num_items,
-            max_length=config.model.max_length, batch_size=config.eval.batch_size, ks=tuple(config.eval.ks),
-            mask_history=config.eval.mask_history, item_popularity=split.item_popularity(),
-        )
-        latency = per_user_latency(search, model, split, config, latency_users)
-        variant = "hard (K=1)" if num_interests == 1 else f"soft K={num_interests}"
-        rows.append({**base, "variant": variant, "interests": num_interests, **_reported(metrics),
+        path = serving_path(model, split.num_items, {"kind": "soft_search", "interests": num_interests})
+        metrics = evaluate_path(path, model, split, config)
+        latency = per_user_latency(path, model, split, config, latency_users)
+        rows.append({**base, "variant": path.label, "interests": num_interests, **_reported(metrics),
                      "codebook_perplexity": perplexity, "latency_ms_p50": latency[0], "latency_ms_p99": latency[1]})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows
-
-
-def per_user_latency(search, model, split, config, num_users: int) -> tuple[float, float]:
-    """p50/p99 milliseconds of one user's query (batch 1) through ``search``."""
-    from tfx_xmatch.data.dataset import pad_histories
-
-    histories = pad_histories(split.test.histories[:num_users], config.model.max_length)
-    user_rows = split.test.user_rows[:num_users]
-    timings = []
-    for position in range(len(histories) + 10):
-        row = histories[position % len(histories)][np.newaxis]
-        inputs = training.model_inputs(model, split.dataset, row, user_rows[position % len(histories)][np.newaxis])
-        started = time.perf_counter()
-        scores, _ = search(inputs, tf.constant(row, tf.int64))
-        scores.numpy()
-        if position >= 10:  # the first calls trace and warm up
-            timings.append((time.perf_counter() - started) * 1000)
-    return round(float(np.percentile(timings, 50)), 3), round(float(np.percentile(timings, 99)), 3)
 
 
 def _reported(metrics: dict) -> dict:

@@ -28,13 +28,14 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, retrieval_score_fn, training_budgets, training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
 )
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.serving_paths import retrieval_score_fn  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
 from tfx_xmatch.index import SparseCodeIndex  # noqa: E402

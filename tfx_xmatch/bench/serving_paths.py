@@ -120,24 +120,35 @@ def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> Serving
     return ServingPath(_label(variant), dict(variant), index, build_seconds, search)
 
 
-def evaluate_path(path: ServingPath, model, split, config) -> dict:
-    """Test metrics of the path: full ranking, items the path does not return rank last."""
-    num_items = split.num_items
+def retrieval_score_fn(query_fn, num_items: int):
+    """A full-ranking ``score_fn`` for a model served through an index, like an export answers:
+    ``query_fn(histories, user_rows) -> (scores [B, k], item indices [B, k])`` gives each row's
+    retrieved items; every item it did not return scores -inf (ranks last)."""
 
     def score_fn(histories, user_rows):
-        inputs = training.model_inputs(model, split.dataset, histories, user_rows)
-        scores, ids = path.search(inputs, tf.constant(histories, tf.int64))
+        scores, ids = query_fn(histories, user_rows)
         dense = np.full((len(histories), num_items + 1), -np.inf, np.float32)
-        ids, scores = ids.numpy(), scores.numpy()
+        ids, scores = np.asarray(ids), np.asarray(scores)
         found = ids > 0
         rows = np.broadcast_to(np.arange(len(histories))[:, None], ids.shape)
         dense[rows[found], ids[found]] = scores[found]
         return dense
 
+    return score_fn
+
+
+def evaluate_path(path: ServingPath, model, split, config) -> dict:
+    """Test metrics of the path: full ranking, items the path does not return rank last."""
+
+    def query_fn(histories, user_rows):
+        inputs = training.model_inputs(model, split.dataset, histories, user_rows)
+        scores, ids = path.search(inputs, tf.constant(histories, tf.int64))
+        return scores.numpy(), ids.numpy()
+
     return evaluate_full_ranking(
-        score_fn, split.test, num_items=num_items, max_length=config.model.max_length,
-        batch_size=config.eval.batch_size, ks=tuple(config.eval.ks), mask_history=config.eval.mask_history,
-        item_popularity=split.item_popularity())
+        retrieval_score_fn(query_fn, split.num_items), split.test, num_items=split.num_items,
+        max_length=config.model.max_length, batch_size=config.eval.batch_size, ks=tuple(config.eval.ks),
+        mask_history=config.eval.mask_history, item_popularity=split.item_popularity())
 
 
 def per_user_latency(path: ServingPath, model, split, config, users: int, warmup: int = 10) -> tuple[float, float]:
