@@ -194,3 +194,35 @@ def test_config_options_reach_the_model_and_bad_arguments_are_named():
         SPARC(num_items=5, num_codewords=8, serving_interests=9)
     with pytest.raises(ValueError, match="bpr_weight must be >= 0, got -1"):
         SPARC(num_items=5, bpr_weight=-1)
+
+
+def test_mixture_loss_is_the_soft_search_likelihood_of_the_target(trained):
+    model, _ = trained
+    histories = pad_histories(HISTORIES, LENGTH)
+    targets = np.array([6, 20, 34])
+    states = model.encode_sequence({"history": histories})
+    last = LENGTH - 1
+    where = tf.constant([[row, last] for row in range(3)], tf.int64)
+    mask = tf.repeat((tf.constant(histories) > 0)[:, tf.newaxis, :], LENGTH, axis=1)
+    model.mixture_interests = 3
+    try:
+        loss = model._mixture_loss(model.interest_tower(states[:, last, :]), where, tf.constant(targets, tf.int32),
+                                   states, mask, training=False)
+    finally:
+        model.mixture_interests = 0
+    expected = -np.mean(model.score_all({"history": histories}, 3).numpy()[np.arange(3), targets])
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
+
+
+def test_mixture_training_logs_its_loss_and_trains_the_interest_tower_through_it():
+    model = _model(mixture_interests=3, interest_weight=0.0, bpr_weight=0.0, contrastive_weight=0.0)
+    batch = next(iter(_batches(num_batches=1)))
+    model.compute_loss(batch, training=True)  # builds every layer
+    with tf.GradientTape() as tape:
+        total = model.compute_loss(batch, training=True)
+    gradients = tape.gradient(total, model.interest_tower.trainable_variables)
+    assert any(float(tf.reduce_sum(tf.abs(g))) > 0 for g in gradients if g is not None)
+    history = model.fit(_batches(num_batches=2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["mixture_loss"]).all() and history.history["mixture_loss"][0] > 0
+    with pytest.raises(ValueError, match=r"mixture_interests \(9\) cannot exceed num_codewords \(6\)"):
+        _model(mixture_interests=9)
