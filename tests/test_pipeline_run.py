@@ -81,3 +81,36 @@ def test_command_line_reports_bad_stage_and_input(tmp_path, capsys):
     assert cli.main(["prepare", "--input", str(tmp_path / "none*.txt"), "--format", "pairs",
                      "--output-dir", str(tmp_path)]) == 2
     assert "matches no file" in capsys.readouterr().err
+
+
+DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (DATA_DIR / "ml-100k" / "u.data").is_file(), reason="ML-100K not under ../shared/data")
+def test_run_on_movielens_100k_matches_the_in_process_code(tmp_path):
+    """Every Beam stage on real data: prepare, build_index and evaluate equal the in-process code."""
+    from tfx_xmatch.data import load_dataset, make_split, write_split_tfrecords
+
+    config = load_config(None, ["data.dataset=ml-100k", f"data.data_dir={DATA_DIR}", "model.embedding_dim=16",
+                                "model.max_length=30", "model.num_blocks=1", "train.epochs=1", "train.verbose=0",
+                                "train.batch_size=256", "eval.ks=[10,50]"])
+    summary = run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), num_shards=2, item_shards=4)
+    prepared, run_dir = tmp_path / "out" / "prepared", tmp_path / "out" / "run"
+
+    expected = tmp_path / "in-process"
+    write_split_tfrecords(make_split(load_dataset("ml-100k", str(DATA_DIR), side_info=False), "leave_one_out"),
+                          str(expected), num_shards=2)
+    for name in ("train-00001-of-00002.tfrecord", "test-00000-of-00002.tfrecord", "item_vocab.json",
+                 "statistics.json"):
+        assert (prepared / name).read_bytes() == (expected / name).read_bytes(), name
+
+    model = training.load_model(run_dir / "model")
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "index" / "item_embeddings.npy"),
+                               model.item_embeddings().numpy(), rtol=1e-6, atol=1e-6)
+    test, _ = read_eval_examples(str(prepared / "test-*"))
+    metrics = evaluate_full_ranking(
+        lambda histories, rows: model.score_all({"history": histories}), test, num_items=1682, max_length=30,
+        ks=(10, 50), mask_history=True, item_popularity=record_counts(str(prepared / "train-*"), 1682)[1])
+    assert summary["test"]["num_examples"] == 943 and summary["test"]["targets_in_history"] == 0
+    for key in ("HR@10", "NDCG@10", "Recall@50", "Coverage@50", "TailRecall@50"):
+        assert summary["test"][key] == pytest.approx(metrics[key], abs=1e-9), key

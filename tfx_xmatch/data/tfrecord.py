@@ -43,17 +43,20 @@ def shard_paths(path_prefix: str, num_shards: int) -> list[str]:
 
 
 def remove_stale_shards(path_prefix: str, keep: Sequence[str]) -> list[str]:
-    """Deletes shards ``{prefix}-NNNNN-of-MMMMM.tfrecord`` not in ``keep`` (an older sharding)."""
+    """Deletes shards ``{prefix}-NNNNN-of-MMMMM.tfrecord`` not in ``keep`` (an older sharding).
+
+    Goes through ``tf.io.gfile``, so the prefix may be local or remote (``gs://``).
+    """
     directory = os.path.dirname(path_prefix) or "."
     pattern = re.compile(re.escape(os.path.basename(path_prefix)) + r"-\d{5,}-of-\d{5,}\.tfrecord")
     keep_names = {os.path.basename(path) for path in keep}
     removed = []
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(tf.io.gfile.listdir(directory)):
         if pattern.fullmatch(name) and name not in keep_names:
             path = os.path.join(directory, name)
             try:
-                os.remove(path)
-            except FileNotFoundError:  # removed concurrently
+                tf.io.gfile.remove(path)
+            except tf.errors.NotFoundError:  # removed concurrently
                 continue
             removed.append(path)
     return removed
