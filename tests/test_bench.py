@@ -48,3 +48,11 @@ def test_quick_run_writes_report_with_every_model_and_plot(tmp_path):
     assert result["machine"]["cpu_count"] and result["versions"]["tensorflow"] and result["seeds"] == [0]
     assert {row["kind"] for row in result["index_latency"]} == {"brute_force", "partitioned", "scann", "sparse_code"}
     assert all(0.0 <= row["HR@10"] <= 1.0 for row in result["rows"])
+
+
+def test_a_bad_suite_file_is_named(tmp_path, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text("seeds: [0]\ncolour: blue\n")
+    assert cli.main(["--suite", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "unknown key(s) ['colour']" in error and str(path) in error

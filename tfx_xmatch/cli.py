@@ -1,4 +1,5 @@
-"""The ``xmatch`` command: train, evaluate, export, serve, query and a self-contained quickstart."""
+"""The ``xmatch`` command: train, evaluate, export, serve, query, Beam pipelines, the benchmark suite
+and a self-contained quickstart."""
 
 from __future__ import annotations
 

@@ -36,7 +36,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tfx_xmatch.bench.report import write_report
     from tfx_xmatch.bench.suite import load_suite, run_suite
 
-    suite = load_suite(args.suite, quick=args.quick)
+    from tfx_xmatch.config import ConfigError
+
+    try:
+        suite = load_suite(args.suite, quick=args.quick)
+    except ConfigError as error:
+        print(f"xmatch bench: error: {error}", file=sys.stderr)
+        return 2
     output = pathlib.Path(args.output_dir)
     mode = "quick" if args.quick else "full"
     runs_dir = pathlib.Path(args.runs_dir or REPO_ROOT / "benchmarks" / "runs" / f"bench-{mode}")
