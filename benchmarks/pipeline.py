@@ -57,10 +57,11 @@ def main() -> int:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     result = {**header("pipeline"), "dataset_name": args.dataset, "train_minutes": args.train_minutes,
-              "index": args.index, "num_shards": args.num_shards, "item_shards": args.item_shards,
+              "index_kind": args.index, "num_shards": args.num_shards, "item_shards": args.item_shards,
               "beam_args": beam_args or ["--runner=DirectRunner (default)"],
+              "index_build": summary["index"],
               **{key: summary[key] for key in ("stage_seconds", "total_seconds", "dataset", "examples",
-                                               "malformed_lines", "training", "index", "test")}}
+                                               "malformed_lines", "training", "test")}}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
     write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
@@ -73,11 +74,11 @@ def to_markdown(result: dict) -> str:
     dataset, training, test = result["dataset"], result["training"], result["test"]
     lines += [
         f"- Beam runner: {' '.join(result['beam_args'])}; {result['num_shards']} TFRecord shards per part, "
-        f"{result['item_shards']} item shards for the index build; index `{result['index']}`",
+        f"{result['item_shards']} item shards for the index build; serving index `{result['index_kind']}`",
         f"- data: {dataset['users']} users, {dataset['items']} items, {dataset['interactions']} interactions; "
         f"examples {result['examples']}; {result['malformed_lines']} malformed line(s)",
         f"- training: SASRec two-tower (`configs/ml1m_sasrec.yaml`) with a {result['train_minutes']:g}-minute "
-        f"budget: {training['epochs']} epochs, best {training['best_epoch']}",
+        f"training budget (validation passes not counted): {training['epochs']} epochs, best {training['best_epoch']}",
         "",
         "| stage | seconds |",
         "|---|---|",
