@@ -366,24 +366,34 @@ def load_table(
     parser = RowParser(user_column, item_column, timestamp_column, rating_column, min_rating)
     path = _check_file(path, "table of events")
     bad = _BadLines(path, skip_bad_lines)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    users, items, times, _ = _collect(
+        ((number, parser.parse(row)) for number, row in table_rows(data, path, parser, sep=sep, encoding=encoding)),
+        bad)
+    if not items:
+        raise _no_interactions(path, bad)
+    timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
+    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
+
+
+def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[int], int]:
+    """(users, items, timestamps, lines filtered by min_rating) of (line number, ParsedLine) pairs;
+    malformed lines go to ``bad`` (which fails or counts them)."""
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
-    with open(path, "rb") as handle:
-        data = handle.read()
-    for line_number, row in table_rows(data, path, parser, sep=sep, encoding=encoding):
-        parsed = parser.parse(row)
+    filtered = 0
+    for line_number, parsed in parsed_lines:
         if parsed.problem is not None:
             bad.report(line_number, parsed.problem)
+        filtered += parsed.filtered
         for user, item, timestamp in parsed.events:
             users.append(user)
             items.append(item)
             times.append(timestamp)
     bad.log()
-    if not items:
-        raise _no_interactions(path, bad)
-    timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
-    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
+    return users, items, times, filtered
 
 
 def vocabulary_from_tokens(item_tokens: Sequence[str]) -> tuple[Vocabulary, dict[str, int]]:
@@ -455,16 +465,8 @@ def _load_token_lines(
     parser = LineParser(format)
     path = _check_file(path, f"{parser.what} ({parser.expected!r} per line)")
     bad = _BadLines(path, skip_bad_lines)
-    users: list[str] = []
-    items: list[str] = []
-    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
-        parsed = parser.parse(line)
-        if parsed.problem is not None:
-            bad.report(line_number, parsed.problem)
-        for user, item, _ in parsed.events:
-            users.append(user)
-            items.append(item)
-    bad.log()
+    users, items, _, _ = _collect(
+        ((number, parser.parse(line)) for number, line in enumerate(_read_lines(path, encoding), start=1)), bad)
     if not items:
         raise _no_interactions(path, bad)
     return _build_dataset(name or _default_name(path), users, items, None, bad.count)
@@ -569,22 +571,9 @@ def load_rating_log(
     parser = LineParser("ratings", sep=sep, columns=columns, min_rating=min_rating)
     path = _check_file(path, "rating log ('user item rating timestamp' per line)")
     bad = _BadLines(path, skip_bad_lines)
-    users: list[str] = []
-    items: list[str] = []
-    times: list[int] = []
-    filtered = 0
-    for line_number, line in enumerate(_read_lines(path, encoding), start=1):
-        if has_header and line_number == 1:
-            continue
-        parsed = parser.parse(line)
-        if parsed.problem is not None:
-            bad.report(line_number, parsed.problem)
-        filtered += parsed.filtered
-        for user, item, timestamp in parsed.events:
-            users.append(user)
-            items.append(item)
-            times.append(timestamp)
-    bad.log()
+    lines = enumerate(_read_lines(path, encoding), start=1)
+    users, items, times, filtered = _collect(
+        ((number, parser.parse(line)) for number, line in lines if not (has_header and number == 1)), bad)
     if not items:
         reason = f" rated at least {min_rating!r} ({filtered} below it)" if filtered else ""
         raise _no_interactions(path, bad, reason)
