@@ -186,3 +186,43 @@ def test_command_line(pairs_file, tmp_path, capsys):
     assert "2 malformed line(s)" in capsys.readouterr().out
     statistics = json.loads((tmp_path / "statistics.json").read_text())
     assert statistics["split"] == "user_level" and statistics["num_shards"] == 2
+
+
+def test_time_split_with_explicit_cuts_equals_in_process(tmp_path):
+    path = tmp_path / "ratings.dat"
+    path.write_text("\n".join(rating_lines()) + "\n")
+    dataset = load_dataset(str(path), format="ratings", skip_bad_lines=True, side_info=False)
+    cuts = {"validation_time": 1040, "test_time": 1050}
+    expected = in_process(dataset, "time", tmp_path / "expected", 1, **cuts)
+    spec = PrepareSpec(inputs=(str(path),), format="ratings", output_dir=str(tmp_path / "beam"), name="ratings",
+                       split="time", split_options=cuts)
+    run_prepare(spec)
+    same_outputs(expected, tmp_path / "beam")
+
+
+def test_split_options_and_reader_options_are_checked_before_running(tmp_path):
+    common = dict(inputs=("x",), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['min_lenght'\]"):
+        PrepareSpec(format="pairs", split_options={"min_lenght": 5}, **common)
+    with pytest.raises(ValueError, match=r"min_length must be at least 3 \(.*\), got 2"):
+        PrepareSpec(format="pairs", split_options={"min_length": 2}, **common)
+    with pytest.raises(ValueError, match="time split needs timestamps; 'pairs'"):
+        PrepareSpec(format="pairs", split="time", **common)
+    with pytest.raises(ValueError, match="sep must be a string"):
+        PrepareSpec(format="ratings", reader_options={"sep": {":": None}}, **common)
+    # Separators and column names are taken as written, escapes decoded.
+    assert prepare._options(["sep=::", "user_column=007", "min_rating=4"], "--reader-option") == {
+        "sep": "::", "user_column": "007", "min_rating": 4}
+    assert prepare._options(["sep=\\t"], "--reader-option") == {"sep": "\t"}
+
+
+def test_a_split_that_fails_replaces_no_shard(pairs_file, tmp_path):
+    run_prepare(PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path), num_shards=2))
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with pytest.raises(Exception, match="leave_one_out needs at least one user with >= 50"):
+        run_prepare(PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path), num_shards=3,
+                                split_options={"min_length": 50}))
+    after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert {name: data for name, data in after.items() if name != "statistics.json"} == {
+        name: data for name, data in before.items() if name != "statistics.json"}
+    assert "statistics.json" not in after  # the marker of a finished output is gone until a run succeeds

@@ -72,6 +72,12 @@ def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
                      str(tmp_path / "out"), str(tmp_path / "models"))
     with pytest.raises(ConfigError, match="'synthetic' is generated"):
         run_pipeline(load_config(None, ["data.dataset=synthetic"]), str(tmp_path / "out"), str(tmp_path / "models"))
+    with pytest.raises(ConfigError, match="'soft_search' serves model.name='sparc' only, got 'two_tower'"):
+        run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), index_kind="soft_search")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "run").mkdir()
+    with pytest.raises(ConfigError, match="is not empty"):
+        run_pipeline(config, str(tmp_path / "used"), str(tmp_path / "models"))
     assert not (tmp_path / "models").exists()
 
 

@@ -47,11 +47,12 @@ def write_text(path: str, text: str) -> None:
     reads (``gs://``, ``hdfs://``): Beam workers write their outputs with it.
     """
     import os
+    import uuid
 
     import tensorflow as tf
 
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    temporary = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{os.getpid()}"
+    temporary = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
     with tf.io.gfile.GFile(temporary, "w") as handle:
         handle.write(text)
     tf.io.gfile.rename(temporary, path, overwrite=True)

@@ -44,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return importlib.import_module(STAGES[argv[0]][0]).main(argv[1:])
-    except (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError) as error:
+    # A failure on a Beam worker comes back as the runner re-raised it, often a RuntimeError.
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
         print(f"xmatch pipeline {argv[0]}: error: {error}", file=sys.stderr)
         return 2
 

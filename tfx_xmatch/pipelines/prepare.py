@@ -1,13 +1,16 @@
 """Beam ``prepare``: raw interaction logs -> per-user sequences -> a split -> TFRecord shards,
 the item vocabulary, statistics and a dead-letter file.
 
-The output is the in-process ``write_split_tfrecords(make_split(load_dataset(...)))``, byte for
-byte: lines are parsed by the loaders' ``LineParser``, users are split by the same per-user
-functions (``leave_one_out_user``, ``user_level_user``, ``time_user``), and records are
-serialized by ``example_bytes`` into the same contiguous shards. Where the in-process loader
-would fail on a malformed line, the pipeline sends it to ``dead_letter.jsonl`` (file, line,
-problem, the line itself) and counts it in ``statistics.json`` (``malformed_lines``); nothing is
-dropped silently. Every file is written to a temporary name and renamed, and every ordering is
+The output is the in-process ``write_split_tfrecords(make_split(load_dataset(path,
+side_info=False, skip_bad_lines=True), ...))`` byte for byte, given the same dataset name (no
+user features are written): lines are parsed by the loaders' ``LineParser`` / ``RowParser``,
+users are split by the same per-user functions (``leave_one_out_user``, ``user_level_user``,
+``time_user``), and records are serialized by ``example_bytes`` into the same contiguous shards.
+Where the in-process loader would fail on a malformed line, the pipeline sends it to
+``dead_letter.jsonl`` (file, line, problem, and the line, or the row as JSON for tables) and
+counts it in ``statistics.json`` (``malformed_lines``); nothing is dropped silently. The split is
+checked before any shard is replaced; every file is written to a temporary name and renamed,
+``statistics.json`` last (a directory without it is not a finished output); every ordering is
 fixed (users by first appearance, records by user row), so a re-run over the same input writes
 identical files.
 
@@ -17,19 +20,23 @@ and per user runs in parallel. Files are read whole, one per worker: split big l
 files to read them in parallel (their order is the sorted file names).
 
     python -m tfx_xmatch.pipelines.prepare --dataset ml-1m --data-dir ../shared/data --output-dir out/
-    python -m tfx_xmatch.pipelines.prepare --input 'logs/*.tsv' --format ratings --sep '\\t' \\
-        --output-dir out/ --split user_level --runner=FlinkRunner --flink_master=localhost:8081
+    python -m tfx_xmatch.pipelines.prepare --input 'logs/*.tsv' --format ratings \\
+        --reader-option 'sep=\\t' --output-dir out/ --split user_level \\
+        --runner=FlinkRunner --flink_master=localhost:8081
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import codecs
 import dataclasses
+import inspect
 import json
 import logging
 import os
 import sys
+import uuid
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -91,7 +98,25 @@ class PrepareSpec:
         unknown = sorted(set(self.reader_options) - set(known))
         if unknown:
             raise ValueError(f"unknown reader option(s) {unknown} for format {self.format!r}; known: {', '.join(known)}")
-        self.parser()  # validates the format and reader options now, not on a worker
+        parser = self.parser()  # validates the format and reader options now, not on a worker
+        sep = self.reader_options.get("sep")
+        if sep is not None and not isinstance(sep, str):
+            raise ValueError(f"reader option sep must be a string, got {sep!r}")
+        accepted = [name for name in inspect.signature(SPLITS[self.split]).parameters if name != "dataset"]
+        unknown = sorted(set(self.split_options) - set(accepted))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for the {self.split!r} split; accepted: {accepted}")
+        if self.split == "leave_one_out" and self.split_options.get("min_length", 3) < 3:
+            raise ValueError(f"min_length must be at least 3 (one training item, a validation and a test target), "
+                             f"got {self.split_options['min_length']!r}")
+        if self.split == "time" and not parser.has_timestamps:
+            raise ValueError(f"the time split needs timestamps; {self.format!r} input has none (give a rating log "
+                             "with a timestamp column, or a table with timestamp_column)")
+
+    def needs_all_times(self) -> bool:
+        """The time split computes a cut from every event time unless both cuts are given."""
+        return self.split == "time" and any(self.split_options.get(cut) is None
+                                            for cut in ("validation_time", "test_time"))
 
     def parser(self) -> Union[LineParser, RowParser]:
         """A new parser for one file (a rating log detects its separator per file)."""
@@ -209,9 +234,7 @@ def _split_settings(spec: PrepareSpec, num_users: int, all_times: Optional[list]
         options["parts"] = user_level_parts(num_users, options.get("fractions", (0.8, 0.1, 0.1)),
                                             options.get("seed", 0), spec.name)
     if spec.split == "time":
-        if all_times is None:
-            raise ValueError(f"the time split needs timestamps; {spec.format!r} input has none")
-        options["cuts"] = time_cuts(all_times, options.get("validation_time"), options.get("test_time"),
+        options["cuts"] = time_cuts(all_times or [], options.get("validation_time"), options.get("test_time"),
                                     options.get("quantiles", (0.8, 0.9)))
     return options
 
@@ -250,7 +273,7 @@ def _write_shard(element, output_dir: str, num_shards: int) -> str:
     (part, shard), records = element
     path = shard_paths(os.path.join(output_dir, part), num_shards)[shard]
     tf.io.gfile.makedirs(output_dir)
-    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}"
+    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
     with tf.io.TFRecordWriter(temporary) as writer:
         for row, history, target in sorted(records, key=lambda record: record[0]):
             writer.write(example_bytes(history, target, {"user_row": row}))
@@ -258,11 +281,11 @@ def _write_shard(element, output_dir: str, num_shards: int) -> str:
     return path
 
 
-def _finish(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, settings: dict,
-            dead_letters: list[dict], written: list[str]) -> dict:
-    """Checks the split, removes stale shards, writes vocabulary, statistics and dead letters."""
+def _check(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, settings: dict,
+           num_dead_letters: int) -> dict:
+    """Fails on an unusable input or split before any shard is replaced; returns full counts."""
     if vocabulary is None:
-        raise DataFormatError(spec.inputs[0], None, f"input has no interactions ({len(dead_letters)} "
+        raise DataFormatError(spec.inputs[0], None, f"input has no interactions ({num_dead_letters} "
                               f"malformed line(s) in {DEAD_LETTER_FILE})")
     counts = {part: counts.get(part, 0) for part in (*SPLIT_PARTS, "train_sequences", "train_interactions")}
     split_counts = {"train": counts["train_sequences"], "validation": counts["validation"], "test": counts["test"]}
@@ -273,6 +296,12 @@ def _finish(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, 
         check_user_level(split_counts, settings["parts"], settings.get("fractions", (0.8, 0.1, 0.1)), spec.name)
     if spec.split == "time":
         check_time_split(split_counts, *settings["cuts"], len(lengths), spec.name)
+    return counts
+
+
+def _finish(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, dead_letters: list[dict],
+            written: list[str]) -> dict:
+    """Removes stale shards, writes dead letters, the vocabulary and, last, the statistics."""
     for part in SPLIT_PARTS:
         remove_stale_shards(os.path.join(spec.output_dir, part), shard_paths(os.path.join(spec.output_dir, part),
                                                                               spec.num_shards))
@@ -330,7 +359,7 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
 
     lengths = users | "Lengths" >> beam.Map(lambda user: len(user[1])) | "AllLengths" >> beam.combiners.ToList()
     all_times = None
-    if spec.split == "time" and not {"validation_time", "test_time"} <= set(spec.split_options):
+    if spec.needs_all_times():
         all_times = beam.pvalue.AsSingleton(users | "Times" >> beam.Map(lambda user: user[2])
                                             | "AllTimes" >> beam.combiners.ToList())
     settings = beam.pvalue.AsSingleton(
@@ -350,6 +379,11 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
         | "SortRows" >> beam.Map(lambda part_rows: (part_rows[0], sorted(part_rows[1])))
         | "RowsByPart" >> beam.combiners.ToDict()
         | "EveryPart" >> beam.Map(lambda found: {part: found.get(part, []) for part in SPLIT_PARTS}))
+    dead_letters = parsed.dead_letter | "CountDeadLetters" >> beam.combiners.Count.Globally()
+    checked = beam.pvalue.AsSingleton(
+        pipeline | "Check" >> beam.Create([None]) | "CheckSplit" >> beam.Map(
+            _check, spec, vocabulary, beam.pvalue.AsSingleton(lengths), beam.pvalue.AsSingleton(counts), settings,
+            beam.pvalue.AsSingleton(dead_letters)))
     every_shard = pipeline | "EveryShard" >> beam.Create(
         [((part, shard), None) for part in SPLIT_PARTS for shard in range(spec.num_shards)])
     written = (
@@ -357,13 +391,14 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
         | "AllShards" >> beam.Flatten()
         | "GroupShards" >> beam.GroupByKey()
         | "DropEmptyMarker" >> beam.Map(lambda shard: (shard[0], [record for record in shard[1] if record is not None]))
-        | "WriteShards" >> beam.Map(_write_shard, spec.output_dir, spec.num_shards))
+        # The checked counts are a side input, so no shard is replaced before the split is known good.
+        | "WriteShards" >> beam.Map(lambda shard, _: _write_shard(shard, spec.output_dir, spec.num_shards), checked))
     return (
         pipeline
         | "Finish" >> beam.Create([None])
         | "WriteMetadata" >> beam.Map(
-            _finish, spec, vocabulary, beam.pvalue.AsSingleton(lengths), beam.pvalue.AsSingleton(counts),
-            settings, beam.pvalue.AsList(parsed.dead_letter), beam.pvalue.AsList(written))
+            _finish, spec, vocabulary, beam.pvalue.AsSingleton(lengths), checked,
+            beam.pvalue.AsList(parsed.dead_letter), beam.pvalue.AsList(written))
     )
 
 
@@ -371,24 +406,39 @@ def run_prepare(spec: PrepareSpec, beam_args: Sequence[str] = ()) -> dict:
     """Runs ``prepare`` to completion and returns the statistics it wrote.
 
     Raises:
-      FileNotFoundError: If an input matches no file.
-      DataFormatError: If the input holds no interaction at all.
-      ValueError: If the split cannot be made (e.g. no user long enough).
+      FileNotFoundError: If an input matches no file (before anything runs).
+      Exception: An input without any interaction, or a split that cannot be made (e.g. no user
+        long enough), fails the pipeline on a worker; the runner re-raises it, as its own type
+        where it can, else as a RuntimeError carrying the message. No shard is replaced then.
     """
     beam = require_beam()
     import tensorflow as tf
 
+    statistics_path = os.path.join(spec.output_dir, "statistics.json")
+    # statistics.json is written last: without it a directory is not a finished prepare output.
+    if tf.io.gfile.exists(statistics_path):
+        tf.io.gfile.remove(statistics_path)
     with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         prepare_pipeline(pipeline, spec)
-    with tf.io.gfile.GFile(os.path.join(spec.output_dir, "statistics.json")) as handle:
+    with tf.io.gfile.GFile(statistics_path) as handle:
         return json.load(handle)
 
 
-def _parse_value(text: str) -> Any:
-    """YAML-style scalars and lists for --split-option / --reader-option values."""
+# Separators and column names are taken as written ("::", "007"), with escapes decoded ("\\t").
+RAW_OPTIONS = ("sep", "user_column", "item_column", "timestamp_column", "rating_column")
+
+
+def _parse_value(name: str, text: str) -> Any:
+    """A --split-option / --reader-option value: raw text for separators and column names,
+    YAML scalars and lists (numbers, booleans, [0.8, 0.1, 0.1]) otherwise."""
+    if name in RAW_OPTIONS:
+        return codecs.decode(text, "unicode_escape")
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"option {name}={text!r} is not a valid value: {error}") from None
 
 
 def _options(pairs: Sequence[str], flag: str) -> dict:
@@ -397,7 +447,7 @@ def _options(pairs: Sequence[str], flag: str) -> dict:
         name, separator, value = pair.partition("=")
         if not separator or not name:
             raise ValueError(f"{flag} takes NAME=VALUE, got {pair!r}")
-        options[name] = _parse_value(value)
+        options[name] = _parse_value(name, value)
     return options
 
 

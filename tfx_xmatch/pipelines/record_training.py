@@ -7,6 +7,7 @@ for ``fit`` and held-out (history, next item) examples for model selection with 
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 from typing import Optional, Sequence, Union
@@ -19,7 +20,7 @@ from tfx_xmatch.data.tfrecord import read_eval_examples, read_training_tfrecords
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.data.tfrecord import record_counts
-from tfx_xmatch.io_utils import write_json_atomic
+from tfx_xmatch.io_utils import json_text, write_json_atomic
 
 Files = Union[str, Sequence[str]]
 
@@ -46,13 +47,20 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
 
     Raises:
       ConfigError: If ``train.strategy`` is multi_worker (this trains in one process).
-      ValueError, FileNotFoundError: On bad records or files matching nothing.
+      ValueError: If ``run_dir`` holds a run with another configuration, or on bad records.
+      FileNotFoundError: On files matching nothing.
     """
     if config.train.strategy == "multi_worker":
         raise ConfigError("training on records runs in one process; use train.strategy default or mirrored")
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", config.to_dict())
+    config_path = run_dir / "config.json"
+    # An earlier run's history would be resumed (its best epoch, its time budget): only the
+    # same configuration may continue in the same directory.
+    if config_path.exists() and json.loads(config_path.read_text(encoding="utf-8")) != json.loads(
+            json_text(config.to_dict())):
+        raise ValueError(f"{run_dir} holds a run with another configuration; use a new run directory")
+    write_json_atomic(config_path, config.to_dict())
 
     tf.keras.utils.set_random_seed(config.train.seed)
     target_counts, popularity = record_counts(train_files, item_vocab.num_items)

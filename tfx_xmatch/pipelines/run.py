@@ -1,4 +1,4 @@
-"""``xmatch pipeline run``: prepare -> train -> build index -> evaluate -> export, end to end.
+"""``xmatch pipeline run``: prepare -> train -> build index -> export -> evaluate -> publish.
 
 One run configuration (the same YAML ``xmatch train`` reads) drives every stage:
 
@@ -43,6 +43,8 @@ from tfx_xmatch.pipelines.prepare import PrepareSpec, run_prepare
 
 STAGES = ("prepare", "train", "build_index", "export", "evaluate", "publish")
 DENSE_KINDS = ("brute_force", "partitioned", "scann", "soft_search")
+# Index kinds that only some models can serve: kind -> model name.
+MODEL_KINDS = {"sparse_code": "sparcode", "soft_search": "sparc"}
 
 
 def prepare_spec(config: RunConfig, output_dir: str, num_shards: int = 1) -> PrepareSpec:
@@ -113,7 +115,7 @@ def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path:
 
 def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, index_kind: str = "brute_force",
                  index_options: Optional[dict] = None, k_max: int = 100, num_shards: int = 1, item_shards: int = 8,
-                 code_shards: int = 4, beam_args: Sequence[str] = ()) -> dict:
+                 code_shards: int = 4, beam_args: Sequence[str] = (), overwrite: bool = False) -> dict:
     """Runs every stage; returns (and writes to ``OUTPUT/pipeline_summary.json``) the summary.
 
     Args:
@@ -129,10 +131,14 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
       item_shards: Item shards of the index build.
       code_shards: Code shards of SparCode's posting lists.
       beam_args: Beam runner flags for the Beam stages.
+      overwrite: Clear ``output_dir`` first; without it a non-empty ``output_dir`` is refused
+        (a run there would mix with the earlier one).
 
     Raises:
-      ConfigError: If the configuration cannot run as a pipeline (see ``prepare_spec``), or
-        ``k_max`` is below the largest evaluation cutoff.
+      ConfigError: If the configuration cannot run as a pipeline (see ``prepare_spec``), the
+        index kind does not fit the model, ``k_max`` is below the largest evaluation cutoff,
+        or ``output_dir`` is not empty.
+      ValueError: If the input has malformed lines and ``data.skip_bad_lines`` is false.
       ValueError, FileNotFoundError: From the stages, before anything is published.
     """
     from tfx_xmatch import training
@@ -147,7 +153,15 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         raise ConfigError(f"k_max={k_max} is below the largest evaluation cutoff eval.ks={list(config.eval.ks)}")
     if index_kind not in (*DENSE_KINDS, "sparse_code"):
         raise ConfigError(f"index_kind must be one of {(*DENSE_KINDS, 'sparse_code')}, got {index_kind!r}")
+    if index_kind in MODEL_KINDS and config.model.name != MODEL_KINDS[index_kind]:
+        raise ConfigError(f"index kind {index_kind!r} serves model.name={MODEL_KINDS[index_kind]!r} only, "
+                          f"got {config.model.name!r}")
     output = pathlib.Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {str(output)!r} is not empty; a run there would mix with the "
+                              "earlier one (use a new directory, or overwrite)")
+        shutil.rmtree(output)
     prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
     spec = prepare_spec(config, str(prepared), num_shards)
     timings: dict[str, float] = {}
@@ -155,6 +169,9 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     statistics = _stage(1, "prepare", timings, lambda: run_prepare(spec, beam_args))
     print(f"    {statistics['dataset']['users']} users, {statistics['num_items']} items, examples "
           f"{statistics['examples']}, {statistics['malformed_lines']} malformed line(s)")
+    if statistics["malformed_lines"] and not config.data.skip_bad_lines:
+        raise ValueError(f"{statistics['malformed_lines']} malformed line(s) in the input (see "
+                         f"{prepared / 'dead_letter.jsonl'}); set data.skip_bad_lines=true to train without them")
     vocab = Vocabulary.load(prepared / "item_vocab.json")
     model, train_metrics = _stage(2, "train", timings, lambda: train_on_records(
         config, str(prepared / "train-*-of-*.tfrecord"), str(prepared / "validation-*-of-*.tfrecord"), vocab, run_dir))
@@ -210,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-shards", type=int, default=1, help="TFRecord shards per part")
     parser.add_argument("--item-shards", type=int, default=8)
     parser.add_argument("--code-shards", type=int, default=4)
+    parser.add_argument("--overwrite", action="store_true", help="clear a non-empty --output-dir first")
     return parser
 
 
@@ -221,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_pipeline(config, args.output_dir, args.model_base_path, index_kind=args.index,
                  index_options=_options(args.index_option, "--index-option"), k_max=args.k_max,
                  num_shards=args.num_shards, item_shards=args.item_shards, code_shards=args.code_shards,
-                 beam_args=beam_args)
+                 beam_args=beam_args, overwrite=args.overwrite)
     return 0
 
 
