@@ -56,3 +56,8 @@ def test_a_bad_suite_file_is_named(tmp_path, capsys):
     assert cli.main(["--suite", str(path)]) == 2
     error = capsys.readouterr().err
     assert "unknown key(s) ['colour']" in error and str(path) in error
+
+
+def test_no_available_dataset_is_named(tmp_path, capsys):
+    assert cli.main(["--suite", str(SUITE), "--quick", "--data-dir", str(tmp_path)]) == 2
+    assert "none of the suite's datasets ['ml-100k']" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """``xmatch bench``: run the benchmark suite and write ``REPORT.md`` with its plots.
 
     xmatch bench                      # full suite (benchmarks/suite.yaml), hours on 2 cores
-    xmatch bench --quick              # ML-100K (or synthetic) at small budgets, under 10 minutes
+    xmatch bench --quick              # ML-100K at small budgets, under 10 minutes
     xmatch bench --suite my.yaml --data-dir ../shared/data --output-dir report/
 """
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", default=str(REPO_ROOT / "benchmarks" / "suite.yaml"), help="suite file")
     parser.add_argument("--quick", action="store_true", help="the suite's quick section: a smoke run in minutes")
     parser.add_argument("--data-dir", default=os.environ.get("XMATCH_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
-    parser.add_argument("--runs-dir", help="training runs, reused when finished (default: OUTPUT/runs-full|quick)")
+    parser.add_argument("--runs-dir", help="training runs, reused when finished (default: benchmarks/runs/bench-full|quick)")
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "benchmarks" / "results"),
                         help="where REPORT.md, bench.json and the plots go")
     return parser
@@ -34,12 +34,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.bench.environment import header
     from tfx_xmatch.bench.report import write_report
-    from tfx_xmatch.bench.suite import load_suite, run_suite
+    from tfx_xmatch.bench.suite import available_datasets, load_suite, run_suite
 
     from tfx_xmatch.config import ConfigError
 
     try:
         suite = load_suite(args.suite, quick=args.quick)
+        if not available_datasets(suite, pathlib.Path(args.data_dir)):
+            raise ConfigError(f"none of the suite's datasets {list(suite.datasets)} is under {args.data_dir!r} "
+                              "(pass --data-dir)")
     except ConfigError as error:
         print(f"xmatch bench: error: {error}", file=sys.stderr)
         return 2

@@ -69,8 +69,9 @@ def measure(sizes, kinds=(*DENSE_KINDS, "sparse_code"), dimension: int = 64, k: 
     rows = []
     for n in sizes:
         items = tf.constant(clustered(n, dimension, seed))
-        probe = [tf.constant(q[np.newaxis]) for q in clustered(queries, dimension, seed + 1)]
-        exact = None
+        query_vectors = clustered(queries, dimension, seed + 1)
+        probe = [tf.constant(q[np.newaxis]) for q in query_vectors]
+        exact = np.argsort(-(query_vectors @ items.numpy().T), axis=1, kind="stable")[:, :k]
         for kind in [kind for kind in kinds if kind in DENSE_KINDS]:
             options = _options(kind, n)
             started = time.perf_counter()
@@ -78,8 +79,7 @@ def measure(sizes, kinds=(*DENSE_KINDS, "sparse_code"), dimension: int = 64, k: 
             seconds = time.perf_counter() - started
             search = tf.function(lambda q, index=index: index(q, k=k))
             timings, found = _latencies(search, probe, warmup)
-            exact = found if kind == "brute_force" else exact
-            rows.append(_row(kind, n, index, seconds, timings, found, found if exact is None else exact, options))
+            rows.append(_row(kind, n, index, seconds, timings, found, exact, options))
         if "sparse_code" in kinds:
             rows.append(_sparse_row(n, k, queries, warmup, seed))
     return rows

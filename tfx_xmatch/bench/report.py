@@ -97,8 +97,8 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
         "",
         f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
         "- versions: " + ", ".join(f"{key} {value}" for key, value in versions.items()),
-        f"- datasets: {', '.join(result['datasets'])}; seeds {result['seeds']}; "
-        f"budget per model {result['budgets']}",
+        f"- datasets: {', '.join(result['datasets'])}; seeds {result['seeds']} (± is the sample std over "
+        f"seeds); training budget per model in minutes {result['budgets']} (validation passes not counted)",
         "- protocol: leave-one-out, full ranking over all items with the history removed, model selection on "
         "validation, test reported; every number goes through the model's serving path (what its export "
         "answers: top-100 from its index; items not returned rank last).",

@@ -68,7 +68,7 @@ def _label(variant: dict) -> str:
         return f"{variant['sampler'].upper()}-{variant['steps']}"
     if variant["kind"] == "sparse_code":
         fraction = variant.get("cache_fraction")
-        return "cache 100%" if fraction is None else f"cache {fraction:.0%}"
+        return "cache 100%" if fraction is None else f"cache {fraction * 100:g}%"
     if variant["kind"] == "soft_search":
         return "hard (K=1)" if variant["interests"] == 1 else f"soft K={variant['interests']}"
     return "brute force"

@@ -111,14 +111,19 @@ def run_suite(suite: Suite, data_dir: str | pathlib.Path, runs_dir: str | pathli
     started = time.perf_counter()
     data_dir, runs_dir = pathlib.Path(data_dir), pathlib.Path(runs_dir)
     datasets = available_datasets(suite, data_dir)
+    if not datasets:
+        raise ConfigError(f"none of the suite's datasets {list(suite.datasets)} is under {str(data_dir)!r}")
     rows, sweeps = [], []
     for dataset in datasets:
         for seed in suite.seeds:
-            split = None
+            splits: dict[str, Any] = {}  # one split per distinct data section
             for name, model_spec in suite.models.items():
                 config = _config(suite, dataset, model_spec, seed, data_dir)
-                split = split or training.prepare_split(config)
-                run_dir = runs_dir / f"{dataset}-{name}-seed{seed}"
+                data_key = repr(config.to_dict()["data"])
+                split = splits[data_key] = splits.get(data_key) or training.prepare_split(config)
+                # The budget is part of the name: a finished run is only reused under its own budget.
+                budget = float((suite.datasets[dataset] or {}).get("budget_minutes", 10))
+                run_dir = runs_dir / f"{dataset}-{name}-seed{seed}-{budget:g}min"
                 log(f"[bench] {dataset} / {name} / seed {seed}: training (budget "
                     f"{config.train.max_train_seconds / 60:g} min) -> {run_dir}")
                 metrics = training.train(config, run_dir, split=split)
@@ -159,7 +164,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             values = [member[key] for member in members if member.get(key) is not None]
             if values:
                 entry[key] = float(np.mean(values))
-                entry[f"{key}_std"] = float(np.std(values)) if len(values) > 1 else None
+                entry[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None  # sample std
         summary.append(entry)
     for entry in summary:
         baseline = next((other for other in summary if other["dataset"] == entry["dataset"]
