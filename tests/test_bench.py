@@ -61,3 +61,30 @@ def test_a_bad_suite_file_is_named(tmp_path, capsys):
 def test_no_available_dataset_is_named(tmp_path, capsys):
     assert cli.main(["--suite", str(SUITE), "--quick", "--data-dir", str(tmp_path)]) == 2
     assert "none of the suite's datasets ['ml-100k']" in capsys.readouterr().err
+
+
+def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window():
+    """Histories longer than the model's window: the path must exclude the whole history."""
+    import tensorflow as tf
+
+    from tfx_xmatch import training
+    from tfx_xmatch.bench.serving_paths import evaluate_path, serving_path
+    from tfx_xmatch.config import load_config
+    from tfx_xmatch.data import EvalExamples
+
+    config = load_config(None, ["data.synthetic={num_users: 80, num_items: 200, min_length: 120, max_length: 160}",
+                                "model.embedding_dim=8", "model.max_length=6", "model.num_blocks=1"])
+    split = training.prepare_split(config)
+    # A target inside its own history is excluded by a served index but ranked by the protocol;
+    # keep the examples where the two agree.
+    keep = [i for i, (history, target) in enumerate(zip(split.test.histories, split.test.targets))
+            if target not in history]
+    split.test = EvalExamples(split.test.user_rows[keep], [split.test.histories[i] for i in keep],
+                              split.test.targets[keep])
+    assert len(keep) >= 10 and min(len(history) for history in split.test.histories) > 100
+    tf.keras.utils.set_random_seed(0)
+    model = training.build_model(config, split.dataset)
+    exact = training.evaluate(model, split, "test", config)
+    served = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split, config)
+    for key in ("HR@10", "NDCG@10", "MRR@20", "Recall@50", "TailRecall@50", "Coverage@50"):
+        assert abs(served[key] - exact[key]) < 1e-9, key

@@ -138,11 +138,19 @@ def retrieval_score_fn(query_fn, num_items: int):
 
 
 def evaluate_path(path: ServingPath, model, split, config) -> dict:
-    """Test metrics of the path: full ranking, items the path does not return rank last."""
+    """Test metrics of the path: full ranking, items the path does not return rank last.
+
+    The search excludes each user's whole history, as an export given the full history does;
+    excluding only the model's window would let older items take result slots that the
+    evaluation then masks.
+    """
+    full_histories = dict(zip(split.test.user_rows.tolist(), split.test.histories))
 
     def query_fn(histories, user_rows):
         inputs = training.model_inputs(model, split.dataset, histories, user_rows)
-        scores, ids = path.search(inputs, tf.constant(histories, tf.int64))
+        seen = [full_histories[row] for row in np.asarray(user_rows).tolist()]
+        exclude = pad_histories(seen, max(len(history) for history in seen))
+        scores, ids = path.search(inputs, tf.constant(exclude, tf.int64))
         return scores.numpy(), ids.numpy()
 
     return evaluate_full_ranking(
