@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
@@ -31,14 +30,12 @@ from common import (  # noqa: E402
     RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
 )
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
-from tfx_xmatch.bench.serving_paths import retrieval_score_fn  # noqa: E402
+from tfx_xmatch.bench.serving_paths import evaluate_path, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
-from tfx_xmatch.index import SparseCodeIndex  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -52,20 +49,6 @@ RUN_NAMES = {"two_tower_sasrec": "quality-two_tower_sasrec"}
 DEFAULT_MINUTES = {"two_tower_sasrec": 70.0, "sparcode": 50.0, "sparcode_all_to_all": 30.0}
 CACHE_FRACTIONS = (1.0, 0.1, 0.01)
 REPORTED = ("HR@10", "NDCG@10", "Recall@50", "P@50", "NDCG@50", "TailRecall@50", "Coverage@50")
-RETRIEVED = 100
-
-
-def index_score_fn(model, index: SparseCodeIndex, dataset, num_items: int):
-    """A full-ranking ``score_fn`` that answers through ``index`` like a served export: top-100
-    with the history excluded; every item the index did not return scores -inf."""
-    query = tf.function(lambda bag, history: index(bag, k=RETRIEVED, exclude=history), reduce_retracing=True)
-
-    def query_fn(histories: np.ndarray, user_rows: np.ndarray):
-        bag = model.user_embedding(training.model_inputs(model, dataset, histories, user_rows))
-        scores, ids = query(bag, tf.constant(histories, tf.int64))
-        return scores.numpy(), ids.numpy()
-
-    return retrieval_score_fn(query_fn, num_items)
 
 
 def evaluate_with(score_fn, split, config) -> dict:
@@ -81,11 +64,10 @@ def sparcode_rows(run_dir: pathlib.Path, split, config, base: dict) -> list[dict
     model = training.load_model(run_dir / "model")
     rows = []
     for fraction in CACHE_FRACTIONS:
-        started = time.time()
-        index = SparseCodeIndex(k_max=RETRIEVED, cache_fraction=fraction, exclude_padding=0)
-        model.build_index(index, verbose=0)
-        build_seconds = time.time() - started
-        metrics = evaluate_with(index_score_fn(model, index, split.dataset, split.num_items), split, config)
+        # Answers like a served export: top-100 with the whole history excluded.
+        path = serving_path(model, split.num_items, {"kind": "sparse_code", "cache_fraction": fraction})
+        index, build_seconds = path.index, path.build_seconds
+        metrics = evaluate_path(path, model, split, config)
         lengths = index.posting_list_lengths()
         rows.append({**base, "variant": f"cache={fraction:.0%}", **_reported(metrics),
                      "index_entries": int(lengths.sum()), "mean_posting_list": round(float(lengths.mean()), 1),
@@ -150,7 +132,7 @@ def to_markdown(result: dict) -> str:
     lines = markdown_header(result, "SparCode vs two-tower vs all-to-all on ML-1M, full ranking") + [
         "- protocol: leave-one-out (last item test, second-to-last validation), full ranking over all "
         "3,416 items, history removed, model selected on validation NDCG@10; SparCode `cache=` rows "
-        "answer through the SparseCodeIndex (top-100, history excluded) holding that fraction of all "
+        "answer through the SparseCodeIndex (top-100, the whole history excluded) holding that fraction of all "
         "(code, item) scores",
         "",
         "| model | variant | " + " | ".join(REPORTED) + " | epochs (best) | train s | index entries |",
