@@ -211,9 +211,9 @@ def test_split_options_and_reader_options_are_checked_before_running(tmp_path):
     with pytest.raises(ValueError, match="sep must be a string"):
         PrepareSpec(format="ratings", reader_options={"sep": {":": None}}, **common)
     # Separators and column names are taken as written, escapes decoded.
-    assert prepare._options(["sep=::", "user_column=007", "min_rating=4"], "--reader-option") == {
+    assert prepare.parse_options(["sep=::", "user_column=007", "min_rating=4"], "--reader-option") == {
         "sep": "::", "user_column": "007", "min_rating": 4}
-    assert prepare._options(["sep=\\t"], "--reader-option") == {"sep": "\t"}
+    assert prepare.parse_options(["sep=\\t"], "--reader-option") == {"sep": "\t"}
 
 
 def test_a_split_that_fails_replaces_no_shard(pairs_file, tmp_path):

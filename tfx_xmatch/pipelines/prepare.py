@@ -441,7 +441,8 @@ def _parse_value(name: str, text: str) -> Any:
         raise ValueError(f"option {name}={text!r} is not a valid value: {error}") from None
 
 
-def _options(pairs: Sequence[str], flag: str) -> dict:
+def parse_options(pairs: Sequence[str], flag: str) -> dict:
+    """NAME=VALUE command-line options as a dict (values as ``_parse_value`` reads them)."""
     options = {}
     for pair in pairs:
         name, separator, value = pair.partition("=")
@@ -472,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
-    reader_options = _options(args.reader_option, "--reader-option")
-    split_options = _options(args.split_option, "--split-option")
+    reader_options = parse_options(args.reader_option, "--reader-option")
+    split_options = parse_options(args.split_option, "--split-option")
     common = dict(split=args.split, split_options=split_options, num_shards=args.num_shards)
     if args.dataset:
         return PrepareSpec.for_dataset(args.dataset, args.data_dir, args.output_dir, name=args.name or args.dataset,

@@ -232,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tfx_xmatch.pipelines.prepare import _options
+    from tfx_xmatch.pipelines.prepare import parse_options
 
     args, beam_args = build_parser().parse_known_args(argv)
     config = load_config(args.config, args.set)
     run_pipeline(config, args.output_dir, args.model_base_path, index_kind=args.index,
-                 index_options=_options(args.index_option, "--index-option"), k_max=args.k_max,
+                 index_options=parse_options(args.index_option, "--index-option"), k_max=args.k_max,
                  num_shards=args.num_shards, item_shards=args.item_shards, code_shards=args.code_shards,
                  beam_args=beam_args, overwrite=args.overwrite)
     return 0
