@@ -47,13 +47,11 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import RESULTS_DIR, header  # noqa: E402
-from serving import index_bytes, synthetic_embeddings  # noqa: E402
+from serving import (CHUNK, CODE_DIMENSION, CODES_PER_QUERY, NUM_CODES, POSITIVE_FRACTION,  # noqa: E402
+                     code_bags, exact_sparse_top_k, recall, sparse_table, synthetic_embeddings)
 
 K = 100
 DIMENSION = 64  # dense baselines
-NUM_CODES, CODE_DIMENSION, CODES_PER_QUERY = 512, 32, 8
-POSITIVE_FRACTION = 0.05
-CHUNK = 16384
 CAP, CACHE = 1000, 0.01
 EXACT_QUERIES = 50
 SPEEDUP_TARGET = 10.0
@@ -93,13 +91,9 @@ def latency_fields(latencies: np.ndarray) -> dict:
             "qps": round(1000.0 / float(np.mean(latencies)), 1)}
 
 
-def recall(found, exact) -> float:
-    """Mean share of each non-empty exact set present in the matching found ids."""
-    shares = [len(np.intersect1d(f, e)) / len(e) for f, e in zip(found, exact) if len(e)]
-    return round(float(np.mean(shares)), 4) if shares else float("nan")
-
-
 def dense_rows(n: int, args, tf, tfrs) -> list:
+    from tfx_xmatch.bench.serving_paths import index_bytes
+
     items, queries = synthetic_embeddings(n, args.queries, DIMENSION, args.seed)
     leaves = max(1, round(math.sqrt(n)))
     scann_settings = {"num_leaves": leaves, "num_leaves_to_search": min(leaves, max(8, round(0.128 * math.sqrt(n)))),
@@ -117,7 +111,7 @@ def dense_rows(n: int, args, tf, tfrs) -> list:
         latencies, found = single_query_latency(search, queries, args.warmup, tf)
         exact = found if exact is None else exact  # brute force runs first
         rows.append({"dataset": "synthetic", "split": "-", "model": model, "variant": f"n_items={n}",
-                     "n_items": n, **latency_fields(latencies), "recall_vs_exact": recall(found, exact),
+                     "n_items": n, **latency_fields(latencies), "recall_vs_exact": round(recall(found, exact), 4),
                      "build_seconds": round(seconds, 2), "index_bytes": index_bytes(layer),
                      "memory_method": "variables of the layer: " + (
                          "candidates [N, 64] float32 + identifiers" if model == "tfrs_brute_force"
@@ -129,40 +123,10 @@ def dense_rows(n: int, args, tf, tfrs) -> list:
     return rows
 
 
-def sparse_table(n: int, seed: int):
-    """``chunks()``: a generator of (ids int64 [m], table rows float32 [m, 512]) over the N items."""
-    items = synthetic_embeddings(n, 0, CODE_DIMENSION, seed + 1)[0]
-    codes = np.random.default_rng([seed, 3]).standard_normal((NUM_CODES, CODE_DIMENSION))
-    codes = (codes / np.linalg.norm(codes, axis=1, keepdims=True)).astype(np.float32)
-    threshold = np.float32(np.quantile(items[:20000] @ codes.T, 1.0 - POSITIVE_FRACTION))
-
-    def chunks():
-        for start in range(0, n, CHUNK):
-            rows = np.maximum(items[start : start + CHUNK] @ codes.T - threshold, 0.0, dtype=np.float32)
-            yield np.arange(start, start + len(rows), dtype=np.int64), rows
-
-    return chunks
-
-
-def exact_sparse_top_k(chunks, bags: np.ndarray) -> list:
-    """Exact top-K ids with a positive score per bag, streamed over the table's chunks."""
-    best_scores = np.full((len(bags), K), -np.inf, np.float32)
-    best_ids = np.full((len(bags), K), -1, np.int64)
-    for ids, rows in chunks():
-        scores = np.concatenate([best_scores, bags @ rows.T], axis=1)
-        candidates = np.concatenate([best_ids, np.broadcast_to(ids, (len(bags), len(ids)))], axis=1)
-        top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
-        best_scores, best_ids = np.take_along_axis(scores, top, 1), np.take_along_axis(candidates, top, 1)
-    return [ids[scores > 0] for ids, scores in zip(best_ids, best_scores)]
-
-
 def sparse_rows(n: int, args, tf, SparseCodeIndex) -> list:
     chunks = sparse_table(n, args.seed)
-    rng = np.random.default_rng([args.seed, 4])
-    bags = np.zeros((args.queries, NUM_CODES), np.float32)
-    for bag in bags:
-        bag[rng.choice(NUM_CODES, CODES_PER_QUERY, replace=False)] = 1.0
-    exact = exact_sparse_top_k(chunks, bags[:EXACT_QUERIES])
+    bags = code_bags(args.queries, args.seed)
+    exact = exact_sparse_top_k(chunks, bags[:EXACT_QUERIES], K)
     spec = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, NUM_CODES], tf.float32))
     rows = []
     for variant, budget in ((f"cap={CAP}/code", {"max_items_per_code": CAP}),
@@ -176,7 +140,7 @@ def sparse_rows(n: int, args, tf, SparseCodeIndex) -> list:
         lengths = index.posting_list_lengths()
         rows.append({"dataset": "synthetic", "split": "-", "model": "sparse_code",
                      "variant": f"n_items={n}, {variant}", "n_items": n, **latency_fields(latencies),
-                     "recall_vs_exact": recall(found[:EXACT_QUERIES], exact),
+                     "recall_vs_exact": round(recall(found[:EXACT_QUERIES], exact), 4),
                      "build_seconds": round(seconds, 2), "index_bytes": index.memory_bytes(),
                      "memory_method": "SparseCodeIndex.memory_bytes(): posting items int32 + scores float32, "
                      "splits, int64 identifiers", "rss_growth_bytes": rss,

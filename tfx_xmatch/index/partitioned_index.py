@@ -4,7 +4,7 @@ Stock TF Serving has no ScaNN ops, so a ScaNN export needs a custom server build
 the portable approximate alternative: ``index()`` clusters the candidates with k-means (NumPy,
 once), and a query scores the partition centroids, probes the ``num_probes`` best partitions and
 scores their members exactly. Every query-time op (MatMul, TopKV2, Gather, RaggedRange,
-RaggedTensorToTensor, ...) is registered in stock TensorFlow, CPU and GPU.
+RaggedTensorToTensor, BatchMatMulV2, ...) is registered in stock TensorFlow, CPU and GPU.
 
 Layout: candidates are stored sorted by partition, so partition p owns the contiguous rows
 ``partition_offsets[p]:partition_offsets[p + 1]`` (a CSR layout), and ``item_order`` maps those
@@ -124,28 +124,27 @@ class PartitionedIndex(RetrievalIndex):
         self.candidates = self._assign_state("candidates", embeddings[item_order])
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-        batch_size = tf.shape(queries)[0]
         centroid_scores = tf.matmul(queries, self.centroids, transpose_b=True)  # [B, P]
         num_probes = tf.minimum(self.num_probes, tf.shape(centroid_scores)[1])
         _, probes = tf.math.top_k(centroid_scores, k=num_probes)  # [B, probes]
 
-        # Member rows of the probed partitions, as one flat vector split by query: no padding
-        # between partitions of different sizes, so scoring work equals the probed members.
+        # Member rows of the probed partitions, one padded row of row numbers per query (-1 pads
+        # the shorter probed sets). Gathering straight into that [B, M, d] block and scoring it
+        # with one batched mat-vec reads each probed candidate once and writes only the scores:
+        # no per-row copy of the query, no [rows, d] product. Partitions are contiguous, so the
+        # gather copies runs of consecutive rows.
         starts = tf.gather(self.partition_offsets, probes)
         limits = tf.gather(self.partition_offsets, probes + 1)
         rows = tf.ragged.range(tf.reshape(starts, [-1]), tf.reshape(limits, [-1])).flat_values
         members_per_query = tf.reduce_sum(limits - starts, axis=1)  # [B] int64
-        query_of_row = tf.repeat(tf.range(batch_size), members_per_query)
-        flat_scores = tf.reduce_sum(
-            tf.gather(self.candidates, rows) * tf.gather(queries, query_of_row), axis=1
-        )
-
-        # Back to one row per query, padded to the largest probed set with -inf / -1.
-        scores = tf.RaggedTensor.from_row_lengths(flat_scores, members_per_query).to_tensor(
-            default_value=-np.inf
-        )
         padded_rows = tf.RaggedTensor.from_row_lengths(rows, members_per_query).to_tensor(
             default_value=-1
+        )  # [B, M]
+        members = tf.gather(self.candidates, tf.maximum(padded_rows, 0))  # [B, M, d]
+        scores = tf.where(
+            padded_rows >= 0,
+            tf.linalg.matvec(members, queries),
+            tf.constant(-np.inf, queries.dtype),
         )
         top_scores, top = tf.math.top_k(scores, k=tf.minimum(k, tf.shape(scores)[1]))
         top_rows = tf.gather(padded_rows, top, batch_dims=1)
