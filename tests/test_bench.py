@@ -2,11 +2,15 @@
 
 import json
 import pathlib
+import re
 
 import yaml
 
+import pytest
+
 from tfx_xmatch.bench import cli
-from tfx_xmatch.bench.suite import load_suite
+from tfx_xmatch.bench.suite import load_suite, summarize
+from tfx_xmatch.config import ConfigError
 
 SUITE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "suite.yaml"
 TINY = ["model.embedding_dim=8", "model.max_length=12", "model.num_blocks=1", "train.batch_size=64",
@@ -48,6 +52,79 @@ def test_quick_run_writes_report_with_every_model_and_plot(tmp_path):
     assert result["machine"]["cpu_count"] and result["versions"]["tensorflow"] and result["seeds"] == [0]
     assert {row["kind"] for row in result["index_latency"]} == {"brute_force", "partitioned", "scann", "sparse_code"}
     assert all(0.0 <= row["HR@10"] <= 1.0 for row in result["rows"])
+    assert result["complete"] and not result["failures"] and not any(row["reused"] for row in result["rows"])
+    assert all(row["train_sequences_per_second"] > 0 for row in result["rows"])
+    assert result["command"].startswith("xmatch bench --suite")  # this call's arguments, not pytest's
+
+
+def _tiny_suite(tmp_path, models: dict) -> pathlib.Path:
+    suite = yaml.safe_load(SUITE.read_text())
+    suite["models"] = models
+    suite["quick"] = {"datasets": {"synthetic": {"budget_minutes": 0.05, "overrides": TINY}}, "epochs": 1,
+                      "latency_users": 3, "sweeps": {}, "index_latency": {"sizes": [300], "queries": 5, "warmup": 1,
+                                                                          "kinds": ["brute_force"]}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def test_a_failing_model_is_reported_and_a_resumed_run_says_what_it_reused(tmp_path, capsys):
+    mean = {"config": str((SUITE.parent / "../configs/ml1m_mean.yaml").resolve()), "paths": [{"kind": "brute_force"}]}
+    broken = {"config": str(tmp_path / "missing.yaml"), "paths": [{"kind": "brute_force"}]}
+    suite = _tiny_suite(tmp_path, {"two_tower_mean": mean, "broken": broken})
+    arguments = ["--suite", str(suite), "--quick", "--runs-dir", str(tmp_path / "runs"), "--output-dir",
+                 str(tmp_path / "out")]
+
+    assert cli.main(arguments) == 1  # the suite finishes, and the exit status says a model failed
+    assert "FAILED synthetic / broken / seed 0" in capsys.readouterr().err
+    report = (tmp_path / "out" / "quick" / "REPORT.md").read_text()
+    assert "## Failed" in report and "broken" in report and "| two_tower_mean | brute force |" in report
+
+    assert cli.main(arguments) == 2  # a non-empty runs directory is not silently reused
+    assert "pass --resume" in capsys.readouterr().err
+
+    assert cli.main([*arguments, "--resume"]) == 1
+    result = json.loads((tmp_path / "out" / "bench_quick.json").read_text())
+    (row,) = result["rows"]
+    assert row["reused"] and row["trained_on"] and result["resume"]
+    report = (tmp_path / "out" / "quick" / "REPORT.md").read_text()
+    assert "1 of 1 trainings were reused" in report and "| two_tower_mean ↺ |" in report
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds_with_ratios_to_the_baseline():
+    def row(model, path, seed, hr, p50, build):
+        return {"dataset": "d", "model": model, "path": path, "seed": seed, "HR@10": hr, "latency_ms_p50": p50,
+                "latency_ms_p99": 2 * p50, "index_build_seconds": build, "index_bytes": 100,
+                "train_sequences_per_second": 10.0 * (seed + 1)}
+
+    summary = summarize([row("two_tower_sasrec", "brute force", 0, 0.2, 1.0, 0.001),
+                         row("two_tower_sasrec", "brute force", 1, 0.4, 3.0, 0.001),
+                         row("sparcode", "cache 10%", 0, 0.1, 4.0, 2.0)])
+    baseline = next(entry for entry in summary if entry["model"] == "two_tower_sasrec")
+    other = next(entry for entry in summary if entry["model"] == "sparcode")
+    assert baseline["seeds"] == 2 and baseline["HR@10"] == pytest.approx(0.3)
+    assert baseline["HR@10_std"] == pytest.approx(0.1414213, rel=1e-5)  # sample (n - 1) std
+    assert other["HR@10_std"] is None  # one seed: no spread to report
+    assert other["latency_ms_p50_vs_two_tower"] == pytest.approx(2.0)
+    assert other["latency_ms_p99_vs_two_tower"] == pytest.approx(2.0)
+    assert other["train_sequences_per_second_vs_two_tower"] == pytest.approx(10.0 / 15.0)
+    assert other["index_bytes_vs_two_tower"] == pytest.approx(1.0)
+    assert "index_build_seconds_vs_two_tower" not in other  # a ~0 s baseline makes no ratio
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["datasets"]["ml-1m"].update(budget_minute=5), "unknown key(s) ['budget_minute']"),
+    (lambda s: s["datasets"]["ml-1m"].pop("budget_minutes"), "needs 'budget_minutes'"),
+    (lambda s: s["models"]["sparc"].update(overrides=["train.seed=3"]), "overrides 'train.seed'"),
+    (lambda s: s["datasets"]["beauty"].update(overrides=["data.split=time"]), "overrides 'data.split'"),
+])
+def test_suite_entries_are_checked(tmp_path, change, message):
+    suite = yaml.safe_load(SUITE.read_text())
+    change(suite)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_suite(path)
 
 
 def test_a_bad_suite_file_is_named(tmp_path, capsys):

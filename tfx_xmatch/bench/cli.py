@@ -3,6 +3,13 @@
     xmatch bench                      # full suite (benchmarks/suite.yaml), hours on 2 cores
     xmatch bench --quick              # ML-100K at small budgets, under 10 minutes
     xmatch bench --suite my.yaml --data-dir ../shared/data --output-dir report/
+    xmatch bench --resume             # reuse the finished trainings of an interrupted run
+
+Without ``--resume`` every model is trained again: the default runs directory
+(``benchmarks/runs/bench-full|quick``) is cleared first, and a ``--runs-dir`` given explicitly
+must be empty. The JSON result is rewritten after every model, so a long run that fails or is
+stopped keeps what it measured; a model that fails is listed in the report and makes the exit
+status 1.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import shutil
 import sys
 from typing import Optional, Sequence
 
@@ -23,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", default=str(REPO_ROOT / "benchmarks" / "suite.yaml"), help="suite file")
     parser.add_argument("--quick", action="store_true", help="the suite's quick section: a smoke run in minutes")
     parser.add_argument("--data-dir", default=os.environ.get("XMATCH_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
-    parser.add_argument("--runs-dir", help="training runs, reused when finished (default: benchmarks/runs/bench-full|quick)")
+    parser.add_argument("--runs-dir", help="training runs (default: benchmarks/runs/bench-full|quick)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished trainings in the runs directory (the report marks them)")
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "benchmarks" / "results"),
                         help="where REPORT.md, bench.json and the plots go")
     return parser
@@ -48,15 +58,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     output = pathlib.Path(args.output_dir)
     mode = "quick" if args.quick else "full"
-    runs_dir = pathlib.Path(args.runs_dir or REPO_ROOT / "benchmarks" / "runs" / f"bench-{mode}")
-    result = {**header("bench"), "quick": args.quick, "suite": args.suite,
-              "budgets": {name: (spec or {}).get("budget_minutes") for name, spec in suite.datasets.items()}}
-    result.update(run_suite(suite, args.data_dir, runs_dir))
+    default_runs = REPO_ROOT / "benchmarks" / "runs" / f"bench-{mode}"
+    runs_dir = pathlib.Path(args.runs_dir) if args.runs_dir else default_runs
+    if runs_dir.exists() and any(runs_dir.iterdir()) and not args.resume:
+        if args.runs_dir:
+            print(f"xmatch bench: error: the runs directory {str(runs_dir)!r} is not empty; pass --resume to "
+                  "reuse its finished trainings, or give an empty directory", file=sys.stderr)
+            return 2
+        shutil.rmtree(runs_dir)  # our own cache: a plain `xmatch bench` measures everything afresh
     stem = "bench_quick" if args.quick else "bench"
+    result = {**header("bench", argv, program="xmatch bench"),
+              "quick": args.quick, "suite": args.suite, "resume": args.resume, "complete": False,
+              "budgets": {name: spec["budget_minutes"] for name, spec in suite.datasets.items()}}
+
+    def save(partial: dict) -> None:
+        write_json_atomic(output / f"{stem}.json", {**result, **partial})
+
+    result.update(run_suite(suite, args.data_dir, runs_dir, on_progress=save))
+    result["complete"] = True
     write_json_atomic(output / f"{stem}.json", result)
     report = write_report(result, output / "quick" if args.quick else output)
     print(f"report: {report} ({result['wall_seconds'] / 60:.1f} min)")
-    return 0
+    for failure in result["failures"]:
+        print(f"xmatch bench: FAILED {failure['dataset']} / {failure['model']} / seed {failure['seed']}: "
+              f"{failure['error']}", file=sys.stderr)
+    return 1 if result["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import pathlib
 import platform
+import subprocess
 import sys
+from typing import Optional, Sequence
 
 
 def machine_info() -> dict:
@@ -48,11 +51,37 @@ def versions() -> dict:
     }
 
 
-def header(benchmark: str) -> dict:
+def source_revision() -> dict:
+    """The git commit of the tfx_xmatch checkout and whether it had uncommitted changes
+    (``None`` for both outside a git checkout)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+
+    def git(*args) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
+
+
+def header(benchmark: str, argv: Optional[Sequence[str]] = None, program: str = "") -> dict:
+    """Date, command, machine, versions and source revision of a benchmark run.
+
+    Args:
+      benchmark: The benchmark's name.
+      argv: The command's arguments (default: this process's ``python`` command line).
+      program: The command that ``argv`` was given to, e.g. "xmatch bench".
+    """
+    command = ["python", *sys.argv] if argv is None else [program, *argv]
     return {
         "benchmark": benchmark,
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(command).strip(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine_info(),
         "versions": versions(),
+        "source": source_revision(),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 from tfx_xmatch.bench.suite import QUALITY_KEYS
@@ -27,6 +28,17 @@ def _save(figure, path: pathlib.Path) -> None:
         figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
 
 
+def _first_run_paths(result: dict) -> list[dict]:
+    """The sweeps plus the main paths measured on the first dataset and seed (where the sweeps
+    run), one row per distinct serving variant."""
+    first = [row for row in result["rows"] if row["dataset"] == result["datasets"][0]
+             and row["seed"] == result["seeds"][0] and "variant" in row]
+    unique = {}
+    for row in [*result["sweeps"], *first]:
+        unique.setdefault((row["model"], repr(sorted(row["variant"].items()))), row)
+    return list(unique.values())
+
+
 def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     """Writes the four plots; returns {plot: file name}."""
     import matplotlib
@@ -40,8 +52,10 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(result["datasets"]))), 4))
     width = 0.8 / max(1, len(labels))
     for offset, (model, path) in enumerate(labels):
-        values = [next((entry.get("HR@10", 0.0) for entry in summary if entry["dataset"] == dataset
-                        and (entry["model"], entry["path"]) == (model, path)), 0.0) for dataset in result["datasets"]]
+        # A model missing on a dataset (failed) draws no bar rather than a bar at zero.
+        values = [next((entry.get("HR@10", math.nan) for entry in summary if entry["dataset"] == dataset
+                        and (entry["model"], entry["path"]) == (model, path)), math.nan)
+                  for dataset in result["datasets"]]
         axis.bar([d + offset * width for d in range(len(result["datasets"]))], values, width, label=f"{model} / {path}")
     axis.set_xticks([d + 0.4 - width / 2 for d in range(len(result["datasets"]))], result["datasets"])
     axis.set_ylabel("HR@10 (test, full ranking)")
@@ -61,18 +75,19 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     _save(figure, directory / PLOTS["index_latency"])
     written["index_latency"] = PLOTS["index_latency"]
 
-    steps = [row for row in result["sweeps"] if "sampler" in row["variant"]]
+    steps = [row for row in _first_run_paths(result) if "sampler" in row["variant"]]
     figure, axis = plt.subplots(figsize=(6, 4))
     for sampler in sorted({row["variant"]["sampler"] for row in steps}):
         points = sorted((row["variant"]["steps"], row["HR@10"]) for row in steps if row["variant"]["sampler"] == sampler)
         axis.plot(*zip(*points), marker="o", label=sampler.upper())
     axis.set_xlabel("reverse steps")
     axis.set_ylabel("T2Diff HR@10")
-    axis.legend()
+    if axis.lines:
+        axis.legend()
     _save(figure, directory / PLOTS["t2diff_steps"])
     written["t2diff_steps"] = PLOTS["t2diff_steps"]
 
-    cache = [row for row in result["sweeps"] if row["variant"].get("kind") == "sparse_code"]
+    cache = [row for row in _first_run_paths(result) if row["variant"].get("kind") == "sparse_code"]
     figure, axis = plt.subplots(figsize=(6, 4))
     points = sorted(((row["variant"].get("cache_fraction") or 1.0), row["Recall@50"]) for row in cache)
     if points:
@@ -86,9 +101,35 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     return written
 
 
+def _ratio(entry: dict, key: str) -> str:
+    value = entry.get(f"{key}_vs_two_tower")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _provenance(result: dict) -> list[str]:
+    """Where the numbers come from: source revision, reused trainings, skipped datasets."""
+    source = result.get("source") or {}
+    lines = []
+    if source.get("commit"):
+        lines.append(f"- source: commit {source['commit'][:12]}"
+                     + (" with uncommitted changes" if source.get("uncommitted_changes") else ""))
+    trainings = {(row["dataset"], row["model"], row["seed"]): row for row in result["rows"]}
+    reused = [row for row in trainings.values() if row.get("reused")]
+    if reused:
+        dates = sorted(row["trained_on"] for row in reused)
+        lines.append(f"- **{len(reused)} of {len(trainings)} trainings were reused** from an earlier invocation "
+                     f"(`--resume`; finished {dates[0]} to {dates[-1]}, {sum(row['train_seconds'] for row in reused) / 60:.1f} "
+                     "min of training time); this invocation re-measured every number but its wall time does not "
+                     "include that training. Reused rows are marked ↺.")
+    if result.get("skipped_datasets"):
+        lines.append(f"- not run (dataset files not found): {', '.join(result['skipped_datasets'])}")
+    return lines
+
+
 def markdown(result: dict, plots: dict[str, str]) -> str:
     """The report text: settings, quality per dataset, speed, index latency, sweeps, plots."""
     machine, versions = result["machine"], result["versions"]
+    budgets = {name: minutes for name, minutes in result["budgets"].items() if name in result["datasets"]}
     lines = [
         "# tfx_xmatch benchmark report",
         "",
@@ -97,37 +138,54 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
         "",
         f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
         "- versions: " + ", ".join(f"{key} {value}" for key, value in versions.items()),
+        *_provenance(result),
         f"- datasets: {', '.join(result['datasets'])}; seeds {result['seeds']} (± is the sample std over "
-        f"seeds); training budget per model in minutes {result['budgets']} (validation passes not counted)",
+        f"seeds); training budget per model in minutes {budgets} (fit time; validation passes not counted)",
         "- protocol: leave-one-out, full ranking over all items with the history removed, model selection on "
         "validation, test reported; every number goes through the model's serving path (what its export "
-        "answers: top-100 from its index; items not returned rank last).",
+        "answers: top-100 from its index, the user's whole history excluded; items not returned rank last).",
+        "- tuning: every model trains with its shipped config (`configs/ml1m_*.yaml`, tuned on ML-1M) plus the "
+        "suite's dataset overrides, under the same training-time budget and epoch cap; there is no "
+        "per-dataset hyperparameter search.",
         "",
     ]
+    if result.get("failures"):
+        lines += ["## Failed", ""] + [f"- {failure['dataset']} / {failure['model']} / seed {failure['seed']}: "
+                                      f"`{failure['error']}`" for failure in result["failures"]] + [""]
     for dataset in result["datasets"]:
         entries = [entry for entry in result["summary"] if entry["dataset"] == dataset]
         lines += [f"## Quality: {dataset}", "",
                   "| model | path | " + " | ".join(QUALITY_KEYS) + " | train s | epochs |",
                   "|---|---|" + "---|" * (len(QUALITY_KEYS) + 2)]
         for entry in entries:
-            lines.append(f"| {entry['model']} | {entry['path']} | "
+            mark = " ↺" if entry.get("reused") else ""
+            lines.append(f"| {entry['model']}{mark} | {entry['path']} | "
                          + " | ".join(_with_std(entry, key) for key in QUALITY_KEYS)
                          + f" | {_number(entry.get('train_seconds'), 0)} | {_number(entry.get('epochs'), 0)} |")
         lines.append("")
     lines += ["## Speed", "",
-              "Per user (batch 1) through the serving path, encoder included; ratios are to the SASRec two-tower "
-              "with brute force on the same dataset.", "",
-              "| dataset | model | path | train examples/s | (x) | p50 ms | p99 ms | (x p50) | index build s | index MB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "Training speed: training sequences (one per user) per second over the steady-state epochs (the "
+              "first, which traces the graphs, left out). Latency: one user per call (batch 1) through the "
+              "serving path, encoder included, the user's history excluded; p99 is over "
+              f"{result.get('latency_users', 'the timed')} calls. Columns marked × are ratios to the SASRec "
+              "two-tower with brute force on the same dataset (training speed: higher is faster; the others: "
+              "lower is better; '-' where the baseline's figure is about zero).", "",
+              "| dataset | model | path | train seq/s | × | epoch s | p50 ms | × | p99 ms | × "
+              "| index build s | × | index MB | × |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in result["summary"]:
         lines.append(
             f"| {entry['dataset']} | {entry['model']} | {entry['path']} | "
-            f"{_number(entry.get('train_examples_per_second'), 1)} | "
-            f"{_number(entry.get('train_examples_per_second_vs_two_tower'), 2)} | "
-            f"{_number(entry.get('latency_ms_p50'), 2)} | {_number(entry.get('latency_ms_p99'), 2)} | "
-            f"{_number(entry.get('latency_ms_p50_vs_two_tower'), 2)} | {_number(entry.get('index_build_seconds'), 2)} | "
-            f"{_number(entry.get('index_bytes', 0) / 2**20, 2)} |")
-    lines += ["", "## Index latency against catalogue size (synthetic, d=64, top-100, in-process)", "",
+            f"{_number(entry.get('train_sequences_per_second'), 1)} | {_ratio(entry, 'train_sequences_per_second')} | "
+            f"{_number(entry.get('epoch_seconds'), 2)} | "
+            f"{_number(entry.get('latency_ms_p50'), 2)} | {_ratio(entry, 'latency_ms_p50')} | "
+            f"{_number(entry.get('latency_ms_p99'), 2)} | {_ratio(entry, 'latency_ms_p99')} | "
+            f"{_number(entry.get('index_build_seconds'), 2)} | {_ratio(entry, 'index_build_seconds')} | "
+            f"{_number(entry.get('index_bytes', 0) / 2**20, 2)} | {_ratio(entry, 'index_bytes')} |")
+    lines += ["", "## Index latency against catalogue size (synthetic, top-100, in-process)", "",
+              "Dense kinds: N clustered 64-dimensional items, one query vector per call. `sparse_code`: a ReLU "
+              "code-item score table [N, 512] (32-dimensional items and codes, about 5% positive), one bag of "
+              "8 codes per call; its recall is against the exact top-100 positive-score items.", "",
               "| kind | items | p50 ms | p99 ms | recall@100 vs exact | build s | MB |", "|---|---|---|---|---|---|---|"]
     for row in result["index_latency"]:
         lines.append(f"| {row['kind']} | {row['n_items']} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | "

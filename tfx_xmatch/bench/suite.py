@@ -12,9 +12,13 @@ suite continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
+import json
 import pathlib
 import time
-from typing import Any, Optional
+import traceback
+from typing import Any, Callable, Optional
 
 import numpy as np
 import yaml
@@ -28,6 +32,14 @@ QUALITY_KEYS = ("HR@10", "NDCG@10", "MRR@20", "Recall@50", "NDCG@50", "TailRecal
 FILE_DATASETS = {"ml-1m": "ml-1m/ml-1m.txt", "ml-100k": "ml-100k/u.data", "beauty": "beauty/Beauty.txt",
                  "lastfm": "lastfm/LastFM.txt"}
 BASELINE = ("two_tower_sasrec", "brute force")
+DATASET_KEYS = {"budget_minutes", "overrides"}
+MODEL_KEYS = {"config", "paths", "overrides"}
+PROTOCOL_KEYS = {"data.dataset", "data.data_dir", "data.split", "train.epochs", "train.early_stopping_patience",
+                 "train.max_train_seconds", "train.seed", "train.monitor"}
+# Ratios to the baseline shown beside the absolute figures (a baseline under ``floor`` makes a
+# ratio meaningless: a brute-force index "builds" in about a millisecond).
+RATIO_KEYS = {"train_sequences_per_second": 0.0, "latency_ms_p50": 0.0, "latency_ms_p99": 0.0,
+              "index_build_seconds": 0.01, "index_bytes": 0.0}
 
 
 @dataclasses.dataclass
@@ -66,12 +78,33 @@ def load_suite(path: str | pathlib.Path, quick: bool = False, overrides: Optiona
     if unknown or missing:
         raise ConfigError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}; expected {sorted(fields)}")
     base = path.resolve().parent
+    for name, settings in spec["datasets"].items():
+        settings = spec["datasets"][name] = settings or {}
+        unknown = sorted(set(settings) - DATASET_KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: dataset {name!r} has unknown key(s) {unknown}; expected {sorted(DATASET_KEYS)}")
+        if "budget_minutes" not in settings:
+            raise ConfigError(f"{path}: dataset {name!r} needs 'budget_minutes' (the training budget per model)")
+        _check_overrides(path, f"dataset {name!r}", settings.get("overrides", []))
     for name, model in spec["models"].items():
-        if "config" not in model or "paths" not in model:
-            raise ConfigError(f"{path}: model {name!r} needs 'config' and 'paths', got {sorted(model)}")
+        unknown = sorted(set(model) - MODEL_KEYS)
+        if unknown or "config" not in model or "paths" not in model:
+            raise ConfigError(f"{path}: model {name!r} needs 'config' and 'paths' (optional 'overrides'), "
+                              f"got {sorted(model)}")
+        _check_overrides(path, f"model {name!r}", model.get("overrides", []))
         config_path = pathlib.Path(model["config"])
         model["config"] = str(config_path if config_path.is_absolute() else (base / config_path).resolve())
     return Suite(**spec, source=str(path))
+
+
+def _check_overrides(path: pathlib.Path, owner: str, overrides: list) -> None:
+    # The protocol (split, data source, seed, budget, epoch cap) is the suite's, the same for
+    # every model; an override may change a model's or a dataset's settings, not that.
+    for override in overrides:
+        key = str(override).partition("=")[0].strip()
+        if key in PROTOCOL_KEYS:
+            raise ConfigError(f"{path}: {owner} overrides {key!r}, which the suite sets for every model "
+                              f"(protocol keys: {sorted(PROTOCOL_KEYS)})")
 
 
 def available_datasets(suite: Suite, data_dir: pathlib.Path) -> list[str]:
@@ -81,10 +114,10 @@ def available_datasets(suite: Suite, data_dir: pathlib.Path) -> list[str]:
 
 
 def _config(suite: Suite, dataset: str, model: dict, seed: int, data_dir: pathlib.Path):
-    settings = suite.datasets[dataset] or {}
+    settings = suite.datasets[dataset]
     overrides = [f"data.dataset={dataset}", f"data.data_dir={data_dir}", "data.split=leave_one_out",
                  f"train.epochs={suite.epochs}", f"train.early_stopping_patience={suite.patience}",
-                 f"train.max_train_seconds={float(settings.get('budget_minutes', 10)) * 60}",
+                 f"train.max_train_seconds={float(settings['budget_minutes']) * 60}",
                  f"train.seed={seed}", "train.verbose=2",
                  *settings.get("overrides", []), *model.get("overrides", [])]
     return load_config(model["config"], overrides)
@@ -101,53 +134,114 @@ def _path_row(base: dict, path, model, split, config, users: int) -> dict:
             "index_build_seconds": round(path.build_seconds, 3), "index_bytes": index_bytes(path.index)}
 
 
-def run_suite(suite: Suite, data_dir: str | pathlib.Path, runs_dir: str | pathlib.Path, log=print) -> dict:
+def _run_name(dataset: str, model: str, seed: int, budget_minutes: float, config) -> str:
+    # The budget and a digest of the whole config are part of the name: a finished run is only
+    # reused for exactly the training it did (settings that only change logging excluded).
+    settings = config.to_dict()
+    settings["train"] = {k: v for k, v in settings["train"].items() if k != "verbose"}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{dataset}-{model}-seed{seed}-{budget_minutes:g}min-{digest}"
+
+
+def _training_speed(run_dir: pathlib.Path, split) -> dict:
+    """Training sequences per second over the steady-state epochs (the first epoch, which
+    traces the graphs, is left out when there are others) and the median epoch time."""
+    history = json.loads((run_dir / "history.json").read_text(encoding="utf-8"))
+    cumulative = [0.0] + [float(row["train_seconds"]) for row in history["epochs"]]
+    durations = np.diff(cumulative)
+    steady = durations[1:] if len(durations) > 1 else durations
+    epoch_seconds = float(np.median(steady)) if len(steady) else None
+    # A sequence of one item has no target: training skips it.
+    sequences = sum(1 for sequence in split.train_sequences if len(sequence) >= 2)
+    return {"epoch_seconds": None if not epoch_seconds else round(epoch_seconds, 3),
+            "train_sequences": sequences,
+            "train_sequences_per_second": round(sequences / epoch_seconds, 1) if epoch_seconds else None}
+
+
+def run_suite(suite: Suite, data_dir: str | pathlib.Path, runs_dir: str | pathlib.Path, log=print,
+              on_progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Trains (or reuses) every model on every available dataset and measures every path.
+
+    A model that fails is recorded in ``failures`` (with the error) and the suite goes on; the
+    caller decides what a failure means. A run found finished in ``runs_dir`` is reused and its
+    rows say so (``reused``, ``trained_on``).
+
+    Args:
+      suite: The parsed suite.
+      data_dir: Where the datasets are.
+      runs_dir: Training runs, one directory per (dataset, model, seed, budget, config).
+      log: Progress lines go here.
+      on_progress: Called with the partial result after every model, e.g. to save it.
 
     Returns:
       ``{"rows": per (dataset, model, seed, path), "sweeps": [...], "index_latency": [...],
-      "datasets": [...], "wall_seconds": ...}``.
+      "datasets": [...], "skipped_datasets": [...], "failures": [...], "summary": [...],
+      "wall_seconds": ...}``.
     """
     started = time.perf_counter()
-    data_dir, runs_dir = pathlib.Path(data_dir), pathlib.Path(runs_dir)
+    data_dir, runs_dir = pathlib.Path(data_dir).resolve(), pathlib.Path(runs_dir)
     datasets = available_datasets(suite, data_dir)
     if not datasets:
         raise ConfigError(f"none of the suite's datasets {list(suite.datasets)} is under {str(data_dir)!r}")
-    rows, sweeps = [], []
+    result = {"datasets": datasets, "skipped_datasets": [name for name in suite.datasets if name not in datasets],
+              "seeds": list(suite.seeds), "latency_users": suite.latency_users, "rows": [], "sweeps": [],
+              "failures": [], "index_latency": []}
+
+    def progress():
+        result["summary"] = summarize(result["rows"])
+        result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        if on_progress is not None:
+            on_progress(result)
+
     for dataset in datasets:
+        budget = float(suite.datasets[dataset]["budget_minutes"])
         for seed in suite.seeds:
             splits: dict[str, Any] = {}  # one split per distinct data section
             for name, model_spec in suite.models.items():
-                config = _config(suite, dataset, model_spec, seed, data_dir)
-                data_key = repr(config.to_dict()["data"])
-                split = splits[data_key] = splits.get(data_key) or training.prepare_split(config)
-                # The budget is part of the name: a finished run is only reused under its own budget.
-                budget = float((suite.datasets[dataset] or {}).get("budget_minutes", 10))
-                run_dir = runs_dir / f"{dataset}-{name}-seed{seed}-{budget:g}min"
-                log(f"[bench] {dataset} / {name} / seed {seed}: training (budget "
-                    f"{config.train.max_train_seconds / 60:g} min) -> {run_dir}")
-                metrics = training.train(config, run_dir, split=split)
-                model = training.load_model(run_dir / "model")
-                examples_per_second = (len(split.train_sequences) * metrics["epochs"]
-                                       / max(metrics["train_seconds"], 1e-9))
-                base = {"dataset": dataset, "model": name, "seed": seed, "epochs": metrics["epochs"],
-                        "best_epoch": metrics["best_epoch"], "train_seconds": metrics["train_seconds"],
-                        "train_examples_per_second": round(examples_per_second, 1)}
-                for variant in model_spec["paths"]:
-                    path = serving_path(model, split.num_items, variant, seed)
-                    rows.append(_path_row(base, path, model, split, config, suite.latency_users))
-                    log(f"[bench]   {path.label}: " + ", ".join(f"{k} {rows[-1][k]}" for k in ("HR@10", "Recall@50",
-                                                                                               "latency_ms_p50")))
-                if seed == suite.seeds[0] and dataset == datasets[0]:
-                    for variant in suite.sweeps.get(name, []):
-                        path = serving_path(model, split.num_items, variant, seed)
-                        sweeps.append({**_path_row(base, path, model, split, config, suite.latency_users),
-                                       "variant": variant})
+                try:
+                    _measure_model(suite, result, dataset, name, model_spec, seed, budget, data_dir, runs_dir,
+                                   splits, first=(seed == suite.seeds[0] and dataset == datasets[0]), log=log)
+                except Exception as error:  # noqa: BLE001 - recorded, reported, and the exit code says so
+                    log(f"[bench] FAILED {dataset} / {name} / seed {seed}: {type(error).__name__}: {error}\n"
+                        + traceback.format_exc())
+                    result["failures"].append({"dataset": dataset, "model": name, "seed": seed,
+                                               "error": f"{type(error).__name__}: {error}"})
+                progress()
     log(f"[bench] index latency on synthetic catalogues {suite.index_latency.get('sizes')}")
-    latency_rows = measure_index_latency(**suite.index_latency)
-    return {"datasets": datasets, "seeds": list(suite.seeds), "rows": rows, "sweeps": sweeps,
-            "index_latency": latency_rows, "summary": summarize(rows),
-            "wall_seconds": round(time.perf_counter() - started, 1)}
+    result["index_latency"] = measure_index_latency(**suite.index_latency)
+    progress()
+    return result
+
+
+def _measure_model(suite: Suite, result: dict, dataset: str, name: str, model_spec: dict, seed: int,
+                   budget: float, data_dir: pathlib.Path, runs_dir: pathlib.Path, splits: dict, first: bool,
+                   log) -> None:
+    config = _config(suite, dataset, model_spec, seed, data_dir)
+    data_key = repr(config.to_dict()["data"])
+    split = splits[data_key] = splits.get(data_key) or training.prepare_split(config)
+    run_dir = runs_dir / _run_name(dataset, name, seed, budget, config)
+    metrics_path = run_dir / "metrics.json"
+    reused = metrics_path.is_file()
+    log(f"[bench] {dataset} / {name} / seed {seed}: {'reusing the finished run' if reused else 'training'} "
+        f"(budget {budget:g} min) -> {run_dir}")
+    metrics = training.train(config, run_dir, split=split)
+    model = training.load_model(run_dir / "model")
+    trained_on = datetime.datetime.fromtimestamp(metrics_path.stat().st_mtime, datetime.timezone.utc)
+    base = {"dataset": dataset, "model": name, "seed": seed, "run": run_dir.name, "epochs": metrics["epochs"],
+            "best_epoch": metrics["best_epoch"], "train_seconds": metrics["train_seconds"],
+            **_training_speed(run_dir, split), "reused": reused,
+            "trained_on": trained_on.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    for variant in model_spec["paths"]:
+        path = serving_path(model, split.num_items, variant, seed)
+        result["rows"].append({**_path_row(base, path, model, split, config, suite.latency_users),
+                               "variant": variant})
+        log(f"[bench]   {path.label}: " + ", ".join(f"{k} {result['rows'][-1].get(k)}"
+                                                   for k in ("HR@10", "Recall@50", "latency_ms_p50")))
+    if first:
+        for variant in suite.sweeps.get(name, []):
+            path = serving_path(model, split.num_items, variant, seed)
+            result["sweeps"].append({**_path_row(base, path, model, split, config, suite.latency_users),
+                                     "variant": variant})
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -155,11 +249,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["model"], row["path"]), []).append(row)
-    numeric = (*QUALITY_KEYS, "train_seconds", "epochs", "train_examples_per_second", "latency_ms_p50",
-               "latency_ms_p99", "index_build_seconds", "index_bytes")
+    numeric = (*QUALITY_KEYS, "train_seconds", "epochs", "epoch_seconds", "train_sequences_per_second",
+               "latency_ms_p50", "latency_ms_p99", "index_build_seconds", "index_bytes")
     summary = []
     for (dataset, model, path), members in groups.items():
-        entry: dict[str, Any] = {"dataset": dataset, "model": model, "path": path, "seeds": len(members)}
+        entry: dict[str, Any] = {"dataset": dataset, "model": model, "path": path, "seeds": len(members),
+                                 "reused": any(member.get("reused") for member in members)}
         for key in numeric:
             values = [member[key] for member in members if member.get(key) is not None]
             if values:
@@ -170,7 +265,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         baseline = next((other for other in summary if other["dataset"] == entry["dataset"]
                          and (other["model"], other["path"]) == BASELINE), None)
         if baseline:
-            for key in ("latency_ms_p50", "train_examples_per_second"):
-                if entry.get(key) and baseline.get(key):
+            for key, floor in RATIO_KEYS.items():
+                if entry.get(key) is not None and (baseline.get(key) or 0.0) > floor:
                     entry[f"{key}_vs_two_tower"] = entry[key] / baseline[key]
     return summary
