@@ -6,7 +6,8 @@ For each catalogue size (default 10^4, 10^5, 10^6 items; d = 64; top-100):
   held-out queries drawn from the same distribution, so approximate indexes can reach high
   recall (on structureless random noise no ANN method can).
 * Index kinds: ``brute_force`` (exact); ``partitioned`` with ``factor * sqrt(N)`` k-means
-  partitions (one or more factors) and a sweep of ``num_probes``; ``scann`` with about sqrt(N)
+  partitions (one or more factors), float32 or bfloat16 scoring (``--partitioned-scoring``)
+  and a sweep of ``num_probes``; ``scann`` with about sqrt(N)
   leaves, a sweep of ``num_leaves_to_search`` and exact reordering of 1000 candidates; each
   swept value is its own row (variant ``n_items=N,partitions=P,probes=X`` /
   ``n_items=N,leaves_to_search=L``).
@@ -471,6 +472,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partitions-factor", type=float, nargs="+", default=[1.0],
                         help="partitioned: num_partitions = round(factor * sqrt(N)), one build per factor")
+    parser.add_argument("--partitioned-scoring", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="partitioned: scoring_dtype values (bfloat16: a bfloat16 first pass, then exact "
+                             "float32 rescoring of 4 x k candidates)")
     parser.add_argument("--probes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
                         help="partitioned: num_probes values swept (capped at num_partitions)")
     parser.add_argument("--soft-partitions-factor", type=float, default=1.0,
@@ -525,7 +529,8 @@ def main() -> int:
         f"log-normal weights around ~sqrt(#clusters) topics (topic spread {TOPIC_SPREAD}, cluster noise "
         f"{CLUSTER_NOISE}), unit-norm items and held-out queries",
         "partitioned": {"num_partitions": " and ".join(f"round({f:g} * sqrt(N))" for f in args.partitions_factor),
-                        "num_probes": args.probes, "spherical": True, "kmeans_iterations": 20,
+                        "num_probes": args.probes, "scoring_dtype": args.partitioned_scoring,
+                        "spherical": True, "kmeans_iterations": 20,
                         "training_sample_size": 100_000},
         "sparse_code": {"table": f"[N, {NUM_CODES}] ReLU(item . code - t), items d={CODE_DIMENSION} from the same "
                                  f"mixture, ~{POSITIVE_FRACTION:.0%} positive, streamed in chunks of {CHUNK}",
@@ -628,25 +633,27 @@ def _configurations(kind: str, n_items: int, args, make_index, work: Workload):
         yield "", {"k_max": K}, timed(lambda: make_index("brute_force", k_max=K))
     elif kind == "partitioned":
         for factor in args.partitions_factor:
-            partitions = max(1, round(factor * root))
-            built = {}
+            for scoring in args.partitioned_scoring:
+                partitions = max(1, round(factor * root))
+                built = {}
+                options = {"num_partitions": partitions, "seed": args.seed, "scoring_dtype": scoring}
 
-            def reprobed(probes, partitions=partitions, built=built):
-                # One k-means build per partition count: the probe count is only read when the
-                # search is traced, so the sweep re-uses the partitions and re-traces the search.
-                # Every probe variant reports that one build's time.
-                def build():
-                    if "index" not in built:
-                        built["index"], built["seconds"] = timed(lambda: make_index(
-                            "partitioned", num_partitions=partitions, num_probes=probes, k_max=K,
-                            seed=args.seed))()
-                    built["index"].num_probes = probes
-                    return built["index"], built["seconds"]
-                return build
+                def reprobed(probes, options=options, built=built):
+                    # One k-means build per partition count and scoring: the probe count is only
+                    # read when the search is traced, so the sweep re-uses the partitions and
+                    # re-traces the search. Every probe variant reports that one build's time.
+                    def build():
+                        if "index" not in built:
+                            built["index"], built["seconds"] = timed(lambda: make_index(
+                                "partitioned", num_probes=probes, k_max=K, **options))()
+                        built["index"].num_probes = probes
+                        return built["index"], built["seconds"]
+                    return build
 
-            for probes in sweep(args.probes, partitions):
-                yield (f"partitions={partitions},probes={probes}",
-                       {"num_partitions": partitions, "num_probes": probes}, reprobed(probes))
+                suffix = "" if scoring == "float32" else f",{scoring}"
+                for probes in sweep(args.probes, partitions):
+                    yield (f"partitions={partitions},probes={probes}{suffix}",
+                           {**options, "num_probes": probes}, reprobed(probes))
     elif kind == "scann":
         leaves = max(1, round(args.leaves_factor * root))
         for searched in sweep(args.leaves_to_search, leaves):

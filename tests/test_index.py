@@ -3,6 +3,7 @@ padding, partitioned recall, config round trips, SavedModel round trips and op p
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -223,6 +224,51 @@ def test_partitioned_recall_on_clustered_data(spherical):
     offsets = index.partition_offsets.numpy()
     assert offsets[0] == 0 and offsets[-1] == len(points) and np.all(np.diff(offsets) > 0)
     assert sorted(index.item_order.numpy().tolist()) == list(range(len(points)))
+
+
+def test_bfloat16_scoring_with_every_member_reordered_is_exact():
+    candidates, queries, int_ids, _ = _data()
+    index = PartitionedIndex(num_partitions=8, num_probes=8, k_max=K_MAX, scoring_dtype="bfloat16",
+                             num_reordering_candidates=N).index(candidates, int_ids)
+    assert index.is_exact()
+    exclude = int_ids[:B, None].repeat(3, axis=1)
+    _assert_matches_oracle(*index(queries, k=K_MAX, exclude=exclude), queries, candidates, int_ids, K_MAX,
+                           exclude=exclude, padding=index.padding_identifier)
+
+
+def test_bfloat16_scoring_finds_what_float32_scoring_finds_in_the_same_partitions(tmp_path):
+    points, queries = _clustered()
+    exact_scoring = PartitionedIndex(num_partitions=32, num_probes=6, k_max=10).index(points)
+    coarse = PartitionedIndex(num_partitions=32, num_probes=6, k_max=10, scoring_dtype="bfloat16")
+    coarse.index(points)
+    assert not coarse.is_exact() and coarse.coarse_candidates.dtype == tf.bfloat16
+    reference_scores, reference = exact_scoring(queries, k=10)
+    scores, found = coarse(queries, k=10)
+    # Same seed, same partitions: the bfloat16 pass only pre-selects 4 * k_max members, whose
+    # float32 rescoring must give the float32 answer.
+    np.testing.assert_array_equal(found.numpy(), reference.numpy())
+    np.testing.assert_allclose(scores.numpy(), reference_scores.numpy(), rtol=1e-6)
+
+    config = coarse.get_config()
+    assert config["scoring_dtype"] == "bfloat16" and config["num_reordering_candidates"] is None
+    assert PartitionedIndex.from_config(config).get_config() == config
+
+    search = _save(coarse, tmp_path, dimension=points.shape[1])
+    loaded = tf.saved_model.load(str(tmp_path)).signatures["serving_default"]
+    no_exclusions = tf.zeros([len(queries), 1], tf.int64)
+    got = loaded(queries=tf.constant(queries), k=tf.constant(10), exclude=no_exclusions)
+    expected = search(tf.constant(queries), tf.constant(10), no_exclusions)
+    np.testing.assert_array_equal(got["identifiers"].numpy(), expected["identifiers"].numpy())
+    assert not _saved_model_ops(tmp_path) - STOCK_OPS
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"scoring_dtype": "float16"}, "scoring_dtype must be one of ['float32', 'bfloat16'], got 'float16'"),
+    ({"num_reordering_candidates": 0}, "num_reordering_candidates must be at least 1 or None, got 0"),
+])
+def test_partitioned_rejects_bad_scoring_settings(arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PartitionedIndex(**arguments)
 
 
 def test_kmeans_is_deterministic_and_reseeds_empty_clusters():

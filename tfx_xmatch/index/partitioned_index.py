@@ -22,6 +22,7 @@ from tfx_xmatch.index.retrieval_index import RetrievalIndex
 
 # Rows scored per block when assigning points to centroids: bounds the [block, P] score matrix.
 _ASSIGN_BLOCK = 16384
+SCORING_DTYPES = ("float32", "bfloat16")
 
 
 class PartitionedIndex(RetrievalIndex):
@@ -52,6 +53,13 @@ class PartitionedIndex(RetrievalIndex):
       spherical: Spherical (dot-product) k-means if True (default), Euclidean if False.
       training_sample_size: k-means trains on a random sample of at most this many candidates
         (int >= 1, default 100_000; None trains on all); every candidate is then assigned.
+      scoring_dtype: "float32" (default) scores probed members exactly. "bfloat16" scores them
+        from a bfloat16 copy of the candidates (half the bytes read per query, the dominant cost
+        at large N; about 3 significant digits), then rescores the best
+        ``num_reordering_candidates`` exactly in float32, as ScaNN reorders. Costs half the
+        candidates' memory again.
+      num_reordering_candidates: With "bfloat16", members rescored exactly per query (int >= 1,
+        default 4 * k_max; at least k is always rescored). Ignored with "float32".
       **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
         see ``RetrievalIndex``.
 
@@ -73,6 +81,8 @@ class PartitionedIndex(RetrievalIndex):
         seed: int = 0,
         spherical: bool = True,
         training_sample_size: Optional[int] = 100_000,
+        scoring_dtype: str = "float32",
+        num_reordering_candidates: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(k_max=k_max, **kwargs)
@@ -86,6 +96,14 @@ class PartitionedIndex(RetrievalIndex):
             raise ValueError(
                 f"training_sample_size must be at least 1 or None, got {training_sample_size!r}"
             )
+        if scoring_dtype not in SCORING_DTYPES:
+            raise ValueError(f"scoring_dtype must be one of {list(SCORING_DTYPES)}, got {scoring_dtype!r}")
+        if num_reordering_candidates is not None and num_reordering_candidates < 1:
+            raise ValueError(f"num_reordering_candidates must be at least 1 or None, got {num_reordering_candidates!r}")
+        self.scoring_dtype = scoring_dtype
+        self.num_reordering_candidates = (
+            None if num_reordering_candidates is None else int(num_reordering_candidates)
+        )
         self.num_partitions = int(num_partitions)
         self.num_probes = int(num_probes)
         self.kmeans_iterations = int(kmeans_iterations)
@@ -98,6 +116,7 @@ class PartitionedIndex(RetrievalIndex):
         self.partition_offsets = None
         self.item_order = None
         self.candidates = None
+        self.coarse_candidates = None
 
     def _index(self, candidates: tf.Tensor) -> None:
         embeddings = candidates.numpy()
@@ -122,6 +141,10 @@ class PartitionedIndex(RetrievalIndex):
         self.partition_offsets = self._assign_state("partition_offsets", offsets)
         self.item_order = self._assign_state("item_order", item_order.astype(np.int32))
         self.candidates = self._assign_state("candidates", embeddings[item_order])
+        if self.scoring_dtype == "bfloat16":
+            self.coarse_candidates = self._assign_state(
+                "coarse_candidates", tf.cast(self.candidates, tf.bfloat16)
+            )
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         centroid_scores = tf.matmul(queries, self.centroids, transpose_b=True)  # [B, P]
@@ -140,7 +163,15 @@ class PartitionedIndex(RetrievalIndex):
         padded_rows = tf.RaggedTensor.from_row_lengths(rows, members_per_query).to_tensor(
             default_value=-1
         )  # [B, M]
-        members = tf.gather(self.candidates, tf.maximum(padded_rows, 0))  # [B, M, d]
+        if self.scoring_dtype == "bfloat16":
+            # First pass on half the bytes; only the best rows are read again in float32.
+            coarse_members = tf.gather(self.coarse_candidates, tf.maximum(padded_rows, 0))
+            coarse = tf.cast(tf.linalg.matvec(coarse_members, tf.cast(queries, tf.bfloat16)), tf.float32)
+            coarse = tf.where(padded_rows >= 0, coarse, tf.constant(-np.inf, tf.float32))
+            reorder = tf.maximum(k, self.num_reordering_candidates or 4 * self.k_max)
+            _, best = tf.math.top_k(coarse, k=tf.minimum(reorder, tf.shape(coarse)[1]))
+            padded_rows = tf.gather(padded_rows, best, batch_dims=1)  # [B, R]
+        members = tf.gather(self.candidates, tf.maximum(padded_rows, 0))  # [B, M or R, d]
         scores = tf.where(
             padded_rows >= 0,
             tf.linalg.matvec(members, queries),
@@ -156,12 +187,17 @@ class PartitionedIndex(RetrievalIndex):
         return top_scores, positions
 
     def is_exact(self) -> bool:
-        """True iff every partition is probed (``num_probes >= num_partitions``).
+        """True iff every partition is probed (``num_probes >= num_partitions``) and, with
+        bfloat16 scoring, every candidate is rescored in float32.
 
         Returns:
           Whether results equal a brute-force search.
         """
-        return self.num_probes >= self.num_partitions
+        probes_all = self.num_probes >= self.num_partitions
+        if self.scoring_dtype == "float32":
+            return probes_all
+        reorder = self.num_reordering_candidates or 4 * self.k_max
+        return probes_all and self.candidates is not None and reorder >= int(tf.shape(self.candidates)[0])
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -172,6 +208,8 @@ class PartitionedIndex(RetrievalIndex):
             seed=self.seed,
             spherical=self.spherical,
             training_sample_size=self.training_sample_size,
+            scoring_dtype=self.scoring_dtype,
+            num_reordering_candidates=self.num_reordering_candidates,
         )
         return config
 
