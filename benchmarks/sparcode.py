@@ -16,6 +16,8 @@ Writes ``results/sparcode.md`` and ``results/sparcode.json``.
 
     python benchmarks/sparcode.py
     python benchmarks/sparcode.py --models sparcode --minutes sparcode=45
+    python benchmarks/sparcode.py --models sparcode --output sparcode_sparsity0.03 \
+        --sparcode-set model.options.sparsity_weight=0.03 --minutes sparcode=25
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def main() -> int:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--minutes", action="append", default=[], metavar="MODEL=MINUTES",
                         help=f"training-time budget of a model (default {DEFAULT_MINUTES})")
+    parser.add_argument("--sparcode-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for the SparCode model only (repeatable); use with --output")
     parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
     parser.add_argument("--output", default="sparcode", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
@@ -109,7 +113,7 @@ def main() -> int:
     split = None
     for name in args.models:
         overrides = training_overrides("ml-1m", dataset_dir, args.epochs, args.patience, budgets[name])
-        config = load_config(MODELS[name], overrides)
+        config = load_config(MODELS[name], overrides + (args.sparcode_set if name == "sparcode" else []))
         split = split or training.prepare_split(config)
         run_dir = pathlib.Path(args.runs_dir) / RUN_NAMES.get(name, f"{args.output}-{name}")
         metrics = training.train(config, run_dir, split=split)
