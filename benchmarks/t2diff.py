@@ -47,8 +47,12 @@ VARIANTS = {
     "t2diff": (CONFIGS_DIR / "ml1m_t2diff.yaml", []),
     "t2diff_no_drift": (CONFIGS_DIR / "ml1m_t2diff.yaml", ["model.options.diffuse=raw"]),
     "t2diff_no_stop_gradient": (CONFIGS_DIR / "ml1m_t2diff.yaml", ["model.options.stop_gradient=false"]),
+    # Not in the paper's settings: the long history widened to the two-tower's 200-item window
+    # (10 + 190), to separate "reads less history" from the model itself.
+    "t2diff_long_history": (CONFIGS_DIR / "ml1m_t2diff.yaml", ["model.options.history_length=190"]),
 }
-DEFAULT_MINUTES = {"two_tower_sasrec": 70.0, "t2diff": 45.0, "t2diff_no_drift": 30.0, "t2diff_no_stop_gradient": 30.0}
+DEFAULT_MINUTES = {"two_tower_sasrec": 70.0, "t2diff": 45.0, "t2diff_no_drift": 30.0, "t2diff_no_stop_gradient": 30.0,
+                   "t2diff_long_history": 60.0}
 SPLIT_OVERRIDES = {"leave_one_out": ["data.split=leave_one_out"],
                    "user_level": ["data.split=user_level"]}
 KS = (2, 10, 20, 50)
