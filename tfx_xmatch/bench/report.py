@@ -49,7 +49,7 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     written = {}
     summary = result["summary"]
     labels = sorted({(entry["model"], entry["path"]) for entry in summary})
-    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(result["datasets"]))), 4))
+    figure, axis = plt.subplots(figsize=(min(16, max(6, 1.2 * len(labels) * max(1, len(result["datasets"])))), 4))
     width = 0.8 / max(1, len(labels))
     for offset, (model, path) in enumerate(labels):
         # A model missing on a dataset (failed) draws no bar rather than a bar at zero.
