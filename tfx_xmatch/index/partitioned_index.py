@@ -54,8 +54,9 @@ class PartitionedIndex(RetrievalIndex):
       training_sample_size: k-means trains on a random sample of at most this many candidates
         (int >= 1, default 100_000; None trains on all); every candidate is then assigned.
       scoring_dtype: "float32" (default) scores probed members exactly. "bfloat16" scores them
-        from a bfloat16 copy of the candidates (half the bytes read per query, the dominant cost
-        at large N; about 3 significant digits), then rescores the best
+        from a bfloat16 copy of the candidates (half the bytes read per query; about 3
+        significant digits; 10-15% faster at 10^6 items in results/serving.md, no faster at
+        small N), then rescores the best
         ``num_reordering_candidates`` exactly in float32, as ScaNN reorders. Costs half the
         candidates' memory again.
       num_reordering_candidates: With "bfloat16", members rescored exactly per query (int >= 1,
@@ -168,7 +169,7 @@ class PartitionedIndex(RetrievalIndex):
             coarse_members = tf.gather(self.coarse_candidates, tf.maximum(padded_rows, 0))
             coarse = tf.cast(tf.linalg.matvec(coarse_members, tf.cast(queries, tf.bfloat16)), tf.float32)
             coarse = tf.where(padded_rows >= 0, coarse, tf.constant(-np.inf, tf.float32))
-            reorder = tf.maximum(k, self.num_reordering_candidates or 4 * self.k_max)
+            reorder = tf.maximum(k, self._reordered_per_query())
             _, best = tf.math.top_k(coarse, k=tf.minimum(reorder, tf.shape(coarse)[1]))
             padded_rows = tf.gather(padded_rows, best, batch_dims=1)  # [B, R]
         members = tf.gather(self.candidates, tf.maximum(padded_rows, 0))  # [B, M or R, d]
@@ -196,8 +197,12 @@ class PartitionedIndex(RetrievalIndex):
         probes_all = self.num_probes >= self.num_partitions
         if self.scoring_dtype == "float32":
             return probes_all
-        reorder = self.num_reordering_candidates or 4 * self.k_max
-        return probes_all and self.candidates is not None and reorder >= int(tf.shape(self.candidates)[0])
+        return (probes_all and self.candidates is not None
+                and self._reordered_per_query() >= int(tf.shape(self.candidates)[0]))
+
+    def _reordered_per_query(self) -> int:
+        """Members rescored in float32 after a bfloat16 pass (at least k is rescored anyway)."""
+        return self.num_reordering_candidates or 4 * self.k_max
 
     def get_config(self) -> dict:
         config = super().get_config()
