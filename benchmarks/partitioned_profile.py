@@ -1,0 +1,178 @@
+"""Where a single-query ``partitioned`` lookup spends its time (not a test).
+
+Builds one PartitionedIndex on the synthetic catalogue of ``serving.py`` (same generator, seed
+and queries) and times the one-query path stage by stage, each stage a traced function called
+through its concrete function like a SavedModel signature, cumulatively:
+
+1. ``dispatch``: a signature that returns its input (the floor of any call from Python);
+2. ``probes``: + choosing the partitions (parent and sub-partition centroids, top-k);
+3. ``rows``: + the row ranges of the probed partitions as one flat list;
+4. ``gather``: + copying those candidate rows out of the table;
+5. ``score``: + the [1, d] x [d, M] mat-mul and the top-k (the index's own ``_top_k``);
+6. ``lookup``: + the ``RetrievalIndex`` call around it (k check, padding, identifiers).
+
+The difference between consecutive stages is what a stage adds. The gather's bandwidth is the
+bytes it copies per query (rows x d x 4) over its time. TF's thread pools are fixed when the
+runtime starts, so ``--intra-op-threads`` applies to one run; ``--merge`` adds a run's rows to
+the existing results.
+
+Writes ``results/partitioned_profile.md`` and ``.json``.
+
+    python benchmarks/partitioned_profile.py
+    python benchmarks/partitioned_profile.py --intra-op-threads 1 --merge
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
+from common import RESULTS_DIR, header, markdown_header, merge_rows  # noqa: E402
+from serving import DIMENSION, K, exact_top_k, recall, search_module, synthetic_embeddings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+STAGES = ("dispatch", "probes", "rows", "gather", "score", "lookup")
+ROW_KEY = ("n_items", "probes", "intra_op_threads")
+
+
+def stage_functions(index, tf) -> dict:
+    """One traced function per stage, each doing everything the previous one does and more."""
+    spec = [tf.TensorSpec([1, DIMENSION], tf.float32)]
+
+    def probe_rows(query):
+        probes = index._probes(query, True)[0]
+        offsets = index.partition_offsets
+        return tf.ragged.range(tf.gather(offsets, probes), tf.gather(offsets, probes + 1)).flat_values
+
+    # Each stage returns a few values of its last result, so that what it computed is needed
+    # (nothing is pruned) while copying the output back costs the same in every stage.
+    functions = {
+        "dispatch": lambda query: query[0, :3],
+        "probes": lambda query: tf.cast(index._probes(query, True)[0, :3], tf.float32),
+        "rows": lambda query: tf.cast(probe_rows(query)[:3], tf.float32),
+        "gather": lambda query: tf.gather(index.candidates, probe_rows(query))[0, :3],
+        "score": lambda query: index._top_k(query, tf.constant(K))[0][0, :3],
+    }
+    traced = {name: tf.function(fn, input_signature=spec).get_concrete_function() for name, fn in functions.items()}
+    lookup = search_module(index, (DIMENSION,), tf).search.get_concrete_function()
+    k = tf.constant(K, tf.int32)
+    traced["lookup"] = lambda query: lookup(query, k)["scores"][0, :3]
+    return traced
+
+
+def time_stages(stages: dict, queries: np.ndarray, warmup: int, tf) -> dict:
+    """p50 ms of every stage over all queries, stages interleaved so that drift hits them alike."""
+    tensors = [tf.constant(queries[i : i + 1]) for i in range(len(queries))]
+    for tensor in tensors[:warmup]:
+        for fn in stages.values():
+            fn(tensor).numpy()
+    latencies = {name: [] for name in stages}
+    for tensor in tensors:
+        for name, fn in stages.items():
+            started = time.perf_counter()
+            fn(tensor).numpy()
+            latencies[name].append((time.perf_counter() - started) * 1000.0)
+    return {name: float(np.percentile(values, 50)) for name, values in latencies.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partitions", type=int, default=1000)
+    parser.add_argument("--subpartitions", type=int, default=16)
+    parser.add_argument("--parent-probes", type=int, default=48)
+    parser.add_argument("--probes", type=int, nargs="+", default=[128, 192, 256])
+    parser.add_argument("--intra-op-threads", type=int, default=0,
+                        help="TF intra-op (and inter-op) threads; 0: TF's default (all cores)")
+    parser.add_argument("--merge", action="store_true", help="add this run's rows to the existing results")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--output", default="partitioned_profile", help="results file stem under --results-dir")
+    args = parser.parse_args()
+    for name in ("items", "queries", "partitions", "subpartitions", "parent_probes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.intra_op_threads < 0:
+        parser.error(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
+
+    import tensorflow as tf
+
+    if args.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.intra_op_threads)
+    from tfx_xmatch.index import PartitionedIndex
+    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
+
+    result = header("partitioned_profile")
+    items, queries = synthetic_embeddings(args.items, args.queries, DIMENSION, args.seed)
+    exact = exact_top_k(items, queries, K)
+    index = PartitionedIndex(num_partitions=args.partitions, subpartitions=args.subpartitions,
+                             parent_probes=args.parent_probes, num_probes=max(args.probes), k_max=K)
+    started = time.perf_counter()
+    index.index(tf.constant(items))
+    build_seconds = time.perf_counter() - started
+    sizes = np.diff(index.partition_offsets.numpy())
+    rows = []
+    for probes in args.probes:
+        index.num_probes = probes  # read when tracing: every stage below is traced afresh
+        found = index(tf.constant(queries), k=K)[1].numpy()
+        chosen = index._probes(tf.constant(queries), False).numpy()
+        scanned = float(np.mean(np.where(chosen >= 0, sizes[np.maximum(chosen, 0)], 0).sum(axis=1)))
+        p50 = time_stages(stage_functions(index, tf), queries, args.warmup, tf)
+        gather_ms = p50["gather"] - p50["rows"]
+        megabytes = scanned * DIMENSION * 4 / 1e6
+        rows.append({
+            "n_items": args.items, "probes": probes, "intra_op_threads": args.intra_op_threads or "default",
+            "recall_vs_exact": round(recall(found, exact), 4), "rows_scanned": round(scanned),
+            "megabytes_gathered": round(megabytes, 2),
+            "gather_gb_per_s": round(megabytes / gather_ms, 2) if gather_ms > 0 else None,
+            **{f"{name}_ms": round(value, 3) for name, value in p50.items()},
+        })
+        print(rows[-1], flush=True)
+    result.update(settings={"partitions": args.partitions, "subpartitions": args.subpartitions,
+                            "parent_probes": args.parent_probes, "queries": args.queries, "warmup": args.warmup,
+                            "seed": args.seed, "build_seconds": round(build_seconds, 1),
+                            "partition_sizes": {"mean": round(float(sizes.mean()), 1), "max": int(sizes.max())}},
+                  rows=rows)
+    results_dir = pathlib.Path(args.results_dir)
+    json_path = results_dir / f"{args.output}.json"
+    if args.merge:
+        result = merge_rows(result, json_path, ROW_KEY)
+    write_json_atomic(json_path, result)
+    write_text_atomic(results_dir / f"{args.output}.md", to_markdown(result))
+    print(f"wrote {json_path} and .md")
+    return 0
+
+
+def to_markdown(result: dict) -> str:
+    settings = result["settings"]
+    lines = markdown_header(result, "where a single-query partitioned lookup spends its time") + [
+        f"- index: {settings['partitions']} k-means partitions x {settings['subpartitions']} sub-partitions "
+        f"(mean {settings['partition_sizes']['mean']} rows, max {settings['partition_sizes']['max']}), probes chosen "
+        f"among the {settings['parent_probes']} best partitions' sub-partitions; built in "
+        f"{settings['build_seconds']} s",
+        f"- data: `serving.py`'s synthetic catalogue and held-out queries (d = {DIMENSION}, seed {settings['seed']}), "
+        f"{settings['queries']} queries, top-{K}, {settings['warmup']} warm-up calls; p50 of each cumulative stage "
+        "(see the script's docstring); the stages are interleaved query by query",
+        "",
+        "| items | probes | intra-op threads | recall@100 | rows scanned | MB gathered | "
+        + " | ".join(f"{stage} ms" for stage in STAGES) + " | gather GB/s |",
+        "|" + "---|" * (7 + len(STAGES)),
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['n_items']:,} | {row['probes']} | {row['intra_op_threads']} | {row['recall_vs_exact']:.4f} | "
+            f"{row['rows_scanned']:,} | {row['megabytes_gathered']} | "
+            + " | ".join(f"{row[f'{stage}_ms']:.3f}" for stage in STAGES) + f" | {row['gather_gb_per_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
