@@ -61,7 +61,8 @@ def stage_functions(index, tf) -> dict:
     traced = {name: tf.function(fn, input_signature=spec).get_concrete_function() for name, fn in functions.items()}
     lookup = search_module(index, (DIMENSION,), tf).search.get_concrete_function()
     k = tf.constant(K, tf.int32)
-    traced["lookup"] = lambda query: lookup(query, k)["scores"][0, :3]
+    # Its whole [1, k] output: slicing the result here would add an eager op (~0.1 ms) to the time.
+    traced["lookup"] = lambda query: lookup(query, k)["scores"]
     return traced
 
 
