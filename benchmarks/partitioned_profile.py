@@ -20,6 +20,8 @@ Writes ``results/partitioned_profile.md`` and ``.json``.
 
     python benchmarks/partitioned_profile.py
     python benchmarks/partitioned_profile.py --intra-op-threads 1 --merge
+    python benchmarks/partitioned_profile.py --subpartitions 32 --parent-probes 64 --probes 256 320 --merge
+    python benchmarks/partitioned_profile.py --subpartitions 64 --parent-probes 48 --probes 384 512 --merge
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from serving import DIMENSION, K, exact_top_k, recall, search_module, synthetic_
 import numpy as np  # noqa: E402
 
 STAGES = ("dispatch", "probes", "rows", "gather", "score", "lookup")
-ROW_KEY = ("n_items", "probes", "intra_op_threads")
+ROW_KEY = ("n_items", "subpartitions", "parent_probes", "probes", "intra_op_threads")
 
 
 def stage_functions(index, tf) -> dict:
@@ -130,7 +132,9 @@ def main() -> int:
         gather_ms = p50["gather"] - p50["rows"]
         megabytes = scanned * DIMENSION * 4 / 1e6
         rows.append({
-            "n_items": args.items, "probes": probes, "intra_op_threads": args.intra_op_threads or "default",
+            "n_items": args.items, "subpartitions": args.subpartitions, "parent_probes": args.parent_probes,
+            "probes": probes, "intra_op_threads": args.intra_op_threads or "default",
+            "build_seconds": round(build_seconds, 1), "mean_partition_rows": round(float(sizes.mean()), 1),
             "recall_vs_exact": round(recall(found, exact), 4), "rows_scanned": round(scanned),
             "megabytes_gathered": round(megabytes, 2),
             "gather_gb_per_s": round(megabytes / gather_ms, 2) if gather_ms > 0 else None,
@@ -139,8 +143,7 @@ def main() -> int:
         print(rows[-1], flush=True)
     result.update(settings={"partitions": args.partitions, "subpartitions": args.subpartitions,
                             "parent_probes": args.parent_probes, "queries": args.queries, "warmup": args.warmup,
-                            "seed": args.seed, "build_seconds": round(build_seconds, 1),
-                            "partition_sizes": {"mean": round(float(sizes.mean()), 1), "max": int(sizes.max())}},
+                            "seed": args.seed},
                   rows=rows)
     results_dir = pathlib.Path(args.results_dir)
     json_path = results_dir / f"{args.output}.json"
@@ -155,21 +158,21 @@ def main() -> int:
 def to_markdown(result: dict) -> str:
     settings = result["settings"]
     lines = markdown_header(result, "where a single-query partitioned lookup spends its time") + [
-        f"- index: {settings['partitions']} k-means partitions x {settings['subpartitions']} sub-partitions "
-        f"(mean {settings['partition_sizes']['mean']} rows, max {settings['partition_sizes']['max']}), probes chosen "
-        f"among the {settings['parent_probes']} best partitions' sub-partitions; built in "
-        f"{settings['build_seconds']} s",
+        f"- index: {settings['partitions']} k-means partitions, each split into `sub` sub-partitions; the probes are "
+        "chosen among the sub-partitions of the `parents` best partitions",
         f"- data: `serving.py`'s synthetic catalogue and held-out queries (d = {DIMENSION}, seed {settings['seed']}), "
         f"{settings['queries']} queries, top-{K}, {settings['warmup']} warm-up calls; p50 of each cumulative stage "
         "(see the script's docstring); the stages are interleaved query by query",
         "",
-        "| items | probes | intra-op threads | recall@100 | rows scanned | MB gathered | "
+        "| items | sub | parents | mean rows per sub | probes | intra-op threads | recall@100 | rows scanned | MB gathered | "
         + " | ".join(f"{stage} ms" for stage in STAGES) + " | gather GB/s |",
-        "|" + "---|" * (7 + len(STAGES)),
+        "|" + "---|" * (10 + len(STAGES)),
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['n_items']:,} | {row['probes']} | {row['intra_op_threads']} | {row['recall_vs_exact']:.4f} | "
+            f"| {row['n_items']:,} | {row['subpartitions']} | {row['parent_probes']} | {row['mean_partition_rows']} | "
+            f"{row['probes']} | "
+            f"{row['intra_op_threads']} | {row['recall_vs_exact']:.4f} | "
             f"{row['rows_scanned']:,} | {row['megabytes_gathered']} | "
             + " | ".join(f"{row[f'{stage}_ms']:.3f}" for stage in STAGES) + f" | {row['gather_gb_per_s']} |")
     return "\n".join(lines) + "\n"
