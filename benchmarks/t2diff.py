@@ -54,9 +54,13 @@ VARIANTS = {
     # (recency order kept) instead of the mean, with two attention blocks like the two-tower's.
     "t2diff_predicted_pooling": (CONFIGS_DIR / "ml1m_t2diff.yaml", [
         "model.options.session_pooling=predicted", "model.num_blocks=2"]),
+    # Both of the above: the predicted pooling reading the two-tower's 200-item window.
+    "t2diff_predicted_pooling_long_history": (CONFIGS_DIR / "ml1m_t2diff.yaml", [
+        "model.options.session_pooling=predicted", "model.num_blocks=2", "model.options.history_length=190"]),
 }
 DEFAULT_MINUTES = {"two_tower_sasrec": 70.0, "t2diff": 45.0, "t2diff_no_drift": 30.0, "t2diff_no_stop_gradient": 30.0,
-                   "t2diff_long_history": 60.0, "t2diff_predicted_pooling": 60.0}
+                   "t2diff_long_history": 60.0, "t2diff_predicted_pooling": 60.0,
+                   "t2diff_predicted_pooling_long_history": 60.0}
 SPLIT_OVERRIDES = {"leave_one_out": ["data.split=leave_one_out"],
                    "user_level": ["data.split=user_level"]}
 KS = (2, 10, 20, 50)
@@ -64,7 +68,7 @@ REPORTED = ("HR@2", "MRR@2", "HR@10", "MRR@10", "NDCG@10", "HR@20", "MRR@20")
 # A re-run of a model replaces all of its rows (its sampler sweep may differ from the last run's).
 ROW_KEY = ("split", "model")
 # Variants evaluated with every sampler of SAMPLINGS; the others with their serving default.
-SAMPLER_SWEEP_VARIANTS = ("t2diff", "t2diff_predicted_pooling")
+SAMPLER_SWEEP_VARIANTS = ("t2diff", "t2diff_predicted_pooling", "t2diff_predicted_pooling_long_history")
 SAMPLINGS = (("ddpm", 50), ("ddim", 5), ("ddim", 10), ("ddim", 25))
 
 
