@@ -993,6 +993,41 @@ def test_config_parsing(tmp_path):
     assert options.model_configs[0].base_path == str(tmp_path)
     with pytest.raises(ValueError):
         options_from_args(build_parser().parse_args(["--port", "1"]))
+    assert (options.tensorflow_intra_op_parallelism, options.tensorflow_inter_op_parallelism) == (0, 0)
+    threads = options_from_args(build_parser().parse_args([
+        "--model_name", "m", "--model_base_path", str(tmp_path),
+        "--tensorflow_intra_op_parallelism", "1", "--tensorflow_inter_op_parallelism", "2"]))
+    assert (threads.tensorflow_intra_op_parallelism, threads.tensorflow_inter_op_parallelism) == (1, 2)
+    with pytest.raises(ValueError, match="--tensorflow_intra_op_parallelism must be >= 0.*-1"):
+        options_from_args(build_parser().parse_args([
+            "--model_name", "m", "--model_base_path", str(tmp_path), "--tensorflow_intra_op_parallelism", "-1"]))
+
+
+def test_thread_pools_are_sized_before_tensorflow_starts():
+    # A fresh process, as `xmatch serve` is: the pools do not exist yet, so the flags take effect.
+    code = ("from tfx_xmatch.serving.server import set_tensorflow_threads; import tensorflow as tf; "
+            "set_tensorflow_threads(1, 2); tf.constant(1.0) + 1.0; "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["1", "2"]
+
+
+def test_thread_pools_that_already_exist_are_not_resized_silently():
+    import tensorflow as tf
+    from tfx_xmatch.serving.server import set_tensorflow_threads
+
+    tf.constant(1.0) + 1.0  # the pools of this test process now exist
+    set_tensorflow_threads(0, 0)  # the defaults: nothing to change
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    with pytest.raises(ValueError, match=f"--tensorflow_intra_op_parallelism={current + 7}: .*already exist"):
+        set_tensorflow_threads(current + 7, 0)
+    assert tf.config.threading.get_intra_op_parallelism_threads() == current
+    with pytest.raises(ValueError, match="--tensorflow_inter_op_parallelism must be >= 0"):
+        set_tensorflow_threads(0, -3)
 
 
 def test_cli_serves_until_sigterm(templates, tmp_path, reference):
@@ -1007,7 +1042,8 @@ def test_cli_serves_until_sigterm(templates, tmp_path, reference):
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys, tfx_xmatch.serving.server as s; sys.exit(s.main(sys.argv[1:]))",
          "--model_config_file", str(config), "--port", "0", "--enable_batching",
-         "--batching_parameters_file", str(batching), "--file_system_poll_wait_seconds", "1"],
+         "--batching_parameters_file", str(batching), "--file_system_poll_wait_seconds", "1",
+         "--tensorflow_intra_op_parallelism", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT, env=env,
     )
     try:

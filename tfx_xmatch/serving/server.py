@@ -8,7 +8,9 @@ Flags follow ``tensorflow_model_server``'s names where it has one::
 
 or ``--model_config_file=models.config`` (TF Serving's ``ModelServerConfig`` text proto) for
 several models, and ``--batching_parameters_file`` (TF Serving's ``BatchingParameters`` text
-proto). As with TF Serving, ``--rest_api_port=0`` (the default) disables REST. Unlike TF
+proto). ``--tensorflow_intra_op_parallelism`` / ``--tensorflow_inter_op_parallelism`` size
+TensorFlow's thread pools as in TF Serving. As with TF Serving, ``--rest_api_port=0`` (the
+default) disables REST. Unlike TF
 Serving, the server binds ``--bind_address`` (default 127.0.0.1; pass 0.0.0.0 to listen on all
 interfaces). SIGTERM / SIGINT stop it gracefully: no new requests are accepted, in-flight ones
 finish (up to ``--shutdown_grace_seconds``), then the models are unloaded.
@@ -58,6 +60,47 @@ class ServerOptions:
     model_config_file: str | None = None
     model_config_file_poll_wait_seconds: float = 0.0
     shutdown_grace_seconds: float = 10.0
+    tensorflow_intra_op_parallelism: int = 0  # 0: TensorFlow's default (all cores)
+    tensorflow_inter_op_parallelism: int = 0
+
+
+def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """Sizes TensorFlow's thread pools, as TF Serving's flags of the same names do.
+
+    TensorFlow creates its pools once per process, when the first op runs, so this must come
+    before that; asking again for the sizes already in force is allowed.
+
+    Args:
+      intra_op: Threads one op may use (``--tensorflow_intra_op_parallelism``); 0 keeps
+        TensorFlow's default. One thread often lowers single-query latency, since a small
+        lookup then runs without handing work between threads.
+      inter_op: Ops run at once (``--tensorflow_inter_op_parallelism``); 0 keeps the default.
+
+    Raises:
+      ValueError: If a value is negative, or differs from the pools already created in this
+        process (the message names the flag and both values).
+    """
+    import tensorflow as tf
+
+    settings = (
+        ("--tensorflow_intra_op_parallelism", intra_op, tf.config.threading.get_intra_op_parallelism_threads,
+         tf.config.threading.set_intra_op_parallelism_threads),
+        ("--tensorflow_inter_op_parallelism", inter_op, tf.config.threading.get_inter_op_parallelism_threads,
+         tf.config.threading.set_inter_op_parallelism_threads),
+    )
+    for flag, value, get, set_ in settings:
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0 (0: TensorFlow's default), got {value}")
+        if value == 0 or get() == value:
+            continue
+        try:
+            set_(value)
+        except RuntimeError:
+            raise ValueError(
+                f"{flag}={value}: TensorFlow's thread pools already exist in this process with "
+                f"{get() or 'the default number of'} threads; they can only be sized before the first "
+                "TensorFlow op runs (start the server in a process of its own)"
+            ) from None
 
 
 class ModelServer:
@@ -89,6 +132,7 @@ class ModelServer:
         from tfx_xmatch.serving.rest_service import RestApp, RestServer
 
         opts = self.options
+        set_tensorflow_threads(opts.tensorflow_intra_op_parallelism, opts.tensorflow_inter_op_parallelism)
         self.manager.start()
         if opts.grpc_port is not None:
             self.grpc_server, self.grpc_port = make_grpc_server(
@@ -241,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="comma-separated Python modules to import first (custom ops, e.g. scann)")
     flag("--shutdown_grace_seconds", type=float, default=10.0,
          help="how long in-flight requests may take to finish at shutdown")
+    flag("--tensorflow_intra_op_parallelism", type=int, default=0,
+         help="threads one TensorFlow op may use (0: all cores); 1 often lowers single-query latency")
+    flag("--tensorflow_inter_op_parallelism", type=int, default=0,
+         help="TensorFlow ops run at once (0: TensorFlow's default)")
     flag("--log_level", default="INFO", help="Python logging level")
     return p
 
@@ -259,6 +307,9 @@ def _channel_arguments(text: str) -> tuple:
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: TensorFlow's default), got {getattr(args, name)}")
     if bool(args.model_config_file) == bool(args.model_base_path):
         raise ValueError(
             "give either --model_config_file, or --model_name with --model_base_path"
@@ -306,6 +357,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         model_config_file=args.model_config_file,
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
+        tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+        tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
     )
 
 
@@ -325,7 +378,7 @@ def main(argv=None) -> int:
     server = ModelServer(options)
     try:
         server.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         server.stop(0)
         print(f"error: {exc}", file=sys.stderr)
         return 1
