@@ -512,6 +512,11 @@ def main() -> int:
                         help="serve with request batching (default: each request runs on its own)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--batch-timeout-micros", type=int, default=1000)
+    parser.add_argument("--intra-op-threads", type=int, default=0,
+                        help="TensorFlow intra-op threads of this process, for the in-process calls and the server "
+                             "alike (TF Serving's --tensorflow_intra_op_parallelism); 0: TensorFlow's default")
+    parser.add_argument("--inter-op-threads", type=int, default=0,
+                        help="TensorFlow inter-op threads (--tensorflow_inter_op_parallelism); 0: the default")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: sizes 2000 20000, 50 queries, 20 served requests per client "
                         "(explicit --sizes / --queries / --served-requests still win)")
@@ -530,10 +535,16 @@ def main() -> int:
         parser.error(f"--subpartitions must be >= 1, got {min(args.subpartitions)}")
     if min(args.reorder) < K:
         parser.error(f"--reorder must be >= {K} (ScaNN returns at most that many results), got {min(args.reorder)}")
+    for name in ("intra_op_threads", "inter_op_threads"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     import tensorflow as tf
 
+    from tfx_xmatch.serving.server import set_tensorflow_threads
+
+    set_tensorflow_threads(args.intra_op_threads, args.inter_op_threads)  # before any TensorFlow op runs
     from tfx_xmatch.bench.serving_paths import index_bytes
     from tfx_xmatch.index import make_index
     from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
@@ -571,6 +582,7 @@ def main() -> int:
                    "client": "separate process (spawn), stock tensorflow-serving-api stubs, one channel per client",
                    "server": "tfx_xmatch.serving.ModelServer in the benchmark process, 127.0.0.1, 16 gRPC threads"},
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)",
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
     }
     result["rows"] = []
 
@@ -790,7 +802,8 @@ def to_markdown(result: dict) -> str:
         f"- in process: single-query calls of the concrete function of a `tf.function` with an input "
         f"signature, as a SavedModel signature is called (k a tensor, "
         f"ids copied to NumPy), {settings['warmup_calls']} warm-up calls first; TF intra-op threads: "
-        f"{settings['intra_op_threads']}",
+        f"{settings['intra_op_threads']}, inter-op threads: {settings.get('inter_op_threads', 'default')} "
+        "(the server runs in the same process, with the same pools)",
         f"- served: {_kv(served)}",
         f"- recall_vs_exact: recall@{settings['k']} against exact NumPy top-{settings['k']}; "
         f"✓ marks recall ≥ {RECALL_TARGET}",

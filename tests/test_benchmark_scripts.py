@@ -30,9 +30,10 @@ def test_every_benchmark_script_imports_and_parses_its_arguments(script):
 def test_the_serving_benchmark_measures_every_index_kind(tmp_path):
     completed = _run([str(BENCHMARKS / "serving.py"), "--sizes", "1500", "--queries", "6", "--warmup", "1",
                       "--no-served", "--probes", "2", "100", "--leaves-to-search", "39", "--soft-probes", "39",
-                      "--results-dir", str(tmp_path), "--output", "smoke"], timeout=600)
+                      "--intra-op-threads", "1", "--results-dir", str(tmp_path), "--output", "smoke"], timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
+    assert (result["settings"]["intra_op_threads"], result["settings"]["inter_op_threads"]) == (1, "default")
     rows = {(row["model"], row["variant"]): row for row in result["rows"]}
     assert {model for model, _ in rows} == {"brute_force", "partitioned", "scann", "sparse_code", "soft_search"}
     # Exact configurations must reproduce the NumPy references exactly.
