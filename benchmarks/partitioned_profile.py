@@ -11,7 +11,14 @@ through its concrete function like a SavedModel signature, cumulatively:
 5. ``score``: + the [1, d] x [d, M] mat-mul and the top-k (the index's own ``_top_k``);
 6. ``lookup``: + the ``RetrievalIndex`` call around it (k check, padding, identifiers).
 
-The difference between consecutive stages is what a stage adds. The gather's bandwidth is the
+Two more columns call that same lookup another way, to show how much of it is the calling path:
+
+7. ``saved``: exported as a SavedModel, reloaded, called through its ``serving_default``;
+8. ``session``: the same SavedModel loaded into a ``tf.compat.v1.Session`` and called through
+   ``make_callable`` on the signature's tensor names, the way TF Serving runs a signature
+   (``Session::Run`` on the loaded MetaGraph).
+
+The difference between consecutive stages (1 to 6) is what a stage adds. The gather's bandwidth is the
 bytes it copies per query (rows x d x 4) over its time. TF's thread pools are fixed when the
 runtime starts, so ``--intra-op-threads`` applies to one run; ``--merge`` adds a run's rows to
 the existing results.
@@ -22,6 +29,8 @@ Writes ``results/partitioned_profile.md`` and ``.json``.
     python benchmarks/partitioned_profile.py --intra-op-threads 1 --merge
     python benchmarks/partitioned_profile.py --subpartitions 32 --parent-probes 64 --probes 256 320 --merge
     python benchmarks/partitioned_profile.py --subpartitions 64 --parent-probes 48 --probes 384 512 --merge
+    python benchmarks/partitioned_profile.py --probes 224 --merge
+    python benchmarks/partitioned_profile.py --probes 224 --intra-op-threads 1 --merge
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -38,12 +48,12 @@ from serving import DIMENSION, K, exact_top_k, recall, search_module, synthetic_
 
 import numpy as np  # noqa: E402
 
-STAGES = ("dispatch", "probes", "rows", "gather", "score", "lookup")
+STAGES = ("dispatch", "probes", "rows", "gather", "score", "lookup", "saved", "session")
 ROW_KEY = ("n_items", "subpartitions", "parent_probes", "probes", "intra_op_threads")
 
 
-def stage_functions(index, tf) -> dict:
-    """One traced function per stage, each doing everything the previous one does and more."""
+def stage_functions(index, export_dir: pathlib.Path, threads: int, tf) -> dict:
+    """One function of (query tensor, query array) per stage (see the module docstring)."""
     spec = [tf.TensorSpec([1, DIMENSION], tf.float32)]
 
     def probe_rows(query):
@@ -61,24 +71,41 @@ def stage_functions(index, tf) -> dict:
         "score": lambda query: index._top_k(query, tf.constant(K))[0][0, :3],
     }
     traced = {name: tf.function(fn, input_signature=spec).get_concrete_function() for name, fn in functions.items()}
-    lookup = search_module(index, (DIMENSION,), tf).search.get_concrete_function()
+    stages = {name: (lambda query, _, fn=fn: fn(query)) for name, fn in traced.items()}
+    module = search_module(index, (DIMENSION,), tf)
+    lookup = module.search.get_concrete_function()
     k = tf.constant(K, tf.int32)
     # Its whole [1, k] output: slicing the result here would add an eager op (~0.1 ms) to the time.
-    traced["lookup"] = lambda query: lookup(query, k)["scores"]
-    return traced
+    stages["lookup"] = lambda query, _: lookup(query, k)["scores"]
+
+    tf.saved_model.save(module, str(export_dir), signatures={"serving_default": module.search})
+    signature = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    stages["saved"] = lambda query, _: signature(queries=query, k=k)["scores"]
+    graph = tf.Graph()
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    with graph.as_default():
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(export_dir))
+    signature_def = meta_graph.signature_def["serving_default"]
+    call = session.make_callable(signature_def.outputs["scores"].name,
+                                 feed_list=[signature_def.inputs["queries"].name, signature_def.inputs["k"].name])
+    k_array = np.array(K, np.int32)
+    stages["session"] = lambda _, array: call(array, k_array)
+    return stages
 
 
 def time_stages(stages: dict, queries: np.ndarray, warmup: int, tf) -> dict:
     """p50 ms of every stage over all queries, stages interleaved so that drift hits them alike."""
-    tensors = [tf.constant(queries[i : i + 1]) for i in range(len(queries))]
-    for tensor in tensors[:warmup]:
+    arrays = [queries[i : i + 1] for i in range(len(queries))]
+    tensors = [tf.constant(array) for array in arrays]
+    for tensor, array in list(zip(tensors, arrays))[:warmup]:
         for fn in stages.values():
-            fn(tensor).numpy()
+            np.asarray(fn(tensor, array))
     latencies = {name: [] for name in stages}
-    for tensor in tensors:
+    for tensor, array in zip(tensors, arrays):
         for name, fn in stages.items():
             started = time.perf_counter()
-            fn(tensor).numpy()
+            np.asarray(fn(tensor, array))  # a tensor's copy to NumPy, as .numpy() does
             latencies[name].append((time.perf_counter() - started) * 1000.0)
     return {name: float(np.percentile(values, 50)) for name, values in latencies.items()}
 
@@ -128,7 +155,9 @@ def main() -> int:
         found = index(tf.constant(queries), k=K)[1].numpy()
         chosen = index._probes(tf.constant(queries), False).numpy()
         scanned = float(np.mean(np.where(chosen >= 0, sizes[np.maximum(chosen, 0)], 0).sum(axis=1)))
-        p50 = time_stages(stage_functions(index, tf), queries, args.warmup, tf)
+        with tempfile.TemporaryDirectory(prefix="partitioned-profile-") as workdir:
+            p50 = time_stages(stage_functions(index, pathlib.Path(workdir) / "1", args.intra_op_threads, tf),
+                              queries, args.warmup, tf)
         gather_ms = p50["gather"] - p50["rows"]
         megabytes = scanned * DIMENSION * 4 / 1e6
         rows.append({
@@ -174,7 +203,9 @@ def to_markdown(result: dict) -> str:
             f"{row['probes']} | "
             f"{row['intra_op_threads']} | {row['recall_vs_exact']:.4f} | "
             f"{row['rows_scanned']:,} | {row['megabytes_gathered']} | "
-            + " | ".join(f"{row[f'{stage}_ms']:.3f}" for stage in STAGES) + f" | {row['gather_gb_per_s']} |")
+            # Rows from before the saved / session columns existed have none.
+            + " | ".join("–" if row.get(f"{stage}_ms") is None else f"{row[f'{stage}_ms']:.3f}" for stage in STAGES)
+            + f" | {row['gather_gb_per_s']} |")
     return "\n".join(lines) + "\n"
 
 

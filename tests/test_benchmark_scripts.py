@@ -78,3 +78,28 @@ def test_merged_results_replace_rows_by_key_and_list_every_command(tmp_path):
     path.write_text("{truncated")
     with pytest.raises(ValueError, match="t2diff.json: not JSON"):
         merge_rows(second, path, ("model", "sampling"))
+
+
+def test_the_partitioned_profile_times_every_stage_and_calling_path(tmp_path):
+    def profile(*extra):
+        # 8 partitions x 4 sub-partitions, all probed: the lookup is exact.
+        completed = _run([str(BENCHMARKS / "partitioned_profile.py"), "--items", "1200", "--queries", "4",
+                          "--warmup", "1", "--partitions", "8", "--subpartitions", "4", "--parent-probes", "8",
+                          "--intra-op-threads", "1", "--results-dir", str(tmp_path), "--output", "profile", *extra],
+                         timeout=600)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return json.loads((tmp_path / "profile.json").read_text())
+
+    result = profile("--probes", "32")
+    [row] = result["rows"]
+    assert row["recall_vs_exact"] == 1.0 and row["rows_scanned"] == 1200
+    for stage in ("dispatch", "probes", "rows", "gather", "score", "lookup", "saved", "session"):
+        assert row[f"{stage}_ms"] > 0, stage
+    # A row written before the saved / session columns existed still renders, with dashes.
+    for stage in ("saved", "session"):
+        del row[f"{stage}_ms"]
+    (tmp_path / "profile.json").write_text(json.dumps(result))
+    merged = profile("--probes", "16", "--merge")
+    assert [row["probes"] for row in merged["rows"]] == [32, 16]
+    old, new = (tmp_path / "profile.md").read_text().splitlines()[-2:]
+    assert "| – | – |" in old and "–" not in new
