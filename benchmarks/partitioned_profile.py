@@ -52,8 +52,9 @@ STAGES = ("dispatch", "probes", "rows", "gather", "score", "lookup", "saved", "s
 ROW_KEY = ("n_items", "subpartitions", "parent_probes", "probes", "intra_op_threads")
 
 
-def stage_functions(index, export_dir: pathlib.Path, threads: int, tf) -> dict:
-    """One function of (query tensor, query array) per stage (see the module docstring)."""
+def stage_functions(index, export_dir: pathlib.Path, threads: int, tf) -> tuple:
+    """One function of (query tensor, query array) per stage (see the module docstring), and
+    the Session behind ``session``, for the caller to close (it holds a copy of the index)."""
     spec = [tf.TensorSpec([1, DIMENSION], tf.float32)]
 
     def probe_rows(query):
@@ -91,7 +92,7 @@ def stage_functions(index, export_dir: pathlib.Path, threads: int, tf) -> dict:
                                  feed_list=[signature_def.inputs["queries"].name, signature_def.inputs["k"].name])
     k_array = np.array(K, np.int32)
     stages["session"] = lambda _, array: call(array, k_array)
-    return stages
+    return stages, session
 
 
 def time_stages(stages: dict, queries: np.ndarray, warmup: int, tf) -> dict:
@@ -156,8 +157,11 @@ def main() -> int:
         chosen = index._probes(tf.constant(queries), False).numpy()
         scanned = float(np.mean(np.where(chosen >= 0, sizes[np.maximum(chosen, 0)], 0).sum(axis=1)))
         with tempfile.TemporaryDirectory(prefix="partitioned-profile-") as workdir:
-            p50 = time_stages(stage_functions(index, pathlib.Path(workdir) / "1", args.intra_op_threads, tf),
-                              queries, args.warmup, tf)
+            stages, session = stage_functions(index, pathlib.Path(workdir) / "1", args.intra_op_threads, tf)
+            try:
+                p50 = time_stages(stages, queries, args.warmup, tf)
+            finally:
+                session.close()
         gather_ms = p50["gather"] - p50["rows"]
         megabytes = scanned * DIMENSION * 4 / 1e6
         rows.append({
