@@ -241,3 +241,65 @@ def test_config_options_reach_the_model_and_bad_arguments_are_named():
         T2Diff(num_items=5, diffuse="delta")
     with pytest.raises(ValueError, match="denoiser must be 'unet' or 'mlp', got 'transformer'"):
         T2Diff(num_items=5, denoiser="transformer")
+
+
+@pytest.fixture(scope="module")
+def backbone_trained():
+    model = _model(backbone="sasrec", backbone_blocks=1, session_pooling="predicted")
+    history = model.fit(_batches(), epochs=3, verbose=0)
+    return model, history
+
+
+def test_backbone_starts_from_the_sasrec_state_and_trains_all_three_losses(backbone_trained):
+    untrained = _model(backbone="sasrec", backbone_blocks=1)
+    # The zero-initialised projection: before training the user vector is the backbone's state.
+    np.testing.assert_allclose(untrained.user_embedding(_inputs()).numpy(),
+                               untrained.encode_sequence(_inputs())[:, -1, :].numpy(), rtol=1e-6, atol=1e-7)
+    model, history = backbone_trained
+    for name in ("retrieval_loss", "diffusion_loss", "backbone_loss"):
+        assert np.isfinite(history.history[name]).all()
+    assert history.history["backbone_loss"][-1] < history.history["backbone_loss"][0]
+    # After training the mixed-attention branch contributes.
+    assert np.abs(model.mixed_projection.kernel.numpy()).sum() > 0
+    assert not np.allclose(model.user_embedding(_inputs()).numpy(),
+                           model.encode_sequence(_inputs())[:, -1, :].numpy(), atol=1e-4)
+    assert "backbone_loss" not in _model().trackers
+    with pytest.raises(ValueError, match="encode_sequence needs a backbone"):
+        _model().encode_sequence(_inputs())
+
+
+def test_backbone_keeps_the_stop_gradients():
+    model = _model(backbone="sasrec", backbone_blocks=1)
+    tape, retrieval, diffusion = _split_losses(model)
+    towers = (model.item_tower.trainable_variables + model.encoder.trainable_variables
+              + model.mixed_attention.trainable_variables + model.mixed_projection.trainable_variables)
+    assert not _nonzero(tape.gradient(retrieval, model.denoiser.trainable_variables))
+    assert not _nonzero(tape.gradient(diffusion, towers))
+    assert _nonzero(tape.gradient(retrieval, model.encoder.trainable_variables))
+    assert _nonzero(tape.gradient(retrieval, model.mixed_projection.trainable_variables))
+
+
+def test_backbone_round_trips_saves_and_exports(backbone_trained, tmp_path):
+    model, _ = backbone_trained
+    again = T2Diff.from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+    assert (again.backbone, again.backbone_blocks, again.backbone_loss_weight) == ("sasrec", 1, 1.0)
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    np.testing.assert_allclose(reloaded.score_all(_inputs()).numpy(), model.score_all(_inputs()).numpy(), rtol=1e-5)
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    path = export_retrieval_model(model, vocab, tmp_path / "export", k_max=10)
+    assert non_stock_ops(path) == set()
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in HISTORIES])
+    expected = build_serving_module(model, vocab, k_max=10).top_k(request, tf.constant(5))
+    result = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
+    np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
+
+
+def test_backbone_arguments_are_checked():
+    with pytest.raises(ValueError, match="backbone must be one of \\('none', 'sasrec'\\), got 'gru'"):
+        T2Diff(num_items=5, backbone="gru")
+    with pytest.raises(ValueError, match="backbone_blocks must be >= 1, got 0"):
+        T2Diff(num_items=5, backbone="sasrec", backbone_blocks=0)
+    with pytest.raises(ValueError, match="backbone_loss_weight must be >= 0, got -1"):
+        T2Diff(num_items=5, backbone="sasrec", backbone_loss_weight=-1)

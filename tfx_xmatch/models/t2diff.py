@@ -21,6 +21,13 @@ restates the answer while serving starts from pure noise, a share ``prior_drift_
 positions (our addition) gets instead the denoiser's prediction from z_T = 0 at s = T (serving's
 first DDIM step). Loss = retrieval + ``diffusion_weight`` (0.1) x MSE(z0_hat, z0); both logged.
 
+Backbone (``backbone="sasrec"``, our addition): the two-tower's SASRec encoder reads the whole
+history and its state h_t after the most recent item is the base of the user vector, to which
+the mixed-attention vector is added through a zero-initialised projection (training starts from
+the two-tower). The backbone also learns the two-tower's own loss, a softmax over items at every
+history position (weight ``backbone_loss_weight``), while the T2Diff branch trains on its
+``max_loss_positions`` sampled positions; the diffusion and its stop-gradients are unchanged.
+
 Serving: the reverse process from z_T, by ``sampler``: "ddim" (``sampling_steps`` <= T steps,
 ``eta`` = 0 is deterministic) or "ddpm" (all T ancestral steps, with noise). DDIM with eta = 0
 and ``initial_noise="zeros"`` (the default) has no randomness at all, so a request gets the same
@@ -39,10 +46,11 @@ from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule
 from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history
 
 LOSSES = ("full_softmax", "sampled_softmax")
 SAMPLERS = ("ddim", "ddpm")
+BACKBONES = ("none", "sasrec")
 
 
 class T2Diff(RetrievalModel):
@@ -78,6 +86,11 @@ class T2Diff(RetrievalModel):
       initial_noise: "zeros" or "random" z_T (default "zeros").
       session_pooling: How ``MixedAttention`` pools [session ; x_hat]: "mean" or "predicted"
         (the output at the x_hat position) (default "mean").
+      backbone: "none" (the paper's tower: the mixed-attention vector is the user vector) or
+        "sasrec" (the user vector is the SASRec state plus the projected mixed-attention vector)
+        (default "none").
+      backbone_blocks: Causal self-attention blocks of the SASRec backbone (int, default 2).
+      backbone_loss_weight: Weight of the backbone's all-position softmax (float >= 0, default 1.0).
 
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
@@ -123,6 +136,9 @@ class T2Diff(RetrievalModel):
         eta: float = 0.0,
         initial_noise: str = "zeros",
         session_pooling: str = "mean",
+        backbone: str = "none",
+        backbone_blocks: int = 2,
+        backbone_loss_weight: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -147,13 +163,18 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"session_pooling must be one of {POOLINGS}, got {session_pooling!r}")
         if initial_noise not in ("zeros", "random"):
             raise ValueError(f"initial_noise must be 'zeros' or 'random', got {initial_noise!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if backbone_blocks < 1:
+            raise ValueError(f"backbone_blocks must be >= 1, got {backbone_blocks!r}")
         for name, value in (("session_length", session_length), ("history_length", history_length),
                             ("diffusion_steps", diffusion_steps), ("max_length", max_length)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
         if not 1 <= sampling_steps <= diffusion_steps:
             raise ValueError(f"sampling_steps must be in [1, diffusion_steps={diffusion_steps}], got {sampling_steps!r}")
-        for name, value in (("diffusion_weight", diffusion_weight), ("eta", eta)):
+        for name, value in (("diffusion_weight", diffusion_weight), ("eta", eta),
+                            ("backbone_loss_weight", backbone_loss_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         self._set_shared_hyperparameters(
@@ -178,14 +199,26 @@ class T2Diff(RetrievalModel):
         self.eta = float(eta)
         self.initial_noise = initial_noise
         self.session_pooling = session_pooling
+        self.backbone = backbone
+        self.backbone_blocks = int(backbone_blocks)
+        self.backbone_loss_weight = float(backbone_loss_weight)
 
         self._build_shared_layers(item_feature_tables, sequence_encoder=False)
+        if self.backbone == "sasrec":
+            from tfx_xmatch.layers import SASRecEncoder
+
+            self.encoder = SASRecEncoder(self.max_length, self.backbone_blocks, self.num_heads, self.dropout,
+                                         name="sasrec_encoder")
+            # Zero-initialised: training starts from the backbone's (the two-tower's) user vector.
+            self.mixed_projection = tf.keras.layers.Dense(self.embedding_dim, kernel_initializer="zeros",
+                                                          name="mixed_projection")
         self.schedule = NoiseSchedule(schedule, self.diffusion_steps)
         self.denoiser = DriftDenoiser(denoiser, self.denoiser_units, name="denoiser")
         self.mixed_attention = MixedAttention(self.num_heads, self.num_blocks, self.dropout,
                                               max_session_length=self.session_length, pooling=self.session_pooling,
                                               name="mixed_attention")
-        self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in ("retrieval_loss", "diffusion_loss")}
+        tracked = ("retrieval_loss", "diffusion_loss") + (("backbone_loss",) if self.backbone != "none" else ())
+        self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in tracked}
 
     @property
     def window(self) -> int:
@@ -208,8 +241,12 @@ class T2Diff(RetrievalModel):
         return tf.pad(history, [[0, 0], [missing, 0]])[:, -self.window:]
 
     def _user_vector(self, session, session_mask, predicted, history, history_mask, inputs, rows=None,
-                     training=False) -> tf.Tensor:
+                     base=None, training=False) -> tf.Tensor:
+        """The mixed-attention vector, plus the backbone state ``base`` (which already holds the
+        user features) when there is a backbone, else plus the user-feature embeddings."""
         users = self.mixed_attention(session, session_mask, predicted, history, history_mask, training=training)
+        if self.backbone != "none":
+            return base + self.mixed_projection(users)
         for name, embedding in self.user_feature_embeddings.items():
             if name not in inputs:
                 raise KeyError(f"input {name!r} is missing: the model was built with user features "
@@ -283,7 +320,18 @@ class T2Diff(RetrievalModel):
         session, session_mask, history, history_mask, last = self._split_window(windows)
         drift = self.sample_drift(session, session_mask, **sampling)
         predicted = last + drift if self.diffuse == "drift" else drift
-        return self._user_vector(session, session_mask, predicted, history, history_mask, inputs)
+        base = self.encode_sequence(inputs)[:, -1, :] if self.backbone != "none" else None
+        return self._user_vector(session, session_mask, predicted, history, history_mask, inputs, base=base)
+
+    def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        """The backbone's state at every history position: float [B, L, d].
+
+        Raises:
+          ValueError: the model has no backbone.
+        """
+        if self.backbone == "none":
+            raise ValueError("encode_sequence needs a backbone; this T2Diff has backbone='none'")
+        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
 
     def score_all(self, inputs: dict, **sampling) -> tf.Tensor:
         """Scores of every item index: float [B, num_items + 1] (column 0 = padding)."""
@@ -323,15 +371,23 @@ class T2Diff(RetrievalModel):
         use_prior = tf.random.uniform(tf.shape(steps)) < self.prior_drift_rate
         drift = self._sg(tf.where(use_prior[:, tf.newaxis], prior, z0_hat))
         predicted = last + drift if self.diffuse == "drift" else drift
+        softmax = dict(num_items=self.num_items, loss=self.loss_name, temperature=self.temperature,
+                       num_sampled_negatives=self.num_sampled_negatives,
+                       max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+        base, backbone = None, 0.0
+        if self.backbone != "none":
+            states = self.encode_sequence(inputs, training=training)
+            base = tf.gather_nd(states, where)
+            every = tf.where(next_items > 0)
+            backbone = dot_product_softmax_loss(tf.gather_nd(states, every), tf.gather_nd(next_items, every),
+                                                self.item_tower, **softmax)
+            self.trackers["backbone_loss"].update_state(backbone)
         users = self._user_vector(session, session_mask, predicted, long_history, history_mask, inputs,
-                                  rows=where[:, 0], training=training)
-        retrieval = dot_product_softmax_loss(
-            users, targets, self.item_tower, num_items=self.num_items, loss=self.loss_name,
-            temperature=self.temperature, num_sampled_negatives=self.num_sampled_negatives,
-            max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+                                  rows=where[:, 0], base=base, training=training)
+        retrieval = dot_product_softmax_loss(users, targets, self.item_tower, **softmax)
         self.trackers["retrieval_loss"].update_state(retrieval)
         self.trackers["diffusion_loss"].update_state(diffusion)
-        return retrieval + self.diffusion_weight * diffusion
+        return retrieval + self.diffusion_weight * diffusion + self.backbone_loss_weight * backbone
 
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
@@ -352,4 +408,7 @@ class T2Diff(RetrievalModel):
             "eta": self.eta,
             "initial_noise": self.initial_noise,
             "session_pooling": self.session_pooling,
+            "backbone": self.backbone,
+            "backbone_blocks": self.backbone_blocks,
+            "backbone_loss_weight": self.backbone_loss_weight,
         }
