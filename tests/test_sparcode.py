@@ -289,3 +289,39 @@ def test_streamed_index_build_equals_indexing_the_whole_table(trained):
     streamed = model.build_index(SparseCodeIndex(k_max=10, max_items_per_code=7), batch_size=6, verbose=0)
     for name in ("posting_items", "posting_scores", "posting_splits", "identifiers"):
         np.testing.assert_allclose(getattr(streamed, name).numpy(), getattr(whole, name).numpy(), rtol=1e-6)
+
+
+def test_cache_aware_training_serves_the_cached_table_forward_and_the_full_gradient_back():
+    model = _model(training_cache_fraction=0.1)
+    rng = np.random.default_rng(0)
+    table = tf.constant(np.maximum(rng.normal(size=(16, 40)), 0.0), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(table)
+        cached = model.as_cached(table)
+        total = tf.reduce_sum(cached * tf.range(1.0, 41.0)[tf.newaxis, :])  # a distinct weight per item
+    # NumPy oracle: the ceil(0.1 * 640) = 64 largest entries survive, the rest read 0.
+    values = table.numpy()
+    threshold = np.sort(values.ravel())[::-1][63]
+    np.testing.assert_array_equal(cached.numpy(), np.where(values >= threshold, values, 0.0))
+    assert np.count_nonzero(cached.numpy()) == 64
+    # Straight-through: every entry, cached or not, gets the full table's gradient.
+    np.testing.assert_allclose(tape.gradient(total, table).numpy(),
+                               np.broadcast_to(np.arange(1.0, 41.0)[np.newaxis, :], (16, 40)))
+    # The same entries as a SparseCodeIndex with cache_fraction=0.1 stores (its candidates are T^T).
+    index = SparseCodeIndex(k_max=40, cache_fraction=0.1).index(tf.transpose(table), tf.range(40))
+    bag = tf.eye(16)  # one code per query: each query reads one posting list
+    scores, ids = index(bag, k=40)
+    served = np.zeros_like(values)
+    for code in range(16):
+        found = np.isfinite(scores.numpy()[code])
+        served[code, ids.numpy()[code][found]] = scores.numpy()[code][found]
+    np.testing.assert_allclose(served, cached.numpy(), rtol=1e-6)
+
+    history = model.fit(_batches(), epochs=2, verbose=0)
+    assert np.isfinite(history.history["retrieval_loss"]).all()
+    again = SparCode.from_config(model.get_config())
+    assert again.training_cache_fraction == 0.1 and again.get_config() == model.get_config()
+    with pytest.raises(ValueError, match=r"training_cache_fraction must be in \(0, 1\] or None, got 1.5"):
+        SparCode(num_items=5, training_cache_fraction=1.5)
+    with pytest.raises(ValueError, match="training_cache_fraction needs quantize=True"):
+        SparCode(num_items=5, training_cache_fraction=0.1, quantize=False)

@@ -28,6 +28,12 @@ auxiliary dot-product softmax on the encoder states (our addition: it trains the
 every position; the codes alone train it too slowly). Codebooks follow an EMA of their
 assigned tokens, with dead-code restarts.
 
+Cache-aware training (``training_cache_fraction`` f, our addition): the served index keeps only
+the globally best fraction of the table, so an item whose score is spread thinly over many codes
+loses it all. With f set, the forward pass scores queries with the table as such a cache holds
+it (entries below the step's global top-f threshold read 0) and the backward pass takes the full
+table's gradient (straight-through), so a target the cache would lose is still pulled up.
+
 With ``quantize=False`` the same network is the unquantized all-to-all model: continuous
 query tokens go straight into E for every candidate. It cannot be served from an inverted
 index; it is the accuracy upper bound SparCode is measured against.
@@ -140,6 +146,7 @@ class SparCode(RetrievalModel):
         relu_leak: float = 0.01,
         encoder_loss_weight: float = 1.0,
         detach_code_path: bool = True,
+        training_cache_fraction: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -162,6 +169,10 @@ class SparCode(RetrievalModel):
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if assignment_temperature <= 0:
             raise ValueError(f"assignment_temperature must be positive, got {assignment_temperature!r}")
+        if training_cache_fraction is not None and not 0 < training_cache_fraction <= 1:
+            raise ValueError(f"training_cache_fraction must be in (0, 1] or None, got {training_cache_fraction!r}")
+        if training_cache_fraction is not None and not quantize:
+            raise ValueError("training_cache_fraction needs quantize=True: an unquantized model has no cache")
         self._set_shared_hyperparameters(
             num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
             num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
@@ -181,6 +192,7 @@ class SparCode(RetrievalModel):
         self.relu_leak = float(relu_leak)
         self.encoder_loss_weight = float(encoder_loss_weight)
         self.detach_code_path = bool(detach_code_path)
+        self.training_cache_fraction = None if training_cache_fraction is None else float(training_cache_fraction)
         if self.encoder_loss_weight < 0:
             raise ValueError(f"encoder_loss_weight must be >= 0, got {encoder_loss_weight!r}")
         if self.detach_code_path and not self.encoder_loss_weight:
@@ -409,7 +421,8 @@ class SparCode(RetrievalModel):
             # Forward: the hard bag (what serving uses); backward: the soft assignment's gradient.
             bag = self.code_bag(codes) + soft - tf.stop_gradient(soft)
             table = self.pair_scores(codewords, candidates, training=training)
-            logits = tf.matmul(bag, table)
+            served = table if self.training_cache_fraction is None else self.as_cached(table)
+            logits = tf.matmul(bag, served)
             sparsity = tf.reduce_mean(table)
             self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(table > 0, tf.float32)))
         else:
@@ -425,6 +438,20 @@ class SparCode(RetrievalModel):
         retrieval = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
         self.retrieval_loss_tracker.update_state(retrieval)
         return retrieval + self.sparsity_weight * sparsity + self.encoder_loss_weight * encoder_loss
+
+    def as_cached(self, table: tf.Tensor) -> tf.Tensor:
+        """The code-item ``table`` [C, I] as a cache of ``training_cache_fraction`` serves it.
+
+        Forward: entries below the ``ceil(f * C * I)``-th largest read 0 (a ``SparseCodeIndex``
+        with ``cache_fraction=f`` keeps the same entries, up to ties). Backward: the gradient
+        of the full table, so entries the cache drops still learn.
+        """
+        flat = tf.reshape(tf.stop_gradient(table), [-1])
+        size = tf.cast(tf.size(flat), tf.float32)
+        budget = tf.maximum(tf.cast(tf.math.ceil(self.training_cache_fraction * size), tf.int32), 1)
+        threshold = tf.math.top_k(flat, k=tf.minimum(budget, tf.size(flat))).values[-1]
+        cached = table * tf.cast(table >= threshold, table.dtype)
+        return table + tf.stop_gradient(cached - table)
 
     def _encoder_loss(self, all_states, all_targets, states, candidates, labels, log_q) -> tf.Tensor:
         """Dot-product softmax of the encoder states against the item embeddings.
@@ -465,4 +492,5 @@ class SparCode(RetrievalModel):
             "relu_leak": self.relu_leak,
             "encoder_loss_weight": self.encoder_loss_weight,
             "detach_code_path": self.detach_code_path,
+            "training_cache_fraction": self.training_cache_fraction,
         }
