@@ -291,7 +291,7 @@ def test_streamed_index_build_equals_indexing_the_whole_table(trained):
         np.testing.assert_allclose(getattr(streamed, name).numpy(), getattr(whole, name).numpy(), rtol=1e-6)
 
 
-def test_cache_aware_training_serves_the_cached_table_forward_and_the_full_gradient_back():
+def test_cache_aware_training_adds_a_softmax_over_the_cached_table():
     model = _model(training_cache_fraction=0.1)
     rng = np.random.default_rng(0)
     table = tf.constant(np.maximum(rng.normal(size=(16, 40)), 0.0), tf.float32)
@@ -304,9 +304,9 @@ def test_cache_aware_training_serves_the_cached_table_forward_and_the_full_gradi
     threshold = np.sort(values.ravel())[::-1][63]
     np.testing.assert_array_equal(cached.numpy(), np.where(values >= threshold, values, 0.0))
     assert np.count_nonzero(cached.numpy()) == 64
-    # Straight-through: every entry, cached or not, gets the full table's gradient.
+    # The gradient reaches the kept entries only.
     np.testing.assert_allclose(tape.gradient(total, table).numpy(),
-                               np.broadcast_to(np.arange(1.0, 41.0)[np.newaxis, :], (16, 40)))
+                               np.where(values >= threshold, np.arange(1.0, 41.0)[np.newaxis, :], 0.0))
     # The same entries as a SparseCodeIndex with cache_fraction=0.1 stores (its candidates are T^T).
     index = SparseCodeIndex(k_max=40, cache_fraction=0.1).index(tf.transpose(table), tf.range(40))
     bag = tf.eye(16)  # one code per query: each query reads one posting list
@@ -319,8 +319,13 @@ def test_cache_aware_training_serves_the_cached_table_forward_and_the_full_gradi
 
     history = model.fit(_batches(), epochs=2, verbose=0)
     assert np.isfinite(history.history["retrieval_loss"]).all()
+    # The cached softmax is logged, only when it is trained.
+    assert np.isfinite(history.history["cached_retrieval_loss"]).all()
+    assert "cached_retrieval_loss" not in _model().fit(_batches(num_batches=1), verbose=0).history
     again = SparCode.from_config(model.get_config())
     assert again.training_cache_fraction == 0.1 and again.get_config() == model.get_config()
+    with pytest.raises(ValueError, match="cached_loss_weight must be >= 0, got -0.5"):
+        SparCode(num_items=5, training_cache_fraction=0.1, cached_loss_weight=-0.5)
     with pytest.raises(ValueError, match=r"training_cache_fraction must be in \(0, 1\] or None, got 1.5"):
         SparCode(num_items=5, training_cache_fraction=1.5)
     with pytest.raises(ValueError, match="training_cache_fraction needs quantize=True"):

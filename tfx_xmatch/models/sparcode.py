@@ -30,9 +30,10 @@ assigned tokens, with dead-code restarts.
 
 Cache-aware training (``training_cache_fraction`` f, our addition): the served index keeps only
 the globally best fraction of the table, so an item whose score is spread thinly over many codes
-loses it all. With f set, the forward pass scores queries with the table as such a cache holds
-it (entries below the step's global top-f threshold read 0) and the backward pass takes the full
-table's gradient (straight-through), so a target the cache would lose is still pulled up.
+loses it all. With f set, a second softmax (weight ``cached_loss_weight``) scores the queries
+with the table as such a cache holds it (entries below the step's global top-f threshold read 0),
+its gradient reaching only the kept entries: it rewards a target's entries that the cache keeps
+and pushes down the kept entries of other items, next to the full-table softmax.
 
 With ``quantize=False`` the same network is the unquantized all-to-all model: continuous
 query tokens go straight into E for every candidate. It cannot be served from an inverted
@@ -147,6 +148,7 @@ class SparCode(RetrievalModel):
         encoder_loss_weight: float = 1.0,
         detach_code_path: bool = True,
         training_cache_fraction: Optional[float] = None,
+        cached_loss_weight: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -164,7 +166,8 @@ class SparCode(RetrievalModel):
             raise ValueError(f"max_loss_positions must be >= 1, got {max_loss_positions!r}")
         if num_sampled_negatives < 0:
             raise ValueError(f"num_sampled_negatives must be >= 0, got {num_sampled_negatives!r}")
-        for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak)):
+        for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak),
+                            ("cached_loss_weight", cached_loss_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if assignment_temperature <= 0:
@@ -193,6 +196,7 @@ class SparCode(RetrievalModel):
         self.encoder_loss_weight = float(encoder_loss_weight)
         self.detach_code_path = bool(detach_code_path)
         self.training_cache_fraction = None if training_cache_fraction is None else float(training_cache_fraction)
+        self.cached_loss_weight = float(cached_loss_weight)
         if self.encoder_loss_weight < 0:
             raise ValueError(f"encoder_loss_weight must be >= 0, got {encoder_loss_weight!r}")
         if self.detach_code_path and not self.encoder_loss_weight:
@@ -214,6 +218,8 @@ class SparCode(RetrievalModel):
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
         self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")
         self.encoder_loss_tracker = tf.keras.metrics.Mean(name="encoder_loss")
+        if self.training_cache_fraction is not None:
+            self.cached_loss_tracker = tf.keras.metrics.Mean(name="cached_retrieval_loss")
 
     # ---------------------------------------------------------------- query side
     @property
@@ -421,37 +427,44 @@ class SparCode(RetrievalModel):
             # Forward: the hard bag (what serving uses); backward: the soft assignment's gradient.
             bag = self.code_bag(codes) + soft - tf.stop_gradient(soft)
             table = self.pair_scores(codewords, candidates, training=training)
-            served = table if self.training_cache_fraction is None else self.as_cached(table)
-            logits = tf.matmul(bag, served)
+            logits = tf.matmul(bag, table)
+            cached_logits = None if self.training_cache_fraction is None else tf.matmul(bag, self.as_cached(table))
             sparsity = tf.reduce_mean(table)
             self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(table > 0, tf.float32)))
         else:
             pairs = self.pair_scores(tf.reshape(tokens, [-1, self.embedding_dim]), candidates, training=training)
             pairs = tf.reshape(pairs, [-1, self.num_query_tokens, tf.shape(candidates)[0]])
-            logits = tf.reduce_sum(pairs, axis=1)
+            logits, cached_logits = tf.reduce_sum(pairs, axis=1), None
             sparsity = tf.reduce_mean(pairs)
             self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(pairs > 0, tf.float32)))
 
-        logits = logits / self.temperature
-        if log_q is not None:
-            logits -= log_q[tf.newaxis, :]
-        retrieval = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        def softmax_loss(logits):
+            logits = logits / self.temperature
+            if log_q is not None:
+                logits -= log_q[tf.newaxis, :]
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+        retrieval = softmax_loss(logits)
         self.retrieval_loss_tracker.update_state(retrieval)
-        return retrieval + self.sparsity_weight * sparsity + self.encoder_loss_weight * encoder_loss
+        loss = retrieval + self.sparsity_weight * sparsity + self.encoder_loss_weight * encoder_loss
+        if cached_logits is not None:
+            cached = softmax_loss(cached_logits)
+            self.cached_loss_tracker.update_state(cached)
+            loss += self.cached_loss_weight * cached
+        return loss
 
     def as_cached(self, table: tf.Tensor) -> tf.Tensor:
         """The code-item ``table`` [C, I] as a cache of ``training_cache_fraction`` serves it.
 
-        Forward: entries below the ``ceil(f * C * I)``-th largest read 0 (a ``SparseCodeIndex``
-        with ``cache_fraction=f`` keeps the same entries, up to ties). Backward: the gradient
-        of the full table, so entries the cache drops still learn.
+        Entries below the ``ceil(f * C * I)``-th largest read 0 (a ``SparseCodeIndex`` with
+        ``cache_fraction=f`` keeps the same entries, up to ties); the gradient reaches the kept
+        entries only.
         """
         flat = tf.reshape(tf.stop_gradient(table), [-1])
         size = tf.cast(tf.size(flat), tf.float32)
         budget = tf.maximum(tf.cast(tf.math.ceil(self.training_cache_fraction * size), tf.int32), 1)
         threshold = tf.math.top_k(flat, k=tf.minimum(budget, tf.size(flat))).values[-1]
-        cached = table * tf.cast(table >= threshold, table.dtype)
-        return table + tf.stop_gradient(cached - table)
+        return table * tf.cast(table >= threshold, table.dtype)
 
     def _encoder_loss(self, all_states, all_targets, states, candidates, labels, log_q) -> tf.Tensor:
         """Dot-product softmax of the encoder states against the item embeddings.
@@ -493,4 +506,5 @@ class SparCode(RetrievalModel):
             "encoder_loss_weight": self.encoder_loss_weight,
             "detach_code_path": self.detach_code_path,
             "training_cache_fraction": self.training_cache_fraction,
+            "cached_loss_weight": self.cached_loss_weight,
         }
