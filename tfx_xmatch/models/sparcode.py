@@ -107,6 +107,12 @@ class SparCode(RetrievalModel):
         trained by the auxiliary loss alone (bool, default True). Trained jointly on ML-1M, the
         code path's gradients slowed the encoder to half the two-tower's validation HR@10
         after 10 epochs (0.11 vs 0.23).
+      training_cache_fraction: Adds a softmax over the scores a cache of this fraction of the
+        code-item table serves (float in (0, 1], default None: off; see "Cache-aware training"
+        above). Only with ``quantize=True``; match it to the index's ``cache_fraction``. With
+        ``loss="sampled_softmax"`` the fraction is taken of the step's candidates, not of the
+        whole catalogue.
+      cached_loss_weight: Weight of that softmax (float >= 0, default 1.0).
 
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.

@@ -25,7 +25,8 @@ Backbone (``backbone="sasrec"``, our addition): the two-tower's SASRec encoder r
 history and its state h_t after the most recent item is the base of the user vector, to which
 the mixed-attention vector is added through a zero-initialised projection (training starts from
 the two-tower). The backbone also learns the two-tower's own loss, a softmax over items at every
-history position (weight ``backbone_loss_weight``), while the T2Diff branch trains on its
+history position (up to ``max_loss_positions`` of them with ``loss="sampled_softmax"``; weight
+``backbone_loss_weight``), while the T2Diff branch trains on its
 ``max_loss_positions`` sampled positions; the diffusion and its stop-gradients are unchanged.
 
 Serving: the reverse process from z_T, by ``sampler``: "ddim" (``sampling_steps`` <= T steps,
@@ -42,7 +43,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule
+from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule, SASRecEncoder
 from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
@@ -205,8 +206,6 @@ class T2Diff(RetrievalModel):
 
         self._build_shared_layers(item_feature_tables, sequence_encoder=False)
         if self.backbone == "sasrec":
-            from tfx_xmatch.layers import SASRecEncoder
-
             self.encoder = SASRecEncoder(self.max_length, self.backbone_blocks, self.num_heads, self.dropout,
                                          name="sasrec_encoder")
             # Zero-initialised: training starts from the backbone's (the two-tower's) user vector.
