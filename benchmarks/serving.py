@@ -7,11 +7,11 @@ For each catalogue size (default 10^4, 10^5, 10^6 items; d = 64; top-100):
   recall (on structureless random noise no ANN method can).
 * Index kinds: ``brute_force`` (exact); ``partitioned`` with ``factor * sqrt(N)`` k-means
   partitions (one or more factors), optionally each split again into ``--subpartitions``
-  (two-level k-means), float32 or bfloat16 scoring (``--partitioned-scoring``)
+  (two-level k-means), float32, int8 or bfloat16 scoring (``--partitioned-scoring``)
   and a sweep of ``num_probes``; ``scann`` with ``factor * sqrt(N)``
   leaves (``--leaves-factor``), a sweep of ``num_leaves_to_search`` and exact reordering of
   ``--reorder`` candidates (default 1000); each
-  swept value is its own row (variant ``n_items=N,partitions=P,probes=X[,sub=S][,bfloat16][,parents=Y]`` /
+  swept value is its own row (variant ``n_items=N,partitions=P,probes=X[,sub=S][,int8|,bfloat16][,reorder=R][,parents=Y]`` /
   ``n_items=N,leaves=L,leaves_to_search=S,reorder=R``).
 * ``sparse_code`` answers a bag of codes, not a vector: its catalogue is a SparCode-like
   [N, 512] score table T[i, c] = ReLU(item_i . code_c - t) (items from the same mixture,
@@ -485,9 +485,12 @@ def main() -> int:
     parser.add_argument("--parent-probes", type=int, nargs="+", default=None,
                         help="partitioned with --subpartitions > 1: parent_probes values swept (the probes are "
                              "chosen among these best parents' sub-partitions); default: all parents")
-    parser.add_argument("--partitioned-scoring", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                        help="partitioned: scoring_dtype values (bfloat16: a bfloat16 first pass, then exact "
-                             "float32 rescoring of 4 x k candidates)")
+    parser.add_argument("--partitioned-scoring", nargs="+", default=["float32"], choices=["float32", "int8", "bfloat16"],
+                        help="partitioned: scoring_dtype values (int8 / bfloat16: a first pass on int8 codes / "
+                             "a bfloat16 copy, then exact float32 rescoring of --partitioned-reorder candidates)")
+    parser.add_argument("--partitioned-reorder", type=int, default=None,
+                        help="partitioned with int8 / bfloat16 scoring: num_reordering_candidates (>= 100; "
+                             "default: the index's own, 4 x k_max)")
     parser.add_argument("--probes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
                         help="partitioned: num_probes values swept (capped at num_partitions)")
     parser.add_argument("--soft-partitions-factor", type=float, default=1.0,
@@ -533,6 +536,8 @@ def main() -> int:
         parser.error(f"--parent-probes must be >= 1, got {min(args.parent_probes)}")
     if min(args.subpartitions) < 1:
         parser.error(f"--subpartitions must be >= 1, got {min(args.subpartitions)}")
+    if args.partitioned_reorder is not None and args.partitioned_reorder < K:
+        parser.error(f"--partitioned-reorder must be >= {K} (at least k is rescored), got {args.partitioned_reorder}")
     if min(args.reorder) < K:
         parser.error(f"--reorder must be >= {K} (ScaNN returns at most that many results), got {min(args.reorder)}")
     for name in ("intra_op_threads", "inter_op_threads"):
@@ -561,6 +566,7 @@ def main() -> int:
                         "subpartitions": args.subpartitions,
                         "parent_probes": args.parent_probes or "all",
                         "num_probes": args.probes, "scoring_dtype": args.partitioned_scoring,
+                        "num_reordering_candidates": args.partitioned_reorder or f"4 x {K}",
                         "spherical": True, "kmeans_iterations": 20,
                         "training_sample_size": 100_000},
         "sparse_code": {"table": f"[N, {NUM_CODES}] ReLU(item . code - t), items d={CODE_DIMENSION} from the same "
@@ -670,6 +676,8 @@ def _configurations(kind: str, n_items: int, args, make_index, work: Workload):
             built = {}
             options = {"num_partitions": partitions, "subpartitions": subpartitions, "seed": args.seed,
                        "scoring_dtype": scoring}
+            if scoring != "float32" and args.partitioned_reorder:
+                options["num_reordering_candidates"] = args.partitioned_reorder
 
             def reprobed(probes, parent_probes, options=options, built=built):
                 # One k-means build per partition count, subpartitions and scoring: the probe
@@ -685,7 +693,8 @@ def _configurations(kind: str, n_items: int, args, make_index, work: Workload):
                 return build
 
             suffix = ("" if subpartitions == 1 else f",sub={subpartitions}") + (
-                "" if scoring == "float32" else f",{scoring}")
+                "" if scoring == "float32" else f",{scoring}") + (
+                f",reorder={options['num_reordering_candidates']}" if "num_reordering_candidates" in options else "")
             parent_sweep = ([None] if subpartitions == 1 or not args.parent_probes
                             else sweep(args.parent_probes, partitions))
             probe_sweep = sweep(args.probes, partitions * subpartitions)

@@ -99,7 +99,16 @@ def test_the_partitioned_profile_times_every_stage_and_calling_path(tmp_path):
     for stage in ("saved", "session"):
         del row[f"{stage}_ms"]
     (tmp_path / "profile.json").write_text(json.dumps(result))
-    merged = profile("--probes", "16", "--merge")
-    assert [row["probes"] for row in merged["rows"]] == [32, 16]
-    old, new = (tmp_path / "profile.md").read_text().splitlines()[-2:]
-    assert "| – | – |" in old and "–" not in new
+    # An int8 index with the same partitions, timed interleaved with the float32 one; rescoring
+    # every member makes it exact.
+    merged = profile("--probes", "16", "--scoring", "int8", "--reorder", "1200", "--merge")
+    assert [(row["probes"], row["scoring"]) for row in merged["rows"]] == [(32, "float32"), (16, "float32"), (16, "int8")]
+    compact = merged["rows"][2]
+    assert compact["recall_vs_exact"] == merged["rows"][1]["recall_vs_exact"]
+    assert compact["num_reordering_candidates"] == 1200 and compact["megabytes_gathered"] * 4 == pytest.approx(
+        merged["rows"][1]["megabytes_gathered"], abs=0.02)
+    for stage in ("dispatch", "lookup", "saved", "session"):
+        assert compact[f"{stage}_ms"] > 0, stage
+    assert "gather_ms" not in compact
+    old, new, int8 = (tmp_path / "profile.md").read_text().splitlines()[-3:]
+    assert "| – | – |" in old and "–" not in new and "| int8, reorder 1200 |" in int8

@@ -21,7 +21,7 @@ from tfx_xmatch.index import (
     ScaNNIndex,
     make_index,
 )
-from tfx_xmatch.index.partitioned_index import kmeans
+from tfx_xmatch.index.partitioned_index import int8_codes, kmeans
 
 N, D, B, K_MAX = 300, 8, 5, 20
 KINDS = ("brute_force", "partitioned", "scann")
@@ -226,9 +226,10 @@ def test_partitioned_recall_on_clustered_data(spherical):
     assert sorted(index.item_order.numpy().tolist()) == list(range(len(points)))
 
 
-def test_bfloat16_scoring_with_every_member_reordered_is_exact():
+@pytest.mark.parametrize("scoring_dtype", ["bfloat16", "int8"])
+def test_compact_scoring_with_every_member_reordered_is_exact(scoring_dtype):
     candidates, queries, int_ids, _ = _data()
-    index = PartitionedIndex(num_partitions=8, num_probes=8, k_max=K_MAX, scoring_dtype="bfloat16",
+    index = PartitionedIndex(num_partitions=8, num_probes=8, k_max=K_MAX, scoring_dtype=scoring_dtype,
                              num_reordering_candidates=N).index(candidates, int_ids)
     assert index.is_exact()
     exclude = int_ids[:B, None].repeat(3, axis=1)
@@ -236,21 +237,22 @@ def test_bfloat16_scoring_with_every_member_reordered_is_exact():
                            exclude=exclude, padding=index.padding_identifier)
 
 
-def test_bfloat16_scoring_finds_what_float32_scoring_finds_in_the_same_partitions(tmp_path):
+@pytest.mark.parametrize("scoring_dtype", ["bfloat16", "int8"])
+def test_compact_scoring_finds_what_float32_scoring_finds_in_the_same_partitions(tmp_path, scoring_dtype):
     points, queries = _clustered()
     exact_scoring = PartitionedIndex(num_partitions=32, num_probes=6, k_max=10).index(points)
-    coarse = PartitionedIndex(num_partitions=32, num_probes=6, k_max=10, scoring_dtype="bfloat16")
+    coarse = PartitionedIndex(num_partitions=32, num_probes=6, k_max=10, scoring_dtype=scoring_dtype)
     coarse.index(points)
-    assert not coarse.is_exact() and coarse.coarse_candidates.dtype == tf.bfloat16
+    assert not coarse.is_exact() and coarse.coarse_candidates.dtype == tf.as_dtype(scoring_dtype)
     reference_scores, reference = exact_scoring(queries, k=10)
     scores, found = coarse(queries, k=10)
-    # Same seed, same partitions: the bfloat16 pass only pre-selects 4 * k_max members, whose
+    # Same seed, same partitions: the compact pass only pre-selects 4 * k_max members, whose
     # float32 rescoring must give the float32 answer.
     np.testing.assert_array_equal(found.numpy(), reference.numpy())
     np.testing.assert_allclose(scores.numpy(), reference_scores.numpy(), rtol=1e-6)
 
     config = coarse.get_config()
-    assert config["scoring_dtype"] == "bfloat16" and config["num_reordering_candidates"] is None
+    assert config["scoring_dtype"] == scoring_dtype and config["num_reordering_candidates"] is None
     assert PartitionedIndex.from_config(config).get_config() == config
 
     search = _save(coarse, tmp_path, dimension=points.shape[1])
@@ -262,8 +264,20 @@ def test_bfloat16_scoring_finds_what_float32_scoring_finds_in_the_same_partition
     assert not _saved_model_ops(tmp_path) - STOCK_OPS
 
 
+def test_int8_codes_reconstruct_within_half_a_scale_per_dimension():
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(500, 6)).astype(np.float32) * np.array([1, 10, 0.01, 3, 1, 0], np.float32)
+    codes, scales = int8_codes(embeddings)
+    assert codes.dtype == np.int8 and scales.dtype == np.float32
+    # The largest magnitude of each non-zero dimension maps to +-127; an all-zero one to scale 1.
+    np.testing.assert_allclose(scales[:5], np.abs(embeddings[:, :5]).max(axis=0) / 127, rtol=1e-6)
+    assert scales[5] == 1.0 and not codes[:, 5].any() and np.abs(codes[:, :5]).max() == 127
+    assert np.all(np.abs(codes * scales - embeddings) <= scales / 2 + 1e-6)
+    np.testing.assert_array_equal(int8_codes(-embeddings)[0], -codes)  # symmetric
+
+
 @pytest.mark.parametrize("arguments, message", [
-    ({"scoring_dtype": "float16"}, "scoring_dtype must be one of ['float32', 'bfloat16'], got 'float16'"),
+    ({"scoring_dtype": "float16"}, "scoring_dtype must be one of ['float32', 'bfloat16', 'int8'], got 'float16'"),
     ({"num_reordering_candidates": 0}, "num_reordering_candidates must be at least 1 or None, got 0"),
 ])
 def test_partitioned_rejects_bad_scoring_settings(arguments, message):
@@ -355,7 +369,8 @@ def test_parent_probes_choose_probes_among_the_best_parents_sub_partitions(tmp_p
     assert not _saved_model_ops(tmp_path) - STOCK_OPS
 
 
-@pytest.mark.parametrize("scoring_dtype,two_level", [("float32", False), ("bfloat16", False), ("float32", True)])
+@pytest.mark.parametrize("scoring_dtype,two_level",
+                         [("float32", False), ("bfloat16", False), ("int8", False), ("float32", True), ("int8", True)])
 def test_a_single_query_gets_the_answer_it_gets_inside_a_batch(scoring_dtype, two_level):
     # One query takes the unpadded path, a batch the padded one: they must agree, also when the
     # probed partitions hold fewer members than k and with exclusions.

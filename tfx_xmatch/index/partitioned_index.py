@@ -22,7 +22,9 @@ from tfx_xmatch.index.retrieval_index import RetrievalIndex
 
 # Rows scored per block when assigning points to centroids: bounds the [block, P] score matrix.
 _ASSIGN_BLOCK = 16384
-SCORING_DTYPES = ("float32", "bfloat16")
+SCORING_DTYPES = ("float32", "bfloat16", "int8")
+# Largest magnitude of an int8 code: symmetric, so that -x is coded as -code(x).
+_INT8_LIMIT = 127.0
 
 
 class PartitionedIndex(RetrievalIndex):
@@ -54,15 +56,18 @@ class PartitionedIndex(RetrievalIndex):
       spherical: Spherical (dot-product) k-means if True (default), Euclidean if False.
       training_sample_size: k-means trains on a random sample of at most this many candidates
         (int >= 1, default 100_000; None trains on all); every candidate is then assigned.
-      scoring_dtype: "float32" (default) scores probed members exactly. "bfloat16" scores them
-        from a bfloat16 copy of the candidates (half the bytes read per query; about 3
-        significant digits), then rescores the best
-        ``num_reordering_candidates`` exactly in float32, as ScaNN reorders. Costs half the
-        candidates' memory again. On the 2-core CPU of results/serving.md it does not pay: a
-        bfloat16 mat-mul there costs what the smaller gather saves (a prototype of the one-query
-        path at 10^6 items, 4000 partitions, 64 probes: 1.58 ms against 1.21 ms in float32).
-      num_reordering_candidates: With "bfloat16", members rescored exactly per query (int >= 1,
-        default 4 * k_max; at least k is always rescored). Ignored with "float32".
+      scoring_dtype: "float32" (default) scores probed members exactly. The other two score
+        them from a compact copy of the candidates first, then rescore the best
+        ``num_reordering_candidates`` exactly in float32, as ScaNN reorders:
+        "int8" codes every dimension symmetrically to 127 levels of its largest magnitude
+        (a quarter of the bytes read per query; the per-dimension scales are folded into the
+        query, so the pass is one cast and one mat-mul). Costs a quarter of the candidates'
+        memory again. Reading the probed members is what a lookup waits for (a memory-bound
+        gather, results/partitioned_profile.md), so this is the fast setting on a CPU.
+        "bfloat16" keeps a bfloat16 copy (half the bytes; about 3 significant digits) scored
+        with a bfloat16 mat-mul; costs half the candidates' memory again.
+      num_reordering_candidates: With "int8" or "bfloat16", members rescored exactly per query
+        (int >= 1, default 4 * k_max; at least k is always rescored). Ignored with "float32".
       subpartitions: Each k-means partition is clustered again into this many sub-partitions
         (int >= 1, default 1: one level), which are what queries probe (two-level k-means).
         Finer partitions need fewer scored members for the same recall; building them this
@@ -140,6 +145,7 @@ class PartitionedIndex(RetrievalIndex):
         self.item_order = None
         self.candidates = None
         self.coarse_candidates = None
+        self.coarse_scales = None
 
     def _index(self, candidates: tf.Tensor) -> None:
         embeddings = candidates.numpy()
@@ -182,11 +188,15 @@ class PartitionedIndex(RetrievalIndex):
             self.coarse_candidates = self._assign_state(
                 "coarse_candidates", tf.cast(self.candidates, tf.bfloat16)
             )
+        elif self.scoring_dtype == "int8":
+            codes, scales = int8_codes(embeddings[item_order])
+            self.coarse_candidates = self._assign_state("coarse_candidates", codes)
+            self.coarse_scales = self._assign_state("coarse_scales", scales)
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         def search(one_query: bool):
             probes = self._probes(queries, one_query)
-            coarse = self.coarse_candidates if self.scoring_dtype == "bfloat16" else None
+            coarse = None if self.scoring_dtype == "float32" else self.coarse_candidates
             scores, rows = self._best_in_ranges(queries, self.partition_offsets, probes, self.candidates, coarse, k,
                                                 one_query)
             if one_query:
@@ -220,7 +230,8 @@ class PartitionedIndex(RetrievalIndex):
         One query (B = 1, no -1) gathers [M, d] for a plain mat-mul, markedly faster than a
         batched mat-vec with a batch of one (0.35 ms of 1.6 at 10^6 items here). Ranges are
         contiguous, so the gathers copy runs of consecutive rows. With ``coarse_table`` (a
-        bfloat16 copy), a first pass on half the bytes keeps the best rows for exact rescoring.
+        bfloat16 copy or int8 codes), a first pass on fewer bytes keeps the best rows for exact
+        rescoring.
 
         Returns:
           (float32 scores [B, m], int64 rows [B, m], -1 where none), m <= n.
@@ -236,13 +247,18 @@ class PartitionedIndex(RetrievalIndex):
             rows = tf.RaggedTensor.from_row_lengths(flat, tf.reduce_sum(limits - starts, axis=1)).to_tensor(-1)
 
         def scored(table, rows, query):
+            def gathered(indices):
+                members = tf.gather(table, indices)
+                # int8 codes are multiplied in float32: TF has no int8 x float mat-mul.
+                return tf.cast(members, tf.float32) if table.dtype == tf.int8 else members
+
             if one_query:
-                return tf.matmul(query, tf.gather(table, rows[0]), transpose_b=True)  # [1, M]
-            scores = tf.cast(tf.linalg.matvec(tf.gather(table, tf.maximum(rows, 0)), query), tf.float32)
+                return tf.matmul(query, gathered(rows[0]), transpose_b=True)  # [1, M]
+            scores = tf.cast(tf.linalg.matvec(gathered(tf.maximum(rows, 0)), query), tf.float32)
             return tf.where(rows >= 0, scores, tf.constant(-np.inf, tf.float32))
 
         if coarse_table is not None:
-            coarse = tf.cast(scored(coarse_table, rows, tf.cast(queries, coarse_table.dtype)), tf.float32)
+            coarse = tf.cast(scored(coarse_table, rows, self._coarse_queries(queries)), tf.float32)
             reorder = tf.maximum(n, self._reordered_per_query())
             _, best = tf.math.top_k(coarse, k=tf.minimum(reorder, tf.shape(coarse)[1]))
             rows = tf.gather(rows, best, batch_dims=1)  # [B, R]
@@ -250,12 +266,19 @@ class PartitionedIndex(RetrievalIndex):
         top_scores, top = tf.math.top_k(scores, k=tf.minimum(n, tf.shape(scores)[1]))
         return top_scores, tf.gather(rows, top, batch_dims=1)  # padding rows keep their -1
 
+    def _coarse_queries(self, queries: tf.Tensor) -> tf.Tensor:
+        """Queries as the first pass multiplies them: code_j * scale_j is candidate_j, so a query
+        scaled by the codes' scales scores the codes as it scores the candidates."""
+        if self.scoring_dtype == "int8":
+            return queries * self.coarse_scales
+        return tf.cast(queries, tf.bfloat16)
+
     def _probes_parents(self) -> bool:
         return self.parent_probes is not None and self.parent_centroids is not None
 
     def is_exact(self) -> bool:
         """True iff every partition (and, with ``parent_probes``, every parent) is probed and,
-        with bfloat16 scoring, every candidate is rescored in float32. Once indexed, the
+        with int8 or bfloat16 scoring, every candidate is rescored in float32. Once indexed, the
         partitions counted are the ones built (after capping and dropping empty ones); before,
         ``num_partitions * subpartitions``.
 
@@ -273,7 +296,7 @@ class PartitionedIndex(RetrievalIndex):
                 and self._reordered_per_query() >= int(tf.shape(self.candidates)[0]))
 
     def _reordered_per_query(self) -> int:
-        """Members rescored in float32 after a bfloat16 pass (at least k is rescored anyway)."""
+        """Members rescored in float32 after an int8 or bfloat16 pass (at least k is rescored)."""
         return self.num_reordering_candidates or 4 * self.k_max
 
     def get_config(self) -> dict:
@@ -353,6 +376,19 @@ def kmeans(
             centroids[empty[: len(worst)]] = train[worst]
             previous = None  # the assignment will change; do not stop on the next iteration
     return centroids.astype(np.float32)
+
+
+def int8_codes(embeddings: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-dimension int8 codes of float [N, d] rows.
+
+    Returns:
+      (int8 [N, d] codes, float32 [d] scales) with ``codes * scales`` within half a scale of
+      ``embeddings``. A dimension that is zero everywhere gets scale 1 (its codes are all 0).
+    """
+    largest = np.abs(embeddings).max(axis=0).astype(np.float32)
+    scales = np.where(largest > 0, largest / _INT8_LIMIT, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(embeddings / scales), -_INT8_LIMIT, _INT8_LIMIT).astype(np.int8)
+    return codes, scales
 
 
 def _split_partitions(
