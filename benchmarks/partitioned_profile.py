@@ -21,8 +21,8 @@ Two more columns call that same lookup another way, to show how much of it is th
 With ``--scoring float32 int8`` (or ``bfloat16``), each further scoring dtype gets its own
 index with the same seed, hence the same partitions, and its ``dispatch``, ``lookup``,
 ``saved`` and ``session`` stages (stages 2 to 5 read the float32 table) are timed interleaved
-with the float32 ones, query by query: an A/B comparison that the drift of a shared virtual
-machine hits alike (runs of the same setting minutes apart differ by up to 30% here).
+with the float32 ones (see ``time_stages``): an A/B comparison that the drift of a shared
+virtual machine hits alike (runs of the same setting minutes apart differ by up to 30% here).
 
 The difference between consecutive stages (1 to 6) is what a stage adds. The gather's bandwidth is the
 bytes it copies per query (rows x d x 4) over its time. TF's thread pools are fixed when the
@@ -83,7 +83,7 @@ def stage_functions(index, export_dir: pathlib.Path, threads: int, tf) -> tuple:
         "score": lambda query: index._top_k(query, tf.constant(K))[0][0, :3],
     }
     if index.scoring_dtype != "float32":
-        functions = {"dispatch": functions["dispatch"]}
+        functions = {name: fn for name, fn in functions.items() if name in LOOKUP_STAGES}
     traced = {name: tf.function(fn, input_signature=spec).get_concrete_function() for name, fn in functions.items()}
     stages = {name: (lambda query, _, fn=fn: fn(query)) for name, fn in traced.items()}
     module = search_module(index, (DIMENSION,), tf)
@@ -208,7 +208,7 @@ def main() -> int:
             rows.append({
                 "n_items": args.items, "subpartitions": args.subpartitions, "parent_probes": args.parent_probes,
                 "probes": probes, "intra_op_threads": args.intra_op_threads or "default", "scoring": scoring,
-                "num_reordering_candidates": indexes[scoring]._reordered_per_query() if scoring != "float32" else None,
+                "num_reordering_candidates": None if scoring == "float32" else args.reorder or 4 * K,
                 "build_seconds": round(build_seconds[scoring], 1),
                 "mean_partition_rows": round(float(sizes.mean()), 1),
                 "recall_vs_exact": round(recall(found[scoring], exact), 4), "rows_scanned": round(scanned),

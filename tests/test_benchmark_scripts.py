@@ -111,4 +111,5 @@ def test_the_partitioned_profile_times_every_stage_and_calling_path(tmp_path):
         assert compact[f"{stage}_ms"] > 0, stage
     assert "gather_ms" not in compact
     old, new, int8 = (tmp_path / "profile.md").read_text().splitlines()[-3:]
-    assert "| – | – |" in old and "–" not in new and "| int8, reorder 1200 |" in int8
+    # (GB/s may read "–" too on this tiny catalogue, when the gather stage times at or below 0.)
+    assert "| – | – |" in old and "| – | – |" not in new and "| int8, reorder 1200 |" in int8

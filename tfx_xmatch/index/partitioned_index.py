@@ -184,13 +184,14 @@ class PartitionedIndex(RetrievalIndex):
             )
         self.partition_offsets = self._assign_state("partition_offsets", offsets)
         self.item_order = self._assign_state("item_order", item_order.astype(np.int32))
-        self.candidates = self._assign_state("candidates", embeddings[item_order])
+        ordered = embeddings[item_order]
+        self.candidates = self._assign_state("candidates", ordered)
         if self.scoring_dtype == "bfloat16":
             self.coarse_candidates = self._assign_state(
                 "coarse_candidates", tf.cast(self.candidates, tf.bfloat16)
             )
         elif self.scoring_dtype == "int8":
-            codes, scales = int8_codes(embeddings[item_order])
+            codes, scales = int8_codes(ordered)
             self.coarse_candidates = self._assign_state("coarse_candidates", codes)
             self.coarse_scales = self._assign_state("coarse_scales", scales)
 
