@@ -21,7 +21,8 @@ Two more columns call that same lookup another way, to show how much of it is th
 With ``--scoring float32 int8`` (or ``bfloat16``), each further scoring dtype gets its own
 index with the same seed, hence the same partitions, and its ``dispatch``, ``lookup``,
 ``saved`` and ``session`` stages (stages 2 to 5 read the float32 table) are timed interleaved
-with the float32 ones (see ``time_stages``): an A/B comparison that the drift of a shared
+with the float32 ones. ``--soar-lambda`` adds a spilled copy of each (same partitions, every
+item also listed in a second one) probing ``--spilled-probes`` partitions, timed the same way (see ``time_stages``): an A/B comparison that the drift of a shared
 virtual machine hits alike (runs of the same setting minutes apart differ by up to 30% here).
 
 The difference between consecutive stages (1 to 6) is what a stage adds. The gather's bandwidth is the
@@ -39,6 +40,8 @@ Writes ``results/partitioned_profile.md`` and ``.json``.
     python benchmarks/partitioned_profile.py --probes 224 --intra-op-threads 1 --merge
     python benchmarks/partitioned_profile.py --probes 224 256 --intra-op-threads 1 --scoring float32 int8 \
         --reorder 150 --merge
+    python benchmarks/partitioned_profile.py --probes 224 --intra-op-threads 1 --scoring float32 int8 \
+        --reorder 150 --soar-lambda 1 --spilled-probes 80 --merge
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from serving import DIMENSION, K, exact_top_k, recall, search_module, synthetic_
 import numpy as np  # noqa: E402
 
 STAGES = ("dispatch", "probes", "rows", "gather", "score", "lookup", "saved", "session")
-ROW_KEY = ("n_items", "subpartitions", "parent_probes", "probes", "intra_op_threads", "scoring")
+ROW_KEY = ("n_items", "subpartitions", "parent_probes", "probes", "intra_op_threads", "scoring", "soar_lambda")
 # Stages that do not read the float32 table directly: timed for every scoring dtype.
 LOOKUP_STAGES = ("dispatch", "lookup", "saved", "session")
 
@@ -71,7 +74,9 @@ def stage_functions(index, export_dir: pathlib.Path, threads: int, tf) -> tuple:
     def probe_rows(query):
         probes = index._probes(query, True)[0]
         offsets = index.partition_offsets
-        return tf.ragged.range(tf.gather(offsets, probes), tf.gather(offsets, probes + 1)).flat_values
+        entries = tf.ragged.range(tf.gather(offsets, probes), tf.gather(offsets, probes + 1)).flat_values
+        # Spilled partitions list entries, which name candidate rows.
+        return entries if index.listed_rows is None else tf.gather(index.listed_rows, entries)
 
     # Each stage returns a few values of its last result, so that what it computed is needed
     # (nothing is pruned) while copying the output back costs the same in every stage.
@@ -149,6 +154,12 @@ def main() -> int:
                         help="scoring_dtype values compared (float32 is always included)")
     parser.add_argument("--reorder", type=int, default=None,
                         help="num_reordering_candidates of the int8 / bfloat16 indexes (default: 4 x k_max)")
+    parser.add_argument("--soar-lambda", type=float, default=None,
+                        help="also build every scoring dtype spilled (each item in a second, SOAR-chosen "
+                             "partition, see PartitionedIndex) and time it interleaved with the others")
+    parser.add_argument("--spilled-probes", type=int, nargs="+", default=None,
+                        help="with --soar-lambda: the spilled indexes' probes, one per --probes value (they "
+                             "need fewer for the same recall); default: the same as --probes")
     parser.add_argument("--merge", action="store_true", help="add this run's rows to the existing results")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     parser.add_argument("--output", default="partitioned_profile", help="results file stem under --results-dir")
@@ -158,6 +169,12 @@ def main() -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.intra_op_threads < 0:
         parser.error(f"--intra-op-threads must be >= 0, got {args.intra_op_threads}")
+    if args.soar_lambda is not None and args.soar_lambda < 0:
+        parser.error(f"--soar-lambda must be >= 0, got {args.soar_lambda}")
+    if args.spilled_probes is not None and (args.soar_lambda is None or len(args.spilled_probes) != len(args.probes)):
+        parser.error(f"--spilled-probes needs --soar-lambda and one value per --probes value ({len(args.probes)}), "
+                     f"got {args.spilled_probes}")
+    spilled_probes = args.spilled_probes or args.probes
 
     import tensorflow as tf
 
@@ -171,51 +188,57 @@ def main() -> int:
     items, queries = synthetic_embeddings(args.items, args.queries, DIMENSION, args.seed)
     exact = exact_top_k(items, queries, K)
     scorings = ["float32"] + [dtype for dtype in dict.fromkeys(args.scoring) if dtype != "float32"]
+    # Variants: every scoring dtype, then each of them spilled; same seed, so the same partitions.
+    variants = [(scoring, None) for scoring in scorings]
+    if args.soar_lambda is not None:
+        variants += [(scoring, args.soar_lambda) for scoring in scorings]
     indexes, build_seconds = {}, {}
-    for scoring in scorings:
-        indexes[scoring] = PartitionedIndex(
+    for variant in variants:
+        scoring, soar_lambda = variant
+        indexes[variant] = PartitionedIndex(
             num_partitions=args.partitions, subpartitions=args.subpartitions, parent_probes=args.parent_probes,
-            num_probes=max(args.probes), k_max=K, scoring_dtype=scoring,
+            num_probes=max(args.probes + spilled_probes), k_max=K, scoring_dtype=scoring, soar_lambda=soar_lambda,
             num_reordering_candidates=None if scoring == "float32" else args.reorder)
         started = time.perf_counter()
-        indexes[scoring].index(tf.constant(items))  # same seed: the same partitions for every dtype
-        build_seconds[scoring] = time.perf_counter() - started
-    index = indexes["float32"]
-    sizes = np.diff(index.partition_offsets.numpy())
+        indexes[variant].index(tf.constant(items))
+        build_seconds[variant] = time.perf_counter() - started
     rows = []
-    for probes in args.probes:
+    for probes, probes_if_spilled in zip(args.probes, spilled_probes):
         found, stages, sessions = {}, {}, []
         with tempfile.TemporaryDirectory(prefix="partitioned-profile-") as workdir:
             try:
-                for scoring, each in indexes.items():
-                    each.num_probes = probes  # read when tracing: every stage below is traced afresh
+                for number, (variant, each) in enumerate(indexes.items()):
+                    each.num_probes = probes if variant[1] is None else probes_if_spilled  # read when tracing
                     # Blocks of queries: the batch path gathers [B, rows, d] at once.
-                    found[scoring] = np.concatenate([each(tf.constant(queries[start : start + 100]), k=K)[1].numpy()
+                    found[variant] = np.concatenate([each(tf.constant(queries[start : start + 100]), k=K)[1].numpy()
                                                      for start in range(0, len(queries), 100)])
-                    functions, session = stage_functions(each, pathlib.Path(workdir) / scoring, args.intra_op_threads, tf)
+                    functions, session = stage_functions(each, pathlib.Path(workdir) / str(number),
+                                                         args.intra_op_threads, tf)
                     sessions.append(session)
-                    stages.update({(scoring, name): fn for name, fn in functions.items()})
+                    stages.update({(variant, name): fn for name, fn in functions.items()})
                 p50 = time_stages(stages, queries, args.warmup, tf)
             finally:
                 for session in sessions:
                     session.close()
-        chosen = index._probes(tf.constant(queries), False).numpy()
-        scanned = float(np.mean(np.where(chosen >= 0, sizes[np.maximum(chosen, 0)], 0).sum(axis=1)))
-        gather_ms = p50[("float32", "gather")] - p50[("float32", "rows")]
-        for scoring in scorings:
+        for variant, each in indexes.items():
+            scoring, soar_lambda = variant
+            sizes = np.diff(each.partition_offsets.numpy())  # list entries: spilled items count twice
+            chosen = each._probes(tf.constant(queries), False).numpy()
+            scanned = float(np.mean(np.where(chosen >= 0, sizes[np.maximum(chosen, 0)], 0).sum(axis=1)))
             bytes_per_value = {"float32": 4, "bfloat16": 2, "int8": 1}[scoring]
             megabytes = scanned * DIMENSION * bytes_per_value / 1e6
+            gather_ms = p50.get((variant, "gather"), 0.0) - p50.get((variant, "rows"), 0.0)
             rows.append({
                 "n_items": args.items, "subpartitions": args.subpartitions, "parent_probes": args.parent_probes,
-                "probes": probes, "intra_op_threads": args.intra_op_threads or "default", "scoring": scoring,
+                "probes": each.num_probes, "intra_op_threads": args.intra_op_threads or "default",
+                "scoring": scoring, "soar_lambda": soar_lambda,
                 "num_reordering_candidates": None if scoring == "float32" else args.reorder or 4 * K,
-                "build_seconds": round(build_seconds[scoring], 1),
+                "build_seconds": round(build_seconds[variant], 1),
                 "mean_partition_rows": round(float(sizes.mean()), 1),
-                "recall_vs_exact": round(recall(found[scoring], exact), 4), "rows_scanned": round(scanned),
+                "recall_vs_exact": round(recall(found[variant], exact), 4), "rows_scanned": round(scanned),
                 "megabytes_gathered": round(megabytes, 2),
-                "gather_gb_per_s": (round(megabytes / gather_ms, 2) if gather_ms > 0 and scoring == "float32"
-                                    else None),
-                **{f"{name}_ms": round(value, 3) for (owner, name), value in p50.items() if owner == scoring},
+                "gather_gb_per_s": round(megabytes / gather_ms, 2) if gather_ms > 0 else None,
+                **{f"{name}_ms": round(value, 3) for (owner, name), value in p50.items() if owner == variant},
             })
             print(rows[-1], flush=True)
     result.update(settings={"partitions": args.partitions, "subpartitions": args.subpartitions,
@@ -262,7 +285,8 @@ def to_markdown(result: dict) -> str:
 def _scoring(row: dict) -> str:
     """float32, or the compact dtype with its reordering count (rows before the column: float32)."""
     scoring = row.get("scoring", "float32")
-    return scoring if scoring == "float32" else f"{scoring}, reorder {row['num_reordering_candidates']}"
+    text = scoring if scoring == "float32" else f"{scoring}, reorder {row['num_reordering_candidates']}"
+    return text if row.get("soar_lambda") is None else f"{text}, SOAR λ={row['soar_lambda']:g}"
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ For each catalogue size (default 10^4, 10^5, 10^6 items; d = 64; top-100):
   recall (on structureless random noise no ANN method can).
 * Index kinds: ``brute_force`` (exact); ``partitioned`` with ``factor * sqrt(N)`` k-means
   partitions (one or more factors), optionally each split again into ``--subpartitions``
-  (two-level k-means), float32, int8 or bfloat16 scoring (``--partitioned-scoring``)
+  (two-level k-means), float32, int8 or bfloat16 scoring (``--partitioned-scoring``),
+  optionally spilled (``--soar-lambda``: every item listed in a second, SOAR-chosen partition)
   and a sweep of ``num_probes``; ``scann`` with ``factor * sqrt(N)``
   leaves (``--leaves-factor``), a sweep of ``num_leaves_to_search`` and exact reordering of
   ``--reorder`` candidates (default 1000); each
-  swept value is its own row (variant ``n_items=N,partitions=P,probes=X[,sub=S][,int8|,bfloat16][,reorder=R][,parents=Y]`` /
+  swept value is its own row (variant ``n_items=N,partitions=P,probes=X[,sub=S][,int8|,bfloat16][,reorder=R][,soar=L][,parents=Y]`` /
   ``n_items=N,leaves=L,leaves_to_search=S,reorder=R``).
 * ``sparse_code`` answers a bag of codes, not a vector: its catalogue is a SparCode-like
   [N, 512] score table T[i, c] = ReLU(item_i . code_c - t) (items from the same mixture,
@@ -491,6 +492,9 @@ def main() -> int:
     parser.add_argument("--partitioned-reorder", type=int, default=None,
                         help="partitioned with int8 / bfloat16 scoring: num_reordering_candidates (>= 100; "
                              "default: the index's own, 4 x k_max)")
+    parser.add_argument("--soar-lambda", type=float, nargs="+", default=None,
+                        help="partitioned: also list every item in a second partition chosen by SOAR with this "
+                             "lambda (spilling), one build per value; default: no spilling")
     parser.add_argument("--probes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
                         help="partitioned: num_probes values swept (capped at num_partitions)")
     parser.add_argument("--soft-partitions-factor", type=float, default=1.0,
@@ -538,6 +542,8 @@ def main() -> int:
         parser.error(f"--subpartitions must be >= 1, got {min(args.subpartitions)}")
     if args.partitioned_reorder is not None and args.partitioned_reorder < K:
         parser.error(f"--partitioned-reorder must be >= {K} (at least k is rescored), got {args.partitioned_reorder}")
+    if args.soar_lambda and min(args.soar_lambda) < 0:
+        parser.error(f"--soar-lambda must be >= 0, got {min(args.soar_lambda)}")
     if min(args.reorder) < K:
         parser.error(f"--reorder must be >= {K} (ScaNN returns at most that many results), got {min(args.reorder)}")
     for name in ("intra_op_threads", "inter_op_threads"):
@@ -567,6 +573,7 @@ def main() -> int:
                         "parent_probes": args.parent_probes or "all",
                         "num_probes": args.probes, "scoring_dtype": args.partitioned_scoring,
                         "num_reordering_candidates": args.partitioned_reorder or f"4 x {K}",
+                        "soar_lambda": args.soar_lambda or "none (no spilling)",
                         "spherical": True, "kmeans_iterations": 20,
                         "training_sample_size": 100_000},
         "sparse_code": {"table": f"[N, {NUM_CODES}] ReLU(item . code - t), items d={CODE_DIMENSION} from the same "
@@ -670,12 +677,12 @@ def _configurations(kind: str, n_items: int, args, make_index, work: Workload):
     if kind == "brute_force":
         yield "", {"k_max": K}, timed(lambda: make_index("brute_force", k_max=K))
     elif kind == "partitioned":
-        for factor, subpartitions, scoring in itertools.product(
-                args.partitions_factor, args.subpartitions, args.partitioned_scoring):
+        for factor, subpartitions, scoring, soar_lambda in itertools.product(
+                args.partitions_factor, args.subpartitions, args.partitioned_scoring, args.soar_lambda or [None]):
             partitions = max(1, round(factor * root))
             built = {}
             options = {"num_partitions": partitions, "subpartitions": subpartitions, "seed": args.seed,
-                       "scoring_dtype": scoring}
+                       "scoring_dtype": scoring, "soar_lambda": soar_lambda}
             if scoring != "float32" and args.partitioned_reorder:
                 options["num_reordering_candidates"] = args.partitioned_reorder
 
@@ -694,7 +701,8 @@ def _configurations(kind: str, n_items: int, args, make_index, work: Workload):
 
             suffix = ("" if subpartitions == 1 else f",sub={subpartitions}") + (
                 "" if scoring == "float32" else f",{scoring}") + (
-                f",reorder={options['num_reordering_candidates']}" if "num_reordering_candidates" in options else "")
+                f",reorder={options['num_reordering_candidates']}" if "num_reordering_candidates" in options else "") + (
+                "" if soar_lambda is None else f",soar={soar_lambda:g}")
             parent_sweep = ([None] if subpartitions == 1 or not args.parent_probes
                             else sweep(args.parent_probes, partitions))
             probe_sweep = sweep(args.probes, partitions * subpartitions)

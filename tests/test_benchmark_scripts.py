@@ -113,3 +113,12 @@ def test_the_partitioned_profile_times_every_stage_and_calling_path(tmp_path):
     old, new, int8 = (tmp_path / "profile.md").read_text().splitlines()[-3:]
     # (GB/s may read "–" too on this tiny catalogue, when the gather stage times at or below 0.)
     assert "| – | – |" in old and "| – | – |" not in new and "| int8, reorder 1200 |" in int8
+    # A spilled copy (every item listed twice), all partitions probed: still exact, twice the entries.
+    spilled = profile("--probes", "32", "--soar-lambda", "1", "--spilled-probes", "32", "--merge")
+    assert [(row["probes"], row["scoring"], row.get("soar_lambda")) for row in spilled["rows"]] == [
+        (16, "float32", None), (16, "int8", None), (32, "float32", None), (32, "float32", 1.0)]
+    row = spilled["rows"][-1]
+    assert row["recall_vs_exact"] == 1.0 and row["rows_scanned"] == 2400
+    for stage in ("dispatch", "probes", "rows", "gather", "score", "lookup", "saved", "session"):
+        assert row[f"{stage}_ms"] > 0, stage
+    assert "| float32, SOAR λ=1 |" in (tmp_path / "profile.md").read_text().splitlines()[-1]

@@ -21,7 +21,8 @@ from tfx_xmatch.index import (
     ScaNNIndex,
     make_index,
 )
-from tfx_xmatch.index.partitioned_index import int8_codes, kmeans
+from tfx_xmatch.index.partitioned_index import SCORING_DTYPES
+from tfx_xmatch.index.partitioning import int8_codes, kmeans, soar_assignment
 
 N, D, B, K_MAX = 300, 8, 5, 20
 KINDS = ("brute_force", "partitioned", "scann")
@@ -279,6 +280,7 @@ def test_int8_codes_reconstruct_within_half_a_scale_per_dimension():
 @pytest.mark.parametrize("arguments, message", [
     ({"scoring_dtype": "float16"}, "scoring_dtype must be one of ['float32', 'bfloat16', 'int8'], got 'float16'"),
     ({"num_reordering_candidates": 0}, "num_reordering_candidates must be at least 1 or None, got 0"),
+    ({"soar_lambda": -0.5}, "soar_lambda must be >= 0 or None, got -0.5"),
 ])
 def test_partitioned_rejects_bad_scoring_settings(arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -369,15 +371,17 @@ def test_parent_probes_choose_probes_among_the_best_parents_sub_partitions(tmp_p
     assert not _saved_model_ops(tmp_path) - STOCK_OPS
 
 
-@pytest.mark.parametrize("scoring_dtype,two_level",
-                         [("float32", False), ("bfloat16", False), ("int8", False), ("float32", True), ("int8", True)])
-def test_a_single_query_gets_the_answer_it_gets_inside_a_batch(scoring_dtype, two_level):
+@pytest.mark.parametrize("scoring_dtype,two_level,soar_lambda",
+                         [("float32", False, None), ("bfloat16", False, None), ("int8", False, None),
+                          ("float32", True, None), ("int8", True, None), ("float32", False, 1.0),
+                          ("int8", True, 1.0)])
+def test_a_single_query_gets_the_answer_it_gets_inside_a_batch(scoring_dtype, two_level, soar_lambda):
     # One query takes the unpadded path, a batch the padded one: they must agree, also when the
     # probed partitions hold fewer members than k and with exclusions.
     points, queries = _clustered()
     levels = {"num_partitions": 8, "subpartitions": 4, "parent_probes": 2} if two_level else {"num_partitions": 32}
     index = PartitionedIndex(num_probes=2, k_max=200, scoring_dtype=scoring_dtype, num_reordering_candidates=40,
-                             **levels).index(points)
+                             soar_lambda=soar_lambda, **levels).index(points)
     search = tf.function(lambda q, k, exclude: index(q, k=k, exclude=exclude),
                          input_signature=[tf.TensorSpec([None, points.shape[1]]), tf.TensorSpec([], tf.int32),
                                           tf.TensorSpec([None, None], tf.int64)])
@@ -393,6 +397,102 @@ def test_a_single_query_gets_the_answer_it_gets_inside_a_batch(scoring_dtype, tw
             np.testing.assert_allclose(scores.numpy()[0], batch_scores.numpy()[row], rtol=1e-5, atol=1e-6)
             assert not set(exclude[row]) & set(ids.numpy()[0].tolist())
     assert search.experimental_get_tracing_count() == 1
+
+
+def _residual_cost(points, centroids, primary, soar_lambda):
+    """SOAR's cost of every (point, partition) pair, straight from its definition."""
+    residual = points - centroids[primary]
+    unit = residual / np.linalg.norm(residual, axis=1, keepdims=True)
+    to = points[:, None, :] - centroids[None, :, :]  # x - c' for every c'
+    cost = np.sum(to**2, axis=2) + soar_lambda * np.einsum("nd,npd->np", unit, to) ** 2
+    cost[np.arange(len(points)), primary] = np.inf
+    return cost
+
+
+@pytest.mark.parametrize("soar_lambda", [0.0, 1.0, 8.0])
+def test_soar_assignment_minimises_its_cost_over_the_other_partitions(soar_lambda):
+    points, _ = _clustered(queries=1)
+    centroids = kmeans(points, 12, seed=1)
+    primary = np.argmax(points @ centroids.T, axis=1)
+    second = soar_assignment(points, centroids, primary, soar_lambda)
+    expected = np.argmin(_residual_cost(points, centroids, primary, soar_lambda), axis=1)
+    np.testing.assert_array_equal(second, expected)
+    assert not np.any(second == primary)
+    if soar_lambda == 0.0:  # no orthogonality term: the second-nearest partition
+        distances = np.sum((points[:, None] - centroids[None]) ** 2, axis=2)
+        np.testing.assert_array_equal(second, np.argsort(distances, axis=1)[:, 1])
+    # One partition: nowhere else to go.
+    np.testing.assert_array_equal(soar_assignment(points, centroids[:1], np.zeros(len(points), int), 1.0), -1)
+
+
+def test_soar_assignment_with_two_levels_searches_the_nearest_parents_partitions():
+    points, _ = _clustered(queries=1)
+    parents = kmeans(points, 6, seed=1)
+    children = kmeans(points, 24, seed=2)
+    parent_of = np.argmax(children @ parents.T, axis=1)
+    children, parent_of = children[np.argsort(parent_of, kind="stable")], np.sort(parent_of)
+    offsets = np.searchsorted(parent_of, np.arange(len(parents) + 1))
+    primary = np.argmax(points @ children.T, axis=1)
+    second = soar_assignment(points, children, primary, 1.0, parents, offsets, parents_searched=2)
+    cost = _residual_cost(points, children, primary, 1.0)
+    nearest_parents = np.argsort(-(points @ parents.T), axis=1)[:, :2]
+    allowed = (parent_of[None, None, :] == nearest_parents[:, :, None]).any(axis=1)  # [N, 24]
+    expected = np.argmin(np.where(allowed, cost, np.inf), axis=1)
+    has_other = np.isfinite(np.where(allowed, cost, np.inf).min(axis=1))
+    np.testing.assert_array_equal(second, np.where(has_other, expected, -1))
+
+
+@pytest.mark.parametrize("scoring_dtype", SCORING_DTYPES)
+@pytest.mark.parametrize("two_level", [False, True])
+def test_spilled_index_probing_everything_matches_the_oracle_once_per_candidate(scoring_dtype, two_level):
+    candidates, queries, int_ids, _ = _data()
+    levels = {"subpartitions": 2, "parent_probes": 8} if two_level else {}
+    index = PartitionedIndex(num_partitions=8, num_probes=16, k_max=K_MAX, scoring_dtype=scoring_dtype,
+                             num_reordering_candidates=2 * N, soar_lambda=1.0, **levels).index(candidates, int_ids)
+    assert index.is_exact()
+    # Every candidate is listed twice, in two different partitions.
+    offsets, listed = index.partition_offsets.numpy(), index.listed_rows.numpy()
+    assert offsets[-1] == 2 * N and np.all(np.bincount(listed, minlength=N) == 2)
+    partition_of_entry = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    assert len(set(zip(partition_of_entry, listed))) == 2 * N
+    exclude = int_ids[:B, None].repeat(3, axis=1)
+    for rows in (slice(0, B), slice(0, 1)):
+        scores, ids = index(queries[rows], k=K_MAX, exclude=exclude[rows])
+        _assert_matches_oracle(scores, ids, queries[rows], candidates, int_ids, K_MAX, exclude=exclude[rows],
+                               padding=index.padding_identifier)
+    # With only the best 4 * k_max entries rescored, int8 and bfloat16 are no longer exact.
+    if scoring_dtype != "float32":
+        assert not PartitionedIndex(num_partitions=8, num_probes=16, scoring_dtype=scoring_dtype, soar_lambda=1.0,
+                                    k_max=K_MAX, **levels).index(candidates).is_exact()
+
+
+def test_spilling_finds_more_with_the_same_probes_and_exports_with_stock_ops(tmp_path):
+    points, queries = _clustered()
+    truth = np.argsort(-(queries @ points.T), axis=1)[:, :10]
+
+    def recall(index):
+        found = index(queries, k=10)[1].numpy()
+        assert all(len(set(row)) == len(row) for row in found)  # no candidate twice
+        return np.array([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+
+    plain = PartitionedIndex(num_partitions=32, num_probes=2, k_max=10).index(points)
+    spilled = PartitionedIndex(num_partitions=32, num_probes=2, k_max=10, soar_lambda=1.0).index(points)
+    # Same seed, same partitions, each also listing spilled candidates: a superset is scored.
+    assert np.all(recall(spilled) >= recall(plain)) and recall(spilled).mean() > recall(plain).mean() + 0.02
+    spilled = PartitionedIndex(num_partitions=32, num_probes=2, k_max=10, soar_lambda=1.0,
+                               scoring_dtype="int8").index(points)
+    assert recall(spilled).mean() > recall(plain).mean()
+    config = spilled.get_config()
+    assert config["soar_lambda"] == 1.0 and PartitionedIndex.from_config(config).get_config() == config
+    search = _save(spilled, tmp_path, dimension=points.shape[1])
+    loaded = tf.saved_model.load(str(tmp_path)).signatures["serving_default"]
+    no_exclusions = tf.zeros([len(queries), 1], tf.int64)
+    for rows in (slice(None), slice(0, 1)):
+        got = loaded(queries=tf.constant(queries[rows]), k=tf.constant(10), exclude=no_exclusions[rows])
+        expected = search(tf.constant(queries[rows]), tf.constant(10), no_exclusions[rows])
+        np.testing.assert_array_equal(got["identifiers"].numpy(), expected["identifiers"].numpy())
+        np.testing.assert_array_equal(got["scores"].numpy(), expected["scores"].numpy())
+    assert not _saved_model_ops(tmp_path) - STOCK_OPS
 
 
 def test_partitioned_caps_partitions_and_probes_at_catalogue_size():
