@@ -66,7 +66,9 @@ class PartitionedIndex(RetrievalIndex):
         "bfloat16" keeps a bfloat16 copy (half the bytes; about 3 significant digits) scored
         with a bfloat16 mat-mul; costs half the candidates' memory again.
       num_reordering_candidates: With "int8" or "bfloat16", members rescored exactly per query
-        (int >= 1, default 4 * k_max; at least k is always rescored). Ignored with "float32".
+        (int >= 1, default 4 * k_max; at least k is always rescored; spilled, the best twice as
+        many list entries are rescored, which hold that many distinct members). Ignored with
+        "float32".
       subpartitions: Each k-means partition is clustered again into this many sub-partitions
         (int >= 1, default 1: one level), which are what queries probe (two-level k-means).
         Finer partitions need fewer scored members for the same recall; building them this
@@ -231,7 +233,7 @@ class PartitionedIndex(RetrievalIndex):
             coarse = None if self.scoring_dtype == "float32" else self.coarse_candidates
             scores, rows = self._best_in_ranges(queries, self.partition_offsets, probes, self.candidates, coarse, k,
                                                 one_query, self.listed_rows)
-            if one_query and self.listed_rows is None:
+            if one_query:
                 return scores, tf.gather(self.item_order, rows)
             positions = tf.gather(self.item_order, tf.maximum(rows, 0))
             return scores, tf.where(rows >= 0, positions, tf.constant(-1, tf.int32))
@@ -300,6 +302,9 @@ class PartitionedIndex(RetrievalIndex):
         if coarse_table is not None:
             coarse = tf.cast(scored(coarse_table, rows, self._coarse_queries(queries)), tf.float32)
             reorder = tf.maximum(n, self._reordered_per_query())
+            if listed_rows is not None:
+                # Both copies of a spilled row score alike: the best 2R entries hold R distinct rows.
+                reorder *= 2
             _, best = tf.math.top_k(coarse, k=tf.minimum(reorder, tf.shape(coarse)[1]))
             rows = table_rows(tf.gather(rows, best, batch_dims=1))  # [B, R]
             scores = scored(table, rows, queries)
@@ -313,6 +318,12 @@ class PartitionedIndex(RetrievalIndex):
         if listed_rows is None:
             top_scores, top = tf.math.top_k(scores, k=tf.minimum(n, tf.shape(scores)[1]))
             return top_scores, tf.gather(rows, top, batch_dims=1)  # padding rows keep their -1
+        if one_query:
+            # A hash set of the rows: fewer ops than the batch's sort (both copies score alike).
+            distinct, slot = tf.unique(rows[0])
+            best = tf.math.unsorted_segment_max(scores[0], slot, tf.shape(distinct)[0])
+            top_scores, top = tf.math.top_k(best[tf.newaxis, :], k=tf.minimum(n, tf.shape(distinct)[0]))
+            return top_scores, tf.gather(distinct, top)
         top_scores, top = tf.math.top_k(_without_repeats(scores, rows), k=tf.minimum(n, tf.shape(scores)[1]))
         # Fewer distinct rows than n: the repeats that filled the list are empty slots.
         return top_scores, tf.where(top_scores > -np.inf, tf.gather(rows, top, batch_dims=1), tf.constant(-1, rows.dtype))
@@ -343,9 +354,8 @@ class PartitionedIndex(RetrievalIndex):
             probes_all = probes_all and self.parent_probes >= (parents or self.num_partitions)
         if self.scoring_dtype == "float32":
             return probes_all
-        # Every list entry (spilled candidates are listed twice) must be rescored.
-        return (probes_all and self.partition_offsets is not None
-                and self._reordered_per_query() >= int(self.partition_offsets[-1]))
+        return (probes_all and self.candidates is not None
+                and self._reordered_per_query() >= int(tf.shape(self.candidates)[0]))
 
     def _reordered_per_query(self) -> int:
         """Members rescored in float32 after an int8 or bfloat16 pass (at least k is rescored)."""
