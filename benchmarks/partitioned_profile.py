@@ -60,7 +60,8 @@ from serving import DIMENSION, K, exact_top_k, recall, search_module, synthetic_
 import numpy as np  # noqa: E402
 
 STAGES = ("dispatch", "probes", "rows", "gather", "score", "lookup", "saved", "session")
-ROW_KEY = ("n_items", "subpartitions", "parent_probes", "probes", "intra_op_threads", "scoring", "soar_lambda")
+ROW_KEY = ("n_items", "subpartitions", "parent_probes", "probes", "intra_op_threads", "scoring", "num_reordering_candidates",
+           "soar_lambda")
 # Stages that do not read the float32 table directly: timed for every scoring dtype.
 LOOKUP_STAGES = ("dispatch", "lookup", "saved", "session")
 
