@@ -468,6 +468,16 @@ def sweep(values, cap: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _lambda_or_none(text: str):
+    """A --soar-lambda value: a float, or 'none' for no spilling."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
@@ -492,9 +502,9 @@ def main() -> int:
     parser.add_argument("--partitioned-reorder", type=int, default=None,
                         help="partitioned with int8 / bfloat16 scoring: num_reordering_candidates (>= 100; "
                              "default: the index's own, 4 x k_max)")
-    parser.add_argument("--soar-lambda", type=float, nargs="+", default=None,
-                        help="partitioned: also list every item in a second partition chosen by SOAR with this "
-                             "lambda (spilling), one build per value; default: no spilling")
+    parser.add_argument("--soar-lambda", type=_lambda_or_none, nargs="+", default=None,
+                        help="partitioned: list every item in a second partition too, chosen by SOAR with this "
+                             "lambda (spilling); 'none': no spilling; one build per value; default: none")
     parser.add_argument("--probes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
                         help="partitioned: num_probes values swept (capped at num_partitions)")
     parser.add_argument("--soft-partitions-factor", type=float, default=1.0,
@@ -542,8 +552,8 @@ def main() -> int:
         parser.error(f"--subpartitions must be >= 1, got {min(args.subpartitions)}")
     if args.partitioned_reorder is not None and args.partitioned_reorder < K:
         parser.error(f"--partitioned-reorder must be >= {K} (at least k is rescored), got {args.partitioned_reorder}")
-    if args.soar_lambda and min(args.soar_lambda) < 0:
-        parser.error(f"--soar-lambda must be >= 0, got {min(args.soar_lambda)}")
+    if any(value is not None and value < 0 for value in args.soar_lambda or []):
+        parser.error(f"--soar-lambda must be >= 0 or 'none', got {args.soar_lambda}")
     if min(args.reorder) < K:
         parser.error(f"--reorder must be >= {K} (ScaNN returns at most that many results), got {min(args.reorder)}")
     for name in ("intra_op_threads", "inter_op_threads"):
@@ -573,7 +583,7 @@ def main() -> int:
                         "parent_probes": args.parent_probes or "all",
                         "num_probes": args.probes, "scoring_dtype": args.partitioned_scoring,
                         "num_reordering_candidates": args.partitioned_reorder or f"4 x {K}",
-                        "soar_lambda": args.soar_lambda or "none (no spilling)",
+                        "soar_lambda": args.soar_lambda or [None],
                         "spherical": True, "kmeans_iterations": 20,
                         "training_sample_size": 100_000},
         "sparse_code": {"table": f"[N, {NUM_CODES}] ReLU(item . code - t), items d={CODE_DIMENSION} from the same "
