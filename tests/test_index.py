@@ -679,6 +679,8 @@ def test_portable_exports_answer_in_a_process_that_imports_only_tensorflow(tmp_p
     for kind, index in [
         ("brute_force", BruteForceIndex(k_max=K_MAX)),
         ("partitioned", PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX)),
+        ("partitioned_spilled_int8", PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX, soar_lambda=1.0,
+                                                      scoring_dtype="int8")),
     ]:
         index.index(candidates, string_ids)
         search = _save(index, tmp_path / kind, id_dtype=tf.string)
@@ -693,7 +695,7 @@ def test_portable_exports_answer_in_a_process_that_imports_only_tensorflow(tmp_p
         queries = np.load({str(tmp_path / "queries.npy")!r})
         history = tf.constant({history.tolist()!r})
         out = {{}}
-        for kind in ("brute_force", "partitioned"):
+        for kind in ("brute_force", "partitioned", "partitioned_spilled_int8"):
             serve = tf.saved_model.load({str(tmp_path)!r} + "/" + kind).signatures["serving_default"]
             result = serve(queries=tf.constant(queries), k=tf.constant(7), exclude=history)
             out[kind] = [x.decode() for x in result["identifiers"].numpy().ravel()]

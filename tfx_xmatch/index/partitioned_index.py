@@ -14,7 +14,7 @@ range holds list entries instead, and ``listed_rows`` maps each entry to its can
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
