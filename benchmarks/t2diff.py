@@ -67,11 +67,16 @@ VARIANTS = {
     "t2diff_sasrec_backbone": (CONFIGS_DIR / "ml1m_t2diff.yaml", [
         "model.options.backbone=sasrec", "model.options.session_pooling=predicted", "model.num_blocks=2",
         "model.max_loss_positions=2048"]),
+    # The same, with the denoiser also conditioned on the backbone state (stop-gradient): the
+    # predicted next item then draws on the whole history, not only the 10-item session.
+    "t2diff_sasrec_backbone_conditioned": (CONFIGS_DIR / "ml1m_t2diff.yaml", [
+        "model.options.backbone=sasrec", "model.options.session_pooling=predicted", "model.num_blocks=2",
+        "model.max_loss_positions=2048", "model.options.condition_on_backbone=true"]),
 }
 DEFAULT_MINUTES = {"two_tower_sasrec": 70.0, "t2diff": 45.0, "t2diff_no_drift": 30.0, "t2diff_no_stop_gradient": 30.0,
                    "t2diff_long_history": 60.0, "t2diff_predicted_pooling": 60.0,
                    "t2diff_predicted_pooling_long_history": 60.0, "t2diff_predicted_pooling_more_positions": 60.0,
-                   "t2diff_sasrec_backbone": 85.0}
+                   "t2diff_sasrec_backbone": 85.0, "t2diff_sasrec_backbone_conditioned": 85.0}
 SPLIT_OVERRIDES = {"leave_one_out": ["data.split=leave_one_out"],
                    "user_level": ["data.split=user_level"]}
 KS = (2, 10, 20, 50)
@@ -80,7 +85,8 @@ REPORTED = ("HR@2", "MRR@2", "HR@10", "MRR@10", "NDCG@10", "HR@20", "MRR@20")
 ROW_KEY = ("split", "model")
 # Variants evaluated with every sampler of SAMPLINGS; the others with their serving default.
 SAMPLER_SWEEP_VARIANTS = ("t2diff", "t2diff_predicted_pooling", "t2diff_predicted_pooling_long_history",
-                          "t2diff_predicted_pooling_more_positions", "t2diff_sasrec_backbone")
+                          "t2diff_predicted_pooling_more_positions", "t2diff_sasrec_backbone",
+                          "t2diff_sasrec_backbone_conditioned")
 SAMPLINGS = (("ddpm", 50), ("ddim", 5), ("ddim", 10), ("ddim", 25))
 
 

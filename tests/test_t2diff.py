@@ -268,8 +268,9 @@ def test_backbone_starts_from_the_sasrec_state_and_trains_all_three_losses(backb
         _model().encode_sequence(_inputs())
 
 
-def test_backbone_keeps_the_stop_gradients():
-    model = _model(backbone="sasrec", backbone_blocks=1)
+@pytest.mark.parametrize("condition_on_backbone", [False, True])
+def test_backbone_keeps_the_stop_gradients(condition_on_backbone):
+    model = _model(backbone="sasrec", backbone_blocks=1, condition_on_backbone=condition_on_backbone)
     tape, retrieval, diffusion = _split_losses(model)
     towers = (model.item_tower.trainable_variables + model.encoder.trainable_variables
               + model.mixed_attention.trainable_variables + model.mixed_projection.trainable_variables)
@@ -296,7 +297,26 @@ def test_backbone_round_trips_saves_and_exports(backbone_trained, tmp_path):
     np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
 
 
+def test_a_denoiser_conditioned_on_the_backbone_reads_its_state():
+    model = _model(backbone="sasrec", backbone_blocks=1, condition_on_backbone=True)
+    assert T2Diff.from_config(model.get_config()).condition_on_backbone
+    inputs = _inputs()
+    session, mask, *_ = model._split_window(model._last_window(inputs["history"]))
+    base = model.encode_sequence(inputs)[:, -1, :]
+    condition, condition_mask = model._denoiser_condition(session, mask, base)
+    # One more position after the session, always present, holding the backbone state.
+    assert condition.shape[1] == session.shape[1] + 1 and bool(tf.reduce_all(condition_mask[:, -1]))
+    np.testing.assert_allclose(condition[:, -1, :].numpy(), base.numpy())
+    drift = model.sample_drift(condition, condition_mask).numpy()
+    assert not np.allclose(model.sample_drift(*model._denoiser_condition(session, mask, base + 1.0)).numpy(), drift)
+    # Without the option the denoiser sees the session only.
+    plain = _model(backbone="sasrec", backbone_blocks=1)
+    assert plain._denoiser_condition(session, mask, base)[0] is session
+
+
 def test_backbone_arguments_are_checked():
+    with pytest.raises(ValueError, match="condition_on_backbone=True needs a backbone; got backbone='none'"):
+        T2Diff(num_items=5, condition_on_backbone=True)
     with pytest.raises(ValueError, match="backbone must be one of \\('none', 'sasrec'\\), got 'gru'"):
         T2Diff(num_items=5, backbone="gru")
     with pytest.raises(ValueError, match="backbone_blocks must be >= 1, got 0"):

@@ -92,6 +92,10 @@ class T2Diff(RetrievalModel):
         (default "none").
       backbone_blocks: Causal self-attention blocks of the SASRec backbone (int, default 2).
       backbone_loss_weight: Weight of the backbone's all-position softmax (float >= 0, default 1.0).
+      condition_on_backbone: With a backbone, the denoiser also sees the backbone state h_t
+        (through stop-gradient with ``stop_gradient``), as one more position after the session:
+        the whole history, not just the last 10 items, informs the predicted next item
+        (bool, default False; our addition).
 
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
@@ -140,6 +144,7 @@ class T2Diff(RetrievalModel):
         backbone: str = "none",
         backbone_blocks: int = 2,
         backbone_loss_weight: float = 1.0,
+        condition_on_backbone: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -166,6 +171,8 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"initial_noise must be 'zeros' or 'random', got {initial_noise!r}")
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if condition_on_backbone and backbone == "none":
+            raise ValueError("condition_on_backbone=True needs a backbone; got backbone='none'")
         if backbone_blocks < 1:
             raise ValueError(f"backbone_blocks must be >= 1, got {backbone_blocks!r}")
         for name, value in (("session_length", session_length), ("history_length", history_length),
@@ -203,6 +210,7 @@ class T2Diff(RetrievalModel):
         self.backbone = backbone
         self.backbone_blocks = int(backbone_blocks)
         self.backbone_loss_weight = float(backbone_loss_weight)
+        self.condition_on_backbone = bool(condition_on_backbone)
 
         self._build_shared_layers(item_feature_tables, sequence_encoder=False)
         if self.backbone == "sasrec":
@@ -317,10 +325,17 @@ class T2Diff(RetrievalModel):
         """
         windows = self._last_window(inputs["history"])
         session, session_mask, history, history_mask, last = self._split_window(windows)
-        drift = self.sample_drift(session, session_mask, **sampling)
-        predicted = last + drift if self.diffuse == "drift" else drift
         base = self.encode_sequence(inputs)[:, -1, :] if self.backbone != "none" else None
+        drift = self.sample_drift(*self._denoiser_condition(session, session_mask, base), **sampling)
+        predicted = last + drift if self.diffuse == "drift" else drift
         return self._user_vector(session, session_mask, predicted, history, history_mask, inputs, base=base)
+
+    def _denoiser_condition(self, session: tf.Tensor, session_mask: tf.Tensor, base: Optional[tf.Tensor]):
+        """What the denoiser is conditioned on: the session, then the backbone state if asked."""
+        if not self.condition_on_backbone:
+            return session, session_mask
+        present = tf.ones_like(session_mask[:, :1])
+        return tf.concat([session, base[:, tf.newaxis, :]], 1), tf.concat([session_mask, present], 1)
 
     def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """The backbone's state at every history position: float [B, L, d].
@@ -358,18 +373,6 @@ class T2Diff(RetrievalModel):
         session, session_mask, long_history, history_mask, last = self._split_window(windows)
         target = self.item_tower(targets)
 
-        clean = target - last if self.diffuse == "drift" else target
-        clean = self._sg(clean)
-        steps = tf.random.uniform(tf.shape(targets), 1, self.diffusion_steps + 1, dtype=tf.int32)
-        noisy = self.schedule.q_sample(clean, steps, tf.random.normal(tf.shape(clean)))
-        z0_hat = self.denoiser(noisy, steps, self._sg(session), session_mask)
-        diffusion = tf.reduce_mean(tf.square(z0_hat - clean))
-
-        prior = self.denoiser(tf.zeros_like(clean), tf.fill(tf.shape(steps), self.diffusion_steps),
-                              self._sg(session), session_mask)
-        use_prior = tf.random.uniform(tf.shape(steps)) < self.prior_drift_rate
-        drift = self._sg(tf.where(use_prior[:, tf.newaxis], prior, z0_hat))
-        predicted = last + drift if self.diffuse == "drift" else drift
         softmax = dict(num_items=self.num_items, loss=self.loss_name, temperature=self.temperature,
                        num_sampled_negatives=self.num_sampled_negatives,
                        max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
@@ -381,6 +384,21 @@ class T2Diff(RetrievalModel):
             backbone = dot_product_softmax_loss(tf.gather_nd(states, every), tf.gather_nd(next_items, every),
                                                 self.item_tower, **softmax)
             self.trackers["backbone_loss"].update_state(backbone)
+
+        clean = target - last if self.diffuse == "drift" else target
+        clean = self._sg(clean)
+        condition, condition_mask = self._denoiser_condition(self._sg(session), session_mask,
+                                                             None if base is None else self._sg(base))
+        steps = tf.random.uniform(tf.shape(targets), 1, self.diffusion_steps + 1, dtype=tf.int32)
+        noisy = self.schedule.q_sample(clean, steps, tf.random.normal(tf.shape(clean)))
+        z0_hat = self.denoiser(noisy, steps, condition, condition_mask)
+        diffusion = tf.reduce_mean(tf.square(z0_hat - clean))
+
+        prior = self.denoiser(tf.zeros_like(clean), tf.fill(tf.shape(steps), self.diffusion_steps),
+                              condition, condition_mask)
+        use_prior = tf.random.uniform(tf.shape(steps)) < self.prior_drift_rate
+        drift = self._sg(tf.where(use_prior[:, tf.newaxis], prior, z0_hat))
+        predicted = last + drift if self.diffuse == "drift" else drift
         users = self._user_vector(session, session_mask, predicted, long_history, history_mask, inputs,
                                   rows=where[:, 0], base=base, training=training)
         retrieval = dot_product_softmax_loss(users, targets, self.item_tower, **softmax)
@@ -410,4 +428,5 @@ class T2Diff(RetrievalModel):
             "backbone": self.backbone,
             "backbone_blocks": self.backbone_blocks,
             "backbone_loss_weight": self.backbone_loss_weight,
+            "condition_on_backbone": self.condition_on_backbone,
         }
