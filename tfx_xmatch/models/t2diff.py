@@ -28,6 +28,8 @@ the two-tower). The backbone also learns the two-tower's own loss, a softmax ove
 history position (up to ``max_loss_positions`` of them with ``loss="sampled_softmax"``; weight
 ``backbone_loss_weight``), while the T2Diff branch trains on its
 ``max_loss_positions`` sampled positions; the diffusion and its stop-gradients are unchanged.
+With ``condition_on_backbone`` the denoiser also reads the (stop-gradient) state h_t, as one more
+position after the session, so the predicted next item draws on the whole history.
 
 Serving: the reverse process from z_T, by ``sampler``: "ddim" (``sampling_steps`` <= T steps,
 ``eta`` = 0 is deterministic) or "ddpm" (all T ancestral steps, with noise). DDIM with eta = 0
