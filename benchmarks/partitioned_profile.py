@@ -21,9 +21,10 @@ Two more columns call that same lookup another way, to show how much of it is th
 With ``--scoring float32 int8`` (or ``bfloat16``), each further scoring dtype gets its own
 index with the same seed, hence the same partitions, and its ``dispatch``, ``lookup``,
 ``saved`` and ``session`` stages (stages 2 to 5 read the float32 table) are timed interleaved
-with the float32 ones. ``--soar-lambda`` adds a spilled copy of each (same partitions, every
-item also listed in a second one) probing ``--spilled-probes`` partitions, timed the same way (see ``time_stages``): an A/B comparison that the drift of a shared
+with the float32 ones (see ``time_stages``): an A/B comparison that the drift of a shared
 virtual machine hits alike (runs of the same setting minutes apart differ by up to 30% here).
+``--soar-lambda`` adds a spilled copy of each (same partitions, every item also listed in a
+second one) probing ``--spilled-probes`` partitions, timed the same way.
 
 The difference between consecutive stages (1 to 6) is what a stage adds. The gather's bandwidth is the
 bytes it copies per query (rows x d x 4) over its time. TF's thread pools are fixed when the
@@ -41,7 +42,7 @@ Writes ``results/partitioned_profile.md`` and ``.json``.
     python benchmarks/partitioned_profile.py --probes 224 256 --intra-op-threads 1 --scoring float32 int8 \
         --reorder 150 --merge
     python benchmarks/partitioned_profile.py --probes 224 --intra-op-threads 1 --scoring float32 int8 \
-        --reorder 150 --soar-lambda 1 --spilled-probes 80 --merge
+        --reorder 100 --soar-lambda 1 --spilled-probes 80 --merge
 """
 
 from __future__ import annotations

@@ -212,22 +212,27 @@ class PartitionedIndex(RetrievalIndex):
             row_of = np.empty(len(ordered), np.int64)
             row_of[item_order] = np.arange(len(ordered))
             spilled = np.flatnonzero(second >= 0)
+            listed_partitions = np.concatenate([listed_partitions, second[spilled]])
             # Stable: each partition lists its own members first, as contiguous rows.
-            listed = np.argsort(np.concatenate([listed_partitions, second[spilled]]), kind="stable")
-            listed_partitions = np.concatenate([listed_partitions, second[spilled]])[listed]
+            listed = np.argsort(listed_partitions, kind="stable")
+            listed_partitions = listed_partitions[listed]
             listed_rows = np.concatenate([listed_rows, row_of[spilled]])[listed]
             self.listed_rows = self._assign_state("listed_rows", listed_rows.astype(np.int32))
         counts = np.bincount(listed_partitions, minlength=len(centroids))
         self.partition_offsets = self._assign_state(
             "partition_offsets", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-        listed_embeddings = ordered if self.soar_lambda is None else ordered[listed_rows]
+
+        def in_list_order(compact):
+            # The compact copy is made once per row, then repeated for the spilled entries.
+            return compact if self.soar_lambda is None else tf.gather(compact, listed_rows)
+
         if self.scoring_dtype == "bfloat16":
             self.coarse_candidates = self._assign_state(
-                "coarse_candidates", tf.cast(listed_embeddings, tf.bfloat16)
+                "coarse_candidates", in_list_order(tf.cast(self.candidates, tf.bfloat16))
             )
         elif self.scoring_dtype == "int8":
-            codes, scales = int8_codes(listed_embeddings)
-            self.coarse_candidates = self._assign_state("coarse_candidates", codes)
+            codes, scales = int8_codes(ordered)
+            self.coarse_candidates = self._assign_state("coarse_candidates", in_list_order(codes))
             self.coarse_scales = self._assign_state("coarse_scales", scales)
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
