@@ -29,6 +29,22 @@ def markdown_header(result: dict, title: str) -> list[str]:
     ] + [f"- also: `{more['command']}` ({more['date']})" for more in result.get("more_commands", [])]
 
 
+def read_results(path: pathlib.Path, benchmark: str) -> dict:
+    """The results file of ``benchmark`` at ``path``.
+
+    Raises:
+      ValueError: the file is not JSON, or not a results file of that benchmark (names the file).
+    """
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error}); move it away or choose another --output") from None
+    if (not isinstance(results, dict) or results.get("benchmark") != benchmark
+            or not isinstance(results.get("rows"), list)):
+        raise ValueError(f"{path}: not a {benchmark!r} results file; choose another --output")
+    return results
+
+
 def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...]) -> dict:
     """``result`` folded into the results already at ``path`` (JSON), so runs of separate variants add up.
 
@@ -41,13 +57,7 @@ def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...]) -> dict:
     """
     if not path.exists():
         return result
-    try:
-        earlier = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not JSON ({error}); move it away or choose another --output") from None
-    if (not isinstance(earlier, dict) or earlier.get("benchmark") != result["benchmark"]
-            or not isinstance(earlier.get("rows"), list)):
-        raise ValueError(f"{path}: not a {result['benchmark']!r} results file; choose another --output")
+    earlier = read_results(path, result["benchmark"])
     fresh = {tuple(row.get(field) for field in key) for row in result["rows"]}
     kept = [row for row in earlier["rows"] if tuple(row.get(field) for field in key) not in fresh]
     # Every command once, with the date it last ran (the first command keeps the header's date).

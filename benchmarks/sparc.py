@@ -18,6 +18,11 @@ Writes ``results/sparc.md`` and ``results/sparc.json``.
     python benchmarks/sparc.py --datasets beauty --minutes beauty:sparc=20
     python benchmarks/sparc.py --datasets ml-1m --output sparc_drawn_only \
         --sparc-set model.options.predicted_query_rate=1.0 --minutes ml-1m:sparc=30
+    python benchmarks/sparc.py --datasets ml-1m --models sparc --output sparc_mixture \
+        --sparc-set model.options.mixture_interests=4 --minutes ml-1m:sparc=60
+
+With ``--models sparc`` the two-tower is not trained; its rows are copied from the recorded
+``results/sparc.json`` (same config, split and protocol) and marked so.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, read_results, training_budgets,
+    training_overrides,
 )
 
 
@@ -49,6 +55,7 @@ CONFIGS = {
 RUN_NAMES = {("ml-1m", "two_tower_sasrec"): "quality-two_tower_sasrec"}
 DEFAULT_MINUTES = {"ml-1m:two_tower_sasrec": 70.0, "ml-1m:sparc": 65.0,
                    "beauty:two_tower_sasrec": 15.0, "beauty:sparc": 15.0}
+MODELS = ("two_tower_sasrec", "sparc")
 INTERESTS = (1, 2, 4, 8)
 REPORTED = ("Recall@50", "NDCG@50", "HR@10", "NDCG@10", "TailRecall@50", "Coverage@50")
 
@@ -69,6 +76,16 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
     return rows
 
 
+def recorded_baseline_rows(dataset: str) -> list[dict]:
+    """The two-tower rows of ``dataset`` in the recorded ``results/sparc.json`` (none if absent)."""
+    path = RESULTS_DIR / "sparc.json"
+    if not path.is_file():
+        return []
+    rows = [row for row in read_results(path, "sparc")["rows"]
+            if row.get("dataset") == dataset and row.get("model") == "two_tower_sasrec"]
+    return [{**row, "variant": f"{row['variant']} (recorded: sparc.json)"} for row in rows]
+
+
 def _reported(metrics: dict) -> dict:
     return {key: round(metrics[key], 4) for key in REPORTED}
 
@@ -77,6 +94,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(default_data_dir()))
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"], choices=["ml-1m", "beauty"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                        help="models to train and evaluate; a skipped two-tower's rows come from results/sparc.json")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--minutes", action="append", default=[], metavar="DATASET:MODEL=MINUTES",
@@ -97,7 +116,9 @@ def main() -> int:
             print(f"skipped: dataset {dataset!r} not found under {dataset_dir}", file=sys.stderr)
             continue
         split = None
-        for name in ("two_tower_sasrec", "sparc"):
+        if "two_tower_sasrec" not in args.models:
+            result["rows"] += recorded_baseline_rows(dataset)
+        for name in args.models:
             minutes = budgets[f"{dataset}:{name}"]
             overrides = training_overrides(dataset, dataset_dir, args.epochs, args.patience, minutes)
             config = load_config(CONFIGS[dataset, name], overrides + (args.sparc_set if name == "sparc" else []))
