@@ -80,6 +80,25 @@ def test_merged_results_replace_rows_by_key_and_list_every_command(tmp_path):
         merge_rows(second, path, ("model", "sampling"))
 
 
+def test_a_skipped_two_tower_is_reported_from_the_recorded_sparc_results(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import sparc
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setattr(sparc, "RESULTS_DIR", tmp_path)
+    assert sparc.recorded_baseline_rows("ml-1m") == []  # nothing recorded yet
+    rows = [{"dataset": "ml-1m", "model": "two_tower_sasrec", "variant": "exact", "Recall@50": 0.5},
+            {"dataset": "ml-1m", "model": "sparc", "variant": "hard (K=1)", "Recall@50": 0.4},
+            {"dataset": "beauty", "model": "two_tower_sasrec", "variant": "exact", "Recall@50": 0.2}]
+    (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "sparc", "rows": rows}))
+    [row] = sparc.recorded_baseline_rows("ml-1m")
+    assert row == {**rows[0], "variant": "exact (recorded: sparc.json)"}
+    (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "t2diff", "rows": rows}))
+    with pytest.raises(ValueError, match="sparc.json: not a 'sparc' results file"):
+        sparc.recorded_baseline_rows("ml-1m")
+
+
 def test_the_partitioned_profile_times_every_stage_and_calling_path(tmp_path):
     def profile(*extra):
         # 8 partitions x 4 sub-partitions, all probed: the lookup is exact.

@@ -203,15 +203,36 @@ def test_mixture_loss_is_the_soft_search_likelihood_of_the_target(trained):
     states = model.encode_sequence({"history": histories})
     last = LENGTH - 1
     where = tf.constant([[row, last] for row in range(3)], tf.int64)
-    mask = tf.repeat((tf.constant(histories) > 0)[:, tf.newaxis, :], LENGTH, axis=1)
+    present = tf.constant(histories) > 0
     model.mixture_interests = 3
     try:
         loss = model._mixture_loss(model.interest_tower(states[:, last, :]), where, tf.constant(targets, tf.int32),
-                                   states, mask, training=False)
+                                   states, present, training=False)
     finally:
         model.mixture_interests = 0
     expected = -np.mean(model.score_all({"history": histories}, 3).numpy()[np.arange(3), targets])
     np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
+
+
+def test_user_vectors_at_sampled_positions_equal_one_causal_attention_per_position_and_query(trained):
+    # Training packs each row's positions (unsorted, several queries each) into one attention
+    # call; serving attends one user at a time. Both must give the same vectors.
+    model, _ = trained
+    rng = np.random.default_rng(0)
+    histories = np.zeros([5, LENGTH], np.int32)
+    for row, size in enumerate([1, 3, LENGTH, 5, 2]):
+        histories[row, LENGTH - size:] = rng.integers(1, NUM_ITEMS + 1, size)
+    present = histories > 0
+    states = model.encode_sequence({"history": histories})
+    where = np.argwhere(present)[rng.permutation(int(present.sum()))][:9]
+    queries = rng.normal(size=[len(where), 3, 16]).astype(np.float32)
+    vectors = model._user_vectors_at(tf.constant(queries), tf.constant(where, tf.int64), states,
+                                     tf.constant(present), training=False).numpy()
+    assert vectors.shape == (9, 3, 16)
+    for p, (row, t) in enumerate(where):
+        mask = np.repeat((present[row] & (np.arange(LENGTH) <= t))[np.newaxis, np.newaxis], 3, axis=1)
+        expected = model._attend(queries[p:p + 1], states[row:row + 1], mask, states[row:row + 1, t:t + 1])
+        np.testing.assert_allclose(vectors[p], expected.numpy()[0], rtol=1e-5, atol=1e-6)
 
 
 def test_mixture_training_logs_its_loss_and_trains_the_interest_tower_through_it():

@@ -298,11 +298,8 @@ class SPARC(RetrievalModel):
         use_drawn = tf.random.uniform(tf.shape(codes)) < self.predicted_query_rate
         queries = tf.where(use_drawn[:, tf.newaxis], self._level1_codewords(drawn), queries)
 
-        # Position t attends to history positions 0..t that hold an item.
-        length = tf.shape(history)[1]
-        causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
-        mask = tf.logical_and(causal[tf.newaxis], (history > 0)[:, tf.newaxis, :])
-        users = self._user_vectors_at(queries, where, states, mask, training)
+        present = history > 0
+        users = self._user_vectors_at(queries[:, tf.newaxis, :], where, states, present, training)[:, 0, :]
 
         retrieval = dot_product_softmax_loss(
             users, targets, self.item_tower, num_items=self.num_items, loss=self.loss_name,
@@ -323,7 +320,8 @@ class SPARC(RetrievalModel):
         sub_where, sub_targets = tf.gather(where, keep), tf.gather(targets, keep)
         sub_users, sub_z = tf.gather(users, keep), tf.gather(target_z, keep)
         shuffled = self._level1_codewords(self.shuffled_codes(tf.gather(codes, keep)))
-        shuffled_users = self._user_vectors_at(shuffled, sub_where, states, mask, training)
+        shuffled_users = self._user_vectors_at(shuffled[:, tf.newaxis, :], sub_where, states, present,
+                                               training)[:, 0, :]
         bpr = codeword_shuffle_bpr(tf.reduce_sum(sub_users * sub_z, -1), tf.reduce_sum(shuffled_users * sub_z, -1))
         contrastive = (self._info_nce(sub_users, sub_z, sub_targets)
                        + self._info_nce(sub_z, tf.gather(quantized["reconstruction"], keep), sub_targets))
@@ -332,7 +330,7 @@ class SPARC(RetrievalModel):
         if self.mixture_interests:
             sample = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[: self.max_contrastive_positions]
             mixture = self._mixture_loss(tf.gather(interest_logits, sample), tf.gather(where, sample),
-                                         tf.gather(targets, sample), states, mask, training)
+                                         tf.gather(targets, sample), states, present, training)
 
         for name, value in (("retrieval_loss", retrieval), ("rqvae_loss", quantized["loss"]), ("bpr_loss", bpr),
                             ("contrastive_loss", contrastive), ("interest_loss", interest),
@@ -342,12 +340,11 @@ class SPARC(RetrievalModel):
                 + self.contrastive_weight * contrastive + self.interest_weight * interest
                 + self.mixture_weight * mixture)
 
-    def _mixture_loss(self, interest_logits, where, targets, states, mask, training) -> tf.Tensor:
+    def _mixture_loss(self, interest_logits, where, targets, states, present, training) -> tf.Tensor:
         """-log sum_m p_m softmax(u_m . z)[target] over the top-M interests (what soft search serves)."""
         top = tf.math.top_k(interest_logits, k=self.mixture_interests)
         log_weights = tf.nn.log_softmax(top.values, axis=-1)  # [P, M]
-        users = tf.stack([self._user_vectors_at(self._level1_codewords(top.indices[:, m]), where, states, mask,
-                                                training) for m in range(self.mixture_interests)], axis=1)
+        users = self._user_vectors_at(self._level1_codewords(top.indices), where, states, present, training)
         logits = tf.einsum("pmd,id->pmi", users, self.item_tower(tf.range(1, self.num_items + 1))) / self.temperature
         target_log_probs = tf.gather(tf.nn.log_softmax(logits, axis=-1), targets - 1, axis=2, batch_dims=1)
         return -tf.reduce_mean(tf.reduce_logsumexp(log_weights + target_log_probs, axis=1))
@@ -357,16 +354,33 @@ class SPARC(RetrievalModel):
         shift = tf.random.uniform(tf.shape(codes), 1, self.num_codewords, dtype=codes.dtype)
         return (codes + shift) % self.num_codewords
 
-    def _user_vectors_at(self, queries, where, states, mask, training) -> tf.Tensor:
-        """User vectors at the positions ``where`` ([P, 2] of [B, L]) for queries [P, d]: [P, d].
+    def _user_vectors_at(self, queries, where, states, present, training) -> tf.Tensor:
+        """User vectors at the positions ``where`` (int64 [P, 2] of [B, L]), one per query: queries
+        float [P, Q, d] -> float [P, Q, d]. Position (b, t) attends to row b's items at 0..t.
 
-        Queries are scattered into a [B, L, d] grid so that one attention call serves every
-        position; the other grid cells are zeros and their outputs are dropped.
+        Each row's positions are packed into slots of a [B, S * Q] query grid, S being the most
+        positions any row has, so one attention call serves every position and query. All
+        positions cost what a [B, L, L] causal attention costs; the 1024 sampled ones of the
+        auxiliary losses cost ~S / L of it, not a full pass each.
         """
-        grid = tf.scatter_nd(where, queries, tf.concat([tf.shape(states, out_type=tf.int64)[:2],
-                                                        [self.embedding_dim]], 0))
-        vectors = self._attend(grid, states, mask, states, training=training)
-        return tf.gather_nd(vectors, where)
+        rows = tf.cast(where[:, 0], tf.int32)
+        batch, length = tf.shape(states)[0], tf.shape(states)[1]
+        num_queries, width = tf.shape(queries)[1], self.embedding_dim
+        counts = tf.math.bincount(rows, minlength=batch, maxlength=batch)
+        order = tf.argsort(rows, stable=True)
+        slot_in_order = tf.range(tf.size(rows)) - tf.gather(tf.cumsum(counts, exclusive=True), tf.gather(rows, order))
+        slots = tf.scatter_nd(order[:, tf.newaxis], slot_in_order, tf.shape(rows))
+        cells = tf.stack([rows, slots], axis=1)
+        num_slots = tf.reduce_max(counts)
+        grid = tf.scatter_nd(cells, queries, tf.stack([batch, num_slots, num_queries, width]))
+        # Slot (b, s) holding position t sees columns 0..t of row b; an empty slot sees nothing.
+        ends = tf.scatter_nd(cells, tf.cast(where[:, 1], tf.int32) + 1, tf.stack([batch, num_slots]))
+        visible = tf.logical_and(tf.range(length)[tf.newaxis, tf.newaxis, :] < ends[:, :, tf.newaxis],
+                                 present[:, tf.newaxis, :])
+        attended = self.target_attention(tf.reshape(grid, tf.stack([batch, num_slots * num_queries, width])),
+                                         states, tf.repeat(visible, num_queries, axis=1), training=training)
+        attended = tf.gather_nd(tf.reshape(attended, tf.stack([batch, num_slots, num_queries, width])), cells)
+        return tf.gather_nd(states, where)[:, tf.newaxis, :] + self.interest_projection(attended)
 
     def _info_nce(self, anchors: tf.Tensor, positives: tf.Tensor, item_ids: tf.Tensor) -> tf.Tensor:
         """In-batch InfoNCE on cosine similarity; other rows of the same item are not negatives."""
