@@ -19,7 +19,8 @@ Writes ``results/sparc.md`` and ``results/sparc.json``.
     python benchmarks/sparc.py --datasets ml-1m --output sparc_drawn_only \
         --sparc-set model.options.predicted_query_rate=1.0 --minutes ml-1m:sparc=30
     python benchmarks/sparc.py --datasets ml-1m --models sparc --output sparc_mixture \
-        --sparc-set model.options.mixture_interests=4 --minutes ml-1m:sparc=60
+        --sparc-set model.options.predicted_query_rate=1.0 \
+        --sparc-set model.options.mixture_interests=4 --minutes ml-1m:sparc=65
 
 With ``--models sparc`` the two-tower is not trained; its rows are copied from the recorded
 ``results/sparc.json`` (same config, split and protocol) and marked so.
@@ -80,10 +81,13 @@ def recorded_baseline_rows(dataset: str) -> list[dict]:
     """The two-tower rows of ``dataset`` in the recorded ``results/sparc.json`` (none if absent)."""
     path = RESULTS_DIR / "sparc.json"
     if not path.is_file():
+        print(f"no recorded two-tower rows: {path} does not exist", file=sys.stderr)
         return []
     rows = [row for row in read_results(path, "sparc")["rows"]
             if row.get("dataset") == dataset and row.get("model") == "two_tower_sasrec"]
-    return [{**row, "variant": f"{row['variant']} (recorded: sparc.json)"} for row in rows]
+    label = " (recorded: sparc.json)"
+    return [{**row, "variant": row["variant"] if row["variant"].endswith(label) else row["variant"] + label}
+            for row in rows]
 
 
 def _reported(metrics: dict) -> dict:

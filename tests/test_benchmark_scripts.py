@@ -94,6 +94,9 @@ def test_a_skipped_two_tower_is_reported_from_the_recorded_sparc_results(tmp_pat
     (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "sparc", "rows": rows}))
     [row] = sparc.recorded_baseline_rows("ml-1m")
     assert row == {**rows[0], "variant": "exact (recorded: sparc.json)"}
+    # A results file written by such a run, read again, keeps one label.
+    (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "sparc", "rows": [row]}))
+    assert sparc.recorded_baseline_rows("ml-1m") == [row]
     (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "t2diff", "rows": rows}))
     with pytest.raises(ValueError, match="sparc.json: not a 'sparc' results file"):
         sparc.recorded_baseline_rows("ml-1m")
