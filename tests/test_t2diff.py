@@ -50,8 +50,8 @@ def test_training_logs_both_losses_and_learns(trained):
     assert history.history["retrieval_loss"][-1] < history.history["retrieval_loss"][0]
 
 
-def _split_losses(model):
-    """(retrieval loss, diffusion loss) of one batch, each differentiable."""
+def _split_losses(model, with_backbone=False):
+    """(retrieval loss, diffusion loss[, backbone loss]) of one batch, each differentiable."""
     batch = next(iter(_batches(num_batches=1)))
     model.compute_loss(batch, training=True)
     losses = {}
@@ -61,6 +61,8 @@ def _split_losses(model):
     with tape:
         model.compute_loss(batch, training=True)
     model.trackers = original
+    if with_backbone:
+        return tape, losses["retrieval_loss"], losses["diffusion_loss"], losses["backbone_loss"]
     return tape, losses["retrieval_loss"], losses["diffusion_loss"]
 
 
@@ -280,6 +282,25 @@ def test_backbone_keeps_the_stop_gradients(condition_on_backbone):
     assert _nonzero(tape.gradient(retrieval, model.mixed_projection.trainable_variables))
 
 
+def test_a_detached_branch_leaves_the_backbone_and_item_table_to_the_backbone_loss():
+    model = _model(backbone="sasrec", backbone_blocks=1, detach_branch=True)
+    assert T2Diff.from_config(model.get_config()).detach_branch
+    tape, retrieval, diffusion, backbone = _split_losses(model, with_backbone=True)
+    shared = model.item_tower.trainable_variables + model.encoder.trainable_variables
+    branch = model.mixed_attention.trainable_variables + model.mixed_projection.trainable_variables
+    assert not _nonzero(tape.gradient(retrieval, shared))
+    assert _nonzero(tape.gradient(retrieval, model.mixed_projection.trainable_variables))
+    assert not _nonzero(tape.gradient(retrieval, model.denoiser.trainable_variables))
+    assert not _nonzero(tape.gradient(diffusion, shared + branch))
+    assert _nonzero(tape.gradient(backbone, model.item_tower.trainable_variables))
+    assert _nonzero(tape.gradient(backbone, model.encoder.trainable_variables))
+    assert not _nonzero(tape.gradient(backbone, branch))
+    # Attached (the default), the branch's loss reaches the shared representation too.
+    attached = _model(backbone="sasrec", backbone_blocks=1)
+    tape, retrieval, _ = _split_losses(attached)
+    assert _nonzero(tape.gradient(retrieval, attached.item_tower.trainable_variables + attached.encoder.trainable_variables))
+
+
 def test_backbone_round_trips_saves_and_exports(backbone_trained, tmp_path):
     model, _ = backbone_trained
     again = T2Diff.from_config(model.get_config())
@@ -317,6 +338,8 @@ def test_a_denoiser_conditioned_on_the_backbone_reads_its_state():
 def test_backbone_arguments_are_checked():
     with pytest.raises(ValueError, match="condition_on_backbone=True needs a backbone; got backbone='none'"):
         T2Diff(num_items=5, condition_on_backbone=True)
+    with pytest.raises(ValueError, match="detach_branch=True needs a backbone; got backbone='none'"):
+        T2Diff(num_items=5, detach_branch=True)
     with pytest.raises(ValueError, match="backbone must be one of \\('none', 'sasrec'\\), got 'gru'"):
         T2Diff(num_items=5, backbone="gru")
     with pytest.raises(ValueError, match="backbone_blocks must be >= 1, got 0"):

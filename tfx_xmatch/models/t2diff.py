@@ -30,6 +30,10 @@ history position (up to ``max_loss_positions`` of them with ``loss="sampled_soft
 ``max_loss_positions`` sampled positions; the diffusion and its stop-gradients are unchanged.
 With ``condition_on_backbone`` the denoiser also reads the (stop-gradient) state h_t, as one more
 position after the session, so the predicted next item draws on the whole history.
+With ``detach_branch`` the branch's retrieval loss trains only the branch (mixed attention and
+projection): it sees the backbone state and the item embeddings through stop-gradient, so the
+backbone and the item table learn exactly the two-tower's loss and the branch is a learned
+correction on top of them, never a pull on the shared representation.
 
 Serving: the reverse process from z_T, by ``sampler``: "ddim" (``sampling_steps`` <= T steps,
 ``eta`` = 0 is deterministic) or "ddpm" (all T ancestral steps, with noise). DDIM with eta = 0
@@ -98,6 +102,9 @@ class T2Diff(RetrievalModel):
         (through stop-gradient with ``stop_gradient``), as one more position after the session:
         the whole history, not just the last 10 items, informs the predicted next item
         (bool, default False; our addition).
+      detach_branch: With a backbone, the T2Diff branch's retrieval loss reaches only the mixed
+        attention and its projection, not the backbone encoder or the item table (bool, default
+        False; our addition).
 
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
@@ -147,6 +154,7 @@ class T2Diff(RetrievalModel):
         backbone_blocks: int = 2,
         backbone_loss_weight: float = 1.0,
         condition_on_backbone: bool = False,
+        detach_branch: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -175,6 +183,8 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         if condition_on_backbone and backbone == "none":
             raise ValueError("condition_on_backbone=True needs a backbone; got backbone='none'")
+        if detach_branch and backbone == "none":
+            raise ValueError("detach_branch=True needs a backbone; got backbone='none'")
         if backbone_blocks < 1:
             raise ValueError(f"backbone_blocks must be >= 1, got {backbone_blocks!r}")
         for name, value in (("session_length", session_length), ("history_length", history_length),
@@ -213,6 +223,7 @@ class T2Diff(RetrievalModel):
         self.backbone_blocks = int(backbone_blocks)
         self.backbone_loss_weight = float(backbone_loss_weight)
         self.condition_on_backbone = bool(condition_on_backbone)
+        self.detach_branch = bool(detach_branch)
 
         self._build_shared_layers(item_feature_tables, sequence_encoder=False)
         if self.backbone == "sasrec":
@@ -387,6 +398,11 @@ class T2Diff(RetrievalModel):
                                                 self.item_tower, **softmax)
             self.trackers["backbone_loss"].update_state(backbone)
 
+        branch_items = self.item_tower
+        if self.detach_branch:
+            # The branch reads the representations the backbone loss learns but does not move them.
+            session, long_history, last, base = (tf.stop_gradient(t) for t in (session, long_history, last, base))
+            branch_items = lambda ids: tf.stop_gradient(self.item_tower(ids))  # noqa: E731
         clean = target - last if self.diffuse == "drift" else target
         clean = self._sg(clean)
         condition, condition_mask = self._denoiser_condition(self._sg(session), session_mask,
@@ -403,7 +419,7 @@ class T2Diff(RetrievalModel):
         predicted = last + drift if self.diffuse == "drift" else drift
         users = self._user_vector(session, session_mask, predicted, long_history, history_mask, inputs,
                                   rows=where[:, 0], base=base, training=training)
-        retrieval = dot_product_softmax_loss(users, targets, self.item_tower, **softmax)
+        retrieval = dot_product_softmax_loss(users, targets, branch_items, **softmax)
         self.trackers["retrieval_loss"].update_state(retrieval)
         self.trackers["diffusion_loss"].update_state(diffusion)
         return retrieval + self.diffusion_weight * diffusion + self.backbone_loss_weight * backbone
@@ -431,4 +447,5 @@ class T2Diff(RetrievalModel):
             "backbone_blocks": self.backbone_blocks,
             "backbone_loss_weight": self.backbone_loss_weight,
             "condition_on_backbone": self.condition_on_backbone,
+            "detach_branch": self.detach_branch,
         }
