@@ -207,7 +207,7 @@ def test_mixture_loss_is_the_soft_search_likelihood_of_the_target(trained):
     model.mixture_interests = 3
     try:
         loss = model._mixture_loss(model.interest_tower(states[:, last, :]), where, tf.constant(targets, tf.int32),
-                                   states, present, training=False)
+                                   states, present, model.item_tower, training=False)
     finally:
         model.mixture_interests = 0
     expected = -np.mean(model.score_all({"history": histories}, 3).numpy()[np.arange(3), targets])
@@ -247,3 +247,55 @@ def test_mixture_training_logs_its_loss_and_trains_the_interest_tower_through_it
     assert np.isfinite(history.history["mixture_loss"]).all() and history.history["mixture_loss"][0] > 0
     with pytest.raises(ValueError, match=r"mixture_interests \(9\) cannot exceed num_codewords \(6\)"):
         _model(mixture_interests=9)
+
+
+def _losses_with_tape(model):
+    """Every tracked loss of one training batch, recorded on one persistent tape."""
+    batch = next(iter(_batches(num_batches=1)))
+    model.compute_loss(batch, training=True)  # builds every layer
+    model.interest_projection.kernel.assign(tf.random.normal(model.interest_projection.kernel.shape))
+    losses, original = {}, model.trackers
+
+    class Capture:
+        def __init__(self, name):
+            self.name = name
+
+        def update_state(self, value):
+            losses[self.name] = value
+
+    model.trackers = {name: Capture(name) for name in original}
+    try:
+        with tf.GradientTape(persistent=True) as tape:
+            model.compute_loss(batch, training=True)
+    finally:
+        model.trackers = original
+    return tape, losses
+
+
+def _reaches(tape, loss, variables):
+    return any(g is not None and float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(g)))) > 0
+               for g in tape.gradient(loss, variables))
+
+
+def test_detached_interests_leave_the_encoder_and_item_table_to_the_backbone_loss():
+    model = _model(backbone_loss_weight=1.0, detach_interests=True, mixture_interests=2)
+    again = SPARC.from_config(model.get_config())
+    assert (again.backbone_loss_weight, again.detach_interests) == (1.0, True)
+    tape, losses = _losses_with_tape(model)
+    shared = model.item_tower.trainable_variables + model.encoder.trainable_variables
+    for name in ("retrieval_loss", "rqvae_loss", "bpr_loss", "contrastive_loss", "interest_loss", "mixture_loss"):
+        assert not _reaches(tape, losses[name], shared), name
+    assert _reaches(tape, losses["backbone_loss"], model.item_tower.trainable_variables)
+    assert _reaches(tape, losses["backbone_loss"], model.encoder.trainable_variables)
+    # The interest branch still learns from the retrieval loss, codebooks included (joint training).
+    assert _reaches(tape, losses["retrieval_loss"], model.interest_projection.trainable_variables)
+    assert _reaches(tape, losses["retrieval_loss"], [model.rqvae.codebooks])
+    # Attached (the default), the retrieval loss trains the encoder and the item table.
+    attached = _model(backbone_loss_weight=0.5)
+    tape, losses = _losses_with_tape(attached)
+    assert _reaches(tape, losses["retrieval_loss"], attached.encoder.trainable_variables)
+    assert "backbone_loss" not in _model().trackers
+    with pytest.raises(ValueError, match="detach_interests=True needs backbone_loss_weight > 0"):
+        SPARC(num_items=5, detach_interests=True)
+    with pytest.raises(ValueError, match="backbone_loss_weight must be >= 0, got -1"):
+        SPARC(num_items=5, backbone_loss_weight=-1)

@@ -29,7 +29,14 @@ Losses (each weight configurable, each logged during ``fit``):
   * ``contrastive_loss``: in-batch InfoNCE between u and the target z, and between z and z_rec
     (``contrastive_weight``);
   * ``interest_loss``: cross-entropy of the interest tower against the target's level-1 code
-    (``interest_weight``); ``interest_accuracy`` is its top-1 accuracy.
+    (``interest_weight``); ``interest_accuracy`` is its top-1 accuracy;
+  * ``backbone_loss`` (our addition, ``backbone_loss_weight`` > 0): the two-tower's softmax on the
+    encoder state s_t alone, at every position.
+
+With ``detach_interests`` (our addition) every interest loss reads the encoder states and the
+item embeddings through stop-gradient, so the encoder and the item table learn the backbone loss
+alone, exactly as the two-tower's do, and the interest branch (target attention, projection,
+RQ-VAE, interest tower) learns a per-interest correction on top of them.
 """
 
 from __future__ import annotations
@@ -92,6 +99,10 @@ class SPARC(RetrievalModel):
         search serves, and its gradient also reaches the interest tower, towards the interests
         whose user vector ranks the target well (int >= 0, default 0: off).
       mixture_weight: Weight of that loss (float >= 0, default 1.0).
+      backbone_loss_weight: Weight of the softmax on the encoder state alone (float >= 0,
+        default 0.0: off).
+      detach_interests: The interest losses do not train the encoder or the item table (bool,
+        default False); needs ``backbone_loss_weight`` > 0, the only loss left to train them.
 
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
@@ -139,6 +150,8 @@ class SPARC(RetrievalModel):
         max_contrastive_positions: int = 1024,
         mixture_interests: int = 0,
         mixture_weight: float = 1.0,
+        backbone_loss_weight: float = 0.0,
+        detach_interests: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -151,7 +164,8 @@ class SPARC(RetrievalModel):
                 raise ValueError(f"{name} must be positive, got {value!r}")
         for name, value in (("rqvae_weight", rqvae_weight), ("bpr_weight", bpr_weight),
                             ("contrastive_weight", contrastive_weight), ("interest_weight", interest_weight),
-                            ("num_sampled_negatives", num_sampled_negatives), ("mixture_weight", mixture_weight)):
+                            ("num_sampled_negatives", num_sampled_negatives), ("mixture_weight", mixture_weight),
+                            ("backbone_loss_weight", backbone_loss_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         for name, value in (("max_loss_positions", max_loss_positions), ("serving_interests", serving_interests),
@@ -167,6 +181,9 @@ class SPARC(RetrievalModel):
                 raise ValueError(f"{name} ({value!r}) cannot exceed num_codewords ({num_codewords!r})")
         if mixture_interests < 0:
             raise ValueError(f"mixture_interests must be >= 0, got {mixture_interests!r}")
+        if detach_interests and backbone_loss_weight <= 0:
+            raise ValueError("detach_interests=True needs backbone_loss_weight > 0 (nothing else would train the "
+                             f"encoder and the item table); got backbone_loss_weight={backbone_loss_weight!r}")
         self._set_shared_hyperparameters(
             num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
             num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
@@ -190,6 +207,8 @@ class SPARC(RetrievalModel):
         self.max_contrastive_positions = int(max_contrastive_positions)
         self.mixture_interests = int(mixture_interests)
         self.mixture_weight = float(mixture_weight)
+        self.backbone_loss_weight = float(backbone_loss_weight)
+        self.detach_interests = bool(detach_interests)
 
         self._build_shared_layers(item_feature_tables)
         self.rqvae = ResidualQuantizer(
@@ -206,7 +225,7 @@ class SPARC(RetrievalModel):
         ], name="interest_tower")
         self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in (
             "retrieval_loss", "rqvae_loss", "bpr_loss", "contrastive_loss", "interest_loss", "interest_accuracy",
-            "mixture_loss")}
+            "mixture_loss") + (("backbone_loss",) if self.backbone_loss_weight > 0 else ())}
 
     # ---------------------------------------------------------------- item side
     def item_codes(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
@@ -285,6 +304,17 @@ class SPARC(RetrievalModel):
         where = tf.where(is_target)
         targets = tf.gather_nd(next_items, where)
         target_z = self.item_tower(targets)  # [P, d]
+        softmax = dict(num_items=self.num_items, loss=self.loss_name, temperature=self.temperature,
+                       num_sampled_negatives=self.num_sampled_negatives,
+                       max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+        backbone = tf.constant(0.0)
+        if self.backbone_loss_weight > 0:
+            backbone = dot_product_softmax_loss(tf.gather_nd(states, where), targets, self.item_tower, **softmax)
+        items = self.item_tower
+        if self.detach_interests:
+            # The interest branch reads what the backbone loss learns without moving it.
+            states, target_z = tf.stop_gradient(states), tf.stop_gradient(target_z)
+            items = lambda ids: tf.stop_gradient(self.item_tower(ids))  # noqa: E731
         quantized = self.rqvae(target_z, training=training)
         codes = quantized["codes"][:, 0]
         codeword = quantized["codewords"][:, 0, :]
@@ -301,10 +331,7 @@ class SPARC(RetrievalModel):
         present = history > 0
         users = self._user_vectors_at(queries[:, tf.newaxis, :], where, states, present, training)[:, 0, :]
 
-        retrieval = dot_product_softmax_loss(
-            users, targets, self.item_tower, num_items=self.num_items, loss=self.loss_name,
-            temperature=self.temperature, num_sampled_negatives=self.num_sampled_negatives,
-            max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+        retrieval = dot_product_softmax_loss(users, targets, items, **softmax)
         interest = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=tf.stop_gradient(codes), logits=interest_logits))
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(interest_logits, -1, output_type=tf.int32), codes),
@@ -330,22 +357,23 @@ class SPARC(RetrievalModel):
         if self.mixture_interests:
             sample = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[: self.max_contrastive_positions]
             mixture = self._mixture_loss(tf.gather(interest_logits, sample), tf.gather(where, sample),
-                                         tf.gather(targets, sample), states, present, training)
+                                         tf.gather(targets, sample), states, present, items, training)
 
         for name, value in (("retrieval_loss", retrieval), ("rqvae_loss", quantized["loss"]), ("bpr_loss", bpr),
                             ("contrastive_loss", contrastive), ("interest_loss", interest),
-                            ("interest_accuracy", accuracy), ("mixture_loss", mixture)):
-            self.trackers[name].update_state(value)
+                            ("interest_accuracy", accuracy), ("mixture_loss", mixture), ("backbone_loss", backbone)):
+            if name in self.trackers:
+                self.trackers[name].update_state(value)
         return (retrieval + self.rqvae_weight * quantized["loss"] + self.bpr_weight * bpr
                 + self.contrastive_weight * contrastive + self.interest_weight * interest
-                + self.mixture_weight * mixture)
+                + self.mixture_weight * mixture + self.backbone_loss_weight * backbone)
 
-    def _mixture_loss(self, interest_logits, where, targets, states, present, training) -> tf.Tensor:
+    def _mixture_loss(self, interest_logits, where, targets, states, present, items, training) -> tf.Tensor:
         """-log sum_m p_m softmax(u_m . z)[target] over the top-M interests (what soft search serves)."""
         top = tf.math.top_k(interest_logits, k=self.mixture_interests)
         log_weights = tf.nn.log_softmax(top.values, axis=-1)  # [P, M]
         users = self._user_vectors_at(self._level1_codewords(top.indices), where, states, present, training)
-        logits = tf.einsum("pmd,id->pmi", users, self.item_tower(tf.range(1, self.num_items + 1))) / self.temperature
+        logits = tf.einsum("pmd,id->pmi", users, items(tf.range(1, self.num_items + 1))) / self.temperature
         target_log_probs = tf.gather(tf.nn.log_softmax(logits, axis=-1), targets - 1, axis=2, batch_dims=1)
         return -tf.reduce_mean(tf.reduce_logsumexp(log_weights + target_log_probs, axis=1))
 
@@ -412,4 +440,6 @@ class SPARC(RetrievalModel):
             "interest_weight": self.interest_weight,
             "contrastive_temperature": self.contrastive_temperature,
             "max_contrastive_positions": self.max_contrastive_positions,
+            "backbone_loss_weight": self.backbone_loss_weight,
+            "detach_interests": self.detach_interests,
         }
