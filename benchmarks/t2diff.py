@@ -9,7 +9,8 @@ the same time budget; runs live in ``--runs-dir`` and are reused when finished.
 Sampling rows re-evaluate the selected T2Diff with another reverse process: DDPM with all
 T = 50 ancestral steps (seeded), and deterministic DDIM (eta = 0) with 5, 10 and 25 steps;
 per-user latency is one user per call through ``user_embedding`` + brute-force top-100, after a
-warm-up, on this machine.
+warm-up, on this machine, every sampler of a model timed interleaved user by user. A model with
+a backbone also gets a row scored by its backbone state alone (the same weights, branch off).
 
 Writes ``results/t2diff.md`` and ``results/t2diff.json``.
 
@@ -117,21 +118,34 @@ def evaluate(model, split, config, backbone_only: bool = False, **sampling) -> d
     )
 
 
-def latency(model, split, config, users: int, backbone_only: bool = False, **sampling) -> tuple[float, float]:
-    """p50/p99 ms of one user (batch 1): user vector with this sampler + brute-force top-100."""
+def latencies(model, split, config, users: int, servings: dict) -> dict:
+    """p50/p99 ms of one user (batch 1) for each serving path: user vector + brute-force top-100.
+
+    ``servings`` maps a label to ``evaluate``'s keyword arguments (a sampler, or
+    ``backbone_only``). The paths are timed interleaved, user by user in a rotating order, so a
+    drift in the machine's speed (up to 30% within a session on this shared VM) hits them alike.
+    """
     index = BruteForceIndex(k_max=100).index(model.item_embeddings()[1:])
-    user_vector = (lambda inputs: backbone_state(model, inputs)) if backbone_only else (
-        lambda inputs: model.user_embedding(inputs, **sampling))
-    search = tf.function(lambda inputs: index(user_vector(inputs), k=100))
+
+    def search_fn(backbone_only: bool = False, **sampling):
+        user_vector = (lambda inputs: backbone_state(model, inputs)) if backbone_only else (
+            lambda inputs: model.user_embedding(inputs, **sampling))
+        return tf.function(lambda inputs: index(user_vector(inputs), k=100))
+
+    searches = {label: search_fn(**kwargs) for label, kwargs in servings.items()}
+    labels = list(searches)
     histories = pad_histories(split.test.histories[:users], config.model.max_length)
-    timings = []
+    timings = {label: [] for label in labels}
     for position in range(len(histories) + 10):
-        row = histories[position % len(histories)][np.newaxis]
-        started = time.perf_counter()
-        search({"history": tf.constant(row)})[0].numpy()
-        if position >= 10:
-            timings.append((time.perf_counter() - started) * 1000)
-    return round(float(np.percentile(timings, 50)), 3), round(float(np.percentile(timings, 99)), 3)
+        row = {"history": tf.constant(histories[position % len(histories)][np.newaxis])}
+        for turn in range(len(labels)):
+            label = labels[(position + turn) % len(labels)]
+            started = time.perf_counter()
+            searches[label](row)[0].numpy()
+            if position >= 10:  # the first calls trace and warm up
+                timings[label].append((time.perf_counter() - started) * 1000)
+    return {label: (round(float(np.percentile(values, 50)), 3), round(float(np.percentile(values, 99)), 3))
+            for label, values in timings.items()}
 
 
 def main() -> int:
@@ -176,23 +190,19 @@ def main() -> int:
             base = {"split": split_name, "model": variant, "train_seconds": metrics["train_seconds"],
                     "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
                     "settings": config.to_dict()["model"]}
-            samplings = SAMPLINGS if variant in SAMPLER_SWEEP_VARIANTS else ((None, None),)
-            for sampler, steps in samplings:
-                sampling = {} if sampler is None else {"sampler": sampler, "steps": steps, "seed": args.seed}
-                test = evaluate(model, split, config, **sampling)
-                p50, p99 = latency(model, split, config, args.latency_users, **sampling)
+            servings = {}
+            for sampler, steps in (SAMPLINGS if variant in SAMPLER_SWEEP_VARIANTS else ((None, None),)):
                 label = "dot product" if sampler is None and variant == "two_tower_sasrec" else (
                     f"{sampler.upper()}-{steps}" if sampler else "DDIM-10 (serving default)")
-                result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
-                                       "latency_ms_p50": p50, "latency_ms_p99": p99})
-                print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
+                servings[label] = {} if sampler is None else {"sampler": sampler, "steps": steps, "seed": args.seed}
             if getattr(model, "backbone", "none") != "none":
                 # The in-run ablation: the same trained weights with the branch switched off.
-                test = evaluate(model, split, config, backbone_only=True)
-                p50, p99 = latency(model, split, config, args.latency_users, backbone_only=True)
-                result["rows"].append({**base, "sampling": "backbone alone (branch off)",
-                                       **{k: round(test[k], 4) for k in REPORTED},
-                                       "latency_ms_p50": p50, "latency_ms_p99": p99})
+                servings["backbone alone (branch off)"] = {"backbone_only": True}
+            tests = {label: evaluate(model, split, config, **kwargs) for label, kwargs in servings.items()}
+            timings = latencies(model, split, config, args.latency_users, servings)
+            for label, test in tests.items():
+                result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
+                                       "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1]})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
             written = merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY) if args.merge else result
