@@ -22,6 +22,9 @@ Writes ``results/sparc.md`` and ``results/sparc.json``.
         --sparc-set model.options.predicted_query_rate=1.0 \
         --sparc-set model.options.mixture_interests=4 --minutes ml-1m:sparc=65
 
+A SPARC trained with ``backbone_loss_weight`` > 0 also gets a row scored by its encoder state
+alone (the same weights, interests off).
+
 With ``--models sparc`` the two-tower is not trained; its rows are copied from the recorded
 ``results/sparc.json`` (same config, split and protocol) and marked so.
 """
@@ -72,6 +75,14 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
         metrics = evaluate_path(path, model, split, config)
         latency = per_user_latency(path, model, split, config, latency_users)
         rows.append({**base, "variant": path.label, "interests": num_interests, **_reported(metrics),
+                     "codebook_perplexity": perplexity, "latency_ms_p50": latency[0], "latency_ms_p99": latency[1]})
+        print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
+    if model.backbone_loss_weight > 0:
+        # The in-run ablation: the encoder state alone, which the backbone loss trains as a two-tower.
+        path = serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True})
+        latency = per_user_latency(path, model, split, config, latency_users)
+        rows.append({**base, "variant": path.label, "interests": 0,
+                     **_reported(evaluate_path(path, model, split, config)),
                      "codebook_perplexity": perplexity, "latency_ms_p50": latency[0], "latency_ms_p99": latency[1]})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows

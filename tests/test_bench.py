@@ -163,5 +163,12 @@ def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window(
     model = training.build_model(config, split.dataset)
     exact = training.evaluate(model, split, "test", config)
     served = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split, config)
+    # A two-tower's user vector is its encoder state: the backbone-alone path answers the same.
+    backbone = serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True})
+    assert backbone.label == "backbone alone (branch off)"
+    backbone_metrics = evaluate_path(backbone, model, split, config)
     for key in ("HR@10", "NDCG@10", "MRR@20", "Recall@50", "TailRecall@50", "Coverage@50"):
         assert abs(served[key] - exact[key]) < 1e-9, key
+        assert abs(backbone_metrics[key] - exact[key]) < 1e-9, key
+    with pytest.raises(ValueError, match="needs a model with a sequence backbone, got object"):
+        serving_path(object(), split.num_items, {"kind": "brute_force", "backbone_only": True})

@@ -10,6 +10,8 @@ Paths per model (``variants`` of :func:`serving_paths`):
 * SparCode: ``{"kind": "sparse_code", "cache_fraction": f}`` (posting lists under a budget).
 * SPARC: ``{"kind": "soft_search", "interests": K}`` (K = 1 is hard search).
 * T2Diff: ``{"kind": "brute_force", "sampler": "ddim"|"ddpm", "steps": S}``.
+* A model with a sequence backbone (SPARC, T2Diff with ``backbone``), branch switched off:
+  ``{"kind": "brute_force", "backbone_only": True}`` (its encoder state after the last item).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def index_bytes(index) -> int:
 
 
 def _label(variant: dict) -> str:
+    if variant.get("backbone_only"):
+        return "backbone alone (branch off)"
     if "sampler" in variant:
         return f"{variant['sampler'].upper()}-{variant['steps']}"
     if variant["kind"] == "sparse_code":
@@ -95,6 +99,8 @@ def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> Serving
                                 k_max=RETRIEVED, exclude_padding=0)
         index.index(model.item_embeddings()[1:], ids)
     elif kind == "brute_force":
+        if variant.get("backbone_only") and not hasattr(model, "encode_sequence"):
+            raise ValueError(f"variant {variant} needs a model with a sequence backbone, got {type(model).__name__}")
         index = BruteForceIndex(k_max=RETRIEVED, exclude_padding=0)
         index.index(model.item_embeddings()[1:], ids)
     else:
@@ -108,6 +114,11 @@ def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> Serving
         def search(inputs, history):
             vectors, log_probs = model.interest_vectors(inputs, interests)
             return index(vectors, k=RETRIEVED, exclude=history, log_weights=log_probs)
+    elif variant.get("backbone_only"):
+
+        @tf.function(reduce_retracing=True)
+        def search(inputs, history):
+            return index(model.encode_sequence(inputs)[:, -1, :], k=RETRIEVED, exclude=history)
     else:
         sampling = {key: variant[key] for key in ("sampler", "steps") if key in variant}
         if sampling:
