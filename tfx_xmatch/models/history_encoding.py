@@ -26,6 +26,11 @@ def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: d
     return encoded
 
 
+def frozen_tower(item_tower):
+    """The item tower behind stop-gradient: a loss scored through it does not train the table."""
+    return lambda item_indices: tf.stop_gradient(item_tower(item_indices))
+
+
 def target_frequencies(counts: np.ndarray, num_items: int) -> np.ndarray:
     """Training counts per item index ([num_items + 1]) -> the sampling probability of the
     logQ correction (add-one smoothed, so unseen items keep a finite log q; padding 0).

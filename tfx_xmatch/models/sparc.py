@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from tfx_xmatch.layers import ResidualQuantizer, TargetAttention
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -314,7 +314,7 @@ class SPARC(RetrievalModel):
         if self.detach_interests:
             # The interest branch reads what the backbone loss learns without moving it.
             states, target_z = tf.stop_gradient(states), tf.stop_gradient(target_z)
-            items = lambda ids: tf.stop_gradient(self.item_tower(ids))  # noqa: E731
+            items = frozen_tower(self.item_tower)
         quantized = self.rqvae(target_z, training=training)
         codes = quantized["codes"][:, 0]
         codeword = quantized["codewords"][:, 0, :]

@@ -53,7 +53,7 @@ from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule, SASR
 from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower
 
 LOSSES = ("full_softmax", "sampled_softmax")
 SAMPLERS = ("ddim", "ddpm")
@@ -402,7 +402,7 @@ class T2Diff(RetrievalModel):
         if self.detach_branch:
             # The branch reads the representations the backbone loss learns but does not move them.
             session, long_history, last, base = (tf.stop_gradient(t) for t in (session, long_history, last, base))
-            branch_items = lambda ids: tf.stop_gradient(self.item_tower(ids))  # noqa: E731
+            branch_items = frozen_tower(self.item_tower)
         clean = target - last if self.diffuse == "drift" else target
         clean = self._sg(clean)
         condition, condition_mask = self._denoiser_condition(self._sg(session), session_mask,
