@@ -50,10 +50,16 @@ def test_training_logs_both_losses_and_learns(trained):
     assert history.history["retrieval_loss"][-1] < history.history["retrieval_loss"][0]
 
 
-def _split_losses(model, with_backbone=False):
-    """(retrieval loss, diffusion loss[, backbone loss]) of one batch, each differentiable."""
+def _split_losses(model, with_backbone=False, random_projection=False):
+    """(retrieval loss, diffusion loss[, backbone loss]) of one batch, each differentiable.
+
+    ``random_projection``: the zero-initialised projection of a backbone model gets random
+    weights first, so that gradients flow back through the mixed attention at all.
+    """
     batch = next(iter(_batches(num_batches=1)))
     model.compute_loss(batch, training=True)
+    if random_projection:
+        model.mixed_projection.kernel.assign(tf.random.normal(model.mixed_projection.kernel.shape))
     losses = {}
     original = model.trackers
     model.trackers = {name: _Capture(losses, name) for name in original}
@@ -282,16 +288,21 @@ def test_backbone_keeps_the_stop_gradients(condition_on_backbone):
     assert _nonzero(tape.gradient(retrieval, model.mixed_projection.trainable_variables))
 
 
-def test_a_detached_branch_leaves_the_backbone_and_item_table_to_the_backbone_loss():
-    model = _model(backbone="sasrec", backbone_blocks=1, detach_branch=True)
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_a_detached_branch_leaves_the_backbone_and_item_table_to_the_backbone_loss(stop_gradient):
+    model = _model(backbone="sasrec", backbone_blocks=1, detach_branch=True, stop_gradient=stop_gradient)
     assert T2Diff.from_config(model.get_config()).detach_branch
-    tape, retrieval, diffusion, backbone = _split_losses(model, with_backbone=True)
+    tape, retrieval, diffusion, backbone = _split_losses(model, with_backbone=True, random_projection=True)
     shared = model.item_tower.trainable_variables + model.encoder.trainable_variables
     branch = model.mixed_attention.trainable_variables + model.mixed_projection.trainable_variables
     assert not _nonzero(tape.gradient(retrieval, shared))
+    assert not _nonzero(tape.gradient(diffusion, shared))
     assert _nonzero(tape.gradient(retrieval, model.mixed_projection.trainable_variables))
-    assert not _nonzero(tape.gradient(retrieval, model.denoiser.trainable_variables))
-    assert not _nonzero(tape.gradient(diffusion, shared + branch))
+    assert _nonzero(tape.gradient(retrieval, model.mixed_attention.trainable_variables))
+    # Without stop_gradient the denoiser and the towers still share gradients; the shared
+    # representation stays the backbone loss's either way.
+    assert _nonzero(tape.gradient(retrieval, model.denoiser.trainable_variables)) is not stop_gradient
+    assert not _nonzero(tape.gradient(diffusion, branch))
     assert _nonzero(tape.gradient(backbone, model.item_tower.trainable_variables))
     assert _nonzero(tape.gradient(backbone, model.encoder.trainable_variables))
     assert not _nonzero(tape.gradient(backbone, branch))
@@ -340,6 +351,12 @@ def test_backbone_arguments_are_checked():
         T2Diff(num_items=5, condition_on_backbone=True)
     with pytest.raises(ValueError, match="detach_branch=True needs a backbone; got backbone='none'"):
         T2Diff(num_items=5, detach_branch=True)
+    with pytest.raises(ValueError, match="detach_branch=True needs backbone_loss_weight > 0.*got backbone_loss_weight=0"):
+        T2Diff(num_items=5, backbone="sasrec", detach_branch=True, backbone_loss_weight=0)
+    # Without a backbone there is no branch to switch off in a benchmark's serving path.
+    from tfx_xmatch.bench.serving_paths import serving_path
+    with pytest.raises(ValueError, match="needs a model with a sequence backbone, got T2Diff"):
+        serving_path(_model(), NUM_ITEMS, {"kind": "brute_force", "backbone_only": True})
     with pytest.raises(ValueError, match="backbone must be one of \\('none', 'sasrec'\\), got 'gru'"):
         T2Diff(num_items=5, backbone="gru")
     with pytest.raises(ValueError, match="backbone_blocks must be >= 1, got 0"):

@@ -99,7 +99,8 @@ def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> Serving
                                 k_max=RETRIEVED, exclude_padding=0)
         index.index(model.item_embeddings()[1:], ids)
     elif kind == "brute_force":
-        if variant.get("backbone_only") and not hasattr(model, "encode_sequence"):
+        if variant.get("backbone_only") and (not hasattr(model, "encode_sequence")
+                                             or getattr(model, "backbone", "sasrec") == "none"):
             raise ValueError(f"variant {variant} needs a model with a sequence backbone, got {type(model).__name__}")
         index = BruteForceIndex(k_max=RETRIEVED, exclude_padding=0)
         index.index(model.item_embeddings()[1:], ids)

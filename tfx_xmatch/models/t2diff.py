@@ -185,6 +185,9 @@ class T2Diff(RetrievalModel):
             raise ValueError("condition_on_backbone=True needs a backbone; got backbone='none'")
         if detach_branch and backbone == "none":
             raise ValueError("detach_branch=True needs a backbone; got backbone='none'")
+        if detach_branch and backbone_loss_weight <= 0:
+            raise ValueError("detach_branch=True needs backbone_loss_weight > 0 (nothing else would train the "
+                             f"encoder and the item table); got backbone_loss_weight={backbone_loss_weight!r}")
         if backbone_blocks < 1:
             raise ValueError(f"backbone_blocks must be >= 1, got {backbone_blocks!r}")
         for name, value in (("session_length", session_length), ("history_length", history_length),
@@ -401,7 +404,8 @@ class T2Diff(RetrievalModel):
         branch_items = self.item_tower
         if self.detach_branch:
             # The branch reads the representations the backbone loss learns but does not move them.
-            session, long_history, last, base = (tf.stop_gradient(t) for t in (session, long_history, last, base))
+            session, long_history, last, target, base = (
+                tf.stop_gradient(t) for t in (session, long_history, last, target, base))
             branch_items = frozen_tower(self.item_tower)
         clean = target - last if self.diffuse == "drift" else target
         clean = self._sg(clean)
