@@ -10,7 +10,8 @@ SPARC rows answer like a served export: the user's top-K interest vectors are se
 brute-force index of the item vectors (top-100 each, history excluded) and merged by
 ``SoftSearchIndex``; items not retrieved rank last. ``hard`` is K = 1 (the most probable
 interest). Latency is per user (batch 1) through the same path, encoder included, on this
-machine, measured over ``--latency-users`` users after a warm-up.
+machine, measured over ``--latency-users`` users after a warm-up, every path of a model timed
+interleaved user by user.
 
 Writes ``results/sparc.md`` and ``results/sparc.json``.
 
@@ -45,7 +46,9 @@ from common import (  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.bench.serving_paths import RETRIEVED, evaluate_path, per_user_latency, serving_path  # noqa: E402
+from tfx_xmatch.bench.serving_paths import (  # noqa: E402
+    RETRIEVED, evaluate_path, per_user_latencies, serving_path,
+)
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -69,21 +72,19 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
     model = training.load_model(run_dir / "model")
     codes = model.item_codes().numpy()
     perplexity = [round(p, 1) for p in model.rqvae.codebook_perplexity(codes)]
-    rows = []
-    for num_interests in INTERESTS:
-        path = serving_path(model, split.num_items, {"kind": "soft_search", "interests": num_interests})
-        metrics = evaluate_path(path, model, split, config)
-        latency = per_user_latency(path, model, split, config, latency_users)
-        rows.append({**base, "variant": path.label, "interests": num_interests, **_reported(metrics),
-                     "codebook_perplexity": perplexity, "latency_ms_p50": latency[0], "latency_ms_p99": latency[1]})
-        print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
+    paths = [serving_path(model, split.num_items, {"kind": "soft_search", "interests": num_interests})
+             for num_interests in INTERESTS]
     if model.backbone_loss_weight > 0:
         # The in-run ablation: the encoder state alone, which the backbone loss trains as a two-tower.
-        path = serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True})
-        latency = per_user_latency(path, model, split, config, latency_users)
-        rows.append({**base, "variant": path.label, "interests": 0,
-                     **_reported(evaluate_path(path, model, split, config)),
-                     "codebook_perplexity": perplexity, "latency_ms_p50": latency[0], "latency_ms_p99": latency[1]})
+        paths.append(serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True}))
+    metrics = [evaluate_path(path, model, split, config) for path in paths]
+    latencies = per_user_latencies({path.label: path for path in paths}, model, split, config, latency_users)
+    rows = []
+    for path, path_metrics in zip(paths, metrics):
+        p50, p99 = latencies[path.label]
+        rows.append({**base, "variant": path.label, "interests": path.variant.get("interests", 0),
+                     **_reported(path_metrics), "codebook_perplexity": perplexity,
+                     "latency_ms_p50": p50, "latency_ms_p99": p99})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows
 

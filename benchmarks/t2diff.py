@@ -8,8 +8,9 @@ the same time budget; runs live in ``--runs-dir`` and are reused when finished.
 
 Sampling rows re-evaluate the selected T2Diff with another reverse process: DDPM with all
 T = 50 ancestral steps (seeded), and deterministic DDIM (eta = 0) with 5, 10 and 25 steps;
-per-user latency is one user per call through ``user_embedding`` + brute-force top-100, after a
-warm-up, on this machine, every sampler of a model timed interleaved user by user. A model with
+per-user latency is one user per call through ``user_embedding`` + brute-force top-100 (history
+excluded, as an export answers), after a warm-up, on this machine, every sampler of a model timed
+interleaved user by user. A model with
 a backbone also gets a row scored by its backbone state alone (the same weights, branch off).
 
 Writes ``results/t2diff.md`` and ``results/t2diff.json``.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
@@ -31,14 +31,12 @@ from common import (  # noqa: E402
     RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, training_budgets, training_overrides,
 )
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.serving_paths import per_user_latencies, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
-from tfx_xmatch.index import BruteForceIndex  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -118,34 +116,16 @@ def evaluate(model, split, config, backbone_only: bool = False, **sampling) -> d
     )
 
 
-def latencies(model, split, config, users: int, servings: dict) -> dict:
-    """p50/p99 ms of one user (batch 1) for each serving path: user vector + brute-force top-100.
-
-    ``servings`` maps a label to ``evaluate``'s keyword arguments (a sampler, or
-    ``backbone_only``). The paths are timed interleaved, user by user in a rotating order, so a
-    drift in the machine's speed (up to 30% within a session on this shared VM) hits them alike.
-    """
-    index = BruteForceIndex(k_max=100).index(model.item_embeddings()[1:])
-
-    def search_fn(backbone_only: bool = False, **sampling):
-        user_vector = (lambda inputs: backbone_state(model, inputs)) if backbone_only else (
-            lambda inputs: model.user_embedding(inputs, **sampling))
-        return tf.function(lambda inputs: index(user_vector(inputs), k=100))
-
-    searches = {label: search_fn(**kwargs) for label, kwargs in servings.items()}
-    labels = list(searches)
-    histories = pad_histories(split.test.histories[:users], config.model.max_length)
-    timings = {label: [] for label in labels}
-    for position in range(len(histories) + 10):
-        row = {"history": tf.constant(histories[position % len(histories)][np.newaxis])}
-        for turn in range(len(labels)):
-            label = labels[(position + turn) % len(labels)]
-            started = time.perf_counter()
-            searches[label](row)[0].numpy()
-            if position >= 10:  # the first calls trace and warm up
-                timings[label].append((time.perf_counter() - started) * 1000)
-    return {label: (round(float(np.percentile(values, 50)), 3), round(float(np.percentile(values, 99)), 3))
-            for label, values in timings.items()}
+def latencies(model, split, config, users: int, servings: dict, seed: int) -> dict:
+    """p50/p99 ms of one user (batch 1) for each serving path (a label -> ``evaluate``'s keyword
+    arguments: a sampler, or ``backbone_only``): user vector + brute-force top-100, history
+    excluded, every path timed interleaved user by user (``per_user_latencies``)."""
+    paths = {}
+    for label, kwargs in servings.items():
+        variant = {"kind": "brute_force", **{key: kwargs[key] for key in ("sampler", "steps", "backbone_only")
+                                             if key in kwargs}}
+        paths[label] = serving_path(model, split.num_items, variant, seed=seed)
+    return per_user_latencies(paths, model, split, config, users)
 
 
 def main() -> int:
@@ -199,7 +179,7 @@ def main() -> int:
                 # The in-run ablation: the same trained weights with the branch switched off.
                 servings["backbone alone (branch off)"] = {"backbone_only": True}
             tests = {label: evaluate(model, split, config, **kwargs) for label, kwargs in servings.items()}
-            timings = latencies(model, split, config, args.latency_users, servings)
+            timings = latencies(model, split, config, args.latency_users, servings, args.seed)
             for label, test in tests.items():
                 result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
                                        "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1]})

@@ -172,3 +172,40 @@ def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window(
         assert abs(backbone_metrics[key] - exact[key]) < 1e-9, key
     with pytest.raises(ValueError, match="needs a model with a sequence backbone, got object"):
         serving_path(object(), split.num_items, {"kind": "brute_force", "backbone_only": True})
+
+
+def test_latencies_of_several_paths_time_each_path_once_per_user_in_a_rotating_order():
+    import tensorflow as tf
+
+    from tfx_xmatch import training
+    from tfx_xmatch.bench.serving_paths import per_user_latencies, per_user_latency, serving_path
+    from tfx_xmatch.config import load_config
+
+    config = load_config(None, ["data.synthetic={num_users: 30, num_items: 50, min_length: 5, max_length: 12}",
+                                "model.embedding_dim=8", "model.max_length=6", "model.num_blocks=1"])
+    split = training.prepare_split(config)
+    tf.keras.utils.set_random_seed(0)
+    model = training.build_model(config, split.dataset)
+    calls = []
+
+    def counted(label):
+        path = serving_path(model, split.num_items, {"kind": "brute_force"})
+        search = path.search
+
+        def search_and_count(inputs, exclude):
+            calls.append(label)
+            return search(inputs, exclude)
+
+        path.search, path.label = search_and_count, label
+        return path
+
+    paths = {label: counted(label) for label in ("a", "b", "c")}
+    timings = per_user_latencies(paths, model, split, config, users=4, warmup=2)
+    assert set(timings) == {"a", "b", "c"}
+    assert all(0 < p50 <= p99 for p50, p99 in timings.values())
+    # Six users' rounds (two of them warm-up), every path once a round, the first of a round rotating.
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
+    single = per_user_latency(paths["a"], model, split, config, users=2, warmup=1)
+    assert len(single) == 2 and single[0] > 0

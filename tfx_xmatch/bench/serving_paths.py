@@ -177,17 +177,31 @@ def per_user_latency(path: ServingPath, model, split, config, users: int, warmup
     Each call excludes the user's whole history, as ``evaluate_path`` does, so the timed search
     is the one whose quality is reported.
     """
+    return per_user_latencies({path.label: path}, model, split, config, users, warmup)[path.label]
+
+
+def per_user_latencies(paths: dict, model, split, config, users: int, warmup: int = 10) -> dict:
+    """``per_user_latency`` of several paths of one model: {label: (p50 ms, p99 ms)}.
+
+    The paths are timed interleaved, user by user, each in turn in a rotating order, so a drift
+    in the machine's speed (up to 30% within a session on a shared VM) hits every path alike
+    and their ratios hold.
+    """
     seen = list(split.test.histories[:users])
     histories = pad_histories(seen, config.model.max_length)
     user_rows = split.test.user_rows[:users]
-    timings = []
+    labels = list(paths)
+    timings = {label: [] for label in labels}
     for position in range(len(histories) + warmup):
         row = position % len(histories)
         inputs = training.model_inputs(model, split.dataset, histories[row][np.newaxis], user_rows[row][np.newaxis])
         exclude = tf.constant(np.asarray(seen[row], np.int64)[np.newaxis])
-        started = time.perf_counter()
-        scores, _ = path.search(inputs, exclude)
-        scores.numpy()
-        if position >= warmup:  # the first calls trace and warm up
-            timings.append((time.perf_counter() - started) * 1000)
-    return round(float(np.percentile(timings, 50)), 3), round(float(np.percentile(timings, 99)), 3)
+        for turn in range(len(labels)):
+            label = labels[(position + turn) % len(labels)]
+            started = time.perf_counter()
+            scores, _ = paths[label].search(inputs, exclude)
+            scores.numpy()
+            if position >= warmup:  # the first calls trace and warm up
+                timings[label].append((time.perf_counter() - started) * 1000)
+    return {label: (round(float(np.percentile(values, 50)), 3), round(float(np.percentile(values, 99)), 3))
+            for label, values in timings.items()}
