@@ -10,8 +10,8 @@ Sampling rows re-evaluate the selected T2Diff with another reverse process: DDPM
 T = 50 ancestral steps (seeded), and deterministic DDIM (eta = 0) with 5, 10 and 25 steps;
 per-user latency is one user per call through ``user_embedding`` + brute-force top-100 (history
 excluded, as an export answers), after a warm-up, on this machine, every sampler of a model timed
-interleaved user by user. A model with
-a backbone also gets a row scored by its backbone state alone (the same weights, branch off).
+interleaved user by user. A model with a backbone also gets a row scored by its backbone state
+alone (the same weights, branch off).
 
 Writes ``results/t2diff.md`` and ``results/t2diff.json``.
 

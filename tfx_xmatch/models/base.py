@@ -96,6 +96,12 @@ class RetrievalModel(tfrs.models.Model):
         config["item_hidden_units"] = list(self.item_hidden_units)
         return config
 
+    def _softmax_settings(self) -> dict:
+        """The keyword arguments ``dot_product_softmax_loss`` takes from the shared hyperparameters."""
+        return dict(num_items=self.num_items, loss=self.loss_name, temperature=self.temperature,
+                    num_sampled_negatives=self.num_sampled_negatives,
+                    max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+
     def set_item_frequencies(self, counts: np.ndarray) -> None:
         """Sets the logQ correction from training counts per item index ([num_items + 1])."""
         self.item_frequency.assign(target_frequencies(counts, self.num_items))

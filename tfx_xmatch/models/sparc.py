@@ -304,9 +304,7 @@ class SPARC(RetrievalModel):
         where = tf.where(is_target)
         targets = tf.gather_nd(next_items, where)
         target_z = self.item_tower(targets)  # [P, d]
-        softmax = dict(num_items=self.num_items, loss=self.loss_name, temperature=self.temperature,
-                       num_sampled_negatives=self.num_sampled_negatives,
-                       max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+        softmax = self._softmax_settings()
         backbone = tf.constant(0.0)
         if self.backbone_loss_weight > 0:
             backbone = dot_product_softmax_loss(tf.gather_nd(states, where), targets, self.item_tower, **softmax)

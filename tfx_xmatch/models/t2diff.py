@@ -389,9 +389,7 @@ class T2Diff(RetrievalModel):
         session, session_mask, long_history, history_mask, last = self._split_window(windows)
         target = self.item_tower(targets)
 
-        softmax = dict(num_items=self.num_items, loss=self.loss_name, temperature=self.temperature,
-                       num_sampled_negatives=self.num_sampled_negatives,
-                       max_loss_positions=self.max_loss_positions, item_frequency=self.item_frequency)
+        softmax = self._softmax_settings()
         base, backbone = None, 0.0
         if self.backbone != "none":
             states = self.encode_sequence(inputs, training=training)
