@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6",
     "numpy>=1.26,<3",
     "pyyaml>=6,<7",
+    # Paired t-tests of model differences (tfx_xmatch.evaluation.significance).
+    "scipy>=1.11,<2",
     "matplotlib>=3.8,<4",
 ]
 

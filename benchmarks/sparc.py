@@ -28,6 +28,11 @@ alone (the same weights, interests off).
 
 With ``--models sparc`` the two-tower is not trained; its rows are copied from the recorded
 ``results/sparc.json`` (same config, split and protocol) and marked so.
+
+Every SPARC row is compared on the same test users with the two-tower (when its run is in
+``--runs-dir``) and with SPARC-hard: the mean difference of Recall@50 and TailRecall@50 with a
+95% confidence interval and the p-value of a paired t-test. Per-user ranks are kept in each run
+directory (``test_ranks/``).
 """
 
 from __future__ import annotations
@@ -44,11 +49,15 @@ from common import (  # noqa: E402
 )
 
 
+import numpy as np  # noqa: E402
+
 from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.paired import compare, format_difference, load_ranks, save_ranks  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.bench.serving_paths import (  # noqa: E402
     RETRIEVED, evaluate_path, per_user_latencies, serving_path,
 )
+from tfx_xmatch.evaluation import FullRankingEvaluator  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -58,17 +67,23 @@ CONFIGS = {
     ("beauty", "two_tower_sasrec"): CONFIGS_DIR / "beauty_sasrec.yaml",
     ("beauty", "sparc"): CONFIGS_DIR / "beauty_sparc.yaml",
 }
-# The ML-1M two-tower run is shared with quality.py (same config, same overrides).
-RUN_NAMES = {("ml-1m", "two_tower_sasrec"): "quality-two_tower_sasrec"}
+# The ML-1M two-tower run is shared with quality.py (same config, same overrides); the Beauty one
+# keeps the recorded run's name whatever --output is, so an ablation compares with it.
+RUN_NAMES = {("ml-1m", "two_tower_sasrec"): "quality-two_tower_sasrec",
+             ("beauty", "two_tower_sasrec"): "sparc-beauty-two_tower_sasrec"}
 DEFAULT_MINUTES = {"ml-1m:two_tower_sasrec": 70.0, "ml-1m:sparc": 65.0,
                    "beauty:two_tower_sasrec": 15.0, "beauty:sparc": 15.0}
 MODELS = ("two_tower_sasrec", "sparc")
 INTERESTS = (1, 2, 4, 8)
 REPORTED = ("Recall@50", "NDCG@50", "HR@10", "NDCG@10", "TailRecall@50", "Coverage@50")
+COMPARED = ("Recall@50", "TailRecall@50")
+HARD = "hard (K=1)"
 
 
-def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_users: int) -> list[dict]:
-    """One row per K in INTERESTS (K = 1 is hard search), answered through SoftSearchIndex."""
+def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_users: int,
+                     reference: np.ndarray | None) -> list[dict]:
+    """One row per K in INTERESTS (K = 1 is hard search), answered through SoftSearchIndex, each
+    compared with SPARC-hard and with the two-tower's ``reference`` ranks (when given)."""
     model = training.load_model(run_dir / "model")
     codes = model.item_codes().numpy()
     perplexity = [round(p, 1) for p in model.rqvae.codebook_perplexity(codes)]
@@ -77,16 +92,43 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
     if model.backbone_loss_weight > 0:
         # The in-run ablation: the encoder state alone, which the backbone loss trains as a two-tower.
         paths.append(serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True}))
-    metrics = [evaluate_path(path, model, split, config) for path in paths]
+    evaluated = {path.label: evaluate_path(path, model, split, config, return_ranks=True) for path in paths}
+    for label, (_, ranks) in evaluated.items():
+        save_ranks(run_dir, label, ranks)
+    is_tail = tail_targets(split)
     latencies = per_user_latencies({path.label: path for path in paths}, model, split, config, latency_users)
     rows = []
-    for path, path_metrics in zip(paths, metrics):
+    for path in paths:
+        path_metrics, ranks = evaluated[path.label]
         p50, p99 = latencies[path.label]
+        paired = {"vs_hard": compare(ranks, evaluated[HARD][1], COMPARED, is_tail)}
+        if reference is not None:
+            paired["vs_two_tower"] = compare(ranks, reference, COMPARED, is_tail)
         rows.append({**base, "variant": path.label, "interests": path.variant.get("interests", 0),
                      **_reported(path_metrics), "codebook_perplexity": perplexity,
-                     "latency_ms_p50": p50, "latency_ms_p99": p99})
+                     "latency_ms_p50": p50, "latency_ms_p99": p99, **paired})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows
+
+
+def tail_targets(split) -> np.ndarray:
+    """bool [test users]: whose target is a tail item (what TailRecall@K averages over)."""
+    is_tail = FullRankingEvaluator(split.num_items, item_popularity=split.item_popularity()).is_tail
+    return is_tail[np.asarray(split.test.targets)]
+
+
+def two_tower_ranks(run_dir: pathlib.Path, split, config) -> np.ndarray | None:
+    """The two-tower's per-user test ranks through its brute-force path: saved ones, else computed
+    from its trained model and saved; None (with a message) when there is no such run."""
+    ranks = load_ranks(run_dir, "brute force")
+    if ranks is None and (run_dir / "model").is_dir():
+        model = training.load_model(run_dir / "model")
+        _, ranks = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
+                                 config, return_ranks=True)
+        save_ranks(run_dir, "brute force", ranks)
+    if ranks is None:
+        print(f"no paired comparison with the two-tower: no run at {run_dir}", file=sys.stderr)
+    return ranks
 
 
 def recorded_baseline_rows(dataset: str) -> list[dict]:
@@ -139,14 +181,16 @@ def main() -> int:
             overrides = training_overrides(dataset, dataset_dir, args.epochs, args.patience, minutes)
             config = load_config(CONFIGS[dataset, name], overrides + (args.sparc_set if name == "sparc" else []))
             split = split or training.prepare_split(config)
-            run_dir = pathlib.Path(args.runs_dir) / RUN_NAMES.get((dataset, name), f"{args.output}-{dataset}-{name}")
+            run_dir = run_dir_of(args, dataset, name)
             metrics = training.train(config, run_dir, split=split)
             base = {"dataset": dataset, "split": "leave_one_out", "model": name,
                     "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
                     "best_epoch": metrics["best_epoch"], "val_NDCG@10": round(metrics["validation"]["NDCG@10"], 4),
                     "num_items": split.num_items, "settings": config.to_dict()["model"]}
             if name == "sparc":
-                result["rows"] += soft_search_rows(run_dir, split, config, base, args.latency_users)
+                two_tower_config = load_config(CONFIGS[dataset, "two_tower_sasrec"], overrides)
+                reference = two_tower_ranks(run_dir_of(args, dataset, "two_tower_sasrec"), split, two_tower_config)
+                result["rows"] += soft_search_rows(run_dir, split, config, base, args.latency_users, reference)
             else:
                 result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
@@ -154,6 +198,10 @@ def main() -> int:
             write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
             write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
     return 0
+
+
+def run_dir_of(args, dataset: str, name: str) -> pathlib.Path:
+    return pathlib.Path(args.runs_dir) / RUN_NAMES.get((dataset, name), f"{args.output}-{dataset}-{name}")
 
 
 def to_markdown(result: dict) -> str:
@@ -179,11 +227,30 @@ def to_markdown(result: dict) -> str:
         if perplexity:
             lines += ["", f"SPARC codebook perplexity per level over the catalogue's codes: {perplexity} "
                           f"(of {rows[-1]['settings']['options'].get('num_codewords', 64)} codewords per level)"]
+        lines += paired_lines(rows)
         lines.append("")
     lines += ["Settings per model:", ""]
     for row in {(r["dataset"], r["model"]): r for r in result["rows"]}.values():
         lines.append(f"- {row['dataset']} {row['model']}: `{row['settings']}`")
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(rows: list[dict]) -> list[str]:
+    """The table of paired differences (row minus SPARC-hard, row minus two-tower), if any."""
+    paired = [row for row in rows if "vs_hard" in row]
+    if not paired:
+        return []
+    columns = [(key, metric) for key in ("vs_hard", "vs_two_tower") for metric in COMPARED
+               if any(key in row for row in paired)]
+    names = {"vs_hard": "hard", "vs_two_tower": "two-tower"}
+    lines = ["", "Paired differences on the same test users (row minus the named model; 95% confidence "
+                 "interval of the mean difference; p-value of a paired t-test):", "",
+             "| variant | " + " | ".join(f"Δ{metric} vs {names[key]}" for key, metric in columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for row in paired:
+        cells = [format_difference(row[key][metric]) if key in row else "" for key, metric in columns]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

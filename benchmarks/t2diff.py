@@ -13,6 +13,11 @@ excluded, as an export answers), after a warm-up, on this machine, every sampler
 interleaved user by user. A model with a backbone also gets a row scored by its backbone state
 alone (the same weights, branch off).
 
+Every row is also compared with the two-tower of its split on the same test users: the mean
+difference of HR@10, MRR@20 and NDCG@10 with a 95% confidence interval and the p-value of a
+paired t-test (``tfx_xmatch.evaluation.paired_difference``). Each path's per-user ranks are kept
+in its run directory (``test_ranks/``), so the two-tower's are computed once and reused.
+
 Writes ``results/t2diff.md`` and ``results/t2diff.json``.
 
     python benchmarks/t2diff.py
@@ -31,9 +36,11 @@ from common import (  # noqa: E402
     RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, training_budgets, training_overrides,
 )
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.paired import compare, format_difference, load_ranks, save_ranks  # noqa: E402
 from tfx_xmatch.bench.serving_paths import per_user_latencies, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
@@ -93,6 +100,8 @@ SAMPLER_SWEEP_VARIANTS = ("t2diff", "t2diff_predicted_pooling", "t2diff_predicte
                           "t2diff_predicted_pooling_more_positions", "t2diff_sasrec_backbone",
                           "t2diff_sasrec_backbone_conditioned", "t2diff_sasrec_backbone_detached")
 SAMPLINGS = (("ddpm", 50), ("ddim", 5), ("ddim", 10), ("ddim", 25))
+REFERENCE = ("two_tower_sasrec", "dot product")
+COMPARED = ("HR@10", "MRR@20", "NDCG@10")
 
 
 def backbone_state(model, inputs) -> tf.Tensor:
@@ -100,9 +109,10 @@ def backbone_state(model, inputs) -> tf.Tensor:
     return model.encode_sequence(inputs)[:, -1, :]
 
 
-def evaluate(model, split, config, backbone_only: bool = False, **sampling) -> dict:
-    """Test metrics at KS with the given sampler settings (T2Diff) or the model's own scores;
-    ``backbone_only`` scores with the backbone state alone (the same model, branch switched off)."""
+def evaluate(model, split, config, backbone_only: bool = False, **sampling) -> tuple[dict, np.ndarray]:
+    """Test metrics at KS and per-user target ranks with the given sampler settings (T2Diff) or
+    the model's own scores; ``backbone_only`` scores with the backbone state alone (the same
+    model, branch switched off)."""
     if backbone_only:
         score_all = tf.function(lambda inputs: tf.matmul(backbone_state(model, inputs), model.item_embeddings(),
                                                          transpose_b=True), reduce_retracing=True)
@@ -112,8 +122,28 @@ def evaluate(model, split, config, backbone_only: bool = False, **sampling) -> d
         lambda histories, rows: score_all(training.model_inputs(model, split.dataset, histories, rows)),
         split.test, num_items=split.num_items, max_length=config.model.max_length,
         batch_size=config.eval.batch_size, ks=KS, mask_history=config.eval.mask_history,
-        item_popularity=split.item_popularity(),
+        item_popularity=split.item_popularity(), return_ranks=True,
     )
+
+
+def run_name(variant: str, split_name: str, output: str) -> str:
+    # The leave-one-out two-tower run is the one quality.py trained.
+    if (variant, split_name) == ("two_tower_sasrec", "leave_one_out"):
+        return "quality-two_tower_sasrec"
+    return f"{output}-{split_name}-{variant}"
+
+
+def reference_ranks(runs_dir: pathlib.Path, split_name: str, output: str, split, config) -> np.ndarray | None:
+    """The two-tower's per-user test ranks on this split: saved ones, else computed from its
+    trained model and saved; None (with a message) when the two-tower was never trained here."""
+    run_dir = runs_dir / run_name(REFERENCE[0], split_name, output)
+    ranks = load_ranks(run_dir, REFERENCE[1])
+    if ranks is None and (run_dir / "model").is_dir():
+        _, ranks = evaluate(training.load_model(run_dir / "model"), split, config)
+        save_ranks(run_dir, REFERENCE[1], ranks)
+    if ranks is None:
+        print(f"no paired comparison: no two-tower run at {run_dir}", file=sys.stderr)
+    return ranks
 
 
 def latencies(model, split, config, users: int, servings: dict, seed: int) -> dict:
@@ -162,11 +192,9 @@ def main() -> int:
             config = load_config(config_path, overrides)
             split = split or training.prepare_split(config)
             result["num_items"] = split.num_items
-            # The leave-one-out two-tower run is the one quality.py trained.
-            name = ("quality-two_tower_sasrec" if (variant, split_name) == ("two_tower_sasrec", "leave_one_out")
-                    else f"{args.output}-{split_name}-{variant}")
-            metrics = training.train(config, pathlib.Path(args.runs_dir) / name, split=split)
-            model = training.load_model(pathlib.Path(args.runs_dir) / name / "model")
+            run_dir = pathlib.Path(args.runs_dir) / run_name(variant, split_name, args.output)
+            metrics = training.train(config, run_dir, split=split)
+            model = training.load_model(run_dir / "model")
             base = {"split": split_name, "model": variant, "train_seconds": metrics["train_seconds"],
                     "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
                     "settings": config.to_dict()["model"]}
@@ -179,10 +207,16 @@ def main() -> int:
                 # The in-run ablation: the same trained weights with the branch switched off.
                 servings["backbone alone (branch off)"] = {"backbone_only": True}
             tests = {label: evaluate(model, split, config, **kwargs) for label, kwargs in servings.items()}
+            for label, (_, ranks) in tests.items():
+                save_ranks(run_dir, label, ranks)
+            reference = (None if variant == REFERENCE[0] else
+                         reference_ranks(pathlib.Path(args.runs_dir), split_name, args.output, split, config))
             timings = latencies(model, split, config, args.latency_users, servings, args.seed)
-            for label, test in tests.items():
+            for label, (test, ranks) in tests.items():
+                paired = {} if reference is None else {"vs_two_tower": compare(ranks, reference, COMPARED)}
                 result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
-                                       "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1]})
+                                       "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1],
+                                       **paired})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
             written = merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY) if args.merge else result
@@ -208,6 +242,16 @@ def to_markdown(result: dict) -> str:
                          f"{row['latency_ms_p99']} | {row['epochs']} ({row['best_epoch']}) | "
                          f"{row['train_seconds']:.0f} |")
         lines.append("")
+        paired = [r for r in result["rows"] if r["split"] == split_name and "vs_two_tower" in r]
+        if paired:
+            lines += [f"Paired differences from the two-tower on the same {split_name} test users (row minus "
+                      "two-tower; 95% confidence interval of the mean difference; p-value of a paired t-test):",
+                      "", "| model | sampling | " + " | ".join(f"Δ{metric}" for metric in COMPARED) + " |",
+                      "|" + "---|" * (len(COMPARED) + 2)]
+            lines += [f"| {row['model']} | {row['sampling']} | "
+                      + " | ".join(format_difference(row["vs_two_tower"][metric]) for metric in COMPARED) + " |"
+                      for row in paired]
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

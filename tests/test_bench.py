@@ -4,9 +4,9 @@ import json
 import pathlib
 import re
 
-import yaml
-
+import numpy as np
 import pytest
+import yaml
 
 from tfx_xmatch.bench import cli
 from tfx_xmatch.bench.suite import load_suite, summarize
@@ -170,6 +170,12 @@ def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window(
     for key in ("HR@10", "NDCG@10", "MRR@20", "Recall@50", "TailRecall@50", "Coverage@50"):
         assert abs(served[key] - exact[key]) < 1e-9, key
         assert abs(backbone_metrics[key] - exact[key]) < 1e-9, key
+    # Per-user ranks agree too, so a paired comparison of the two paths finds no difference.
+    _, served_ranks = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
+                                    config, return_ranks=True)
+    _, backbone_ranks = evaluate_path(backbone, model, split, config, return_ranks=True)
+    assert served_ranks.shape == (len(keep),)
+    np.testing.assert_array_equal(served_ranks, backbone_ranks)
     with pytest.raises(ValueError, match="needs a model with a sequence backbone, got object"):
         serving_path(object(), split.num_items, {"kind": "brute_force", "backbone_only": True})
 
@@ -209,3 +215,32 @@ def test_latencies_of_several_paths_time_each_path_once_per_user_in_a_rotating_o
     assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
     single = per_user_latency(paths["a"], model, split, config, users=2, warmup=1)
     assert len(single) == 2 and single[0] > 0
+
+
+def test_ranks_are_kept_per_label_and_rows_are_compared_on_the_same_users(tmp_path):
+    from tfx_xmatch.bench.paired import compare, format_difference, load_ranks, save_ranks
+
+    ranks = np.array([0, 4, 60, 2, 9, 70])
+    path = save_ranks(tmp_path, "soft K=4 (recorded)", ranks)
+    assert path.parent == tmp_path / "test_ranks" and " " not in path.name
+    np.testing.assert_array_equal(load_ranks(tmp_path, "soft K=4 (recorded)"), ranks)
+    assert load_ranks(tmp_path, "soft K=8") is None
+    assert not list((tmp_path / "test_ranks").glob(".*.tmp"))  # written through a temporary file
+
+    reference = np.array([3, 60, 60, 1, 9, 2])
+    is_tail = np.array([True, True, False, False, True, True])
+    paired = compare(ranks, reference, ("HR@10", "TailRecall@50"), is_tail)
+    assert paired["HR@10"]["difference"] == pytest.approx((4 - 4) / 6)
+    assert paired["TailRecall@50"]["metric"] == "TailRecall@50"
+    assert paired["TailRecall@50"]["num_examples"] == 4
+    assert paired["TailRecall@50"]["mean_a"] == pytest.approx(3 / 4)
+    assert paired["TailRecall@50"]["mean_b"] == pytest.approx(3 / 4)
+    assert format_difference({"difference": -0.01, "ci_low": -0.02, "ci_high": 0.0, "p_value": 0.049}) == \
+        "-0.0100 [-0.0200, +0.0000] p=0.049"
+
+    with pytest.raises(ValueError, match="'TailRecall@50' needs is_tail_target"):
+        compare(ranks, reference, ("TailRecall@50",))
+    with pytest.raises(ValueError, match="label must be a non-empty string, got ' '"):
+        save_ranks(tmp_path, " ", ranks)
+    with pytest.raises(ValueError, match="ranks of 'x' must be 1-D integers"):
+        save_ranks(tmp_path, "x", ranks.astype(float))

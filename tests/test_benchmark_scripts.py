@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -144,3 +145,65 @@ def test_the_partitioned_profile_times_every_stage_and_calling_path(tmp_path):
     for stage in ("dispatch", "probes", "rows", "gather", "score", "lookup", "saved", "session"):
         assert row[f"{stage}_ms"] > 0, stage
     assert "| float32, SOAR λ=1 |" in (tmp_path / "profile.md").read_text().splitlines()[-1]
+
+
+def _import_benchmark(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_users(tmp_path):
+    """End to end on a tiny synthetic catalogue: ranks saved per path, the two-tower's computed
+    once from its run and reused, every row paired with hard search and the two-tower."""
+    from tfx_xmatch import training
+    from tfx_xmatch.bench.paired import load_ranks
+    from tfx_xmatch.config import load_config
+
+    sparc = _import_benchmark("sparc")
+    common = _import_benchmark("common")
+    tiny = ["data.dataset=synthetic", "data.split=leave_one_out",
+            "data.synthetic={num_users: 120, num_items: 60, min_length: 8, max_length: 20, num_clusters: 4}",
+            "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=1",
+            "train.verbose=0", "eval.ks=[10, 50]"]
+    configs = {"two_tower_sasrec": load_config(None, tiny),
+               "sparc": load_config(None, [*tiny, "model.name=sparc", "model.options.num_codewords=8",
+                                           "model.options.num_levels=2"])}
+    split = training.prepare_split(configs["sparc"])
+    for name, config in configs.items():
+        training.train(config, tmp_path / name, split=split)
+    reference = sparc.two_tower_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
+    assert reference.shape == (len(split.test),)
+    np.testing.assert_array_equal(load_ranks(tmp_path / "two_tower_sasrec", "brute force"), reference)
+    assert sparc.two_tower_ranks(tmp_path / "missing", split, configs["two_tower_sasrec"]) is None
+
+    base = {"dataset": "synthetic", "model": "sparc", "epochs": 1, "best_epoch": 1, "train_seconds": 1.0,
+            "num_items": split.num_items, "settings": configs["sparc"].to_dict()["model"]}
+    rows = sparc.soft_search_rows(tmp_path / "sparc", split, configs["sparc"], base, 3, reference)
+    assert [row["variant"] for row in rows] == ["hard (K=1)", "soft K=2", "soft K=4", "soft K=8"]
+    hard = rows[0]["vs_hard"]["Recall@50"]
+    assert (hard["difference"], hard["p_value"]) == (0.0, 1.0)
+    for row in rows:
+        assert set(row["vs_two_tower"]) == {"Recall@50", "TailRecall@50"}
+        paired = row["vs_two_tower"]["Recall@50"]
+        assert paired["mean_a"] == pytest.approx(row["Recall@50"], abs=1e-4)
+        assert paired["difference"] == pytest.approx(paired["mean_a"] - paired["mean_b"])
+        assert load_ranks(tmp_path / "sparc", row["variant"]).shape == (len(split.test),)
+    text = sparc.to_markdown({**common.header("sparc"), "rows": rows})
+    assert "| soft K=8 | " in text and "Recall@50 vs two-tower" in text and "p=" in text
+
+
+def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
+    t2diff = _import_benchmark("t2diff")
+    common = _import_benchmark("common")
+    difference = {"difference": 0.0016, "ci_low": -0.004, "ci_high": 0.0072, "p_value": 0.58}
+    row = {"split": "leave_one_out", "model": "t2diff", "sampling": "DDIM-10", "latency_ms_p50": 1.0,
+           "latency_ms_p99": 2.0, "epochs": 3, "best_epoch": 2, "train_seconds": 5.0,
+           **{key: 0.1 for key in t2diff.REPORTED}}
+    text = t2diff.to_markdown({**common.header("t2diff"), "num_items": 9,
+                               "rows": [row, {**row, "sampling": "DDIM-5",
+                                              "vs_two_tower": {m: difference for m in t2diff.COMPARED}}]})
+    assert "| t2diff | DDIM-5 | +0.0016 [-0.0040, +0.0072] p=0.58 |" in text
+    assert "| t2diff | DDIM-10 | +" not in text

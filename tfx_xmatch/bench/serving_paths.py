@@ -149,8 +149,10 @@ def retrieval_score_fn(query_fn, num_items: int):
     return score_fn
 
 
-def evaluate_path(path: ServingPath, model, split, config) -> dict:
+def evaluate_path(path: ServingPath, model, split, config, return_ranks: bool = False):
     """Test metrics of the path: full ranking, items the path does not return rank last.
+
+    With ``return_ranks``, returns ``(metrics, ranks)``: also each test user's 0-based target rank.
 
     The search excludes each user's whole history, as an export given the full history does;
     excluding only the model's window would let older items take result slots that the
@@ -168,7 +170,7 @@ def evaluate_path(path: ServingPath, model, split, config) -> dict:
     return evaluate_full_ranking(
         retrieval_score_fn(query_fn, split.num_items), split.test, num_items=split.num_items,
         max_length=config.model.max_length, batch_size=config.eval.batch_size, ks=tuple(config.eval.ks),
-        mask_history=config.eval.mask_history, item_popularity=split.item_popularity())
+        mask_history=config.eval.mask_history, item_popularity=split.item_popularity(), return_ranks=return_ranks)
 
 
 def per_user_latency(path: ServingPath, model, split, config, users: int, warmup: int = 10) -> tuple[float, float]:

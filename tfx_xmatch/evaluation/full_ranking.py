@@ -163,6 +163,12 @@ class FullRankingEvaluator:
         is_tail[by_popularity[:num_head]] = False
         return is_tail
 
+    @property
+    def is_tail(self) -> Optional[np.ndarray]:
+        """Which item indices are tail items: bool [num_items + 1] (a copy), None without
+        ``item_popularity``. ``is_tail[targets]`` picks the examples TailRecall@K averages over."""
+        return None if self._is_tail is None else self._is_tail.copy()
+
     def reset(self) -> None:
         """Forgets every example seen so far."""
         # rank_counts[r] = #examples with rank r for r < max_k; the last bin holds rank >= max_k.
@@ -483,8 +489,9 @@ def evaluate_full_ranking(
     *,
     max_length: int,
     batch_size: int = 256,
+    return_ranks: bool = False,
     **evaluator_kwargs: Any,
-) -> dict[str, float]:
+) -> Union[dict[str, float], tuple[dict[str, float], np.ndarray]]:
     """Scores every example against the whole catalogue and returns the mean metrics.
 
     The model sees each history truncated to its most recent ``max_length`` items, but masking
@@ -498,12 +505,16 @@ def evaluate_full_ranking(
       examples: The held-out examples.
       max_length: Width of the histories given to ``score_fn``.
       batch_size: Examples per ``score_fn`` call; bounds memory at [batch_size, num_items + 1].
+      return_ranks: Also return each example's 0-based target rank (int64 [num_examples], in the
+        order of ``examples``), e.g. for a paired significance test of two models
+        (``tfx_xmatch.evaluation.paired_difference``). Default False.
       **evaluator_kwargs: Passed to ``FullRankingEvaluator`` (``ks``, ``mask_history``,
         ``item_popularity``, ``head_fraction``, ``tie_policy``, and optionally ``num_items``,
         which is otherwise read from the width of the first batch of scores).
 
     Returns:
-      The ``FullRankingEvaluator.result()`` dictionary.
+      The ``FullRankingEvaluator.result()`` dictionary; with ``return_ranks``, the pair
+      ``(metrics, ranks)``.
 
     Raises:
       ValueError: On empty or inconsistent examples, a non-positive ``batch_size`` or
@@ -533,6 +544,7 @@ def evaluate_full_ranking(
     evaluator: Optional[FullRankingEvaluator] = None
     targets = np.asarray(examples.targets)
     user_rows = np.asarray(examples.user_rows, dtype=np.int64)
+    ranks = []
     for start in range(0, num_examples, batch_size):
         stop = min(start + batch_size, num_examples)
         batch_histories = [np.asarray(h, dtype=np.int32) for h in examples.histories[start:stop]]
@@ -556,6 +568,8 @@ def evaluate_full_ranking(
         # Masking needs the whole history, not the model's window: pad to the longest in batch.
         longest = max((len(h) for h in batch_histories), default=0)
         seen = pad_histories(batch_histories, max(longest, 1))
-        evaluator.update(scores, targets[start:stop], seen)
+        ranks.append(evaluator.update(scores, targets[start:stop], seen))
     assert evaluator is not None  # num_examples > 0 guarantees one batch
+    if return_ranks:
+        return evaluator.result(), np.concatenate(ranks)
     return evaluator.result()

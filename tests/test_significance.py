@@ -1,0 +1,114 @@
+"""Paired significance of metric differences: gains against the evaluator, the t-test against
+its formula, and the named errors."""
+
+import doctest
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tfx_xmatch.data.dataset import EvalExamples, pad_histories
+from tfx_xmatch.evaluation import (
+    FullRankingEvaluator, evaluate_full_ranking, paired_difference, per_example_gain,
+)
+from tfx_xmatch.evaluation import significance
+
+
+def _ranked(seed: int, num_examples: int = 300, num_items: int = 60):
+    """Random scores ranked by the evaluator: (evaluator, ranks, targets, popularity)."""
+    rng = np.random.default_rng(seed)
+    popularity = rng.integers(1, 100, num_items + 1)
+    evaluator = FullRankingEvaluator(num_items, ks=(1, 5, 10, 20), mask_history=False,
+                                     item_popularity=popularity)
+    targets = rng.integers(1, num_items + 1, num_examples)
+    scores = rng.normal(size=(num_examples, num_items + 1))
+    scores[np.arange(num_examples), targets] += rng.uniform(0, 3, num_examples)  # a better-than-random model
+    ranks = evaluator.update(scores, targets)
+    return evaluator, ranks, targets, popularity
+
+
+@pytest.mark.parametrize("metric", ["HR@1", "HR@10", "Recall@20", "NDCG@10", "MRR@20", "P@5", "NDCG@1"])
+def test_mean_gain_is_the_evaluators_metric(metric):
+    evaluator, ranks, _, _ = _ranked(0)
+    assert per_example_gain(ranks, metric).mean() == pytest.approx(evaluator.result()[metric], abs=1e-12)
+
+
+def test_mask_of_tail_targets_gives_tail_recall():
+    evaluator, ranks, targets, popularity = _ranked(1)
+    is_tail = evaluator.is_tail[targets]
+    result = paired_difference(ranks, ranks + 5, "Recall@20", mask=is_tail)
+    assert result.mean_a == pytest.approx(evaluator.result()["TailRecall@20"], abs=1e-12)
+    assert result.num_examples == int(is_tail.sum())
+
+
+def test_t_test_matches_its_formula():
+    _, ranks_a, _, _ = _ranked(2)
+    _, ranks_b, _, _ = _ranked(3)
+    result = paired_difference(ranks_a, ranks_b, "NDCG@10", confidence=0.9)
+    d = per_example_gain(ranks_a, "NDCG@10") - per_example_gain(ranks_b, "NDCG@10")
+    n, se = d.size, d.std(ddof=1) / np.sqrt(d.size)
+    t = d.mean() / se
+    half_width = stats.t.ppf(0.95, n - 1) * se
+    assert result.difference == pytest.approx(d.mean())
+    assert result.p_value == pytest.approx(2 * stats.t.sf(abs(t), n - 1))
+    assert (result.ci_low, result.ci_high) == pytest.approx((d.mean() - half_width, d.mean() + half_width))
+    assert result.mean_a - result.mean_b == pytest.approx(result.difference)
+    # The interval excludes 0 exactly when the test rejects at 1 - confidence.
+    assert result.significant() == (not result.ci_low <= 0.0 <= result.ci_high)
+
+
+def test_a_clear_win_is_significant_and_a_copy_is_not():
+    _, ranks, _, _ = _ranked(4, num_examples=2000)
+    better = np.maximum(ranks - 3, 0)
+    win = paired_difference(better, ranks, "HR@10")
+    assert win.difference > 0 and win.significant() and win.ci_low > 0
+    same = paired_difference(ranks, ranks, "HR@10")
+    assert (same.difference, same.p_value, same.ci_low, same.ci_high) == (0.0, 1.0, 0.0, 0.0)
+    assert not same.significant()
+    assert set(win.to_dict()) == {"metric", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p_value",
+                                  "num_examples", "confidence"}
+
+
+def test_noise_is_rarely_significant():
+    # Two equally good models: about 5% of seeds may reject at 0.05, far from all of them.
+    rejected = sum(paired_difference(_ranked(10 + seed)[1], _ranked(100 + seed)[1], "HR@10").significant()
+                   for seed in range(20))
+    assert rejected <= 4
+
+
+def test_ranks_come_back_in_example_order_across_batches():
+    rng = np.random.default_rng(5)
+    num_items, num_examples = 30, 23
+    scores = rng.normal(size=(num_examples, num_items + 1))
+    examples = EvalExamples(user_rows=np.arange(num_examples),
+                            histories=[rng.integers(1, num_items + 1, rng.integers(1, 6)) for _ in range(num_examples)],
+                            targets=rng.integers(1, num_items + 1, num_examples))
+    metrics, ranks = evaluate_full_ranking(lambda histories, rows: scores[rows], examples, max_length=5,
+                                           batch_size=4, ks=(10,), return_ranks=True)
+    oracle = FullRankingEvaluator(num_items, ks=(10,))
+    expected = oracle.update(scores, examples.targets, pad_histories(list(examples.histories), 5))
+    np.testing.assert_array_equal(ranks, expected)
+    assert metrics == oracle.result()
+    assert per_example_gain(ranks, "HR@10").mean() == pytest.approx(metrics["HR@10"])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: per_example_gain([1, 2], "AUC@10"), "'AUC@10'"),
+    (lambda: per_example_gain([1, 2], "HR@0"), "'HR@0'"),
+    (lambda: per_example_gain([1, 2], "HR10"), "'HR10'"),
+    (lambda: per_example_gain([[1, 2]], "HR@10"), "1-D"),
+    (lambda: per_example_gain([1.5, 2.0], "HR@10"), "integer"),
+    (lambda: per_example_gain([3, -1], "HR@10"), "got -1 at example 1"),
+    (lambda: paired_difference([1, 2], [1, 2, 3], "HR@10"), "2 and 3 ranks"),
+    (lambda: paired_difference([1, 2], [1, 2], "HR@10", confidence=1.0), "got 1.0"),
+    (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=[1, 0]), "mask must be bool"),
+    (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=np.array([True, False])), "got 1"),
+])
+def test_errors_name_the_bad_value(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_docstring_examples():
+    failures, attempted = doctest.testmod(significance)
+    assert attempted >= 4 and failures == 0
