@@ -25,6 +25,39 @@ def test_train_then_evaluate(tmp_path, capsys):
                  "--set", "eval.mask_history=false"]) == 0
 
 
+def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
+    runs = {}
+    for name, epochs in (("a", 6), ("b", 1)):
+        runs[name] = tmp_path / name
+        overrides = [arg for override in (*TINY, f"train.epochs={epochs}") for arg in ("--set", override)]
+        assert main(["train", "--run-dir", str(runs[name]), *overrides]) == 0
+    capsys.readouterr()
+    output = tmp_path / "compare.json"
+    assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["b"]), "--metric", "HR@10",
+                 "NDCG@10", "TailRecall@10", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "A = a, B = b" in printed and "paired t-test" in printed and "TailRecall@10" in printed
+    result = json.loads(output.read_text())["metrics"]
+    tests = {name: json.loads((run / "metrics.json").read_text())["test"] for name, run in runs.items()}
+    for metric in ("HR@10", "NDCG@10", "TailRecall@10"):
+        assert result[metric]["mean_a"] == pytest.approx(tests["a"][metric])
+        assert result[metric]["mean_b"] == pytest.approx(tests["b"][metric])
+        assert result[metric]["ci_low"] <= result[metric]["difference"] <= result[metric]["ci_high"]
+
+    assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", "HR@10"]) == 0
+    assert "+0.0000 [+0.0000, +0.0000] p=1  no significant difference" in capsys.readouterr().out
+
+    config = json.loads((runs["b"] / "config.json").read_text())
+    config["data"]["split"] = "user_level"
+    (runs["b"] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="different data.*data.split = 'leave_one_out' vs 'user_level'"):
+        main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["b"])])
+    with pytest.raises(SystemExit, match="exactly two --run-dir"):
+        main(["compare", "--run-dir", str(runs["a"])])
+    assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", "AUC@3"]) == 2
+    assert "'AUC@3'" in capsys.readouterr().err
+
+
 def test_config_file_and_bad_key(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  embeding_dim: 8\n")

@@ -50,27 +50,70 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_evaluate(args: argparse.Namespace) -> int:
+def _load_run(run_dir: pathlib.Path, overrides: Sequence[str], command: str):
+    """(config, split, model) of a run directory, with only eval.* and data.data_dir overridable."""
     from tfx_xmatch import training
     from tfx_xmatch.config import apply_overrides, config_from_dict
-    from tfx_xmatch.io_utils import write_json_atomic
 
-    run_dir = pathlib.Path(args.run_dir)
-    config_path = run_dir / "config.json"
+    config_path = pathlib.Path(run_dir) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory of `xmatch train`")
-    for override in args.set:
+    for override in overrides:
         # The data and model must stay those the model was trained on; only how it is
         # evaluated (and where the data lives) may change.
         if not override.startswith(("eval.", "data.data_dir=")):
-            raise SystemExit(f"xmatch evaluate: only eval.* and data.data_dir may be overridden, got {override!r}")
-    config = apply_overrides(config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path)), args.set)
-    split = training.prepare_split(config)
-    model = training.load_model(run_dir / "model")
+            raise SystemExit(f"xmatch {command}: only eval.* and data.data_dir may be overridden, got {override!r}")
+    config = apply_overrides(config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path)),
+                             overrides)
+    return config, training.prepare_split(config), training.load_model(pathlib.Path(run_dir) / "model")
+
+
+def _command_evaluate(args: argparse.Namespace) -> int:
+    from tfx_xmatch import training
+    from tfx_xmatch.io_utils import write_json_atomic
+
+    config, split, model = _load_run(args.run_dir, args.set, "evaluate")
     result = training.evaluate(model, split, args.split, config)
     print(format_metrics(f"{args.split} ({split.dataset.name}, {split.name}, full ranking)", result))
     if args.output:
         write_json_atomic(args.output, result)
+    return 0
+
+
+def _command_compare(args: argparse.Namespace) -> int:
+    from tfx_xmatch import training
+    from tfx_xmatch.bench.paired import compare, format_difference
+    from tfx_xmatch.evaluation import FullRankingEvaluator
+    from tfx_xmatch.io_utils import write_json_atomic
+
+    if len(args.run_dir) != 2:
+        raise SystemExit(f"xmatch compare: give exactly two --run-dir (A, then B), got {len(args.run_dir)}: "
+                         f"{args.run_dir}")
+    (config_a, split, model_a), (config_b, _, model_b) = (_load_run(run_dir, args.set, "compare")
+                                                           for run_dir in args.run_dir)
+    data_a, data_b = config_a.to_dict()["data"], config_b.to_dict()["data"]
+    differing = sorted(key for key in data_a.keys() | data_b.keys()
+                       if key != "data_dir" and data_a.get(key) != data_b.get(key))
+    if differing:
+        raise SystemExit("xmatch compare: the runs were trained on different data, so their users differ: "
+                         + ", ".join(f"data.{key} = {data_a.get(key)!r} vs {data_b.get(key)!r}" for key in differing))
+    ranks = [training.evaluate(model, split, args.split, config, return_ranks=True)[1]
+             for model, config in ((model_a, config_a), (model_b, config_b))]
+    is_tail = FullRankingEvaluator(split.num_items, ks=(1,), item_popularity=split.item_popularity()).is_tail
+    examples = getattr(split, args.split)
+    paired = compare(ranks[0], ranks[1], args.metric, is_tail[examples.targets])
+    names = [pathlib.Path(run_dir).name or str(run_dir) for run_dir in args.run_dir]
+    print(f"{args.split} ({split.dataset.name}, {split.name}, full ranking, {len(examples):,} users): "
+          f"A = {names[0]}, B = {names[1]}; A - B with a {args.confidence:.0%} interval, paired t-test")
+    width = max(len(metric) for metric in args.metric)
+    for metric, result in paired.items():
+        verdict = (("A better" if result["difference"] > 0 else "B better")
+                   if result["p_value"] < 1 - args.confidence else "no significant difference")
+        print(f"  {metric:<{width}}  A {result['mean_a']:.4f}  B {result['mean_b']:.4f}  "
+              f"{format_difference(result)}  {verdict}")
+    if args.output:
+        write_json_atomic(args.output, {"split": args.split, "run_a": str(args.run_dir[0]),
+                                        "run_b": str(args.run_dir[1]), "metrics": paired})
     return 0
 
 
@@ -201,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override an evaluation setting, e.g. --set eval.mask_history=false")
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     evaluate.set_defaults(handler=_command_evaluate)
+
+    compare = commands.add_parser("compare", help="is run A better than run B? paired test on the same users")
+    compare.add_argument("--run-dir", required=True, action="append", metavar="RUN_DIR",
+                         help="a run directory of `xmatch train`; give exactly two (A, then B) trained on the same data")
+    compare.add_argument("--split", choices=("validation", "test"), default="test")
+    compare.add_argument("--metric", nargs="+", default=["HR@10", "NDCG@10", "MRR@20", "Recall@50", "TailRecall@50"],
+                         help="HR@K, Recall@K, NDCG@K, MRR@K, P@K or TailRecall@K (default: %(default)s)")
+    compare.add_argument("--confidence", type=float, default=0.95, help="level of the intervals (default 0.95)")
+    compare.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                         help="an evaluation setting applied to both runs, e.g. --set eval.mask_history=false")
+    compare.add_argument("--output", help="also write the differences to this JSON file")
+    compare.set_defaults(handler=_command_compare)
 
     export = commands.add_parser("export", help="export a trained run as a SavedModel with a baked-in index")
     export.add_argument("--run-dir", required=True, help="a run directory written by `xmatch train`")

@@ -148,8 +148,9 @@ def make_score_fn(model: tf.keras.Model, dataset: SequenceDataset) -> Callable[[
     return score_fn
 
 
-def evaluate(model: tf.keras.Model, split: Split, which: str, config: RunConfig) -> dict[str, float]:
-    """Full-ranking metrics of ``model`` on the split's "validation" or "test" examples."""
+def evaluate(model: tf.keras.Model, split: Split, which: str, config: RunConfig, return_ranks: bool = False):
+    """Full-ranking metrics of ``model`` on the split's "validation" or "test" examples; with
+    ``return_ranks``, the pair ``(metrics, ranks)`` with each example's 0-based target rank."""
     if which not in ("validation", "test"):
         raise ValueError(f"which must be 'validation' or 'test', got {which!r}")
     return evaluate_full_ranking(
@@ -161,6 +162,7 @@ def evaluate(model: tf.keras.Model, split: Split, which: str, config: RunConfig)
         ks=tuple(config.eval.ks),
         mask_history=config.eval.mask_history,
         item_popularity=split.item_popularity(),
+        return_ranks=return_ranks,
     )
 
 
