@@ -52,7 +52,7 @@ from common import (  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
-from tfx_xmatch.bench.paired import compare, format_difference, load_ranks, save_ranks  # noqa: E402
+from tfx_xmatch.bench.paired import compare, load_ranks, paired_table, save_ranks  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.bench.serving_paths import (  # noqa: E402
     RETRIEVED, evaluate_path, per_user_latencies, serving_path,
@@ -227,30 +227,13 @@ def to_markdown(result: dict) -> str:
         if perplexity:
             lines += ["", f"SPARC codebook perplexity per level over the catalogue's codes: {perplexity} "
                           f"(of {rows[-1]['settings']['options'].get('num_codewords', 64)} codewords per level)"]
-        lines += paired_lines(rows)
+        table = paired_table(rows, ("variant",), {"vs_hard": "hard", "vs_two_tower": "two-tower"}, COMPARED)
+        lines += [""] + table if table else []
         lines.append("")
     lines += ["Settings per model:", ""]
     for row in {(r["dataset"], r["model"]): r for r in result["rows"]}.values():
         lines.append(f"- {row['dataset']} {row['model']}: `{row['settings']}`")
     return "\n".join(lines) + "\n"
-
-
-def paired_lines(rows: list[dict]) -> list[str]:
-    """The table of paired differences (row minus SPARC-hard, row minus two-tower), if any."""
-    paired = [row for row in rows if "vs_hard" in row]
-    if not paired:
-        return []
-    columns = [(key, metric) for key in ("vs_hard", "vs_two_tower") for metric in COMPARED
-               if any(key in row for row in paired)]
-    names = {"vs_hard": "hard", "vs_two_tower": "two-tower"}
-    lines = ["", "Paired differences on the same test users (row minus the named model; 95% confidence "
-                 "interval of the mean difference; p-value of a paired t-test):", "",
-             "| variant | " + " | ".join(f"Δ{metric} vs {names[key]}" for key, metric in columns) + " |",
-             "|" + "---|" * (len(columns) + 1)]
-    for row in paired:
-        cells = [format_difference(row[key][metric]) if key in row else "" for key, metric in columns]
-        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    return lines
 
 
 if __name__ == "__main__":

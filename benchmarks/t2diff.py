@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
-from tfx_xmatch.bench.paired import compare, format_difference, load_ranks, save_ranks  # noqa: E402
+from tfx_xmatch.bench.paired import compare, load_ranks, paired_table, save_ranks  # noqa: E402
 from tfx_xmatch.bench.serving_paths import per_user_latencies, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
@@ -102,6 +102,7 @@ SAMPLER_SWEEP_VARIANTS = ("t2diff", "t2diff_predicted_pooling", "t2diff_predicte
 SAMPLINGS = (("ddpm", 50), ("ddim", 5), ("ddim", 10), ("ddim", 25))
 REFERENCE = ("two_tower_sasrec", "dot product")
 COMPARED = ("HR@10", "MRR@20", "NDCG@10")
+BACKBONE_ALONE = "backbone alone (branch off)"
 
 
 def backbone_state(model, inputs) -> tf.Tensor:
@@ -205,15 +206,20 @@ def main() -> int:
                 servings[label] = {} if sampler is None else {"sampler": sampler, "steps": steps, "seed": args.seed}
             if getattr(model, "backbone", "none") != "none":
                 # The in-run ablation: the same trained weights with the branch switched off.
-                servings["backbone alone (branch off)"] = {"backbone_only": True}
+                servings[BACKBONE_ALONE] = {"backbone_only": True}
             tests = {label: evaluate(model, split, config, **kwargs) for label, kwargs in servings.items()}
             for label, (_, ranks) in tests.items():
                 save_ranks(run_dir, label, ranks)
             reference = (None if variant == REFERENCE[0] else
                          reference_ranks(pathlib.Path(args.runs_dir), split_name, args.output, split, config))
             timings = latencies(model, split, config, args.latency_users, servings, args.seed)
+            own_backbone = tests.get(BACKBONE_ALONE, (None, None))[1]
             for label, (test, ranks) in tests.items():
                 paired = {} if reference is None else {"vs_two_tower": compare(ranks, reference, COMPARED)}
+                if own_backbone is not None and label != BACKBONE_ALONE:
+                    # Does the branch add anything to the weights it sits on? The same model, so
+                    # the comparison is free of the seed-to-seed spread of two trainings.
+                    paired["vs_backbone"] = compare(ranks, own_backbone, COMPARED)
                 result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
                                        "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1],
                                        **paired})
@@ -242,16 +248,9 @@ def to_markdown(result: dict) -> str:
                          f"{row['latency_ms_p99']} | {row['epochs']} ({row['best_epoch']}) | "
                          f"{row['train_seconds']:.0f} |")
         lines.append("")
-        paired = [r for r in result["rows"] if r["split"] == split_name and "vs_two_tower" in r]
-        if paired:
-            lines += [f"Paired differences from the two-tower on the same {split_name} test users (row minus "
-                      "two-tower; 95% confidence interval of the mean difference; p-value of a paired t-test):",
-                      "", "| model | sampling | " + " | ".join(f"Δ{metric}" for metric in COMPARED) + " |",
-                      "|" + "---|" * (len(COMPARED) + 2)]
-            lines += [f"| {row['model']} | {row['sampling']} | "
-                      + " | ".join(format_difference(row["vs_two_tower"][metric]) for metric in COMPARED) + " |"
-                      for row in paired]
-            lines.append("")
+        table = paired_table([row for row in result["rows"] if row["split"] == split_name], ("model", "sampling"),
+                             {"vs_two_tower": "two-tower", "vs_backbone": "its backbone alone"}, COMPARED)
+        lines += table + ([""] if table else [])
     return "\n".join(lines) + "\n"
 
 

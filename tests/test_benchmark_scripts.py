@@ -204,6 +204,11 @@ def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
            **{key: 0.1 for key in t2diff.REPORTED}}
     text = t2diff.to_markdown({**common.header("t2diff"), "num_items": 9,
                                "rows": [row, {**row, "sampling": "DDIM-5",
-                                              "vs_two_tower": {m: difference for m in t2diff.COMPARED}}]})
-    assert "| t2diff | DDIM-5 | +0.0016 [-0.0040, +0.0072] p=0.58 |" in text
-    assert "| t2diff | DDIM-10 | +" not in text
+                                              "vs_two_tower": {m: difference for m in t2diff.COMPARED}},
+                                        {**row, "sampling": "DDIM-25",
+                                         "vs_backbone": {m: {**difference, "p_value": 0.01}
+                                                         for m in t2diff.COMPARED}}]})
+    assert "| t2diff | DDIM-5 | +0.0016 [-0.0040, +0.0072] p=0.58 | " in text
+    assert "| ΔHR@10 vs its backbone alone |" in text
+    assert "| t2diff | DDIM-25 |  |  |  | +0.0016 [-0.0040, +0.0072] p=0.01 |" in text
+    assert "| t2diff | DDIM-10 | +" not in text and "\n\n\n" not in text

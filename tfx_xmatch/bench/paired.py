@@ -76,3 +76,29 @@ def format_difference(difference: dict) -> str:
     """``+0.0016 [-0.0040, +0.0072] p=0.58`` (difference, confidence interval, p-value)."""
     return (f"{difference['difference']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
             f"p={difference['p_value']:.2g}")
+
+
+def paired_table(rows: Sequence[dict], label_columns: Sequence[str], references: dict,
+                 metrics: Sequence[str]) -> list[str]:
+    """Markdown lines of the rows' paired differences (none when no row has one).
+
+    Args:
+      rows: Result rows; ``row[key][metric]`` is a ``compare`` result for each ``key`` of
+        ``references`` the row was compared with.
+      label_columns: Row fields that name a row, e.g. ("model", "sampling").
+      references: {row key: what the row was compared with}, e.g. {"vs_hard": "hard"}.
+      metrics: The compared metrics, in column order.
+    """
+    paired = [row for row in rows if any(key in row for key in references)]
+    if not paired:
+        return []
+    columns = [(key, metric) for key in references for metric in metrics if any(key in row for row in paired)]
+    lines = ["Paired differences on the same test users (row minus the named model; 95% confidence interval of "
+             "the mean difference; p-value of a paired t-test):", "",
+             "| " + " | ".join(label_columns) + " | "
+             + " | ".join(f"Δ{metric} vs {references[key]}" for key, metric in columns) + " |",
+             "|" + "---|" * (len(label_columns) + len(columns))]
+    for row in paired:
+        cells = [format_difference(row[key][metric]) if key in row else "" for key, metric in columns]
+        lines.append("| " + " | ".join(str(row[column]) for column in label_columns) + " | " + " | ".join(cells) + " |")
+    return lines
