@@ -94,14 +94,14 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
         paths.append(serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True}))
     evaluated = {path.label: evaluate_path(path, model, split, config, return_ranks=True) for path in paths}
     for label, (_, ranks) in evaluated.items():
-        save_ranks(run_dir, label, ranks)
+        save_ranks(run_dir, label, ranks, split.test.targets)
     is_tail = tail_targets(split)
     latencies = per_user_latencies({path.label: path for path in paths}, model, split, config, latency_users)
     rows = []
     for path in paths:
         path_metrics, ranks = evaluated[path.label]
         p50, p99 = latencies[path.label]
-        paired = {"vs_hard": compare(ranks, evaluated[HARD][1], COMPARED, is_tail)}
+        paired = {} if path.label == HARD else {"vs_hard": compare(ranks, evaluated[HARD][1], COMPARED, is_tail)}
         if reference is not None:
             paired["vs_two_tower"] = compare(ranks, reference, COMPARED, is_tail)
         rows.append({**base, "variant": path.label, "interests": path.variant.get("interests", 0),
@@ -113,19 +113,19 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
 
 def tail_targets(split) -> np.ndarray:
     """bool [test users]: whose target is a tail item (what TailRecall@K averages over)."""
-    is_tail = FullRankingEvaluator(split.num_items, item_popularity=split.item_popularity()).is_tail
+    is_tail = FullRankingEvaluator(split.num_items, ks=(1,), item_popularity=split.item_popularity()).is_tail
     return is_tail[np.asarray(split.test.targets)]
 
 
 def two_tower_ranks(run_dir: pathlib.Path, split, config) -> np.ndarray | None:
     """The two-tower's per-user test ranks through its brute-force path: saved ones, else computed
     from its trained model and saved; None (with a message) when there is no such run."""
-    ranks = load_ranks(run_dir, "brute force")
+    ranks = load_ranks(run_dir, "brute force", split.test.targets)
     if ranks is None and (run_dir / "model").is_dir():
         model = training.load_model(run_dir / "model")
         _, ranks = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
                                  config, return_ranks=True)
-        save_ranks(run_dir, "brute force", ranks)
+        save_ranks(run_dir, "brute force", ranks, split.test.targets)
     if ranks is None:
         print(f"no paired comparison with the two-tower: no run at {run_dir}", file=sys.stderr)
     return ranks
@@ -176,7 +176,8 @@ def main() -> int:
         split = None
         if "two_tower_sasrec" not in args.models:
             result["rows"] += recorded_baseline_rows(dataset)
-        for name in args.models:
+        # The two-tower first: SPARC rows are compared with it.
+        for name in sorted(args.models, key=lambda model: model != "two_tower_sasrec"):
             minutes = budgets[f"{dataset}:{name}"]
             overrides = training_overrides(dataset, dataset_dir, args.epochs, args.patience, minutes)
             config = load_config(CONFIGS[dataset, name], overrides + (args.sparc_set if name == "sparc" else []))

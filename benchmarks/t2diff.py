@@ -27,6 +27,7 @@ Writes ``results/t2diff.md`` and ``results/t2diff.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -42,7 +43,7 @@ import tensorflow as tf  # noqa: E402
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.bench.paired import compare, load_ranks, paired_table, save_ranks  # noqa: E402
 from tfx_xmatch.bench.serving_paths import per_user_latencies, serving_path  # noqa: E402
-from tfx_xmatch.config import load_config  # noqa: E402
+from tfx_xmatch.config import config_from_dict, load_config  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -127,21 +128,27 @@ def evaluate(model, split, config, backbone_only: bool = False, **sampling) -> t
     )
 
 
-def run_name(variant: str, split_name: str, output: str) -> str:
-    # The leave-one-out two-tower run is the one quality.py trained.
-    if (variant, split_name) == ("two_tower_sasrec", "leave_one_out"):
-        return "quality-two_tower_sasrec"
-    return f"{output}-{split_name}-{variant}"
+def run_name(variant: str, split_name: str, prefix: str, train_seed: int = 0) -> str:
+    """The run directory's name. The two-tower's does not depend on ``prefix``, so an ablation
+    under another ``--output`` reuses (and is compared with) the same two-tower: on leave-one-out
+    the one quality.py trained."""
+    if variant == REFERENCE[0]:
+        name = "quality-two_tower_sasrec" if split_name == "leave_one_out" else f"t2diff-{split_name}-{variant}"
+    else:
+        name = f"{prefix}-{split_name}-{variant}"
+    return name + (f"-seed{train_seed}" if train_seed else "")
 
 
-def reference_ranks(runs_dir: pathlib.Path, split_name: str, output: str, split, config) -> np.ndarray | None:
+def reference_ranks(run_dir: pathlib.Path, split) -> np.ndarray | None:
     """The two-tower's per-user test ranks on this split: saved ones, else computed from its
-    trained model and saved; None (with a message) when the two-tower was never trained here."""
-    run_dir = runs_dir / run_name(REFERENCE[0], split_name, output)
-    ranks = load_ranks(run_dir, REFERENCE[1])
+    trained model (with its own config) and saved; None (with a message) when it was never
+    trained here."""
+    ranks = load_ranks(run_dir, REFERENCE[1], split.test.targets)
     if ranks is None and (run_dir / "model").is_dir():
+        config_path = run_dir / "config.json"
+        config = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
         _, ranks = evaluate(training.load_model(run_dir / "model"), split, config)
-        save_ranks(run_dir, REFERENCE[1], ranks)
+        save_ranks(run_dir, REFERENCE[1], ranks, split.test.targets)
     if ranks is None:
         print(f"no paired comparison: no two-tower run at {run_dir}", file=sys.stderr)
     return ranks
@@ -170,8 +177,13 @@ def main() -> int:
                         help=f"training-time budget (default {DEFAULT_MINUTES})")
     parser.add_argument("--latency-users", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the DDPM draws")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="training seed (train.seed) of every variant; a non-zero seed trains its own runs "
+                             "(names ending -seed<N>), each T2Diff compared with the two-tower of the same seed")
     parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
     parser.add_argument("--output", default="t2diff", help="results file stem under benchmarks/results/")
+    parser.add_argument("--run-prefix", help="name prefix of the T2Diff run directories (default: --output), "
+                                             "e.g. to re-evaluate runs trained under another --output")
     parser.add_argument("--merge", action="store_true",
                         help="add the rows to the results already under --output (the rows of a re-run split "
                              "and model replaced) instead of starting the file afresh")
@@ -182,21 +194,24 @@ def main() -> int:
         print(f"skipped: dataset 'ml-1m' not found under {dataset_dir}", file=sys.stderr)
         return 0
     budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)
+    runs_dir = pathlib.Path(args.runs_dir)
     result = header("t2diff")
     result["rows"] = []
     for split_name in args.splits:
         split = None
-        for variant in args.variants:
+        # The two-tower first: every other variant is compared with it.
+        for variant in sorted(args.variants, key=lambda name: name != REFERENCE[0]):
             config_path, extra = VARIANTS[variant]
             overrides = [*training_overrides("ml-1m", dataset_dir, args.epochs, args.patience, budgets[variant]),
-                         *SPLIT_OVERRIDES[split_name], *extra]
+                         *SPLIT_OVERRIDES[split_name], *extra, f"train.seed={args.train_seed}"]
             config = load_config(config_path, overrides)
             split = split or training.prepare_split(config)
             result["num_items"] = split.num_items
-            run_dir = pathlib.Path(args.runs_dir) / run_name(variant, split_name, args.output)
+            run_dir = runs_dir / run_name(variant, split_name, args.run_prefix or args.output, args.train_seed)
             metrics = training.train(config, run_dir, split=split)
             model = training.load_model(run_dir / "model")
-            base = {"split": split_name, "model": variant, "train_seconds": metrics["train_seconds"],
+            base = {"split": split_name, "model": variant, "train_seed": args.train_seed,
+                    "train_seconds": metrics["train_seconds"],
                     "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
                     "settings": config.to_dict()["model"]}
             servings = {}
@@ -209,9 +224,9 @@ def main() -> int:
                 servings[BACKBONE_ALONE] = {"backbone_only": True}
             tests = {label: evaluate(model, split, config, **kwargs) for label, kwargs in servings.items()}
             for label, (_, ranks) in tests.items():
-                save_ranks(run_dir, label, ranks)
-            reference = (None if variant == REFERENCE[0] else
-                         reference_ranks(pathlib.Path(args.runs_dir), split_name, args.output, split, config))
+                save_ranks(run_dir, label, ranks, split.test.targets)
+            reference = (None if variant == REFERENCE[0] else reference_ranks(
+                runs_dir / run_name(REFERENCE[0], split_name, "", args.train_seed), split))
             timings = latencies(model, split, config, args.latency_users, servings, args.seed)
             own_backbone = tests.get(BACKBONE_ALONE, (None, None))[1]
             for label, (test, ranks) in tests.items():

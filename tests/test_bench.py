@@ -220,27 +220,38 @@ def test_latencies_of_several_paths_time_each_path_once_per_user_in_a_rotating_o
 def test_ranks_are_kept_per_label_and_rows_are_compared_on_the_same_users(tmp_path):
     from tfx_xmatch.bench.paired import compare, format_difference, load_ranks, save_ranks
 
-    ranks = np.array([0, 4, 60, 2, 9, 70])
-    path = save_ranks(tmp_path, "soft K=4 (recorded)", ranks)
+    ranks, targets = np.array([0, 4, 60, 2, 9, 70]), np.array([5, 3, 9, 9, 1, 2])
+    path = save_ranks(tmp_path, "soft K=4 (recorded)", ranks, targets)
     assert path.parent == tmp_path / "test_ranks" and " " not in path.name
-    np.testing.assert_array_equal(load_ranks(tmp_path, "soft K=4 (recorded)"), ranks)
-    assert load_ranks(tmp_path, "soft K=8") is None
-    assert not list((tmp_path / "test_ranks").glob(".*.tmp"))  # written through a temporary file
+    np.testing.assert_array_equal(load_ranks(tmp_path, "soft K=4 (recorded)", targets), ranks)
+    assert load_ranks(tmp_path, "soft K=8", targets) is None
+    # Ranks of other examples (another split or dataset) are never compared silently.
+    with pytest.raises(ValueError, match="ranks other examples .* first differing at example 2: delete it"):
+        load_ranks(tmp_path, "soft K=4 (recorded)", np.array([5, 3, 8, 9, 1, 2]))
+    with pytest.raises(ValueError, match="ranks other examples \\(6 targets\\) than the 5 being compared"):
+        load_ranks(tmp_path, "soft K=4 (recorded)", targets[:5])
 
     reference = np.array([3, 60, 60, 1, 9, 2])
     is_tail = np.array([True, True, False, False, True, True])
-    paired = compare(ranks, reference, ("HR@10", "TailRecall@50"), is_tail)
+    paired = compare(ranks, reference, ("HR@10", "TailRecall@50"), is_tail, confidence=0.9)
     assert paired["HR@10"]["difference"] == pytest.approx((4 - 4) / 6)
     assert paired["TailRecall@50"]["metric"] == "TailRecall@50"
     assert paired["TailRecall@50"]["num_examples"] == 4
     assert paired["TailRecall@50"]["mean_a"] == pytest.approx(3 / 4)
     assert paired["TailRecall@50"]["mean_b"] == pytest.approx(3 / 4)
+    assert paired["HR@10"]["confidence"] == 0.9
     assert format_difference({"difference": -0.01, "ci_low": -0.02, "ci_high": 0.0, "p_value": 0.049}) == \
         "-0.0100 [-0.0200, +0.0000] p=0.049"
 
     with pytest.raises(ValueError, match="'TailRecall@50' needs is_tail_target"):
         compare(ranks, reference, ("TailRecall@50",))
+    with pytest.raises(ValueError, match="got 'TailRecall50'"):
+        compare(ranks, reference, ("TailRecall50",), is_tail)
+    with pytest.raises(ValueError, match="compare Recall@50, got 0 after the mask \\(6 before\\)"):
+        compare(ranks, reference, ("TailRecall@50",), np.zeros(6, bool))
     with pytest.raises(ValueError, match="label must be a non-empty string, got ' '"):
-        save_ranks(tmp_path, " ", ranks)
+        save_ranks(tmp_path, " ", ranks, targets)
     with pytest.raises(ValueError, match="ranks of 'x' must be 1-D integers"):
-        save_ranks(tmp_path, "x", ranks.astype(float))
+        save_ranks(tmp_path, "x", ranks.astype(float), targets)
+    with pytest.raises(ValueError, match="ranks of 'x' need one target each: 6 ranks, 5 targets"):
+        save_ranks(tmp_path, "x", ranks, targets[:5])

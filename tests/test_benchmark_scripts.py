@@ -165,7 +165,7 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     sparc = _import_benchmark("sparc")
     common = _import_benchmark("common")
     tiny = ["data.dataset=synthetic", "data.split=leave_one_out",
-            "data.synthetic={num_users: 120, num_items: 60, min_length: 8, max_length: 20, num_clusters: 4}",
+            "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
             "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=1",
             "train.verbose=0", "eval.ks=[10, 50]"]
     configs = {"two_tower_sasrec": load_config(None, tiny),
@@ -176,21 +176,27 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
         training.train(config, tmp_path / name, split=split)
     reference = sparc.two_tower_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
     assert reference.shape == (len(split.test),)
-    np.testing.assert_array_equal(load_ranks(tmp_path / "two_tower_sasrec", "brute force"), reference)
+    np.testing.assert_array_equal(load_ranks(tmp_path / "two_tower_sasrec", "brute force", split.test.targets),
+                                  reference)
     assert sparc.two_tower_ranks(tmp_path / "missing", split, configs["two_tower_sasrec"]) is None
 
     base = {"dataset": "synthetic", "model": "sparc", "epochs": 1, "best_epoch": 1, "train_seconds": 1.0,
             "num_items": split.num_items, "settings": configs["sparc"].to_dict()["model"]}
     rows = sparc.soft_search_rows(tmp_path / "sparc", split, configs["sparc"], base, 3, reference)
     assert [row["variant"] for row in rows] == ["hard (K=1)", "soft K=2", "soft K=4", "soft K=8"]
-    hard = rows[0]["vs_hard"]["Recall@50"]
-    assert (hard["difference"], hard["p_value"]) == (0.0, 1.0)
+    assert "vs_hard" not in rows[0]  # hard search is not compared with itself
+    hard_ranks = load_ranks(tmp_path / "sparc", "hard (K=1)", split.test.targets)
     for row in rows:
-        assert set(row["vs_two_tower"]) == {"Recall@50", "TailRecall@50"}
-        paired = row["vs_two_tower"]["Recall@50"]
-        assert paired["mean_a"] == pytest.approx(row["Recall@50"], abs=1e-4)
-        assert paired["difference"] == pytest.approx(paired["mean_a"] - paired["mean_b"])
-        assert load_ranks(tmp_path / "sparc", row["variant"]).shape == (len(split.test),)
+        ranks = load_ranks(tmp_path / "sparc", row["variant"], split.test.targets)
+        assert ranks.shape == (len(split.test),)
+        for key, other in (("vs_two_tower", reference), ("vs_hard", hard_ranks)):
+            if key == "vs_hard" and row is rows[0]:
+                continue
+            assert set(row[key]) == {"Recall@50", "TailRecall@50"}
+            paired = row[key]["Recall@50"]
+            assert paired["mean_a"] == pytest.approx(row["Recall@50"], abs=1e-4)
+            assert paired["mean_b"] == pytest.approx(float(np.mean(other < 50)), abs=1e-6)
+            assert paired["difference"] == pytest.approx(paired["mean_a"] - paired["mean_b"], abs=2e-6)
     text = sparc.to_markdown({**common.header("sparc"), "rows": rows})
     assert "| soft K=8 | " in text and "Recall@50 vs two-tower" in text and "p=" in text
 
@@ -212,3 +218,18 @@ def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
     assert "| ΔHR@10 vs its backbone alone |" in text
     assert "| t2diff | DDIM-25 |  |  |  | +0.0016 [-0.0040, +0.0072] p=0.01 |" in text
     assert "| t2diff | DDIM-10 | +" not in text and "\n\n\n" not in text
+
+
+def test_t2diff_runs_are_named_so_every_output_and_seed_finds_its_two_tower(tmp_path, capsys):
+    t2diff = _import_benchmark("t2diff")
+    assert t2diff.run_name("two_tower_sasrec", "leave_one_out", "ablation") == "quality-two_tower_sasrec"
+    assert t2diff.run_name("two_tower_sasrec", "user_level", "ablation") == "t2diff-user_level-two_tower_sasrec"
+    assert t2diff.run_name("t2diff", "leave_one_out", "ablation", 2) == "ablation-leave_one_out-t2diff-seed2"
+    assert t2diff.run_name("two_tower_sasrec", "leave_one_out", "x", 2) == "quality-two_tower_sasrec-seed2"
+
+    class Split:  # only the test targets are read before the run is found missing
+        class test:
+            targets = np.array([1, 2])
+
+    assert t2diff.reference_ranks(tmp_path / "missing", Split) is None
+    assert "no two-tower run at" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,12 +51,23 @@ def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
     config = json.loads((runs["b"] / "config.json").read_text())
     config["data"]["split"] = "user_level"
     (runs["b"] / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="different data.*data.split = 'leave_one_out' vs 'user_level'"):
+    with pytest.raises(SystemExit, match="same examples.*data.split = 'leave_one_out' vs 'user_level'"):
         main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["b"])])
+    # A run evaluated without history masking ranks other candidates: refused too.
+    unmasked = tmp_path / "unmasked"
+    shutil.copytree(runs["a"], unmasked)
+    config = json.loads((unmasked / "config.json").read_text())
+    config["eval"]["mask_history"] = False
+    (unmasked / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="eval.mask_history = True vs False"):
+        main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(unmasked)])
     with pytest.raises(SystemExit, match="exactly two --run-dir"):
         main(["compare", "--run-dir", str(runs["a"])])
-    assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", "AUC@3"]) == 2
-    assert "'AUC@3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--confidence must be in \\(0, 1\\), e.g. 0.95, got 95.0"):
+        main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--confidence", "95"])
+    for metric in ("AUC@3", "TailRecall10", "TailNDCG@10"):
+        assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", metric]) == 2
+        assert f"got {metric!r}" in capsys.readouterr().err
 
 
 def test_config_file_and_bad_key(tmp_path, capsys):

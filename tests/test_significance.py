@@ -67,6 +67,8 @@ def test_a_clear_win_is_significant_and_a_copy_is_not():
     assert not same.significant()
     assert set(win.to_dict()) == {"metric", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p_value",
                                   "num_examples", "confidence"}
+    # A tiny p-value is kept, not rounded to a false zero.
+    assert 0.0 < win.to_dict()["p_value"] == win.p_value < 1e-6
 
 
 def test_noise_is_rarely_significant():
@@ -102,7 +104,7 @@ def test_ranks_come_back_in_example_order_across_batches():
     (lambda: paired_difference([1, 2], [1, 2, 3], "HR@10"), "2 and 3 ranks"),
     (lambda: paired_difference([1, 2], [1, 2], "HR@10", confidence=1.0), "got 1.0"),
     (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=[1, 0]), "mask must be bool"),
-    (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=np.array([True, False])), "got 1"),
+    (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=np.array([True, False])), "HR@10, got 1 after the mask"),
 ])
 def test_errors_name_the_bad_value(call, message):
     with pytest.raises(ValueError, match=message):

@@ -50,9 +50,8 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: pathlib.Path, overrides: Sequence[str], command: str):
-    """(config, split, model) of a run directory, with only eval.* and data.data_dir overridable."""
-    from tfx_xmatch import training
+def _run_config(run_dir, overrides: Sequence[str], command: str):
+    """A run directory's config, with only eval.* and data.data_dir overridable."""
     from tfx_xmatch.config import apply_overrides, config_from_dict
 
     config_path = pathlib.Path(run_dir) / "config.json"
@@ -63,16 +62,16 @@ def _load_run(run_dir: pathlib.Path, overrides: Sequence[str], command: str):
         # evaluated (and where the data lives) may change.
         if not override.startswith(("eval.", "data.data_dir=")):
             raise SystemExit(f"xmatch {command}: only eval.* and data.data_dir may be overridden, got {override!r}")
-    config = apply_overrides(config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path)),
-                             overrides)
-    return config, training.prepare_split(config), training.load_model(pathlib.Path(run_dir) / "model")
+    return apply_overrides(config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path)),
+                           overrides)
 
 
 def _command_evaluate(args: argparse.Namespace) -> int:
     from tfx_xmatch import training
     from tfx_xmatch.io_utils import write_json_atomic
 
-    config, split, model = _load_run(args.run_dir, args.set, "evaluate")
+    config = _run_config(args.run_dir, args.set, "evaluate")
+    split, model = training.prepare_split(config), training.load_model(pathlib.Path(args.run_dir) / "model")
     result = training.evaluate(model, split, args.split, config)
     print(format_metrics(f"{args.split} ({split.dataset.name}, {split.name}, full ranking)", result))
     if args.output:
@@ -82,26 +81,33 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 
 def _command_compare(args: argparse.Namespace) -> int:
     from tfx_xmatch import training
-    from tfx_xmatch.bench.paired import compare, format_difference
+    from tfx_xmatch.bench.paired import check_metric, compare, format_difference
     from tfx_xmatch.evaluation import FullRankingEvaluator
     from tfx_xmatch.io_utils import write_json_atomic
 
     if len(args.run_dir) != 2:
         raise SystemExit(f"xmatch compare: give exactly two --run-dir (A, then B), got {len(args.run_dir)}: "
                          f"{args.run_dir}")
-    (config_a, split, model_a), (config_b, _, model_b) = (_load_run(run_dir, args.set, "compare")
-                                                           for run_dir in args.run_dir)
-    data_a, data_b = config_a.to_dict()["data"], config_b.to_dict()["data"]
-    differing = sorted(key for key in data_a.keys() | data_b.keys()
-                       if key != "data_dir" and data_a.get(key) != data_b.get(key))
+    if not 0.0 < args.confidence < 1.0:
+        raise SystemExit(f"xmatch compare: --confidence must be in (0, 1), e.g. 0.95, got {args.confidence!r}")
+    for metric in args.metric:
+        check_metric(metric)
+    configs = [_run_config(run_dir, args.set, "compare") for run_dir in args.run_dir]
+    # Both runs must rank the same users the same way: same data, same history masking.
+    settings = [{**{f"data.{key}": value for key, value in config.to_dict()["data"].items() if key != "data_dir"},
+                 "eval.mask_history": config.eval.mask_history} for config in configs]
+    differing = sorted(key for key in settings[0].keys() | settings[1].keys()
+                       if settings[0].get(key) != settings[1].get(key))
     if differing:
-        raise SystemExit("xmatch compare: the runs were trained on different data, so their users differ: "
-                         + ", ".join(f"data.{key} = {data_a.get(key)!r} vs {data_b.get(key)!r}" for key in differing))
-    ranks = [training.evaluate(model, split, args.split, config, return_ranks=True)[1]
-             for model, config in ((model_a, config_a), (model_b, config_b))]
+        raise SystemExit("xmatch compare: the runs do not rank the same examples the same way: "
+                         + ", ".join(f"{key} = {settings[0].get(key)!r} vs {settings[1].get(key)!r}"
+                                     for key in differing))
+    split = training.prepare_split(configs[0])
+    ranks = [training.evaluate(training.load_model(pathlib.Path(run_dir) / "model"), split, args.split, config,
+                               return_ranks=True)[1] for run_dir, config in zip(args.run_dir, configs)]
     is_tail = FullRankingEvaluator(split.num_items, ks=(1,), item_popularity=split.item_popularity()).is_tail
     examples = getattr(split, args.split)
-    paired = compare(ranks[0], ranks[1], args.metric, is_tail[examples.targets])
+    paired = compare(ranks[0], ranks[1], args.metric, is_tail[examples.targets], confidence=args.confidence)
     names = [pathlib.Path(run_dir).name or str(run_dir) for run_dir in args.run_dir]
     print(f"{args.split} ({split.dataset.name}, {split.name}, full ranking, {len(examples):,} users): "
           f"A = {names[0]}, B = {names[1]}; A - B with a {args.confidence:.0%} interval, paired t-test")

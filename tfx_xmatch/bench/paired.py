@@ -14,62 +14,93 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tfx_xmatch.evaluation import paired_difference
+from tfx_xmatch.evaluation import paired_difference, per_example_gain
 from tfx_xmatch.io_utils import atomic_path
 
 RANKS_DIR = "test_ranks"
 TAIL_PREFIX = "Tail"
 
 
-def _ranks_file(run_dir: pathlib.Path, label: str) -> pathlib.Path:
+def _ranks_file(run_dir, label: str) -> pathlib.Path:
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"a ranks label must be a non-empty string, got {label!r}")
     slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", label.strip()).strip("_")
-    return pathlib.Path(run_dir) / RANKS_DIR / f"{slug}.npy"
+    return pathlib.Path(run_dir) / RANKS_DIR / f"{slug}.npz"
 
 
-def save_ranks(run_dir, label: str, ranks: np.ndarray) -> pathlib.Path:
-    """Writes a path's test ranks (int [num_users]) under the run directory, atomically.
+def save_ranks(run_dir, label: str, ranks: np.ndarray, targets: np.ndarray) -> pathlib.Path:
+    """Writes a path's test ranks (int [num_users]) under the run directory, atomically, with the
+    targets they rank, so a later reader can tell whether they rank its examples.
 
     Raises:
-      ValueError: an empty label, or ranks that are not 1-D integers.
+      ValueError: an empty label, ranks that are not 1-D integers, or targets of another length.
     """
-    ranks = np.asarray(ranks)
+    ranks, targets = np.asarray(ranks), np.asarray(targets)
     if ranks.ndim != 1 or not np.issubdtype(ranks.dtype, np.integer):
         raise ValueError(f"ranks of {label!r} must be 1-D integers, got dtype {ranks.dtype} shape {ranks.shape}")
+    if targets.shape != ranks.shape:
+        raise ValueError(f"ranks of {label!r} need one target each: {ranks.size} ranks, {targets.size} targets")
     path = _ranks_file(run_dir, label)
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
-            np.save(handle, ranks.astype(np.int64))
+            np.savez(handle, ranks=ranks.astype(np.int64), targets=targets.astype(np.int64))
     return path
 
 
-def load_ranks(run_dir, label: str) -> Optional[np.ndarray]:
-    """The ranks ``save_ranks`` wrote for ``label`` in the run, or None when there are none."""
+def load_ranks(run_dir, label: str, targets: np.ndarray) -> Optional[np.ndarray]:
+    """The ranks ``save_ranks`` wrote for ``label`` in the run, or None when there are none.
+
+    Raises:
+      ValueError: the saved ranks are of other examples than ``targets`` (another split or
+        dataset); the message names the file, which can be deleted to recompute them.
+    """
     path = _ranks_file(run_dir, label)
-    return np.load(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        ranks, saved_targets = saved["ranks"], saved["targets"]
+    targets = np.asarray(targets)
+    if saved_targets.shape != targets.shape or not np.array_equal(saved_targets, targets):
+        where = ("" if saved_targets.shape != targets.shape
+                 else f", first differing at example {int(np.flatnonzero(saved_targets != targets)[0])}")
+        raise ValueError(f"{path} ranks other examples ({saved_targets.size} targets) than the "
+                         f"{targets.size} being compared{where}: delete it to recompute")
+    return ranks
 
 
 def compare(ranks: np.ndarray, reference: np.ndarray, metrics: Sequence[str],
-            is_tail_target: Optional[np.ndarray] = None) -> dict:
+            is_tail_target: Optional[np.ndarray] = None, confidence: float = 0.95) -> dict:
     """Paired differences (row minus reference) of each metric: {metric: PairedDifference dict}.
 
     ``TailRecall@K`` compares ``Recall@K`` over the users whose target is a tail item
     (``is_tail_target``, bool [num_users]).
 
     Raises:
-      ValueError: a tail metric without ``is_tail_target``, or ranks of different users.
+      ValueError: an unknown metric (quoted), a tail metric without ``is_tail_target``, or ranks
+        of different users.
     """
     result = {}
     for metric in metrics:
+        check_metric(metric)
         if metric.startswith(TAIL_PREFIX):
             if is_tail_target is None:
                 raise ValueError(f"{metric!r} needs is_tail_target (which users' targets are tail items)")
-            difference = paired_difference(ranks, reference, metric[len(TAIL_PREFIX):], mask=is_tail_target)
+            difference = paired_difference(ranks, reference, metric[len(TAIL_PREFIX):], mask=is_tail_target,
+                                           confidence=confidence)
         else:
-            difference = paired_difference(ranks, reference, metric)
+            difference = paired_difference(ranks, reference, metric, confidence=confidence)
         result[metric] = {**difference.to_dict(), "metric": metric}
     return result
+
+
+def check_metric(metric: str) -> None:
+    """Raises ValueError quoting ``metric`` unless ``compare`` can compute it."""
+    name = metric[len(TAIL_PREFIX):] if isinstance(metric, str) and metric.startswith(TAIL_PREFIX + "Recall@") \
+        else metric
+    try:
+        per_example_gain(np.zeros(1, np.int64), name)
+    except ValueError:
+        raise ValueError(f"metric must be HR@K, Recall@K, P@K, NDCG@K, MRR@K or TailRecall@K, got {metric!r}") from None
 
 
 def format_difference(difference: dict) -> str:

@@ -68,7 +68,8 @@ class PairedDifference:
         return self.p_value < (1.0 - self.confidence if alpha is None else alpha)
 
     def to_dict(self) -> dict:
-        return {key: (round(value, 6) if isinstance(value, float) else value)
+        # p-values keep every digit: rounding would turn 1e-20 into a false "p = 0".
+        return {key: (round(value, 6) if isinstance(value, float) and key != "p_value" else value)
                 for key, value in dataclasses.asdict(self).items()}
 
 
@@ -146,7 +147,8 @@ def paired_difference(
                              f"got dtype {mask.dtype} and shape {mask.shape}")
         gains_a, gains_b = gains_a[mask], gains_b[mask]
     if gains_a.size < 2:
-        raise ValueError(f"need at least two examples to compare, got {gains_a.size}")
+        where = f" after the mask ({ranks_a.size} before)" if mask is not None else ""
+        raise ValueError(f"need at least two examples to compare {metric}, got {gains_a.size}{where}")
     differences = gains_a - gains_b
     difference = float(differences.mean())
     if not np.any(differences != differences[0]):
