@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Optional
 
 from tfx_xmatch.bench.environment import header, machine_info, versions  # noqa: F401  (the benchmarks' import)
 
@@ -45,12 +46,13 @@ def read_results(path: pathlib.Path, benchmark: str) -> dict:
     return results
 
 
-def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...]) -> dict:
+def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...], defaults: Optional[dict] = None) -> dict:
     """``result`` folded into the results already at ``path`` (JSON), so runs of separate variants add up.
 
     Rows of ``result`` replace earlier rows with the same ``key`` fields and the others are kept in
     their order; the earlier header stays and this run's command is listed under ``more_commands``.
-    Without a file at ``path`` the result is returned as it is.
+    Without a file at ``path`` the result is returned as it is. ``defaults`` gives the value of a
+    key field that rows written before the field existed lack.
 
     Raises:
       ValueError: if the file at ``path`` is not a results file of the same benchmark.
@@ -58,8 +60,13 @@ def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...]) -> dict:
     if not path.exists():
         return result
     earlier = read_results(path, result["benchmark"])
-    fresh = {tuple(row.get(field) for field in key) for row in result["rows"]}
-    kept = [row for row in earlier["rows"] if tuple(row.get(field) for field in key) not in fresh]
+    defaults = defaults or {}
+
+    def row_key(row: dict) -> tuple:
+        return tuple(row.get(field, defaults.get(field)) for field in key)
+
+    fresh = {row_key(row) for row in result["rows"]}
+    kept = [row for row in earlier["rows"] if row_key(row) not in fresh]
     # Every command once, with the date it last ran (the first command keeps the header's date).
     more = [m for m in earlier.get("more_commands", []) if m["command"] != result["command"]]
     if earlier["command"] != result["command"]:

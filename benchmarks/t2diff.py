@@ -95,7 +95,7 @@ SPLIT_OVERRIDES = {"leave_one_out": ["data.split=leave_one_out"],
 KS = (2, 10, 20, 50)
 REPORTED = ("HR@2", "MRR@2", "HR@10", "MRR@10", "NDCG@10", "HR@20", "MRR@20")
 # A re-run of a model replaces all of its rows (its sampler sweep may differ from the last run's).
-ROW_KEY = ("split", "model")
+ROW_KEY = ("split", "model", "train_seed")
 # Variants evaluated with every sampler of SAMPLINGS; the others with their serving default.
 SAMPLER_SWEEP_VARIANTS = ("t2diff", "t2diff_predicted_pooling", "t2diff_predicted_pooling_long_history",
                           "t2diff_predicted_pooling_more_positions", "t2diff_sasrec_backbone",
@@ -240,10 +240,16 @@ def main() -> int:
                                        **paired})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            written = merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY) if args.merge else result
+            written = merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY, {"train_seed": 0}) if args.merge else result
             write_json_atomic(RESULTS_DIR / f"{args.output}.json", written)
             write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
     return 0
+
+
+def model_name(row: dict) -> str:
+    """The variant, and its training seed when it is not the default 0."""
+    seed = row.get("train_seed", 0)
+    return f"{row['model']} (seed {seed})" if seed else row["model"]
 
 
 def to_markdown(result: dict) -> str:
@@ -259,11 +265,12 @@ def to_markdown(result: dict) -> str:
                   + " | p50 / p99 ms | epochs (best) | train s |", "|" + "---|" * (len(REPORTED) + 5)]
         for row in (r for r in result["rows"] if r["split"] == split_name):
             metrics = " | ".join(f"{row[key]:.4f}" for key in REPORTED)
-            lines.append(f"| {row['model']} | {row['sampling']} | {metrics} | {row['latency_ms_p50']} / "
+            lines.append(f"| {model_name(row)} | {row['sampling']} | {metrics} | {row['latency_ms_p50']} / "
                          f"{row['latency_ms_p99']} | {row['epochs']} ({row['best_epoch']}) | "
                          f"{row['train_seconds']:.0f} |")
         lines.append("")
-        table = paired_table([row for row in result["rows"] if row["split"] == split_name], ("model", "sampling"),
+        table = paired_table([{**row, "model": model_name(row)} for row in result["rows"] if row["split"] == split_name],
+                             ("model", "sampling"),
                              {"vs_two_tower": "two-tower", "vs_backbone": "its backbone alone"}, COMPARED)
         lines += table + ([""] if table else [])
     return "\n".join(lines) + "\n"

@@ -70,6 +70,12 @@ def test_merged_results_replace_rows_by_key_and_list_every_command(tmp_path):
     path.write_text(json.dumps(merged))
     again = merge_rows({**second, "date": "d3"}, path, ("model", "sampling"))
     assert again["more_commands"] == [{"command": "run b", "date": "d3"}]  # one entry per command
+    # A key field that older rows lack takes its default: seed 0 replaces them, seed 1 adds rows.
+    seeded = {**second, "rows": [{"model": "x", "sampling": "s", "seed": 0, "HR": 0.5},
+                                 {"model": "y", "sampling": "s", "seed": 1, "HR": 0.6}]}
+    rows = merge_rows(seeded, path, ("model", "sampling", "seed"), {"seed": 0})["rows"]
+    assert [(row["model"], row.get("seed"), row["HR"]) for row in rows] == [
+        ("y", None, 0.3), ("z", None, 0.4), ("x", 0, 0.5), ("y", 1, 0.6)]
     path.write_text(json.dumps({**first, "benchmark": "sparc"}))
     with pytest.raises(ValueError, match="not a 't2diff' results file"):
         merge_rows(second, path, ("model", "sampling"))
@@ -218,6 +224,10 @@ def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
     assert "| ΔHR@10 vs its backbone alone |" in text
     assert "| t2diff | DDIM-25 |  |  |  | +0.0016 [-0.0040, +0.0072] p=0.01 |" in text
     assert "| t2diff | DDIM-10 | +" not in text and "\n\n\n" not in text
+    seeded = t2diff.to_markdown({**common.header("t2diff"), "num_items": 9,
+                                 "rows": [{**row, "train_seed": 1, "vs_two_tower": {m: difference
+                                                                                    for m in t2diff.COMPARED}}]})
+    assert "| t2diff (seed 1) | DDIM-10 | 0.1000" in seeded and "| t2diff (seed 1) | DDIM-10 | +0.0016" in seeded
 
 
 def test_t2diff_runs_are_named_so_every_output_and_seed_finds_its_two_tower(tmp_path, capsys):
