@@ -117,6 +117,8 @@ def _command_compare(args: argparse.Namespace) -> int:
                    if result["p_value"] < 1 - args.confidence else "no significant difference")
         print(f"  {metric:<{width}}  A {result['mean_a']:.4f}  B {result['mean_b']:.4f}  "
               f"{format_difference(result)}  {verdict}")
+    print("  (the test covers the choice of users, not of training runs: retrain both with other seeds "
+          "before calling a difference a model's)")
     if args.output:
         write_json_atomic(args.output, {"split": args.split, "run_a": str(args.run_dir[0]),
                                         "run_b": str(args.run_dir[1]), "metrics": paired})
