@@ -52,12 +52,12 @@ from common import (  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
-from tfx_xmatch.bench.paired import compare, load_ranks, paired_table, save_ranks  # noqa: E402
+from tfx_xmatch.bench.paired import load_ranks, paired_table, save_ranks  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.bench.serving_paths import (  # noqa: E402
     RETRIEVED, evaluate_path, per_user_latencies, serving_path,
 )
-from tfx_xmatch.evaluation import FullRankingEvaluator  # noqa: E402
+from tfx_xmatch.evaluation import compare_metrics, is_tail_target  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -95,26 +95,20 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
     evaluated = {path.label: evaluate_path(path, model, split, config, return_ranks=True) for path in paths}
     for label, (_, ranks) in evaluated.items():
         save_ranks(run_dir, label, ranks, split.test.targets)
-    is_tail = tail_targets(split)
+    is_tail = is_tail_target(split.test.targets, split.item_popularity())
     latencies = per_user_latencies({path.label: path for path in paths}, model, split, config, latency_users)
     rows = []
     for path in paths:
         path_metrics, ranks = evaluated[path.label]
         p50, p99 = latencies[path.label]
-        paired = {} if path.label == HARD else {"vs_hard": compare(ranks, evaluated[HARD][1], COMPARED, is_tail)}
+        paired = {} if path.label == HARD else {"vs_hard": compare_metrics(ranks, evaluated[HARD][1], COMPARED, is_tail)}
         if reference is not None:
-            paired["vs_two_tower"] = compare(ranks, reference, COMPARED, is_tail)
+            paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
         rows.append({**base, "variant": path.label, "interests": path.variant.get("interests", 0),
                      **_reported(path_metrics), "codebook_perplexity": perplexity,
                      "latency_ms_p50": p50, "latency_ms_p99": p99, **paired})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows
-
-
-def tail_targets(split) -> np.ndarray:
-    """bool [test users]: whose target is a tail item (what TailRecall@K averages over)."""
-    is_tail = FullRankingEvaluator(split.num_items, ks=(1,), item_popularity=split.item_popularity()).is_tail
-    return is_tail[np.asarray(split.test.targets)]
 
 
 def two_tower_ranks(run_dir: pathlib.Path, split, config) -> np.ndarray | None:

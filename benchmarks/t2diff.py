@@ -27,7 +27,6 @@ Writes ``results/t2diff.md`` and ``results/t2diff.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -41,10 +40,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
-from tfx_xmatch.bench.paired import compare, load_ranks, paired_table, save_ranks  # noqa: E402
+from tfx_xmatch.bench.paired import load_ranks, paired_table, save_ranks  # noqa: E402
 from tfx_xmatch.bench.serving_paths import per_user_latencies, serving_path  # noqa: E402
-from tfx_xmatch.config import config_from_dict, load_config  # noqa: E402
-from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
+from tfx_xmatch.config import load_config  # noqa: E402
+from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -145,9 +144,7 @@ def reference_ranks(run_dir: pathlib.Path, split) -> np.ndarray | None:
     trained here."""
     ranks = load_ranks(run_dir, REFERENCE[1], split.test.targets)
     if ranks is None and (run_dir / "model").is_dir():
-        config_path = run_dir / "config.json"
-        config = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
-        _, ranks = evaluate(training.load_model(run_dir / "model"), split, config)
+        _, ranks = evaluate(training.load_model(run_dir / "model"), split, training.load_run_config(run_dir))
         save_ranks(run_dir, REFERENCE[1], ranks, split.test.targets)
     if ranks is None:
         print(f"no paired comparison: no two-tower run at {run_dir}", file=sys.stderr)
@@ -230,11 +227,11 @@ def main() -> int:
             timings = latencies(model, split, config, args.latency_users, servings, args.seed)
             own_backbone = tests.get(BACKBONE_ALONE, (None, None))[1]
             for label, (test, ranks) in tests.items():
-                paired = {} if reference is None else {"vs_two_tower": compare(ranks, reference, COMPARED)}
+                paired = {} if reference is None else {"vs_two_tower": compare_metrics(ranks, reference, COMPARED)}
                 if own_backbone is not None and label != BACKBONE_ALONE:
                     # Does the branch add anything to the weights it sits on? The same model, so
                     # the comparison is free of the seed-to-seed spread of two trainings.
-                    paired["vs_backbone"] = compare(ranks, own_backbone, COMPARED)
+                    paired["vs_backbone"] = compare_metrics(ranks, own_backbone, COMPARED)
                 result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
                                        "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1],
                                        **paired})

@@ -218,7 +218,8 @@ def test_latencies_of_several_paths_time_each_path_once_per_user_in_a_rotating_o
 
 
 def test_ranks_are_kept_per_label_and_rows_are_compared_on_the_same_users(tmp_path):
-    from tfx_xmatch.bench.paired import compare, format_difference, load_ranks, save_ranks
+    from tfx_xmatch.bench.paired import load_ranks, save_ranks
+    from tfx_xmatch.evaluation import compare_metrics as compare, format_difference
 
     ranks, targets = np.array([0, 4, 60, 2, 9, 70]), np.array([5, 3, 9, 9, 1, 2])
     path = save_ranks(tmp_path, "soft K=4 (recorded)", ranks, targets)

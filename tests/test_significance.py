@@ -9,7 +9,7 @@ from scipy import stats
 
 from tfx_xmatch.data.dataset import EvalExamples, pad_histories
 from tfx_xmatch.evaluation import (
-    FullRankingEvaluator, evaluate_full_ranking, paired_difference, per_example_gain,
+    FullRankingEvaluator, evaluate_full_ranking, is_tail_target, paired_difference, per_example_gain,
 )
 from tfx_xmatch.evaluation import significance
 
@@ -35,7 +35,8 @@ def test_mean_gain_is_the_evaluators_metric(metric):
 
 def test_mask_of_tail_targets_gives_tail_recall():
     evaluator, ranks, targets, popularity = _ranked(1)
-    is_tail = evaluator.is_tail[targets]
+    is_tail = is_tail_target(targets, popularity)
+    np.testing.assert_array_equal(is_tail, evaluator.is_tail[targets])
     result = paired_difference(ranks, ranks + 5, "Recall@20", mask=is_tail)
     assert result.mean_a == pytest.approx(evaluator.result()["TailRecall@20"], abs=1e-12)
     assert result.num_examples == int(is_tail.sum())

@@ -52,18 +52,15 @@ def _command_train(args: argparse.Namespace) -> int:
 
 def _run_config(run_dir, overrides: Sequence[str], command: str):
     """A run directory's config, with only eval.* and data.data_dir overridable."""
-    from tfx_xmatch.config import apply_overrides, config_from_dict
+    from tfx_xmatch import training
+    from tfx_xmatch.config import apply_overrides
 
-    config_path = pathlib.Path(run_dir) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory of `xmatch train`")
     for override in overrides:
         # The data and model must stay those the model was trained on; only how it is
         # evaluated (and where the data lives) may change.
         if not override.startswith(("eval.", "data.data_dir=")):
             raise SystemExit(f"xmatch {command}: only eval.* and data.data_dir may be overridden, got {override!r}")
-    return apply_overrides(config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path)),
-                           overrides)
+    return apply_overrides(training.load_run_config(run_dir), overrides)
 
 
 def _command_evaluate(args: argparse.Namespace) -> int:
@@ -81,8 +78,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 
 def _command_compare(args: argparse.Namespace) -> int:
     from tfx_xmatch import training
-    from tfx_xmatch.bench.paired import check_metric, compare, format_difference
-    from tfx_xmatch.evaluation import FullRankingEvaluator
+    from tfx_xmatch.evaluation import check_metric, compare_metrics, format_difference, is_tail_target
     from tfx_xmatch.io_utils import write_json_atomic
 
     if len(args.run_dir) != 2:
@@ -105,9 +101,9 @@ def _command_compare(args: argparse.Namespace) -> int:
     split = training.prepare_split(configs[0])
     ranks = [training.evaluate(training.load_model(pathlib.Path(run_dir) / "model"), split, args.split, config,
                                return_ranks=True)[1] for run_dir, config in zip(args.run_dir, configs)]
-    is_tail = FullRankingEvaluator(split.num_items, ks=(1,), item_popularity=split.item_popularity()).is_tail
     examples = getattr(split, args.split)
-    paired = compare(ranks[0], ranks[1], args.metric, is_tail[examples.targets], confidence=args.confidence)
+    paired = compare_metrics(ranks[0], ranks[1], args.metric, is_tail_target(examples.targets, split.item_popularity()),
+                             confidence=args.confidence)
     names = [pathlib.Path(run_dir).name or str(run_dir) for run_dir in args.run_dir]
     print(f"{args.split} ({split.dataset.name}, {split.name}, full ranking, {len(examples):,} users): "
           f"A = {names[0]}, B = {names[1]}; A - B with a {args.confidence:.0%} interval, paired t-test")

@@ -148,6 +148,18 @@ def make_score_fn(model: tf.keras.Model, dataset: SequenceDataset) -> Callable[[
     return score_fn
 
 
+def load_run_config(run_dir) -> RunConfig:
+    """The config a run directory was trained with (its ``config.json``).
+
+    Raises:
+      FileNotFoundError: ``run_dir`` holds no ``config.json`` (not a run directory of ``train``).
+    """
+    config_path = pathlib.Path(run_dir) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory of `xmatch train`")
+    return config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
+
+
 def evaluate(model: tf.keras.Model, split: Split, which: str, config: RunConfig, return_ranks: bool = False):
     """Full-ranking metrics of ``model`` on the split's "validation" or "test" examples; with
     ``return_ranks``, the pair ``(metrics, ranks)`` with each example's 0-based target rank."""
@@ -323,9 +335,8 @@ def train(
     chief = is_chief(strategy)
     # Non-chief workers write their copies under the run directory and delete them at the end.
     output_dir = run_dir if chief else run_dir / ".workers" / worker_name(strategy)
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        previous = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
+    if (run_dir / "config.json").exists():
+        previous = load_run_config(run_dir)
         changed = _changed_keys(previous, config) - RESUMABLE_KEYS
         if changed:
             raise ValueError(f"{run_dir} holds a run with a different config ({sorted(changed)} differ); "
@@ -334,7 +345,7 @@ def train(
             logger.info("%s already holds a finished run; returning its metrics", run_dir)
             return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     if chief:
-        write_json_atomic(config_path, config.to_dict())
+        write_json_atomic(run_dir / "config.json", config.to_dict())
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tf.keras.utils.set_random_seed(config.train.seed)

@@ -1,9 +1,9 @@
-"""Per-user test ranks kept beside a benchmark run, and paired comparisons of two runs' rows.
+"""Per-user test ranks kept beside a benchmark run, and the table of paired comparisons.
 
 A quality benchmark saves each serving path's 0-based target ranks (one per test user, in the
 split's order) under ``<run dir>/test_ranks/``. Another benchmark, or a later re-run, reads them
 back to test whether a row really beats a reference on the same users
-(``tfx_xmatch.evaluation.paired_difference``) instead of comparing two means by eye.
+(``tfx_xmatch.evaluation.compare_metrics``) instead of comparing two means by eye.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tfx_xmatch.evaluation import paired_difference, per_example_gain
+from tfx_xmatch.evaluation import format_difference
 from tfx_xmatch.io_utils import atomic_path
 
 RANKS_DIR = "test_ranks"
-TAIL_PREFIX = "Tail"
 
 
 def _ranks_file(run_dir, label: str) -> pathlib.Path:
@@ -68,53 +67,12 @@ def load_ranks(run_dir, label: str, targets: np.ndarray) -> Optional[np.ndarray]
     return ranks
 
 
-def compare(ranks: np.ndarray, reference: np.ndarray, metrics: Sequence[str],
-            is_tail_target: Optional[np.ndarray] = None, confidence: float = 0.95) -> dict:
-    """Paired differences (row minus reference) of each metric: {metric: PairedDifference dict}.
-
-    ``TailRecall@K`` compares ``Recall@K`` over the users whose target is a tail item
-    (``is_tail_target``, bool [num_users]).
-
-    Raises:
-      ValueError: an unknown metric (quoted), a tail metric without ``is_tail_target``, or ranks
-        of different users.
-    """
-    result = {}
-    for metric in metrics:
-        check_metric(metric)
-        if metric.startswith(TAIL_PREFIX):
-            if is_tail_target is None:
-                raise ValueError(f"{metric!r} needs is_tail_target (which users' targets are tail items)")
-            difference = paired_difference(ranks, reference, metric[len(TAIL_PREFIX):], mask=is_tail_target,
-                                           confidence=confidence)
-        else:
-            difference = paired_difference(ranks, reference, metric, confidence=confidence)
-        result[metric] = {**difference.to_dict(), "metric": metric}
-    return result
-
-
-def check_metric(metric: str) -> None:
-    """Raises ValueError quoting ``metric`` unless ``compare`` can compute it."""
-    name = metric[len(TAIL_PREFIX):] if isinstance(metric, str) and metric.startswith(TAIL_PREFIX + "Recall@") \
-        else metric
-    try:
-        per_example_gain(np.zeros(1, np.int64), name)
-    except ValueError:
-        raise ValueError(f"metric must be HR@K, Recall@K, P@K, NDCG@K, MRR@K or TailRecall@K, got {metric!r}") from None
-
-
-def format_difference(difference: dict) -> str:
-    """``+0.0016 [-0.0040, +0.0072] p=0.58`` (difference, confidence interval, p-value)."""
-    return (f"{difference['difference']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
-            f"p={difference['p_value']:.2g}")
-
-
 def paired_table(rows: Sequence[dict], label_columns: Sequence[str], references: dict,
                  metrics: Sequence[str]) -> list[str]:
     """Markdown lines of the rows' paired differences (none when no row has one).
 
     Args:
-      rows: Result rows; ``row[key][metric]`` is a ``compare`` result for each ``key`` of
+      rows: Result rows; ``row[key][metric]`` is a ``compare_metrics`` result for each ``key`` of
         ``references`` the row was compared with.
       label_columns: Row fields that name a row, e.g. ("model", "sampling").
       references: {row key: what the row was compared with}, e.g. {"vs_hard": "hard"}.

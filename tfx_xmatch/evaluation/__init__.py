@@ -5,8 +5,17 @@ from tfx_xmatch.evaluation.full_ranking import (
     TIE_POLICIES,
     FullRankingEvaluator,
     evaluate_full_ranking,
+    is_tail_target,
 )
-from tfx_xmatch.evaluation.significance import PairedDifference, paired_difference, per_example_gain
+from tfx_xmatch.evaluation.significance import (
+    PairedDifference,
+    check_metric,
+    compare_metrics,
+    format_difference,
+    paired_difference,
+    per_example_gain,
+)
 
-__all__ = ["TIE_POLICIES", "FullRankingEvaluator", "PairedDifference", "evaluate_full_ranking",
-           "paired_difference", "per_example_gain"]
+__all__ = ["TIE_POLICIES", "FullRankingEvaluator", "PairedDifference", "check_metric", "compare_metrics",
+           "evaluate_full_ranking", "format_difference", "is_tail_target", "paired_difference",
+           "per_example_gain"]

@@ -483,6 +483,23 @@ class FullRankingEvaluator:
         return metrics
 
 
+def is_tail_target(targets: ArrayLike, item_popularity: ArrayLike, head_fraction: float = 0.2) -> np.ndarray:
+    """bool [N]: whose target is a tail item, the examples TailRecall@K averages over.
+
+    Args:
+      targets: int [N] target item indices.
+      item_popularity: Training popularity per item index, [num_items + 1] (index 0 ignored).
+      head_fraction: As in ``FullRankingEvaluator``.
+
+    Raises:
+      ValueError: As ``FullRankingEvaluator`` on a malformed popularity or head fraction.
+    """
+    popularity = _to_numpy(item_popularity)
+    evaluator = FullRankingEvaluator(max(len(popularity) - 1, 1), ks=(1,), item_popularity=popularity,
+                                     head_fraction=head_fraction)
+    return evaluator.is_tail[np.asarray(targets)]
+
+
 def evaluate_full_ranking(
     score_fn: Callable[[np.ndarray, np.ndarray], ArrayLike],
     examples: EvalExamples,

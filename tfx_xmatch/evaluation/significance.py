@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -37,6 +37,7 @@ GAINS = {
     "MRR": lambda ranks, k: 1.0 / (ranks + 1.0),
 }
 _METRIC = re.compile(r"^(?P<name>[A-Za-z]+)@(?P<k>[0-9]+)$")
+TAIL_PREFIX = "Tail"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +161,46 @@ def paired_difference(
         interval = test.confidence_interval(confidence)
         low, high, p_value = float(interval.low), float(interval.high), float(test.pvalue)
     return PairedDifference(metric=metric, mean_a=float(gains_a.mean()), mean_b=float(gains_b.mean()),
-                            difference=difference, ci_low=low, ci_high=high,
-                            p_value=p_value,
+                            difference=difference, ci_low=low, ci_high=high, p_value=p_value,
                             num_examples=int(gains_a.size), confidence=float(confidence))
+
+
+def compare_metrics(ranks: np.ndarray, reference: np.ndarray, metrics: Sequence[str],
+                    is_tail_target: Optional[np.ndarray] = None, confidence: float = 0.95) -> dict:
+    """Paired differences (row minus reference) of each metric: {metric: PairedDifference dict}.
+
+    ``TailRecall@K`` compares ``Recall@K`` over the users whose target is a tail item
+    (``is_tail_target``, bool [num_users]).
+
+    Raises:
+      ValueError: an unknown metric (quoted), a tail metric without ``is_tail_target``, or ranks
+        of different users.
+    """
+    result = {}
+    for metric in metrics:
+        check_metric(metric)
+        if metric.startswith(TAIL_PREFIX):
+            if is_tail_target is None:
+                raise ValueError(f"{metric!r} needs is_tail_target (which users' targets are tail items)")
+            difference = paired_difference(ranks, reference, metric[len(TAIL_PREFIX):], mask=is_tail_target,
+                                           confidence=confidence)
+        else:
+            difference = paired_difference(ranks, reference, metric, confidence=confidence)
+        result[metric] = {**difference.to_dict(), "metric": metric}
+    return result
+
+
+def check_metric(metric: str) -> None:
+    """Raises ValueError quoting ``metric`` unless ``compare_metrics`` can compute it."""
+    name = metric[len(TAIL_PREFIX):] if isinstance(metric, str) and metric.startswith(TAIL_PREFIX + "Recall@") \
+        else metric
+    try:
+        per_example_gain(np.zeros(1, np.int64), name)
+    except ValueError:
+        raise ValueError(f"metric must be HR@K, Recall@K, P@K, NDCG@K, MRR@K or TailRecall@K, got {metric!r}") from None
+
+
+def format_difference(difference: dict) -> str:
+    """``+0.0016 [-0.0040, +0.0072] p=0.58`` (difference, confidence interval, p-value)."""
+    return (f"{difference['difference']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
+            f"p={difference['p_value']:.2g}")
