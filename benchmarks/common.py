@@ -46,6 +46,12 @@ def read_results(path: pathlib.Path, benchmark: str) -> dict:
     return results
 
 
+def model_name(row: dict) -> str:
+    """A result row's model, and its training seed (``train_seed``) when it is not the default 0."""
+    seed = row.get("train_seed", 0)
+    return f"{row['model']} (seed {seed})" if seed else row["model"]
+
+
 def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...], defaults: Optional[dict] = None) -> dict:
     """``result`` folded into the results already at ``path`` (JSON), so runs of separate variants add up.
 

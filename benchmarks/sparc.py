@@ -44,8 +44,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, read_results, training_budgets,
-    training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, read_results,
+    training_budgets, training_overrides,
 )
 
 
@@ -78,6 +78,8 @@ INTERESTS = (1, 2, 4, 8)
 REPORTED = ("Recall@50", "NDCG@50", "HR@10", "NDCG@10", "TailRecall@50", "Coverage@50")
 COMPARED = ("Recall@50", "TailRecall@50")
 HARD = "hard (K=1)"
+# A re-run of a model replaces all of its rows of that dataset and seed.
+ROW_KEY = ("dataset", "model", "train_seed")
 
 
 def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_users: int,
@@ -157,6 +159,12 @@ def main() -> int:
                         help="extra config overrides of the SPARC runs (an ablation; use with --output)")
     parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
     parser.add_argument("--output", default="sparc", help="results file stem under benchmarks/results/")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="training seed (train.seed) of every model; a non-zero seed trains its own runs "
+                             "(names ending -seed<N>), SPARC compared with the two-tower of the same seed")
+    parser.add_argument("--merge", action="store_true",
+                        help="add the rows to the results already under --output (rows of a re-run dataset, "
+                             "model and seed replaced) instead of starting the file afresh")
     args = parser.parse_args()
 
     dataset_dir = pathlib.Path(args.data_dir)
@@ -173,12 +181,13 @@ def main() -> int:
         # The two-tower first: SPARC rows are compared with it.
         for name in sorted(args.models, key=lambda model: model != "two_tower_sasrec"):
             minutes = budgets[f"{dataset}:{name}"]
-            overrides = training_overrides(dataset, dataset_dir, args.epochs, args.patience, minutes)
+            overrides = [*training_overrides(dataset, dataset_dir, args.epochs, args.patience, minutes),
+                         f"train.seed={args.train_seed}"]
             config = load_config(CONFIGS[dataset, name], overrides + (args.sparc_set if name == "sparc" else []))
             split = split or training.prepare_split(config)
             run_dir = run_dir_of(args, dataset, name)
             metrics = training.train(config, run_dir, split=split)
-            base = {"dataset": dataset, "split": "leave_one_out", "model": name,
+            base = {"dataset": dataset, "split": "leave_one_out", "model": name, "train_seed": args.train_seed,
                     "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
                     "best_epoch": metrics["best_epoch"], "val_NDCG@10": round(metrics["validation"]["NDCG@10"], 4),
                     "num_items": split.num_items, "settings": config.to_dict()["model"]}
@@ -190,13 +199,16 @@ def main() -> int:
                 result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
-            write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
+            path = RESULTS_DIR / f"{args.output}.json"
+            written = merge_rows(result, path, ROW_KEY, {"train_seed": 0}) if args.merge else result
+            write_json_atomic(path, written)
+            write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
     return 0
 
 
 def run_dir_of(args, dataset: str, name: str) -> pathlib.Path:
-    return pathlib.Path(args.runs_dir) / RUN_NAMES.get((dataset, name), f"{args.output}-{dataset}-{name}")
+    name = RUN_NAMES.get((dataset, name), f"{args.output}-{dataset}-{name}")
+    return pathlib.Path(args.runs_dir) / (name + (f"-seed{args.train_seed}" if args.train_seed else ""))
 
 
 def to_markdown(result: dict) -> str:
@@ -216,18 +228,19 @@ def to_markdown(result: dict) -> str:
         for row in rows:
             metrics = " | ".join(f"{row[key]:.4f}" for key in REPORTED)
             latency = f"{row['latency_ms_p50']} / {row['latency_ms_p99']}" if "latency_ms_p50" in row else ""
-            lines.append(f"| {row['model']} | {row['variant']} | {metrics} | {latency} | "
+            lines.append(f"| {model_name(row)} | {row['variant']} | {metrics} | {latency} | "
                          f"{row['epochs']} ({row['best_epoch']}) | {row['train_seconds']:.0f} |")
         perplexity = next((row["codebook_perplexity"] for row in rows if "codebook_perplexity" in row), None)
         if perplexity:
             lines += ["", f"SPARC codebook perplexity per level over the catalogue's codes: {perplexity} "
                           f"(of {rows[-1]['settings']['options'].get('num_codewords', 64)} codewords per level)"]
-        table = paired_table(rows, ("variant",), {"vs_hard": "hard", "vs_two_tower": "two-tower"}, COMPARED)
+        table = paired_table([{**row, "model": model_name(row)} for row in rows], ("model", "variant"),
+                             {"vs_hard": "hard", "vs_two_tower": "two-tower (same seed)"}, COMPARED)
         lines += [""] + table if table else []
         lines.append("")
     lines += ["Settings per model:", ""]
-    for row in {(r["dataset"], r["model"]): r for r in result["rows"]}.values():
-        lines.append(f"- {row['dataset']} {row['model']}: `{row['settings']}`")
+    for row in {(r["dataset"], model_name(r)): r for r in result["rows"]}.values():
+        lines.append(f"- {row['dataset']} {model_name(row)}: `{row['settings']}`")
     return "\n".join(lines) + "\n"
 
 

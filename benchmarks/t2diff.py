@@ -33,7 +33,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, training_budgets, training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, training_budgets,
+    training_overrides,
 )
 
 import numpy as np  # noqa: E402
@@ -241,12 +242,6 @@ def main() -> int:
             write_json_atomic(RESULTS_DIR / f"{args.output}.json", written)
             write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
     return 0
-
-
-def model_name(row: dict) -> str:
-    """The variant, and its training seed when it is not the default 0."""
-    seed = row.get("train_seed", 0)
-    return f"{row['model']} (seed {seed})" if seed else row["model"]
 
 
 def to_markdown(result: dict) -> str:

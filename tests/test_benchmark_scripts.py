@@ -243,3 +243,50 @@ def test_t2diff_runs_are_named_so_every_output_and_seed_finds_its_two_tower(tmp_
 
     assert t2diff.reference_ranks(tmp_path / "missing", Split) is None
     assert "no two-tower run at" in capsys.readouterr().err
+
+
+def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
+    from tfx_xmatch.bench.paired import save_ranks
+
+    seed_study = _import_benchmark("seed_study")
+    common = _import_benchmark("common")
+    assert seed_study.read_spec(seed_study.DEFAULT_SPEC)["comparisons"]  # the shipped spec is valid
+    rng = np.random.default_rng(0)
+    targets = rng.integers(1, 50, 400)
+    for run, shift in (("a0", 0), ("a1", 0), ("b0", 15), ("b1", 15)):
+        save_ranks(tmp_path / run, "exact", rng.integers(0, 20, 400) + shift, targets)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        "dataset_config: configs/ml1m_sasrec.yaml\ncomparisons:\n"
+        "  - {name: A vs B, metrics: [HR@10, TailRecall@10], a: {label: exact, runs: [a0, a1]},"
+        " b: {label: exact, runs: [b0, b1]}}\n"
+        "  - {name: A vs missing, metrics: [HR@10], a: {label: exact, runs: [a0]}, b: {label: other, runs: [b0]}}\n")
+    spec = seed_study.read_spec(spec_path)
+    entries = seed_study.study(spec, tmp_path, targets, targets < 10)
+    hr = entries[0]["metrics"]["HR@10"]
+    assert hr["verdict"] == "A better" and hr["significant_for_a"] == 4
+    assert hr["runs_b"] == [0.0, 0.0] and hr["across_runs"]["num_runs_a"] == 2
+    assert entries[1]["missing"] == ["b0/'other'"] and "metrics" not in entries[1]
+    text = seed_study.to_markdown({**common.header("seed_study"), "dataset": "synthetic", "split": "leave_one_out",
+                                   "num_users": 400, "comparisons": entries})
+    assert "## A vs B" in text and "| HR@10 | " in text and "4 / 0 of 4 | A better |" in text
+    assert "Not compared: no saved ranks for b0/'other'." in text
+    # Ranks of other examples are refused, naming the file.
+    with pytest.raises(ValueError, match="a0/test_ranks/exact.npz ranks other examples"):
+        seed_study.study(spec, tmp_path, targets[::-1].copy(), targets < 10)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("comparisons: []\n", "needs 'dataset_config'"),
+    ("dataset_config: x.yaml\ncomparisons: []\n", "'comparisons' must be a non-empty list"),
+    ("dataset_config: x.yaml\ncomparisons: [{metrics: [HR@10]}]\n", "comparison 1 needs a 'name'"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [AUC@3]}]\n", "comparison 1 \\('n'\\): .*'AUC@3'"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: []}}]\n",
+     "'a' must be \\{label"),
+])
+def test_seed_study_spec_errors_name_the_comparison(tmp_path, text, message):
+    seed_study = _import_benchmark("seed_study")
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        seed_study.read_spec(path)

@@ -63,11 +63,41 @@ def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
         main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(unmasked)])
     with pytest.raises(SystemExit, match="exactly two --run-dir"):
         main(["compare", "--run-dir", str(runs["a"])])
+    with pytest.raises(SystemExit, match="not both"):
+        main(["compare", "--run-dir", str(runs["a"]), "--runs-a", str(runs["a"]), "--runs-b", str(runs["a"])])
+    with pytest.raises(SystemExit, match="--runs-a A1 \\[A2 ...\\] and --runs-b"):
+        main(["compare", "--runs-a", str(runs["a"])])
+    with pytest.raises(SystemExit, match=f"{runs['a']} and {unmasked} do not rank the same examples"):
+        main(["compare", "--runs-a", str(runs["a"]), "--runs-b", str(runs["a"]), str(unmasked)])
     with pytest.raises(SystemExit, match="--confidence must be in \\(0, 1\\), e.g. 0.95, got 95.0"):
         main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--confidence", "95"])
     for metric in ("AUC@3", "TailRecall10", "TailNDCG@10"):
         assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", metric]) == 2
         assert f"got {metric!r}" in capsys.readouterr().err
+
+
+def test_compare_runs_of_two_models_over_seeds(tmp_path, capsys):
+    runs = {}
+    for name, epochs, seed in (("a0", 6, 0), ("a1", 6, 1), ("b0", 1, 0)):
+        runs[name] = tmp_path / name
+        overrides = [arg for override in (*TINY, f"train.epochs={epochs}", f"train.seed={seed}")
+                     for arg in ("--set", override)]
+        assert main(["train", "--run-dir", str(runs[name]), *overrides]) == 0
+    capsys.readouterr()
+    output = tmp_path / "compare.json"
+    assert main(["compare", "--runs-a", str(runs["a0"]), str(runs["a1"]), "--runs-b", str(runs["b0"]),
+                 "--metric", "HR@10", "TailRecall@10", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "A = a0, a1; B = b0" in printed and "significant pairings" in printed
+    assert "over runs: needs 2+ runs a side" in printed
+    result = json.loads(output.read_text())
+    assert result["runs_a"] == [str(runs["a0"]), str(runs["a1"])]
+    hr = result["metrics"]["HR@10"]
+    tests = {name: json.loads((run / "metrics.json").read_text())["test"] for name, run in runs.items()}
+    assert hr["runs_a"] == pytest.approx([tests["a0"]["HR@10"], tests["a1"]["HR@10"]], abs=1e-6)
+    assert hr["runs_b"] == pytest.approx([tests["b0"]["HR@10"]], abs=1e-6)
+    assert len(hr["pairings"]) == 2 and hr["across_runs"] is None
+    assert hr["verdict"] in ("A better", "B better", "no consistent difference")
 
 
 def test_config_file_and_bad_key(tmp_path, capsys):

@@ -9,7 +9,8 @@ from scipy import stats
 
 from tfx_xmatch.data.dataset import EvalExamples, pad_histories
 from tfx_xmatch.evaluation import (
-    FullRankingEvaluator, evaluate_full_ranking, is_tail_target, paired_difference, per_example_gain,
+    FullRankingEvaluator, compare_run_groups, evaluate_full_ranking, is_tail_target, paired_difference,
+    per_example_gain,
 )
 from tfx_xmatch.evaluation import significance
 
@@ -106,10 +107,53 @@ def test_ranks_come_back_in_example_order_across_batches():
     (lambda: paired_difference([1, 2], [1, 2], "HR@10", confidence=1.0), "got 1.0"),
     (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=[1, 0]), "mask must be bool"),
     (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=np.array([True, False])), "HR@10, got 1 after the mask"),
+    (lambda: compare_run_groups([], [[1, 2]], ["HR@10"]), "runs_a must hold at least one"),
+    (lambda: compare_run_groups([[1, 2]], [[1, 2], [1, 2, 3]], ["HR@10"]), "runs of \\[2, 3\\] examples"),
+    (lambda: compare_run_groups([[1, 2]], [[1, 2]], ["TailRecall@10"]), "'TailRecall@10' needs is_tail_target"),
+    (lambda: compare_run_groups([[1, 2]], [[1, 2]], ["AUC@10"]), "'AUC@10'"),
+    (lambda: compare_run_groups([[1, -2]], [[1, 2]], ["HR@10"]), "runs_a\\[0\\]"),
 ])
 def test_errors_name_the_bad_value(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def _runs(seed: int, shift: float, count: int, num_examples: int = 2000) -> list:
+    """``count`` runs' ranks over the same examples: a shared per-example difficulty (the users)
+    plus per-run noise (the training runs), ranks lower by ``shift`` on average."""
+    difficulty = np.random.default_rng(0).exponential(8.0, num_examples)
+    rng = np.random.default_rng(seed)
+    return [np.maximum(difficulty - shift + rng.normal(0, 3, num_examples), 0).astype(np.int64) for _ in range(count)]
+
+
+def test_run_groups_report_every_pairing_the_average_and_the_run_spread():
+    runs_a, runs_b = _runs(1, 3.0, 2), _runs(2, 0.0, 3)
+    is_tail = np.random.default_rng(3).random(2000) < 0.3
+    result = compare_run_groups(runs_a, runs_b, ["HR@10", "TailRecall@10"], is_tail_target=is_tail)
+    hr = result["HR@10"]
+    assert hr["runs_a"] == pytest.approx([per_example_gain(r, "HR@10").mean() for r in runs_a], abs=1e-6)
+    assert hr["runs_b"] == pytest.approx([per_example_gain(r, "HR@10").mean() for r in runs_b], abs=1e-6)
+    assert [(p["run_a"], p["run_b"]) for p in hr["pairings"]] == [(i, j) for i in range(2) for j in range(3)]
+    assert hr["pairings"][5]["p_value"] == pytest.approx(paired_difference(runs_a[1], runs_b[2], "HR@10").p_value)
+    averaged = stats.ttest_rel(np.mean([per_example_gain(r, "HR@10") for r in runs_a], axis=0),
+                               np.mean([per_example_gain(r, "HR@10") for r in runs_b], axis=0))
+    assert hr["averaged"]["p_value"] == pytest.approx(averaged.pvalue)
+    welch = stats.ttest_ind(hr["runs_a"], hr["runs_b"], equal_var=False)
+    assert hr["across_runs"]["p_value"] == pytest.approx(welch.pvalue, rel=1e-4)
+    assert hr["verdict"] == "A better" and hr["significant_for_a"] == 6
+    tail = result["TailRecall@10"]
+    assert tail["averaged"]["num_examples"] == is_tail.sum()
+    assert tail["runs_a"][0] == pytest.approx(per_example_gain(runs_a[0], "HR@10")[is_tail].mean(), abs=1e-6)
+
+
+def test_one_run_per_model_has_no_run_spread_and_a_tie_has_no_verdict():
+    runs = _runs(1, 0.0, 2)
+    result = compare_run_groups(runs[:1], runs[1:], ["NDCG@10"])["NDCG@10"]
+    assert result["across_runs"] is None and len(result["pairings"]) == 1
+    same = compare_run_groups(runs, runs, ["HR@10"])["HR@10"]
+    # Run i against itself is no difference: not every pairing agrees, so no verdict.
+    assert same["verdict"] == "no consistent difference" and same["averaged"]["difference"] == 0
+    assert same["across_runs"]["difference"] == 0
 
 
 def test_docstring_examples():

@@ -78,47 +78,87 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 
 def _command_compare(args: argparse.Namespace) -> int:
     from tfx_xmatch import training
-    from tfx_xmatch.evaluation import check_metric, compare_metrics, format_difference, is_tail_target
+    from tfx_xmatch.evaluation import check_metric, compare_metrics, compare_run_groups, is_tail_target
     from tfx_xmatch.io_utils import write_json_atomic
 
-    if len(args.run_dir) != 2:
-        raise SystemExit(f"xmatch compare: give exactly two --run-dir (A, then B), got {len(args.run_dir)}: "
-                         f"{args.run_dir}")
+    if args.run_dir and (args.runs_a or args.runs_b):
+        raise SystemExit("xmatch compare: give either two --run-dir (A, then B) or --runs-a and --runs-b, not both")
+    if args.run_dir:
+        if len(args.run_dir) != 2:
+            raise SystemExit(f"xmatch compare: give exactly two --run-dir (A, then B), got {len(args.run_dir)}: "
+                             f"{args.run_dir}")
+        groups = [args.run_dir[:1], args.run_dir[1:]]
+    elif args.runs_a and args.runs_b:
+        groups = [args.runs_a, args.runs_b]
+    else:
+        raise SystemExit("xmatch compare: give two --run-dir (A, then B), or --runs-a A1 [A2 ...] and "
+                         "--runs-b B1 [B2 ...] (training runs of each model, e.g. one per seed)")
     if not 0.0 < args.confidence < 1.0:
         raise SystemExit(f"xmatch compare: --confidence must be in (0, 1), e.g. 0.95, got {args.confidence!r}")
     for metric in args.metric:
         check_metric(metric)
-    configs = [_run_config(run_dir, args.set, "compare") for run_dir in args.run_dir]
-    # Both runs must rank the same users the same way: same data, same history masking.
+    run_dirs = [run_dir for group in groups for run_dir in group]
+    configs = [_run_config(run_dir, args.set, "compare") for run_dir in run_dirs]
+    # Every run must rank the same users the same way: same data, same history masking.
     settings = [{**{f"data.{key}": value for key, value in config.to_dict()["data"].items() if key != "data_dir"},
                  "eval.mask_history": config.eval.mask_history} for config in configs]
-    differing = sorted(key for key in settings[0].keys() | settings[1].keys()
-                       if settings[0].get(key) != settings[1].get(key))
-    if differing:
-        raise SystemExit("xmatch compare: the runs do not rank the same examples the same way: "
-                         + ", ".join(f"{key} = {settings[0].get(key)!r} vs {settings[1].get(key)!r}"
-                                     for key in differing))
+    for run_dir, setting in zip(run_dirs[1:], settings[1:]):
+        differing = sorted(key for key in settings[0].keys() | setting.keys()
+                           if settings[0].get(key) != setting.get(key))
+        if differing:
+            raise SystemExit(f"xmatch compare: {run_dirs[0]} and {run_dir} do not rank the same examples the same "
+                             "way: " + ", ".join(f"{key} = {settings[0].get(key)!r} vs {setting.get(key)!r}"
+                                                 for key in differing))
     split = training.prepare_split(configs[0])
     ranks = [training.evaluate(training.load_model(pathlib.Path(run_dir) / "model"), split, args.split, config,
-                               return_ranks=True)[1] for run_dir, config in zip(args.run_dir, configs)]
+                               return_ranks=True)[1] for run_dir, config in zip(run_dirs, configs)]
     examples = getattr(split, args.split)
-    paired = compare_metrics(ranks[0], ranks[1], args.metric, is_tail_target(examples.targets, split.item_popularity()),
-                             confidence=args.confidence)
-    names = [pathlib.Path(run_dir).name or str(run_dir) for run_dir in args.run_dir]
-    print(f"{args.split} ({split.dataset.name}, {split.name}, full ranking, {len(examples):,} users): "
-          f"A = {names[0]}, B = {names[1]}; A - B with a {args.confidence:.0%} interval, paired t-test")
+    is_tail = is_tail_target(examples.targets, split.item_popularity())
+    names = [[pathlib.Path(run_dir).name or str(run_dir) for run_dir in group] for group in groups]
+    heading = f"{args.split} ({split.dataset.name}, {split.name}, full ranking, {len(examples):,} users)"
     width = max(len(metric) for metric in args.metric)
+    if len(run_dirs) == 2:
+        paired = compare_metrics(ranks[0], ranks[1], args.metric, is_tail, confidence=args.confidence)
+        _print_paired(heading, names, paired, width, args.confidence)
+        report = {"split": args.split, "run_a": str(run_dirs[0]), "run_b": str(run_dirs[1]), "metrics": paired}
+    else:
+        grouped = compare_run_groups(ranks[:len(groups[0])], ranks[len(groups[0]):], args.metric, is_tail,
+                                     confidence=args.confidence)
+        _print_grouped(heading, names, grouped, width, args.confidence)
+        report = {"split": args.split, "runs_a": [str(r) for r in groups[0]], "runs_b": [str(r) for r in groups[1]],
+                  "metrics": grouped}
+    if args.output:
+        write_json_atomic(args.output, report)
+    return 0
+
+
+def _print_paired(heading: str, names: list, paired: dict, width: int, confidence: float) -> None:
+    from tfx_xmatch.evaluation import format_difference
+
+    print(f"{heading}: A = {names[0][0]}, B = {names[1][0]}; A - B with a {confidence:.0%} interval, paired t-test")
     for metric, result in paired.items():
         verdict = (("A better" if result["difference"] > 0 else "B better")
-                   if result["p_value"] < 1 - args.confidence else "no significant difference")
+                   if result["p_value"] < 1 - confidence else "no significant difference")
         print(f"  {metric:<{width}}  A {result['mean_a']:.4f}  B {result['mean_b']:.4f}  "
               f"{format_difference(result)}  {verdict}")
-    print("  (the test covers the choice of users, not of training runs: retrain both with other seeds "
-          "before calling a difference a model's)")
-    if args.output:
-        write_json_atomic(args.output, {"split": args.split, "run_a": str(args.run_dir[0]),
-                                        "run_b": str(args.run_dir[1]), "metrics": paired})
-    return 0
+    print("  (the test covers the choice of users, not of training runs: retrain both with other seeds and "
+          "compare with --runs-a/--runs-b before calling a difference a model's)")
+
+
+def _print_grouped(heading: str, names: list, grouped: dict, width: int, confidence: float) -> None:
+    from tfx_xmatch.evaluation import format_difference
+
+    print(f"{heading}: A = {', '.join(names[0])}; B = {', '.join(names[1])}; A - B with {confidence:.0%} intervals")
+    for metric, result in grouped.items():
+        runs = len(result["pairings"])
+        across = result["across_runs"]
+        across_text = ("over runs (Welch) " + format_difference(across)) if across else "over runs: needs 2+ runs a side"
+        print(f"  {metric:<{width}}  A runs {' '.join(f'{v:.4f}' for v in result['runs_a'])}  "
+              f"B runs {' '.join(f'{v:.4f}' for v in result['runs_b'])}")
+        print(f"  {'':<{width}}  users, runs averaged {format_difference(result['averaged'])}; {across_text}")
+        print(f"  {'':<{width}}  significant pairings: {result['significant_for_a']} of {runs} for A, "
+              f"{result['significant_for_b']} of {runs} for B -> {result['verdict']}")
+    print("  (a verdict needs every run of one model significantly ahead of every run of the other)")
 
 
 def _command_export(args: argparse.Namespace) -> int:
@@ -249,9 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     evaluate.set_defaults(handler=_command_evaluate)
 
-    compare = commands.add_parser("compare", help="is run A better than run B? paired test on the same users")
-    compare.add_argument("--run-dir", required=True, action="append", metavar="RUN_DIR",
+    compare = commands.add_parser("compare", help="is model A better than model B? paired tests on the same users, "
+                                                  "over one or several training runs of each")
+    compare.add_argument("--run-dir", action="append", default=[], metavar="RUN_DIR",
                          help="a run directory of `xmatch train`; give exactly two (A, then B) trained on the same data")
+    compare.add_argument("--runs-a", nargs="+", default=[], metavar="RUN_DIR",
+                         help="instead of --run-dir: training runs of model A (e.g. one per seed)")
+    compare.add_argument("--runs-b", nargs="+", default=[], metavar="RUN_DIR", help="training runs of model B")
     compare.add_argument("--split", choices=("validation", "test"), default="test")
     compare.add_argument("--metric", nargs="+", default=["HR@10", "NDCG@10", "MRR@20", "Recall@50", "TailRecall@50"],
                          help="HR@K, Recall@K, NDCG@K, MRR@K, P@K or TailRecall@K (default: %(default)s)")

@@ -11,11 +11,12 @@ from tfx_xmatch.evaluation.significance import (
     PairedDifference,
     check_metric,
     compare_metrics,
+    compare_run_groups,
     format_difference,
     paired_difference,
     per_example_gain,
 )
 
 __all__ = ["TIE_POLICIES", "FullRankingEvaluator", "PairedDifference", "check_metric", "compare_metrics",
-           "evaluate_full_ranking", "format_difference", "is_tail_target", "paired_difference",
-           "per_example_gain"]
+           "compare_run_groups", "evaluate_full_ranking", "format_difference", "is_tail_target",
+           "paired_difference", "per_example_gain"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -138,17 +139,35 @@ def paired_difference(
     if ranks_a.shape != ranks_b.shape:
         raise ValueError(f"ranks_a and ranks_b must rank the same examples: got {ranks_a.size} and "
                          f"{ranks_b.size} ranks")
+    _check_confidence(confidence)
+    mask = _checked_mask(mask, ranks_a.size)
+    return _paired_gains(per_example_gain(ranks_a, metric), per_example_gain(ranks_b, metric), metric, mask,
+                         confidence)
+
+
+def _check_confidence(confidence) -> None:
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    gains_a, gains_b = per_example_gain(ranks_a, metric), per_example_gain(ranks_b, metric)
+
+
+def _checked_mask(mask: Optional[ArrayLike], num_examples: int) -> Optional[np.ndarray]:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ or mask.shape != (num_examples,):
+        raise ValueError(f"mask must be bool with one entry per example ({num_examples}), "
+                         f"got dtype {mask.dtype} and shape {mask.shape}")
+    return mask
+
+
+def _paired_gains(gains_a: np.ndarray, gains_b: np.ndarray, metric: str, mask: Optional[np.ndarray],
+                  confidence: float) -> PairedDifference:
+    """The paired t-test of per-example gains (optionally of the ``mask``ed examples only)."""
+    num_examples = gains_a.size
     if mask is not None:
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_ or mask.shape != ranks_a.shape:
-            raise ValueError(f"mask must be bool with one entry per example ({ranks_a.size}), "
-                             f"got dtype {mask.dtype} and shape {mask.shape}")
         gains_a, gains_b = gains_a[mask], gains_b[mask]
     if gains_a.size < 2:
-        where = f" after the mask ({ranks_a.size} before)" if mask is not None else ""
+        where = f" after the mask ({num_examples} before)" if mask is not None else ""
         raise ValueError(f"need at least two examples to compare {metric}, got {gains_a.size}{where}")
     differences = gains_a - gains_b
     difference = float(differences.mean())
@@ -188,6 +207,97 @@ def compare_metrics(ranks: np.ndarray, reference: np.ndarray, metrics: Sequence[
             difference = paired_difference(ranks, reference, metric, confidence=confidence)
         result[metric] = {**difference.to_dict(), "metric": metric}
     return result
+
+
+def compare_run_groups(runs_a: Sequence[ArrayLike], runs_b: Sequence[ArrayLike], metrics: Sequence[str],
+                       is_tail_target: Optional[ArrayLike] = None, confidence: float = 0.95) -> dict:
+    """Is model A better than model B over several training runs of each, on the same examples?
+
+    A paired test over examples answers for the two *runs* it compares: it treats the trained
+    weights as fixed, so the spread between two trainings of one config (on ML-1M as large as
+    the differences between models) is not in its interval. With several runs (seeds) of each
+    model this reports, per metric:
+
+    - ``pairings``: the paired test of every run of A against every run of B;
+    - ``averaged``: the paired test of each example's gain averaged over each model's runs;
+    - ``across_runs``: Welch's t-test of the runs' metric values, the test of training-run
+      variance (``None`` unless both models have two runs or more; with few runs it has little
+      power, which is the honest answer);
+    - ``verdict``: "A better" or "B better" only when every pairing is significant the same way,
+      else "no consistent difference".
+
+    Args:
+      runs_a, runs_b: Each a sequence of int [N] 0-based target ranks, one per training run, all
+        over the same N examples.
+      metrics: As in ``compare_metrics`` (``TailRecall@K`` included).
+      is_tail_target: bool [N], needed by tail metrics.
+      confidence: Level of the intervals and of the pairing tests, in (0, 1). Default 0.95.
+
+    Returns:
+      {metric: {"runs_a": [value per run], "runs_b": [...], "pairings": [PairedDifference dict
+      with "run_a", "run_b" indices], "averaged": PairedDifference dict, "across_runs": dict or
+      None, "significant_for_a": int, "significant_for_b": int, "verdict": str}}.
+
+    Raises:
+      ValueError: an empty group, ranks of different examples, an unknown metric (quoted), or a
+        tail metric without ``is_tail_target``.
+    """
+    _check_confidence(confidence)
+    groups = []
+    for name, runs in (("runs_a", runs_a), ("runs_b", runs_b)):
+        runs = [_checked_ranks(ranks, f"{name}[{i}]") for i, ranks in enumerate(runs)]
+        if not runs:
+            raise ValueError(f"{name} must hold at least one run's ranks, got none")
+        groups.append(runs)
+    sizes = sorted({ranks.size for runs in groups for ranks in runs})
+    if len(sizes) > 1:
+        raise ValueError(f"every run must rank the same examples: got runs of {sizes} examples")
+    result = {}
+    for metric in metrics:
+        check_metric(metric)
+        base, mask = metric, None
+        if metric.startswith(TAIL_PREFIX):
+            if is_tail_target is None:
+                raise ValueError(f"{metric!r} needs is_tail_target (which users' targets are tail items)")
+            base, mask = metric[len(TAIL_PREFIX):], _checked_mask(is_tail_target, sizes[0])
+        gains_a, gains_b = ([per_example_gain(ranks, base) for ranks in runs] for runs in groups)
+        kept = slice(None) if mask is None else mask
+        values_a = [float(gains[kept].mean()) for gains in gains_a]
+        values_b = [float(gains[kept].mean()) for gains in gains_b]
+        pairings = [{**_paired_gains(a, b, metric, mask, confidence).to_dict(), "run_a": i, "run_b": j}
+                    for i, a in enumerate(gains_a) for j, b in enumerate(gains_b)]
+        alpha = 1.0 - confidence
+        for_a = sum(p["p_value"] < alpha and p["difference"] > 0 for p in pairings)
+        for_b = sum(p["p_value"] < alpha and p["difference"] < 0 for p in pairings)
+        verdict = ("A better" if for_a == len(pairings) else "B better" if for_b == len(pairings)
+                   else "no consistent difference")
+        averaged = _paired_gains(np.mean(gains_a, axis=0), np.mean(gains_b, axis=0), metric, mask, confidence)
+        result[metric] = {"runs_a": [round(v, 6) for v in values_a], "runs_b": [round(v, 6) for v in values_b],
+                          "pairings": pairings, "averaged": {**averaged.to_dict(), "metric": metric},
+                          "across_runs": _welch(values_a, values_b, confidence),
+                          "significant_for_a": for_a, "significant_for_b": for_b, "verdict": verdict}
+    return result
+
+
+def _welch(values_a: list, values_b: list, confidence: float) -> Optional[dict]:
+    """Welch's t-test of two groups of run-level metric values (None with fewer than 2 runs a side)."""
+    if min(len(values_a), len(values_b)) < 2:
+        return None
+    difference = float(np.mean(values_a) - np.mean(values_b))
+    if np.ptp(values_a) == 0 and np.ptp(values_b) == 0:
+        low = high = difference
+        p_value = 1.0 if difference == 0.0 else 0.0
+    else:
+        with warnings.catch_warnings():
+            # One model's runs may all score alike (a variance of 0 is a valid input here);
+            # scipy warns of precision loss for exactly that case.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            test = stats.ttest_ind(values_a, values_b, equal_var=False)
+        interval = test.confidence_interval(confidence)
+        low, high, p_value = float(interval.low), float(interval.high), float(test.pvalue)
+    return {"difference": round(difference, 6), "ci_low": round(low, 6), "ci_high": round(high, 6),
+            "p_value": p_value, "num_runs_a": len(values_a), "num_runs_b": len(values_b),
+            "confidence": float(confidence)}
 
 
 def check_metric(metric: str) -> None:

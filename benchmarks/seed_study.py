@@ -1,0 +1,162 @@
+"""Does a model beat another over several training runs? (a benchmark report, not a test)
+
+The quality benchmarks compare each row with a reference on the same test users (a paired
+t-test), which treats the trained weights as fixed. On ML-1M two trainings of one two-tower
+config differ by more than that test's interval (see the README's evaluation protocol), so a
+claim that one model beats another needs several runs of each. This script reads the per-user
+test ranks that ``t2diff.py`` and ``sparc.py`` keep beside their runs (``test_ranks/``; no
+model is loaded or evaluated) and, for each comparison of a spec file, reports
+``tfx_xmatch.evaluation.compare_run_groups``: every run pairing's paired test, the paired test
+of the run-averaged gains, Welch's t-test over the runs' values, and a verdict that needs every
+pairing to agree.
+
+The spec (YAML) names the runs (directories under ``--runs-dir``) and the rank label of each:
+
+    dataset_config: configs/ml1m_sasrec.yaml   # which split the ranks are of
+    comparisons:
+      - name: T2Diff (detached backbone), DDIM-10 vs two-tower
+        metrics: [HR@10, MRR@20, NDCG@10]
+        a: {label: DDIM-10, runs: [t2diff-leave_one_out-t2diff_sasrec_backbone_detached, ...]}
+        b: {label: dot product, runs: [quality-two_tower_sasrec, quality-two_tower_sasrec-seed1]}
+
+A comparison whose runs lack rank files is reported as missing (which ones) and skipped.
+
+    python benchmarks/seed_study.py                       # benchmarks/seed_study.yaml
+    python benchmarks/seed_study.py --spec my_study.yaml --output my_study
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
+from common import REPO_ROOT, RESULTS_DIR, default_data_dir, header, markdown_header  # noqa: E402
+
+import yaml  # noqa: E402
+
+from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.paired import load_ranks  # noqa: E402
+from tfx_xmatch.config import load_config  # noqa: E402
+from tfx_xmatch.evaluation import check_metric, compare_run_groups, format_difference, is_tail_target  # noqa: E402
+from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
+
+DEFAULT_SPEC = pathlib.Path(__file__).resolve().parent / "seed_study.yaml"
+
+
+def read_spec(path: pathlib.Path) -> dict:
+    """The spec at ``path``, checked.
+
+    Raises:
+      ValueError: a missing or malformed field, named with the file and the comparison.
+    """
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("dataset_config"), str):
+        raise ValueError(f"{path}: needs 'dataset_config' (a config file path) and 'comparisons'")
+    comparisons = spec.get("comparisons")
+    if not isinstance(comparisons, list) or not comparisons:
+        raise ValueError(f"{path}: 'comparisons' must be a non-empty list, got {comparisons!r}")
+    for number, comparison in enumerate(comparisons, 1):
+        where = f"{path}: comparison {number}"
+        if not isinstance(comparison, dict) or not isinstance(comparison.get("name"), str):
+            raise ValueError(f"{where} needs a 'name', got {comparison!r}")
+        where += f" ({comparison['name']!r})"
+        metrics = comparison.get("metrics")
+        if not isinstance(metrics, list) or not metrics:
+            raise ValueError(f"{where}: 'metrics' must be a non-empty list, got {metrics!r}")
+        for metric in metrics:
+            try:
+                check_metric(metric)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        for side in ("a", "b"):
+            group = comparison.get(side)
+            if (not isinstance(group, dict) or not isinstance(group.get("label"), str)
+                    or not isinstance(group.get("runs"), list) or not group["runs"]
+                    or not all(isinstance(run, str) for run in group["runs"])):
+                raise ValueError(f"{where}: {side!r} must be {{label: <rank label>, runs: [<run dir>, ...]}}, "
+                                 f"got {group!r}")
+    return spec
+
+
+def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail) -> list[dict]:
+    """One entry per comparison: its runs, and ``compare_run_groups``'s result or what is missing."""
+    entries = []
+    for comparison in spec["comparisons"]:
+        groups, missing = [], []
+        for side in ("a", "b"):
+            label, runs = comparison[side]["label"], comparison[side]["runs"]
+            ranks = [load_ranks(runs_dir / run, label, targets) for run in runs]
+            missing += [f"{run}/{label!r}" for run, r in zip(runs, ranks) if r is None]
+            groups.append(ranks)
+        entry = {"name": comparison["name"], "a": comparison["a"], "b": comparison["b"]}
+        if missing:
+            print(f"skipped {comparison['name']!r}: no saved ranks for {', '.join(missing)}", file=sys.stderr)
+            entries.append({**entry, "missing": missing})
+            continue
+        entries.append({**entry, "metrics": compare_run_groups(groups[0], groups[1], comparison["metrics"], is_tail)})
+    return entries
+
+
+def to_markdown(result: dict) -> str:
+    lines = markdown_header(result, "one model against another over several training runs") + [
+        f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
+        "read from the runs' test_ranks/",
+        "- per metric: each run's value; the paired t-test of each user's gain averaged over a model's runs; "
+        "Welch's t-test over the runs' values (training-run variance; needs 2+ runs a side); the pairings "
+        "(run of A vs run of B, paired over users) significant for each model; 95% intervals",
+        "- verdict: 'A better' / 'B better' only when every pairing is significant the same way",
+        "",
+    ]
+    for entry in result["comparisons"]:
+        a, b = entry["a"], entry["b"]
+        lines += [f"## {entry['name']}", "",
+                  f"- A = {a['label']!r} of {', '.join(a['runs'])}",
+                  f"- B = {b['label']!r} of {', '.join(b['runs'])}", ""]
+        if "missing" in entry:
+            lines += [f"Not compared: no saved ranks for {', '.join(entry['missing'])}.", ""]
+            continue
+        lines += ["| metric | A runs | B runs | A − B, users (runs averaged) | A − B, over runs (Welch) | "
+                  "pairings for A / for B | verdict |", "|---|---|---|---|---|---|---|"]
+        for metric, value in entry["metrics"].items():
+            across = format_difference(value["across_runs"]) if value["across_runs"] else "needs 2+ runs a side"
+            pairings = len(value["pairings"])
+            lines.append(f"| {metric} | {' '.join(f'{v:.4f}' for v in value['runs_a'])} | "
+                         f"{' '.join(f'{v:.4f}' for v in value['runs_b'])} | "
+                         f"{format_difference(value['averaged'])} | {across} | "
+                         f"{value['significant_for_a']} / {value['significant_for_b']} of {pairings} | "
+                         f"{value['verdict']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default=str(DEFAULT_SPEC), help="the comparisons (YAML; see above)")
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
+    parser.add_argument("--output", default="seed_study", help="results file stem under benchmarks/results/")
+    args = parser.parse_args()
+
+    spec = read_spec(pathlib.Path(args.spec))
+    config = load_config(REPO_ROOT / spec["dataset_config"], [f"data.data_dir={args.data_dir}"])
+    if not (pathlib.Path(args.data_dir) / config.data.dataset).is_dir():
+        print(f"skipped: dataset {config.data.dataset!r} not found under {args.data_dir}", file=sys.stderr)
+        return 0
+    split = training.prepare_split(config)
+    targets = split.test.targets
+    result = {**header("seed_study"), "dataset": split.dataset.name, "split": split.name,
+              "num_users": int(len(targets)), "spec": spec}
+    result["comparisons"] = study(spec, pathlib.Path(args.runs_dir), targets,
+                                  is_tail_target(targets, split.item_popularity()))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
+    write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
