@@ -6,9 +6,10 @@ config differ by more than that test's interval (see the README's evaluation pro
 claim that one model beats another needs several runs of each. This script reads the per-user
 test ranks that ``t2diff.py`` and ``sparc.py`` keep beside their runs (``test_ranks/``; no
 model is loaded or evaluated) and, for each comparison of a spec file, reports
-``tfx_xmatch.evaluation.compare_run_groups``: every run pairing's paired test, the paired test
-of the run-averaged gains, Welch's t-test over the runs' values, and a verdict that needs every
-pairing to agree.
+``tfx_xmatch.evaluation.compare_run_groups``: the paired test over users of the run-averaged
+gains, a t-test over the runs' values (Welch's; paired run by run when both sides are the same
+trained runs), every run pairing's paired test, and a verdict that needs the test over users and
+the test over runs to agree.
 
 The spec (YAML) names the runs (directories under ``--runs-dir``) and the rank label of each:
 
@@ -18,6 +19,9 @@ The spec (YAML) names the runs (directories under ``--runs-dir``) and the rank l
         metrics: [HR@10, MRR@20, NDCG@10]
         a: {label: DDIM-10, runs: [t2diff-leave_one_out-t2diff_sasrec_backbone_detached, ...]}
         b: {label: dot product, runs: [quality-two_tower_sasrec, quality-two_tower_sasrec-seed1]}
+      - name: DDIM-10 vs DDPM-50 of the same runs
+        paired_runs: true          # run i of A and of B are the same trained model
+        ...
 
 A comparison whose runs lack rank files is reported as missing (which ones) and skipped.
 
@@ -78,6 +82,17 @@ def read_spec(path: pathlib.Path) -> dict:
                     or not all(isinstance(run, str) for run in group["runs"])):
                 raise ValueError(f"{where}: {side!r} must be {{label: <rank label>, runs: [<run dir>, ...]}}, "
                                  f"got {group!r}")
+            repeated = sorted({run for run in group["runs"] if group["runs"].count(run) > 1})
+            if repeated:
+                raise ValueError(f"{where}: {side!r} names the same run more than once: {repeated}")
+        if not isinstance(comparison.get("paired_runs", False), bool):
+            raise ValueError(f"{where}: 'paired_runs' must be true or false, got {comparison['paired_runs']!r}")
+        if comparison.get("paired_runs") and len(comparison["a"]["runs"]) != len(comparison["b"]["runs"]):
+            raise ValueError(f"{where}: 'paired_runs' needs as many runs in 'a' as in 'b'")
+        shared = set(comparison["a"]["runs"]) & set(comparison["b"]["runs"])
+        if shared and not comparison.get("paired_runs"):
+            raise ValueError(f"{where}: runs {sorted(shared)} are on both sides; set 'paired_runs: true' "
+                             "to compare two paths of the same runs run by run")
     return spec
 
 
@@ -96,7 +111,9 @@ def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail) -> list[dict]:
             print(f"skipped {comparison['name']!r}: no saved ranks for {', '.join(missing)}", file=sys.stderr)
             entries.append({**entry, "missing": missing})
             continue
-        entries.append({**entry, "metrics": compare_run_groups(groups[0], groups[1], comparison["metrics"], is_tail)})
+        entries.append({**entry, "paired_runs": comparison.get("paired_runs", False),
+                        "metrics": compare_run_groups(groups[0], groups[1], comparison["metrics"], is_tail,
+                                                      paired_runs=comparison.get("paired_runs", False))})
     return entries
 
 
@@ -104,21 +121,26 @@ def to_markdown(result: dict) -> str:
     lines = markdown_header(result, "one model against another over several training runs") + [
         f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
         "read from the runs' test_ranks/",
-        "- per metric: each run's value; the paired t-test of each user's gain averaged over a model's runs; "
-        "Welch's t-test over the runs' values (training-run variance; needs 2+ runs a side); the pairings "
-        "(run of A vs run of B, paired over users) significant for each model; 95% intervals",
-        "- verdict: 'A better' / 'B better' only when every pairing is significant the same way",
+        "- per metric: each run's value; over users: the paired t-test of each user's gain averaged over a "
+        "model's runs (the runs held fixed); over runs: a t-test of the runs' values, the run-to-run spread as "
+        "its noise (Welch's; paired run by run when both sides are the same runs; needs 2+ runs a side, and "
+        "has little power with 2 or 3); the run pairings (paired over users) significant for each model; 95% "
+        "intervals",
+        "- verdict: 'A better' / 'B better' only when the test over users and the test over runs are both "
+        "significant the same way",
         "",
     ]
     for entry in result["comparisons"]:
         a, b = entry["a"], entry["b"]
         lines += [f"## {entry['name']}", "",
                   f"- A = {a['label']!r} of {', '.join(a['runs'])}",
-                  f"- B = {b['label']!r} of {', '.join(b['runs'])}", ""]
+                  f"- B = {b['label']!r} of {', '.join(b['runs'])}"]
+        lines += ["- the same trained runs on both sides: over runs is a paired t-test, run i against run i", ""] \
+            if entry.get("paired_runs") else [""]
         if "missing" in entry:
             lines += [f"Not compared: no saved ranks for {', '.join(entry['missing'])}.", ""]
             continue
-        lines += ["| metric | A runs | B runs | A − B, users (runs averaged) | A − B, over runs (Welch) | "
+        lines += ["| metric | A runs | B runs | A − B, over users (runs averaged) | A − B, over runs | "
                   "pairings for A / for B | verdict |", "|---|---|---|---|---|---|---|"]
         for metric, value in entry["metrics"].items():
             across = format_difference(value["across_runs"]) if value["across_runs"] else "needs 2+ runs a side"

@@ -127,14 +127,16 @@ def two_tower_ranks(run_dir: pathlib.Path, split, config) -> np.ndarray | None:
     return ranks
 
 
-def recorded_baseline_rows(dataset: str) -> list[dict]:
-    """The two-tower rows of ``dataset`` in the recorded ``results/sparc.json`` (none if absent)."""
+def recorded_baseline_rows(dataset: str, train_seed: int = 0) -> list[dict]:
+    """The two-tower rows of ``dataset`` and ``train_seed`` in the recorded ``results/sparc.json``
+    (none if absent)."""
     path = RESULTS_DIR / "sparc.json"
     if not path.is_file():
         print(f"no recorded two-tower rows: {path} does not exist", file=sys.stderr)
         return []
     rows = [row for row in read_results(path, "sparc")["rows"]
-            if row.get("dataset") == dataset and row.get("model") == "two_tower_sasrec"]
+            if row.get("dataset") == dataset and row.get("model") == "two_tower_sasrec"
+            and row.get("train_seed", 0) == train_seed]
     label = " (recorded: sparc.json)"
     return [{**row, "variant": row["variant"] if row["variant"].endswith(label) else row["variant"] + label}
             for row in rows]
@@ -176,8 +178,9 @@ def main() -> int:
             print(f"skipped: dataset {dataset!r} not found under {dataset_dir}", file=sys.stderr)
             continue
         split = None
-        if "two_tower_sasrec" not in args.models:
-            result["rows"] += recorded_baseline_rows(dataset)
+        if "two_tower_sasrec" not in args.models and not args.merge:
+            # (Merged into a file, the file's own two-tower rows stay.)
+            result["rows"] += recorded_baseline_rows(dataset, args.train_seed)
         # The two-tower first: SPARC rows are compared with it.
         for name in sorted(args.models, key=lambda model: model != "two_tower_sasrec"):
             minutes = budgets[f"{dataset}:{name}"]

@@ -104,6 +104,7 @@ def test_a_skipped_two_tower_is_reported_from_the_recorded_sparc_results(tmp_pat
     # A results file written by such a run, read again, keeps one label.
     (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "sparc", "rows": [row]}))
     assert sparc.recorded_baseline_rows("ml-1m") == [row]
+    assert sparc.recorded_baseline_rows("ml-1m", train_seed=1) == []  # another seed's baseline is not this one
     (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "t2diff", "rows": rows}))
     with pytest.raises(ValueError, match="sparc.json: not a 'sparc' results file"):
         sparc.recorded_baseline_rows("ml-1m")
@@ -255,18 +256,24 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
     targets = rng.integers(1, 50, 400)
     for run, shift in (("a0", 0), ("a1", 0), ("b0", 15), ("b1", 15)):
         save_ranks(tmp_path / run, "exact", rng.integers(0, 20, 400) + shift, targets)
+        save_ranks(tmp_path / run, "slow", rng.integers(0, 20, 400) + shift + 10, targets)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(
         "dataset_config: configs/ml1m_sasrec.yaml\ncomparisons:\n"
         "  - {name: A vs B, metrics: [HR@10, TailRecall@10], a: {label: exact, runs: [a0, a1]},"
         " b: {label: exact, runs: [b0, b1]}}\n"
-        "  - {name: A vs missing, metrics: [HR@10], a: {label: exact, runs: [a0]}, b: {label: other, runs: [b0]}}\n")
+        "  - {name: A vs missing, metrics: [HR@10], a: {label: exact, runs: [a0]}, b: {label: other, runs: [b0]}}\n"
+        "  - {name: two paths, metrics: [HR@10], paired_runs: true, a: {label: exact, runs: [a0, a1]},"
+        " b: {label: slow, runs: [a0, a1]}}\n")
     spec = seed_study.read_spec(spec_path)
     entries = seed_study.study(spec, tmp_path, targets, targets < 10)
     hr = entries[0]["metrics"]["HR@10"]
-    assert hr["verdict"] == "A better" and hr["significant_for_a"] == 4
+    assert hr["verdict"] == "A better" and hr["significant_for_a"] == 4 and not entries[0]["paired_runs"]
     assert hr["runs_b"] == [0.0, 0.0] and hr["across_runs"]["num_runs_a"] == 2
     assert entries[1]["missing"] == ["b0/'other'"] and "metrics" not in entries[1]
+    paths = entries[2]["metrics"]["HR@10"]
+    assert entries[2]["paired_runs"] and [(p["run_a"], p["run_b"]) for p in paths["pairings"]] == [(0, 0), (1, 1)]
+    assert paths["across_runs"]["test"] == "paired t-test over runs"
     text = seed_study.to_markdown({**common.header("seed_study"), "dataset": "synthetic", "split": "leave_one_out",
                                    "num_users": 400, "comparisons": entries})
     assert "## A vs B" in text and "| HR@10 | " in text and "4 / 0 of 4 | A better |" in text
@@ -283,6 +290,12 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
     ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [AUC@3]}]\n", "comparison 1 \\('n'\\): .*'AUC@3'"),
     ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: []}}]\n",
      "'a' must be \\{label"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: [r, r]},"
+     " b: {label: y, runs: [s]}}]\n", "'a' names the same run more than once: \\['r'\\]"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: [r]},"
+     " b: {label: y, runs: [r]}}]\n", "runs \\['r'\\] are on both sides; set 'paired_runs: true'"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], paired_runs: true, a: {label: x, runs: [r]},"
+     " b: {label: y, runs: [r, s]}}]\n", "'paired_runs' needs as many runs"),
 ])
 def test_seed_study_spec_errors_name_the_comparison(tmp_path, text, message):
     seed_study = _import_benchmark("seed_study")

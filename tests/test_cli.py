@@ -65,8 +65,12 @@ def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
         main(["compare", "--run-dir", str(runs["a"])])
     with pytest.raises(SystemExit, match="not both"):
         main(["compare", "--run-dir", str(runs["a"]), "--runs-a", str(runs["a"]), "--runs-b", str(runs["a"])])
-    with pytest.raises(SystemExit, match="--runs-a A1 \\[A2 ...\\] and --runs-b"):
+    with pytest.raises(SystemExit, match="--runs-b is missing"):
         main(["compare", "--runs-a", str(runs["a"])])
+    with pytest.raises(SystemExit, match="--runs-a A1 \\[A2 ...\\] and --runs-b"):
+        main(["compare"])
+    with pytest.raises(SystemExit, match="--runs-a names the same run more than once"):
+        main(["compare", "--runs-a", str(runs["a"]), str(runs["a"]), "--runs-b", str(runs["b"])])
     with pytest.raises(SystemExit, match=f"{runs['a']} and {unmasked} do not rank the same examples"):
         main(["compare", "--runs-a", str(runs["a"]), "--runs-b", str(runs["a"]), str(unmasked)])
     with pytest.raises(SystemExit, match="--confidence must be in \\(0, 1\\), e.g. 0.95, got 95.0"):
@@ -85,19 +89,26 @@ def test_compare_runs_of_two_models_over_seeds(tmp_path, capsys):
         assert main(["train", "--run-dir", str(runs[name]), *overrides]) == 0
     capsys.readouterr()
     output = tmp_path / "compare.json"
-    assert main(["compare", "--runs-a", str(runs["a0"]), str(runs["a1"]), "--runs-b", str(runs["b0"]),
+    assert main(["compare", "--runs-a", str(runs["a0"]), "--runs-a", str(runs["a1"]), "--runs-b", str(runs["b0"]),
                  "--metric", "HR@10", "TailRecall@10", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert "A = a0, a1; B = b0" in printed and "significant pairings" in printed
-    assert "over runs: needs 2+ runs a side" in printed
+    assert "A = a0, a1; B = b0" in printed and "pairings significant" in printed
+    assert "over runs: needs 2+ runs a side" in printed and "-> needs 2+ runs a side" in printed
     result = json.loads(output.read_text())
     assert result["runs_a"] == [str(runs["a0"]), str(runs["a1"])]
     hr = result["metrics"]["HR@10"]
     tests = {name: json.loads((run / "metrics.json").read_text())["test"] for name, run in runs.items()}
     assert hr["runs_a"] == pytest.approx([tests["a0"]["HR@10"], tests["a1"]["HR@10"]], abs=1e-6)
     assert hr["runs_b"] == pytest.approx([tests["b0"]["HR@10"]], abs=1e-6)
-    assert len(hr["pairings"]) == 2 and hr["across_runs"] is None
-    assert hr["verdict"] in ("A better", "B better", "no consistent difference")
+    assert len(hr["pairings"]) == 2 and hr["across_runs"] is None and hr["verdict"] == "needs 2+ runs a side"
+    assert hr["significant_for_a"] == sum(p["p_value"] < 0.05 and p["difference"] > 0 for p in hr["pairings"])
+    # Two runs a side: the test over runs is there (Welch), and the verdict follows both tests.
+    assert main(["compare", "--runs-a", str(runs["a0"]), str(runs["a1"]), "--runs-b", str(runs["b0"]),
+                 str(runs["a0"]), "--metric", "HR@10", "--output", str(output)]) == 0
+    hr = json.loads(output.read_text())["metrics"]["HR@10"]
+    assert hr["across_runs"]["test"] == "Welch's t-test over runs" and len(hr["pairings"]) == 4
+    significant = (hr["across_runs"]["p_value"] or 1.0) < 0.05 and hr["averaged"]["p_value"] < 0.05
+    assert (hr["verdict"] in ("A better", "B better")) == significant
 
 
 def test_config_file_and_bad_key(tmp_path, capsys):

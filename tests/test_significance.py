@@ -108,7 +108,8 @@ def test_ranks_come_back_in_example_order_across_batches():
     (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=[1, 0]), "mask must be bool"),
     (lambda: paired_difference([1, 2], [1, 2], "HR@10", mask=np.array([True, False])), "HR@10, got 1 after the mask"),
     (lambda: compare_run_groups([], [[1, 2]], ["HR@10"]), "runs_a must hold at least one"),
-    (lambda: compare_run_groups([[1, 2]], [[1, 2], [1, 2, 3]], ["HR@10"]), "runs of \\[2, 3\\] examples"),
+    (lambda: compare_run_groups([[1, 2]], [[1, 2], [1, 2, 3]], ["HR@10"]), "runs_b\\[1\\] ranks 3, runs_a\\[0\\] 2"),
+    (lambda: compare_run_groups([[1, 2]], [[1, 2]], ["TailRecall@10"], is_tail_target=[1, 0]), "is_tail_target must be bool"),
     (lambda: compare_run_groups([[1, 2]], [[1, 2]], ["TailRecall@10"]), "'TailRecall@10' needs is_tail_target"),
     (lambda: compare_run_groups([[1, 2]], [[1, 2]], ["AUC@10"]), "'AUC@10'"),
     (lambda: compare_run_groups([[1, -2]], [[1, 2]], ["HR@10"]), "runs_a\\[0\\]"),
@@ -140,20 +141,41 @@ def test_run_groups_report_every_pairing_the_average_and_the_run_spread():
     assert hr["averaged"]["p_value"] == pytest.approx(averaged.pvalue)
     welch = stats.ttest_ind(hr["runs_a"], hr["runs_b"], equal_var=False)
     assert hr["across_runs"]["p_value"] == pytest.approx(welch.pvalue, rel=1e-4)
+    assert hr["across_runs"]["test"] == "Welch's t-test over runs"
     assert hr["verdict"] == "A better" and hr["significant_for_a"] == 6
     tail = result["TailRecall@10"]
     assert tail["averaged"]["num_examples"] == is_tail.sum()
     assert tail["runs_a"][0] == pytest.approx(per_example_gain(runs_a[0], "HR@10")[is_tail].mean(), abs=1e-6)
 
 
-def test_one_run_per_model_has_no_run_spread_and_a_tie_has_no_verdict():
+def test_one_run_per_model_has_no_verdict_and_a_tie_is_no_difference():
     runs = _runs(1, 0.0, 2)
     result = compare_run_groups(runs[:1], runs[1:], ["NDCG@10"])["NDCG@10"]
     assert result["across_runs"] is None and len(result["pairings"]) == 1
+    assert result["verdict"] == "needs 2+ runs a side"
     same = compare_run_groups(runs, runs, ["HR@10"])["HR@10"]
-    # Run i against itself is no difference: not every pairing agrees, so no verdict.
-    assert same["verdict"] == "no consistent difference" and same["averaged"]["difference"] == 0
-    assert same["across_runs"]["difference"] == 0
+    assert same["verdict"] == "no significant difference" and same["averaged"]["difference"] == 0
+    assert same["across_runs"]["difference"] == 0 and same["across_runs"]["p_value"] == pytest.approx(1.0)
+
+
+def test_runs_without_spread_leave_the_test_over_runs_undefined():
+    runs = _runs(1, 0.0, 1) * 2  # the same run given twice
+    other = _runs(2, 3.0, 1) * 2
+    across = compare_run_groups(other, runs, ["HR@10"])["HR@10"]
+    assert across["across_runs"]["p_value"] is None and "the same run given twice" in across["across_runs"]["note"]
+    assert across["verdict"] == "no significant difference"
+    assert significance.format_difference(across["across_runs"]).endswith("(no test: no spread)")
+
+
+def test_paired_runs_compare_run_i_with_run_i():
+    runs_a, runs_b = _runs(1, 3.0, 3), _runs(2, 0.0, 3)
+    result = compare_run_groups(runs_a, runs_b, ["HR@10"], paired_runs=True)["HR@10"]
+    assert [(p["run_a"], p["run_b"]) for p in result["pairings"]] == [(0, 0), (1, 1), (2, 2)]
+    paired = stats.ttest_rel(result["runs_a"], result["runs_b"])
+    assert result["across_runs"]["test"] == "paired t-test over runs"
+    assert result["across_runs"]["p_value"] == pytest.approx(paired.pvalue, rel=1e-4)
+    with pytest.raises(ValueError, match="as many runs on each side, got 3 and 2"):
+        compare_run_groups(runs_a, runs_b[:2], ["HR@10"], paired_runs=True)
 
 
 def test_docstring_examples():

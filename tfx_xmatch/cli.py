@@ -83,12 +83,20 @@ def _command_compare(args: argparse.Namespace) -> int:
 
     if args.run_dir and (args.runs_a or args.runs_b):
         raise SystemExit("xmatch compare: give either two --run-dir (A, then B) or --runs-a and --runs-b, not both")
+    grouped = bool(args.runs_a or args.runs_b)
     if args.run_dir:
         if len(args.run_dir) != 2:
             raise SystemExit(f"xmatch compare: give exactly two --run-dir (A, then B), got {len(args.run_dir)}: "
                              f"{args.run_dir}")
         groups = [args.run_dir[:1], args.run_dir[1:]]
-    elif args.runs_a and args.runs_b:
+    elif grouped:
+        for flag, runs in (("--runs-a", args.runs_a), ("--runs-b", args.runs_b)):
+            if not runs:
+                raise SystemExit(f"xmatch compare: {flag} is missing: give the training runs of both models")
+            resolved = [pathlib.Path(run).resolve() for run in runs]
+            repeated = sorted({str(run) for run, path in zip(runs, resolved) if resolved.count(path) > 1})
+            if repeated:
+                raise SystemExit(f"xmatch compare: {flag} names the same run more than once: {repeated}")
         groups = [args.runs_a, args.runs_b]
     else:
         raise SystemExit("xmatch compare: give two --run-dir (A, then B), or --runs-a A1 [A2 ...] and "
@@ -117,16 +125,16 @@ def _command_compare(args: argparse.Namespace) -> int:
     names = [[pathlib.Path(run_dir).name or str(run_dir) for run_dir in group] for group in groups]
     heading = f"{args.split} ({split.dataset.name}, {split.name}, full ranking, {len(examples):,} users)"
     width = max(len(metric) for metric in args.metric)
-    if len(run_dirs) == 2:
+    if not grouped:
         paired = compare_metrics(ranks[0], ranks[1], args.metric, is_tail, confidence=args.confidence)
         _print_paired(heading, names, paired, width, args.confidence)
         report = {"split": args.split, "run_a": str(run_dirs[0]), "run_b": str(run_dirs[1]), "metrics": paired}
     else:
-        grouped = compare_run_groups(ranks[:len(groups[0])], ranks[len(groups[0]):], args.metric, is_tail,
+        results = compare_run_groups(ranks[:len(groups[0])], ranks[len(groups[0]):], args.metric, is_tail,
                                      confidence=args.confidence)
-        _print_grouped(heading, names, grouped, width, args.confidence)
+        _print_grouped(heading, names, results, width, args.confidence)
         report = {"split": args.split, "runs_a": [str(r) for r in groups[0]], "runs_b": [str(r) for r in groups[1]],
-                  "metrics": grouped}
+                  "metrics": results}
     if args.output:
         write_json_atomic(args.output, report)
     return 0
@@ -152,13 +160,14 @@ def _print_grouped(heading: str, names: list, grouped: dict, width: int, confide
     for metric, result in grouped.items():
         runs = len(result["pairings"])
         across = result["across_runs"]
-        across_text = ("over runs (Welch) " + format_difference(across)) if across else "over runs: needs 2+ runs a side"
+        across_text = f"over runs {format_difference(across)}" if across else "over runs: needs 2+ runs a side"
         print(f"  {metric:<{width}}  A runs {' '.join(f'{v:.4f}' for v in result['runs_a'])}  "
               f"B runs {' '.join(f'{v:.4f}' for v in result['runs_b'])}")
-        print(f"  {'':<{width}}  users, runs averaged {format_difference(result['averaged'])}; {across_text}")
-        print(f"  {'':<{width}}  significant pairings: {result['significant_for_a']} of {runs} for A, "
+        print(f"  {'':<{width}}  over users (runs averaged) {format_difference(result['averaged'])}; {across_text}")
+        print(f"  {'':<{width}}  pairings significant: {result['significant_for_a']} of {runs} for A, "
               f"{result['significant_for_b']} of {runs} for B -> {result['verdict']}")
-    print("  (a verdict needs every run of one model significantly ahead of every run of the other)")
+    print("  (a verdict needs the test over users and the test over runs to agree; with two or three runs a "
+          "side the test over runs has little power)")
 
 
 def _command_export(args: argparse.Namespace) -> int:
@@ -293,9 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "over one or several training runs of each")
     compare.add_argument("--run-dir", action="append", default=[], metavar="RUN_DIR",
                          help="a run directory of `xmatch train`; give exactly two (A, then B) trained on the same data")
-    compare.add_argument("--runs-a", nargs="+", default=[], metavar="RUN_DIR",
+    compare.add_argument("--runs-a", nargs="+", action="extend", default=[], metavar="RUN_DIR",
                          help="instead of --run-dir: training runs of model A (e.g. one per seed)")
-    compare.add_argument("--runs-b", nargs="+", default=[], metavar="RUN_DIR", help="training runs of model B")
+    compare.add_argument("--runs-b", nargs="+", action="extend", default=[], metavar="RUN_DIR",
+                         help="training runs of model B")
     compare.add_argument("--split", choices=("validation", "test"), default="test")
     compare.add_argument("--metric", nargs="+", default=["HR@10", "NDCG@10", "MRR@20", "Recall@50", "TailRecall@50"],
                          help="HR@K, Recall@K, NDCG@K, MRR@K, P@K or TailRecall@K (default: %(default)s)")

@@ -150,12 +150,12 @@ def _check_confidence(confidence) -> None:
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
 
 
-def _checked_mask(mask: Optional[ArrayLike], num_examples: int) -> Optional[np.ndarray]:
+def _checked_mask(mask: Optional[ArrayLike], num_examples: int, name: str = "mask") -> Optional[np.ndarray]:
     if mask is None:
         return None
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ or mask.shape != (num_examples,):
-        raise ValueError(f"mask must be bool with one entry per example ({num_examples}), "
+        raise ValueError(f"{name} must be bool with one entry per example ({num_examples}), "
                          f"got dtype {mask.dtype} and shape {mask.shape}")
     return mask
 
@@ -197,50 +197,64 @@ def compare_metrics(ranks: np.ndarray, reference: np.ndarray, metrics: Sequence[
     """
     result = {}
     for metric in metrics:
-        check_metric(metric)
-        if metric.startswith(TAIL_PREFIX):
-            if is_tail_target is None:
-                raise ValueError(f"{metric!r} needs is_tail_target (which users' targets are tail items)")
-            difference = paired_difference(ranks, reference, metric[len(TAIL_PREFIX):], mask=is_tail_target,
-                                           confidence=confidence)
-        else:
-            difference = paired_difference(ranks, reference, metric, confidence=confidence)
+        base, mask = _metric_and_mask(metric, is_tail_target)
+        difference = paired_difference(ranks, reference, base, mask=mask, confidence=confidence)
         result[metric] = {**difference.to_dict(), "metric": metric}
     return result
 
 
+def _metric_and_mask(metric: str, is_tail_target: Optional[ArrayLike]) -> tuple[str, Optional[ArrayLike]]:
+    """("Recall@K", is_tail_target) for "TailRecall@K", (metric, None) otherwise; checks the name."""
+    check_metric(metric)
+    if not metric.startswith(TAIL_PREFIX):
+        return metric, None
+    if is_tail_target is None:
+        raise ValueError(f"{metric!r} needs is_tail_target (which users' targets are tail items)")
+    return metric[len(TAIL_PREFIX):], is_tail_target
+
+
 def compare_run_groups(runs_a: Sequence[ArrayLike], runs_b: Sequence[ArrayLike], metrics: Sequence[str],
-                       is_tail_target: Optional[ArrayLike] = None, confidence: float = 0.95) -> dict:
+                       is_tail_target: Optional[ArrayLike] = None, confidence: float = 0.95,
+                       paired_runs: bool = False) -> dict:
     """Is model A better than model B over several training runs of each, on the same examples?
 
-    A paired test over examples answers for the two *runs* it compares: it treats the trained
-    weights as fixed, so the spread between two trainings of one config (on ML-1M as large as
-    the differences between models) is not in its interval. With several runs (seeds) of each
-    model this reports, per metric:
+    A paired test over examples answers for the two *runs* it compares: it holds the trained
+    weights fixed, so the spread between two trainings of one config (on ML-1M as large as the
+    differences between models) is not in its interval. With several runs (seeds) of each model
+    this reports, per metric:
 
-    - ``pairings``: the paired test of every run of A against every run of B;
-    - ``averaged``: the paired test of each example's gain averaged over each model's runs;
-    - ``across_runs``: Welch's t-test of the runs' metric values, the test of training-run
-      variance (``None`` unless both models have two runs or more; with few runs it has little
-      power, which is the honest answer);
-    - ``verdict``: "A better" or "B better" only when every pairing is significant the same way,
-      else "no consistent difference".
+    - ``averaged``: the paired t-test of each example's gain averaged over each model's runs
+      (the noise of the choice of examples; averaging shrinks the run-to-run noise in the
+      estimate, but the interval still holds the runs fixed);
+    - ``across_runs``: a t-test of the runs' metric values, whose noise is the run-to-run spread
+      (the examples held fixed): Welch's for independent runs, or a paired one over run i of A
+      and run i of B with ``paired_runs``. ``None`` with fewer than two runs a side; with a few
+      runs it has little power, which is the honest answer;
+    - ``pairings``: the paired test of every run of A against every run of B (with
+      ``paired_runs``, run i against run i), and how many are significant each way (descriptive);
+    - ``verdict``: "A better" or "B better" only when ``averaged`` and ``across_runs`` are both
+      significant the same way (each at 1 - ``confidence``), else "no significant difference",
+      or "needs 2+ runs a side".
 
     Args:
       runs_a, runs_b: Each a sequence of int [N] 0-based target ranks, one per training run, all
         over the same N examples.
       metrics: As in ``compare_metrics`` (``TailRecall@K`` included).
       is_tail_target: bool [N], needed by tail metrics.
-      confidence: Level of the intervals and of the pairing tests, in (0, 1). Default 0.95.
+      confidence: Level of the intervals and tests, in (0, 1). Default 0.95.
+      paired_runs: Run i of A and run i of B share their training (e.g. two serving paths, or
+        two samplers, of the same trained models), so they are compared pairwise (bool, default
+        False; needs as many runs on each side).
 
     Returns:
-      {metric: {"runs_a": [value per run], "runs_b": [...], "pairings": [PairedDifference dict
-      with "run_a", "run_b" indices], "averaged": PairedDifference dict, "across_runs": dict or
-      None, "significant_for_a": int, "significant_for_b": int, "verdict": str}}.
+      {metric: {"runs_a": [value per run], "runs_b": [...], "averaged": PairedDifference dict,
+      "across_runs": dict or None, "pairings": [PairedDifference dict with "run_a", "run_b"],
+      "significant_for_a": int, "significant_for_b": int, "verdict": str}}.
 
     Raises:
-      ValueError: an empty group, ranks of different examples, an unknown metric (quoted), or a
-        tail metric without ``is_tail_target``.
+      ValueError: an empty group, ranks of different examples (naming the run), unequal groups
+        with ``paired_runs``, an unknown metric (quoted), or a tail metric without
+        ``is_tail_target``.
     """
     _check_confidence(confidence)
     groups = []
@@ -249,55 +263,69 @@ def compare_run_groups(runs_a: Sequence[ArrayLike], runs_b: Sequence[ArrayLike],
         if not runs:
             raise ValueError(f"{name} must hold at least one run's ranks, got none")
         groups.append(runs)
-    sizes = sorted({ranks.size for runs in groups for ranks in runs})
-    if len(sizes) > 1:
-        raise ValueError(f"every run must rank the same examples: got runs of {sizes} examples")
+    size = groups[0][0].size
+    for name, runs in zip(("runs_a", "runs_b"), groups):
+        for i, ranks in enumerate(runs):
+            if ranks.size != size:
+                raise ValueError(f"every run must rank the same examples: {name}[{i}] ranks {ranks.size}, "
+                                 f"runs_a[0] {size}")
+    if paired_runs and len(groups[0]) != len(groups[1]):
+        raise ValueError(f"paired_runs needs as many runs on each side, got {len(groups[0])} and {len(groups[1])}")
+    alpha = 1.0 - confidence
     result = {}
     for metric in metrics:
-        check_metric(metric)
-        base, mask = metric, None
-        if metric.startswith(TAIL_PREFIX):
-            if is_tail_target is None:
-                raise ValueError(f"{metric!r} needs is_tail_target (which users' targets are tail items)")
-            base, mask = metric[len(TAIL_PREFIX):], _checked_mask(is_tail_target, sizes[0])
+        base, mask = _metric_and_mask(metric, is_tail_target)
+        mask = _checked_mask(mask, size, "is_tail_target")
         gains_a, gains_b = ([per_example_gain(ranks, base) for ranks in runs] for runs in groups)
+        pairs = ([(i, i) for i in range(len(gains_a))] if paired_runs
+                 else [(i, j) for i in range(len(gains_a)) for j in range(len(gains_b))])
+        pairings = {(i, j): _paired_gains(gains_a[i], gains_b[j], metric, mask, confidence) for i, j in pairs}
         kept = slice(None) if mask is None else mask
         values_a = [float(gains[kept].mean()) for gains in gains_a]
         values_b = [float(gains[kept].mean()) for gains in gains_b]
-        pairings = [{**_paired_gains(a, b, metric, mask, confidence).to_dict(), "run_a": i, "run_b": j}
-                    for i, a in enumerate(gains_a) for j, b in enumerate(gains_b)]
-        alpha = 1.0 - confidence
-        for_a = sum(p["p_value"] < alpha and p["difference"] > 0 for p in pairings)
-        for_b = sum(p["p_value"] < alpha and p["difference"] < 0 for p in pairings)
-        verdict = ("A better" if for_a == len(pairings) else "B better" if for_b == len(pairings)
-                   else "no consistent difference")
         averaged = _paired_gains(np.mean(gains_a, axis=0), np.mean(gains_b, axis=0), metric, mask, confidence)
-        result[metric] = {"runs_a": [round(v, 6) for v in values_a], "runs_b": [round(v, 6) for v in values_b],
-                          "pairings": pairings, "averaged": {**averaged.to_dict(), "metric": metric},
-                          "across_runs": _welch(values_a, values_b, confidence),
-                          "significant_for_a": for_a, "significant_for_b": for_b, "verdict": verdict}
+        across = _across_runs(values_a, values_b, confidence, paired_runs)
+        if across is None:
+            verdict = "needs 2+ runs a side"
+        elif (across["p_value"] is not None and across["p_value"] < alpha and averaged.significant()
+              and np.sign(across["difference"]) == np.sign(averaged.difference)):
+            verdict = "A better" if averaged.difference > 0 else "B better"
+        else:
+            verdict = "no significant difference"
+        result[metric] = {
+            "runs_a": [round(v, 6) for v in values_a], "runs_b": [round(v, 6) for v in values_b],
+            "averaged": {**averaged.to_dict(), "metric": metric}, "across_runs": across,
+            "pairings": [{**paired.to_dict(), "run_a": i, "run_b": j} for (i, j), paired in pairings.items()],
+            "significant_for_a": sum(p.significant() and p.difference > 0 for p in pairings.values()),
+            "significant_for_b": sum(p.significant() and p.difference < 0 for p in pairings.values()),
+            "verdict": verdict,
+        }
     return result
 
 
-def _welch(values_a: list, values_b: list, confidence: float) -> Optional[dict]:
-    """Welch's t-test of two groups of run-level metric values (None with fewer than 2 runs a side)."""
+def _across_runs(values_a: list, values_b: list, confidence: float, paired: bool) -> Optional[dict]:
+    """The t-test of two groups of run-level metric values: Welch's, or paired run by run; None
+    with fewer than 2 runs a side. Runs without any spread leave it undefined (p ``None``): with
+    two or three runs that means the same run twice or a seed that was not applied, not certainty."""
     if min(len(values_a), len(values_b)) < 2:
         return None
     difference = float(np.mean(values_a) - np.mean(values_b))
-    if np.ptp(values_a) == 0 and np.ptp(values_b) == 0:
-        low = high = difference
-        p_value = 1.0 if difference == 0.0 else 0.0
-    else:
-        with warnings.catch_warnings():
-            # One model's runs may all score alike (a variance of 0 is a valid input here);
-            # scipy warns of precision loss for exactly that case.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            test = stats.ttest_ind(values_a, values_b, equal_var=False)
-        interval = test.confidence_interval(confidence)
-        low, high, p_value = float(interval.low), float(interval.high), float(test.pvalue)
-    return {"difference": round(difference, 6), "ci_low": round(low, 6), "ci_high": round(high, 6),
-            "p_value": p_value, "num_runs_a": len(values_a), "num_runs_b": len(values_b),
-            "confidence": float(confidence)}
+    spread = np.ptp(np.subtract(values_a, values_b)) if paired else max(np.ptp(values_a), np.ptp(values_b))
+    report = {"test": "paired t-test over runs" if paired else "Welch's t-test over runs",
+              "difference": round(difference, 6), "num_runs_a": len(values_a), "num_runs_b": len(values_b),
+              "confidence": float(confidence)}
+    if spread == 0:
+        return {**report, "ci_low": None, "ci_high": None, "p_value": None,
+                "note": "the runs' values do not vary: the same run given twice, or the seed not applied?"}
+    with warnings.catch_warnings():
+        # One model's runs may all score alike (a variance of 0 is valid on one side); scipy
+        # warns of precision loss for exactly that case.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test = (stats.ttest_rel(values_a, values_b) if paired
+                else stats.ttest_ind(values_a, values_b, equal_var=False))
+    interval = test.confidence_interval(confidence)
+    return {**report, "ci_low": round(float(interval.low), 6), "ci_high": round(float(interval.high), 6),
+            "p_value": float(test.pvalue)}
 
 
 def check_metric(metric: str) -> None:
@@ -311,6 +339,9 @@ def check_metric(metric: str) -> None:
 
 
 def format_difference(difference: dict) -> str:
-    """``+0.0016 [-0.0040, +0.0072] p=0.58`` (difference, confidence interval, p-value)."""
+    """``+0.0016 [-0.0040, +0.0072] p=0.58`` (difference, confidence interval, p-value); an
+    undefined test (p ``None``) reads ``+0.0016 (no test: no spread)``."""
+    if difference.get("p_value") is None:
+        return f"{difference['difference']:+.4f} (no test: no spread)"
     return (f"{difference['difference']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
             f"p={difference['p_value']:.2g}")
