@@ -233,9 +233,9 @@ def to_markdown(result: dict) -> str:
             latency = f"{row['latency_ms_p50']} / {row['latency_ms_p99']}" if "latency_ms_p50" in row else ""
             lines.append(f"| {model_name(row)} | {row['variant']} | {metrics} | {latency} | "
                          f"{row['epochs']} ({row['best_epoch']}) | {row['train_seconds']:.0f} |")
-        perplexity = next((row["codebook_perplexity"] for row in rows if "codebook_perplexity" in row), None)
-        if perplexity:
-            lines += ["", f"SPARC codebook perplexity per level over the catalogue's codes: {perplexity} "
+        perplexities = {model_name(row): row["codebook_perplexity"] for row in rows if "codebook_perplexity" in row}
+        for name, perplexity in perplexities.items():
+            lines += ["", f"{name} codebook perplexity per level over the catalogue's codes: {perplexity} "
                           f"(of {rows[-1]['settings']['options'].get('num_codewords', 64)} codewords per level)"]
         table = paired_table([{**row, "model": model_name(row)} for row in rows], ("model", "variant"),
                              {"vs_hard": "hard", "vs_two_tower": "two-tower (same seed)"}, COMPARED)
