@@ -103,7 +103,9 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
     for path in paths:
         path_metrics, ranks = evaluated[path.label]
         p50, p99 = latencies[path.label]
-        paired = {} if path.label == HARD else {"vs_hard": compare_metrics(ranks, evaluated[HARD][1], COMPARED, is_tail)}
+        paired = {}
+        if path.label != HARD:
+            paired["vs_hard"] = compare_metrics(ranks, evaluated[HARD][1], COMPARED, is_tail)
         if reference is not None:
             paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
         rows.append({**base, "variant": path.label, "interests": path.variant.get("interests", 0),

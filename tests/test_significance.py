@@ -142,6 +142,8 @@ def test_run_groups_report_every_pairing_the_average_and_the_run_spread():
     welch = stats.ttest_ind(hr["runs_a"], hr["runs_b"], equal_var=False)
     assert hr["across_runs"]["p_value"] == pytest.approx(welch.pvalue, rel=1e-4)
     assert hr["across_runs"]["test"] == "Welch's t-test over runs"
+    # Both tests estimate one difference, which is why the verdict needs no direction check.
+    assert hr["across_runs"]["difference"] == pytest.approx(hr["averaged"]["difference"], abs=1e-6)
     assert hr["verdict"] == "A better" and hr["significant_for_a"] == 6
     tail = result["TailRecall@10"]
     assert tail["averaged"]["num_examples"] == is_tail.sum()
