@@ -133,3 +133,38 @@ def test_the_differentiated_loss_is_divided_by_the_replicas_in_sync_and_codebook
     ratio, error, spread = map(float, result.stdout.strip().splitlines()[-1].split())
     assert abs(ratio - 1.0) < 1e-3 and error < 1e-5, (ratio, error)
     assert spread == 0.0, f"the replicas' RQ-VAE codebooks differ by {spread}"
+
+
+SEQUENTIAL_MODELS = """
+import json, pathlib, sys, tempfile
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from tests.test_training import tiny_config
+from tfx_xmatch import training
+
+results = {}
+for name, extra in [("two_tower", []), ("sparcode", []), ("sparc", []),
+                    ("t2diff", ["model.user_tower=mixed_attention"])]:
+    config = tiny_config("train.epochs=1", "train.strategy=mirrored", f"model.name={name}", *extra)
+    metrics = training.train(config, pathlib.Path(tempfile.mkdtemp()))
+    results[name] = [metrics["epochs"], training.make_strategy("mirrored").num_replicas_in_sync]
+print(json.dumps(results))
+"""
+
+
+def test_every_model_trains_on_two_replicas_one_after_another_in_one_process():
+    """Each model kind takes mirrored steps on two replicas, all in one process: a fresh
+    MirroredStrategy per model restarted the collective numbering and the second model's
+    all-reduce aborted with a shape mismatch (tensorflow/tensorflow#62790)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", SEQUENTIAL_MODELS], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results == {name: [1, 2] for name in ("two_tower", "sparcode", "sparc", "t2diff")}, results
+
+
+def test_a_strategy_is_made_once_per_process():
+    assert training.make_strategy("mirrored") is training.make_strategy("mirrored")
+    assert training.make_strategy("default") is training.make_strategy("default")

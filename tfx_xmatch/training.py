@@ -450,8 +450,20 @@ RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds", "train.strategy"}
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
+# One strategy object per kind and cluster for the whole process. Every new MirroredStrategy
+# numbers its collective instances from the same start, so a second model trained in the same
+# process (a notebook, a sweep, the benchmarks) would meet the first model's gradient all-reduce
+# at the same instance key and abort with "Shape mismatch in the collective instance 100"
+# (tensorflow/tensorflow#62790). Reusing the strategy keeps the numbering going.
+_STRATEGIES: dict[tuple[str, str], tf.distribute.Strategy] = {}
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy called ``name`` (see ``TrainConfig.strategy``).
+
+    "mirrored" and "multi_worker" strategies are created once per process (per TF_CONFIG for
+    "multi_worker") and reused by later calls, so several models can be trained one after the
+    other in one process.
 
     Raises:
       ConfigError: unknown name, or "multi_worker" without a TF_CONFIG cluster.
@@ -460,13 +472,15 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         raise ConfigError(f"train.strategy must be one of {STRATEGIES}, got {name!r}")
     if name == "default":
         return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if "TF_CONFIG" not in os.environ:
+    if name == "multi_worker" and "TF_CONFIG" not in os.environ:
         raise ConfigError("train.strategy=multi_worker needs the cluster in the TF_CONFIG environment variable, "
                           'e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
                           '"index": 0}}')
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    key = (name, os.environ.get("TF_CONFIG", "") if name == "multi_worker" else "")
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = (tf.distribute.MirroredStrategy() if name == "mirrored"
+                            else tf.distribute.MultiWorkerMirroredStrategy())
+    return _STRATEGIES[key]
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
