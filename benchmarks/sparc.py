@@ -52,10 +52,10 @@ from common import (  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
-from tfx_xmatch.bench.paired import load_ranks, paired_table, save_ranks  # noqa: E402
+from tfx_xmatch.bench.paired import paired_table, save_ranks  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.bench.serving_paths import (  # noqa: E402
-    RETRIEVED, evaluate_path, per_user_latencies, serving_path,
+    RETRIEVED, brute_force_ranks, evaluate_path, per_user_latencies, serving_path,
 )
 from tfx_xmatch.evaluation import compare_metrics, is_tail_target  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
@@ -113,20 +113,6 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
                      "latency_ms_p50": p50, "latency_ms_p99": p99, **paired})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows
-
-
-def two_tower_ranks(run_dir: pathlib.Path, split, config) -> np.ndarray | None:
-    """The two-tower's per-user test ranks through its brute-force path: saved ones, else computed
-    from its trained model and saved; None (with a message) when there is no such run."""
-    ranks = load_ranks(run_dir, "brute force", split.test.targets)
-    if ranks is None and (run_dir / "model").is_dir():
-        model = training.load_model(run_dir / "model")
-        _, ranks = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
-                                 config, return_ranks=True)
-        save_ranks(run_dir, "brute force", ranks, split.test.targets)
-    if ranks is None:
-        print(f"no paired comparison with the two-tower: no run at {run_dir}", file=sys.stderr)
-    return ranks
 
 
 def recorded_baseline_rows(dataset: str, train_seed: int = 0) -> list[dict]:
@@ -198,7 +184,7 @@ def main() -> int:
                     "num_items": split.num_items, "settings": config.to_dict()["model"]}
             if name == "sparc":
                 two_tower_config = load_config(CONFIGS[dataset, "two_tower_sasrec"], overrides)
-                reference = two_tower_ranks(run_dir_of(args, dataset, "two_tower_sasrec"), split, two_tower_config)
+                reference = brute_force_ranks(run_dir_of(args, dataset, "two_tower_sasrec"), split, two_tower_config)
                 result["rows"] += soft_search_rows(run_dir, split, config, base, args.latency_users, reference)
             else:
                 result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})

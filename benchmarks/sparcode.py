@@ -29,15 +29,17 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, training_budgets,
+    training_overrides,
 )
 
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
-from tfx_xmatch.bench.serving_paths import evaluate_path, serving_path  # noqa: E402
+from tfx_xmatch.bench.paired import paired_table, save_ranks  # noqa: E402
+from tfx_xmatch.bench.serving_paths import brute_force_ranks, evaluate_path, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
+from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking, is_tail_target  # noqa: E402
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -51,37 +53,60 @@ RUN_NAMES = {"two_tower_sasrec": "quality-two_tower_sasrec"}
 DEFAULT_MINUTES = {"two_tower_sasrec": 70.0, "sparcode": 50.0, "sparcode_all_to_all": 30.0}
 CACHE_FRACTIONS = (1.0, 0.1, 0.01)
 REPORTED = ("HR@10", "NDCG@10", "Recall@50", "P@50", "NDCG@50", "TailRecall@50", "Coverage@50")
+COMPARED = ("HR@10", "NDCG@10", "Recall@50")
+# A re-run of a model replaces all of its rows of that seed.
+ROW_KEY = ("model", "train_seed")
+UNQUANTIZED = "unquantized"
 
 
-def evaluate_with(score_fn, split, config) -> dict:
+def evaluate_with(score_fn, split, config):
+    """(test metrics, per-user target ranks) of a full-ranking score function."""
     return evaluate_full_ranking(
         score_fn, split.test, num_items=split.num_items, max_length=config.model.max_length,
         batch_size=config.eval.batch_size, ks=tuple(config.eval.ks), mask_history=config.eval.mask_history,
-        item_popularity=split.item_popularity(),
+        item_popularity=split.item_popularity(), return_ranks=True,
     )
 
 
-def sparcode_rows(run_dir: pathlib.Path, split, config, base: dict) -> list[dict]:
-    """Index rows for each cache budget, and the unquantized-evaluation row."""
+def sparcode_rows(run_dir: pathlib.Path, split, config, base: dict, reference=None) -> list[dict]:
+    """Index rows for each cache budget, the unquantized row and, when the encoder has its own
+    loss, the encoder alone (the code path switched off: the two-tower inside SparCode).
+
+    Every row's per-user ranks are saved under ``run_dir``; each row is compared on the same test
+    users with the two-tower's ``reference`` ranks (when given) and with the encoder alone.
+    """
     model = training.load_model(run_dir / "model")
-    rows = []
+    evaluated, extra = {}, {}
     for fraction in CACHE_FRACTIONS:
         # Answers like a served export: top-100 with the whole history excluded.
         path = serving_path(model, split.num_items, {"kind": "sparse_code", "cache_fraction": fraction})
-        index, build_seconds = path.index, path.build_seconds
-        metrics = evaluate_path(path, model, split, config)
+        index = path.index
+        evaluated[f"cache={fraction:.0%}"] = evaluate_path(path, model, split, config, return_ranks=True), path.label
         lengths = index.posting_list_lengths()
-        rows.append({**base, "variant": f"cache={fraction:.0%}", **_reported(metrics),
-                     "index_entries": int(lengths.sum()), "mean_posting_list": round(float(lengths.mean()), 1),
-                     "positive_entries": int(index.num_positive_entries), "index_bytes": int(index.memory_bytes()),
-                     "index_build_seconds": round(build_seconds, 2), "is_exact": bool(index.is_exact())})
-        print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
+        extra[f"cache={fraction:.0%}"] = {
+            "index_entries": int(lengths.sum()), "mean_posting_list": round(float(lengths.mean()), 1),
+            "positive_entries": int(index.num_positive_entries), "index_bytes": int(index.memory_bytes()),
+            "index_build_seconds": round(path.build_seconds, 2), "is_exact": bool(index.is_exact())}
     unquantized = tf.function(model.score_all_unquantized, reduce_retracing=True)
-    metrics = evaluate_with(
+    evaluated[UNQUANTIZED] = evaluate_with(
         lambda histories, user_rows: unquantized(training.model_inputs(model, split.dataset, histories, user_rows)),
-        split, config)
-    rows.append({**base, "variant": "unquantized", **_reported(metrics)})
-    print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
+        split, config), UNQUANTIZED
+    encoder = None
+    if model.encoder_loss_weight > 0:
+        path = serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True})
+        encoder = "encoder alone (codes off)"
+        evaluated[encoder] = evaluate_path(path, model, split, config, return_ranks=True), path.label
+    is_tail = is_tail_target(split.test.targets, split.item_popularity())
+    rows = []
+    for variant, ((metrics, ranks), label) in evaluated.items():
+        save_ranks(run_dir, label, ranks, split.test.targets)
+        paired = {}
+        if reference is not None:
+            paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
+        if encoder is not None and variant != encoder:
+            paired["vs_encoder"] = compare_metrics(ranks, evaluated[encoder][0][1], COMPARED, is_tail)
+        rows.append({**base, "variant": variant, **_reported(metrics), **extra.get(variant, {}), **paired})
+        print({k: v for k, v in rows[-1].items() if k not in ("settings", "vs_two_tower", "vs_encoder")}, flush=True)
     return rows
 
 
@@ -101,6 +126,12 @@ def main() -> int:
                         help="config override for the SparCode model only (repeatable); use with --output")
     parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
     parser.add_argument("--output", default="sparcode", help="results file stem under benchmarks/results/")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="training seed (train.seed) of every model; a non-zero seed trains its own runs "
+                             "(names ending -seed<N>), SparCode compared with the two-tower of the same seed")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's rows to the existing results file (rows of the same model and seed "
+                             "replaced) instead of starting the file afresh")
     args = parser.parse_args()
 
     dataset_dir = pathlib.Path(args.data_dir)
@@ -112,24 +143,34 @@ def main() -> int:
     result["rows"] = []
     split = None
     for name in args.models:
-        overrides = training_overrides("ml-1m", dataset_dir, args.epochs, args.patience, budgets[name])
+        overrides = [*training_overrides("ml-1m", dataset_dir, args.epochs, args.patience, budgets[name]),
+                     f"train.seed={args.train_seed}"]
         config = load_config(MODELS[name], overrides + (args.sparcode_set if name == "sparcode" else []))
         split = split or training.prepare_split(config)
-        run_dir = pathlib.Path(args.runs_dir) / RUN_NAMES.get(name, f"{args.output}-{name}")
+        run_dir = run_dir_of(args, name)
         metrics = training.train(config, run_dir, split=split)
-        base = {"dataset": "ml-1m", "split": "leave_one_out", "model": name,
+        base = {"dataset": "ml-1m", "split": "leave_one_out", "model": name, "train_seed": args.train_seed,
                 "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
                 "best_epoch": metrics["best_epoch"], "val_NDCG@10": round(metrics["validation"]["NDCG@10"], 4),
                 "settings": config.to_dict()["model"]}
         if name == "sparcode":
-            result["rows"] += sparcode_rows(run_dir, split, config, base)
+            two_tower_config = load_config(MODELS["two_tower_sasrec"], overrides)
+            reference = brute_force_ranks(run_dir_of(args, "two_tower_sasrec"), split, two_tower_config)
+            result["rows"] += sparcode_rows(run_dir, split, config, base, reference)
         else:
             result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
             print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
-        write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
+        path = RESULTS_DIR / f"{args.output}.json"
+        written = merge_rows(result, path, ROW_KEY, {"train_seed": 0}) if args.merge else result
+        write_json_atomic(path, written)
+        write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
     return 0
+
+
+def run_dir_of(args, name: str) -> pathlib.Path:
+    name = RUN_NAMES.get(name, f"{args.output}-{name}")
+    return pathlib.Path(args.runs_dir) / (name + (f"-seed{args.train_seed}" if args.train_seed else ""))
 
 
 def to_markdown(result: dict) -> str:
@@ -145,11 +186,14 @@ def to_markdown(result: dict) -> str:
     for row in result["rows"]:
         metrics = " | ".join(f"{row[key]:.4f}" for key in REPORTED)
         entries = row.get("index_entries", "")
-        lines.append(f"| {row['model']} | {row['variant']} | {metrics} | {row['epochs']} ({row['best_epoch']}) | "
+        lines.append(f"| {model_name(row)} | {row['variant']} | {metrics} | {row['epochs']} ({row['best_epoch']}) | "
                      f"{row['train_seconds']:.0f} | {entries} |")
+    table = paired_table([{**row, "model": model_name(row)} for row in result["rows"]], ("model", "variant"),
+                         {"vs_two_tower": "two-tower (same seed)", "vs_encoder": "its own encoder alone"}, COMPARED)
+    lines += [""] + table if table else []
     lines += ["", "Settings per model:", ""]
-    for row in {r["model"]: r for r in result["rows"]}.values():
-        lines.append(f"- {row['model']}: `{row['settings']}`")
+    for row in {model_name(r): r for r in result["rows"]}.values():
+        lines.append(f"- {model_name(row)}: `{row['settings']}`")
     return "\n".join(lines) + "\n"
 
 

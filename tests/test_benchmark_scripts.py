@@ -167,6 +167,7 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     once from its run and reused, every row paired with hard search and the two-tower."""
     from tfx_xmatch import training
     from tfx_xmatch.bench.paired import load_ranks
+    from tfx_xmatch.bench.serving_paths import brute_force_ranks
     from tfx_xmatch.config import load_config
 
     sparc = _import_benchmark("sparc")
@@ -181,11 +182,11 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     split = training.prepare_split(configs["sparc"])
     for name, config in configs.items():
         training.train(config, tmp_path / name, split=split)
-    reference = sparc.two_tower_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
+    reference = brute_force_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
     assert reference.shape == (len(split.test),)
     np.testing.assert_array_equal(load_ranks(tmp_path / "two_tower_sasrec", "brute force", split.test.targets),
                                   reference)
-    assert sparc.two_tower_ranks(tmp_path / "missing", split, configs["two_tower_sasrec"]) is None
+    assert brute_force_ranks(tmp_path / "missing", split, configs["two_tower_sasrec"]) is None
 
     base = {"dataset": "synthetic", "model": "sparc", "epochs": 1, "best_epoch": 1, "train_seconds": 1.0,
             "num_items": split.num_items, "settings": configs["sparc"].to_dict()["model"]}
@@ -206,6 +207,68 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
             assert paired["difference"] == pytest.approx(paired["mean_a"] - paired["mean_b"], abs=2e-6)
     text = sparc.to_markdown({**common.header("sparc"), "rows": rows})
     assert "| soft K=8 | " in text and "Recall@50 vs two-tower" in text and "p=" in text
+
+
+def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder_alone(tmp_path):
+    """End to end on a tiny synthetic catalogue: every SparCode path's ranks are saved, each row
+    is paired with the two-tower's ranks and with the encoder alone, whose ranks are the encoder
+    state's dot product with the item tower, computed here without the serving path."""
+    import tensorflow as tf
+
+    from tfx_xmatch import training
+    from tfx_xmatch.bench.paired import load_ranks
+    from tfx_xmatch.bench.serving_paths import brute_force_ranks
+    from tfx_xmatch.config import load_config
+    from tfx_xmatch.evaluation import evaluate_full_ranking
+
+    sparcode = _import_benchmark("sparcode")
+    common = _import_benchmark("common")
+    tiny = ["data.dataset=synthetic", "data.split=leave_one_out",
+            "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
+            "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=1",
+            "train.verbose=0", "eval.ks=[10, 50]"]
+    configs = {"two_tower_sasrec": load_config(None, tiny),
+               "sparcode": load_config(None, [*tiny, "model.name=sparcode", "model.options.num_codewords=16",
+                                              "model.options.num_query_tokens=2"])}
+    split = training.prepare_split(configs["sparcode"])
+    for name, config in configs.items():
+        training.train(config, tmp_path / name, split=split)
+    reference = brute_force_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
+
+    base = {"dataset": "synthetic", "model": "sparcode", "train_seed": 0, "epochs": 1, "best_epoch": 1,
+            "train_seconds": 1.0, "settings": configs["sparcode"].to_dict()["model"]}
+    rows = sparcode.sparcode_rows(tmp_path / "sparcode", split, configs["sparcode"], base, reference)
+    variants = ["cache=100%", "cache=10%", "cache=1%", "unquantized", "encoder alone (codes off)"]
+    assert [row["variant"] for row in rows] == variants
+    labels = ["cache 100%", "cache 10%", "cache 1%", "unquantized", "backbone alone (branch off)"]
+    ranks = {variant: load_ranks(tmp_path / "sparcode", label, split.test.targets)
+             for variant, label in zip(variants, labels)}
+
+    model = training.load_model(tmp_path / "sparcode" / "model")
+    encoder_scores = tf.function(lambda inputs: tf.matmul(model.encode_sequence(inputs)[:, -1, :],
+                                                          model.encoder_item_embeddings(), transpose_b=True))
+    config = configs["sparcode"]
+    _, oracle = evaluate_full_ranking(
+        lambda histories, user_rows: encoder_scores(training.model_inputs(model, split.dataset, histories, user_rows)),
+        split.test, num_items=split.num_items, max_length=config.model.max_length, ks=(10, 50),
+        mask_history=True, return_ranks=True)
+    # The served top-100 ranks items it does not return last, and it never returns the history,
+    # where the evaluation still ranks a re-consumed target; elsewhere the ranks agree.
+    repeated = np.array([target in history for target, history in zip(split.test.targets, split.test.histories)])
+    shown = (oracle < 100) & ~repeated
+    assert shown.sum() > 20
+    np.testing.assert_array_equal(ranks["encoder alone (codes off)"][shown], oracle[shown])
+    assert "vs_encoder" not in rows[-1]
+    for row in rows:
+        assert ranks[row["variant"]].shape == (len(split.test),)
+        for key, other in (("vs_two_tower", reference), ("vs_encoder", ranks["encoder alone (codes off)"])):
+            if key not in row:
+                continue
+            paired = row[key]["Recall@50"]
+            assert paired["mean_a"] == pytest.approx(row["Recall@50"], abs=1e-4)
+            assert paired["mean_b"] == pytest.approx(float(np.mean(other < 50)), abs=1e-6)
+    text = sparcode.to_markdown({**common.header("sparcode"), "rows": rows})
+    assert "HR@10 vs two-tower (same seed)" in text and "vs its own encoder alone" in text
 
 
 def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():

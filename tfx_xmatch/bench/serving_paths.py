@@ -10,13 +10,16 @@ Paths per model (``variants`` of :func:`serving_paths`):
 * SparCode: ``{"kind": "sparse_code", "cache_fraction": f}`` (posting lists under a budget).
 * SPARC: ``{"kind": "soft_search", "interests": K}`` (K = 1 is hard search).
 * T2Diff: ``{"kind": "brute_force", "sampler": "ddim"|"ddpm", "steps": S}``.
-* A model with a sequence backbone (SPARC, T2Diff with ``backbone``), branch switched off:
-  ``{"kind": "brute_force", "backbone_only": True}`` (its encoder state after the last item).
+* A model with a sequence backbone (SPARC, T2Diff with ``backbone``), branch switched off, or
+  SparCode with its code path switched off: ``{"kind": "brute_force", "backbone_only": True}``
+  (its encoder state after the last item, dot product with the item tower).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import sys
 import time
 from typing import Callable
 
@@ -24,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch import training
+from tfx_xmatch.bench.paired import load_ranks, save_ranks
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.index import BruteForceIndex, SoftSearchIndex, SparseCodeIndex
@@ -103,7 +107,10 @@ def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> Serving
                                              or getattr(model, "backbone", "sasrec") == "none"):
             raise ValueError(f"variant {variant} needs a model with a sequence backbone, got {type(model).__name__}")
         index = BruteForceIndex(k_max=RETRIEVED, exclude_padding=0)
-        index.index(model.item_embeddings()[1:], ids)
+        # SparCode's item_embeddings are its code-score columns; its encoder scores the item tower.
+        sparcode_encoder = variant.get("backbone_only") and hasattr(model, "encoder_item_embeddings")
+        items = model.encoder_item_embeddings() if sparcode_encoder else model.item_embeddings()
+        index.index(items[1:], ids)
     else:
         raise ValueError(f"unknown serving path kind {kind!r} in {variant}")
     build_seconds = time.perf_counter() - started
@@ -207,3 +214,18 @@ def per_user_latencies(paths: dict, model, split, config, users: int, warmup: in
                 timings[label].append((time.perf_counter() - started) * 1000)
     return {label: (round(float(np.percentile(values, 50)), 3), round(float(np.percentile(values, 99)), 3))
             for label, values in timings.items()}
+
+
+def brute_force_ranks(run_dir, split, config) -> np.ndarray | None:
+    """A trained run's per-user test ranks through its brute-force path (the two-tower's serving
+    path): the ranks saved under ``run_dir`` as "brute force", else computed from its model and
+    saved; None (with a message) when there is no run at ``run_dir``."""
+    ranks = load_ranks(run_dir, "brute force", split.test.targets)
+    if ranks is None and (pathlib.Path(run_dir) / "model").is_dir():
+        model = training.load_model(pathlib.Path(run_dir) / "model")
+        _, ranks = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
+                                 config, return_ranks=True)
+        save_ranks(run_dir, "brute force", ranks, split.test.targets)
+    if ranks is None:
+        print(f"no paired comparison with the two-tower: no run at {run_dir}", file=sys.stderr)
+    return ranks

@@ -303,6 +303,16 @@ class SparCode(RetrievalModel):
         every index, row 0 = padding)."""
         return tf.transpose(self.code_item_scores(item_indices))
 
+    def encoder_item_embeddings(self) -> tf.Tensor:
+        """The item vectors the auxiliary encoder loss scores the encoder states against: float
+        [num_items + 1, d] (row 0 = padding).
+
+        ``encode_sequence(inputs)[:, -1, :] @ encoder_item_embeddings().T`` is the two-tower
+        inside SparCode, with the code path switched off: the ablation that shows what the codes
+        add to (or lose from) their own encoder. Serving never uses it.
+        """
+        return self.item_tower(tf.range(self.num_items + 1))
+
     def build_index(self, index, batch_size: int = 4096, verbose: int = 1):
         """Fills ``index`` with every item's code-score column, streamed in item chunks.
 
