@@ -168,3 +168,40 @@ def test_every_model_trains_on_two_replicas_one_after_another_in_one_process():
 def test_a_strategy_is_made_once_per_process():
     assert training.make_strategy("mirrored") is training.make_strategy("mirrored")
     assert training.make_strategy("default") is training.make_strategy("default")
+
+
+PLAIN_FIT = """
+import json
+import numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+import tfx_xmatch
+from tfx_xmatch.models import SPARC, SparCode, T2Diff, TwoTower
+
+rng = np.random.default_rng(0)
+history = rng.integers(1, 31, size=(64, 12)).astype(np.int32)
+data = tf.data.Dataset.from_tensor_slices({"history": history, "next_items": np.roll(history, -1, axis=1)}).batch(16)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+losses = {}
+for model_class, options in [(SparCode, {"num_codewords": 16, "num_query_tokens": 2}), (SPARC, {"num_codewords": 8}),
+                             (T2Diff, {}), (TwoTower, {})]:
+    with strategy.scope():
+        model = model_class(num_items=30, embedding_dim=8, max_length=12, **options)
+        model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    history_ = model.fit(data, epochs=2, verbose=0).history
+    losses[model_class.__name__] = [strategy.num_replicas_in_sync, history_["total_loss"][-1]]
+print(json.dumps(losses))
+"""
+
+
+def test_every_model_fits_under_a_users_own_two_replica_mirrored_strategy():
+    """The TFRS way, without our training loop: build and compile under the strategy's scope,
+    then model.fit. SparCode used to build its quantizer inside the first train step, which
+    failed on two replicas ("You must feed a value for placeholder tensor")."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", PLAIN_FIT], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(losses) == {"SparCode", "SPARC", "T2Diff", "TwoTower"}
+    for name, (replicas, loss) in losses.items():
+        assert replicas == 2 and np.isfinite(loss), (name, losses)

@@ -219,6 +219,12 @@ class SparCode(RetrievalModel):
             self.num_codewords, num_codebooks=self.num_codebooks, decay=self.codebook_decay,
             commitment_weight=self.commitment_weight, name="quantizer",
         )
+        if self.quantize:
+            # Its shape is known now. Built here, its state exists before the first training step:
+            # a quantizer first built inside a mirrored train step (model.fit under
+            # MirroredStrategy with 2+ replicas) fails when its initialization is lifted out.
+            self.quantizer.build(tf.TensorShape([None, self.num_query_tokens, self.embedding_dim])
+                                 if self.num_codebooks > 1 else tf.TensorShape([None, self.embedding_dim]))
         self.interaction = AllToAllInteraction(self.interaction_units, name="interaction")
         self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros")
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
@@ -434,9 +440,6 @@ class SparCode(RetrievalModel):
         if self.quantize:
             # The codewords the tokens are assigned to, read before the EMA update and
             # restarts that quantizing in training applies.
-            if not self.quantizer.built:
-                self.quantizer.build(tf.TensorShape([None, self.num_query_tokens, self.embedding_dim])
-                                     if self.num_codebooks > 1 else tf.TensorShape([None, self.embedding_dim]))
             codewords = tf.stop_gradient(tf.identity(self.all_codewords()))
             soft = self._soft_bag(tokens)
             codes = self._quantize(tokens, training=training)
