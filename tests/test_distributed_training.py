@@ -97,13 +97,17 @@ def one_step(strategy):
         model.compile(optimizer=tf.keras.optimizers.SGD(1.0))
         model({"history": history})
         before = [w.numpy().copy() for w in model.trainable_variables]
-    model.fit(tf.data.Dataset.from_tensor_slices(batch).batch(8), epochs=1, verbose=0)
-    return [w.numpy() - b for w, b in zip(model.trainable_variables, before)]
+    data = tf.data.Dataset.from_tensor_slices(batch).batch(8)
+    trained = model.fit(data, epochs=1, verbose=0).history["total_loss"][-1]
+    evaluated = model.evaluate(data, verbose=0, return_dict=True)["total_loss"]
+    return [w.numpy() - b for w, b in zip(model.trainable_variables, before)], (trained, evaluated)
 
-single = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
-mirrored = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+single, single_losses = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
+mirrored, mirrored_losses = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
 ratio = sum(np.abs(m).sum() for m in mirrored) / sum(np.abs(s).sum() for s in single)
 error = max(np.abs(m - s).max() for m, s in zip(mirrored, single))
+# The reported losses: two replicas' halves average to the whole batch's loss (equal positions).
+loss_error = max(abs(m - s) / s for m, s in zip(mirrored_losses, single_losses))
 
 # Quantizer state assigned in replica context (initialisation, restarts) must agree on every
 # replica even when each replica sees different vectors.
@@ -119,20 +123,23 @@ for _ in range(3):
     step(vectors)
 copies = [v.numpy() for v in quantizer.codebooks.values]
 spread = max(np.abs(c - copies[0]).max() for c in copies)
-print(ratio, error, spread)
+print(ratio, error, spread, loss_error)
 """
 
 
 def test_the_differentiated_loss_is_divided_by_the_replicas_in_sync_and_codebooks_agree():
-    """Two replicas each taking half the batch must take the one-device step: Keras sums the
-    replicas' gradients, so an unscaled per-replica mean loss would take twice the step."""
+    """Two replicas each taking half the batch must take the one-device step and report the
+    one-device loss: Keras sums the replicas' gradients and logs, so an unscaled per-replica mean
+    loss would take twice the step and show twice the loss."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", SCALING_CHECK], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ratio, error, spread = map(float, result.stdout.strip().splitlines()[-1].split())
+    ratio, error, spread, loss_error = map(float, result.stdout.strip().splitlines()[-1].split())
     assert abs(ratio - 1.0) < 1e-3 and error < 1e-5, (ratio, error)
     assert spread == 0.0, f"the replicas' RQ-VAE codebooks differ by {spread}"
+    # Keras sums what the replicas report: unscaled, fit and evaluate showed twice the loss.
+    assert loss_error < 1e-5, f"the reported loss on two replicas is off by {loss_error:.1%}"
 
 
 SEQUENTIAL_MODELS = """

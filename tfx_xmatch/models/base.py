@@ -18,8 +18,12 @@ class RetrievalModel(tfrs.models.Model):
     Keras optimizers sum the gradients of all replicas (``MirroredStrategy``,
     ``MultiWorkerMirroredStrategy``), and TFRS' ``train_step`` differentiates the per-replica
     mean loss as is, so N replicas would apply N times the mean gradient (an N-fold learning
-    rate). Here the differentiated loss is divided by the number of replicas in sync; the
-    reported losses are unchanged. Subclasses implement ``compute_loss`` as for TFRS.
+    rate). Here the differentiated loss is divided by the number of replicas in sync.
+
+    The reported ``loss``, ``regularization_loss`` and ``total_loss`` (of ``fit`` and
+    ``evaluate``) are the step's loss averaged over the replicas: Keras sums what each replica
+    returns (its "auto" reduction outside TPUs), so TFRS' steps report N times the loss on N
+    replicas. Subclasses implement ``compute_loss`` as for TFRS.
     """
 
     def train_step(self, inputs):
@@ -31,9 +35,26 @@ class RetrievalModel(tfrs.models.Model):
             scaled = total_loss / tf.cast(replicas, total_loss.dtype)
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        metrics = {metric.name: metric.result() for metric in self.metrics}
-        metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
-        return metrics
+        return self._step_logs(loss, regularization_loss)
+
+    def test_step(self, inputs):
+        loss = self.compute_loss(inputs, training=False)
+        regularization_loss = tf.reduce_sum([tf.reduce_sum(term) for term in self.losses])
+        return self._step_logs(loss, regularization_loss)
+
+    def _step_logs(self, loss: tf.Tensor, regularization_loss: tf.Tensor) -> dict:
+        """The metrics' results and this replica's share of the step's losses."""
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        share = 1.0
+        strategy = tf.distribute.get_strategy()
+        reduction = self.distribute_reduction_method
+        sums_replicas = reduction == "sum" or (reduction == "auto"
+                                               and not isinstance(strategy, tf.distribute.TPUStrategy))
+        if strategy.num_replicas_in_sync > 1 and sums_replicas:
+            share = 1.0 / strategy.num_replicas_in_sync
+        logs.update(loss=loss * share, regularization_loss=regularization_loss * share,
+                    total_loss=(loss + regularization_loss) * share)
+        return logs
 
     # ---------------------------------------------------------------- what every model shares
     # The hyperparameters every model takes (a config's model.* fields) and its item side: the
