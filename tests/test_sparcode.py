@@ -77,6 +77,13 @@ def test_all_to_all_interaction_config_round_trip_and_bad_arguments():
         AllToAllInteraction(hidden_units=())
     with pytest.raises(ValueError, match="got shape"):
         AllToAllInteraction()(tf.zeros([2, 3, 4]), tf.zeros([5, 1, 4]))
+    with pytest.raises(ValueError, match=r"must share d, got shapes \(2, 4\) and \(5, 1, 3\)"):
+        AllToAllInteraction()(tf.zeros([2, 4]), tf.zeros([5, 1, 3]))
+    # Every weight exists once the layer is built from the query shape, before any call.
+    built = AllToAllInteraction(hidden_units=(8, 4))
+    built.build(tf.TensorShape([None, 4]))
+    built(tf.zeros([2, 4]), tf.zeros([5, 1, 4]))
+    assert built.bilinear_projection.kernel.shape == (4, 4)
 
 
 def test_training_shows_losses_and_codebook_usage(trained):

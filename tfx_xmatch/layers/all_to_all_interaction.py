@@ -34,8 +34,8 @@ class AllToAllInteraction(tf.keras.layers.Layer):
       float [P, I] pre-activation pair scores E(q, i).
 
     Raises:
-      ValueError: If ``hidden_units`` is empty or holds a width < 1, or inputs have the
-        wrong rank.
+      ValueError: If ``hidden_units`` is empty or holds a width < 1, inputs have the
+        wrong rank, or query and item tokens differ in width.
 
     Example:
       >>> interaction = AllToAllInteraction(hidden_units=(32,))
@@ -52,6 +52,10 @@ class AllToAllInteraction(tf.keras.layers.Layer):
         self.bilinear = bool(bilinear)
 
     def build(self, input_shape=None):
+        """Builds the sublayers; ``input_shape`` is the query tokens' [P, d] (d must be known)."""
+        width = None if input_shape is None else tf.TensorShape(input_shape)[-1]
+        if self.bilinear and width is None:
+            raise ValueError(f"{self.name} needs the query tokens' width, got input shape {input_shape}")
         first = self.hidden_units[0]
         self.query_projection = tf.keras.layers.Dense(first, use_bias=True, name="query_projection")
         self.item_projection = tf.keras.layers.Dense(first, use_bias=False, name="item_projection")
@@ -61,7 +65,8 @@ class AllToAllInteraction(tf.keras.layers.Layer):
         ]
         self.output_layer = tf.keras.layers.Dense(1, name="output")
         if self.bilinear:
-            self.bilinear_projection = None  # width known at the first call
+            # Query and item tokens share the width d.
+            self.bilinear_projection = tf.keras.layers.Dense(int(width), use_bias=False, name="bilinear")
         super().build(input_shape)
 
     def call(self, query_tokens: tf.Tensor, item_tokens: tf.Tensor) -> tf.Tensor:
@@ -72,6 +77,9 @@ class AllToAllInteraction(tf.keras.layers.Layer):
         if item_tokens.shape.rank != 3:
             raise ValueError(f"item_tokens must be [I, T, d], got shape {item_tokens.shape}")
         num_tokens, width = item_tokens.shape[1], item_tokens.shape[2]
+        if width != query_tokens.shape[1]:
+            raise ValueError(f"query tokens [P, d] and item tokens [I, T, d] must share d, got shapes "
+                             f"{query_tokens.shape} and {item_tokens.shape}")
         flat_items = tf.reshape(item_tokens, [-1, num_tokens * width])
         hidden = tf.nn.relu(
             self.query_projection(query_tokens)[:, tf.newaxis, :]
@@ -81,8 +89,6 @@ class AllToAllInteraction(tf.keras.layers.Layer):
             hidden = layer(hidden)
         scores = tf.squeeze(self.output_layer(hidden), axis=-1)
         if self.bilinear:
-            if self.bilinear_projection is None:
-                self.bilinear_projection = tf.keras.layers.Dense(width, use_bias=False, name="bilinear")
             scores += tf.matmul(self.bilinear_projection(query_tokens), item_tokens[:, 0, :], transpose_b=True)
         return scores
 
