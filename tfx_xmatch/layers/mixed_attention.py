@@ -79,8 +79,9 @@ class MixedAttention(tf.keras.layers.Layer):
                 tf.keras.layers.MultiHeadAttention(self.num_heads, max(1, width // self.num_heads),
                                                    dropout=self.dropout, name=f"self_attention_{i}"),
                 tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"attention_norm_{i}"),
-                tf.keras.Sequential([tf.keras.layers.Dense(width, activation="relu"),
-                                     tf.keras.layers.Dropout(self.dropout), tf.keras.layers.Dense(width)],
+                tf.keras.Sequential([tf.keras.layers.Dense(width, activation="relu", name=f"feed_forward_{i}_hidden"),
+                                     tf.keras.layers.Dropout(self.dropout),
+                                     tf.keras.layers.Dense(width, name=f"feed_forward_{i}_output")],
                                     name=f"feed_forward_{i}"),
                 tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"feed_forward_norm_{i}"),
             ))
