@@ -190,13 +190,15 @@ history = rng.integers(1, 31, size=(64, 12)).astype(np.int32)
 data = tf.data.Dataset.from_tensor_slices({"history": history, "next_items": np.roll(history, -1, axis=1)}).batch(16)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 losses = {}
-for model_class, options in [(SparCode, {"num_codewords": 16, "num_query_tokens": 2}), (SPARC, {"num_codewords": 8}),
-                             (T2Diff, {}), (TwoTower, {})]:
+for model_class, options in [(SparCode, {"num_codewords": 16, "num_query_tokens": 2}),
+                             (SparCode, {"num_codewords": 16, "num_query_tokens": 2, "tokenizer": "slots"}),
+                             (SPARC, {"num_codewords": 8}), (T2Diff, {}), (TwoTower, {})]:
     with strategy.scope():
         model = model_class(num_items=30, embedding_dim=8, max_length=12, **options)
         model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
     history_ = model.fit(data, epochs=2, verbose=0).history
-    losses[model_class.__name__] = [strategy.num_replicas_in_sync, history_["total_loss"][-1]]
+    name = model_class.__name__ + ("-" + options["tokenizer"] if "tokenizer" in options else "")
+    losses[name] = [strategy.num_replicas_in_sync, history_["total_loss"][-1]]
 print(json.dumps(losses))
 """
 
@@ -209,6 +211,6 @@ def test_every_model_fits_under_a_users_own_two_replica_mirrored_strategy():
     result = subprocess.run([sys.executable, "-c", PLAIN_FIT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(losses) == {"SparCode", "SPARC", "T2Diff", "TwoTower"}
+    assert set(losses) == {"SparCode", "SparCode-slots", "SPARC", "T2Diff", "TwoTower"}
     for name, (replicas, loss) in losses.items():
         assert replicas == 2 and np.isfinite(loss), (name, losses)

@@ -13,7 +13,7 @@ from tfx_xmatch.export import export_retrieval_model, non_stock_ops
 from tfx_xmatch.index import BruteForceIndex, SparseCodeIndex
 from tfx_xmatch.layers import AllToAllInteraction
 from tfx_xmatch.models import SparCode
-from tfx_xmatch.models.sparcode import relu_with_leaky_gradient
+from tfx_xmatch.models.sparcode import readable_history, relu_with_leaky_gradient
 from tfx_xmatch.training import build_model, load_model, save_model
 from tfx_xmatch.data import make_synthetic
 
@@ -337,3 +337,51 @@ def test_cache_aware_training_adds_a_softmax_over_the_cached_table():
         SparCode(num_items=5, training_cache_fraction=1.5)
     with pytest.raises(ValueError, match="training_cache_fraction needs quantize=True"):
         SparCode(num_items=5, training_cache_fraction=0.1, quantize=False)
+
+
+def test_slot_tokenizer_trains_reads_the_history_causally_and_reloads(tmp_path):
+    """tokenizer="slots": K learned slots attend over the encoded history. Training reaches the
+    slots; a position's tokens read its history up to itself only; the config round-trips and a
+    reloaded model gives the same codes and scores."""
+    model = _model(tokenizer="slots")
+    model.fit(_batches(num_batches=3), epochs=2, verbose=0)
+    assert model.get_config()["tokenizer"] == "slots"
+    again = SparCode.from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+
+    batch = next(iter(_batches()))
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(batch, training=True)
+    slot_gradient = tape.gradient(loss, model.token_slots)
+    assert float(tf.reduce_max(tf.abs(slot_gradient))) > 0
+
+    # Changing the items after position t leaves the tokens of position t unchanged.
+    history = np.array([np.arange(1, LENGTH + 1)], np.int32)
+    changed = history.copy()
+    changed[0, 5:] = [30, 31, 32]
+    tokens = []
+    for rows in (history, changed):
+        sequence = model.encode_sequence({"history": rows})
+        mask = (rows > 0) & (np.arange(LENGTH) <= 4)[np.newaxis, :]
+        tokens.append(model.query_tokens(sequence[:, 4, :], sequence, mask).numpy())
+    np.testing.assert_allclose(tokens[0], tokens[1], rtol=1e-5, atol=1e-6)
+    # ... but the whole-history tokens served for the last position do read it.
+    served = [model.last_position_tokens({"history": rows}).numpy() for rows in (history, changed)]
+    assert np.abs(served[0] - served[1]).max() > 1e-4
+
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(30, 38)], LENGTH)}
+    np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
+    np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="the 'slots' tokenizer needs history_states and history_mask"):
+        model.query_tokens(tf.zeros([2, 16]))
+    with pytest.raises(ValueError, match="tokenizer must be one of .* got 'attention'"):
+        SparCode(num_items=5, tokenizer="attention")
+
+
+def test_readable_history_is_the_users_real_items_up_to_the_position():
+    history = np.array([[0, 0, 3, 4, 5], [6, 7, 8, 9, 1]], np.int32)
+    where = np.array([[0, 3], [1, 0], [1, 4], [0, 1]], np.int64)
+    expected = np.array([[0, 0, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(readable_history(history, where).numpy(), expected)

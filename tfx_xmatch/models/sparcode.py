@@ -54,6 +54,7 @@ from tfx_xmatch.models.history_encoding import encode_history
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
+TOKENIZERS = ("last_state", "slots")
 
 
 def relu_with_leaky_gradient(x: tf.Tensor, leak: float) -> tf.Tensor:
@@ -66,6 +67,19 @@ def relu_with_leaky_gradient(x: tf.Tensor, leak: float) -> tf.Tensor:
     if not leak:
         return tf.nn.relu(x)
     return tf.nn.relu(x) + leak * (x - tf.stop_gradient(x))
+
+
+def readable_history(history: tf.Tensor, where: tf.Tensor) -> tf.Tensor:
+    """What each of P positions may read: bool [P, L], True at the real items of its user's
+    history up to and including the position.
+
+    Args:
+      history: int [B, L] item indices (0 = padding).
+      where: int64 [P, 2] (user row, position) of each position.
+    """
+    history = tf.gather(tf.convert_to_tensor(history), where[:, 0])
+    upto = tf.range(tf.shape(history)[1], dtype=where.dtype)[tf.newaxis, :] <= where[:, 1:]
+    return tf.logical_and(history > 0, upto)
 
 
 class SparCode(RetrievalModel):
@@ -89,6 +103,10 @@ class SparCode(RetrievalModel):
       item_feature_dims, item_feature_tables, user_feature_cardinalities, item_hidden_units,
         l2: As in ``TwoTower``. Item features become extra item tokens of the interaction.
       num_query_tokens: K, query tokens (and codes) per user (int, default 8).
+      tokenizer: How the K tokens are made (str, default "last_state"). "last_state": a linear
+        map of the encoder state after the last item. "slots": K learned slots, each shifted by
+        that state, attend over the encoded history (causally, the positions up to the one
+        being predicted), so each token can read a different part of it.
       num_codewords: N, codewords per codebook (int, default 512).
       num_codebooks: 1 (all tokens share one codebook, N codes in all) or K (token k uses
         codebook k, K x N codes). Default 1.
@@ -142,6 +160,7 @@ class SparCode(RetrievalModel):
         item_hidden_units: Sequence[int] = (),
         l2: float = 0.0,
         num_query_tokens: int = 8,
+        tokenizer: str = "last_state",
         num_codewords: int = 512,
         num_codebooks: int = 1,
         quantize: bool = True,
@@ -166,6 +185,8 @@ class SparCode(RetrievalModel):
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         if num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {num_query_tokens!r}")
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
         if num_codebooks not in (1, num_query_tokens):
             raise ValueError(f"num_codebooks must be 1 or num_query_tokens={num_query_tokens}, got {num_codebooks!r}")
         if max_loss_positions < 1:
@@ -190,6 +211,7 @@ class SparCode(RetrievalModel):
             item_hidden_units=item_hidden_units, l2=l2,
         )
         self.num_query_tokens = int(num_query_tokens)
+        self.tokenizer_kind = tokenizer
         self.num_codewords = int(num_codewords)
         self.num_codebooks = int(num_codebooks)
         self.quantize = bool(quantize)
@@ -211,6 +233,11 @@ class SparCode(RetrievalModel):
 
         self._build_shared_layers(item_feature_tables)
         self.tokenizer = tf.keras.layers.Dense(self.num_query_tokens * self.embedding_dim, name="tokenizer")
+        if self.tokenizer_kind == "slots":
+            self.token_slots = self.add_weight(name="token_slots", shape=(self.num_query_tokens, self.embedding_dim),
+                                               initializer="glorot_uniform")
+            self.slot_attention = tf.keras.layers.MultiHeadAttention(
+                num_heads=1, key_dim=self.embedding_dim, name="slot_attention")
         # Tokens on a common scale keep codeword distances (and the assignment temperature)
         # meaningful whatever the encoder's output scale.
         self.token_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, center=False, scale=False,
@@ -243,10 +270,32 @@ class SparCode(RetrievalModel):
         """Encodes every history position: float [B, L, d]."""
         return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
 
-    def query_tokens(self, states: tf.Tensor) -> tf.Tensor:
-        """Encoded history states [P, d] -> K continuous query tokens [P, K, d]."""
+    def query_tokens(self, states: tf.Tensor, history_states: Optional[tf.Tensor] = None,
+                     history_mask: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """K continuous query tokens [P, K, d] of P positions.
+
+        Args:
+          states: float [P, d], the encoder state at each position (after its last item).
+          history_states: float [P, L, d], the encoded history each position may read (the
+            "slots" tokenizer only).
+          history_mask: bool [P, L], True at the history positions it may read.
+
+        Raises:
+          ValueError: If the "slots" tokenizer is given no history.
+        """
         tokens = tf.reshape(self.tokenizer(states), [-1, self.num_query_tokens, self.embedding_dim])
+        if self.tokenizer_kind == "slots":
+            if history_states is None or history_mask is None:
+                raise ValueError("the 'slots' tokenizer needs history_states and history_mask")
+            queries = tokens + self.token_slots[tf.newaxis]
+            mask = tf.tile(tf.convert_to_tensor(history_mask)[:, tf.newaxis, :], [1, self.num_query_tokens, 1])
+            tokens = queries + self.slot_attention(queries, history_states, attention_mask=mask)
         return self.token_norm(tokens)
+
+    def last_position_tokens(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        """Query tokens [B, K, d] after each user's last item (what serving quantizes)."""
+        sequence = self.encode_sequence(inputs, training=training)
+        return self.query_tokens(sequence[:, -1, :], sequence, tf.convert_to_tensor(inputs["history"]) > 0)
 
     def _quantize(self, tokens: tf.Tensor, training: bool = False) -> tf.Tensor:
         """Global code ids [P, K] of tokens [P, K, d] (EMA and restarts when training)."""
@@ -259,8 +308,7 @@ class SparCode(RetrievalModel):
 
     def query_codes(self, inputs: dict) -> tf.Tensor:
         """The codes of each user's most recent state: int32 [B, K] in [0, num_codes)."""
-        states = self.encode_sequence(inputs)[:, -1, :]
-        return self._quantize(self.query_tokens(states))
+        return self._quantize(self.last_position_tokens(inputs))
 
     def code_bag(self, codes: tf.Tensor) -> tf.Tensor:
         """How often each code occurs among a query's codes: float [B, num_codes]."""
@@ -371,8 +419,7 @@ class SparCode(RetrievalModel):
         Runs E on every (token, item) pair, so it is exact but costs B x K x items; users are
         processed ``batch_size`` at a time to bound memory.
         """
-        states = self.encode_sequence(inputs)[:, -1, :]
-        tokens = self.query_tokens(states)
+        tokens = self.last_position_tokens(inputs)
         items = tf.range(self.num_items + 1)
         num_users = tf.shape(tokens)[0]
         # Fixed-size chunks through map_fn, so the batch size may be unknown when traced.
@@ -390,7 +437,7 @@ class SparCode(RetrievalModel):
     def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """The user's codes (int32 [B, K]); continuous tokens [B, K, d] if unquantized."""
         if not self.quantize:
-            return self.query_tokens(self.encode_sequence(inputs, training=training)[:, -1, :])
+            return self.last_position_tokens(inputs, training=training)
         return self.query_codes(inputs)
 
     # ---------------------------------------------------------------- training
@@ -433,7 +480,17 @@ class SparCode(RetrievalModel):
         all_targets = tf.boolean_mask(next_items, is_target)
         keep = tf.random.shuffle(tf.range(tf.shape(all_targets)[0]))[: self.max_loss_positions]
         states, targets = tf.gather(all_states, keep), tf.gather(all_targets, keep)
-        tokens = self.query_tokens(tf.stop_gradient(states) if self.detach_code_path else states)
+        history_states = history_mask = None
+        if self.tokenizer_kind == "slots":
+            # Each kept position reads its own user's history up to itself.
+            where = tf.gather(tf.where(is_target), keep)  # [P, 2] (user row, position)
+            history_states = tf.gather(sequence, where[:, 0])
+            history_mask = readable_history(inputs["history"], where)
+        code_states = states
+        if self.detach_code_path:
+            code_states = tf.stop_gradient(states)
+            history_states = None if history_states is None else tf.stop_gradient(history_states)
+        tokens = self.query_tokens(code_states, history_states, history_mask)
         candidates, labels, log_q = self._candidates(targets)
         encoder_loss = self._encoder_loss(all_states, all_targets, states, candidates, labels, log_q)
 
@@ -513,6 +570,7 @@ class SparCode(RetrievalModel):
         return {
             **self._shared_config(),
             "num_query_tokens": self.num_query_tokens,
+            "tokenizer": self.tokenizer_kind,
             "num_codewords": self.num_codewords,
             "num_codebooks": self.num_codebooks,
             "quantize": self.quantize,
