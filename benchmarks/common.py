@@ -52,6 +52,11 @@ def model_name(row: dict) -> str:
     return f"{row['model']} (seed {seed})" if seed else row["model"]
 
 
+def seeded_run_dir(runs_dir, name: str, train_seed: int = 0) -> pathlib.Path:
+    """The run directory ``name`` under ``runs_dir``; a non-zero training seed has its own (``-seed<N>``)."""
+    return pathlib.Path(runs_dir) / (name + (f"-seed{train_seed}" if train_seed else ""))
+
+
 def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...], defaults: Optional[dict] = None) -> dict:
     """``result`` folded into the results already at ``path`` (JSON), so runs of separate variants add up.
 

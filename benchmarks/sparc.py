@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
     RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, read_results,
-    training_budgets, training_overrides,
+    seeded_run_dir, training_budgets, training_overrides,
 )
 
 
@@ -198,8 +198,8 @@ def main() -> int:
 
 
 def run_dir_of(args, dataset: str, name: str) -> pathlib.Path:
-    name = RUN_NAMES.get((dataset, name), f"{args.output}-{dataset}-{name}")
-    return pathlib.Path(args.runs_dir) / (name + (f"-seed{args.train_seed}" if args.train_seed else ""))
+    return seeded_run_dir(args.runs_dir, RUN_NAMES.get((dataset, name), f"{args.output}-{dataset}-{name}"),
+                          args.train_seed)
 
 
 def to_markdown(result: dict) -> str:

@@ -29,8 +29,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, training_budgets,
-    training_overrides,
+    RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, seeded_run_dir,
+    training_budgets, training_overrides,
 )
 
 import tensorflow as tf  # noqa: E402
@@ -93,17 +93,21 @@ def sparcode_rows(run_dir: pathlib.Path, split, config, base: dict, reference=No
         split, config), UNQUANTIZED
     encoder = None
     if model.encoder_loss_weight > 0:
-        path = serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True})
         encoder = "encoder alone (codes off)"
+        path = serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True, "label": encoder})
         evaluated[encoder] = evaluate_path(path, model, split, config, return_ranks=True), path.label
     is_tail = is_tail_target(split.test.targets, split.item_popularity())
     rows = []
     for variant, ((metrics, ranks), label) in evaluated.items():
         save_ranks(run_dir, label, ranks, split.test.targets)
         paired = {}
-        if reference is not None:
+        if variant == UNQUANTIZED:
+            # Its ranks come from scoring every item, where a re-consumed target still ranks; the
+            # other paths' from a search that excludes the whole history. Not paired.
+            pass
+        elif reference is not None:
             paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
-        if encoder is not None and variant != encoder:
+        if encoder is not None and variant not in (encoder, UNQUANTIZED):
             paired["vs_encoder"] = compare_metrics(ranks, evaluated[encoder][0][1], COMPARED, is_tail)
         rows.append({**base, "variant": variant, **_reported(metrics), **extra.get(variant, {}), **paired})
         print({k: v for k, v in rows[-1].items() if k not in ("settings", "vs_two_tower", "vs_encoder")}, flush=True)
@@ -147,7 +151,7 @@ def main() -> int:
                      f"train.seed={args.train_seed}"]
         config = load_config(MODELS[name], overrides + (args.sparcode_set if name == "sparcode" else []))
         split = split or training.prepare_split(config)
-        run_dir = run_dir_of(args, name)
+        run_dir = seeded_run_dir(args.runs_dir, RUN_NAMES.get(name, f"{args.output}-{name}"), args.train_seed)
         metrics = training.train(config, run_dir, split=split)
         base = {"dataset": "ml-1m", "split": "leave_one_out", "model": name, "train_seed": args.train_seed,
                 "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
@@ -155,7 +159,8 @@ def main() -> int:
                 "settings": config.to_dict()["model"]}
         if name == "sparcode":
             two_tower_config = load_config(MODELS["two_tower_sasrec"], overrides)
-            reference = brute_force_ranks(run_dir_of(args, "two_tower_sasrec"), split, two_tower_config)
+            two_tower_run = seeded_run_dir(args.runs_dir, RUN_NAMES["two_tower_sasrec"], args.train_seed)
+            reference = brute_force_ranks(two_tower_run, split, two_tower_config)
             result["rows"] += sparcode_rows(run_dir, split, config, base, reference)
         else:
             result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
@@ -166,11 +171,6 @@ def main() -> int:
         write_json_atomic(path, written)
         write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
     return 0
-
-
-def run_dir_of(args, name: str) -> pathlib.Path:
-    name = RUN_NAMES.get(name, f"{args.output}-{name}")
-    return pathlib.Path(args.runs_dir) / (name + (f"-seed{args.train_seed}" if args.train_seed else ""))
 
 
 def to_markdown(result: dict) -> str:

@@ -240,7 +240,7 @@ def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder
     rows = sparcode.sparcode_rows(tmp_path / "sparcode", split, configs["sparcode"], base, reference)
     variants = ["cache=100%", "cache=10%", "cache=1%", "unquantized", "encoder alone (codes off)"]
     assert [row["variant"] for row in rows] == variants
-    labels = ["cache 100%", "cache 10%", "cache 1%", "unquantized", "backbone alone (branch off)"]
+    labels = ["cache 100%", "cache 10%", "cache 1%", "unquantized", "encoder alone (codes off)"]
     ranks = {variant: load_ranks(tmp_path / "sparcode", label, split.test.targets)
              for variant, label in zip(variants, labels)}
 
@@ -259,6 +259,9 @@ def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder
     assert shown.sum() > 20
     np.testing.assert_array_equal(ranks["encoder alone (codes off)"][shown], oracle[shown])
     assert "vs_encoder" not in rows[-1]
+    # The unquantized row ranks every item (a re-consumed target still ranks): not paired with searches.
+    assert "vs_two_tower" not in rows[3] and "vs_encoder" not in rows[3]
+    assert all("vs_two_tower" in row for row in rows if row["variant"] != "unquantized")
     for row in rows:
         assert ranks[row["variant"]].shape == (len(split.test),)
         for key, other in (("vs_two_tower", reference), ("vs_encoder", ranks["encoder alone (codes off)"])):

@@ -172,9 +172,12 @@ def test_every_model_trains_on_two_replicas_one_after_another_in_one_process():
     assert results == {name: [1, 2] for name in ("two_tower", "sparcode", "sparc", "t2diff")}, results
 
 
-def test_a_strategy_is_made_once_per_process():
-    assert training.make_strategy("mirrored") is training.make_strategy("mirrored")
-    assert training.make_strategy("default") is training.make_strategy("default")
+def test_a_strategy_is_made_once_per_process(monkeypatch):
+    made = []
+    monkeypatch.setattr(training, "_STRATEGIES", {})
+    monkeypatch.setattr(training.tf.distribute, "MirroredStrategy", lambda: made.append(object()) or made[-1])
+    assert training.make_strategy("mirrored") is training.make_strategy("mirrored") is made[0]
+    assert len(made) == 1
 
 
 PLAIN_FIT = """

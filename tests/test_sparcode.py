@@ -341,8 +341,9 @@ def test_cache_aware_training_adds_a_softmax_over_the_cached_table():
 
 def test_slot_tokenizer_trains_reads_the_history_causally_and_reloads(tmp_path):
     """tokenizer="slots": K learned slots attend over the encoded history. Training reaches the
-    slots; a position's tokens read its history up to itself only; the config round-trips and a
-    reloaded model gives the same codes and scores."""
+    slots; each training position's tokens read its own user's history up to itself; served
+    tokens read the whole history; the config round-trips and a reloaded model gives the same
+    codes and scores."""
     model = _model(tokenizer="slots")
     model.fit(_batches(num_batches=3), epochs=2, verbose=0)
     assert model.get_config()["tokenizer"] == "slots"
@@ -352,29 +353,53 @@ def test_slot_tokenizer_trains_reads_the_history_causally_and_reloads(tmp_path):
     batch = next(iter(_batches()))
     with tf.GradientTape() as tape:
         loss = model.compute_loss(batch, training=True)
-    slot_gradient = tape.gradient(loss, model.token_slots)
-    assert float(tf.reduce_max(tf.abs(slot_gradient))) > 0
+    assert float(tf.reduce_max(tf.abs(tape.gradient(loss, model.token_slots)))) > 0
 
-    # Changing the items after position t leaves the tokens of position t unchanged.
-    history = np.array([np.arange(1, LENGTH + 1)], np.int32)
-    changed = history.copy()
-    changed[0, 5:] = [30, 31, 32]
-    tokens = []
-    for rows in (history, changed):
-        sequence = model.encode_sequence({"history": rows})
-        mask = (rows > 0) & (np.arange(LENGTH) <= 4)[np.newaxis, :]
-        tokens.append(model.query_tokens(sequence[:, 4, :], sequence, mask).numpy())
-    np.testing.assert_allclose(tokens[0], tokens[1], rtol=1e-5, atol=1e-6)
-    # ... but the whole-history tokens served for the last position do read it.
-    served = [model.last_position_tokens({"history": rows}).numpy() for rows in (history, changed)]
-    assert np.abs(served[0] - served[1]).max() > 1e-4
+    # What compute_loss hands the tokenizer: each position's state with the mask and row it reads.
+    calls = []
+    original = model.query_tokens
+
+    def recording(states, sequence=None, history_mask=None, rows=None):
+        calls.append((states.numpy(), history_mask.numpy(), rows.numpy()))
+        return original(states, sequence, history_mask, rows)
+
+    model.query_tokens = recording
+    model.compute_loss(batch, training=False)
+    del model.query_tokens
+    (states, masks, rows), = calls
+    sequence = model.encode_sequence(batch).numpy()
+    history = np.asarray(batch["history"])
+    assert len(states) == min(64, int((np.asarray(batch["next_items"]) > 0).sum()))
+    for state, mask, row in zip(states, masks, rows):
+        position = int(np.flatnonzero(mask).max())  # a position reads up to itself
+        np.testing.assert_allclose(state, sequence[row, position], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(mask, (history[row] > 0) & (np.arange(LENGTH) <= position))
+
+    # Served tokens read the whole history, not only the last position.
+    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(30, 38)], LENGTH)}
+    encoded = model.encode_sequence(inputs)
+    last_only = np.zeros((2, LENGTH), bool)
+    last_only[:, -1] = True
+    served = model.last_position_tokens(inputs).numpy()
+    assert np.abs(served - model.query_tokens(encoded[:, -1, :], encoded, last_only).numpy()).max() > 1e-4
 
     save_model(model, tmp_path / "model")
     reloaded = load_model(tmp_path / "model")
-    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(30, 38)], LENGTH)}
     np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
     np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
-    with pytest.raises(ValueError, match="the 'slots' tokenizer needs history_states and history_mask"):
+    # The export serves the slots' codes from the inverted index, with stock ops.
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    path = export_retrieval_model(model, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
+    assert non_stock_ops(path) == set()
+    histories = [np.arange(1, 6), np.arange(30, 38)]
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in histories])
+    result = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
+    scores = model.score_all(inputs).numpy()
+    for row, history in enumerate(histories):
+        scores[row, history] = 0.0
+    expected_scores, _ = _oracle_top_k(scores, 5)
+    np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
+    with pytest.raises(ValueError, match="the 'slots' tokenizer needs the encoded sequence and history_mask"):
         model.query_tokens(tf.zeros([2, 16]))
     with pytest.raises(ValueError, match="tokenizer must be one of .* got 'attention'"):
         SparCode(num_items=5, tokenizer="attention")

@@ -70,6 +70,8 @@ def index_bytes(index) -> int:
 
 
 def _label(variant: dict) -> str:
+    if "label" in variant:
+        return variant["label"]
     if variant.get("backbone_only"):
         return "backbone alone (branch off)"
     if "sampler" in variant:

@@ -77,7 +77,7 @@ class AllToAllInteraction(tf.keras.layers.Layer):
         if item_tokens.shape.rank != 3:
             raise ValueError(f"item_tokens must be [I, T, d], got shape {item_tokens.shape}")
         num_tokens, width = item_tokens.shape[1], item_tokens.shape[2]
-        if width != query_tokens.shape[1]:
+        if None not in (width, query_tokens.shape[1]) and width != query_tokens.shape[1]:
             raise ValueError(f"query tokens [P, d] and item tokens [I, T, d] must share d, got shapes "
                              f"{query_tokens.shape} and {item_tokens.shape}")
         flat_items = tf.reshape(item_tokens, [-1, num_tokens * width])

@@ -21,15 +21,23 @@ class RetrievalModel(tfrs.models.Model):
     rate). Here the differentiated loss is divided by the number of replicas in sync.
 
     The reported ``loss``, ``regularization_loss`` and ``total_loss`` (of ``fit`` and
-    ``evaluate``) are the step's loss averaged over the replicas: Keras sums what each replica
-    returns (its "auto" reduction outside TPUs), so TFRS' steps report N times the loss on N
-    replicas. Subclasses implement ``compute_loss`` as for TFRS.
+    ``evaluate``) are Keras ``Mean`` metrics, as in a model compiled with a Keras loss: the
+    running mean over the epoch's steps and replicas, whatever the number of replicas. TFRS'
+    steps return the raw per-replica values instead, which Keras sums over replicas (its "auto"
+    reduction outside TPUs): N replicas showed N times the loss. Subclasses implement
+    ``compute_loss`` as for TFRS.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+        self.regularization_loss_tracker = tf.keras.metrics.Mean(name="regularization_loss")
+        self.total_loss_tracker = tf.keras.metrics.Mean(name="total_loss")
 
     def train_step(self, inputs):
         with tf.GradientTape() as tape:
             loss = self.compute_loss(inputs, training=True)
-            regularization_loss = tf.reduce_sum([tf.reduce_sum(term) for term in self.losses])
+            regularization_loss = self._regularization_loss()
             total_loss = loss + regularization_loss
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = total_loss / tf.cast(replicas, total_loss.dtype)
@@ -38,23 +46,16 @@ class RetrievalModel(tfrs.models.Model):
         return self._step_logs(loss, regularization_loss)
 
     def test_step(self, inputs):
-        loss = self.compute_loss(inputs, training=False)
-        regularization_loss = tf.reduce_sum([tf.reduce_sum(term) for term in self.losses])
-        return self._step_logs(loss, regularization_loss)
+        return self._step_logs(self.compute_loss(inputs, training=False), self._regularization_loss())
+
+    def _regularization_loss(self) -> tf.Tensor:
+        return tf.reduce_sum([tf.reduce_sum(term) for term in self.losses])
 
     def _step_logs(self, loss: tf.Tensor, regularization_loss: tf.Tensor) -> dict:
-        """The metrics' results and this replica's share of the step's losses."""
-        logs = {metric.name: metric.result() for metric in self.metrics}
-        share = 1.0
-        strategy = tf.distribute.get_strategy()
-        reduction = self.distribute_reduction_method
-        sums_replicas = reduction == "sum" or (reduction == "auto"
-                                               and not isinstance(strategy, tf.distribute.TPUStrategy))
-        if strategy.num_replicas_in_sync > 1 and sums_replicas:
-            share = 1.0 / strategy.num_replicas_in_sync
-        logs.update(loss=loss * share, regularization_loss=regularization_loss * share,
-                    total_loss=(loss + regularization_loss) * share)
-        return logs
+        self.loss_tracker.update_state(loss)
+        self.regularization_loss_tracker.update_state(regularization_loss)
+        self.total_loss_tracker.update_state(loss + regularization_loss)
+        return {metric.name: metric.result() for metric in self.metrics}
 
     # ---------------------------------------------------------------- what every model shares
     # The hyperparameters every model takes (a config's model.* fields) and its item side: the

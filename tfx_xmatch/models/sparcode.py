@@ -236,8 +236,12 @@ class SparCode(RetrievalModel):
         if self.tokenizer_kind == "slots":
             self.token_slots = self.add_weight(name="token_slots", shape=(self.num_query_tokens, self.embedding_dim),
                                                initializer="glorot_uniform")
-            self.slot_attention = tf.keras.layers.MultiHeadAttention(
-                num_heads=1, key_dim=self.embedding_dim, name="slot_attention")
+            # Single-head attention written out so keys and values are projected once per user,
+            # not once per training position reading that user's history.
+            self.slot_query = tf.keras.layers.Dense(self.embedding_dim, name="slot_query")
+            self.slot_key = tf.keras.layers.Dense(self.embedding_dim, name="slot_key")
+            self.slot_value = tf.keras.layers.Dense(self.embedding_dim, name="slot_value")
+            self.slot_output = tf.keras.layers.Dense(self.embedding_dim, name="slot_output")
         # Tokens on a common scale keep codeword distances (and the assignment temperature)
         # meaningful whatever the encoder's output scale.
         self.token_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, center=False, scale=False,
@@ -270,26 +274,34 @@ class SparCode(RetrievalModel):
         """Encodes every history position: float [B, L, d]."""
         return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
 
-    def query_tokens(self, states: tf.Tensor, history_states: Optional[tf.Tensor] = None,
-                     history_mask: Optional[tf.Tensor] = None) -> tf.Tensor:
+    def query_tokens(self, states: tf.Tensor, sequence: Optional[tf.Tensor] = None,
+                     history_mask: Optional[tf.Tensor] = None, rows: Optional[tf.Tensor] = None) -> tf.Tensor:
         """K continuous query tokens [P, K, d] of P positions.
 
         Args:
           states: float [P, d], the encoder state at each position (after its last item).
-          history_states: float [P, L, d], the encoded history each position may read (the
-            "slots" tokenizer only).
-          history_mask: bool [P, L], True at the history positions it may read.
+          sequence: float [B, L, d], the encoded histories the positions read (the "slots"
+            tokenizer only).
+          history_mask: bool [P, L], True at the history positions each position may read.
+          rows: int [P], the row of ``sequence`` each position reads (default: row p).
 
         Raises:
           ValueError: If the "slots" tokenizer is given no history.
         """
         tokens = tf.reshape(self.tokenizer(states), [-1, self.num_query_tokens, self.embedding_dim])
         if self.tokenizer_kind == "slots":
-            if history_states is None or history_mask is None:
-                raise ValueError("the 'slots' tokenizer needs history_states and history_mask")
+            if sequence is None or history_mask is None:
+                raise ValueError("the 'slots' tokenizer needs the encoded sequence and history_mask")
             queries = tokens + self.token_slots[tf.newaxis]
-            mask = tf.tile(tf.convert_to_tensor(history_mask)[:, tf.newaxis, :], [1, self.num_query_tokens, 1])
-            tokens = queries + self.slot_attention(queries, history_states, attention_mask=mask)
+            keys, values = self.slot_key(sequence), self.slot_value(sequence)  # [B, L, d]
+            if rows is not None:
+                keys, values = tf.gather(keys, rows), tf.gather(values, rows)  # [P, L, d]
+            logits = tf.einsum("pkd,pld->pkl", self.slot_query(queries), keys) / float(self.embedding_dim) ** 0.5
+            readable = tf.convert_to_tensor(history_mask)[:, tf.newaxis, :]
+            # A position with nothing readable gets uniform weights over padding, not NaN.
+            logits += (1.0 - tf.cast(readable, logits.dtype)) * -1e9
+            read = tf.einsum("pkl,pld->pkd", tf.nn.softmax(logits, axis=-1), values)
+            tokens = queries + self.slot_output(read)
         return self.token_norm(tokens)
 
     def last_position_tokens(self, inputs: dict, training: bool = False) -> tf.Tensor:
@@ -480,17 +492,16 @@ class SparCode(RetrievalModel):
         all_targets = tf.boolean_mask(next_items, is_target)
         keep = tf.random.shuffle(tf.range(tf.shape(all_targets)[0]))[: self.max_loss_positions]
         states, targets = tf.gather(all_states, keep), tf.gather(all_targets, keep)
-        history_states = history_mask = None
+        code_states, code_sequence = states, sequence
+        if self.detach_code_path:
+            code_states, code_sequence = tf.stop_gradient(states), tf.stop_gradient(sequence)
         if self.tokenizer_kind == "slots":
             # Each kept position reads its own user's history up to itself.
-            where = tf.gather(tf.where(is_target), keep)  # [P, 2] (user row, position)
-            history_states = tf.gather(sequence, where[:, 0])
-            history_mask = readable_history(inputs["history"], where)
-        code_states = states
-        if self.detach_code_path:
-            code_states = tf.stop_gradient(states)
-            history_states = None if history_states is None else tf.stop_gradient(history_states)
-        tokens = self.query_tokens(code_states, history_states, history_mask)
+            where = tf.gather(tf.where(is_target), keep)  # [P, 2] (row, position), in boolean_mask's order
+            tokens = self.query_tokens(code_states, code_sequence, readable_history(inputs["history"], where),
+                                       rows=where[:, 0])
+        else:
+            tokens = self.query_tokens(code_states)
         candidates, labels, log_q = self._candidates(targets)
         encoder_loss = self._encoder_loss(all_states, all_targets, states, candidates, labels, log_q)
 
