@@ -26,6 +26,13 @@ def tiny_config(*overrides):
     return load_config(None, [*TINY, *overrides])
 
 
+def model_state(model):
+    """The model's variables but its metrics' (which every epoch resets): what a resumed run must
+    start from."""
+    metric_variables = {id(variable) for metric in model.metrics for variable in metric.variables}
+    return [variable.numpy().copy() for variable in model.weights if id(variable) not in metric_variables]
+
+
 class Interrupt(tf.keras.callbacks.Callback):
     """Simulates a crash (e.g. a preempted machine) at the end of a given epoch."""
 
@@ -36,7 +43,7 @@ class Interrupt(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == self.at_epoch:
-            self.weights = [w.copy() for w in self.model.get_weights()]
+            self.weights = model_state(self.model)
             raise RuntimeError("simulated interruption")
 
 
@@ -49,7 +56,7 @@ class EpochRecorder(tf.keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(epoch + 1)
         if self.first_weights is None:
-            self.first_weights = [w.copy() for w in self.model.get_weights()]
+            self.first_weights = model_state(self.model)
 
 
 def test_train_writes_every_artifact_and_learns(tmp_path):
