@@ -52,6 +52,22 @@ def model_name(row: dict) -> str:
     return f"{row['model']} (seed {seed})" if seed else row["model"]
 
 
+def add_seed_and_merge_arguments(parser, model: str, replaced: str) -> None:
+    """The ``--train-seed`` and ``--merge`` options of the quality benchmarks.
+
+    Args:
+      parser: The script's ``argparse.ArgumentParser``.
+      model: The compared model, as the help names it (e.g. "SPARC").
+      replaced: Which rows a merged re-run replaces (e.g. "dataset, model and seed").
+    """
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="training seed (train.seed) of every model; a non-zero seed trains its own runs "
+                             f"(names ending -seed<N>), {model} compared with the two-tower of the same seed")
+    parser.add_argument("--merge", action="store_true",
+                        help=f"add the rows to the results already under --output (rows of the same {replaced} "
+                             "replaced) instead of starting the file afresh")
+
+
 def seeded_run_dir(runs_dir, name: str, train_seed: int = 0) -> pathlib.Path:
     """The run directory ``name`` under ``runs_dir``; a non-zero training seed has its own (``-seed<N>``)."""
     return pathlib.Path(runs_dir) / (name + (f"-seed{train_seed}" if train_seed else ""))

@@ -44,8 +44,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, read_results,
-    seeded_run_dir, training_budgets, training_overrides,
+    RESULTS_DIR, add_seed_and_merge_arguments, default_data_dir, header, markdown_header, merge_rows, model_name,
+    read_results, seeded_run_dir, training_budgets, training_overrides,
 )
 
 
@@ -149,12 +149,7 @@ def main() -> int:
                         help="extra config overrides of the SPARC runs (an ablation; use with --output)")
     parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
     parser.add_argument("--output", default="sparc", help="results file stem under benchmarks/results/")
-    parser.add_argument("--train-seed", type=int, default=0,
-                        help="training seed (train.seed) of every model; a non-zero seed trains its own runs "
-                             "(names ending -seed<N>), SPARC compared with the two-tower of the same seed")
-    parser.add_argument("--merge", action="store_true",
-                        help="add the rows to the results already under --output (rows of a re-run dataset, "
-                             "model and seed replaced) instead of starting the file afresh")
+    add_seed_and_merge_arguments(parser, "SPARC", "dataset, model and seed")
     args = parser.parse_args()
 
     dataset_dir = pathlib.Path(args.data_dir)

@@ -162,27 +162,35 @@ def _import_benchmark(name):
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_users(tmp_path):
-    """End to end on a tiny synthetic catalogue: ranks saved per path, the two-tower's computed
-    once from its run and reused, every row paired with hard search and the two-tower."""
+def _tiny_runs(tmp_path, model: str, options: list):
+    """A two-tower and a ``model`` trained for one epoch on a tiny synthetic catalogue (runs under
+    ``tmp_path``): their configs, the split and the two-tower's brute-force ranks."""
     from tfx_xmatch import training
-    from tfx_xmatch.bench.paired import load_ranks
     from tfx_xmatch.bench.serving_paths import brute_force_ranks
     from tfx_xmatch.config import load_config
 
-    sparc = _import_benchmark("sparc")
-    common = _import_benchmark("common")
     tiny = ["data.dataset=synthetic", "data.split=leave_one_out",
             "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
             "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=1",
             "train.verbose=0", "eval.ks=[10, 50]"]
     configs = {"two_tower_sasrec": load_config(None, tiny),
-               "sparc": load_config(None, [*tiny, "model.name=sparc", "model.options.num_codewords=8",
-                                           "model.options.num_levels=2"])}
-    split = training.prepare_split(configs["sparc"])
+               model: load_config(None, [*tiny, f"model.name={model}", *options])}
+    split = training.prepare_split(configs[model])
     for name, config in configs.items():
         training.train(config, tmp_path / name, split=split)
-    reference = brute_force_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
+    return configs, split, brute_force_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
+
+
+def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_users(tmp_path):
+    """End to end on a tiny synthetic catalogue: ranks saved per path, the two-tower's computed
+    once from its run and reused, every row paired with hard search and the two-tower."""
+    from tfx_xmatch.bench.paired import load_ranks
+    from tfx_xmatch.bench.serving_paths import brute_force_ranks
+
+    sparc = _import_benchmark("sparc")
+    common = _import_benchmark("common")
+    configs, split, reference = _tiny_runs(tmp_path, "sparc", ["model.options.num_codewords=8",
+                                                               "model.options.num_levels=2"])
     assert reference.shape == (len(split.test),)
     np.testing.assert_array_equal(load_ranks(tmp_path / "two_tower_sasrec", "brute force", split.test.targets),
                                   reference)
@@ -217,23 +225,12 @@ def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder
 
     from tfx_xmatch import training
     from tfx_xmatch.bench.paired import load_ranks
-    from tfx_xmatch.bench.serving_paths import brute_force_ranks
-    from tfx_xmatch.config import load_config
     from tfx_xmatch.evaluation import evaluate_full_ranking
 
     sparcode = _import_benchmark("sparcode")
     common = _import_benchmark("common")
-    tiny = ["data.dataset=synthetic", "data.split=leave_one_out",
-            "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
-            "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=1",
-            "train.verbose=0", "eval.ks=[10, 50]"]
-    configs = {"two_tower_sasrec": load_config(None, tiny),
-               "sparcode": load_config(None, [*tiny, "model.name=sparcode", "model.options.num_codewords=16",
-                                              "model.options.num_query_tokens=2"])}
-    split = training.prepare_split(configs["sparcode"])
-    for name, config in configs.items():
-        training.train(config, tmp_path / name, split=split)
-    reference = brute_force_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
+    configs, split, reference = _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=16",
+                                                                  "model.options.num_query_tokens=2"])
 
     base = {"dataset": "synthetic", "model": "sparcode", "train_seed": 0, "epochs": 1, "best_epoch": 1,
             "train_seconds": 1.0, "settings": configs["sparcode"].to_dict()["model"]}
