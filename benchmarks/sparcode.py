@@ -100,14 +100,12 @@ def sparcode_rows(run_dir: pathlib.Path, split, config, base: dict, reference=No
     rows = []
     for variant, ((metrics, ranks), label) in evaluated.items():
         save_ranks(run_dir, label, ranks, split.test.targets)
-        paired = {}
-        if variant == UNQUANTIZED:
-            # Its ranks come from scoring every item, where a re-consumed target still ranks; the
-            # other paths' from a search that excludes the whole history. Not paired.
-            pass
-        elif reference is not None:
+        # The unquantized row scores every item, where a re-consumed target still ranks; the
+        # other rows search with the whole history excluded. Only searches are paired.
+        searched, paired = variant != UNQUANTIZED, {}
+        if searched and reference is not None:
             paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
-        if encoder is not None and variant not in (encoder, UNQUANTIZED):
+        if searched and encoder is not None and variant != encoder:
             paired["vs_encoder"] = compare_metrics(ranks, evaluated[encoder][0][1], COMPARED, is_tail)
         rows.append({**base, "variant": variant, **_reported(metrics), **extra.get(variant, {}), **paired})
         print({k: v for k, v in rows[-1].items() if k not in ("settings", "vs_two_tower", "vs_encoder")}, flush=True)

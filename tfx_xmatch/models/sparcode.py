@@ -105,7 +105,7 @@ class SparCode(RetrievalModel):
       num_query_tokens: K, query tokens (and codes) per user (int, default 8).
       tokenizer: How the K tokens are made (str, default "last_state"). "last_state": a linear
         map of the encoder state after the last item. "slots": K learned slots, each shifted by
-        that state, attend over the encoded history (causally, the positions up to the one
+        its own linear map of that state, attend over the encoded history (causally, the positions up to the one
         being predicted), so each token can read a different part of it.
       num_codewords: N, codewords per codebook (int, default 512).
       num_codebooks: 1 (all tokens share one codebook, N codes in all) or K (token k uses
