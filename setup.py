@@ -32,8 +32,9 @@ setup(
     extras_require={
         # The Beam pipelines (tfx_xmatch.pipelines); [gcp] adds the Dataflow runner and GCS.
         "beam": ["apache-beam[gcp]>=2.60,<3"],
-        # Tests run every Beam pipeline on the DirectRunner, which plain apache-beam has.
-        "test": ["pytest>=8,<10", "apache-beam>=2.60,<3"],
+        # Tests run every Beam pipeline on the DirectRunner, which plain apache-beam has;
+        # pytest-xdist runs the test files on two processes.
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "apache-beam>=2.60,<3"],
     },
     entry_points={"console_scripts": ["xmatch=tfx_xmatch.cli:main"]},
 )
