@@ -176,6 +176,11 @@ def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window(
     _, backbone_ranks = evaluate_path(backbone, model, split, config, return_ranks=True)
     assert served_ranks.shape == (len(keep),)
     np.testing.assert_array_equal(served_ranks, backbone_ranks)
+    # The XLA-compiled user side answers as the plain one does (up to float rounding).
+    compiled = serving_path(model, split.num_items, {"kind": "brute_force", "jit_compile": True})
+    assert compiled.label == "brute force (XLA)"
+    _, compiled_ranks = evaluate_path(compiled, model, split, config, return_ranks=True)
+    np.testing.assert_array_equal(compiled_ranks, served_ranks)
     with pytest.raises(ValueError, match="needs a model with a sequence backbone, got object"):
         serving_path(object(), split.num_items, {"kind": "brute_force", "backbone_only": True})
 

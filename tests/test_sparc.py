@@ -10,7 +10,7 @@ from tfx_xmatch.config import load_config
 from tfx_xmatch.data import make_synthetic
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
+from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops, xla_compiled
 from tfx_xmatch.index import BruteForceIndex, SoftSearchIndex
 from tfx_xmatch.models import SPARC
 from tfx_xmatch.models.sparc import codeword_shuffle_bpr
@@ -147,6 +147,22 @@ def test_soft_search_export_uses_stock_ops_and_answers_the_same_after_reload_and
     for row, history in enumerate(HISTORIES):  # the history is excluded, nothing repeats
         ids = [i for i in result["item_ids"].numpy()[row].astype(str) if i]
         assert len(ids) == len(set(ids)) and not set(ids) & set(vocab.ids(history))
+
+
+def test_xla_compiled_soft_search_export_answers_like_the_plain_one(trained, tmp_path):
+    model, _ = trained
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    options = {"num_interests": 3}
+    plain = build_serving_module(model, vocab, index_kind="soft_search", k_max=10, index_options=options)
+    path = export_retrieval_model(model, vocab, tmp_path / "export", index_kind="soft_search", k_max=10,
+                                  index_options=options, jit_compile=True)
+    assert xla_compiled(path)
+    served = tf.saved_model.load(str(path))
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in HISTORIES])
+    expected = plain.top_k(request, tf.constant(6))
+    result = served.signatures["top_k"](history=request, k=tf.constant(6))
+    np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
+    np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_export_refuses_soft_search_for_a_single_interest_model(tmp_path):

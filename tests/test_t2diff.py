@@ -10,7 +10,7 @@ from tfx_xmatch.config import load_config
 from tfx_xmatch.data import make_synthetic
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
+from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops, xla_compiled
 from tfx_xmatch.layers import DriftDenoiser, MixedAttention
 from tfx_xmatch.models import T2Diff
 from tfx_xmatch.training import build_model, load_model, save_model
@@ -187,6 +187,26 @@ def test_export_is_deterministic_portable_and_equal_after_reload(trained, tmp_pa
 
     answer = fresh_process_answer(path, request.numpy().astype(str).tolist())  # top_k with k = 4
     assert answer["item_ids"] == expected["item_ids"].numpy()[:, :4].astype(str).tolist()
+
+
+def test_xla_compiled_export_answers_like_the_plain_one_after_reload(trained, tmp_path):
+    model, _ = trained
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    plain = build_serving_module(model, vocab, k_max=10)
+    path = export_retrieval_model(model, vocab, tmp_path / "export", k_max=10, jit_compile=True)
+    assert xla_compiled(path)
+    assert not xla_compiled(export_retrieval_model(model, vocab, tmp_path / "plain", k_max=10))
+    assert non_stock_ops(path) == set()
+    served = tf.saved_model.load(str(path))
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in HISTORIES])
+    # Every batch size compiles anew; one user and the whole batch must both agree.
+    for rows in (request[:1], request):
+        expected = plain.top_k(rows, tf.constant(5))
+        result = served.signatures["top_k"](history=rows, k=tf.constant(5))
+        np.testing.assert_array_equal(result["item_ids"].numpy(), expected["item_ids"].numpy())
+        np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(served.signatures["user_embedding"](history=rows)["user_embedding"].numpy(),
+                                   plain.user_embedding(rows)["user_embedding"].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_layers_round_trip_their_config():

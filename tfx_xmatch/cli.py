@@ -186,10 +186,13 @@ def _command_export(args: argparse.Namespace) -> int:
         training.load_model(model_dir), training.load_item_vocab(model_dir), args.export_base_path,
         version=args.version, index_kind=args.index, index_options=options, k_max=args.k_max,
         default_k=args.default_k, exclude_history=not args.keep_history, model_name=args.model_name,
+        jit_compile=args.jit_compile,
     )
     unexpected = export.non_stock_ops(path)
     portability = ("stock TensorFlow ops only: serves on stock TF Serving (CPU or GPU)" if not unexpected
                    else f"needs ops outside stock TensorFlow: {sorted(unexpected)}")
+    if export.xla_compiled(path):
+        portability += "; XLA-compiled user side: on CPU, TF Serving needs --xla_cpu_compilation_enabled=true"
     print(f"exported {path} (index {args.index}, k_max {args.k_max}); {portability}")
     return 0
 
@@ -329,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--version", type=int, help="version number (default: next free)")
     export.add_argument("--keep-history", action="store_true", help="do not remove history items from results")
     export.add_argument("--model-name", default="xmatch", help="model name for the warm-up requests")
+    export.add_argument("--jit-compile", action="store_true",
+                        help="compile the user side with XLA (fast for T2Diff's sampler; on CPU, TF Serving "
+                             "then needs --xla_cpu_compilation_enabled=true)")
     export.set_defaults(handler=_command_export)
 
     quickstart = commands.add_parser("quickstart", help="train and evaluate on built-in synthetic data (under a minute)")

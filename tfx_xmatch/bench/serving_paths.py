@@ -72,6 +72,8 @@ def index_bytes(index) -> int:
 def _label(variant: dict) -> str:
     if "label" in variant:
         return variant["label"]
+    if variant.get("jit_compile"):
+        return _label({key: value for key, value in variant.items() if key != "jit_compile"}) + " (XLA)"
     if variant.get("backbone_only"):
         return "backbone alone (branch off)"
     if "sampler" in variant:
@@ -86,6 +88,9 @@ def _label(variant: dict) -> str:
 
 def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> ServingPath:
     """Builds the index of ``variant`` for ``model`` and the search through it.
+
+    ``variant["jit_compile"]`` compiles the user side (not the index) with XLA, as
+    ``export_retrieval_model(jit_compile=True)`` does.
 
     Raises:
       ValueError: If the variant does not fit the model (the message names both).
@@ -116,27 +121,28 @@ def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> Serving
     else:
         raise ValueError(f"unknown serving path kind {kind!r} in {variant}")
     build_seconds = time.perf_counter() - started
+    compiled = (lambda fn: tf.function(fn, jit_compile=True)) if variant.get("jit_compile") else (lambda fn: fn)
 
     if kind == "soft_search":
         interests = variant["interests"]
+        interest_vectors = compiled(lambda inputs: model.interest_vectors(inputs, interests))
 
         @tf.function(reduce_retracing=True)
         def search(inputs, history):
-            vectors, log_probs = model.interest_vectors(inputs, interests)
+            vectors, log_probs = interest_vectors(inputs)
             return index(vectors, k=RETRIEVED, exclude=history, log_weights=log_probs)
-    elif variant.get("backbone_only"):
-
-        @tf.function(reduce_retracing=True)
-        def search(inputs, history):
-            return index(model.encode_sequence(inputs)[:, -1, :], k=RETRIEVED, exclude=history)
     else:
-        sampling = {key: variant[key] for key in ("sampler", "steps") if key in variant}
-        if sampling:
-            sampling["seed"] = seed
+        if variant.get("backbone_only"):
+            user_vectors = compiled(lambda inputs: model.encode_sequence(inputs)[:, -1, :])
+        else:
+            sampling = {key: variant[key] for key in ("sampler", "steps") if key in variant}
+            if sampling:
+                sampling["seed"] = seed
+            user_vectors = compiled(lambda inputs: model.user_embedding(inputs, **sampling))
 
         @tf.function(reduce_retracing=True)
         def search(inputs, history):
-            return index(model.user_embedding(inputs, **sampling), k=RETRIEVED, exclude=history)
+            return index(user_vectors(inputs), k=RETRIEVED, exclude=history)
 
     return ServingPath(_label(variant), dict(variant), index, build_seconds, search)
 
