@@ -309,9 +309,11 @@ class T2Diff(RetrievalModel):
 
         def normal():
             # Stateless draws with a seed reproduce; without one, the usual seeded-op randomness.
+            # Philox by name: the automatic choice is Philox on CPU but another generator under
+            # XLA, so a compiled export would draw other noise for the same seed.
             if seed is None:
                 return tf.random.normal(shape)
-            return tf.random.stateless_normal(shape, seed=[int(seed), next(draws)])
+            return tf.random.stateless_normal(shape, seed=[int(seed), next(draws)], alg="philox")
 
         z = normal() if initial_noise == "random" else tf.zeros(shape)
         if sampler == "ddpm":
