@@ -366,3 +366,12 @@ def test_seed_study_spec_errors_name_the_comparison(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         seed_study.read_spec(path)
+
+
+def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path):
+    results = BENCHMARKS / "results" / "t2diff_xla.json"
+    before = results.read_bytes() if results.exists() else None
+    completed = _run([str(BENCHMARKS / "t2diff_xla.py"), "--runs-dir", str(tmp_path)], timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"skipped: no trained run at {tmp_path}" in completed.stderr
+    assert (results.read_bytes() if results.exists() else None) == before
