@@ -207,7 +207,9 @@ def test_xla_compiled_export_answers_like_the_plain_one_after_reload(trained, tm
         np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(served.signatures["user_embedding"](history=rows)["user_embedding"].numpy(),
                                    plain.user_embedding(rows)["user_embedding"].numpy(), rtol=1e-4, atol=1e-5)
-    # Seeded DDPM draws the same noise compiled or not.
+    with pytest.raises(ValueError, match=r"cannot compile a user side that draws noise \(\{'sampler': 'ddpm'\}\)"):
+        build_serving_module(_model(sampler="ddpm"), vocab, k_max=10, jit_compile=True)
+    # Seeded DDPM draws the same noise compiled or not when the shapes are fixed.
     ddpm = lambda: model.user_embedding(_inputs(), sampler="ddpm", seed=3)  # noqa: E731
     np.testing.assert_allclose(tf.function(ddpm, jit_compile=True)().numpy(), tf.function(ddpm)().numpy(),
                                rtol=1e-4, atol=1e-5)
