@@ -210,10 +210,13 @@ def build_serving_module(
     if index_kind == "soft_search" and not hasattr(model, "interest_vectors"):
         raise ValueError(f"index_kind 'soft_search' needs a multi-interest model (SPARC), got "
                          f"{type(model).__name__}; use brute_force, partitioned or scann")
-    draws = {name: value for name, value in (("sampler", getattr(model, "sampler", None)),
-                                             ("eta", getattr(model, "eta", 0.0)),
-                                             ("initial_noise", getattr(model, "initial_noise", None)))
-             if (name, value) in {("sampler", "ddpm"), ("initial_noise", "random")} or (name == "eta" and value > 0)}
+    draws = {}
+    if getattr(model, "sampler", None) == "ddpm":
+        draws["sampler"] = "ddpm"
+    if getattr(model, "eta", 0.0) > 0:
+        draws["eta"] = model.eta
+    if getattr(model, "initial_noise", None) == "random":
+        draws["initial_noise"] = "random"
     if jit_compile and draws:
         # Measured: seeded draws inside an XLA function with a dynamic batch differ from the plain
         # graph's, so the compiled export would answer other items than the plain one.
@@ -344,14 +347,18 @@ def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histor
             writer.write(log.SerializeToString())
 
 
-def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
-    """Every op type used by a SavedModel's graphs, including its function library."""
+def _saved_model_proto(saved_model_dir: str | os.PathLike):
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    return proto
+
+
+def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
+    """Every op type used by a SavedModel's graphs, including its function library."""
     ops = set()
-    for meta_graph in proto.meta_graphs:
+    for meta_graph in _saved_model_proto(saved_model_dir).meta_graphs:
         ops.update(node.op for node in meta_graph.graph_def.node)
         for function in meta_graph.graph_def.library.function:
             ops.update(node.op for node in function.node_def)
@@ -360,11 +367,7 @@ def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
 
 def xla_compiled(saved_model_dir: str | os.PathLike) -> bool:
     """Whether a SavedModel has functions that must be compiled with XLA (``jit_compile``)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
-    return any(function.attr["_XlaMustCompile"].b for meta_graph in proto.meta_graphs
+    return any(function.attr["_XlaMustCompile"].b for meta_graph in _saved_model_proto(saved_model_dir).meta_graphs
                for function in meta_graph.graph_def.library.function)
 
 
