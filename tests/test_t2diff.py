@@ -207,12 +207,17 @@ def test_xla_compiled_export_answers_like_the_plain_one_after_reload(trained, tm
         np.testing.assert_allclose(result["scores"].numpy(), expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(served.signatures["user_embedding"](history=rows)["user_embedding"].numpy(),
                                    plain.user_embedding(rows)["user_embedding"].numpy(), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match=r"cannot compile a user side that draws noise \(\{'sampler': 'ddpm'\}\)"):
-        build_serving_module(_model(sampler="ddpm"), vocab, k_max=10, jit_compile=True)
-    # Seeded DDPM draws the same noise compiled or not when the shapes are fixed.
-    ddpm = lambda: model.user_embedding(_inputs(), sampler="ddpm", seed=3)  # noqa: E731
-    np.testing.assert_allclose(tf.function(ddpm, jit_compile=True)().numpy(), tf.function(ddpm)().numpy(),
-                               rtol=1e-4, atol=1e-5)
+    # Seeded DDPM draws the same noise compiled or not, with fixed shapes and with the unknown
+    # batch and length of a serving signature (the case that once drew other noise under XLA).
+    ddpm = lambda inputs: model.user_embedding(inputs, sampler="ddpm", seed=3)  # noqa: E731
+    for spec in (None, [{"history": tf.TensorSpec([None, None], tf.int32)}]):
+        compiled = tf.function(ddpm, input_signature=spec, jit_compile=True)
+        np.testing.assert_allclose(compiled(_inputs()).numpy(), tf.function(ddpm, input_signature=spec)(_inputs()),
+                                   rtol=1e-4, atol=1e-5)
+    # A DDPM export compiles too; unseeded, it draws fresh noise per request either way.
+    noisy = export_retrieval_model(_model(sampler="ddpm"), vocab, tmp_path / "ddpm", k_max=10, jit_compile=True)
+    answer = tf.saved_model.load(str(noisy)).signatures["top_k"](history=request, k=tf.constant(5))
+    assert answer["item_ids"].shape == (len(HISTORIES), 5)
 
 
 def test_layers_round_trip_their_config():

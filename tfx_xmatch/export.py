@@ -194,8 +194,7 @@ def build_serving_module(
         so give the server fixed ``allowed_batch_sizes``. The default export needs no XLA.
 
     Raises:
-      ValueError: ``jit_compile`` with a sampler that draws noise (DDPM, eta > 0, random start),
-        a bad k, an unknown index kind, a padding id that is also a real item id, or
+      ValueError: A bad k, an unknown index kind, a padding id that is also a real item id, or
         a given ``index`` whose ``k_max`` differs from ``k_max``.
     """
     if item_vocab.num_items != model.num_items:
@@ -210,19 +209,6 @@ def build_serving_module(
     if index_kind == "soft_search" and not hasattr(model, "interest_vectors"):
         raise ValueError(f"index_kind 'soft_search' needs a multi-interest model (SPARC), got "
                          f"{type(model).__name__}; use brute_force, partitioned or scann")
-    draws = {}
-    if getattr(model, "sampler", None) == "ddpm":
-        draws["sampler"] = "ddpm"
-    if getattr(model, "eta", 0.0) > 0:
-        draws["eta"] = model.eta
-    if getattr(model, "initial_noise", None) == "random":
-        draws["initial_noise"] = "random"
-    if jit_compile and draws:
-        # Measured: seeded draws inside an XLA function with a dynamic batch differ from the plain
-        # graph's, so the compiled export would answer other items than the plain one.
-        raise ValueError(f"jit_compile=True cannot compile a user side that draws noise ({draws}): under XLA "
-                         "it draws other noise than the plain export for the same seed; export without "
-                         "jit_compile, or serve DDIM with eta=0 from zeros")
     default_k = k_max if default_k is None else int(default_k)
     if not 1 <= default_k <= k_max:
         raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k!r}")
