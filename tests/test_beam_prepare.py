@@ -78,6 +78,25 @@ def test_dead_letters_name_file_line_and_problem(pairs_file, tmp_path):
     assert "expected 'user item', got 'u1 i2 i3'" in letters[1]["problem"]
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_undecodable_lines_are_dead_letters_as_in_process(tmp_path, suffix):
+    header, sep = (b"user,item\n", b",") if suffix == ".csv" else (b"", b" ")
+    path = tmp_path / f"events{suffix}"
+    rows = [b"u%d" % (i % 4) + sep + b"i%d" % (i % 7) for i in range(24)]
+    rows[5] = b"u1" + sep + b"caf\xff"
+    path.write_bytes(header + b"\n".join(rows) + b"\n")
+    format = "table" if suffix == ".csv" else "pairs"
+    spec = PrepareSpec(inputs=(str(path),), format=format, output_dir=str(tmp_path / "beam"), name="events")
+    statistics = run_prepare(spec)
+    letters = [json.loads(line) for line in (tmp_path / "beam" / DEAD_LETTER_FILE).read_text().splitlines()]
+    assert [(letter["line"], letter["problem"]) for letter in letters] == [
+        (6 + bool(header), "not valid utf-8-sig: byte(s) b'\\xff' at column 7")]
+    assert statistics["malformed_lines"] == 1
+    dataset = (load_table(path, skip_bad_lines=True) if format == "table"
+               else load_dataset(str(path), format="pairs", skip_bad_lines=True, side_info=False))
+    same_outputs(in_process(dataset, "leave_one_out", tmp_path / "expected", 1), tmp_path / "beam")
+
+
 def test_rerun_is_idempotent_and_replaces_old_shards(pairs_file, tmp_path):
     spec = PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path / "out"), num_shards=3)
     run_prepare(spec)

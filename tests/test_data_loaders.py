@@ -21,6 +21,7 @@ from tfx_xmatch.data import (
     load_sequences,
     load_tfds_movielens_1m,
 )
+from tfx_xmatch.data.loaders import load_table
 
 
 def write(path: pathlib.Path, text: str, encoding: str = "utf-8") -> pathlib.Path:
@@ -512,3 +513,53 @@ def test_real_ml100k_timestamps_and_side_info(real_data_dir):
     toy_story = dataset.item_vocab.index(1)
     animation = dataset.feature_vocabs["genres"].index("Animation")
     assert dataset.item_features["genres"][toy_story, animation] == 1.0
+
+
+# ----------------------------------------------------------------------------- malformed tables and bytes
+
+
+@pytest.mark.parametrize("row, message", [
+    ("1,11", r"no value for column 'ts' \(a short row or a null\)"),
+    ("1,11,200,999", r"1 field\(s\) more than the header has: \['999'\]"),
+    ('1,"11,200', r"column 'item' runs over several lines \(an unclosed quote\?\)"),
+])
+def test_table_rows_that_do_not_fit_the_header_are_malformed(tmp_path, row, message):
+    # Each of these once loaded silently: a short row as timestamp 0, an unclosed quote as one
+    # item id swallowing the rest of the file.
+    path = write(tmp_path / "events.csv", f"user,item,ts\n{row}\n2,20,300\n3,30,400\n2,21,301\n")
+    with pytest.raises(DataFormatError, match=message) as info:
+        load_table(path, timestamp_column="ts")
+    assert info.value.line_number == 2
+    if '"' not in row:
+        dataset = load_table(path, timestamp_column="ts", skip_bad_lines=True)
+        assert dataset.skipped_lines == 1 and dataset.user_ids.tolist() == [2, 3]
+
+
+def test_a_short_row_is_not_kept_by_min_rating(tmp_path):
+    path = write(tmp_path / "events.csv", "user,item,stars\n1,10,5\n1,11\n")
+    with pytest.raises(DataFormatError, match="no value for column 'stars'"):
+        load_table(path, rating_column="stars", min_rating=4)
+    with pytest.raises(ValueError, match="min_rating must be a number, got 'four'"):
+        load_table(path, rating_column="stars", min_rating="four")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_undecodable_bytes_name_the_file_and_line_and_can_be_skipped(tmp_path, suffix):
+    header = b"user,item\n" if suffix == ".csv" else b""
+    sep = b"," if suffix == ".csv" else b" "
+    path = tmp_path / f"events{suffix}"
+    path.write_bytes(header + b"1" + sep + b"10\n1" + sep + b"caf\xff\n2" + sep + b"20\n")
+    load = (lambda **kw: load_table(path, **kw)) if suffix == ".csv" else (lambda **kw: load_pairs(path, **kw))
+    with pytest.raises(DataFormatError, match=r"not valid utf-8(-sig)?: byte\(s\) b'\\xff' at column 6") as info:
+        load()
+    assert info.value.path.endswith(f"events{suffix}") and info.value.line_number == 2 + bool(header)
+    dataset = load(skip_bad_lines=True)
+    assert dataset.skipped_lines == 1 and as_lists(dataset) == [[1], [2]]
+
+
+def test_lines_end_only_at_line_breaks(tmp_path):
+    # U+0085 is a plain byte (0x85) in latin-1; str.splitlines would split the line there.
+    path = tmp_path / "ratings.dat"
+    path.write_bytes(b"1::caf\x85e::5::10\r\n1::tea::4::20\r2::tea::3::30\n")
+    dataset = load_rating_log(path, encoding="latin-1")
+    assert dataset.item_vocab.ids(np.concatenate(dataset.sequences)).tolist() == ["caf\x85e", "tea", "tea"]

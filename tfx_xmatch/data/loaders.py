@@ -18,7 +18,8 @@ import dataclasses
 import inspect
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence, Union
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -50,6 +51,11 @@ class DataFormatError(ValueError):
         # Needed because __init__ takes other arguments than the message (pickling, e.g.
         # across multiprocessing workers, would fail otherwise).
         return (type(self), (self.path, self.line_number, self.problem))
+
+
+def _check_min_rating(min_rating: Any) -> None:
+    if min_rating is not None and (isinstance(min_rating, bool) or not isinstance(min_rating, (int, float))):
+        raise ValueError(f"min_rating must be a number, got {min_rating!r}")
 
 
 def _shorten(line: str, limit: int = 80) -> str:
@@ -87,9 +93,60 @@ def _check_file(path: PathLike, what: str) -> str:
     return path
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
+
+
+def decoded_lines(data: bytes, encoding: str) -> Iterator[tuple[int, str, Optional[str]]]:
+    """(line number, text, problem) of a text file's bytes, numbered from 1.
+
+    A line that does not decode comes back as "" with a problem naming the bytes and column,
+    so readers fail on it, or skip it, like any malformed line. Lines end at \\n, \\r\\n or \\r
+    only: ``str.splitlines`` would also split a field at characters such as U+0085, which a
+    latin-1 file holds as a plain byte.
+    """
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        lines = _LINE_BREAK.split(text)
+        if lines and not lines[-1]:
+            lines.pop()
+        for number, line in enumerate(lines, start=1):
+            yield number, line, None
+        return
+    raw_lines = _LINE_BREAK_BYTES.split(data)
+    if raw_lines and not raw_lines[-1]:
+        raw_lines.pop()
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            yield number, raw.decode(encoding), None
+        except UnicodeDecodeError as error:
+            yield number, "", (f"not valid {encoding}: byte(s) {raw[error.start:error.end]!r} at column "
+                               f"{error.start + 1}")
+
+
 def _read_lines(path: str, encoding: str) -> list[str]:
-    with open(path, encoding=encoding, newline=None) as handle:
-        return handle.read().splitlines()
+    """The lines of a file in a fixed format; an undecodable line fails with its line number."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    lines = []
+    for number, line, problem in decoded_lines(data, encoding):
+        if problem is not None:
+            raise DataFormatError(path, number, problem)
+        lines.append(line)
+    return lines
+
+
+def _parsed_text_lines(path: str, encoding: str, parser: "LineParser", skip_header: bool = False):
+    """(line number, ParsedLine) of a line-per-record file; undecodable lines are malformed ones."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    for number, line, problem in decoded_lines(data, encoding):
+        if skip_header and number == 1:
+            continue
+        yield number, parser.parse(line) if problem is None else ParsedLine(problem=problem)
 
 
 def _is_canonical_int(token: str) -> bool:
@@ -171,6 +228,7 @@ class LineParser:
             "ratings": ("rating log", "user item rating timestamp"),
         }[format]
         columns = tuple(columns)
+        _check_min_rating(min_rating)
         if format == "ratings":
             for required in ("user", "item"):
                 if required not in columns:
@@ -263,6 +321,7 @@ class RowParser:
                  rating_column: Optional[str] = None, min_rating: Optional[float] = None) -> None:
         if not user_column or not item_column:
             raise ValueError(f"user_column and item_column must be names, got {user_column!r} and {item_column!r}")
+        _check_min_rating(min_rating)
         if min_rating is not None and not rating_column:
             raise ValueError(f"min_rating={min_rating!r} needs rating_column")
         self.columns = {"user": user_column, "item": item_column, "timestamp": timestamp_column,
@@ -277,22 +336,36 @@ class RowParser:
             raise DataFormatError(path, 1, f"missing column(s) {missing}; the header has {list(header)}")
 
     def parse(self, row: dict) -> ParsedLine:
-        columns = self.columns
+        """Parses one row; a CSV row with more fields than the header holds them under None."""
         record = ", ".join(f"{key}={value}" for key, value in row.items())
-        return _event(row.get(columns["user"]), row.get(columns["item"]),
-                      row.get(columns["timestamp"]) if columns["timestamp"] else None,
-                      row.get(columns["rating"]) if columns["rating"] else None, self.min_rating, record)
+        if row.get(None):
+            extra = row[None]
+            return ParsedLine(problem=f"{len(extra)} field(s) more than the header has: {_shorten(repr(extra))} "
+                                      f"in {_shorten(record)!r}")
+        values = {}
+        for role, column in self.columns.items():
+            value = row.get(column) if column else None
+            if column and value is None:
+                return ParsedLine(problem=f"no value for column {column!r} (a short row or a null) in "
+                                          f"{_shorten(record)!r}")
+            if role in ("user", "item") and isinstance(value, str) and ("\n" in value or "\r" in value):
+                return ParsedLine(problem=f"column {column!r} runs over several lines (an unclosed quote?): "
+                                          f"{_shorten(value)!r}")
+            values[role] = value
+        return _event(values["user"], values["item"], values["timestamp"], values["rating"], self.min_rating,
+                      record)
 
 
 def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] = None,
-               encoding: str = "utf-8-sig"):
-    """(line or row number, row dict) of a CSV/TSV (header first) or Parquet file's bytes.
+               encoding: str = "utf-8-sig") -> Iterator[tuple[int, Optional[dict], Optional[str]]]:
+    """(line or row number, row dict, problem) of a CSV/TSV (header first) or Parquet file's bytes.
 
-    CSV numbers are the physical line of the row's end (the header is line 1); Parquet numbers
-    are 1-based row numbers.
+    CSV numbers are the physical line where the row starts (the header is line 1); Parquet
+    numbers are 1-based row numbers. A line that does not decode gives no row and a problem.
 
     Raises:
-      DataFormatError: If a configured column is missing, or the file cannot be parsed.
+      DataFormatError: If a configured column is missing, the header does not decode, or the
+        file cannot be parsed.
       ValueError: If the file name has none of the suffixes in ``TABLE_SUFFIXES``.
     """
     suffix = os.path.splitext(path)[1].lower()
@@ -310,21 +383,35 @@ def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] 
         except Exception as error:  # pyarrow raises several types for a broken file
             raise DataFormatError(path, None, f"not a readable Parquet file ({error})") from error
         parser.check_header(path, table.column_names)
-        yield from enumerate(table.to_pylist(), start=1)
+        for number, row in enumerate(table.to_pylist(), start=1):
+            yield number, row, None
         return
     import csv
 
-    reader = csv.DictReader(_text_lines(data.decode(encoding)), delimiter=sep or ("\t" if suffix == ".tsv" else ","))
-    parser.check_header(path, reader.fieldnames or [])
-    for row in reader:
-        yield reader.line_num, row
-
-
-def _text_lines(text: str):
-    """Text as lines for the csv module (keeps quoted newlines inside a field)."""
-    import io
-
-    return io.StringIO(text, newline="")
+    lines, undecodable = [], {}
+    for number, line, problem in decoded_lines(data, encoding):
+        if problem is not None:
+            if number == 1:
+                raise DataFormatError(path, 1, f"the header line is {problem}")
+            undecodable[number] = problem
+        lines.append(line + "\n")
+    # An undecodable line reads as a blank one, which keeps the numbering and ends no row.
+    reader = csv.reader(lines, delimiter=sep or ("\t" if suffix == ".tsv" else ","))
+    try:
+        header = next(reader, [])
+        parser.check_header(path, header)
+        previous = reader.line_num
+        for fields in reader:
+            start, previous = previous + 1, reader.line_num
+            if start in undecodable:
+                yield start, None, undecodable[start]
+            elif fields:
+                row = dict(zip(header, fields))
+                if len(fields) > len(header):
+                    row[None] = fields[len(header):]
+                yield start, row, None
+    except csv.Error as error:
+        raise DataFormatError(path, reader.line_num, f"not readable as CSV: {error}") from error
 
 
 def load_table(
@@ -368,9 +455,10 @@ def load_table(
     bad = _BadLines(path, skip_bad_lines)
     with open(path, "rb") as handle:
         data = handle.read()
+    rows = table_rows(data, path, parser, sep=sep, encoding=encoding)
     users, items, times, _ = _collect(
-        ((number, parser.parse(row)) for number, row in table_rows(data, path, parser, sep=sep, encoding=encoding)),
-        bad)
+        ((number, parser.parse(row) if problem is None else ParsedLine(problem=problem))
+         for number, row, problem in rows), bad)
     if not items:
         raise _no_interactions(path, bad)
     timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
@@ -465,8 +553,7 @@ def _load_token_lines(
     parser = LineParser(format)
     path = _check_file(path, f"{parser.what} ({parser.expected!r} per line)")
     bad = _BadLines(path, skip_bad_lines)
-    users, items, _, _ = _collect(
-        ((number, parser.parse(line)) for number, line in enumerate(_read_lines(path, encoding), start=1)), bad)
+    users, items, _, _ = _collect(_parsed_text_lines(path, encoding, parser), bad)
     if not items:
         raise _no_interactions(path, bad)
     return _build_dataset(name or _default_name(path), users, items, None, bad.count)
@@ -571,9 +658,8 @@ def load_rating_log(
     parser = LineParser("ratings", sep=sep, columns=columns, min_rating=min_rating)
     path = _check_file(path, "rating log ('user item rating timestamp' per line)")
     bad = _BadLines(path, skip_bad_lines)
-    lines = enumerate(_read_lines(path, encoding), start=1)
-    users, items, times, filtered = _collect(
-        ((number, parser.parse(line)) for number, line in lines if not (has_header and number == 1)), bad)
+    users, items, times, filtered = _collect(_parsed_text_lines(path, encoding, parser, skip_header=has_header),
+                                             bad)
     if not items:
         reason = f" rated at least {min_rating!r} ({filtered} below it)" if filtered else ""
         raise _no_interactions(path, bad, reason)

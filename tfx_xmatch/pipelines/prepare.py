@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import codecs
 import dataclasses
 import inspect
 import json
@@ -43,7 +42,7 @@ import numpy as np
 
 from tfx_xmatch.data.dataset import sequence_statistics
 from tfx_xmatch.data.loaders import (
-    DATASETS, DataFormatError, LineParser, RowParser, table_rows, vocabulary_from_tokens,
+    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, decoded_lines, table_rows, vocabulary_from_tokens,
 )
 from tfx_xmatch.data.splits import (
     SPLITS, check_time_split, check_user_level, leave_one_out_user, time_cuts, time_user, user_level_parts,
@@ -169,12 +168,17 @@ def _parsed_lines(path: str, spec: PrepareSpec):
     parser = spec.parser()
     data = _read_bytes(path)
     if isinstance(parser, RowParser):
-        for line_number, row in table_rows(data, path, parser, sep=spec.reader_options.get("sep"),
-                                           encoding=spec.encoding):
-            yield line_number, parser.parse(row), json.dumps(row, default=str, ensure_ascii=False)
+        for line_number, row, problem in table_rows(data, path, parser, sep=spec.reader_options.get("sep"),
+                                                    encoding=spec.encoding):
+            if problem is not None:
+                yield line_number, ParsedLine(problem=problem), ""
+            else:
+                yield line_number, parser.parse(row), json.dumps(row, default=str, ensure_ascii=False)
         return
-    for line_number, line in enumerate(data.decode(spec.encoding).splitlines(), start=1):
-        if not (spec.reader_options.get("has_header") and line_number == 1):
+    for line_number, line, problem in decoded_lines(data, spec.encoding):
+        if problem is not None:
+            yield line_number, ParsedLine(problem=problem), ""
+        elif not (spec.reader_options.get("has_header") and line_number == 1):
             yield line_number, parser.parse(line), line
 
 
@@ -432,7 +436,8 @@ def _parse_value(name: str, text: str) -> Any:
     """A --split-option / --reader-option value: raw text for separators and column names,
     YAML scalars and lists (numbers, booleans, [0.8, 0.1, 0.1]) otherwise."""
     if name in RAW_OPTIONS:
-        return codecs.decode(text, "unicode_escape")
+        # Through raw_unicode_escape, so only the escapes decode and "é" or "用户" stay as written.
+        return text.encode("raw_unicode_escape").decode("unicode_escape")
     import yaml
 
     try:
