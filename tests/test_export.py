@@ -146,6 +146,31 @@ def test_export_writes_versions_atomically_with_warmup(model, exported):
     assert "history" in log.predict_log.request.inputs
 
 
+def test_version_directories_are_readable_by_other_users(exported):
+    base, paths = exported
+    umask = os.umask(0)
+    os.umask(umask)
+    # tempfile.mkdtemp's 0700 once survived the rename, locking out a server running as another user.
+    assert paths["brute_force"].stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_export_to_a_url_goes_through_tf_io_gfile(model):
+    # ram:// stands in for gs://: pathlib once made "gs://b/x" the local directory "gs:/b/x".
+    base = f"ram://exports-{os.getpid()}/xmatch"
+    first = export_retrieval_model(model, string_vocab(), base, k_max=K_MAX)
+    second = export_retrieval_model(model, string_vocab(), base, k_max=K_MAX)
+    assert (first, second) == (f"{base}/1", f"{base}/2")
+    assert not os.path.exists("ram:")
+    assert tf.io.gfile.exists(f"{second}/assets.extra/tf_serving_warmup_requests")
+    served = tf.saved_model.load(second)
+    history = tf.constant([list(string_vocab().ids(HISTORIES[0]))])
+    top, _ = oracle(model, HISTORIES[:1], 3)
+    answer = served.signatures["top_k"](history=history, k=tf.constant(3))["item_ids"].numpy().astype(str)
+    assert answer.tolist() == [list(string_vocab().ids(top[0]))]
+    with pytest.raises(FileExistsError, match="ram://.*/2 already exists"):
+        export_retrieval_model(model, string_vocab(), base, version=2, k_max=K_MAX)
+
+
 @pytest.mark.parametrize("kind", ["brute_force", "partitioned"])
 def test_reloaded_export_equals_the_in_process_model_and_uses_stock_ops(model, exported, kind):
     _, paths = exported

@@ -783,6 +783,26 @@ def test_latest_two_versions_kept(templates, tmp_path):
         server.stop(grace=5)
 
 
+def test_a_base_path_gone_for_a_moment_keeps_its_versions_serving(templates, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    server = start_server(base, rest_port=None)
+    clients = Clients(server)
+    try:
+        os.rename(base, base + ".away")  # a remount or a swapped symlink, as TF Serving tolerates
+        server.manager.poll_once()
+        assert {s.version: s.state for s in server.manager.status("tiny")} == {1: "AVAILABLE"}
+        assert server.manager.get_model("tiny").last_scan_error == f"model base path {base} does not exist"
+        response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 1
+        os.rename(base + ".away", base)
+        shutil.rmtree(os.path.join(base, "1"))  # a version removed from a listable path does retire
+        assert wait_for_states(server, {1: "END"})
+    finally:
+        clients.close()
+        server.stop(grace=5)
+
+
 def test_corrupt_new_version_keeps_the_old_one_serving(templates, tmp_path):
     base = str(tmp_path / "tiny")
     install_version(templates, base, 1)

@@ -22,6 +22,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 from typing import Optional
 
 import numpy as np
@@ -251,32 +252,33 @@ def export_retrieval_model(
     warmup_histories: Optional[list] = None,
     index=None,
     jit_compile: bool = False,
-) -> pathlib.Path:
+) -> pathlib.Path | str:
     """Exports ``model`` with a baked-in index as ``export_base_path/<version>/``.
 
     Args:
       model, item_vocab, index_kind, index_options, k_max, default_k, exclude_history,
         padding_id, index, jit_compile: See ``build_serving_module``.
-      export_base_path: The ``MODEL_BASE_PATH`` a server watches.
+      export_base_path: The ``MODEL_BASE_PATH`` a server watches: a local path, or a URL that
+        ``tf.io.gfile`` writes (``gs://``, ``s3://``...).
       version: Version number; default one more than the largest existing version.
       model_name: Model name used in the warm-up requests.
       warmup_histories: Histories (lists of raw ids) for the warm-up requests; default the
         first items of the vocabulary.
 
     Returns:
-      The version directory.
+      The version directory: a ``pathlib.Path``, or a string for a URL such as ``gs://``.
 
     Raises:
       FileExistsError: ``version`` already exists (versions are immutable once served).
     """
-    base = pathlib.Path(export_base_path)
-    base.mkdir(parents=True, exist_ok=True)
-    existing = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
+    base = str(export_base_path)
+    tf.io.gfile.makedirs(base)
+    existing = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(base) if name.rstrip("/").isdigit()]
     version = (max(existing, default=0) + 1) if version is None else int(version)
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version!r}")
-    final = base / str(version)
-    if final.exists():
+    final = _join(base, str(version))
+    if tf.io.gfile.exists(str(final)):
         raise FileExistsError(f"{final} already exists; versions are immutable, export a new one")
 
     module = build_serving_module(
@@ -289,7 +291,7 @@ def export_retrieval_model(
 
 
 def save_serving_module(module: RetrievalServingModule, directory: str | os.PathLike, item_vocab: Vocabulary, *,
-                        model_name: str = "xmatch", warmup_histories: Optional[list] = None) -> pathlib.Path:
+                        model_name: str = "xmatch", warmup_histories: Optional[list] = None) -> pathlib.Path | str:
     """Saves ``module`` as a SavedModel (with warm-up requests) at ``directory``, atomically.
 
     The SavedModel is written to a hidden sibling (servers ignore names that are not version
@@ -299,21 +301,59 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
     Raises:
       FileExistsError: ``directory`` already exists.
     """
-    final = pathlib.Path(directory)
-    if final.exists():
+    final = _join(str(directory))
+    if tf.io.gfile.exists(str(final)):
         raise FileExistsError(f"{final} already exists; write the SavedModel to a new directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
     uses_scann = any(type(layer).__name__ == "ScaNNIndex" for layer in (module.index, getattr(module.index, "base", None)))
     options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if uses_scann else None)
-    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    histories = warmup_histories or [list(item_vocab.ids(np.arange(1, min(item_vocab.num_items, 5) + 1)))]
+    if isinstance(final, str):  # a remote path (gs://, s3://...): written through tf.io.gfile
+        with tempfile.TemporaryDirectory() as local:
+            tf.saved_model.save(module, local, signatures=module.signatures(), options=options)
+            write_warmup_requests(pathlib.Path(local), model_name, histories, module.id_dtype)
+            _copy_to_remote(local, final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: mkdtemp's 0700 would survive the rename and lock out a server that
+    # runs as another user.
+    temporary = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    temporary.mkdir()
     try:
         tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
-        histories = warmup_histories or [list(item_vocab.ids(np.arange(1, min(item_vocab.num_items, 5) + 1)))]
         write_warmup_requests(temporary, model_name, histories, module.id_dtype)
         os.rename(temporary, final)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return final
+
+
+def _join(base: str, *parts: str):
+    """A local path as a ``pathlib.Path``; a URL (``gs://``...) as a string, which pathlib would
+    turn into a local ``gs:/`` path."""
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return pathlib.Path(base, *parts)
+
+
+def _copy_to_remote(local: str, final: str) -> None:
+    """Copies a SavedModel directory to a remote ``final``, ``saved_model.pb`` last.
+
+    Object stores have no atomic directory rename. With ``saved_model.pb`` written last, a
+    server that looks at the version during the copy finds no SavedModel rather than a graph
+    whose variables are half written.
+    """
+    last = []
+    for directory, _, files in os.walk(local):
+        target = "/".join([final, *pathlib.Path(directory).relative_to(local).parts])
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            pair = (os.path.join(directory, name), f"{target}/{name}")
+            if directory == local and name == "saved_model.pb":
+                last.append(pair)
+            else:
+                tf.io.gfile.copy(*pair)
+    for source, target in last:
+        tf.io.gfile.copy(source, target)
 
 
 def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType) -> None:

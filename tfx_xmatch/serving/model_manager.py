@@ -474,14 +474,20 @@ class ModelManager:
 
     def _poll_model(self, model: Model) -> None:
         base = model.config.base_path
-        if not os.path.isdir(base):
-            message = f"model base path {base} does not exist"
+        try:
+            on_disk = list_versions(base)
+        except OSError as error:
+            on_disk = error
+        if not os.path.isdir(base) or isinstance(on_disk, OSError):
+            message = (f"model base path {base} does not exist" if not isinstance(on_disk, OSError)
+                       else f"cannot list model base path {base}: {on_disk}")
             if model.last_scan_error != message:
-                log.warning("model %r: %s", model.name, message)
+                log.warning("model %r: %s; keeping the versions it serves", model.name, message)
             model.last_scan_error = message
-        else:
-            model.last_scan_error = None
-        on_disk = list_versions(base)
+            # As TF Serving: a base path that is gone for a moment (a remount, a swapped
+            # symlink) changes nothing; only a version removed from a listable path retires.
+            return
+        model.last_scan_error = None
 
         def candidates() -> set[int]:
             result = set()
