@@ -118,6 +118,15 @@ def test_config_file_and_bad_key(tmp_path, capsys):
     assert "unknown config key 'model.embeding_dim'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("level", [["--log-level", "INFO"], ["--log-level=INFO"]])
+def test_the_global_log_level_reaches_the_passthrough_commands(level, capsys):
+    # Once, a leading --log-level hid the command: its flags were "unrecognized arguments".
+    with pytest.raises(SystemExit) as exit_info:
+        main([*level, "pipeline", "prepare", "--help"])
+    assert exit_info.value.code == 0
+    assert "--input" in capsys.readouterr().out
+
+
 def test_evaluate_needs_a_run_directory(tmp_path, capsys):
     assert main(["evaluate", "--run-dir", str(tmp_path / "missing")]) == 2
     assert "is not a run directory" in capsys.readouterr().err

@@ -78,6 +78,11 @@ def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
     (tmp_path / "used" / "run").mkdir()
     with pytest.raises(ConfigError, match="is not empty"):
         run_pipeline(config, str(tmp_path / "used"), str(tmp_path / "models"))
+    # An overwrite whose input is missing keeps the earlier run (it was once deleted first).
+    typo = load_config(None, [f"data.dataset={events}.typo", *OVERRIDES])
+    with pytest.raises(FileNotFoundError, match=r"\.typo' matches no file"):
+        run_pipeline(typo, str(tmp_path / "used"), str(tmp_path / "models"), overwrite=True)
+    assert (tmp_path / "used" / "run").is_dir()
     assert not (tmp_path / "models").exists()
 
 

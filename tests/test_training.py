@@ -135,6 +135,12 @@ def test_run_dir_of_another_config_is_refused(tmp_path):
         training.train(tiny_config("train.epochs=2"), tmp_path)
 
 
+def test_a_bad_split_option_leaves_the_run_directory_unclaimed(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['min_len'\] for the 'leave_one_out' split"):
+        training.train(tiny_config("data.split_options={min_len: 4}"), tmp_path)
+    assert not (tmp_path / "config.json").exists()  # once written first, it refused the corrected run
+
+
 def test_unknown_model_name_is_reported(tmp_path):
     config = tiny_config("model.name=dssm")
     with pytest.raises(ValueError, match="unknown model 'dssm'"):

@@ -343,14 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_log_level(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """A leading ``--log-level LEVEL`` (or ``--log-level=LEVEL``) and the arguments after it."""
+    if argv and argv[0] == "--log-level" and len(argv) > 1:
+        return argv[1], argv[2:]
+    if argv and argv[0].startswith("--log-level="):
+        return argv[0].split("=", 1)[1], argv[1:]
+    return None, argv
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH_COMMANDS:
+    level, command = _split_log_level(argv)
+    if command and command[0] in PASSTHROUGH_COMMANDS:
         import importlib
 
         import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
-        return importlib.import_module(PASSTHROUGH_COMMANDS[argv[0]][0]).main(argv[1:])
+        if level is not None:
+            logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        return importlib.import_module(PASSTHROUGH_COMMANDS[command[0]][0]).main(command[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)

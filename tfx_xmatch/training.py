@@ -344,12 +344,14 @@ def train(
         if (run_dir / "metrics.json").exists():
             logger.info("%s already holds a finished run; returning its metrics", run_dir)
             return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    tf.keras.utils.set_random_seed(config.train.seed)
+    # The data and split options are checked before the directory is claimed: a typo must not
+    # leave a config.json that refuses the corrected run.
+    split = split if split is not None else prepare_split(config)
     if chief:
         write_json_atomic(run_dir / "config.json", config.to_dict())
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    tf.keras.utils.set_random_seed(config.train.seed)
-    split = split if split is not None else prepare_split(config)
     with strategy.scope():
         model = build_model(config, split.dataset)
         compile_for_training(model, config, target_counts(split))

@@ -12,6 +12,7 @@ Three protocols:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -353,4 +354,13 @@ def make_split(dataset: SequenceDataset, name: str, **kwargs: Any) -> Split:
         function = SPLITS[name]
     except KeyError:
         raise ValueError(f"unknown split {name!r}; known: {', '.join(SPLITS)}") from None
+    check_split_options(name, kwargs)
     return function(dataset, **kwargs)
+
+
+def check_split_options(name: str, options: dict) -> None:
+    """Raises ValueError naming any option the ``name`` split does not take, and the accepted ones."""
+    accepted = [parameter for parameter in inspect.signature(SPLITS[name]).parameters if parameter != "dataset"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for the {name!r} split; accepted: {accepted}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -45,8 +44,8 @@ from tfx_xmatch.data.loaders import (
     DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, decoded_lines, table_rows, vocabulary_from_tokens,
 )
 from tfx_xmatch.data.splits import (
-    SPLITS, check_time_split, check_user_level, leave_one_out_user, time_cuts, time_user, user_level_parts,
-    user_level_user,
+    SPLITS, check_split_options, check_time_split, check_user_level, leave_one_out_user, time_cuts, time_user,
+    user_level_parts, user_level_user,
 )
 from tfx_xmatch.data.tfrecord import SPLIT_PARTS, example_bytes, remove_stale_shards, shard_boundaries, shard_paths
 from tfx_xmatch.io_utils import json_text
@@ -101,10 +100,7 @@ class PrepareSpec:
         sep = self.reader_options.get("sep")
         if sep is not None and not isinstance(sep, str):
             raise ValueError(f"reader option sep must be a string, got {sep!r}")
-        accepted = [name for name in inspect.signature(SPLITS[self.split]).parameters if name != "dataset"]
-        unknown = sorted(set(self.split_options) - set(accepted))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for the {self.split!r} split; accepted: {accepted}")
+        check_split_options(self.split, self.split_options)
         if self.split == "leave_one_out" and self.split_options.get("min_length", 3) < 3:
             raise ValueError(f"min_length must be at least 3 (one training item, a validation and a test target), "
                              f"got {self.split_options['min_length']!r}")

@@ -39,7 +39,7 @@ import numpy as np
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
 from tfx_xmatch.io_utils import write_json_atomic
-from tfx_xmatch.pipelines.prepare import PrepareSpec, run_prepare
+from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
 
 STAGES = ("prepare", "train", "build_index", "export", "evaluate", "publish")
 DENSE_KINDS = ("brute_force", "partitioned", "scann", "soft_search")
@@ -157,13 +157,15 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         raise ConfigError(f"index kind {index_kind!r} serves model.name={MODEL_KINDS[index_kind]!r} only, "
                           f"got {config.model.name!r}")
     output = pathlib.Path(output_dir)
+    prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
+    spec = prepare_spec(config, str(prepared), num_shards)
+    # Checked before an overwrite deletes anything: a typo in the data path keeps the old run.
+    match_inputs(spec.inputs)
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {str(output)!r} is not empty; a run there would mix with the "
                               "earlier one (use a new directory, or overwrite)")
         shutil.rmtree(output)
-    prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
-    spec = prepare_spec(config, str(prepared), num_shards)
     timings: dict[str, float] = {}
 
     statistics = _stage(1, "prepare", timings, lambda: run_prepare(spec, beam_args))
