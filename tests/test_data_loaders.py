@@ -563,3 +563,12 @@ def test_lines_end_only_at_line_breaks(tmp_path):
     path.write_bytes(b"1::caf\x85e::5::10\r\n1::tea::4::20\r2::tea::3::30\n")
     dataset = load_rating_log(path, encoding="latin-1")
     assert dataset.item_vocab.ids(np.concatenate(dataset.sequences)).tolist() == ["caf\x85e", "tea", "tea"]
+
+
+def test_ids_past_int64_stay_strings(tmp_path):
+    # 2**64 - 1 once crashed with OverflowError and no file or line.
+    path = write(tmp_path / "pairs.txt", "1 18446744073709551615\n1 9223372036854775807\n")
+    dataset = load_pairs(path)
+    assert dataset.item_vocab.id_type == "str"
+    assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["18446744073709551615", "9223372036854775807"]
+    assert load_pairs(write(tmp_path / "max.txt", "1 9223372036854775807\n")).item_vocab.id_type == "int"

@@ -1089,3 +1089,20 @@ def test_cli_serves_until_sigterm(templates, tmp_path, reference):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_tiny_tensor_proto_cannot_expand_past_the_byte_limit():
+    from tfx_xmatch.serving import codec
+    from tfx_xmatch.serving.errors import ServingError
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+    spec = TensorSpecInfo("x", tf.int64, (None, None))
+    # One int64 value declared as [4096, 4096]: 17 bytes that TF would expand to 128 MiB.
+    proto = tf.make_tensor_proto([7], dtype=tf.int64)
+    proto.tensor_shape.Clear()
+    for size in (4096, 4096):
+        proto.tensor_shape.dim.add(size=size)
+    with pytest.raises(ServingError, match=r"input 'x' of shape \[4096,4096\] would expand to 134217728 bytes"):
+        codec.tensor_proto_to_ndarray(spec, proto)
+    proto.tensor_shape.dim[0].size = 2  # a small broadcast is still accepted, as by TF Serving
+    assert codec.tensor_proto_to_ndarray(spec, proto).shape == (2, 4096)

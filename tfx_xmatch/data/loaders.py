@@ -149,10 +149,15 @@ def _parsed_text_lines(path: str, encoding: str, parser: "LineParser", skip_head
         yield number, parser.parse(line) if problem is None else ParsedLine(problem=problem)
 
 
+_INT64_MAX = str(2**63 - 1)
+
+
 def _is_canonical_int(token: str) -> bool:
     # isdigit alone accepts non-ASCII digits such as "²"; leading zeros would make "7" and
-    # "007" collide once parsed, so such files keep string ids.
-    return token.isascii() and token.isdigit() and (token == "0" or token[0] != "0")
+    # "007" collide once parsed, and ids past int64 do not fit the int64 id arrays, so such
+    # files keep string ids.
+    return (token.isascii() and token.isdigit() and (token == "0" or token[0] != "0")
+            and (len(token), token) <= (len(_INT64_MAX), _INT64_MAX))
 
 
 def _typed_unique(tokens: Sequence[str]) -> tuple[list[str], list[Union[int, str]], bool]:

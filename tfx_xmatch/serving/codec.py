@@ -16,8 +16,10 @@ from tfx_xmatch.serving import errors
 from tfx_xmatch.serving.model_manager import TensorSpecInfo
 
 # Refuse to materialise absurdly large tensors from a small message (a TensorProto may declare a
-# huge shape with one value, which TF expands).
+# huge shape with one value, which TF expands): at most as many elements, or bytes, as the
+# largest message the gRPC server accepts by default could carry.
 MAX_TENSOR_ELEMENTS = 1 << 28
+MAX_EXPANDED_BYTES = 64 << 20
 
 
 def shape_str(shape) -> str:
@@ -77,6 +79,11 @@ def tensor_proto_to_ndarray(spec: TensorSpecInfo, proto) -> np.ndarray:
         raise errors.invalid_argument(
             f"input '{alias}' has {num_elements} elements, more than the limit "
             f"{MAX_TENSOR_ELEMENTS}"
+        )
+    if got != tf.string and num_elements * got.size > max(MAX_EXPANDED_BYTES, proto.ByteSize()):
+        raise errors.invalid_argument(
+            f"input '{alias}' of shape {shape_str(shape)} would expand to {num_elements * got.size} bytes of "
+            f"{got.name}, more than the limit {MAX_EXPANDED_BYTES}"
         )
     if proto.tensor_content and got != tf.string:
         expected = num_elements * got.size
