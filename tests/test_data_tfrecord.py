@@ -118,6 +118,11 @@ def test_write_split_tfrecords(tmp_path, split):
     assert 0 < len(keep) < 40
     assert statistics["examples"] == {"train": len(keep), "validation": 40, "test": 40}
     assert statistics["user_feature_names"] == ["segment"]
+    # A rewrite that fails part-way leaves no statistics.json, the mark of a finished output.
+    with pytest.raises(ValueError):
+        write_split_tfrecords(split, str(directory), num_shards=0)
+    assert not (directory / "statistics.json").exists()
+    write_split_tfrecords(split, str(directory), num_shards=2)
 
     train = collect(
         read_tfrecords(str(directory / "train-*"), max_length=20, batch_size=16, user_feature_names=["segment"])

@@ -382,6 +382,11 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
       ValueError: If ``num_shards`` is below 1.
     """
     os.makedirs(directory, exist_ok=True)
+    statistics_path = os.path.join(directory, "statistics.json")
+    # statistics.json marks a finished output: gone first, so an interrupted rewrite cannot leave
+    # the old marker and vocabulary beside new shards.
+    if os.path.exists(statistics_path):
+        os.remove(statistics_path)
     user_features = split.dataset.user_features
     train_keep = [k for k, sequence in enumerate(split.train_sequences) if len(sequence) >= 2]
     train_rows = np.asarray(split.train_user_rows, dtype=np.int64)[train_keep]
@@ -422,7 +427,6 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
         "num_shards": num_shards,
         "files": {part: [os.path.basename(path) for path in paths] for part, paths in written.items()},
     }
-    statistics_path = os.path.join(directory, "statistics.json")
     write_json_atomic(statistics_path, statistics)
     written["item_vocab"] = [vocab_path]
     written["statistics"] = [statistics_path]
