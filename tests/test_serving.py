@@ -1106,3 +1106,30 @@ def test_a_tiny_tensor_proto_cannot_expand_past_the_byte_limit():
         codec.tensor_proto_to_ndarray(spec, proto)
     proto.tensor_shape.dim[0].size = 2  # a small broadcast is still accepted, as by TF Serving
     assert codec.tensor_proto_to_ndarray(spec, proto).shape == (2, 4096)
+
+
+def test_merged_batches_are_padded_to_the_allowed_sizes():
+    import types
+
+    from tfx_xmatch.serving.batching import Batcher
+
+    with pytest.raises(ValueError, match=r"must increase and end at max_batch_size=8, got \[4, 2, 8\]"):
+        Batcher(BatchingOptions(max_batch_size=8, allowed_batch_sizes=(4, 2, 8)))
+    batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=1_000_000, allowed_batch_sizes=(4, 8)))
+    signature = types.SimpleNamespace(batchable=True, batched_inputs={"x"}, name="s")
+    seen = []
+
+    def call(arrays):
+        seen.append(arrays["x"].shape[0])
+        return {"y": arrays["x"] * 10}
+
+    requests = [np.array([[1.0], [2.0]]), np.array([[3.0]])]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(batcher.run, *Batcher.batch_key("m", signature, {"x": x}), {"x": x}, call, signature)
+                   for x in requests]
+        answers = [future.result(timeout=30)["y"] for future in futures]
+    assert [answer.tolist() for answer in answers] == [[[10.0], [20.0]], [[30.0]]]
+    assert seen == [4]  # 3 rows merged, padded to 4; a lone row too:
+    assert batcher.run(*Batcher.batch_key("m", signature, {"x": requests[1]}), {"x": requests[1]}, call,
+                       signature)["y"].tolist() == [[30.0]]
+    assert seen == [4, 4]

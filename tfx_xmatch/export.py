@@ -192,7 +192,8 @@ def build_serving_module(
         side is many small ops: T2Diff's sampler runs its denoiser once per step. Results agree
         with the plain export up to float rounding. Stock TF Serving runs such a SavedModel on
         CPU only with ``--xla_cpu_compilation_enabled=true``. XLA compiles once per batch size,
-        so give the server fixed ``allowed_batch_sizes``. The default export needs no XLA.
+        so give the server fixed ``allowed_batch_sizes`` (ours pads to them as TF Serving does).
+        The default export needs no XLA.
 
     Raises:
       ValueError: A bad k, an unknown index kind, a padding id that is also a real item id, or

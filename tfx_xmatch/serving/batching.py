@@ -3,8 +3,8 @@
 Concurrent requests that can share one call are merged: same loaded version and signature, same
 dtypes and non-batch dimensions of the batched inputs (those whose leading dimension is free in
 the signature), and equal values of the per-request constant inputs (scalars such as ``k``,
-fixed-shape tensors). Requests that differ in any of these are batched separately, so no
-padding is ever needed. A batch runs when it holds ``max_batch_size`` rows or when
+fixed-shape tensors). Requests that differ in any of these are batched separately, so rows are
+padded only up to ``allowed_batch_sizes`` when given. A batch runs when it holds ``max_batch_size`` rows or when
 ``batch_timeout_micros`` has passed since its first request arrived; the outputs are split
 back along the first axis, each caller getting its own rows.
 
@@ -38,7 +38,10 @@ class BatchingOptions:
     # TF Serving rejects a request with more rows than max_batch_size unless large batch
     # splitting is on; here "splitting" runs the oversized request on its own.
     enable_large_batch_splitting: bool = False
-    allowed_batch_sizes: tuple = ()  # accepted for config compatibility; batches are not padded
+    # As TF Serving: a merged batch is padded up to the smallest allowed size that holds it (the
+    # padding rows copy the first row and their answers are dropped), so a model compiled per
+    # batch size (XLA) sees only these sizes. The last one must be max_batch_size.
+    allowed_batch_sizes: tuple = ()
 
     def validate(self) -> None:
         if self.max_batch_size < 1:
@@ -49,6 +52,14 @@ class BatchingOptions:
             raise ValueError("num_batch_threads must be >= 1")
         if self.max_enqueued_batches < 1:
             raise ValueError("max_enqueued_batches must be >= 1")
+        sizes = tuple(self.allowed_batch_sizes)
+        if sizes and (min(sizes) < 1 or list(sizes) != sorted(set(sizes)) or sizes[-1] != self.max_batch_size):
+            raise ValueError(f"allowed_batch_sizes must increase and end at max_batch_size={self.max_batch_size}, "
+                             f"got {list(sizes)}")
+
+    def padded_rows(self, rows: int) -> int:
+        """The smallest allowed batch size holding ``rows``; ``rows`` without allowed sizes, or above them."""
+        return next((size for size in self.allowed_batch_sizes if size >= rows), rows)
 
 
 _BATCHING_PARAMETERS_CLASS = None
@@ -275,19 +286,22 @@ class Batcher:
         with self._lock:
             self.stats.batches += 1
             self.stats.rows += batch.rows
-        if len(tasks) == 1:
+        padded = self.options.padded_rows(batch.rows)
+        if len(tasks) == 1 and padded == batch.rows:
             self._run_single(tasks[0], call)
             return
         merged = {}
         for alias, first in tasks[0].inputs.items():
             if alias in signature.batched_inputs:
-                merged[alias] = np.concatenate([t.inputs[alias] for t in tasks], axis=0)
+                parts = [t.inputs[alias] for t in tasks]
+                if padded > batch.rows:
+                    parts.append(np.repeat(parts[0][:1], padded - batch.rows, axis=0))
+                merged[alias] = np.concatenate(parts, axis=0)
             else:
                 merged[alias] = first
         try:
             outputs = call(merged)
-            total = batch.rows
-            if any(np.ndim(v) == 0 or np.shape(v)[0] != total for v in outputs.values()):
+            if any(np.ndim(v) == 0 or np.shape(v)[0] != padded for v in outputs.values()):
                 raise _Unsplittable()
         except BaseException:  # noqa: BLE001 - re-run one by one to attribute the error
             with self._lock:
