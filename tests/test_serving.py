@@ -1133,3 +1133,16 @@ def test_merged_batches_are_padded_to_the_allowed_sizes():
     assert batcher.run(*Batcher.batch_key("m", signature, {"x": requests[1]}), {"x": requests[1]}, call,
                        signature)["y"].tolist() == [[30.0]]
     assert seen == [4, 4]
+
+
+def test_deeply_nested_json_strings_are_a_bad_request():
+    from tfx_xmatch.serving import codec
+    from tfx_xmatch.serving.errors import ServingError
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+    value = "id"
+    for _ in range(950):  # once a RecursionError, answered as INTERNAL (HTTP 500)
+        value = [value]
+    with pytest.raises(ServingError, match="input 'history' nests lists deeper than 64 levels") as info:
+        codec.json_to_ndarray(TensorSpecInfo("history", tf.string, (None, None)), value)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -20,6 +20,7 @@ from tfx_xmatch.serving.model_manager import TensorSpecInfo
 # largest message the gRPC server accepts by default could carry.
 MAX_TENSOR_ELEMENTS = 1 << 28
 MAX_EXPANDED_BYTES = 64 << 20
+MAX_JSON_RANK = 64
 
 
 def shape_str(shape) -> str:
@@ -141,6 +142,10 @@ def _string_tensor(alias: str, value) -> np.ndarray:
 
     def walk(node, depth):
         if isinstance(node, list):
+            if depth >= MAX_JSON_RANK:
+                # Far beyond any signature's rank; deeper would exhaust Python's recursion (an
+                # INTERNAL error for what is a bad request).
+                raise errors.invalid_argument(f"input '{alias}' nests lists deeper than {MAX_JSON_RANK} levels")
             sub_shapes = [walk(child, depth + 1) for child in node]
             if any(s != sub_shapes[0] for s in sub_shapes[1:]):
                 raise errors.invalid_argument(
