@@ -897,6 +897,25 @@ def _write_warmup(path, k):
             writer.write(log.SerializeToString())
 
 
+def test_rest_connections_past_the_queue_get_503_at_once(templates, tmp_path):
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    server = start_server(base, grpc_port=None, rest_num_threads=1, rest_max_queued_connections=0)
+    try:
+        slow = {"signature_name": "slow", "inputs": {"micros": 1_500_000, "x": [3.0]}}
+        busy = threading.Thread(target=rest, args=(server.rest_port, "POST", "/v1/models/tiny:predict", slow))
+        busy.start()
+        time.sleep(0.3)  # the one thread is now busy
+        started = time.monotonic()
+        status, body = rest(server.rest_port, "GET", "/v1/models/tiny")
+        assert status == 503 and "overloaded" in body["error"]
+        assert time.monotonic() - started < 1.0  # answered at once, not after the slow request
+        busy.join(timeout=10)
+        assert rest(server.rest_port, "GET", "/v1/models/tiny")[0] == 200
+    finally:
+        server.stop(grace=5)
+
+
 def test_warmup_requests_run_before_a_version_serves(templates, tmp_path):
     base = str(tmp_path / "tiny")
     install_version(templates, base, 1)

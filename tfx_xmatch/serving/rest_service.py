@@ -333,10 +333,14 @@ class RestServer(HTTPServer):
         num_threads: int = 16,
         max_body_bytes: int = 64 << 20,
         request_timeout: float = 30.0,
+        max_queued_connections: int = 256,
     ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
+        # Accepted connections beyond the busy threads wait here; past this many they get a 503
+        # at once, rather than an unbounded queue where the socket timeout does not yet run.
+        self.max_pending = num_threads + max_queued_connections
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=num_threads, thread_name_prefix="serving-rest"
         )
@@ -359,10 +363,32 @@ class RestServer(HTTPServer):
         return self._in_flight
 
     def process_request(self, request, client_address):
+        with self._futures_lock:
+            overloaded = len(self._futures) >= self.max_pending
+        if overloaded:
+            self._refuse(request)
+            return
         future = self._pool.submit(self._process, request, client_address)
         with self._futures_lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)
+
+    def _refuse(self, request) -> None:
+        body = json.dumps({"error": f"the server is overloaded ({self.max_pending} connections in progress or "
+                                    "queued); retry later"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            # Read what the client has sent so far: closing on unread bytes would reset the
+            # connection before it reads the answer.
+            request.settimeout(0.2)
+            request.recv(1 << 16)
+            request.settimeout(1.0)
+            request.sendall(head + body)
+        except OSError:
+            log.debug("could not send the overload answer", exc_info=True)
+        finally:
+            self.shutdown_request(request)
 
     def _forget(self, future) -> None:
         with self._futures_lock:

@@ -55,6 +55,7 @@ class ServerOptions:
     rest_num_threads: int = 16
     rest_max_body_bytes: int = 64 << 20
     rest_timeout_seconds: float = 30.0
+    rest_max_queued_connections: int = 256  # beyond the busy threads; more get a 503
     enable_model_warmup: bool = True
     load_modules: tuple = ()
     model_config_file: str | None = None
@@ -152,6 +153,7 @@ class ModelServer:
                 num_threads=opts.rest_num_threads,
                 max_body_bytes=opts.rest_max_body_bytes,
                 request_timeout=opts.rest_timeout_seconds,
+                max_queued_connections=opts.rest_max_queued_connections,
             )
             self.rest_port = self.rest_server.port
             self.rest_server.start()
