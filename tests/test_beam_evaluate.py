@@ -3,6 +3,8 @@ of the same model and examples, a re-run writes the same file, bad inputs fail c
 evaluator's top-k accumulation and merging that the pipeline relies on."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +104,21 @@ def test_integer_ids_and_rerun_through_the_command_line_write_identical_json(mod
     assert written["settings"]["ks"] == [1, 5, 10] and written["settings"]["split"] == "test"
     assert_metrics_equal(written["metrics"], in_process(model, tmp_path))
     assert "HR@10:" in capsys.readouterr().out
+
+
+def test_an_empty_evaluation_leaves_an_earlier_output_alone(model, setup, tmp_path):
+    export_dir, prepared = setup
+    output = tmp_path / "metrics.json"
+    evaluate.run_evaluate(str(export_dir), str(prepared), ks=KS, output_path=str(output))
+    earlier = output.read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_tfrecords(str(empty / "test"), [], np.zeros([0], np.int64), num_shards=1)
+    shutil.copy(prepared / "item_vocab.json", empty / "item_vocab.json")
+    with pytest.raises(ValueError, match="no examples in"):
+        evaluate.run_evaluate(str(export_dir), str(empty), ks=KS, output_path=str(output))
+    assert output.read_bytes() == earlier  # once deleted by the empty run
+    assert sorted(os.listdir(tmp_path)) == ["empty", "metrics.json"]  # no partial file left
 
 
 def test_targets_in_their_history_are_counted_and_missed(model, tmp_path):

@@ -37,6 +37,7 @@ import re
 import shutil
 import sys
 import tempfile
+import uuid
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -296,8 +297,11 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
                 "mask_history": True, "tail_popularity": "train records" if popularity is not None else None}
     # The last step writes the result through tf.io.gfile, so output_path may be on any file
     # system the workers reach (gs://...); without one, a local temporary file carries it back.
+    # The result lands beside output_path first and replaces it only when there is one: an
+    # empty evaluation must not overwrite an earlier file.
     staging = None if output_path is not None else tempfile.mkdtemp(prefix="xmatch-evaluate-")
-    target = output_path or os.path.join(staging, "metrics.json")
+    target = (f"{output_path}.partial-{uuid.uuid4().hex}" if output_path is not None
+              else os.path.join(staging, "metrics.json"))
     try:
         with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
             metrics = evaluate_pipeline(pipeline, export_dir, pattern, vocab_path, ks=ks, batch_size=batch_size,
@@ -306,13 +310,15 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
                 lambda result: write_text(target, json_text({"metrics": result, "settings": settings})))
         with tf.io.gfile.GFile(target) as handle:
             metrics = json.load(handle)["metrics"]
+        if not metrics["num_examples"]:
+            raise ValueError(f"no examples in {pattern!r}: nothing to evaluate")
+        if output_path is not None:
+            tf.io.gfile.rename(target, output_path, overwrite=True)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    if not metrics["num_examples"]:
-        if output_path is not None:
-            tf.io.gfile.remove(target)  # no result is better than an empty one
-        raise ValueError(f"no examples in {pattern!r}: nothing to evaluate")
+        elif tf.io.gfile.exists(target):
+            tf.io.gfile.remove(target)
     return metrics
 
 
