@@ -141,6 +141,14 @@ def test_rerun_is_byte_identical(built, runs, tmp_path, capsys):
     assert summary["wall_seconds"] > 0 and summary.keys() == printed.keys()
     assert json.loads((tmp_path / bi.SUMMARY_FILE).read_text()) == summary
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporaries left
+    # A rebuild that fails part-way leaves no statistics, so nothing loads old and new files together.
+    with pytest.raises(Exception):
+        bi.run_build_index(runs / "sparcode", tmp_path, item_shards=items, code_shards=codes,
+                           max_items_per_code=per_code, cache_fraction=fraction, batch_size=batch,
+                           beam_args=["--runner=NoSuchRunner"])
+    assert not (tmp_path / bi.STATS_FILE).exists() and not (tmp_path / bi.SUMMARY_FILE).exists()
+    with pytest.raises(FileNotFoundError, match="has no index_stats.json: no build_index finished there"):
+        bi.load_sparse_code_index(tmp_path)
 
 
 def test_block_pruning_and_merging_equal_one_build_on_a_table_full_of_ties():

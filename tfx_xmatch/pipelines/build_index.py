@@ -294,6 +294,10 @@ def run_build_index(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     settings = dict(item_shards=item_shards, code_shards=code_shards, max_items_per_code=max_items_per_code,
                     cache_fraction=cache_fraction, batch_size=batch_size)
     _plan(run_dir, output_dir, **settings)  # fail before starting a runner
+    # The statistics mark a finished build: gone first, so an interrupted rebuild cannot pass
+    # new embeddings off under the old build's statistics.
+    for name in (STATS_FILE, SUMMARY_FILE):
+        pathlib.Path(output_dir, name).unlink(missing_ok=True)
     started = time.perf_counter()
     with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         build_index_pipeline(pipeline, run_dir, output_dir, **settings)
@@ -301,6 +305,19 @@ def run_build_index(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     summary = {**stats, "wall_seconds": round(time.perf_counter() - started, 3)}
     write_json_atomic(pathlib.Path(output_dir, SUMMARY_FILE), summary)
     return summary
+
+
+def finished_build(output_dir: str | os.PathLike) -> dict:
+    """The statistics of a finished build in ``output_dir``.
+
+    Raises:
+      FileNotFoundError: If the directory has no statistics (no build, or one that did not finish).
+    """
+    path = pathlib.Path(output_dir, STATS_FILE)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(output_dir)!r} has no {STATS_FILE}: no build_index finished there "
+                                "(interrupted?); run build_index again")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_sparse_code_index(output_dir: str | os.PathLike, k_max: int = 100, **kwargs) -> SparseCodeIndex:
@@ -316,10 +333,10 @@ def load_sparse_code_index(output_dir: str | os.PathLike, k_max: int = 100, **kw
     Raises:
       FileNotFoundError: If the directory holds no posting lists.
     """
+    stats = finished_build(output_dir)
     path = pathlib.Path(output_dir, POSTINGS_FILE)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: was build_index run on a SparCode model into {str(output_dir)!r}?")
-    stats = json.loads(pathlib.Path(output_dir, STATS_FILE).read_text(encoding="utf-8"))
     index = SparseCodeIndex(k_max=k_max, max_items_per_code=stats["max_items_per_code"],
                             cache_fraction=stats["cache_fraction"], **kwargs)
     with np.load(path, allow_pickle=False) as arrays:
