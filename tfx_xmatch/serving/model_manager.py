@@ -367,6 +367,7 @@ class Model:
         self.serving: dict[int, Servable] = {}  # replaced, never mutated in place
         self.statuses: dict[int, VersionStatus] = {}
         self.last_scan_error: str | None = None
+        self.removed = False  # set under ``lock`` when a new config drops it: publish nothing more
 
     @property
     def name(self) -> str:
@@ -423,6 +424,10 @@ class ModelManager:
             removed += [m for name, m in self._models.items() if name not in new_models]
             self._models = new_models
         for model in removed:
+            with model.lock:
+                # A version loading now sees the flag when it publishes; one published before is
+                # in model.serving below.
+                model.removed = True
             self._retire_versions(model, set(model.serving))
 
     def model_names(self) -> list[str]:
@@ -543,14 +548,15 @@ class ModelManager:
                     version, END, load_error_code(exc), message, fingerprint
                 )
             return
-        if self.get_model(model.name) is not model:  # the model was removed while loading
+        with model.lock:
+            if not model.removed:
+                serving = dict(model.serving)
+                serving[version] = servable
+                model.serving = serving  # atomic publish
+                model.statuses[version] = VersionStatus(version, AVAILABLE)
+        if model.removed:  # the model was removed while loading
             servable.unload()
             return
-        with model.lock:
-            serving = dict(model.serving)
-            serving[version] = servable
-            model.serving = serving  # atomic publish
-            model.statuses[version] = VersionStatus(version, AVAILABLE)
         log.info("model %r: version %d is AVAILABLE", model.name, version)
 
     def _retire_versions(self, model: Model, versions: set[int]) -> None:
