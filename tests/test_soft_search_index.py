@@ -25,16 +25,18 @@ def _logsumexp(values):
     return peak + np.log(np.sum(np.exp(values - peak)))
 
 
-def oracle(items, queries, log_weights, k, k_max, ids):
-    """Per row: each interest's top-k_max, log softmax over that list, plus the interest's
-    renormalised log weight; an item's entries are summed in probability; the best k."""
+def oracle(items, queries, log_weights, k, k_max, ids, exclude=None):
+    """Per row: each interest's top-k_max after the row's exclusions (K separate searches), log
+    softmax over that list, plus the interest's renormalised log weight; an item's entries are
+    summed in probability; the best k."""
     results = []
     for row in range(len(queries)):
         weights = log_weights[row] - _logsumexp(log_weights[row])
         merged = {}
+        allowed = np.array([exclude is None or ids[p] not in set(exclude[row]) for p in range(len(items))])
         for interest, vector in enumerate(queries[row]):
             scores = items @ vector
-            top = np.argsort(-scores, kind="stable")[:k_max]
+            top = [p for p in np.argsort(-scores, kind="stable") if allowed[p]][:k_max]
             normaliser = _logsumexp(scores[top])
             for position in top:
                 value = weights[interest] + scores[position] - normaliser
@@ -90,15 +92,37 @@ def test_an_exact_partitioned_base_gives_the_brute_force_answer(data):
 
 def test_exclusion_and_k_as_a_tensor(data):
     items, queries, log_weights = data
-    index = make_index("soft_search", num_interests=4, k_max=10).index(items, np.arange(1, N + 1))
+    ids = np.arange(1, N + 1)
+    index = make_index("soft_search", num_interests=4, k_max=10).index(items, ids)
     _, unfiltered = index(queries, k=5, log_weights=log_weights)
     exclude = unfiltered.numpy()[:, :2]
     scores, found = tf.function(lambda q, w, e, k: index(q, k=k, exclude=e, log_weights=w))(
         queries, log_weights, tf.constant(exclude), tf.constant(5))
     assert found.shape == (3, 5)
-    for row in range(3):
+    for row, (expected_ids, expected_scores) in enumerate(oracle(items, queries, log_weights, 5, 10, ids, exclude)):
         assert not set(exclude[row]) & set(found.numpy()[row])
-        np.testing.assert_array_equal(found.numpy()[row][:3], unfiltered.numpy()[row][2:])
+        np.testing.assert_array_equal(found.numpy()[row], expected_ids)
+        np.testing.assert_allclose(scores.numpy()[row], expected_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_in_the_exclusion_list_changes_nothing(data):
+    # Each interest once listed its k + E best, so a wider (padded) history reordered the merge.
+    items, queries, log_weights = data
+    index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=4, k_max=10).index(items, np.arange(1, N + 1))
+    exclude = np.array([[5, 9], [1, 2], [7, 7]])
+    for base_exclude in (None, exclude):
+        expected = index(queries, k=10, log_weights=log_weights, exclude=base_exclude)
+        padded = np.zeros((3, 30), np.int64) if base_exclude is None else np.pad(base_exclude, [[0, 0], [0, 30]])
+        answer = index(queries, k=10, log_weights=log_weights, exclude=padded)
+        for left, right in zip(expected, answer):
+            np.testing.assert_allclose(left.numpy(), right.numpy(), rtol=1e-6)
+
+
+def test_an_empty_batch_answers_an_empty_result(data):
+    items, _, _ = data
+    index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=2, k_max=10).index(items)
+    scores, found = index(np.zeros((0, 2, D), np.float32), k=3)
+    assert scores.shape == (0, 3) and found.shape == (0, 3)
 
 
 def test_bad_input_is_named(data):

@@ -184,21 +184,11 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
 
         id_dtype = self.identifiers.dtype
         padding = self._resolved_padding(id_dtype, self.padding_identifier, "padding_identifier")
-        fetch = k
-        if exclude is not None:
+        if exclude is None:
+            scores, positions = self._top_k(queries, k)  # at most k columns
+        else:
             exclude = self._checked_exclude(exclude, id_dtype, queries)
-            # Over-fetch so that k results remain after removing up to E excluded ones.
-            fetch = k + tf.shape(exclude)[1]
-
-        scores, positions = self._top_k(queries, fetch)  # at most `fetch` columns
-        if exclude is not None:
-            valid = positions >= 0
-            identifiers = tf.gather(self.identifiers, tf.maximum(positions, 0))
-            ignored = self._resolved_padding(id_dtype, self.exclude_padding, "exclude_padding")
-            real_exclusions = tf.not_equal(exclude, ignored)[:, tf.newaxis, :]
-            matches = tf.equal(identifiers[:, :, tf.newaxis], exclude[:, tf.newaxis, :])
-            excluded = tf.reduce_any(tf.logical_and(matches, real_exclusions), axis=-1)
-            valid = tf.logical_and(valid, tf.logical_not(excluded))
+            scores, positions, valid = self._top_k_excluding(queries, k, exclude)
             masked = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
             scores, order = tf.math.top_k(masked, k=tf.minimum(k, tf.shape(masked)[1]))
             positions = tf.where(tf.gather(valid, order, batch_dims=1),
@@ -217,6 +207,26 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             scores.set_shape([queries.shape[0], static_k])
             identifiers.set_shape([queries.shape[0], static_k])
         return scores, identifiers
+
+    def _top_k_excluding(self, queries: tf.Tensor, k: tf.Tensor,
+                         exclude: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Best-first (scores, positions, valid) from which the caller keeps the k best valid.
+
+        Over-fetches so that k results remain after removing up to E excluded ones; ``valid`` is
+        False at empty slots and excluded candidates.
+        """
+        scores, positions = self._top_k(queries, k + tf.shape(exclude)[1])
+        return scores, positions, tf.logical_and(positions >= 0, tf.logical_not(self._excluded(positions, exclude)))
+
+    def _excluded(self, positions: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
+        """bool [B, m]: whether the candidate at each position is in its row's ``exclude`` [B, E]
+        (``exclude_padding`` entries match nothing)."""
+        id_dtype = self.identifiers.dtype
+        identifiers = tf.gather(self.identifiers, tf.maximum(positions, 0))
+        ignored = self._resolved_padding(id_dtype, self.exclude_padding, "exclude_padding")
+        real_exclusions = tf.not_equal(exclude, ignored)[:, tf.newaxis, :]
+        matches = tf.equal(identifiers[:, :, tf.newaxis], exclude[:, tf.newaxis, :])
+        return tf.reduce_any(tf.logical_and(matches, real_exclusions), axis=-1)
 
     @abc.abstractmethod
     def is_exact(self) -> bool:

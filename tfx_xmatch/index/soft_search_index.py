@@ -16,10 +16,10 @@ class SoftSearchIndex(RetrievalIndex):
     A SPARC user has K interest vectors u_1..u_K with probabilities p_1..p_K (the top-K codes of
     its interest tower). Each u_k is searched in the base index; the merged score of an item is
     the log of its mixture probability ``log sum_k p_k softmax_k(item)``, where ``softmax_k`` is
-    the softmax of u_k's scores over the ``k_max`` best items of u_k (the items further down
-    have little probability under that interest). Each interest lists its ``max(k_max, k + E)``
-    best items (E = excluded ids per row), so an item's score does not depend on k or on the
-    exclusions. An item found by several interests appears once, with the probability mass of
+    the softmax of u_k's scores over the ``k_max`` best items of u_k left after the row's
+    exclusions (the items further down have little probability under that interest). So an
+    item's score depends neither on k nor on how many padding entries the exclusion list
+    carries. An item found by several interests appears once, with the probability mass of
     all of them. With K = 1 the order is exactly the base index's (hard search); the scores are
     the base scores minus a per-query constant.
 
@@ -142,23 +142,41 @@ class SoftSearchIndex(RetrievalIndex):
         return super().call(packed, k=k, exclude=exclude)
 
     def _top_k(self, packed: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-        width = self.item_dimension
-        num_interests = self.num_interests
-        batch = tf.shape(packed)[0]
-        vectors = tf.reshape(packed[:, : num_interests * width], [batch * num_interests, width])
-        log_weights = tf.nn.log_softmax(packed[:, num_interests * width:], axis=1)
-        # Every interest lists at least its k_max best, and normalises over exactly those, so a
-        # larger k or an exclusion only adds or removes items: the others keep their scores.
-        scores, positions = self.base._top_k(vectors, tf.maximum(k, self.k_max))
-        fetched = tf.shape(scores)[1]
-        valid = positions >= 0
-        scores = tf.where(valid, scores / self.temperature, tf.constant(-np.inf, tf.float32))
+        vectors, log_weights = self._unpacked(packed)
+        scores, positions = self.base._top_k(vectors, tf.constant(self.k_max, tf.int32))
+        return self._merged(scores, positions, positions >= 0, log_weights, k)
+
+    def _top_k_excluding(self, packed: tf.Tensor, k: tf.Tensor,
+                         exclude: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        # Each interest is searched with the row's exclusions, as K separate searches would be.
+        vectors, log_weights = self._unpacked(packed)
+        scores, positions = self.base._top_k(vectors, self.k_max + tf.shape(exclude)[1])
+        excluded = self._excluded(positions, tf.repeat(exclude, self.num_interests, axis=0))
+        scores, positions = self._merged(scores, positions, tf.logical_and(positions >= 0, tf.logical_not(excluded)),
+                                         log_weights, k)
+        return scores, positions, positions >= 0
+
+    def _unpacked(self, packed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Packed rows -> (interest vectors [B * K, d], interest log probabilities [B, K])."""
+        width, num_interests = self.item_dimension, self.num_interests
+        vectors = tf.reshape(packed[:, : num_interests * width], [-1, width])
+        return vectors, tf.nn.log_softmax(packed[:, num_interests * width:], axis=1)
+
+    def _merged(self, scores: tf.Tensor, positions: tf.Tensor, valid: tf.Tensor, log_weights: tf.Tensor,
+                k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Each interest's k_max best valid items, softmax-normalised over exactly those, merged."""
+        batch, num_interests = tf.shape(log_weights)[0], self.num_interests
+        masked = tf.where(valid, scores / self.temperature, tf.constant(-np.inf, tf.float32))
+        head, order = tf.math.top_k(masked, k=tf.minimum(self.k_max, tf.shape(masked)[1]))
+        positions = tf.where(tf.math.is_finite(head), tf.gather(positions, order, batch_dims=1), -1)
         # log softmax_k over each interest's list (an empty list contributes nothing).
-        normalizer = tf.reduce_logsumexp(scores[:, : self.k_max], axis=1, keepdims=True)
+        normalizer = tf.reduce_logsumexp(head, axis=1, keepdims=True)
         normalizer = tf.where(tf.math.is_finite(normalizer), normalizer, tf.zeros_like(normalizer))
-        log_mass = tf.reshape(scores - normalizer, [batch, num_interests, fetched])
-        log_mass = tf.reshape(log_mass + log_weights[:, :, tf.newaxis], [batch, -1])
-        positions = tf.reshape(positions, [batch, -1])
+        listed = tf.shape(head)[1]
+        log_mass = tf.reshape(head - normalizer, [batch, num_interests, listed]) + log_weights[:, :, tf.newaxis]
+        # Explicit widths: with -1, a batch of 0 rows leaves the reshape undetermined.
+        log_mass = tf.reshape(log_mass, [batch, num_interests * listed])
+        positions = tf.reshape(positions, [batch, num_interests * listed])
         return merge_duplicates(log_mass, positions, k)
 
 
