@@ -176,6 +176,19 @@ def test_exclude_padding_is_configurable():
     assert not np.any(default_padding.numpy() == 0)  # 0 is a real id: excluded
     _, zero_padding = BruteForceIndex(k_max=5, exclude_padding=0).index(candidates)(queries, exclude=zeros)
     np.testing.assert_array_equal(zero_padding.numpy()[:, 0], 0)  # 0 means "nothing": kept
+    # As documented, exclude_padding defaults to padding_identifier (it once fell back to -1).
+    _, padded_by_default = BruteForceIndex(k_max=5, padding_identifier=0).index(candidates)(queries, exclude=zeros)
+    np.testing.assert_array_equal(padded_by_default.numpy()[:, 0], 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_repeated_identifiers_are_refused_with_the_id(kind):
+    candidates, _, _, _ = _data()
+    ids = np.arange(len(candidates))
+    ids[3] = ids[5] = ids[8] = 7
+    # With repeats, an exclusion left empty slots: the over-fetch counts one row per id.
+    with pytest.raises(ValueError, match="identifiers must be unique; 7 appears 4 times"):
+        make_index(kind, k_max=5).index(candidates, ids)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -223,7 +223,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         (``exclude_padding`` entries match nothing)."""
         id_dtype = self.identifiers.dtype
         identifiers = tf.gather(self.identifiers, tf.maximum(positions, 0))
-        ignored = self._resolved_padding(id_dtype, self.exclude_padding, "exclude_padding")
+        ignored = self._resolved_padding(id_dtype, self._exclude_padding_or_default(), "exclude_padding")
         real_exclusions = tf.not_equal(exclude, ignored)[:, tf.newaxis, :]
         matches = tf.equal(identifiers[:, :, tf.newaxis], exclude[:, tf.newaxis, :])
         return tf.reduce_any(tf.logical_and(matches, real_exclusions), axis=-1)
@@ -298,8 +298,21 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                 f"got shape {identifiers.shape}"
             )
         self._resolved_padding(identifiers.dtype, self.padding_identifier, "padding_identifier")
-        self._resolved_padding(identifiers.dtype, self.exclude_padding, "exclude_padding")
+        self._resolved_padding(identifiers.dtype, self._exclude_padding_or_default(), "exclude_padding")
+        if identifiers.shape[0]:
+            unique, _, counts = tf.unique_with_counts(identifiers)
+            if int(tf.reduce_max(counts)) > 1:
+                # An exclusion over-fetches one row per excluded id; a repeated id would take more
+                # rows and leave empty slots, and a top-k listing one item twice is no top-k.
+                repeated = unique[int(tf.argmax(counts))].numpy()
+                repeated = repeated.decode() if isinstance(repeated, bytes) else repeated.item()
+                raise ValueError(f"identifiers must be unique; {repeated!r} appears "
+                                 f"{int(tf.reduce_max(counts))} times")
         return identifiers
+
+    def _exclude_padding_or_default(self) -> Optional[Identifier]:
+        """``exclude_padding``, defaulting to ``padding_identifier`` as documented."""
+        return self.padding_identifier if self.exclude_padding is None else self.exclude_padding
 
     def _set_catalogue(self, identifiers: tf.Tensor, num_candidates: int, dimension: int) -> None:
         """Stores checked identifiers and the catalogue shape once the kind's state is built."""
