@@ -73,6 +73,15 @@ def test_a_clear_win_is_significant_and_a_copy_is_not():
     assert 0.0 < win.to_dict()["p_value"] == win.p_value < 1e-6
 
 
+def test_a_constant_difference_gets_the_exact_sign_test_not_certainty():
+    # Two examples that both move by one rank step once reported p = 0.
+    two = paired_difference(np.array([0, 0]), np.array([50, 50]), "HR@10")
+    assert (two.difference, two.ci_low, two.ci_high, two.p_value) == (1.0, 1.0, 1.0, 0.5)
+    assert not two.significant()
+    many = paired_difference(np.zeros(40, int), np.full(40, 50), "HR@10")
+    assert many.p_value == pytest.approx(2.0 * 0.5 ** 40) and many.significant()
+
+
 def test_noise_is_rarely_significant():
     # Two equally good models: about 5% of seeds may reject at 0.05, far from all of them.
     rejected = sum(paired_difference(_ranked(10 + seed)[1], _ranked(100 + seed)[1], "HR@10").significant()

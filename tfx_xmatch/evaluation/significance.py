@@ -172,9 +172,11 @@ def _paired_gains(gains_a: np.ndarray, gains_b: np.ndarray, metric: str, mask: O
     differences = gains_a - gains_b
     difference = float(differences.mean())
     if not np.any(differences != differences[0]):
-        # A constant difference has no variance: the t-test is undefined, the answer is exact.
+        # A constant difference has no variance and the t-test is undefined. The exact sign test
+        # takes over: n examples all moving the same way (p = 2 / 2^n), not certainty, which two
+        # examples once claimed (p = 0).
         low = high = difference
-        p_value = 1.0 if difference == 0.0 else 0.0
+        p_value = 1.0 if difference == 0.0 else min(1.0, 2.0 * 0.5 ** differences.size)
     else:
         test = stats.ttest_rel(gains_a, gains_b)
         interval = test.confidence_interval(confidence)
@@ -316,8 +318,9 @@ def _across_runs(values_a: list, values_b: list, confidence: float, paired: bool
               "difference": round(difference, 6), "num_runs_a": len(values_a), "num_runs_b": len(values_b),
               "confidence": float(confidence)}
     if spread == 0:
-        return {**report, "ci_low": None, "ci_high": None, "p_value": None,
-                "note": "the runs' values do not vary: the same run given twice, or the seed not applied?"}
+        note = ("every run pair differs by the same amount: the t-test is undefined" if paired and difference
+                else "the runs' values do not vary: the same run given twice, or the seed not applied?")
+        return {**report, "ci_low": None, "ci_high": None, "p_value": None, "note": note}
     with warnings.catch_warnings():
         # One model's runs may all score alike (a variance of 0 is valid on one side); scipy
         # warns of precision loss for exactly that case.
