@@ -40,6 +40,18 @@ def test_sasrec_encoder_is_causal_and_zero_on_padding():
     np.testing.assert_array_equal(out[0, :2], 0.0)
 
 
+def test_histories_longer_than_max_length_are_refused_with_both_lengths():
+    # One position too many once broadcast a single position row over the whole history.
+    encoder = SASRecEncoder(max_length=LENGTH, num_blocks=1, num_heads=1, dropout=0.0)
+    too_long = tf.random.normal([2, LENGTH + 1, 8], seed=0)
+    with pytest.raises(ValueError, match=rf"histories are {LENGTH + 1} positions long, more than max_length={LENGTH}"):
+        encoder(too_long, tf.ones([2, LENGTH + 1], tf.bool))
+    dynamic = tf.function(encoder, input_signature=[tf.TensorSpec([None, None, 8]), tf.TensorSpec([None, None], tf.bool)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"longer than max_length={LENGTH}"):
+        dynamic(too_long, tf.ones([2, LENGTH + 1], tf.bool))
+    assert dynamic(too_long[:, 1:], tf.ones([2, LENGTH], tf.bool)).shape == (2, LENGTH, 8)
+
+
 def test_mean_pooling_encoder_is_the_running_mean():
     encoder = MeanPoolingEncoder(projection=False)
     embeddings = np.random.default_rng(0).normal(size=(1, 4, 3)).astype(np.float32)

@@ -57,6 +57,15 @@ class SASRecEncoder(tf.keras.layers.Layer):
     def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
         width = tf.cast(tf.shape(item_embeddings)[-1], item_embeddings.dtype)
         length = tf.shape(item_embeddings)[1]
+        # A longer history would slice the table from a negative start: one row broadcast to
+        # every position, or a shape error that does not say why.
+        static_length = item_embeddings.shape[1]
+        if static_length is not None and static_length > self.max_length:
+            raise ValueError(f"histories are {static_length} positions long, more than max_length={self.max_length}; "
+                             "keep the most recent max_length items (pad_histories does)")
+        if static_length is None:
+            tf.debugging.assert_less_equal(length, self.max_length,
+                                           message=f"histories are longer than max_length={self.max_length}")
         # Histories are left-padded, so the last rows of the table always mean "most recent".
         positions = self.position_embedding[self.max_length - length:]
         mask = tf.cast(padding_mask, item_embeddings.dtype)[..., tf.newaxis]
