@@ -217,3 +217,31 @@ def test_every_model_fits_under_a_users_own_two_replica_mirrored_strategy():
     assert set(losses) == {"SparCode", "SparCode-slots", "SPARC", "T2Diff", "TwoTower"}
     for name, (replicas, loss) in losses.items():
         assert replicas == 2 and np.isfinite(loss), (name, losses)
+
+
+UNEVEN_LAST_BATCH = """
+import json, math, sys, tempfile
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from tests.test_training import tiny_config
+from tfx_xmatch import training
+
+trainable = sum(len(s) >= 2 for s in training.prepare_split(tiny_config()).train_sequences)
+# One example past a full batch: its last batch of one row leaves a replica with nothing.
+config = tiny_config(f"train.batch_size={trainable - 1}", "train.epochs=1", "train.strategy=mirrored")
+with tempfile.TemporaryDirectory() as run_dir:
+    training.train(config, run_dir)
+    epoch = json.load(open(run_dir + "/history.json"))["epochs"][0]
+print(training.make_strategy("mirrored").num_replicas_in_sync, epoch["loss"])
+"""
+
+
+def test_an_uneven_last_batch_leaves_no_replica_empty():
+    # The empty replica's mean over no positions once made the whole epoch's logged loss NaN.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", UNEVEN_LAST_BATCH], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    replicas, loss = result.stdout.strip().splitlines()[-1].split()
+    assert int(replicas) == 2 and np.isfinite(float(loss)), loss

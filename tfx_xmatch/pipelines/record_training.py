@@ -64,13 +64,16 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
 
     tf.keras.utils.set_random_seed(config.train.seed)
     target_counts, popularity = record_counts(train_files, item_vocab.num_items)
+    num_records = int(popularity.sum() - target_counts.sum())  # every item of a record but its first is a target
     validation, _ = read_eval_examples(eval_files)
     strategy = training.make_strategy(config.train.strategy)
     with strategy.scope():
         model = training.build_model(config, num_items=item_vocab.num_items)
         training.compile_for_training(model, config, target_counts)
     train_data = read_training_tfrecords(train_files, max_length=config.model.max_length,
-                                         batch_size=config.train.batch_size, seed=config.train.seed)
+                                         batch_size=config.train.batch_size, seed=config.train.seed,
+                                         drop_remainder=training.drops_remainder(
+                                             strategy, num_records, config.train.batch_size))
     steps_per_epoch = None
     if train_steps:
         steps_per_epoch = max(1, int(train_steps) // config.train.epochs)
