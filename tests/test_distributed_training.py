@@ -220,7 +220,7 @@ def test_every_model_fits_under_a_users_own_two_replica_mirrored_strategy():
 
 
 UNEVEN_LAST_BATCH = """
-import json, math, sys, tempfile
+import json, tempfile
 import tensorflow as tf
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
