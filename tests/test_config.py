@@ -81,3 +81,14 @@ def test_the_sasrec_config_holds_the_reference_settings():
     assert (model.user_tower, model.embedding_dim, model.num_blocks, model.num_heads, model.max_length,
             model.loss) == ("sasrec", 64, 2, 1, 200, "full_softmax")
     assert (shipped.data.dataset, shipped.data.split) == ("ml-1m", "leave_one_out")
+
+
+def test_overrides_read_scientific_floats_and_hashes_in_paths_and_share_nothing():
+    # PyYAML reads "1e-3" as a string (YAML 1.1), and " #" started a comment that cut a path.
+    config = load_config(None, ["train.learning_rate=1e-3", "model.options.rate=2.5E-4",
+                                "data.data_dir=/mnt/my data #2"])
+    assert config.train.learning_rate == 0.001 and config.model.options["rate"] == 0.00025
+    assert config.data.data_dir == "/mnt/my data #2"
+    raw = {"eval": {"ks": [10]}}
+    config_from_dict(raw).eval.ks.append(5)
+    assert raw == {"eval": {"ks": [10]}}  # the config once shared the caller's list

@@ -1165,3 +1165,14 @@ def test_deeply_nested_json_strings_are_a_bad_request():
     with pytest.raises(ServingError, match="input 'history' nests lists deeper than 64 levels") as info:
         codec.json_to_ndarray(TensorSpecInfo("history", tf.string, (None, None)), value)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_client_refuses_numbers_it_would_have_to_truncate():
+    from tfx_xmatch.serving.client import _coerce
+
+    assert _coerce([[3, 17.0]], tf.int64).tolist() == [[3, 17]]
+    # np.asarray(3.9, int32) once sent 3: another question than the one asked.
+    with pytest.raises(ValueError, match=r"value \[\[3.9, 17.5\]\] is not all integers, but the input's dtype is int32"):
+        _coerce([[3.9, 17.5]], tf.int32)
+    with pytest.raises(ValueError, match="value 1099511627776 does not fit the input's dtype int32"):
+        _coerce(2 ** 40, tf.int32)

@@ -98,6 +98,9 @@ def test_run_fn_errors_propagate(prepared, tmp_path):
         trainer_module.run_fn(_fn_args(directory, tmp_path / "a", custom={"overrides": ["train.epoch=3"]}))
     with pytest.raises(ConfigError, match=r"unknown keys \['modul_file'\]"):
         trainer_module.run_fn(_fn_args(directory, tmp_path / "b", custom={"modul_file": "x"}))
+    with pytest.raises(ValueError, match=r"unknown custom_config\['export'\] key\(s\) \['kmax'\]"):
+        trainer_module.run_fn(_fn_args(directory, tmp_path / "d", custom={"export": {"kmax": 10}}))
+    assert not (tmp_path / "d" / "run").exists()  # refused before any training
     args = _fn_args(directory, tmp_path / "c")
     args.train_files = [str(directory / "nothing-*")]
     with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):

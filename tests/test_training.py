@@ -1,6 +1,7 @@
 """Training runs on tiny synthetic data: artifacts, model selection, early stopping, resume."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -145,3 +146,14 @@ def test_unknown_model_name_is_reported(tmp_path):
     config = tiny_config("model.name=dssm")
     with pytest.raises(ValueError, match="unknown model 'dssm'"):
         training.build_model(config, training.prepare_split(config).dataset)
+
+
+def test_run_directories_are_readable_by_other_users(tmp_path):
+    from tfx_xmatch.io_utils import atomic_directory
+
+    with atomic_directory(tmp_path / "model") as directory:
+        (directory / "weights").write_text("w")
+    umask = os.umask(0)
+    os.umask(umask)
+    # tempfile.mkdtemp's 0700 once survived the rename: a server running as another user could not read it.
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask

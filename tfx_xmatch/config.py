@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
+import re
 import typing
 from typing import Any, Optional, Sequence
 
@@ -163,10 +165,22 @@ def _set(config: RunConfig, dotted_key: str, value: Any) -> None:
     setattr(section, key, _coerce(value, fields[key], dotted_key))
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads 1e-3 as a float (YAML 1.1 wants 1.0e-3 and gives the string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
     """Builds a RunConfig from nested ``{section: {key: value}}``, rejecting unknown keys."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)  # the config must not share lists or dicts with the caller's data
     config = RunConfig()
     for section_name, values in raw.items():
         if not isinstance(values, dict):
@@ -198,7 +212,7 @@ def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[s
         path = pathlib.Path(path)
         text = path.read_text(encoding="utf-8")
         try:
-            raw = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+            raw = json.loads(text) if path.suffix == ".json" else (yaml.load(text, Loader=_Loader) or {})
         except (json.JSONDecodeError, yaml.YAMLError) as error:
             raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
     config = config_from_dict(raw, source=str(path) if path else "config")
@@ -217,8 +231,10 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
         if not sep:
             raise ConfigError(f"override {override!r} must look like section.key=value")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_Loader)
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: cannot parse value: {error}") from None
+        if " #" in text and isinstance(value, str):
+            value = text.strip()  # a path like "/data/run #2" is not a YAML comment here
         _set(config, key.strip(), value)
     return config

@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 from typing import Iterator
 
 
@@ -77,7 +78,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    # mkdir, not mkdtemp: mkdtemp's 0700 would survive the rename and lock out other users.
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    temporary.mkdir()
     try:
         yield temporary
         previous = path.with_name(f".{path.name}.old")

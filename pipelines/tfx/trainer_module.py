@@ -60,11 +60,14 @@ def run_fn(fn_args) -> None:
     if "item_vocab" not in custom_config:
         raise KeyError("custom_config['item_vocab'] is required: the item_vocab.json written beside the "
                        "TFRecords by the prepare pipeline (it maps raw item ids to the records' indices)")
+    export = dict(custom_config.get("export", {}))
+    unknown = sorted(set(export) - {"index_kind", "index_options", "k_max"})
+    if unknown:  # checked before training, not after it
+        raise ValueError(f"unknown custom_config['export'] key(s) {unknown}; known: index_kind, index_options, k_max")
     config = run_config_from(custom_config)
     vocab = Vocabulary.load(custom_config["item_vocab"])
     model, _ = train_on_records(config, fn_args.train_files, fn_args.eval_files, vocab, fn_args.model_run_dir,
                                 train_steps=getattr(fn_args, "train_steps", None))
-    export = dict(custom_config.get("export", {}))
     module = build_serving_module(model, vocab, index_kind=export.get("index_kind", "brute_force"),
                                   index_options=export.get("index_options"), k_max=int(export.get("k_max", 100)))
     save_serving_module(module, fn_args.serving_model_dir, vocab)

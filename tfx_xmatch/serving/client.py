@@ -212,7 +212,18 @@ def _coerce(value, dtype) -> np.ndarray:
         out = np.empty(len(flat), dtype=object)
         out[:] = flat
         return out.reshape(array.shape)
-    return np.asarray(value, dtype=dtype.as_numpy_dtype)
+    target = np.dtype(dtype.as_numpy_dtype)
+    try:
+        given = np.asarray(value)
+        array = given.astype(target)
+    except (OverflowError, TypeError, ValueError) as error:
+        raise ValueError(f"value {value!r} does not fit the input's dtype {dtype.name}: {error}") from None
+    # np.asarray(3.9, int32) would quietly send 3; a server that got 3 answers another question.
+    if given.dtype.kind == "f" and target.kind in "iu" and not np.array_equal(array, given):
+        raise ValueError(f"value {value!r} is not all integers, but the input's dtype is {dtype.name}")
+    if given.dtype.kind in "iu" and target.kind in "iu" and not np.array_equal(array.astype(given.dtype), given):
+        raise ValueError(f"value {value!r} does not fit the input's dtype {dtype.name}")
+    return array
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +310,7 @@ def main(argv=None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:
+    except (ValueError, OverflowError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
