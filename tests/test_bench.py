@@ -117,6 +117,12 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_with_ratios_to_the_baseli
     (lambda s: s["datasets"]["ml-1m"].pop("budget_minutes"), "needs 'budget_minutes'"),
     (lambda s: s["models"]["sparc"].update(overrides=["train.seed=3"]), "overrides 'train.seed'"),
     (lambda s: s["datasets"]["beauty"].update(overrides=["data.split=time"]), "overrides 'data.split'"),
+    # These were read only after every training: a typo crashed the run or measured something else.
+    (lambda s: s["index_latency"].update(size=[10]), "index_latency has unknown key(s) ['size']"),
+    (lambda s: s["sweeps"].update(t2dif=[]), "sweeps name model(s) ['t2dif']"),
+    (lambda s: s["models"]["sparcode"]["paths"][0].update(cache_fration=0.1),
+     "has unknown key(s) ['cache_fration']; a sparse_code path takes ['cache_fraction']"),
+    (lambda s: s["models"]["sparc"]["paths"].append({"kind": "soft"}), "whose kind is not one of"),
 ])
 def test_suite_entries_are_checked(tmp_path, change, message):
     suite = yaml.safe_load(SUITE.read_text())

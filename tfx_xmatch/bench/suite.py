@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import pathlib
 import time
@@ -94,7 +95,37 @@ def load_suite(path: str | pathlib.Path, quick: bool = False, overrides: Optiona
         _check_overrides(path, f"model {name!r}", model.get("overrides", []))
         config_path = pathlib.Path(model["config"])
         model["config"] = str(config_path if config_path.is_absolute() else (base / config_path).resolve())
+    # Everything below is otherwise read only after the trainings: a typo would cost the run.
+    accepted = set(inspect.signature(measure_index_latency).parameters)
+    unknown = sorted(set(spec["index_latency"] or {}) - accepted)
+    if unknown:
+        raise ConfigError(f"{path}: index_latency has unknown key(s) {unknown}; accepted: {sorted(accepted)}")
+    unknown = sorted(set(spec["sweeps"] or {}) - set(spec["models"]))
+    if unknown:
+        raise ConfigError(f"{path}: sweeps name model(s) {unknown} that the suite does not run; "
+                          f"models: {sorted(spec['models'])}")
+    for name, model in spec["models"].items():
+        for variant in [*model["paths"], *(spec["sweeps"] or {}).get(name, [])]:
+            _check_path(path, name, variant)
     return Suite(**spec, source=str(path))
+
+
+def _check_path(path: pathlib.Path, model: str, variant: dict) -> None:
+    kind = variant.get("kind") if isinstance(variant, dict) else None
+    if kind not in PATH_KEYS:
+        raise ConfigError(f"{path}: model {model!r} has a path {variant!r} whose kind is not one of {sorted(PATH_KEYS)}")
+    unknown = sorted(set(variant) - PATH_KEYS[kind] - {"kind", "label", "jit_compile"})
+    if unknown:
+        raise ConfigError(f"{path}: model {model!r} path {variant!r} has unknown key(s) {unknown}; "
+                          f"a {kind} path takes {sorted(PATH_KEYS[kind])}")
+
+
+# The settings each serving-path kind reads (see ``serving_paths.serving_path``).
+PATH_KEYS = {
+    "brute_force": {"sampler", "steps", "backbone_only"},
+    "sparse_code": {"cache_fraction"},
+    "soft_search": {"interests"},
+}
 
 
 def _check_overrides(path: pathlib.Path, owner: str, overrides: list) -> None:
