@@ -5,6 +5,7 @@ errors propagate. The pipeline definition is checked only where tfx is installed
 import gzip
 import importlib.util
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -88,6 +89,21 @@ def test_run_fn_reads_gzip_records_and_honours_train_steps(prepared, tmp_path):
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["epochs"]) == 3
     assert (tmp_path / "serving" / "saved_model.pb").exists()
+
+
+def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path):
+    # ram:// stands in for the gs:// paths of Kubeflow/Vertex, which pathlib once turned into a
+    # local "gs:/..." directory inside the container (lost when it exits).
+    _, directory = prepared
+    base = f"ram://tfx-{os.getpid()}"
+    tf.io.gfile.makedirs(base)
+    tf.io.gfile.copy(str(directory / "item_vocab.json"), f"{base}/item_vocab.json")
+    args = _fn_args(directory, tmp_path, custom={"item_vocab": f"{base}/item_vocab.json"}, train_steps=3)
+    args.model_run_dir, args.serving_model_dir = f"{base}/run", f"{base}/serving"
+    trainer_module.run_fn(args)
+    assert json.loads(tf.io.gfile.GFile(f"{base}/run/metrics.json").read())["epochs"] == 3
+    assert tf.io.gfile.exists(f"{base}/run/model") and tf.io.gfile.exists(f"{base}/serving/saved_model.pb")
+    assert not os.path.exists("ram:") and not (tmp_path / "run").exists()
 
 
 def test_run_fn_errors_propagate(prepared, tmp_path):

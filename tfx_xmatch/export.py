@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.io_utils import copy_directory
 from tfx_xmatch.index import SoftSearchIndex, make_index
 
 SCANN_NAMESPACE = "Scann"
@@ -312,7 +313,9 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
         with tempfile.TemporaryDirectory() as local:
             tf.saved_model.save(module, local, signatures=module.signatures(), options=options)
             write_warmup_requests(pathlib.Path(local), model_name, histories, module.id_dtype)
-            _copy_to_remote(local, final)
+            # saved_model.pb last: a server looking during the copy finds no SavedModel rather
+            # than a graph whose variables are half written (object stores have no atomic rename).
+            copy_directory(local, final, last="saved_model.pb")
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not mkdtemp: mkdtemp's 0700 would survive the rename and lock out a server that
@@ -334,27 +337,6 @@ def _join(base: str, *parts: str):
     if "://" in base:
         return "/".join([base.rstrip("/"), *parts])
     return pathlib.Path(base, *parts)
-
-
-def _copy_to_remote(local: str, final: str) -> None:
-    """Copies a SavedModel directory to a remote ``final``, ``saved_model.pb`` last.
-
-    Object stores have no atomic directory rename. With ``saved_model.pb`` written last, a
-    server that looks at the version during the copy finds no SavedModel rather than a graph
-    whose variables are half written.
-    """
-    last = []
-    for directory, _, files in os.walk(local):
-        target = "/".join([final, *pathlib.Path(directory).relative_to(local).parts])
-        tf.io.gfile.makedirs(target)
-        for name in files:
-            pair = (os.path.join(directory, name), f"{target}/{name}")
-            if directory == local and name == "saved_model.pb":
-                last.append(pair)
-            else:
-                tf.io.gfile.copy(*pair)
-    for source, target in last:
-        tf.io.gfile.copy(source, target)
 
 
 def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType) -> None:

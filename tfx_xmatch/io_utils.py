@@ -10,7 +10,7 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -91,3 +91,30 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def copy_directory(local: str | os.PathLike, target: str, last: Optional[str] = None) -> None:
+    """Copies a local directory tree to ``target``, any ``tf.io.gfile`` path (``gs://``...).
+
+    Args:
+      local: The directory to copy.
+      target: Where its contents go (created if missing).
+      last: A top-level file name copied after everything else, e.g. the file a reader takes
+        as the sign that the rest is there.
+    """
+    import tensorflow as tf
+
+    local = str(local)
+    deferred = []
+    for directory, _, files in os.walk(local):
+        relative = os.path.relpath(directory, local)
+        destination = target.rstrip("/") if relative == "." else f"{target.rstrip('/')}/{relative}"
+        tf.io.gfile.makedirs(destination)
+        for name in files:
+            pair = (os.path.join(directory, name), f"{destination}/{name}")
+            if relative == "." and name == last:
+                deferred.append(pair)
+            else:
+                tf.io.gfile.copy(*pair, overwrite=True)
+    for source, destination in deferred:
+        tf.io.gfile.copy(source, destination, overwrite=True)

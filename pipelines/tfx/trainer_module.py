@@ -22,12 +22,15 @@ Errors propagate: a TFX component that swallows them reports success with no mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 from typing import Any, Mapping
 
 from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import build_serving_module, save_serving_module
+from tfx_xmatch.io_utils import copy_directory
 from tfx_xmatch.pipelines.record_training import train_on_records
 
 CUSTOM_CONFIG_KEYS = ("config", "overrides", "item_vocab", "export")
@@ -66,8 +69,14 @@ def run_fn(fn_args) -> None:
         raise ValueError(f"unknown custom_config['export'] key(s) {unknown}; known: index_kind, index_options, k_max")
     config = run_config_from(custom_config)
     vocab = Vocabulary.load(custom_config["item_vocab"])
-    model, _ = train_on_records(config, fn_args.train_files, fn_args.eval_files, vocab, fn_args.model_run_dir,
-                                train_steps=getattr(fn_args, "train_steps", None))
+    run_dir = str(fn_args.model_run_dir)
+    # On Kubeflow/Vertex the run directory is a gs:// URL, which the run's local file writes
+    # cannot reach: train in a local directory and copy the run there at the end.
+    with (tempfile.TemporaryDirectory() if "://" in run_dir else contextlib.nullcontext(run_dir)) as local_run_dir:
+        model, _ = train_on_records(config, fn_args.train_files, fn_args.eval_files, vocab, local_run_dir,
+                                    train_steps=getattr(fn_args, "train_steps", None))
+        if local_run_dir != run_dir:
+            copy_directory(local_run_dir, run_dir)
     module = build_serving_module(model, vocab, index_kind=export.get("index_kind", "brute_force"),
                                   index_options=export.get("index_options"), k_max=int(export.get("k_max", 100)))
     save_serving_module(module, fn_args.serving_model_dir, vocab)

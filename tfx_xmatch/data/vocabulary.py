@@ -307,9 +307,17 @@ class Vocabulary:
           ValueError: If the file is not a valid vocabulary.
         """
         path = os.fspath(path)
-        with open(path, encoding="utf-8") as handle:
-            try:
-                value = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: not valid JSON ({error})") from error
+        if "://" in path:  # gs://... as TFX hands it over: read through tf.io.gfile
+            import tensorflow as tf
+
+            if not tf.io.gfile.exists(path):
+                raise FileNotFoundError(f"item vocabulary {path!r} not found")
+            text = tf.io.gfile.GFile(path).read()
+        else:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
         return cls.from_json(value, source=path)
