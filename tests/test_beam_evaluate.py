@@ -43,6 +43,7 @@ def prepare(directory, vocab, rng, target_in_history=0):
     write_tfrecords(str(directory / "train"), *make_examples(rng, 40), num_shards=2)
     write_tfrecords(str(directory / "test"), *make_examples(rng, 23, target_in_history), num_shards=2)
     vocab.save(directory / "item_vocab.json")
+    (directory / "statistics.json").write_text("{}")  # the mark of a finished preparation
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,7 @@ def test_an_empty_evaluation_leaves_an_earlier_output_alone(model, setup, tmp_pa
     empty.mkdir()
     write_tfrecords(str(empty / "test"), [], np.zeros([0], np.int64), num_shards=1)
     shutil.copy(prepared / "item_vocab.json", empty / "item_vocab.json")
+    shutil.copy(prepared / "statistics.json", empty / "statistics.json")
     with pytest.raises(ValueError, match="no examples in"):
         evaluate.run_evaluate(str(export_dir), str(empty), ks=KS, output_path=str(output))
     assert output.read_bytes() == earlier  # once deleted by the empty run
@@ -145,6 +147,10 @@ def test_bad_inputs_fail_clearly(model, setup, tmp_path):
         evaluate.run_evaluate(str(export_dir), str(prepared), ks=(5, 20))
     with pytest.raises(FileNotFoundError, match="no validation TFRecords"):
         evaluate.run_evaluate(str(export_dir), str(prepared), split="validation")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(prepared, unfinished, ignore=shutil.ignore_patterns("export", "statistics.json"))
+    with pytest.raises(FileNotFoundError, match="has no statistics.json, the mark of a finished preparation"):
+        evaluate.run_evaluate(str(export_dir), str(unfinished), ks=KS)
     with pytest.raises(ValueError, match="split must be one of"):
         evaluate.run_evaluate(str(export_dir), str(prepared), split="train")
     with pytest.raises(ValueError, match=r"got 0 in ks=\(0, 5\)"):

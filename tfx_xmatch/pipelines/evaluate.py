@@ -277,7 +277,8 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
       The metrics dict (see :func:`evaluate_pipeline`).
 
     Raises:
-      FileNotFoundError: Missing records of the split, vocabulary or export.
+      FileNotFoundError: Missing records of the split, statistics.json (an unfinished
+        preparation), vocabulary or export.
       ValueError: Unknown split, no examples, or bad ``ks`` / export (see ``evaluate_pipeline``).
     """
     if split not in SPLITS:
@@ -286,6 +287,9 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
     if not tf.io.gfile.glob(pattern):
         raise FileNotFoundError(f"no {split} TFRecords in {prepared_dir!r} (expected {pattern}); "
                                 f"run the prepare pipeline first")
+    if not tf.io.gfile.exists(os.path.join(prepared_dir, "statistics.json")):
+        raise FileNotFoundError(f"{prepared_dir!r} has no statistics.json, the mark of a finished preparation "
+                                "(interrupted, or still running?); run the prepare pipeline again")
     vocab_path = os.path.join(prepared_dir, "item_vocab.json")
     train_pattern = os.path.join(prepared_dir, "train-*-of-*.tfrecord*")
     popularity = None
