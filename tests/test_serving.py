@@ -905,13 +905,20 @@ def test_rest_connections_past_the_queue_get_503_at_once(templates, tmp_path):
         slow = {"signature_name": "slow", "inputs": {"micros": 1_500_000, "x": [3.0]}}
         busy = threading.Thread(target=rest, args=(server.rest_port, "POST", "/v1/models/tiny:predict", slow))
         busy.start()
-        time.sleep(0.3)  # the one thread is now busy
+        deadline = time.monotonic() + 10
+        while server.rest_server.in_flight < 1:  # until the one thread is busy with it
+            assert time.monotonic() < deadline, "the slow request never started"
+            time.sleep(0.02)
         started = time.monotonic()
         status, body = rest(server.rest_port, "GET", "/v1/models/tiny")
         assert status == 503 and "overloaded" in body["error"]
         assert time.monotonic() - started < 1.0  # answered at once, not after the slow request
         busy.join(timeout=10)
-        assert rest(server.rest_port, "GET", "/v1/models/tiny")[0] == 200
+        # The slot frees when the server's worker finishes, a moment after the client has its answer.
+        deadline = time.monotonic() + 10
+        while rest(server.rest_port, "GET", "/v1/models/tiny")[0] != 200:
+            assert time.monotonic() < deadline, "the server still refuses once the slow request is done"
+            time.sleep(0.05)
     finally:
         server.stop(grace=5)
 
