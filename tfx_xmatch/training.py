@@ -487,11 +487,11 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return _STRATEGIES[key]
 
 
-def drops_remainder(strategy: tf.distribute.Strategy, num_examples: Optional[int], batch_size: int) -> bool:
+def drops_remainder(strategy: tf.distribute.Strategy, num_examples: int, batch_size: int) -> bool:
     """Whether training batches drop the last incomplete one: with several replicas, so that no
     replica gets an empty share (its loss, a mean over nothing, made the epoch's logged loss
-    NaN), as long as a full batch remains (``num_examples`` None: unknown, assume so)."""
-    return strategy.num_replicas_in_sync > 1 and (num_examples is None or num_examples >= batch_size)
+    NaN), as long as a full batch remains."""
+    return strategy.num_replicas_in_sync > 1 and num_examples >= batch_size
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
