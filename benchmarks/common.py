@@ -17,6 +17,21 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XMATCH_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
+def missing_run_data(config) -> Optional[str]:
+    """Why a finished run cannot be re-evaluated here (its file dataset is absent), or None.
+
+    Generated and TFDS datasets are always available; a file dataset needs its directory.
+    """
+    from tfx_xmatch.data.loaders import DATASETS
+
+    info = DATASETS.get(config.data.dataset)
+    if info is not None and info.kind != "file":
+        return None
+    if config.data.dataset and not (pathlib.Path(config.data.data_dir) / config.data.dataset).is_dir():
+        return f"the run's dataset {config.data.dataset!r} is absent from {config.data.data_dir}"
+    return None
+
+
 def markdown_header(result: dict, title: str) -> list[str]:
     """The first lines of every results page: title, command, date, machine and versions."""
     machine, versions = result["machine"], result["versions"]

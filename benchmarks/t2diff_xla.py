@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header  # noqa: E402
+from common import RESULTS_DIR, header, markdown_header, missing_run_data  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -50,9 +50,9 @@ def main() -> int:
         print(f"skipped: no trained run at {run_dir} (train it with benchmarks/t2diff.py)", file=sys.stderr)
         return 0
     config = training.load_run_config(run_dir)
-    if config.data.dataset and not (pathlib.Path(config.data.data_dir) / config.data.dataset).is_dir():
-        print(f"skipped: the run's dataset {config.data.dataset!r} is absent from {config.data.data_dir}",
-              file=sys.stderr)
+    missing = missing_run_data(config)
+    if missing:
+        print(f"skipped: {missing}", file=sys.stderr)
         return 0
     split = training.prepare_split(config)
     model = training.load_model(run_dir / "model")

@@ -375,3 +375,62 @@ def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert f"skipped: no trained run at {tmp_path}" in completed.stderr
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+def test_product_quantizer_reconstructs_points_whose_slices_take_n_values():
+    budget = _import_benchmark("sparcode_code_budget")
+    rng = np.random.default_rng(0)
+    values = (10.0 * rng.normal(size=(2, 4, 3))).astype(np.float32)  # 2 slices, 4 values each
+    picks = rng.integers(0, 4, size=(400, 2))
+    points = np.concatenate([values[0][picks[:, 0]], values[1][picks[:, 1]]], axis=1)
+    quantizer = budget.ProductQuantizer(points, num_codebooks=2, num_codewords=4, iterations=20, seed=0)
+    np.testing.assert_allclose(quantizer.reconstruct(points), points, atol=1e-4)
+    with pytest.raises(ValueError, match="not divisible by 4 codebooks"):
+        budget.ProductQuantizer(points, num_codebooks=4, num_codewords=4, iterations=1, seed=0)
+    with pytest.raises(ValueError, match="needs as many points, got 400"):
+        budget.ProductQuantizer(points, num_codebooks=1, num_codewords=500, iterations=1, seed=0)
+
+
+@pytest.mark.parametrize("text", ["8", "8x", "0x16", "4x1", "axb"])
+def test_code_budget_refuses_a_malformed_budget_quoting_it(text):
+    import argparse
+
+    budget = _import_benchmark("sparcode_code_budget")
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text).replace("(", r"\(")):
+        budget.parse_budget(text)
+    assert budget.parse_budget("16X256") == (16, 256)
+
+
+def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path):
+    """End to end on a tiny SparCode run: the unquantized row is the encoder alone (a NumPy
+    oracle), a budget that keeps almost every state value ranks almost like it, and every budget
+    is paired with the unquantized ranks."""
+    from tfx_xmatch import training
+
+    configs, split, _ = _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=8",
+                                                          "model.options.num_query_tokens=2"])
+    completed = _run([str(BENCHMARKS / "sparcode_code_budget.py"), "--runs-dir", str(tmp_path), "--run", "sparcode",
+                      "--budgets", "1x2", "8x64", "--sample", "1000", "--results-dir", str(tmp_path),
+                      "--output", "budget"], timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads((tmp_path / "budget.json").read_text())
+    exact, coarse, fine = result["rows"]
+    model = training.load_model(tmp_path / "sparcode" / "model")
+    items = model.encoder_item_embeddings().numpy()
+
+    def oracle(histories, user_rows):
+        inputs = training.model_inputs(model, split.dataset, histories, user_rows)
+        return model.encode_sequence(inputs).numpy()[:, -1, :] @ items.T
+
+    from tfx_xmatch.evaluation import evaluate_full_ranking
+    config = configs["sparcode"]
+    expected = evaluate_full_ranking(oracle, split.test, num_items=split.num_items, max_length=config.model.max_length,
+                                     batch_size=config.eval.batch_size, ks=(10, 50), mask_history=True,
+                                     item_popularity=split.item_popularity())
+    assert exact["HR@10"] == pytest.approx(expected["HR@10"], abs=1e-4)
+    assert (coarse["bits"], fine["bits"], fine["slice_width"]) == (1.0, 48.0, 1)
+    assert abs(fine["HR@10"] - exact["HR@10"]) <= 0.03
+    for row in (coarse, fine):  # each budget is paired with the unquantized ranks of the same users
+        paired = row["vs_unquantized"]["HR@10"]
+        assert paired["difference"] == pytest.approx(row["HR@10"] - exact["HR@10"], abs=2e-4)
+    assert "| 8 x 64 (slices of 1) | 48 |" in (tmp_path / "budget.md").read_text()
