@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 from typing import Optional
 
 from tfx_xmatch.bench.environment import header, machine_info, versions  # noqa: F401  (the benchmarks' import)
@@ -17,19 +18,16 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XMATCH_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
-def missing_run_data(config) -> Optional[str]:
-    """Why a finished run cannot be re-evaluated here (its file dataset is absent), or None.
+def run_split(config):
+    """The split a finished run was trained on, or None (printed as skipped) when its data is
+    absent here: the loader's own lookup decides, and its message names the path it tried."""
+    from tfx_xmatch import training
 
-    Generated and TFDS datasets are always available; a file dataset needs its directory.
-    """
-    from tfx_xmatch.data.loaders import DATASETS
-
-    info = DATASETS.get(config.data.dataset)
-    if info is not None and info.kind != "file":
+    try:
+        return training.prepare_split(config)
+    except FileNotFoundError as error:
+        print(f"skipped: the run's data is absent ({error})", file=sys.stderr)
         return None
-    if config.data.dataset and not (pathlib.Path(config.data.data_dir) / config.data.dataset).is_dir():
-        return f"the run's dataset {config.data.dataset!r} is absent from {config.data.data_dir}"
-    return None
 
 
 def markdown_header(result: dict, title: str) -> list[str]:

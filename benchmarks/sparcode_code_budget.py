@@ -5,10 +5,11 @@ lost to every (code, item) score the index can hold. This benchmark measures tha
 any SparCode training: it takes a trained run's encoder (by default the SparCode run's own, the
 "encoder alone" row of ``sparcode.py``), fits a product quantizer to its states at the training
 positions (k-means in each of M slices of the state, N codewords per slice: M codes of log2(N)
-bits per query), and ranks the catalogue by the dot product of the *reconstructed* test state with
-the item vectors. With the interaction replaced by the dot product the encoder was trained for,
-this is about the best a query of M such codes does with that encoder: a SparCode that should
-beat the two-tower must first win back what its codes lose here.
+bits per query, M x N codewords in all), and ranks the catalogue by the dot product of the
+*reconstructed* test state with the item vectors. It shows what an offline quantizer that
+minimises the reconstruction error keeps of the encoder's ranking at a given budget. It is not a
+bound: a quantizer trained for ranking, or an interaction other than the dot product, may keep
+more.
 
 Every row is full ranking over all items with the history masked, on the test users, and is
 paired user by user with the unquantized encoder.
@@ -28,7 +29,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, missing_run_data  # noqa: E402
+from common import RESULTS_DIR, header, markdown_header, run_split  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -39,7 +40,7 @@ from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking, is_tai
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_RUN = "sparcode_slots-sparcode"
-DEFAULT_BUDGETS = ("1x4096", "8x512", "8x4096", "16x256", "16x512", "32x256")
+DEFAULT_BUDGETS = ("1x4096", "8x64", "8x512", "8x4096", "16x256", "16x512", "32x256")
 REPORTED = ("HR@10", "NDCG@10", "Recall@50")
 EXACT = "encoder state, unquantized"
 
@@ -114,8 +115,9 @@ def encoder_parts(model):
     return tf.function(lambda inputs: model.encode_sequence(inputs), reduce_retracing=True), items.numpy()
 
 
-def training_states(model, encode, split, max_length: int, sample: int, seed: int) -> np.ndarray:
-    """Encoder states at up to ``sample`` training positions (each after a real item)."""
+def training_states(model, encode, split, max_length: int, sample: int, seed: int) -> tuple[np.ndarray, int]:
+    """(encoder states at up to ``sample`` training positions, each after a real item; the number
+    of training positions)."""
     states = []
     for start in range(0, len(split.train_sequences), 256):
         histories = pad_histories([sequence[:-1] for sequence in split.train_sequences[start:start + 256]], max_length)
@@ -143,13 +145,16 @@ def main() -> int:
         print(f"skipped: no trained run at {run_dir} (train it with benchmarks/sparcode.py)", file=sys.stderr)
         return 0
     config = training.load_run_config(run_dir)
-    missing = missing_run_data(config)
-    if missing:
-        print(f"skipped: {missing}", file=sys.stderr)
+    split = run_split(config)
+    if split is None:
         return 0
-    split = training.prepare_split(config)
     model = training.load_model(run_dir / "model")
     encode, items = encoder_parts(model)
+    for books, words in args.budgets:  # before hours of fitting, not after them
+        if items.shape[1] % books:
+            parser.error(f"budget {books}x{words}: the state width {items.shape[1]} is not divisible by {books}")
+        if words > args.sample:
+            parser.error(f"budget {books}x{words}: {words} codewords need --sample >= {words}, got {args.sample}")
     max_length = config.model.max_length
     fit_states, positions = training_states(model, encode, split, max_length, args.sample, args.seed)
 
@@ -167,6 +172,7 @@ def main() -> int:
     exact_metrics, exact_ranks = evaluate(lambda states: states)
     result = header("sparcode_code_budget")
     result.update(run=args.run, model=type(model).__name__, num_items=split.num_items,
+                  mask_history=bool(config.eval.mask_history),
                   test_users=len(split.test.targets), training_positions=positions,
                   fitted_positions=len(fit_states), iterations=args.iterations, seed=args.seed,
                   rows=[{"budget": EXACT, **{key: round(exact_metrics[key], 4) for key in REPORTED}}])
@@ -195,20 +201,24 @@ def to_markdown(result: dict) -> str:
         f"- run: `{result['run']}` ({result['model']}); the encoder's states at {result['fitted_positions']:,} of "
         f"{result['training_positions']:,} training positions fit a product quantizer (k-means in each slice, "
         f"{result['iterations']} iterations, seed {result['seed']}); the test users' reconstructed states rank all "
-        f"{result['num_items']:,} items by dot product, history masked ({result['test_users']:,} users)",
+        f"{result['num_items']:,} items by dot product, "
+        f"{'history masked' if result.get('mask_history', True) else 'history not masked'} "
+        f"({result['test_users']:,} users)",
         "",
-        "| query codes | bits | HR@10 | NDCG@10 | Recall@50 | HR@10 kept | ΔHR@10 vs unquantized | ΔNDCG@10 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| query codes | bits | codewords in all | HR@10 | NDCG@10 | Recall@50 | HR@10 kept | ΔHR@10 vs unquantized | "
+        "ΔNDCG@10 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     exact = result["rows"][0]
     for row in result["rows"]:
         if row["budget"] == EXACT:
-            lines.append(f"| {EXACT} | | {row['HR@10']} | {row['NDCG@10']} | {row['Recall@50']} | 100% | | |")
+            lines.append(f"| {EXACT} | | | {row['HR@10']} | {row['NDCG@10']} | {row['Recall@50']} | 100% | | |")
             continue
         paired = row["vs_unquantized"]
         cells = [f"{paired[key]['difference']:+.4f} [{paired[key]['ci_low']:+.4f}, {paired[key]['ci_high']:+.4f}] "
                  f"p={paired[key]['p_value']:.2g}" for key in ("HR@10", "NDCG@10")]
         lines.append(f"| {row['codebooks']} x {row['codewords']} (slices of {row['slice_width']}) | {row['bits']:g} | "
+                     f"{row['codebooks'] * row['codewords']:,} | "
                      f"{row['HR@10']} | {row['NDCG@10']} | {row['Recall@50']} | "
                      f"{row['HR@10'] / exact['HR@10']:.1%} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"

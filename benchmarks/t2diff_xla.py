@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, missing_run_data  # noqa: E402
+from common import RESULTS_DIR, header, markdown_header, run_split  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -50,11 +50,9 @@ def main() -> int:
         print(f"skipped: no trained run at {run_dir} (train it with benchmarks/t2diff.py)", file=sys.stderr)
         return 0
     config = training.load_run_config(run_dir)
-    missing = missing_run_data(config)
-    if missing:
-        print(f"skipped: {missing}", file=sys.stderr)
+    split = run_split(config)
+    if split is None:
         return 0
-    split = training.prepare_split(config)
     model = training.load_model(run_dir / "model")
     if type(model).__name__ != "T2Diff":
         parser.error(f"--run {args.run!r} is a {type(model).__name__} run, not a T2Diff one")

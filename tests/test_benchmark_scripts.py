@@ -384,7 +384,12 @@ def test_product_quantizer_reconstructs_points_whose_slices_take_n_values():
     picks = rng.integers(0, 4, size=(400, 2))
     points = np.concatenate([values[0][picks[:, 0]], values[1][picks[:, 1]]], axis=1)
     quantizer = budget.ProductQuantizer(points, num_codebooks=2, num_codewords=4, iterations=20, seed=0)
-    np.testing.assert_allclose(quantizer.reconstruct(points), points, atol=1e-4)
+    # Noisy points map back to the values they were drawn around: the quantizer does quantize.
+    noisy = points + 0.01 * rng.normal(size=points.shape).astype(np.float32)
+    np.testing.assert_allclose(quantizer.reconstruct(noisy), points, atol=1e-4)
+    # Any input reconstructs to one of the 4 x 4 codeword pairs.
+    anything = quantizer.reconstruct(rng.normal(size=(1000, 6)).astype(np.float32))
+    assert len(np.unique(anything, axis=0)) <= 16
     with pytest.raises(ValueError, match="not divisible by 4 codebooks"):
         budget.ProductQuantizer(points, num_codebooks=4, num_codewords=4, iterations=1, seed=0)
     with pytest.raises(ValueError, match="needs as many points, got 400"):
@@ -409,12 +414,14 @@ def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path
 
     configs, split, _ = _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=8",
                                                           "model.options.num_query_tokens=2"])
-    completed = _run([str(BENCHMARKS / "sparcode_code_budget.py"), "--runs-dir", str(tmp_path), "--run", "sparcode",
-                      "--budgets", "1x2", "8x64", "--sample", "1000", "--results-dir", str(tmp_path),
-                      "--output", "budget"], timeout=600)
+    script = str(BENCHMARKS / "sparcode_code_budget.py")
+    completed = _run([script, "--runs-dir", str(tmp_path), "--run", "sparcode", "--budgets", "1x2", "8x64",
+                      "--sample", "1000", "--results-dir", str(tmp_path), "--output", "budget"], timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads((tmp_path / "budget.json").read_text())
     exact, coarse, fine = result["rows"]
+    # One bit per query: every test user gets one of two vectors, so the ranking changes.
+    assert coarse["vs_unquantized"]["HR@10"]["difference"] != 0 or coarse["NDCG@10"] != exact["NDCG@10"]
     model = training.load_model(tmp_path / "sparcode" / "model")
     items = model.encoder_item_embeddings().numpy()
 
@@ -434,3 +441,13 @@ def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path
         paired = row["vs_unquantized"]["HR@10"]
         assert paired["difference"] == pytest.approx(row["HR@10"] - exact["HR@10"], abs=2e-4)
     assert "| 8 x 64 (slices of 1) | 48 |" in (tmp_path / "budget.md").read_text()
+    # A two-tower run is read through its own item vectors; a budget that cannot apply is refused
+    # before any fitting, naming it.
+    completed = _run([script, "--runs-dir", str(tmp_path), "--run", "two_tower_sasrec", "--budgets", "8x16",
+                      "--sample", "1000", "--results-dir", str(tmp_path), "--output", "budget_two_tower"], timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads((tmp_path / "budget_two_tower.json").read_text())["model"] == "TwoTower"
+    completed = _run([script, "--runs-dir", str(tmp_path), "--run", "sparcode", "--budgets", "3x16",
+                      "--results-dir", str(tmp_path), "--output", "refused"], timeout=600)
+    assert completed.returncode == 2 and "budget 3x16: the state width 8 is not divisible by 3" in completed.stderr
+    assert not (tmp_path / "refused.json").exists()

@@ -157,3 +157,34 @@ def test_run_directories_are_readable_by_other_users(tmp_path):
     os.umask(umask)
     # tempfile.mkdtemp's 0700 once survived the rename: a server running as another user could not read it.
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("name, options", [("TwoTower", {}), ("SparCode", {"num_codewords": 8, "num_query_tokens": 2}),
+                                           ("SPARC", {"num_codewords": 8}), ("T2Diff", {})])
+def test_a_batch_without_targets_is_refused_naming_next_items_and_leaves_the_weights(name, options):
+    """Every loss was a mean over nothing (NaN, which fit applied to the weights) or failed deep in
+    a layer (a quantizer's restart drew from an empty batch) without saying why."""
+    from tfx_xmatch import models
+
+    model = getattr(models, name)(num_items=20, embedding_dim=8, max_length=5, **options)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.1))
+    history = tf.constant([[0, 1, 2, 3, 4], [0, 0, 5, 6, 7]], tf.int32)
+    trainable = {"history": history, "next_items": tf.constant([[0, 2, 3, 4, 5], [0, 0, 6, 7, 8]], tf.int32)}
+    model.fit(tf.data.Dataset.from_tensors(trainable), epochs=1, verbose=0)
+    metric_variables = {id(variable) for metric in model.metrics for variable in metric.variables}
+
+    def state():  # weights and quantizer state, not the metrics (fit resets them)
+        return [variable.numpy() for variable in model.variables if id(variable) not in metric_variables]
+
+    before = state()
+    empty = {"history": history, "next_items": tf.zeros_like(history)}
+    with pytest.raises(tf.errors.InvalidArgumentError, match="every next_items entry is 0"):
+        model.fit(tf.data.Dataset.from_tensors(empty), epochs=1, verbose=0)
+    for old, new in zip(before, state(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    for training_mode in (True, False):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="every next_items entry is 0"):
+            model.compute_loss(empty, training=training_mode)
+    with pytest.raises(KeyError, match="needs the input 'next_items'"):
+        model.compute_loss({"history": history})
+    assert np.isfinite(float(model.compute_loss(trainable)))

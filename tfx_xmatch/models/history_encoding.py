@@ -26,6 +26,31 @@ def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: d
     return encoded
 
 
+def training_targets(inputs: dict) -> tf.Tensor:
+    """``inputs["next_items"]`` (int [B, L], 0 = no target), checked to hold a target.
+
+    A batch without one has nothing to learn from, and every loss would be a mean over nothing:
+    NaN, which ``fit`` would apply to the weights, or a failure deep in a layer that does not
+    say why. It is refused here instead, naming the input.
+
+    Raises:
+      KeyError: ``inputs`` has no "next_items".
+      tf.errors.InvalidArgumentError: every entry is 0 (raised when the check runs: at once in
+        eager mode, at the step inside ``fit``).
+    """
+    if "next_items" not in inputs:
+        raise KeyError(f"the loss needs the input 'next_items' (the item after each history position); "
+                       f"got inputs {sorted(inputs)}")
+    next_items = tf.convert_to_tensor(inputs["next_items"])
+    has_target = tf.debugging.assert_greater(
+        tf.reduce_max(tf.concat([tf.reshape(next_items, [-1]), tf.zeros([1], next_items.dtype)], 0)),
+        tf.zeros([], next_items.dtype),
+        message="a batch has no target: every next_items entry is 0 (padding), so there is no loss to "
+                "compute; drop such examples (histories of a single item) before batching")
+    with tf.control_dependencies([has_target]):
+        return tf.identity(next_items)
+
+
 def frozen_tower(item_tower):
     """The item tower behind stop-gradient: a loss scored through it does not train the table."""
     return lambda item_indices: tf.stop_gradient(item_tower(item_indices))

@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from tfx_xmatch.layers import ResidualQuantizer, TargetAttention
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -299,7 +299,7 @@ class SPARC(RetrievalModel):
             inputs = inputs[0]
         states = self.encode_sequence(inputs, training=training)
         history = tf.convert_to_tensor(inputs["history"])
-        next_items = tf.convert_to_tensor(inputs["next_items"])
+        next_items = training_targets(inputs)
         is_target = next_items > 0
         where = tf.where(is_target)
         targets = tf.gather_nd(next_items, where)

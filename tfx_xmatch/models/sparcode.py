@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from tfx_xmatch.layers import AllToAllInteraction, VectorQuantizer
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import encode_history
+from tfx_xmatch.models.history_encoding import encode_history, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -486,7 +486,7 @@ class SparCode(RetrievalModel):
         if isinstance(inputs, (tuple, list)):
             inputs = inputs[0]
         sequence = self.encode_sequence(inputs, training=training)
-        next_items = tf.convert_to_tensor(inputs["next_items"])
+        next_items = training_targets(inputs)
         is_target = next_items > 0
         all_states = tf.boolean_mask(sequence, is_target)
         all_targets = tf.boolean_mask(next_items, is_target)

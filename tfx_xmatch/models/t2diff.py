@@ -53,7 +53,7 @@ from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule, SASR
 from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower
+from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower, training_targets
 
 LOSSES = ("full_softmax", "sampled_softmax")
 SAMPLERS = ("ddim", "ddpm")
@@ -383,7 +383,7 @@ class T2Diff(RetrievalModel):
         if isinstance(inputs, (tuple, list)):
             inputs = inputs[0]
         history = tf.convert_to_tensor(inputs["history"])
-        next_items = tf.convert_to_tensor(inputs["next_items"])
+        next_items = training_targets(inputs)
         # The window ending at every position t: columns t - window + 1 .. t of the history.
         padded = tf.pad(history, [[0, 0], [self.window - 1, 0]])
         offsets = tf.range(tf.shape(history)[1])[:, tf.newaxis] + tf.range(self.window)[tf.newaxis, :]

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import encode_history
+from tfx_xmatch.models.history_encoding import encode_history, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -130,7 +130,7 @@ class TwoTower(RetrievalModel):
             # Keras packs `train_on_batch(x)` as (x,) or (x, y, sample_weight); y is unused.
             inputs = inputs[0]
         sequence = self.encode_sequence(inputs, training=training)
-        next_items = tf.convert_to_tensor(inputs["next_items"])
+        next_items = training_targets(inputs)
         # Only real positions carry a target; dropping padding here saves most of the
         # softmax cost on short histories.
         is_target = next_items > 0
