@@ -188,3 +188,48 @@ def test_a_batch_without_targets_is_refused_naming_next_items_and_leaves_the_wei
     with pytest.raises(KeyError, match="needs the input 'next_items'"):
         model.compute_loss({"history": history})
     assert np.isfinite(float(model.compute_loss(trainable)))
+
+
+@pytest.mark.parametrize("name, options", [
+    ("TwoTower", {"loss": "sampled_softmax", "num_sampled_negatives": 5, "max_loss_positions": 3}),
+    ("SparCode", {"num_codewords": 8, "num_query_tokens": 2, "loss": "sampled_softmax", "num_sampled_negatives": 5,
+                  "max_loss_positions": 3}),
+    ("SPARC", {"num_codewords": 8}), ("T2Diff", {"max_loss_positions": 3})])
+def test_the_evaluation_loss_is_the_same_on_the_same_data(name, options):
+    """Sampled positions, negatives, codeword choices, diffusion steps and noise were stateful
+    draws in evaluation too, so two evaluate() calls on the same data reported other losses."""
+    from tfx_xmatch import models
+
+    model = getattr(models, name)(num_items=30, embedding_dim=8, max_length=6, **options)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
+    batch = {"history": tf.constant([[0, 1, 2, 3, 4, 5], [0, 0, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], tf.int32),
+             "next_items": tf.constant([[0, 2, 3, 4, 5, 6], [0, 0, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17]], tf.int32)}
+    data = tf.data.Dataset.from_tensors(batch)
+    model.fit(data, epochs=1, verbose=0)
+    first, second = (model.evaluate(data, verbose=0, return_dict=True) for _ in range(2))
+    assert first == second
+    eager = [float(model.compute_loss(batch, training=False)) for _ in range(2)]
+    assert eager[0] == eager[1]
+    if name in ("SPARC", "T2Diff"):  # training keeps drawing afresh
+        trained = {float(model.compute_loss(batch, training=True)) for _ in range(3)}
+        assert len(trained) > 1
+
+
+def test_loss_draws_repeat_between_evaluations_and_not_within_one():
+    from tfx_xmatch.models.history_encoding import LossDraws
+
+    def evaluation_draws():
+        draws = LossDraws(training=False)
+        return [draws.uniform([4]).numpy(), draws.uniform([4], 1, 9, dtype=tf.int32).numpy(),
+                draws.normal([4]).numpy(), draws.shuffle(tf.range(6)).numpy(),
+                draws.categorical(tf.zeros([1, 5]), 4).numpy()]
+
+    once, again = evaluation_draws(), evaluation_draws()
+    for a, b in zip(once, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(once[0], LossDraws(training=False, seed=1).uniform([4]).numpy())
+    draws = LossDraws(training=False)
+    assert not np.array_equal(draws.uniform([4]).numpy(), draws.uniform([4]).numpy())
+    assert sorted(once[3].tolist()) == list(range(6)) and ((1 <= once[1]) & (once[1] < 9)).all()
+    training = LossDraws(training=True)
+    assert not np.array_equal(training.uniform([8]).numpy(), LossDraws(training=True).uniform([8]).numpy())

@@ -221,6 +221,8 @@ def test_sampled_softmax_loss_matches_numpy_oracle(monkeypatch, num_extra):
     counts = np.arange(NUM_ITEMS + 1) % 7
     model.set_item_frequencies(counts)
     extra_ids = np.array([3, 7, 7, batch["next_items"][0, -1], 30], np.int32)[:num_extra]
-    monkeypatch.setattr(tf.random, "uniform", lambda shape, **kwargs: tf.constant(extra_ids, kwargs["dtype"]))
+    from tfx_xmatch.models.history_encoding import LossDraws
+
+    monkeypatch.setattr(LossDraws, "uniform", lambda self, shape, *args, **kwargs: tf.constant(extra_ids, kwargs["dtype"]))
     loss = float(model.compute_loss(batch))
     np.testing.assert_allclose(loss, _sampled_loss_oracle(model, batch, extra_ids), rtol=1e-4)

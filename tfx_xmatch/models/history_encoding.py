@@ -3,6 +3,8 @@ the dot-product softmax over the catalogue."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import tensorflow as tf
 
@@ -24,6 +26,55 @@ def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: d
         user_vector = embedding(tf.convert_to_tensor(inputs[name]))[:, tf.newaxis, :]
         encoded += user_vector * tf.cast(padding_mask, encoded.dtype)[..., tf.newaxis]
     return encoded
+
+
+class LossDraws:
+    """The random draws of one loss computation: the usual random ops when training, stateless
+    draws from a fixed seed when not, so ``evaluate`` on the same data reports the same loss
+    (with stateful ops the validation loss of a SPARC or T2Diff moved between two identical
+    calls: other positions, diffusion steps and noise).
+
+    Args:
+      training: Whether the loss trains (bool).
+      seed: Seed of the evaluation draws (int, default 0). Each draw of the computation takes the
+        next counter value, so draws differ from one another but not from call to call.
+    """
+
+    def __init__(self, training: bool, seed: int = 0):
+        self.training = bool(training)
+        self.seed = int(seed)
+        self._counter = 0
+
+    def _next_seed(self) -> list[int]:
+        self._counter += 1
+        return [self.seed, self._counter]
+
+    def uniform(self, shape, minval=0, maxval=None, dtype=tf.float32) -> tf.Tensor:
+        """As ``tf.random.uniform``; integer dtypes need ``maxval``."""
+        if maxval is None and not dtype.is_integer:
+            maxval = 1
+        if self.training:
+            return tf.random.uniform(shape, minval, maxval, dtype=dtype)
+        return tf.random.stateless_uniform(shape, self._next_seed(), minval, maxval, dtype=dtype)
+
+    def normal(self, shape) -> tf.Tensor:
+        """As ``tf.random.normal``."""
+        if self.training:
+            return tf.random.normal(shape)
+        return tf.random.stateless_normal(shape, self._next_seed())
+
+    def shuffle(self, values: tf.Tensor) -> tf.Tensor:
+        """As ``tf.random.shuffle`` (along the first axis)."""
+        if self.training:
+            return tf.random.shuffle(values)
+        order = tf.argsort(tf.random.stateless_uniform(tf.shape(values)[:1], self._next_seed()))
+        return tf.gather(values, order)
+
+    def categorical(self, logits: tf.Tensor, num_samples: int, dtype=tf.int64) -> tf.Tensor:
+        """As ``tf.random.categorical``."""
+        if self.training:
+            return tf.random.categorical(logits, num_samples, dtype=dtype)
+        return tf.random.stateless_categorical(logits, num_samples, self._next_seed(), dtype=dtype)
 
 
 def training_targets(inputs: dict) -> tf.Tensor:
@@ -73,20 +124,22 @@ def target_frequencies(counts: np.ndarray, num_items: int) -> np.ndarray:
 
 def dot_product_softmax_loss(users: tf.Tensor, targets: tf.Tensor, item_tower, *, num_items: int, loss: str,
                              temperature: float, num_sampled_negatives: int, max_loss_positions: int,
-                             item_frequency: tf.Tensor) -> tf.Tensor:
+                             item_frequency: tf.Tensor, draws: Optional[LossDraws] = None) -> tf.Tensor:
     """Softmax cross-entropy of ``users`` [P, d] against their ``targets`` [P] (item indices).
 
     ``loss="full_softmax"``: over the whole catalogue. ``"sampled_softmax"``: at most
     ``max_loss_positions`` random positions, against their in-batch targets plus
     ``num_sampled_negatives`` uniform items (each candidate once), logQ-corrected with the
-    probability that one draw of that mixed sampler yields the candidate.
+    probability that one draw of that mixed sampler yields the candidate. ``draws`` makes those
+    draws (default: the usual random ops).
     """
     if loss == "full_softmax":
         logits = tf.matmul(users, item_tower(tf.range(1, num_items + 1)), transpose_b=True) / temperature
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets - 1, logits=logits))
-    keep = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[:max_loss_positions]
+    draws = draws or LossDraws(training=True)
+    keep = draws.shuffle(tf.range(tf.shape(targets)[0]))[:max_loss_positions]
     users, targets = tf.gather(users, keep), tf.gather(targets, keep)
-    extra = tf.random.uniform([num_sampled_negatives], 1, num_items + 1, dtype=targets.dtype)
+    extra = draws.uniform([num_sampled_negatives], 1, num_items + 1, dtype=targets.dtype)
     candidates, positions = tf.unique(tf.concat([targets, extra], axis=0))
     kept = tf.cast(tf.shape(targets)[0], tf.float32)
     log_q = tf.math.log((kept * tf.gather(item_frequency, candidates) + num_sampled_negatives / num_items)

@@ -48,7 +48,9 @@ import tensorflow as tf
 
 from tfx_xmatch.layers import ResidualQuantizer, TargetAttention
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower, training_targets
+from tfx_xmatch.models.history_encoding import (
+    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, training_targets,
+)
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -304,7 +306,8 @@ class SPARC(RetrievalModel):
         where = tf.where(is_target)
         targets = tf.gather_nd(next_items, where)
         target_z = self.item_tower(targets)  # [P, d]
-        softmax = self._softmax_settings()
+        draws = LossDraws(training)
+        softmax = {**self._softmax_settings(), "draws": draws}
         backbone = tf.constant(0.0)
         if self.backbone_loss_weight > 0:
             backbone = dot_product_softmax_loss(tf.gather_nd(states, where), targets, self.item_tower, **softmax)
@@ -316,14 +319,14 @@ class SPARC(RetrievalModel):
         quantized = self.rqvae(target_z, training=training)
         codes = quantized["codes"][:, 0]
         codeword = quantized["codewords"][:, 0, :]
-        use_codeword = tf.random.uniform(tf.shape(codes)) < self.codeword_query_rate
+        use_codeword = draws.uniform(tf.shape(codes)) < self.codeword_query_rate
         queries = tf.where(use_codeword[:, tf.newaxis], codeword, quantized["reconstruction"])
         # The interest tower reads the encoder but does not train it: the encoder's state is
         # the retrieval query, and a 64-way code classifier pulling on it cost the two-tower's
         # first-epoch quality on Beauty (val HR@10 0.008 vs 0.019).
         interest_logits = self.interest_tower(tf.stop_gradient(tf.gather_nd(states, where)))
-        drawn = tf.random.categorical(tf.stop_gradient(interest_logits), 1, dtype=tf.int32)[:, 0]
-        use_drawn = tf.random.uniform(tf.shape(codes)) < self.predicted_query_rate
+        drawn = draws.categorical(tf.stop_gradient(interest_logits), 1, dtype=tf.int32)[:, 0]
+        use_drawn = draws.uniform(tf.shape(codes)) < self.predicted_query_rate
         queries = tf.where(use_drawn[:, tf.newaxis], self._level1_codewords(drawn), queries)
 
         present = history > 0
@@ -341,10 +344,10 @@ class SPARC(RetrievalModel):
         own_codeword = tf.logical_and(tf.logical_not(use_drawn), use_codeword)
         rows = tf.cast(tf.where(own_codeword)[:, 0], tf.int32)
         rows = tf.cond(tf.size(rows) > 0, lambda: rows, lambda: tf.range(tf.shape(targets)[0]))
-        keep = tf.random.shuffle(rows)[: self.max_contrastive_positions]
+        keep = draws.shuffle(rows)[: self.max_contrastive_positions]
         sub_where, sub_targets = tf.gather(where, keep), tf.gather(targets, keep)
         sub_users, sub_z = tf.gather(users, keep), tf.gather(target_z, keep)
-        shuffled = self._level1_codewords(self.shuffled_codes(tf.gather(codes, keep)))
+        shuffled = self._level1_codewords(self.shuffled_codes(tf.gather(codes, keep), draws))
         shuffled_users = self._user_vectors_at(shuffled[:, tf.newaxis, :], sub_where, states, present,
                                                training)[:, 0, :]
         bpr = codeword_shuffle_bpr(tf.reduce_sum(sub_users * sub_z, -1), tf.reduce_sum(shuffled_users * sub_z, -1))
@@ -353,7 +356,7 @@ class SPARC(RetrievalModel):
 
         mixture = tf.constant(0.0)
         if self.mixture_interests:
-            sample = tf.random.shuffle(tf.range(tf.shape(targets)[0]))[: self.max_contrastive_positions]
+            sample = draws.shuffle(tf.range(tf.shape(targets)[0]))[: self.max_contrastive_positions]
             mixture = self._mixture_loss(tf.gather(interest_logits, sample), tf.gather(where, sample),
                                          tf.gather(targets, sample), states, present, items, training)
 
@@ -375,9 +378,11 @@ class SPARC(RetrievalModel):
         target_log_probs = tf.gather(tf.nn.log_softmax(logits, axis=-1), targets - 1, axis=2, batch_dims=1)
         return -tf.reduce_mean(tf.reduce_logsumexp(log_weights + target_log_probs, axis=1))
 
-    def shuffled_codes(self, codes: tf.Tensor) -> tf.Tensor:
-        """A random level-1 code different from each of ``codes`` (int32 [P]): the BPR negatives."""
-        shift = tf.random.uniform(tf.shape(codes), 1, self.num_codewords, dtype=codes.dtype)
+    def shuffled_codes(self, codes: tf.Tensor, draws: Optional[LossDraws] = None) -> tf.Tensor:
+        """A random level-1 code different from each of ``codes`` (int32 [P]): the BPR negatives.
+        ``draws`` makes the draw (default: the usual random op)."""
+        draws = draws or LossDraws(training=True)
+        shift = draws.uniform(tf.shape(codes), 1, self.num_codewords, dtype=codes.dtype)
         return (codes + shift) % self.num_codewords
 
     def _user_vectors_at(self, queries, where, states, present, training) -> tf.Tensor:

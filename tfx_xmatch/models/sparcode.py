@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from tfx_xmatch.layers import AllToAllInteraction, VectorQuantizer
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import encode_history, training_targets
+from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -468,11 +468,12 @@ class SparCode(RetrievalModel):
             return tf.reduce_sum(soft, axis=1)
         return tf.reshape(soft, [-1, self.num_codes])
 
-    def _candidates(self, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
+    def _candidates(self, targets: tf.Tensor,
+                    draws: LossDraws) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
         """(candidate item indices [C], label position of each target [P], logQ [C] or None)."""
         if self.loss_name == "full_softmax":
             return tf.range(1, self.num_items + 1, dtype=targets.dtype), targets - 1, None
-        extra = tf.random.uniform([self.num_sampled_negatives], 1, self.num_items + 1, dtype=targets.dtype)
+        extra = draws.uniform([self.num_sampled_negatives], 1, self.num_items + 1, dtype=targets.dtype)
         candidates, positions = tf.unique(tf.concat([targets, extra], axis=0))
         labels = positions[: tf.shape(targets)[0]]
         # One draw of the mixed sampler (targets by popularity, extras uniform) yields the item
@@ -490,7 +491,8 @@ class SparCode(RetrievalModel):
         is_target = next_items > 0
         all_states = tf.boolean_mask(sequence, is_target)
         all_targets = tf.boolean_mask(next_items, is_target)
-        keep = tf.random.shuffle(tf.range(tf.shape(all_targets)[0]))[: self.max_loss_positions]
+        draws = LossDraws(training)
+        keep = draws.shuffle(tf.range(tf.shape(all_targets)[0]))[: self.max_loss_positions]
         states, targets = tf.gather(all_states, keep), tf.gather(all_targets, keep)
         code_states, code_sequence = states, sequence
         if self.detach_code_path:
@@ -502,7 +504,7 @@ class SparCode(RetrievalModel):
                                        rows=where[:, 0])
         else:
             tokens = self.query_tokens(code_states)
-        candidates, labels, log_q = self._candidates(targets)
+        candidates, labels, log_q = self._candidates(targets, draws)
         encoder_loss = self._encoder_loss(all_states, all_targets, states, candidates, labels, log_q)
 
         if self.quantize:

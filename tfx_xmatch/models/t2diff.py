@@ -53,7 +53,9 @@ from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule, SASR
 from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import dot_product_softmax_loss, encode_history, frozen_tower, training_targets
+from tfx_xmatch.models.history_encoding import (
+    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, training_targets,
+)
 
 LOSSES = ("full_softmax", "sampled_softmax")
 SAMPLERS = ("ddim", "ddpm")
@@ -388,13 +390,14 @@ class T2Diff(RetrievalModel):
         padded = tf.pad(history, [[0, 0], [self.window - 1, 0]])
         offsets = tf.range(tf.shape(history)[1])[:, tf.newaxis] + tf.range(self.window)[tf.newaxis, :]
         # A random subset of the positions: each one runs the denoiser and the user tower.
-        where = tf.random.shuffle(tf.where(next_items > 0))[: self.max_loss_positions]
+        draws = LossDraws(training)
+        where = draws.shuffle(tf.where(next_items > 0))[: self.max_loss_positions]
         windows = tf.gather(tf.gather(padded, where[:, 0]), tf.gather(offsets, where[:, 1]), batch_dims=1)
         targets = tf.gather_nd(next_items, where)
         session, session_mask, long_history, history_mask, last = self._split_window(windows)
         target = self.item_tower(targets)
 
-        softmax = self._softmax_settings()
+        softmax = {**self._softmax_settings(), "draws": draws}
         base, backbone = None, 0.0
         if self.backbone != "none":
             states = self.encode_sequence(inputs, training=training)
@@ -414,14 +417,14 @@ class T2Diff(RetrievalModel):
         clean = self._sg(clean)
         condition, condition_mask = self._denoiser_condition(self._sg(session), session_mask,
                                                              None if base is None else self._sg(base))
-        steps = tf.random.uniform(tf.shape(targets), 1, self.diffusion_steps + 1, dtype=tf.int32)
-        noisy = self.schedule.q_sample(clean, steps, tf.random.normal(tf.shape(clean)))
+        steps = draws.uniform(tf.shape(targets), 1, self.diffusion_steps + 1, dtype=tf.int32)
+        noisy = self.schedule.q_sample(clean, steps, draws.normal(tf.shape(clean)))
         z0_hat = self.denoiser(noisy, steps, condition, condition_mask)
         diffusion = tf.reduce_mean(tf.square(z0_hat - clean))
 
         prior = self.denoiser(tf.zeros_like(clean), tf.fill(tf.shape(steps), self.diffusion_steps),
                               condition, condition_mask)
-        use_prior = tf.random.uniform(tf.shape(steps)) < self.prior_drift_rate
+        use_prior = draws.uniform(tf.shape(steps)) < self.prior_drift_rate
         drift = self._sg(tf.where(use_prior[:, tf.newaxis], prior, z0_hat))
         predicted = last + drift if self.diffuse == "drift" else drift
         users = self._user_vector(session, session_mask, predicted, long_history, history_mask, inputs,

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import encode_history, training_targets
+from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -138,7 +138,7 @@ class TwoTower(RetrievalModel):
         targets = tf.boolean_mask(next_items, is_target)
         if self.loss_name == "full_softmax":
             return self._full_softmax_loss(queries, targets)
-        return self._sampled_softmax_loss(queries, targets)
+        return self._sampled_softmax_loss(queries, targets, LossDraws(training))
 
     def _full_softmax_loss(self, queries: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
         item_table = self.item_embeddings()[1:]
@@ -146,15 +146,15 @@ class TwoTower(RetrievalModel):
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets - 1, logits=logits)
         return tf.reduce_mean(losses)
 
-    def _sampled_softmax_loss(self, queries: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+    def _sampled_softmax_loss(self, queries: tf.Tensor, targets: tf.Tensor, draws: LossDraws) -> tf.Tensor:
         num_positions = tf.shape(targets)[0]
-        keep = tf.random.shuffle(tf.range(num_positions))[: self.max_loss_positions]
+        keep = draws.shuffle(tf.range(num_positions))[: self.max_loss_positions]
         queries = tf.gather(queries, keep)
         targets = tf.gather(targets, keep)
         kept = tf.cast(tf.shape(targets)[0], tf.float32)
         candidate_ids = targets
         if self.num_sampled_negatives:
-            extra = tf.random.uniform(
+            extra = draws.uniform(
                 [self.num_sampled_negatives], minval=1, maxval=self.num_items + 1, dtype=targets.dtype
             )
             candidate_ids = tf.concat([targets, extra], axis=0)
