@@ -55,6 +55,14 @@ def test_quick_run_writes_report_with_every_model_and_plot(tmp_path):
     assert result["complete"] and not result["failures"] and not any(row["reused"] for row in result["rows"])
     assert all(row["train_sequences_per_second"] > 0 for row in result["rows"])
     assert result["command"].startswith("xmatch bench --suite")  # this call's arguments, not pytest's
+    # The settings that made the numbers: the suite as run and each training's resolved config.
+    assert result["settings"]["epochs"] == 1 and result["settings"]["patience"] == suite["quick"]["patience"]
+    assert result["settings"]["models"]["sparc"]["overrides"] == suite["models"]["sparc"]["overrides"]
+    sparc = result["configs"]["synthetic/sparc/seed0"]
+    assert sparc["model"]["options"]["num_levels"] == 2 and sparc["train"]["epochs"] == 1
+    assert sparc["train"]["max_train_seconds"] == 3.0 and sparc["data"]["dataset"] == "synthetic"
+    assert "- sparc overrides: `model.options.num_codewords=8 model.options.num_levels=2`" in report
+    assert "at most 1 epochs, early-stopping patience 3" in report
 
 
 def _tiny_suite(tmp_path, models: dict) -> pathlib.Path:
@@ -70,7 +78,8 @@ def _tiny_suite(tmp_path, models: dict) -> pathlib.Path:
 
 def test_a_failing_model_is_reported_and_a_resumed_run_says_what_it_reused(tmp_path, capsys):
     mean = {"config": str((SUITE.parent / "../configs/ml1m_mean.yaml").resolve()), "paths": [{"kind": "brute_force"}]}
-    broken = {"config": str(tmp_path / "missing.yaml"), "paths": [{"kind": "brute_force"}]}
+    # A config that loads but whose model cannot be built: it fails in the run, not when the suite loads.
+    broken = {**mean, "overrides": ["model.user_tower=nope"]}
     suite = _tiny_suite(tmp_path, {"two_tower_mean": mean, "broken": broken})
     arguments = ["--suite", str(suite), "--quick", "--runs-dir", str(tmp_path / "runs"), "--output-dir",
                  str(tmp_path / "out")]
@@ -123,9 +132,22 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_with_ratios_to_the_baseli
     (lambda s: s["models"]["sparcode"]["paths"][0].update(cache_fration=0.1),
      "has unknown key(s) ['cache_fration']; a sparse_code path takes ['cache_fraction']"),
     (lambda s: s["models"]["sparc"]["paths"].append({"kind": "soft"}), "whose kind is not one of"),
+    # Settings the configs own but every model must share: a different split, masking or
+    # selection metric would rank one model on other terms than the rest.
+    (lambda s: s["models"]["sparc"].update(overrides=["data.side_info=true"]),
+     "must share data.side_info, but the configs (with their overrides) give sparc True, sparcode False"),
+    (lambda s: s["models"]["t2diff"].update(overrides=["eval.mask_history=false"]),
+     "t2diff False"),
+    (lambda s: s["models"]["sparcode"].update(overrides=["train.validation_every=2"]),
+     "sparcode 2"),
+    (lambda s: s["models"]["sparcode"].update(overrides=["data.split_options={min_length: 5}"]),
+     "sparcode {'min_length': 5}"),
+    (lambda s: s["models"]["sparc"].update(config="missing.yaml"), "model 'sparc':"),
 ])
 def test_suite_entries_are_checked(tmp_path, change, message):
     suite = yaml.safe_load(SUITE.read_text())
+    for model in suite["models"].values():
+        model["config"] = str((SUITE.parent / model["config"]).resolve())
     change(suite)
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))

@@ -106,6 +106,22 @@ def _ratio(entry: dict, key: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _settings(result: dict) -> list[str]:
+    """The suite's training settings and every override (``bench.json`` has each resolved config)."""
+    settings = result.get("settings")
+    if not settings:  # written before bench.json recorded them
+        return []
+    lines = [f"- training: at most {settings['epochs']} epochs, early-stopping patience {settings['patience']}; "
+             f"latency over {settings['latency_users']} users, one per call"]
+    for name in result["datasets"]:
+        if settings["datasets"][name].get("overrides"):
+            lines.append(f"- {name} overrides (every model): `{' '.join(settings['datasets'][name]['overrides'])}`")
+    for name, model in settings["models"].items():
+        if model.get("overrides"):
+            lines.append(f"- {name} overrides: `{' '.join(model['overrides'])}`")
+    return lines
+
+
 def _provenance(result: dict) -> list[str]:
     """Where the numbers come from: source revision, reused trainings, skipped datasets."""
     source = result.get("source") or {}
@@ -141,6 +157,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
         *_provenance(result),
         f"- datasets: {', '.join(result['datasets'])}; seeds {result['seeds']} (± is the sample std over "
         f"seeds); training budget per model in minutes {budgets} (fit time; validation passes not counted)",
+        *_settings(result),
         "- protocol: leave-one-out, full ranking over all items with the history removed, model selection on "
         "validation, test reported; every number goes through the model's serving path (what its export "
         "answers: top-100 from its index, the user's whole history excluded; items not returned rank last).",

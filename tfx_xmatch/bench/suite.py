@@ -37,6 +37,10 @@ DATASET_KEYS = {"budget_minutes", "overrides"}
 MODEL_KEYS = {"config", "paths", "overrides"}
 PROTOCOL_KEYS = {"data.dataset", "data.data_dir", "data.split", "train.epochs", "train.early_stopping_patience",
                  "train.max_train_seconds", "train.seed", "train.monitor"}
+# Settings the suite leaves to the configs but that every model must share, or the models would
+# be ranked on different data, selected differently or scored with the history in one and not
+# the other: every ``data`` key the suite does not set, plus these.
+SHARED_CONFIG_KEYS = (("eval", "mask_history"), ("train", "monitor"), ("train", "validation_every"))
 # Ratios to the baseline shown beside the absolute figures (a baseline under ``floor`` makes a
 # ratio meaningless: a brute-force index "builds" in about a millisecond).
 RATIO_KEYS = {"train_sequences_per_second": 0.0, "latency_ms_p50": 0.0, "latency_ms_p99": 0.0,
@@ -107,7 +111,32 @@ def load_suite(path: str | pathlib.Path, quick: bool = False, overrides: Optiona
     for name, model in spec["models"].items():
         for variant in [*model["paths"], *(spec["sweeps"] or {}).get(name, [])]:
             _check_path(path, name, variant)
+    _check_shared_settings(path, spec["models"])
     return Suite(**spec, source=str(path))
+
+
+def _shared_settings(config) -> dict:
+    settings = config.to_dict()
+    shared = {f"data.{key}": value for key, value in settings["data"].items()
+              if f"data.{key}" not in PROTOCOL_KEYS}
+    shared.update({f"{section}.{key}": settings[section][key] for section, key in SHARED_CONFIG_KEYS})
+    return shared
+
+
+def _check_shared_settings(path: pathlib.Path, models: dict) -> None:
+    """Every model's config (with its overrides) must agree on the protocol the suite leaves to them."""
+    settings = {}
+    for name, model in models.items():
+        try:
+            settings[name] = _shared_settings(load_config(model["config"], model.get("overrides", [])))
+        except (ConfigError, OSError) as error:
+            raise ConfigError(f"{path}: model {name!r}: {error}") from error
+    for key in next(iter(settings.values()), {}):
+        values = {name: shared[key] for name, shared in settings.items()}
+        if len({repr(value) for value in values.values()}) > 1:
+            given = ", ".join(f"{name} {value!r}" for name, value in values.items())
+            raise ConfigError(f"{path}: every model of a suite must share {key}, but the configs (with their "
+                              f"overrides) give {given}; set it per dataset instead")
 
 
 def _check_path(path: pathlib.Path, model: str, variant: dict) -> None:
@@ -152,6 +181,14 @@ def _config(suite: Suite, dataset: str, model: dict, seed: int, data_dir: pathli
                  f"train.seed={seed}", "train.verbose=2",
                  *settings.get("overrides", []), *model.get("overrides", [])]
     return load_config(model["config"], overrides)
+
+
+def suite_settings(suite: Suite) -> dict:
+    """The suite as run: epoch cap, patience, budgets and overrides per dataset, each model's
+    config file and overrides, serving paths, sweeps and index-latency settings."""
+    settings = dataclasses.asdict(suite)
+    settings.pop("source")
+    return settings
 
 
 def _quality(metrics: dict) -> dict:
@@ -216,7 +253,7 @@ def run_suite(suite: Suite, data_dir: str | pathlib.Path, runs_dir: str | pathli
         raise ConfigError(f"none of the suite's datasets {list(suite.datasets)} is under {str(data_dir)!r}")
     result = {"datasets": datasets, "skipped_datasets": [name for name in suite.datasets if name not in datasets],
               "seeds": list(suite.seeds), "latency_users": suite.latency_users, "rows": [], "sweeps": [],
-              "failures": [], "index_latency": []}
+              "failures": [], "index_latency": [], "settings": suite_settings(suite), "configs": {}}
 
     def progress():
         result["summary"] = summarize(result["rows"])
@@ -248,6 +285,7 @@ def _measure_model(suite: Suite, result: dict, dataset: str, name: str, model_sp
                    budget: float, data_dir: pathlib.Path, runs_dir: pathlib.Path, splits: dict, first: bool,
                    log) -> None:
     config = _config(suite, dataset, model_spec, seed, data_dir)
+    result["configs"][f"{dataset}/{name}/seed{seed}"] = config.to_dict()  # what was trained, resolved
     data_key = repr(config.to_dict()["data"])
     split = splits[data_key] = splits.get(data_key) or training.prepare_split(config)
     run_dir = runs_dir / _run_name(dataset, name, seed, budget, config)
