@@ -28,9 +28,10 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
 from tfx_xmatch.io_utils import copy_directory
-from tfx_xmatch.index import SoftSearchIndex, make_index
 
 SCANN_NAMESPACE = "Scann"
 
@@ -42,7 +43,8 @@ class RetrievalServingModule(tf.Module):
       model: A model with ``user_embedding(inputs)``, ``item_embeddings()`` and ``max_length``.
       index: A ``RetrievalIndex`` filled with item embeddings under item indices 1..N.
       item_vocab: Maps raw item ids to the model's item indices.
-      padding_id: The raw id that marks an empty history slot (0 or "" by default).
+      padding_id: The raw id that marks an empty history slot (``build_serving_module`` picks
+        0 or "" by the vocabulary's id type).
       exclude_history: Whether items already in the history are removed from the results.
       default_k: How many items ``serving_default`` returns.
       jit_compile: Compile the user side (user vector, or SPARC's interest vectors) with XLA.
@@ -160,6 +162,15 @@ class RetrievalServingModule(tf.Module):
         }
 
 
+def _check_model_serves(model, kind: Optional[str], what: str) -> None:
+    if kind == "sparse_code" and not hasattr(model, "build_index"):
+        raise ValueError(f"{what} needs a SparCode model (code-score columns), got "
+                         f"{type(model).__name__}; use brute_force, partitioned or scann")
+    if kind == "soft_search" and not hasattr(model, "interest_vectors"):
+        raise ValueError(f"{what} needs a multi-interest model (SPARC), got "
+                         f"{type(model).__name__}; use brute_force, partitioned or scann")
+
+
 def build_serving_module(
     model,
     item_vocab: Vocabulary,
@@ -197,21 +208,29 @@ def build_serving_module(
         The default export needs no XLA.
 
     Raises:
-      ValueError: A bad k, an unknown index kind, a padding id that is also a real item id, or
-        a given ``index`` whose ``k_max`` differs from ``k_max``.
+      ValueError: A bad k, an unknown index kind, an index kind (or a given ``index``) the model
+        cannot serve, a vocabulary of another size than the model's, an unquantized SparCode, a
+        padding id that is also a real item id, or a given ``index`` that is empty or whose
+        ``k_max`` differs from ``k_max``.
     """
+    k_max = arguments.integer("k_max", k_max, 1)
     if item_vocab.num_items != model.num_items:
         raise ValueError(f"the vocabulary has {item_vocab.num_items} items but the model was built for "
                          f"{model.num_items}")
     if not getattr(model, "quantize", True):
         raise ValueError("an unquantized SparCode (quantize=False) scores every item with its interaction "
                          "network and cannot be served from an index; export a quantized SparCode")
-    if index_kind == "sparse_code" and not hasattr(model, "build_index"):
-        raise ValueError(f"index_kind 'sparse_code' needs a SparCode model (code-score columns), got "
-                         f"{type(model).__name__}; use brute_force, partitioned or scann")
-    if index_kind == "soft_search" and not hasattr(model, "interest_vectors"):
-        raise ValueError(f"index_kind 'soft_search' needs a multi-interest model (SPARC), got "
-                         f"{type(model).__name__}; use brute_force, partitioned or scann")
+    if index is not None:
+        # A given index is checked as its kind would be, and now: a misfit would otherwise
+        # fail only at the first request, inside a traced function.
+        given_kind = ("soft_search" if isinstance(index, SoftSearchIndex)
+                      else "sparse_code" if isinstance(index, SparseCodeIndex) else None)
+        _check_model_serves(model, given_kind, f"the given {type(index).__name__}")
+        if index.identifiers is None:
+            raise ValueError(f"the given {type(index).__name__} is empty: call its index() (or "
+                             "index_from_dataset()) with the item embeddings first, or pass index_kind instead")
+    else:
+        _check_model_serves(model, index_kind, f"index_kind {index_kind!r}")
     default_k = k_max if default_k is None else int(default_k)
     if not 1 <= default_k <= k_max:
         raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k!r}")
@@ -272,6 +291,7 @@ def export_retrieval_model(
 
     Raises:
       FileExistsError: ``version`` already exists (versions are immutable once served).
+      ValueError: ``version`` below 1, or what ``build_serving_module`` refuses.
     """
     base = str(export_base_path)
     tf.io.gfile.makedirs(base)

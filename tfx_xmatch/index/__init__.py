@@ -50,7 +50,7 @@ def make_index(kind: str, **kwargs) -> RetrievalIndex:
       ValueError: If ``kind`` is not registered.
 
     Example:
-      >>> make_index("brute_force", k_max=10).index(tf.random.normal([50, 8]))
+      >>> index = make_index("brute_force", k_max=10).index(tf.random.normal([50, 8]))
     """
     if kind not in INDEX_KINDS:
         raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(INDEX_KINDS)}")

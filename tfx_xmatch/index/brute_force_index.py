@@ -9,6 +9,7 @@ import tensorflow as tf
 from tfx_xmatch.index.retrieval_index import RetrievalIndex
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class BruteForceIndex(RetrievalIndex):
     """Exact dot-product top-k: one [B, N] score matrix per query batch.
 

@@ -19,12 +19,15 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
+
 from tfx_xmatch.index.partitioning import assign, int8_codes, kmeans, soar_assignment, split_partitions
 from tfx_xmatch.index.retrieval_index import RetrievalIndex
 
 SCORING_DTYPES = ("float32", "bfloat16", "int8")
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class PartitionedIndex(RetrievalIndex):
     """Approximate dot-product top-k over k-means partitions; exact inside probed partitions.
 
@@ -151,7 +154,7 @@ class PartitionedIndex(RetrievalIndex):
         self.num_partitions = int(num_partitions)
         self.num_probes = int(num_probes)
         self.kmeans_iterations = int(kmeans_iterations)
-        self.seed = int(seed)
+        self.seed = arguments.integer("seed", seed, 0)
         self.spherical = bool(spherical)
         self.training_sample_size = (
             None if training_sample_size is None else int(training_sample_size)

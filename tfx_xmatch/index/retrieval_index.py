@@ -20,11 +20,12 @@ new values to the same variables, so functions traced before still answer from t
 from __future__ import annotations
 
 import abc
-import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
+
+from tfx_xmatch.arguments import is_integer
 
 TensorLike = Union[tf.Tensor, np.ndarray, Sequence]
 Identifier = Union[int, str]
@@ -68,12 +69,12 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not _is_python_int(k_max) or k_max < 1:
+        if not is_integer(k_max) or k_max < 1:
             raise ValueError(f"k_max must be an integer >= 1, got {k_max!r}")
         self.k_max = int(k_max)
         if k is None:
             k = self.k_max
-        if not _is_python_int(k) or not 1 <= k <= self.k_max:
+        if not is_integer(k) or not 1 <= k <= self.k_max:
             raise ValueError(f"k must be an integer in [1, k_max={self.k_max}], got {k!r}")
         self.k = int(k)
         self.padding_identifier = _plain_identifier(padding_identifier, "padding_identifier")
@@ -125,9 +126,16 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
           self.
 
         Raises:
-          ValueError: If the elements are neither tensors nor 2-tuples, or the dataset is empty.
+          ValueError: If the elements are neither tensors nor 2-tuples, the dataset is empty, or
+            it is not batched (its embeddings are not [n, d]).
         """
         is_pair = self._dataset_is_pair(dataset)
+        embedding_spec = dataset.element_spec[1] if is_pair else dataset.element_spec
+        if embedding_spec.shape.rank != 2:
+            # Concatenating unbatched [d] rows would flatten the catalogue into one vector.
+            raise ValueError(f"the candidate dataset must yield batches of [n, d] embeddings"
+                             f"{' with [n] identifiers' if is_pair else ''}, got elements of shape "
+                             f"{embedding_spec.shape}; call .batch(...) on it first")
         batches = list(dataset)
         if not batches:
             raise ValueError("the candidate dataset is empty")
@@ -367,7 +375,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         """Validates k; returns (its Python value if static, else None; k as int32 scalar)."""
         if k is None:
             k = self.k
-        if _is_python_int(k):
+        if is_integer(k):
             self._raise_if_bad_k(int(k))
             return int(k), tf.constant(int(k), tf.int32)
         k = tf.convert_to_tensor(k)
@@ -429,7 +437,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             return value
         if value is None:
             return _DEFAULT_INT_PADDING
-        if not _is_python_int(value):
+        if not is_integer(value):
             raise TypeError(f"{name} must be an integer for integer identifiers, got {value!r}")
         return int(value)
 
@@ -444,11 +452,6 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         return config
 
 
-def _is_python_int(value) -> bool:
-    """True for Python / NumPy integers (bool excluded), False for tensors and the rest."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _plain_identifier(value, name: str) -> Optional[Identifier]:
     """Normalises a configured identifier to None, int or str (bytes decoded) for get_config."""
     if value is None:
@@ -457,6 +460,6 @@ def _plain_identifier(value, name: str) -> Optional[Identifier]:
         return value.decode("utf-8")
     if isinstance(value, str):
         return value
-    if _is_python_int(value):
+    if is_integer(value):
         return int(value)
     raise TypeError(f"{name} must be an integer or a string, got {value!r}")

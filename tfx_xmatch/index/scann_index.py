@@ -21,6 +21,7 @@ from tfx_xmatch.index.retrieval_index import RetrievalIndex
 _MIN_CANDIDATES = 16
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class ScaNNIndex(RetrievalIndex):
     """Approximate dot-product top-k with ScaNN (tree partitioning + asymmetric hashing).
 

@@ -7,9 +7,12 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
+
 from tfx_xmatch.index.retrieval_index import RetrievalIndex
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class SoftSearchIndex(RetrievalIndex):
     """Searches a base index once per interest vector and merges the lists into one top-k.
 
@@ -38,12 +41,12 @@ class SoftSearchIndex(RetrievalIndex):
         see ``RetrievalIndex``.
 
     Raises:
-      ValueError: ``base`` is not a ``RetrievalIndex``, its ``k_max`` is below ``k_max``, or
-        ``num_interests`` < 1.
+      ValueError: ``base`` is not a ``RetrievalIndex``, its ``k_max`` is below ``k_max``,
+        ``num_interests`` is not an integer >= 1, or ``temperature`` is not positive.
 
     Example:
       >>> index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=4, k_max=10)
-      >>> index.index(tf.random.normal([100, 8]))
+      >>> index = index.index(tf.random.normal([100, 8]))
       >>> scores, ids = index(tf.random.normal([2, 4, 8]), k=5, log_weights=tf.math.log([[.4, .3, .2, .1]] * 2))
     """
 
@@ -53,9 +56,7 @@ class SoftSearchIndex(RetrievalIndex):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         self.temperature = float(temperature)
-        if isinstance(num_interests, bool) or not isinstance(num_interests, int) or num_interests < 1:
-            raise ValueError(f"num_interests must be an integer >= 1, got {num_interests!r}")
-        self.num_interests = num_interests
+        self.num_interests = arguments.integer("num_interests", num_interests, 1)
         if not isinstance(base, RetrievalIndex):
             raise ValueError(f"base must be a RetrievalIndex, got {type(base).__name__}")
         if base.k_max < self.k_max:
@@ -120,10 +121,14 @@ class SoftSearchIndex(RetrievalIndex):
         Raises:
           ValueError: If not indexed, or queries are not [B, K, d] with the candidates' d, or
             ``log_weights`` is not [B, K].
+          TypeError: If the queries are not floats.
         """
         if self.identifiers is None:
             raise ValueError("SoftSearchIndex.index() must be called before querying it")
-        queries = tf.cast(tf.convert_to_tensor(queries), tf.float32)
+        queries = tf.convert_to_tensor(queries)
+        if not queries.dtype.is_floating:
+            raise TypeError(f"queries must be a float tensor, got dtype {queries.dtype.name}")
+        queries = tf.cast(queries, tf.float32)
         if queries.shape.rank != 3:
             raise ValueError(f"queries must be [B, K, d] interest vectors, got shape {queries.shape}")
         num_interests, width = self.num_interests, queries.shape[2]

@@ -29,12 +29,14 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.index.retrieval_index import RetrievalIndex, TensorLike, _is_python_int
+from tfx_xmatch.arguments import is_integer
+from tfx_xmatch.index.retrieval_index import RetrievalIndex, TensorLike
 
 # Query row and item share one int64 key (row * 2^32 + item); items are int32 positions.
 _KEY_BASE = 2**32
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class SparseCodeIndex(RetrievalIndex):
     """Top-k over a sparse inverted index of code-item scores, under a cache budget.
 
@@ -81,7 +83,7 @@ class SparseCodeIndex(RetrievalIndex):
     ):
         super().__init__(k_max=k_max, **kwargs)
         if max_items_per_code is not None and (
-            not _is_python_int(max_items_per_code) or max_items_per_code < 1
+            not is_integer(max_items_per_code) or max_items_per_code < 1
         ):
             raise ValueError(
                 f"max_items_per_code must be an integer >= 1 or None, got {max_items_per_code!r}"
@@ -92,7 +94,7 @@ class SparseCodeIndex(RetrievalIndex):
             or not 0 < cache_fraction <= 1
         ):
             raise ValueError(f"cache_fraction must be in (0, 1] or None, got {cache_fraction!r}")
-        if not _is_python_int(build_batch_size) or build_batch_size < 1:
+        if not is_integer(build_batch_size) or build_batch_size < 1:
             raise ValueError(f"build_batch_size must be an integer >= 1, got {build_batch_size!r}")
         self.max_items_per_code = None if max_items_per_code is None else int(max_items_per_code)
         self.cache_fraction = None if cache_fraction is None else float(cache_fraction)
@@ -138,7 +140,7 @@ class SparseCodeIndex(RetrievalIndex):
         self._require_eager("index_from_dataset()")
         is_pair = self._dataset_is_pair(dataset)
         if num_candidates is not None and (
-            not _is_python_int(num_candidates) or num_candidates < 1
+            not is_integer(num_candidates) or num_candidates < 1
         ):
             raise ValueError(
                 f"num_candidates must be an integer >= 1 or None, got {num_candidates!r}"

@@ -7,6 +7,7 @@ from typing import Sequence
 import tensorflow as tf
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class AllToAllInteraction(tf.keras.layers.Layer):
     """Scores (query token, item) pairs from the token and all of the item's tokens.
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 
+
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class CausalTransformerBlock(tf.keras.layers.Layer):
     """Pre-norm transformer block where position t attends only to positions ≤ t.
 
@@ -33,7 +36,7 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.num_heads = int(num_heads)
-        self.ffn_units = None if ffn_units is None else int(ffn_units)
+        self.ffn_units = None if ffn_units is None else arguments.integer("ffn_units", ffn_units, 1)
         self.dropout = float(dropout)
 
     def build(self, input_shape):

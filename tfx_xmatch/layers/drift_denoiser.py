@@ -17,6 +17,7 @@ def sinusoidal_embedding(steps: tf.Tensor, width: int) -> tf.Tensor:
     return tf.concat([tf.sin(angles), tf.cos(angles)], axis=-1)
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class DriftDenoiser(tf.keras.layers.Layer):
     """The diffusion approximator of T2Diff: (z_s, s, session) -> z_0.
 

@@ -7,7 +7,10 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 
+
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class ItemTower(tf.keras.layers.Layer):
     """Embeds item indices from an id table and optional per-item feature tables.
 
@@ -48,13 +51,18 @@ class ItemTower(tf.keras.layers.Layer):
             raise ValueError(f"embedding_dim must be at least 1, got {embedding_dim!r}")
         self.num_items = int(num_items)
         self.embedding_dim = int(embedding_dim)
-        self.feature_dims = {str(k): int(v) for k, v in (feature_dims or {}).items()}
-        self.hidden_units = tuple(int(u) for u in hidden_units)
-        self.l2 = float(l2)
+        self.feature_dims = {str(k): arguments.integer(f"feature_dims[{k!r}]", v, 1)
+                             for k, v in (feature_dims or {}).items()}
+        self.hidden_units = arguments.widths("hidden_units", hidden_units)
+        # A negative weight would reward large embeddings through the regularization loss.
+        self.l2 = arguments.real("l2", l2, 0.0)
         self._initial_tables = dict(feature_tables or {})
         for name, table in self._initial_tables.items():
-            expected = (self.num_items + 1, self.feature_dims.get(name))
-            if name not in self.feature_dims or tuple(np.shape(table)) != expected:
+            if name not in self.feature_dims:
+                raise ValueError(f"item feature table {name!r} has no width in feature_dims={self.feature_dims}; "
+                                 f"add {name!r} to feature_dims")
+            expected = (self.num_items + 1, self.feature_dims[name])
+            if tuple(np.shape(table)) != expected:
                 raise ValueError(
                     f"item feature table {name!r} has shape {np.shape(table)}, expected "
                     f"{expected} from num_items={self.num_items} and feature_dims={self.feature_dims}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class MeanPoolingEncoder(tf.keras.layers.Layer):
     """Position t is a projection of the mean embedding of items 0..t (padding excluded).
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 from tfx_xmatch.layers.target_attention import TargetAttention
 
 POOLINGS = ("mean", "predicted")
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class MixedAttention(tf.keras.layers.Layer):
     """Self-attention over [session ; predicted next item], then target attention over the history.
 
@@ -25,7 +27,8 @@ class MixedAttention(tf.keras.layers.Layer):
       num_heads: Attention heads of both attentions (int, default 1).
       num_blocks: Self-attention blocks over the session (int, default 1).
       dropout: Dropout rate (float in [0, 1), default 0.1).
-      max_session_length: Rows of the session position table (int, default 10).
+      max_session_length: The longest session S the layer takes (int, default 10); the position
+        table has a row for each session position and one for x_hat.
       pooling: How the mixed sequence becomes the session vector: "mean" or "predicted"
         (str, default "mean").
 
@@ -41,7 +44,8 @@ class MixedAttention(tf.keras.layers.Layer):
       float [B, d] user vectors.
 
     Raises:
-      ValueError: on invalid hyperparameters.
+      ValueError: On invalid hyperparameters (named, with the value), or at call time on a
+        session longer than ``max_session_length``.
 
     Example:
       >>> layer = MixedAttention()
@@ -56,18 +60,10 @@ class MixedAttention(tf.keras.layers.Layer):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks!r}")
-        self.num_blocks = int(num_blocks)
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if max_session_length < 1:
-            raise ValueError(f"max_session_length must be >= 1, got {max_session_length!r}")
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
-        self.max_session_length = int(max_session_length)
+        self.num_blocks = arguments.integer("num_blocks", num_blocks, 1)
+        self.num_heads = arguments.integer("num_heads", num_heads, 1)
+        self.dropout = arguments.real("dropout", dropout, 0.0, 1.0, high_open=True)
+        self.max_session_length = arguments.integer("max_session_length", max_session_length, 1)
 
     def build(self, session_shape):
         width = int(session_shape[-1])
@@ -93,6 +89,15 @@ class MixedAttention(tf.keras.layers.Layer):
     def call(self, session, session_mask, predicted, history, history_mask, training: bool = False) -> tf.Tensor:
         sequence = tf.concat([session, predicted[:, tf.newaxis, :]], axis=1)
         mask = tf.concat([tf.convert_to_tensor(session_mask), tf.ones_like(session_mask[:, :1])], axis=1)
+        # A longer session would slice the table from a negative start: one row broadcast to
+        # every position, or a shape error that does not say why.
+        static_length = session.shape[1]
+        if static_length is not None and static_length > self.max_session_length:
+            raise ValueError(f"sessions are {static_length} items long, more than max_session_length="
+                             f"{self.max_session_length}; keep the most recent {self.max_session_length} items")
+        if static_length is None:
+            tf.debugging.assert_less_equal(tf.shape(session)[1], self.max_session_length,
+                                           message=f"sessions are longer than max_session_length={self.max_session_length}")
         length = tf.shape(sequence)[1]
         sequence += self.positions[self.max_session_length + 1 - length:][tf.newaxis]
         pair_mask = tf.logical_and(mask[:, :, tf.newaxis], mask[:, tf.newaxis, :])

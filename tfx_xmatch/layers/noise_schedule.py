@@ -8,6 +8,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
+
 SCHEDULES = ("exponential", "linear", "cosine")
 
 
@@ -24,8 +26,7 @@ def make_betas(kind: str, num_steps: int) -> np.ndarray:
     """
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    num_steps = arguments.integer("num_steps", num_steps, 1)
     steps = np.arange(1, num_steps + 1, dtype=np.float64)
     if kind == "exponential":
         betas = 0.01 * np.exp(4.5 * steps / num_steps)
@@ -60,6 +61,10 @@ class NoiseSchedule(tf.Module):
     Args:
       kind: "exponential", "linear" or "cosine" (default "exponential").
       num_steps: T (int >= 1, default 50).
+      name: Name of the ``tf.Module`` (str, default the class name).
+
+    Raises:
+      ValueError: Unknown ``kind``, or ``num_steps`` not an integer >= 1.
 
     Example:
       >>> schedule = NoiseSchedule("exponential", 50)
@@ -70,7 +75,7 @@ class NoiseSchedule(tf.Module):
         super().__init__(name=name)
         betas = make_betas(kind, num_steps)
         self.kind = kind
-        self.num_steps = num_steps
+        self.num_steps = int(num_steps)
         alphas = 1.0 - betas
         alpha_bars = np.cumprod(alphas)
         previous = np.concatenate([[1.0], alpha_bars[:-1]])

@@ -6,7 +6,10 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 
+
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class ResidualQuantizer(tf.keras.layers.Layer):
     """Encoder -> L levels of residual vector quantization -> decoder (Lee et al., 2022; SPARC).
 
@@ -91,7 +94,7 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         self.num_levels = int(num_levels)
         self.num_codewords = int(num_codewords)
         self.latent_dim = None if latent_dim is None else int(latent_dim)
-        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.hidden_units = arguments.widths("hidden_units", hidden_units)
         self.commitment_weight = float(commitment_weight)
         self.reconstruction_weight = float(reconstruction_weight)
         self.usage_decay = float(usage_decay)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
+
 from tfx_xmatch.layers.causal_transformer_block import CausalTransformerBlock
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class SASRecEncoder(tf.keras.layers.Layer):
     """Encodes every prefix of a left-padded history (Kang & McAuley, 2018).
 
@@ -36,8 +39,8 @@ class SASRecEncoder(tf.keras.layers.Layer):
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks!r}")
         self.max_length = int(max_length)
         self.num_blocks = int(num_blocks)
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
+        self.num_heads = arguments.integer("num_heads", num_heads, 1)
+        self.dropout = arguments.real("dropout", dropout, 0.0, 1.0, high_open=True)
 
     def build(self, input_shape):
         width = int(input_shape[-1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class TargetAttention(tf.keras.layers.Layer):
     """Multi-head attention of target queries over history states (DIN-style, as in SPARC).
 

@@ -7,6 +7,7 @@ from typing import Optional
 import tensorflow as tf
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class VectorQuantizer(tf.keras.layers.Layer):
     """Maps vectors to their nearest codewords, with codebooks learnt by exponential moving average.
 

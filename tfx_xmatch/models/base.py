@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfx_xmatch import arguments
 from tfx_xmatch.models.history_encoding import target_frequencies
 
 
@@ -67,22 +68,31 @@ class RetrievalModel(tfrs.models.Model):
     def _set_shared_hyperparameters(self, *, num_items, embedding_dim, user_tower, max_length, num_blocks, num_heads,
                                     dropout, loss, temperature, num_sampled_negatives, max_loss_positions,
                                     item_feature_dims, user_feature_cardinalities, item_hidden_units, l2) -> None:
-        """Stores the shared hyperparameters as plain Python values (what ``get_config`` returns)."""
-        self.num_items = int(num_items)
-        self.embedding_dim = int(embedding_dim)
+        """Checks the shared hyperparameters and stores them as plain Python values (what
+        ``get_config`` returns).
+
+        Raises:
+          ValueError: Naming the first invalid one, with its value. Checked here, under the
+            model's own argument names, before any sublayer sees them.
+        """
+        self.num_items = arguments.integer("num_items", num_items, 1)
+        self.embedding_dim = arguments.integer("embedding_dim", embedding_dim, 1)
         self.user_tower = user_tower
-        self.max_length = int(max_length)
-        self.num_blocks = int(num_blocks)
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
+        self.max_length = arguments.integer("max_length", max_length, 1)
+        self.num_blocks = arguments.integer("num_blocks", num_blocks, 1)
+        self.num_heads = arguments.integer("num_heads", num_heads, 1)
+        self.dropout = arguments.real("dropout", dropout, 0.0, 1.0, high_open=True)
         self.loss_name = loss
-        self.temperature = float(temperature)
-        self.num_sampled_negatives = int(num_sampled_negatives)
-        self.max_loss_positions = int(max_loss_positions)
-        self.item_feature_dims = {str(k): int(v) for k, v in (item_feature_dims or {}).items()}
-        self.user_feature_cardinalities = {str(k): int(v) for k, v in (user_feature_cardinalities or {}).items()}
-        self.item_hidden_units = tuple(int(u) for u in item_hidden_units)
-        self.l2 = float(l2)
+        # Zero divides the logits (NaN loss); a negative one silently ranks the worst items first.
+        self.temperature = arguments.real("temperature", temperature, 0.0, low_open=True)
+        self.num_sampled_negatives = arguments.integer("num_sampled_negatives", num_sampled_negatives, 0)
+        self.max_loss_positions = arguments.integer("max_loss_positions", max_loss_positions, 1)
+        self.item_feature_dims = {str(k): arguments.integer(f"item_feature_dims[{k!r}]", v, 1)
+                                  for k, v in (item_feature_dims or {}).items()}
+        self.user_feature_cardinalities = {str(k): arguments.integer(f"user_feature_cardinalities[{k!r}]", v, 1)
+                                           for k, v in (user_feature_cardinalities or {}).items()}
+        self.item_hidden_units = arguments.widths("item_hidden_units", item_hidden_units)
+        self.l2 = arguments.real("l2", l2, 0.0)
 
     def _build_shared_layers(self, item_feature_tables, sequence_encoder: bool = True) -> None:
         """Creates ``item_tower``, ``encoder`` (``sasrec`` or ``mean``, when ``sequence_encoder``),
@@ -113,6 +123,7 @@ class RetrievalModel(tfrs.models.Model):
     def _shared_config(self) -> dict:
         # ``loss`` is stored as ``loss_name``: Keras models own a ``loss`` attribute.
         config = {name: getattr(self, "loss_name" if name == "loss" else name) for name in self.SHARED_CONFIG}
+        config["name"] = self.name
         config["item_feature_dims"] = dict(self.item_feature_dims)
         config["user_feature_cardinalities"] = dict(self.user_feature_cardinalities)
         config["item_hidden_units"] = list(self.item_hidden_units)

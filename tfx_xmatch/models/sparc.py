@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 from tfx_xmatch.layers import ResidualQuantizer, TargetAttention
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import (
@@ -62,6 +63,7 @@ def codeword_shuffle_bpr(true_scores: tf.Tensor, shuffled_scores: tf.Tensor) -> 
     return tf.reduce_mean(tf.nn.softplus(shuffled_scores - true_scores))
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class SPARC(RetrievalModel):
     """Soft probabilistic multi-interest retrieval via codebooks (SPARC, arXiv 2508.09090).
 
@@ -193,11 +195,13 @@ class SPARC(RetrievalModel):
             item_feature_dims=item_feature_dims, user_feature_cardinalities=user_feature_cardinalities,
             item_hidden_units=item_hidden_units, l2=l2,
         )
-        self.num_levels = int(num_levels)
-        self.num_codewords = int(num_codewords)
-        self.rq_hidden_units = tuple(int(u) for u in rq_hidden_units)
-        self.commitment_weight = float(commitment_weight)
-        self.attention_heads = int(attention_heads)
+        # The sublayers check these too, but under their own argument names (num_heads,
+        # hidden_units, ...): checked here, the message names what the caller passed.
+        self.num_levels = arguments.integer("num_levels", num_levels, 1)
+        self.num_codewords = arguments.integer("num_codewords", num_codewords, 2)
+        self.rq_hidden_units = arguments.widths("rq_hidden_units", rq_hidden_units)
+        self.commitment_weight = arguments.real("commitment_weight", commitment_weight, 0.0)
+        self.attention_heads = arguments.integer("attention_heads", attention_heads, 1)
         self.codeword_query_rate = float(codeword_query_rate)
         self.predicted_query_rate = float(predicted_query_rate)
         self.serving_interests = int(serving_interests)

@@ -48,6 +48,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 from tfx_xmatch.layers import AllToAllInteraction, VectorQuantizer
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
@@ -82,6 +83,7 @@ def readable_history(history: tf.Tensor, where: tf.Tensor) -> tf.Tensor:
     return tf.logical_and(history > 0, upto)
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class SparCode(RetrievalModel):
     """SparCode retrieval model over item histories.
 
@@ -181,18 +183,12 @@ class SparCode(RetrievalModel):
             raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
         if num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {num_query_tokens!r}")
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
         if num_codebooks not in (1, num_query_tokens):
             raise ValueError(f"num_codebooks must be 1 or num_query_tokens={num_query_tokens}, got {num_codebooks!r}")
-        if max_loss_positions < 1:
-            raise ValueError(f"max_loss_positions must be >= 1, got {max_loss_positions!r}")
-        if num_sampled_negatives < 0:
-            raise ValueError(f"num_sampled_negatives must be >= 0, got {num_sampled_negatives!r}")
         for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak),
                             ("cached_loss_weight", cached_loss_weight)):
             if value < 0:
@@ -212,12 +208,14 @@ class SparCode(RetrievalModel):
         )
         self.num_query_tokens = int(num_query_tokens)
         self.tokenizer_kind = tokenizer
-        self.num_codewords = int(num_codewords)
+        # The sublayers check these too, but under their own argument names (decay,
+        # hidden_units, ...): checked here, the message names what the caller passed.
+        self.num_codewords = arguments.integer("num_codewords", num_codewords, 2)
         self.num_codebooks = int(num_codebooks)
         self.quantize = bool(quantize)
-        self.interaction_units = tuple(int(u) for u in interaction_units)
-        self.commitment_weight = float(commitment_weight)
-        self.codebook_decay = float(codebook_decay)
+        self.interaction_units = arguments.widths("interaction_units", interaction_units, allow_empty=False)
+        self.commitment_weight = arguments.real("commitment_weight", commitment_weight, 0.0)
+        self.codebook_decay = arguments.real("codebook_decay", codebook_decay, 0.0, 1.0, low_open=True, high_open=True)
         self.sparsity_weight = float(sparsity_weight)
         self.assignment_temperature = float(assignment_temperature)
         self.relu_leak = float(relu_leak)

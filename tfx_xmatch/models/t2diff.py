@@ -49,6 +49,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 from tfx_xmatch.layers import DriftDenoiser, MixedAttention, NoiseSchedule, SASRecEncoder
 from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
@@ -62,6 +63,7 @@ SAMPLERS = ("ddim", "ddpm")
 BACKBONES = ("none", "sasrec")
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class T2Diff(RetrievalModel):
     """Diffusion-based cross-interaction in a two-tower model (T2Diff, arXiv 2502.20687).
 
@@ -169,8 +171,6 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if denoiser not in ("unet", "mlp"):
             raise ValueError(f"denoiser must be 'unet' or 'mlp', got {denoiser!r}")
-        if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim!r}")
         if not 0.0 <= prior_drift_rate <= 1.0:
             raise ValueError(f"prior_drift_rate must be in [0, 1], got {prior_drift_rate!r}")
         if diffuse not in ("drift", "raw"):
@@ -193,7 +193,7 @@ class T2Diff(RetrievalModel):
         if backbone_blocks < 1:
             raise ValueError(f"backbone_blocks must be >= 1, got {backbone_blocks!r}")
         for name, value in (("session_length", session_length), ("history_length", history_length),
-                            ("diffusion_steps", diffusion_steps), ("max_length", max_length)):
+                            ("diffusion_steps", diffusion_steps)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
         if not 1 <= sampling_steps <= diffusion_steps:
@@ -214,7 +214,9 @@ class T2Diff(RetrievalModel):
         self.diffusion_steps = int(diffusion_steps)
         self.schedule_kind = schedule
         self.denoiser_kind = denoiser
-        self.denoiser_units = tuple(int(u) for u in denoiser_units)
+        self.denoiser_units = arguments.widths("denoiser_units", denoiser_units, allow_empty=False)
+        if denoiser == "unet" and len(self.denoiser_units) != 2:
+            raise ValueError(f"denoiser='unet' has two levels: denoiser_units needs two widths, got {denoiser_units!r}")
         self.diffuse = diffuse
         self.stop_gradient = bool(stop_gradient)
         self.diffusion_weight = float(diffusion_weight)

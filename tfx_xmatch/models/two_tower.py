@@ -28,6 +28,7 @@ USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
 
 
+@tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class TwoTower(RetrievalModel):
     """Dot-product two-tower retrieval model over item histories.
 
@@ -88,12 +89,6 @@ class TwoTower(RetrievalModel):
             raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
-        if num_sampled_negatives < 0:
-            raise ValueError(f"num_sampled_negatives must be >= 0, got {num_sampled_negatives!r}")
-        if max_loss_positions < 1:
-            raise ValueError(f"max_loss_positions must be >= 1, got {max_loss_positions!r}")
         self._set_shared_hyperparameters(
             num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
             num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,

@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch import training
-from tfx_xmatch.index.retrieval_index import _is_python_int
+from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.index.sparse_code_index import SparseCodeIndex, cache_budget, entries_to_postings, prune_entries
 from tfx_xmatch.io_utils import atomic_path, write_json_atomic
 from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam
@@ -77,7 +77,7 @@ class _Plan:
 
 def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cache_fraction, batch_size) -> _Plan:
     for name, value in (("item_shards", item_shards), ("code_shards", code_shards), ("batch_size", batch_size)):
-        if not _is_python_int(value) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     SparseCodeIndex(max_items_per_code=max_items_per_code, cache_fraction=cache_fraction)  # checks the budget
     run_dir = pathlib.Path(run_dir)

@@ -1,0 +1,185 @@
+"""What every public layer, index and model promises a Keras / TFRS user, checked across all of
+them: bad arguments fail at construction naming the argument the caller passed (not an inner
+layer's), NumPy integers count as integers, every class deserializes without custom_objects,
+and misuse of an index or an export fails before the first request."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads Keras)
+from tfx_xmatch import arguments
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.export import build_serving_module
+from tfx_xmatch.index import BruteForceIndex, PartitionedIndex, ScaNNIndex, SoftSearchIndex, SparseCodeIndex
+from tfx_xmatch.layers import (AllToAllInteraction, CausalTransformerBlock, DriftDenoiser, ItemTower,
+                               MeanPoolingEncoder, MixedAttention, NoiseSchedule, ResidualQuantizer, SASRecEncoder,
+                               TargetAttention, VectorQuantizer)
+from tfx_xmatch.models import SPARC, SparCode, T2Diff, TwoTower
+
+MODELS = (TwoTower, SparCode, SPARC, T2Diff)
+
+
+def test_argument_checks_name_the_argument_and_take_numpy_integers():
+    assert arguments.integer("n", np.int64(3), 1) == 3 and type(arguments.integer("n", np.int32(3))) is int
+    assert arguments.real("r", np.float32(0.5), 0.0, 1.0) == 0.5
+    assert arguments.widths("units", [np.int64(4), 8]) == (4, 8)
+    for call, message in [
+        (lambda: arguments.integer("n", 2.7, 1), "n must be an integer >= 1, got 2.7"),
+        (lambda: arguments.integer("n", True, 0), "n must be an integer >= 0, got True"),
+        (lambda: arguments.integer("n", "3", 1), "n must be an integer >= 1, got '3'"),
+        (lambda: arguments.real("r", 1.0, 0.0, 1.0, high_open=True), r"r must be a number in [0.0, 1.0), got 1.0"),
+        (lambda: arguments.real("r", float("nan"), 0.0), "r must be a number in [0.0, inf], got nan"),
+        (lambda: arguments.widths("units", 8), "units must be a list of widths (integers >= 1), got 8"),
+        (lambda: arguments.widths("units", (4, 0)), "units must be a list of widths (integers >= 1), got (4, 0)"),
+        (lambda: arguments.widths("units", (), allow_empty=False), "units must be one or more widths"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert message in str(error.value)
+
+
+@pytest.mark.parametrize("model_class", MODELS)
+@pytest.mark.parametrize("bad, name", [
+    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(max_loss_positions=0), "max_loss_positions"), (dict(num_sampled_negatives=-5), "num_sampled_negatives"),
+    (dict(dropout=1.0), "dropout"), (dict(num_heads=0), "num_heads"), (dict(l2=-1.0), "l2"),
+    (dict(item_hidden_units=(8, 0)), "item_hidden_units"), (dict(embedding_dim=0), "embedding_dim"),
+])
+def test_every_model_refuses_the_shared_hyperparameters_out_of_range(model_class, bad, name):
+    # temperature 0 gave T2Diff a NaN loss and -1 silently ranked the worst items first.
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        model_class(num_items=5, **bad)
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: SPARC(num_items=5, attention_heads=0), "attention_heads"),  # was reported as num_heads
+    (lambda: SPARC(num_items=5, rq_hidden_units=(0,)), "rq_hidden_units"),  # ran with a zero-width layer
+    (lambda: T2Diff(num_items=5, denoiser_units=(4, 4, 4)), "denoiser_units"),  # was hidden_units
+    (lambda: SparCode(num_items=5, codebook_decay=1.5), "codebook_decay"),  # was decay
+    (lambda: SparCode(num_items=5, interaction_units=()), "interaction_units"),  # was hidden_units
+])
+def test_composite_models_name_their_own_argument(build, name):
+    with pytest.raises(ValueError, match=name):
+        build()
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ItemTower(5, 4, l2=-1.0), "l2 must be a number in [0.0, inf], got -1.0"),
+    (lambda: ItemTower(5, 4, hidden_units=(-2,)), "hidden_units must be a list of widths"),
+    (lambda: ItemTower(5, 4, feature_tables={"g": np.ones((6, 2))}), "add 'g' to feature_dims"),
+    (lambda: ResidualQuantizer(2, 4, hidden_units=(0,)), "hidden_units must be a list of widths"),
+    (lambda: CausalTransformerBlock(ffn_units=-3), "ffn_units must be an integer >= 1, got -3"),
+    (lambda: SASRecEncoder(5, dropout=1.5), "dropout must be a number in [0.0, 1.0), got 1.5"),
+    (lambda: SASRecEncoder(5, num_heads=0), "num_heads must be an integer >= 1, got 0"),
+    (lambda: MixedAttention(dropout=-0.1), "dropout must be a number in [0.0, 1.0), got -0.1"),
+    (lambda: PartitionedIndex(seed=-1), "seed must be an integer >= 0, got -1"),
+])
+def test_layers_refuse_bad_arguments_at_construction(build, message):
+    # Each of these used to be accepted, then failed at the first call under a Keras message
+    # naming an inner layer's argument (or, for l2 and a zero width, never failed at all).
+    with pytest.raises(ValueError) as error:
+        build()
+    assert message in str(error.value)
+
+
+def test_numpy_integers_are_integers():
+    assert NoiseSchedule("linear", np.int64(5)).num_steps == 5
+    index = SoftSearchIndex(BruteForceIndex(k_max=5), num_interests=np.int64(2), k_max=5)
+    assert index.num_interests == 2 and type(index.get_config()["num_interests"]) is int
+
+
+def test_mixed_attention_refuses_a_session_longer_than_its_position_table():
+    layer = MixedAttention(max_session_length=3, dropout=0.0)
+    inputs = lambda length: (tf.random.normal([2, length, 8]), tf.ones([2, length], tf.bool),  # noqa: E731
+                             tf.random.normal([2, 8]), tf.random.normal([2, 6, 8]), tf.ones([2, 6], tf.bool))
+    assert layer(*inputs(3)).shape == (2, 8)
+    # One item longer used to broadcast a single position row over the whole session, silently.
+    with pytest.raises(ValueError, match="sessions are 4 items long, more than max_session_length=3"):
+        layer(*inputs(4))
+    traced = tf.function(layer, input_signature=[
+        tf.TensorSpec([None, None, 8]), tf.TensorSpec([None, None], tf.bool), tf.TensorSpec([None, 8]),
+        tf.TensorSpec([None, None, 8]), tf.TensorSpec([None, None], tf.bool)])
+    assert traced(*inputs(2)).shape == (2, 8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="longer than max_session_length=3"):
+        traced(*inputs(4))
+
+
+LAYERS = [
+    lambda: AllToAllInteraction(hidden_units=(8, 4), name="a"),
+    lambda: CausalTransformerBlock(num_heads=2, ffn_units=16, dropout=0.1),
+    lambda: DriftDenoiser("mlp", hidden_units=(8,), step_embedding_dim=4),
+    lambda: ItemTower(7, 4, hidden_units=(8,), l2=0.01),
+    lambda: MeanPoolingEncoder(),
+    lambda: MixedAttention(num_heads=2, num_blocks=2, max_session_length=5, pooling="predicted"),
+    lambda: ResidualQuantizer(num_levels=2, num_codewords=8, hidden_units=(8,)),
+    lambda: SASRecEncoder(12, num_blocks=1, num_heads=2, dropout=0.1),
+    lambda: TargetAttention(num_heads=2, key_dim=5),
+    lambda: VectorQuantizer(16, num_codebooks=2, decay=0.9),
+    lambda: BruteForceIndex(k_max=7),
+    lambda: PartitionedIndex(num_partitions=4, num_probes=2, k_max=7, seed=3),
+    lambda: ScaNNIndex(k_max=7, num_leaves=4, num_leaves_to_search=2),
+    lambda: SparseCodeIndex(k_max=7, max_items_per_code=3),
+    lambda: SoftSearchIndex(PartitionedIndex(num_partitions=4, k_max=9), num_interests=3, k_max=7, temperature=0.5),
+]
+
+
+@pytest.mark.parametrize("build", LAYERS)
+def test_every_layer_and_index_deserializes_without_custom_objects(build):
+    # Unregistered, deserialize returned the string "TargetAttention" and Model.from_config
+    # failed with "'str' object is not callable".
+    layer = build()
+    restored = tf.keras.layers.deserialize(tf.keras.layers.serialize(layer))
+    assert type(restored) is type(layer)
+    assert restored.get_config() == layer.get_config()
+
+
+def test_a_functional_model_with_our_layer_rebuilds_from_its_config():
+    query, states = tf.keras.Input((2, 4)), tf.keras.Input((3, 4))
+    mask = tf.keras.Input((2, 3), dtype=tf.bool)
+    model = tf.keras.Model([query, states, mask], TargetAttention(num_heads=2)(query, states, mask))
+    rebuilt = tf.keras.Model.from_config(model.get_config())
+    assert isinstance(rebuilt.layers[-1], TargetAttention) and rebuilt.layers[-1].num_heads == 2
+
+
+@pytest.mark.parametrize("model_class", MODELS)
+def test_models_keep_their_name_and_deserialize(model_class):
+    model = model_class(num_items=5, embedding_dim=8, max_length=12, name="custom_name")
+    assert model_class.from_config(model.get_config()).name == "custom_name"
+    restored = tf.keras.utils.deserialize_keras_object(tf.keras.utils.serialize_keras_object(model))
+    assert type(restored) is model_class and restored.get_config() == model.get_config()
+
+
+def test_soft_search_refuses_integer_queries_like_every_other_index():
+    index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=2, k_max=10)
+    index = index.index(tf.random.normal([5, 4]))
+    with pytest.raises(TypeError, match="queries must be a float tensor, got dtype int32"):
+        index(tf.constant([[[1, 0, 0, 0], [0, 1, 0, 0]]]), k=3)
+
+
+def test_index_from_an_unbatched_dataset_says_to_batch_it():
+    candidates = tf.random.normal([10, 4])
+    for dataset in (tf.data.Dataset.from_tensor_slices(candidates),
+                    tf.data.Dataset.from_tensor_slices((tf.range(10), candidates))):
+        with pytest.raises(ValueError, match=r"batches of \[n, d\] embeddings.*call \.batch"):
+            BruteForceIndex(k_max=5).index_from_dataset(dataset)
+    index = BruteForceIndex(k_max=5).index_from_dataset(tf.data.Dataset.from_tensor_slices(candidates).batch(3))
+    assert int(tf.shape(index.identifiers)[0]) == 10
+
+
+def test_an_export_refuses_an_index_its_model_cannot_serve_before_the_first_request():
+    vocab = Vocabulary([f"i{j}" for j in range(1, 11)])
+    model = TwoTower(num_items=10, embedding_dim=4, max_length=5, user_tower="mean")
+    soft = SoftSearchIndex(BruteForceIndex(k_max=5), num_interests=2, k_max=5)
+    soft = soft.index(tf.random.normal([10, 4]), tf.range(1, 11))
+    with pytest.raises(ValueError, match="the given SoftSearchIndex needs a multi-interest model"):
+        build_serving_module(model, vocab, k_max=5, index=soft)
+    with pytest.raises(ValueError, match="the given SparseCodeIndex needs a SparCode model"):
+        build_serving_module(model, vocab, k_max=5, index=SparseCodeIndex(k_max=5))
+    with pytest.raises(ValueError, match="the given BruteForceIndex is empty"):
+        build_serving_module(model, vocab, k_max=5, index=BruteForceIndex(k_max=5))
+    with pytest.raises(ValueError, match="k_max must be an integer >= 1, got 0"):
+        build_serving_module(model, vocab, k_max=0)
+    filled = BruteForceIndex(k_max=5).index(model.item_embeddings()[1:], tf.range(1, 11, dtype=tf.int64))
+    served = build_serving_module(model, vocab, k_max=5, index=filled)
+    assert served.serving_default(tf.constant([["i1", "i2"]]))["item_ids"].shape == (1, 5)
