@@ -124,6 +124,16 @@ def test_config_round_trip_and_save_reload_give_identical_retrievals(trained, tm
         vectors, log_probs = m.interest_vectors(_inputs(), 3)
         results.append(index(vectors, k=5, log_weights=log_probs))
     np.testing.assert_array_equal(results[0][1].numpy(), results[1][1].numpy())
+    # `xmatch export --run-dir` exports the model loaded from disk, whose quantizer never ran a
+    # training step: saving must not create its metrics inside a traced function.
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    answers = []
+    for version, m in enumerate((model, reloaded), start=1):
+        path = export_retrieval_model(m, vocab, tmp_path / "export", index_kind="soft_search", k_max=10,
+                                      version=version)
+        request = tf.constant([list(vocab.ids(np.arange(1, 6)))])
+        answers.append(tf.saved_model.load(str(path)).signatures["serving_default"](history=request)["item_ids"])
+    np.testing.assert_array_equal(answers[0].numpy(), answers[1].numpy())
 
 
 def test_soft_search_export_uses_stock_ops_and_answers_the_same_after_reload_and_in_a_fresh_process(trained, tmp_path):

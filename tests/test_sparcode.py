@@ -168,6 +168,16 @@ def test_config_round_trip_and_save_reload_give_identical_retrievals(trained, tm
     np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
     np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
     np.testing.assert_allclose(reloaded.quantizer.codebooks.numpy(), model.quantizer.codebooks.numpy())
+    # What `xmatch export --run-dir` does: export the model loaded from disk. Its quantizer had
+    # never run a training step, so saving traced its training call for the first time, which
+    # created the usage metrics inside a tf.function and failed every SparCode export.
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    path = export_retrieval_model(reloaded, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
+    request = tf.constant([list(vocab.ids(np.arange(1, 6))), list(vocab.ids(np.arange(30, 35)))])
+    served = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
+    fresh = export_retrieval_model(model, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
+    expected = tf.saved_model.load(str(fresh)).signatures["top_k"](history=request, k=tf.constant(5))
+    np.testing.assert_array_equal(served["item_ids"].numpy(), expected["item_ids"].numpy())
 
 
 def test_export_serves_the_inverted_index_with_stock_ops(trained, tmp_path):

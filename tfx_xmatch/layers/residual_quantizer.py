@@ -99,6 +99,14 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         self.reconstruction_weight = float(reconstruction_weight)
         self.usage_decay = float(usage_decay)
         self.dead_code_threshold = float(dead_code_threshold)
+        # Made here, not by add_metric on the first training call, which would create them
+        # inside a traced function when a model loaded from disk is saved.
+        self.reconstruction_tracker = tf.keras.metrics.Mean(name=f"{self.name}_reconstruction_error")
+        self.level_trackers = [
+            (tf.keras.metrics.Mean(name=f"{self.name}_level{level}_perplexity"),
+             tf.keras.metrics.Mean(name=f"{self.name}_level{level}_dead_codes"))
+            for level in range(self.num_levels)
+        ]
 
     def build(self, input_shape):
         width = int(input_shape[-1])
@@ -167,7 +175,7 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         reconstruction = self.decoder(quantized)
         loss, error = self._loss(flat, codewords, residuals, reconstruction)
         if training:
-            self.add_metric(error, name=f"{self.name}_reconstruction_error")
+            self.reconstruction_tracker.update_state(error)
             self._track_usage(codes, residuals)
         latent = tf.shape(codewords)[-1]
         return {
@@ -218,9 +226,10 @@ class ResidualQuantizer(tf.keras.layers.Layer):
             usage = self.usage[level] * self.usage_decay + counts * (1.0 - self.usage_decay)
             probabilities = counts / tf.maximum(tf.reduce_sum(counts), 1.0)
             entropy = -tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-10))
-            self.add_metric(tf.exp(entropy), name=f"{self.name}_level{level}_perplexity")
+            perplexity_tracker, dead_codes_tracker = self.level_trackers[level]
+            perplexity_tracker.update_state(tf.exp(entropy))
             dead = usage < self.dead_code_threshold
-            self.add_metric(tf.reduce_mean(tf.cast(dead, tf.float32)), name=f"{self.name}_level{level}_dead_codes")
+            dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
             codebook = self.codebooks[level]
             if self.dead_code_threshold > 0:
                 fresh = self._random_rows(tf.stop_gradient(residuals[level]))

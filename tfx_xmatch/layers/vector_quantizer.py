@@ -43,7 +43,8 @@ class VectorQuantizer(tf.keras.layers.Layer):
       inputs: float tensor in one of the layouts above.
       training: Python bool (default False). When True: data-dependent init on the first call,
         EMA and dead-code updates, the commitment loss (``add_loss``) and the
-        ``<name>_perplexity`` and ``<name>_dead_codes`` metrics (``add_metric``).
+        ``<name>_perplexity`` and ``<name>_dead_codes`` metrics (``Mean`` metrics the layer
+        owns from construction, so ``fit`` shows them and a model that never trained saves).
 
     Returns:
       ``(quantized, codes)``: ``quantized`` has the shape of ``inputs``, the value of the nearest
@@ -95,6 +96,11 @@ class VectorQuantizer(tf.keras.layers.Layer):
         self.dead_code_threshold = float(dead_code_threshold)
         self.restart_dead_codes = bool(restart_dead_codes)
         self.num_codes = self.num_codebooks * self.num_codewords
+        # Made here, not by add_metric on the first training call: a metric first created while
+        # a function is traced (saving a model loaded from disk traces the training call) is a
+        # variable created on a non-first call, which fails the export.
+        self.perplexity_tracker = tf.keras.metrics.Mean(name=f"{self.name}_perplexity")
+        self.dead_codes_tracker = tf.keras.metrics.Mean(name=f"{self.name}_dead_codes")
 
     @property
     def _grouped(self) -> bool:
@@ -206,7 +212,7 @@ class VectorQuantizer(tf.keras.layers.Layer):
         codebooks = embed_sum / smoothed[..., tf.newaxis]
 
         dead = cluster_size < self.dead_code_threshold
-        self.add_metric(tf.reduce_mean(tf.cast(dead, tf.float32)), name=f"{self.name}_dead_codes")
+        self.dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
         if self.restart_dead_codes:
             fresh = self._sample(vectors, distinct=False)
             # Twice the threshold gives a restarted code time to win vectors before it counts as dead.
@@ -217,7 +223,7 @@ class VectorQuantizer(tf.keras.layers.Layer):
         self.codebooks.assign(codebooks)
         self.ema_cluster_size.assign(cluster_size)
         self.ema_embed_sum.assign(embed_sum)
-        self.add_metric(tf.reduce_mean(self._perplexity(codes)), name=f"{self.name}_perplexity")
+        self.perplexity_tracker.update_state(tf.reduce_mean(self._perplexity(codes)))
         return codes, nearest
 
     def call(self, inputs: tf.Tensor, training: Optional[bool] = False) -> tuple[tf.Tensor, tf.Tensor]:
