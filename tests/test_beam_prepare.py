@@ -207,6 +207,19 @@ def test_command_line(pairs_file, tmp_path, capsys):
     assert statistics["split"] == "user_level" and statistics["num_shards"] == 2
 
 
+def test_command_line_reads_a_named_dataset(tmp_path, capsys):
+    # `xmatch pipeline --help`'s own example; it failed with "got multiple values for argument 'name'".
+    (tmp_path / "data" / "ml-100k").mkdir(parents=True)
+    lines = [f"{user}\t{item}\t4\t{1000 + step}" for user in range(1, 6) for step, item in enumerate(range(user, user + 6))]
+    (tmp_path / "data" / "ml-100k" / "u.data").write_text("\n".join(lines) + "\n")
+    arguments = ["--dataset", "ml-100k", "--data-dir", str(tmp_path / "data"), "--direct_num_workers=1"]
+    assert prepare.main([*arguments, "--output-dir", str(tmp_path / "named")]) == 0
+    statistics = json.loads((tmp_path / "named" / "statistics.json").read_text())
+    assert statistics["dataset"]["name"] == "ml-100k" and statistics["dataset"]["users"] == 5
+    assert prepare.main([*arguments, "--name", "ml100k-sample", "--output-dir", str(tmp_path / "renamed")]) == 0
+    assert json.loads((tmp_path / "renamed" / "statistics.json").read_text())["dataset"]["name"] == "ml100k-sample"
+
+
 def test_time_split_with_explicit_cuts_equals_in_process(tmp_path):
     path = tmp_path / "ratings.dat"
     path.write_text("\n".join(rating_lines()) + "\n")

@@ -121,17 +121,19 @@ class PrepareSpec:
         return LineParser(self.format, sep=self.reader_options.get("sep"), **options)
 
     @classmethod
-    def for_dataset(cls, name: str, data_dir: str, output_dir: str, **kwargs: Any) -> "PrepareSpec":
-        """The spec of a named benchmark dataset file (``DATASETS``) under ``data_dir``."""
-        info = DATASETS.get(name)
+    def for_dataset(cls, dataset: str, data_dir: str, output_dir: str, name: Optional[str] = None,
+                    **kwargs: Any) -> "PrepareSpec":
+        """The spec of a named benchmark dataset file (``DATASETS``) under ``data_dir``;
+        ``name`` (default: ``dataset``) is what the statistics call it."""
+        info = DATASETS.get(dataset)
         if info is None or info.kind != "file":
             files = sorted(key for key, value in DATASETS.items() if value.kind == "file")
-            raise ValueError(f"prepare reads dataset files; {name!r} is not one of {files}")
+            raise ValueError(f"prepare reads dataset files; {dataset!r} is not one of {files}")
         path = os.path.join(data_dir, info.relative_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset {name!r} expects its {info.format} file at {path!r}; not found")
+            raise FileNotFoundError(f"dataset {dataset!r} expects its {info.format} file at {path!r}; not found")
         options = {**info.options, **kwargs.pop("reader_options", {})}
-        return cls(inputs=(path,), format=info.format, output_dir=output_dir, name=name,
+        return cls(inputs=(path,), format=info.format, output_dir=output_dir, name=name or dataset,
                    reader_options=options, **kwargs)
 
 
@@ -478,7 +480,7 @@ def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
     split_options = parse_options(args.split_option, "--split-option")
     common = dict(split=args.split, split_options=split_options, num_shards=args.num_shards)
     if args.dataset:
-        return PrepareSpec.for_dataset(args.dataset, args.data_dir, args.output_dir, name=args.name or args.dataset,
+        return PrepareSpec.for_dataset(args.dataset, args.data_dir, args.output_dir, name=args.name,
                                        reader_options=reader_options, **common)
     if not args.format:
         raise ValueError("--input needs --format (pairs, sequences, ratings or table)")
