@@ -555,6 +555,17 @@ def test_registry_and_make_index():
     assert isinstance(make_index("partitioned", num_partitions=4, num_probes=2), PartitionedIndex)
     with pytest.raises(ValueError, match=r"unknown index kind 'annoy'.*brute_force"):
         make_index("annoy")
+    # A misspelt option (`--index-option num_partition=10`) was Keras' bare "Keyword argument
+    # not understood", a traceback from the command line.
+    with pytest.raises(ValueError, match=r"index kind 'partitioned' takes no option 'num_partition'; "
+                                         r"its options: .*num_partitions"):
+        make_index("partitioned", num_partition=10)
+    with pytest.raises(ValueError, match=r"index kind 'soft_search' takes no option 'interests'"):
+        make_index("soft_search", interests=2)
+    with pytest.raises(ValueError, match=r"index kind 'brute_force' takes no option 'num_probes'"):
+        make_index("soft_search", base="brute_force", base_options={"num_probes": 3})
+    assert make_index("soft_search", base="partitioned", num_interests=2, k=5, name="s",
+                      base_options={"num_partitions": 4}).base.num_partitions == 4
 
 
 @pytest.mark.parametrize("kind", KINDS)

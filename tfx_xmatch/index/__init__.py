@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 from tfx_xmatch.index.brute_force_index import BruteForceIndex
 from tfx_xmatch.index.partitioned_index import PartitionedIndex
 from tfx_xmatch.index.retrieval_index import RetrievalIndex
@@ -47,7 +49,8 @@ def make_index(kind: str, **kwargs) -> RetrievalIndex:
       A new, not yet indexed, ``RetrievalIndex``.
 
     Raises:
-      ValueError: If ``kind`` is not registered.
+      ValueError: If ``kind`` is not registered, or an option is not one that kind takes (the
+        message lists the ones it does).
 
     Example:
       >>> index = make_index("brute_force", k_max=10).index(tf.random.normal([50, 8]))
@@ -62,8 +65,28 @@ def make_index(kind: str, **kwargs) -> RetrievalIndex:
             raise ValueError(f"soft_search needs a dense-vector base kind, got base={base_kind!r}")
         base_options = dict(kwargs.pop("base_options", None) or {})
         base_options.setdefault("k_max", kwargs.get("k_max", 100))
+        _check_options(kind, kwargs)
         return SoftSearchIndex(make_index(base_kind, **base_options), **kwargs)
+    _check_options(kind, kwargs)
     return INDEX_KINDS[kind](**kwargs)
+
+
+# Keras layer arguments every kind passes on.
+_LAYER_OPTIONS = ("name", "dtype", "trainable")
+
+
+def _check_options(kind: str, options: dict) -> None:
+    # Keras would refuse a misspelt option with a bare "Keyword argument not understood".
+    accepted = set(_LAYER_OPTIONS)
+    for cls in INDEX_KINDS[kind].__mro__:
+        if issubclass(cls, RetrievalIndex):
+            accepted |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs", "base"}
+    if kind == "soft_search":
+        accepted |= {"base", "base_options"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"index kind {kind!r} takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(sorted(accepted - set(_LAYER_OPTIONS)))}")
 
 
 __all__ = [
