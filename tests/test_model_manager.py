@@ -111,3 +111,13 @@ def test_the_fake_loader_matches_the_real_loaders_signature():
     import inspect
 
     assert list(inspect.signature(model_manager.load_servable).parameters) == ["model_name", "version", "path"]
+
+
+def test_a_scann_export_loaded_without_the_scann_ops_says_which_flag_is_missing(tmp_path):
+    def loader(model_name, version, path):
+        raise ValueError("Op type not registered 'Scann>TensorsToScann' in binary running on host")
+
+    manager = ModelManager([ModelConfig("m", _versions(tmp_path / "m", 1))], poll_wait_seconds=0, loader=loader)
+    manager.start()
+    (status,) = manager.status("m")
+    assert status.state == END and "start the server with --load_modules=scann" in status.error_message

@@ -17,6 +17,7 @@ from tfx_xmatch.data.tfrecord import read_eval_examples, record_counts  # noqa: 
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
 from tfx_xmatch.pipelines import cli  # noqa: E402
 from tfx_xmatch.pipelines.run import run_pipeline  # noqa: E402
+from tfx_xmatch.serving.server import build_parser, options_from_args  # noqa: E402
 
 OVERRIDES = ["data.format=pairs", "model.embedding_dim=16", "model.max_length=12", "model.num_blocks=1",
              "train.epochs=2", "train.verbose=0", "train.batch_size=32", "eval.ks=[5,10]"]
@@ -36,9 +37,13 @@ def events(tmp_path_factory) -> pathlib.Path:
     return path
 
 
-def test_run_chains_every_stage_and_publishes(events, tmp_path):
+def test_run_chains_every_stage_and_publishes(events, tmp_path, capsys):
     config = load_config(None, [f"data.dataset={events}", *OVERRIDES])
     summary = run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), k_max=10, item_shards=3)
+    # The printed serving command is one the server takes as it stands.
+    hint = capsys.readouterr().out.rsplit("serve it: xmatch serve ", 1)[1].split(")")[0]
+    served = options_from_args(build_parser().parse_args(hint.split())).model_configs[0]
+    assert (served.name, served.base_path) == ("xmatch", str(tmp_path / "models"))
     assert list(summary["stage_seconds"]) == ["prepare", "train", "build_index", "export", "evaluate", "publish"]
     assert summary["published"] == str(tmp_path / "models" / "1")
     assert json.loads((tmp_path / "out" / "pipeline_summary.json").read_text())["test"] == summary["test"]

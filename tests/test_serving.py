@@ -1039,6 +1039,9 @@ def test_config_parsing(tmp_path):
     assert options.model_configs[0].base_path == str(tmp_path)
     with pytest.raises(ValueError):
         options_from_args(build_parser().parse_args(["--port", "1"]))
+    # As TF Serving: a base path alone serves the model "default".
+    alone = options_from_args(build_parser().parse_args(["--model_base_path", str(tmp_path)]))
+    assert alone.model_configs[0].name == "default"
     assert (options.tensorflow_intra_op_parallelism, options.tensorflow_inter_op_parallelism) == (0, 0)
     threads = options_from_args(build_parser().parse_args([
         "--model_name", "m", "--model_base_path", str(tmp_path),

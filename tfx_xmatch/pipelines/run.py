@@ -210,7 +210,8 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     print(f"  {'total':<12} {summary['total_seconds']:8.1f}")
     shown = [key for key in ("HR@10", "NDCG@10", "Recall@50") if key in metrics]
     print("test (full ranking through the export): " + ", ".join(f"{key} {metrics[key]:.4f}" for key in shown))
-    print(f"published {published}  (serve it: xmatch serve --model_base_path={model_base_path})")
+    print(f"published {published}  (serve it: xmatch serve --model_name=xmatch "
+          f"--model_base_path={os.path.abspath(model_base_path)})")
     return summary
 
 

@@ -542,6 +542,8 @@ class ModelManager:
         except Exception as exc:
             message = f"Failed to load version {version} of model {model.name!r} from {path}: "
             message += f"{type(exc).__name__}: {exc}"
+            if "Op type not registered" in str(exc) and "Scann" in str(exc):
+                message += " (a ScaNN export: start the server with --load_modules=scann)"
             log.error("%s", message)
             with model.lock:
                 model.statuses[version] = VersionStatus(

@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--rest_api_port", type=int, default=0, help="REST port; 0 disables REST (as TF Serving)")
     flag("--bind_address", default="127.0.0.1",
          help="address to listen on (0.0.0.0 for every interface)")
-    flag("--model_name", default=None, help="name of the model (with --model_base_path)")
+    flag("--model_name", default="default", help="name of the model (with --model_base_path; default "
+         "'default', as TF Serving's)")
     flag("--model_base_path", default=None, help="directory holding <version>/ SavedModels")
     flag("--num_versions_to_keep", type=int, default=1,
          help="with --model_base_path: serve the N newest versions (latest policy)")
@@ -320,7 +321,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         configs = parse_model_config_file(args.model_config_file)
     else:
         if not args.model_name:
-            raise ValueError("--model_base_path needs --model_name")
+            raise ValueError("--model_name is empty; name the model (TF Serving's default is 'default')")
         configs = [
             ModelConfig(
                 args.model_name,
