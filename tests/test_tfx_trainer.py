@@ -124,6 +124,22 @@ def test_run_fn_errors_propagate(prepared, tmp_path):
     assert not (tmp_path / "c" / "serving").exists()
 
 
+def test_a_model_that_cannot_be_built_leaves_the_record_run_directory_unclaimed(prepared, tmp_path):
+    from tfx_xmatch.data.vocabulary import Vocabulary
+    from tfx_xmatch.pipelines.record_training import train_on_records
+
+    _, directory = prepared
+    vocab = Vocabulary.load(directory / "item_vocab.json")
+    files = ([str(directory / "train-*")], [str(directory / "validation-*")])
+    bad = load_config(None, [*RUN_OVERRIDES, "model.temperature=-1.0"])
+    with pytest.raises(ValueError, match="temperature must be"):
+        train_on_records(bad, *files, vocab, tmp_path / "run")
+    # config.json was written first, and refused the corrected run as "another configuration".
+    assert not (tmp_path / "run" / "config.json").exists()
+    _, metrics = train_on_records(load_config(None, RUN_OVERRIDES), *files, vocab, tmp_path / "run")
+    assert metrics["epochs"] == 3
+
+
 def test_run_fn_on_movielens_100k(real_data_dir, tmp_path):
     config = load_config(None, ["data.dataset=ml-100k", f"data.data_dir={real_data_dir}"])
     split = training.prepare_split(config)

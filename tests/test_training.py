@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfx_xmatch import training
-from tfx_xmatch.config import load_config
+from tfx_xmatch.config import ConfigError, load_config
 
 TINY = (
     "data.dataset=synthetic",
@@ -140,6 +140,20 @@ def test_a_bad_split_option_leaves_the_run_directory_unclaimed(tmp_path):
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['min_len'\] for the 'leave_one_out' split"):
         training.train(tiny_config("data.split_options={min_len: 4}"), tmp_path)
     assert not (tmp_path / "config.json").exists()  # once written first, it refused the corrected run
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.options.colour=1", "colour"),  # an option the model does not take
+    ("model.temperature=0.0", "temperature must be"),  # a value the model refuses
+    ("eval.ks=[1, 10, 100000]", r"eval.ks=\[1, 10, 100000\] has cutoff\(s\) \[100000\] above the"),
+])
+def test_a_model_or_cutoff_that_cannot_train_leaves_the_run_directory_unclaimed(tmp_path, override, message):
+    # The model was built after config.json was written, so the corrected command was refused
+    # ("holds a run with a different config"); too deep a cutoff failed only after an epoch.
+    with pytest.raises((ValueError, ConfigError), match=message):
+        training.train(tiny_config(override), tmp_path)
+    assert not (tmp_path / "config.json").exists()
+    assert training.train(tiny_config("train.epochs=1"), tmp_path)["epochs"] == 1
 
 
 def test_unknown_model_name_is_reported(tmp_path):

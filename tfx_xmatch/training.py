@@ -348,13 +348,17 @@ def train(
     # The data and split options are checked before the directory is claimed: a typo must not
     # leave a config.json that refuses the corrected run.
     split = split if split is not None else prepare_split(config)
-    if chief:
-        write_json_atomic(run_dir / "config.json", config.to_dict())
-    output_dir.mkdir(parents=True, exist_ok=True)
-
+    too_deep = [k for k in config.eval.ks if k > split.num_items]
+    if too_deep:  # found by the first validation pass otherwise, after an epoch of training
+        raise ConfigError(f"eval.ks={list(config.eval.ks)} has cutoff(s) {too_deep} above the {split.num_items} "
+                          f"items of {split.dataset.name!r}; every cutoff must be at most the catalogue size")
+    # So is the model (its options, their values): a bad one must not leave a config.json behind.
     with strategy.scope():
         model = build_model(config, split.dataset)
         compile_for_training(model, config, target_counts(split))
+    if chief:
+        write_json_atomic(run_dir / "config.json", config.to_dict())
+    output_dir.mkdir(parents=True, exist_ok=True)
     trainable = sum(len(sequence) >= 2 for sequence in split.train_sequences)
     train_data = sequence_training_dataset(
         split.train_sequences,

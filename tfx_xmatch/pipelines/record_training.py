@@ -60,7 +60,6 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     if config_path.exists() and json.loads(config_path.read_text(encoding="utf-8")) != json.loads(
             json_text(config.to_dict())):
         raise ValueError(f"{run_dir} holds a run with another configuration; use a new run directory")
-    write_json_atomic(config_path, config.to_dict())
 
     tf.keras.utils.set_random_seed(config.train.seed)
     target_counts, popularity = record_counts(train_files, item_vocab.num_items)
@@ -70,6 +69,9 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     with strategy.scope():
         model = training.build_model(config, num_items=item_vocab.num_items)
         training.compile_for_training(model, config, target_counts)
+    # Claimed only now: bad records or a model that cannot be built must not leave a
+    # config.json that refuses the corrected run.
+    write_json_atomic(config_path, config.to_dict())
     train_data = read_training_tfrecords(train_files, max_length=config.model.max_length,
                                          batch_size=config.train.batch_size, seed=config.train.seed,
                                          drop_remainder=training.drops_remainder(
