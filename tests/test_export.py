@@ -97,7 +97,7 @@ def test_embedding_signatures(model):
     "request_rows, k, message",
     [
         ([["movie-1", "unknown-movie"]], 3, "outside the vocabulary"),
-        ([["movie-1", ""], ["", ""]], 3, "empty history"),
+        ([["movie-1", ""], ["", ""]], 3, r"empty history.*first empty row \(from 0\):[^0-9]*1"),
         ([["movie-1"]], 0, "k must be in"),
         ([["movie-1"]], K_MAX + 1, "k must be in"),
     ],
@@ -108,7 +108,11 @@ def test_bad_requests_fail_with_a_clear_message(model, request_rows, k, message)
         module.top_k(tf.constant(request_rows), tf.constant(k))
 
 
-def test_export_arguments_are_checked(model, tmp_path):
+def test_export_arguments_are_checked(model, tmp_path, caplog):
+    vocab = int_vocab()
+    with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
+        build_serving_module(model, vocab, k_max=vocab.num_items + 1)
+    assert f"k_max={vocab.num_items + 1} exceeds the catalogue's {vocab.num_items} items" in caplog.text
     with pytest.raises(ValueError, match="default_k"):
         build_serving_module(model, int_vocab(), k_max=5, default_k=6)
     with pytest.raises(ValueError, match="padding_id 101 is also a real item id"):

@@ -1186,3 +1186,16 @@ def test_the_client_refuses_numbers_it_would_have_to_truncate():
         _coerce([[3.9, 17.5]], tf.int32)
     with pytest.raises(ValueError, match="value 1099511627776 does not fit the input's dtype int32"):
         _coerce(2 ** 40, tf.int32)
+
+
+def test_the_client_says_when_an_input_is_broken_json(tmp_path):
+    from tfx_xmatch.serving.client import _parse_inputs
+
+    assert _parse_inputs(["history=[[1, 2]]", "label=movies"], None) == {"history": [[1, 2]], "label": "movies"}
+    # An unclosed bracket used to be sent as the string "[[1" and fail as a dtype error.
+    with pytest.raises(ValueError, match=r"--input history: '\[\[1' is not valid JSON"):
+        _parse_inputs(["history=[[1"], None)
+    broken = tmp_path / "in.json"
+    broken.write_text('{"history": [[1]')
+    with pytest.raises(ValueError, match=f"--inputs_json file '{broken}' is not valid JSON"):
+        _parse_inputs([], str(broken))

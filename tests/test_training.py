@@ -99,8 +99,15 @@ def test_resume_after_interruption_continues_from_the_last_epoch(tmp_path):
     with pytest.raises(RuntimeError, match="simulated interruption"):
         training.train(config, tmp_path, callbacks=[interrupt])
     assert not (tmp_path / "metrics.json").exists()
+    # What a kill mid-write leaves: temporaries, and the best weights moved aside but not yet
+    # replaced (atomic_directory's two renames).
+    (tmp_path / ".best_weights.0123abcd.tmp").mkdir()
+    (tmp_path / ".history.json.x1y2.tmp").write_text("{")
+    os.replace(tmp_path / "best_weights", tmp_path / ".best_weights.old")
     recorder = EpochRecorder()
     metrics = training.train(config, tmp_path, callbacks=[recorder])
+    assert sorted(path.name for path in tmp_path.glob(".*")) == []  # cleaned up, none left behind
+    assert (tmp_path / "best_weights").is_dir()
     assert recorder.epochs == [3, 4]
     # Training continues from the weights the interrupted run had reached, not from scratch.
     for resumed, reached in zip(recorder.first_weights, interrupt.weights):
@@ -247,3 +254,20 @@ def test_loss_draws_repeat_between_evaluations_and_not_within_one():
     assert sorted(once[3].tolist()) == list(range(6)) and ((1 <= once[1]) & (once[1] < 9)).all()
     training = LossDraws(training=True)
     assert not np.array_equal(training.uniform([8]).numpy(), LossDraws(training=True).uniform([8]).numpy())
+
+
+def test_stale_temporaries_are_removed_and_a_lone_moved_aside_copy_is_restored(tmp_path):
+    from tfx_xmatch.io_utils import remove_stale_temporaries
+
+    (tmp_path / ".model.ab12.tmp").mkdir()
+    (tmp_path / ".metrics.json.cd34.tmp").write_text("{")
+    (tmp_path / "model").mkdir()
+    (tmp_path / ".model.old").mkdir()  # superseded: the new model is in place
+    (tmp_path / ".best_weights.old").mkdir()  # the only copy: its replacement never arrived
+    (tmp_path / ".best_weights.old" / "weights").write_text("w")
+    (tmp_path / ".workers").mkdir()  # not ours to touch
+    changed = remove_stale_temporaries(tmp_path)
+    assert sorted(changed) == [".best_weights.old", ".metrics.json.cd34.tmp", ".model.ab12.tmp", ".model.old"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".workers", "best_weights", "model"]
+    assert (tmp_path / "best_weights" / "weights").read_text() == "w"
+    assert remove_stale_temporaries(tmp_path / "missing") == []

@@ -59,7 +59,7 @@ def _run_config(run_dir, overrides: Sequence[str], command: str):
         # The data and model must stay those the model was trained on; only how it is
         # evaluated (and where the data lives) may change.
         if not override.startswith(("eval.", "data.data_dir=")):
-            raise SystemExit(f"xmatch {command}: only eval.* and data.data_dir may be overridden, got {override!r}")
+            raise ValueError(f"only eval.* and data.data_dir may be overridden, got {override!r}")
     return apply_overrides(training.load_run_config(run_dir), overrides)
 
 
@@ -82,27 +82,27 @@ def _command_compare(args: argparse.Namespace) -> int:
     from tfx_xmatch.io_utils import write_json_atomic
 
     if args.run_dir and (args.runs_a or args.runs_b):
-        raise SystemExit("xmatch compare: give either two --run-dir (A, then B) or --runs-a and --runs-b, not both")
+        raise ValueError("give either two --run-dir (A, then B) or --runs-a and --runs-b, not both")
     grouped = bool(args.runs_a or args.runs_b)
     if args.run_dir:
         if len(args.run_dir) != 2:
-            raise SystemExit(f"xmatch compare: give exactly two --run-dir (A, then B), got {len(args.run_dir)}: "
+            raise ValueError(f"give exactly two --run-dir (A, then B), got {len(args.run_dir)}: "
                              f"{args.run_dir}")
         groups = [args.run_dir[:1], args.run_dir[1:]]
     elif grouped:
         for flag, runs in (("--runs-a", args.runs_a), ("--runs-b", args.runs_b)):
             if not runs:
-                raise SystemExit(f"xmatch compare: {flag} is missing: give the training runs of both models")
+                raise ValueError(f"{flag} is missing: give the training runs of both models")
             resolved = [pathlib.Path(run).resolve() for run in runs]
             repeated = sorted({str(run) for run, path in zip(runs, resolved) if resolved.count(path) > 1})
             if repeated:
-                raise SystemExit(f"xmatch compare: {flag} names the same run more than once: {repeated}")
+                raise ValueError(f"{flag} names the same run more than once: {repeated}")
         groups = [args.runs_a, args.runs_b]
     else:
-        raise SystemExit("xmatch compare: give two --run-dir (A, then B), or --runs-a A1 [A2 ...] and "
+        raise ValueError("give two --run-dir (A, then B), or --runs-a A1 [A2 ...] and "
                          "--runs-b B1 [B2 ...] (training runs of each model, e.g. one per seed)")
     if not 0.0 < args.confidence < 1.0:
-        raise SystemExit(f"xmatch compare: --confidence must be in (0, 1), e.g. 0.95, got {args.confidence!r}")
+        raise ValueError(f"--confidence must be in (0, 1), e.g. 0.95, got {args.confidence!r}")
     for metric in args.metric:
         check_metric(metric)
     run_dirs = [run_dir for group in groups for run_dir in group]
@@ -114,7 +114,7 @@ def _command_compare(args: argparse.Namespace) -> int:
         differing = sorted(key for key in settings[0].keys() | setting.keys()
                            if settings[0].get(key) != setting.get(key))
         if differing:
-            raise SystemExit(f"xmatch compare: {run_dirs[0]} and {run_dir} do not rank the same examples the same "
+            raise ValueError(f"{run_dirs[0]} and {run_dir} do not rank the same examples the same "
                              "way: " + ", ".join(f"{key} = {settings[0].get(key)!r} vs {setting.get(key)!r}"
                                                  for key in differing))
     split = training.prepare_split(configs[0])

@@ -18,6 +18,7 @@ path never sees half a model.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -32,6 +33,8 @@ from tfx_xmatch import arguments
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
 from tfx_xmatch.io_utils import copy_directory
+
+log = logging.getLogger("tfx_xmatch.export")
 
 SCANN_NAMESPACE = "Scann"
 
@@ -108,9 +111,11 @@ class RetrievalServingModule(tf.Module):
         """Right-aligns each row's items (whatever the client's padding) into [B, max_length]."""
         indices = self._to_indices(history, "history")
         is_item = indices > 0
+        has_item = tf.reduce_any(is_item, axis=1)
         check = tf.debugging.Assert(
-            tf.reduce_all(tf.reduce_any(is_item, axis=1)),
-            ["history has a row without any item (empty history); every row needs at least one item id"],
+            tf.reduce_all(has_item),
+            ["history has a row without any item (empty history); every row needs at least one item id; "
+             "first empty row (from 0):", tf.where(tf.logical_not(has_item))[:1, 0]],
         )
         with tf.control_dependencies([check]):
             is_item = tf.identity(is_item)
@@ -214,6 +219,9 @@ def build_serving_module(
         ``k_max`` differs from ``k_max``.
     """
     k_max = arguments.integer("k_max", k_max, 1)
+    if k_max > item_vocab.num_items:
+        log.warning("k_max=%d exceeds the catalogue's %d items: the slots past it hold the padding id "
+                    "with score -inf", k_max, item_vocab.num_items)
     if item_vocab.num_items != model.num_items:
         raise ValueError(f"the vocabulary has {item_vocab.num_items} items but the model was built for "
                          f"{model.num_items}")

@@ -93,6 +93,38 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Cleans up after atomic writes into ``directory`` that a killed process left unfinished.
+
+    Removes ``.NAME.*.tmp`` temporaries (files or directories) and ``.NAME.old`` copies whose
+    ``NAME`` is in place; a ``.NAME.old`` without ``NAME`` is the only copy left (the process
+    died between ``atomic_directory``'s two renames) and is renamed back to ``NAME``. Call it
+    only when no other process writes into ``directory``.
+
+    Returns:
+      The names removed or restored, for logging.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    changed = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if not name.startswith("."):
+            continue
+        if name.endswith(".tmp"):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            changed.append(name)
+        elif name.endswith(".old") and len(name) > len("..old"):
+            original = directory / name[1:-len(".old")]
+            if original.exists():
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            else:
+                os.replace(entry, original)
+            changed.append(name)
+    return changed
+
+
 def copy_directory(local: str | os.PathLike, target: str, last: Optional[str] = None) -> None:
     """Copies a local directory tree to ``target``, any ``tf.io.gfile`` path (``gs://``...).
 

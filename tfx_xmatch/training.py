@@ -32,7 +32,7 @@ from tfx_xmatch.data import load_dataset, make_split, sequence_training_dataset
 from tfx_xmatch.data.dataset import SequenceDataset, Split
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
-from tfx_xmatch.io_utils import atomic_directory, atomic_path, write_json_atomic
+from tfx_xmatch.io_utils import atomic_directory, atomic_path, remove_stale_temporaries, write_json_atomic
 from tfx_xmatch.models import MODELS
 
 logger = logging.getLogger(__name__)
@@ -358,6 +358,11 @@ def train(
         compile_for_training(model, config, target_counts(split))
     if chief:
         write_json_atomic(run_dir / "config.json", config.to_dict())
+        # A run killed mid-write left temporaries (and maybe its only copy of the best weights
+        # under .best_weights.old); the resumed run must start from what was last complete.
+        cleaned = remove_stale_temporaries(run_dir)
+        if cleaned:
+            logger.info("%s: cleaned up after an interrupted write: %s", run_dir, ", ".join(cleaned))
     output_dir.mkdir(parents=True, exist_ok=True)
     trainable = sum(len(sequence) >= 2 for sequence in split.train_sequences)
     train_data = sequence_training_dataset(

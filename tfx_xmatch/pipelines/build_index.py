@@ -352,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
       0 on success; bad inputs exit with status 2 and the reason.
     """
-    parser = argparse.ArgumentParser(prog="python -m tfx_xmatch.pipelines.build_index",
+    parser = argparse.ArgumentParser(prog="xmatch pipeline build-index",
                                      description="Item embeddings and SparCode posting lists with Apache Beam.")
     parser.add_argument("--run-dir", required=True, help="training run directory (with model/)")
     parser.add_argument("--output-dir", required=True, help="where the index files go")

@@ -334,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
       0 on success; bad inputs exit with status 2 and the reason.
     """
-    parser = argparse.ArgumentParser(prog="python -m tfx_xmatch.pipelines.evaluate",
+    parser = argparse.ArgumentParser(prog="xmatch pipeline evaluate",
                                      description="Full-ranking evaluation of an exported model with Apache Beam.")
     parser.add_argument("--export-dir", required=True, help="SavedModel version directory of the export")
     parser.add_argument("--prepared-dir", required=True, help="directory written by the prepare pipeline")

@@ -20,7 +20,7 @@ from tfx_xmatch.data.tfrecord import read_eval_examples, read_training_tfrecords
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.data.tfrecord import record_counts
-from tfx_xmatch.io_utils import json_text, write_json_atomic
+from tfx_xmatch.io_utils import json_text, remove_stale_temporaries, write_json_atomic
 
 Files = Union[str, Sequence[str]]
 
@@ -72,6 +72,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     # Claimed only now: bad records or a model that cannot be built must not leave a
     # config.json that refuses the corrected run.
     write_json_atomic(config_path, config.to_dict())
+    remove_stale_temporaries(run_dir)  # what a killed earlier attempt left half-written
     train_data = read_training_tfrecords(train_files, max_length=config.model.max_length,
                                          batch_size=config.train.batch_size, seed=config.train.seed,
                                          drop_remainder=training.drops_remainder(

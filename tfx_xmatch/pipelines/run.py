@@ -165,7 +165,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {str(output)!r} is not empty; a run there would mix with the "
-                              "earlier one (use a new directory, or overwrite)")
+                              "earlier one (use a new directory, or pass --overwrite to delete it first)")
         shutil.rmtree(output)
     timings: dict[str, float] = {}
 

@@ -233,17 +233,25 @@ def _parse_inputs(items, inputs_json) -> dict:
     inputs = {}
     if inputs_json:
         text = inputs_json
+        source = "the --inputs_json text"
         if not text.lstrip().startswith("{"):
+            source = f"--inputs_json file {text!r}"
             with open(text, encoding="utf-8") as f:
                 text = f.read()
-        inputs.update(json.loads(text))
+        try:
+            inputs.update(json.loads(text))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source} is not valid JSON: {error}") from None
     for item in items or ():
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--input {item!r} is not NAME=JSON")
         try:
             inputs[name] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as error:
+            if value.lstrip()[:1] in ("[", "{", '"'):
+                # Meant as JSON: sending it on as a string would fail later as a dtype error.
+                raise ValueError(f"--input {name}: {value!r} is not valid JSON: {error}") from None
             inputs[name] = value  # a bare string
     return inputs
 
