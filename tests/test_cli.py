@@ -150,3 +150,12 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-10 retrieved" in result.stdout and "ground truth of the generator" in result.stdout
     assert (tmp_path / "training_curves.png").exists()
+
+
+def test_help_is_not_interleaved_with_tensorflow_start_up_notes():
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "tfx_xmatch.cli", "query", "--help"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "usage: xmatch query" in result.stdout
+    # "oneDNN custom operations are on" and the CPU-instructions note are INFO lines.
+    assert "oneDNN" not in result.stderr and "cpu_feature_guard" not in result.stderr, result.stderr

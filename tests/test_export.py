@@ -219,3 +219,21 @@ def test_export_answers_in_a_fresh_tensorflow_only_process(model, exported, kind
     expected_top, expected_scores = oracle(model, HISTORIES, 4)
     assert answer["item_ids"] == string_vocab().ids(expected_top.ravel()).reshape(expected_top.shape).tolist()
     np.testing.assert_allclose(answer["scores"], expected_scores, rtol=1e-5)
+
+
+def test_exporting_a_model_that_never_trained_warns_about_nothing(tmp_path):
+    # The unused TFRS Retrieval task made every full-softmax or reloaded two-tower export log
+    # "Skipping full serialization of TF-Keras layer ... Retrieval ..., because it is not built".
+    import io
+    import logging
+
+    model = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH)
+    model({"history": np.ones((1, LENGTH), np.int32)})  # built as training.load_model builds it
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        export_retrieval_model(model, string_vocab(), tmp_path / "export", k_max=K_MAX)
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert "Skipping full serialization" not in stream.getvalue()

@@ -1199,3 +1199,13 @@ def test_the_client_says_when_an_input_is_broken_json(tmp_path):
     broken.write_text('{"history": [[1]')
     with pytest.raises(ValueError, match=f"--inputs_json file '{broken}' is not valid JSON"):
         _parse_inputs([], str(broken))
+
+
+def test_tensorflow_internals_are_dropped_from_error_messages():
+    from tfx_xmatch.serving.errors import clean_tf_message
+
+    raw = ("Graph execution error:\n\nDetected at node Assert/AssertGuard/Assert defined at (most recent call last):\n"
+           "  File \"x.py\", line 1\n\nassertion failed: [history has a row without any item (empty history)]"
+           " [0]\n\t [[{{node Assert/AssertGuard/Assert}}]] [Op:__inference_signature_wrapper__serve_default_3819]")
+    assert clean_tf_message(raw) == "assertion failed: [history has a row without any item (empty history)] [0]"
+    assert clean_tf_message("k must be in [1, 10], got 11") == "k must be in [1, 10], got 11"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 import tempfile
@@ -355,6 +356,11 @@ def _split_log_level(argv: list[str]) -> tuple[Optional[str], list[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     level, command = _split_log_level(argv)
+    if (level or "").upper() != "DEBUG" and "DEBUG" not in argv:
+        # TensorFlow's C++ start-up notes (oneDNN, CUDA drivers, CPU instructions) otherwise
+        # land in the middle of every command's output, --help included. Set before TF loads;
+        # a value the user exported wins.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     if command and command[0] in PASSTHROUGH_COMMANDS:
         import importlib
 

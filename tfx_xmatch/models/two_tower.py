@@ -102,6 +102,9 @@ class TwoTower(RetrievalModel):
             temperature=self.temperature,
             remove_accidental_hits=True,
         )
+        # It has no weights; built now, an export of a model that never ran it (full softmax,
+        # or reloaded from disk) does not warn "Skipping full serialization ... not built".
+        self.retrieval_task.build(None)
 
     # ---------------------------------------------------------------- towers
     def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 # TF Serving's REST front-end maps canonical codes to HTTP statuses along these lines.
@@ -62,9 +64,17 @@ def unimplemented(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNIMPLEMENTED, message)
 
 
+# Where in the graph an op failed ("[[{{node Assert/AssertGuard/Assert}}]]") and which traced
+# function ran it ("[Op:__inference_signature_wrapper_..._3819]"): names of TensorFlow's
+# internals, which say nothing to a client about its request.
+_GRAPH_LOCATIONS = re.compile(r"\s*\[\[\{\{node [^}]*\}\}\]\]|\s*\[Op:[^\]]*\]")
+
+
 def clean_tf_message(message: str) -> str:
-    """Drops eager TF's "Graph execution error: Detected at node ... (stack)" preamble, leaving
-    the op's own message (e.g. "assertion failed: [k must be > 0] ..."), as TF Serving shows."""
+    """The op's own message (e.g. "assertion failed: [k must be > 0] ..."), without eager TF's
+    "Graph execution error: Detected at node ... (stack)" preamble or the node and function
+    names TensorFlow appends."""
+    message = _GRAPH_LOCATIONS.sub("", message).rstrip()
     lines = message.split("\n")
     if not lines or not lines[0].startswith("Graph execution error"):
         return message
