@@ -292,6 +292,11 @@ def test_stock_stub_predict_matches_the_model(shared, reference):
     want = expected(reference, 2, history, 3)
     np.testing.assert_array_equal(tf.make_ndarray(response.outputs["item_ids"]), want["item_ids"])
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), want["scores"])
+    # As TF Serving writes them (Tensor::AsProtoField): in the typed value fields that clients
+    # read directly, not packed into tensor_content.
+    assert not response.outputs["scores"].tensor_content
+    np.testing.assert_allclose(np.reshape(response.outputs["scores"].float_val, (2, 3)), want["scores"])
+    np.testing.assert_array_equal(np.reshape(response.outputs["item_ids"].int64_val, (2, 3)), want["item_ids"])
 
     for spec in ({"version": 1}, {"label": "stable"}):
         response = shared.predict.Predict(
@@ -1209,3 +1214,19 @@ def test_tensorflow_internals_are_dropped_from_error_messages():
            " [0]\n\t [[{{node Assert/AssertGuard/Assert}}]] [Op:__inference_signature_wrapper__serve_default_3819]")
     assert clean_tf_message(raw) == "assertion failed: [history has a row without any item (empty history)] [0]"
     assert clean_tf_message("k must be in [1, 10], got 11") == "k must be in [1, 10], got 11"
+
+
+@pytest.mark.parametrize("array", [
+    np.array([[0.5, -1.0]], np.float32), np.array([[3, 4]], np.int64), np.array([[b"a", b"bc"]], object),
+    np.array([1.5, 2.5]), np.array([True, False]), np.array([[1, 2]], np.int32), np.array(3.0, np.float32),
+    np.zeros((0, 3), np.float32), np.array([1.0, 2.0], np.float16),
+])
+def test_outputs_encode_as_tf_serving_writes_them_and_decode_exactly(array):
+    from tfx_xmatch.serving.codec import ndarray_to_tensor_proto
+
+    proto = ndarray_to_tensor_proto(array)
+    decoded = tf.make_ndarray(proto)
+    assert decoded.shape == array.shape and decoded.dtype == array.dtype
+    np.testing.assert_array_equal(decoded, array)
+    if array.dtype != np.float16:
+        assert not proto.tensor_content

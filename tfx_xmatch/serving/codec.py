@@ -106,10 +106,31 @@ def tensor_proto_to_ndarray(spec: TensorSpecInfo, proto) -> np.ndarray:
     return array
 
 
+# TensorProto's typed value field per dtype. TF Serving answers Predict with these fields
+# (Tensor::AsProtoField), not tensor_content: clients read e.g. outputs["scores"].float_val.
+_VALUE_FIELDS = {"float32": "float_val", "float64": "double_val", "int32": "int_val", "int16": "int_val",
+                 "int8": "int_val", "uint8": "int_val", "uint16": "int_val", "int64": "int64_val",
+                 "uint32": "uint32_val", "uint64": "uint64_val", "bool": "bool_val"}
+
+
 def ndarray_to_tensor_proto(array: np.ndarray):
+    """An output as TF Serving writes it: dtype, shape and the dtype's repeated value field."""
     import tensorflow as tf
 
-    return tf.make_tensor_proto(array)
+    array = np.asarray(array)
+    field = "string_val" if array.dtype.kind in "OSU" else _VALUE_FIELDS.get(array.dtype.name)
+    if field is None:  # half, bfloat16, complex: tensor_content, which make_ndarray also reads
+        return tf.make_tensor_proto(array)
+    from tensorflow.core.framework import tensor_pb2
+
+    dtype = tf.string if field == "string_val" else tf.as_dtype(array.dtype)
+    proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum, tensor_shape=tf.TensorShape(array.shape).as_proto())
+    if field == "string_val":
+        values = [value if isinstance(value, bytes) else str(value).encode("utf-8") for value in array.ravel()]
+    else:
+        values = array.ravel().tolist()
+    getattr(proto, field).extend(values)
+    return proto
 
 
 # --------------------------------------------------------------------------------------------
