@@ -401,14 +401,17 @@ def test_rest_predict_row_and_columnar_formats(shared, reference):
 def test_rest_status_and_metadata(shared):
     status, body = shared.rest("GET", "/v1/models/tiny")
     assert status == 200
+    # Newest first, as TF Serving lists them (a client reading [0] as the latest gets it).
     assert body["model_version_status"] == [
-        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
         {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
     ]
     status, body = shared.rest("GET", "/v1/models/tiny/versions/1")
     assert status == 200 and [s["version"] for s in body["model_version_status"]] == ["1"]
-    status, body = shared.rest("GET", "/v1/models/tiny/labels/canary")
-    assert status == 200 and [s["version"] for s in body["model_version_status"]] == ["2"]
+    # TF Serving's GetModelStatus ignores a label: every version, even for a label it lacks.
+    for label in ("canary", "no-such-label"):
+        status, body = shared.rest("GET", f"/v1/models/tiny/labels/{label}")
+        assert status == 200 and [s["version"] for s in body["model_version_status"]] == ["2", "1"]
 
     status, body = shared.rest("GET", "/v1/models/tiny/versions/1/metadata")
     assert status == 200
@@ -417,6 +420,8 @@ def test_rest_status_and_metadata(shared):
     assert signature["inputs"]["history"]["dtype"] == "DT_INT64"
     assert [d["size"] for d in signature["inputs"]["history"]["tensor_shape"]["dim"]] == ["-1", "5"]
     assert signature["method_name"] == "tensorflow/serving/predict"
+    # Fields at their default values are printed too, as TF Serving does: a scalar's shape.
+    assert signature["inputs"]["k"]["tensor_shape"] == {"dim": [], "unknown_rank": False}
     status, body = shared.rest("GET", "/v1/models/tiny/metadata")
     assert status == 200 and body["model_spec"]["version"] == "2"
 
@@ -471,7 +476,7 @@ BAD_REQUESTS = [
     ("unknown label", dict(label="beta", inputs=good_inputs()), "/v1/models/tiny/labels/beta:predict",
      {"inputs": {"history": H_OK, "k": 3}}, INVALID, 400, "Unrecognized servable version label"),
     ("unknown signature", dict(signature="nope", inputs=good_inputs()), "/v1/models/tiny:predict",
-     {"signature_name": "nope", "inputs": {"history": H_OK, "k": 3}}, INVALID, 400,
+     {"signature_name": "nope", "inputs": {"history": H_OK, "k": 3}}, grpc.StatusCode.FAILED_PRECONDITION, 400,
      'signature key "nope" not found'),
     ("missing input", dict(inputs={"history": good_inputs()["history"]}),
      "/v1/models/tiny:predict", {"inputs": {"history": H_OK}}, INVALID, 400, "Missing input(s) {k}"),
@@ -599,8 +604,15 @@ def test_bad_requests_protocol_specific(shared):
 
     assert shared.rest("GET", "/v1/models/nope")[0] == 404
     assert shared.rest("GET", "/v1/models/tiny/versions/9/metadata")[0] == 404
-    assert shared.rest("GET", "/v2/whatever")[0] == 404
-    assert shared.rest("GET", "/v1/models/tiny:predict")[0] == 405
+    # As TF Serving (http_rest_api_handler.cc): any other path or method is a 400 "Malformed
+    # request", which a client cannot mistake for "this model is not loaded".
+    for method, path in [("GET", "/v2/whatever"), ("GET", "/v1/models/tiny:predict"),
+                         ("POST", "/v1/models/tiny/metadata"), ("DELETE", "/v1/models/tiny"),
+                         ("GET", "/v1/models/tiny/"), ("GET", f"/v1/models/tiny/versions/{1 << 64}")]:
+        status, answer = shared.rest(method, path, {} if method == "POST" else None)
+        assert status == 400 and answer["error"].startswith("Malformed request"), (method, path, answer)
+    assert shared.rest("GET", "/v1/models") == (400, {"error": "Missing model name in request."})
+    assert shared.rest("GET", "/V1/Models/tiny/Metadata")[0] == 200  # paths match case-insensitively
     status, answer = shared.rest("POST", "/v1/models/tiny:classify", {"examples": []})
     assert status == 501 and "classify" in answer["error"]
 
@@ -1230,3 +1242,31 @@ def test_outputs_encode_as_tf_serving_writes_them_and_decode_exactly(array):
     np.testing.assert_array_equal(decoded, array)
     if array.dtype != np.float16:
         assert not proto.tensor_content
+
+
+def test_rest_takes_chunked_and_gzip_bodies_as_tf_serving_does(shared):
+    import gzip
+    import http.client
+
+    body = json.dumps({"inputs": {"history": [[1, 2, 3, 0, 0]], "k": 3}}).encode()
+    expected_status, expected = shared.rest("POST", "/v1/models/tiny:predict", body)
+    assert expected_status == 200
+
+    def post(payload, headers, chunked=False):
+        connection = http.client.HTTPConnection("127.0.0.1", shared.server.rest_port, timeout=30)
+        try:
+            connection.request("POST", "/v1/models/tiny:predict", body=payload, headers=headers,
+                               encode_chunked=chunked)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    pieces = iter([body[:10], body[10:]])  # a streamed upload: no Content-Length, chunked
+    assert post(pieces, {"Transfer-Encoding": "chunked"}, chunked=True) == (200, expected)
+    assert post(gzip.compress(body), {"Content-Encoding": "gzip"}) == (200, expected)
+    status, answer = post(b"not gzip at all", {"Content-Encoding": "gzip"})
+    assert status == 400 and "does not decompress" in answer["error"]
+    # A small upload that inflates past the body limit is refused, not decompressed in full.
+    bomb = gzip.compress(b" " * (REST_LIMIT + 10))
+    assert len(bomb) < REST_LIMIT and post(bomb, {"Content-Encoding": "gzip"})[0] == 413

@@ -145,8 +145,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request, context):
         try:
-            version, label = model_spec_version(request.model_spec)
-            statuses = self.manager.status(request.model_spec.name, version, label)
+            version, _ = model_spec_version(request.model_spec)
+            # TF Serving's GetModelStatus ignores version_label: every version (or the one asked).
+            statuses = self.manager.status(request.model_spec.name, version)
             return status_response(statuses)
         except errors.ServingError as error:
             _abort(context, error)

@@ -219,9 +219,11 @@ class Servable:
         sig = self.signatures.get(key)
         if sig is None:
             available = ", ".join(sorted(self.signatures)) or "none"
-            raise errors.invalid_argument(
+            # FAILED_PRECONDITION, as TF Serving's predict_util (REST shows it as 400 as well).
+            raise errors.ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
                 f'Serving signature key "{key}" not found. Signatures available in model '
-                f"{self.model_name!r} version {self.version}: {available}."
+                f"{self.model_name!r} version {self.version}: {available}.",
             )
         return sig
 
@@ -634,7 +636,7 @@ class ModelManager:
     def status(
         self, name: str, version: int | None = None, label: str | None = None
     ) -> list[VersionStatus]:
-        """Statuses of a model's versions (all, or one), ascending by version."""
+        """Statuses of a model's versions (all, or one), newest first as TF Serving lists them."""
         model = self.get_model(name)
         if model is None:
             raise errors.not_found(f"Could not find any versions of model {name}")
@@ -648,7 +650,7 @@ class ModelManager:
         if not statuses:
             detail = f" ({model.last_scan_error})" if model.last_scan_error else ""
             raise errors.not_found(f"Could not find any versions of model {name}{detail}")
-        return [statuses[v] for v in sorted(statuses)]
+        return [statuses[v] for v in sorted(statuses, reverse=True)]
 
     def wait_until_available(
         self, name: str, version: int | None = None, timeout: float = 10.0

@@ -11,8 +11,9 @@ Predict follows TF Serving's JSON conventions: the row format (``instances``, an
 ``predictions``) and the columnar format (``inputs``, answered with ``outputs``); a single
 output is unnamed; strings are JSON strings and binary values ``{"b64": ...}`` (outputs whose
 name ends in ``_bytes`` are always base64); NaN/Infinity tokens are accepted and produced.
-Errors are ``{"error": "..."}`` with 400 (bad request), 404 (unknown model/version/route),
-413 (body over the limit), 501, 503 or 500.
+Errors are ``{"error": "..."}`` with 400 (bad request, and as in TF Serving any path or method
+outside these routes: "Malformed request"), 404 (unknown model or version), 413 (body over the
+limit), 501, 503 or 500. Paths match case-insensitively; bodies may be chunked or gzip-encoded.
 
 One extension to the row format: a signature input of rank 0 (a scalar such as ``k``) may be
 given in every instance, provided all instances give the same value; TF Serving would reject
@@ -27,9 +28,9 @@ import logging
 import re
 import threading
 import urllib.parse
+import zlib
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-import grpc
 from google.protobuf import json_format
 
 from tfx_xmatch.serving import codec, errors
@@ -39,11 +40,15 @@ from tfx_xmatch.serving.model_manager import ModelManager, Signature
 
 log = logging.getLogger("tfx_xmatch.serving.rest")
 
+# TF Serving's routes: case-insensitive, no trailing slash; anything else is a 400
+# "Malformed request" (http_rest_api_handler.cc), not a 404 a client would read as "no model".
 _ROUTE = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
+    r"^/v1/models(?:/(?P<name>[^/:]+))?"
     r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<suffix>/metadata|:predict|:classify|:regress)?/?$"
+    r"(?P<suffix>/metadata|:predict|:classify|:regress)?$",
+    re.IGNORECASE,
 )
+_MAX_VERSION = (1 << 63) - 1
 
 
 def _is_b64(value) -> bool:
@@ -74,33 +79,27 @@ class RestApp:
     def _dispatch(self, method: str, path: str, body: bytes):
         path = urllib.parse.urlsplit(path).path
         match = _ROUTE.match(path)
-        if match is None:
-            raise errors.not_found(f"Malformed request: {method} {path}")
+        suffix = match["suffix"].lower() if match and match["suffix"] else None
+        wanted = "GET" if suffix in (None, "/metadata") else "POST"
+        if match is None or method != wanted or (match["name"] is None and suffix is not None):
+            raise _bad(f"Malformed request: {method} {path}")
+        if match["name"] is None:
+            raise _bad("Missing model name in request.")
         name = urllib.parse.unquote(match["name"])
         version = int(match["version"]) if match["version"] is not None else None
+        if version is not None and version > _MAX_VERSION:
+            raise _bad(f"Malformed request: {method} {path}")
         label = urllib.parse.unquote(match["label"]) if match["label"] is not None else None
-        suffix = match["suffix"]
         if suffix in (None, "/metadata"):
-            if method != "GET":
-                raise errors.ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"Malformed request: {method} {path} (use GET)",
-                    http=405,
-                )
             if suffix is None:
-                statuses = self.manager.status(name, version, label)
+                # TF Serving's GetModelStatus reports every version whatever the label.
+                statuses = self.manager.status(name, version)
                 return json_format.MessageToDict(
                     status_response(statuses),
                     preserving_proto_field_name=True,
                     always_print_fields_with_no_presence=True,
                 )
             return self._metadata(name, version, label)
-        if method != "POST":
-            raise errors.ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"Malformed request: {method} {path} (use POST)",
-                http=405,
-            )
         if suffix in (":classify", ":regress"):
             raise errors.unimplemented(
                 f"{suffix[1:]} is not implemented by this server; use :predict"
@@ -121,8 +120,11 @@ class RestApp:
                     "version": str(servable.version),
                 },
                 "metadata": {
+                    # Every field, defaults included, as TF Serving prints it: a scalar's
+                    # tensor_shape carries "dim": [] and "unknown_rank": false.
                     SIGNATURE_DEF_FIELD: json_format.MessageToDict(
-                        signature_map, preserving_proto_field_name=True
+                        signature_map, preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True,
                     )
                 },
             }
@@ -262,9 +264,56 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _read_body(self) -> bytes | None:
+        """The request body, de-chunked and gunzipped as TF Serving's HTTP server does; None
+        when an error answer was sent instead."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self._send(411, {"error": "chunked requests are not supported; send Content-Length"})
+            body = self._read_chunked()
+        else:
+            body = self._read_sized()
+        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
+        if body is None or encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "x-gzip"):
+            self._send(400, {"error": f"unsupported Content-Encoding {encoding!r}; send gzip or none"})
             return None
+        limit = self.server.max_body_bytes or None
+        try:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+            plain = inflater.decompress(body, limit + 1 if limit else 0)
+            if limit and len(plain) > limit:  # a small upload may inflate to anything
+                self._send(413, {"error": f"the request body inflates past the limit of {limit} bytes"})
+                return None
+            if not inflater.eof:
+                raise zlib.error("truncated gzip stream")
+        except zlib.error as error:
+            self._send(400, {"error": f"the gzip-encoded request body does not decompress: {error}"})
+            return None
+        return plain
+
+    def _read_chunked(self) -> bytes | None:
+        limit = self.server.max_body_bytes
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                self._send(400, {"error": f"malformed chunk size line {line[:40]!r}"})
+                return None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(parts)
+            total += size
+            if limit and total > limit:
+                self.close_connection = True
+                self._send(413, {"error": f"request body exceeds the limit of {limit} bytes"})
+                return None
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # the CRLF after the chunk
+
+    def _read_sized(self) -> bytes | None:
         length_header = self.headers.get("Content-Length")
         if length_header is None:
             return b""
@@ -318,6 +367,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._handle("DELETE")
+
+    def do_HEAD(self):
+        self._handle("HEAD")
+
+    def do_PATCH(self):
+        self._handle("PATCH")
+
+    def do_OPTIONS(self):
+        self._handle("OPTIONS")
 
 
 class RestServer(HTTPServer):
