@@ -232,3 +232,17 @@ def test_training_read_aligns_next_items_and_skips_empty_histories(tmp_path):
         read_training_tfrecords(str(tmp_path / "none-*"), max_length=3, batch_size=2)
     with pytest.raises(ValueError, match="max_length must be positive, got 0"):
         read_training_tfrecords(str(tmp_path / "t-*"), max_length=0, batch_size=2)
+
+
+def test_records_are_the_same_bytes_in_every_process():
+    # A record's feature map was written in an order that changed with the process (string
+    # hashing), so a re-run, or a Beam worker, wrote other bytes for the same examples.
+    import subprocess
+    import sys
+
+    script = ("import tfx_xmatch; from tfx_xmatch.data.tfrecord import example_bytes; import sys; "
+              "sys.stdout.write(example_bytes([0, 3, 5], 7, {'age': 2, 'gender': 1, 'occupation': 9, 'zip': 4}).hex())")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+               for seed in ("1", "2", "3", "4")}
+    assert len(outputs) == 1

@@ -74,7 +74,9 @@ def example_bytes(history: Sequence[int], target: int, scalars: Mapping[str, int
     }
     for name, value in scalars.items():
         features[name] = _int64_feature([int(value)])
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # Deterministic: a map's entries are otherwise written in an order that changes from one
+    # Python process to the next, and identical inputs must give identical bytes.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def shard_boundaries(num_examples: int, num_shards: int) -> np.ndarray:
