@@ -74,6 +74,13 @@ def test_run_fn_trains_selects_and_exports_like_the_in_process_code(prepared, tm
     expected_ids = split.dataset.item_vocab.ids(np.argsort(-scores, kind="stable")[:5])
     assert result["item_ids"].numpy()[0].tolist() == list(expected_ids)
     assert (tmp_path / "serving" / "assets.extra" / "tf_serving_warmup_requests").exists()
+    # A retried Trainer task writes to the same places: it must succeed and leave one
+    # SavedModel there (it failed with FileExistsError after training again).
+    trainer_module.run_fn(_fn_args(directory, tmp_path))
+    again = tf.saved_model.load(str(tmp_path / "serving"))
+    retried = again.signatures["top_k"](history=tf.constant([raw], tf.int64), k=tf.constant(5))
+    assert retried["item_ids"].numpy()[0].tolist() == list(expected_ids)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run", "serving"]
 
 
 def test_run_fn_reads_gzip_records_and_honours_train_steps(prepared, tmp_path):

@@ -321,18 +321,25 @@ def export_retrieval_model(
 
 
 def save_serving_module(module: RetrievalServingModule, directory: str | os.PathLike, item_vocab: Vocabulary, *,
-                        model_name: str = "xmatch", warmup_histories: Optional[list] = None) -> pathlib.Path | str:
+                        model_name: str = "xmatch", warmup_histories: Optional[list] = None,
+                        overwrite: bool = False) -> pathlib.Path | str:
     """Saves ``module`` as a SavedModel (with warm-up requests) at ``directory``, atomically.
 
     The SavedModel is written to a hidden sibling (servers ignore names that are not version
     numbers) and renamed into place, so a reader never sees half of it. This is also the TFX
     Trainer's ``serving_model_dir`` layout (the SavedModel directly in the directory).
 
+    Args:
+      overwrite: Replace an existing ``directory`` (a retried TFX Trainer writes to the same
+        place): locally it is swapped out only once the new SavedModel is complete; on an
+        object store it is deleted first. Default False.
+
     Raises:
-      FileExistsError: ``directory`` already exists.
+      FileExistsError: ``directory`` already exists and ``overwrite`` is False.
     """
     final = _join(str(directory))
-    if tf.io.gfile.exists(str(final)):
+    exists = tf.io.gfile.exists(str(final))
+    if exists and not overwrite:
         raise FileExistsError(f"{final} already exists; write the SavedModel to a new directory")
     uses_scann = any(type(layer).__name__ == "ScaNNIndex" for layer in (module.index, getattr(module.index, "base", None)))
     options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if uses_scann else None)
@@ -343,6 +350,8 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
             write_warmup_requests(pathlib.Path(local), model_name, histories, module.id_dtype)
             # saved_model.pb last: a server looking during the copy finds no SavedModel rather
             # than a graph whose variables are half written (object stores have no atomic rename).
+            if exists:
+                tf.io.gfile.rmtree(final)
             copy_directory(local, final, last="saved_model.pb")
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -353,7 +362,11 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
     try:
         tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
         write_warmup_requests(temporary, model_name, histories, module.id_dtype)
+        previous = final.parent / f".{final.name}.{uuid.uuid4().hex}.old"
+        if exists:
+            os.replace(final, previous)
         os.rename(temporary, final)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return final

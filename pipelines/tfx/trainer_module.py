@@ -79,7 +79,8 @@ def run_fn(fn_args) -> None:
             copy_directory(local_run_dir, run_dir)
     module = build_serving_module(model, vocab, index_kind=export.get("index_kind", "brute_force"),
                                   index_options=export.get("index_options"), k_max=int(export.get("k_max", 100)))
-    save_serving_module(module, fn_args.serving_model_dir, vocab)
+    # overwrite: a retried Trainer (Kubeflow / Vertex retry the task) writes to the same place.
+    save_serving_module(module, fn_args.serving_model_dir, vocab, overwrite=True)
 
 
 @dataclasses.dataclass
