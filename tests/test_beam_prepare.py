@@ -193,7 +193,10 @@ def test_bad_inputs_say_what_is_wrong(tmp_path):
         PrepareSpec(inputs=("x",), format="pairs", output_dir=str(tmp_path), num_shards=0)
     broken = tmp_path / "broken.txt"
     broken.write_text("a\nb\n")
-    with pytest.raises(Exception, match="no interactions"):
+    # Nothing is written on this path: the error quotes the first malformed line rather than
+    # pointing at a dead-letter file that does not exist.
+    with pytest.raises(Exception, match=rf"no interactions \(2 malformed line\(s\); the first, {broken}:1: "
+                                        r".*\(is --format right\?\)"):
         run_prepare(PrepareSpec(inputs=(str(broken),), format="pairs", output_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out" / "statistics.json").exists()
 
@@ -258,3 +261,16 @@ def test_a_split_that_fails_replaces_no_shard(pairs_file, tmp_path):
     assert {name: data for name, data in after.items() if name != "statistics.json"} == {
         name: data for name, data in before.items() if name != "statistics.json"}
     assert "statistics.json" not in after  # the marker of a finished output is gone until a run succeeds
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(reader_options={"has_header": "maybe"}), "has_header must be true or false, got 'maybe'"),
+    (dict(split="user_level", split_options={"fractions": [0.5, 0.5, 0.5]}), "fractions must be three non-negative"),
+    (dict(split="time", split_options={"validation_time": 20, "test_time": 10}),
+     "validation_time must not be after test_time"),
+])
+def test_option_values_are_checked_before_the_pipeline_runs(tmp_path, options, message):
+    # Each of these was accepted up front: has_header=maybe silently dropped line 1 of every
+    # file; the split values failed on a worker after all the data was read and grouped.
+    with pytest.raises(ValueError, match=message):
+        PrepareSpec(inputs=("x",), format="ratings", output_dir=str(tmp_path), **options)

@@ -160,13 +160,7 @@ def user_level_parts(
       ValueError: If ``fractions`` is invalid, there are fewer than 10 users, or no user is
         left for training.
     """
-    fractions = tuple(float(fraction) for fraction in fractions)
-    valid = len(fractions) == 3 and all(fraction >= 0 for fraction in fractions)
-    if not valid or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(
-            f"fractions must be three non-negative shares (train, validation, test) summing "
-            f"to 1, got {fractions!r}"
-        )
+    fractions = check_fractions(fractions)
     if num_users < MIN_USERS_FOR_USER_LEVEL:
         raise ValueError(
             f"user_level needs at least {MIN_USERS_FOR_USER_LEVEL} users, dataset "
@@ -232,12 +226,31 @@ def time_cuts(
         cuts = np.quantile(every, quantiles, method="higher")
         validation_time = int(cuts[0]) if validation_time is None else validation_time
         test_time = int(cuts[1]) if test_time is None else test_time
+    check_cut_order(validation_time, test_time)
+    return int(validation_time), int(test_time)
+
+
+def check_fractions(fractions: Sequence[float]) -> tuple:
+    """The user-level shares as floats, if they are three non-negative numbers summing to 1."""
+    try:
+        fractions = tuple(float(fraction) for fraction in fractions)
+    except (TypeError, ValueError):
+        raise ValueError(f"fractions must be three numbers (train, validation, test), got {fractions!r}") from None
+    valid = len(fractions) == 3 and all(fraction >= 0 for fraction in fractions)
+    if not valid or not np.isclose(sum(fractions), 1.0):
+        raise ValueError(
+            f"fractions must be three non-negative shares (train, validation, test) summing "
+            f"to 1, got {fractions!r}"
+        )
+    return fractions
+
+
+def check_cut_order(validation_time, test_time) -> None:
     if validation_time > test_time:
         raise ValueError(
             f"validation_time must not be after test_time, got validation_time={validation_time!r} "
             f"and test_time={test_time!r}"
         )
-    return int(validation_time), int(test_time)
 
 
 def time_split(
@@ -364,3 +377,9 @@ def check_split_options(name: str, options: dict) -> None:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for the {name!r} split; accepted: {accepted}")
+    # Values that need no data are checked here too: a Beam run would otherwise find them on a
+    # worker, after reading and grouping everything.
+    if name == "user_level" and "fractions" in options:
+        check_fractions(options["fractions"])
+    if name == "time" and options.get("validation_time") is not None and options.get("test_time") is not None:
+        check_cut_order(options["validation_time"], options["test_time"])

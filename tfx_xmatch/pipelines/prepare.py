@@ -100,6 +100,9 @@ class PrepareSpec:
         sep = self.reader_options.get("sep")
         if sep is not None and not isinstance(sep, str):
             raise ValueError(f"reader option sep must be a string, got {sep!r}")
+        has_header = self.reader_options.get("has_header", False)
+        if not isinstance(has_header, bool):  # "maybe" was taken as true: line 1 of every file dropped
+            raise ValueError(f"reader option has_header must be true or false, got {has_header!r}")
         check_split_options(self.split, self.split_options)
         if self.split == "leave_one_out" and self.split_options.get("min_length", 3) < 3:
             raise ValueError(f"min_length must be at least 3 (one training item, a validation and a test target), "
@@ -283,12 +286,26 @@ def _write_shard(element, output_dir: str, num_shards: int) -> str:
     return path
 
 
+def _count_and_first(pairs) -> tuple:
+    """(count, first dead letter by file and line) of (1, letter) pairs and partial results."""
+    count, first = 0, None
+    for number, letter in pairs:
+        count += number
+        if letter is not None and (first is None or (letter["file"], letter["line"]) < (first["file"], first["line"])):
+            first = letter
+    return count, first
+
+
 def _check(_, spec: PrepareSpec, vocabulary, lengths: list[int], counts: dict, settings: dict,
-           num_dead_letters: int) -> dict:
+           dead_letters: tuple) -> dict:
     """Fails on an unusable input or split before any shard is replaced; returns full counts."""
     if vocabulary is None:
+        # Nothing is written on this path, the dead-letter file included: quote the first line.
+        num_dead_letters, first = dead_letters
+        example = (f"; the first, {first['file']}:{first['line']}: {first['problem']} (is --format right?)"
+                   if first else "")
         raise DataFormatError(spec.inputs[0], None, f"input has no interactions ({num_dead_letters} "
-                              f"malformed line(s) in {DEAD_LETTER_FILE})")
+                              f"malformed line(s){example})")
     counts = {part: counts.get(part, 0) for part in (*SPLIT_PARTS, "train_sequences", "train_interactions")}
     split_counts = {"train": counts["train_sequences"], "validation": counts["validation"], "test": counts["test"]}
     if spec.split == "leave_one_out" and not (counts["validation"] or counts["test"]):
@@ -381,7 +398,11 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
         | "SortRows" >> beam.Map(lambda part_rows: (part_rows[0], sorted(part_rows[1])))
         | "RowsByPart" >> beam.combiners.ToDict()
         | "EveryPart" >> beam.Map(lambda found: {part: found.get(part, []) for part in SPLIT_PARTS}))
-    dead_letters = parsed.dead_letter | "CountDeadLetters" >> beam.combiners.Count.Globally()
+    dead_letters = (
+        parsed.dead_letter
+        # The count, and the earliest malformed line to quote if nothing else is usable.
+        | "SummarizeDeadLetters" >> beam.Map(lambda letter: (1, letter))
+        | "CountAndFirst" >> beam.CombineGlobally(_count_and_first))
     checked = beam.pvalue.AsSingleton(
         pipeline | "Check" >> beam.Create([None]) | "CheckSplit" >> beam.Map(
             _check, spec, vocabulary, beam.pvalue.AsSingleton(lengths), beam.pvalue.AsSingleton(counts), settings,
