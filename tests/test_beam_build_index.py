@@ -225,3 +225,11 @@ def test_load_postings_restores_an_index_and_refuses_inconsistent_lists():
             SparseCodeIndex().load_postings(*bad, num_candidates=30)
     with pytest.raises(ValueError, match="needs identifiers or num_candidates"):
         SparseCodeIndex().load_postings(*arrays)
+
+
+def test_url_directories_are_refused_not_made_local(tmp_path):
+    from tfx_xmatch.pipelines.build_index import run_build_index
+
+    with pytest.raises(ValueError, match="output_dir 'gs://bucket/index' is a URL; build-index reads and writes "
+                                         "with local I/O"):
+        run_build_index(tmp_path, "gs://bucket/index", item_shards=1, code_shards=1)

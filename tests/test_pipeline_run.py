@@ -79,6 +79,10 @@ def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
         run_pipeline(load_config(None, ["data.dataset=synthetic"]), str(tmp_path / "out"), str(tmp_path / "models"))
     with pytest.raises(ConfigError, match="'soft_search' serves model.name='sparc' only, got 'two_tower'"):
         run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), index_kind="soft_search")
+    # A URL working directory became a local "gs:/..." directory, and the run "succeeded".
+    with pytest.raises(ConfigError, match="output_dir 'gs://bucket/out' is a URL"):
+        run_pipeline(config, "gs://bucket/out", str(tmp_path / "models"))
+    assert not pathlib.Path("gs:").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "run").mkdir()
     with pytest.raises(ConfigError, match="is not empty"):
@@ -130,3 +134,17 @@ def test_run_on_movielens_100k_matches_the_in_process_code(tmp_path):
     assert summary["test"]["num_examples"] == 943 and summary["test"]["targets_in_history"] == 0
     for key in ("HR@10", "NDCG@10", "Recall@50", "Coverage@50", "TailRecall@50"):
         assert summary["test"][key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+def test_publish_to_an_object_store_path_goes_through_tf_io_gfile(tmp_path):
+    from tfx_xmatch.pipelines.run import publish
+
+    staged = tmp_path / "staged"
+    (staged / "variables").mkdir(parents=True)
+    (staged / "saved_model.pb").write_bytes(b"graph")
+    (staged / "variables" / "variables.index").write_bytes(b"index")
+    base = f"ram://models-{tmp_path.name}"
+    assert publish(staged, base) == f"{base}/1"
+    assert publish(staged, base + "/") == f"{base}/2"
+    assert tf.io.gfile.exists(f"{base}/2/variables/variables.index")
+    assert not pathlib.Path("ram:").exists()  # pathlib once made such paths local directories

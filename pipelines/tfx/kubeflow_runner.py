@@ -21,7 +21,8 @@ def main() -> None:
         pipeline_name=configs.PIPELINE_NAME,
         pipeline_root=configs.PIPELINE_ROOT,
         data_root=configs.DATA_ROOT,
-        # Inside the image the module sits at the same relative place.
+        # TFX packages the module's directory as a wheel under pipeline_root at compile time;
+        # the image needs tfx_xmatch installed, not this file (see pipelines/README.md).
         module_file=configs.MODULE_FILE,
         serving_model_dir=configs.SERVING_MODEL_DIR,
         run_config=configs.RUN_CONFIG,

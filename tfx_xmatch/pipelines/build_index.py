@@ -80,6 +80,10 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
         if not is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     SparseCodeIndex(max_items_per_code=max_items_per_code, cache_fraction=cache_fraction)  # checks the budget
+    for name, value in (("run_dir", run_dir), ("output_dir", output_dir)):
+        if "://" in str(value):  # pathlib would quietly make it a local "gs:/..." directory
+            raise ValueError(f"{name} {str(value)!r} is a URL; build-index reads and writes with local I/O, so give "
+                             "a directory the workers and the launcher share (local disk, NFS, a mounted bucket)")
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")

@@ -38,7 +38,7 @@ import numpy as np
 
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
-from tfx_xmatch.io_utils import write_json_atomic
+from tfx_xmatch.io_utils import copy_directory, write_json_atomic
 from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
 
 STAGES = ("prepare", "train", "build_index", "export", "evaluate", "publish")
@@ -99,8 +99,19 @@ def _filled_index(model, index_dir: pathlib.Path, kind: str, options: dict, k_ma
     return index.index(tf.constant(embeddings[1:]), tf.range(1, len(embeddings), dtype=tf.int64))
 
 
-def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path:
-    """Copies a staged export into the next free version of ``model_base_path``, atomically."""
+def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path | str:
+    """Copies a staged export into the next free version of ``model_base_path``: atomically on
+    a local file system; on an object store (``gs://``...) with ``saved_model.pb`` copied last,
+    so a polling server finds no SavedModel until the rest is there."""
+    if "://" in model_base_path:
+        import tensorflow as tf
+
+        base = model_base_path.rstrip("/")
+        tf.io.gfile.makedirs(base)
+        existing = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(base) if name.rstrip("/").isdigit()]
+        final = f"{base}/{max(existing, default=0) + 1}"
+        copy_directory(staged_version, final, last="saved_model.pb")
+        return final
     base = pathlib.Path(model_base_path)
     base.mkdir(parents=True, exist_ok=True)
     existing = [int(path.name) for path in base.iterdir() if path.is_dir() and path.name.isdigit()]
@@ -157,6 +168,10 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     if index_kind in MODEL_KINDS and config.model.name != MODEL_KINDS[index_kind]:
         raise ConfigError(f"index kind {index_kind!r} serves model.name={MODEL_KINDS[index_kind]!r} only, "
                           f"got {config.model.name!r}")
+    if "://" in str(output_dir):  # pathlib would quietly make it a local "gs:/..." directory
+        raise ConfigError(f"output_dir {str(output_dir)!r} is a URL; the run's working files (records, training "
+                          "run, index) are written with local I/O: give a local or mounted directory "
+                          "(--model-base-path may be a gs:// URL)")
     output = pathlib.Path(output_dir)
     prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
     spec = prepare_spec(config, str(prepared), num_shards)
@@ -210,8 +225,8 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     print(f"  {'total':<12} {summary['total_seconds']:8.1f}")
     shown = [key for key in ("HR@10", "NDCG@10", "Recall@50") if key in metrics]
     print("test (full ranking through the export): " + ", ".join(f"{key} {metrics[key]:.4f}" for key in shown))
-    print(f"published {published}  (serve it: xmatch serve --model_name=xmatch "
-          f"--model_base_path={os.path.abspath(model_base_path)})")
+    base_path = model_base_path if "://" in model_base_path else os.path.abspath(model_base_path)
+    print(f"published {published}  (serve it: xmatch serve --model_name=xmatch --model_base_path={base_path})")
     return summary
 
 
