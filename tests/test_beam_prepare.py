@@ -274,3 +274,29 @@ def test_option_values_are_checked_before_the_pipeline_runs(tmp_path, options, m
     # file; the split values failed on a worker after all the data was read and grouped.
     with pytest.raises(ValueError, match=message):
         PrepareSpec(inputs=("x",), format="ratings", output_dir=str(tmp_path), **options)
+
+
+def test_a_misspelt_flag_is_an_error_not_a_discarded_beam_option(pairs_file, tmp_path, capsys):
+    # `--num_shards 3` went to Beam, which discarded it with a warning, and prepare exited 0.
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--input", str(pairs_file), "--format", "pairs", "--output-dir", str(tmp_path),
+                      "--num_shards", "3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized argument --num_shards; did you mean --num-shards?" in capsys.readouterr().err
+    assert not (tmp_path / "statistics.json").exists()
+
+
+def test_a_failed_write_leaves_no_temporary_behind(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from tfx_xmatch.pipelines import beam_utils
+
+    def failing_rename(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.io.gfile, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk full"):
+        beam_utils.write_text(str(tmp_path / "statistics.json"), "{}")
+    with pytest.raises(OSError, match="disk full"):
+        prepare._write_shard((("train", 0), [(0, [0, 1], 2)]), str(tmp_path), 1)
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []  # was one .tmp-<uuid> per attempt

@@ -8,7 +8,7 @@ pipelines run on the DirectRunner in this process.
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 BEAM_INSTALL_HINT = "pip install 'tfx_xmatch[beam]'  (apache-beam >= 2.60)"
 
@@ -20,6 +20,22 @@ def require_beam():
     except ImportError as error:
         raise ImportError(f"the Beam pipelines need Apache Beam, which is not installed: {BEAM_INSTALL_HINT}") from error
     return beam
+
+
+def split_arguments(parser, argv: Optional[Sequence[str]]) -> tuple:
+    """(our arguments, Beam's): ``parse_known_args``, except that a misspelt flag of ours
+    (``--num_shards`` for ``--num-shards``) is an error instead of a Beam option that Beam
+    discards with a warning while the command exits 0.
+    """
+    args, rest = parser.parse_known_args(argv)
+    ours = {option.lstrip("-").replace("_", "-"): option
+            for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    for argument in rest:
+        name = argument.split("=", 1)[0]
+        spelt = ours.get(name.lstrip("-").replace("_", "-"))
+        if name.startswith("--") and spelt is not None:
+            parser.error(f"unrecognized argument {name}; did you mean {spelt}?")
+    return args, rest
 
 
 def pipeline_options(beam_args: Sequence[str] = ()):
@@ -53,6 +69,10 @@ def write_text(path: str, text: str) -> None:
 
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
     temporary = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(temporary, "w") as handle:
-        handle.write(text)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    try:
+        with tf.io.gfile.GFile(temporary, "w") as handle:
+            handle.write(text)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    finally:  # a failed write or rename leaves no temporary behind
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.remove(temporary)

@@ -43,7 +43,7 @@ from tfx_xmatch import training
 from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.index.sparse_code_index import SparseCodeIndex, cache_budget, entries_to_postings, prune_entries
 from tfx_xmatch.io_utils import atomic_path, write_json_atomic
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam
+from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, split_arguments
 
 beam = require_beam()
 from apache_beam.utils.shared import Shared  # noqa: E402
@@ -365,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-items-per-code", type=int, help="SparCode budget L: posting-list length cap")
     parser.add_argument("--cache-fraction", type=float, help="SparCode budget f: fraction of the table kept")
     parser.add_argument("--batch-size", type=int, default=4096, help="items per forward pass")
-    args, beam_args = parser.parse_known_args(argv)
+    args, beam_args = split_arguments(parser, argv)
     try:
         summary = run_build_index(args.run_dir, args.output_dir, beam_args=beam_args, item_shards=args.item_shards,
                                   code_shards=args.code_shards, max_items_per_code=args.max_items_per_code,

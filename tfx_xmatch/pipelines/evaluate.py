@@ -47,7 +47,7 @@ from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.data.tfrecord import record_counts
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
 from tfx_xmatch.io_utils import json_text
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, write_text
+from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, split_arguments, write_text
 
 beam = require_beam()
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference  # noqa: E402
@@ -342,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50], help="cutoffs K")
     parser.add_argument("--batch-size", type=int, default=256, help="examples per call of the export")
     parser.add_argument("--output", help="metrics JSON file (written atomically)")
-    args, beam_args = parser.parse_known_args(argv)
+    args, beam_args = split_arguments(parser, argv)
     try:
         metrics = run_evaluate(args.export_dir, args.prepared_dir, split=args.split, ks=args.ks,
                                batch_size=args.batch_size, output_path=args.output, beam_args=beam_args)

@@ -49,7 +49,7 @@ from tfx_xmatch.data.splits import (
 )
 from tfx_xmatch.data.tfrecord import SPLIT_PARTS, example_bytes, remove_stale_shards, shard_boundaries, shard_paths
 from tfx_xmatch.io_utils import json_text
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, write_text
+from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, split_arguments, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -279,10 +279,14 @@ def _write_shard(element, output_dir: str, num_shards: int) -> str:
     path = shard_paths(os.path.join(output_dir, part), num_shards)[shard]
     tf.io.gfile.makedirs(output_dir)
     temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
-    with tf.io.TFRecordWriter(temporary) as writer:
-        for row, history, target in sorted(records, key=lambda record: record[0]):
-            writer.write(example_bytes(history, target, {"user_row": row}))
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    try:
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for row, history, target in sorted(records, key=lambda record: record[0]):
+                writer.write(example_bytes(history, target, {"user_row": row}))
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    finally:  # a failed write or rename (a retried bundle) leaves no temporary behind
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.remove(temporary)
     return path
 
 
@@ -510,7 +514,7 @@ def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = split_arguments(build_parser(), argv)
     statistics = run_prepare(spec_from_args(args), beam_args)
     dataset = statistics["dataset"]
     print(f"prepared {dataset['name']}: {dataset['users']} users, {dataset['items']} items, "

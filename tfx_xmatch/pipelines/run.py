@@ -39,6 +39,7 @@ import numpy as np
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
 from tfx_xmatch.io_utils import copy_directory, write_json_atomic
+from tfx_xmatch.pipelines.beam_utils import split_arguments
 from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
 
 STAGES = ("prepare", "train", "build_index", "export", "evaluate", "publish")
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from tfx_xmatch.pipelines.prepare import parse_options
 
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = split_arguments(build_parser(), argv)
     config = load_config(args.config, args.set)
     run_pipeline(config, args.output_dir, args.model_base_path, index_kind=args.index,
                  index_options=parse_options(args.index_option, "--index-option"), k_max=args.k_max,
