@@ -183,6 +183,9 @@ def test_movielens_100k_equal_in_process(tmp_path, split):
 
 
 def test_bad_inputs_say_what_is_wrong(tmp_path):
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(ValueError, match=r"names the directory .*logs'; give its files or a glob such as .*logs/\*"):
+        run_prepare(PrepareSpec(inputs=(str(tmp_path / "logs"),), format="pairs", output_dir=str(tmp_path / "o")))
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         run_prepare(PrepareSpec(inputs=(str(tmp_path / "nothing-here*.txt"),), format="pairs", output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="'colour'"):

@@ -92,3 +92,15 @@ def test_overrides_read_scientific_floats_and_hashes_in_paths_and_share_nothing(
     raw = {"eval": {"ks": [10]}}
     config_from_dict(raw).eval.ks.append(5)
     assert raw == {"eval": {"ks": [10]}}  # the config once shared the caller's list
+
+
+def test_a_config_file_at_a_url_is_read_through_tf_io_gfile(tmp_path):
+    # A TFX custom_config naming gs://.../run.yaml failed as a missing local "gs:/..." file.
+    import tensorflow as tf
+
+    url = f"ram://configs-{tmp_path.name}/run.yaml"
+    with tf.io.gfile.GFile(url, "w") as handle:
+        handle.write("train: {epochs: 7}\n")
+    assert load_config(url).train.epochs == 7
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(f"ram://configs-{tmp_path.name}/missing.yaml")

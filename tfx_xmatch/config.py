@@ -209,12 +209,21 @@ def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[s
     """
     raw: dict = {}
     if path is not None:
-        path = pathlib.Path(path)
-        text = path.read_text(encoding="utf-8")
+        path = str(path)
+        if "://" in path:  # gs://... (e.g. a TFX custom_config): pathlib would make it "gs:/..."
+            import tensorflow as tf
+
+            if not tf.io.gfile.exists(path):
+                raise FileNotFoundError(f"config file {path!r} does not exist")
+            with tf.io.gfile.GFile(path, "r") as handle:
+                text = handle.read()
+        else:
+            text = pathlib.Path(path).read_text(encoding="utf-8")
+        is_json = path.endswith(".json")
         try:
-            raw = json.loads(text) if path.suffix == ".json" else (yaml.load(text, Loader=_Loader) or {})
+            raw = json.loads(text) if is_json else (yaml.load(text, Loader=_Loader) or {})
         except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+            raise ConfigError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: {error}") from None
     config = config_from_dict(raw, source=str(path) if path else "config")
     apply_overrides(config, overrides)
     return config

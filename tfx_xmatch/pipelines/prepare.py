@@ -133,7 +133,9 @@ class PrepareSpec:
             files = sorted(key for key, value in DATASETS.items() if value.kind == "file")
             raise ValueError(f"prepare reads dataset files; {dataset!r} is not one of {files}")
         path = os.path.join(data_dir, info.relative_path)
-        if not os.path.isfile(path):
+        import tensorflow as tf  # its file systems reach gs://, as the Beam workers' reads do
+
+        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
             raise FileNotFoundError(f"dataset {dataset!r} expects its {info.format} file at {path!r}; not found")
         options = {**info.options, **kwargs.pop("reader_options", {})}
         return cls(inputs=(path,), format=info.format, output_dir=output_dir, name=name or dataset,
@@ -145,6 +147,7 @@ def match_inputs(patterns: Iterable[str]) -> list[str]:
 
     Raises:
       FileNotFoundError: If a pattern matches no file (the message names it).
+      ValueError: If a pattern names a directory.
     """
     from apache_beam.io.filesystems import FileSystems
 
@@ -153,6 +156,12 @@ def match_inputs(patterns: Iterable[str]) -> list[str]:
         found = [metadata.path for result in FileSystems.match([pattern]) for metadata in result.metadata_list]
         if not found:
             raise FileNotFoundError(f"input pattern {pattern!r} matches no file")
+        import tensorflow as tf
+
+        folders = [path for path in found if tf.io.gfile.isdir(path)]
+        if folders:  # it would fail on a worker, as IsADirectoryError, after the launch
+            raise ValueError(f"input {pattern!r} names the directory {folders[0]!r}; give its files or a glob such "
+                             f"as {pattern.rstrip('/')}/*")
         paths.update(found)
     return sorted(paths)
 
