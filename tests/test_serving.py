@@ -8,6 +8,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1270,3 +1271,24 @@ def test_rest_takes_chunked_and_gzip_bodies_as_tf_serving_does(shared):
     # A small upload that inflates past the body limit is refused, not decompressed in full.
     bomb = gzip.compress(b" " * (REST_LIMIT + 10))
     assert len(bomb) < REST_LIMIT and post(bomb, {"Content-Encoding": "gzip"})[0] == 413
+
+
+def test_json_floats_that_would_lose_precision_are_refused_as_tf_serving_does():
+    from tfx_xmatch.serving import codec
+    from tfx_xmatch.serving.errors import ServingError
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+    float_spec = TensorSpecInfo("x", tf.float32, (None, 2))
+    np.testing.assert_array_equal(codec.json_to_ndarray(float_spec, [[0.1, 16777215]]),
+                                  np.array([[0.1, 16777215]], np.float32))
+    assert np.isinf(codec.json_to_ndarray(float_spec, [[float("inf"), 1.0]])[0, 0])
+    # Both were accepted and changed: 16777217 read as 16777216.0, 1e40 as Infinity.
+    for value, shown in ((16777217, "16777217"), (1e40, "1e+40")):
+        with pytest.raises(ServingError, match=re.escape(f"Cannot convert JSON value: {shown} to float without "
+                                                         "loss of precision")) as info:
+            codec.json_to_ndarray(float_spec, [[value, 1.0]])
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    double_spec = TensorSpecInfo("x", tf.float64, (None,))
+    assert codec.json_to_ndarray(double_spec, [16777217]).tolist() == [16777217.0]
+    with pytest.raises(ServingError, match="to double without loss of precision"):
+        codec.json_to_ndarray(double_spec, [2 ** 53 + 1])

@@ -249,11 +249,38 @@ def json_to_ndarray(spec: TensorSpecInfo, value) -> np.ndarray:
                     f"input '{alias}' expects {dtype.name} values but the JSON holds "
                     f"{_json_kind(raw.flat[0].item())}"
                 )
+            _check_lossless(alias, value, raw, target)
         else:
             raise errors.invalid_argument(
                 f"input '{alias}' has dtype {dtype.name}, which the JSON API does not support"
             )
     return raw.astype(target)
+
+
+def _json_integers(value):
+    """The JSON integers among the leaves of nested lists (a mixed list becomes floats in NumPy)."""
+    if isinstance(value, list):
+        for item in value:
+            yield from _json_integers(item)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield value
+
+
+def _check_lossless(alias: str, value, raw: np.ndarray, target: np.dtype) -> None:
+    """Refuses values the float dtype cannot hold, as TF Serving's JSON decoder does
+    (IsLosslessDecimal): integers past its exact range (2^24 - 1 for float32) and finite
+    numbers past its largest; NaN and Infinity pass."""
+    info = np.finfo(target)
+    limit = (1 << (info.nmant + 1)) - 1
+    lossy = [number for number in _json_integers(value) if abs(number) > limit]
+    if not lossy and raw.dtype.kind == "f":
+        finite = raw[np.isfinite(raw)]
+        lossy = finite[np.abs(finite) > info.max].tolist()
+    if lossy:
+        name = {"float32": "float", "float64": "double"}.get(target.name, target.name)
+        raise errors.invalid_argument(
+            f"Cannot convert JSON value: {lossy[0]} to {name} without loss of precision (input '{alias}')"
+        )
 
 
 def _bytes_to_json(value: bytes, force_b64: bool):
