@@ -96,6 +96,9 @@ def test_run_fn_reads_gzip_records_and_honours_train_steps(prepared, tmp_path):
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["epochs"]) == 3
     assert (tmp_path / "serving" / "saved_model.pb").exists()
+    # Fewer steps than epochs: that many one-batch epochs, not one batch per configured epoch.
+    trainer_module.run_fn(_fn_args(gzipped, tmp_path / "short", train_steps=2))
+    assert len(json.loads((tmp_path / "short" / "run" / "history.json").read_text())["epochs"]) == 2
 
 
 def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path):

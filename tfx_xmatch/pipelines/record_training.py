@@ -7,6 +7,7 @@ for ``fit`` and held-out (history, next item) examples for model selection with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -79,7 +80,12 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
                                              strategy, num_records, config.train.batch_size))
     steps_per_epoch = None
     if train_steps:
-        steps_per_epoch = max(1, int(train_steps) // config.train.epochs)
+        # TFX's train_steps counts batches in all: fewer than train.epochs means fewer epochs
+        # of one batch (5 steps over 20 epochs once trained 20 batches). A remainder that does
+        # not divide into the epochs (fewer batches than epochs) is left out.
+        epochs = min(config.train.epochs, int(train_steps))
+        steps_per_epoch = int(train_steps) // epochs
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
         train_data = train_data.repeat()
 
     score_all = tf.function(model.score_all, reduce_retracing=True)
