@@ -113,6 +113,11 @@ def test_write_split_tfrecords(tmp_path, split):
     statistics = json.loads((directory / "statistics.json").read_text())
     assert statistics["split"] == "leave_one_out"
     assert statistics["num_items"] == 30
+    # Records read with the vocabulary of another preparation: named, not a bare IndexError.
+    from tfx_xmatch.data.tfrecord import record_counts
+
+    with pytest.raises(IndexError, match="but the vocabulary has 5 items: the records and the item_vocab.json"):
+        record_counts(str(directory / "train-*"), 5)
     # Training sequences of a single item (users with 3 interactions) have no target.
     keep = [k for k, sequence in enumerate(split.train_sequences) if len(sequence) >= 2]
     assert 0 < len(keep) < 40

@@ -459,6 +459,10 @@ def record_counts(train_files, num_items: int) -> tuple[np.ndarray, np.ndarray]:
     examples, _ = read_eval_examples(train_files)
     for history, target in zip(examples.histories, examples.targets):
         sequence = np.append(history, target)
+        if sequence.max(initial=0) > num_items:
+            raise IndexError(f"a training record holds item index {int(sequence.max())}, but the vocabulary has "
+                             f"{num_items} items: the records and the item_vocab.json given with them come from "
+                             "different preparations")
         np.add.at(targets, sequence[1:], 1)
         np.add.at(interactions, sequence, 1)
     interactions[0] = targets[0] = 0
