@@ -2,6 +2,7 @@
 its evaluation through the export equals the in-process evaluation of the trained model."""
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -148,3 +149,10 @@ def test_publish_to_an_object_store_path_goes_through_tf_io_gfile(tmp_path):
     assert publish(staged, base + "/") == f"{base}/2"
     assert tf.io.gfile.exists(f"{base}/2/variables/variables.index")
     assert not pathlib.Path("ram:").exists()  # pathlib once made such paths local directories
+    # Locally: renamed into place whole, readable by a server running as another user.
+    local = publish(staged, str(tmp_path / "models"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert local == tmp_path / "models" / "1" and (local / "saved_model.pb").read_bytes() == b"graph"
+    assert local.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert [path.name for path in (tmp_path / "models").iterdir()] == ["1"]

@@ -302,9 +302,7 @@ def export_retrieval_model(
       ValueError: ``version`` below 1, or what ``build_serving_module`` refuses.
     """
     base = str(export_base_path)
-    tf.io.gfile.makedirs(base)
-    existing = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(base) if name.rstrip("/").isdigit()]
-    version = (max(existing, default=0) + 1) if version is None else int(version)
+    version = next_version(base) if version is None else int(version)
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version!r}")
     final = _join(base, str(version))
@@ -318,6 +316,14 @@ def export_retrieval_model(
     )
     save_serving_module(module, final, item_vocab, model_name=model_name, warmup_histories=warmup_histories)
     return final
+
+
+def next_version(base_path: str) -> int:
+    """One more than the largest version under ``base_path`` (created if missing; any
+    ``tf.io.gfile`` path), 1 if there is none."""
+    tf.io.gfile.makedirs(base_path)
+    names = [name.rstrip("/") for name in tf.io.gfile.listdir(base_path)]
+    return max((int(name) for name in names if name.isdigit()), default=0) + 1
 
 
 def save_serving_module(module: RetrievalServingModule, directory: str | os.PathLike, item_vocab: Vocabulary, *,

@@ -110,18 +110,16 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     changed = []
     for entry in sorted(directory.iterdir()):
         name = entry.name
-        if not name.startswith("."):
+        if not name.startswith(".") or not name.endswith((".tmp", ".old")) or name == "..old":
             continue
-        if name.endswith(".tmp"):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            changed.append(name)
-        elif name.endswith(".old") and len(name) > len("..old"):
-            original = directory / name[1:-len(".old")]
-            if original.exists():
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            else:
-                os.replace(entry, original)
-            changed.append(name)
+        original = directory / name[1:-len(".old")]
+        if name.endswith(".old") and not original.exists():
+            os.replace(entry, original)
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        changed.append(name)
     return changed
 
 

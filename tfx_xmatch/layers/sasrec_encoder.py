@@ -5,7 +5,6 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfx_xmatch import arguments
-
 from tfx_xmatch.layers.causal_transformer_block import CausalTransformerBlock
 
 

@@ -163,16 +163,15 @@ class SPARC(RetrievalModel):
             raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        for name, value in (("temperature", temperature), ("contrastive_temperature", contrastive_temperature)):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+        if contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_temperature must be positive, got {contrastive_temperature!r}")
         for name, value in (("rqvae_weight", rqvae_weight), ("bpr_weight", bpr_weight),
                             ("contrastive_weight", contrastive_weight), ("interest_weight", interest_weight),
-                            ("num_sampled_negatives", num_sampled_negatives), ("mixture_weight", mixture_weight),
+                            ("mixture_weight", mixture_weight),
                             ("backbone_loss_weight", backbone_loss_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
-        for name, value in (("max_loss_positions", max_loss_positions), ("serving_interests", serving_interests),
+        for name, value in (("serving_interests", serving_interests),
                             ("max_contrastive_positions", max_contrastive_positions)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")

@@ -30,8 +30,8 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -104,22 +104,18 @@ def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path 
     """Copies a staged export into the next free version of ``model_base_path``: atomically on
     a local file system; on an object store (``gs://``...) with ``saved_model.pb`` copied last,
     so a polling server finds no SavedModel until the rest is there."""
-    if "://" in model_base_path:
-        import tensorflow as tf
+    from tfx_xmatch.export import next_version
 
-        base = model_base_path.rstrip("/")
-        tf.io.gfile.makedirs(base)
-        existing = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(base) if name.rstrip("/").isdigit()]
-        final = f"{base}/{max(existing, default=0) + 1}"
+    version = next_version(model_base_path)
+    if "://" in model_base_path:
+        final = f"{model_base_path.rstrip('/')}/{version}"
         copy_directory(staged_version, final, last="saved_model.pb")
         return final
-    base = pathlib.Path(model_base_path)
-    base.mkdir(parents=True, exist_ok=True)
-    existing = [int(path.name) for path in base.iterdir() if path.is_dir() and path.name.isdigit()]
-    final = base / str(max(existing, default=0) + 1)
-    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=base))
+    final = pathlib.Path(model_base_path) / str(version)
+    # A hidden name beside the versions (servers ignore it), renamed into place when complete.
+    temporary = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
     try:
-        shutil.copytree(staged_version, temporary, dirs_exist_ok=True)
+        shutil.copytree(staged_version, temporary)
         os.rename(temporary, final)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -633,14 +633,12 @@ class ModelManager:
             if done:
                 self._finish_unload(model, servable)
 
-    def status(
-        self, name: str, version: int | None = None, label: str | None = None
-    ) -> list[VersionStatus]:
-        """Statuses of a model's versions (all, or one), newest first as TF Serving lists them."""
+    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
+        """Statuses of a model's versions (all, or one), newest first as TF Serving lists them.
+        Like TF Serving's GetModelStatus, it takes no version label."""
         model = self.get_model(name)
         if model is None:
             raise errors.not_found(f"Could not find any versions of model {name}")
-        version = self.resolve_version(model, version, label)
         with model.lock:
             statuses = dict(model.statuses)
         if version is not None:
