@@ -36,7 +36,9 @@ import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
-from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking, is_tail_target  # noqa: E402
+from tfx_xmatch.evaluation import (  # noqa: E402
+    compare_metrics, evaluate_full_ranking, format_difference, is_tail_target,
+)
 from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_RUN = "sparcode_slots-sparcode"
@@ -215,8 +217,7 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {EXACT} | | | {row['HR@10']} | {row['NDCG@10']} | {row['Recall@50']} | 100% | | |")
             continue
         paired = row["vs_unquantized"]
-        cells = [f"{paired[key]['difference']:+.4f} [{paired[key]['ci_low']:+.4f}, {paired[key]['ci_high']:+.4f}] "
-                 f"p={paired[key]['p_value']:.2g}" for key in ("HR@10", "NDCG@10")]
+        cells = [format_difference(paired[key]) for key in ("HR@10", "NDCG@10")]
         lines.append(f"| {row['codebooks']} x {row['codewords']} (slices of {row['slice_width']}) | {row['bits']:g} | "
                      f"{row['codebooks'] * row['codewords']:,} | "
                      f"{row['HR@10']} | {row['NDCG@10']} | {row['Recall@50']} | "

@@ -188,6 +188,15 @@ def test_update_from_top_k_equals_update_on_the_same_scores():
     assert actual.result() == expected.result()
 
 
+def test_empty_slots_and_repeats_take_no_position_in_a_top_k_list():
+    evaluator = FullRankingEvaluator(NUM_ITEMS, ks=(1, 2))
+    ranks = evaluator.update_from_top_k(np.array([[0, 7, 3], [4, 4, 9], [5, 0, 5]]), np.array([7, 9, 6]))
+    assert ranks.tolist() == [0, 1, 2]
+    assert evaluator.result()["HR@1"] == pytest.approx(1 / 3) and evaluator.result()["HR@2"] == pytest.approx(2 / 3)
+    # Coverage@2 counts the returned items 7, 3, 4, 9 and 5 (once each).
+    assert evaluator.result()["Coverage@2"] == pytest.approx(5 / NUM_ITEMS)
+
+
 def test_merge_equals_one_evaluator_and_checks_settings():
     rng = np.random.default_rng(4)
     top = rng.integers(0, NUM_ITEMS + 1, size=(12, 10))

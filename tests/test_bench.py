@@ -209,6 +209,11 @@ def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window(
     assert compiled.label == "brute force (XLA)"
     _, compiled_ranks = evaluate_path(compiled, model, split, config, return_ranks=True)
     np.testing.assert_array_equal(compiled_ranks, served_ranks)
+    # A batch whose every history is empty excludes nothing (it used to fail building the
+    # exclusion list, zero items wide).
+    split.test = EvalExamples(split.test.user_rows[:1], [np.zeros(0, np.int64)], split.test.targets[:1])
+    alone = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split, config)
+    assert alone["num_examples"] == 1.0
     with pytest.raises(ValueError, match="needs a model with a sequence backbone, got object"):
         serving_path(object(), split.num_items, {"kind": "brute_force", "backbone_only": True})
 

@@ -24,6 +24,8 @@ def oracle_rank(scores_row, target, history, mask_history, tie_policy):
     ]
     target_score = scores_row[target]
     if tie_policy == "optimistic":
+        if target_score == -np.inf:  # not retrieved: behind every other candidate
+            return len(candidates) - 1
         return sum(1 for item in candidates if scores_row[item] > target_score)
     return sum(1 for item in candidates if item != target and scores_row[item] >= target_score)
 
@@ -248,6 +250,17 @@ def test_tie_policies():
     # With history masking a tied item that was seen stops counting against the target.
     pessimistic_masked = FullRankingEvaluator(4, ks=(1,), tie_policy="pessimistic")
     assert pessimistic_masked.update(scores, np.array([2]), np.array([[1]])).tolist() == [1]
+
+
+def test_an_unretrieved_target_ranks_last_under_either_tie_policy():
+    """A served path scores what it did not return -inf; optimistic ties among those once made
+    a never-retrieved target a hit (rank 3 of 100 when 3 items were returned)."""
+    scores = np.full((1, 101), -np.inf)
+    scores[0, [5, 6, 7]] = [3.0, 2.0, 1.0]
+    for policy in ("optimistic", "pessimistic"):
+        evaluator = FullRankingEvaluator(100, ks=(10,), mask_history=False, tie_policy=policy)
+        assert evaluator.update(scores, np.array([50]), None).tolist() == [99], policy
+        assert evaluator.result()["HR@10"] == 0.0
 
 
 def test_coverage_hand_case():

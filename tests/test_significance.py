@@ -9,8 +9,8 @@ from scipy import stats
 
 from tfx_xmatch.data.dataset import EvalExamples, pad_histories
 from tfx_xmatch.evaluation import (
-    FullRankingEvaluator, compare_run_groups, evaluate_full_ranking, is_tail_target, paired_difference,
-    per_example_gain,
+    FullRankingEvaluator, compare_run_groups, evaluate_full_ranking, format_difference, is_tail_target,
+    paired_difference, per_example_gain,
 )
 from tfx_xmatch.evaluation import significance
 
@@ -76,7 +76,9 @@ def test_a_clear_win_is_significant_and_a_copy_is_not():
 def test_a_constant_difference_gets_the_exact_sign_test_not_certainty():
     # Two examples that both move by one rank step once reported p = 0.
     two = paired_difference(np.array([0, 0]), np.array([50, 50]), "HR@10")
-    assert (two.difference, two.ci_low, two.ci_high, two.p_value) == (1.0, 1.0, 1.0, 0.5)
+    # No interval: a zero-width one at +1 would exclude 0 while p = 0.5.
+    assert (two.difference, two.ci_low, two.ci_high, two.p_value) == (1.0, None, None, 0.5)
+    assert format_difference(two.to_dict()) == "+1.0000 (sign test) p=0.5"
     assert not two.significant()
     many = paired_difference(np.zeros(40, int), np.full(40, 50), "HR@10")
     assert many.p_value == pytest.approx(2.0 * 0.5 ** 40) and many.significant()

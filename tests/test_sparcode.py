@@ -103,7 +103,8 @@ def _code_path_gradients(model, batch):
         loss = model.compute_loss(batch, training=True)
     model.encoder_loss_weight = weight
     encoder = model.encoder.trainable_variables
-    gradients = tape.gradient(loss, [model.tokenizer.kernel, model.interaction.output_layer.kernel, *encoder])
+    tokenizer = [model.tokenizer.kernel] if hasattr(model, "tokenizer") else []
+    gradients = tape.gradient(loss, [*tokenizer, model.interaction.output_layer.kernel, *encoder])
     return [g is not None and float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) > 0 for g in gradients]
 
 
@@ -413,6 +414,61 @@ def test_slot_tokenizer_trains_reads_the_history_causally_and_reloads(tmp_path):
         model.query_tokens(tf.zeros([2, 16]))
     with pytest.raises(ValueError, match="tokenizer must be one of .* got 'attention'"):
         SparCode(num_items=5, tokenizer="attention")
+
+
+def test_chunk_tokenizer_is_product_quantization_of_the_state_scored_by_lookup(tmp_path):
+    """tokenizer="chunks": token k is chunk k of the state scaled to norm sqrt(d), in its own
+    coordinates; codebook k's codewords stay zero outside chunk k; training scores codes by a
+    sparse lookup equal to the bag product, its loss trains the interaction and not the
+    encoder; a reloaded model gives the same codes and scores, and the export serves them from
+    the inverted index with stock ops."""
+    model = _model(tokenizer="chunks", num_query_tokens=4, num_codebooks=4)
+    assert not hasattr(model, "tokenizer") and not model.codes_need_assignment_gradient
+    model.fit(_batches(num_batches=3), epochs=2, verbose=0)
+
+    states = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    tokens = model.query_tokens(tf.constant(states)).numpy()
+    scaled = states / np.linalg.norm(states, axis=1, keepdims=True) * 4.0
+    for k in range(4):
+        np.testing.assert_allclose(tokens[:, k, 4 * k:4 * k + 4], scaled[:, 4 * k:4 * k + 4], rtol=1e-5, atol=1e-6)
+        assert not np.delete(tokens[:, k, :], np.s_[4 * k:4 * k + 4], axis=1).any()
+        assert not np.delete(model.quantizer.codebooks.numpy()[k], np.s_[4 * k:4 * k + 4], axis=1).any()
+    # Each chunk's code is its nearest codeword in its own codebook.
+    codes = model._quantize(tf.constant(tokens)).numpy()
+    codebooks = model.quantizer.codebooks.numpy()
+    for k in range(4):
+        distances = ((tokens[:, k, None, :] - codebooks[k][None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(codes[:, k], k * 16 + distances.argmin(1))
+
+    table = tf.random.normal([model.num_codes, 7])
+    repeated = tf.constant([[0, 17, 33, 49], [5, 5, 40, 63]])  # repeated codes add up, as in the bag
+    np.testing.assert_allclose(model.lookup_scores(repeated, table).numpy(),
+                               tf.matmul(model.code_bag(repeated), table).numpy(), rtol=1e-5, atol=1e-5)
+    # The code-path loss trains the interaction and not the (detached) encoder.
+    reached = _code_path_gradients(model, next(iter(_batches())))
+    assert reached[0] and not any(reached[1:])
+
+    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(30, 38)], LENGTH)}
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    assert reloaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
+    np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    path = export_retrieval_model(reloaded, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
+    assert non_stock_ops(path) == set()
+    histories = [np.arange(1, 6), np.arange(30, 38)]
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in histories])
+    result = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
+    scores = model.score_all(inputs).numpy()
+    for row, history in enumerate(histories):
+        scores[row, history] = 0.0
+    np.testing.assert_allclose(result["scores"].numpy(), _oracle_top_k(scores, 5)[0], rtol=1e-5)
+
+    with pytest.raises(ValueError, match="num_codebooks must be num_query_tokens=4, got 1"):
+        SparCode(num_items=5, tokenizer="chunks", num_query_tokens=4)
+    with pytest.raises(ValueError, match="embedding_dim=10 is not divisible by it"):
+        SparCode(num_items=5, embedding_dim=10, tokenizer="chunks", num_query_tokens=4, num_codebooks=4)
 
 
 def test_readable_history_is_the_users_real_items_up_to_the_position():

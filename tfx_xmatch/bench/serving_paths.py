@@ -178,7 +178,7 @@ def evaluate_path(path: ServingPath, model, split, config, return_ranks: bool = 
     def query_fn(histories, user_rows):
         inputs = training.model_inputs(model, split.dataset, histories, user_rows)
         seen = [full_histories[row] for row in np.asarray(user_rows).tolist()]
-        exclude = pad_histories(seen, max(len(history) for history in seen))
+        exclude = pad_histories(seen, max(1, max(len(history) for history in seen)))
         scores, ids = path.search(inputs, tf.constant(exclude, tf.int64))
         return scores.numpy(), ids.numpy()
 

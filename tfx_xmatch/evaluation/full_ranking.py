@@ -250,7 +250,11 @@ class FullRankingEvaluator:
 
         target_scores = tf.gather(scores, targets_t[:, None], batch_dims=1)  # [B, 1]
         if self.tie_policy == "optimistic":
-            beats_target = scores > target_scores
+            # A -inf target was not retrieved at all: it ranks behind every candidate, not level
+            # with the other unretrieved items (which would make it a hit when few were returned).
+            beats_target = tf.logical_or(scores > target_scores,
+                                         tf.logical_and(tf.math.is_inf(target_scores), target_scores < 0))
+            beats_target = tf.logical_and(beats_target, tf.logical_not(target_hot))
         else:
             # ">=" also matches the target itself, which must not count against itself.
             beats_target = tf.logical_and(scores >= target_scores, tf.logical_not(target_hot))
@@ -274,9 +278,9 @@ class FullRankingEvaluator:
 
         This is the counterpart of ``update`` for a model that cannot give a score for every item
         (a served SavedModel's ``top_k`` signature): each row is taken as the model's final answer,
-        whatever masking it applied. The rank of a target is its position in its row (0-based,
-        the first occurrence), or "at least max_k" when it is not among the first ``max(ks)``
-        entries, so ``tie_policy`` plays no part (the list's order already broke ties), and
+        whatever masking it applied. The rank of a target is its position among the row's
+        returned items (0-based; empty slots and repeats of an earlier item take no position), or
+        "at least max_k" when it is not among the first ``max(ks)`` of them, so ``tie_policy`` plays no part (the list's order already broke ties), and
         ``mask_history`` only records what the caller promises the lists went through.
 
         Args:
@@ -319,13 +323,24 @@ class FullRankingEvaluator:
                 f"top_items must be item indices in [0, {self.num_items}] (0 = empty slot), got "
                 f"{items[row, column].item()!r} at row {row}, column {column}"
             )
-        items = items[:, : self.max_k].astype(np.int64)
+        items = self._returned_first(items.astype(np.int64))[:, : self.max_k]
         hit = items == targets_np[:, None]
         # argmax finds the first hit; rows without one get max_k, the "rank >= max_k" bin.
         ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), self.max_k).astype(np.int64)
         self._add_ranks(ranks, targets_np)
         self._add_coverage(items, items != PAD_INDEX)
         return ranks
+
+    @staticmethod
+    def _returned_first(items: np.ndarray) -> np.ndarray:
+        """Each row's returned items (not 0, not a repeat of an earlier entry) moved to the
+        front in their order, the rest of the row 0: [B, W] -> [B, W]."""
+        earlier = np.tril(np.ones((items.shape[1],) * 2, bool), -1)  # [j, i]: i comes before j
+        repeated = ((items[:, :, None] == items[:, None, :]) & earlier[np.newaxis]).any(axis=2)
+        returned = (items != PAD_INDEX) & ~repeated
+        order = np.argsort(~returned, axis=1, kind="stable")
+        return np.where(np.take_along_axis(returned, order, axis=1), np.take_along_axis(items, order, axis=1),
+                        PAD_INDEX)
 
     def merge(self, other: "FullRankingEvaluator") -> "FullRankingEvaluator":
         """Adds the examples accumulated by ``other`` (over different examples) to this one.

@@ -49,7 +49,9 @@ class PairedDifference:
       metric: The metric compared, e.g. "HR@10".
       mean_a, mean_b: The metric of each model over the compared examples.
       difference: ``mean_a - mean_b``.
-      ci_low, ci_high: The ``confidence`` interval of the difference.
+      ci_low, ci_high: The ``confidence`` interval of the difference; None when every example
+        differs by the same non-zero amount (the t-test is undefined and an exact sign test
+        gives p).
       p_value: Two-sided p-value of "no difference" (1.0 when every example ties).
       num_examples: Examples compared.
       confidence: Level of the interval, e.g. 0.95.
@@ -59,8 +61,8 @@ class PairedDifference:
     mean_a: float
     mean_b: float
     difference: float
-    ci_low: float
-    ci_high: float
+    ci_low: Optional[float]
+    ci_high: Optional[float]
     p_value: float
     num_examples: int
     confidence: float
@@ -175,7 +177,9 @@ def _paired_gains(gains_a: np.ndarray, gains_b: np.ndarray, metric: str, mask: O
         # A constant difference has no variance and the t-test is undefined. The exact sign test
         # takes over: n examples all moving the same way (p = 2 / 2^n), not certainty, which two
         # examples once claimed (p = 0).
-        low = high = difference
+        # No interval for a non-zero constant: a zero-width one around it would exclude 0
+        # while p (0.5 for two examples) says the opposite.
+        low = high = 0.0 if difference == 0.0 else None
         p_value = 1.0 if difference == 0.0 else min(1.0, 2.0 * 0.5 ** differences.size)
     else:
         test = stats.ttest_rel(gains_a, gains_b)
@@ -344,8 +348,11 @@ def check_metric(metric: str) -> None:
 
 def format_difference(difference: dict) -> str:
     """``+0.0016 [-0.0040, +0.0072] p=0.58`` (difference, confidence interval, p-value); an
-    undefined test (p ``None``) reads ``+0.0016 (no test: no spread)``."""
+    undefined test (p ``None``) reads ``+0.0016 (no test: no spread)``, and a constant difference
+    (no interval, sign test) ``+1.0000 (sign test) p=0.5``."""
     if difference.get("p_value") is None:
         return f"{difference['difference']:+.4f} (no test: no spread)"
+    if difference.get("ci_low") is None:
+        return f"{difference['difference']:+.4f} (sign test) p={difference['p_value']:.2g}"
     return (f"{difference['difference']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
             f"p={difference['p_value']:.2g}")

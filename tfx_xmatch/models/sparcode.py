@@ -55,7 +55,7 @@ from tfx_xmatch.models.history_encoding import LossDraws, encode_history, traini
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
-TOKENIZERS = ("last_state", "slots")
+TOKENIZERS = ("last_state", "slots", "chunks")
 
 
 def relu_with_leaky_gradient(x: tf.Tensor, leak: float) -> tf.Tensor:
@@ -108,7 +108,13 @@ class SparCode(RetrievalModel):
       tokenizer: How the K tokens are made (str, default "last_state"). "last_state": a linear
         map of the encoder state after the last item. "slots": K learned slots, each shifted by
         its own linear map of that state, attend over the encoded history (causally, the positions up to the one
-        being predicted), so each token can read a different part of it.
+        being predicted), so each token can read a different part of it. "chunks": the
+        encoder state, scaled to norm sqrt(d), cut into K contiguous chunks of d / K; chunk k
+        is token k, placed in its own d / K coordinates of an otherwise zero d-vector and
+        quantized by codebook k (needs ``num_codebooks=K``). This is product quantization of
+        the state: the tokenizer has no weights, so with ``detach_code_path`` the codes need no
+        assignment gradient and training scores them by lookup, which keeps K x N codes (e.g.
+        32 x 256) affordable.
       num_codewords: N, codewords per codebook (int, default 512).
       num_codebooks: 1 (all tokens share one codebook, N codes in all) or K (token k uses
         codebook k, K x N codes). Default 1.
@@ -189,6 +195,12 @@ class SparCode(RetrievalModel):
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
         if num_codebooks not in (1, num_query_tokens):
             raise ValueError(f"num_codebooks must be 1 or num_query_tokens={num_query_tokens}, got {num_codebooks!r}")
+        if tokenizer == "chunks" and num_codebooks != num_query_tokens:
+            raise ValueError(f"tokenizer='chunks' quantizes chunk k with codebook k: num_codebooks must be "
+                             f"num_query_tokens={num_query_tokens}, got {num_codebooks!r}")
+        if tokenizer == "chunks" and embedding_dim % num_query_tokens:
+            raise ValueError(f"tokenizer='chunks' cuts the state into num_query_tokens={num_query_tokens} equal "
+                             f"chunks: embedding_dim={embedding_dim!r} is not divisible by it")
         for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak),
                             ("cached_loss_weight", cached_loss_weight)):
             if value < 0:
@@ -230,7 +242,8 @@ class SparCode(RetrievalModel):
                              "train the encoder")
 
         self._build_shared_layers(item_feature_tables)
-        self.tokenizer = tf.keras.layers.Dense(self.num_query_tokens * self.embedding_dim, name="tokenizer")
+        if self.tokenizer_kind != "chunks":
+            self.tokenizer = tf.keras.layers.Dense(self.num_query_tokens * self.embedding_dim, name="tokenizer")
         if self.tokenizer_kind == "slots":
             self.token_slots = self.add_weight(name="token_slots", shape=(self.num_query_tokens, self.embedding_dim),
                                                initializer="glorot_uniform")
@@ -286,6 +299,8 @@ class SparCode(RetrievalModel):
         Raises:
           ValueError: If the "slots" tokenizer is given no history.
         """
+        if self.tokenizer_kind == "chunks":
+            return self._chunk_tokens(states)
         tokens = tf.reshape(self.tokenizer(states), [-1, self.num_query_tokens, self.embedding_dim])
         if self.tokenizer_kind == "slots":
             if sequence is None or history_mask is None:
@@ -301,6 +316,26 @@ class SparCode(RetrievalModel):
             read = tf.einsum("pkl,pld->pkd", tf.nn.softmax(logits, axis=-1), values)
             tokens = queries + self.slot_output(read)
         return self.token_norm(tokens)
+
+    def _chunk_tokens(self, states: tf.Tensor) -> tf.Tensor:
+        """Tokens [P, K, d] of the "chunks" tokenizer: token k holds chunk k of the state (scaled
+        to norm sqrt(d)) in its own coordinates and zeros elsewhere.
+
+        A positive scale per user does not change the user's ranking, and a common norm lets one
+        codebook per chunk serve every user. Zeros outside the chunk keep codeword k zero there
+        too (its EMA averages such tokens), so distances are distances between chunks, and E
+        reads each code as the chunk it stands for.
+        """
+        scaled = tf.math.l2_normalize(states, axis=-1) * float(self.embedding_dim) ** 0.5
+        chunks = tf.reshape(scaled, [-1, self.num_query_tokens, 1, self.embedding_dim // self.num_query_tokens])
+        own_chunk = tf.eye(self.num_query_tokens, dtype=scaled.dtype)[tf.newaxis, :, :, tf.newaxis]  # [1, K, K, 1]
+        return tf.reshape(chunks * own_chunk, [-1, self.num_query_tokens, self.embedding_dim])
+
+    @property
+    def codes_need_assignment_gradient(self) -> bool:
+        """Whether the retrieval loss must reach the tokens through a soft assignment: only when
+        something trainable (a tokenizer, or the encoder) produces them."""
+        return self.tokenizer_kind != "chunks" or not self.detach_code_path
 
     def last_position_tokens(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """Query tokens [B, K, d] after each user's last item (what serving quantizes)."""
@@ -509,13 +544,18 @@ class SparCode(RetrievalModel):
             # The codewords the tokens are assigned to, read before the EMA update and
             # restarts that quantizing in training applies.
             codewords = tf.stop_gradient(tf.identity(self.all_codewords()))
-            soft = self._soft_bag(tokens)
-            codes = self._quantize(tokens, training=training)
-            # Forward: the hard bag (what serving uses); backward: the soft assignment's gradient.
-            bag = self.code_bag(codes) + soft - tf.stop_gradient(soft)
+            if self.codes_need_assignment_gradient:
+                soft = self._soft_bag(tokens)
+                codes = self._quantize(tokens, training=training)
+                # Forward: the hard bag (what serving uses); backward: the soft assignment's gradient.
+                bag = self.code_bag(codes) + soft - tf.stop_gradient(soft)
+                score_codes = lambda table: tf.matmul(bag, table)  # noqa: E731
+            else:
+                codes = self._quantize(tokens, training=training)
+                score_codes = lambda table: self.lookup_scores(codes, table)  # noqa: E731
             table = self.pair_scores(codewords, candidates, training=training)
-            logits = tf.matmul(bag, table)
-            cached_logits = None if self.training_cache_fraction is None else tf.matmul(bag, self.as_cached(table))
+            logits = score_codes(table)
+            cached_logits = None if self.training_cache_fraction is None else score_codes(self.as_cached(table))
             sparsity = tf.reduce_mean(table)
             self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(table > 0, tf.float32)))
         else:
@@ -539,6 +579,20 @@ class SparCode(RetrievalModel):
             self.cached_loss_tracker.update_state(cached)
             loss += self.cached_loss_weight * cached
         return loss
+
+    def lookup_scores(self, codes: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
+        """``code_bag(codes) @ table`` without the dense [P, num_codes] bag: float [P, C].
+
+        The bag has K non-zeros per row, so a sparse product costs P x K x C instead of
+        P x num_codes x C (with 32 x 256 codes, 256 times less); repeated codes add up, as in
+        the bag. Its gradient reaches ``table`` only.
+        """
+        codes = tf.cast(codes, tf.int64)
+        rows = tf.repeat(tf.range(tf.shape(codes, out_type=tf.int64)[0]), self.num_query_tokens)
+        bag = tf.sparse.reorder(tf.sparse.SparseTensor(
+            tf.stack([rows, tf.reshape(codes, [-1])], axis=1), tf.ones_like(rows, dtype=table.dtype),
+            dense_shape=tf.stack([tf.shape(codes, out_type=tf.int64)[0], self.num_codes])))
+        return tf.sparse.sparse_dense_matmul(bag, table)
 
     def as_cached(self, table: tf.Tensor) -> tf.Tensor:
         """The code-item ``table`` [C, I] as a cache of ``training_cache_fraction`` serves it.

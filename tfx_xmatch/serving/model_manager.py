@@ -608,6 +608,10 @@ class ModelManager:
             raise errors.invalid_argument("Missing ModelSpec: the request names no model")
         model = self.get_model(name)
         if model is None:
+            if label:
+                # TF Serving resolves a label before it looks for the servable, so an unknown
+                # model named with a label is an unrecognized label (400), not a 404.
+                raise errors.invalid_argument(f"Unrecognized servable version label: {label}")
             what = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
             raise errors.not_found(f"Servable not found for request: {what}")
         version = self.resolve_version(model, version, label)
