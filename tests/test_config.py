@@ -1,6 +1,7 @@
 """RunConfig loading: files, overrides, and errors that name the bad key or value."""
 
 import json
+import re
 
 import pytest
 
@@ -41,10 +42,25 @@ def test_json_file_and_dict_round_trip(tmp_path):
         ("train.epochs=true", "train.epochs must be an integer, got True"),
         ("eval.mask_history=3", "eval.mask_history must be true or false, got 3"),
         ("train.epochs", "must look like section.key=value"),
+        # Ranges, checked before anything trains (they failed inside Keras or after an epoch).
+        ("train.epochs=-1", "train.epochs must be at least 1, got -1"),
+        ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+        ("train.validation_every=0", "train.validation_every must be at least 1, got 0"),
+        ("eval.batch_size=0", "eval.batch_size must be at least 1, got 0"),
+        ("train.learning_rate=-0.01", "train.learning_rate must be a finite number >= 0, got -0.01"),
+        ("train.learning_rate=.nan", "train.learning_rate must be a finite number >= 0, got nan"),
+        ("train.early_stopping_patience=-1", "train.early_stopping_patience must be >= 0 (0: never stop early), got -1"),
+        ("train.max_train_seconds=0", "train.max_train_seconds must be a positive number of seconds"),
+        ("train.verbose=3", "train.verbose must be 0, 1 or 2, got 3"),
+        ("eval.ks=[0, 10]", "eval.ks must be a non-empty list of integers >= 1, got [0, 10]"),
+        ("eval.ks=[a, 10]", "eval.ks must be a non-empty list of integers >= 1, got ['a', 10]"),
+        ("train.monitor=NDCG@5", "train.monitor must be METRIC@K with METRIC one of ['HR', 'Recall', 'NDCG', 'MRR', "
+                                 "'P', 'TailRecall', 'Coverage'] and K one of eval.ks=[1, 10, 20, 50], got 'NDCG@5'"),
+        ("train.monitor=ndcg@10", "train.monitor must be METRIC@K"),
     ],
 )
 def test_bad_overrides_name_the_key_and_value(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
 
 
@@ -56,6 +72,30 @@ def test_bad_file_names_the_file(tmp_path):
     path.write_text("model:\n  layers: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.layers'"):
         load_config(path)
+
+
+def test_a_config_file_that_is_empty_a_directory_or_repeats_a_key_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="empty.yaml: the config file is empty"):
+        load_config(empty)  # it used to train the synthetic defaults for 200 epochs
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    repeated = tmp_path / "dup.yaml"
+    repeated.write_text("train:\n  epochs: 9\n  epochs: 10\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'epochs' is given twice in one mapping \(line 3\)"):
+        load_config(repeated)
+    repeated_json = tmp_path / "dup.json"
+    repeated_json.write_text('{"train": {"epochs": 9, "epochs": 10}}')
+    with pytest.raises(ConfigError, match="dup.json: key 'epochs' is given twice in one mapping"):
+        load_config(repeated_json)
+
+
+def test_a_byte_order_mark_is_read_in_json_as_in_yaml(tmp_path):
+    for name, text in (("bom.json", '{"train": {"epochs": 3}}'), ("bom.yaml", "train:\n  epochs: 3\n")):
+        path = tmp_path / name
+        path.write_bytes("\ufeff".encode() + text.encode())
+        assert load_config(path).train.epochs == 3, name
 
 
 def test_missing_file():

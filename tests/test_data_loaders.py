@@ -97,6 +97,21 @@ def test_skip_bad_lines_counts_and_warns(tmp_path, caplog):
     assert f"{path}:2: expected 'user item', got 'abc'" in caplog.text
 
 
+def test_a_stray_non_integer_id_among_integers_is_warned_about(tmp_path, caplog):
+    path = write(tmp_path / "pairs.txt", "1 3\n1 1\n2 12a\n2 2\n3 1\n")
+    with caplog.at_level(logging.WARNING, logger="tfx_xmatch.data.loaders"):
+        dataset = load_pairs(path)
+    # Every item id is now a string, indexed in order of first appearance: "3" is index 1.
+    assert dataset.item_vocab.ids([1, 2, 3, 4]).tolist() == ["3", "1", "12a", "2"]
+    assert "item ids are read as strings" in caplog.text and "1 of 4 are not canonical integers, the first '12a'" \
+        in caplog.text
+    assert "user ids" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tfx_xmatch.data.loaders"):
+        load_pairs(write(tmp_path / "names.txt", "u1 apple\nu1 pear\nu2 7\n"))
+    assert caplog.text == ""  # string ids by design: nothing to warn about
+
+
 @pytest.mark.parametrize("text", ["", "\n  \n"])
 def test_empty_file_has_no_interactions(tmp_path, text):
     path = write(tmp_path / "empty.txt", text)

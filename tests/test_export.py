@@ -121,6 +121,12 @@ def test_export_arguments_are_checked(model, tmp_path, caplog):
         build_serving_module(model, Vocabulary([1, 2, 3]))
     with pytest.raises(ValueError, match="unknown index kind"):
         build_serving_module(model, int_vocab(), index_kind="annoy")
+    # Index arguments the export sets itself: padding_identifier=7 once served history item 7.
+    for option, value, why in (("padding_identifier", 7, "pads history exclusions with item index 0"),
+                               ("k", 5, "a request chooses k"), ("k_max", 5, "give k_max"),
+                               ("exclude_padding", False, "keeps the padding id out")):
+        with pytest.raises(ValueError, match=f"index option '{option}' is set by the export.*{why}"):
+            build_serving_module(model, int_vocab(), index_options={option: value})
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,40 @@ def test_patience_is_judged_only_at_validation_epochs(tmp_path):
     assert [r["epoch"] for r in history["epochs"] if "val_NDCG@10" in r] == [3, 6]
 
 
+def test_a_run_killed_after_it_stopped_early_does_not_train_on_when_resumed(tmp_path, monkeypatch):
+    config = tiny_config("train.epochs=9", "train.validation_every=3", "train.early_stopping_patience=2",
+                         "train.learning_rate=0.0")
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(training, "save_model", killed)
+        with pytest.raises(RuntimeError, match="killed while saving"):
+            training.train(config, tmp_path)
+    assert json.loads((tmp_path / "history.json").read_text())["stopped"] == "early_stopping"
+    recorder = EpochRecorder()
+    metrics = training.train(config, tmp_path, callbacks=[recorder])
+    # It used to resume into epoch 7 (and, had that epoch improved, to train on).
+    assert recorder.epochs == [] and metrics["epochs"] == 6 and metrics["best_epoch"] == 3
+
+
+def test_synthetic_arguments_are_checked_by_name():
+    with pytest.raises(ConfigError, match="data.synthetic.num_users must be an integer, got 'abc'"):
+        training.prepare_split(tiny_config("data.synthetic.num_users=abc"))
+    with pytest.raises(ConfigError, match="data.synthetic.noise must be a number, got 'x'"):
+        training.prepare_split(tiny_config("data.synthetic.noise=x"))
+    with pytest.raises(ConfigError, match=r"unknown key data.synthetic.users; make_synthetic takes \["):
+        training.prepare_split(tiny_config("data.synthetic.users=5"))
+
+
+def test_a_directory_of_other_files_is_not_taken_as_a_run_dir(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"is not empty and holds no run \(notes.txt\)"):
+        training.train(tiny_config("train.epochs=1"), tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_run_dir_of_another_config_is_refused(tmp_path):
     training.train(tiny_config("train.epochs=1"), tmp_path)
     with pytest.raises(ValueError, match="different config"):
@@ -266,8 +300,14 @@ def test_stale_temporaries_are_removed_and_a_lone_moved_aside_copy_is_restored(t
     (tmp_path / ".best_weights.old").mkdir()  # the only copy: its replacement never arrived
     (tmp_path / ".best_weights.old" / "weights").write_text("w")
     (tmp_path / ".workers").mkdir()  # not ours to touch
-    changed = remove_stale_temporaries(tmp_path)
+    # Nor are a user's own dot files that merely look like temporaries (they were deleted, and
+    # .notes.old renamed to notes, when every .X.tmp / .X.old counted).
+    (tmp_path / ".cache.tmp").mkdir()
+    (tmp_path / ".notes.old").write_text("mine")
+    (tmp_path / ".model.tmp").write_text("no random part: not an atomic_path temporary")
+    changed = remove_stale_temporaries(tmp_path, training.RUN_OUTPUTS)
     assert sorted(changed) == [".best_weights.old", ".metrics.json.cd34.tmp", ".model.ab12.tmp", ".model.old"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [".workers", "best_weights", "model"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".cache.tmp", ".model.tmp", ".notes.old", ".workers", "best_weights", "model"]
     assert (tmp_path / "best_weights" / "weights").read_text() == "w"
-    assert remove_stale_temporaries(tmp_path / "missing") == []
+    assert remove_stale_temporaries(tmp_path / "missing", training.RUN_OUTPUTS) == []

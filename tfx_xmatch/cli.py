@@ -377,7 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, DataFormatError, FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+    except (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            ValueError, KeyError, RuntimeError) as error:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise  # --log-level DEBUG: the full traceback
         print(f"xmatch {args.command}: error: {error} (--log-level DEBUG shows the traceback)", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import pathlib
 import re
 import typing
@@ -119,6 +120,45 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# What the full-ranking evaluation reports at every cutoff K: the names train.monitor may use.
+METRIC_NAMES = ("HR", "Recall", "NDCG", "MRR", "P", "TailRecall", "Coverage")
+
+
+def check_values(config: RunConfig) -> RunConfig:
+    """Checks the ranges the field types cannot express, naming the key and quoting the value.
+
+    Run before anything is trained or written: a negative epoch count used to fail inside Keras
+    (without naming ``train.epochs``) after ``config.json`` had claimed the run directory, and a
+    ``train.monitor`` that no validation pass reports failed after a whole epoch of training.
+
+    Raises:
+      ConfigError: The first value out of range.
+    """
+    train, evaluation = config.train, config.eval
+
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+    for key, value in (("train.epochs", train.epochs), ("train.batch_size", train.batch_size),
+                       ("train.validation_every", train.validation_every), ("eval.batch_size", evaluation.batch_size)):
+        need(value >= 1, key, value, "at least 1")
+    need(math.isfinite(train.learning_rate) and train.learning_rate >= 0, "train.learning_rate", train.learning_rate,
+         "a finite number >= 0")
+    need(train.early_stopping_patience >= 0, "train.early_stopping_patience", train.early_stopping_patience,
+         ">= 0 (0: never stop early)")
+    need(train.max_train_seconds is None or (math.isfinite(train.max_train_seconds) and train.max_train_seconds > 0),
+         "train.max_train_seconds", train.max_train_seconds, "a positive number of seconds or null (no limit)")
+    need(train.verbose in (0, 1, 2), "train.verbose", train.verbose, "0, 1 or 2")
+    need(bool(evaluation.ks) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in evaluation.ks),
+         "eval.ks", evaluation.ks, "a non-empty list of integers >= 1")
+    metric = re.fullmatch(r"(?P<name>[A-Za-z]+)@(?P<k>[0-9]+)", train.monitor)
+    need(metric is not None and metric["name"] in METRIC_NAMES and int(metric["k"]) in evaluation.ks,
+         "train.monitor", train.monitor, f"METRIC@K with METRIC one of {list(METRIC_NAMES)} and K one of "
+         f"eval.ks={list(evaluation.ks)}")
+    return config
+
+
 def _coerce(value: Any, field_type: Any, where: str) -> Any:
     """Checks ``value`` against a dataclass field type, converting int -> float where natural."""
     origin = typing.get_origin(field_type)
@@ -166,7 +206,19 @@ def _set(config: RunConfig, dotted_key: str, value: Any) -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads 1e-3 as a float (YAML 1.1 wants 1.0e-3 and gives the string)."""
+    """Safe YAML that also reads 1e-3 as a float (YAML 1.1 wants 1.0e-3 and gives the string)
+    and refuses a key given twice in one mapping (PyYAML keeps the last without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise DuplicateKeyError(f"key {key!r} is given twice in one mapping (line "
+                                            f"{key_node.start_mark.line + 1}); only the last would count")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -218,15 +270,35 @@ def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[s
             with tf.io.gfile.GFile(path, "r") as handle:
                 text = handle.read()
         else:
+            if pathlib.Path(path).is_dir():
+                raise ConfigError(f"config file {path!r} is a directory; give a .yaml or .json file")
             text = pathlib.Path(path).read_text(encoding="utf-8")
+        text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
         is_json = path.endswith(".json")
+        if not text.strip():
+            # Read as "no settings", it trained the synthetic defaults for 200 epochs.
+            raise ConfigError(f"{path}: the config file is empty")
         try:
-            raw = json.loads(text) if is_json else (yaml.load(text, Loader=_Loader) or {})
+            raw = json.loads(text, object_pairs_hook=_unique_keys) if is_json else yaml.load(text, Loader=_Loader)
         except (json.JSONDecodeError, yaml.YAMLError) as error:
             raise ConfigError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: {error}") from None
+        except DuplicateKeyError as error:
+            raise ConfigError(f"{path}: {error}") from None
     config = config_from_dict(raw, source=str(path) if path else "config")
     apply_overrides(config, overrides)
-    return config
+    return check_values(config)
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping in a config file names the same key twice (only the last would count)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise DuplicateKeyError(f"key {repeated[0]!r} is given twice in one mapping; only the last would count")
+    return dict(pairs)
 
 
 def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:

@@ -176,6 +176,15 @@ def _check_model_serves(model, kind: Optional[str], what: str) -> None:
                          f"{type(model).__name__}; use brute_force, partitioned or scann")
 
 
+# Index arguments the export sets itself, and where the user sets them instead.
+EXPORT_OWNED_OPTIONS = {
+    "k_max": "give k_max (xmatch export --k-max)",
+    "k": "a request chooses k (1 <= k <= k_max)",
+    "exclude_padding": "the export always keeps the padding id out of results",
+    "padding_identifier": "the export pads history exclusions with item index 0 (padding_id sets the id)",
+}
+
+
 def build_serving_module(
     model,
     item_vocab: Vocabulary,
@@ -248,6 +257,12 @@ def build_serving_module(
     if padding_id in item_vocab:
         raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id")
     index_options = dict(index_options or {})
+    owned = sorted(set(index_options) & set(EXPORT_OWNED_OPTIONS))
+    if owned:
+        # padding_identifier=7 once made the export serve item 7 from the history first, and k
+        # was silently ignored.
+        raise ValueError(f"index option {owned[0]!r} is set by the export, not by index options: "
+                         f"{EXPORT_OWNED_OPTIONS[owned[0]]}")
     if index_kind == "soft_search":
         # The model's own serving settings unless the caller overrides them.
         index_options.setdefault("num_interests", model.serving_interests)

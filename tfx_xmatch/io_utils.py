@@ -10,7 +10,7 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -93,13 +93,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+def temporary_of(name: str, outputs: Iterable[str]) -> Optional[str]:
+    """The output among ``outputs`` that ``name`` is an ``atomic_path`` / ``atomic_directory``
+    temporary (``.NAME.<random>.tmp``) or moved-aside copy (``.NAME.old``) of, else None."""
+    for output in outputs:
+        if name == f".{output}.old" or (name.startswith(f".{output}.") and name.endswith(".tmp")
+                                         and len(name) > len(output) + len("..tmp")):
+            return output
+    return None
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, outputs: Iterable[str]) -> list[str]:
     """Cleans up after atomic writes into ``directory`` that a killed process left unfinished.
 
-    Removes ``.NAME.*.tmp`` temporaries (files or directories) and ``.NAME.old`` copies whose
-    ``NAME`` is in place; a ``.NAME.old`` without ``NAME`` is the only copy left (the process
-    died between ``atomic_directory``'s two renames) and is renamed back to ``NAME``. Call it
-    only when no other process writes into ``directory``.
+    Only the temporaries of ``outputs`` (the names the caller writes there) are touched, so a
+    user's own ``.cache.tmp`` beside them survives: ``.NAME.*.tmp`` temporaries (files or
+    directories) are removed, and so are ``.NAME.old`` copies whose ``NAME`` is in place; a
+    ``.NAME.old`` without ``NAME`` is the only copy left (the process died between
+    ``atomic_directory``'s two renames) and is renamed back to ``NAME``. Call it only when no
+    other process writes into ``directory``.
 
     Returns:
       The names removed or restored, for logging.
@@ -107,12 +119,14 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
+    outputs = tuple(outputs)
     changed = []
     for entry in sorted(directory.iterdir()):
         name = entry.name
-        if not name.startswith(".") or not name.endswith((".tmp", ".old")) or name == "..old":
+        output = temporary_of(name, outputs)
+        if output is None:
             continue
-        original = directory / name[1:-len(".old")]
+        original = directory / output
         if name.endswith(".old") and not original.exists():
             os.replace(entry, original)
         elif entry.is_dir():

@@ -27,12 +27,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.config import ConfigError, RunConfig, config_from_dict
-from tfx_xmatch.data import load_dataset, make_split, sequence_training_dataset
+from tfx_xmatch.config import ConfigError, RunConfig, check_values, config_from_dict
+from tfx_xmatch.data import load_dataset, make_split, make_synthetic, sequence_training_dataset
 from tfx_xmatch.data.dataset import SequenceDataset, Split
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
-from tfx_xmatch.io_utils import atomic_directory, atomic_path, remove_stale_temporaries, write_json_atomic
+from tfx_xmatch.io_utils import (
+    atomic_directory, atomic_path, remove_stale_temporaries, temporary_of, write_json_atomic,
+)
 from tfx_xmatch.models import MODELS
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 def prepare_split(config: RunConfig) -> Split:
     """Loads the configured dataset and splits it."""
     data = config.data
-    kwargs = dict(data.synthetic) if data.dataset == "synthetic" else {}
+    kwargs = _synthetic_arguments(data.synthetic) if data.dataset == "synthetic" else {}
     if data.format:
         kwargs["format"] = data.format
     dataset = load_dataset(
@@ -53,6 +55,19 @@ def prepare_split(config: RunConfig) -> Split:
         **kwargs,
     )
     return make_split(dataset, data.split, **data.split_options)
+
+
+def _synthetic_arguments(arguments: dict) -> dict:
+    """``data.synthetic`` checked against ``make_synthetic``'s parameters, naming the key (a
+    string for an integer failed inside NumPy with a TypeError)."""
+    parameters = inspect.signature(make_synthetic).parameters
+    for key, value in arguments.items():
+        if key not in parameters:
+            raise ConfigError(f"unknown key data.synthetic.{key}; make_synthetic takes {sorted(parameters)}")
+        integer = isinstance(parameters[key].default, int)
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise ConfigError(f"data.synthetic.{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    return dict(arguments)
 
 
 def _user_feature_cardinalities(dataset: SequenceDataset) -> dict[str, int]:
@@ -288,12 +303,27 @@ class ModelSelection(tf.keras.callbacks.Callback):
         # Patience is judged only where there is a fresh validation result, and never before
         # the first one, so validation_every > patience cannot stop a run unvalidated.
         since_best = epoch + 1 - (self.state["best_epoch"] or epoch + 1)
+        stopped = None
         if validated and self.patience and since_best >= self.patience:
             logger.info("early stopping: no better val %s for %d epochs", self.monitor, since_best)
-            self.model.stop_training = True
-        if self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds:
+            stopped = "early_stopping"
+        elif self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds:
             logger.info("stopping: training time budget of %.0f s reached", self.max_seconds)
+            stopped = "time_budget"
+        if stopped:
+            # On disk, so a run killed after this epoch (in its final save or evaluation) does
+            # not resume into epochs the uninterrupted run never trained.
+            self.state["stopped"] = stopped
+            write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
             self.model.stop_training = True
+
+    @staticmethod
+    def finished(state: dict, max_seconds: Optional[float]) -> bool:
+        """Whether a saved selection ``state`` had stopped for good: early stopping, or a time
+        budget that the (possibly raised) ``max_seconds`` still leaves spent."""
+        stopped = state.get("stopped")
+        return stopped == "early_stopping" or (
+            stopped == "time_budget" and max_seconds is not None and state["train_seconds"] >= max_seconds)
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -324,6 +354,7 @@ def train(
     Raises:
       ValueError: ``run_dir`` belongs to a run with another configuration.
     """
+    check_values(config)  # a config built in code has not been through load_config
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.strategy == "multi_worker" and config.train.max_train_seconds is not None:
@@ -335,6 +366,12 @@ def train(
     chief = is_chief(strategy)
     # Non-chief workers write their copies under the run directory and delete them at the end.
     output_dir = run_dir if chief else run_dir / ".workers" / worker_name(strategy)
+    if not (run_dir / "config.json").exists():
+        foreign = sorted(entry.name for entry in run_dir.iterdir() if entry.name not in RUN_OUTPUTS + RUN_SCRATCH
+                         and temporary_of(entry.name, RUN_OUTPUTS) is None)
+        if foreign:
+            raise ConfigError(f"run directory {run_dir} is not empty and holds no run ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); give a new or empty directory")
     if (run_dir / "config.json").exists():
         previous = load_run_config(run_dir)
         changed = _changed_keys(previous, config) - RESUMABLE_KEYS
@@ -342,7 +379,9 @@ def train(
             raise ValueError(f"{run_dir} holds a run with a different config ({sorted(changed)} differ); "
                              "use another run directory")
         if (run_dir / "metrics.json").exists():
-            logger.info("%s already holds a finished run; returning its metrics", run_dir)
+            # Said where it is seen (the CLI prints warnings): re-running a finished run trains
+            # nothing, which a user who expected training must not have to guess.
+            logger.warning("%s already holds a finished run; returning its metrics without training", run_dir)
             return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     tf.keras.utils.set_random_seed(config.train.seed)
     # The data and split options are checked before the directory is claimed: a typo must not
@@ -360,7 +399,7 @@ def train(
         write_json_atomic(run_dir / "config.json", config.to_dict())
         # A run killed mid-write left temporaries (and maybe its only copy of the best weights
         # under .best_weights.old); the resumed run must start from what was last complete.
-        cleaned = remove_stale_temporaries(run_dir)
+        cleaned = remove_stale_temporaries(run_dir, RUN_OUTPUTS)
         if cleaned:
             logger.info("%s: cleaned up after an interrupted write: %s", run_dir, ", ".join(cleaned))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -451,13 +490,23 @@ def fit_with_selection(
     # The backup outlives fit() until the caller has its final metrics, so a crash in the final
     # evaluation still resumes instead of retraining.
     backup = tf.keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False)
-    model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
-              callbacks=[selection, backup, *callbacks], verbose=config.train.verbose)
+    saved = json.loads(selection.state_path.read_text(encoding="utf-8")) if selection.state_path.exists() else {}
+    if ModelSelection.finished(saved, config.train.max_train_seconds):
+        logger.info("%s: training had already stopped (%s); not training further", output_dir, saved["stopped"])
+        selection.state = {**saved, "best": -math.inf if saved["best"] is None else saved["best"]}
+    else:
+        model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
+                  callbacks=[selection, backup, *callbacks], verbose=config.train.verbose)
     if selection.state["best_epoch"] is not None:
         model.load_weights(str(output_dir / "best_weights" / "weights")).expect_partial()
     return selection.state
 
 
+# What a run writes into its directory (all atomically, so only these can have temporaries).
+RUN_OUTPUTS = ("config.json", "history.json", "metrics.json", "training_curves.png", "model", "best_weights")
+# Also written there: the Keras backup while training, the non-chief workers' copies, and the
+# benchmarks' per-user ranks beside a finished run.
+RUN_SCRATCH = ("backup", ".workers", "test_ranks")
 # Settings that may change when a run is resumed: they do not change what is being trained.
 RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds", "train.strategy"}
 STRATEGIES = ("default", "mirrored", "multi_worker")

@@ -160,11 +160,20 @@ def _is_canonical_int(token: str) -> bool:
             and (len(token), token) <= (len(_INT64_MAX), _INT64_MAX))
 
 
-def _typed_unique(tokens: Sequence[str]) -> tuple[list[str], list[Union[int, str]], bool]:
-    """Distinct tokens in first-seen order, their typed ids, and whether the ids are ints."""
+def _typed_unique(tokens: Sequence[str], what: str = "ids") -> tuple[list[str], list[Union[int, str]], bool]:
+    """Distinct tokens in first-seen order, their typed ids, and whether the ids are ints.
+
+    A few non-integer tokens among integer ones turn every id into a string (and reorder the
+    indices), which is what a stray typo does too: that case is logged with the first such token.
+    """
     unique = list(dict.fromkeys(tokens))
-    if unique and all(_is_canonical_int(token) for token in unique):
+    odd = [token for token in unique if not _is_canonical_int(token)]
+    if unique and not odd:
         return unique, [int(token) for token in unique], True
+    if unique and len(odd) * 2 < len(unique):
+        logger.warning("%s are read as strings, indexed in order of first appearance: %d of %d are not canonical "
+                       "integers, the first %r (a typo? integer ids keep their numeric order)",
+                       what, len(odd), len(unique), odd[0])
     return unique, list(unique), False
 
 
@@ -495,7 +504,7 @@ def vocabulary_from_tokens(item_tokens: Sequence[str]) -> tuple[Vocabulary, dict
     Canonical integer ids are indexed in ascending order, other ids in order of first
     appearance (see the module docstring).
     """
-    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens)
+    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens, "item ids")
     vocabulary = Vocabulary(sorted(item_ids) if items_are_ints else item_ids)
     return vocabulary, dict(zip(unique_items, vocabulary.lookup(item_ids).tolist()))
 
@@ -515,7 +524,7 @@ def _build_dataset(
     vocabulary, token_to_index = vocabulary_from_tokens(item_tokens)
     items = np.fromiter(map(token_to_index.__getitem__, item_tokens), np.int32, len(item_tokens))
 
-    unique_users, user_ids, users_are_ints = _typed_unique(user_tokens)
+    unique_users, user_ids, users_are_ints = _typed_unique(user_tokens, "user ids")
     user_to_row = {token: row for row, token in enumerate(unique_users)}
     rows = np.fromiter(map(user_to_row.__getitem__, user_tokens), np.int64, len(user_tokens))
 

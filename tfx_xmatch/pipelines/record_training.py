@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import tensorflow as tf
 
 from tfx_xmatch import training
-from tfx_xmatch.config import ConfigError, RunConfig
+from tfx_xmatch.config import ConfigError, RunConfig, check_values
 from tfx_xmatch.data.tfrecord import read_eval_examples, read_training_tfrecords
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
@@ -53,6 +53,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     """
     if config.train.strategy == "multi_worker":
         raise ConfigError("training on records runs in one process; use train.strategy default or mirrored")
+    check_values(config)
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
@@ -73,7 +74,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     # Claimed only now: bad records or a model that cannot be built must not leave a
     # config.json that refuses the corrected run.
     write_json_atomic(config_path, config.to_dict())
-    remove_stale_temporaries(run_dir)  # what a killed earlier attempt left half-written
+    remove_stale_temporaries(run_dir, training.RUN_OUTPUTS)  # what a killed earlier attempt left half-written
     train_data = read_training_tfrecords(train_files, max_length=config.model.max_length,
                                          batch_size=config.train.batch_size, seed=config.train.seed,
                                          drop_remainder=training.drops_remainder(
