@@ -96,6 +96,11 @@ def read_spec(path: pathlib.Path) -> dict:
     return spec
 
 
+def _run_config(run_dir: pathlib.Path):
+    """The run's own config (its saved ranks are checked against it), or None without one."""
+    return training.load_run_config(run_dir) if (run_dir / "config.json").is_file() else None
+
+
 def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail) -> list[dict]:
     """One entry per comparison: its runs, and ``compare_run_groups``'s result or what is missing."""
     entries = []
@@ -103,7 +108,7 @@ def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail) -> list[dict]:
         groups, missing = [], []
         for side in ("a", "b"):
             label, runs = comparison[side]["label"], comparison[side]["runs"]
-            ranks = [load_ranks(runs_dir / run, label, targets) for run in runs]
+            ranks = [load_ranks(runs_dir / run, label, targets, _run_config(runs_dir / run)) for run in runs]
             missing += [f"{run}/{label!r}" for run, r in zip(runs, ranks) if r is None]
             groups.append(ranks)
         entry = {"name": comparison["name"], "a": comparison["a"], "b": comparison["b"]}

@@ -96,7 +96,7 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
         paths.append(serving_path(model, split.num_items, {"kind": "brute_force", "backbone_only": True}))
     evaluated = {path.label: evaluate_path(path, model, split, config, return_ranks=True) for path in paths}
     for label, (_, ranks) in evaluated.items():
-        save_ranks(run_dir, label, ranks, split.test.targets)
+        save_ranks(run_dir, label, ranks, split.test.targets, config)
     is_tail = is_tail_target(split.test.targets, split.item_popularity())
     latencies = per_user_latencies({path.label: path for path in paths}, model, split, config, latency_users)
     rows = []

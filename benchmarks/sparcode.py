@@ -99,7 +99,7 @@ def sparcode_rows(run_dir: pathlib.Path, split, config, base: dict, reference=No
     is_tail = is_tail_target(split.test.targets, split.item_popularity())
     rows = []
     for variant, ((metrics, ranks), label) in evaluated.items():
-        save_ranks(run_dir, label, ranks, split.test.targets)
+        save_ranks(run_dir, label, ranks, split.test.targets, config)
         # The unquantized row scores every item, where a re-consumed target still ranks; the
         # other rows search with the whole history excluded. Only searches are paired.
         searched, paired = variant != UNQUANTIZED, {}

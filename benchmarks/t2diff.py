@@ -143,10 +143,11 @@ def reference_ranks(run_dir: pathlib.Path, split) -> np.ndarray | None:
     """The two-tower's per-user test ranks on this split: saved ones, else computed from its
     trained model (with its own config) and saved; None (with a message) when it was never
     trained here."""
-    ranks = load_ranks(run_dir, REFERENCE[1], split.test.targets)
+    config = training.load_run_config(run_dir) if (run_dir / "config.json").is_file() else None
+    ranks = load_ranks(run_dir, REFERENCE[1], split.test.targets, config)
     if ranks is None and (run_dir / "model").is_dir():
-        _, ranks = evaluate(training.load_model(run_dir / "model"), split, training.load_run_config(run_dir))
-        save_ranks(run_dir, REFERENCE[1], ranks, split.test.targets)
+        _, ranks = evaluate(training.load_model(run_dir / "model"), split, config)
+        save_ranks(run_dir, REFERENCE[1], ranks, split.test.targets, config)
     if ranks is None:
         print(f"no paired comparison: no two-tower run at {run_dir}", file=sys.stderr)
     return ranks
@@ -222,7 +223,7 @@ def main() -> int:
                 servings[BACKBONE_ALONE] = {"backbone_only": True}
             tests = {label: evaluate(model, split, config, **kwargs) for label, kwargs in servings.items()}
             for label, (_, ranks) in tests.items():
-                save_ranks(run_dir, label, ranks, split.test.targets)
+                save_ranks(run_dir, label, ranks, split.test.targets, config)
             reference = (None if variant == REFERENCE[0] else reference_ranks(
                 runs_dir / run_name(REFERENCE[0], split_name, "", args.train_seed), split))
             timings = latencies(model, split, config, args.latency_users, servings, args.seed)

@@ -269,6 +269,18 @@ def test_ranks_are_kept_per_label_and_rows_are_compared_on_the_same_users(tmp_pa
         load_ranks(tmp_path, "soft K=4 (recorded)", np.array([5, 3, 8, 9, 1, 2]))
     with pytest.raises(ValueError, match="ranks other examples \\(6 targets\\) than the 5 being compared"):
         load_ranks(tmp_path, "soft K=4 (recorded)", targets[:5])
+    # Ranks saved with their run's config are checked against the reader's protocol: the same
+    # targets ranked with the history unmasked are not silently reused.
+    from tfx_xmatch.config import load_config
+
+    masked = load_config(None, ["data.data_dir=/here"])
+    save_ranks(tmp_path, "exact", ranks, targets, masked)
+    elsewhere = load_config(None, ["data.data_dir=/there", "model.max_length=20"])  # same protocol
+    np.testing.assert_array_equal(load_ranks(tmp_path, "exact", targets, elsewhere), ranks)
+    with pytest.raises(ValueError, match=r"ranked under other settings \(mask_history differ\): delete it"):
+        load_ranks(tmp_path, "exact", targets, load_config(None, ["eval.mask_history=false"]))
+    with pytest.raises(ValueError, match=r"ranked under other settings \(data differ\)"):
+        load_ranks(tmp_path, "exact", targets, load_config(None, ["data.split=user_level"]))
 
     reference = np.array([3, 60, 60, 1, 9, 2])
     is_tail = np.array([True, True, False, False, True, True])

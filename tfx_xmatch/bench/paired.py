@@ -8,6 +8,8 @@ back to test whether a row really beats a reference on the same users
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import re
 from typing import Optional, Sequence
@@ -20,6 +22,13 @@ from tfx_xmatch.io_utils import atomic_path
 RANKS_DIR = "test_ranks"
 
 
+def ranks_protocol(config) -> dict:
+    """What makes two runs' ranks comparable: the data, its split and the history masking (not
+    the data directory, which differs between machines, nor model settings such as the window)."""
+    data = {key: value for key, value in dataclasses.asdict(config.data).items() if key != "data_dir"}
+    return {"data": data, "mask_history": bool(config.eval.mask_history)}
+
+
 def _ranks_file(run_dir, label: str) -> pathlib.Path:
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"a ranks label must be a non-empty string, got {label!r}")
@@ -27,9 +36,10 @@ def _ranks_file(run_dir, label: str) -> pathlib.Path:
     return pathlib.Path(run_dir) / RANKS_DIR / f"{slug}.npz"
 
 
-def save_ranks(run_dir, label: str, ranks: np.ndarray, targets: np.ndarray) -> pathlib.Path:
+def save_ranks(run_dir, label: str, ranks: np.ndarray, targets: np.ndarray, config=None) -> pathlib.Path:
     """Writes a path's test ranks (int [num_users]) under the run directory, atomically, with the
-    targets they rank, so a later reader can tell whether they rank its examples.
+    targets they rank and (given the run's ``config``) its ``ranks_protocol``, so a later reader
+    can tell whether they rank its examples the way it would.
 
     Raises:
       ValueError: an empty label, ranks that are not 1-D integers, or targets of another length.
@@ -42,22 +52,32 @@ def save_ranks(run_dir, label: str, ranks: np.ndarray, targets: np.ndarray) -> p
     path = _ranks_file(run_dir, label)
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
-            np.savez(handle, ranks=ranks.astype(np.int64), targets=targets.astype(np.int64))
+            protocol = json.dumps(ranks_protocol(config), sort_keys=True) if config is not None else ""
+            np.savez(handle, ranks=ranks.astype(np.int64), targets=targets.astype(np.int64), protocol=protocol)
     return path
 
 
-def load_ranks(run_dir, label: str, targets: np.ndarray) -> Optional[np.ndarray]:
+def load_ranks(run_dir, label: str, targets: np.ndarray, config=None) -> Optional[np.ndarray]:
     """The ranks ``save_ranks`` wrote for ``label`` in the run, or None when there are none.
 
     Raises:
       ValueError: the saved ranks are of other examples than ``targets`` (another split or
-        dataset); the message names the file, which can be deleted to recompute them.
+        dataset), or were ranked under another ``ranks_protocol`` than ``config``'s (e.g. with
+        the history unmasked); the message names the file, which can be deleted to recompute
+        them.
     """
     path = _ranks_file(run_dir, label)
     if not path.is_file():
         return None
     with np.load(path) as saved:
         ranks, saved_targets = saved["ranks"], saved["targets"]
+        saved_protocol = str(saved["protocol"]) if "protocol" in saved.files else ""
+    if config is not None and saved_protocol:
+        expected = ranks_protocol(config)
+        differing = sorted(key for key, value in json.loads(saved_protocol).items() if expected.get(key) != value)
+        if differing:
+            raise ValueError(f"{path} was ranked under other settings ({', '.join(differing)} differ): "
+                             "delete it to recompute")
     targets = np.asarray(targets)
     if saved_targets.shape != targets.shape or not np.array_equal(saved_targets, targets):
         where = ("" if saved_targets.shape != targets.shape

@@ -228,12 +228,12 @@ def brute_force_ranks(run_dir, split, config) -> np.ndarray | None:
     """A trained run's per-user test ranks through its brute-force path (the two-tower's serving
     path): the ranks saved under ``run_dir`` as "brute force", else computed from its model and
     saved; None (with a message) when there is no run at ``run_dir``."""
-    ranks = load_ranks(run_dir, "brute force", split.test.targets)
+    ranks = load_ranks(run_dir, "brute force", split.test.targets, config)
     if ranks is None and (pathlib.Path(run_dir) / "model").is_dir():
         model = training.load_model(pathlib.Path(run_dir) / "model")
         _, ranks = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
                                  config, return_ranks=True)
-        save_ranks(run_dir, "brute force", ranks, split.test.targets)
+        save_ranks(run_dir, "brute force", ranks, split.test.targets, config)
     if ranks is None:
         print(f"no paired comparison with the two-tower: no run at {run_dir}", file=sys.stderr)
     return ranks
