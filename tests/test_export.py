@@ -243,3 +243,54 @@ def test_exporting_a_model_that_never_trained_warns_about_nothing(tmp_path):
     finally:
         logging.getLogger("tensorflow").removeHandler(handler)
     assert "Skipping full serialization" not in stream.getvalue()
+
+
+def test_models_trained_with_user_features_export_them_as_inputs(tmp_path):
+    """Every user-side signature takes each user feature the model was built with (it used to
+    serve only the history, and the first request failed with a KeyError)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from tfx_xmatch.models import SPARC
+
+    tf.keras.utils.set_random_seed(4)
+    two_tower = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, dropout=0.0,
+                         user_feature_cardinalities={"age": 3, "gender": 2})
+    sparc = SPARC(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, dropout=0.0, num_codewords=4,
+                  serving_interests=2, user_feature_cardinalities={"age": 3, "gender": 2})
+    vocab = int_vocab()
+    histories = [np.array([3, 7, 12]), np.array([40, 2])]
+    age, gender = np.array([3, 0], np.int64), np.array([1, 2], np.int64)
+    zeros = tf.zeros([2], tf.int64)
+    window = pad_histories(histories, LENGTH)
+    for model, kind in ((two_tower, "brute_force"), (sparc, "soft_search")):
+        path = export_retrieval_model(model, vocab, tmp_path / kind, index_kind=kind, k_max=K_MAX)
+        loaded = tf.saved_model.load(str(path))
+        request = right_padded(vocab, histories, 4, 0)
+        top_k = loaded.signatures["top_k"]
+        assert set(top_k.structured_input_signature[1]) == {"history", "k", "age", "gender"}
+        answer = top_k(history=tf.constant(request), k=tf.constant(5), age=tf.constant(age), gender=tf.constant(gender))
+        if kind == "brute_force":
+            scores = model.score_all({"history": window, "age": age.astype(np.int32),
+                                      "gender": gender.astype(np.int32)}).numpy()
+            scores[:, 0] = -np.inf
+            for row, history in enumerate(histories):
+                scores[row, history] = -np.inf
+            expected = np.sort(scores, axis=1)[:, ::-1][:, :5]
+            np.testing.assert_allclose(answer["scores"].numpy(), expected, rtol=1e-5)
+            embedding = loaded.signatures["user_embedding"](
+                history=tf.constant(request), age=tf.constant(age), gender=tf.constant(gender))["user_embedding"]
+            np.testing.assert_allclose(embedding.numpy(), model.user_embedding(
+                {"history": window, "age": age.astype(np.int32), "gender": gender.astype(np.int32)}).numpy(), rtol=1e-5)
+        # The features change the answer, and bad values are refused by name.
+        other = top_k(history=tf.constant(request), k=tf.constant(5), age=zeros, gender=zeros)
+        assert not np.allclose(other["scores"].numpy(), answer["scores"].numpy())
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"user feature age must be in \[0, 3\]"):
+            top_k(history=tf.constant(request), k=tf.constant(5), age=tf.constant([4, 0], tf.int64),
+                  gender=tf.constant(gender))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="user feature gender needs one value per history row"):
+            top_k(history=tf.constant(request), k=tf.constant(5), age=tf.constant(age),
+                  gender=tf.constant([1], tf.int64))
+        # TF Serving replays the warm-up requests at load: they carry the features too.
+        record = next(iter(tf.data.TFRecordDataset(str(path / "assets.extra" / "tf_serving_warmup_requests"))))
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        assert set(log.predict_log.request.inputs) == {"history", "age", "gender"}

@@ -7,6 +7,10 @@
     TF Serving signature cannot have optional inputs and ``k`` must not be frozen at export;
   * ``user_embedding(history)`` and ``item_embeddings(item_ids)``.
 
+A model trained with user features (``data.side_info``) takes each feature as one more input of
+``serving_default``, ``top_k`` and ``user_embedding``, named after the feature: int64 [batch],
+the value's index in the prepared data's feature vocabulary (0 = unknown).
+
 Outputs are named (``item_ids``, ``scores``, ``user_embedding``, ``item_embeddings``), item ids
 are the dataset's raw ids (strings or integers, vocabulary inside the graph), and histories may
 be left- or right-padded, longer or shorter than the model's window. Every signature is defined
@@ -76,17 +80,25 @@ class RetrievalServingModule(tf.Module):
         # The index stays outside XLA: its top-k with a per-request exclusion list has shapes
         # that change with every request, which would recompile on each call.
         compiled = (lambda fn: tf.function(fn, jit_compile=True)) if self.jit_compile else (lambda fn: fn)
-        self._user_vectors = compiled(lambda window: self.model.user_embedding({"history": window}))
+        self._user_vectors = compiled(lambda inputs: self.model.user_embedding(inputs))
         if isinstance(index, SoftSearchIndex):
             self._interest_vectors = compiled(
-                lambda window: self.model.interest_vectors({"history": window}, self.index.num_interests))
+                lambda inputs: self.model.interest_vectors(inputs, self.index.num_interests))
+        # A model trained with user features takes each as one more input of every user-side
+        # signature: int64 [batch], the value's index in the feature vocabulary of the prepared
+        # data (0 = unknown), as the model was trained on.
+        self.user_features = dict(sorted(getattr(model, "user_feature_cardinalities", {}).items()))
+        clashing = sorted(set(self.user_features) & {"history", "k", "item_ids"})
+        if clashing:
+            raise ValueError(f"user feature {clashing[0]!r} has the name of a serving input; rename the feature")
+        feature_specs = [tf.TensorSpec([None], tf.int64, name=name) for name in self.user_features]
 
         history_spec = tf.TensorSpec([None, None], self.id_dtype, name="history")
-        self.serving_default = tf.function(self._serve_default, input_signature=[history_spec])
+        self.serving_default = tf.function(self._serve_default, input_signature=[history_spec, *feature_specs])
         self.top_k = tf.function(
-            self._serve_top_k, input_signature=[history_spec, tf.TensorSpec([], tf.int32, name="k")]
+            self._serve_top_k, input_signature=[history_spec, tf.TensorSpec([], tf.int32, name="k"), *feature_specs]
         )
-        self.user_embedding = tf.function(self._serve_user_embedding, input_signature=[history_spec])
+        self.user_embedding = tf.function(self._serve_user_embedding, input_signature=[history_spec, *feature_specs])
         self.item_embeddings = tf.function(
             self._serve_item_embeddings, input_signature=[tf.TensorSpec([None], self.id_dtype, name="item_ids")]
         )
@@ -128,26 +140,44 @@ class RetrievalServingModule(tf.Module):
         missing = tf.maximum(self.max_length - tf.shape(aligned)[1], 0)
         return tf.cast(tf.pad(aligned, [[0, 0], [missing, 0]]), tf.int32)
 
-    def _retrieve(self, history: tf.Tensor, k) -> dict:
-        window = self._window(history)
+    def _model_inputs(self, history: tf.Tensor, features: tuple) -> dict:
+        """The model's inputs: the right-aligned window and each user feature, checked (one value
+        per history row, within the feature's vocabulary)."""
+        inputs = {"history": self._window(history)}
+        rows = tf.shape(history, out_type=tf.int64)[0]
+        for (name, cardinality), values in zip(self.user_features.items(), features):
+            out_of_range = f"user feature {name} must be in [0, {cardinality}] (0 = unknown)"
+            checks = [
+                tf.debugging.assert_equal(tf.shape(values, out_type=tf.int64)[0], rows,
+                                          message=f"user feature {name} needs one value per history row"),
+                tf.debugging.assert_less_equal(tf.reduce_max(tf.concat([values, [0]], 0)),
+                                               tf.constant(cardinality, tf.int64), message=out_of_range),
+                tf.debugging.assert_non_negative(values, message=out_of_range),
+            ]
+            with tf.control_dependencies(checks):
+                inputs[name] = tf.cast(values, tf.int32)
+        return inputs
+
+    def _retrieve(self, history: tf.Tensor, k, features: tuple = ()) -> dict:
+        inputs = self._model_inputs(history, features)
         exclude = tf.cast(self._to_indices(history, "history"), tf.int64) if self.exclude_history else None
         if isinstance(self.index, SoftSearchIndex):
-            vectors, log_probs = self._interest_vectors(window)
+            vectors, log_probs = self._interest_vectors(inputs)
             scores, indices = self.index(vectors, k=k, exclude=exclude, log_weights=log_probs)
         else:
-            user = self._user_vectors(window)
+            user = self._user_vectors(inputs)
             scores, indices = self.index(user, k=k, exclude=exclude)
         return {"item_ids": tf.gather(self.index_to_id, tf.maximum(indices, 0)), "scores": scores}
 
     # ------------------------------------------------------------------ signatures
-    def _serve_default(self, history):
-        return self._retrieve(history, self.default_k)
+    def _serve_default(self, history, *features):
+        return self._retrieve(history, self.default_k, features)
 
-    def _serve_top_k(self, history, k):
-        return self._retrieve(history, k)
+    def _serve_top_k(self, history, k, *features):
+        return self._retrieve(history, k, features)
 
-    def _serve_user_embedding(self, history):
-        return {"user_embedding": self._user_vectors(self._window(history))}
+    def _serve_user_embedding(self, history, *features):
+        return {"user_embedding": self._user_vectors(self._model_inputs(history, features))}
 
     def _serve_item_embeddings(self, item_ids):
         indices = self._to_indices(item_ids, "item_ids")
@@ -368,7 +398,7 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
     if isinstance(final, str):  # a remote path (gs://, s3://...): written through tf.io.gfile
         with tempfile.TemporaryDirectory() as local:
             tf.saved_model.save(module, local, signatures=module.signatures(), options=options)
-            write_warmup_requests(pathlib.Path(local), model_name, histories, module.id_dtype)
+            write_warmup_requests(pathlib.Path(local), model_name, histories, module.id_dtype, module.user_features)
             # saved_model.pb last: a server looking during the copy finds no SavedModel rather
             # than a graph whose variables are half written (object stores have no atomic rename).
             if exists:
@@ -382,7 +412,7 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
     temporary.mkdir()
     try:
         tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
-        write_warmup_requests(temporary, model_name, histories, module.id_dtype)
+        write_warmup_requests(temporary, model_name, histories, module.id_dtype, module.user_features)
         previous = final.parent / f".{final.name}.{uuid.uuid4().hex}.old"
         if exists:
             os.replace(final, previous)
@@ -401,8 +431,10 @@ def _join(base: str, *parts: str):
     return pathlib.Path(base, *parts)
 
 
-def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType) -> None:
-    """Writes TF Serving warm-up PredictionLogs for ``serving_default`` (one per history)."""
+def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType,
+                          user_features=()) -> None:
+    """Writes TF Serving warm-up PredictionLogs for ``serving_default`` (one per history; each
+    of ``user_features`` unknown, 0, since TF Serving refuses a version whose warm-up fails)."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     directory = saved_model_dir / "assets.extra"
@@ -414,6 +446,8 @@ def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histor
             )
             values = np.asarray([history]).astype(str if id_dtype == tf.string else np.int64)
             request.inputs["history"].CopyFrom(tf.make_tensor_proto(values))
+            for name in user_features:
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(np.zeros(1, np.int64)))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 

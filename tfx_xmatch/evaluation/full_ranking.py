@@ -280,8 +280,9 @@ class FullRankingEvaluator:
         (a served SavedModel's ``top_k`` signature): each row is taken as the model's final answer,
         whatever masking it applied. The rank of a target is its position among the row's
         returned items (0-based; empty slots and repeats of an earlier item take no position), or
-        "at least max_k" when it is not among the first ``max(ks)`` of them, so ``tie_policy`` plays no part (the list's order already broke ties), and
-        ``mask_history`` only records what the caller promises the lists went through.
+        "at least max_k" when it is not among the first ``max(ks)`` of them, so ``tie_policy``
+        plays no part (the list's order already broke ties), and ``mask_history`` only records
+        what the caller promises the lists went through.
 
         Args:
           top_items: int [B, W] item indices, best first, W >= max(ks). 0 (padding) marks an
