@@ -16,6 +16,18 @@ def test_exponential_schedule_is_the_papers_formula():
     np.testing.assert_allclose(betas, [0.01 * math.exp(4.5 * s / 50) for s in range(1, 51)])
 
 
+def test_linear_and_cosine_schedules_are_their_published_formulas():
+    # DDPM's linear betas, 1e-4 .. 0.02 over 1,000 steps, rescaled to T = 20 steps.
+    np.testing.assert_allclose(make_betas("linear", 20)[[0, 10, 19]],
+                               [0.005, 0.005 + 10 * (1.0 - 0.005) / 19, 0.999], rtol=1e-12)
+    # Nichol & Dhariwal's cosine schedule: abar(s) = f(s) / f(0), f(s) = cos^2((s/T + 0.008) / 1.008 * pi/2).
+    f = [math.cos((s / 20 + 0.008) / 1.008 * math.pi / 2) ** 2 for s in range(21)]
+    expected = [min(1 - f[s] / f[s - 1], 0.999) for s in range(1, 21)]
+    np.testing.assert_allclose(make_betas("cosine", 20), expected, rtol=1e-12)
+    np.testing.assert_allclose(np.cumprod(1 - make_betas("cosine", 20))[:19], [f[s] / f[0] for s in range(1, 20)],
+                               rtol=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["exponential", "linear", "cosine"])
 def test_alpha_bar_and_posterior_match_numpy(kind):
     schedule = NoiseSchedule(kind, 20)

@@ -209,6 +209,16 @@ def test_unquantized_all_to_all_trains_and_scores_every_item():
     assert scores.shape == (1, NUM_ITEMS + 1) and scores[0, 0] == 0
     with pytest.raises(ValueError, match="no code bag"):
         model.user_embedding(inputs)
+    # Scored in chunks of 64 users: 70 users (more than a chunk, not a multiple of it) get
+    # sum_k ReLU(E(token_k, i) + b) of their own tokens, column 0 zero.
+    rng = np.random.default_rng(1)
+    many = {"history": pad_histories([rng.integers(1, NUM_ITEMS + 1, size=rng.integers(1, LENGTH + 1))
+                                      for _ in range(70)], LENGTH)}
+    tokens = model.last_position_tokens(many).numpy()
+    items = tf.range(NUM_ITEMS + 1)
+    expected = np.stack([model.pair_scores(tf.constant(user_tokens), items).numpy().sum(axis=0) for user_tokens in tokens])
+    expected[:, 0] = 0.0
+    np.testing.assert_allclose(model.score_all_unquantized(many).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_are_named():

@@ -394,3 +394,46 @@ def test_backbone_arguments_are_checked():
         T2Diff(num_items=5, backbone="sasrec", backbone_blocks=0)
     with pytest.raises(ValueError, match="backbone_loss_weight must be >= 0, got -1"):
         T2Diff(num_items=5, backbone="sasrec", backbone_loss_weight=-1)
+
+
+def test_the_drift_is_the_next_item_minus_the_last_in_a_window_that_ends_at_the_position():
+    """Training diffuses z0 = x_{n+1} - x_n over the window ending at each position (the target
+    never inside it); serving adds the sampled drift back to x_n."""
+    model = _model()
+    history = np.array([[0, 0, 0, 3, 5, 8, 13, 21, 34, 2, 7, 11, 17, 19, 23, 29]], np.int32)
+    next_items = np.where(history > 0, np.concatenate([history[:, 1:], [[31]]], axis=1), 0).astype(np.int32)
+    captured = {}
+    split_window, q_sample = model._split_window, model.schedule.q_sample
+
+    def recording_split(windows):
+        captured.setdefault("windows", windows.numpy())
+        return split_window(windows)
+
+    def recording_q_sample(clean, steps, noise):
+        captured["clean"] = clean.numpy()
+        return q_sample(clean, steps, noise)
+
+    model._split_window, model.schedule.q_sample = recording_split, recording_q_sample
+    model.compute_loss({"history": tf.constant(history), "next_items": tf.constant(next_items)}, training=False)
+    del model._split_window
+    model.schedule.q_sample = q_sample
+    items = model.item_tower(tf.range(NUM_ITEMS + 1)).numpy()
+    padded = np.concatenate([np.zeros((1, model.window - 1), np.int32), history], axis=1)
+    assert len(captured["windows"]) == int((next_items > 0).sum())
+    for window, clean in zip(captured["windows"], captured["clean"]):
+        position = int(np.flatnonzero(history[0] == window[-1])[0])
+        np.testing.assert_array_equal(window, padded[0, position:position + model.window])
+        assert next_items[0, position] not in window
+        np.testing.assert_allclose(clean, items[next_items[0, position]] - items[window[-1]], rtol=1e-5, atol=1e-6)
+
+    received = {}
+    user_vector = model._user_vector
+
+    def recording_user_vector(session, session_mask, predicted, *args, **kwargs):
+        received["predicted"] = predicted.numpy()
+        return user_vector(session, session_mask, predicted, *args, **kwargs)
+
+    model._user_vector = recording_user_vector
+    model.sample_drift = lambda *args, **kwargs: tf.fill([1, model.embedding_dim], 0.5)
+    model.user_embedding({"history": tf.constant(history)})
+    np.testing.assert_allclose(received["predicted"][0], items[29] + 0.5, rtol=1e-5, atol=1e-6)
