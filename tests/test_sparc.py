@@ -53,6 +53,30 @@ def test_training_logs_every_loss_and_codebook_usage_per_level(trained):
     assert history.history["retrieval_loss"][-1] < history.history["retrieval_loss"][0]
 
 
+def test_each_loss_has_its_own_weight_and_logged_value():
+    """The total is the weighted sum of the logged terms; the two InfoNCE terms (user-item and
+    z-z_rec) are weighted and logged separately."""
+    model = _model(rqvae_weight=0.5, bpr_weight=0.2, contrastive_weight=0.3, reconstruction_contrastive_weight=0.7,
+                   interest_weight=0.4)
+    assert _model().reconstruction_contrastive_weight == _model().contrastive_weight  # shared by default
+    assert SPARC.from_config(model.get_config()).reconstruction_contrastive_weight == 0.7
+    batch = next(iter(_batches(num_batches=1)))
+    model.compute_loss(batch, training=True)  # builds
+    for tracker in model.trackers.values():
+        tracker.reset_state()
+    loss = float(model.compute_loss(batch, training=False))
+    logged = {name: float(tracker.result()) for name, tracker in model.trackers.items()}
+    assert logged["contrastive_loss"] == pytest.approx(
+        logged["user_item_contrastive_loss"] + logged["reconstruction_contrastive_loss"], rel=1e-5)
+    assert logged["user_item_contrastive_loss"] != pytest.approx(logged["reconstruction_contrastive_loss"])
+    expected = (logged["retrieval_loss"] + 0.5 * logged["rqvae_loss"] + 0.2 * logged["bpr_loss"]
+                + 0.3 * logged["user_item_contrastive_loss"] + 0.7 * logged["reconstruction_contrastive_loss"]
+                + 0.4 * logged["interest_loss"])
+    assert loss == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="reconstruction_contrastive_weight must be >= 0, got -1"):
+        _model(reconstruction_contrastive_weight=-1)
+
+
 def test_the_retrieval_loss_alone_reaches_every_codebook_level():
     model = _model(rqvae_weight=0.0, bpr_weight=0.0, contrastive_weight=0.0, interest_weight=0.0)
     batch = next(iter(_batches(num_batches=1)))
