@@ -77,6 +77,33 @@ def test_each_loss_has_its_own_weight_and_logged_value():
         _model(reconstruction_contrastive_weight=-1)
 
 
+def test_compute_loss_builds_the_bpr_negative_from_another_code():
+    """The BPR term compares the user vector under the target's code with one under a shuffled
+    code: every shuffled code differs, and given back the true codes it ties at log 2."""
+    model = _model()
+    batch = next(iter(_batches(num_batches=1)))
+    model.compute_loss(batch, training=True)  # builds; the projection starts at zero (queries read nothing)
+    model.interest_projection.kernel.assign(tf.random.normal(model.interest_projection.kernel.shape))
+    calls = []
+    shuffle = model.shuffled_codes
+
+    def recording(codes, draws=None):
+        shuffled = shuffle(codes, draws)
+        calls.append((codes.numpy(), shuffled.numpy()))
+        return shuffled
+
+    model.shuffled_codes = recording
+    model.trackers["bpr_loss"].reset_state()
+    model.compute_loss(batch, training=False)
+    (codes, shuffled), = calls
+    assert len(codes) > 0 and (codes != shuffled).all() and ((0 <= shuffled) & (shuffled < 6)).all()
+    assert float(model.trackers["bpr_loss"].result()) != pytest.approx(np.log(2.0), abs=1e-4)
+    model.shuffled_codes = lambda codes, draws=None: codes  # a "negative" that is the true code
+    model.trackers["bpr_loss"].reset_state()
+    model.compute_loss(batch, training=False)
+    assert float(model.trackers["bpr_loss"].result()) == pytest.approx(np.log(2.0), abs=1e-5)
+
+
 def test_the_retrieval_loss_alone_reaches_every_codebook_level():
     model = _model(rqvae_weight=0.0, bpr_weight=0.0, contrastive_weight=0.0, interest_weight=0.0)
     batch = next(iter(_batches(num_batches=1)))
