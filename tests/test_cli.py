@@ -142,6 +142,30 @@ def test_evaluate_refuses_to_change_the_model(tmp_path, capsys):
     _refused(capsys, "only eval", ["evaluate", "--run-dir", str(tmp_path), "--set", "model.embedding_dim=3"])
 
 
+def test_a_run_on_a_file_given_by_relative_path_evaluates_from_elsewhere(tmp_path, monkeypatch, capsys):
+    """data.dataset is stored as given; from another directory the file's path may be given
+    again, and a file with other items is refused rather than ranked with the wrong ids."""
+    from tfx_xmatch.data import make_synthetic
+
+    sequences = make_synthetic(num_users=120, num_items=30, min_length=6, max_length=12, seed=0).sequences
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.txt").write_text(
+        "".join(f"{user + 1} {item}\n" for user, items in enumerate(sequences) for item in items))
+    (tmp_path / "data" / "other.txt").write_text("".join(f"{user} {item}\n" for user in range(1, 60)
+                                                         for item in (user, user + 100, user + 200)))
+    monkeypatch.chdir(tmp_path)
+    train = [arg for override in ("data.dataset=data/pairs.txt", "data.format=pairs", "model.embedding_dim=8",
+                                  "model.max_length=8", "train.epochs=1", "train.verbose=0", "eval.ks=[1, 10]")
+             for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *train]) == 0
+    monkeypatch.chdir(tmp_path / "data")
+    capsys.readouterr()
+    _refused(capsys, "not found", ["evaluate", "--run-dir", str(tmp_path / "run")])
+    assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--set", "data.dataset=pairs.txt"]) == 0
+    _refused(capsys, "does not hold the items the model .* was trained on",
+             ["evaluate", "--run-dir", str(tmp_path / "run"), "--set", "data.dataset=other.txt"])
+
+
 def test_quickstart_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tfx_xmatch.cli", "quickstart", "--run-dir", str(tmp_path)],

@@ -52,16 +52,35 @@ def _command_train(args: argparse.Namespace) -> int:
 
 
 def _run_config(run_dir, overrides: Sequence[str], command: str):
-    """A run directory's config, with only eval.* and data.data_dir overridable."""
+    """A run directory's config, with only eval.* and data.data_dir overridable, and
+    data.dataset when the run read a file (a relative path only resolves from where it trained)."""
     from tfx_xmatch import training
     from tfx_xmatch.config import apply_overrides
+    from tfx_xmatch.data.loaders import DATASETS
 
+    config = training.load_run_config(run_dir)
+    movable = ("eval.", "data.data_dir=") + (("data.dataset=",) if config.data.dataset not in DATASETS else ())
     for override in overrides:
         # The data and model must stay those the model was trained on; only how it is
         # evaluated (and where the data lives) may change.
-        if not override.startswith(("eval.", "data.data_dir=")):
-            raise ValueError(f"only eval.* and data.data_dir may be overridden, got {override!r}")
-    return apply_overrides(training.load_run_config(run_dir), overrides)
+        if not override.startswith(movable):
+            allowed = "eval.*, data.data_dir" + (" and data.dataset (the file's path)" if len(movable) > 2 else "")
+            raise ValueError(f"only {allowed} may be overridden, got {override!r}")
+    return apply_overrides(config, overrides)
+
+
+def _split_of_the_runs(run_dirs: Sequence, config):
+    """The runs' split, refused when the data read is not the data their models were trained on
+    (a moved file given by path must hold the same items)."""
+    from tfx_xmatch import training
+
+    split = training.prepare_split(config)
+    for run_dir in run_dirs:
+        vocab_path = pathlib.Path(run_dir) / "model" / "item_vocab.json"
+        if vocab_path.exists() and training.load_item_vocab(vocab_path.parent) != split.dataset.item_vocab:
+            raise ValueError(f"{config.data.dataset} does not hold the items the model in {run_dir} was trained "
+                             "on (its item vocabulary differs)")
+    return split
 
 
 def _command_evaluate(args: argparse.Namespace) -> int:
@@ -69,7 +88,8 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     from tfx_xmatch.io_utils import write_json_atomic
 
     config = _run_config(args.run_dir, args.set, "evaluate")
-    split, model = training.prepare_split(config), training.load_model(pathlib.Path(args.run_dir) / "model")
+    split = _split_of_the_runs([args.run_dir], config)
+    model = training.load_model(pathlib.Path(args.run_dir) / "model")
     result = training.evaluate(model, split, args.split, config)
     print(format_metrics(f"{args.split} ({split.dataset.name}, {split.name}, full ranking)", result))
     if args.output:
@@ -118,7 +138,7 @@ def _command_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"{run_dirs[0]} and {run_dir} do not rank the same examples the same "
                              "way: " + ", ".join(f"{key} = {settings[0].get(key)!r} vs {setting.get(key)!r}"
                                                  for key in differing))
-    split = training.prepare_split(configs[0])
+    split = _split_of_the_runs(run_dirs, configs[0])
     ranks = [training.evaluate(training.load_model(pathlib.Path(run_dir) / "model"), split, args.split, config,
                                return_ranks=True)[1] for run_dir, config in zip(run_dirs, configs)]
     examples = getattr(split, args.split)
