@@ -360,6 +360,27 @@ def test_cache_aware_training_adds_a_softmax_over_the_cached_table():
         SparCode(num_items=5, training_cache_fraction=0.1, quantize=False)
 
 
+def _reloads_and_exports_its_codes(model, tmp_path):
+    """A reloaded ``model`` has its config, codes and scores, and its export serves those codes
+    from the inverted index, with stock ops, equal to the top-k of its scores."""
+    histories = [np.arange(1, 6), np.arange(30, 38)]
+    inputs = {"history": pad_histories(histories, LENGTH)}
+    save_model(model, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    assert reloaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
+    np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    path = export_retrieval_model(reloaded, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
+    assert non_stock_ops(path) == set()
+    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in histories])
+    result = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
+    scores = model.score_all(inputs).numpy()
+    for row, history in enumerate(histories):
+        scores[row, history] = 0.0
+    np.testing.assert_allclose(result["scores"].numpy(), _oracle_top_k(scores, 5)[0], rtol=1e-5)
+
+
 def test_slot_tokenizer_trains_reads_the_history_causally_and_reloads(tmp_path):
     """tokenizer="slots": K learned slots attend over the encoded history. Training reaches the
     slots; each training position's tokens read its own user's history up to itself; served
@@ -404,22 +425,7 @@ def test_slot_tokenizer_trains_reads_the_history_causally_and_reloads(tmp_path):
     served = model.last_position_tokens(inputs).numpy()
     assert np.abs(served - model.query_tokens(encoded[:, -1, :], encoded, last_only).numpy()).max() > 1e-4
 
-    save_model(model, tmp_path / "model")
-    reloaded = load_model(tmp_path / "model")
-    np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
-    np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
-    # The export serves the slots' codes from the inverted index, with stock ops.
-    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
-    path = export_retrieval_model(model, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
-    assert non_stock_ops(path) == set()
-    histories = [np.arange(1, 6), np.arange(30, 38)]
-    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in histories])
-    result = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
-    scores = model.score_all(inputs).numpy()
-    for row, history in enumerate(histories):
-        scores[row, history] = 0.0
-    expected_scores, _ = _oracle_top_k(scores, 5)
-    np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
+    _reloads_and_exports_its_codes(model, tmp_path)
     with pytest.raises(ValueError, match="the 'slots' tokenizer needs the encoded sequence and history_mask"):
         model.query_tokens(tf.zeros([2, 16]))
     with pytest.raises(ValueError, match="tokenizer must be one of .* got 'attention'"):
@@ -458,22 +464,7 @@ def test_chunk_tokenizer_is_product_quantization_of_the_state_scored_by_lookup(t
     reached = _code_path_gradients(model, next(iter(_batches())))
     assert reached[0] and not any(reached[1:])
 
-    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(30, 38)], LENGTH)}
-    save_model(model, tmp_path / "model")
-    reloaded = load_model(tmp_path / "model")
-    assert reloaded.get_config() == model.get_config()
-    np.testing.assert_array_equal(reloaded.query_codes(inputs).numpy(), model.query_codes(inputs).numpy())
-    np.testing.assert_allclose(reloaded.score_all(inputs).numpy(), model.score_all(inputs).numpy(), rtol=1e-6)
-    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
-    path = export_retrieval_model(reloaded, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
-    assert non_stock_ops(path) == set()
-    histories = [np.arange(1, 6), np.arange(30, 38)]
-    request = tf.constant([list(vocab.ids(h)) + [""] * (12 - len(h)) for h in histories])
-    result = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
-    scores = model.score_all(inputs).numpy()
-    for row, history in enumerate(histories):
-        scores[row, history] = 0.0
-    np.testing.assert_allclose(result["scores"].numpy(), _oracle_top_k(scores, 5)[0], rtol=1e-5)
+    _reloads_and_exports_its_codes(model, tmp_path)
 
     with pytest.raises(ValueError, match="num_codebooks must be num_query_tokens=4, got 1"):
         SparCode(num_items=5, tokenizer="chunks", num_query_tokens=4)
