@@ -18,6 +18,8 @@ Writes ``results/sparcode.md`` and ``results/sparcode.json``.
     python benchmarks/sparcode.py --models sparcode --minutes sparcode=45
     python benchmarks/sparcode.py --models sparcode --output sparcode_sparsity0.03 \
         --sparcode-set model.options.sparsity_weight=0.03 --minutes sparcode=25
+    python benchmarks/sparcode.py --models sparcode --output sparcode_continued \
+        --sparcode-set train.warm_start=benchmarks/runs/sparcode-sparcode --minutes sparcode=30
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def main() -> int:
                 "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
                 "best_epoch": metrics["best_epoch"], "val_NDCG@10": round(metrics["validation"]["NDCG@10"], 4),
                 "settings": config.to_dict()["model"]}
+        if config.train.warm_start:  # its epochs continue that run's: say so beside them
+            base["warm_start"] = config.train.warm_start
         if name == "sparcode":
             two_tower_config = load_config(MODELS["two_tower_sasrec"], overrides)
             two_tower_run = seeded_run_dir(args.runs_dir, RUN_NAMES["two_tower_sasrec"], args.train_seed)
@@ -187,6 +191,8 @@ def to_markdown(result: dict) -> str:
     lines += ["", "Settings per model:", ""]
     for row in {model_name(r): r for r in result["rows"]}.values():
         lines.append(f"- {model_name(row)}: `{row['settings']}`")
+        if row.get("warm_start"):
+            lines.append(f"  - warm-started from `{row['warm_start']}` (its epochs and train seconds count from there)")
     return "\n".join(lines) + "\n"
 
 

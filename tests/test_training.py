@@ -125,6 +125,59 @@ def test_a_finished_run_is_not_retrained(tmp_path):
     assert again == json.loads(json.dumps(first)) and recorder.epochs == []
 
 
+def test_warm_start_continues_a_finished_run_with_its_adam_state_at_the_new_learning_rate(tmp_path):
+    training.train(tiny_config("train.epochs=2"), tmp_path / "first")
+    source = training.load_model(tmp_path / "first" / "model")
+    config = tiny_config("train.epochs=1", f"train.warm_start={tmp_path / 'first'}", "train.learning_rate=0.003")
+    split = training.prepare_split(config)
+    model = training.build_model(config, split.dataset)
+    training.compile_for_training(model, config, training.target_counts(split))
+    assert training.warm_start(model, tmp_path / "first", 0.003) == tmp_path / "first" / "model"
+    for started, finished in zip(model_state(model), model_state(source)):
+        np.testing.assert_array_equal(started, finished)
+    checkpoint = tf.train.load_checkpoint(str(tmp_path / "first" / "model" / "weights"))
+    assert model.optimizer.iterations.numpy() == checkpoint.get_tensor(
+        "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") > 0
+    assert model.optimizer.learning_rate.numpy() == pytest.approx(0.003)
+    # Adam's moments are restored when the optimizer creates them at the first step.
+    model.optimizer.build(model.trainable_variables)
+    moments = [name for name in checkpoint.get_variable_to_shape_map() if name.startswith("optimizer/_variables/")]
+    assert moments
+    for name in moments:
+        index = int(name.split("/")[2])
+        np.testing.assert_array_equal(model.optimizer.variables[index].numpy(), checkpoint.get_tensor(name))
+    # Through train(): the first epoch starts from the source's selected weights.
+    recorder = EpochRecorder()
+    metrics = training.train(config, tmp_path / "second", callbacks=[recorder])
+    assert recorder.epochs == [1] and metrics["epochs"] == 1
+    for started, finished in zip(recorder.first_weights, model_state(source)):
+        np.testing.assert_array_equal(started, finished)
+
+
+def test_warm_start_refuses_what_does_not_fit_and_names_it(tmp_path):
+    training.train(tiny_config("train.epochs=1"), tmp_path / "first")
+    split = training.prepare_split(tiny_config())
+
+    def start(source, *overrides):
+        config = tiny_config(*overrides)
+        model = training.build_model(config, split.dataset)
+        training.compile_for_training(model, config, training.target_counts(split))
+        training.warm_start(model, source, 0.01)
+
+    with pytest.raises(ConfigError, match=r"train.warm_start='.*nowhere' is neither a finished run directory"):
+        start(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"does not fit this model .*incompatible tensor with shape"):
+        start(tmp_path / "first", "model.embedding_dim=8")
+    relabelled = tmp_path / "relabelled"
+    relabelled.mkdir()
+    for path in (tmp_path / "first" / "model").iterdir():
+        (relabelled / path.name).write_bytes(path.read_bytes())
+    saved = json.loads((relabelled / "config.json").read_text())
+    (relabelled / "config.json").write_text(json.dumps({**saved, "model": "sparc"}))
+    with pytest.raises(ConfigError, match=r"holds a 'sparc' model; this run trains a 'two_tower' model"):
+        start(relabelled)
+
+
 def test_patience_is_judged_only_at_validation_epochs(tmp_path):
     metrics = training.train(
         tiny_config("train.epochs=9", "train.validation_every=3", "train.early_stopping_patience=2",

@@ -489,6 +489,9 @@ def fit_with_selection(
     # ModelSelection comes first so its state is on disk before the backup of the same epoch.
     # The backup outlives fit() until the caller has its final metrics, so a crash in the final
     # evaluation still resumes instead of retraining.
+    if config.train.warm_start is not None:
+        # Before the backup callback: a resumed run's own backup then overrides the starting point.
+        warm_start(model, config.train.warm_start, config.train.learning_rate)
     backup = tf.keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False)
     saved = json.loads(selection.state_path.read_text(encoding="utf-8")) if selection.state_path.exists() else {}
     if ModelSelection.finished(saved, config.train.max_train_seconds):
@@ -500,6 +503,52 @@ def fit_with_selection(
     if selection.state["best_epoch"] is not None:
         model.load_weights(str(output_dir / "best_weights" / "weights")).expect_partial()
     return selection.state
+
+
+def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float) -> pathlib.Path:
+    """Loads the weights of a finished run (its ``model/``) or of a ``save_model`` directory into
+    ``model``, with the optimizer state the checkpoint holds; the optimizer then runs at
+    ``learning_rate`` whatever rate the source trained with.
+
+    Args:
+      model: A compiled, built model (see ``compile_for_training``).
+      source: A run directory or a saved model directory.
+      learning_rate: The learning rate to continue with.
+
+    Returns:
+      The saved model directory the weights came from.
+
+    Raises:
+      ConfigError: ``source`` holds no saved model, one of another kind, or one whose variables
+        do not match ``model``'s (names the first mismatches).
+    """
+    source = pathlib.Path(source)
+    directory = source / "model" if (source / "model" / "config.json").exists() else source
+    if not (directory / "config.json").exists() or not (directory / "weights.index").exists():
+        raise ConfigError(f"train.warm_start={str(source)!r} is neither a finished run directory (with model/) "
+                          "nor a saved model directory (config.json + weights)")
+    saved = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    name = next(key for key, cls in MODELS.items() if isinstance(model, cls))
+    if saved.get("model") != name:
+        raise ConfigError(f"train.warm_start={str(source)!r} holds a {saved.get('model')!r} model; "
+                          f"this run trains a {name!r} model")
+    try:
+        status = model.load_weights(str(directory / "weights"))
+        # Every variable the model has must come from the checkpoint: a half-initialised model
+        # would train on silently from partly random weights.
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise ConfigError(f"train.warm_start={str(source)!r} does not fit this model (another architecture "
+                          f"or options?): {_first_line(error)}") from error
+    status.expect_partial()  # optimizer slots are restored when Adam creates them, or start fresh
+    model.optimizer.learning_rate.assign(learning_rate)
+    logger.info("warm start from %s", directory)
+    return directory
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # What a run writes into its directory (all atomically, so only these can have temporaries).
