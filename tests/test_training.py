@@ -208,6 +208,23 @@ def test_a_run_killed_after_it_stopped_early_does_not_train_on_when_resumed(tmp_
     assert recorder.epochs == [] and metrics["epochs"] == 6 and metrics["best_epoch"] == 3
 
 
+def test_a_run_its_time_budget_stopped_trains_on_when_the_budget_is_raised(tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(training, "save_model", killed)
+        with pytest.raises(RuntimeError, match="killed while saving"):
+            training.train(tiny_config("train.epochs=3", "train.max_train_seconds=0.001"), tmp_path)
+    assert json.loads((tmp_path / "history.json").read_text())["stopped"] == "time_budget"
+    recorder = EpochRecorder()
+    metrics = training.train(tiny_config("train.epochs=3", "train.max_train_seconds=3600"), tmp_path,
+                             callbacks=[recorder])
+    assert recorder.epochs == [2, 3] and metrics["epochs"] == 3
+    # Ended by train.epochs, not by the old budget: no stale stop reason is left behind.
+    assert "stopped" not in json.loads((tmp_path / "history.json").read_text())
+
+
 def test_synthetic_arguments_are_checked_by_name():
     with pytest.raises(ConfigError, match="data.synthetic.num_users must be an integer, got 'abc'"):
         training.prepare_split(tiny_config("data.synthetic.num_users=abc"))

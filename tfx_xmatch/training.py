@@ -273,6 +273,8 @@ class ModelSelection(tf.keras.callbacks.Callback):
         if self.state_path.exists():
             self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
             self.state["best"] = -math.inf if self.state["best"] is None else self.state["best"]
+            # Training again: a time budget that stopped it before has been raised.
+            self.state.pop("stopped", None)
         self._epoch_start = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -299,7 +301,6 @@ class ModelSelection(tf.keras.callbacks.Callback):
                     self.model.save_weights(str(temporary / "weights"))
         row["train_seconds"] = round(self.state["train_seconds"], 2)
         self.state["epochs"] = [r for r in self.state["epochs"] if r["epoch"] < epoch + 1] + [row]
-        write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
         # Patience is judged only where there is a fresh validation result, and never before
         # the first one, so validation_every > patience cannot stop a run unvalidated.
         since_best = epoch + 1 - (self.state["best_epoch"] or epoch + 1)
@@ -311,11 +312,11 @@ class ModelSelection(tf.keras.callbacks.Callback):
             logger.info("stopping: training time budget of %.0f s reached", self.max_seconds)
             stopped = "time_budget"
         if stopped:
-            # On disk, so a run killed after this epoch (in its final save or evaluation) does
-            # not resume into epochs the uninterrupted run never trained.
+            # Saved with the epoch, so a run killed after it (in its final save or evaluation)
+            # does not resume into epochs the uninterrupted run never trained.
             self.state["stopped"] = stopped
-            write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
             self.model.stop_training = True
+        write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
 
     @staticmethod
     def finished(state: dict, max_seconds: Optional[float]) -> bool:
