@@ -5,6 +5,7 @@ errors propagate. The pipeline definition is checked only where tfx is installed
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -101,7 +102,7 @@ def test_run_fn_reads_gzip_records_and_honours_train_steps(prepared, tmp_path):
     assert len(json.loads((tmp_path / "short" / "run" / "history.json").read_text())["epochs"]) == 2
 
 
-def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path):
+def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path, caplog):
     # ram:// stands in for the gs:// paths of Kubeflow/Vertex, which pathlib once turned into a
     # local "gs:/..." directory inside the container (lost when it exits).
     _, directory = prepared
@@ -114,6 +115,14 @@ def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path):
     assert json.loads(tf.io.gfile.GFile(f"{base}/run/metrics.json").read())["epochs"] == 3
     assert tf.io.gfile.exists(f"{base}/run/model") and tf.io.gfile.exists(f"{base}/serving/saved_model.pb")
     assert not os.path.exists("ram:") and not (tmp_path / "run").exists()
+    # The next Trainer run can start from this one's run directory where it lies.
+    overrides = [*RUN_OVERRIDES, f"train.warm_start={base}/run"]
+    args = _fn_args(directory, tmp_path, custom={"item_vocab": f"{base}/item_vocab.json", "overrides": overrides},
+                    train_steps=1)
+    args.model_run_dir, args.serving_model_dir = f"{base}/next-run", f"{base}/next-serving"
+    with caplog.at_level(logging.INFO, logger=training.logger.name):
+        trainer_module.run_fn(args)
+    assert f"warm start from {base}/run/model" in caplog.text
 
 
 def test_run_fn_errors_propagate(prepared, tmp_path):

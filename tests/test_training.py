@@ -132,7 +132,7 @@ def test_warm_start_continues_a_finished_run_with_its_adam_state_at_the_new_lear
     split = training.prepare_split(config)
     model = training.build_model(config, split.dataset)
     training.compile_for_training(model, config, training.target_counts(split))
-    assert training.warm_start(model, tmp_path / "first", 0.003) == tmp_path / "first" / "model"
+    assert training.warm_start(model, tmp_path / "first", 0.003) == f"{tmp_path}/first/model"
     for started, finished in zip(model_state(model), model_state(source)):
         np.testing.assert_array_equal(started, finished)
     checkpoint = tf.train.load_checkpoint(str(tmp_path / "first" / "model" / "weights"))

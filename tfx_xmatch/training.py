@@ -506,14 +506,15 @@ def fit_with_selection(
     return selection.state
 
 
-def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float) -> pathlib.Path:
+def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float) -> str:
     """Loads the weights of a finished run (its ``model/``) or of a ``save_model`` directory into
     ``model``, with the optimizer state the checkpoint holds; the optimizer then runs at
     ``learning_rate`` whatever rate the source trained with.
 
     Args:
       model: A compiled, built model (see ``compile_for_training``).
-      source: A run directory or a saved model directory.
+      source: A run directory or a saved model directory: local, or any URL ``tf.io.gfile``
+        reads (``gs://...``, where a TFX Trainer on Vertex leaves its ``model_run_dir``).
       learning_rate: The learning rate to continue with.
 
     Returns:
@@ -521,25 +522,26 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
 
     Raises:
       ConfigError: ``source`` holds no saved model, one of another kind, or one whose variables
-        do not match ``model``'s (names the first mismatches).
+        do not match ``model``'s (names the first mismatch).
     """
-    source = pathlib.Path(source)
-    directory = source / "model" if (source / "model" / "config.json").exists() else source
-    if not (directory / "config.json").exists() or not (directory / "weights.index").exists():
-        raise ConfigError(f"train.warm_start={str(source)!r} is neither a finished run directory (with model/) "
+    source = str(source).rstrip("/")
+    directory = f"{source}/model" if tf.io.gfile.exists(f"{source}/model/config.json") else source
+    if not (tf.io.gfile.exists(f"{directory}/config.json") and tf.io.gfile.exists(f"{directory}/weights.index")):
+        raise ConfigError(f"train.warm_start={source!r} is neither a finished run directory (with model/) "
                           "nor a saved model directory (config.json + weights)")
-    saved = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    with tf.io.gfile.GFile(f"{directory}/config.json", "r") as file:
+        saved = json.loads(file.read())
     name = next(key for key, cls in MODELS.items() if isinstance(model, cls))
     if saved.get("model") != name:
-        raise ConfigError(f"train.warm_start={str(source)!r} holds a {saved.get('model')!r} model; "
+        raise ConfigError(f"train.warm_start={source!r} holds a {saved.get('model')!r} model; "
                           f"this run trains a {name!r} model")
     try:
-        status = model.load_weights(str(directory / "weights"))
+        status = model.load_weights(f"{directory}/weights")
         # Every variable the model has must come from the checkpoint: a half-initialised model
         # would train on silently from partly random weights.
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise ConfigError(f"train.warm_start={str(source)!r} does not fit this model (another architecture "
+        raise ConfigError(f"train.warm_start={source!r} does not fit this model (another architecture "
                           f"or options?): {_first_line(error)}") from error
     status.expect_partial()  # optimizer slots are restored when Adam creates them, or start fresh
     model.optimizer.learning_rate.assign(learning_rate)

@@ -16,6 +16,9 @@ The TFX Trainer contract, as this module honours it:
     ``eval_steps`` is not used: validation always ranks every eval example against every item.
   * ``fn_args.model_run_dir``: the run (history.json, best weights, the selected model,
     metrics.json); ``fn_args.serving_model_dir``: the SavedModel, written atomically.
+  * ``fn_args.base_model`` is not read: it names a *serving* SavedModel, which holds the index
+    but not the training checkpoint. To warm-start, override ``train.warm_start`` with an earlier
+    run's ``model_run_dir`` (``gs://`` paths work).
 
 Errors propagate: a TFX component that swallows them reports success with no model.
 """
