@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -162,20 +163,53 @@ def test_warm_start_refuses_what_does_not_fit_and_names_it(tmp_path):
         config = tiny_config(*overrides)
         model = training.build_model(config, split.dataset)
         training.compile_for_training(model, config, training.target_counts(split))
-        training.warm_start(model, source, 0.01)
+        return model, training.warm_start(model, source, 0.01)
 
     with pytest.raises(ConfigError, match=r"train.warm_start='.*nowhere' is neither a finished run directory"):
         start(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=r"does not fit this model .*incompatible tensor with shape"):
+    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder/.*/bias has shape \(1, 16\), "
+                                          r"this model \(1, 8\)"):
         start(tmp_path / "first", "model.embedding_dim=8")
+    # Neither direction of a layer mismatch passes silently.
+    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder/blocks/1/.* is not in this model"):
+        start(tmp_path / "first", "model.num_blocks=1")
+    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder/blocks/2/.* is missing"):
+        start(tmp_path / "first", "model.num_blocks=3")
     relabelled = tmp_path / "relabelled"
-    relabelled.mkdir()
-    for path in (tmp_path / "first" / "model").iterdir():
-        (relabelled / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(tmp_path / "first" / "model", relabelled)
     saved = json.loads((relabelled / "config.json").read_text())
     (relabelled / "config.json").write_text(json.dumps({**saved, "model": "sparc"}))
     with pytest.raises(ConfigError, match=r"holds a 'sparc' model; this run trains a 'two_tower' model"):
         start(relabelled)
+    (relabelled / "config.json").write_text(json.dumps(saved))
+    next(relabelled.glob("weights.data-*")).unlink()
+    with pytest.raises(ConfigError, match=r"relabelled': cannot read .*weights"):
+        start(relabelled)
+    # A model saved without an optimizer (never compiled) starts Adam afresh.
+    bare = tmp_path / "bare"
+    training.save_model(training.load_model(tmp_path / "first" / "model"), bare)
+    model, _ = start(bare)
+    assert model.optimizer.iterations.numpy() == 0
+    for started, saved_weights in zip(model_state(model), model_state(training.load_model(bare))):
+        np.testing.assert_array_equal(started, saved_weights)
+
+
+def test_a_bad_warm_start_leaves_the_run_unclaimed_and_a_resumed_one_does_not_need_its_source(tmp_path):
+    with pytest.raises(ConfigError, match="is neither a finished run directory"):
+        training.train(tiny_config("train.epochs=1", f"train.warm_start={tmp_path / 'nowhere'}"), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
+    training.train(tiny_config("train.epochs=1"), tmp_path / "first")
+    config = tiny_config("train.epochs=2", "train.early_stopping_patience=0", f"train.warm_start={tmp_path / 'first'}")
+    interrupt = Interrupt(at_epoch=1)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        training.train(config, tmp_path / "run", callbacks=[interrupt])
+    shutil.rmtree(tmp_path / "first")
+    recorder = EpochRecorder()
+    metrics = training.train(config, tmp_path / "run", callbacks=[recorder])
+    # From its own backup (epoch 1's weights), not from the (deleted) source.
+    assert recorder.epochs == [2] and metrics["epochs"] == 2
+    for resumed, reached in zip(recorder.first_weights, interrupt.weights):
+        np.testing.assert_array_equal(resumed, reached)
 
 
 def test_patience_is_judged_only_at_validation_epochs(tmp_path):

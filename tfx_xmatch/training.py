@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -273,8 +274,10 @@ class ModelSelection(tf.keras.callbacks.Callback):
         if self.state_path.exists():
             self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
             self.state["best"] = -math.inf if self.state["best"] is None else self.state["best"]
-            # Training again: a time budget that stopped it before has been raised.
-            self.state.pop("stopped", None)
+            if self.state.pop("stopped", None):
+                # Training again (its time budget was raised): on disk too, in case no epoch
+                # follows before the run ends.
+                write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
         self._epoch_start = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -396,6 +399,7 @@ def train(
     with strategy.scope():
         model = build_model(config, split.dataset)
         compile_for_training(model, config, target_counts(split))
+    warm_start_unless_resuming(model, config, run_dir)
     if chief:
         write_json_atomic(run_dir / "config.json", config.to_dict())
         # A run killed mid-write left temporaries (and maybe its only copy of the best weights
@@ -490,9 +494,6 @@ def fit_with_selection(
     # ModelSelection comes first so its state is on disk before the backup of the same epoch.
     # The backup outlives fit() until the caller has its final metrics, so a crash in the final
     # evaluation still resumes instead of retraining.
-    if config.train.warm_start is not None:
-        # Before the backup callback: a resumed run's own backup then overrides the starting point.
-        warm_start(model, config.train.warm_start, config.train.learning_rate)
     backup = tf.keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False)
     saved = json.loads(selection.state_path.read_text(encoding="utf-8")) if selection.state_path.exists() else {}
     if ModelSelection.finished(saved, config.train.max_train_seconds):
@@ -506,13 +507,30 @@ def fit_with_selection(
     return selection.state
 
 
+def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir: str | pathlib.Path) -> None:
+    """Applies ``train.warm_start`` to a run that starts now. Call it before the run directory is
+    claimed, so a bad source leaves nothing that refuses the corrected run. A run being resumed
+    is left alone: its own backup (or its finished state) is where it continues from, and the
+    source may be gone by then."""
+    if config.train.warm_start is None:
+        return
+    run_dir = pathlib.Path(run_dir)
+    history = run_dir / "history.json"
+    if (run_dir / "backup").exists() or (history.exists() and ModelSelection.finished(
+            json.loads(history.read_text(encoding="utf-8")), config.train.max_train_seconds)):
+        logger.info("%s: resuming, so train.warm_start is not applied again", run_dir)
+        return
+    warm_start(model, config.train.warm_start, config.train.learning_rate)
+
+
 def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float) -> str:
     """Loads the weights of a finished run (its ``model/``) or of a ``save_model`` directory into
-    ``model``, with the optimizer state the checkpoint holds; the optimizer then runs at
-    ``learning_rate`` whatever rate the source trained with.
+    ``model``, with the optimizer state the checkpoint holds (Adam starts fresh when it holds
+    none); the optimizer then runs at ``learning_rate`` whatever rate the source trained with.
 
     Args:
-      model: A compiled, built model (see ``compile_for_training``).
+      model: A compiled, built model (see ``compile_for_training``) whose optimizer has a float
+        learning rate.
       source: A run directory or a saved model directory: local, or any URL ``tf.io.gfile``
         reads (``gs://...``, where a TFX Trainer on Vertex leaves its ``model_run_dir``).
       learning_rate: The learning rate to continue with.
@@ -521,8 +539,8 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
       The saved model directory the weights came from.
 
     Raises:
-      ConfigError: ``source`` holds no saved model, one of another kind, or one whose variables
-        do not match ``model``'s (names the first mismatch).
+      ConfigError: ``source`` holds no saved model, one of another kind, one whose variables are
+        not exactly ``model``'s (names the first difference), or one that cannot be read.
     """
     source = str(source).rstrip("/")
     directory = f"{source}/model" if tf.io.gfile.exists(f"{source}/model/config.json") else source
@@ -535,18 +553,38 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
     if saved.get("model") != name:
         raise ConfigError(f"train.warm_start={source!r} holds a {saved.get('model')!r} model; "
                           f"this run trains a {name!r} model")
+    # Both directions: a variable the source lacks would stay random, and one the model lacks
+    # (an extra block, a side-feature table) would be dropped, both without a word from TF.
+    with tempfile.TemporaryDirectory() as fresh:
+        model.save_weights(f"{fresh}/weights")
+        wanted = _model_variables(fresh)
     try:
-        status = model.load_weights(f"{directory}/weights")
-        # Every variable the model has must come from the checkpoint: a half-initialised model
-        # would train on silently from partly random weights.
-        status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise ConfigError(f"train.warm_start={source!r} does not fit this model (another architecture "
-                          f"or options?): {_first_line(error)}") from error
-    status.expect_partial()  # optimizer slots are restored when Adam creates them, or start fresh
-    model.optimizer.learning_rate.assign(learning_rate)
+        stored = _model_variables(directory)
+    except tf.errors.OpError as error:
+        raise ConfigError(f"train.warm_start={source!r}: cannot read {directory}/weights: {_first_line(error)}") from error
+    differences = ([f"{key} is missing" for key in sorted(wanted.keys() - stored.keys())]
+                   + [f"{key} is not in this model" for key in sorted(stored.keys() - wanted.keys())]
+                   + [f"{key} has shape {stored[key]}, this model {wanted[key]}"
+                      for key in sorted(wanted.keys() & stored.keys()) if wanted[key] != stored[key]])
+    if differences:
+        raise ConfigError(f"train.warm_start={source!r} does not fit this model (another architecture or "
+                          f"options?): {len(differences)} difference(s), first: {differences[0]}")
+    try:
+        # Adam's moments exist only after its first step: TF restores them when they are created.
+        model.load_weights(f"{directory}/weights").expect_partial()
+    except tf.errors.OpError as error:
+        raise ConfigError(f"train.warm_start={source!r}: cannot read {directory}/weights: {_first_line(error)}") from error
+    model.optimizer.learning_rate = learning_rate
     logger.info("warm start from %s", directory)
     return directory
+
+
+def _model_variables(directory: str) -> dict:
+    """{name: shape} of the model variables (not the optimizer's) of the Keras weights checkpoint
+    in ``directory``; named by directory, which URL file systems resolve where a prefix fails."""
+    return {name.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE"): tuple(shape)
+            for name, shape in tf.train.list_variables(directory)
+            if not name.startswith("optimizer/") and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
 def _first_line(error: Exception) -> str:

@@ -59,7 +59,8 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     config_path = run_dir / "config.json"
     # An earlier run's history would be resumed (its best epoch, its time budget): only the
     # same configuration may continue in the same directory.
-    if config_path.exists() and json.loads(config_path.read_text(encoding="utf-8")) != json.loads(
+    # Compared as configs, so a run written before a key existed (it has its default) still resumes.
+    if config_path.exists() and json.loads(json_text(training.load_run_config(run_dir).to_dict())) != json.loads(
             json_text(config.to_dict())):
         raise ValueError(f"{run_dir} holds a run with another configuration; use a new run directory")
 
@@ -71,6 +72,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     with strategy.scope():
         model = training.build_model(config, num_items=item_vocab.num_items)
         training.compile_for_training(model, config, target_counts)
+    training.warm_start_unless_resuming(model, config, run_dir)
     # Claimed only now: bad records or a model that cannot be built must not leave a
     # config.json that refuses the corrected run.
     write_json_atomic(config_path, config.to_dict())
