@@ -192,7 +192,8 @@ def to_markdown(result: dict) -> str:
     for row in {model_name(r): r for r in result["rows"]}.values():
         lines.append(f"- {model_name(row)}: `{row['settings']}`")
         if row.get("warm_start"):
-            lines.append(f"  - warm-started from `{row['warm_start']}` (its epochs and train seconds count from there)")
+            lines.append(f"  - warm-started from `{row['warm_start']}`: the epochs and train seconds above are the ones "
+                         "trained after it, not counting the source run's")
     return "\n".join(lines) + "\n"
 
 

@@ -269,6 +269,10 @@ def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder
             assert paired["mean_b"] == pytest.approx(float(np.mean(other < 50)), abs=1e-6)
     text = sparcode.to_markdown({**common.header("sparcode"), "rows": rows})
     assert "HR@10 vs two-tower (same seed)" in text and "vs its own encoder alone" in text
+    assert "warm-started" not in text
+    # A warm-started run says where its epochs start.
+    text = sparcode.to_markdown({**common.header("sparcode"), "rows": [{**row, "warm_start": "runs/first"} for row in rows]})
+    assert "  - warm-started from `runs/first`: the epochs and train seconds above are the ones trained after it" in text
 
 
 def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
