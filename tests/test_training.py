@@ -167,13 +167,13 @@ def test_warm_start_refuses_what_does_not_fit_and_names_it(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train.warm_start='.*nowhere' is neither a finished run directory"):
         start(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder/.*/bias has shape \(1, 16\), "
+    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder\..*\.bias has shape \(1, 16\), "
                                           r"this model \(1, 8\)"):
         start(tmp_path / "first", "model.embedding_dim=8")
     # Neither direction of a layer mismatch passes silently.
-    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder/blocks/1/.* is not in this model"):
+    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder\.blocks\.1\..* is not in this model"):
         start(tmp_path / "first", "model.num_blocks=1")
-    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder/blocks/2/.* is missing"):
+    with pytest.raises(ConfigError, match=r"does not fit this model .*first: encoder\.blocks\.2\..* is missing"):
         start(tmp_path / "first", "model.num_blocks=3")
     relabelled = tmp_path / "relabelled"
     shutil.copytree(tmp_path / "first" / "model", relabelled)
@@ -192,6 +192,20 @@ def test_warm_start_refuses_what_does_not_fit_and_names_it(tmp_path):
     assert model.optimizer.iterations.numpy() == 0
     for started, saved_weights in zip(model_state(model), model_state(training.load_model(bare))):
         np.testing.assert_array_equal(started, saved_weights)
+
+
+def test_warm_start_ignores_metric_trackers_that_options_add(tmp_path):
+    # Cache-aware SparCode logs one more loss than the plain model, with the same weights.
+    sparcode = ("model.name=sparcode", "model.options={tokenizer: chunks, num_query_tokens: 4, num_codebooks: 4, "
+                "num_codewords: 8, interaction_units: [8], detach_code_path: true}")
+    training.train(tiny_config(*sparcode, "train.epochs=1"), tmp_path / "plain")
+    config = tiny_config(*sparcode, "model.options.training_cache_fraction=0.01", "train.epochs=1")
+    split = training.prepare_split(config)
+    model = training.build_model(config, split.dataset)
+    training.compile_for_training(model, config, training.target_counts(split))
+    training.warm_start(model, tmp_path / "plain", 0.01)
+    for started, saved in zip(model_state(model), model_state(training.load_model(tmp_path / "plain" / "model"))):
+        np.testing.assert_array_equal(started, saved)
 
 
 def test_a_bad_warm_start_leaves_the_run_unclaimed_and_a_resumed_one_does_not_need_its_source(tmp_path):

@@ -21,7 +21,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -555,13 +554,15 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
                           f"this run trains a {name!r} model")
     # Both directions: a variable the source lacks would stay random, and one the model lacks
     # (an extra block, a side-feature table) would be dropped, both without a word from TF.
-    with tempfile.TemporaryDirectory() as fresh:
-        model.save_weights(f"{fresh}/weights")
-        wanted = _model_variables(fresh)
+    # Compared as built from the source's config, leaving out metric trackers (reset every epoch;
+    # options such as training_cache_fraction add or remove some).
     try:
-        stored = _model_variables(directory)
-    except tf.errors.OpError as error:
-        raise ConfigError(f"train.warm_start={source!r}: cannot read {directory}/weights: {_first_line(error)}") from error
+        source_model = MODELS[name].from_config(saved["config"])
+        _build(source_model)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"train.warm_start={source!r}: its model cannot be built from its config.json "
+                          f"({_first_line(error)})") from error
+    wanted, stored = _weight_shapes(model), _weight_shapes(source_model)
     differences = ([f"{key} is missing" for key in sorted(wanted.keys() - stored.keys())]
                    + [f"{key} is not in this model" for key in sorted(stored.keys() - wanted.keys())]
                    + [f"{key} has shape {stored[key]}, this model {wanted[key]}"
@@ -579,12 +580,11 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
     return directory
 
 
-def _model_variables(directory: str) -> dict:
-    """{name: shape} of the model variables (not the optimizer's) of the Keras weights checkpoint
-    in ``directory``; named by directory, which URL file systems resolve where a prefix fails."""
-    return {name.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE"): tuple(shape)
-            for name, shape in tf.train.list_variables(directory)
-            if not name.startswith("optimizer/") and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+def _weight_shapes(model: tf.keras.Model) -> dict:
+    """{path: shape} of a model's own variables (not its metric trackers' or optimizer's)."""
+    trackers = {id(variable) for metric in model.metrics for variable in metric.variables}
+    return {path: tuple(variable.shape) for path, variable in model.get_weight_paths().items()
+            if id(variable) not in trackers and not path.startswith("optimizer.")}
 
 
 def _first_line(error: Exception) -> str:
