@@ -208,10 +208,15 @@ def _build(model: tf.keras.Model) -> None:
     model.score_all(inputs)
 
 
+def model_kind(model: tf.keras.Model) -> str:
+    """The ``model.name`` a config gives to build a model of this class ("two_tower", "sparcode", ...)."""
+    return next(key for key, cls in MODELS.items() if isinstance(model, cls))
+
+
 def save_model(model: tf.keras.Model, directory: str | pathlib.Path, item_vocab: Optional[Vocabulary] = None) -> None:
     """Writes ``model`` as config.json + a TF checkpoint (+ item_vocab.json), replacing
     ``directory`` atomically. The vocabulary is what export needs to serve raw item ids."""
-    name = next(key for key, cls in MODELS.items() if isinstance(model, cls))
+    name = model_kind(model)
     with atomic_directory(directory) as temporary:
         write_json_atomic(temporary / "config.json", {"model": name, "config": model.get_config()})
         model.save_weights(str(temporary / "weights"))
@@ -548,7 +553,7 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
                           "nor a saved model directory (config.json + weights)")
     with tf.io.gfile.GFile(f"{directory}/config.json", "r") as file:
         saved = json.loads(file.read())
-    name = next(key for key, cls in MODELS.items() if isinstance(model, cls))
+    name = model_kind(model)
     if saved.get("model") != name:
         raise ConfigError(f"train.warm_start={source!r} holds a {saved.get('model')!r} model; "
                           f"this run trains a {name!r} model")
