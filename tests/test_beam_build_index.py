@@ -5,6 +5,7 @@ identical bytes, and bad inputs are named."""
 import itertools
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -111,6 +112,24 @@ def test_the_loaded_index_answers_like_the_in_process_one(config, built, model):
             np.testing.assert_array_equal(got.numpy(), want.numpy())
     assert loaded.is_exact() == expected.is_exact() and loaded.num_candidates == NUM_ITEMS
     assert (loaded.max_items_per_code, loaded.cache_fraction) == (per_code, fraction)
+
+
+def test_without_a_budget_the_models_serving_cache_is_built(runs, model, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "sparcode", run)
+    config_path = run / "model" / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["config"]["serving_cache_fraction"] = 0.1
+    config_path.write_text(json.dumps(saved))
+    bi.run_build_index(run, tmp_path / "out", item_shards=2, code_shards=2, batch_size=4)
+    loaded = bi.load_sparse_code_index(tmp_path / "out", k_max=10)
+    expected = _in_process(model, None, 0.1, 4)
+    assert (loaded.max_items_per_code, loaded.cache_fraction) == (None, 0.1)
+    assert loaded.num_postings == expected.num_postings < expected.num_positive_entries
+    # A budget on the command line wins over the model's.
+    bi.run_build_index(run, tmp_path / "capped", item_shards=2, code_shards=2, max_items_per_code=3, batch_size=4)
+    capped = bi.load_sparse_code_index(tmp_path / "capped", k_max=10)
+    assert (capped.max_items_per_code, capped.cache_fraction) == (3, None)
 
 
 def test_a_model_without_codes_gets_embeddings_only(built, runs):

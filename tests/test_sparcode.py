@@ -9,7 +9,7 @@ from tests.successor_data import successor_batches
 from tfx_xmatch.config import ConfigError, load_config
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.export import export_retrieval_model, non_stock_ops
+from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
 from tfx_xmatch.index import BruteForceIndex, SparseCodeIndex
 from tfx_xmatch.layers import AllToAllInteraction
 from tfx_xmatch.models import SparCode
@@ -291,10 +291,16 @@ def test_model_options_are_typed_and_may_not_shadow_model_fields():
                                 "model.options.quantize=false"])
     model = build_model(config, dataset)
     assert model.sparsity_weight == 1e-3 and model.quantize is False
+    cached = build_model(load_config(None, ["model.name=sparcode", "model.options.serving_cache_fraction=1e-2",
+                                            "model.options.training_cache_fraction=null"]), dataset)
+    assert cached.serving_cache_fraction == 0.01 and cached.training_cache_fraction is None
     for override, message in [("model.options.max_length=50", "duplicates model.max_length"),
                               ("model.options.num_items=3", "comes from the dataset"),
                               ("model.options.num_codewords=many", "must be like its default 512, got 'many'"),
-                              ("model.options.quantize=1", "must be like its default True, got 1")]:
+                              ("model.options.quantize=1", "must be like its default True, got 1"),
+                              # A None default is typed by its annotation (Optional[float]).
+                              ("model.options.serving_cache_fraction=abc", "must be a number or null, got 'abc'"),
+                              ("model.options.training_cache_fraction=[0.1]", r"must be a number or null, got \[0.1\]")]:
         with pytest.raises(ConfigError, match=message):
             build_model(load_config(None, ["model.name=sparcode", override]), dataset)
 
@@ -358,6 +364,45 @@ def test_cache_aware_training_adds_a_softmax_over_the_cached_table():
         SparCode(num_items=5, training_cache_fraction=1.5)
     with pytest.raises(ValueError, match="training_cache_fraction needs quantize=True"):
         SparCode(num_items=5, training_cache_fraction=0.1, quantize=False)
+
+
+def test_serving_cache_fraction_scores_validation_and_exports_through_that_cache(trained):
+    """Selection on the served path: score_all (what validation ranks by) answers as the index of
+    that cache does, and a sparse_code export without a budget builds that index."""
+    source, _ = trained
+    model = SparCode.from_config({**source.get_config(), "serving_cache_fraction": 0.1})
+    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(10, 20), np.array([33]), np.arange(20, 28)],
+                                       LENGTH)}
+    model.score_all(inputs)  # builds the variables
+    model.set_weights(source.get_weights())
+    # NumPy oracle: the ceil(0.1 * codes * items) best entries of the real items' columns are kept.
+    table = source.code_item_scores().numpy()[:, 1:]
+    kept = int(np.ceil(0.1 * table.size))
+    threshold = np.sort(table.ravel())[::-1][kept - 1]
+    cached = np.concatenate([np.zeros((len(table), 1)), np.where(table >= threshold, table, 0.0)], axis=1)
+    bag = source.user_embedding(inputs).numpy()
+    scores = model.score_all(inputs).numpy()
+    np.testing.assert_allclose(scores, bag @ cached, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(scores, source.score_all(inputs).numpy())  # the cache did remove entries
+    # The export's default budget is that cache, and it serves the top-k of those scores.
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    module = build_serving_module(model, vocab, index_kind="sparse_code", k_max=10, exclude_history=False)
+    assert module.index.cache_fraction == 0.1
+    assert int(module.index.posting_list_lengths().sum()) == min(kept, int(np.count_nonzero(table)))
+    served, ids = module.index(model.user_embedding(inputs), k=10)
+    expected_scores, expected_ids = _oracle_top_k(scores, 10)
+    np.testing.assert_allclose(served.numpy(), expected_scores, rtol=1e-5)
+    found = np.isfinite(expected_scores)
+    np.testing.assert_array_equal(ids.numpy()[found], expected_ids[found])
+    # A budget the caller passes wins over the model's.
+    other = build_serving_module(model, vocab, index_kind="sparse_code", index_options={"max_items_per_code": 3},
+                                 k_max=10)
+    assert other.index.cache_fraction is None and other.index.max_items_per_code == 3
+    assert SparCode.from_config(model.get_config()).get_config() == model.get_config()
+    with pytest.raises(ValueError, match=r"serving_cache_fraction must be in \(0, 1\] or None, got 0"):
+        SparCode(num_items=5, serving_cache_fraction=0)
+    with pytest.raises(ValueError, match="serving_cache_fraction needs quantize=True"):
+        SparCode(num_items=5, serving_cache_fraction=0.1, quantize=False)
 
 
 def _reloads_and_exports_its_codes(model, tmp_path):

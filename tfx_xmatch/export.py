@@ -234,7 +234,8 @@ def build_serving_module(
       model: A trained model (``user_embedding``, ``item_embeddings``, ``max_length``).
       item_vocab: The training vocabulary (raw item id <-> item index).
       index_kind: "brute_force", "partitioned", "scann", "sparse_code" (SparCode: the inverted
-        index over its code-score columns; pass e.g. ``{"cache_fraction": 0.01}``) or
+        index over its code-score columns; pass e.g. ``{"cache_fraction": 0.01}``; without a
+        budget, the model's ``serving_cache_fraction`` if set) or
         "soft_search" (SPARC: one search per interest over a base kind, merged; pass e.g.
         ``{"num_interests": 4, "base": "scann"}``). SPARC with any other kind is hard search.
       index_options: Constructor arguments of that index kind (e.g. num_partitions).
@@ -293,10 +294,14 @@ def build_serving_module(
         # was silently ignored.
         raise ValueError(f"index option {owned[0]!r} is set by the export, not by index options: "
                          f"{EXPORT_OWNED_OPTIONS[owned[0]]}")
+    # The model's own serving settings unless the caller overrides them.
     if index_kind == "soft_search":
-        # The model's own serving settings unless the caller overrides them.
         index_options.setdefault("num_interests", model.serving_interests)
         index_options.setdefault("temperature", model.temperature)
+    serving_cache_fraction = getattr(model, "serving_cache_fraction", None)
+    if (index_kind == "sparse_code" and serving_cache_fraction is not None
+            and not {"cache_fraction", "max_items_per_code"} & set(index_options)):
+        index_options["cache_fraction"] = serving_cache_fraction
     if index is not None:
         if int(index.k_max) != int(k_max):
             raise ValueError(f"the given index has k_max={index.k_max}, the export asks for k_max={k_max}")

@@ -13,6 +13,7 @@ interruption, and evaluated again later:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import json
@@ -22,6 +23,7 @@ import os
 import pathlib
 import shutil
 import time
+import typing
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -103,11 +105,23 @@ def build_model(config: RunConfig, dataset: Optional[SequenceDataset] = None, *,
     return MODELS[name](num_items=dataset.num_items if dataset is not None else int(num_items), **kwargs)
 
 
+def _optional_type(hint) -> Optional[type]:
+    """The type ``Optional[X]`` allows besides None (X's origin for generics such as dict[str,
+    int]); None when the hint says nothing that simple."""
+    allowed = [t for t in typing.get_args(hint) if t is not type(None)]
+    if len(allowed) != 1:
+        return None
+    kind = typing.get_origin(allowed[0]) or allowed[0]
+    return kind if isinstance(kind, type) else None
+
+
 def _model_options(name: str, options: dict, shared: set[str]) -> dict:
     """Checks ``model.options`` against the model's constructor: known names only, not a shared
     ``model.*`` field (which would silently disagree with the data pipeline), and values of the
-    type of the argument's default (YAML reads ``1e-3`` as a string, for one)."""
+    type of the argument's default (YAML reads ``1e-3`` as a string, for one) or, for a None
+    default, of its annotation (``Optional[float]``: a number or null)."""
     parameters = inspect.signature(MODELS[name].__init__).parameters
+    hints = typing.get_type_hints(MODELS[name].__init__)
     own = {key: p.default for key, p in parameters.items()
            if key not in shared | {"self", "kwargs", "num_items"} and p.kind is p.POSITIONAL_OR_KEYWORD}
     checked = {}
@@ -119,9 +133,12 @@ def _model_options(name: str, options: dict, shared: set[str]) -> dict:
         if key not in own:
             raise ConfigError(f"model.options {[key]} are not arguments of model {name!r}; it accepts {sorted(own)}")
         default = own[key]
-        if isinstance(default, bool) or default is None:
-            valid = default is None or isinstance(value, bool)
-        elif isinstance(default, float):
+        expected = type(default) if default is not None else _optional_type(hints.get(key))
+        if default is None and (value is None or expected is None):
+            valid = True
+        elif expected is bool:
+            valid = isinstance(value, bool)
+        elif expected is float:
             if isinstance(value, str):
                 try:
                     value = float(value)
@@ -129,14 +146,16 @@ def _model_options(name: str, options: dict, shared: set[str]) -> dict:
                     pass
             valid = isinstance(value, (int, float)) and not isinstance(value, bool)
             value = float(value) if valid else value
-        elif isinstance(default, int):
+        elif expected is int:
             valid = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, (tuple, list)):
+        elif expected in (tuple, list, collections.abc.Sequence):
             valid = isinstance(value, (tuple, list))
         else:
-            valid = isinstance(value, type(default))
+            valid = isinstance(value, expected)
         if not valid:
-            raise ConfigError(f"model.options.{key} must be like its default {default!r}, got {value!r}")
+            what = (f"like its default {default!r}" if default is not None
+                    else f"{'a number' if expected is float else 'a ' + expected.__name__} or null")
+            raise ConfigError(f"model.options.{key} must be {what}, got {value!r}")
         checked[key] = value
     return checked
 

@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch import arguments
+from tfx_xmatch.index.sparse_code_index import cache_budget
 from tfx_xmatch.layers import AllToAllInteraction, VectorQuantizer
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
@@ -139,6 +140,11 @@ class SparCode(RetrievalModel):
         ``loss="sampled_softmax"`` the fraction is taken of the step's candidates, not of the
         whole catalogue.
       cached_loss_weight: Weight of that softmax (float >= 0, default 1.0).
+      serving_cache_fraction: The cache fraction the model will be served with (float in
+        (0, 1], default None: the whole table). ``score_all`` then scores through such a cache,
+        so validation and model selection measure the served path rather than the whole
+        table, and it is the default ``cache_fraction`` of a "sparse_code" export. Only with
+        ``quantize=True``.
 
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
@@ -182,6 +188,7 @@ class SparCode(RetrievalModel):
         detach_code_path: bool = True,
         training_cache_fraction: Optional[float] = None,
         cached_loss_weight: float = 1.0,
+        serving_cache_fraction: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -207,10 +214,12 @@ class SparCode(RetrievalModel):
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if assignment_temperature <= 0:
             raise ValueError(f"assignment_temperature must be positive, got {assignment_temperature!r}")
-        if training_cache_fraction is not None and not 0 < training_cache_fraction <= 1:
-            raise ValueError(f"training_cache_fraction must be in (0, 1] or None, got {training_cache_fraction!r}")
-        if training_cache_fraction is not None and not quantize:
-            raise ValueError("training_cache_fraction needs quantize=True: an unquantized model has no cache")
+        for name, value in (("training_cache_fraction", training_cache_fraction),
+                            ("serving_cache_fraction", serving_cache_fraction)):
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1] or None, got {value!r}")
+            if value is not None and not quantize:
+                raise ValueError(f"{name} needs quantize=True: an unquantized model has no cache")
         self._set_shared_hyperparameters(
             num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
             num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
@@ -235,6 +244,7 @@ class SparCode(RetrievalModel):
         self.detach_code_path = bool(detach_code_path)
         self.training_cache_fraction = None if training_cache_fraction is None else float(training_cache_fraction)
         self.cached_loss_weight = float(cached_loss_weight)
+        self.serving_cache_fraction = None if serving_cache_fraction is None else float(serving_cache_fraction)
         if self.encoder_loss_weight < 0:
             raise ValueError(f"encoder_loss_weight must be >= 0, got {encoder_loss_weight!r}")
         if self.detach_code_path and not self.encoder_loss_weight:
@@ -451,12 +461,17 @@ class SparCode(RetrievalModel):
     def score_all(self, inputs: dict) -> tf.Tensor:
         """Scores of every item index: float [B, num_items + 1] (column 0 = padding).
 
-        Quantized models score through their codes (what the index serves at a 100% cache);
+        Quantized models score through their codes: what the index serves at a 100% cache or,
+        with ``serving_cache_fraction`` set, at that cache (items it does not hold score 0).
         ``quantize=False`` models run the all-to-all network for every item.
         """
         if not self.quantize:
             return self.score_all_unquantized(inputs)
-        return tf.matmul(self.user_embedding(inputs), self.code_item_scores())
+        table = self.code_item_scores()
+        if self.serving_cache_fraction is not None:
+            # The index's budget counts real items only, so the padding column stays out of it.
+            table = tf.pad(self.as_cached(table[:, 1:], self.serving_cache_fraction), [[0, 0], [1, 0]])
+        return tf.matmul(self.user_embedding(inputs), table)
 
     def score_all_unquantized(self, inputs: dict, batch_size: int = 64) -> tf.Tensor:
         """Scores with continuous query tokens (no codes): float [B, num_items + 1].
@@ -594,16 +609,21 @@ class SparCode(RetrievalModel):
             dense_shape=tf.stack([tf.shape(codes, out_type=tf.int64)[0], self.num_codes])))
         return tf.sparse.sparse_dense_matmul(bag, table)
 
-    def as_cached(self, table: tf.Tensor) -> tf.Tensor:
-        """The code-item ``table`` [C, I] as a cache of ``training_cache_fraction`` serves it.
+    def as_cached(self, table: tf.Tensor, fraction: Optional[float] = None) -> tf.Tensor:
+        """The code-item ``table`` [C, I] as a cache of ``fraction`` (default
+        ``training_cache_fraction``) serves it.
 
         Entries below the ``ceil(f * C * I)``-th largest read 0 (a ``SparseCodeIndex`` with
         ``cache_fraction=f`` keeps the same entries, up to ties); the gradient reaches the kept
         entries only.
         """
+        fraction = self.training_cache_fraction if fraction is None else fraction
         flat = tf.reshape(tf.stop_gradient(table), [-1])
-        size = tf.cast(tf.size(flat), tf.float32)
-        budget = tf.maximum(tf.cast(tf.math.ceil(self.training_cache_fraction * size), tf.int32), 1)
+        if flat.shape[0] is not None:  # the index's own count, exact
+            budget = tf.constant(max(cache_budget(fraction, 1, int(flat.shape[0])), 1), tf.int32)
+        else:
+            size = tf.cast(tf.size(flat), tf.float32)
+            budget = tf.maximum(tf.cast(tf.math.ceil(fraction * size), tf.int32), 1)
         threshold = tf.math.top_k(flat, k=tf.minimum(budget, tf.size(flat))).values[-1]
         return table * tf.cast(table >= threshold, table.dtype)
 
@@ -649,4 +669,5 @@ class SparCode(RetrievalModel):
             "detach_code_path": self.detach_code_path,
             "training_cache_fraction": self.training_cache_fraction,
             "cached_loss_weight": self.cached_loss_weight,
+            "serving_cache_fraction": self.serving_cache_fraction,
         }

@@ -96,6 +96,8 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
     num_codes = None
     if name == "sparcode" and config.get("quantize", True):
         num_codes = int(config["num_codebooks"]) * int(config["num_codewords"])
+        if max_items_per_code is None and cache_fraction is None:  # the cache the model was selected on
+            cache_fraction = config.get("serving_cache_fraction")
     elif max_items_per_code is not None or cache_fraction is not None:
         budget = f"max_items_per_code={max_items_per_code!r}, cache_fraction={cache_fraction!r}"
         raise ValueError(f"a budget ({budget}) asks for SparCode posting lists, but the model in {str(run_dir)!r} "
