@@ -191,6 +191,10 @@ def to_markdown(result: dict) -> str:
     lines += ["", "Settings per model:", ""]
     for row in {model_name(r): r for r in result["rows"]}.values():
         lines.append(f"- {model_name(row)}: `{row['settings']}`")
+        serving_cache = row["settings"].get("options", {}).get("serving_cache_fraction")
+        if serving_cache is not None:
+            lines.append(f"  - selected on validation NDCG@10 through a {serving_cache:.0%} cache (`serving_cache_fraction`), "
+                         "the path a served index of that budget answers, not through the whole table")
         if row.get("warm_start"):
             lines.append(f"  - warm-started from `{row['warm_start']}`: the epochs and train seconds above are the ones "
                          "trained after it, not counting the source run's")

@@ -273,6 +273,12 @@ def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder
     # A warm-started run says where its epochs start.
     text = sparcode.to_markdown({**common.header("sparcode"), "rows": [{**row, "warm_start": "runs/first"} for row in rows]})
     assert "  - warm-started from `runs/first`: the epochs and train seconds above are the ones trained after it" in text
+    assert "selected on validation NDCG@10 through" not in text
+    # A run selected on the served cache says so.
+    served = [{**row, "settings": {**row["settings"], "options": {**row["settings"].get("options", {}),
+                                                                    "serving_cache_fraction": 0.01}}} for row in rows]
+    text = sparcode.to_markdown({**common.header("sparcode"), "rows": served})
+    assert "  - selected on validation NDCG@10 through a 1% cache (`serving_cache_fraction`)" in text
 
 
 def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
