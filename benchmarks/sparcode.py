@@ -160,6 +160,8 @@ def main() -> int:
             reference = brute_force_ranks(two_tower_run, split, two_tower_config)
             result["rows"] += sparcode_rows(run_dir, split, config, base, reference)
         else:
+            # Its per-user ranks too, so seed_study.py can compare SparCode with every two-tower run.
+            brute_force_ranks(run_dir, split, config)
             result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
             print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
