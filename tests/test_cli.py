@@ -109,6 +109,26 @@ def test_compare_runs_of_two_models_over_seeds(tmp_path, capsys):
     assert (hr["verdict"] in ("A better", "B better")) == significant
 
 
+def test_export_builds_the_cache_a_sparcode_run_was_selected_on(tmp_path, capsys, caplog):
+    run_dir = tmp_path / "run"
+    settings = [*TINY, "train.epochs=1", "model.name=sparcode",
+                "model.options={tokenizer: chunks, num_query_tokens: 4, num_codebooks: 4, num_codewords: 8, "
+                "interaction_units: [8], serving_cache_fraction: 0.1}"]
+    assert main(["train", "--run-dir", str(run_dir), *[arg for item in settings for arg in ("--set", item)]]) == 0
+    export = ["export", "--run-dir", str(run_dir), "--export-base-path", str(tmp_path / "models"), "--k-max", "10"]
+    capsys.readouterr()
+    # The option survived training's save and reload: the export's default budget is the model's.
+    assert main([*export, "--index", "sparse_code"]) == 0
+    assert "(index sparse_code cache_fraction=0.1, k_max 10)" in capsys.readouterr().out
+    assert main([*export, "--index", "sparse_code", "--index-option", "cache_fraction=null"]) == 0
+    assert "(index sparse_code cache_fraction=0.1, k_max 10)" in capsys.readouterr().out
+    assert main([*export, "--index", "sparse_code", "--index-option", "max_items_per_code=5"]) == 0
+    assert "(index sparse_code max_items_per_code=5, k_max 10)" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
+        assert main([*export, "--index", "brute_force"]) == 0
+    assert "selected through a 0.1 cache (serving_cache_fraction), but index kind 'brute_force'" in caplog.text
+
+
 def test_config_file_and_bad_key(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  embeding_dim: 8\n")

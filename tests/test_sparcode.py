@@ -398,6 +398,14 @@ def test_serving_cache_fraction_scores_validation_and_exports_through_that_cache
     other = build_serving_module(model, vocab, index_kind="sparse_code", index_options={"max_items_per_code": 3},
                                  k_max=10)
     assert other.index.cache_fraction is None and other.index.max_items_per_code == 3
+    # None counts as not given; cache_fraction=1 asks for the whole table.
+    unset = build_serving_module(model, vocab, index_kind="sparse_code", index_options={"cache_fraction": None},
+                                 k_max=10)
+    assert unset.index.cache_fraction == 0.1
+    whole = build_serving_module(model, vocab, index_kind="sparse_code", index_options={"cache_fraction": 1},
+                                 k_max=10)
+    assert whole.index.is_exact() and whole.index.num_postings == np.count_nonzero(table)
+    assert model.get_config()["serving_cache_fraction"] == 0.1
     assert SparCode.from_config(model.get_config()).get_config() == model.get_config()
     with pytest.raises(ValueError, match=r"serving_cache_fraction must be in \(0, 1\] or None, got 0"):
         SparCode(num_items=5, serving_cache_fraction=0)

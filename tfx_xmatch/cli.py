@@ -203,8 +203,9 @@ def _command_export(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--index-option {item!r} must look like name=value")
         options[key] = yaml.safe_load(value)
+    model = training.load_model(model_dir)
     path = export.export_retrieval_model(
-        training.load_model(model_dir), training.load_item_vocab(model_dir), args.export_base_path,
+        model, training.load_item_vocab(model_dir), args.export_base_path,
         version=args.version, index_kind=args.index, index_options=options, k_max=args.k_max,
         default_k=args.default_k, exclude_history=not args.keep_history, model_name=args.model_name,
         jit_compile=args.jit_compile,
@@ -214,7 +215,11 @@ def _command_export(args: argparse.Namespace) -> int:
                    else f"needs ops outside stock TensorFlow: {sorted(unexpected)}")
     if export.xla_compiled(path):
         portability += "; XLA-compiled user side: on CPU, TF Serving needs --xla_cpu_compilation_enabled=true"
-    print(f"exported {path} (index {args.index}, k_max {args.k_max}); {portability}")
+    index = args.index
+    if index == "sparse_code":  # the budget may be the model's own: say which one was built
+        budget = export.sparse_code_budget(model, options)
+        index += " " + (", ".join(f"{k}={v}" for k, v in budget.items()) if budget else "without a budget (exact)")
+    print(f"exported {path} (index {index}, k_max {args.k_max}); {portability}")
     return 0
 
 

@@ -215,6 +215,21 @@ EXPORT_OWNED_OPTIONS = {
 }
 
 
+SPARSE_CODE_BUDGET = ("max_items_per_code", "cache_fraction")
+
+
+def sparse_code_budget(model, index_options: Optional[dict] = None) -> dict:
+    """The budget a "sparse_code" index of ``model`` is built with: the ``max_items_per_code`` /
+    ``cache_fraction`` of ``index_options`` that are not None, else the model's
+    ``serving_cache_fraction`` (the cache it was selected on), else none (every positive score).
+    ``cache_fraction=1`` asks for the whole table whatever the model says."""
+    budget = {key: (index_options or {})[key] for key in SPARSE_CODE_BUDGET
+              if (index_options or {}).get(key) is not None}
+    if not budget and getattr(model, "serving_cache_fraction", None) is not None:
+        budget["cache_fraction"] = model.serving_cache_fraction
+    return budget
+
+
 def build_serving_module(
     model,
     item_vocab: Vocabulary,
@@ -235,7 +250,7 @@ def build_serving_module(
       item_vocab: The training vocabulary (raw item id <-> item index).
       index_kind: "brute_force", "partitioned", "scann", "sparse_code" (SparCode: the inverted
         index over its code-score columns; pass e.g. ``{"cache_fraction": 0.01}``; without a
-        budget, the model's ``serving_cache_fraction`` if set) or
+        budget, the model's ``serving_cache_fraction`` if set: see ``sparse_code_budget``) or
         "soft_search" (SPARC: one search per interest over a base kind, merged; pass e.g.
         ``{"num_interests": 4, "base": "scann"}``). SPARC with any other kind is hard search.
       index_options: Constructor arguments of that index kind (e.g. num_partitions).
@@ -298,10 +313,12 @@ def build_serving_module(
     if index_kind == "soft_search":
         index_options.setdefault("num_interests", model.serving_interests)
         index_options.setdefault("temperature", model.temperature)
-    serving_cache_fraction = getattr(model, "serving_cache_fraction", None)
-    if (index_kind == "sparse_code" and serving_cache_fraction is not None
-            and not {"cache_fraction", "max_items_per_code"} & set(index_options)):
-        index_options["cache_fraction"] = serving_cache_fraction
+    if index_kind == "sparse_code":
+        index_options = {**{k: v for k, v in index_options.items() if k not in SPARSE_CODE_BUDGET},
+                         **sparse_code_budget(model, index_options)}
+    elif getattr(model, "serving_cache_fraction", None) is not None:
+        log.warning("the model was selected through a %g cache (serving_cache_fraction), but index kind %r "
+                    "serves its whole code-score table", model.serving_cache_fraction, index_kind)
     if index is not None:
         if int(index.k_max) != int(k_max):
             raise ValueError(f"the given index has k_max={index.k_max}, the export asks for k_max={k_max}")

@@ -121,7 +121,10 @@ def _model_options(name: str, options: dict, shared: set[str]) -> dict:
     type of the argument's default (YAML reads ``1e-3`` as a string, for one) or, for a None
     default, of its annotation (``Optional[float]``: a number or null)."""
     parameters = inspect.signature(MODELS[name].__init__).parameters
-    hints = typing.get_type_hints(MODELS[name].__init__)
+    try:
+        hints = typing.get_type_hints(MODELS[name].__init__)
+    except (NameError, TypeError):  # an unresolvable annotation: None defaults stay untyped
+        hints = {}
     own = {key: p.default for key, p in parameters.items()
            if key not in shared | {"self", "kwargs", "num_items"} and p.kind is p.POSITIONAL_OR_KEYWORD}
     checked = {}

@@ -365,7 +365,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--item-shards", type=int, default=8, help="at most one per --batch-size items")
     parser.add_argument("--code-shards", type=int, default=4, help="SparCode: code ranges pruned in parallel")
     parser.add_argument("--max-items-per-code", type=int, help="SparCode budget L: posting-list length cap")
-    parser.add_argument("--cache-fraction", type=float, help="SparCode budget f: fraction of the table kept")
+    parser.add_argument("--cache-fraction", type=float, help="SparCode budget f: fraction of the table kept "
+                        "(default, when neither budget is given: the model's serving_cache_fraction, if set)")
     parser.add_argument("--batch-size", type=int, default=4096, help="items per forward pass")
     args, beam_args = split_arguments(parser, argv)
     try:

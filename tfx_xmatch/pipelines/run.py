@@ -212,7 +212,9 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         "dataset": statistics["dataset"], "examples": statistics["examples"],
         "malformed_lines": statistics["malformed_lines"],
         "training": {key: train_metrics[key] for key in ("epochs", "best_epoch", "train_seconds")},
-        "index": {key: index_stats.get(key) for key in ("num_items", "postings", "wall_seconds") if key in index_stats},
+        # The budget built, which may be the model's serving_cache_fraction rather than index_options.
+        "index": {key: index_stats.get(key) for key in ("num_items", "postings", "max_items_per_code",
+                                                        "cache_fraction", "wall_seconds") if key in index_stats},
         "test": metrics, "published": str(published),
     }
     write_json_atomic(output / "pipeline_summary.json", summary)
