@@ -152,7 +152,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     """
     from tfx_xmatch import training
     from tfx_xmatch.data.vocabulary import Vocabulary
-    from tfx_xmatch.export import export_retrieval_model
+    from tfx_xmatch.export import SPARSE_CODE_BUDGET, export_retrieval_model
     from tfx_xmatch.pipelines.build_index import run_build_index
     from tfx_xmatch.pipelines.evaluate import run_evaluate
     from tfx_xmatch.pipelines.record_training import train_on_records
@@ -192,7 +192,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         config, str(prepared / "train-*-of-*.tfrecord"), str(prepared / "validation-*-of-*.tfrecord"), vocab, run_dir))
     print(f"    {train_metrics['epochs']} epochs, best {train_metrics['best_epoch']}, validation "
           f"{config.train.monitor} {train_metrics['validation'][config.train.monitor]:.4f}")
-    budget = {key: index_options.get(key) for key in ("max_items_per_code", "cache_fraction")} \
+    budget = {key: index_options.get(key) for key in SPARSE_CODE_BUDGET} \
         if index_kind == "sparse_code" else {}
     index_stats = _stage(3, "build_index", timings, lambda: run_build_index(
         run_dir, index_dir, beam_args=beam_args, item_shards=item_shards, code_shards=code_shards, **budget))
