@@ -123,6 +123,42 @@ def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path, capl
     with caplog.at_level(logging.INFO, logger=training.logger.name):
         trainer_module.run_fn(args)
     assert f"warm start from {base}/run/model" in caplog.text
+    # ...or from the serving SavedModel it pushed: TFX's base_model.
+    args = _fn_args(directory, tmp_path, custom={"item_vocab": f"{base}/item_vocab.json"}, train_steps=1,
+                    base_model=f"{base}/serving")
+    args.model_run_dir, args.serving_model_dir = f"{base}/based-run", f"{base}/based-serving"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=training.logger.name):
+        trainer_module.run_fn(args)
+    assert f"warm start from {base}/serving" in caplog.text
+    assert json.loads(tf.io.gfile.GFile(f"{base}/based-run/config.json").read())["train"]["warm_start"] == f"{base}/serving"
+
+
+def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared, tmp_path, caplog):
+    _, directory = prepared
+    trainer_module.run_fn(_fn_args(directory, tmp_path / "first", train_steps=3))
+    served = tf.saved_model.load(str(tmp_path / "first" / "serving"))
+    # Another seed: a run that ignored base_model would start from other random weights.
+    args = _fn_args(directory, tmp_path / "second", custom={"overrides": [*RUN_OVERRIDES, "train.seed=7"]},
+                    train_steps=1, base_model=str(tmp_path / "first" / "serving"))
+    with caplog.at_level(logging.INFO, logger=training.logger.name):
+        trainer_module.run_fn(args)
+    assert f"warm start from {tmp_path / 'first' / 'serving'}" in caplog.text
+    # It started from the served weights: one step of a fresh Adam moves each by at most the
+    # learning rate (0.01).
+    items = tf.constant(np.arange(1, 11), tf.int64)
+    before = served.signatures["item_embeddings"](item_ids=items)["item_embeddings"].numpy()
+    after = tf.saved_model.load(str(tmp_path / "second" / "serving")).signatures["item_embeddings"](
+        item_ids=items)["item_embeddings"].numpy()
+    assert 0 < np.abs(after - before).max() <= 0.0101
+    # A second, different source is ambiguous: refused before any training.
+    overrides = [*RUN_OVERRIDES, f"train.warm_start={tmp_path / 'first' / 'run'}"]
+    args = _fn_args(directory, tmp_path / "third", custom={"overrides": overrides},
+                    base_model=str(tmp_path / "first" / "serving"))
+    with pytest.raises(ConfigError, match=r"train.warm_start='.*first/run' and the Trainer's "
+                                          r"base_model='.*first/serving' both name a model"):
+        trainer_module.run_fn(args)
+    assert not (tmp_path / "third" / "run").exists()
 
 
 def test_run_fn_errors_propagate(prepared, tmp_path):
@@ -180,3 +216,9 @@ def test_create_pipeline_wires_examplegen_trainer_and_pusher(tmp_path):
         "xmatch", str(tmp_path / "root"), str(tmp_path / "data"), str(TFX_DIR / "trainer_module.py"),
         str(tmp_path / "serving"), {"model": {"name": "two_tower"}}, train_steps=10)
     assert [type(c).__name__ for c in pipeline.components] == ["ImportExampleGen", "Trainer", "Pusher"]
+    warm = _load("pipeline").create_pipeline(
+        "xmatch", str(tmp_path / "root"), str(tmp_path / "data"), str(TFX_DIR / "trainer_module.py"),
+        str(tmp_path / "serving"), {"model": {"name": "two_tower"}}, warm_start_from_latest_model=True)
+    assert [c.id for c in warm.components][:2] == ["ImportExampleGen", "latest_model_resolver"]
+    trainer = next(c for c in warm.components if type(c).__name__ == "Trainer")
+    assert "base_model" in trainer.inputs

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from tfx_xmatch import training
 from tfx_xmatch.config import ConfigError, load_config
+from tfx_xmatch.export import build_serving_module, save_serving_module
 
 TINY = (
     "data.dataset=synthetic",
@@ -192,6 +193,64 @@ def test_warm_start_refuses_what_does_not_fit_and_names_it(tmp_path):
     assert model.optimizer.iterations.numpy() == 0
     for started, saved_weights in zip(model_state(model), model_state(training.load_model(bare))):
         np.testing.assert_array_equal(started, saved_weights)
+
+
+SERVED_KINDS = {
+    "two_tower": ("model.name=two_tower",),
+    "sparcode": ("model.name=sparcode", "model.options={tokenizer: chunks, num_query_tokens: 4, num_codebooks: 4, "
+                 "num_codewords: 8, interaction_units: [8]}"),
+    "sparc": ("model.name=sparc",),
+    "t2diff": ("model.name=t2diff", "model.user_tower=mixed_attention",
+               "model.options={session_length: 4, history_length: 8, diffusion_steps: 10}"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SERVED_KINDS))
+def test_warm_start_from_a_serving_savedmodel_takes_every_weight_and_a_fresh_optimizer(kind, tmp_path):
+    # TFX hands the Trainer the last pushed *serving* SavedModel as base_model.
+    config = tiny_config(*SERVED_KINDS[kind])
+    split = training.prepare_split(config)
+
+    def compiled(seed):
+        tf.keras.utils.set_random_seed(seed)
+        model = training.build_model(config, split.dataset)
+        training.compile_for_training(model, config, training.target_counts(split))
+        return model
+
+    source = compiled(1)
+    save_serving_module(build_serving_module(source, split.dataset.item_vocab, k_max=5), tmp_path / "serving",
+                        split.dataset.item_vocab)
+    model = compiled(2)
+    assert any(not np.array_equal(a, b) for a, b in zip(model_state(model), model_state(source)))
+    assert training.warm_start(model, tmp_path / "serving", 0.004) == str(tmp_path / "serving")
+    for started, exported in zip(model_state(model), model_state(source)):
+        np.testing.assert_array_equal(started, exported)
+    assert model.optimizer.iterations.numpy() == 0
+    assert model.optimizer.learning_rate.numpy() == pytest.approx(0.004)
+
+
+def test_warm_start_from_a_serving_savedmodel_refuses_what_it_cannot_use(tmp_path):
+    config = tiny_config()
+    split = training.prepare_split(config)
+    model = training.build_model(config, split.dataset)
+    training.compile_for_training(model, config, training.target_counts(split))
+    save_serving_module(build_serving_module(model, split.dataset.item_vocab, k_max=5), tmp_path / "serving",
+                        split.dataset.item_vocab)
+    wider = training.build_model(tiny_config("model.embedding_dim=8"), split.dataset)
+    training.compile_for_training(wider, config, training.target_counts(split))
+    with pytest.raises(ConfigError, match=r"serving' does not fit this model .* has shape \(.*16\), this model \(.*8\)"):
+        training.warm_start(wider, tmp_path / "serving", 0.01)
+    # A variable the description promises but the SavedModel lacks is an error, not a random start.
+    description = json.loads((tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).read_text())
+    description["config"]["item_hidden_units"] = [16]
+    (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).write_text(json.dumps(description))
+    deeper = training.build_model(tiny_config("model.item_hidden_units=[16]"), split.dataset)
+    training.compile_for_training(deeper, config, training.target_counts(split))
+    with pytest.raises(ConfigError, match=r"serving': cannot read .*variables/variables: .*not bound"):
+        training.warm_start(deeper, tmp_path / "serving", 0.01)
+    (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).unlink()
+    with pytest.raises(ConfigError, match=r"serving' is a SavedModel without assets.extra/xmatch_model.json"):
+        training.warm_start(model, tmp_path / "serving", 0.01)
 
 
 def test_warm_start_ignores_metric_trackers_that_options_add(tmp_path):

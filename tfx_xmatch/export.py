@@ -15,13 +15,16 @@ Outputs are named (``item_ids``, ``scores``, ``user_embedding``, ``item_embeddin
 are the dataset's raw ids (strings or integers, vocabulary inside the graph), and histories may
 be left- or right-padded, longer or shorter than the model's window. Every signature is defined
 with an explicit input signature, so nothing depends on a warm-up call; warm-up requests for
-TF Serving are still written to ``assets.extra/tf_serving_warmup_requests``. The version is
+TF Serving are still written to ``assets.extra/tf_serving_warmup_requests``, and the model's
+description to ``assets.extra/xmatch_model.json`` (so the SavedModel can warm-start a new run,
+as TFX's ``base_model``; TF Serving ignores the file). The version is
 written to a hidden temporary directory and renamed into place, so a server polling the base
 path never sees half a model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -37,6 +40,7 @@ from tfx_xmatch import arguments
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
 from tfx_xmatch.io_utils import copy_directory
+from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description
 
 log = logging.getLogger("tfx_xmatch.export")
 
@@ -420,7 +424,7 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
     if isinstance(final, str):  # a remote path (gs://, s3://...): written through tf.io.gfile
         with tempfile.TemporaryDirectory() as local:
             tf.saved_model.save(module, local, signatures=module.signatures(), options=options)
-            write_warmup_requests(pathlib.Path(local), model_name, histories, module.id_dtype, module.user_features)
+            _write_extras(pathlib.Path(local), module, model_name, histories)
             # saved_model.pb last: a server looking during the copy finds no SavedModel rather
             # than a graph whose variables are half written (object stores have no atomic rename).
             if exists:
@@ -434,7 +438,7 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
     temporary.mkdir()
     try:
         tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
-        write_warmup_requests(temporary, model_name, histories, module.id_dtype, module.user_features)
+        _write_extras(temporary, module, model_name, histories)
         previous = final.parent / f".{final.name}.{uuid.uuid4().hex}.old"
         if exists:
             os.replace(final, previous)
@@ -451,6 +455,15 @@ def _join(base: str, *parts: str):
     if "://" in base:
         return "/".join([base.rstrip("/"), *parts])
     return pathlib.Path(base, *parts)
+
+
+def _write_extras(saved_model_dir: pathlib.Path, module: RetrievalServingModule, model_name: str,
+                  histories: list) -> None:
+    """``assets.extra``: TF Serving's warm-up requests, and the model's description, which lets
+    the SavedModel warm-start a new run (``train.warm_start``, TFX's ``base_model``)."""
+    write_warmup_requests(saved_model_dir, model_name, histories, module.id_dtype, module.user_features)
+    description = saved_model_dir / SERVING_MODEL_DESCRIPTION
+    description.write_text(json.dumps(model_description(module.model)), encoding="utf-8")
 
 
 def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType,

@@ -235,12 +235,23 @@ def model_kind(model: tf.keras.Model) -> str:
     return next(key for key, cls in MODELS.items() if isinstance(model, cls))
 
 
+def model_description(model: tf.keras.Model) -> dict:
+    """``{"model": kind, "config": model.get_config()}``: what rebuilds ``model`` (without its
+    weights). A saved model's ``config.json`` and a serving SavedModel's ``SERVING_MODEL_DESCRIPTION``
+    hold it."""
+    return {"model": model_kind(model), "config": model.get_config()}
+
+
+# Where a serving SavedModel (tfx_xmatch.export) keeps its model's description, so that it can
+# warm-start a new run (TFX's ``base_model`` is the last pushed *serving* model).
+SERVING_MODEL_DESCRIPTION = "assets.extra/xmatch_model.json"
+
+
 def save_model(model: tf.keras.Model, directory: str | pathlib.Path, item_vocab: Optional[Vocabulary] = None) -> None:
     """Writes ``model`` as config.json + a TF checkpoint (+ item_vocab.json), replacing
     ``directory`` atomically. The vocabulary is what export needs to serve raw item ids."""
-    name = model_kind(model)
     with atomic_directory(directory) as temporary:
-        write_json_atomic(temporary / "config.json", {"model": name, "config": model.get_config()})
+        write_json_atomic(temporary / "config.json", model_description(model))
         model.save_weights(str(temporary / "weights"))
         if item_vocab is not None:
             item_vocab.save(temporary / "item_vocab.json")
@@ -550,30 +561,42 @@ def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir
 
 
 def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float) -> str:
-    """Loads the weights of a finished run (its ``model/``) or of a ``save_model`` directory into
-    ``model``, with the optimizer state the checkpoint holds (Adam starts fresh when it holds
-    none); the optimizer then runs at ``learning_rate`` whatever rate the source trained with.
+    """Loads into ``model`` the weights of a finished run (its ``model/``), of a ``save_model``
+    directory, or of a serving SavedModel written by ``tfx_xmatch.export`` (what TFX passes as
+    ``base_model``). A checkpoint brings its optimizer state (Adam starts fresh when it holds none,
+    as a serving SavedModel never does); the optimizer then runs at ``learning_rate`` whatever
+    rate the source trained with.
 
     Args:
       model: A compiled, built model (see ``compile_for_training``) whose optimizer has a float
         learning rate.
-      source: A run directory or a saved model directory: local, or any URL ``tf.io.gfile``
-        reads (``gs://...``, where a TFX Trainer on Vertex leaves its ``model_run_dir``).
+      source: A run directory, a saved model directory or a serving SavedModel directory: local,
+        or any URL ``tf.io.gfile`` reads (``gs://...``, where a TFX Trainer on Vertex leaves its
+        ``model_run_dir`` and a Pusher its models).
       learning_rate: The learning rate to continue with.
 
     Returns:
-      The saved model directory the weights came from.
+      The directory the weights came from.
 
     Raises:
-      ConfigError: ``source`` holds no saved model, one of another kind, one whose variables are
-        not exactly ``model``'s (names the first difference), or one that cannot be read.
+      ConfigError: ``source`` holds no model, one of another kind, one whose variables are not
+        exactly ``model``'s (names the first difference), or one that cannot be read.
     """
     source = str(source).rstrip("/")
-    directory = f"{source}/model" if tf.io.gfile.exists(f"{source}/model/config.json") else source
-    if not (tf.io.gfile.exists(f"{directory}/config.json") and tf.io.gfile.exists(f"{directory}/weights.index")):
-        raise ConfigError(f"train.warm_start={source!r} is neither a finished run directory (with model/) "
-                          "nor a saved model directory (config.json + weights)")
-    with tf.io.gfile.GFile(f"{directory}/config.json", "r") as file:
+    serving = tf.io.gfile.exists(f"{source}/saved_model.pb")
+    if serving:
+        directory, description = source, f"{source}/{SERVING_MODEL_DESCRIPTION}"
+        if not tf.io.gfile.exists(description):
+            raise ConfigError(f"train.warm_start={source!r} is a SavedModel without {SERVING_MODEL_DESCRIPTION}: "
+                              "not exported by tfx_xmatch, or by a version that did not record its model; "
+                              "warm-start from its training run's directory instead")
+    else:
+        directory = f"{source}/model" if tf.io.gfile.exists(f"{source}/model/config.json") else source
+        description = f"{directory}/config.json"
+        if not (tf.io.gfile.exists(description) and tf.io.gfile.exists(f"{directory}/weights.index")):
+            raise ConfigError(f"train.warm_start={source!r} is neither a finished run directory (with model/), "
+                              "a saved model directory (config.json + weights) nor a serving SavedModel")
+    with tf.io.gfile.GFile(description, "r") as file:
         saved = json.loads(file.read())
     name = model_kind(model)
     if saved.get("model") != name:
@@ -587,7 +610,7 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
         source_model = MODELS[name].from_config(saved["config"])
         _build(source_model)
     except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"train.warm_start={source!r}: its model cannot be built from its config.json "
+        raise ConfigError(f"train.warm_start={source!r}: its model cannot be built from its description "
                           f"({_first_line(error)})") from error
     wanted, stored = _weight_shapes(model), _weight_shapes(source_model)
     differences = ([f"{key} is missing" for key in sorted(wanted.keys() - stored.keys())]
@@ -597,11 +620,21 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
     if differences:
         raise ConfigError(f"train.warm_start={source!r} does not fit this model (another architecture or "
                           f"options?): {len(differences)} difference(s), first: {differences[0]}")
+    checkpoint = f"{directory}/variables/variables" if serving else f"{directory}/weights"
     try:
-        # Adam's moments exist only after its first step: TF restores them when they are created.
-        model.load_weights(f"{directory}/weights").expect_partial()
-    except tf.errors.OpError as error:
-        raise ConfigError(f"train.warm_start={source!r}: cannot read {directory}/weights: {_first_line(error)}") from error
+        if serving:
+            # The serving module holds the model as its ``model`` attribute, beside the index and
+            # without an optimizer: restored into the uncompiled source model, where every
+            # variable must be found, then copied over.
+            tf.train.Checkpoint(model=source_model).read(checkpoint).expect_partial().assert_existing_objects_matched()
+            sources, targets = source_model.get_weight_paths(), model.get_weight_paths()
+            for path in wanted:
+                targets[path].assign(sources[path])
+        else:
+            # Adam's moments exist only after its first step: TF restores them when they are created.
+            model.load_weights(checkpoint).expect_partial()
+    except (tf.errors.OpError, AssertionError, ValueError) as error:
+        raise ConfigError(f"train.warm_start={source!r}: cannot read {checkpoint}: {_first_line(error)}") from error
     model.optimizer.learning_rate = learning_rate
     logger.info("warm start from %s", directory)
     return directory

@@ -21,3 +21,6 @@ EXPORT = {"index_kind": "brute_force", "k_max": 100}
 BEAM_PIPELINE_ARGS = ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]
 # Kubeflow / Vertex: the image holding tfx, tfx_xmatch and this directory.
 PIPELINE_IMAGE = os.environ.get("XMATCH_TFX_IMAGE", "gcr.io/YOUR-PROJECT/tfx-xmatch:latest")
+# Start each training from the latest model this pipeline trained (the Trainer's base_model);
+# the first run trains from scratch.
+WARM_START_FROM_LATEST_MODEL = False

@@ -30,6 +30,7 @@ def main() -> None:
         train_steps=configs.TRAIN_NUM_STEPS,
         eval_steps=configs.EVAL_NUM_STEPS,
         beam_pipeline_args=configs.BEAM_PIPELINE_ARGS,
+        warm_start_from_latest_model=configs.WARM_START_FROM_LATEST_MODEL,
     ))
 
 

@@ -24,6 +24,7 @@ def main() -> None:
         eval_steps=configs.EVAL_NUM_STEPS,
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(configs.METADATA_PATH),
         beam_pipeline_args=configs.BEAM_PIPELINE_ARGS,
+        warm_start_from_latest_model=configs.WARM_START_FROM_LATEST_MODEL,
     ))
 
 

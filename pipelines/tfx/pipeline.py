@@ -1,4 +1,5 @@
-"""The TFX pipeline: ImportExampleGen (prepared TFRecords) -> Trainer (tfx_xmatch run_fn) -> Pusher.
+"""The TFX pipeline: ImportExampleGen (prepared TFRecords) -> Trainer (tfx_xmatch run_fn) -> Pusher,
+optionally with the latest trained model resolved as the Trainer's ``base_model`` (warm start).
 
 ``create_pipeline`` is pure: it only builds the pipeline object, so runners (local, Kubeflow) and
 tests share it. ``tfx`` is imported inside it because the package is optional (see DESIGN.md).
@@ -22,6 +23,7 @@ def create_pipeline(
     eval_steps: Optional[int] = None,
     metadata_connection_config=None,
     beam_pipeline_args: Sequence[str] = (),
+    warm_start_from_latest_model: bool = False,
 ):
     """Builds the ExampleGen -> Trainer -> Pusher pipeline.
 
@@ -37,6 +39,9 @@ def create_pipeline(
       train_steps, eval_steps: The Trainer's step arguments.
       metadata_connection_config: ML Metadata connection (local runs: sqlite).
       beam_pipeline_args: Beam options of the Beam-based components.
+      warm_start_from_latest_model: Start training from the weights of this pipeline's latest
+        trained model (a ``Resolver`` with ``LatestArtifactStrategy`` feeding the Trainer's
+        ``base_model``); the first run, with no model yet, trains from scratch. Default False.
 
     Returns:
       A ``tfx.dsl.Pipeline``.
@@ -53,9 +58,19 @@ def create_pipeline(
             tfx.proto.Input.Split(name="eval", pattern="validation-*.tfrecord"),
         ]),
     )
+    components = [example_gen]
+    base_model = None
+    if warm_start_from_latest_model:
+        latest_model = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.LatestArtifactStrategy,
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        ).with_id("latest_model_resolver")
+        components.append(latest_model)
+        base_model = latest_model.outputs["model"]
     trainer = tfx.components.Trainer(
         module_file=module_file,
         examples=example_gen.outputs["examples"],
+        base_model=base_model,
         train_args=tfx.proto.TrainArgs(num_steps=train_steps),
         eval_args=tfx.proto.EvalArgs(num_steps=eval_steps),
         custom_config={"config": run_config, "item_vocab": os.path.join(data_root, "item_vocab.json"),
@@ -69,7 +84,7 @@ def create_pipeline(
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name,
         pipeline_root=pipeline_root,
-        components=[example_gen, trainer, pusher],
+        components=[*components, trainer, pusher],
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=list(beam_pipeline_args),
     )

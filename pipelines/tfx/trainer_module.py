@@ -16,9 +16,11 @@ The TFX Trainer contract, as this module honours it:
     ``eval_steps`` is not used: validation always ranks every eval example against every item.
   * ``fn_args.model_run_dir``: the run (history.json, best weights, the selected model,
     metrics.json); ``fn_args.serving_model_dir``: the SavedModel, written atomically.
-  * ``fn_args.base_model`` is not read: it names a *serving* SavedModel, which holds the index
-    but not the training checkpoint. To warm-start, override ``train.warm_start`` with an earlier
-    run's ``model_run_dir`` (``gs://`` paths work).
+  * ``fn_args.base_model`` (the Trainer's ``base_model`` input, e.g. the latest pushed model from
+    a ``Resolver``): the serving SavedModel whose weights this run starts from, as
+    ``train.warm_start`` (the optimizer starts fresh: a serving model holds none). A run retried
+    on the same ``model_run_dir`` resumes instead. Setting ``train.warm_start`` as well is refused
+    unless both name the same model.
 
 Errors propagate: a TFX component that swallows them reports success with no model.
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
@@ -55,6 +57,21 @@ def run_config_from(custom_config: Mapping[str, Any]) -> RunConfig:
     return load_config(source, overrides)
 
 
+def with_base_model(config: RunConfig, base_model: Optional[str]) -> RunConfig:
+    """``config`` warm-started from TFX's ``base_model`` (a serving SavedModel directory), if any.
+
+    Raises:
+      ConfigError: ``train.warm_start`` names another model than ``base_model``.
+    """
+    if not base_model:
+        return config
+    warm_start = config.train.warm_start
+    if warm_start is not None and warm_start.rstrip("/") != str(base_model).rstrip("/"):
+        raise ConfigError(f"train.warm_start={warm_start!r} and the Trainer's base_model={str(base_model)!r} "
+                          "both name a model to start from; set one of them")
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, warm_start=str(base_model)))
+
+
 def run_fn(fn_args) -> None:
     """Trains, selects on the eval files, and writes the serving SavedModel (TFX Trainer entry point).
 
@@ -70,7 +87,7 @@ def run_fn(fn_args) -> None:
     unknown = sorted(set(export) - {"index_kind", "index_options", "k_max"})
     if unknown:  # checked before training, not after it
         raise ValueError(f"unknown custom_config['export'] key(s) {unknown}; known: index_kind, index_options, k_max")
-    config = run_config_from(custom_config)
+    config = with_base_model(run_config_from(custom_config), getattr(fn_args, "base_model", None))
     vocab = Vocabulary.load(custom_config["item_vocab"])
     run_dir = str(fn_args.model_run_dir)
     # On Kubeflow/Vertex the run directory is a gs:// URL, which the run's local file writes
@@ -97,3 +114,4 @@ class FnArgs:
     custom_config: dict = dataclasses.field(default_factory=dict)
     train_steps: int | None = None
     eval_steps: int | None = None
+    base_model: str | None = None
