@@ -388,6 +388,20 @@ def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path)
     assert (results.read_bytes() if results.exists() else None) == before
 
 
+def test_the_evaluation_pass_benchmark_times_both_ways_with_the_same_ranking(tmp_path):
+    evaluation_pass = _import_benchmark("evaluation_pass")
+    _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=16", "model.options.num_query_tokens=2",
+                                      "model.options.serving_cache_fraction=0.1"])
+    row = evaluation_pass.measure(tmp_path / "sparcode", "validation", repeats=2)
+    assert row["model"] == "sparcode" and row["serving_cache_fraction"] == 0.1 and row["users"] == 150
+    assert len(row["per_batch_s"]) == len(row["per_pass_s"]) == 2
+    assert row["max_metric_difference"] < 1e-6
+    markdown = evaluation_pass.to_markdown({**evaluation_pass.header("evaluation_pass"), "which": "validation",
+                                            "repeats": 2, "rows": [row]})
+    assert "| sparcode | sparcode | 150 (" in markdown and "| 0.1 |" in markdown
+    assert evaluation_pass.measure(tmp_path / "absent", "validation", repeats=1) is None
+
+
 def test_product_quantizer_reconstructs_points_whose_slices_take_n_values():
     budget = _import_benchmark("sparcode_code_budget")
     rng = np.random.default_rng(0)

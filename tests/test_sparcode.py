@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tests.successor_data import successor_batches
+from tfx_xmatch import training
 from tfx_xmatch.config import ConfigError, load_config
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.data.vocabulary import Vocabulary
@@ -374,6 +375,7 @@ def test_serving_cache_fraction_scores_validation_and_exports_through_that_cache
     inputs = {"history": pad_histories([np.arange(1, 6), np.arange(10, 20), np.array([33]), np.arange(20, 28)],
                                        LENGTH)}
     model.score_all(inputs)  # builds the variables
+    before = training.pass_scorer(model)
     model.set_weights(source.get_weights())
     # NumPy oracle: the ceil(0.1 * codes * items) best entries of the real items' columns are kept.
     table = source.code_item_scores().numpy()[:, 1:]
@@ -384,6 +386,10 @@ def test_serving_cache_fraction_scores_validation_and_exports_through_that_cache
     scores = model.score_all(inputs).numpy()
     np.testing.assert_allclose(scores, bag @ cached, rtol=1e-5, atol=1e-6)
     assert not np.allclose(scores, source.score_all(inputs).numpy())  # the cache did remove entries
+    # An evaluation pass computes the cached table once for all its batches; the next pass (after
+    # the weights changed) computes it again.
+    np.testing.assert_allclose(training.pass_scorer(model)(inputs).numpy(), scores, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(before(inputs).numpy(), scores)
     # The export's default budget is that cache, and it serves the top-k of those scores.
     vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
     module = build_serving_module(model, vocab, index_kind="sparse_code", k_max=10, exclude_history=False)

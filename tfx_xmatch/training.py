@@ -171,16 +171,33 @@ def model_inputs(model: tf.keras.Model, dataset: SequenceDataset, histories: np.
     return inputs
 
 
-def make_score_fn(model: tf.keras.Model, dataset: SequenceDataset) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """A ``score_fn(histories, user_rows) -> [B, num_items + 1]`` for full-ranking evaluation."""
+def pass_scorer(model: tf.keras.Model) -> Callable[[dict], tf.Tensor]:
+    """``score(inputs) -> [B, num_items + 1]`` for one evaluation pass over fixed weights.
+
+    A model with a ``scoring_table()`` (SparCode: every code against every item through the
+    interaction network, then its serving cache's cut) has it computed once for the pass, not
+    once per batch: call this again after the weights change.
+    """
     # One tf.function per model: re-wrapping on every validation would retrace every epoch.
-    score_all = getattr(model, "_xmatch_score_all", None)
-    if score_all is None:
-        score_all = tf.function(model.score_all, reduce_retracing=True)
-        model._xmatch_score_all = score_all
+    functions = getattr(model, "_xmatch_scoring", None)
+    if functions is None:
+        functions = (tf.function(model.score_all, reduce_retracing=True),
+                     tf.function(model.scoring_table) if hasattr(model, "scoring_table") else None)
+        model._xmatch_scoring = functions
+    score_all, scoring_table = functions
+    table = None if scoring_table is None else scoring_table()
+    if table is None:
+        return score_all
+    return lambda inputs: score_all(inputs, table)
+
+
+def make_score_fn(model: tf.keras.Model, dataset: SequenceDataset) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A ``score_fn(histories, user_rows) -> [B, num_items + 1]`` for one full-ranking
+    evaluation pass (see ``pass_scorer``)."""
+    score = pass_scorer(model)
 
     def score_fn(histories: np.ndarray, user_rows: np.ndarray) -> tf.Tensor:
-        return score_all(model_inputs(model, dataset, histories, user_rows))
+        return score(model_inputs(model, dataset, histories, user_rows))
 
     return score_fn
 

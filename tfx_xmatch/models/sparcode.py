@@ -458,20 +458,39 @@ class SparCode(RetrievalModel):
         return index.index_from_dataset(dataset)
 
     # ---------------------------------------------------------------- scoring
-    def score_all(self, inputs: dict) -> tf.Tensor:
+    def score_all(self, inputs: dict, table: Optional[tf.Tensor] = None) -> tf.Tensor:
         """Scores of every item index: float [B, num_items + 1] (column 0 = padding).
 
         Quantized models score through their codes: what the index serves at a 100% cache or,
         with ``serving_cache_fraction`` set, at that cache (items it does not hold score 0).
         ``quantize=False`` models run the all-to-all network for every item.
+
+        Args:
+          inputs: The user inputs (``history`` and any user features).
+          table: ``scoring_table()``, when the caller scores many batches with the same weights
+            (an evaluation pass) and computes it once; default None, computed here.
         """
         if not self.quantize:
             return self.score_all_unquantized(inputs)
+        if table is None:
+            table = self.scoring_table()
+        return tf.matmul(self.user_embedding(inputs), table)
+
+    def scoring_table(self) -> Optional[tf.Tensor]:
+        """The code-item table ``score_all`` multiplies the users' code bags by: float
+        [num_codes, num_items + 1], cut to ``serving_cache_fraction`` when it is set; None for
+        an unquantized model, which scores without codes.
+
+        It depends on the weights only, not on the users, and costs every code against every item
+        through the interaction network (plus a top-k over the table with a serving cache).
+        """
+        if not self.quantize:
+            return None
         table = self.code_item_scores()
         if self.serving_cache_fraction is not None:
             # The index's budget counts real items only, so the padding column stays out of it.
             table = tf.pad(self.as_cached(table[:, 1:], self.serving_cache_fraction), [[0, 0], [1, 0]])
-        return tf.matmul(self.user_embedding(inputs), table)
+        return table
 
     def score_all_unquantized(self, inputs: dict, batch_size: int = 64) -> tf.Tensor:
         """Scores with continuous query tokens (no codes): float [B, num_items + 1].

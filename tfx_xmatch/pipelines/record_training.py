@@ -91,11 +91,10 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
         train_data = train_data.repeat()
 
-    score_all = tf.function(model.score_all, reduce_retracing=True)
-
     def validate() -> dict:
+        score = training.pass_scorer(model)
         return evaluate_full_ranking(
-            lambda histories, rows: score_all({"history": histories}), validation, max_length=config.model.max_length,
+            lambda histories, rows: score({"history": histories}), validation, max_length=config.model.max_length,
             batch_size=config.eval.batch_size, ks=tuple(config.eval.ks), mask_history=config.eval.mask_history,
             item_popularity=popularity, num_items=item_vocab.num_items)
 
