@@ -35,9 +35,9 @@ from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E4
 DEFAULT_RUNS = ("sparcode_chunks_served1pct-sparcode", "sparcode_chunks_continued-sparcode", "quality-two_tower_sasrec")
 
 
-def per_batch_evaluation(model, split, config, which: str) -> dict:
-    """The pass as it ran before ``pass_scorer``: ``score_all`` does all its work on every batch."""
-    score_all = tf.function(model.score_all, reduce_retracing=True)
+def per_batch_evaluation(score_all, model, split, config, which: str) -> dict:
+    """The pass as it ran before ``pass_scorer``: ``score_all`` (a ``tf.function`` of the
+    model's, made once) does all its work on every batch."""
     return evaluate_full_ranking(
         lambda histories, rows: score_all(training.model_inputs(model, split.dataset, histories, rows)),
         getattr(split, which), num_items=split.num_items, max_length=config.model.max_length,
@@ -62,7 +62,8 @@ def measure(run_dir: pathlib.Path, which: str, repeats: int) -> Optional[dict]:
     if split is None:
         return None
     model = training.load_model(run_dir / "model")
-    ways = {"per batch": lambda: per_batch_evaluation(model, split, config, which),
+    score_all = tf.function(model.score_all, reduce_retracing=True)
+    ways = {"per batch": lambda: per_batch_evaluation(score_all, model, split, config, which),
             "per pass": lambda: training.evaluate(model, split, which, config)}
     metrics = {way: evaluate() for way, evaluate in ways.items()}  # untimed: traces both
     seconds = {way: [] for way in ways}

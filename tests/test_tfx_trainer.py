@@ -159,6 +159,15 @@ def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared
                                           r"base_model='.*first/serving' both name a model"):
         trainer_module.run_fn(args)
     assert not (tmp_path / "third" / "run").exists()
+    # The same model named both ways is no conflict.
+    config = load_config(None, [*RUN_OVERRIDES, f"train.warm_start={tmp_path / 'first' / 'serving'}/"])
+    assert trainer_module.with_base_model(config, str(tmp_path / "first" / "serving")).train.warm_start == str(
+        tmp_path / "first" / "serving")
+    # A base_model it cannot start from says so as the Trainer's input, not as a setting the user never made.
+    args = _fn_args(directory, tmp_path / "fourth", base_model=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"the Trainer's base_model .* cannot be used: train.warm_start='.*nowhere' "
+                                          r"is neither"):
+        trainer_module.run_fn(args)
 
 
 def test_run_fn_errors_propagate(prepared, tmp_path):

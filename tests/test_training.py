@@ -10,7 +10,8 @@ import tensorflow as tf
 
 from tfx_xmatch import training
 from tfx_xmatch.config import ConfigError, load_config
-from tfx_xmatch.export import build_serving_module, save_serving_module
+from tfx_xmatch.data.vocabulary import Vocabulary
+from tfx_xmatch.export import build_serving_module, export_retrieval_model, save_serving_module
 
 TINY = (
     "data.dataset=synthetic",
@@ -218,13 +219,23 @@ def test_warm_start_from_a_serving_savedmodel_takes_every_weight_and_a_fresh_opt
         return model
 
     source = compiled(1)
+    source.optimizer.iterations.assign(5)  # a serving model carries no optimizer state
+    source.set_item_frequencies(np.arange(split.num_items + 1))  # trained on other data
     save_serving_module(build_serving_module(source, split.dataset.item_vocab, k_max=5), tmp_path / "serving",
                         split.dataset.item_vocab)
     model = compiled(2)
-    assert any(not np.array_equal(a, b) for a, b in zip(model_state(model), model_state(source)))
-    assert training.warm_start(model, tmp_path / "serving", 0.004) == str(tmp_path / "serving")
-    for started, exported in zip(model_state(model), model_state(source)):
-        np.testing.assert_array_equal(started, exported)
+    frequencies = model.item_frequency.numpy()
+
+    def learnt(of):  # the model's variables but the logQ frequencies, which describe the run's own data
+        return {path: variable.numpy() for path, variable in of.get_weight_paths().items()
+                if variable is not of.item_frequency and not path.startswith("optimizer.")}
+
+    assert any(not np.array_equal(value, learnt(source)[path]) for path, value in learnt(model).items())
+    assert training.warm_start(model, tmp_path / "serving", 0.004, split.dataset.item_vocab) == str(tmp_path / "serving")
+    exported = learnt(source)
+    for path, value in learnt(model).items():
+        np.testing.assert_array_equal(value, exported[path], err_msg=path)
+    np.testing.assert_array_equal(model.item_frequency.numpy(), frequencies)
     assert model.optimizer.iterations.numpy() == 0
     assert model.optimizer.learning_rate.numpy() == pytest.approx(0.004)
 
@@ -248,9 +259,38 @@ def test_warm_start_from_a_serving_savedmodel_refuses_what_it_cannot_use(tmp_pat
     training.compile_for_training(deeper, config, training.target_counts(split))
     with pytest.raises(ConfigError, match=r"serving': cannot read .*variables/variables: .*not bound"):
         training.warm_start(deeper, tmp_path / "serving", 0.01)
+    (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).write_text("{not json")
+    with pytest.raises(ConfigError, match=r"serving'.*xmatch_model.json is not JSON"):
+        training.warm_start(model, tmp_path / "serving", 0.01)
     (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).unlink()
     with pytest.raises(ConfigError, match=r"serving' is a SavedModel without assets.extra/xmatch_model.json"):
         training.warm_start(model, tmp_path / "serving", 0.01)
+    # An export base path rather than one of its versions.
+    export_retrieval_model(model, split.dataset.item_vocab, str(tmp_path / "models"), k_max=5)
+    with pytest.raises(ConfigError, match=r"models' is neither .* \(it holds versions \[1\]: give one, e\.g\. .*models/1\)"):
+        training.warm_start(model, tmp_path / "models", 0.01)
+
+
+def test_warm_start_refuses_a_source_trained_on_another_item_vocabulary(tmp_path):
+    # An embedding row is an item index: another order would give every item another's vector.
+    config = tiny_config("train.epochs=1")
+    split = training.prepare_split(config)
+    training.train(config, tmp_path / "run", split=split)
+    trained = training.load_model(tmp_path / "run" / "model")
+    save_serving_module(build_serving_module(trained, split.dataset.item_vocab, k_max=5), tmp_path / "serving",
+                        split.dataset.item_vocab)
+    model = training.build_model(config, split.dataset)
+    training.compile_for_training(model, config, training.target_counts(split))
+    ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
+    swapped = Vocabulary([ids[0], ids[2], ids[1], *ids[3:]])
+    longer = Vocabulary([*ids, max(ids) + 1])
+    for source in ("run", "serving"):
+        training.warm_start(model, tmp_path / source, 0.01, split.dataset.item_vocab)  # the same: accepted
+        with pytest.raises(ConfigError, match=rf"{source}' was trained on another item vocabulary \(item index 2 is "
+                                              rf"'{ids[1]}' there and '{ids[2]}' here\)"):
+            training.warm_start(model, tmp_path / source, 0.01, swapped)
+        with pytest.raises(ConfigError, match=rf"another item vocabulary \(it has 40 items, this run 41\)"):
+            training.warm_start(model, tmp_path / source, 0.01, longer)
 
 
 def test_warm_start_ignores_metric_trackers_that_options_add(tmp_path):

@@ -86,11 +86,12 @@ class TrainConfig:
       verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line per epoch.
       strategy: tf.distribute strategy: "default" (one device), "mirrored" (every local
         device) or "multi_worker" (MultiWorkerMirroredStrategy over the cluster in TF_CONFIG).
-      warm_start: A finished run's directory, or a saved model directory (``config.json`` +
-        ``weights``), whose weights start this run instead of a random initialisation (TFX's
-        ``base_model``). Its Adam state comes along when the checkpoint holds one, so a run
-        stopped by its time budget continues where it was; ``train.learning_rate`` still
-        applies. The model kind and every layer's shape must match (None: train from scratch).
+      warm_start: A finished run's directory, a saved model directory (``config.json`` +
+        ``weights``) or a serving SavedModel exported by tfx_xmatch (a version directory; TFX's
+        ``base_model``), whose weights start this run instead of a random initialisation. A
+        checkpoint's Adam state comes along when it holds one, so a run stopped by its time
+        budget continues where it was; ``train.learning_rate`` still applies. The model kind,
+        the item vocabulary and every layer's shape must match (None: train from scratch).
     """
 
     epochs: int = 200
@@ -156,7 +157,7 @@ def check_values(config: RunConfig) -> RunConfig:
     need(train.max_train_seconds is None or (math.isfinite(train.max_train_seconds) and train.max_train_seconds > 0),
          "train.max_train_seconds", train.max_train_seconds, "a positive number of seconds or null (no limit)")
     need(train.warm_start is None or (isinstance(train.warm_start, str) and train.warm_start.strip() != ""),
-         "train.warm_start", train.warm_start, "a run or saved model directory, or null (train from scratch)")
+         "train.warm_start", train.warm_start, "a run, saved model or serving SavedModel directory, or null (train from scratch)")
     need(train.verbose in (0, 1, 2), "train.verbose", train.verbose, "0, 1 or 2")
     need(bool(evaluation.ks) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in evaluation.ks),
          "eval.ks", evaluation.ks, "a non-empty list of integers >= 1")

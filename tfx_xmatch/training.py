@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 import typing
 from typing import Callable, Optional, Sequence
@@ -260,7 +261,7 @@ def model_description(model: tf.keras.Model) -> dict:
 
 
 # Where a serving SavedModel (tfx_xmatch.export) keeps its model's description, so that it can
-# warm-start a new run (TFX's ``base_model`` is the last pushed *serving* model).
+# warm-start a new run (TFX's ``base_model`` is a Trainer's *serving* model).
 SERVING_MODEL_DESCRIPTION = "assets.extra/xmatch_model.json"
 
 
@@ -453,7 +454,7 @@ def train(
     with strategy.scope():
         model = build_model(config, split.dataset)
         compile_for_training(model, config, target_counts(split))
-    warm_start_unless_resuming(model, config, run_dir)
+    warm_start_unless_resuming(model, config, run_dir, split.dataset.item_vocab)
     if chief:
         write_json_atomic(run_dir / "config.json", config.to_dict())
         # A run killed mid-write left temporaries (and maybe its only copy of the best weights
@@ -561,7 +562,8 @@ def fit_with_selection(
     return selection.state
 
 
-def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir: str | pathlib.Path) -> None:
+def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir: str | pathlib.Path,
+                               item_vocab: Optional[Vocabulary] = None) -> None:
     """Applies ``train.warm_start`` to a run that starts now. Call it before the run directory is
     claimed, so a bad source leaves nothing that refuses the corrected run. A run being resumed
     is left alone: its own backup (or its finished state) is where it continues from, and the
@@ -574,10 +576,11 @@ def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir
             json.loads(history.read_text(encoding="utf-8")), config.train.max_train_seconds)):
         logger.info("%s: resuming, so train.warm_start is not applied again", run_dir)
         return
-    warm_start(model, config.train.warm_start, config.train.learning_rate)
+    warm_start(model, config.train.warm_start, config.train.learning_rate, item_vocab)
 
 
-def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float) -> str:
+def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float,
+               item_vocab: Optional[Vocabulary] = None) -> str:
     """Loads into ``model`` the weights of a finished run (its ``model/``), of a ``save_model``
     directory, or of a serving SavedModel written by ``tfx_xmatch.export`` (what TFX passes as
     ``base_model``). A checkpoint brings its optimizer state (Adam starts fresh when it holds none,
@@ -591,13 +594,18 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
         or any URL ``tf.io.gfile`` reads (``gs://...``, where a TFX Trainer on Vertex leaves its
         ``model_run_dir`` and a Pusher its models).
       learning_rate: The learning rate to continue with.
+      item_vocab: This run's item vocabulary. When given, the source's (saved beside a run's
+        model, or inside a serving SavedModel) must be the same ids in the same order: an
+        embedding row is an item index, so another order would attach every learnt vector to
+        another item. Default None: not checked.
 
     Returns:
       The directory the weights came from.
 
     Raises:
-      ConfigError: ``source`` holds no model, one of another kind, one whose variables are not
-        exactly ``model``'s (names the first difference), or one that cannot be read.
+      ConfigError: ``source`` holds no model, one of another kind, one trained on another item
+        vocabulary (names the first difference), one whose variables are not exactly ``model``'s
+        (names the first difference), or one that cannot be read.
     """
     source = str(source).rstrip("/")
     serving = tf.io.gfile.exists(f"{source}/saved_model.pb")
@@ -611,10 +619,18 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
         directory = f"{source}/model" if tf.io.gfile.exists(f"{source}/model/config.json") else source
         description = f"{directory}/config.json"
         if not (tf.io.gfile.exists(description) and tf.io.gfile.exists(f"{directory}/weights.index")):
+            versions = sorted(int(name.strip("/")) for name in (tf.io.gfile.listdir(source) if tf.io.gfile.isdir(source)
+                                                                 else []) if name.strip("/").isdigit())
+            hint = f" (it holds versions {versions}: give one, e.g. {source}/{versions[-1]})" if versions else ""
             raise ConfigError(f"train.warm_start={source!r} is neither a finished run directory (with model/), "
-                              "a saved model directory (config.json + weights) nor a serving SavedModel")
-    with tf.io.gfile.GFile(description, "r") as file:
-        saved = json.loads(file.read())
+                              f"a saved model directory (config.json + weights) nor a serving SavedModel{hint}")
+    try:
+        with tf.io.gfile.GFile(description, "r") as file:
+            saved = json.loads(file.read())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"train.warm_start={source!r}: {description} is not JSON ({error})") from error
+    if item_vocab is not None:
+        _check_same_items(source, _source_item_ids(directory, serving), item_vocab)
     name = model_kind(model)
     if saved.get("model") != name:
         raise ConfigError(f"train.warm_start={source!r} holds a {saved.get('model')!r} model; "
@@ -638,6 +654,9 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
         raise ConfigError(f"train.warm_start={source!r} does not fit this model (another architecture or "
                           f"options?): {len(differences)} difference(s), first: {differences[0]}")
     checkpoint = f"{directory}/variables/variables" if serving else f"{directory}/weights"
+    # The logQ item frequencies describe this run's training data, not the source's.
+    frequencies = getattr(model, "item_frequency", None)
+    these_frequencies = None if frequencies is None else frequencies.numpy()
     try:
         if serving:
             # The serving module holds the model as its ``model`` attribute, beside the index and
@@ -652,9 +671,49 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
             model.load_weights(checkpoint).expect_partial()
     except (tf.errors.OpError, AssertionError, ValueError) as error:
         raise ConfigError(f"train.warm_start={source!r}: cannot read {checkpoint}: {_first_line(error)}") from error
+    if frequencies is not None:
+        frequencies.assign(these_frequencies)
     model.optimizer.learning_rate = learning_rate
     logger.info("warm start from %s", directory)
     return directory
+
+
+def _source_item_ids(directory: str, serving: bool) -> Optional[list]:
+    """The raw ids of a warm-start source's items 1..I as strings; None when it keeps no vocabulary
+    (a model saved without one)."""
+    if serving:
+        reader = tf.train.load_checkpoint(f"{directory}/variables/variables")
+        key = "index_to_id/.ATTRIBUTES/VARIABLE_VALUE"  # RetrievalServingModule.index_to_id
+        if not reader.has_tensor(key):
+            return None
+        ids = reader.get_tensor(key)[1:]
+        return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in ids]
+    if not tf.io.gfile.exists(f"{directory}/item_vocab.json"):
+        return None
+    with tempfile.TemporaryDirectory() as local:  # Vocabulary.load reads local files; the source may be gs://
+        tf.io.gfile.copy(f"{directory}/item_vocab.json", f"{local}/item_vocab.json")
+        vocab = Vocabulary.load(f"{local}/item_vocab.json")
+    return _item_id_strings(vocab)
+
+
+def _item_id_strings(vocab: Vocabulary) -> list:
+    return [str(value) for value in vocab.ids(np.arange(1, vocab.num_items + 1))]
+
+
+def _check_same_items(source: str, source_ids: Optional[list], item_vocab: Vocabulary) -> None:
+    if source_ids is None:
+        return
+    ours = _item_id_strings(item_vocab)
+    if source_ids == ours:
+        return
+    if len(source_ids) != len(ours):
+        difference = f"it has {len(source_ids):,} items, this run {len(ours):,}"
+    else:
+        first = next(index for index, (theirs, mine) in enumerate(zip(source_ids, ours)) if theirs != mine)
+        difference = f"item index {first + 1} is {source_ids[first]!r} there and {ours[first]!r} here"
+    raise ConfigError(f"train.warm_start={source!r} was trained on another item vocabulary ({difference}); "
+                      "an embedding row is an item index, so warm start needs the same item ids in the same "
+                      "order: train from scratch, or prepare this run's data with the source's vocabulary")
 
 
 def _weight_shapes(model: tf.keras.Model) -> dict:

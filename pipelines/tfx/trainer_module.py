@@ -16,11 +16,14 @@ The TFX Trainer contract, as this module honours it:
     ``eval_steps`` is not used: validation always ranks every eval example against every item.
   * ``fn_args.model_run_dir``: the run (history.json, best weights, the selected model,
     metrics.json); ``fn_args.serving_model_dir``: the SavedModel, written atomically.
-  * ``fn_args.base_model`` (the Trainer's ``base_model`` input, e.g. the latest pushed model from
-    a ``Resolver``): the serving SavedModel whose weights this run starts from, as
-    ``train.warm_start`` (the optimizer starts fresh: a serving model holds none). A run retried
-    on the same ``model_run_dir`` resumes instead. Setting ``train.warm_start`` as well is refused
-    unless both name the same model.
+  * ``fn_args.base_model`` (the Trainer's ``base_model`` input, e.g. the latest trained model
+    from a ``Resolver``): the serving SavedModel whose weights this run starts from, applied as
+    ``train.warm_start`` (the optimizer starts fresh: a serving model holds none). Its item
+    vocabulary must be this run's (same ids, same order); another is refused, naming the first
+    difference. A retried Trainer resumes its local ``model_run_dir`` rather than starting over;
+    with a ``gs://`` run directory it trains in a fresh local directory, so it starts from
+    ``base_model`` again. Setting ``train.warm_start`` as well is refused unless both name the
+    same model.
 
 Errors propagate: a TFX component that swallows them reports success with no model.
 """
@@ -93,8 +96,15 @@ def run_fn(fn_args) -> None:
     # On Kubeflow/Vertex the run directory is a gs:// URL, which the run's local file writes
     # cannot reach: train in a local directory and copy the run there at the end.
     with (tempfile.TemporaryDirectory() if "://" in run_dir else contextlib.nullcontext(run_dir)) as local_run_dir:
-        model, _ = train_on_records(config, fn_args.train_files, fn_args.eval_files, vocab, local_run_dir,
-                                    train_steps=getattr(fn_args, "train_steps", None))
+        try:
+            model, _ = train_on_records(config, fn_args.train_files, fn_args.eval_files, vocab, local_run_dir,
+                                        train_steps=getattr(fn_args, "train_steps", None))
+        except ConfigError as error:
+            base_model = getattr(fn_args, "base_model", None)
+            if base_model and str(error).startswith("train.warm_start="):
+                raise ConfigError(f"the Trainer's base_model (the model it warm-starts from; in this pipeline "
+                                  f"configs.WARM_START_FROM_LATEST_MODEL) cannot be used: {error}") from error
+            raise
         if local_run_dir != run_dir:
             copy_directory(local_run_dir, run_dir)
     module = build_serving_module(model, vocab, index_kind=export.get("index_kind", "brute_force"),

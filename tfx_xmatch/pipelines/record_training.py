@@ -72,7 +72,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     with strategy.scope():
         model = training.build_model(config, num_items=item_vocab.num_items)
         training.compile_for_training(model, config, target_counts)
-    training.warm_start_unless_resuming(model, config, run_dir)
+    training.warm_start_unless_resuming(model, config, run_dir, item_vocab)
     # Claimed only now: bad records or a model that cannot be built must not leave a
     # config.json that refuses the corrected run.
     write_json_atomic(config_path, config.to_dict())
