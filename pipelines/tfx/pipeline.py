@@ -41,7 +41,11 @@ def create_pipeline(
       beam_pipeline_args: Beam options of the Beam-based components.
       warm_start_from_latest_model: Start training from the weights of this pipeline's latest
         trained model (a ``Resolver`` with ``LatestArtifactStrategy`` feeding the Trainer's
-        ``base_model``); the first run, with no model yet, trains from scratch. Default False.
+        ``base_model``); the first run, with no model yet, trains from scratch. Not checked here
+        (tfx is not installable with this stack): compiled for Vertex AI, the resolver may query
+        every Model artifact of the project's metadata, not only this pipeline's; a model that
+        does not fit (another kind, item vocabulary or architecture) is then refused by run_fn,
+        not used. Default False.
 
     Returns:
       A ``tfx.dsl.Pipeline``.
