@@ -52,8 +52,8 @@ def test_json_file_and_dict_round_trip(tmp_path):
         ("train.early_stopping_patience=-1", "train.early_stopping_patience must be >= 0 (0: never stop early), got -1"),
         ("train.max_train_seconds=0", "train.max_train_seconds must be a positive number of seconds"),
         ("train.verbose=3", "train.verbose must be 0, 1 or 2, got 3"),
-        ("train.warm_start=''", "train.warm_start must be a run or saved model directory, or null (train from "
-                                "scratch), got ''"),
+        ("train.warm_start=''", "train.warm_start must be a run, saved model or serving SavedModel directory, "
+                                "or null (train from scratch), got ''"),
         ("train.warm_start=3", "train.warm_start must be of type str, got 3"),
         ("eval.ks=[0, 10]", "eval.ks must be a non-empty list of integers >= 1, got [0, 10]"),
         ("eval.ks=[a, 10]", "eval.ks must be a non-empty list of integers >= 1, got ['a', 10]"),

@@ -682,7 +682,9 @@ def _source_item_ids(directory: str, serving: bool) -> Optional[list]:
     """The raw ids of a warm-start source's items 1..I as strings; None when it keeps no vocabulary
     (a model saved without one)."""
     if serving:
-        reader = tf.train.load_checkpoint(f"{directory}/variables/variables")
+        # Not tf.train.load_checkpoint: on stores without real directories (ram://) it takes the
+        # prefix for a directory, since files start with it.
+        reader = tf.compat.v1.train.NewCheckpointReader(f"{directory}/variables/variables")
         key = "index_to_id/.ATTRIBUTES/VARIABLE_VALUE"  # RetrievalServingModule.index_to_id
         if not reader.has_tensor(key):
             return None
