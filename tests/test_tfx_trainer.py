@@ -75,6 +75,8 @@ def test_run_fn_trains_selects_and_exports_like_the_in_process_code(prepared, tm
     expected_ids = split.dataset.item_vocab.ids(np.argsort(-scores, kind="stable")[:5])
     assert result["item_ids"].numpy()[0].tolist() == list(expected_ids)
     assert (tmp_path / "serving" / "assets.extra" / "tf_serving_warmup_requests").exists()
+    # Validation's scoring functions stay out of the SavedModel (Keras tracked them on the model).
+    assert b"score_all" not in (tmp_path / "serving" / "saved_model.pb").read_bytes()
     # A retried Trainer task writes to the same places: it must succeed and leave one
     # SavedModel there (it failed with FileExistsError after training again).
     trainer_module.run_fn(_fn_args(directory, tmp_path))

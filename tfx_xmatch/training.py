@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import typing
+import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -172,6 +173,9 @@ def model_inputs(model: tf.keras.Model, dataset: SequenceDataset, histories: np.
     return inputs
 
 
+_SCORING_FUNCTIONS: "weakref.WeakKeyDictionary[tf.keras.Model, tuple]" = weakref.WeakKeyDictionary()
+
+
 def pass_scorer(model: tf.keras.Model) -> Callable[[dict], tf.Tensor]:
     """``score(inputs) -> [B, num_items + 1]`` for one evaluation pass over fixed weights.
 
@@ -179,12 +183,14 @@ def pass_scorer(model: tf.keras.Model) -> Callable[[dict], tf.Tensor]:
     interaction network, then its serving cache's cut) has it computed once for the pass, not
     once per batch: call this again after the weights change.
     """
-    # One tf.function per model: re-wrapping on every validation would retrace every epoch.
-    functions = getattr(model, "_xmatch_scoring", None)
+    # One tf.function per model: re-wrapping on every validation would retrace every epoch. Kept
+    # beside the model, not on it: Keras tracks a model's attributes, so a SavedModel of the model
+    # would carry these evaluation graphs too.
+    functions = _SCORING_FUNCTIONS.get(model)
     if functions is None:
         functions = (tf.function(model.score_all, reduce_retracing=True),
                      tf.function(model.scoring_table) if hasattr(model, "scoring_table") else None)
-        model._xmatch_scoring = functions
+        _SCORING_FUNCTIONS[model] = functions
     score_all, scoring_table = functions
     table = None if scoring_table is None else scoring_table()
     if table is None:
