@@ -22,7 +22,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 import typing
 import weakref
@@ -698,10 +697,7 @@ def _source_item_ids(directory: str, serving: bool) -> Optional[list]:
         return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in ids]
     if not tf.io.gfile.exists(f"{directory}/item_vocab.json"):
         return None
-    with tempfile.TemporaryDirectory() as local:  # Vocabulary.load reads local files; the source may be gs://
-        tf.io.gfile.copy(f"{directory}/item_vocab.json", f"{local}/item_vocab.json")
-        vocab = Vocabulary.load(f"{local}/item_vocab.json")
-    return _item_id_strings(vocab)
+    return _item_id_strings(Vocabulary.load(f"{directory}/item_vocab.json"))  # reads gs:// too
 
 
 def _item_id_strings(vocab: Vocabulary) -> list:
