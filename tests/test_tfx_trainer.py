@@ -16,10 +16,11 @@ import pytest
 import tensorflow as tf
 
 from tests.test_training import TINY, tiny_config
-from tfx_xmatch import training
+from tfx_xmatch import training, warm_start
 from tfx_xmatch.config import ConfigError, load_config
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.data import write_split_tfrecords
+from tfx_xmatch.data.vocabulary import Vocabulary
 
 TFX_DIR = pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "tfx"
 
@@ -122,7 +123,7 @@ def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path, capl
     args = _fn_args(directory, tmp_path, custom={"item_vocab": f"{base}/item_vocab.json", "overrides": overrides},
                     train_steps=1)
     args.model_run_dir, args.serving_model_dir = f"{base}/next-run", f"{base}/next-serving"
-    with caplog.at_level(logging.INFO, logger=training.logger.name):
+    with caplog.at_level(logging.INFO, logger=warm_start.logger.name):
         trainer_module.run_fn(args)
     assert f"warm start from {base}/run/model" in caplog.text
     # ...or from the serving SavedModel it pushed: TFX's base_model.
@@ -130,7 +131,7 @@ def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path, capl
                     base_model=f"{base}/serving")
     args.model_run_dir, args.serving_model_dir = f"{base}/based-run", f"{base}/based-serving"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger=training.logger.name):
+    with caplog.at_level(logging.INFO, logger=warm_start.logger.name):
         trainer_module.run_fn(args)
     assert f"warm start from {base}/serving" in caplog.text
     assert json.loads(tf.io.gfile.GFile(f"{base}/based-run/config.json").read())["train"]["warm_start"] == f"{base}/serving"
@@ -143,7 +144,7 @@ def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared
     # Another seed: a run that ignored base_model would start from other random weights.
     args = _fn_args(directory, tmp_path / "second", custom={"overrides": [*RUN_OVERRIDES, "train.seed=7"]},
                     train_steps=1, base_model=str(tmp_path / "first" / "serving"))
-    with caplog.at_level(logging.INFO, logger=training.logger.name):
+    with caplog.at_level(logging.INFO, logger=warm_start.logger.name):
         trainer_module.run_fn(args)
     assert f"warm start from {tmp_path / 'first' / 'serving'}" in caplog.text
     # It started from the served weights: one step of a fresh Adam moves each by at most the
@@ -170,6 +171,34 @@ def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared
     with pytest.raises(ConfigError, match=r"the Trainer's base_model .* cannot be used: train.warm_start='.*nowhere' "
                                           r"is neither"):
         trainer_module.run_fn(args)
+
+
+def test_run_fn_warm_starts_across_a_changed_catalogue_by_item_id(prepared, tmp_path, caplog):
+    # Continuous training: the next span's data numbers the items afresh, keeps 30 of them (now
+    # at other indices), drops 10 and brings 10 new ones.
+    split, directory = prepared
+    trainer_module.run_fn(_fn_args(directory, tmp_path / "first", train_steps=3))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(directory, renamed)
+    ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
+    Vocabulary([*reversed(ids[:30]), *range(1001, 1011)]).save(renamed / "item_vocab.json")
+    args = _fn_args(renamed, tmp_path / "second", custom={"overrides": [*RUN_OVERRIDES, "train.seed=7"]},
+                    train_steps=1, base_model=str(tmp_path / "first" / "serving"))
+    with caplog.at_level(logging.INFO, logger=warm_start.logger.name):
+        trainer_module.run_fn(args)
+    assert "30 of this run's 40 items carried over by id, 10 new ones" in caplog.text
+    assert "10 of the source's 40 items no longer present" in caplog.text
+
+    def served(run, item_ids):
+        signature = tf.saved_model.load(str(tmp_path / run / "serving")).signatures["item_embeddings"]
+        return signature(item_ids=tf.constant(item_ids, tf.int64))["item_embeddings"].numpy()
+
+    # Each kept item starts from its own learnt vector: one step of a fresh Adam moves it by at
+    # most the learning rate (0.01), where another item's vector would be far away.
+    kept = np.array(ids[:30])
+    distance = np.abs(served("second", kept) - served("first", kept)).max(axis=1)
+    assert distance.max() <= 0.0101
+    assert np.abs(served("second", kept) - served("first", kept[::-1])).max(axis=1).min() > 0.0101
 
 
 def test_run_fn_errors_propagate(prepared, tmp_path):

@@ -12,6 +12,8 @@ from tfx_xmatch import training
 from tfx_xmatch.config import ConfigError, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import build_serving_module, export_retrieval_model, save_serving_module
+from tfx_xmatch.models import MODELS
+from tfx_xmatch.warm_start import warm_start
 
 TINY = (
     "data.dataset=synthetic",
@@ -135,7 +137,7 @@ def test_warm_start_continues_a_finished_run_with_its_adam_state_at_the_new_lear
     split = training.prepare_split(config)
     model = training.build_model(config, split.dataset)
     training.compile_for_training(model, config, training.target_counts(split))
-    assert training.warm_start(model, tmp_path / "first", 0.003) == f"{tmp_path}/first/model"
+    assert warm_start(model, tmp_path / "first", 0.003) == f"{tmp_path}/first/model"
     for started, finished in zip(model_state(model), model_state(source)):
         np.testing.assert_array_equal(started, finished)
     checkpoint = tf.train.load_checkpoint(str(tmp_path / "first" / "model" / "weights"))
@@ -165,7 +167,7 @@ def test_warm_start_refuses_what_does_not_fit_and_names_it(tmp_path):
         config = tiny_config(*overrides)
         model = training.build_model(config, split.dataset)
         training.compile_for_training(model, config, training.target_counts(split))
-        return model, training.warm_start(model, source, 0.01)
+        return model, warm_start(model, source, 0.01)
 
     with pytest.raises(ConfigError, match=r"train.warm_start='.*nowhere' is neither a finished run directory"):
         start(tmp_path / "nowhere")
@@ -231,7 +233,7 @@ def test_warm_start_from_a_serving_savedmodel_takes_every_weight_and_a_fresh_opt
                 if variable is not of.item_frequency and not path.startswith("optimizer.")}
 
     assert any(not np.array_equal(value, learnt(source)[path]) for path, value in learnt(model).items())
-    assert training.warm_start(model, tmp_path / "serving", 0.004, split.dataset.item_vocab) == str(tmp_path / "serving")
+    assert warm_start(model, tmp_path / "serving", 0.004, split.dataset.item_vocab) == str(tmp_path / "serving")
     exported = learnt(source)
     for path, value in learnt(model).items():
         np.testing.assert_array_equal(value, exported[path], err_msg=path)
@@ -250,7 +252,7 @@ def test_warm_start_from_a_serving_savedmodel_refuses_what_it_cannot_use(tmp_pat
     wider = training.build_model(tiny_config("model.embedding_dim=8"), split.dataset)
     training.compile_for_training(wider, config, training.target_counts(split))
     with pytest.raises(ConfigError, match=r"serving' does not fit this model .* has shape \(.*16\), this model \(.*8\)"):
-        training.warm_start(wider, tmp_path / "serving", 0.01)
+        warm_start(wider, tmp_path / "serving", 0.01)
     # A variable the description promises but the SavedModel lacks is an error, not a random start.
     description = json.loads((tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).read_text())
     description["config"]["item_hidden_units"] = [16]
@@ -258,39 +260,95 @@ def test_warm_start_from_a_serving_savedmodel_refuses_what_it_cannot_use(tmp_pat
     deeper = training.build_model(tiny_config("model.item_hidden_units=[16]"), split.dataset)
     training.compile_for_training(deeper, config, training.target_counts(split))
     with pytest.raises(ConfigError, match=r"serving': cannot read .*variables/variables: .*not bound"):
-        training.warm_start(deeper, tmp_path / "serving", 0.01)
+        warm_start(deeper, tmp_path / "serving", 0.01)
     (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).write_text("{not json")
     with pytest.raises(ConfigError, match=r"serving'.*xmatch_model.json is not JSON"):
-        training.warm_start(model, tmp_path / "serving", 0.01)
+        warm_start(model, tmp_path / "serving", 0.01)
     (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).unlink()
     with pytest.raises(ConfigError, match=r"serving' is a SavedModel without assets.extra/xmatch_model.json"):
-        training.warm_start(model, tmp_path / "serving", 0.01)
+        warm_start(model, tmp_path / "serving", 0.01)
     # An export base path rather than one of its versions.
     export_retrieval_model(model, split.dataset.item_vocab, str(tmp_path / "models"), k_max=5)
     with pytest.raises(ConfigError, match=r"models' is neither .* \(it holds versions \[1\]: give one, e\.g\. .*models/1\)"):
-        training.warm_start(model, tmp_path / "models", 0.01)
+        warm_start(model, tmp_path / "models", 0.01)
 
 
-def test_warm_start_refuses_a_source_trained_on_another_item_vocabulary(tmp_path):
-    # An embedding row is an item index: another order would give every item another's vector.
-    config = tiny_config("train.epochs=1")
+def _changed_catalogue(kind, tmp_path):
+    """A run's model, and a source trained on another catalogue saved as a serving SavedModel
+    ("serving") and as a compiled saved model ("saved"): it knew the first 30 of the run's items
+    in reverse order, and 5 items the run no longer has. Returns (model, source, source ids)."""
+    config = tiny_config(*SERVED_KINDS[kind])
     split = training.prepare_split(config)
-    training.train(config, tmp_path / "run", split=split)
-    trained = training.load_model(tmp_path / "run" / "model")
-    save_serving_module(build_serving_module(trained, split.dataset.item_vocab, k_max=5), tmp_path / "serving",
-                        split.dataset.item_vocab)
+    ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
+    source_ids = [*reversed(ids[:30]), *range(1001, 1006)]
+    tf.keras.utils.set_random_seed(1)
+    template = training.build_model(config, split.dataset)
+    source = MODELS[kind].from_config({**template.get_config(), "num_items": len(source_ids)})
+    training.compile_for_training(source, config, np.ones(len(source_ids) + 1))
+    training.build_all_variables(source)
+    source.optimizer.iterations.assign(5)
+    source_vocab = Vocabulary(source_ids)
+    save_serving_module(build_serving_module(source, source_vocab, k_max=5), tmp_path / "serving", source_vocab)
+    training.save_model(source, tmp_path / "saved", source_vocab)
+    tf.keras.utils.set_random_seed(2)
     model = training.build_model(config, split.dataset)
     training.compile_for_training(model, config, training.target_counts(split))
+    return model, source, source_ids, split
+
+
+@pytest.mark.parametrize("kind", sorted(SERVED_KINDS))
+def test_warm_start_carries_item_rows_over_by_id_when_the_catalogue_changed(kind, tmp_path):
+    # Continuous training: the next run's data brings new items, loses old ones and numbers them afresh.
+    model, source, source_ids, split = _changed_catalogue(kind, tmp_path)
     ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
-    swapped = Vocabulary([ids[0], ids[2], ids[1], *ids[3:]])
-    longer = Vocabulary([*ids, max(ids) + 1])
-    for source in ("run", "serving"):
-        training.warm_start(model, tmp_path / source, 0.01, split.dataset.item_vocab)  # the same: accepted
-        with pytest.raises(ConfigError, match=rf"{source}' was trained on another item vocabulary \(item index 2 is "
-                                              rf"'{ids[1]}' there and '{ids[2]}' here\)"):
-            training.warm_start(model, tmp_path / source, 0.01, swapped)
-        with pytest.raises(ConfigError, match=rf"another item vocabulary \(it has 40 items, this run 41\)"):
-            training.warm_start(model, tmp_path / source, 0.01, longer)
+    item_rows = "item_tower.id_embedding.embeddings"
+    own_data = {id(model.item_frequency), *(id(table) for table in model.item_tower.feature_tables.values())}
+    before = {path: variable.numpy() for path, variable in model.get_weight_paths().items()}
+    for name in ("serving", "saved"):
+        assert warm_start(model, tmp_path / name, 0.004, split.dataset.item_vocab) == str(tmp_path / name)
+        learnt, now = source.get_weight_paths(), model.get_weight_paths()
+        expected_rows = before[item_rows].copy()
+        expected_rows[0] = learnt[item_rows].numpy()[0]
+        for index, item_id in enumerate(ids, start=1):
+            if item_id in source_ids:
+                expected_rows[index] = learnt[item_rows].numpy()[source_ids.index(item_id) + 1]
+        np.testing.assert_array_equal(now[item_rows].numpy(), expected_rows)
+        for path, variable in now.items():
+            if path.startswith("optimizer.") or path == item_rows:
+                continue
+            expected = before[path] if id(variable) in own_data else learnt[path].numpy()
+            np.testing.assert_array_equal(variable.numpy(), expected, err_msg=f"{name}: {path}")
+        # Adam's moments were per row of the old catalogue: it starts afresh even from a checkpoint that has them.
+        assert model.optimizer.iterations.numpy() == 0
+        assert model.optimizer.learning_rate.numpy() == pytest.approx(0.004)
+
+
+def test_warm_start_refuses_items_it_cannot_match_by_id(tmp_path):
+    model, source, source_ids, split = _changed_catalogue("two_tower", tmp_path)
+    strangers = Vocabulary([f"item_{value}" for value in split.dataset.item_vocab.ids(
+        np.arange(1, split.num_items + 1))])
+    with pytest.raises(ConfigError, match=r"serving' shares no item id with this run \(its first ids \['30', '29', "
+                                          r"'28'\], this run's \['item_1', 'item_2', 'item_3'\]\)"):
+        warm_start(model, tmp_path / "serving", 0.01, strangers)
+    with pytest.raises(ConfigError, match=r"saved' has 35 items, this model 40, and no item vocabulary was given"):
+        warm_start(model, tmp_path / "saved", 0.01)
+    (tmp_path / "saved" / "item_vocab.json").unlink()
+    with pytest.raises(ConfigError, match=r"saved' has 35 items, this model 40, and it keeps no item vocabulary"):
+        warm_start(model, tmp_path / "saved", 0.01, split.dataset.item_vocab)
+    with pytest.raises(ValueError, match=r"item_vocab has 35 items but the model 40"):
+        warm_start(model, tmp_path / "serving", 0.01, Vocabulary(source_ids))
+    # The same items in the same order take the rows as they are (and a run's Adam state); the
+    # item data stays this run's even where the checkpoint restores everything at once.
+    trained = tmp_path / "run"
+    training.train(tiny_config("train.epochs=1"), trained, split=split)
+    model.set_item_frequencies(np.arange(split.num_items + 1))
+    own_data = [model.item_frequency, *model.item_tower.feature_tables.values()]
+    own_data[-1].assign(own_data[-1] + 1.0)
+    expected = [variable.numpy() for variable in own_data]
+    warm_start(model, trained, 0.01, split.dataset.item_vocab)
+    assert model.optimizer.iterations.numpy() > 0
+    for variable, value in zip(own_data, expected):
+        np.testing.assert_array_equal(variable.numpy(), value)
 
 
 def test_warm_start_ignores_metric_trackers_that_options_add(tmp_path):
@@ -302,7 +360,7 @@ def test_warm_start_ignores_metric_trackers_that_options_add(tmp_path):
     split = training.prepare_split(config)
     model = training.build_model(config, split.dataset)
     training.compile_for_training(model, config, training.target_counts(split))
-    training.warm_start(model, tmp_path / "plain", 0.01)
+    warm_start(model, tmp_path / "plain", 0.01)
     for started, saved in zip(model_state(model), model_state(training.load_model(tmp_path / "plain" / "model"))):
         np.testing.assert_array_equal(started, saved)
 

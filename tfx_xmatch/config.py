@@ -90,8 +90,9 @@ class TrainConfig:
         ``weights``) or a serving SavedModel exported by tfx_xmatch (a version directory; TFX's
         ``base_model``), whose weights start this run instead of a random initialisation. A
         checkpoint's Adam state comes along when it holds one, so a run stopped by its time
-        budget continues where it was; ``train.learning_rate`` still applies. The model kind,
-        the item vocabulary and every layer's shape must match (None: train from scratch).
+        budget continues where it was; ``train.learning_rate`` still applies. The model kind
+        and every layer's shape must match; the item catalogue may differ, as item rows are
+        carried over by item id (then Adam starts fresh). None: train from scratch.
     """
 
     epochs: int = 200

@@ -239,7 +239,7 @@ def evaluate(model: tf.keras.Model, split: Split, which: str, config: RunConfig,
 
 
 # ------------------------------------------------------------------------- persistence
-def _build(model: tf.keras.Model) -> None:
+def build_all_variables(model: tf.keras.Model) -> None:
     """Creates every variable with inference calls, so weights can be loaded into them.
 
     ``model(...)`` marks the model built (BackupAndRestore skips unbuilt models, silently
@@ -304,7 +304,7 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         raise FileNotFoundError(f"{config_path} not found: is {directory} a saved model directory?")
     saved = json.loads(config_path.read_text(encoding="utf-8"))
     model = MODELS[saved["model"]].from_config(saved["config"])
-    _build(model)
+    build_all_variables(model)
     model.load_weights(str(directory / "weights")).expect_partial()
     return model
 
@@ -512,7 +512,7 @@ def compile_for_training(model: tf.keras.Model, config: RunConfig, counts: np.nd
     if hasattr(model, "set_item_frequencies"):
         model.set_item_frequencies(counts)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.train.learning_rate))
-    _build(model)  # BackupAndRestore can only restore into a built model
+    build_all_variables(model)  # BackupAndRestore can only restore into a built model
 
 
 def fit_with_selection(
@@ -581,155 +581,10 @@ def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir
             json.loads(history.read_text(encoding="utf-8")), config.train.max_train_seconds)):
         logger.info("%s: resuming, so train.warm_start is not applied again", run_dir)
         return
+    # Imported here: tfx_xmatch.warm_start builds its source model with this module's persistence.
+    from tfx_xmatch.warm_start import warm_start
+
     warm_start(model, config.train.warm_start, config.train.learning_rate, item_vocab)
-
-
-def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate: float,
-               item_vocab: Optional[Vocabulary] = None) -> str:
-    """Loads into ``model`` the weights of a finished run (its ``model/``), of a ``save_model``
-    directory, or of a serving SavedModel written by ``tfx_xmatch.export`` (what TFX passes as
-    ``base_model``). A checkpoint brings its optimizer state (Adam starts fresh when it holds none,
-    as a serving SavedModel never does); the optimizer then runs at ``learning_rate`` whatever
-    rate the source trained with.
-
-    Args:
-      model: A compiled, built model (see ``compile_for_training``) whose optimizer has a float
-        learning rate.
-      source: A run directory, a saved model directory or a serving SavedModel directory: local,
-        or any URL ``tf.io.gfile`` reads (``gs://...``, where a TFX Trainer on Vertex leaves its
-        ``model_run_dir`` and a Pusher its models).
-      learning_rate: The learning rate to continue with.
-      item_vocab: This run's item vocabulary. When given, the source's (saved beside a run's
-        model, or inside a serving SavedModel) must be the same ids in the same order: an
-        embedding row is an item index, so another order would attach every learnt vector to
-        another item. Default None: not checked.
-
-    Returns:
-      The directory the weights came from.
-
-    Raises:
-      ConfigError: ``source`` holds no model, one of another kind, one trained on another item
-        vocabulary (names the first difference), one whose variables are not exactly ``model``'s
-        (names the first difference), or one that cannot be read.
-    """
-    source = str(source).rstrip("/")
-    serving = tf.io.gfile.exists(f"{source}/saved_model.pb")
-    if serving:
-        directory, description = source, f"{source}/{SERVING_MODEL_DESCRIPTION}"
-        if not tf.io.gfile.exists(description):
-            raise ConfigError(f"train.warm_start={source!r} is a SavedModel without {SERVING_MODEL_DESCRIPTION}: "
-                              "not exported by tfx_xmatch, or by a version that did not record its model; "
-                              "warm-start from its training run's directory instead")
-    else:
-        directory = f"{source}/model" if tf.io.gfile.exists(f"{source}/model/config.json") else source
-        description = f"{directory}/config.json"
-        if not (tf.io.gfile.exists(description) and tf.io.gfile.exists(f"{directory}/weights.index")):
-            versions = sorted(int(name.strip("/")) for name in (tf.io.gfile.listdir(source) if tf.io.gfile.isdir(source)
-                                                                 else []) if name.strip("/").isdigit())
-            hint = f" (it holds versions {versions}: give one, e.g. {source}/{versions[-1]})" if versions else ""
-            raise ConfigError(f"train.warm_start={source!r} is neither a finished run directory (with model/), "
-                              f"a saved model directory (config.json + weights) nor a serving SavedModel{hint}")
-    try:
-        with tf.io.gfile.GFile(description, "r") as file:
-            saved = json.loads(file.read())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"train.warm_start={source!r}: {description} is not JSON ({error})") from error
-    if item_vocab is not None:
-        _check_same_items(source, _source_item_ids(directory, serving), item_vocab)
-    name = model_kind(model)
-    if saved.get("model") != name:
-        raise ConfigError(f"train.warm_start={source!r} holds a {saved.get('model')!r} model; "
-                          f"this run trains a {name!r} model")
-    # Both directions: a variable the source lacks would stay random, and one the model lacks
-    # (an extra block, a side-feature table) would be dropped, both without a word from TF.
-    # Compared as built from the source's config, leaving out metric trackers (reset every epoch;
-    # options such as training_cache_fraction add or remove some).
-    try:
-        source_model = MODELS[name].from_config(saved["config"])
-        _build(source_model)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"train.warm_start={source!r}: its model cannot be built from its description "
-                          f"({_first_line(error)})") from error
-    wanted, stored = _weight_shapes(model), _weight_shapes(source_model)
-    differences = ([f"{key} is missing" for key in sorted(wanted.keys() - stored.keys())]
-                   + [f"{key} is not in this model" for key in sorted(stored.keys() - wanted.keys())]
-                   + [f"{key} has shape {stored[key]}, this model {wanted[key]}"
-                      for key in sorted(wanted.keys() & stored.keys()) if wanted[key] != stored[key]])
-    if differences:
-        raise ConfigError(f"train.warm_start={source!r} does not fit this model (another architecture or "
-                          f"options?): {len(differences)} difference(s), first: {differences[0]}")
-    checkpoint = f"{directory}/variables/variables" if serving else f"{directory}/weights"
-    # The logQ item frequencies describe this run's training data, not the source's.
-    frequencies = getattr(model, "item_frequency", None)
-    these_frequencies = None if frequencies is None else frequencies.numpy()
-    try:
-        if serving:
-            # The serving module holds the model as its ``model`` attribute, beside the index and
-            # without an optimizer: restored into the uncompiled source model, where every
-            # variable must be found, then copied over.
-            tf.train.Checkpoint(model=source_model).read(checkpoint).expect_partial().assert_existing_objects_matched()
-            sources, targets = source_model.get_weight_paths(), model.get_weight_paths()
-            for path in wanted:
-                targets[path].assign(sources[path])
-        else:
-            # Adam's moments exist only after its first step: TF restores them when they are created.
-            model.load_weights(checkpoint).expect_partial()
-    except (tf.errors.OpError, AssertionError, ValueError) as error:
-        raise ConfigError(f"train.warm_start={source!r}: cannot read {checkpoint}: {_first_line(error)}") from error
-    if frequencies is not None:
-        frequencies.assign(these_frequencies)
-    model.optimizer.learning_rate = learning_rate
-    logger.info("warm start from %s", directory)
-    return directory
-
-
-def _source_item_ids(directory: str, serving: bool) -> Optional[list]:
-    """The raw ids of a warm-start source's items 1..I as strings; None when it keeps no vocabulary
-    (a model saved without one)."""
-    if serving:
-        # Not tf.train.load_checkpoint: on stores without real directories (ram://) it takes the
-        # prefix for a directory, since files start with it.
-        reader = tf.compat.v1.train.NewCheckpointReader(f"{directory}/variables/variables")
-        key = "index_to_id/.ATTRIBUTES/VARIABLE_VALUE"  # RetrievalServingModule.index_to_id
-        if not reader.has_tensor(key):
-            return None
-        ids = reader.get_tensor(key)[1:]
-        return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in ids]
-    if not tf.io.gfile.exists(f"{directory}/item_vocab.json"):
-        return None
-    return _item_id_strings(Vocabulary.load(f"{directory}/item_vocab.json"))  # reads gs:// too
-
-
-def _item_id_strings(vocab: Vocabulary) -> list:
-    return [str(value) for value in vocab.ids(np.arange(1, vocab.num_items + 1))]
-
-
-def _check_same_items(source: str, source_ids: Optional[list], item_vocab: Vocabulary) -> None:
-    if source_ids is None:
-        return
-    ours = _item_id_strings(item_vocab)
-    if source_ids == ours:
-        return
-    if len(source_ids) != len(ours):
-        difference = f"it has {len(source_ids):,} items, this run {len(ours):,}"
-    else:
-        first = next(index for index, (theirs, mine) in enumerate(zip(source_ids, ours)) if theirs != mine)
-        difference = f"item index {first + 1} is {source_ids[first]!r} there and {ours[first]!r} here"
-    raise ConfigError(f"train.warm_start={source!r} was trained on another item vocabulary ({difference}); "
-                      "an embedding row is an item index, so warm start needs the same item ids in the same "
-                      "order: train from scratch, or prepare this run's data with the source's vocabulary")
-
-
-def _weight_shapes(model: tf.keras.Model) -> dict:
-    """{path: shape} of a model's own variables (not its metric trackers' or optimizer's)."""
-    trackers = {id(variable) for metric in model.metrics for variable in metric.variables}
-    return {path: tuple(variable.shape) for path, variable in model.get_weight_paths().items()
-            if id(variable) not in trackers and not path.startswith("optimizer.")}
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # What a run writes into its directory (all atomically, so only these can have temporaries).

@@ -18,9 +18,10 @@ The TFX Trainer contract, as this module honours it:
     metrics.json); ``fn_args.serving_model_dir``: the SavedModel, written atomically.
   * ``fn_args.base_model`` (the Trainer's ``base_model`` input, e.g. the latest trained model
     from a ``Resolver``): the serving SavedModel whose weights this run starts from, applied as
-    ``train.warm_start`` (the optimizer starts fresh: a serving model holds none). Its item
-    vocabulary must be this run's (same ids, same order); another is refused, naming the first
-    difference. A retried Trainer resumes its local ``model_run_dir`` rather than starting over;
+    ``train.warm_start`` (the optimizer starts fresh: a serving model holds none). Items are
+    matched by id, so a catalogue that changed since (new items, removed ones, another order)
+    is fine: known items start from their learnt vectors, new ones from their initialization.
+    A retried Trainer resumes its local ``model_run_dir`` rather than starting over;
     with a ``gs://`` run directory it trains in a fresh local directory, so it starts from
     ``base_model`` again. Setting ``train.warm_start`` as well is refused unless both name the
     same model.
