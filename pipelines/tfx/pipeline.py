@@ -44,7 +44,7 @@ def create_pipeline(
         ``base_model``); the first run, with no model yet, trains from scratch. Not checked here
         (tfx is not installable with this stack): compiled for Vertex AI, the resolver may query
         every Model artifact of the project's metadata, not only this pipeline's; a model that
-        does not fit (another kind, item vocabulary or architecture) is then refused by run_fn,
+        does not fit (another kind or architecture, or no item id in common) is then refused by run_fn,
         not used. Default False.
 
     Returns:
