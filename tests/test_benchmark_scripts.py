@@ -476,3 +476,40 @@ def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path
                       "--results-dir", str(tmp_path), "--output", "refused"], timeout=600)
     assert completed.returncode == 2 and "budget 3x16: the state width 8 is not divisible by 3" in completed.stderr
     assert not (tmp_path / "refused.json").exists()
+
+
+def test_the_continuous_training_benchmark_warm_starts_across_the_changed_catalogue(tmp_path):
+    from tfx_xmatch import training
+    from tfx_xmatch.config import load_config
+
+    continuous = _import_benchmark("continuous_training")
+    config = load_config(None, [
+        "data.dataset=synthetic", "data.split=leave_one_out",
+        "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
+        "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=2",
+        "train.verbose=0", "eval.ks=[10, 50]"])
+    dataset = training.prepare_split(config).dataset
+    span = continuous.earlier_span(dataset, 40, 0.5)
+    # Each kept user holds the oldest half of their own items (by raw id), never the last two,
+    # numbered by a vocabulary of only the items the span holds.
+    rows = {user_id: row for row, user_id in enumerate(dataset.user_ids)}
+    assert 0 < span.num_users <= 40 and span.num_items < dataset.num_items
+    for user_id, sequence in zip(span.user_ids, span.sequences):
+        full = dataset.sequences[rows[user_id]]
+        assert rows[user_id] < 40 and 3 <= len(sequence) == min(len(full) // 2, len(full) - 2)
+        np.testing.assert_array_equal(span.item_vocab.ids(sequence), dataset.item_vocab.ids(full[:len(sequence)]))
+    assert set(span.item_vocab.ids(np.arange(1, span.num_items + 1))) == {
+        item for sequence in span.sequences for item in span.item_vocab.ids(sequence)}
+    assert span.item_features["category"].shape == (span.num_items + 1, dataset.item_features["category"].shape[1])
+
+    result = continuous.measure(config, tmp_path, tmp_path / "scratch", 40, 0.5, 1.0, "tiny")
+    assert result["new_items"] == dataset.num_items - span.num_items > 0 and result["renumbered_items"] > 0
+    warm = training.load_run_config(tmp_path / "tiny-warm_started").train.warm_start
+    assert warm == str(tmp_path / "tiny-earlier_span" / "serving" / "1")
+    assert [len(row["curve"]) for row in result["rows"]] == [row["epochs"] for row in result["rows"]]
+    markdown = continuous.to_markdown(result)
+    assert f"{result['new_items']:,} new since the earlier span" in markdown
+    assert "| full data, warm-started from the earlier span's export | 2 (" in markdown
+    # Run again, everything is reused: the same numbers.
+    again = continuous.measure(config, tmp_path, tmp_path / "scratch", 40, 0.5, 1.0, "tiny")
+    assert again["rows"] == result["rows"]
