@@ -276,8 +276,9 @@ def test_warm_start_from_a_serving_savedmodel_refuses_what_it_cannot_use(tmp_pat
 def _changed_catalogue(kind, tmp_path):
     """A run's model, and a source trained on another catalogue saved as a serving SavedModel
     ("serving") and as a compiled saved model ("saved"): it knew the first 30 of the run's items
-    in reverse order, and 5 items the run no longer has. Returns (model, source, source ids)."""
-    config = tiny_config(*SERVED_KINDS[kind])
+    in reverse order, and 5 items the run no longer has. With item features (a table per item
+    that is data, not learnt). Returns (model, source, source ids, split)."""
+    config = tiny_config(*SERVED_KINDS[kind], "data.side_info=true")
     split = training.prepare_split(config)
     ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
     source_ids = [*reversed(ids[:30]), *range(1001, 1006)]
@@ -303,8 +304,11 @@ def test_warm_start_carries_item_rows_over_by_id_when_the_catalogue_changed(kind
     ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
     item_rows = "item_tower.id_embedding.embeddings"
     own_data = {id(model.item_frequency), *(id(table) for table in model.item_tower.feature_tables.values())}
+    assert model.item_tower.feature_tables  # item data to keep
     before = {path: variable.numpy() for path, variable in model.get_weight_paths().items()}
     for name in ("serving", "saved"):
+        for path, variable in model.get_weight_paths().items():  # each source on its own
+            variable.assign(before[path])
         assert warm_start(model, tmp_path / name, 0.004, split.dataset.item_vocab) == str(tmp_path / name)
         learnt, now = source.get_weight_paths(), model.get_weight_paths()
         expected_rows = before[item_rows].copy()
@@ -325,11 +329,22 @@ def test_warm_start_carries_item_rows_over_by_id_when_the_catalogue_changed(kind
 
 def test_warm_start_refuses_items_it_cannot_match_by_id(tmp_path):
     model, source, source_ids, split = _changed_catalogue("two_tower", tmp_path)
-    strangers = Vocabulary([f"item_{value}" for value in split.dataset.item_vocab.ids(
-        np.arange(1, split.num_items + 1))])
-    with pytest.raises(ConfigError, match=r"serving' shares no item id with this run \(its first ids \['30', '29', "
-                                          r"'28'\], this run's \['item_1', 'item_2', 'item_3'\]\)"):
-        warm_start(model, tmp_path / "serving", 0.01, strangers)
+    # Ids are typed as a Vocabulary types them: "30" is not the item 30.
+    strangers = Vocabulary([str(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))])
+    for name in ("serving", "saved"):
+        with pytest.raises(ConfigError, match=rf"{name}' shares no item id with this run \(its first ids \[30, 29, "
+                                              r"28\], this run's \['1', '2', '3'\]\)"):
+            warm_start(model, tmp_path / name, 0.01, strangers)
+    # A source whose ids and rows disagree, or whose ids cannot be read, is named as such.
+    ids_file = tmp_path / "saved" / "item_vocab.json"
+    Vocabulary(source_ids[:-1]).save(ids_file)
+    with pytest.raises(ConfigError, match=r"saved': .*saved/item_vocab.json holds 34 item ids, but its model has "
+                                          r"35 items"):
+        warm_start(model, tmp_path / "saved", 0.01, split.dataset.item_vocab)
+    ids_file.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"saved': cannot read its item ids from .*saved/item_vocab.json"):
+        warm_start(model, tmp_path / "saved", 0.01, split.dataset.item_vocab)
+    Vocabulary(source_ids).save(ids_file)
     with pytest.raises(ConfigError, match=r"saved' has 35 items, this model 40, and no item vocabulary was given"):
         warm_start(model, tmp_path / "saved", 0.01)
     (tmp_path / "saved" / "item_vocab.json").unlink()
@@ -340,7 +355,8 @@ def test_warm_start_refuses_items_it_cannot_match_by_id(tmp_path):
     # The same items in the same order take the rows as they are (and a run's Adam state); the
     # item data stays this run's even where the checkpoint restores everything at once.
     trained = tmp_path / "run"
-    training.train(tiny_config("train.epochs=1"), trained, split=split)
+    training.train(tiny_config(*SERVED_KINDS["two_tower"], "data.side_info=true", "train.epochs=1"), trained,
+                   split=split)
     model.set_item_frequencies(np.arange(split.num_items + 1))
     own_data = [model.item_frequency, *model.item_tower.feature_tables.values()]
     own_data[-1].assign(own_data[-1] + 1.0)

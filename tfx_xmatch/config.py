@@ -92,7 +92,9 @@ class TrainConfig:
         checkpoint's Adam state comes along when it holds one, so a run stopped by its time
         budget continues where it was; ``train.learning_rate`` still applies. The model kind
         and every layer's shape must match; the item catalogue may differ, as item rows are
-        carried over by item id (then Adam starts fresh). None: train from scratch.
+        carried over by item id (then Adam starts fresh), when the source keeps its item ids
+        (runs and exports do; a model saved without them must have this run's items). None:
+        train from scratch.
     """
 
     epochs: int = 200

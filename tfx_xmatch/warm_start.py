@@ -78,8 +78,12 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
         raise ConfigError(f"train.warm_start={source!r}: its model cannot be built from its description "
                           f"({_first_line(error)})") from error
     rows = None
-    source_ids = None if item_vocab is None else _source_item_ids(directory, serving)
-    if source_ids is not None and source_ids != _item_id_strings(item_vocab):
+    source_ids = None if item_vocab is None else _source_item_ids(source, directory, serving)
+    if source_ids is not None and len(source_ids) != source_model.num_items:
+        # Rows would be paired with the wrong ids, or an id would point past the table.
+        raise ConfigError(f"train.warm_start={source!r}: {_where_ids(directory, serving)} holds {len(source_ids):,} "
+                          f"item ids, but its model has {source_model.num_items:,} items")
+    if source_ids is not None and source_ids != _item_ids(item_vocab):
         rows = _rows_by_id(source, source_ids, item_vocab)
     elif source_model.num_items != model.num_items:
         missing = "no item vocabulary was given" if item_vocab is None else "it keeps no item vocabulary"
@@ -150,37 +154,50 @@ def _read_description(source: str, serving: bool) -> tuple[str, dict]:
         raise ConfigError(f"train.warm_start={source!r}: {description} is not JSON ({error})") from error
 
 
-def _source_item_ids(directory: str, serving: bool) -> Optional[list]:
-    """The raw ids of a warm-start source's items 1..I as strings; None when it keeps no vocabulary
-    (a model saved without one)."""
-    if serving:
-        # Not tf.train.load_checkpoint: on stores without real directories (ram://) it takes the
-        # prefix for a directory, since files start with it.
-        reader = tf.compat.v1.train.NewCheckpointReader(f"{directory}/variables/variables")
-        key = "index_to_id/.ATTRIBUTES/VARIABLE_VALUE"  # RetrievalServingModule.index_to_id
-        if not reader.has_tensor(key):
+# Where a source keeps its item ids: a serving SavedModel in its index's id table
+# (RetrievalServingModule.index_to_id, row 0 the padding id), a run beside its model.
+SERVING_ITEM_IDS = "index_to_id/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _where_ids(directory: str, serving: bool) -> str:
+    return f"index_to_id in {directory}/variables" if serving else f"{directory}/item_vocab.json"
+
+
+def _source_item_ids(source: str, directory: str, serving: bool) -> Optional[list]:
+    """The raw ids of a warm-start source's items 1..I, typed as a ``Vocabulary`` types them (int
+    or str: 42 and "42" are different items); None when it keeps none (a model saved without)."""
+    try:
+        if serving:
+            # Not tf.train.load_checkpoint: on stores without real directories (ram://) it takes
+            # the prefix for a directory, since files start with it.
+            reader = tf.compat.v1.train.NewCheckpointReader(f"{directory}/variables/variables")
+            if not reader.has_tensor(SERVING_ITEM_IDS):
+                return None
+            return [value.decode("utf-8") if isinstance(value, bytes) else int(value)
+                    for value in reader.get_tensor(SERVING_ITEM_IDS)[1:]]
+        if not tf.io.gfile.exists(f"{directory}/item_vocab.json"):
             return None
-        ids = reader.get_tensor(key)[1:]
-        return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in ids]
-    if not tf.io.gfile.exists(f"{directory}/item_vocab.json"):
-        return None
-    return _item_id_strings(Vocabulary.load(f"{directory}/item_vocab.json"))  # reads gs:// too
+        return _item_ids(Vocabulary.load(f"{directory}/item_vocab.json"))  # reads gs:// too
+    except (tf.errors.OpError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"train.warm_start={source!r}: cannot read its item ids from "
+                          f"{_where_ids(directory, serving)}: {_first_line(error)}") from error
 
 
-def _item_id_strings(vocab: Vocabulary) -> list:
-    return [str(value) for value in vocab.ids(np.arange(1, vocab.num_items + 1))]
+def _item_ids(vocab: Vocabulary) -> list:
+    return [str(value) if isinstance(value, str) else int(value) for value in vocab.ids(np.arange(1, vocab.num_items + 1))]
 
 
 def _rows_by_id(source: str, source_ids: list, item_vocab: Vocabulary) -> np.ndarray:
     """For each of this run's item indices 0..I, the source's index of the same item id, or -1
     for an item the source never saw. The padding row 0 maps to the source's padding row."""
     source_index = {item_id: index for index, item_id in enumerate(source_ids, start=1)}
-    rows = np.array([0] + [source_index.get(item_id, -1) for item_id in _item_id_strings(item_vocab)], np.int64)
+    rows = np.array([0] + [source_index.get(item_id, -1) for item_id in _item_ids(item_vocab)], np.int64)
     if not np.any(rows[1:] >= 0):
-        # Most likely the ids are spelt differently (e.g. "12" and "item_12"), not a new catalogue.
+        # Most likely the ids are spelt or typed differently ("item_12" or "12" against 12), not a
+        # new catalogue.
         raise ConfigError(f"train.warm_start={source!r} shares no item id with this run (its first ids "
-                          f"{source_ids[:3]}, this run's {_item_id_strings(item_vocab)[:3]}): nothing to carry "
-                          "over by id; train from scratch, or check that both vocabularies spell ids alike")
+                          f"{source_ids[:3]}, this run's {_item_ids(item_vocab)[:3]}): nothing to carry over "
+                          "by id; train from scratch, or check that both vocabularies spell and type ids alike")
     return rows
 
 

@@ -20,7 +20,8 @@ The TFX Trainer contract, as this module honours it:
     from a ``Resolver``): the serving SavedModel whose weights this run starts from, applied as
     ``train.warm_start`` (the optimizer starts fresh: a serving model holds none). Items are
     matched by id, so a catalogue that changed since (new items, removed ones, another order)
-    is fine: known items start from their learnt vectors, new ones from their initialization.
+    is fine: known items start from their learnt vectors, new ones from their initialization;
+    a model that shares no item id with this run is refused.
     A retried Trainer resumes its local ``model_run_dir`` rather than starting over;
     with a ``gs://`` run directory it trains in a fresh local directory, so it starts from
     ``base_model`` again. Setting ``train.warm_start`` as well is refused unless both name the
