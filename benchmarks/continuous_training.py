@@ -12,7 +12,9 @@ the same run from scratch: validation NDCG@10 per epoch, the epochs and seconds 
 scratch run's best, and the selected model's test metrics (full ranking over every item).
 
 The scratch run is the quality benchmark's ``quality-two_tower_sasrec`` when it is there (the
-same config), otherwise it is trained here. Writes ``results/continuous_training.md`` / ``.json``.
+same config), otherwise it is trained here. The earlier span's run directory keeps the full data's
+config (``train`` takes the span as an already prepared split): evaluate it through this script,
+not ``xmatch evaluate``. Writes ``results/continuous_training.md`` / ``.json``.
 
     python benchmarks/continuous_training.py --data-dir ../shared/data
 """
