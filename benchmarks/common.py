@@ -6,7 +6,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from tfx_xmatch.bench.environment import header, machine_info, versions  # noqa: F401  (the benchmarks' import)
 
@@ -28,6 +28,21 @@ def run_split(config):
     except FileNotFoundError as error:
         print(f"skipped: the run's data is absent ({error})", file=sys.stderr)
         return None
+
+
+def write_results(result: dict, output: str, to_markdown: Callable[[dict], str], echo: bool = False,
+                  results_dir: pathlib.Path = RESULTS_DIR) -> None:
+    """Writes ``result`` as ``results_dir/<output>.json`` and its page ``<output>.md`` (each
+    atomically, so a run cut short leaves the previous complete pair), printing the page when
+    ``echo``."""
+    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    page = to_markdown(result)
+    write_json_atomic(results_dir / f"{output}.json", result)
+    write_text_atomic(results_dir / f"{output}.md", page)
+    if echo:
+        print(page)
 
 
 def markdown_header(result: dict, title: str) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Optional
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 import common  # noqa: E402
-from common import REPO_ROOT, RESULTS_DIR, default_data_dir, header, markdown_header, training_overrides  # noqa: E402
+from common import REPO_ROOT, default_data_dir, header, markdown_header, training_overrides, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -41,7 +41,6 @@ from tfx_xmatch.data import make_split  # noqa: E402
 from tfx_xmatch.data.dataset import SequenceDataset  # noqa: E402
 from tfx_xmatch.data.loaders import vocabulary_from_tokens  # noqa: E402
 from tfx_xmatch.export import export_retrieval_model  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 MONITOR = "NDCG@10"
 TEST_METRICS = ("HR@10", "NDCG@10", "Recall@50", "TailRecall@50")
@@ -160,9 +159,7 @@ def main() -> int:
     if result is None:
         print("skipped: no data; nothing written", file=sys.stderr)
         return 0
-    write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
-    write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
-    print(to_markdown(result))
+    write_results(result, args.output, to_markdown, echo=True)
     return 0
 
 
@@ -172,7 +169,8 @@ def to_markdown(result: dict) -> str:
         f"- earlier span: the first {span['span_users']:,} users, the oldest {span['span_fraction']:g} of each one's "
         f"interactions but never the last two: {span['users']:,} users, {span['interactions']:,} interactions, "
         f"{span['items']:,} items",
-        f"- full data: {full['users']:,} users, {full['interactions']:,} interactions, {full['items']:,} items, of which "
+        f"- full data: {full['users']:,} users, {full['interactions']:,} interactions, {full['items']:,} items, "
+        "of which "
         f"{result['new_items']:,} new since the earlier span and {result['renumbered_items']:,} of the known ones at "
         "another index",
         f"- protocol: leave-one-out on the full data, full ranking over all {full['items']:,} items (history removed), "

@@ -23,14 +23,13 @@ from typing import Optional
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, run_split  # noqa: E402
+from common import header, markdown_header, run_split, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_RUNS = ("sparcode_chunks_served1pct-sparcode", "sparcode_chunks_continued-sparcode", "quality-two_tower_sasrec")
 
@@ -102,9 +101,7 @@ def main() -> int:
         return 0
     result = header("evaluation_pass")
     result.update(which=args.which, repeats=args.repeats, rows=rows)
-    write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
-    write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
-    print(to_markdown(result))
+    write_results(result, args.output, to_markdown, echo=True)
     return 0
 
 

@@ -55,7 +55,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, merge_rows  # noqa: E402
+from common import RESULTS_DIR, header, markdown_header, merge_rows, write_results  # noqa: E402
 from serving import DIMENSION, K, exact_top_k, recall, search_module, synthetic_embeddings  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -184,7 +184,6 @@ def main() -> int:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.intra_op_threads)
     from tfx_xmatch.index import PartitionedIndex
-    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
 
     result = header("partitioned_profile")
     items, queries = synthetic_embeddings(args.items, args.queries, DIMENSION, args.seed)
@@ -248,12 +247,10 @@ def main() -> int:
                             "seed": args.seed},
                   rows=rows)
     results_dir = pathlib.Path(args.results_dir)
-    json_path = results_dir / f"{args.output}.json"
     if args.merge:
-        result = merge_rows(result, json_path, ROW_KEY)
-    write_json_atomic(json_path, result)
-    write_text_atomic(results_dir / f"{args.output}.md", to_markdown(result))
-    print(f"wrote {json_path} and .md")
+        result = merge_rows(result, results_dir / f"{args.output}.json", ROW_KEY)
+    write_results(result, args.output, to_markdown, results_dir=results_dir)
+    print(f"wrote {results_dir / args.output}.json and .md")
     return 0
 
 

@@ -21,10 +21,9 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, default_data_dir, header, markdown_header  # noqa: E402
+from common import default_data_dir, header, markdown_header, write_results  # noqa: E402
 
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ml1m_sasrec.yaml"
 
@@ -62,10 +61,7 @@ def main() -> int:
               "index_build": summary["index"],
               **{key: summary[key] for key in ("stage_seconds", "total_seconds", "dataset", "examples",
                                                "malformed_lines", "training", "test")}}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
-    write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
-    print(to_markdown(result))
+    write_results(result, args.output, to_markdown, echo=True)
     return 0
 
 

@@ -18,12 +18,11 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    RESULTS_DIR, default_data_dir, header, markdown_header, training_budgets, training_overrides,
+    default_data_dir, header, markdown_header, training_budgets, training_overrides, write_results,
 )
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Each benchmarked model is a shipped config, so `xmatch train --config` reproduces it exactly.
@@ -75,9 +74,7 @@ def main() -> int:
         result["rows"].append(row)
         print({k: v for k, v in row.items() if k != "settings"}, flush=True)
         # Rewritten after every model, so a long run that is cut short keeps what finished.
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
-        write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
+        write_results(result, args.output, to_markdown)
     return 0
 
 

@@ -37,7 +37,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import REPO_ROOT, RESULTS_DIR, default_data_dir, header, markdown_header  # noqa: E402
+from common import REPO_ROOT, default_data_dir, header, markdown_header, write_results  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -45,7 +45,6 @@ from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.bench.paired import load_ranks  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import check_metric, compare_run_groups, format_difference, is_tail_target  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_SPEC = pathlib.Path(__file__).resolve().parent / "seed_study.yaml"
 
@@ -178,10 +177,7 @@ def main() -> int:
               "num_users": int(len(targets)), "spec": spec}
     result["comparisons"] = study(spec, pathlib.Path(args.runs_dir), targets,
                                   is_tail_target(targets, split.item_popularity()))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS_DIR / f"{args.output}.json", result)
-    write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
-    print(to_markdown(result))
+    write_results(result, args.output, to_markdown, echo=True)
     return 0
 
 

@@ -70,7 +70,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import RESULTS_DIR, header  # noqa: E402
+from common import RESULTS_DIR, header, write_results  # noqa: E402
 
 DIMENSION = 64
 K = 100
@@ -568,7 +568,6 @@ def main() -> int:
     set_tensorflow_threads(args.intra_op_threads, args.inter_op_threads)  # before any TensorFlow op runs
     from tfx_xmatch.bench.serving_paths import index_bytes
     from tfx_xmatch.index import make_index
-    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
 
     results_dir = pathlib.Path(args.results_dir)
     result = header("serving")
@@ -660,9 +659,7 @@ def main() -> int:
                     del module, index
             # Rewritten after every size, so a long run that is cut short keeps what finished.
             result["targets"] = targets(result["rows"])
-            results_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(results_dir / f"{args.output}.json", result)
-            write_text_atomic(results_dir / f"{args.output}.md", to_markdown(result))
+            write_results(result, args.output, to_markdown, results_dir=results_dir)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

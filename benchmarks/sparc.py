@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
     RESULTS_DIR, add_seed_and_merge_arguments, default_data_dir, header, markdown_header, merge_rows, model_name,
-    read_results, seeded_run_dir, training_budgets, training_overrides,
+    read_results, seeded_run_dir, training_budgets, training_overrides, write_results,
 )
 
 
@@ -58,7 +58,6 @@ from tfx_xmatch.bench.serving_paths import (  # noqa: E402
     RETRIEVED, brute_force_ranks, evaluate_path, per_user_latencies, serving_path,
 )
 from tfx_xmatch.evaluation import compare_metrics, is_tail_target  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = {
@@ -184,11 +183,9 @@ def main() -> int:
             else:
                 result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
-            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            path = RESULTS_DIR / f"{args.output}.json"
-            written = merge_rows(result, path, ROW_KEY, {"train_seed": 0}) if args.merge else result
-            write_json_atomic(path, written)
-            write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
+            written = (merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY, {"train_seed": 0})
+                       if args.merge else result)
+            write_results(written, args.output, to_markdown)
     return 0
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
     RESULTS_DIR, add_seed_and_merge_arguments, default_data_dir, header, markdown_header, merge_rows, model_name,
-    seeded_run_dir, training_budgets, training_overrides,
+    seeded_run_dir, training_budgets, training_overrides, write_results,
 )
 
 import tensorflow as tf  # noqa: E402
@@ -42,7 +42,6 @@ from tfx_xmatch.bench.paired import paired_table, save_ranks  # noqa: E402
 from tfx_xmatch.bench.serving_paths import brute_force_ranks, evaluate_path, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking, is_tail_target  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 MODELS = {
@@ -164,11 +163,9 @@ def main() -> int:
             brute_force_ranks(run_dir, split, config)
             result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
             print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / f"{args.output}.json"
-        written = merge_rows(result, path, ROW_KEY, {"train_seed": 0}) if args.merge else result
-        write_json_atomic(path, written)
-        write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
+        written = (merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY, {"train_seed": 0})
+                   if args.merge else result)
+        write_results(written, args.output, to_markdown)
     return 0
 
 

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, run_split  # noqa: E402
+from common import RESULTS_DIR, header, markdown_header, run_split, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -39,7 +39,6 @@ from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
 from tfx_xmatch.evaluation import (  # noqa: E402
     compare_metrics, evaluate_full_ranking, format_difference, is_tail_target,
 )
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_RUN = "sparcode_slots-sparcode"
 DEFAULT_BUDGETS = ("1x4096", "8x64", "8x512", "8x4096", "16x256", "16x512", "32x256")
@@ -192,9 +191,7 @@ def main() -> int:
             "vs_unquantized": compare_metrics(ranks, exact_ranks, REPORTED, is_tail)})
         print({key: value for key, value in result["rows"][-1].items() if key != "vs_unquantized"}, flush=True)
     results_dir = pathlib.Path(args.results_dir)
-    write_json_atomic(results_dir / f"{args.output}.json", result)
-    write_text_atomic(results_dir / f"{args.output}.md", to_markdown(result))
-    print(to_markdown(result))
+    write_results(result, args.output, to_markdown, echo=True, results_dir=results_dir)
     return 0
 
 

@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import RESULTS_DIR, header  # noqa: E402
+from common import RESULTS_DIR, header, write_results  # noqa: E402
 from serving import (CHUNK, CODE_DIMENSION, CODES_PER_QUERY, NUM_CODES, POSITIVE_FRACTION,  # noqa: E402
                      code_bags, exact_sparse_top_k, recall, sparse_table, synthetic_embeddings)
 
@@ -244,7 +244,6 @@ def main() -> int:
     import tensorflow_recommenders as tfrs
 
     from tfx_xmatch.index import SparseCodeIndex
-    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
 
     result = header("sparse_code_latency")
     result["settings"] = {
@@ -264,8 +263,7 @@ def main() -> int:
         result["rows"] += sparse_rows(n, args, tf, SparseCodeIndex)
         gc.collect()
         result["targets"] = targets(result["rows"])
-        write_json_atomic(results_dir / f"{args.output}.json", result)
-        write_text_atomic(results_dir / f"{args.output}.md", to_markdown(result))
+        write_results(result, args.output, to_markdown, results_dir=results_dir)
     return 0
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
     RESULTS_DIR, default_data_dir, header, markdown_header, merge_rows, model_name, training_budgets,
-    training_overrides,
+    training_overrides, write_results,
 )
 
 import numpy as np  # noqa: E402
@@ -45,7 +45,6 @@ from tfx_xmatch.bench.paired import load_ranks, paired_table, save_ranks  # noqa
 from tfx_xmatch.bench.serving_paths import per_user_latencies, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Variant -> (config, extra overrides).
@@ -238,10 +237,9 @@ def main() -> int:
                                        "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1],
                                        **paired})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
-            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            written = merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY, {"train_seed": 0}) if args.merge else result
-            write_json_atomic(RESULTS_DIR / f"{args.output}.json", written)
-            write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(written))
+            written = (merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY, {"train_seed": 0})
+                       if args.merge else result)
+            write_results(written, args.output, to_markdown)
     return 0
 
 

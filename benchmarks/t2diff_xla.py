@@ -23,13 +23,12 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, run_split  # noqa: E402
+from common import header, markdown_header, run_split, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.bench.serving_paths import evaluate_path, per_user_latencies, serving_path  # noqa: E402
-from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_RUN = "t2diff-leave_one_out-t2diff_sasrec_backbone_detached"
 SERVINGS = {"DDPM-50": {"sampler": "ddpm", "steps": 50}, "DDIM-10": {"sampler": "ddim", "steps": 10}}
@@ -83,10 +82,7 @@ def main() -> int:
             **{f"xla_{key}": round(metrics[True][key], 4) for key in REPORTED},
             "users_same_rank": float(np.mean(ranks[False] == ranks[True])),
         })
-    path = RESULTS_DIR / f"{args.output}.json"
-    write_json_atomic(path, result)
-    write_text_atomic(RESULTS_DIR / f"{args.output}.md", to_markdown(result))
-    print(to_markdown(result))
+    write_results(result, args.output, to_markdown, echo=True)
     return 0
 
 

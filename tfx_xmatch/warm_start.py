@@ -184,7 +184,8 @@ def _source_item_ids(source: str, directory: str, serving: bool) -> Optional[lis
 
 
 def _item_ids(vocab: Vocabulary) -> list:
-    return [str(value) if isinstance(value, str) else int(value) for value in vocab.ids(np.arange(1, vocab.num_items + 1))]
+    ids = vocab.ids(np.arange(1, vocab.num_items + 1))
+    return [str(value) if isinstance(value, str) else int(value) for value in ids]
 
 
 def _rows_by_id(source: str, source_ids: list, item_vocab: Vocabulary) -> np.ndarray:
