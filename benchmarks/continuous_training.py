@@ -11,8 +11,10 @@ export, its item rows carried over by item id (``tfx_xmatch.warm_start``), and i
 the same run from scratch: validation NDCG@10 per epoch, the epochs and seconds to reach the
 scratch run's best, and the selected model's test metrics (full ranking over every item).
 
-The scratch run is the quality benchmark's ``quality-two_tower_sasrec`` when it is there (the
-same config), otherwise it is trained here. The earlier span's run directory keeps the full data's
+The scratch run is the quality benchmark's ``quality-two_tower_sasrec`` (seed 0, the warm-started
+run's seed) when it is there, otherwise it is trained here; its other seeds (``-seed1``,
+``-seed2``), where they are, are listed too, for the seed-to-seed spread of training from
+scratch. The earlier span's run directory keeps the full data's
 config (``train`` takes the span as an already prepared split): evaluate it through this script,
 not ``xmatch evaluate``. Writes ``results/continuous_training.md`` / ``.json``.
 
@@ -91,9 +93,11 @@ def run_row(name: str, run_dir: pathlib.Path, metrics: dict) -> dict:
             "test": {key: round(metrics["test"][key], 4) for key in TEST_METRICS}, "curve": curve(run_dir)}
 
 
-def measure(config, runs: pathlib.Path, scratch_dir: pathlib.Path, span_users: int, span_fraction: float,
+def measure(config, runs: pathlib.Path, scratch_dirs: list[pathlib.Path], span_users: int, span_fraction: float,
             span_minutes: float, output: str) -> Optional[dict]:
-    """Trains (or reuses) the three runs and returns the result; None when the data is absent."""
+    """Trains (or reuses) the earlier span's run, the first scratch run and the warm-started run,
+    and returns the result; None when the data is absent. The other scratch runs are read where
+    they are finished, and must differ from ``config`` in their seed only."""
     split = common.run_split(config)
     if split is None:
         return None
@@ -107,7 +111,18 @@ def measure(config, runs: pathlib.Path, scratch_dir: pathlib.Path, span_users: i
     if not served.exists():
         export_retrieval_model(training.load_model(span_dir / "model"), span.item_vocab, span_dir / "serving",
                                version=1)
-    scratch = training.train(config, scratch_dir, split=split)
+    first = training.train(config, scratch_dirs[0], split=split)
+    scratch = [run_row("full data, from scratch", scratch_dirs[0], first)]
+    for other in scratch_dirs[1:]:
+        if not (other / "metrics.json").exists():
+            print(f"skipped: no finished run at {other}", file=sys.stderr)
+            continue
+        other_config = training.load_run_config(other)
+        seeded = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=other_config.train.seed))
+        if other_config != seeded:
+            raise ValueError(f"{other} is not {scratch_dirs[0].name} with another seed: its config differs in more")
+        scratch.append(run_row(f"full data, from scratch, seed {other_config.train.seed}", other,
+                               training.train(other_config, other, split=split)))
     warm_config = dataclasses.replace(config, train=dataclasses.replace(config.train, warm_start=str(served)))
     warm_dir = runs / f"{output}-warm_started"
     warm = training.train(warm_config, warm_dir, split=split)
@@ -123,8 +138,8 @@ def measure(config, runs: pathlib.Path, scratch_dir: pathlib.Path, span_users: i
         new_items=split.num_items - span.num_items,
         renumbered_items=int(np.sum(full_indices != np.arange(1, span.num_items + 1))),
         earlier=run_row("earlier span, from scratch", span_dir, span_metrics),
-        rows=[run_row("full data, from scratch", scratch_dir, scratch),
-              run_row("full data, warm-started from the earlier span's export", warm_dir, warm)],
+        rows=[scratch[0], run_row("full data, warm-started from the earlier span's export", warm_dir, warm),
+              *scratch[1:]],
         settings={key: config.to_dict()[key] for key in ("model", "train")},
     )
     return result
@@ -140,22 +155,25 @@ def main() -> int:
     parser.add_argument("--span-minutes", type=float, default=15.0, help="training budget on the earlier span")
     parser.add_argument("--minutes", type=float, default=70.0,
                         help="training budget of each run on the full data (when the scratch run is trained here)")
-    parser.add_argument("--scratch-run", default="quality-two_tower_sasrec",
-                        help="run directory (under --runs-dir) of the run from scratch; its config is reused when "
-                             "it is there")
+    parser.add_argument("--scratch-runs", nargs="+",
+                        default=["quality-two_tower_sasrec", "quality-two_tower_sasrec-seed1",
+                                 "quality-two_tower_sasrec-seed2"],
+                        help="run directories (under --runs-dir) of runs from scratch: the first is the "
+                             "comparison (its config is reused when it is there, else it is trained here), the "
+                             "others, where finished, other seeds of it")
     parser.add_argument("--output", default="continuous_training")
     args = parser.parse_args()
     if args.span_users < 1 or not 0 < args.span_fraction <= 1:
         parser.error(f"--span-users must be at least 1 and --span-fraction in (0, 1]; got {args.span_users}, "
                      f"{args.span_fraction}")
     runs = pathlib.Path(args.runs_dir)
-    scratch_dir = runs / args.scratch_run
-    if (scratch_dir / "config.json").exists():
-        config = training.load_run_config(scratch_dir)
+    scratch_dirs = [runs / name for name in args.scratch_runs]
+    if (scratch_dirs[0] / "config.json").exists():
+        config = training.load_run_config(scratch_dirs[0])
     else:
         config = load_config(REPO_ROOT / "configs" / "ml1m_sasrec.yaml",
                              training_overrides("ml-1m", args.data_dir, 200, 10, args.minutes))
-    result = measure(config, runs, scratch_dir, args.span_users, args.span_fraction, args.span_minutes, args.output)
+    result = measure(config, runs, scratch_dirs, args.span_users, args.span_fraction, args.span_minutes, args.output)
     if result is None:
         print("skipped: no data; nothing written", file=sys.stderr)
         return 0

@@ -478,16 +478,19 @@ def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path
     assert not (tmp_path / "refused.json").exists()
 
 
+TINY_CONTINUOUS = [
+    "data.dataset=synthetic", "data.split=leave_one_out",
+    "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
+    "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=2",
+    "train.verbose=0", "eval.ks=[10, 50]"]
+
+
 def test_the_continuous_training_benchmark_warm_starts_across_the_changed_catalogue(tmp_path):
     from tfx_xmatch import training
     from tfx_xmatch.config import load_config
 
     continuous = _import_benchmark("continuous_training")
-    config = load_config(None, [
-        "data.dataset=synthetic", "data.split=leave_one_out",
-        "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
-        "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=2",
-        "train.verbose=0", "eval.ks=[10, 50]"])
+    config = load_config(None, TINY_CONTINUOUS)
     dataset = training.prepare_split(config).dataset
     span = continuous.earlier_span(dataset, 40, 0.5)
     # Each kept user holds the oldest half of their own items (by raw id), never the last two,
@@ -502,7 +505,7 @@ def test_the_continuous_training_benchmark_warm_starts_across_the_changed_catalo
         item for sequence in span.sequences for item in span.item_vocab.ids(sequence)}
     assert span.item_features["category"].shape == (span.num_items + 1, dataset.item_features["category"].shape[1])
 
-    result = continuous.measure(config, tmp_path, tmp_path / "scratch", 40, 0.5, 1.0, "tiny")
+    result = continuous.measure(config, tmp_path, [tmp_path / "scratch", tmp_path / "absent"], 40, 0.5, 1.0, "tiny")
     assert result["new_items"] == dataset.num_items - span.num_items > 0 and result["renumbered_items"] > 0
     warm = training.load_run_config(tmp_path / "tiny-warm_started").train.warm_start
     assert warm == str(tmp_path / "tiny-earlier_span" / "serving" / "1")
@@ -511,5 +514,10 @@ def test_the_continuous_training_benchmark_warm_starts_across_the_changed_catalo
     assert f"{result['new_items']:,} new since the earlier span" in markdown
     assert "| full data, warm-started from the earlier span's export | 2 (" in markdown
     # Run again, everything is reused: the same numbers.
-    again = continuous.measure(config, tmp_path, tmp_path / "scratch", 40, 0.5, 1.0, "tiny")
-    assert again["rows"] == result["rows"]
+    # Run again, everything is reused (the same numbers), and another seed of the scratch run is listed.
+    training.train(load_config(None, [*TINY_CONTINUOUS, "train.seed=1"]), tmp_path / "seed1")
+    again = continuous.measure(config, tmp_path, [tmp_path / "scratch", tmp_path / "seed1"], 40, 0.5, 1.0, "tiny")
+    assert again["rows"][:2] == result["rows"] and again["rows"][2]["run"] == "full data, from scratch, seed 1"
+    with pytest.raises(ValueError, match=r"warm_started is not scratch with another seed"):
+        continuous.measure(config, tmp_path, [tmp_path / "scratch", tmp_path / "tiny-warm_started"], 40, 0.5, 1.0,
+                           "tiny")
