@@ -90,7 +90,7 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
         raise ConfigError(f"train.warm_start={source!r} has {source_model.num_items:,} items, this model "
                           f"{model.num_items:,}, and {missing}: its item rows cannot be matched to this run's")
     learnt_rows, item_data = _item_indexed_paths(model)
-    _check_same_variables(source, model, source_model, learnt_rows if rows is not None else set())
+    _check_same_variables(source, model, source_model, learnt_rows | item_data if rows is not None else set())
     checkpoint = f"{directory}/variables/variables" if serving else f"{directory}/weights"
     # Item data describes this run's training data, not the source's.
     targets = model.get_weight_paths()
@@ -192,12 +192,13 @@ def _rows_by_id(source: str, source_ids: list, item_vocab: Vocabulary) -> np.nda
     """For each of this run's item indices 0..I, the source's index of the same item id, or -1
     for an item the source never saw. The padding row 0 maps to the source's padding row."""
     source_index = {item_id: index for index, item_id in enumerate(source_ids, start=1)}
-    rows = np.array([0] + [source_index.get(item_id, -1) for item_id in _item_ids(item_vocab)], np.int64)
+    ours = _item_ids(item_vocab)
+    rows = np.array([0] + [source_index.get(item_id, -1) for item_id in ours], np.int64)
     if not np.any(rows[1:] >= 0):
         # Most likely the ids are spelt or typed differently ("item_12" or "12" against 12), not a
         # new catalogue.
         raise ConfigError(f"train.warm_start={source!r} shares no item id with this run (its first ids "
-                          f"{source_ids[:3]}, this run's {_item_ids(item_vocab)[:3]}): nothing to carry over "
+                          f"{source_ids[:3]}, this run's {ours[:3]}): nothing to carry over "
                           "by id; train from scratch, or check that both vocabularies spell and type ids alike")
     return rows
 
@@ -220,19 +221,17 @@ def _item_indexed_paths(model: tf.keras.Model) -> tuple[set, set]:
 
 
 def _check_same_variables(source: str, model: tf.keras.Model, source_model: tf.keras.Model,
-                          item_rows: set) -> None:
+                          resized: set) -> None:
     """Refuses a source whose variables are not ``model``'s, naming the first difference; the
-    number of rows of ``item_rows`` (and of the item data) may differ."""
+    variables at the paths in ``resized`` may have another number of rows."""
     # Both directions: a variable the source lacks would stay random, and one the model lacks
     # (an extra block, a side-feature table) would be dropped, both without a word from TF.
     # Compared as built from the source's config, leaving out metric trackers (reset every epoch;
     # options such as training_cache_fraction add or remove some).
     wanted, stored = _weight_shapes(model), _weight_shapes(source_model)
-    _, item_data = _item_indexed_paths(model)
-    by_rows = item_rows | item_data if item_rows else set()
 
     def fits(path):
-        return wanted[path][1:] == stored[path][1:] if path in by_rows else wanted[path] == stored[path]
+        return wanted[path][1:] == stored[path][1:] if path in resized else wanted[path] == stored[path]
 
     differences = ([f"{key} is missing" for key in sorted(wanted.keys() - stored.keys())]
                    + [f"{key} is not in this model" for key in sorted(stored.keys() - wanted.keys())]
