@@ -246,9 +246,33 @@ def test_load_postings_restores_an_index_and_refuses_inconsistent_lists():
         SparseCodeIndex().load_postings(*arrays)
 
 
-def test_url_directories_are_refused_not_made_local(tmp_path):
-    from tfx_xmatch.pipelines.build_index import run_build_index
+def test_a_run_and_an_output_on_a_remote_file_system(runs, built, model, tmp_path):
+    """ram:// stands in for gs://: every read and write goes through tf.io.gfile, none through
+    pathlib, which once turned "gs://b/x" into the local directory "gs:/b/x"."""
+    from tfx_xmatch.io_utils import copy_directory
 
-    with pytest.raises(ValueError, match="output_dir 'gs://bucket/index' is a URL; build-index reads and writes "
-                                         "with local I/O"):
-        run_build_index(tmp_path, "gs://bucket/index", item_shards=1, code_shards=1)
+    (per_code, fraction), (items, codes, batch) = config = RERUN
+    remote = f"ram://build-index-{tmp_path.name}"
+    copy_directory(runs / "sparcode", f"{remote}/run")
+    summary = bi.run_build_index(f"{remote}/run", f"{remote}/index", item_shards=items, code_shards=codes,
+                                 max_items_per_code=per_code, cache_fraction=fraction, batch_size=batch)
+    for name in (bi.EMBEDDINGS_FILE, bi.POSTINGS_FILE, bi.STATS_FILE):
+        with tf.io.gfile.GFile(f"{remote}/index/{name}", "rb") as handle:
+            assert handle.read() == (built / _name(config) / name).read_bytes(), name
+    assert sorted(tf.io.gfile.listdir(f"{remote}/index")) == sorted(
+        [bi.EMBEDDINGS_FILE, bi.POSTINGS_FILE, bi.STATS_FILE, bi.SUMMARY_FILE])  # no temporaries left
+    assert summary == bi.finished_build(f"{remote}/index") | {"wall_seconds": summary["wall_seconds"]}
+    assert not pathlib.Path("ram:").exists()  # nothing went to a local "ram:/..." directory
+    np.testing.assert_array_equal(bi.load_item_embeddings(f"{remote}/index"), np.load(built / _name(config) /
+                                                                                       bi.EMBEDDINGS_FILE))
+    loaded, local = (bi.load_sparse_code_index(out, k_max=10) for out in (f"{remote}/index", built / _name(config)))
+    queries = model.user_embedding({"history": pad_histories([np.arange(1, 6), np.array([33])], LENGTH)})
+    for got, want in zip(loaded(queries, k=10), local(queries, k=10)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # The model a worker loads from a URL is the saved one.
+    remote_model = load_model(f"{remote}/run/model")
+    np.testing.assert_array_equal(remote_model.item_embeddings().numpy(), model.item_embeddings().numpy())
+    with pytest.raises(FileNotFoundError, match=f"run directory '{remote}/nothing' does not exist"):
+        bi.run_build_index(f"{remote}/nothing", f"{remote}/index2", item_shards=1, code_shards=1)
+    with pytest.raises(FileNotFoundError, match=f"'{remote}/run' has no index_stats.json"):
+        bi.load_item_embeddings(f"{remote}/run")

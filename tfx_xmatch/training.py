@@ -298,14 +298,17 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
     Raises:
       FileNotFoundError: ``directory`` has no config.json.
     """
-    directory = pathlib.Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.exists():
+    # tf.io.gfile and os.path, so that the directory may be a URL (gs://...): Beam workers load
+    # the model this way. pathlib would turn "gs://b/x" into the local "gs:/b/x".
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "config.json")
+    if not tf.io.gfile.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: is {directory} a saved model directory?")
-    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    with tf.io.gfile.GFile(config_path, "rb") as handle:
+        saved = json.loads(handle.read())
     model = MODELS[saved["model"]].from_config(saved["config"])
     build_all_variables(model)
-    model.load_weights(str(directory / "weights")).expect_partial()
+    model.load_weights(os.path.join(directory, "weights")).expect_partial()
     return model
 
 

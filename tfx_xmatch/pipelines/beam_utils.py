@@ -7,8 +7,11 @@ pipelines run on the DirectRunner in this process.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Optional, Sequence
+import os
+import uuid
+from typing import Iterator, Optional, Sequence
 
 BEAM_INSTALL_HINT = "pip install 'tfx_xmatch[beam]'  (apache-beam >= 2.60)"
 
@@ -56,23 +59,44 @@ def pipeline_options(beam_args: Sequence[str] = ()):
     return options
 
 
-def write_text(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary name beside ``path`` and renames it into place.
+@contextlib.contextmanager
+def gfile_temporary(path: str) -> Iterator[str]:
+    """Yields a temporary name beside ``path``; renames it onto ``path`` only on success.
 
     Goes through ``tf.io.gfile``, so ``path`` may be local or on any file system TensorFlow
-    reads (``gs://``, ``hdfs://``): Beam workers write their outputs with it.
+    reads (``gs://``, ``hdfs://``): Beam workers write their outputs with it. A failed write or
+    rename (a retried bundle) leaves no temporary behind. On an object store the rename is a
+    copy then a delete, and a reader sees the old object or the whole new one.
     """
-    import os
-    import uuid
-
     import tensorflow as tf
 
-    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    temporary = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
+    directory = os.path.dirname(path) or "."
+    tf.io.gfile.makedirs(directory)
+    temporary = f"{directory}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
     try:
-        with tf.io.gfile.GFile(temporary, "w") as handle:
-            handle.write(text)
+        yield temporary
         tf.io.gfile.rename(temporary, path, overwrite=True)
-    finally:  # a failed write or rename leaves no temporary behind
+    finally:
         if tf.io.gfile.exists(temporary):
             tf.io.gfile.remove(temporary)
+
+
+def write_bytes(path: str, content: bytes) -> None:
+    """Writes ``content`` to ``path`` (any ``tf.io.gfile`` path) under a temporary name first."""
+    import tensorflow as tf
+
+    with gfile_temporary(path) as temporary, tf.io.gfile.GFile(temporary, "wb") as handle:
+        handle.write(content)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` as UTF-8 to ``path`` (any ``tf.io.gfile`` path) under a temporary name first."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_bytes(path: str) -> bytes:
+    """The content of ``path``, any ``tf.io.gfile`` path."""
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return handle.read()

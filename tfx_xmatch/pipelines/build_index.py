@@ -16,8 +16,9 @@ Scores come in chunks of ``batch_size`` items over all codes, on ``SparCode.buil
 scoring its own slice would not reproduce the in-process scores bit for bit. Code shards split
 the pruning. Outputs are written to temporary names and renamed, and nothing depends on bundle
 order: a re-run writes identical bytes. ``run_build_index`` adds ``build_index_summary.json``
-(the statistics plus the wall time). Files are written with local I/O: ``OUTPUT_DIR`` must be
-shared by the workers and the launcher (local disk for the DirectRunner, or NFS).
+(the statistics plus the wall time). Every file is read and written through ``tf.io.gfile``, so
+``RUN_DIR`` and ``OUTPUT_DIR`` may be local or on any file system TensorFlow reaches (``gs://``,
+``hdfs://``, ``s3://`` with its plug-in): on Dataflow or Flink, give URLs every worker reaches.
 
     python -m tfx_xmatch.pipelines.build_index --run-dir runs/ml1m-sparcode --output-dir index/ \\
         --item-shards 8 --code-shards 4 --cache-fraction 0.01 [--runner=FlinkRunner ...]
@@ -30,7 +31,6 @@ import dataclasses
 import io
 import json
 import os
-import pathlib
 import sys
 import time
 import zipfile
@@ -42,8 +42,9 @@ import tensorflow as tf
 from tfx_xmatch import training
 from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.index.sparse_code_index import SparseCodeIndex, cache_budget, entries_to_postings, prune_entries
-from tfx_xmatch.io_utils import atomic_path, write_json_atomic
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, split_arguments
+from tfx_xmatch.io_utils import json_text
+from tfx_xmatch.pipelines.beam_utils import (gfile_temporary, pipeline_options, read_bytes, require_beam,
+                                             split_arguments, write_bytes, write_text)
 
 beam = require_beam()
 from apache_beam.utils.shared import Shared  # noqa: E402
@@ -80,17 +81,15 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
         if not is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     SparseCodeIndex(max_items_per_code=max_items_per_code, cache_fraction=cache_fraction)  # checks the budget
-    for name, value in (("run_dir", run_dir), ("output_dir", output_dir)):
-        if "://" in str(value):  # pathlib would quietly make it a local "gs:/..." directory
-            raise ValueError(f"{name} {str(value)!r} is a URL; build-index reads and writes with local I/O, so give "
-                             "a directory the workers and the launcher share (local disk, NFS, a mounted bucket)")
-    run_dir = pathlib.Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    config_path = run_dir / "model" / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: is {str(run_dir)!r} a training run directory?")
-    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    # Strings joined with os.path, not pathlib, which would turn "gs://b/x" into the local "gs:/b/x".
+    run_dir, output_dir = os.fspath(run_dir), os.fspath(output_dir)
+    if not tf.io.gfile.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
+    model_dir = os.path.join(run_dir, "model")
+    config_path = os.path.join(model_dir, "config.json")
+    if not tf.io.gfile.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir!r} a training run directory?")
+    saved = json.loads(read_bytes(config_path))
     name, config = saved["model"], saved["config"]
     num_items = int(config["num_items"])
     num_codes = None
@@ -110,10 +109,10 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
     if num_codes is not None:
         bounds = [num_codes * c // code_shards for c in range(code_shards + 1)]
         code_ranges = tuple((lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo)
-    return _Plan(str(run_dir / "model"), f"{run_dir / 'model'}@{config_path.stat().st_mtime_ns}", name, num_items,
+    return _Plan(model_dir, f"{model_dir}@{tf.io.gfile.stat(config_path).mtime_nsec}", name, num_items,
                  num_codes, item_ranges, code_ranges, int(batch_size),
                  None if max_items_per_code is None else int(max_items_per_code),
-                 None if cache_fraction is None else float(cache_fraction), str(output_dir),
+                 None if cache_fraction is None else float(cache_fraction), output_dir,
                  cache_budget(cache_fraction, num_codes, num_items) if num_codes else None)
 
 
@@ -193,8 +192,9 @@ def _write_embeddings(pieces: list, plan: _Plan) -> dict:
     starts = [start for start, _ in pieces]
     if starts != [0] + [lo for lo, _ in plan.item_ranges] or len(embeddings) != plan.num_items + 1:
         raise RuntimeError(f"item shards starting at {starts} do not cover items 0..{plan.num_items}")
-    with atomic_path(os.path.join(plan.output_dir, EMBEDDINGS_FILE)) as temporary, open(temporary, "wb") as handle:
-        np.save(handle, embeddings, allow_pickle=False)
+    with gfile_temporary(os.path.join(plan.output_dir, EMBEDDINGS_FILE)) as temporary:
+        with tf.io.gfile.GFile(temporary, "wb") as handle:
+            np.save(handle, embeddings, allow_pickle=False)
     return {"num_items": plan.num_items, "dimension": int(embeddings.shape[1])}
 
 
@@ -202,12 +202,13 @@ def _write_postings(merged, plan: _Plan) -> dict:
     items, scores, splits, positives = merged
     arrays = {"posting_items": items, "posting_scores": scores, "posting_splits": splits,
               "identifiers": np.arange(1, plan.num_items + 1, dtype=np.int64)}
-    with atomic_path(os.path.join(plan.output_dir, POSTINGS_FILE)) as temporary:
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:  # np.savez would stamp the time
-            for name, array in arrays.items():
-                buffer = io.BytesIO()
-                np.save(buffer, array, allow_pickle=False)
-                archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME), buffer.getvalue())
+    content = io.BytesIO()
+    with zipfile.ZipFile(content, "w", zipfile.ZIP_STORED) as archive:  # np.savez would stamp the time
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME), buffer.getvalue())
+    write_bytes(os.path.join(plan.output_dir, POSTINGS_FILE), content.getvalue())
     lengths = np.diff(splits)
     return {"num_codes": plan.num_codes, "max_items_per_code": plan.max_items_per_code,
             "cache_fraction": plan.cache_fraction, "max_postings": plan.max_postings,
@@ -223,10 +224,15 @@ def _write_stats(parts: list, plan: _Plan) -> dict:
     if plan.num_codes is not None:
         stats["files"].append(POSTINGS_FILE)
     else:  # a previous SparCode build here would otherwise pass for this model's index
-        pathlib.Path(plan.output_dir, POSTINGS_FILE).unlink(missing_ok=True)
+        _remove_if_present(os.path.join(plan.output_dir, POSTINGS_FILE))
     stats = dict(sorted(stats.items()))
-    write_json_atomic(os.path.join(plan.output_dir, STATS_FILE), stats)
+    write_text(os.path.join(plan.output_dir, STATS_FILE), json_text(stats))
     return stats
+
+
+def _remove_if_present(path: str) -> None:
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
 
 
 class _BuildIndex(beam.PTransform):
@@ -302,14 +308,15 @@ def run_build_index(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     _plan(run_dir, output_dir, **settings)  # fail before starting a runner
     # The statistics mark a finished build: gone first, so an interrupted rebuild cannot pass
     # new embeddings off under the old build's statistics.
+    output_dir = os.fspath(output_dir)
     for name in (STATS_FILE, SUMMARY_FILE):
-        pathlib.Path(output_dir, name).unlink(missing_ok=True)
+        _remove_if_present(os.path.join(output_dir, name))
     started = time.perf_counter()
     with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         build_index_pipeline(pipeline, run_dir, output_dir, **settings)
-    stats = json.loads(pathlib.Path(output_dir, STATS_FILE).read_text(encoding="utf-8"))
+    stats = json.loads(read_bytes(os.path.join(output_dir, STATS_FILE)))
     summary = {**stats, "wall_seconds": round(time.perf_counter() - started, 3)}
-    write_json_atomic(pathlib.Path(output_dir, SUMMARY_FILE), summary)
+    write_text(os.path.join(output_dir, SUMMARY_FILE), json_text(summary))
     return summary
 
 
@@ -319,11 +326,21 @@ def finished_build(output_dir: str | os.PathLike) -> dict:
     Raises:
       FileNotFoundError: If the directory has no statistics (no build, or one that did not finish).
     """
-    path = pathlib.Path(output_dir, STATS_FILE)
-    if not path.exists():
-        raise FileNotFoundError(f"{str(output_dir)!r} has no {STATS_FILE}: no build_index finished there "
+    path = os.path.join(os.fspath(output_dir), STATS_FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{os.fspath(output_dir)!r} has no {STATS_FILE}: no build_index finished there "
                                 "(interrupted?); run build_index again")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(read_bytes(path))
+
+
+def load_item_embeddings(output_dir: str | os.PathLike) -> np.ndarray:
+    """The catalogue's item embeddings of a finished build: float32 [N + 1, D], row 0 padding.
+
+    Raises:
+      FileNotFoundError: If the directory holds no finished build.
+    """
+    finished_build(output_dir)
+    return np.load(io.BytesIO(read_bytes(os.path.join(os.fspath(output_dir), EMBEDDINGS_FILE))), allow_pickle=False)
 
 
 def load_sparse_code_index(output_dir: str | os.PathLike, k_max: int = 100, **kwargs) -> SparseCodeIndex:
@@ -340,12 +357,13 @@ def load_sparse_code_index(output_dir: str | os.PathLike, k_max: int = 100, **kw
       FileNotFoundError: If the directory holds no posting lists.
     """
     stats = finished_build(output_dir)
-    path = pathlib.Path(output_dir, POSTINGS_FILE)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: was build_index run on a SparCode model into {str(output_dir)!r}?")
+    path = os.path.join(os.fspath(output_dir), POSTINGS_FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} not found: was build_index run on a SparCode model into "
+                                f"{os.fspath(output_dir)!r}?")
     index = SparseCodeIndex(k_max=k_max, max_items_per_code=stats["max_items_per_code"],
                             cache_fraction=stats["cache_fraction"], **kwargs)
-    with np.load(path, allow_pickle=False) as arrays:
+    with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as arrays:
         return index.load_postings(arrays["posting_items"], arrays["posting_scores"], arrays["posting_splits"],
                                    arrays["identifiers"], num_positive_entries=stats["positive_entries"])
 

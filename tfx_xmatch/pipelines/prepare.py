@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import sys
-import uuid
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -49,7 +48,8 @@ from tfx_xmatch.data.splits import (
 )
 from tfx_xmatch.data.tfrecord import SPLIT_PARTS, example_bytes, remove_stale_shards, shard_boundaries, shard_paths
 from tfx_xmatch.io_utils import json_text
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, split_arguments, write_text
+from tfx_xmatch.pipelines.beam_utils import (gfile_temporary, pipeline_options, require_beam, split_arguments,
+                                             write_text)
 
 logger = logging.getLogger(__name__)
 
@@ -286,16 +286,9 @@ def _write_shard(element, output_dir: str, num_shards: int) -> str:
 
     (part, shard), records = element
     path = shard_paths(os.path.join(output_dir, part), num_shards)[shard]
-    tf.io.gfile.makedirs(output_dir)
-    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
-    try:
-        with tf.io.TFRecordWriter(temporary) as writer:
-            for row, history, target in sorted(records, key=lambda record: record[0]):
-                writer.write(example_bytes(history, target, {"user_row": row}))
-        tf.io.gfile.rename(temporary, path, overwrite=True)
-    finally:  # a failed write or rename (a retried bundle) leaves no temporary behind
-        if tf.io.gfile.exists(temporary):
-            tf.io.gfile.remove(temporary)
+    with gfile_temporary(path) as temporary, tf.io.TFRecordWriter(temporary) as writer:
+        for row, history, target in sorted(records, key=lambda record: record[0]):
+            writer.write(example_bytes(history, target, {"user_row": row}))
     return path
 
 

@@ -34,7 +34,6 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
@@ -88,15 +87,14 @@ def _filled_index(model, index_dir: pathlib.Path, kind: str, options: dict, k_ma
     import tensorflow as tf
 
     from tfx_xmatch.index import make_index
-    from tfx_xmatch.pipelines.build_index import EMBEDDINGS_FILE, finished_build, load_sparse_code_index
+    from tfx_xmatch.pipelines.build_index import load_item_embeddings, load_sparse_code_index
 
-    finished_build(index_dir)
     if kind == "sparse_code":
         return load_sparse_code_index(index_dir, k_max=k_max)
     if kind == "soft_search":
         options = {"num_interests": model.serving_interests, "temperature": model.temperature, **options}
     index = make_index(kind, k_max=k_max, **options)
-    embeddings = np.load(index_dir / EMBEDDINGS_FILE)
+    embeddings = load_item_embeddings(index_dir)
     return index.index(tf.constant(embeddings[1:]), tf.range(1, len(embeddings), dtype=tf.int64))
 
 
