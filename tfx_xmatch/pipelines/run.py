@@ -34,7 +34,6 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Sequence
 
-
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
 from tfx_xmatch.io_utils import copy_directory, write_json_atomic
