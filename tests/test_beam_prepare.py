@@ -242,7 +242,7 @@ def test_split_options_and_reader_options_are_checked_before_running(tmp_path):
     common = dict(inputs=("x",), output_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['min_lenght'\]"):
         PrepareSpec(format="pairs", split_options={"min_lenght": 5}, **common)
-    with pytest.raises(ValueError, match=r"min_length must be at least 3 \(.*\), got 2"):
+    with pytest.raises(ValueError, match=r"min_length must be an integer >= 3 \(.*\), got 2"):
         PrepareSpec(format="pairs", split_options={"min_length": 2}, **common)
     with pytest.raises(ValueError, match="time split needs timestamps; 'pairs'"):
         PrepareSpec(format="pairs", split="time", **common)

@@ -76,6 +76,9 @@ def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
     for metric in ("AUC@3", "TailRecall10", "TailNDCG@10"):
         assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", metric]) == 2
         assert f"got {metric!r}" in capsys.readouterr().err
+    # A cutoff past the catalogue (40 items) would count every user a hit, as evaluate refuses too.
+    _refused(capsys, r"metric 'HR@500': K must be in \[1, num_items=40\], got 500",
+             ["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", "HR@500"])
 
 
 def test_compare_runs_of_two_models_over_seeds(tmp_path, capsys):
@@ -127,6 +130,44 @@ def test_export_builds_the_cache_a_sparcode_run_was_selected_on(tmp_path, capsys
     with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
         assert main([*export, "--index", "brute_force"]) == 0
     assert "selected through a 0.1 cache (serving_cache_fraction), but index kind 'brute_force'" in caplog.text
+
+
+
+def test_export_refuses_bad_index_options_in_one_line_and_leaves_no_base_directory(tmp_path, capsys, caplog):
+    run_dir = tmp_path / "run"
+    overrides = [arg for override in (*TINY, "train.epochs=1") for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
+    base = tmp_path / "models"
+    export = ["export", "--run-dir", str(run_dir), "--export-base-path", str(base), "--k-max", "10"]
+    capsys.readouterr()
+    # Once a raw TypeError traceback ("'<' not supported between instances of 'str' and 'int'").
+    _refused(capsys, "num_partitions must be an integer >= 1, got 'abc'",
+             [*export, "--index", "partitioned", "--index-option", "num_partitions=abc"])
+    _refused(capsys, "needs a SparCode model", [*export, "--index", "sparse_code"])
+    assert not base.exists()  # a failed export once left an empty base directory behind
+    # An approximate index that cannot fill k_max slots says so at export, not only in the answers.
+    with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
+        assert main([*export, "--index", "partitioned", "--index-option", "num_partitions=40",
+                     "--index-option", "num_probes=1"]) == 0
+    assert "index kind 'partitioned': a top-10 search returned only" in caplog.text
+    assert "num_partitions=40, num_probes=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
+        assert main([*export, "--index", "partitioned", "--index-option", "num_partitions=2",
+                     "--index-option", "num_probes=2"]) == 0
+    assert "search returned only" not in caplog.text  # every partition probed: exact, no warning
+
+
+@pytest.mark.parametrize("argv, level", [
+    (["compare", "--log-level", "DEBUG"], "DEBUG"),  # where the error messages suggest it
+    (["--log-level", "INFO", "compare"], "INFO"),
+    (["--log-level", "INFO", "export", "--run-dir", "r", "--export-base-path", "m", "--log-level", "ERROR"], "ERROR"),
+    (["quickstart"], "WARNING"),
+])
+def test_the_log_level_may_come_before_or_after_the_command(argv, level):
+    from tfx_xmatch.cli import build_parser
+
+    assert build_parser().parse_args(argv).log_level == level
 
 
 def test_config_file_and_bad_key(tmp_path, capsys):

@@ -535,7 +535,7 @@ def test_real_ml100k_timestamps_and_side_info(real_data_dir):
 
 @pytest.mark.parametrize("row, message", [
     ("1,11", r"no value for column 'ts' \(a short row or a null\)"),
-    ("1,11,200,999", r"1 field\(s\) more than the header has: \['999'\]"),
+    ("1,11,200,999", r"1 field\(s\) more than the header has: \['999'\] in 'user=1, item=11, ts=200, 999'"),
     ('1,"11,200', r"column 'item' runs over several lines \(an unclosed quote\?\)"),
 ])
 def test_table_rows_that_do_not_fit_the_header_are_malformed(tmp_path, row, message):

@@ -64,7 +64,7 @@ def test_leave_one_out_has_no_leakage_on_synthetic_data():
 def test_leave_one_out_too_small():
     with pytest.raises(ValueError, match=r"at least one user with >= 3 interactions; the longest .* has 2"):
         leave_one_out(make_dataset([[1, 2], [3]]))
-    with pytest.raises(ValueError, match=r"min_length must be at least 3 .*got 2"):
+    with pytest.raises(ValueError, match=r"min_length must be an integer >= 3 .*got 2"):
         leave_one_out(make_dataset([[1, 2, 3]]), min_length=2)
 
 
@@ -195,3 +195,25 @@ def test_make_split_dispatches_and_rejects_unknown_names():
     assert make_split(dataset, "time", quantiles=(0.5, 0.7)).name == "time"
     with pytest.raises(ValueError, match="unknown split 'random'; known: leave_one_out, user_level, time"):
         make_split(dataset, "random")
+
+
+@pytest.mark.parametrize("split, options, message", [
+    # Each once failed deep inside the split with "'<' not supported between 'str' and 'int'" or
+    # NumPy's "SeedSequence expects int", naming neither the option nor its value.
+    ("leave_one_out", {"min_length": "abc"}, r"min_length must be an integer >= 3 .*got 'abc'"),
+    ("leave_one_out", {"min_length": 3.5}, r"min_length must be an integer >= 3 .*got 3.5"),
+    ("user_level", {"seed": "abc"}, "seed must be an integer >= 0, got 'abc'"),
+    ("time", {"validation_time": "yesterday"}, "validation_time must be an integer timestamp or None, got 'yesterday'"),
+    ("time", {"test_time": 1.5}, "test_time must be an integer timestamp or None, got 1.5"),
+    ("time", {"quantiles": "abc"}, r"quantiles must be \(validation, test\) with 0 < validation <= test < 1, got 'abc'"),
+    ("time", {"quantiles": [0.8, "x"]}, r"quantiles must be .* got \[0.8, 'x'\]"),
+])
+def test_split_options_of_the_wrong_type_are_named(split, options, message):
+    from tfx_xmatch.data.splits import check_split_options
+
+    with pytest.raises(ValueError, match=message):
+        check_split_options(split, options)
+    timestamps = [[1, 2, 3, 4], [2, 3, 4, 5], [1, 3, 5, 7]] * 4
+    dataset = make_dataset([[1, 2, 3, 4], [2, 3, 4, 5], [1, 3, 5, 2]] * 4, timestamps=timestamps)
+    with pytest.raises(ValueError, match=message):  # the same words from the split itself
+        make_split(dataset, split, **options)

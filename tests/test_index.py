@@ -292,12 +292,34 @@ def test_int8_codes_reconstruct_within_half_a_scale_per_dimension():
 
 @pytest.mark.parametrize("arguments, message", [
     ({"scoring_dtype": "float16"}, "scoring_dtype must be one of ['float32', 'bfloat16', 'int8'], got 'float16'"),
-    ({"num_reordering_candidates": 0}, "num_reordering_candidates must be at least 1 or None, got 0"),
-    ({"soar_lambda": -0.5}, "soar_lambda must be >= 0 or None, got -0.5"),
+    ({"num_reordering_candidates": 0}, "num_reordering_candidates must be an integer >= 1 or None, got 0"),
+    ({"soar_lambda": -0.5}, "soar_lambda must be a number in [0.0, inf], got -0.5"),
 ])
 def test_partitioned_rejects_bad_scoring_settings(arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         PartitionedIndex(**arguments)
+
+
+@pytest.mark.parametrize("kind, arguments, message", [
+    # Options of the wrong type once failed with "'<' not supported between 'str' and 'int'", or
+    # were quietly changed: 2.5 partitions became 2, spherical="false" became True.
+    ("partitioned", {"num_partitions": "abc"}, "num_partitions must be an integer >= 1, got 'abc'"),
+    ("partitioned", {"num_partitions": 2.5}, "num_partitions must be an integer >= 1, got 2.5"),
+    ("partitioned", {"num_probes": 1.9}, "num_probes must be an integer >= 1, got 1.9"),
+    ("partitioned", {"spherical": "false"}, "spherical must be true or false, got 'false'"),
+    ("partitioned", {"kmeans_iterations": "5"}, "kmeans_iterations must be an integer >= 0, got '5'"),
+    ("partitioned", {"training_sample_size": 10.5}, "training_sample_size must be an integer >= 1 or None, got 10.5"),
+    ("partitioned", {"soar_lambda": "high"}, "soar_lambda must be a number in [0.0, inf], got 'high'"),
+    ("scann", {"num_leaves": 7.5}, "num_leaves must be an integer >= 1, got 7.5"),
+    ("scann", {"num_leaves_to_search": "abc"}, "num_leaves_to_search must be an integer >= 1, got 'abc'"),
+    ("scann", {"num_reordering_candidates": "all"}, "num_reordering_candidates must be an integer >= 1 or None, got 'all'"),
+    ("scann", {"parallelize_batch_searches": "yes"}, "parallelize_batch_searches must be true or false, got 'yes'"),
+    ("soft_search", {"temperature": "hot"}, "temperature must be a number in (0.0, inf], got 'hot'"),
+    ("soft_search", {"num_interests": 2.0}, "num_interests must be an integer >= 1, got 2.0"),
+])
+def test_index_options_of_the_wrong_type_are_named(kind, arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_index(kind, **arguments)
 
 
 def test_kmeans_is_deterministic_and_reseeds_empty_clusters():
@@ -336,9 +358,9 @@ def test_subpartitions_refine_each_partition_and_stay_exact_when_all_are_probed(
     _assert_matches_oracle(*exact(queries, k=K_MAX), queries, candidates, int_ids, K_MAX, padding=-1)
     config = exact.get_config()
     assert config["subpartitions"] == 3 and PartitionedIndex.from_config(config).get_config() == config
-    with pytest.raises(ValueError, match="subpartitions must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="subpartitions must be an integer >= 1, got 0"):
         PartitionedIndex(subpartitions=0)
-    with pytest.raises(ValueError, match="parent_probes must be at least 1 or None, got 0"):
+    with pytest.raises(ValueError, match="parent_probes must be an integer >= 1 or None, got 0"):
         PartitionedIndex(parent_probes=0)
 
 
@@ -598,7 +620,7 @@ def test_bad_arguments_are_reported_with_their_values():
         BruteForceIndex(k_max=0)
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, k_max=5\], got 6"):
         BruteForceIndex(k_max=5, k=6)
-    with pytest.raises(ValueError, match="num_probes must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1, got 0"):
         PartitionedIndex(num_probes=0)
     with pytest.raises(ValueError, match="num_reordering_candidates must be >= k_max=100.*got 50"):
         ScaNNIndex(num_reordering_candidates=50)

@@ -80,6 +80,14 @@ def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
         run_pipeline(load_config(None, ["data.dataset=synthetic"]), str(tmp_path / "out"), str(tmp_path / "models"))
     with pytest.raises(ConfigError, match="'soft_search' serves model.name='sparc' only, got 'two_tower'"):
         run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), index_kind="soft_search")
+    # A misspelt or mistyped index option once failed at the export stage, after training.
+    with pytest.raises(ConfigError, match="index kind 'partitioned' takes no option 'num_partitons'"):
+        run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), index_kind="partitioned",
+                     index_options={"num_partitons": 4})
+    with pytest.raises(ConfigError, match="num_partitions must be an integer >= 1, got 'abc'"):
+        run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), index_kind="partitioned",
+                     index_options={"num_partitions": "abc"})
+    assert not (tmp_path / "out").exists()
     # A URL working directory became a local "gs:/..." directory, and the run "succeeded".
     with pytest.raises(ConfigError, match="output_dir 'gs://bucket/out' is a URL"):
         run_pipeline(config, "gs://bucket/out", str(tmp_path / "models"))

@@ -248,6 +248,13 @@ def test_export_takes_the_models_interest_count_and_temperature(trained):
     assert module.index.num_interests == model.serving_interests and module.index.temperature == model.temperature
     with pytest.raises(ValueError, match="unknown soft_search base 'annoy'"):
         build_serving_module(model, vocab, index_kind="soft_search", k_max=10, index_options={"base": "annoy"})
+    # More interests than level-1 codes: one line before the index is built, not a failure while
+    # the SavedModel is traced.
+    too_many = model.num_codewords + 1
+    with pytest.raises(ValueError, match=f"num_interests={too_many} exceeds the model's {model.num_codewords} "
+                                         "interest codes"):
+        build_serving_module(model, vocab, index_kind="soft_search", k_max=10,
+                             index_options={"num_interests": too_many})
 
 
 def test_sampled_softmax_and_user_features_train():

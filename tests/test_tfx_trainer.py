@@ -212,6 +212,15 @@ def test_run_fn_errors_propagate(prepared, tmp_path):
     with pytest.raises(ValueError, match=r"unknown custom_config\['export'\] key\(s\) \['kmax'\]"):
         trainer_module.run_fn(_fn_args(directory, tmp_path / "d", custom={"export": {"kmax": 10}}))
     assert not (tmp_path / "d" / "run").exists()  # refused before any training
+    # Export settings the export would refuse are refused before training too, not after it.
+    for export, message in (({"index_kind": "partitoned"}, "unknown index kind 'partitoned'"),
+                            ({"index_kind": "partitioned", "index_options": {"num_partitons": 4}},
+                             "takes no option 'num_partitons'"),
+                            ({"k_max": 0}, "k_max must be an integer >= 1, got 0"),
+                            ({"index_kind": "sparse_code"}, "'sparse_code' serves model.name='sparcode' only")):
+        with pytest.raises(ValueError, match=message):
+            trainer_module.run_fn(_fn_args(directory, tmp_path / "e", custom={"export": export}))
+        assert not (tmp_path / "e" / "run").exists()
     args = _fn_args(directory, tmp_path / "c")
     args.train_files = [str(directory / "nothing-*")]
     with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):

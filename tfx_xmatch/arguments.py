@@ -11,6 +11,8 @@ from __future__ import annotations
 import numbers
 from typing import Iterable, Optional
 
+import numpy as np
+
 
 def is_integer(value) -> bool:
     """True for Python and NumPy integers (bool excluded), False for tensors and the rest."""
@@ -27,6 +29,32 @@ def integer(name: str, value, minimum: Optional[int] = None) -> int:
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
     return int(value)
+
+
+def optional_integer(name: str, value, minimum: Optional[int] = None) -> Optional[int]:
+    """``integer``, except that None passes through as None.
+
+    Raises:
+      ValueError: Neither None nor an integer of at least ``minimum``.
+    """
+    if value is None:
+        return None
+    try:
+        return integer(name, value, minimum)
+    except ValueError:
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be an integer{bound} or None, got {value!r}") from None
+
+
+def boolean(name: str, value) -> bool:
+    """``value`` as a bool, if it is one (Python or NumPy); the string "false" is not.
+
+    Raises:
+      ValueError: Not a bool.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def real(name: str, value, low: Optional[float] = None, high: Optional[float] = None,

@@ -139,6 +139,8 @@ def _command_compare(args: argparse.Namespace) -> int:
                              "way: " + ", ".join(f"{key} = {settings[0].get(key)!r} vs {setting.get(key)!r}"
                                                  for key in differing))
     split = _split_of_the_runs(run_dirs, configs[0])
+    for metric in args.metric:
+        check_metric(metric, num_items=split.dataset.num_items)
     ranks = [training.evaluate(training.load_model(pathlib.Path(run_dir) / "model"), split, args.split, config,
                                return_ranks=True)[1] for run_dir, config in zip(run_dirs, configs)]
     examples = getattr(split, args.split)
@@ -305,11 +307,16 @@ PASSTHROUGH_COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmatch", description=__doc__)
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    # Also after the subcommand, where error messages suggest it; SUPPRESS keeps the value given
+    # before the subcommand when it is not repeated after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help="Python logging level (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in PASSTHROUGH_COMMANDS.items():
         commands.add_parser(name, help=f"{help_text} (`xmatch {name} --help` for its flags)", add_help=False)
 
-    train = commands.add_parser("train", help="train a model, select it on validation, report test metrics")
+    train = commands.add_parser("train", parents=[common],
+                                help="train a model, select it on validation, report test metrics")
     train.add_argument("--config", help="YAML or JSON run configuration")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set train.epochs=5")
@@ -319,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "TF_CONFIG, and every worker runs the same command with the same --run-dir")
     train.set_defaults(handler=_command_train)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a trained run with full ranking")
+    evaluate = commands.add_parser("evaluate", parents=[common], help="evaluate a trained run with full ranking")
     evaluate.add_argument("--run-dir", required=True, help="a run directory written by `xmatch train`")
     evaluate.add_argument("--split", choices=("validation", "test"), default="test")
     evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
@@ -327,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     evaluate.set_defaults(handler=_command_evaluate)
 
-    compare = commands.add_parser("compare", help="is model A better than model B? paired tests on the same users, "
+    compare = commands.add_parser("compare", parents=[common],
+                                  help="is model A better than model B? paired tests on the same users, "
                                                   "over one or several training runs of each")
     compare.add_argument("--run-dir", action="append", default=[], metavar="RUN_DIR",
                          help="a run directory of `xmatch train`; give exactly two (A, then B) trained on the same data")
@@ -344,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output", help="also write the differences to this JSON file")
     compare.set_defaults(handler=_command_compare)
 
-    export = commands.add_parser("export", help="export a trained run as a SavedModel with a baked-in index")
+    export = commands.add_parser("export", parents=[common],
+                                 help="export a trained run as a SavedModel with a baked-in index")
     export.add_argument("--run-dir", required=True, help="a run directory written by `xmatch train`")
     export.add_argument("--export-base-path", required=True, help="MODEL_BASE_PATH; the version goes below it")
     export.add_argument("--index", default="brute_force",
@@ -363,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "then needs --xla_cpu_compilation_enabled=true)")
     export.set_defaults(handler=_command_export)
 
-    quickstart = commands.add_parser("quickstart", help="train and evaluate on built-in synthetic data (under a minute)")
+    quickstart = commands.add_parser("quickstart", parents=[common],
+                                     help="train and evaluate on built-in synthetic data (under a minute)")
     quickstart.add_argument("--run-dir", help="where to keep the run (default: a new temporary directory)")
     quickstart.set_defaults(handler=_command_quickstart)
     return parser

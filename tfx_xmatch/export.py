@@ -219,6 +219,41 @@ EXPORT_OWNED_OPTIONS = {
 }
 
 
+# Index kinds that only one kind of model serves (its config name).
+MODEL_OF_INDEX_KIND = {"sparse_code": "sparcode", "soft_search": "sparc"}
+
+
+def _check_owned_options(index_options: dict) -> None:
+    owned = sorted(set(index_options) & set(EXPORT_OWNED_OPTIONS))
+    if owned:
+        # padding_identifier=7 once made the export serve item 7 from the history first, and k
+        # was silently ignored.
+        raise ValueError(f"index option {owned[0]!r} is set by the export, not by index options: "
+                         f"{EXPORT_OWNED_OPTIONS[owned[0]]}")
+
+
+def check_export_settings(model_name: str, index_kind: str = "brute_force", index_options: Optional[dict] = None,
+                          k_max: int = 100) -> None:
+    """Checks export settings from the settings alone, so that a pipeline refuses them before it
+    trains rather than after: ``k_max``, that the index kind serves ``model_name``, and every
+    index option's name and value (an index of that kind is constructed, not built).
+
+    Args:
+      model_name: The config's ``model.name`` ("two_tower", "sparcode", "sparc", "t2diff").
+      index_kind, index_options, k_max: As ``build_serving_module`` takes them.
+
+    Raises:
+      ValueError: Naming the setting and value that ``build_serving_module`` would refuse.
+    """
+    k_max = arguments.integer("k_max", k_max, 1)
+    if index_kind in MODEL_OF_INDEX_KIND and model_name != MODEL_OF_INDEX_KIND[index_kind]:
+        raise ValueError(f"index kind {index_kind!r} serves model.name={MODEL_OF_INDEX_KIND[index_kind]!r} only, "
+                         f"got {model_name!r}")
+    index_options = dict(index_options or {})
+    _check_owned_options(index_options)
+    make_index(index_kind, k_max=k_max, **index_options)
+
+
 SPARSE_CODE_BUDGET = ("max_items_per_code", "cache_fraction")
 
 
@@ -307,12 +342,7 @@ def build_serving_module(
     if padding_id in item_vocab:
         raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id")
     index_options = dict(index_options or {})
-    owned = sorted(set(index_options) & set(EXPORT_OWNED_OPTIONS))
-    if owned:
-        # padding_identifier=7 once made the export serve item 7 from the history first, and k
-        # was silently ignored.
-        raise ValueError(f"index option {owned[0]!r} is set by the export, not by index options: "
-                         f"{EXPORT_OWNED_OPTIONS[owned[0]]}")
+    _check_owned_options(index_options)
     # The model's own serving settings unless the caller overrides them.
     if index_kind == "soft_search":
         index_options.setdefault("num_interests", model.serving_interests)
@@ -326,14 +356,53 @@ def build_serving_module(
     if index is not None:
         if int(index.k_max) != int(k_max):
             raise ValueError(f"the given index has k_max={index.k_max}, the export asks for k_max={k_max}")
+        _check_interests(model, index)
         return RetrievalServingModule(model, index, item_vocab, padding_id, exclude_history, default_k,
                                       jit_compile)
     index = make_index(index_kind, k_max=k_max, **index_options)
+    _check_interests(model, index)  # before the index is built: SPARC only finds out while tracing
     if hasattr(model, "build_index"):
         model.build_index(index)  # streamed in item chunks, with a progress bar
     else:
-        index.index(model.item_embeddings()[1:], tf.range(1, item_vocab.num_items + 1, dtype=tf.int64))
+        embeddings = model.item_embeddings()[1:]
+        index.index(embeddings, tf.range(1, item_vocab.num_items + 1, dtype=tf.int64))
+        _warn_if_underfilled(index_kind, index, embeddings, k_max)
     return RetrievalServingModule(model, index, item_vocab, padding_id, exclude_history, default_k, jit_compile)
+
+
+def _warn_if_underfilled(index_kind: str, index, embeddings: tf.Tensor, k_max: int) -> None:
+    """Warns when an approximate dense index cannot fill k_max slots.
+
+    A partitioned or ScaNN index returns only the items of the partitions (leaves) it probes; with
+    many partitions for the catalogue, a top-k_max search comes back mostly padding, and nothing
+    else would tell the user. Probed with item vectors, which sit where queries look.
+    """
+    dense = index.base if isinstance(index, SoftSearchIndex) else index
+    if dense.is_exact():
+        return
+    num_items = int(embeddings.shape[0])
+    wanted = min(k_max, num_items)
+    rows = np.unique(np.linspace(0, num_items - 1, num=min(num_items, 32)).astype(np.int64))
+    scores, _ = dense(tf.gather(embeddings, rows), k=wanted)
+    found = int(np.isfinite(scores.numpy()).sum(axis=1).min())
+    if found < wanted:
+        log.warning("index kind %r: a top-%d search returned only %d items for one of %d probe queries (item "
+                    "vectors), so requests get padding slots (score -inf); search more of the index (num_probes, "
+                    "num_leaves_to_search) or split it into fewer partitions/leaves (%s)",
+                    index_kind, wanted, found, len(rows), _options_text(dense))
+
+
+def _options_text(index) -> str:
+    names = ("num_partitions", "num_probes", "num_leaves", "num_leaves_to_search")
+    return ", ".join(f"{name}={getattr(index, name)}" for name in names if hasattr(index, name))
+
+
+def _check_interests(model, index) -> None:
+    """A soft search asks for at most as many interests as SPARC has level-1 codes."""
+    num_codes = getattr(model, "num_codewords", None)
+    if isinstance(index, SoftSearchIndex) and num_codes is not None and index.num_interests > num_codes:
+        raise ValueError(f"num_interests={index.num_interests} exceeds the model's {num_codes} interest codes "
+                         f"(level-1 codewords); give num_interests in [1, {num_codes}]")
 
 
 def export_retrieval_model(
@@ -390,9 +459,11 @@ def export_retrieval_model(
 
 
 def next_version(base_path: str) -> int:
-    """One more than the largest version under ``base_path`` (created if missing; any
-    ``tf.io.gfile`` path), 1 if there is none."""
-    tf.io.gfile.makedirs(base_path)
+    """One more than the largest version under ``base_path`` (any ``tf.io.gfile`` path), 1 if
+    there is none or no ``base_path`` yet. Creates nothing: an export that fails leaves no
+    empty base directory behind."""
+    if not tf.io.gfile.isdir(base_path):
+        return 1
     names = [name.rstrip("/") for name in tf.io.gfile.listdir(base_path)]
     return max((int(name) for name in names if name.isdigit()), default=0) + 1
 

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional
 
 from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.export import build_serving_module, save_serving_module
+from tfx_xmatch.export import build_serving_module, check_export_settings, save_serving_module
 from tfx_xmatch.io_utils import copy_directory
 from tfx_xmatch.pipelines.record_training import train_on_records
 
@@ -93,6 +93,9 @@ def run_fn(fn_args) -> None:
     if unknown:  # checked before training, not after it
         raise ValueError(f"unknown custom_config['export'] key(s) {unknown}; known: index_kind, index_options, k_max")
     config = with_base_model(run_config_from(custom_config), getattr(fn_args, "base_model", None))
+    index_kind, index_options = export.get("index_kind", "brute_force"), export.get("index_options")
+    k_max = export.get("k_max", 100)
+    check_export_settings(config.model.name, index_kind, index_options, k_max)  # before training, not after
     vocab = Vocabulary.load(custom_config["item_vocab"])
     run_dir = str(fn_args.model_run_dir)
     # On Kubeflow/Vertex the run directory is a gs:// URL, which the run's local file writes
@@ -109,8 +112,7 @@ def run_fn(fn_args) -> None:
             raise
         if local_run_dir != run_dir:
             copy_directory(local_run_dir, run_dir)
-    module = build_serving_module(model, vocab, index_kind=export.get("index_kind", "brute_force"),
-                                  index_options=export.get("index_options"), k_max=int(export.get("k_max", 100)))
+    module = build_serving_module(model, vocab, index_kind=index_kind, index_options=index_options, k_max=k_max)
     # overwrite: a retried Trainer (Kubeflow / Vertex retry the task) writes to the same place.
     save_serving_module(module, fn_args.serving_model_dir, vocab, overwrite=True)
 

@@ -351,7 +351,9 @@ class RowParser:
 
     def parse(self, row: dict) -> ParsedLine:
         """Parses one row; a CSV row with more fields than the header holds them under None."""
-        record = ", ".join(f"{key}={value}" for key, value in row.items())
+        # csv.DictReader keeps a long row's extra fields under the key None: shown as they are.
+        record = ", ".join(f"{key}={value}" if key is not None else ", ".join(map(str, value))
+                           for key, value in row.items())
         if row.get(None):
             extra = row[None]
             return ParsedLine(problem=f"{len(extra)} field(s) more than the header has: {_shorten(repr(extra))} "

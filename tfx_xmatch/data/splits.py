@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from tfx_xmatch.arguments import integer, is_integer
 from tfx_xmatch.data.dataset import EvalExamples, SequenceDataset, Split
 
 MIN_USERS_FOR_USER_LEVEL = 10
@@ -100,11 +102,7 @@ def leave_one_out(dataset: SequenceDataset, min_length: int = 3) -> Split:
     Raises:
       ValueError: If ``min_length`` is below 3 or no user has ``min_length`` interactions.
     """
-    if min_length < 3:
-        raise ValueError(
-            f"min_length must be at least 3 (one training item, a validation and a test "
-            f"target), got {min_length!r}"
-        )
+    min_length = check_min_length(min_length)
     lengths = [len(sequence) for sequence in dataset.sequences]
     if not lengths or max(lengths) < min_length:
         longest = max(lengths) if lengths else 0
@@ -161,6 +159,7 @@ def user_level_parts(
         left for training.
     """
     fractions = check_fractions(fractions)
+    seed = integer("seed", seed, 0)
     if num_users < MIN_USERS_FOR_USER_LEVEL:
         raise ValueError(
             f"user_level needs at least {MIN_USERS_FOR_USER_LEVEL} users, dataset "
@@ -216,10 +215,9 @@ def time_cuts(
       ValueError: If ``quantiles`` are not 0 < validation <= test < 1, or the cuts are in the
         wrong order.
     """
-    if len(quantiles) != 2 or not 0.0 < quantiles[0] <= quantiles[1] < 1.0:
-        raise ValueError(
-            f"quantiles must be (validation, test) with 0 < validation <= test < 1, got {tuple(quantiles)!r}"
-        )
+    check_quantiles(quantiles)
+    check_cut("validation_time", validation_time)
+    check_cut("test_time", test_time)
     if validation_time is None or test_time is None:
         every = np.concatenate([np.asarray(times, dtype=np.int64) for times in timestamps])
         # "higher" picks an actual event time, so the first event at the cut is held out.
@@ -228,6 +226,28 @@ def time_cuts(
         test_time = int(cuts[1]) if test_time is None else test_time
     check_cut_order(validation_time, test_time)
     return int(validation_time), int(test_time)
+
+
+def check_min_length(min_length) -> int:
+    """The leave-one-out ``min_length`` as an int, if it is an integer of at least 3."""
+    if not is_integer(min_length) or min_length < 3:
+        raise ValueError(f"min_length must be an integer >= 3 (one training item, a validation and a test "
+                         f"target), got {min_length!r}")
+    return int(min_length)
+
+
+def check_cut(name: str, value) -> None:
+    """A time cut is an integer timestamp, or None for a quantile of the event times."""
+    if value is not None and not is_integer(value):
+        raise ValueError(f"{name} must be an integer timestamp or None, got {value!r}")
+
+
+def check_quantiles(quantiles) -> None:
+    """The time split's quantiles are (validation, test) with 0 < validation <= test < 1."""
+    values = tuple(quantiles) if isinstance(quantiles, Iterable) and not isinstance(quantiles, str) else ()
+    numbers_ok = len(values) == 2 and all(isinstance(q, numbers.Real) and not isinstance(q, bool) for q in values)
+    if not numbers_ok or not 0.0 < values[0] <= values[1] < 1.0:
+        raise ValueError(f"quantiles must be (validation, test) with 0 < validation <= test < 1, got {quantiles!r}")
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple:
@@ -379,7 +399,16 @@ def check_split_options(name: str, options: dict) -> None:
         raise ValueError(f"unknown option(s) {unknown} for the {name!r} split; accepted: {accepted}")
     # Values that need no data are checked here too: a Beam run would otherwise find them on a
     # worker, after reading and grouping everything.
+    if name == "leave_one_out" and "min_length" in options:
+        check_min_length(options["min_length"])
     if name == "user_level" and "fractions" in options:
         check_fractions(options["fractions"])
-    if name == "time" and options.get("validation_time") is not None and options.get("test_time") is not None:
-        check_cut_order(options["validation_time"], options["test_time"])
+    if name == "user_level" and "seed" in options:
+        integer("seed", options["seed"], 0)
+    if name == "time":
+        for cut in ("validation_time", "test_time"):
+            check_cut(cut, options.get(cut))
+        if "quantiles" in options:
+            check_quantiles(options["quantiles"])
+        if options.get("validation_time") is not None and options.get("test_time") is not None:
+            check_cut_order(options["validation_time"], options["test_time"])

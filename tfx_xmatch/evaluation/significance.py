@@ -336,14 +336,19 @@ def _across_runs(values_a: list, values_b: list, confidence: float, paired: bool
             "p_value": float(test.pvalue)}
 
 
-def check_metric(metric: str) -> None:
-    """Raises ValueError quoting ``metric`` unless ``compare_metrics`` can compute it."""
+def check_metric(metric: str, num_items: Optional[int] = None) -> None:
+    """Raises ValueError quoting ``metric`` unless ``compare_metrics`` can compute it, with its
+    cutoff K at most ``num_items`` when that is given (a longer list than the catalogue would
+    score every user a hit)."""
     name = metric[len(TAIL_PREFIX):] if isinstance(metric, str) and metric.startswith(TAIL_PREFIX + "Recall@") \
         else metric
     try:
         per_example_gain(np.zeros(1, np.int64), name)
     except ValueError:
         raise ValueError(f"metric must be HR@K, Recall@K, P@K, NDCG@K, MRR@K or TailRecall@K, got {metric!r}") from None
+    cutoff = int(_METRIC.match(name)["k"])
+    if num_items is not None and cutoff > num_items:
+        raise ValueError(f"metric {metric!r}: K must be in [1, num_items={num_items}], got {cutoff}")
 
 
 def format_difference(difference: dict) -> str:

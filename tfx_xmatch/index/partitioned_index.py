@@ -124,41 +124,20 @@ class PartitionedIndex(RetrievalIndex):
         **kwargs,
     ):
         super().__init__(k_max=k_max, **kwargs)
-        if num_partitions < 1:
-            raise ValueError(f"num_partitions must be at least 1, got {num_partitions!r}")
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be at least 1, got {num_probes!r}")
-        if subpartitions < 1:
-            raise ValueError(f"subpartitions must be at least 1, got {subpartitions!r}")
-        self.subpartitions = int(subpartitions)
-        if parent_probes is not None and parent_probes < 1:
-            raise ValueError(f"parent_probes must be at least 1 or None, got {parent_probes!r}")
-        self.parent_probes = None if parent_probes is None else int(parent_probes)
-        if soar_lambda is not None and not soar_lambda >= 0:
-            raise ValueError(f"soar_lambda must be >= 0 or None, got {soar_lambda!r}")
-        self.soar_lambda = None if soar_lambda is None else float(soar_lambda)
-        if kmeans_iterations < 0:
-            raise ValueError(f"kmeans_iterations must be >= 0, got {kmeans_iterations!r}")
-        if training_sample_size is not None and training_sample_size < 1:
-            raise ValueError(
-                f"training_sample_size must be at least 1 or None, got {training_sample_size!r}"
-            )
+        self.num_partitions = arguments.integer("num_partitions", num_partitions, 1)
+        self.num_probes = arguments.integer("num_probes", num_probes, 1)
+        self.subpartitions = arguments.integer("subpartitions", subpartitions, 1)
+        self.parent_probes = arguments.optional_integer("parent_probes", parent_probes, 1)
+        self.soar_lambda = None if soar_lambda is None else arguments.real("soar_lambda", soar_lambda, 0.0)
+        self.kmeans_iterations = arguments.integer("kmeans_iterations", kmeans_iterations, 0)
+        self.training_sample_size = arguments.optional_integer("training_sample_size", training_sample_size, 1)
         if scoring_dtype not in SCORING_DTYPES:
             raise ValueError(f"scoring_dtype must be one of {list(SCORING_DTYPES)}, got {scoring_dtype!r}")
-        if num_reordering_candidates is not None and num_reordering_candidates < 1:
-            raise ValueError(f"num_reordering_candidates must be at least 1 or None, got {num_reordering_candidates!r}")
         self.scoring_dtype = scoring_dtype
-        self.num_reordering_candidates = (
-            None if num_reordering_candidates is None else int(num_reordering_candidates)
-        )
-        self.num_partitions = int(num_partitions)
-        self.num_probes = int(num_probes)
-        self.kmeans_iterations = int(kmeans_iterations)
+        self.num_reordering_candidates = arguments.optional_integer(
+            "num_reordering_candidates", num_reordering_candidates, 1)
         self.seed = arguments.integer("seed", seed, 0)
-        self.spherical = bool(spherical)
-        self.training_sample_size = (
-            None if training_sample_size is None else int(training_sample_size)
-        )
+        self.spherical = arguments.boolean("spherical", spherical)
         self.centroids = None
         self.parent_centroids = None
         self.parent_offsets = None

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfx_xmatch import arguments
 from tfx_xmatch.index.retrieval_index import RetrievalIndex
 
 # ScaNN's LUT16 asymmetric hashing trains 16 centres per block and fails on fewer points.
@@ -81,31 +82,18 @@ class ScaNNIndex(RetrievalIndex):
         super().__init__(k_max=k_max, **kwargs)
         if importlib.util.find_spec("scann") is None:
             raise ImportError("ScaNNIndex needs the scann package: pip install scann")
-        if num_leaves < 1:
-            raise ValueError(f"num_leaves must be at least 1, got {num_leaves!r}")
-        if num_leaves_to_search < 1:
-            raise ValueError(
-                f"num_leaves_to_search must be at least 1, got {num_leaves_to_search!r}"
-            )
-        if num_reordering_candidates is not None and num_reordering_candidates < self.k_max:
+        self.num_leaves = arguments.integer("num_leaves", num_leaves, 1)
+        self.num_leaves_to_search = arguments.integer("num_leaves_to_search", num_leaves_to_search, 1)
+        self.num_reordering_candidates = arguments.optional_integer(
+            "num_reordering_candidates", num_reordering_candidates, 1)
+        if self.num_reordering_candidates is not None and self.num_reordering_candidates < self.k_max:
             raise ValueError(
                 f"num_reordering_candidates must be >= k_max={self.k_max} (ScaNN returns at most "
                 f"that many results), got {num_reordering_candidates!r}"
             )
-        if training_iterations < 1:
-            raise ValueError(f"training_iterations must be at least 1, got {training_iterations!r}")
-        if dimensions_per_block < 1:
-            raise ValueError(
-                f"dimensions_per_block must be at least 1, got {dimensions_per_block!r}"
-            )
-        self.num_leaves = int(num_leaves)
-        self.num_leaves_to_search = int(num_leaves_to_search)
-        self.num_reordering_candidates = (
-            None if num_reordering_candidates is None else int(num_reordering_candidates)
-        )
-        self.training_iterations = int(training_iterations)
-        self.dimensions_per_block = int(dimensions_per_block)
-        self.parallelize_batch_searches = bool(parallelize_batch_searches)
+        self.training_iterations = arguments.integer("training_iterations", training_iterations, 1)
+        self.dimensions_per_block = arguments.integer("dimensions_per_block", dimensions_per_block, 1)
+        self.parallelize_batch_searches = arguments.boolean("parallelize_batch_searches", parallelize_batch_searches)
         self.scann = None
 
     def _index(self, candidates: tf.Tensor) -> None:

@@ -53,9 +53,7 @@ class SoftSearchIndex(RetrievalIndex):
     def __init__(self, base: RetrievalIndex, num_interests: int = 4, k_max: int = 100, temperature: float = 1.0,
                  **kwargs):
         super().__init__(k_max=k_max, **kwargs)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = arguments.real("temperature", temperature, 0.0, low_open=True)
         self.num_interests = arguments.integer("num_interests", num_interests, 1)
         if not isinstance(base, RetrievalIndex):
             raise ValueError(f"base must be a RetrievalIndex, got {type(base).__name__}")

@@ -104,9 +104,6 @@ class PrepareSpec:
         if not isinstance(has_header, bool):  # "maybe" was taken as true: line 1 of every file dropped
             raise ValueError(f"reader option has_header must be true or false, got {has_header!r}")
         check_split_options(self.split, self.split_options)
-        if self.split == "leave_one_out" and self.split_options.get("min_length", 3) < 3:
-            raise ValueError(f"min_length must be at least 3 (one training item, a validation and a test target), "
-                             f"got {self.split_options['min_length']!r}")
         if self.split == "time" and not parser.has_timestamps:
             raise ValueError(f"the time split needs timestamps; {self.format!r} input has none (give a rating log "
                              "with a timestamp column, or a table with timestamp_column)")

@@ -42,8 +42,6 @@ from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
 
 STAGES = ("prepare", "train", "build_index", "export", "evaluate", "publish")
 DENSE_KINDS = ("brute_force", "partitioned", "scann", "soft_search")
-# Index kinds that only some models can serve: kind -> model name.
-MODEL_KINDS = {"sparse_code": "sparcode", "soft_search": "sparc"}
 
 
 def prepare_spec(config: RunConfig, output_dir: str, num_shards: int = 1) -> PrepareSpec:
@@ -149,7 +147,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     """
     from tfx_xmatch import training
     from tfx_xmatch.data.vocabulary import Vocabulary
-    from tfx_xmatch.export import SPARSE_CODE_BUDGET, export_retrieval_model
+    from tfx_xmatch.export import SPARSE_CODE_BUDGET, check_export_settings, export_retrieval_model
     from tfx_xmatch.pipelines.build_index import run_build_index
     from tfx_xmatch.pipelines.evaluate import run_evaluate
     from tfx_xmatch.pipelines.record_training import train_on_records
@@ -159,9 +157,10 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         raise ConfigError(f"k_max={k_max} is below the largest evaluation cutoff eval.ks={list(config.eval.ks)}")
     if index_kind not in (*DENSE_KINDS, "sparse_code"):
         raise ConfigError(f"index_kind must be one of {(*DENSE_KINDS, 'sparse_code')}, got {index_kind!r}")
-    if index_kind in MODEL_KINDS and config.model.name != MODEL_KINDS[index_kind]:
-        raise ConfigError(f"index kind {index_kind!r} serves model.name={MODEL_KINDS[index_kind]!r} only, "
-                          f"got {config.model.name!r}")
+    try:  # now, not at the export stage after training: a misspelt option would waste the run
+        check_export_settings(config.model.name, index_kind, index_options, k_max)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     if "://" in str(output_dir):  # pathlib would quietly make it a local "gs:/..." directory
         raise ConfigError(f"output_dir {str(output_dir)!r} is a URL; the run's working files (records, training "
                           "run, index) are written with local I/O: give a local or mounted directory "
