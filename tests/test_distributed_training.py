@@ -213,28 +213,31 @@ strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 losses = {}
 for model_class, options in [(SparCode, {"num_codewords": 16, "num_query_tokens": 2}),
                              (SparCode, {"num_codewords": 16, "num_query_tokens": 2, "tokenizer": "slots"}),
-                             (SPARC, {"num_codewords": 8}), (T2Diff, {}), (TwoTower, {})]:
+                             (SPARC, {"num_codewords": 8}), (T2Diff, {}), (TwoTower, {}),
+                             (TwoTower, {"loss": "sampled_softmax"})]:
     with strategy.scope():
         model = model_class(num_items=30, embedding_dim=8, max_length=12, **options)
         model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
     history_ = model.fit(data, epochs=2, verbose=0).history
-    name = model_class.__name__ + ("-" + options["tokenizer"] if "tokenizer" in options else "")
-    losses[name] = [strategy.num_replicas_in_sync, history_["total_loss"][-1]]
+    evaluated = model.evaluate(data, verbose=0, return_dict=True)["total_loss"]
+    name = model_class.__name__ + "".join(f"-{options[key]}" for key in ("tokenizer", "loss") if key in options)
+    losses[name] = [strategy.num_replicas_in_sync, history_["total_loss"][-1], evaluated]
 print(json.dumps(losses))
 """
 
 
 def test_every_model_fits_under_a_users_own_two_replica_mirrored_strategy():
     """The TFRS way, without our training loop: build and compile under the strategy's scope,
-    then model.fit. SparCode used to build its quantizer inside the first train step, which
-    failed on two replicas ("You must feed a value for placeholder tensor")."""
+    then model.fit and model.evaluate. SparCode used to build its quantizer inside the first
+    train step, which failed on two replicas ("You must feed a value for placeholder tensor"),
+    and the sampled-softmax two-tower's Keras loss refused to reduce under a strategy."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", PLAIN_FIT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(losses) == {"SparCode", "SparCode-slots", "SPARC", "T2Diff", "TwoTower"}
-    for name, (replicas, loss) in losses.items():
-        assert replicas == 2 and np.isfinite(loss), (name, losses)
+    assert set(losses) == {"SparCode", "SparCode-slots", "SPARC", "T2Diff", "TwoTower", "TwoTower-sampled_softmax"}
+    for name, (replicas, loss, evaluated) in losses.items():
+        assert replicas == 2 and np.isfinite(loss) and np.isfinite(evaluated), (name, losses)
 
 
 UNEVEN_LAST_BATCH = """

@@ -236,11 +236,14 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             # A binary search in each sorted row: memory B * m, where comparing every pair takes
             # B * m * E (gigabytes for a batch of histories thousands of items long). The extra
             # padding column keeps a row with E = 0 searchable; padding never matches.
+            # The same column on the candidates keeps an empty batch searchable: searchsorted
+            # cannot reshape a [0, 0] tensor, which is what a kind's top-k returns for no rows.
             padding_column = tf.fill([tf.shape(exclude)[0], 1], tf.constant(ignored, id_dtype))
             sorted_exclude = tf.sort(tf.concat([exclude, padding_column], axis=1), axis=1)
-            slots = tf.searchsorted(sorted_exclude, identifiers, side="left")
+            candidates = tf.concat([identifiers, padding_column], axis=1)
+            slots = tf.searchsorted(sorted_exclude, candidates, side="left")
             found = tf.gather(sorted_exclude, tf.minimum(slots, tf.shape(sorted_exclude)[1] - 1), batch_dims=1)
-            return tf.logical_and(tf.equal(found, identifiers), tf.not_equal(identifiers, ignored))
+            return tf.logical_and(tf.equal(found, candidates), tf.not_equal(candidates, ignored))[:, :-1]
         real_exclusions = tf.not_equal(exclude, ignored)[:, tf.newaxis, :]
         matches = tf.equal(identifiers[:, :, tf.newaxis], exclude[:, tf.newaxis, :])
         return tf.reduce_any(tf.logical_and(matches, real_exclusions), axis=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfx_xmatch import arguments
+from tfx_xmatch.layers.built_attention import built_multi_head_attention
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -44,12 +45,9 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
         if width % self.num_heads:
             raise ValueError(f"model width {width} is not divisible by num_heads={self.num_heads}")
         self.attention_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="attention_norm")
-        self.attention = tf.keras.layers.MultiHeadAttention(
-            num_heads=self.num_heads,
-            key_dim=width // self.num_heads,
-            dropout=self.dropout,
-            name="attention",
-        )
+        self.attention = built_multi_head_attention(
+            width, width, num_heads=self.num_heads, key_dim=width // self.num_heads, dropout=self.dropout,
+            name="attention")
         self.ffn_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="ffn_norm")
         self.ffn_hidden = tf.keras.layers.Dense(self.ffn_units or width, activation="relu", name="ffn_hidden")
         self.ffn_out = tf.keras.layers.Dense(width, name="ffn_out")

@@ -84,21 +84,34 @@ class DriftDenoiser(tf.keras.layers.Layer):
         super().build(noisy_shape)
 
     def call(self, noisy: tf.Tensor, steps: tf.Tensor, session: tf.Tensor, session_mask: tf.Tensor) -> tf.Tensor:
+        session = tf.cast(session, self.compute_dtype)  # Keras casts only the first argument
+        if self.architecture == "unet":
+            return self._unet(noisy, steps, session, session_mask)
+        return self._mlp(noisy, steps, session, session_mask)
+
+    def _mlp(self, noisy, steps, session, session_mask) -> tf.Tensor:
         step_embedding = self.step_mlp(sinusoidal_embedding(steps, self.step_embedding_dim))
         mask = tf.cast(session_mask, noisy.dtype)[..., tf.newaxis]
-        if self.architecture == "mlp":
-            mean = tf.reduce_sum(session * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
-            hidden = tf.concat([noisy, mean, session[:, -1, :], step_embedding], axis=-1)
-            for layer in self.hidden:
-                hidden = layer(hidden)
-            return self.output_layer(hidden)
+        mean = tf.reduce_sum(session * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
+        hidden = tf.concat([noisy, mean, session[:, -1, :], step_embedding], axis=-1)
+        for layer in self.hidden:
+            hidden = layer(hidden)
+        return self.output_layer(hidden)
+
+    def _unet(self, noisy, steps, session, session_mask) -> tf.Tensor:
+        step_embedding = self.step_mlp(sinusoidal_embedding(steps, self.step_embedding_dim))
+        mask = tf.cast(session_mask, noisy.dtype)[..., tf.newaxis]
         signal = tf.concat([session * mask, noisy[:, tf.newaxis, :]], axis=1) + step_embedding[:, tf.newaxis, :]
-        length = tf.shape(signal)[1]
+        batch, length = tf.shape(signal)[0], tf.shape(signal)[1]
+        # TensorFlow's Conv1D gives an empty batch back with the input's channels, which the next
+        # layer cannot add its bias to: an empty batch runs on one row of zeros, dropped after.
+        signal = tf.concat([signal, tf.zeros(tf.stack([tf.cast(batch == 0, tf.int32), length,
+                                                       tf.shape(signal)[2]]), signal.dtype)], axis=0)
         skip = self.down_1(signal)
         hidden = self.middle(self.down_2(skip))
         hidden = self.up(hidden)[:, :length, :]  # the transposed conv may add one position
         hidden = self.merge(tf.concat([hidden, skip], axis=-1))
-        return self.output_layer(hidden[:, -1, :])
+        return self.output_layer(hidden[:batch, -1, :])
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfx_xmatch import arguments
+from tfx_xmatch.layers.built_attention import built_multi_head_attention
 from tfx_xmatch.layers.target_attention import TargetAttention
 
 POOLINGS = ("mean", "predicted")
@@ -72,8 +73,9 @@ class MixedAttention(tf.keras.layers.Layer):
         self.blocks = []
         for i in range(self.num_blocks):
             self.blocks.append((
-                tf.keras.layers.MultiHeadAttention(self.num_heads, max(1, width // self.num_heads),
-                                                   dropout=self.dropout, name=f"self_attention_{i}"),
+                built_multi_head_attention(width, width, num_heads=self.num_heads,
+                                           key_dim=max(1, width // self.num_heads), dropout=self.dropout,
+                                           name=f"self_attention_{i}"),
                 tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"attention_norm_{i}"),
                 tf.keras.Sequential([tf.keras.layers.Dense(width, activation="relu",
                                                            name=f"feed_forward_{i}_hidden"),
@@ -82,11 +84,16 @@ class MixedAttention(tf.keras.layers.Layer):
                                     name=f"feed_forward_{i}"),
                 tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"feed_forward_norm_{i}"),
             ))
+        # The .keras / .weights.h5 savers look into lists of layers, not into the tuples of
+        # ``blocks`` (whose paths TF checkpoints of earlier runs hold): the same layers, listed.
+        self.block_layers = [layer for block in self.blocks for layer in block]
         self.history_attention = TargetAttention(self.num_heads, dropout=self.dropout, name="history_attention")
         self.combine = tf.keras.layers.Dense(width, name="combine")
         super().build(session_shape)
 
     def call(self, session, session_mask, predicted, history, history_mask, training: bool = False) -> tf.Tensor:
+        # Keras casts only the first argument to the layer's dtype.
+        predicted, history = (tf.cast(tensor, self.compute_dtype) for tensor in (predicted, history))
         sequence = tf.concat([session, predicted[:, tf.newaxis, :]], axis=1)
         mask = tf.concat([tf.convert_to_tensor(session_mask), tf.ones_like(session_mask[:, :1])], axis=1)
         # A longer session would slice the table from a negative start: one row broadcast to

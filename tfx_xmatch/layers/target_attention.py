@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
+from tfx_xmatch.layers.built_attention import built_multi_head_attention
+
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class TargetAttention(tf.keras.layers.Layer):
@@ -19,10 +22,13 @@ class TargetAttention(tf.keras.layers.Layer):
       num_heads: Attention heads (int >= 1, default 1).
       key_dim: Width per head (int, default: the query width divided by ``num_heads``).
       dropout: Dropout on the attention weights (float in [0, 1), default 0.0).
+      state_width: d, the width of the history states (int, default: the query width). The
+        attention's weights are made in ``build``, which sees only the queries, so a history of
+        another width must be announced here.
 
     Call args:
       queries: float [B, Q, q] target queries.
-      states: float [B, L, d] encoded history.
+      states: float [B, L, d] encoded history (d = ``state_width``).
       mask: bool [B, Q, L]: which history positions each query may attend to. A query whose
         row is all False gets a zero output.
       training: Python bool.
@@ -31,16 +37,18 @@ class TargetAttention(tf.keras.layers.Layer):
       float [B, Q, q].
 
     Raises:
-      ValueError: on invalid hyperparameters.
+      ValueError: on invalid hyperparameters, or at call time on states of another width than
+        ``state_width``.
 
     Example:
-      >>> attention = TargetAttention(num_heads=2)
+      >>> attention = TargetAttention(num_heads=2, state_width=16)
       >>> out = attention(tf.random.normal([2, 3, 8]), tf.random.normal([2, 5, 16]), tf.ones([2, 3, 5], tf.bool))
       >>> out.shape
       TensorShape([2, 3, 8])
     """
 
-    def __init__(self, num_heads: int = 1, key_dim: int | None = None, dropout: float = 0.0, **kwargs):
+    def __init__(self, num_heads: int = 1, key_dim: int | None = None, dropout: float = 0.0,
+                 state_width: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads!r}")
@@ -51,19 +59,21 @@ class TargetAttention(tf.keras.layers.Layer):
         self.num_heads = int(num_heads)
         self.key_dim = None if key_dim is None else int(key_dim)
         self.dropout = float(dropout)
+        self.state_width = None if state_width is None else arguments.integer("state_width", state_width, 1)
 
     def build(self, queries_shape):
         width = int(queries_shape[-1])
-        self.attention = tf.keras.layers.MultiHeadAttention(
-            num_heads=self.num_heads,
-            key_dim=self.key_dim or max(1, width // self.num_heads),
-            dropout=self.dropout,
-            name="attention",
-        )
+        self.attention = built_multi_head_attention(
+            width, self.state_width or width, num_heads=self.num_heads,
+            key_dim=self.key_dim or max(1, width // self.num_heads), dropout=self.dropout, name="attention")
         super().build(queries_shape)
 
     def call(self, queries: tf.Tensor, states: tf.Tensor, mask: tf.Tensor, training: bool = False) -> tf.Tensor:
         mask = tf.convert_to_tensor(mask)
+        expected = self.state_width or queries.shape[-1]
+        if states.shape[-1] is not None and states.shape[-1] != expected:
+            raise ValueError(f"history states are {states.shape[-1]} wide but the attention was built for "
+                             f"{expected}; construct TargetAttention(state_width={states.shape[-1]})")
         attended = self.attention(queries, states, states, attention_mask=mask, training=training)
         # Keras spreads a fully masked row uniformly over the history; such a query has nothing to see.
         has_context = tf.reduce_any(mask, axis=-1, keepdims=True)
@@ -71,5 +81,6 @@ class TargetAttention(tf.keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(num_heads=self.num_heads, key_dim=self.key_dim, dropout=self.dropout)
+        config.update(num_heads=self.num_heads, key_dim=self.key_dim, dropout=self.dropout,
+                      state_width=self.state_width)
         return config

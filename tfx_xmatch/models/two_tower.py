@@ -97,8 +97,11 @@ class TwoTower(RetrievalModel):
             item_hidden_units=item_hidden_units, l2=l2,
         )
         self._build_shared_layers(item_feature_tables)
+        # Per-example losses, averaged in _sampled_softmax_loss: a Keras loss that reduces by
+        # itself ("sum_over_batch_size") refuses to run under a tf.distribute strategy, and the
+        # train step here scales each replica's mean by the number of replicas.
         self.retrieval_task = tfrs.tasks.Retrieval(
-            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="sum_over_batch_size"),
+            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="none"),
             temperature=self.temperature,
             remove_accidental_hits=True,
         )
@@ -164,7 +167,7 @@ class TwoTower(RetrievalModel):
             kept * tf.gather(self.item_frequency, candidate_ids) + num_extra / self.num_items
         ) / (kept + num_extra)
         candidates = self.item_tower(candidate_ids)
-        return self.retrieval_task(
+        losses = self.retrieval_task(
             queries,
             candidates,
             candidate_sampling_probability=sampling_probability,
@@ -172,6 +175,8 @@ class TwoTower(RetrievalModel):
             compute_metrics=False,
             compute_batch_metrics=False,
         )
+        # As Keras' "sum_over_batch_size": the mean, and 0 for a batch without targets.
+        return tf.math.divide_no_nan(tf.reduce_sum(losses), tf.cast(tf.size(losses), losses.dtype))
 
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
