@@ -267,3 +267,27 @@ def test_an_empty_batch_gets_an_empty_answer():
         assert scores.shape == ids.shape == (0, 3), type(index).__name__
     codes = SparseCodeIndex(k_max=5).index(np.maximum(np.random.default_rng(0).normal(size=(40, 6)), 0))
     assert codes(tf.zeros([0, 6]), k=3, exclude=tf.zeros([0, 2], tf.int64))[1].shape == (0, 3)
+
+
+@pytest.mark.parametrize("model_class", [SparCode, SPARC], ids=lambda c: c.__name__)
+def test_evaluate_measures_the_quantizer_metrics_and_serving_leaves_them_alone(model_class):
+    """evaluate() listed quantizer_perplexity 0.0 (a perplexity is at least 1): the metrics were
+    updated only in training, so every val_ column of them read 0."""
+    tf.keras.utils.set_random_seed(0)
+    model = _tiny(model_class)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    data = tf.data.Dataset.from_tensor_slices({"history": HISTORY, "next_items": tf.roll(HISTORY, -1, 1)}).batch(2)
+    model.fit(data, epochs=1, verbose=0)
+    results = model.evaluate(data, verbose=0, return_dict=True)
+    perplexities = {name: value for name, value in results.items() if name.endswith("perplexity")}
+    assert perplexities and all(value >= 1.0 for value in perplexities.values()), results
+    if model_class is SPARC:
+        assert results["rqvae_reconstruction_error"] > 0, results
+    # Serving paths (no compute_loss) update no metric: exports hold no metric updates.
+    counts = {metric.name: metric.count.numpy() for metric in model.metrics if hasattr(metric, "count")}
+    if model_class is SparCode:
+        model.query_codes({"history": HISTORY})
+    else:
+        model.interest_vectors({"history": HISTORY})
+    model.score_all({"history": HISTORY})
+    assert counts == {metric.name: metric.count.numpy() for metric in model.metrics if hasattr(metric, "count")}

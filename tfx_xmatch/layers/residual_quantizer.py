@@ -48,6 +48,10 @@ class ResidualQuantizer(tf.keras.layers.Layer):
       training: Python bool. When True: initialisation, restarts and the metrics
         ``<name>_level<l>_perplexity``, ``<name>_level<l>_dead_codes`` and
         ``<name>_reconstruction_error``.
+      track_metrics: Python bool or None (default: ``training``). True without training updates
+        those metrics (this batch's perplexities and error, the current dead-code fractions) and
+        nothing else: what SPARC's ``compute_loss`` asks for under ``evaluate``. Serving leaves
+        it off.
 
     Returns:
       A dict: ``codes`` int32 [..., L]; ``codewords`` float [..., L, latent] (the selected
@@ -161,7 +165,7 @@ class ResidualQuantizer(tf.keras.layers.Layer):
             residual = residual - tf.stop_gradient(codeword)
         return tf.stack(codes, axis=-1), tf.stack(selected, axis=-2), residuals
 
-    def call(self, inputs: tf.Tensor, training: bool = False) -> dict:
+    def call(self, inputs: tf.Tensor, training: bool = False, track_metrics: bool | None = None) -> dict:
         inputs = tf.convert_to_tensor(inputs)
         leading = tf.shape(inputs)[:-1]
         flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
@@ -177,6 +181,13 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         if training:
             self.reconstruction_tracker.update_state(error)
             self._track_usage(codes, residuals)
+        elif track_metrics:
+            self.reconstruction_tracker.update_state(error)
+            for level in range(self.num_levels):
+                perplexity_tracker, dead_codes_tracker = self.level_trackers[level]
+                perplexity_tracker.update_state(_perplexity(self._counts(codes[:, level])))
+                dead = self.usage[level] < self.dead_code_threshold
+                dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
         latent = tf.shape(codewords)[-1]
         return {
             "codes": tf.reshape(codes, tf.concat([leading, [self.num_levels]], 0)),
@@ -221,13 +232,10 @@ class ResidualQuantizer(tf.keras.layers.Layer):
     def _track_usage(self, codes: tf.Tensor, residuals: list) -> None:
         usages, codebooks = [], []
         for level in range(self.num_levels):
-            counts = tf.math.bincount(codes[:, level], minlength=self.num_codewords,
-                                      maxlength=self.num_codewords, dtype=tf.float32)
+            counts = self._counts(codes[:, level])
             usage = self.usage[level] * self.usage_decay + counts * (1.0 - self.usage_decay)
-            probabilities = counts / tf.maximum(tf.reduce_sum(counts), 1.0)
-            entropy = -tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-10))
             perplexity_tracker, dead_codes_tracker = self.level_trackers[level]
-            perplexity_tracker.update_state(tf.exp(entropy))
+            perplexity_tracker.update_state(_perplexity(counts))
             dead = usage < self.dead_code_threshold
             dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
             codebook = self.codebooks[level]
@@ -241,6 +249,9 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         self.usage.assign(tf.stack(usages))
         if self.dead_code_threshold > 0:
             self.codebooks.assign(tf.stack(codebooks))
+
+    def _counts(self, codes: tf.Tensor) -> tf.Tensor:
+        return tf.math.bincount(codes, minlength=self.num_codewords, maxlength=self.num_codewords, dtype=tf.float32)
 
     def codebook_perplexity(self, codes: tf.Tensor) -> list[float]:
         """Perplexity of each level's code distribution over the given codes [n, L]: a list of L floats
@@ -266,3 +277,9 @@ class ResidualQuantizer(tf.keras.layers.Layer):
             dead_code_threshold=self.dead_code_threshold,
         )
         return config
+
+
+def _perplexity(counts: tf.Tensor) -> tf.Tensor:
+    """exp(entropy) of code counts [K]."""
+    probabilities = counts / tf.maximum(tf.reduce_sum(counts), 1.0)
+    return tf.exp(-tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-10)))

@@ -45,6 +45,10 @@ class VectorQuantizer(tf.keras.layers.Layer):
         EMA and dead-code updates, the commitment loss (``add_loss``) and the
         ``<name>_perplexity`` and ``<name>_dead_codes`` metrics (``Mean`` metrics the layer
         owns from construction, so ``fit`` shows them and a model that never trained saves).
+      track_metrics: Python bool or None (default: ``training``). True without training updates
+        the two metrics (this batch's code perplexity, the current dead-code fraction) and
+        nothing else: what a model's ``compute_loss`` asks for under ``evaluate``, so that the
+        validation columns are measured rather than left at 0. Serving leaves it off.
 
     Returns:
       ``(quantized, codes)``: ``quantized`` has the shape of ``inputs``, the value of the nearest
@@ -226,7 +230,8 @@ class VectorQuantizer(tf.keras.layers.Layer):
         self.perplexity_tracker.update_state(tf.reduce_mean(self._perplexity(codes)))
         return codes, nearest
 
-    def call(self, inputs: tf.Tensor, training: Optional[bool] = False) -> tuple[tf.Tensor, tf.Tensor]:
+    def call(self, inputs: tf.Tensor, training: Optional[bool] = False,
+             track_metrics: Optional[bool] = None) -> tuple[tf.Tensor, tf.Tensor]:
         width = self._check_shape(inputs.shape)
         if width is not None and width != self.width:
             raise ValueError(
@@ -241,6 +246,10 @@ class VectorQuantizer(tf.keras.layers.Layer):
         else:
             codes = self._assign(vectors, self.codebooks)
             nearest = tf.gather(self.codebooks, codes, batch_dims=1)
+            if track_metrics:
+                dead = self.ema_cluster_size < self.dead_code_threshold
+                self.dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
+                self.perplexity_tracker.update_state(tf.reduce_mean(self._perplexity(codes)))
         shape = tf.shape(inputs)
         nearest = tf.cast(tf.reshape(tf.transpose(nearest, [1, 0, 2]), shape), inputs.dtype)
         codes_shape = shape[:-1] if self._grouped or M == 1 else tf.concat([shape[:-1], [M]], 0)

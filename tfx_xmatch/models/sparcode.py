@@ -352,10 +352,11 @@ class SparCode(RetrievalModel):
         sequence = self.encode_sequence(inputs, training=training)
         return self.query_tokens(sequence[:, -1, :], sequence, tf.convert_to_tensor(inputs["history"]) > 0)
 
-    def _quantize(self, tokens: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """Global code ids [P, K] of tokens [P, K, d] (EMA and restarts when training)."""
+    def _quantize(self, tokens: tf.Tensor, training: bool = False, track_metrics: bool = False) -> tf.Tensor:
+        """Global code ids [P, K] of tokens [P, K, d] (EMA and restarts when training; the
+        quantizer's usage metrics also when ``track_metrics``, as under ``evaluate``)."""
         quantizer_input = tokens if self.num_codebooks > 1 else tf.reshape(tokens, [-1, self.embedding_dim])
-        _, codes = self.quantizer(quantizer_input, training=training)
+        _, codes = self.quantizer(quantizer_input, training=training, track_metrics=track_metrics)
         codes = tf.reshape(codes, [-1, self.num_query_tokens])
         if self.num_codebooks > 1:
             codes = self.quantizer.global_codes(codes)
@@ -580,12 +581,12 @@ class SparCode(RetrievalModel):
             codewords = tf.stop_gradient(tf.identity(self.all_codewords()))
             if self.codes_need_assignment_gradient:
                 soft = self._soft_bag(tokens)
-                codes = self._quantize(tokens, training=training)
+                codes = self._quantize(tokens, training=training, track_metrics=True)
                 # Forward: the hard bag (what serving uses); backward: the soft assignment's gradient.
                 bag = self.code_bag(codes) + soft - tf.stop_gradient(soft)
                 score_codes = lambda table: tf.matmul(bag, table)  # noqa: E731
             else:
-                codes = self._quantize(tokens, training=training)
+                codes = self._quantize(tokens, training=training, track_metrics=True)
                 score_codes = lambda table: self.lookup_scores(codes, table)  # noqa: E731
             table = self.pair_scores(codewords, candidates, training=training)
             logits = score_codes(table)
