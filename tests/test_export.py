@@ -294,3 +294,26 @@ def test_models_trained_with_user_features_export_them_as_inputs(tmp_path):
         record = next(iter(tf.data.TFRecordDataset(str(path / "assets.extra" / "tf_serving_warmup_requests"))))
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
         assert set(log.predict_log.request.inputs) == {"history", "age", "gender"}
+
+
+def test_an_index_that_cannot_fill_k_max_is_reported_at_export_built_here_or_given(model, caplog):
+    """A top-k_max search that comes back mostly padding warns at export, whether the export
+    builds the index or is handed one (the pipeline fills it from build-index)."""
+    from tfx_xmatch.index import PartitionedIndex
+
+    vocab = int_vocab()
+    options = {"num_partitions": 20, "num_probes": 1}
+    with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
+        build_serving_module(model, vocab, index_kind="partitioned", index_options=options, k_max=K_MAX)
+    assert "'partitioned': a top-10 search returned only" in caplog.text and "num_partitions=20" in caplog.text
+    caplog.clear()
+    given = PartitionedIndex(k_max=K_MAX, **options).index(model.item_embeddings()[1:],
+                                                            tf.range(1, NUM_ITEMS + 1, dtype=tf.int64))
+    with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
+        build_serving_module(model, vocab, index=given, k_max=K_MAX)
+    assert "a top-10 search returned only" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tfx_xmatch.export"):
+        build_serving_module(model, vocab, index_kind="partitioned", index_options={"num_partitions": 4,
+                                                                                   "num_probes": 4}, k_max=K_MAX)
+    assert "search returned only" not in caplog.text  # every partition probed: exact

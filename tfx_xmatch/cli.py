@@ -391,7 +391,7 @@ def _split_log_level(argv: list[str]) -> tuple[Optional[str], list[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     level, command = _split_log_level(argv)
-    if (level or "").upper() != "DEBUG" and "DEBUG" not in argv:
+    if (level or "").upper() != "DEBUG" and not any(arg.upper() in ("DEBUG", "--LOG-LEVEL=DEBUG") for arg in argv):
         # TensorFlow's C++ start-up notes (oneDNN, CUDA drivers, CPU instructions) otherwise
         # land in the middle of every command's output, --help included. Set before TF loads;
         # a value the user exported wins.

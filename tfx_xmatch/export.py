@@ -357,6 +357,8 @@ def build_serving_module(
         if int(index.k_max) != int(k_max):
             raise ValueError(f"the given index has k_max={index.k_max}, the export asks for k_max={k_max}")
         _check_interests(model, index)
+        if not hasattr(model, "build_index"):  # e.g. the pipeline's index, filled from build-index
+            _warn_if_underfilled(type(index).__name__, index, model.item_embeddings()[1:], k_max)
         return RetrievalServingModule(model, index, item_vocab, padding_id, exclude_history, default_k,
                                       jit_compile)
     index = make_index(index_kind, k_max=k_max, **index_options)

@@ -72,8 +72,9 @@ class AllToAllInteraction(tf.keras.layers.Layer):
 
     def call(self, query_tokens: tf.Tensor, item_tokens: tf.Tensor) -> tf.Tensor:
         query_tokens = tf.convert_to_tensor(query_tokens)
-        # Keras casts only the first argument to the layer's dtype; float64 items would not multiply.
-        item_tokens = tf.cast(item_tokens, self.compute_dtype)
+        item_tokens = tf.convert_to_tensor(item_tokens)
+        if item_tokens.dtype.is_floating:  # Keras casts only the first argument to the layer's dtype
+            item_tokens = tf.cast(item_tokens, self.compute_dtype)
         if query_tokens.shape.rank != 2:
             raise ValueError(f"query_tokens must be [P, d], got shape {query_tokens.shape}")
         if item_tokens.shape.rank != 3:

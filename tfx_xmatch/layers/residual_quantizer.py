@@ -49,9 +49,10 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         ``<name>_level<l>_perplexity``, ``<name>_level<l>_dead_codes`` and
         ``<name>_reconstruction_error``.
       track_metrics: Python bool or None (default: ``training``). True without training updates
-        those metrics (this batch's perplexities and error, the current dead-code fractions) and
-        nothing else: what SPARC's ``compute_loss`` asks for under ``evaluate``. Serving leaves
-        it off.
+        the perplexity and reconstruction-error metrics with this batch and nothing else: what
+        SPARC's ``compute_loss`` asks for under ``evaluate``. Dead codes are a training-state
+        metric (a training step restarts them, so the stored usage never shows one): evaluate
+        leaves it at 0. Serving leaves all of them alone.
 
     Returns:
       A dict: ``codes`` int32 [..., L]; ``codewords`` float [..., L, latent] (the selected
@@ -184,10 +185,8 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         elif track_metrics:
             self.reconstruction_tracker.update_state(error)
             for level in range(self.num_levels):
-                perplexity_tracker, dead_codes_tracker = self.level_trackers[level]
+                perplexity_tracker, _ = self.level_trackers[level]
                 perplexity_tracker.update_state(_perplexity(self._counts(codes[:, level])))
-                dead = self.usage[level] < self.dead_code_threshold
-                dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
         latent = tf.shape(codewords)[-1]
         return {
             "codes": tf.reshape(codes, tf.concat([leading, [self.num_levels]], 0)),

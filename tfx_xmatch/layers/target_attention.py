@@ -69,7 +69,7 @@ class TargetAttention(tf.keras.layers.Layer):
         super().build(queries_shape)
 
     def call(self, queries: tf.Tensor, states: tf.Tensor, mask: tf.Tensor, training: bool = False) -> tf.Tensor:
-        mask = tf.convert_to_tensor(mask)
+        mask, states = tf.convert_to_tensor(mask), tf.convert_to_tensor(states)
         expected = self.state_width or queries.shape[-1]
         if states.shape[-1] is not None and states.shape[-1] != expected:
             raise ValueError(f"history states are {states.shape[-1]} wide but the attention was built for "

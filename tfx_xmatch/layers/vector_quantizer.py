@@ -46,9 +46,11 @@ class VectorQuantizer(tf.keras.layers.Layer):
         ``<name>_perplexity`` and ``<name>_dead_codes`` metrics (``Mean`` metrics the layer
         owns from construction, so ``fit`` shows them and a model that never trained saves).
       track_metrics: Python bool or None (default: ``training``). True without training updates
-        the two metrics (this batch's code perplexity, the current dead-code fraction) and
-        nothing else: what a model's ``compute_loss`` asks for under ``evaluate``, so that the
-        validation columns are measured rather than left at 0. Serving leaves it off.
+        the perplexity metric with this batch's codes and nothing else: what a model's
+        ``compute_loss`` asks for under ``evaluate``, so that its validation column is measured
+        rather than left at 0. Dead codes are a training-state metric (a training step restarts
+        them, so the stored state never shows one): evaluate leaves it at 0. Serving leaves
+        both alone.
 
     Returns:
       ``(quantized, codes)``: ``quantized`` has the shape of ``inputs``, the value of the nearest
@@ -247,8 +249,6 @@ class VectorQuantizer(tf.keras.layers.Layer):
             codes = self._assign(vectors, self.codebooks)
             nearest = tf.gather(self.codebooks, codes, batch_dims=1)
             if track_metrics:
-                dead = self.ema_cluster_size < self.dead_code_threshold
-                self.dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
                 self.perplexity_tracker.update_state(tf.reduce_mean(self._perplexity(codes)))
         shape = tf.shape(inputs)
         nearest = tf.cast(tf.reshape(tf.transpose(nearest, [1, 0, 2]), shape), inputs.dtype)

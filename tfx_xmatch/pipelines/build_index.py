@@ -202,6 +202,7 @@ def _write_postings(merged, plan: _Plan) -> dict:
     items, scores, splits, positives = merged
     arrays = {"posting_items": items, "posting_scores": scores, "posting_splits": splits,
               "identifiers": np.arange(1, plan.num_items + 1, dtype=np.int64)}
+    # Zipped in memory: zipfile needs tell(), which object stores' write streams lack.
     content = io.BytesIO()
     with zipfile.ZipFile(content, "w", zipfile.ZIP_STORED) as archive:  # np.savez would stamp the time
         for name, array in arrays.items():
@@ -340,7 +341,9 @@ def load_item_embeddings(output_dir: str | os.PathLike) -> np.ndarray:
       FileNotFoundError: If the directory holds no finished build.
     """
     finished_build(output_dir)
-    return np.load(io.BytesIO(read_bytes(os.path.join(os.fspath(output_dir), EMBEDDINGS_FILE))), allow_pickle=False)
+    # Straight from the file handle (it seeks): reading the bytes first would hold the table twice.
+    with tf.io.gfile.GFile(os.path.join(os.fspath(output_dir), EMBEDDINGS_FILE), "rb") as handle:
+        return np.load(handle, allow_pickle=False)
 
 
 def load_sparse_code_index(output_dir: str | os.PathLike, k_max: int = 100, **kwargs) -> SparseCodeIndex:
@@ -363,7 +366,7 @@ def load_sparse_code_index(output_dir: str | os.PathLike, k_max: int = 100, **kw
                                 f"{os.fspath(output_dir)!r}?")
     index = SparseCodeIndex(k_max=k_max, max_items_per_code=stats["max_items_per_code"],
                             cache_fraction=stats["cache_fraction"], **kwargs)
-    with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as arrays:
+    with tf.io.gfile.GFile(path, "rb") as handle, np.load(handle, allow_pickle=False) as arrays:
         return index.load_postings(arrays["posting_items"], arrays["posting_scores"], arrays["posting_splits"],
                                    arrays["identifiers"], num_positive_entries=stats["positive_entries"])
 
