@@ -77,8 +77,15 @@ def gfile_temporary(path: str) -> Iterator[str]:
         yield temporary
         tf.io.gfile.rename(temporary, path, overwrite=True)
     finally:
-        if tf.io.gfile.exists(temporary):
-            tf.io.gfile.remove(temporary)
+        remove_if_present(temporary)
+
+
+def remove_if_present(path: str) -> None:
+    """Removes the file at ``path`` (any ``tf.io.gfile`` path) if there is one."""
+    import tensorflow as tf
+
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
 
 
 def write_bytes(path: str, content: bytes) -> None:

@@ -43,8 +43,8 @@ from tfx_xmatch import training
 from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.index.sparse_code_index import SparseCodeIndex, cache_budget, entries_to_postings, prune_entries
 from tfx_xmatch.io_utils import json_text
-from tfx_xmatch.pipelines.beam_utils import (gfile_temporary, pipeline_options, read_bytes, require_beam,
-                                             split_arguments, write_bytes, write_text)
+from tfx_xmatch.pipelines.beam_utils import (gfile_temporary, pipeline_options, read_bytes, remove_if_present,
+                                             require_beam, split_arguments, write_bytes, write_text)
 
 beam = require_beam()
 from apache_beam.utils.shared import Shared  # noqa: E402
@@ -225,15 +225,10 @@ def _write_stats(parts: list, plan: _Plan) -> dict:
     if plan.num_codes is not None:
         stats["files"].append(POSTINGS_FILE)
     else:  # a previous SparCode build here would otherwise pass for this model's index
-        _remove_if_present(os.path.join(plan.output_dir, POSTINGS_FILE))
+        remove_if_present(os.path.join(plan.output_dir, POSTINGS_FILE))
     stats = dict(sorted(stats.items()))
     write_text(os.path.join(plan.output_dir, STATS_FILE), json_text(stats))
     return stats
-
-
-def _remove_if_present(path: str) -> None:
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.remove(path)
 
 
 class _BuildIndex(beam.PTransform):
@@ -311,7 +306,7 @@ def run_build_index(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     # new embeddings off under the old build's statistics.
     output_dir = os.fspath(output_dir)
     for name in (STATS_FILE, SUMMARY_FILE):
-        _remove_if_present(os.path.join(output_dir, name))
+        remove_if_present(os.path.join(output_dir, name))
     started = time.perf_counter()
     with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         build_index_pipeline(pipeline, run_dir, output_dir, **settings)

@@ -47,7 +47,8 @@ from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.data.tfrecord import record_counts
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
 from tfx_xmatch.io_utils import json_text
-from tfx_xmatch.pipelines.beam_utils import pipeline_options, require_beam, split_arguments, write_text
+from tfx_xmatch.pipelines.beam_utils import (pipeline_options, remove_if_present, require_beam, split_arguments,
+                                             write_text)
 
 beam = require_beam()
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference  # noqa: E402
@@ -321,8 +322,8 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        elif tf.io.gfile.exists(target):
-            tf.io.gfile.remove(target)
+        else:
+            remove_if_present(target)
     return metrics
 
 

@@ -48,8 +48,8 @@ from tfx_xmatch.data.splits import (
 )
 from tfx_xmatch.data.tfrecord import SPLIT_PARTS, example_bytes, remove_stale_shards, shard_boundaries, shard_paths
 from tfx_xmatch.io_utils import json_text
-from tfx_xmatch.pipelines.beam_utils import (gfile_temporary, pipeline_options, require_beam, split_arguments,
-                                             write_text)
+from tfx_xmatch.pipelines.beam_utils import (gfile_temporary, pipeline_options, remove_if_present, require_beam,
+                                             split_arguments, write_text)
 
 logger = logging.getLogger(__name__)
 
@@ -442,8 +442,7 @@ def run_prepare(spec: PrepareSpec, beam_args: Sequence[str] = ()) -> dict:
 
     statistics_path = os.path.join(spec.output_dir, "statistics.json")
     # statistics.json is written last: without it a directory is not a finished prepare output.
-    if tf.io.gfile.exists(statistics_path):
-        tf.io.gfile.remove(statistics_path)
+    remove_if_present(statistics_path)
     with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         prepare_pipeline(pipeline, spec)
     with tf.io.gfile.GFile(statistics_path) as handle:
