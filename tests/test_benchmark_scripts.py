@@ -521,3 +521,57 @@ def test_the_continuous_training_benchmark_warm_starts_across_the_changed_catalo
     with pytest.raises(ValueError, match=r"warm_started is not scratch with another seed"):
         continuous.measure(config, tmp_path, [tmp_path / "scratch", tmp_path / "tiny-warm_started"], 40, 0.5, 1.0,
                            "tiny")
+
+
+def test_cache_selection_rules_hold_their_budget_and_the_baseline_is_exact_with_room_for_everything():
+    selection = _import_benchmark("sparcode_cache_selection")
+    from tfx_xmatch.index.sparse_code_index import cache_budget
+
+    rng = np.random.default_rng(0)
+    num_codebooks, num_codewords, num_items = 2, 4, 20
+    table = np.maximum(rng.normal(size=(num_codebooks * num_codewords, num_items + 1)), 0.0)
+    table[:, 0] = 0.0  # the padding column
+    usage = rng.integers(0, 9, size=num_codebooks * num_codewords).astype(np.float64)
+    budget = cache_budget(0.2, num_codebooks * num_codewords, num_items)
+    rules = list(selection.selections(table, usage, num_codebooks, budget))
+    assert [name.split(" ")[0] for name, *_ in rules] == ["largest", "per-code", "usage-weighted", "item"]
+    for name, cut, baseline, entries in rules:
+        held = int(np.count_nonzero(cut)) + (0 if baseline is None else num_items)
+        assert held <= entries <= budget, name
+        assert not cut[:, 0].any(), name
+    selection.check_index_rule(table, rules[0][1], 0.2)  # the index stores exactly the 'largest' cut
+    with pytest.raises(AssertionError, match="differ"):
+        selection.check_index_rule(table, rules[1][1], 0.2)
+    # A baseline of N dense entries that does not fit in the budget is not offered.
+    assert len(list(selection.selections(table, usage, num_codebooks, num_items - 1))) == 3
+    # With room for every residual, baseline + residuals give back each query's exact scores.
+    *_, (_, cut, baseline, _) = selection.selections(table, usage, num_codebooks, table.size + num_items)
+    codes = np.stack([rng.integers(0, num_codewords, 50), num_codewords + rng.integers(0, num_codewords, 50)], axis=1)
+    np.testing.assert_allclose(cut[codes].sum(axis=1) + baseline, table[codes].sum(axis=1), atol=1e-9)
+
+
+def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_with_the_full_table(tmp_path):
+    from tfx_xmatch import training
+    from tfx_xmatch.evaluation import evaluate_full_ranking
+
+    configs, split, _ = _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=8",
+                                                          "model.options.num_query_tokens=2"])
+    completed = _run([str(BENCHMARKS / "sparcode_cache_selection.py"), "--runs-dir", str(tmp_path), "--run", "sparcode",
+                      "--fraction", "0.25", "--results-dir", str(tmp_path), "--output", "selection"], timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads((tmp_path / "selection.json").read_text())
+    full, *rules = result["rows"]
+    assert result["budget"] == 2 * split.num_items and len(rules) == 4
+    model = training.load_model(tmp_path / "sparcode" / "model")
+    config = configs["sparcode"]
+    expected = evaluate_full_ranking(
+        lambda histories, user_rows: model.score_all(training.model_inputs(model, split.dataset, histories, user_rows)),
+        split.test, num_items=split.num_items, max_length=config.model.max_length, batch_size=config.eval.batch_size,
+        ks=(10, 50), mask_history=True, item_popularity=split.item_popularity())
+    assert full["Recall@50"] == pytest.approx(expected["Recall@50"], abs=1e-4)
+    for row in rules:
+        assert row["entries"] <= result["budget"]
+        assert row["vs_full"]["Recall@50"]["difference"] == pytest.approx(row["Recall@50"] - full["Recall@50"], abs=2e-4)
+    assert "| item baseline + residuals |" in (tmp_path / "selection.md").read_text()
+    refused = _run([str(BENCHMARKS / "sparcode_cache_selection.py"), "--fraction", "1.5"], timeout=300)
+    assert refused.returncode == 2 and "--fraction must be in (0, 1], got 1.5" in refused.stderr
