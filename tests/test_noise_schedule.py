@@ -98,3 +98,25 @@ def test_ddim_visits_evenly_spaced_steps_and_checks_the_count():
         NoiseSchedule("quadratic", 10)
     with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got 0"):
         NoiseSchedule("linear", 0)
+
+
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float16])
+def test_every_step_keeps_its_inputs_dtype_and_float32_values(dtype):
+    # float64 callers and mixed-precision (float16) towers used to hit a float32-only table.
+    schedule = NoiseSchedule("exponential", 50)
+    rng = np.random.default_rng(0)
+    z0, zs, noise = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3))
+    steps, previous = tf.constant([1, 20, 50]), tf.constant([0, 10, 40])
+    calls = {
+        "q_sample": lambda cast: schedule.q_sample(cast(z0), steps, cast(noise)),
+        "posterior mean": lambda cast: schedule.posterior(cast(z0), cast(zs), steps)[0],
+        "ddpm_step": lambda cast: schedule.ddpm_step(cast(zs), cast(z0), steps, cast(noise)),
+        "ddim_step": lambda cast: schedule.ddim_step(cast(zs), cast(z0), steps, previous),
+    }
+    tolerance = 1e-6 if dtype == tf.float64 else 2e-2
+    for name, call in calls.items():
+        expected = call(lambda x: tf.constant(x, tf.float32))
+        got = call(lambda x: tf.constant(x, dtype))
+        assert got.dtype == dtype, name
+        np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected.numpy(), atol=tolerance, rtol=tolerance,
+                                   err_msg=name)

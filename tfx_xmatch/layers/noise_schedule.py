@@ -92,8 +92,9 @@ class NoiseSchedule(tf.Module):
 
     @staticmethod
     def _per_row(table: tf.Tensor, steps: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-        """table[steps] shaped to broadcast over ``like`` (steps: int [B] or scalar)."""
-        values = tf.gather(table, tf.cast(steps, tf.int32))
+        """table[steps] in ``like``'s dtype, shaped to broadcast over ``like`` (steps: int [B] or
+        scalar); the tables are float32, and float64 or float16 (mixed precision) inputs keep theirs."""
+        values = tf.cast(tf.gather(table, tf.cast(steps, tf.int32)), like.dtype)
         if values.shape.rank == 0:
             return values
         return tf.reshape(values, tf.concat([tf.shape(values), tf.ones([tf.rank(like) - 1], tf.int32)], 0))
