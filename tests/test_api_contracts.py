@@ -213,6 +213,51 @@ def test_a_keras_save_and_load_answers_like_the_saved_model(model_class, extensi
     np.testing.assert_allclose(reloaded({"history": HISTORY}).numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
+def _batches():
+    sequences = np.random.default_rng(1).integers(1, 31, (16, 13))
+    return tf.data.Dataset.from_tensor_slices({"history": sequences[:, :-1], "next_items": sequences[:, 1:]}).batch(8)
+
+
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+def test_call_builds_every_weight_that_scoring_and_training_use(model_class):
+    """A model restored from a .keras file is built by call() alone; a weight created later (at
+    the first score or training step) is skipped by the restore and drawn anew. SparCode's
+    interaction network was: a .keras SparCode scored with random weights, without a warning."""
+    model = _tiny(model_class)
+    model({"history": HISTORY})
+    built = {variable.name for variable in model.variables}
+    model.score_all({"history": HISTORY})
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+    model.fit(_batches(), epochs=1, verbose=0)
+    assert {variable.name for variable in model.variables} - built == set()
+
+
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+def test_fit_then_save_and_checkpoint_without_calling_the_model_first(model_class, tmp_path):
+    """fit never goes through __call__, so Keras refused model.save after it ("the forward pass
+    of the model is not defined"), a full-model ModelCheckpoint stopped fit at its first epoch,
+    and a .keras file saved after it could not be loaded."""
+    tf.keras.utils.set_random_seed(0)
+    model = _tiny(model_class)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+    checkpoint = tf.keras.callbacks.ModelCheckpoint(str(tmp_path / "checkpoint"))
+    model.fit(_batches(), epochs=1, verbose=0, callbacks=[checkpoint])
+    expected = model.score_all({"history": HISTORY}).numpy()
+    for path in (tmp_path / "checkpoint", tmp_path / "saved", tmp_path / "saved.keras"):
+        if path != tmp_path / "checkpoint":
+            model.save(str(path))
+        reloaded = tf.keras.models.load_model(str(path))
+        np.testing.assert_allclose(reloaded.score_all({"history": HISTORY}).numpy(), expected, rtol=1e-5, atol=1e-5,
+                                   err_msg=str(path))
+
+
+def test_evaluate_alone_leaves_a_model_that_saves(tmp_path):
+    model = _tiny(TwoTower)
+    model.compile()
+    model.evaluate(_batches(), verbose=0)
+    model.save(str(tmp_path / "evaluated"))
+
+
 def test_mixed_attention_weights_round_trip_through_a_weights_h5_file(tmp_path):
     class Holder(tf.keras.Model):
         def __init__(self):

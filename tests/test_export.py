@@ -75,6 +75,64 @@ def test_serving_signatures_match_the_oracle(model, vocab_fn, padding):
         np.testing.assert_allclose(top["scores"].numpy(), oracle(model, HISTORIES, k)[1], rtol=1e-5)
 
 
+def tf_serving_batch(requests: list) -> dict:
+    """Merges requests as TF Serving's BatchingSession does with pad_variable_length_inputs:
+    every input is concatenated along the first axis (a scalar is refused), a narrower tensor
+    padded at the end of each dimension with its own first element."""
+    merged = {}
+    for name in requests[0]:
+        parts = [np.asarray(request[name]) for request in requests]
+        if any(part.ndim == 0 for part in parts):
+            raise ValueError("Batching session Run() input tensors must have at least one dimension")
+        width = [max(part.shape[d] for part in parts) for d in range(1, parts[0].ndim)]
+        merged[name] = np.concatenate([
+            np.pad(part, [(0, 0)] + [(0, w - part.shape[d + 1]) for d, w in enumerate(width)],
+                   constant_values=part.flat[0]) for part in parts])
+    return merged
+
+
+def test_top_k_takes_one_k_per_row_as_tf_serving_batching_and_row_format_send_it(model):
+    vocab = string_vocab()
+    module = build_serving_module(model, vocab, k_max=K_MAX)
+    histories = tf.constant(right_padded(vocab, HISTORIES, 16, ""))
+    per_row = module.top_k(histories, tf.constant([2, K_MAX, 5]))
+    assert per_row["item_ids"].shape == (3, K_MAX)
+    for row, k in enumerate((2, K_MAX, 5)):
+        alone = module.top_k(histories[row:row + 1], tf.constant(k))
+        np.testing.assert_array_equal(per_row["item_ids"][row, :k].numpy(), alone["item_ids"][0].numpy())
+        np.testing.assert_allclose(per_row["scores"][row, :k].numpy(), alone["scores"][0].numpy(), rtol=1e-6)
+        # Past its own k, a row holds what an unfilled slot holds.
+        assert set(per_row["item_ids"][row, k:].numpy().tolist()) <= {b""}
+        assert np.all(per_row["scores"][row, k:].numpy() == -np.inf)
+    # One k for every row, as a scalar, a single value or a column (row format with [k] per instance).
+    for k in (tf.constant(4), tf.constant([4]), tf.constant([[4], [4], [4]])):
+        np.testing.assert_array_equal(module.top_k(histories, k)["item_ids"].numpy(),
+                                      module.top_k(histories, tf.constant(4))["item_ids"].numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"one value per history row; history rows:.*3.*k shape"):
+        module.top_k(histories, tf.constant([2, 3]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"k must be in \[1, k_max={K_MAX}\], got k =\] \[0\]"):
+        module.top_k(histories, tf.constant([2, 0, 3]))
+
+
+@pytest.mark.parametrize("vocab_fn, padding", [(string_vocab, ""), (int_vocab, 0)])
+def test_tf_serving_batching_of_left_padded_requests_answers_each_as_alone(model, vocab_fn, padding):
+    """Stock TF Serving (--enable_batching, pad_variable_length_inputs) merges requests of
+    different widths by padding each at the end with its first element: a history that starts
+    with the padding id, as the serving docs ask, comes through unchanged."""
+    vocab = vocab_fn()
+    module = build_serving_module(model, vocab, k_max=K_MAX)
+    requests = [{"history": np.array([[padding] * (width - len(h)) + list(vocab.ids(h))]), "k": np.array([k], np.int32)}
+                for h, width, k in zip(HISTORIES, (6, 3, 20), (3, 7, K_MAX))]
+    with pytest.raises(ValueError, match="at least one dimension"):
+        tf_serving_batch([{**requests[0], "k": np.array(3, np.int32)}, requests[1]])
+    merged = tf_serving_batch(requests)
+    merged = module.top_k(tf.constant(merged["history"]), tf.constant(merged["k"]))
+    for row, request in enumerate(requests):
+        alone = module.top_k(tf.constant(request["history"]), tf.constant(request["k"]))
+        k = int(request["k"][0])
+        np.testing.assert_array_equal(merged["item_ids"][row, :k].numpy(), alone["item_ids"][0].numpy())
+
+
 def test_history_is_kept_when_asked(model):
     vocab = int_vocab()
     module = build_serving_module(model, vocab, k_max=K_MAX, exclude_history=False)

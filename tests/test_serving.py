@@ -1185,6 +1185,39 @@ def test_merged_batches_are_padded_to_the_allowed_sizes():
     assert seen == [4, 4]
 
 
+def test_an_input_of_unknown_rank_is_batched_when_a_request_gives_one_value_per_row():
+    """top_k's k: one value per row is split with the rows (TF Serving's batching and row format
+    send it so); a scalar k stays a per-request constant, batched only with equal scalars."""
+    import types
+
+    from tfx_xmatch.serving.batching import Batcher
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+    batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=1_000_000))
+    signature = types.SimpleNamespace(
+        batchable=True, batched_inputs=("history",), name="top_k",
+        inputs={"history": TensorSpecInfo("history", tf.int64, (None, None)), "k": TensorSpecInfo("k", tf.int32, None)})
+    seen = []
+
+    def call(arrays):
+        seen.append((arrays["history"].shape[0], np.shape(arrays["k"])))
+        return {"y": arrays["history"][:, :1] * np.reshape(arrays["k"], (-1, 1))}
+
+    requests = [{"history": np.array([[1, 2], [3, 4]]), "k": np.array([5, 6], np.int32)},
+                {"history": np.array([[7, 8]]), "k": np.array([9], np.int32)}]
+    keys = [Batcher.batch_key("m", signature, request) for request in requests]
+    assert keys[0][0] == keys[1][0]  # the per-row k does not split the batch
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(batcher.run, *key, request, call, signature) for key, request in zip(keys, requests)]
+        answers = [future.result(timeout=30)["y"].tolist() for future in futures]
+    assert answers == [[[5], [18]], [[63]]] and seen == [(3, (3,))]
+    scalar = {"history": np.array([[1, 2]]), "k": np.array(9, np.int32)}
+    one_for_all = {"history": np.array([[1, 2], [3, 4]]), "k": np.array([9], np.int32)}
+    for constant in (scalar, one_for_all):  # one k for the request: a constant of the batch key
+        assert Batcher.batch_key("m", signature, constant)[0] != keys[0][0]
+        assert ("k", "c") == Batcher.batch_key("m", signature, constant)[0][-1][:2]
+
+
 def test_deeply_nested_json_strings_are_a_bad_request():
     from tfx_xmatch.serving import codec
     from tfx_xmatch.serving.errors import ServingError

@@ -4,7 +4,12 @@
 
   * ``serving_default(history)``: top ``default_k`` items for each padded history;
   * ``top_k(history, k)``: the same with ``k`` chosen per request (1 <= k <= k_max), because a
-    TF Serving signature cannot have optional inputs and ``k`` must not be frozen at export;
+    TF Serving signature cannot have optional inputs and ``k`` must not be frozen at export.
+    ``k`` is a scalar (one k for every row) or holds one value per history row: TF Serving's
+    ``--enable_batching`` concatenates every input of the requests it merges along the first
+    axis and refuses scalars, and its REST row format (``{"instances": [{"history": [...],
+    "k": 5}]}``) stacks ``k`` into one value per row. The answer is ``[batch, max k]``; a row's
+    slots past its own k hold the padding id with score ``-inf``, as unfilled slots do;
   * ``user_embedding(history)`` and ``item_embeddings(item_ids)``.
 
 A model trained with user features (``data.side_info``) takes each feature as one more input of
@@ -99,8 +104,9 @@ class RetrievalServingModule(tf.Module):
 
         history_spec = tf.TensorSpec([None, None], self.id_dtype, name="history")
         self.serving_default = tf.function(self._serve_default, input_signature=[history_spec, *feature_specs])
+        # Unknown rank: a scalar k, or one k per row (what TF Serving's batching and row format send).
         self.top_k = tf.function(
-            self._serve_top_k, input_signature=[history_spec, tf.TensorSpec([], tf.int32, name="k"), *feature_specs]
+            self._serve_top_k, input_signature=[history_spec, tf.TensorSpec(None, tf.int32, name="k"), *feature_specs]
         )
         self.user_embedding = tf.function(self._serve_user_embedding, input_signature=[history_spec, *feature_specs])
         self.item_embeddings = tf.function(
@@ -178,7 +184,29 @@ class RetrievalServingModule(tf.Module):
         return self._retrieve(history, self.default_k, features)
 
     def _serve_top_k(self, history, k, *features):
-        return self._retrieve(history, k, features)
+        row_k = self._row_k(k, tf.shape(history)[0])
+        # One search for the batch at its largest k; each row then keeps its own k.
+        results = self._retrieve(history, tf.reduce_max(tf.concat([row_k, [1]], 0)), features)
+        keep = tf.range(tf.shape(results["scores"])[1])[tf.newaxis, :] < row_k[:, tf.newaxis]
+        return {"item_ids": tf.where(keep, results["item_ids"], self.padding_id),
+                "scores": tf.where(keep, results["scores"], tf.constant(-np.inf, tf.float32))}
+
+    def _row_k(self, k: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """Each history row's k, int32 [rows], from one k (a scalar or a single value) or one k per
+        row; checked."""
+        values = tf.reshape(k, [-1])
+        size = tf.size(values)
+        shape_check = tf.debugging.Assert(
+            tf.logical_and(tf.logical_or(tf.equal(size, 1), tf.equal(size, rows)), tf.rank(k) <= 2),
+            ["k must be a scalar or hold one value per history row; history rows:", rows, "k shape:", tf.shape(k)],
+        )
+        out_of_range = tf.logical_or(values < 1, values > self.index.k_max)
+        range_check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(out_of_range)),
+            [f"k must be in [1, k_max={self.index.k_max}], got k =", tf.boolean_mask(values, out_of_range)[:1]],
+        )
+        with tf.control_dependencies([shape_check, range_check]):
+            return tf.broadcast_to(values, [rows])  # a single k applies to every row
 
     def _serve_user_embedding(self, history, *features):
         return {"user_embedding": self._user_vectors(self._model_inputs(history, features))}

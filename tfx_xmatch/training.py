@@ -240,17 +240,9 @@ def evaluate(model: tf.keras.Model, split: Split, which: str, config: RunConfig,
 
 # ------------------------------------------------------------------------- persistence
 def build_all_variables(model: tf.keras.Model) -> None:
-    """Creates every variable with inference calls, so weights can be loaded into them.
-
-    ``model(...)`` marks the model built (BackupAndRestore skips unbuilt models, silently
-    losing resumption); ``score_all`` also builds what only scoring uses (e.g. item-side
-    interaction layers).
-    """
-    inputs = {"history": np.zeros((1, model.max_length), np.int32)}
-    for name in getattr(model, "user_feature_cardinalities", {}):
-        inputs[name] = np.zeros((1,), np.int32)
-    model(inputs)
-    model.score_all(inputs)
+    """Creates every variable with inference calls, so weights can be loaded into them
+    (``RetrievalModel.build_all_variables``)."""
+    model.build_all_variables()
 
 
 def model_kind(model: tf.keras.Model) -> str:

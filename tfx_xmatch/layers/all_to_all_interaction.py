@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
+
+from tfx_xmatch.arguments import is_integer
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -25,6 +27,9 @@ class AllToAllInteraction(tf.keras.layers.Layer):
       hidden_units: Widths of the MLP's hidden ReLU layers (sequence of int, default (64,)).
         At least one.
       bilinear: Add the bilinear term (bool, default True).
+      num_item_tokens: T, tokens per item (int >= 1), or None (default) to learn it at the first
+        call. Given, ``build`` creates every weight, so a saved model that never scored an item
+        before it was saved restores them instead of re-initialising them at the first call.
 
     Call args:
       query_tokens: float [P, d] query (or code) tokens.
@@ -44,13 +49,17 @@ class AllToAllInteraction(tf.keras.layers.Layer):
       TensorShape([4, 10])
     """
 
-    def __init__(self, hidden_units: Sequence[int] = (64,), bilinear: bool = True, **kwargs):
+    def __init__(self, hidden_units: Sequence[int] = (64,), bilinear: bool = True,
+                 num_item_tokens: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
         hidden_units = tuple(hidden_units)
         if not hidden_units or any(int(u) < 1 for u in hidden_units):
             raise ValueError(f"hidden_units must be one or more widths >= 1, got {hidden_units!r}")
+        if num_item_tokens is not None and (not is_integer(num_item_tokens) or num_item_tokens < 1):
+            raise ValueError(f"num_item_tokens must be an integer >= 1 or None, got {num_item_tokens!r}")
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.bilinear = bool(bilinear)
+        self.num_item_tokens = None if num_item_tokens is None else int(num_item_tokens)
 
     def build(self, input_shape=None):
         """Builds the sublayers; ``input_shape`` is the query tokens' [P, d] (d must be known)."""
@@ -68,6 +77,16 @@ class AllToAllInteraction(tf.keras.layers.Layer):
         if self.bilinear:
             # Query and item tokens share the width d.
             self.bilinear_projection = tf.keras.layers.Dense(int(width), use_bias=False, name="bilinear")
+        if width is not None and self.num_item_tokens is not None:
+            self.query_projection.build([None, int(width)])
+            self.item_projection.build([None, self.num_item_tokens * int(width)])
+            units = first
+            for layer in self.hidden_layers:
+                layer.build([None, None, units])
+                units = layer.units
+            self.output_layer.build([None, None, units])
+            if self.bilinear:
+                self.bilinear_projection.build([None, int(width)])
         super().build(input_shape)
 
     def call(self, query_tokens: tf.Tensor, item_tokens: tf.Tensor) -> tf.Tensor:
@@ -97,5 +116,6 @@ class AllToAllInteraction(tf.keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(hidden_units=list(self.hidden_units), bilinear=self.bilinear)
+        config.update(hidden_units=list(self.hidden_units), bilinear=self.bilinear,
+                      num_item_tokens=self.num_item_tokens)
         return config

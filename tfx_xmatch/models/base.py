@@ -35,6 +35,34 @@ class RetrievalModel(tfrs.models.Model):
         self.regularization_loss_tracker = tf.keras.metrics.Mean(name="regularization_loss")
         self.total_loss_tracker = tf.keras.metrics.Mean(name="total_loss")
 
+    def build_all_variables(self) -> None:
+        """Creates every variable with inference calls on one padded history.
+
+        ``self(...)`` marks the model built and records the input spec that ``save`` needs
+        (BackupAndRestore skips unbuilt models, silently losing resumption); ``score_all`` also
+        builds what only scoring uses. ``fit`` and ``evaluate`` call it first on a model never
+        called: their steps compute the loss without ``__call__``, so Keras would otherwise
+        refuse ``model.save`` (and a full-model ``ModelCheckpoint``) after training.
+        """
+        inputs = {"history": tf.zeros((1, self.max_length), tf.int32)}
+        for name in self.user_feature_cardinalities:
+            inputs[name] = tf.zeros((1,), tf.int32)
+        self(inputs)
+        self.score_all(inputs)
+
+    def _build_if_never_called(self) -> None:
+        if self.save_spec() is None:
+            with self.distribute_strategy.scope():
+                self.build_all_variables()
+
+    def fit(self, *args, **kwargs):
+        self._build_if_never_called()
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._build_if_never_called()
+        return super().evaluate(*args, **kwargs)
+
     def train_step(self, inputs):
         with tf.GradientTape() as tape:
             loss = self.compute_loss(inputs, training=True)

@@ -277,7 +277,12 @@ class SparCode(RetrievalModel):
             # MirroredStrategy with 2+ replicas) fails when its initialization is lifted out.
             self.quantizer.build(tf.TensorShape([None, self.num_query_tokens, self.embedding_dim])
                                  if self.num_codebooks > 1 else tf.TensorShape([None, self.embedding_dim]))
-        self.interaction = AllToAllInteraction(self.interaction_units, name="interaction")
+        # Built with the model (query tokens are d wide; an item has its id token and one per
+        # feature table): a model restored from a .keras file that only ran call() would
+        # otherwise skip these weights and draw new ones at the first score.
+        self.interaction = AllToAllInteraction(self.interaction_units, num_item_tokens=1 + len(self.item_feature_dims),
+                                               name="interaction")
+        self.interaction.build(tf.TensorShape([None, self.embedding_dim]))
         self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros")
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
         self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")

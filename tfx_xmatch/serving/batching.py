@@ -2,7 +2,8 @@
 
 Concurrent requests that can share one call are merged: same loaded version and signature, same
 dtypes and non-batch dimensions of the batched inputs (those whose leading dimension is free in
-the signature), and equal values of the per-request constant inputs (scalars such as ``k``,
+the signature, and an input of unknown rank, such as ``top_k``'s ``k``, when a request gives it
+one value per row), and equal values of the per-request constant inputs (a scalar ``k``,
 fixed-shape tensors). Requests that differ in any of these are batched separately, so rows are
 padded only up to ``allowed_batch_sizes`` when given. A batch runs when it holds ``max_batch_size`` rows or when
 ``batch_timeout_micros`` has passed since its first request arrived; the outputs are split
@@ -172,6 +173,16 @@ class _Batch:
         self.ready = threading.Event()  # set when full (or displaced): run without waiting
 
 
+def _is_batched(signature, alias: str, array: np.ndarray, rows) -> bool:
+    """Whether a request's input is split along the batch: an input whose leading dimension is
+    free in the signature, or one of unknown rank (``top_k``'s ``k``) that this request gives
+    with one value per row; anything else is a per-request constant."""
+    if alias in signature.batched_inputs:
+        return True
+    spec = signature.inputs.get(alias)
+    return spec is not None and spec.rank is None and array.ndim >= 1 and array.shape[0] == rows
+
+
 @dataclasses.dataclass
 class BatchingStats:
     requests: int = 0  # requests that went through the batcher
@@ -199,15 +210,17 @@ class Batcher:
             return None
         parts = [id(owner), signature.name]
         rows = None
+        for alias in signature.batched_inputs:
+            array = arrays.get(alias)
+            if array is None or array.ndim == 0:
+                return None
+            if rows is None:
+                rows = array.shape[0]
+            elif array.shape[0] != rows:
+                return None  # inputs disagree on the batch size: run as is
         for alias in sorted(arrays):
             array = arrays[alias]
-            if alias in signature.batched_inputs:
-                if array.ndim == 0:
-                    return None
-                if rows is None:
-                    rows = array.shape[0]
-                elif array.shape[0] != rows:
-                    return None  # inputs disagree on the batch size: run as is
+            if _is_batched(signature, alias, array, rows):
                 parts.append((alias, "b", array.dtype.str, array.shape[1:]))
             else:
                 if array.dtype == object:
@@ -291,8 +304,9 @@ class Batcher:
             self._run_single(tasks[0], call)
             return
         merged = {}
+        batched = {part[0] for part in batch.key[2:] if part[1] == "b"}
         for alias, first in tasks[0].inputs.items():
-            if alias in signature.batched_inputs:
+            if alias in batched:
                 parts = [t.inputs[alias] for t in tasks]
                 if padded > batch.rows:
                     parts.append(np.repeat(parts[0][:1], padded - batch.rows, axis=0))

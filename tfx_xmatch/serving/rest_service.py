@@ -15,9 +15,10 @@ Errors are ``{"error": "..."}`` with 400 (bad request, and as in TF Serving any 
 outside these routes: "Malformed request"), 404 (unknown model or version), 413 (body over the
 limit), 501, 503 or 500. Paths match case-insensitively; bodies may be chunked or gzip-encoded.
 
-One extension to the row format: a signature input of rank 0 (a scalar such as ``k``) may be
-given in every instance, provided all instances give the same value; TF Serving would reject
-it (it stacks instances), and the columnar format remains the portable way.
+One extension to the row format: a signature input of rank 0 (a scalar) may be given in every
+instance, provided all instances give the same value; TF Serving would reject it (it stacks
+instances), and the columnar format remains the portable way. Our exports' ``top_k`` takes
+``k`` of any rank, so its instances stack into one k per row, as in TF Serving.
 """
 
 from __future__ import annotations
