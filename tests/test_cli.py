@@ -158,6 +158,34 @@ def test_export_refuses_bad_index_options_in_one_line_and_leaves_no_base_directo
     assert "search returned only" not in caplog.text  # every partition probed: exact, no warning
 
 
+def test_export_of_item_ids_that_include_zero_takes_another_padding_id(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    table = tmp_path / "plays.csv"
+    table.write_text("user,item\n" + "".join(f"u{user},{item}\n" for user in range(40)
+                                             for item in rng.integers(0, 20, size=8)))
+    run_dir = tmp_path / "run"
+    overrides = [arg for override in (*TINY, f"data.dataset={table}", "data.format=table", "train.epochs=1")
+                 for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
+    export = ["export", "--run-dir", str(run_dir), "--export-base-path", str(tmp_path / "models"), "--k-max", "5"]
+    capsys.readouterr()
+    _refused(capsys, r"padding_id 0 is also a real item id; pass another padding_id \(xmatch export --padding-id, "
+                     r"e.g. -1\)", export)
+    _refused(capsys, "--padding-id 'none': the run's item ids are integers", [*export, "--padding-id", "none"])
+    assert main([*export, "--padding-id=-1"]) == 0
+    version = tmp_path / "models" / "1"
+    served = json.loads((version / "assets.extra" / "xmatch_model.json").read_text())["serving"]
+    assert served == {"padding_id": -1, "max_length": 12, "k_max": 5, "default_k": 5}
+    import tensorflow as tf
+
+    answer = tf.saved_model.load(str(version)).signatures["top_k"](
+        history=tf.constant([[-1, -1, 0, 3]], tf.int64), k=tf.constant([5], tf.int32))
+    items = answer["item_ids"].numpy()[0].tolist()
+    assert len(items) == 5 and 0 not in items and 3 not in items  # item 0 is an item here, excluded as history
+
+
 @pytest.mark.parametrize("argv, level", [
     (["compare", "--log-level", "DEBUG"], "DEBUG"),  # where the error messages suggest it
     (["--log-level", "INFO", "compare"], "INFO"),

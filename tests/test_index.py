@@ -181,6 +181,14 @@ def test_exclude_padding_is_configurable():
     np.testing.assert_array_equal(padded_by_default.numpy()[:, 0], 0)
 
 
+def test_unsigned_identifiers_beyond_int64_are_refused_not_wrapped():
+    ids = np.array([2**63 + 5, 2, 3], np.uint64)
+    with pytest.raises(ValueError, match=r"stored as int64; 9223372036854775813 does not fit"):
+        BruteForceIndex(k_max=3).index(np.eye(3, dtype=np.float32), ids)
+    index = BruteForceIndex(k_max=3).index(np.eye(3, dtype=np.float32), np.array([7, 2, 3], np.uint64))
+    assert index(tf.constant([[1.0, 0.0, 0.0]]), k=1)[1].numpy().tolist() == [[7]]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_repeated_identifiers_are_refused_with_the_id(kind):
     candidates, _, _, _ = _data()

@@ -206,11 +206,19 @@ def _command_export(args: argparse.Namespace) -> int:
             raise ValueError(f"--index-option {item!r} must look like name=value")
         options[key] = yaml.safe_load(value)
     model = training.load_model(model_dir)
+    item_vocab = training.load_item_vocab(model_dir)
+    padding_id = args.padding_id
+    if padding_id is not None and item_vocab.id_type == "int":
+        try:
+            padding_id = int(padding_id)
+        except ValueError:
+            raise ValueError(f"--padding-id {padding_id!r}: the run's item ids are integers, so the padding id "
+                             "must be one too (e.g. -1)") from None
     path = export.export_retrieval_model(
-        model, training.load_item_vocab(model_dir), args.export_base_path,
+        model, item_vocab, args.export_base_path,
         version=args.version, index_kind=args.index, index_options=options, k_max=args.k_max,
         default_k=args.default_k, exclude_history=not args.keep_history, model_name=args.model_name,
-        jit_compile=args.jit_compile,
+        jit_compile=args.jit_compile, padding_id=padding_id,
     )
     unexpected = export.non_stock_ops(path)
     portability = ("stock TensorFlow ops only: serves on stock TF Serving (CPU or GPU)" if not unexpected
@@ -366,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--default-k", type=int, help="k of serving_default (default: k-max)")
     export.add_argument("--version", type=int, help="version number (default: next free)")
     export.add_argument("--keep-history", action="store_true", help="do not remove history items from results")
+    export.add_argument("--padding-id", help='the id that pads histories (default 0 for integer item ids, "" for '
+                                             "strings); needed when 0 is a real item id, e.g. --padding-id=-1")
     export.add_argument("--model-name", default="xmatch", help="model name for the warm-up requests")
     export.add_argument("--jit-compile", action="store_true",
                         help="compile the user side with XLA (fast for T2Diff's sampler; on CPU, TF Serving "

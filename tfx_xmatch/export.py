@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch import arguments
+from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
 from tfx_xmatch.io_utils import copy_directory
@@ -367,8 +368,12 @@ def build_serving_module(
     string_ids = np.asarray(item_vocab.ids([1])).dtype.kind in "US"
     if padding_id is None:
         padding_id = "" if string_ids else 0
+    if (not isinstance(padding_id, str)) if string_ids else (isinstance(padding_id, bool) or not is_integer(padding_id)):
+        raise ValueError(f"padding_id must be {'a string' if string_ids else 'an integer'} like the item ids, "
+                         f"got {padding_id!r}")
     if padding_id in item_vocab:
-        raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id")
+        raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id "
+                         f"(xmatch export --padding-id, e.g. {'-1' if not string_ids else '<pad>'})")
     index_options = dict(index_options or {})
     _check_owned_options(index_options)
     # The model's own serving settings unless the caller overrides them.
@@ -563,8 +568,14 @@ def _write_extras(saved_model_dir: pathlib.Path, module: RetrievalServingModule,
     """``assets.extra``: TF Serving's warm-up requests, and the model's description, which lets
     the SavedModel warm-start a new run (``train.warm_start``, TFX's ``base_model``)."""
     write_warmup_requests(saved_model_dir, model_name, histories, module.id_dtype, module.user_features)
+    padding_id = module.padding_id.numpy()
+    # What a client needs to build a request: the id that pads a history, the window a history
+    # should be left-padded to (TF Serving's batching pads at the end), and the bounds of k.
+    serving = {"padding_id": padding_id.decode() if isinstance(padding_id, bytes) else int(padding_id),
+               "max_length": int(module.max_length), "k_max": int(module.index.k_max),
+               "default_k": int(module.default_k)}
     description = saved_model_dir / SERVING_MODEL_DESCRIPTION
-    description.write_text(json.dumps(model_description(module.model)), encoding="utf-8")
+    description.write_text(json.dumps({**model_description(module.model), "serving": serving}), encoding="utf-8")
 
 
 def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType,

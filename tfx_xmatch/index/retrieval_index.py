@@ -306,6 +306,13 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         if identifiers is None:
             identifiers = tf.range(num_candidates, dtype=tf.int64)
         identifiers = tf.convert_to_tensor(identifiers)
+        if identifiers.dtype == tf.uint64 and tf.executing_eagerly():
+            values = identifiers.numpy().ravel()
+            too_large = values[values > np.iinfo(np.int64).max]
+            if too_large.size:
+                # The cast would wrap it to a negative id, returned in its place.
+                raise ValueError(f"identifiers are stored as int64; {int(too_large[0])} does not fit "
+                                 f"(largest {np.iinfo(np.int64).max})")
         if identifiers.dtype.is_integer:
             identifiers = tf.cast(identifiers, tf.int64)
         elif identifiers.dtype != tf.string:
