@@ -30,6 +30,22 @@ def run_split(config):
         return None
 
 
+def load_finished_run(run_dir: pathlib.Path, trained_by: str = ""):
+    """(config, split, model) of a finished run, or None (printed as skipped) when the run or its
+    data is absent; ``trained_by`` names the script that trains it, for the message."""
+    from tfx_xmatch import training
+
+    if not (run_dir / "model").is_dir():
+        hint = f" (train it with {trained_by})" if trained_by else ""
+        print(f"skipped: no trained run at {run_dir}{hint}", file=sys.stderr)
+        return None
+    config = training.load_run_config(run_dir)
+    split = run_split(config)
+    if split is None:
+        return None
+    return config, split, training.load_model(run_dir / "model")
+
+
 def write_results(result: dict, output: str, to_markdown: Callable[[dict], str], echo: bool = False,
                   results_dir: pathlib.Path = RESULTS_DIR) -> None:
     """Writes ``result`` as ``results_dir/<output>.json`` and its page ``<output>.md`` (each

@@ -23,7 +23,7 @@ from typing import Optional
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import header, markdown_header, run_split, write_results  # noqa: E402
+from common import header, load_finished_run, markdown_header, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -53,14 +53,10 @@ def timed(evaluate) -> tuple[float, dict]:
 def measure(run_dir: pathlib.Path, which: str, repeats: int) -> Optional[dict]:
     """One run's row: its pass timed ``repeats`` times each way; None (printed as skipped) when
     the run or its data is absent."""
-    if not (run_dir / "model").is_dir():
-        print(f"skipped: no finished run at {run_dir}", file=sys.stderr)
+    loaded = load_finished_run(run_dir)
+    if loaded is None:
         return None
-    config = training.load_run_config(run_dir)
-    split = run_split(config)
-    if split is None:
-        return None
-    model = training.load_model(run_dir / "model")
+    config, split, model = loaded
     score_all = tf.function(model.score_all, reduce_retracing=True)
     ways = {"per batch": lambda: per_batch_evaluation(score_all, model, split, config, which),
             "per pass": lambda: training.evaluate(model, split, which, config)}

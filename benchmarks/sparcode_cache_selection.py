@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, run_split, write_results  # noqa: E402
+from common import RESULTS_DIR, header, load_finished_run, markdown_header, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -123,15 +123,10 @@ def main() -> int:
     args = parser.parse_args()
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
-    run_dir = pathlib.Path(args.runs_dir) / args.run
-    if not (run_dir / "model").is_dir():
-        print(f"skipped: no trained run at {run_dir} (train it with benchmarks/sparcode.py)", file=sys.stderr)
+    loaded = load_finished_run(pathlib.Path(args.runs_dir) / args.run, "benchmarks/sparcode.py")
+    if loaded is None:
         return 0
-    config = training.load_run_config(run_dir)
-    split = run_split(config)
-    if split is None:
-        return 0
-    model = training.load_model(run_dir / "model")
+    config, split, model = loaded
     if not getattr(model, "quantize", False):
         parser.error(f"--run must be a quantized SparCode run, got a {type(model).__name__} run")
     max_length = config.model.max_length

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, run_split, write_results  # noqa: E402
+from common import RESULTS_DIR, header, load_finished_run, markdown_header, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -141,15 +141,10 @@ def main() -> int:
     parser.add_argument("--output", default="sparcode_code_budget")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = parser.parse_args()
-    run_dir = pathlib.Path(args.runs_dir) / args.run
-    if not (run_dir / "model").is_dir():
-        print(f"skipped: no trained run at {run_dir} (train it with benchmarks/sparcode.py)", file=sys.stderr)
+    loaded = load_finished_run(pathlib.Path(args.runs_dir) / args.run, "benchmarks/sparcode.py")
+    if loaded is None:
         return 0
-    config = training.load_run_config(run_dir)
-    split = run_split(config)
-    if split is None:
-        return 0
-    model = training.load_model(run_dir / "model")
+    config, split, model = loaded
     encode, items = encoder_parts(model)
     for books, words in args.budgets:  # before hours of fitting, not after them
         if items.shape[1] % books:

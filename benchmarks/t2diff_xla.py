@@ -23,11 +23,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import header, markdown_header, run_split, write_results  # noqa: E402
+from common import header, load_finished_run, markdown_header, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.bench.serving_paths import evaluate_path, per_user_latencies, serving_path  # noqa: E402
 
 DEFAULT_RUN = "t2diff-leave_one_out-t2diff_sasrec_backbone_detached"
@@ -44,15 +43,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of DDPM's draws")
     parser.add_argument("--output", default="t2diff_xla")
     args = parser.parse_args()
-    run_dir = pathlib.Path(args.runs_dir) / args.run
-    if not (run_dir / "model").is_dir():
-        print(f"skipped: no trained run at {run_dir} (train it with benchmarks/t2diff.py)", file=sys.stderr)
+    loaded = load_finished_run(pathlib.Path(args.runs_dir) / args.run, "benchmarks/t2diff.py")
+    if loaded is None:
         return 0
-    config = training.load_run_config(run_dir)
-    split = run_split(config)
-    if split is None:
-        return 0
-    model = training.load_model(run_dir / "model")
+    config, split, model = loaded
     if type(model).__name__ != "T2Diff":
         parser.error(f"--run {args.run!r} is a {type(model).__name__} run, not a T2Diff one")
     servings = dict(SERVINGS)
