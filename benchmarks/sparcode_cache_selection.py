@@ -67,9 +67,11 @@ def largest(values: np.ndarray, count: int) -> np.ndarray:
     return mask.reshape(values.shape)
 
 
-def selections(table: np.ndarray, usage: np.ndarray, num_codebooks: int, budget: int):
+def selections(table: np.ndarray, usage: np.ndarray, num_codebooks: int, budget: int, codes_per_codebook: int = 1):
     """(name, cut table [C, N + 1], dense item baseline [N + 1] or None, entries held) per rule;
-    the baseline rule only when its N dense entries fit in the budget."""
+    the baseline rule only when its N dense entries fit in the budget. A query reads
+    ``codes_per_codebook`` codes of each codebook (SparCode's default: all K from one), so its
+    baseline counts that many times."""
     positive = table > 0
     kept = largest(np.where(positive, table, -np.inf), budget) & positive
     yield "largest scores (the index's rule)", np.where(kept, table, 0.0), None, int(kept.sum())
@@ -95,7 +97,7 @@ def selections(table: np.ndarray, usage: np.ndarray, num_codebooks: int, budget:
     residuals = (books - means[:, None, :]).reshape(table.shape)
     residuals[:, 0] = 0.0
     kept = largest(residuals ** 2 * (usage[:, None] + 1e-3), budget - num_items)
-    baseline = means.sum(axis=0)
+    baseline = means.sum(axis=0) * codes_per_codebook
     baseline[0] = 0.0
     yield "item baseline + residuals", np.where(kept, residuals, 0.0), baseline, int(kept.sum()) + num_items
 
@@ -160,7 +162,8 @@ def main() -> int:
                   rows=[{"rule": FULL, "entries": int((table[:, 1:] > 0).sum()),
                          **{key: round(full_metrics[key], 4) for key in REPORTED}}])
     print(result["rows"][-1], flush=True)
-    for name, cut, baseline, entries in selections(table, usage, model.num_codebooks, budget):
+    codes_per_codebook = model.num_query_tokens // model.num_codebooks
+    for name, cut, baseline, entries in selections(table, usage, model.num_codebooks, budget, codes_per_codebook):
         if name.startswith("largest"):
             check_index_rule(table, cut, args.fraction)
         started = time.perf_counter()

@@ -544,9 +544,13 @@ def test_cache_selection_rules_hold_their_budget_and_the_baseline_is_exact_with_
         selection.check_index_rule(table, rules[1][1], 0.2)
     # A baseline of N dense entries that does not fit in the budget is not offered.
     assert len(list(selection.selections(table, usage, num_codebooks, num_items - 1))) == 3
-    # With room for every residual, baseline + residuals give back each query's exact scores.
+    # With room for every residual, baseline + residuals give back each query's exact scores: one
+    # code per codebook (the chunk codes), or three codes of one shared codebook (the default).
     *_, (_, cut, baseline, _) = selection.selections(table, usage, num_codebooks, table.size + num_items)
     codes = np.stack([rng.integers(0, num_codewords, 50), num_codewords + rng.integers(0, num_codewords, 50)], axis=1)
+    np.testing.assert_allclose(cut[codes].sum(axis=1) + baseline, table[codes].sum(axis=1), atol=1e-9)
+    *_, (_, cut, baseline, _) = selection.selections(table, usage, 1, table.size + num_items, codes_per_codebook=3)
+    codes = rng.integers(0, num_codebooks * num_codewords, (50, 3))
     np.testing.assert_allclose(cut[codes].sum(axis=1) + baseline, table[codes].sum(axis=1), atol=1e-9)
 
 

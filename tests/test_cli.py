@@ -171,9 +171,9 @@ def test_export_of_item_ids_that_include_zero_takes_another_padding_id(tmp_path,
     assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
     export = ["export", "--run-dir", str(run_dir), "--export-base-path", str(tmp_path / "models"), "--k-max", "5"]
     capsys.readouterr()
-    _refused(capsys, r"padding_id 0 is also a real item id; pass another padding_id \(xmatch export --padding-id, "
-                     r"e.g. -1\)", export)
-    _refused(capsys, "--padding-id 'none': the run's item ids are integers", [*export, "--padding-id", "none"])
+    _refused(capsys, r"padding_id 0 is also a real item id; choose another one, e.g. -1 \(xmatch export / xmatch "
+                     r"pipeline run --padding-id", export)
+    _refused(capsys, "padding_id 'none': the item ids are integers", [*export, "--padding-id", "none"])
     assert main([*export, "--padding-id=-1"]) == 0
     version = tmp_path / "models" / "1"
     served = json.loads((version / "assets.extra" / "xmatch_model.json").read_text())["serving"]

@@ -108,6 +108,8 @@ def test_top_k_takes_one_k_per_row_as_tf_serving_batching_and_row_format_send_it
     for k in (tf.constant(4), tf.constant([4]), tf.constant([[4], [4], [4]])):
         np.testing.assert_array_equal(module.top_k(histories, k)["item_ids"].numpy(),
                                       module.top_k(histories, tf.constant(4))["item_ids"].numpy())
+    empty = module.top_k(tf.zeros([0, 4], tf.string), tf.constant(4))
+    assert empty["item_ids"].shape == (0, 4) and empty["scores"].shape == (0, 4)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"one value per history row; history rows:.*3.*k shape"):
         module.top_k(histories, tf.constant([2, 3]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=rf"k must be in \[1, k_max={K_MAX}\], got k =\] \[0\]"):

@@ -88,6 +88,11 @@ def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
         run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), index_kind="partitioned",
                      index_options={"num_partitions": "abc"})
     assert not (tmp_path / "out").exists()
+    # A padding id that is a real item id would fail the export stage: refused before training.
+    real_id = int(events.read_text().split()[1])
+    with pytest.raises(ConfigError, match=rf"padding_id {real_id} is also a real item id"):
+        run_pipeline(config, str(tmp_path / "padded"), str(tmp_path / "models"), k_max=10, padding_id=real_id)
+    assert not (tmp_path / "padded" / "run").exists()
     # A URL working directory became a local "gs:/..." directory, and the run "succeeded".
     with pytest.raises(ConfigError, match="output_dir 'gs://bucket/out' is a URL"):
         run_pipeline(config, "gs://bucket/out", str(tmp_path / "models"))

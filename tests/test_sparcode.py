@@ -85,6 +85,15 @@ def test_all_to_all_interaction_config_round_trip_and_bad_arguments():
     built.build(tf.TensorShape([None, 4]))
     built(tf.zeros([2, 4]), tf.zeros([5, 1, 4]))
     assert built.bilinear_projection.kernel.shape == (4, 4)
+    # Told its item-token count, build creates the whole network, and a call must match it.
+    complete = AllToAllInteraction(hidden_units=(8, 4), num_item_tokens=2)
+    complete.build(tf.TensorShape([None, 4]))
+    assert len(complete.weights) == 8 and complete.item_projection.kernel.shape == (8, 8)
+    assert AllToAllInteraction.from_config(complete.get_config()).num_item_tokens == 2
+    with pytest.raises(ValueError, match=r"hold 1 tokens per item but .* built for num_item_tokens=2"):
+        complete(tf.zeros([2, 4]), tf.zeros([5, 1, 4]))
+    with pytest.raises(ValueError, match=r"num_item_tokens must be an integer >= 1 or None, got 0"):
+        AllToAllInteraction(num_item_tokens=0)
 
 
 def test_training_shows_losses_and_codebook_usage(trained):

@@ -201,6 +201,12 @@ def test_run_fn_warm_starts_across_a_changed_catalogue_by_item_id(prepared, tmp_
     assert np.abs(served("second", kept) - served("first", kept[::-1])).max(axis=1).min() > 0.0101
 
 
+def _first_item_id(directory):
+    from tfx_xmatch.data.vocabulary import Vocabulary
+
+    return Vocabulary.load(directory / "item_vocab.json").ids([1])[0].item()
+
+
 def test_run_fn_errors_propagate(prepared, tmp_path):
     _, directory = prepared
     with pytest.raises(KeyError, match="item_vocab"):
@@ -217,7 +223,8 @@ def test_run_fn_errors_propagate(prepared, tmp_path):
                             ({"index_kind": "partitioned", "index_options": {"num_partitons": 4}},
                              "takes no option 'num_partitons'"),
                             ({"k_max": 0}, "k_max must be an integer >= 1, got 0"),
-                            ({"index_kind": "sparse_code"}, "'sparse_code' serves model.name='sparcode' only")):
+                            ({"index_kind": "sparse_code"}, "'sparse_code' serves model.name='sparcode' only"),
+                            ({"padding_id": _first_item_id(directory)}, "is also a real item id; choose another one")):
         with pytest.raises(ValueError, match=message):
             trainer_module.run_fn(_fn_args(directory, tmp_path / "e", custom={"export": export}))
         assert not (tmp_path / "e" / "run").exists()

@@ -206,19 +206,11 @@ def _command_export(args: argparse.Namespace) -> int:
             raise ValueError(f"--index-option {item!r} must look like name=value")
         options[key] = yaml.safe_load(value)
     model = training.load_model(model_dir)
-    item_vocab = training.load_item_vocab(model_dir)
-    padding_id = args.padding_id
-    if padding_id is not None and item_vocab.id_type == "int":
-        try:
-            padding_id = int(padding_id)
-        except ValueError:
-            raise ValueError(f"--padding-id {padding_id!r}: the run's item ids are integers, so the padding id "
-                             "must be one too (e.g. -1)") from None
     path = export.export_retrieval_model(
-        model, item_vocab, args.export_base_path,
+        model, training.load_item_vocab(model_dir), args.export_base_path,
         version=args.version, index_kind=args.index, index_options=options, k_max=args.k_max,
         default_k=args.default_k, exclude_history=not args.keep_history, model_name=args.model_name,
-        jit_compile=args.jit_compile, padding_id=padding_id,
+        jit_compile=args.jit_compile, padding_id=args.padding_id,
     )
     unexpected = export.non_stock_ops(path)
     portability = ("stock TensorFlow ops only: serves on stock TF Serving (CPU or GPU)" if not unexpected

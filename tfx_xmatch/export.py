@@ -185,16 +185,16 @@ class RetrievalServingModule(tf.Module):
         return self._retrieve(history, self.default_k, features)
 
     def _serve_top_k(self, history, k, *features):
-        row_k = self._row_k(k, tf.shape(history)[0])
+        row_k, largest = self._row_k(k, tf.shape(history)[0])
         # One search for the batch at its largest k; each row then keeps its own k.
-        results = self._retrieve(history, tf.reduce_max(tf.concat([row_k, [1]], 0)), features)
+        results = self._retrieve(history, largest, features)
         keep = tf.range(tf.shape(results["scores"])[1])[tf.newaxis, :] < row_k[:, tf.newaxis]
         return {"item_ids": tf.where(keep, results["item_ids"], self.padding_id),
                 "scores": tf.where(keep, results["scores"], tf.constant(-np.inf, tf.float32))}
 
-    def _row_k(self, k: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
-        """Each history row's k, int32 [rows], from one k (a scalar or a single value) or one k per
-        row; checked."""
+    def _row_k(self, k: tf.Tensor, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(each history row's k, int32 [rows], and the largest k asked), from one k (a scalar or a
+        single value) or one k per row; checked. An empty batch still answers [0, k]."""
         values = tf.reshape(k, [-1])
         size = tf.size(values)
         shape_check = tf.debugging.Assert(
@@ -207,7 +207,8 @@ class RetrievalServingModule(tf.Module):
             [f"k must be in [1, k_max={self.index.k_max}], got k =", tf.boolean_mask(values, out_of_range)[:1]],
         )
         with tf.control_dependencies([shape_check, range_check]):
-            return tf.broadcast_to(values, [rows])  # a single k applies to every row
+            # A single k applies to every row; [1] keeps the maximum defined for an empty k.
+            return tf.broadcast_to(values, [rows]), tf.reduce_max(tf.concat([values, [1]], 0))
 
     def _serve_user_embedding(self, history, *features):
         return {"user_embedding": self._user_vectors(self._model_inputs(history, features))}
@@ -259,6 +260,40 @@ def _check_owned_options(index_options: dict) -> None:
         # was silently ignored.
         raise ValueError(f"index option {owned[0]!r} is set by the export, not by index options: "
                          f"{EXPORT_OWNED_OPTIONS[owned[0]]}")
+
+
+def resolve_padding_id(item_vocab: Vocabulary, padding_id=None):
+    """The raw id that pads histories in requests, checked against the catalogue.
+
+    Args:
+      item_vocab: The served items' vocabulary.
+      padding_id: None for the default (0 for integer item ids, "" for string ids), or an id of
+        the items' type; a string holding an integer (as a command line gives it) is read as
+        one for integer ids.
+
+    Returns:
+      The padding id (int or str).
+
+    Raises:
+      ValueError: If it is of another type than the item ids, or is a real item id.
+    """
+    string_ids = item_vocab.id_type == "str"
+    if padding_id is None:
+        padding_id = "" if string_ids else 0
+    elif not string_ids and isinstance(padding_id, str):
+        try:
+            padding_id = int(padding_id)
+        except ValueError:
+            raise ValueError(f"padding_id {padding_id!r}: the item ids are integers, so the padding id must be "
+                             "one too (e.g. -1)") from None
+    if (not isinstance(padding_id, str)) if string_ids else (isinstance(padding_id, bool) or not is_integer(padding_id)):
+        raise ValueError(f"padding_id must be {'a string' if string_ids else 'an integer'} like the item ids, "
+                         f"got {padding_id!r}")
+    if padding_id in item_vocab:
+        raise ValueError(f"padding_id {padding_id!r} is also a real item id; choose another one, e.g. "
+                         f"{'-1' if not string_ids else repr('<pad>')} (xmatch export / xmatch pipeline run "
+                         "--padding-id, or the TFX trainer's custom_config['export']['padding_id'])")
+    return padding_id
 
 
 def check_export_settings(model_name: str, index_kind: str = "brute_force", index_options: Optional[dict] = None,
@@ -365,15 +400,7 @@ def build_serving_module(
     default_k = k_max if default_k is None else int(default_k)
     if not 1 <= default_k <= k_max:
         raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k!r}")
-    string_ids = np.asarray(item_vocab.ids([1])).dtype.kind in "US"
-    if padding_id is None:
-        padding_id = "" if string_ids else 0
-    if (not isinstance(padding_id, str)) if string_ids else (isinstance(padding_id, bool) or not is_integer(padding_id)):
-        raise ValueError(f"padding_id must be {'a string' if string_ids else 'an integer'} like the item ids, "
-                         f"got {padding_id!r}")
-    if padding_id in item_vocab:
-        raise ValueError(f"padding_id {padding_id!r} is also a real item id; pass another padding_id "
-                         f"(xmatch export --padding-id, e.g. {'-1' if not string_ids else '<pad>'})")
+    padding_id = resolve_padding_id(item_vocab, padding_id)
     index_options = dict(index_options or {})
     _check_owned_options(index_options)
     # The model's own serving settings unless the caller overrides them.

@@ -9,8 +9,9 @@ The TFX Trainer contract, as this module honours it:
     are (history, next item) examples used for model selection with full ranking.
   * ``fn_args.custom_config``: ``{"config": <RunConfig YAML/JSON path or dict>,
     "overrides": ["train.epochs=5", ...], "item_vocab": <item_vocab.json path>,
-    "export": {"index_kind": "brute_force", "index_options": {}, "k_max": 100}}``; only
-    ``item_vocab`` is required.
+    "export": {"index_kind": "brute_force", "index_options": {}, "k_max": 100, "padding_id": None}}``;
+    only ``item_vocab`` is required (``padding_id``: the id that pads request histories, default 0
+    or "", needed when 0 is a real item id).
   * ``fn_args.train_steps``: if set, the total number of training batches, spread evenly over
     ``train.epochs`` epochs (the data repeats); otherwise one pass over the data per epoch.
     ``eval_steps`` is not used: validation always ranks every eval example against every item.
@@ -39,7 +40,7 @@ from typing import Any, Mapping, Optional
 
 from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.export import build_serving_module, check_export_settings, save_serving_module
+from tfx_xmatch.export import build_serving_module, check_export_settings, resolve_padding_id, save_serving_module
 from tfx_xmatch.io_utils import copy_directory
 from tfx_xmatch.pipelines.record_training import train_on_records
 
@@ -89,14 +90,16 @@ def run_fn(fn_args) -> None:
         raise KeyError("custom_config['item_vocab'] is required: the item_vocab.json written beside the "
                        "TFRecords by the prepare pipeline (it maps raw item ids to the records' indices)")
     export = dict(custom_config.get("export", {}))
-    unknown = sorted(set(export) - {"index_kind", "index_options", "k_max"})
+    unknown = sorted(set(export) - {"index_kind", "index_options", "k_max", "padding_id"})
     if unknown:  # checked before training, not after it
-        raise ValueError(f"unknown custom_config['export'] key(s) {unknown}; known: index_kind, index_options, k_max")
+        raise ValueError(f"unknown custom_config['export'] key(s) {unknown}; known: index_kind, index_options, k_max, "
+                         "padding_id")
     config = with_base_model(run_config_from(custom_config), getattr(fn_args, "base_model", None))
     index_kind, index_options = export.get("index_kind", "brute_force"), export.get("index_options")
     k_max = export.get("k_max", 100)
     check_export_settings(config.model.name, index_kind, index_options, k_max)  # before training, not after
     vocab = Vocabulary.load(custom_config["item_vocab"])
+    padding_id = resolve_padding_id(vocab, export.get("padding_id"))  # before training, not after
     run_dir = str(fn_args.model_run_dir)
     # On Kubeflow/Vertex the run directory is a gs:// URL, which the run's local file writes
     # cannot reach: train in a local directory and copy the run there at the end.
@@ -112,7 +115,8 @@ def run_fn(fn_args) -> None:
             raise
         if local_run_dir != run_dir:
             copy_directory(local_run_dir, run_dir)
-    module = build_serving_module(model, vocab, index_kind=index_kind, index_options=index_options, k_max=k_max)
+    module = build_serving_module(model, vocab, index_kind=index_kind, index_options=index_options, k_max=k_max,
+                                  padding_id=padding_id)
     # overwrite: a retried Trainer (Kubeflow / Vertex retry the task) writes to the same place.
     save_serving_module(module, fn_args.serving_model_dir, vocab, overwrite=True)
 

@@ -99,6 +99,9 @@ class AllToAllInteraction(tf.keras.layers.Layer):
         if item_tokens.shape.rank != 3:
             raise ValueError(f"item_tokens must be [I, T, d], got shape {item_tokens.shape}")
         num_tokens, width = item_tokens.shape[1], item_tokens.shape[2]
+        if None not in (num_tokens, self.num_item_tokens) and num_tokens != self.num_item_tokens:
+            raise ValueError(f"item_tokens hold {num_tokens} tokens per item but {self.name} was built for "
+                             f"num_item_tokens={self.num_item_tokens}, got shape {item_tokens.shape}")
         if None not in (width, query_tokens.shape[1]) and width != query_tokens.shape[1]:
             raise ValueError(f"query tokens [P, d] and item tokens [I, T, d] must share d, got shapes "
                              f"{query_tokens.shape} and {item_tokens.shape}")

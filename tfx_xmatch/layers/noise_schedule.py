@@ -91,44 +91,60 @@ class NoiseSchedule(tf.Module):
         self.posterior_zs_coef = tf.constant(self.posterior_zs_coef_np, tf.float32)
 
     @staticmethod
-    def _per_row(table: tf.Tensor, steps: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-        """table[steps] in ``like``'s dtype, shaped to broadcast over ``like`` (steps: int [B] or
-        scalar); the tables are float32, and float64 or float16 (mixed precision) inputs keep theirs."""
-        values = tf.cast(tf.gather(table, tf.cast(steps, tf.int32)), like.dtype)
+    def _per_row(table: np.ndarray, steps: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+        """table[steps] in ``like``'s dtype, shaped to broadcast over ``like`` (steps: int [B] or scalar)."""
+        values = tf.gather(tf.constant(table, like.dtype), tf.cast(steps, tf.int32))
         if values.shape.rank == 0:
             return values
         return tf.reshape(values, tf.concat([tf.shape(values), tf.ones([tf.rank(like) - 1], tf.int32)], 0))
 
+    @staticmethod
+    def _computed(*tensors: tf.Tensor) -> tuple:
+        """The tensors in the dtype the schedule computes in, and the dtype to answer in: float64
+        stays float64, anything narrower (float16, bfloat16) is computed in float32, where
+        1 - abar near 1 does not round to 0, and cast back."""
+        dtype = tf.convert_to_tensor(tensors[0]).dtype
+        compute = tf.float64 if dtype == tf.float64 else tf.float32
+        return tuple(None if t is None else tf.cast(t, compute) for t in tensors), dtype
+
     def q_sample(self, z0: tf.Tensor, steps: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
         """z_s for clean z0 [B, ...], steps int [B] in 1..T and standard normal noise."""
-        abar = self._per_row(self.alpha_bars, steps, z0)
-        return tf.sqrt(abar) * z0 + tf.sqrt(1.0 - abar) * noise
+        (z0, noise), dtype = self._computed(z0, noise)
+        abar = self._per_row(self.alpha_bars_np, steps, z0)
+        return tf.cast(tf.sqrt(abar) * z0 + tf.sqrt(1.0 - abar) * noise, dtype)
 
     def posterior(self, z0: tf.Tensor, zs: tf.Tensor, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Mean and variance of q(z_{s-1} | z_s, z_0)."""
-        mean = (self._per_row(self.posterior_z0_coef, steps, z0) * z0
-                + self._per_row(self.posterior_zs_coef, steps, zs) * zs)
-        return mean, self._per_row(self.posterior_variance, steps, zs)
+        (z0, zs), dtype = self._computed(z0, zs)
+        mean, variance = self._posterior(z0, zs, steps)
+        return tf.cast(mean, dtype), tf.cast(variance, dtype)
+
+    def _posterior(self, z0: tf.Tensor, zs: tf.Tensor, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        mean = (self._per_row(self.posterior_z0_coef_np, steps, z0) * z0
+                + self._per_row(self.posterior_zs_coef_np, steps, zs) * zs)
+        return mean, self._per_row(self.posterior_variance_np, steps, zs)
 
     def ddpm_step(self, zs: tf.Tensor, z0_hat: tf.Tensor, steps: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
         """One ancestral step s -> s - 1 (the posterior mean at s = 1)."""
-        mean, variance = self.posterior(z0_hat, zs, steps)
-        return mean + tf.sqrt(variance) * noise
+        (zs, z0_hat, noise), dtype = self._computed(zs, z0_hat, noise)
+        mean, variance = self._posterior(z0_hat, zs, steps)
+        return tf.cast(mean + tf.sqrt(variance) * noise, dtype)
 
     def ddim_step(self, zs: tf.Tensor, z0_hat: tf.Tensor, steps: tf.Tensor, previous_steps: tf.Tensor,
                   eta: float = 0.0, noise: Optional[tf.Tensor] = None) -> tf.Tensor:
         """One DDIM step s -> t < s (t = 0 returns z0_hat); ``noise`` is needed when eta > 0."""
-        abar = self._per_row(self.alpha_bars, steps, zs)
-        abar_prev = self._per_row(self.alpha_bars, previous_steps, zs)
+        if eta > 0 and noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        (zs, z0_hat, noise), dtype = self._computed(zs, z0_hat, noise)
+        abar = self._per_row(self.alpha_bars_np, steps, zs)
+        abar_prev = self._per_row(self.alpha_bars_np, previous_steps, zs)
         eps_hat = (zs - tf.sqrt(abar) * z0_hat) / tf.sqrt(tf.maximum(1.0 - abar, 1e-12))
         sigma = eta * tf.sqrt((1.0 - abar_prev) / tf.maximum(1.0 - abar, 1e-12)) * tf.sqrt(1.0 - abar / abar_prev)
         direction = tf.sqrt(tf.maximum(1.0 - abar_prev - tf.square(sigma), 0.0)) * eps_hat
         out = tf.sqrt(abar_prev) * z0_hat + direction
         if eta > 0:
-            if noise is None:
-                raise ValueError("ddim_step with eta > 0 needs noise")
             out += sigma * noise
-        return out
+        return tf.cast(out, dtype)
 
     def ddim_timesteps(self, num_sampling_steps: int) -> list[int]:
         """Evenly spaced steps T = s_n > ... > s_1 >= 1 that DDIM visits (then 0).

@@ -119,7 +119,8 @@ def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path 
 
 def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, index_kind: str = "brute_force",
                  index_options: Optional[dict] = None, k_max: int = 100, num_shards: int = 1, item_shards: int = 8,
-                 code_shards: int = 4, beam_args: Sequence[str] = (), overwrite: bool = False) -> dict:
+                 code_shards: int = 4, beam_args: Sequence[str] = (), overwrite: bool = False,
+                 padding_id=None) -> dict:
     """Runs every stage; returns (and writes to ``OUTPUT/pipeline_summary.json``) the summary.
 
     Args:
@@ -137,6 +138,8 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
       beam_args: Beam runner flags for the Beam stages.
       overwrite: Clear ``output_dir`` first; without it a non-empty ``output_dir`` is refused
         (a run there would mix with the earlier one).
+      padding_id: The id that pads request histories (``export.resolve_padding_id``; default 0
+        or ""), checked against the prepared vocabulary before training.
 
     Raises:
       ConfigError: If the configuration cannot run as a pipeline (see ``prepare_spec``), the
@@ -147,7 +150,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     """
     from tfx_xmatch import training
     from tfx_xmatch.data.vocabulary import Vocabulary
-    from tfx_xmatch.export import SPARSE_CODE_BUDGET, check_export_settings, export_retrieval_model
+    from tfx_xmatch.export import SPARSE_CODE_BUDGET, check_export_settings, export_retrieval_model, resolve_padding_id
     from tfx_xmatch.pipelines.build_index import run_build_index
     from tfx_xmatch.pipelines.evaluate import run_evaluate
     from tfx_xmatch.pipelines.record_training import train_on_records
@@ -184,6 +187,10 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         raise ValueError(f"{statistics['malformed_lines']} malformed line(s) in the input (see "
                          f"{prepared / 'dead_letter.jsonl'}); set data.skip_bad_lines=true to train without them")
     vocab = Vocabulary.load(prepared / "item_vocab.json")
+    try:  # before training: item ids that include the default padding id would fail the export
+        padding_id = resolve_padding_id(vocab, padding_id)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     model, train_metrics = _stage(2, "train", timings, lambda: train_on_records(
         config, str(prepared / "train-*-of-*.tfrecord"), str(prepared / "validation-*-of-*.tfrecord"), vocab, run_dir))
     print(f"    {train_metrics['epochs']} epochs, best {train_metrics['best_epoch']}, validation "
@@ -194,7 +201,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         run_dir, index_dir, beam_args=beam_args, item_shards=item_shards, code_shards=code_shards, **budget))
     model = training.load_model(run_dir / "model")
     staged = _stage(4, "export", timings, lambda: export_retrieval_model(
-        model, vocab, output / "staging", index_kind=index_kind, k_max=k_max,
+        model, vocab, output / "staging", index_kind=index_kind, k_max=k_max, padding_id=padding_id,
         index=_filled_index(model, index_dir, index_kind, {k: v for k, v in index_options.items() if k not in budget},
                             k_max)))
     metrics = _stage(5, "evaluate", timings, lambda: run_evaluate(
@@ -242,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--item-shards", type=int, default=8)
     parser.add_argument("--code-shards", type=int, default=4)
     parser.add_argument("--overwrite", action="store_true", help="clear a non-empty --output-dir first")
+    parser.add_argument("--padding-id", help='the id that pads request histories (default 0 for integer item ids, '
+                                             '"" for strings); needed when 0 is a real item id, e.g. --padding-id=-1')
     return parser
 
 
@@ -253,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_pipeline(config, args.output_dir, args.model_base_path, index_kind=args.index,
                  index_options=parse_options(args.index_option, "--index-option"), k_max=args.k_max,
                  num_shards=args.num_shards, item_shards=args.item_shards, code_shards=args.code_shards,
-                 beam_args=beam_args, overwrite=args.overwrite)
+                 beam_args=beam_args, overwrite=args.overwrite, padding_id=args.padding_id)
     return 0
 
 
