@@ -155,11 +155,13 @@ def main() -> int:
     is_tail = is_tail_target(split.test.targets, split.item_popularity())
     full_metrics, full_ranks = evaluate(table, None)
     result = header("sparcode_cache_selection")
+    # DESIGN's row keys: where the numbers come from, then the rule as the variant.
+    where = {"dataset": pathlib.Path(str(config.data.dataset)).name, "split": config.data.split, "model": "sparcode"}
     result.update(run=args.run, fraction=args.fraction, budget=budget, num_codes=model.num_codes,
                   num_codebooks=model.num_codebooks, num_items=split.num_items,
                   positive_entries=int((table[:, 1:] > 0).sum()), test_users=len(split.test.targets),
                   codes_used=int((usage > 0).sum()),
-                  rows=[{"rule": FULL, "entries": int((table[:, 1:] > 0).sum()),
+                  rows=[{**where, "variant": "cache=100%", "rule": FULL, "entries": int((table[:, 1:] > 0).sum()),
                          **{key: round(full_metrics[key], 4) for key in REPORTED}}])
     print(result["rows"][-1], flush=True)
     codes_per_codebook = model.num_query_tokens // model.num_codebooks
@@ -169,7 +171,8 @@ def main() -> int:
         started = time.perf_counter()
         metrics, ranks = evaluate(cut, baseline)
         result["rows"].append({
-            "rule": name, "entries": entries, **{key: round(metrics[key], 4) for key in REPORTED},
+            **where, "variant": f"cache={args.fraction:.0%},{name}", "rule": name, "entries": entries,
+            **{key: round(metrics[key], 4) for key in REPORTED},
             "recall_kept": round(metrics["Recall@50"] / full_metrics["Recall@50"], 4),
             "eval_seconds": round(time.perf_counter() - started, 1),
             "vs_full": compare_metrics(ranks, full_ranks, REPORTED, is_tail)})

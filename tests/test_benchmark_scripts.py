@@ -566,6 +566,9 @@ def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_wit
     result = json.loads((tmp_path / "selection.json").read_text())
     full, *rules = result["rows"]
     assert result["budget"] == 2 * split.num_items and len(rules) == 4
+    assert {(row["dataset"], row["split"], row["model"]) for row in result["rows"]} == {
+        ("synthetic", "leave_one_out", "sparcode")}
+    assert full["variant"] == "cache=100%" and rules[0]["variant"] == "cache=25%,largest scores (the index's rule)"
     model = training.load_model(tmp_path / "sparcode" / "model")
     config = configs["sparcode"]
     expected = evaluate_full_ranking(
