@@ -88,6 +88,7 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
     model = training.load_model(run_dir / "model")
     codes = model.item_codes().numpy()
     perplexity = [round(p, 1) for p in model.rqvae.codebook_perplexity(codes)]
+    dead = [round(share, 4) for share in model.rqvae.dead_codewords(codes)]
     paths = [serving_path(model, split.num_items, {"kind": "soft_search", "interests": num_interests})
              for num_interests in INTERESTS]
     if model.backbone_loss_weight > 0:
@@ -108,7 +109,7 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
         if reference is not None:
             paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
         rows.append({**base, "variant": path.label, "interests": path.variant.get("interests", 0),
-                     **_reported(path_metrics), "codebook_perplexity": perplexity,
+                     **_reported(path_metrics), "codebook_perplexity": perplexity, "codebook_dead_codes": dead,
                      "latency_ms_p50": p50, "latency_ms_p99": p99, **paired})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows
@@ -214,9 +215,11 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {model_name(row)} | {row['variant']} | {metrics} | {latency} | "
                          f"{row['epochs']} ({row['best_epoch']}) | {row['train_seconds']:.0f} |")
         perplexities = {model_name(row): row["codebook_perplexity"] for row in rows if "codebook_perplexity" in row}
+        dead = {model_name(row): row["codebook_dead_codes"] for row in rows if "codebook_dead_codes" in row}
         for name, perplexity in perplexities.items():
             lines += ["", f"{name} codebook perplexity per level over the catalogue's codes: {perplexity} "
-                          f"(of {rows[-1]['settings']['options'].get('num_codewords', 64)} codewords per level)"]
+                          f"(of {rows[-1]['settings']['options'].get('num_codewords', 64)} codewords per level)"
+                          + (f"; share of dead codes (used by no item) per level: {dead[name]}" if name in dead else "")]
         table = paired_table([{**row, "model": model_name(row)} for row in rows], ("model", "variant"),
                              {"vs_hard": "hard", "vs_two_tower": "two-tower (same seed)"}, COMPARED)
         lines += [""] + table if table else []

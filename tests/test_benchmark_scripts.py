@@ -187,6 +187,8 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     from tfx_xmatch.bench.paired import load_ranks
     from tfx_xmatch.bench.serving_paths import brute_force_ranks
 
+    from tfx_xmatch import training
+
     sparc = _import_benchmark("sparc")
     common = _import_benchmark("common")
     configs, split, reference = _tiny_runs(tmp_path, "sparc", ["model.options.num_codewords=8",
@@ -201,6 +203,10 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     rows = sparc.soft_search_rows(tmp_path / "sparc", split, configs["sparc"], base, 3, reference)
     assert [row["variant"] for row in rows] == ["hard (K=1)", "soft K=2", "soft K=4", "soft K=8"]
     assert "vs_hard" not in rows[0]  # hard search is not compared with itself
+    model = training.load_model(tmp_path / "sparc" / "model")
+    assert rows[0]["codebook_dead_codes"] == [round(share, 4) for share in
+                                              model.rqvae.dead_codewords(model.item_codes())]
+    assert all(0.0 <= share <= 1.0 for share in rows[0]["codebook_dead_codes"]) and len(rows[0]["codebook_dead_codes"]) == 2
     hard_ranks = load_ranks(tmp_path / "sparc", "hard (K=1)", split.test.targets)
     for row in rows:
         ranks = load_ranks(tmp_path / "sparc", row["variant"], split.test.targets)

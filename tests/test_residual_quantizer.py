@@ -94,6 +94,7 @@ def test_codebook_perplexity_counts_the_codes_in_use():
     layer = ResidualQuantizer(num_levels=2, num_codewords=4)
     codes = tf.constant([[0, 1], [1, 1], [2, 1], [3, 1]])
     np.testing.assert_allclose(layer.codebook_perplexity(codes), [4.0, 1.0], rtol=1e-5)
+    assert layer.dead_codewords(codes) == [0.0, 0.75]  # level 2 uses one codeword of four
 
 
 def test_config_round_trip_and_checkpoint_reload(tmp_path):

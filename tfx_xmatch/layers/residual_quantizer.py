@@ -263,6 +263,15 @@ class ResidualQuantizer(tf.keras.layers.Layer):
             values.append(float(tf.exp(-tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-10)))))
         return values
 
+    def dead_codewords(self, codes: tf.Tensor) -> list[float]:
+        """Share of each level's codewords that none of the given codes [n, L] uses: a list of L
+        floats (0 = every codeword used). Over a catalogue's item codes, what the interests cannot
+        reach."""
+        codes = tf.convert_to_tensor(codes)
+        return [float(tf.reduce_mean(tf.cast(tf.math.bincount(tf.reshape(codes[..., level], [-1]),
+                                                               minlength=self.num_codewords) == 0, tf.float32)))
+                for level in range(self.num_levels)]
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
