@@ -211,9 +211,17 @@ def test_export_writes_versions_atomically_with_warmup(model, exported):
     from tensorflow_serving.apis import prediction_log_pb2
 
     records = list(tf.data.TFRecordDataset(str(second / "assets.extra" / "tf_serving_warmup_requests")))
-    log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
-    assert log.predict_log.request.model_spec.signature_name == "serving_default"
-    assert "history" in log.predict_log.request.inputs
+    logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request for record in records]
+    assert [log.model_spec.signature_name for log in logs] == ["serving_default", "top_k"]
+    assert "history" in logs[0].inputs
+    # top_k warms up with k given once per row, the only form TF Serving's batching accepts, and
+    # every warm-up request answers through the exported signatures (TF Serving refuses a version
+    # whose warm-up fails).
+    assert tf.make_ndarray(logs[1].inputs["k"]).tolist() == [K_MAX]
+    loaded = tf.saved_model.load(str(second))
+    for log in logs:
+        inputs = {name: tf.constant(tf.make_ndarray(tensor)) for name, tensor in log.inputs.items()}
+        assert loaded.signatures[log.model_spec.signature_name](**inputs)["item_ids"].shape[0] == 1
 
 
 def test_version_directories_are_readable_by_other_users(exported):

@@ -594,7 +594,8 @@ def _write_extras(saved_model_dir: pathlib.Path, module: RetrievalServingModule,
                   histories: list) -> None:
     """``assets.extra``: TF Serving's warm-up requests, and the model's description, which lets
     the SavedModel warm-start a new run (``train.warm_start``, TFX's ``base_model``)."""
-    write_warmup_requests(saved_model_dir, model_name, histories, module.id_dtype, module.user_features)
+    write_warmup_requests(saved_model_dir, model_name, histories, module.id_dtype, module.user_features,
+                          top_k=module.default_k)
     padding_id = module.padding_id.numpy()
     # What a client needs to build a request: the id that pads a history, the window a history
     # should be left-padded to (TF Serving's batching pads at the end), and the bounds of k.
@@ -606,24 +607,30 @@ def _write_extras(saved_model_dir: pathlib.Path, module: RetrievalServingModule,
 
 
 def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histories: list, id_dtype: tf.DType,
-                          user_features=()) -> None:
+                          user_features=(), top_k: Optional[int] = None) -> None:
     """Writes TF Serving warm-up PredictionLogs for ``serving_default`` (one per history; each
-    of ``user_features`` unknown, 0, since TF Serving refuses a version whose warm-up fails)."""
+    of ``user_features`` unknown, 0, since TF Serving refuses a version whose warm-up fails) and,
+    with ``top_k``, for ``top_k`` with that k given once per row, the form TF Serving's batching
+    accepts, so the first real ``top_k`` request does not pay for its initialisation."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     directory = saved_model_dir / "assets.extra"
     directory.mkdir(parents=True, exist_ok=True)
+    signatures = ["serving_default"] + (["top_k"] if top_k is not None else [])
     with tf.io.TFRecordWriter(str(directory / "tf_serving_warmup_requests")) as writer:
-        for history in histories:
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
-            )
-            values = np.asarray([history]).astype(str if id_dtype == tf.string else np.int64)
-            request.inputs["history"].CopyFrom(tf.make_tensor_proto(values))
-            for name in user_features:
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(np.zeros(1, np.int64)))
-            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
+        for signature in signatures:
+            for history in histories:
+                request = predict_pb2.PredictRequest(
+                    model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
+                )
+                values = np.asarray([history]).astype(str if id_dtype == tf.string else np.int64)
+                request.inputs["history"].CopyFrom(tf.make_tensor_proto(values))
+                if signature == "top_k":
+                    request.inputs["k"].CopyFrom(tf.make_tensor_proto(np.asarray([top_k], np.int32)))
+                for name in user_features:
+                    request.inputs[name].CopyFrom(tf.make_tensor_proto(np.zeros(1, np.int64)))
+                log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log.SerializeToString())
 
 
 def _saved_model_proto(saved_model_dir: str | os.PathLike):
