@@ -188,14 +188,14 @@ def test_an_export_refuses_an_index_its_model_cannot_serve_before_the_first_requ
 HISTORY = tf.constant(np.random.default_rng(0).integers(1, 31, (4, 12)), tf.int32)
 
 
-def _tiny(model_class):
+def _tiny(model_class, **overrides):
     common = dict(num_items=30, embedding_dim=8, max_length=12, num_blocks=1, dropout=0.0)
     extra = {SparCode: dict(num_query_tokens=2, num_codewords=8, interaction_units=(8,)),
              SPARC: dict(num_codewords=8),
              T2Diff: dict(denoiser="mlp", denoiser_units=(8,), session_length=3, history_length=5,
                           diffusion_steps=5, sampling_steps=2),
              TwoTower: {}}[model_class]
-    return model_class(**common, **extra)
+    return model_class(**{**common, **extra, **overrides})
 
 
 @pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
@@ -249,6 +249,61 @@ def test_fit_then_save_and_checkpoint_without_calling_the_model_first(model_clas
         reloaded = tf.keras.models.load_model(str(path))
         np.testing.assert_allclose(reloaded.score_all({"history": HISTORY}).numpy(), expected, rtol=1e-5, atol=1e-5,
                                    err_msg=str(path))
+
+
+@pytest.fixture
+def mixed_float16():
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+
+
+# The sublayers that carry each model's compute, which a mixed policy must run in float16.
+HEAVY_LAYERS = {TwoTower: ("encoder",), SparCode: ("encoder", "interaction"), SPARC: ("encoder", "target_attention"),
+                T2Diff: ("denoiser", "mixed_attention")}
+
+
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])
+def test_mixed_float16_trains_with_loss_scaling_and_answers_like_float32(model_class, loss, mixed_float16, tmp_path):
+    """Under mixed_float16 every model failed its first train step (float16 and float32 operands
+    of one op), and its train step differentiated the loss unscaled."""
+    tf.keras.utils.set_random_seed(0)
+    options = dict(loss=loss, num_sampled_negatives=5)
+    model = _tiny(model_class, **options)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    assert isinstance(model.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    for name in HEAVY_LAYERS[model_class]:
+        assert getattr(model, name).compute_dtype == "float16", name
+    assert model.item_tower.compute_dtype == "float32"
+    model.build_all_variables()
+    heavy = {name: getattr(model, name).trainable_variables for name in HEAVY_LAYERS[model_class]}
+    before = {name: [variable.numpy() for variable in variables] for name, variables in heavy.items()}
+    # The loss scale starts at 2**15 and halves on every step whose float16 gradients overflow
+    # (that step is skipped); enough steps for it to settle and the rest to train.
+    history = model.fit(_batches().repeat(8), epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"])), history.history["loss"]
+    assert history.history["loss"][-1] < history.history["loss"][0], history.history["loss"]
+    for name, variables in heavy.items():
+        assert any(not np.array_equal(old, new.numpy()) for old, new in zip(before[name], variables)), name
+
+    inputs = {"history": HISTORY}
+    users, scores = model.user_embedding(inputs), model.score_all(inputs)
+    assert users.dtype == tf.float32 and scores.dtype == tf.float32 and model.item_embeddings().dtype == tf.float32
+    saved = tmp_path / "mixed"
+    model.save(str(saved))
+    np.testing.assert_allclose(tf.keras.models.load_model(str(saved)).score_all(inputs).numpy(), scores.numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+    tf.keras.mixed_precision.set_global_policy("float32")
+    twin = _tiny(model_class, **options)
+    twin.build_all_variables()
+    twin.set_weights(model.get_weights())
+    # float16 keeps about three significant digits through the heavy layers.
+    np.testing.assert_allclose(scores.numpy(), twin.score_all(inputs).numpy(), rtol=0.05, atol=0.05)
 
 
 def test_evaluate_alone_leaves_a_model_that_saves(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import functools
+
 import tensorflow as tf
 
 from tfx_xmatch.arguments import is_integer
@@ -67,16 +69,18 @@ class AllToAllInteraction(tf.keras.layers.Layer):
         if self.bilinear and width is None:
             raise ValueError(f"{self.name} needs the query tokens' width, got input shape {input_shape}")
         first = self.hidden_units[0]
-        self.query_projection = tf.keras.layers.Dense(first, use_bias=True, name="query_projection")
-        self.item_projection = tf.keras.layers.Dense(first, use_bias=False, name="item_projection")
+        # Sublayers take this layer's dtype policy (Keras gives them the global one otherwise).
+        dense = functools.partial(tf.keras.layers.Dense, dtype=self.dtype_policy)
+        self.query_projection = dense(first, use_bias=True, name="query_projection")
+        self.item_projection = dense(first, use_bias=False, name="item_projection")
         self.hidden_layers = [
-            tf.keras.layers.Dense(units, activation="relu", name=f"hidden_{i + 1}")
+            dense(units, activation="relu", name=f"hidden_{i + 1}")
             for i, units in enumerate(self.hidden_units[1:])
         ]
-        self.output_layer = tf.keras.layers.Dense(1, name="output")
+        self.output_layer = dense(1, name="output")
         if self.bilinear:
             # Query and item tokens share the width d.
-            self.bilinear_projection = tf.keras.layers.Dense(int(width), use_bias=False, name="bilinear")
+            self.bilinear_projection = dense(int(width), use_bias=False, name="bilinear")
         if width is not None and self.num_item_tokens is not None:
             self.query_projection.build([None, int(width)])
             self.item_projection.build([None, self.num_item_tokens * int(width)])

@@ -44,14 +44,17 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
         width = int(input_shape[-1])
         if width % self.num_heads:
             raise ValueError(f"model width {width} is not divisible by num_heads={self.num_heads}")
-        self.attention_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="attention_norm")
+        # Sublayers take this layer's dtype policy (Keras gives them the global one otherwise).
+        self.attention_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="attention_norm",
+                                                                 dtype=self.dtype_policy)
         self.attention = built_multi_head_attention(
             width, width, num_heads=self.num_heads, key_dim=width // self.num_heads, dropout=self.dropout,
-            name="attention")
-        self.ffn_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="ffn_norm")
-        self.ffn_hidden = tf.keras.layers.Dense(self.ffn_units or width, activation="relu", name="ffn_hidden")
-        self.ffn_out = tf.keras.layers.Dense(width, name="ffn_out")
-        self.residual_dropout = tf.keras.layers.Dropout(self.dropout)
+            name="attention", dtype=self.dtype_policy)
+        self.ffn_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="ffn_norm", dtype=self.dtype_policy)
+        self.ffn_hidden = tf.keras.layers.Dense(self.ffn_units or width, activation="relu", name="ffn_hidden",
+                                                dtype=self.dtype_policy)
+        self.ffn_out = tf.keras.layers.Dense(width, name="ffn_out", dtype=self.dtype_policy)
+        self.residual_dropout = tf.keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         super().build(input_shape)
 
     def call(self, inputs: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:

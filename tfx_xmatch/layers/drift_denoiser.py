@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import tensorflow as tf
@@ -67,18 +68,20 @@ class DriftDenoiser(tf.keras.layers.Layer):
 
     def build(self, noisy_shape):
         width = int(noisy_shape[-1])
-        dense = tf.keras.layers.Dense
+        # Sublayers take this layer's dtype policy (Keras gives them the global one otherwise).
+        dense = functools.partial(tf.keras.layers.Dense, dtype=self.dtype_policy)
         if self.architecture == "mlp":
             self.step_mlp = dense(self.step_embedding_dim, activation="swish", name="step_mlp")
             self.hidden = [dense(u, activation="swish", name=f"hidden_{i}") for i, u in enumerate(self.hidden_units)]
         else:
             low, high = self.hidden_units
-            conv = tf.keras.layers.Conv1D
+            conv = functools.partial(tf.keras.layers.Conv1D, dtype=self.dtype_policy)
             self.step_mlp = dense(width, activation="swish", name="step_mlp")
             self.down_1 = conv(low, 3, padding="same", activation="swish", name="down_1")
             self.down_2 = conv(high, 3, strides=2, padding="same", activation="swish", name="down_2")
             self.middle = conv(high, 3, padding="same", activation="swish", name="middle")
-            self.up = tf.keras.layers.Conv1DTranspose(low, 3, strides=2, padding="same", activation="swish", name="up")
+            self.up = tf.keras.layers.Conv1DTranspose(low, 3, strides=2, padding="same", activation="swish", name="up",
+                                                      dtype=self.dtype_policy)
             self.merge = conv(low, 3, padding="same", activation="swish", name="merge")
         self.output_layer = dense(width, name="output")
         super().build(noisy_shape)

@@ -74,7 +74,7 @@ class ItemTower(tf.keras.layers.Layer):
             self.embedding_dim,
             embeddings_initializer="glorot_uniform",
             embeddings_regularizer=tf.keras.regularizers.l2(self.l2) if self.l2 else None,
-            name="id_embedding",
+            name="id_embedding", dtype=self.dtype_policy,
         )
         self.feature_tables = {}
         self.feature_projections = {}
@@ -91,14 +91,14 @@ class ItemTower(tf.keras.layers.Layer):
                 trainable=False,
             )
             self.feature_projections[name] = tf.keras.layers.Dense(
-                self.embedding_dim, use_bias=False, name=f"{name}_projection"
+                self.embedding_dim, use_bias=False, name=f"{name}_projection", dtype=self.dtype_policy
             )
         self.mlp = [
-            tf.keras.layers.Dense(units, activation="relu", name=f"mlp_{i}")
+            tf.keras.layers.Dense(units, activation="relu", name=f"mlp_{i}", dtype=self.dtype_policy)
             for i, units in enumerate(self.hidden_units)
         ]
         if self.mlp:
-            self.mlp.append(tf.keras.layers.Dense(self.embedding_dim, name="mlp_out"))
+            self.mlp.append(tf.keras.layers.Dense(self.embedding_dim, name="mlp_out", dtype=self.dtype_policy))
         super().build(input_shape)
 
     def call(self, item_indices: tf.Tensor) -> tf.Tensor:

@@ -30,7 +30,9 @@ class MeanPoolingEncoder(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         width = int(input_shape[-1])
-        self.dense = tf.keras.layers.Dense(width, name="projection") if self.projection else None
+        self.dense = None
+        if self.projection:
+            self.dense = tf.keras.layers.Dense(width, name="projection", dtype=self.dtype_policy)
         super().build(input_shape)
 
     def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:

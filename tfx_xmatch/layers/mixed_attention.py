@@ -75,20 +75,24 @@ class MixedAttention(tf.keras.layers.Layer):
             self.blocks.append((
                 built_multi_head_attention(width, width, num_heads=self.num_heads,
                                            key_dim=max(1, width // self.num_heads), dropout=self.dropout,
-                                           name=f"self_attention_{i}"),
-                tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"attention_norm_{i}"),
+                                           name=f"self_attention_{i}", dtype=self.dtype_policy),
+                tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"attention_norm_{i}",
+                                                   dtype=self.dtype_policy),
                 tf.keras.Sequential([tf.keras.layers.Dense(width, activation="relu",
-                                                           name=f"feed_forward_{i}_hidden"),
-                                     tf.keras.layers.Dropout(self.dropout),
-                                     tf.keras.layers.Dense(width, name=f"feed_forward_{i}_output")],
+                                                           name=f"feed_forward_{i}_hidden", dtype=self.dtype_policy),
+                                     tf.keras.layers.Dropout(self.dropout, dtype=self.dtype_policy),
+                                     tf.keras.layers.Dense(width, name=f"feed_forward_{i}_output",
+                                                           dtype=self.dtype_policy)],
                                     name=f"feed_forward_{i}"),
-                tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"feed_forward_norm_{i}"),
+                tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"feed_forward_norm_{i}",
+                                                   dtype=self.dtype_policy),
             ))
         # The .keras / .weights.h5 savers look into lists of layers, not into the tuples of
         # ``blocks`` (whose paths TF checkpoints of earlier runs hold): the same layers, listed.
         self.block_layers = [layer for block in self.blocks for layer in block]
-        self.history_attention = TargetAttention(self.num_heads, dropout=self.dropout, name="history_attention")
-        self.combine = tf.keras.layers.Dense(width, name="combine")
+        self.history_attention = TargetAttention(self.num_heads, dropout=self.dropout, name="history_attention",
+                                                 dtype=self.dtype_policy)
+        self.combine = tf.keras.layers.Dense(width, name="combine", dtype=self.dtype_policy)
         super().build(session_shape)
 
     def call(self, session, session_mask, predicted, history, history_mask, training: bool = False) -> tf.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import tensorflow as tf
@@ -118,8 +119,10 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         latent = self.latent_dim or width
 
         def mlp(widths, output, name):
-            layers = [tf.keras.layers.Dense(u, activation="relu", name=f"{name}_{i}") for i, u in enumerate(widths)]
-            return tf.keras.Sequential(layers + [tf.keras.layers.Dense(output, name=f"{name}_out")], name=name)
+            # Sublayers take this layer's dtype policy (Keras gives them the global one otherwise).
+            dense = functools.partial(tf.keras.layers.Dense, dtype=self.dtype_policy)
+            layers = [dense(u, activation="relu", name=f"{name}_{i}") for i, u in enumerate(widths)]
+            return tf.keras.Sequential(layers + [dense(output, name=f"{name}_out")], name=name)
 
         self.encoder = mlp(self.hidden_units, latent, "encoder")
         self.decoder = mlp(tuple(reversed(self.hidden_units)), width, "decoder")

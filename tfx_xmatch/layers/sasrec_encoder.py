@@ -48,12 +48,12 @@ class SASRecEncoder(tf.keras.layers.Layer):
             shape=(self.max_length, width),
             initializer="glorot_uniform",
         )
-        self.input_dropout = tf.keras.layers.Dropout(self.dropout)
+        self.input_dropout = tf.keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.blocks = [
-            CausalTransformerBlock(self.num_heads, dropout=self.dropout, name=f"block_{i}")
+            CausalTransformerBlock(self.num_heads, dropout=self.dropout, name=f"block_{i}", dtype=self.dtype_policy)
             for i in range(self.num_blocks)
         ]
-        self.output_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm")
+        self.output_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm", dtype=self.dtype_policy)
         super().build(input_shape)
 
     def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:

@@ -65,7 +65,8 @@ class TargetAttention(tf.keras.layers.Layer):
         width = int(queries_shape[-1])
         self.attention = built_multi_head_attention(
             width, self.state_width or width, num_heads=self.num_heads,
-            key_dim=self.key_dim or max(1, width // self.num_heads), dropout=self.dropout, name="attention")
+            key_dim=self.key_dim or max(1, width // self.num_heads), dropout=self.dropout, name="attention",
+            dtype=self.dtype_policy)
         super().build(queries_shape)
 
     def call(self, queries: tf.Tensor, states: tf.Tensor, mask: tf.Tensor, training: bool = False) -> tf.Tensor:

@@ -3,6 +3,7 @@ tf.distribute, and the hyperparameters and item-side layers all models share."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import numpy as np
@@ -11,6 +12,20 @@ import tensorflow_recommenders as tfrs
 
 from tfx_xmatch import arguments
 from tfx_xmatch.models.history_encoding import target_frequencies
+
+
+@contextlib.contextmanager
+def light_global_policy(dtype: str):
+    """Makes ``dtype`` the global dtype policy while TFRS' ``Retrieval`` task is created and
+    called: it takes no ``dtype`` argument and makes its logQ and accidental-hit layers at each
+    call, and Keras gives a layer the global policy; under ``mixed_float16`` the task cast its
+    queries to float16 and not its candidates."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(dtype)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
 
 
 class RetrievalModel(tfrs.models.Model):
@@ -27,6 +42,13 @@ class RetrievalModel(tfrs.models.Model):
     steps return the raw per-replica values instead, which Keras sums over replicas (its "auto"
     reduction outside TPUs): N replicas showed N times the loss. Subclasses implement
     ``compute_loss`` as for TFRS.
+
+    Mixed precision (``tf.keras.mixed_precision.set_global_policy("mixed_float16")``): the
+    compute-heavy sublayers (sequence encoders, attention, the interaction network, the
+    denoiser) run in float16; the item tower, embeddings, quantizers, projections and the model's
+    own weights stay in float32 (``light_layer_dtype``), and so do what the model returns
+    (user and item vectors, scores, losses), which is what an index and a softmax need.
+    ``compile`` wraps the optimizer in a ``LossScaleOptimizer`` and the train step scales the loss.
     """
 
     def __init__(self, **kwargs):
@@ -34,6 +56,16 @@ class RetrievalModel(tfrs.models.Model):
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
         self.regularization_loss_tracker = tf.keras.metrics.Mean(name="regularization_loss")
         self.total_loss_tracker = tf.keras.metrics.Mean(name="total_loss")
+
+    @property
+    def light_layer_dtype(self) -> str:
+        """The dtype of the sublayers and weights kept out of a mixed policy's float16: the
+        policy's variable dtype (float32 under ``mixed_float16``)."""
+        return self.dtype_policy.variable_dtype
+
+    def full_precision(self, tensor: tf.Tensor) -> tf.Tensor:
+        """A compute-heavy sublayer's output cast back to ``light_layer_dtype``."""
+        return tf.cast(tensor, self.light_layer_dtype)
 
     def build_all_variables(self) -> None:
         """Creates every variable with inference calls on one padded history.
@@ -65,20 +97,23 @@ class RetrievalModel(tfrs.models.Model):
 
     def train_step(self, inputs):
         with tf.GradientTape() as tape:
-            loss = self.compute_loss(inputs, training=True)
+            loss = tf.cast(self.compute_loss(inputs, training=True), tf.float32)
             regularization_loss = self._regularization_loss()
             total_loss = loss + regularization_loss
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = total_loss / tf.cast(replicas, total_loss.dtype)
-        gradients = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        # minimize, not tape.gradient + apply_gradients: under a mixed_float16 policy compile wraps
+        # the optimizer in a LossScaleOptimizer, whose minimize scales the loss before
+        # differentiating (float16 gradients would underflow to zero) and unscales after.
+        self.optimizer.minimize(scaled, self.trainable_variables, tape=tape)
         return self._step_logs(loss, regularization_loss)
 
     def test_step(self, inputs):
-        return self._step_logs(self.compute_loss(inputs, training=False), self._regularization_loss())
+        loss = tf.cast(self.compute_loss(inputs, training=False), tf.float32)
+        return self._step_logs(loss, self._regularization_loss())
 
     def _regularization_loss(self) -> tf.Tensor:
-        return tf.reduce_sum([tf.reduce_sum(term) for term in self.losses])
+        return tf.reduce_sum([tf.reduce_sum(tf.cast(term, tf.float32)) for term in self.losses])
 
     def _step_logs(self, loss: tf.Tensor, regularization_loss: tf.Tensor) -> dict:
         self.loss_tracker.update_state(loss)
@@ -130,6 +165,7 @@ class RetrievalModel(tfrs.models.Model):
         self.item_tower = ItemTower(
             self.num_items, self.embedding_dim, feature_dims=self.item_feature_dims,
             feature_tables=item_feature_tables, hidden_units=self.item_hidden_units, l2=self.l2, name="item_tower",
+            dtype=self.light_layer_dtype,
         )
         if sequence_encoder:
             if self.user_tower == "sasrec":
@@ -138,14 +174,15 @@ class RetrievalModel(tfrs.models.Model):
             else:
                 self.encoder = MeanPoolingEncoder(name="mean_encoder")
         self.user_feature_embeddings = {
-            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding")
+            name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding",
+                                            dtype=self.light_layer_dtype)
             for name, cardinality in sorted(self.user_feature_cardinalities.items())
         }
         # The probability that an item is a training target (the sampled loss' logQ); a
         # non-trainable weight so that it is saved with the model.
         self.item_frequency = self.add_weight(
             name="item_frequency", shape=(self.num_items + 1,),
-            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False,
+            initializer=tf.keras.initializers.Constant(1.0 / self.num_items), trainable=False, autocast=False,
         )
 
     def _shared_config(self) -> dict:

@@ -18,7 +18,9 @@ def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: d
     """
     history = tf.convert_to_tensor(inputs["history"])
     padding_mask = history > 0
-    encoded = encoder(item_tower(history), padding_mask, training=training)
+    embedded = item_tower(history)
+    # Under a mixed policy the encoder computes in float16; the model goes on in the tower's dtype.
+    encoded = tf.cast(encoder(embedded, padding_mask, training=training), embedded.dtype)
     for name, embedding in user_feature_embeddings.items():
         if name not in inputs:
             raise KeyError(f"input {name!r} is missing: the model was built with user features "

@@ -227,15 +227,16 @@ class SPARC(RetrievalModel):
         self._build_shared_layers(item_feature_tables)
         self.rqvae = ResidualQuantizer(
             self.num_levels, self.num_codewords, hidden_units=self.rq_hidden_units,
-            commitment_weight=self.commitment_weight, name="rqvae",
+            commitment_weight=self.commitment_weight, name="rqvae", dtype=self.light_layer_dtype,
         )
         self.target_attention = TargetAttention(self.attention_heads, dropout=self.dropout, name="target_attention")
         # Zero-initialised: training starts from the plain sequence encoder's user vector.
         self.interest_projection = tf.keras.layers.Dense(
-            self.embedding_dim, kernel_initializer="zeros", name="interest_projection")
+            self.embedding_dim, kernel_initializer="zeros", name="interest_projection", dtype=self.light_layer_dtype)
         self.interest_tower = tf.keras.Sequential([
-            tf.keras.layers.Dense(self.embedding_dim, activation="relu", name="interest_hidden"),
-            tf.keras.layers.Dense(self.num_codewords, name="interest_logits"),
+            tf.keras.layers.Dense(self.embedding_dim, activation="relu", name="interest_hidden",
+                                  dtype=self.light_layer_dtype),
+            tf.keras.layers.Dense(self.num_codewords, name="interest_logits", dtype=self.light_layer_dtype),
         ], name="interest_tower")
         self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in (
             "retrieval_loss", "rqvae_loss", "bpr_loss", "contrastive_loss", "user_item_contrastive_loss",

@@ -253,23 +253,25 @@ class SparCode(RetrievalModel):
 
         self._build_shared_layers(item_feature_tables)
         if self.tokenizer_kind != "chunks":
-            self.tokenizer = tf.keras.layers.Dense(self.num_query_tokens * self.embedding_dim, name="tokenizer")
+            self.tokenizer = tf.keras.layers.Dense(self.num_query_tokens * self.embedding_dim, name="tokenizer",
+                                                   dtype=self.light_layer_dtype)
         if self.tokenizer_kind == "slots":
             self.token_slots = self.add_weight(name="token_slots", shape=(self.num_query_tokens, self.embedding_dim),
-                                               initializer="glorot_uniform")
+                                               initializer="glorot_uniform", autocast=False)
             # Single-head attention written out so keys and values are projected once per user,
             # not once per training position reading that user's history.
-            self.slot_query = tf.keras.layers.Dense(self.embedding_dim, name="slot_query")
-            self.slot_key = tf.keras.layers.Dense(self.embedding_dim, name="slot_key")
-            self.slot_value = tf.keras.layers.Dense(self.embedding_dim, name="slot_value")
-            self.slot_output = tf.keras.layers.Dense(self.embedding_dim, name="slot_output")
+            light = self.light_layer_dtype
+            self.slot_query = tf.keras.layers.Dense(self.embedding_dim, name="slot_query", dtype=light)
+            self.slot_key = tf.keras.layers.Dense(self.embedding_dim, name="slot_key", dtype=light)
+            self.slot_value = tf.keras.layers.Dense(self.embedding_dim, name="slot_value", dtype=light)
+            self.slot_output = tf.keras.layers.Dense(self.embedding_dim, name="slot_output", dtype=light)
         # Tokens on a common scale keep codeword distances (and the assignment temperature)
         # meaningful whatever the encoder's output scale.
         self.token_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, center=False, scale=False,
-                                                             name="token_norm")
+                                                             name="token_norm", dtype=self.light_layer_dtype)
         self.quantizer = VectorQuantizer(
             self.num_codewords, num_codebooks=self.num_codebooks, decay=self.codebook_decay,
-            commitment_weight=self.commitment_weight, name="quantizer",
+            commitment_weight=self.commitment_weight, name="quantizer", dtype=self.light_layer_dtype,
         )
         if self.quantize:
             # Its shape is known now. Built here, its state exists before the first training step:
@@ -283,7 +285,7 @@ class SparCode(RetrievalModel):
         self.interaction = AllToAllInteraction(self.interaction_units, num_item_tokens=1 + len(self.item_feature_dims),
                                                name="interaction")
         self.interaction.build(tf.TensorShape([None, self.embedding_dim]))
-        self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros")
+        self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros", autocast=False)
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
         self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")
         self.encoder_loss_tracker = tf.keras.metrics.Mean(name="encoder_loss")
@@ -395,7 +397,7 @@ class SparCode(RetrievalModel):
         item_tokens = self.item_tower.tokens(item_indices)
         if self.detach_code_path:
             item_tokens = tf.stop_gradient(item_tokens)
-        pre_activation = self.interaction(query_tokens, item_tokens) + self.score_bias
+        pre_activation = self.full_precision(self.interaction(query_tokens, item_tokens)) + self.score_bias
         return relu_with_leaky_gradient(pre_activation, self.relu_leak if training else 0.0)
 
     def code_item_scores(self, item_indices: Optional[tf.Tensor] = None, batch_size: int = 8192) -> tf.Tensor:

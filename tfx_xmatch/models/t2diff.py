@@ -238,7 +238,7 @@ class T2Diff(RetrievalModel):
                                          name="sasrec_encoder")
             # Zero-initialised: training starts from the backbone's (the two-tower's) user vector.
             self.mixed_projection = tf.keras.layers.Dense(self.embedding_dim, kernel_initializer="zeros",
-                                                          name="mixed_projection")
+                                                          name="mixed_projection", dtype=self.light_layer_dtype)
         self.schedule = NoiseSchedule(schedule, self.diffusion_steps)
         self.denoiser = DriftDenoiser(denoiser, self.denoiser_units, name="denoiser")
         self.mixed_attention = MixedAttention(self.num_heads, self.num_blocks, self.dropout,
@@ -271,7 +271,8 @@ class T2Diff(RetrievalModel):
                      base=None, training=False) -> tf.Tensor:
         """The mixed-attention vector, plus the backbone state ``base`` (which already holds the
         user features) when there is a backbone, else plus the user-feature embeddings."""
-        users = self.mixed_attention(session, session_mask, predicted, history, history_mask, training=training)
+        users = self.full_precision(
+            self.mixed_attention(session, session_mask, predicted, history, history_mask, training=training))
         if self.backbone != "none":
             return base + self.mixed_projection(users)
         for name, embedding in self.user_feature_embeddings.items():
@@ -326,13 +327,13 @@ class T2Diff(RetrievalModel):
         if sampler == "ddpm":
             for step in range(self.diffusion_steps, 0, -1):
                 steps_tensor = tf.fill([batch], step)
-                z0_hat = self.denoiser(z, steps_tensor, session, session_mask)
+                z0_hat = self.full_precision(self.denoiser(z, steps_tensor, session, session_mask))
                 noise = normal() if step > 1 else tf.zeros(shape)
                 z = self.schedule.ddpm_step(z, z0_hat, steps_tensor, noise)
             return z
         visited = self.schedule.ddim_timesteps(self.sampling_steps if steps is None else steps)
         for step, previous in zip(visited, visited[1:] + [0]):
-            z0_hat = self.denoiser(z, tf.fill([batch], step), session, session_mask)
+            z0_hat = self.full_precision(self.denoiser(z, tf.fill([batch], step), session, session_mask))
             if previous == 0:
                 return z0_hat
             noise = normal() if eta > 0 else None
@@ -421,11 +422,11 @@ class T2Diff(RetrievalModel):
                                                              None if base is None else self._sg(base))
         steps = draws.uniform(tf.shape(targets), 1, self.diffusion_steps + 1, dtype=tf.int32)
         noisy = self.schedule.q_sample(clean, steps, draws.normal(tf.shape(clean)))
-        z0_hat = self.denoiser(noisy, steps, condition, condition_mask)
+        z0_hat = self.full_precision(self.denoiser(noisy, steps, condition, condition_mask))
         diffusion = tf.reduce_mean(tf.square(z0_hat - clean))
 
-        prior = self.denoiser(tf.zeros_like(clean), tf.fill(tf.shape(steps), self.diffusion_steps),
-                              condition, condition_mask)
+        prior = self.full_precision(self.denoiser(tf.zeros_like(clean), tf.fill(tf.shape(steps), self.diffusion_steps),
+                                                  condition, condition_mask))
         use_prior = draws.uniform(tf.shape(steps)) < self.prior_drift_rate
         drift = self._sg(tf.where(use_prior[:, tf.newaxis], prior, z0_hat))
         predicted = last + drift if self.diffuse == "drift" else drift

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfx_xmatch.models.base import RetrievalModel
+from tfx_xmatch.models.base import RetrievalModel, light_global_policy
 from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
@@ -100,11 +100,12 @@ class TwoTower(RetrievalModel):
         # Per-example losses, averaged in _sampled_softmax_loss: a Keras loss that reduces by
         # itself ("sum_over_batch_size") refuses to run under a tf.distribute strategy, and the
         # train step here scales each replica's mean by the number of replicas.
-        self.retrieval_task = tfrs.tasks.Retrieval(
-            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="none"),
-            temperature=self.temperature,
-            remove_accidental_hits=True,
-        )
+        with light_global_policy(self.light_layer_dtype):
+            self.retrieval_task = tfrs.tasks.Retrieval(
+                loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="none"),
+                temperature=self.temperature,
+                remove_accidental_hits=True,
+            )
         # It has no weights; built now, an export of a model that never ran it (full softmax,
         # or reloaded from disk) does not warn "Skipping full serialization ... not built".
         self.retrieval_task.build(None)
@@ -167,14 +168,16 @@ class TwoTower(RetrievalModel):
             kept * tf.gather(self.item_frequency, candidate_ids) + num_extra / self.num_items
         ) / (kept + num_extra)
         candidates = self.item_tower(candidate_ids)
-        losses = self.retrieval_task(
-            queries,
-            candidates,
-            candidate_sampling_probability=sampling_probability,
-            candidate_ids=candidate_ids,
-            compute_metrics=False,
-            compute_batch_metrics=False,
-        )
+        # The task makes its logQ and accidental-hit layers at each call.
+        with light_global_policy(self.light_layer_dtype):
+            losses = self.retrieval_task(
+                queries,
+                candidates,
+                candidate_sampling_probability=sampling_probability,
+                candidate_ids=candidate_ids,
+                compute_metrics=False,
+                compute_batch_metrics=False,
+            )
         # As Keras' "sum_over_batch_size": the mean, and 0 for a batch without targets.
         return tf.math.divide_no_nan(tf.reduce_sum(losses), tf.cast(tf.size(losses), losses.dtype))
 
