@@ -9,6 +9,9 @@ import sys
 from typing import Callable, Optional
 
 from tfx_xmatch.bench.environment import header, machine_info, versions  # noqa: F401  (the benchmarks' import)
+from tfx_xmatch.bench.schema import check_rows
+
+from conform_results import conform  # the benchmarks directory is on the path of every importer
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,9 +53,14 @@ def write_results(result: dict, output: str, to_markdown: Callable[[dict], str],
                   results_dir: pathlib.Path = RESULTS_DIR) -> None:
     """Writes ``result`` as ``results_dir/<output>.json`` and its page ``<output>.md`` (each
     atomically, so a run cut short leaves the previous complete pair), printing the page when
-    ``echo``."""
+    ``echo``.
+
+    Raises:
+      ValueError: ``result`` does not follow DESIGN's schema (``check_rows``); nothing is written.
+    """
     from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
 
+    check_rows(result, output)
     results_dir.mkdir(parents=True, exist_ok=True)
     page = to_markdown(result)
     write_json_atomic(results_dir / f"{output}.json", result)
@@ -130,7 +138,8 @@ def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...], defaults:
     """
     if not path.exists():
         return result
-    earlier = read_results(path, result["benchmark"])
+    # Rows written before DESIGN's schema was enforced are conformed (keys and names only).
+    earlier = conform(read_results(path, result["benchmark"]))
     defaults = defaults or {}
 
     def row_key(row: dict) -> tuple:

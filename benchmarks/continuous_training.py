@@ -87,7 +87,9 @@ def first_reaching(points: list[dict], level: float) -> Optional[dict]:
 
 
 def run_row(name: str, run_dir: pathlib.Path, metrics: dict) -> dict:
-    return {"run": name, "run_dir": run_dir.name, "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
+    config = training.load_run_config(run_dir)
+    return {"dataset": config.data.dataset, "split": config.data.split, "model": config.model.name,
+            "run": name, "run_dir": run_dir.name, "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
             "train_seconds": round(metrics["train_seconds"], 1),
             "validation": round(metrics["validation"][MONITOR], 4),
             "test": {key: round(metrics["test"][key], 4) for key in TEST_METRICS}, "curve": curve(run_dir)}

@@ -69,7 +69,8 @@ def measure(run_dir: pathlib.Path, which: str, repeats: int) -> Optional[dict]:
     differences = [abs(metrics["per batch"][key] - value) for key, value in metrics["per pass"].items()
                    if isinstance(value, float)]
     return {
-        "run": run_dir.name, "model": config.model.name, "users": len(getattr(split, which).targets),
+        "dataset": config.data.dataset, "split": config.data.split, "model": config.model.name,
+        "run": run_dir.name, "users": len(getattr(split, which).targets),
         "batch_size": config.eval.batch_size,
         "serving_cache_fraction": config.model.options.get("serving_cache_fraction"),
         "per_batch_s": [round(s, 3) for s in seconds["per batch"]],

@@ -230,7 +230,7 @@ def main() -> int:
             megabytes = scanned * DIMENSION * bytes_per_value / 1e6
             gather_ms = p50.get((variant, "gather"), 0.0) - p50.get((variant, "rows"), 0.0)
             rows.append({
-                "n_items": args.items, "subpartitions": args.subpartitions, "parent_probes": args.parent_probes,
+                "dataset": "synthetic", "split": "-", "model": "partitioned", "n_items": args.items, "subpartitions": args.subpartitions, "parent_probes": args.parent_probes,
                 "probes": each.num_probes, "intra_op_threads": args.intra_op_threads or "default",
                 "scoring": scoring, "soar_lambda": soar_lambda,
                 "num_reordering_candidates": None if scoring == "float32" else args.reorder or 4 * K,

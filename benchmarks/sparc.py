@@ -13,7 +13,9 @@ interest). Latency is per user (batch 1) through the same path, encoder included
 machine, measured over ``--latency-users`` users after a warm-up, every path of a model timed
 interleaved user by user.
 
-Writes ``results/sparc.md`` and ``results/sparc.json``.
+Writes ``results/sparc.md`` and ``results/sparc.json``. JSON rows use DESIGN's names: model
+``sparc_hard`` (K = 1) or ``sparc_soft`` with variant ``soft-k2`` / ``soft-k4`` / ``soft-k8``,
+``sparc`` with ``backbone-alone`` for the encoder alone; ``path`` is the page's label.
 
     python benchmarks/sparc.py
     python benchmarks/sparc.py --datasets beauty --minutes beauty:sparc=20
@@ -81,6 +83,20 @@ HARD = "hard (K=1)"
 ROW_KEY = ("dataset", "model", "train_seed")
 
 
+def design_identity(path_variant: dict) -> dict:
+    """A SPARC row's ``model`` and ``variant`` as DESIGN names them: "sparc_hard", "sparc_soft"
+    with "soft-k2" / "soft-k4" / "soft-k8", and "sparc" with "backbone-alone" for its encoder alone."""
+    interests = path_variant.get("interests")
+    if interests is None:
+        return {"model": "sparc", "variant": "backbone-alone"}
+    return {"model": "sparc_hard"} if interests == 1 else {"model": "sparc_soft", "variant": f"soft-k{interests}"}
+
+
+def trained_model(row: dict) -> str:
+    """The trained model a row answers with (a SPARC run gives sparc_hard, sparc_soft and sparc rows)."""
+    return "sparc" if row["model"].startswith("sparc") else row["model"]
+
+
 def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_users: int,
                      reference: np.ndarray | None) -> list[dict]:
     """One row per K in INTERESTS (K = 1 is hard search), answered through SoftSearchIndex, each
@@ -108,9 +124,10 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
             paired["vs_hard"] = compare_metrics(ranks, evaluated[HARD][1], COMPARED, is_tail)
         if reference is not None:
             paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
-        rows.append({**base, "variant": path.label, "interests": path.variant.get("interests", 0),
-                     **_reported(path_metrics), "codebook_perplexity": perplexity, "codebook_dead_codes": dead,
-                     "latency_ms_p50": p50, "latency_ms_p99": p99, **paired})
+        rows.append({**base, **design_identity(path.variant), "path": path.label,
+                     "interests": path.variant.get("interests", 0), **_reported(path_metrics),
+                     "codebook_perplexity": perplexity, "codebook_dead_codes": dead, "p50_ms": p50, "p99_ms": p99,
+                     **paired})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
     return rows
 
@@ -126,8 +143,7 @@ def recorded_baseline_rows(dataset: str, train_seed: int = 0) -> list[dict]:
             if row.get("dataset") == dataset and row.get("model") == "two_tower_sasrec"
             and row.get("train_seed", 0) == train_seed]
     label = " (recorded: sparc.json)"
-    return [{**row, "variant": row["variant"] if row["variant"].endswith(label) else row["variant"] + label}
-            for row in rows]
+    return [{**row, "path": row["path"] if row["path"].endswith(label) else row["path"] + label} for row in rows]
 
 
 def _reported(metrics: dict) -> dict:
@@ -182,7 +198,7 @@ def main() -> int:
                 reference = brute_force_ranks(run_dir_of(args, dataset, "two_tower_sasrec"), split, two_tower_config)
                 result["rows"] += soft_search_rows(run_dir, split, config, base, args.latency_users, reference)
             else:
-                result["rows"].append({**base, "variant": "exact", **_reported(metrics["test"])})
+                result["rows"].append({**base, "path": "exact", **_reported(metrics["test"])})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
             written = (merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY, {"train_seed": 0})
                        if args.merge else result)
@@ -207,26 +223,27 @@ def to_markdown(result: dict) -> str:
     for dataset in dict.fromkeys(row["dataset"] for row in result["rows"]):
         rows = [row for row in result["rows"] if row["dataset"] == dataset]
         lines += [f"## {dataset} ({rows[0]['num_items']:,} items)", "",
-                  "| model | variant | " + " | ".join(REPORTED) + " | p50 / p99 ms | epochs (best) | train s |",
+                  "| model | path | " + " | ".join(REPORTED) + " | p50 / p99 ms | epochs (best) | train s |",
                   "|" + "---|" * (len(REPORTED) + 5)]
         for row in rows:
             metrics = " | ".join(f"{row[key]:.4f}" for key in REPORTED)
-            latency = f"{row['latency_ms_p50']} / {row['latency_ms_p99']}" if "latency_ms_p50" in row else ""
-            lines.append(f"| {model_name(row)} | {row['variant']} | {metrics} | {latency} | "
+            latency = f"{row['p50_ms']} / {row['p99_ms']}" if "p50_ms" in row else ""
+            lines.append(f"| {model_name(row)} | {row['path']} | {metrics} | {latency} | "
                          f"{row['epochs']} ({row['best_epoch']}) | {row['train_seconds']:.0f} |")
-        perplexities = {model_name(row): row["codebook_perplexity"] for row in rows if "codebook_perplexity" in row}
-        dead = {model_name(row): row["codebook_dead_codes"] for row in rows if "codebook_dead_codes" in row}
+        trained = {id(row): model_name({**row, "model": trained_model(row)}) for row in rows}
+        perplexities = {trained[id(row)]: row["codebook_perplexity"] for row in rows if "codebook_perplexity" in row}
+        dead = {trained[id(row)]: row["codebook_dead_codes"] for row in rows if "codebook_dead_codes" in row}
         for name, perplexity in perplexities.items():
             lines += ["", f"{name} codebook perplexity per level over the catalogue's codes: {perplexity} "
                           f"(of {rows[-1]['settings']['options'].get('num_codewords', 64)} codewords per level)"
                           + (f"; share of dead codes (used by no item) per level: {dead[name]}" if name in dead else "")]
-        table = paired_table([{**row, "model": model_name(row)} for row in rows], ("model", "variant"),
+        table = paired_table([{**row, "model": model_name(row)} for row in rows], ("model", "path"),
                              {"vs_hard": "hard", "vs_two_tower": "two-tower (same seed)"}, COMPARED)
         lines += [""] + table if table else []
         lines.append("")
     lines += ["Settings per model:", ""]
-    for row in {(r["dataset"], model_name(r)): r for r in result["rows"]}.values():
-        lines.append(f"- {row['dataset']} {model_name(row)}: `{row['settings']}`")
+    for row in {(r["dataset"], model_name({**r, "model": trained_model(r)})): r for r in result["rows"]}.values():
+        lines.append(f"- {row['dataset']} {model_name({**row, 'model': trained_model(row)})}: `{row['settings']}`")
     return "\n".join(lines) + "\n"
 
 

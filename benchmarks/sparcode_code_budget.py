@@ -167,11 +167,12 @@ def main() -> int:
     is_tail = is_tail_target(split.test.targets, split.item_popularity())
     exact_metrics, exact_ranks = evaluate(lambda states: states)
     result = header("sparcode_code_budget")
+    identity = {"dataset": config.data.dataset, "split": config.data.split, "model": config.model.name}
     result.update(run=args.run, model=type(model).__name__, num_items=split.num_items,
                   mask_history=bool(config.eval.mask_history),
                   test_users=len(split.test.targets), training_positions=positions,
                   fitted_positions=len(fit_states), iterations=args.iterations, seed=args.seed,
-                  rows=[{"budget": EXACT, **{key: round(exact_metrics[key], 4) for key in REPORTED}}])
+                  rows=[{**identity, "budget": EXACT, **{key: round(exact_metrics[key], 4) for key in REPORTED}}])
     print(result["rows"][-1], flush=True)
     for books, words in args.budgets:
         started = time.perf_counter()
@@ -179,7 +180,7 @@ def main() -> int:
         fit_seconds = time.perf_counter() - started
         metrics, ranks = evaluate(quantizer.reconstruct)
         result["rows"].append({
-            "budget": f"{books}x{words}", "codebooks": books, "codewords": words,
+            **identity, "budget": f"{books}x{words}", "codebooks": books, "codewords": words,
             "bits": round(books * float(np.log2(words)), 1), "slice_width": quantizer.slice,
             **{key: round(metrics[key], 4) for key in REPORTED},
             "fit_seconds": round(fit_seconds, 1),

@@ -5,8 +5,8 @@ of 10^4, 10^5 and 10^6 items. Targets: SparCode lookup time does not grow with c
 and at 10^6 items it is at least 10x faster than brute force. For each size N (seeded):
 
 * Dense baselines (d = 64): ``serving.synthetic_embeddings`` (clustered unit vectors and held-out
-  queries), indexed by TFRS's own layers ``BruteForce(k=100)`` (``tfrs_brute_force``) and
-  ``ScaNN(k=100)`` (``tfrs_scann``: round(sqrt(N)) leaves, max(8, round(0.128 sqrt(N))) leaves
+  queries), indexed by TFRS's own layers ``BruteForce(k=100)`` (model ``brute_force``) and
+  ``ScaNN(k=100)`` (model ``scann``: round(sqrt(N)) leaves, max(8, round(0.128 sqrt(N))) leaves
   searched, 1000 reordering candidates, which reached recall@100 >= 0.95 at every size in
   ``results/serving.md`` on the same data). ScaNN recall is against BruteForce's answers.
 * ``sparse_code``: a SparCode-like [N, 512] score table T[i, c] = ReLU(item_i . code_c - t),
@@ -99,9 +99,9 @@ def dense_rows(n: int, args, tf, tfrs) -> list:
     scann_settings = {"num_leaves": leaves, "num_leaves_to_search": min(leaves, max(8, round(0.128 * math.sqrt(n)))),
                       "num_reordering_candidates": args.reorder, "dimensions_per_block": 2, "training_iterations": 12}
     layers = {
-        "tfrs_brute_force": (lambda: tfrs.layers.factorized_top_k.BruteForce(k=K), {"k": K}),
-        "tfrs_scann": (lambda: tfrs.layers.factorized_top_k.ScaNN(k=K, distance_measure="dot_product",
-                                                                  **scann_settings), scann_settings),
+        "brute_force": (lambda: tfrs.layers.factorized_top_k.BruteForce(k=K), {"k": K}),
+        "scann": (lambda: tfrs.layers.factorized_top_k.ScaNN(k=K, distance_measure="dot_product", **scann_settings),
+                  scann_settings),
     }
     rows, exact = [], None
     for model, (make, settings) in layers.items():
@@ -110,11 +110,11 @@ def dense_rows(n: int, args, tf, tfrs) -> list:
                              input_signature=[tf.TensorSpec([None, DIMENSION], tf.float32)])
         latencies, found = single_query_latency(search, queries, args.warmup, tf)
         exact = found if exact is None else exact  # brute force runs first
-        rows.append({"dataset": "synthetic", "split": "-", "model": model, "variant": f"n_items={n}",
+        rows.append({"dataset": "synthetic", "split": "-", "model": model, "variant": f"n_items={n},tfrs_layer",
                      "n_items": n, **latency_fields(latencies), "recall_vs_exact": round(recall(found, exact), 4),
                      "build_seconds": round(seconds, 2), "index_bytes": index_bytes(layer),
                      "memory_method": "variables of the layer: " + (
-                         "candidates [N, 64] float32 + identifiers" if model == "tfrs_brute_force"
+                         "candidates [N, 64] float32 + identifiers" if model == "brute_force"
                          else "the serialized ScaNN searcher (what a SavedModel stores)"),
                      "rss_growth_bytes": rss, "settings": settings})
         print({k: v for k, v in rows[-1].items() if k != "settings"}, flush=True)
@@ -139,7 +139,7 @@ def sparse_rows(n: int, args, tf, SparseCodeIndex) -> list:
         latencies, found = single_query_latency(search, bags, args.warmup, tf)
         lengths = index.posting_list_lengths()
         rows.append({"dataset": "synthetic", "split": "-", "model": "sparse_code",
-                     "variant": f"n_items={n}, {variant}", "n_items": n, **latency_fields(latencies),
+                     "variant": f"n_items={n},{variant}", "n_items": n, **latency_fields(latencies),
                      "recall_vs_exact": round(recall(found[:EXACT_QUERIES], exact), 4),
                      "build_seconds": round(seconds, 2), "index_bytes": index.memory_bytes(),
                      "memory_method": "SparseCodeIndex.memory_bytes(): posting items int32 + scores float32, "
@@ -160,7 +160,7 @@ def targets(rows: list) -> dict:
     if not capped:
         return {}
     small, large = capped[0], capped[-1]
-    brute = next((r for r in rows if r["model"] == "tfrs_brute_force" and r["n_items"] == large["n_items"]), None)
+    brute = next((r for r in rows if r["model"] == "brute_force" and r["n_items"] == large["n_items"]), None)
     ratio = round(large["p50_ms"] / small["p50_ms"], 2)
     speedup = None if brute is None else round(brute["p50_ms"] / large["p50_ms"], 2)
     return {
@@ -172,7 +172,7 @@ def targets(rows: list) -> dict:
                          "smallest": small["variant"], "largest": large["variant"], "p50_ratio": ratio,
                          "mean_list_length": [small["mean_posting_list_length"], large["mean_posting_list_length"]],
                          "met": None if len(capped) < 2 else ratio <= GROWTH_TOLERANCE},
-        "speedup_vs_brute_force": {"target": f">= {SPEEDUP_TARGET:g}x lower p50 than tfrs_brute_force",
+        "speedup_vs_brute_force": {"target": f">= {SPEEDUP_TARGET:g}x lower p50 than brute_force",
                                    "sparse_code_p50_ms": large["p50_ms"],
                                    "brute_force_p50_ms": None if brute is None else brute["p50_ms"],
                                    "speedup": speedup,
@@ -192,7 +192,8 @@ def to_markdown(result: dict) -> str:
         "- settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()),
         "- latency: single queries through a `tf.function` (ids copied to NumPy) after warm-up; "
         "qps = 1000 / mean latency, one caller",
-        "- recall: tfrs_scann against tfrs_brute_force's answers; sparse_code against the exact top-100 "
+        "- models: the index kind; brute_force and scann are TFRS's own layers (variant `tfrs_layer`)",
+        "- recall: scann against brute_force's answers; sparse_code against the exact top-100 "
         f"positive-score items of the full table (first {EXACT_QUERIES} queries)",
         "- index MiB: the TFRS layers' variables (ScaNN: its serialized searcher), SparseCodeIndex.memory_bytes(); "
         "RSS MiB: resident-set growth over the build (approximate)",
@@ -231,7 +232,7 @@ def main() -> int:
     parser.add_argument("--cap", type=int, default=CAP,
                         help="posting-list cap of the bounded variant (below the smallest catalogue's natural "
                              "list length, every size stores lists of the same length)")
-    parser.add_argument("--reorder", type=int, default=1000, help="tfrs_scann num_reordering_candidates (>= 100)")
+    parser.add_argument("--reorder", type=int, default=1000, help="scann num_reordering_candidates (>= 100)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     parser.add_argument("--output", default="sparse_code_latency", help="results file stem under --results-dir")
     args = parser.parse_args()

@@ -18,7 +18,9 @@ difference of HR@10, MRR@20 and NDCG@10 with a 95% confidence interval and the p
 paired t-test (``tfx_xmatch.evaluation.paired_difference``). Each path's per-user ranks are kept
 in its run directory (``test_ranks/``), so the two-tower's are computed once and reused.
 
-Writes ``results/t2diff.md`` and ``results/t2diff.json``.
+Writes ``results/t2diff.md`` and ``results/t2diff.json``. JSON rows carry DESIGN's ``variant``
+(``ddpm-50``, ``ddim-5`` / ``ddim-10`` / ``ddim-25``, ``backbone-alone``) beside the page's
+``sampling`` label.
 
     python benchmarks/t2diff.py
     python benchmarks/t2diff.py --splits leave_one_out --variants t2diff --minutes t2diff=45
@@ -103,6 +105,16 @@ SAMPLINGS = (("ddpm", 50), ("ddim", 5), ("ddim", 10), ("ddim", 25))
 REFERENCE = ("two_tower_sasrec", "dot product")
 COMPARED = ("HR@10", "MRR@20", "NDCG@10")
 BACKBONE_ALONE = "backbone alone (branch off)"
+
+
+def design_variant(sampling: str) -> dict:
+    """The row's ``variant`` as DESIGN spells it ("ddpm-50", "ddim-10", "backbone-alone"), from
+    its ``sampling`` label; none for the two-tower's dot product."""
+    if sampling == REFERENCE[1]:
+        return {}
+    if sampling == BACKBONE_ALONE:
+        return {"variant": "backbone-alone"}
+    return {"variant": sampling.split(" ")[0].lower()}
 
 
 def backbone_state(model, inputs) -> tf.Tensor:
@@ -208,7 +220,7 @@ def main() -> int:
             run_dir = runs_dir / run_name(variant, split_name, args.run_prefix or args.output, args.train_seed)
             metrics = training.train(config, run_dir, split=split)
             model = training.load_model(run_dir / "model")
-            base = {"split": split_name, "model": variant, "train_seed": args.train_seed,
+            base = {"dataset": "ml-1m", "split": split_name, "model": variant, "train_seed": args.train_seed,
                     "train_seconds": metrics["train_seconds"],
                     "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
                     "settings": config.to_dict()["model"]}
@@ -233,9 +245,9 @@ def main() -> int:
                     # Does the branch add anything to the weights it sits on? The same model, so
                     # the comparison is free of the seed-to-seed spread of two trainings.
                     paired["vs_backbone"] = compare_metrics(ranks, own_backbone, COMPARED)
-                result["rows"].append({**base, "sampling": label, **{k: round(test[k], 4) for k in REPORTED},
-                                       "latency_ms_p50": timings[label][0], "latency_ms_p99": timings[label][1],
-                                       **paired})
+                result["rows"].append({**base, **design_variant(label), "sampling": label,
+                                       **{k: round(test[k], 4) for k in REPORTED},
+                                       "p50_ms": timings[label][0], "p99_ms": timings[label][1], **paired})
                 print({k: v for k, v in result["rows"][-1].items() if k != "settings"}, flush=True)
             written = (merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY, {"train_seed": 0})
                        if args.merge else result)
@@ -256,8 +268,8 @@ def to_markdown(result: dict) -> str:
                   + " | p50 / p99 ms | epochs (best) | train s |", "|" + "---|" * (len(REPORTED) + 5)]
         for row in (r for r in result["rows"] if r["split"] == split_name):
             metrics = " | ".join(f"{row[key]:.4f}" for key in REPORTED)
-            lines.append(f"| {model_name(row)} | {row['sampling']} | {metrics} | {row['latency_ms_p50']} / "
-                         f"{row['latency_ms_p99']} | {row['epochs']} ({row['best_epoch']}) | "
+            lines.append(f"| {model_name(row)} | {row['sampling']} | {metrics} | {row['p50_ms']} / "
+                         f"{row['p99_ms']} | {row['epochs']} ({row['best_epoch']}) | "
                          f"{row['train_seconds']:.0f} |")
         lines.append("")
         table = paired_table([{**row, "model": model_name(row)} for row in result["rows"] if row["split"] == split_name],

@@ -69,7 +69,7 @@ def main() -> int:
         for jit in (False, True):
             metrics[jit], ranks[jit] = evaluate_path(paths[(label, jit)], model, split, config, return_ranks=True)
         result["rows"].append({
-            "path": label,
+            "dataset": config.data.dataset, "split": config.data.split, "model": config.model.name, "path": label,
             "graph_p50_ms": timed[(label, False)][0], "graph_p99_ms": timed[(label, False)][1],
             "xla_p50_ms": timed[(label, True)][0], "xla_p99_ms": timed[(label, True)][1],
             **{f"graph_{key}": round(metrics[False][key], 4) for key in REPORTED},

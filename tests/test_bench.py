@@ -102,8 +102,8 @@ def test_a_failing_model_is_reported_and_a_resumed_run_says_what_it_reused(tmp_p
 
 def test_summary_is_the_mean_and_sample_std_over_seeds_with_ratios_to_the_baseline():
     def row(model, path, seed, hr, p50, build):
-        return {"dataset": "d", "model": model, "path": path, "seed": seed, "HR@10": hr, "latency_ms_p50": p50,
-                "latency_ms_p99": 2 * p50, "index_build_seconds": build, "index_bytes": 100,
+        return {"dataset": "d", "model": model, "path": path, "seed": seed, "HR@10": hr, "p50_ms": p50,
+                "p99_ms": 2 * p50, "index_build_seconds": build, "index_bytes": 100,
                 "train_sequences_per_second": 10.0 * (seed + 1)}
 
     summary = summarize([row("two_tower_sasrec", "brute force", 0, 0.2, 1.0, 0.001),
@@ -114,8 +114,8 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_with_ratios_to_the_baseli
     assert baseline["seeds"] == 2 and baseline["HR@10"] == pytest.approx(0.3)
     assert baseline["HR@10_std"] == pytest.approx(0.1414213, rel=1e-5)  # sample (n - 1) std
     assert other["HR@10_std"] is None  # one seed: no spread to report
-    assert other["latency_ms_p50_vs_two_tower"] == pytest.approx(2.0)
-    assert other["latency_ms_p99_vs_two_tower"] == pytest.approx(2.0)
+    assert other["p50_ms_vs_two_tower"] == pytest.approx(2.0)
+    assert other["p99_ms_vs_two_tower"] == pytest.approx(2.0)
     assert other["train_sequences_per_second_vs_two_tower"] == pytest.approx(10.0 / 15.0)
     assert other["index_bytes_vs_two_tower"] == pytest.approx(1.0)
     assert "index_build_seconds_vs_two_tower" not in other  # a ~0 s baseline makes no ratio

@@ -95,12 +95,12 @@ def test_a_skipped_two_tower_is_reported_from_the_recorded_sparc_results(tmp_pat
         sys.path.remove(str(BENCHMARKS))
     monkeypatch.setattr(sparc, "RESULTS_DIR", tmp_path)
     assert sparc.recorded_baseline_rows("ml-1m") == []  # nothing recorded yet
-    rows = [{"dataset": "ml-1m", "model": "two_tower_sasrec", "variant": "exact", "Recall@50": 0.5},
-            {"dataset": "ml-1m", "model": "sparc", "variant": "hard (K=1)", "Recall@50": 0.4},
-            {"dataset": "beauty", "model": "two_tower_sasrec", "variant": "exact", "Recall@50": 0.2}]
+    rows = [{"dataset": "ml-1m", "model": "two_tower_sasrec", "path": "exact", "Recall@50": 0.5},
+            {"dataset": "ml-1m", "model": "sparc_hard", "path": "hard (K=1)", "Recall@50": 0.4},
+            {"dataset": "beauty", "model": "two_tower_sasrec", "path": "exact", "Recall@50": 0.2}]
     (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "sparc", "rows": rows}))
     [row] = sparc.recorded_baseline_rows("ml-1m")
-    assert row == {**rows[0], "variant": "exact (recorded: sparc.json)"}
+    assert row == {**rows[0], "path": "exact (recorded: sparc.json)"}
     # A results file written by such a run, read again, keeps one label.
     (tmp_path / "sparc.json").write_text(json.dumps({"benchmark": "sparc", "rows": [row]}))
     assert sparc.recorded_baseline_rows("ml-1m") == [row]
@@ -201,7 +201,11 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     base = {"dataset": "synthetic", "model": "sparc", "epochs": 1, "best_epoch": 1, "train_seconds": 1.0,
             "num_items": split.num_items, "settings": configs["sparc"].to_dict()["model"]}
     rows = sparc.soft_search_rows(tmp_path / "sparc", split, configs["sparc"], base, 3, reference)
-    assert [row["variant"] for row in rows] == ["hard (K=1)", "soft K=2", "soft K=4", "soft K=8"]
+    assert [row["path"] for row in rows] == ["hard (K=1)", "soft K=2", "soft K=4", "soft K=8"]
+    # DESIGN's names: model sparc_hard / sparc_soft, variants soft-k2 / soft-k4 / soft-k8.
+    assert [(row["model"], row.get("variant")) for row in rows] == [
+        ("sparc_hard", None), ("sparc_soft", "soft-k2"), ("sparc_soft", "soft-k4"), ("sparc_soft", "soft-k8")]
+    assert all(row["p50_ms"] <= row["p99_ms"] for row in rows)
     assert "vs_hard" not in rows[0]  # hard search is not compared with itself
     model = training.load_model(tmp_path / "sparc" / "model")
     assert rows[0]["codebook_dead_codes"] == [round(share, 4) for share in
@@ -209,7 +213,7 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     assert all(0.0 <= share <= 1.0 for share in rows[0]["codebook_dead_codes"]) and len(rows[0]["codebook_dead_codes"]) == 2
     hard_ranks = load_ranks(tmp_path / "sparc", "hard (K=1)", split.test.targets)
     for row in rows:
-        ranks = load_ranks(tmp_path / "sparc", row["variant"], split.test.targets)
+        ranks = load_ranks(tmp_path / "sparc", row["path"], split.test.targets)
         assert ranks.shape == (len(split.test),)
         for key, other in (("vs_two_tower", reference), ("vs_hard", hard_ranks)):
             if key == "vs_hard" and row is rows[0]:
@@ -291,8 +295,8 @@ def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
     t2diff = _import_benchmark("t2diff")
     common = _import_benchmark("common")
     difference = {"difference": 0.0016, "ci_low": -0.004, "ci_high": 0.0072, "p_value": 0.58}
-    row = {"split": "leave_one_out", "model": "t2diff", "sampling": "DDIM-10", "latency_ms_p50": 1.0,
-           "latency_ms_p99": 2.0, "epochs": 3, "best_epoch": 2, "train_seconds": 5.0,
+    row = {"split": "leave_one_out", "model": "t2diff", "sampling": "DDIM-10", "p50_ms": 1.0,
+           "p99_ms": 2.0, "epochs": 3, "best_epoch": 2, "train_seconds": 5.0,
            **{key: 0.1 for key in t2diff.REPORTED}}
     text = t2diff.to_markdown({**common.header("t2diff"), "num_items": 9,
                                "rows": [row, {**row, "sampling": "DDIM-5",
@@ -308,6 +312,9 @@ def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
                                  "rows": [{**row, "train_seed": 1, "vs_two_tower": {m: difference
                                                                                     for m in t2diff.COMPARED}}]})
     assert "| t2diff (seed 1) | DDIM-10 | 0.1000" in seeded and "| t2diff (seed 1) | DDIM-10 | +0.0016" in seeded
+    assert [t2diff.design_variant(label) for label in ("DDPM-50", "DDIM-5", "DDIM-10 (serving default)",
+                                                       t2diff.BACKBONE_ALONE, "dot product")] == [
+        {"variant": "ddpm-50"}, {"variant": "ddim-5"}, {"variant": "ddim-10"}, {"variant": "backbone-alone"}, {}]
 
 
 def test_t2diff_runs_are_named_so_every_output_and_seed_finds_its_two_tower(tmp_path, capsys):
@@ -588,3 +595,61 @@ def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_wit
     assert "| item baseline + residuals |" in (tmp_path / "selection.md").read_text()
     refused = _run([str(BENCHMARKS / "sparcode_cache_selection.py"), "--fraction", "1.5"], timeout=300)
     assert refused.returncode == 2 and "--fraction must be in (0, 1], got 1.5" in refused.stderr
+
+
+RESULTS = BENCHMARKS / "results"
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.rglob("*.json")), ids=lambda path: str(path.relative_to(RESULTS)))
+def test_every_committed_results_file_follows_the_design_schema(path):
+    """DESIGN.md "Benchmarks": rows name their dataset, split and model; latency is p50_ms / p99_ms;
+    and nothing is left for conform_results.py to rewrite."""
+    from tfx_xmatch.bench.schema import check_rows
+
+    conform = _import_benchmark("conform_results").conform
+    result = json.loads(path.read_text())
+    if "benchmark" not in result:  # e.g. xmatch compare's output
+        return
+    check_rows(result, path.stem)
+    assert conform(result) == result
+
+
+def test_results_in_the_old_schema_are_refused_and_conformed_without_changing_a_value(tmp_path):
+    from tfx_xmatch.bench.schema import check_rows
+
+    common = _import_benchmark("common")
+    conform = _import_benchmark("conform_results").conform
+    legacy = {"benchmark": "sparc", "rows": [
+        {"dataset": "ml-1m", "split": "leave_one_out", "model": "sparc", "variant": "soft K=4", "Recall@50": 0.48,
+         "latency_ms_p50": 3.4, "latency_ms_p99": 6.2},
+        {"dataset": "ml-1m", "split": "leave_one_out", "model": "sparc", "variant": "hard (K=1)", "Recall@50": 0.47},
+        {"dataset": "ml-1m", "split": "leave_one_out", "model": "two_tower_sasrec", "variant": "exact"}]}
+    with pytest.raises(ValueError, match=r"sparc.json row 0 \(model 'sparc'\): spells latency_ms_p50 \(DESIGN: "
+                                         r"p50_ms\), latency_ms_p99 \(DESIGN: p99_ms\)"):
+        common.write_results(legacy, "sparc", lambda result: "", results_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written
+    with pytest.raises(ValueError, match=r"t2diff.json row 0 \(model 't2diff'\): lacks \['dataset'\]"):
+        check_rows({"rows": [{"split": "user_level", "model": "t2diff"}]}, "t2diff")
+
+    rows = conform(legacy)["rows"]
+    assert rows[0] == {"dataset": "ml-1m", "split": "leave_one_out", "model": "sparc_soft", "variant": "soft-k4",
+                       "path": "soft K=4", "Recall@50": 0.48, "p50_ms": 3.4, "p99_ms": 6.2}
+    assert (rows[1]["model"], rows[1]["path"], "variant" in rows[1]) == ("sparc_hard", "hard (K=1)", False)
+    assert (rows[2]["model"], rows[2]["path"], "variant" in rows[2]) == ("two_tower_sasrec", "exact", False)
+    t2diff = conform({"benchmark": "t2diff", "rows": [
+        {"split": "user_level", "model": "t2diff", "sampling": "DDIM-10 (serving default)", "latency_ms_p50": 1.0},
+        {"split": "user_level", "model": "two_tower_sasrec", "sampling": "dot product"}]})["rows"]
+    assert t2diff == [{"dataset": "ml-1m", "split": "user_level", "model": "t2diff", "variant": "ddim-10",
+                       "sampling": "DDIM-10 (serving default)", "p50_ms": 1.0},
+                      {"dataset": "ml-1m", "split": "user_level", "model": "two_tower_sasrec", "sampling": "dot product"}]
+    latency = conform({"benchmark": "sparse_code_latency", "rows": [
+        {"dataset": "synthetic", "split": "-", "model": "tfrs_scann", "variant": "n_items=10000"},
+        {"dataset": "synthetic", "split": "-", "model": "sparse_code", "variant": "n_items=10000, cache=1%"}]})["rows"]
+    assert [(row["model"], row["variant"]) for row in latency] == [
+        ("scann", "n_items=10000,tfrs_layer"), ("sparse_code", "n_items=10000,cache=1%")]
+    check_rows(conform(legacy), "sparc")
+    # Merging into a file of the old schema conforms the rows it keeps.
+    (tmp_path / "sparc.json").write_text(json.dumps({**legacy, "command": "old", "date": "d0"}))
+    merged = common.merge_rows({"benchmark": "sparc", "command": "new", "date": "d1", "rows": []},
+                               tmp_path / "sparc.json", ("dataset", "model"))
+    check_rows(merged, "sparc")

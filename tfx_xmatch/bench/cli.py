@@ -21,6 +21,7 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
+from tfx_xmatch.bench.schema import check_rows
 from tfx_xmatch.io_utils import write_json_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -72,10 +73,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "budgets": {name: spec["budget_minutes"] for name, spec in suite.datasets.items()}}
 
     def save(partial: dict) -> None:
+        check_rows({**result, **partial}, stem)
         write_json_atomic(output / f"{stem}.json", {**result, **partial})
 
     result.update(run_suite(suite, args.data_dir, runs_dir, on_progress=save))
     result["complete"] = True
+    check_rows(result, stem)
     write_json_atomic(output / f"{stem}.json", result)
     report = write_report(result, output / "quick" if args.quick else output)
     print(f"report: {report} ({result['wall_seconds'] / 60:.1f} min)")

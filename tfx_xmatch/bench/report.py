@@ -195,8 +195,8 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
             f"| {entry['dataset']} | {entry['model']} | {entry['path']} | "
             f"{_number(entry.get('train_sequences_per_second'), 1)} | {_ratio(entry, 'train_sequences_per_second')} | "
             f"{_number(entry.get('epoch_seconds'), 2)} | "
-            f"{_number(entry.get('latency_ms_p50'), 2)} | {_ratio(entry, 'latency_ms_p50')} | "
-            f"{_number(entry.get('latency_ms_p99'), 2)} | {_ratio(entry, 'latency_ms_p99')} | "
+            f"{_number(entry.get('p50_ms'), 2)} | {_ratio(entry, 'p50_ms')} | "
+            f"{_number(entry.get('p99_ms'), 2)} | {_ratio(entry, 'p99_ms')} | "
             f"{_number(entry.get('index_build_seconds'), 2)} | {_ratio(entry, 'index_build_seconds')} | "
             f"{_number(entry.get('index_bytes', 0) / 2**20, 2)} | {_ratio(entry, 'index_bytes')} |")
     lines += ["", "## Index latency against catalogue size (synthetic, top-100, in-process)", "",
@@ -211,7 +211,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
               "| model | path | HR@10 | MRR@20 | Recall@50 | p50 ms |", "|---|---|---|---|---|---|"]
     for row in result["sweeps"]:
         lines.append(f"| {row['model']} | {row['path']} | {_number(row.get('HR@10'))} | {_number(row.get('MRR@20'))} | "
-                     f"{_number(row.get('Recall@50'))} | {row['latency_ms_p50']:.2f} |")
+                     f"{_number(row.get('Recall@50'))} | {row['p50_ms']:.2f} |")
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
     return "\n".join(lines)
 

@@ -43,7 +43,7 @@ PROTOCOL_KEYS = {"data.dataset", "data.data_dir", "data.split", "train.epochs", 
 SHARED_CONFIG_KEYS = (("eval", "mask_history"), ("train", "monitor"), ("train", "validation_every"))
 # Ratios to the baseline shown beside the absolute figures (a baseline under ``floor`` makes a
 # ratio meaningless: a brute-force index "builds" in about a millisecond).
-RATIO_KEYS = {"train_sequences_per_second": 0.0, "latency_ms_p50": 0.0, "latency_ms_p99": 0.0,
+RATIO_KEYS = {"train_sequences_per_second": 0.0, "p50_ms": 0.0, "p99_ms": 0.0,
               "index_build_seconds": 0.01, "index_bytes": 0.0}
 
 
@@ -198,7 +198,7 @@ def _quality(metrics: dict) -> dict:
 def _path_row(base: dict, path, model, split, config, users: int) -> dict:
     metrics = evaluate_path(path, model, split, config)
     p50, p99 = per_user_latency(path, model, split, config, users)
-    return {**base, "path": path.label, **_quality(metrics), "latency_ms_p50": p50, "latency_ms_p99": p99,
+    return {**base, "path": path.label, **_quality(metrics), "p50_ms": p50, "p99_ms": p99,
             "index_build_seconds": round(path.build_seconds, 3), "index_bytes": index_bytes(path.index)}
 
 
@@ -296,8 +296,8 @@ def _measure_model(suite: Suite, result: dict, dataset: str, name: str, model_sp
     metrics = training.train(config, run_dir, split=split)
     model = training.load_model(run_dir / "model")
     trained_on = datetime.datetime.fromtimestamp(metrics_path.stat().st_mtime, datetime.timezone.utc)
-    base = {"dataset": dataset, "model": name, "seed": seed, "run": run_dir.name, "epochs": metrics["epochs"],
-            "best_epoch": metrics["best_epoch"], "train_seconds": metrics["train_seconds"],
+    base = {"dataset": dataset, "split": config.data.split, "model": name, "seed": seed, "run": run_dir.name,
+            "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"], "train_seconds": metrics["train_seconds"],
             **_training_speed(run_dir, split), "reused": reused,
             "trained_on": trained_on.strftime("%Y-%m-%dT%H:%M:%SZ")}
     for variant in model_spec["paths"]:
@@ -305,7 +305,7 @@ def _measure_model(suite: Suite, result: dict, dataset: str, name: str, model_sp
         result["rows"].append({**_path_row(base, path, model, split, config, suite.latency_users),
                                "variant": variant})
         log(f"[bench]   {path.label}: " + ", ".join(f"{k} {result['rows'][-1].get(k)}"
-                                                   for k in ("HR@10", "Recall@50", "latency_ms_p50")))
+                                                   for k in ("HR@10", "Recall@50", "p50_ms")))
     if first:
         for variant in suite.sweeps.get(name, []):
             path = serving_path(model, split.num_items, variant, seed)
@@ -319,7 +319,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for row in rows:
         groups.setdefault((row["dataset"], row["model"], row["path"]), []).append(row)
     numeric = (*QUALITY_KEYS, "train_seconds", "epochs", "epoch_seconds", "train_sequences_per_second",
-               "latency_ms_p50", "latency_ms_p99", "index_build_seconds", "index_bytes")
+               "p50_ms", "p99_ms", "index_build_seconds", "index_bytes")
     summary = []
     for (dataset, model, path), members in groups.items():
         entry: dict[str, Any] = {"dataset": dataset, "model": model, "path": path, "seeds": len(members),

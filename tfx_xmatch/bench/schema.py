@@ -1,0 +1,28 @@
+"""DESIGN.md's schema of a benchmark's machine-readable results (``benchmarks/results/<name>.json``)."""
+
+from __future__ import annotations
+
+# DESIGN.md "Benchmarks": every row names its dataset, split and model, and latency is spelled
+# p50_ms / p99_ms (rows written before this rule used the keys on the left).
+ROW_IDENTITY = ("dataset", "split", "model")
+RENAMED_KEYS = {"latency_ms_p50": "p50_ms", "latency_ms_p99": "p99_ms"}
+
+
+def check_rows(result: dict, output: str) -> None:
+    """Checks that the ``rows`` of ``result`` follow DESIGN's results schema: each names its
+    dataset, split and model, with latency spelled ``p50_ms`` / ``p99_ms``.
+
+    Raises:
+      ValueError: naming the file, the first offending row and what it lacks or misspells.
+    """
+    rows = result.get("rows")
+    if rows is None:  # a report of another shape (a pipeline's stages, comparisons of run groups)
+        return
+    if not isinstance(rows, list):
+        raise ValueError(f"{output}.json: 'rows' must be a list, got {type(rows).__name__}")
+    for position, row in enumerate(rows):
+        missing = [key for key in ROW_IDENTITY if key not in row]
+        renamed = [f"{key} (DESIGN: {RENAMED_KEYS[key]})" for key in RENAMED_KEYS if key in row]
+        if missing or renamed:
+            problems = ([f"lacks {missing}"] if missing else []) + ([f"spells {', '.join(renamed)}"] if renamed else [])
+            raise ValueError(f"{output}.json row {position} (model {row.get('model')!r}): {'; '.join(problems)}")
