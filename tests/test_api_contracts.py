@@ -306,6 +306,25 @@ def test_mixed_float16_trains_with_loss_scaling_and_answers_like_float32(model_c
     np.testing.assert_allclose(scores.numpy(), twin.score_all(inputs).numpy(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+def test_a_batch_of_no_rows_moves_no_weight_and_no_logged_loss(model_class):
+    """What a replica gets from a last batch smaller than the number of replicas: it scores a
+    placeholder row whose loss weighs nothing (it failed the step before: "a batch has no target")."""
+    tf.keras.utils.set_random_seed(0)
+    model = _tiny(model_class)
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.1))
+    model.fit(_batches(), epochs=1, verbose=0)
+    logged = {metric.name: float(metric.result()) for metric in (model.loss_tracker, model.total_loss_tracker)}
+    before = [variable.numpy() for variable in model.trainable_variables]
+    empty = {"history": tf.zeros([0, 12], tf.int32), "next_items": tf.zeros([0, 12], tf.int32)}
+    model.train_step(empty)
+    for old, variable in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(old, variable.numpy(), err_msg=variable.name)
+    assert {metric.name: float(metric.result()) for metric in (model.loss_tracker, model.total_loss_tracker)} == logged
+    model.test_step(empty)
+    assert {metric.name: float(metric.result()) for metric in (model.loss_tracker, model.total_loss_tracker)} == logged
+
+
 def test_evaluate_alone_leaves_a_model_that_saves(tmp_path):
     model = _tiny(TwoTower)
     model.compile()

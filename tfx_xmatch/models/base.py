@@ -34,11 +34,14 @@ class RetrievalModel(tfrs.models.Model):
     Keras optimizers sum the gradients of all replicas (``MirroredStrategy``,
     ``MultiWorkerMirroredStrategy``), and TFRS' ``train_step`` differentiates the per-replica
     mean loss as is, so N replicas would apply N times the mean gradient (an N-fold learning
-    rate). Here the differentiated loss is divided by the number of replicas in sync.
+    rate). Here each replica's loss is weighed by its share of the batch's rows (1 / replicas
+    for an even split), so the sum is the gradient of the batch's mean; a replica left with no
+    rows by a short last batch weighs 0 (``_never_empty``).
 
     The reported ``loss``, ``regularization_loss`` and ``total_loss`` (of ``fit`` and
     ``evaluate``) are Keras ``Mean`` metrics, as in a model compiled with a Keras loss: the
-    running mean over the epoch's steps and replicas, whatever the number of replicas. TFRS'
+    running mean over the epoch's steps and replicas weighed by their rows, whatever the number
+    of replicas. TFRS'
     steps return the raw per-replica values instead, which Keras sums over replicas (its "auto"
     reduction outside TPUs): N replicas showed N times the loss. Subclasses implement
     ``compute_loss`` as for TFRS.
@@ -96,29 +99,71 @@ class RetrievalModel(tfrs.models.Model):
         return super().evaluate(*args, **kwargs)
 
     def train_step(self, inputs):
+        inputs, rows = self._never_empty(inputs)
+        share = self._share_of_the_batch(rows)
         with tf.GradientTape() as tape:
             loss = tf.cast(self.compute_loss(inputs, training=True), tf.float32)
             regularization_loss = self._regularization_loss()
             total_loss = loss + regularization_loss
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = total_loss / tf.cast(replicas, total_loss.dtype)
+            scaled = total_loss * share
         # minimize, not tape.gradient + apply_gradients: under a mixed_float16 policy compile wraps
         # the optimizer in a LossScaleOptimizer, whose minimize scales the loss before
         # differentiating (float16 gradients would underflow to zero) and unscales after.
         self.optimizer.minimize(scaled, self.trainable_variables, tape=tape)
-        return self._step_logs(loss, regularization_loss)
+        return self._step_logs(loss, regularization_loss, rows)
 
     def test_step(self, inputs):
+        inputs, rows = self._never_empty(inputs)
         loss = tf.cast(self.compute_loss(inputs, training=False), tf.float32)
-        return self._step_logs(loss, self._regularization_loss())
+        return self._step_logs(loss, self._regularization_loss(), rows)
+
+    @staticmethod
+    def _never_empty(inputs):
+        """(inputs, their number of rows), a batch of no rows replaced by one placeholder row.
+
+        Under a distribution strategy a last batch smaller than the number of replicas leaves
+        some replica with no rows, and every loss is a mean over nothing there (a ``model.fit``
+        of a dataset whose size is not a multiple of the batch failed at its last step). That
+        replica scores one row (history and target: item 1) whose loss counts for nothing: its
+        share of the batch and its weight in the logged means are 0. Its quantizer updates are
+        a non-first replica's, which the quantizers' state ignores.
+        """
+        if isinstance(inputs, (tuple, list)):  # Keras packs `x` alone as (x,) or with y and weights
+            inputs = inputs[0]
+        rows = tf.shape(inputs["history"])[0]
+
+        def placeholder(name, value):
+            value = tf.convert_to_tensor(value)
+            row = tf.fill(tf.concat([[1], tf.shape(value)[1:]], 0), tf.zeros([], value.dtype))
+            if name in ("history", "next_items"):
+                row = tf.concat([row[:, :-1], tf.ones_like(row[:, -1:])], 1)
+            return tf.cond(rows > 0, lambda: value, lambda: row)
+
+        return {name: placeholder(name, value) for name, value in inputs.items()}, rows
+
+    @staticmethod
+    def _share_of_the_batch(rows: tf.Tensor) -> tf.Tensor:
+        """This replica's rows over all replicas' rows (1 without a strategy).
+
+        Keras optimizers sum the replicas' gradients; weighing each replica's mean loss by its
+        share of the global batch makes the sum the gradient of the batch's mean, whatever the
+        split (it was 1 / replicas each, which gave an empty replica a full vote).
+        """
+        rows = tf.cast(rows, tf.float32)
+        context = tf.distribute.get_replica_context()
+        total = rows if context is None else context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
+        return tf.math.divide_no_nan(rows, total)
 
     def _regularization_loss(self) -> tf.Tensor:
         return tf.reduce_sum([tf.reduce_sum(tf.cast(term, tf.float32)) for term in self.losses])
 
-    def _step_logs(self, loss: tf.Tensor, regularization_loss: tf.Tensor) -> dict:
-        self.loss_tracker.update_state(loss)
-        self.regularization_loss_tracker.update_state(regularization_loss)
-        self.total_loss_tracker.update_state(loss + regularization_loss)
+    def _step_logs(self, loss: tf.Tensor, regularization_loss: tf.Tensor, rows: tf.Tensor) -> dict:
+        # Weighed by rows, as Keras weighs a compiled loss by the batch size: a short last batch
+        # (or replica) counts for what it holds, an empty one for nothing.
+        weight = tf.cast(rows, tf.float32)
+        self.loss_tracker.update_state(loss, sample_weight=weight)
+        self.regularization_loss_tracker.update_state(regularization_loss, sample_weight=weight)
+        self.total_loss_tracker.update_state(loss + regularization_loss, sample_weight=weight)
         return {metric.name: metric.result() for metric in self.metrics}
 
     # ---------------------------------------------------------------- what every model shares
