@@ -120,3 +120,22 @@ def test_config_round_trip_and_checkpoint_reload(tmp_path):
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ResidualQuantizer(**kwargs)
+
+
+def test_a_batch_of_no_vectors_changes_no_state_and_no_metric():
+    """A replica left empty by a short last batch under a distribution strategy trains on no
+    vectors: drawing initial or restarted codewords from them failed, and its losses were means
+    over nothing (NaN)."""
+    quantizer = ResidualQuantizer(num_levels=2, num_codewords=8, dead_code_threshold=0.5)
+    quantizer.build(tf.TensorShape([None, 4]))
+    step = tf.function(lambda vectors: quantizer(vectors, training=True))
+    for _ in range(2):  # before the first real batch (uninitialised), then after it
+        state = [variable.numpy().copy() for variable in quantizer.weights]
+        logged = [float(metric.result()) for metric in quantizer.metrics]
+        out = step(tf.zeros([0, 4]))
+        assert out["codes"].shape[0] == 0 and float(out["loss"]) == 0.0
+        for old, variable in zip(state, quantizer.weights):
+            np.testing.assert_array_equal(old, variable.numpy(), err_msg=variable.name)
+        assert [float(metric.result()) for metric in quantizer.metrics] == logged
+        step(tf.random.normal([16, 4]))
+    assert bool(quantizer.initialized.numpy())

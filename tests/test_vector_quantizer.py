@@ -291,3 +291,27 @@ def test_training_inside_tf_function():
     step(tf.constant(FAR_INPUTS))
     assert np.abs(FAR_INPUTS - fresh.codebooks.numpy()[0, 2]).max(-1).min() < 1e-6
     np.testing.assert_allclose(fresh.ema_cluster_size.numpy()[0, 2], 2.0)
+
+
+@pytest.mark.parametrize("num_codebooks", [1, 2])
+def test_a_batch_of_no_vectors_changes_no_state_and_no_metric(num_codebooks):
+    """A replica left empty by a short last batch under a distribution strategy trains on no
+    vectors: sampling its initial or restarted codewords from them failed ("Need minval < maxval"),
+    and its commitment loss was a mean over nothing (NaN)."""
+    quantizer = VectorQuantizer(8, num_codebooks=num_codebooks)
+    shape = [None, 4] if num_codebooks == 1 else [None, num_codebooks, 4]
+    quantizer.build(tf.TensorShape(shape))
+    empty = tf.zeros([0] + shape[1:])
+    step = tf.function(lambda vectors: quantizer(vectors, training=True))
+    for _ in range(2):  # before the first real batch (uninitialised), then after it
+        state = [variable.numpy().copy() for variable in quantizer.weights]
+        logged = [float(metric.result()) for metric in quantizer.metrics]
+        quantized, codes = step(empty)
+        assert quantized.shape[0] == 0 and codes.shape[0] == 0
+        for old, variable in zip(state, quantizer.weights):
+            np.testing.assert_array_equal(old, variable.numpy(), err_msg=variable.name)
+        assert [float(metric.result()) for metric in quantizer.metrics] == logged
+        quantizer(empty, training=True)  # eagerly, to read its commitment loss
+        assert [float(loss) for loss in quantizer.losses] == [0.0]
+        step(tf.random.normal([16] + shape[1:]))
+    assert bool(quantizer.initialized.numpy())

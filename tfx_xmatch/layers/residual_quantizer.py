@@ -182,11 +182,12 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         quantized = summed + encoded - tf.stop_gradient(encoded)
         reconstruction = self.decoder(quantized)
         loss, error = self._loss(flat, codewords, residuals, reconstruction)
+        counted = tf.cast(tf.shape(flat)[0] > 0, tf.float32)
         if training:
-            self.reconstruction_tracker.update_state(error)
+            self.reconstruction_tracker.update_state(error, sample_weight=counted)
             self._track_usage(codes, residuals)
         elif track_metrics:
-            self.reconstruction_tracker.update_state(error)
+            self.reconstruction_tracker.update_state(error, sample_weight=counted)
             for level in range(self.num_levels):
                 perplexity_tracker, _ = self.level_trackers[level]
                 perplexity_tracker.update_state(_perplexity(self._counts(codes[:, level])))
@@ -214,32 +215,45 @@ class ResidualQuantizer(tf.keras.layers.Layer):
             codebook = self._random_rows(residual)
             levels.append(codebook)
             residual = residual - tf.gather(codebook, self._nearest_in(residual, codebook))
-        self.codebooks.assign(tf.where(self.initialized, self.codebooks, tf.stack(levels)))
-        self.initialized.assign(True)
+        # A batch of no vectors (a replica left empty by a short last batch) initialises nothing.
+        keep = tf.logical_or(self.initialized, tf.shape(encoded)[0] == 0)
+        self.codebooks.assign(tf.where(keep, self.codebooks, tf.stack(levels)))
+        self.initialized.assign(tf.logical_or(self.initialized, tf.shape(encoded)[0] > 0))
 
     def _random_rows(self, rows: tf.Tensor) -> tf.Tensor:
-        """num_codewords rows drawn at random (with replacement when there are fewer)."""
-        picks = tf.random.uniform([self.num_codewords], 0, tf.shape(rows)[0], dtype=tf.int32)
+        """num_codewords rows drawn at random (with replacement when there are fewer; jitter
+        alone from no rows, which the callers discard)."""
+        rows = tf.concat([rows, tf.zeros([1, tf.shape(rows)[1]], rows.dtype)], 0)
+        picks = tf.random.uniform([self.num_codewords], 0, tf.maximum(tf.shape(rows)[0] - 1, 1), dtype=tf.int32)
         jitter = tf.random.normal([self.num_codewords, tf.shape(rows)[1]], stddev=1e-3)
         return tf.gather(rows, picks) + jitter
 
     def _loss(self, inputs, codewords, residuals, reconstruction) -> tuple[tf.Tensor, tf.Tensor]:
-        """(RQ-VAE loss, reconstruction error), means over vectors."""
+        """(RQ-VAE loss, reconstruction error), means over vectors (0 over none)."""
         stacked = tf.stack(residuals, axis=1)  # [n, L, latent]
-        codebook_loss = tf.reduce_mean(tf.reduce_sum(tf.square(tf.stop_gradient(stacked) - codewords), -1))
-        commitment = tf.reduce_mean(tf.reduce_sum(tf.square(stacked - tf.stop_gradient(codewords)), -1))
-        error = tf.reduce_mean(tf.reduce_sum(tf.square(reconstruction - tf.stop_gradient(inputs)), -1))
+
+        def mean(values):
+            return tf.math.divide_no_nan(tf.reduce_sum(values), tf.cast(tf.size(values), values.dtype))
+
+        codebook_loss = mean(tf.reduce_sum(tf.square(tf.stop_gradient(stacked) - codewords), -1))
+        commitment = mean(tf.reduce_sum(tf.square(stacked - tf.stop_gradient(codewords)), -1))
+        error = mean(tf.reduce_sum(tf.square(reconstruction - tf.stop_gradient(inputs)), -1))
         return codebook_loss + self.commitment_weight * commitment + self.reconstruction_weight * error, error
 
     def _track_usage(self, codes: tf.Tensor, residuals: list) -> None:
         usages, codebooks = [], []
+        # A batch of no vectors moves no usage and restarts nothing (selected, not under
+        # tf.cond: first-replica assignments synchronise the replicas, not allowed in control flow).
+        has_vectors = tf.shape(codes)[0] > 0
+        counted = tf.cast(has_vectors, tf.float32)
         for level in range(self.num_levels):
             counts = self._counts(codes[:, level])
-            usage = self.usage[level] * self.usage_decay + counts * (1.0 - self.usage_decay)
+            usage = tf.where(has_vectors, self.usage[level] * self.usage_decay + counts * (1.0 - self.usage_decay),
+                             self.usage[level])
             perplexity_tracker, dead_codes_tracker = self.level_trackers[level]
-            perplexity_tracker.update_state(_perplexity(counts))
-            dead = usage < self.dead_code_threshold
-            dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
+            perplexity_tracker.update_state(_perplexity(counts), sample_weight=counted)
+            dead = tf.logical_and(usage < self.dead_code_threshold, has_vectors)
+            dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)), sample_weight=counted)
             codebook = self.codebooks[level]
             if self.dead_code_threshold > 0:
                 fresh = self._random_rows(tf.stop_gradient(residuals[level]))

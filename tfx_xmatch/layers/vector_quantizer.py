@@ -166,9 +166,11 @@ class VectorQuantizer(tf.keras.layers.Layer):
         return tf.reduce_min(tf.where(nearest, indices, self.num_codewords), -1)
 
     def _sample(self, vectors: tf.Tensor, distinct: bool) -> tf.Tensor:
-        """N batch vectors per codebook, [M, V, w] -> [M, N, w]."""
+        """N batch vectors per codebook, [M, V, w] -> [M, N, w] (zeros when V = 0, which the
+        caller discards)."""
         M, N = self.num_codebooks, self.num_codewords
-        count = tf.shape(vectors)[1]
+        vectors = tf.concat([vectors, tf.zeros([M, 1, self.width], vectors.dtype)], 1)
+        count = tf.maximum(tf.shape(vectors)[1] - 1, 1)
         picks = tf.random.uniform([M, N], maxval=count, dtype=tf.int32)
         if distinct:
             # Use every batch vector once before repeating any, so small batches still cover
@@ -189,8 +191,12 @@ class VectorQuantizer(tf.keras.layers.Layer):
         """Init, search, EMA update and restart for [M, V, w] vectors.
 
         Returns codes [M, V] and their codewords [M, V, w] from before the EMA update.
+
+        A batch of no vectors (a replica left empty by a short last batch under a distribution
+        strategy) leaves the state and the usage metrics as they were.
         """
         M, N = self.num_codebooks, self.num_codewords
+        has_vectors = tf.shape(vectors)[1] > 0
 
         def current():
             state = (self.codebooks, self.ema_cluster_size, self.ema_embed_sum)
@@ -204,7 +210,8 @@ class VectorQuantizer(tf.keras.layers.Layer):
         # tf.cond rather than a Python `if`: the flag is a variable, read at run time in graphs.
         initialized = tf.convert_to_tensor(self.initialized)
         codebooks, cluster_size, embed_sum = tf.cond(initialized, current, from_batch)
-        self.initialized.assign(True)
+        before = current()
+        self.initialized.assign(tf.logical_or(initialized, has_vectors))
 
         codes = self._assign(vectors, codebooks)
         nearest = tf.gather(codebooks, codes, batch_dims=1)
@@ -218,7 +225,8 @@ class VectorQuantizer(tf.keras.layers.Layer):
         codebooks = embed_sum / smoothed[..., tf.newaxis]
 
         dead = cluster_size < self.dead_code_threshold
-        self.dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)))
+        counted = tf.cast(has_vectors, tf.float32)
+        self.dead_codes_tracker.update_state(tf.reduce_mean(tf.cast(dead, tf.float32)), sample_weight=counted)
         if self.restart_dead_codes:
             fresh = self._sample(vectors, distinct=False)
             # Twice the threshold gives a restarted code time to win vectors before it counts as dead.
@@ -226,10 +234,15 @@ class VectorQuantizer(tf.keras.layers.Layer):
             codebooks = tf.where(dead[..., tf.newaxis], fresh, codebooks)
             embed_sum = tf.where(dead[..., tf.newaxis], fresh * grace, embed_sum)
             cluster_size = tf.where(dead, grace, cluster_size)
+        # Selected, not under tf.cond: a first-replica variable's assignment synchronises the
+        # replicas, which TensorFlow does not allow inside control flow.
+        codebooks, cluster_size, embed_sum = (tf.where(has_vectors, new, old) for new, old in zip(
+            (codebooks, cluster_size, embed_sum), before))
         self.codebooks.assign(codebooks)
         self.ema_cluster_size.assign(cluster_size)
         self.ema_embed_sum.assign(embed_sum)
-        self.perplexity_tracker.update_state(tf.reduce_mean(self._perplexity(codes)))
+        perplexity = tf.where(has_vectors, tf.reduce_mean(self._perplexity(codes)), 0.0)
+        self.perplexity_tracker.update_state(perplexity, sample_weight=counted)
         return codes, nearest
 
     def call(self, inputs: tf.Tensor, training: Optional[bool] = False,
@@ -256,7 +269,8 @@ class VectorQuantizer(tf.keras.layers.Layer):
         codes = tf.reshape(tf.transpose(codes), codes_shape)
         if training:
             # Codebooks follow the EMA; this term only pulls the inputs towards their codewords.
-            commitment = tf.reduce_mean(tf.square(inputs - tf.stop_gradient(nearest)))
+            squared = tf.square(inputs - tf.stop_gradient(nearest))
+            commitment = tf.math.divide_no_nan(tf.reduce_sum(squared), tf.cast(tf.size(squared), squared.dtype))
             self.add_loss(self.commitment_weight * commitment)
         # Straight-through estimator: forward value of the codewords, gradient of the identity.
         return inputs + tf.stop_gradient(nearest - inputs), codes
