@@ -68,6 +68,23 @@ def _t2diff_row(row: dict) -> dict:
     return row
 
 
+def _sparc_trained(row: dict) -> dict:
+    """The trained model a SPARC row answers with, the key a re-run's rows replace by."""
+    return {**row, "trained_model": row.get("trained_model", "sparc" if row["model"].startswith("sparc")
+                                             else row["model"])}
+
+
+def _sparse_code_latency_targets(targets: dict) -> dict:
+    """The top-level ``targets`` naming variants and models as the rows now do."""
+    if not targets:
+        return targets
+    flat = {**targets["flat_latency"], **{key: targets["flat_latency"][key].replace(", ", ",")
+                                           for key in ("smallest", "largest")}}
+    speed = {**targets["speedup_vs_brute_force"],
+             "target": targets["speedup_vs_brute_force"]["target"].replace("tfrs_brute_force", "brute_force")}
+    return {**targets, "flat_latency": flat, "speedup_vs_brute_force": speed}
+
+
 def _sparse_code_latency_row(row: dict) -> dict:
     row = dict(row)
     if row["model"].startswith("tfrs_"):
@@ -79,7 +96,7 @@ def _sparse_code_latency_row(row: dict) -> dict:
 def _run_identity(run: str) -> dict:
     """Dataset, split and model of a run of these benchmarks, from its directory name."""
     split = "user_level" if "-user_level-" in run else "leave_one_out"
-    for model in ("two_tower_sasrec", "sparcode", "t2diff", "sparc"):
+    for model in ("two_tower_sasrec", "two_tower_mean", "sparcode", "t2diff", "sparc"):
         if model in run:
             return {"dataset": "ml-1m", "split": split, "model": model}
     raise ValueError(f"cannot tell the model of run {run!r}")
@@ -110,8 +127,11 @@ def conform(result: dict) -> dict:
     converted = []
     for row in rows:
         row = _renamed(row)
+        if row.get("model") == "two_tower":  # the config's name; DESIGN names the user tower too
+            tower = result.get("settings", {}).get("model", {}).get("user_tower")
+            row = {**row, "model": f"two_tower_{tower}" if tower else _run_identity(row["run"])["model"]}
         if benchmark == "sparc":
-            row = _sparc_row(row)
+            row = _sparc_trained(_sparc_row(row))
         elif benchmark == "t2diff":
             row = _t2diff_row(row)
         elif benchmark == "sparse_code_latency":
@@ -123,10 +143,12 @@ def conform(result: dict) -> dict:
         elif benchmark in ("evaluation_pass",):
             row = {**ML1M, **row}
         elif benchmark == "continuous_training":
-            row = {**ML1M, "model": result["settings"]["model"]["name"], **row}
+            row = {**ML1M, "model": "two_tower_" + result["settings"]["model"]["user_tower"], **row}
         elif benchmark in ("sparcode_code_budget", "t2diff_xla"):
             row = {**_run_identity(result["run"]), **row}
         converted.append(row)
+    if benchmark == "sparse_code_latency":
+        result = {**result, "targets": _sparse_code_latency_targets(result.get("targets", {}))}
     return {**result, "rows": converted}
 
 

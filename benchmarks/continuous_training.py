@@ -38,6 +38,7 @@ from common import REPO_ROOT, default_data_dir, header, markdown_header, trainin
 import numpy as np  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.data import make_split  # noqa: E402
 from tfx_xmatch.data.dataset import SequenceDataset  # noqa: E402
@@ -88,7 +89,7 @@ def first_reaching(points: list[dict], level: float) -> Optional[dict]:
 
 def run_row(name: str, run_dir: pathlib.Path, metrics: dict) -> dict:
     config = training.load_run_config(run_dir)
-    return {"dataset": config.data.dataset, "split": config.data.split, "model": config.model.name,
+    return {"dataset": config.data.dataset, "split": config.data.split, "model": design_model_name(config),
             "run": name, "run_dir": run_dir.name, "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
             "train_seconds": round(metrics["train_seconds"], 1),
             "validation": round(metrics["validation"][MONITOR], 4),

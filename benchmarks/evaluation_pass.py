@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
 
 DEFAULT_RUNS = ("sparcode_chunks_served1pct-sparcode", "sparcode_chunks_continued-sparcode", "quality-two_tower_sasrec")
@@ -69,7 +70,7 @@ def measure(run_dir: pathlib.Path, which: str, repeats: int) -> Optional[dict]:
     differences = [abs(metrics["per batch"][key] - value) for key, value in metrics["per pass"].items()
                    if isinstance(value, float)]
     return {
-        "dataset": config.data.dataset, "split": config.data.split, "model": config.model.name,
+        "dataset": config.data.dataset, "split": config.data.split, "model": design_model_name(config),
         "run": run_dir.name, "users": len(getattr(split, which).targets),
         "batch_size": config.eval.batch_size,
         "serving_cache_fraction": config.model.options.get("serving_cache_fraction"),

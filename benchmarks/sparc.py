@@ -79,8 +79,9 @@ INTERESTS = (1, 2, 4, 8)
 REPORTED = ("Recall@50", "NDCG@50", "HR@10", "NDCG@10", "TailRecall@50", "Coverage@50")
 COMPARED = ("Recall@50", "TailRecall@50")
 HARD = "hard (K=1)"
-# A re-run of a model replaces all of its rows of that dataset and seed.
-ROW_KEY = ("dataset", "model", "train_seed")
+# A re-run of a model replaces all of its rows of that dataset and seed (a SPARC run's rows are
+# sparc_hard, sparc_soft and sparc: one trained model).
+ROW_KEY = ("dataset", "trained_model", "train_seed")
 
 
 def design_identity(path_variant: dict) -> dict:
@@ -94,7 +95,7 @@ def design_identity(path_variant: dict) -> dict:
 
 def trained_model(row: dict) -> str:
     """The trained model a row answers with (a SPARC run gives sparc_hard, sparc_soft and sparc rows)."""
-    return "sparc" if row["model"].startswith("sparc") else row["model"]
+    return row.get("trained_model") or ("sparc" if row["model"].startswith("sparc") else row["model"])
 
 
 def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_users: int,
@@ -124,7 +125,8 @@ def soft_search_rows(run_dir: pathlib.Path, split, config, base: dict, latency_u
             paired["vs_hard"] = compare_metrics(ranks, evaluated[HARD][1], COMPARED, is_tail)
         if reference is not None:
             paired["vs_two_tower"] = compare_metrics(ranks, reference, COMPARED, is_tail)
-        rows.append({**base, **design_identity(path.variant), "path": path.label,
+        rows.append({**base, "trained_model": base.get("trained_model", base["model"]),
+                     **design_identity(path.variant), "path": path.label,
                      "interests": path.variant.get("interests", 0), **_reported(path_metrics),
                      "codebook_perplexity": perplexity, "codebook_dead_codes": dead, "p50_ms": p50, "p99_ms": p99,
                      **paired})
@@ -189,7 +191,8 @@ def main() -> int:
             split = split or training.prepare_split(config)
             run_dir = run_dir_of(args, dataset, name)
             metrics = training.train(config, run_dir, split=split)
-            base = {"dataset": dataset, "split": "leave_one_out", "model": name, "train_seed": args.train_seed,
+            base = {"dataset": dataset, "split": "leave_one_out", "model": name, "trained_model": name,
+                    "train_seed": args.train_seed,
                     "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
                     "best_epoch": metrics["best_epoch"], "val_NDCG@10": round(metrics["validation"]["NDCG@10"], 4),
                     "num_items": split.num_items, "settings": config.to_dict()["model"]}

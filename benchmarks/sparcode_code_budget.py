@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
+from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
 from tfx_xmatch.evaluation import (  # noqa: E402
     compare_metrics, evaluate_full_ranking, format_difference, is_tail_target,
@@ -167,7 +168,7 @@ def main() -> int:
     is_tail = is_tail_target(split.test.targets, split.item_popularity())
     exact_metrics, exact_ranks = evaluate(lambda states: states)
     result = header("sparcode_code_budget")
-    identity = {"dataset": config.data.dataset, "split": config.data.split, "model": config.model.name}
+    identity = {"dataset": config.data.dataset, "split": config.data.split, "model": design_model_name(config)}
     result.update(run=args.run, model=type(model).__name__, num_items=split.num_items,
                   mask_history=bool(config.eval.mask_history),
                   test_users=len(split.test.targets), training_positions=positions,

@@ -27,6 +27,7 @@ from common import header, load_finished_run, markdown_header, write_results  # 
 
 import numpy as np  # noqa: E402
 
+from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.bench.serving_paths import evaluate_path, per_user_latencies, serving_path  # noqa: E402
 
 DEFAULT_RUN = "t2diff-leave_one_out-t2diff_sasrec_backbone_detached"
@@ -69,7 +70,7 @@ def main() -> int:
         for jit in (False, True):
             metrics[jit], ranks[jit] = evaluate_path(paths[(label, jit)], model, split, config, return_ranks=True)
         result["rows"].append({
-            "dataset": config.data.dataset, "split": config.data.split, "model": config.model.name, "path": label,
+            "dataset": config.data.dataset, "split": config.data.split, "model": design_model_name(config), "path": label,
             "graph_p50_ms": timed[(label, False)][0], "graph_p99_ms": timed[(label, False)][1],
             "xla_p50_ms": timed[(label, True)][0], "xla_p99_ms": timed[(label, True)][1],
             **{f"graph_{key}": round(metrics[False][key], 4) for key in REPORTED},

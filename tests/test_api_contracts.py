@@ -306,6 +306,19 @@ def test_mixed_float16_trains_with_loss_scaling_and_answers_like_float32(model_c
     np.testing.assert_allclose(scores.numpy(), twin.score_all(inputs).numpy(), rtol=0.05, atol=0.05)
 
 
+def test_a_models_own_dtype_reaches_its_heavy_sublayers_and_the_global_policy_is_left_alone(mixed_float16):
+    own = TwoTower(num_items=30, embedding_dim=8, max_length=12, dtype="float32")
+    assert {own.dtype_policy.name, own.encoder.dtype_policy.name, own.item_tower.dtype_policy.name} == {"float32"}
+    tf.keras.mixed_precision.set_global_policy(None)  # unset: layers follow floatx
+    model = _tiny(TwoTower, loss="sampled_softmax", num_sampled_negatives=5)
+    model.compute_loss({"history": HISTORY, "next_items": tf.roll(HISTORY, -1, 1)}, training=True)
+    tf.keras.backend.set_floatx("float64")
+    try:
+        assert tf.keras.layers.Dense(1).dtype == "float64"  # still unset, not pinned to float32
+    finally:
+        tf.keras.backend.set_floatx("float32")
+
+
 @pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
 def test_a_batch_of_no_rows_moves_no_weight_and_no_logged_loss(model_class):
     """What a replica gets from a last batch smaller than the number of replicas: it scores a
@@ -314,15 +327,19 @@ def test_a_batch_of_no_rows_moves_no_weight_and_no_logged_loss(model_class):
     model = _tiny(model_class)
     model.compile(optimizer=tf.keras.optimizers.SGD(0.1))
     model.fit(_batches(), epochs=1, verbose=0)
-    logged = {metric.name: float(metric.result()) for metric in (model.loss_tracker, model.total_loss_tracker)}
+    # Every loss and rate the model logs (its quantizers' usage metrics count the placeholder).
+    quantizers = [getattr(model, name) for name in ("quantizer", "rqvae") if hasattr(model, name)]
+    theirs = {id(metric) for quantizer in quantizers for metric in quantizer.metrics}
+    logs = [metric for metric in model.metrics if id(metric) not in theirs]
+    logged = {metric.name: float(metric.result()) for metric in logs}
     before = [variable.numpy() for variable in model.trainable_variables]
     empty = {"history": tf.zeros([0, 12], tf.int32), "next_items": tf.zeros([0, 12], tf.int32)}
     model.train_step(empty)
     for old, variable in zip(before, model.trainable_variables):
         np.testing.assert_array_equal(old, variable.numpy(), err_msg=variable.name)
-    assert {metric.name: float(metric.result()) for metric in (model.loss_tracker, model.total_loss_tracker)} == logged
+    assert {metric.name: float(metric.result()) for metric in logs} == logged
     model.test_step(empty)
-    assert {metric.name: float(metric.result()) for metric in (model.loss_tracker, model.total_loss_tracker)} == logged
+    assert {metric.name: float(metric.result()) for metric in logs} == logged
 
 
 def test_evaluate_alone_leaves_a_model_that_saves(tmp_path):

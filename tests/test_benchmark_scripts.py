@@ -633,7 +633,8 @@ def test_results_in_the_old_schema_are_refused_and_conformed_without_changing_a_
 
     rows = conform(legacy)["rows"]
     assert rows[0] == {"dataset": "ml-1m", "split": "leave_one_out", "model": "sparc_soft", "variant": "soft-k4",
-                       "path": "soft K=4", "Recall@50": 0.48, "p50_ms": 3.4, "p99_ms": 6.2}
+                       "path": "soft K=4", "Recall@50": 0.48, "p50_ms": 3.4, "p99_ms": 6.2, "trained_model": "sparc"}
+    assert rows[2]["trained_model"] == "two_tower_sasrec"
     assert (rows[1]["model"], rows[1]["path"], "variant" in rows[1]) == ("sparc_hard", "hard (K=1)", False)
     assert (rows[2]["model"], rows[2]["path"], "variant" in rows[2]) == ("two_tower_sasrec", "exact", False)
     t2diff = conform({"benchmark": "t2diff", "rows": [
@@ -648,8 +649,20 @@ def test_results_in_the_old_schema_are_refused_and_conformed_without_changing_a_
     assert [(row["model"], row["variant"]) for row in latency] == [
         ("scann", "n_items=10000,tfrs_layer"), ("sparse_code", "n_items=10000,cache=1%")]
     check_rows(conform(legacy), "sparc")
-    # Merging into a file of the old schema conforms the rows it keeps.
-    (tmp_path / "sparc.json").write_text(json.dumps({**legacy, "command": "old", "date": "d0"}))
-    merged = common.merge_rows({"benchmark": "sparc", "command": "new", "date": "d1", "rows": []},
-                               tmp_path / "sparc.json", ("dataset", "model"))
+    evaluation = conform({"benchmark": "evaluation_pass", "rows": [
+        {"run": "quality-two_tower_sasrec", "model": "two_tower"}]})["rows"]
+    assert evaluation == [{"dataset": "ml-1m", "split": "leave_one_out", "run": "quality-two_tower_sasrec",
+                           "model": "two_tower_sasrec"}]
+    # Merging into a file of the old schema conforms the rows it keeps; a SPARC re-run replaces
+    # every row of its trained model, the hard, soft and backbone-alone ones alike.
+    sparc = _import_benchmark("sparc")
+    (tmp_path / "sparc.json").write_text(json.dumps({**legacy, "command": "old", "date": "d0", "rows": [
+        *legacy["rows"], {"dataset": "ml-1m", "split": "leave_one_out", "model": "sparc",
+                          "variant": "backbone alone (branch off)"}]}))
+    rerun = {"dataset": "ml-1m", "split": "leave_one_out", "model": "sparc_hard", "trained_model": "sparc",
+             "path": "hard (K=1)"}
+    merged = common.merge_rows({"benchmark": "sparc", "command": "new", "date": "d1", "rows": [rerun]},
+                               tmp_path / "sparc.json", sparc.ROW_KEY, {"train_seed": 0})
     check_rows(merged, "sparc")
+    assert [(row["model"], row["path"]) for row in merged["rows"]] == [("two_tower_sasrec", "exact"),
+                                                                       ("sparc_hard", "hard (K=1)")]

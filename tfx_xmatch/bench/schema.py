@@ -8,6 +8,17 @@ ROW_IDENTITY = ("dataset", "split", "model")
 RENAMED_KEYS = {"latency_ms_p50": "p50_ms", "latency_ms_p99": "p99_ms"}
 
 
+def design_model_name(config) -> str:
+    """A run's model as DESIGN names it: ``two_tower_mean`` / ``two_tower_sasrec``,
+    ``sparcode_all_to_all`` for an unquantized SparCode, else the config's ``model.name``."""
+    name = config.model.name
+    if name == "two_tower":
+        return f"two_tower_{config.model.user_tower}"
+    if name == "sparcode" and config.model.options.get("quantize") is False:
+        return "sparcode_all_to_all"
+    return name
+
+
 def check_rows(result: dict, output: str) -> None:
     """Checks that the ``rows`` of ``result`` follow DESIGN's results schema: each names its
     dataset, split and model, with latency spelled ``p50_ms`` / ``p99_ms``.

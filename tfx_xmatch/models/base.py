@@ -21,6 +21,11 @@ def light_global_policy(dtype: str):
     call, and Keras gives a layer the global policy; under ``mixed_float16`` the task cast its
     queries to float16 and not its candidates."""
     previous = tf.keras.mixed_precision.global_policy()
+    if previous.compute_dtype == dtype:
+        # Nothing to change, and nothing set: an unset global policy stays unset (it follows
+        # tf.keras.backend.floatx(), which restoring its float32 value would pin).
+        yield
+        return
     tf.keras.mixed_precision.set_global_policy(dtype)
     try:
         yield
@@ -46,9 +51,9 @@ class RetrievalModel(tfrs.models.Model):
     reduction outside TPUs): N replicas showed N times the loss. Subclasses implement
     ``compute_loss`` as for TFRS.
 
-    Mixed precision (``tf.keras.mixed_precision.set_global_policy("mixed_float16")``): the
-    compute-heavy sublayers (sequence encoders, attention, the interaction network, the
-    denoiser) run in float16; the item tower, embeddings, quantizers, projections and the model's
+    Mixed precision (``tf.keras.mixed_precision.set_global_policy("mixed_float16")``, or a
+    model's own ``dtype="mixed_float16"``): the compute-heavy sublayers (sequence encoders,
+    attention, the interaction network, the denoiser) take the model's policy and run in float16; the item tower, embeddings, quantizers, projections and the model's
     own weights stay in float32 (``light_layer_dtype``), and so do what the model returns
     (user and item vectors, scores, losses), which is what an index and a softmax need.
     ``compile`` wraps the optimizer in a ``LossScaleOptimizer`` and the train step scales the loss.
@@ -101,7 +106,7 @@ class RetrievalModel(tfrs.models.Model):
     def train_step(self, inputs):
         inputs, rows = self._never_empty(inputs)
         share = self._share_of_the_batch(rows)
-        with tf.GradientTape() as tape:
+        with self._weighing_logs_by(rows), tf.GradientTape() as tape:
             loss = tf.cast(self.compute_loss(inputs, training=True), tf.float32)
             regularization_loss = self._regularization_loss()
             total_loss = loss + regularization_loss
@@ -114,8 +119,25 @@ class RetrievalModel(tfrs.models.Model):
 
     def test_step(self, inputs):
         inputs, rows = self._never_empty(inputs)
-        loss = tf.cast(self.compute_loss(inputs, training=False), tf.float32)
+        with self._weighing_logs_by(rows):
+            loss = tf.cast(self.compute_loss(inputs, training=False), tf.float32)
         return self._step_logs(loss, self._regularization_loss(), rows)
+
+    @contextlib.contextmanager
+    def _weighing_logs_by(self, rows: tf.Tensor):
+        """Within the step, ``track`` weighs what the models log by the step's rows."""
+        # object.__setattr__: a tensor of this trace, not state Keras should track or save.
+        object.__setattr__(self, "_log_weight", tf.cast(rows, tf.float32))
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_log_weight", None)
+
+    def track(self, tracker: tf.keras.metrics.Metric, value: tf.Tensor) -> None:
+        """Logs ``value`` (a loss term, a rate) in ``tracker``, weighed like ``loss``: by the
+        step's rows inside ``fit`` / ``evaluate`` (a placeholder row for an empty replica weighs
+        nothing), by 1 when ``compute_loss`` is called on its own."""
+        tracker.update_state(value, sample_weight=getattr(self, "_log_weight", None))
 
     @staticmethod
     def _never_empty(inputs):
@@ -126,11 +148,15 @@ class RetrievalModel(tfrs.models.Model):
         of a dataset whose size is not a multiple of the batch failed at its last step). That
         replica scores one row (history and target: item 1) whose loss counts for nothing: its
         share of the batch and its weight in the logged means are 0. Its quantizer updates are
-        a non-first replica's, which the quantizers' state ignores.
+        a non-first replica's, which the quantizers' state ignores (their usage metrics count it).
+        A batch of a known, non-zero size is returned as it is.
         """
         if isinstance(inputs, (tuple, list)):  # Keras packs `x` alone as (x,) or with y and weights
             inputs = inputs[0]
         rows = tf.shape(inputs["history"])[0]
+        shape = tf.TensorShape(getattr(inputs["history"], "shape", None))
+        if shape.rank and shape[0]:  # drop_remainder batches keep their static shape
+            return inputs, rows
 
         def placeholder(name, value):
             value = tf.convert_to_tensor(value)
@@ -146,8 +172,9 @@ class RetrievalModel(tfrs.models.Model):
         """This replica's rows over all replicas' rows (1 without a strategy).
 
         Keras optimizers sum the replicas' gradients; weighing each replica's mean loss by its
-        share of the global batch makes the sum the gradient of the batch's mean, whatever the
-        split (it was 1 / replicas each, which gave an empty replica a full vote).
+        share of the global batch's rows makes the sum the gradient of the mean over the batch
+        (exactly when rows hold equal numbers of targets), whatever the split (it was
+        1 / replicas each, which gave an empty replica a full vote).
         """
         rows = tf.cast(rows, tf.float32)
         context = tf.distribute.get_replica_context()
@@ -215,9 +242,9 @@ class RetrievalModel(tfrs.models.Model):
         if sequence_encoder:
             if self.user_tower == "sasrec":
                 self.encoder = SASRecEncoder(self.max_length, self.num_blocks, self.num_heads, self.dropout,
-                                             name="sasrec_encoder")
+                                             name="sasrec_encoder", dtype=self.dtype_policy)
             else:
-                self.encoder = MeanPoolingEncoder(name="mean_encoder")
+                self.encoder = MeanPoolingEncoder(name="mean_encoder", dtype=self.dtype_policy)
         self.user_feature_embeddings = {
             name: tf.keras.layers.Embedding(cardinality + 1, self.embedding_dim, name=f"user_{name}_embedding",
                                             dtype=self.light_layer_dtype)

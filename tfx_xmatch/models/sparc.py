@@ -229,7 +229,8 @@ class SPARC(RetrievalModel):
             self.num_levels, self.num_codewords, hidden_units=self.rq_hidden_units,
             commitment_weight=self.commitment_weight, name="rqvae", dtype=self.light_layer_dtype,
         )
-        self.target_attention = TargetAttention(self.attention_heads, dropout=self.dropout, name="target_attention")
+        self.target_attention = TargetAttention(self.attention_heads, dropout=self.dropout, name="target_attention",
+                                                dtype=self.dtype_policy)
         # Zero-initialised: training starts from the plain sequence encoder's user vector.
         self.interest_projection = tf.keras.layers.Dense(
             self.embedding_dim, kernel_initializer="zeros", name="interest_projection", dtype=self.light_layer_dtype)
@@ -379,7 +380,7 @@ class SPARC(RetrievalModel):
                             ("reconstruction_contrastive_loss", reconstruction), ("interest_loss", interest),
                             ("interest_accuracy", accuracy), ("mixture_loss", mixture), ("backbone_loss", backbone)):
             if name in self.trackers:
-                self.trackers[name].update_state(value)
+                self.track(self.trackers[name], value)
         return (retrieval + self.rqvae_weight * quantized["loss"] + self.bpr_weight * bpr
                 + self.contrastive_weight * user_item + self.reconstruction_contrastive_weight * reconstruction
                 + self.interest_weight * interest

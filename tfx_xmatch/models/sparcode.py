@@ -283,7 +283,7 @@ class SparCode(RetrievalModel):
         # feature table): a model restored from a .keras file that only ran call() would
         # otherwise skip these weights and draw new ones at the first score.
         self.interaction = AllToAllInteraction(self.interaction_units, num_item_tokens=1 + len(self.item_feature_dims),
-                                               name="interaction")
+                                               name="interaction", dtype=self.dtype_policy)
         self.interaction.build(tf.TensorShape([None, self.embedding_dim]))
         self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros", autocast=False)
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
@@ -599,13 +599,13 @@ class SparCode(RetrievalModel):
             logits = score_codes(table)
             cached_logits = None if self.training_cache_fraction is None else score_codes(self.as_cached(table))
             sparsity = tf.reduce_mean(table)
-            self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(table > 0, tf.float32)))
+            self.track(self.sparsity_tracker, tf.reduce_mean(tf.cast(table > 0, tf.float32)))
         else:
             pairs = self.pair_scores(tf.reshape(tokens, [-1, self.embedding_dim]), candidates, training=training)
             pairs = tf.reshape(pairs, [-1, self.num_query_tokens, tf.shape(candidates)[0]])
             logits, cached_logits = tf.reduce_sum(pairs, axis=1), None
             sparsity = tf.reduce_mean(pairs)
-            self.sparsity_tracker.update_state(tf.reduce_mean(tf.cast(pairs > 0, tf.float32)))
+            self.track(self.sparsity_tracker, tf.reduce_mean(tf.cast(pairs > 0, tf.float32)))
 
         def softmax_loss(logits):
             logits = logits / self.temperature
@@ -614,11 +614,11 @@ class SparCode(RetrievalModel):
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
         retrieval = softmax_loss(logits)
-        self.retrieval_loss_tracker.update_state(retrieval)
+        self.track(self.retrieval_loss_tracker, retrieval)
         loss = retrieval + self.sparsity_weight * sparsity + self.encoder_loss_weight * encoder_loss
         if cached_logits is not None:
             cached = softmax_loss(cached_logits)
-            self.cached_loss_tracker.update_state(cached)
+            self.track(self.cached_loss_tracker, cached)
             loss += self.cached_loss_weight * cached
         return loss
 
@@ -674,7 +674,7 @@ class SparCode(RetrievalModel):
             logits = tf.matmul(states, self.item_tower(candidates), transpose_b=True) - log_q[tf.newaxis, :]
             loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         loss = tf.reduce_mean(loss)
-        self.encoder_loss_tracker.update_state(loss)
+        self.track(self.encoder_loss_tracker, loss)
         return loss
 
     # ---------------------------------------------------------------- config

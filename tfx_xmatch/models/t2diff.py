@@ -235,15 +235,15 @@ class T2Diff(RetrievalModel):
         self._build_shared_layers(item_feature_tables, sequence_encoder=False)
         if self.backbone == "sasrec":
             self.encoder = SASRecEncoder(self.max_length, self.backbone_blocks, self.num_heads, self.dropout,
-                                         name="sasrec_encoder")
+                                         name="sasrec_encoder", dtype=self.dtype_policy)
             # Zero-initialised: training starts from the backbone's (the two-tower's) user vector.
             self.mixed_projection = tf.keras.layers.Dense(self.embedding_dim, kernel_initializer="zeros",
                                                           name="mixed_projection", dtype=self.light_layer_dtype)
         self.schedule = NoiseSchedule(schedule, self.diffusion_steps)
-        self.denoiser = DriftDenoiser(denoiser, self.denoiser_units, name="denoiser")
+        self.denoiser = DriftDenoiser(denoiser, self.denoiser_units, name="denoiser", dtype=self.dtype_policy)
         self.mixed_attention = MixedAttention(self.num_heads, self.num_blocks, self.dropout,
                                               max_session_length=self.session_length, pooling=self.session_pooling,
-                                              name="mixed_attention")
+                                              name="mixed_attention", dtype=self.dtype_policy)
         tracked = ("retrieval_loss", "diffusion_loss") + (("backbone_loss",) if self.backbone != "none" else ())
         self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in tracked}
 
@@ -408,7 +408,7 @@ class T2Diff(RetrievalModel):
             every = tf.where(next_items > 0)
             backbone = dot_product_softmax_loss(tf.gather_nd(states, every), tf.gather_nd(next_items, every),
                                                 self.item_tower, **softmax)
-            self.trackers["backbone_loss"].update_state(backbone)
+            self.track(self.trackers["backbone_loss"], backbone)
 
         branch_items = self.item_tower
         if self.detach_branch:
@@ -433,8 +433,8 @@ class T2Diff(RetrievalModel):
         users = self._user_vector(session, session_mask, predicted, long_history, history_mask, inputs,
                                   rows=where[:, 0], base=base, training=training)
         retrieval = dot_product_softmax_loss(users, targets, branch_items, **softmax)
-        self.trackers["retrieval_loss"].update_state(retrieval)
-        self.trackers["diffusion_loss"].update_state(diffusion)
+        self.track(self.trackers["retrieval_loss"], retrieval)
+        self.track(self.trackers["diffusion_loss"], diffusion)
         return retrieval + self.diffusion_weight * diffusion + self.backbone_loss_weight * backbone
 
     # ---------------------------------------------------------------- config
