@@ -93,7 +93,7 @@ def _sparse_code_latency_row(row: dict) -> dict:
     return row
 
 
-def _run_identity(run: str) -> dict:
+def run_identity(run: str) -> dict:
     """Dataset, split and model of a run of these benchmarks, from its directory name."""
     split = "user_level" if "-user_level-" in run else "leave_one_out"
     for model in ("two_tower_sasrec", "two_tower_mean", "sparcode", "t2diff", "sparc"):
@@ -119,6 +119,16 @@ def conform(result: dict) -> dict:
       ValueError: a row this script cannot name (it quotes the benchmark and the value).
     """
     benchmark = result.get("benchmark")
+    if "rows" not in result and benchmark == "pipeline":  # ml1m_sasrec.yaml, leave-one-out
+        import pipeline
+
+        result = {**result, "split": result.get("split", "leave_one_out"),
+                  "model": result.get("model", "two_tower_sasrec")}
+        return {**result, "rows": pipeline.pipeline_rows(result)}
+    if "rows" not in result and benchmark == "seed_study":
+        import seed_study
+
+        return {**result, "rows": seed_study.comparison_rows(result)}
     rows = result.get("rows")
     if rows is None:
         return result
@@ -129,7 +139,7 @@ def conform(result: dict) -> dict:
         row = _renamed(row)
         if row.get("model") == "two_tower":  # the config's name; DESIGN names the user tower too
             tower = result.get("settings", {}).get("model", {}).get("user_tower")
-            row = {**row, "model": f"two_tower_{tower}" if tower else _run_identity(row["run"])["model"]}
+            row = {**row, "model": f"two_tower_{tower}" if tower else run_identity(row["run"])["model"]}
         if benchmark == "sparc":
             row = _sparc_trained(_sparc_row(row))
         elif benchmark == "t2diff":
@@ -145,7 +155,7 @@ def conform(result: dict) -> dict:
         elif benchmark == "continuous_training":
             row = {**ML1M, "model": "two_tower_" + result["settings"]["model"]["user_tower"], **row}
         elif benchmark in ("sparcode_code_budget", "t2diff_xla"):
-            row = {**_run_identity(result["run"]), **row}
+            row = {**run_identity(result["run"]), **row}
         converted.append(row)
     if benchmark == "sparse_code_latency":
         result = {**result, "targets": _sparse_code_latency_targets(result.get("targets", {}))}

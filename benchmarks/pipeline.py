@@ -23,9 +23,21 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import default_data_dir, header, markdown_header, write_results  # noqa: E402
 
+from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ml1m_sasrec.yaml"
+ROW_METRICS = ("HR@10", "NDCG@10", "MRR@20", "Recall@50", "NDCG@50", "P@50", "TailRecall@50", "Coverage@50")
+
+
+def pipeline_rows(result: dict) -> list[dict]:
+    """The run as DESIGN's one row: the published export's test metrics (full ranking), its
+    training and the pipeline's wall time."""
+    return [{"dataset": result["dataset_name"], "split": result["split"], "model": result["model"],
+             "variant": f"index={result['index_kind']}",
+             **{metric: round(result["test"][metric], 4) for metric in ROW_METRICS},
+             "train_seconds": result["training"]["train_seconds"], "epochs": result["training"]["epochs"],
+             "total_seconds": result["total_seconds"]}]
 
 
 def main() -> int:
@@ -55,12 +67,14 @@ def main() -> int:
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    result = {**header("pipeline"), "dataset_name": args.dataset, "train_minutes": args.train_minutes,
+    result = {**header("pipeline"), "dataset_name": args.dataset, "split": config.data.split,
+              "model": design_model_name(config), "train_minutes": args.train_minutes,
               "index_kind": args.index, "num_shards": args.num_shards, "item_shards": args.item_shards,
               "beam_args": beam_args or ["--runner=DirectRunner (default)"],
               "index_build": summary["index"],
               **{key: summary[key] for key in ("stage_seconds", "total_seconds", "dataset", "examples",
                                                "malformed_lines", "training", "test")}}
+    result["rows"] = pipeline_rows(result)
     write_results(result, args.output, to_markdown, echo=True)
     return 0
 

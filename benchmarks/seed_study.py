@@ -38,6 +38,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import REPO_ROOT, default_data_dir, header, markdown_header, write_results  # noqa: E402
+from conform_results import run_identity  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -121,6 +122,28 @@ def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail) -> list[dict]:
     return entries
 
 
+def comparison_rows(result: dict) -> list[dict]:
+    """One DESIGN row per finished comparison: side a's model (named from its runs) and label as
+    the variant, its mean over runs per metric, and ``vs`` side b (the users-averaged paired
+    difference with its interval and p-value, and the test over runs)."""
+    rows = []
+    for entry in result["comparisons"]:
+        if "metrics" not in entry:
+            continue
+        a, b = entry["a"], entry["b"]
+        rows.append({
+            "dataset": result["dataset"], "split": result["split"], "model": run_identity(a["runs"][0])["model"],
+            "variant": a["label"], "comparison": entry["name"], "runs": len(a["runs"]),
+            "compared_with": {"model": run_identity(b["runs"][0])["model"], "variant": b["label"],
+                              "runs": len(b["runs"])},
+            **{metric: values["averaged"]["mean_a"] for metric, values in entry["metrics"].items()},
+            "vs": {metric: {**{key: values["averaged"][key] for key in ("difference", "ci_low", "ci_high", "p_value")},
+                            "across_runs_p_value": (values.get("across_runs") or {}).get("p_value")}
+                   for metric, values in entry["metrics"].items()},
+        })
+    return rows
+
+
 def to_markdown(result: dict) -> str:
     lines = markdown_header(result, "one model against another over several training runs") + [
         f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
@@ -177,6 +200,7 @@ def main() -> int:
               "num_users": int(len(targets)), "spec": spec}
     result["comparisons"] = study(spec, pathlib.Path(args.runs_dir), targets,
                                   is_tail_target(targets, split.item_popularity()))
+    result["rows"] = comparison_rows(result)
     write_results(result, args.output, to_markdown, echo=True)
     return 0
 

@@ -27,8 +27,6 @@ def check_rows(result: dict, output: str) -> None:
       ValueError: naming the file, the first offending row and what it lacks or misspells.
     """
     rows = result.get("rows")
-    if rows is None:  # a report of another shape (a pipeline's stages, comparisons of run groups)
-        return
     if not isinstance(rows, list):
         raise ValueError(f"{output}.json: 'rows' must be a list, got {type(rows).__name__}")
     for position, row in enumerate(rows):
