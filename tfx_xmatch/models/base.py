@@ -137,7 +137,11 @@ class RetrievalModel(tfrs.models.Model):
         """Logs ``value`` (a loss term, a rate) in ``tracker``, weighed like ``loss``: by the
         step's rows inside ``fit`` / ``evaluate`` (a placeholder row for an empty replica weighs
         nothing), by 1 when ``compute_loss`` is called on its own."""
-        tracker.update_state(value, sample_weight=getattr(self, "_log_weight", None))
+        weight = getattr(self, "_log_weight", None)
+        if weight is None:
+            tracker.update_state(value)
+        else:
+            tracker.update_state(value, sample_weight=weight)
 
     @staticmethod
     def _never_empty(inputs):
