@@ -206,18 +206,22 @@ class ResidualQuantizer(tf.keras.layers.Layer):
 
     # ------------------------------------------------------------------ training state
     def _initialize_from(self, encoded: tf.Tensor) -> None:
-        # Computed every call and selected with tf.where rather than under tf.cond: under a
-        # distribution strategy, assigning a first-replica variable is a synchronisation point,
-        # which TensorFlow does not allow inside control flow.
-        residual = tf.stop_gradient(encoded)
-        levels = []
-        for level in range(self.num_levels):
-            codebook = self._random_rows(residual)
-            levels.append(codebook)
-            residual = residual - tf.gather(codebook, self._nearest_in(residual, codebook))
+        def initial_codebooks():
+            residual = tf.stop_gradient(encoded)
+            levels = []
+            for level in range(self.num_levels):
+                codebook = self._random_rows(residual)
+                levels.append(codebook)
+                residual = residual - tf.gather(codebook, self._nearest_in(residual, codebook))
+            return tf.stack(levels)
+
         # A batch of no vectors (a replica left empty by a short last batch) initialises nothing.
-        keep = tf.logical_or(self.initialized, tf.shape(encoded)[0] == 0)
-        self.codebooks.assign(tf.where(keep, self.codebooks, tf.stack(levels)))
+        keep = tf.logical_or(tf.convert_to_tensor(self.initialized), tf.shape(encoded)[0] == 0)
+        # The draw runs only until the codebooks are initialised; the assignment stays out of
+        # tf.cond: under a distribution strategy, assigning a first-replica variable is a
+        # synchronisation point, which TensorFlow does not allow inside control flow.
+        codebooks = tf.cond(keep, lambda: tf.identity(self.codebooks), initial_codebooks)
+        self.codebooks.assign(codebooks)
         self.initialized.assign(tf.logical_or(self.initialized, tf.shape(encoded)[0] > 0))
 
     def _random_rows(self, rows: tf.Tensor) -> tf.Tensor:
