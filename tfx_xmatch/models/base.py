@@ -46,17 +46,17 @@ class RetrievalModel(tfrs.models.Model):
     The reported ``loss``, ``regularization_loss`` and ``total_loss`` (of ``fit`` and
     ``evaluate``) are Keras ``Mean`` metrics, as in a model compiled with a Keras loss: the
     running mean over the epoch's steps and replicas weighed by their rows, whatever the number
-    of replicas. TFRS'
-    steps return the raw per-replica values instead, which Keras sums over replicas (its "auto"
-    reduction outside TPUs): N replicas showed N times the loss. Subclasses implement
-    ``compute_loss`` as for TFRS.
+    of replicas. TFRS' steps return the raw per-replica values instead, which Keras sums over
+    replicas (its "auto" reduction outside TPUs): N replicas showed N times the loss. Subclasses
+    implement ``compute_loss`` as for TFRS, and log their loss terms with ``track``.
 
     Mixed precision (``tf.keras.mixed_precision.set_global_policy("mixed_float16")``, or a
     model's own ``dtype="mixed_float16"``): the compute-heavy sublayers (sequence encoders,
-    attention, the interaction network, the denoiser) take the model's policy and run in float16; the item tower, embeddings, quantizers, projections and the model's
-    own weights stay in float32 (``light_layer_dtype``), and so do what the model returns
-    (user and item vectors, scores, losses), which is what an index and a softmax need.
-    ``compile`` wraps the optimizer in a ``LossScaleOptimizer`` and the train step scales the loss.
+    attention, the interaction network, the denoiser) take the model's policy and run in
+    float16; the item tower, embeddings, quantizers, projections and the model's own weights
+    stay in float32 (``light_layer_dtype``), and so does what the model returns (user and item
+    vectors, scores, losses), which is what an index and a softmax need. ``compile`` wraps the
+    optimizer in a ``LossScaleOptimizer`` and the train step scales the loss.
     """
 
     def __init__(self, **kwargs):
