@@ -41,37 +41,31 @@ RENDERED_AGAIN = {"sparc": "sparc", "sparse_code_latency": "sparse_code_latency"
 
 
 def _sparc_row(row: dict) -> dict:
-    if "path" in row:
-        return row
-    row = dict(row)
-    label = row.pop("variant")
-    row["path"] = label
-    if row["model"] != "sparc":
-        return row
-    soft = re.fullmatch(r"soft K=(\d+)", label)
-    if label == "hard (K=1)":
-        row["model"] = "sparc_hard"
-    elif soft:
-        row.update(model="sparc_soft", variant=f"soft-k{soft.group(1)}")
-    elif label.startswith("backbone alone"):
-        row["variant"] = "backbone-alone"
-    else:
-        raise ValueError(f"sparc row with an unknown path {label!r}")
-    return row
+    """A SPARC row named by ``sparc.design_identity`` from its page label, and keyed by its
+    trained model; the label moves to ``path``."""
+    import sparc
+
+    if "path" not in row:
+        row = dict(row)
+        row["path"] = row.pop("variant")
+        if row["model"] == "sparc":
+            soft = re.fullmatch(r"soft K=(\d+)", row["path"])
+            if row["path"] == "hard (K=1)":
+                path_variant = {"interests": 1}
+            elif soft:
+                path_variant = {"interests": int(soft.group(1))}
+            elif row["path"].startswith("backbone alone"):
+                path_variant = {}
+            else:
+                raise ValueError(f"sparc row with an unknown path {row['path']!r}")
+            row.update(sparc.design_identity(path_variant))
+    return {**row, "trained_model": sparc.trained_model(row)}
 
 
 def _t2diff_row(row: dict) -> dict:
-    row = {"dataset": "ml-1m", **row}
-    sampling = row.get("sampling", "")
-    if "variant" not in row and sampling != "dot product":
-        row["variant"] = "backbone-alone" if sampling.startswith("backbone alone") else sampling.split(" ")[0].lower()
-    return row
+    import t2diff
 
-
-def _sparc_trained(row: dict) -> dict:
-    """The trained model a SPARC row answers with, the key a re-run's rows replace by."""
-    return {**row, "trained_model": row.get("trained_model", "sparc" if row["model"].startswith("sparc")
-                                             else row["model"])}
+    return {"dataset": "ml-1m", **row, **t2diff.design_variant(row["sampling"])}
 
 
 def _sparse_code_latency_targets(targets: dict) -> dict:
@@ -141,7 +135,7 @@ def conform(result: dict) -> dict:
             tower = result.get("settings", {}).get("model", {}).get("user_tower")
             row = {**row, "model": f"two_tower_{tower}" if tower else run_identity(row["run"])["model"]}
         if benchmark == "sparc":
-            row = _sparc_trained(_sparc_row(row))
+            row = _sparc_row(row)
         elif benchmark == "t2diff":
             row = _t2diff_row(row)
         elif benchmark == "sparse_code_latency":
@@ -150,7 +144,7 @@ def conform(result: dict) -> dict:
             row = {"split": "leave_one_out", **row}
         elif benchmark == "partitioned_profile":
             row = {**SYNTHETIC, "model": "partitioned", **row}
-        elif benchmark in ("evaluation_pass",):
+        elif benchmark == "evaluation_pass":
             row = {**ML1M, **row}
         elif benchmark == "continuous_training":
             row = {**ML1M, "model": "two_tower_" + result["settings"]["model"]["user_tower"], **row}
