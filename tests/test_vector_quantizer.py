@@ -315,3 +315,59 @@ def test_a_batch_of_no_vectors_changes_no_state_and_no_metric(num_codebooks):
         assert [float(loss) for loss in quantizer.losses] == [0.0]
         step(tf.random.normal([16] + shape[1:]))
     assert bool(quantizer.initialized.numpy())
+
+
+def _state(layer):
+    return {variable.name: variable.numpy().copy() for variable in layer.weights}
+
+
+@pytest.mark.parametrize("initialised", [False, True], ids=["first_call", "initialised"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_masked_vectors_count_for_nothing(layout, initialised):
+    """A batch with vectors masked out trains the layer as the batch without them would: the
+    codebooks, the EMA statistics, the restarts, the metrics and the commitment loss; the
+    masked vectors are still quantized (the placeholder row of an empty replica, padding)."""
+    kwargs, shape, m, w = LAYOUTS[layout]
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=shape).astype(np.float32)
+    junk = (100.0 + rng.normal(size=shape)).astype(np.float32)  # would take over any codeword it reached
+    codebooks = rng.normal(size=(m, 5, w)).astype(np.float32)
+    layers = []
+    for _ in range(2):
+        layer = _layer(codebooks, dead_code_threshold=0.5, **kwargs)
+        if not initialised:
+            layer.initialized.assign(False)
+        layers.append(layer)
+    alone, masked = layers
+    tf.keras.utils.set_random_seed(11)
+    expected_quantized, expected_codes = alone(tf.constant(real), training=True)
+    tf.keras.utils.set_random_seed(11)
+    both = tf.constant(np.concatenate([real, junk]))
+    mask = tf.constant([True] * shape[0] + [False] * shape[0])  # a prefix of the leading axes
+    quantized, codes = masked(both, training=True, mask=mask)
+    for name, value in _state(alone).items():
+        np.testing.assert_allclose(_state(masked)[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert [float(metric.result()) for metric in masked.metrics] == pytest.approx(
+        [float(metric.result()) for metric in alone.metrics])
+    assert [float(loss) for loss in masked.losses] == pytest.approx([float(loss) for loss in alone.losses])
+    np.testing.assert_allclose(quantized.numpy()[: shape[0]], expected_quantized.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(codes.numpy()[: shape[0]], expected_codes.numpy())
+    assert codes.shape[0] == 2 * shape[0]  # the junk is quantized too
+
+
+def test_an_all_false_mask_is_a_batch_of_no_vectors_and_a_bad_mask_is_refused():
+    layer = _layer(np.eye(3, 4, dtype=np.float32)[np.newaxis], num_codewords=3)
+    state = _state(layer)
+    step = tf.function(lambda vectors, mask: layer(vectors, training=True, mask=mask))
+    step(tf.ones([5, 4]), tf.constant(False))  # a scalar mask covers every vector
+    for name, value in state.items():
+        np.testing.assert_array_equal(_state(layer)[name], value, err_msg=name)
+    assert [float(metric.result()) for metric in layer.metrics] == [0.0, 0.0]
+    layer(tf.ones([5, 4]), training=False, track_metrics=True, mask=tf.zeros([5], tf.bool))
+    assert float(layer.perplexity_tracker.count) == 0.0
+    with pytest.raises(ValueError, match="mask must be bool"):
+        layer(tf.ones([5, 4]), mask=tf.ones([5]))
+    with pytest.raises(ValueError, match=r"does not match the inputs' leading axes \[5\] \(axis 0: 4 against 5\)"):
+        layer(tf.ones([5, 4]), mask=tf.ones([4], tf.bool))
+    with pytest.raises(ValueError, match="mask must cover the inputs' 1 leading axes"):
+        layer(tf.ones([5, 4]), mask=tf.ones([5, 4], tf.bool))

@@ -8,6 +8,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from tfx_xmatch import arguments
+from tfx_xmatch.layers.row_mask import flat_row_mask, masked_mean
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -54,6 +55,11 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         SPARC's ``compute_loss`` asks for under ``evaluate``. Dead codes are a training-state
         metric (a training step restarts them, so the stored usage never shows one): evaluate
         leaves it at 0. Serving leaves all of them alone.
+      mask: bool tensor or None (default None: every vector counts). Which vectors count, over
+        the inputs' leading axes (all but the last) or a prefix of them (a scalar, or [B] for
+        [B, T, d] inputs). Vectors that do not count (padded positions, a placeholder row) are
+        still quantized, but leave the initialisation, the usage, the restarts, the metrics and
+        the loss as if they were not in the batch.
 
     Returns:
       A dict: ``codes`` int32 [..., L]; ``codewords`` float [..., L, latent] (the selected
@@ -169,28 +175,39 @@ class ResidualQuantizer(tf.keras.layers.Layer):
             residual = residual - tf.stop_gradient(codeword)
         return tf.stack(codes, axis=-1), tf.stack(selected, axis=-2), residuals
 
-    def call(self, inputs: tf.Tensor, training: bool = False, track_metrics: bool | None = None) -> dict:
+    def call(self, inputs: tf.Tensor, training: bool = False, track_metrics: bool | None = None,
+             mask: tf.Tensor | None = None) -> dict:
         inputs = tf.convert_to_tensor(inputs)
         leading = tf.shape(inputs)[:-1]
+        if mask is not None and inputs.shape.rank is None:
+            raise ValueError(f"{self.name}: a mask needs inputs of known rank, got shape {inputs.shape}")
+        valid = flat_row_mask(mask, leading, None if mask is None else inputs.shape.rank - 1, self.name)
+
+        def counting(rows):
+            return rows if valid is None else tf.boolean_mask(rows, valid)
+
         flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
         encoded = self.encoder(flat)
         if training:
-            self._initialize_from(encoded)
+            self._initialize_from(counting(encoded))
         codes, codewords, residuals = self.quantize(encoded)
         summed = tf.reduce_sum(codewords, axis=1)
         # Value: the codeword sum. Gradient: to the codewords and, straight through, to the encoder.
         quantized = summed + encoded - tf.stop_gradient(encoded)
         reconstruction = self.decoder(quantized)
-        loss, error = self._loss(flat, codewords, residuals, reconstruction)
-        counted = tf.cast(tf.shape(flat)[0] > 0, tf.float32)
+        weights = None if valid is None else tf.cast(valid, flat.dtype)
+        loss, error = self._loss(flat, codewords, residuals, reconstruction, weights)
+        counted_codes = counting(codes)
+        counted = tf.cast(tf.shape(counted_codes)[0] > 0, tf.float32)
         if training:
             self.reconstruction_tracker.update_state(error, sample_weight=counted)
-            self._track_usage(codes, residuals)
+            self._track_usage(counted_codes, [counting(residual) for residual in residuals])
         elif track_metrics:
             self.reconstruction_tracker.update_state(error, sample_weight=counted)
             for level in range(self.num_levels):
                 perplexity_tracker, _ = self.level_trackers[level]
-                perplexity_tracker.update_state(_perplexity(self._counts(codes[:, level])))
+                perplexity_tracker.update_state(_perplexity(self._counts(counted_codes[:, level])),
+                                                sample_weight=counted)
         latent = tf.shape(codewords)[-1]
         return {
             "codes": tf.reshape(codes, tf.concat([leading, [self.num_levels]], 0)),
@@ -232,12 +249,14 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         jitter = tf.random.normal([self.num_codewords, tf.shape(rows)[1]], stddev=1e-3)
         return tf.gather(rows, picks) + jitter
 
-    def _loss(self, inputs, codewords, residuals, reconstruction) -> tuple[tf.Tensor, tf.Tensor]:
-        """(RQ-VAE loss, reconstruction error), means over vectors (0 over none)."""
+    def _loss(self, inputs, codewords, residuals, reconstruction, weights) -> tuple[tf.Tensor, tf.Tensor]:
+        """(RQ-VAE loss, reconstruction error), means over the vectors that count (0 over none)."""
         stacked = tf.stack(residuals, axis=1)  # [n, L, latent]
 
-        def mean(values):
-            return tf.math.divide_no_nan(tf.reduce_sum(values), tf.cast(tf.size(values), values.dtype))
+        def mean(values):  # [n] or [n, L]: the mean over every entry, vectors weighed
+            if values.shape.rank > 1:
+                values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+            return masked_mean(values, weights)
 
         codebook_loss = mean(tf.reduce_sum(tf.square(tf.stop_gradient(stacked) - codewords), -1))
         commitment = mean(tf.reduce_sum(tf.square(stacked - tf.stop_gradient(codewords)), -1))

@@ -6,6 +6,8 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tfx_xmatch.layers.row_mask import flat_row_mask, masked_mean
+
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class VectorQuantizer(tf.keras.layers.Layer):
@@ -51,6 +53,12 @@ class VectorQuantizer(tf.keras.layers.Layer):
         rather than left at 0. Dead codes are a training-state metric (a training step restarts
         them, so the stored state never shows one): evaluate leaves it at 0. Serving leaves
         both alone.
+      mask: bool tensor or None (default None: every vector counts). Which vectors count, over
+        the inputs' leading axes (all but the last, and all but the M axis in the grouped
+        layout) or a prefix of them (a scalar, or [B] for [B, K, d] inputs). Vectors that do
+        not count (padded positions, a placeholder row) are still quantized, but leave the
+        codebooks, the EMA statistics, the metrics and the commitment loss as if they were not
+        in the batch.
 
     Returns:
       ``(quantized, codes)``: ``quantized`` has the shape of ``inputs``, the value of the nearest
@@ -187,15 +195,19 @@ class VectorQuantizer(tf.keras.layers.Layer):
         entropy = -tf.reduce_sum(tf.math.multiply_no_nan(tf.math.log(usage), usage), -1)
         return tf.exp(entropy)
 
-    def _train_step(self, vectors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Init, search, EMA update and restart for [M, V, w] vectors.
+    def _train_step(self, vectors: tf.Tensor, valid: Optional[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """Init, search, EMA update and restart for [M, V, w] vectors, of which ``valid`` (bool
+        [V], None for all) count.
 
         Returns codes [M, V] and their codewords [M, V, w] from before the EMA update.
 
-        A batch of no vectors (a replica left empty by a short last batch under a distribution
-        strategy) leaves the state and the usage metrics as they were.
+        A batch of no vectors that count (a replica left empty by a short last batch under a
+        distribution strategy) leaves the state and the usage metrics as they were.
         """
         M, N = self.num_codebooks, self.num_codewords
+        everything = vectors
+        if valid is not None:
+            vectors = tf.boolean_mask(vectors, valid, axis=1)
         has_vectors = tf.shape(vectors)[1] > 0
 
         def current():
@@ -213,8 +225,9 @@ class VectorQuantizer(tf.keras.layers.Layer):
         before = current()
         self.initialized.assign(tf.logical_or(initialized, has_vectors))
 
-        codes = self._assign(vectors, codebooks)
-        nearest = tf.gather(codebooks, codes, batch_dims=1)
+        all_codes = self._assign(everything, codebooks)
+        nearest = tf.gather(codebooks, all_codes, batch_dims=1)
+        codes = all_codes if valid is None else tf.boolean_mask(all_codes, valid, axis=1)
         one_hot = tf.one_hot(codes, N, dtype=vectors.dtype)  # [M, V, N]
         cluster_size = self.decay * cluster_size + (1.0 - self.decay) * tf.reduce_sum(one_hot, 1)
         batch_sum = tf.matmul(one_hot, vectors, transpose_a=True)  # [M, N, w]
@@ -243,34 +256,42 @@ class VectorQuantizer(tf.keras.layers.Layer):
         self.ema_embed_sum.assign(embed_sum)
         perplexity = tf.where(has_vectors, tf.reduce_mean(self._perplexity(codes)), 0.0)
         self.perplexity_tracker.update_state(perplexity, sample_weight=counted)
-        return codes, nearest
+        return all_codes, nearest
 
     def call(self, inputs: tf.Tensor, training: Optional[bool] = False,
-             track_metrics: Optional[bool] = None) -> tuple[tf.Tensor, tf.Tensor]:
+             track_metrics: Optional[bool] = None, mask: Optional[tf.Tensor] = None) -> tuple[tf.Tensor, tf.Tensor]:
         width = self._check_shape(inputs.shape)
         if width is not None and width != self.width:
             raise ValueError(
                 f"{self.name} was built for width {self.width}, got inputs of shape {inputs.shape}"
             )
         M = self.num_codebooks
+        shape = tf.shape(inputs)
+        if mask is not None and inputs.shape.rank is None:
+            raise ValueError(f"{self.name}: a mask needs inputs of known rank, got shape {inputs.shape}")
+        leading_rank = None if inputs.shape.rank is None else inputs.shape.rank - (2 if self._grouped else 1)
+        valid = flat_row_mask(mask, shape[:leading_rank], leading_rank, self.name)
         # Every layout flattens to [V, M, w]; codebook-major [M, V, w] makes the search a batched matmul.
         vectors = tf.transpose(tf.reshape(tf.stop_gradient(inputs), [-1, M, self.width]), [1, 0, 2])
         vectors = tf.cast(vectors, self.codebooks.dtype)
         if training:
-            codes, nearest = self._train_step(vectors)
+            codes, nearest = self._train_step(vectors, valid)
         else:
             codes = self._assign(vectors, self.codebooks)
             nearest = tf.gather(self.codebooks, codes, batch_dims=1)
             if track_metrics:
-                self.perplexity_tracker.update_state(tf.reduce_mean(self._perplexity(codes)))
-        shape = tf.shape(inputs)
+                counted_codes = codes if valid is None else tf.boolean_mask(codes, valid, axis=1)
+                has_codes = tf.shape(counted_codes)[1] > 0
+                perplexity = tf.where(has_codes, tf.reduce_mean(self._perplexity(counted_codes)), 0.0)
+                self.perplexity_tracker.update_state(perplexity, sample_weight=tf.cast(has_codes, tf.float32))
         nearest = tf.cast(tf.reshape(tf.transpose(nearest, [1, 0, 2]), shape), inputs.dtype)
         codes_shape = shape[:-1] if self._grouped or M == 1 else tf.concat([shape[:-1], [M]], 0)
         codes = tf.reshape(tf.transpose(codes), codes_shape)
         if training:
             # Codebooks follow the EMA; this term only pulls the inputs towards their codewords.
-            squared = tf.square(inputs - tf.stop_gradient(nearest))
-            commitment = tf.math.divide_no_nan(tf.reduce_sum(squared), tf.cast(tf.size(squared), squared.dtype))
+            squared = tf.reshape(tf.square(inputs - tf.stop_gradient(nearest)), [-1, M * self.width])
+            weights = None if valid is None else tf.cast(valid, squared.dtype)
+            commitment = masked_mean(tf.reduce_mean(squared, -1), weights)
             self.add_loss(self.commitment_weight * commitment)
         # Straight-through estimator: forward value of the codewords, gradient of the identity.
         return inputs + tf.stop_gradient(nearest - inputs), codes

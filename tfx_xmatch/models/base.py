@@ -133,6 +133,13 @@ class RetrievalModel(tfrs.models.Model):
         finally:
             object.__setattr__(self, "_log_weight", None)
 
+    def step_has_rows(self) -> Optional[tf.Tensor]:
+        """Within ``fit`` / ``evaluate``: a scalar bool, False when this replica scores only the
+        placeholder row of an empty batch. The models hand it to their quantizers as ``mask``, so
+        the placeholder moves no codebook and no usage metric. None outside a step."""
+        weight = getattr(self, "_log_weight", None)
+        return None if weight is None else weight > 0
+
     def track(self, tracker: tf.keras.metrics.Metric, value: tf.Tensor) -> None:
         """Logs ``value`` (a loss term, a rate) in ``tracker``, weighed like ``loss``: by the
         step's rows inside ``fit`` / ``evaluate`` (a placeholder row for an empty replica weighs
@@ -151,9 +158,8 @@ class RetrievalModel(tfrs.models.Model):
         some replica with no rows, and every loss is a mean over nothing there (a ``model.fit``
         of a dataset whose size is not a multiple of the batch failed at its last step). That
         replica scores one row (history and target: item 1) whose loss counts for nothing: its
-        share of the batch and its weight in the logged means are 0. Its quantizer updates are
-        a non-first replica's, which the quantizers' state ignores (their usage metrics count it).
-        A batch of a known, non-zero size is returned as it is.
+        share of the batch and its weight in the logged means are 0, and the quantizers leave
+        it out of their state and metrics (``step_has_rows``). A batch of a known, non-zero size is returned as it is.
         """
         if isinstance(inputs, (tuple, list)):  # Keras packs `x` alone as (x,) or with y and weights
             inputs = inputs[0]
@@ -265,6 +271,9 @@ class RetrievalModel(tfrs.models.Model):
         # ``loss`` is stored as ``loss_name``: Keras models own a ``loss`` attribute.
         config = {name: getattr(self, "loss_name" if name == "loss" else name) for name in self.SHARED_CONFIG}
         config["name"] = self.name
+        # As a Keras layer's config does: a model built with its own dtype="mixed_float16" (or
+        # under that global policy) reloads with it, whatever the loading process' global policy.
+        config["dtype"] = self.dtype_policy.name
         config["item_feature_dims"] = dict(self.item_feature_dims)
         config["user_feature_cardinalities"] = dict(self.user_feature_cardinalities)
         config["item_hidden_units"] = list(self.item_hidden_units)

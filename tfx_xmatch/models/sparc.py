@@ -330,7 +330,7 @@ class SPARC(RetrievalModel):
             # The interest branch reads what the backbone loss learns without moving it.
             states, target_z = tf.stop_gradient(states), tf.stop_gradient(target_z)
             items = frozen_tower(self.item_tower)
-        quantized = self.rqvae(target_z, training=training, track_metrics=True)
+        quantized = self.rqvae(target_z, training=training, track_metrics=True, mask=self.step_has_rows())
         codes = quantized["codes"][:, 0]
         codeword = quantized["codewords"][:, 0, :]
         use_codeword = draws.uniform(tf.shape(codes)) < self.codeword_query_rate

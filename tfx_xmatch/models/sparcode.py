@@ -363,7 +363,8 @@ class SparCode(RetrievalModel):
         """Global code ids [P, K] of tokens [P, K, d] (EMA and restarts when training; the
         quantizer's usage metrics also when ``track_metrics``, as under ``evaluate``)."""
         quantizer_input = tokens if self.num_codebooks > 1 else tf.reshape(tokens, [-1, self.embedding_dim])
-        _, codes = self.quantizer(quantizer_input, training=training, track_metrics=track_metrics)
+        _, codes = self.quantizer(quantizer_input, training=training, track_metrics=track_metrics,
+                                  mask=self.step_has_rows())
         codes = tf.reshape(codes, [-1, self.num_query_tokens])
         if self.num_codebooks > 1:
             codes = self.quantizer.global_codes(codes)

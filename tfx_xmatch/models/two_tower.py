@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfx_xmatch.layers.row_mask import masked_mean
 from tfx_xmatch.models.base import RetrievalModel, light_global_policy
 from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
 
@@ -179,7 +180,7 @@ class TwoTower(RetrievalModel):
                 compute_batch_metrics=False,
             )
         # As Keras' "sum_over_batch_size": the mean, and 0 for a batch without targets.
-        return tf.math.divide_no_nan(tf.reduce_sum(losses), tf.cast(tf.size(losses), losses.dtype))
+        return masked_mean(losses)
 
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
