@@ -115,7 +115,8 @@ class SPARC(RetrievalModel):
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
 
     Raises:
-      ValueError: on invalid hyperparameters (the message quotes the value).
+      ValueError: on invalid hyperparameters (the message quotes the value), and from
+        ``compile(jit_compile=True)``: the training step cannot be compiled with XLA.
 
     Example:
       >>> model = SPARC(num_items=100, embedding_dim=16, max_length=20, num_codewords=8)
@@ -242,6 +243,17 @@ class SPARC(RetrievalModel):
         self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in (
             "retrieval_loss", "rqvae_loss", "bpr_loss", "contrastive_loss", "user_item_contrastive_loss",
             "reconstruction_contrastive_loss", "interest_loss", "interest_accuracy", "mixture_loss") + (("backbone_loss",) if self.backbone_loss_weight > 0 else ())}
+
+    def compile(self, *args, jit_compile: Optional[bool] = None, **kwargs) -> None:
+        if jit_compile:
+            # Refused here rather than at the first step, where XLA fails with "Input 0 to node
+            # random_uniform_2 ... must be a compile-time constant", which names no setting.
+            raise ValueError(
+                f"{type(self).__name__} cannot train with jit_compile={jit_compile!r}: its loss works on the batch's "
+                "target positions and packs them per user, shapes that depend on the data and that XLA must know "
+                "when it compiles. Compile without jit_compile; export_retrieval_model(..., jit_compile=True) "
+                "compiles the serving side")
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     # ---------------------------------------------------------------- item side
     def item_codes(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
