@@ -106,16 +106,16 @@ from tfx_xmatch.models import TwoTower
 
 rng = np.random.default_rng(0)
 history = rng.integers(1, 31, size=(8, 6)).astype(np.int32)  # no padding: equal positions per row
-batch = {"history": history, "next_items": np.roll(history, -1, axis=1)}
 
-def one_step(strategy):
+def one_step(strategy, rows=8):
+    batch = {"history": history[:rows], "next_items": np.roll(history[:rows], -1, axis=1)}
     with strategy.scope():
         tf.keras.utils.set_random_seed(0)
         model = TwoTower(num_items=30, embedding_dim=8, max_length=6, dropout=0.0)
         model.compile(optimizer=tf.keras.optimizers.SGD(1.0))
         model({"history": history})
         before = [w.numpy().copy() for w in model.trainable_variables]
-    data = tf.data.Dataset.from_tensor_slices(batch).batch(8)
+    data = tf.data.Dataset.from_tensor_slices(batch).batch(rows)
     trained = model.fit(data, epochs=1, verbose=0).history["total_loss"][-1]
     evaluated = model.evaluate(data, verbose=0, return_dict=True)["total_loss"]
     return [w.numpy() - b for w, b in zip(model.trainable_variables, before)], (trained, evaluated)
@@ -126,6 +126,11 @@ ratio = sum(np.abs(m).sum() for m in mirrored) / sum(np.abs(s).sum() for s in si
 error = max(np.abs(m - s).max() for m, s in zip(mirrored, single))
 # The reported losses: two replicas' halves average to the whole batch's loss (equal positions).
 loss_error = max(abs(m - s) / s for m, s in zip(mirrored_losses, single_losses))
+# A batch of 3 rows splits 2 + 1: each replica weighs its mean by its share of the rows.
+single, single_losses = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), rows=3)
+mirrored, mirrored_losses = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), rows=3)
+uneven_error = max(np.abs(m - s).max() for m, s in zip(mirrored, single))
+uneven_loss_error = max(abs(m - s) / s for m, s in zip(mirrored_losses, single_losses))
 
 # Quantizer state assigned in replica context (initialisation, restarts) must agree on every
 # replica even when each replica sees different vectors.
@@ -141,7 +146,7 @@ for _ in range(3):
     step(vectors)
 copies = [v.numpy() for v in quantizer.codebooks.values]
 spread = max(np.abs(c - copies[0]).max() for c in copies)
-print(ratio, error, spread, loss_error)
+print(ratio, error, spread, loss_error, uneven_error, uneven_loss_error)
 """
 
 
@@ -153,8 +158,12 @@ def test_the_differentiated_loss_is_divided_by_the_replicas_in_sync_and_codebook
     result = subprocess.run([sys.executable, "-c", SCALING_CHECK], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ratio, error, spread, loss_error = map(float, result.stdout.strip().splitlines()[-1].split())
+    ratio, error, spread, loss_error, uneven_error, uneven_loss_error = map(
+        float, result.stdout.strip().splitlines()[-1].split())
     assert abs(ratio - 1.0) < 1e-3 and error < 1e-5, (ratio, error)
+    # Replicas with 2 and 1 rows take the one-device step of the 3 rows (the halves' plain mean
+    # would count the lone row twice) and report its loss.
+    assert uneven_error < 1e-5 and uneven_loss_error < 1e-5, (uneven_error, uneven_loss_error)
     assert spread == 0.0, f"the replicas' RQ-VAE codebooks differ by {spread}"
     # Keras sums what the replicas report: unscaled, fit and evaluate showed twice the loss.
     assert loss_error < 1e-5, f"the reported loss on two replicas is off by {loss_error:.1%}"
@@ -252,20 +261,33 @@ from tests.test_training import tiny_config
 from tfx_xmatch import training
 
 trainable = sum(len(s) >= 2 for s in training.prepare_split(tiny_config()).train_sequences)
-# One example past a full batch: its last batch of one row leaves a replica with nothing.
-config = tiny_config(f"train.batch_size={trainable - 1}", "train.epochs=1", "train.strategy=mirrored")
-with tempfile.TemporaryDirectory() as run_dir:
-    training.train(config, run_dir)
-    epoch = json.load(open(run_dir + "/history.json"))["epochs"][0]
-print(training.make_strategy("mirrored").num_replicas_in_sync, epoch["loss"])
+
+class Steps(tf.keras.callbacks.Callback):
+    count = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        Steps.count += 1
+
+
+losses = []
+# A last batch of one row leaves a replica with nothing; one of three splits it 2 + 1.
+for short in (1, 3):
+    config = tiny_config(f"train.batch_size={trainable - short}", "train.epochs=1", "train.strategy=mirrored")
+    with tempfile.TemporaryDirectory() as run_dir:
+        training.train(config, run_dir, callbacks=[Steps()])
+        losses.append(json.load(open(run_dir + "/history.json"))["epochs"][0]["loss"])
+print(training.make_strategy("mirrored").num_replicas_in_sync, Steps.count, *losses)
 """
 
 
-def test_an_uneven_last_batch_leaves_no_replica_empty():
-    # The empty replica's mean over no positions once made the whole epoch's logged loss NaN.
+def test_xmatch_train_keeps_a_last_batch_that_leaves_a_replica_empty_or_splits_unevenly():
+    """The empty replica's mean over no positions once made the whole epoch's logged loss NaN,
+    and train then dropped the last batch under several replicas, which never trained on up to a
+    batch of examples per epoch."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", UNEVEN_LAST_BATCH], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    replicas, loss = result.stdout.strip().splitlines()[-1].split()
-    assert int(replicas) == 2 and np.isfinite(float(loss)), loss
+    replicas, steps, *losses = result.stdout.strip().splitlines()[-1].split()
+    assert int(replicas) == 2 and len(losses) == 2 and np.all(np.isfinite(np.array(losses, float))), losses
+    assert int(steps) == 4, f"{steps} steps: the short last batches were dropped"  # 2 epochs of 2 batches

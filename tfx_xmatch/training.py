@@ -463,7 +463,6 @@ def train(
         if cleaned:
             logger.info("%s: cleaned up after an interrupted write: %s", run_dir, ", ".join(cleaned))
     output_dir.mkdir(parents=True, exist_ok=True)
-    trainable = sum(len(sequence) >= 2 for sequence in split.train_sequences)
     train_data = sequence_training_dataset(
         split.train_sequences,
         max_length=config.model.max_length,
@@ -472,7 +471,6 @@ def train(
         seed=config.train.seed,
         user_rows=split.train_user_rows,
         user_features=split.dataset.user_features if config.data.side_info else None,
-        drop_remainder=drops_remainder(strategy, trainable, config.train.batch_size),
     )
     selection = fit_with_selection(model, config, train_data, lambda: evaluate(model, split, "validation", config),
                                    output_dir, run_dir / "backup", callbacks)
@@ -623,13 +621,6 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         _STRATEGIES[key] = (tf.distribute.MirroredStrategy() if name == "mirrored"
                             else tf.distribute.MultiWorkerMirroredStrategy())
     return _STRATEGIES[key]
-
-
-def drops_remainder(strategy: tf.distribute.Strategy, num_examples: int, batch_size: int) -> bool:
-    """Whether training batches drop the last incomplete one: with several replicas, so that no
-    replica gets an empty share (its loss, a mean over nothing, made the epoch's logged loss
-    NaN), as long as a full batch remains."""
-    return strategy.num_replicas_in_sync > 1 and num_examples >= batch_size
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -66,7 +66,6 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
 
     tf.keras.utils.set_random_seed(config.train.seed)
     target_counts, popularity = record_counts(train_files, item_vocab.num_items)
-    num_records = int(popularity.sum() - target_counts.sum())  # every item of a record but its first is a target
     validation, _ = read_eval_examples(eval_files)
     strategy = training.make_strategy(config.train.strategy)
     with strategy.scope():
@@ -78,9 +77,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     write_json_atomic(config_path, config.to_dict())
     remove_stale_temporaries(run_dir, training.RUN_OUTPUTS)  # what a killed earlier attempt left half-written
     train_data = read_training_tfrecords(train_files, max_length=config.model.max_length,
-                                         batch_size=config.train.batch_size, seed=config.train.seed,
-                                         drop_remainder=training.drops_remainder(
-                                             strategy, num_records, config.train.batch_size))
+                                         batch_size=config.train.batch_size, seed=config.train.seed)
     steps_per_epoch = None
     if train_steps:
         # TFX's train_steps counts batches in all: fewer than train.epochs means fewer epochs
