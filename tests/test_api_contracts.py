@@ -328,6 +328,11 @@ def test_jit_compile_trains_or_is_refused_by_name(model_class):
     if model_class is SPARC:
         with pytest.raises(ValueError, match="SPARC cannot train with jit_compile=True"):
             model.compile(optimizer=tf.keras.optimizers.Adam(1e-2), jit_compile=True)
+        model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+        with pytest.raises(ValueError, match="SPARC cannot train with jit_compile=True"):
+            model.jit_compile = True  # Keras' own switch, after compile
+        model.jit_compile = False
+        assert not model.jit_compile
         return
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-2), jit_compile=True)
     assert model.jit_compile

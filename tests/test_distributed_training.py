@@ -290,4 +290,5 @@ def test_xmatch_train_keeps_a_last_batch_that_leaves_a_replica_empty_or_splits_u
     assert result.returncode == 0, result.stderr[-3000:]
     replicas, steps, *losses = result.stdout.strip().splitlines()[-1].split()
     assert int(replicas) == 2 and len(losses) == 2 and np.all(np.isfinite(np.array(losses, float))), losses
-    assert int(steps) == 4, f"{steps} steps: the short last batches were dropped"  # 2 epochs of 2 batches
+    # Two runs of one epoch of 2 batches each (2 steps if the short last batches were dropped).
+    assert int(steps) == 4, f"{steps} steps: the short last batches were dropped"

@@ -344,7 +344,7 @@ def test_masked_vectors_count_for_nothing(layout, initialised):
     tf.keras.utils.set_random_seed(11)
     both = tf.constant(np.concatenate([real, junk]))
     mask = tf.constant([True] * shape[0] + [False] * shape[0])  # a prefix of the leading axes
-    quantized, codes = masked(both, training=True, mask=mask)
+    quantized, codes = masked(both, training=True, vector_mask=mask)
     for name, value in _state(alone).items():
         np.testing.assert_allclose(_state(masked)[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
     assert [float(metric.result()) for metric in masked.metrics] == pytest.approx(
@@ -358,16 +358,61 @@ def test_masked_vectors_count_for_nothing(layout, initialised):
 def test_an_all_false_mask_is_a_batch_of_no_vectors_and_a_bad_mask_is_refused():
     layer = _layer(np.eye(3, 4, dtype=np.float32)[np.newaxis], num_codewords=3)
     state = _state(layer)
-    step = tf.function(lambda vectors, mask: layer(vectors, training=True, mask=mask))
+    step = tf.function(lambda vectors, mask: layer(vectors, training=True, vector_mask=mask))
     step(tf.ones([5, 4]), tf.constant(False))  # a scalar mask covers every vector
     for name, value in state.items():
         np.testing.assert_array_equal(_state(layer)[name], value, err_msg=name)
     assert [float(metric.result()) for metric in layer.metrics] == [0.0, 0.0]
-    layer(tf.ones([5, 4]), training=False, track_metrics=True, mask=tf.zeros([5], tf.bool))
+    layer(tf.ones([5, 4]), training=False, track_metrics=True, vector_mask=tf.zeros([5], tf.bool))
     assert float(layer.perplexity_tracker.count) == 0.0
-    with pytest.raises(ValueError, match="mask must be bool"):
-        layer(tf.ones([5, 4]), mask=tf.ones([5]))
-    with pytest.raises(ValueError, match=r"does not match the inputs' leading axes \[5\] \(axis 0: 4 against 5\)"):
-        layer(tf.ones([5, 4]), mask=tf.ones([4], tf.bool))
-    with pytest.raises(ValueError, match="mask must cover the inputs' 1 leading axes"):
-        layer(tf.ones([5, 4]), mask=tf.ones([5, 4], tf.bool))
+    with pytest.raises(ValueError, match="vector_mask must be bool"):
+        layer(tf.ones([5, 4]), vector_mask=tf.ones([5]))
+    with pytest.raises(ValueError, match=r"vector_mask of shape \(4,\) does not match the inputs' leading axes \(5,\) "
+                                         r"\(axis 0: 4 against 5\)"):
+        layer(tf.ones([5, 4]), vector_mask=tf.ones([4], tf.bool))
+    with pytest.raises(ValueError, match="vector_mask must cover the inputs' 1 leading axes"):
+        layer(tf.ones([5, 4]), vector_mask=tf.ones([5, 4], tf.bool))
+    # With the batch size unknown when traced, a wrong size is caught when the step runs, and a
+    # mask axis of size 1 is not broadcast over the batch.
+    traced = tf.function(lambda vectors, mask: layer(vectors, training=True, vector_mask=mask),
+                         input_signature=[tf.TensorSpec([None, 4]), tf.TensorSpec([None], tf.bool)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="vector_mask does not match the leading axes of the inputs"):
+        traced(tf.ones([5, 4]), tf.constant([False]))
+
+
+def test_a_keras_mask_is_not_taken_for_the_vector_mask():
+    """Keras fills an argument named ``mask`` from an upstream Embedding(mask_zero=True): the
+    grouped layout then refused its [B, M] mask, and other layouts trained on fewer vectors
+    without being asked."""
+    ids = tf.constant([[1, 2], [3, 0]])
+    embedded = tf.keras.layers.Embedding(10, 4, mask_zero=True)(ids)  # [B, M=2, d], carries _keras_mask
+    assert getattr(embedded, "_keras_mask", None) is not None
+    rng = np.random.default_rng(0)
+    layers = [_layer(rng.normal(size=(2, 3, 4)), num_codewords=3, num_codebooks=2) for _ in range(2)]
+    layers[1].set_weights(layers[0].get_weights())
+    _, codes = layers[0](embedded, training=True)
+    _, plain = layers[1](tf.identity(embedded.numpy()), training=True)
+    np.testing.assert_array_equal(codes.numpy(), plain.numpy())
+    assert [float(loss) for loss in layers[0].losses] == [float(loss) for loss in layers[1].losses]
+
+
+def test_vectors_that_do_not_count_may_hold_nan_or_inf():
+    """Weighed by 0 rather than left out, a NaN or inf that does not count made the commitment
+    loss NaN, and a NaN's code N failed the gather of its codeword."""
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(4, 4)).astype(np.float32)
+    junk = np.array([[np.nan] * 4, [np.inf] * 4], np.float32)
+    codebooks = rng.normal(size=(1, 3, 4))
+    alone, masked = _layer(codebooks, num_codewords=3), _layer(codebooks, num_codewords=3)
+    tf.keras.utils.set_random_seed(2)
+    alone(tf.constant(real), training=True)
+    tf.keras.utils.set_random_seed(2)
+    variables = tf.Variable(np.concatenate([real, junk]))
+    with tf.GradientTape() as tape:
+        quantized, codes = masked(variables, training=True, vector_mask=tf.constant([True] * 4 + [False] * 2))
+        loss = tf.add_n(masked.losses)
+    assert float(loss) == pytest.approx(float(tf.add_n(alone.losses)))
+    assert np.all(np.isfinite(tape.gradient(loss, variables).numpy()))
+    assert np.all((codes.numpy() >= 0) & (codes.numpy() < 3))
+    np.testing.assert_allclose(masked.codebooks.numpy(), alone.codebooks.numpy(), rtol=1e-6)
+    masked(variables, vector_mask=tf.constant([True] * 4 + [False] * 2))  # inference gathers too

@@ -8,7 +8,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from tfx_xmatch import arguments
-from tfx_xmatch.layers.row_mask import flat_row_mask, masked_mean
+from tfx_xmatch.layers.row_mask import flat_row_mask, mean_or_zero, select_rows
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -55,11 +55,13 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         SPARC's ``compute_loss`` asks for under ``evaluate``. Dead codes are a training-state
         metric (a training step restarts them, so the stored usage never shows one): evaluate
         leaves it at 0. Serving leaves all of them alone.
-      mask: bool tensor or None (default None: every vector counts). Which vectors count, over
-        the inputs' leading axes (all but the last) or a prefix of them (a scalar, or [B] for
-        [B, T, d] inputs). Vectors that do not count (padded positions, a placeholder row) are
-        still quantized, but leave the initialisation, the usage, the restarts, the metrics and
-        the loss as if they were not in the batch.
+      vector_mask: bool tensor or None (default None: every vector counts). Which vectors
+        count, over the inputs' leading axes (all but the last) or a prefix of them (a scalar,
+        or [B] for [B, T, d] inputs). Vectors that do not count (padded positions, a placeholder
+        row) are still quantized, but leave the initialisation, the usage, the restarts, the
+        metrics and the loss as if they were not in the batch (they still pass through the
+        encoder: a NaN among them makes its weight gradients NaN, as in any layer). Not Keras'
+        ``mask``, which Keras would fill on its own.
 
     Returns:
       A dict: ``codes`` int32 [..., L]; ``codewords`` float [..., L, latent] (the selected
@@ -145,6 +147,7 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         self.usage = self.add_weight(
             name="usage", shape=(self.num_levels, self.num_codewords),
             initializer=tf.keras.initializers.Constant(1.0), trainable=False, aggregation=first_replica,
+            autocast=False,  # moving counts: float32 under a mixed policy too
         )
         self.initialized = self.add_weight(name="initialized", shape=(), dtype=tf.bool, initializer="zeros",
                                            trainable=False, aggregation=first_replica)
@@ -176,15 +179,15 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         return tf.stack(codes, axis=-1), tf.stack(selected, axis=-2), residuals
 
     def call(self, inputs: tf.Tensor, training: bool = False, track_metrics: bool | None = None,
-             mask: tf.Tensor | None = None) -> dict:
+             vector_mask: tf.Tensor | None = None) -> dict:
         inputs = tf.convert_to_tensor(inputs)
         leading = tf.shape(inputs)[:-1]
-        if mask is not None and inputs.shape.rank is None:
-            raise ValueError(f"{self.name}: a mask needs inputs of known rank, got shape {inputs.shape}")
-        valid = flat_row_mask(mask, leading, None if mask is None else inputs.shape.rank - 1, self.name)
+        if vector_mask is not None and inputs.shape.rank is None:
+            raise ValueError(f"{self.name}: a vector_mask needs inputs of known rank, got shape {inputs.shape}")
+        valid = flat_row_mask(vector_mask, leading, inputs.shape[:-1], self.name)
 
         def counting(rows):
-            return rows if valid is None else tf.boolean_mask(rows, valid)
+            return select_rows(rows, valid)
 
         flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
         encoded = self.encoder(flat)
@@ -195,8 +198,8 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         # Value: the codeword sum. Gradient: to the codewords and, straight through, to the encoder.
         quantized = summed + encoded - tf.stop_gradient(encoded)
         reconstruction = self.decoder(quantized)
-        weights = None if valid is None else tf.cast(valid, flat.dtype)
-        loss, error = self._loss(flat, codewords, residuals, reconstruction, weights)
+        loss, error = self._loss(counting(flat), counting(codewords), [counting(r) for r in residuals],
+                                 counting(reconstruction))
         counted_codes = counting(codes)
         counted = tf.cast(tf.shape(counted_codes)[0] > 0, tf.float32)
         if training:
@@ -246,17 +249,13 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         alone from no rows, which the callers discard)."""
         rows = tf.concat([rows, tf.zeros([1, tf.shape(rows)[1]], rows.dtype)], 0)
         picks = tf.random.uniform([self.num_codewords], 0, tf.maximum(tf.shape(rows)[0] - 1, 1), dtype=tf.int32)
-        jitter = tf.random.normal([self.num_codewords, tf.shape(rows)[1]], stddev=1e-3)
+        jitter = tf.random.normal([self.num_codewords, tf.shape(rows)[1]], stddev=1e-3, dtype=rows.dtype)
         return tf.gather(rows, picks) + jitter
 
-    def _loss(self, inputs, codewords, residuals, reconstruction, weights) -> tuple[tf.Tensor, tf.Tensor]:
-        """(RQ-VAE loss, reconstruction error), means over the vectors that count (0 over none)."""
+    def _loss(self, inputs, codewords, residuals, reconstruction) -> tuple[tf.Tensor, tf.Tensor]:
+        """(RQ-VAE loss, reconstruction error), means over the given vectors (0 over none)."""
         stacked = tf.stack(residuals, axis=1)  # [n, L, latent]
-
-        def mean(values):  # [n] or [n, L]: the mean over every entry, vectors weighed
-            if values.shape.rank > 1:
-                values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-            return masked_mean(values, weights)
+        mean = mean_or_zero
 
         codebook_loss = mean(tf.reduce_sum(tf.square(tf.stop_gradient(stacked) - codewords), -1))
         commitment = mean(tf.reduce_sum(tf.square(stacked - tf.stop_gradient(codewords)), -1))

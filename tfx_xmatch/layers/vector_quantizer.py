@@ -6,7 +6,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tfx_xmatch.layers.row_mask import flat_row_mask, masked_mean
+from tfx_xmatch.layers.row_mask import flat_row_mask, mean_or_zero, select_rows
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -53,12 +53,12 @@ class VectorQuantizer(tf.keras.layers.Layer):
         rather than left at 0. Dead codes are a training-state metric (a training step restarts
         them, so the stored state never shows one): evaluate leaves it at 0. Serving leaves
         both alone.
-      mask: bool tensor or None (default None: every vector counts). Which vectors count, over
-        the inputs' leading axes (all but the last, and all but the M axis in the grouped
-        layout) or a prefix of them (a scalar, or [B] for [B, K, d] inputs). Vectors that do
-        not count (padded positions, a placeholder row) are still quantized, but leave the
-        codebooks, the EMA statistics, the metrics and the commitment loss as if they were not
-        in the batch.
+      vector_mask: bool tensor or None (default None: every vector counts). Which vectors
+        count, over the inputs' leading axes (all but the last, and all but the M axis in the
+        grouped layout) or a prefix of them (a scalar, or [B] for [B, K, d] inputs). Vectors
+        that do not count (padded positions, a placeholder row) are still quantized, but leave
+        the codebooks, the EMA statistics, the metrics and the commitment loss as if they were
+        not in the batch. Not Keras' ``mask``, which Keras would fill on its own.
 
     Returns:
       ``(quantized, codes)``: ``quantized`` has the shape of ``inputs``, the value of the nearest
@@ -173,6 +173,12 @@ class VectorQuantizer(tf.keras.layers.Layer):
         indices = tf.range(self.num_codewords, dtype=tf.int32)
         return tf.reduce_min(tf.where(nearest, indices, self.num_codewords), -1)
 
+    def _assign_counting(self, vectors: tf.Tensor, codebooks: tf.Tensor, valid: Optional[tf.Tensor]) -> tf.Tensor:
+        """``_assign``, where a vector that does not count may hold anything: a NaN finds no
+        nearest codeword (code N), which must not fail the gather of its codeword."""
+        codes = self._assign(vectors, codebooks)
+        return codes if valid is None else tf.where(valid, codes, tf.minimum(codes, self.num_codewords - 1))
+
     def _sample(self, vectors: tf.Tensor, distinct: bool) -> tf.Tensor:
         """N batch vectors per codebook, [M, V, w] -> [M, N, w] (zeros when V = 0, which the
         caller discards)."""
@@ -225,7 +231,7 @@ class VectorQuantizer(tf.keras.layers.Layer):
         before = current()
         self.initialized.assign(tf.logical_or(initialized, has_vectors))
 
-        all_codes = self._assign(everything, codebooks)
+        all_codes = self._assign_counting(everything, codebooks, valid)
         nearest = tf.gather(codebooks, all_codes, batch_dims=1)
         codes = all_codes if valid is None else tf.boolean_mask(all_codes, valid, axis=1)
         one_hot = tf.one_hot(codes, N, dtype=vectors.dtype)  # [M, V, N]
@@ -259,7 +265,8 @@ class VectorQuantizer(tf.keras.layers.Layer):
         return all_codes, nearest
 
     def call(self, inputs: tf.Tensor, training: Optional[bool] = False,
-             track_metrics: Optional[bool] = None, mask: Optional[tf.Tensor] = None) -> tuple[tf.Tensor, tf.Tensor]:
+             track_metrics: Optional[bool] = None,
+             vector_mask: Optional[tf.Tensor] = None) -> tuple[tf.Tensor, tf.Tensor]:
         width = self._check_shape(inputs.shape)
         if width is not None and width != self.width:
             raise ValueError(
@@ -267,17 +274,17 @@ class VectorQuantizer(tf.keras.layers.Layer):
             )
         M = self.num_codebooks
         shape = tf.shape(inputs)
-        if mask is not None and inputs.shape.rank is None:
-            raise ValueError(f"{self.name}: a mask needs inputs of known rank, got shape {inputs.shape}")
+        if vector_mask is not None and inputs.shape.rank is None:
+            raise ValueError(f"{self.name}: a vector_mask needs inputs of known rank, got shape {inputs.shape}")
         leading_rank = None if inputs.shape.rank is None else inputs.shape.rank - (2 if self._grouped else 1)
-        valid = flat_row_mask(mask, shape[:leading_rank], leading_rank, self.name)
+        valid = flat_row_mask(vector_mask, shape[:leading_rank], inputs.shape[:leading_rank], self.name)
         # Every layout flattens to [V, M, w]; codebook-major [M, V, w] makes the search a batched matmul.
         vectors = tf.transpose(tf.reshape(tf.stop_gradient(inputs), [-1, M, self.width]), [1, 0, 2])
         vectors = tf.cast(vectors, self.codebooks.dtype)
         if training:
             codes, nearest = self._train_step(vectors, valid)
         else:
-            codes = self._assign(vectors, self.codebooks)
+            codes = self._assign_counting(vectors, self.codebooks, valid)
             nearest = tf.gather(self.codebooks, codes, batch_dims=1)
             if track_metrics:
                 counted_codes = codes if valid is None else tf.boolean_mask(codes, valid, axis=1)
@@ -289,9 +296,10 @@ class VectorQuantizer(tf.keras.layers.Layer):
         codes = tf.reshape(tf.transpose(codes), codes_shape)
         if training:
             # Codebooks follow the EMA; this term only pulls the inputs towards their codewords.
-            squared = tf.reshape(tf.square(inputs - tf.stop_gradient(nearest)), [-1, M * self.width])
-            weights = None if valid is None else tf.cast(valid, squared.dtype)
-            commitment = masked_mean(tf.reduce_mean(squared, -1), weights)
+            rows = [M * self.width]
+            counted_inputs = select_rows(tf.reshape(inputs, [-1] + rows), valid)
+            counted_nearest = select_rows(tf.reshape(nearest, [-1] + rows), valid)
+            commitment = mean_or_zero(tf.square(counted_inputs - tf.stop_gradient(counted_nearest)))
             self.add_loss(self.commitment_weight * commitment)
         # Straight-through estimator: forward value of the codewords, gradient of the identity.
         return inputs + tf.stop_gradient(nearest - inputs), codes

@@ -135,7 +135,7 @@ class RetrievalModel(tfrs.models.Model):
 
     def step_has_rows(self) -> Optional[tf.Tensor]:
         """Within ``fit`` / ``evaluate``: a scalar bool, False when this replica scores only the
-        placeholder row of an empty batch. The models hand it to their quantizers as ``mask``, so
+        placeholder row of an empty batch. The models hand it to their quantizers as ``vector_mask``, so
         the placeholder moves no codebook and no usage metric. None outside a step."""
         weight = getattr(self, "_log_weight", None)
         return None if weight is None else weight > 0

@@ -245,15 +245,27 @@ class SPARC(RetrievalModel):
             "reconstruction_contrastive_loss", "interest_loss", "interest_accuracy", "mixture_loss") + (("backbone_loss",) if self.backbone_loss_weight > 0 else ())}
 
     def compile(self, *args, jit_compile: Optional[bool] = None, **kwargs) -> None:
-        if jit_compile:
+        self._refuse_jit_compile(jit_compile)
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+
+    @property
+    def jit_compile(self) -> Optional[bool]:
+        return self._jit_compile
+
+    @jit_compile.setter
+    def jit_compile(self, value: Optional[bool]) -> None:
+        self._refuse_jit_compile(value)
+        tf.keras.Model.jit_compile.fset(self, value)
+
+    def _refuse_jit_compile(self, value: Optional[bool]) -> None:
+        if value:
             # Refused here rather than at the first step, where XLA fails with "Input 0 to node
             # random_uniform_2 ... must be a compile-time constant", which names no setting.
             raise ValueError(
-                f"{type(self).__name__} cannot train with jit_compile={jit_compile!r}: its loss works on the batch's "
+                f"{type(self).__name__} cannot train with jit_compile={value!r}: its loss works on the batch's "
                 "target positions and packs them per user, shapes that depend on the data and that XLA must know "
                 "when it compiles. Compile without jit_compile; export_retrieval_model(..., jit_compile=True) "
                 "compiles the serving side")
-        super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     # ---------------------------------------------------------------- item side
     def item_codes(self, item_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
@@ -342,7 +354,7 @@ class SPARC(RetrievalModel):
             # The interest branch reads what the backbone loss learns without moving it.
             states, target_z = tf.stop_gradient(states), tf.stop_gradient(target_z)
             items = frozen_tower(self.item_tower)
-        quantized = self.rqvae(target_z, training=training, track_metrics=True, mask=self.step_has_rows())
+        quantized = self.rqvae(target_z, training=training, track_metrics=True, vector_mask=self.step_has_rows())
         codes = quantized["codes"][:, 0]
         codeword = quantized["codewords"][:, 0, :]
         use_codeword = draws.uniform(tf.shape(codes)) < self.codeword_query_rate

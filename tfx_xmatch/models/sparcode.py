@@ -364,7 +364,7 @@ class SparCode(RetrievalModel):
         quantizer's usage metrics also when ``track_metrics``, as under ``evaluate``)."""
         quantizer_input = tokens if self.num_codebooks > 1 else tf.reshape(tokens, [-1, self.embedding_dim])
         _, codes = self.quantizer(quantizer_input, training=training, track_metrics=track_metrics,
-                                  mask=self.step_has_rows())
+                                  vector_mask=self.step_has_rows())
         codes = tf.reshape(codes, [-1, self.num_query_tokens])
         if self.num_codebooks > 1:
             codes = self.quantizer.global_codes(codes)

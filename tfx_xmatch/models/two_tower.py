@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfx_xmatch.layers.row_mask import masked_mean
+from tfx_xmatch.layers.row_mask import mean_or_zero
 from tfx_xmatch.models.base import RetrievalModel, light_global_policy
 from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
 
@@ -180,7 +180,7 @@ class TwoTower(RetrievalModel):
                 compute_batch_metrics=False,
             )
         # As Keras' "sum_over_batch_size": the mean, and 0 for a batch without targets.
-        return masked_mean(losses)
+        return mean_or_zero(losses)
 
     # ---------------------------------------------------------------- config
     def get_config(self) -> dict:
