@@ -5,6 +5,7 @@ import logging
 import os
 import pathlib
 import pickle
+import re
 import sys
 import types
 
@@ -554,7 +555,7 @@ def test_a_short_row_is_not_kept_by_min_rating(tmp_path):
     path = write(tmp_path / "events.csv", "user,item,stars\n1,10,5\n1,11\n")
     with pytest.raises(DataFormatError, match="no value for column 'stars'"):
         load_table(path, rating_column="stars", min_rating=4)
-    with pytest.raises(ValueError, match="min_rating must be a number, got 'four'"):
+    with pytest.raises(ValueError, match="min_rating must be a finite number, got 'four'"):
         load_table(path, rating_column="stars", min_rating="four")
 
 
@@ -587,3 +588,68 @@ def test_ids_past_int64_stay_strings(tmp_path):
     assert dataset.item_vocab.id_type == "str"
     assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["18446744073709551615", "9223372036854775807"]
     assert load_pairs(write(tmp_path / "max.txt", "1 9223372036854775807\n")).item_vocab.id_type == "int"
+
+
+def test_a_quote_left_open_in_a_column_not_read_still_fails_the_row(tmp_path):
+    # It read the rows after it as the title, and load_table returned what was left, no word said.
+    path = write(tmp_path / "events.csv", 'user,item,title\n1,1,"Foo\n1,2,Bar\n2,3,Baz\n3,4,"Qux"\n3,5,ok\n')
+    with pytest.raises(DataFormatError, match=r"column 'title' runs over several lines \(an unclosed quote\?\): "
+                                              r"lines 2 to 5 read as one row") as info:
+        load_table(path)
+    assert info.value.line_number == 2
+    dataset = load_table(path, skip_bad_lines=True)
+    assert dataset.skipped_lines == 1 and dataset.user_ids.tolist() == [3]
+
+
+@pytest.mark.parametrize("timestamp, problem", [
+    ("+100", "is not an integer"), ("5_0", "is not an integer"), ("\u0661\u0660\u0660", "is not an integer"),
+    ("99999999999999999999", "is out of the int64 range"),
+])
+def test_timestamps_are_plain_integers_in_the_int64_range(tmp_path, timestamp, problem):
+    # int() reads "+100", "5_0" and Arabic-Indic digits; past int64 a raw OverflowError came
+    # later, naming no file or line.
+    path = write(tmp_path / "ratings.dat", f"1::1::5::10\n1::2::4::{timestamp}\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"timestamp {timestamp!r} {problem}")) as info:
+        load_rating_log(path)
+    assert info.value.line_number == 2
+    assert load_rating_log(write(tmp_path / "negative.dat", "1::1::5::-50\n1::2::4::10\n")).timestamps[0].tolist() == [
+        -50, 10]
+
+
+def test_a_rating_that_is_not_finite_is_malformed_and_min_rating_must_be_finite(tmp_path):
+    # nan < min_rating is False: a NaN rating passed every threshold.
+    path = write(tmp_path / "ratings.dat", "1::1::5::10\n1::2::nan::20\n2::3::inf::30\n")
+    with pytest.raises(DataFormatError, match="rating 'nan' is not a finite number"):
+        load_rating_log(path, min_rating=4)
+    dataset = load_rating_log(path, min_rating=4, skip_bad_lines=True)
+    assert dataset.skipped_lines == 2
+    with pytest.raises(ValueError, match="min_rating must be a finite number, got nan"):
+        load_rating_log(path, min_rating=float("nan"))
+
+
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path):
+    # The row kept the last one: items 7 and 8 instead of 1 and 2.
+    path = write(tmp_path / "events.csv", "user,item,item\n1,1,7\n1,2,8\n")
+    with pytest.raises(DataFormatError, match=r"column\(s\) \['item'\] appear more than once in the header"):
+        load_table(path)
+    assert load_table(write(tmp_path / "extra.csv", "user,item,note,note\n1,1,a,b\n1,2,c,d\n")).num_items == 2
+
+
+def test_parquet_ids_are_integers_strings_or_utf8_bytes(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    def table(name, users, items):
+        path = tmp_path / f"{name}.parquet"
+        parquet.write_table(pa.table({"user": users, "item": items}), path)
+        return path
+
+    # Bytes ids became their Python repr ("b'item28'"), which no client sends.
+    dataset = load_table(table("bytes", pa.array([b"u1", b"u1"], pa.binary()), pa.array([b"item28", b"item29"],
+                                                                                       pa.binary())))
+    assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["item28", "item29"]
+    with pytest.raises(DataFormatError, match=r":2: item id b'\\xff' is not valid UTF-8"):
+        load_table(table("undecodable", pa.array([b"u1", b"u1"], pa.binary()), pa.array([b"a", b"\xff"], pa.binary())))
+    # Floats ("1.0", and "nan" as an item of its own) are what a column of integers with nulls becomes.
+    with pytest.raises(DataFormatError, match=r":1: item id 1.0 is a float; ids must be integers or strings"):
+        load_table(table("floats", [1, 1], [1.0, float("nan")]))

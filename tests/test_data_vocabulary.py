@@ -113,3 +113,25 @@ def test_load_rejects_other_json(tmp_path):
     path.write_text(json.dumps(wrong_type))
     with pytest.raises(ValueError, match="'a' is not of declared id_type 'int'"):
         Vocabulary.load(path)
+
+
+def test_load_names_the_file_for_every_bad_vocabulary(tmp_path):
+    """Duplicate ids, ids past int64 and bytes that are not UTF-8 failed without the file's name
+    (a raw OverflowError, a raw UnicodeDecodeError), and a wrong num_items was accepted."""
+    path = tmp_path / "item_vocab.json"
+    base = {"format": "tfx_xmatch.Vocabulary", "version": 1, "id_type": "int"}
+    cases = [
+        ({**base, "ids": [1, 2, 2]}, r"item_vocab.json: duplicate item id 2"),
+        ({**base, "ids": [1, 2**64]}, r"item_vocab.json: id 18446744073709551616 is out of the int64 range"),
+        ({**base, "num_items": 5, "ids": [1, 2, 3]}, r"item_vocab.json: num_items is 5 but it lists 3 ids"),
+    ]
+    for value, message in cases:
+        path.write_text(json.dumps(value))
+        with pytest.raises(ValueError, match=message):
+            Vocabulary.load(path)
+    path.write_bytes(b'{"ids": ["\xff"]}')
+    with pytest.raises(ValueError, match=r"item_vocab.json: not valid UTF-8"):
+        Vocabulary.load(path)
+    good = Vocabulary(["a", "b"])
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good.to_json()).encode())  # a byte-order mark
+    assert Vocabulary.load(path) == good

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import re
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -54,8 +55,9 @@ class DataFormatError(ValueError):
 
 
 def _check_min_rating(min_rating: Any) -> None:
-    if min_rating is not None and (isinstance(min_rating, bool) or not isinstance(min_rating, (int, float))):
-        raise ValueError(f"min_rating must be a number, got {min_rating!r}")
+    if min_rating is not None and (isinstance(min_rating, bool) or not isinstance(min_rating, (int, float))
+                                   or not math.isfinite(min_rating)):
+        raise ValueError(f"min_rating must be a finite number, got {min_rating!r}")
 
 
 def _shorten(line: str, limit: int = 80) -> str:
@@ -290,17 +292,44 @@ class LineParser:
         return _event(user, item, timestamp, rating, self.min_rating, line)
 
 
+_INT64_RANGE = (-(2**63), 2**63 - 1)
+_TIMESTAMP = re.compile(r"-?[0-9]+")
+
+
+def _id_text(value: Any, role: str) -> tuple[str, Optional[str]]:
+    """(the id as text, a problem or None). Text files give strings; Parquet columns give
+    Python values, of which only integers, strings and UTF-8 bytes are ids."""
+    if value is None:
+        return "", None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip(), None
+        except UnicodeDecodeError:
+            return "", f"{role} id {bytes(value)!r} is not valid UTF-8"
+    if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
+        # A float column is most often integers with nulls (pandas stores those as floats):
+        # "1.0" and "nan" would become ids of their own.
+        return "", (f"{role} id {value!r} is a {type(value).__name__}; ids must be integers or strings "
+                    "(an integer column with nulls is stored as floats: drop the nulls or cast it)")
+    return str(value).strip(), None
+
+
 def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Optional[float], record: str) -> ParsedLine:
     """One event from its fields (timestamp/rating None when the input has no such column)."""
-    user, item = ("" if value is None else str(value).strip() for value in (user, item))
+    (user, user_problem), (item, item_problem) = _id_text(user, "user"), _id_text(item, "item")
+    if user_problem or item_problem:
+        return ParsedLine(problem=user_problem or item_problem)
     if not user or not item:
         return ParsedLine(problem=f"empty user or item field in {_shorten(record.strip())!r}")
     time_value = 0
     if timestamp is not None:
-        try:
-            time_value = int(str(timestamp).strip())
-        except ValueError:
+        text = str(timestamp).strip()
+        # Only plain ASCII digits: int() also reads "+100", "5_0" and other scripts' digits.
+        if isinstance(timestamp, bool) or not _TIMESTAMP.fullmatch(text):
             return ParsedLine(problem=f"timestamp {timestamp!r} is not an integer")
+        time_value = int(text)
+        if not _INT64_RANGE[0] <= time_value <= _INT64_RANGE[1]:
+            return ParsedLine(problem=f"timestamp {timestamp!r} is out of the int64 range")
     if rating is not None:
         try:
             # Ratings are read as numbers, not only integers: MovieLens-20M/latest logs have
@@ -308,6 +337,9 @@ def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Option
             rating_value = float(str(rating).strip())
         except ValueError:
             return ParsedLine(problem=f"rating {rating!r} is not a number")
+        if not math.isfinite(rating_value):
+            # "nan" < min_rating is False: a NaN would pass any threshold.
+            return ParsedLine(problem=f"rating {rating!r} is not a finite number")
         if min_rating is not None and rating_value < min_rating:
             return ParsedLine(filtered=True)
     return ParsedLine([(user, item, time_value)])
@@ -344,10 +376,14 @@ class RowParser:
         self.has_timestamps = timestamp_column is not None
 
     def check_header(self, path: str, header: Sequence[str]) -> None:
-        """Raises DataFormatError if a configured column is missing from ``header``."""
+        """Raises DataFormatError if a configured column is missing from ``header``, or named twice."""
         missing = [name for name in self.columns.values() if name and name not in header]
         if missing:
             raise DataFormatError(path, 1, f"missing column(s) {missing}; the header has {list(header)}")
+        # A row would keep only the last of them.
+        repeated = sorted({name for name in self.columns.values() if name and list(header).count(name) > 1})
+        if repeated:
+            raise DataFormatError(path, 1, f"column(s) {repeated} appear more than once in the header {list(header)}")
 
     def parse(self, row: dict) -> ParsedLine:
         """Parses one row; a CSV row with more fields than the header holds them under None."""
@@ -421,6 +457,14 @@ def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] 
             start, previous = previous + 1, reader.line_num
             if start in undecodable:
                 yield start, None, undecodable[start]
+            elif reader.line_num > start:
+                # A quote left open in any column, used or not (a title), reads the lines after
+                # it as that field: rows lost without a word. Interaction files keep each row on
+                # one line.
+                column = next((name for name, value in zip(header, fields) if "\n" in value or "\r" in value),
+                              f"#{len(fields)}")
+                yield start, None, (f"column {column!r} runs over several lines (an unclosed quote?): lines "
+                                    f"{start} to {reader.line_num} read as one row")
             elif fields:
                 row = dict(zip(header, fields))
                 if len(fields) > len(header):

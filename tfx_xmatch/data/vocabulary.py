@@ -280,7 +280,14 @@ class Vocabulary:
         for raw_id in ids:
             if type(raw_id) is not expected:
                 raise ValueError(f"{source}: id {raw_id!r} is not of declared id_type {id_type!r}")
-        vocabulary = cls(ids)
+            if expected is int and not -(2**63) <= raw_id < 2**63:
+                raise ValueError(f"{source}: id {raw_id!r} is out of the int64 range")
+        if "num_items" in value and value["num_items"] != len(ids):
+            raise ValueError(f"{source}: num_items is {value['num_items']!r} but it lists {len(ids):,} ids")
+        try:
+            vocabulary = cls(ids)
+        except ValueError as error:  # duplicate ids: named with the file they came from
+            raise ValueError(f"{source}: {error}") from error
         vocabulary._id_type = id_type  # an empty list would otherwise default to "int"
         return vocabulary
 
@@ -314,10 +321,12 @@ class Vocabulary:
                 raise FileNotFoundError(f"item vocabulary {path!r} not found")
             text = tf.io.gfile.GFile(path).read()
         else:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, "rb") as handle:
                 text = handle.read()
         try:
-            value = json.loads(text)
+            value = json.loads(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not valid UTF-8 ({error})") from error
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from error
         return cls.from_json(value, source=path)
