@@ -111,6 +111,11 @@ def test_a_stray_non_integer_id_among_integers_is_warned_about(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="tfx_xmatch.data.loaders"):
         load_pairs(write(tmp_path / "names.txt", "u1 apple\nu1 pear\nu2 7\n"))
     assert caplog.text == ""  # string ids by design: nothing to warn about
+    # A header line loaded as data: the warning names it for what it most likely is.
+    with caplog.at_level(logging.WARNING, logger="tfx_xmatch.data.loaders"):
+        load_pairs(write(tmp_path / "header.txt", "user item\n1 1\n1 2\n2 3\n3 4\n"))
+    assert "the first 'item' (the first line of the file, a header? drop it)" in caplog.text
+    assert "the first 'user' (the first line of the file, a header? drop it)" in caplog.text
 
 
 @pytest.mark.parametrize("text", ["", "\n  \n"])

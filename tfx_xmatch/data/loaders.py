@@ -173,9 +173,11 @@ def _typed_unique(tokens: Sequence[str], what: str = "ids") -> tuple[list[str], 
     if unique and not odd:
         return unique, [int(token) for token in unique], True
     if unique and len(odd) * 2 < len(unique):
+        # The file's very first id being the odd one is what a header line ("user item") gives.
+        hint = ("the first line of the file, a header? drop it" if odd[0] == unique[0]
+                else "a typo? integer ids keep their numeric order")
         logger.warning("%s are read as strings, indexed in order of first appearance: %d of %d are not canonical "
-                       "integers, the first %r (a typo? integer ids keep their numeric order)",
-                       what, len(odd), len(unique), odd[0])
+                       "integers, the first %r (%s)", what, len(odd), len(unique), odd[0], hint)
     return unique, list(unique), False
 
 
