@@ -272,3 +272,17 @@ def test_help_is_not_interleaved_with_tensorflow_start_up_notes():
     assert result.returncode == 0 and "usage: xmatch query" in result.stdout
     # "oneDNN custom operations are on" and the CPU-instructions note are INFO lines.
     assert "oneDNN" not in result.stderr and "cpu_feature_guard" not in result.stderr, result.stderr
+
+
+def test_a_tensorflow_error_from_the_data_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import tensorflow as tf
+
+    from tfx_xmatch import training
+
+    def corrupt(*args, **kwargs):
+        raise tf.errors.DataLossError(None, None, "truncated record at 54\n\t [[{{node IteratorGetNext}}]]")
+
+    monkeypatch.setattr(training, "train", corrupt)
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *[arg for o in TINY for arg in ("--set", o)]]) == 2
+    assert capsys.readouterr().err.strip() == ("xmatch train: error: truncated record at 54 "
+                                               "(--log-level DEBUG shows the traceback)")

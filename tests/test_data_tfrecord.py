@@ -251,3 +251,27 @@ def test_records_are_the_same_bytes_in_every_process():
                               env={**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
                for seed in ("1", "2", "3", "4")}
     assert len(outputs) == 1
+
+
+@pytest.mark.parametrize("history, target", [([-1, 2], 3), ([1, 2**32 + 1], 3), ([1, 2], 2**32 + 3)],
+                         ids=["negative", "past_int32_history", "past_int32_target"])
+def test_records_from_another_writer_with_indices_out_of_range_fail_the_read(tmp_path, history, target):
+    """A cast to int32 wrapped 2**32 + 1 to item 1 without a word, counting took -1 for the last
+    item, and read_eval_examples raised a raw OverflowError."""
+    from tfx_xmatch.data.tfrecord import read_eval_examples, record_counts
+
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "history": tf.train.Feature(int64_list=tf.train.Int64List(value=history)),
+        "target": tf.train.Feature(int64_list=tf.train.Int64List(value=[target])),
+        "user_row": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+    }))
+    path = str(tmp_path / "foreign-00000-of-00001.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(example.SerializeToString())
+    message = "a record holds an item index outside 0..2147483647"
+    for read in (lambda: collect(read_tfrecords(path, max_length=4, batch_size=2)),
+                 lambda: collect(read_training_tfrecords(path, max_length=4, batch_size=2, shuffle=False)),
+                 lambda: read_eval_examples(path),
+                 lambda: record_counts(path, num_items=10)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"{tmp_path}.*{message}"):
+            read()

@@ -412,13 +412,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
 
+    handled = (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, ValueError, KeyError, RuntimeError)
     try:
         return args.handler(args)
-    except (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            ValueError, KeyError, RuntimeError) as error:
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            raise  # --log-level DEBUG: the full traceback
-        print(f"xmatch {args.command}: error: {error} (--log-level DEBUG shows the traceback)", file=sys.stderr)
+    except Exception as error:
+        # TensorFlow's own errors too (a corrupt or out-of-range TFRecord fails inside tf.data);
+        # looked up, not imported: commands that never load TensorFlow should not pay for it.
+        tf = sys.modules.get("tensorflow")
+        op_error = tf is not None and isinstance(error, tf.errors.OpError)
+        if not (isinstance(error, handled) or op_error) or logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise  # not a usage or data error, or --log-level DEBUG: the full traceback
+        text = error.message.strip().splitlines()[0] if op_error else error
+        print(f"xmatch {args.command}: error: {text} (--log-level DEBUG shows the traceback)", file=sys.stderr)
         return 2
 
 

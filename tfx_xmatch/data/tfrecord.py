@@ -201,6 +201,27 @@ def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]
     return files
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _checked_item_indices(parsed: dict, files) -> dict:
+    """``parsed`` records once their history and target hold item indices in 0..int32 max.
+
+    A record from another writer could hold anything: a cast to int32 wrapped 2**32 + 1 to
+    item 1, and counting took -1 for the last item. The check fails the read (when it runs)
+    naming ``files``.
+    """
+    history, target = parsed["history"], parsed["target"]
+    values = tf.concat([history.flat_values, tf.reshape(target, [-1])], 0)
+    message = f"{files}: a record holds an item index outside 0..{_INT32_MAX}"
+    checks = [tf.debugging.assert_non_negative(values, message=message),
+              tf.debugging.assert_less_equal(values, tf.constant(_INT32_MAX, values.dtype), message=message)]
+    with tf.control_dependencies(checks):
+        checked = dict(parsed, history=history.with_flat_values(tf.identity(history.flat_values)),
+                       target=tf.identity(target))
+    return checked
+
+
 def _record_dataset(files: Sequence[str]) -> tf.data.Dataset:
     """A TFRecordDataset of ``files``; GZIP-compressed when they end in .gz (TFX ExampleGen's)."""
     compressed = {path.endswith(".gz") for path in files}
@@ -227,7 +248,8 @@ def read_eval_examples(file_pattern, user_feature_names: Sequence[str] = ()) -> 
     files = _matching_files(file_pattern, 1, 1)
     spec = feature_spec(user_feature_names)
     histories, targets, features = [], [], {name: [] for name in user_feature_names}
-    for batch in _record_dataset(files).batch(1024).map(lambda s: tf.io.parse_example(s, spec)):
+    for batch in _record_dataset(files).batch(1024).map(
+            lambda s: _checked_item_indices(tf.io.parse_example(s, spec), file_pattern)):
         histories += [np.asarray(row, dtype=np.int32) for row in batch["history"].to_list()]
         targets.append(batch["target"].numpy())
         for name in user_feature_names:
@@ -268,7 +290,7 @@ def read_tfrecords(
     spec = feature_spec(user_feature_names)
 
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, spec)
+        parsed = _checked_item_indices(tf.io.parse_example(serialized, spec), file_pattern)
         batch = {"history": tf.cast(left_pad_ragged(parsed.pop("history"), max_length), tf.int32)}
         for name, value in parsed.items():
             batch[name] = tf.cast(value, tf.int32)
@@ -330,7 +352,7 @@ def read_training_tfrecords(
     del spec["user_row"]  # not part of the training dict
 
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, spec)
+        parsed = _checked_item_indices(tf.io.parse_example(serialized, spec), file_pattern)
         history = parsed.pop("history")
         target = parsed.pop("target")
         target = tf.RaggedTensor.from_tensor(target[:, None], row_splits_dtype=history.row_splits.dtype)
