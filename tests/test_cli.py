@@ -286,3 +286,20 @@ def test_a_tensorflow_error_from_the_data_is_one_line_not_a_traceback(tmp_path, 
     assert main(["train", "--run-dir", str(tmp_path / "run"), *[arg for o in TINY for arg in ("--set", o)]]) == 2
     assert capsys.readouterr().err.strip() == ("xmatch train: error: truncated record at 54 "
                                                "(--log-level DEBUG shows the traceback)")
+
+
+def test_a_pipeline_stage_prints_tensorflow_errors_as_one_line(capsys, monkeypatch):
+    import importlib
+
+    import tensorflow as tf
+
+    from tfx_xmatch.pipelines import cli as pipeline_cli
+
+    stage = importlib.import_module(pipeline_cli.STAGES["evaluate"][0])
+
+    def corrupt(argv):
+        raise tf.errors.DataLossError(None, None, "corrupted record at 0\n\t [[{{node ReadRecord}}]]")
+
+    monkeypatch.setattr(stage, "main", corrupt)
+    assert pipeline_cli.main(["evaluate"]) == 2
+    assert capsys.readouterr().err.strip() == "xmatch pipeline evaluate: error: corrupted record at 0"

@@ -362,6 +362,32 @@ def test_side_info_bad_line(tmp_path):
         load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("movies.dat", "1::A (1995)::Comedy\n2::B (1995)::Drama\n1::C (1995)::Horror\n",
+     "movies.dat:3: MovieID 1 appears again (first at line 1)"),
+    ("users.dat", "10::F::1::10::48067\n20::M::56::16::70072\n10::M::25::2::1\n",
+     "users.dat:3: UserID 10 appears again (first at line 1)"),
+    ("sas_to_original_items.txt", "1 5\n2 1\n1 2\n", "sas_to_original_items.txt:3: remapped id 1 appears again"),
+])
+def test_side_files_refuse_an_id_given_twice(tmp_path, name, text, message):
+    # The later line silently replaced the first: item 1 took another movie's genres.
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    write(directory / name, text, encoding="latin-1")
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
+
+
+def test_side_files_may_start_with_a_byte_order_mark(tmp_path):
+    # Read as latin-1 it was part of the first id: "MovieID 'ï»¿1' is not an integer".
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    for name in ("movies.dat", "users.dat", "sas_to_original_items.txt"):
+        (directory / name).write_bytes(b"\xef\xbb\xbf" + (directory / name).read_bytes())
+    plain = load_movielens_side_info(load_pairs(make_ml1m_dir(tmp_path / "plain") / "ml-1m.txt"), tmp_path / "plain")
+    marked = load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
+    np.testing.assert_array_equal(marked.item_features["genres"], plain.item_features["genres"])
+    assert marked.feature_vocabs == plain.feature_vocabs
+
+
 # ----------------------------------------------------------------------------- registry
 
 

@@ -411,19 +411,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
+    from tfx_xmatch.user_errors import user_error_text
 
     handled = (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError,
                NotADirectoryError, ValueError, KeyError, RuntimeError)
     try:
         return args.handler(args)
     except Exception as error:
-        # TensorFlow's own errors too (a corrupt or out-of-range TFRecord fails inside tf.data);
-        # looked up, not imported: commands that never load TensorFlow should not pay for it.
-        tf = sys.modules.get("tensorflow")
-        op_error = tf is not None and isinstance(error, tf.errors.OpError)
-        if not (isinstance(error, handled) or op_error) or logging.getLogger().isEnabledFor(logging.DEBUG):
+        text = user_error_text(error, handled)
+        if text is None or logging.getLogger().isEnabledFor(logging.DEBUG):
             raise  # not a usage or data error, or --log-level DEBUG: the full traceback
-        text = error.message.strip().splitlines()[0] if op_error else error
         print(f"xmatch {args.command}: error: {text} (--log-level DEBUG shows the traceback)", file=sys.stderr)
         return 2
 

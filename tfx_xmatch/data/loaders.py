@@ -129,10 +129,15 @@ def decoded_lines(data: bytes, encoding: str) -> Iterator[tuple[int, str, Option
                                f"{error.start + 1}")
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _read_lines(path: str, encoding: str) -> list[str]:
     """The lines of a file in a fixed format; an undecodable line fails with its line number."""
     with open(path, "rb") as handle:
         data = handle.read()
+    # A byte-order mark left by an editor: read as latin-1 it would be part of the first id.
+    data = data[len(_UTF8_BOM):] if data.startswith(_UTF8_BOM) else data
     lines = []
     for number, line, problem in decoded_lines(data, encoding):
         if problem is not None:
@@ -748,9 +753,17 @@ def _age_bucket(age: int) -> int:
     return int(np.searchsorted(_ML_AGE_CODES, age, side="right")) or 1
 
 
+def _once(first_lines: dict, key: int, path: str, line_number: int, field: str) -> None:
+    """Refuses a second line for the same id: the later one would silently replace the first."""
+    if key in first_lines:
+        raise DataFormatError(path, line_number, f"{field} {key} appears again (first at line {first_lines[key]})")
+    first_lines[key] = line_number
+
+
 def _read_id_mapping(path: str) -> dict[int, int]:
     """Reads "remapped_id original_id" lines."""
     mapping: dict[int, int] = {}
+    first_lines: dict[int, int] = {}
     for line_number, line in enumerate(_read_lines(path, "utf-8"), start=1):
         fields = line.split()
         if not fields:
@@ -759,6 +772,7 @@ def _read_id_mapping(path: str) -> dict[int, int]:
             raise DataFormatError(
                 path, line_number, f"expected 'remapped_id original_id', got {_shorten(line.strip())!r}"
             )
+        _once(first_lines, int(fields[0]), path, line_number, "remapped id")
         mapping[int(fields[0])] = int(fields[1])
     return mapping
 
@@ -792,11 +806,13 @@ def _parse_int(path: str, line_number: int, value: str, field: str) -> int:
 def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
     path = os.path.join(directory, "movies.dat")
     genres_by_movie: dict[int, list[str]] = {}
+    first_lines: dict[int, int] = {}
     for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
         if not line.strip():
             continue
         fields = _split_fields(path, line_number, line, "::", 3, "'MovieID::Title::Genres'")
         movie = _parse_int(path, line_number, fields[0], "MovieID")
+        _once(first_lines, movie, path, line_number, "MovieID")
         genres_by_movie[movie] = [genre for genre in fields[-1].strip().split("|") if genre]
     names = sorted({genre for genres in genres_by_movie.values() for genre in genres})
     return genres_by_movie, names
@@ -805,6 +821,7 @@ def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
 def _ml1m_users(directory: str) -> dict[int, tuple[int, int, int]]:
     path = os.path.join(directory, "users.dat")
     users: dict[int, tuple[int, int, int]] = {}
+    first_lines: dict[int, int] = {}
     for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
         if not line.strip():
             continue
@@ -812,6 +829,7 @@ def _ml1m_users(directory: str) -> dict[int, tuple[int, int, int]]:
             path, line_number, line, "::", 4, "'UserID::Gender::Age::Occupation::Zip-code'"
         )
         user = _parse_int(path, line_number, fields[0], "UserID")
+        _once(first_lines, user, path, line_number, "UserID")
         gender = _GENDERS.index(fields[1]) + 1 if fields[1] in _GENDERS else 0
         age_code = _parse_int(path, line_number, fields[2], "Age")
         age = _ML_AGE_CODES.index(age_code) + 1 if age_code in _ML_AGE_CODES else 0
@@ -830,6 +848,7 @@ def _ml100k_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
                 names.append(line.rsplit("|", 1)[0])
     path = os.path.join(directory, "u.item")
     genres_by_movie: dict[int, list[str]] = {}
+    first_lines: dict[int, int] = {}
     for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
         if not line.strip():
             continue
@@ -845,6 +864,7 @@ def _ml100k_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
                 path, line_number, f"expected {len(names)} genre flags (0/1) after the url, got {flags!r}"
             )
         movie = _parse_int(path, line_number, fields[0], "movie id")
+        _once(first_lines, movie, path, line_number, "movie id")
         genres_by_movie[movie] = [name for name, flag in zip(names, flags) if flag == "1"]
     return genres_by_movie, names
 
@@ -858,11 +878,13 @@ def _ml100k_users(directory: str) -> tuple[dict[int, tuple[int, int, int]], list
     else:
         occupations = sorted({line.split("|")[3] for line in lines if line.count("|") >= 4})
     users: dict[int, tuple[int, int, int]] = {}
+    first_lines: dict[int, int] = {}
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         fields = _split_fields(path, line_number, line, "|", 5, "'user id|age|gender|occupation|zip code'")
         user = _parse_int(path, line_number, fields[0], "user id")
+        _once(first_lines, user, path, line_number, "user id")
         age = _age_bucket(_parse_int(path, line_number, fields[1], "age"))
         gender = _GENDERS.index(fields[2]) + 1 if fields[2] in _GENDERS else 0
         occupation = occupations.index(fields[3]) + 1 if fields[3] in occupations else 0

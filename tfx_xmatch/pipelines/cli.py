@@ -41,12 +41,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
+    from tfx_xmatch.user_errors import user_error_text
 
     try:
         return importlib.import_module(STAGES[argv[0]][0]).main(argv[1:])
     # A failure on a Beam worker comes back as the runner re-raised it, often a RuntimeError.
-    except (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
-        print(f"xmatch pipeline {argv[0]}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        text = user_error_text(error, (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError,
+                                       RuntimeError))
+        if text is None:
+            raise
+        print(f"xmatch pipeline {argv[0]}: error: {text}", file=sys.stderr)
         return 2
 
 
