@@ -299,7 +299,6 @@ class LineParser:
         return _event(user, item, timestamp, rating, self.min_rating, line)
 
 
-_INT64_RANGE = (-(2**63), 2**63 - 1)
 _TIMESTAMP = re.compile(r"-?[0-9]+")
 
 
@@ -335,7 +334,7 @@ def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Option
         if isinstance(timestamp, bool) or not _TIMESTAMP.fullmatch(text):
             return ParsedLine(problem=f"timestamp {timestamp!r} is not an integer")
         time_value = int(text)
-        if not _INT64_RANGE[0] <= time_value <= _INT64_RANGE[1]:
+        if not np.iinfo(np.int64).min <= time_value <= np.iinfo(np.int64).max:
             return ParsedLine(problem=f"timestamp {timestamp!r} is out of the int64 range")
     if rating is not None:
         try:

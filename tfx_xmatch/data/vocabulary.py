@@ -280,7 +280,7 @@ class Vocabulary:
         for raw_id in ids:
             if type(raw_id) is not expected:
                 raise ValueError(f"{source}: id {raw_id!r} is not of declared id_type {id_type!r}")
-            if expected is int and not -(2**63) <= raw_id < 2**63:
+            if expected is int and not np.iinfo(np.int64).min <= raw_id <= np.iinfo(np.int64).max:
                 raise ValueError(f"{source}: id {raw_id!r} is out of the int64 range")
         if "num_items" in value and value["num_items"] != len(ids):
             raise ValueError(f"{source}: num_items is {value['num_items']!r} but it lists {len(ids):,} ids")

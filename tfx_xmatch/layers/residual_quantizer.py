@@ -198,13 +198,13 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         # Value: the codeword sum. Gradient: to the codewords and, straight through, to the encoder.
         quantized = summed + encoded - tf.stop_gradient(encoded)
         reconstruction = self.decoder(quantized)
-        loss, error = self._loss(counting(flat), counting(codewords), [counting(r) for r in residuals],
-                                 counting(reconstruction))
+        counted_residuals = [counting(residual) for residual in residuals]
+        loss, error = self._loss(counting(flat), counting(codewords), counted_residuals, counting(reconstruction))
         counted_codes = counting(codes)
         counted = tf.cast(tf.shape(counted_codes)[0] > 0, tf.float32)
         if training:
             self.reconstruction_tracker.update_state(error, sample_weight=counted)
-            self._track_usage(counted_codes, [counting(residual) for residual in residuals])
+            self._track_usage(counted_codes, counted_residuals)
         elif track_metrics:
             self.reconstruction_tracker.update_state(error, sample_weight=counted)
             for level in range(self.num_levels):
@@ -255,11 +255,9 @@ class ResidualQuantizer(tf.keras.layers.Layer):
     def _loss(self, inputs, codewords, residuals, reconstruction) -> tuple[tf.Tensor, tf.Tensor]:
         """(RQ-VAE loss, reconstruction error), means over the given vectors (0 over none)."""
         stacked = tf.stack(residuals, axis=1)  # [n, L, latent]
-        mean = mean_or_zero
-
-        codebook_loss = mean(tf.reduce_sum(tf.square(tf.stop_gradient(stacked) - codewords), -1))
-        commitment = mean(tf.reduce_sum(tf.square(stacked - tf.stop_gradient(codewords)), -1))
-        error = mean(tf.reduce_sum(tf.square(reconstruction - tf.stop_gradient(inputs)), -1))
+        codebook_loss = mean_or_zero(tf.reduce_sum(tf.square(tf.stop_gradient(stacked) - codewords), -1))
+        commitment = mean_or_zero(tf.reduce_sum(tf.square(stacked - tf.stop_gradient(codewords)), -1))
+        error = mean_or_zero(tf.reduce_sum(tf.square(reconstruction - tf.stop_gradient(inputs)), -1))
         return codebook_loss + self.commitment_weight * commitment + self.reconstruction_weight * error, error
 
     def _track_usage(self, codes: tf.Tensor, residuals: list) -> None:

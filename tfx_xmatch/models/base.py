@@ -135,8 +135,9 @@ class RetrievalModel(tfrs.models.Model):
 
     def step_has_rows(self) -> Optional[tf.Tensor]:
         """Within ``fit`` / ``evaluate``: a scalar bool, False when this replica scores only the
-        placeholder row of an empty batch. The models hand it to their quantizers as ``vector_mask``, so
-        the placeholder moves no codebook and no usage metric. None outside a step."""
+        placeholder row of an empty batch. The models hand it to their quantizers as
+        ``vector_mask``, so the placeholder moves no codebook and no usage metric. None outside a
+        step."""
         weight = getattr(self, "_log_weight", None)
         return None if weight is None else weight > 0
 
@@ -159,7 +160,8 @@ class RetrievalModel(tfrs.models.Model):
         of a dataset whose size is not a multiple of the batch failed at its last step). That
         replica scores one row (history and target: item 1) whose loss counts for nothing: its
         share of the batch and its weight in the logged means are 0, and the quantizers leave
-        it out of their state and metrics (``step_has_rows``). A batch of a known, non-zero size is returned as it is.
+        it out of their state and metrics (``step_has_rows``). A batch of a known, non-zero size
+        is returned as it is.
         """
         if isinstance(inputs, (tuple, list)):  # Keras packs `x` alone as (x,) or with y and weights
             inputs = inputs[0]
