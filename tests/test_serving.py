@@ -164,6 +164,17 @@ def wait_for_states(server, want, name="tiny", timeout=20.0):
     raise AssertionError(f"states {states}, wanted {want}")
 
 
+def wait_for_requests_in(server, version, count, name="tiny", timeout=20.0):
+    """Waits until ``count`` requests hold ``version``: they are inside the model, not queued."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        servable = server.manager.get_model(name).serving.get(version)
+        if servable is not None and servable.refs >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{count} requests never reached version {version} of {name!r}")
+
+
 def start_server(configs_or_base, **overrides) -> ModelServer:
     if isinstance(configs_or_base, str):
         configs = parse_model_config_text(
@@ -754,12 +765,16 @@ def test_hot_swap_under_load_drops_nothing(templates, tmp_path):
         slow_result["response"] = clients.predict.Predict(request, timeout=30)
 
     try:
+        slow = threading.Thread(target=slow_call)
+        slow.start()
+        wait_for_requests_in(server, 1, 1)  # before the load, so the one holder is the slow call
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        slow = threading.Thread(target=slow_call)
-        slow.start()
-        time.sleep(0.4)
+        deadline = time.monotonic() + 20
+        while counts[0] < 8:  # some answers from version 1 before version 2 arrives
+            assert time.monotonic() < deadline and not failures, failures[:3]
+            time.sleep(0.01)
         install_version(templates, base, 2)
         assert server.manager.wait_until_available("tiny", 2, timeout=20)
         swapped.set()
@@ -889,10 +904,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(templates, tmp_path):
     threads = [threading.Thread(target=grpc_slow), threading.Thread(target=rest_slow)]
     for t in threads:
         t.start()
-    time.sleep(0.4)  # both are running in the model now
+    wait_for_requests_in(server, 1, 2)
     started = time.monotonic()
     server.stop(grace=10)
-    assert time.monotonic() - started >= 0.3  # it waited for them
+    assert time.monotonic() - started >= 0.3  # it waited for them (each sleeps 2 x 0.5 s)
     for t in threads:
         t.join(timeout=30)
     assert tf.make_ndarray(results["grpc"].outputs["y"]).tolist() == [2.0, 4.0]
