@@ -280,7 +280,10 @@ def test_a_tensorflow_error_from_the_data_is_one_line_not_a_traceback(tmp_path, 
     from tfx_xmatch import training
 
     def corrupt(*args, **kwargs):
-        raise tf.errors.DataLossError(None, None, "truncated record at 54\n\t [[{{node IteratorGetNext}}]]")
+        # As eager tf.data words it: the function and op names are TensorFlow's, not the user's.
+        raise tf.errors.DataLossError(None, None, (
+            "{{function_node __wrapped__IteratorGetNext_output_types_1_device_/job:localhost/replica:0/"
+            "task:0/device:CPU:0}} truncated record at 54 [Op:IteratorGetNext] name: "))
 
     monkeypatch.setattr(training, "train", corrupt)
     assert main(["train", "--run-dir", str(tmp_path / "run"), *[arg for o in TINY for arg in ("--set", o)]]) == 2

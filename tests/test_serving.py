@@ -982,6 +982,20 @@ def test_warmup_requests_run_before_a_version_serves(templates, tmp_path):
         assert "k must be > 0" in statuses[2].error_message
         response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
         assert response.model_spec.version.value == 1
+        # A damaged warm-up file fails the load as DATA_LOSS, naming the file (TF named none).
+        tmp = os.path.join(base, ".tmp-3")
+        shutil.copytree(templates[2], tmp)
+        _write_warmup(tmp, k=2)
+        warmup_file = os.path.join(tmp, "assets.extra", "tf_serving_warmup_requests")
+        with open(warmup_file, "r+b") as f:
+            f.truncate(os.path.getsize(warmup_file) - 3)
+        os.rename(tmp, os.path.join(base, "3"))
+        wait_for_states(server, {1: "AVAILABLE", 2: "END", 3: "END"})
+        failed = {s.version: s for s in server.manager.status("tiny")}[3]
+        assert failed.error_code == grpc.StatusCode.DATA_LOSS
+        named = os.path.join(base, "3", "assets.extra", "tf_serving_warmup_requests")
+        assert f"warm-up file {named}: truncated record at" in failed.error_message
+        assert "function_node" not in failed.error_message and "[Op:" not in failed.error_message
     finally:
         clients.close()
         server.stop(grace=5)

@@ -2,8 +2,40 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Optional
+
+# Where in the graph an op failed ("[[{{node Assert/AssertGuard/Assert}}]]"), which traced
+# function ran it ("[Op:__inference_signature_wrapper_..._3819]", "{{function_node
+# __wrapped__IteratorGetNext_...}}") and eager TF's empty " name: " suffix: names of
+# TensorFlow's internals, which say nothing to a user about their input.
+_GRAPH_LOCATIONS = re.compile(
+    r"\s*\[\[\{\{node [^}]*\}\}\]\]|\s*\[Op:[^\]]*\]( name: ?$)?|\{\{function_node [^}]*\}\}\s*")
+
+
+def clean_tf_message(message: str) -> str:
+    """The op's own message (e.g. "assertion failed: [k must be > 0] ..."), without eager TF's
+    "Graph execution error: Detected at node ... (stack)" preamble or the node and function
+    names TensorFlow adds."""
+    message = _GRAPH_LOCATIONS.sub("", message).strip()
+    lines = message.split("\n")
+    if not lines or not lines[0].startswith("Graph execution error"):
+        return message
+    index = 1
+    while index < len(lines):
+        line = lines[index]
+        if (
+            not line.strip()
+            or line.startswith("Detected at node")
+            or line.startswith("<stack traces unavailable>")
+            or line[:1].isspace()
+        ):
+            index += 1
+            continue
+        break
+    rest = "\n".join(lines[index:]).strip()
+    return rest or message
 
 
 def user_error_text(error: BaseException, handled: tuple) -> Optional[str]:
@@ -23,5 +55,5 @@ def user_error_text(error: BaseException, handled: tuple) -> Optional[str]:
     """
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(error, tf.errors.OpError):
-        return (error.message.strip().splitlines() or [type(error).__name__])[0]
+        return (clean_tf_message(error.message).splitlines() or [type(error).__name__])[0]
     return str(error) if isinstance(error, handled) else None

@@ -21,6 +21,7 @@ from tfx_xmatch.data.synthetic import (
     planted_successor,
 )
 from tfx_xmatch.data.tfrecord import (
+    damaged_file_named,
     feature_spec,
     read_tfrecords,
     read_training_tfrecords,
@@ -40,6 +41,7 @@ __all__ = [
     "SequenceDataset",
     "Split",
     "Vocabulary",
+    "damaged_file_named",
     "eval_arrays",
     "eval_dataset",
     "feature_spec",

@@ -10,15 +10,17 @@ gives ``eval_dataset``'s dicts and :func:`read_training_tfrecords` gives
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, Split, check_user_feature_name
 from tfx_xmatch.io_utils import atomic_path, write_json_atomic
+from tfx_xmatch.user_errors import clean_tf_message
 
 _UNKNOWN_USER_ROW = -1
 SPLIT_PARTS = ("train", "validation", "test")
@@ -189,13 +191,17 @@ def left_pad_ragged(histories: tf.RaggedTensor, max_length: int) -> tf.Tensor:
     return tf.reverse(reversed_rows, axis=[1])
 
 
+def _glob_all(file_pattern) -> list[str]:
+    patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
+    return [path for pattern in patterns for path in sorted(tf.io.gfile.glob(pattern))]
+
+
 def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]:
     """Files of one glob or a list of globs (TFX passes lists), each glob's in name order."""
     for name, value in (("max_length", max_length), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
-    patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
-    files = [path for pattern in patterns for path in sorted(tf.io.gfile.glob(pattern))]
+    files = _glob_all(file_pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
     return files
@@ -230,6 +236,57 @@ def _record_dataset(files: Sequence[str]) -> tf.data.Dataset:
     return tf.data.TFRecordDataset(list(files), compression_type="GZIP" if compressed.pop() else "")
 
 
+def _damaged_file(file_pattern) -> Optional[tuple[str, str]]:
+    """The first file that cannot be read to its end, with TensorFlow's reason."""
+    for path in _glob_all(file_pattern):
+        try:
+            for _ in _record_dataset([path]):
+                pass
+        except tf.errors.DataLossError as error:
+            return path, clean_tf_message(error.message)
+    return None
+
+
+@contextlib.contextmanager
+def damaged_file_named(file_pattern) -> Iterator[None]:
+    """Names the file when reading TFRecords fails on a damaged or cut-short record.
+
+    tf.data says only "corrupted record at 474" (a byte offset), not in which file: on that
+    error the files are read again one at a time to find it.
+
+    Args:
+      file_pattern: The files read inside the block: a path, a glob or a list of them.
+
+    Example:
+
+    >>> import tempfile
+    >>> path = tempfile.mkdtemp() + "/cut.tfrecord"
+    >>> with tf.io.TFRecordWriter(path) as writer:
+    ...     writer.write(b"a record")
+    >>> with open(path, "r+b") as f:
+    ...     _ = f.truncate(20)
+    >>> try:
+    ...     with damaged_file_named(path):
+    ...         _ = list(tf.data.TFRecordDataset(path))
+    ... except tf.errors.DataLossError as error:
+    ...     print(error.message.startswith(path + ": truncated record at 0"))
+    True
+
+    Raises:
+      tf.errors.DataLossError: ``<file>: <TensorFlow's reason>: ...``.
+    """
+    try:
+        yield
+    except tf.errors.DataLossError as error:
+        found = _damaged_file(file_pattern)
+        if found is None:
+            raise
+        path, reason = found
+        raise tf.errors.DataLossError(
+            error.node_def, error.op,
+            f"{path}: {reason}: the TFRecord file is damaged or cut short; write it again") from None
+
+
 def read_eval_examples(file_pattern, user_feature_names: Sequence[str] = ()) -> tuple[EvalExamples, dict]:
     """Reads evaluation records back into in-memory ``EvalExamples`` (for full-ranking evaluation).
 
@@ -244,16 +301,18 @@ def read_eval_examples(file_pattern, user_feature_names: Sequence[str] = ()) -> 
 
     Raises:
       FileNotFoundError: If no file matches.
+      tf.errors.DataLossError: If a file is damaged or cut short (naming it).
     """
     files = _matching_files(file_pattern, 1, 1)
     spec = feature_spec(user_feature_names)
     histories, targets, features = [], [], {name: [] for name in user_feature_names}
-    for batch in _record_dataset(files).batch(1024).map(
-            lambda s: _checked_item_indices(tf.io.parse_example(s, spec), file_pattern)):
-        histories += [np.asarray(row, dtype=np.int32) for row in batch["history"].to_list()]
-        targets.append(batch["target"].numpy())
-        for name in user_feature_names:
-            features[name].append(batch[name].numpy())
+    with damaged_file_named(files):
+        for batch in _record_dataset(files).batch(1024).map(
+                lambda s: _checked_item_indices(tf.io.parse_example(s, spec), file_pattern)):
+            histories += [np.asarray(row, dtype=np.int32) for row in batch["history"].to_list()]
+            targets.append(batch["target"].numpy())
+            for name in user_feature_names:
+                features[name].append(batch[name].numpy())
     targets = np.concatenate(targets).astype(np.int32) if targets else np.zeros(0, np.int32)
     examples = EvalExamples(user_rows=np.arange(len(targets), dtype=np.int64), histories=histories, targets=targets)
     return examples, {name: np.concatenate(values).astype(np.int32) for name, values in features.items()}
@@ -285,6 +344,9 @@ def read_tfrecords(
     Raises:
       FileNotFoundError: If no file matches the pattern.
       ValueError: If ``max_length`` or ``batch_size`` is not positive.
+
+    Iterating the dataset raises tf.data's own ``DataLossError`` on a damaged file, which does
+    not name it; iterate inside :func:`damaged_file_named` for one that does.
     """
     files = _matching_files(file_pattern, max_length, batch_size)
     spec = feature_spec(user_feature_names)
@@ -344,6 +406,9 @@ def read_training_tfrecords(
       FileNotFoundError: If no file matches the pattern.
       ValueError: If ``max_length``, ``batch_size`` or ``shuffle_buffer_size`` is not
         positive, or a feature name is reserved.
+      tf.errors.DataLossError: If counting the records (``shuffle_buffer_size`` None) meets
+        a damaged or cut-short file (naming it). Iterating the dataset raises tf.data's own
+        error, which does not; iterate inside :func:`damaged_file_named` for one that does.
     """
     files = _matching_files(file_pattern, max_length, batch_size)
     if shuffle_buffer_size is not None and shuffle_buffer_size <= 0:
@@ -372,7 +437,8 @@ def read_training_tfrecords(
     dataset = _record_dataset(files).filter(has_history)
     if shuffle:
         if shuffle_buffer_size is None:
-            shuffle_buffer_size = max(1, int(dataset.reduce(np.int64(0), lambda count, _: count + 1)))
+            with damaged_file_named(files):
+                shuffle_buffer_size = max(1, int(dataset.reduce(np.int64(0), lambda count, _: count + 1)))
         dataset = dataset.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
     return (
         dataset.batch(batch_size, drop_remainder=drop_remainder)

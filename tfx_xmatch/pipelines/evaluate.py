@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.data.tfrecord import record_counts
+from tfx_xmatch.data.tfrecord import damaged_file_named, record_counts
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
 from tfx_xmatch.io_utils import json_text
 from tfx_xmatch.pipelines.beam_utils import (pipeline_options, remove_if_present, require_beam, split_arguments,
@@ -62,7 +62,8 @@ def read_records(path: str):
     # tf.data rather than beam.io.ReadFromTFRecord: Beam's reader needs a CRC package
     # (crcmod / google-crc32c) that a plain apache-beam install lacks; TensorFlow is here anyway.
     dataset = tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else "")
-    yield from dataset.as_numpy_iterator()
+    with damaged_file_named(path):
+        yield from dataset.as_numpy_iterator()
 
 
 def parse_record(serialized: bytes) -> tuple[np.ndarray, int]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import grpc
+
+from tfx_xmatch.user_errors import clean_tf_message
 
 # TF Serving's REST front-end maps canonical codes to HTTP statuses along these lines.
 _HTTP_STATUS = {
@@ -62,36 +62,6 @@ def not_found(message: str) -> ServingError:
 
 def unimplemented(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNIMPLEMENTED, message)
-
-
-# Where in the graph an op failed ("[[{{node Assert/AssertGuard/Assert}}]]") and which traced
-# function ran it ("[Op:__inference_signature_wrapper_..._3819]"): names of TensorFlow's
-# internals, which say nothing to a client about its request.
-_GRAPH_LOCATIONS = re.compile(r"\s*\[\[\{\{node [^}]*\}\}\]\]|\s*\[Op:[^\]]*\]")
-
-
-def clean_tf_message(message: str) -> str:
-    """The op's own message (e.g. "assertion failed: [k must be > 0] ..."), without eager TF's
-    "Graph execution error: Detected at node ... (stack)" preamble or the node and function
-    names TensorFlow appends."""
-    message = _GRAPH_LOCATIONS.sub("", message).rstrip()
-    lines = message.split("\n")
-    if not lines or not lines[0].startswith("Graph execution error"):
-        return message
-    index = 1
-    while index < len(lines):
-        line = lines[index]
-        if (
-            not line.strip()
-            or line.startswith("Detected at node")
-            or line.startswith("<stack traces unavailable>")
-            or line[:1].isspace()
-        ):
-            index += 1
-            continue
-        break
-    rest = "\n".join(lines[index:]).strip()
-    return rest or message
 
 
 def from_exception(exc: BaseException) -> ServingError:

@@ -113,7 +113,12 @@ class Inference:
         from tensorflow_serving.apis import prediction_log_pb2
 
         count = 0
-        for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+        try:
+            records = list(tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS))
+        except tf.errors.DataLossError as exc:  # TF names no file; a load status should
+            raise tf.errors.DataLossError(
+                None, None, f"warm-up file {path}: {errors.clean_tf_message(exc.message)}") from None
+        for record in records:
             entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
             kind = entry.WhichOneof("log_type")
             if kind != "predict_log":
