@@ -254,16 +254,24 @@ def test_split_options_and_reader_options_are_checked_before_running(tmp_path):
     assert prepare.parse_options(["sep=\\t"], "--reader-option") == {"sep": "\t"}
 
 
-def test_a_split_that_fails_replaces_no_shard(pairs_file, tmp_path):
-    run_prepare(PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path), num_shards=2))
-    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    with pytest.raises(Exception, match="leave_one_out needs at least one user with >= 50"):
-        run_prepare(PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(tmp_path), num_shards=3,
-                                split_options={"min_length": 50}))
-    after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    assert {name: data for name, data in after.items() if name != "statistics.json"} == {
-        name: data for name, data in before.items() if name != "statistics.json"}
-    assert "statistics.json" not in after  # the marker of a finished output is gone until a run succeeds
+def test_a_run_that_fails_leaves_the_previous_output_whole(pairs_file, tmp_path):
+    """The old statistics.json (the mark of a finished output) was deleted before the input was
+    even matched, so a misspelt --input left a good output that evaluate refused."""
+    out = tmp_path / "out"
+    run_prepare(PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(out), num_shards=2))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    broken = tmp_path / "broken.txt"
+    broken.write_text("a\nb\n")
+    failing = [
+        ("leave_one_out needs at least one user with >= 50",
+         dict(inputs=(str(pairs_file),), num_shards=3, split_options={"min_length": 50})),
+        ("matches no file", dict(inputs=(str(tmp_path / "misspelt.txt"),))),
+        ("no interactions", dict(inputs=(str(broken),))),
+    ]
+    for message, options in failing:
+        with pytest.raises(Exception, match=message):
+            run_prepare(PrepareSpec(format="pairs", output_dir=str(out), **options))
+        assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before, message
 
 
 @pytest.mark.parametrize("options, message", [

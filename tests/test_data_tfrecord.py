@@ -101,7 +101,7 @@ def test_write_errors(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_write_split_tfrecords(tmp_path, split):
+def test_write_split_tfrecords(tmp_path, split, monkeypatch):
     written = write_split_tfrecords(split, str(tmp_path / "export"), num_shards=2)
     directory = tmp_path / "export"
     names = sorted(os.listdir(directory))
@@ -124,9 +124,18 @@ def test_write_split_tfrecords(tmp_path, split):
     assert statistics["examples"] == {"train": len(keep), "validation": 40, "test": 40}
     assert statistics["user_feature_names"] == ["segment"]
     # A rewrite that fails part-way leaves no statistics.json, the mark of a finished output.
-    with pytest.raises(ValueError):
-        write_split_tfrecords(split, str(directory), num_shards=0)
+    from tfx_xmatch.data import tfrecord
+
+    def disk_full(path_prefix, *args, **kwargs):
+        if path_prefix.endswith("test"):
+            raise OSError(28, "No space left on device")
+        return write_tfrecords(path_prefix, *args, **kwargs)
+
+    monkeypatch.setattr(tfrecord, "write_tfrecords", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_split_tfrecords(split, str(directory), num_shards=2)
     assert not (directory / "statistics.json").exists()
+    monkeypatch.undo()
     write_split_tfrecords(split, str(directory), num_shards=2)
 
     train = collect(
@@ -323,3 +332,24 @@ def test_a_damaged_file_is_named(tmp_path, split, damage):
         assert "function_node" not in info.value.message and "[Op:" not in info.value.message, name
     # Undamaged files read as before.
     assert len(read_eval_examples(files[0])[0].targets) > 0
+
+
+def test_a_failed_write_leaves_the_old_files_as_they_were(tmp_path, split):
+    """A bad example in the second shard left shard 0 new and shard 1 old; num_shards=0 was
+    refused only after the old statistics.json (the mark of a finished output) was deleted."""
+    prefix = str(tmp_path / "recs" / "part")
+    paths = write_tfrecords(prefix, [[1, 2], [2, 3], [3, 4], [4, 5]], [10, 11, 12, 13], num_shards=2)
+    before = {path: open(path, "rb").read() for path in paths}
+    with pytest.raises(ValueError, match=r"example 3: its history \['x'\] is not a list of int64 item indices"):
+        write_tfrecords(prefix, [[1], [2], [3], ["x"]], [20, 21, 22, 23], num_shards=2)
+    with pytest.raises(ValueError, match="targets must be int64 item indices"):
+        write_tfrecords(prefix, [[1], [2]], [20, "y"], num_shards=2)
+    assert {path: open(path, "rb").read() for path in paths} == before
+    assert sorted(os.listdir(tmp_path / "recs")) == sorted(os.path.basename(path) for path in paths)  # no temporaries
+
+    directory = tmp_path / "split"
+    write_split_tfrecords(split, str(directory), num_shards=1)
+    before = {name: (directory / name).read_bytes() for name in os.listdir(directory)}
+    with pytest.raises(ValueError, match="num_shards must be at least 1, got 0"):
+        write_split_tfrecords(split, str(directory), num_shards=0)
+    assert {name: (directory / name).read_bytes() for name in os.listdir(directory)} == before

@@ -16,20 +16,44 @@ from typing import Iterable, Iterator, Optional
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yields a temporary path beside ``path``; renames it onto ``path`` only on success."""
-    path = pathlib.Path(path)
+    with _temporary_beside(pathlib.Path(path)) as (temporary, path):
+        yield temporary
+        _publish(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Iterable[str | os.PathLike]) -> Iterator[list[pathlib.Path]]:
+    """Like :func:`atomic_path` for files that belong together: one temporary per path.
+
+    Nothing is renamed until the block has written them all, so a failure (a bad record in
+    the last shard) leaves every old file as it was instead of a mix of new and old; the
+    renames follow each other at once, the only window in which a kill mixes them.
+    """
+    with contextlib.ExitStack() as stack:
+        entered = [stack.enter_context(_temporary_beside(pathlib.Path(path))) for path in paths]
+        yield [temporary for temporary, _ in entered]
+        for temporary, path in entered:
+            _publish(temporary, path)
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: pathlib.Path) -> Iterator[tuple[pathlib.Path, pathlib.Path]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
     temporary = pathlib.Path(temporary)
     try:
-        yield temporary
-        # mkstemp creates 0600 files; outputs should get the usual umask-based mode so that,
-        # e.g., a model server running as another user can read them.
-        if temporary.exists():
-            os.chmod(temporary, 0o666 & ~_UMASK)
-        os.replace(temporary, path)
+        yield temporary, path
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _publish(temporary: pathlib.Path, path: pathlib.Path) -> None:
+    # mkstemp creates 0600 files; outputs should get the usual umask-based mode so that,
+    # e.g., a model server running as another user can read them.
+    if temporary.exists():
+        os.chmod(temporary, 0o666 & ~_UMASK)
+    os.replace(temporary, path)
 
 
 def _read_umask() -> int:
@@ -57,6 +81,14 @@ def _json_safe(value):
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def write_texts_atomic(texts: dict[str | os.PathLike, str]) -> None:
+    """Writes ``{path: text}`` as :func:`atomic_paths` does: no file replaced before all are
+    written (a JSON result and the page made from it stay a pair)."""
+    with atomic_paths(list(texts)) as temporaries:
+        for temporary, text in zip(temporaries, texts.values()):
+            temporary.write_text(text, encoding="utf-8")
 
 
 def json_text(value) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, Split, check_user_feature_name
-from tfx_xmatch.io_utils import atomic_path, write_json_atomic
+from tfx_xmatch.io_utils import atomic_paths, write_json_atomic
 from tfx_xmatch.user_errors import clean_tf_message
 
 _UNKNOWN_USER_ROW = -1
@@ -98,9 +98,10 @@ def write_tfrecords(
     """Writes next-item examples as tf.train.Example records, in contiguous shards.
 
     Examples keep their order: shard 0 holds the first ones, so reading the shards in name
-    order gives the original order back. Each shard is written atomically; once all are in
-    place, shards of the same prefix left by an earlier write with another ``num_shards`` are
-    deleted, so a glob like ``{prefix}-*-of-*.tfrecord`` only matches the new ones.
+    order gives the original order back. The shards are written to temporaries and renamed
+    only once all are written, so a failure leaves the old shards as they were; then shards of
+    the same prefix left by an earlier write with another ``num_shards`` are deleted, so a
+    glob like ``{prefix}-*-of-*.tfrecord`` only matches the new ones.
 
     Args:
       path_prefix: Output prefix; shards are ``{prefix}-{i:05d}-of-{n:05d}.tfrecord`` (missing
@@ -119,10 +120,14 @@ def write_tfrecords(
 
     Raises:
       ValueError: If the lengths of histories, targets, user_rows or features differ, a
-        feature name is reserved, or ``num_shards`` is below 1.
+        feature name is reserved, ``num_shards`` is below 1, or an example holds something
+        other than integers (naming the example).
     """
     paths = shard_paths(path_prefix, num_shards)
-    targets = np.asarray(targets, dtype=np.int64)
+    try:
+        targets = np.asarray(targets, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"targets must be int64 item indices: {error}") from None
     num_examples = len(histories)
     if len(targets) != num_examples:
         raise ValueError(f"got {num_examples} histories but {len(targets)} targets")
@@ -137,14 +142,24 @@ def write_tfrecords(
             raise ValueError(f"{name} must have shape ({num_examples},) like targets, got {values.shape}")
 
     boundaries = shard_boundaries(num_examples, num_shards)
-    for shard, path in enumerate(paths):
-        with atomic_path(path) as temporary:
+    # All shards are written before any is replaced: a bad example in the last one must not
+    # leave the earlier shards new and the later ones old.
+    with atomic_paths(paths) as temporaries:
+        for shard, temporary in enumerate(temporaries):
             with tf.io.TFRecordWriter(str(temporary)) as writer:
                 for k in range(boundaries[shard], boundaries[shard + 1]):
                     scalars = {name: int(values[k]) for name, values in columns.items()}
-                    writer.write(example_bytes(histories[k], int(targets[k]), scalars))
+                    writer.write(_checked_example_bytes(k, histories[k], targets[k], scalars))
     remove_stale_shards(path_prefix, paths)
     return paths
+
+
+def _checked_example_bytes(index: int, history, target: int, scalars: Mapping[str, int]) -> bytes:
+    try:
+        return example_bytes(history, target, scalars)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"example {index}: its history {history!r} is not a list of int64 item indices "
+                         f"({error})") from None
 
 
 def feature_spec(user_feature_names: Sequence[str] = ()) -> dict[str, object]:
@@ -471,6 +486,7 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
     Raises:
       ValueError: If ``num_shards`` is below 1.
     """
+    shard_paths(directory, num_shards)  # checks num_shards before the old marker goes
     os.makedirs(directory, exist_ok=True)
     statistics_path = os.path.join(directory, "statistics.json")
     # statistics.json marks a finished output: gone first, so an interrupted rewrite cannot leave

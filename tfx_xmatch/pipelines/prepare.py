@@ -410,6 +410,11 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
         pipeline | "Check" >> beam.Create([None]) | "CheckSplit" >> beam.Map(
             _check, spec, vocabulary, beam.pvalue.AsSingleton(lengths), beam.pvalue.AsSingleton(counts), settings,
             beam.pvalue.AsSingleton(dead_letters)))
+    # The previous output's marker goes only once the new split is known good, and before
+    # the first of its shards is replaced.
+    unmarked = beam.pvalue.AsSingleton(
+        pipeline | "Unmark" >> beam.Create([None]) | "RemoveOldStatistics" >> beam.Map(
+            lambda _, __: remove_if_present(os.path.join(spec.output_dir, "statistics.json")), checked))
     every_shard = pipeline | "EveryShard" >> beam.Create(
         [((part, shard), None) for part in SPLIT_PARTS for shard in range(spec.num_shards)])
     written = (
@@ -417,8 +422,9 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
         | "AllShards" >> beam.Flatten()
         | "GroupShards" >> beam.GroupByKey()
         | "DropEmptyMarker" >> beam.Map(lambda shard: (shard[0], [record for record in shard[1] if record is not None]))
-        # The checked counts are a side input, so no shard is replaced before the split is known good.
-        | "WriteShards" >> beam.Map(lambda shard, _: _write_shard(shard, spec.output_dir, spec.num_shards), checked))
+        # After the marker's removal (which waits for the checked counts): no shard is replaced
+        # before the split is known good, nor while the old statistics.json still says finished.
+        | "WriteShards" >> beam.Map(lambda shard, _: _write_shard(shard, spec.output_dir, spec.num_shards), unmarked))
     return (
         pipeline
         | "Finish" >> beam.Create([None])
@@ -440,9 +446,9 @@ def run_prepare(spec: PrepareSpec, beam_args: Sequence[str] = ()) -> dict:
     beam = require_beam()
     import tensorflow as tf
 
-    statistics_path = os.path.join(spec.output_dir, "statistics.json")
     # statistics.json is written last: without it a directory is not a finished prepare output.
-    remove_if_present(statistics_path)
+    # The pipeline removes an old one only once the input has proved usable.
+    statistics_path = os.path.join(spec.output_dir, "statistics.json")
     with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         prepare_pipeline(pipeline, spec)
     with tf.io.gfile.GFile(statistics_path) as handle:
