@@ -144,7 +144,7 @@ def test_a_model_without_codes_gets_embeddings_only(built, runs):
         bi.load_sparse_code_index(out)
 
 
-def test_rerun_is_byte_identical(built, runs, tmp_path, capsys):
+def test_rerun_is_byte_identical(built, runs, tmp_path, capsys, monkeypatch):
     (per_code, fraction), (items, codes, batch) = config = RERUN
     argv = ["--run-dir", str(runs / "sparcode"), "--output-dir", str(tmp_path), "--item-shards", str(items),
             "--code-shards", str(codes), "--max-items-per-code", str(per_code), "--cache-fraction", str(fraction),
@@ -160,11 +160,26 @@ def test_rerun_is_byte_identical(built, runs, tmp_path, capsys):
     assert summary["wall_seconds"] > 0 and summary.keys() == printed.keys()
     assert json.loads((tmp_path / bi.SUMMARY_FILE).read_text()) == summary
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporaries left
-    # A rebuild that fails part-way leaves no statistics, so nothing loads old and new files together.
+    finished = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    settings = dict(item_shards=items, code_shards=codes, max_items_per_code=per_code, cache_fraction=fraction,
+                    batch_size=batch)
+    # A rebuild that fails before it writes leaves the finished build whole: its statistics were
+    # deleted first, so a run directory without weights made a good index unloadable.
     with pytest.raises(Exception):
-        bi.run_build_index(runs / "sparcode", tmp_path, item_shards=items, code_shards=codes,
-                           max_items_per_code=per_code, cache_fraction=fraction, batch_size=batch,
-                           beam_args=["--runner=NoSuchRunner"])
+        bi.run_build_index(runs / "sparcode", tmp_path, beam_args=["--runner=NoSuchRunner"], **settings)
+    no_weights = tmp_path.parent / "no_weights"
+    (no_weights / "model").mkdir(parents=True)
+    (no_weights / "model" / "config.json").write_bytes((runs / "sparcode" / "model" / "config.json").read_bytes())
+    with pytest.raises(Exception, match="weights"):
+        bi.run_build_index(no_weights, tmp_path, **settings)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == finished
+    # One that fails part-way leaves no statistics, so nothing loads old and new files together.
+    def disk_full(path, content):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bi, "write_bytes", disk_full)
+    with pytest.raises(Exception, match="No space left"):
+        bi.run_build_index(runs / "sparcode", tmp_path, beam_args=["--direct_num_workers=1"], **settings)
     assert not (tmp_path / bi.STATS_FILE).exists() and not (tmp_path / bi.SUMMARY_FILE).exists()
     with pytest.raises(FileNotFoundError, match="has no index_stats.json: no build_index finished there"):
         bi.load_sparse_code_index(tmp_path)

@@ -84,8 +84,10 @@ def remove_if_present(path: str) -> None:
     """Removes the file at ``path`` (any ``tf.io.gfile`` path) if there is one."""
     import tensorflow as tf
 
-    if tf.io.gfile.exists(path):
+    try:
         tf.io.gfile.remove(path)
+    except tf.errors.NotFoundError:  # none, or another worker removed it first
+        pass
 
 
 def write_bytes(path: str, content: bytes) -> None:

@@ -186,12 +186,24 @@ class _MergePostings(beam.CombineFn):
         return (*entries_to_postings(*entries, self.num_codes), positives)
 
 
+def _unmark(plan: _Plan) -> None:
+    """Removes the statistics of an earlier build, just before one of its files is replaced.
+
+    The statistics mark a finished build, so an interrupted rebuild must not pass new files off
+    under them; removed no sooner, so a build that fails before writing (a run directory
+    without weights) leaves the earlier one whole.
+    """
+    for name in (STATS_FILE, SUMMARY_FILE):
+        remove_if_present(os.path.join(plan.output_dir, name))
+
+
 def _write_embeddings(pieces: list, plan: _Plan) -> dict:
     pieces = sorted(pieces, key=lambda piece: piece[0])
     embeddings = np.concatenate([rows for _, rows in pieces]).astype(np.float32)
     starts = [start for start, _ in pieces]
     if starts != [0] + [lo for lo, _ in plan.item_ranges] or len(embeddings) != plan.num_items + 1:
         raise RuntimeError(f"item shards starting at {starts} do not cover items 0..{plan.num_items}")
+    _unmark(plan)
     with gfile_temporary(os.path.join(plan.output_dir, EMBEDDINGS_FILE)) as temporary:
         with tf.io.gfile.GFile(temporary, "wb") as handle:
             np.save(handle, embeddings, allow_pickle=False)
@@ -209,6 +221,7 @@ def _write_postings(merged, plan: _Plan) -> dict:
             buffer = io.BytesIO()
             np.save(buffer, array, allow_pickle=False)
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME), buffer.getvalue())
+    _unmark(plan)
     write_bytes(os.path.join(plan.output_dir, POSTINGS_FILE), content.getvalue())
     lengths = np.diff(splits)
     return {"num_codes": plan.num_codes, "max_items_per_code": plan.max_items_per_code,
@@ -302,11 +315,7 @@ def run_build_index(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     settings = dict(item_shards=item_shards, code_shards=code_shards, max_items_per_code=max_items_per_code,
                     cache_fraction=cache_fraction, batch_size=batch_size)
     _plan(run_dir, output_dir, **settings)  # fail before starting a runner
-    # The statistics mark a finished build: gone first, so an interrupted rebuild cannot pass
-    # new embeddings off under the old build's statistics.
     output_dir = os.fspath(output_dir)
-    for name in (STATS_FILE, SUMMARY_FILE):
-        remove_if_present(os.path.join(output_dir, name))
     started = time.perf_counter()
     with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         build_index_pipeline(pipeline, run_dir, output_dir, **settings)
