@@ -249,6 +249,89 @@ def test_export_to_a_url_goes_through_tf_io_gfile(model):
         export_retrieval_model(model, string_vocab(), base, version=2, k_max=K_MAX)
 
 
+def _files(directory, names=None) -> dict:
+    """{relative name: bytes or None} of the files under a local ``directory``, or of ``names``
+    under any directory (ram:// lists "assets" with "assets.extra"'s files, so it is not walked)."""
+    directory = str(directory)
+    if names is None:
+        names = [os.path.relpath(os.path.join(root, name), directory)
+                 for root, _, files in os.walk(directory) for name in files]
+    found = {}
+    for name in names:
+        path = f"{directory}/{name}"
+        found[name] = tf.io.gfile.GFile(path, "rb").read() if tf.io.gfile.exists(path) else None
+    return found
+
+
+def test_an_overwrite_that_fails_leaves_the_previous_savedmodel(model, tmp_path, monkeypatch):
+    """On an object store the old SavedModel was deleted before the upload, which a dropped
+    connection left half-written; locally, a crash between the two renames left the old one
+    under a random hidden name that nothing restored."""
+    from tfx_xmatch.export import save_serving_module
+
+    module = build_serving_module(model, string_vocab(), k_max=K_MAX)
+    reference = tmp_path / "reference"
+    save_serving_module(module, reference, string_vocab())
+    names = sorted(_files(reference))
+    assert {"saved_model.pb", "variables/variables.index", "assets.extra/xmatch_model.json"} <= set(names)
+    # file:// takes the object-store path (ram:// cannot delete a directory tree).
+    remote = f"file://{tmp_path}/store/serving"
+    save_serving_module(module, remote, string_vocab())
+    before = _files(remote, names)
+    assert None not in before.values()
+    real_copy, calls = tf.io.gfile.copy, []
+
+    def connection_reset(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise tf.errors.UnavailableError(None, None, "connection reset")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", connection_reset)
+    with pytest.raises(tf.errors.UnavailableError):
+        save_serving_module(module, remote, string_vocab(), overwrite=True)
+    monkeypatch.undo()
+    assert _files(remote, names) == before
+    assert [name.rstrip("/") for name in tf.io.gfile.listdir(remote.rsplit("/", 1)[0])] == ["serving"]  # no staging
+    save_serving_module(module, remote, string_vocab(), overwrite=True)
+    assert None not in _files(remote, names).values()
+
+    local = tmp_path / "serving"
+    save_serving_module(module, local, string_vocab())
+    before = _files(local)
+    os.replace(local, tmp_path / ".serving.old")  # killed between moving it aside and the new one's rename
+    with pytest.raises(FileExistsError):  # restored first, so it still counts as there
+        save_serving_module(module, local, string_vocab())
+    assert _files(local) == before and sorted(os.listdir(tmp_path)) == ["reference", "serving", "store"]
+    save_serving_module(module, local, string_vocab(), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["reference", "serving", "store"]
+
+
+def test_a_failed_publish_to_an_object_store_leaves_no_version(tmp_path, monkeypatch):
+    """A half-copied version stayed: every server failed to load it and later publishes skipped it."""
+    from tfx_xmatch.pipelines.run import publish
+
+    staged = tmp_path / "staged"
+    (staged / "variables").mkdir(parents=True)
+    (staged / "saved_model.pb").write_bytes(b"graph")
+    (staged / "variables" / "variables.index").write_bytes(b"index")
+    base = f"ram://publish-{os.getpid()}"
+    assert publish(staged, base) == f"{base}/1"
+    real_copy = tf.io.gfile.copy
+
+    def connection_reset(source, destination, overwrite=False):
+        if destination.endswith("saved_model.pb"):
+            raise tf.errors.UnavailableError(None, None, "connection reset")
+        return real_copy(source, destination, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", connection_reset)
+    with pytest.raises(tf.errors.UnavailableError):
+        publish(staged, base)
+    monkeypatch.undo()
+    assert [name.rstrip("/") for name in tf.io.gfile.listdir(base)] == ["1"]
+    assert publish(staged, base) == f"{base}/2"
+
+
 @pytest.mark.parametrize("kind", ["brute_force", "partitioned"])
 def test_reloaded_export_equals_the_in_process_model_and_uses_stock_ops(model, exported, kind):
     _, paths = exported

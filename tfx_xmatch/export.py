@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import tempfile
 import uuid
 from typing import Optional
@@ -45,7 +44,7 @@ from tfx_xmatch import arguments
 from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
-from tfx_xmatch.io_utils import copy_directory
+from tfx_xmatch.io_utils import atomic_directory, copy_directory, copy_directory_or_nothing, restore_moved_aside
 from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description
 
 log = logging.getLogger("tfx_xmatch.export")
@@ -541,13 +540,17 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
 
     Args:
       overwrite: Replace an existing ``directory`` (a retried TFX Trainer writes to the same
-        place): locally it is swapped out only once the new SavedModel is complete; on an
-        object store it is deleted first. Default False.
+        place), only once the new SavedModel is complete: locally by two renames (a crash
+        between them leaves the old one as ``.NAME.old``, which the next save restores); on
+        an object store the new one is uploaded beside it first, then the old one is deleted
+        and the new one uploaded in its place (``saved_model.pb`` last). Default False.
 
     Raises:
       FileExistsError: ``directory`` already exists and ``overwrite`` is False.
     """
     final = _join(str(directory))
+    if not isinstance(final, str):
+        restore_moved_aside(final)  # an earlier overwrite killed between its two renames
     exists = tf.io.gfile.exists(str(final))
     if exists and not overwrite:
         raise FileExistsError(f"{final} already exists; write the SavedModel to a new directory")
@@ -560,25 +563,27 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
             _write_extras(pathlib.Path(local), module, model_name, histories)
             # saved_model.pb last: a server looking during the copy finds no SavedModel rather
             # than a graph whose variables are half written (object stores have no atomic rename).
-            if exists:
+            if not exists:
+                copy_directory_or_nothing(local, final, last="saved_model.pb")
+                return final
+            # Uploaded beside the old export first, so a failed upload leaves that one whole;
+            # only then is the old one replaced (a store's rename of a directory copies too).
+            parent, name = final.rstrip("/").rsplit("/", 1)
+            staging = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+            copy_directory_or_nothing(local, staging)
+            try:
                 tf.io.gfile.rmtree(final)
-            copy_directory(local, final, last="saved_model.pb")
+                copy_directory(local, final, last="saved_model.pb")
+            except BaseException as error:
+                error.add_note(f"a complete copy of the new SavedModel is at {staging}")
+                raise
+            tf.io.gfile.rmtree(staging)
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp: mkdtemp's 0700 would survive the rename and lock out a server that
-    # runs as another user.
-    temporary = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    temporary.mkdir()
-    try:
+    # A temporary beside it, renamed into place when complete; the old one (if any) is moved
+    # aside under a name the next save restores should a crash come between the two renames.
+    with atomic_directory(final) as temporary:
         tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
         _write_extras(temporary, module, model_name, histories)
-        previous = final.parent / f".{final.name}.{uuid.uuid4().hex}.old"
-        if exists:
-            os.replace(final, previous)
-        os.rename(temporary, final)
-        shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return final
 
 

@@ -106,9 +106,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 
     An existing ``path`` is moved aside first and deleted only after the new one is in place,
     so a crash leaves the old or the new directory (the old one possibly under ``.NAME.old``),
-    never a mix; between the two renames ``path`` is briefly absent.
+    never a mix; between the two renames ``path`` is briefly absent. The next call for the
+    same ``path`` restores such a ``.NAME.old`` first (:func:`restore_moved_aside`).
     """
     path = pathlib.Path(path)
+    restore_moved_aside(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not mkdtemp: mkdtemp's 0700 would survive the rename and lock out other users.
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -123,6 +125,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def restore_moved_aside(path: str | os.PathLike) -> bool:
+    """Renames ``.NAME.old`` back to a missing ``path``: the only copy left by a process killed
+    between :func:`atomic_directory`'s two renames. Returns whether it did."""
+    path = pathlib.Path(path)
+    previous = path.with_name(f".{path.name}.old")
+    if path.exists() or not previous.is_dir():
+        return False
+    os.replace(previous, path)
+    return True
 
 
 def temporary_of(name: str, outputs: Iterable[str]) -> Optional[str]:
@@ -194,3 +207,16 @@ def copy_directory(local: str | os.PathLike, target: str, last: Optional[str] = 
                 tf.io.gfile.copy(*pair, overwrite=True)
     for source, destination in deferred:
         tf.io.gfile.copy(source, destination, overwrite=True)
+
+
+def copy_directory_or_nothing(local: str | os.PathLike, target: str, last: Optional[str] = None) -> None:
+    """:func:`copy_directory` to a ``target`` that does not exist yet, removed again if the copy
+    fails (an object store has no atomic rename): a failed copy leaves nothing half-written."""
+    import tensorflow as tf
+
+    try:
+        copy_directory(local, target, last)
+    except BaseException:
+        with contextlib.suppress(tf.errors.OpError):
+            tf.io.gfile.rmtree(target)
+        raise

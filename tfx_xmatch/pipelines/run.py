@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
-from tfx_xmatch.io_utils import copy_directory, write_json_atomic
+from tfx_xmatch.io_utils import copy_directory_or_nothing, write_json_atomic
 from tfx_xmatch.pipelines.beam_utils import split_arguments
 from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
 
@@ -104,7 +104,9 @@ def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path 
     version = next_version(model_base_path)
     if "://" in model_base_path:
         final = f"{model_base_path.rstrip('/')}/{version}"
-        copy_directory(staged_version, final, last="saved_model.pb")
+        # Removed again if the copy fails: a half-written version would fail to load on every
+        # server and stay there, skipped by every later publish.
+        copy_directory_or_nothing(staged_version, final, last="saved_model.pb")
         return final
     final = pathlib.Path(model_base_path) / str(version)
     # A hidden name beside the versions (servers ignore it), renamed into place when complete.
