@@ -51,20 +51,19 @@ def load_finished_run(run_dir: pathlib.Path, trained_by: str = ""):
 
 def write_results(result: dict, output: str, to_markdown: Callable[[dict], str], echo: bool = False,
                   results_dir: pathlib.Path = RESULTS_DIR) -> None:
-    """Writes ``result`` as ``results_dir/<output>.json`` and its page ``<output>.md`` (each
-    atomically, so a run cut short leaves the previous complete pair), printing the page when
-    ``echo``.
+    """Writes ``result`` as ``results_dir/<output>.json`` and its page ``<output>.md``, printing
+    the page when ``echo``. Neither is replaced before both are written, so a run cut short
+    leaves the previous complete pair.
 
     Raises:
       ValueError: ``result`` does not follow DESIGN's schema (``check_rows``); nothing is written.
     """
-    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
+    from tfx_xmatch.io_utils import json_text, write_texts_atomic
 
     check_rows(result, output)
     results_dir.mkdir(parents=True, exist_ok=True)
     page = to_markdown(result)
-    write_json_atomic(results_dir / f"{output}.json", result)
-    write_text_atomic(results_dir / f"{output}.md", page)
+    write_texts_atomic({results_dir / f"{output}.json": json_text(result), results_dir / f"{output}.md": page})
     if echo:
         print(page)
 

@@ -161,7 +161,7 @@ def main() -> int:
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
     args = parser.parse_args()
-    from tfx_xmatch.io_utils import write_json_atomic, write_text_atomic
+    from tfx_xmatch.io_utils import json_text, write_texts_atomic
 
     changed = []
     for path in sorted(pathlib.Path(args.results_dir).rglob("*.json")):
@@ -180,10 +180,11 @@ def main() -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "changes": "row keys and names only (DESIGN.md 'Benchmarks'); no measured value changed",
         }
-        write_json_atomic(path, fresh)
+        texts = {path: json_text(fresh)}
         script = RENDERED_AGAIN.get(fresh["benchmark"])
         if script:
-            write_text_atomic(path.with_suffix(".md"), importlib.import_module(script).to_markdown(fresh))
+            texts[path.with_suffix(".md")] = importlib.import_module(script).to_markdown(fresh)
+        write_texts_atomic(texts)  # the JSON and its page are replaced together
         print(f"conformed: {path}")
     if args.check and changed:
         print("would change: " + ", ".join(str(path) for path in changed))

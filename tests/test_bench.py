@@ -100,6 +100,30 @@ def test_a_failing_model_is_reported_and_a_resumed_run_says_what_it_reused(tmp_p
     assert "1 of 1 trainings were reused" in report and "| two_tower_mean ↺ |" in report
 
 
+def test_a_run_cut_short_leaves_the_last_complete_result_and_report(tmp_path, monkeypatch):
+    """Progress replaced bench.json after the first model, so a run killed then left a one-row
+    result beside the previous run's REPORT.md."""
+    from tfx_xmatch.bench import suite as bench_suite
+
+    mean = {"config": str((SUITE.parent / "../configs/ml1m_mean.yaml").resolve()), "paths": [{"kind": "brute_force"}]}
+    arguments = ["--suite", str(_tiny_suite(tmp_path, {"two_tower_mean": mean})), "--quick", "--output-dir",
+                 str(tmp_path / "out")]
+    assert cli.main([*arguments, "--runs-dir", str(tmp_path / "runs")]) == 0
+    out = tmp_path / "out"
+    complete = {path: path.read_bytes() for path in (out / "bench_quick.json", out / "quick" / "REPORT.md")}
+    assert not (out / "bench_quick.partial.json").exists()
+
+    def killed_after_one_model(suite, data_dir, runs_dir, on_progress=None):
+        on_progress({"rows": [], "failures": [], "index_latency": [], "seeds": [0]})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_suite, "run_suite", killed_after_one_model)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*arguments, "--runs-dir", str(tmp_path / "runs2")])
+    assert {path: path.read_bytes() for path in complete} == complete
+    assert json.loads((out / "bench_quick.partial.json").read_text())["complete"] is False  # what it measured
+
+
 def test_summary_is_the_mean_and_sample_std_over_seeds_with_ratios_to_the_baseline():
     def row(model, path, seed, hr, p50, build):
         return {"dataset": "d", "model": model, "path": path, "seed": seed, "HR@10": hr, "p50_ms": p50,

@@ -614,6 +614,31 @@ def test_every_committed_results_file_follows_the_design_schema(path):
     assert conform(result) == result
 
 
+def test_a_results_pair_is_replaced_together(tmp_path, monkeypatch):
+    """The JSON was replaced before the page was written, so a run that died while writing the
+    page left the new numbers beside the old page."""
+    common = _import_benchmark("common")
+    row = {"dataset": "synthetic", "split": "-", "model": "two_tower_mean", "HR@10": 0.5}
+    page = lambda result: f"# run {result['run']}\n"  # noqa: E731
+    common.write_results({"rows": [row], "run": 1}, "demo", page, results_dir=tmp_path)
+    before = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert sorted(before) == ["demo.json", "demo.md"]
+    real_write_text = pathlib.Path.write_text
+
+    def disk_full_on_the_page(self, *args, **kwargs):
+        if self.name.startswith(".demo.md."):
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full_on_the_page)
+    with pytest.raises(OSError, match="No space left"):
+        common.write_results({"rows": [row], "run": 2}, "demo", page, results_dir=tmp_path)
+    monkeypatch.undo()
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before  # no temporary left either
+    common.write_results({"rows": [row], "run": 3}, "demo", page, results_dir=tmp_path)
+    assert (tmp_path / "demo.md").read_text() == "# run 3\n" and '"run": 3' in (tmp_path / "demo.json").read_text()
+
+
 def test_results_in_the_old_schema_are_refused_and_conformed_without_changing_a_value(tmp_path):
     from tfx_xmatch.bench.schema import check_rows
 

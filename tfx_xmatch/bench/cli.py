@@ -7,9 +7,10 @@
 
 Without ``--resume`` every model is trained again: the default runs directory
 (``benchmarks/runs/bench-full|quick``) is cleared first, and a ``--runs-dir`` given explicitly
-must be empty. The JSON result is rewritten after every model, so a long run that fails or is
-stopped keeps what it measured; a model that fails is listed in the report and makes the exit
-status 1.
+must be empty. While it runs, ``bench[_quick].partial.json`` is rewritten after every model, so
+a long run that fails or is stopped keeps what it measured; ``bench[_quick].json`` and
+``REPORT.md`` are replaced together only when the suite completes. A model that fails is listed
+in the report and makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 from tfx_xmatch.bench.schema import check_rows
-from tfx_xmatch.io_utils import write_json_atomic
+from tfx_xmatch.io_utils import json_text, write_json_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -72,15 +73,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "quick": args.quick, "suite": args.suite, "resume": args.resume, "complete": False,
               "budgets": {name: spec["budget_minutes"] for name, spec in suite.datasets.items()}}
 
+    # Progress goes to its own file: the last complete result and its report stay a pair until
+    # a new run completes (a run killed after one model once left a one-row bench.json).
+    progress = output / f"{stem}.partial.json"
+
     def save(partial: dict) -> None:
         check_rows({**result, **partial}, stem)
-        write_json_atomic(output / f"{stem}.json", {**result, **partial})
+        write_json_atomic(progress, {**result, **partial})
 
     result.update(run_suite(suite, args.data_dir, runs_dir, on_progress=save))
     result["complete"] = True
     check_rows(result, stem)
-    write_json_atomic(output / f"{stem}.json", result)
-    report = write_report(result, output / "quick" if args.quick else output)
+    report = write_report(result, output / "quick" if args.quick else output,
+                          together_with={output / f"{stem}.json": json_text(result)})
+    progress.unlink(missing_ok=True)
     print(f"report: {report} ({result['wall_seconds'] / 60:.1f} min)")
     for failure in result["failures"]:
         print(f"xmatch bench: FAILED {failure['dataset']} / {failure['model']} / seed {failure['seed']}: "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import pathlib
+from typing import Optional
 
 from tfx_xmatch.bench.suite import QUALITY_KEYS
-from tfx_xmatch.io_utils import atomic_path, write_text_atomic
+from tfx_xmatch.io_utils import atomic_path, write_texts_atomic
 
 PLOTS = {"quality": "report_quality.png", "index_latency": "report_index_latency.png",
          "t2diff_steps": "report_t2diff_steps.png", "sparcode_cache": "report_sparcode_cache.png"}
@@ -216,11 +217,19 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: dict, directory: str | pathlib.Path) -> pathlib.Path:
-    """Writes the plots and ``REPORT.md`` into ``directory``; returns the report's path."""
+def write_report(result: dict, directory: str | pathlib.Path,
+                 together_with: Optional[dict] = None) -> pathlib.Path:
+    """Writes the plots and ``REPORT.md`` into ``directory``; returns the report's path.
+
+    Args:
+      result: The suite's result.
+      directory: Where the report and its plots go.
+      together_with: ``{path: text}`` replaced in the same step as ``REPORT.md`` (the result
+        JSON), so that neither is ever left beside the other's previous version.
+    """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plots = plot(result, directory)
     path = directory / "REPORT.md"
-    write_text_atomic(path, markdown(result, plots))
+    write_texts_atomic({**(together_with or {}), path: markdown(result, plots)})
     return path
