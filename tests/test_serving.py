@@ -1357,3 +1357,92 @@ def test_json_floats_that_would_lose_precision_are_refused_as_tf_serving_does():
     assert codec.json_to_ndarray(double_spec, [16777217]).tolist() == [16777217.0]
     with pytest.raises(ServingError, match="to double without loss of precision"):
         codec.json_to_ndarray(double_spec, [2 ** 53 + 1])
+
+
+def _raw_http(port: int, head: bytes, body: bytes = b"", wait_for_continue: bool = False) -> bytes:
+    """Sends ``head`` (and ``body``) on a plain socket; returns everything the server answers."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(head)
+        if wait_for_continue:
+            interim = connection.recv(100)
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        connection.sendall(body)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_rest_reads_bodies_as_tf_serving_does_and_refuses_what_it_refuses(shared):
+    """Found by fuzzing the REST front end against tensorflow_model_server's decoding."""
+    port = shared.server.rest_port
+    # A JSON true among integers: NumPy read [1, true] as [1, 1] and answered 200.
+    for body in ({"inputs": {"history": [[1, True, 3, 0, 0]], "k": 3}},
+                 {"instances": [{"history": [1, 2, 3, 0, 0], "k": 3}, {"history": [1, 2, True, 0, 0], "k": 3}]}):
+        status, answer = shared.rest("POST", "/v1/models/tiny:predict", body)
+        assert status == 400 and "a boolean (true/false)" in answer["error"], answer
+    # A duplicate key: Python's json took the last, RapidJSON the first; refused, naming it.
+    status, answer = shared.rest("POST", "/v1/models/tiny:predict",
+                                 b'{"inputs": {"history": [[1, 2, 3, 0, 0]], "k": 3, "k": 2}}')
+    assert status == 400 and "the key 'k' appears twice" in answer["error"], answer
+    # Bytes that are not UTF-8 inside a JSON string reach a string input unchanged (were a 400).
+    status, answer = shared.rest("POST", "/v1/models/tiny:predict",
+                                 b'{"signature_name": "echo", "inputs": ["movie-\xe9"]}')
+    assert status == 200 and base64.b64decode(answer["outputs"]["raw_bytes"][0]["b64"]) == b"movie-\xe9"
+    # A chunk size that is not hex digits: "-1" read to the end of the stream (a thread held
+    # for the 30 s timeout), "-5" dropped the connection without an answer.
+    for size in (b"-1", b"-5", b"0x17", b"+17"):
+        started = time.monotonic()
+        answer = _raw_http(port, b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n",
+                           b'{"inputs": {}}\r\n0\r\n\r\n')
+        assert answer.startswith(b"HTTP/1.0 400") and b"malformed chunk size" in answer, (size, answer)
+        assert time.monotonic() - started < 5
+    # Expect: 100-continue is answered before the body (curl waited a second for it).
+    body = json.dumps({"inputs": {"history": [[1, 2, 3, 0, 0]], "k": 3}}).encode()
+    answer = _raw_http(port, b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n", body, wait_for_continue=True)
+    assert b" 200 OK" in answer and b'"item_ids"' in answer
+
+
+def test_grpc_requests_tf_serving_refuses_are_refused(shared):
+    def grpc_error(call, request):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=10)
+        return info.value.code(), info.value.details()
+
+    # A label set to "" is a label (TF Serving: unrecognized); it was dropped, serving the latest.
+    request = predict_request(inputs=good_inputs())
+    request.model_spec.version_label = ""
+    assert request.model_spec.WhichOneof("version_choice") == "version_label"
+    assert grpc_error(shared.predict.Predict, request) == (INVALID, "Unrecognized servable version label: ")
+    # GetModelStatus without a model_spec was NOT_FOUND for the model "".
+    assert grpc_error(shared.models.GetModelStatus, get_model_status_pb2.GetModelStatusRequest()) == (
+        INVALID, "Missing ModelSpec")
+    # More values than the shape holds: refused naming both (was np.pad's "index can't contain
+    # negative values"; TF Serving keeps the first values, serving/README lists the difference).
+    request = predict_request(inputs=good_inputs())
+    request.inputs["history"].ClearField("tensor_content")
+    request.inputs["history"].int64_val.extend([1, 2, 3, 0, 0] * 2)
+    code, details = grpc_error(shared.predict.Predict, request)
+    assert code == INVALID and "declares shape [1,5] (5 values) but holds 10 values in int64_val" in details, details
+
+
+def test_a_tensorflow_error_quoting_bytes_that_are_not_utf8_keeps_its_message():
+    """TF's binding could not decode such a message: the client got "UnicodeDecodeError: 'utf-8'
+    codec can't decode byte 0xff ..." instead of the model's out-of-vocabulary assertion."""
+    from tfx_xmatch.serving.errors import from_exception
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def lookup(ids):
+        known = tf.reduce_all(tf.equal(ids, b"ok"))
+        with tf.control_dependencies([tf.debugging.Assert(known, ["ids outside the vocabulary, e.g.", ids])]):
+            return tf.identity(ids)
+
+    with pytest.raises(Exception) as info:
+        lookup(tf.constant([b"\xff\xfe", b"ok"]))
+    error = from_exception(info.value)
+    assert error.code == INVALID
+    assert error.message == r"assertion failed: [ids outside the vocabulary, e.g.] [\xff\xfe ok]"

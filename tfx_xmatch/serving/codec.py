@@ -94,6 +94,14 @@ def tensor_proto_to_ndarray(spec: TensorSpecInfo, proto) -> np.ndarray:
                 f"{got.name} needs {expected} bytes of tensor_content, got "
                 f"{len(proto.tensor_content)}"
             )
+    field = "string_val" if got == tf.string else _VALUE_FIELDS.get(got.name)
+    if field and not proto.tensor_content and len(getattr(proto, field)) > num_elements:
+        # TF Serving keeps the first values and drops the rest; a client that sends more values
+        # than its shape holds has a bug worth hearing about (serving/README's differences).
+        raise errors.invalid_argument(
+            f"tensor parsing error: input '{alias}' declares shape {shape_str(shape)} "
+            f"({num_elements} values) but holds {len(getattr(proto, field))} values in {field}"
+        )
     try:
         array = tf.make_ndarray(proto)
     except Exception as exc:
@@ -175,7 +183,8 @@ def _string_tensor(alias: str, value) -> np.ndarray:
                 )
             return (len(node),) + (sub_shapes[0] if sub_shapes else ())
         if isinstance(node, str):
-            leaves.append(node.encode("utf-8"))
+            # surrogateescape: the REST front end decodes a body's non-UTF-8 bytes that way.
+            leaves.append(node.encode("utf-8", "surrogateescape"))
             return ()
         if isinstance(node, dict) and set(node) == {"b64"} and isinstance(node["b64"], str):
             try:
@@ -225,6 +234,12 @@ def json_to_ndarray(spec: TensorSpecInfo, value) -> np.ndarray:
     check_shape(spec, raw.shape)
     target = np.dtype(dtype.as_numpy_dtype)
     kind = raw.dtype.kind
+    if not dtype.is_bool and kind != "b" and _holds_bool(value):
+        # NumPy reads [1, true] as [1, 1]; TF Serving's decoder refuses a bool for a number.
+        raise errors.invalid_argument(
+            f"input '{alias}' expects {dtype.name} values but the JSON holds a boolean (true/false) "
+            "among them"
+        )
     if raw.size:
         if dtype.is_bool:
             if kind != "b":
@@ -264,6 +279,16 @@ def _json_integers(value):
             yield from _json_integers(item)
     elif isinstance(value, int) and not isinstance(value, bool):
         yield value
+
+
+def _holds_bool(value) -> bool:
+    """Whether a JSON boolean is among the leaves of rectangular nested lists (by the type set
+    of each innermost list: C loops, a few ms for 10^6 leaves)."""
+    if isinstance(value, list):
+        if value and not isinstance(value[0], list):
+            return bool in set(map(type, value))
+        return any(map(_holds_bool, value))
+    return type(value) is bool
 
 
 def _check_lossless(alias: str, value, raw: np.ndarray, target: np.dtype) -> None:

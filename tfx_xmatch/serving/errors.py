@@ -79,6 +79,12 @@ def from_exception(exc: BaseException) -> ServingError:
             return ServingError(status_code_from_int(exc.error_code), clean_tf_message(exc.message))
     except ImportError:  # pragma: no cover - TF is always there in practice
         pass
+    raw = getattr(exc, "object", None)
+    if isinstance(exc, UnicodeDecodeError) and isinstance(raw, bytes) and b"[Op:" in raw:
+        # TensorFlow's own error, whose message quotes request bytes that are not UTF-8 (an
+        # unknown id): its Python binding failed to decode it, losing the code. Only a
+        # request's data puts such bytes there, hence INVALID_ARGUMENT.
+        return invalid_argument(clean_tf_message(raw.decode("utf-8", "backslashreplace")))
     if isinstance(exc, (ValueError, TypeError)):
         return invalid_argument(f"{type(exc).__name__}: {exc}")
     return ServingError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -34,8 +34,8 @@ def model_spec_version(spec):
     which = spec.WhichOneof("version_choice")
     if which == "version":
         return spec.version.value, None
-    if which == "version_label":
-        return None, spec.version_label or None
+    if which == "version_label":  # set, even to "": TF Serving refuses an empty label
+        return None, spec.version_label
     return None, None
 
 
@@ -145,6 +145,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request, context):
         try:
+            if not request.HasField("model_spec"):
+                raise errors.invalid_argument("Missing ModelSpec")
             version, _ = model_spec_version(request.model_spec)
             # TF Serving's GetModelStatus ignores version_label: every version (or the one asked).
             statuses = self.manager.status(request.model_spec.name, version)

@@ -592,7 +592,7 @@ class ModelManager:
     # -- requests -----------------------------------------------------------------------------
 
     def resolve_version(self, model: Model, version: int | None, label: str | None):
-        if label:
+        if label is not None:
             labels = model.config.labels
             if label not in labels:
                 raise errors.invalid_argument(f"Unrecognized servable version label: {label}")
@@ -608,7 +608,7 @@ class ModelManager:
             raise errors.invalid_argument("Missing ModelSpec: the request names no model")
         model = self.get_model(name)
         if model is None:
-            if label:
+            if label is not None:
                 # TF Serving resolves a label before it looks for the servable, so an unknown
                 # model named with a label is an unrecognized label (400), not a 404.
                 raise errors.invalid_argument(f"Unrecognized servable version label: {label}")

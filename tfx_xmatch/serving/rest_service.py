@@ -139,7 +139,10 @@ class RestApp:
                 "or \"inputs\" (columnar format)"
             )
         try:
-            doc = json.loads(body)
+            # surrogateescape: bytes that are not UTF-8 reach a string input unchanged, as with
+            # TF Serving's RapidJSON (codec encodes them back); a duplicate key is refused where
+            # RapidJSON would take the first and Python's json the last.
+            doc = json.loads(body.decode("utf-8", "surrogateescape"), object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError) as exc:
             raise _bad(f"Malformed JSON in the request body: {exc}") from None
         if not isinstance(doc, dict):
@@ -240,8 +243,19 @@ def encode_predictions(outputs: dict, rows: int):
     return [{alias: column[i] for alias, column in columns.items()} for i in range(rows)]
 
 
+def _unique_keys(pairs: list) -> dict:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {duplicate!r} appears twice in one JSON object")
+    return document
+
+
 # --------------------------------------------------------------------------------------------
 # HTTP plumbing
+
+_HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -267,6 +281,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes | None:
         """The request body, de-chunked and gunzipped as TF Serving's HTTP server does; None
         when an error answer was sent instead."""
+        if self.headers.get("Expect", "").strip().lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            # As libevent does for TF Serving; curl otherwise waits a second before a large body.
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             body = self._read_chunked()
         else:
@@ -296,12 +314,14 @@ class _Handler(BaseHTTPRequestHandler):
         parts, total = [], 0
         while True:
             line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
+            digits = line.split(b";", 1)[0].strip()
+            # Hex digits only: int() would also take "-1" (then read to the end of the stream,
+            # holding a thread until the timeout), "+17", "0x17" and "1_7".
+            if not _HEX_DIGITS.fullmatch(digits):
                 self.close_connection = True
                 self._send(400, {"error": f"malformed chunk size line {line[:40]!r}"})
                 return None
+            size = int(digits, 16)
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers
                     pass
