@@ -204,6 +204,19 @@ def test_bad_inputs_say_what_is_wrong(tmp_path):
     assert not (tmp_path / "out" / "statistics.json").exists()
 
 
+def test_a_repeated_header_line_is_a_dead_letter_as_in_process(tmp_path):
+    lines = "user item rating ts\nu1 i1 5 1\nu1 i2 4 2\nu1 i3 5 3\nuser item rating ts\nu2 i1 3 4\nu2 i3 5 5\nu2 i4 4 6\n"
+    (tmp_path / "ratings.txt").write_text(lines)
+    spec = PrepareSpec(inputs=(str(tmp_path / "ratings.txt"),), format="ratings", output_dir=str(tmp_path / "beam"),
+                       name="ratings", reader_options={"has_header": True})
+    assert run_prepare(spec)["malformed_lines"] == 1
+    letter = json.loads((tmp_path / "beam" / DEAD_LETTER_FILE).read_text())
+    assert (letter["line"], letter["problem"]) == (5, "the header line again (files concatenated with their headers?)")
+    dataset = load_dataset(str(tmp_path / "ratings.txt"), format="ratings", has_header=True, skip_bad_lines=True,
+                           side_info=False)
+    same_outputs(in_process(dataset, "leave_one_out", tmp_path / "in_process", 1), tmp_path / "beam")
+
+
 def test_command_line(pairs_file, tmp_path, capsys):
     assert prepare.main(["--input", str(pairs_file), "--format", "pairs", "--output-dir", str(tmp_path),
                          "--split", "user_level", "--split-option", "fractions=[0.6,0.2,0.2]",

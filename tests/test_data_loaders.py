@@ -582,6 +582,20 @@ def test_table_rows_that_do_not_fit_the_header_are_malformed(tmp_path, row, mess
         assert dataset.skipped_lines == 1 and dataset.user_ids.tolist() == [2, 3]
 
 
+def test_a_header_line_repeated_mid_file_is_malformed_not_an_event(tmp_path):
+    """Files concatenated with their headers: with string ids, "user,item" loaded as one more
+    user and item."""
+    table = write(tmp_path / "events.csv", "user,item,ts\nu1,i1,1\nu1,i2,2\nuser,item,ts\nu2,i1,3\nu2,i3,4\n")
+    with pytest.raises(DataFormatError, match=r"events.csv:4: the header line again \(files concatenated"):
+        load_table(table, timestamp_column="ts")
+    dataset = load_table(table, timestamp_column="ts", skip_bad_lines=True)
+    assert dataset.skipped_lines == 1 and sorted(dataset.user_ids.tolist()) == ["u1", "u2"]
+    log = write(tmp_path / "ratings.txt", "user item rating ts\nu1 i1 5 1\nuser item rating ts\nu2 i2 4 2\n")
+    with pytest.raises(DataFormatError, match=r"ratings.txt:3: the header line again"):
+        load_rating_log(log, has_header=True)
+    assert load_rating_log(log, has_header=True, skip_bad_lines=True).skipped_lines == 1
+
+
 def test_a_short_row_is_not_kept_by_min_rating(tmp_path):
     path = write(tmp_path / "events.csv", "user,item,stars\n1,10,5\n1,11\n")
     with pytest.raises(DataFormatError, match="no value for column 'stars'"):

@@ -146,13 +146,30 @@ def _read_lines(path: str, encoding: str) -> list[str]:
     return lines
 
 
+def record_lines(data: bytes, encoding: str, has_header: bool = False):
+    """(line number, line, problem) of a line-per-record file's bytes, without its header line.
+
+    ``problem`` names an undecodable line, or the header line found again further down (files
+    concatenated with their headers: with string ids it would load as one more event).
+    """
+    header = None
+    for number, line, problem in decoded_lines(data, encoding):
+        if has_header and number == 1:
+            header = line.strip()
+            continue
+        if problem is None and header and line.strip() == header:
+            problem = REPEATED_HEADER
+        yield number, line, problem
+
+
+REPEATED_HEADER = "the header line again (files concatenated with their headers?)"
+
+
 def _parsed_text_lines(path: str, encoding: str, parser: "LineParser", skip_header: bool = False):
     """(line number, ParsedLine) of a line-per-record file; undecodable lines are malformed ones."""
     with open(path, "rb") as handle:
         data = handle.read()
-    for number, line, problem in decoded_lines(data, encoding):
-        if skip_header and number == 1:
-            continue
+    for number, line, problem in record_lines(data, encoding, skip_header):
         yield number, parser.parse(line) if problem is None else ParsedLine(problem=problem)
 
 
@@ -471,6 +488,8 @@ def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] 
                               f"#{len(fields)}")
                 yield start, None, (f"column {column!r} runs over several lines (an unclosed quote?): lines "
                                     f"{start} to {reader.line_num} read as one row")
+            elif fields and fields == header:
+                yield start, None, REPEATED_HEADER
             elif fields:
                 row = dict(zip(header, fields))
                 if len(fields) > len(header):

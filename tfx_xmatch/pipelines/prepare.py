@@ -40,7 +40,7 @@ import numpy as np
 
 from tfx_xmatch.data.dataset import sequence_statistics
 from tfx_xmatch.data.loaders import (
-    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, decoded_lines, table_rows, vocabulary_from_tokens,
+    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, record_lines, table_rows, vocabulary_from_tokens,
 )
 from tfx_xmatch.data.splits import (
     SPLITS, check_split_options, check_time_split, check_user_level, leave_one_out_user, time_cuts, time_user,
@@ -182,10 +182,10 @@ def _parsed_lines(path: str, spec: PrepareSpec):
             else:
                 yield line_number, parser.parse(row), json.dumps(row, default=str, ensure_ascii=False)
         return
-    for line_number, line, problem in decoded_lines(data, spec.encoding):
+    for line_number, line, problem in record_lines(data, spec.encoding, spec.reader_options.get("has_header", False)):
         if problem is not None:
             yield line_number, ParsedLine(problem=problem), ""
-        elif not (spec.reader_options.get("has_header") and line_number == 1):
+        else:
             yield line_number, parser.parse(line), line
 
 
