@@ -165,6 +165,8 @@ def main() -> int:
 
     changed = []
     for path in sorted(pathlib.Path(args.results_dir).rglob("*.json")):
+        if path.name.endswith(".partial.json"):  # a suite's progress, rewritten as it runs
+            continue
         result = json.loads(path.read_text())
         if not isinstance(result, dict) or "benchmark" not in result:
             continue

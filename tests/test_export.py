@@ -279,22 +279,24 @@ def test_an_overwrite_that_fails_leaves_the_previous_savedmodel(model, tmp_path,
     save_serving_module(module, remote, string_vocab())
     before = _files(remote, names)
     assert None not in before.values()
-    real_copy, calls = tf.io.gfile.copy, []
+    real_copy = tf.io.gfile.copy
+    for failing in (1, len(names) // 2, len(names)):  # the connection drops early, midway, at the last file
+        calls = []
 
-    def connection_reset(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 2:
-            raise tf.errors.UnavailableError(None, None, "connection reset")
-        return real_copy(*args, **kwargs)
+        def connection_reset(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == failing:
+                raise tf.errors.UnavailableError(None, None, "connection reset")
+            return real_copy(*args, **kwargs)
 
-    monkeypatch.setattr(tf.io.gfile, "copy", connection_reset)
-    with pytest.raises(tf.errors.UnavailableError):
-        save_serving_module(module, remote, string_vocab(), overwrite=True)
-    monkeypatch.undo()
-    assert _files(remote, names) == before
-    assert [name.rstrip("/") for name in tf.io.gfile.listdir(remote.rsplit("/", 1)[0])] == ["serving"]  # no staging
+        monkeypatch.setattr(tf.io.gfile, "copy", connection_reset)
+        with pytest.raises(tf.errors.UnavailableError):
+            save_serving_module(module, remote, string_vocab(), overwrite=True)
+        monkeypatch.undo()
+        assert _files(remote, names) == before, failing
+        assert os.listdir(tmp_path / "store") == ["serving"], failing  # no staging copy left
     save_serving_module(module, remote, string_vocab(), overwrite=True)
-    assert None not in _files(remote, names).values()
+    assert None not in _files(remote, names).values() and os.listdir(tmp_path / "store") == ["serving"]
 
     local = tmp_path / "serving"
     save_serving_module(module, local, string_vocab())

@@ -44,7 +44,7 @@ from tfx_xmatch import arguments
 from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
-from tfx_xmatch.io_utils import atomic_directory, copy_directory, copy_directory_or_nothing, restore_moved_aside
+from tfx_xmatch.io_utils import atomic_directory, copy_directory_or_nothing, restore_moved_aside
 from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description
 
 log = logging.getLogger("tfx_xmatch.export")
@@ -543,7 +543,8 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
         place), only once the new SavedModel is complete: locally by two renames (a crash
         between them leaves the old one as ``.NAME.old``, which the next save restores); on
         an object store the new one is uploaded beside it first, then the old one is deleted
-        and the new one uploaded in its place (``saved_model.pb`` last). Default False.
+        and the new one renamed into its place within the store (``saved_model.pb`` last).
+        Default False.
 
     Raises:
       FileExistsError: ``directory`` already exists and ``overwrite`` is False.
@@ -566,18 +567,11 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
             if not exists:
                 copy_directory_or_nothing(local, final, last="saved_model.pb")
                 return final
-            # Uploaded beside the old export first, so a failed upload leaves that one whole;
-            # only then is the old one replaced (a store's rename of a directory copies too).
+            # Uploaded beside the old export first, so a failed upload leaves that one whole.
             parent, name = final.rstrip("/").rsplit("/", 1)
             staging = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
             copy_directory_or_nothing(local, staging)
-            try:
-                tf.io.gfile.rmtree(final)
-                copy_directory(local, final, last="saved_model.pb")
-            except BaseException as error:
-                error.add_note(f"a complete copy of the new SavedModel is at {staging}")
-                raise
-            tf.io.gfile.rmtree(staging)
+        _replace_by_renames(staging, final)
         return final
     # A temporary beside it, renamed into place when complete; the old one (if any) is moved
     # aside under a name the next save restores should a crash come between the two renames.
@@ -585,6 +579,26 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
         tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
         _write_extras(temporary, module, model_name, histories)
     return final
+
+
+def _replace_by_renames(staging: str, final: str) -> None:
+    """Swaps a complete uploaded SavedModel in for the one at ``final``, within the store.
+
+    Renames, not a second upload: on GCS or S3 a directory's rename is a server-side copy per
+    object, so no client connection can drop half-way; ``saved_model.pb`` moves last, so a
+    server polling ``final`` meanwhile finds no SavedModel rather than a half-moved one.
+    """
+    entries = sorted((entry.rstrip("/") for entry in tf.io.gfile.listdir(staging)),
+                     key=lambda entry: entry == "saved_model.pb")
+    try:
+        tf.io.gfile.rmtree(final)
+        tf.io.gfile.makedirs(final)
+        for entry in entries:
+            tf.io.gfile.rename(f"{staging}/{entry}", f"{final}/{entry}")
+    except BaseException as error:
+        error.add_note(f"what was not moved yet of the new SavedModel is at {staging}")
+        raise
+    tf.io.gfile.rmtree(staging)
 
 
 def _join(base: str, *parts: str):

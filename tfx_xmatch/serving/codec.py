@@ -183,8 +183,13 @@ def _string_tensor(alias: str, value) -> np.ndarray:
                 )
             return (len(node),) + (sub_shapes[0] if sub_shapes else ())
         if isinstance(node, str):
-            # surrogateescape: the REST front end decodes a body's non-UTF-8 bytes that way.
-            leaves.append(node.encode("utf-8", "surrogateescape"))
+            try:
+                leaves.append(node.encode("utf-8"))
+            except UnicodeEncodeError as error:  # "\udcff": an escape RapidJSON refuses too
+                raise errors.invalid_argument(
+                    f"input '{alias}' holds the escape \\u{ord(node[error.start]):04x}, half of a "
+                    "surrogate pair, which is no character; send bytes as {\"b64\": ...}"
+                ) from None
             return ()
         if isinstance(node, dict) and set(node) == {"b64"} and isinstance(node["b64"], str):
             try:

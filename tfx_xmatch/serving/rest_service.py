@@ -139,10 +139,9 @@ class RestApp:
                 "or \"inputs\" (columnar format)"
             )
         try:
-            # surrogateescape: bytes that are not UTF-8 reach a string input unchanged, as with
-            # TF Serving's RapidJSON (codec encodes them back); a duplicate key is refused where
-            # RapidJSON would take the first and Python's json the last.
-            doc = json.loads(body.decode("utf-8", "surrogateescape"), object_pairs_hook=_unique_keys)
+            # A duplicate key is refused where RapidJSON would take the first and Python's json
+            # the last.
+            doc = json.loads(body, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError) as exc:
             raise _bad(f"Malformed JSON in the request body: {exc}") from None
         if not isinstance(doc, dict):
@@ -281,10 +280,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes | None:
         """The request body, de-chunked and gunzipped as TF Serving's HTTP server does; None
         when an error answer was sent instead."""
-        if self.headers.get("Expect", "").strip().lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            # As libevent does for TF Serving; curl otherwise waits a second before a large body.
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.wfile.flush()
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             body = self._read_chunked()
         else:
@@ -309,9 +304,20 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return plain
 
+    def _expects_continue(self) -> bool:
+        return self.headers.get("Expect", "").strip().lower() == "100-continue" and self.request_version == "HTTP/1.1"
+
+    def _continue(self) -> None:
+        """Asks for a body the client holds back until told (curl does for large ones, then
+        waits a second): as libevent does for TF Serving, once the size is known to be fine."""
+        if self._expects_continue():
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+
     def _read_chunked(self) -> bytes | None:
         limit = self.server.max_body_bytes
         parts, total = [], 0
+        self._continue()
         while True:
             line = self.rfile.readline(1024)
             digits = line.split(b";", 1)[0].strip()
@@ -349,8 +355,9 @@ class _Handler(BaseHTTPRequestHandler):
         if limit and length > limit:
             self.close_connection = True
             # Drain a moderately oversized body so the client can read the answer instead of
-            # seeing its upload reset; a huge one is cut off.
-            if length <= 16 * limit:
+            # seeing its upload reset; a huge one is cut off, and one held back for a 100
+            # Continue never comes.
+            if length <= 16 * limit and not self._expects_continue():
                 remaining = length
                 while remaining > 0:
                     chunk = self.rfile.read(min(remaining, 1 << 20))
@@ -362,6 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"error": f"request body of {length} bytes exceeds the limit of {limit} bytes"},
             )
             return None
+        self._continue()
         return self.rfile.read(length)
 
     def _handle(self, method: str) -> None:
