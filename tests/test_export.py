@@ -224,6 +224,19 @@ def test_export_writes_versions_atomically_with_warmup(model, exported):
         assert loaded.signatures[log.model_spec.signature_name](**inputs)["item_ids"].shape[0] == 1
 
 
+def test_warmup_requests_are_the_same_bytes_in_every_process(tmp_path):
+    """The inputs map's order followed Python's hash seed, so two exports of one model differed."""
+    script = ("import pathlib, sys, tensorflow as tf; from tfx_xmatch.export import write_warmup_requests; "
+              "write_warmup_requests(pathlib.Path(sys.argv[1]), 'm', [[3, 5]], tf.int64, ['age'], top_k=4)")
+    written = set()
+    for seed in ("1", "2", "3"):
+        directory = tmp_path / seed
+        subprocess.run([sys.executable, "-c", script, str(directory)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        written.add((directory / "assets.extra" / "tf_serving_warmup_requests").read_bytes())
+    assert len(written) == 1
+
+
 def test_version_directories_are_readable_by_other_users(exported):
     base, paths = exported
     umask = os.umask(0)

@@ -649,7 +649,7 @@ def write_warmup_requests(saved_model_dir: pathlib.Path, model_name: str, histor
                 for name in user_features:
                     request.inputs[name].CopyFrom(tf.make_tensor_proto(np.zeros(1, np.int64)))
                 log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-                writer.write(log.SerializeToString())
+                writer.write(log.SerializeToString(deterministic=True))
 
 
 def _saved_model_proto(saved_model_dir: str | os.PathLike):
