@@ -226,6 +226,35 @@ def test_command_line(pairs_file, tmp_path, capsys):
     assert statistics["split"] == "user_level" and statistics["num_shards"] == 2
 
 
+@pytest.mark.parametrize("mode", ["in_memory", "multi_processing"])
+def test_a_workers_error_is_one_line_in_every_running_mode(tmp_path, capsys, mode):
+    """With workers in other processes the runner's RuntimeError carries the worker's whole
+    traceback, which the command printed after "error:" (65 lines)."""
+    from tfx_xmatch.pipelines import cli as pipeline_cli
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("only-one-field\nanother\n")
+    assert pipeline_cli.main(["prepare", "--input", str(bad), "--format", "pairs", "--output-dir",
+                              str(tmp_path / "out"), f"--direct_running_mode={mode}", "--direct_num_workers=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"xmatch pipeline prepare: error: {bad}: input has no interactions (2 malformed line(s)")
+    assert "\n" not in err and "Traceback" not in err, err
+
+
+def test_a_workers_bug_keeps_its_traceback():
+    from tfx_xmatch.data import DataFormatError
+    from tfx_xmatch.user_errors import beam_worker_error, user_error_text
+
+    wrapped = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+                           "IndexError: list index out of range [while running 'Embed']")
+    assert beam_worker_error(wrapped) == (IndexError, "list index out of range [while running 'Embed']")
+    assert user_error_text(wrapped, (DataFormatError, RuntimeError)) is None  # a bug: re-raised
+    unknown = RuntimeError("not.imported.module.OddError: what [while running 'Step']")
+    assert beam_worker_error(unknown) == (None, "what [while running 'Step']")
+    assert user_error_text(unknown, (RuntimeError,)) is None
+    assert user_error_text(RuntimeError("TFDS is out of reach"), (RuntimeError,)) == "TFDS is out of reach"
+
+
 def test_command_line_reads_a_named_dataset(tmp_path, capsys):
     # `xmatch pipeline --help`'s own example; it failed with "got multiple values for argument 'name'".
     (tmp_path / "data" / "ml-100k").mkdir(parents=True)

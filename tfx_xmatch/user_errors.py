@@ -56,4 +56,38 @@ def user_error_text(error: BaseException, handled: tuple) -> Optional[str]:
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(error, tf.errors.OpError):
         return (clean_tf_message(error.message).splitlines() or [type(error).__name__])[0]
+    worker = beam_worker_error(error)
+    if worker is not None:
+        cause, message = worker
+        ours = cause is not None and (issubclass(cause, handled) or (
+            tf is not None and issubclass(cause, tf.errors.OpError)))
+        return (clean_tf_message(message).splitlines() or [cause.__name__])[0] if ours else None
     return str(error) if isinstance(error, handled) else None
+
+
+# "[module.]Type: message", the line a traceback ends with.
+_EXCEPTION_LINE = re.compile(r"^(?:RuntimeError: )?(?P<type>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*): (?P<message>.*)")
+
+
+def beam_worker_error(error: BaseException) -> Optional[tuple[Optional[type], str]]:
+    """(the exception type, its message) a Beam worker raised, when ``error`` is the runner's
+    RuntimeError around it; else None.
+
+    A runner re-raises a worker's exception as a RuntimeError reading "<module.Type>: <message>
+    [while running '<step>']", after the worker's whole traceback when the workers are other
+    processes or threads (``--direct_running_mode=multi_processing``), so the type is read back
+    from its last exception line. None stands for a type this process cannot name.
+    """
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "[while running '" not in text:
+        return None
+    lines = text.rstrip().splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        match = _EXCEPTION_LINE.match(lines[index])
+        if match:
+            module, _, name = match["type"].rpartition(".")
+            cause = getattr(sys.modules.get(module or "builtins"), name, None)
+            if not (isinstance(cause, type) and issubclass(cause, BaseException)):
+                cause = None
+            return cause, "\n".join([match["message"], *lines[index + 1:]])
+    return None

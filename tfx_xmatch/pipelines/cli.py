@@ -38,6 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"xmatch pipeline: unknown stage {argv[0]!r}; choose one of {', '.join(STAGES)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Beam logs a failing step's traceback before re-raising it; the error is printed below (one
+    # line for the user's errors, the traceback for a bug), so that log only repeats it.
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
