@@ -602,3 +602,33 @@ def test_stale_temporaries_are_removed_and_a_lone_moved_aside_copy_is_restored(t
         ".cache.tmp", ".model.tmp", ".notes.old", ".workers", "best_weights", "model"]
     assert (tmp_path / "best_weights" / "weights").read_text() == "w"
     assert remove_stale_temporaries(tmp_path / "missing", training.RUN_OUTPUTS) == []
+
+
+def test_a_saved_model_with_damaged_weights_is_named_not_a_bare_index_error(tmp_path):
+    """A cut-short weights file raised IndexError("Read less bytes than requested"), which the
+    command lines took for a bug (a traceback, exit 1)."""
+    import glob
+
+    from tfx_xmatch.models import TwoTower
+
+    model = TwoTower(num_items=30, embedding_dim=8, user_tower="mean", max_length=5)
+    model({"history": np.zeros((1, 5), np.int32)})
+    directory = tmp_path / "model"
+    training.save_model(model, directory)
+    (data,) = glob.glob(str(directory / "weights.data*"))
+    content = open(data, "rb").read()
+    damages = [
+        ("Read less bytes than requested", data, content[: len(content) // 2]),
+        ("too short to be an sstable", str(directory / "weights.index"), b"garbage"),
+        ("No such file", data, None),
+    ]
+    for reason, path, replacement in damages:
+        training.save_model(model, directory)
+        if replacement is None:
+            os.remove(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(replacement)
+        with pytest.raises(ValueError, match=rf"the weights {directory}/weights\.\* of {directory} cannot be read "
+                                             rf"\(.*{reason}.*\): the saved model is incomplete or damaged"):
+            training.load_model(directory)

@@ -39,6 +39,7 @@ from tfx_xmatch.io_utils import (
     atomic_directory, atomic_path, remove_stale_temporaries, temporary_of, write_json_atomic,
 )
 from tfx_xmatch.models import MODELS
+from tfx_xmatch.user_errors import clean_tf_message
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +290,7 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
 
     Raises:
       FileNotFoundError: ``directory`` has no config.json.
+      ValueError: Its weights are missing, cut short or damaged (naming them).
     """
     # tf.io.gfile and os.path, so that the directory may be a URL (gs://...): Beam workers load
     # the model this way. pathlib would turn "gs://b/x" into the local "gs:/b/x".
@@ -300,7 +302,15 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         saved = json.loads(handle.read())
     model = MODELS[saved["model"]].from_config(saved["config"])
     build_all_variables(model)
-    model.load_weights(os.path.join(directory, "weights")).expect_partial()
+    weights = os.path.join(directory, "weights")
+    try:
+        model.load_weights(weights).expect_partial()
+    except (IndexError, tf.errors.OpError) as error:
+        # TensorFlow names neither the file nor the problem clearly ("Read less bytes than
+        # requested", an IndexError that read as a bug).
+        reason = clean_tf_message(getattr(error, "message", None) or str(error)).splitlines()[0]
+        raise ValueError(f"the weights {weights}.* of {directory} cannot be read ({reason}): the saved model is "
+                         "incomplete or damaged; save or copy it again") from None
     return model
 
 
