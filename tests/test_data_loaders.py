@@ -596,6 +596,18 @@ def test_a_header_line_repeated_mid_file_is_malformed_not_an_event(tmp_path):
     assert load_rating_log(log, has_header=True, skip_bad_lines=True).skipped_lines == 1
 
 
+def test_events_repeated_exactly_are_kept_and_named(tmp_path, caplog):
+    path = write(tmp_path / "events.csv", "user,item,ts\nu1,i1,1\nu1,i2,2\nu2,i1,3\nu1,i1,1\nu1,i1,5\n")
+    with caplog.at_level("WARNING"):
+        dataset = load_table(path, timestamp_column="ts")
+    assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["i1", "i1", "i2", "i1"]  # nothing dropped
+    assert "1 event(s) repeat an earlier one exactly (user, item, timestamp), e.g. user 'u1' item 'i1' at 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_table(write(tmp_path / "fine.csv", "user,item,ts\nu1,i1,1\nu1,i2,1\nu1,i1,2\n"), timestamp_column="ts")
+    assert "repeat" not in caplog.text
+
+
 def test_a_short_row_is_not_kept_by_min_rating(tmp_path):
     path = write(tmp_path / "events.csv", "user,item,stars\n1,10,5\n1,11\n")
     with pytest.raises(DataFormatError, match="no value for column 'stars'"):

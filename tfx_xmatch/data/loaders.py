@@ -610,6 +610,7 @@ def _build_dataset(
     sequence_timestamps = None
     if timestamps is not None:
         sequence_timestamps = np.split(timestamps[order].astype(np.int64), boundaries)
+        _warn_of_repeated_events(rows[order], items[order], timestamps[order], user_ids, vocabulary)
 
     user_array = np.array(user_ids, dtype=np.int64 if users_are_ints else np.str_)
     return SequenceDataset(
@@ -620,6 +621,23 @@ def _build_dataset(
         timestamps=sequence_timestamps,
         skipped_lines=skipped_lines,
     )
+
+
+def _warn_of_repeated_events(rows: np.ndarray, items: np.ndarray, times: np.ndarray, user_ids, vocabulary) -> None:
+    """Logs events that repeat an earlier (user, item, timestamp) exactly: kept, since a user may
+    act twice in a second, but a log written twice (or files overlapping) looks the same."""
+    same = (rows[1:] == rows[:-1]) & (times[1:] == times[:-1])
+    if not same.any():
+        return
+    # Ties within a user's timestamp keep file order, so a repeat need not be adjacent: compare
+    # (row, time, item) sorted.
+    keys = np.lexsort((items, times, rows))
+    repeated = np.flatnonzero((np.diff(rows[keys]) == 0) & (np.diff(times[keys]) == 0) & (np.diff(items[keys]) == 0))
+    if len(repeated):
+        first = keys[repeated[0]]
+        logger.warning("%d event(s) repeat an earlier one exactly (user, item, timestamp), e.g. user %r item %r at %d: "
+                       "kept; a log written twice or overlapping input files look like this", len(repeated),
+                       user_ids[rows[first]], vocabulary.ids([items[first]])[0].item(), int(times[first]))
 
 
 def _default_name(path: str) -> str:
