@@ -174,11 +174,20 @@ def test_exclude_padding_is_configurable():
     zeros = tf.zeros([B, 3], tf.int64)
     _, default_padding = BruteForceIndex(k_max=5).index(candidates)(queries, exclude=zeros)
     assert not np.any(default_padding.numpy() == 0)  # 0 is a real id: excluded
-    _, zero_padding = BruteForceIndex(k_max=5, exclude_padding=0).index(candidates)(queries, exclude=zeros)
-    np.testing.assert_array_equal(zero_padding.numpy()[:, 0], 0)  # 0 means "nothing": kept
+    from_one = np.arange(1, len(candidates) + 1)  # the best item is id 1
+    _, zero_padding = BruteForceIndex(k_max=5, exclude_padding=0).index(candidates, from_one)(queries, exclude=zeros)
+    np.testing.assert_array_equal(zero_padding.numpy()[:, 0], 1)  # 0 means "nothing": excludes nothing
     # As documented, exclude_padding defaults to padding_identifier (it once fell back to -1).
-    _, padded_by_default = BruteForceIndex(k_max=5, padding_identifier=0).index(candidates)(queries, exclude=zeros)
-    np.testing.assert_array_equal(padded_by_default.numpy()[:, 0], 0)
+    _, padded_by_default = BruteForceIndex(k_max=5, padding_identifier=0).index(candidates, from_one)(
+        queries, exclude=zeros)
+    np.testing.assert_array_equal(padded_by_default.numpy()[:, 0], 1)
+    # A padding value that is also a candidate's id is refused: that candidate could never be
+    # excluded, or would read as an empty slot (TFRS, without padding, had neither problem).
+    for settings, name in [(dict(exclude_padding=0), "exclude_padding"), (dict(padding_identifier=0), "padding_identifier")]:
+        with pytest.raises(ValueError, match=f"identifier 0 is also the {name}; give the index another {name}"):
+            BruteForceIndex(k_max=5, **settings).index(candidates)
+    with pytest.raises(ValueError, match="identifier '' is also the padding_identifier"):
+        BruteForceIndex(k_max=5).index(candidates[:2], tf.constant(["a", ""]))
 
 
 def test_unsigned_identifiers_beyond_int64_are_refused_not_wrapped():
@@ -767,3 +776,101 @@ def test_portable_exports_answer_in_a_process_that_imports_only_tensorflow(tmp_p
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert json.loads(completed.stdout.strip().splitlines()[-1]) == expected
+
+
+# ---------------------------------------------------------------- Keras files, and bad catalogues
+def _keras_kinds():
+    from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex
+
+    return {
+        "brute_force": lambda: BruteForceIndex(k_max=K_MAX),
+        "partitioned": lambda: PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX),
+        "sparse_code": lambda: SparseCodeIndex(k_max=K_MAX, max_items_per_code=40),
+        "soft_search": lambda: SoftSearchIndex(PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX),
+                                               num_interests=1, k_max=K_MAX),
+    }
+
+
+@pytest.mark.parametrize("ids", ["int", "string"])
+@pytest.mark.parametrize("extension", ["", ".keras"], ids=["savedmodel", "keras"])
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned", "sparse_code", "soft_search"])
+def test_an_index_in_a_keras_model_survives_save_and_load_model(kind, extension, ids, tmp_path):
+    """A .keras file lost every kind's catalogue (its variables exist only after index(), so
+    Keras had none to fill): the reloaded model said "index() must be called". Keras' SavedModel
+    loader lost the soft search's item width."""
+    candidates, queries, int_ids, string_ids = _data()
+    candidates = np.maximum(candidates, 0.0) if kind == "sparse_code" else candidates  # codes are ReLU outputs
+    queries = np.maximum(queries, 0.0) if kind == "sparse_code" else queries
+    index = _keras_kinds()[kind]().index(candidates, int_ids if ids == "int" else string_ids)
+    shape = (1, D) if kind == "soft_search" else (D,)
+    inputs = tf.keras.Input(shape)
+    scores, found = index(inputs, k=7)
+    model = tf.keras.Model(inputs, {"scores": scores, "ids": found})
+    batch = queries[:, None, :] if kind == "soft_search" else queries
+    expected = model(batch)
+    model.save(str(tmp_path / f"model{extension}"))
+    reloaded = tf.keras.models.load_model(str(tmp_path / f"model{extension}"))
+    answer = reloaded(batch)
+    np.testing.assert_array_equal(answer["ids"].numpy(), expected["ids"].numpy())
+    np.testing.assert_allclose(answer["scores"].numpy(), expected["scores"].numpy(), rtol=1e-6)
+    if extension == ".keras":
+        restored = next(layer for layer in reloaded.layers if isinstance(layer, RetrievalIndex))
+        assert (restored.is_exact(), restored.num_candidates, restored.dimension) == (
+            index.is_exact(), index.num_candidates, index.dimension)
+
+
+def test_a_scann_index_refuses_a_keras_file_and_a_function_traced_before_it_was_rebuilt(tmp_path):
+    candidates, queries, int_ids, _ = _data()
+    index = ScaNNIndex(num_leaves=8, num_leaves_to_search=8, num_reordering_candidates=300, k_max=K_MAX)
+    index.index(candidates[:100], int_ids[:100])
+    inputs = tf.keras.Input((D,))
+    model = tf.keras.Model(inputs, index(inputs, k=5)[1])
+    with pytest.raises(ValueError, match="a ScaNNIndex cannot be saved in a .keras file .* TF SavedModel format"):
+        model.save(str(tmp_path / "model.keras"))
+    # Traced before a new catalogue: its searcher is the old one, the identifiers the new ones.
+    search = tf.function(lambda q: index(q, k=5))
+    search(queries)
+    index.index(candidates, int_ids + 7000)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="index\\(\\) was called again after this function was "
+                                                             "traced: .* trace the function again"):
+        search(queries)
+    np.testing.assert_array_equal(tf.function(lambda q: index(q, k=5))(queries)[1].numpy(),
+                                  index(queries, k=5)[1].numpy())  # a new trace answers the new catalogue
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned", "scann", "sparse_code"])
+def test_candidates_that_are_not_finite_are_refused_naming_the_row(kind):
+    """A NaN ranked first everywhere, made k-means build one (silently exhaustive) partition
+    and aborted ScaNN's C++ training, and the Python process with it."""
+    candidates, _, _, _ = _data()
+    candidates = np.abs(candidates)
+    candidates[5, 2] = np.nan
+    index = {**_keras_kinds(), "scann": lambda: _exact_index("scann")}[kind]()
+    with pytest.raises(ValueError, match="candidates must be finite; row 5 holds nan in column 2"):
+        index.index(candidates)
+
+
+def test_queries_of_the_wrong_width_fail_when_the_width_is_known_only_at_run_time():
+    """SparCode's inverted index reads only the columns a query has: a narrower one was answered
+    as if the rest were 0."""
+    from tfx_xmatch.index import SparseCodeIndex
+
+    candidates, queries, _, _ = _data()
+    for index in (SparseCodeIndex(k_max=K_MAX).index(np.abs(candidates)), BruteForceIndex(k_max=K_MAX).index(candidates)):
+        search = tf.function(lambda q: index(q, k=3), input_signature=[tf.TensorSpec([None, None], tf.float32)])
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"as many columns as the indexed candidates \\({D}\\)"):
+            search(np.abs(queries[:, :5]))
+        search(np.abs(queries))
+
+
+def test_an_index_rebuilt_from_its_config_alone_says_it_holds_no_catalogue():
+    candidates, queries, int_ids, _ = _data()
+    index = BruteForceIndex(k_max=K_MAX).index(candidates, int_ids)
+    config = index.get_config()
+    assert config["state"] == {"candidates": ["float32", 2], "identifiers": ["int64", 1]}  # dtypes, no values
+    clone = BruteForceIndex.from_config(config)
+    assert clone.get_config() == config
+    with pytest.raises(ValueError, match="rebuilt from its config alone: call index\\(\\), or load the model's weights"):
+        clone(queries, k=3)
+    np.testing.assert_array_equal(clone.index(candidates, int_ids)(queries, k=3)[1].numpy(),
+                                  index(queries, k=3)[1].numpy())

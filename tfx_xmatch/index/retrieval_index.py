@@ -14,12 +14,15 @@ that a serving signature needs:
 
 Index state lives in non-trainable ``tf.Variable``s created by ``index()`` with unknown
 dimensions: a SavedModel carries the index, and re-indexing with another catalogue size assigns
-new values to the same variables, so functions traced before still answer from the new index.
+new values to the same variables, so functions traced before still answer from the new index
+(ScaNN's searcher excepted: such a function fails, saying to trace it again). A ``.keras`` file
+carries the index too, by name (``save_own_variables``).
 """
 
 from __future__ import annotations
 
 import abc
+import json
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -80,6 +83,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         self.padding_identifier = _plain_identifier(padding_identifier, "padding_identifier")
         self.exclude_padding = _plain_identifier(exclude_padding, "exclude_padding")
         # Set by index(); None means "not indexed yet".
+        self._awaiting_catalogue = False
         self.identifiers: Optional[tf.Variable] = None
         self.num_candidates: Optional[int] = None
         self.dimension: Optional[int] = None
@@ -113,6 +117,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         identifiers = self._checked_identifiers(identifiers, num_candidates)
         self._index(candidates)
         self._set_catalogue(identifiers, num_candidates, dimension)
+        self._awaiting_catalogue = False
         return self
 
     def index_from_dataset(self, dataset: tf.data.Dataset) -> "RetrievalIndex":
@@ -175,8 +180,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
           TypeError: If dtypes are wrong (float queries, integer k, exclude of the index's
             identifier dtype).
         """
-        if self.identifiers is None:
-            raise ValueError(f"{type(self).__name__}.index() must be called before querying it")
+        self._raise_unless_indexed()
         queries = tf.convert_to_tensor(queries)
         if not queries.dtype.is_floating:
             raise TypeError(f"queries must be a float tensor, got dtype {queries.dtype.name}")
@@ -188,6 +192,14 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             raise ValueError(
                 f"queries have {columns} columns but the indexed candidates have {self.dimension}"
             )
+        if columns is None and self.dimension is not None:
+            # Known only when the function runs: SparCode's inverted index reads only the
+            # columns a query has and would answer a narrower one as if the rest were 0.
+            check = tf.debugging.assert_equal(
+                tf.shape(queries)[1], self.dimension,
+                message=f"queries must have as many columns as the indexed candidates ({self.dimension})")
+            with tf.control_dependencies([check]):
+                queries = tf.identity(queries)
         static_k, k = self._checked_k(k)
 
         id_dtype = self.identifiers.dtype
@@ -293,6 +305,13 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             raise ValueError(
                 f"candidates must have at least one column, got shape {candidates.shape}"
             )
+        finite = tf.math.is_finite(candidates)
+        if not bool(tf.reduce_all(finite)):
+            # A NaN ranks first in every brute-force search, makes k-means build one partition
+            # (silently exhaustive) and aborts ScaNN's C++ training with the process.
+            row, column = (int(value) for value in tf.where(tf.logical_not(finite))[0])
+            raise ValueError(f"candidates must be finite; row {row} holds {float(candidates[row, column])} "
+                             f"in column {column}")
         return candidates
 
     def _checked_identifiers(
@@ -324,8 +343,13 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                 f"identifiers must be a vector with one entry per candidate ([{num_candidates}]), "
                 f"got shape {identifiers.shape}"
             )
-        self._resolved_padding(identifiers.dtype, self.padding_identifier, "padding_identifier")
-        self._resolved_padding(identifiers.dtype, self._exclude_padding_or_default(), "exclude_padding")
+        for name, configured in (("padding_identifier", self.padding_identifier),
+                                 ("exclude_padding", self._exclude_padding_or_default())):
+            padding = self._resolved_padding(identifiers.dtype, configured, name)
+            if bool(tf.reduce_any(tf.equal(identifiers, padding))):
+                # Returned, it would read as an empty slot; excluded, it could never be.
+                raise ValueError(f"identifier {padding!r} is also the {name}; give the index another "
+                                 f"{name} (a value no candidate has)")
         if identifiers.shape[0]:
             unique, _, counts = tf.unique_with_counts(identifiers)
             if int(tf.reduce_max(counts)) > 1:
@@ -451,6 +475,83 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             raise TypeError(f"{name} must be an integer for integer identifiers, got {value!r}")
         return int(value)
 
+    # ------------------------------------------------------------------ .keras files
+    def _raise_unless_indexed(self) -> None:
+        if self.identifiers is None:
+            raise ValueError(f"{type(self).__name__}.index() must be called before querying it")
+        if self._awaiting_catalogue and tf.executing_eagerly() and int(tf.size(self.identifiers)) == 0:
+            raise ValueError(f"{type(self).__name__} was rebuilt from its config alone: call index(), or load "
+                             "the model's weights, which hold its catalogue")
+
+    def _state_variables(self) -> dict:
+        """{name: variable} of the index state (what ``index()`` made), sorted by name."""
+        return {name: value for name, value in sorted(vars(self).items()) if isinstance(value, tf.Variable)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RetrievalIndex":
+        config = dict(config)
+        state = config.pop("state", None)
+        index = cls(**config)
+        index._expect_state(state)
+        return index
+
+    def _expect_state(self, state: Optional[dict]) -> None:
+        """Empty state variables of the saved index's dtypes and ranks.
+
+        Keras rebuilds a model from its config by calling each layer before it loads the
+        weights (``load_own_variables``, which fills these), and an index's call needs its state
+        variables to exist; an eager call before they are filled raises.
+        """
+        for name, (dtype, rank) in (state or {}).items():
+            self._assign_state(name, tf.zeros([0] * rank, dtype))
+        self._awaiting_catalogue = bool(state)
+
+    def save_own_variables(self, store) -> None:
+        """Writes the index into a ``.keras`` file's weight store.
+
+        Keras' own version writes the layer's variables by position and reloads them into the
+        variables a layer rebuilt from its config has: an index has none until ``index()``
+        (their sizes are the catalogue's), so its catalogue was lost. Here every state variable
+        is stored by name, with the Python values that go with it (``_saved_attributes``).
+        """
+        if self.identifiers is None:
+            return
+        names = list(self._state_variables())
+        metadata = {"state": names, **{name: getattr(self, name) for name in self._saved_attributes()}}
+        text = json.dumps(metadata, default=lambda value: value.item())  # NumPy scalars
+        store["metadata.json"] = np.frombuffer(text.encode("utf-8"), np.uint8)
+        for name in names:
+            value = getattr(self, name).numpy()
+            if value.dtype == object:  # strings: HDF5 holds no Python objects, nor bytes with NULs
+                pieces = [bytes(piece) for piece in value.ravel()]
+                store[f"{name}.bytes"] = np.frombuffer(b"".join(pieces), np.uint8)
+                store[f"{name}.ends"] = np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
+                store[f"{name}.shape"] = np.asarray(value.shape, np.int64)
+            else:
+                store[name] = value
+
+    def load_own_variables(self, store) -> None:
+        """Restores what :meth:`save_own_variables` wrote (nothing, if the index was empty)."""
+        if "metadata.json" not in store:
+            return
+        metadata = json.loads(bytes(np.asarray(store["metadata.json"])).decode("utf-8"))
+        for name in metadata.pop("state"):
+            if name in store:
+                value = np.asarray(store[name])
+            else:
+                data, ends = bytes(np.asarray(store[f"{name}.bytes"])), np.asarray(store[f"{name}.ends"])
+                starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+                value = np.array([data[start:end] for start, end in zip(starts, ends)], dtype=object)
+                value = value.reshape(tuple(np.asarray(store[f"{name}.shape"])))
+            self._assign_state(name, value)
+        for name, value in metadata.items():
+            setattr(self, name, value)
+        self._awaiting_catalogue = False
+
+    def _saved_attributes(self) -> tuple:
+        """Python attributes that ``index()`` sets beside the variables (JSON values)."""
+        return ("num_candidates", "dimension")
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
@@ -459,6 +560,9 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             padding_identifier=self.padding_identifier,
             exclude_padding=self.exclude_padding,
         )
+        if self.identifiers is not None:  # the state's dtypes and ranks, not its values
+            config["state"] = {name: [variable.dtype.name, variable.shape.rank]
+                               for name, variable in self._state_variables().items()}
         return config
 
 

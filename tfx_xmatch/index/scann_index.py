@@ -41,7 +41,11 @@ class ScaNNIndex(RetrievalIndex):
     * ScaNN refuses more leaves than candidates; ``num_leaves`` and ``num_leaves_to_search`` are
       capped at the number of candidates. Its hashing needs at least 16 candidates.
     * Re-indexing builds a new searcher: functions traced before ``index()`` must be traced
-      again (TFRS replaces the searcher's variables), unlike the stock-op kinds.
+      again (TFRS replaces the searcher's variables), unlike the stock-op kinds; such a function
+      fails with an error saying so (it answered the old searcher's positions under the new
+      identifiers).
+    * The searcher is an op resource: a ``.keras`` file cannot hold it (saving one is refused);
+      the TF SavedModel format does.
 
     Args:
       num_leaves: Tree partitions (int >= 1, default 100).
@@ -122,13 +126,31 @@ class ScaNNIndex(RetrievalIndex):
         # No identifiers: ScaNN returns row positions and the base class maps them, so every
         # kind handles identifiers, exclusion and padding the same way.
         self.scann.index(candidates)
+        # A function traced before holds the old searcher but reads the new identifiers: it
+        # would answer old positions under new ids, so it is made to fail instead.
+        self._searcher_generation = getattr(self, "_searcher_generation", 0) + 1
+        self._assign_state("searcher_generation", tf.constant(self._searcher_generation, tf.int64))
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        check = tf.debugging.assert_equal(
+            self.searcher_generation, tf.constant(self._searcher_generation, tf.int64),
+            message="ScaNNIndex.index() was called again after this function was traced: its ScaNN "
+                    "searcher is the old one; trace the function again")
+        with tf.control_dependencies([check]):
+            queries = tf.identity(queries)
         scores, positions = self.scann(queries, k=k)
         missing = tf.math.is_nan(scores)
         scores = tf.where(missing, tf.constant(-np.inf, tf.float32), scores)
         positions = tf.where(missing, tf.constant(-1, tf.int32), tf.cast(positions, tf.int32))
         return scores, positions
+
+    def save_own_variables(self, store) -> None:
+        """Refuses a ``.keras`` file: the searcher is a ScaNN op resource, which only the TF
+        SavedModel format carries (as for TFRS' own ScaNN layer)."""
+        if self.identifiers is not None:
+            raise ValueError("a ScaNNIndex cannot be saved in a .keras file (its searcher is a ScaNN op "
+                             "resource); save in the TF SavedModel format, model.save(directory) or "
+                             "tf.saved_model.save, with SaveOptions(namespace_whitelist=['Scann'])")
 
     def is_exact(self) -> bool:
         """True only for an exhaustive configuration.
@@ -161,4 +183,5 @@ class ScaNNIndex(RetrievalIndex):
             dimensions_per_block=self.dimensions_per_block,
             parallelize_batch_searches=self.parallelize_batch_searches,
         )
+        config.pop("state", None)  # no .keras file holds its searcher (save_own_variables)
         return config

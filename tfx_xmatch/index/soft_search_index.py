@@ -74,6 +74,9 @@ class SoftSearchIndex(RetrievalIndex):
         # The base answers positions 0..N-1; this index maps them to its own identifiers.
         self.base.index(candidates)
 
+    def _saved_attributes(self) -> tuple:
+        return (*super()._saved_attributes(), "item_dimension")
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(num_interests=self.num_interests, temperature=self.temperature,
@@ -86,10 +89,13 @@ class SoftSearchIndex(RetrievalIndex):
 
         config = dict(config)
         base = config.pop("base")
+        state = config.pop("state", None)
         kinds = {kind.__name__: kind for kind in INDEX_KINDS.values()}
         if base.get("class_name") not in kinds:
             raise ValueError(f"unknown base index class {base.get('class_name')!r}; known: {sorted(kinds)}")
-        return cls(kinds[base["class_name"]].from_config(base["config"]), **config)
+        index = cls(kinds[base["class_name"]].from_config(base["config"]), **config)
+        index._expect_state(state)
+        return index
 
     def is_exact(self) -> bool:
         """Whether each interest's search is exact (the base kind's answer).
@@ -121,8 +127,7 @@ class SoftSearchIndex(RetrievalIndex):
             ``log_weights`` is not [B, K].
           TypeError: If the queries are not floats.
         """
-        if self.identifiers is None:
-            raise ValueError("SoftSearchIndex.index() must be called before querying it")
+        self._raise_unless_indexed()
         queries = tf.convert_to_tensor(queries)
         if not queries.dtype.is_floating:
             raise TypeError(f"queries must be a float tensor, got dtype {queries.dtype.name}")
@@ -130,9 +135,12 @@ class SoftSearchIndex(RetrievalIndex):
         if queries.shape.rank != 3:
             raise ValueError(f"queries must be [B, K, d] interest vectors, got shape {queries.shape}")
         num_interests, width = self.num_interests, queries.shape[2]
-        if queries.shape[1] is None and width == self.item_dimension:
+        # Keras' SavedModel loader restores the variables but not this Python value; the base
+        # search then checks the width.
+        dimension = width if self.item_dimension is None else self.item_dimension
+        if queries.shape[1] is None and width == dimension:
             queries = tf.ensure_shape(queries, [None, num_interests, width])  # checked when it runs
-        if queries.shape[1] != num_interests or width != self.item_dimension:
+        if queries.shape[1] != num_interests or width != dimension:
             raise ValueError(f"queries must be [B, num_interests={num_interests}, d={self.item_dimension}], "
                              f"got shape {queries.shape}")
         batch = tf.shape(queries)[0]
@@ -161,7 +169,8 @@ class SoftSearchIndex(RetrievalIndex):
 
     def _unpacked(self, packed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         """Packed rows -> (interest vectors [B * K, d], interest log probabilities [B, K])."""
-        width, num_interests = self.item_dimension, self.num_interests
+        num_interests = self.num_interests
+        width = (packed.shape[1] - num_interests) // num_interests  # static: call packs [B, K * d + K]
         vectors = tf.reshape(packed[:, : num_interests * width], [-1, width])
         return vectors, tf.nn.log_softmax(packed[:, num_interests * width:], axis=1)
 

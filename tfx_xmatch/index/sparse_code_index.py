@@ -278,6 +278,9 @@ class SparseCodeIndex(RetrievalIndex):
         return top_scores, tf.gather(dense_items, top, batch_dims=1)
 
     # ------------------------------------------------------------------ reporting
+    def _saved_attributes(self) -> tuple:
+        return (*super()._saved_attributes(), "num_positive_entries", "num_postings", "peak_buffered_entries")
+
     def is_exact(self) -> bool:
         """True iff no budget cap removed a positive entry.
 
