@@ -161,8 +161,9 @@ def test_index_from_an_unbatched_dataset_says_to_batch_it():
     candidates = tf.random.normal([10, 4])
     for dataset in (tf.data.Dataset.from_tensor_slices(candidates),
                     tf.data.Dataset.from_tensor_slices((tf.range(10), candidates))):
-        with pytest.raises(ValueError, match=r"batches of \[n, d\] embeddings.*call \.batch"):
-            BruteForceIndex(k_max=5).index_from_dataset(dataset)
+        for index in (BruteForceIndex(k_max=5), SparseCodeIndex(k_max=5)):  # SparCode's said "a [N, d] matrix"
+            with pytest.raises(ValueError, match=r"batches of \[n, d\] embeddings.*call \.batch"):
+                index.index_from_dataset(dataset)
     index = BruteForceIndex(k_max=5).index_from_dataset(tf.data.Dataset.from_tensor_slices(candidates).batch(3))
     assert int(tf.shape(index.identifiers)[0]) == 10
 

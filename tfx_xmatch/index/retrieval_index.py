@@ -117,7 +117,6 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         identifiers = self._checked_identifiers(identifiers, num_candidates)
         self._index(candidates)
         self._set_catalogue(identifiers, num_candidates, dimension)
-        self._awaiting_catalogue = False
         return self
 
     def index_from_dataset(self, dataset: tf.data.Dataset) -> "RetrievalIndex":
@@ -135,12 +134,6 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             it is not batched (its embeddings are not [n, d]).
         """
         is_pair = self._dataset_is_pair(dataset)
-        embedding_spec = dataset.element_spec[1] if is_pair else dataset.element_spec
-        if embedding_spec.shape.rank != 2:
-            # Concatenating unbatched [d] rows would flatten the catalogue into one vector.
-            raise ValueError(f"the candidate dataset must yield batches of [n, d] embeddings"
-                             f"{' with [n] identifiers' if is_pair else ''}, got elements of shape "
-                             f"{embedding_spec.shape}; call .batch(...) on it first")
         batches = list(dataset)
         if not batches:
             raise ValueError("the candidate dataset is empty")
@@ -262,7 +255,9 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
 
     @abc.abstractmethod
     def is_exact(self) -> bool:
-        """Whether results equal an exhaustive dot-product search (up to float rounding).
+        """Whether results equal an exhaustive dot-product search (up to float rounding; among
+        candidates with equal scores, which come first, and which make the cut at k, may differ
+        by kind: a partitioned index meets them in partition order, not in row order).
 
         Returns:
           True for exact kinds and for approximate kinds configured to search everything.
@@ -370,10 +365,15 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         self.identifiers = self._assign_state("identifiers", identifiers)
         self.num_candidates = num_candidates
         self.dimension = dimension
+        self._awaiting_catalogue = False
 
     @staticmethod
     def _dataset_is_pair(dataset: tf.data.Dataset) -> bool:
-        """True for ``(identifiers, embeddings)`` elements, False for plain embeddings."""
+        """True for ``(identifiers, embeddings)`` elements, False for plain embeddings.
+
+        Raises:
+          ValueError: For other elements, or embeddings that are not batched [n, d].
+        """
         spec = dataset.element_spec
         is_pair = isinstance(spec, tuple) and len(spec) == 2
         if not (is_pair or isinstance(spec, tf.TensorSpec)):
@@ -381,6 +381,12 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                 "the dataset must yield embeddings or (identifiers, embeddings) tuples, got "
                 f"elements {spec}"
             )
+        embedding_spec = spec[1] if is_pair else spec
+        if embedding_spec.shape.rank != 2:
+            # Concatenating unbatched [d] rows would flatten the catalogue into one vector.
+            raise ValueError(f"the candidate dataset must yield batches of [n, d] embeddings"
+                             f"{' with [n] identifiers' if is_pair else ''}, got elements of shape "
+                             f"{embedding_spec.shape}; call .batch(...) on it first")
         return is_pair
 
     def _assign_state(self, name: str, value: TensorLike) -> tf.Variable:
