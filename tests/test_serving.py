@@ -1450,3 +1450,52 @@ def test_a_tensorflow_error_quoting_bytes_that_are_not_utf8_keeps_its_message():
     error = from_exception(info.value)
     assert error.code == INVALID
     assert error.message == r"assertion failed: [ids outside the vocabulary, e.g.] [\xff\xfe ok]"
+
+
+def test_an_operators_mistakes_are_named_at_start_up(templates, tmp_path, caplog):
+    """From a lifecycle probe against tensorflow_model_server (each reproduced)."""
+    import socket
+
+    from tfx_xmatch.serving.model_manager import list_versions, parse_model_config_file
+
+    # Version names TF Serving's safe_strto64 refuses are ignored: "²" passed isdigit() and
+    # failed every poll; a number past int64 loaded and failed every answer.
+    base = tmp_path / "versions"
+    for name in ("1", "007", "²", "99999999999999999999", "-1", "1.5"):
+        (base / name).mkdir(parents=True)
+    assert sorted(list_versions(str(base))) == [1, 7]
+    # A misspelt batching field was dropped without a word; TF Serving's other fields are not typos.
+    with pytest.raises(ValueError, match='has no field named "max_batch_sise"'):
+        parse_batching_parameters("max_batch_sise { value: 8 }")
+    with caplog.at_level("WARNING"):
+        options = parse_batching_parameters("max_batch_size { value: 8 } max_execution_batch_size { value: 4 } "
+                                            "low_priority_max_batch_size { value: 2 }")
+    assert options.max_batch_size == 8
+    assert "max_execution_batch_size is not supported by this server and is ignored" in caplog.text
+    assert "low_priority_max_batch_size is not supported" in caplog.text
+    # A cut-off file is named (protobuf's ParseError printed a traceback).
+    broken = tmp_path / "models.config"
+    broken.write_text('model_config_list { config { name: "m" base_path: ')
+    with pytest.raises(ValueError, match=f"invalid model config file {broken}: "):
+        parse_model_config_file(str(broken))
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8")
+    with pytest.raises(ValueError, match=f"invalid batching parameters file {batching}: "):
+        options_from_args(build_parser().parse_args(["--model_base_path", str(base), "--enable_batching",
+                                                     "--batching_parameters_file", str(batching)]))
+    # A model whose every version failed to load stops start-up, as in TF Serving (the process
+    # looked healthy while serving nothing).
+    broken_base = tmp_path / "broken"
+    (broken_base / "1").mkdir(parents=True)
+    (broken_base / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    with pytest.raises(ValueError, match=r"1 model\(s\) did not become available: model 'tiny' \(version 1: "):
+        start_server(str(broken_base), rest_port=None)
+    # A REST port in use names itself (was "[Errno 98] Address already in use").
+    good = str(tmp_path / "good")
+    install_version(templates, good, 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve REST on 127.0.0.1:{port} \\(--rest_api_port\\): "):
+            start_server(good, rest_port=port)

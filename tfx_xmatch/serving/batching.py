@@ -21,13 +21,17 @@ If a merged call fails, each request of the batch is re-run on its own, so that 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import threading
 
 import grpc
 import numpy as np
 
 from tfx_xmatch.serving import errors
+
+log = logging.getLogger("tfx_xmatch.serving.batching")
 
 
 @dataclasses.dataclass
@@ -64,6 +68,13 @@ class BatchingOptions:
 
 
 _BATCHING_PARAMETERS_CLASS = None
+# Declared (TF Serving's names) but not applied by this server's batcher.
+_IGNORED_FIELDS = frozenset({"thread_pool_name", "max_execution_batch_size"})
+# TF Serving's other BatchingParameters fields: accepted with a warning, not refused as a typo.
+_UNSUPPORTED_TF_SERVING_FIELDS = frozenset({
+    "low_priority_max_batch_size", "low_priority_batch_timeout_micros", "low_priority_max_enqueued_batches",
+    "low_priority_allowed_batch_sizes", "mixed_priority_batching_policy", "enable_priority_queue",
+    "batch_padding_policy"})
 
 
 def _batching_parameters_message():
@@ -132,7 +143,18 @@ def parse_batching_parameters(text: str, base: BatchingOptions | None = None) ->
     from google.protobuf import text_format
 
     proto = _batching_parameters_message()()
-    text_format.Parse(text, proto, allow_unknown_field=True)
+    try:
+        text_format.Parse(text, proto)
+    except text_format.ParseError as error:
+        unknown = re.search(r'has no field named "(\w+)"', str(error))
+        if unknown is None or unknown[1] not in _UNSUPPORTED_TF_SERVING_FIELDS:
+            # A misspelt field was dropped without a word; TF Serving refuses the file.
+            raise ValueError(str(error)) from None
+        proto = _batching_parameters_message()()
+        text_format.Parse(text, proto, allow_unknown_field=True)
+    for name in sorted(_IGNORED_FIELDS | _UNSUPPORTED_TF_SERVING_FIELDS):
+        if re.search(rf"(^|\s){name}\s*[:{{]", text):
+            log.warning("batching parameter %s is not supported by this server and is ignored", name)
     options = dataclasses.replace(base) if base is not None else BatchingOptions()
     for name in (
         "max_batch_size",

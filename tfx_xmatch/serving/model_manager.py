@@ -125,8 +125,20 @@ def parse_model_config_text(text: str) -> list[ModelConfig]:
 
 
 def parse_model_config_file(path: str) -> list[ModelConfig]:
+    """:func:`parse_model_config_text` of a file.
+
+    Raises:
+      ValueError: The file is not a ModelServerConfig text proto (naming the file; protobuf's
+        ParseError is no ValueError, and a server start printed its traceback).
+    """
+    from google.protobuf import text_format
+
     with open(path, encoding="utf-8") as f:
-        return parse_model_config_text(f.read())
+        text = f.read()
+    try:
+        return parse_model_config_text(text)
+    except text_format.ParseError as error:
+        raise ValueError(f"invalid model config file {path}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,10 +336,15 @@ def list_versions(base_path: str) -> dict[int, str]:
         return found
     for entry in entries:
         name = entry.name
-        if not name.isdigit() or not entry.is_dir():
+        # ASCII digits within int64, as TF Serving's safe_strto64: "²" passed isdigit() and
+        # failed int() in every poll; 99999999999999999999 loaded and failed every response.
+        if not (name.isascii() and name.isdigit()) or int(name) > _INT64_MAX or not entry.is_dir():
             continue
         found[int(name)] = entry.path
     return found
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def directory_fingerprint(path: str) -> tuple:

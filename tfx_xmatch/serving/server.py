@@ -129,12 +129,26 @@ class ModelServer:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> "ModelServer":
+        """Loads the models, then listens; a start that fails stops what it started.
+
+        Raises:
+          ValueError: A model's every version failed to load.
+          OSError: A port cannot be listened on.
+        """
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(0)
+            raise
+
+    def _start(self) -> "ModelServer":
         from tfx_xmatch.serving.grpc_service import make_grpc_server
         from tfx_xmatch.serving.rest_service import RestApp, RestServer
 
         opts = self.options
         set_tensorflow_threads(opts.tensorflow_intra_op_parallelism, opts.tensorflow_inter_op_parallelism)
         self.manager.start()
+        self._refuse_models_that_failed_to_load()
         if opts.grpc_port is not None:
             self.grpc_server, self.grpc_port = make_grpc_server(
                 self.manager,
@@ -146,15 +160,19 @@ class ModelServer:
             )
             log.info("gRPC API at %s:%d", opts.bind_address, self.grpc_port)
         if opts.rest_port is not None:
-            self.rest_server = RestServer(
-                RestApp(self.manager, self.inference),
-                opts.bind_address,
-                opts.rest_port,
-                num_threads=opts.rest_num_threads,
-                max_body_bytes=opts.rest_max_body_bytes,
-                request_timeout=opts.rest_timeout_seconds,
-                max_queued_connections=opts.rest_max_queued_connections,
-            )
+            try:
+                self.rest_server = RestServer(
+                    RestApp(self.manager, self.inference),
+                    opts.bind_address,
+                    opts.rest_port,
+                    num_threads=opts.rest_num_threads,
+                    max_body_bytes=opts.rest_max_body_bytes,
+                    request_timeout=opts.rest_timeout_seconds,
+                    max_queued_connections=opts.rest_max_queued_connections,
+                )
+            except OSError as error:  # "[Errno 98] Address already in use" named no port
+                raise OSError(f"cannot serve REST on {_join_host_port(opts.bind_address, opts.rest_port)} "
+                              f"(--rest_api_port): {error.strerror or error}") from None
             self.rest_port = self.rest_server.port
             self.rest_server.start()
             log.info("REST API at http://%s:%d", opts.bind_address, self.rest_port)
@@ -166,6 +184,27 @@ class ModelServer:
             )
             self._config_thread.start()
         return self
+
+    def _refuse_models_that_failed_to_load(self) -> None:
+        """Fails start-up, as tensorflow_model_server does, when every version of a model on
+        disk failed to load: a broken deploy must not look like a healthy process.
+
+        A model with no version on disk yet is not an error here (TF Serving would wait for
+        one; this server serves the others and loads it when it appears).
+        """
+        import grpc
+
+        failed = []
+        for name in self.manager.model_names():
+            model = self.manager.get_model(name)
+            with model.lock:
+                statuses = sorted(model.statuses.values(), key=lambda status: status.version)
+            if statuses and all(status.state == "END" and status.error_code != grpc.StatusCode.OK
+                                for status in statuses):
+                reasons = "; ".join(f"version {status.version}: {status.error_message}" for status in statuses)
+                failed.append(f"model {name!r} ({reasons})")
+        if failed:
+            raise ValueError(f"{len(failed)} model(s) did not become available: {', '.join(failed)}")
 
     def _watch_config(self) -> None:
         path = self.options.model_config_file
@@ -338,7 +377,11 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     )
     if args.batching_parameters_file:
         with open(args.batching_parameters_file, encoding="utf-8") as f:
-            batching = parse_batching_parameters(f.read(), batching)
+            text = f.read()
+        try:
+            batching = parse_batching_parameters(text, batching)
+        except ValueError as error:
+            raise ValueError(f"invalid batching parameters file {args.batching_parameters_file}: {error}") from None
     batching.validate()
     return ServerOptions(
         model_configs=configs,
