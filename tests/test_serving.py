@@ -1499,3 +1499,45 @@ def test_an_operators_mistakes_are_named_at_start_up(templates, tmp_path, caplog
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot serve REST on 127.0.0.1:{port} \\(--rest_api_port\\): "):
             start_server(good, rest_port=port)
+
+
+def test_a_new_base_path_keeps_serving_and_labels_must_name_available_versions(templates, tmp_path):
+    """A new base_path retired every version before the new one loaded (NOT_FOUND for seconds);
+    a label naming a version that is not loaded was accepted in silence (TF Serving refuses it)."""
+    from tensorflow_serving.apis import model_management_pb2
+
+    from tfx_xmatch.serving.model_manager import ModelConfig
+
+    base_a, base_b = str(tmp_path / "a"), str(tmp_path / "b")
+    install_version(templates, base_a, 1)
+    install_version(templates, base_b, 2)
+    server = start_server(base_a, rest_port=None, file_system_poll_wait_seconds=0)
+    clients = Clients(server)
+    try:
+        server.manager.set_configs([ModelConfig("tiny", base_b)])
+        response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 1  # still served until version 2 is loaded
+        server.manager.poll_once()
+        assert wait_for_states(server, {1: "END", 2: "AVAILABLE"})
+
+        request = model_management_pb2.ReloadConfigRequest()
+        config = request.config.model_config_list.config.add()
+        config.name, config.base_path = "tiny", base_b
+        config.version_labels["canary"] = 5
+        answer = clients.models.HandleReloadConfigRequest(request, timeout=30)
+        assert answer.status.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert answer.status.error_message == ("Request to assign label to version 5 of model tiny, which is not "
+                                               "currently available for inference")
+        assert server.manager.get_model("tiny").config.labels == {}  # the labels stay as they were
+        config.version_labels["canary"] = 2
+        assert clients.models.HandleReloadConfigRequest(request, timeout=30).status.error_code == 0
+        response = clients.predict.Predict(predict_request(inputs=good_inputs(), label="canary"), timeout=10)
+        assert response.model_spec.version.value == 2
+    finally:
+        clients.close()
+        server.stop(grace=5)
+    labelled = [ModelConfig("tiny", base_b, version_labels=(("stable", 7),))]
+    with pytest.raises(ValueError, match="label to version 7 of model tiny, which is not currently available"):
+        start_server(labelled, rest_port=None)
+    allowed = start_server(labelled, rest_port=None, allow_version_labels_for_unavailable_models=True)
+    allowed.stop(grace=1)

@@ -159,11 +159,13 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         response = model_management_pb2.ReloadConfigResponse()
         try:
             configs = model_configs_from_proto(request.config)
-            self.manager.set_configs(configs)
-            self.manager.poll_once()
+            self.manager.apply_configs(configs)
         except ValueError as exc:
             response.status.error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
             response.status.error_message = str(exc)
+        except errors.ServingError as error:  # a label naming a version not available
+            response.status.error_code = error.code.value[0]
+            response.status.error_message = error.message
         return response
 
 

@@ -408,8 +408,10 @@ class ModelManager:
         warmup: Callable[[Servable], None] | None = None,
         load_modules=(),
         loader: Callable[[str, int, str], Servable] = load_servable,
+        allow_unavailable_labels: bool = False,
     ):
         self.poll_wait_seconds = poll_wait_seconds
+        self.allow_unavailable_labels = allow_unavailable_labels
         self.warmup = warmup
         self.load_modules = tuple(load_modules)
         self._loader = loader
@@ -424,7 +426,9 @@ class ModelManager:
 
     def set_configs(self, configs: list[ModelConfig]) -> None:
         """Installs a new model list: new models are loaded on the next poll, removed ones are
-        retired (in-flight requests finish first), changed ones take the new policy/labels."""
+        retired (in-flight requests finish first), changed ones take the new policy, labels or
+        base path; as in TF Serving, a model moved to another base path keeps serving its
+        versions until the new path's are loaded (a version number found in both is kept)."""
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate model names in {names}")
@@ -433,11 +437,11 @@ class ModelManager:
             new_models = {}
             for config in configs:
                 model = self._models.get(config.name)
-                if model is not None and model.config.base_path == config.base_path:
+                if model is not None:
+                    # A new base path too: retiring every version first left the model with
+                    # none until the new path's had loaded (NOT_FOUND for seconds).
                     model.config = config
                 else:
-                    if model is not None:
-                        removed.append(model)
                     model = Model(config)
                 new_models[config.name] = model
             removed += [m for name, m in self._models.items() if name not in new_models]
@@ -448,6 +452,35 @@ class ModelManager:
                 # in model.serving below.
                 model.removed = True
             self._retire_versions(model, set(model.serving))
+
+    def apply_configs(self, configs: list[ModelConfig]) -> None:
+        """:meth:`set_configs`, one poll, then TF Serving's label check.
+
+        Raises:
+          ServingError: FAILED_PRECONDITION when a label names a version that is not available
+            now; as in TF Serving, the models are updated but every label stays as it was.
+        """
+        with self._models_lock:
+            previous = {name: model.config.version_labels for name, model in self._models.items()}
+        self.set_configs(configs)
+        self.poll_once()
+        problems = self.unavailable_labels()
+        if problems:
+            with self._models_lock:
+                for name, model in self._models.items():
+                    model.config = dataclasses.replace(model.config, version_labels=previous.get(name, ()))
+            raise errors.ServingError(grpc.StatusCode.FAILED_PRECONDITION, problems[0])
+
+    def unavailable_labels(self) -> list[str]:
+        """TF Serving's refusals of version labels that name a version not loaded now (none
+        with ``allow_unavailable_labels``, its --allow_version_labels_for_unavailable_models)."""
+        if self.allow_unavailable_labels:
+            return []
+        with self._models_lock:
+            models = list(self._models.values())
+        return [f"Request to assign label to version {version} of model {model.name}, which is not currently "
+                "available for inference" for model in models for _, version in model.config.version_labels
+                if version not in model.serving]
 
     def model_names(self) -> list[str]:
         with self._models_lock:

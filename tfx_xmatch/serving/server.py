@@ -57,6 +57,7 @@ class ServerOptions:
     rest_timeout_seconds: float = 30.0
     rest_max_queued_connections: int = 256  # beyond the busy threads; more get a 503
     enable_model_warmup: bool = True
+    allow_version_labels_for_unavailable_models: bool = False
     load_modules: tuple = ()
     model_config_file: str | None = None
     model_config_file_poll_wait_seconds: float = 0.0
@@ -116,6 +117,7 @@ class ModelServer:
             poll_wait_seconds=options.file_system_poll_wait_seconds,
             warmup=self.inference.warmup if options.enable_model_warmup else None,
             load_modules=options.load_modules,
+            allow_unavailable_labels=options.allow_version_labels_for_unavailable_models,
         )
         self.grpc_server = None
         self.grpc_port: int | None = None
@@ -205,6 +207,9 @@ class ModelServer:
                 failed.append(f"model {name!r} ({reasons})")
         if failed:
             raise ValueError(f"{len(failed)} model(s) did not become available: {', '.join(failed)}")
+        labels = self.manager.unavailable_labels()
+        if labels:  # TF Serving refuses them at start-up too
+            raise ValueError("; ".join(labels))
 
     def _watch_config(self) -> None:
         path = self.options.model_config_file
@@ -219,8 +224,7 @@ class ModelServer:
                 configs = parse_model_config_text(text)
                 self._config_text = text
                 log.info("model config file %s changed; applying it", path)
-                self.manager.set_configs(configs)
-                self.manager.poll_once()
+                self.manager.apply_configs(configs)
             except Exception:  # noqa: BLE001 - keep serving the old config
                 log.exception("could not apply the model config file %s", path)
 
@@ -323,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="largest REST request body; larger ones get 413")
     flag("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
          help="replay assets.extra/tf_serving_warmup_requests before serving a version")
+    flag("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True, default=False,
+         help="accept version labels that name a version not loaded (yet)")
     flag("--load_modules", default="",
          help="comma-separated Python modules to import first (custom ops, e.g. scann)")
     flag("--shutdown_grace_seconds", type=float, default=10.0,
@@ -399,6 +405,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         rest_max_body_bytes=args.rest_api_max_body_bytes,
         rest_timeout_seconds=args.rest_api_timeout_in_ms / 1000.0,
         enable_model_warmup=args.enable_model_warmup,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         load_modules=tuple(filter(None, (m.strip() for m in args.load_modules.split(",")))),
         model_config_file=args.model_config_file,
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
