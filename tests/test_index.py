@@ -785,6 +785,8 @@ def _keras_kinds():
     return {
         "brute_force": lambda: BruteForceIndex(k_max=K_MAX),
         "partitioned": lambda: PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX),
+        "partitioned_bfloat16": lambda: PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX,
+                                                         scoring_dtype="bfloat16", num_reordering_candidates=40),
         "sparse_code": lambda: SparseCodeIndex(k_max=K_MAX, max_items_per_code=40),
         "soft_search": lambda: SoftSearchIndex(PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX),
                                                num_interests=1, k_max=K_MAX),
@@ -793,7 +795,7 @@ def _keras_kinds():
 
 @pytest.mark.parametrize("ids", ["int", "string"])
 @pytest.mark.parametrize("extension", ["", ".keras"], ids=["savedmodel", "keras"])
-@pytest.mark.parametrize("kind", ["brute_force", "partitioned", "sparse_code", "soft_search"])
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned", "partitioned_bfloat16", "sparse_code", "soft_search"])
 def test_an_index_in_a_keras_model_survives_save_and_load_model(kind, extension, ids, tmp_path):
     """A .keras file lost every kind's catalogue (its variables exist only after index(), so
     Keras had none to fill): the reloaded model said "index() must be called". Keras' SavedModel
@@ -827,6 +829,9 @@ def test_a_scann_index_refuses_a_keras_file_and_a_function_traced_before_it_was_
     model = tf.keras.Model(inputs, index(inputs, k=5)[1])
     with pytest.raises(ValueError, match="a ScaNNIndex cannot be saved in a .keras file .* TF SavedModel format"):
         model.save(str(tmp_path / "model.keras"))
+    model.save(str(tmp_path / "saved"), options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
+    np.testing.assert_array_equal(tf.keras.models.load_model(str(tmp_path / "saved"))(queries).numpy(),
+                                  model(queries).numpy())  # Keras' SavedModel loader revives it
     # Traced before a new catalogue: its searcher is the old one, the identifiers the new ones.
     search = tf.function(lambda q: index(q, k=5))
     search(queries)
@@ -874,3 +879,14 @@ def test_an_index_rebuilt_from_its_config_alone_says_it_holds_no_catalogue():
         clone(queries, k=3)
     np.testing.assert_array_equal(clone.index(candidates, int_ids)(queries, k=3)[1].numpy(),
                                   index(queries, k=3)[1].numpy())
+
+
+def test_a_soft_search_base_keeps_its_own_padding_settings():
+    """The base indexes positions 0..N-1 and never answers a caller: its padding_identifier=0
+    was refused as colliding with position 0."""
+    from tfx_xmatch.index import SoftSearchIndex
+
+    candidates, queries, int_ids, _ = _data()
+    index = SoftSearchIndex(BruteForceIndex(k_max=K_MAX, padding_identifier=0), num_interests=1, k_max=K_MAX)
+    expected = BruteForceIndex(k_max=K_MAX).index(candidates, int_ids)(queries, k=5)[1].numpy()
+    np.testing.assert_array_equal(index.index(candidates, int_ids)(queries[:, None, :], k=5)[1].numpy(), expected)

@@ -1465,14 +1465,19 @@ def test_an_operators_mistakes_are_named_at_start_up(templates, tmp_path, caplog
         (base / name).mkdir(parents=True)
     assert sorted(list_versions(str(base))) == [1, 7]
     # A misspelt batching field was dropped without a word; TF Serving's other fields are not typos.
-    with pytest.raises(ValueError, match='has no field named "max_batch_sise"'):
-        parse_batching_parameters("max_batch_sise { value: 8 }")
+    for text in ("max_batch_sise { value: 8 }", "low_priority_max_batch_size { value: 4 } max_batch_sise { value: 8 }"):
+        with pytest.raises(ValueError, match="has no field named 'max_batch_sise'"):
+            parse_batching_parameters(text)
     with caplog.at_level("WARNING"):
         options = parse_batching_parameters("max_batch_size { value: 8 } max_execution_batch_size { value: 4 } "
                                             "low_priority_max_batch_size { value: 2 }")
     assert options.max_batch_size == 8
     assert "max_execution_batch_size is not supported by this server and is ignored" in caplog.text
     assert "low_priority_max_batch_size is not supported" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a field named in a comment is no field
+        parse_batching_parameters("# max_execution_batch_size { value: 4 }\nmax_batch_size { value: 8 }")
+    assert "not supported" not in caplog.text
     # A cut-off file is named (protobuf's ParseError printed a traceback).
     broken = tmp_path / "models.config"
     broken.write_text('model_config_list { config { name: "m" base_path: ')
@@ -1541,3 +1546,26 @@ def test_a_new_base_path_keeps_serving_and_labels_must_name_available_versions(t
         start_server(labelled, rest_port=None)
     allowed = start_server(labelled, rest_port=None, allow_version_labels_for_unavailable_models=True)
     allowed.stop(grace=1)
+
+
+def test_a_config_file_whose_label_waits_for_its_version_is_applied_once_it_loads(templates, tmp_path):
+    """A deploy that adds a version and its label in one edit: the label was refused while the
+    version loaded, and the unchanged file was never read again."""
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    config_file = tmp_path / "models.config"
+    config_file.write_text(f'model_config_list {{ config {{ name: "tiny" base_path: "{base}" }} }}')
+    server = start_server(str(base), rest_port=None, model_config_file=str(config_file),
+                          model_config_file_poll_wait_seconds=0.1, file_system_poll_wait_seconds=0.1)
+    try:
+        config_file.write_text(f'model_config_list {{ config {{ name: "tiny" base_path: "{base}" '
+                               'version_labels { key: "canary" value: 2 } } }')
+        time.sleep(0.5)  # polled and refused a few times: version 2 is not there
+        assert server.manager.get_model("tiny").config.labels == {}
+        install_version(templates, base, 2)
+        deadline = time.monotonic() + 20
+        while server.manager.get_model("tiny").config.labels != {"canary": 2}:
+            assert time.monotonic() < deadline, "the label never took effect"
+            time.sleep(0.05)
+    finally:
+        server.stop(grace=5)

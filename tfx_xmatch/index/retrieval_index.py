@@ -119,6 +119,13 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         self._set_catalogue(identifiers, num_candidates, dimension)
         return self
 
+    def _index_positions(self, candidates: tf.Tensor) -> None:
+        """Indexes checked candidates under their positions 0..N-1, for a composite index that
+        maps positions to its own identifiers (the base's padding values are never returned)."""
+        self._index(candidates)
+        num_candidates, dimension = int(candidates.shape[0]), int(candidates.shape[1])
+        self._set_catalogue(tf.range(num_candidates, dtype=tf.int64), num_candidates, dimension)
+
     def index_from_dataset(self, dataset: tf.data.Dataset) -> "RetrievalIndex":
         """Builds the index from a dataset, like TFRS' ``TopK.index_from_dataset``.
 
@@ -523,7 +530,8 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         if self.identifiers is None:
             return
         names = list(self._state_variables())
-        metadata = {"state": names, **{name: getattr(self, name) for name in self._saved_attributes()}}
+        metadata = {"state": names, "dtypes": {name: getattr(self, name).dtype.name for name in names},
+                    **{name: getattr(self, name) for name in self._saved_attributes()}}
         text = json.dumps(metadata, default=lambda value: value.item())  # NumPy scalars
         store["metadata.json"] = np.frombuffer(text.encode("utf-8"), np.uint8)
         for name in names:
@@ -533,6 +541,8 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                 store[f"{name}.bytes"] = np.frombuffer(b"".join(pieces), np.uint8)
                 store[f"{name}.ends"] = np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
                 store[f"{name}.shape"] = np.asarray(value.shape, np.int64)
+            elif value.dtype == tf.bfloat16.as_numpy_dtype:  # HDF5 would keep it as opaque bytes
+                store[name] = value.view(np.uint16)
             else:
                 store[name] = value
 
@@ -541,9 +551,12 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         if "metadata.json" not in store:
             return
         metadata = json.loads(bytes(np.asarray(store["metadata.json"])).decode("utf-8"))
+        dtypes = metadata.pop("dtypes")
         for name in metadata.pop("state"):
             if name in store:
                 value = np.asarray(store[name])
+                if dtypes[name] == "bfloat16":
+                    value = value.view(tf.bfloat16.as_numpy_dtype)
             else:
                 data, ends = bytes(np.asarray(store[f"{name}.bytes"])), np.asarray(store[f"{name}.ends"])
                 starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)

@@ -132,12 +132,14 @@ class ScaNNIndex(RetrievalIndex):
         self._assign_state("searcher_generation", tf.constant(self._searcher_generation, tf.int64))
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-        check = tf.debugging.assert_equal(
-            self.searcher_generation, tf.constant(self._searcher_generation, tf.int64),
-            message="ScaNNIndex.index() was called again after this function was traced: its ScaNN "
-                    "searcher is the old one; trace the function again")
-        with tf.control_dependencies([check]):
-            queries = tf.identity(queries)
+        traced_with = getattr(self, "_searcher_generation", None)  # None: revived by Keras' loader
+        if traced_with is not None:
+            check = tf.debugging.assert_equal(
+                self.searcher_generation, tf.constant(traced_with, tf.int64),
+                message="ScaNNIndex.index() was called again after this function was traced: its ScaNN "
+                        "searcher is the old one; trace the function again")
+            with tf.control_dependencies([check]):
+                queries = tf.identity(queries)
         scores, positions = self.scann(queries, k=k)
         missing = tf.math.is_nan(scores)
         scores = tf.where(missing, tf.constant(-np.inf, tf.float32), scores)

@@ -72,7 +72,7 @@ class SoftSearchIndex(RetrievalIndex):
 
     def _index(self, candidates: tf.Tensor) -> None:
         # The base answers positions 0..N-1; this index maps them to its own identifiers.
-        self.base.index(candidates)
+        self.base._index_positions(candidates)
 
     def _saved_attributes(self) -> tuple:
         return (*super()._saved_attributes(), "item_dimension")
@@ -138,6 +138,9 @@ class SoftSearchIndex(RetrievalIndex):
         # Keras' SavedModel loader restores the variables but not this Python value; the base
         # search then checks the width.
         dimension = width if self.item_dimension is None else self.item_dimension
+        if dimension is None:
+            raise ValueError(f"queries must be [B, num_interests={num_interests}, d] with a known d, got shape "
+                             f"{queries.shape}")
         if queries.shape[1] is None and width == dimension:
             queries = tf.ensure_shape(queries, [None, num_interests, width])  # checked when it runs
         if queries.shape[1] != num_interests or width != dimension:

@@ -137,24 +137,41 @@ def _batching_parameters_message():
     return _BATCHING_PARAMETERS_CLASS
 
 
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|#[^\n]*|[A-Za-z_]\w*|[{}:<>]|\S')
+
+
+def _top_level_fields(text: str) -> set[str]:
+    """Names of the outermost fields of a text proto (comments and strings skipped)."""
+    tokens = [token for token in _TOKENS.findall(text) if not token.startswith("#")]
+    names, depth = set(), 0
+    for token, following in zip(tokens, tokens[1:] + [""]):
+        if token in ("{", "<"):
+            depth += 1
+        elif token in ("}", ">"):
+            depth -= 1
+        elif depth == 0 and following in (":", "{", "<") and (token[0].isalpha() or token[0] == "_"):
+            names.add(token)
+    return names
+
+
 def parse_batching_parameters(text: str, base: BatchingOptions | None = None) -> BatchingOptions:
     """Parses TF Serving's ``--batching_parameters_file`` text proto, e.g.
     ``max_batch_size { value: 64 } batch_timeout_micros { value: 2000 }``."""
     from google.protobuf import text_format
 
-    proto = _batching_parameters_message()()
+    message = _batching_parameters_message()
+    proto = message()
     try:
-        text_format.Parse(text, proto)
-    except text_format.ParseError as error:
-        unknown = re.search(r'has no field named "(\w+)"', str(error))
-        if unknown is None or unknown[1] not in _UNSUPPORTED_TF_SERVING_FIELDS:
-            # A misspelt field was dropped without a word; TF Serving refuses the file.
-            raise ValueError(str(error)) from None
-        proto = _batching_parameters_message()()
         text_format.Parse(text, proto, allow_unknown_field=True)
-    for name in sorted(_IGNORED_FIELDS | _UNSUPPORTED_TF_SERVING_FIELDS):
-        if re.search(rf"(^|\s){name}\s*[:{{]", text):
-            log.warning("batching parameter %s is not supported by this server and is ignored", name)
+    except text_format.ParseError as error:
+        raise ValueError(str(error)) from None
+    given = _top_level_fields(text)
+    typos = sorted(given - set(message.DESCRIPTOR.fields_by_name) - _UNSUPPORTED_TF_SERVING_FIELDS)
+    if typos:
+        # A misspelt field was dropped without a word; TF Serving refuses the file.
+        raise ValueError(f"BatchingParameters has no field named {typos[0]!r}")
+    for name in sorted(given & (_IGNORED_FIELDS | _UNSUPPORTED_TF_SERVING_FIELDS)):
+        log.warning("batching parameter %s is not supported by this server and is ignored", name)
     options = dataclasses.replace(base) if base is not None else BatchingOptions()
     for name in (
         "max_batch_size",

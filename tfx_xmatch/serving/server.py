@@ -125,6 +125,7 @@ class ModelServer:
         self.rest_port: int | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
+        self._config_error: str | None = None
         self._config_thread: threading.Thread | None = None
         self._config_text: str | None = None
 
@@ -222,11 +223,15 @@ class ModelServer:
                 from tfx_xmatch.serving.model_manager import parse_model_config_text
 
                 configs = parse_model_config_text(text)
-                self._config_text = text
-                log.info("model config file %s changed; applying it", path)
+                if self._config_error is None:
+                    log.info("model config file %s changed; applying it", path)
                 self.manager.apply_configs(configs)
-            except Exception:  # noqa: BLE001 - keep serving the old config
-                log.exception("could not apply the model config file %s", path)
+                self._config_text = text  # only once applied: a refused label is tried again
+                self._config_error = None
+            except Exception as error:  # noqa: BLE001 - keep serving the old config
+                if str(error) != self._config_error:  # once per problem, not every poll
+                    self._config_error = str(error)
+                    log.exception("could not apply the model config file %s", path)
 
     def request_stop(self) -> None:
         """Asks :meth:`serve_forever` to return (safe from signal handlers and other threads)."""
