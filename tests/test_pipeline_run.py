@@ -150,13 +150,18 @@ def test_run_on_movielens_100k_matches_the_in_process_code(tmp_path):
         assert summary["test"][key] == pytest.approx(metrics[key], abs=1e-9), key
 
 
-def test_publish_to_an_object_store_path_goes_through_tf_io_gfile(tmp_path):
-    from tfx_xmatch.pipelines.run import publish
-
+def _staged(tmp_path) -> pathlib.Path:
     staged = tmp_path / "staged"
     (staged / "variables").mkdir(parents=True)
     (staged / "saved_model.pb").write_bytes(b"graph")
     (staged / "variables" / "variables.index").write_bytes(b"index")
+    return staged
+
+
+def test_publish_to_an_object_store_path_goes_through_tf_io_gfile(tmp_path):
+    from tfx_xmatch.pipelines.run import publish
+
+    staged = _staged(tmp_path)
     base = f"ram://models-{tmp_path.name}"
     assert publish(staged, base) == f"{base}/1"
     assert publish(staged, base + "/") == f"{base}/2"
@@ -169,3 +174,25 @@ def test_publish_to_an_object_store_path_goes_through_tf_io_gfile(tmp_path):
     assert local == tmp_path / "models" / "1" and (local / "saved_model.pb").read_bytes() == b"graph"
     assert local.stat().st_mode & 0o777 == 0o777 & ~umask
     assert [path.name for path in (tmp_path / "models").iterdir()] == ["1"]
+
+
+def test_a_failed_publish_to_an_object_store_leaves_no_version(tmp_path, monkeypatch):
+    """A half-copied version stayed: every server failed to load it and later publishes skipped it."""
+    from tfx_xmatch.pipelines.run import publish
+
+    staged = _staged(tmp_path)
+    base = f"ram://publish-{tmp_path.name}"
+    assert publish(staged, base) == f"{base}/1"
+    real_copy = tf.io.gfile.copy
+
+    def connection_reset(source, destination, overwrite=False):
+        if destination.endswith("saved_model.pb"):
+            raise tf.errors.UnavailableError(None, None, "connection reset")
+        return real_copy(source, destination, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", connection_reset)
+    with pytest.raises(tf.errors.UnavailableError):
+        publish(staged, base)
+    monkeypatch.undo()
+    assert [name.rstrip("/") for name in tf.io.gfile.listdir(base)] == ["1"]
+    assert publish(staged, base) == f"{base}/2"
