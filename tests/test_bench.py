@@ -122,6 +122,21 @@ def test_a_run_cut_short_leaves_the_last_complete_result_and_report(tmp_path, mo
         cli.main([*arguments, "--runs-dir", str(tmp_path / "runs2")])
     assert {path: path.read_bytes() for path in complete} == complete
     assert json.loads((out / "bench_quick.partial.json").read_text())["complete"] is False  # what it measured
+    # A report that fails to render replaces no plot either (they were written first).
+    from tfx_xmatch.bench import report
+
+    files = {path: path.read_bytes() for path in (out / "quick").iterdir()}
+    assert {path.name for path in files} >= {"REPORT.md", *report.PLOTS.values()}
+
+    def fails(*args):
+        raise RuntimeError("cannot render")
+
+    monkeypatch.setattr(report, "markdown", fails)
+    result = json.loads((out / "bench_quick.json").read_text())
+    result["summary"][0]["HR@10"] = 0.0  # other numbers, other plots
+    with pytest.raises(RuntimeError, match="cannot render"):
+        report.write_report(result, out / "quick")
+    assert {path: path.read_bytes() for path in (out / "quick").iterdir()} == files
 
 
 def test_summary_is_the_mean_and_sample_std_over_seeds_with_ratios_to_the_baseline():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 import pathlib
 from typing import Optional
 
 from tfx_xmatch.bench.suite import QUALITY_KEYS
-from tfx_xmatch.io_utils import atomic_path, write_texts_atomic
+from tfx_xmatch.io_utils import atomic_paths
 
 PLOTS = {"quality": "report_quality.png", "index_latency": "report_index_latency.png",
          "t2diff_steps": "report_t2diff_steps.png", "sparcode_cache": "report_sparcode_cache.png"}
@@ -24,9 +25,13 @@ def _with_std(entry: dict, key: str, digits: int = 4) -> str:
     return _number(value, digits) + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def _save(figure, path: pathlib.Path) -> None:
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
+def _png(figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    content = io.BytesIO()
+    figure.savefig(content, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return content.getvalue()
 
 
 def _first_run_paths(result: dict) -> list[dict]:
@@ -40,8 +45,8 @@ def _first_run_paths(result: dict) -> list[dict]:
     return list(unique.values())
 
 
-def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
-    """Writes the four plots; returns {plot: file name}."""
+def plot(result: dict) -> dict[str, tuple[str, bytes]]:
+    """Draws the four plots; returns {plot: (file name, PNG bytes)}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +66,7 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     axis.set_xticks([d + 0.4 - width / 2 for d in range(len(result["datasets"]))], result["datasets"])
     axis.set_ylabel("HR@10 (test, full ranking)")
     axis.legend(fontsize=7, ncol=2)
-    _save(figure, directory / PLOTS["quality"])
-    written["quality"] = PLOTS["quality"]
+    written["quality"] = (PLOTS["quality"], _png(figure))
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for kind in sorted({row["kind"] for row in result["index_latency"]}):
@@ -73,8 +77,7 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     axis.set_xlabel("catalogue size (items)")
     axis.set_ylabel("p50 ms per query (batch 1, top-100)")
     axis.legend()
-    _save(figure, directory / PLOTS["index_latency"])
-    written["index_latency"] = PLOTS["index_latency"]
+    written["index_latency"] = (PLOTS["index_latency"], _png(figure))
 
     steps = [row for row in _first_run_paths(result) if "sampler" in row["variant"]]
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -85,8 +88,7 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     axis.set_ylabel("T2Diff HR@10")
     if axis.lines:
         axis.legend()
-    _save(figure, directory / PLOTS["t2diff_steps"])
-    written["t2diff_steps"] = PLOTS["t2diff_steps"]
+    written["t2diff_steps"] = (PLOTS["t2diff_steps"], _png(figure))
 
     cache = [row for row in _first_run_paths(result) if row["variant"].get("kind") == "sparse_code"]
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -96,8 +98,7 @@ def plot(result: dict, directory: pathlib.Path) -> dict[str, str]:
     axis.set_xscale("log")
     axis.set_xlabel("cache budget (fraction of all code-item scores kept)")
     axis.set_ylabel("SparCode Recall@50")
-    _save(figure, directory / PLOTS["sparcode_cache"])
-    written["sparcode_cache"] = PLOTS["sparcode_cache"]
+    written["sparcode_cache"] = (PLOTS["sparcode_cache"], _png(figure))
     plt.close("all")
     return written
 
@@ -229,7 +230,13 @@ def write_report(result: dict, directory: str | pathlib.Path,
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    plots = plot(result, directory)
+    plots = plot(result)
     path = directory / "REPORT.md"
-    write_texts_atomic({**(together_with or {}), path: markdown(result, plots)})
+    texts = {**(together_with or {}), path: markdown(result, {name: file for name, (file, _) in plots.items()})}
+    # Plots, report and result replaced together: none is left beside another run's.
+    with atomic_paths([*texts, *(directory / file for file, _ in plots.values())]) as temporaries:
+        for temporary, text in zip(temporaries, texts.values()):
+            temporary.write_text(text, encoding="utf-8")
+        for temporary, (_, content) in zip(temporaries[len(texts):], plots.values()):
+            temporary.write_bytes(content)
     return path
