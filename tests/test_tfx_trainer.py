@@ -278,3 +278,57 @@ def test_create_pipeline_wires_examplegen_trainer_and_pusher(tmp_path):
     assert [c.id for c in warm.components][:2] == ["ImportExampleGen", "latest_model_resolver"]
     trainer = next(c for c in warm.components if type(c).__name__ == "Trainer")
     assert "base_model" in trainer.inputs
+
+
+def test_a_retried_trainer_does_not_train_a_finished_run_again_nor_on_other_records(prepared, tmp_path, caplog):
+    """A retry trained the finished run again (train_seconds doubled); a run directory reused on
+    other records exported the first records' best weights under the new history."""
+    _, directory = prepared
+    args = _fn_args(directory, tmp_path)
+    trainer_module.run_fn(args)
+    run = tmp_path / "run"
+    finished = {name: (run / name).read_bytes() for name in ("history.json", "metrics.json", "inputs.json")}
+    with caplog.at_level("WARNING"):
+        trainer_module.run_fn(args)
+    assert "already holds a finished run; loading its model without training" in caplog.text
+    assert {name: (run / name).read_bytes() for name in finished} == finished
+    assert (tmp_path / "serving" / "saved_model.pb").exists()
+    args.train_files = [str(directory / "train-00000-*")]
+    with pytest.raises(ValueError, match="holds a run on other records or another vocabulary; use a new run directory"):
+        trainer_module.run_fn(args)
+
+
+def test_what_tfx_hands_run_fn_is_used_or_refused_by_name(prepared, tmp_path, caplog):
+    _, directory = prepared
+    bad = [
+        ({"overrides": "train.epochs=1"}, ConfigError, r"custom_config\['overrides'\] must be a list of"),
+        ({"overrides": None}, ConfigError, r"custom_config\['overrides'\] must be a list of"),
+        ({"config": 5}, ConfigError, r"custom_config\['config'\] must be a RunConfig file path or a dict, got 5"),
+        ({"export": ["k_max", 10]}, ConfigError, r"custom_config\['export'\] must be a dict"),
+        ({"export": {"index_options": [1]}}, ConfigError, r"custom_config\['export'\] must be a dict"),
+        ({"item_vocab": None}, ConfigError, r"custom_config\['item_vocab'\] must be the path of item_vocab.json"),
+        ({"export": {"k_max": 5}, "overrides": [*RUN_OVERRIDES, "train.monitor=NDCG@20", "eval.ks=[10, 20]"]},
+         ValueError, r"k_max'\]=5 is below the k of train.monitor='NDCG@20'"),
+    ]
+    for custom, error, message in bad:
+        with pytest.raises(error, match=message):
+            trainer_module.run_fn(_fn_args(directory, tmp_path / "bad", custom=custom))
+        assert not (tmp_path / "bad" / "run").exists()
+    with pytest.raises(ValueError, match="train_steps must be an integer >= 0 or None, got -1"):
+        trainer_module.run_fn(_fn_args(directory, tmp_path / "steps", train_steps=-1))
+    assert not (tmp_path / "steps" / "run" / "config.json").exists()
+    # A Tuner's values are applied by config key; a bare name was silently ignored.
+    with pytest.raises(ConfigError, match=r"hyperparameter\(s\) \['learning_rate'\] must be named by their config key"):
+        trainer_module.run_fn(_fn_args(directory, tmp_path / "hp", hyperparameters={"values": {"learning_rate": 0.5}}))
+    # ExampleGen's split directories are read like their files; a Transform graph is named as not applied.
+    args = _fn_args(directory, tmp_path / "tuned", hyperparameters={"values": {"train.learning_rate": 0.005}})
+    split_dir = tmp_path / "Split-train"
+    split_dir.mkdir()
+    for path in directory.glob("train-*"):
+        (split_dir / path.name).write_bytes(path.read_bytes())
+    args.train_files = [str(split_dir)]
+    args.transform_output = str(tmp_path / "transform")
+    with caplog.at_level("WARNING"):
+        trainer_module.run_fn(args)
+    assert json.loads((tmp_path / "tuned" / "run" / "config.json").read_text())["train"]["learning_rate"] == 0.005
+    assert "fn_args.transform_output is not applied" in caplog.text

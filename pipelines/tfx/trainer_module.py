@@ -12,6 +12,13 @@ The TFX Trainer contract, as this module honours it:
     "export": {"index_kind": "brute_force", "index_options": {}, "k_max": 100, "padding_id": None}}``;
     only ``item_vocab`` is required (``padding_id``: the id that pads request histories, default 0
     or "", needed when 0 is a real item id).
+    Types are checked before training (a string of overrides was read character by
+    character); ``k_max`` must cover the k of ``train.monitor``, the depth the model is
+    selected at. ``train_files`` may also name ExampleGen's split directories.
+  * ``fn_args.hyperparameters`` (a TFX Tuner's best values): applied as overrides, each named by
+    its config key (``train.learning_rate``); another name is refused, not ignored.
+  * ``fn_args.transform_output`` / ``schema_file``: not applied (a warning says so): the records
+    are read as the prepare pipeline wrote them.
   * ``fn_args.train_steps``: if set, the total number of training batches, spread evenly over
     ``train.epochs`` epochs (the data repeats); otherwise one pass over the data per epoch.
     ``eval_steps`` is not used: validation always ranks every eval example against every item.
@@ -23,7 +30,8 @@ The TFX Trainer contract, as this module honours it:
     matched by id, so a catalogue that changed since (new items, removed ones, another order)
     is fine: known items start from their learnt vectors, new ones from their initialization;
     a model that shares no item id with this run is refused.
-    A retried Trainer resumes its local ``model_run_dir`` rather than starting over;
+    A retried Trainer resumes its local ``model_run_dir`` rather than starting over (a finished
+    run is exported again without training; a run directory of other records is refused);
     with a ``gs://`` run directory it trains in a fresh local directory, so it starts from
     ``base_model`` again. Setting ``train.warm_start`` as well is refused unless both name the
     same model.
@@ -35,9 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
+import os
 import tempfile
 from typing import Any, Mapping, Optional
 
+from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import build_serving_module, check_export_settings, resolve_padding_id, save_serving_module
@@ -45,6 +57,7 @@ from tfx_xmatch.io_utils import copy_directory
 from tfx_xmatch.pipelines.record_training import train_on_records
 
 CUSTOM_CONFIG_KEYS = ("config", "overrides", "item_vocab", "export")
+logger = logging.getLogger(__name__)
 
 
 def run_config_from(custom_config: Mapping[str, Any]) -> RunConfig:
@@ -57,10 +70,43 @@ def run_config_from(custom_config: Mapping[str, Any]) -> RunConfig:
     if unknown:
         raise ConfigError(f"custom_config has unknown keys {unknown}; expected some of {list(CUSTOM_CONFIG_KEYS)}")
     source = custom_config.get("config")
-    overrides = list(custom_config.get("overrides", []))
+    overrides = custom_config.get("overrides", [])
+    # A string was read character by character ("override 't' must look like ..."), None failed
+    # with "'NoneType' object is not iterable".
+    if isinstance(overrides, (str, bytes, Mapping)) or not isinstance(overrides, (list, tuple)) or not all(
+            isinstance(override, str) for override in overrides):
+        raise ConfigError(f"custom_config['overrides'] must be a list of 'section.key=value' strings, got "
+                          f"{overrides!r}")
+    if source is not None and not isinstance(source, (str, os.PathLike, Mapping)):
+        raise ConfigError(f"custom_config['config'] must be a RunConfig file path or a dict, got {source!r}")
+    overrides = list(overrides)
     if isinstance(source, Mapping):
         return apply_overrides(config_from_dict(dict(source), "custom_config['config']"), overrides)
     return load_config(source, overrides)
+
+
+def with_hyperparameters(config: RunConfig, hyperparameters: Any) -> RunConfig:
+    """``config`` with the values a TFX Tuner hands the Trainer (``fn_args.hyperparameters``: a
+    KerasTuner ``HyperParameters``, or its ``get_config()`` dict), each named by its config key
+    (``train.learning_rate``, ``model.embedding_dim``).
+
+    Raises:
+      ConfigError: A name that is not a ``section.key`` of the config (it was ignored).
+    """
+    if not hyperparameters:
+        return config
+    if isinstance(hyperparameters, Mapping):  # get_config()'s {"space": ..., "values": ...}, or the values
+        values = hyperparameters.get("values", hyperparameters)
+    else:  # KerasTuner HyperParameters
+        values = getattr(hyperparameters, "values", None)
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"fn_args.hyperparameters must be KerasTuner HyperParameters or a dict of values, "
+                          f"got {hyperparameters!r}")
+    plain = sorted(name for name in values if "." not in str(name))
+    if plain:
+        raise ConfigError(f"hyperparameter(s) {plain} must be named by their config key, e.g. train.learning_rate "
+                          "or model.embedding_dim, to be applied")
+    return apply_overrides(config, [f"{name}={json.dumps(value)}" for name, value in values.items()])
 
 
 def with_base_model(config: RunConfig, base_model: Optional[str]) -> RunConfig:
@@ -89,15 +135,31 @@ def run_fn(fn_args) -> None:
     if "item_vocab" not in custom_config:
         raise KeyError("custom_config['item_vocab'] is required: the item_vocab.json written beside the "
                        "TFRecords by the prepare pipeline (it maps raw item ids to the records' indices)")
-    export = dict(custom_config.get("export", {}))
+    if not isinstance(custom_config["item_vocab"], (str, os.PathLike)):
+        raise ConfigError(f"custom_config['item_vocab'] must be the path of item_vocab.json, got "
+                          f"{custom_config['item_vocab']!r}")
+    export = custom_config.get("export", {})
+    if not isinstance(export, Mapping) or not isinstance(export.get("index_options") or {}, Mapping):
+        raise ConfigError(f"custom_config['export'] must be a dict (its index_options a dict too), got {export!r}")
+    export = dict(export)
     unknown = sorted(set(export) - {"index_kind", "index_options", "k_max", "padding_id"})
     if unknown:  # checked before training, not after it
         raise ValueError(f"unknown custom_config['export'] key(s) {unknown}; known: index_kind, index_options, k_max, "
                          "padding_id")
-    config = with_base_model(run_config_from(custom_config), getattr(fn_args, "base_model", None))
+    config = with_hyperparameters(run_config_from(custom_config), getattr(fn_args, "hyperparameters", None))
+    config = with_base_model(config, getattr(fn_args, "base_model", None))
+    for name in ("transform_output", "transform_graph_path", "schema_file", "schema_path"):
+        if getattr(fn_args, name, None):
+            logger.warning("fn_args.%s is not applied: this module reads the prepare pipeline's records as they "
+                           "are (no Transform graph, no schema)", name)
     index_kind, index_options = export.get("index_kind", "brute_force"), export.get("index_options")
     k_max = export.get("k_max", 100)
     check_export_settings(config.model.name, index_kind, index_options, k_max)  # before training, not after
+    monitored_k = int(config.train.monitor.rsplit("@", 1)[1]) if "@" in config.train.monitor else None
+    if monitored_k is not None and is_integer(k_max) and monitored_k > k_max:
+        # Selected at a depth its own export refuses (k must be <= k_max).
+        raise ValueError(f"custom_config['export']['k_max']={k_max} is below the k of train.monitor="
+                         f"{config.train.monitor!r}: the export could not serve the depth the model is selected at")
     vocab = Vocabulary.load(custom_config["item_vocab"])
     padding_id = resolve_padding_id(vocab, export.get("padding_id"))  # before training, not after
     run_dir = str(fn_args.model_run_dir)
@@ -133,3 +195,4 @@ class FnArgs:
     train_steps: int | None = None
     eval_steps: int | None = None
     base_model: str | None = None
+    hyperparameters: Any = None

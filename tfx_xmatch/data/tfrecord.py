@@ -207,8 +207,29 @@ def left_pad_ragged(histories: tf.RaggedTensor, max_length: int) -> tf.Tensor:
 
 
 def _glob_all(file_pattern) -> list[str]:
+    """Files of each glob in name order; a directory stands for the files in it (ExampleGen's
+    ``Split-train``: tf.data said only "Is a directory")."""
     patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
-    return [path for pattern in patterns for path in sorted(tf.io.gfile.glob(pattern))]
+    files = []
+    for path in (path for pattern in patterns for path in sorted(tf.io.gfile.glob(pattern))):
+        if tf.io.gfile.isdir(path):
+            files += sorted(f"{path.rstrip('/')}/{name}" for name in tf.io.gfile.listdir(path)
+                            if not name.endswith("/") and not tf.io.gfile.isdir(f"{path.rstrip('/')}/{name}"))
+        else:
+            files.append(path)
+    return files
+
+
+def matching_files(file_pattern) -> list[str]:
+    """The record files a glob, a directory or a list of them names, as the readers take them.
+
+    Raises:
+      FileNotFoundError: If nothing matches.
+    """
+    files = _glob_all(file_pattern)
+    if not files:
+        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
+    return files
 
 
 def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]:
@@ -216,10 +237,7 @@ def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]
     for name, value in (("max_length", max_length), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
-    files = _glob_all(file_pattern)
-    if not files:
-        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
-    return files
+    return matching_files(file_pattern)
 
 
 _INT32_MAX = int(np.iinfo(np.int32).max)

@@ -8,7 +8,9 @@ for ``fit`` and held-out (history, next item) examples for model selection with 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import pathlib
 import shutil
 from typing import Optional, Sequence, Union
@@ -17,13 +19,24 @@ import tensorflow as tf
 
 from tfx_xmatch import training
 from tfx_xmatch.config import ConfigError, RunConfig, check_values
-from tfx_xmatch.data.tfrecord import read_eval_examples, read_training_tfrecords
+from tfx_xmatch.data.tfrecord import matching_files, read_eval_examples, read_training_tfrecords
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.data.tfrecord import record_counts
 from tfx_xmatch.io_utils import json_text, remove_stale_temporaries, write_json_atomic
 
 Files = Union[str, Sequence[str]]
+logger = logging.getLogger(__name__)
+
+
+def _inputs_of(train_files: Files, eval_files: Files, item_vocab: Vocabulary) -> dict:
+    """What identifies a run's data: each record file's path and size, and the vocabulary."""
+    def described(pattern) -> list:
+        return [[path, tf.io.gfile.stat(path).length] for path in matching_files(pattern)]
+
+    ids = json.dumps(item_vocab.to_json()["ids"]).encode("utf-8")
+    return {"train": described(train_files), "eval": described(eval_files), "num_items": item_vocab.num_items,
+            "item_ids_sha256": hashlib.sha256(ids).hexdigest()}
 
 
 def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, item_vocab: Vocabulary,
@@ -43,20 +56,39 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
       train_steps: If set, the total number of training batches spread over ``train.epochs``
         epochs (the data repeats); otherwise one pass over the data per epoch.
 
+    A run directory that holds this configuration's run on the same records resumes it; one
+    whose run finished returns its model without training again (a retried TFX Trainer); one
+    that holds a run with another configuration, or on other records (paths, sizes) or another
+    vocabulary, is refused (``inputs.json`` records them).
+
     Returns:
       (the selected model, the metrics dict).
 
     Raises:
       ConfigError: If ``train.strategy`` is multi_worker (this trains in one process).
-      ValueError: If ``run_dir`` holds a run with another configuration, or on bad records.
+      ValueError: If ``run_dir`` holds a run with another configuration or on other records,
+        ``train_steps`` is negative, or on bad records.
       FileNotFoundError: On files matching nothing.
     """
     if config.train.strategy == "multi_worker":
         raise ConfigError("training on records runs in one process; use train.strategy default or mirrored")
     check_values(config)
+    if train_steps is not None:  # checked before config.json claims the run directory
+        try:
+            valid = int(train_steps) >= 0 and float(train_steps) == int(train_steps)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"train_steps must be an integer >= 0 or None, got {train_steps!r}")
+    inputs = _inputs_of(train_files, eval_files, item_vocab)
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
+    inputs_path = run_dir / "inputs.json"
+    if config_path.exists() and inputs_path.exists() and json.loads(inputs_path.read_text(encoding="utf-8")) != inputs:
+        # Resumed on other records, the run would keep the first data's best weights and export
+        # them under the new data's history.
+        raise ValueError(f"{run_dir} holds a run on other records or another vocabulary; use a new run directory")
     # An earlier run's history would be resumed (its best epoch, its time budget): only the
     # same configuration may continue in the same directory.
     # Compared as configs, so a run written before a key existed (it has its default) still resumes.
@@ -64,6 +96,10 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
             json_text(config.to_dict())):
         raise ValueError(f"{run_dir} holds a run with another configuration; use a new run directory")
 
+    if (run_dir / "metrics.json").exists() and (run_dir / "model").is_dir():
+        # A retried Trainer after the run finished: fit would run again on top of it.
+        logger.warning("%s already holds a finished run; loading its model without training", run_dir)
+        return training.load_model(run_dir / "model"), json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     tf.keras.utils.set_random_seed(config.train.seed)
     target_counts, popularity = record_counts(train_files, item_vocab.num_items)
     validation, _ = read_eval_examples(eval_files)
@@ -75,7 +111,8 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
     # Claimed only now: bad records or a model that cannot be built must not leave a
     # config.json that refuses the corrected run.
     write_json_atomic(config_path, config.to_dict())
-    remove_stale_temporaries(run_dir, training.RUN_OUTPUTS)  # what a killed earlier attempt left half-written
+    write_json_atomic(inputs_path, inputs)
+    remove_stale_temporaries(run_dir, (*training.RUN_OUTPUTS, "inputs.json"))  # what a killed attempt left half-written
     train_data = read_training_tfrecords(train_files, max_length=config.model.max_length,
                                          batch_size=config.train.batch_size, seed=config.train.seed)
     steps_per_epoch = None
