@@ -327,7 +327,7 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
             value = yaml.load(text, Loader=_Loader)
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: cannot parse value: {error}") from None
-        if " #" in text and isinstance(value, str):
-            value = text.strip()  # a path like "/data/run #2" is not a YAML comment here
+        if " #" in text and isinstance(value, str) and text.strip()[:1] not in ("'", '"'):
+            value = text.strip()  # a path like "/data/run #2" is not a YAML comment here (a quoted one parsed right)
         _set(config, key.strip(), value)
     return config

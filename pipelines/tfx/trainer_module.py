@@ -13,10 +13,11 @@ The TFX Trainer contract, as this module honours it:
     only ``item_vocab`` is required (``padding_id``: the id that pads request histories, default 0
     or "", needed when 0 is a real item id).
     Types are checked before training (a string of overrides was read character by
-    character); ``k_max`` must cover the k of ``train.monitor``, the depth the model is
-    selected at. ``train_files`` may also name ExampleGen's split directories.
+    character); a ``k_max`` below the k of ``train.monitor`` (the depth the model is selected
+    at) is warned about. ``train_files`` may also name ExampleGen's split directories.
   * ``fn_args.hyperparameters`` (a TFX Tuner's best values): applied as overrides, each named by
-    its config key (``train.learning_rate``); another name is refused, not ignored.
+    its config key (``train.learning_rate``); another name is refused, not ignored (Hyperband's
+    ``tuner/...`` bookkeeping is skipped).
   * ``fn_args.transform_output`` / ``schema_file``: not applied (a warning says so): the records
     are read as the prepare pipeline wrote them.
   * ``fn_args.train_steps``: if set, the total number of training batches, spread evenly over
@@ -49,8 +50,7 @@ import os
 import tempfile
 from typing import Any, Mapping, Optional
 
-from tfx_xmatch.arguments import is_integer
-from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from tfx_xmatch.config import ConfigError, RunConfig, apply_overrides, check_values, config_from_dict, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import build_serving_module, check_export_settings, resolve_padding_id, save_serving_module
 from tfx_xmatch.io_utils import copy_directory
@@ -102,6 +102,8 @@ def with_hyperparameters(config: RunConfig, hyperparameters: Any) -> RunConfig:
     if not isinstance(values, Mapping):
         raise ConfigError(f"fn_args.hyperparameters must be KerasTuner HyperParameters or a dict of values, "
                           f"got {hyperparameters!r}")
+    # Hyperband's own bookkeeping (tuner/epochs, tuner/bracket, ...) is no model setting.
+    values = {name: value for name, value in values.items() if not str(name).startswith("tuner/")}
     plain = sorted(name for name in values if "." not in str(name))
     if plain:
         raise ConfigError(f"hyperparameter(s) {plain} must be named by their config key, e.g. train.learning_rate "
@@ -155,11 +157,12 @@ def run_fn(fn_args) -> None:
     index_kind, index_options = export.get("index_kind", "brute_force"), export.get("index_options")
     k_max = export.get("k_max", 100)
     check_export_settings(config.model.name, index_kind, index_options, k_max)  # before training, not after
-    monitored_k = int(config.train.monitor.rsplit("@", 1)[1]) if "@" in config.train.monitor else None
-    if monitored_k is not None and is_integer(k_max) and monitored_k > k_max:
-        # Selected at a depth its own export refuses (k must be <= k_max).
-        raise ValueError(f"custom_config['export']['k_max']={k_max} is below the k of train.monitor="
-                         f"{config.train.monitor!r}: the export could not serve the depth the model is selected at")
+    check_values(config)  # a config given as a dict is checked here, before anything trains
+    monitored_k = int(config.train.monitor.rsplit("@", 1)[1])
+    if monitored_k > k_max:
+        # Legitimate (selection ranks in process), but a request for that depth will be refused.
+        logger.warning("custom_config['export']['k_max']=%d is below the k of train.monitor=%r: the export cannot "
+                       "answer the depth the model is selected at", k_max, config.train.monitor)
     vocab = Vocabulary.load(custom_config["item_vocab"])
     padding_id = resolve_padding_id(vocab, export.get("padding_id"))  # before training, not after
     run_dir = str(fn_args.model_run_dir)

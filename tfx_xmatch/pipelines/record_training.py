@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import shutil
 from typing import Optional, Sequence, Union
@@ -32,7 +33,9 @@ logger = logging.getLogger(__name__)
 def _inputs_of(train_files: Files, eval_files: Files, item_vocab: Vocabulary) -> dict:
     """What identifies a run's data: each record file's path and size, and the vocabulary."""
     def described(pattern) -> list:
-        return [[path, tf.io.gfile.stat(path).length] for path in matching_files(pattern)]
+        # Absolute: "d/*", "./d/*" and "/abs/d/*" name the same files.
+        return [[path if "://" in path else os.path.abspath(path), tf.io.gfile.stat(path).length]
+                for path in matching_files(pattern)]
 
     ids = json.dumps(item_vocab.to_json()["ids"]).encode("utf-8")
     return {"train": described(train_files), "eval": described(eval_files), "num_items": item_vocab.num_items,
