@@ -207,16 +207,23 @@ def left_pad_ragged(histories: tf.RaggedTensor, max_length: int) -> tf.Tensor:
 
 
 def _glob_all(file_pattern) -> list[str]:
-    """Files of each glob in name order; a directory stands for the files in it (ExampleGen's
-    ``Split-train``: tf.data said only "Is a directory")."""
+    """Files of each glob in name order; a directory named as such (no wildcard) stands for the
+    files in it (ExampleGen's ``Split-train``: tf.data said only "Is a directory").
+
+    Only such a literal pattern is asked whether it is a directory: one request per pattern,
+    not per matched file (a request each on an object store).
+    """
     patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
     files = []
-    for path in (path for pattern in patterns for path in sorted(tf.io.gfile.glob(pattern))):
-        if tf.io.gfile.isdir(path):
-            files += sorted(f"{path.rstrip('/')}/{name}" for name in tf.io.gfile.listdir(path)
-                            if not name.endswith("/") and not tf.io.gfile.isdir(f"{path.rstrip('/')}/{name}"))
+    for pattern in patterns:
+        if not any(wildcard in pattern for wildcard in "*?[") and tf.io.gfile.isdir(pattern):
+            directory = pattern.rstrip("/")
+            # An object store lists sub-directories with a trailing "/"; locally, ask.
+            files += sorted(f"{directory}/{name}" for name in tf.io.gfile.listdir(directory)
+                            if not name.endswith("/") and ("://" in directory
+                                                           or not os.path.isdir(os.path.join(directory, name))))
         else:
-            files.append(path)
+            files += sorted(tf.io.gfile.glob(pattern))
     return files
 
 
