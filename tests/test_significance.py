@@ -2,6 +2,7 @@
 its formula, and the named errors."""
 
 import doctest
+import re
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def test_a_clear_win_is_significant_and_a_copy_is_not():
     assert (same.difference, same.p_value, same.ci_low, same.ci_high) == (0.0, 1.0, 0.0, 0.0)
     assert not same.significant()
     assert set(win.to_dict()) == {"metric", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p_value",
-                                  "num_examples", "confidence"}
+                                  "num_examples", "confidence", "test"}
     # A tiny p-value is kept, not rounded to a false zero.
     assert 0.0 < win.to_dict()["p_value"] == win.p_value < 1e-6
 
@@ -76,12 +77,65 @@ def test_a_clear_win_is_significant_and_a_copy_is_not():
 def test_a_constant_difference_gets_the_exact_sign_test_not_certainty():
     # Two examples that both move by one rank step once reported p = 0.
     two = paired_difference(np.array([0, 0]), np.array([50, 50]), "HR@10")
-    # No interval: a zero-width one at +1 would exclude 0 while p = 0.5.
-    assert (two.difference, two.ci_low, two.ci_high, two.p_value) == (1.0, None, None, 0.5)
-    assert format_difference(two.to_dict()) == "+1.0000 (sign test) p=0.5"
+    assert (two.difference, two.p_value, two.test) == (1.0, 0.5, "exact sign test")
+    # The interval agrees with p = 0.5: it holds 0 (a zero-width one at +1 would not).
+    assert two.ci_low < 0.0 < two.ci_high == 1.0
+    assert format_difference(two.to_dict()) == "+1.0000 [-0.6838, +1.0000] p=0.5"
     assert not two.significant()
     many = paired_difference(np.zeros(40, int), np.full(40, 50), "HR@10")
-    assert many.p_value == pytest.approx(2.0 * 0.5 ** 40) and many.significant()
+    assert many.p_value == pytest.approx(2.0 * 0.5 ** 40) and many.significant() and many.ci_low > 0
+
+
+@pytest.mark.parametrize("num_examples", [5, 100, 6040, 10000])
+def test_examples_that_tie_add_no_evidence(num_examples):
+    # Five users that A hits and B misses, every other user scored alike by both: the t-test
+    # over all users once read p = 0.025 at 100 users, where five wins out of five are
+    # p = 0.0625. The users that tie must not change p.
+    ranks_a, ranks_b = np.full(num_examples, 50), np.full(num_examples, 50)
+    ranks_a[:5] = 0
+    result = paired_difference(ranks_a, ranks_b, "HR@10")
+    assert result.test == "exact sign test"
+    assert result.p_value == pytest.approx(stats.binomtest(5, 5).pvalue) == pytest.approx(0.0625)
+    assert not result.significant() and result.ci_low < 0.0 < result.ci_high
+    assert result.difference == pytest.approx(5 / num_examples)
+
+
+def test_sign_test_is_mcnemars_and_its_interval_agrees_with_it():
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        num_examples = int(rng.integers(20, 400))
+        ranks_a, ranks_b = rng.integers(0, 25, num_examples), rng.integers(0, 25, num_examples)
+        result = paired_difference(ranks_a, ranks_b, "HR@10")
+        hit_a, hit_b = ranks_a < 10, ranks_b < 10
+        wins, losses = int(np.sum(hit_a & ~hit_b)), int(np.sum(hit_b & ~hit_a))
+        if wins + losses == 0:
+            continue
+        assert result.p_value == pytest.approx(stats.binomtest(wins, wins + losses).pvalue)
+        assert result.ci_low <= result.difference <= result.ci_high
+        assert result.significant() == (not result.ci_low <= 0.0 <= result.ci_high)
+
+
+def test_few_unequal_differences_get_the_exact_sign_flip_test():
+    ranks_a, ranks_b = np.full(200, 60), np.full(200, 60)
+    ranks_a[:6], ranks_b[:6] = [0, 1, 2, 0, 5, 3], [4, 9, 7, 1, 6, 0]
+    result = paired_difference(ranks_a, ranks_b, "NDCG@10")
+    differences = (per_example_gain(ranks_a, "NDCG@10") - per_example_gain(ranks_b, "NDCG@10"))[:6]
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * 6)).reshape(6, -1).T
+    oracle = np.mean(np.abs(signs @ differences) >= abs(differences.sum()) - 1e-12)
+    assert result.test == "exact sign-flip test" and result.p_value == pytest.approx(oracle)
+    assert (result.ci_low, result.ci_high) == (None, None)
+    assert format_difference(result.to_dict()).endswith(f"(exact sign-flip test) p={oracle:.2g}")
+    # Beyond EXACT_TEST_MAX_DIFFERING examples that differ, the t-test takes over.
+    assert paired_difference(_ranked(2)[1], _ranked(3)[1], "NDCG@10").test == "paired t-test"
+
+
+def test_a_list_of_python_floats_is_ranked_in_double_precision():
+    # tf.convert_to_tensor makes a float list float32, where 1.0 + 1e-9 ties 1.0 and the
+    # pessimistic tie rule put the target one place lower than the same scores as NumPy.
+    scores = [[0.0, 1.0, 1.0 + 1e-9]]
+    as_list = FullRankingEvaluator(2, ks=(1,), mask_history=False).update(scores, [2])
+    as_array = FullRankingEvaluator(2, ks=(1,), mask_history=False).update(np.array(scores), [2])
+    assert as_list.tolist() == as_array.tolist() == [0]
 
 
 def test_noise_is_rarely_significant():
@@ -124,6 +178,13 @@ def test_ranks_come_back_in_example_order_across_batches():
     (lambda: compare_run_groups([[1, 2]], [[1, 2]], ["TailRecall@10"]), "'TailRecall@10' needs is_tail_target"),
     (lambda: compare_run_groups([[1, 2]], [[1, 2]], ["AUC@10"]), "'AUC@10'"),
     (lambda: compare_run_groups([[1, -2]], [[1, 2]], ["HR@10"]), "runs_a\\[0\\]"),
+    (lambda: paired_difference([], [], "HR@10"), "need at least two examples to compare HR@10, got 0"),
+    (lambda: per_example_gain([1, 2], "HR@10\n"), re.escape(repr("HR@10\n"))),
+    (lambda: is_tail_target([-1], np.ones(5)), "got -1 at row 0"),
+    (lambda: is_tail_target([1, 0], np.ones(5)), "got 0 at row 1"),
+    (lambda: is_tail_target([5], np.ones(5)), "in \\[1, 4\\], got 5"),
+    (lambda: is_tail_target([1.0], np.ones(5)), "integer item indices"),
+    (lambda: is_tail_target([1], [0, 3, -2, 1]), "counts >= 0, got -2 for item 2"),
 ])
 def test_errors_name_the_bad_value(call, message):
     with pytest.raises(ValueError, match=message):

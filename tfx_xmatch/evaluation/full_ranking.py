@@ -153,6 +153,11 @@ class FullRankingEvaluator:
             raise ValueError(
                 f"item_popularity must be finite, got {popularity[bad].item()!r} for item {bad}"
             )
+        if np.any(popularity[1:] < 0):
+            bad = int(np.flatnonzero(popularity[1:] < 0)[0]) + 1
+            raise ValueError(
+                f"item_popularity must be counts >= 0, got {popularity[bad].item()!r} for item {bad}"
+            )
         items = np.arange(1, self.num_items + 1)
         # lexsort sorts by the last key first: most popular first, lower index wins ties.
         by_popularity = items[np.lexsort((items, -popularity[1:].astype(np.float64)))]
@@ -207,6 +212,10 @@ class FullRankingEvaluator:
           array([2])
         """
         num_columns = self.num_items + 1
+        if not isinstance(scores, tf.Tensor):
+            # Through NumPy, a list of Python floats stays float64: tf.convert_to_tensor alone
+            # would round it to float32 and create ties that count against the target.
+            scores = np.asarray(scores)
         scores = tf.convert_to_tensor(scores)
         if scores.shape.rank != 2 or scores.shape[1] != num_columns:
             raise ValueError(
@@ -292,7 +301,9 @@ class FullRankingEvaluator:
 
         Returns:
           int64 [B] 0-based rank of each target, ``max(ks)`` for a target not in its first
-          ``max(ks)`` entries.
+          ``max(ks)`` entries. That last value means "at least max(ks)", so these ranks answer
+          metrics at a cutoff up to max(ks) only: ``per_example_gain(ranks, "HR@K")`` with a
+          larger K would count those targets as hits.
 
         Raises:
           ValueError: On wrongly shaped lists (fewer than max(ks) columns), non-integer or
@@ -508,12 +519,16 @@ def is_tail_target(targets: ArrayLike, item_popularity: ArrayLike, head_fraction
       head_fraction: As in ``FullRankingEvaluator``.
 
     Raises:
-      ValueError: As ``FullRankingEvaluator`` on a malformed popularity or head fraction.
+      ValueError: As ``FullRankingEvaluator`` on a malformed popularity or head fraction, or on
+        targets that are not item indices in [1, num_items] (quoting the first bad one).
     """
     popularity = _to_numpy(item_popularity)
     evaluator = FullRankingEvaluator(max(len(popularity) - 1, 1), ks=(1,), item_popularity=popularity,
                                      head_fraction=head_fraction)
-    return evaluator.is_tail[np.asarray(targets)]
+    targets = _to_numpy(targets)
+    if targets.ndim != 1:
+        raise ValueError(f"targets must be 1-D (one target item per example), got shape {targets.shape}")
+    return evaluator.is_tail[evaluator._checked_targets(targets, targets.size, "targets")]
 
 
 def evaluate_full_ranking(

@@ -3,10 +3,23 @@
 "Model A beats model B" on a few thousand test users is a claim about a difference of a few
 thousandths, the size of the noise. Both models are ranked on the same examples, so the test is
 paired: each example contributes its own gain difference (e.g. HR@10 of A minus HR@10 of B on
-that user), and the mean difference gets a confidence interval and a p-value from a paired
-t-test (``scipy.stats.ttest_rel``). With thousands of examples the t-test agrees with the
-randomization and bootstrap tests IR evaluation also uses (Smucker, Allan & Carterette, CIKM
-2007), and it is exact to compute.
+that user), and the mean difference gets a confidence interval and a p-value.
+
+Examples on which both models score alike carry no evidence either way, yet they would shrink a
+t-test's variance: five users won out of a hundred, the other 95 tied, would read p = 0.025
+where five wins out of five read 0.0625. So the test looks at the examples that differ:
+
+- when they all differ by the same amount (HR@K, Recall@K and P@K always do: a hit against a
+  miss), the exact sign test over them (McNemar's exact test), with the interval of the
+  difference from the Clopper-Pearson interval of the share of them A wins, which agrees with
+  the test (the interval excludes 0 exactly when p < 1 - confidence);
+- otherwise, when at most ``EXACT_TEST_MAX_DIFFERING`` examples differ, the exact sign-flip
+  randomization test of the mean difference over all 2^m sign assignments, without an interval;
+- otherwise the paired t-test (``scipy.stats.ttest_rel``), which with that many differing
+  examples agrees with the randomization and bootstrap tests IR evaluation also uses (Smucker,
+  Allan & Carterette, CIKM 2007).
+
+``PairedDifference.test`` names the test that gave p.
 
 Example:
   >>> a = np.array([0, 3, 20, 1])    # 0-based target ranks of model A per example
@@ -37,8 +50,12 @@ GAINS = {
     "NDCG": lambda ranks, k: 1.0 / np.log2(ranks + 2.0),
     "MRR": lambda ranks, k: 1.0 / (ranks + 1.0),
 }
-_METRIC = re.compile(r"^(?P<name>[A-Za-z]+)@(?P<k>[0-9]+)$")
+_METRIC = re.compile(r"^(?P<name>[A-Za-z]+)@(?P<k>[0-9]+)\Z")
 TAIL_PREFIX = "Tail"
+# Up to this many differing examples of unequal differences, p is the exact randomization test
+# (2^20 sums, 8 MB); beyond it the t-test's normal approximation holds.
+EXACT_TEST_MAX_DIFFERING = 20
+T_TEST, SIGN_TEST, SIGN_FLIP_TEST = "paired t-test", "exact sign test", "exact sign-flip test"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +66,13 @@ class PairedDifference:
       metric: The metric compared, e.g. "HR@10".
       mean_a, mean_b: The metric of each model over the compared examples.
       difference: ``mean_a - mean_b``.
-      ci_low, ci_high: The ``confidence`` interval of the difference; None when every example
-        differs by the same non-zero amount (the t-test is undefined and an exact sign test
-        gives p).
+      ci_low, ci_high: The ``confidence`` interval of the difference; None under the
+        sign-flip test (see the module docstring).
       p_value: Two-sided p-value of "no difference" (1.0 when every example ties).
       num_examples: Examples compared.
       confidence: Level of the interval, e.g. 0.95.
+      test: The test that gave ``p_value``: "paired t-test", "exact sign test" or "exact
+        sign-flip test".
     """
 
     metric: str
@@ -66,6 +84,7 @@ class PairedDifference:
     p_value: float
     num_examples: int
     confidence: float
+    test: str = T_TEST
 
     def significant(self, alpha: Optional[float] = None) -> bool:
         """Whether "no difference" is rejected at ``alpha`` (default ``1 - confidence``)."""
@@ -81,6 +100,9 @@ def _checked_ranks(ranks: ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(ranks)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one 0-based rank per example), got shape {array.shape}")
+    if array.size == 0:
+        # np.asarray([]) is float64; say what is wrong with it (no examples), not its dtype.
+        array = array.astype(np.int64)
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{name} must hold integer ranks, got dtype {array.dtype}")
     if array.size and array.min() < 0:
@@ -121,7 +143,8 @@ def paired_difference(
     mask: Optional[ArrayLike] = None,
     confidence: float = 0.95,
 ) -> PairedDifference:
-    """Mean difference of ``metric`` (A - B) over the same examples, with a paired t-test.
+    """Mean difference of ``metric`` (A - B) over the same examples, with a paired test (the
+    exact sign test, the exact sign-flip test or the t-test, as the module docstring says).
 
     Args:
       ranks_a, ranks_b: int [N] 0-based target ranks of models A and B, example by example.
@@ -164,7 +187,7 @@ def _checked_mask(mask: Optional[ArrayLike], num_examples: int, name: str = "mas
 
 def _paired_gains(gains_a: np.ndarray, gains_b: np.ndarray, metric: str, mask: Optional[np.ndarray],
                   confidence: float) -> PairedDifference:
-    """The paired t-test of per-example gains (optionally of the ``mask``ed examples only)."""
+    """The paired test of per-example gains (optionally of the ``mask``ed examples only)."""
     num_examples = gains_a.size
     if mask is not None:
         gains_a, gains_b = gains_a[mask], gains_b[mask]
@@ -172,22 +195,38 @@ def _paired_gains(gains_a: np.ndarray, gains_b: np.ndarray, metric: str, mask: O
         where = f" after the mask ({num_examples} before)" if mask is not None else ""
         raise ValueError(f"need at least two examples to compare {metric}, got {gains_a.size}{where}")
     differences = gains_a - gains_b
-    difference = float(differences.mean())
-    if not np.any(differences != differences[0]):
-        # A constant difference has no variance and the t-test is undefined. The exact sign test
-        # takes over: n examples all moving the same way (p = 2 / 2^n), not certainty, which two
-        # examples once claimed (p = 0).
-        # No interval for a non-zero constant: a zero-width one around it would exclude 0
-        # while p (0.5 for two examples) says the opposite.
-        low = high = 0.0 if difference == 0.0 else None
-        p_value = 1.0 if difference == 0.0 else min(1.0, 2.0 * 0.5 ** differences.size)
+    differing = differences[differences != 0.0]
+    test, low, high = T_TEST, None, None
+    if differing.size == 0:
+        low, high, p_value = 0.0, 0.0, 1.0
+    elif np.all(np.abs(differing) == abs(differing[0])):
+        test = SIGN_TEST
+        sign_test = stats.binomtest(int(np.count_nonzero(differing > 0)), differing.size)
+        share_won = sign_test.proportion_ci(confidence, method="exact")
+        # difference = step * (wins - losses) / n = step * m / n * (2 * share won - 1)
+        scale = abs(float(differing[0])) * differing.size / differences.size
+        low, high, p_value = scale * (2 * share_won.low - 1), scale * (2 * share_won.high - 1), sign_test.pvalue
+    elif differing.size <= EXACT_TEST_MAX_DIFFERING:
+        test, p_value = SIGN_FLIP_TEST, _sign_flip_p_value(differing)
     else:
-        test = stats.ttest_rel(gains_a, gains_b)
-        interval = test.confidence_interval(confidence)
-        low, high, p_value = float(interval.low), float(interval.high), float(test.pvalue)
+        t_test = stats.ttest_rel(gains_a, gains_b)
+        interval = t_test.confidence_interval(confidence)
+        low, high, p_value = float(interval.low), float(interval.high), float(t_test.pvalue)
     return PairedDifference(metric=metric, mean_a=float(gains_a.mean()), mean_b=float(gains_b.mean()),
-                            difference=difference, ci_low=low, ci_high=high, p_value=p_value,
-                            num_examples=int(gains_a.size), confidence=float(confidence))
+                            difference=float(differences.mean()), ci_low=None if low is None else float(low),
+                            ci_high=None if high is None else float(high), p_value=min(1.0, float(p_value)),
+                            num_examples=int(gains_a.size), confidence=float(confidence), test=test)
+
+
+def _sign_flip_p_value(differing: np.ndarray) -> float:
+    """Share of the 2^m sign assignments of the differences whose sum is at least as far from 0
+    as the observed one (two-sided, the observed assignment included)."""
+    sums = np.zeros(1)
+    for value in differing:
+        sums = np.concatenate([sums + value, sums - value])
+    observed = abs(float(differing.sum()))
+    # Sums equal to the observed one up to rounding count as at least as extreme.
+    return float(np.mean(np.abs(sums) >= observed - 1e-9 * max(1.0, observed)))
 
 
 def compare_metrics(ranks: np.ndarray, reference: np.ndarray, metrics: Sequence[str],
@@ -353,11 +392,11 @@ def check_metric(metric: str, num_items: Optional[int] = None) -> None:
 
 def format_difference(difference: dict) -> str:
     """``+0.0016 [-0.0040, +0.0072] p=0.58`` (difference, confidence interval, p-value); an
-    undefined test (p ``None``) reads ``+0.0016 (no test: no spread)``, and a constant difference
-    (no interval, sign test) ``+1.0000 (sign test) p=0.5``."""
+    undefined test (p ``None``) reads ``+0.0016 (no test: no spread)``, and a test without an
+    interval names itself: ``+0.0120 (exact sign-flip test) p=0.031``."""
     if difference.get("p_value") is None:
         return f"{difference['difference']:+.4f} (no test: no spread)"
     if difference.get("ci_low") is None:
-        return f"{difference['difference']:+.4f} (sign test) p={difference['p_value']:.2g}"
+        return f"{difference['difference']:+.4f} ({difference.get('test', 'no interval')}) p={difference['p_value']:.2g}"
     return (f"{difference['difference']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
             f"p={difference['p_value']:.2g}")
