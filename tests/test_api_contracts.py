@@ -252,6 +252,29 @@ def test_fit_then_save_and_checkpoint_without_calling_the_model_first(model_clas
                                    err_msg=str(path))
 
 
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+def test_weights_only_checkpoints_in_every_format_load_into_a_fresh_model(model_class, tmp_path):
+    """SparCode's interaction network built its Dense sublayers outside their name scopes: four
+    variables were all named "kernel:0", so a weights-only ModelCheckpoint to an .h5 path (the
+    legacy HDF5 format, one dataset per variable name) stopped fit with "name already exists"."""
+    tf.keras.utils.set_random_seed(0)
+    model = _tiny(model_class)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+    paths = [str(tmp_path / "legacy.h5"), str(tmp_path / "keras.weights.h5"), str(tmp_path / "checkpoint.ckpt")]
+    callbacks = [tf.keras.callbacks.ModelCheckpoint(path, save_weights_only=True) for path in paths]
+    model.fit(_batches(), epochs=1, verbose=0, callbacks=callbacks)
+    names = [variable.name for variable in model.trainable_variables + model.non_trainable_variables
+             if not any(variable is tracked for metric in model.metrics for tracked in metric.variables)]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
+    expected = model.score_all({"history": HISTORY}).numpy()
+    for path in paths:
+        fresh = _tiny(model_class)
+        fresh.build_all_variables()
+        fresh.load_weights(path)
+        np.testing.assert_allclose(fresh.score_all({"history": HISTORY}).numpy(), expected, rtol=1e-5, atol=1e-5,
+                                   err_msg=path)
+
+
 @pytest.fixture
 def mixed_float16():
     previous = tf.keras.mixed_precision.global_policy()

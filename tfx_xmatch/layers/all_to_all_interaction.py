@@ -9,6 +9,7 @@ import functools
 import tensorflow as tf
 
 from tfx_xmatch.arguments import is_integer
+from tfx_xmatch.layers.sublayers import build_sublayer
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -82,15 +83,15 @@ class AllToAllInteraction(tf.keras.layers.Layer):
             # Query and item tokens share the width d.
             self.bilinear_projection = dense(int(width), use_bias=False, name="bilinear")
         if width is not None and self.num_item_tokens is not None:
-            self.query_projection.build([None, int(width)])
-            self.item_projection.build([None, self.num_item_tokens * int(width)])
+            build_sublayer(self.query_projection, [None, int(width)])
+            build_sublayer(self.item_projection, [None, self.num_item_tokens * int(width)])
             units = first
             for layer in self.hidden_layers:
-                layer.build([None, None, units])
+                build_sublayer(layer, [None, None, units])
                 units = layer.units
-            self.output_layer.build([None, None, units])
+            build_sublayer(self.output_layer, [None, None, units])
             if self.bilinear:
-                self.bilinear_projection.build([None, int(width)])
+                build_sublayer(self.bilinear_projection, [None, int(width)])
         super().build(input_shape)
 
     def call(self, query_tokens: tf.Tensor, item_tokens: tf.Tensor) -> tf.Tensor:

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tfx_xmatch import arguments
 from tfx_xmatch.layers.row_mask import flat_row_mask, mean_or_zero, select_rows
+from tfx_xmatch.layers.sublayers import build_sublayer
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -135,8 +136,8 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         self.encoder = mlp(self.hidden_units, latent, "encoder")
         self.decoder = mlp(tuple(reversed(self.hidden_units)), width, "decoder")
         # Built here, not on first use: checkpoint restores and BackupAndRestore need the weights.
-        self.encoder.build((None, width))
-        self.decoder.build((None, latent))
+        build_sublayer(self.encoder, (None, width))
+        build_sublayer(self.decoder, (None, latent))
         # Initialisation and restarts assign in replica context: under a distribution strategy
         # the first replica's values must reach every copy, or replicas would code differently.
         first_replica = tf.VariableAggregation.ONLY_FIRST_REPLICA

@@ -49,6 +49,7 @@ import tensorflow as tf
 
 from tfx_xmatch import arguments
 from tfx_xmatch.layers import ResidualQuantizer, TargetAttention
+from tfx_xmatch.layers.sublayers import build_sublayer
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import (
     LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, training_targets,
@@ -287,7 +288,7 @@ class SPARC(RetrievalModel):
 
     def _level1_codewords(self, codes: tf.Tensor) -> tf.Tensor:
         if not self.rqvae.built:  # serving may run before any item went through the RQ-VAE
-            self.rqvae.build(tf.TensorShape([None, self.embedding_dim]))
+            build_sublayer(self.rqvae, tf.TensorShape([None, self.embedding_dim]))
         return self.rqvae.lookup(codes, level=0)
 
     def interest_log_probs(self, inputs: dict) -> tf.Tensor:

@@ -51,6 +51,7 @@ import tensorflow as tf
 from tfx_xmatch import arguments
 from tfx_xmatch.index.sparse_code_index import cache_budget
 from tfx_xmatch.layers import AllToAllInteraction, VectorQuantizer
+from tfx_xmatch.layers.sublayers import build_sublayer
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
 
@@ -277,14 +278,14 @@ class SparCode(RetrievalModel):
             # Its shape is known now. Built here, its state exists before the first training step:
             # a quantizer first built inside a mirrored train step (model.fit under
             # MirroredStrategy with 2+ replicas) fails when its initialization is lifted out.
-            self.quantizer.build(tf.TensorShape([None, self.num_query_tokens, self.embedding_dim])
-                                 if self.num_codebooks > 1 else tf.TensorShape([None, self.embedding_dim]))
+            build_sublayer(self.quantizer, tf.TensorShape([None, self.num_query_tokens, self.embedding_dim])
+                           if self.num_codebooks > 1 else tf.TensorShape([None, self.embedding_dim]))
         # Built with the model (query tokens are d wide; an item has its id token and one per
         # feature table): a model restored from a .keras file that only ran call() would
         # otherwise skip these weights and draw new ones at the first score.
         self.interaction = AllToAllInteraction(self.interaction_units, num_item_tokens=1 + len(self.item_feature_dims),
                                                name="interaction", dtype=self.dtype_policy)
-        self.interaction.build(tf.TensorShape([None, self.embedding_dim]))
+        build_sublayer(self.interaction, tf.TensorShape([None, self.embedding_dim]))
         self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros", autocast=False)
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
         self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")
