@@ -306,3 +306,61 @@ def test_a_pipeline_stage_prints_tensorflow_errors_as_one_line(capsys, monkeypat
     monkeypatch.setattr(stage, "main", corrupt)
     assert pipeline_cli.main(["evaluate"]) == 2
     assert capsys.readouterr().err.strip() == "xmatch pipeline evaluate: error: corrupted record at 0"
+
+
+SIGNAL_AT_EPOCH_2 = """
+import os, signal, sys
+import tensorflow as tf
+from tfx_xmatch import cli, training
+
+class SignalAtEpoch2(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            os.kill(os.getpid(), getattr(signal, os.environ["XMATCH_TEST_SIGNAL"]))
+
+train = training.train
+training.train = lambda config, run_dir, split=None, callbacks=(): train(config, run_dir, split,
+                                                                          [*callbacks, SignalAtEpoch2()])
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signal_name, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_ends_train_with_one_line_and_the_run_resumes(signal_name, exit_code, tmp_path):
+    """SIGTERM ended the process at once (no clean-up, no message) and Ctrl-C printed a
+    traceback of 20 to 115 lines, in every command."""
+    run_dir = tmp_path / "run"
+    overrides = [arg for override in (*TINY, "train.epochs=3", "train.early_stopping_patience=0")
+                 for arg in ("--set", override)]
+    env = dict(os.environ, XMATCH_TEST_SIGNAL=signal_name, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AT_EPOCH_2, "train", "--run-dir", str(run_dir), *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == exit_code, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"xmatch train: interrupted by {signal_name}; run the same command again to resume from the last "
+        "finished epoch")
+    assert not (run_dir / "metrics.json").exists()
+    assert [path.name for path in run_dir.glob(".*")] == []  # the atomic writes' temporaries went with it
+    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
+
+
+def test_an_interruption_inside_a_beam_transform_is_an_interruption_not_a_usage_error(monkeypatch, capsys):
+    """Beam re-raises a KeyboardInterrupt that reached a transform as RuntimeError("KeyboardInterrupt
+    [while running ...]"): `xmatch pipeline prepare` printed it as an error and exited 2."""
+    import apache_beam as beam
+
+    from tfx_xmatch.pipelines import cli as pipeline_cli, prepare
+
+    def interrupted(argv):
+        def stop(element):
+            raise KeyboardInterrupt()
+
+        with beam.Pipeline() as pipeline:
+            _ = pipeline | beam.Create([1]) | beam.Map(stop)
+
+    monkeypatch.setattr(prepare, "main", interrupted)
+    assert pipeline_cli.main(["prepare"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "xmatch pipeline prepare: interrupted by SIGINT"

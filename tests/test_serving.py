@@ -1214,6 +1214,48 @@ def test_merged_batches_are_padded_to_the_allowed_sizes():
     assert seen == [4, 4]
 
 
+def test_a_flush_runs_open_batches_now_and_later_requests_do_not_wait():
+    """On shutdown the server waited out batch_timeout_micros for a batch it had open (120 s
+    here), past its shutdown grace, before it could exit."""
+    import types
+
+    from tfx_xmatch.serving.batching import Batcher
+
+    batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=120_000_000))
+    signature = types.SimpleNamespace(batchable=True, batched_inputs={"x"}, name="s")
+    called = threading.Event()
+
+    def call(arrays):
+        called.set()
+        return {"y": arrays["x"] * 10}
+
+    x = np.array([[1.0]])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(batcher.run, *Batcher.batch_key("m", signature, {"x": x}), {"x": x}, call, signature)
+        while not batcher._open:  # the request has opened its batch and waits for company
+            time.sleep(0.01)
+        assert not called.is_set()
+        batcher.flush()
+        assert future.result(timeout=100)["y"].tolist() == [[10.0]]
+        assert batcher.run(*Batcher.batch_key("m", signature, {"x": x}), {"x": x}, call, signature)["y"].tolist() \
+            == [[10.0]]
+
+
+def test_a_second_signal_exits_at_once_with_its_exit_code(monkeypatch):
+    import types
+
+    from tfx_xmatch.serving import server as server_module
+
+    exits = []
+    monkeypatch.setattr(server_module.os, "_exit", exits.append)
+    stopping = types.SimpleNamespace(stop_requested=False)
+    stopping.request_stop = lambda: setattr(stopping, "stop_requested", True)
+    server_module._drain_then_exit_at_a_second_signal(stopping, signal.SIGTERM, None)
+    assert stopping.stop_requested and exits == []  # the first one drains
+    server_module._drain_then_exit_at_a_second_signal(stopping, signal.SIGINT, None)
+    assert exits == [130]
+
+
 def test_an_input_of_unknown_rank_is_batched_when_a_request_gives_one_value_per_row():
     """top_k's k: one value per row is split with the rows (TF Serving's batching and row format
     send it so); a scalar k stays a per-request constant, batched only with equal scalars."""

@@ -390,8 +390,29 @@ def _split_log_level(argv: list[str]) -> tuple[Optional[str], list[str]]:
     return None, argv
 
 
+# What to do after an interruption, where there is something to say.
+AFTER_AN_INTERRUPTION = {"train": "run the same command again to resume from the last finished epoch"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from tfx_xmatch.interrupts import interrupted_exit, interruption, sigterm_raises
+
+    command = next((arg for arg in _split_log_level(argv)[1] if not arg.startswith("-")), None)
+    try:
+        with sigterm_raises():
+            return _run(argv)
+    except Exception as error:  # Beam re-raises an interruption in a transform as a RuntimeError
+        interrupt = interruption(error)
+        if interrupt is None:
+            raise
+    except KeyboardInterrupt as error:
+        interrupt = error
+    name = "xmatch" if command is None else f"xmatch {command}"
+    return interrupted_exit(name, interrupt, AFTER_AN_INTERRUPTION.get(command, ""))
+
+
+def _run(argv: list) -> int:
     level, command = _split_log_level(argv)
     if (level or "").upper() != "DEBUG" and not any(arg.upper() in ("DEBUG", "--LOG-LEVEL=DEBUG") for arg in argv):
         # TensorFlow's C++ start-up notes (oneDNN, CUDA drivers, CPU instructions) otherwise
@@ -411,6 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
+    from tfx_xmatch.interrupts import interruption
     from tfx_xmatch.user_errors import user_error_text
 
     handled = (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError,
@@ -418,6 +440,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.handler(args)
     except Exception as error:
+        if interruption(error) is not None:
+            raise
         text = user_error_text(error, handled)
         if text is None or logging.getLogger().isEnabledFor(logging.DEBUG):
             raise  # not a usage or data error, or --log-level DEBUG: the full traceback

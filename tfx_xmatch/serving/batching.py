@@ -240,6 +240,7 @@ class Batcher:
         self._open: dict = {}
         self._slots = threading.Semaphore(options.num_batch_threads)
         self._waiting = 0  # closed batches waiting for an execution slot
+        self._draining = False
         self.stats = BatchingStats()
 
     @staticmethod
@@ -290,7 +291,7 @@ class Batcher:
             if batch.rows >= self.options.max_batch_size:
                 self._close(batch)
         if leader:
-            batch.ready.wait(self.options.batch_timeout_micros / 1e6)
+            batch.ready.wait(0.0 if self._draining else self.options.batch_timeout_micros / 1e6)
             with self._lock:
                 self._close(batch)
                 if self._waiting >= self.options.max_enqueued_batches:
@@ -324,6 +325,15 @@ class Batcher:
         if task.error is not None:
             raise task.error
         return task.result
+
+    def flush(self) -> None:
+        """Closes every open batch so that it runs now, not at its timeout: on shutdown, as TF
+        Serving's batch scheduler does when its queues are destroyed, the requests already taken
+        are answered without waiting ``batch_timeout_micros``."""
+        with self._lock:
+            self._draining = True  # and a request still arriving does not wait either
+            for batch in list(self._open.values()):
+                self._close(batch)
 
     def _close(self, batch: _Batch) -> None:
         """Closes ``batch`` to new requests (caller holds the lock)."""

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 
 from tfx_xmatch.serving.batching import Batcher, BatchingOptions, parse_batching_parameters
 from tfx_xmatch.serving.inference import Inference
@@ -233,6 +235,11 @@ class ModelServer:
                     self._config_error = str(error)
                     log.exception("could not apply the model config file %s", path)
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` or :meth:`stop` was called."""
+        return self._stop_requested.is_set()
+
     def request_stop(self) -> None:
         """Asks :meth:`serve_forever` to return (safe from signal handlers and other threads)."""
         self._stop_requested.set()
@@ -252,6 +259,8 @@ class ModelServer:
         self._stop_requested.set()
         grace = self.options.shutdown_grace_seconds if grace is None else grace
         grpc_done = self.grpc_server.stop(grace) if self.grpc_server is not None else None
+        if self.batcher is not None:
+            self.batcher.flush()
         if self.rest_server is not None:
             self.rest_server.stop(grace)
         if grpc_done is not None:
@@ -421,7 +430,10 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
 
 
 def main(argv=None) -> int:
-    """``xmatch serve``: runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    """``xmatch serve``: runs until SIGTERM/SIGINT, then shuts down gracefully: new requests
+    are refused, open batches run at once, requests in flight get ``--shutdown_grace_seconds``.
+    A second signal exits at once (128 + its number); so does the process, with 0, when a
+    request thread still runs 5 s after the stop."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -442,14 +454,39 @@ def main(argv=None) -> int:
         return 1
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: server.request_stop())
+            signal.signal(sig, functools.partial(_drain_then_exit_at_a_second_signal, server))
     if server.grpc_port is not None:
         print(f"serving gRPC on {options.bind_address}:{server.grpc_port}", flush=True)
     if server.rest_port is not None:
         print(f"serving REST on http://{options.bind_address}:{server.rest_port}", flush=True)
     server.serve_forever()
     print("server stopped", flush=True)
+    _exit_even_if_a_request_hangs()
     return 0
+
+
+def _drain_then_exit_at_a_second_signal(server: ModelServer, signum, frame) -> None:
+    """The first SIGTERM/SIGINT stops gracefully (``--shutdown_grace_seconds``); a second one
+    means the operator will not wait for that: exit now, 128 + the signal's number."""
+    if server.stop_requested:
+        print(f"{signal.Signals(signum).name} again: exiting without waiting for requests in flight",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    server.request_stop()
+
+
+def _exit_even_if_a_request_hangs(wait_seconds: float = 5.0) -> None:
+    """Ends the process ``wait_seconds`` from now if it has not ended by then: the interpreter
+    waits at exit for every request thread, and one stuck in a model call past the shutdown
+    grace would keep the process alive without limit (until a scheduler's SIGKILL). A daemon
+    thread, so a normal exit does not wait for it; only the command's ``main`` arms it."""
+    def watchdog():
+        time.sleep(wait_seconds)
+        log.warning("a request thread still runs %.0f s after the shutdown; exiting without it", wait_seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
 
 
 if __name__ == "__main__":
