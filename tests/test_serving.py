@@ -27,9 +27,11 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 from tfx_xmatch.serving import client as serving_client
@@ -614,8 +616,30 @@ def test_bad_requests_protocol_specific(shared):
     code, details = grpc_code(shared.models.GetModelStatus, status_request)
     assert code == NOT_FOUND and "Could not find version 9" in details
 
-    code, details = grpc_code(shared.predict.Classify, classification_pb2.ClassificationRequest())
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "Classify" in details
+    # Classify, Regress and MultiInference as TF Serving answers them for a predict-only model:
+    # they once answered UNIMPLEMENTED (a 5xx class that proxies retry) whatever the model.
+    empty = classification_pb2.ClassificationRequest()
+    assert grpc_code(shared.predict.Classify, empty) == grpc_code(shared.predict.Predict, predict_pb2.PredictRequest())
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name = "nope"
+    assert grpc_code(shared.predict.Classify, classify)[0] == NOT_FOUND
+    classify.model_spec.name = "tiny"
+    code, details = grpc_code(shared.predict.Classify, classify)
+    assert code == INVALID and details.startswith(
+        "Expected classify signature method_name to be tensorflow/serving/classify. Was: tensorflow/serving/predict")
+    regress = regression_pb2.RegressionRequest()
+    regress.model_spec.name = "tiny"
+    regress.model_spec.signature_name = "serving_default"
+    code, details = grpc_code(shared.predict.Regress, regress)
+    assert code == INVALID and "Expected regress signature method_name" in details and "'serving_default'" in details
+    regress.model_spec.signature_name = "nope"
+    assert grpc_code(shared.predict.Regress, regress)[0] == grpc.StatusCode.FAILED_PRECONDITION
+    multi = inference_pb2.MultiInferenceRequest()
+    assert grpc_code(shared.predict.MultiInference, multi) == (INVALID, "Expected at least one task")
+    task = multi.tasks.add()
+    task.model_spec.name, task.method_name = "tiny", "tensorflow/serving/classify"
+    code, details = grpc_code(shared.predict.MultiInference, multi)
+    assert code == INVALID and "Expected classify signature method_name" in details
 
     assert shared.rest("GET", "/v1/models/nope")[0] == 404
     assert shared.rest("GET", "/v1/models/tiny/versions/9/metadata")[0] == 404
@@ -629,7 +653,11 @@ def test_bad_requests_protocol_specific(shared):
     assert shared.rest("GET", "/v1/models") == (400, {"error": "Missing model name in request."})
     assert shared.rest("GET", "/V1/Models/tiny/Metadata")[0] == 200  # paths match case-insensitively
     status, answer = shared.rest("POST", "/v1/models/tiny:classify", {"examples": []})
-    assert status == 501 and "classify" in answer["error"]
+    assert status == 400 and "Expected classify signature method_name" in answer["error"]
+    assert shared.rest("POST", "/v1/models/tiny:regress", {"examples": []})[0] == 400
+    assert shared.rest("POST", "/v1/models/nope:classify", {"examples": []})[0] == 404
+    status, answer = shared.rest("POST", "/v1/models/tiny:classify", {"instances": []})
+    assert status == 400 and "Missing 'examples' key" in answer["error"]
 
     response = shared.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
     assert response.model_spec.version.value == 2

@@ -2,7 +2,9 @@
 
 Implemented with the ``tensorflow-serving-api`` generated stubs, so the service names, methods
 and messages are TF Serving's own: a client built for TF Serving talks to this server unchanged.
-``Classify``, ``Regress`` and ``MultiInference`` answer UNIMPLEMENTED.
+``Classify``, ``Regress`` and ``MultiInference`` answer as TF Serving does for a model whose
+signatures are all predict signatures: NOT_FOUND for an unknown model, else INVALID_ARGUMENT
+naming the signature's method.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tensorflow_serving.apis import (
 )
 
 from tfx_xmatch.serving import codec, errors
-from tfx_xmatch.serving.inference import Inference, check_input_names
+from tfx_xmatch.serving.inference import METHOD_NAMES, Inference, check_input_names, refuse_classify_or_regress
 from tfx_xmatch.serving.model_manager import ModelManager, VersionStatus, model_configs_from_proto
 
 log = logging.getLogger("tfx_xmatch.serving.grpc")
@@ -88,20 +90,32 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             _abort(context, errors.from_exception(exc))
 
     def Classify(self, request, context):
-        _abort(context, errors.unimplemented(
-            "Classify is not implemented by this server; use Predict with the model's "
-            "signatures"
-        ))
+        self._refuse(request.model_spec, "classify", context)
 
     def Regress(self, request, context):
-        _abort(context, errors.unimplemented(
-            "Regress is not implemented by this server; use Predict with the model's signatures"
-        ))
+        self._refuse(request.model_spec, "regress", context)
 
     def MultiInference(self, request, context):
-        _abort(context, errors.unimplemented(
-            "MultiInference is not implemented by this server; use Predict"
-        ))
+        if not request.tasks:
+            _abort(context, errors.invalid_argument("Expected at least one task"))
+        for task in request.tasks:
+            if task.method_name not in METHOD_NAMES.values():
+                _abort(context, errors.invalid_argument(f"Unsupported signature method_name: {task.method_name}"))
+        task = request.tasks[0]
+        self._refuse(task.model_spec, next(api for api, name in METHOD_NAMES.items() if name == task.method_name),
+                     context)
+
+    def _refuse(self, spec, api: str, context) -> None:
+        """Classify, Regress and MultiInference on a predict-only model, answered as TF Serving does."""
+        try:
+            version, label = model_spec_version(spec)
+            with self.manager.acquire(spec.name, version, label) as servable:
+                refuse_classify_or_regress(servable, spec.signature_name, api)
+        except errors.ServingError as error:
+            _abort(context, error)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("%s failed", api)
+            _abort(context, errors.from_exception(exc))
 
 
 def metadata_response(manager: ModelManager, request):

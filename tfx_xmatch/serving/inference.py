@@ -44,6 +44,24 @@ def check_input_names(signature: Signature, names) -> None:
         )
 
 
+METHOD_NAMES = {"classify": "tensorflow/serving/classify", "regress": "tensorflow/serving/regress"}
+
+
+def refuse_classify_or_regress(servable: Servable, signature_name: str, api: str) -> None:
+    """Raises what ``api`` ("classify" or "regress") gets on ``servable``'s signature: as TF
+    Serving, INVALID_ARGUMENT naming the signature's method when it is not of that kind (every
+    tfx_xmatch export's signatures are predict signatures), after the lookups that give an
+    unknown model 404 / NOT_FOUND and an unknown signature FAILED_PRECONDITION; UNIMPLEMENTED
+    for a real classification or regression signature, which this server does not run."""
+    signature = servable.signature(signature_name)
+    expected = METHOD_NAMES[api]
+    if signature.method_name != expected:
+        raise errors.invalid_argument(
+            f"Expected {api} signature method_name to be {expected}. Was: {signature.method_name} "
+            f"(signature {signature.name!r} of model {servable.model_name!r}); call it with Predict (:predict)")
+    raise errors.unimplemented(f"{api} signatures are not run by this server; use Predict (:predict)")
+
+
 def check_output_filter(signature: Signature, output_filter) -> list[str]:
     result = []
     for alias in output_filter:

@@ -5,7 +5,7 @@ Routes (``[...]`` optional)::
     GET  /v1/models/NAME[/versions/N|/labels/L]            model status (GetModelStatus JSON)
     GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signature defs (GetModelMetadata JSON)
     POST /v1/models/NAME[/versions/N|/labels/L]:predict    {"instances": ...} or {"inputs": ...}
-    POST ...:classify, ...:regress                         501 (not implemented)
+    POST ...:classify, ...:regress                         400 (a predict-only model), as TF Serving
 
 Predict follows TF Serving's JSON conventions: the row format (``instances``, answered with
 ``predictions``) and the columnar format (``inputs``, answered with ``outputs``); a single
@@ -36,7 +36,7 @@ from google.protobuf import json_format
 
 from tfx_xmatch.serving import codec, errors
 from tfx_xmatch.serving.grpc_service import SIGNATURE_DEF_FIELD, status_response
-from tfx_xmatch.serving.inference import Inference, check_input_names
+from tfx_xmatch.serving.inference import Inference, check_input_names, refuse_classify_or_regress
 from tfx_xmatch.serving.model_manager import ModelManager, Signature
 
 log = logging.getLogger("tfx_xmatch.serving.rest")
@@ -102,10 +102,21 @@ class RestApp:
                 )
             return self._metadata(name, version, label)
         if suffix in (":classify", ":regress"):
-            raise errors.unimplemented(
-                f"{suffix[1:]} is not implemented by this server; use :predict"
-            )
+            return self._classify_or_regress(suffix[1:], name, version, label, body)
         return self._predict(name, version, label, body)
+
+    def _classify_or_regress(self, api: str, name, version, label, body: bytes):
+        """As TF Serving: the body is parsed first (400), then the model is looked up (404),
+        then its signature's method is checked (400: every export's signatures are predict
+        signatures)."""
+        doc = _json_object(body, "a JSON object with \"examples\"")
+        if "examples" not in doc:
+            raise _bad("Missing 'examples' key in the request body")
+        signature_name = doc.get("signature_name", "")
+        if not isinstance(signature_name, str):
+            raise _bad("'signature_name' key must be a string value.")
+        with self.manager.acquire(name, version, label) as servable:
+            refuse_classify_or_regress(servable, signature_name, api)
 
     def _metadata(self, name, version, label):
         from tensorflow_serving.apis import get_model_metadata_pb2
@@ -133,19 +144,7 @@ class RestApp:
     # -- predict ------------------------------------------------------------------------------
 
     def _predict(self, name, version, label, body: bytes):
-        if not body or not body.strip():
-            raise _bad(
-                "the request body is empty; send a JSON object with \"instances\" (row format) "
-                "or \"inputs\" (columnar format)"
-            )
-        try:
-            # A duplicate key is refused where RapidJSON would take the first and Python's json
-            # the last.
-            doc = json.loads(body, object_pairs_hook=_unique_keys)
-        except (ValueError, RecursionError) as exc:
-            raise _bad(f"Malformed JSON in the request body: {exc}") from None
-        if not isinstance(doc, dict):
-            raise _bad("the request body must be a JSON object")
+        doc = _json_object(body, "a JSON object with \"instances\" (row format) or \"inputs\" (columnar format)")
         signature_name = doc.get("signature_name", "")
         if not isinstance(signature_name, str):
             raise _bad("'signature_name' key must be a string value.")
@@ -169,6 +168,21 @@ class RestApp:
             (alias, value), = outputs.items()
             return {"outputs": codec.ndarray_to_json(alias, value)}
         return {"outputs": {a: codec.ndarray_to_json(a, v) for a, v in outputs.items()}}
+
+
+def _json_object(body: bytes, wanted: str) -> dict:
+    """The request body as a JSON object; 400 naming what is wrong otherwise."""
+    if not body or not body.strip():
+        raise _bad(f"the request body is empty; send {wanted}")
+    try:
+        # A duplicate key is refused where RapidJSON would take the first and Python's json
+        # the last.
+        doc = json.loads(body, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(f"Malformed JSON in the request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _bad("the request body must be a JSON object")
+    return doc
 
 
 def decode_instances(signature: Signature, instances) -> tuple[dict, int]:
