@@ -69,6 +69,53 @@ def test_run_chains_every_stage_and_publishes(events, tmp_path, capsys):
     assert second["published"] == str(tmp_path / "models" / "2")
 
 
+def test_an_interrupted_run_resumes_keeping_the_stages_it_finished(events, tmp_path, monkeypatch):
+    """An interrupted run could only be refused ("not empty") or deleted and run again from the
+    start (--overwrite), its finished prepare, training and index thrown away."""
+    from tfx_xmatch.pipelines import build_index, evaluate, run
+
+    calls = {"prepare": 0, "build_index": 0, "evaluate": 0}
+
+    def counted(name, function, interrupt_first=False):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            if interrupt_first and calls[name] == 1:
+                raise KeyboardInterrupt()
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(run, "run_prepare", counted("prepare", run.run_prepare))
+    monkeypatch.setattr(build_index, "run_build_index", counted("build_index", build_index.run_build_index))
+    monkeypatch.setattr(evaluate, "run_evaluate", counted("evaluate", evaluate.run_evaluate, interrupt_first=True))
+    config = load_config(None, [f"data.dataset={events}", *OVERRIDES])
+    output, models = str(tmp_path / "out"), str(tmp_path / "models")
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, output, models, k_max=10, item_shards=2)
+    assert not (tmp_path / "models").exists()
+    history = (tmp_path / "out" / "run" / "history.json").read_text()
+
+    with pytest.raises(ConfigError, match="pass --resume to go on"):
+        run_pipeline(config, output, models, k_max=10, item_shards=2)
+    with pytest.raises(ConfigError, match="other settings or inputs.*: item_shards differs"):
+        run_pipeline(config, output, models, k_max=10, item_shards=3, resume=True)
+    longer = load_config(None, [f"data.dataset={events}", *OVERRIDES, "train.epochs=3"])
+    with pytest.raises(ConfigError, match="config.train differs"):
+        run_pipeline(longer, output, models, k_max=10, item_shards=2, resume=True)
+    with pytest.raises(ConfigError, match="holds no pipeline run to resume"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "notes.txt").write_text("mine")
+        run_pipeline(config, str(tmp_path / "other"), models, k_max=10, item_shards=2, resume=True)
+
+    summary = run_pipeline(config, output, models, k_max=10, item_shards=2, resume=True)
+    assert calls == {"prepare": 1, "build_index": 1, "evaluate": 2}
+    assert (tmp_path / "out" / "run" / "history.json").read_text() == history  # not trained again
+    assert summary["published"] == str(tmp_path / "models" / "1")
+    assert sorted(path.name for path in (tmp_path / "out" / "staging").iterdir()) == ["1"]
+    # Resumed once more, a finished run publishes nothing new.
+    assert run_pipeline(config, output, models, k_max=10, item_shards=2, resume=True) == summary
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["1"]
+
+
 def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
     config = load_config(None, [f"data.dataset={events}", *OVERRIDES])
     with pytest.raises(ConfigError, match="k_max=5"):

@@ -17,7 +17,9 @@ One run configuration (the same YAML ``xmatch train`` reads) drives every stage:
    up whole. Nothing is published when an earlier stage fails.
 
 Each stage prints its progress and wall time; ``OUTPUT/pipeline_summary.json`` records them
-with the headline metrics.
+with the headline metrics. A run that an interruption or a failed stage stopped goes on with
+the same command and ``--resume``: the stages it finished are kept, and an unfinished training
+resumes from its last finished epoch.
 
     xmatch pipeline run --config configs/ml1m_sasrec.yaml --set data.data_dir=../shared/data \\
         --output-dir runs/ml1m-pipeline --model-base-path /models/xmatch
@@ -26,6 +28,7 @@ with the headline metrics.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import shutil
@@ -79,6 +82,58 @@ def _stage(number: int, name: str, timings: dict, work: Callable[[], Any]) -> An
     return result
 
 
+REQUEST_FILE = "pipeline_request.json"
+
+
+def _request(config: RunConfig, spec: PrepareSpec, index_kind: str, index_options: dict, k_max: int,
+             num_shards: int, item_shards: int, code_shards: int, padding_id) -> dict:
+    """What a run in an output directory was asked to do, inputs (paths, sizes) included: what
+    a resumed run must match, since its finished stages are kept."""
+    import tensorflow as tf
+
+    return json.loads(json.dumps({
+        "config": config.to_dict(), "index_kind": index_kind, "index_options": index_options, "k_max": k_max,
+        "num_shards": num_shards, "item_shards": item_shards, "code_shards": code_shards,
+        "padding_id": padding_id,
+        "inputs": {path: tf.io.gfile.stat(path).length for path in match_inputs(spec.inputs)},
+    }))
+
+
+def _check_same_request(path: pathlib.Path, request: dict) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{str(path.parent)!r} holds no pipeline run to resume (no {REQUEST_FILE}); use a new "
+                          "directory, or --overwrite to delete what is there")
+    stored = json.loads(path.read_text())
+    for key in sorted(request.keys() | stored.keys()):
+        if request.get(key) != stored.get(key):
+            if key in ("config", "inputs"):
+                inner = request.get(key) or {}, stored.get(key) or {}
+                key = next((f"{key}.{name}" for name in sorted(inner[0].keys() | inner[1].keys())
+                            if inner[0].get(name) != inner[1].get(name)), key)
+            raise ConfigError(f"the run in {str(path.parent)!r} was started with other settings or inputs, so its "
+                              f"finished stages do not fit this one: {key} differs (use a new directory, or "
+                              "--overwrite)")
+
+
+def _finished(marker: pathlib.Path, run: Callable[[], Any], key: Optional[str] = None) -> Any:
+    """The result a stage wrote last to ``marker`` (its ``key`` if given) when a resumed run had
+    finished that stage, else ``run()``."""
+    if marker.is_file():
+        print(f"    finished before: {marker} kept")
+        result = json.loads(marker.read_text())
+        return result if key is None else result[key]
+    return run()
+
+
+def _staged_version(staging: pathlib.Path) -> Optional[pathlib.Path]:
+    """The export a resumed run staged before (exports appear whole, by rename), or None."""
+    versions = sorted((path for path in staging.glob("*") if path.name.isdigit()), key=lambda path: int(path.name))
+    if versions:
+        print(f"    finished before: {versions[-1]} kept")
+        return versions[-1]
+    return None
+
+
 def _filled_index(model, index_dir: pathlib.Path, kind: str, options: dict, k_max: int):
     """The serving index of ``kind`` filled from the build_index outputs (not recomputed)."""
     import tensorflow as tf
@@ -122,7 +177,7 @@ def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path 
 def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, index_kind: str = "brute_force",
                  index_options: Optional[dict] = None, k_max: int = 100, num_shards: int = 1, item_shards: int = 8,
                  code_shards: int = 4, beam_args: Sequence[str] = (), overwrite: bool = False,
-                 padding_id=None) -> dict:
+                 padding_id=None, resume: bool = False) -> dict:
     """Runs every stage; returns (and writes to ``OUTPUT/pipeline_summary.json``) the summary.
 
     Args:
@@ -138,22 +193,28 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
       item_shards: Item shards of the index build.
       code_shards: Code shards of SparCode's posting lists.
       beam_args: Beam runner flags for the Beam stages.
-      overwrite: Clear ``output_dir`` first; without it a non-empty ``output_dir`` is refused
-        (a run there would mix with the earlier one).
+      overwrite: Clear ``output_dir`` first; without it (or ``resume``) a non-empty
+        ``output_dir`` is refused (a run there would mix with the earlier one).
+      resume: Go on with the run in ``output_dir`` that an interruption or a failed stage
+        stopped: the stages it finished are kept (prepare, build_index, export, evaluate), an
+        unfinished training resumes from its last finished epoch, and the rest runs. Refused
+        when the run there had other settings or inputs (``pipeline_request.json`` records
+        them), naming the first difference. A run that had published returns its summary.
       padding_id: The id that pads request histories (``export.resolve_padding_id``; default 0
         or ""), checked against the prepared vocabulary before training.
 
     Raises:
       ConfigError: If the configuration cannot run as a pipeline (see ``prepare_spec``), the
         index kind does not fit the model, ``k_max`` is below the largest evaluation cutoff,
-        or ``output_dir`` is not empty.
+        ``output_dir`` is not empty (without ``overwrite`` or ``resume``), or ``resume`` meets
+        a run with other settings or inputs.
       ValueError: If the input has malformed lines and ``data.skip_bad_lines`` is false.
       ValueError, FileNotFoundError: From the stages, before anything is published.
     """
     from tfx_xmatch import training
     from tfx_xmatch.data.vocabulary import Vocabulary
     from tfx_xmatch.export import SPARSE_CODE_BUDGET, check_export_settings, export_retrieval_model, resolve_padding_id
-    from tfx_xmatch.pipelines.build_index import run_build_index
+    from tfx_xmatch.pipelines.build_index import STATS_FILE, run_build_index
     from tfx_xmatch.pipelines.evaluate import run_evaluate
     from tfx_xmatch.pipelines.record_training import train_on_records
 
@@ -173,16 +234,32 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     output = pathlib.Path(output_dir)
     prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
     spec = prepare_spec(config, str(prepared), num_shards)
+    if overwrite and resume:
+        raise ConfigError("overwrite and resume exclude each other: one deletes the run that the other goes on with")
     # Checked before an overwrite deletes anything: a typo in the data path keeps the old run.
-    match_inputs(spec.inputs)
-    if output.exists() and any(output.iterdir()):
+    request = _request(config, spec, index_kind, index_options, k_max, num_shards, item_shards, code_shards,
+                       padding_id)
+    request_path = output / REQUEST_FILE
+    resuming = output.exists() and any(output.iterdir())
+    if resuming and resume:
+        _check_same_request(request_path, request)
+        summary_path = output / "pipeline_summary.json"
+        if summary_path.is_file():
+            print(f"the run in {str(output)!r} had finished and published; nothing to do")
+            return json.loads(summary_path.read_text())
+    elif resuming:
         if not overwrite:
             raise ConfigError(f"output directory {str(output)!r} is not empty; a run there would mix with the "
-                              "earlier one (use a new directory, or pass --overwrite to delete it first)")
+                              "earlier one (use a new directory, pass --resume to go on with an interrupted run "
+                              "there, or --overwrite to delete it first)")
         shutil.rmtree(output)
+    if not request_path.is_file():
+        output.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(request_path, request)
     timings: dict[str, float] = {}
 
-    statistics = _stage(1, "prepare", timings, lambda: run_prepare(spec, beam_args))
+    statistics = _stage(1, "prepare", timings, lambda: _finished(
+        prepared / "statistics.json", lambda: run_prepare(spec, beam_args)))
     print(f"    {statistics['dataset']['users']} users, {statistics['num_items']} items, examples "
           f"{statistics['examples']}, {statistics['malformed_lines']} malformed line(s)")
     if statistics["malformed_lines"] and not config.data.skip_bad_lines:
@@ -199,16 +276,16 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
           f"{config.train.monitor} {train_metrics['validation'][config.train.monitor]:.4f}")
     budget = {key: index_options.get(key) for key in SPARSE_CODE_BUDGET} \
         if index_kind == "sparse_code" else {}
-    index_stats = _stage(3, "build_index", timings, lambda: run_build_index(
-        run_dir, index_dir, beam_args=beam_args, item_shards=item_shards, code_shards=code_shards, **budget))
+    index_stats = _stage(3, "build_index", timings, lambda: _finished(index_dir / STATS_FILE, lambda: run_build_index(
+        run_dir, index_dir, beam_args=beam_args, item_shards=item_shards, code_shards=code_shards, **budget)))
     model = training.load_model(run_dir / "model")
-    staged = _stage(4, "export", timings, lambda: export_retrieval_model(
+    staged = _stage(4, "export", timings, lambda: _staged_version(output / "staging") or export_retrieval_model(
         model, vocab, output / "staging", index_kind=index_kind, k_max=k_max, padding_id=padding_id,
         index=_filled_index(model, index_dir, index_kind, {k: v for k, v in index_options.items() if k not in budget},
                             k_max)))
-    metrics = _stage(5, "evaluate", timings, lambda: run_evaluate(
+    metrics = _stage(5, "evaluate", timings, lambda: _finished(output / "evaluation.json", lambda: run_evaluate(
         str(staged), str(prepared), split="test", ks=tuple(config.eval.ks), output_path=str(output / "evaluation.json"),
-        beam_args=beam_args))
+        beam_args=beam_args), key="metrics"))
     published = _stage(6, "publish", timings, lambda: publish(staged, model_base_path))
 
     summary = {
@@ -251,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--item-shards", type=int, default=8)
     parser.add_argument("--code-shards", type=int, default=4)
     parser.add_argument("--overwrite", action="store_true", help="clear a non-empty --output-dir first")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the interrupted run in --output-dir, keeping the stages it finished")
     parser.add_argument("--padding-id", help='the id that pads request histories (default 0 for integer item ids, '
                                              '"" for strings); needed when 0 is a real item id, e.g. --padding-id=-1')
     return parser
@@ -264,7 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_pipeline(config, args.output_dir, args.model_base_path, index_kind=args.index,
                  index_options=parse_options(args.index_option, "--index-option"), k_max=args.k_max,
                  num_shards=args.num_shards, item_shards=args.item_shards, code_shards=args.code_shards,
-                 beam_args=beam_args, overwrite=args.overwrite, padding_id=args.padding_id)
+                 beam_args=beam_args, overwrite=args.overwrite, padding_id=args.padding_id,
+                 resume=args.resume)
     return 0
 
 
