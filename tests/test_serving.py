@@ -987,6 +987,57 @@ def test_rest_connections_past_the_queue_get_503_at_once(templates, tmp_path):
         server.stop(grace=5)
 
 
+def test_idle_and_slow_rest_connections_hold_no_worker_and_are_cut_off_at_the_deadline(templates, tmp_path):
+    """Sixteen connections that sent nothing (or a byte now and then) held all sixteen REST
+    threads: other clients waited out the 30 s timeout, and a client sending a byte within
+    each timeout held its thread without limit."""
+    import socket
+
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    server = start_server(base, grpc_port=None, rest_num_threads=1, rest_timeout_seconds=2.0)
+    idle = [socket.create_connection(("127.0.0.1", server.rest_port)) for _ in range(4)]
+    dripping = socket.create_connection(("127.0.0.1", server.rest_port))
+    try:
+        dripping.sendall(b"GET /v1/models/tiny HTTP/1.1\r\n")
+        started = time.monotonic()
+        assert rest(server.rest_port, "GET", "/v1/models/tiny", timeout=10)[0] == 200
+        assert time.monotonic() - started < 1.9  # served before any deadline ran out, not after
+        for _ in range(30):  # a header byte every 0.2 s: each read is quick, the request never ends
+            try:
+                dripping.sendall(b"X")
+            except OSError:
+                break
+            time.sleep(0.2)
+        dripping.settimeout(5)
+        assert dripping.recv(1024) == b""  # cut off at its 2 s deadline
+        assert time.monotonic() - started < 5.5
+        for connection in idle:
+            connection.settimeout(5)
+            assert connection.recv(1024) == b""  # so were the idle ones
+        # Limits of the request line and headers answer in JSON, as every other error.
+        with socket.create_connection(("127.0.0.1", server.rest_port)) as long_header:
+            long_header.sendall(b"GET /v1/models/tiny HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n")
+            long_header.settimeout(5)
+            answer = b""
+            while chunk := long_header.recv(65536):
+                answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.0 431") and b"application/json" in head
+        assert json.loads(body) == {"error": "Line too long"}
+        # A stop does not wait its grace for a connection that sent no request.
+        late = socket.create_connection(("127.0.0.1", server.rest_port))
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.stop(grace=20)
+        assert time.monotonic() - started < 10
+        late.close()
+    finally:
+        for connection in (*idle, dripping):
+            connection.close()
+        server.stop(grace=1)
+
+
 def test_warmup_requests_run_before_a_version_serves(templates, tmp_path):
     base = str(tmp_path / "tiny")
     install_version(templates, base, 1)

@@ -23,11 +23,13 @@ instances), and the columnar format remains the portable way. Our exports' ``top
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import json
 import logging
 import re
+import socket
 import threading
+import time
 import urllib.parse
 import zlib
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -279,6 +281,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.request_timeout
         super().setup()
 
+    def parse_request(self) -> bool:
+        self.server.started(self.request)  # its request line came: a stop lets it finish
+        return super().parse_request()
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's errors (a request line, header or URL over its limits, a malformed
+        request line) as every other answer here: ``{"error": "..."}``, not an HTML page."""
+        try:
+            short, _ = self.responses.get(code, ("error", ""))
+        except ValueError:
+            short = "error"
+        self.close_connection = True
+        self._send(code, {"error": message or explain or short})
+
     def log_message(self, format, *args):  # noqa: A002 - signature from the base class
         log.debug("%s - %s", self.address_string(), format % args)
 
@@ -387,17 +403,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def _handle(self, method: str) -> None:
-        self.server.track(+1)
-        try:
-            body = b""
-            if method == "POST":
-                body = self._read_body()
-                if body is None:
-                    return
+        body = b""
+        if method == "POST":
+            body = self._read_body()
+            if body is None:
+                return
+        with self.server.computing(self.request):
             status, payload = self.server.app.handle(method, self.path, body)
-            self._send(status, payload)
-        finally:
-            self.server.track(-1)
+        self._send(status, payload)
 
     def do_GET(self):
         self._handle("GET")
@@ -422,9 +435,20 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RestServer(HTTPServer):
-    """HTTP server handling connections on a bounded thread pool, with a graceful stop."""
+    """HTTP server whose slow or idle connections hold no worker, with a graceful stop.
+
+    As in TF Serving, where libevent reads a request before a worker runs it: each connection
+    has a thread of its own for its socket I/O (reading the request, writing the answer), and
+    only running a request takes one of the ``num_threads`` slots. Reading a request and writing
+    its answer each have ``request_timeout`` seconds in all (a client sending a byte now and
+    then, or never reading, is cut off then, not only when a single read stalls that long);
+    running it has no limit here. Past ``num_threads + max_queued_connections`` connections a
+    new one gets a 503 at once.
+    """
 
     daemon_threads = True
+    # The listen backlog (socketserver's default, 5, drops connections under a burst).
+    request_queue_size = 1024
 
     def __init__(
         self,
@@ -439,14 +463,13 @@ class RestServer(HTTPServer):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
-        # Accepted connections beyond the busy threads wait here; past this many they get a 503
-        # at once, rather than an unbounded queue where the socket timeout does not yet run.
         self.max_pending = num_threads + max_queued_connections
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=num_threads, thread_name_prefix="serving-rest"
-        )
-        self._futures: set = set()
-        self._futures_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(num_threads)
+        # Open connection -> deadline of its socket I/O (None while its request runs).
+        self._deadlines: dict = {}
+        self._started: set = set()  # connections whose request line has come
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._in_flight = 0
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
@@ -455,26 +478,57 @@ class RestServer(HTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
-    def track(self, delta: int) -> None:
-        with self._futures_lock:
-            self._in_flight += delta
-
     @property
     def in_flight(self) -> int:
+        """Requests running now (holding a slot or waiting for one)."""
         return self._in_flight
 
-    def process_request(self, request, client_address):
-        with self._futures_lock:
-            overloaded = len(self._futures) >= self.max_pending
-        if overloaded:
-            self._refuse(request)
-            return
-        future = self._pool.submit(self._process, request, client_address)
-        with self._futures_lock:
-            self._futures.add(future)
-        future.add_done_callback(self._forget)
+    def started(self, connection) -> None:
+        with self._lock:
+            self._started.add(connection)
 
-    def _refuse(self, request) -> None:
+    @contextlib.contextmanager
+    def computing(self, connection):
+        """Runs a request that was read whole: in one of the slots, its socket deadline paused,
+        and a new one for writing the answer after it."""
+        with self._lock:
+            self._deadlines[connection] = None
+            self._in_flight += 1
+        try:
+            with self._slots:
+                yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if connection in self._deadlines:
+                    self._deadlines[connection] = time.monotonic() + self.request_timeout
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            overloaded = len(self._deadlines) >= self.max_pending
+            if not overloaded:
+                self._deadlines[request] = time.monotonic() + self.request_timeout
+        # Neither the refusal nor the connection runs on the accept thread: one slow client
+        # there would hold up every other.
+        target = self._refuse if overloaded else self._process
+        threading.Thread(target=target, args=(request, client_address), name="serving-rest-connection",
+                         daemon=True).start()
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` every poll: cuts off connections past their deadline
+        (their blocked read or write then fails, and their thread ends)."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [connection for connection, deadline in self._deadlines.items()
+                       if deadline is not None and deadline < now]
+            for connection in expired:
+                self._deadlines[connection] = None  # once
+        for connection in expired:
+            log.debug("REST connection cut off after %.0f s without a whole request or answer",
+                      self.request_timeout)
+            _cut_off(connection)
+
+    def _refuse(self, request, client_address) -> None:
         body = json.dumps({"error": f"the server is overloaded ({self.max_pending} connections in progress or "
                                     "queued); retry later"}).encode()
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -491,16 +545,16 @@ class RestServer(HTTPServer):
         finally:
             self.shutdown_request(request)
 
-    def _forget(self, future) -> None:
-        with self._futures_lock:
-            self._futures.discard(future)
-
     def _process(self, request, client_address) -> None:
         try:
             self.finish_request(request, client_address)
         except Exception:  # noqa: BLE001
             self.handle_error(request, client_address)
         finally:
+            with self._lock:
+                self._deadlines.pop(request, None)
+                self._started.discard(request)
+                self._idle.notify_all()
             self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
@@ -514,13 +568,28 @@ class RestServer(HTTPServer):
         self._thread.start()
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stops accepting connections, lets accepted ones finish (up to ``grace`` s)."""
+        """Stops accepting connections, closes those that sent no request yet, lets the others
+        finish (up to ``grace`` s), then cuts them off."""
         if self._thread is not None:
             self.shutdown()  # ends serve_forever: no new connections are accepted
         self.server_close()
-        with self._futures_lock:
-            pending = list(self._futures)
-        concurrent.futures.wait(pending, timeout=grace)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace
+        with self._lock:
+            waiting = [connection for connection in self._deadlines if connection not in self._started]
+        for connection in waiting:  # no request yet: nothing to finish
+            _cut_off(connection)
+        with self._lock:
+            while self._deadlines and time.monotonic() < deadline:
+                self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            left = list(self._deadlines)
+        for connection in left:
+            _cut_off(connection)
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+
+
+def _cut_off(connection) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed meanwhile

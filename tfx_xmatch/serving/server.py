@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="largest gRPC request in bytes; larger ones get RESOURCE_EXHAUSTED")
     flag("--grpc_channel_arguments", default="",
          help="extra gRPC server arguments, comma-separated key=value")
-    flag("--rest_api_num_threads", type=int, default=16, help="REST worker threads")
-    flag("--rest_api_timeout_in_ms", type=int, default=30000, help="REST socket timeout")
+    flag("--rest_api_num_threads", type=int, default=16, help="REST requests run at once")
+    flag("--rest_api_timeout_in_ms", type=int, default=30000,
+         help="time to read a REST request, and again to write its answer")
     flag("--rest_api_max_body_bytes", type=int, default=64 << 20,
          help="largest REST request body; larger ones get 413")
     flag("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
