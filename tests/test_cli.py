@@ -313,6 +313,9 @@ import os, signal, sys
 import tensorflow as tf
 from tfx_xmatch import cli, training
 
+# As from a terminal: a pytest-xdist worker starts its children with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class SignalAtEpoch2(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1:

@@ -632,3 +632,18 @@ def test_a_saved_model_with_damaged_weights_is_named_not_a_bare_index_error(tmp_
         with pytest.raises(ValueError, match=rf"the weights {directory}/weights\.\* of {directory} cannot be read "
                                              rf"\(.*{reason}.*\): the saved model is incomplete or damaged"):
             training.load_model(directory)
+
+
+def test_a_noisy_t2diff_sampler_evaluates_the_same_twice_and_as_the_run_reported(tmp_path):
+    """With DDPM (or random initial noise) every evaluation drew other noise: `xmatch evaluate`
+    gave another HR@10 at each call, and neither was the run's own test report."""
+    config = tiny_config("model.name=t2diff", "model.user_tower=mixed_attention", "model.num_blocks=1",
+                         "model.options={session_length: 3, history_length: 5, diffusion_steps: 5, sampling_steps: 5, sampler: ddpm, "
+                         "initial_noise: random, denoiser: mlp, denoiser_units: [16]}", "train.epochs=1")
+    reported = training.train(config, tmp_path)["test"]
+    model = training.load_model(tmp_path / "model")
+    split = training.prepare_split(config)
+    first = training.evaluate(model, split, "test", config)
+    assert training.evaluate(model, split, "test", config) == first
+    for key, value in reported.items():
+        assert first[key] == pytest.approx(value, abs=1e-12), key

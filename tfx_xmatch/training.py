@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -174,6 +175,9 @@ def model_inputs(model: tf.keras.Model, dataset: SequenceDataset, histories: np.
 
 
 _SCORING_FUNCTIONS: "weakref.WeakKeyDictionary[tf.keras.Model, tuple]" = weakref.WeakKeyDictionary()
+# Seed of a T2Diff's sampling noise in evaluation passes (stateless draws: a row's noise
+# depends on its place in the batch, so on eval.batch_size too).
+EVALUATION_SEED = 0
 
 
 def pass_scorer(model: tf.keras.Model) -> Callable[[dict], tf.Tensor]:
@@ -181,14 +185,19 @@ def pass_scorer(model: tf.keras.Model) -> Callable[[dict], tf.Tensor]:
 
     A model with a ``scoring_table()`` (SparCode: every code against every item through the
     interaction network, then its serving cache's cut) has it computed once for the pass, not
-    once per batch: call this again after the weights change.
+    once per batch: call this again after the weights change. A T2Diff whose sampling draws
+    noise (DDPM, ``initial_noise="random"``, eta > 0) draws it from ``EVALUATION_SEED``, so that
+    two evaluations of the same weights (``xmatch evaluate`` and the run's own test report,
+    validation passes, ``xmatch compare``) agree instead of each drawing other noise.
     """
     # One tf.function per model: re-wrapping on every validation would retrace every epoch. Kept
     # beside the model, not on it: Keras tracks a model's attributes, so a SavedModel of the model
     # would carry these evaluation graphs too.
     functions = _SCORING_FUNCTIONS.get(model)
     if functions is None:
-        functions = (tf.function(model.score_all, reduce_retracing=True),
+        score_all = (functools.partial(model.score_all, seed=EVALUATION_SEED) if hasattr(model, "sample_drift")
+                     else model.score_all)
+        functions = (tf.function(score_all, reduce_retracing=True),
                      tf.function(model.scoring_table) if hasattr(model, "scoring_table") else None)
         _SCORING_FUNCTIONS[model] = functions
     score_all, scoring_table = functions
