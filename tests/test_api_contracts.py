@@ -45,6 +45,7 @@ def test_argument_checks_name_the_argument_and_take_numpy_integers():
     (dict(max_loss_positions=0), "max_loss_positions"), (dict(num_sampled_negatives=-5), "num_sampled_negatives"),
     (dict(dropout=1.0), "dropout"), (dict(num_heads=0), "num_heads"), (dict(l2=-1.0), "l2"),
     (dict(item_hidden_units=(8, 0)), "item_hidden_units"), (dict(embedding_dim=0), "embedding_dim"),
+    (dict(embedding_dim=1), "embedding_dim"),  # trained, but the SASRec user vector ignored the history
 ])
 def test_every_model_refuses_the_shared_hyperparameters_out_of_range(model_class, bad, name):
     # temperature 0 gave T2Diff a NaN loss and -1 silently ranked the worst items first.

@@ -1,6 +1,7 @@
 """The Beam prepare pipeline writes exactly what the in-process loaders, splits and TFRecord
 writer write, routes malformed lines to a dead-letter file, and is idempotent."""
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -110,7 +111,7 @@ def test_rerun_is_idempotent_and_replaces_old_shards(pairs_file, tmp_path):
     assert not [name for name in names if name.startswith(".")], "temporary files left behind"
 
 
-def test_several_input_files_equal_their_concatenation(pairs_file, tmp_path):
+def test_several_input_files_equal_their_concatenation(pairs_file, tmp_path, monkeypatch):
     lines = pairs_file.read_text().splitlines(keepends=True)
     (tmp_path / "part-b.txt").write_text("".join(lines[len(lines) // 2:]))
     (tmp_path / "part-a.txt").write_text("".join(lines[: len(lines) // 2]))
@@ -120,6 +121,11 @@ def test_several_input_files_equal_their_concatenation(pairs_file, tmp_path):
                        name="events", num_shards=2)
     run_prepare(spec)
     same_outputs(expected, tmp_path / "beam")
+    # A glob without a directory part, relative to the working directory, matched nothing.
+    monkeypatch.chdir(tmp_path)
+    bare = dataclasses.replace(spec, inputs=("part-*.txt",), output_dir=str(tmp_path / "bare"))
+    run_prepare(bare)
+    same_outputs(expected, tmp_path / "bare")
 
 
 def rating_lines() -> list[str]:

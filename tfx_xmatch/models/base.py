@@ -223,7 +223,10 @@ class RetrievalModel(tfrs.models.Model):
             model's own argument names, before any sublayer sees them.
         """
         self.num_items = arguments.integer("num_items", num_items, 1)
-        self.embedding_dim = arguments.integer("embedding_dim", embedding_dim, 1)
+        # One dimension trained without an error, but ranks every user's items in one of two
+        # orders, and the encoders' LayerNormalization over one feature outputs its bias whatever
+        # the history: a user vector that ignores the user.
+        self.embedding_dim = arguments.integer("embedding_dim", embedding_dim, 2)
         self.user_tower = user_tower
         self.max_length = arguments.integer("max_length", max_length, 1)
         self.num_blocks = arguments.integer("num_blocks", num_blocks, 1)

@@ -150,7 +150,11 @@ def match_inputs(patterns: Iterable[str]) -> list[str]:
 
     paths: set[str] = set()
     for pattern in patterns:
-        found = [metadata.path for result in FileSystems.match([pattern]) for metadata in result.metadata_list]
+        # Beam's local file system globs within a pattern's directory part, and finds nothing
+        # for a bare "r_*.tsv" (no directory part) that "./r_*.tsv" matches.
+        bare_glob = "://" not in pattern and not os.path.dirname(pattern) and any(c in pattern for c in "*?[")
+        searched = os.path.join(os.curdir, pattern) if bare_glob else pattern
+        found = [metadata.path for result in FileSystems.match([searched]) for metadata in result.metadata_list]
         if not found:
             raise FileNotFoundError(f"input pattern {pattern!r} matches no file")
         import tensorflow as tf
