@@ -1,7 +1,7 @@
 """Does a model beat another over several training runs? (a benchmark report, not a test)
 
 The quality benchmarks compare each row with a reference on the same test users (a paired
-t-test), which treats the trained weights as fixed. On ML-1M two trainings of one two-tower
+test), which treats the trained weights as fixed. On ML-1M two trainings of one two-tower
 config differ by more than that test's interval (see the README's evaluation protocol), so a
 claim that one model beats another needs several runs of each. This script reads the per-user
 test ranks that ``t2diff.py`` and ``sparc.py`` keep beside their runs (``test_ranks/``; no
@@ -148,7 +148,7 @@ def to_markdown(result: dict) -> str:
     lines = markdown_header(result, "one model against another over several training runs") + [
         f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
         "read from the runs' test_ranks/",
-        "- per metric: each run's value; over users: the paired t-test of each user's gain averaged over a "
+        "- per metric: each run's value; over users: the paired test of each user's gain averaged over a "
         "model's runs (the runs held fixed); over runs: a t-test of the runs' values, the run-to-run spread as "
         "its noise (Welch's; paired run by run when both sides are the same runs; needs 2+ runs a side, and "
         "has little power with 2 or 3); the run pairings (paired over users) significant for each model; 95% "

@@ -33,7 +33,7 @@ With ``--models sparc`` the two-tower is not trained; its rows are copied from t
 
 Every SPARC row is compared on the same test users with the two-tower (when its run is in
 ``--runs-dir``) and with SPARC-hard: the mean difference of Recall@50 and TailRecall@50 with a
-95% confidence interval and the p-value of a paired t-test. Per-user ranks are kept in each run
+95% confidence interval and the p-value of a paired test (``paired_difference``). Per-user ranks are kept in each run
 directory (``test_ranks/``).
 """
 

@@ -15,7 +15,7 @@ alone (the same weights, branch off).
 
 Every row is also compared with the two-tower of its split on the same test users: the mean
 difference of HR@10, MRR@20 and NDCG@10 with a 95% confidence interval and the p-value of a
-paired t-test (``tfx_xmatch.evaluation.paired_difference``). Each path's per-user ranks are kept
+paired test (``tfx_xmatch.evaluation.paired_difference``). Each path's per-user ranks are kept
 in its run directory (``test_ranks/``), so the two-tower's are computed once and reused.
 
 Writes ``results/t2diff.md`` and ``results/t2diff.json``. JSON rows carry DESIGN's ``variant``

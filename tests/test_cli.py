@@ -38,7 +38,8 @@ def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
     assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["b"]), "--metric", "HR@10",
                  "NDCG@10", "TailRecall@10", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert "A = a, B = b" in printed and "paired t-test" in printed and "TailRecall@10" in printed
+    assert "A = a, B = b" in printed and "paired test" in printed and "TailRecall@10" in printed
+    assert "(exact sign test)" in printed  # HR@10's test, named on its line
     result = json.loads(output.read_text())["metrics"]
     tests = {name: json.loads((run / "metrics.json").read_text())["test"] for name, run in runs.items()}
     for metric in ("HR@10", "NDCG@10", "TailRecall@10"):

@@ -67,6 +67,7 @@ def test_a_clear_win_is_significant_and_a_copy_is_not():
     assert win.difference > 0 and win.significant() and win.ci_low > 0
     same = paired_difference(ranks, ranks, "HR@10")
     assert (same.difference, same.p_value, same.ci_low, same.ci_high) == (0.0, 1.0, 0.0, 0.0)
+    assert same.test == "none: no example differs"
     assert not same.significant()
     assert set(win.to_dict()) == {"metric", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p_value",
                                   "num_examples", "confidence", "test"}

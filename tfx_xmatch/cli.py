@@ -166,12 +166,12 @@ def _command_compare(args: argparse.Namespace) -> int:
 def _print_paired(heading: str, names: list, paired: dict, width: int, confidence: float) -> None:
     from tfx_xmatch.evaluation import format_difference
 
-    print(f"{heading}: A = {names[0][0]}, B = {names[1][0]}; A - B with a {confidence:.0%} interval, paired t-test")
+    print(f"{heading}: A = {names[0][0]}, B = {names[1][0]}; A - B with a {confidence:.0%} interval, paired test")
     for metric, result in paired.items():
         verdict = (("A better" if result["difference"] > 0 else "B better")
                    if result["p_value"] < 1 - confidence else "no significant difference")
         print(f"  {metric:<{width}}  A {result['mean_a']:.4f}  B {result['mean_b']:.4f}  "
-              f"{format_difference(result)}  {verdict}")
+              f"{format_difference(result)}  {verdict}  ({result['test']})")
     print("  (the test covers the choice of users, not of training runs: retrain both with other seeds and "
           "compare with --runs-a/--runs-b before calling a difference a model's)")
 

@@ -56,6 +56,7 @@ TAIL_PREFIX = "Tail"
 # (2^20 sums, 8 MB); beyond it the t-test's normal approximation holds.
 EXACT_TEST_MAX_DIFFERING = 20
 T_TEST, SIGN_TEST, SIGN_FLIP_TEST = "paired t-test", "exact sign test", "exact sign-flip test"
+NO_TEST = "none: no example differs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,8 @@ class PairedDifference:
       p_value: Two-sided p-value of "no difference" (1.0 when every example ties).
       num_examples: Examples compared.
       confidence: Level of the interval, e.g. 0.95.
-      test: The test that gave ``p_value``: "paired t-test", "exact sign test" or "exact
-        sign-flip test".
+      test: The test that gave ``p_value``: "paired t-test", "exact sign test", "exact
+        sign-flip test", or "none: no example differs" (p = 1).
     """
 
     metric: str
@@ -198,7 +199,7 @@ def _paired_gains(gains_a: np.ndarray, gains_b: np.ndarray, metric: str, mask: O
     differing = differences[differences != 0.0]
     test, low, high = T_TEST, None, None
     if differing.size == 0:
-        low, high, p_value = 0.0, 0.0, 1.0
+        test, low, high, p_value = NO_TEST, 0.0, 0.0, 1.0
     elif np.all(np.abs(differing) == abs(differing[0])):
         test = SIGN_TEST
         sign_test = stats.binomtest(int(np.count_nonzero(differing > 0)), differing.size)
