@@ -625,21 +625,25 @@ def test_bad_requests_protocol_specific(shared):
     assert grpc_code(shared.predict.Classify, classify)[0] == NOT_FOUND
     classify.model_spec.name = "tiny"
     code, details = grpc_code(shared.predict.Classify, classify)
-    assert code == INVALID and details.startswith(
-        "Expected classify signature method_name to be tensorflow/serving/classify. Was: tensorflow/serving/predict")
+    # TF Serving's words (classifier.cc, regressor.cc, multi_inference.cc).
+    assert code == INVALID and details.startswith("Expected classification signature method_name to be "
+                                                  "tensorflow/serving/classify. Was: tensorflow/serving/predict")
     regress = regression_pb2.RegressionRequest()
     regress.model_spec.name = "tiny"
     regress.model_spec.signature_name = "serving_default"
     code, details = grpc_code(shared.predict.Regress, regress)
-    assert code == INVALID and "Expected regress signature method_name" in details and "'serving_default'" in details
+    assert code == INVALID and "Expected regression signature method_name" in details and "'serving_default'" in details
     regress.model_spec.signature_name = "nope"
-    assert grpc_code(shared.predict.Regress, regress)[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert grpc_code(shared.predict.Regress, regress) == (INVALID, "No signature was found with the name: nope")
     multi = inference_pb2.MultiInferenceRequest()
     assert grpc_code(shared.predict.MultiInference, multi) == (INVALID, "Expected at least one task")
     task = multi.tasks.add()
     task.model_spec.name, task.method_name = "tiny", "tensorflow/serving/classify"
     code, details = grpc_code(shared.predict.MultiInference, multi)
-    assert code == INVALID and "Expected classify signature method_name" in details
+    assert code == INVALID and "Expected classification signature method_name" in details
+    task.method_name = "tensorflow/serving/predict"
+    assert grpc_code(shared.predict.MultiInference, multi) == (
+        grpc.StatusCode.UNIMPLEMENTED, "Unsupported signature method_name: tensorflow/serving/predict")
 
     assert shared.rest("GET", "/v1/models/nope")[0] == 404
     assert shared.rest("GET", "/v1/models/tiny/versions/9/metadata")[0] == 404
@@ -653,7 +657,7 @@ def test_bad_requests_protocol_specific(shared):
     assert shared.rest("GET", "/v1/models") == (400, {"error": "Missing model name in request."})
     assert shared.rest("GET", "/V1/Models/tiny/Metadata")[0] == 200  # paths match case-insensitively
     status, answer = shared.rest("POST", "/v1/models/tiny:classify", {"examples": []})
-    assert status == 400 and "Expected classify signature method_name" in answer["error"]
+    assert status == 400 and "Expected classification signature method_name" in answer["error"]
     assert shared.rest("POST", "/v1/models/tiny:regress", {"examples": []})[0] == 400
     assert shared.rest("POST", "/v1/models/nope:classify", {"examples": []})[0] == 404
     status, answer = shared.rest("POST", "/v1/models/tiny:classify", {"instances": []})

@@ -171,7 +171,9 @@ def _print_paired(heading: str, names: list, paired: dict, width: int, confidenc
         verdict = (("A better" if result["difference"] > 0 else "B better")
                    if result["p_value"] < 1 - confidence else "no significant difference")
         print(f"  {metric:<{width}}  A {result['mean_a']:.4f}  B {result['mean_b']:.4f}  "
-              f"{format_difference(result)}  {verdict}  ({result['test']})")
+              f"{format_difference(result)}  {verdict}"
+              # A test without an interval already names itself.
+              + (f"  ({result['test']})" if result.get("ci_low") is not None else ""))
     print("  (the test covers the choice of users, not of training runs: retrain both with other seeds and "
           "compare with --runs-a/--runs-b before calling a difference a model's)")
 

@@ -103,8 +103,9 @@ def paired_table(rows: Sequence[dict], label_columns: Sequence[str], references:
         return []
     columns = [(key, metric) for key in references for metric in metrics if any(key in row for row in paired)]
     lines = ["Paired differences on the same test users (row minus the named model; 95% confidence interval of "
-             "the mean difference; p-value of the paired test of tfx_xmatch.evaluation.paired_difference: "
-             "the exact sign test for HR, Recall and P, a t-test for NDCG and MRR):", "",
+             "the mean difference; p-value of the paired test of tfx_xmatch.evaluation.paired_difference: the "
+             "exact sign test for HR, Recall and P, for NDCG and MRR the exact sign-flip test when at most 20 "
+             "users differ, else a t-test):", "",
              "| " + " | ".join(label_columns) + " | "
              + " | ".join(f"Δ{metric} vs {references[key]}" for key, metric in columns) + " |",
              "|" + "---|" * (len(label_columns) + len(columns))]

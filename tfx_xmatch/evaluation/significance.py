@@ -269,9 +269,9 @@ def compare_run_groups(runs_a: Sequence[ArrayLike], runs_b: Sequence[ArrayLike],
     differences between models) is not in its interval. With several runs (seeds) of each model
     this reports, per metric:
 
-    - ``averaged``: the paired t-test of each example's gain averaged over each model's runs
-      (the noise of the choice of examples; averaging shrinks the run-to-run noise in the
-      estimate, but the interval still holds the runs fixed);
+    - ``averaged``: the paired test (as ``paired_difference``) of each example's gain averaged
+      over each model's runs (the noise of the choice of examples; averaging shrinks the
+      run-to-run noise in the estimate, but the interval still holds the runs fixed);
     - ``across_runs``: a t-test of the runs' metric values, whose noise is the run-to-run spread
       (the examples held fixed): Welch's for independent runs, or a paired one over run i of A
       and run i of B with ``paired_runs``. ``None`` with fewer than two runs a side; with a few

@@ -100,7 +100,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             _abort(context, errors.invalid_argument("Expected at least one task"))
         for task in request.tasks:
             if task.method_name not in METHOD_NAMES.values():
-                _abort(context, errors.invalid_argument(f"Unsupported signature method_name: {task.method_name}"))
+                _abort(context, errors.unimplemented(f"Unsupported signature method_name: {task.method_name}"))
         task = request.tasks[0]
         self._refuse(task.model_spec, next(api for api, name in METHOD_NAMES.items() if name == task.method_name),
                      context)

@@ -15,7 +15,7 @@ import os
 
 from tfx_xmatch.serving import codec, errors
 from tfx_xmatch.serving.batching import Batcher
-from tfx_xmatch.serving.model_manager import Servable, Signature
+from tfx_xmatch.serving.model_manager import DEFAULT_SIGNATURE, Servable, Signature
 
 log = logging.getLogger("tfx_xmatch.serving.inference")
 
@@ -45,21 +45,26 @@ def check_input_names(signature: Signature, names) -> None:
 
 
 METHOD_NAMES = {"classify": "tensorflow/serving/classify", "regress": "tensorflow/serving/regress"}
+_KIND = {"classify": "classification", "regress": "regression"}
 
 
 def refuse_classify_or_regress(servable: Servable, signature_name: str, api: str) -> None:
-    """Raises what ``api`` ("classify" or "regress") gets on ``servable``'s signature: as TF
-    Serving, INVALID_ARGUMENT naming the signature's method when it is not of that kind (every
-    tfx_xmatch export's signatures are predict signatures), after the lookups that give an
-    unknown model 404 / NOT_FOUND and an unknown signature FAILED_PRECONDITION; UNIMPLEMENTED
-    for a real classification or regression signature, which this server does not run."""
-    signature = servable.signature(signature_name)
+    """Raises what ``api`` ("classify" or "regress") gets on ``servable``'s signature, in TF
+    Serving's words (``classifier.cc``, ``regressor.cc``): INVALID_ARGUMENT for an unknown
+    signature, or one whose method is not of that kind (every tfx_xmatch export's signatures are
+    predict signatures), after the model lookup that gives an unknown model NOT_FOUND;
+    UNIMPLEMENTED for a real classification or regression signature, which this server does
+    not run."""
+    key = signature_name or DEFAULT_SIGNATURE
+    signature = servable.signatures.get(key)
+    if signature is None:
+        raise errors.invalid_argument(f"No signature was found with the name: {key}")
     expected = METHOD_NAMES[api]
     if signature.method_name != expected:
         raise errors.invalid_argument(
-            f"Expected {api} signature method_name to be {expected}. Was: {signature.method_name} "
-            f"(signature {signature.name!r} of model {servable.model_name!r}); call it with Predict (:predict)")
-    raise errors.unimplemented(f"{api} signatures are not run by this server; use Predict (:predict)")
+            f"Expected {_KIND[api]} signature method_name to be {expected}. Was: {signature.method_name} "
+            f"(signature {key!r} of model {servable.model_name!r}: call it with Predict, :predict over REST)")
+    raise errors.unimplemented(f"{_KIND[api]} signatures are not run by this server; use Predict (:predict)")
 
 
 def check_output_filter(signature: Signature, output_filter) -> list[str]:
