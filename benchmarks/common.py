@@ -50,10 +50,15 @@ def load_finished_run(run_dir: pathlib.Path, trained_by: str = ""):
 
 
 def write_results(result: dict, output: str, to_markdown: Callable[[dict], str], echo: bool = False,
-                  results_dir: pathlib.Path = RESULTS_DIR) -> None:
+                  results_dir: pathlib.Path = RESULTS_DIR, partial: bool = False) -> None:
     """Writes ``result`` as ``results_dir/<output>.json`` and its page ``<output>.md``, printing
     the page when ``echo``. Neither is replaced before both are written, so a run cut short
     leaves the previous complete pair.
+
+    Args:
+      partial: The progress of a run that goes on (``<output>.partial.json`` / ``.md``): an
+        interrupted run must not put a subset in the place of the last complete results. The
+        complete write removes it.
 
     Raises:
       ValueError: ``result`` does not follow DESIGN's schema (``check_rows``); nothing is written.
@@ -63,9 +68,29 @@ def write_results(result: dict, output: str, to_markdown: Callable[[dict], str],
     check_rows(result, output)
     results_dir.mkdir(parents=True, exist_ok=True)
     page = to_markdown(result)
-    write_texts_atomic({results_dir / f"{output}.json": json_text(result), results_dir / f"{output}.md": page})
+    stem = f"{output}.partial" if partial else output
+    write_texts_atomic({results_dir / f"{stem}.json": json_text(result), results_dir / f"{stem}.md": page})
+    if not partial:
+        for suffix in (".json", ".md"):
+            (results_dir / f"{output}.partial{suffix}").unlink(missing_ok=True)
     if echo:
         print(page)
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (argparse names the flag and the value otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def markdown_header(result: dict, title: str) -> list[str]:
@@ -165,6 +190,8 @@ def training_budgets(parser, minutes_args: list, defaults: dict) -> dict:
             budgets[name] = float(minutes)
         except ValueError:
             parser.error(f"--minutes: {item!r} is not MODEL=MINUTES")
+        if not budgets[name] > 0:  # NaN included
+            parser.error(f"--minutes: {item!r} needs a number of minutes > 0")
     return budgets
 
 

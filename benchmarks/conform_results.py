@@ -164,6 +164,8 @@ def main() -> int:
     from tfx_xmatch.io_utils import json_text, write_texts_atomic
 
     changed = []
+    if not pathlib.Path(args.results_dir).is_dir():  # rglob of a missing folder finds nothing: a false pass
+        parser.error(f"--results-dir {args.results_dir!r} is not a directory")
     for path in sorted(pathlib.Path(args.results_dir).rglob("*.json")):
         if path.name.endswith(".partial.json"):  # a suite's progress, rewritten as it runs
             continue

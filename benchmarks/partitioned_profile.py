@@ -55,7 +55,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import RESULTS_DIR, header, markdown_header, merge_rows, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR, header, markdown_header, merge_rows, non_negative_int, positive_int, write_results,
+)
 from serving import DIMENSION, K, exact_top_k, recall, search_module, synthetic_embeddings  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -142,14 +144,14 @@ def time_stages(stages: dict, queries: np.ndarray, warmup: int, tf) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--items", type=positive_int, default=1_000_000)
+    parser.add_argument("--queries", type=positive_int, default=1000)
+    parser.add_argument("--warmup", type=non_negative_int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partitions", type=int, default=1000)
     parser.add_argument("--subpartitions", type=int, default=16)
     parser.add_argument("--parent-probes", type=int, default=48)
-    parser.add_argument("--probes", type=int, nargs="+", default=[128, 192, 256])
+    parser.add_argument("--probes", type=positive_int, nargs="+", default=[128, 192, 256])
     parser.add_argument("--intra-op-threads", type=int, default=0,
                         help="TF intra-op (and inter-op) threads; 0: TF's default (all cores)")
     parser.add_argument("--scoring", nargs="+", default=["float32"], choices=["float32", "int8", "bfloat16"],

@@ -25,6 +25,7 @@ from common import default_data_dir, header, markdown_header, write_results  # n
 
 from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
+from tfx_xmatch.pipelines.beam_utils import split_arguments  # noqa: E402
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ml1m_sasrec.yaml"
 ROW_METRICS = ("HR@10", "NDCG@10", "MRR@20", "Recall@50", "NDCG@50", "P@50", "TailRecall@50", "Coverage@50")
@@ -50,7 +51,9 @@ def main() -> int:
     parser.add_argument("--item-shards", type=int, default=8)
     parser.add_argument("--work-dir", help="keep the run here (default: a temporary directory, removed)")
     parser.add_argument("--output", default="pipeline", help="results file stem under benchmarks/results/")
-    args, beam_args = parser.parse_known_args()
+    # Unknown flags go to Beam, but not a misspelt one of ours (parse_known_args would hand
+    # "--trian-minutes 1" to Beam, which drops it with a warning, and train the default budget).
+    args, beam_args = split_arguments(parser, sys.argv[1:])
 
     data_dir = pathlib.Path(args.data_dir)
     if not (data_dir / args.dataset).is_dir():

@@ -5,7 +5,7 @@ selection (early stopping and the kept epoch) on validation, final numbers on te
 ``results/quality.md`` and ``results/quality.json``.
 
     python benchmarks/quality.py                      # sasrec and mean towers
-    python benchmarks/quality.py --models two_tower_sasrec --max-train-minutes 30
+    python benchmarks/quality.py --models two_tower_sasrec --minutes two_tower_sasrec=30
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (  # noqa: E402
-    default_data_dir, header, markdown_header, training_budgets, training_overrides, write_results,
+    default_data_dir, header, markdown_header, non_negative_int, positive_int, training_budgets, training_overrides,
+    write_results,
 )
 
 from tfx_xmatch import training  # noqa: E402
@@ -40,8 +41,8 @@ def main() -> int:
     parser.add_argument("--data-dir", default=str(default_data_dir()))
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--epochs", type=positive_int, default=200)
+    parser.add_argument("--patience", type=non_negative_int, default=10)
     parser.add_argument("--minutes", action="append", default=[], metavar="MODEL=MINUTES",
                         help=f"training-time budget of a model (default {DEFAULT_MINUTES})")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides for every model")

@@ -189,6 +189,8 @@ def main() -> int:
     parser.add_argument("--output", default="seed_study", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
 
+    if not pathlib.Path(args.spec).is_file():
+        parser.error(f"--spec {args.spec!r}: no such file")
     spec = read_spec(pathlib.Path(args.spec))
     config = load_config(REPO_ROOT / spec["dataset_config"], [f"data.data_dir={args.data_dir}"])
     if not (pathlib.Path(args.data_dir) / config.data.dataset).is_dir():

@@ -70,7 +70,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import RESULTS_DIR, header, write_results  # noqa: E402
+from common import RESULTS_DIR, header, non_negative_int, positive_int, write_results  # noqa: E402
 
 DIMENSION = 64
 K = 100
@@ -480,12 +480,12 @@ def _lambda_or_none(text: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None,
                         help="catalogue sizes (default 10000 100000 1000000; --quick: 2000 20000)")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
-    parser.add_argument("--queries", type=int, default=None,
+    parser.add_argument("--queries", type=positive_int, default=None,
                         help="held-out queries, each one in-process call (latency and recall); default 300, --quick 50")
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
                         help="untimed in-process calls first (default 20, --quick 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partitions-factor", type=float, nargs="+", default=[1.0],
@@ -505,7 +505,7 @@ def main() -> int:
     parser.add_argument("--soar-lambda", type=_lambda_or_none, nargs="+", default=None,
                         help="partitioned: list every item in a second partition too, chosen by SOAR with this "
                              "lambda (spilling); 'none': no spilling; one build per value; default: none")
-    parser.add_argument("--probes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
+    parser.add_argument("--probes", type=positive_int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
                         help="partitioned: num_probes values swept (capped at num_partitions)")
     parser.add_argument("--soft-partitions-factor", type=float, default=1.0,
                         help="soft_search with a partitioned base: num_partitions = round(factor * sqrt(N))")
@@ -518,8 +518,8 @@ def main() -> int:
     parser.add_argument("--reorder", type=int, nargs="+", default=[1000],
                         help="scann: num_reordering_candidates values (>= 100; with fewer, hashing errors cap "
                              "recall@100), one build each")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent gRPC clients")
-    parser.add_argument("--served-requests", type=int, default=None,
+    parser.add_argument("--clients", type=positive_int, default=8, help="concurrent gRPC clients")
+    parser.add_argument("--served-requests", type=positive_int, default=None,
                         help="requests per client (default 200, --quick 20)")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="per-request deadline (s)")
     parser.add_argument("--served-time-limit", type=float, default=300.0,
@@ -613,7 +613,7 @@ def main() -> int:
     pool = (concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
             if args.served else None)
     try:
-        for n_items in args.sizes:
+        for size_number, n_items in enumerate(args.sizes, start=1):
             workloads = {}
             for kind in args.kinds:
                 if kind == "scann" and importlib.util.find_spec("scann") is None:
@@ -657,9 +657,11 @@ def main() -> int:
                     result["rows"].append(row)
                     print({k: v for k, v in row.items() if k != "settings"}, flush=True)
                     del module, index
-            # Rewritten after every size, so a long run that is cut short keeps what finished.
+            # Progress after every size (serving.partial.*), the results only once all are done:
+            # a run cut short keeps what finished without replacing the last complete results.
             result["targets"] = targets(result["rows"])
-            write_results(result, args.output, to_markdown, results_dir=results_dir)
+            write_results(result, args.output, to_markdown, results_dir=results_dir,
+                          partial=size_number < len(args.sizes))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import RESULTS_DIR, header, write_results  # noqa: E402
+from common import RESULTS_DIR, header, non_negative_int, positive_int, write_results  # noqa: E402
 from serving import (CHUNK, CODE_DIMENSION, CODES_PER_QUERY, NUM_CODES, POSITIVE_FRACTION,  # noqa: E402
                      code_bags, exact_sparse_top_k, recall, sparse_table, synthetic_embeddings)
 
@@ -225,11 +225,11 @@ def to_markdown(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--queries", type=int, default=300, help="timed single queries per index")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed calls first")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--queries", type=positive_int, default=300, help="timed single queries per index")
+    parser.add_argument("--warmup", type=non_negative_int, default=20, help="untimed calls first")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cap", type=int, default=CAP,
+    parser.add_argument("--cap", type=positive_int, default=CAP,
                         help="posting-list cap of the bounded variant (below the smallest catalogue's natural "
                              "list length, every size stores lists of the same length)")
     parser.add_argument("--reorder", type=int, default=1000, help="scann num_reordering_candidates (>= 100)")
@@ -258,13 +258,13 @@ def main() -> int:
     result["rows"] = []
     results_dir = pathlib.Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    for n in args.sizes:
+    for size_number, n in enumerate(args.sizes, start=1):
         result["rows"] += dense_rows(n, args, tf, tfrs)
         gc.collect()
         result["rows"] += sparse_rows(n, args, tf, SparseCodeIndex)
         gc.collect()
         result["targets"] = targets(result["rows"])
-        write_results(result, args.output, to_markdown, results_dir=results_dir)
+        write_results(result, args.output, to_markdown, results_dir=results_dir, partial=size_number < len(args.sizes))
     return 0
 
 

@@ -343,6 +343,10 @@ def test_a_misspelt_flag_is_an_error_not_a_discarded_beam_option(pairs_file, tmp
     assert exit_info.value.code == 2
     assert "unrecognized argument --num_shards; did you mean --num-shards?" in capsys.readouterr().err
     assert not (tmp_path / "statistics.json").exists()
+    with pytest.raises(SystemExit):  # a typo went to Beam as well
+        prepare.main(["--input", str(pairs_file), "--format", "pairs", "--output-dir", str(tmp_path),
+                      "--num-shrads", "3"])
+    assert "unrecognized argument --num-shrads; did you mean --num-shards?" in capsys.readouterr().err
 
 
 def test_a_failed_write_leaves_no_temporary_behind(tmp_path, monkeypatch):

@@ -639,6 +639,35 @@ def test_a_results_pair_is_replaced_together(tmp_path, monkeypatch):
     assert (tmp_path / "demo.md").read_text() == "# run 3\n" and '"run": 3' in (tmp_path / "demo.json").read_text()
 
 
+def test_progress_of_a_run_does_not_replace_the_last_complete_results(tmp_path):
+    """serving.py and sparse_code_latency.py rewrote their results after every catalogue size: a
+    run interrupted after the first size replaced the committed 10^6-item numbers with its subset."""
+    common = _import_benchmark("common")
+    row = {"dataset": "synthetic", "split": "-", "model": "two_tower_mean", "p50_ms": 1.0}
+    page = lambda result: f"# run {result['run']}\n"  # noqa: E731
+    common.write_results({"rows": [row], "run": 1}, "demo", page, results_dir=tmp_path)
+    complete = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    common.write_results({"rows": [row], "run": 2}, "demo", page, results_dir=tmp_path, partial=True)
+    files = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert {name: text for name, text in files.items() if ".partial" not in name} == complete
+    assert files["demo.partial.md"] == "# run 2\n"
+    common.write_results({"rows": [row], "run": 2}, "demo", page, results_dir=tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demo.json", "demo.md"]
+    assert (tmp_path / "demo.md").read_text() == "# run 2\n"
+
+
+@pytest.mark.parametrize("script, arguments, flag", [
+    ("sparse_code_latency.py", ["--sizes", "0"], "--sizes"), ("sparse_code_latency.py", ["--queries", "0"], "--queries"),
+    ("serving.py", ["--clients", "0"], "--clients"), ("partitioned_profile.py", ["--warmup", "-3"], "--warmup"),
+    ("partitioned_profile.py", ["--probes", "0"], "--probes"),
+])
+def test_latency_benchmarks_refuse_counts_out_of_range_naming_the_flag(script, arguments, flag):
+    # They crashed with ZeroDivisionError or a layer's traceback, or were accepted (--warmup -3).
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(BENCHMARKS.parent)), timeout=120)
+    assert done.returncode == 2 and f"argument {flag}: invalid" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_results_in_the_old_schema_are_refused_and_conformed_without_changing_a_value(tmp_path):
     from tfx_xmatch.bench.schema import check_rows
 

@@ -8,6 +8,7 @@ pipelines run on the DirectRunner in this process.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import os
 import uuid
@@ -27,16 +28,20 @@ def require_beam():
 
 def split_arguments(parser, argv: Optional[Sequence[str]]) -> tuple:
     """(our arguments, Beam's): ``parse_known_args``, except that a misspelt flag of ours
-    (``--num_shards`` for ``--num-shards``) is an error instead of a Beam option that Beam
-    discards with a warning while the command exits 0.
+    (``--num_shards`` for ``--num-shards``, ``--trian-minutes`` for ``--train-minutes``) is an
+    error instead of a Beam option that Beam discards with a warning while the command exits 0.
     """
     args, rest = parser.parse_known_args(argv)
     ours = {option.lstrip("-").replace("_", "-"): option
             for action in parser._actions for option in action.option_strings if option.startswith("--")}
     for argument in rest:
         name = argument.split("=", 1)[0]
-        spelt = ours.get(name.lstrip("-").replace("_", "-"))
-        if name.startswith("--") and spelt is not None:
+        if not name.startswith("--"):
+            continue
+        key = name.lstrip("-").replace("_", "-")
+        # A flag of ours spelt with "_", or misspelt ("--trian-minutes"): Beam would drop it.
+        spelt = ours.get(key) or next((ours[close] for close in difflib.get_close_matches(key, ours, 1, 0.85)), None)
+        if spelt is not None:
             parser.error(f"unrecognized argument {name}; did you mean {spelt}?")
     return args, rest
 
