@@ -94,8 +94,11 @@ def non_negative_int(text: str) -> int:
 
 
 def markdown_header(result: dict, title: str) -> list[str]:
-    """The first lines of every results page: title, command, date, machine and versions."""
+    """The first lines of every results page: title, command, date, machine, versions, and the
+    datasets and splits its rows measured (every quality number names them)."""
     machine, versions = result["machine"], result["versions"]
+    data = sorted({(str(row["dataset"]), str(row.get("split", "-"))) for row in result.get("rows", [])
+                   if row.get("dataset")})
     return [
         f"# {result['benchmark']}: {title}",
         "",
@@ -103,7 +106,8 @@ def markdown_header(result: dict, title: str) -> list[str]:
         f"- date: {result['date']}",
         f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-    ] + [f"- also: `{more['command']}` ({more['date']})" for more in result.get("more_commands", [])]
+    ] + [f"- also: `{more['command']}` ({more['date']})" for more in result.get("more_commands", [])] + (
+        ["- data: " + "; ".join(f"{dataset} (split: {split})" for dataset, split in data)] if data else [])
 
 
 def read_results(path: pathlib.Path, benchmark: str) -> dict:

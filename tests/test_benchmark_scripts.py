@@ -656,6 +656,23 @@ def test_progress_of_a_run_does_not_replace_the_last_complete_results(tmp_path):
     assert (tmp_path / "demo.md").read_text() == "# run 2\n"
 
 
+def test_every_results_page_names_the_datasets_and_splits_of_its_rows():
+    # Pages with model-quality numbers (the SparCode code budget and cache selection, T2Diff's
+    # XLA timing, the pipeline run) named neither; their JSON rows did.
+    common = _import_benchmark("common")
+    result = {"benchmark": "demo", "command": "python benchmarks/demo.py", "date": "2026-12-06",
+              "machine": {"cpu": "cpu", "cpu_count": 2, "memory_gib": 23.5}, "versions": {"tensorflow": "2.20.0"},
+              "rows": [{"dataset": "ml-1m", "split": "leave_one_out", "model": "two_tower"},
+                       {"dataset": "beauty", "split": "leave_one_out", "model": "sparc"}]}
+    assert common.markdown_header(result, "demo")[-1] == \
+        "- data: beauty (split: leave_one_out); ml-1m (split: leave_one_out)"
+    for page in sorted(RESULTS.glob("*.md")):
+        data = json.loads(page.with_suffix(".json").read_text()) if page.with_suffix(".json").exists() else {}
+        named = {row["dataset"] for row in data.get("rows", []) if row.get("dataset") not in (None, "synthetic")}
+        text = page.read_text().lower().replace("-", "")  # "ML-1M" names ml-1m
+        assert all(dataset.lower().replace("-", "") in text for dataset in named), page.name
+
+
 @pytest.mark.parametrize("script, arguments, flag", [
     ("sparse_code_latency.py", ["--sizes", "0"], "--sizes"), ("sparse_code_latency.py", ["--queries", "0"], "--queries"),
     ("serving.py", ["--clients", "0"], "--clients"), ("partitioned_profile.py", ["--warmup", "-3"], "--warmup"),
