@@ -50,11 +50,11 @@ def main() -> int:
     parser.add_argument("--output", default="quality", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
 
+    budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)  # a bad flag is refused, data or not
     dataset_dir = pathlib.Path(args.data_dir)
     if not (dataset_dir / args.dataset).is_dir():
         print(f"skipped: dataset {args.dataset!r} not found under {dataset_dir}", file=sys.stderr)
         return 0
-    budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)
     result = header("quality")
     result["rows"] = []
     split = None

@@ -132,11 +132,11 @@ def main() -> int:
     add_seed_and_merge_arguments(parser, "SparCode", "model and seed")
     args = parser.parse_args()
 
+    budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)  # a bad flag is refused, data or not
     dataset_dir = pathlib.Path(args.data_dir)
     if not (dataset_dir / "ml-1m").is_dir():
         print(f"skipped: dataset 'ml-1m' not found under {dataset_dir}", file=sys.stderr)
         return 0
-    budgets = training_budgets(parser, args.minutes, DEFAULT_MINUTES)
     result = header("sparcode")
     result["rows"] = []
     split = None

@@ -677,12 +677,22 @@ def test_every_results_page_names_the_datasets_and_splits_of_its_rows():
     ("sparse_code_latency.py", ["--sizes", "0"], "--sizes"), ("sparse_code_latency.py", ["--queries", "0"], "--queries"),
     ("serving.py", ["--clients", "0"], "--clients"), ("partitioned_profile.py", ["--warmup", "-3"], "--warmup"),
     ("partitioned_profile.py", ["--probes", "0"], "--probes"),
+    ("quality.py", ["--epochs", "-1"], "--epochs"),
 ])
 def test_latency_benchmarks_refuse_counts_out_of_range_naming_the_flag(script, arguments, flag):
     # They crashed with ZeroDivisionError or a layer's traceback, or were accepted (--warmup -3).
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(BENCHMARKS.parent)), timeout=120)
     assert done.returncode == 2 and f"argument {flag}: invalid" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_training_budget_out_of_range_is_refused_with_or_without_the_data(tmp_path):
+    # quality.py --minutes m=-5 ran into a ConfigError traceback naming train.max_train_seconds
+    # and -300.0; without the data it exited 0 ("skipped").
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--data-dir", str(tmp_path),
+                           "--minutes", "two_tower_mean=-5"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(BENCHMARKS.parent)), timeout=300)
+    assert done.returncode == 2 and "--minutes: 'two_tower_mean=-5' needs a number of minutes > 0" in done.stderr
 
 
 def test_results_in_the_old_schema_are_refused_and_conformed_without_changing_a_value(tmp_path):
