@@ -398,20 +398,11 @@ AFTER_AN_INTERRUPTION = {"train": "run the same command again to resume from the
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from tfx_xmatch.interrupts import interrupted_exit, interruption, sigterm_raises
+    from tfx_xmatch.interrupts import run_interruptibly
 
     command = next((arg for arg in _split_log_level(argv)[1] if not arg.startswith("-")), None)
-    try:
-        with sigterm_raises():
-            return _run(argv)
-    except Exception as error:  # Beam re-raises an interruption in a transform as a RuntimeError
-        interrupt = interruption(error)
-        if interrupt is None:
-            raise
-    except KeyboardInterrupt as error:
-        interrupt = error
     name = "xmatch" if command is None else f"xmatch {command}"
-    return interrupted_exit(name, interrupt, AFTER_AN_INTERRUPTION.get(command, ""))
+    return run_interruptibly(name, lambda: _run(argv), AFTER_AN_INTERRUPTION.get(command, ""))
 
 
 def _run(argv: list) -> int:

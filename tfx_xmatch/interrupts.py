@@ -4,8 +4,9 @@ Python turns SIGINT into ``KeyboardInterrupt`` but leaves SIGTERM (what a schedu
 or ``docker stop`` sends) to its default action, which ends the process at once: no ``finally``
 block runs, so the temporaries of an atomic write stay behind. ``sigterm_raises`` makes
 SIGTERM raise ``Terminated``, a ``KeyboardInterrupt``, so both signals unwind the same way, and
-``interrupted_exit`` prints what happened and returns 128 + the signal's number, as a shell
-reports a process a signal ended (130 for Ctrl-C, 143 for SIGTERM).
+``run_interruptibly`` runs a command under it: on an interruption it prints what happened and
+returns 128 + the signal's number, as a shell reports a process a signal ended (130 for Ctrl-C,
+143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 class Terminated(KeyboardInterrupt):
@@ -52,8 +53,19 @@ def interruption(error: BaseException) -> Optional[KeyboardInterrupt]:
     return None
 
 
-def interrupted_exit(command: str, interrupt: KeyboardInterrupt, hint: str = "") -> int:
-    """Prints ``<command>: interrupted by SIGINT[; hint]`` to stderr and returns the exit code."""
+def run_interruptibly(command: str, run: Callable[[], int], hint: str = "") -> int:
+    """``run()`` with SIGTERM raising; on an interruption (or an error raised from one) prints
+    ``<command>: interrupted by SIGINT[; hint]`` to stderr and returns 130 (143 for SIGTERM).
+    Other errors propagate."""
+    try:
+        with sigterm_raises():
+            return run()
+    except Exception as error:  # Beam re-raises an interruption in a transform as a RuntimeError
+        interrupt = interruption(error)
+        if interrupt is None:
+            raise
+    except KeyboardInterrupt as error:
+        interrupt = error
     signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
     print(f"{command}: interrupted by {signum.name}" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
     return 128 + int(signum)

@@ -44,20 +44,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
-    from tfx_xmatch.interrupts import interrupted_exit, interruption, sigterm_raises
+    from tfx_xmatch.interrupts import run_interruptibly
     from tfx_xmatch.user_errors import user_error_text
 
     try:
-        with sigterm_raises():
-            return importlib.import_module(STAGES[argv[0]][0]).main(argv[1:])
-    except KeyboardInterrupt as interrupt:
-        return interrupted_exit(f"xmatch pipeline {argv[0]}", interrupt)
-    # A failure on a Beam worker comes back as the runner re-raised it, often a RuntimeError;
-    # so does an interruption that reached a transform.
+        return run_interruptibly(f"xmatch pipeline {argv[0]}",
+                                 lambda: importlib.import_module(STAGES[argv[0]][0]).main(argv[1:]))
+    # A failure on a Beam worker comes back as the runner re-raised it, often a RuntimeError.
     except Exception as error:
-        interrupt = interruption(error)
-        if interrupt is not None:
-            return interrupted_exit(f"xmatch pipeline {argv[0]}", interrupt)
         text = user_error_text(error, (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError,
                                        RuntimeError))
         if text is None:

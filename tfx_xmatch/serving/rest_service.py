@@ -288,12 +288,8 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The base class's errors (a request line, header or URL over its limits, a malformed
         request line) as every other answer here: ``{"error": "..."}``, not an HTML page."""
-        try:
-            short, _ = self.responses.get(code, ("error", ""))
-        except ValueError:
-            short = "error"
         self.close_connection = True
-        self._send(code, {"error": message or explain or short})
+        self._send(code, {"error": message or explain or self.responses.get(code, ("error",))[0]})
 
     def log_message(self, format, *args):  # noqa: A002 - signature from the base class
         log.debug("%s - %s", self.address_string(), format % args)
