@@ -11,8 +11,11 @@ gives ``eval_dataset``'s dicts and :func:`read_training_tfrecords` gives
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import re
+import struct
+import zlib
 from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -239,12 +242,80 @@ def matching_files(file_pattern) -> list[str]:
     return files
 
 
+_RECORD_HEADER_BYTES = 12  # the data's length (uint64) and that length's masked CRC32C
+_RECORD_FOOTER_BYTES = 4  # the data's masked CRC32C
+
+
+def _where_cut_short(path: str) -> Optional[str]:
+    """Where the TFRecord file ``path`` ends before its last record does, or None.
+
+    tf.data stops silently, as if at the end of the file, when a file ends inside a record's
+    12-byte header, and a GZIP file cut early reads as the records decoded so far: a copy cut
+    short would train or evaluate on fewer records without a word. This reads the file once in
+    large chunks, stepping from header to header, and a GZIP stream to its end marker. The
+    CRCs are left to tf.data, which checks them as it reads.
+    """
+    record = start = 0  # the record being read and the byte where it starts
+    header = b""  # the bytes of its header read so far
+    to_skip = 0  # its data and footer bytes not read yet, once its header is whole
+    with tf.io.gfile.GFile(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+        try:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                position = 0
+                while position < len(chunk):
+                    if to_skip:
+                        step = min(to_skip, len(chunk) - position)
+                        to_skip -= step
+                        position += step
+                        if not to_skip:  # the next record starts here
+                            start += _RECORD_HEADER_BYTES + length + _RECORD_FOOTER_BYTES
+                            record, header = record + 1, b""
+                        continue
+                    taken = chunk[position:position + _RECORD_HEADER_BYTES - len(header)]
+                    header += taken
+                    position += len(taken)
+                    if len(header) == _RECORD_HEADER_BYTES:
+                        (length,) = struct.unpack("<Q", header[:8])
+                        to_skip = length + _RECORD_FOOTER_BYTES
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+            return f"its GZIP stream is cut short or damaged ({error})"
+    if to_skip:
+        return f"it ends inside record {record} (at byte {start}, {length} bytes long)"
+    if header:
+        return (f"it ends inside the header of record {record} (at byte {start}, "
+                f"{len(header)} of {_RECORD_HEADER_BYTES} header bytes)")
+    return None
+
+
+def check_not_cut_short(files: Sequence[str]) -> None:
+    """Checks that each TFRecord file holds whole records up to its end (see ``_where_cut_short``).
+
+    Raises:
+      tf.errors.DataLossError: ``<file>: it ends inside ...: the TFRecord file is damaged or
+        cut short; write it again``, for the first file that is.
+    """
+    for path in files:
+        where = _where_cut_short(path)
+        if where is not None:
+            raise tf.errors.DataLossError(
+                None, None, f"{path}: {where}: the TFRecord file is damaged or cut short; write it again")
+
+
 def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]:
-    """Files of one glob or a list of globs (TFX passes lists), each glob's in name order."""
+    """Files of one glob or a list of globs (TFX passes lists), each glob's in name order.
+
+    Raises:
+      FileNotFoundError: If nothing matches.
+      ValueError: If ``max_length`` or ``batch_size`` is not positive.
+      tf.errors.DataLossError: If a file ends before its last record does (naming it).
+    """
     for name, value in (("max_length", max_length), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
-    return matching_files(file_pattern)
+    files = matching_files(file_pattern)
+    check_not_cut_short(files)
+    return files
 
 
 _INT32_MAX = int(np.iinfo(np.int32).max)

@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.data.tfrecord import damaged_file_named, record_counts
+from tfx_xmatch.data.tfrecord import check_not_cut_short, damaged_file_named, record_counts
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
 from tfx_xmatch.io_utils import json_text
 from tfx_xmatch.pipelines.beam_utils import (pipeline_options, remove_if_present, require_beam, split_arguments,
@@ -61,6 +61,7 @@ def read_records(path: str):
     """Yields the serialized records of one TFRecord file (GZIP when it ends in ``.gz``)."""
     # tf.data rather than beam.io.ReadFromTFRecord: Beam's reader needs a CRC package
     # (crcmod / google-crc32c) that a plain apache-beam install lacks; TensorFlow is here anyway.
+    check_not_cut_short([path])  # tf.data reads a file cut inside a record header as ending there
     dataset = tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else "")
     with damaged_file_named(path):
         yield from dataset.as_numpy_iterator()
