@@ -110,6 +110,7 @@ def test_an_interrupted_run_resumes_keeping_the_stages_it_finished(events, tmp_p
     assert calls == {"prepare": 1, "build_index": 1, "evaluate": 2}
     assert (tmp_path / "out" / "run" / "history.json").read_text() == history  # not trained again
     assert summary["published"] == str(tmp_path / "models" / "1")
+    assert summary["index"]["wall_seconds"] > 0  # the kept build's, as an uninterrupted run reports it
     assert sorted(path.name for path in (tmp_path / "out" / "staging").iterdir()) == ["1"]
     # Resumed once more, a finished run publishes nothing new.
     assert run_pipeline(config, output, models, k_max=10, item_shards=2, resume=True) == summary

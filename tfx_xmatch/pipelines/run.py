@@ -115,12 +115,14 @@ def _check_same_request(path: pathlib.Path, request: dict) -> None:
                               "--overwrite)")
 
 
-def _finished(marker: pathlib.Path, run: Callable[[], Any], key: Optional[str] = None) -> Any:
+def _finished(marker: pathlib.Path, run: Callable[[], Any], key: Optional[str] = None,
+              summary: Optional[pathlib.Path] = None) -> Any:
     """The result a stage wrote last to ``marker`` (its ``key`` if given) when a resumed run had
-    finished that stage, else ``run()``."""
+    finished that stage, else ``run()``. A ``summary`` the stage writes after its marker (with
+    more in it, e.g. its wall time) is read instead when it exists."""
     if marker.is_file():
         print(f"    finished before: {marker} kept")
-        result = json.loads(marker.read_text())
+        result = json.loads((summary if summary is not None and summary.is_file() else marker).read_text())
         return result if key is None else result[key]
     return run()
 
@@ -214,7 +216,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     from tfx_xmatch import training
     from tfx_xmatch.data.vocabulary import Vocabulary
     from tfx_xmatch.export import SPARSE_CODE_BUDGET, check_export_settings, export_retrieval_model, resolve_padding_id
-    from tfx_xmatch.pipelines.build_index import STATS_FILE, run_build_index
+    from tfx_xmatch.pipelines.build_index import STATS_FILE, SUMMARY_FILE, run_build_index
     from tfx_xmatch.pipelines.evaluate import run_evaluate
     from tfx_xmatch.pipelines.record_training import train_on_records
 
@@ -277,7 +279,8 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     budget = {key: index_options.get(key) for key in SPARSE_CODE_BUDGET} \
         if index_kind == "sparse_code" else {}
     index_stats = _stage(3, "build_index", timings, lambda: _finished(index_dir / STATS_FILE, lambda: run_build_index(
-        run_dir, index_dir, beam_args=beam_args, item_shards=item_shards, code_shards=code_shards, **budget)))
+        run_dir, index_dir, beam_args=beam_args, item_shards=item_shards, code_shards=code_shards, **budget),
+        summary=index_dir / SUMMARY_FILE))
     model = training.load_model(run_dir / "model")
     staged = _stage(4, "export", timings, lambda: _staged_version(output / "staging") or export_retrieval_model(
         model, vocab, output / "staging", index_kind=index_kind, k_max=k_max, padding_id=padding_id,
