@@ -109,6 +109,12 @@ class TinyRetrieval(tf.Module):
         with tf.control_dependencies([waited]):
             return {"y": 2.0 * x}
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def stats(self, x):
+        # Outputs whose first dimension is not the number of instances.
+        return {"stats": tf.stack([tf.reduce_min(x), tf.reduce_max(x), tf.reduce_sum(x)]),
+                "size": tf.fill([3], tf.size(x))}
+
     @tf.function(input_signature=[])
     def call_count(self):
         return {"calls": tf.identity(self.calls)}
@@ -122,6 +128,7 @@ def _save(path: str, version: int) -> None:
         "echo": module.echo,
         "slow": module.slow,
         "call_count": module.call_count,
+        "stats": module.stats,
     })
 
 
@@ -405,11 +412,28 @@ def test_rest_predict_row_and_columnar_formats(shared, reference):
     assert base64.b64decode(second["raw_bytes"]["b64"]) == b"xy\xff"
     assert second["upper"] == {"b64": base64.b64encode(b"XY\xff").decode()}  # not UTF-8
 
-    # No inputs at all (columnar, empty object) and a scalar output.
+    # A signature without inputs is refused over REST, in TF Serving's words (json_tensor.cc);
+    # gRPC calls it.
     status, body = shared.rest("POST", "/v1/models/tiny:predict", {
         "signature_name": "call_count", "inputs": {}
     })
-    assert status == 200 and isinstance(body["outputs"], int)
+    assert (status, body) == (400, {"error": "Failed to get input map for signature: call_count"})
+
+    # The row format answers one prediction per entry of the outputs' first dimension, whatever
+    # the number of instances (json_tensor.cc's MakeRowFormatJsonFromTensors).
+    status, body = shared.rest("POST", "/v1/models/tiny:predict", {"signature_name": "stats", "instances": [1.5, 4]})
+    assert (status, body) == (200, {"predictions": [{"stats": 1.5, "size": 2}, {"stats": 4.0, "size": 2},
+                                                    {"stats": 5.5, "size": 2}]})
+
+    # JSON numbers and base64 as TF Serving reads them (RapidJSON, absl::Base64Unescape).
+    status, body = shared.rest("POST", "/v1/models/tiny:predict", {"signature_name": "echo",
+                                                                   "inputs": [{"b64": "YWI"}, {"b64": " YW\nJj "}]})
+    assert status == 200 and body["outputs"]["raw_bytes"] == [{"b64": "YWI="}, {"b64": "YWJj"}], body
+    status, body = shared.rest("POST", "/v1/models/tiny:predict",
+                               b'{"signature_name": "stats", "inputs": [100000000000000000000, 1]}')
+    assert status == 200 and np.allclose(body["outputs"]["stats"], [1.0, 1e20, 1e20], rtol=1e-6), body
+    status, body = shared.rest("POST", "/v1/models/tiny:predict", b'{"signature_name": "stats", "inputs": [1e400]}')
+    assert status == 400 and "Number too big to be stored in double: 1e400" in body["error"], body
 
 
 def test_rest_status_and_metadata(shared):
@@ -647,9 +671,17 @@ def test_bad_requests_protocol_specific(shared):
 
     assert shared.rest("GET", "/v1/models/nope")[0] == 404
     assert shared.rest("GET", "/v1/models/tiny/versions/9/metadata")[0] == 404
-    # As TF Serving (http_rest_api_handler.cc): any other path or method is a 400 "Malformed
+    # An unknown model or version is a 404 whatever the body holds: TF Serving looks the model
+    # up before it reads the body's tensors.
+    for path, body in [("/v1/models/nope:predict", {}), ("/v1/models/nope:predict", {"instances": [1], "inputs": [1]}),
+                       ("/v1/models/tiny/versions/9:predict", {})]:
+        assert shared.rest("POST", path, body)[0] == 404, (path, body)
+    # TF Serving's HTTP server dispatches only /v1/ paths: any other is a 404 (http_server.cc).
+    for path in ["/v2/whatever", "/", "/v1", "/models/tiny"]:
+        assert shared.rest("GET", path)[0] == 404, path
+    # Under /v1/ (http_rest_api_handler.cc), any other path or method is a 400 "Malformed
     # request", which a client cannot mistake for "this model is not loaded".
-    for method, path in [("GET", "/v2/whatever"), ("GET", "/v1/models/tiny:predict"),
+    for method, path in [("GET", "/v1/whatever"), ("GET", "/v1/models/tiny:predict"),
                          ("POST", "/v1/models/tiny/metadata"), ("DELETE", "/v1/models/tiny"),
                          ("GET", "/v1/models/tiny/"), ("GET", f"/v1/models/tiny/versions/{1 << 64}")]:
         status, answer = shared.rest(method, path, {} if method == "POST" else None)
@@ -1694,3 +1726,20 @@ def test_a_config_file_whose_label_waits_for_its_version_is_applied_once_it_load
             time.sleep(0.05)
     finally:
         server.stop(grace=5)
+
+
+def test_row_format_outputs_split_as_tf_serving_splits_them():
+    """Predictions follow the outputs' first dimension, which once had to equal the number of
+    instances (a 400 where TF Serving answers); a scalar output, or outputs whose first
+    dimensions differ, do not split and are refused, as there."""
+    from tfx_xmatch.serving.errors import ServingError
+    from tfx_xmatch.serving.rest_service import encode_predictions
+
+    assert encode_predictions({"a": np.arange(3), "b": np.ones((3, 2))}) == [
+        {"a": 0, "b": [1.0, 1.0]}, {"a": 1, "b": [1.0, 1.0]}, {"a": 2, "b": [1.0, 1.0]}]
+    for outputs, message in [({"a": np.int64(1)}, "output 'a' is a scalar"),
+                             ({"a": np.zeros((0, 2))}, "no prediction"),
+                             ({"a": np.arange(3), "b": np.arange(2)}, "first dimensions differ")]:
+        with pytest.raises(ServingError, match=message) as info:
+            encode_predictions(outputs)
+        assert info.value.http == 400

@@ -165,6 +165,15 @@ def _first_leaf(value):
     return value
 
 
+def _b64decode(text: str) -> bytes:
+    """Base64 as TF Serving decodes it (absl::Base64Unescape): whitespace is skipped and the
+    "=" padding may be left out, but other characters, or a wrong amount of padding, are refused."""
+    compact = "".join(text.split())
+    if len(compact) % 4 and "=" not in compact:
+        compact += "=" * (-len(compact) % 4)
+    return base64.b64decode(compact, validate=True)
+
+
 def _string_tensor(alias: str, value) -> np.ndarray:
     """Nested JSON lists of strings / {"b64": ...} -> object array of bytes."""
     leaves: list = []
@@ -193,7 +202,7 @@ def _string_tensor(alias: str, value) -> np.ndarray:
             return ()
         if isinstance(node, dict) and set(node) == {"b64"} and isinstance(node["b64"], str):
             try:
-                leaves.append(base64.b64decode(node["b64"], validate=True))
+                leaves.append(_b64decode(node["b64"]))
             except (binascii.Error, ValueError):
                 raise errors.invalid_argument(
                     f"input '{alias}' has a \"b64\" value that is not valid base64"

@@ -12,8 +12,8 @@ Predict follows TF Serving's JSON conventions: the row format (``instances``, an
 output is unnamed; strings are JSON strings and binary values ``{"b64": ...}`` (outputs whose
 name ends in ``_bytes`` are always base64); NaN/Infinity tokens are accepted and produced.
 Errors are ``{"error": "..."}`` with 400 (bad request, and as in TF Serving any path or method
-outside these routes: "Malformed request"), 404 (unknown model or version), 413 (body over the
-limit), 501, 503 or 500. Paths match case-insensitively; bodies may be chunked or gzip-encoded.
+under ``/v1/`` outside these routes: "Malformed request"), 404 (unknown model or version, or a
+path outside ``/v1/``), 413 (body over the limit), 501, 503 or 500. Paths match case-insensitively; bodies may be chunked or gzip-encoded.
 
 One extension to the row format: a signature input of rank 0 (a scalar) may be given in every
 instance, provided all instances give the same value; TF Serving would reject it (it stacks
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import socket
 import threading
@@ -43,8 +44,11 @@ from tfx_xmatch.serving.model_manager import ModelManager, Signature
 
 log = logging.getLogger("tfx_xmatch.serving.rest")
 
-# TF Serving's routes: case-insensitive, no trailing slash; anything else is a 400
-# "Malformed request" (http_rest_api_handler.cc), not a 404 a client would read as "no model".
+# TF Serving's HTTP server dispatches only paths under /v1/ (http_server.cc's kPathRegex) and
+# answers any other with 404. Under /v1/ its routes are case-insensitive, with no trailing slash;
+# anything else there is a 400 "Malformed request" (http_rest_api_handler.cc), not a 404 a
+# client would read as "no model".
+_API_PREFIX = re.compile(r"^/v1/", re.IGNORECASE)
 _ROUTE = re.compile(
     r"^/v1/models(?:/(?P<name>[^/:]+))?"
     r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
@@ -81,6 +85,8 @@ class RestApp:
 
     def _dispatch(self, method: str, path: str, body: bytes):
         path = urllib.parse.urlsplit(path).path
+        if not _API_PREFIX.match(path):
+            raise errors.not_found(f"Not Found: {method} {path}")
         match = _ROUTE.match(path)
         suffix = match["suffix"].lower() if match and match["suffix"] else None
         wanted = "GET" if suffix in (None, "/metadata") else "POST"
@@ -150,22 +156,25 @@ class RestApp:
         signature_name = doc.get("signature_name", "")
         if not isinstance(signature_name, str):
             raise _bad("'signature_name' key must be a string value.")
-        has_instances, has_inputs = "instances" in doc, "inputs" in doc
-        if has_instances and has_inputs:
-            raise _bad("the request has both 'instances' and 'inputs'; use one of them")
-        if not has_instances and not has_inputs:
-            raise _bad(
-                "Missing 'instances' or 'inputs' key in the request body (empty request)"
-            )
+        # TF Serving's order (json_tensor.cc's FillPredictRequestFromJson): the model and its
+        # signature are looked up before the body's tensors are, so an unknown model is a 404
+        # whatever the body holds.
         with self.manager.acquire(name, version, label) as servable:
             signature = servable.signature(signature_name)
+            if not signature.inputs:
+                raise _bad(f"Failed to get input map for signature: {signature_name or 'DEFAULT'}")
+            has_instances, has_inputs = "instances" in doc, "inputs" in doc
+            if has_instances and has_inputs:
+                raise _bad("the request has both 'instances' and 'inputs'; use one of them")
+            if not has_instances and not has_inputs:
+                raise _bad("Missing 'instances' or 'inputs' key in the request body (empty request)")
             if has_instances:
-                arrays, rows = decode_instances(signature, doc["instances"])
+                arrays = decode_instances(signature, doc["instances"])
             else:
                 arrays = decode_inputs(signature, doc["inputs"])
             outputs = self.inference.predict(servable, signature, arrays)
         if has_instances:
-            return {"predictions": encode_predictions(outputs, rows)}
+            return {"predictions": encode_predictions(outputs)}
         if len(outputs) == 1:
             (alias, value), = outputs.items()
             return {"outputs": codec.ndarray_to_json(alias, value)}
@@ -179,7 +188,7 @@ def _json_object(body: bytes, wanted: str) -> dict:
     try:
         # A duplicate key is refused where RapidJSON would take the first and Python's json
         # the last.
-        doc = json.loads(body, object_pairs_hook=_unique_keys)
+        doc = json.loads(body, object_pairs_hook=_unique_keys, parse_float=_json_double, parse_int=_json_integer)
     except (ValueError, RecursionError) as exc:
         raise _bad(f"Malformed JSON in the request body: {exc}") from None
     if not isinstance(doc, dict):
@@ -187,7 +196,7 @@ def _json_object(body: bytes, wanted: str) -> dict:
     return doc
 
 
-def decode_instances(signature: Signature, instances) -> tuple[dict, int]:
+def decode_instances(signature: Signature, instances) -> dict:
     if not isinstance(instances, list):
         raise _bad("'instances' must be a JSON list (one entry per row)")
     if not instances:
@@ -202,7 +211,7 @@ def decode_instances(signature: Signature, instances) -> tuple[dict, int]:
                 f"{sorted(signature.inputs)}: each instance must be a JSON object naming them"
             )
         (alias, spec), = signature.inputs.items()
-        return {alias: codec.json_to_ndarray(spec, instances)}, len(instances)
+        return {alias: codec.json_to_ndarray(spec, instances)}
     keys = set(instances[0])
     for index, instance in enumerate(instances[1:], start=1):
         if set(instance) != keys:
@@ -225,7 +234,7 @@ def decode_instances(signature: Signature, instances) -> tuple[dict, int]:
             arrays[alias] = codec.json_to_ndarray(spec, first)
         else:
             arrays[alias] = codec.json_to_ndarray(spec, values)
-    return arrays, len(instances)
+    return arrays
 
 
 def decode_inputs(signature: Signature, inputs) -> dict:
@@ -244,18 +253,49 @@ def decode_inputs(signature: Signature, inputs) -> dict:
     return {alias: codec.json_to_ndarray(spec, inputs)}
 
 
-def encode_predictions(outputs: dict, rows: int):
+def encode_predictions(outputs: dict):
+    """Outputs in the row format, as TF Serving makes it (json_tensor.cc's
+    MakeRowFormatJsonFromTensors): one prediction per entry of the outputs' first dimension,
+    which must be the same for all of them (not necessarily the number of instances)."""
+    rows = None
     for alias, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != rows:
-            raise _bad(
-                f"output '{alias}' has shape {codec.shape_str(value.shape)}, not one row per "
-                f"instance ({rows}); use the columnar 'inputs' format for this signature"
-            )
+        if value.ndim == 0:
+            raise _bad(f"output '{alias}' is a scalar, with no first dimension to split into predictions; "
+                       "use the columnar 'inputs' format for this signature")
+        if value.shape[0] < 1:
+            raise _bad(f"output '{alias}' has shape {codec.shape_str(value.shape)}: no prediction to answer with")
+        if rows is not None and value.shape[0] != rows:
+            raise _bad(f"the outputs' first dimensions differ ({codec.shape_str(value.shape)} for '{alias}', "
+                       f"{rows} before it), so they do not split into predictions; use the columnar 'inputs' "
+                       "format for this signature")
+        rows = value.shape[0]
     if len(outputs) == 1:
         (alias, value), = outputs.items()
         return codec.ndarray_to_json(alias, value)
     columns = {alias: codec.ndarray_to_json(alias, value) for alias, value in outputs.items()}
     return [{alias: column[i] for alias, column in columns.items()} for i in range(rows)]
+
+
+_UINT64_MAX = (1 << 64) - 1
+
+
+def _json_double(text: str) -> float:
+    """A JSON number with a fraction or exponent, as RapidJSON reads it: one past the largest
+    double is an error ("1e400"), where Python's json would make it Infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"Number too big to be stored in double: {text[:40]}")
+    return value
+
+
+def _json_integer(text: str):
+    """A JSON integer, as RapidJSON reads it: past 64 bits it becomes a double (1e20 for a float
+    input; an integer input then refuses it as not an integer)."""
+    if len(text) <= 20:  # at most "-9223372036854775808" or "18446744073709551615"
+        value = int(text)
+        if -(1 << 63) <= value <= _UINT64_MAX:
+            return value
+    return _json_double(text)
 
 
 def _unique_keys(pairs: list) -> dict:
