@@ -1,5 +1,7 @@
 """tfx_xmatch: cross-interaction retrieval models for TensorFlow Recommenders."""
 
+from glob import glob
+
 from setuptools import find_packages, setup
 
 # The stack is pinned as a set: ScaNN 1.4.2's TF ops are compiled against TF 2.20 only, and
@@ -37,4 +39,7 @@ setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "apache-beam>=2.60,<3"],
     },
     entry_points={"console_scripts": ["xmatch=tfx_xmatch.cli:main"]},
+    # The tuned configs the README names, for an install without the checkout: they land in
+    # <prefix>/share/tfx_xmatch/configs, which a missing --config file's error points to.
+    data_files=[("share/tfx_xmatch/configs", sorted(glob("configs/*.yaml")))],
 )

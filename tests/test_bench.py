@@ -202,6 +202,37 @@ def test_a_bad_suite_file_is_named(tmp_path, capsys):
     assert "unknown key(s) ['colour']" in error and str(path) in error
 
 
+def test_an_installed_package_asks_for_the_paths_it_cannot_default_to(tmp_path, monkeypatch, capsys):
+    """Installed, the defaults pointed into site-packages: the suite was "not found" there and
+    the runs directory under it was the one cleared."""
+    monkeypatch.setattr(cli, "REPO_ROOT", None)
+    assert cli.main(["--quick"]) == 2
+    error = capsys.readouterr().err
+    assert "give --suite, --output-dir, --runs-dir" in error and "site-packages" not in error
+    assert cli.main(["--suite", str(SUITE), "--output-dir", str(tmp_path)]) == 2
+    assert "give --runs-dir" in capsys.readouterr().err
+
+
+def test_the_source_revision_is_tfx_xmatch_s_own_commit_or_none(tmp_path, monkeypatch):
+    """A package sitting inside another git repository reported that repository's commit."""
+    import subprocess
+
+    from tfx_xmatch.bench import environment
+
+    outer = tmp_path / "project"
+    package = outer / "venv" / "lib"
+    package.mkdir(parents=True)
+    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", "-C", str(outer), *args], check=True)
+    monkeypatch.setattr(environment, "source_checkout", lambda: package)
+    assert environment.source_revision() == {"commit": None, "uncommitted_changes": None}
+    monkeypatch.setattr(environment, "source_checkout", lambda: outer)
+    head = subprocess.run(["git", "-C", str(outer), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert environment.source_revision() == {"commit": head, "uncommitted_changes": False}
+    monkeypatch.setattr(environment, "source_checkout", lambda: None)
+    assert environment.source_revision() == {"commit": None, "uncommitted_changes": None}
+
+
 def test_no_available_dataset_is_named(tmp_path, capsys):
     assert cli.main(["--suite", str(SUITE), "--quick", "--data-dir", str(tmp_path)]) == 2
     assert "none of the suite's datasets ['ml-100k']" in capsys.readouterr().err

@@ -101,9 +101,33 @@ def test_a_byte_order_mark_is_read_in_json_as_in_yaml(tmp_path):
         assert load_config(path).train.epochs == 3, name
 
 
-def test_missing_file():
-    with pytest.raises(FileNotFoundError):
+def test_missing_file(tmp_path, monkeypatch):
+    from tfx_xmatch import config
+
+    with pytest.raises(FileNotFoundError, match="config file '/nonexistent/run.yaml' does not exist$"):
         load_config("/nonexistent/run.yaml")
+    # A README command run outside the checkout names the copy the wheel installed.
+    monkeypatch.setattr(config, "SHIPPED_CONFIGS", tmp_path)
+    (tmp_path / "ml1m_sasrec.yaml").write_text("train: {epochs: 3}\n")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"config file 'configs/ml1m_sasrec.yaml' does not exist; the shipped ml1m_sasrec.yaml is installed at "
+            f"{tmp_path / 'ml1m_sasrec.yaml'}")):
+        load_config("configs/ml1m_sasrec.yaml")
+
+
+def test_the_wheel_installs_every_shipped_config():
+    """setup.py's data_files list the configs the README names, for an install without the checkout."""
+    import setuptools
+
+    from tests.conftest import REPO_ROOT
+
+    captured = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+        patch.chdir(REPO_ROOT)
+        exec(compile((REPO_ROOT / "setup.py").read_text(), "setup.py", "exec"), {"__name__": "__main__"})
+    assert captured["data_files"] == [("share/tfx_xmatch/configs",
+                                       sorted(f"configs/{path.name}" for path in (REPO_ROOT / "configs").glob("*.yaml")))]
 
 
 def test_shipped_configs_load():

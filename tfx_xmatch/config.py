@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import re
+import sysconfig
 import typing
 from typing import Any, Optional, Sequence
 
@@ -257,6 +258,16 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
     return config
 
 
+SHIPPED_CONFIGS = pathlib.Path(sysconfig.get_path("data")) / "share" / "tfx_xmatch" / "configs"
+
+
+def _shipped_config_hint(path: str) -> str:
+    """Where an installed package keeps the config ``path`` names, when a user copied a README
+    command (``--config configs/ml1m_sasrec.yaml``) outside the source checkout."""
+    shipped = SHIPPED_CONFIGS / pathlib.Path(path).name
+    return f"; the shipped {shipped.name} is installed at {shipped}" if shipped.is_file() else ""
+
+
 def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads a YAML or JSON config file (optional) and applies ``section.key=value`` overrides.
 
@@ -284,6 +295,8 @@ def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[s
         else:
             if pathlib.Path(path).is_dir():
                 raise ConfigError(f"config file {path!r} is a directory; give a .yaml or .json file")
+            if not pathlib.Path(path).exists():
+                raise FileNotFoundError(f"config file {path!r} does not exist{_shipped_config_hint(path)}")
             text = pathlib.Path(path).read_text(encoding="utf-8")
         text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
         is_json = path.endswith(".json")

@@ -7,7 +7,9 @@
 
 Without ``--resume`` every model is trained again: the default runs directory
 (``benchmarks/runs/bench-full|quick``) is cleared first, and a ``--runs-dir`` given explicitly
-must be empty. While it runs, ``bench[_quick].partial.json`` is rewritten after every model, so
+must be empty. The defaults are the source checkout's ``benchmarks/`` (the suite names the
+checkout's ``configs/``); an installed package has none, so there ``--suite``, ``--output-dir``
+and ``--runs-dir`` are required. While it runs, ``bench[_quick].partial.json`` is rewritten after every model, so
 a long run that fails or is stopped keeps what it measured; ``bench[_quick].json`` and
 ``REPORT.md`` are replaced together only when the suite completes. A model that fails is listed
 in the report and makes the exit status 1.
@@ -22,27 +24,39 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
+from tfx_xmatch.bench.environment import source_checkout
 from tfx_xmatch.bench.schema import check_rows
 from tfx_xmatch.io_utils import json_text, write_json_atomic
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# None for an installed package: the defaults below would point into site-packages.
+REPO_ROOT = source_checkout()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmatch bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default=str(REPO_ROOT / "benchmarks" / "suite.yaml"), help="suite file")
+    in_checkout = REPO_ROOT is not None
+    parser.add_argument("--suite", default=str(REPO_ROOT / "benchmarks" / "suite.yaml") if in_checkout else None,
+                        help="suite file (default: the checkout's benchmarks/suite.yaml)")
     parser.add_argument("--quick", action="store_true", help="the suite's quick section: a smoke run in minutes")
-    parser.add_argument("--data-dir", default=os.environ.get("XMATCH_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
-    parser.add_argument("--runs-dir", help="training runs (default: benchmarks/runs/bench-full|quick)")
+    parser.add_argument("--data-dir", default=os.environ.get(
+        "XMATCH_DATA_DIR", str((REPO_ROOT or pathlib.Path.cwd()).parent / "shared" / "data")))
+    parser.add_argument("--runs-dir", help="training runs (default: the checkout's benchmarks/runs/bench-full|quick)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished trainings in the runs directory (the report marks them)")
-    parser.add_argument("--output-dir", default=str(REPO_ROOT / "benchmarks" / "results"),
-                        help="where REPORT.md, bench.json and the plots go")
+    parser.add_argument("--output-dir", default=str(REPO_ROOT / "benchmarks" / "results") if in_checkout else None,
+                        help="where REPORT.md, bench.json and the plots go (default: the checkout's benchmarks/results)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = [flag for flag, value in (("--suite", args.suite), ("--output-dir", args.output_dir),
+                                        ("--runs-dir", args.runs_dir or REPO_ROOT)) if value is None]
+    if missing:
+        print(f"xmatch bench: error: an installed tfx_xmatch has no benchmarks/ directory to default to: give "
+              f"{', '.join(missing)} (the suite file and the configs it names come with the source checkout)",
+              file=sys.stderr)
+        return 2
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.bench.environment import header
     from tfx_xmatch.bench.report import write_report

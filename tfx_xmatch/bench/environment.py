@@ -51,10 +51,19 @@ def versions() -> dict:
     }
 
 
+def source_checkout() -> Optional[pathlib.Path]:
+    """The tfx_xmatch source checkout this package runs from (an editable install or the
+    checkout on ``sys.path``), or None for an installed package, whose parent directory is
+    ``site-packages``."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    return root if (root / "setup.py").is_file() and (root / "tfx_xmatch" / "__init__.py").is_file() else None
+
+
 def source_revision() -> dict:
     """The git commit of the tfx_xmatch checkout and whether it had uncommitted changes
-    (``None`` for both outside a git checkout)."""
-    root = pathlib.Path(__file__).resolve().parents[2]
+    (``None`` for both outside a git checkout of tfx_xmatch: not the commit of another
+    repository an installed package happens to sit in)."""
+    root = source_checkout()
 
     def git(*args) -> Optional[str]:
         try:
@@ -63,6 +72,9 @@ def source_revision() -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
+    top = git("rev-parse", "--show-toplevel") if root is not None else None
+    if top is None or pathlib.Path(top).resolve() != root:
+        return {"commit": None, "uncommitted_changes": None}
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
