@@ -1,4 +1,4 @@
-"""The package's Keras-2 guard, checked in fresh interpreters (import order is global state)."""
+"""The package's Keras-2 guard, checked in fresh interpreters (import order is global state), and its setup script."""
 
 import os
 import subprocess
@@ -29,3 +29,34 @@ def test_tensorflow_already_imported_with_keras_3_is_refused_with_a_clear_messag
     assert result.returncode != 0
     assert "tfx_xmatch needs tf.keras to be Keras 2" in result.stderr
     assert "TF_USE_LEGACY_KERAS=1" in result.stderr
+
+
+def test_setup_sh_refuses_a_missing_or_unsupported_python_before_making_a_venv(tmp_path):
+    """A Python 3.9 made a .venv that pip then refused, and every later run reused it; with no
+    Python on PATH the script exited 1 printing nothing."""
+    import shutil
+    import stat
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO_ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "dirname", "rm"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    old_python = tools / "python3"  # answers as a Python 3.9 would
+    old_python.write_text('#!/bin/sh\ncase "$2" in *platform*) echo 3.9.18;; *) exit 1;; esac\n')
+    old_python.chmod(old_python.stat().st_mode | stat.S_IEXEC)
+
+    def setup(path_dirs):
+        return subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              env={"PATH": ":".join(str(d) for d in path_dirs), "HOME": str(tmp_path)})
+
+    done = setup([tools])
+    assert done.returncode == 1 and "is Python 3.9.18; tfx_xmatch needs 3.10-3.12" in done.stderr, done.stderr
+    old_python.unlink()
+    done = setup([tools])
+    assert done.returncode == 1 and "no python3.11 or python3 on PATH" in done.stderr, done.stderr
+    assert not (tmp_path / ".venv").exists()
