@@ -368,3 +368,87 @@ def test_an_interruption_inside_a_beam_transform_is_an_interruption_not_a_usage_
     monkeypatch.setattr(prepare, "main", interrupted)
     assert pipeline_cli.main(["prepare"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "xmatch pipeline prepare: interrupted by SIGINT"
+
+
+def test_outputs_that_would_replace_a_run_s_files_or_fail_after_the_work_are_refused_first(tmp_path, capsys):
+    """`evaluate --output RUN/config.json` replaced the run's config (exit 0); an --output that
+    is a directory failed only after the evaluation, naming a temporary file; an export into the
+    run directory mixed with its files."""
+    run_dir = tmp_path / "run"
+    overrides = [arg for override in (*TINY, "train.epochs=1") for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
+    config = (run_dir / "config.json").read_text()
+    capsys.readouterr()
+    _refused(capsys, r"--output '.*config.json' is inside the run directory",
+             ["evaluate", "--run-dir", str(run_dir), "--output", str(run_dir / "config.json")])
+    assert (run_dir / "config.json").read_text() == config
+    _refused(capsys, r"--output '.*' is a directory; give a file path",
+             ["evaluate", "--run-dir", str(run_dir), "--output", str(tmp_path)])
+    (tmp_path / "afile").write_text("x")
+    _refused(capsys, r"'.*afile' is a file, not a directory",
+             ["evaluate", "--run-dir", str(run_dir), "--output", str(tmp_path / "afile" / "m.json")])
+    _refused(capsys, r"--output '.*metrics.json' is inside the run directory",
+             ["compare", "--run-dir", str(run_dir), "--run-dir", str(tmp_path / "other"), "--metric", "HR@10",
+              "--output", str(run_dir / "metrics.json")])
+    _refused(capsys, "is the run's own directory",
+             ["export", "--run-dir", str(run_dir), "--export-base-path", str(run_dir)])
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted(
+        ["config.json", "history.json", "metrics.json", "training_curves.png", "model", "best_weights"])
+
+
+def test_a_refused_training_leaves_no_directory_and_no_config_that_blocks_the_corrected_run(tmp_path, capsys):
+    """Refused options left an empty run directory; a split without validation users trained,
+    then failed with "examples is empty" and left a config.json that refused the corrected
+    re-run ("holds a run with a different config")."""
+    run_dir = tmp_path / "run"
+    overrides = [arg for override in (*TINY, "train.epochs=1") for arg in ("--set", override)]
+    for bad, message in [("model.embedding_dim=0", r"the model settings \(model.\*\) are refused: embedding_dim"),
+                         ("model.num_heads=3", "in layer 'sasrec_encoder': model width 16 is not divisible by "
+                                               "num_heads=3 \\(--log-level"),
+                         ("data.split=user_level", "leaves no validation and no test examples")]:
+        extra = ["--set", "data.split_options={fractions: [1.0, 0.0, 0.0]}"] if "split" in bad else []
+        _refused(capsys, message, ["train", "--run-dir", str(run_dir), *overrides, "--set", bad, *extra])
+        assert not run_dir.exists(), bad
+    (tmp_path / "afile").write_text("x")
+    _refused(capsys, "run directory '.*afile' is a file, not a directory",
+             ["train", "--run-dir", str(tmp_path / "afile"), *overrides])
+    # A config.json left by a run that failed before its first epoch ended gives way to the fix.
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"train": {"epochs": 7}}))
+    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--log-level", "FOO", "train"], "unknown logging level 'FOO'"),
+    (["train", "--log-level", "FOO"], "unknown logging level 'FOO'"),
+    (["--log-level", "FOO", "pipeline", "prepare", "--help"], "unknown logging level 'FOO'"),
+    (["serve", "--model_base_path", "m", "--port", "-1"], "a port number is in 0..65535, got -1"),
+    (["serve", "--model_base_path", "m", "--rest_api_port", "70000"], "a port number is in 0..65535, got 70000"),
+    (["query", "--server", "localhost:1", "--status", "--timeout", "-5"], "the timeout must be a positive number"),
+])
+def test_bad_flag_values_are_usage_errors(arguments, message, capsys):
+    """A bad --log-level ended in a ValueError traceback; --port -1 served on 65535 and 70000 on
+    4464; --timeout -5 was sent and came back DEADLINE_EXCEEDED."""
+    try:
+        code = main(arguments)
+    except SystemExit as exit_info:  # argparse's own exit
+        code = exit_info.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_keras_wrapped_layer_errors_print_as_the_layer_s_own_message():
+    import tensorflow as tf
+
+    from tfx_xmatch.user_errors import user_error_text
+
+    class Failing(tf.keras.layers.Layer):
+        def call(self, inputs):
+            raise ValueError("model width 8 is not divisible by num_heads=3")
+
+    with pytest.raises(ValueError) as info:
+        Failing(name="encoder")(tf.zeros([2, 3]))
+    assert "Call arguments received" in str(info.value)  # what Keras says around it
+    assert user_error_text(info.value, (ValueError,)) == (
+        "in layer 'encoder': model width 8 is not divisible by num_heads=3")

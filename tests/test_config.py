@@ -68,10 +68,24 @@ def test_bad_overrides_name_the_key_and_value(override, message):
 
 
 def test_bad_file_names_the_file(tmp_path):
+    """And the line, in one line of text: PyYAML's report placed it in "<unicode string>", and
+    a file that is not UTF-8 was only "'utf-8' codec can't decode byte 0xe9 in position 27"."""
     path = tmp_path / "bad.yaml"
     path.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=re.escape(
+            "bad.yaml: not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1 "
+            "(while parsing a flow sequence at line 1, column 8)")):
         load_config(path)
+    path.write_text("train:\n\tepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: found character '\\t' .* at line 2, column 1"):
+        load_config(path)
+    path.write_bytes(b"train:\n  epochs: 3  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: not valid UTF-8 \(byte 0xe9 at column 19\)"):
+        load_config(path)
+    json_path = tmp_path / "bad.json"
+    json_path.write_text('{"train":\n {"epochs": 3,}}')
+    with pytest.raises(ConfigError, match=r"bad.json:2: not valid JSON: Expecting property name .* \(column 15\)"):
+        load_config(json_path)
     path.write_text("model:\n  layers: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.layers'"):
         load_config(path)

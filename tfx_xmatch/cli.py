@@ -83,10 +83,28 @@ def _split_of_the_runs(run_dirs: Sequence, config):
     return split
 
 
+def _check_output(output: Optional[str], run_dirs: Sequence[str]) -> None:
+    """Refuses an ``--output`` the command could only write after its work, or that would
+    replace a file of a run it reads (``--output RUN/config.json`` once did, with exit 0)."""
+    if output is None:
+        return
+    path = pathlib.Path(output).resolve()
+    for run_dir in run_dirs:
+        if path.is_relative_to(pathlib.Path(run_dir).resolve()):
+            raise ValueError(f"--output {output!r} is inside the run directory {run_dir!r}, whose files "
+                             "(config.json, metrics.json, the model) it could replace; write it elsewhere")
+    if path.is_dir():
+        raise IsADirectoryError(f"--output {output!r} is a directory; give a file path")
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(f"--output {output!r}: {str(blocking)!r} is a file, not a directory")
+
+
 def _command_evaluate(args: argparse.Namespace) -> int:
     from tfx_xmatch import training
     from tfx_xmatch.io_utils import write_json_atomic
 
+    _check_output(args.output, [args.run_dir])
     config = _run_config(args.run_dir, args.set, "evaluate")
     split = _split_of_the_runs([args.run_dir], config)
     model = training.load_model(pathlib.Path(args.run_dir) / "model")
@@ -124,6 +142,7 @@ def _command_compare(args: argparse.Namespace) -> int:
                          "--runs-b B1 [B2 ...] (training runs of each model, e.g. one per seed)")
     if not 0.0 < args.confidence < 1.0:
         raise ValueError(f"--confidence must be in (0, 1), e.g. 0.95, got {args.confidence!r}")
+    _check_output(args.output, [run for group in groups for run in group])
     for metric in args.metric:
         check_metric(metric)
     run_dirs = [run_dir for group in groups for run_dir in group]
@@ -201,6 +220,10 @@ def _command_export(args: argparse.Namespace) -> int:
     from tfx_xmatch import export, training
 
     model_dir = pathlib.Path(args.run_dir) / "model"
+    base = pathlib.Path(args.export_base_path).resolve()
+    if base in (pathlib.Path(args.run_dir).resolve(), model_dir.resolve()):
+        raise ValueError(f"--export-base-path {args.export_base_path!r} is the run's own directory: the numbered "
+                         "versions would mix with the run's files; give a directory of its own (e.g. models/NAME)")
     options = {}
     for item in args.index_option:
         key, sep, value = item.partition("=")
@@ -308,11 +331,13 @@ PASSTHROUGH_COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmatch", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    parser.add_argument("--log-level", type=_log_level, default="WARNING",
+                        help="Python logging level (default WARNING)")
     # Also after the subcommand, where error messages suggest it; SUPPRESS keeps the value given
     # before the subcommand when it is not repeated after it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=argparse.SUPPRESS, help="Python logging level (default WARNING)")
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+                        help="Python logging level (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in PASSTHROUGH_COMMANDS.items():
         commands.add_parser(name, help=f"{help_text} (`xmatch {name} --help` for its flags)", add_help=False)
@@ -383,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level(value: str) -> str:
+    """A Python logging level name; logging.basicConfig raised "Unknown level" in a traceback."""
+    if not isinstance(logging.getLevelName(value.upper()), int):
+        raise argparse.ArgumentTypeError(f"unknown logging level {value!r}: give DEBUG, INFO, WARNING, ERROR "
+                                         "or CRITICAL")
+    return value
+
+
 def _split_log_level(argv: list[str]) -> tuple[Optional[str], list[str]]:
     """A leading ``--log-level LEVEL`` (or ``--log-level=LEVEL``) and the arguments after it."""
     if argv and argv[0] == "--log-level" and len(argv) > 1:
@@ -418,6 +451,11 @@ def _run(argv: list) -> int:
         import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
         if level is not None:
+            try:
+                _log_level(level)
+            except argparse.ArgumentTypeError as error:
+                print(f"xmatch: error: argument --log-level: {error}", file=sys.stderr)
+                return 2
             logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
         return importlib.import_module(PASSTHROUGH_COMMANDS[command[0]][0]).main(command[1:])
     args = build_parser().parse_args(argv)

@@ -268,6 +268,30 @@ def _shipped_config_hint(path: str) -> str:
     return f"; the shipped {shipped.name} is installed at {shipped}" if shipped.is_file() else ""
 
 
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """PyYAML's 4-8 line report, which places it in "<unicode string>", as one line with the
+    file's line and column."""
+    def where(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem = f"{error.problem} at {where(error.problem_mark)}" if error.problem_mark else str(error.problem)
+    if error.context:
+        problem += f" ({error.context}" + (f" at {where(error.context_mark)})" if error.context_mark else ")")
+    return problem
+
+
+def _utf8_text(path: str, data: bytes) -> str:
+    """A config file's text; one that is not UTF-8 is refused naming the file and line (it was
+    "'utf-8' codec can't decode byte 0xff in position 36", naming neither)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at column {column}); "
+                          "save the config file as UTF-8") from None
+
+
 def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads a YAML or JSON config file (optional) and applies ``section.key=value`` overrides.
 
@@ -290,14 +314,14 @@ def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[s
 
             if not tf.io.gfile.exists(path):
                 raise FileNotFoundError(f"config file {path!r} does not exist")
-            with tf.io.gfile.GFile(path, "r") as handle:
-                text = handle.read()
+            with tf.io.gfile.GFile(path, "rb") as handle:
+                text = _utf8_text(path, handle.read())
         else:
             if pathlib.Path(path).is_dir():
                 raise ConfigError(f"config file {path!r} is a directory; give a .yaml or .json file")
             if not pathlib.Path(path).exists():
                 raise FileNotFoundError(f"config file {path!r} does not exist{_shipped_config_hint(path)}")
-            text = pathlib.Path(path).read_text(encoding="utf-8")
+            text = _utf8_text(path, pathlib.Path(path).read_bytes())
         text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
         is_json = path.endswith(".json")
         if not text.strip():
@@ -305,8 +329,12 @@ def load_config(path: Optional[str | pathlib.Path] = None, overrides: Sequence[s
             raise ConfigError(f"{path}: the config file is empty")
         try:
             raw = json.loads(text, object_pairs_hook=_unique_keys) if is_json else yaml.load(text, Loader=_Loader)
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: {error}") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg} (column {error.colno})") from None
+        except yaml.MarkedYAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
         except DuplicateKeyError as error:
             raise ConfigError(f"{path}: {error}") from None
     config = config_from_dict(raw, source=str(path) if path else "config")

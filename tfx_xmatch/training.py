@@ -40,7 +40,7 @@ from tfx_xmatch.io_utils import (
     atomic_directory, atomic_path, remove_stale_temporaries, temporary_of, write_json_atomic,
 )
 from tfx_xmatch.models import MODELS
-from tfx_xmatch.user_errors import clean_tf_message
+from tfx_xmatch.user_errors import clean_tf_message, user_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -431,9 +431,38 @@ def train(
 
     Raises:
       ValueError: ``run_dir`` belongs to a run with another configuration.
+      NotADirectoryError: ``run_dir`` is a file.
     """
     check_values(config)  # a config built in code has not been through load_config
     run_dir = pathlib.Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run directory {str(run_dir)!r} is a file, not a directory")
+    created = not run_dir.exists()
+    try:
+        return _train_in(config, run_dir, split, callbacks)
+    except BaseException:
+        # A run refused before it wrote anything (a bad option, a missing data file) leaves no
+        # empty directory behind.
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+
+
+def _trained_nothing(run_dir: pathlib.Path) -> bool:
+    """Whether a run directory holds only the config of a run that failed before its first
+    epoch ended (no weights, history or backup checkpoint)."""
+    for entry in run_dir.iterdir():
+        if entry.name == "config.json" or temporary_of(entry.name, RUN_OUTPUTS) is not None:
+            continue
+        if entry.name in ("backup", ".workers") and not any(path.is_file() for path in entry.rglob("*")):
+            continue
+        return False
+    return True
+
+
+def _train_in(config: RunConfig, run_dir: pathlib.Path, split: Optional[Split],
+              callbacks: Sequence[tf.keras.callbacks.Callback]) -> dict:
+    """``train`` once ``run_dir`` is known to be a directory or to be made."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.strategy == "multi_worker" and config.train.max_train_seconds is not None:
         # Each worker would time itself and stop at a different epoch, and the collective ops
@@ -453,7 +482,11 @@ def train(
     if (run_dir / "config.json").exists():
         previous = load_run_config(run_dir)
         changed = _changed_keys(previous, config) - RESUMABLE_KEYS
-        if changed:
+        if changed and _trained_nothing(run_dir):
+            # It failed before its first epoch ended: nothing of it is lost by the corrected config.
+            logger.warning("%s holds the config of a run that trained nothing; replacing it (%s differ)",
+                           run_dir, ", ".join(sorted(changed)))
+        elif changed:
             raise ValueError(f"{run_dir} holds a run with a different config ({sorted(changed)} differ); "
                              "use another run directory")
         if (run_dir / "metrics.json").exists():
@@ -465,14 +498,25 @@ def train(
     # The data and split options are checked before the directory is claimed: a typo must not
     # leave a config.json that refuses the corrected run.
     split = split if split is not None else prepare_split(config)
+    empty = [part for part in ("validation", "test") if len(getattr(split, part)) == 0]
+    if empty:  # found by the first validation pass otherwise, as "examples is empty"
+        raise ConfigError(f"the {split.name} split of {split.dataset.name!r} leaves no {' and no '.join(empty)} "
+                          f"examples (data.split_options={config.data.split_options!r}); model selection and the "
+                          "test report need both")
     too_deep = [k for k in config.eval.ks if k > split.num_items]
     if too_deep:  # found by the first validation pass otherwise, after an epoch of training
         raise ConfigError(f"eval.ks={list(config.eval.ks)} has cutoff(s) {too_deep} above the {split.num_items} "
                           f"items of {split.dataset.name!r}; every cutoff must be at most the catalogue size")
     # So is the model (its options, their values): a bad one must not leave a config.json behind.
     with strategy.scope():
-        model = build_model(config, split.dataset)
-        compile_for_training(model, config, target_counts(split))
+        try:
+            model = build_model(config, split.dataset)
+            compile_for_training(model, config, target_counts(split))
+        except ConfigError:
+            raise
+        except ValueError as error:  # a layer's own check: "embedding_dim must be ..." said not where
+            raise ConfigError(f"the model settings (model.*) are refused: {user_error_text(error, (ValueError,))}") \
+                from error
     warm_start_unless_resuming(model, config, run_dir, split.dataset.item_vocab)
     if chief:
         write_json_atomic(run_dir / "config.json", config.to_dict())

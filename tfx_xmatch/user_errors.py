@@ -38,6 +38,22 @@ def clean_tf_message(message: str) -> str:
     return rest or message
 
 
+# Keras 2 wraps what a layer's call raised: "Exception encountered when calling layer 'x' (type
+# X).\n\n<the error>\n\nCall arguments received by layer ...". The error is what the user needs.
+_KERAS_CALL_WRAPPER = re.compile(
+    r"^Exception encountered when calling layer '(?P<layer>[^']*)' \(type [\w.]+\)\.\s*?\n\s*\n"
+    r"(?P<inner>.*?)(?:\n\s*\nCall arguments received by layer.*)?\Z", re.DOTALL)
+
+
+def _unwrapped(message: str) -> str:
+    """``message`` without Keras' wrapper of an error raised in a layer's call, naming the layer."""
+    match = _KERAS_CALL_WRAPPER.match(message)
+    if match is None:
+        return message
+    inner = clean_tf_message(match["inner"].strip())
+    return f"in layer '{match['layer']}': {inner}" if inner else message
+
+
 def user_error_text(error: BaseException, handled: tuple) -> Optional[str]:
     """The one line a command prints for ``error``, or None when it is not a usage or data error
     (a bug, whose traceback is wanted).
@@ -55,14 +71,14 @@ def user_error_text(error: BaseException, handled: tuple) -> Optional[str]:
     """
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(error, tf.errors.OpError):
-        return (clean_tf_message(error.message).splitlines() or [type(error).__name__])[0]
+        return (clean_tf_message(_unwrapped(error.message)).splitlines() or [type(error).__name__])[0]
     worker = beam_worker_error(error)
     if worker is not None:
         cause, message = worker
         ours = cause is not None and (issubclass(cause, handled) or (
             tf is not None and issubclass(cause, tf.errors.OpError)))
         return (clean_tf_message(message).splitlines() or [cause.__name__])[0] if ours else None
-    return str(error) if isinstance(error, handled) else None
+    return _unwrapped(str(error)) if isinstance(error, handled) else None
 
 
 # "[module.]Type: message", the line a traceback ends with.

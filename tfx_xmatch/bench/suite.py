@@ -71,7 +71,7 @@ def load_suite(path: str | pathlib.Path, quick: bool = False, overrides: Optiona
     path = pathlib.Path(path)
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read the suite file {str(path)!r}: {error}") from error
     quick_spec = spec.pop("quick", {}) or {}
     if quick:

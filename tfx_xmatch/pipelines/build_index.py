@@ -89,6 +89,10 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
     config_path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: is {run_dir!r} a training run directory?")
+    if "://" not in output_dir and os.path.realpath(output_dir) in (os.path.realpath(run_dir),
+                                                                      os.path.realpath(model_dir)):
+        raise ValueError(f"the output directory {output_dir!r} is the run's own directory: the index files would "
+                         "mix with the run's; give another --output-dir")
     saved = json.loads(read_bytes(config_path))
     name, config = saved["model"], saved["config"]
     num_items = int(config["num_items"])

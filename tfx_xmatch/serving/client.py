@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import grpc
@@ -272,8 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_filter", default="", help="comma-separated outputs to return")
     p.add_argument("--status", action="store_true", help="print the model's version status")
     p.add_argument("--metadata", action="store_true", help="print the model's signatures")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds per call (default 10)")
     return p
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"the timeout must be a positive number of seconds, got {value}")
+    return seconds
 
 
 def main(argv=None) -> int:

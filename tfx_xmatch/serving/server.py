@@ -294,14 +294,25 @@ def _bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _port(value: str) -> int:
+    """A TCP port number; the socket layer took -1 as 65535 and 70000 as 4464."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port number is in 0..65535, got {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xmatch serve",
         description="Serve SavedModels over TensorFlow Serving's gRPC and REST protocol.",
     )
     flag = p.add_argument
-    flag("--port", type=int, default=8500, help="gRPC port (0: any free port)")
-    flag("--rest_api_port", type=int, default=0, help="REST port; 0 disables REST (as TF Serving)")
+    flag("--port", type=_port, default=8500, help="gRPC port (0: any free port)")
+    flag("--rest_api_port", type=_port, default=0, help="REST port; 0 disables REST (as TF Serving)")
     flag("--bind_address", default="127.0.0.1",
          help="address to listen on (0.0.0.0 for every interface)")
     flag("--model_name", default="default", help="name of the model (with --model_base_path; default "
