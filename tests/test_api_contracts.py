@@ -235,6 +235,35 @@ def test_call_builds_every_weight_that_scoring_and_training_use(model_class):
 
 
 @pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+def test_user_features_of_shape_b_1_are_read_as_b_and_ids_that_are_not_indices_are_refused(model_class):
+    """A [B, 1] feature (TFRS's usual shape for a scalar one) was embedded as [B, 1, d]: the
+    user vectors came out [B, L, d], [B * L, d] or [B, B, d] (other users' features mixed in),
+    and fit failed on a rank mismatch. A float history was truncated (3.9 read as item 3); a
+    string one failed deep inside a layer."""
+    tf.keras.utils.set_random_seed(0)
+    model = _tiny(model_class, user_feature_cardinalities={"gender": 2})
+    history = HISTORY.numpy()[:3]
+    flat = model.user_embedding({"history": history, "gender": np.array([1, 2, 0])}).numpy()
+    column = model.user_embedding({"history": history, "gender": np.array([[1], [2], [0]])}).numpy()
+    assert flat.shape[0] == 3
+    np.testing.assert_array_equal(column, flat)
+    with pytest.raises(ValueError, match=r"user feature 'gender' must have shape \[batch\] \(or \[batch, 1\]\)"):
+        model.user_embedding({"history": history, "gender": np.int32(1)})
+    for bad, dtype in ((history.astype(np.float32) + 0.9, "float32"), (history.astype(str), "string")):
+        with pytest.raises(TypeError, match=f"input 'history' must hold integer indices .*got {dtype}"):
+            model.user_embedding({"history": bad, "gender": np.array([1, 2, 0])})
+    # fit takes the [B, 1] feature as tf.data batches it.
+    batches = tf.data.Dataset.from_tensor_slices({
+        "history": HISTORY, "next_items": np.roll(HISTORY.numpy(), -1, axis=1),
+        "gender": np.array([[1], [2], [0], [1]])}).batch(2)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+    assert np.isfinite(model.fit(batches, epochs=1, verbose=0).history["loss"][0])
+    with pytest.raises(TypeError, match="input 'history' must hold integer indices"):
+        model.fit(tf.data.Dataset.from_tensor_slices({"history": HISTORY.numpy().astype(str),
+                                                      "next_items": HISTORY}).batch(2), verbose=0)
+
+
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
 def test_fit_then_save_and_checkpoint_without_calling_the_model_first(model_class, tmp_path):
     """fit never goes through __call__, so Keras refused model.save after it ("the forward pass
     of the model is not defined"), a full-model ModelCheckpoint stopped fit at its first epoch,

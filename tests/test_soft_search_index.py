@@ -143,6 +143,22 @@ def test_bad_input_is_named(data):
         make_index("soft_search", base="sparse_code")
 
 
+def test_a_traced_search_may_leave_the_interests_and_the_width_unknown(data):
+    """Like every other index kind: [None, K, None] was refused at trace time ("queries must be
+    [B, num_interests=4, d=8], got shape (None, 4, None)"); the width is checked when it runs."""
+    items, queries, _ = data
+    index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=4, k_max=10)
+    index.index(items)
+    expected = index(queries, k=5)
+    for shape in ([None, 4, None], [None, None, None], [None, None, 8]):
+        search = tf.function(lambda q: index(q, k=5), input_signature=[tf.TensorSpec(shape, tf.float32)])
+        for got, want in zip(search(queries), expected):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+        if shape[2] is None:
+            with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[3,4,7\] is not compatible"):
+                search(np.zeros((3, 4, 7), np.float32))
+
+
 def test_config_round_trip():
     index = make_index("soft_search", num_interests=3, k_max=12, base="partitioned",
                        base_options={"num_partitions": 5, "num_probes": 2})

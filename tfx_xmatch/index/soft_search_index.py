@@ -141,8 +141,10 @@ class SoftSearchIndex(RetrievalIndex):
         if dimension is None:
             raise ValueError(f"queries must be [B, num_interests={num_interests}, d] with a known d, got shape "
                              f"{queries.shape}")
-        if queries.shape[1] is None and width == dimension:
-            queries = tf.ensure_shape(queries, [None, num_interests, width])  # checked when it runs
+        if queries.shape[1] in (None, num_interests) and width in (None, dimension):
+            # A traced signature may leave K or d unknown, as the other index kinds allow d.
+            queries = tf.ensure_shape(queries, [None, num_interests, dimension])  # checked when it runs
+            width = dimension
         if queries.shape[1] != num_interests or width != dimension:
             raise ValueError(f"queries must be [B, num_interests={num_interests}, d={self.item_dimension}], "
                              f"got shape {queries.shape}")

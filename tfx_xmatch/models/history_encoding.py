@@ -3,10 +3,44 @@ the dot-product softmax over the catalogue."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+
+def item_indices(name: str, value) -> tf.Tensor:
+    """``value`` as a tensor of integer indices, refused naming the input otherwise: a float
+    history was truncated (3.9 read as item 3) and a string one failed deep in a layer.
+
+    Raises:
+      TypeError: ``value`` is not of an integer dtype.
+    """
+    tensor = tf.convert_to_tensor(value)
+    if not tensor.dtype.is_integer:
+        raise TypeError(f"input {name!r} must hold integer indices (int32 or int64), got {tensor.dtype.name}; "
+                        "map raw ids to indices with the item vocabulary (the export's signatures take raw ids)")
+    return tensor
+
+
+def user_feature_values(name: str, inputs: dict, known: Sequence[str]) -> tf.Tensor:
+    """The user feature ``name`` of ``inputs`` as int [B]; [B, 1] (TFRS's and tf.data's usual
+    shape for a scalar feature) is squeezed. It was embedded as [B, 1, d], which broadcast
+    against the history positions or against the other users of the batch.
+
+    Raises:
+      KeyError: ``inputs`` lacks the feature.
+      TypeError: it is not of an integer dtype.
+      ValueError: its shape is neither [B] nor [B, 1].
+    """
+    if name not in inputs:
+        raise KeyError(f"input {name!r} is missing: the model was built with user features {sorted(known)}")
+    values = item_indices(name, inputs[name])
+    if values.shape.rank == 2 and values.shape[1] == 1:
+        return tf.squeeze(values, axis=1)
+    if values.shape.rank != 1:
+        raise ValueError(f"user feature {name!r} must have shape [batch] (or [batch, 1]), got shape {values.shape}")
+    return values
 
 
 def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: dict,
@@ -15,17 +49,15 @@ def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: d
 
     Raises:
       KeyError: A user feature the model was built with is missing from ``inputs``.
+      TypeError, ValueError: As ``item_indices`` and ``user_feature_values``.
     """
-    history = tf.convert_to_tensor(inputs["history"])
+    history = item_indices("history", inputs["history"])
     padding_mask = history > 0
     embedded = item_tower(history)
     # Under a mixed policy the encoder computes in float16; the model goes on in the tower's dtype.
     encoded = tf.cast(encoder(embedded, padding_mask, training=training), embedded.dtype)
     for name, embedding in user_feature_embeddings.items():
-        if name not in inputs:
-            raise KeyError(f"input {name!r} is missing: the model was built with user features "
-                           f"{sorted(user_feature_embeddings)}")
-        user_vector = embedding(tf.convert_to_tensor(inputs[name]))[:, tf.newaxis, :]
+        user_vector = embedding(user_feature_values(name, inputs, list(user_feature_embeddings)))[:, tf.newaxis, :]
         encoded += user_vector * tf.cast(padding_mask, encoded.dtype)[..., tf.newaxis]
     return encoded
 

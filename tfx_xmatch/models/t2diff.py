@@ -55,7 +55,8 @@ from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import (
-    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, training_targets,
+    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, item_indices, training_targets,
+    user_feature_values,
 )
 
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -263,7 +264,7 @@ class T2Diff(RetrievalModel):
 
     def _last_window(self, history: tf.Tensor) -> tf.Tensor:
         """The most recent ``window`` columns of left-padded histories (padded if shorter)."""
-        history = tf.convert_to_tensor(history)
+        history = item_indices("history", history)
         missing = tf.maximum(self.window - tf.shape(history)[1], 0)
         return tf.pad(history, [[0, 0], [missing, 0]])[:, -self.window:]
 
@@ -276,10 +277,7 @@ class T2Diff(RetrievalModel):
         if self.backbone != "none":
             return base + self.mixed_projection(users)
         for name, embedding in self.user_feature_embeddings.items():
-            if name not in inputs:
-                raise KeyError(f"input {name!r} is missing: the model was built with user features "
-                               f"{sorted(self.user_feature_embeddings)}")
-            values = tf.convert_to_tensor(inputs[name])
+            values = user_feature_values(name, inputs, list(self.user_feature_embeddings))
             users += embedding(values if rows is None else tf.gather(values, rows))
         return users
 
@@ -387,7 +385,7 @@ class T2Diff(RetrievalModel):
     def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
         if isinstance(inputs, (tuple, list)):
             inputs = inputs[0]
-        history = tf.convert_to_tensor(inputs["history"])
+        history = item_indices("history", inputs["history"])
         next_items = training_targets(inputs)
         # The window ending at every position t: columns t - window + 1 .. t of the history.
         padded = tf.pad(history, [[0, 0], [self.window - 1, 0]])
