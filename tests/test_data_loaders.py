@@ -566,7 +566,7 @@ def test_real_ml100k_timestamps_and_side_info(real_data_dir):
 
 
 @pytest.mark.parametrize("row, message", [
-    ("1,11", r"no value for column 'ts' \(a short row or a null\)"),
+    ("1,11", r"1 field\(s\) fewer than the header has: \['1', '11'\] under the header \['user', 'item', 'ts'\]"),
     ("1,11,200,999", r"1 field\(s\) more than the header has: \['999'\] in 'user=1, item=11, ts=200, 999'"),
     ('1,"11,200', r"column 'item' runs over several lines \(an unclosed quote\?\)"),
 ])
@@ -580,6 +580,15 @@ def test_table_rows_that_do_not_fit_the_header_are_malformed(tmp_path, row, mess
     if '"' not in row:
         dataset = load_table(path, timestamp_column="ts", skip_bad_lines=True)
         assert dataset.skipped_lines == 1 and dataset.user_ids.tolist() == [2, 3]
+
+
+def test_a_short_row_is_malformed_even_when_the_columns_it_lacks_are_not_read(tmp_path):
+    """As the README says; it loaded when only user and item were read: "1,3" under the header
+    "user,item,ts", and so would a row whose fields had shifted."""
+    path = write(tmp_path / "events.csv", "user,item,ts\n1,1,1\n1,3\n2,2,2\n2,3,3\n")
+    with pytest.raises(DataFormatError, match=r"events.csv:3: 1 field\(s\) fewer than the header has"):
+        load_table(path)
+    assert load_table(path, skip_bad_lines=True).skipped_lines == 1
 
 
 def test_a_header_line_repeated_mid_file_is_malformed_not_an_event(tmp_path):
@@ -610,7 +619,7 @@ def test_events_repeated_exactly_are_kept_and_named(tmp_path, caplog):
 
 def test_a_short_row_is_not_kept_by_min_rating(tmp_path):
     path = write(tmp_path / "events.csv", "user,item,stars\n1,10,5\n1,11\n")
-    with pytest.raises(DataFormatError, match="no value for column 'stars'"):
+    with pytest.raises(DataFormatError, match="1 field\\(s\\) fewer than the header has"):
         load_table(path, rating_column="stars", min_rating=4)
     with pytest.raises(ValueError, match="min_rating must be a finite number, got 'four'"):
         load_table(path, rating_column="stars", min_rating="four")

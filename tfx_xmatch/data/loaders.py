@@ -490,6 +490,10 @@ def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] 
                                     f"{start} to {reader.line_num} read as one row")
             elif fields and fields == header:
                 yield start, None, REPEATED_HEADER
+            elif fields and len(fields) < len(header):
+                # Shifted or cut short: its values may sit under the wrong columns, used or not.
+                yield start, None, (f"{len(header) - len(fields)} field(s) fewer than the header has: "
+                                    f"{_shorten(repr(fields))} under the header {_shorten(repr(header))}")
             elif fields:
                 row = dict(zip(header, fields))
                 if len(fields) > len(header):

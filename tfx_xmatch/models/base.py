@@ -103,6 +103,13 @@ class RetrievalModel(tfrs.models.Model):
         self._build_if_never_called()
         return super().evaluate(*args, **kwargs)
 
+    def save(self, *args, **kwargs):
+        # A model used only through score_all / user_embedding was never called: Keras refused
+        # the SavedModel ("the input shape is not available") and wrote a .keras file that
+        # did not load ("expected 0 variables, but received 1").
+        self._build_if_never_called()
+        return super().save(*args, **kwargs)
+
     def train_step(self, inputs):
         inputs, rows = self._never_empty(inputs)
         share = self._share_of_the_batch(rows)

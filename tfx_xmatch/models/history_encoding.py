@@ -13,14 +13,24 @@ def item_indices(name: str, value) -> tf.Tensor:
     """``value`` as a tensor of integer indices, refused naming the input otherwise: a float
     history was truncated (3.9 read as item 3) and a string one failed deep in a layer.
 
+    Floats holding whole numbers pass, cast to int32, as Keras' Embedding takes them: Keras
+    builds a model loaded from a ``.keras`` file by calling it on float placeholders.
+
     Raises:
-      TypeError: ``value`` is not of an integer dtype.
+      TypeError: ``value`` is neither of an integer nor of a float dtype.
+      tf.errors.InvalidArgumentError: a float value is not a whole number (NaN included), when
+        the check runs.
     """
     tensor = tf.convert_to_tensor(value)
-    if not tensor.dtype.is_integer:
+    if tensor.dtype.is_integer:
+        return tensor
+    if not tensor.dtype.is_floating:
         raise TypeError(f"input {name!r} must hold integer indices (int32 or int64), got {tensor.dtype.name}; "
                         "map raw ids to indices with the item vocabulary (the export's signatures take raw ids)")
-    return tensor
+    whole = tf.debugging.assert_equal(tf.math.floor(tensor), tensor,
+                                      message=f"input {name!r} must hold integer indices, but a value has a fraction")
+    with tf.control_dependencies([whole]):
+        return tf.cast(tensor, tf.int32)
 
 
 def user_feature_values(name: str, inputs: dict, known: Sequence[str]) -> tf.Tensor:
