@@ -83,6 +83,9 @@ def test_train_writes_every_artifact_and_learns(tmp_path):
     split = training.prepare_split(tiny_config())
     reloaded = training.load_model(tmp_path / "model")
     assert training.evaluate(reloaded, split, "test", tiny_config()) == metrics["test"]
+    # The run directory given for its model/ was "TypeError: unhashable type: 'dict'".
+    with pytest.raises(ValueError, match=r"config.json is not a saved model's config .*the model is in .*model"):
+        training.load_model(tmp_path)
 
 
 def test_early_stopping_on_validation(tmp_path):

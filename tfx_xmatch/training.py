@@ -299,7 +299,8 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
 
     Raises:
       FileNotFoundError: ``directory`` has no config.json.
-      ValueError: Its weights are missing, cut short or damaged (naming them).
+      ValueError: Its config.json is not a saved model's (a run directory given for its
+        ``model/``), or its weights are missing, cut short or damaged (naming them).
     """
     # tf.io.gfile and os.path, so that the directory may be a URL (gs://...): Beam workers load
     # the model this way. pathlib would turn "gs://b/x" into the local "gs:/b/x".
@@ -309,6 +310,10 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         raise FileNotFoundError(f"{config_path} not found: is {directory} a saved model directory?")
     with tf.io.gfile.GFile(config_path, "rb") as handle:
         saved = json.loads(handle.read())
+    if not (isinstance(saved, dict) and saved.get("model") in MODELS and isinstance(saved.get("config"), dict)):
+        hint = (f"; the model is in {os.path.join(directory, 'model')}"
+                if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
+        raise ValueError(f"{config_path} is not a saved model's config (a training run's?){hint}")
     model = MODELS[saved["model"]].from_config(saved["config"])
     build_all_variables(model)
     weights = os.path.join(directory, "weights")
