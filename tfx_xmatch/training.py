@@ -310,7 +310,8 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         raise FileNotFoundError(f"{config_path} not found: is {directory} a saved model directory?")
     with tf.io.gfile.GFile(config_path, "rb") as handle:
         saved = json.loads(handle.read())
-    if not (isinstance(saved, dict) and saved.get("model") in MODELS and isinstance(saved.get("config"), dict)):
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), str) and saved["model"] in MODELS
+            and isinstance(saved.get("config"), dict)):
         hint = (f"; the model is in {os.path.join(directory, 'model')}"
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
         raise ValueError(f"{config_path} is not a saved model's config (a training run's?){hint}")
