@@ -251,13 +251,19 @@ def test_user_features_of_shape_b_1_are_read_as_b_and_ids_that_are_not_indices_a
         model.user_embedding({"history": history, "gender": np.int32(1)})
     with pytest.raises(TypeError, match="input 'history' must hold integer indices .*got string"):
         model.user_embedding({"history": history.astype(str), "gender": np.array([1, 2, 0])})
-    with pytest.raises(tf.errors.InvalidArgumentError, match="input 'history' must hold integer indices, but a value"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="input history must hold integer indices, but a value"):
         model.user_embedding({"history": history.astype(np.float32) + 0.9, "gender": np.array([1, 2, 0])})
     np.testing.assert_array_equal(  # whole numbers in floats, as Keras' Embedding takes them
         model.user_embedding({"history": history.astype(np.float32), "gender": np.array([1, 2, 0])}).numpy(), flat)
-    # fit takes the [B, 1] feature as tf.data batches it.
+    # Traced without a known shape (Dataset.from_generator), checked when it runs.
+    traced = tf.function(lambda gender: model.user_embedding({"history": history, "gender": gender}),
+                         input_signature=[tf.TensorSpec(None, tf.int64)])
+    np.testing.assert_allclose(traced(np.array([[1], [2], [0]])).numpy(), flat, rtol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="user feature gender must have shape"):
+        traced(np.array([[1, 1], [2, 2], [0, 0]]))
+    # fit takes the [B, 1] feature as tf.data batches it, and whole-number float targets.
     batches = tf.data.Dataset.from_tensor_slices({
-        "history": HISTORY, "next_items": np.roll(HISTORY.numpy(), -1, axis=1),
+        "history": HISTORY, "next_items": np.roll(HISTORY.numpy(), -1, axis=1).astype(np.float32),
         "gender": np.array([[1], [2], [0], [1]])}).batch(2)
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
     assert np.isfinite(model.fit(batches, epochs=1, verbose=0).history["loss"][0])

@@ -220,15 +220,22 @@ def test_the_source_revision_is_tfx_xmatch_s_own_commit_or_none(tmp_path, monkey
     from tfx_xmatch.bench import environment
 
     outer = tmp_path / "project"
-    package = outer / "venv" / "lib"
-    package.mkdir(parents=True)
-    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"]):
-        subprocess.run(["git", "-C", str(outer), *args], check=True)
+    package = outer / "vendor" / "tfx_xmatch_copy"
+    (package / "tfx_xmatch").mkdir(parents=True)
+    (package / "setup.py").write_text("")
+    (package / "tfx_xmatch" / "__init__.py").write_text("")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "the user's project")
     monkeypatch.setattr(environment, "source_checkout", lambda: package)
-    assert environment.source_revision() == {"commit": None, "uncommitted_changes": None}
-    monkeypatch.setattr(environment, "source_checkout", lambda: outer)
-    head = subprocess.run(["git", "-C", str(outer), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert environment.source_revision() == {"commit": head, "uncommitted_changes": False}
+    assert environment.source_revision() == {"commit": None, "uncommitted_changes": None}  # untracked copy
+    git("add", "vendor")
+    git("commit", "-q", "-m", "tracked: a monorepo")
+    assert environment.source_revision() == {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": False}
     monkeypatch.setattr(environment, "source_checkout", lambda: None)
     assert environment.source_revision() == {"commit": None, "uncommitted_changes": None}
 

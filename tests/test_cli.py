@@ -379,7 +379,7 @@ def test_outputs_that_would_replace_a_run_s_files_or_fail_after_the_work_are_ref
     assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
     config = (run_dir / "config.json").read_text()
     capsys.readouterr()
-    _refused(capsys, r"--output '.*config.json' is inside the run directory",
+    _refused(capsys, r"--output '.*config.json' would replace a file of the run",
              ["evaluate", "--run-dir", str(run_dir), "--output", str(run_dir / "config.json")])
     assert (run_dir / "config.json").read_text() == config
     _refused(capsys, r"--output '.*' is a directory; give a file path",
@@ -387,11 +387,14 @@ def test_outputs_that_would_replace_a_run_s_files_or_fail_after_the_work_are_ref
     (tmp_path / "afile").write_text("x")
     _refused(capsys, r"'.*afile' is a file, not a directory",
              ["evaluate", "--run-dir", str(run_dir), "--output", str(tmp_path / "afile" / "m.json")])
-    _refused(capsys, r"--output '.*metrics.json' is inside the run directory",
+    _refused(capsys, r"--output '.*metrics.json' would replace a file of the run",
              ["compare", "--run-dir", str(run_dir), "--run-dir", str(tmp_path / "other"), "--metric", "HR@10",
               "--output", str(run_dir / "metrics.json")])
     _refused(capsys, "is the run's own directory",
              ["export", "--run-dir", str(run_dir), "--export-base-path", str(run_dir)])
+    # A new name beside the run's files replaces nothing.
+    assert main(["evaluate", "--run-dir", str(run_dir), "--output", str(run_dir / "test_eval.json")]) == 0
+    (run_dir / "test_eval.json").unlink()
     assert sorted(path.name for path in run_dir.iterdir()) == sorted(
         ["config.json", "history.json", "metrics.json", "training_curves.png", "model", "best_weights"])
 
@@ -399,7 +402,7 @@ def test_outputs_that_would_replace_a_run_s_files_or_fail_after_the_work_are_ref
 def test_a_refused_training_leaves_no_directory_and_no_config_that_blocks_the_corrected_run(tmp_path, capsys):
     """Refused options left an empty run directory; a split without validation users trained,
     then failed with "examples is empty" and left a config.json that refused the corrected
-    re-run ("holds a run with a different config")."""
+    re-run ("holds a run with a different config"): it is refused before the config is written."""
     run_dir = tmp_path / "run"
     overrides = [arg for override in (*TINY, "train.epochs=1") for arg in ("--set", override)]
     for bad, message in [("model.embedding_dim=0", r"the model settings \(model.\*\) are refused: embedding_dim"),
@@ -409,14 +412,13 @@ def test_a_refused_training_leaves_no_directory_and_no_config_that_blocks_the_co
         extra = ["--set", "data.split_options={fractions: [1.0, 0.0, 0.0]}"] if "split" in bad else []
         _refused(capsys, message, ["train", "--run-dir", str(run_dir), *overrides, "--set", bad, *extra])
         assert not run_dir.exists(), bad
+    _refused(capsys, "leaves no validation and no test examples",  # nor the parents it made
+             ["train", "--run-dir", str(tmp_path / "new" / "seed0"), *overrides, "--set", "data.split=user_level",
+              "--set", "data.split_options={fractions: [1.0, 0.0, 0.0]}"])
+    assert not (tmp_path / "new").exists()
     (tmp_path / "afile").write_text("x")
     _refused(capsys, "run directory '.*afile' is a file, not a directory",
              ["train", "--run-dir", str(tmp_path / "afile"), *overrides])
-    # A config.json left by a run that failed before its first epoch ended gives way to the fix.
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"train": {"epochs": 7}}))
-    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
-    assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 1
 
 
 @pytest.mark.parametrize("arguments, message", [

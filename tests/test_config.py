@@ -121,7 +121,7 @@ def test_missing_file(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="config file '/nonexistent/run.yaml' does not exist$"):
         load_config("/nonexistent/run.yaml")
     # A README command run outside the checkout names the copy the wheel installed.
-    monkeypatch.setattr(config, "SHIPPED_CONFIGS", tmp_path)
+    monkeypatch.setattr(config, "SHIPPED_CONFIGS", (tmp_path / "prefix", tmp_path))
     (tmp_path / "ml1m_sasrec.yaml").write_text("train: {epochs: 3}\n")
     with pytest.raises(FileNotFoundError, match=re.escape(
             f"config file 'configs/ml1m_sasrec.yaml' does not exist; the shipped ml1m_sasrec.yaml is installed at "
@@ -129,8 +129,9 @@ def test_missing_file(tmp_path, monkeypatch):
         load_config("configs/ml1m_sasrec.yaml")
 
 
-def test_the_wheel_installs_every_shipped_config():
-    """setup.py's data_files list the configs the README names, for an install without the checkout."""
+def test_the_wheel_installs_every_config_the_readme_names():
+    """setup.py's data_files hold every config of configs/, among them each one the README's
+    commands name, for an install without the checkout."""
     import setuptools
 
     from tests.conftest import REPO_ROOT
@@ -140,8 +141,11 @@ def test_the_wheel_installs_every_shipped_config():
         patch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
         patch.chdir(REPO_ROOT)
         exec(compile((REPO_ROOT / "setup.py").read_text(), "setup.py", "exec"), {"__name__": "__main__"})
-    assert captured["data_files"] == [("share/tfx_xmatch/configs",
-                                       sorted(f"configs/{path.name}" for path in (REPO_ROOT / "configs").glob("*.yaml")))]
+    (target, files), = captured["data_files"]
+    assert target == "share/tfx_xmatch/configs"
+    assert files == sorted(f"configs/{path.name}" for path in (REPO_ROOT / "configs").glob("*.yaml"))
+    named = set(re.findall(r"configs/[a-z0-9_]+\.yaml", (REPO_ROOT / "README.md").read_text()))
+    assert named and named <= set(files), named - set(files)
 
 
 def test_shipped_configs_load():

@@ -1737,9 +1737,23 @@ def test_row_format_outputs_split_as_tf_serving_splits_them():
 
     assert encode_predictions({"a": np.arange(3), "b": np.ones((3, 2))}) == [
         {"a": 0, "b": [1.0, 1.0]}, {"a": 1, "b": [1.0, 1.0]}, {"a": 2, "b": [1.0, 1.0]}]
-    for outputs, message in [({"a": np.int64(1)}, "output 'a' is a scalar"),
+    for outputs, message in [({}, "Cannot convert empty tensor map to JSON"),
+                             ({"a": np.int64(1)}, "output 'a' is a scalar"),
                              ({"a": np.zeros((0, 2))}, "no prediction"),
                              ({"a": np.arange(3), "b": np.arange(2)}, "first dimensions differ")]:
         with pytest.raises(ServingError, match=message) as info:
             encode_predictions(outputs)
         assert info.value.http == 400
+
+
+def test_base64_is_read_as_absl_base64_unescape_reads_it():
+    """TF Serving decodes {"b64": ...} with absl::Base64Unescape: ASCII whitespace skipped,
+    padding ("=" or ".") optional but never where none belongs, nothing else."""
+    from tfx_xmatch.serving.codec import _b64decode
+
+    for text, decoded in [("YWI", b"ab"), ("YWI=", b"ab"), ("YW I=", b"ab"), (" YW\nJj ", b"abc"), ("YQ", b"a"),
+                          ("YQ==", b"a"), ("YQ..", b"a"), ("", b"")]:
+        assert _b64decode(text) == decoded, text
+    for text in ["YQ=", "Y", "YWJj=", "!!", "YW\x1cJj", "YW\xa0Jj", "Y=Jj"]:
+        with pytest.raises(ValueError):
+            _b64decode(text)

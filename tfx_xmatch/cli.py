@@ -88,11 +88,15 @@ def _check_output(output: Optional[str], run_dirs: Sequence[str]) -> None:
     replace a file of a run it reads (``--output RUN/config.json`` once did, with exit 0)."""
     if output is None:
         return
+    from tfx_xmatch.training import RUN_OUTPUTS, RUN_SCRATCH
+
     path = pathlib.Path(output).resolve()
     for run_dir in run_dirs:
-        if path.is_relative_to(pathlib.Path(run_dir).resolve()):
-            raise ValueError(f"--output {output!r} is inside the run directory {run_dir!r}, whose files "
-                             "(config.json, metrics.json, the model) it could replace; write it elsewhere")
+        root = pathlib.Path(run_dir).resolve()
+        if path == root or (path.is_relative_to(root) and (
+                path.exists() or path.relative_to(root).parts[0] in RUN_OUTPUTS + RUN_SCRATCH)):
+            raise ValueError(f"--output {output!r} would replace a file of the run {run_dir!r} (its config.json, "
+                             "metrics.json, model, ...); write it elsewhere, or under a new name")
     if path.is_dir():
         raise IsADirectoryError(f"--output {output!r} is a directory; give a file path")
     blocking = next((parent for parent in path.parents if parent.exists()), None)

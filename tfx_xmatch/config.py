@@ -258,14 +258,19 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
     return config
 
 
-SHIPPED_CONFIGS = pathlib.Path(sysconfig.get_path("data")) / "share" / "tfx_xmatch" / "configs"
+# Where setup.py's data_files land: the environment's prefix, or the user's for `pip install --user`.
+SHIPPED_CONFIGS = tuple(pathlib.Path(sysconfig.get_path("data", scheme)) / "share" / "tfx_xmatch" / "configs"
+                        for scheme in dict.fromkeys([sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")]))
 
 
 def _shipped_config_hint(path: str) -> str:
     """Where an installed package keeps the config ``path`` names, when a user copied a README
     command (``--config configs/ml1m_sasrec.yaml``) outside the source checkout."""
-    shipped = SHIPPED_CONFIGS / pathlib.Path(path).name
-    return f"; the shipped {shipped.name} is installed at {shipped}" if shipped.is_file() else ""
+    for directory in SHIPPED_CONFIGS:
+        shipped = directory / pathlib.Path(path).name
+        if shipped.is_file():
+            return f"; the shipped {shipped.name} is installed at {shipped}"
+    return ""
 
 
 def _yaml_problem(error: yaml.MarkedYAMLError) -> str:

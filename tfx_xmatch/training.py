@@ -294,6 +294,11 @@ def load_item_vocab(directory: str | pathlib.Path) -> Vocabulary:
     return Vocabulary.load(path)
 
 
+def _shorten_value(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
     """Loads a model written by ``save_model``.
 
@@ -314,7 +319,9 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
             and isinstance(saved.get("config"), dict)):
         hint = (f"; the model is in {os.path.join(directory, 'model')}"
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
-        raise ValueError(f"{config_path} is not a saved model's config (a training run's?){hint}")
+        named = saved.get("model") if isinstance(saved, dict) else None
+        raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {_shorten_value(named)}, not one "
+                         f"of {sorted(MODELS)} (a training run's config?){hint}")
     model = MODELS[saved["model"]].from_config(saved["config"])
     build_all_variables(model)
     weights = os.path.join(directory, "weights")
@@ -443,27 +450,18 @@ def train(
     run_dir = pathlib.Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"run directory {str(run_dir)!r} is a file, not a directory")
-    created = not run_dir.exists()
+    made = [directory for directory in (run_dir, *run_dir.parents) if not directory.exists()]
     try:
         return _train_in(config, run_dir, split, callbacks)
     except BaseException:
-        # A run refused before it wrote anything (a bad option, a missing data file) leaves no
-        # empty directory behind.
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        # A run refused before it wrote anything (a bad option, a missing data file) leaves
+        # none of the directories it made; a failure to remove one must not hide the error.
+        for directory in made:
+            try:
+                directory.rmdir()  # only while empty
+            except OSError:
+                break
         raise
-
-
-def _trained_nothing(run_dir: pathlib.Path) -> bool:
-    """Whether a run directory holds only the config of a run that failed before its first
-    epoch ended (no weights, history or backup checkpoint)."""
-    for entry in run_dir.iterdir():
-        if entry.name == "config.json" or temporary_of(entry.name, RUN_OUTPUTS) is not None:
-            continue
-        if entry.name in ("backup", ".workers") and not any(path.is_file() for path in entry.rglob("*")):
-            continue
-        return False
-    return True
 
 
 def _train_in(config: RunConfig, run_dir: pathlib.Path, split: Optional[Split],
@@ -488,11 +486,7 @@ def _train_in(config: RunConfig, run_dir: pathlib.Path, split: Optional[Split],
     if (run_dir / "config.json").exists():
         previous = load_run_config(run_dir)
         changed = _changed_keys(previous, config) - RESUMABLE_KEYS
-        if changed and _trained_nothing(run_dir):
-            # It failed before its first epoch ended: nothing of it is lost by the corrected config.
-            logger.warning("%s holds the config of a run that trained nothing; replacing it (%s differ)",
-                           run_dir, ", ".join(sorted(changed)))
-        elif changed:
+        if changed:
             raise ValueError(f"{run_dir} holds a run with a different config ({sorted(changed)} differ); "
                              "use another run directory")
         if (run_dir / "metrics.json").exists():
@@ -517,12 +511,12 @@ def _train_in(config: RunConfig, run_dir: pathlib.Path, split: Optional[Split],
     with strategy.scope():
         try:
             model = build_model(config, split.dataset)
-            compile_for_training(model, config, target_counts(split))
         except ConfigError:
             raise
         except ValueError as error:  # a layer's own check: "embedding_dim must be ..." said not where
             raise ConfigError(f"the model settings (model.*) are refused: {user_error_text(error, (ValueError,))}") \
                 from error
+        compile_for_training(model, config, target_counts(split))
     warm_start_unless_resuming(model, config, run_dir, split.dataset.item_vocab)
     if chief:
         write_json_atomic(run_dir / "config.json", config.to_dict())

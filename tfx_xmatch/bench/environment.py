@@ -61,8 +61,8 @@ def source_checkout() -> Optional[pathlib.Path]:
 
 def source_revision() -> dict:
     """The git commit of the tfx_xmatch checkout and whether it had uncommitted changes
-    (``None`` for both outside a git checkout of tfx_xmatch: not the commit of another
-    repository an installed package happens to sit in)."""
+    (``None`` for both outside a git checkout that tracks tfx_xmatch's files: not the commit of
+    another repository an installed package or an untracked copy happens to sit in)."""
     root = source_checkout()
 
     def git(*args) -> Optional[str]:
@@ -72,8 +72,9 @@ def source_revision() -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    top = git("rev-parse", "--show-toplevel") if root is not None else None
-    if top is None or pathlib.Path(top).resolve() != root:
+    # The checkout's own files must be tracked by the repository git finds (a monorepo is fine;
+    # a copy dropped untracked into another project is not).
+    if root is None or git("ls-files", "--error-unmatch", "setup.py", "tfx_xmatch/__init__.py") is None:
         return {"commit": None, "uncommitted_changes": None}
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None

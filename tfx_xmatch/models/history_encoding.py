@@ -28,7 +28,7 @@ def item_indices(name: str, value) -> tf.Tensor:
         raise TypeError(f"input {name!r} must hold integer indices (int32 or int64), got {tensor.dtype.name}; "
                         "map raw ids to indices with the item vocabulary (the export's signatures take raw ids)")
     whole = tf.debugging.assert_equal(tf.math.floor(tensor), tensor,
-                                      message=f"input {name!r} must hold integer indices, but a value has a fraction")
+                                      message=f"input {name} must hold integer indices, but a value has a fraction")
     with tf.control_dependencies([whole]):
         return tf.cast(tensor, tf.int32)
 
@@ -48,6 +48,16 @@ def user_feature_values(name: str, inputs: dict, known: Sequence[str]) -> tf.Ten
     values = item_indices(name, inputs[name])
     if values.shape.rank == 2 and values.shape[1] == 1:
         return tf.squeeze(values, axis=1)
+    if values.shape.rank is None or (values.shape.rank == 2 and values.shape[1] is None):
+        # Traced without a shape (Dataset.from_generator, padded_batch): checked when it runs.
+        rank = tf.rank(values)
+        fits = tf.logical_and(tf.logical_or(tf.equal(rank, 1), tf.equal(rank, 2)),
+                              tf.equal(tf.reduce_prod(tf.shape(values)[1:]), 1))
+        # No quotes: TensorFlow's assertion text escapes them.
+        check = tf.debugging.Assert(fits, [f"user feature {name} must have shape [batch] (or [batch, 1]), got shape",
+                                           tf.shape(values)])
+        with tf.control_dependencies([check]):
+            return tf.reshape(values, [-1])
     if values.shape.rank != 1:
         raise ValueError(f"user feature {name!r} must have shape [batch] (or [batch, 1]), got shape {values.shape}")
     return values
@@ -136,7 +146,7 @@ def training_targets(inputs: dict) -> tf.Tensor:
     if "next_items" not in inputs:
         raise KeyError(f"the loss needs the input 'next_items' (the item after each history position); "
                        f"got inputs {sorted(inputs)}")
-    next_items = tf.convert_to_tensor(inputs["next_items"])
+    next_items = item_indices("next_items", inputs["next_items"])
     has_target = tf.debugging.assert_greater(
         tf.reduce_max(tf.concat([tf.reshape(next_items, [-1]), tf.zeros([1], next_items.dtype)], 0)),
         tf.zeros([], next_items.dtype),

@@ -165,13 +165,24 @@ def _first_leaf(value):
     return value
 
 
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\v\f\r")
+
+
 def _b64decode(text: str) -> bytes:
-    """Base64 as TF Serving decodes it (absl::Base64Unescape): whitespace is skipped and the
-    "=" padding may be left out, but other characters, or a wrong amount of padding, are refused."""
-    compact = "".join(text.split())
-    if len(compact) % 4 and "=" not in compact:
-        compact += "=" * (-len(compact) % 4)
-    return base64.b64decode(compact, validate=True)
+    """Base64 as TF Serving decodes it (absl::Base64Unescape): ASCII whitespace is skipped, the
+    padding ("=" or ".") may be left out, but other characters, padding where none belongs or
+    the wrong amount of it are refused.
+
+    Raises:
+      ValueError: ``text`` is not such base64.
+    """
+    compact = text.translate(_ASCII_WHITESPACE)
+    data = compact.rstrip("=.")
+    padding = len(compact) - len(data)
+    expected = -len(data) % 4
+    if len(data) % 4 == 1 or (padding and padding != expected):
+        raise ValueError(f"{padding} padding character(s) after {len(data)} base64 characters")
+    return base64.b64decode(data + "=" * expected, validate=True)
 
 
 def _string_tensor(alias: str, value) -> np.ndarray:
@@ -240,6 +251,12 @@ def json_to_ndarray(spec: TensorSpecInfo, value) -> np.ndarray:
             f"input '{alias}' is not a rectangular tensor of {dtype.name} values (ragged nested "
             "lists or mixed value types)"
         ) from None
+    if raw.dtype == object and dtype.is_floating and not isinstance(leaf, bool):
+        # Integers past 64 bits: RapidJSON reads them as doubles, which a float input takes.
+        try:
+            raw = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            pass
     if raw.dtype == object or raw.dtype.kind in "USV":
         raise errors.invalid_argument(
             f"input '{alias}' expects {dtype.name} values but the JSON holds values that are "
@@ -311,7 +328,8 @@ def _check_lossless(alias: str, value, raw: np.ndarray, target: np.dtype) -> Non
     numbers past its largest; NaN and Infinity pass."""
     info = np.finfo(target)
     limit = (1 << (info.nmant + 1)) - 1
-    lossy = [number for number in _json_integers(value) if abs(number) > limit]
+    # Only integers RapidJSON holds as integers must be exact; past 64 bits it holds a double.
+    lossy = [number for number in _json_integers(value) if limit < abs(number) and -(1 << 63) <= number < (1 << 64)]
     if not lossy and raw.dtype.kind == "f":
         finite = raw[np.isfinite(raw)]
         lossy = finite[np.abs(finite) > info.max].tolist()
