@@ -121,11 +121,14 @@ def test_missing_file(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="config file '/nonexistent/run.yaml' does not exist$"):
         load_config("/nonexistent/run.yaml")
     # A README command run outside the checkout names the copy the wheel installed.
-    monkeypatch.setattr(config, "SHIPPED_CONFIGS", (tmp_path / "prefix", tmp_path))
-    (tmp_path / "ml1m_sasrec.yaml").write_text("train: {epochs: 3}\n")
+    monkeypatch.chdir(tmp_path)
+    installed = tmp_path / "share"
+    installed.mkdir()
+    monkeypatch.setattr(config, "SHIPPED_CONFIGS", (tmp_path / "prefix", installed))
+    (installed / "ml1m_sasrec.yaml").write_text("train: {epochs: 3}\n")
     with pytest.raises(FileNotFoundError, match=re.escape(
             f"config file 'configs/ml1m_sasrec.yaml' does not exist; the shipped ml1m_sasrec.yaml is installed at "
-            f"{tmp_path / 'ml1m_sasrec.yaml'}")):
+            f"{installed / 'ml1m_sasrec.yaml'}")):
         load_config("configs/ml1m_sasrec.yaml")
 
 
