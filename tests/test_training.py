@@ -84,7 +84,8 @@ def test_train_writes_every_artifact_and_learns(tmp_path):
     reloaded = training.load_model(tmp_path / "model")
     assert training.evaluate(reloaded, split, "test", tiny_config()) == metrics["test"]
     # The run directory given for its model/ was "TypeError: unhashable type: 'dict'".
-    with pytest.raises(ValueError, match=r"config.json is not a saved model's config .*the model is in .*model"):
+    with pytest.raises(ValueError, match=r"config.json is not a saved model's config: its 'model' is \{'name'.*"
+                                         r"not one of .*the model is in .*model"):
         training.load_model(tmp_path)
 
 
