@@ -102,6 +102,18 @@ def test_time_budget_stops_training(tmp_path):
     assert metrics["epochs"] == 1
 
 
+def test_the_last_epoch_is_validated_whatever_validation_every_says(tmp_path):
+    """validation_every above the epochs trained (planned, or cut by the time budget) validated no
+    epoch: no best_weights, and the run kept its unselected final weights."""
+    metrics = training.train(tiny_config("train.epochs=2", "train.validation_every=5"), tmp_path / "planned")
+    history = json.loads((tmp_path / "planned" / "history.json").read_text())
+    assert [r["epoch"] for r in history["epochs"] if "val_NDCG@10" in r] == [2]
+    assert metrics["best_epoch"] == 2 and (tmp_path / "planned" / "best_weights").is_dir()
+    metrics = training.train(tiny_config("train.epochs=10", "train.validation_every=5", "train.max_train_seconds=0.001"),
+                             tmp_path / "budget")
+    assert metrics["epochs"] == 1 and metrics["best_epoch"] == 1
+
+
 def test_resume_after_interruption_continues_from_the_last_epoch(tmp_path):
     config = tiny_config("train.epochs=4", "train.early_stopping_patience=0")
     interrupt = Interrupt(at_epoch=2)

@@ -374,7 +374,10 @@ class ModelSelection(tf.keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         self.state["train_seconds"] += time.time() - self._epoch_start
         row = {"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan")))}
-        validated = (epoch + 1) % self.every == 0
+        out_of_time = self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds
+        # The last epoch, planned or cut by the time budget, is validated too: with
+        # validation_every > epochs no epoch was, and the run kept unselected final weights.
+        validated = (epoch + 1) % self.every == 0 or epoch + 1 == self.params.get("epochs") or out_of_time
         if validated:
             metrics = self.evaluate_fn()
             if self.monitor not in metrics:
@@ -398,7 +401,7 @@ class ModelSelection(tf.keras.callbacks.Callback):
         if validated and self.patience and since_best >= self.patience:
             logger.info("early stopping: no better val %s for %d epochs", self.monitor, since_best)
             stopped = "early_stopping"
-        elif self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds:
+        elif out_of_time:
             logger.info("stopping: training time budget of %.0f s reached", self.max_seconds)
             stopped = "time_budget"
         if stopped:
