@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -100,6 +101,18 @@ def test_early_stopping_on_validation(tmp_path):
 def test_time_budget_stops_training(tmp_path):
     metrics = training.train(tiny_config("train.epochs=10", "train.max_train_seconds=0.001"), tmp_path)
     assert metrics["epochs"] == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.synthetic={num_users: -5}", "data.synthetic: num_users must be at least 1, got -5"),
+    ("data.synthetic={min_length: 9, max_length: 5}", "data.synthetic: max_length must be at least min_length"),
+    ("data.split=foo", "data.split='foo' with data.split_options={}: unknown split 'foo'"),
+])
+def test_data_settings_errors_name_their_section(override, message):
+    """They said "num_users must be at least 1, got -5" and "max_length must be at least
+    min_length", easily read as model.max_length."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        training.prepare_split(tiny_config(override))
 
 
 def test_the_last_epoch_is_validated_whatever_validation_every_says(tmp_path):

@@ -14,6 +14,7 @@ interruption, and evaluated again later:
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -26,13 +27,13 @@ import shutil
 import time
 import typing
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.config import ConfigError, RunConfig, check_values, config_from_dict
-from tfx_xmatch.data import load_dataset, make_split, make_synthetic, sequence_training_dataset
+from tfx_xmatch.data import DataFormatError, load_dataset, make_split, make_synthetic, sequence_training_dataset
 from tfx_xmatch.data.dataset import SequenceDataset, Split
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
@@ -47,19 +48,41 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------- data and model
 def prepare_split(config: RunConfig) -> Split:
-    """Loads the configured dataset and splits it."""
+    """Loads the configured dataset and splits it.
+
+    Raises:
+      ConfigError: ``data.synthetic``, ``data.split`` or ``data.split_options`` is refused
+        (the message names the section: "num_users must be at least 1" did not).
+    """
     data = config.data
-    kwargs = _synthetic_arguments(data.synthetic) if data.dataset == "synthetic" else {}
+    synthetic = data.dataset == "synthetic"
+    kwargs = _synthetic_arguments(data.synthetic) if synthetic else {}
     if data.format:
         kwargs["format"] = data.format
-    dataset = load_dataset(
-        data.dataset,
-        data_dir=data.data_dir,
-        side_info=data.side_info,
-        skip_bad_lines=data.skip_bad_lines,
-        **kwargs,
-    )
-    return make_split(dataset, data.split, **data.split_options)
+    with _settings_named("data.synthetic", when=synthetic):
+        dataset = load_dataset(
+            data.dataset,
+            data_dir=data.data_dir,
+            side_info=data.side_info,
+            skip_bad_lines=data.skip_bad_lines,
+            **kwargs,
+        )
+    with _settings_named(f"data.split={data.split!r} with data.split_options={data.split_options!r}"):
+        return make_split(dataset, data.split, **data.split_options)
+
+
+@contextlib.contextmanager
+def _settings_named(settings: str, when: bool = True) -> Iterator[None]:
+    """Names ``settings`` in a ValueError raised by the code they configure (a data file's own
+    DataFormatError already names its file and line)."""
+    try:
+        yield
+    except (ConfigError, DataFormatError):
+        raise
+    except ValueError as error:
+        if not when:
+            raise
+        raise ConfigError(f"{settings}: {error}") from error
 
 
 def _synthetic_arguments(arguments: dict) -> dict:
