@@ -396,7 +396,7 @@ def test_outputs_that_would_replace_a_run_s_files_or_fail_after_the_work_are_ref
     assert main(["evaluate", "--run-dir", str(run_dir), "--output", str(run_dir / "test_eval.json")]) == 0
     (run_dir / "test_eval.json").unlink()
     assert sorted(path.name for path in run_dir.iterdir()) == sorted(
-        ["config.json", "history.json", "metrics.json", "training_curves.png", "model", "best_weights"])
+        ["config.json", "data.json", "history.json", "metrics.json", "training_curves.png", "model", "best_weights"])
 
 
 def test_a_refused_training_leaves_no_directory_and_no_config_that_blocks_the_corrected_run(tmp_path, capsys):
@@ -454,3 +454,17 @@ def test_keras_wrapped_layer_errors_print_as_the_layer_s_own_message():
     assert "Call arguments received" in str(info.value)  # what Keras says around it
     assert user_error_text(info.value, (ValueError,)) == (
         "in layer 'encoder': model width 8 is not divisible by num_heads=3")
+
+
+def test_a_warm_start_says_what_it_carried_over_at_the_default_log_level(tmp_path, caplog):
+    """The warm start, and with a changed catalogue how many items it carried over by id, were
+    logged at INFO, which the default --log-level WARNING hid: such a run looked like any other."""
+    import logging
+
+    overrides = [arg for override in (*TINY, "train.epochs=1") for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(tmp_path / "source"), *overrides]) == 0
+    logging.getLogger("tfx_xmatch.warm_start").setLevel(logging.NOTSET)  # as a fresh process has it
+    caplog.clear()
+    assert main(["train", "--run-dir", str(tmp_path / "warm"), *overrides,
+                 "--set", f"train.warm_start={tmp_path / 'source'}"]) == 0
+    assert f"warm start from {tmp_path / 'source' / 'model'}" in caplog.text

@@ -152,6 +152,22 @@ def test_resume_after_interruption_continues_from_the_last_epoch(tmp_path):
     assert metrics["epochs"] == 4
 
 
+def test_a_run_is_not_resumed_on_other_data(tmp_path):
+    """A data file changed between an interruption and the re-run (one item renumbered, or users
+    dropped) resumed silently: the backed-up item rows went to other items."""
+    config = tiny_config("train.epochs=3", "train.early_stopping_patience=0")
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        training.train(config, tmp_path, callbacks=[Interrupt(at_epoch=1)])
+    fingerprint = json.loads((tmp_path / "data.json").read_text())
+    assert fingerprint == training.data_fingerprint(training.prepare_split(config))
+    changed = training.prepare_split(tiny_config("data.synthetic={num_users: 140, num_items: 40, min_length: 8, "
+                                                 "max_length: 20, num_clusters: 4, noise: 0.1}"))
+    with pytest.raises(ValueError, match=r"was started on other data than it is given now \(users 150 -> 140, "
+                                         r"train_sha256, validation_sha256, test_sha256 differ\)"):
+        training.train(config, tmp_path, split=changed)
+    assert training.train(config, tmp_path)["epochs"] == 3  # the same data resumes
+
+
 def test_a_finished_run_is_not_retrained(tmp_path):
     first = training.train(tiny_config("train.epochs=2"), tmp_path)
     recorder = EpochRecorder()

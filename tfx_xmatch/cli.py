@@ -464,6 +464,8 @@ def _run(argv: list) -> int:
         return importlib.import_module(PASSTHROUGH_COMMANDS[command[0]][0]).main(command[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.log_level.upper() == "WARNING":  # the default: what a warm start carried over is said too
+        logging.getLogger("tfx_xmatch.warm_start").setLevel(logging.INFO)
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError

@@ -17,6 +17,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -69,6 +70,37 @@ def prepare_split(config: RunConfig) -> Split:
         )
     with _settings_named(f"data.split={data.split!r} with data.split_options={data.split_options!r}"):
         return make_split(dataset, data.split, **data.split_options)
+
+
+def data_fingerprint(split: Split) -> dict:
+    """What identifies the data a run trains on: the counts and digests of the item ids, the
+    training sequences and the validation and test targets (a digest of ML-1M takes ~10 ms)."""
+    def digest(arrays) -> str:
+        arrays = [np.asarray(array, np.int64) for array in arrays]
+        hashed = hashlib.sha256(np.asarray([len(array) for array in arrays], np.int64).tobytes())
+        hashed.update(np.concatenate(arrays).tobytes() if arrays else b"")
+        return hashed.hexdigest()
+
+    ids = json.dumps(split.dataset.item_vocab.to_json()["ids"]).encode("utf-8")
+    return {"dataset": split.dataset.name, "users": len(split.train_sequences), "items": split.num_items,
+            "item_ids_sha256": hashlib.sha256(ids).hexdigest(), "train_sha256": digest(split.train_sequences),
+            "validation_sha256": digest([split.validation.targets]), "test_sha256": digest([split.test.targets])}
+
+
+def _check_same_data(run_dir: pathlib.Path, fingerprint: dict) -> None:
+    """Refuses to resume a run on data other than the data it started on: the backed-up item
+    rows were restored by index, so a changed file silently gave them to other items."""
+    path = run_dir / "data.json"
+    if not path.exists():  # a run started before data.json was written
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    differing = [key for key in fingerprint if before.get(key) != fingerprint[key]]
+    if differing:
+        shown = ", ".join(f"{key} {before.get(key)!r} -> {fingerprint[key]!r}" if "sha256" not in key else key
+                          for key in differing)
+        raise ValueError(f"{run_dir} was started on other data than it is given now ({shown} differ): resuming "
+                         "would give its learnt item rows to other items; train in a new run directory (warm "
+                         "starting from this one carries the items over by id)")
 
 
 @contextlib.contextmanager
@@ -529,6 +561,8 @@ def _train_in(config: RunConfig, run_dir: pathlib.Path, split: Optional[Split],
         raise ConfigError(f"the {split.name} split of {split.dataset.name!r} leaves no {' and no '.join(empty)} "
                           f"examples (data.split_options={config.data.split_options!r}); model selection and the "
                           "test report need both")
+    fingerprint = data_fingerprint(split)
+    _check_same_data(run_dir, fingerprint)
     too_deep = [k for k in config.eval.ks if k > split.num_items]
     if too_deep:  # found by the first validation pass otherwise, after an epoch of training
         raise ConfigError(f"eval.ks={list(config.eval.ks)} has cutoff(s) {too_deep} above the {split.num_items} "
@@ -545,6 +579,7 @@ def _train_in(config: RunConfig, run_dir: pathlib.Path, split: Optional[Split],
         compile_for_training(model, config, target_counts(split))
     warm_start_unless_resuming(model, config, run_dir, split.dataset.item_vocab)
     if chief:
+        write_json_atomic(run_dir / "data.json", fingerprint)
         write_json_atomic(run_dir / "config.json", config.to_dict())
         # A run killed mid-write left temporaries (and maybe its only copy of the best weights
         # under .best_weights.old); the resumed run must start from what was last complete.
@@ -670,7 +705,8 @@ def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir
 
 
 # What a run writes into its directory (all atomically, so only these can have temporaries).
-RUN_OUTPUTS = ("config.json", "history.json", "metrics.json", "training_curves.png", "model", "best_weights")
+RUN_OUTPUTS = ("config.json", "data.json", "history.json", "metrics.json", "training_curves.png", "model",
+               "best_weights")
 # Also written there: the Keras backup while training, the non-chief workers' copies, and the
 # benchmarks' per-user ranks beside a finished run.
 RUN_SCRATCH = ("backup", ".workers", "test_ranks")

@@ -29,6 +29,10 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# What to do after an interruption, where there is something to say.
+AFTER_AN_INTERRUPTION = {"run": "run the same command with --resume to keep the stages it finished"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -49,7 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return run_interruptibly(f"xmatch pipeline {argv[0]}",
-                                 lambda: importlib.import_module(STAGES[argv[0]][0]).main(argv[1:]))
+                                 lambda: importlib.import_module(STAGES[argv[0]][0]).main(argv[1:]),
+                                 AFTER_AN_INTERRUPTION.get(argv[0], ""))
     # A failure on a Beam worker comes back as the runner re-raised it, often a RuntimeError.
     except Exception as error:
         text = user_error_text(error, (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError,
