@@ -368,6 +368,13 @@ def test_an_interruption_inside_a_beam_transform_is_an_interruption_not_a_usage_
     monkeypatch.setattr(prepare, "main", interrupted)
     assert pipeline_cli.main(["prepare"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "xmatch pipeline prepare: interrupted by SIGINT"
+    # An interrupted `pipeline run` says how to go on, as `xmatch train` does.
+    from tfx_xmatch.pipelines import run
+
+    monkeypatch.setattr(run, "main", interrupted)
+    assert pipeline_cli.main(["run"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "xmatch pipeline run: interrupted by SIGINT; run the same command with --resume to keep the stages it finished")
 
 
 def test_outputs_that_would_replace_a_run_s_files_or_fail_after_the_work_are_refused_first(tmp_path, capsys):
