@@ -200,6 +200,11 @@ def test_a_bad_suite_file_is_named(tmp_path, capsys):
     assert cli.main(["--suite", str(path)]) == 2
     error = capsys.readouterr().err
     assert "unknown key(s) ['colour']" in error and str(path) in error
+    # Not UTF-8: it ended in a UnicodeDecodeError traceback.
+    path.write_bytes(b"seeds: [0]\n# caf\xe9\n")
+    assert cli.main(["--suite", str(path), "--output-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot read the suite file {str(path)!r}" in error and "can't decode byte 0xe9" in error
 
 
 def test_an_installed_package_asks_for_the_paths_it_cannot_default_to(tmp_path, monkeypatch, capsys):
