@@ -249,8 +249,10 @@ def test_user_features_of_shape_b_1_are_read_as_b_and_ids_that_are_not_indices_a
     np.testing.assert_array_equal(column, flat)
     with pytest.raises(ValueError, match=r"user feature 'gender' must have shape \[batch\] \(or \[batch, 1\]\)"):
         model.user_embedding({"history": history, "gender": np.int32(1)})
-    with pytest.raises(TypeError, match="input 'history' must hold integer indices .*got string"):
+    with pytest.raises(TypeError, match="input 'history' must hold integer indices .*got string.* the item vocabulary"):
         model.user_embedding({"history": history.astype(str), "gender": np.array([1, 2, 0])})
+    with pytest.raises(TypeError, match="input 'gender' .*got string.* the user feature 'gender' vocabulary"):
+        model.user_embedding({"history": history, "gender": np.array(["f", "m", "f"])})
     with pytest.raises(tf.errors.InvalidArgumentError, match="input history must hold integer indices, but a value"):
         model.user_embedding({"history": history.astype(np.float32) + 0.9, "gender": np.array([1, 2, 0])})
     np.testing.assert_array_equal(  # whole numbers in floats, as Keras' Embedding takes them

@@ -9,9 +9,11 @@ import numpy as np
 import tensorflow as tf
 
 
-def item_indices(name: str, value) -> tf.Tensor:
+def item_indices(name: str, value, vocabulary: str = "item") -> tf.Tensor:
     """``value`` as a tensor of integer indices, refused naming the input otherwise: a float
     history was truncated (3.9 read as item 3) and a string one failed deep in a layer.
+
+    ``vocabulary`` names, in the error, whose vocabulary maps raw values to these indices.
 
     Floats holding whole numbers pass, cast to int32, as Keras' Embedding takes them: Keras
     builds a model loaded from a ``.keras`` file by calling it on float placeholders.
@@ -26,7 +28,7 @@ def item_indices(name: str, value) -> tf.Tensor:
         return tensor
     if not tensor.dtype.is_floating:
         raise TypeError(f"input {name!r} must hold integer indices (int32 or int64), got {tensor.dtype.name}; "
-                        "map raw ids to indices with the item vocabulary (the export's signatures take raw ids)")
+                        f"map raw values to indices with the {vocabulary} vocabulary (the export's signatures take raw values)")
     whole = tf.debugging.assert_equal(tf.math.floor(tensor), tensor,
                                       message=f"input {name} must hold integer indices, but a value has a fraction")
     with tf.control_dependencies([whole]):
@@ -45,7 +47,7 @@ def user_feature_values(name: str, inputs: dict, known: Sequence[str]) -> tf.Ten
     """
     if name not in inputs:
         raise KeyError(f"input {name!r} is missing: the model was built with user features {sorted(known)}")
-    values = item_indices(name, inputs[name])
+    values = item_indices(name, inputs[name], vocabulary=f"user feature {name!r}")
     if values.shape.rank == 2 and values.shape[1] == 1:
         return tf.squeeze(values, axis=1)
     if values.shape.rank is None or (values.shape.rank == 2 and values.shape[1] is None):
