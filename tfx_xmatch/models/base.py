@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfx_xmatch import arguments
-from tfx_xmatch.models.history_encoding import item_indices, target_frequencies
+from tfx_xmatch.models.history_encoding import check_index_dtype, target_frequencies
 
 
 @contextlib.contextmanager
@@ -174,7 +174,7 @@ class RetrievalModel(tfrs.models.Model):
             inputs = inputs[0]
         for name in ("history", "next_items"):
             if name in inputs:  # a string history failed in the placeholder below, naming nothing
-                item_indices(name, inputs[name])
+                check_index_dtype(name, inputs[name])
         rows = tf.shape(inputs["history"])[0]
         shape = tf.TensorShape(getattr(inputs["history"], "shape", None))
         if shape.rank and shape[0]:  # drop_remainder batches keep their static shape

@@ -13,26 +13,37 @@ def item_indices(name: str, value, vocabulary: str = "item") -> tf.Tensor:
     """``value`` as a tensor of integer indices, refused naming the input otherwise: a float
     history was truncated (3.9 read as item 3) and a string one failed deep in a layer.
 
-    ``vocabulary`` names, in the error, whose vocabulary maps raw values to these indices.
-
     Floats holding whole numbers pass, cast to int32, as Keras' Embedding takes them: Keras
     builds a model loaded from a ``.keras`` file by calling it on float placeholders.
 
     Raises:
-      TypeError: ``value`` is neither of an integer nor of a float dtype.
+      TypeError: as ``check_index_dtype``.
       tf.errors.InvalidArgumentError: a float value is not a whole number (NaN included), when
         the check runs.
     """
-    tensor = tf.convert_to_tensor(value)
+    tensor = check_index_dtype(name, value, vocabulary)
     if tensor.dtype.is_integer:
         return tensor
-    if not tensor.dtype.is_floating:
-        raise TypeError(f"input {name!r} must hold integer indices (int32 or int64), got {tensor.dtype.name}; "
-                        f"map raw values to indices with the {vocabulary} vocabulary (the export's signatures take raw values)")
     whole = tf.debugging.assert_equal(tf.math.floor(tensor), tensor,
                                       message=f"input {name} must hold integer indices, but a value has a fraction")
     with tf.control_dependencies([whole]):
         return tf.cast(tensor, tf.int32)
+
+
+def check_index_dtype(name: str, value, vocabulary: str = "item") -> tf.Tensor:
+    """``value`` as a tensor, when its dtype can hold indices (an integer or a float one).
+
+    ``vocabulary`` names, in the error, whose vocabulary maps raw values to indices.
+
+    Raises:
+      TypeError: ``value`` is neither of an integer nor of a float dtype.
+    """
+    tensor = tf.convert_to_tensor(value)
+    if not (tensor.dtype.is_integer or tensor.dtype.is_floating):
+        raise TypeError(f"input {name!r} must hold integer indices (int32 or int64), got {tensor.dtype.name}; "
+                        f"map raw values to indices with the {vocabulary} vocabulary "
+                        "(the export's signatures take raw values)")
+    return tensor
 
 
 def user_feature_values(name: str, inputs: dict, known: Sequence[str]) -> tf.Tensor:
