@@ -342,6 +342,26 @@ def test_a_damaged_file_is_named(tmp_path, split, damage):
     assert len(read_eval_examples(files[0])[0].targets) > 0
 
 
+def test_a_file_is_checked_whole_once_and_again_when_it_changes(tmp_path, split, monkeypatch):
+    """Training counts the records and then reads them: each file was scanned to its end twice.
+    A file found whole is not scanned again, unless it was rewritten since."""
+    from tfx_xmatch.data import tfrecord
+    from tfx_xmatch.data.tfrecord import read_eval_examples, record_counts
+
+    files = write_split_tfrecords(split, str(tmp_path), num_shards=2)["train"]
+    scanned = []
+    scan = tfrecord._where_cut_short
+    monkeypatch.setattr(tfrecord, "_where_cut_short", lambda path: scanned.append(path) or scan(path))
+    record_counts(files, num_items=split.num_items)
+    read_training_tfrecords(files, max_length=4, batch_size=2)
+    assert scanned == files
+    data = open(files[0], "rb").read()
+    with open(files[0], "wb") as f:  # cut short after it was found whole
+        f.write(data[:-5])
+    with pytest.raises(tf.errors.DataLossError, match=f"^{files[0]}: .*cut short"):
+        read_eval_examples(files)
+
+
 def test_a_failed_write_leaves_the_old_files_as_they_were(tmp_path, split):
     """A bad example in the second shard left shard 0 new and shard 1 old; num_shards=0 was
     refused only after the old statistics.json (the mark of a finished output) was deleted."""

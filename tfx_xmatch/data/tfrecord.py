@@ -296,10 +296,21 @@ def check_not_cut_short(files: Sequence[str]) -> None:
         cut short; write it again``, for the first file that is.
     """
     for path in files:
+        # Training counts the records, then reads them: a file seen whole is not read again
+        # unless it changed since.
+        stat = tf.io.gfile.stat(path)
+        version = (stat.length, stat.mtime_nsec)
+        if _FOUND_WHOLE.get(path) == version:
+            continue
         where = _where_cut_short(path)
         if where is not None:
             raise tf.errors.DataLossError(
                 None, None, f"{path}: {where}: the TFRecord file is damaged or cut short; write it again")
+        _FOUND_WHOLE[path] = version
+
+
+# path -> (length, modification time in ns) of a file ``check_not_cut_short`` found whole.
+_FOUND_WHOLE: dict[str, tuple[int, int]] = {}
 
 
 def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]:
