@@ -1,6 +1,8 @@
 """T2Diff, its denoiser and mixed attention: stop-gradient in both directions, deterministic
 DDIM serving, sampler settings, config round trips, save/reload and export."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -280,6 +282,18 @@ def test_config_options_reach_the_model_and_bad_arguments_are_named():
         T2Diff(num_items=5, diffuse="delta")
     with pytest.raises(ValueError, match="denoiser must be 'unet' or 'mlp', got 'transformer'"):
         T2Diff(num_items=5, denoiser="transformer")
+
+
+def test_a_window_longer_than_the_histories_fed_is_warned_of():
+    """max_length 20 with the default session 10 + history 40 read 10 history items and 30
+    padding rows, without a word."""
+    with pytest.warns(UserWarning, match=r"session_length \+ history_length = 50 items, but is fed histories of "
+                                         r"max_length = 20: its long history holds at most 10 items, not "
+                                         r"history_length = 40"):
+        T2Diff(num_items=5, max_length=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T2Diff(num_items=5, max_length=50)
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ reproducible with a ``seed``, but a row's draws then depend on its position in t
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -73,7 +74,8 @@ class T2Diff(RetrievalModel):
       embedding_dim: Width of item and user vectors (int, default 64).
       user_tower: Must be "mixed_attention" (the only T2Diff user tower).
       max_length: Width L of the padded histories the model is fed (int, default 200); the
-        model reads the last ``session_length + history_length`` of each window.
+        model reads the last ``session_length + history_length`` of each window (a warning says
+        when that is more than L: the long history then holds fewer items than configured).
       num_blocks: Self-attention blocks over [session ; x_hat] (int, default 1).
       num_heads: Attention heads (int, default 1).
       dropout: Dropout of the attentions (float, default 0.2).
@@ -118,7 +120,8 @@ class T2Diff(RetrievalModel):
       ValueError: on invalid hyperparameters (the message quotes the value).
 
     Example:
-      >>> model = T2Diff(num_items=100, embedding_dim=16, max_length=20, denoiser="mlp")
+      >>> model = T2Diff(num_items=100, embedding_dim=16, max_length=20, session_length=5,
+      ...                history_length=15, denoiser="mlp")
       >>> scores = model.score_all({"history": tf.ones([2, 20], tf.int32)})  # [2, 101]
     """
 
@@ -212,6 +215,12 @@ class T2Diff(RetrievalModel):
         )
         self.session_length = int(session_length)
         self.history_length = int(history_length)
+        if self.window > self.max_length:
+            warnings.warn(
+                f"T2Diff reads session_length + history_length = {self.window} items, but is fed histories of "
+                f"max_length = {self.max_length}: its long history holds at most "
+                f"{max(self.max_length - self.session_length, 0)} items, not history_length = {self.history_length}",
+                stacklevel=2)
         self.diffusion_steps = int(diffusion_steps)
         self.schedule_kind = schedule
         self.denoiser_kind = denoiser
