@@ -336,6 +336,27 @@ def test_reloaded_export_equals_the_in_process_model_and_uses_stock_ops(model, e
     np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
 
 
+def test_a_reloaded_export_names_an_input_of_the_wrong_rank(exported):
+    """TF Serving feeds tensors as the request holds them: a one-row history sent as [items]
+    failed deep inside the graph ("Invalid reduction dimension"), naming no input."""
+    _, paths = exported
+    reloaded = tf.saved_model.load(str(paths["brute_force"]))
+    one_row = tf.constant(["movie-3", "movie-7"])
+    calls = {
+        "serving_default": lambda: reloaded.signatures["serving_default"](history=one_row),
+        "top_k": lambda: reloaded.signatures["top_k"](history=one_row, k=tf.constant(3)),
+        "user_embedding": lambda: reloaded.signatures["user_embedding"](history=one_row),
+    }
+    for name, call in calls.items():
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"Shape of tensor history \[2\] is not compatible with expected shape \[\?,\?\]"
+                                 r"(.|\n)*history_must_be_batch_by_items"):
+            call()
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"Shape of tensor item_ids \[1,2\] is not compatible(.|\n)*item_ids_must_be_a_list"):
+        reloaded.signatures["item_embeddings"](item_ids=tf.constant([["movie-3", "movie-7"]]))
+
+
 FRESH_PROCESS = """
 import json, sys
 import numpy as np, tensorflow as tf
@@ -431,6 +452,9 @@ def test_models_trained_with_user_features_export_them_as_inputs(tmp_path):
         with pytest.raises(tf.errors.InvalidArgumentError, match="user feature gender needs one value per history row"):
             top_k(history=tf.constant(request), k=tf.constant(5), age=tf.constant(age),
                   gender=tf.constant([1], tf.int64))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="gender_must_be_one_value_per_row"):
+            top_k(history=tf.constant(request), k=tf.constant(5), age=tf.constant(age),
+                  gender=tf.constant(gender[:, np.newaxis]))
         # TF Serving replays the warm-up requests at load: they carry the features too.
         record = next(iter(tf.data.TFRecordDataset(str(path / "assets.extra" / "tf_serving_warmup_requests"))))
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())

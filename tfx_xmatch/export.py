@@ -180,10 +180,24 @@ class RetrievalServingModule(tf.Module):
         return {"item_ids": tf.gather(self.index_to_id, tf.maximum(indices, 0)), "scores": scores}
 
     # ------------------------------------------------------------------ signatures
+    def _checked_shapes(self, history: tf.Tensor, features: tuple) -> tuple[tf.Tensor, tuple]:
+        """The inputs, checked at run time against the signature's shapes.
+
+        TF Serving feeds a request's tensors as they come, whatever the signature declares, and
+        the graph is built for the declared rank: a one-row history sent as [items] failed deep
+        inside with "Invalid reduction dimension". EnsureShape names the input instead (its op
+        name is what the error shows)."""
+        history = tf.ensure_shape(history, [None, None], name="history_must_be_batch_by_items")
+        features = tuple(tf.ensure_shape(values, [None], name=f"{name}_must_be_one_value_per_row")
+                         for name, values in zip(self.user_features, features))
+        return history, features
+
     def _serve_default(self, history, *features):
+        history, features = self._checked_shapes(history, features)
         return self._retrieve(history, self.default_k, features)
 
     def _serve_top_k(self, history, k, *features):
+        history, features = self._checked_shapes(history, features)
         row_k, largest = self._row_k(k, tf.shape(history)[0])
         # One search for the batch at its largest k; each row then keeps its own k.
         results = self._retrieve(history, largest, features)
@@ -210,9 +224,11 @@ class RetrievalServingModule(tf.Module):
             return tf.broadcast_to(values, [rows]), tf.reduce_max(tf.concat([values, [1]], 0))
 
     def _serve_user_embedding(self, history, *features):
+        history, features = self._checked_shapes(history, features)
         return {"user_embedding": self._user_vectors(self._model_inputs(history, features))}
 
     def _serve_item_embeddings(self, item_ids):
+        item_ids = tf.ensure_shape(item_ids, [None], name="item_ids_must_be_a_list_of_ids")
         indices = self._to_indices(item_ids, "item_ids")
         check = tf.debugging.Assert(tf.reduce_all(indices > 0), ["item_ids must not contain the padding id"])
         with tf.control_dependencies([check]):
