@@ -97,6 +97,15 @@ def markdown_header(result: dict, title: str) -> list[str]:
     """The first lines of every results page: title, command, date, machine, versions, and the
     datasets and splits its rows measured (every quality number names them)."""
     machine, versions = result["machine"], result["versions"]
+
+    def described(machine: dict) -> str:
+        return f"{machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)"
+
+    def also(more: dict) -> str:
+        elsewhere = more.get("machine") not in (None, machine)
+        return f"- also: `{more['command']}` ({more['date']}" + (
+            f"; machine: {described(more['machine'])})" if elsewhere else ")")
+
     data = sorted({(str(row["dataset"]), str(row.get("split", "-"))) for row in result.get("rows", [])
                    if row.get("dataset")})
     return [
@@ -104,9 +113,9 @@ def markdown_header(result: dict, title: str) -> list[str]:
         "",
         f"- command: `{result['command']}`",
         f"- date: {result['date']}",
-        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['memory_gib']} GiB, no GPU)",
+        f"- machine: {described(machine)}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-    ] + [f"- also: `{more['command']}` ({more['date']})" for more in result.get("more_commands", [])] + (
+    ] + [also(more) for more in result.get("more_commands", [])] + (
         ["- data: " + "; ".join(f"{dataset} (split: {split})" for dataset, split in data)] if data else [])
 
 
@@ -175,12 +184,16 @@ def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...], defaults:
 
     fresh = {row_key(row) for row in result["rows"]}
     kept = [row for row in earlier["rows"] if row_key(row) not in fresh]
-    # Every command once, with the date it last ran (the first command keeps the header's date).
+    # Every command once, with the date and the machine it last ran on: the header's machine is
+    # its first command's, and merged rows were measured elsewhere as often as not.
     more = [m for m in earlier.get("more_commands", []) if m["command"] != result["command"]]
-    if earlier["command"] != result["command"]:
-        more.append({"command": result["command"], "date": result["date"]})
-    return {**result, **{k: v for k, v in earlier.items() if k not in ("rows", "more_commands")},
-            "more_commands": more, "rows": kept + result["rows"]}
+    header = {k: v for k, v in earlier.items() if k not in ("rows", "more_commands")}
+    if earlier["command"] == result["command"]:  # the first command again: its rows are this run's
+        header.update({k: result[k] for k in ("date", "machine", "versions") if k in result})
+    else:
+        more.append({"command": result["command"], "date": result["date"],
+                     **({"machine": result["machine"]} if "machine" in result else {})})
+    return {**result, **header, "more_commands": more, "rows": kept + result["rows"]}
 
 
 def training_budgets(parser, minutes_args: list, defaults: dict) -> dict:

@@ -53,7 +53,7 @@ def test_the_serving_benchmark_measures_every_index_kind(tmp_path):
 def test_merged_results_replace_rows_by_key_and_list_every_command(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from common import merge_rows
+        from common import markdown_header, merge_rows
     finally:
         sys.path.remove(str(BENCHMARKS))
     path = tmp_path / "t2diff.json"
@@ -70,6 +70,22 @@ def test_merged_results_replace_rows_by_key_and_list_every_command(tmp_path):
     path.write_text(json.dumps(merged))
     again = merge_rows({**second, "date": "d3"}, path, ("model", "sampling"))
     assert again["more_commands"] == [{"command": "run b", "date": "d3"}]  # one entry per command
+    # Each merged command keeps the machine it ran on; the page names it when it is not the
+    # header's (a merged row's latency was read as measured on the header's machine).
+    intel = {"cpu": "Intel", "cpu_count": 2, "memory_gib": 23.5}
+    amd = {**intel, "cpu": "AMD EPYC"}
+    path.write_text(json.dumps({**first, "machine": intel, "versions": {"tf": "2.20"}}))
+    on_amd = merge_rows({**second, "machine": amd, "versions": {"tf": "2.20"}}, path, ("model", "sampling"))
+    assert on_amd["machine"] == intel and on_amd["more_commands"][0]["machine"] == amd
+    page = markdown_header(on_amd, "t")
+    assert "- machine: Intel (2 cores" in "\n".join(page)
+    assert "- also: `run b` (d2; machine: AMD EPYC (2 cores, 23.5 GiB, no GPU))" in page
+    path.write_text(json.dumps(on_amd))
+    same = merge_rows({**second, "command": "run c", "machine": intel, "versions": {}}, path, ("model", "sampling"))
+    assert "- also: `run c` (d2)" in markdown_header(same, "t")
+    # The first command run again replaced its rows: the header is that run's.
+    rerun = merge_rows({**first, "date": "d4", "machine": amd, "versions": {"tf": "2.20"}}, path, ("model", "sampling"))
+    assert (rerun["date"], rerun["machine"]) == ("d4", amd)
     # A key field that older rows lack takes its default: seed 0 replaces them, seed 1 adds rows.
     seeded = {**second, "rows": [{"model": "x", "sampling": "s", "seed": 0, "HR": 0.5},
                                  {"model": "y", "sampling": "s", "seed": 1, "HR": 0.6}]}
