@@ -137,7 +137,8 @@ def comparison_rows(result: dict) -> list[dict]:
             "compared_with": {"model": run_identity(b["runs"][0])["model"], "variant": b["label"],
                               "runs": len(b["runs"])},
             **{metric: values["averaged"]["mean_a"] for metric, values in entry["metrics"].items()},
-            "vs": {metric: {**{key: values["averaged"][key] for key in ("difference", "ci_low", "ci_high", "p_value")},
+            "vs": {metric: {**{key: values["averaged"][key] for key in ("difference", "ci_low", "ci_high", "p_value",
+                                                                       "test") if key in values["averaged"]},
                             "across_runs_p_value": (values.get("across_runs") or {}).get("p_value")}
                    for metric, values in entry["metrics"].items()},
         })
@@ -145,10 +146,17 @@ def comparison_rows(result: dict) -> list[dict]:
 
 
 def to_markdown(result: dict) -> str:
+    # Studies run before paired_difference named its test used the t-test throughout.
+    untested = any("test" not in values["averaged"] for entry in result["comparisons"]
+                   for values in entry.get("metrics", {}).values())
+    over_users = ("the paired t-test (computed before paired_difference gave HR, Recall and P the exact sign test)"
+                  if untested else "the paired test of tfx_xmatch.evaluation.paired_difference (the exact sign "
+                  "test when every user who differs differs by the same amount, as HR, Recall and P of one run a "
+                  "side do; else the exact sign-flip test when at most 20 users differ, else a t-test)")
     lines = markdown_header(result, "one model against another over several training runs") + [
         f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
         "read from the runs' test_ranks/",
-        "- per metric: each run's value; over users: the paired test of each user's gain averaged over a "
+        f"- per metric: each run's value; over users: {over_users} of each user's gain averaged over a "
         "model's runs (the runs held fixed); over runs: a t-test of the runs' values, the run-to-run spread as "
         "its noise (Welch's; paired run by run when both sides are the same runs; needs 2+ runs a side, and "
         "has little power with 2 or 3); the run pairings (paired over users) significant for each model; 95% "

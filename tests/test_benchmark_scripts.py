@@ -241,6 +241,14 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
             assert paired["difference"] == pytest.approx(paired["mean_a"] - paired["mean_b"], abs=2e-6)
     text = sparc.to_markdown({**common.header("sparc"), "rows": rows})
     assert "| soft K=8 | " in text and "Recall@50 vs two-tower" in text and "p=" in text
+    assert "p-value of the paired test of tfx_xmatch.evaluation.paired_difference: the exact sign test" in text
+    # Rows compared before the tests were named hold t-test p-values: the page says so.
+    for row in rows:
+        for key in ("vs_two_tower", "vs_hard"):
+            for difference in row.get(key, {}).values():
+                difference.pop("test")
+    assert "p-value of a paired t-test (these comparisons were computed before" in sparc.to_markdown(
+        {**common.header("sparc"), "rows": rows})
 
 
 def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder_alone(tmp_path):
@@ -381,6 +389,15 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
                                    "num_users": 400, "comparisons": entries})
     assert "## A vs B" in text and "| HR@10 | " in text and "4 / 0 of 4 | A better |" in text
     assert "Not compared: no saved ranks for b0/'other'." in text
+    assert "over users: the paired test of tfx_xmatch.evaluation.paired_difference (the exact sign test" in text
+    assert hr["averaged"]["test"] == "paired t-test"  # gains averaged over runs take more than two values
+    # A study recorded before the tests were named used the t-test: its page must say so.
+    for entry in entries:
+        for values in entry.get("metrics", {}).values():
+            values["averaged"].pop("test")
+    text = seed_study.to_markdown({**common.header("seed_study"), "dataset": "synthetic", "split": "leave_one_out",
+                                   "num_users": 400, "comparisons": entries})
+    assert "over users: the paired t-test (computed before paired_difference gave HR" in text
     # Ranks of other examples are refused, naming the file.
     with pytest.raises(ValueError, match="a0/test_ranks/exact.npz ranks other examples"):
         seed_study.study(spec, tmp_path, targets[::-1].copy(), targets < 10)
