@@ -40,7 +40,12 @@ def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "A = a, B = b" in printed and "paired test" in printed and "TailRecall@10" in printed
     assert "(exact sign test)" in printed  # HR@10's test, named on its line
-    result = json.loads(output.read_text())["metrics"]
+    written = json.loads(output.read_text())
+    # Like every benchmark result, it says what ran, when, where and with which versions.
+    assert written["command"] == f"xmatch compare --run-dir {runs['a']} --run-dir {runs['b']} --metric HR@10 " \
+                                 f"NDCG@10 TailRecall@10 --output {output}"
+    assert {"date", "machine", "versions"} <= set(written) and written["benchmark"] == "compare"
+    result = written["metrics"]
     tests = {name: json.loads((run / "metrics.json").read_text())["test"] for name, run in runs.items()}
     for metric in ("HR@10", "NDCG@10", "TailRecall@10"):
         assert result[metric]["mean_a"] == pytest.approx(tests["a"][metric])

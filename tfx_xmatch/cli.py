@@ -182,7 +182,12 @@ def _command_compare(args: argparse.Namespace) -> int:
         report = {"split": args.split, "runs_a": [str(r) for r in groups[0]], "runs_b": [str(r) for r in groups[1]],
                   "metrics": results}
     if args.output:
-        write_json_atomic(args.output, report)
+        from tfx_xmatch.bench.environment import header
+
+        # When, where and with which code it ran, as every benchmark result says: the numbers
+        # depend on the test's version (the sign tests came after t-tests).
+        write_json_atomic(args.output, {**header("compare", getattr(args, "argv", None), program="xmatch"),
+                                        **report})
     return 0
 
 
@@ -463,6 +468,7 @@ def _run(argv: list) -> int:
             logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
         return importlib.import_module(PASSTHROUGH_COMMANDS[command[0]][0]).main(command[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a written result records as its command
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.log_level.upper() == "WARNING":  # the default: what a warm start carried over is said too
         logging.getLogger("tfx_xmatch.warm_start").setLevel(logging.INFO)
