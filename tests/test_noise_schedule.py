@@ -122,3 +122,27 @@ def test_every_step_keeps_its_inputs_dtype_and_float32_values(dtype, kind, num_s
         assert got.dtype == dtype, name
         np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected.numpy(), atol=tolerance, rtol=tolerance,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_stays_finite_where_alpha_bar_underflows_in_float32(eta):
+    """The exponential schedule's abar reaches float32's 0 from T of a few hundred: the DDIM
+    step computed abar / abar_prev = 0 / 0, and sigma = eta * NaN was NaN even at eta = 0, so a
+    T2Diff with diffusion_steps=1000 served NaN user vectors."""
+    schedule = NoiseSchedule("exponential", 1000)
+    assert schedule.alpha_bars.numpy()[900] == 0.0 and schedule.alpha_bars.numpy()[1000] == 0.0
+    zs, z0_hat, noise = tf.constant([[0.3, -0.7]]), tf.constant([[1.0, 2.0]]), tf.constant([[0.2, 0.1]])
+    out = schedule.ddim_step(zs, z0_hat, tf.constant([1000]), tf.constant([900]), eta=eta, noise=noise).numpy()
+    # In float64, abar_900 and abar_1000 are tiny but not 0: the step is (almost) zs itself, the
+    # stochastic share (1 - abar / abar_prev, near 1) taking eta^2 of its variance.
+    log_abar = np.cumsum(np.log1p(-schedule.betas_np[1:]))
+    ratio = np.exp(log_abar[999] - log_abar[899])
+    sigma = eta * np.sqrt(1 - ratio)
+    expected = np.sqrt(max(1 - sigma ** 2, 0.0)) * zs.numpy() + sigma * noise.numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    # And the whole deterministic chain from T to 0 ends at the last prediction.
+    z = tf.zeros([1, 2])
+    for step, previous in zip(schedule.ddim_timesteps(10), schedule.ddim_timesteps(10)[1:] + [0]):
+        z = schedule.ddim_step(z, z0_hat, tf.constant([step]), tf.constant([previous]))
+        assert np.isfinite(z.numpy()).all(), step
+    np.testing.assert_allclose(z.numpy(), z0_hat.numpy(), rtol=1e-6)

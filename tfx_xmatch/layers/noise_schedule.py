@@ -82,6 +82,10 @@ class NoiseSchedule(tf.Module):
         # Index s holds step s; index 0 is the clean data (abar_0 = 1, no noise).
         self.betas_np = np.concatenate([[0.0], betas])
         self.alpha_bars_np = np.concatenate([[1.0], alpha_bars])
+        # abar underflows to 0 in float32 from T of a few hundred (exponential), and a ratio of
+        # two such zeros was NaN; its logarithm stays finite. Summed, not log(cumprod), which
+        # underflows in float64 too.
+        self.log_alpha_bars_np = np.concatenate([[0.0], np.cumsum(np.log1p(-betas))])
         self.posterior_variance_np = np.concatenate([[0.0], betas * (1.0 - previous) / (1.0 - alpha_bars)])
         self.posterior_z0_coef_np = np.concatenate([[1.0], betas * np.sqrt(previous) / (1.0 - alpha_bars)])
         self.posterior_zs_coef_np = np.concatenate([[0.0], (1.0 - previous) * np.sqrt(alphas) / (1.0 - alpha_bars)])
@@ -139,11 +143,15 @@ class NoiseSchedule(tf.Module):
         abar = self._per_row(self.alpha_bars_np, steps, zs)
         abar_prev = self._per_row(self.alpha_bars_np, previous_steps, zs)
         eps_hat = (zs - tf.sqrt(abar) * z0_hat) / tf.sqrt(tf.maximum(1.0 - abar, 1e-12))
-        sigma = eta * tf.sqrt((1.0 - abar_prev) / tf.maximum(1.0 - abar, 1e-12)) * tf.sqrt(1.0 - abar / abar_prev)
-        direction = tf.sqrt(tf.maximum(1.0 - abar_prev - tf.square(sigma), 0.0)) * eps_hat
-        out = tf.sqrt(abar_prev) * z0_hat + direction
+        out = tf.sqrt(abar_prev) * z0_hat
         if eta > 0:
-            out += sigma * noise
+            # abar / abar_prev = exp(log abar - log abar_prev), finite where both abar are 0.
+            ratio = tf.exp(self._per_row(self.log_alpha_bars_np, steps, zs)
+                           - self._per_row(self.log_alpha_bars_np, previous_steps, zs))
+            sigma = eta * tf.sqrt((1.0 - abar_prev) / tf.maximum(1.0 - abar, 1e-12)) * tf.sqrt(1.0 - ratio)
+            out += tf.sqrt(tf.maximum(1.0 - abar_prev - tf.square(sigma), 0.0)) * eps_hat + sigma * noise
+        else:  # deterministic: no sigma to compute
+            out += tf.sqrt(1.0 - abar_prev) * eps_hat
         return tf.cast(out, dtype)
 
     def ddim_timesteps(self, num_sampling_steps: int) -> list[int]:
