@@ -76,6 +76,8 @@ def test_train_writes_every_artifact_and_learns(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert [row["epoch"] for row in history["epochs"]] == list(range(1, 7))
     assert history["epochs"][-1]["loss"] < history["epochs"][0]["loss"]
+    # Every training log of the epoch is kept, not only the loss.
+    assert {"regularization_loss", "total_loss"} <= set(history["epochs"][0])
     # The planted successor structure is learnable: far above chance (10 / 40 items).
     assert metrics["test"]["HR@10"] > 0.5
     # The kept model is the best validation epoch, reloadable, and scores the same.
@@ -96,6 +98,54 @@ def test_early_stopping_on_validation(tmp_path):
         tiny_config("train.epochs=10", "train.early_stopping_patience=2", "train.learning_rate=0.0"), tmp_path
     )
     assert metrics["epochs"] == 3 and metrics["best_epoch"] == 1
+
+
+class Poison(tf.keras.callbacks.Callback):
+    """Makes the weights NaN from the start of an epoch: a run that diverged there."""
+
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch + 1 == self.at_epoch:
+            self.model.trainable_weights[0].assign(tf.fill(self.model.trainable_weights[0].shape, np.nan))
+
+
+def test_a_run_that_diverges_stops_and_keeps_its_best_epoch(tmp_path, caplog):
+    """A diverged run's validation failed with "scores contain NaN (row 0, item 1); cannot rank
+    it", a usage error: no model, no metrics, and every resume diverged the same way."""
+    config = tiny_config("train.epochs=6", "train.early_stopping_patience=0")
+    with caplog.at_level("WARNING", logger="tfx_xmatch.training"):
+        metrics = training.train(config, tmp_path / "run", callbacks=[Poison(at_epoch=3)])
+    assert metrics["epochs"] == 3 and metrics["best_epoch"] in (1, 2)
+    assert np.isfinite(metrics["test"]["HR@10"])
+    assert re.search(r"training diverged at epoch 3 \(loss nan, weights not finite\): stopping; the model kept is "
+                     r"epoch [12]'s", caplog.text)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history["stopped"] == "diverged" and [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
+    # Resumed, it does not train into the same divergence again.
+    assert training.train(config, tmp_path / "run")["epochs"] == 3
+    # Diverged before any epoch was validated: nothing to keep, said so.
+    with pytest.raises(training.TrainingDiverged, match="training diverged at epoch 1 .* before any epoch was "
+                                                        "validated: lower train.learning_rate"):
+        training.train(config, tmp_path / "first", callbacks=[Poison(at_epoch=1)])
+
+
+def test_a_monitor_that_validation_cannot_measure_is_refused(tmp_path):
+    """A NaN monitor (TailRecall on a validation set without tail targets) never beats the best:
+    no epoch was selected, patience never ran out, and the last weights were kept unsaid."""
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1)])
+    model.build((None, 2))
+    selection = training.ModelSelection(lambda: {"TailRecall@10": float("nan")}, tmp_path, "TailRecall@10",
+                                        patience=1, every=1, max_seconds=None)
+    selection.set_model(model)
+    selection.set_params({"epochs": 3})
+    selection.on_train_begin()
+    selection.on_epoch_begin(0)
+    with pytest.raises(ValueError, match="val TailRecall@10 is NaN at epoch 1: no validation example counts for "
+                                         "it .*choose another train.monitor"):
+        selection.on_epoch_end(0, {"loss": 1.0})
 
 
 def test_time_budget_stops_training(tmp_path):

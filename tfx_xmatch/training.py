@@ -429,6 +429,13 @@ class ModelSelection(tf.keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         self.state["train_seconds"] += time.time() - self._epoch_start
         row = {"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan")))}
+        # Every training log of the epoch (each loss term, codebook usage), not only the loss:
+        # collapse or a runaway term is diagnosed from these after the run.
+        row.update({key: float(value) for key, value in logs.items()
+                    if not key.startswith("val_") and key not in row and np.ndim(value) == 0})
+        if not math.isfinite(row["loss"]) or not _all_finite(self.model.trainable_weights):
+            self._stop_diverged(epoch, row)
+            return
         out_of_time = self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds
         # The last epoch, planned or cut by the time budget, is validated too: with
         # validation_every > epochs no epoch was, and the run kept unselected final weights.
@@ -437,6 +444,11 @@ class ModelSelection(tf.keras.callbacks.Callback):
             metrics = self.evaluate_fn()
             if self.monitor not in metrics:
                 raise KeyError(f"monitor {self.monitor!r} is not a validation metric; have {sorted(metrics)}")
+            if math.isnan(metrics[self.monitor]):
+                # NaN never beats the best: no epoch would be selected and patience never run out.
+                raise ValueError(f"val {self.monitor} is NaN at epoch {epoch + 1}: no validation example counts "
+                                 "for it (TailRecall needs validation targets outside the 20% most popular "
+                                 "items); choose another train.monitor")
             for key, value in metrics.items():
                 row[f"val_{key}"] = value
             # The progress bar shows the selection metric; history.json keeps every metric.
@@ -466,13 +478,40 @@ class ModelSelection(tf.keras.callbacks.Callback):
             self.model.stop_training = True
         write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
 
+    def _stop_diverged(self, epoch: int, row: dict) -> None:
+        """Stops a run whose loss or weights are no longer finite, keeping the best epoch so far.
+
+        Raises:
+          TrainingDiverged: no epoch was validated before (there is nothing to keep).
+        """
+        self.state["epochs"] = [r for r in self.state["epochs"] if r["epoch"] < epoch + 1] + [row]
+        weights = "finite" if _all_finite(self.model.trainable_weights) else "not finite"
+        what = f"training diverged at epoch {epoch + 1} (loss {row['loss']:.4g}, weights {weights})"
+        if self.state["best_epoch"] is None:
+            raise TrainingDiverged(f"{what} before any epoch was validated: lower train.learning_rate")
+        logger.warning("%s: stopping; the model kept is epoch %d's (val %s %.4f). Lower train.learning_rate "
+                       "to train further, in a new run directory", what, self.state["best_epoch"], self.monitor,
+                       self.state["best"])
+        self.state["stopped"] = "diverged"
+        self.model.stop_training = True
+        write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
+
     @staticmethod
     def finished(state: dict, max_seconds: Optional[float]) -> bool:
-        """Whether a saved selection ``state`` had stopped for good: early stopping, or a time
-        budget that the (possibly raised) ``max_seconds`` still leaves spent."""
+        """Whether a saved selection ``state`` had stopped for good: early stopping, divergence
+        (the same settings would diverge again), or a time budget that the (possibly raised)
+        ``max_seconds`` still leaves spent."""
         stopped = state.get("stopped")
-        return stopped == "early_stopping" or (
+        return stopped in ("early_stopping", "diverged") or (
             stopped == "time_budget" and max_seconds is not None and state["train_seconds"] >= max_seconds)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite before any epoch could be kept."""
+
+
+def _all_finite(variables) -> bool:
+    return all(np.isfinite(variable.numpy()).all() for variable in variables)
 
 
 def _finite_or_none(value: float) -> Optional[float]:
