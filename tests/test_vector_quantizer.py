@@ -416,3 +416,19 @@ def test_vectors_that_do_not_count_may_hold_nan_or_inf():
     assert np.all((codes.numpy() >= 0) & (codes.numpy() < 3))
     np.testing.assert_allclose(masked.codebooks.numpy(), alone.codebooks.numpy(), rtol=1e-6)
     masked(variables, vector_mask=tf.constant([True] * 4 + [False] * 2))  # inference gathers too
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_vector_that_counts_and_is_not_finite_is_named(training):
+    """A NaN input (a diverged encoder) found no nearest codeword, and the gather of code N failed
+    with "indices[0,3] = 8 is not in [0, 8)"; an inf did the same."""
+    rng = np.random.default_rng(0)
+    codebooks = rng.normal(size=(1, 8, 4))
+    for bad in (np.nan, np.inf):
+        x = rng.normal(size=(6, 4)).astype(np.float32)
+        x[3] = bad
+        layer = _layer(codebooks, num_codewords=8)
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"an input vector is not finite \(NaN or inf\) or so large that its distances "
+                                 r"overflow.*first such vector \(from 0\):[^0-9]*3"):
+            layer(tf.constant(x), training=training)

@@ -177,6 +177,17 @@ class VectorQuantizer(tf.keras.layers.Layer):
         """``_assign``, where a vector that does not count may hold anything: a NaN finds no
         nearest codeword (code N), which must not fail the gather of its codeword."""
         codes = self._assign(vectors, codebooks)
+        lost = codes >= self.num_codewords  # [M, V]: no distance was a number
+        if valid is not None:
+            lost = tf.logical_and(lost, valid[tf.newaxis, :])
+        # Otherwise the gather of codeword N failed with "indices[0,3] = 8 is not in [0, 8)"
+        # (and would return zeros on a GPU, silently).
+        check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(lost)), [
+            f"{self.name}: an input vector is not finite (NaN or inf) or so large that its distances overflow: "
+            "the layers before it diverged (lower the learning rate) or were given NaN; first such vector (from 0):",
+            tf.reduce_min(tf.where(tf.reduce_any(lost, 0))[:1])])
+        with tf.control_dependencies([check]):
+            codes = tf.identity(codes)
         return codes if valid is None else tf.where(valid, codes, tf.minimum(codes, self.num_codewords - 1))
 
     def _sample(self, vectors: tf.Tensor, distinct: bool) -> tf.Tensor:
