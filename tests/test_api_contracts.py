@@ -29,7 +29,7 @@ def test_argument_checks_name_the_argument_and_take_numpy_integers():
         (lambda: arguments.integer("n", True, 0), "n must be an integer >= 0, got True"),
         (lambda: arguments.integer("n", "3", 1), "n must be an integer >= 1, got '3'"),
         (lambda: arguments.real("r", 1.0, 0.0, 1.0, high_open=True), r"r must be a number in [0.0, 1.0), got 1.0"),
-        (lambda: arguments.real("r", float("nan"), 0.0), "r must be a number in [0.0, inf], got nan"),
+        (lambda: arguments.real("r", float("nan"), 0.0), "r must be a number in [0.0, inf), got nan"),
         (lambda: arguments.widths("units", 8), "units must be a list of widths (integers >= 1), got 8"),
         (lambda: arguments.widths("units", (4, 0)), "units must be a list of widths (integers >= 1), got (4, 0)"),
         (lambda: arguments.widths("units", (), allow_empty=False), "units must be one or more widths"),
@@ -53,6 +53,36 @@ def test_every_model_refuses_the_shared_hyperparameters_out_of_range(model_class
         model_class(num_items=5, **bad)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: VectorQuantizer(8, commitment_weight=NAN), "commitment_weight must be a finite number >= 0, got nan"),
+    (lambda: VectorQuantizer(8, epsilon=INF), "epsilon must be a finite number > 0, got inf"),
+    (lambda: ResidualQuantizer(2, 8, reconstruction_weight=NAN), "reconstruction_weight must be a finite number"),
+    (lambda: SparCode(num_items=5, sparsity_weight=NAN), "sparsity_weight must be a finite number >= 0, got nan"),
+    (lambda: SparCode(num_items=5, assignment_temperature=NAN), "assignment_temperature must be a finite number"),
+    (lambda: SparCode(num_items=5, encoder_loss_weight=NAN), "encoder_loss_weight must be a finite number"),
+    (lambda: SPARC(num_items=5, bpr_weight=NAN), "bpr_weight must be a finite number >= 0, got nan"),
+    (lambda: SPARC(num_items=5, contrastive_temperature=INF), "contrastive_temperature must be a finite number"),
+    (lambda: T2Diff(num_items=5, diffusion_weight=NAN), "diffusion_weight must be a finite number >= 0, got nan"),
+    (lambda: TwoTower(num_items=5, temperature=INF), "temperature must be a number in (0.0, inf), got inf"),
+    (lambda: TwoTower(num_items=5, l2=INF), "l2 must be a number in [0.0, inf), got inf"),
+])
+def test_nan_and_infinite_weights_are_refused_by_name(build, message):
+    """They passed the `value < 0` checks: a NaN commitment weight made the loss NaN, an infinite
+    epsilon NaN codebooks, and from the CLI a NaN sparsity weight ended in "indices[0,0] = 16 is
+    not in [0, 16)"."""
+    with pytest.raises(ValueError) as error:
+        build()
+    assert message in str(error.value)
+    assert arguments.non_negative("w", np.float32(0.5)) == 0.5
+    with pytest.raises(ValueError, match="^w must be >= 0, got -1$"):
+        arguments.non_negative("w", -1)
+    with pytest.raises(ValueError, match="^w must be > 0, got 0$"):
+        arguments.non_negative("w", 0, strict=True)
+
+
 @pytest.mark.parametrize("build, name", [
     (lambda: SPARC(num_items=5, attention_heads=0), "attention_heads"),  # was reported as num_heads
     (lambda: SPARC(num_items=5, rq_hidden_units=(0,)), "rq_hidden_units"),  # ran with a zero-width layer
@@ -66,7 +96,7 @@ def test_composite_models_name_their_own_argument(build, name):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: ItemTower(5, 4, l2=-1.0), "l2 must be a number in [0.0, inf], got -1.0"),
+    (lambda: ItemTower(5, 4, l2=-1.0), "l2 must be a number in [0.0, inf), got -1.0"),
     (lambda: ItemTower(5, 4, hidden_units=(-2,)), "hidden_units must be a list of widths"),
     (lambda: ItemTower(5, 4, feature_tables={"g": np.ones((6, 2))}), "add 'g' to feature_dims"),
     (lambda: ResidualQuantizer(2, 4, hidden_units=(0,)), "hidden_units must be a list of widths"),

@@ -310,7 +310,7 @@ def test_int8_codes_reconstruct_within_half_a_scale_per_dimension():
 @pytest.mark.parametrize("arguments, message", [
     ({"scoring_dtype": "float16"}, "scoring_dtype must be one of ['float32', 'bfloat16', 'int8'], got 'float16'"),
     ({"num_reordering_candidates": 0}, "num_reordering_candidates must be an integer >= 1 or None, got 0"),
-    ({"soar_lambda": -0.5}, "soar_lambda must be a number in [0.0, inf], got -0.5"),
+    ({"soar_lambda": -0.5}, "soar_lambda must be a number in [0.0, inf), got -0.5"),
 ])
 def test_partitioned_rejects_bad_scoring_settings(arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -326,12 +326,12 @@ def test_partitioned_rejects_bad_scoring_settings(arguments, message):
     ("partitioned", {"spherical": "false"}, "spherical must be true or false, got 'false'"),
     ("partitioned", {"kmeans_iterations": "5"}, "kmeans_iterations must be an integer >= 0, got '5'"),
     ("partitioned", {"training_sample_size": 10.5}, "training_sample_size must be an integer >= 1 or None, got 10.5"),
-    ("partitioned", {"soar_lambda": "high"}, "soar_lambda must be a number in [0.0, inf], got 'high'"),
+    ("partitioned", {"soar_lambda": "high"}, "soar_lambda must be a number in [0.0, inf), got 'high'"),
     ("scann", {"num_leaves": 7.5}, "num_leaves must be an integer >= 1, got 7.5"),
     ("scann", {"num_leaves_to_search": "abc"}, "num_leaves_to_search must be an integer >= 1, got 'abc'"),
     ("scann", {"num_reordering_candidates": "all"}, "num_reordering_candidates must be an integer >= 1 or None, got 'all'"),
     ("scann", {"parallelize_batch_searches": "yes"}, "parallelize_batch_searches must be true or false, got 'yes'"),
-    ("soft_search", {"temperature": "hot"}, "temperature must be a number in (0.0, inf], got 'hot'"),
+    ("soft_search", {"temperature": "hot"}, "temperature must be a number in (0.0, inf), got 'hot'"),
     ("soft_search", {"num_interests": 2.0}, "num_interests must be an integer >= 1, got 2.0"),
 ])
 def test_index_options_of_the_wrong_type_are_named(kind, arguments, message):

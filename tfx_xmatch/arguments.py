@@ -8,6 +8,7 @@ bad value never surfaces later as a Keras shape error that names some inner laye
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable, Optional
 
@@ -64,7 +65,9 @@ def real(name: str, value, low: Optional[float] = None, high: Optional[float] = 
     Raises:
       ValueError: Not a real number, or outside the bounds.
     """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+    # NaN and inf pass every comparison a bound makes (or fail none that matters): a NaN weight
+    # trained a NaN model, an infinite temperature scored every item 0.
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -72,8 +75,23 @@ def real(name: str, value, low: Optional[float] = None, high: Optional[float] = 
     if not ok:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
+        left, right = ("(" if low is None else left), (")" if high is None else right)
         interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def non_negative(name: str, value, strict: bool = False) -> float:
+    """``value`` as a float, if it is a finite real number >= 0 (> 0 when ``strict``).
+
+    Raises:
+      ValueError: Not a finite real number (NaN, inf), or below the bound.
+    """
+    bound = "> 0" if strict else ">= 0"
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    if value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     return float(value)
 
 

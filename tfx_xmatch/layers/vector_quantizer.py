@@ -6,6 +6,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
 from tfx_xmatch.layers.row_mask import flat_row_mask, mean_or_zero, select_rows
 
 
@@ -95,12 +96,9 @@ class VectorQuantizer(tf.keras.layers.Layer):
             raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks!r}")
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay!r}")
-        if commitment_weight < 0:
-            raise ValueError(f"commitment_weight must be >= 0, got {commitment_weight!r}")
-        if epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-        if dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold!r}")
+        arguments.non_negative("commitment_weight", commitment_weight)
+        arguments.non_negative("epsilon", epsilon, strict=True)
+        arguments.non_negative("dead_code_threshold", dead_code_threshold)
         self.num_codewords = int(num_codewords)
         self.num_codebooks = int(num_codebooks)
         self.product_quantization = bool(product_quantization)

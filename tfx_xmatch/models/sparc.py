@@ -169,8 +169,7 @@ class SPARC(RetrievalModel):
             raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if contrastive_temperature <= 0:
-            raise ValueError(f"contrastive_temperature must be positive, got {contrastive_temperature!r}")
+        arguments.non_negative("contrastive_temperature", contrastive_temperature, strict=True)
         for name, value in (("rqvae_weight", rqvae_weight), ("bpr_weight", bpr_weight),
                             ("contrastive_weight", contrastive_weight), ("interest_weight", interest_weight),
                             ("reconstruction_contrastive_weight",
@@ -178,8 +177,7 @@ class SPARC(RetrievalModel):
                              else reconstruction_contrastive_weight),
                             ("mixture_weight", mixture_weight),
                             ("backbone_loss_weight", backbone_loss_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
+            arguments.non_negative(name, value)
         for name, value in (("serving_interests", serving_interests),
                             ("max_contrastive_positions", max_contrastive_positions)):
             if value < 1:

@@ -210,11 +210,9 @@ class SparCode(RetrievalModel):
             raise ValueError(f"tokenizer='chunks' cuts the state into num_query_tokens={num_query_tokens} equal "
                              f"chunks: embedding_dim={embedding_dim!r} is not divisible by it")
         for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak),
-                            ("cached_loss_weight", cached_loss_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if assignment_temperature <= 0:
-            raise ValueError(f"assignment_temperature must be positive, got {assignment_temperature!r}")
+                            ("cached_loss_weight", cached_loss_weight), ("encoder_loss_weight", encoder_loss_weight)):
+            arguments.non_negative(name, value)
+        arguments.non_negative("assignment_temperature", assignment_temperature, strict=True)
         for name, value in (("training_cache_fraction", training_cache_fraction),
                             ("serving_cache_fraction", serving_cache_fraction)):
             if value is not None and not 0 < value <= 1:
@@ -246,8 +244,6 @@ class SparCode(RetrievalModel):
         self.training_cache_fraction = None if training_cache_fraction is None else float(training_cache_fraction)
         self.cached_loss_weight = float(cached_loss_weight)
         self.serving_cache_fraction = None if serving_cache_fraction is None else float(serving_cache_fraction)
-        if self.encoder_loss_weight < 0:
-            raise ValueError(f"encoder_loss_weight must be >= 0, got {encoder_loss_weight!r}")
         if self.detach_code_path and not self.encoder_loss_weight:
             raise ValueError("detach_code_path=True needs encoder_loss_weight > 0: nothing else would "
                              "train the encoder")
