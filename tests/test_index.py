@@ -844,7 +844,7 @@ def test_a_scann_index_refuses_a_keras_file_and_a_function_traced_before_it_was_
 
 
 @pytest.mark.parametrize("kind", ["brute_force", "partitioned", "scann", "sparse_code"])
-def test_candidates_that_are_not_finite_are_refused_naming_the_row(kind):
+def test_candidates_that_are_not_finite_or_too_large_are_refused_naming_the_row(kind):
     """A NaN ranked first everywhere, made k-means build one (silently exhaustive) partition
     and aborted ScaNN's C++ training, and the Python process with it."""
     candidates, _, _, _ = _data()
@@ -853,6 +853,30 @@ def test_candidates_that_are_not_finite_are_refused_naming_the_row(kind):
     index = {**_keras_kinds(), "scann": lambda: _exact_index("scann")}[kind]()
     with pytest.raises(ValueError, match="candidates must be finite; row 5 holds nan in column 2"):
         index.index(candidates)
+    # Finite but too large: k-means' squared distances overflowed (1e19: 15 partitions of 16;
+    # 1e20: one) and ScaNN aborted the process ("Check failed: cluster_idx < num_clusters").
+    candidates[5, 2] = 1.0
+    candidates[7] *= 1e20
+    with pytest.raises(ValueError, match=r"candidates are too large: row 7 has norm [0-9.e+]+, whose square "
+                                         r"overflows float32 \(above 1.84e\+19\); scale the embeddings"):
+        index.index(candidates)
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned", "scann", "sparse_code"])
+def test_queries_that_are_not_finite_are_refused_naming_the_row(kind):
+    """A NaN query came back as the first identifiers with NaN scores; in the inverted index,
+    NaN-scored items pushed real results out of a best-first list."""
+    candidates, queries, _, _ = _data()
+    index = {**_keras_kinds(), "scann": lambda: _exact_index("scann")}[kind]()
+    index.index(np.abs(candidates))
+    queries = np.abs(queries)
+    queries[2, 3] = np.nan
+    for search in (lambda q: index(q, k=3), tf.function(lambda q: index(q, k=3))):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"queries must be finite \(no NaN or inf\); first row that is not \(from 0\):[^0-9]*2"):
+            search(queries)
+    queries[2, 3] = 1.0
+    search(queries)
 
 
 def test_queries_of_the_wrong_width_fail_when_the_width_is_known_only_at_run_time():

@@ -35,6 +35,7 @@ Identifier = Union[int, str]
 
 _DEFAULT_INT_PADDING = -1
 _DEFAULT_STRING_PADDING = ""
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
@@ -200,6 +201,14 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                 message=f"queries must have as many columns as the indexed candidates ({self.dimension})")
             with tf.control_dependencies([check]):
                 queries = tf.identity(queries)
+        # A NaN query scored NaN against every candidate and came back as a top-k of the first
+        # identifiers; in the inverted index NaN scores pushed real results out.
+        finite_rows = tf.reduce_all(tf.math.is_finite(queries), axis=1)
+        check = tf.debugging.Assert(tf.reduce_all(finite_rows), [
+            "queries must be finite (no NaN or inf); first row that is not (from 0):",
+            tf.where(tf.logical_not(finite_rows))[:1, 0]])
+        with tf.control_dependencies([check]):
+            queries = tf.identity(queries)
         static_k, k = self._checked_k(k)
 
         id_dtype = self.identifiers.dtype
@@ -314,6 +323,13 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             row, column = (int(value) for value in tf.where(tf.logical_not(finite))[0])
             raise ValueError(f"candidates must be finite; row {row} holds {float(candidates[row, column])} "
                              f"in column {column}")
+        # Finite, but with squared norms beyond float32: k-means' distances overflowed to NaN
+        # (one partition, silently exhaustive) and ScaNN's training aborted the process.
+        squared_norms = tf.reduce_sum(tf.square(tf.cast(candidates, tf.float64)), axis=1)
+        largest = int(tf.argmax(squared_norms))
+        if float(squared_norms[largest]) > _FLOAT32_MAX:
+            raise ValueError(f"candidates are too large: row {largest} has norm {float(squared_norms[largest]) ** 0.5:.3g}, "
+                             f"whose square overflows float32 (above {_FLOAT32_MAX ** 0.5:.3g}); scale the embeddings")
         return candidates
 
     def _checked_identifiers(
