@@ -432,3 +432,13 @@ def test_a_vector_that_counts_and_is_not_finite_is_named(training):
                            match=r"an input vector is not finite \(NaN or inf\) or so large that its distances "
                                  r"overflow.*first such vector \(from 0\):[^0-9]*3"):
             layer(tf.constant(x), training=training)
+
+
+def test_perplexity_of_no_codes_is_refused():
+    """It was NaN, outside the documented [1, N]."""
+    from tfx_xmatch.layers import ResidualQuantizer
+
+    with pytest.raises(ValueError, match="codebook_perplexity needs at least one code, got none"):
+        VectorQuantizer(num_codewords=8).codebook_perplexity(tf.zeros([0], tf.int32))
+    with pytest.raises(ValueError, match="codebook_perplexity needs at least one code, got none"):
+        ResidualQuantizer(2, 8).codebook_perplexity(tf.zeros([0, 2], tf.int32))

@@ -208,9 +208,12 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         elif track_metrics:
             self.reconstruction_tracker.update_state(error, sample_weight=counted)
             for level in range(self.num_levels):
-                perplexity_tracker, _ = self.level_trackers[level]
+                perplexity_tracker, dead_codes_tracker = self.level_trackers[level]
                 perplexity_tracker.update_state(_perplexity(self._counts(counted_codes[:, level])),
                                                 sample_weight=counted)
+                # The codebook's state, as training reports it (never updated here, val_ read 0).
+                dead = tf.reduce_mean(tf.cast(self.usage[level] < self.dead_code_threshold, tf.float32))
+                dead_codes_tracker.update_state(dead, sample_weight=counted)
         latent = tf.shape(codewords)[-1]
         return {
             "codes": tf.reshape(codes, tf.concat([leading, [self.num_levels]], 0)),
@@ -291,7 +294,13 @@ class ResidualQuantizer(tf.keras.layers.Layer):
 
     def codebook_perplexity(self, codes: tf.Tensor) -> list[float]:
         """Perplexity of each level's code distribution over the given codes [n, L]: a list of L floats
-        (1 = one code used, K = all codes used equally)."""
+        (1 = one code used, K = all codes used equally).
+
+        Raises:
+          ValueError: ``codes`` is empty (its perplexity was NaN).
+        """
+        if tf.size(codes) == 0:
+            raise ValueError("codebook_perplexity needs at least one code, got none")
         values = []
         for level in range(self.num_levels):
             counts = tf.math.bincount(tf.reshape(codes[..., level], [-1]), minlength=self.num_codewords,

@@ -300,6 +300,10 @@ class VectorQuantizer(tf.keras.layers.Layer):
                 has_codes = tf.shape(counted_codes)[1] > 0
                 perplexity = tf.where(has_codes, tf.reduce_mean(self._perplexity(counted_codes)), 0.0)
                 self.perplexity_tracker.update_state(perplexity, sample_weight=tf.cast(has_codes, tf.float32))
+                # Dead codes belong to the codebooks, not to the data: the state's share (a val_
+                # figure that was never updated read 0, "none dead", however many were).
+                dead = tf.reduce_mean(tf.cast(self.ema_cluster_size < self.dead_code_threshold, tf.float32))
+                self.dead_codes_tracker.update_state(dead, sample_weight=tf.cast(has_codes, tf.float32))
         nearest = tf.cast(tf.reshape(tf.transpose(nearest, [1, 0, 2]), shape), inputs.dtype)
         codes_shape = shape[:-1] if self._grouped or M == 1 else tf.concat([shape[:-1], [M]], 0)
         codes = tf.reshape(tf.transpose(codes), codes_shape)
@@ -326,8 +330,14 @@ class VectorQuantizer(tf.keras.layers.Layer):
         return codes + tf.range(self.num_codebooks, dtype=tf.int32) * self.num_codewords
 
     def codebook_perplexity(self, codes: tf.Tensor) -> tf.Tensor:
-        """exp(entropy of the code usage in ``codes``) per codebook: float [M], between 1 and N."""
+        """exp(entropy of the code usage in ``codes``) per codebook: float [M], between 1 and N.
+
+        Raises:
+          ValueError: ``codes`` is empty (its perplexity was NaN).
+        """
         codes = tf.transpose(tf.reshape(tf.cast(codes, tf.int32), [-1, self.num_codebooks]))
+        if codes.shape[1] == 0:
+            raise ValueError("codebook_perplexity needs at least one code, got none")
         return self._perplexity(codes)
 
     def get_config(self) -> dict:
