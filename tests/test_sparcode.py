@@ -103,6 +103,14 @@ def test_training_shows_losses_and_codebook_usage(trained):
             "quantizer_dead_codes"} <= set(logs)
     assert logs["retrieval_loss"][-1] < logs["retrieval_loss"][0]
     assert logs["quantizer_perplexity"][-1] > 1.0
+    # Each weighted term of the loss has its own figure, in training and in validation (the
+    # commitment term hid in regularization_loss, in training only; the sparsity term nowhere).
+    model, _ = trained
+    batches = _batches(num_batches=2)
+    results = model.evaluate(batches, verbose=0, return_dict=True)
+    assert results["quantizer_commitment_loss"] > 0 and results["sparsity_loss"] > 0
+    assert logs["regularization_loss"][-1] == pytest.approx(logs["quantizer_commitment_loss"][-1], rel=1e-5)
+    assert logs["quantizer_commitment_loss"][-1] > 0 and logs["sparsity_loss"][-1] > 0
 
 
 def _code_path_gradients(model, batch):

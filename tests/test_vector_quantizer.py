@@ -114,6 +114,13 @@ def test_commitment_loss_only_in_training():
     np.testing.assert_allclose(layer.losses[0].numpy(), expected, rtol=1e-6)
     layer(tf.constant(x), training=False)
     assert layer.losses == []
+    # Measured, not added, when evaluating: the same figure under the layer's commitment_loss.
+    layer.commitment_tracker.reset_state()
+    layer(tf.constant(x), training=False, track_metrics=True)
+    assert layer.losses == []
+    now = layer.codebooks.numpy()[0]  # moved by the training call's EMA update
+    nearest = now[np.argmin(((x[:, None, :] - now[None]) ** 2).sum(-1), axis=1)]
+    np.testing.assert_allclose(float(layer.commitment_tracker.result()), 0.5 * np.mean((x - nearest) ** 2), rtol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [20, 3])  # more and fewer vectors than codewords
@@ -192,7 +199,9 @@ def test_codebook_perplexity_and_dead_fraction():
     grouped = _layer(table, num_codewords=4, num_codebooks=2, decay=0.5, dead_code_threshold=1.0, name="vq")
     grouped(tf.constant(x), training=True)
     results = {m.name: float(m.result()) for m in grouped.metrics}
-    assert results == {"vq_perplexity": pytest.approx(2.5), "vq_dead_codes": pytest.approx(3 / 8)}
+    # Every vector sits on its codeword: no commitment.
+    assert results == {"vq_perplexity": pytest.approx(2.5), "vq_dead_codes": pytest.approx(3 / 8),
+                       "vq_commitment_loss": 0.0}
 
 
 def test_metrics_and_loss_show_up_in_fit():
@@ -362,9 +371,9 @@ def test_an_all_false_mask_is_a_batch_of_no_vectors_and_a_bad_mask_is_refused():
     step(tf.ones([5, 4]), tf.constant(False))  # a scalar mask covers every vector
     for name, value in state.items():
         np.testing.assert_array_equal(_state(layer)[name], value, err_msg=name)
-    assert [float(metric.result()) for metric in layer.metrics] == [0.0, 0.0]
+    assert [float(metric.result()) for metric in layer.metrics] == [0.0, 0.0, 0.0]
     layer(tf.ones([5, 4]), training=False, track_metrics=True, vector_mask=tf.zeros([5], tf.bool))
-    assert float(layer.perplexity_tracker.count) == 0.0
+    assert float(layer.perplexity_tracker.count) == 0.0 and float(layer.commitment_tracker.count) == 0.0
     with pytest.raises(ValueError, match="vector_mask must be bool"):
         layer(tf.ones([5, 4]), vector_mask=tf.ones([5]))
     with pytest.raises(ValueError, match=r"vector_mask of shape \(4,\) does not match the inputs' leading axes \(5,\) "

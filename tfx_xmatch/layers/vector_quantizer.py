@@ -113,6 +113,9 @@ class VectorQuantizer(tf.keras.layers.Layer):
         # variable created on a non-first call, which fails the export.
         self.perplexity_tracker = tf.keras.metrics.Mean(name=f"{self.name}_perplexity")
         self.dead_codes_tracker = tf.keras.metrics.Mean(name=f"{self.name}_dead_codes")
+        # The weighted commitment term, shown on its own: in training it is also a layer loss
+        # (in a model's regularization_loss, as TFRS sums self.losses), which names no term.
+        self.commitment_tracker = tf.keras.metrics.Mean(name=f"{self.name}_commitment_loss")
 
     @property
     def _grouped(self) -> bool:
@@ -307,13 +310,17 @@ class VectorQuantizer(tf.keras.layers.Layer):
         nearest = tf.cast(tf.reshape(tf.transpose(nearest, [1, 0, 2]), shape), inputs.dtype)
         codes_shape = shape[:-1] if self._grouped or M == 1 else tf.concat([shape[:-1], [M]], 0)
         codes = tf.reshape(tf.transpose(codes), codes_shape)
-        if training:
+        if training or track_metrics:
             # Codebooks follow the EMA; this term only pulls the inputs towards their codewords.
             rows = [M * self.width]
             counted_inputs = select_rows(tf.reshape(inputs, [-1] + rows), valid)
             counted_nearest = select_rows(tf.reshape(nearest, [-1] + rows), valid)
-            commitment = mean_or_zero(tf.square(counted_inputs - tf.stop_gradient(counted_nearest)))
-            self.add_loss(self.commitment_weight * commitment)
+            commitment = self.commitment_weight * mean_or_zero(
+                tf.square(counted_inputs - tf.stop_gradient(counted_nearest)))
+            has_rows = tf.cast(tf.shape(counted_inputs)[0] > 0, tf.float32)
+            self.commitment_tracker.update_state(tf.cast(commitment, tf.float32), sample_weight=has_rows)
+            if training:
+                self.add_loss(commitment)
         # Straight-through estimator: forward value of the codewords, gradient of the identity.
         return inputs + tf.stop_gradient(nearest - inputs), codes
 

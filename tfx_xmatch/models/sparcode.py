@@ -26,7 +26,10 @@ sampled negatives with logQ correction) + ``sparsity_weight`` x mean(T) (an L1 p
 empties posting lists) + the quantizer's commitment loss + ``encoder_loss_weight`` x an
 auxiliary dot-product softmax on the encoder states (our addition: it trains the encoder at
 every position; the codes alone train it too slowly). Codebooks follow an EMA of their
-assigned tokens, with dead-code restarts.
+assigned tokens, with dead-code restarts. Each weighted term is logged on its own
+(``retrieval_loss``, ``sparsity_loss``, ``quantizer_commitment_loss``, ``encoder_loss``), in
+training and validation; the commitment term is a layer loss in training, so it is also what
+``regularization_loss`` holds beyond any l2 penalty (TFRS sums ``self.losses`` there).
 
 Cache-aware training (``training_cache_fraction`` f, our addition): the served index keeps only
 the globally best fraction of the table, so an item whose score is spread thinly over many codes
@@ -285,6 +288,7 @@ class SparCode(RetrievalModel):
         self.score_bias = self.add_weight(name="score_bias", shape=(), initializer="zeros", autocast=False)
         self.retrieval_loss_tracker = tf.keras.metrics.Mean(name="retrieval_loss")
         self.sparsity_tracker = tf.keras.metrics.Mean(name="positive_score_fraction")
+        self.sparsity_loss_tracker = tf.keras.metrics.Mean(name="sparsity_loss")  # its weighted term of the loss
         self.encoder_loss_tracker = tf.keras.metrics.Mean(name="encoder_loss")
         if self.training_cache_fraction is not None:
             self.cached_loss_tracker = tf.keras.metrics.Mean(name="cached_retrieval_loss")
@@ -613,6 +617,7 @@ class SparCode(RetrievalModel):
 
         retrieval = softmax_loss(logits)
         self.track(self.retrieval_loss_tracker, retrieval)
+        self.track(self.sparsity_loss_tracker, self.sparsity_weight * sparsity)
         loss = retrieval + self.sparsity_weight * sparsity + self.encoder_loss_weight * encoder_loss
         if cached_logits is not None:
             cached = softmax_loss(cached_logits)
