@@ -51,6 +51,8 @@ def test_training_logs_every_loss_and_codebook_usage_per_level(trained):
                  "rqvae_reconstruction_error"):
         assert name in history.history and np.isfinite(history.history[name]).all(), name
     assert history.history["retrieval_loss"][-1] < history.history["retrieval_loss"][0]
+    # Terms the model does not have are not logged (mixture_loss read a constant 0).
+    assert "mixture_loss" not in history.history and "backbone_loss" not in history.history
 
 
 def test_each_loss_has_its_own_weight_and_logged_value():

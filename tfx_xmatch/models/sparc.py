@@ -31,6 +31,8 @@ Losses (each weight configurable, each logged during ``fit``):
     z_rec (``reconstruction_contrastive_loss``, weight ``reconstruction_contrastive_weight``);
   * ``interest_loss``: cross-entropy of the interest tower against the target's level-1 code
     (``interest_weight``); ``interest_accuracy`` is its top-1 accuracy;
+  * ``mixture_loss`` (``mixture_interests`` > 0, weight ``mixture_weight``): the retrieval softmax
+    of the interest tower's top ``mixture_interests`` user vectors mixed by probability;
   * ``backbone_loss`` (our addition, ``backbone_loss_weight`` > 0): the two-tower's softmax on the
     encoder state s_t alone, at every position.
 
@@ -241,7 +243,10 @@ class SPARC(RetrievalModel):
         ], name="interest_tower")
         self.trackers = {name: tf.keras.metrics.Mean(name=name) for name in (
             "retrieval_loss", "rqvae_loss", "bpr_loss", "contrastive_loss", "user_item_contrastive_loss",
-            "reconstruction_contrastive_loss", "interest_loss", "interest_accuracy", "mixture_loss") + (("backbone_loss",) if self.backbone_loss_weight > 0 else ())}
+            "reconstruction_contrastive_loss", "interest_loss", "interest_accuracy")
+            # Only the terms this model has: a mixture loss logged as a constant 0 read as a solved term.
+            + (("mixture_loss",) if self.mixture_interests else ())
+            + (("backbone_loss",) if self.backbone_loss_weight > 0 else ())}
 
     def compile(self, *args, jit_compile: Optional[bool] = None, **kwargs) -> None:
         self._refuse_jit_compile(jit_compile)
