@@ -143,6 +143,31 @@ def test_bad_input_is_named(data):
         make_index("soft_search", base="sparse_code")
 
 
+def test_an_interest_of_probability_zero_is_served_and_unusable_weights_are_named(data):
+    """A -inf log weight (probability 0) must not be taken for a bad query, as the queries'
+    finiteness check first did; a NaN weight, or a row of only -inf weights, came back as
+    all padding."""
+    items, queries, log_weights = data
+    ids = np.arange(100, 100 + N)
+    index = SoftSearchIndex(BruteForceIndex(k_max=20), num_interests=4, k_max=20).index(items, ids)
+    zero = log_weights.copy()
+    zero[:, 2:] = -np.inf
+    scores, found = index(queries, k=5, log_weights=zero)
+    for row, (expected_ids, expected_scores) in enumerate(oracle(items, queries[:, :2], zero[:, :2], 5, 20, ids)):
+        np.testing.assert_array_equal(found.numpy()[row], expected_ids)
+        np.testing.assert_allclose(scores.numpy()[row], expected_scores, rtol=1e-4, atol=1e-5)
+    for row_values in ([np.nan, 0.0, 0.0, 0.0], [-np.inf] * 4, [np.inf, 0.0, 0.0, 0.0]):
+        bad = log_weights.copy()
+        bad[1] = row_values
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"log_weights must be finite or -inf.*first row that is not \(from 0\):[^0-9]*1"):
+            index(queries, k=5, log_weights=bad)
+    nan_query = queries.copy()
+    nan_query[2, 1, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"queries must be finite.*\(from 0\):[^0-9]*2"):
+        index(nan_query, k=5, log_weights=log_weights)
+
+
 def test_a_traced_search_may_leave_the_interests_and_the_width_unknown(data):
     """Like every other index kind: [None, K, None] was refused at trace time ("queries must be
     [B, num_interests=4, d=8], got shape (None, 4, None)"); the width is checked when it runs."""

@@ -180,6 +180,8 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             instead (``tf.errors.InvalidArgumentError``), whose message names the value.
           TypeError: If dtypes are wrong (float queries, integer k, exclude of the index's
             identifier dtype).
+          tf.errors.InvalidArgumentError: A query row is not finite (NaN or inf), naming it;
+            not checked under XLA (``jit_compile``), which drops assertions.
         """
         self._raise_unless_indexed()
         queries = tf.convert_to_tensor(queries)
@@ -201,13 +203,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                 message=f"queries must have as many columns as the indexed candidates ({self.dimension})")
             with tf.control_dependencies([check]):
                 queries = tf.identity(queries)
-        # A NaN query scored NaN against every candidate and came back as a top-k of the first
-        # identifiers; in the inverted index NaN scores pushed real results out.
-        finite_rows = tf.reduce_all(tf.math.is_finite(queries), axis=1)
-        check = tf.debugging.Assert(tf.reduce_all(finite_rows), [
-            "queries must be finite (no NaN or inf); first row that is not (from 0):",
-            tf.where(tf.logical_not(finite_rows))[:1, 0]])
-        with tf.control_dependencies([check]):
+        with tf.control_dependencies([self._finiteness_check(queries)]):
             queries = tf.identity(queries)
         static_k, k = self._checked_k(k)
 
@@ -300,6 +296,17 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                 f"{type(self).__name__}.{method} builds variables and must run eagerly; call it "
                 "outside tf.function"
             )
+
+    def _finiteness_check(self, queries: tf.Tensor) -> tf.Operation:
+        """The assertion that every query row is finite (XLA drops it, as it drops every Assert).
+
+        A NaN query scored NaN against every candidate and came back as a top-k of the first
+        identifiers; in the inverted index NaN scores pushed real results out.
+        """
+        finite_rows = tf.reduce_all(tf.math.is_finite(queries), axis=1)
+        return tf.debugging.Assert(tf.reduce_all(finite_rows), [
+            "queries must be finite (no NaN or inf); first row that is not (from 0):",
+            tf.where(tf.logical_not(finite_rows))[:1, 0]])
 
     @staticmethod
     def _checked_candidates(candidates: TensorLike) -> tf.Tensor:

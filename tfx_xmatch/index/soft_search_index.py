@@ -157,6 +157,20 @@ class SoftSearchIndex(RetrievalIndex):
         packed = tf.concat([tf.reshape(queries, [batch, num_interests * width]), log_weights], axis=1)
         return super().call(packed, k=k, exclude=exclude)
 
+    def _finiteness_check(self, packed: tf.Tensor) -> tf.Operation:
+        """The interest vectors must be finite; a log weight may be -inf (an interest of
+        probability 0) but not NaN or +inf, and each row needs one interest of some probability
+        (a row of -inf weights came back all padding)."""
+        split = packed.shape[1] - self.num_interests  # call packs [B, K * d + K]
+        vectors, log_weights = packed[:, :split], packed[:, split:]
+        vectors_ok = super()._finiteness_check(vectors)
+        usable = tf.logical_and(tf.logical_not(tf.math.is_nan(log_weights)), log_weights < np.inf)
+        rows_ok = tf.logical_and(tf.reduce_all(usable, axis=1), tf.reduce_any(log_weights > -np.inf, axis=1))
+        weights_ok = tf.debugging.Assert(tf.reduce_all(rows_ok), [
+            "log_weights must be finite or -inf, with at least one finite weight per row; first row that is not "
+            "(from 0):", tf.where(tf.logical_not(rows_ok))[:1, 0]])
+        return tf.group(vectors_ok, weights_ok)
+
     def _top_k(self, packed: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         vectors, log_weights = self._unpacked(packed)
         scores, positions = self.base._top_k(vectors, tf.constant(self.k_max, tf.int32))
