@@ -121,6 +121,10 @@ class ResidualQuantizer(tf.keras.layers.Layer):
              tf.keras.metrics.Mean(name=f"{self.name}_level{level}_dead_codes"))
             for level in range(self.num_levels)
         ]
+        for _, dead_codes_tracker in self.level_trackers:
+            # Measured by the training step before it restarts them: nothing for evaluation to
+            # measure (a val_ figure read 0, "none dead").
+            dead_codes_tracker.training_only = True
 
     def build(self, input_shape):
         width = int(input_shape[-1])
@@ -208,12 +212,9 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         elif track_metrics:
             self.reconstruction_tracker.update_state(error, sample_weight=counted)
             for level in range(self.num_levels):
-                perplexity_tracker, dead_codes_tracker = self.level_trackers[level]
+                perplexity_tracker, _ = self.level_trackers[level]
                 perplexity_tracker.update_state(_perplexity(self._counts(counted_codes[:, level])),
                                                 sample_weight=counted)
-                # The codebook's state, as training reports it (never updated here, val_ read 0).
-                dead = tf.reduce_mean(tf.cast(self.usage[level] < self.dead_code_threshold, tf.float32))
-                dead_codes_tracker.update_state(dead, sample_weight=counted)
         latent = tf.shape(codewords)[-1]
         return {
             "codes": tf.reshape(codes, tf.concat([leading, [self.num_levels]], 0)),

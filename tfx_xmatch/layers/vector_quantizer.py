@@ -113,6 +113,9 @@ class VectorQuantizer(tf.keras.layers.Layer):
         # variable created on a non-first call, which fails the export.
         self.perplexity_tracker = tf.keras.metrics.Mean(name=f"{self.name}_perplexity")
         self.dead_codes_tracker = tf.keras.metrics.Mean(name=f"{self.name}_dead_codes")
+        # Measured by the training step, before it restarts the dead codes (after it none is
+        # dead): evaluation has nothing to measure, and a val_ figure read 0, "none dead".
+        self.dead_codes_tracker.training_only = True
         # The weighted commitment term, shown on its own: in training it is also a layer loss
         # (in a model's regularization_loss, as TFRS sums self.losses), which names no term.
         self.commitment_tracker = tf.keras.metrics.Mean(name=f"{self.name}_commitment_loss")
@@ -303,10 +306,7 @@ class VectorQuantizer(tf.keras.layers.Layer):
                 has_codes = tf.shape(counted_codes)[1] > 0
                 perplexity = tf.where(has_codes, tf.reduce_mean(self._perplexity(counted_codes)), 0.0)
                 self.perplexity_tracker.update_state(perplexity, sample_weight=tf.cast(has_codes, tf.float32))
-                # Dead codes belong to the codebooks, not to the data: the state's share (a val_
-                # figure that was never updated read 0, "none dead", however many were).
-                dead = tf.reduce_mean(tf.cast(self.ema_cluster_size < self.dead_code_threshold, tf.float32))
-                self.dead_codes_tracker.update_state(dead, sample_weight=tf.cast(has_codes, tf.float32))
+
         nearest = tf.cast(tf.reshape(tf.transpose(nearest, [1, 0, 2]), shape), inputs.dtype)
         codes_shape = shape[:-1] if self._grouped or M == 1 else tf.concat([shape[:-1], [M]], 0)
         codes = tf.reshape(tf.transpose(codes), codes_shape)

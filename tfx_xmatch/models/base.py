@@ -128,7 +128,11 @@ class RetrievalModel(tfrs.models.Model):
         inputs, rows = self._never_empty(inputs)
         with self._weighing_logs_by(rows):
             loss = tf.cast(self.compute_loss(inputs, training=False), tf.float32)
-        return self._step_logs(loss, self._regularization_loss(), rows)
+        logs = self._step_logs(loss, self._regularization_loss(), rows)
+        # What only a training step measures (the quantizers' dead codes) is left out of
+        # evaluate() and the val_ logs rather than reported as an unmeasured 0.
+        training_only = {metric.name for metric in self.metrics if getattr(metric, "training_only", False)}
+        return {name: value for name, value in logs.items() if name not in training_only}
 
     @contextlib.contextmanager
     def _weighing_logs_by(self, rows: tf.Tensor):
