@@ -484,6 +484,7 @@ class ModelSelection(tf.keras.callbacks.Callback):
         Raises:
           TrainingDiverged: no epoch was validated before (there is nothing to keep).
         """
+        row["train_seconds"] = round(self.state["train_seconds"], 2)
         self.state["epochs"] = [r for r in self.state["epochs"] if r["epoch"] < epoch + 1] + [row]
         weights = "finite" if _all_finite(self.model.trainable_weights) else "not finite"
         what = f"training diverged at epoch {epoch + 1} (loss {row['loss']:.4g}, weights {weights})"

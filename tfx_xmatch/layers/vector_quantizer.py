@@ -177,22 +177,30 @@ class VectorQuantizer(tf.keras.layers.Layer):
         indices = tf.range(self.num_codewords, dtype=tf.int32)
         return tf.reduce_min(tf.where(nearest, indices, self.num_codewords), -1)
 
-    def _assign_counting(self, vectors: tf.Tensor, codebooks: tf.Tensor, valid: Optional[tf.Tensor]) -> tf.Tensor:
+    def _assign_counting(self, vectors: tf.Tensor, codebooks: tf.Tensor, valid: Optional[tf.Tensor],
+                         training: bool = False) -> tf.Tensor:
         """``_assign``, where a vector that does not count may hold anything: a NaN finds no
-        nearest codeword (code N), which must not fail the gather of its codeword."""
+        nearest codeword (code N), which must not fail the gather of its codeword.
+
+        A vector that counts and is not finite is named outside training: the gather of code
+        N failed with "indices[0,3] = 8 is not in [0, 8)" (a GPU would gather zeros, silently).
+        In training it takes the last code and the loss goes NaN, so ``fit`` reaches the end
+        of the epoch, where a diverged run is stopped with its best epoch kept.
+        """
         codes = self._assign(vectors, codebooks)
-        lost = codes >= self.num_codewords  # [M, V]: no distance was a number
+        last = self.num_codewords - 1
+        if training:
+            return tf.minimum(codes, last)
+        lost = codes > last  # [M, V]: no distance was a number
         if valid is not None:
             lost = tf.logical_and(lost, valid[tf.newaxis, :])
-        # Otherwise the gather of codeword N failed with "indices[0,3] = 8 is not in [0, 8)"
-        # (and would return zeros on a GPU, silently).
         check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(lost)), [
             f"{self.name}: an input vector is not finite (NaN or inf) or so large that its distances overflow: "
-            "the layers before it diverged (lower the learning rate) or were given NaN; first such vector (from 0):",
+            "the layers before it diverged or were given NaN; first such vector (from 0):",
             tf.reduce_min(tf.where(tf.reduce_any(lost, 0))[:1])])
         with tf.control_dependencies([check]):
             codes = tf.identity(codes)
-        return codes if valid is None else tf.where(valid, codes, tf.minimum(codes, self.num_codewords - 1))
+        return codes if valid is None else tf.where(valid, codes, tf.minimum(codes, last))
 
     def _sample(self, vectors: tf.Tensor, distinct: bool) -> tf.Tensor:
         """N batch vectors per codebook, [M, V, w] -> [M, N, w] (zeros when V = 0, which the
@@ -246,7 +254,7 @@ class VectorQuantizer(tf.keras.layers.Layer):
         before = current()
         self.initialized.assign(tf.logical_or(initialized, has_vectors))
 
-        all_codes = self._assign_counting(everything, codebooks, valid)
+        all_codes = self._assign_counting(everything, codebooks, valid, training=True)
         nearest = tf.gather(codebooks, all_codes, batch_dims=1)
         codes = all_codes if valid is None else tf.boolean_mask(all_codes, valid, axis=1)
         one_hot = tf.one_hot(codes, N, dtype=vectors.dtype)  # [M, V, N]
