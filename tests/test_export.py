@@ -336,6 +336,18 @@ def test_reloaded_export_equals_the_in_process_model_and_uses_stock_ops(model, e
     np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
 
 
+def test_a_user_feature_with_a_hyphen_is_exported_and_checked_by_name(tmp_path):
+    """The shape check's op is named after the feature, which need not be a valid op name."""
+    model = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, dropout=0.0,
+                     user_feature_cardinalities={"age": 3, "age-group": 2})
+    top_k = tf.saved_model.load(str(export_retrieval_model(model, int_vocab(), tmp_path, k_max=K_MAX))).signatures["top_k"]
+    history = tf.constant(right_padded(int_vocab(), [np.array([3, 7])], 4, 0))
+    features = {"age": tf.constant([1], tf.int64), "age-group": tf.constant([2], tf.int64)}
+    assert top_k(history=history, k=tf.constant(3), **features)["item_ids"].shape == (1, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="user_feature_age-group_must_be_one_value_per_row"):
+        top_k(history=history, k=tf.constant(3), **{**features, "age-group": tf.constant([[2]], tf.int64)})
+
+
 def test_a_reloaded_export_names_an_input_of_the_wrong_rank(exported):
     """TF Serving feeds tensors as the request holds them: a one-row history sent as [items]
     failed deep inside the graph ("Invalid reduction dimension"), naming no input."""
@@ -452,7 +464,7 @@ def test_models_trained_with_user_features_export_them_as_inputs(tmp_path):
         with pytest.raises(tf.errors.InvalidArgumentError, match="user feature gender needs one value per history row"):
             top_k(history=tf.constant(request), k=tf.constant(5), age=tf.constant(age),
                   gender=tf.constant([1], tf.int64))
-        with pytest.raises(tf.errors.InvalidArgumentError, match="gender_must_be_one_value_per_row"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="user_feature_gender_must_be_one_value_per_row"):
             top_k(history=tf.constant(request), k=tf.constant(5), age=tf.constant(age),
                   gender=tf.constant(gender[:, np.newaxis]))
         # TF Serving replays the warm-up requests at load: they carry the features too.

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import tempfile
 import uuid
 from typing import Optional
@@ -188,7 +189,10 @@ class RetrievalServingModule(tf.Module):
         inside with "Invalid reduction dimension". EnsureShape names the input instead (its op
         name is what the error shows)."""
         history = tf.ensure_shape(history, [None, None], name="history_must_be_batch_by_items")
-        features = tuple(tf.ensure_shape(values, [None], name=f"{name}_must_be_one_value_per_row")
+        # An op name takes [A-Za-z0-9_.-/] only, and not a leading "_": "user_feature_" and the
+        # feature's name with anything else replaced (a feature may be called "_age" or "âge").
+        features = tuple(tf.ensure_shape(values, [None], name="user_feature_" + re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+                                         + "_must_be_one_value_per_row")
                          for name, values in zip(self.user_features, features))
         return history, features
 
