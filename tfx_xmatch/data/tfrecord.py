@@ -297,20 +297,33 @@ def check_not_cut_short(files: Sequence[str]) -> None:
     """
     for path in files:
         # Training counts the records, then reads them: a file seen whole is not read again
-        # unless it changed since.
-        stat = tf.io.gfile.stat(path)
-        version = (stat.length, stat.mtime_nsec)
-        if _FOUND_WHOLE.get(path) == version:
+        # while its length and modification time stay those it had then.
+        version = _file_version(path)
+        if version is not None and _FOUND_WHOLE.get(path) == version:
             continue
         where = _where_cut_short(path)
         if where is not None:
             raise tf.errors.DataLossError(
                 None, None, f"{path}: {where}: the TFRecord file is damaged or cut short; write it again")
-        _FOUND_WHOLE[path] = version
+        if version is not None:
+            _FOUND_WHOLE[path] = version
 
 
 # path -> (length, modification time in ns) of a file ``check_not_cut_short`` found whole.
 _FOUND_WHOLE: dict[str, tuple[int, int]] = {}
+
+
+def _file_version(path: str) -> Optional[tuple[int, int]]:
+    """(length, modification time in ns) of ``path``, or None where the time is not known.
+
+    A local file's time comes from ``os.stat`` (tf.io.gfile rounds it to the second, so a file
+    rewritten within that second at the same length would look unchanged).
+    """
+    if "://" not in path:
+        stat = os.stat(path)
+        return stat.st_size, stat.st_mtime_ns
+    stat = tf.io.gfile.stat(path)
+    return (stat.length, stat.mtime_nsec) if stat.mtime_nsec else None
 
 
 def _matching_files(file_pattern, max_length: int, batch_size: int) -> list[str]:
