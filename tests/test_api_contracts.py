@@ -57,15 +57,15 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: VectorQuantizer(8, commitment_weight=NAN), "commitment_weight must be a finite number >= 0, got nan"),
-    (lambda: VectorQuantizer(8, epsilon=INF), "epsilon must be a finite number > 0, got inf"),
-    (lambda: ResidualQuantizer(2, 8, reconstruction_weight=NAN), "reconstruction_weight must be a finite number"),
-    (lambda: SparCode(num_items=5, sparsity_weight=NAN), "sparsity_weight must be a finite number >= 0, got nan"),
-    (lambda: SparCode(num_items=5, assignment_temperature=NAN), "assignment_temperature must be a finite number"),
-    (lambda: SparCode(num_items=5, encoder_loss_weight=NAN), "encoder_loss_weight must be a finite number"),
-    (lambda: SPARC(num_items=5, bpr_weight=NAN), "bpr_weight must be a finite number >= 0, got nan"),
-    (lambda: SPARC(num_items=5, contrastive_temperature=INF), "contrastive_temperature must be a finite number"),
-    (lambda: T2Diff(num_items=5, diffusion_weight=NAN), "diffusion_weight must be a finite number >= 0, got nan"),
+    (lambda: VectorQuantizer(8, commitment_weight=NAN), "commitment_weight must be a number in [0.0, inf), got nan"),
+    (lambda: VectorQuantizer(8, epsilon=INF), "epsilon must be a number in (0.0, inf), got inf"),
+    (lambda: ResidualQuantizer(2, 8, reconstruction_weight=NAN), "reconstruction_weight must be a number in [0.0, inf), got nan"),
+    (lambda: SparCode(num_items=5, sparsity_weight=NAN), "sparsity_weight must be a number in [0.0, inf), got nan"),
+    (lambda: SparCode(num_items=5, assignment_temperature=NAN), "assignment_temperature must be a number in (0.0, inf), got nan"),
+    (lambda: SparCode(num_items=5, encoder_loss_weight=NAN), "encoder_loss_weight must be a number in [0.0, inf), got nan"),
+    (lambda: SPARC(num_items=5, bpr_weight=NAN), "bpr_weight must be a number in [0.0, inf), got nan"),
+    (lambda: SPARC(num_items=5, contrastive_temperature=INF), "contrastive_temperature must be a number in (0.0, inf), got inf"),
+    (lambda: T2Diff(num_items=5, diffusion_weight=NAN), "diffusion_weight must be a number in [0.0, inf), got nan"),
     (lambda: TwoTower(num_items=5, temperature=INF), "temperature must be a number in (0.0, inf), got inf"),
     (lambda: TwoTower(num_items=5, l2=INF), "l2 must be a number in [0.0, inf), got inf"),
 ])
@@ -76,11 +76,6 @@ def test_nan_and_infinite_weights_are_refused_by_name(build, message):
     with pytest.raises(ValueError) as error:
         build()
     assert message in str(error.value)
-    assert arguments.non_negative("w", np.float32(0.5)) == 0.5
-    with pytest.raises(ValueError, match="^w must be >= 0, got -1$"):
-        arguments.non_negative("w", -1)
-    with pytest.raises(ValueError, match="^w must be > 0, got 0$"):
-        arguments.non_negative("w", 0, strict=True)
 
 
 @pytest.mark.parametrize("build, name", [

@@ -376,7 +376,7 @@ def test_cache_aware_training_adds_a_softmax_over_the_cached_table():
     assert "cached_retrieval_loss" not in _model().fit(_batches(num_batches=1), verbose=0).history
     again = SparCode.from_config(model.get_config())
     assert again.training_cache_fraction == 0.1 and again.get_config() == model.get_config()
-    with pytest.raises(ValueError, match="cached_loss_weight must be >= 0, got -0.5"):
+    with pytest.raises(ValueError, match="cached_loss_weight must be a number in \\[0.0, inf\\), got -0.5"):
         SparCode(num_items=5, training_cache_fraction=0.1, cached_loss_weight=-0.5)
     with pytest.raises(ValueError, match=r"training_cache_fraction must be in \(0, 1\] or None, got 1.5"):
         SparCode(num_items=5, training_cache_fraction=1.5)

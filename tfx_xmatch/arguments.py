@@ -81,20 +81,6 @@ def real(name: str, value, low: Optional[float] = None, high: Optional[float] = 
     return float(value)
 
 
-def non_negative(name: str, value, strict: bool = False) -> float:
-    """``value`` as a float, if it is a finite real number >= 0 (> 0 when ``strict``).
-
-    Raises:
-      ValueError: Not a finite real number (NaN, inf), or below the bound.
-    """
-    bound = "> 0" if strict else ">= 0"
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    if value < 0 or (strict and value == 0):
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return float(value)
-
-
 def widths(name: str, values: Iterable, allow_empty: bool = True) -> tuple:
     """A sequence of layer widths, each an integer >= 1, as a tuple of ints.
 

@@ -68,7 +68,7 @@ class ItemTower(tf.keras.layers.Layer):
                     f"{expected} from num_items={self.num_items} and feature_dims={self.feature_dims}"
                 )
             # One NaN feature value made the loss NaN at the first step, and every weight after it.
-            finite = np.isfinite(np.asarray(table, np.float64))
+            finite = np.isfinite(np.asarray(table))
             if not finite.all():
                 row, column = (int(i) for i in np.argwhere(~finite)[0])
                 raise ValueError(f"item feature table {name!r} must be finite; row {row} (item index {row}) holds "

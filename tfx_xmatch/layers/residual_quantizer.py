@@ -102,7 +102,7 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         for name, value in (("commitment_weight", commitment_weight),
                             ("reconstruction_weight", reconstruction_weight),
                             ("dead_code_threshold", dead_code_threshold)):
-            arguments.non_negative(name, value)
+            arguments.real(name, value, 0.0)
         if not 0.0 < usage_decay < 1.0:
             raise ValueError(f"usage_decay must be in (0, 1), got {usage_decay!r}")
         self.num_levels = int(num_levels)

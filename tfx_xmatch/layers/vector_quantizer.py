@@ -96,9 +96,9 @@ class VectorQuantizer(tf.keras.layers.Layer):
             raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks!r}")
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay!r}")
-        arguments.non_negative("commitment_weight", commitment_weight)
-        arguments.non_negative("epsilon", epsilon, strict=True)
-        arguments.non_negative("dead_code_threshold", dead_code_threshold)
+        arguments.real("commitment_weight", commitment_weight, 0.0)
+        arguments.real("epsilon", epsilon, 0.0, low_open=True)
+        arguments.real("dead_code_threshold", dead_code_threshold, 0.0)
         self.num_codewords = int(num_codewords)
         self.num_codebooks = int(num_codebooks)
         self.product_quantization = bool(product_quantization)

@@ -40,9 +40,11 @@ def check_index_dtype(name: str, value, vocabulary: str = "item") -> tf.Tensor:
     """
     tensor = tf.convert_to_tensor(value)
     if not (tensor.dtype.is_integer or tensor.dtype.is_floating):
+        # Only item ids have an in-graph vocabulary in the export; a user feature is served as
+        # its index too.
+        where = "the export's signatures take raw item ids" if vocabulary == "item" else "the export takes the index too"
         raise TypeError(f"input {name!r} must hold integer indices (int32 or int64), got {tensor.dtype.name}; "
-                        f"map raw values to indices with the {vocabulary} vocabulary "
-                        "(the export's signatures take raw values)")
+                        f"map raw values to indices with the {vocabulary} vocabulary ({where})")
     return tensor
 
 

@@ -171,7 +171,7 @@ class SPARC(RetrievalModel):
             raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        arguments.non_negative("contrastive_temperature", contrastive_temperature, strict=True)
+        arguments.real("contrastive_temperature", contrastive_temperature, 0.0, low_open=True)
         for name, value in (("rqvae_weight", rqvae_weight), ("bpr_weight", bpr_weight),
                             ("contrastive_weight", contrastive_weight), ("interest_weight", interest_weight),
                             ("reconstruction_contrastive_weight",
@@ -179,7 +179,7 @@ class SPARC(RetrievalModel):
                              else reconstruction_contrastive_weight),
                             ("mixture_weight", mixture_weight),
                             ("backbone_loss_weight", backbone_loss_weight)):
-            arguments.non_negative(name, value)
+            arguments.real(name, value, 0.0)
         for name, value in (("serving_interests", serving_interests),
                             ("max_contrastive_positions", max_contrastive_positions)):
             if value < 1:

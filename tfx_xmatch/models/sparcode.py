@@ -214,8 +214,8 @@ class SparCode(RetrievalModel):
                              f"chunks: embedding_dim={embedding_dim!r} is not divisible by it")
         for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak),
                             ("cached_loss_weight", cached_loss_weight), ("encoder_loss_weight", encoder_loss_weight)):
-            arguments.non_negative(name, value)
-        arguments.non_negative("assignment_temperature", assignment_temperature, strict=True)
+            arguments.real(name, value, 0.0)
+        arguments.real("assignment_temperature", assignment_temperature, 0.0, low_open=True)
         for name, value in (("training_cache_fraction", training_cache_fraction),
                             ("serving_cache_fraction", serving_cache_fraction)):
             if value is not None and not 0 < value <= 1:

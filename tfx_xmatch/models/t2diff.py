@@ -204,7 +204,7 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"sampling_steps must be in [1, diffusion_steps={diffusion_steps}], got {sampling_steps!r}")
         for name, value in (("diffusion_weight", diffusion_weight), ("eta", eta),
                             ("backbone_loss_weight", backbone_loss_weight)):
-            arguments.non_negative(name, value)
+            arguments.real(name, value, 0.0)
         self._set_shared_hyperparameters(
             num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
             num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
