@@ -189,7 +189,7 @@ def merge_rows(result: dict, path: pathlib.Path, key: tuple[str, ...], defaults:
     more = [m for m in earlier.get("more_commands", []) if m["command"] != result["command"]]
     header = {k: v for k, v in earlier.items() if k not in ("rows", "more_commands")}
     if earlier["command"] == result["command"]:  # the first command again: its rows are this run's
-        header.update({k: result[k] for k in ("date", "machine", "versions") if k in result})
+        header.update({k: result[k] for k in ("date", "machine", "versions", "source") if k in result})
     else:
         more.append({"command": result["command"], "date": result["date"],
                      **({"machine": result["machine"]} if "machine" in result else {})})

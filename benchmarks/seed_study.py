@@ -45,7 +45,8 @@ import yaml  # noqa: E402
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.bench.paired import load_ranks  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.evaluation import check_metric, compare_run_groups, format_difference, is_tail_target  # noqa: E402
+from tfx_xmatch.evaluation import (check_metric, compare_run_groups, describe_recorded_tests,  # noqa: E402
+                                   format_difference, format_recorded_difference, is_tail_target)
 
 DEFAULT_SPEC = pathlib.Path(__file__).resolve().parent / "seed_study.yaml"
 
@@ -146,21 +147,16 @@ def comparison_rows(result: dict) -> list[dict]:
 
 
 def to_markdown(result: dict) -> str:
-    # Studies run before paired_difference named its test used the t-test throughout.
-    untested = any("test" not in values["averaged"] for entry in result["comparisons"]
-                   for values in entry.get("metrics", {}).values())
-    over_users = ("the paired t-test (computed before paired_difference gave HR, Recall and P the exact sign test)"
-                  if untested else "the paired test of tfx_xmatch.evaluation.paired_difference (the exact sign "
-                  "test when every user who differs differs by the same amount, as HR, Recall and P of one run a "
-                  "side do; else the exact sign-flip test when at most 20 users differ, else a t-test)")
+    over_users = describe_recorded_tests([values["averaged"] for entry in result["comparisons"]
+                                          for values in entry.get("metrics", {}).values()])
     lines = markdown_header(result, "one model against another over several training runs") + [
         f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
         "read from the runs' test_ranks/",
-        f"- per metric: each run's value; over users: {over_users} of each user's gain averaged over a "
+        f"- per metric: each run's value; over users: the gain of each user averaged over a "
         "model's runs (the runs held fixed); over runs: a t-test of the runs' values, the run-to-run spread as "
         "its noise (Welch's; paired run by run when both sides are the same runs; needs 2+ runs a side, and "
         "has little power with 2 or 3); the run pairings (paired over users) significant for each model; 95% "
-        "intervals",
+        f"intervals; the test over users is {over_users}",
         "- verdict: 'A better' / 'B better' only when the test over users and the test over runs are both "
         "significant the same way",
         "",
@@ -182,7 +178,7 @@ def to_markdown(result: dict) -> str:
             pairings = len(value["pairings"])
             lines.append(f"| {metric} | {' '.join(f'{v:.4f}' for v in value['runs_a'])} | "
                          f"{' '.join(f'{v:.4f}' for v in value['runs_b'])} | "
-                         f"{format_difference(value['averaged'])} | {across} | "
+                         f"{format_recorded_difference(value['averaged'])} | {across} | "
                          f"{value['significant_for_a']} / {value['significant_for_b']} of {pairings} | "
                          f"{value['verdict']} |")
         lines.append("")

@@ -84,8 +84,9 @@ def test_merged_results_replace_rows_by_key_and_list_every_command(tmp_path):
     same = merge_rows({**second, "command": "run c", "machine": intel, "versions": {}}, path, ("model", "sampling"))
     assert "- also: `run c` (d2)" in markdown_header(same, "t")
     # The first command run again replaced its rows: the header is that run's.
-    rerun = merge_rows({**first, "date": "d4", "machine": amd, "versions": {"tf": "2.20"}}, path, ("model", "sampling"))
-    assert (rerun["date"], rerun["machine"]) == ("d4", amd)
+    rerun = merge_rows({**first, "date": "d4", "machine": amd, "versions": {"tf": "2.20"}, "source": "abc"}, path,
+                       ("model", "sampling"))
+    assert (rerun["date"], rerun["machine"], rerun["source"]) == ("d4", amd, "abc")
     # A key field that older rows lack takes its default: seed 0 replaces them, seed 1 adds rows.
     seeded = {**second, "rows": [{"model": "x", "sampling": "s", "seed": 0, "HR": 0.5},
                                  {"model": "y", "sampling": "s", "seed": 1, "HR": 0.6}]}
@@ -242,13 +243,14 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     text = sparc.to_markdown({**common.header("sparc"), "rows": rows})
     assert "| soft K=8 | " in text and "Recall@50 vs two-tower" in text and "p=" in text
     assert "p-value of the paired test of tfx_xmatch.evaluation.paired_difference: the exact sign test" in text
-    # Rows compared before the tests were named hold t-test p-values: the page says so.
-    for row in rows:
-        for key in ("vs_two_tower", "vs_hard"):
-            for difference in row.get(key, {}).values():
-                difference.pop("test")
-    assert "p-value of a paired t-test (these comparisons were computed before" in sparc.to_markdown(
-        {**common.header("sparc"), "rows": rows})
+    assert "†" not in text
+    # A row compared before the tests were named holds a t-test's p: marked, beside the others.
+    for difference in rows[1]["vs_two_tower"].values():
+        difference.pop("test")
+    text = sparc.to_markdown({**common.header("sparc"), "rows": rows})
+    assert "p-values marked † were computed before the test was recorded: paired t-tests" in text
+    marked = [line for line in text.splitlines() if "†" in line and line.startswith("| ")]
+    assert len(marked) == 1 and marked[0].startswith(f"| {rows[1]['model']} | {rows[1]['path']} |")
 
 
 def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder_alone(tmp_path):
@@ -389,7 +391,8 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
                                    "num_users": 400, "comparisons": entries})
     assert "## A vs B" in text and "| HR@10 | " in text and "4 / 0 of 4 | A better |" in text
     assert "Not compared: no saved ranks for b0/'other'." in text
-    assert "over users: the paired test of tfx_xmatch.evaluation.paired_difference (the exact sign test" in text
+    assert "the test over users is the paired test of tfx_xmatch.evaluation.paired_difference: the exact sign" in text
+    assert "†" not in text
     assert hr["averaged"]["test"] == "paired t-test"  # gains averaged over runs take more than two values
     # A study recorded before the tests were named used the t-test: its page must say so.
     for entry in entries:
@@ -397,7 +400,8 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
             values["averaged"].pop("test")
     text = seed_study.to_markdown({**common.header("seed_study"), "dataset": "synthetic", "split": "leave_one_out",
                                    "num_users": 400, "comparisons": entries})
-    assert "over users: the paired t-test (computed before paired_difference gave HR" in text
+    assert "p-values marked † were computed before the test was recorded: paired t-tests" in text
+    assert "| HR@10 | " in text and " †" in text.split("| HR@10 | ")[1].split("\n")[0]
     # Ranks of other examples are refused, naming the file.
     with pytest.raises(ValueError, match="a0/test_ranks/exact.npz ranks other examples"):
         seed_study.study(spec, tmp_path, targets[::-1].copy(), targets < 10)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tfx_xmatch.evaluation import format_difference
+from tfx_xmatch.evaluation import describe_recorded_tests, format_recorded_difference
 from tfx_xmatch.io_utils import atomic_path
 
 RANKS_DIR = "test_ranks"
@@ -102,19 +102,13 @@ def paired_table(rows: Sequence[dict], label_columns: Sequence[str], references:
     if not paired:
         return []
     columns = [(key, metric) for key in references for metric in metrics if any(key in row for row in paired)]
-    # Comparisons recorded before paired_difference named its test were all t-tests: a page
-    # rebuilt from them must not credit their p-values to the sign tests.
-    untested = any("test" not in row[key][metric] for row in paired for key, metric in columns if key in row)
-    which = ("a paired t-test (these comparisons were computed before tfx_xmatch.evaluation.paired_difference "
-             "gave HR, Recall and P the exact sign test)" if untested else
-             "the paired test of tfx_xmatch.evaluation.paired_difference: the exact sign test for HR, Recall "
-             "and P, for NDCG and MRR the exact sign-flip test when at most 20 users differ, else a t-test")
+    cells = [row[key][metric] for row in paired for key, metric in columns if key in row]
     lines = ["Paired differences on the same test users (row minus the named model; 95% confidence interval of "
-             f"the mean difference; p-value of {which}):", "",
+             f"the mean difference; p-value of {describe_recorded_tests(cells)}):", "",
              "| " + " | ".join(label_columns) + " | "
              + " | ".join(f"Δ{metric} vs {references[key]}" for key, metric in columns) + " |",
              "|" + "---|" * (len(label_columns) + len(columns))]
     for row in paired:
-        cells = [format_difference(row[key][metric]) if key in row else "" for key, metric in columns]
+        cells = [format_recorded_difference(row[key][metric]) if key in row else "" for key, metric in columns]
         lines.append("| " + " | ".join(str(row[column]) for column in label_columns) + " | " + " | ".join(cells) + " |")
     return lines

@@ -12,11 +12,14 @@ from tfx_xmatch.evaluation.significance import (
     check_metric,
     compare_metrics,
     compare_run_groups,
+    describe_recorded_tests,
     format_difference,
+    format_recorded_difference,
     paired_difference,
     per_example_gain,
 )
 
 __all__ = ["TIE_POLICIES", "FullRankingEvaluator", "PairedDifference", "check_metric", "compare_metrics",
-           "compare_run_groups", "evaluate_full_ranking", "format_difference", "is_tail_target",
+           "compare_run_groups", "describe_recorded_tests", "evaluate_full_ranking", "format_difference",
+           "format_recorded_difference", "is_tail_target",
            "paired_difference", "per_example_gain"]

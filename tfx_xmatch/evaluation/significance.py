@@ -401,3 +401,22 @@ def format_difference(difference: dict) -> str:
         return f"{difference['difference']:+.4f} ({difference.get('test', 'no interval')}) p={difference['p_value']:.2g}"
     return (f"{difference['difference']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
             f"p={difference['p_value']:.2g}")
+
+
+# What results pages say of their p-values. A comparison recorded before ``PairedDifference``
+# named its test holds a t-test's p (the sign tests came later): it is marked, not relabelled.
+PAIRED_TESTS = (f"the paired test of tfx_xmatch.evaluation.paired_difference: the exact sign test when every "
+                f"example that differs differs by the same amount (HR, Recall and P of one run a side), else the "
+                f"exact sign-flip test when at most {EXACT_TEST_MAX_DIFFERING} examples differ, else a t-test")
+UNNAMED_TEST_NOTE = "p-values marked † were computed before the test was recorded: paired t-tests"
+
+
+def format_recorded_difference(difference: dict) -> str:
+    """``format_difference``, marked † when the record does not name its test (a t-test's p)."""
+    return format_difference(difference) + ("" if "test" in difference else " †")
+
+
+def describe_recorded_tests(differences) -> str:
+    """``PAIRED_TESTS``, with ``UNNAMED_TEST_NOTE`` when one of ``differences`` (dicts) is marked."""
+    marked = any("test" not in difference for difference in differences)
+    return PAIRED_TESTS + (f"; {UNNAMED_TEST_NOTE}" if marked else "")
