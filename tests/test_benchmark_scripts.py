@@ -320,7 +320,7 @@ def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder
 def test_t2diff_rows_list_their_paired_differences_from_the_two_tower():
     t2diff = _import_benchmark("t2diff")
     common = _import_benchmark("common")
-    difference = {"difference": 0.0016, "ci_low": -0.004, "ci_high": 0.0072, "p_value": 0.58}
+    difference = {"difference": 0.0016, "ci_low": -0.004, "ci_high": 0.0072, "p_value": 0.58, "test": "paired t-test"}
     row = {"split": "leave_one_out", "model": "t2diff", "sampling": "DDIM-10", "p50_ms": 1.0,
            "p99_ms": 2.0, "epochs": 3, "best_epoch": 2, "train_seconds": 5.0,
            **{key: 0.1 for key in t2diff.REPORTED}}

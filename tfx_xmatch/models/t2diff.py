@@ -304,12 +304,10 @@ class T2Diff(RetrievalModel):
           ValueError: unknown sampler or steps outside [1, T].
         """
         sampler = sampler or self.sampler
-        eta = self.eta if eta is None else float(eta)
+        eta = self.eta if eta is None else arguments.real("eta", eta, 0.0)
         initial_noise = initial_noise or self.initial_noise
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
         if initial_noise not in ("zeros", "random"):
             raise ValueError(f"initial_noise must be 'zeros' or 'random', got {initial_noise!r}")
         if sampler == "ddpm" and steps not in (None, self.diffusion_steps):
