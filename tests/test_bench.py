@@ -262,13 +262,10 @@ def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window(
     config = load_config(None, ["data.synthetic={num_users: 80, num_items: 200, min_length: 120, max_length: 160}",
                                 "model.embedding_dim=8", "model.max_length=6", "model.num_blocks=1"])
     split = training.prepare_split(config)
-    # A target inside its own history is excluded by a served index but ranked by the protocol;
-    # keep the examples where the two agree.
-    keep = [i for i, (history, target) in enumerate(zip(split.test.histories, split.test.targets))
-            if target not in history]
-    split.test = EvalExamples(split.test.user_rows[keep], [split.test.histories[i] for i in keep],
-                              split.test.targets[keep])
-    assert len(keep) >= 10 and min(len(history) for history in split.test.histories) > 100
+    # Targets inside their own history are ranked by the protocol: the served search must not
+    # drop them (it did, and ranked them last).
+    assert sum(target in history for history, target in zip(split.test.histories, split.test.targets)) >= 10
+    assert min(len(history) for history in split.test.histories) > 100
     tf.keras.utils.set_random_seed(0)
     model = training.build_model(config, split.dataset)
     exact = training.evaluate(model, split, "test", config)
@@ -284,13 +281,23 @@ def test_a_brute_force_serving_path_equals_exact_full_ranking_beyond_the_window(
     _, served_ranks = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
                                     config, return_ranks=True)
     _, backbone_ranks = evaluate_path(backbone, model, split, config, return_ranks=True)
-    assert served_ranks.shape == (len(keep),)
+    assert served_ranks.shape == (len(split.test.targets),)
     np.testing.assert_array_equal(served_ranks, backbone_ranks)
     # The XLA-compiled user side answers as the plain one does (up to float rounding).
     compiled = serving_path(model, split.num_items, {"kind": "brute_force", "jit_compile": True})
     assert compiled.label == "brute force (XLA)"
     _, compiled_ranks = evaluate_path(compiled, model, split, config, return_ranks=True)
     np.testing.assert_array_equal(compiled_ranks, served_ranks)
+    # Without history masking the protocol ranks the history too: so does the served search.
+    unmasked = load_config(None, ["data.synthetic={num_users: 80, num_items: 200, "
+                                  "min_length: 120, max_length: 160}", "model.embedding_dim=8", "model.max_length=6",
+                                  "model.num_blocks=1", "eval.mask_history=false"])
+    exact_unmasked = training.evaluate(model, split, "test", unmasked)
+    served_unmasked = evaluate_path(serving_path(model, split.num_items, {"kind": "brute_force"}), model, split,
+                                    unmasked)
+    assert exact_unmasked["HR@10"] != exact["HR@10"]
+    for key in ("HR@10", "NDCG@10", "Recall@50"):
+        assert abs(served_unmasked[key] - exact_unmasked[key]) < 1e-9, key
     # A batch whose every history is empty excludes nothing (it used to fail building the
     # exclusion list, zero items wide).
     split.test = EvalExamples(split.test.user_rows[:1], [np.zeros(0, np.int64)], split.test.targets[:1])

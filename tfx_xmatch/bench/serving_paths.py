@@ -169,15 +169,22 @@ def evaluate_path(path: ServingPath, model, split, config, return_ranks: bool = 
 
     With ``return_ranks``, returns ``(metrics, ranks)``: also each test user's 0-based target rank.
 
-    The search excludes each user's whole history, as an export given the full history does;
-    excluding only the model's window would let older items take result slots that the
-    evaluation then masks.
+    With ``eval.mask_history`` (the protocol's default), the search excludes each user's whole
+    history, as an export given the full history does (excluding only the model's window would
+    let older items take result slots that the evaluation then masks), except the target: the
+    protocol ranks a target the user had met before, and a served search that dropped it ranked
+    it last. Without masking nothing is excluded, as the protocol masks nothing.
     """
     full_histories = dict(zip(split.test.user_rows.tolist(), split.test.histories))
+    targets = dict(zip(split.test.user_rows.tolist(), split.test.targets.tolist()))
 
     def query_fn(histories, user_rows):
         inputs = training.model_inputs(model, split.dataset, histories, user_rows)
-        seen = [full_histories[row] for row in np.asarray(user_rows).tolist()]
+        rows = np.asarray(user_rows).tolist()
+        if config.eval.mask_history:
+            seen = [full_histories[row][full_histories[row] != targets[row]] for row in rows]
+        else:
+            seen = [np.zeros(0, np.int64) for _ in rows]
         exclude = pad_histories(seen, max(1, max(len(history) for history in seen)))
         scores, ids = path.search(inputs, tf.constant(exclude, tf.int64))
         return scores.numpy(), ids.numpy()
