@@ -614,7 +614,10 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
     if os.path.exists(statistics_path):
         os.remove(statistics_path)
     user_features = split.dataset.user_features
-    train_keep = [k for k, sequence in enumerate(split.train_sequences) if len(sequence) >= 2]
+    # A one-item sequence trains nothing (the reader skips a record without history), but its
+    # item counts in the training popularity that tail recall reads (record_counts), as it does
+    # in-process: left out, the two paths' tail sets differed.
+    train_keep = [k for k, sequence in enumerate(split.train_sequences) if len(sequence) >= 1]
     train_rows = np.asarray(split.train_user_rows, dtype=np.int64)[train_keep]
     parts = {
         "train": (

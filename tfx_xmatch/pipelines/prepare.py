@@ -265,7 +265,7 @@ def _user_examples(user: tuple, spec: PrepareSpec, settings: dict):
         share = time_user(sequence, times, *settings["cuts"])
     if share.train is not None:
         yield ("train_sequences", row), (None, len(share.train))
-        if len(share.train) >= 2:
+        if len(share.train) >= 1:  # one item: a record without history, for the popularity (see tfrecord)
             yield ("train", row), (share.train[:-1], int(share.train[-1]))
     for part, example in (("validation", share.validation), ("test", share.test)):
         if example is not None:
