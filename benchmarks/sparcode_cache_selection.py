@@ -39,7 +39,8 @@ import tensorflow as tf  # noqa: E402
 
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
-from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking, format_difference, is_tail_target  # noqa: E402
+from tfx_xmatch.evaluation import (compare_metrics, describe_recorded_tests, evaluate_full_ranking,  # noqa: E402
+                                   format_recorded_difference, is_tail_target)
 from tfx_xmatch.index import SparseCodeIndex  # noqa: E402
 from tfx_xmatch.index.sparse_code_index import cache_budget  # noqa: E402
 
@@ -189,6 +190,9 @@ def to_markdown(result: dict) -> str:
         f"- budget: {result['fraction']:.0%} of all scores = {result['budget']:,} entries (a dense item baseline "
         f"counts as {result['num_items']:,} of them); test users {result['test_users']:,}, all items ranked, "
         "history masked, items a cut table does not hold score 0 and ties count against the target",
+        "- Δ: paired over the same users, 95% interval, p-value of "
+        + describe_recorded_tests([row["vs_full"][metric] for row in result["rows"] if "vs_full" in row
+                                   for metric in ("Recall@50", "HR@10")]),
         "",
         "| rule | entries held | HR@10 | NDCG@10 | Recall@50 | Recall@50 kept | ΔRecall@50 vs full | ΔHR@10 vs full |",
         "|---|---|---|---|---|---|---|---|",
@@ -200,8 +204,8 @@ def to_markdown(result: dict) -> str:
             continue
         paired = row["vs_full"]
         lines.append(f"| {row['rule']} | {row['entries']:,} | {row['HR@10']} | {row['NDCG@10']} | "
-                     f"{row['Recall@50']} | {row['recall_kept']:.1%} | {format_difference(paired['Recall@50'])} | "
-                     f"{format_difference(paired['HR@10'])} |")
+                     f"{row['Recall@50']} | {row['recall_kept']:.1%} | {format_recorded_difference(paired['Recall@50'])} | "
+                     f"{format_recorded_difference(paired['HR@10'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
 from tfx_xmatch.evaluation import (  # noqa: E402
-    compare_metrics, evaluate_full_ranking, format_difference, is_tail_target,
+    compare_metrics, describe_recorded_tests, evaluate_full_ranking, format_recorded_difference, is_tail_target,
 )
 
 DEFAULT_RUN = "sparcode_slots-sparcode"
@@ -200,6 +200,9 @@ def to_markdown(result: dict) -> str:
         f"{result['num_items']:,} items by dot product, "
         f"{'history masked' if result.get('mask_history', True) else 'history not masked'} "
         f"({result['test_users']:,} users)",
+        "- Δ: paired over the same users, 95% interval, p-value of "
+        + describe_recorded_tests([row["vs_unquantized"][metric] for row in result["rows"] if "vs_unquantized" in row
+                                   for metric in ("HR@10", "NDCG@10")]),
         "",
         "| query codes | bits | codewords in all | HR@10 | NDCG@10 | Recall@50 | HR@10 kept | ΔHR@10 vs unquantized | "
         "ΔNDCG@10 |",
@@ -211,7 +214,7 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {EXACT} | | | {row['HR@10']} | {row['NDCG@10']} | {row['Recall@50']} | 100% | | |")
             continue
         paired = row["vs_unquantized"]
-        cells = [format_difference(paired[key]) for key in ("HR@10", "NDCG@10")]
+        cells = [format_recorded_difference(paired[key]) for key in ("HR@10", "NDCG@10")]
         lines.append(f"| {row['codebooks']} x {row['codewords']} (slices of {row['slice_width']}) | {row['bits']:g} | "
                      f"{row['codebooks'] * row['codewords']:,} | "
                      f"{row['HR@10']} | {row['NDCG@10']} | {row['Recall@50']} | "

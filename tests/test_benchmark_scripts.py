@@ -515,7 +515,9 @@ def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path
     for row in (coarse, fine):  # each budget is paired with the unquantized ranks of the same users
         paired = row["vs_unquantized"]["HR@10"]
         assert paired["difference"] == pytest.approx(row["HR@10"] - exact["HR@10"], abs=2e-4)
-    assert "| 8 x 64 (slices of 1) | 48 |" in (tmp_path / "budget.md").read_text()
+    page = (tmp_path / "budget.md").read_text()
+    assert "| 8 x 64 (slices of 1) | 48 |" in page
+    assert "p-value of the paired test of tfx_xmatch.evaluation.paired_difference" in page and "†" not in page
     # A two-tower run is read through its own item vectors; a budget that cannot apply is refused
     # before any fitting, naming it.
     completed = _run([script, "--runs-dir", str(tmp_path), "--run", "two_tower_sasrec", "--budgets", "8x16",
@@ -629,7 +631,19 @@ def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_wit
     for row in rules:
         assert row["entries"] <= result["budget"]
         assert row["vs_full"]["Recall@50"]["difference"] == pytest.approx(row["Recall@50"] - full["Recall@50"], abs=2e-4)
-    assert "| item baseline + residuals |" in (tmp_path / "selection.md").read_text()
+    page = (tmp_path / "selection.md").read_text()
+    assert "| item baseline + residuals |" in page
+    # The page names the test behind its p-values; a result recorded before tests were named
+    # (the committed pages) gets its p-values marked as t-tests.
+    assert "p-value of the paired test of tfx_xmatch.evaluation.paired_difference" in page and "†" not in page
+    selection = _import_benchmark("sparcode_cache_selection")
+    for row in rules:
+        for difference in row["vs_full"].values():
+            difference.pop("test")
+    old = selection.to_markdown(result)
+    assert "p-values marked † were computed before the test was recorded" in old
+    assert all(line.count(" †") == 2 for line in old.splitlines() if line.startswith("| ") and "| 100% |" not in line
+               and "---" not in line and "rule |" not in line)
     refused = _run([str(BENCHMARKS / "sparcode_cache_selection.py"), "--fraction", "1.5"], timeout=300)
     assert refused.returncode == 2 and "--fraction must be in (0, 1], got 1.5" in refused.stderr
 
