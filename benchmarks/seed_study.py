@@ -152,7 +152,7 @@ def to_markdown(result: dict) -> str:
     lines = markdown_header(result, "one model against another over several training runs") + [
         f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
         "read from the runs' test_ranks/",
-        f"- per metric: each run's value; over users: the gain of each user averaged over a "
+        "- per metric: each run's value; over users: the gain of each user averaged over a "
         "model's runs (the runs held fixed); over runs: a t-test of the runs' values, the run-to-run spread as "
         "its noise (Welch's; paired run by run when both sides are the same runs; needs 2+ runs a side, and "
         "has little power with 2 or 3); the run pairings (paired over users) significant for each model; 95% "

@@ -133,7 +133,7 @@ def test_a_run_that_diverges_stops_and_keeps_its_best_epoch(tmp_path, caplog):
     assert "training had already stopped (diverged)" in caplog.text
     # Diverged before any epoch was validated: nothing to keep, said so.
     with pytest.raises(training.TrainingDiverged, match="training diverged at epoch 1 .* before any epoch was "
-                                                        "validated: lower train.learning_rate"):
+                                                        "validated: lower train.learning_rate, in a new run directory"):
         training.train(config, tmp_path / "first", callbacks=[Poison(at_epoch=1)])
 
 
@@ -149,7 +149,7 @@ def test_a_monitor_that_validation_cannot_measure_is_refused(tmp_path):
     selection.on_train_begin()
     selection.on_epoch_begin(0)
     with pytest.raises(ValueError, match="val TailRecall@10 is NaN at epoch 1: no validation example counts for "
-                                         "it .*choose another train.monitor"):
+                                         "it .*choose another train.monitor, in a new run directory"):
         selection.on_epoch_end(0, {"loss": 1.0})
 
 

@@ -88,13 +88,11 @@ def _check_output(output: Optional[str], run_dirs: Sequence[str]) -> None:
     replace a file of a run it reads (``--output RUN/config.json`` once did, with exit 0)."""
     if output is None:
         return
-    from tfx_xmatch.training import RUN_OUTPUTS, RUN_SCRATCH
+    from tfx_xmatch.training import replaces_run_file
 
     path = pathlib.Path(output).resolve()
     for run_dir in run_dirs:
-        root = pathlib.Path(run_dir).resolve()
-        if path == root or (path.is_relative_to(root) and (
-                path.exists() or path.relative_to(root).parts[0] in RUN_OUTPUTS + RUN_SCRATCH)):
+        if replaces_run_file(path, run_dir):
             raise ValueError(f"--output {output!r} would replace a file of the run {run_dir!r} (its config.json, "
                              "metrics.json, model, ...); write it elsewhere, or under a new name")
     if path.is_dir():

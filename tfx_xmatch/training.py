@@ -42,7 +42,7 @@ from tfx_xmatch.io_utils import (
     atomic_directory, atomic_path, remove_stale_temporaries, temporary_of, write_json_atomic,
 )
 from tfx_xmatch.models import MODELS
-from tfx_xmatch.user_errors import clean_tf_message, user_error_text
+from tfx_xmatch.user_errors import clean_tf_message, shortened, user_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -349,11 +349,6 @@ def load_item_vocab(directory: str | pathlib.Path) -> Vocabulary:
     return Vocabulary.load(path)
 
 
-def _shorten_value(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
     """Loads a model written by ``save_model``.
 
@@ -375,7 +370,7 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         hint = (f"; the model is in {os.path.join(directory, 'model')}"
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
         named = saved.get("model") if isinstance(saved, dict) else None
-        raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {_shorten_value(named)}, not one "
+        raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {shortened(repr(named), 60)}, not one "
                          f"of {sorted(MODELS)} (a training run's config?){hint}")
     model = MODELS[saved["model"]].from_config(saved["config"])
     build_all_variables(model)
@@ -433,8 +428,9 @@ class ModelSelection(tf.keras.callbacks.Callback):
         # collapse or a runaway term is diagnosed from these after the run.
         row.update({key: float(value) for key, value in logs.items()
                     if not key.startswith("val_") and key not in row and np.ndim(value) == 0})
-        if not math.isfinite(row["loss"]) or not _all_finite(self.model.trainable_weights):
-            self._stop_diverged(epoch, row)
+        weights_finite = _all_finite(self.model.trainable_weights)
+        if not math.isfinite(row["loss"]) or not weights_finite:
+            self._stop_diverged(epoch, row, weights_finite)
             return
         out_of_time = self.max_seconds is not None and self.state["train_seconds"] >= self.max_seconds
         # The last epoch, planned or cut by the time budget, is validated too: with
@@ -448,7 +444,7 @@ class ModelSelection(tf.keras.callbacks.Callback):
                 # NaN never beats the best: no epoch would be selected and patience never run out.
                 raise ValueError(f"val {self.monitor} is NaN at epoch {epoch + 1}: no validation example counts "
                                  "for it (TailRecall needs validation targets outside the 20% most popular "
-                                 "items); choose another train.monitor")
+                                 "items); choose another train.monitor, in a new run directory")
             for key, value in metrics.items():
                 row[f"val_{key}"] = value
             # The progress bar shows the selection metric; history.json keeps every metric.
@@ -478,7 +474,7 @@ class ModelSelection(tf.keras.callbacks.Callback):
             self.model.stop_training = True
         write_json_atomic(self.state_path, {**self.state, "best": _finite_or_none(self.state["best"])})
 
-    def _stop_diverged(self, epoch: int, row: dict) -> None:
+    def _stop_diverged(self, epoch: int, row: dict, weights_finite: bool) -> None:
         """Stops a run whose loss or weights are no longer finite, keeping the best epoch so far.
 
         Raises:
@@ -486,10 +482,12 @@ class ModelSelection(tf.keras.callbacks.Callback):
         """
         row["train_seconds"] = round(self.state["train_seconds"], 2)
         self.state["epochs"] = [r for r in self.state["epochs"] if r["epoch"] < epoch + 1] + [row]
-        weights = "finite" if _all_finite(self.model.trainable_weights) else "not finite"
+        weights = "finite" if weights_finite else "not finite"
         what = f"training diverged at epoch {epoch + 1} (loss {row['loss']:.4g}, weights {weights})"
         if self.state["best_epoch"] is None:
-            raise TrainingDiverged(f"{what} before any epoch was validated: lower train.learning_rate")
+            # This directory keeps its config (another is refused there), so: a new one.
+            raise TrainingDiverged(f"{what} before any epoch was validated: lower train.learning_rate, in a new "
+                                   "run directory")
         logger.warning("%s: stopping; the model kept is epoch %d's (val %s %.4f). Lower train.learning_rate "
                        "to train further, in a new run directory", what, self.state["best_epoch"], self.monitor,
                        self.state["best"])
@@ -512,7 +510,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def _all_finite(variables) -> bool:
-    return all(np.isfinite(variable.numpy()).all() for variable in variables)
+    # Reduced where the variables live: no copy of every weight to the host each epoch.
+    return all(bool(tf.reduce_all(tf.math.is_finite(variable))) for variable in variables)
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -750,6 +749,14 @@ RUN_OUTPUTS = ("config.json", "data.json", "history.json", "metrics.json", "trai
 # Also written there: the Keras backup while training, the non-chief workers' copies, and the
 # benchmarks' per-user ranks beside a finished run.
 RUN_SCRATCH = ("backup", ".workers", "test_ranks")
+
+
+def replaces_run_file(path: str | pathlib.Path, run_dir: str | pathlib.Path) -> bool:
+    """Whether writing ``path`` would replace the run directory ``run_dir`` or a file in it: one
+    that exists, or one of those a run writes (``RUN_OUTPUTS``, ``RUN_SCRATCH``)."""
+    path, root = pathlib.Path(path).resolve(), pathlib.Path(run_dir).resolve()
+    return path == root or (path.is_relative_to(root) and (
+        path.exists() or path.relative_to(root).parts[0] in RUN_OUTPUTS + RUN_SCRATCH))
 # Settings that may change when a run is resumed: they do not change what is being trained.
 RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds", "train.strategy"}
 STRATEGIES = ("default", "mirrored", "multi_worker")

@@ -14,6 +14,11 @@ _GRAPH_LOCATIONS = re.compile(
     r"\s*\[\[\{\{node [^}]*\}\}\]\]|\s*\[Op:[^\]]*\]( name: ?$)?|\{\{function_node [^}]*\}\}\s*")
 
 
+def shortened(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (the last three "...") when longer, for a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def clean_tf_message(message: str) -> str:
     """The op's own message (e.g. "assertion failed: [k must be > 0] ..."), without eager TF's
     "Graph execution error: Detected at node ... (stack)" preamble or the node and function

@@ -26,6 +26,7 @@ import numpy as np
 
 from tfx_xmatch.data.dataset import SequenceDataset
 from tfx_xmatch.data.vocabulary import PathLike, Vocabulary
+from tfx_xmatch.user_errors import shortened
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ def _check_min_rating(min_rating: Any) -> None:
     if min_rating is not None and (isinstance(min_rating, bool) or not isinstance(min_rating, (int, float))
                                    or not math.isfinite(min_rating)):
         raise ValueError(f"min_rating must be a finite number, got {min_rating!r}")
-
-
-def _shorten(line: str, limit: int = 80) -> str:
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class _BadLines:
@@ -295,7 +292,7 @@ class LineParser:
         if not fields:
             return ParsedLine()
         hint = " (a user with no items)" if self.format == "sequences" else ""
-        return ParsedLine(problem=f"expected {self.expected!r}, got {_shorten(line.strip())!r}{hint}")
+        return ParsedLine(problem=f"expected {self.expected!r}, got {shortened(line.strip())!r}{hint}")
 
     def _parse_rating(self, line: str) -> ParsedLine:
         if not line.strip():
@@ -309,7 +306,7 @@ class LineParser:
             expected = " ".join(str(column) for column in columns)
             return ParsedLine(problem=(
                 f"expected {len(columns)} {_SEPARATOR_NAMES.get(self.separator, repr(self.separator))}-separated "
-                f"fields '{expected}', got {_shorten(line.strip())!r}"))
+                f"fields '{expected}', got {shortened(line.strip())!r}"))
         user, item = fields[columns.index("user")], fields[columns.index("item")]
         timestamp = fields[columns.index("timestamp")] if "timestamp" in columns else None
         rating = fields[columns.index("rating")] if "rating" in columns else None
@@ -343,7 +340,7 @@ def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Option
     if user_problem or item_problem:
         return ParsedLine(problem=user_problem or item_problem)
     if not user or not item:
-        return ParsedLine(problem=f"empty user or item field in {_shorten(record.strip())!r}")
+        return ParsedLine(problem=f"empty user or item field in {shortened(record.strip())!r}")
     time_value = 0
     if timestamp is not None:
         text = str(timestamp).strip()
@@ -415,17 +412,17 @@ class RowParser:
                            for key, value in row.items())
         if row.get(None):
             extra = row[None]
-            return ParsedLine(problem=f"{len(extra)} field(s) more than the header has: {_shorten(repr(extra))} "
-                                      f"in {_shorten(record)!r}")
+            return ParsedLine(problem=f"{len(extra)} field(s) more than the header has: {shortened(repr(extra))} "
+                                      f"in {shortened(record)!r}")
         values = {}
         for role, column in self.columns.items():
             value = row.get(column) if column else None
             if column and value is None:
                 return ParsedLine(problem=f"no value for column {column!r} (a short row or a null) in "
-                                          f"{_shorten(record)!r}")
+                                          f"{shortened(record)!r}")
             if role in ("user", "item") and isinstance(value, str) and ("\n" in value or "\r" in value):
                 return ParsedLine(problem=f"column {column!r} runs over several lines (an unclosed quote?): "
-                                          f"{_shorten(value)!r}")
+                                          f"{shortened(value)!r}")
             values[role] = value
         return _event(values["user"], values["item"], values["timestamp"], values["rating"], self.min_rating,
                       record)
@@ -493,7 +490,7 @@ def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] 
             elif fields and len(fields) < len(header):
                 # Shifted or cut short: its values may sit under the wrong columns, used or not.
                 yield start, None, (f"{len(header) - len(fields)} field(s) fewer than the header has: "
-                                    f"{_shorten(repr(fields))} under the header {_shorten(repr(header))}")
+                                    f"{shortened(repr(fields))} under the header {shortened(repr(header))}")
             elif fields:
                 row = dict(zip(header, fields))
                 if len(fields) > len(header):
@@ -810,7 +807,7 @@ def _read_id_mapping(path: str) -> dict[int, int]:
             continue
         if len(fields) != 2 or not all(_is_canonical_int(field) for field in fields):
             raise DataFormatError(
-                path, line_number, f"expected 'remapped_id original_id', got {_shorten(line.strip())!r}"
+                path, line_number, f"expected 'remapped_id original_id', got {shortened(line.strip())!r}"
             )
         _once(first_lines, int(fields[0]), path, line_number, "remapped id")
         mapping[int(fields[0])] = int(fields[1])
@@ -832,7 +829,7 @@ def _original_ids(raw_ids: np.ndarray, mapping: Optional[dict[int, int]]) -> lis
 def _split_fields(path: str, line_number: int, line: str, sep: str, count: int, what: str) -> list[str]:
     fields = line.split(sep)
     if len(fields) < count:
-        raise DataFormatError(path, line_number, f"expected {what}, got {_shorten(line.strip())!r}")
+        raise DataFormatError(path, line_number, f"expected {what}, got {shortened(line.strip())!r}")
     return fields
 
 
