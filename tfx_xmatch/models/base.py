@@ -131,8 +131,24 @@ class RetrievalModel(tfrs.models.Model):
         logs = self._step_logs(loss, self._regularization_loss(), rows)
         # What only a training step measures (the quantizers' dead codes) is left out of
         # evaluate() and the val_ logs rather than reported as an unmeasured 0.
-        training_only = {metric.name for metric in self.metrics if getattr(metric, "training_only", False)}
+        training_only = self._training_only_metric_names()
         return {name: value for name, value in logs.items() if name not in training_only}
+
+    def _training_only_metric_names(self) -> set:
+        return {metric.name for metric in self.metrics if getattr(metric, "training_only", False)}
+
+    @property
+    def metrics_names(self) -> list:
+        """The metrics' names, those only a training step measures (dead codes) last.
+
+        ``evaluate(return_dict=False)`` leaves those out, and Keras lists its values in this
+        order: ``dict(zip(model.metrics_names, model.evaluate(data)))`` pairs every value with
+        its own name (in the middle of the list, the dead codes' name took the next metric's
+        value), and ``train_on_batch`` lists them all in this order.
+        """
+        names = super().metrics_names
+        training_only = self._training_only_metric_names()
+        return [name for name in names if name not in training_only] + [name for name in names if name in training_only]
 
     @contextlib.contextmanager
     def _weighing_logs_by(self, rows: tf.Tensor):
