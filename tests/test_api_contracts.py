@@ -553,6 +553,18 @@ def test_an_empty_batch_gets_an_empty_answer():
     assert codes(tf.zeros([0, 6]), k=3, exclude=tf.zeros([0, 2], tf.int64))[1].shape == (0, 3)
 
 
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+def test_an_unbatched_history_is_refused_naming_its_shape(model_class):
+    """One user's history [L] was embedded as a batch of L: "histories are 16 positions long, more
+    than max_length" named the embedding width as the history's length."""
+    model = _tiny(model_class)
+    single = tf.constant([0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    message = r"input 'history' must be item indices of shape \[batch, length\], got shape \(12,\)"
+    for use in (model, model.score_all, lambda inputs: model.compute_loss({**inputs, "next_items": single})):
+        with pytest.raises(ValueError, match=message):
+            use({"history": single})
+
+
 @pytest.mark.parametrize("model_class", [SparCode, SPARC], ids=lambda c: c.__name__)
 def test_metrics_names_pair_with_the_values_evaluate_and_train_on_batch_list(model_class):
     """evaluate() leaves the dead codes out, but metrics_names listed them in the middle: zipped,

@@ -821,6 +821,31 @@ def test_an_index_in_a_keras_model_survives_save_and_load_model(kind, extension,
             index.is_exact(), index.num_candidates, index.dimension)
 
 
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned", "sparse_code", "soft_search"])
+def test_weights_copied_by_position_fill_the_same_variables_of_an_index_rebuilt_from_its_config(kind, tmp_path):
+    """index() made the state in each kind's own order, from_config in name order, so
+    set_weights(get_weights()) and an .h5 weight file (both by position) scrambled a
+    SparseCodeIndex ("Ragged splits must not point past values") and a PartitionedIndex refused
+    them ("weight shape (None, None) is not compatible with provided weight shape (50,)")."""
+    candidates, queries, int_ids, _ = _data()
+    candidates = np.maximum(candidates, 0.0) if kind == "sparse_code" else candidates
+    queries = np.maximum(queries, 0.0) if kind == "sparse_code" else queries
+    batch = queries[:, None, :] if kind == "soft_search" else queries
+    index = _keras_kinds()[kind]().index(candidates, int_ids)
+    expected = [tensor.numpy() for tensor in index(batch, k=7)]
+    clone = type(index).from_config(index.get_config())
+    clone.set_weights(index.get_weights())
+    for got, want in zip(clone(batch, k=7), expected):
+        np.testing.assert_array_equal(got.numpy(), want)
+    inputs = tf.keras.Input((1, D) if kind == "soft_search" else (D,))
+    scores, found = index(inputs, k=7)
+    model = tf.keras.Model(inputs, {"scores": scores, "ids": found})
+    model.save_weights(str(tmp_path / "index.h5"))
+    rebuilt = tf.keras.Model.from_config(model.get_config())
+    rebuilt.load_weights(str(tmp_path / "index.h5"))
+    np.testing.assert_array_equal(rebuilt(batch)["ids"].numpy(), expected[1])
+
+
 def test_a_scann_index_refuses_a_keras_file_and_a_function_traced_before_it_was_rebuilt(tmp_path):
     candidates, queries, int_ids, _ = _data()
     index = ScaNNIndex(num_leaves=8, num_leaves_to_search=8, num_reordering_candidates=300, k_max=K_MAX)

@@ -435,9 +435,12 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         ):
             existing.assign(value)
             return existing
-        variable = tf.Variable(
-            value, trainable=False, shape=tf.TensorShape([None] * value.shape.rank), name=name
-        )
+        # Under the index's name: a soft search and the index it wraps both hold "identifiers",
+        # and an .h5 weight file keeps one dataset per variable name ("name already exists").
+        with tf.name_scope(self.name):
+            variable = tf.Variable(
+                value, trainable=False, shape=tf.TensorShape([None] * value.shape.rank), name=name
+            )
         setattr(self, name, variable)
         return variable
 
@@ -522,6 +525,16 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
     def _state_variables(self) -> dict:
         """{name: variable} of the index state (what ``index()`` made), sorted by name."""
         return {name: value for name, value in sorted(vars(self).items()) if isinstance(value, tf.Variable)}
+
+    @property
+    def non_trainable_weights(self) -> list:
+        # Keras lists a layer's variables in the order they were assigned, and get_weights,
+        # set_weights and .h5 weight files go by that position. index() makes the state in the
+        # kind's own order, a layer rebuilt from its config in name order: weights copied between
+        # the two loaded into the wrong variables. Listing the state by name makes both agree.
+        state = list(self._state_variables().values())
+        return state + [weight for weight in super().non_trainable_weights
+                        if not any(weight is variable for variable in state)]
 
     @classmethod
     def from_config(cls, config: dict) -> "RetrievalIndex":

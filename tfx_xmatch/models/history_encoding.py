@@ -9,6 +9,22 @@ import numpy as np
 import tensorflow as tf
 
 
+def history_indices(inputs: dict) -> tf.Tensor:
+    """``inputs["history"]`` as ``item_indices``, refused unless it is [batch, length]: one user's
+    unbatched history [L] was embedded as a batch of L and refused as "histories are d
+    positions long" (d the embedding width).
+
+    Raises:
+      TypeError, tf.errors.InvalidArgumentError: as ``item_indices``.
+      ValueError: its rank is known and is not 2.
+    """
+    history = item_indices("history", inputs["history"])
+    if history.shape.rank is not None and history.shape.rank != 2:
+        raise ValueError(f"input 'history' must be item indices of shape [batch, length], got shape "
+                         f"{tuple(history.shape)}; batch a single history as [1, length]")
+    return history
+
+
 def item_indices(name: str, value, vocabulary: str = "item") -> tf.Tensor:
     """``value`` as a tensor of integer indices, refused naming the input otherwise: a float
     history was truncated (3.9 read as item 3) and a string one failed deep in a layer.
@@ -86,7 +102,7 @@ def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: d
       KeyError: A user feature the model was built with is missing from ``inputs``.
       TypeError, ValueError: As ``item_indices`` and ``user_feature_values``.
     """
-    history = item_indices("history", inputs["history"])
+    history = history_indices(inputs)
     padding_mask = history > 0
     embedded = item_tower(history)
     # Under a mixed policy the encoder computes in float16; the model goes on in the tower's dtype.

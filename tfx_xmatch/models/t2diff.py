@@ -56,7 +56,7 @@ from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import (
-    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, item_indices, training_targets,
+    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, history_indices, training_targets,
     user_feature_values,
 )
 
@@ -270,9 +270,9 @@ class T2Diff(RetrievalModel):
         history, history_mask = embedded[:, :-self.session_length], present[:, :-self.session_length]
         return session, session_mask, history, history_mask, session[:, -1, :]
 
-    def _last_window(self, history: tf.Tensor) -> tf.Tensor:
+    def _last_window(self, inputs: dict) -> tf.Tensor:
         """The most recent ``window`` columns of left-padded histories (padded if shorter)."""
-        history = item_indices("history", history)
+        history = history_indices(inputs)
         missing = tf.maximum(self.window - tf.shape(history)[1], 0)
         return tf.pad(history, [[0, 0], [missing, 0]])[:, -self.window:]
 
@@ -353,7 +353,7 @@ class T2Diff(RetrievalModel):
           **sampling: ``sampler``, ``steps``, ``eta``, ``initial_noise``, ``seed`` overrides of
             ``sample_drift``.
         """
-        windows = self._last_window(inputs["history"])
+        windows = self._last_window(inputs)
         session, session_mask, history, history_mask, last = self._split_window(windows)
         base = self.encode_sequence(inputs)[:, -1, :] if self.backbone != "none" else None
         drift = self.sample_drift(*self._denoiser_condition(session, session_mask, base), **sampling)
@@ -391,7 +391,7 @@ class T2Diff(RetrievalModel):
     def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
         if isinstance(inputs, (tuple, list)):
             inputs = inputs[0]
-        history = item_indices("history", inputs["history"])
+        history = history_indices(inputs)
         next_items = training_targets(inputs)
         # The window ending at every position t: columns t - window + 1 .. t of the history.
         padded = tf.pad(history, [[0, 0], [self.window - 1, 0]])
