@@ -177,6 +177,9 @@ def test_export_arguments_are_checked(model, tmp_path, caplog):
         build_serving_module(model, int_vocab(), k_max=5, default_k=6)
     with pytest.raises(ValueError, match="padding_id 101 is also a real item id"):
         build_serving_module(model, int_vocab(), padding_id=101)
+    # Past int64 it was TensorFlow's "Can't convert Python sequence with out-of-range integer".
+    with pytest.raises(ValueError, match="padding_id 9223372036854775808 is outside the range of int64"):
+        build_serving_module(model, int_vocab(), padding_id="9223372036854775808")
     with pytest.raises(ValueError, match="vocabulary has 3 items"):
         build_serving_module(model, Vocabulary([1, 2, 3]))
     with pytest.raises(ValueError, match="unknown index kind"):

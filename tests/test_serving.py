@@ -1419,13 +1419,40 @@ def test_deeply_nested_json_strings_are_a_bad_request():
 
 def test_the_client_refuses_numbers_it_would_have_to_truncate():
     from tfx_xmatch.serving.client import _coerce
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
 
-    assert _coerce([[3, 17.0]], tf.int64).tolist() == [[3, 17]]
+    history = TensorSpecInfo("history", tf.int64, (None, None))
+    k = TensorSpecInfo("k", tf.int32, ())
+    assert _coerce([[3, 17]], history).tolist() == [[3, 17]]
+    assert _coerce(np.array([[3, 17]], np.int32), history).dtype == np.int64
     # np.asarray(3.9, int32) once sent 3: another question than the one asked.
-    with pytest.raises(ValueError, match=r"value \[\[3.9, 17.5\]\] is not all integers, but the input's dtype is int32"):
-        _coerce([[3.9, 17.5]], tf.int32)
-    with pytest.raises(ValueError, match="value 1099511627776 does not fit the input's dtype int32"):
-        _coerce(2 ** 40, tf.int32)
+    with pytest.raises(ValueError, match=r"input 'history' expects int64 values but the JSON holds floating-point"):
+        _coerce([[3.9, 17.5]], history)
+    with pytest.raises(ValueError, match="input 'k' has values outside the range of int32"):
+        _coerce(2 ** 40, k)
+    with pytest.raises(ValueError, match=r"value array\(\[\[3.9\]\]\) is not all integers, but the input's dtype is int64"):
+        _coerce(np.array([[3.9]]), history)
+
+
+def test_the_client_decodes_json_values_as_the_rest_api_does():
+    """NumPy made "003" item 3, and the row [1.0, 2**53 + 1] float64, so the client sent item
+    2**53 where REST refused both; an int for a string input ended in a Python traceback."""
+    from tfx_xmatch.serving.client import _coerce
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+    ints = TensorSpecInfo("history", tf.int64, (None, None))
+    strings = TensorSpecInfo("history", tf.string, (None, None))
+    with pytest.raises(ValueError, match="input 'history' expects int64 values but the JSON holds strings"):
+        _coerce([["003"]], ints)
+    with pytest.raises(ValueError, match="input 'history' expects int64 values but the JSON holds floating-point"):
+        _coerce([[1.0, 2 ** 53 + 1]], ints)
+    with pytest.raises(ValueError, match="input 'history' expects int64 values, got an array of <U3"):
+        _coerce(np.array([["003"]]), ints)
+    with pytest.raises(ValueError, match=r"input 'history' expects string values .* but the JSON holds integers"):
+        _coerce([[7]], strings)
+    with pytest.raises(ValueError, match="input 'history' expects strings, got an array of int64"):
+        _coerce(np.array([[7]]), strings)
+    assert _coerce([["café"]], strings).tolist() == [["café".encode()]]
 
 
 def test_the_client_says_when_an_input_is_broken_json(tmp_path):

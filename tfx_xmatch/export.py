@@ -308,6 +308,9 @@ def resolve_padding_id(item_vocab: Vocabulary, padding_id=None):
     if (not isinstance(padding_id, str)) if string_ids else (isinstance(padding_id, bool) or not is_integer(padding_id)):
         raise ValueError(f"padding_id must be {'a string' if string_ids else 'an integer'} like the item ids, "
                          f"got {padding_id!r}")
+    if not string_ids and not -2 ** 63 <= padding_id < 2 ** 63:
+        # Integer ids are served as int64: TensorFlow's "out-of-range integer" named no setting.
+        raise ValueError(f"padding_id {padding_id!r} is outside the range of int64, the served item ids' type")
     if padding_id in item_vocab:
         raise ValueError(f"padding_id {padding_id!r} is also a real item id; choose another one, e.g. "
                          f"{'-1' if not string_ids else repr('<pad>')} (xmatch export / xmatch pipeline run "

@@ -34,6 +34,10 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from tfx_xmatch.serving.codec import json_to_ndarray
+from tfx_xmatch.serving.errors import ServingError
+from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
 
 def _dtype_name(enum_value) -> str:
     import tensorflow as tf
@@ -72,7 +76,7 @@ class ServingClient:
         )
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
-        self._dtype_cache: dict = {}
+        self._spec_cache: dict = {}
 
     def close(self) -> None:
         if self._owns_channel:
@@ -108,14 +112,14 @@ class ServingClient:
     ):
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec, model_name, version, version_label, signature_name)
-        dtypes = {}
+        specs = {}
         if coerce:
-            dtypes = self._input_dtypes(model_name, signature_name, version, version_label)
+            specs = self._input_specs(model_name, signature_name, version, version_label)
         import tensorflow as tf
 
         for alias, value in inputs.items():
-            if alias in dtypes:
-                array = _coerce(value, dtypes[alias])
+            if alias in specs:
+                array = _coerce(value, specs[alias])
             else:
                 array = np.asarray(value)
             request.inputs[alias].CopyFrom(tf.make_tensor_proto(array))
@@ -136,7 +140,14 @@ class ServingClient:
     ):
         """Runs a signature on NumPy (or list) inputs; returns ``{output: np.ndarray}`` (and the
         ``ModelSpec`` of the version that answered if ``return_model_spec``). With ``coerce``,
-        values are cast to the signature's dtypes first (one metadata call per signature)."""
+        values are made the signature's dtypes first (one metadata call per signature): JSON-like
+        values (lists, numbers, strings) by the REST API's rules, NumPy arrays by a cast that
+        must change no value.
+
+        Raises:
+          ValueError: With ``coerce``, a value the signature's input cannot take as it is.
+          grpc.RpcError: The server refused or failed the call.
+        """
         import tensorflow as tf
 
         request = self.predict_request(
@@ -190,32 +201,45 @@ class ServingClient:
             for s in response.model_version_status
         ]
 
-    def _input_dtypes(self, model_name, signature_name, version, version_label) -> dict:
+    def _input_specs(self, model_name, signature_name, version, version_label) -> dict:
+        """{alias: TensorSpecInfo} of the signature's inputs; {} for a signature it lacks (the
+        server then names the problem)."""
         key = (model_name, signature_name or "serving_default", version, version_label)
-        if key not in self._dtype_cache:
-            import tensorflow as tf
-
+        if key not in self._spec_cache:
             signature_map, _ = self.signature_def_map(model_name, version, version_label)
             sig = signature_map.signature_def.get(key[1])
-            if sig is None:
-                self._dtype_cache[key] = {}
-            else:
-                self._dtype_cache[key] = {
-                    a: tf.dtypes.as_dtype(i.dtype) for a, i in sig.inputs.items()
-                }
-        return self._dtype_cache[key]
+            self._spec_cache[key] = {} if sig is None else {
+                alias: TensorSpecInfo.from_tensor_info(alias, info) for alias, info in sig.inputs.items()
+            }
+        return self._spec_cache[key]
 
 
-def _coerce(value, dtype) -> np.ndarray:
+def _coerce(value, spec: TensorSpecInfo) -> np.ndarray:
+    """``value`` as the signature input ``spec`` takes it.
+
+    A JSON-like value is decoded as the REST API decodes it: NumPy had made "003" item 3, and a
+    row [1.0, 9007199254740993] float64, so item 2**53 + 1 was sent as 2**53.
+    """
+    if not isinstance(value, (np.ndarray, np.generic)):
+        try:
+            return json_to_ndarray(spec, value)
+        except ServingError as error:
+            raise ValueError(error.message) from None
+    dtype = spec.dtype
     if dtype.name == "string":
         array = np.asarray(value, dtype=object)
         flat = [v.encode("utf-8") if isinstance(v, str) else v for v in array.reshape(-1)]
+        if not all(isinstance(v, bytes) for v in flat):
+            raise ValueError(f"input '{spec.alias}' expects strings, got an array of {value.dtype}")
         out = np.empty(len(flat), dtype=object)
         out[:] = flat
         return out.reshape(array.shape)
     target = np.dtype(dtype.as_numpy_dtype)
+    given = np.asarray(value)
+    if given.dtype.kind not in "biuf":
+        # astype would parse "003" as 3.
+        raise ValueError(f"input '{spec.alias}' expects {dtype.name} values, got an array of {given.dtype}")
     try:
-        given = np.asarray(value)
         array = given.astype(target)
     except (OverflowError, TypeError, ValueError) as error:
         raise ValueError(f"value {value!r} does not fit the input's dtype {dtype.name}: {error}") from None
