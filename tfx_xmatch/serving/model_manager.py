@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import logging
 import os
@@ -242,6 +243,10 @@ class Servable:
     def unload(self) -> None:
         self.signatures = {}
         self._loaded = None
+        # A restored SavedModel is held in reference cycles (its traced functions): its memory
+        # waited for the cyclic collector's next run, and a server rolling a large model through
+        # versions grew to several times one version.
+        gc.collect()
 
 
 class CorruptModelError(ValueError):
