@@ -1013,6 +1013,12 @@ def test_rest_connections_past_the_queue_get_503_at_once(templates, tmp_path):
         status, body = rest(server.rest_port, "GET", "/v1/models/tiny")
         assert status == 503 and "overloaded" in body["error"]
         assert time.monotonic() - started < 1.0  # answered at once, not after the slow request
+        # A client that had sent nothing yet got a bare end of stream: the server's wait for its
+        # request timed out, and that skipped the answer.
+        import socket
+
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=5) as quiet:
+            assert quiet.recv(1 << 16).startswith(b"HTTP/1.1 503 Service Unavailable")
         busy.join(timeout=10)
         # The slot frees when the server's worker finishes, a moment after the client has its answer.
         deadline = time.monotonic() + 10
