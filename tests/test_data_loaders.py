@@ -59,6 +59,23 @@ def test_load_pairs_accepts_tabs_and_string_ids(tmp_path):
     assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["book", "pen"]
 
 
+def test_fields_are_separated_by_ascii_spaces_and_tabs_only(tmp_path):
+    """str.split() also split at U+00A0, U+3000 and U+0085: "x\u00a0y" loaded as two items from a
+    sequences file (and from a space-separated rating log), while the pairs loader refused the line."""
+    ids = ["x\u00a0y", "p\u3000q", "c\x85d"]
+    sequences = load_sequences(write(tmp_path / "seq.txt", "u\u00a01  " + " \t".join(ids) + " z \n"))
+    assert sequences.user_ids.tolist() == ["u\u00a01"]
+    assert sequences.item_vocab.ids(sequences.sequences[0]).tolist() == [*ids, "z"]
+    pairs = load_pairs(write(tmp_path / "pairs.txt", "".join(f"u\u00a01 {item}\n" for item in [*ids, "z"])))
+    assert list(pairs.item_vocab) == list(sequences.item_vocab)
+    assert pairs.user_ids.tolist() == ["u\u00a01"]
+    log = load_rating_log(write(tmp_path / "log.txt", "".join(f"u1 {item} 5 {t}\n" for t, item in enumerate(ids))))
+    assert list(log.item_vocab) == ids
+    # A line holding only a non-ASCII space is a one-field line, not a blank one.
+    with pytest.raises(DataFormatError, match=r"pairs.txt:2: expected 'user item', got '\\xa0'"):
+        load_pairs(write(tmp_path / "pairs.txt", "u1 a\n\u00a0\n"))
+
+
 def test_integer_ids_not_dense_are_indexed_in_ascending_order(tmp_path):
     path = write(tmp_path / "pairs.txt", "1 30\n1 10\n2 20\n")
     dataset = load_pairs(path)

@@ -126,6 +126,20 @@ def decoded_lines(data: bytes, encoding: str) -> Iterator[tuple[int, str, Option
                                f"{error.start + 1}")
 
 
+# Fields of the whitespace-separated formats are separated by ASCII spaces and tabs only:
+# str.split() also splits at U+00A0, U+3000, U+0085 and \x1c-\x1f, characters an id may hold
+# (a name in another script), which turned one id into several without a word.
+_SPACES = " \t"
+_FIELD_SEPARATOR = re.compile(r"[ \t]+")
+
+
+def split_fields(line: str) -> list[str]:
+    """The fields of a line separated by runs of ASCII spaces and tabs (none for a blank line);
+    every other character, Unicode spaces included, belongs to a field byte for byte."""
+    line = line.strip(_SPACES)
+    return _FIELD_SEPARATOR.split(line) if line else []
+
+
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -205,7 +219,7 @@ def _no_interactions(path: str, bad: _BadLines, reason: str = "") -> DataFormatE
     return DataFormatError(path, None, f"file has no interactions{reason}{detail}")
 
 
-_SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "whitespace"}
+_SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "space/tab"}
 
 
 def _detect_separator(line: str) -> Optional[str]:
@@ -285,28 +299,28 @@ class LineParser:
         """Parses one line (blank lines give no events and no problem)."""
         if self.format == "ratings":
             return self._parse_rating(line)
-        fields = line.split()
+        fields = split_fields(line)
         num_items = len(fields) - 1
         if num_items >= 1 and (self.format == "sequences" or num_items == 1):
             return ParsedLine([(fields[0], item, 0) for item in fields[1:]])
         if not fields:
             return ParsedLine()
         hint = " (a user with no items)" if self.format == "sequences" else ""
-        return ParsedLine(problem=f"expected {self.expected!r}, got {shortened(line.strip())!r}{hint}")
+        return ParsedLine(problem=f"expected {self.expected!r}, got {shortened(line.strip(_SPACES))!r}{hint}")
 
     def _parse_rating(self, line: str) -> ParsedLine:
-        if not line.strip():
+        if not split_fields(line):
             return ParsedLine()
         if not self._detected:
             self.separator = _detect_separator(line)
             self._detected = True
         columns = self.columns
-        fields = [field.strip() for field in line.split(self.separator)]
+        fields = split_fields(line) if self.separator is None else [field.strip() for field in line.split(self.separator)]
         if len(fields) != len(columns):
             expected = " ".join(str(column) for column in columns)
             return ParsedLine(problem=(
                 f"expected {len(columns)} {_SEPARATOR_NAMES.get(self.separator, repr(self.separator))}-separated "
-                f"fields '{expected}', got {shortened(line.strip())!r}"))
+                f"fields '{expected}', got {shortened(line.strip(_SPACES))!r}"))
         user, item = fields[columns.index("user")], fields[columns.index("item")]
         timestamp = fields[columns.index("timestamp")] if "timestamp" in columns else None
         rating = fields[columns.index("rating")] if "rating" in columns else None
@@ -653,7 +667,7 @@ def _load_token_lines(
     skip_bad_lines: bool,
     encoding: str,
 ) -> SequenceDataset:
-    """Reads whitespace-separated lines "user item..." (pairs or sequences format)."""
+    """Reads space/tab-separated lines "user item..." (pairs or sequences format)."""
     parser = LineParser(format)
     path = _check_file(path, f"{parser.what} ({parser.expected!r} per line)")
     bad = _BadLines(path, skip_bad_lines)
@@ -700,7 +714,7 @@ def load_sequences(
     skip_bad_lines: bool = False,
     encoding: str = "utf-8-sig",
 ) -> SequenceDataset:
-    """Loads one user per line, "uid item1 item2 ...", items oldest first.
+    """Loads one user per line, "uid item1 item2 ..." (space or tab separated), items oldest first.
 
     A user id appearing on several lines gets the lines' items concatenated in file order.
 
@@ -738,7 +752,7 @@ def load_rating_log(
       path: The file, e.g. MovieLens-100K u.data (tab), ratings.dat ('::') or ratings.csv.
       name: Dataset name; defaults to the file name without extension.
       sep: Field separator; None detects it from the first data line ('::', then tab, then
-        comma, else any whitespace).
+        comma, else runs of spaces and tabs).
       columns: Name of each field in order. "user" and "item" are required; "timestamp"
         (integer unix seconds) orders each user's events and fills ``timestamps``; "rating"
         (a number) is needed for ``min_rating``; other names or None mark ignored fields.
@@ -802,7 +816,7 @@ def _read_id_mapping(path: str) -> dict[int, int]:
     mapping: dict[int, int] = {}
     first_lines: dict[int, int] = {}
     for line_number, line in enumerate(_read_lines(path, "utf-8"), start=1):
-        fields = line.split()
+        fields = split_fields(line)
         if not fields:
             continue
         if len(fields) != 2 or not all(_is_canonical_int(field) for field in fields):
