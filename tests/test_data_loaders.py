@@ -736,3 +736,69 @@ def test_parquet_ids_are_integers_strings_or_utf8_bytes(tmp_path):
     # Floats ("1.0", and "nan" as an item of its own) are what a column of integers with nulls becomes.
     with pytest.raises(DataFormatError, match=r":1: item id 1.0 is a float; ids must be integers or strings"):
         load_table(table("floats", [1, 1], [1.0, float("nan")]))
+
+
+# ----------------------------------------------------------------------------- ids exactly as written
+
+
+def test_parquet_string_ids_are_kept_exactly_as_stored(tmp_path):
+    """Ids were stripped: items "a", "a ", " a" loaded as one item, users "u1", "u1 ", " u1" as one user."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    path = tmp_path / "events.parquet"
+    parquet.write_table(pa.table({"user": ["u1", "u1 ", " u1", "u1", "u1"], "item": ["a", "a ", " a", "a\u00a0", "b"]}),
+                        path)
+    dataset = load_table(path)
+    assert list(dataset.item_vocab) == ["a", "a ", " a", "a\u00a0", "b"]
+    assert dataset.user_ids.tolist() == ["u1", "u1 ", " u1"]
+
+
+@pytest.mark.parametrize("row, field", [("u1, a", "item id ' a'"), ('u1,"a "', "item id 'a '"),
+                                        ("u1 ,b", "user id 'u1 '")])
+def test_a_csv_id_with_spaces_around_it_is_refused_not_merged(tmp_path, row, field):
+    """" a" was stripped to "a" (and "u1 " to "u1"): ids that differ in the file loaded as one, no word said."""
+    path = write(tmp_path / "events.csv", f"user,item\nu1,a\n{row}\nu2,a\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"events.csv:3: {field} has spaces or tabs around it")):
+        load_table(path)
+    dataset = load_table(path, skip_bad_lines=True)
+    assert dataset.skipped_lines == 1 and list(dataset.item_vocab) == ["a"]
+    # The column is named when it is not called after its role; a tab inside a quoted field is kept.
+    with pytest.raises(DataFormatError, match=re.escape("item id (column 'movie') ' a' has spaces")):
+        load_table(write(tmp_path / "movies.csv", "user,movie\nu1, a\n"), item_column="movie")
+    assert list(load_table(write(tmp_path / "tab.csv", 'user,item\nu1,"b\tc"\n')).item_vocab) == ["b\tc"]
+
+
+def test_a_rating_log_id_with_spaces_around_it_is_refused(tmp_path):
+    """"1:: 2::5::10" loaded item " 2" as "2"."""
+    path = write(tmp_path / "ratings.dat", "1::2::5::10\n1:: 2::5::20\n")
+    with pytest.raises(DataFormatError, match=re.escape("ratings.dat:2: item id ' 2' has spaces or tabs around it")):
+        load_rating_log(path)
+
+
+@pytest.mark.parametrize("fmt, text, line, shown", [
+    ("pairs", "u1 a\nu1 a\x00\nu1 b\n", 2, r"item id 'a\x00' holds the control character '\x00' at position 2"),
+    ("sequences", "u1 a b\nu\x1f2 c\n", 2, r"user id 'u\x1f2' holds the control character '\x1f'"),
+    ("sequences", "u1 a\x0bb c\n", 1, r"item id 'a\x0bb' holds the control character '\x0b'"),
+    ("csv", 'user,item\nu1,a\nu1,"a\x00"\n', 3, r"item id 'a\x00' holds the control character '\x00'"),
+    ("ratings", "1::a\x00::5::10\n", 1, r"item id 'a\x00' holds the control character"),
+])
+def test_ids_holding_control_characters_are_refused(tmp_path, fmt, text, line, shown):
+    """"a\\x00" loaded as an id of its own; NumPy's fixed-width strings then dropped the NUL, so the
+    export failed (or served "a" for it); "a\\x0bb" was split in two by str.split()."""
+    path = write(tmp_path / ("events.csv" if fmt == "csv" else "events.txt"), text)
+    load = {"pairs": load_pairs, "sequences": load_sequences, "csv": load_table, "ratings": load_rating_log}[fmt]
+    with pytest.raises(DataFormatError, match=re.escape(f"events.{'csv' if fmt == 'csv' else 'txt'}:{line}: {shown}")):
+        load(path)
+
+
+def test_parquet_ids_holding_nul_are_refused(tmp_path):
+    """Parquet "a\\x00" and "a" loaded as two items; the export then had two values for key "a"."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    path = tmp_path / "events.parquet"
+    parquet.write_table(pa.table({"user": ["u1"] * 3, "item": ["a\x00", "a", "b"]}), path)
+    with pytest.raises(DataFormatError, match=re.escape(r"events.parquet:1: item id 'a\x00' holds the control "
+                                                        r"character '\x00' at position 2")):
+        load_table(path)

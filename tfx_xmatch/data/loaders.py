@@ -302,6 +302,10 @@ class LineParser:
         fields = split_fields(line)
         num_items = len(fields) - 1
         if num_items >= 1 and (self.format == "sequences" or num_items == 1):
+            if _CONTROL_CHARACTER.search(line):  # rare: the fields are looked at one by one only then
+                problem = next(filter(None, (_id_problem(field, role) for field, role in
+                                             zip(fields, ["user id", *["item id"] * num_items]))))
+                return ParsedLine(problem=problem)
             return ParsedLine([(fields[0], item, 0) for item in fields[1:]])
         if not fields:
             return ParsedLine()
@@ -315,7 +319,8 @@ class LineParser:
             self.separator = _detect_separator(line)
             self._detected = True
         columns = self.columns
-        fields = split_fields(line) if self.separator is None else [field.strip() for field in line.split(self.separator)]
+        # Fields are not stripped: an id is taken as written (see _id_problem).
+        fields = split_fields(line) if self.separator is None else line.split(self.separator)
         if len(fields) != len(columns):
             expected = " ".join(str(column) for column in columns)
             return ParsedLine(problem=(
@@ -330,31 +335,58 @@ class LineParser:
 _TIMESTAMP = re.compile(r"-?[0-9]+")
 
 
-def _id_text(value: Any, role: str) -> tuple[str, Optional[str]]:
+# C0 control characters other than tab: NumPy's fixed-width strings drop a trailing NUL (so
+# "a\x00" was served as "a", or broke the export's lookup table), C strings end at one, and
+# \x0b-\x0d, \x1c-\x1f break lines or fields for str.splitlines/str.split in the tools around
+# the data. A tab is allowed where it is not the separator (a quoted CSV field, Parquet).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f]")
+
+
+def _id_problem(text: str, field: str, exact: bool = False) -> Optional[str]:
+    """Why ``text`` cannot be an id, or None: it holds a control character, or, unless
+    ``exact`` (a typed value, e.g. a Parquet string), spaces or tabs around it."""
+    control = _CONTROL_CHARACTER.search(text)
+    if control:
+        return (f"{field} {shortened(repr(text))} holds the control character {control.group()!r} at "
+                f"position {control.start() + 1}; ids may hold no control character U+0000-U+001F but tab")
+    if not exact and text != text.strip(_SPACES):
+        # Stripping would merge " a" with "a" and keeping both would split one id in two; both
+        # silently. The field says which it meant only to its writer.
+        return (f"{field} {shortened(repr(text))} has spaces or tabs around it; ids are taken exactly as "
+                f"written, so it would be another id than {shortened(text.strip(_SPACES))!r}: remove them")
+    return None
+
+
+def _id_text(value: Any, field: str, exact: bool) -> tuple[str, Optional[str]]:
     """(the id as text, a problem or None). Text files give strings; Parquet columns give
-    Python values, of which only integers, strings and UTF-8 bytes are ids."""
+    Python values, of which only integers, strings and UTF-8 bytes are ids, kept as stored
+    (``exact``)."""
     if value is None:
         return "", None
     if isinstance(value, (bytes, bytearray)):
         try:
-            return bytes(value).decode("utf-8").strip(), None
+            value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
-            return "", f"{role} id {bytes(value)!r} is not valid UTF-8"
+            return "", f"{field} {bytes(value)!r} is not valid UTF-8"
     if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
         # A float column is most often integers with nulls (pandas stores those as floats):
         # "1.0" and "nan" would become ids of their own.
-        return "", (f"{role} id {value!r} is a {type(value).__name__}; ids must be integers or strings "
+        return "", (f"{field} {value!r} is a {type(value).__name__}; ids must be integers or strings "
                     "(an integer column with nulls is stored as floats: drop the nulls or cast it)")
-    return str(value).strip(), None
+    text = str(value)
+    return text, _id_problem(text, field, exact) if text.strip(_SPACES) else None
 
 
-def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Optional[float], record: str) -> ParsedLine:
-    """One event from its fields (timestamp/rating None when the input has no such column)."""
-    (user, user_problem), (item, item_problem) = _id_text(user, "user"), _id_text(item, "item")
+def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Optional[float], record: str,
+           fields: tuple[str, str] = ("user id", "item id"), exact: bool = False) -> ParsedLine:
+    """One event from its fields (timestamp/rating None when the input has no such column);
+    ``fields`` names the user and item fields in messages, ``exact`` is as for ``_id_problem``."""
+    (user, user_problem), (item, item_problem) = _id_text(user, fields[0], exact), _id_text(item, fields[1], exact)
+    if not user.strip(_SPACES) or not item.strip(_SPACES):
+        return ParsedLine(problem=user_problem or item_problem or
+                          f"empty user or item field in {shortened(record)!r}")
     if user_problem or item_problem:
         return ParsedLine(problem=user_problem or item_problem)
-    if not user or not item:
-        return ParsedLine(problem=f"empty user or item field in {shortened(record.strip())!r}")
     time_value = 0
     if timestamp is not None:
         text = str(timestamp).strip()
@@ -419,8 +451,12 @@ class RowParser:
         if repeated:
             raise DataFormatError(path, 1, f"column(s) {repeated} appear more than once in the header {list(header)}")
 
-    def parse(self, row: dict) -> ParsedLine:
-        """Parses one row; a CSV row with more fields than the header holds them under None."""
+    def parse(self, row: dict, *, typed: bool = False) -> ParsedLine:
+        """Parses one row; a CSV row with more fields than the header holds them under None.
+
+        ``typed``: the row's values are typed (Parquet, see ``is_typed_table``), and its string
+        ids are kept exactly as stored; a CSV field's id may have no spaces around it.
+        """
         # csv.DictReader keeps a long row's extra fields under the key None: shown as they are.
         record = ", ".join(f"{key}={value}" if key is not None else ", ".join(map(str, value))
                            for key, value in row.items())
@@ -438,8 +474,15 @@ class RowParser:
                 return ParsedLine(problem=f"column {column!r} runs over several lines (an unclosed quote?): "
                                           f"{shortened(value)!r}")
             values[role] = value
+        fields = tuple(f"{role} id" + ("" if self.columns[role] == role else f" (column {self.columns[role]!r})")
+                       for role in ("user", "item"))
         return _event(values["user"], values["item"], values["timestamp"], values["rating"], self.min_rating,
-                      record)
+                      record, fields, exact=typed)
+
+
+def is_typed_table(path: str) -> bool:
+    """Whether ``table_rows`` gives the file's values typed (Parquet), not as CSV text."""
+    return os.path.splitext(path)[1].lower() == ".parquet"
 
 
 def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] = None,
@@ -457,7 +500,7 @@ def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] 
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in TABLE_SUFFIXES:
         raise ValueError(f"table files must end in one of {TABLE_SUFFIXES}, got {path!r}")
-    if suffix == ".parquet":
+    if is_typed_table(path):
         import io
 
         try:
@@ -556,8 +599,9 @@ def load_table(
     with open(path, "rb") as handle:
         data = handle.read()
     rows = table_rows(data, path, parser, sep=sep, encoding=encoding)
+    typed = is_typed_table(path)
     users, items, times, _ = _collect(
-        ((number, parser.parse(row) if problem is None else ParsedLine(problem=problem))
+        ((number, parser.parse(row, typed=typed) if problem is None else ParsedLine(problem=problem))
          for number, row, problem in rows), bad)
     if not items:
         raise _no_interactions(path, bad)

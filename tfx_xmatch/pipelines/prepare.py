@@ -40,7 +40,8 @@ import numpy as np
 
 from tfx_xmatch.data.dataset import sequence_statistics
 from tfx_xmatch.data.loaders import (
-    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, record_lines, table_rows, vocabulary_from_tokens,
+    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, is_typed_table, record_lines, table_rows,
+    vocabulary_from_tokens,
 )
 from tfx_xmatch.data.splits import (
     SPLITS, check_split_options, check_time_split, check_user_level, leave_one_out_user, time_cuts, time_user,
@@ -179,12 +180,13 @@ def _parsed_lines(path: str, spec: PrepareSpec):
     parser = spec.parser()
     data = _read_bytes(path)
     if isinstance(parser, RowParser):
+        typed = is_typed_table(path)
         for line_number, row, problem in table_rows(data, path, parser, sep=spec.reader_options.get("sep"),
                                                     encoding=spec.encoding):
             if problem is not None:
                 yield line_number, ParsedLine(problem=problem), ""
             else:
-                yield line_number, parser.parse(row), json.dumps(row, default=str, ensure_ascii=False)
+                yield line_number, parser.parse(row, typed=typed), json.dumps(row, default=str, ensure_ascii=False)
         return
     for line_number, line, problem in record_lines(data, spec.encoding, spec.reader_options.get("has_header", False)):
         if problem is not None:
