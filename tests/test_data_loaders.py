@@ -135,6 +135,34 @@ def test_a_stray_non_integer_id_among_integers_is_warned_about(tmp_path, caplog)
     assert "the first 'user' (the first line of the file, a header? drop it)" in caplog.text
 
 
+def test_a_header_line_is_suggested_only_where_a_file_can_have_one(tmp_path, caplog):
+    """Any first odd id that was the first id seen got "(the first line of the file, a header?)": a
+    pairs file starting "u1 -5", a Parquet column [-5, 5, 7] (Parquet has no header line), and a
+    CSV file, whose header line is read as one."""
+    def warning(load, path, **options):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tfx_xmatch.data.loaders"):
+            load(path, **options)
+        return caplog.text
+
+    text = warning(load_pairs, write(tmp_path / "negative.txt", "1 -5\n1 5\n1 7\n"))
+    assert "the first '-5' (ids are integers only when all are digits without a sign or leading zeros" in text
+    assert "header" not in text
+    assert "header" not in warning(load_table, write(tmp_path / "events.csv", "user,item\n1,x\n1,5\n1,7\n"))
+    assert "header" not in warning(load_rating_log, write(tmp_path / "log.txt", "u i r t\n1 x 5 1\n1 5 4 2\n1 7 3 3\n"),
+                                   has_header=True)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    parquet.write_table(pa.table({"user": [1, 1, 1], "item": ["x", "5", "7"]}), tmp_path / "events.parquet")
+    text = warning(load_table, tmp_path / "events.parquet")
+    assert "the first 'x' (a typo?" in text and "header" not in text
+    parquet.write_table(pa.table({"user": [1, 1, 1], "item": pa.array([-5, 5, 7], pa.int64())}),
+                        tmp_path / "ints.parquet")
+    text = warning(load_table, tmp_path / "ints.parquet")
+    assert "the first '-5' (ids are integers only" in text and "header" not in text
+
+
 @pytest.mark.parametrize("text", ["", "\n  \n"])
 def test_empty_file_has_no_interactions(tmp_path, text):
     path = write(tmp_path / "empty.txt", text)

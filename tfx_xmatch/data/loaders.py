@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -195,20 +195,29 @@ def _is_canonical_int(token: str) -> bool:
             and (len(token), token) <= (len(_INT64_MAX), _INT64_MAX))
 
 
-def _typed_unique(tokens: Sequence[str], what: str = "ids") -> tuple[list[str], list[Union[int, str]], bool]:
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _typed_unique(tokens: Sequence[str], what: str = "ids",
+                  header_tokens: Collection[str] = ()) -> tuple[list[str], list[Union[int, str]], bool]:
     """Distinct tokens in first-seen order, their typed ids, and whether the ids are ints.
 
     A few non-integer tokens among integer ones turn every id into a string (and reorder the
     indices), which is what a stray typo does too: that case is logged with the first such token.
+    ``header_tokens`` are the tokens read from the first line of a file that may begin with a
+    header line (a text file whose first line was not skipped as one).
     """
     unique = list(dict.fromkeys(tokens))
     odd = [token for token in unique if not _is_canonical_int(token)]
     if unique and not odd:
         return unique, [int(token) for token in unique], True
     if unique and len(odd) * 2 < len(unique):
-        # The file's very first id being the odd one is what a header line ("user item") gives.
-        hint = ("the first line of the file, a header? drop it" if odd[0] == unique[0]
-                else "a typo? integer ids keep their numeric order")
+        if _NUMBER.fullmatch(odd[0]):  # "-5", "007", "1.5": a number, not a column name
+            hint = "ids are integers only when all are digits without a sign or leading zeros, up to 2**63-1"
+        elif odd[0] in header_tokens:  # what a header line ("user item") loaded as data gives
+            hint = "the first line of the file, a header? drop it"
+        else:
+            hint = "a typo? integer ids keep their numeric order"
         logger.warning("%s are read as strings, indexed in order of first appearance: %d of %d are not canonical "
                        "integers, the first %r (%s)", what, len(odd), len(unique), odd[0], hint)
     return unique, list(unique), False
@@ -600,7 +609,7 @@ def load_table(
         data = handle.read()
     rows = table_rows(data, path, parser, sep=sep, encoding=encoding)
     typed = is_typed_table(path)
-    users, items, times, _ = _collect(
+    users, items, times, _, _ = _collect(
         ((number, parser.parse(row, typed=typed) if problem is None else ParsedLine(problem=problem))
          for number, row, problem in rows), bad)
     if not items:
@@ -609,13 +618,19 @@ def load_table(
     return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
 
 
-def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[int], int]:
-    """(users, items, timestamps, lines filtered by min_rating) of (line number, ParsedLine) pairs;
-    malformed lines go to ``bad`` (which fails or counts them)."""
+# The user and item tokens of a text file's first line, which may be a header read as data.
+_HeaderTokens = tuple[Collection[str], Collection[str]]
+_NO_HEADER: _HeaderTokens = ((), ())
+
+
+def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[int], int, _HeaderTokens]:
+    """(users, items, timestamps, lines filtered by min_rating, the user and item tokens of line 1)
+    of (line number, ParsedLine) pairs; malformed lines go to ``bad`` (which fails or counts them)."""
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
     filtered = 0
+    line_one: _HeaderTokens = (set(), set())
     for line_number, parsed in parsed_lines:
         if parsed.problem is not None:
             bad.report(line_number, parsed.problem)
@@ -624,17 +639,23 @@ def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[i
             users.append(user)
             items.append(item)
             times.append(timestamp)
+            if line_number == 1:
+                line_one[0].add(user)
+                line_one[1].add(item)
     bad.log()
-    return users, items, times, filtered
+    return users, items, times, filtered, line_one
 
 
-def vocabulary_from_tokens(item_tokens: Sequence[str]) -> tuple[Vocabulary, dict[str, int]]:
+
+def vocabulary_from_tokens(item_tokens: Sequence[str],
+                           header_tokens: Collection[str] = ()) -> tuple[Vocabulary, dict[str, int]]:
     """The item vocabulary of item tokens in file order (repeats allowed), and token -> index.
 
     Canonical integer ids are indexed in ascending order, other ids in order of first
-    appearance (see the module docstring).
+    appearance (see the module docstring). ``header_tokens``: the item tokens of the first line
+    of a text file that may begin with a header line (only for the warning about odd ids).
     """
-    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens, "item ids")
+    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens, "item ids", header_tokens)
     vocabulary = Vocabulary(sorted(item_ids) if items_are_ints else item_ids)
     return vocabulary, dict(zip(unique_items, vocabulary.lookup(item_ids).tolist()))
 
@@ -645,16 +666,18 @@ def _build_dataset(
     item_tokens: list[str],
     timestamps: Optional[np.ndarray],
     skipped_lines: int,
+    header_tokens: _HeaderTokens = _NO_HEADER,
 ) -> SequenceDataset:
     """Groups interactions by user (users in order of first appearance).
 
     Within a user, events keep file order, or are sorted by timestamp (stably, so ties keep
-    file order) when timestamps are given.
+    file order) when timestamps are given. ``header_tokens``: see ``_collect``, for a text file
+    whose first line may be a header read as data.
     """
-    vocabulary, token_to_index = vocabulary_from_tokens(item_tokens)
+    vocabulary, token_to_index = vocabulary_from_tokens(item_tokens, header_tokens[1])
     items = np.fromiter(map(token_to_index.__getitem__, item_tokens), np.int32, len(item_tokens))
 
-    unique_users, user_ids, users_are_ints = _typed_unique(user_tokens, "user ids")
+    unique_users, user_ids, users_are_ints = _typed_unique(user_tokens, "user ids", header_tokens[0])
     user_to_row = {token: row for row, token in enumerate(unique_users)}
     rows = np.fromiter(map(user_to_row.__getitem__, user_tokens), np.int64, len(user_tokens))
 
@@ -715,10 +738,10 @@ def _load_token_lines(
     parser = LineParser(format)
     path = _check_file(path, f"{parser.what} ({parser.expected!r} per line)")
     bad = _BadLines(path, skip_bad_lines)
-    users, items, _, _ = _collect(_parsed_text_lines(path, encoding, parser), bad)
+    users, items, _, _, line_one = _collect(_parsed_text_lines(path, encoding, parser), bad)
     if not items:
         raise _no_interactions(path, bad)
-    return _build_dataset(name or _default_name(path), users, items, None, bad.count)
+    return _build_dataset(name or _default_name(path), users, items, None, bad.count, line_one)
 
 
 def load_pairs(
@@ -820,13 +843,14 @@ def load_rating_log(
     parser = LineParser("ratings", sep=sep, columns=columns, min_rating=min_rating)
     path = _check_file(path, "rating log ('user item rating timestamp' per line)")
     bad = _BadLines(path, skip_bad_lines)
-    users, items, times, filtered = _collect(_parsed_text_lines(path, encoding, parser, skip_header=has_header),
-                                             bad)
+    users, items, times, filtered, line_one = _collect(
+        _parsed_text_lines(path, encoding, parser, skip_header=has_header), bad)
     if not items:
         reason = f" rated at least {min_rating!r} ({filtered} below it)" if filtered else ""
         raise _no_interactions(path, bad, reason)
     timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
-    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
+    # line_one is empty with has_header: line 1 was skipped as the header.
+    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count, line_one)
 
 
 # ----------------------------------------------------------------------------- side info

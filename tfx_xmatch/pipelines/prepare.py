@@ -224,11 +224,14 @@ def _user_record(element, has_timestamps: bool) -> tuple:
     return first, user, items, times
 
 
-def _vocabulary(first_seen: list[tuple[tuple, str]]):
-    """Item tokens with their first positions -> (Vocabulary, token -> index)."""
+def _vocabulary(first_seen: list[tuple[tuple, str]], header_possible: bool):
+    """Item tokens with their first positions -> (Vocabulary, token -> index); with
+    ``header_possible`` (text files whose first line is read as data), those first seen on a
+    line 1 are named as a possible header line if they are odd ids."""
     if not first_seen:
         return None
-    return vocabulary_from_tokens([token for _, token in sorted(first_seen)])
+    header_tokens = {token for (_, line_number, _), token in first_seen if line_number == 1} if header_possible else ()
+    return vocabulary_from_tokens([token for _, token in sorted(first_seen)], header_tokens)
 
 
 def _user_rows(firsts: list[tuple[tuple, str]]) -> dict[str, int]:
@@ -379,7 +382,8 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
         | "FirstSeen" >> beam.CombinePerKey(min)
         | "Swap" >> beam.Map(lambda item_first: (item_first[1], item_first[0]))
         | "AllItems" >> beam.combiners.ToList()
-        | "Vocabulary" >> beam.Map(_vocabulary))
+        | "Vocabulary" >> beam.Map(_vocabulary, spec.format != "table"
+                                   and not spec.reader_options.get("has_header", False)))
     rows = beam.pvalue.AsSingleton(
         records | "UserFirsts" >> beam.Map(lambda record: (record[0], record[1]))
         | "AllUsers" >> beam.combiners.ToList() | "Rows" >> beam.Map(_user_rows))
