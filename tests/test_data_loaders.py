@@ -422,6 +422,19 @@ def test_side_files_refuse_an_id_given_twice(tmp_path, name, text, message):
         load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("movies.dat", "1::A (1995)::Comedy\n002::B (1995)::Drama\n", "movies.dat:2: MovieID '002' is not written as"),
+    ("users.dat", "+10::F::1::10::48067\n20::M::56::16::70072\n", "users.dat:1: UserID '+10' is not written as"),
+])
+def test_side_file_ids_follow_the_interactions_id_rule(tmp_path, name, text, message):
+    """int() read MovieID "002" as 2 and UserID "+10" as 10, joining them to ids the interaction
+    loaders keep apart ("007" is another id than 7 there)."""
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    write(directory / name, text, encoding="latin-1")
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
+
+
 def test_side_files_may_start_with_a_byte_order_mark(tmp_path):
     # Read as latin-1 it was part of the first id: "MovieID 'ï»¿1' is not an integer".
     directory = make_ml1m_dir(tmp_path / "ml-1m")

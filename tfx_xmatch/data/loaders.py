@@ -922,6 +922,17 @@ def _parse_int(path: str, line_number: int, value: str, field: str) -> int:
         raise DataFormatError(path, line_number, f"{field} {value!r} is not an integer") from None
 
 
+def _parse_id(path: str, line_number: int, value: str, field: str) -> int:
+    """An id of a side file, by the interactions' rule: int() would join "007" or "+8" to item 7
+    or 8, which the interaction loaders keep as other (string) ids."""
+    if not _is_canonical_int(value):
+        _parse_int(path, line_number, value, field)  # not a number at all: said so
+        raise DataFormatError(path, line_number, f"{field} {value!r} is not written as the interactions' integer ids "
+                                                 "are (digits without a sign, spaces or leading zeros): it would join "
+                                                 f"id {int(value)}, which the interactions keep apart from {value!r}")
+    return int(value)
+
+
 def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
     path = os.path.join(directory, "movies.dat")
     genres_by_movie: dict[int, list[str]] = {}
@@ -930,7 +941,7 @@ def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
         if not line.strip():
             continue
         fields = _split_fields(path, line_number, line, "::", 3, "'MovieID::Title::Genres'")
-        movie = _parse_int(path, line_number, fields[0], "MovieID")
+        movie = _parse_id(path, line_number, fields[0], "MovieID")
         _once(first_lines, movie, path, line_number, "MovieID")
         genres_by_movie[movie] = [genre for genre in fields[-1].strip().split("|") if genre]
     names = sorted({genre for genres in genres_by_movie.values() for genre in genres})
@@ -947,7 +958,7 @@ def _ml1m_users(directory: str) -> dict[int, tuple[int, int, int]]:
         fields = _split_fields(
             path, line_number, line, "::", 4, "'UserID::Gender::Age::Occupation::Zip-code'"
         )
-        user = _parse_int(path, line_number, fields[0], "UserID")
+        user = _parse_id(path, line_number, fields[0], "UserID")
         _once(first_lines, user, path, line_number, "UserID")
         gender = _GENDERS.index(fields[1]) + 1 if fields[1] in _GENDERS else 0
         age_code = _parse_int(path, line_number, fields[2], "Age")
@@ -982,7 +993,7 @@ def _ml100k_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
             raise DataFormatError(
                 path, line_number, f"expected {len(names)} genre flags (0/1) after the url, got {flags!r}"
             )
-        movie = _parse_int(path, line_number, fields[0], "movie id")
+        movie = _parse_id(path, line_number, fields[0], "movie id")
         _once(first_lines, movie, path, line_number, "movie id")
         genres_by_movie[movie] = [name for name, flag in zip(names, flags) if flag == "1"]
     return genres_by_movie, names
@@ -1002,7 +1013,7 @@ def _ml100k_users(directory: str) -> tuple[dict[int, tuple[int, int, int]], list
         if not line.strip():
             continue
         fields = _split_fields(path, line_number, line, "|", 5, "'user id|age|gender|occupation|zip code'")
-        user = _parse_int(path, line_number, fields[0], "user id")
+        user = _parse_id(path, line_number, fields[0], "user id")
         _once(first_lines, user, path, line_number, "user id")
         age = _age_bucket(_parse_int(path, line_number, fields[1], "age"))
         gender = _GENDERS.index(fields[2]) + 1 if fields[2] in _GENDERS else 0
@@ -1050,7 +1061,8 @@ def load_movielens_side_info(
       ValueError: If ``remap_ids`` is None, the side files are ML-1M's, the dataset has no
         timestamps and the mapping files are missing (the ids may be remapped or original:
         pass ``remap_ids`` explicitly).
-      DataFormatError: If a side file has a malformed line.
+      DataFormatError: If a side file has a malformed line, e.g. a MovieID or UserID not
+        written as the interactions' integer ids are ("007", "+8": they would join items 7, 8).
     """
     directory = os.fspath(data_dir)
     candidates = [directory, os.path.join(directory, dataset.name)]
