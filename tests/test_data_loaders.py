@@ -843,3 +843,12 @@ def test_parquet_ids_holding_nul_are_refused(tmp_path):
     with pytest.raises(DataFormatError, match=re.escape(r"events.parquet:1: item id 'a\x00' holds the control "
                                                         r"character '\x00' at position 2")):
         load_table(path)
+
+
+def test_one_long_user_id_does_not_multiply_the_memory_of_all(tmp_path):
+    """user_ids was a fixed-width unicode array: one 2,000-character user id made every user's
+    id take 8 kB."""
+    path = write(tmp_path / "pairs.txt", "".join(f"u{k} i{k}\n" for k in range(500)) + "x" * 2000 + " i1\n")
+    dataset = load_pairs(path)
+    assert dataset.user_ids.nbytes < 10 * 501 and dataset.user_ids.tolist()[-1] == "x" * 2000
+    assert dataset.item_vocab.ids(np.arange(1, 501)).nbytes < 10 * 500

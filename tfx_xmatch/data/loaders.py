@@ -25,7 +25,7 @@ from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Unio
 import numpy as np
 
 from tfx_xmatch.data.dataset import SequenceDataset
-from tfx_xmatch.data.vocabulary import PathLike, Vocabulary
+from tfx_xmatch.data.vocabulary import PathLike, Vocabulary, string_array
 from tfx_xmatch.user_errors import shortened
 
 logger = logging.getLogger(__name__)
@@ -694,7 +694,7 @@ def _build_dataset(
         sequence_timestamps = np.split(timestamps[order].astype(np.int64), boundaries)
         _warn_of_repeated_events(rows[order], items[order], timestamps[order], user_ids, vocabulary)
 
-    user_array = np.array(user_ids, dtype=np.int64 if users_are_ints else np.str_)
+    user_array = np.array(user_ids, dtype=np.int64) if users_are_ints else string_array(user_ids)
     return SequenceDataset(
         name=name,
         sequences=sequences,
@@ -719,7 +719,7 @@ def _warn_of_repeated_events(rows: np.ndarray, items: np.ndarray, times: np.ndar
         first = keys[repeated[0]]
         logger.warning("%d event(s) repeat an earlier one exactly (user, item, timestamp), e.g. user %r item %r at %d: "
                        "kept; a log written twice or overlapping input files look like this", len(repeated),
-                       user_ids[rows[first]], vocabulary.ids([items[first]])[0].item(), int(times[first]))
+                       user_ids[rows[first]], vocabulary.ids([items[first]]).tolist()[0], int(times[first]))
 
 
 def _default_name(path: str) -> str:
