@@ -9,7 +9,10 @@ benchmark datasets to files under a data directory.
 Raw ids that are all canonical non-negative integers ("1", "42", not "007") are kept as ints
 and indexed in ascending order, so a file whose items are already 1..N keeps item i at index i
 (results stay comparable with the literature); other ids are kept as strings, indexed in order
-of first appearance.
+of first appearance. Ids are taken exactly as written, never stripped: fields of the
+space-separated formats split at ASCII spaces and tabs only, a CSV or rating-log id with spaces
+around it is refused (a Parquet string is kept as stored), and so is an id holding a control
+character other than tab.
 """
 
 from __future__ import annotations
@@ -345,7 +348,7 @@ _TIMESTAMP = re.compile(r"-?[0-9]+")
 
 
 # C0 control characters other than tab: NumPy's fixed-width strings drop a trailing NUL (so
-# "a\x00" was served as "a", or broke the export's lookup table), C strings end at one, and
+# "a\x00" was once served as "a", or broke the export's lookup table), C strings end at one, and
 # \x0b-\x0d, \x1c-\x1f break lines or fields for str.splitlines/str.split in the tools around
 # the data. A tab is allowed where it is not the separator (a quoted CSV field, Parquet).
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f]")
@@ -644,7 +647,6 @@ def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[i
                 line_one[1].add(item)
     bad.log()
     return users, items, times, filtered, line_one
-
 
 
 def vocabulary_from_tokens(item_tokens: Sequence[str],
