@@ -154,6 +154,34 @@ def test_rating_log_with_min_rating_equal_in_process(tmp_path, split, options):
     assert statistics["malformed_lines"] == 3
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".parquet"])
+def test_ids_are_read_as_written_as_in_process(tmp_path, suffix):
+    """Prepare read ids through the same str.split() and strip() as the loaders: "x\u00a0y" split in two
+    (sequences), " a" merged with "a" (CSV, Parquet), "a\x00" kept as an id of its own."""
+    items = ["x\u00a0y", "p\u3000q", "a", "a\u00a0", "b"] * 3
+    users = [f"u{i % 4}" for i in range(len(items))]
+    path = tmp_path / f"events{suffix}"
+    if suffix == ".txt":
+        path.write_text("".join(f"{user} {item} {item}\n" for user, item in zip(users, items)) + "u1 a\x00\n")
+    elif suffix == ".csv":
+        path.write_text("user,item\n" + "".join(f"{user},{item}\n" for user, item in zip(users, items))
+                        + "u1, a\nu2,a\x00\n")
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as parquet
+
+        parquet.write_table(pa.table({"user": users + ["u1", "u2"], "item": items + [" a", "a\x00"]}), path)
+    format = "sequences" if suffix == ".txt" else "table"
+    dataset = load_dataset(str(path), format=format, skip_bad_lines=True, side_info=False)
+    assert list(dataset.item_vocab) == items[:5] + ([" a"] if suffix == ".parquet" else [])
+    spec = PrepareSpec(inputs=(str(path),), format=format, output_dir=str(tmp_path / "beam"), name="events")
+    statistics = run_prepare(spec)
+    same_outputs(in_process(dataset, "leave_one_out", tmp_path / "expected", 1), tmp_path / "beam")
+    letters = [json.loads(line) for line in (tmp_path / "beam" / DEAD_LETTER_FILE).read_text().splitlines()]
+    assert statistics["malformed_lines"] == dataset.skipped_lines == len(letters) == (1 if suffix != ".csv" else 2)
+    assert "control character '\\x00'" in letters[-1]["problem"]
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_tables_with_named_columns_equal_in_process(tmp_path, suffix):
     rows = [line.split("::") for line in rating_lines()[40:]]

@@ -59,6 +59,23 @@ def test_load_pairs_accepts_tabs_and_string_ids(tmp_path):
     assert dataset.item_vocab.ids(dataset.sequences[0]).tolist() == ["book", "pen"]
 
 
+def test_fields_are_separated_by_ascii_spaces_and_tabs_only(tmp_path):
+    """str.split() also split at U+00A0, U+3000 and U+0085: "x\u00a0y" loaded as two items from a
+    sequences file (and from a space-separated rating log), while the pairs loader refused the line."""
+    ids = ["x\u00a0y", "p\u3000q", "c\x85d"]
+    sequences = load_sequences(write(tmp_path / "seq.txt", "u\u00a01  " + " \t".join(ids) + " z \n"))
+    assert sequences.user_ids.tolist() == ["u\u00a01"]
+    assert sequences.item_vocab.ids(sequences.sequences[0]).tolist() == [*ids, "z"]
+    pairs = load_pairs(write(tmp_path / "pairs.txt", "".join(f"u\u00a01 {item}\n" for item in [*ids, "z"])))
+    assert list(pairs.item_vocab) == list(sequences.item_vocab)
+    assert pairs.user_ids.tolist() == ["u\u00a01"]
+    log = load_rating_log(write(tmp_path / "log.txt", "".join(f"u1 {item} 5 {t}\n" for t, item in enumerate(ids))))
+    assert list(log.item_vocab) == ids
+    # A line holding only a non-ASCII space is a one-field line, not a blank one.
+    with pytest.raises(DataFormatError, match=r"pairs.txt:2: expected 'user item', got '\\xa0'"):
+        load_pairs(write(tmp_path / "pairs.txt", "u1 a\n\u00a0\n"))
+
+
 def test_integer_ids_not_dense_are_indexed_in_ascending_order(tmp_path):
     path = write(tmp_path / "pairs.txt", "1 30\n1 10\n2 20\n")
     dataset = load_pairs(path)
@@ -116,6 +133,34 @@ def test_a_stray_non_integer_id_among_integers_is_warned_about(tmp_path, caplog)
         load_pairs(write(tmp_path / "header.txt", "user item\n1 1\n1 2\n2 3\n3 4\n"))
     assert "the first 'item' (the first line of the file, a header? drop it)" in caplog.text
     assert "the first 'user' (the first line of the file, a header? drop it)" in caplog.text
+
+
+def test_a_header_line_is_suggested_only_where_a_file_can_have_one(tmp_path, caplog):
+    """Any first odd id that was the first id seen got "(the first line of the file, a header?)": a
+    pairs file starting "u1 -5", a Parquet column [-5, 5, 7] (Parquet has no header line), and a
+    CSV file, whose header line is read as one."""
+    def warning(load, path, **options):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tfx_xmatch.data.loaders"):
+            load(path, **options)
+        return caplog.text
+
+    text = warning(load_pairs, write(tmp_path / "negative.txt", "1 -5\n1 5\n1 7\n"))
+    assert "the first '-5' (ids are integers only when all are digits without a sign or leading zeros" in text
+    assert "header" not in text
+    assert "header" not in warning(load_table, write(tmp_path / "events.csv", "user,item\n1,x\n1,5\n1,7\n"))
+    assert "header" not in warning(load_rating_log, write(tmp_path / "log.txt", "u i r t\n1 x 5 1\n1 5 4 2\n1 7 3 3\n"),
+                                   has_header=True)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    parquet.write_table(pa.table({"user": [1, 1, 1], "item": ["x", "5", "7"]}), tmp_path / "events.parquet")
+    text = warning(load_table, tmp_path / "events.parquet")
+    assert "the first 'x' (a typo?" in text and "header" not in text
+    parquet.write_table(pa.table({"user": [1, 1, 1], "item": pa.array([-5, 5, 7], pa.int64())}),
+                        tmp_path / "ints.parquet")
+    text = warning(load_table, tmp_path / "ints.parquet")
+    assert "the first '-5' (ids are integers only" in text and "header" not in text
 
 
 @pytest.mark.parametrize("text", ["", "\n  \n"])
@@ -371,6 +416,19 @@ def test_side_info_bad_line(tmp_path):
 ])
 def test_side_files_refuse_an_id_given_twice(tmp_path, name, text, message):
     # The later line silently replaced the first: item 1 took another movie's genres.
+    directory = make_ml1m_dir(tmp_path / "ml-1m")
+    write(directory / name, text, encoding="latin-1")
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        load_movielens_side_info(load_pairs(directory / "ml-1m.txt"), directory)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("movies.dat", "1::A (1995)::Comedy\n002::B (1995)::Drama\n", "movies.dat:2: MovieID '002' is not written as"),
+    ("users.dat", "+10::F::1::10::48067\n20::M::56::16::70072\n", "users.dat:1: UserID '+10' is not written as"),
+])
+def test_side_file_ids_follow_the_interactions_id_rule(tmp_path, name, text, message):
+    """int() read MovieID "002" as 2 and UserID "+10" as 10, joining them to ids the interaction
+    loaders keep apart ("007" is another id than 7 there)."""
     directory = make_ml1m_dir(tmp_path / "ml-1m")
     write(directory / name, text, encoding="latin-1")
     with pytest.raises(DataFormatError, match=re.escape(message)):
@@ -719,3 +777,78 @@ def test_parquet_ids_are_integers_strings_or_utf8_bytes(tmp_path):
     # Floats ("1.0", and "nan" as an item of its own) are what a column of integers with nulls becomes.
     with pytest.raises(DataFormatError, match=r":1: item id 1.0 is a float; ids must be integers or strings"):
         load_table(table("floats", [1, 1], [1.0, float("nan")]))
+
+
+# ----------------------------------------------------------------------------- ids exactly as written
+
+
+def test_parquet_string_ids_are_kept_exactly_as_stored(tmp_path):
+    """Ids were stripped: items "a", "a ", " a" loaded as one item, users "u1", "u1 ", " u1" as one user."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    path = tmp_path / "events.parquet"
+    parquet.write_table(pa.table({"user": ["u1", "u1 ", " u1", "u1", "u1"], "item": ["a", "a ", " a", "a\u00a0", "b"]}),
+                        path)
+    dataset = load_table(path)
+    assert list(dataset.item_vocab) == ["a", "a ", " a", "a\u00a0", "b"]
+    assert dataset.user_ids.tolist() == ["u1", "u1 ", " u1"]
+
+
+@pytest.mark.parametrize("row, field", [("u1, a", "item id ' a'"), ('u1,"a "', "item id 'a '"),
+                                        ("u1 ,b", "user id 'u1 '")])
+def test_a_csv_id_with_spaces_around_it_is_refused_not_merged(tmp_path, row, field):
+    """" a" was stripped to "a" (and "u1 " to "u1"): ids that differ in the file loaded as one, no word said."""
+    path = write(tmp_path / "events.csv", f"user,item\nu1,a\n{row}\nu2,a\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"events.csv:3: {field} has spaces or tabs around it")):
+        load_table(path)
+    dataset = load_table(path, skip_bad_lines=True)
+    assert dataset.skipped_lines == 1 and list(dataset.item_vocab) == ["a"]
+    # The column is named when it is not called after its role; a tab inside a quoted field is kept.
+    with pytest.raises(DataFormatError, match=re.escape("item id (column 'movie') ' a' has spaces")):
+        load_table(write(tmp_path / "movies.csv", "user,movie\nu1, a\n"), item_column="movie")
+    assert list(load_table(write(tmp_path / "tab.csv", 'user,item\nu1,"b\tc"\n')).item_vocab) == ["b\tc"]
+
+
+def test_a_rating_log_id_with_spaces_around_it_is_refused(tmp_path):
+    """"1:: 2::5::10" loaded item " 2" as "2"."""
+    path = write(tmp_path / "ratings.dat", "1::2::5::10\n1:: 2::5::20\n")
+    with pytest.raises(DataFormatError, match=re.escape("ratings.dat:2: item id ' 2' has spaces or tabs around it")):
+        load_rating_log(path)
+
+
+@pytest.mark.parametrize("fmt, text, line, shown", [
+    ("pairs", "u1 a\nu1 a\x00\nu1 b\n", 2, r"item id 'a\x00' holds the control character '\x00' at position 2"),
+    ("sequences", "u1 a b\nu\x1f2 c\n", 2, r"user id 'u\x1f2' holds the control character '\x1f'"),
+    ("sequences", "u1 a\x0bb c\n", 1, r"item id 'a\x0bb' holds the control character '\x0b'"),
+    ("csv", 'user,item\nu1,a\nu1,"a\x00"\n', 3, r"item id 'a\x00' holds the control character '\x00'"),
+    ("ratings", "1::a\x00::5::10\n", 1, r"item id 'a\x00' holds the control character"),
+])
+def test_ids_holding_control_characters_are_refused(tmp_path, fmt, text, line, shown):
+    """"a\\x00" loaded as an id of its own; NumPy's fixed-width strings then dropped the NUL, so the
+    export failed (or served "a" for it); "a\\x0bb" was split in two by str.split()."""
+    path = write(tmp_path / ("events.csv" if fmt == "csv" else "events.txt"), text)
+    load = {"pairs": load_pairs, "sequences": load_sequences, "csv": load_table, "ratings": load_rating_log}[fmt]
+    with pytest.raises(DataFormatError, match=re.escape(f"events.{'csv' if fmt == 'csv' else 'txt'}:{line}: {shown}")):
+        load(path)
+
+
+def test_parquet_ids_holding_nul_are_refused(tmp_path):
+    """Parquet "a\\x00" and "a" loaded as two items; the export then had two values for key "a"."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    path = tmp_path / "events.parquet"
+    parquet.write_table(pa.table({"user": ["u1"] * 3, "item": ["a\x00", "a", "b"]}), path)
+    with pytest.raises(DataFormatError, match=re.escape(r"events.parquet:1: item id 'a\x00' holds the control "
+                                                        r"character '\x00' at position 2")):
+        load_table(path)
+
+
+def test_one_long_user_id_does_not_multiply_the_memory_of_all(tmp_path):
+    """user_ids was a fixed-width unicode array: one 2,000-character user id made every user's
+    id take 8 kB."""
+    path = write(tmp_path / "pairs.txt", "".join(f"u{k} i{k}\n" for k in range(500)) + "x" * 2000 + " i1\n")
+    dataset = load_pairs(path)
+    assert dataset.user_ids.nbytes < 10 * 501 and dataset.user_ids.tolist()[-1] == "x" * 2000
+    assert dataset.item_vocab.ids(np.arange(1, 501)).nbytes < 10 * 500

@@ -61,7 +61,7 @@ def test_serving_signatures_match_the_oracle(model, vocab_fn, padding):
     for request in (right_padded(vocab, HISTORIES, 16, padding),
                     right_padded(vocab, HISTORIES, 16, padding)[:, ::-1][:, ::-1]):
         result = module.serving_default(tf.constant(request))
-        np.testing.assert_array_equal(result["item_ids"].numpy().astype(vocab.ids([1]).dtype),
+        np.testing.assert_array_equal(result["item_ids"].numpy().astype(str if vocab.id_type == "str" else np.int64),
                                       vocab.ids(expected_top.ravel()).reshape(expected_top.shape))
         np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
     # Left padding gives the same answer as right padding.

@@ -76,9 +76,10 @@ class RetrievalServingModule(tf.Module):
         self.max_length = int(model.max_length)
         self.exclude_history = bool(exclude_history)
         self.default_k = int(default_k)
-        raw_ids = np.asarray(item_vocab.ids(np.arange(1, item_vocab.num_items + 1)))
-        self.id_dtype = tf.string if raw_ids.dtype.kind in "US" else tf.int64
-        keys = tf.constant(raw_ids.astype(str) if self.id_dtype == tf.string else raw_ids.astype(np.int64))
+        raw_ids = item_vocab.ids(np.arange(1, item_vocab.num_items + 1))
+        self.id_dtype = tf.string if item_vocab.id_type == "str" else tf.int64
+        # From the list of ids: .astype(str) would build a fixed-width copy sized for the longest id.
+        keys = tf.constant(raw_ids.tolist(), self.id_dtype, shape=[item_vocab.num_items])
         indices = tf.range(1, item_vocab.num_items + 1, dtype=tf.int64)
         self.id_to_index = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, indices), -1)
         # Index 0 (padding) maps back to the padding id, so empty result slots are recognisable.

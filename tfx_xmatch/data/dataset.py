@@ -37,7 +37,8 @@ class SequenceDataset:
       name: Dataset name, e.g. "ml-1m" or "synthetic".
       sequences: One int32 array per user of item indices in [1, num_items], oldest first.
       item_vocab: Maps raw item ids to indices (index 0 is padding).
-      user_ids: Raw user id of each sequence (same order as ``sequences``).
+      user_ids: Raw user id of each sequence (same order as ``sequences``): int64, or object
+        holding ``str``.
       timestamps: Optional int64 array per user, aligned with ``sequences`` (unix seconds).
       item_features: Optional per-item feature arrays indexed by item index, each with first
         dimension num_items + 1 (row 0 is the padding item), e.g. ``{"genres": [N+1, G]}``

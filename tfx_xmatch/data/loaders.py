@@ -9,7 +9,10 @@ benchmark datasets to files under a data directory.
 Raw ids that are all canonical non-negative integers ("1", "42", not "007") are kept as ints
 and indexed in ascending order, so a file whose items are already 1..N keeps item i at index i
 (results stay comparable with the literature); other ids are kept as strings, indexed in order
-of first appearance.
+of first appearance. Ids are taken exactly as written, never stripped: fields of the
+space-separated formats split at ASCII spaces and tabs only, a CSV or rating-log id with spaces
+around it is refused (a Parquet string is kept as stored), and so is an id holding a control
+character other than tab.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from tfx_xmatch.data.dataset import SequenceDataset
-from tfx_xmatch.data.vocabulary import PathLike, Vocabulary
+from tfx_xmatch.data.vocabulary import PathLike, Vocabulary, string_array
 from tfx_xmatch.user_errors import shortened
 
 logger = logging.getLogger(__name__)
@@ -126,6 +129,20 @@ def decoded_lines(data: bytes, encoding: str) -> Iterator[tuple[int, str, Option
                                f"{error.start + 1}")
 
 
+# Fields of the whitespace-separated formats are separated by ASCII spaces and tabs only:
+# str.split() also splits at U+00A0, U+3000, U+0085 and \x1c-\x1f, characters an id may hold
+# (a name in another script), which turned one id into several without a word.
+_SPACES = " \t"
+_FIELD_SEPARATOR = re.compile(r"[ \t]+")
+
+
+def split_fields(line: str) -> list[str]:
+    """The fields of a line separated by runs of ASCII spaces and tabs (none for a blank line);
+    every other character, Unicode spaces included, belongs to a field byte for byte."""
+    line = line.strip(_SPACES)
+    return _FIELD_SEPARATOR.split(line) if line else []
+
+
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -181,20 +198,29 @@ def _is_canonical_int(token: str) -> bool:
             and (len(token), token) <= (len(_INT64_MAX), _INT64_MAX))
 
 
-def _typed_unique(tokens: Sequence[str], what: str = "ids") -> tuple[list[str], list[Union[int, str]], bool]:
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _typed_unique(tokens: Sequence[str], what: str = "ids",
+                  header_tokens: Collection[str] = ()) -> tuple[list[str], list[Union[int, str]], bool]:
     """Distinct tokens in first-seen order, their typed ids, and whether the ids are ints.
 
     A few non-integer tokens among integer ones turn every id into a string (and reorder the
     indices), which is what a stray typo does too: that case is logged with the first such token.
+    ``header_tokens`` are the tokens read from the first line of a file that may begin with a
+    header line (a text file whose first line was not skipped as one).
     """
     unique = list(dict.fromkeys(tokens))
     odd = [token for token in unique if not _is_canonical_int(token)]
     if unique and not odd:
         return unique, [int(token) for token in unique], True
     if unique and len(odd) * 2 < len(unique):
-        # The file's very first id being the odd one is what a header line ("user item") gives.
-        hint = ("the first line of the file, a header? drop it" if odd[0] == unique[0]
-                else "a typo? integer ids keep their numeric order")
+        if _NUMBER.fullmatch(odd[0]):  # "-5", "007", "1.5": a number, not a column name
+            hint = "ids are integers only when all are digits without a sign or leading zeros, up to 2**63-1"
+        elif odd[0] in header_tokens:  # what a header line ("user item") loaded as data gives
+            hint = "the first line of the file, a header? drop it"
+        else:
+            hint = "a typo? integer ids keep their numeric order"
         logger.warning("%s are read as strings, indexed in order of first appearance: %d of %d are not canonical "
                        "integers, the first %r (%s)", what, len(odd), len(unique), odd[0], hint)
     return unique, list(unique), False
@@ -205,7 +231,7 @@ def _no_interactions(path: str, bad: _BadLines, reason: str = "") -> DataFormatE
     return DataFormatError(path, None, f"file has no interactions{reason}{detail}")
 
 
-_SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "whitespace"}
+_SEPARATOR_NAMES = {"::": "'::'", "\t": "tab", ",": "comma", None: "space/tab"}
 
 
 def _detect_separator(line: str) -> Optional[str]:
@@ -285,28 +311,33 @@ class LineParser:
         """Parses one line (blank lines give no events and no problem)."""
         if self.format == "ratings":
             return self._parse_rating(line)
-        fields = line.split()
+        fields = split_fields(line)
         num_items = len(fields) - 1
         if num_items >= 1 and (self.format == "sequences" or num_items == 1):
+            if _CONTROL_CHARACTER.search(line):  # rare: the fields are looked at one by one only then
+                problem = next(filter(None, (_id_problem(field, role) for field, role in
+                                             zip(fields, ["user id", *["item id"] * num_items]))))
+                return ParsedLine(problem=problem)
             return ParsedLine([(fields[0], item, 0) for item in fields[1:]])
         if not fields:
             return ParsedLine()
         hint = " (a user with no items)" if self.format == "sequences" else ""
-        return ParsedLine(problem=f"expected {self.expected!r}, got {shortened(line.strip())!r}{hint}")
+        return ParsedLine(problem=f"expected {self.expected!r}, got {shortened(line.strip(_SPACES))!r}{hint}")
 
     def _parse_rating(self, line: str) -> ParsedLine:
-        if not line.strip():
+        if not split_fields(line):
             return ParsedLine()
         if not self._detected:
             self.separator = _detect_separator(line)
             self._detected = True
         columns = self.columns
-        fields = [field.strip() for field in line.split(self.separator)]
+        # Fields are not stripped: an id is taken as written (see _id_problem).
+        fields = split_fields(line) if self.separator is None else line.split(self.separator)
         if len(fields) != len(columns):
             expected = " ".join(str(column) for column in columns)
             return ParsedLine(problem=(
                 f"expected {len(columns)} {_SEPARATOR_NAMES.get(self.separator, repr(self.separator))}-separated "
-                f"fields '{expected}', got {shortened(line.strip())!r}"))
+                f"fields '{expected}', got {shortened(line.strip(_SPACES))!r}"))
         user, item = fields[columns.index("user")], fields[columns.index("item")]
         timestamp = fields[columns.index("timestamp")] if "timestamp" in columns else None
         rating = fields[columns.index("rating")] if "rating" in columns else None
@@ -316,31 +347,58 @@ class LineParser:
 _TIMESTAMP = re.compile(r"-?[0-9]+")
 
 
-def _id_text(value: Any, role: str) -> tuple[str, Optional[str]]:
+# C0 control characters other than tab: NumPy's fixed-width strings drop a trailing NUL (so
+# "a\x00" was once served as "a", or broke the export's lookup table), C strings end at one, and
+# \x0b-\x0d, \x1c-\x1f break lines or fields for str.splitlines/str.split in the tools around
+# the data. A tab is allowed where it is not the separator (a quoted CSV field, Parquet).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f]")
+
+
+def _id_problem(text: str, field: str, exact: bool = False) -> Optional[str]:
+    """Why ``text`` cannot be an id, or None: it holds a control character, or, unless
+    ``exact`` (a typed value, e.g. a Parquet string), spaces or tabs around it."""
+    control = _CONTROL_CHARACTER.search(text)
+    if control:
+        return (f"{field} {shortened(repr(text))} holds the control character {control.group()!r} at "
+                f"position {control.start() + 1}; ids may hold no control character U+0000-U+001F but tab")
+    if not exact and text != text.strip(_SPACES):
+        # Stripping would merge " a" with "a" and keeping both would split one id in two; both
+        # silently. The field says which it meant only to its writer.
+        return (f"{field} {shortened(repr(text))} has spaces or tabs around it; ids are taken exactly as "
+                f"written, so it would be another id than {shortened(text.strip(_SPACES))!r}: remove them")
+    return None
+
+
+def _id_text(value: Any, field: str, exact: bool) -> tuple[str, Optional[str]]:
     """(the id as text, a problem or None). Text files give strings; Parquet columns give
-    Python values, of which only integers, strings and UTF-8 bytes are ids."""
+    Python values, of which only integers, strings and UTF-8 bytes are ids, kept as stored
+    (``exact``)."""
     if value is None:
         return "", None
     if isinstance(value, (bytes, bytearray)):
         try:
-            return bytes(value).decode("utf-8").strip(), None
+            value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
-            return "", f"{role} id {bytes(value)!r} is not valid UTF-8"
+            return "", f"{field} {bytes(value)!r} is not valid UTF-8"
     if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
         # A float column is most often integers with nulls (pandas stores those as floats):
         # "1.0" and "nan" would become ids of their own.
-        return "", (f"{role} id {value!r} is a {type(value).__name__}; ids must be integers or strings "
+        return "", (f"{field} {value!r} is a {type(value).__name__}; ids must be integers or strings "
                     "(an integer column with nulls is stored as floats: drop the nulls or cast it)")
-    return str(value).strip(), None
+    text = str(value)
+    return text, _id_problem(text, field, exact) if text.strip(_SPACES) else None
 
 
-def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Optional[float], record: str) -> ParsedLine:
-    """One event from its fields (timestamp/rating None when the input has no such column)."""
-    (user, user_problem), (item, item_problem) = _id_text(user, "user"), _id_text(item, "item")
+def _event(user: Any, item: Any, timestamp: Any, rating: Any, min_rating: Optional[float], record: str,
+           fields: tuple[str, str] = ("user id", "item id"), exact: bool = False) -> ParsedLine:
+    """One event from its fields (timestamp/rating None when the input has no such column);
+    ``fields`` names the user and item fields in messages, ``exact`` is as for ``_id_problem``."""
+    (user, user_problem), (item, item_problem) = _id_text(user, fields[0], exact), _id_text(item, fields[1], exact)
+    if not user.strip(_SPACES) or not item.strip(_SPACES):
+        return ParsedLine(problem=user_problem or item_problem or
+                          f"empty user or item field in {shortened(record)!r}")
     if user_problem or item_problem:
         return ParsedLine(problem=user_problem or item_problem)
-    if not user or not item:
-        return ParsedLine(problem=f"empty user or item field in {shortened(record.strip())!r}")
     time_value = 0
     if timestamp is not None:
         text = str(timestamp).strip()
@@ -405,8 +463,12 @@ class RowParser:
         if repeated:
             raise DataFormatError(path, 1, f"column(s) {repeated} appear more than once in the header {list(header)}")
 
-    def parse(self, row: dict) -> ParsedLine:
-        """Parses one row; a CSV row with more fields than the header holds them under None."""
+    def parse(self, row: dict, *, typed: bool = False) -> ParsedLine:
+        """Parses one row; a CSV row with more fields than the header holds them under None.
+
+        ``typed``: the row's values are typed (Parquet, see ``is_typed_table``), and its string
+        ids are kept exactly as stored; a CSV field's id may have no spaces around it.
+        """
         # csv.DictReader keeps a long row's extra fields under the key None: shown as they are.
         record = ", ".join(f"{key}={value}" if key is not None else ", ".join(map(str, value))
                            for key, value in row.items())
@@ -424,8 +486,15 @@ class RowParser:
                 return ParsedLine(problem=f"column {column!r} runs over several lines (an unclosed quote?): "
                                           f"{shortened(value)!r}")
             values[role] = value
+        fields = tuple(f"{role} id" + ("" if self.columns[role] == role else f" (column {self.columns[role]!r})")
+                       for role in ("user", "item"))
         return _event(values["user"], values["item"], values["timestamp"], values["rating"], self.min_rating,
-                      record)
+                      record, fields, exact=typed)
+
+
+def is_typed_table(path: str) -> bool:
+    """Whether ``table_rows`` gives the file's values typed (Parquet), not as CSV text."""
+    return os.path.splitext(path)[1].lower() == ".parquet"
 
 
 def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] = None,
@@ -443,7 +512,7 @@ def table_rows(data: bytes, path: str, parser: RowParser, *, sep: Optional[str] 
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in TABLE_SUFFIXES:
         raise ValueError(f"table files must end in one of {TABLE_SUFFIXES}, got {path!r}")
-    if suffix == ".parquet":
+    if is_typed_table(path):
         import io
 
         try:
@@ -542,8 +611,9 @@ def load_table(
     with open(path, "rb") as handle:
         data = handle.read()
     rows = table_rows(data, path, parser, sep=sep, encoding=encoding)
-    users, items, times, _ = _collect(
-        ((number, parser.parse(row) if problem is None else ParsedLine(problem=problem))
+    typed = is_typed_table(path)
+    users, items, times, _, _ = _collect(
+        ((number, parser.parse(row, typed=typed) if problem is None else ParsedLine(problem=problem))
          for number, row, problem in rows), bad)
     if not items:
         raise _no_interactions(path, bad)
@@ -551,13 +621,19 @@ def load_table(
     return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
 
 
-def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[int], int]:
-    """(users, items, timestamps, lines filtered by min_rating) of (line number, ParsedLine) pairs;
-    malformed lines go to ``bad`` (which fails or counts them)."""
+# The user and item tokens of a text file's first line, which may be a header read as data.
+_HeaderTokens = tuple[Collection[str], Collection[str]]
+_NO_HEADER: _HeaderTokens = ((), ())
+
+
+def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[int], int, _HeaderTokens]:
+    """(users, items, timestamps, lines filtered by min_rating, the user and item tokens of line 1)
+    of (line number, ParsedLine) pairs; malformed lines go to ``bad`` (which fails or counts them)."""
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
     filtered = 0
+    line_one: _HeaderTokens = (set(), set())
     for line_number, parsed in parsed_lines:
         if parsed.problem is not None:
             bad.report(line_number, parsed.problem)
@@ -566,17 +642,22 @@ def _collect(parsed_lines, bad: _BadLines) -> tuple[list[str], list[str], list[i
             users.append(user)
             items.append(item)
             times.append(timestamp)
+            if line_number == 1:
+                line_one[0].add(user)
+                line_one[1].add(item)
     bad.log()
-    return users, items, times, filtered
+    return users, items, times, filtered, line_one
 
 
-def vocabulary_from_tokens(item_tokens: Sequence[str]) -> tuple[Vocabulary, dict[str, int]]:
+def vocabulary_from_tokens(item_tokens: Sequence[str],
+                           header_tokens: Collection[str] = ()) -> tuple[Vocabulary, dict[str, int]]:
     """The item vocabulary of item tokens in file order (repeats allowed), and token -> index.
 
     Canonical integer ids are indexed in ascending order, other ids in order of first
-    appearance (see the module docstring).
+    appearance (see the module docstring). ``header_tokens``: the item tokens of the first line
+    of a text file that may begin with a header line (only for the warning about odd ids).
     """
-    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens, "item ids")
+    unique_items, item_ids, items_are_ints = _typed_unique(item_tokens, "item ids", header_tokens)
     vocabulary = Vocabulary(sorted(item_ids) if items_are_ints else item_ids)
     return vocabulary, dict(zip(unique_items, vocabulary.lookup(item_ids).tolist()))
 
@@ -587,16 +668,18 @@ def _build_dataset(
     item_tokens: list[str],
     timestamps: Optional[np.ndarray],
     skipped_lines: int,
+    header_tokens: _HeaderTokens = _NO_HEADER,
 ) -> SequenceDataset:
     """Groups interactions by user (users in order of first appearance).
 
     Within a user, events keep file order, or are sorted by timestamp (stably, so ties keep
-    file order) when timestamps are given.
+    file order) when timestamps are given. ``header_tokens``: see ``_collect``, for a text file
+    whose first line may be a header read as data.
     """
-    vocabulary, token_to_index = vocabulary_from_tokens(item_tokens)
+    vocabulary, token_to_index = vocabulary_from_tokens(item_tokens, header_tokens[1])
     items = np.fromiter(map(token_to_index.__getitem__, item_tokens), np.int32, len(item_tokens))
 
-    unique_users, user_ids, users_are_ints = _typed_unique(user_tokens, "user ids")
+    unique_users, user_ids, users_are_ints = _typed_unique(user_tokens, "user ids", header_tokens[0])
     user_to_row = {token: row for row, token in enumerate(unique_users)}
     rows = np.fromiter(map(user_to_row.__getitem__, user_tokens), np.int64, len(user_tokens))
 
@@ -613,7 +696,7 @@ def _build_dataset(
         sequence_timestamps = np.split(timestamps[order].astype(np.int64), boundaries)
         _warn_of_repeated_events(rows[order], items[order], timestamps[order], user_ids, vocabulary)
 
-    user_array = np.array(user_ids, dtype=np.int64 if users_are_ints else np.str_)
+    user_array = np.array(user_ids, dtype=np.int64) if users_are_ints else string_array(user_ids)
     return SequenceDataset(
         name=name,
         sequences=sequences,
@@ -638,7 +721,7 @@ def _warn_of_repeated_events(rows: np.ndarray, items: np.ndarray, times: np.ndar
         first = keys[repeated[0]]
         logger.warning("%d event(s) repeat an earlier one exactly (user, item, timestamp), e.g. user %r item %r at %d: "
                        "kept; a log written twice or overlapping input files look like this", len(repeated),
-                       user_ids[rows[first]], vocabulary.ids([items[first]])[0].item(), int(times[first]))
+                       user_ids[rows[first]], vocabulary.ids([items[first]]).tolist()[0], int(times[first]))
 
 
 def _default_name(path: str) -> str:
@@ -653,14 +736,14 @@ def _load_token_lines(
     skip_bad_lines: bool,
     encoding: str,
 ) -> SequenceDataset:
-    """Reads whitespace-separated lines "user item..." (pairs or sequences format)."""
+    """Reads space/tab-separated lines "user item..." (pairs or sequences format)."""
     parser = LineParser(format)
     path = _check_file(path, f"{parser.what} ({parser.expected!r} per line)")
     bad = _BadLines(path, skip_bad_lines)
-    users, items, _, _ = _collect(_parsed_text_lines(path, encoding, parser), bad)
+    users, items, _, _, line_one = _collect(_parsed_text_lines(path, encoding, parser), bad)
     if not items:
         raise _no_interactions(path, bad)
-    return _build_dataset(name or _default_name(path), users, items, None, bad.count)
+    return _build_dataset(name or _default_name(path), users, items, None, bad.count, line_one)
 
 
 def load_pairs(
@@ -700,7 +783,7 @@ def load_sequences(
     skip_bad_lines: bool = False,
     encoding: str = "utf-8-sig",
 ) -> SequenceDataset:
-    """Loads one user per line, "uid item1 item2 ...", items oldest first.
+    """Loads one user per line, "uid item1 item2 ..." (space or tab separated), items oldest first.
 
     A user id appearing on several lines gets the lines' items concatenated in file order.
 
@@ -738,7 +821,7 @@ def load_rating_log(
       path: The file, e.g. MovieLens-100K u.data (tab), ratings.dat ('::') or ratings.csv.
       name: Dataset name; defaults to the file name without extension.
       sep: Field separator; None detects it from the first data line ('::', then tab, then
-        comma, else any whitespace).
+        comma, else runs of spaces and tabs).
       columns: Name of each field in order. "user" and "item" are required; "timestamp"
         (integer unix seconds) orders each user's events and fills ``timestamps``; "rating"
         (a number) is needed for ``min_rating``; other names or None mark ignored fields.
@@ -762,13 +845,14 @@ def load_rating_log(
     parser = LineParser("ratings", sep=sep, columns=columns, min_rating=min_rating)
     path = _check_file(path, "rating log ('user item rating timestamp' per line)")
     bad = _BadLines(path, skip_bad_lines)
-    users, items, times, filtered = _collect(_parsed_text_lines(path, encoding, parser, skip_header=has_header),
-                                             bad)
+    users, items, times, filtered, line_one = _collect(
+        _parsed_text_lines(path, encoding, parser, skip_header=has_header), bad)
     if not items:
         reason = f" rated at least {min_rating!r} ({filtered} below it)" if filtered else ""
         raise _no_interactions(path, bad, reason)
     timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
-    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
+    # line_one is empty with has_header: line 1 was skipped as the header.
+    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count, line_one)
 
 
 # ----------------------------------------------------------------------------- side info
@@ -802,7 +886,7 @@ def _read_id_mapping(path: str) -> dict[int, int]:
     mapping: dict[int, int] = {}
     first_lines: dict[int, int] = {}
     for line_number, line in enumerate(_read_lines(path, "utf-8"), start=1):
-        fields = line.split()
+        fields = split_fields(line)
         if not fields:
             continue
         if len(fields) != 2 or not all(_is_canonical_int(field) for field in fields):
@@ -840,6 +924,17 @@ def _parse_int(path: str, line_number: int, value: str, field: str) -> int:
         raise DataFormatError(path, line_number, f"{field} {value!r} is not an integer") from None
 
 
+def _parse_id(path: str, line_number: int, value: str, field: str) -> int:
+    """An id of a side file, by the interactions' rule: int() would join "007" or "+8" to item 7
+    or 8, which the interaction loaders keep as other (string) ids."""
+    if not _is_canonical_int(value):
+        _parse_int(path, line_number, value, field)  # not a number at all: said so
+        raise DataFormatError(path, line_number, f"{field} {value!r} is not written as the interactions' integer ids "
+                                                 "are (digits without a sign, spaces or leading zeros): it would join "
+                                                 f"id {int(value)}, which the interactions keep apart from {value!r}")
+    return int(value)
+
+
 def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
     path = os.path.join(directory, "movies.dat")
     genres_by_movie: dict[int, list[str]] = {}
@@ -848,7 +943,7 @@ def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
         if not line.strip():
             continue
         fields = _split_fields(path, line_number, line, "::", 3, "'MovieID::Title::Genres'")
-        movie = _parse_int(path, line_number, fields[0], "MovieID")
+        movie = _parse_id(path, line_number, fields[0], "MovieID")
         _once(first_lines, movie, path, line_number, "MovieID")
         genres_by_movie[movie] = [genre for genre in fields[-1].strip().split("|") if genre]
     names = sorted({genre for genres in genres_by_movie.values() for genre in genres})
@@ -865,7 +960,7 @@ def _ml1m_users(directory: str) -> dict[int, tuple[int, int, int]]:
         fields = _split_fields(
             path, line_number, line, "::", 4, "'UserID::Gender::Age::Occupation::Zip-code'"
         )
-        user = _parse_int(path, line_number, fields[0], "UserID")
+        user = _parse_id(path, line_number, fields[0], "UserID")
         _once(first_lines, user, path, line_number, "UserID")
         gender = _GENDERS.index(fields[1]) + 1 if fields[1] in _GENDERS else 0
         age_code = _parse_int(path, line_number, fields[2], "Age")
@@ -900,7 +995,7 @@ def _ml100k_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
             raise DataFormatError(
                 path, line_number, f"expected {len(names)} genre flags (0/1) after the url, got {flags!r}"
             )
-        movie = _parse_int(path, line_number, fields[0], "movie id")
+        movie = _parse_id(path, line_number, fields[0], "movie id")
         _once(first_lines, movie, path, line_number, "movie id")
         genres_by_movie[movie] = [name for name, flag in zip(names, flags) if flag == "1"]
     return genres_by_movie, names
@@ -920,7 +1015,7 @@ def _ml100k_users(directory: str) -> tuple[dict[int, tuple[int, int, int]], list
         if not line.strip():
             continue
         fields = _split_fields(path, line_number, line, "|", 5, "'user id|age|gender|occupation|zip code'")
-        user = _parse_int(path, line_number, fields[0], "user id")
+        user = _parse_id(path, line_number, fields[0], "user id")
         _once(first_lines, user, path, line_number, "user id")
         age = _age_bucket(_parse_int(path, line_number, fields[1], "age"))
         gender = _GENDERS.index(fields[2]) + 1 if fields[2] in _GENDERS else 0
@@ -968,7 +1063,8 @@ def load_movielens_side_info(
       ValueError: If ``remap_ids`` is None, the side files are ML-1M's, the dataset has no
         timestamps and the mapping files are missing (the ids may be remapped or original:
         pass ``remap_ids`` explicitly).
-      DataFormatError: If a side file has a malformed line.
+      DataFormatError: If a side file has a malformed line, e.g. a MovieID or UserID not
+        written as the interactions' integer ids are ("007", "+8": they would join items 7, 8).
     """
     directory = os.fspath(data_dir)
     candidates = [directory, os.path.join(directory, dataset.name)]

@@ -38,6 +38,15 @@ def _normalise_id(raw_id: Any) -> RawId:
     )
 
 
+def string_array(strings: list[str]) -> np.ndarray:
+    """A 1-d object array holding ``strings``, for raw string ids: a fixed-width unicode array
+    takes 4 bytes per character of the longest string for every one (one 2,000-character id
+    among 50,000 short ones: 400 MB instead of 4 MB) and drops trailing NULs."""
+    array = np.empty(len(strings), dtype=object)
+    array[:] = strings
+    return array
+
+
 def _id_type_of(ids: list[RawId]) -> str:
     """Returns "int" or "str" for a homogeneous id list; raises on a mix."""
     if not ids:
@@ -60,7 +69,7 @@ class Vocabulary:
       >>> vocab.lookup(["a", "b"])
       array([2, 1], dtype=int32)
       >>> vocab.ids([1])
-      array(['b'], dtype='<U1')
+      array(['b'], dtype=object)
     """
 
     def __init__(self, ids: Iterable[RawId]) -> None:
@@ -88,7 +97,7 @@ class Vocabulary:
         if self._id_type == "int":
             self._id_array = np.array([0] + normalised, dtype=np.int64)
         else:
-            self._id_array = np.array([""] + normalised, dtype=np.str_)
+            self._id_array = string_array([""] + normalised)
 
     @classmethod
     def build(
@@ -220,7 +229,9 @@ class Vocabulary:
           indices: One index or an iterable/array of indices in 1..num_items.
 
         Returns:
-          Array of raw ids (int64 or str), shaped like ``indices``.
+          Array of raw ids shaped like ``indices``: int64, or object holding ``str`` (not a
+          fixed-width unicode array, whose size follows the longest id); one index gives one
+          id (``np.int64`` or ``str``).
 
         Raises:
           IndexError: If an index is 0 (padding) or out of range; the message names it.

@@ -40,7 +40,8 @@ import numpy as np
 
 from tfx_xmatch.data.dataset import sequence_statistics
 from tfx_xmatch.data.loaders import (
-    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, record_lines, table_rows, vocabulary_from_tokens,
+    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, is_typed_table, record_lines, table_rows,
+    vocabulary_from_tokens,
 )
 from tfx_xmatch.data.splits import (
     SPLITS, check_split_options, check_time_split, check_user_level, leave_one_out_user, time_cuts, time_user,
@@ -179,12 +180,13 @@ def _parsed_lines(path: str, spec: PrepareSpec):
     parser = spec.parser()
     data = _read_bytes(path)
     if isinstance(parser, RowParser):
+        typed = is_typed_table(path)
         for line_number, row, problem in table_rows(data, path, parser, sep=spec.reader_options.get("sep"),
                                                     encoding=spec.encoding):
             if problem is not None:
                 yield line_number, ParsedLine(problem=problem), ""
             else:
-                yield line_number, parser.parse(row), json.dumps(row, default=str, ensure_ascii=False)
+                yield line_number, parser.parse(row, typed=typed), json.dumps(row, default=str, ensure_ascii=False)
         return
     for line_number, line, problem in record_lines(data, spec.encoding, spec.reader_options.get("has_header", False)):
         if problem is not None:
@@ -222,11 +224,14 @@ def _user_record(element, has_timestamps: bool) -> tuple:
     return first, user, items, times
 
 
-def _vocabulary(first_seen: list[tuple[tuple, str]]):
-    """Item tokens with their first positions -> (Vocabulary, token -> index)."""
+def _vocabulary(first_seen: list[tuple[tuple, str]], header_possible: bool):
+    """Item tokens with their first positions -> (Vocabulary, token -> index); with
+    ``header_possible`` (text files whose first line is read as data), those first seen on a
+    line 1 are named as a possible header line if they are odd ids."""
     if not first_seen:
         return None
-    return vocabulary_from_tokens([token for _, token in sorted(first_seen)])
+    header_tokens = {token for (_, line_number, _), token in first_seen if line_number == 1} if header_possible else ()
+    return vocabulary_from_tokens([token for _, token in sorted(first_seen)], header_tokens)
 
 
 def _user_rows(firsts: list[tuple[tuple, str]]) -> dict[str, int]:
@@ -377,7 +382,8 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
         | "FirstSeen" >> beam.CombinePerKey(min)
         | "Swap" >> beam.Map(lambda item_first: (item_first[1], item_first[0]))
         | "AllItems" >> beam.combiners.ToList()
-        | "Vocabulary" >> beam.Map(_vocabulary))
+        | "Vocabulary" >> beam.Map(_vocabulary, spec.format != "table"
+                                   and not spec.reader_options.get("has_header", False)))
     rows = beam.pvalue.AsSingleton(
         records | "UserFirsts" >> beam.Map(lambda record: (record[0], record[1]))
         | "AllUsers" >> beam.combiners.ToList() | "Rows" >> beam.Map(_user_rows))
