@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -62,8 +62,9 @@ class ItemTower(tf.keras.layers.Layer):
         self.num_items = arguments.integer("num_items", num_items, 1)
         self.embedding_dim = arguments.integer("embedding_dim", embedding_dim, 1)
         for name, value in (("feature_dims", feature_dims), ("feature_tables", feature_tables)):
-            # The type, not the value: a table's repr runs to thousands of numbers.
-            if value is not None and not isinstance(value, Mapping):
+            # Duck-typed: a model hands over the dict Keras tracks, a wrapper that is no Mapping.
+            # The message names the type, not the value: a table's repr runs to thousands of numbers.
+            if value is not None and not callable(getattr(value, "items", None)):
                 raise ValueError(f"{name} must be a dict keyed by feature name, got a {type(value).__name__}")
         self.feature_dims = {str(k): arguments.integer(f"feature_dims[{k!r}]", v, 1)
                              for k, v in (feature_dims or {}).items()}
