@@ -98,7 +98,7 @@ def test_composite_models_name_their_own_argument(build, name):
     (lambda: ItemTower(5, 4, feature_dims={"g": 2}, feature_tables={"g": np.where(np.eye(6, 2) > 0, np.nan, 1.0)}),
      "item feature table 'g' must be finite; row 0 (item index 0) holds nan in column 0"),
     (lambda: ResidualQuantizer(2, 4, hidden_units=(0,)), "hidden_units must be a list of widths"),
-    (lambda: CausalTransformerBlock(ffn_units=-3), "ffn_units must be an integer >= 1, got -3"),
+    (lambda: CausalTransformerBlock(ffn_units=-3), "ffn_units must be an integer >= 1 or None, got -3"),
     (lambda: SASRecEncoder(5, dropout=1.5), "dropout must be a number in [0.0, 1.0), got 1.5"),
     (lambda: SASRecEncoder(5, num_heads=0), "num_heads must be an integer >= 1, got 0"),
     (lambda: MixedAttention(dropout=-0.1), "dropout must be a number in [0.0, 1.0), got -0.1"),

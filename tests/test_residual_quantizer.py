@@ -119,10 +119,10 @@ def test_config_round_trip_and_checkpoint_reload(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_levels": 0}, "num_levels must be >= 1, got 0"),
-    ({"num_codewords": 1}, "num_codewords must be >= 2, got 1"),
+    ({"num_levels": 0}, "num_levels must be an integer >= 1, got 0"),
+    ({"num_codewords": 1}, "num_codewords must be an integer >= 2, got 1"),
     ({"commitment_weight": -1.0}, "commitment_weight must be a number in \\[0.0, inf\\), got -1.0"),
-    ({"usage_decay": 1.0}, r"usage_decay must be in \(0, 1\), got 1.0"),
+    ({"usage_decay": 1.0}, r"usage_decay must be a number in \(0.0, 1.0\), got 1.0"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

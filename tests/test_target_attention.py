@@ -34,7 +34,7 @@ def test_a_query_with_nothing_to_see_gets_zeros_and_the_output_follows_the_query
 def test_config_round_trip_and_bad_arguments():
     layer = TargetAttention(num_heads=2, key_dim=4, dropout=0.1, name="ta")
     assert TargetAttention.from_config(layer.get_config()).get_config() == layer.get_config()
-    with pytest.raises(ValueError, match="num_heads must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1, got 0"):
         TargetAttention(num_heads=0)
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0.0, 1.0\), got 1.5"):
         TargetAttention(dropout=1.5)

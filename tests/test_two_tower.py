@@ -78,7 +78,7 @@ def test_layer_config_round_trip(layer):
 
 @pytest.mark.parametrize("bad", [dict(num_items=0, embedding_dim=4), dict(num_items=4, embedding_dim=0)])
 def test_item_tower_rejects_bad_sizes(bad):
-    with pytest.raises(ValueError, match="must be at least 1"):
+    with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
         ItemTower(**bad)
 
 

@@ -252,9 +252,9 @@ def test_config_round_trip_and_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_codewords=1), "num_codewords must be >= 2, got 1"),
+        (dict(num_codewords=1), "num_codewords must be an integer >= 2, got 1"),
         (dict(num_codewords=4, num_codebooks=0), "got 0"),
-        (dict(num_codewords=4, decay=1.0), "decay must be in (0, 1), got 1.0"),
+        (dict(num_codewords=4, decay=1.0), "decay must be a number in (0.0, 1.0), got 1.0"),
         (dict(num_codewords=4, decay=0), "got 0"),
         (dict(num_codewords=4, commitment_weight=-1.0), "got -1.0"),
         (dict(num_codewords=4, epsilon=0.0), "got 0.0"),

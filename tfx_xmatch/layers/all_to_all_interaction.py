@@ -8,7 +8,7 @@ import functools
 
 import tensorflow as tf
 
-from tfx_xmatch.arguments import is_integer
+from tfx_xmatch import arguments
 from tfx_xmatch.layers.sublayers import build_sublayer
 
 
@@ -43,8 +43,9 @@ class AllToAllInteraction(tf.keras.layers.Layer):
       float [P, I] pre-activation pair scores E(q, i).
 
     Raises:
-      ValueError: If ``hidden_units`` is empty or holds a width < 1, inputs have the
-        wrong rank, or query and item tokens differ in width.
+      ValueError: On invalid hyperparameters (named, with the value: ``hidden_units`` empty or
+        holding a width that is not an integer >= 1, included), inputs of the wrong rank, or
+        query and item tokens of different widths.
 
     Example:
       >>> interaction = AllToAllInteraction(hidden_units=(32,))
@@ -55,14 +56,9 @@ class AllToAllInteraction(tf.keras.layers.Layer):
     def __init__(self, hidden_units: Sequence[int] = (64,), bilinear: bool = True,
                  num_item_tokens: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
-        hidden_units = tuple(hidden_units)
-        if not hidden_units or any(int(u) < 1 for u in hidden_units):
-            raise ValueError(f"hidden_units must be one or more widths >= 1, got {hidden_units!r}")
-        if num_item_tokens is not None and (not is_integer(num_item_tokens) or num_item_tokens < 1):
-            raise ValueError(f"num_item_tokens must be an integer >= 1 or None, got {num_item_tokens!r}")
-        self.hidden_units = tuple(int(u) for u in hidden_units)
-        self.bilinear = bool(bilinear)
-        self.num_item_tokens = None if num_item_tokens is None else int(num_item_tokens)
+        self.hidden_units = arguments.widths("hidden_units", hidden_units, allow_empty=False)
+        self.bilinear = arguments.boolean("bilinear", bilinear)
+        self.num_item_tokens = arguments.optional_integer("num_item_tokens", num_item_tokens, 1)
 
     def build(self, input_shape=None):
         """Builds the sublayers; ``input_shape`` is the query tokens' [P, d] (d must be known)."""

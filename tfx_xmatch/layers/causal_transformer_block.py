@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tfx_xmatch import arguments
 from tfx_xmatch.layers.built_attention import built_multi_head_attention
+from tfx_xmatch.layers.shapes import require_rank, require_sequence_mask
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -16,9 +17,9 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
     which matters because the models here are trained from scratch with plain Adam.
 
     Args:
-      num_heads: Attention heads (int, default 1).
-      ffn_units: Width of the feed-forward hidden layer; default None means the model width.
-      dropout: Dropout rate on attention weights and residual branches (float, default 0.2).
+      num_heads: Attention heads (int >= 1, default 1); must divide the model width d.
+      ffn_units: Width of the feed-forward hidden layer (int >= 1, default None: the model width).
+      dropout: Dropout rate on attention weights and residual branches (float in [0, 1), default 0.2).
 
     Call args:
       inputs: float [B, L, d] sequence.
@@ -28,19 +29,26 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
 
     Returns:
       float [B, L, d].
+
+    Raises:
+      ValueError: On invalid hyperparameters (named, with the value); when built, on a model
+        width d that ``num_heads`` does not divide; at call time, on inputs that are not
+        [B, L, d] or a padding mask that is not [B, L].
+
+    Example:
+      >>> block = CausalTransformerBlock(num_heads=2, dropout=0.0)
+      >>> block(tf.random.normal([2, 5, 8]), tf.ones([2, 5], tf.bool)).shape
+      TensorShape([2, 5, 8])
     """
 
     def __init__(self, num_heads: int = 1, ffn_units: int | None = None, dropout: float = 0.2, **kwargs):
         super().__init__(**kwargs)
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be at least 1, got {num_heads!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.num_heads = int(num_heads)
-        self.ffn_units = None if ffn_units is None else arguments.integer("ffn_units", ffn_units, 1)
-        self.dropout = float(dropout)
+        self.num_heads = arguments.integer("num_heads", num_heads, 1)
+        self.ffn_units = arguments.optional_integer("ffn_units", ffn_units, 1)
+        self.dropout = arguments.real("dropout", dropout, 0.0, 1.0, high_open=True)
 
     def build(self, input_shape):
+        require_rank("inputs", input_shape, "[B, L, d]")
         width = int(input_shape[-1])
         if width % self.num_heads:
             raise ValueError(f"model width {width} is not divisible by num_heads={self.num_heads}")
@@ -58,6 +66,9 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+        padding_mask = tf.convert_to_tensor(padding_mask)
+        require_rank("inputs", inputs, "[B, L, d]")
+        require_sequence_mask("padding_mask", padding_mask, "inputs", inputs)
         length = tf.shape(inputs)[1]
         causal = tf.linalg.band_part(tf.ones((length, length), tf.bool), -1, 0)
         attention_mask = tf.logical_and(causal[tf.newaxis], padding_mask[:, tf.newaxis, :])

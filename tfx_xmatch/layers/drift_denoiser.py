@@ -7,6 +7,9 @@ import math
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
+from tfx_xmatch.layers.shapes import require_rank, require_sequence_mask
+
 ARCHITECTURES = ("unet", "mlp")
 
 
@@ -30,20 +33,22 @@ class DriftDenoiser(tf.keras.layers.Layer):
 
     Args:
       architecture: "unet" or "mlp" (default "unet").
-      hidden_units: Channels of the U-Net levels or widths of the MLP (default (64, 128)).
-      step_embedding_dim: Width of the sinusoidal step embedding (even int, default 64).
+      hidden_units: Channels of the U-Net levels (two) or widths of the MLP (one or more)
+        (sequence of int >= 1, default (64, 128)).
+      step_embedding_dim: Width of the sinusoidal step embedding (even int >= 2, default 64).
 
     Call args:
       noisy: float [B, d] z_s.
       steps: int [B] diffusion steps s.
-      session: float [B, S, d] session item embeddings (zeros at padding).
+      session: float [B, S, d] session item embeddings (zeros at padding), as wide as ``noisy``.
       session_mask: bool [B, S], True at real items.
 
     Returns:
       float [B, d]: the predicted z_0.
 
     Raises:
-      ValueError: on invalid hyperparameters.
+      ValueError: On invalid hyperparameters (named, with the value), or at call time on inputs
+        of the wrong rank or a session of another width than ``noisy``.
 
     Example:
       >>> denoiser = DriftDenoiser("mlp", hidden_units=(32,))
@@ -55,18 +60,18 @@ class DriftDenoiser(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-        hidden_units = tuple(int(u) for u in hidden_units)
-        if not hidden_units or min(hidden_units) < 1:
-            raise ValueError(f"hidden_units must be positive widths, got {hidden_units!r}")
+        hidden_units = arguments.widths("hidden_units", hidden_units, allow_empty=False)
         if architecture == "unet" and len(hidden_units) != 2:
             raise ValueError(f"the unet has two levels: hidden_units needs two widths, got {hidden_units!r}")
-        if step_embedding_dim < 2 or step_embedding_dim % 2:
+        step_embedding_dim = arguments.integer("step_embedding_dim", step_embedding_dim, 2)
+        if step_embedding_dim % 2:  # half sines, half cosines
             raise ValueError(f"step_embedding_dim must be an even integer >= 2, got {step_embedding_dim!r}")
         self.architecture = architecture
         self.hidden_units = hidden_units
-        self.step_embedding_dim = int(step_embedding_dim)
+        self.step_embedding_dim = step_embedding_dim
 
     def build(self, noisy_shape):
+        require_rank("noisy", noisy_shape, "[B, d]")
         width = int(noisy_shape[-1])
         # Sublayers take this layer's dtype policy (Keras gives them the global one otherwise).
         dense = functools.partial(tf.keras.layers.Dense, dtype=self.dtype_policy)
@@ -88,6 +93,16 @@ class DriftDenoiser(tf.keras.layers.Layer):
 
     def call(self, noisy: tf.Tensor, steps: tf.Tensor, session: tf.Tensor, session_mask: tf.Tensor) -> tf.Tensor:
         session = tf.cast(session, self.compute_dtype)  # Keras casts only the first argument
+        session_mask, steps = tf.convert_to_tensor(session_mask), tf.convert_to_tensor(steps)
+        require_rank("noisy", noisy, "[B, d]")
+        require_rank("steps", steps, "[B]")
+        require_rank("session", session, "[B, S, d]")
+        require_sequence_mask("session_mask", session_mask, "session", session, "[B, S]")
+        # The MLP concatenates them feature-wise, so a session of another width ran silently (the
+        # unet failed in a concat that names no argument).
+        if None not in (noisy.shape[-1], session.shape[-1]) and noisy.shape[-1] != session.shape[-1]:
+            raise ValueError(f"session items must be as wide as noisy: session is {session.shape[-1]} wide "
+                             f"(shape {session.shape}), noisy {noisy.shape[-1]} (shape {noisy.shape})")
         if self.architecture == "unet":
             return self._unet(noisy, steps, session, session_mask)
         return self._mlp(noisy, steps, session, session_mask)

@@ -19,14 +19,28 @@ class ItemTower(tf.keras.layers.Layer):
     records their widths.
 
     Args:
-      num_items: Number of real items; index 0 is padding, so tables have num_items + 1 rows.
-      embedding_dim: Output width (int).
-      feature_dims: Width of each item feature table, e.g. ``{"genres": 18}``. Default none.
+      num_items: Number of real items (int >= 1); index 0 is padding, so tables have
+        num_items + 1 rows.
+      embedding_dim: Output width (int >= 1).
+      feature_dims: Width of each item feature table (dict of str to int >= 1), e.g.
+        ``{"genres": 18}``. Default none.
       feature_tables: Initial values of those tables, ``{name: float array [num_items + 1,
-        width]}``. Default zeros (values then come from a checkpoint).
-      hidden_units: Widths of an optional MLP applied after the sum of embeddings; the last
-        layer is linear with ``embedding_dim`` units. Default none (no MLP).
-      l2: L2 penalty on the id embedding (float, default 0).
+        width]}``, finite. Default zeros (values then come from a checkpoint).
+      hidden_units: Widths of an optional MLP applied after the sum of embeddings (sequence of
+        int >= 1); the last layer is linear with ``embedding_dim`` units. Default none (no MLP).
+      l2: L2 penalty on the id embedding (float >= 0, default 0).
+
+    Call args:
+      item_indices: int [...] item indices in 0..num_items (0 is padding).
+
+    Returns:
+      float [..., embedding_dim]: the id embedding plus the projected features, through the
+      MLP if there is one.
+
+    Raises:
+      ValueError: On invalid hyperparameters (named, with the value), a feature table without
+        a width in ``feature_dims``, of another shape than [num_items + 1, width], or holding a
+        NaN or infinite value.
 
     Example:
       >>> tower = ItemTower(num_items=100, embedding_dim=8)
@@ -45,12 +59,13 @@ class ItemTower(tf.keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if num_items < 1:
-            raise ValueError(f"num_items must be at least 1, got {num_items!r}")
-        if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be at least 1, got {embedding_dim!r}")
-        self.num_items = int(num_items)
-        self.embedding_dim = int(embedding_dim)
+        self.num_items = arguments.integer("num_items", num_items, 1)
+        self.embedding_dim = arguments.integer("embedding_dim", embedding_dim, 1)
+        for name, value in (("feature_dims", feature_dims), ("feature_tables", feature_tables)):
+            # Duck-typed: a model hands over the dict Keras tracks, a wrapper that is no Mapping.
+            # The message names the type, not the value: a table's repr runs to thousands of numbers.
+            if value is not None and not callable(getattr(value, "items", None)):
+                raise ValueError(f"{name} must be a dict keyed by feature name, got a {type(value).__name__}")
         self.feature_dims = {str(k): arguments.integer(f"feature_dims[{k!r}]", v, 1)
                              for k, v in (feature_dims or {}).items()}
         self.hidden_units = arguments.widths("hidden_units", hidden_units)

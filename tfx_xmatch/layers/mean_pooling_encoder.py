@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfx_xmatch import arguments
+from tfx_xmatch.layers.shapes import require_rank, require_sequence_mask
+
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
 class MeanPoolingEncoder(tf.keras.layers.Layer):
@@ -22,13 +25,23 @@ class MeanPoolingEncoder(tf.keras.layers.Layer):
 
     Returns:
       float [B, L, d].
+
+    Raises:
+      ValueError: On a ``projection`` that is not a bool (the string "no" was taken as True);
+        at call time, on item embeddings that are not [B, L, d] or a padding mask that is not [B, L].
+
+    Example:
+      >>> encoder = MeanPoolingEncoder(projection=False)
+      >>> encoder(tf.ones([1, 3, 2]), tf.constant([[False, True, True]])).numpy()[0, :, 0]
+      array([0., 1., 1.], dtype=float32)
     """
 
     def __init__(self, projection: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.projection = bool(projection)
+        self.projection = arguments.boolean("projection", projection)
 
     def build(self, input_shape):
+        require_rank("item_embeddings", input_shape, "[B, L, d]")
         width = int(input_shape[-1])
         self.dense = None
         if self.projection:
@@ -36,6 +49,9 @@ class MeanPoolingEncoder(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+        padding_mask = tf.convert_to_tensor(padding_mask)
+        require_rank("item_embeddings", item_embeddings, "[B, L, d]")
+        require_sequence_mask("padding_mask", padding_mask, "item_embeddings", item_embeddings)
         mask = tf.cast(padding_mask, item_embeddings.dtype)[..., tf.newaxis]
         running_sum = tf.cumsum(item_embeddings * mask, axis=1)
         running_count = tf.maximum(tf.cumsum(mask, axis=1), 1.0)

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tfx_xmatch import arguments
 from tfx_xmatch.layers.built_attention import built_multi_head_attention
+from tfx_xmatch.layers.shapes import require_rank, require_sequence_mask
 from tfx_xmatch.layers.target_attention import TargetAttention
 
 POOLINGS = ("mean", "predicted")
@@ -45,8 +46,8 @@ class MixedAttention(tf.keras.layers.Layer):
       float [B, d] user vectors.
 
     Raises:
-      ValueError: On invalid hyperparameters (named, with the value), or at call time on a
-        session longer than ``max_session_length``.
+      ValueError: On invalid hyperparameters (named, with the value), or at call time on inputs
+        of the wrong rank or a session longer than ``max_session_length``.
 
     Example:
       >>> layer = MixedAttention()
@@ -67,6 +68,7 @@ class MixedAttention(tf.keras.layers.Layer):
         self.max_session_length = arguments.integer("max_session_length", max_session_length, 1)
 
     def build(self, session_shape):
+        require_rank("session", session_shape, "[B, S, d]")
         width = int(session_shape[-1])
         self.positions = self.add_weight(name="session_positions", shape=(self.max_session_length + 1, width),
                                          initializer="glorot_uniform")
@@ -98,8 +100,14 @@ class MixedAttention(tf.keras.layers.Layer):
     def call(self, session, session_mask, predicted, history, history_mask, training: bool = False) -> tf.Tensor:
         # Keras casts only the first argument to the layer's dtype.
         predicted, history = (tf.cast(tensor, self.compute_dtype) for tensor in (predicted, history))
+        session_mask, history_mask = tf.convert_to_tensor(session_mask), tf.convert_to_tensor(history_mask)
+        require_rank("session", session, "[B, S, d]")
+        require_sequence_mask("session_mask", session_mask, "session", session, "[B, S]")
+        require_rank("predicted", predicted, "[B, d]")
+        require_rank("history", history, "[B, H, d]")
+        require_sequence_mask("history_mask", history_mask, "history", history, "[B, H]")
         sequence = tf.concat([session, predicted[:, tf.newaxis, :]], axis=1)
-        mask = tf.concat([tf.convert_to_tensor(session_mask), tf.ones_like(session_mask[:, :1])], axis=1)
+        mask = tf.concat([session_mask, tf.ones_like(session_mask[:, :1])], axis=1)
         # A longer session would slice the table from a negative start: one row broadcast to
         # every position, or a shape error that does not say why.
         static_length = session.shape[1]
@@ -123,7 +131,7 @@ class MixedAttention(tf.keras.layers.Layer):
             weights = tf.cast(mask, hidden.dtype)[..., tf.newaxis]
             session_vector = tf.reduce_sum(hidden * weights, axis=1) / tf.reduce_sum(weights, axis=1)
         read = self.history_attention(session_vector[:, tf.newaxis, :], history,
-                                      tf.convert_to_tensor(history_mask)[:, tf.newaxis, :], training=training)
+                                      history_mask[:, tf.newaxis, :], training=training)
         return self.combine(tf.concat([session_vector, read[:, 0, :]], axis=-1))
 
     def get_config(self) -> dict:

@@ -75,7 +75,7 @@ class NoiseSchedule(tf.Module):
         super().__init__(name=name)
         betas = make_betas(kind, num_steps)
         self.kind = kind
-        self.num_steps = int(num_steps)
+        self.num_steps = int(num_steps)  # make_betas checked it
         alphas = 1.0 - betas
         alpha_bars = np.cumprod(alphas)
         previous = np.concatenate([[1.0], alpha_bars[:-1]])
@@ -93,6 +93,24 @@ class NoiseSchedule(tf.Module):
         self.posterior_variance = tf.constant(self.posterior_variance_np, tf.float32)
         self.posterior_z0_coef = tf.constant(self.posterior_z0_coef_np, tf.float32)
         self.posterior_zs_coef = tf.constant(self.posterior_zs_coef_np, tf.float32)
+
+    def _check_steps(self, name: str, steps, lowest: int) -> None:
+        """Refuses steps outside ``lowest``..T, when their values are known while tracing or eagerly.
+
+        Only known values are checked: a runtime assert would have to be carried by the sampling
+        loops XLA compiles and the SavedModels export. Unchecked, a step past T gathered out of
+        the tables ("indices[1] = 11 is not in [0, 11) [Op:GatherV2]") on CPU, and read a 0 on GPU.
+
+        Raises:
+          ValueError: A known step outside ``lowest``..T.
+        """
+        values = tf.get_static_value(steps)
+        if values is None:
+            return
+        values = np.asarray(values)
+        outside = values[(values < lowest) | (values > self.num_steps)]
+        if outside.size:
+            raise ValueError(f"{name} must be in [{lowest}, T={self.num_steps}], got {outside.ravel()[0].item()!r}")
 
     @staticmethod
     def _per_row(table: np.ndarray, steps: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
@@ -112,13 +130,23 @@ class NoiseSchedule(tf.Module):
         return tuple(None if t is None else tf.cast(t, compute) for t in tensors), dtype
 
     def q_sample(self, z0: tf.Tensor, steps: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
-        """z_s for clean z0 [B, ...], steps int [B] in 1..T and standard normal noise."""
+        """z_s for clean z0 [B, ...], steps int [B] in 1..T and standard normal noise.
+
+        Raises:
+          ValueError: A step outside 1..T, when the steps are known (eagerly, or constants).
+        """
+        self._check_steps("steps", steps, 1)
         (z0, noise), dtype = self._computed(z0, noise)
         abar = self._per_row(self.alpha_bars_np, steps, z0)
         return tf.cast(tf.sqrt(abar) * z0 + tf.sqrt(1.0 - abar) * noise, dtype)
 
     def posterior(self, z0: tf.Tensor, zs: tf.Tensor, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Mean and variance of q(z_{s-1} | z_s, z_0)."""
+        """Mean and variance of q(z_{s-1} | z_s, z_0), for steps int [B] in 1..T.
+
+        Raises:
+          ValueError: A step outside 1..T, when the steps are known (eagerly, or constants).
+        """
+        self._check_steps("steps", steps, 1)
         (z0, zs), dtype = self._computed(z0, zs)
         mean, variance = self._posterior(z0, zs, steps)
         return tf.cast(mean, dtype), tf.cast(variance, dtype)
@@ -129,16 +157,28 @@ class NoiseSchedule(tf.Module):
         return mean, self._per_row(self.posterior_variance_np, steps, zs)
 
     def ddpm_step(self, zs: tf.Tensor, z0_hat: tf.Tensor, steps: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
-        """One ancestral step s -> s - 1 (the posterior mean at s = 1)."""
+        """One ancestral step s -> s - 1 (the posterior mean at s = 1), for steps int [B] in 1..T.
+
+        Raises:
+          ValueError: A step outside 1..T, when the steps are known (eagerly, or constants).
+        """
+        self._check_steps("steps", steps, 1)
         (zs, z0_hat, noise), dtype = self._computed(zs, z0_hat, noise)
         mean, variance = self._posterior(z0_hat, zs, steps)
         return tf.cast(mean + tf.sqrt(variance) * noise, dtype)
 
     def ddim_step(self, zs: tf.Tensor, z0_hat: tf.Tensor, steps: tf.Tensor, previous_steps: tf.Tensor,
                   eta: float = 0.0, noise: Optional[tf.Tensor] = None) -> tf.Tensor:
-        """One DDIM step s -> t < s (t = 0 returns z0_hat); ``noise`` is needed when eta > 0."""
+        """One DDIM step s -> t < s (t = 0 returns z0_hat); ``noise`` is needed when eta > 0.
+
+        Raises:
+          ValueError: ``eta`` > 0 without noise, or (when they are known, eagerly or as
+            constants) a step outside 1..T or a previous step outside 0..T.
+        """
         if eta > 0 and noise is None:
             raise ValueError("ddim_step with eta > 0 needs noise")
+        self._check_steps("steps", steps, 1)
+        self._check_steps("previous_steps", previous_steps, 0)
         (zs, z0_hat, noise), dtype = self._computed(zs, z0_hat, noise)
         abar = self._per_row(self.alpha_bars_np, steps, zs)
         abar_prev = self._per_row(self.alpha_bars_np, previous_steps, zs)
@@ -158,8 +198,10 @@ class NoiseSchedule(tf.Module):
         """Evenly spaced steps T = s_n > ... > s_1 >= 1 that DDIM visits (then 0).
 
         Raises:
-          ValueError: ``num_sampling_steps`` not in [1, T].
+          ValueError: ``num_sampling_steps`` not an integer in [1, T].
         """
+        # The type first: 2.5 passed the range check, then failed in numpy naming no argument.
+        arguments.integer("num_sampling_steps", num_sampling_steps)
         if not 1 <= num_sampling_steps <= self.num_steps:
             raise ValueError(f"sampling steps must be in [1, T={self.num_steps}], got {num_sampling_steps!r}")
         steps = np.round(np.linspace(self.num_steps, 0, num_sampling_steps + 1)).astype(int)

@@ -93,26 +93,14 @@ class ResidualQuantizer(tf.keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {num_levels!r}")
-        if num_codewords < 2:
-            raise ValueError(f"num_codewords must be >= 2, got {num_codewords!r}")
-        if latent_dim is not None and latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim!r}")
-        for name, value in (("commitment_weight", commitment_weight),
-                            ("reconstruction_weight", reconstruction_weight),
-                            ("dead_code_threshold", dead_code_threshold)):
-            arguments.real(name, value, 0.0)
-        if not 0.0 < usage_decay < 1.0:
-            raise ValueError(f"usage_decay must be in (0, 1), got {usage_decay!r}")
-        self.num_levels = int(num_levels)
-        self.num_codewords = int(num_codewords)
-        self.latent_dim = None if latent_dim is None else int(latent_dim)
+        self.num_levels = arguments.integer("num_levels", num_levels, 1)
+        self.num_codewords = arguments.integer("num_codewords", num_codewords, 2)
+        self.latent_dim = arguments.optional_integer("latent_dim", latent_dim, 1)
         self.hidden_units = arguments.widths("hidden_units", hidden_units)
-        self.commitment_weight = float(commitment_weight)
-        self.reconstruction_weight = float(reconstruction_weight)
-        self.usage_decay = float(usage_decay)
-        self.dead_code_threshold = float(dead_code_threshold)
+        self.commitment_weight = arguments.real("commitment_weight", commitment_weight, 0.0)
+        self.reconstruction_weight = arguments.real("reconstruction_weight", reconstruction_weight, 0.0)
+        self.usage_decay = arguments.real("usage_decay", usage_decay, 0.0, 1.0, low_open=True, high_open=True)
+        self.dead_code_threshold = arguments.real("dead_code_threshold", dead_code_threshold, 0.0)
         # Made here, not by add_metric on the first training call, which would create them
         # inside a traced function when a model loaded from disk is saved.
         self.reconstruction_tracker = tf.keras.metrics.Mean(name=f"{self.name}_reconstruction_error")

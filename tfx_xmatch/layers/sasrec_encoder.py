@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tfx_xmatch import arguments
 from tfx_xmatch.layers.causal_transformer_block import CausalTransformerBlock
+from tfx_xmatch.layers.shapes import require_rank, require_sequence_mask
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -16,10 +17,11 @@ class SASRecEncoder(tf.keras.layers.Layer):
     the next item, and the last position is the user's representation at serving time.
 
     Args:
-      max_length: Window length L (int); position embeddings have L rows.
-      num_blocks: Number of CausalTransformerBlocks (int, default 2).
-      num_heads: Attention heads per block (int, default 1).
-      dropout: Dropout rate (float, default 0.2).
+      max_length: Window length L (int >= 1); position embeddings have L rows, and histories may
+        be shorter (the most recent rows are used) but not longer.
+      num_blocks: Number of CausalTransformerBlocks (int >= 1, default 2).
+      num_heads: Attention heads per block (int >= 1, default 1); must divide the width d.
+      dropout: Dropout rate (float in [0, 1), default 0.2).
 
     Call args:
       item_embeddings: float [B, L, d] embeddings of the history items.
@@ -28,20 +30,29 @@ class SASRecEncoder(tf.keras.layers.Layer):
 
     Returns:
       float [B, L, d].
+
+    Raises:
+      ValueError: On invalid hyperparameters (named, with the value); at call time, on item
+        embeddings that are not [B, L, d], a padding mask that is not [B, L], or histories
+        known to be longer than ``max_length``.
+      tf.errors.InvalidArgumentError: At run time, on histories longer than ``max_length``
+        whose length was not known when the call was traced.
+
+    Example:
+      >>> encoder = SASRecEncoder(max_length=6, num_blocks=1, dropout=0.0)
+      >>> encoder(tf.random.normal([2, 6, 8]), tf.ones([2, 6], tf.bool)).shape
+      TensorShape([2, 6, 8])
     """
 
     def __init__(self, max_length: int, num_blocks: int = 2, num_heads: int = 1, dropout: float = 0.2, **kwargs):
         super().__init__(**kwargs)
-        if max_length < 1:
-            raise ValueError(f"max_length must be at least 1, got {max_length!r}")
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be at least 1, got {num_blocks!r}")
-        self.max_length = int(max_length)
-        self.num_blocks = int(num_blocks)
+        self.max_length = arguments.integer("max_length", max_length, 1)
+        self.num_blocks = arguments.integer("num_blocks", num_blocks, 1)
         self.num_heads = arguments.integer("num_heads", num_heads, 1)
         self.dropout = arguments.real("dropout", dropout, 0.0, 1.0, high_open=True)
 
     def build(self, input_shape):
+        require_rank("item_embeddings", input_shape, "[B, L, d]")
         width = int(input_shape[-1])
         self.position_embedding = self.add_weight(
             name="position_embedding",
@@ -57,6 +68,9 @@ class SASRecEncoder(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+        padding_mask = tf.convert_to_tensor(padding_mask)
+        require_rank("item_embeddings", item_embeddings, "[B, L, d]")
+        require_sequence_mask("padding_mask", padding_mask, "item_embeddings", item_embeddings)
         width = tf.cast(tf.shape(item_embeddings)[-1], item_embeddings.dtype)
         length = tf.shape(item_embeddings)[1]
         # A longer history would slice the table from a negative start: one row broadcast to

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tfx_xmatch import arguments
 from tfx_xmatch.layers.built_attention import built_multi_head_attention
+from tfx_xmatch.layers.shapes import require_rank
 
 
 @tf.keras.utils.register_keras_serializable(package="tfx_xmatch")
@@ -20,9 +21,9 @@ class TargetAttention(tf.keras.layers.Layer):
 
     Args:
       num_heads: Attention heads (int >= 1, default 1).
-      key_dim: Width per head (int, default: the query width divided by ``num_heads``).
+      key_dim: Width per head (int >= 1, default: the query width divided by ``num_heads``).
       dropout: Dropout on the attention weights (float in [0, 1), default 0.0).
-      state_width: d, the width of the history states (int, default: the query width). The
+      state_width: d, the width of the history states (int >= 1, default: the query width). The
         attention's weights are made in ``build``, which sees only the queries, so a history of
         another width must be announced here.
 
@@ -37,8 +38,9 @@ class TargetAttention(tf.keras.layers.Layer):
       float [B, Q, q].
 
     Raises:
-      ValueError: on invalid hyperparameters, or at call time on states of another width than
-        ``state_width``.
+      ValueError: On invalid hyperparameters (named, with the value), or at call time on
+        queries, states or a mask of another rank than [B, Q, q], [B, L, d] and [B, Q, L], or
+        states of another width than ``state_width``.
 
     Example:
       >>> attention = TargetAttention(num_heads=2, state_width=16)
@@ -50,18 +52,13 @@ class TargetAttention(tf.keras.layers.Layer):
     def __init__(self, num_heads: int = 1, key_dim: int | None = None, dropout: float = 0.0,
                  state_width: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads!r}")
-        if key_dim is not None and key_dim < 1:
-            raise ValueError(f"key_dim must be >= 1, got {key_dim!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.num_heads = int(num_heads)
-        self.key_dim = None if key_dim is None else int(key_dim)
-        self.dropout = float(dropout)
-        self.state_width = None if state_width is None else arguments.integer("state_width", state_width, 1)
+        self.num_heads = arguments.integer("num_heads", num_heads, 1)
+        self.key_dim = arguments.optional_integer("key_dim", key_dim, 1)
+        self.dropout = arguments.real("dropout", dropout, 0.0, 1.0, high_open=True)
+        self.state_width = arguments.optional_integer("state_width", state_width, 1)
 
     def build(self, queries_shape):
+        require_rank("queries", queries_shape, "[B, Q, q]")
         width = int(queries_shape[-1])
         self.attention = built_multi_head_attention(
             width, self.state_width or width, num_heads=self.num_heads,
@@ -71,6 +68,10 @@ class TargetAttention(tf.keras.layers.Layer):
 
     def call(self, queries: tf.Tensor, states: tf.Tensor, mask: tf.Tensor, training: bool = False) -> tf.Tensor:
         mask, states = tf.convert_to_tensor(mask), tf.convert_to_tensor(states)
+        require_rank("queries", queries, "[B, Q, q]")
+        require_rank("states", states, "[B, L, d]")
+        # A [B, L] mask (one row for every query) failed inside the attention's softmax.
+        require_rank("mask", mask, "[B, Q, L]")
         expected = self.state_width or queries.shape[-1]
         if states.shape[-1] is not None and states.shape[-1] != expected:
             raise ValueError(f"history states are {states.shape[-1]} wide but the attention was built for "

@@ -90,23 +90,14 @@ class VectorQuantizer(tf.keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if num_codewords < 2:
-            raise ValueError(f"num_codewords must be >= 2, got {num_codewords!r}")
-        if num_codebooks < 1:
-            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks!r}")
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
-        arguments.real("commitment_weight", commitment_weight, 0.0)
-        arguments.real("epsilon", epsilon, 0.0, low_open=True)
-        arguments.real("dead_code_threshold", dead_code_threshold, 0.0)
-        self.num_codewords = int(num_codewords)
-        self.num_codebooks = int(num_codebooks)
-        self.product_quantization = bool(product_quantization)
-        self.decay = float(decay)
-        self.commitment_weight = float(commitment_weight)
-        self.epsilon = float(epsilon)
-        self.dead_code_threshold = float(dead_code_threshold)
-        self.restart_dead_codes = bool(restart_dead_codes)
+        self.num_codewords = arguments.integer("num_codewords", num_codewords, 2)
+        self.num_codebooks = arguments.integer("num_codebooks", num_codebooks, 1)
+        self.product_quantization = arguments.boolean("product_quantization", product_quantization)
+        self.decay = arguments.real("decay", decay, 0.0, 1.0, low_open=True, high_open=True)
+        self.commitment_weight = arguments.real("commitment_weight", commitment_weight, 0.0)
+        self.epsilon = arguments.real("epsilon", epsilon, 0.0, low_open=True)
+        self.dead_code_threshold = arguments.real("dead_code_threshold", dead_code_threshold, 0.0)
+        self.restart_dead_codes = arguments.boolean("restart_dead_codes", restart_dead_codes)
         self.num_codes = self.num_codebooks * self.num_codewords
         # Made here, not by add_metric on the first training call: a metric first created while
         # a function is traced (saving a model loaded from disk traces the training call) is a

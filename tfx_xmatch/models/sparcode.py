@@ -153,6 +153,14 @@ class SparCode(RetrievalModel):
     Inputs (a dict): "history" int32 [B, L] left-padded item indices; for training also
     "next_items" int32 [B, L]; one int32 [B] entry per user feature.
 
+    Raises:
+      ValueError: On invalid hyperparameters (named, with the value); an unknown ``user_tower``,
+        ``loss`` or ``tokenizer``; ``num_codebooks`` other than 1 or ``num_query_tokens``
+        (exactly ``num_query_tokens`` with ``tokenizer="chunks"``, which also needs
+        ``embedding_dim`` divisible by it); a cache fraction without ``quantize=True``; or
+        ``detach_code_path`` without ``encoder_loss_weight`` > 0. Later, ``user_embedding`` and
+        ``build_index`` of an unquantized model (it has no codes).
+
     Example:
       >>> model = SparCode(num_items=100, embedding_dim=16, max_length=20, num_codewords=32)
       >>> model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))

@@ -59,6 +59,12 @@ class TwoTower(RetrievalModel):
     "next_items" int32 [B, L] (the item after each history position, 0 at padding); one int32
     [B] entry per user feature.
 
+    Raises:
+      ValueError: On invalid hyperparameters (named, with the value, e.g. "num_heads must be an
+        integer >= 1, got 0"), an unknown ``user_tower`` or ``loss``, or item feature tables
+        that do not match ``item_feature_dims``; at call time, on histories known to be longer
+        than ``max_length``.
+
     Example:
       >>> model = TwoTower(num_items=100, embedding_dim=16, max_length=20)
       >>> model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
