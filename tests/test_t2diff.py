@@ -378,7 +378,7 @@ def test_a_denoiser_conditioned_on_the_backbone_reads_its_state():
     model = _model(backbone="sasrec", backbone_blocks=1, condition_on_backbone=True)
     assert T2Diff.from_config(model.get_config()).condition_on_backbone
     inputs = _inputs()
-    session, mask, *_ = model._split_window(model._last_window(inputs["history"]))
+    session, mask, *_ = model._split_window(model._last_window(inputs))
     base = model.encode_sequence(inputs)[:, -1, :]
     condition, condition_mask = model._denoiser_condition(session, mask, base)
     # One more position after the session, always present, holding the backbone state.
