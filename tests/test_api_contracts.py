@@ -566,23 +566,6 @@ def test_an_unbatched_history_is_refused_naming_its_shape(model_class):
 
 
 @pytest.mark.parametrize("model_class", [SparCode, SPARC], ids=lambda c: c.__name__)
-def test_metrics_names_pair_with_the_values_evaluate_and_train_on_batch_list(model_class):
-    """evaluate() leaves the dead codes out, but metrics_names listed them in the middle: zipped,
-    the dead codes' name took the commitment loss's value and the commitment loss was lost."""
-    tf.keras.utils.set_random_seed(0)
-    model = _tiny(model_class)
-    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
-    batch = {"history": HISTORY, "next_items": tf.roll(HISTORY, -1, 1)}
-    data = tf.data.Dataset.from_tensor_slices(batch).batch(2)
-    model.fit(data, epochs=1, verbose=0)
-    named = model.evaluate(data, verbose=0, return_dict=True)
-    assert dict(zip(model.metrics_names, model.evaluate(data, verbose=0))) == pytest.approx(named)
-    listed = model.train_on_batch(batch)
-    assert len(listed) == len(model.metrics_names)
-    assert [name for name in model.metrics_names[len(named):] if not name.endswith("dead_codes")] == []
-
-
-@pytest.mark.parametrize("model_class", [SparCode, SPARC], ids=lambda c: c.__name__)
 def test_evaluate_measures_the_quantizer_metrics_and_serving_leaves_them_alone(model_class):
     """evaluate() listed quantizer_perplexity 0.0 (a perplexity is at least 1): the metrics were
     updated only in training, so every val_ column of them read 0."""
@@ -609,3 +592,8 @@ def test_evaluate_measures_the_quantizer_metrics_and_serving_leaves_them_alone(m
         model.interest_vectors({"history": HISTORY})
     model.score_all({"history": HISTORY})
     assert counts == {metric.name: metric.count.numpy() for metric in model.metrics if hasattr(metric, "count")}
+    # metrics_names listed the dead codes in the middle: zipped with evaluate()'s list, their name
+    # took the commitment loss's value and the commitment loss was lost.
+    assert dict(zip(model.metrics_names, model.evaluate(data, verbose=0))) == pytest.approx(results)
+    assert len(model.train_on_batch(next(iter(data)))) == len(model.metrics_names)
+    assert all(name.endswith("dead_codes") for name in model.metrics_names[len(results):])
