@@ -846,6 +846,17 @@ def test_weights_copied_by_position_fill_the_same_variables_of_an_index_rebuilt_
     np.testing.assert_array_equal(rebuilt(batch)["ids"].numpy(), expected[1])
 
 
+def test_indexes_list_their_weights_in_the_order_h5_files_written_before_hold_them():
+    """.h5 weight files and set_weights go by position: listing the state in another order made
+    files written by earlier versions load scrambled (SparseCodeIndex) or not at all."""
+    candidates, _, int_ids, _ = _data()
+    names = lambda index: [weight.name.split("/")[-1].split(":")[0] for weight in index.weights]
+    partitioned = PartitionedIndex(num_partitions=8, num_probes=3, k_max=K_MAX).index(candidates, int_ids)
+    assert names(partitioned) == ["centroids", "item_order", "candidates", "partition_offsets", "identifiers"]
+    sparse = _keras_kinds()["sparse_code"]().index(np.maximum(candidates, 0.0), int_ids)
+    assert names(sparse) == ["posting_items", "posting_scores", "posting_splits", "identifiers"]
+
+
 def test_a_scann_index_refuses_a_keras_file_and_a_function_traced_before_it_was_rebuilt(tmp_path):
     candidates, queries, int_ids, _ = _data()
     index = ScaNNIndex(num_leaves=8, num_leaves_to_search=8, num_reordering_candidates=300, k_max=K_MAX)

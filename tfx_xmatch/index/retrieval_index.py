@@ -523,18 +523,15 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                              "the model's weights, which hold its catalogue")
 
     def _state_variables(self) -> dict:
-        """{name: variable} of the index state (what ``index()`` made), sorted by name."""
-        return {name: value for name, value in sorted(vars(self).items()) if isinstance(value, tf.Variable)}
+        """{name: variable} of the index state (what ``index()`` made), in Keras' weight order.
 
-    @property
-    def non_trainable_weights(self) -> list:
-        # Keras lists a layer's variables in the order they were assigned, and get_weights,
-        # set_weights and .h5 weight files go by that position. index() makes the state in the
-        # kind's own order, a layer rebuilt from its config in name order: weights copied between
-        # the two loaded into the wrong variables. Listing the state by name makes both agree.
-        state = list(self._state_variables().values())
-        return state + [weight for weight in super().non_trainable_weights
-                        if not any(weight is variable for variable in state)]
+        get_weights, set_weights and .h5 weight files go by that position, and ``get_config``
+        hands this order to ``from_config``, which makes the state in it: a rebuilt index takes
+        weights copied from the original (it once made them in name order, and took another
+        variable's value), and .h5 files written before still load.
+        """
+        names = {id(value): name for name, value in vars(self).items() if isinstance(value, tf.Variable)}
+        return {names[id(weight)]: weight for weight in self.non_trainable_weights if id(weight) in names}
 
     @classmethod
     def from_config(cls, config: dict) -> "RetrievalIndex":
