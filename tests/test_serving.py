@@ -1456,9 +1456,12 @@ def test_the_client_decodes_json_values_as_the_rest_api_does():
         _coerce(np.array([["003"]]), ints)
     with pytest.raises(ValueError, match=r"input 'history' expects string values .* but the JSON holds integers"):
         _coerce([[7]], strings)
-    with pytest.raises(ValueError, match="input 'history' expects strings, got an array of int64"):
+    with pytest.raises(ValueError, match="input 'history' expects strings, got values of type int"):
         _coerce(np.array([[7]]), strings)
     assert _coerce([["café"]], strings).tolist() == [["café".encode()]]
+    # What is not JSON is taken as TF Serving's own client takes it: bytes, tuples, arrays, tensors.
+    for value in ([[b"a", b"b"]], (("a", "b"),), [np.array(["a", "b"])], tf.constant([["a", "b"]])):
+        assert _coerce(value, strings).tolist() == [[b"a", b"b"]], value
 
 
 def test_the_client_says_when_an_input_is_broken_json(tmp_path):

@@ -214,13 +214,22 @@ class ServingClient:
         return self._spec_cache[key]
 
 
+def _is_json(value) -> bool:
+    """Whether ``value`` is what JSON parses to: a str, number or bool, or lists of them."""
+    if isinstance(value, list):
+        return all(_is_json(child) for child in value)
+    return isinstance(value, (str, int, float))  # bool is an int
+
+
 def _coerce(value, spec: TensorSpecInfo) -> np.ndarray:
     """``value`` as the signature input ``spec`` takes it.
 
-    A JSON-like value is decoded as the REST API decodes it: NumPy had made "003" item 3, and a
-    row [1.0, 9007199254740993] float64, so item 2**53 + 1 was sent as 2**53.
+    A JSON value (what ``xmatch query`` parses: nested lists of str, int, float, bool) is
+    decoded as the REST API decodes it: NumPy had made "003" item 3, and a row
+    [1.0, 9007199254740993] float64, so item 2**53 + 1 was sent as 2**53. Other values (bytes,
+    tuples, arrays, tensors) are cast, as TF Serving's own client takes them, if no value changes.
     """
-    if not isinstance(value, (np.ndarray, np.generic)):
+    if _is_json(value):
         try:
             return json_to_ndarray(spec, value)
         except ServingError as error:
@@ -230,7 +239,8 @@ def _coerce(value, spec: TensorSpecInfo) -> np.ndarray:
         array = np.asarray(value, dtype=object)
         flat = [v.encode("utf-8") if isinstance(v, str) else v for v in array.reshape(-1)]
         if not all(isinstance(v, bytes) for v in flat):
-            raise ValueError(f"input '{spec.alias}' expects strings, got an array of {value.dtype}")
+            kind = sorted({type(v).__name__ for v in flat if not isinstance(v, bytes)})
+            raise ValueError(f"input '{spec.alias}' expects strings, got values of type {', '.join(kind)}")
         out = np.empty(len(flat), dtype=object)
         out[:] = flat
         return out.reshape(array.shape)
