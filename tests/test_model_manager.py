@@ -142,7 +142,8 @@ def test_an_unloaded_version_is_freed_at_once_not_at_the_next_garbage_collection
         servable = model_manager.load_servable("m", 1, str(tmp_path / "1"))
         assert servable.signature("")({"x": tf.ones([2, 8]).numpy()})["y"].shape == (2, 1000)
         servable.unload()
-        left_for_the_collector = gc.collect()  # about 600 objects before
+        servable.collection.join(timeout=60)
+        left_for_the_collector = gc.collect()  # about 700 objects before
     finally:
         gc.enable()
     assert left_for_the_collector < 50

@@ -226,6 +226,7 @@ class Servable:
         self._loaded = loaded  # keeps the restored objects (variables, tables) alive
         self.refs = 0
         self.retired = False
+        self.collection: threading.Thread | None = None  # the garbage collection unload() starts
 
     def signature(self, name: str) -> Signature:
         key = name or DEFAULT_SIGNATURE
@@ -245,8 +246,11 @@ class Servable:
         self._loaded = None
         # A restored SavedModel is held in reference cycles (its traced functions): its memory
         # waited for the cyclic collector's next run, and a server rolling a large model through
-        # versions grew to several times one version.
-        gc.collect()
+        # versions grew to several times one version. Collected on a thread of its own: the last
+        # request to release a retired version unloads it, before its answer is sent.
+        self.collection = threading.Thread(target=gc.collect, name=f"collect-{self.model_name}-{self.version}",
+                                           daemon=True)
+        self.collection.start()
 
 
 class CorruptModelError(ValueError):
