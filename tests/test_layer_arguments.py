@@ -9,6 +9,7 @@ import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loa
 from tfx_xmatch.layers import (AllToAllInteraction, CausalTransformerBlock, DriftDenoiser, ItemTower,
                                MeanPoolingEncoder, MixedAttention, NoiseSchedule, ResidualQuantizer, SASRecEncoder,
                                TargetAttention, VectorQuantizer)
+from tfx_xmatch.models import SPARC, SparCode, T2Diff
 
 
 def _raises(build, message: str) -> None:
@@ -48,6 +49,41 @@ def test_layer_constructors_name_the_bad_argument(build, message):
     """Floats were truncated (max_length=20.5 -> 20, num_codewords=16.5 -> 16), strings split
     into widths ("64" -> (6, 4)) or taken as True ("no"), and the rest failed with a TypeError
     from a comparison or int() that named no argument."""
+    _raises(build, message)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: SparCode(5, quantize="no"), "quantize must be true or false, got 'no'"),
+    (lambda: SparCode(5, detach_code_path="no"), "detach_code_path must be true or false, got 'no'"),
+    (lambda: SparCode(5, num_query_tokens=2.5), "num_query_tokens must be an integer >= 1, got 2.5"),
+    (lambda: SparCode(5, num_query_tokens="3"), "num_query_tokens must be an integer >= 1, got '3'"),
+    (lambda: SparCode(5, num_query_tokens=8, num_codebooks=8.0), "num_codebooks must be an integer >= 1, got 8.0"),
+    (lambda: SparCode(5, training_cache_fraction="0.5"),
+     "training_cache_fraction must be a number in (0.0, 1.0], got '0.5'"),
+    (lambda: SparCode(5, embedding_dim="64", tokenizer="chunks", num_codebooks=8),
+     "embedding_dim must be an integer >= 2, got '64'"),
+    (lambda: SPARC(5, num_codewords="8"), "num_codewords must be an integer >= 2, got '8'"),
+    (lambda: SPARC(5, serving_interests=2.5), "serving_interests must be an integer >= 1, got 2.5"),
+    (lambda: SPARC(5, max_contrastive_positions=10.5), "max_contrastive_positions must be an integer >= 1, got 10.5"),
+    (lambda: SPARC(5, mixture_interests=1.5), "mixture_interests must be an integer >= 0, got 1.5"),
+    (lambda: SPARC(5, codeword_query_rate="0.5"), "codeword_query_rate must be a number in [0.0, 1.0], got '0.5'"),
+    (lambda: SPARC(5, detach_interests="no", backbone_loss_weight=1.0),
+     "detach_interests must be true or false, got 'no'"),
+    (lambda: T2Diff(5, backbone="sasrec", backbone_blocks=1.5), "backbone_blocks must be an integer >= 1, got 1.5"),
+    (lambda: T2Diff(5, session_length=5.5), "session_length must be an integer >= 1, got 5.5"),
+    (lambda: T2Diff(5, history_length=20.5), "history_length must be an integer >= 1, got 20.5"),
+    (lambda: T2Diff(5, diffusion_steps=50.5), "diffusion_steps must be an integer >= 1, got 50.5"),
+    (lambda: T2Diff(5, sampling_steps="5"), "sampling_steps must be an integer >= 1, got '5'"),
+    (lambda: T2Diff(5, prior_drift_rate="0.5"), "prior_drift_rate must be a number in [0.0, 1.0], got '0.5'"),
+    (lambda: T2Diff(5, stop_gradient="no"), "stop_gradient must be true or false, got 'no'"),
+    (lambda: T2Diff(5, condition_on_backbone="no"), "condition_on_backbone must be true or false, got 'no'"),
+    (lambda: T2Diff(5, backbone="sasrec", detach_branch=True, backbone_loss_weight="1"),
+     "backbone_loss_weight must be a number in [0.0, inf), got '1'"),
+])
+def test_model_constructors_name_the_bad_argument(build, message):
+    """The models' own arguments, checked by hand before: floats were truncated
+    (num_query_tokens=2.5 -> 2, session_length=5.5 -> 5), "no" was taken as True, and strings
+    failed with a TypeError from a comparison (or embedding_dim % K) that named no argument."""
     _raises(build, message)
 
 

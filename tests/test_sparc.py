@@ -274,7 +274,7 @@ def test_config_options_reach_the_model_and_bad_arguments_are_named():
                                 "model.max_length=10"])
     model = build_model(config, make_synthetic(num_users=20, num_items=15, seed=0))
     assert (model.num_codewords, model.bpr_weight) == (16, 0.5)
-    with pytest.raises(ValueError, match=r"codeword_query_rate must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"codeword_query_rate must be a number in \[0.0, 1.0\], got 1.5"):
         SPARC(num_items=5, codeword_query_rate=1.5)
     with pytest.raises(ValueError, match=r"serving_interests \(9\) cannot exceed num_codewords \(8\)"):
         SPARC(num_items=5, num_codewords=8, serving_interests=9)

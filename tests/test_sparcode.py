@@ -378,7 +378,7 @@ def test_cache_aware_training_adds_a_softmax_over_the_cached_table():
     assert again.training_cache_fraction == 0.1 and again.get_config() == model.get_config()
     with pytest.raises(ValueError, match="cached_loss_weight must be a number in \\[0.0, inf\\), got -0.5"):
         SparCode(num_items=5, training_cache_fraction=0.1, cached_loss_weight=-0.5)
-    with pytest.raises(ValueError, match=r"training_cache_fraction must be in \(0, 1\] or None, got 1.5"):
+    with pytest.raises(ValueError, match=r"training_cache_fraction must be a number in \(0.0, 1.0\], got 1.5"):
         SparCode(num_items=5, training_cache_fraction=1.5)
     with pytest.raises(ValueError, match="training_cache_fraction needs quantize=True"):
         SparCode(num_items=5, training_cache_fraction=0.1, quantize=False)
@@ -430,7 +430,7 @@ def test_serving_cache_fraction_scores_validation_and_exports_through_that_cache
     assert whole.index.is_exact() and whole.index.num_postings == np.count_nonzero(table)
     assert model.get_config()["serving_cache_fraction"] == 0.1
     assert SparCode.from_config(model.get_config()).get_config() == model.get_config()
-    with pytest.raises(ValueError, match=r"serving_cache_fraction must be in \(0, 1\] or None, got 0"):
+    with pytest.raises(ValueError, match=r"serving_cache_fraction must be a number in \(0.0, 1.0\], got 0"):
         SparCode(num_items=5, serving_cache_fraction=0)
     with pytest.raises(ValueError, match="serving_cache_fraction needs quantize=True"):
         SparCode(num_items=5, serving_cache_fraction=0.1, quantize=False)

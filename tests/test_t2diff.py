@@ -404,7 +404,7 @@ def test_backbone_arguments_are_checked():
         serving_path(_model(), NUM_ITEMS, {"kind": "brute_force", "backbone_only": True})
     with pytest.raises(ValueError, match="backbone must be one of \\('none', 'sasrec'\\), got 'gru'"):
         T2Diff(num_items=5, backbone="gru")
-    with pytest.raises(ValueError, match="backbone_blocks must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="backbone_blocks must be an integer >= 1, got 0"):
         T2Diff(num_items=5, backbone="sasrec", backbone_blocks=0)
     with pytest.raises(ValueError, match="backbone_loss_weight must be a number in \\[0.0, inf\\), got -1"):
         T2Diff(num_items=5, backbone="sasrec", backbone_loss_weight=-1)

@@ -180,19 +180,16 @@ class SPARC(RetrievalModel):
                             ("mixture_weight", mixture_weight),
                             ("backbone_loss_weight", backbone_loss_weight)):
             arguments.real(name, value, 0.0)
-        for name, value in (("serving_interests", serving_interests),
-                            ("max_contrastive_positions", max_contrastive_positions)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
-        for name, value in (("codeword_query_rate", codeword_query_rate),
-                            ("predicted_query_rate", predicted_query_rate)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        num_codewords = arguments.integer("num_codewords", num_codewords, 2)
+        serving_interests = arguments.integer("serving_interests", serving_interests, 1)
+        max_contrastive_positions = arguments.integer("max_contrastive_positions", max_contrastive_positions, 1)
+        mixture_interests = arguments.integer("mixture_interests", mixture_interests, 0)
+        codeword_query_rate = arguments.real("codeword_query_rate", codeword_query_rate, 0.0, 1.0)
+        predicted_query_rate = arguments.real("predicted_query_rate", predicted_query_rate, 0.0, 1.0)
+        detach_interests = arguments.boolean("detach_interests", detach_interests)
         for name, value in (("serving_interests", serving_interests), ("mixture_interests", mixture_interests)):
             if value > num_codewords:
                 raise ValueError(f"{name} ({value!r}) cannot exceed num_codewords ({num_codewords!r})")
-        if mixture_interests < 0:
-            raise ValueError(f"mixture_interests must be >= 0, got {mixture_interests!r}")
         if detach_interests and backbone_loss_weight <= 0:
             raise ValueError("detach_interests=True needs backbone_loss_weight > 0 (nothing else would train the "
                              f"encoder and the item table); got backbone_loss_weight={backbone_loss_weight!r}")
@@ -206,13 +203,13 @@ class SPARC(RetrievalModel):
         # The sublayers check these too, but under their own argument names (num_heads,
         # hidden_units, ...): checked here, the message names what the caller passed.
         self.num_levels = arguments.integer("num_levels", num_levels, 1)
-        self.num_codewords = arguments.integer("num_codewords", num_codewords, 2)
+        self.num_codewords = num_codewords
         self.rq_hidden_units = arguments.widths("rq_hidden_units", rq_hidden_units)
         self.commitment_weight = arguments.real("commitment_weight", commitment_weight, 0.0)
         self.attention_heads = arguments.integer("attention_heads", attention_heads, 1)
-        self.codeword_query_rate = float(codeword_query_rate)
-        self.predicted_query_rate = float(predicted_query_rate)
-        self.serving_interests = int(serving_interests)
+        self.codeword_query_rate = codeword_query_rate
+        self.predicted_query_rate = predicted_query_rate
+        self.serving_interests = serving_interests
         self.rqvae_weight = float(rqvae_weight)
         self.bpr_weight = float(bpr_weight)
         self.contrastive_weight = float(contrastive_weight)
@@ -220,11 +217,11 @@ class SPARC(RetrievalModel):
             contrastive_weight if reconstruction_contrastive_weight is None else reconstruction_contrastive_weight)
         self.interest_weight = float(interest_weight)
         self.contrastive_temperature = float(contrastive_temperature)
-        self.max_contrastive_positions = int(max_contrastive_positions)
-        self.mixture_interests = int(mixture_interests)
+        self.max_contrastive_positions = max_contrastive_positions
+        self.mixture_interests = mixture_interests
         self.mixture_weight = float(mixture_weight)
         self.backbone_loss_weight = float(backbone_loss_weight)
-        self.detach_interests = bool(detach_interests)
+        self.detach_interests = detach_interests
 
         self._build_shared_layers(item_feature_tables)
         self.rqvae = ResidualQuantizer(

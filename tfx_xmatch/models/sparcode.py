@@ -208,28 +208,27 @@ class SparCode(RetrievalModel):
             raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {user_tower!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if num_query_tokens < 1:
-            raise ValueError(f"num_query_tokens must be >= 1, got {num_query_tokens!r}")
+        num_query_tokens = arguments.integer("num_query_tokens", num_query_tokens, 1)
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+        num_codebooks = arguments.integer("num_codebooks", num_codebooks, 1)
         if num_codebooks not in (1, num_query_tokens):
             raise ValueError(f"num_codebooks must be 1 or num_query_tokens={num_query_tokens}, got {num_codebooks!r}")
         if tokenizer == "chunks" and num_codebooks != num_query_tokens:
             raise ValueError(f"tokenizer='chunks' quantizes chunk k with codebook k: num_codebooks must be "
                              f"num_query_tokens={num_query_tokens}, got {num_codebooks!r}")
-        if tokenizer == "chunks" and embedding_dim % num_query_tokens:
-            raise ValueError(f"tokenizer='chunks' cuts the state into num_query_tokens={num_query_tokens} equal "
-                             f"chunks: embedding_dim={embedding_dim!r} is not divisible by it")
         for name, value in (("sparsity_weight", sparsity_weight), ("relu_leak", relu_leak),
                             ("cached_loss_weight", cached_loss_weight), ("encoder_loss_weight", encoder_loss_weight)):
             arguments.real(name, value, 0.0)
         arguments.real("assignment_temperature", assignment_temperature, 0.0, low_open=True)
-        for name, value in (("training_cache_fraction", training_cache_fraction),
-                            ("serving_cache_fraction", serving_cache_fraction)):
-            if value is not None and not 0 < value <= 1:
-                raise ValueError(f"{name} must be in (0, 1] or None, got {value!r}")
-            if value is not None and not quantize:
-                raise ValueError(f"{name} needs quantize=True: an unquantized model has no cache")
+        quantize = arguments.boolean("quantize", quantize)
+        cache_fractions = {"training_cache_fraction": training_cache_fraction,
+                           "serving_cache_fraction": serving_cache_fraction}
+        for name, value in cache_fractions.items():
+            if value is not None:
+                cache_fractions[name] = arguments.real(name, value, 0.0, 1.0, low_open=True)
+                if not quantize:
+                    raise ValueError(f"{name} needs quantize=True: an unquantized model has no cache")
         self._set_shared_hyperparameters(
             num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
             num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
@@ -237,13 +236,17 @@ class SparCode(RetrievalModel):
             item_feature_dims=item_feature_dims, user_feature_cardinalities=user_feature_cardinalities,
             item_hidden_units=item_hidden_units, l2=l2,
         )
-        self.num_query_tokens = int(num_query_tokens)
+        # After the shared checks: "64" % 8 formats a string instead of refusing embedding_dim by name.
+        if tokenizer == "chunks" and self.embedding_dim % num_query_tokens:
+            raise ValueError(f"tokenizer='chunks' cuts the state into num_query_tokens={num_query_tokens} equal "
+                             f"chunks: embedding_dim={embedding_dim!r} is not divisible by it")
+        self.num_query_tokens = num_query_tokens
         self.tokenizer_kind = tokenizer
         # The sublayers check these too, but under their own argument names (decay,
         # hidden_units, ...): checked here, the message names what the caller passed.
         self.num_codewords = arguments.integer("num_codewords", num_codewords, 2)
-        self.num_codebooks = int(num_codebooks)
-        self.quantize = bool(quantize)
+        self.num_codebooks = num_codebooks
+        self.quantize = quantize
         self.interaction_units = arguments.widths("interaction_units", interaction_units, allow_empty=False)
         self.commitment_weight = arguments.real("commitment_weight", commitment_weight, 0.0)
         self.codebook_decay = arguments.real("codebook_decay", codebook_decay, 0.0, 1.0, low_open=True, high_open=True)
@@ -251,10 +254,10 @@ class SparCode(RetrievalModel):
         self.assignment_temperature = float(assignment_temperature)
         self.relu_leak = float(relu_leak)
         self.encoder_loss_weight = float(encoder_loss_weight)
-        self.detach_code_path = bool(detach_code_path)
-        self.training_cache_fraction = None if training_cache_fraction is None else float(training_cache_fraction)
+        self.detach_code_path = arguments.boolean("detach_code_path", detach_code_path)
+        self.training_cache_fraction = cache_fractions["training_cache_fraction"]
         self.cached_loss_weight = float(cached_loss_weight)
-        self.serving_cache_fraction = None if serving_cache_fraction is None else float(serving_cache_fraction)
+        self.serving_cache_fraction = cache_fractions["serving_cache_fraction"]
         if self.detach_code_path and not self.encoder_loss_weight:
             raise ValueError("detach_code_path=True needs encoder_loss_weight > 0: nothing else would "
                              "train the encoder")

@@ -175,8 +175,7 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if denoiser not in ("unet", "mlp"):
             raise ValueError(f"denoiser must be 'unet' or 'mlp', got {denoiser!r}")
-        if not 0.0 <= prior_drift_rate <= 1.0:
-            raise ValueError(f"prior_drift_rate must be in [0, 1], got {prior_drift_rate!r}")
+        prior_drift_rate = arguments.real("prior_drift_rate", prior_drift_rate, 0.0, 1.0)
         if diffuse not in ("drift", "raw"):
             raise ValueError(f"diffuse must be 'drift' or 'raw', got {diffuse!r}")
         if sampler not in SAMPLERS:
@@ -187,24 +186,26 @@ class T2Diff(RetrievalModel):
             raise ValueError(f"initial_noise must be 'zeros' or 'random', got {initial_noise!r}")
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        stop_gradient = arguments.boolean("stop_gradient", stop_gradient)
+        condition_on_backbone = arguments.boolean("condition_on_backbone", condition_on_backbone)
+        detach_branch = arguments.boolean("detach_branch", detach_branch)
         if condition_on_backbone and backbone == "none":
             raise ValueError("condition_on_backbone=True needs a backbone; got backbone='none'")
         if detach_branch and backbone == "none":
             raise ValueError("detach_branch=True needs a backbone; got backbone='none'")
-        if detach_branch and backbone_loss_weight <= 0:
-            raise ValueError("detach_branch=True needs backbone_loss_weight > 0 (nothing else would train the "
-                             f"encoder and the item table); got backbone_loss_weight={backbone_loss_weight!r}")
-        if backbone_blocks < 1:
-            raise ValueError(f"backbone_blocks must be >= 1, got {backbone_blocks!r}")
-        for name, value in (("session_length", session_length), ("history_length", history_length),
-                            ("diffusion_steps", diffusion_steps)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
-        if not 1 <= sampling_steps <= diffusion_steps:
-            raise ValueError(f"sampling_steps must be in [1, diffusion_steps={diffusion_steps}], got {sampling_steps!r}")
         for name, value in (("diffusion_weight", diffusion_weight), ("eta", eta),
                             ("backbone_loss_weight", backbone_loss_weight)):
             arguments.real(name, value, 0.0)
+        if detach_branch and backbone_loss_weight <= 0:
+            raise ValueError("detach_branch=True needs backbone_loss_weight > 0 (nothing else would train the "
+                             f"encoder and the item table); got backbone_loss_weight={backbone_loss_weight!r}")
+        backbone_blocks = arguments.integer("backbone_blocks", backbone_blocks, 1)
+        session_length = arguments.integer("session_length", session_length, 1)
+        history_length = arguments.integer("history_length", history_length, 1)
+        diffusion_steps = arguments.integer("diffusion_steps", diffusion_steps, 1)
+        sampling_steps = arguments.integer("sampling_steps", sampling_steps, 1)
+        if sampling_steps > diffusion_steps:
+            raise ValueError(f"sampling_steps must be in [1, diffusion_steps={diffusion_steps}], got {sampling_steps!r}")
         self._set_shared_hyperparameters(
             num_items=num_items, embedding_dim=embedding_dim, user_tower=user_tower, max_length=max_length,
             num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, loss=loss, temperature=temperature,
@@ -212,34 +213,34 @@ class T2Diff(RetrievalModel):
             item_feature_dims=item_feature_dims, user_feature_cardinalities=user_feature_cardinalities,
             item_hidden_units=item_hidden_units, l2=l2,
         )
-        self.session_length = int(session_length)
-        self.history_length = int(history_length)
+        self.session_length = session_length
+        self.history_length = history_length
         if self.window > self.max_length:
             warnings.warn(
                 f"T2Diff reads session_length + history_length = {self.window} items, but is fed histories of "
                 f"max_length = {self.max_length}: its long history holds at most "
                 f"{max(self.max_length - self.session_length, 0)} items, not history_length = {self.history_length}",
                 stacklevel=2)
-        self.diffusion_steps = int(diffusion_steps)
+        self.diffusion_steps = diffusion_steps
         self.schedule_kind = schedule
         self.denoiser_kind = denoiser
         self.denoiser_units = arguments.widths("denoiser_units", denoiser_units, allow_empty=False)
         if denoiser == "unet" and len(self.denoiser_units) != 2:
             raise ValueError(f"denoiser='unet' has two levels: denoiser_units needs two widths, got {denoiser_units!r}")
         self.diffuse = diffuse
-        self.stop_gradient = bool(stop_gradient)
+        self.stop_gradient = stop_gradient
         self.diffusion_weight = float(diffusion_weight)
-        self.prior_drift_rate = float(prior_drift_rate)
+        self.prior_drift_rate = prior_drift_rate
         self.sampler = sampler
-        self.sampling_steps = int(sampling_steps)
+        self.sampling_steps = sampling_steps
         self.eta = float(eta)
         self.initial_noise = initial_noise
         self.session_pooling = session_pooling
         self.backbone = backbone
-        self.backbone_blocks = int(backbone_blocks)
+        self.backbone_blocks = backbone_blocks
         self.backbone_loss_weight = float(backbone_loss_weight)
-        self.condition_on_backbone = bool(condition_on_backbone)
-        self.detach_branch = bool(detach_branch)
+        self.condition_on_backbone = condition_on_backbone
+        self.detach_branch = detach_branch
 
         self._build_shared_layers(item_feature_tables, sequence_encoder=False)
         if self.backbone == "sasrec":
