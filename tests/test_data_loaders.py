@@ -815,6 +815,11 @@ def test_a_rating_log_id_with_spaces_around_it_is_refused(tmp_path):
     path = write(tmp_path / "ratings.dat", "1::2::5::10\n1:: 2::5::20\n")
     with pytest.raises(DataFormatError, match=re.escape("ratings.dat:2: item id ' 2' has spaces or tabs around it")):
         load_rating_log(path)
+    # A file written with ", " between its fields is told how to read it, and then reads.
+    path = write(tmp_path / "ratings.csv", "1, 10, 5, 100\n2, 11, 4, 200\n")
+    with pytest.raises(DataFormatError, match=re.escape("rewrite it with ',' alone, or read a rating log with sep=', '")):
+        load_rating_log(path)
+    assert list(load_rating_log(path, sep=", ").item_vocab) == [10, 11]
 
 
 @pytest.mark.parametrize("fmt, text, line, shown", [

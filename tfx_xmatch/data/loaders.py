@@ -365,7 +365,9 @@ def _id_problem(text: str, field: str, exact: bool = False) -> Optional[str]:
         # Stripping would merge " a" with "a" and keeping both would split one id in two; both
         # silently. The field says which it meant only to its writer.
         return (f"{field} {shortened(repr(text))} has spaces or tabs around it; ids are taken exactly as "
-                f"written, so it would be another id than {shortened(text.strip(_SPACES))!r}: remove them")
+                f"written, so it would be another id than {shortened(text.strip(_SPACES))!r}: remove them (a file "
+                "written with ', ' between its fields: rewrite it with ',' alone, or read a rating log with "
+                "sep=', ')")
     return None
 
 
