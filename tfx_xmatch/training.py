@@ -750,6 +750,10 @@ RUN_OUTPUTS = ("config.json", "data.json", "history.json", "metrics.json", "trai
 # benchmarks' per-user ranks beside a finished run.
 RUN_SCRATCH = ("backup", ".workers", "test_ranks")
 
+# Settings that may change when a run is resumed: they do not change what is being trained.
+RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds", "train.strategy"}
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
 
 def replaces_run_file(path: str | pathlib.Path, run_dir: str | pathlib.Path) -> bool:
     """Whether writing ``path`` would replace the run directory ``run_dir`` or a file in it: one
@@ -757,9 +761,6 @@ def replaces_run_file(path: str | pathlib.Path, run_dir: str | pathlib.Path) -> 
     path, root = pathlib.Path(path).resolve(), pathlib.Path(run_dir).resolve()
     return path == root or (path.is_relative_to(root) and (
         path.exists() or path.relative_to(root).parts[0] in RUN_OUTPUTS + RUN_SCRATCH))
-# Settings that may change when a run is resumed: they do not change what is being trained.
-RESUMABLE_KEYS = {"train.verbose", "train.max_train_seconds", "train.strategy"}
-STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 # One strategy object per kind and cluster for the whole process. Every new MirroredStrategy

@@ -104,6 +104,10 @@ class NoiseSchedule(tf.Module):
         Raises:
           ValueError: A known step outside ``lowest``..T.
         """
+        if isinstance(steps, tf.Tensor) and tf.executing_eagerly() and "CPU" not in steps.device:
+            # Reading an accelerator's tensor waits for the device: once per step of an eager
+            # sampling loop, whose steps are in range by construction.
+            return
         values = tf.get_static_value(steps)
         if values is None:
             return

@@ -140,9 +140,9 @@ class ServingClient:
     ):
         """Runs a signature on NumPy (or list) inputs; returns ``{output: np.ndarray}`` (and the
         ``ModelSpec`` of the version that answered if ``return_model_spec``). With ``coerce``,
-        values are made the signature's dtypes first (one metadata call per signature): JSON-like
-        values (lists, numbers, strings) by the REST API's rules, NumPy arrays by a cast that
-        must change no value.
+        values are made the signature's dtypes first (one metadata call per signature): JSON
+        values (str, numbers, bools and lists of them) by the REST API's rules; bytes, tuples,
+        arrays and tensors by a cast that must change no value.
 
         Raises:
           ValueError: With ``coerce``, a value the signature's input cannot take as it is.
