@@ -984,6 +984,33 @@ def test_graceful_shutdown_finishes_in_flight_requests(templates, tmp_path):
     clients.close()
 
 
+def test_a_server_starts_once_and_a_stopped_one_keeps_no_grpc_threads(templates, tmp_path):
+    """start() after stop() listened on new ports and served nothing (the stop had ended its model
+    manager), and a stopped server still referenced kept its gRPC worker threads."""
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    before = set(threading.enumerate())
+    server = start_server(base, rest_port=None)
+    clients = Clients(server)
+    try:
+        clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        with pytest.raises(RuntimeError, match="already started and is running"):
+            server.start()
+    finally:
+        clients.close()
+        server.stop(grace=1)
+    with pytest.raises(RuntimeError, match="already started and is stopped; .* create a new ModelServer"):
+        server.start()
+
+    def grpc_threads_of_this_server():
+        return [t for t in threading.enumerate() if t.name.startswith("serving-grpc") and t not in before]
+
+    deadline = time.monotonic() + 5
+    while grpc_threads_of_this_server() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert grpc_threads_of_this_server() == []
+
+
 def _write_warmup(path, k):
     from tensorflow_serving.apis import prediction_log_pb2
 
