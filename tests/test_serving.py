@@ -1491,6 +1491,44 @@ def test_the_client_decodes_json_values_as_the_rest_api_does():
         assert _coerce(value, strings).tolist() == [[b"a", b"b"]], value
 
 
+def _save_identity(path: str, dtype) -> None:
+    """A SavedModel whose serving_default returns its input ``x`` (a vector of ``dtype``)."""
+    module = tf.Module()
+    module.serve = tf.function(lambda x: {"y": tf.identity(x)},
+                               input_signature=[tf.TensorSpec([None], dtype, name="x")])
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+
+
+def test_a_long_lived_client_coerces_inputs_to_the_version_serving_now(tmp_path):
+    """ServingClient(coerce=True) kept the input specs of the version that served its first
+    request: after a hot swap to a version taking another dtype, it refused (int -> string) or
+    sent what the server refuses (int32 -> int64) what a fresh client sent and got answered."""
+    identities = {}
+    for version, dtype in ((1, tf.int32), (2, tf.int64), (3, tf.string)):
+        identities[version] = str(tmp_path / f"identity_{dtype.name}")
+        _save_identity(identities[version], dtype)
+    base = str(tmp_path / "tiny")
+    install_version(identities, base, 1)
+    server = start_server(base, rest_port=None, file_system_poll_wait_seconds=0)
+    try:
+        with serving_client.ServingClient(f"127.0.0.1:{server.grpc_port}") as client:
+            def ask(values):
+                outputs, spec = client.predict("tiny", {"x": values}, coerce=True, return_model_spec=True)
+                return spec.version.value, outputs["y"].tolist()
+
+            assert ask([1, 2]) == (1, [1, 2])
+            install_version(identities, base, 2)
+            server.manager.poll_once()  # int32 -> int64: the cached specs coerce, the server refuses
+            assert ask([3, 4]) == (2, [3, 4])
+            install_version(identities, base, 3)
+            server.manager.poll_once()  # int64 -> string: the cached specs refuse
+            assert ask(["a", "b"]) == (3, [b"a", b"b"])
+            with pytest.raises(ValueError, match="expects"):  # what the version serving refuses still is
+                ask([5])
+    finally:
+        server.stop(grace=1)
+
+
 def test_the_client_says_when_an_input_is_broken_json(tmp_path):
     from tfx_xmatch.serving.client import _parse_inputs
 
