@@ -4,8 +4,10 @@ with events, so each test is deterministic."""
 
 import threading
 
-from tfx_xmatch.serving import model_manager
-from tfx_xmatch.serving.model_manager import END, UNLOADING, ModelConfig, ModelManager
+import grpc
+
+from tfx_xmatch.serving import errors, model_manager
+from tfx_xmatch.serving.model_manager import END, UNLOADING, ModelConfig, ModelManager, VersionPolicy
 
 
 class FakeServable:
@@ -14,8 +16,10 @@ class FakeServable:
         self.refs = 0
         self.retired = False
         self.unloaded = threading.Event()
+        self.unloads = 0
 
     def unload(self) -> None:
+        self.unloads += 1
         self.unloaded.set()
 
 
@@ -85,6 +89,85 @@ def test_a_retired_version_unloads_only_when_its_last_request_ends(tmp_path):
             assert fresh.version == 2  # new requests already go to the new version
     assert held.unloaded.is_set()
     assert manager.status("m", 1)[0].state == END
+
+
+def test_a_model_removed_right_after_a_publish_unloads_only_when_its_request_ends(tmp_path):
+    """The publish decided under model.lock, but model.removed was read again after that lock:
+    a removal in between unloaded the version under a request holding it, and again at its end."""
+    loader = BlockingLoader()
+    base = _versions(tmp_path / "m", 1)
+    manager = ModelManager([ModelConfig("m", base)], poll_wait_seconds=0, loader=loader)
+    manager.start()
+    model = manager.get_model("m")
+    published, resume = threading.Event(), threading.Event()
+
+    class PausingAfterThePublish:
+        """model.lock, except that the poll thread pauses once right after releasing the lock it
+        published version 2 under: the gap the removal falls into."""
+
+        def __init__(self):
+            self._lock = threading.Lock()
+
+        def __enter__(self):
+            self._lock.acquire()
+
+        def __exit__(self, *exc):
+            self._lock.release()
+            if threading.current_thread() is poll and 2 in model.serving and not published.is_set():
+                published.set()
+                assert resume.wait(30), "the test never resumed the poll"
+
+    model.lock = PausingAfterThePublish()
+    _versions(tmp_path / "m", 2)
+    poll = threading.Thread(target=manager.poll_once)
+    poll.start()
+    assert published.wait(30)
+    with manager.acquire("m") as held:
+        assert held.version == 2
+        manager.set_configs([])  # a reload drops the model while the request holds version 2
+        resume.set()
+        poll.join(30)
+        assert not poll.is_alive()
+        assert held.unloads == 0, "version 2 was unloaded under a request that holds it"
+    assert held.unloads == 1
+    assert model.serving == {} and model.statuses[2].state == END
+
+
+def test_concurrent_config_reloads_run_one_after_the_other(tmp_path):
+    """Two apply_configs at once (HandleReloadConfigRequest, the config file watcher) each checked
+    and rolled back labels against the other's config: a valid reload got the invalid one's
+    FAILED_PRECONDITION, the invalid one OK. As TF Serving serialises them: A passes, B fails."""
+    loader = BlockingLoader(block_version=3)
+    base = _versions(tmp_path / "m", 1, 2, 3)
+
+    def config(versions, **labels):
+        return [ModelConfig("m", base, VersionPolicy("specific", versions=frozenset(versions)),
+                            tuple(sorted(labels.items())))]
+
+    manager = ModelManager(config({1, 2}, stable=1), poll_wait_seconds=0, loader=loader)
+    manager.start()
+    answers = {}
+
+    def reload(name, configs):
+        try:
+            manager.apply_configs(configs)
+            answers[name] = grpc.StatusCode.OK
+        except errors.ServingError as error:
+            answers[name] = error.code
+
+    valid = threading.Thread(target=reload, args=("valid", config({1, 2, 3}, stable=1, canary=3)))
+    invalid = threading.Thread(target=reload, args=("invalid", config({1, 2}, stable=9)))
+    valid.start()
+    assert loader.started.wait(30)  # the valid reload is loading version 3
+    invalid.start()
+    invalid.join(0.2)  # time to install its config and wait for the poll, had it not to wait first
+    loader.release.set()
+    valid.join(30)
+    invalid.join(30)
+    assert answers == {"valid": grpc.StatusCode.OK, "invalid": grpc.StatusCode.FAILED_PRECONDITION}
+    # The refused reload changed the policy but no label: the ones in force are the valid reload's.
+    assert manager.get_model("m").config.labels == {"stable": 1, "canary": 3}
+    manager.stop()
 
 
 def test_stop_during_a_background_load_waits_for_it_and_unloads_everything(tmp_path):

@@ -984,6 +984,33 @@ def test_graceful_shutdown_finishes_in_flight_requests(templates, tmp_path):
     clients.close()
 
 
+def test_a_server_starts_once_and_a_stopped_one_keeps_no_grpc_threads(templates, tmp_path):
+    """start() after stop() listened on new ports and served nothing (the stop had ended its model
+    manager), and a stopped server still referenced kept its gRPC worker threads."""
+    base = str(tmp_path / "tiny")
+    install_version(templates, base, 1)
+    before = set(threading.enumerate())
+    server = start_server(base, rest_port=None)
+    clients = Clients(server)
+    try:
+        clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        with pytest.raises(RuntimeError, match="already started and is running"):
+            server.start()
+    finally:
+        clients.close()
+        server.stop(grace=1)
+    with pytest.raises(RuntimeError, match="already started and is stopped; .* create a new ModelServer"):
+        server.start()
+
+    def grpc_threads_of_this_server():
+        return [t for t in threading.enumerate() if t.name.startswith("serving-grpc") and t not in before]
+
+    deadline = time.monotonic() + 5
+    while grpc_threads_of_this_server() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert grpc_threads_of_this_server() == []
+
+
 def _write_warmup(path, k):
     from tensorflow_serving.apis import prediction_log_pb2
 
@@ -1462,6 +1489,44 @@ def test_the_client_decodes_json_values_as_the_rest_api_does():
     # What is not JSON is taken as TF Serving's own client takes it: bytes, tuples, arrays, tensors.
     for value in ([[b"a", b"b"]], (("a", "b"),), [np.array(["a", "b"])], tf.constant([["a", "b"]])):
         assert _coerce(value, strings).tolist() == [[b"a", b"b"]], value
+
+
+def _save_identity(path: str, dtype) -> None:
+    """A SavedModel whose serving_default returns its input ``x`` (a vector of ``dtype``)."""
+    module = tf.Module()
+    module.serve = tf.function(lambda x: {"y": tf.identity(x)},
+                               input_signature=[tf.TensorSpec([None], dtype, name="x")])
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+
+
+def test_a_long_lived_client_coerces_inputs_to_the_version_serving_now(tmp_path):
+    """ServingClient(coerce=True) kept the input specs of the version that served its first
+    request: after a hot swap to a version taking another dtype, it refused (int -> string) or
+    sent what the server refuses (int32 -> int64) what a fresh client sent and got answered."""
+    identities = {}
+    for version, dtype in ((1, tf.int32), (2, tf.int64), (3, tf.string)):
+        identities[version] = str(tmp_path / f"identity_{dtype.name}")
+        _save_identity(identities[version], dtype)
+    base = str(tmp_path / "tiny")
+    install_version(identities, base, 1)
+    server = start_server(base, rest_port=None, file_system_poll_wait_seconds=0)
+    try:
+        with serving_client.ServingClient(f"127.0.0.1:{server.grpc_port}") as client:
+            def ask(values):
+                outputs, spec = client.predict("tiny", {"x": values}, coerce=True, return_model_spec=True)
+                return spec.version.value, outputs["y"].tolist()
+
+            assert ask([1, 2]) == (1, [1, 2])
+            install_version(identities, base, 2)
+            server.manager.poll_once()  # int32 -> int64: the cached specs coerce, the server refuses
+            assert ask([3, 4]) == (2, [3, 4])
+            install_version(identities, base, 3)
+            server.manager.poll_once()  # int64 -> string: the cached specs refuse
+            assert ask(["a", "b"]) == (3, [b"a", b"b"])
+            with pytest.raises(ValueError, match="expects"):  # what the version serving refuses still is
+                ask([5])
+    finally:
+        server.stop(grace=1)
 
 
 def test_the_client_says_when_an_input_is_broken_json(tmp_path):

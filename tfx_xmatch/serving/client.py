@@ -112,16 +112,21 @@ class ServingClient:
     ):
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec, model_name, version, version_label, signature_name)
-        specs = {}
+        key = _spec_key(model_name, signature_name, version, version_label)
         if coerce:
-            specs = self._input_specs(model_name, signature_name, version, version_label)
+            try:
+                arrays = _coerce_inputs(inputs, self._input_specs(key))
+            except ValueError:
+                # The cached specs may be an older version's: a hot swap can change an input's
+                # dtype (int item ids re-keyed to strings). Refuse only what the current ones do.
+                if not self._refresh_input_specs(key):
+                    raise
+                arrays = _coerce_inputs(inputs, self._input_specs(key))
+        else:
+            arrays = {alias: np.asarray(value) for alias, value in inputs.items()}
         import tensorflow as tf
 
-        for alias, value in inputs.items():
-            if alias in specs:
-                array = _coerce(value, specs[alias])
-            else:
-                array = np.asarray(value)
+        for alias, array in arrays.items():
             request.inputs[alias].CopyFrom(tf.make_tensor_proto(array))
         request.output_filter.extend(output_filter)
         return request
@@ -140,9 +145,10 @@ class ServingClient:
     ):
         """Runs a signature on NumPy (or list) inputs; returns ``{output: np.ndarray}`` (and the
         ``ModelSpec`` of the version that answered if ``return_model_spec``). With ``coerce``,
-        values are made the signature's dtypes first (one metadata call per signature): JSON
-        values (str, numbers, bools and lists of them) by the REST API's rules; bytes, tuples,
-        arrays and tensors by a cast that must change no value.
+        values are made the signature's dtypes first (one metadata call per signature, and one
+        more after a refused value, since a hot swap may have changed them): JSON values (str,
+        numbers, bools and lists of them) by the REST API's rules; bytes, tuples, arrays and
+        tensors by a cast that must change no value.
 
         Raises:
           ValueError: With ``coerce``, a value the signature's input cannot take as it is.
@@ -153,7 +159,18 @@ class ServingClient:
         request = self.predict_request(
             model_name, inputs, signature_name, version, version_label, output_filter, coerce
         )
-        response = self.prediction.Predict(request, timeout=timeout or self.timeout)
+        try:
+            response = self.prediction.Predict(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            # Values coerced to a swapped-out version's dtypes (int32 where int64 is now taken)
+            # are refused; when the server's specs did change, send them as those take them.
+            key = _spec_key(model_name, signature_name, version, version_label)
+            if not (coerce and error.code() == grpc.StatusCode.INVALID_ARGUMENT and self._refresh_input_specs(key)):
+                raise
+            request = self.predict_request(
+                model_name, inputs, signature_name, version, version_label, output_filter, coerce
+            )
+            response = self.prediction.Predict(request, timeout=timeout or self.timeout)
         outputs = {alias: tf.make_ndarray(proto) for alias, proto in response.outputs.items()}
         if return_model_spec:
             return outputs, response.model_spec
@@ -201,17 +218,39 @@ class ServingClient:
             for s in response.model_version_status
         ]
 
-    def _input_specs(self, model_name, signature_name, version, version_label) -> dict:
-        """{alias: TensorSpecInfo} of the signature's inputs; {} for a signature it lacks (the
-        server then names the problem)."""
-        key = (model_name, signature_name or "serving_default", version, version_label)
+    def _input_specs(self, key: tuple) -> dict:
+        """{alias: TensorSpecInfo} of the signature's inputs (cached per :func:`_spec_key`); {}
+        for a signature it lacks (the server then names the problem)."""
         if key not in self._spec_cache:
+            model_name, signature_name, version, version_label = key
             signature_map, _ = self.signature_def_map(model_name, version, version_label)
-            sig = signature_map.signature_def.get(key[1])
+            sig = signature_map.signature_def.get(signature_name)
             self._spec_cache[key] = {} if sig is None else {
                 alias: TensorSpecInfo.from_tensor_info(alias, info) for alias, info in sig.inputs.items()
             }
         return self._spec_cache[key]
+
+    def _refresh_input_specs(self, key: tuple) -> bool:
+        """Fetches the input specs again; whether they differ from the cached ones (a request
+        refused with the old ones may then pass). False when the server cannot say."""
+        cached = self._spec_cache.pop(key, None)
+        try:
+            return self._input_specs(key) != cached
+        except grpc.RpcError:
+            return False  # the caller's own error says more than this one
+
+
+def _spec_key(model_name: str, signature_name: str, version, version_label) -> tuple:
+    """The input-spec cache key of a request. With no version (or a label) it names whichever
+    version serves now, so a hot swap can make its entry stale: see ``_refresh_input_specs``."""
+    return (model_name, signature_name or "serving_default", version, version_label)
+
+
+def _coerce_inputs(inputs: dict, specs: dict) -> dict:
+    """{alias: np.ndarray}: the values of inputs the signature has coerced to its specs, others
+    as NumPy makes them (the server names an unknown input)."""
+    return {alias: _coerce(value, specs[alias]) if alias in specs else np.asarray(value)
+            for alias, value in inputs.items()}
 
 
 def _is_json(value) -> bool:

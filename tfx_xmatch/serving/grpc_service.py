@@ -187,21 +187,22 @@ def make_grpc_server(
     manager: ModelManager,
     inference: Inference,
     address: str,
-    max_workers: int = 16,
+    executor: futures.ThreadPoolExecutor,
     max_receive_message_length: int = 64 << 20,
     channel_arguments=(),
 ):
-    """A started gRPC server and its bound port."""
+    """A started gRPC server and its bound port.
+
+    The server's handlers run on ``executor``; the caller shuts it down after stopping the
+    server (grpc.Server.stop leaves it running: a stopped server kept its idle threads).
+    """
     options = [
         ("grpc.max_receive_message_length", int(max_receive_message_length)),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),
     ]
     options += list(channel_arguments)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="serving-grpc"),
-        options=options,
-    )
+    server = grpc.server(executor, options=options)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(manager, inference), server
     )

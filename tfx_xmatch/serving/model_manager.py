@@ -427,6 +427,10 @@ class ModelManager:
         self._models: dict[str, Model] = {}
         self._models_lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll at a time
+        # One config change at a time, as TF Serving's ReloadConfig: two reloads at once each
+        # checked, and rolled back, labels against the other's config. Reentrant, since
+        # apply_configs calls set_configs under it.
+        self._config_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.set_configs(configs)
@@ -441,44 +445,48 @@ class ModelManager:
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate model names in {names}")
-        removed = []
-        with self._models_lock:
-            new_models = {}
-            for config in configs:
-                model = self._models.get(config.name)
-                if model is not None:
-                    # A new base path too: retiring every version first left the model with
-                    # none until the new path's had loaded (NOT_FOUND for seconds).
-                    model.config = config
-                else:
-                    model = Model(config)
-                new_models[config.name] = model
-            removed += [m for name, m in self._models.items() if name not in new_models]
-            self._models = new_models
-        for model in removed:
-            with model.lock:
-                # A version loading now sees the flag when it publishes; one published before is
-                # in model.serving below.
-                model.removed = True
-            self._retire_versions(model, set(model.serving))
+        with self._config_lock:
+            with self._models_lock:
+                new_models = {}
+                for config in configs:
+                    model = self._models.get(config.name)
+                    if model is not None:
+                        # A new base path too: retiring every version first left the model with
+                        # none until the new path's had loaded (NOT_FOUND for seconds).
+                        model.config = config
+                    else:
+                        model = Model(config)
+                    new_models[config.name] = model
+                removed = [m for name, m in self._models.items() if name not in new_models]
+                self._models = new_models
+            for model in removed:
+                with model.lock:
+                    # A version loading now sees the flag when it publishes; one published before
+                    # is in model.serving below.
+                    model.removed = True
+                self._retire_versions(model, set(model.serving))
 
     def apply_configs(self, configs: list[ModelConfig]) -> None:
         """:meth:`set_configs`, one poll, then TF Serving's label check.
+
+        Calls run one after the other (the config file watcher and HandleReloadConfigRequest
+        share this path), so each checks its own labels and restores the ones in force before it.
 
         Raises:
           ServingError: FAILED_PRECONDITION when a label names a version that is not available
             now; as in TF Serving, the models are updated but every label stays as it was.
         """
-        with self._models_lock:
-            previous = {name: model.config.version_labels for name, model in self._models.items()}
-        self.set_configs(configs)
-        self.poll_once()
-        problems = self.unavailable_labels()
-        if problems:
+        with self._config_lock:
             with self._models_lock:
-                for name, model in self._models.items():
-                    model.config = dataclasses.replace(model.config, version_labels=previous.get(name, ()))
-            raise errors.ServingError(grpc.StatusCode.FAILED_PRECONDITION, problems[0])
+                previous = {name: model.config.version_labels for name, model in self._models.items()}
+            self.set_configs(configs)
+            self.poll_once()
+            problems = self.unavailable_labels()
+            if problems:
+                with self._models_lock:
+                    for name, model in self._models.items():
+                        model.config = dataclasses.replace(model.config, version_labels=previous.get(name, ()))
+                raise errors.ServingError(grpc.StatusCode.FAILED_PRECONDITION, problems[0])
 
     def unavailable_labels(self) -> list[str]:
         """TF Serving's refusals of version labels that name a version not loaded now (none
@@ -612,12 +620,16 @@ class ModelManager:
                 )
             return
         with model.lock:
-            if not model.removed:
+            # Decided under the lock: a removal after this publish retires the version through
+            # the reference count (set_configs sees it in model.serving); reading model.removed
+            # again after the lock unloaded it under requests that already held it.
+            published = not model.removed
+            if published:
                 serving = dict(model.serving)
                 serving[version] = servable
                 model.serving = serving  # atomic publish
                 model.statuses[version] = VersionStatus(version, AVAILABLE)
-        if model.removed:  # the model was removed while loading
+        if not published:  # the model was removed while loading: nobody can hold this version
             servable.unload()
             return
         log.info("model %r: version %d is AVAILABLE", model.name, version)

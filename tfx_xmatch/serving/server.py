@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent import futures
 
 from tfx_xmatch.serving.batching import Batcher, BatchingOptions, parse_batching_parameters
 from tfx_xmatch.serving.inference import Inference
@@ -123,9 +124,11 @@ class ModelServer:
         )
         self.grpc_server = None
         self.grpc_port: int | None = None
+        self._grpc_executor: futures.ThreadPoolExecutor | None = None
         self.rest_server = None
         self.rest_port: int | None = None
         self._stop_requested = threading.Event()
+        self._started = False
         self._stopped = False
         self._config_error: str | None = None
         self._config_thread: threading.Thread | None = None
@@ -136,10 +139,19 @@ class ModelServer:
     def start(self) -> "ModelServer":
         """Loads the models, then listens; a start that fails stops what it started.
 
+        A server object starts once, as a TF Serving process does: its stop unloads the models
+        and ends the model manager for good (a second start listened and served nothing).
+
         Raises:
+          RuntimeError: This server was started before.
           ValueError: A model's every version failed to load.
           OSError: A port cannot be listened on.
         """
+        if self._started:
+            state = "stopped" if self._stopped else "running"
+            raise RuntimeError(f"this ModelServer was already started and is {state}; a ModelServer starts "
+                               "once: create a new ModelServer(options) to serve again")
+        self._started = True
         try:
             return self._start()
         except BaseException:
@@ -155,11 +167,14 @@ class ModelServer:
         self.manager.start()
         self._refuse_models_that_failed_to_load()
         if opts.grpc_port is not None:
+            self._grpc_executor = futures.ThreadPoolExecutor(
+                max_workers=opts.grpc_max_threads, thread_name_prefix="serving-grpc"
+            )
             self.grpc_server, self.grpc_port = make_grpc_server(
                 self.manager,
                 self.inference,
                 _join_host_port(opts.bind_address, opts.grpc_port),
-                max_workers=opts.grpc_max_threads,
+                self._grpc_executor,
                 max_receive_message_length=opts.grpc_max_receive_message_length,
                 channel_arguments=opts.grpc_channel_arguments,
             )
@@ -265,6 +280,10 @@ class ModelServer:
             self.rest_server.stop(grace)
         if grpc_done is not None:
             grpc_done.wait(grace + 1.0)
+        if self._grpc_executor is not None:
+            # Idle workers exit now; one still in a handler past the grace exits when it returns
+            # (waiting for it would let a hung request block the stop).
+            self._grpc_executor.shutdown(wait=False, cancel_futures=True)
         self.manager.stop()
         log.info("server stopped")
 
