@@ -265,6 +265,96 @@ def test_export_to_a_url_goes_through_tf_io_gfile(model):
         export_retrieval_model(model, string_vocab(), base, version=2, k_max=K_MAX)
 
 
+def _another_exporter_publishes(base: str, name: str) -> None:
+    tf.io.gfile.makedirs(f"{base}/{name}")
+    tf.io.gfile.GFile(f"{base}/{name}/other-exporter", "w").write("theirs")
+
+
+def test_a_version_published_during_the_build_is_never_replaced(model, tmp_path, monkeypatch):
+    """Two exporters into one base path both took version 1 (read before the slow build), and
+    the later one's rename silently replaced the earlier one's published version."""
+    import tfx_xmatch.export as export
+
+    base = str(tmp_path / "models")
+    real_write_extras = export._write_extras
+
+    def another_exporter_publishes_meanwhile(*args, **kwargs):
+        _another_exporter_publishes(base, "1")
+        return real_write_extras(*args, **kwargs)
+
+    monkeypatch.setattr(export, "_write_extras", another_exporter_publishes_meanwhile)
+    published = export_retrieval_model(model, string_vocab(), base, k_max=K_MAX)
+    assert published == tmp_path / "models" / "2"  # the next free number, not 1 over the other's
+    assert os.listdir(tmp_path / "models" / "1") == ["other-exporter"]
+    assert (published / "saved_model.pb").exists()
+    assert sorted(os.listdir(tmp_path / "models")) == ["1", "2"]  # no temporary left
+
+
+@pytest.mark.parametrize("scheme", ["", "file://", "ram://"])
+def test_publishing_never_replaces_a_version_taken_meanwhile(tmp_path, scheme):
+    from tfx_xmatch.export import publish_new_version
+
+    base = f"{scheme}{tmp_path}/models"
+
+    def write(taken: str):
+        def written_while_another_exporter_publishes(directory):
+            (directory / "saved_model.pb").write_text("ours")
+            (directory / "variables").mkdir()
+            (directory / "variables" / "variables.index").write_text("ours")
+            _another_exporter_publishes(base, taken)
+        return written_while_another_exporter_publishes
+
+    assert str(publish_new_version(base, write("1"))) == f"{base}/2"
+    with pytest.raises(FileExistsError, match=f"{base}/3 already exists"):
+        publish_new_version(base, write("3"), version=3)
+    with pytest.raises(FileExistsError, match=f"{base}/0004 already exists"):  # a spelling of 4
+        publish_new_version(base, write("0004"), version=4)
+    for name in ("1", "3", "0004"):
+        assert tf.io.gfile.GFile(f"{base}/{name}/other-exporter").read() == "theirs", name
+    assert tf.io.gfile.GFile(f"{base}/2/variables/variables.index").read() == "ours"
+    assert sorted(tf.io.gfile.listdir(base)) == ["0004", "1", "2", "3"]  # no temporary or staging copy left
+
+
+def test_the_portability_of_an_export_to_a_url_is_read_through_tf_io_gfile(model, tmp_path):
+    """non_stock_ops / xla_compiled read saved_model.pb with pathlib: an export to file:// (or
+    gs://) was published, then `xmatch export` failed reading it back."""
+    from tfx_xmatch.export import xla_compiled
+
+    published = export_retrieval_model(model, string_vocab(), f"file://{tmp_path}/models", k_max=K_MAX)
+    assert published == f"file://{tmp_path}/models/1"
+    assert non_stock_ops(published) == set() and not xla_compiled(published)
+
+
+def test_version_names_are_read_as_the_server_reads_them(model, tmp_path, monkeypatch):
+    """export read names with isdigit()+int(): "²" crashed it, 99999999999999999999 made it write
+    a version no server loads, and version 7 was written beside an existing 007."""
+    import tfx_xmatch.export as export
+    from tfx_xmatch.serving.model_manager import list_versions
+
+    base = tmp_path / "models"
+    for name in ("²", "99999999999999999999", "007", "notes"):
+        (base / name).mkdir(parents=True)
+    assert sorted(list_versions(str(base))) == [7]
+    assert export.next_version(str(base)) == 8
+    monkeypatch.setattr(export, "build_serving_module", lambda *args, **kwargs: pytest.fail("built"))
+    with pytest.raises(FileExistsError, match=r"models/007 already exists \(version 7\)"):
+        export_retrieval_model(model, string_vocab(), base, version=7, k_max=K_MAX)
+    with pytest.raises(ValueError, match="at most 9223372036854775807"):
+        export_retrieval_model(model, string_vocab(), base, version=2**63, k_max=K_MAX)
+
+
+def test_an_export_base_path_that_is_a_file_is_refused_before_the_build(model, tmp_path, monkeypatch):
+    """It was found only after the build, as "[Errno 17] File exists"."""
+    import tfx_xmatch.export as export
+
+    base = tmp_path / "models"
+    base.write_text("not a directory")
+    monkeypatch.setattr(export, "build_serving_module", lambda *args, **kwargs: pytest.fail("built"))
+    for path in (base, f"file://{base}"):
+        with pytest.raises(NotADirectoryError, match=f"export base path {path} is a file"):
+            export_retrieval_model(model, string_vocab(), path, k_max=K_MAX)
+
+
 def _files(directory, names=None) -> dict:
     """{relative name: bytes or None} of the files under a local ``directory``, or of ``names``
     under any directory (ram:// lists "assets" with "assets.extra"'s files, so it is not walked)."""

@@ -24,11 +24,13 @@ TF Serving are still written to ``assets.extra/tf_serving_warmup_requests``, and
 description to ``assets.extra/xmatch_model.json`` (so the SavedModel can warm-start a new run,
 as TFX's ``base_model``; TF Serving ignores the file). The version is
 written to a hidden temporary directory and renamed into place, so a server polling the base
-path never sees half a model.
+path never sees half a model, and never over an existing version: exporters running at once
+into one base path each get a number of their own (``publish_new_version``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ import pathlib
 import re
 import tempfile
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -45,7 +47,11 @@ from tfx_xmatch import arguments
 from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
-from tfx_xmatch.io_utils import atomic_directory, copy_directory_or_nothing, restore_moved_aside
+from tfx_xmatch.io_utils import (
+    atomic_directory, copy_directory_or_nothing, locked_temporary_directory, remove_abandoned_temporaries,
+    rename_no_replace, restore_moved_aside,
+)
+from tfx_xmatch.serving.model_manager import INT64_MAX, version_number
 from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description
 
 log = logging.getLogger("tfx_xmatch.export")
@@ -523,34 +529,162 @@ def export_retrieval_model(
       The version directory: a ``pathlib.Path``, or a string for a URL such as ``gs://``.
 
     Raises:
-      FileExistsError: ``version`` already exists (versions are immutable once served).
-      ValueError: ``version`` below 1, or what ``build_serving_module`` refuses.
+      FileExistsError: ``version`` already exists, under any spelling (``007`` for 7), checked
+        before the build and again when publishing (versions are immutable once served). With
+        ``version`` None a number another exporter takes meanwhile is skipped instead.
+      NotADirectoryError: ``export_base_path`` is a file.
+      ValueError: ``version`` outside 1 to int64's largest, or what ``build_serving_module``
+        refuses.
     """
     base = str(export_base_path)
-    version = next_version(base) if version is None else int(version)
-    if version < 1:
-        raise ValueError(f"version must be a positive integer, got {version!r}")
-    final = _join(base, str(version))
-    if tf.io.gfile.exists(str(final)):
-        raise FileExistsError(f"{final} already exists; versions are immutable, export a new one")
-
+    _check_base_path(base)
+    if version is not None:
+        version = _unused_version(base, version)
     module = build_serving_module(
         model, item_vocab, index_kind=index_kind, index_options=index_options, k_max=k_max,
         default_k=default_k, exclude_history=exclude_history, padding_id=padding_id, index=index,
         jit_compile=jit_compile,
     )
-    save_serving_module(module, final, item_vocab, model_name=model_name, warmup_histories=warmup_histories)
-    return final
+    histories = _warmup_histories(item_vocab, warmup_histories)
+    return publish_new_version(base, lambda directory: _write_saved_model(module, directory, model_name, histories),
+                               version)
+
+
+def _check_base_path(base: str) -> None:
+    """Refuses a base path that is a file before the (slow) build, naming it."""
+    if tf.io.gfile.exists(base) and not tf.io.gfile.isdir(base):
+        raise NotADirectoryError(f"export base path {base} is a file, not a directory of versions")
+
+
+def _unused_version(base: str, version) -> int:
+    """``version`` as an int, checked: a number TF Serving reads (1 to int64's largest) and not
+    taken under any spelling (``7`` beside ``007`` would be two directories of one version)."""
+    number = int(version)
+    if not 1 <= number <= INT64_MAX:
+        raise ValueError(f"version must be a positive integer of at most {INT64_MAX} (int64, as TF Serving "
+                         f"reads version names), got {version!r}")
+    taken = _versions_by_number(base)
+    if number in taken:
+        raise FileExistsError(f"{_join(base, taken[number])} already exists (version {number}); versions are "
+                              "immutable, export a new one")
+    return number
+
+
+def _versions_by_number(base: str) -> dict[int, str]:
+    """{version: entry name} of the entries under ``base`` whose name a server reads as a
+    version (:func:`~tfx_xmatch.serving.model_manager.version_number`); {} without ``base``."""
+    if not tf.io.gfile.isdir(base):
+        return {}
+    found = {}
+    for name in tf.io.gfile.listdir(base):
+        number = version_number(name.rstrip("/"))
+        if number is not None:
+            found.setdefault(number, name.rstrip("/"))
+    return found
 
 
 def next_version(base_path: str) -> int:
     """One more than the largest version under ``base_path`` (any ``tf.io.gfile`` path), 1 if
-    there is none or no ``base_path`` yet. Creates nothing: an export that fails leaves no
-    empty base directory behind."""
-    if not tf.io.gfile.isdir(base_path):
-        return 1
-    names = [name.rstrip("/") for name in tf.io.gfile.listdir(base_path)]
-    return max((int(name) for name in names if name.isdigit()), default=0) + 1
+    there is none or no ``base_path`` yet; names are read as the server reads them (ASCII
+    digits within int64). Creates nothing: an export that fails leaves no empty base directory
+    behind."""
+    number = max(_versions_by_number(base_path), default=0) + 1
+    if number > INT64_MAX:
+        raise ValueError(f"{base_path} already holds version {INT64_MAX}, the largest TF Serving reads")
+    return number
+
+
+def publish_new_version(base: str, write: Callable[[pathlib.Path], None],
+                        version: Optional[int] = None) -> pathlib.Path | str:
+    """Writes a new version directory with ``write(directory)`` and publishes it as
+    ``base/<version>/`` without ever replacing an existing version.
+
+    ``write`` fills a hidden temporary (servers ignore names that are not numbers), which is
+    renamed into place only when complete, so a server polling ``base`` never sees half a
+    model. A number taken meanwhile (another exporter into the same ``base``) is never
+    replaced: with ``version`` None the next free number is taken, with an explicit
+    ``version`` FileExistsError names the path.
+
+    Args:
+      base: The model base path: a local path, or a URL ``tf.io.gfile`` writes (``gs://``...).
+      write: Fills a local directory (a ``pathlib.Path``) with the SavedModel.
+      version: The version number; default one more than the largest present.
+
+    Returns:
+      The version directory: a ``pathlib.Path``, or a string for a URL.
+    """
+    if "://" in base:
+        with tempfile.TemporaryDirectory() as local:
+            write(pathlib.Path(local))
+            return _upload_new_version(local, base, version)
+    base_dir = pathlib.Path(base)
+    base_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(base_dir)
+    with locked_temporary_directory(base_dir) as temporary:
+        write(temporary)
+        while True:
+            final = base_dir / str(_number_to_publish(base, version))
+            try:
+                rename_no_replace(temporary, final)
+                return final
+            except FileExistsError:
+                if version is not None:
+                    raise FileExistsError(f"{final} already exists; versions are immutable, export a new one") from None
+                # Another exporter published this number since it was read: the next one.
+
+
+def _number_to_publish(base: str, version: Optional[int]) -> int:
+    """The next free number, or ``version`` checked again just before publishing: a ``007``
+    created during the build counts as taking 7."""
+    return next_version(base) if version is None else _unused_version(base, version)
+
+
+def _upload_new_version(local: str, base: str, version: Optional[int]) -> str:
+    """Publishes a complete local SavedModel as a new version under the URL ``base``.
+
+    An object store has no atomic directory rename, nor one that refuses to replace: the
+    SavedModel is uploaded beside the versions first, then moved in file by file (server-side
+    copies) with ``overwrite=False``, ``saved_model.pb`` last, so a polling server finds no
+    SavedModel until the rest is there. The first file moved claims the number: if it exists
+    already, another exporter took that version, and nothing of this one is in it.
+    """
+    staging = f"{base.rstrip('/')}/.export.{uuid.uuid4().hex}.tmp"
+    copy_directory_or_nothing(local, staging)
+    files = sorted((os.path.relpath(os.path.join(directory, name), local)
+                    for directory, _, names in os.walk(local) for name in names),
+                   key=lambda name: (name == "saved_model.pb", name))
+    try:
+        while True:
+            final = _join(base, str(_number_to_publish(base, version)))
+            try:
+                if tf.io.gfile.exists(final):
+                    raise FileExistsError(final)
+                _move_files(staging, final, files)
+                return final
+            except FileExistsError:
+                if version is not None:
+                    raise FileExistsError(f"{final} already exists; versions are immutable, export a new one") from None
+    finally:
+        with contextlib.suppress(tf.errors.NotFoundError):
+            tf.io.gfile.rmtree(staging)
+
+
+def _move_files(staging: str, final: str, files: list[str]) -> None:
+    """Renames ``files`` (relative names, in order) from ``staging`` into ``final``, none over an
+    existing file. FileExistsError when the first file is there already: ``final`` is another
+    exporter's, and nothing of this one is in it."""
+    for position, name in enumerate(files):
+        target = f"{final}/{name}"
+        tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
+        try:
+            tf.io.gfile.rename(f"{staging}/{name}", target, overwrite=False)
+        except tf.errors.AlreadyExistsError:
+            if position == 0:
+                raise FileExistsError(final) from None
+            raise
+        except BaseException as error:
+            error.add_note(f"{final} holds the first {position} of this export's files, the rest are at {staging}")
+            raise
 
 
 def save_serving_module(module: RetrievalServingModule, directory: str | os.PathLike, item_vocab: Vocabulary, *,
@@ -579,13 +713,10 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
     exists = tf.io.gfile.exists(str(final))
     if exists and not overwrite:
         raise FileExistsError(f"{final} already exists; write the SavedModel to a new directory")
-    uses_scann = any(type(layer).__name__ == "ScaNNIndex" for layer in (module.index, getattr(module.index, "base", None)))
-    options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if uses_scann else None)
-    histories = warmup_histories or [list(item_vocab.ids(np.arange(1, min(item_vocab.num_items, 5) + 1)))]
+    histories = _warmup_histories(item_vocab, warmup_histories)
     if isinstance(final, str):  # a remote path (gs://, s3://...): written through tf.io.gfile
         with tempfile.TemporaryDirectory() as local:
-            tf.saved_model.save(module, local, signatures=module.signatures(), options=options)
-            _write_extras(pathlib.Path(local), module, model_name, histories)
+            _write_saved_model(module, pathlib.Path(local), model_name, histories)
             # saved_model.pb last: a server looking during the copy finds no SavedModel rather
             # than a graph whose variables are half written (object stores have no atomic rename).
             if not exists:
@@ -599,10 +730,22 @@ def save_serving_module(module: RetrievalServingModule, directory: str | os.Path
         return final
     # A temporary beside it, renamed into place when complete; the old one (if any) is moved
     # aside under a name the next save restores should a crash come between the two renames.
-    with atomic_directory(final) as temporary:
-        tf.saved_model.save(module, str(temporary), signatures=module.signatures(), options=options)
-        _write_extras(temporary, module, model_name, histories)
+    with atomic_directory(final, replace=overwrite) as temporary:
+        _write_saved_model(module, temporary, model_name, histories)
     return final
+
+
+def _warmup_histories(item_vocab: Vocabulary, histories: Optional[list]) -> list:
+    return histories or [list(item_vocab.ids(np.arange(1, min(item_vocab.num_items, 5) + 1)))]
+
+
+def _write_saved_model(module: RetrievalServingModule, directory: pathlib.Path, model_name: str,
+                       histories: list) -> None:
+    """The SavedModel with its ``assets.extra`` into the local ``directory``."""
+    uses_scann = any(type(layer).__name__ == "ScaNNIndex" for layer in (module.index, getattr(module.index, "base", None)))
+    options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if uses_scann else None)
+    tf.saved_model.save(module, str(directory), signatures=module.signatures(), options=options)
+    _write_extras(directory, module, model_name, histories)
 
 
 def _replace_by_renames(staging: str, final: str) -> None:
@@ -680,7 +823,9 @@ def _saved_model_proto(saved_model_dir: str | os.PathLike):
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    # tf.io.gfile: the directory may be a URL (gs://, file://) that export_retrieval_model returned.
+    with tf.io.gfile.GFile(f"{str(saved_model_dir).rstrip('/')}/saved_model.pb", "rb") as file:
+        proto.ParseFromString(file.read())
     return proto
 
 

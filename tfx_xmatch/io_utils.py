@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 import uuid
 from typing import Iterable, Iterator, Optional
@@ -101,13 +104,19 @@ def write_json_atomic(path: str | os.PathLike, value) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[pathlib.Path]:
     """Yields an empty temporary directory that replaces ``path`` when the block succeeds.
 
-    An existing ``path`` is moved aside first and deleted only after the new one is in place,
-    so a crash leaves the old or the new directory (the old one possibly under ``.NAME.old``),
-    never a mix; between the two renames ``path`` is briefly absent. The next call for the
-    same ``path`` restores such a ``.NAME.old`` first (:func:`restore_moved_aside`).
+    An existing ``path`` (a directory, or a file or symlink, which is replaced itself, not what
+    it points to) is moved aside first and deleted only after the new one is in place, so a
+    crash leaves the old or the new directory (the old one possibly under ``.NAME.old``), never
+    a mix; between the two renames ``path`` is briefly absent. The next call for the same
+    ``path`` restores such a ``.NAME.old`` first (:func:`restore_moved_aside`).
+
+    Args:
+      replace: Whether an existing ``path`` is replaced. With False the new directory is
+        renamed into place only if nothing is there by then (:func:`rename_no_replace`), else
+        FileExistsError: a ``path`` another process created meanwhile is never replaced.
     """
     path = pathlib.Path(path)
     restore_moved_aside(path)
@@ -117,14 +126,47 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     temporary.mkdir()
     try:
         yield temporary
+        if not replace:
+            rename_no_replace(temporary, path)
+            return
         previous = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(previous, ignore_errors=True)
+        # lexists: a dangling symlink at path is replaced too (os.replace refuses to put a
+        # directory over any non-directory).
+        if os.path.lexists(path):
+            remove_entry(previous)
             os.replace(path, previous)
         os.replace(temporary, path)
-        shutil.rmtree(previous, ignore_errors=True)
+        remove_entry(previous)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def rename_no_replace(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Renames the directory ``source`` to ``target`` unless ``target`` exists (FileExistsError
+    naming it): for outputs that must never be replaced, such as a published model version.
+
+    POSIX rename refuses a non-empty directory (ENOTEMPTY) or a file (ENOTDIR) as the target,
+    so a directory another process published between the check and the rename stays as it
+    is; only an empty directory appearing in that instant would be replaced, losing nothing.
+    """
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "already exists", str(target))
+    try:
+        os.rename(source, target)
+    except OSError as error:
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "already exists", str(target)) from error
+        raise
+
+
+def remove_entry(path: str | os.PathLike) -> None:
+    """Removes ``path`` whatever it is (a directory tree, a file, a symlink: not what it points
+    to) if it exists. shutil.rmtree refuses symlinks and files, and ignore_errors hid that."""
+    path = pathlib.Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def restore_moved_aside(path: str | os.PathLike) -> bool:
@@ -132,10 +174,64 @@ def restore_moved_aside(path: str | os.PathLike) -> bool:
     between :func:`atomic_directory`'s two renames. Returns whether it did."""
     path = pathlib.Path(path)
     previous = path.with_name(f".{path.name}.old")
-    if path.exists() or not previous.is_dir():
+    if os.path.lexists(path) or not os.path.lexists(previous):
         return False
     os.replace(previous, path)
     return True
+
+
+@contextlib.contextmanager
+def locked_temporary_directory(parent: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yields a new hidden directory in ``parent`` that this process holds a lock on (``flock``)
+    until the block ends; removed then unless the block renamed it away (published it).
+
+    The lock is what lets :func:`remove_abandoned_temporaries` tell one left by a killed
+    process (the kernel drops a dead process's locks, even after SIGKILL) from one another
+    process is still filling; a process id would not (reused, or another PID namespace).
+    """
+    parent = pathlib.Path(parent)
+    pending = parent / f".pending.{uuid.uuid4().hex}.tmp"
+    pending.mkdir()  # mkdir, not mkdtemp: mkdtemp's 0700 would survive a rename into place
+    descriptor = os.open(pending, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        # Renamed to the name a cleaner looks for only once locked: never seen unlocked alive.
+        temporary = parent / f"{_LOCKED_PREFIX}{uuid.uuid4().hex}.{socket.gethostname()}.tmp"
+        os.rename(pending, temporary)
+        try:
+            yield temporary
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    finally:
+        os.close(descriptor)
+        shutil.rmtree(pending, ignore_errors=True)
+
+
+_LOCKED_PREFIX = ".locked."
+
+
+def remove_abandoned_temporaries(parent: str | os.PathLike) -> list[str]:
+    """Removes the :func:`locked_temporary_directory` directories in ``parent`` whose process
+    died: created on this host (a network file system may not share locks between hosts) and
+    not locked any more. One another process is still writing stays. Returns the names."""
+    removed = []
+    suffix = f".{socket.gethostname()}.tmp"
+    for entry in pathlib.Path(parent).iterdir():
+        if not (entry.name.startswith(_LOCKED_PREFIX) and entry.name.endswith(suffix)) or entry.is_symlink():
+            continue
+        try:
+            descriptor = os.open(entry, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process is alive
+        finally:
+            os.close(descriptor)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
 
 
 def temporary_of(name: str, outputs: Iterable[str]) -> Optional[str]:
@@ -172,12 +268,10 @@ def remove_stale_temporaries(directory: str | os.PathLike, outputs: Iterable[str
         if output is None:
             continue
         original = directory / output
-        if name.endswith(".old") and not original.exists():
+        if name.endswith(".old") and not os.path.lexists(original):
             os.replace(entry, original)
-        elif entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
         else:
-            entry.unlink(missing_ok=True)
+            remove_entry(entry)
         changed.append(name)
     return changed
 

@@ -344,16 +344,26 @@ def list_versions(base_path: str) -> dict[int, str]:
     except FileNotFoundError:
         return found
     for entry in entries:
-        name = entry.name
-        # ASCII digits within int64, as TF Serving's safe_strto64: "²" passed isdigit() and
-        # failed int() in every poll; 99999999999999999999 loaded and failed every response.
-        if not (name.isascii() and name.isdigit()) or int(name) > _INT64_MAX or not entry.is_dir():
+        version = version_number(entry.name)
+        if version is None or not entry.is_dir():
             continue
-        found[int(name)] = entry.path
+        found[version] = entry.path
     return found
 
 
-_INT64_MAX = 2**63 - 1
+def version_number(name: str) -> int | None:
+    """The version a directory called ``name`` holds, None if it is no version: ASCII digits
+    within int64, as TF Serving's safe_strto64 (the exporter numbers versions by this rule too).
+
+    "²" passed isdigit() and failed int() in every poll; 99999999999999999999 loaded and failed
+    every response.
+    """
+    if not (name.isascii() and name.isdigit()) or int(name) > INT64_MAX:
+        return None
+    return int(name)
+
+
+INT64_MAX = 2**63 - 1
 
 
 def directory_fingerprint(path: str) -> tuple:
