@@ -61,10 +61,11 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
       it, and eager calls of one index from several threads run one at a time.
     * Traced functions (``tf.function``, ``model.predict``, a SavedModel) read a write counter
       before and after the state (a seqlock: odd while a write is under way). A call that
-      overlapped a write fails with ``tf.errors.InvalidArgumentError`` saying the index was
-      rebuilt while the query read it: run it again. Under XLA (``jit_compile``), which drops
-      assertions, that check is not made. A ScaNN function traced before a re-index fails
-      always (see ``ScaNNIndex``).
+      overlapped a write fails with ``tf.errors.InvalidArgumentError``: run it again. Mostly
+      the check's error, saying the index was rewritten while the query read it; sometimes an
+      op the half-read state broke first (a gather index out of range), which fails before the
+      check runs. Under XLA (``jit_compile``), which drops assertions, the check is not made.
+      A ScaNN function traced before a re-index fails always (see ``ScaNNIndex``).
     * Two ``index()`` calls on one index store one after the other; the last one wins.
     * Not guarded: Keras' ``set_weights`` / ``load_weights`` while queries run.
 
@@ -229,7 +230,8 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             identifier dtype).
           tf.errors.InvalidArgumentError: A query row is not finite (NaN or inf), naming it; or,
             in a traced function, ``index()`` rewrote the index while this call read it (run it
-            again). Neither is checked under XLA (``jit_compile``), which drops assertions.
+            again; see Threads in the class docstring). Neither is checked under XLA
+            (``jit_compile``), which drops assertions.
         """
         with self._state_lock:  # eagerly, the whole search; when tracing, the Python state read
             if tf.executing_eagerly():
