@@ -1,12 +1,16 @@
 """Retrieval indexes: every kind against a NumPy brute-force oracle, k as a tensor, exclusions,
 padding, partitioned recall, config round trips, SavedModel round trips and op portability."""
 
+import contextlib
+import copy
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -573,6 +577,81 @@ def test_reindexing_with_another_size_keeps_traced_functions_working(kind):
     assert len(index.weights) == variables_before
     _assert_matches_oracle(*search(queries, tf.constant(5)), queries, candidates, int_ids, 5, padding=-1)
     assert search.experimental_get_tracing_count() == 1
+
+
+@contextlib.contextmanager
+def _reindex_held_mid_write(monkeypatch, index, candidates, identifiers):
+    """Runs ``index.index(candidates, identifiers)`` in another thread and holds it, until the
+    block ends, where a concurrent query met mixed state: the kind's new state stored, the
+    identifiers and sizes not yet (the seam: ``RetrievalIndex._set_catalogue``)."""
+    held, release = threading.Event(), threading.Event()
+    set_catalogue = RetrievalIndex._set_catalogue
+
+    def holding(self, *args):
+        if self is index and not held.is_set():
+            held.set()
+            release.wait(30)
+        set_catalogue(self, *args)
+
+    monkeypatch.setattr(RetrievalIndex, "_set_catalogue", holding)
+    writer = threading.Thread(target=index.index, args=(candidates, identifiers))
+    writer.start()
+    assert held.wait(30), "index() never reached its write"
+    try:
+        yield
+    finally:
+        release.set()
+        writer.join(30)
+
+
+def _two_catalogues():
+    """(candidates, queries, ids) of a first catalogue and a smaller second one, ids distinct."""
+    first, queries, first_ids, _ = _data(num=100)
+    second, _, second_ids, _ = _data(seed=4, num=60)
+    return (first, first_ids), (second, second_ids + 5000), queries
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_eager_query_during_a_reindex_answers_from_one_catalogue(kind, monkeypatch):
+    """index() stored the kind's state, then the identifiers: a query in between answered the new
+    catalogue's scores under the old one's identifiers. It now waits for the write to end."""
+    (first, first_ids), (second, second_ids), queries = _two_catalogues()
+    index = _exact_index(kind).index(first, first_ids)
+    answers = []
+    with _reindex_held_mid_write(monkeypatch, index, second, second_ids):
+        query = threading.Thread(target=lambda: answers.append(index(queries, k=5)))
+        query.start()
+        query.join(0.5)  # it answered here, from mixed state; now it waits for the write
+    query.join(30)
+    assert len(answers) == 1, "the query failed"
+    _assert_matches_oracle(*answers[0], queries, second, second_ids, 5)
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "partitioned"])
+def test_a_traced_query_overlapping_a_reindex_fails_saying_so_and_later_ones_answer(kind, monkeypatch):
+    """A function traced before a re-index answered mixed state while index() wrote, silently
+    wrong; it now fails, saying to run the query again, and answers once the write has ended."""
+    (first, first_ids), (second, second_ids), queries = _two_catalogues()
+    index = _exact_index(kind).index(first, first_ids)
+    search = tf.function(lambda q: index(q, k=5))
+    _assert_matches_oracle(*search(queries), queries, first, first_ids, 5)
+    with _reindex_held_mid_write(monkeypatch, index, second, second_ids):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"index\(\) rewrote the index while this query read it; run the query again"):
+            search(queries)
+    _assert_matches_oracle(*search(queries), queries, second, second_ids, 5)
+    assert search.experimental_get_tracing_count() == 1
+
+
+def test_the_write_counter_is_no_weight_and_indexes_still_copy():
+    """The counter the traced check reads is no Keras weight (.h5 files go by position), and the
+    lock held by writes and eager calls does not stop deepcopy or pickle."""
+    (first, first_ids), _, queries = _two_catalogues()
+    index = BruteForceIndex(k_max=K_MAX).index(first, first_ids)
+    tf.function(lambda q: index(q, k=5))(queries)
+    assert [weight.name.split("/")[-1].split(":")[0] for weight in index.weights] == ["candidates", "identifiers"]
+    for copied in (copy.deepcopy(index), pickle.loads(pickle.dumps(index))):
+        _assert_matches_oracle(*copied(queries, k=5), queries, first, first_ids, 5)
 
 
 # ---------------------------------------------------------------- interface details

@@ -1,11 +1,13 @@
 """SoftSearchIndex: merged interest searches against a NumPy oracle, K = 1 is hard search, no
 duplicates, exclusion, bad input, config round trip and SavedModel reload."""
 
+import threading
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfx_xmatch.index import BruteForceIndex, PartitionedIndex, SoftSearchIndex, make_index
+from tfx_xmatch.index import BruteForceIndex, PartitionedIndex, RetrievalIndex, SoftSearchIndex, make_index
 
 N, D = 60, 8
 
@@ -182,6 +184,47 @@ def test_a_traced_search_may_leave_the_interests_and_the_width_unknown(data):
         if shape[2] is None:
             with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[3,4,7\] is not compatible"):
                 search(np.zeros((3, 4, 7), np.float32))
+
+
+def test_a_query_during_a_same_size_refresh_is_not_refused_for_its_width(data, monkeypatch):
+    """index() stored the item width as the index's query width, then reset it: a query between the
+    two failed ("queries have 36 columns but the indexed candidates have 8"). The width it checks
+    now never changes, and the query waits for the write to end."""
+    items, queries, log_weights = data
+    index = SoftSearchIndex(BruteForceIndex(k_max=10), num_interests=4, k_max=10).index(items)
+    refreshed = items[::-1].copy()
+    held, release = threading.Event(), threading.Event()
+    set_catalogue = RetrievalIndex._set_catalogue
+
+    def holding(self, *args):  # the seam: hold index() just after it stored the catalogue
+        set_catalogue(self, *args)
+        if self is index and not held.is_set():
+            held.set()
+            release.wait(30)
+
+    monkeypatch.setattr(RetrievalIndex, "_set_catalogue", holding)
+    writer = threading.Thread(target=index.index, args=(refreshed,))
+    writer.start()
+    assert held.wait(30)
+    answers, errors = [], []
+
+    def query():
+        try:
+            answers.append(index(queries, k=5, log_weights=log_weights))
+        except Exception as error:  # noqa: BLE001 -- reported below
+            errors.append(error)
+
+    querying = threading.Thread(target=query)
+    querying.start()
+    querying.join(0.5)  # it failed here; now it waits for the write
+    release.set()
+    writer.join(30)
+    querying.join(30)
+    assert not errors, errors
+    expected = oracle(refreshed, queries, log_weights, 5, 10, np.arange(N))
+    for (want_ids, want_scores), got_scores, got_ids in zip(expected, *[t.numpy() for t in answers[0]]):
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
 def test_config_round_trip():

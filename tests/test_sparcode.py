@@ -1,6 +1,8 @@
 """SparCode and its interaction layer: NumPy oracles, straight-through training, the inverted index
 against brute force, config round trips, save/reload and export."""
 
+import threading
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -111,6 +113,29 @@ def test_training_shows_losses_and_codebook_usage(trained):
     assert results["quantizer_commitment_loss"] > 0 and results["sparsity_loss"] > 0
     assert logs["regularization_loss"][-1] == pytest.approx(logs["quantizer_commitment_loss"][-1], rel=1e-5)
     assert logs["quantizer_commitment_loss"][-1] > 0 and logs["sparsity_loss"][-1] > 0
+
+
+def test_a_model_serves_another_thread_while_a_training_step_is_being_traced(trained):
+    """The step's row weight, a tensor of the traced step, was kept on the model: user_embedding
+    called from another thread meanwhile (an in-process server answering from the model in
+    training) read it and failed ("Tensor ... is out of scope")."""
+    model, _ = trained
+    history = {"history": np.array([[0, 0, 1, 2, 3, 4, 5, 6]], np.int32)}
+    expected = model.user_embedding(history).numpy()
+    served = []
+
+    @tf.function
+    def step():
+        with model._weighing_logs_by(tf.constant(4)):  # what train_step holds while tracing
+            server = threading.Thread(target=lambda: served.append(model.user_embedding(history).numpy()))
+            server.start()
+            server.join()
+            assert model.step_has_rows() is not None  # the tracing thread still sees its step
+        return tf.constant(0)
+
+    step()
+    assert len(served) == 1, "the serving thread failed"
+    np.testing.assert_allclose(served[0], expected, rtol=1e-6)
 
 
 def _code_path_gradients(model, batch):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+from typing import Callable, Tuple
 
 import tensorflow as tf
 
@@ -31,8 +32,8 @@ class BruteForceIndex(RetrievalIndex):
         super().__init__(k_max=k_max, **kwargs)
         self.candidates = None
 
-    def _index(self, candidates: tf.Tensor) -> None:
-        self.candidates = self._assign_state("candidates", candidates)
+    def _index(self, candidates: tf.Tensor) -> Callable[[], None]:
+        return functools.partial(self._assign_states, {"candidates": candidates})
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         scores = tf.matmul(queries, self.candidates, transpose_b=True)

@@ -14,7 +14,8 @@ range holds list entries instead, and ``listed_rows`` maps each entry to its can
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -148,7 +149,7 @@ class PartitionedIndex(RetrievalIndex):
         self.coarse_scales = None
         self.listed_rows = None
 
-    def _index(self, candidates: tf.Tensor) -> None:
+    def _index(self, candidates: tf.Tensor) -> Callable[[], None]:
         embeddings = candidates.numpy()
         centroids = kmeans(
             embeddings,
@@ -173,7 +174,8 @@ class PartitionedIndex(RetrievalIndex):
         assignment = renumber[assignment]
         centroids = centroids[kept].astype(np.float32)
         item_order = np.argsort(assignment, kind="stable")
-        self.centroids = self._assign_state("centroids", centroids)
+        # In the order of the Keras weights (that of first creation), which .h5 files follow.
+        state = {"centroids": centroids}
         parent_offsets = None
         if parent_centroids is not None:
             # Sub-partitions stay numbered parent by parent, so each parent owns a contiguous
@@ -181,11 +183,10 @@ class PartitionedIndex(RetrievalIndex):
             parents, per_parent = np.unique(parent_of[kept], return_counts=True)
             parent_centroids = parent_centroids[parents]
             parent_offsets = np.concatenate([[0], np.cumsum(per_parent)]).astype(np.int64)
-            self.parent_centroids = self._assign_state("parent_centroids", parent_centroids)
-            self.parent_offsets = self._assign_state("parent_offsets", parent_offsets)
-        self.item_order = self._assign_state("item_order", item_order.astype(np.int32))
+            state.update(parent_centroids=parent_centroids, parent_offsets=parent_offsets)
+        state["item_order"] = item_order.astype(np.int32)
         ordered = embeddings[item_order]
-        self.candidates = self._assign_state("candidates", ordered)
+        state["candidates"] = ordered
         # Partition lists: the candidate rows of every partition, in partition order.
         listed_partitions, listed_rows = assignment[item_order], np.arange(len(ordered))
         if self.soar_lambda is not None:
@@ -199,23 +200,20 @@ class PartitionedIndex(RetrievalIndex):
             listed = np.argsort(listed_partitions, kind="stable")
             listed_partitions = listed_partitions[listed]
             listed_rows = np.concatenate([listed_rows, row_of[spilled]])[listed]
-            self.listed_rows = self._assign_state("listed_rows", listed_rows.astype(np.int32))
+            state["listed_rows"] = listed_rows.astype(np.int32)
         counts = np.bincount(listed_partitions, minlength=len(centroids))
-        self.partition_offsets = self._assign_state(
-            "partition_offsets", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        state["partition_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
         def in_list_order(compact):
             # The compact copy is made once per row, then repeated for the spilled entries.
             return compact if self.soar_lambda is None else tf.gather(compact, listed_rows)
 
         if self.scoring_dtype == "bfloat16":
-            self.coarse_candidates = self._assign_state(
-                "coarse_candidates", in_list_order(tf.cast(self.candidates, tf.bfloat16))
-            )
+            state["coarse_candidates"] = in_list_order(tf.cast(ordered, tf.bfloat16))
         elif self.scoring_dtype == "int8":
             codes, scales = int8_codes(ordered)
-            self.coarse_candidates = self._assign_state("coarse_candidates", in_list_order(codes))
-            self.coarse_scales = self._assign_state("coarse_scales", scales)
+            state.update(coarse_candidates=in_list_order(codes), coarse_scales=scales)
+        return functools.partial(self._assign_states, state)
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         def search(one_query: bool):

@@ -17,13 +17,18 @@ dimensions: a SavedModel carries the index, and re-indexing with another catalog
 new values to the same variables, so functions traced before still answer from the new index
 (ScaNN's searcher excepted: such a function fails, saying to trace it again). A ``.keras`` file
 carries the index too, by name (``save_own_variables``).
+
+Threads: querying while another thread re-indexes is safe, and every answer comes wholly from
+one catalogue (see ``RetrievalIndex``).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
-from typing import Optional, Sequence, Tuple, Union
+import threading
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -42,9 +47,27 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
     """Abstract top-k dot-product index over candidate embeddings.
 
     Subclasses implement ``_index(candidates)`` (build their state from a float32 [N, d]
-    tensor), ``_top_k(queries, k)`` (best-first scores and row positions, at most k per row,
-    position -1 marking an empty slot) and ``is_exact()``. Identifiers, ``k`` checks, exclusion
-    and padding are handled here so that every kind behaves the same.
+    tensor, and return the function that stores it), ``_top_k(queries, k)`` (best-first scores
+    and row positions, at most k per row, position -1 marking an empty slot) and
+    ``is_exact()``. Identifiers, ``k`` checks, exclusion and padding are handled here so that
+    every kind behaves the same.
+
+    Threads. Queries may run while another thread calls ``index()`` (a live catalogue refresh);
+    each answer comes wholly from the old catalogue or wholly from the new one. ``index()``
+    builds the new state first (k-means, ScaNN's training) while queries go on, then stores it
+    in one short write:
+
+    * Eager calls (and tracing) hold a per-index lock, which the write holds too: they wait for
+      it, and eager calls of one index from several threads run one at a time.
+    * Traced functions (``tf.function``, ``model.predict``, a SavedModel) read a write counter
+      before and after the state (a seqlock: odd while a write is under way). A call that
+      overlapped a write fails with ``tf.errors.InvalidArgumentError``: run it again. Mostly
+      the check's error, saying the index was rewritten while the query read it; sometimes an
+      op the half-read state broke first (a gather index out of range), which fails before the
+      check runs. Under XLA (``jit_compile``), which drops assertions, the check is not made.
+      A ScaNN function traced before a re-index fails always (see ``ScaNNIndex``).
+    * Two ``index()`` calls on one index store one after the other; the last one wins.
+    * Not guarded: Keras' ``set_weights`` / ``load_weights`` while queries run.
 
     Args:
       k_max: Largest k a call may ask for (int >= 1, default 100). Approximate kinds size their
@@ -83,6 +106,11 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         self.k = int(k)
         self.padding_identifier = _plain_identifier(padding_identifier, "padding_identifier")
         self.exclude_padding = _plain_identifier(exclude_padding, "exclude_padding")
+        # Held by writes of the state and by eager calls (see the class docstring, Threads).
+        # object.__setattr__: Keras' tracking would keep a reference that copies meet, and a
+        # lock cannot be copied (__getstate__ leaves it out).
+        object.__setattr__(self, "_state_lock", threading.RLock())
+        self._writes = _WriteCounter()
         # Set by index(); None means "not indexed yet".
         self._awaiting_catalogue = False
         self.identifiers: Optional[tf.Variable] = None
@@ -116,16 +144,36 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         candidates = self._checked_candidates(candidates)
         num_candidates, dimension = int(candidates.shape[0]), int(candidates.shape[1])
         identifiers = self._checked_identifiers(identifiers, num_candidates)
-        self._index(candidates)
-        self._set_catalogue(identifiers, num_candidates, dimension)
+        store = self._index(candidates)
+        with self._writing():
+            store()
+            self._set_catalogue(identifiers, num_candidates, dimension)
         return self
 
-    def _index_positions(self, candidates: tf.Tensor) -> None:
-        """Indexes checked candidates under their positions 0..N-1, for a composite index that
-        maps positions to its own identifiers (the base's padding values are never returned)."""
-        self._index(candidates)
+    def _index_positions(self, candidates: tf.Tensor) -> Callable[[], None]:
+        """Builds this index over checked candidates under their positions 0..N-1, for a
+        composite index that maps positions to its own identifiers (the base's padding values
+        are never returned); returns the function that stores it (the composite's ``_index``)."""
+        store = self._index(candidates)
         num_candidates, dimension = int(candidates.shape[0]), int(candidates.shape[1])
-        self._set_catalogue(tf.range(num_candidates, dtype=tf.int64), num_candidates, dimension)
+
+        def store_positions() -> None:
+            with self._writing():  # the base may be queried on its own too
+                store()
+                self._set_catalogue(tf.range(num_candidates, dtype=tf.int64), num_candidates, dimension)
+
+        return store_positions
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The scope of a write of the index state: eager calls wait for it (the lock), and
+        traced ones that read the state meanwhile fail (the write counter is odd during it)."""
+        with self._state_lock:
+            self._writes.count.assign_add(1)
+            try:
+                yield
+            finally:
+                self._writes.count.assign_add(1)
 
     def index_from_dataset(self, dataset: tf.data.Dataset) -> "RetrievalIndex":
         """Builds the index from a dataset, like TFRS' ``TopK.index_from_dataset``.
@@ -180,9 +228,50 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             instead (``tf.errors.InvalidArgumentError``), whose message names the value.
           TypeError: If dtypes are wrong (float queries, integer k, exclude of the index's
             identifier dtype).
-          tf.errors.InvalidArgumentError: A query row is not finite (NaN or inf), naming it;
-            not checked under XLA (``jit_compile``), which drops assertions.
+          tf.errors.InvalidArgumentError: A query row is not finite (NaN or inf), naming it; or,
+            in a traced function, ``index()`` rewrote the index while this call read it (run it
+            again; see Threads in the class docstring). Neither is checked under XLA
+            (``jit_compile``), which drops assertions.
         """
+        with self._state_lock:  # eagerly, the whole search; when tracing, the Python state read
+            if tf.executing_eagerly():
+                return self._search(queries, k, exclude)
+            return self._search_between_writes(lambda: self._search(queries, k, exclude))
+
+    def _search_between_writes(
+        self, search: Callable[[], Tuple[tf.Tensor, tf.Tensor]]
+    ) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Runs a traced ``search`` between two reads of the write counter (a seqlock), failing
+        if a write of the state overlapped it (the counter was odd, or changed).
+
+        The first read comes before every state read (a control dependency), the second after
+        the results, so an answer that passed the check read one catalogue only. Costs two
+        scalar reads and an assertion per call; the lock is no use here, as a traced function
+        runs without Python.
+        """
+        before = self._writes.count.read_value()
+        with tf.control_dependencies([before]):
+            scores, identifiers = search()
+        with tf.control_dependencies([scores, identifiers]):
+            after = self._writes.count.read_value()
+        with tf.control_dependencies([self._writes_check(before, after)]):
+            return tf.identity(scores), tf.identity(identifiers)
+
+    def _writes_check(self, before: tf.Tensor, after: tf.Tensor) -> tf.Operation:
+        """The assertion that no write of the state overlapped a traced search: the counter,
+        even (no write under way) before it, is unchanged after it."""
+        unchanged = tf.logical_and(tf.equal(before % 2, 0), tf.equal(before, after))
+        return tf.debugging.Assert(unchanged, [
+            f"{type(self).__name__}.index() rewrote the index while this query read it; run the query "
+            "again (write counter before and after the query:", before, after, ")"])
+
+    def _search(
+        self,
+        queries: tf.Tensor,
+        k: Optional[Union[int, tf.Tensor]] = None,
+        exclude: Optional[tf.Tensor] = None,
+    ) -> Tuple[tf.Tensor, tf.Tensor]:
+        """``call``'s search, unguarded."""
         self._raise_unless_indexed()
         queries = tf.convert_to_tensor(queries)
         if not queries.dtype.is_floating:
@@ -277,8 +366,13 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
 
     # ------------------------------------------------------------------ subclass hooks
     @abc.abstractmethod
-    def _index(self, candidates: tf.Tensor) -> None:
-        """Builds the kind's state from float32 [N, d] candidates (eagerly)."""
+    def _index(self, candidates: tf.Tensor) -> Callable[[], None]:
+        """Builds the kind's state from float32 [N, d] candidates (eagerly), leaving the index
+        as it is, and returns the function that stores it.
+
+        ``index()`` runs that function in a short write that no query overlaps, so the slow part
+        (k-means, ScaNN's training) goes here and queries answer from the old state meanwhile.
+        """
 
     @abc.abstractmethod
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -390,7 +484,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         """``exclude_padding``, defaulting to ``padding_identifier`` as documented."""
         return self.padding_identifier if self.exclude_padding is None else self.exclude_padding
 
-    def _set_catalogue(self, identifiers: tf.Tensor, num_candidates: int, dimension: int) -> None:
+    def _set_catalogue(self, identifiers: tf.Tensor, num_candidates: int, dimension: Optional[int]) -> None:
         """Stores checked identifiers and the catalogue shape once the kind's state is built."""
         self.identifiers = self._assign_state("identifiers", identifiers)
         self.num_candidates = num_candidates
@@ -418,6 +512,12 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
                              f"{' with [n] identifiers' if is_pair else ''}, got elements of shape "
                              f"{embedding_spec.shape}; call .batch(...) on it first")
         return is_pair
+
+    def _assign_states(self, state: dict) -> None:
+        """Stores each {name: value} of ``state`` with ``_assign_state``, in that order (the order
+        of first creation is the order of the Keras weights)."""
+        for name, value in state.items():
+            self._assign_state(name, value)
 
     def _assign_state(self, name: str, value: TensorLike) -> tf.Variable:
         """Stores ``value`` in the non-trainable variable attribute ``name``.
@@ -604,6 +704,16 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         """Python attributes that ``index()`` sets beside the variables (JSON values)."""
         return ("num_candidates", "dimension")
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle, as Keras does for its own lock: a lock cannot be copied.
+        state = super().__getstate__()
+        state.pop("_state_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_state_lock"] = threading.RLock()
+        super().__setstate__(state)
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
@@ -616,6 +726,26 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             config["state"] = {name: [variable.dtype.name, variable.shape.rank]
                                for name, variable in self._state_variables().items()}
         return config
+
+
+class _WriteCounter(tf.Module):
+    """The number of writes of an index's state begun and ended: odd while one is under way.
+
+    A module of the index, so SavedModels carry it (their functions read it), but not a Keras
+    weight: get_weights, set_weights and .h5 weight files go by position, and one weight more
+    would make files written before fail to load.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.count = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="write_count")
+
+    # Keras lists the variables of a layer's modules among its weights.
+    @property
+    def variables(self) -> tuple:
+        return ()
+
+    trainable_variables = non_trainable_variables = variables
 
 
 def _plain_identifier(value, name: str) -> Optional[Identifier]:

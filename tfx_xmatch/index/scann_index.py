@@ -9,7 +9,7 @@ Use ``PartitionedIndex`` for a portable approximate index.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -43,7 +43,7 @@ class ScaNNIndex(RetrievalIndex):
     * Re-indexing builds a new searcher: functions traced before ``index()`` must be traced
       again (TFRS replaces the searcher's variables), unlike the stock-op kinds; such a function
       fails with an error saying so (it answered the old searcher's positions under the new
-      identifiers).
+      identifiers). Eager calls answer from the new searcher.
     * The searcher is an op resource: a ``.keras`` file cannot hold it (saving one is refused);
       the TF SavedModel format does.
 
@@ -100,7 +100,7 @@ class ScaNNIndex(RetrievalIndex):
         self.parallelize_batch_searches = arguments.boolean("parallelize_batch_searches", parallelize_batch_searches)
         self.scann = None
 
-    def _index(self, candidates: tf.Tensor) -> None:
+    def _index(self, candidates: tf.Tensor) -> Callable[[], None]:
         num_candidates = int(candidates.shape[0])
         if num_candidates < _MIN_CANDIDATES:
             # ScaNN's own error ("Number of clusters per block (16) is greater than asymmetric
@@ -112,7 +112,7 @@ class ScaNNIndex(RetrievalIndex):
             )
         # The TFRS layer fixes its tree size at construction, and ScaNN rejects more leaves
         # than points, so the layer is made here, once the catalogue size is known.
-        self.scann = tfrs.layers.factorized_top_k.ScaNN(
+        searcher = tfrs.layers.factorized_top_k.ScaNN(
             k=self.k_max,
             distance_measure="dot_product",
             num_leaves=min(self.num_leaves, num_candidates),
@@ -125,17 +125,23 @@ class ScaNNIndex(RetrievalIndex):
         )
         # No identifiers: ScaNN returns row positions and the base class maps them, so every
         # kind handles identifiers, exclusion and padding the same way.
-        self.scann.index(candidates)
-        # A function traced before holds the old searcher but reads the new identifiers: it
-        # would answer old positions under new ids, so it is made to fail instead.
-        self._searcher_generation = getattr(self, "_searcher_generation", 0) + 1
-        self._assign_state("searcher_generation", tf.constant(self._searcher_generation, tf.int64))
+        searcher.index(candidates)
+
+        def store() -> None:
+            self.scann = searcher
+
+        return store
 
     def _top_k(self, queries: tf.Tensor, k: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-        traced_with = getattr(self, "_searcher_generation", None)  # None: revived by Keras' loader
-        if traced_with is not None:
+        if not tf.executing_eagerly():
+            # A traced function holds the searcher of its trace but reads the current identifiers:
+            # after a re-index it would answer old positions under new ids, so it fails instead,
+            # before searching. The index's write counter must be what it was at trace time
+            # (read then; call holds the index's lock, so no write is under way).
+            with tf.init_scope():
+                traced_with = int(self._writes.count.numpy())
             check = tf.debugging.assert_equal(
-                self.searcher_generation, tf.constant(traced_with, tf.int64),
+                self._writes.count, tf.constant(traced_with, tf.int64),
                 message="ScaNNIndex.index() was called again after this function was traced: its ScaNN "
                         "searcher is the old one; trace the function again")
             with tf.control_dependencies([check]):

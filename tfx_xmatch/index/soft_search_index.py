@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -63,16 +63,15 @@ class SoftSearchIndex(RetrievalIndex):
         self.base = base
         self.item_dimension: Optional[int] = None
 
-    def index(self, candidates, identifiers=None) -> "SoftSearchIndex":
-        """Builds the base index over ``candidates`` (see ``RetrievalIndex.index``)."""
-        super().index(candidates, identifiers)
-        # Queries reach the base class packed as [B, K * (d + 1)], so its width check is ours.
-        self.item_dimension, self.dimension = self.dimension, None
-        return self
-
-    def _index(self, candidates: tf.Tensor) -> None:
+    def _index(self, candidates: tf.Tensor) -> Callable[[], None]:
         # The base answers positions 0..N-1; this index maps them to its own identifiers.
-        self.base._index_positions(candidates)
+        return self.base._index_positions(candidates)
+
+    def _set_catalogue(self, identifiers: tf.Tensor, num_candidates: int, dimension: int) -> None:
+        # Queries reach the base class packed as [B, K * (d + 1)], so its width check is ours.
+        # Set in the same write: a query between two writes failed on the item width.
+        super()._set_catalogue(identifiers, num_candidates, None)
+        self.item_dimension = dimension
 
     def _saved_attributes(self) -> tuple:
         return (*super()._saved_attributes(), "item_dimension")
@@ -126,7 +125,13 @@ class SoftSearchIndex(RetrievalIndex):
           ValueError: If not indexed, or queries are not [B, K, d] with the candidates' d, or
             ``log_weights`` is not [B, K].
           TypeError: If the queries are not floats.
+          tf.errors.InvalidArgumentError: As in ``RetrievalIndex.call``.
         """
+        with self._state_lock:  # the item width read here is the searched catalogue's
+            return super().call(self._packed(queries, log_weights), k=k, exclude=exclude)
+
+    def _packed(self, queries: tf.Tensor, log_weights: Optional[tf.Tensor]) -> tf.Tensor:
+        """Checked queries and log weights as the base class searches them: [B, K * d + K]."""
         self._raise_unless_indexed()
         queries = tf.convert_to_tensor(queries)
         if not queries.dtype.is_floating:
@@ -154,8 +159,7 @@ class SoftSearchIndex(RetrievalIndex):
         log_weights = tf.cast(tf.convert_to_tensor(log_weights), tf.float32)
         if log_weights.shape.rank != 2 or log_weights.shape[1] != num_interests:
             raise ValueError(f"log_weights must be [B, {num_interests}], got shape {log_weights.shape}")
-        packed = tf.concat([tf.reshape(queries, [batch, num_interests * width]), log_weights], axis=1)
-        return super().call(packed, k=k, exclude=exclude)
+        return tf.concat([tf.reshape(queries, [batch, num_interests * width]), log_weights], axis=1)
 
     def _finiteness_check(self, packed: tf.Tensor) -> tf.Operation:
         """The interest vectors must be finite; a log weight may be -inf (an interest of

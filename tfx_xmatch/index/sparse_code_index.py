@@ -21,10 +21,11 @@ so the kept set does not depend on how the candidates were chunked or batched.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from fractions import Fraction
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -107,12 +108,12 @@ class SparseCodeIndex(RetrievalIndex):
         self.peak_buffered_entries: Optional[int] = None
 
     # ------------------------------------------------------------------ building
-    def _index(self, candidates: tf.Tensor) -> None:
+    def _index(self, candidates: tf.Tensor) -> Callable[[], None]:
         table = candidates.numpy()
         builder = self._builder(*table.shape)
         for start in range(0, len(table), self.build_batch_size):
             builder.add(table[start : start + self.build_batch_size])
-        self._store(builder)
+        return functools.partial(self._store, builder.finish(), builder)
 
     def index_from_dataset(
         self, dataset: tf.data.Dataset, num_candidates: Optional[int] = None
@@ -179,8 +180,10 @@ class SparseCodeIndex(RetrievalIndex):
                 f"num_candidates is {num_candidates} but the dataset holds {seen} rows"
             )
         identifiers = self._checked_identifiers(tf.concat(id_batches, 0) if is_pair else None, seen)
-        self._store(builder)
-        self._set_catalogue(identifiers, seen, dimension)
+        postings = builder.finish()
+        with self._writing():
+            self._store(postings, builder)
+            self._set_catalogue(identifiers, seen, dimension)
         return self
 
     def _builder(self, num_candidates: int, num_codes: int) -> "_PostingBuilder":
@@ -237,19 +240,18 @@ class SparseCodeIndex(RetrievalIndex):
             raise ValueError(f"items must be row positions in [0, {num_candidates}), got values in "
                              f"[{items.min()}, {items.max()}]")
         identifiers = self._checked_identifiers(identifiers, int(num_candidates))
-        self.posting_items = self._assign_state("posting_items", items.astype(np.int32))
-        self.posting_scores = self._assign_state("posting_scores", scores)
-        self.posting_splits = self._assign_state("posting_splits", splits.astype(np.int64))
-        self.num_positive_entries, self.num_postings = num_positive_entries, len(items)
-        self.peak_buffered_entries = None
-        self._set_catalogue(identifiers, int(num_candidates), len(splits) - 1)
+        with self._writing():
+            self._assign_states({"posting_items": items.astype(np.int32), "posting_scores": scores,
+                                 "posting_splits": splits.astype(np.int64)})
+            self.num_positive_entries, self.num_postings = num_positive_entries, len(items)
+            self.peak_buffered_entries = None
+            self._set_catalogue(identifiers, int(num_candidates), len(splits) - 1)
         return self
 
-    def _store(self, builder: "_PostingBuilder") -> None:
-        items, scores, splits = builder.finish()
-        self.posting_items = self._assign_state("posting_items", items)
-        self.posting_scores = self._assign_state("posting_scores", scores)
-        self.posting_splits = self._assign_state("posting_splits", splits)
+    def _store(self, postings: Tuple[np.ndarray, np.ndarray, np.ndarray], builder: "_PostingBuilder") -> None:
+        """Stores finished posting lists (items, scores, splits) and the build statistics."""
+        items, scores, splits = postings
+        self._assign_states({"posting_items": items, "posting_scores": scores, "posting_splits": splits})
         self.num_positive_entries, self.num_postings = builder.positives, len(items)
         self.peak_buffered_entries = builder.peak
 

@@ -4,6 +4,7 @@ tf.distribute, and the hyperparameters and item-side layers all models share."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional
 
 import numpy as np
@@ -61,6 +62,11 @@ class RetrievalModel(tfrs.models.Model):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        # The step's row weight (see _weighing_logs_by) is a tensor of the graph being traced, so
+        # it is kept per thread: a call from another thread during fit (an in-process server
+        # answering from the model in training) read it and failed ("Tensor ... is out of scope").
+        # object.__setattr__: not state Keras should track or save.
+        object.__setattr__(self, "_traced_step", threading.local())
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
         self.regularization_loss_tracker = tf.keras.metrics.Mean(name="regularization_loss")
         self.total_loss_tracker = tf.keras.metrics.Mean(name="total_loss")
@@ -153,26 +159,29 @@ class RetrievalModel(tfrs.models.Model):
     @contextlib.contextmanager
     def _weighing_logs_by(self, rows: tf.Tensor):
         """Within the step, ``track`` weighs what the models log by the step's rows."""
-        # object.__setattr__: a tensor of this trace, not state Keras should track or save.
-        object.__setattr__(self, "_log_weight", tf.cast(rows, tf.float32))
+        self._traced_step.log_weight = tf.cast(rows, tf.float32)
         try:
             yield
         finally:
-            object.__setattr__(self, "_log_weight", None)
+            self._traced_step.log_weight = None
+
+    def _step_log_weight(self) -> Optional[tf.Tensor]:
+        """The row weight of the step this thread is tracing, None outside one."""
+        return getattr(self._traced_step, "log_weight", None)
 
     def step_has_rows(self) -> Optional[tf.Tensor]:
         """Within ``fit`` / ``evaluate``: a scalar bool, False when this replica scores only the
         placeholder row of an empty batch. The models hand it to their quantizers as
         ``vector_mask``, so the placeholder moves no codebook and no usage metric. None outside a
-        step."""
-        weight = getattr(self, "_log_weight", None)
+        step, and in every thread but the one tracing the step."""
+        weight = self._step_log_weight()
         return None if weight is None else weight > 0
 
     def track(self, tracker: tf.keras.metrics.Metric, value: tf.Tensor) -> None:
         """Logs ``value`` (a loss term, a rate) in ``tracker``, weighed like ``loss``: by the
         step's rows inside ``fit`` / ``evaluate`` (a placeholder row for an empty replica weighs
         nothing), by 1 when ``compute_loss`` is called on its own."""
-        weight = getattr(self, "_log_weight", None)
+        weight = self._step_log_weight()
         if weight is None:
             tracker.update_state(value)
         else:
