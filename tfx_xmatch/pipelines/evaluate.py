@@ -294,8 +294,9 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
         check_output_location(output_path, "--output", directory=False)
     pattern = shard_pattern(prepared_dir, split, "*")
     if not tf.io.gfile.glob(pattern):
-        raise FileNotFoundError(f"no {split} TFRecords in {prepared_dir!r} (expected "
-                                f"{os.path.join(prepared_dir, os.path.basename(pattern))}); run the prepare pipeline first")
+        expected = os.path.join(prepared_dir, os.path.basename(pattern))  # as given, not escaped
+        raise FileNotFoundError(f"no {split} TFRecords in {prepared_dir!r} (expected {expected}); "
+                                "run the prepare pipeline first")
     if not tf.io.gfile.exists(os.path.join(prepared_dir, "statistics.json")):
         raise FileNotFoundError(f"{prepared_dir!r} has no statistics.json, the mark of a finished preparation "
                                 "(interrupted, or still running?); run the prepare pipeline again")
