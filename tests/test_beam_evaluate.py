@@ -215,3 +215,26 @@ def test_merge_equals_one_evaluator_and_checks_settings():
         whole.update_from_top_k(top[:, :5], targets)
     with pytest.raises(ValueError, match=r"got 31 at row 0, column 0"):
         whole.update_from_top_k(np.full((1, 10), 31), targets[:1])
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(model, setup, tmp_path, capsys):
+    """`--output <a directory>` failed after the whole evaluation, naming a temporary
+    ('...partial-<hex>'; Is a directory) in a traceback."""
+    from tfx_xmatch.pipelines import cli as pipeline_cli
+
+    export_dir, prepared = setup
+    assert pipeline_cli.main(["evaluate", "--export-dir", str(export_dir), "--prepared-dir", str(prepared),
+                              "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"xmatch pipeline evaluate: error: --output '{tmp_path}' is a directory; give a file path")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_prepared_directory_with_glob_characters_in_its_name_is_read(model, setup, tmp_path):
+    """`exp[1]/` was written, then its records were looked for with the pattern 'exp[1]/test-*',
+    which matches 'exp1/...' and not 'exp[1]/...'."""
+    export_dir, prepared = setup
+    named = tmp_path / "exp[1]"
+    shutil.copytree(prepared, named, ignore=shutil.ignore_patterns("export"))
+    metrics = evaluate.run_evaluate(str(export_dir), str(named), ks=KS, batch_size=4)
+    assert_metrics_equal(metrics, in_process(model, prepared))

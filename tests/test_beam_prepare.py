@@ -391,3 +391,38 @@ def test_a_failed_write_leaves_no_temporary_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         prepare._write_shard((("train", 0), [(0, [0, 1], 2)]), str(tmp_path), 1)
     assert [path for path in tmp_path.rglob("*") if path.is_file()] == []  # was one .tmp-<uuid> per attempt
+
+
+def test_an_output_directory_another_process_is_writing_is_refused(pairs_file, tmp_path):
+    """Two runs into one output directory both exited 0 and left a "finished" mix: one's records
+    and statistics with the other's item vocabulary."""
+    from tfx_xmatch.training import CLAIM_FILE, DirectoryBeingWritten, claimed_directory
+
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = PrepareSpec(inputs=(str(pairs_file),), format="pairs", output_dir=str(out))
+    with claimed_directory(out, "output directory"):
+        with pytest.raises(DirectoryBeingWritten, match=rf"output directory '{out}' is being written by another "
+                                                        r"process \(pid \d+\)"):
+            run_prepare(spec)
+        assert os.listdir(out) == [CLAIM_FILE]
+    run_prepare(spec)
+    assert CLAIM_FILE not in os.listdir(out) and "statistics.json" in os.listdir(out)
+
+
+def test_inputs_that_would_read_the_outputs_are_refused(pairs_file, tmp_path):
+    """`--input 'D/*' --output-dir D` read its own records, vocabulary and statistics as
+    interactions on a re-run (thousands of malformed lines, other counts), exit 0."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "events.txt").write_bytes(pairs_file.read_bytes())
+    for inputs, message in [
+        ((str(folder / "*"),), rf"input '{folder}/\*' would also read the outputs written into the output "
+                               rf"directory '{folder}' \(statistics.json, ...\)"),
+        ((str(tmp_path / "*" / "*"),), r"would also read the outputs .* \(statistics.json, ...\)"),
+        ((str(folder / "events.txt"),), rf"input '{folder}/events.txt' lies inside the output directory '{folder}'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run_prepare(PrepareSpec(inputs=inputs, format="pairs", output_dir=str(folder)))
+    assert os.listdir(folder) == ["events.txt"]
+    run_prepare(PrepareSpec(inputs=(str(folder / "*.txt"),), format="pairs", output_dir=str(tmp_path / "out")))

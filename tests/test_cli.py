@@ -480,3 +480,43 @@ def test_a_warm_start_says_what_it_carried_over_at_the_default_log_level(tmp_pat
     assert main(["train", "--run-dir", str(tmp_path / "warm"), *overrides,
                  "--set", f"train.warm_start={tmp_path / 'source'}"]) == 0
     assert f"warm start from {tmp_path / 'source' / 'model'}" in caplog.text
+
+
+def test_file_system_errors_are_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    """A read-only, immutable or full output location ended `evaluate --output`, `train` and
+    `export` with a traceback, the full disk's naming no path; `pipeline` stages had no
+    NotADirectoryError, IsADirectoryError nor FileExistsError among their handled errors."""
+    import errno
+
+    from tfx_xmatch import io_utils
+    from tfx_xmatch.pipelines import cli as pipeline_cli
+    from tfx_xmatch.pipelines import prepare
+
+    run_dir = tmp_path / "run"
+    overrides = [arg for override in (*TINY, "train.epochs=1") for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(run_dir), *overrides]) == 0
+    capsys.readouterr()
+
+    def full(path, value):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io_utils, "write_json_atomic", full)
+    output = tmp_path / "m.json"
+    _refused(capsys, rf"error: No space left on device \(writing {output}\) \(--log-level",
+             ["evaluate", "--run-dir", str(run_dir), "--output", str(output)])
+
+    def read_only(argv):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/out/.statistics.json.tmp")
+
+    monkeypatch.setattr(prepare, "main", read_only)
+    assert pipeline_cli.main(["prepare", "--output-dir", "/mnt/ro/out"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "xmatch pipeline prepare: error: /mnt/ro/out/.statistics.json.tmp: Read-only file system")
+    for error in (NotADirectoryError("'x' is a file, not a directory"), FileExistsError("'x' exists")):
+        monkeypatch.setattr(prepare, "main", lambda argv, error=error: (_ for _ in ()).throw(error))
+        assert pipeline_cli.main(["prepare"]) == 2
+        assert capsys.readouterr().err.strip() == f"xmatch pipeline prepare: error: {error}"
+    # An OSError without an errno is no file system's: a bug keeps its traceback.
+    monkeypatch.setattr(prepare, "main", lambda argv: (_ for _ in ()).throw(OSError("bad call")))
+    with pytest.raises(OSError, match="bad call"):
+        pipeline_cli.main(["prepare"])

@@ -244,3 +244,16 @@ def test_a_failed_publish_to_an_object_store_leaves_no_version(tmp_path, monkeyp
     monkeypatch.undo()
     assert [name.rstrip("/") for name in tf.io.gfile.listdir(base)] == ["1"]
     assert publish(staged, base) == f"{base}/2"
+
+
+def test_a_model_base_path_that_is_a_file_is_refused_before_the_stages(events, tmp_path):
+    """All five stages ran (~20 s), then the publish failed with a NotADirectoryError traceback
+    naming a temporary under the file; an output directory with [ ] in its name was written,
+    then its checkpoints and records could not be read back."""
+    config = load_config(None, [f"data.dataset={events}", *OVERRIDES])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"model_base_path '.*afile' is a file, not a directory"):
+        run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "afile"), k_max=10)
+    with pytest.raises(ValueError, match=r"output_dir '.*exp\[1\]': .* holds \[, \* or \?"):
+        run_pipeline(config, str(tmp_path / "exp[1]"), str(tmp_path / "models"), k_max=10)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # no stage ran

@@ -747,3 +747,50 @@ def test_a_noisy_t2diff_sampler_evaluates_the_same_twice_and_as_the_run_reported
     assert training.evaluate(model, split, "test", config) == first
     for key, value in reported.items():
         assert first[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_a_run_directory_another_process_is_writing_is_refused_before_its_config_is_read(tmp_path):
+    """Two trainings into one new run directory both found no config.json, both trained, and
+    left config.json, model/ and metrics.json of different runs (both exited 0)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with training.claimed_directory(run_dir, "run directory"):  # the first process, still training
+        with pytest.raises(training.DirectoryBeingWritten,
+                           match=rf"run directory '{run_dir}' is being written by another process \(pid "
+                                 rf"{os.getpid()}\); wait for it to end, or give another directory"):
+            training.train(tiny_config("train.epochs=1"), run_dir)
+        assert os.listdir(run_dir) == [training.CLAIM_FILE]
+    assert os.listdir(run_dir) == []  # released with the block
+    # A writer killed without releasing leaves the file, unlocked: the next run takes it over.
+    (run_dir / training.CLAIM_FILE).write_text("12345\n")
+    assert training.train(tiny_config("train.epochs=1"), run_dir)["epochs"] == 1
+    assert not (run_dir / training.CLAIM_FILE).exists()
+
+
+def test_run_directories_that_could_not_be_used_are_refused_up_front(tmp_path):
+    """A dangling symlink failed with "[Errno 17] File exists"; weights saved under a path with
+    [ ] could not be read back after the first epoch ("Failed to find any matching files")."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match=r"run directory '.*dangling' is a dangling symlink \(to '.*gone', "
+                                                r"which does not exist\)"):
+        training.train(tiny_config("train.epochs=1"), tmp_path / "dangling")
+    with pytest.raises(ValueError, match=r"run directory '.*exp\[1\]': .* holds \[, \* or \?, which TensorFlow"):
+        training.train(tiny_config("train.epochs=1"), tmp_path / "exp[1]")
+    assert sorted(os.listdir(tmp_path)) == ["dangling"]
+
+
+def test_an_output_location_that_cannot_be_written_is_named_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    for path, directory, error, message in [
+        (tmp_path / "afile", True, NotADirectoryError, r"--out '.*afile' is a file, not a directory"),
+        (tmp_path, False, IsADirectoryError, r"--out '.*' is a directory; give a file path"),
+        (tmp_path / "afile" / "new" / "m.json", False, NotADirectoryError, r"'.*afile' is a file, not a directory"),
+    ]:
+        with pytest.raises(error, match=message):
+            training.check_output_location(path, "--out", directory=directory)
+    training.check_output_location(tmp_path / "new" / "deeper", "--out", directory=True)
+    training.check_output_location("gs://bucket/x", "--out", directory=True)  # left to the write
+    # A read-only mount or an immutable directory (as root, the permission bits do not say it).
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    with pytest.raises(PermissionError, match=rf"--out '.*m.json' cannot be written: '{tmp_path}' is read-only"):
+        training.check_output_location(tmp_path / "new" / "m.json", "--out", directory=False)

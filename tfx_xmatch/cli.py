@@ -88,18 +88,15 @@ def _check_output(output: Optional[str], run_dirs: Sequence[str]) -> None:
     replace a file of a run it reads (``--output RUN/config.json`` once did, with exit 0)."""
     if output is None:
         return
-    from tfx_xmatch.training import replaces_run_file
+    from tfx_xmatch.training import check_output_location, replaces_run_file
 
     path = pathlib.Path(output).resolve()
     for run_dir in run_dirs:
         if replaces_run_file(path, run_dir):
             raise ValueError(f"--output {output!r} would replace a file of the run {run_dir!r} (its config.json, "
                              "metrics.json, model, ...); write it elsewhere, or under a new name")
-    if path.is_dir():
-        raise IsADirectoryError(f"--output {output!r} is a directory; give a file path")
-    blocking = next((parent for parent in path.parents if parent.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise NotADirectoryError(f"--output {output!r}: {str(blocking)!r} is a file, not a directory")
+    # A directory, a file on the way, or a read-only place failed only after the evaluation.
+    check_output_location(output, "--output", directory=False)
 
 
 def _command_evaluate(args: argparse.Namespace) -> int:
@@ -231,6 +228,7 @@ def _command_export(args: argparse.Namespace) -> int:
     if base in (pathlib.Path(args.run_dir).resolve(), model_dir.resolve()):
         raise ValueError(f"--export-base-path {args.export_base_path!r} is the run's own directory: the numbered "
                          "versions would mix with the run's files; give a directory of its own (e.g. models/NAME)")
+    training.check_output_location(args.export_base_path, "--export-base-path", directory=True)
     options = {}
     for item in args.index_option:
         key, sep, value = item.partition("=")
@@ -434,6 +432,23 @@ def _split_log_level(argv: list[str]) -> tuple[Optional[str], list[str]]:
 
 # What to do after an interruption, where there is something to say.
 AFTER_AN_INTERRUPTION = {"train": "run the same command again to resume from the last finished epoch"}
+# Where each command writes: what a file system error that names no file (a full disk) is about.
+OUTPUT_FLAGS = {"train": "run_dir", "quickstart": "run_dir", "evaluate": "output", "compare": "output",
+                "export": "export_base_path"}
+
+
+def os_error_text(error: BaseException, writing: Optional[str] = None) -> Optional[str]:
+    """The line said for a file system error (read-only, not permitted, disk full): its reason
+    and the path it names, else ``writing`` (the output being written; a full disk's failed
+    write names no file); None for anything else, an OSError without an errno included (a bug
+    or a message of ours, which the command's handled types decide on)."""
+    if not isinstance(error, OSError) or error.errno is None:
+        return None
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        return f"{paths}: {reason}"
+    return f"{reason} (writing {writing})" if writing else reason
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -477,13 +492,14 @@ def _run(argv: list) -> int:
     from tfx_xmatch.user_errors import user_error_text
 
     handled = (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError,
-               NotADirectoryError, ValueError, KeyError, RuntimeError)
+               NotADirectoryError, PermissionError, ValueError, KeyError, RuntimeError)
     try:
         return args.handler(args)
     except Exception as error:
         if interruption(error) is not None:
             raise
-        text = user_error_text(error, handled)
+        flag = OUTPUT_FLAGS.get(args.command)
+        text = os_error_text(error, getattr(args, flag, None) if flag else None) or user_error_text(error, handled)
         if text is None or logging.getLogger().isEnabledFor(logging.DEBUG):
             raise  # not a usage or data error, or --log-level DEBUG: the full traceback
         print(f"xmatch {args.command}: error: {text} (--log-level DEBUG shows the traceback)", file=sys.stderr)

@@ -11,6 +11,7 @@ gives ``eval_dataset``'s dicts and :func:`read_training_tfrecords` gives
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import os
 import re
@@ -45,6 +46,13 @@ def shard_paths(path_prefix: str, num_shards: int) -> list[str]:
     if num_shards < 1:
         raise ValueError(f"num_shards must be at least 1, got {num_shards!r}")
     return [f"{path_prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord" for shard in range(num_shards)]
+
+
+def shard_pattern(directory: str, part: str, suffix: str = "") -> str:
+    """The glob of a part's shards in ``directory``, ``DIR/{part}-*-of-*.tfrecord{suffix}``, with
+    the directory's own glob characters escaped: an output directory named ``exp[1]`` was
+    written, then read back as a pattern ("exp" and one of "1") that matched nothing."""
+    return os.path.join(glob.escape(directory), f"{part}-*-of-*.tfrecord{suffix}")
 
 
 def remove_stale_shards(path_prefix: str, keep: Sequence[str]) -> list[str]:

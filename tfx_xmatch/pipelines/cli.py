@@ -33,6 +33,16 @@ def usage() -> str:
 AFTER_AN_INTERRUPTION = {"run": "run the same command with --resume to keep the stages it finished"}
 
 
+def _written(arguments: Sequence[str]) -> Optional[str]:
+    """What a stage's arguments say it writes (``--output`` or ``--output-dir``), for an error
+    that names no file (a full disk)."""
+    for index, argument in enumerate(arguments):
+        name, equals, value = argument.partition("=")
+        if name in ("--output", "--output-dir"):
+            return value if equals else (arguments[index + 1] if index + 1 < len(arguments) else None)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -46,6 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # line for the user's errors, the traceback for a bug), so that log only repeats it.
     logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from tfx_xmatch.cli import os_error_text
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
     from tfx_xmatch.interrupts import run_interruptibly
@@ -57,8 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  AFTER_AN_INTERRUPTION.get(argv[0], ""))
     # A failure on a Beam worker comes back as the runner re-raised it, often a RuntimeError.
     except Exception as error:
-        text = user_error_text(error, (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError,
-                                       RuntimeError))
+        text = os_error_text(error, _written(argv[1:])) or user_error_text(error, (
+            ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError, ValueError, ImportError, RuntimeError))
         if text is None:
             raise
         print(f"xmatch pipeline {argv[0]}: error: {text}", file=sys.stderr)

@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.data.tfrecord import check_not_cut_short, damaged_file_named, record_counts
+from tfx_xmatch.data.tfrecord import check_not_cut_short, damaged_file_named, record_counts, shard_pattern
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
 from tfx_xmatch.io_utils import json_text
 from tfx_xmatch.pipelines.beam_utils import (pipeline_options, remove_if_present, require_beam, split_arguments,
@@ -283,18 +283,25 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
       FileNotFoundError: Missing records of the split, statistics.json (an unfinished
         preparation), vocabulary or export.
       ValueError: Unknown split, no examples, or bad ``ks`` / export (see ``evaluate_pipeline``).
+      IsADirectoryError, NotADirectoryError, PermissionError: ``output_path`` cannot be
+        written (checked before the evaluation runs).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    pattern = os.path.join(prepared_dir, f"{split}-*-of-*.tfrecord*")
+    if output_path is not None:  # checked now, not after the whole evaluation
+        from tfx_xmatch.training import check_output_location
+
+        check_output_location(output_path, "--output", directory=False)
+    pattern = shard_pattern(prepared_dir, split, "*")
     if not tf.io.gfile.glob(pattern):
-        raise FileNotFoundError(f"no {split} TFRecords in {prepared_dir!r} (expected {pattern}); "
-                                f"run the prepare pipeline first")
+        expected = os.path.join(prepared_dir, os.path.basename(pattern))  # as given, not escaped
+        raise FileNotFoundError(f"no {split} TFRecords in {prepared_dir!r} (expected {expected}); "
+                                "run the prepare pipeline first")
     if not tf.io.gfile.exists(os.path.join(prepared_dir, "statistics.json")):
         raise FileNotFoundError(f"{prepared_dir!r} has no statistics.json, the mark of a finished preparation "
                                 "(interrupted, or still running?); run the prepare pipeline again")
     vocab_path = os.path.join(prepared_dir, "item_vocab.json")
-    train_pattern = os.path.join(prepared_dir, "train-*-of-*.tfrecord*")
+    train_pattern = shard_pattern(prepared_dir, "train", "*")
     popularity = None
     if tf.io.gfile.glob(train_pattern) and tf.io.gfile.exists(vocab_path):
         popularity = record_counts(train_pattern, Vocabulary.load(vocab_path).num_items)[1]

@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
+import pathlib
 import sys
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -166,6 +168,49 @@ def match_inputs(patterns: Iterable[str]) -> list[str]:
                              f"as {pattern.rstrip('/')}/*")
         paths.update(found)
     return sorted(paths)
+
+
+def written_names(num_shards: int) -> list[str]:
+    """The names ``prepare`` writes into its output directory."""
+    shards = [os.path.basename(path) for part in SPLIT_PARTS for path in shard_paths(part, num_shards)]
+    return ["statistics.json", "item_vocab.json", DEAD_LETTER_FILE, *shards]
+
+
+def check_inputs_outside_output(spec: PrepareSpec, files: Sequence[str]) -> None:
+    """Refuses input files inside the output directory, and input globs that the outputs would
+    match: a re-run read its own TFRecords, vocabulary and statistics as interactions (thousands
+    of "malformed lines", other counts) and exited 0.
+
+    Raises:
+      ValueError: Naming the input (file or glob) and the output directory.
+    """
+    for pattern in spec.inputs:
+        covered = next((name for name in written_names(spec.num_shards)
+                        if _matches(pattern, os.path.join(spec.output_dir, name))), None)
+        if covered is not None:
+            raise ValueError(f"input {pattern!r} would also read the outputs written into the output directory "
+                             f"{spec.output_dir!r} ({covered}, ...) as interactions; write the output elsewhere "
+                             "or narrow the input pattern")
+    output = _local_or_url(spec.output_dir, os.path.realpath).rstrip("/") + "/"
+    for path in files:
+        if _local_or_url(path, os.path.realpath).startswith(output):
+            raise ValueError(f"input {path!r} lies inside the output directory {spec.output_dir!r}, so a re-run "
+                             "would read the outputs written there as interactions; write the output elsewhere")
+
+
+def _local_or_url(path: str, absolute) -> str:
+    return path if "://" in path else absolute(path)
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """Whether the glob ``pattern`` matches ``path`` as Beam's file systems match: ``*``, ``?``
+    and ``[...]`` within one path component, ``**`` across components."""
+    pattern, path = _local_or_url(pattern, os.path.abspath), _local_or_url(path, os.path.abspath)
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(path, pattern)
+    pattern_parts, path_parts = pattern.split("/"), path.split("/")
+    return len(pattern_parts) == len(path_parts) and all(
+        fnmatch.fnmatchcase(part, glob) for part, glob in zip(path_parts, pattern_parts))
 
 
 def _read_bytes(path: str) -> bytes:
@@ -366,6 +411,7 @@ def prepare_pipeline(pipeline, spec: PrepareSpec):
     """
     beam = require_beam()
     files = match_inputs(spec.inputs)
+    check_inputs_outside_output(spec, files)
     has_timestamps = spec.parser().has_timestamps
     parsed = (
         pipeline
@@ -449,6 +495,9 @@ def run_prepare(spec: PrepareSpec, beam_args: Sequence[str] = ()) -> dict:
 
     Raises:
       FileNotFoundError: If an input matches no file (before anything runs).
+      ValueError: If an input lies in the output directory, or an input glob would read its
+        outputs (before anything runs).
+      DirectoryBeingWritten: Another process is writing the (local) output directory.
       Exception: An input without any interaction, or a split that cannot be made (e.g. no user
         long enough), fails the pipeline on a worker; the runner re-raises it, as its own type
         where it can, else as a RuntimeError carrying the message. No shard is replaced then.
@@ -456,13 +505,31 @@ def run_prepare(spec: PrepareSpec, beam_args: Sequence[str] = ()) -> dict:
     beam = require_beam()
     import tensorflow as tf
 
+    from tfx_xmatch.training import check_output_location, claimed_directory
+
+    check_output_location(spec.output_dir, "output directory", directory=True)
     # statistics.json is written last: without it a directory is not a finished prepare output.
     # The pipeline removes an old one only once the input has proved usable.
     statistics_path = os.path.join(spec.output_dir, "statistics.json")
-    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
-        prepare_pipeline(pipeline, spec)
-    with tf.io.gfile.GFile(statistics_path) as handle:
-        return json.load(handle)
+    made = [] if "://" in spec.output_dir else [
+        path for path in (pathlib.Path(spec.output_dir).absolute(), *pathlib.Path(spec.output_dir).absolute().parents)
+        if not path.exists()]
+    tf.io.gfile.makedirs(spec.output_dir)
+    try:
+        # Two runs into one directory both exited 0 and left a "finished" mix: one's records and
+        # statistics with the other's vocabulary. An object store has no locks: it stays unclaimed.
+        with claimed_directory(spec.output_dir, "output directory"):
+            with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
+                prepare_pipeline(pipeline, spec)
+            with tf.io.gfile.GFile(statistics_path) as handle:
+                return json.load(handle)
+    except BaseException:
+        for directory in made:  # a refused run leaves no empty directories behind
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
 
 
 # Separators and column names are taken as written ("::", "007"), with escapes decoded ("\\t").

@@ -72,6 +72,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
       ValueError: If ``run_dir`` holds a run with another configuration or on other records,
         ``train_steps`` is negative, or on bad records.
       FileNotFoundError: On files matching nothing.
+      training.DirectoryBeingWritten: Another process is training in ``run_dir``.
     """
     if config.train.strategy == "multi_worker":
         raise ConfigError("training on records runs in one process; use train.strategy default or mirrored")
@@ -83,9 +84,19 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
             valid = False
         if not valid:
             raise ValueError(f"train_steps must be an integer >= 0 or None, got {train_steps!r}")
+    training.check_checkpoint_directory(run_dir, "run directory")
     inputs = _inputs_of(train_files, eval_files, item_vocab)
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Claimed before config.json is looked for: two trainings into one new directory both found
+    # none and mixed their files (a retried Trainer whose first attempt still runs, say).
+    with training.claimed_directory(run_dir, "run directory"):
+        return _train_claimed(config, train_files, eval_files, item_vocab, run_dir, inputs, train_steps)
+
+
+def _train_claimed(config: RunConfig, train_files: Files, eval_files: Files, item_vocab: Vocabulary,
+                   run_dir: pathlib.Path, inputs: dict, train_steps: Optional[int]):
+    """``train_on_records`` once this process holds the claim on ``run_dir``."""
     config_path = run_dir / "config.json"
     inputs_path = run_dir / "inputs.json"
     if config_path.exists() and inputs_path.exists() and json.loads(inputs_path.read_text(encoding="utf-8")) != inputs:

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
+from tfx_xmatch.data.tfrecord import shard_pattern
 from tfx_xmatch.io_utils import copy_directory_or_nothing, write_json_atomic
 from tfx_xmatch.pipelines.beam_utils import split_arguments
 from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
@@ -233,6 +234,10 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         raise ConfigError(f"output_dir {str(output_dir)!r} is a URL; the run's working files (records, training "
                           "run, index) are written with local I/O: give a local or mounted directory "
                           "(--model-base-path may be a gs:// URL)")
+    # Checked now, not at the publish or a stage's first write, after the work of the stages before.
+    training.check_output_location(output_dir, "output_dir", directory=True)
+    training.check_output_location(model_base_path, "model_base_path", directory=True)
+    training.check_checkpoint_directory(output_dir, "output_dir")  # the run's checkpoints go below it
     output = pathlib.Path(output_dir)
     prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
     spec = prepare_spec(config, str(prepared), num_shards)
@@ -273,7 +278,7 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     except ValueError as error:
         raise ConfigError(str(error)) from error
     model, train_metrics = _stage(2, "train", timings, lambda: train_on_records(
-        config, str(prepared / "train-*-of-*.tfrecord"), str(prepared / "validation-*-of-*.tfrecord"), vocab, run_dir))
+        config, shard_pattern(str(prepared), "train"), shard_pattern(str(prepared), "validation"), vocab, run_dir))
     print(f"    {train_metrics['epochs']} epochs, best {train_metrics['best_epoch']}, validation "
           f"{config.train.monitor} {train_metrics['validation'][config.train.monitor]:.4f}")
     budget = {key: index_options.get(key) for key in SPARSE_CODE_BUDGET} \
