@@ -396,7 +396,7 @@ def test_a_failed_write_leaves_no_temporary_behind(tmp_path, monkeypatch):
 def test_an_output_directory_another_process_is_writing_is_refused(pairs_file, tmp_path):
     """Two runs into one output directory both exited 0 and left a "finished" mix: one's records
     and statistics with the other's item vocabulary."""
-    from tfx_xmatch.training import CLAIM_FILE, DirectoryBeingWritten, claimed_directory
+    from tfx_xmatch.io_utils import CLAIM_FILE, DirectoryBeingWritten, claimed_directory
 
     out = tmp_path / "out"
     out.mkdir()

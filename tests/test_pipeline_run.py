@@ -243,6 +243,19 @@ def test_a_failed_publish_to_an_object_store_leaves_no_version(tmp_path, monkeyp
         publish(staged, base)
     monkeypatch.undo()
     assert [name.rstrip("/") for name in tf.io.gfile.listdir(base)] == ["1"]
+    # Uploaded whole, then failing while moved into its number: the number's files go again.
+    real_rename = tf.io.gfile.rename
+
+    def rename_reset(source, destination, overwrite=False):
+        if destination.endswith("saved_model.pb"):
+            raise tf.errors.UnavailableError(None, None, "connection reset")
+        return real_rename(source, destination, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "rename", rename_reset)
+    with pytest.raises(tf.errors.UnavailableError):
+        publish(staged, base)
+    monkeypatch.undo()
+    assert [name.rstrip("/") for name in tf.io.gfile.listdir(base)] == ["1"]
     assert publish(staged, base) == f"{base}/2"
 
 

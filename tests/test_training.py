@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfx_xmatch import training
+from tfx_xmatch import io_utils, training
 from tfx_xmatch.config import ConfigError, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import build_serving_module, export_retrieval_model, save_serving_module
@@ -754,8 +754,8 @@ def test_a_run_directory_another_process_is_writing_is_refused_before_its_config
     left config.json, model/ and metrics.json of different runs (both exited 0)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with training.claimed_directory(run_dir, "run directory"):  # the first process, still training
-        with pytest.raises(training.DirectoryBeingWritten,
+    with io_utils.claimed_directory(run_dir, "run directory"):  # the first process, still training
+        with pytest.raises(io_utils.DirectoryBeingWritten,
                            match=rf"run directory '{run_dir}' is being written by another process \(pid "
                                  rf"{os.getpid()}\); wait for it to end, or give another directory"):
             training.train(tiny_config("train.epochs=1"), run_dir)
@@ -787,10 +787,10 @@ def test_an_output_location_that_cannot_be_written_is_named_before_any_work(tmp_
         (tmp_path / "afile" / "new" / "m.json", False, NotADirectoryError, r"'.*afile' is a file, not a directory"),
     ]:
         with pytest.raises(error, match=message):
-            training.check_output_location(path, "--out", directory=directory)
-    training.check_output_location(tmp_path / "new" / "deeper", "--out", directory=True)
-    training.check_output_location("gs://bucket/x", "--out", directory=True)  # left to the write
+            io_utils.check_output_location(path, "--out", directory=directory)
+    io_utils.check_output_location(tmp_path / "new" / "deeper", "--out", directory=True)
+    io_utils.check_output_location("gs://bucket/x", "--out", directory=True)  # left to the write
     # A read-only mount or an immutable directory (as root, the permission bits do not say it).
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
     with pytest.raises(PermissionError, match=rf"--out '.*m.json' cannot be written: '{tmp_path}' is read-only"):
-        training.check_output_location(tmp_path / "new" / "m.json", "--out", directory=False)
+        io_utils.check_output_location(tmp_path / "new" / "m.json", "--out", directory=False)

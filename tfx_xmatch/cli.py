@@ -88,7 +88,8 @@ def _check_output(output: Optional[str], run_dirs: Sequence[str]) -> None:
     replace a file of a run it reads (``--output RUN/config.json`` once did, with exit 0)."""
     if output is None:
         return
-    from tfx_xmatch.training import check_output_location, replaces_run_file
+    from tfx_xmatch.io_utils import check_output_location
+    from tfx_xmatch.training import replaces_run_file
 
     path = pathlib.Path(output).resolve()
     for run_dir in run_dirs:
@@ -222,13 +223,14 @@ def _command_export(args: argparse.Namespace) -> int:
     import yaml
 
     from tfx_xmatch import export, training
+    from tfx_xmatch.io_utils import check_output_location
 
     model_dir = pathlib.Path(args.run_dir) / "model"
     base = pathlib.Path(args.export_base_path).resolve()
     if base in (pathlib.Path(args.run_dir).resolve(), model_dir.resolve()):
         raise ValueError(f"--export-base-path {args.export_base_path!r} is the run's own directory: the numbered "
                          "versions would mix with the run's files; give a directory of its own (e.g. models/NAME)")
-    training.check_output_location(args.export_base_path, "--export-base-path", directory=True)
+    check_output_location(args.export_base_path, "--export-base-path", directory=True)
     options = {}
     for item in args.index_option:
         key, sep, value = item.partition("=")

@@ -672,19 +672,25 @@ def _upload_new_version(local: str, base: str, version: Optional[int]) -> str:
 def _move_files(staging: str, final: str, files: list[str]) -> None:
     """Renames ``files`` (relative names, in order) from ``staging`` into ``final``, none over an
     existing file. FileExistsError when the first file is there already: ``final`` is another
-    exporter's, and nothing of this one is in it."""
-    for position, name in enumerate(files):
-        target = f"{final}/{name}"
-        tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
-        try:
-            tf.io.gfile.rename(f"{staging}/{name}", target, overwrite=False)
-        except tf.errors.AlreadyExistsError:
-            if position == 0:
-                raise FileExistsError(final) from None
-            raise
-        except BaseException as error:
-            error.add_note(f"{final} holds the first {position} of this export's files, the rest are at {staging}")
-            raise
+    exporter's, and nothing of this one is in it. A failure after the first removes ``final``
+    again: the number was this export's, and servers would fail to load what was moved."""
+    moved = 0
+    try:
+        for name in files:
+            target = f"{final}/{name}"
+            tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
+            try:
+                tf.io.gfile.rename(f"{staging}/{name}", target, overwrite=False)
+            except tf.errors.AlreadyExistsError:
+                if not moved:
+                    raise FileExistsError(final) from None
+                raise
+            moved += 1
+    except BaseException:
+        if moved:  # the number is this export's: a half-moved version would fail every load
+            with contextlib.suppress(tf.errors.OpError):
+                tf.io.gfile.rmtree(final)
+        raise
 
 
 def save_serving_module(module: RetrievalServingModule, directory: str | os.PathLike, item_vocab: Vocabulary, *,

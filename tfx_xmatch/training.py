@@ -16,8 +16,6 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import functools
 import hashlib
 import inspect
@@ -41,7 +39,8 @@ from tfx_xmatch.data.dataset import SequenceDataset, Split
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.io_utils import (
-    atomic_directory, atomic_path, remove_stale_temporaries, temporary_of, write_json_atomic,
+    CLAIM_FILE, atomic_directory, atomic_path, check_checkpoint_directory, claimed_directory,
+    remove_stale_temporaries, temporary_of, write_json_atomic,
 )
 from tfx_xmatch.models import MODELS
 from tfx_xmatch.user_errors import clean_tf_message, shortened, user_error_text
@@ -765,8 +764,6 @@ def warm_start_unless_resuming(model: tf.keras.Model, config: RunConfig, run_dir
 # What a run writes into its directory (all atomically, so only these can have temporaries).
 RUN_OUTPUTS = ("config.json", "data.json", "history.json", "metrics.json", "training_curves.png", "model",
                "best_weights")
-# The file whose lock says a process is writing the directory it is in (see claimed_directory).
-CLAIM_FILE = ".xmatch-writing.lock"
 # Also written there: the Keras backup while training, the non-chief workers' copies, the
 # benchmarks' per-user ranks beside a finished run, and the claim of the process writing it.
 RUN_SCRATCH = ("backup", ".workers", "test_ranks", CLAIM_FILE)
@@ -782,118 +779,6 @@ def replaces_run_file(path: str | pathlib.Path, run_dir: str | pathlib.Path) -> 
     path, root = pathlib.Path(path).resolve(), pathlib.Path(run_dir).resolve()
     return path == root or (path.is_relative_to(root) and (
         path.exists() or path.relative_to(root).parts[0] in RUN_OUTPUTS + RUN_SCRATCH))
-
-
-# These two belong with the other file helpers in io_utils; they are here until that module can
-# take them (a session's other helper owns io_utils).
-class DirectoryBeingWritten(RuntimeError):
-    """Another process is writing the directory this one was given."""
-
-
-@contextlib.contextmanager
-def claimed_directory(directory: str | os.PathLike, what: str = "directory") -> Iterator[None]:
-    """Claims the existing ``directory`` for this process while the block writes it: a second
-    process given the same directory fails at once instead of mixing its files with this one's
-    (two trainings each left some of config.json, model/ and metrics.json, and both exited 0).
-
-    The claim is an exclusive ``flock`` on ``CLAIM_FILE`` in the directory. The kernel drops it
-    when its process dies, so a killed writer blocks nobody (its file is taken over, unlocked,
-    by the next); the file is removed when the block ends. Not claimed: a URL (``gs://``...;
-    object stores have no locks, so keep two writers of one apart yourself), and a directory
-    this process may not create files in (a finished run on a read-only mount is still read).
-
-    Raises:
-      DirectoryBeingWritten: Another process holds the claim; the message names the directory
-        and that process.
-    """
-    if "://" in os.fspath(directory):
-        yield
-        return
-    path = pathlib.Path(directory) / CLAIM_FILE
-    while True:
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            yield  # nothing can be written there, by this process or the block
-            return
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
-            os.close(descriptor)
-            raise DirectoryBeingWritten(
-                f"{what} {str(directory)!r} is being written by another process"
-                f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end, or give another "
-                "directory") from None
-        # The holder removes the file as it releases it: a lock taken on the removed file
-        # claims nothing, so take the one now in its place.
-        if _is_same_file(descriptor, path):
-            break
-        os.close(descriptor)
-    try:
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode("ascii"))  # for the message of a process refused
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # before the lock goes: see above
-        os.close(descriptor)
-
-
-def _is_same_file(descriptor: int, path: pathlib.Path) -> bool:
-    try:
-        named = path.stat()
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(descriptor)
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
-
-def check_checkpoint_directory(directory: str | os.PathLike, what: str) -> None:
-    """Refuses a directory for checkpoints whose path holds a glob character (``[``, ``*``,
-    ``?``): TensorFlow finds a checkpoint by matching its path as a pattern, so the weights a
-    run saved in ``exp[1]/`` were never found again ("Failed to find any matching files"), after
-    the first epoch or at the end of a pipeline.
-
-    Raises:
-      ValueError: Naming the directory.
-    """
-    text = os.fspath(directory)
-    absolute = text if "://" in text else os.path.abspath(text)
-    if any(character in absolute for character in "[*?"):
-        raise ValueError(f"{what} {text!r}: its path {absolute!r} holds [, * or ?, which TensorFlow reads as a "
-                         "pattern where it looks for the checkpoints saved there, so they could not be read back; "
-                         "choose a path without them")
-
-
-def check_output_location(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
-    """Refuses, before any work is done, a local output ``path`` (given as ``flag``) that could
-    not be written: a dangling symlink, a file where a directory goes or the reverse, a file on
-    the way to it, or a nearest existing directory that is read-only or not this user's to write.
-    The work it would otherwise have done first (an evaluation, five pipeline stages) was lost.
-    A URL is left to the write itself.
-
-    Raises:
-      FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError: naming ``path``.
-    """
-    text = os.fspath(path)
-    if "://" in text:
-        return
-    path = pathlib.Path(text).absolute()
-    if path.is_symlink() and not path.exists():
-        raise FileNotFoundError(f"{flag} {text!r} is a dangling symlink (to {os.readlink(path)!r}, which does "
-                                "not exist)")
-    if path.exists() and path.is_dir() != directory:
-        raise (IsADirectoryError(f"{flag} {text!r} is a directory; give a file path") if path.is_dir()
-               else NotADirectoryError(f"{flag} {text!r} is a file, not a directory"))
-    # Where the output's first new entry would be made (its parent, for a file).
-    nearest = next(parent for parent in (path if directory else path.parent, *path.parents) if parent.exists())
-    if not nearest.is_dir():
-        raise NotADirectoryError(f"{flag} {text!r}: {str(nearest)!r} is a file, not a directory")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {text!r} cannot be written: {str(nearest)!r} is read-only or not "
-                              "writable by this user")
 
 
 # One strategy object per kind and cluster for the whole process. Every new MirroredStrategy

@@ -289,7 +289,7 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if output_path is not None:  # checked now, not after the whole evaluation
-        from tfx_xmatch.training import check_output_location
+        from tfx_xmatch.io_utils import check_output_location
 
         check_output_location(output_path, "--output", directory=False)
     pattern = shard_pattern(prepared_dir, split, "*")

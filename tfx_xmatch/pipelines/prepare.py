@@ -505,7 +505,7 @@ def run_prepare(spec: PrepareSpec, beam_args: Sequence[str] = ()) -> dict:
     beam = require_beam()
     import tensorflow as tf
 
-    from tfx_xmatch.training import check_output_location, claimed_directory
+    from tfx_xmatch.io_utils import check_output_location, claimed_directory
 
     check_output_location(spec.output_dir, "output directory", directory=True)
     # statistics.json is written last: without it a directory is not a finished prepare output.

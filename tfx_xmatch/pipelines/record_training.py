@@ -24,7 +24,9 @@ from tfx_xmatch.data.tfrecord import matching_files, read_eval_examples, read_tr
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.data.tfrecord import record_counts
-from tfx_xmatch.io_utils import json_text, remove_stale_temporaries, write_json_atomic
+from tfx_xmatch.io_utils import (
+    check_checkpoint_directory, claimed_directory, json_text, remove_stale_temporaries, write_json_atomic,
+)
 
 Files = Union[str, Sequence[str]]
 logger = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
       ValueError: If ``run_dir`` holds a run with another configuration or on other records,
         ``train_steps`` is negative, or on bad records.
       FileNotFoundError: On files matching nothing.
-      training.DirectoryBeingWritten: Another process is training in ``run_dir``.
+      DirectoryBeingWritten: Another process is training in ``run_dir``.
     """
     if config.train.strategy == "multi_worker":
         raise ConfigError("training on records runs in one process; use train.strategy default or mirrored")
@@ -84,13 +86,13 @@ def train_on_records(config: RunConfig, train_files: Files, eval_files: Files, i
             valid = False
         if not valid:
             raise ValueError(f"train_steps must be an integer >= 0 or None, got {train_steps!r}")
-    training.check_checkpoint_directory(run_dir, "run directory")
+    check_checkpoint_directory(run_dir, "run directory")
     inputs = _inputs_of(train_files, eval_files, item_vocab)
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Claimed before config.json is looked for: two trainings into one new directory both found
     # none and mixed their files (a retried Trainer whose first attempt still runs, say).
-    with training.claimed_directory(run_dir, "run directory"):
+    with claimed_directory(run_dir, "run directory"):
         return _train_claimed(config, train_files, eval_files, item_vocab, run_dir, inputs, train_steps)
 
 

@@ -34,13 +34,14 @@ import pathlib
 import shutil
 import sys
 import time
-import uuid
 from typing import Any, Callable, Optional, Sequence
 
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
 from tfx_xmatch.data.tfrecord import shard_pattern
-from tfx_xmatch.io_utils import copy_directory_or_nothing, write_json_atomic
+from tfx_xmatch.io_utils import (
+    check_checkpoint_directory, check_output_location, write_json_atomic,
+)
 from tfx_xmatch.pipelines.beam_utils import split_arguments
 from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
 
@@ -154,27 +155,13 @@ def _filled_index(model, index_dir: pathlib.Path, kind: str, options: dict, k_ma
 
 
 def publish(staged_version: pathlib.Path, model_base_path: str) -> pathlib.Path | str:
-    """Copies a staged export into the next free version of ``model_base_path``: atomically on
-    a local file system; on an object store (``gs://``...) with ``saved_model.pb`` copied last,
-    so a polling server finds no SavedModel until the rest is there."""
-    from tfx_xmatch.export import next_version
+    """Copies a staged export into the next free version of ``model_base_path``, as
+    ``xmatch export`` publishes (:func:`~tfx_xmatch.export.publish_new_version`): never over a
+    version another process published meanwhile, and never seen half-copied by a server."""
+    from tfx_xmatch.export import publish_new_version
 
-    version = next_version(model_base_path)
-    if "://" in model_base_path:
-        final = f"{model_base_path.rstrip('/')}/{version}"
-        # Removed again if the copy fails: a half-written version would fail to load on every
-        # server and stay there, skipped by every later publish.
-        copy_directory_or_nothing(staged_version, final, last="saved_model.pb")
-        return final
-    final = pathlib.Path(model_base_path) / str(version)
-    # A hidden name beside the versions (servers ignore it), renamed into place when complete.
-    temporary = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        shutil.copytree(staged_version, temporary)
-        os.rename(temporary, final)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return final
+    return publish_new_version(
+        model_base_path, lambda directory: shutil.copytree(staged_version, directory, dirs_exist_ok=True))
 
 
 def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, index_kind: str = "brute_force",
@@ -235,9 +222,9 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
                           "run, index) are written with local I/O: give a local or mounted directory "
                           "(--model-base-path may be a gs:// URL)")
     # Checked now, not at the publish or a stage's first write, after the work of the stages before.
-    training.check_output_location(output_dir, "output_dir", directory=True)
-    training.check_output_location(model_base_path, "model_base_path", directory=True)
-    training.check_checkpoint_directory(output_dir, "output_dir")  # the run's checkpoints go below it
+    check_output_location(output_dir, "output_dir", directory=True)
+    check_output_location(model_base_path, "model_base_path", directory=True)
+    check_checkpoint_directory(output_dir, "output_dir")  # the run's checkpoints go below it
     output = pathlib.Path(output_dir)
     prepared, run_dir, index_dir = output / "prepared", output / "run", output / "index"
     spec = prepare_spec(config, str(prepared), num_shards)
