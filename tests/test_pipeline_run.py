@@ -224,34 +224,23 @@ def test_publish_to_an_object_store_path_goes_through_tf_io_gfile(tmp_path):
     assert [path.name for path in (tmp_path / "models").iterdir()] == ["1"]
 
 
-def test_a_failed_publish_to_an_object_store_leaves_no_version(tmp_path, monkeypatch):
-    """A half-copied version stayed: every server failed to load it and later publishes skipped it."""
+@pytest.mark.parametrize("failing", ["copy", "rename"])
+def test_a_failed_publish_to_an_object_store_leaves_no_version(failing, tmp_path, monkeypatch):
+    """A half-copied version stayed: every server failed to load it and later publishes skipped
+    it. The upload (copy) or the move into the version's number (rename) fails on the graph."""
     from tfx_xmatch.pipelines.run import publish
 
     staged = _staged(tmp_path)
-    base = f"ram://publish-{tmp_path.name}"
+    base = f"ram://publish-{failing}-{tmp_path.name}"
     assert publish(staged, base) == f"{base}/1"
-    real_copy = tf.io.gfile.copy
+    real = getattr(tf.io.gfile, failing)
 
     def connection_reset(source, destination, overwrite=False):
         if destination.endswith("saved_model.pb"):
             raise tf.errors.UnavailableError(None, None, "connection reset")
-        return real_copy(source, destination, overwrite=overwrite)
+        return real(source, destination, overwrite=overwrite)
 
-    monkeypatch.setattr(tf.io.gfile, "copy", connection_reset)
-    with pytest.raises(tf.errors.UnavailableError):
-        publish(staged, base)
-    monkeypatch.undo()
-    assert [name.rstrip("/") for name in tf.io.gfile.listdir(base)] == ["1"]
-    # Uploaded whole, then failing while moved into its number: the number's files go again.
-    real_rename = tf.io.gfile.rename
-
-    def rename_reset(source, destination, overwrite=False):
-        if destination.endswith("saved_model.pb"):
-            raise tf.errors.UnavailableError(None, None, "connection reset")
-        return real_rename(source, destination, overwrite=overwrite)
-
-    monkeypatch.setattr(tf.io.gfile, "rename", rename_reset)
+    monkeypatch.setattr(tf.io.gfile, failing, connection_reset)
     with pytest.raises(tf.errors.UnavailableError):
         publish(staged, base)
     monkeypatch.undo()
