@@ -587,3 +587,39 @@ def test_an_index_that_cannot_fill_k_max_is_reported_at_export_built_here_or_giv
         build_serving_module(model, vocab, index_kind="partitioned", index_options={"num_partitions": 4,
                                                                                    "num_probes": 4}, k_max=K_MAX)
     assert "search returned only" not in caplog.text  # every partition probed: exact
+
+
+def test_a_move_into_a_url_version_that_fails_leaves_no_version_and_a_collision_is_named(tmp_path, monkeypatch):
+    """makedirs made the version's directories before the first file moved, so a first move
+    that failed left an empty version that servers failed to load and exports skipped; a file
+    of another exporter met later was a bare AlreadyExistsError, and the cleanup then removed
+    that exporter's files."""
+    from tfx_xmatch.export import publish_new_version
+
+    base = f"ram://move-{tmp_path.name}"
+
+    def write(directory):
+        (directory / "variables").mkdir()
+        (directory / "variables" / "variables.index").write_text("ours")
+        (directory / "saved_model.pb").write_text("ours")
+
+    real_rename = tf.io.gfile.rename
+
+    def refused(source, destination, overwrite=False):
+        raise tf.errors.PermissionDeniedError(None, None, "permission denied")
+
+    monkeypatch.setattr(tf.io.gfile, "rename", refused)
+    with pytest.raises(tf.errors.PermissionDeniedError):
+        publish_new_version(base, write)
+    assert tf.io.gfile.listdir(base) == []
+
+    def another_exporter_moves_its_graph_meanwhile(source, destination, overwrite=False):
+        if destination.endswith("variables.index"):
+            tf.io.gfile.GFile(destination.replace("variables/variables.index", "saved_model.pb"), "w").write("theirs")
+        return real_rename(source, destination, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "rename", another_exporter_moves_its_graph_meanwhile)
+    with pytest.raises(RuntimeError, match=f"{base}/1/saved_model.pb was written by another export publishing into "
+                                           f"{base}/1 at the same time"):
+        publish_new_version(base, write)
+    assert tf.io.gfile.GFile(f"{base}/1/saved_model.pb").read() == "theirs"  # theirs is left for the operator

@@ -1029,3 +1029,18 @@ def test_a_soft_search_base_keeps_its_own_padding_settings():
     index = SoftSearchIndex(BruteForceIndex(k_max=K_MAX, padding_identifier=0), num_interests=1, k_max=K_MAX)
     expected = BruteForceIndex(k_max=K_MAX).index(candidates, int_ids)(queries, k=5)[1].numpy()
     np.testing.assert_array_equal(index.index(candidates, int_ids)(queries[:, None, :], k=5)[1].numpy(), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reindex_with_identifiers_of_another_dtype_is_refused_and_keeps_the_index(kind):
+    """Another dtype made another variable, which functions traced before never read: after
+    int ids gave way to strings, a traced query went on answering old int ids, silently."""
+    candidates, queries, int_ids, string_ids = _data()
+    index = _exact_index(kind).index(candidates, int_ids)
+    traced = tf.function(lambda q: index(q, k=5))
+    before = traced(queries)
+    with pytest.raises(TypeError, match="identifiers are string but this index holds int64 ones; make a new index"):
+        index.index(candidates, string_ids)
+    for scores, ids in (traced(queries), index(queries, k=5)):
+        np.testing.assert_array_equal(ids, before[1])
+        np.testing.assert_allclose(scores, before[0])

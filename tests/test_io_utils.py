@@ -83,3 +83,49 @@ def test_a_killed_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
         assert _entries(tmp_path) == [live.name]
     (tmp_path / ".locked.0123.otherhost.tmp").mkdir()  # another host's: its lock is not visible here
     assert remove_abandoned_temporaries(tmp_path) == []
+
+
+def test_a_file_system_without_locks_leaves_the_directory_unclaimed_and_closes_the_claim(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """flock failing with ENOLCK (NFS without its lock manager) escaped with the claim file's
+    descriptor open and the file left: every run on such a mount failed, where it ran before."""
+    import errno
+    import fcntl
+
+    from tfx_xmatch.io_utils import CLAIM_FILE, claimed_directory
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with claimed_directory(tmp_path, "run directory"):
+            (tmp_path / "written").write_text("the block ran")
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert sorted(os.listdir(tmp_path)) == ["written"] and CLAIM_FILE not in os.listdir(tmp_path)
+    assert "is not claimed: its file system takes no locks (No locks available)" in caplog.text
+
+    def failing(descriptor, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", failing)  # any other failure is raised, the file closed
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        with claimed_directory(tmp_path, "run directory"):
+            pytest.fail("the block ran unclaimed")
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_an_error_of_a_block_run_unclaimed_carries_no_claim_error_as_its_context(tmp_path, monkeypatch):
+    """The read-only case yielded inside its `except`: every error of the block then showed the
+    PermissionError as "During handling of the above exception, another exception occurred"."""
+    from tfx_xmatch.io_utils import claimed_directory
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(KeyError) as raised:
+        with claimed_directory(tmp_path):
+            raise KeyError("the block's own error")
+    assert raised.value.__context__ is None

@@ -226,3 +226,15 @@ def test_sampled_softmax_loss_matches_numpy_oracle(monkeypatch, num_extra):
     monkeypatch.setattr(LossDraws, "uniform", lambda self, shape, *args, **kwargs: tf.constant(extra_ids, kwargs["dtype"]))
     loss = float(model.compute_loss(batch))
     np.testing.assert_allclose(loss, _sampled_loss_oracle(model, batch, extra_ids), rtol=1e-4)
+
+
+def test_a_model_copies_before_and_after_it_is_built():
+    """The training step's per-thread state (a threading.local) made copy.deepcopy of a model
+    fail ("cannot pickle '_thread._local' object")."""
+    import copy
+
+    model = TwoTower(num_items=20, embedding_dim=8, max_length=5)
+    assert type(copy.deepcopy(model)) is TwoTower
+    model({"history": tf.constant([[1, 2, 3, 0, 0]])})
+    copied = copy.deepcopy(model)
+    np.testing.assert_allclose(copied.get_weights()[0], model.get_weights()[0])

@@ -4,6 +4,7 @@ and a self-contained quickstart."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -439,12 +440,21 @@ OUTPUT_FLAGS = {"train": "run_dir", "quickstart": "run_dir", "evaluate": "output
                 "export": "export_base_path"}
 
 
+# The errors of a path or of the file system under it.
+FILE_SYSTEM_ERRNOS = frozenset({
+    errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EEXIST,
+    errno.ENOTDIR, errno.EISDIR, errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.ENOTEMPTY,
+    errno.EXDEV, errno.EBUSY,
+})
+
+
 def os_error_text(error: BaseException, writing: Optional[str] = None) -> Optional[str]:
     """The line said for a file system error (read-only, not permitted, disk full): its reason
     and the path it names, else ``writing`` (the output being written; a full disk's failed
     write names no file); None for anything else, an OSError without an errno included (a bug
-    or a message of ours, which the command's handled types decide on)."""
-    if not isinstance(error, OSError) or error.errno is None:
+    or a message of ours, which the command's handled types decide on), and an OSError that is
+    not the file system's (a connection reset is no path's fault)."""
+    if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRNOS:
         return None
     reason = error.strerror or str(error)
     if error.filename is not None:

@@ -48,10 +48,9 @@ from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
 from tfx_xmatch.io_utils import (
-    atomic_directory, copy_directory_or_nothing, locked_temporary_directory, remove_abandoned_temporaries,
-    rename_no_replace, restore_moved_aside,
+    INT64_MAX, atomic_directory, copy_directory_or_nothing, locked_temporary_directory, remove_abandoned_temporaries,
+    rename_no_replace, restore_moved_aside, version_number,
 )
-from tfx_xmatch.serving.model_manager import INT64_MAX, version_number
 from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description
 
 log = logging.getLogger("tfx_xmatch.export")
@@ -572,7 +571,7 @@ def _unused_version(base: str, version) -> int:
 
 def _versions_by_number(base: str) -> dict[int, str]:
     """{version: entry name} of the entries under ``base`` whose name a server reads as a
-    version (:func:`~tfx_xmatch.serving.model_manager.version_number`); {} without ``base``."""
+    version (:func:`~tfx_xmatch.io_utils.version_number`); {} without ``base``."""
     if not tf.io.gfile.isdir(base):
         return {}
     found = {}
@@ -647,6 +646,12 @@ def _upload_new_version(local: str, base: str, version: Optional[int]) -> str:
     copies) with ``overwrite=False``, ``saved_model.pb`` last, so a polling server finds no
     SavedModel until the rest is there. The first file moved claims the number: if it exists
     already, another exporter took that version, and nothing of this one is in it.
+
+    Not atomic, unlike the local rename: ``tf.io.gfile.rename(overwrite=False)`` checks, then
+    copies, so two exporters moving their first file into one number in the same instant both
+    go on, and the second one to find a file of the other's there fails naming the version,
+    which then holds files of both. Publish to one object-store base path from one process at
+    a time (a pipeline's publish step, a CI job).
     """
     staging = f"{base.rstrip('/')}/.export.{uuid.uuid4().hex}.tmp"
     copy_directory_or_nothing(local, staging)
@@ -672,8 +677,15 @@ def _upload_new_version(local: str, base: str, version: Optional[int]) -> str:
 def _move_files(staging: str, final: str, files: list[str]) -> None:
     """Renames ``files`` (relative names, in order) from ``staging`` into ``final``, none over an
     existing file. FileExistsError when the first file is there already: ``final`` is another
-    exporter's, and nothing of this one is in it. A failure after the first removes ``final``
-    again: the number was this export's, and servers would fail to load what was moved."""
+    exporter's, and nothing of this one is in it. Any other failure removes ``final`` again (it
+    did not exist when the move began): servers would fail to load what was moved, and later
+    exports skip a number that exists.
+
+    Raises:
+      RuntimeError: A later file was there already: another exporter moved into ``final`` at the
+        same instant (see ``_upload_new_version``); it is left for the operator, as it holds
+        files of both.
+    """
     moved = 0
     try:
         for name in files:
@@ -684,12 +696,14 @@ def _move_files(staging: str, final: str, files: list[str]) -> None:
             except tf.errors.AlreadyExistsError:
                 if not moved:
                     raise FileExistsError(final) from None
-                raise
+                raise RuntimeError(f"{target} was written by another export publishing into {final} at the same "
+                                   f"time; {final} holds files of both: delete it, then export again") from None
             moved += 1
+    except (FileExistsError, RuntimeError):
+        raise
     except BaseException:
-        if moved:  # the number is this export's: a half-moved version would fail every load
-            with contextlib.suppress(tf.errors.OpError):
-                tf.io.gfile.rmtree(final)
+        with contextlib.suppress(tf.errors.OpError):
+            tf.io.gfile.rmtree(final)
         raise
 
 

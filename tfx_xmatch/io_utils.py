@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import pathlib
@@ -15,6 +16,8 @@ import socket
 import tempfile
 import uuid
 from typing import Iterable, Iterator, Optional
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -334,8 +337,9 @@ def claimed_directory(directory: str | os.PathLike, what: str = "directory") -> 
     The claim is an exclusive ``flock`` on ``CLAIM_FILE`` in the directory. The kernel drops it
     when its process dies, so a killed writer blocks nobody (its file is taken over, unlocked,
     by the next); the file is removed when the block ends. Not claimed: a URL (``gs://``...;
-    object stores have no locks, so keep two writers of one apart yourself), and a directory
-    this process may not create files in (a finished run on a read-only mount is still read).
+    object stores have no locks, so keep two writers of one apart yourself), a directory this
+    process may not create files in (a finished run on a read-only mount is still read), and one
+    on a file system that takes no locks (NFS without its lock manager; a warning says so).
 
     Raises:
       DirectoryBeingWritten: Another process holds the claim; the message names the directory
@@ -345,35 +349,70 @@ def claimed_directory(directory: str | os.PathLike, what: str = "directory") -> 
         yield
         return
     path = pathlib.Path(directory) / CLAIM_FILE
-    while True:
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            yield  # nothing can be written there, by this process or the block
-            return
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
-            os.close(descriptor)
-            raise DirectoryBeingWritten(
-                f"{what} {str(directory)!r} is being written by another process"
-                f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end, or give another "
-                "directory") from None
-        # The holder removes the file as it releases it: a lock taken on the removed file
-        # claims nothing, so take the one now in its place.
-        if _is_same_file(descriptor, path):
-            break
-        os.close(descriptor)
+    descriptor = _locked_claim_file(path, directory, what)
+    if descriptor is None:
+        yield
+        return
     try:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode("ascii"))  # for the message of a process refused
         yield
     finally:
-        path.unlink(missing_ok=True)  # before the lock goes: see above
+        path.unlink(missing_ok=True)  # before the lock goes: see _locked_claim_file
         os.close(descriptor)
+
+
+# The claim file cannot be made (a finished run on a read-only mount is still read), or the file
+# system takes no locks (NFS without its lock manager): the directory goes unclaimed.
+_CANNOT_CREATE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
+
+
+def _locked_claim_file(path: pathlib.Path, directory, what: str) -> Optional[int]:
+    """The descriptor of ``path``, created if need be and locked by this process; None when the
+    directory cannot be claimed (``_CANNOT_CREATE``, ``_NO_LOCKS``).
+
+    Raises:
+      DirectoryBeingWritten: Another process holds the lock.
+    """
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            if error.errno in _CANNOT_CREATE:
+                return None
+            raise
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _claim_holder(descriptor)
+            os.close(descriptor)
+            raise DirectoryBeingWritten(
+                f"{what} {str(directory)!r} is being written by another process"
+                f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end, or give another "
+                "directory") from None
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno not in _NO_LOCKS:
+                raise
+            with contextlib.suppress(OSError):
+                path.unlink()  # nobody can hold a lock on it
+            log.warning("%s %s is not claimed: its file system takes no locks (%s); keep other processes from "
+                        "writing it meanwhile", what, directory, error.strerror)
+            return None
+        # The holder removes the file as it releases it: a lock taken on the removed file
+        # claims nothing, so take the one now in its place.
+        if _is_same_file(descriptor, path):
+            return descriptor
+        os.close(descriptor)
+
+
+def _claim_holder(descriptor: int) -> str:
+    """The process id the claim's holder wrote, "" if it cannot be read."""
+    try:
+        return os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
 
 
 def _is_same_file(descriptor: int, path: pathlib.Path) -> bool:
@@ -429,3 +468,19 @@ def check_output_location(path: str | os.PathLike, flag: str, *, directory: bool
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {text!r} cannot be written: {str(nearest)!r} is read-only or not "
                               "writable by this user")
+
+
+# Model versions are directories named by an int64, as TF Serving reads them.
+INT64_MAX = 2**63 - 1
+
+
+def version_number(name: str) -> int | None:
+    """The version a directory called ``name`` holds, None if it is no version: ASCII digits
+    within int64, as TF Serving's safe_strto64 (the exporter numbers versions by this rule too).
+
+    "²" passed isdigit() and failed int() in every poll; 99999999999999999999 loaded and failed
+    every response.
+    """
+    if not (name.isascii() and name.isdigit()) or int(name) > INT64_MAX:
+        return None
+    return int(name)

@@ -136,14 +136,19 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
 
         Raises:
           ValueError: If shapes are wrong, N is 0, or N differs between the two arguments.
-          TypeError: If dtypes are not float / integer-or-string, or ``padding_identifier``
-            does not match the identifiers' dtype.
+          TypeError: If dtypes are not float / integer-or-string, ``padding_identifier`` does
+            not match the identifiers' dtype, or the index holds identifiers of another dtype.
           RuntimeError: If called inside ``tf.function``.
         """
         self._require_eager("index()")
         candidates = self._checked_candidates(candidates)
         num_candidates, dimension = int(candidates.shape[0]), int(candidates.shape[1])
         identifiers = self._checked_identifiers(identifiers, num_candidates)
+        if isinstance(self.identifiers, tf.Variable) and self.identifiers.dtype != identifiers.dtype:
+            # Another dtype needs another variable, and functions traced before (SavedModels
+            # too) would go on reading the old one: old identifiers for new positions, silently.
+            raise TypeError(f"identifiers are {identifiers.dtype.name} but this index holds "
+                            f"{self.identifiers.dtype.name} ones; make a new index for identifiers of another dtype")
         store = self._index(candidates)
         with self._writing():
             store()

@@ -165,6 +165,16 @@ class RetrievalModel(tfrs.models.Model):
         finally:
             self._traced_step.log_weight = None
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle: a threading.local cannot be copied (as the index's lock).
+        state = super().__getstate__()
+        state.pop("_traced_step", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_traced_step"] = threading.local()
+        super().__setstate__(state)
+
     def _step_log_weight(self) -> Optional[tf.Tensor]:
         """The row weight of the step this thread is tracing, None outside one."""
         return getattr(self._traced_step, "log_weight", None)

@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 
 import grpc
 
+from tfx_xmatch.io_utils import version_number
 from tfx_xmatch.serving import errors
 
 log = logging.getLogger("tfx_xmatch.serving.model_manager")
@@ -349,21 +350,6 @@ def list_versions(base_path: str) -> dict[int, str]:
             continue
         found[version] = entry.path
     return found
-
-
-def version_number(name: str) -> int | None:
-    """The version a directory called ``name`` holds, None if it is no version: ASCII digits
-    within int64, as TF Serving's safe_strto64 (the exporter numbers versions by this rule too).
-
-    "²" passed isdigit() and failed int() in every poll; 99999999999999999999 loaded and failed
-    every response.
-    """
-    if not (name.isascii() and name.isdigit()) or int(name) > INT64_MAX:
-        return None
-    return int(name)
-
-
-INT64_MAX = 2**63 - 1
 
 
 def directory_fingerprint(path: str) -> tuple:
