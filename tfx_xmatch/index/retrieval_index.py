@@ -144,11 +144,6 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         candidates = self._checked_candidates(candidates)
         num_candidates, dimension = int(candidates.shape[0]), int(candidates.shape[1])
         identifiers = self._checked_identifiers(identifiers, num_candidates)
-        if isinstance(self.identifiers, tf.Variable) and self.identifiers.dtype != identifiers.dtype:
-            # Another dtype needs another variable, and functions traced before (SavedModels
-            # too) would go on reading the old one: old identifiers for new positions, silently.
-            raise TypeError(f"identifiers are {identifiers.dtype.name} but this index holds "
-                            f"{self.identifiers.dtype.name} ones; make a new index for identifiers of another dtype")
         store = self._index(candidates)
         with self._writing():
             store()
@@ -444,7 +439,7 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         """Validates [N] identifiers (default ``0..N-1``); integers become int64.
 
         Also checks that the configured padding values suit the identifiers' dtype, failing
-        early rather than inside a serving call.
+        early rather than inside a serving call, and that an indexed index keeps its dtype.
         """
         if identifiers is None:
             identifiers = tf.range(num_candidates, dtype=tf.int64)
@@ -462,6 +457,11 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
             raise TypeError(
                 f"identifiers must be integers or strings, got dtype {identifiers.dtype.name}"
             )
+        if isinstance(self.identifiers, tf.Variable) and self.identifiers.dtype != identifiers.dtype:
+            # Another dtype needs another variable, and functions traced before (SavedModels
+            # too) would go on reading the old one: old identifiers for new positions, silently.
+            raise TypeError(f"identifiers are {identifiers.dtype.name} but this index holds "
+                            f"{self.identifiers.dtype.name} ones; make a new index for identifiers of another dtype")
         if identifiers.shape.rank != 1 or int(identifiers.shape[0]) != num_candidates:
             raise ValueError(
                 f"identifiers must be a vector with one entry per candidate ([{num_candidates}]), "
