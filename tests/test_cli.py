@@ -525,7 +525,7 @@ def test_file_system_errors_are_one_line_naming_the_path(tmp_path, capsys, monke
 def test_only_file_system_errors_are_said_as_a_path_and_its_reason():
     """Every OSError with an errno was said as a file problem: a connection reset became
     "Connection reset by peer (writing runs/x)", in place of its traceback."""
-    from tfx_xmatch.cli import os_error_text
+    from tfx_xmatch.user_errors import os_error_text
 
     assert os_error_text(ConnectionResetError(104, "Connection reset by peer"), "runs/x") is None
     assert os_error_text(OSError(28, "No space left on device"), "runs/x") == "No space left on device (writing runs/x)"

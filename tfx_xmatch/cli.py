@@ -4,7 +4,6 @@ and a self-contained quickstart."""
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -440,29 +439,6 @@ OUTPUT_FLAGS = {"train": "run_dir", "quickstart": "run_dir", "evaluate": "output
                 "export": "export_base_path"}
 
 
-# The errors of a path or of the file system under it.
-FILE_SYSTEM_ERRNOS = frozenset({
-    errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EEXIST,
-    errno.ENOTDIR, errno.EISDIR, errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.ENOTEMPTY,
-    errno.EXDEV, errno.EBUSY,
-})
-
-
-def os_error_text(error: BaseException, writing: Optional[str] = None) -> Optional[str]:
-    """The line said for a file system error (read-only, not permitted, disk full): its reason
-    and the path it names, else ``writing`` (the output being written; a full disk's failed
-    write names no file); None for anything else, an OSError without an errno included (a bug
-    or a message of ours, which the command's handled types decide on), and an OSError that is
-    not the file system's (a connection reset is no path's fault)."""
-    if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRNOS:
-        return None
-    reason = error.strerror or str(error)
-    if error.filename is not None:
-        paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
-        return f"{paths}: {reason}"
-    return f"{reason} (writing {writing})" if writing else reason
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from tfx_xmatch.interrupts import run_interruptibly
@@ -501,7 +477,7 @@ def _run(argv: list) -> int:
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
     from tfx_xmatch.interrupts import interruption
-    from tfx_xmatch.user_errors import user_error_text
+    from tfx_xmatch.user_errors import os_error_text, user_error_text
 
     handled = (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, IsADirectoryError,
                NotADirectoryError, PermissionError, ValueError, KeyError, RuntimeError)

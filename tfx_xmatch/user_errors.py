@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from typing import Optional
@@ -112,3 +113,26 @@ def beam_worker_error(error: BaseException) -> Optional[tuple[Optional[type], st
                 cause = None
             return cause, "\n".join([match["message"], *lines[index + 1:]])
     return None
+
+
+# The errors of a path or of the file system under it.
+FILE_SYSTEM_ERRNOS = frozenset({
+    errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EEXIST,
+    errno.ENOTDIR, errno.EISDIR, errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.ENOTEMPTY,
+    errno.EXDEV, errno.EBUSY,
+})
+
+
+def os_error_text(error: BaseException, writing: Optional[str] = None) -> Optional[str]:
+    """The line said for a file system error (read-only, not permitted, disk full): its reason
+    and the path it names, else ``writing`` (the output being written; a full disk's failed
+    write names no file); None for anything else, an OSError without an errno included (a bug
+    or a message of ours, which the command's handled types decide on), and an OSError that is
+    not the file system's (a connection reset is no path's fault)."""
+    if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRNOS:
+        return None
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        return f"{paths}: {reason}"
+    return f"{reason} (writing {writing})" if writing else reason

@@ -56,11 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # line for the user's errors, the traceback for a bug), so that log only repeats it.
     logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     import tfx_xmatch  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-    from tfx_xmatch.cli import os_error_text
     from tfx_xmatch.config import ConfigError
     from tfx_xmatch.data import DataFormatError
     from tfx_xmatch.interrupts import run_interruptibly
-    from tfx_xmatch.user_errors import user_error_text
+    from tfx_xmatch.user_errors import os_error_text, user_error_text
 
     try:
         return run_interruptibly(f"xmatch pipeline {argv[0]}",
