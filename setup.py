@@ -36,7 +36,7 @@ setup(
         "beam": ["apache-beam[gcp]>=2.60,<3"],
         # Tests run every Beam pipeline on the DirectRunner, which plain apache-beam has;
         # pytest-xdist runs the test files on two processes.
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "apache-beam>=2.60,<3"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.8,<4", "apache-beam>=2.60,<3"],
     },
     entry_points={"console_scripts": ["xmatch=tfx_xmatch.cli:main"]},
     # The tuned configs the README names, for an install without the checkout: they land in

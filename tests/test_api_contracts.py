@@ -386,10 +386,11 @@ def test_mixed_float16_trains_with_loss_scaling_and_answers_like_float32(model_c
     inputs = {"history": HISTORY}
     users, scores = model.user_embedding(inputs), model.score_all(inputs)
     assert users.dtype == tf.float32 and scores.dtype == tf.float32 and model.item_embeddings().dtype == tf.float32
-    saved = tmp_path / "mixed"
-    model.save(str(saved))
-    np.testing.assert_allclose(tf.keras.models.load_model(str(saved)).score_all(inputs).numpy(), scores.numpy(),
-                               rtol=1e-5, atol=1e-5)
+    if loss == "full_softmax":  # the loss only shapes training: one save per model covers serving
+        saved = tmp_path / "mixed"
+        model.save(str(saved))
+        np.testing.assert_allclose(tf.keras.models.load_model(str(saved)).score_all(inputs).numpy(),
+                                   scores.numpy(), rtol=1e-5, atol=1e-5)
 
     tf.keras.mixed_precision.set_global_policy("float32")
     twin = _tiny(model_class, **options)
