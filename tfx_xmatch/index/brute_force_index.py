@@ -23,6 +23,10 @@ class BruteForceIndex(RetrievalIndex):
       **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
         see ``RetrievalIndex``.
 
+    Returns:
+      As ``RetrievalIndex``: the exact top-k dot products of the whole catalogue and their
+      identifiers, [B, k] each.
+
     Example:
       >>> index = BruteForceIndex(k_max=10).index(tf.random.normal([100, 8]), tf.range(100, 200))
       >>> scores, ids = index(tf.random.normal([2, 8]), k=tf.constant(5))  # [2, 5] each

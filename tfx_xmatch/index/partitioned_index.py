@@ -99,6 +99,11 @@ class PartitionedIndex(RetrievalIndex):
       **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
         see ``RetrievalIndex``.
 
+    Returns:
+      As ``RetrievalIndex``: the top-k of the candidates in the probed partitions, scored with
+      exact dot products, and their identifiers, [B, k] each; exact when every partition is
+      probed.
+
     Raises:
       ValueError: If an argument is out of range.
 

@@ -79,6 +79,12 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
         exclusion lists do not remove a real candidate). Default: the padding identifier.
       **kwargs: Passed to ``tf.keras.layers.Layer`` (e.g. ``name``).
 
+    Returns:
+      Called as ``index(queries, k=None, exclude=None)`` (see ``call``): ``(scores,
+      identifiers)``, float32 [B, k] dot products, best first, and the [B, k] identifiers given
+      to ``index()`` (int64 row positions when none were). Empty slots hold ``-inf`` and
+      ``padding_identifier``.
+
     Raises:
       ValueError: If ``k_max`` or ``k`` is out of range.
 

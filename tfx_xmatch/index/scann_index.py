@@ -60,6 +60,10 @@ class ScaNNIndex(RetrievalIndex):
       **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
         see ``RetrievalIndex``.
 
+    Returns:
+      As ``RetrievalIndex``: ScaNN's top-k and their identifiers, [B, k] each. Scores are the
+      hashed approximations of the dot products, or exact ones for the reordered results.
+
     Raises:
       ImportError: If the ``scann`` package is not installed.
       ValueError: If an argument is out of range (and ``index()`` on fewer than 16 candidates).

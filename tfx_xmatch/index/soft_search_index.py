@@ -40,6 +40,11 @@ class SoftSearchIndex(RetrievalIndex):
       **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
         see ``RetrievalIndex``.
 
+    Returns:
+      Called as ``index(queries, k=None, exclude=None, log_weights=None)`` (see ``call``):
+      ``(scores, identifiers)``, float32 [B, k] log mixture probabilities, best first, and
+      the matching identifiers; empty slots as in ``RetrievalIndex``.
+
     Raises:
       ValueError: ``base`` is not a ``RetrievalIndex``, its ``k_max`` is below ``k_max``,
         ``num_interests`` is not an integer >= 1, or ``temperature`` is not positive.

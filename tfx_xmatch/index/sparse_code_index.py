@@ -64,6 +64,12 @@ class SparseCodeIndex(RetrievalIndex):
       **kwargs: ``k``, ``padding_identifier``, ``exclude_padding`` and Keras layer arguments,
         see ``RetrievalIndex``.
 
+    Returns:
+      Called on float [B, C] query code weights: ``(scores, identifiers)``, float32 [B, k]
+      weighted sums of the stored scores of each item over the query's codes, best first, and
+      their identifiers. Items in none of the query's posting lists are never returned: their
+      slots hold ``-inf`` and ``padding_identifier``.
+
     Raises:
       ValueError: If an argument is out of range (the message quotes it).
 
