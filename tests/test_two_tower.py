@@ -238,3 +238,20 @@ def test_a_model_copies_before_and_after_it_is_built():
     model({"history": tf.constant([[1, 2, 3, 0, 0]])})
     copied = copy.deepcopy(model)
     np.testing.assert_allclose(copied.get_weights()[0], model.get_weights()[0])
+
+
+@pytest.mark.parametrize("method", ["call", "tokens"])
+def test_item_tower_refuses_indices_past_its_table_naming_them(method):
+    """A CPU gather failed with a bare "indices[0,1] = 6 is not in [0, 6)"; a GPU one read zeros."""
+    tower = ItemTower(5, 4, feature_dims={"genres": 2}, name="items")
+    embed = tower if method == "call" else tower.tokens
+    assert embed(tf.constant([[0, 5]], tf.int64)).shape[0] == 1  # padding and the last item
+    assert embed(tf.zeros([0, 3], tf.int32)).shape[0] == 0  # no rows
+    for bad, low, high in (([[1, 6]], 1, 6), ([[-1, 2]], -1, 2)):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=rf"items: item indices must be in \[0, 5\] .*, got indices from {low} to {high}(\n|$)"):
+            embed(tf.constant(bad))
+        traced = tf.function(embed, input_signature=[tf.TensorSpec([None, None], tf.int32)])
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=rf"item indices must be in \[0, 5\](.|\n)*\[{low}\] \[to\] \[{high}\]"):
+            traced(tf.constant(bad))

@@ -41,6 +41,8 @@ class ItemTower(tf.keras.layers.Layer):
       ValueError: On invalid hyperparameters (named, with the value), a feature table without
         a width in ``feature_dims``, of another shape than [num_items + 1, width], or holding a
         NaN or infinite value.
+      tf.errors.InvalidArgumentError: When called on an index outside [0, num_items], naming
+        the smallest and largest index given (not checked under XLA, which drops assertions).
 
     Example:
       >>> tower = ItemTower(num_items=100, embedding_dim=8)
@@ -123,6 +125,7 @@ class ItemTower(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, item_indices: tf.Tensor) -> tf.Tensor:
+        item_indices = self._checked_indices(item_indices)
         embeddings = self.id_embedding(item_indices)
         for name, table in self.feature_tables.items():
             features = tf.gather(table, item_indices)
@@ -145,10 +148,34 @@ class ItemTower(tf.keras.layers.Layer):
         item_indices = tf.convert_to_tensor(item_indices)
         if not self.built:
             self.build(item_indices.shape)
+        item_indices = self._checked_indices(item_indices)
         tokens = [self.id_embedding(item_indices)]
         for name, table in self.feature_tables.items():
             tokens.append(self.feature_projections[name](tf.gather(table, item_indices)))
         return tf.stack(tokens, axis=-2)
+
+    def _checked_indices(self, item_indices: tf.Tensor) -> tf.Tensor:
+        """The indices, once each is known to be in [0, num_items]: past the table, a CPU gather
+        fails with a bare "indices[3,2] = 45 is not in [0, 41)" and a GPU one reads zeros,
+        silently, so a wrong vocabulary would train on and serve nonsense. Not checked under XLA
+        (``jit_compile``), which drops assertions."""
+        item_indices = tf.convert_to_tensor(item_indices)
+        if not item_indices.dtype.is_integer:
+            return item_indices  # the embedding lookup names the dtype
+        smallest, largest = tf.reduce_min(item_indices), tf.reduce_max(item_indices)
+        in_range = tf.logical_or(
+            tf.equal(tf.size(item_indices), 0),  # no rows: the reductions give the dtype's extremes
+            tf.logical_and(smallest >= 0, largest <= tf.cast(self.num_items, item_indices.dtype)),
+        )
+        message = (f"{self.name}: item indices must be in [0, {self.num_items}] (0 is padding, "
+                   f"num_items={self.num_items}), got indices from")
+        if tf.executing_eagerly():
+            if not bool(in_range):
+                raise tf.errors.InvalidArgumentError(None, None, f"{message} {int(smallest)} to {int(largest)}")
+            return item_indices
+        check = tf.debugging.Assert(in_range, [message, smallest, "to", largest])
+        with tf.control_dependencies([check]):
+            return tf.identity(item_indices)
 
     def all_items(self) -> tf.Tensor:
         """Embeddings of every item index, padding included: [num_items + 1, embedding_dim]."""
