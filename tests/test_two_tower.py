@@ -255,3 +255,8 @@ def test_item_tower_refuses_indices_past_its_table_naming_them(method):
         with pytest.raises(tf.errors.InvalidArgumentError,
                            match=rf"item indices must be in \[0, 5\](.|\n)*\[{low}\] \[to\] \[{high}\]"):
             traced(tf.constant(bad))
+    # Indices known when traced (all_items' range, a constant) are checked then, not per call.
+    graph = tf.function(tower.all_items).get_concrete_function().graph
+    assert not [op for op in graph.get_operations() if op.type == "Assert"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="got indices from 0 to 6"):
+        tf.function(lambda: embed(tf.constant([0, 6]))).get_concrete_function()

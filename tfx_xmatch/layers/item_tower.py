@@ -162,17 +162,18 @@ class ItemTower(tf.keras.layers.Layer):
         item_indices = tf.convert_to_tensor(item_indices)
         if not item_indices.dtype.is_integer:
             return item_indices  # the embedding lookup names the dtype
+        message = (f"{self.name}: item indices must be in [0, {self.num_items}] (0 is padding, "
+                   f"num_items={self.num_items}), got indices from")
+        known = tf.get_static_value(item_indices)
+        if known is not None:  # eager, or a constant such as all_items' range: checked here, once
+            if known.size and (known.min() < 0 or known.max() > self.num_items):
+                raise tf.errors.InvalidArgumentError(None, None, f"{message} {known.min()} to {known.max()}")
+            return item_indices
         smallest, largest = tf.reduce_min(item_indices), tf.reduce_max(item_indices)
         in_range = tf.logical_or(
             tf.equal(tf.size(item_indices), 0),  # no rows: the reductions give the dtype's extremes
             tf.logical_and(smallest >= 0, largest <= tf.cast(self.num_items, item_indices.dtype)),
         )
-        message = (f"{self.name}: item indices must be in [0, {self.num_items}] (0 is padding, "
-                   f"num_items={self.num_items}), got indices from")
-        if tf.executing_eagerly():
-            if not bool(in_range):
-                raise tf.errors.InvalidArgumentError(None, None, f"{message} {int(smallest)} to {int(largest)}")
-            return item_indices
         check = tf.debugging.Assert(in_range, [message, smallest, "to", largest])
         with tf.control_dependencies([check]):
             return tf.identity(item_indices)
