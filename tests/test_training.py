@@ -607,7 +607,7 @@ def test_run_directories_are_readable_by_other_users(tmp_path):
 
 @pytest.mark.parametrize("name, options", [("TwoTower", {}), ("SparCode", {"num_codewords": 8, "num_query_tokens": 2}),
                                            ("SPARC", {"num_codewords": 8}), ("T2Diff", {})])
-def test_a_batch_without_targets_is_refused_naming_next_items_and_leaves_the_weights(name, options):
+def test_a_batch_without_targets_or_with_targets_past_the_catalogue_is_refused_naming_next_items(name, options):
     """Every loss was a mean over nothing (NaN, which fit applied to the weights) or failed deep in
     a layer (a quantizer's restart drew from an empty batch) without saying why."""
     from tfx_xmatch import models
@@ -633,6 +633,19 @@ def test_a_batch_without_targets_is_refused_naming_next_items_and_leaves_the_wei
             model.compute_loss(empty, training=training_mode)
     with pytest.raises(KeyError, match="needs the input 'next_items'"):
         model.compute_loss({"history": history})
+    # A target past the catalogue failed as a bare "Received a label value of 25" on CPU and
+    # trained on NaN on a GPU; a negative one was skipped as padding.
+    for bad, low, high in ((25, 0, 25), (-1, -1, 7)):
+        targets = {"history": history, "next_items": tf.tensor_scatter_nd_update(
+            trainable["next_items"], [[1, 4]], [bad])}
+        match = (rf"input next_items: target item indices must be in \[0, 20\](.|\n)*"
+                 rf"(\[{low}\] \[to\] \[{high}\]|from {low} to {high})")
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            model.fit(tf.data.Dataset.from_tensors(targets), epochs=1, verbose=0)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            model.compute_loss(targets, training=True)
+    for old, new in zip(before, state(), strict=True):
+        np.testing.assert_array_equal(old, new)
     assert np.isfinite(float(model.compute_loss(trainable)))
 
 

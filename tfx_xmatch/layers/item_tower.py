@@ -157,26 +157,11 @@ class ItemTower(tf.keras.layers.Layer):
     def _checked_indices(self, item_indices: tf.Tensor) -> tf.Tensor:
         """The indices, once each is known to be in [0, num_items]: past the table, a CPU gather
         fails with a bare "indices[3,2] = 45 is not in [0, 41)" and a GPU one reads zeros,
-        silently, so a wrong vocabulary would train on and serve nonsense. Not checked under XLA
-        (``jit_compile``), which drops assertions."""
+        silently, so a wrong vocabulary would train on and serve nonsense."""
         item_indices = tf.convert_to_tensor(item_indices)
         if not item_indices.dtype.is_integer:
             return item_indices  # the embedding lookup names the dtype
-        message = (f"{self.name}: item indices must be in [0, {self.num_items}] (0 is padding, "
-                   f"num_items={self.num_items}), got indices from")
-        known = tf.get_static_value(item_indices)
-        if known is not None:  # eager, or a constant such as all_items' range: checked here, once
-            if known.size and (known.min() < 0 or known.max() > self.num_items):
-                raise tf.errors.InvalidArgumentError(None, None, f"{message} {known.min()} to {known.max()}")
-            return item_indices
-        smallest, largest = tf.reduce_min(item_indices), tf.reduce_max(item_indices)
-        in_range = tf.logical_or(
-            tf.equal(tf.size(item_indices), 0),  # no rows: the reductions give the dtype's extremes
-            tf.logical_and(smallest >= 0, largest <= tf.cast(self.num_items, item_indices.dtype)),
-        )
-        check = tf.debugging.Assert(in_range, [message, smallest, "to", largest])
-        with tf.control_dependencies([check]):
-            return tf.identity(item_indices)
+        return checked_item_indices(item_indices, self.num_items, f"{self.name}: item indices")
 
     def all_items(self) -> tf.Tensor:
         """Embeddings of every item index, padding included: [num_items + 1, embedding_dim]."""
@@ -192,3 +177,39 @@ class ItemTower(tf.keras.layers.Layer):
             l2=self.l2,
         )
         return config
+
+
+def checked_item_indices(item_indices: tf.Tensor, num_items: int, what: str) -> tf.Tensor:
+    """``item_indices`` (an integer tensor), once every one is known to be in [0, num_items].
+
+    Values known when traced (eager tensors, constants such as a ``tf.range``) are checked here,
+    once, in Python; other values get a stock ``Assert`` op (no custom op, so TF Serving loads
+    it), which XLA (``jit_compile``) drops like every assertion.
+
+    Args:
+      item_indices: int tensor of any shape.
+      num_items: The number of real items (int); 0 is padding.
+      what: What the indices are, leading the error, e.g. "items: item indices".
+
+    Returns:
+      ``item_indices``, behind the check.
+
+    Raises:
+      tf.errors.InvalidArgumentError: An index is negative or past ``num_items``; the message
+        names ``what``, the valid range and the smallest and largest index given.
+    """
+    message = (f"{what} must be in [0, {num_items}] (0 is padding, num_items={num_items}), "
+               "got indices from")
+    known = tf.get_static_value(item_indices)
+    if known is not None:
+        if known.size and (known.min() < 0 or known.max() > num_items):
+            raise tf.errors.InvalidArgumentError(None, None, f"{message} {known.min()} to {known.max()}")
+        return item_indices
+    smallest, largest = tf.reduce_min(item_indices), tf.reduce_max(item_indices)
+    in_range = tf.logical_or(
+        tf.equal(tf.size(item_indices), 0),  # no rows: the reductions give the dtype's extremes
+        tf.logical_and(smallest >= 0, largest <= tf.cast(num_items, item_indices.dtype)),
+    )
+    check = tf.debugging.Assert(in_range, [message, smallest, "to", largest])
+    with tf.control_dependencies([check]):
+        return tf.identity(item_indices)

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfx_xmatch.layers.item_tower import checked_item_indices
+
 
 def history_indices(inputs: dict) -> tf.Tensor:
     """``inputs["history"]`` as ``item_indices``, refused unless it is [batch, length]: one user's
@@ -162,22 +164,27 @@ class LossDraws:
         return tf.random.stateless_categorical(logits, num_samples, self._next_seed(), dtype=dtype)
 
 
-def training_targets(inputs: dict) -> tf.Tensor:
-    """``inputs["next_items"]`` (int [B, L], 0 = no target), checked to hold a target.
+def training_targets(inputs: dict, num_items: int) -> tf.Tensor:
+    """``inputs["next_items"]`` (int [B, L], 0 = no target), checked to hold a target and to
+    index the catalogue of ``num_items`` items.
 
-    A batch without one has nothing to learn from, and every loss would be a mean over nothing:
-    NaN, which ``fit`` would apply to the weights, or a failure deep in a layer that does not
-    say why. It is refused here instead, naming the input.
+    A batch without a target has nothing to learn from, and every loss would be a mean over
+    nothing: NaN, which ``fit`` would apply to the weights, or a failure deep in a layer that does
+    not say why. A target past the catalogue failed as a bare "Received a label value of 25 which
+    is outside the valid range" on CPU and trained on NaN on a GPU; a negative one was skipped
+    as padding. Both are refused here instead, naming the input.
 
     Raises:
       KeyError: ``inputs`` has no "next_items".
-      tf.errors.InvalidArgumentError: every entry is 0 (raised when the check runs: at once in
-        eager mode, at the step inside ``fit``).
+      tf.errors.InvalidArgumentError: every entry is 0, or one is negative or past
+        ``num_items`` (raised when the check runs: at once in eager mode, at the step inside
+        ``fit``).
     """
     if "next_items" not in inputs:
         raise KeyError(f"the loss needs the input 'next_items' (the item after each history position); "
                        f"got inputs {sorted(inputs)}")
-    next_items = item_indices("next_items", inputs["next_items"])
+    next_items = checked_item_indices(item_indices("next_items", inputs["next_items"]), num_items,
+                                      "input next_items: target item indices")
     has_target = tf.debugging.assert_greater(
         tf.reduce_max(tf.concat([tf.reshape(next_items, [-1]), tf.zeros([1], next_items.dtype)], 0)),
         tf.zeros([], next_items.dtype),

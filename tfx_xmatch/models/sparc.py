@@ -340,7 +340,7 @@ class SPARC(RetrievalModel):
             inputs = inputs[0]
         states = self.encode_sequence(inputs, training=training)
         history = tf.convert_to_tensor(inputs["history"])
-        next_items = training_targets(inputs)
+        next_items = training_targets(inputs, self.num_items)
         is_target = next_items > 0
         where = tf.where(is_target)
         targets = tf.gather_nd(next_items, where)

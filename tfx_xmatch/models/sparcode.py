@@ -575,7 +575,7 @@ class SparCode(RetrievalModel):
         if isinstance(inputs, (tuple, list)):
             inputs = inputs[0]
         sequence = self.encode_sequence(inputs, training=training)
-        next_items = training_targets(inputs)
+        next_items = training_targets(inputs, self.num_items)
         is_target = next_items > 0
         all_states = tf.boolean_mask(sequence, is_target)
         all_targets = tf.boolean_mask(next_items, is_target)

@@ -393,7 +393,7 @@ class T2Diff(RetrievalModel):
         if isinstance(inputs, (tuple, list)):
             inputs = inputs[0]
         history = history_indices(inputs)
-        next_items = training_targets(inputs)
+        next_items = training_targets(inputs, self.num_items)
         # The window ending at every position t: columns t - window + 1 .. t of the history.
         padded = tf.pad(history, [[0, 0], [self.window - 1, 0]])
         offsets = tf.range(tf.shape(history)[1])[:, tf.newaxis] + tf.range(self.window)[tf.newaxis, :]

@@ -139,7 +139,7 @@ class TwoTower(RetrievalModel):
             # Keras packs `train_on_batch(x)` as (x,) or (x, y, sample_weight); y is unused.
             inputs = inputs[0]
         sequence = self.encode_sequence(inputs, training=training)
-        next_items = training_targets(inputs)
+        next_items = training_targets(inputs, self.num_items)
         # Only real positions carry a target; dropping padding here saves most of the
         # softmax cost on short histories.
         is_target = next_items > 0
