@@ -3,14 +3,17 @@ reload, in a fresh TensorFlow-only process, with clear errors for bad requests."
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from tfx_xmatch.data.dataset import pad_histories
+from tfx_xmatch.data.tfrecord import feature_spec
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
 from tfx_xmatch.models import TwoTower
@@ -429,16 +432,51 @@ def test_reloaded_export_equals_the_in_process_model_and_uses_stock_ops(model, e
     np.testing.assert_allclose(result["scores"].numpy(), expected_scores, rtol=1e-5)
 
 
-def test_a_user_feature_with_a_hyphen_is_exported_and_checked_by_name(tmp_path):
-    """The shape check's op is named after the feature, which need not be a valid op name."""
+def test_user_features_named_with_any_character_a_signature_takes_are_served_under_that_name(tmp_path):
+    """The shape check's op is named after the feature, which need not be a valid op name; TF's
+    signature builder renames some Python arguments ("a.b" -> "a_b") but not the SignatureDef
+    input, which is what TF Serving clients send."""
+    names = {"age": 3, "age-group": 2, "a.b": 2, "1st": 2, "x/y": 2, "p>q": 2}
     model = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, dropout=0.0,
-                     user_feature_cardinalities={"age": 3, "age-group": 2})
-    top_k = tf.saved_model.load(str(export_retrieval_model(model, int_vocab(), tmp_path, k_max=K_MAX))).signatures["top_k"]
+                     user_feature_cardinalities=names)
+    path = export_retrieval_model(model, int_vocab(), tmp_path, k_max=K_MAX)
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    for signature in ("serving_default", "top_k", "user_embedding"):
+        assert set(saved.meta_graphs[0].signature_def[signature].inputs) - {"history", "k"} == set(names), signature
+    top_k = tf.saved_model.load(str(path)).signatures["top_k"]
     history = tf.constant(right_padded(int_vocab(), [np.array([3, 7])], 4, 0))
-    features = {"age": tf.constant([1], tf.int64), "age-group": tf.constant([2], tf.int64)}
+    features = {name: tf.constant([1], tf.int64) for name in names}
     assert top_k(history=history, k=tf.constant(3), **features)["item_ids"].shape == (1, 3)
     with pytest.raises(tf.errors.InvalidArgumentError, match="user_feature_age-group_must_be_one_value_per_row"):
         top_k(history=history, k=tf.constant(3), **{**features, "age-group": tf.constant([[2]], tf.int64)})
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("_age", "cannot name an input"), ("âge", "cannot name an input"), ("age group", "cannot name an input"),
+    ("class", "cannot name an input"), ("self", "cannot name an input"), ("m\\n", "cannot name an input"),
+    ("k", "is the name of a serving input"),
+    ("item_ids", "is the name of a serving input"), ("history", "is reserved")])
+def test_a_user_feature_name_no_signature_takes_is_refused_before_training(name, problem):
+    """Such a model trained, then failed at export with TF's "more than one argument ... was
+    named '_age'" (or "'class' is not a valid parameter name")."""
+    with pytest.raises(ValueError, match=rf"user feature name {re.escape(repr(name))} {problem}"):
+        TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, user_feature_cardinalities={name: 2})
+    with pytest.raises(ValueError, match=rf"user feature name {re.escape(repr(name))} {problem}"):
+        feature_spec([name])
+
+
+@pytest.mark.parametrize("names, argument", [(["a.b", "a_b"], "a_b"), (["1st", "arg_1st"], "arg_1st"),
+                                             (["K"], None), (["history.v2", "history_v2"], "history_v2")])
+def test_user_feature_names_that_tf_would_make_one_argument_are_refused_before_training(names, argument):
+    """TF makes each signature input a Python argument ("a.b" -> "a_b", "1st" -> "arg_1st"); two
+    that became one failed the export with "Name collision after sanitization"."""
+    cardinalities = {name: 2 for name in names}
+    if argument is None:  # distinct after the rename: accepted
+        TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, user_feature_cardinalities=cardinalities)
+        return
+    with pytest.raises(ValueError, match=rf"names '{re.escape(names[0])}' and '{names[1]}' both become the "
+                                         rf"argument '{argument}'"):
+        TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, user_feature_cardinalities=cardinalities)
 
 
 def test_a_reloaded_export_names_an_input_of_the_wrong_rank(exported):

@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from tfx_xmatch import arguments
 from tfx_xmatch.arguments import is_integer
+from tfx_xmatch.data.dataset import check_user_feature_names
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
 from tfx_xmatch.io_utils import (
@@ -104,9 +105,7 @@ class RetrievalServingModule(tf.Module):
         # signature: int64 [batch], the value's index in the feature vocabulary of the prepared
         # data (0 = unknown), as the model was trained on.
         self.user_features = dict(sorted(getattr(model, "user_feature_cardinalities", {}).items()))
-        clashing = sorted(set(self.user_features) & {"history", "k", "item_ids"})
-        if clashing:
-            raise ValueError(f"user feature {clashing[0]!r} has the name of a serving input; rename the feature")
+        check_user_feature_names(self.user_features)  # as our models do: any other fails here, by name
         feature_specs = [tf.TensorSpec([None], tf.int64, name=name) for name in self.user_features]
 
         history_spec = tf.TensorSpec([None, None], self.id_dtype, name="history")

@@ -7,7 +7,9 @@ are 1..num_items. Raw ids (strings or integers from the source files) live in a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import keyword
+import re
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -18,15 +20,66 @@ PAD_INDEX = 0
 # Keys of the pipeline dicts (training, evaluation and TFRecord records); no user feature may
 # take one of these names.
 RESERVED_FEATURE_NAMES = ("history", "next_items", "target", "user_row")
+# The serving signatures' own inputs; each user feature is one more input beside them.
+SERVING_INPUT_NAMES = ("history", "k", "item_ids")
+# What TensorFlow takes as a SavedModel signature's input name. Outside it, an export of a
+# trained model failed ("more than one argument ... was named '_age'" for "_age", "âge" or
+# "age group"), as it did for a Python keyword ("'class' is not a valid parameter name") and
+# for "self", the serving functions' own first parameter. TF's Python check lets a backslash
+# through, but its graph then refuses the embedding layer named after the feature.
+_SERVING_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_./>-]*")
 
 
-def check_user_feature_name(name: str) -> None:
-    """Raises ValueError if ``name`` is one of :data:`RESERVED_FEATURE_NAMES`."""
+def check_user_feature_names(names: Iterable[str]) -> None:
+    """Refuses user feature names that a pipeline dict or a serving signature cannot take.
+
+    Checked where features enter (records, input pipelines, a model's
+    ``user_feature_cardinalities``), so a bad name fails before training, not at the export
+    after it.
+
+    Args:
+      names: The user features' names (iterable of str).
+
+    Raises:
+      ValueError: A name is one of :data:`RESERVED_FEATURE_NAMES` or :data:`SERVING_INPUT_NAMES`,
+        a Python keyword or "self", or has a character a signature input name cannot hold (it
+        must start with a letter, digit or "." and go on with letters, digits and ``_.-/>``);
+        or two names, or a name and a serving input, differ only where TensorFlow replaces
+        characters in argument names ("a.b" and "a_b"). The message quotes the names and
+        suggests one that works.
+    """
+    names = list(names)
+    for name in names:
+        _check_one_user_feature_name(name)
+    # TF's tf.function turns each input name into a Python argument name: every character but
+    # letters and digits becomes "_", and one that does not start with a letter gets "arg_".
+    argument_names: dict[str, str] = {name: name for name in SERVING_INPUT_NAMES}
+    for name in names:
+        swapped = "".join(c if c.isalnum() else "_" for c in name)
+        argument = swapped if swapped[0].isalpha() else "arg_" + swapped
+        other = argument_names.setdefault(argument, name)
+        if other != name:
+            raise ValueError(
+                f"user feature names {other!r} and {name!r} both become the argument {argument!r} of the "
+                "TensorFlow serving signatures, so a model trained on them could not be exported; rename one")
+
+
+def _check_one_user_feature_name(name: str) -> None:
     if name in RESERVED_FEATURE_NAMES:
         raise ValueError(
             f"user feature name {name!r} is reserved (one of {RESERVED_FEATURE_NAMES}): it "
             "clashes with a pipeline key"
         )
+    if name in SERVING_INPUT_NAMES:
+        raise ValueError(f"user feature name {name!r} is the name of a serving input (one of "
+                         f"{SERVING_INPUT_NAMES}); rename the feature")
+    if not isinstance(name, str) or not _SERVING_NAME.fullmatch(name) or keyword.iskeyword(name) or name == "self":
+        suggestion = "user_" + re.sub(r"[^A-Za-z0-9_]", "_", str(name)).lstrip("_")
+        raise ValueError(
+            f"user feature name {name!r} cannot name an input of a TensorFlow serving signature, so "
+            "a model trained on it could not be exported: a name starts with a letter, a digit or '.', "
+            "goes on with letters, digits and _.-/> only, and is neither a Python keyword nor 'self'; "
+            f"rename the feature, e.g. to {suggestion!r}")
 
 
 @dataclasses.dataclass

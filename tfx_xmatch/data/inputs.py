@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.data.dataset import EvalExamples, check_user_feature_name, pad_histories
+from tfx_xmatch.data.dataset import EvalExamples, check_user_feature_names, pad_histories
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -24,8 +24,8 @@ def _user_feature_columns(
 ) -> dict[str, np.ndarray]:
     """Looks up each user feature (indexed by dataset row) for the given rows, as int32."""
     columns: dict[str, np.ndarray] = {}
+    check_user_feature_names(user_features or {})
     for name, values in (user_features or {}).items():
-        check_user_feature_name(name)
         values = np.asarray(values)
         if values.ndim != 1:
             raise ValueError(

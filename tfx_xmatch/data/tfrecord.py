@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, Split, check_user_feature_name
+from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, Split, check_user_feature_names
 from tfx_xmatch.io_utils import atomic_paths, write_json_atomic
 from tfx_xmatch.user_errors import clean_tf_message
 
@@ -145,8 +145,8 @@ def write_tfrecords(
     columns: dict[str, np.ndarray] = {}
     if user_rows is not None:
         columns["user_row"] = np.asarray(user_rows, dtype=np.int64)
+    check_user_feature_names(user_features or {})
     for name, values in (user_features or {}).items():
-        check_user_feature_name(name)
         columns[name] = np.asarray(values, dtype=np.int64)
     for name, values in columns.items():
         if values.shape != (num_examples,):
@@ -184,15 +184,16 @@ def feature_spec(user_feature_names: Sequence[str] = ()) -> dict[str, object]:
       not stored) and one int64 scalar per user feature.
 
     Raises:
-      ValueError: If a feature name is reserved.
+      ValueError: A feature name no pipeline dict or serving signature can take (as
+        ``check_user_feature_names`` says).
     """
     spec: dict[str, object] = {
         "history": tf.io.RaggedFeature(tf.int64),
         "target": tf.io.FixedLenFeature([], tf.int64),
         "user_row": tf.io.FixedLenFeature([], tf.int64, default_value=_UNKNOWN_USER_ROW),
     }
+    check_user_feature_names(user_feature_names)
     for name in user_feature_names:
-        check_user_feature_name(name)
         spec[name] = tf.io.FixedLenFeature([], tf.int64, default_value=0)
     return spec
 

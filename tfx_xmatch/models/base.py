@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfx_xmatch import arguments
+from tfx_xmatch.data.dataset import check_user_feature_names
 from tfx_xmatch.models.history_encoding import check_index_dtype, target_frequencies
 
 
@@ -290,6 +291,7 @@ class RetrievalModel(tfrs.models.Model):
                                   for k, v in (item_feature_dims or {}).items()}
         self.user_feature_cardinalities = {str(k): arguments.integer(f"user_feature_cardinalities[{k!r}]", v, 1)
                                            for k, v in (user_feature_cardinalities or {}).items()}
+        check_user_feature_names(self.user_feature_cardinalities)  # here, not at the export after training
         self.item_hidden_units = arguments.widths("item_hidden_units", item_hidden_units)
         self.l2 = arguments.real("l2", l2, 0.0)
 

@@ -51,7 +51,9 @@ class TwoTower(RetrievalModel):
       item_feature_tables: Their values, {name: float [num_items + 1, width]} (default zeros,
         filled from a checkpoint).
       user_feature_cardinalities: Number of categories of each categorical user feature, e.g.
-        {"gender": 3}; index 0 means unknown (default none).
+        {"gender": 3}; index 0 means unknown (default none). Each name becomes an input of the
+        serving signatures, so it must be one TensorFlow takes there (``ValueError`` otherwise,
+        see ``tfx_xmatch.data.dataset.check_user_feature_names``).
       item_hidden_units: Optional item-tower MLP widths (default none).
       l2: L2 penalty on item id embeddings (float, default 0).
 
