@@ -27,15 +27,15 @@ SERVING_INPUT_NAMES = ("history", "k", "item_ids")
 # "age group"), as it did for a Python keyword ("'class' is not a valid parameter name") and
 # for "self", the serving functions' own first parameter. TF's Python check lets a backslash
 # through, but its graph then refuses the embedding layer named after the feature.
-_SERVING_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_./>-]*")
+# A trailing "/" makes the name a name scope, which fails the same way.
+_SERVING_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_./>-]*(?<!/)")
 
 
 def check_user_feature_names(names: Iterable[str]) -> None:
     """Refuses user feature names that a pipeline dict or a serving signature cannot take.
 
-    Checked where features enter (records, input pipelines, a model's
-    ``user_feature_cardinalities``), so a bad name fails before training, not at the export
-    after it.
+    Checked where features enter (records, input pipelines, a model's ``fit``) and at export, so
+    a bad name fails before training, not at the export after it.
 
     Args:
       names: The user features' names (iterable of str).
@@ -43,25 +43,30 @@ def check_user_feature_names(names: Iterable[str]) -> None:
     Raises:
       ValueError: A name is one of :data:`RESERVED_FEATURE_NAMES` or :data:`SERVING_INPUT_NAMES`,
         a Python keyword or "self", or has a character a signature input name cannot hold (it
-        must start with a letter, digit or "." and go on with letters, digits and ``_.-/>``);
-        or two names, or a name and a serving input, differ only where TensorFlow replaces
-        characters in argument names ("a.b" and "a_b"). The message quotes the names and
-        suggests one that works.
+        must start with a letter, digit or "." and go on with letters, digits and ``_.-/>``, not
+        ending in "/"); or two names, or a name and a serving input, differ only in case or
+        where TensorFlow replaces characters in argument names ("a.b" and "a_b", "Age" and
+        "age", "K" and "k"). The message quotes the names and suggests one that works.
     """
     names = list(names)
     for name in names:
         _check_one_user_feature_name(name)
-    # TF's tf.function turns each input name into a Python argument name: every character but
-    # letters and digits becomes "_", and one that does not start with a letter gets "arg_".
+    # TF's tf.function turns each input name into a Python argument name (every character but
+    # letters and digits becomes "_", and one that does not start with a letter gets "arg_"),
+    # and its graph tells names apart regardless of case.
     argument_names: dict[str, str] = {name: name for name in SERVING_INPUT_NAMES}
     for name in names:
         swapped = "".join(c if c.isalnum() else "_" for c in name)
-        argument = swapped if swapped[0].isalpha() else "arg_" + swapped
+        argument = (swapped if swapped[0].isalpha() else "arg_" + swapped).lower()
         other = argument_names.setdefault(argument, name)
-        if other != name:
-            raise ValueError(
-                f"user feature names {other!r} and {name!r} both become the argument {argument!r} of the "
-                "TensorFlow serving signatures, so a model trained on them could not be exported; rename one")
+        if other == name:
+            continue
+        clash = (f"the serving input {other!r}" if other in SERVING_INPUT_NAMES and other not in names
+                 else f"user feature name {other!r}")
+        raise ValueError(
+            f"user feature name {name!r} and {clash} are one input to TensorFlow's serving signatures, "
+            f"which read both as {argument!r} (case ignored, characters other than letters and digits "
+            "made '_'), so a model trained on them could not be exported; rename the feature")
 
 
 def _check_one_user_feature_name(name: str) -> None:

@@ -179,7 +179,7 @@ class ItemTower(tf.keras.layers.Layer):
         return config
 
 
-def checked_item_indices(item_indices: tf.Tensor, num_items: int, what: str) -> tf.Tensor:
+def checked_item_indices(item_indices: tf.Tensor, num_items: int, what: str, hint: str = "") -> tf.Tensor:
     """``item_indices`` (an integer tensor), once every one is known to be in [0, num_items].
 
     Values known when traced (eager tensors, constants such as a ``tf.range``) are checked here,
@@ -190,6 +190,7 @@ def checked_item_indices(item_indices: tf.Tensor, num_items: int, what: str) -> 
       item_indices: int tensor of any shape.
       num_items: The number of real items (int); 0 is padding.
       what: What the indices are, leading the error, e.g. "items: item indices".
+      hint: What to do about it, ending the error (default none).
 
     Returns:
       ``item_indices``, behind the check.
@@ -203,13 +204,14 @@ def checked_item_indices(item_indices: tf.Tensor, num_items: int, what: str) -> 
     known = tf.get_static_value(item_indices)
     if known is not None:
         if known.size and (known.min() < 0 or known.max() > num_items):
-            raise tf.errors.InvalidArgumentError(None, None, f"{message} {known.min()} to {known.max()}")
+            raise tf.errors.InvalidArgumentError(None, None, f"{message} {known.min()} to {known.max()}"
+                                                             + (f"; {hint}" if hint else ""))
         return item_indices
     smallest, largest = tf.reduce_min(item_indices), tf.reduce_max(item_indices)
     in_range = tf.logical_or(
         tf.equal(tf.size(item_indices), 0),  # no rows: the reductions give the dtype's extremes
         tf.logical_and(smallest >= 0, largest <= tf.cast(num_items, item_indices.dtype)),
     )
-    check = tf.debugging.Assert(in_range, [message, smallest, "to", largest])
+    check = tf.debugging.Assert(in_range, [message, smallest, "to", largest] + ([hint] if hint else []))
     with tf.control_dependencies([check]):
         return tf.identity(item_indices)

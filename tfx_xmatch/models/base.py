@@ -103,6 +103,9 @@ class RetrievalModel(tfrs.models.Model):
                 self.build_all_variables()
 
     def fit(self, *args, **kwargs):
+        # Here, not at the export after training; not in the constructor either, so that a run
+        # saved before names were checked still loads, evaluates and warm-starts.
+        check_user_feature_names(self.user_feature_cardinalities)
         self._build_if_never_called()
         return super().fit(*args, **kwargs)
 
@@ -291,7 +294,6 @@ class RetrievalModel(tfrs.models.Model):
                                   for k, v in (item_feature_dims or {}).items()}
         self.user_feature_cardinalities = {str(k): arguments.integer(f"user_feature_cardinalities[{k!r}]", v, 1)
                                            for k, v in (user_feature_cardinalities or {}).items()}
-        check_user_feature_names(self.user_feature_cardinalities)  # here, not at the export after training
         self.item_hidden_units = arguments.widths("item_hidden_units", item_hidden_units)
         self.l2 = arguments.real("l2", l2, 0.0)
 

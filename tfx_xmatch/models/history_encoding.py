@@ -172,7 +172,9 @@ def training_targets(inputs: dict, num_items: int) -> tf.Tensor:
     nothing: NaN, which ``fit`` would apply to the weights, or a failure deep in a layer that does
     not say why. A target past the catalogue failed as a bare "Received a label value of 25 which
     is outside the valid range" on CPU and trained on NaN on a GPU; a negative one was skipped
-    as padding. Both are refused here instead, naming the input.
+    as padding. Both are refused here instead, naming the input. Under XLA (``jit_compile``),
+    which drops assertions, neither is checked: a target past the catalogue then trains NaN
+    into the weights, as it would without this check.
 
     Raises:
       KeyError: ``inputs`` has no "next_items".
@@ -183,8 +185,9 @@ def training_targets(inputs: dict, num_items: int) -> tf.Tensor:
     if "next_items" not in inputs:
         raise KeyError(f"the loss needs the input 'next_items' (the item after each history position); "
                        f"got inputs {sorted(inputs)}")
-    next_items = checked_item_indices(item_indices("next_items", inputs["next_items"]), num_items,
-                                      "input next_items: target item indices")
+    next_items = checked_item_indices(
+        item_indices("next_items", inputs["next_items"]), num_items, "input next_items: target item indices",
+        hint="map the targets through the item vocabulary the model was built with")
     has_target = tf.debugging.assert_greater(
         tf.reduce_max(tf.concat([tf.reshape(next_items, [-1]), tf.zeros([1], next_items.dtype)], 0)),
         tf.zeros([], next_items.dtype),
