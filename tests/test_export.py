@@ -10,12 +10,14 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_recommenders as tfrs
 from tensorflow.core.protobuf import saved_model_pb2
 
 from tfx_xmatch.data.dataset import check_user_feature_names, pad_histories
 from tfx_xmatch.data.tfrecord import feature_spec
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import build_serving_module, export_retrieval_model, non_stock_ops
+from tfx_xmatch.index import BruteForceIndex
 from tfx_xmatch.models import TwoTower
 
 NUM_ITEMS, LENGTH, K_MAX = 40, 6, 10
@@ -193,6 +195,29 @@ def test_export_arguments_are_checked(model, tmp_path, caplog):
                                ("exclude_padding", False, "keeps the padding id out")):
         with pytest.raises(ValueError, match=f"index option '{option}' is set by the export.*{why}"):
             build_serving_module(model, int_vocab(), index_options={option: value})
+
+
+def test_a_given_index_must_answer_with_item_indices_each_once(model):
+    """Filled the TFRS way, without identifiers, an index numbers its rows from 0: the export
+    served every item id shifted by one (its neighbour's), and excluded the wrong history."""
+    embeddings = model.item_embeddings()[1:]
+    rows = tf.range(1, NUM_ITEMS + 1, dtype=tf.int64)
+    for identifiers, problem in (
+            (None, r"holds identifiers outside the item indices 1\.\.40: 1 of 40, e.g. 0 \(filled without identifiers"),
+            (rows + 1, "holds identifiers outside the item indices 1..40: 1 of 40, e.g. 41"),
+            (tf.strings.as_string(rows), "holds string identifiers")):
+        index = BruteForceIndex(k_max=K_MAX).index(embeddings, identifiers)
+        with pytest.raises(ValueError, match=rf"the given BruteForceIndex {problem}.*identifiers=tf.range\(1, 40 \+ 1\)"):
+            build_serving_module(model, int_vocab(), k_max=K_MAX, index=index)
+    tfrs_index = tfrs.layers.factorized_top_k.BruteForce(k=K_MAX)
+    tfrs_index.index(embeddings, rows)
+    with pytest.raises(TypeError, match="index must be a tfx_xmatch index .* got tensorflow_recommenders"):
+        build_serving_module(model, int_vocab(), k_max=K_MAX, index=tfrs_index)
+    # A subset of the catalogue, in any order, is served as it is.
+    subset = BruteForceIndex(k_max=K_MAX).index(tf.gather(embeddings, [4, 0, 2]), [5, 1, 3])
+    served = build_serving_module(model, int_vocab(), k_max=K_MAX, index=subset, exclude_history=False)
+    item_ids = served.top_k(tf.constant([[101, 0]], tf.int64), tf.constant(3))["item_ids"].numpy()
+    assert sorted(item_ids[0]) == [101, 103, 105]
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,12 @@ from tfx_xmatch import arguments
 from tfx_xmatch.arguments import is_integer
 from tfx_xmatch.data.dataset import check_user_feature_names
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.index import SoftSearchIndex, SparseCodeIndex, make_index
+from tfx_xmatch.index import RetrievalIndex, SoftSearchIndex, SparseCodeIndex, make_index
 from tfx_xmatch.io_utils import (
     INT64_MAX, atomic_directory, copy_directory_or_nothing, locked_temporary_directory, remove_abandoned_temporaries,
     rename_no_replace, restore_moved_aside, version_number,
 )
-from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description
+from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description, model_kind
 
 log = logging.getLogger("tfx_xmatch.export")
 
@@ -255,6 +255,25 @@ class RetrievalServingModule(tf.Module):
         }
 
 
+def _check_item_index_identifiers(index: RetrievalIndex, num_items: int) -> None:
+    """A given index must answer with item indices in 1..num_items (an index holds each once):
+    the vocabulary maps those to item ids. Filled TFRS-style, without identifiers, an index numbers
+    its rows from 0, and every item id it served was its neighbour's."""
+    identifiers = tf.convert_to_tensor(index.identifiers)
+    refill = (f"fill it with index(item_embeddings[1:], identifiers=tf.range(1, {num_items} + 1)), or pass "
+              "index_kind instead")
+    what = f"the given {type(index).__name__}"
+    if not identifiers.dtype.is_integer:
+        raise ValueError(f"{what} holds {identifiers.dtype.name} identifiers, but the export needs the item indices "
+                         f"1..{num_items}, which its vocabulary maps to item ids; {refill}")
+    values = identifiers.numpy()
+    outside = values[(values < 1) | (values > num_items)]
+    if outside.size:
+        raise ValueError(f"{what} holds identifiers outside the item indices 1..{num_items}: {outside.size:,} of "
+                         f"{values.size:,}, e.g. {outside[0]} (filled without identifiers, an index numbers its rows "
+                         f"from 0); {refill}")
+
+
 def _check_model_serves(model, kind: Optional[str], what: str) -> None:
     if kind == "sparse_code" and not hasattr(model, "build_index"):
         raise ValueError(f"{what} needs a SparCode model (code-score columns), got "
@@ -400,9 +419,11 @@ def build_serving_module(
     Raises:
       ValueError: A bad k, an unknown index kind, an index kind (or a given ``index``) the model
         cannot serve, a vocabulary of another size than the model's, an unquantized SparCode, a
-        padding id that is also a real item id, or a given ``index`` that is empty or whose
-        ``k_max`` differs from ``k_max``.
+        padding id that is also a real item id, a given ``index`` that is empty, whose
+        ``k_max`` differs from ``k_max`` or whose identifiers are not item indices 1..N, or a model that is not a built-in one or a registered subclass (``model_kind``).
+      TypeError: A given ``index`` that is not a tfx_xmatch index (e.g. a TFRS ``TopK``).
     """
+    model_kind(model)  # one the SavedModel could not describe fails now, not after the index is built
     k_max = arguments.integer("k_max", k_max, 1)
     if k_max > item_vocab.num_items:
         log.warning("k_max=%d exceeds the catalogue's %d items: the slots past it hold the padding id "
@@ -414,6 +435,10 @@ def build_serving_module(
         raise ValueError("an unquantized SparCode (quantize=False) scores every item with its interaction "
                          "network and cannot be served from an index; export a quantized SparCode")
     if index is not None:
+        if not isinstance(index, RetrievalIndex):
+            raise TypeError(f"index must be a tfx_xmatch index (tfx_xmatch.index, e.g. BruteForceIndex) filled with the "
+                            f"item embeddings, got {type(index).__module__}.{type(index).__qualname__}; a TFRS TopK "
+                            "layer embeds queries with its own query model, which the export takes from the model")
         # A given index is checked as its kind would be, and now: a misfit would otherwise
         # fail only at the first request, inside a traced function.
         given_kind = ("soft_search" if isinstance(index, SoftSearchIndex)
@@ -422,6 +447,7 @@ def build_serving_module(
         if index.identifiers is None:
             raise ValueError(f"the given {type(index).__name__} is empty: call its index() (or "
                              "index_from_dataset()) with the item embeddings first, or pass index_kind instead")
+        _check_item_index_identifiers(index, model.num_items)
     else:
         _check_model_serves(model, index_kind, f"index_kind {index_kind!r}")
     default_k = k_max if default_k is None else int(default_k)

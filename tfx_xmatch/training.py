@@ -43,6 +43,7 @@ from tfx_xmatch.io_utils import (
     remove_stale_temporaries, temporary_of, write_json_atomic,
 )
 from tfx_xmatch.models import MODELS
+from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.user_errors import clean_tf_message, shortened, user_error_text
 
 logger = logging.getLogger(__name__)
@@ -312,8 +313,40 @@ def build_all_variables(model: tf.keras.Model) -> None:
 
 
 def model_kind(model: tf.keras.Model) -> str:
-    """The ``model.name`` a config gives to build a model of this class ("two_tower", "sparcode", ...)."""
-    return next(key for key, cls in MODELS.items() if isinstance(model, cls))
+    """The name that rebuilds a model of ``model``'s class: for the built-in models, the
+    ``model.name`` a config gives ("two_tower", "sparcode", ...); for a subclass (a user's own
+    tower or loss term), its Keras registered name ("my_package>MyTwoTower").
+
+    Raises:
+      ValueError: ``model`` is neither a built-in model nor a ``RetrievalModel`` subclass
+        registered with ``tf.keras.utils.register_keras_serializable``. A subclass was saved
+        as its built-in base class, and came back without its own layers or arguments.
+    """
+    cls = type(model)
+    for key, built_in in MODELS.items():
+        if cls is built_in:
+            return key
+    registered = tf.keras.utils.get_registered_name(cls)
+    if not issubclass(cls, RetrievalModel):
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__} is not a tfx_xmatch model: save_model, export and "
+                         f"warm starts take one of {sorted(MODELS)} or a subclass of tfx_xmatch.models.base."
+                         "RetrievalModel (a plain tfrs.Model has no num_items, item_embeddings or user_embedding)")
+    if tf.keras.utils.get_registered_object(registered) is not cls:
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__} is a subclass of a tfx_xmatch model, but not registered "
+                         "with Keras, so a saved copy could not be rebuilt as it is (it would come back as its base "
+                         "class, without its own layers); decorate the class with "
+                         "@tf.keras.utils.register_keras_serializable(package=...) and import its module before "
+                         "loading")
+    return registered
+
+
+def model_class(kind: str) -> Optional[type]:
+    """The class ``model_kind`` named ``kind``: a built-in model, or a registered subclass (whose
+    module must have been imported); None for any other name."""
+    if kind in MODELS:
+        return MODELS[kind]
+    cls = tf.keras.utils.get_registered_object(kind)
+    return cls if isinstance(cls, type) and issubclass(cls, RetrievalModel) else None
 
 
 def model_description(model: tf.keras.Model) -> dict:
@@ -366,14 +399,17 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         raise FileNotFoundError(f"{config_path} not found: is {directory} a saved model directory?")
     with tf.io.gfile.GFile(config_path, "rb") as handle:
         saved = json.loads(handle.read())
-    if not (isinstance(saved, dict) and isinstance(saved.get("model"), str) and saved["model"] in MODELS
-            and isinstance(saved.get("config"), dict)):
+    named = saved.get("model") if isinstance(saved, dict) else None
+    cls = model_class(named) if isinstance(named, str) else None
+    if cls is None or not isinstance(saved.get("config"), dict):
         hint = (f"; the model is in {os.path.join(directory, 'model')}"
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
-        named = saved.get("model") if isinstance(saved, dict) else None
+        if isinstance(named, str) and ">" in named and cls is None:
+            hint += (f"; {named!r} names a registered Keras class: import the module that registers it "
+                     "before loading")
         raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {shortened(repr(named), 60)}, not one "
-                         f"of {sorted(MODELS)} (a training run's config?){hint}")
-    model = MODELS[saved["model"]].from_config(saved["config"])
+                         f"of {sorted(MODELS)} or a registered subclass (a training run's config?){hint}")
+    model = cls.from_config(saved["config"])
     build_all_variables(model)
     weights = os.path.join(directory, "weights")
     try:

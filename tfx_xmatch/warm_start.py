@@ -23,7 +23,6 @@ import tensorflow as tf
 
 from tfx_xmatch.config import ConfigError
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.models import MODELS
 from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, build_all_variables, model_kind
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
         raise ConfigError(f"train.warm_start={source!r} holds a {saved.get('model')!r} model; "
                           f"this run trains a {name!r} model")
     try:
-        source_model = MODELS[name].from_config(saved["config"])
+        source_model = type(model).from_config(saved["config"])  # the same kind: checked above
         build_all_variables(source_model)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"train.warm_start={source!r}: its model cannot be built from its description "
