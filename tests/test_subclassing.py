@@ -1,8 +1,13 @@
-"""A user's own model class, TFRS style (a subclass of a built-in model with its own layer,
-argument and loss term), goes through save_model, load_model, warm starts and the export as
-itself, or is refused by name: it was saved as its built-in base class and came back without
-its layer, or failed to load with "Keyword argument not understood"."""
+"""A user's own classes, TFRS style.
 
+A subclass of a built-in model (its own layer and argument) goes through save_model,
+load_model, warm starts and the export as itself, or is refused by name: it was saved as its
+built-in base class and came back without its layer, or failed to load with "Keyword argument
+not understood". An index kind written as ``RetrievalIndex``'s docstring says is exported by
+name and follows a re-index in functions traced before it.
+"""
+
+import functools
 import json
 
 import numpy as np
@@ -12,6 +17,7 @@ import tensorflow as tf
 from tfx_xmatch import training
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import export_retrieval_model
+from tfx_xmatch.index import INDEX_KINDS, RetrievalIndex
 from tfx_xmatch.models import TwoTower
 from tfx_xmatch.warm_start import warm_start
 
@@ -90,3 +96,42 @@ def test_a_saved_subclass_whose_module_is_not_imported_is_named(tmp_path):
     (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "model": "elsewhere>HeadTwoTower"}))
     with pytest.raises(ValueError, match="'elsewhere>HeadTwoTower' names a registered Keras class: import the module"):
         training.load_model(tmp_path / "saved")
+
+
+@tf.keras.utils.register_keras_serializable(package="test_subclassing")
+class ColumnIndex(RetrievalIndex):
+    """Exact, written from RetrievalIndex's docstring: the catalogue stored as [d, N] columns."""
+
+    def __init__(self, k_max: int = 100, **kwargs):
+        super().__init__(k_max=k_max, **kwargs)
+        self.columns = None
+
+    def _index(self, candidates):
+        return functools.partial(self._assign_states, {"columns": tf.transpose(candidates)})
+
+    def _top_k(self, queries, k):
+        scores = tf.matmul(queries, self.columns)
+        return tf.math.top_k(scores, k=tf.minimum(k, tf.shape(scores)[1]))
+
+    def is_exact(self):
+        return True
+
+
+def test_an_index_kind_of_ones_own_is_exported_by_name_and_follows_a_re_index(tmp_path, monkeypatch):
+    monkeypatch.setitem(INDEX_KINDS, "columns", ColumnIndex)
+    model = _trained(HeadTwoTower)
+    vocab = Vocabulary([f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
+    request = {"history": tf.constant([["item-1", "item-2", ""]]), "k": tf.constant(4)}
+    answers = [tf.saved_model.load(str(export_retrieval_model(model, vocab, tmp_path / kind, index_kind=kind,
+                                                               k_max=5))).signatures["top_k"](**request)
+               for kind in ("columns", "brute_force")]
+    np.testing.assert_array_equal(answers[0]["item_ids"].numpy(), answers[1]["item_ids"].numpy())
+    np.testing.assert_allclose(answers[0]["scores"].numpy(), answers[1]["scores"].numpy(), rtol=1e-6)
+
+    index = ColumnIndex(k_max=3).index(tf.eye(4), tf.constant([10, 11, 12, 13], tf.int64))
+    search = tf.function(lambda queries: index(queries, k=tf.constant(1)))
+    query = tf.constant([[0.0, 1.0, 0.0, 0.0]])
+    assert search(query)[1].numpy().tolist() == [[11]]
+    # Another catalogue size, stored in place: the function traced before answers from it.
+    index.index(tf.concat([tf.eye(4)[::-1], tf.zeros([1, 4])], 0), tf.constant([20, 21, 22, 23, 24], tf.int64))
+    assert search(query)[1].numpy().tolist() == [[22]] and search.experimental_get_tracing_count() == 1

@@ -46,11 +46,29 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
     """Abstract top-k dot-product index over candidate embeddings.
 
-    Subclasses implement ``_index(candidates)`` (build their state from a float32 [N, d]
-    tensor, and return the function that stores it), ``_top_k(queries, k)`` (best-first scores
-    and row positions, at most k per row, position -1 marking an empty slot) and
-    ``is_exact()``. Identifiers, ``k`` checks, exclusion and padding are handled here so that
-    every kind behaves the same.
+    Writing an index kind. Where a TFRS ``TopK`` subclass overrides ``index`` and ``call``, a
+    subclass here implements three methods and inherits the public ones (``index``,
+    ``index_from_dataset``, ``call``), so identifiers, ``k`` checks, exclusion, padding, thread
+    safety and saving behave the same for every kind:
+
+    * ``_index(candidates)``: builds the state from a float32 [N, d] tensor (slow work such as
+      clustering goes here) and returns a function that stores it, e.g.
+      ``functools.partial(self._assign_states, {"candidates": candidates})``. Store state only
+      through ``_assign_states`` / ``_assign_state``: they keep it in non-trainable variables
+      of unknown dimensions that a SavedModel and a ``.keras`` file carry and a re-index assigns
+      in place. State held otherwise (a plain ``tf.Variable`` made anew, a Python list) is not
+      saved, and a function traced before a re-index keeps answering from the old one.
+    * ``_top_k(queries, k)``: reads the stored variables (attributes of the names given to
+      ``_assign_states``) and returns best-first float32 scores and int row positions, [B, at
+      most k] each, position -1 marking an empty slot; stock TF ops only, so TF Serving loads it.
+    * ``is_exact()``: whether ``_top_k`` finds the true top k.
+
+    Python values that ``index()`` derives beside the variables (e.g. a partition count) are
+    listed by ``_saved_attributes`` so a ``.keras`` file keeps them. Register the class with
+    ``tf.keras.utils.register_keras_serializable`` to reload ``.keras`` files, and add it to
+    ``tfx_xmatch.index.INDEX_KINDS`` to make it by name (``make_index``, ``export_retrieval_model``'s
+    ``index_kind``); or pass a filled instance as the export's ``index``. ``BruteForceIndex`` is
+    the smallest complete example.
 
     Threads. Queries may run while another thread calls ``index()`` (a live catalogue refresh);
     each answer comes wholly from the old catalogue or wholly from the new one. ``index()``
