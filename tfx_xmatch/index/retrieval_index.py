@@ -70,6 +70,20 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
     ``index_kind``); or pass a filled instance as the export's ``index``. ``BruteForceIndex`` is
     the smallest complete example.
 
+    Differences from TFRS ``TopK`` that a switch-over meets:
+
+    * An index takes query embeddings, not raw queries: it holds no query model. Serve one with
+      ``tfx_xmatch.export.export_retrieval_model``, which puts the model's user side in front.
+    * It is a Keras layer, not a model: ``tf.saved_model.save(index, path)`` writes its state but
+      no call function (the reloaded object fails with "Found zero restored functions"). Save it
+      inside a ``tf.keras.Model`` that calls it, or export as above.
+    * Where TFRS ``BruteForce`` refuses a k past the catalogue, empty slots here hold ``-inf``;
+      ``tf.math.in_top_k`` counts a row holding ``-inf`` as a miss, so TFRS ``FactorizedTopK``
+      metrics over such rows read 0 and an approximate kind whose probed partitions hold fewer
+      than k items fails them ("Top-K predictions must be sorted"). Give those metrics a
+      ``BruteForceIndex`` and k within the catalogue, or measure with ``tfx_xmatch.evaluation``
+      (full ranking over every item, no index).
+
     Threads. Queries may run while another thread calls ``index()`` (a live catalogue refresh);
     each answer comes wholly from the old catalogue or wholly from the new one. ``index()``
     builds the new state first (k-means, ScaNN's training) while queries go on, then stores it
