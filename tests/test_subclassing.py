@@ -17,7 +17,7 @@ import tensorflow as tf
 from tfx_xmatch import training
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import export_retrieval_model
-from tfx_xmatch.index import INDEX_KINDS, RetrievalIndex
+from tfx_xmatch.index import INDEX_KINDS, RetrievalIndex, make_index
 from tfx_xmatch.models import TwoTower
 from tfx_xmatch.warm_start import warm_start
 
@@ -102,8 +102,8 @@ def test_a_saved_subclass_whose_module_is_not_imported_is_named(tmp_path):
 class ColumnIndex(RetrievalIndex):
     """Exact, written from RetrievalIndex's docstring: the catalogue stored as [d, N] columns."""
 
-    def __init__(self, k_max: int = 100, **kwargs):
-        super().__init__(k_max=k_max, **kwargs)
+    def __init__(self, k_max: int = 100, **kw):
+        super().__init__(k_max=k_max, **kw)
         self.columns = None
 
     def _index(self, candidates):
@@ -127,6 +127,9 @@ def test_an_index_kind_of_ones_own_is_exported_by_name_and_follows_a_re_index(tm
                for kind in ("columns", "brute_force")]
     np.testing.assert_array_equal(answers[0]["item_ids"].numpy(), answers[1]["item_ids"].numpy())
     np.testing.assert_allclose(answers[0]["scores"].numpy(), answers[1]["scores"].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="index kind 'columns' takes no option 'kw'; its options: exclude_padding, k, "
+                                         "k_max, padding_identifier$"):  # its **kw, listed as an option
+        make_index("columns", kw=1)
 
     index = ColumnIndex(k_max=3).index(tf.eye(4), tf.constant([10, 11, 12, 13], tf.int64))
     search = tf.function(lambda queries: index(queries, k=tf.constant(1)))

@@ -80,7 +80,9 @@ def _check_options(kind: str, options: dict) -> None:
     accepted = set(_LAYER_OPTIONS)
     for cls in INDEX_KINDS[kind].__mro__:
         if issubclass(cls, RetrievalIndex):
-            accepted |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs", "base"}
+            # By kind, not name: an index kind of one's own may spell them **kw or *args.
+            accepted |= {name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                         if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)} - {"self", "base"}
     if kind == "soft_search":
         accepted |= {"base", "base_options"}
     unknown = sorted(set(options) - accepted)
