@@ -18,7 +18,8 @@ from tfx_xmatch import training
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import export_retrieval_model
 from tfx_xmatch.index import INDEX_KINDS, RetrievalIndex, make_index
-from tfx_xmatch.models import TwoTower
+from tfx_xmatch.models import SparCode, TwoTower
+from tfx_xmatch.pipelines.build_index import load_sparse_code_index, run_build_index
 from tfx_xmatch.warm_start import warm_start
 
 NUM_ITEMS, LENGTH = 20, 5
@@ -76,6 +77,23 @@ def test_a_registered_subclass_is_saved_loaded_warm_started_and_exported_as_itse
     plain.build_all_variables()
     with pytest.raises(Exception, match="holds a 'test_subclassing>HeadTwoTower' model; this run trains a 'two_tower'"):
         warm_start(plain, str(export), 1e-3)
+
+
+@tf.keras.utils.register_keras_serializable(package="test_subclassing")
+class PlainSparCode(SparCode):
+    pass
+
+
+def test_the_beam_index_build_finds_the_codes_of_a_registered_sparcode_subclass(tmp_path):
+    """It tested the saved name against "sparcode": a subclass got no posting lists, and a budget
+    was refused as asked of a model "without codes"."""
+    model = PlainSparCode(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, num_codewords=8,
+                          num_query_tokens=2)
+    model.build_all_variables()
+    training.save_model(model, tmp_path / "run" / "model", Vocabulary(list(range(1, NUM_ITEMS + 1))))
+    summary = run_build_index(tmp_path / "run", tmp_path / "index", cache_fraction=0.5, batch_size=8)
+    assert (tmp_path / "index" / "sparse_code_index.npz").exists(), summary
+    assert load_sparse_code_index(tmp_path / "index", k_max=5).num_candidates == NUM_ITEMS
 
 
 def test_an_unregistered_subclass_is_refused_before_anything_is_written(tmp_path):

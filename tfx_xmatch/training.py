@@ -404,7 +404,7 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
     if cls is None or not isinstance(saved.get("config"), dict):
         hint = (f"; the model is in {os.path.join(directory, 'model')}"
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
-        if isinstance(named, str) and ">" in named and cls is None:
+        if isinstance(named, str) and ">" in named and tf.keras.utils.get_registered_object(named) is None:
             hint += (f"; {named!r} names a registered Keras class: import the module that registers it "
                      "before loading")
         raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {shortened(repr(named), 60)}, not one "

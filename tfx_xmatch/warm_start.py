@@ -58,7 +58,8 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
       ConfigError: ``source`` holds no model, one of another kind, one whose variables are not
         ``model``'s apart from its number of items (names the first difference), one with no
         item id in common with ``item_vocab``, or one that cannot be read.
-      ValueError: ``item_vocab`` does not have ``model.num_items`` items.
+      ValueError: ``item_vocab`` does not have ``model.num_items`` items, or ``model`` is a
+        subclass not registered with Keras (see ``training.model_kind``).
     """
     source = str(source).rstrip("/")
     if item_vocab is not None and item_vocab.num_items != model.num_items:

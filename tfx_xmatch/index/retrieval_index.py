@@ -77,12 +77,13 @@ class RetrievalIndex(tf.keras.layers.Layer, abc.ABC):
     * It is a Keras layer, not a model: ``tf.saved_model.save(index, path)`` writes its state but
       no call function (the reloaded object fails with "Found zero restored functions"). Save it
       inside a ``tf.keras.Model`` that calls it, or export as above.
-    * Where TFRS ``BruteForce`` refuses a k past the catalogue, empty slots here hold ``-inf``;
-      ``tf.math.in_top_k`` counts a row holding ``-inf`` as a miss, so TFRS ``FactorizedTopK``
-      metrics over such rows read 0 and an approximate kind whose probed partitions hold fewer
-      than k items fails them ("Top-K predictions must be sorted"). Give those metrics a
-      ``BruteForceIndex`` and k within the catalogue, or measure with ``tfx_xmatch.evaluation``
-      (full ranking over every item, no index).
+    * Where TFRS ``BruteForce`` refuses a k past the catalogue, empty slots here hold ``-inf``
+      (a k past the catalogue, or an approximate kind whose probed partitions hold fewer than k
+      items). TFRS ``FactorizedTopK`` does not expect them: by scores, ``tf.math.in_top_k``
+      counts a row holding ``-inf`` as a miss, so the metrics read 0; by candidate ids, two
+      empty slots in a row make a NaN difference, failing it with "Top-K predictions must be
+      sorted". Give those metrics a ``BruteForceIndex`` and k within the catalogue, or measure
+      with ``tfx_xmatch.evaluation`` (full ranking over every item, no index).
 
     Threads. Queries may run while another thread calls ``index()`` (a live catalogue refresh);
     each answer comes wholly from the old catalogue or wholly from the new one. ``index()``
