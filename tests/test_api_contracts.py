@@ -300,6 +300,15 @@ def test_user_features_of_shape_b_1_are_read_as_b_and_ids_that_are_not_indices_a
     with pytest.raises(TypeError, match="input 'history' must hold integer indices"):
         model.fit(tf.data.Dataset.from_tensor_slices({"history": HISTORY.numpy().astype(str),
                                                       "next_items": HISTORY}).batch(2), verbose=0)
+    # Variable-length sequences as tf.data batches them (ragged_batch) failed with "object of
+    # type 'RaggedTensor' has no len()".
+    ragged = tf.ragged.constant([[1, 2, 3], [4, 5, 6, 7]])
+    pad_it = r"input 'history' is a RaggedTensor, but the models take dense .*\.left_pad_ragged"
+    with pytest.raises(TypeError, match=pad_it):
+        model.user_embedding({"history": ragged, "gender": np.array([1, 2])})
+    with pytest.raises(TypeError, match=pad_it):
+        model.fit(tf.data.Dataset.from_tensor_slices({"history": ragged, "next_items": ragged,
+                                                      "gender": np.array([1, 2])}).ragged_batch(2), verbose=0)
 
 
 @pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)

@@ -54,8 +54,16 @@ def check_index_dtype(name: str, value, vocabulary: str = "item") -> tf.Tensor:
     ``vocabulary`` names, in the error, whose vocabulary maps raw values to indices.
 
     Raises:
-      TypeError: ``value`` is neither of an integer nor of a float dtype.
+      TypeError: ``value`` is neither of an integer nor of a float dtype, or is ragged or sparse.
     """
+    if isinstance(value, (tf.RaggedTensor, tf.SparseTensor)):
+        # A tf.data pipeline of variable-length sequences (ragged_batch) fed as it is failed with
+        # "object of type 'RaggedTensor' has no len()". Which end to pad and which items to keep
+        # past max_length are the data's choice, so they are not guessed here.
+        raise TypeError(f"input {name!r} is a {type(value).__name__}, but the models take dense [batch, length] "
+                        "item indices, left-padded with 0 (the most recent item last); pad it first, e.g. "
+                        "tfx_xmatch.data.tfrecord.left_pad_ragged(values, max_length), as the input pipelines "
+                        "of tfx_xmatch.data do")
     tensor = tf.convert_to_tensor(value)
     if not (tensor.dtype.is_integer or tensor.dtype.is_floating):
         # Only item ids have an in-graph vocabulary in the export; a user feature is served as
