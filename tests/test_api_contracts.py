@@ -249,6 +249,27 @@ def _batches():
 
 
 @pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
+def test_sample_and_class_weights_are_refused_not_ignored(model_class):
+    """They were dropped with y: a run weighted by zeros trained as fully as an unweighted one.
+    After the refusal the model trains and evaluates (Keras kept the half-traced step function:
+    "Creating variables on a non-first call to a function decorated with tf.function")."""
+    model = _tiny(model_class)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    refused = "sample_weight .* is not supported: the retrieval losses weigh every target position alike"
+    weighted = _batches().map(lambda x: (x, tf.zeros([1]), tf.zeros(tf.shape(x["history"])[:1])))
+    with pytest.raises(ValueError, match=refused):
+        model.fit(weighted, verbose=0)
+    with pytest.raises(ValueError, match=refused):
+        model.evaluate(weighted, verbose=0)
+    sequences = np.random.default_rng(1).integers(1, 31, (8, 13))
+    inputs = {"history": sequences[:, :-1], "next_items": sequences[:, 1:]}
+    with pytest.raises(ValueError, match=refused):
+        model.fit(inputs, np.zeros(8), class_weight={0: 0.0}, verbose=0)
+    assert np.isfinite(model.fit(_batches().map(lambda x: (x, tf.zeros([1]))), verbose=0).history["loss"][0])
+    assert np.isfinite(model.evaluate(_batches(), verbose=0, return_dict=True)["loss"])
+
+
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda c: c.__name__)
 def test_call_builds_every_weight_that_scoring_and_training_use(model_class):
     """A model restored from a .keras file is built by call() alone; a weight created later (at
     the first score or training step) is skipped by the restore and drawn anew. SparCode's

@@ -107,11 +107,31 @@ class RetrievalModel(tfrs.models.Model):
         # saved before names were checked still loads, evaluates and warm-starts.
         check_user_feature_names(self.user_feature_cardinalities)
         self._build_if_never_called()
-        return super().fit(*args, **kwargs)
+        with self._dropped_if_first_trace_fails("train_function"):
+            return super().fit(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         self._build_if_never_called()
-        return super().evaluate(*args, **kwargs)
+        with self._dropped_if_first_trace_fails("test_function"):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._dropped_if_first_trace_fails("predict_function"):
+            return super().predict(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _dropped_if_first_trace_fails(self, name: str):
+        """Forgets the Keras step function that this call made if the call fails. Keras keeps it,
+        half traced: after a refused first fit (a string history, sample weights) the corrected
+        one failed with "Creating variables on a non-first call to a function decorated with
+        tf.function"."""
+        made_here = getattr(self, name, None) is None
+        try:
+            yield
+        except BaseException:
+            if made_here:
+                setattr(self, name, None)
+            raise
 
     def save(self, *args, **kwargs):
         # A model used only through score_all / user_embedding was never called: Keras refused
@@ -214,6 +234,12 @@ class RetrievalModel(tfrs.models.Model):
         is returned as it is.
         """
         if isinstance(inputs, (tuple, list)):  # Keras packs `x` alone as (x,) or with y and weights
+            if len(inputs) > 2 and inputs[2] is not None:
+                # The losses weigh every target position alike, as TFRS's do: the weights were
+                # dropped with y, and a run weighted by zeros trained as fully as an unweighted one.
+                raise ValueError("sample_weight (or class_weight, which Keras turns into sample weights) is not "
+                                 "supported: the retrieval losses weigh every target position alike; drop it, or "
+                                 "repeat or subsample examples to weigh them")
             inputs = inputs[0]
         for name in ("history", "next_items"):
             if name in inputs:  # a string history failed in the placeholder below, naming nothing
