@@ -265,7 +265,12 @@ def test_sample_and_class_weights_are_refused_not_ignored(model_class):
     inputs = {"history": sequences[:, :-1], "next_items": sequences[:, 1:]}
     with pytest.raises(ValueError, match=refused):
         model.fit(inputs, np.zeros(8), class_weight={0: 0.0}, verbose=0)
-    assert np.isfinite(model.fit(_batches().map(lambda x: (x, tf.zeros([1]))), verbose=0).history["loss"][0])
+    with pytest.raises(ValueError, match=refused):
+        model.train_on_batch(inputs, np.zeros(8), sample_weight=np.zeros(8))
+    with pytest.raises(ValueError, match=refused):  # Keras kept the refused validation data for the next fit
+        model.fit(_batches(), validation_data=weighted, verbose=0)
+    history = model.fit(_batches().map(lambda x: (x, tf.zeros([1]))), validation_data=_batches(), verbose=0).history
+    assert np.isfinite(history["loss"][0]) and np.isfinite(history["val_loss"][0])
     assert np.isfinite(model.evaluate(_batches(), verbose=0, return_dict=True)["loss"])
 
 
@@ -327,6 +332,8 @@ def test_user_features_of_shape_b_1_are_read_as_b_and_ids_that_are_not_indices_a
     pad_it = r"input 'history' is a RaggedTensor, but the models take dense .*\.left_pad_ragged"
     with pytest.raises(TypeError, match=pad_it):
         model.user_embedding({"history": ragged, "gender": np.array([1, 2])})
+    with pytest.raises(TypeError, match=r"input 'gender' is a SparseTensor, but a user feature takes one index per row"):
+        model.user_embedding({"history": history[:2], "gender": tf.sparse.from_dense([[1], [2]])})
     with pytest.raises(TypeError, match=pad_it):
         model.fit(tf.data.Dataset.from_tensor_slices({"history": ragged, "next_items": ragged,
                                                       "gender": np.array([1, 2])}).ragged_batch(2), verbose=0)

@@ -119,18 +119,33 @@ class RetrievalModel(tfrs.models.Model):
         with self._dropped_if_first_trace_fails("predict_function"):
             return super().predict(*args, **kwargs)
 
+    def train_on_batch(self, *args, **kwargs):
+        with self._dropped_if_first_trace_fails("train_function"):
+            return super().train_on_batch(*args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        with self._dropped_if_first_trace_fails("test_function"):
+            return super().test_on_batch(*args, **kwargs)
+
+    def predict_on_batch(self, *args, **kwargs):
+        with self._dropped_if_first_trace_fails("predict_function"):
+            return super().predict_on_batch(*args, **kwargs)
+
     @contextlib.contextmanager
     def _dropped_if_first_trace_fails(self, name: str):
         """Forgets the Keras step function that this call made if the call fails. Keras keeps it,
         half traced: after a refused first fit (a string history, sample weights) the corrected
         one failed with "Creating variables on a non-first call to a function decorated with
-        tf.function"."""
+        tf.function". Keras also keeps a failed fit's validation data (it drops it only when fit
+        ends normally), so the next fit validated on it, or was refused again for it."""
         made_here = getattr(self, name, None) is None
         try:
             yield
         except BaseException:
             if made_here:
                 setattr(self, name, None)
+            if name == "train_function" and getattr(self, "_eval_data_handler", None) is not None:
+                self._eval_data_handler = None
             raise
 
     def save(self, *args, **kwargs):

@@ -60,6 +60,9 @@ def check_index_dtype(name: str, value, vocabulary: str = "item") -> tf.Tensor:
         # A tf.data pipeline of variable-length sequences (ragged_batch) fed as it is failed with
         # "object of type 'RaggedTensor' has no len()". Which end to pad and which items to keep
         # past max_length are the data's choice, so they are not guessed here.
+        if vocabulary != "item":  # a user feature, e.g. a VarLenFeature parsed as sparse
+            raise TypeError(f"input {name!r} is a {type(value).__name__}, but a user feature takes one index per "
+                            "row, dense int [batch] (0 for unknown)")
         raise TypeError(f"input {name!r} is a {type(value).__name__}, but the models take dense [batch, length] "
                         "item indices, left-padded with 0 (the most recent item last); pad it first, e.g. "
                         "tfx_xmatch.data.tfrecord.left_pad_ragged(values, max_length), as the input pipelines "
