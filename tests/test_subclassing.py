@@ -112,7 +112,8 @@ def test_a_saved_subclass_whose_module_is_not_imported_is_named(tmp_path):
     training.save_model(model, tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "model": "elsewhere>HeadTwoTower"}))
-    with pytest.raises(ValueError, match="'elsewhere>HeadTwoTower' names a registered Keras class: import the module"):
+    with pytest.raises(ValueError, match="'elsewhere>HeadTwoTower' has the form of a registered Keras class's name, "
+                                         "but no such class is registered in this process: import the module"):
         training.load_model(tmp_path / "saved")
 
 

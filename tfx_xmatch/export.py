@@ -420,7 +420,8 @@ def build_serving_module(
       ValueError: A bad k, an unknown index kind, an index kind (or a given ``index``) the model
         cannot serve, a vocabulary of another size than the model's, an unquantized SparCode, a
         padding id that is also a real item id, a given ``index`` that is empty, whose
-        ``k_max`` differs from ``k_max`` or whose identifiers are not item indices 1..N, or a model that is not a built-in one or a registered subclass (``model_kind``).
+        ``k_max`` differs from ``k_max`` or whose identifiers are not item indices 1..N, or a
+        model that is neither a built-in one nor a registered subclass (``model_kind``).
       TypeError: A given ``index`` that is not a tfx_xmatch index (e.g. a TFRS ``TopK``).
     """
     model_kind(model)  # one the SavedModel could not describe fails now, not after the index is built

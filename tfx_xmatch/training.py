@@ -405,8 +405,8 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         hint = (f"; the model is in {os.path.join(directory, 'model')}"
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
         if isinstance(named, str) and ">" in named and tf.keras.utils.get_registered_object(named) is None:
-            hint += (f"; {named!r} names a registered Keras class: import the module that registers it "
-                     "before loading")
+            hint += (f"; {named!r} has the form of a registered Keras class's name, but no such class is "
+                     "registered in this process: import the module that registers it before loading")
         raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {shortened(repr(named), 60)}, not one "
                          f"of {sorted(MODELS)} or a registered subclass (a training run's config?){hint}")
     model = cls.from_config(saved["config"])

@@ -100,18 +100,17 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
     if model_class is None:  # the workers could not load it either
         raise ValueError(f"{config_path} names the model {name!r}, neither a built-in one nor a class registered "
                          "with Keras in this process: import the module that registers it")
-    has_codes = issubclass(model_class, SparCode) and config.get("quantize", True)
+    is_sparcode = issubclass(model_class, SparCode)
     num_items = int(config["num_items"])
     num_codes = None
-    if has_codes:
+    if is_sparcode and config.get("quantize", True):
         num_codes = int(config["num_codebooks"]) * int(config["num_codewords"])
         if max_items_per_code is None and cache_fraction is None:  # the cache the model was selected on
             cache_fraction = config.get("serving_cache_fraction")
     elif max_items_per_code is not None or cache_fraction is not None:
         budget = f"max_items_per_code={max_items_per_code!r}, cache_fraction={cache_fraction!r}"
         raise ValueError(f"a budget ({budget}) asks for SparCode posting lists, but the model in {str(run_dir)!r} "
-                         f"is {name!r}{' with quantize=False' if issubclass(model_class, SparCode) else ''}: it has "
-                         "no codes")
+                         f"is {name!r}{' with quantize=False' if is_sparcode else ''}: it has no codes")
     # Item shards are whole chunks of the SparCode.build_index grid, so scores match bit for bit.
     chunks = -(-num_items // batch_size)
     bounds = [1 + min(chunks * s // item_shards * batch_size, num_items) for s in range(item_shards + 1)]
