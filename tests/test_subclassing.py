@@ -8,7 +8,9 @@ name and follows a re-index in functions traced before it.
 """
 
 import functools
+import importlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -79,6 +81,63 @@ def test_a_registered_subclass_is_saved_loaded_warm_started_and_exported_as_itse
         warm_start(plain, str(export), 1e-3)
 
 
+USER_MODULE = """
+import tensorflow as tf
+from tfx_xmatch.models import TwoTower
+
+
+@tf.keras.utils.register_keras_serializable(package="user_models")
+class ScaledTwoTower(TwoTower):
+    def __init__(self, *args, scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def encode_sequence(self, inputs, training=False):
+        return self.scale * super().encode_sequence(inputs, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+"""
+
+
+def _forget(module_name, registered_name):
+    """As a new process (an ``xmatch`` command, a Beam worker) starts: neither the user's module
+    nor its Keras registration is there."""
+    sys.modules.pop(module_name, None)
+    tf.keras.utils.get_custom_objects().pop(registered_name, None)
+
+
+def test_a_subclass_is_loaded_by_a_process_that_never_imported_its_module(tmp_path, monkeypatch):
+    """It was refused with "import the module that registers it": `xmatch export`, `xmatch
+    evaluate` and the Beam workers, which load saved runs, could not load a user's model at all."""
+    (tmp_path / "user_models_1.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user_models = importlib.import_module("user_models_1")
+    model = user_models.ScaledTwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, scale=3.0)
+    model.build_all_variables()
+    expected = model.score_all({"history": HISTORY}).numpy()
+    training.save_model(model, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (saved["model"], saved["module"]) == ("user_models>ScaledTwoTower", "user_models_1")
+    _forget("user_models_1", "user_models>ScaledTwoTower")
+
+    loaded = training.load_model(tmp_path / "saved")
+    assert type(loaded).__name__ == "ScaledTwoTower" and loaded.scale == 3.0
+    np.testing.assert_allclose(loaded.score_all({"history": HISTORY}).numpy(), expected, rtol=1e-6)
+
+    _forget("user_models_1", "user_models>ScaledTwoTower")
+    (tmp_path / "user_models_1.py").rename(tmp_path / "moved_away.py")
+    with pytest.raises(ValueError, match=r"config.json: the model 'user_models>ScaledTwoTower' is defined in the "
+                                         r"module 'user_models_1', which cannot be imported \(ModuleNotFoundError"):
+        training.load_model(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({**saved, "module": "__main__"}))
+    with pytest.raises(ValueError, match=r"was defined in a script \(__main__\), which this process cannot import"):
+        training.load_model(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({**saved, "module": "json"}))
+    with pytest.raises(ValueError, match="no such class is registered by its module 'json'"):
+        training.load_model(tmp_path / "saved")
+
+
 @tf.keras.utils.register_keras_serializable(package="test_subclassing")
 class PlainSparCode(SparCode):
     pass
@@ -111,9 +170,11 @@ def test_a_saved_subclass_whose_module_is_not_imported_is_named(tmp_path):
     model = _trained(HeadTwoTower)
     training.save_model(model, tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    del config["module"]  # as a run saved before the module was recorded
     (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "model": "elsewhere>HeadTwoTower"}))
     with pytest.raises(ValueError, match="'elsewhere>HeadTwoTower' has the form of a registered Keras class's name, "
-                                         "but no such class is registered in this process: import the module"):
+                                         "but no such class is registered in this process, and the config names no "
+                                         "module that defines it: import the module"):
         training.load_model(tmp_path / "saved")
 
 

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -340,20 +341,46 @@ def model_kind(model: tf.keras.Model) -> str:
     return registered
 
 
-def model_class(kind: str) -> Optional[type]:
-    """The class ``model_kind`` named ``kind``: a built-in model, or a registered subclass (whose
-    module must have been imported); None for any other name."""
+def model_class(kind: str, module: Optional[str] = None) -> Optional[type]:
+    """The class ``model_kind`` named ``kind``: a built-in model, or a registered subclass; None
+    for any other name.
+
+    Args:
+      kind: A built-in model's name, or a registered subclass's Keras name ("pkg>Class").
+      module: The module that defines the subclass (what ``model_description`` recorded). When
+        ``kind`` is not registered in this process yet, it is imported first, as pickle and
+        Keras 3 do: ``xmatch`` commands and Beam workers load a user's model without being told
+        where it lives. Default None: look the name up only.
+
+    Raises:
+      ValueError: ``module`` cannot be imported (its error quoted), or is ``__main__``, a script
+        that no other process can import.
+    """
     if kind in MODELS:
         return MODELS[kind]
+    if module is not None and tf.keras.utils.get_registered_object(kind) is None:
+        if module == "__main__":
+            raise ValueError(f"the model {kind!r} was defined in a script (__main__), which this process cannot "
+                             "import: move the class into a module on the Python path, and save the model again")
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # whatever the user's module raises while importing
+            raise ValueError(f"the model {kind!r} is defined in the module {module!r}, which cannot be imported "
+                             f"({type(error).__name__}: {error}): install it or add it to PYTHONPATH") from error
     cls = tf.keras.utils.get_registered_object(kind)
     return cls if isinstance(cls, type) and issubclass(cls, RetrievalModel) else None
 
 
 def model_description(model: tf.keras.Model) -> dict:
-    """``{"model": kind, "config": model.get_config()}``: what rebuilds ``model`` (without its
-    weights). A saved model's ``config.json`` and a serving SavedModel's ``SERVING_MODEL_DESCRIPTION``
-    hold it."""
-    return {"model": model_kind(model), "config": model.get_config()}
+    """``{"model": kind, "config": model.get_config()}``, and for a registered subclass also
+    ``"module"``, the module that defines it: what rebuilds ``model`` (without its weights). A
+    saved model's ``config.json`` and a serving SavedModel's ``SERVING_MODEL_DESCRIPTION`` hold it.
+
+    Loading a description imports its module (``model_class``): load model directories you trust,
+    as with pickle or a Keras 3 ``.keras`` file."""
+    kind = model_kind(model)
+    module = {} if kind in MODELS else {"module": type(model).__module__}
+    return {"model": kind, **module, "config": model.get_config()}
 
 
 # Where a serving SavedModel (tfx_xmatch.export) keeps its model's description, so that it can
@@ -400,13 +427,19 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
     with tf.io.gfile.GFile(config_path, "rb") as handle:
         saved = json.loads(handle.read())
     named = saved.get("model") if isinstance(saved, dict) else None
-    cls = model_class(named) if isinstance(named, str) else None
+    module = saved.get("module") if isinstance(saved, dict) else None
+    try:
+        cls = model_class(named, module if isinstance(module, str) else None) if isinstance(named, str) else None
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from error.__cause__
     if cls is None or not isinstance(saved.get("config"), dict):
         hint = (f"; the model is in {os.path.join(directory, 'model')}"
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
         if isinstance(named, str) and ">" in named and tf.keras.utils.get_registered_object(named) is None:
             hint += (f"; {named!r} has the form of a registered Keras class's name, but no such class is "
-                     "registered in this process: import the module that registers it before loading")
+                     + ("registered by its module " + repr(module) if isinstance(module, str) else
+                        "registered in this process, and the config names no module that defines it")
+                     + ": import the module that registers it before loading")
         raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {shortened(repr(named), 60)}, not one "
                          f"of {sorted(MODELS)} or a registered subclass (a training run's config?){hint}")
     model = cls.from_config(saved["config"])

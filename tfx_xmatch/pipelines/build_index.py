@@ -96,10 +96,13 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
                          "mix with the run's; give another --output-dir")
     saved = json.loads(read_bytes(config_path))
     name, config = saved["model"], saved["config"]
-    model_class = training.model_class(name)
+    try:
+        model_class = training.model_class(name, saved.get("module"))
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from error.__cause__
     if model_class is None:  # the workers could not load it either
         raise ValueError(f"{config_path} names the model {name!r}, neither a built-in one nor a class registered "
-                         "with Keras in this process: import the module that registers it")
+                         "with Keras by its module: import the module that registers it")
     is_sparcode = issubclass(model_class, SparCode)
     num_items = int(config["num_items"])
     num_codes = None
