@@ -10,19 +10,21 @@ name and follows a re-index in functions traced before it.
 import functools
 import importlib
 import json
+import re
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfx_xmatch import training
+from tfx_xmatch import cli, training
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.export import export_retrieval_model
+from tfx_xmatch.export import check_export_settings, export_retrieval_model
 from tfx_xmatch.index import INDEX_KINDS, RetrievalIndex, make_index
 from tfx_xmatch.models import SparCode, TwoTower
 from tfx_xmatch.pipelines.build_index import load_sparse_code_index, run_build_index
 from tfx_xmatch.warm_start import warm_start
+from tests.test_training import TINY
 
 NUM_ITEMS, LENGTH = 20, 5
 HISTORY = tf.constant([[0, 1, 2, 3, 4], [0, 0, 5, 6, 7]], tf.int32)
@@ -136,6 +138,56 @@ def test_a_subclass_is_loaded_by_a_process_that_never_imported_its_module(tmp_pa
     (tmp_path / "saved" / "config.json").write_text(json.dumps({**saved, "module": "json"}))
     with pytest.raises(ValueError, match="no such class is registered by its module 'json'"):
         training.load_model(tmp_path / "saved")
+
+
+def test_xmatch_trains_a_subclass_named_by_its_import_path_and_other_processes_export_and_evaluate_it(
+        tmp_path, monkeypatch, capsys):
+    """`model.name` took the four built-in names only: a user's subclass could not be trained by
+    `xmatch train`, a TFX Trainer or `xmatch pipeline run`, and so never reached `xmatch export`."""
+    (tmp_path / "user_models_2.py").write_text(USER_MODULE + UNREGISTERED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--run-dir", str(run_dir), *[f"--set={o}" for o in TINY],
+                     "--set=model.name=user_models_2.ScaledTwoTower", "--set=model.options.scale=2.0"]) == 0
+    saved = json.loads((run_dir / "model" / "config.json").read_text())
+    assert (saved["model"], saved["module"], saved["config"]["scale"]) == ("user_models>ScaledTwoTower",
+                                                                           "user_models_2", 2.0)
+    _forget("user_models_2", "user_models>ScaledTwoTower")
+    assert cli.main(["evaluate", "--run-dir", str(run_dir), "--output", str(tmp_path / "metrics.json")]) == 0
+    trained = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["HR@10"] == trained["HR@10"]
+    _forget("user_models_2", "user_models>ScaledTwoTower")
+    assert cli.main(["export", "--run-dir", str(run_dir), "--export-base-path", str(tmp_path / "serving"),
+                     "--k-max", "5"]) == 0
+    assert json.loads((tmp_path / "serving" / "1" / training.SERVING_MODEL_DESCRIPTION).read_text())["module"] == \
+        "user_models_2"
+
+    capsys.readouterr()
+    for name, options, message in [
+            ("user_models_2.Missing", [], "user_models_2.Missing is missing"),
+            ("nowhere_at_all.ScaledTwoTower", [], "the module 'nowhere_at_all' cannot be imported"),
+            ("json.JSONDecoder", [], "json.JSONDecoder is not a subclass of a tfx_xmatch model"),
+            ("user_models_2.UnregisteredTwoTower", [], "is not registered with Keras"),
+            ("dssm", [], r"unknown model 'dssm' \(model.name\)"),
+            ("user_models_2.ScaledTwoTower", ["--set=model.options.scal=2.0"], r"it accepts \[.*'scale'"),
+            ("user_models_2.ScaledTwoTower", ["--set=model.options.scale=big"], "model.options.scale must be"),
+            ("user_models_2.ScaledTwoTower", ["--set=model.options.num_codewords=8"],
+             r"not arguments of model 'ScaledTwoTower'")]:
+        assert cli.main(["train", "--run-dir", str(tmp_path / "refused"), *[f"--set={o}" for o in TINY],
+                         f"--set=model.name={name}", *options]) == 2, name
+        error = capsys.readouterr().err
+        assert re.search(message, error), (name, error)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match=r"serves model.name='sparcode' only, got 'user_models_2.ScaledTwoTower' \(a subclass of SparCode"):
+        check_export_settings("user_models_2.ScaledTwoTower", "sparse_code")
+    check_export_settings(f"{__name__}.PlainSparCode", "sparse_code")
+
+
+UNREGISTERED = """
+
+class UnregisteredTwoTower(TwoTower):
+    pass
+"""
 
 
 @tf.keras.utils.register_keras_serializable(package="test_subclassing")

@@ -52,7 +52,8 @@ from tfx_xmatch.io_utils import (
     INT64_MAX, atomic_directory, copy_directory_or_nothing, locked_temporary_directory, remove_abandoned_temporaries,
     rename_no_replace, restore_moved_aside, version_number,
 )
-from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, model_description, model_kind
+from tfx_xmatch.models import MODELS
+from tfx_xmatch.training import SERVING_MODEL_DESCRIPTION, configured_model_class, model_description, model_kind
 
 log = logging.getLogger("tfx_xmatch.export")
 
@@ -356,9 +357,10 @@ def check_export_settings(model_name: str, index_kind: str = "brute_force", inde
       ValueError: Naming the setting and value that ``build_serving_module`` would refuse.
     """
     k_max = arguments.integer("k_max", k_max, 1)
-    if index_kind in MODEL_OF_INDEX_KIND and model_name != MODEL_OF_INDEX_KIND[index_kind]:
-        raise ValueError(f"index kind {index_kind!r} serves model.name={MODEL_OF_INDEX_KIND[index_kind]!r} only, "
-                         f"got {model_name!r}")
+    served = MODEL_OF_INDEX_KIND.get(index_kind)
+    if served is not None and not issubclass(configured_model_class(model_name), MODELS[served]):
+        raise ValueError(f"index kind {index_kind!r} serves model.name={served!r} only, got {model_name!r} (a "
+                         f"subclass of {MODELS[served].__name__} is served too)")
     index_options = dict(index_options or {})
     _check_owned_options(index_options)
     make_index(index_kind, k_max=k_max, **index_options)

@@ -152,10 +152,8 @@ def build_model(config: RunConfig, dataset: Optional[SequenceDataset] = None, *,
     if (dataset is None) == (num_items is None):
         raise ValueError("build_model needs exactly one of dataset and num_items")
     kwargs = dataclasses.asdict(config.model)
-    name = kwargs.pop("name")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
-    kwargs.update(_model_options(name, kwargs.pop("options"), shared=set(kwargs)))
+    model_type = configured_model_class(kwargs.pop("name"))
+    kwargs.update(_model_options(model_type, kwargs.pop("options"), shared=set(kwargs)))
     if config.data.side_info:
         if dataset is None:
             raise ConfigError("data.side_info needs the dataset's feature tables; this entry point has only "
@@ -163,7 +161,40 @@ def build_model(config: RunConfig, dataset: Optional[SequenceDataset] = None, *,
         kwargs["item_feature_dims"] = {k: int(v.shape[1]) for k, v in dataset.item_features.items()}
         kwargs["item_feature_tables"] = dict(dataset.item_features)
         kwargs["user_feature_cardinalities"] = _user_feature_cardinalities(dataset)
-    return MODELS[name](num_items=dataset.num_items if dataset is not None else int(num_items), **kwargs)
+    return model_type(num_items=dataset.num_items if dataset is not None else int(num_items), **kwargs)
+
+
+def configured_model_class(name: str) -> type:
+    """The class a config's ``model.name`` names: a built-in model ("two_tower", "sparcode",
+    "sparc", "t2diff"), or a user's subclass of one by its import path
+    ("my_package.models.MyTwoTower"), which is imported here (so on every Beam or TFX worker).
+
+    Raises:
+      ConfigError: An unknown name, a module that cannot be imported (its error quoted), a class
+        that is not a tfx_xmatch model, or one not registered with Keras (its runs could not be
+        loaded as themselves).
+    """
+    if name in MODELS:
+        return MODELS[name]
+    module_name, _, class_name = name.rpartition(".")
+    if not module_name or not class_name:
+        raise ConfigError(f"unknown model {name!r} (model.name): give one of {sorted(MODELS)}, or the import path "
+                          "of your own subclass of one (my_package.models.MyTwoTower)")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # whatever the user's module raises while importing
+        raise ConfigError(f"model.name={name!r}: the module {module_name!r} cannot be imported "
+                          f"({type(error).__name__}: {error}); install it or add it to PYTHONPATH") from error
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, RetrievalModel)):
+        raise ConfigError(f"model.name={name!r}: {module_name}.{class_name} is "
+                          f"{'missing' if cls is None else 'not a subclass of a tfx_xmatch model'}; give one of "
+                          f"{sorted(MODELS)} or a subclass of one")
+    if cls not in MODELS.values() and tf.keras.utils.get_registered_object(
+            tf.keras.utils.get_registered_name(cls)) is not cls:
+        raise ConfigError(f"model.name={name!r} is not registered with Keras, so its runs could not be loaded as "
+                          "themselves; decorate the class with @tf.keras.utils.register_keras_serializable(package=...)")
+    return cls
 
 
 def _optional_type(hint) -> Optional[type]:
@@ -176,18 +207,41 @@ def _optional_type(hint) -> Optional[type]:
     return kind if isinstance(kind, type) else None
 
 
-def _model_options(name: str, options: dict, shared: set[str]) -> dict:
+def _constructor_arguments(model_type: type) -> tuple[dict, dict]:
+    """(name: default, name: type hint) of the keyword arguments ``model_type`` takes: its own
+    ``__init__``'s and, where that passes ``**kwargs`` on, its base classes' (a user's subclass
+    adds an argument to a built-in model's)."""
+    defaults, hints = {}, {}
+    for cls in model_type.__mro__:
+        if not (isinstance(cls, type) and issubclass(cls, RetrievalModel)) or "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters
+        try:
+            cls_hints = typing.get_type_hints(cls.__init__)
+        except (NameError, TypeError):  # an unresolvable annotation: None defaults stay untyped
+            cls_hints = {}
+        for key, parameter in parameters.items():
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and key != "self":
+                defaults.setdefault(key, parameter.default)
+                if key in cls_hints:
+                    hints.setdefault(key, cls_hints[key])
+        if not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+            break
+    return defaults, hints
+
+
+def _model_options(model_type: type, options: dict, shared: set[str]) -> dict:
     """Checks ``model.options`` against the model's constructor: known names only, not a shared
     ``model.*`` field (which would silently disagree with the data pipeline), and values of the
     type of the argument's default (YAML reads ``1e-3`` as a string, for one) or, for a None
     default, of its annotation (``Optional[float]``: a number or null)."""
-    parameters = inspect.signature(MODELS[name].__init__).parameters
-    try:
-        hints = typing.get_type_hints(MODELS[name].__init__)
-    except (NameError, TypeError):  # an unresolvable annotation: None defaults stay untyped
-        hints = {}
-    own = {key: p.default for key, p in parameters.items()
-           if key not in shared | {"self", "kwargs", "num_items"} and p.kind is p.POSITIONAL_OR_KEYWORD}
+    name = next((key for key, cls in MODELS.items() if cls is model_type), model_type.__name__)
+    defaults, hints = _constructor_arguments(model_type)
+    own = {key: default for key, default in defaults.items() if key not in shared | {"num_items"}}
+    required = sorted(key for key, default in own.items() if default is inspect.Parameter.empty)
+    if set(required) - set(options):
+        raise ConfigError(f"model {name!r} needs model.options {sorted(set(required) - set(options))}: its "
+                          "constructor has no default for them")
     checked = {}
     for key, value in options.items():
         if key == "num_items":
@@ -196,7 +250,7 @@ def _model_options(name: str, options: dict, shared: set[str]) -> dict:
             raise ConfigError(f"model.options.{key} duplicates model.{key}; set model.{key} instead")
         if key not in own:
             raise ConfigError(f"model.options {[key]} are not arguments of model {name!r}; it accepts {sorted(own)}")
-        default = own[key]
+        default = None if own[key] is inspect.Parameter.empty else own[key]  # typed by its annotation alone
         expected = type(default) if default is not None else _optional_type(hints.get(key))
         if default is None and (value is None or expected is None):
             valid = True
