@@ -50,6 +50,9 @@ class DataConfig:
 class ModelConfig:
     """Model name and its hyperparameters (see ``tfx_xmatch.models``).
 
+    ``name`` is a built-in model ("two_tower", "sparcode", "sparc", "t2diff") or the import path
+    of a registered subclass of one ("my_package.models.MyTwoTower"; ``training.configured_model_class``).
+
     The fields are the ones every model shares; ``options`` holds the model's own keyword
     arguments (e.g. ``num_codewords`` of SparCode), set from YAML as a mapping or on the command
     line as ``model.options.num_codewords=512``.
