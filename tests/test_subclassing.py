@@ -12,12 +12,14 @@ import importlib
 import json
 import re
 import sys
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tfx_xmatch import cli, training
+from tfx_xmatch.config import ConfigError, load_config
 from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.export import check_export_settings, export_retrieval_model
 from tfx_xmatch.index import INDEX_KINDS, RetrievalIndex, make_index
@@ -130,7 +132,17 @@ def test_a_subclass_is_loaded_by_a_process_that_never_imported_its_module(tmp_pa
     _forget("user_models_1", "user_models>ScaledTwoTower")
     (tmp_path / "user_models_1.py").rename(tmp_path / "moved_away.py")
     with pytest.raises(ValueError, match=r"config.json: the model 'user_models>ScaledTwoTower' is defined in the "
-                                         r"module 'user_models_1', which cannot be imported \(ModuleNotFoundError"):
+                                         r"module 'user_models_1': the module 'user_models_1' is not found; install "
+                                         r"it or add its directory to PYTHONPATH\.$"):
+        training.load_model(tmp_path / "saved")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "user_models_1.py").write_text("import a_dependency_not_installed\n")
+    monkeypatch.chdir(tmp_path / "cwd")  # where the file is, but not on the path: the xmatch command
+    with pytest.raises(ValueError, match="It is in the current directory, which the xmatch command does not search"):
+        training.load_model(tmp_path / "saved")
+    monkeypatch.syspath_prepend(str(tmp_path / "cwd"))
+    with pytest.raises(ValueError, match="importing the module 'user_models_1' failed: No module named "
+                                         "'a_dependency_not_installed'"):
         training.load_model(tmp_path / "saved")
     (tmp_path / "saved" / "config.json").write_text(json.dumps({**saved, "module": "__main__"}))
     with pytest.raises(ValueError, match=r"was defined in a script \(__main__\), which this process cannot import"):
@@ -143,7 +155,8 @@ def test_a_subclass_is_loaded_by_a_process_that_never_imported_its_module(tmp_pa
 def test_xmatch_trains_a_subclass_named_by_its_import_path_and_other_processes_export_and_evaluate_it(
         tmp_path, monkeypatch, capsys):
     """`model.name` took the four built-in names only: a user's subclass could not be trained by
-    `xmatch train`, a TFX Trainer or `xmatch pipeline run`, and so never reached `xmatch export`."""
+    `xmatch train` (nor by the TFX Trainer or `xmatch pipeline run`, which build models with the
+    same `training.build_model`; not run here), and so never reached `xmatch export`."""
     (tmp_path / "user_models_2.py").write_text(USER_MODULE + UNREGISTERED)
     monkeypatch.syspath_prepend(str(tmp_path))
     run_dir = tmp_path / "run"
@@ -165,7 +178,7 @@ def test_xmatch_trains_a_subclass_named_by_its_import_path_and_other_processes_e
     capsys.readouterr()
     for name, options, message in [
             ("user_models_2.Missing", [], "user_models_2.Missing is missing"),
-            ("nowhere_at_all.ScaledTwoTower", [], "the module 'nowhere_at_all' cannot be imported"),
+            ("nowhere_at_all.ScaledTwoTower", [], "the module 'nowhere_at_all' is not found"),
             ("json.JSONDecoder", [], "json.JSONDecoder is not a subclass of a tfx_xmatch model"),
             ("user_models_2.UnregisteredTwoTower", [], "is not registered with Keras"),
             ("dssm", [], r"unknown model 'dssm' \(model.name\)"),
@@ -226,7 +239,8 @@ def test_a_saved_subclass_whose_module_is_not_imported_is_named(tmp_path):
     (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "model": "elsewhere>HeadTwoTower"}))
     with pytest.raises(ValueError, match="'elsewhere>HeadTwoTower' has the form of a registered Keras class's name, "
                                          "but no such class is registered in this process, and the config names no "
-                                         "module that defines it: import the module"):
+                                         r"module that defines it \(saved before modules were recorded; saving it "
+                                         r"again records it\): import the module"):
         training.load_model(tmp_path / "saved")
 
 
@@ -270,3 +284,73 @@ def test_an_index_kind_of_ones_own_is_exported_by_name_and_follows_a_re_index(tm
     # Another catalogue size, stored in place: the function traced before answers from it.
     index.index(tf.concat([tf.eye(4)[::-1], tf.zeros([1, 4])], 0), tf.constant([20, 21, 22, 23, 24], tf.int64))
     assert search(query)[1].numpy().tolist() == [[22]] and search.experimental_get_tracing_count() == 1
+
+
+class Mixin:
+    def __init__(self, *args, extra: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra = extra
+
+
+@tf.keras.utils.register_keras_serializable(package="test_subclassing")
+class OptionsTwoTower(Mixin, TwoTower):
+    """Arguments a user's subclass may add: required and keyword-only, annotated against an int
+    default, from a mixin."""
+
+    def __init__(self, *args, scale: float, ratio: float = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale, self.ratio = scale, ratio
+
+
+@tf.keras.utils.register_keras_serializable(package="test_subclassing")
+class FixedTwoTower(TwoTower):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, l2=0.0, **kwargs)  # l2 is a model.* field: build_model passes it too
+
+
+@tf.keras.utils.register_keras_serializable(package="test_subclassing")
+class NoneDefaultSparCode(SparCode):
+    def __init__(self, *args, num_codewords=None, **kwargs):
+        super().__init__(*args, num_codewords=num_codewords or 8, **kwargs)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("OptionsTwoTower", {"ratio": 0.5}, r"needs model.options \['scale'\]"),
+    ("OptionsTwoTower", {"scale": "big"}, "model.options.scale must be a number, got 'big'"),
+    ("OptionsTwoTower", {"scale": None}, "model.options.scale must be a number, got None"),
+    ("OptionsTwoTower", {"scale": 2.0, "extra": "x"}, "model.options.extra must be like its default 0.5"),
+    ("OptionsTwoTower", {"scale": 2.0, "max_loss_positions": 8}, "duplicates model.max_loss_positions"),
+    ("NoneDefaultSparCode", {"num_codewords": "lots"}, "model.options.num_codewords must be an int or null"),
+    ("FixedTwoTower", {}, r"model 'FixedTwoTower' cannot be built from model.options \{\}: .*got multiple values "
+                          "for keyword argument 'l2'"),
+])
+def test_a_subclass_options_are_checked_against_its_own_and_its_bases_annotations(name, options, message):
+    """Reviewed: a required `scale: float` took 'big' and failed in a traceback, a float argument
+    with the default 1 refused 0.5, a mixin's argument was unknown, and a constructor's TypeError
+    was a traceback."""
+    config = load_config(None, [*TINY, f"model.name={__name__}.{name}"])
+    config.model.options = options
+    with pytest.raises(ConfigError, match=message):
+        training.build_model(config, num_items=NUM_ITEMS)
+
+
+def test_a_subclass_takes_its_annotated_mixin_and_none_default_options():
+    config = load_config(None, [*TINY, f"model.name={__name__}.OptionsTwoTower"])
+    config.model.options = {"scale": 2, "ratio": 0.5, "extra": 0.25}
+    model = training.build_model(config, num_items=NUM_ITEMS)
+    assert (model.scale, model.ratio, model.extra) == (2.0, 0.5, 0.25)
+    config = load_config(None, [*TINY, f"model.name={__name__}.NoneDefaultSparCode"])
+    config.model.options = {"num_codewords": None}
+    assert training.build_model(config, num_items=NUM_ITEMS).num_codewords == 8
+
+
+def test_a_class_of_a_module_run_with_python_m_is_recorded_under_the_modules_name(monkeypatch):
+    """It was recorded as __main__, which other processes refused to import."""
+    cls = type("MainTwoTower", (TwoTower,), {"__module__": "__main__"})
+    tf.keras.utils.register_keras_serializable(package="test_subclassing_main")(cls)
+    model = cls(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH)
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="revpkg.trainer"),
+                        raising=False)
+    assert training.model_description(model)["module"] == "revpkg.trainer"
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a script: python trainer.py
+    assert training.model_description(model)["module"] == "__main__"

@@ -26,7 +26,9 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import time
+import types
 import typing
 import weakref
 from typing import Callable, Iterator, Optional, Sequence
@@ -161,7 +163,36 @@ def build_model(config: RunConfig, dataset: Optional[SequenceDataset] = None, *,
         kwargs["item_feature_dims"] = {k: int(v.shape[1]) for k, v in dataset.item_features.items()}
         kwargs["item_feature_tables"] = dict(dataset.item_features)
         kwargs["user_feature_cardinalities"] = _user_feature_cardinalities(dataset)
-    return model_type(num_items=dataset.num_items if dataset is not None else int(num_items), **kwargs)
+    try:
+        return model_type(num_items=dataset.num_items if dataset is not None else int(num_items), **kwargs)
+    except TypeError as error:  # a user's constructor that does not take what its signature says
+        if model_type in MODELS.values():
+            raise
+        raise ConfigError(f"model {model_type.__name__!r} cannot be built from model.options "
+                          f"{shortened(repr(config.model.options), 200)}: {error}") from error
+
+
+def import_user_module(module_name: str, what: str):
+    """Imports the module that defines a user's model class; ``what`` (e.g. "model.name='x.Y'")
+    starts the error.
+
+    Raises:
+      ValueError: The module is not found (with where the ``xmatch`` command looks), or raised
+        while importing (its error quoted).
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if not (error.name and (module_name == error.name or module_name.startswith(error.name + "."))):
+            raise ValueError(f"{what}: importing the module {module_name!r} failed: {error}") from error
+        top = module_name.split(".")[0]
+        here = (" It is in the current directory, which the xmatch command does not search: run it with "
+                "PYTHONPATH=." if os.path.exists(f"{top}.py") or os.path.isdir(top) else "")
+        raise ValueError(f"{what}: the module {module_name!r} is not found; install it or add its directory to "
+                         f"PYTHONPATH.{here}") from error
+    except Exception as error:  # whatever the user's module raises while importing
+        raise ValueError(f"{what}: importing the module {module_name!r} failed "
+                         f"({type(error).__name__}: {error})") from error
 
 
 def configured_model_class(name: str) -> type:
@@ -181,10 +212,9 @@ def configured_model_class(name: str) -> type:
         raise ConfigError(f"unknown model {name!r} (model.name): give one of {sorted(MODELS)}, or the import path "
                           "of your own subclass of one (my_package.models.MyTwoTower)")
     try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # whatever the user's module raises while importing
-        raise ConfigError(f"model.name={name!r}: the module {module_name!r} cannot be imported "
-                          f"({type(error).__name__}: {error}); install it or add it to PYTHONPATH") from error
+        module = import_user_module(module_name, f"model.name={name!r}")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error.__cause__
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, RetrievalModel)):
         raise ConfigError(f"model.name={name!r}: {module_name}.{class_name} is "
@@ -197,14 +227,21 @@ def configured_model_class(name: str) -> type:
     return cls
 
 
-def _optional_type(hint) -> Optional[type]:
-    """The type ``Optional[X]`` allows besides None (X's origin for generics such as dict[str,
-    int]); None when the hint says nothing that simple."""
-    allowed = [t for t in typing.get_args(hint) if t is not type(None)]
-    if len(allowed) != 1:
-        return None
-    kind = typing.get_origin(allowed[0]) or allowed[0]
-    return kind if isinstance(kind, type) else None
+def _expected_type(hint, default) -> tuple[Optional[type], bool]:
+    """(the type an option's value must have, whether null is allowed), from the argument's
+    annotation where it says something simple (``float``, ``Optional[int]``, ``dict[str, int]``:
+    its origin), else from the type of its default (``inspect.Parameter.empty`` for none);
+    (None, ...) when neither says anything."""
+    nullable = default is None
+    if hint is not None:
+        arguments = typing.get_args(hint)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = [t for t in arguments if t is not type(None)] if union else [hint]
+        nullable = nullable or (union and type(None) in arguments)
+        kind = (typing.get_origin(allowed[0]) or allowed[0]) if len(allowed) == 1 else None
+        if isinstance(kind, type):
+            return kind, nullable
+    return (None if default is None or default is inspect.Parameter.empty else type(default)), nullable
 
 
 def _constructor_arguments(model_type: type) -> tuple[dict, dict]:
@@ -212,8 +249,9 @@ def _constructor_arguments(model_type: type) -> tuple[dict, dict]:
     ``__init__``'s and, where that passes ``**kwargs`` on, its base classes' (a user's subclass
     adds an argument to a built-in model's)."""
     defaults, hints = {}, {}
-    for cls in model_type.__mro__:
-        if not (isinstance(cls, type) and issubclass(cls, RetrievalModel)) or "__init__" not in vars(cls):
+    # Up to RetrievalModel: Keras's own constructor arguments (name, dtype, trainable) are not options.
+    for cls in model_type.__mro__[:model_type.__mro__.index(RetrievalModel) + 1]:
+        if "__init__" not in vars(cls):
             continue
         parameters = inspect.signature(cls.__init__).parameters
         try:
@@ -232,9 +270,10 @@ def _constructor_arguments(model_type: type) -> tuple[dict, dict]:
 
 def _model_options(model_type: type, options: dict, shared: set[str]) -> dict:
     """Checks ``model.options`` against the model's constructor: known names only, not a shared
-    ``model.*`` field (which would silently disagree with the data pipeline), and values of the
-    type of the argument's default (YAML reads ``1e-3`` as a string, for one) or, for a None
-    default, of its annotation (``Optional[float]``: a number or null)."""
+    ``model.*`` field (which would silently disagree with the data pipeline), every argument
+    without a default given, and values of the type of the argument's annotation (``float``,
+    ``Optional[float]``: a number, or null too) or, without one, of its default (YAML reads
+    ``1e-3`` as a string, for one)."""
     name = next((key for key, cls in MODELS.items() if cls is model_type), model_type.__name__)
     defaults, hints = _constructor_arguments(model_type)
     own = {key: default for key, default in defaults.items() if key not in shared | {"num_items"}}
@@ -250,9 +289,9 @@ def _model_options(model_type: type, options: dict, shared: set[str]) -> dict:
             raise ConfigError(f"model.options.{key} duplicates model.{key}; set model.{key} instead")
         if key not in own:
             raise ConfigError(f"model.options {[key]} are not arguments of model {name!r}; it accepts {sorted(own)}")
-        default = None if own[key] is inspect.Parameter.empty else own[key]  # typed by its annotation alone
-        expected = type(default) if default is not None else _optional_type(hints.get(key))
-        if default is None and (value is None or expected is None):
+        expected, nullable = _expected_type(hints.get(key), own[key])
+        default = None if own[key] is inspect.Parameter.empty else own[key]
+        if value is None and nullable or expected is None:
             valid = True
         elif expected is bool:
             valid = isinstance(value, bool)
@@ -271,8 +310,10 @@ def _model_options(model_type: type, options: dict, shared: set[str]) -> dict:
         else:
             valid = isinstance(value, expected)
         if not valid:
-            what = (f"like its default {default!r}" if default is not None
-                    else f"{'a number' if expected is float else 'a ' + expected.__name__} or null")
+            kind = "a number" if expected is float else ("an " if expected.__name__[0] in "aeiou" else "a ") + \
+                expected.__name__
+            what = (f"like its default {default!r}" if default is not None and isinstance(default, expected)
+                    else kind + (" or null" if nullable else ""))
             raise ConfigError(f"model.options.{key} must be {what}, got {value!r}")
         checked[key] = value
     return checked
@@ -416,11 +457,7 @@ def model_class(kind: str, module: Optional[str] = None) -> Optional[type]:
         if module == "__main__":
             raise ValueError(f"the model {kind!r} was defined in a script (__main__), which this process cannot "
                              "import: move the class into a module on the Python path, and save the model again")
-        try:
-            importlib.import_module(module)
-        except Exception as error:  # whatever the user's module raises while importing
-            raise ValueError(f"the model {kind!r} is defined in the module {module!r}, which cannot be imported "
-                             f"({type(error).__name__}: {error}): install it or add it to PYTHONPATH") from error
+        import_user_module(module, f"the model {kind!r} is defined in the module {module!r}")
     cls = tf.keras.utils.get_registered_object(kind)
     return cls if isinstance(cls, type) and issubclass(cls, RetrievalModel) else None
 
@@ -433,8 +470,10 @@ def model_description(model: tf.keras.Model) -> dict:
     Loading a description imports its module (``model_class``): load model directories you trust,
     as with pickle or a Keras 3 ``.keras`` file."""
     kind = model_kind(model)
-    module = {} if kind in MODELS else {"module": type(model).__module__}
-    return {"model": kind, **module, "config": model.get_config()}
+    module = type(model).__module__
+    if module == "__main__":  # `python -m package.module` runs it as __main__; its spec keeps its name
+        module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) or module
+    return {"model": kind, **({} if kind in MODELS else {"module": module}), "config": model.get_config()}
 
 
 # Where a serving SavedModel (tfx_xmatch.export) keeps its model's description, so that it can
@@ -492,7 +531,8 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
         if isinstance(named, str) and ">" in named and tf.keras.utils.get_registered_object(named) is None:
             hint += (f"; {named!r} has the form of a registered Keras class's name, but no such class is "
                      + ("registered by its module " + repr(module) if isinstance(module, str) else
-                        "registered in this process, and the config names no module that defines it")
+                        "registered in this process, and the config names no module that defines it (saved "
+                        "before modules were recorded; saving it again records it)")
                      + ": import the module that registers it before loading")
         raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {shortened(repr(named), 60)}, not one "
                          f"of {sorted(MODELS)} or a registered subclass (a training run's config?){hint}")
