@@ -135,6 +135,12 @@ def test_nothing_is_published_when_a_stage_cannot_run(events, tmp_path):
     with pytest.raises(ConfigError, match="num_partitions must be an integer >= 1, got 'abc'"):
         run_pipeline(config, str(tmp_path / "out"), str(tmp_path / "models"), index_kind="partitioned",
                      index_options={"num_partitions": "abc"})
+    # A misspelt model option or name failed at the train stage, after the prepare stage.
+    for override, message in [("model.options.colour=1", r"model.options \['colour'\] are not arguments"),
+                              ("model.name=dssm", "unknown model 'dssm'")]:
+        with pytest.raises(ConfigError, match=message):
+            run_pipeline(load_config(None, [f"data.dataset={events}", *OVERRIDES, override]),
+                         str(tmp_path / "out"), str(tmp_path / "models"))
     assert not (tmp_path / "out").exists()
     # A padding id that is a real item id would fail the export stage: refused before training.
     real_id = int(events.read_text().split()[1])

@@ -153,9 +153,7 @@ def build_model(config: RunConfig, dataset: Optional[SequenceDataset] = None, *,
     """
     if (dataset is None) == (num_items is None):
         raise ValueError("build_model needs exactly one of dataset and num_items")
-    kwargs = dataclasses.asdict(config.model)
-    model_type = configured_model_class(kwargs.pop("name"))
-    kwargs.update(_model_options(model_type, kwargs.pop("options"), shared=set(kwargs)))
+    model_type, kwargs = model_arguments(config)
     if config.data.side_info:
         if dataset is None:
             raise ConfigError("data.side_info needs the dataset's feature tables; this entry point has only "
@@ -193,6 +191,20 @@ def import_user_module(module_name: str, what: str):
     except Exception as error:  # whatever the user's module raises while importing
         raise ValueError(f"{what}: importing the module {module_name!r} failed "
                          f"({type(error).__name__}: {error})") from error
+
+
+def model_arguments(config: RunConfig) -> tuple[type, dict]:
+    """The class ``config.model.name`` names and its constructor arguments from ``config.model``
+    (but ``num_items`` and what the dataset adds), checked without building the model: what a
+    pipeline checks before its first stage.
+
+    Raises:
+      ConfigError: See ``configured_model_class`` and ``model.options``' checks.
+    """
+    kwargs = dataclasses.asdict(config.model)
+    model_type = configured_model_class(kwargs.pop("name"))
+    kwargs.update(_model_options(model_type, kwargs.pop("options"), shared=set(kwargs)))
+    return model_type, kwargs
 
 
 def configured_model_class(name: str) -> type:

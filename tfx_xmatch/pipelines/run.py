@@ -213,7 +213,8 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
         raise ConfigError(f"k_max={k_max} is below the largest evaluation cutoff eval.ks={list(config.eval.ks)}")
     if index_kind not in (*DENSE_KINDS, "sparse_code"):
         raise ConfigError(f"index_kind must be one of {(*DENSE_KINDS, 'sparse_code')}, got {index_kind!r}")
-    try:  # now, not at the export stage after training: a misspelt option would waste the run
+    try:  # now, not at the train or export stage: a misspelt option would waste the stages before
+        training.model_arguments(config)
         check_export_settings(config.model.name, index_kind, index_options, k_max)
     except ValueError as error:
         raise ConfigError(str(error)) from error
