@@ -359,7 +359,8 @@ def test_warm_start_from_a_serving_savedmodel_refuses_what_it_cannot_use(tmp_pat
     (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).write_text(json.dumps(description))
     deeper = training.build_model(tiny_config("model.item_hidden_units=[16]"), split.dataset)
     training.compile_for_training(deeper, config, training.target_counts(split))
-    with pytest.raises(ConfigError, match=r"serving': cannot read .*variables/variables: .*not bound"):
+    with pytest.raises(ConfigError, match=r"serving': cannot read .*variables/variables: 4 of its model's weights are "
+                                         r"not in it, first: item_tower.mlp.0.kernel"):
         warm_start(deeper, tmp_path / "serving", 0.01)
     (tmp_path / "serving" / training.SERVING_MODEL_DESCRIPTION).write_text("{not json")
     with pytest.raises(ConfigError, match=r"serving'.*xmatch_model.json is not JSON"):
@@ -807,3 +808,24 @@ def test_an_output_location_that_cannot_be_written_is_named_before_any_work(tmp_
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
     with pytest.raises(PermissionError, match=rf"--out '.*m.json' cannot be written: '{tmp_path}' is read-only"):
         io_utils.check_output_location(tmp_path / "new" / "m.json", "--out", directory=False)
+
+
+def test_warm_start_across_a_changed_catalogue_takes_an_older_versions_checkpoint_without_a_metric_tracker(tmp_path):
+    """A SparCode saved by an older version had fewer loss trackers: a warm start that moves item
+    rows (a changed catalogue, or any serving source) refused it with TF's "Found 2 Python
+    objects that were not bound to checkpointed values", naming a tracker's 'count:0'."""
+    model, source, source_ids, split = _changed_catalogue("sparcode", tmp_path)
+    older = tmp_path / "older"
+    shutil.copytree(tmp_path / "saved", older)
+    # Built from this description, the source model has a tracker (cached_retrieval_loss) that
+    # its checkpoint lacks, as this version's model has trackers an older checkpoint lacks.
+    description = json.loads((older / "config.json").read_text())
+    description["config"]["training_cache_fraction"] = 0.01
+    (older / "config.json").write_text(json.dumps(description))
+    warm_start(model, older, 0.004, split.dataset.item_vocab)
+    rows = "item_tower.id_embedding.embeddings"
+    ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
+    np.testing.assert_array_equal(model.get_weight_paths()[rows].numpy()[ids.index(source_ids[0]) + 1],
+                                  source.get_weight_paths()[rows].numpy()[1])
+    np.testing.assert_array_equal(model.get_weight_paths()["quantizer.codebooks"].numpy(),
+                                  source.get_weight_paths()["quantizer.codebooks"].numpy())

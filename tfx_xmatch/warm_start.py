@@ -100,11 +100,7 @@ def warm_start(model: tf.keras.Model, source: str | pathlib.Path, learning_rate:
             # Through the source's own model (the serving module holds it as its ``model``
             # attribute, beside the index and without an optimizer), where every variable must be
             # found, then copied over.
-            if serving:
-                status = tf.train.Checkpoint(model=source_model).read(checkpoint)
-            else:
-                status = source_model.load_weights(checkpoint)
-            status.expect_partial().assert_existing_objects_matched()
+            _restore_every_weight(source_model, checkpoint, serving)
             sources = source_model.get_weight_paths()
             for path in _weight_shapes(model):
                 if path in learnt_rows and rows is not None:
@@ -240,6 +236,38 @@ def _check_same_variables(source: str, model: tf.keras.Model, source_model: tf.k
     if differences:
         raise ConfigError(f"train.warm_start={source!r} does not fit this model (another architecture or "
                           f"options?): {len(differences)} difference(s), first: {differences[0]}")
+
+
+def _restore_every_weight(source_model: tf.keras.Model, checkpoint: str, serving: bool) -> None:
+    """Restores ``source_model`` from ``checkpoint`` and checks that every weight was in it.
+
+    Metric trackers may be missing: a checkpoint of an older version lacks the ones added since
+    (TF's ``assert_existing_objects_matched`` refused it, naming only a tracker's 'count:0').
+    Whether a weight was restored is read from its value: each is first filled with a value no
+    trained model holds (NaN, or the integer minimum).
+
+    Raises:
+      ValueError: A weight is not in the checkpoint (naming it).
+    """
+    weights = {path: variable for path, variable in source_model.get_weight_paths().items()
+               if path in _weight_shapes(source_model) and variable.shape.num_elements()
+               and (variable.dtype.is_floating or variable.dtype.is_integer)}
+    for variable in weights.values():
+        variable.assign(tf.fill(tf.shape(variable), _sentinel(variable.dtype)))
+    if serving:
+        # The serving module holds the model as its ``model`` attribute, beside the index.
+        tf.train.Checkpoint(model=source_model).read(checkpoint).expect_partial()
+    else:
+        source_model.load_weights(checkpoint).expect_partial()
+    missing = [path for path, variable in weights.items()
+               if bool(tf.reduce_all(tf.math.is_nan(variable) if variable.dtype.is_floating
+                                     else tf.equal(variable, _sentinel(variable.dtype))))]
+    if missing:
+        raise ValueError(f"{len(missing)} of its model's weights are not in it, first: {missing[0]}")
+
+
+def _sentinel(dtype: tf.DType) -> tf.Tensor:
+    return tf.constant(float("nan") if dtype.is_floating else dtype.min, dtype)
 
 
 def _weight_shapes(model: tf.keras.Model) -> dict:
