@@ -238,3 +238,19 @@ def test_a_prepared_directory_with_glob_characters_in_its_name_is_read(model, se
     shutil.copytree(prepared, named, ignore=shutil.ignore_patterns("export"))
     metrics = evaluate.run_evaluate(str(export_dir), str(named), ks=KS, batch_size=4)
     assert_metrics_equal(metrics, in_process(model, prepared))
+
+
+def test_records_prepared_without_one_item_sequences_report_no_tail_recall(model, setup, tmp_path, caplog):
+    """A preparation before 2026-12-06 left one-item training sequences out of the train records:
+    their items were missing from the popularity, and TailRecall differed from the in-process
+    evaluation's without a word."""
+    export_dir, prepared = setup
+    older = tmp_path / "older"
+    shutil.copytree(prepared, older)
+    statistics = json.loads((older / "statistics.json").read_text())
+    statistics.update(examples={"train": 20, "validation": 23, "test": 23}, train_sequences=23)  # as it counted them
+    (older / "statistics.json").write_text(json.dumps(statistics))
+    with caplog.at_level("WARNING", logger="tfx_xmatch.pipelines.evaluate"):
+        metrics = evaluate.run_evaluate(str(export_dir), str(older), ks=KS, batch_size=4)
+    assert not [key for key in metrics if key.startswith("TailRecall")] and "HR@10" in metrics
+    assert "train records leave out one-item training sequences: TailRecall is not reported" in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
+import json
 import os
 import re
 import struct
@@ -669,6 +670,23 @@ def write_split_tfrecords(split: Split, directory: str, num_shards: int = 1) -> 
     written["item_vocab"] = [vocab_path]
     written["statistics"] = [statistics_path]
     return written
+
+
+def train_records_lack_one_item_sequences(prepared_dir: str) -> bool:
+    """Whether ``prepared_dir``'s ``statistics.json`` counts fewer train records than training
+    sequences: a preparation by a version before 2026-12-06 left out one-item sequences, so the
+    training popularity ``record_counts`` reads misses their items (a different tail set for
+    TailRecall). Such a version wrote train examples == sequences whenever none was one item
+    long, when the records are complete anyway."""
+    path = os.path.join(prepared_dir, "statistics.json")
+    if not tf.io.gfile.exists(path):
+        return False
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        statistics = json.loads(handle.read())
+    try:
+        return int(statistics["examples"]["train"]) < int(statistics["train_sequences"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def record_counts(train_files, num_items: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,7 +45,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfx_xmatch.data.vocabulary import Vocabulary
-from tfx_xmatch.data.tfrecord import check_not_cut_short, damaged_file_named, record_counts, shard_pattern
+from tfx_xmatch.data.tfrecord import (check_not_cut_short, damaged_file_named, record_counts, shard_pattern,
+                                      train_records_lack_one_item_sequences)
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
 from tfx_xmatch.io_utils import json_text
 from tfx_xmatch.pipelines.beam_utils import (pipeline_options, remove_if_present, require_beam, split_arguments,
@@ -303,7 +305,12 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
     vocab_path = os.path.join(prepared_dir, "item_vocab.json")
     train_pattern = shard_pattern(prepared_dir, "train", "*")
     popularity = None
-    if tf.io.gfile.glob(train_pattern) and tf.io.gfile.exists(vocab_path):
+    if train_records_lack_one_item_sequences(prepared_dir):
+        # Their tail set would differ from the in-process evaluation's, without a word.
+        logging.getLogger("tfx_xmatch.pipelines.evaluate").warning(
+            "%s was prepared by an older version whose train records leave out one-item training sequences: "
+            "TailRecall is not reported (prepare the data again to have it)", prepared_dir)
+    elif tf.io.gfile.glob(train_pattern) and tf.io.gfile.exists(vocab_path):
         popularity = record_counts(train_pattern, Vocabulary.load(vocab_path).num_items)[1]
 
     settings = {"export_dir": _absolute(export_dir), "prepared_dir": _absolute(prepared_dir),
