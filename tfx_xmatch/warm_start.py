@@ -244,13 +244,15 @@ def _restore_every_weight(source_model: tf.keras.Model, checkpoint: str, serving
     Metric trackers may be missing: a checkpoint of an older version lacks the ones added since
     (TF's ``assert_existing_objects_matched`` refused it, naming only a tracker's 'count:0').
     Whether a weight was restored is read from its value: each is first filled with a value no
-    trained model holds (NaN, or the integer minimum).
+    trained model holds (NaN, or the integer minimum). A boolean (a quantizer's ``initialized``
+    flag) has no such value and is not checked.
 
     Raises:
       ValueError: A weight is not in the checkpoint (naming it).
     """
+    own = _weight_shapes(source_model)
     weights = {path: variable for path, variable in source_model.get_weight_paths().items()
-               if path in _weight_shapes(source_model) and variable.shape.num_elements()
+               if path in own and variable.shape.num_elements()
                and (variable.dtype.is_floating or variable.dtype.is_integer)}
     for variable in weights.values():
         variable.assign(tf.fill(tf.shape(variable), _sentinel(variable.dtype)))
