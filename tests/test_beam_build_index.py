@@ -238,6 +238,20 @@ def test_a_directory_without_a_model_and_the_command_line_errors(tmp_path, capsy
     assert pathlib.Path(tmp_path).exists()
 
 
+@pytest.mark.parametrize("module, reason", [
+    (None, "registered in this process, and the config names no module that defines it .saved before modules"),
+    ("json", "registered by its module 'json'"),
+])
+def test_a_model_class_that_no_module_registers_is_refused_before_the_workers_start(module, reason, tmp_path):
+    (tmp_path / "model").mkdir()
+    saved = {"model": "nowhere>Retriever", **({"module": module} if module else {}), "config": {"num_items": 3}}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="names the model 'nowhere>Retriever', neither a built-in one nor a class "
+                                         + reason):
+        bi.run_build_index(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_load_postings_restores_an_index_and_refuses_inconsistent_lists():
     rng = np.random.default_rng(1)
     table = np.maximum(rng.normal(size=(30, 6)) - 0.3, 0.0).astype(np.float32)

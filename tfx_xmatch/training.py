@@ -474,6 +474,14 @@ def model_class(kind: str, module: Optional[str] = None) -> Optional[type]:
     return cls if isinstance(cls, type) and issubclass(cls, RetrievalModel) else None
 
 
+def unregistered_because(module) -> str:
+    """Why a saved model's class name found no class: completes "no such class is ..."."""
+    if isinstance(module, str):
+        return f"registered by its module {module!r}"
+    return ("registered in this process, and the config names no module that defines it (saved before modules "
+            "were recorded; saving it again records it)")
+
+
 def model_description(model: tf.keras.Model) -> dict:
     """``{"model": kind, "config": model.get_config()}``, and for a registered subclass also
     ``"module"``, the module that defines it: what rebuilds ``model`` (without its weights). A
@@ -542,10 +550,7 @@ def load_model(directory: str | pathlib.Path) -> tf.keras.Model:
                 if tf.io.gfile.exists(os.path.join(directory, "model", "config.json")) else "")
         if isinstance(named, str) and ">" in named and tf.keras.utils.get_registered_object(named) is None:
             hint += (f"; {named!r} has the form of a registered Keras class's name, but no such class is "
-                     + ("registered by its module " + repr(module) if isinstance(module, str) else
-                        "registered in this process, and the config names no module that defines it (saved "
-                        "before modules were recorded; saving it again records it)")
-                     + ": import the module that registers it before loading")
+                     f"{unregistered_because(module)}: import the module that registers it before loading")
         raise ValueError(f"{config_path} is not a saved model's config: its 'model' is {shortened(repr(named), 60)}, not one "
                          f"of {sorted(MODELS)} or a registered subclass (a training run's config?){hint}")
     model = cls.from_config(saved["config"])

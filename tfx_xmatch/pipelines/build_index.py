@@ -101,10 +101,8 @@ def _plan(run_dir, output_dir, item_shards, code_shards, max_items_per_code, cac
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from error.__cause__
     if model_class is None:  # the workers could not load it either
-        registered_by = (f"registered by its module {saved['module']!r}" if "module" in saved else
-                         "registered in this process, and the config names no module that defines it (saved before "
-                         "modules were recorded; saving it again records it)")
-        raise ValueError(f"{config_path} names the model {name!r}, neither a built-in one nor a class {registered_by}")
+        raise ValueError(f"{config_path} names the model {name!r}, neither a built-in one nor a class "
+                         f"{training.unregistered_because(saved.get('module'))}")
     is_sparcode = issubclass(model_class, SparCode)
     num_items = int(config["num_items"])
     num_codes = None
