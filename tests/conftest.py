@@ -31,7 +31,7 @@ def real_data_dir():
 # xdist's own order, by number of tests, left the 200-s distributed-training file (8 tests)
 # for last: a simulation of its scheduler on these times ends one worker 170 s before the other.
 FILE_SECONDS = {
-    "test_api_contracts.py": 285, "test_training.py": 276, "test_benchmark_scripts.py": 204,
+    "test_api_contracts.py": 285, "test_training.py": 276, "test_benchmark_scripts.py": 130,
     "test_distributed_training.py": 203, "test_cli.py": 153, "test_tfx_trainer.py": 114,
     "test_t2diff.py": 110, "test_export.py": 86, "test_sparcode.py": 84, "test_sparc.py": 76,
     "test_beam_prepare.py": 68, "test_bench.py": 65, "test_index.py": 54, "test_serving.py": 46,
