@@ -1450,6 +1450,23 @@ def test_deeply_nested_json_strings_are_a_bad_request():
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.int32, tf.int64, tf.bool, tf.string])
+@pytest.mark.parametrize("value", [[None], [[0, None], [1, 1]], None])
+def test_a_json_null_is_a_bad_request_for_every_dtype(dtype, value):
+    """TF Serving's JSON decoder takes no null for any dtype; a float input once read it as NaN
+    and answered with NaN scores."""
+    from tfx_xmatch.serving import codec
+    from tfx_xmatch.serving.errors import ServingError
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+    if dtype == tf.string and isinstance(value, list) and isinstance(value[0], list):
+        value = [["a", None], ["b", "c"]]
+    shape = (None, None) if isinstance(value, list) and isinstance(value[0], list) else (None,)
+    with pytest.raises(ServingError, match=f"input 'x' expects .*{dtype.name}.* but the JSON holds null") as info:
+        codec.json_to_ndarray(TensorSpecInfo("x", dtype, None if value is None else shape), value)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_the_client_refuses_numbers_it_would_have_to_truncate():
     from tfx_xmatch.serving.client import _coerce
     from tfx_xmatch.serving.model_manager import TensorSpecInfo
