@@ -903,6 +903,51 @@ def test_a_base_path_gone_for_a_moment_keeps_its_versions_serving(templates, tmp
         server.stop(grace=5)
 
 
+def _copy_to_url(source: str, target: str) -> None:
+    """Copies a local directory tree to a TensorFlow file system URL."""
+    for root, _, files in os.walk(source):
+        relative = os.path.relpath(root, source)
+        directory = target if relative == "." else f"{target}/{relative}"
+        tf.io.gfile.makedirs(directory)
+        for name in files:
+            tf.io.gfile.copy(os.path.join(root, name), f"{directory}/{name}", overwrite=True)
+
+
+def test_a_base_path_and_a_config_file_on_a_tensorflow_file_system_are_served_and_polled(templates, reference,
+                                                                                          tmp_path):
+    """ram:// stands in for gs:// and s3://, which TF Serving serves from. Both paths were made
+    local ("gs://b/m" became "<cwd>/gs:/b/m", which never appeared): nothing was served, though
+    `xmatch pipeline run` tells the user to serve its gs:// export with `xmatch serve`."""
+    root = f"ram://serving-{tmp_path.name}"
+    base = f"{root}/tiny"
+    args = build_parser().parse_args(["--model_name=tiny", f"--model_base_path={base}"])
+    assert [config.base_path for config in options_from_args(args).model_configs] == [base]
+    with tf.io.gfile.GFile(f"{root}/models.config", "w") as handle:
+        handle.write(f'model_config_list {{ config {{ name: "tiny" base_path: "{base}" }} }}')
+    args = build_parser().parse_args([f"--model_config_file={root}/models.config"])
+    configs = options_from_args(args).model_configs
+    assert [config.base_path for config in configs] == [base]
+
+    server = start_server(configs, rest_port=None)  # no version yet: the base path does not exist
+    clients = Clients(server)
+    try:
+        assert server.manager.get_model("tiny").last_scan_error == f"model base path {base} does not exist"
+        _copy_to_url(templates[1], f"{base}/1")
+        server.manager.poll_once()
+        assert wait_for_states(server, {1: "AVAILABLE"})
+        response = clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10)
+        assert response.model_spec.version.value == 1
+        np.testing.assert_array_equal(tf.make_ndarray(response.outputs["item_ids"]),
+                                      expected(reference, 1, good_inputs()["history"], 3)["item_ids"])
+        _copy_to_url(templates[2], f"{base}/2")  # a new version is picked up, the old one retired
+        assert wait_for_states(server, {1: "END", 2: "AVAILABLE"})
+        assert clients.predict.Predict(predict_request(inputs=good_inputs()), timeout=10).model_spec.version.value == 2
+    finally:
+        clients.close()
+        server.stop(grace=5)
+        tf.io.gfile.rmtree(root)
+
+
 def test_corrupt_new_version_keeps_the_old_one_serving(templates, tmp_path):
     base = str(tmp_path / "tiny")
     install_version(templates, base, 1)

@@ -129,10 +129,11 @@ class Inference:
     def warmup(self, servable: Servable) -> None:
         """Replays ``assets.extra/tf_serving_warmup_requests`` (PredictionLog TFRecords), as TF
         Serving does before marking a version AVAILABLE. A failing record fails the load."""
-        path = os.path.join(servable.path, WARMUP_FILE)
-        if not os.path.exists(path):
-            return
         import tensorflow as tf
+
+        path = os.path.join(servable.path, WARMUP_FILE)
+        if not tf.io.gfile.exists(path):
+            return
         from tensorflow_serving.apis import prediction_log_pb2
 
         count = 0

@@ -7,7 +7,8 @@ The life of a version mirrors TF Serving's (``ModelVersionStatus.State``)::
 
 A background thread polls every model's base path. Versions are the sub-directories whose name
 is an integer; anything else (``.tmp-3``, ``3.partial``, files) is ignored, so an exporter that
-writes into a temporary directory and renames it is never seen half-written. Versions the
+writes into a temporary directory and renames it is never seen half-written. A base path may
+be a URL of one of TensorFlow's file systems (gs://...), read through tf.io.gfile. Versions the
 model's version policy wants (``latest {num_versions: N}`` by default N = 1, ``all``,
 ``specific {versions: ...}``) are loaded in the poll thread while the current ones keep
 serving; a loaded version is published by replacing the model's serving map under a lock (an
@@ -36,6 +37,7 @@ import grpc
 
 from tfx_xmatch.io_utils import version_number
 from tfx_xmatch.serving import errors
+from tfx_xmatch.user_errors import clean_tf_message
 
 log = logging.getLogger("tfx_xmatch.serving.model_manager")
 
@@ -111,9 +113,21 @@ def model_configs_from_proto(config) -> list[ModelConfig]:
             policy = VersionPolicy()
         labels = tuple(sorted((str(k), int(v)) for k, v in cfg.version_labels.items()))
         result.append(
-            ModelConfig(cfg.name, os.path.abspath(cfg.base_path), policy, labels)
+            ModelConfig(cfg.name, absolute_base_path(cfg.base_path), policy, labels)
         )
     return result
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names a file system of TensorFlow's (gs://, s3://, hdfs://, ram://...)
+    rather than a local one: read through tf.io.gfile, as TF Serving reads it."""
+    return "://" in path
+
+
+def absolute_base_path(path: str) -> str:
+    """A configured base path made absolute; a URL as it is (os.path.abspath turned
+    "gs://b/m" into the local directory "<cwd>/gs:/b/m", which never appeared)."""
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def parse_model_config_text(text: str) -> list[ModelConfig]:
@@ -126,6 +140,20 @@ def parse_model_config_text(text: str) -> list[ModelConfig]:
     return model_configs_from_proto(proto)
 
 
+def read_text(path: str) -> str:
+    """A local file's or a URL's text (a model config file may be on gs:// too)."""
+    if not is_url(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except tf.errors.NotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+
+
 def parse_model_config_file(path: str) -> list[ModelConfig]:
     """:func:`parse_model_config_text` of a file.
 
@@ -135,10 +163,8 @@ def parse_model_config_file(path: str) -> list[ModelConfig]:
     """
     from google.protobuf import text_format
 
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
-        return parse_model_config_text(text)
+        return parse_model_config_text(read_text(path))
     except text_format.ParseError as error:
         raise ValueError(f"invalid model config file {path}: {error}") from None
 
@@ -274,14 +300,15 @@ def load_error_code(exc: BaseException) -> grpc.StatusCode:
 
 def read_meta_graph(path: str):
     """The ``serve`` MetaGraphDef of the SavedModel in ``path`` (raises with a clear message)."""
+    import tensorflow as tf
     from google.protobuf import text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
     pb = os.path.join(path, "saved_model.pb")
     pbtxt = os.path.join(path, "saved_model.pbtxt")
     saved_model = saved_model_pb2.SavedModel()
-    if os.path.exists(pb):
-        with open(pb, "rb") as f:
+    if tf.io.gfile.exists(pb):
+        with tf.io.gfile.GFile(pb, "rb") as f:
             data = f.read()
         try:
             saved_model.ParseFromString(data)
@@ -289,9 +316,8 @@ def read_meta_graph(path: str):
             raise CorruptModelError(
                 f"{pb} is not a valid SavedModel protocol buffer: {exc}"
             ) from exc
-    elif os.path.exists(pbtxt):
-        with open(pbtxt, encoding="utf-8") as f:
-            text_format.Parse(f.read(), saved_model)
+    elif tf.io.gfile.exists(pbtxt):
+        text_format.Parse(read_text(pbtxt), saved_model)
     else:
         raise FileNotFoundError(f"no saved_model.pb or saved_model.pbtxt in {path}")
     for meta_graph in saved_model.meta_graphs:
@@ -338,7 +364,13 @@ def import_modules(names) -> None:
 
 
 def list_versions(base_path: str) -> dict[int, str]:
-    """Integer-named sub-directories of ``base_path``: version -> path."""
+    """Integer-named sub-directories of ``base_path``: version -> path.
+
+    Raises:
+      OSError: ``base_path`` exists but cannot be listed.
+    """
+    if is_url(base_path):
+        return _list_url_versions(base_path)
     found = {}
     try:
         entries = list(os.scandir(base_path))
@@ -352,8 +384,36 @@ def list_versions(base_path: str) -> dict[int, str]:
     return found
 
 
+def _list_url_versions(base_path: str) -> dict[int, str]:
+    import tensorflow as tf
+
+    try:
+        names = tf.io.gfile.listdir(base_path)
+    except tf.errors.NotFoundError:
+        return {}
+    except tf.errors.OpError as error:  # denied, unreachable: as an OSError of a local path
+        raise OSError(clean_tf_message(error.message)) from None
+    found = {}
+    for name in names:
+        version = version_number(name.rstrip("/"))  # GCS lists a directory as "1/"
+        path = f"{base_path.rstrip('/')}/{name.rstrip('/')}"
+        if version is not None and tf.io.gfile.isdir(path):
+            found[version] = path
+    return found
+
+
+def base_path_exists(base_path: str) -> bool:
+    if not is_url(base_path):
+        return os.path.isdir(base_path)
+    import tensorflow as tf
+
+    return tf.io.gfile.isdir(base_path)
+
+
 def directory_fingerprint(path: str) -> tuple:
     """Sizes and modification times of every file under ``path`` (to notice a rewritten dir)."""
+    if is_url(path):
+        return _url_fingerprint(path)
     items = []
     for root, dirs, files in os.walk(path):
         dirs.sort()
@@ -367,6 +427,25 @@ def directory_fingerprint(path: str) -> tuple:
     try:
         items.append((".", 0, os.stat(path).st_mtime_ns))
     except OSError:
+        pass
+    return tuple(items)
+
+
+def _url_fingerprint(path: str) -> tuple:
+    import tensorflow as tf
+
+    items = []
+    try:
+        for root, dirs, files in tf.io.gfile.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = f"{root.rstrip('/')}/{name}"
+                try:
+                    stat = tf.io.gfile.stat(full)
+                except tf.errors.OpError:  # removed while walking
+                    continue
+                items.append((full[len(path):].lstrip("/"), stat.length, stat.mtime_nsec))
+    except tf.errors.OpError:
         pass
     return tuple(items)
 
@@ -548,7 +627,7 @@ class ModelManager:
             on_disk = list_versions(base)
         except OSError as error:
             on_disk = error
-        if not os.path.isdir(base) or isinstance(on_disk, OSError):
+        if isinstance(on_disk, OSError) or not base_path_exists(base):
             message = (f"model base path {base} does not exist" if not isinstance(on_disk, OSError)
                        else f"cannot list model base path {base}: {on_disk}")
             if model.last_scan_error != message:

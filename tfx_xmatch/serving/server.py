@@ -35,8 +35,10 @@ from tfx_xmatch.serving.model_manager import (
     ModelConfig,
     ModelManager,
     VersionPolicy,
+    absolute_base_path,
     import_modules,
     parse_model_config_file,
+    read_text,
 )
 
 log = logging.getLogger("tfx_xmatch.serving.server")
@@ -197,8 +199,7 @@ class ModelServer:
             self.rest_server.start()
             log.info("REST API at http://%s:%d", opts.bind_address, self.rest_port)
         if opts.model_config_file and opts.model_config_file_poll_wait_seconds > 0:
-            with open(opts.model_config_file, encoding="utf-8") as f:
-                self._config_text = f.read()
+            self._config_text = read_text(opts.model_config_file)
             self._config_thread = threading.Thread(
                 target=self._watch_config, name="serving-config-poller", daemon=True
             )
@@ -233,8 +234,7 @@ class ModelServer:
         path = self.options.model_config_file
         while not self._stop_requested.wait(self.options.model_config_file_poll_wait_seconds):
             try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
+                text = read_text(path)
                 if text == self._config_text:
                     continue
                 from tfx_xmatch.serving.model_manager import parse_model_config_text
@@ -415,7 +415,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         configs = [
             ModelConfig(
                 args.model_name,
-                os.path.abspath(args.model_base_path),
+                absolute_base_path(args.model_base_path),
                 VersionPolicy("latest", num_versions=max(1, args.num_versions_to_keep)),
             )
         ]
