@@ -474,8 +474,9 @@ def model_class(kind: str, module: Optional[str] = None) -> Optional[type]:
     return cls if isinstance(cls, type) and issubclass(cls, RetrievalModel) else None
 
 
-def unregistered_because(module) -> str:
-    """Why a saved model's class name found no class: completes "no such class is ..."."""
+def unregistered_because(module: object) -> str:
+    """Why a saved model's class name found no class: completes "no such class is ...".
+    ``module`` is what its config recorded (a module name, or nothing)."""
     if isinstance(module, str):
         return f"registered by its module {module!r}"
     return ("registered in this process, and the config names no module that defines it (saved before modules "
