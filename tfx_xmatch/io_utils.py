@@ -20,6 +20,19 @@ from typing import Iterable, Iterator, Optional
 log = logging.getLogger(__name__)
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a file system of TensorFlow's (gs://, hdfs://, ram://...), to be
+    read through tf.io.gfile, rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def absolute_unless_url(path: str | os.PathLike) -> str:
+    """A local path made absolute; a URL as it is (os.path.abspath and pathlib turn "gs://b/x"
+    into the local "<cwd>/gs:/b/x")."""
+    text = os.fspath(path)
+    return text if is_url(text) else os.path.abspath(text)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yields a temporary path beside ``path``; renames it onto ``path`` only on success."""
@@ -434,7 +447,7 @@ def check_checkpoint_directory(directory: str | os.PathLike, what: str) -> None:
       ValueError: Naming the directory.
     """
     text = os.fspath(directory)
-    absolute = text if "://" in text else os.path.abspath(text)
+    absolute = absolute_unless_url(text)
     if any(character in absolute for character in "[*?"):
         raise ValueError(f"{what} {text!r}: its path {absolute!r} holds [, * or ?, which TensorFlow reads as a "
                          "pattern where it looks for the checkpoints saved there, so they could not be read back; "

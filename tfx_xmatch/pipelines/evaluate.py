@@ -48,7 +48,7 @@ from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.data.tfrecord import (check_not_cut_short, damaged_file_named, record_counts, shard_pattern,
                                       train_records_lack_one_item_sequences)
 from tfx_xmatch.evaluation.full_ranking import FullRankingEvaluator
-from tfx_xmatch.io_utils import json_text
+from tfx_xmatch.io_utils import absolute_unless_url, json_text
 from tfx_xmatch.pipelines.beam_utils import (pipeline_options, remove_if_present, require_beam, split_arguments,
                                              write_text)
 
@@ -257,10 +257,6 @@ def evaluate_pipeline(pipeline, export_dir: str, examples_pattern: str, item_voc
     return metrics | "AddCounts" >> beam.Map(_with_counts, beam.pvalue.AsSingleton(in_history))
 
 
-def _absolute(path) -> str:
-    return str(path) if "://" in str(path) else os.path.abspath(path)  # keep gs://, hdfs:// as given
-
-
 def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks: Sequence[int] = (10, 20, 50),
                  batch_size: int = 256, output_path: Optional[str] = None,
                  beam_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -313,7 +309,7 @@ def run_evaluate(export_dir: str, prepared_dir: str, *, split: str = "test", ks:
     elif tf.io.gfile.glob(train_pattern) and tf.io.gfile.exists(vocab_path):
         popularity = record_counts(train_pattern, Vocabulary.load(vocab_path).num_items)[1]
 
-    settings = {"export_dir": _absolute(export_dir), "prepared_dir": _absolute(prepared_dir),
+    settings = {"export_dir": absolute_unless_url(export_dir), "prepared_dir": absolute_unless_url(prepared_dir),
                 "split": split, "ks": sorted(set(ks)), "batch_size": batch_size,
                 "mask_history": True, "tail_popularity": "train records" if popularity is not None else None}
     # The last step writes the result through tf.io.gfile, so output_path may be on any file

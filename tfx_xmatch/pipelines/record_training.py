@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import shutil
 from typing import Optional, Sequence, Union
@@ -25,7 +24,8 @@ from tfx_xmatch.data.vocabulary import Vocabulary
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.data.tfrecord import record_counts
 from tfx_xmatch.io_utils import (
-    check_checkpoint_directory, claimed_directory, json_text, remove_stale_temporaries, write_json_atomic,
+    absolute_unless_url, check_checkpoint_directory, claimed_directory, json_text, remove_stale_temporaries,
+    write_json_atomic,
 )
 
 Files = Union[str, Sequence[str]]
@@ -36,7 +36,7 @@ def _inputs_of(train_files: Files, eval_files: Files, item_vocab: Vocabulary) ->
     """What identifies a run's data: each record file's path and size, and the vocabulary."""
     def described(pattern) -> list:
         # Absolute: "d/*", "./d/*" and "/abs/d/*" name the same files.
-        return [[path if "://" in path else os.path.abspath(path), tf.io.gfile.stat(path).length]
+        return [[absolute_unless_url(path), tf.io.gfile.stat(path).length]
                 for path in matching_files(pattern)]
 
     ids = json.dumps(item_vocab.to_json()["ids"]).encode("utf-8")

@@ -40,7 +40,7 @@ from tfx_xmatch.config import ConfigError, RunConfig, load_config
 from tfx_xmatch.data.loaders import DATASETS
 from tfx_xmatch.data.tfrecord import shard_pattern
 from tfx_xmatch.io_utils import (
-    check_checkpoint_directory, check_output_location, write_json_atomic,
+    absolute_unless_url, check_checkpoint_directory, check_output_location, write_json_atomic,
 )
 from tfx_xmatch.pipelines.beam_utils import split_arguments
 from tfx_xmatch.pipelines.prepare import PrepareSpec, match_inputs, run_prepare
@@ -302,8 +302,8 @@ def run_pipeline(config: RunConfig, output_dir: str, model_base_path: str, *, in
     print(f"  {'total':<12} {summary['total_seconds']:8.1f}")
     shown = [key for key in ("HR@10", "NDCG@10", "Recall@50") if key in metrics]
     print("test (full ranking through the export): " + ", ".join(f"{key} {metrics[key]:.4f}" for key in shown))
-    base_path = model_base_path if "://" in model_base_path else os.path.abspath(model_base_path)
-    print(f"published {published}  (serve it: xmatch serve --model_name=xmatch --model_base_path={base_path})")
+    print(f"published {published}  (serve it: xmatch serve --model_name=xmatch "
+          f"--model_base_path={absolute_unless_url(model_base_path)})")
     return summary
 
 

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from tfx_xmatch.io_utils import version_number
+from tfx_xmatch.io_utils import absolute_unless_url, is_url, version_number
 from tfx_xmatch.serving import errors
 from tfx_xmatch.user_errors import clean_tf_message
 
@@ -113,21 +113,9 @@ def model_configs_from_proto(config) -> list[ModelConfig]:
             policy = VersionPolicy()
         labels = tuple(sorted((str(k), int(v)) for k, v in cfg.version_labels.items()))
         result.append(
-            ModelConfig(cfg.name, absolute_base_path(cfg.base_path), policy, labels)
+            ModelConfig(cfg.name, absolute_unless_url(cfg.base_path), policy, labels)
         )
     return result
-
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` names a file system of TensorFlow's (gs://, s3://, hdfs://, ram://...)
-    rather than a local one: read through tf.io.gfile, as TF Serving reads it."""
-    return "://" in path
-
-
-def absolute_base_path(path: str) -> str:
-    """A configured base path made absolute; a URL as it is (os.path.abspath turned
-    "gs://b/m" into the local directory "<cwd>/gs:/b/m", which never appeared)."""
-    return path if is_url(path) else os.path.abspath(path)
 
 
 def parse_model_config_text(text: str) -> list[ModelConfig]:

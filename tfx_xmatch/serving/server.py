@@ -29,13 +29,13 @@ import threading
 import time
 from concurrent import futures
 
+from tfx_xmatch.io_utils import absolute_unless_url
 from tfx_xmatch.serving.batching import Batcher, BatchingOptions, parse_batching_parameters
 from tfx_xmatch.serving.inference import Inference
 from tfx_xmatch.serving.model_manager import (
     ModelConfig,
     ModelManager,
     VersionPolicy,
-    absolute_base_path,
     import_modules,
     parse_model_config_file,
     read_text,
@@ -415,7 +415,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         configs = [
             ModelConfig(
                 args.model_name,
-                absolute_base_path(args.model_base_path),
+                absolute_unless_url(args.model_base_path),
                 VersionPolicy("latest", num_versions=max(1, args.num_versions_to_keep)),
             )
         ]
