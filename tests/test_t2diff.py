@@ -145,6 +145,54 @@ def test_reverse_processes_return_a_constant_denoisers_prediction(trained):
         model.denoiser = original
 
 
+def _reference_sampling(model, session, mask, sampler, steps=None, eta=0.0, seed=None):
+    """The reverse process step by step in Python, eagerly: what the sampler's graph loop must give."""
+    batch, dim = session.shape[0], model.embedding_dim
+    draw = iter(range(1, 100))
+    normal = lambda: tf.random.stateless_normal([batch, dim], seed=[seed, next(draw)], alg="philox")  # noqa: E731
+    z, schedule = tf.zeros([batch, dim]), model.schedule
+    predicted = lambda z, step: model.denoiser(z, tf.fill([batch], step), session, mask)  # noqa: E731
+    if sampler == "ddpm":
+        for step in range(model.diffusion_steps, 0, -1):
+            noise = normal() if step > 1 else tf.zeros([batch, dim])
+            z = schedule.ddpm_step(z, predicted(z, step), tf.fill([batch], step), noise)
+        return z.numpy()
+    visited = schedule.ddim_timesteps(steps)
+    for step, previous in zip(visited, visited[1:]):
+        noise = normal() if eta > 0 else None
+        z = schedule.ddim_step(z, predicted(z, step), tf.fill([batch], step), tf.fill([batch], previous), eta, noise)
+    return predicted(z, visited[-1]).numpy()
+
+
+def test_the_sampler_is_one_graph_loop_that_takes_every_step_of_the_reference(trained):
+    """Unrolled, a traced sampler held one denoiser per step, in every signature an export
+    traces: a DDPM-50 export of the ML-1M model took 92 s and loaded in 21.5 s (14 s and 4.4 s as
+    a loop). The loop must still take each step, and each seeded draw, of the plain recurrence."""
+    model, _ = trained
+    session = tf.constant(np.random.default_rng(0).normal(size=(3, 4, 16)), tf.float32)
+    mask = tf.constant([[True] * 4, [False, True, True, True], [False, False, False, True]])
+    spec = [tf.TensorSpec([None, 4, 16], tf.float32), tf.TensorSpec([None, 4], tf.bool)]
+    for sampling in ({"sampler": "ddim", "steps": 1}, {"sampler": "ddim", "steps": 4},
+                     {"sampler": "ddim", "steps": 10}, {"sampler": "ddim", "steps": 4, "eta": 0.7, "seed": 3},
+                     {"sampler": "ddpm", "seed": 5}):
+        traced = tf.function(lambda s, m: model.sample_drift(s, m, **sampling), input_signature=spec)  # noqa: B023
+        np.testing.assert_allclose(traced(session, mask).numpy(), _reference_sampling(model, session, mask, **sampling),
+                                   rtol=1e-5, atol=1e-6, err_msg=str(sampling))
+
+    def graph_size(**sampling):
+        traced = tf.function(lambda s, m: model.sample_drift(s, m, **sampling), input_signature=spec)
+        definition = traced.get_concrete_function().graph.as_graph_def()
+        return len(definition.node) + sum(len(function.node_def) for function in definition.library.function)
+
+    assert graph_size(sampler="ddim", steps=10) == graph_size(sampler="ddim", steps=2)
+    # The batch known from the mask but not from the session (as in a backbone model's serving)
+    # traces too: the loop's rows must not stay pinned to it.
+    single = tf.function(lambda s, m: model.sample_drift(s, m, sampler="ddim", steps=4),
+                         input_signature=[spec[0], tf.TensorSpec([1, 4], tf.bool)])
+    np.testing.assert_allclose(single(session[:1], mask[:1]).numpy(),
+                               _reference_sampling(model, session[:1], mask[:1], "ddim", 4), rtol=1e-5, atol=1e-6)
+
+
 def test_sampling_overrides_are_checked(trained):
     model, _ = trained
     for sampling, message in [({"steps": 0}, r"sampling steps must be in \[1, T=10\], got 0"),
