@@ -469,6 +469,24 @@ def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path)
     assert (results.read_bytes() if results.exists() else None) == before
 
 
+def test_the_export_benchmark_skips_cleanly_without_ml_1m_and_pages_every_export(tmp_path):
+    results = BENCHMARKS / "results" / "t2diff_export.json"
+    before = results.read_bytes() if results.exists() else None
+    completed = _run([str(BENCHMARKS / "t2diff_export.py"), "--data-dir", str(tmp_path)], timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"skipped: dataset 'ml-1m' not found under {tmp_path}" in completed.stderr
+    assert (results.read_bytes() if results.exists() else None) == before
+    t2diff_export = _import_benchmark("t2diff_export")
+    row = {"dataset": "ml-1m", "split": "leave_one_out", "model": "t2diff", "export_s": 14.0, "saved_model_mib": 5.6,
+           "load_s": 4.4, "first_request_s": 0.8, "p50_ms": 14.7, "p99_ms": 23.2}
+    page = t2diff_export.to_markdown({**t2diff_export.header("t2diff_export"), "weights": "run `r`", "num_items": 3416,
+                                      "k": 100, "requests": 200,
+                                      "rows": [{**row, "sampling": "DDPM-50", "xla": False},
+                                               {**row, "sampling": "DDIM-10", "xla": True}]})
+    assert "| DDPM-50 | graph | 14.0 | 5.6 | 4.4 | 0.8 | 14.7 | 23.2 |" in page
+    assert "| DDIM-10 | XLA |" in page and "catalogue 3,416 items" in page
+
+
 def test_the_evaluation_pass_benchmark_times_both_ways_with_the_same_ranking(tmp_path):
     evaluation_pass = _import_benchmark("evaluation_pass")
     _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=16", "model.options.num_query_tokens=2",

@@ -339,7 +339,8 @@ class T2Diff(RetrievalModel):
         def loop(count, step_function, z):
             # z after step_function(i, z) for i = 0 .. count - 1, as one graph loop. Unrolled, every
             # traced signature held T copies of the denoiser: a DDPM-50 export of the ML-1M model
-            # took 92 s instead of 14 s and loaded in 21.5 s instead of 4.4 s, at the same latency.
+            # took 108 s, 17.5 MiB and 22 s to load, against 23.5 s, 5.9 MiB and 4.1 s as a loop
+            # (benchmarks/results/t2diff_export*.md), for the same serving latency.
             if count == 0:
                 return z
             any_batch = tf.TensorShape([None]).concatenate(z.shape[1:])  # a step may lose the known batch
