@@ -460,22 +460,22 @@ def test_seed_study_spec_errors_name_the_comparison(tmp_path, text, message):
         seed_study.read_spec(path)
 
 
-def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path):
-    results = BENCHMARKS / "results" / "t2diff_xla.json"
+def _skips_and_keeps_its_results(script: str, arguments: list, message: str):
+    results = BENCHMARKS / "results" / f"{script}.json"
     before = results.read_bytes() if results.exists() else None
-    completed = _run([str(BENCHMARKS / "t2diff_xla.py"), "--runs-dir", str(tmp_path)], timeout=300)
+    completed = _run([str(BENCHMARKS / f"{script}.py"), *arguments], timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert f"skipped: no trained run at {tmp_path}" in completed.stderr
+    assert message in completed.stderr
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path):
+    _skips_and_keeps_its_results("t2diff_xla", ["--runs-dir", str(tmp_path)], f"skipped: no trained run at {tmp_path}")
 
 
 def test_the_export_benchmark_skips_cleanly_without_ml_1m_and_pages_every_export(tmp_path):
-    results = BENCHMARKS / "results" / "t2diff_export.json"
-    before = results.read_bytes() if results.exists() else None
-    completed = _run([str(BENCHMARKS / "t2diff_export.py"), "--data-dir", str(tmp_path)], timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert f"skipped: dataset 'ml-1m' not found under {tmp_path}" in completed.stderr
-    assert (results.read_bytes() if results.exists() else None) == before
+    _skips_and_keeps_its_results("t2diff_export", ["--data-dir", str(tmp_path)],
+                                 f"skipped: dataset 'ml-1m' not found under {tmp_path}")
     t2diff_export = _import_benchmark("t2diff_export")
     row = {"dataset": "ml-1m", "split": "leave_one_out", "model": "t2diff", "export_s": 14.0, "saved_model_mib": 5.6,
            "load_s": 4.4, "first_request_s": 0.8, "p50_ms": 14.7, "p99_ms": 23.2}
