@@ -361,12 +361,12 @@ class T2Diff(RetrievalModel):
             z = loop(last - 1, ancestral_step, z)
             return self.schedule.ddpm_step(z, denoised(z, 1), tf.fill([batch], 1), tf.zeros(shape))
         visited = self.schedule.ddim_timesteps(self.sampling_steps if steps is None else steps)
-        schedule = tf.constant(visited, tf.int32)
+        visited_steps = tf.constant(visited, tf.int32)
         noise = noises(len(visited) - 1) if eta > 0 else None
 
         def ddim_step(i, z):  # visited[i] -> visited[i + 1]
-            step, previous = tf.fill([batch], schedule[i]), tf.fill([batch], schedule[i + 1])
-            return self.schedule.ddim_step(z, denoised(z, schedule[i]), step, previous, eta,
+            step, previous = tf.fill([batch], visited_steps[i]), tf.fill([batch], visited_steps[i + 1])
+            return self.schedule.ddim_step(z, denoised(z, visited_steps[i]), step, previous, eta,
                                            None if noise is None else noise[i])
 
         # The last step goes to 0, where DDIM's z is the prediction itself.
