@@ -40,6 +40,7 @@ from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 
 DDIM_STEPS = 10
 K = 100
+WARMUP_REQUESTS = 10  # per export, untimed
 
 
 def _model(args):
@@ -49,8 +50,8 @@ def _model(args):
 
     run_dir = pathlib.Path(args.runs_dir) / args.run
     if (run_dir / "model").is_dir():
-        config, split, model = load_finished_run(run_dir, "benchmarks/t2diff.py")
-        return config, split, model, f"run `{args.run}`"
+        loaded = load_finished_run(run_dir, "benchmarks/t2diff.py")
+        return None if loaded is None else (*loaded, f"run `{args.run}`")
     config_path, extra = VARIANTS[args.variant]
     config = load_config(config_path, [*training_overrides("ml-1m", args.data_dir, 1, 1, 1.0), *extra])
     split = run_split(config)
@@ -77,6 +78,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="single-user requests timed per export")
     parser.add_argument("--output", default="t2diff_export")
     args = parser.parse_args()
+    if args.requests <= WARMUP_REQUESTS:
+        parser.error(f"--requests must be more than the {WARMUP_REQUESTS} untimed warm-up requests, "
+                     f"got {args.requests}")
     if not (args.data_dir / "ml-1m").is_dir():
         print(f"skipped: dataset 'ml-1m' not found under {args.data_dir}", file=sys.stderr)
         return 0
@@ -126,7 +130,7 @@ def main() -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for row in rows:
-        values = timings[(row["sampling"], row["xla"])][10:]  # the first calls warm up
+        values = timings[(row["sampling"], row["xla"])][WARMUP_REQUESTS:]
         row.update(p50_ms=round(float(np.percentile(values, 50)), 3), p99_ms=round(float(np.percentile(values, 99)), 3))
     result = header("t2diff_export")
     result.update(weights=weights, requests=len(requests), num_items=split.num_items, k=K, rows=rows)
@@ -138,8 +142,8 @@ def to_markdown(result: dict) -> str:
     lines = markdown_header(result, "T2Diff as a SavedModel: export, size, load and latency") + [
         *([f"- code: {result['code']}"] if "code" in result else []),
         f"- weights: {result['weights']}; catalogue {result['num_items']:,} items; top_k with k = {result['k']}",
-        f"- latency: {result['requests']} single-user requests (test histories) per export, the first 10 "
-        "untimed, every export interleaved request by request, in the process that loaded them",
+        f"- latency: {result['requests']} single-user requests (test histories) per export, the first "
+        f"{WARMUP_REQUESTS} untimed, every export interleaved request by request, in the process that loaded them",
         "",
         "| sampling | user side | export s | SavedModel MiB | load s | first request s | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",

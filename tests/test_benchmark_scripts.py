@@ -476,6 +476,9 @@ def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path)
 def test_the_export_benchmark_skips_cleanly_without_ml_1m_and_pages_every_export(tmp_path):
     _skips_and_keeps_its_results("t2diff_export", ["--data-dir", str(tmp_path)],
                                  f"skipped: dataset 'ml-1m' not found under {tmp_path}")
+    refused = _run([str(BENCHMARKS / "t2diff_export.py"), "--requests", "10"], timeout=300)
+    assert refused.returncode == 2 and "--requests must be more than the 10 untimed warm-up requests, got 10" in (
+        refused.stderr)
     t2diff_export = _import_benchmark("t2diff_export")
     row = {"dataset": "ml-1m", "split": "leave_one_out", "model": "t2diff", "export_s": 14.0, "saved_model_mib": 5.6,
            "load_s": 4.4, "first_request_s": 0.8, "p50_ms": 14.7, "p99_ms": 23.2}
