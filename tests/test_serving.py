@@ -1512,6 +1512,21 @@ def test_a_json_null_is_a_bad_request_for_every_dtype(dtype, value):
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("value, named", [
+    ([[1, 2], [3, "4"]], "strings"), ([[1.5, 2.5], [3.5, {"b64": "AA=="}]], "objects"),
+    ([[2 ** 70, 1.0], [2.0, True]], "a boolean"),
+])
+def test_a_json_value_of_the_wrong_type_is_named_wherever_it_stands(value, named):
+    """Only the first leaf's type was looked at: a string in a later row was answered as values
+    "not all numbers", a boolean beside a 70-bit integer likewise."""
+    from tfx_xmatch.serving import codec
+    from tfx_xmatch.serving.errors import ServingError
+    from tfx_xmatch.serving.model_manager import TensorSpecInfo
+
+    with pytest.raises(ServingError, match=f"input 'x' expects float32 values but the JSON holds {named}"):
+        codec.json_to_ndarray(TensorSpecInfo("x", tf.float32, (None, 2)), value)
+
+
 def test_the_client_refuses_numbers_it_would_have_to_truncate():
     from tfx_xmatch.serving.client import _coerce
     from tfx_xmatch.serving.model_manager import TensorSpecInfo
@@ -1673,8 +1688,18 @@ def test_json_floats_that_would_lose_precision_are_refused_as_tf_serving_does():
                                                          "loss of precision")) as info:
             codec.json_to_ndarray(float_spec, [[value, 1.0]])
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # All integers (NumPy's int64 or uint64) are checked as the array; a mix, leaf by leaf.
+    for value, shown in (([[1, 2], [-16777217, 3]], "-16777217"), ([[0.5, 1.0], [2.0, 16777218]], "16777218")):
+        with pytest.raises(ServingError, match=f"Cannot convert JSON value: {shown} to float without"):
+            codec.json_to_ndarray(float_spec, value)
+    np.testing.assert_array_equal(codec.json_to_ndarray(float_spec, [[-16777215, 16777215]]),
+                                  np.array([[-16777215, 16777215]], np.float32))
     double_spec = TensorSpecInfo("x", tf.float64, (None,))
     assert codec.json_to_ndarray(double_spec, [16777217]).tolist() == [16777217.0]
+    with pytest.raises(ServingError, match=f"Cannot convert JSON value: {2 ** 64 - 1} to double"):
+        codec.json_to_ndarray(double_spec, [2 ** 64 - 1])
+    # Past 64 bits RapidJSON holds a double, which the input takes.
+    assert codec.json_to_ndarray(double_spec, [2 ** 70, -1]).tolist() == [float(2 ** 70), -1.0]
     with pytest.raises(ServingError, match="to double without loss of precision"):
         codec.json_to_ndarray(double_spec, [2 ** 53 + 1])
 
