@@ -349,6 +349,9 @@ def test_fit_then_save_and_checkpoint_without_calling_the_model_first(model_clas
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
     checkpoint = tf.keras.callbacks.ModelCheckpoint(str(tmp_path / "checkpoint"))
     model.fit(_batches(), epochs=1, verbose=0, callbacks=[checkpoint])
+    # The optimizer's slots exist before the first trace, which tf.function would otherwise
+    # trace again (the whole train step traced twice).
+    assert model.train_function.experimental_get_tracing_count() == 1
     expected = model.score_all({"history": HISTORY}).numpy()
     for path in (tmp_path / "checkpoint", tmp_path / "saved", tmp_path / "saved.keras"):
         if path != tmp_path / "checkpoint":
@@ -415,6 +418,7 @@ def test_mixed_float16_trains_with_loss_scaling_and_answers_like_float32(model_c
     # The loss scale starts at 2**15 and halves on every step whose float16 gradients overflow
     # (that step is skipped); enough steps for it to settle and the rest to train.
     history = model.fit(_batches().repeat(8), epochs=2, verbose=0)
+    assert model.train_function.experimental_get_tracing_count() == 1  # LossScaleOptimizer too
     assert np.all(np.isfinite(history.history["loss"])), history.history["loss"]
     assert history.history["loss"][-1] < history.history["loss"][0], history.history["loss"]
     for name, variables in heavy.items():
