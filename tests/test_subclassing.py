@@ -354,3 +354,30 @@ def test_a_class_of_a_module_run_with_python_m_is_recorded_under_the_modules_nam
     assert training.model_description(model)["module"] == "revpkg.trainer"
     monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a script: python trainer.py
     assert training.model_description(model)["module"] == "__main__"
+
+
+class AuxiliaryLossTwoTower(TwoTower):
+    """A loss term of one's own whose layer only the loss calls: Keras builds it at the first
+    train step, after ``build_all_variables``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.auxiliary = tf.keras.layers.Dense(1, name="auxiliary")
+
+    def compute_loss(self, inputs, training=False):
+        users = self.user_embedding(inputs, training=training)
+        return super().compute_loss(inputs, training=training) + 0.1 * tf.reduce_mean(tf.square(self.auxiliary(users)))
+
+
+def test_a_layer_that_only_a_subclass_loss_builds_is_trained():
+    """fit creates the optimizer's slots before tracing its step, from the variables that exist
+    then; a subclass's loss-only layer, built inside the step, must still be trained."""
+    tf.keras.utils.set_random_seed(0)
+    model = AuxiliaryLossTwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    data = {"history": HISTORY, "next_items": tf.roll(HISTORY, -1, axis=1) * tf.cast(HISTORY > 0, tf.int32)}
+    history = model.fit(tf.data.Dataset.from_tensors(data).repeat(3), epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["loss"])), history
+    first = model.auxiliary.kernel.numpy()
+    model.fit(tf.data.Dataset.from_tensors(data), epochs=1, verbose=0)
+    assert not np.array_equal(first, model.auxiliary.kernel.numpy())
