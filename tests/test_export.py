@@ -39,6 +39,25 @@ def int_vocab():
     return Vocabulary(list(range(101, 101 + NUM_ITEMS)))
 
 
+def test_the_user_side_signatures_call_one_traced_user_tower():
+    """serving_default, top_k and user_embedding each traced the user tower anew: T2Diff's
+    sampler three times, half of a DDPM-50 export's time and size."""
+    tf.keras.utils.set_random_seed(4)
+    model = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, dropout=0.0)
+    model.build_all_variables()
+    traced = []
+    user_embedding = model.user_embedding
+    model.user_embedding = lambda inputs, **kwargs: traced.append(1) or user_embedding(inputs, **kwargs)
+    module = build_serving_module(model, string_vocab(), k_max=5)
+    for name, signature in module.signatures().items():
+        signature.get_concrete_function()
+    assert len(traced) == 1
+    history = tf.constant([["movie-3", "movie-7"]])
+    np.testing.assert_allclose(module.user_embedding(history)["user_embedding"].numpy(),
+                               user_embedding({"history": tf.constant([[0] * (LENGTH - 2) + [3, 7]])}).numpy(),
+                               rtol=1e-6)
+
+
 def oracle(model, histories, k, exclude_history=True):
     """Top-k item indices and scores by brute force over model.score_all (NumPy)."""
     scores = model.score_all({"history": pad_histories(histories, LENGTH)}).numpy()
