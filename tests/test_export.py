@@ -49,7 +49,7 @@ def test_the_user_side_signatures_call_one_traced_user_tower():
     user_embedding = model.user_embedding
     model.user_embedding = lambda inputs, **kwargs: traced.append(1) or user_embedding(inputs, **kwargs)
     module = build_serving_module(model, string_vocab(), k_max=5)
-    for name, signature in module.signatures().items():
+    for signature in module.signatures().values():
         signature.get_concrete_function()
     assert len(traced) == 1
     history = tf.constant([["movie-3", "movie-7"]])
