@@ -476,18 +476,47 @@ def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path)
 def test_the_export_benchmark_skips_cleanly_without_ml_1m_and_pages_every_export(tmp_path):
     _skips_and_keeps_its_results("t2diff_export", ["--data-dir", str(tmp_path)],
                                  f"skipped: dataset 'ml-1m' not found under {tmp_path}")
-    refused = _run([str(BENCHMARKS / "t2diff_export.py"), "--requests", "10"], timeout=300)
-    assert refused.returncode == 2 and "--requests must be more than the 10 untimed warm-up requests, got 10" in (
-        refused.stderr)
+    for arguments, message in ((["--requests", "10"], "--requests must be more than the 10 untimed warm-up requests, got 10"),
+                               (["--requests", "12", "--callers", "3"],
+                                "--callers must be at most the 2 timed requests (--requests 12 less 10 warm-ups), got 3")):
+        refused = _run([str(BENCHMARKS / "t2diff_export.py"), *arguments], timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr
     t2diff_export = _import_benchmark("t2diff_export")
     row = {"dataset": "ml-1m", "split": "leave_one_out", "model": "t2diff", "export_s": 14.0, "saved_model_mib": 5.6,
            "load_s": 4.4, "first_request_s": 0.8, "p50_ms": 14.7, "p99_ms": 23.2}
+    under_load = {"callers": 4, "callers_p50_ms": 20.5, "callers_p99_ms": 34.0, "callers_per_s": 187.7}
     page = t2diff_export.to_markdown({**t2diff_export.header("t2diff_export"), "weights": "run `r`", "num_items": 3416,
                                       "k": 100, "requests": 200,
-                                      "rows": [{**row, "sampling": "DDPM-50", "xla": False},
-                                               {**row, "sampling": "DDIM-10", "xla": True}]})
-    assert "| DDPM-50 | graph | 14.0 | 5.6 | 4.4 | 0.8 | 14.7 | 23.2 |" in page
-    assert "| DDIM-10 | XLA |" in page and "catalogue 3,416 items" in page
+                                      "rows": [{**row, "sampling": "DDPM-50", "xla": False},  # before threads were set
+                                               {**row, **under_load, "sampling": "DDIM-10", "xla": True,
+                                                "intra_op_threads": 1, "inter_op_threads": 0}]})
+    assert "| DDPM-50 | graph | default / default | 14.0 | 5.6 | 4.4 | 0.8 | 14.7 | 23.2 |  |  |  |  |" in page
+    assert "| DDIM-10 | XLA | 1 / default | 14.0 | 5.6 | 4.4 | 0.8 | 14.7 | 23.2 | 4 | 20.5 | 34.0 | 187.7 |" in page
+    assert "catalogue 3,416 items" in page
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failing callers' own
+def test_the_export_benchmark_under_load_makes_every_call_once_and_counts_them():
+    import tensorflow as tf
+
+    t2diff_export = _import_benchmark("t2diff_export")
+    seen = []
+
+    def signature(history, k):
+        seen.append(int(history.numpy()[0, 0]))
+        return {"item_ids": tf.fill([1, k], history[0, 0])}
+
+    requests = [tf.constant([[row]], tf.int64) for row in range(11)]
+    measured = t2diff_export._concurrent_calls(signature, requests, 3, tf)
+    assert sorted(seen) == list(range(11))
+    assert measured["callers"] == 3 and measured["callers_per_s"] > 0
+    assert 0 < measured["callers_p50_ms"] <= measured["callers_p99_ms"]
+
+    def failing(history, k):
+        raise tf.errors.InvalidArgumentError(None, None, "bad request")
+
+    with pytest.raises(RuntimeError, match="11 of 11 concurrent calls did not complete"):
+        t2diff_export._concurrent_calls(failing, requests, 3, tf)
 
 
 def test_the_evaluation_pass_benchmark_times_both_ways_with_the_same_ranking(tmp_path):
