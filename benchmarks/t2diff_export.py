@@ -14,6 +14,9 @@ TensorFlow's thread pools are sized by ``--intra-op-threads`` / ``--inter-op-thr
 TF Serving's and ``xmatch serve``'s ``--tensorflow_intra_op_parallelism`` /
 ``--tensorflow_inter_op_parallelism`` set; 0: TensorFlow's default, all cores). A process sizes
 them once, so each setting is its own run, and ``--merge`` adds its rows to the same table.
+The run's ``TF_ENABLE_ONEDNN_OPTS`` (TensorFlow's oneDNN kernels: on by default on x86 Linux, off
+with ``0``; read when TensorFlow starts, so set in the environment) is recorded and keys the rows
+the same way.
 
 The model: a finished run's (``--run`` under ``--runs-dir``) when there is one; otherwise the
 model of a ``t2diff.py`` variant (``--variant``, default the detached SASRec-backbone one) on
@@ -25,11 +28,13 @@ Writes ``results/t2diff_export.md`` and ``results/t2diff_export.json``.
     python benchmarks/t2diff_export.py
     python benchmarks/t2diff_export.py --variant t2diff --requests 300
     python benchmarks/t2diff_export.py --intra-op-threads 1 --merge
+    TF_ENABLE_ONEDNN_OPTS=0 python benchmarks/t2diff_export.py --merge
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shutil
 import sys
@@ -50,7 +55,7 @@ from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 DDIM_STEPS = 10
 K = 100
 WARMUP_REQUESTS = 10  # per export, untimed
-ROW_KEY = ("sampling", "xla", "intra_op_threads", "inter_op_threads")
+ROW_KEY = ("sampling", "xla", "intra_op_threads", "inter_op_threads", "tf_enable_onednn_opts")
 
 
 def _model(args):
@@ -144,6 +149,7 @@ def main() -> int:
                 rows.append({"dataset": config.data.dataset, "split": config.data.split,
                              "model": design_model_name(config), "sampling": label, "xla": jit,
                              "intra_op_threads": args.intra_op_threads, "inter_op_threads": args.inter_op_threads,
+                             "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
                              "export_s": round(exported, 2), "saved_model_mib": round(_directory_mib(path), 2),
                              "load_s": round(load_seconds, 2), "first_request_s": round(first, 3)})
                 print(rows[-1], flush=True)
@@ -167,7 +173,7 @@ def main() -> int:
     result.update(weights=weights, requests=len(requests), num_items=split.num_items, k=K, rows=rows)
     if args.merge:
         result = merge_rows(result, RESULTS_DIR / f"{args.output}.json", ROW_KEY,
-                            {"intra_op_threads": 0, "inter_op_threads": 0})
+                            {"intra_op_threads": 0, "inter_op_threads": 0, "tf_enable_onednn_opts": "unset"})
     write_results(result, args.output, to_markdown, echo=True)
     return 0
 
@@ -214,15 +220,17 @@ def to_markdown(result: dict) -> str:
         "- under load: the same requests after the warm-ups, `callers` threads calling one export at once in a "
         "closed loop, export by export",
         "- TF threads: intra-op / inter-op pool sizes of the run (default: TensorFlow's, all cores); each setting "
-        "is a process of its own",
+        "is a process of its own; oneDNN: the run's `TF_ENABLE_ONEDNN_OPTS` (unset: TensorFlow's default, on for "
+        "x86 Linux)",
         "",
-        "| sampling | user side | TF threads | export s | SavedModel MiB | load s | first request s | p50 ms | p99 ms "
+        "| sampling | user side | TF threads | oneDNN | export s | SavedModel MiB | load s | first request s | p50 ms | p99 ms "
         "| callers | p50 ms under load | p99 ms under load | requests/s under load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         threads = " / ".join(str(row.get(pool) or "default") for pool in ("intra_op_threads", "inter_op_threads"))
-        lines.append(f"| {row['sampling']} | {'XLA' if row['xla'] else 'graph'} | {threads} | {row['export_s']} | "
+        lines.append(f"| {row['sampling']} | {'XLA' if row['xla'] else 'graph'} | {threads} | "
+                     f"{row.get('tf_enable_onednn_opts', 'unset')} | {row['export_s']} | "
                      f"{row['saved_model_mib']} | {row['load_s']} | {row['first_request_s']} | {row['p50_ms']} | "
                      f"{row['p99_ms']} | {row.get('callers', '')} | {row.get('callers_p50_ms', '')} | "
                      f"{row.get('callers_p99_ms', '')} | {row.get('callers_per_s', '')} |")
