@@ -245,6 +245,24 @@ def test_the_source_revision_is_tfx_xmatch_s_own_commit_or_none(tmp_path, monkey
     assert environment.source_revision() == {"commit": None, "uncommitted_changes": None}
 
 
+def test_the_command_names_the_environment_that_changes_tensorflow_s_speed(monkeypatch):
+    """A oneDNN-off run and a default run of the same arguments were recorded as one command."""
+    from tfx_xmatch.bench import environment
+
+    for name in environment.PERFORMANCE_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # logging only: not part of the command
+    assert environment.header("b", ["--merge"], "xmatch bench")["command"] == "xmatch bench --merge"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_dump_to=/tmp/a b")
+    assert environment.header("b", ["--merge"], "xmatch bench")["command"] == (
+        "TF_ENABLE_ONEDNN_OPTS=0 XLA_FLAGS='--xla_cpu_enable_fast_math=false --xla_dump_to=/tmp/a b' "
+        "xmatch bench --merge")
+    monkeypatch.setattr(environment.sys, "argv", ["benchmarks/t2diff_export.py", "--merge"])
+    assert environment.header("b")["command"].startswith("TF_ENABLE_ONEDNN_OPTS=0 XLA_FLAGS=")
+    assert environment.header("b")["command"].endswith(" python benchmarks/t2diff_export.py --merge")
+
+
 def test_no_available_dataset_is_named(tmp_path, capsys):
     assert cli.main(["--suite", str(SUITE), "--quick", "--data-dir", str(tmp_path)]) == 2
     assert "none of the suite's datasets ['ml-100k']" in capsys.readouterr().err
