@@ -99,8 +99,8 @@ def main() -> int:
                         help="TensorFlow's inter-op threads (--tensorflow_inter_op_parallelism); 0: its default")
     parser.add_argument("--output", default="t2diff_export")
     parser.add_argument("--merge", action="store_true",
-                        help="add the rows to the results already under --output (rows of the same sampling, "
-                             "user side and threads replaced) instead of starting the file afresh")
+                        help="add the rows to the results already under --output (rows of the same sampling, user "
+                             "side, threads and TF_ENABLE_ONEDNN_OPTS replaced) instead of starting the file afresh")
     args = parser.parse_args()
     if args.requests <= WARMUP_REQUESTS:
         parser.error(f"--requests must be more than the {WARMUP_REQUESTS} untimed warm-up requests, "
