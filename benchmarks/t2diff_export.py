@@ -18,7 +18,8 @@ The run's ``TF_ENABLE_ONEDNN_OPTS`` (TensorFlow's oneDNN kernels: on by default 
 with ``0``; read when TensorFlow starts, so set in the environment) is recorded and keys the rows
 the same way.
 
-The model: a finished run's (``--run`` under ``--runs-dir``) when there is one; otherwise the
+The model: a finished run's (``--run`` under ``--runs-dir``; by default the ``--variant``'s
+leave-one-out run as ``t2diff.py`` names it) when there is one; otherwise the
 model of a ``t2diff.py`` variant (``--variant``, default the detached SASRec-backbone one) on
 ML-1M as initialised, since export time, size and latency depend on the architecture and the
 catalogue, not on the weights. Skips cleanly without ML-1M.
@@ -46,7 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (RESULTS_DIR, default_data_dir, header, load_finished_run, markdown_header,  # noqa: E402
                     merge_rows, non_negative_int, positive_int, run_split, training_overrides, write_results)
-from t2diff import VARIANTS  # noqa: E402
+from t2diff import VARIANTS, run_name  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -63,10 +64,13 @@ def _model(args):
     from tfx_xmatch import training
     from tfx_xmatch.config import load_config
 
-    run_dir = pathlib.Path(args.runs_dir) / args.run
+    # The variant's own leave-one-out run, as t2diff.py names it: a fixed default measured the
+    # detached-backbone run whatever --variant asked for.
+    run = args.run or run_name(args.variant, "leave_one_out", "t2diff")
+    run_dir = pathlib.Path(args.runs_dir) / run
     if (run_dir / "model").is_dir():
         loaded = load_finished_run(run_dir, "benchmarks/t2diff.py")
-        return None if loaded is None else (*loaded, f"run `{args.run}`")
+        return None if loaded is None else (*loaded, f"run `{run}`")
     config_path, extra = VARIANTS[args.variant]
     config = load_config(config_path, [*training_overrides("ml-1m", args.data_dir, 1, 1, 1.0), *extra])
     split = run_split(config)
@@ -86,8 +90,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=pathlib.Path, default=default_data_dir())
     parser.add_argument("--runs-dir", default=str(pathlib.Path(__file__).resolve().parent / "runs"))
-    parser.add_argument("--run", default="t2diff-leave_one_out-t2diff_sasrec_backbone_detached",
-                        help="a finished T2Diff run under --runs-dir; without one, --variant as initialised")
+    parser.add_argument("--run", help="a finished T2Diff run under --runs-dir (default: the --variant's "
+                                      "leave-one-out run, t2diff-leave_one_out-<variant>); without one, "
+                                      "--variant as initialised")
     parser.add_argument("--variant", default="t2diff_sasrec_backbone_detached",
                         choices=[name for name in VARIANTS if name.startswith("t2diff")])
     parser.add_argument("--requests", type=int, default=200, help="single-user requests timed per export")

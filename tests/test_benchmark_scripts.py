@@ -496,6 +496,20 @@ def test_the_export_benchmark_skips_cleanly_without_ml_1m_and_pages_every_export
     assert "catalogue 3,416 items" in page
 
 
+def test_the_export_benchmark_measures_the_variants_own_run_unless_told_another(tmp_path, monkeypatch):
+    """--variant t2diff measured the detached-backbone run whenever that one existed."""
+    import argparse
+
+    t2diff_export = _import_benchmark("t2diff_export")
+    for name in ("t2diff-leave_one_out-t2diff", "t2diff-leave_one_out-t2diff_sasrec_backbone_detached"):
+        (tmp_path / name / "model").mkdir(parents=True)
+    monkeypatch.setattr(t2diff_export, "load_finished_run", lambda run_dir, trained_by: (run_dir.name, None, None))
+    args = argparse.Namespace(runs_dir=str(tmp_path), run=None, variant="t2diff", data_dir=tmp_path)
+    assert t2diff_export._model(args) == ("t2diff-leave_one_out-t2diff", None, None, "run `t2diff-leave_one_out-t2diff`")
+    args.run = "t2diff-leave_one_out-t2diff_sasrec_backbone_detached"
+    assert t2diff_export._model(args)[0] == args.run
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failing callers' own
 def test_the_export_benchmark_under_load_makes_every_call_once_and_counts_them():
     import tensorflow as tf
