@@ -40,8 +40,8 @@ def int_vocab():
 
 
 def test_the_user_side_signatures_call_one_traced_user_tower():
-    """serving_default, top_k and user_embedding each traced the user tower anew: T2Diff's
-    sampler three times, half of a DDPM-50 export's time."""
+    """serving_default, top_k and user_embedding each traced the user tower anew: the SavedModel
+    held T2Diff's sampler three times."""
     tf.keras.utils.set_random_seed(4)
     model = TwoTower(num_items=NUM_ITEMS, embedding_dim=8, max_length=LENGTH, dropout=0.0)
     model.build_all_variables()
