@@ -385,3 +385,11 @@ def test_detached_interests_leave_the_encoder_and_item_table_to_the_backbone_los
         SPARC(num_items=5, detach_interests=True)
     with pytest.raises(ValueError, match="backbone_loss_weight must be a number in \\[0.0, inf\\), got -1"):
         SPARC(num_items=5, backbone_loss_weight=-1)
+
+
+def test_interest_probabilities_read_the_last_encoded_position():
+    """Serving encodes the last position alone (SASRecEncoder's last_position_only)."""
+    model = _model()
+    full = model.encode_sequence(_inputs())[:, -1, :]
+    np.testing.assert_allclose(model.interest_log_probs(_inputs()).numpy(),
+                               tf.nn.log_softmax(model.interest_tower(full), axis=-1).numpy(), rtol=1e-5, atol=1e-5)

@@ -581,3 +581,14 @@ def test_readable_history_is_the_users_real_items_up_to_the_position():
     where = np.array([[0, 3], [1, 0], [1, 4], [0, 1]], np.int64)
     expected = np.array([[0, 0, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
     np.testing.assert_array_equal(readable_history(history, where).numpy(), expected)
+
+
+@pytest.mark.parametrize("tokenizer", ["last_state", "chunks"])
+def test_served_tokens_are_those_of_the_last_encoded_position(tokenizer):
+    """Serving encodes the last position alone (SASRecEncoder's last_position_only); the tokens
+    are those of the full encoding's last row."""
+    options = dict(num_query_tokens=4, num_codebooks=4) if tokenizer == "chunks" else {}
+    model = _model(tokenizer=tokenizer, **options)
+    inputs = {"history": pad_histories([np.arange(1, 6), np.arange(30, 38), np.array([7])], LENGTH)}
+    full = model.query_tokens(model.encode_sequence(inputs)[:, -1, :]).numpy()
+    np.testing.assert_allclose(model.last_position_tokens(inputs).numpy(), full, rtol=1e-5, atol=1e-5)

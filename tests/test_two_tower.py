@@ -62,6 +62,50 @@ def test_mean_pooling_encoder_is_the_running_mean():
     np.testing.assert_array_equal(out[0, 0], 0.0)
 
 
+@pytest.mark.parametrize("encoder", [
+    SASRecEncoder(max_length=LENGTH, num_blocks=1, num_heads=1, dropout=0.0),
+    SASRecEncoder(max_length=LENGTH, num_blocks=3, num_heads=2, dropout=0.0),
+    CausalTransformerBlock(num_heads=2, ffn_units=12, dropout=0.0),
+    MeanPoolingEncoder(projection=True),
+    MeanPoolingEncoder(projection=False),
+], ids=["sasrec-1-block", "sasrec-3-blocks", "block", "mean-projected", "mean"])
+def test_last_position_only_is_the_last_row_of_the_full_output(encoder):
+    """What serving reads, computed alone: left padding, a row with one item, an empty row, and
+    a length the trace did not know."""
+    embeddings = tf.random.normal([4, LENGTH, 8], seed=3)
+    mask = tf.constant([[False] * 3 + [True] * 5, [True] * 8, [False] * 7 + [True], [False] * 8])
+    full = encoder(embeddings, mask).numpy()
+    last = encoder(embeddings, mask, last_position_only=True)
+    assert last.shape == (4, 1, 8)
+    np.testing.assert_allclose(last.numpy(), full[:, -1:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(last.numpy()[3], 0.0)
+    traced = tf.function(lambda x, m: encoder(x, m, last_position_only=True),
+                         input_signature=[tf.TensorSpec([None, None, 8]), tf.TensorSpec([None, None], tf.bool)])
+    np.testing.assert_allclose(traced(embeddings[:, 2:], mask[:, 2:]).numpy(),
+                               encoder(embeddings[:, 2:], mask[:, 2:]).numpy()[:, -1:], rtol=1e-5, atol=1e-6)
+
+
+class _ScaledStateTwoTower(TwoTower):
+    """A subclass that overrides encode_sequence the way it was written before it took
+    last_position_only."""
+
+    def encode_sequence(self, inputs, training=False):
+        return 2.0 * super().encode_sequence(inputs, training=training)
+
+
+@pytest.mark.parametrize("user_tower", ["sasrec", "mean"])
+def test_user_embedding_is_the_last_encoded_position_and_follows_an_override(user_tower):
+    model = _model(user_tower=user_tower)
+    batch = {**_batch(), "history": np.concatenate([_batch()["history"][:5], np.zeros((1, LENGTH), np.int32)])}
+    np.testing.assert_allclose(model.user_embedding(batch).numpy(),
+                               model.encode_sequence(batch).numpy()[:, -1], rtol=1e-5, atol=1e-6)
+    scaled = _ScaledStateTwoTower.from_config(model.get_config())
+    scaled(batch)
+    scaled.set_weights(model.get_weights())
+    np.testing.assert_allclose(scaled.user_embedding(batch).numpy(), 2.0 * model.user_embedding(batch).numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "layer",
     [

@@ -31,6 +31,7 @@ from tfx_xmatch.bench.paired import load_ranks, save_ranks
 from tfx_xmatch.data.dataset import pad_histories
 from tfx_xmatch.evaluation import evaluate_full_ranking
 from tfx_xmatch.index import BruteForceIndex, SoftSearchIndex, SparseCodeIndex
+from tfx_xmatch.models.history_encoding import last_position_state
 
 RETRIEVED = 100
 
@@ -133,7 +134,7 @@ def serving_path(model, num_items: int, variant: dict, seed: int = 0) -> Serving
             return index(vectors, k=RETRIEVED, exclude=history, log_weights=log_probs)
     else:
         if variant.get("backbone_only"):
-            user_vectors = compiled(lambda inputs: model.encode_sequence(inputs)[:, -1, :])
+            user_vectors = compiled(lambda inputs: last_position_state(model.encode_sequence, inputs))
         else:
             sampling = {key: variant[key] for key in ("sampler", "steps") if key in variant}
             if sampling:

@@ -26,9 +26,13 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
       padding_mask: bool [B, L], True where there is a real item. Padded positions are
         neither attended to nor kept (their output is zero).
       training: Python bool.
+      last_position_only: Python bool (default False). Compute the output of the last position
+        alone, which still attends over the whole sequence: float [B, 1, d], equal to the last
+        row of the full output. Serving needs only that row, and it costs one query's attention
+        and feed-forward instead of L.
 
     Returns:
-      float [B, L, d].
+      float [B, L, d], or [B, 1, d] with ``last_position_only``.
 
     Raises:
       ValueError: On invalid hyperparameters (named, with the value); when built, on a model
@@ -65,16 +69,23 @@ class CausalTransformerBlock(tf.keras.layers.Layer):
         self.residual_dropout = tf.keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         super().build(input_shape)
 
-    def call(self, inputs: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+    def call(self, inputs: tf.Tensor, padding_mask: tf.Tensor, training: bool = False,
+             last_position_only: bool = False) -> tf.Tensor:
         padding_mask = tf.convert_to_tensor(padding_mask)
         require_rank("inputs", inputs, "[B, L, d]")
         require_sequence_mask("padding_mask", padding_mask, "inputs", inputs)
-        length = tf.shape(inputs)[1]
-        causal = tf.linalg.band_part(tf.ones((length, length), tf.bool), -1, 0)
-        attention_mask = tf.logical_and(causal[tf.newaxis], padding_mask[:, tf.newaxis, :])
         normed = self.attention_norm(inputs)
-        attended = self.attention(normed, normed, attention_mask=attention_mask, training=training)
-        hidden = inputs + self.residual_dropout(attended, training=training)
+        if last_position_only:
+            # The last position may attend to every position: its causal row is all True.
+            attention_mask = padding_mask[:, tf.newaxis, :]
+            residual, query, padding_mask = inputs[:, -1:], normed[:, -1:], padding_mask[:, -1:]
+        else:
+            length = tf.shape(inputs)[1]
+            causal = tf.linalg.band_part(tf.ones((length, length), tf.bool), -1, 0)
+            attention_mask = tf.logical_and(causal[tf.newaxis], padding_mask[:, tf.newaxis, :])
+            residual, query = inputs, normed
+        attended = self.attention(query, normed, attention_mask=attention_mask, training=training)
+        hidden = residual + self.residual_dropout(attended, training=training)
         feed_forward = self.ffn_out(self.ffn_hidden(self.ffn_norm(hidden)))
         outputs = hidden + self.residual_dropout(feed_forward, training=training)
         return outputs * tf.cast(padding_mask, outputs.dtype)[..., tf.newaxis]

@@ -22,9 +22,11 @@ class MeanPoolingEncoder(tf.keras.layers.Layer):
       item_embeddings: float [B, L, d].
       padding_mask: bool [B, L], True where there is a real item.
       training: Python bool (unused; accepted for a uniform encoder interface).
+      last_position_only: Python bool (default False). Return the last position alone, float
+        [B, 1, d] (the mean over the whole history), as ``SASRecEncoder`` does.
 
     Returns:
-      float [B, L, d].
+      float [B, L, d], or [B, 1, d] with ``last_position_only``.
 
     Raises:
       ValueError: On a ``projection`` that is not a bool (the string "no" was taken as True);
@@ -48,13 +50,19 @@ class MeanPoolingEncoder(tf.keras.layers.Layer):
             self.dense = tf.keras.layers.Dense(width, name="projection", dtype=self.dtype_policy)
         super().build(input_shape)
 
-    def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False) -> tf.Tensor:
+    def call(self, item_embeddings: tf.Tensor, padding_mask: tf.Tensor, training: bool = False,
+             last_position_only: bool = False) -> tf.Tensor:
         padding_mask = tf.convert_to_tensor(padding_mask)
         require_rank("item_embeddings", item_embeddings, "[B, L, d]")
         require_sequence_mask("padding_mask", padding_mask, "item_embeddings", item_embeddings)
         mask = tf.cast(padding_mask, item_embeddings.dtype)[..., tf.newaxis]
-        running_sum = tf.cumsum(item_embeddings * mask, axis=1)
-        running_count = tf.maximum(tf.cumsum(mask, axis=1), 1.0)
+        if last_position_only:
+            running_sum = tf.reduce_sum(item_embeddings * mask, axis=1, keepdims=True)
+            running_count = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+            mask = mask[:, -1:]
+        else:
+            running_sum = tf.cumsum(item_embeddings * mask, axis=1)
+            running_count = tf.maximum(tf.cumsum(mask, axis=1), 1.0)
         pooled = running_sum / running_count
         if self.dense is not None:
             pooled = self.dense(pooled)

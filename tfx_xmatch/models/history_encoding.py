@@ -3,6 +3,7 @@ the dot-product softmax over the catalogue."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import numpy as np
@@ -108,8 +109,12 @@ def user_feature_values(name: str, inputs: dict, known: Sequence[str]) -> tf.Ten
 
 
 def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: dict,
-                   training: bool = False) -> tf.Tensor:
+                   training: bool = False, last_position_only: bool = False) -> tf.Tensor:
     """Encodes every history position, adding user-feature embeddings: float [B, L, d].
+
+    With ``last_position_only`` it returns the last position alone, float [B, 1, d], computed
+    by the encoder's ``last_position_only`` path when its ``call`` has one (ours do), else cut
+    from the full output.
 
     Raises:
       KeyError: A user feature the model was built with is missing from ``inputs``.
@@ -118,12 +123,30 @@ def encode_history(item_tower, encoder, user_feature_embeddings: dict, inputs: d
     history = history_indices(inputs)
     padding_mask = history > 0
     embedded = item_tower(history)
+    if last_position_only and "last_position_only" in inspect.signature(encoder.call).parameters:
+        encoded = encoder(embedded, padding_mask, training=training, last_position_only=True)
+    else:
+        encoded = encoder(embedded, padding_mask, training=training)
+        encoded = encoded[:, -1:] if last_position_only else encoded
     # Under a mixed policy the encoder computes in float16; the model goes on in the tower's dtype.
-    encoded = tf.cast(encoder(embedded, padding_mask, training=training), embedded.dtype)
+    encoded = tf.cast(encoded, embedded.dtype)
+    if last_position_only:
+        padding_mask = padding_mask[:, -1:]
     for name, embedding in user_feature_embeddings.items():
         user_vector = embedding(user_feature_values(name, inputs, list(user_feature_embeddings)))[:, tf.newaxis, :]
         encoded += user_vector * tf.cast(padding_mask, encoded.dtype)[..., tf.newaxis]
     return encoded
+
+
+def last_position_state(encode_sequence, inputs: dict, training: bool = False) -> tf.Tensor:
+    """The state after each user's most recent item, float [B, d], from a model's
+    ``encode_sequence``: through its ``last_position_only`` path when it takes one, so only that
+    position's last block is computed; a subclass's own ``encode_sequence`` without it is
+    called as written and its last position read, so its override still decides the state.
+    """
+    if "last_position_only" in inspect.signature(encode_sequence).parameters:
+        return encode_sequence(inputs, training=training, last_position_only=True)[:, -1, :]
+    return encode_sequence(inputs, training=training)[:, -1, :]
 
 
 class LossDraws:

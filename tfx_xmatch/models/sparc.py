@@ -54,7 +54,7 @@ from tfx_xmatch.layers import ResidualQuantizer, TargetAttention
 from tfx_xmatch.layers.sublayers import build_sublayer
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import (
-    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, training_targets,
+    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, last_position_state, training_targets,
 )
 
 USER_TOWERS = ("mean", "sasrec")
@@ -276,9 +276,12 @@ class SPARC(RetrievalModel):
         return self.rqvae(self.item_tower(item_indices))["codes"]
 
     # ---------------------------------------------------------------- user side
-    def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
-        """Encodes every history position: float [B, L, d]."""
-        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
+    def encode_sequence(self, inputs: dict, training: bool = False,
+                        last_position_only: bool = False) -> tf.Tensor:
+        """Encodes every history position: float [B, L, d]; with ``last_position_only``, the
+        position after the most recent item alone, [B, 1, d] (see ``encode_history``)."""
+        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training,
+                              last_position_only)
 
     def _attend(self, queries: tf.Tensor, states: tf.Tensor, mask: tf.Tensor, base: tf.Tensor,
                 training: bool = False) -> tf.Tensor:
@@ -293,7 +296,7 @@ class SPARC(RetrievalModel):
 
     def interest_log_probs(self, inputs: dict) -> tf.Tensor:
         """Log probabilities of the level-1 interest codes: float [B, num_codewords]."""
-        return tf.nn.log_softmax(self.interest_tower(self.encode_sequence(inputs)[:, -1, :]), axis=-1)
+        return tf.nn.log_softmax(self.interest_tower(last_position_state(self.encode_sequence, inputs)), axis=-1)
 
     def interest_vectors(self, inputs: dict, num_interests: Optional[int] = None) -> tuple[tf.Tensor, tf.Tensor]:
         """The user's top interests: (vectors float [B, K, d], log probabilities float [B, K]).

@@ -56,7 +56,7 @@ from tfx_xmatch.index.sparse_code_index import cache_budget
 from tfx_xmatch.layers import AllToAllInteraction, VectorQuantizer
 from tfx_xmatch.layers.sublayers import build_sublayer
 from tfx_xmatch.models.base import RetrievalModel
-from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
+from tfx_xmatch.models.history_encoding import LossDraws, encode_history, last_position_state, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -310,9 +310,12 @@ class SparCode(RetrievalModel):
         """Size of the code id space: num_codebooks x num_codewords."""
         return self.num_codebooks * self.num_codewords
 
-    def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
-        """Encodes every history position: float [B, L, d]."""
-        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
+    def encode_sequence(self, inputs: dict, training: bool = False,
+                        last_position_only: bool = False) -> tf.Tensor:
+        """Encodes every history position: float [B, L, d]; with ``last_position_only``, the
+        position after the most recent item alone, [B, 1, d] (see ``encode_history``)."""
+        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training,
+                              last_position_only)
 
     def query_tokens(self, states: tf.Tensor, sequence: Optional[tf.Tensor] = None,
                      history_mask: Optional[tf.Tensor] = None, rows: Optional[tf.Tensor] = None) -> tf.Tensor:
@@ -368,6 +371,8 @@ class SparCode(RetrievalModel):
 
     def last_position_tokens(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """Query tokens [B, K, d] after each user's last item (what serving quantizes)."""
+        if self.tokenizer_kind != "slots":  # the other tokenizers read the last state alone
+            return self.query_tokens(last_position_state(self.encode_sequence, inputs, training=training))
         sequence = self.encode_sequence(inputs, training=training)
         return self.query_tokens(sequence[:, -1, :], sequence, tf.convert_to_tensor(inputs["history"]) > 0)
 

@@ -56,8 +56,8 @@ from tfx_xmatch.layers.mixed_attention import POOLINGS
 from tfx_xmatch.layers.noise_schedule import SCHEDULES
 from tfx_xmatch.models.base import RetrievalModel
 from tfx_xmatch.models.history_encoding import (
-    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, history_indices, training_targets,
-    user_feature_values,
+    LossDraws, dot_product_softmax_loss, encode_history, frozen_tower, history_indices, last_position_state,
+    training_targets, user_feature_values,
 )
 
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -383,7 +383,7 @@ class T2Diff(RetrievalModel):
         """
         windows = self._last_window(inputs)
         session, session_mask, history, history_mask, last = self._split_window(windows)
-        base = self.encode_sequence(inputs)[:, -1, :] if self.backbone != "none" else None
+        base = last_position_state(self.encode_sequence, inputs) if self.backbone != "none" else None
         drift = self.sample_drift(*self._denoiser_condition(session, session_mask, base), **sampling)
         predicted = last + drift if self.diffuse == "drift" else drift
         return self._user_vector(session, session_mask, predicted, history, history_mask, inputs, base=base)
@@ -395,7 +395,8 @@ class T2Diff(RetrievalModel):
         present = tf.ones_like(session_mask[:, :1])
         return tf.concat([session, base[:, tf.newaxis, :]], 1), tf.concat([session_mask, present], 1)
 
-    def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
+    def encode_sequence(self, inputs: dict, training: bool = False,
+                        last_position_only: bool = False) -> tf.Tensor:
         """The backbone's state at every history position: float [B, L, d].
 
         Raises:
@@ -403,7 +404,8 @@ class T2Diff(RetrievalModel):
         """
         if self.backbone == "none":
             raise ValueError("encode_sequence needs a backbone; this T2Diff has backbone='none'")
-        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
+        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training,
+                              last_position_only)
 
     def score_all(self, inputs: dict, **sampling) -> tf.Tensor:
         """Scores of every item index: float [B, num_items + 1] (column 0 = padding)."""

@@ -23,7 +23,7 @@ import tensorflow_recommenders as tfrs
 
 from tfx_xmatch.layers.row_mask import mean_or_zero
 from tfx_xmatch.models.base import RetrievalModel, light_global_policy
-from tfx_xmatch.models.history_encoding import LossDraws, encode_history, training_targets
+from tfx_xmatch.models.history_encoding import LossDraws, encode_history, last_position_state, training_targets
 
 USER_TOWERS = ("mean", "sasrec")
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -120,13 +120,16 @@ class TwoTower(RetrievalModel):
         self.retrieval_task.build(None)
 
     # ---------------------------------------------------------------- towers
-    def encode_sequence(self, inputs: dict, training: bool = False) -> tf.Tensor:
-        """Encodes every history position: float [B, L, d]."""
-        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training)
+    def encode_sequence(self, inputs: dict, training: bool = False,
+                        last_position_only: bool = False) -> tf.Tensor:
+        """Encodes every history position: float [B, L, d]; with ``last_position_only``, the
+        position after the most recent item alone, [B, 1, d] (see ``encode_history``)."""
+        return encode_history(self.item_tower, self.encoder, self.user_feature_embeddings, inputs, training,
+                              last_position_only)
 
     def user_embedding(self, inputs: dict, training: bool = False) -> tf.Tensor:
         """The representation after the most recent history item: float [B, d]."""
-        return self.encode_sequence(inputs, training=training)[:, -1, :]
+        return last_position_state(self.encode_sequence, inputs, training=training)
 
     def score_all(self, inputs: dict) -> tf.Tensor:
         """Scores of every item index for each user: float [B, num_items + 1] (column 0 = padding)."""
