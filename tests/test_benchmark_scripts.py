@@ -1,6 +1,7 @@
 """The benchmark scripts stay runnable: each one parses its arguments, and the serving benchmark
 measures every index kind on a tiny catalogue with the right exact answers."""
 
+import functools
 import json
 import os
 import pathlib
@@ -546,6 +547,49 @@ def test_the_evaluation_pass_benchmark_times_both_ways_with_the_same_ranking(tmp
                                             "repeats": 2, "rows": [row]})
     assert "| sparcode | sparcode | 150 (" in markdown and "| 0.1 |" in markdown
     assert evaluation_pass.measure(tmp_path / "absent", "validation", repeats=1) is None
+
+
+def test_the_last_position_benchmark_times_both_encodings_of_the_same_weights(tmp_path):
+    """Both paths answer alike, the "every position" copy really encodes every position, and the
+    script skips cleanly without ML-1M."""
+    from tfx_xmatch import training
+    from tfx_xmatch.config import load_config
+
+    last_position = _import_benchmark("last_position")
+    config = load_config(None, ["data.dataset=synthetic", "model.embedding_dim=8", "model.max_length=10",
+                                "model.name=t2diff", "model.user_tower=mixed_attention", "model.options.backbone=sasrec",
+                                "model.options.diffusion_steps=8",
+                                "model.options.sampling_steps=4", "model.options.session_length=4",
+                                "model.options.history_length=6", "eval.ks=[10]"])
+    split = training.prepare_split(config)
+    row = last_position.measure("t2diff_sasrec_backbone_detached", config, split, requests=3, repeats=1)
+    assert row["requests"] == 3 and len(row["pass_s_every"]) == len(row["pass_s_last"]) == 1
+    assert row["user_side_difference"] < 1e-5 and row["max_metric_difference"] < 1e-6
+    assert row["validation_users"] == len(split.validation.targets)
+    page = last_position.to_markdown({**last_position.header("last_position"), "repeats": 1, "warmup_requests": 10,
+                                      "rows": [row]})
+    assert "| t2diff_sasrec_backbone_detached | `user_embedding` | 2 x 10 |" in page
+
+    model = training.build_model(config, split.dataset)
+    inputs = {"history": np.arange(1, 11, dtype=np.int32)[np.newaxis]}
+    model(inputs)
+    copy = last_position.full_encoding_copy(model, config, split.dataset, inputs)
+    calls = {"copy": [], "model": []}
+
+    def recording(call, seen):
+        @functools.wraps(call)  # keeps the signature that decides whether last_position_only is passed
+        def recorded(*args, **kwargs):
+            seen.append(kwargs)
+            return call(*args, **kwargs)
+        return recorded
+
+    for name, built in (("copy", copy), ("model", model)):
+        built.encoder.call = recording(built.encoder.call, calls[name])
+    np.testing.assert_allclose(copy.user_embedding(inputs).numpy(), model.user_embedding(inputs).numpy(), atol=1e-5)
+    assert calls["copy"] and not any(call.get("last_position_only") for call in calls["copy"])
+    assert calls["model"] and all(call.get("last_position_only") for call in calls["model"])
+    _skips_and_keeps_its_results("last_position", ["--data-dir", str(tmp_path)],
+                                 f"skipped: the run's data is absent (dataset 'ml-1m' expects")
 
 
 def test_product_quantizer_reconstructs_points_whose_slices_take_n_values():
