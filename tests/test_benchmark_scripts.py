@@ -562,12 +562,13 @@ def test_the_last_position_benchmark_times_both_encodings_of_the_same_weights(tm
                                 "model.options.sampling_steps=4", "model.options.session_length=4",
                                 "model.options.history_length=6", "eval.ks=[10]"])
     split = training.prepare_split(config)
-    row = last_position.measure("t2diff_sasrec_backbone_detached", config, split, requests=3, repeats=1)
-    assert row["requests"] == 3 and len(row["pass_s_every"]) == len(row["pass_s_last"]) == 1
-    assert row["user_side_difference"] < 1e-5 and row["max_metric_difference"] < 1e-6
-    assert row["validation_users"] == len(split.validation.targets)
+    every, last = last_position.measure("t2diff_sasrec_backbone_detached", config, split, requests=3, repeats=1)
+    assert (every["path"], last["path"]) == ("every position", "last position")
+    assert every["requests"] == 3 and len(every["pass_s"]) == len(last["pass_s"]) == 1
+    assert last["user_side_difference"] < 1e-5 and last["max_metric_difference"] < 1e-6
+    assert last["validation_users"] == len(split.validation.targets) and last["p50_ms"] > 0
     page = last_position.to_markdown({**last_position.header("last_position"), "repeats": 1, "warmup_requests": 10,
-                                      "rows": [row]})
+                                      "rows": [every, last]})
     assert "| t2diff_sasrec_backbone_detached | `user_embedding` | 2 x 10 |" in page
 
     model = training.build_model(config, split.dataset)
