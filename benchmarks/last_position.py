@@ -67,6 +67,7 @@ def full_encoding_copy(model: tf.keras.Model, config, dataset, inputs: dict) -> 
 def measure(name: str, config, split, requests: int, repeats: int) -> list[dict]:
     """The rows (every position, then last position) of one model (``name`` picks its user side) built from ``config`` on ``split``."""
     length = config.model.max_length
+    tf.keras.utils.set_random_seed(config.train.seed)  # the same initial weights on every run
     model = training.build_model(config, split.dataset)
     count = min(requests + WARMUP_REQUESTS, len(split.test.histories))
     histories = pad_histories(split.test.histories[:count], length)

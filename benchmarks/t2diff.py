@@ -47,6 +47,7 @@ from tfx_xmatch.bench.paired import load_ranks, paired_table, save_ranks  # noqa
 from tfx_xmatch.bench.serving_paths import per_user_latencies, serving_path  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.evaluation import compare_metrics, evaluate_full_ranking  # noqa: E402
+from tfx_xmatch.models.history_encoding import last_position_state  # noqa: E402
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Variant -> (config, extra overrides).
@@ -119,7 +120,7 @@ def design_variant(sampling: str) -> dict:
 
 def backbone_state(model, inputs) -> tf.Tensor:
     """A backbone T2Diff's user vector without its branch: the SASRec state after the last item."""
-    return model.encode_sequence(inputs)[:, -1, :]
+    return last_position_state(model.encode_sequence, inputs)
 
 
 def evaluate(model, split, config, backbone_only: bool = False, **sampling) -> tuple[dict, np.ndarray]:
