@@ -47,6 +47,8 @@ class SASRecEncoder(tf.keras.layers.Layer):
       >>> encoder = SASRecEncoder(max_length=6, num_blocks=1, dropout=0.0)
       >>> encoder(tf.random.normal([2, 6, 8]), tf.ones([2, 6], tf.bool)).shape
       TensorShape([2, 6, 8])
+      >>> encoder(tf.random.normal([2, 6, 8]), tf.ones([2, 6], tf.bool), last_position_only=True).shape
+      TensorShape([2, 1, 8])
     """
 
     def __init__(self, max_length: int, num_blocks: int = 2, num_heads: int = 1, dropout: float = 0.2, **kwargs):
