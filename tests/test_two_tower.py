@@ -85,6 +85,25 @@ def test_last_position_only_is_the_last_row_of_the_full_output(encoder):
                                encoder(embeddings[:, 2:], mask[:, 2:]).numpy()[:, -1:], rtol=1e-5, atol=1e-6)
 
 
+class _PlainBlock(CausalTransformerBlock):
+    """A user's own block, written before blocks took last_position_only."""
+
+    def call(self, inputs, padding_mask, training=False):
+        return super().call(inputs, padding_mask, training=training)
+
+
+class _PlainBlockEncoder(SASRecEncoder):
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.blocks = [_PlainBlock(self.num_heads, dropout=self.dropout, name=f"plain_block_{i}")
+                       for i in range(self.num_blocks)]
+
+
+def test_an_encoder_with_blocks_of_its_own_still_encodes_every_position():
+    encoder = _PlainBlockEncoder(max_length=LENGTH, num_blocks=2, dropout=0.0)
+    assert encoder(tf.random.normal([2, LENGTH, 8], seed=4), tf.ones([2, LENGTH], tf.bool)).shape == (2, LENGTH, 8)
+
+
 class _ScaledStateTwoTower(TwoTower):
     """A subclass that overrides encode_sequence the way it was written before it took
     last_position_only."""

@@ -97,7 +97,9 @@ class SASRecEncoder(tf.keras.layers.Layer):
         hidden = self.input_dropout(hidden, training=training)
         for block in self.blocks[:-1]:
             hidden = block(hidden, padding_mask, training=training)
-        hidden = self.blocks[-1](hidden, padding_mask, training=training, last_position_only=last_position_only)
+        # Only when asked: a subclass's own block type need not take the argument.
+        last_block_options = {"last_position_only": True} if last_position_only else {}
+        hidden = self.blocks[-1](hidden, padding_mask, training=training, **last_block_options)
         return self.output_norm(hidden) * (mask[:, -1:] if last_position_only else mask)
 
     def get_config(self) -> dict:
