@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import (default_data_dir, header, markdown_header, positive_int, run_split,  # noqa: E402
                     training_overrides, write_results)
-from t2diff import VARIANTS  # noqa: E402
+from t2diff import CONFIGS_DIR, VARIANTS  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -43,15 +43,13 @@ from tfx_xmatch.bench.schema import design_model_name  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
 from tfx_xmatch.data.dataset import pad_histories  # noqa: E402
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# Model -> (config, extra overrides, the method that is its user side).
 MODELS = {
-    "two_tower_sasrec": (CONFIGS_DIR / "ml1m_sasrec.yaml", []),
-    "sparcode": (CONFIGS_DIR / "ml1m_sparcode.yaml", []),
-    "t2diff_sasrec_backbone_detached": VARIANTS["t2diff_sasrec_backbone_detached"],
+    "two_tower_sasrec": (*VARIANTS["two_tower_sasrec"], "user_embedding"),
+    "sparcode": (CONFIGS_DIR / "ml1m_sparcode.yaml", [], "query_codes"),
+    "t2diff_sasrec_backbone_detached": (*VARIANTS["t2diff_sasrec_backbone_detached"], "user_embedding"),
 }
 WARMUP_REQUESTS = 10
-USER_SIDES = {"two_tower_sasrec": "user_embedding", "sparcode": "query_codes",
-              "t2diff_sasrec_backbone_detached": "user_embedding"}
 
 
 def full_encoding_copy(model: tf.keras.Model, config, dataset, inputs: dict) -> tf.keras.Model:
@@ -64,18 +62,20 @@ def full_encoding_copy(model: tf.keras.Model, config, dataset, inputs: dict) -> 
     return copy
 
 
-def measure(name: str, config, split, requests: int, repeats: int) -> list[dict]:
-    """The rows (every position, then last position) of one model (``name`` picks its user side) built from ``config`` on ``split``."""
+def measure(name: str, config, split, num_requests: int, repeats: int) -> list[dict]:
+    """The rows (every position, then last position) of the model ``name`` (which picks its user
+    side) built from ``config`` on ``split``."""
     length = config.model.max_length
+    user_side_name = MODELS[name][2]
     tf.keras.utils.set_random_seed(config.train.seed)  # the same initial weights on every run
     model = training.build_model(config, split.dataset)
-    count = min(requests + WARMUP_REQUESTS, len(split.test.histories))
+    count = min(num_requests + WARMUP_REQUESTS, len(split.test.histories))
     histories = pad_histories(split.test.histories[:count], length)
     requests = [training.model_inputs(model, split.dataset, histories[i:i + 1], split.test.user_rows[i:i + 1])
                 for i in range(count)]
     model(requests[0])
     paths = {"last position": model, "every position": full_encoding_copy(model, config, split.dataset, requests[0])}
-    user_side = {path: tf.function(getattr(m, USER_SIDES[name])) for path, m in paths.items()}
+    user_side = {path: tf.function(getattr(m, user_side_name)) for path, m in paths.items()}
 
     outputs = {path: [] for path in paths}
     latencies = {path: [] for path in paths}
@@ -102,7 +102,7 @@ def measure(name: str, config, split, requests: int, repeats: int) -> list[dict]
     metric_difference = max(abs(metrics["last position"][key] - value)
                             for key, value in metrics["every position"].items() if isinstance(value, float))
     shared = {"dataset": config.data.dataset, "split": config.data.split, "model": design_model_name(config),
-              "variant": name, "user_side": USER_SIDES[name], "max_length": length,
+              "variant": name, "user_side": user_side_name, "max_length": length,
               "num_blocks": len(model.encoder.blocks), "requests": len(latencies["last position"]),
               "validation_users": len(split.validation.targets), "batch_size": config.eval.batch_size,
               "NDCG@10": round(metrics["last position"]["NDCG@10"], 4)}
@@ -122,7 +122,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     for name in args.models:
-        config_path, extra = MODELS[name]
+        config_path, extra, _ = MODELS[name]
         config = load_config(config_path, [*training_overrides("ml-1m", args.data_dir, 1, 1, 1.0), *extra])
         split = run_split(config)
         if split is None:

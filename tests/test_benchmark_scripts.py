@@ -562,7 +562,7 @@ def test_the_last_position_benchmark_times_both_encodings_of_the_same_weights(tm
                                 "model.options.sampling_steps=4", "model.options.session_length=4",
                                 "model.options.history_length=6", "eval.ks=[10]"])
     split = training.prepare_split(config)
-    every, last = last_position.measure("t2diff_sasrec_backbone_detached", config, split, requests=3, repeats=1)
+    every, last = last_position.measure("t2diff_sasrec_backbone_detached", config, split, num_requests=3, repeats=1)
     assert (every["path"], last["path"]) == ("every position", "last position")
     assert every["requests"] == 3 and len(every["pass_s"]) == len(last["pass_s"]) == 1
     assert last["user_side_difference"] < 1e-5 and last["max_metric_difference"] < 1e-6
