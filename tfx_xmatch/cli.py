@@ -4,7 +4,6 @@ and a self-contained quickstart."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pathlib
@@ -56,7 +55,7 @@ def _run_config(run_dir, overrides: Sequence[str], command: str):
     data.dataset when the run read a file (a relative path only resolves from where it trained)."""
     from tfx_xmatch import training
     from tfx_xmatch.config import apply_overrides
-    from tfx_xmatch.data.loaders import DATASETS
+    from tfx_xmatch.data.registry import DATASETS
 
     config = training.load_run_config(run_dir)
     movable = ("eval.", "data.data_dir=") + (("data.dataset=",) if config.data.dataset not in DATASETS else ())

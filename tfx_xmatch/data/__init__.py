@@ -2,17 +2,9 @@
 
 from tfx_xmatch.data.dataset import PAD_INDEX, EvalExamples, SequenceDataset, Split, pad_histories
 from tfx_xmatch.data.inputs import eval_arrays, eval_dataset, sequence_training_dataset, training_arrays
-from tfx_xmatch.data.loaders import (
-    DATASETS,
-    DataFormatError,
-    DatasetInfo,
-    load_dataset,
-    load_movielens_side_info,
-    load_pairs,
-    load_rating_log,
-    load_sequences,
-    load_tfds_movielens_1m,
-)
+from tfx_xmatch.data.loaders import DataFormatError, load_pairs, load_rating_log, load_sequences
+from tfx_xmatch.data.movielens import load_movielens_side_info, load_tfds_movielens_1m
+from tfx_xmatch.data.registry import DATASETS, DatasetInfo, load_dataset
 from tfx_xmatch.data.splits import SPLITS, leave_one_out, make_split, time_split, user_level
 from tfx_xmatch.data.synthetic import (
     make_synthetic,

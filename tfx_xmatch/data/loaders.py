@@ -2,9 +2,10 @@
 
 Three on-disk formats are read: one "user item" pair per line (SASRec's ml-1m.txt), one user
 per line "uid item1 item2 ..." (Beauty.txt, LastFM.txt), and rating logs with timestamps
-(MovieLens u.data / ratings.dat / ratings.csv). MovieLens side files (genres, demographics) are
-joined by :func:`load_movielens_side_info`, and :func:`load_dataset` resolves the names of the
-benchmark datasets to files under a data directory.
+(MovieLens u.data / ratings.dat / ratings.csv), plus typed tables (CSV, TSV, Parquet) through
+:func:`load_table`. MovieLens side files (genres, demographics) are joined in
+``tfx_xmatch.data.movielens``, and ``tfx_xmatch.data.registry.load_dataset`` resolves the names
+of the benchmark datasets to files under a data directory.
 
 Raw ids that are all canonical non-negative integers ("1", "42", not "007") are kept as ints
 and indexed in ascending order, so a file whose items are already 1..N keeps item i at index i
@@ -18,12 +19,11 @@ character other than tab.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import os
 import re
-from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Union
+from typing import Any, Collection, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from tfx_xmatch.user_errors import shortened
 
 logger = logging.getLogger(__name__)
 
-_UNKNOWN = "unknown"
+UNKNOWN = "unknown"
 
 
 class DataFormatError(ValueError):
@@ -88,7 +88,7 @@ class _BadLines:
             )
 
 
-def _check_file(path: PathLike, what: str) -> str:
+def check_file(path: PathLike, what: str) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path!r}")
@@ -146,7 +146,7 @@ def split_fields(line: str) -> list[str]:
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def _read_lines(path: str, encoding: str) -> list[str]:
+def read_lines(path: str, encoding: str) -> list[str]:
     """The lines of a file in a fixed format; an undecodable line fails with its line number."""
     with open(path, "rb") as handle:
         data = handle.read()
@@ -190,7 +190,7 @@ def _parsed_text_lines(path: str, encoding: str, parser: "LineParser", skip_head
 _INT64_MAX = str(2**63 - 1)
 
 
-def _is_canonical_int(token: str) -> bool:
+def is_canonical_int(token: str) -> bool:
     # isdigit alone accepts non-ASCII digits such as "²"; leading zeros would make "7" and
     # "007" collide once parsed, and ids past int64 do not fit the int64 id arrays, so such
     # files keep string ids.
@@ -211,7 +211,7 @@ def _typed_unique(tokens: Sequence[str], what: str = "ids",
     header line (a text file whose first line was not skipped as one).
     """
     unique = list(dict.fromkeys(tokens))
-    odd = [token for token in unique if not _is_canonical_int(token)]
+    odd = [token for token in unique if not is_canonical_int(token)]
     if unique and not odd:
         return unique, [int(token) for token in unique], True
     if unique and len(odd) * 2 < len(unique):
@@ -608,7 +608,7 @@ def load_table(
       DataFormatError: On a missing column, a malformed row (unless skipped) or no events.
     """
     parser = RowParser(user_column, item_column, timestamp_column, rating_column, min_rating)
-    path = _check_file(path, "table of events")
+    path = check_file(path, "table of events")
     bad = _BadLines(path, skip_bad_lines)
     with open(path, "rb") as handle:
         data = handle.read()
@@ -620,7 +620,7 @@ def load_table(
     if not items:
         raise _no_interactions(path, bad)
     timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
-    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
+    return build_dataset(name or _default_name(path), users, items, timestamps, bad.count)
 
 
 # The user and item tokens of a text file's first line, which may be a header read as data.
@@ -664,7 +664,7 @@ def vocabulary_from_tokens(item_tokens: Sequence[str],
     return vocabulary, dict(zip(unique_items, vocabulary.lookup(item_ids).tolist()))
 
 
-def _build_dataset(
+def build_dataset(
     name: str,
     user_tokens: list[str],
     item_tokens: list[str],
@@ -740,12 +740,12 @@ def _load_token_lines(
 ) -> SequenceDataset:
     """Reads space/tab-separated lines "user item..." (pairs or sequences format)."""
     parser = LineParser(format)
-    path = _check_file(path, f"{parser.what} ({parser.expected!r} per line)")
+    path = check_file(path, f"{parser.what} ({parser.expected!r} per line)")
     bad = _BadLines(path, skip_bad_lines)
     users, items, _, _, line_one = _collect(_parsed_text_lines(path, encoding, parser), bad)
     if not items:
         raise _no_interactions(path, bad)
-    return _build_dataset(name or _default_name(path), users, items, None, bad.count, line_one)
+    return build_dataset(name or _default_name(path), users, items, None, bad.count, line_one)
 
 
 def load_pairs(
@@ -845,7 +845,7 @@ def load_rating_log(
         a non-integer timestamp, or when the file has no (kept) interactions.
     """
     parser = LineParser("ratings", sep=sep, columns=columns, min_rating=min_rating)
-    path = _check_file(path, "rating log ('user item rating timestamp' per line)")
+    path = check_file(path, "rating log ('user item rating timestamp' per line)")
     bad = _BadLines(path, skip_bad_lines)
     users, items, times, filtered, line_one = _collect(
         _parsed_text_lines(path, encoding, parser, skip_header=has_header), bad)
@@ -854,524 +854,4 @@ def load_rating_log(
         raise _no_interactions(path, bad, reason)
     timestamps = np.array(times, dtype=np.int64) if parser.has_timestamps else None
     # line_one is empty with has_header: line 1 was skipped as the header.
-    return _build_dataset(name or _default_name(path), users, items, timestamps, bad.count, line_one)
-
-
-# ----------------------------------------------------------------------------- side info
-
-_ML_AGE_CODES = (1, 18, 25, 35, 45, 50, 56)
-_ML_AGE_NAMES = ("Under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
-_ML1M_OCCUPATIONS = (
-    "other or not specified", "academic/educator", "artist", "clerical/admin",
-    "college/grad student", "customer service", "doctor/health care", "executive/managerial",
-    "farmer", "homemaker", "K-12 student", "lawyer", "programmer", "retired",
-    "sales/marketing", "scientist", "self-employed", "technician/engineer",
-    "tradesman/craftsman", "unemployed", "writer",
-)  # fmt: skip
-_GENDERS = ("F", "M")
-
-
-def _age_bucket(age: int) -> int:
-    """Index (1..7) of the MovieLens-1M age bucket holding ``age`` (years or an ML-1M code)."""
-    return int(np.searchsorted(_ML_AGE_CODES, age, side="right")) or 1
-
-
-def _once(first_lines: dict, key: int, path: str, line_number: int, field: str) -> None:
-    """Refuses a second line for the same id: the later one would silently replace the first."""
-    if key in first_lines:
-        raise DataFormatError(path, line_number, f"{field} {key} appears again (first at line {first_lines[key]})")
-    first_lines[key] = line_number
-
-
-def _read_id_mapping(path: str) -> dict[int, int]:
-    """Reads "remapped_id original_id" lines."""
-    mapping: dict[int, int] = {}
-    first_lines: dict[int, int] = {}
-    for line_number, line in enumerate(_read_lines(path, "utf-8"), start=1):
-        fields = split_fields(line)
-        if not fields:
-            continue
-        if len(fields) != 2 or not all(_is_canonical_int(field) for field in fields):
-            raise DataFormatError(
-                path, line_number, f"expected 'remapped_id original_id', got {shortened(line.strip())!r}"
-            )
-        _once(first_lines, int(fields[0]), path, line_number, "remapped id")
-        mapping[int(fields[0])] = int(fields[1])
-    return mapping
-
-
-def _original_ids(raw_ids: np.ndarray, mapping: Optional[dict[int, int]]) -> list[Optional[int]]:
-    """Original MovieLens ids of ``raw_ids`` (None where an id has no integer original)."""
-    originals: list[Optional[int]] = []
-    for raw_id in raw_ids.tolist():
-        if isinstance(raw_id, str):
-            raw_id = int(raw_id) if _is_canonical_int(raw_id) else None
-        if raw_id is not None and mapping is not None:
-            raw_id = mapping.get(raw_id)
-        originals.append(raw_id)
-    return originals
-
-
-def _split_fields(path: str, line_number: int, line: str, sep: str, count: int, what: str) -> list[str]:
-    fields = line.split(sep)
-    if len(fields) < count:
-        raise DataFormatError(path, line_number, f"expected {what}, got {shortened(line.strip())!r}")
-    return fields
-
-
-def _parse_int(path: str, line_number: int, value: str, field: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise DataFormatError(path, line_number, f"{field} {value!r} is not an integer") from None
-
-
-def _parse_id(path: str, line_number: int, value: str, field: str) -> int:
-    """An id of a side file, by the interactions' rule: int() would join "007" or "+8" to item 7
-    or 8, which the interaction loaders keep as other (string) ids."""
-    if not _is_canonical_int(value):
-        _parse_int(path, line_number, value, field)  # not a number at all: said so
-        raise DataFormatError(path, line_number, f"{field} {value!r} is not written as the interactions' integer ids "
-                                                 "are (digits without a sign, spaces or leading zeros): it would join "
-                                                 f"id {int(value)}, which the interactions keep apart from {value!r}")
-    return int(value)
-
-
-def _ml1m_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
-    path = os.path.join(directory, "movies.dat")
-    genres_by_movie: dict[int, list[str]] = {}
-    first_lines: dict[int, int] = {}
-    for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
-        if not line.strip():
-            continue
-        fields = _split_fields(path, line_number, line, "::", 3, "'MovieID::Title::Genres'")
-        movie = _parse_id(path, line_number, fields[0], "MovieID")
-        _once(first_lines, movie, path, line_number, "MovieID")
-        genres_by_movie[movie] = [genre for genre in fields[-1].strip().split("|") if genre]
-    names = sorted({genre for genres in genres_by_movie.values() for genre in genres})
-    return genres_by_movie, names
-
-
-def _ml1m_users(directory: str) -> dict[int, tuple[int, int, int]]:
-    path = os.path.join(directory, "users.dat")
-    users: dict[int, tuple[int, int, int]] = {}
-    first_lines: dict[int, int] = {}
-    for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
-        if not line.strip():
-            continue
-        fields = _split_fields(
-            path, line_number, line, "::", 4, "'UserID::Gender::Age::Occupation::Zip-code'"
-        )
-        user = _parse_id(path, line_number, fields[0], "UserID")
-        _once(first_lines, user, path, line_number, "UserID")
-        gender = _GENDERS.index(fields[1]) + 1 if fields[1] in _GENDERS else 0
-        age_code = _parse_int(path, line_number, fields[2], "Age")
-        age = _ML_AGE_CODES.index(age_code) + 1 if age_code in _ML_AGE_CODES else 0
-        occupation_code = _parse_int(path, line_number, fields[3], "Occupation")
-        occupation = occupation_code + 1 if 0 <= occupation_code < len(_ML1M_OCCUPATIONS) else 0
-        users[user] = (gender, age, occupation)
-    return users
-
-
-def _ml100k_items(directory: str) -> tuple[dict[int, list[str]], list[str]]:
-    genre_path = os.path.join(directory, "u.genre")
-    names: list[str] = []
-    if os.path.isfile(genre_path):
-        for line in _read_lines(genre_path, "latin-1"):
-            if line.strip():
-                names.append(line.rsplit("|", 1)[0])
-    path = os.path.join(directory, "u.item")
-    genres_by_movie: dict[int, list[str]] = {}
-    first_lines: dict[int, int] = {}
-    for line_number, line in enumerate(_read_lines(path, "latin-1"), start=1):
-        if not line.strip():
-            continue
-        # The title may not contain '|', but the 19 genre flags are always the last fields.
-        fields = _split_fields(
-            path, line_number, line, "|", 6, "'id|title|date|video date|url|19 genre flags'"
-        )
-        flags = fields[5:]
-        if not names:
-            names = [f"genre_{k}" for k in range(len(flags))]
-        if len(flags) != len(names) or any(flag not in ("0", "1") for flag in flags):
-            raise DataFormatError(
-                path, line_number, f"expected {len(names)} genre flags (0/1) after the url, got {flags!r}"
-            )
-        movie = _parse_id(path, line_number, fields[0], "movie id")
-        _once(first_lines, movie, path, line_number, "movie id")
-        genres_by_movie[movie] = [name for name, flag in zip(names, flags) if flag == "1"]
-    return genres_by_movie, names
-
-
-def _ml100k_users(directory: str) -> tuple[dict[int, tuple[int, int, int]], list[str]]:
-    occupation_path = os.path.join(directory, "u.occupation")
-    path = os.path.join(directory, "u.user")
-    lines = _read_lines(path, "latin-1")
-    if os.path.isfile(occupation_path):
-        occupations = [line.strip() for line in _read_lines(occupation_path, "latin-1") if line.strip()]
-    else:
-        occupations = sorted({line.split("|")[3] for line in lines if line.count("|") >= 4})
-    users: dict[int, tuple[int, int, int]] = {}
-    first_lines: dict[int, int] = {}
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        fields = _split_fields(path, line_number, line, "|", 5, "'user id|age|gender|occupation|zip code'")
-        user = _parse_id(path, line_number, fields[0], "user id")
-        _once(first_lines, user, path, line_number, "user id")
-        age = _age_bucket(_parse_int(path, line_number, fields[1], "age"))
-        gender = _GENDERS.index(fields[2]) + 1 if fields[2] in _GENDERS else 0
-        occupation = occupations.index(fields[3]) + 1 if fields[3] in occupations else 0
-        users[user] = (gender, age, occupation)
-    return users, occupations
-
-
-_MOVIELENS_ITEM_FILES = ("movies.dat", "u.item")  # ML-1M, ML-100K
-
-
-def _has_movielens_side_files(directory: str) -> bool:
-    return any(os.path.isfile(os.path.join(directory, name)) for name in _MOVIELENS_ITEM_FILES)
-
-
-def load_movielens_side_info(
-    dataset: SequenceDataset, data_dir: PathLike, *, remap_ids: Optional[bool] = None
-) -> SequenceDataset:
-    """Joins MovieLens genres and user demographics onto a dataset.
-
-    Adds ``item_features["genres"]`` (multi-hot float32 [N+1, G], row 0 and unmatched items
-    all zero) and ``user_features`` "gender", "age" (the ML-1M buckets Under 18, 18-24, 25-34,
-    35-44, 45-49, 50-55, 56+; ML-100K ages are bucketed the same way) and "occupation", each
-    int32 with 0 meaning unknown, plus their category names in ``feature_vocabs`` (index k of
-    a feature is name k).
-
-    Args:
-      dataset: A MovieLens dataset whose raw user and item ids are MovieLens ids, or SASRec's
-        remapped ids (ml-1m.txt).
-      data_dir: Folder with ML-1M's movies.dat/users.dat (and sas_to_original_*.txt) or
-        ML-100K's u.item/u.user (also accepted: its parent holding a folder named like the
-        dataset).
-      remap_ids: Whether the dataset's ids are SASRec-remapped and must be translated through
-        sas_to_original_items.txt / sas_to_original_users.txt. None decides automatically:
-        for ML-1M side files, remap when the dataset has no timestamps (ml-1m.txt has none,
-        while a raw MovieLens rating log, whose ids are original, always has them), and fail
-        if the mapping files are then missing rather than guess.
-
-    Returns:
-      A copy of ``dataset`` with the features added (existing other features are kept).
-
-    Raises:
-      FileNotFoundError: If no MovieLens side files are found, or ``remap_ids=True`` but the
-        mapping files are missing.
-      ValueError: If ``remap_ids`` is None, the side files are ML-1M's, the dataset has no
-        timestamps and the mapping files are missing (the ids may be remapped or original:
-        pass ``remap_ids`` explicitly).
-      DataFormatError: If a side file has a malformed line, e.g. a MovieID or UserID not
-        written as the interactions' integer ids are ("007", "+8": they would join items 7, 8).
-    """
-    directory = os.fspath(data_dir)
-    candidates = [directory, os.path.join(directory, dataset.name)]
-    found = next((candidate for candidate in candidates if _has_movielens_side_files(candidate)), None)
-    if found is None:
-        raise FileNotFoundError(
-            f"no MovieLens side files in {os.fspath(data_dir)!r}: expected movies.dat and "
-            "users.dat (ML-1M) or u.item and u.user (ML-100K)"
-        )
-    directory = found
-
-    is_ml1m = os.path.isfile(os.path.join(directory, "movies.dat"))
-    item_map_path = os.path.join(directory, "sas_to_original_items.txt")
-    user_map_path = os.path.join(directory, "sas_to_original_users.txt")
-    if remap_ids is None:
-        # ml-1m.txt (no timestamps) holds SASRec-remapped ids; joining them as MovieLens ids
-        # would attach the wrong movies' genres while most ids still "match". Without the
-        # mappings the ids cannot be told apart, so the caller has to say which they are.
-        remap_ids = is_ml1m and dataset.timestamps is None
-        missing = [path for path in (item_map_path, user_map_path) if not os.path.isfile(path)]
-        if remap_ids and missing:
-            raise ValueError(
-                f"cannot join MovieLens-1M side info from {directory!r} onto {dataset.name!r}: "
-                "a dataset without timestamps is taken to hold SASRec-remapped ids (like "
-                f"ml-1m.txt), but the id mapping file(s) {', '.join(map(repr, missing))} are "
-                "missing. Add them, or pass remap_ids=False explicitly if the ids are original "
-                "MovieLens ids (load_dataset(..., side_info=False) skips side info)"
-            )
-    item_mapping = user_mapping = None
-    if remap_ids:
-        for mapping_path in (item_map_path, user_map_path):
-            _check_file(mapping_path, "id mapping ('remapped_id original_id' per line)")
-        item_mapping = _read_id_mapping(item_map_path)
-        user_mapping = _read_id_mapping(user_map_path)
-
-    if is_ml1m:
-        _check_file(os.path.join(directory, "users.dat"), "ML-1M users file")
-        genres_by_movie, genre_names = _ml1m_items(directory)
-        demographics = _ml1m_users(directory)
-        occupation_names = list(_ML1M_OCCUPATIONS)
-    else:
-        _check_file(os.path.join(directory, "u.user"), "ML-100K users file")
-        genres_by_movie, genre_names = _ml100k_items(directory)
-        demographics, occupation_names = _ml100k_users(directory)
-
-    num_items = dataset.num_items
-    genres = np.zeros((num_items + 1, len(genre_names)), dtype=np.float32)
-    genre_column = {name: column for column, name in enumerate(genre_names)}
-    item_raw_ids = dataset.item_vocab.ids(np.arange(1, num_items + 1)) if num_items else np.array([])
-    matched_items = 0
-    for index, original in enumerate(_original_ids(item_raw_ids, item_mapping), start=1):
-        movie_genres = genres_by_movie.get(original) if original is not None else None
-        if movie_genres is not None:
-            matched_items += 1
-            for genre in movie_genres:
-                genres[index, genre_column[genre]] = 1.0
-
-    user_columns = np.zeros((dataset.num_users, 3), dtype=np.int32)
-    matched_users = 0
-    for row, original in enumerate(_original_ids(np.asarray(dataset.user_ids), user_mapping)):
-        values = demographics.get(original) if original is not None else None
-        if values is not None:
-            matched_users += 1
-            user_columns[row] = values
-
-    # A low match rate almost always means ids were (not) remapped by mistake.
-    if matched_items < num_items or matched_users < dataset.num_users:
-        mostly_unmatched = matched_items < num_items / 2 or matched_users < dataset.num_users / 2
-        log = logger.warning if mostly_unmatched else logger.info
-        log(
-            "MovieLens side info from %s matched %d/%d items and %d/%d users (remap_ids=%s)",
-            directory, matched_items, num_items, matched_users, dataset.num_users, remap_ids,
-        )
-
-    return dataclasses.replace(
-        dataset,
-        item_features={**dataset.item_features, "genres": genres},
-        user_features={
-            **dataset.user_features,
-            "gender": user_columns[:, 0].copy(),
-            "age": user_columns[:, 1].copy(),
-            "occupation": user_columns[:, 2].copy(),
-        },
-        feature_vocabs={
-            **dataset.feature_vocabs,
-            "genres": list(genre_names),
-            "gender": [_UNKNOWN, *_GENDERS],
-            "age": [_UNKNOWN, *_ML_AGE_NAMES],
-            "occupation": [_UNKNOWN, *occupation_names],
-        },
-    )
-
-
-# ----------------------------------------------------------------------------- TFDS
-
-TFDS_MOVIELENS_1M = "movielens/1m-ratings"
-
-
-def load_tfds_movielens_1m(data_dir: Optional[PathLike] = None, name: str = "ml-1m-tfds") -> SequenceDataset:
-    """Loads MovieLens-1M ratings through TensorFlow Datasets (``movielens/1m-ratings``).
-
-    The raw log is used (all 6,040 users and 3,706 rated movies, ordered by timestamp), which
-    is not SASRec's filtered ml-1m.txt; use ``load_dataset("ml-1m", data_dir=...)`` for
-    numbers comparable with the literature.
-
-    Args:
-      data_dir: TFDS data directory (None: TFDS's default, ~/tensorflow_datasets). If the data
-        is already prepared there, no network is needed.
-      name: Dataset name.
-
-    Returns:
-      The dataset with timestamps; raw ids are MovieLens ids (ints).
-
-    Raises:
-      RuntimeError: If tensorflow_datasets is missing or the data is not prepared and cannot be
-        downloaded (e.g. no network access).
-    """
-    try:
-        import tensorflow_datasets as tfds  # deferred: importing TFDS takes seconds
-    except ImportError as error:
-        raise RuntimeError(
-            f"loading {TFDS_MOVIELENS_1M!r} needs the tensorflow-datasets package "
-            f"({error}); use load_dataset('ml-1m', data_dir=...) with local files"
-        ) from error
-    where = os.fspath(data_dir) if data_dir is not None else "the default TFDS data directory"
-    try:
-        builder = tfds.builder(TFDS_MOVIELENS_1M, data_dir=None if data_dir is None else os.fspath(data_dir))
-        builder.download_and_prepare()
-        batches = tfds.as_numpy(builder.as_dataset(split="train", batch_size=1 << 16))
-    except Exception as error:  # TFDS raises many kinds (DownloadError, OSError, ...)
-        raise RuntimeError(
-            f"tensorflow_datasets {TFDS_MOVIELENS_1M!r} is not prepared in {where}; preparing it "
-            f"needs network access to download the data, and that failed "
-            f"({type(error).__name__}: {error}); use load_dataset('ml-1m', data_dir=...) with "
-            "local files"
-        ) from error
-
-    users: list[str] = []
-    items: list[str] = []
-    times: list[np.ndarray] = []
-    for batch in batches:
-        users.extend(_decode(value) for value in batch["user_id"])
-        items.extend(_decode(value) for value in batch["movie_id"])
-        times.append(np.asarray(batch["timestamp"], dtype=np.int64))
-    if not items:
-        raise RuntimeError(f"tensorflow_datasets {TFDS_MOVIELENS_1M!r} in {where} has no ratings")
-    return _build_dataset(name, users, items, np.concatenate(times), 0)
-
-
-def _decode(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """How :func:`load_dataset` finds and reads one named dataset.
-
-    Attributes:
-      kind: "file" (under a data directory), "synthetic" or "tfds".
-      relative_path: For files, the path under the data directory.
-      format: For files, "pairs", "sequences" or "ratings".
-      options: Extra keyword arguments for the loader.
-      side_info: Whether MovieLens side info can be joined.
-      description: One line for listings.
-    """
-
-    kind: str
-    relative_path: str = ""
-    format: str = ""
-    options: dict = dataclasses.field(default_factory=dict)
-    side_info: bool = False
-    description: str = ""
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "ml-1m": DatasetInfo(
-        "file", "ml-1m/ml-1m.txt", "pairs", side_info=True,
-        description="MovieLens-1M, SASRec preprocessing (6,040 users, 3,416 items)",
-    ),
-    "ml-100k": DatasetInfo(
-        "file", "ml-100k/u.data", "ratings", {"sep": "\t"}, side_info=True,
-        description="MovieLens-100K raw rating log with timestamps (943 users, 1,682 items)",
-    ),
-    "beauty": DatasetInfo(
-        "file", "beauty/Beauty.txt", "sequences",
-        description="Amazon Beauty 5-core (22,363 users, 12,101 items)",
-    ),
-    "lastfm": DatasetInfo(
-        "file", "lastfm/LastFM.txt", "sequences",
-        description="HetRec-2011 Last.fm artists 5-core (1,090 users, 3,646 items)",
-    ),
-    "synthetic": DatasetInfo(
-        "synthetic", description="Generated sequences with planted successor structure",
-    ),
-    "tfds:" + TFDS_MOVIELENS_1M: DatasetInfo(
-        "tfds", description="MovieLens-1M raw ratings via TensorFlow Datasets (needs network once)",
-    ),
-}  # fmt: skip
-
-_FORMATS: dict[str, Callable[..., SequenceDataset]] = {
-    "pairs": load_pairs,
-    "sequences": load_sequences,
-    "ratings": load_rating_log,
-    "table": load_table,
-}
-
-
-def load_dataset(
-    name_or_path: Union[str, "os.PathLike[str]"],
-    data_dir: Optional[PathLike] = None,
-    *,
-    side_info: bool = True,
-    skip_bad_lines: bool = False,
-    **kwargs: Any,
-) -> SequenceDataset:
-    """Loads a named benchmark dataset or an interaction file.
-
-    Args:
-      name_or_path: A name from ``DATASETS`` ("ml-1m", "ml-100k", "beauty", "lastfm",
-        "synthetic", "tfds:movielens/1m-ratings") or the path of a file (then pass
-        ``format="pairs"|"sequences"|"ratings"|"table"``).
-      data_dir: For file datasets, the folder holding e.g. ``ml-1m/ml-1m.txt`` (the dataset's
-        own folder is accepted too); defaults to ``$XMATCH_DATA_DIR``, else the current
-        directory. For "tfds:..." the TFDS data directory.
-      side_info: Join MovieLens genres and demographics when the dataset has them (for a path:
-        when its folder holds MovieLens side files).
-      skip_bad_lines: Skip and count malformed lines instead of failing.
-      **kwargs: For "synthetic", arguments of ``make_synthetic``; for files, extra loader
-        arguments (e.g. ``min_rating`` for rating logs) and ``format`` for paths.
-
-    Returns:
-      The dataset.
-
-    Raises:
-      ValueError: If the name is unknown (the message lists the known names), a path is
-        given without a valid ``format``, or "synthetic" gets an argument ``make_synthetic``
-        does not take (the message lists the accepted ones).
-      FileNotFoundError: If the dataset's file is missing (the message names the path tried).
-      DataFormatError: If the file is malformed.
-      RuntimeError: For "tfds:..." when the data cannot be downloaded.
-    """
-    name = os.fspath(name_or_path)
-    info = DATASETS.get(name)
-    if info is None:
-        return _load_path(name, side_info=side_info, skip_bad_lines=skip_bad_lines, **kwargs)
-    if info.kind == "synthetic":
-        from tfx_xmatch.data.synthetic import make_synthetic  # synthetic does not need loaders
-
-        accepted = list(inspect.signature(make_synthetic).parameters)
-        unknown = [key for key in kwargs if key not in accepted]
-        if unknown:
-            raise ValueError(
-                f"unknown argument(s) for dataset 'synthetic': {', '.join(unknown)}; accepted "
-                f"(arguments of make_synthetic): {', '.join(accepted)}"
-            )
-        return make_synthetic(**kwargs)
-    if info.kind == "tfds":
-        return load_tfds_movielens_1m(data_dir=data_dir, **kwargs)
-
-    requested_format = kwargs.pop("format", None)
-    if requested_format is not None and requested_format != info.format:
-        raise ValueError(
-            f"dataset {name!r} is a {info.format!r} file, got format={requested_format!r}"
-        )
-    base = os.fspath(data_dir) if data_dir is not None else os.environ.get("XMATCH_DATA_DIR", ".")
-    tried = [os.path.join(base, info.relative_path), os.path.join(base, os.path.basename(info.relative_path))]
-    path = next((candidate for candidate in tried if os.path.isfile(candidate)), None)
-    if path is None:
-        raise FileNotFoundError(
-            f"dataset {name!r} expects its {info.format} file at {tried[0]!r} (or {tried[1]!r}); "
-            f"not found. Pass data_dir= the folder holding {info.relative_path!r}"
-            + ("" if data_dir is not None else " (or set $XMATCH_DATA_DIR)")
-        )
-    options = {**info.options, **kwargs}
-    dataset = _FORMATS[info.format](path, name=name, skip_bad_lines=skip_bad_lines, **options)
-    if side_info and info.side_info and _has_movielens_side_files(os.path.dirname(path)):
-        dataset = load_movielens_side_info(dataset, os.path.dirname(path))
-    elif side_info and info.side_info:
-        logger.warning("no MovieLens side files beside %s; loading %r without side info", path, name)
-    return dataset
-
-
-def _load_path(
-    path: str, *, side_info: bool, skip_bad_lines: bool, format: Optional[str] = None, **kwargs: Any
-) -> SequenceDataset:
-    looks_like_path = os.sep in path or "/" in path or os.path.splitext(path)[1] or os.path.exists(path)
-    if not looks_like_path:
-        raise ValueError(
-            f"unknown dataset {path!r}; known names: {', '.join(sorted(DATASETS))} "
-            "(or pass the path of a file with format='pairs'|'sequences'|'ratings')"
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{format or 'data'} file not found: {path!r} (and it is not a dataset name; known "
-            f"names: {', '.join(sorted(DATASETS))})"
-        )
-    if format not in _FORMATS:
-        raise ValueError(
-            f"loading the file {path!r} needs format= one of {sorted(_FORMATS)}, got {format!r}"
-        )
-    dataset = _FORMATS[format](path, skip_bad_lines=skip_bad_lines, **kwargs)
-    directory = os.path.dirname(os.path.abspath(path))
-    if side_info and _has_movielens_side_files(directory):
-        dataset = load_movielens_side_info(dataset, directory)
-    return dataset
+    return build_dataset(name or _default_name(path), users, items, timestamps, bad.count, line_one)

@@ -42,9 +42,9 @@ import numpy as np
 
 from tfx_xmatch.data.dataset import sequence_statistics
 from tfx_xmatch.data.loaders import (
-    DATASETS, DataFormatError, LineParser, ParsedLine, RowParser, is_typed_table, record_lines, table_rows,
-    vocabulary_from_tokens,
+    DataFormatError, LineParser, ParsedLine, RowParser, is_typed_table, record_lines, table_rows, vocabulary_from_tokens,
 )
+from tfx_xmatch.data.registry import DATASETS
 from tfx_xmatch.data.splits import (
     SPLITS, check_split_options, check_time_split, check_user_level, leave_one_out_user, time_cuts, time_user,
     user_level_parts, user_level_user,

@@ -37,7 +37,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from tfx_xmatch.config import ConfigError, RunConfig, load_config
-from tfx_xmatch.data.loaders import DATASETS
+from tfx_xmatch.data.registry import DATASETS
 from tfx_xmatch.data.tfrecord import shard_pattern
 from tfx_xmatch.io_utils import (
     absolute_unless_url, check_checkpoint_directory, check_output_location, write_json_atomic,
