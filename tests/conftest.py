@@ -44,27 +44,3 @@ FILE_SECONDS = {
 def pytest_collection_modifyitems(items):
     # Stable: a file's tests keep their own order; files not listed (short ones) go last.
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
-
-
-# Two string-hashing seeds under which a set of the field names the tests write iterates in
-# different orders (checked on every run), so a comparison of two processes' outputs can fail.
-HASH_SEEDS = ("1", "2")
-
-
-def outputs_under_two_hash_seeds(script: str, names: list[str], *args: str) -> list[str]:
-    """Runs `script` (``python -c``, with `args`) under each of HASH_SEEDS and returns the two
-    standard outputs. Fails if the seeds iterate a set of `names` in one order: then a map
-    written in hash order would come out the same in both and the comparison would prove nothing."""
-    import subprocess
-    import sys
-
-    probe = f"\nimport sys; sys.stderr.write('\\nset order: ' + ' '.join({set(names)!r}))"
-    outputs, orders = [], []
-    for seed in HASH_SEEDS:
-        done = subprocess.run([sys.executable, "-c", script + probe, *args], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs.append(done.stdout)
-        orders.append(done.stderr.rstrip().splitlines()[-1])
-    assert orders[0] != orders[1], f"hash seeds {HASH_SEEDS} order {names} alike: pick others"
-    return outputs

@@ -1,10 +1,11 @@
 """MovieLens side files (genres, user demographics) joined onto a loaded dataset, and
 MovieLens-1M through TensorFlow Datasets.
 
-The side files are read from the interaction file's folder: ML-1M's ``movies.dat`` and
-``users.dat``, ML-100K's ``u.item`` and ``u.user``. SASRec's ml-1m.txt renumbers users and
-items; ``sas_to_original_items.txt`` and ``sas_to_original_users.txt`` beside it map them back
-to MovieLens ids.
+The side files are read from a given folder (``load_dataset`` passes the interaction file's):
+ML-1M's ``movies.dat`` and ``users.dat``, ML-100K's ``u.item`` and ``u.user`` (with
+``u.genre`` and ``u.occupation`` when present). SASRec's ml-1m.txt renumbers users and items;
+``sas_to_original_items.txt`` and ``sas_to_original_users.txt`` beside the side files map them
+back to MovieLens ids.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from tfx_xmatch.data.vocabulary import PathLike
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """How :func:`load_dataset` finds and reads one named dataset.
