@@ -259,8 +259,15 @@ def test_training_read_aligns_next_items_and_skips_empty_histories(tmp_path):
 
 
 def test_records_are_the_same_bytes_in_every_process():
-    # A record's feature map was written in an order that changed with the process (string
-    # hashing), so a re-run, or a Beam worker, wrote other bytes for the same examples.
+    # A record's feature map was written in an order that changed with the process, so a re-run,
+    # or a Beam worker, wrote other bytes for the same examples. The protobuf runtime orders a
+    # map with a seed of its own per process, so processes differ by chance: the record must be
+    # the canonical (key-sorted) serialization, checked here in one process, and the processes
+    # below (each with its own string hashing too) must agree.
+    from tfx_xmatch.data.tfrecord import example_bytes
+
+    record = example_bytes([0, 3, 5], 7, {"age": 2, "gender": 1, "occupation": 9, "zip": 4})
+    assert tf.train.Example.FromString(record).SerializeToString(deterministic=True) == record
     import subprocess
     import sys
 
@@ -269,7 +276,7 @@ def test_records_are_the_same_bytes_in_every_process():
     outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
                for seed in ("1", "2", "3", "4")}
-    assert len(outputs) == 1
+    assert outputs == {record.hex()}
 
 
 @pytest.mark.parametrize("history, target", [([-1, 2], 3), ([1, 2**32 + 1], 3), ([1, 2], 2**32 + 3)],

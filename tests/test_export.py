@@ -275,7 +275,11 @@ def test_export_writes_versions_atomically_with_warmup(model, exported):
 
 
 def test_warmup_requests_are_the_same_bytes_in_every_process(tmp_path):
-    """The inputs map's order followed Python's hash seed, so two exports of one model differed."""
+    """The inputs map was written in the order of the process's protobuf map seed, so two exports
+    of one model differed by chance: each request must be the canonical (key-sorted) serialization,
+    and the processes' files must agree."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
     script = ("import pathlib, sys, tensorflow as tf; from tfx_xmatch.export import write_warmup_requests; "
               "write_warmup_requests(pathlib.Path(sys.argv[1]), 'm', [[3, 5]], tf.int64, ['age'], top_k=4)")
     written = set()
@@ -285,6 +289,12 @@ def test_warmup_requests_are_the_same_bytes_in_every_process(tmp_path):
                        env={**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3"})
         written.add((directory / "assets.extra" / "tf_serving_warmup_requests").read_bytes())
     assert len(written) == 1
+    records = list(tf.data.TFRecordDataset(str(tmp_path / "1" / "assets.extra" / "tf_serving_warmup_requests")))
+    assert len(records) == 2  # serving_default and top_k
+    for record in records:
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        assert set(log.predict_log.request.inputs) >= {"history", "age"}
+        assert log.SerializeToString(deterministic=True) == record.numpy()
 
 
 def test_version_directories_are_readable_by_other_users(exported):
