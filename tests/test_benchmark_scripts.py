@@ -21,43 +21,88 @@ def _run(args, timeout):
                           cwd=BENCHMARKS.parent)
 
 
-# Every script's `--help`, run as `python benchmarks/<script> --help` would run it, one after
-# another in a single process: each one imports TensorFlow, which a process per script paid 16 times.
-HELP_OF_EVERY_SCRIPT = """
+# Script calls, each run as `python benchmarks/<script> ARGS` would run it, one after another in
+# a single process: each script imports TensorFlow, which a process per call paid every time (16
+# `--help` calls, 13 skips and refusals). "status" is what the process would exit with (0 for a
+# script that returns), or the traceback of an exception.
+RUN_SCRIPTS = """
 import contextlib, io, json, runpy, sys, traceback
-benchmarks, scripts = sys.argv[1], sys.argv[2:]
+benchmarks, calls = sys.argv[1], json.loads(sys.argv[2])
 sys.path[0] = benchmarks  # what `python benchmarks/<script>` puts first, in place of -c's current directory
-results = {}
-for script in scripts:
+results = []
+for script, arguments in calls:
     path = f"{benchmarks}/{script}"
-    sys.argv = [path, "--help"]
+    sys.argv = [path, *arguments]
     stdout, stderr = io.StringIO(), io.StringIO()
+    exited = True
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             runpy.run_path(path, run_name="__main__")
-        status = "returned without exiting"
+        status, exited = 0, False
     except SystemExit as exit_:
         status = exit_.code or 0
     except BaseException:
         status = traceback.format_exc()
-    results[script] = {"status": status, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+    results.append({"status": status, "exited": exited, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
 print(json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
-def help_of_every_script():
-    completed = _run(["-c", HELP_OF_EVERY_SCRIPT, str(BENCHMARKS), *SCRIPTS], timeout=600)
+def _run_scripts(calls: list) -> list:
+    completed = _run(["-c", RUN_SCRIPTS, str(BENCHMARKS), json.dumps(calls)], timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def help_of_every_script():
+    return dict(zip(SCRIPTS, _run_scripts([(script, ["--help"]) for script in SCRIPTS])))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_benchmark_script_imports_and_parses_its_arguments(script, help_of_every_script):
     # An import that a refactor broke only shows when a benchmark is next run, hours later.
     result = help_of_every_script[script]
-    assert result["status"] == 0, (result["status"], result["stderr"][-3000:])
+    assert result["status"] == 0 and result["exited"], (result["status"], result["stderr"][-3000:])
     assert "usage:" in result["stdout"]
+
+
+# Calls that stop before any work: a skip without data ({empty} is an empty directory) or a
+# refusal of an argument. Run together by the `stopped_calls` fixture.
+STOPPED_CALLS = {
+    "t2diff_xla without a run": ("t2diff_xla.py", ["--runs-dir", "{empty}"]),
+    "t2diff_export without data": ("t2diff_export.py", ["--data-dir", "{empty}"]),
+    "t2diff_export --requests 10": ("t2diff_export.py", ["--requests", "10"]),
+    "t2diff_export --callers 3": ("t2diff_export.py", ["--requests", "12", "--callers", "3"]),
+    "last_position without data": ("last_position.py", ["--data-dir", "{empty}"]),
+    "sparcode_cache_selection --fraction 1.5": ("sparcode_cache_selection.py", ["--fraction", "1.5"]),
+    "quality --minutes -5": ("quality.py", ["--data-dir", "{empty}", "--minutes", "two_tower_mean=-5"]),
+}
+COUNTS_OUT_OF_RANGE = [
+    ("sparse_code_latency.py", ["--sizes", "0"], "--sizes"), ("sparse_code_latency.py", ["--queries", "0"], "--queries"),
+    ("serving.py", ["--clients", "0"], "--clients"), ("partitioned_profile.py", ["--warmup", "-3"], "--warmup"),
+    ("partitioned_profile.py", ["--probes", "0"], "--probes"),
+    ("quality.py", ["--epochs", "-1"], "--epochs"),
+]
+STOPPED_CALLS.update({f"{script} {' '.join(arguments)}": (script, arguments) for script, arguments, _ in COUNTS_OUT_OF_RANGE})
+SKIPPING_SCRIPTS = ("t2diff_xla", "t2diff_export", "last_position")
+
+
+@pytest.fixture(scope="module")
+def stopped_calls(tmp_path_factory):
+    """Runs STOPPED_CALLS; returns the empty directory, each call's result by name, and the bytes
+    of the skipping scripts' results files before and after (None where there is none)."""
+    empty = tmp_path_factory.mktemp("no_data")
+
+    def results_files():
+        return {script: (path.read_bytes() if path.exists() else None)
+                for script, path in ((script, BENCHMARKS / "results" / f"{script}.json") for script in SKIPPING_SCRIPTS)}
+
+    before = results_files()
+    calls = [(script, [argument.replace("{empty}", str(empty)) for argument in arguments])
+             for script, arguments in STOPPED_CALLS.values()]
+    results = dict(zip(STOPPED_CALLS, _run_scripts(calls)))
+    return empty, results, before, results_files()
 
 
 def test_the_serving_benchmark_measures_every_index_kind(tmp_path):
@@ -461,27 +506,33 @@ def test_seed_study_spec_errors_name_the_comparison(tmp_path, text, message):
         seed_study.read_spec(path)
 
 
-def _skips_and_keeps_its_results(script: str, arguments: list, message: str):
-    results = BENCHMARKS / "results" / f"{script}.json"
-    before = results.read_bytes() if results.exists() else None
-    completed = _run([str(BENCHMARKS / f"{script}.py"), *arguments], timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert message in completed.stderr
-    assert (results.read_bytes() if results.exists() else None) == before
+def _refused(stopped_calls, name: str, message: str) -> None:
+    result = stopped_calls[1][name]
+    assert result["status"] == 2 and message in result["stderr"], (name, result["status"], result["stderr"][-3000:])
+    assert "Traceback" not in result["stderr"]
 
 
-def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(tmp_path):
-    _skips_and_keeps_its_results("t2diff_xla", ["--runs-dir", str(tmp_path)], f"skipped: no trained run at {tmp_path}")
+def _skipped_and_kept_its_results(stopped_calls, name: str, message: str) -> None:
+    _, results, before, after = stopped_calls
+    result = results[name]
+    assert result["status"] == 0, (name, result["status"], result["stderr"][-3000:])
+    assert message in result["stderr"]
+    script = STOPPED_CALLS[name][0].removesuffix(".py")
+    assert after[script] == before[script], f"{script} rewrote its results while skipping"
 
 
-def test_the_export_benchmark_skips_cleanly_without_ml_1m_and_pages_every_export(tmp_path):
-    _skips_and_keeps_its_results("t2diff_export", ["--data-dir", str(tmp_path)],
-                                 f"skipped: dataset 'ml-1m' not found under {tmp_path}")
-    for arguments, message in ((["--requests", "10"], "--requests must be more than the 10 untimed warm-up requests, got 10"),
-                               (["--requests", "12", "--callers", "3"],
-                                "--callers must be at most the 2 timed requests (--requests 12 less 10 warm-ups), got 3")):
-        refused = _run([str(BENCHMARKS / "t2diff_export.py"), *arguments], timeout=300)
-        assert refused.returncode == 2 and message in refused.stderr
+def test_the_xla_latency_benchmark_skips_cleanly_without_a_trained_run(stopped_calls):
+    _skipped_and_kept_its_results(stopped_calls, "t2diff_xla without a run",
+                                  f"skipped: no trained run at {stopped_calls[0]}")
+
+
+def test_the_export_benchmark_skips_cleanly_without_ml_1m_and_pages_every_export(stopped_calls):
+    _skipped_and_kept_its_results(stopped_calls, "t2diff_export without data",
+                                  f"skipped: dataset 'ml-1m' not found under {stopped_calls[0]}")
+    _refused(stopped_calls, "t2diff_export --requests 10",
+             "--requests must be more than the 10 untimed warm-up requests, got 10")
+    _refused(stopped_calls, "t2diff_export --callers 3",
+             "--callers must be at most the 2 timed requests (--requests 12 less 10 warm-ups), got 3")
     t2diff_export = _import_benchmark("t2diff_export")
     row = {"dataset": "ml-1m", "split": "leave_one_out", "model": "t2diff", "export_s": 14.0, "saved_model_mib": 5.6,
            "load_s": 4.4, "first_request_s": 0.8, "p50_ms": 14.7, "p99_ms": 23.2}
@@ -549,7 +600,7 @@ def test_the_evaluation_pass_benchmark_times_both_ways_with_the_same_ranking(tmp
     assert evaluation_pass.measure(tmp_path / "absent", "validation", repeats=1) is None
 
 
-def test_the_last_position_benchmark_times_both_encodings_of_the_same_weights(tmp_path):
+def test_the_last_position_benchmark_times_both_encodings_of_the_same_weights(tmp_path, stopped_calls):
     """Both paths answer alike, the "every position" copy really encodes every position, and the
     script skips cleanly without ML-1M."""
     from tfx_xmatch import training
@@ -589,8 +640,8 @@ def test_the_last_position_benchmark_times_both_encodings_of_the_same_weights(tm
     np.testing.assert_allclose(copy.user_embedding(inputs).numpy(), model.user_embedding(inputs).numpy(), atol=1e-5)
     assert calls["copy"] and not any(call.get("last_position_only") for call in calls["copy"])
     assert calls["model"] and all(call.get("last_position_only") for call in calls["model"])
-    _skips_and_keeps_its_results("last_position", ["--data-dir", str(tmp_path)],
-                                 f"skipped: the run's data is absent (dataset 'ml-1m' expects")
+    _skipped_and_kept_its_results(stopped_calls, "last_position without data",
+                                  "skipped: the run's data is absent (dataset 'ml-1m' expects")
 
 
 def test_product_quantizer_reconstructs_points_whose_slices_take_n_values():
@@ -747,7 +798,7 @@ def test_cache_selection_rules_hold_their_budget_and_the_baseline_is_exact_with_
     np.testing.assert_allclose(cut[codes].sum(axis=1) + baseline, table[codes].sum(axis=1), atol=1e-9)
 
 
-def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_with_the_full_table(tmp_path):
+def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_with_the_full_table(tmp_path, stopped_calls):
     from tfx_xmatch import training
     from tfx_xmatch.evaluation import evaluate_full_ranking
 
@@ -785,8 +836,7 @@ def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_wit
     assert "p-values marked † were computed before the test was recorded" in old
     assert all(line.count(" †") == 2 for line in old.splitlines() if line.startswith("| ") and "| 100% |" not in line
                and "---" not in line and "rule |" not in line)
-    refused = _run([str(BENCHMARKS / "sparcode_cache_selection.py"), "--fraction", "1.5"], timeout=300)
-    assert refused.returncode == 2 and "--fraction must be in (0, 1], got 1.5" in refused.stderr
+    _refused(stopped_calls, "sparcode_cache_selection --fraction 1.5", "--fraction must be in (0, 1], got 1.5")
 
 
 RESULTS = BENCHMARKS / "results"
@@ -865,26 +915,16 @@ def test_every_results_page_names_the_datasets_and_splits_of_its_rows():
         assert all(dataset.lower().replace("-", "") in text for dataset in named), page.name
 
 
-@pytest.mark.parametrize("script, arguments, flag", [
-    ("sparse_code_latency.py", ["--sizes", "0"], "--sizes"), ("sparse_code_latency.py", ["--queries", "0"], "--queries"),
-    ("serving.py", ["--clients", "0"], "--clients"), ("partitioned_profile.py", ["--warmup", "-3"], "--warmup"),
-    ("partitioned_profile.py", ["--probes", "0"], "--probes"),
-    ("quality.py", ["--epochs", "-1"], "--epochs"),
-])
-def test_latency_benchmarks_refuse_counts_out_of_range_naming_the_flag(script, arguments, flag):
+@pytest.mark.parametrize("script, arguments, flag", COUNTS_OUT_OF_RANGE)
+def test_latency_benchmarks_refuse_counts_out_of_range_naming_the_flag(script, arguments, flag, stopped_calls):
     # They crashed with ZeroDivisionError or a layer's traceback, or were accepted (--warmup -3).
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(BENCHMARKS.parent)), timeout=120)
-    assert done.returncode == 2 and f"argument {flag}: invalid" in done.stderr and "Traceback" not in done.stderr
+    _refused(stopped_calls, f"{script} {' '.join(arguments)}", f"argument {flag}: invalid")
 
 
-def test_a_training_budget_out_of_range_is_refused_with_or_without_the_data(tmp_path):
+def test_a_training_budget_out_of_range_is_refused_with_or_without_the_data(stopped_calls):
     # quality.py --minutes m=-5 ran into a ConfigError traceback naming train.max_train_seconds
     # and -300.0; without the data it exited 0 ("skipped").
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--data-dir", str(tmp_path),
-                           "--minutes", "two_tower_mean=-5"], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(BENCHMARKS.parent)), timeout=300)
-    assert done.returncode == 2 and "--minutes: 'two_tower_mean=-5' needs a number of minutes > 0" in done.stderr
+    _refused(stopped_calls, "quality --minutes -5", "--minutes: 'two_tower_mean=-5' needs a number of minutes > 0")
 
 
 def test_results_in_the_old_schema_are_refused_and_conformed_without_changing_a_value(tmp_path):
