@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -84,7 +85,8 @@ COUNTS_OUT_OF_RANGE = [
     ("partitioned_profile.py", ["--probes", "0"], "--probes"),
     ("quality.py", ["--epochs", "-1"], "--epochs"),
 ]
-STOPPED_CALLS.update({f"{script} {' '.join(arguments)}": (script, arguments) for script, arguments, _ in COUNTS_OUT_OF_RANGE})
+STOPPED_CALLS.update({f"{script} {' '.join(arguments)}": (script, arguments)
+                      for script, arguments, _ in COUNTS_OUT_OF_RANGE})
 SKIPPING_SCRIPTS = ("t2diff_xla", "t2diff_export", "last_position")
 
 
@@ -95,8 +97,8 @@ def stopped_calls(tmp_path_factory):
     empty = tmp_path_factory.mktemp("no_data")
 
     def results_files():
-        return {script: (path.read_bytes() if path.exists() else None)
-                for script, path in ((script, BENCHMARKS / "results" / f"{script}.json") for script in SKIPPING_SCRIPTS)}
+        paths = {script: BENCHMARKS / "results" / f"{script}.json" for script in SKIPPING_SCRIPTS}
+        return {script: (path.read_bytes() if path.exists() else None) for script, path in paths.items()}
 
     before = results_files()
     calls = [(script, [argument.replace("{empty}", str(empty)) for argument in arguments])
@@ -256,26 +258,43 @@ def _import_benchmark(name):
         sys.path.remove(str(BENCHMARKS))
 
 
-def _tiny_runs(tmp_path, model: str, options: list):
-    """A two-tower and a ``model`` trained for one epoch on a tiny synthetic catalogue (runs under
-    ``tmp_path``): their configs, the split and the two-tower's brute-force ranks."""
+TINY_RUN = ["data.dataset=synthetic", "data.split=leave_one_out",
+            "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
+            "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=1",
+            "train.verbose=0", "eval.ks=[10, 50]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_two_tower(tmp_path_factory):
+    """The two-tower run that `_tiny_runs` pairs every model with, trained once for the module
+    (each test takes a copy: the benchmarks write ranks into it)."""
+    from tfx_xmatch import training
+    from tfx_xmatch.config import load_config
+
+    config = load_config(None, TINY_RUN)
+    run_dir = tmp_path_factory.mktemp("tiny") / "two_tower_sasrec"
+    training.train(config, run_dir, split=training.prepare_split(config))
+    return config, run_dir
+
+
+def _tiny_runs(tmp_path, tiny_two_tower, model: str, options: list):
+    """A two-tower (a copy of `tiny_two_tower`) and a ``model`` trained for one epoch on a tiny
+    synthetic catalogue (runs under ``tmp_path``): their configs, the split and the two-tower's
+    brute-force ranks."""
     from tfx_xmatch import training
     from tfx_xmatch.bench.serving_paths import brute_force_ranks
     from tfx_xmatch.config import load_config
 
-    tiny = ["data.dataset=synthetic", "data.split=leave_one_out",
-            "data.synthetic={num_users: 150, num_items: 300, min_length: 8, max_length: 20, num_clusters: 4}",
-            "model.embedding_dim=8", "model.max_length=10", "model.num_blocks=1", "train.epochs=1",
-            "train.verbose=0", "eval.ks=[10, 50]"]
-    configs = {"two_tower_sasrec": load_config(None, tiny),
-               model: load_config(None, [*tiny, f"model.name={model}", *options])}
-    split = training.prepare_split(configs[model])
-    for name, config in configs.items():
-        training.train(config, tmp_path / name, split=split)
+    two_tower_config, two_tower_run = tiny_two_tower
+    configs = {"two_tower_sasrec": two_tower_config,
+               model: load_config(None, [*TINY_RUN, f"model.name={model}", *options])}
+    split = training.prepare_split(configs[model])  # the same data settings: the two-tower's split
+    shutil.copytree(two_tower_run, tmp_path / "two_tower_sasrec")
+    training.train(configs[model], tmp_path / model, split=split)
     return configs, split, brute_force_ranks(tmp_path / "two_tower_sasrec", split, configs["two_tower_sasrec"])
 
 
-def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_users(tmp_path):
+def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_users(tmp_path, tiny_two_tower):
     """End to end on a tiny synthetic catalogue: ranks saved per path, the two-tower's computed
     once from its run and reused, every row paired with hard search and the two-tower."""
     from tfx_xmatch.bench.paired import load_ranks
@@ -285,8 +304,8 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
 
     sparc = _import_benchmark("sparc")
     common = _import_benchmark("common")
-    configs, split, reference = _tiny_runs(tmp_path, "sparc", ["model.options.num_codewords=8",
-                                                               "model.options.num_levels=2"])
+    configs, split, reference = _tiny_runs(
+        tmp_path, tiny_two_tower, "sparc", ["model.options.num_codewords=8", "model.options.num_levels=2"])
     assert reference.shape == (len(split.test),)
     np.testing.assert_array_equal(load_ranks(tmp_path / "two_tower_sasrec", "brute force", split.test.targets),
                                   reference)
@@ -330,7 +349,7 @@ def test_sparc_rows_are_compared_with_hard_search_and_the_two_tower_on_the_same_
     assert len(marked) == 1 and marked[0].startswith(f"| {rows[1]['model']} | {rows[1]['path']} |")
 
 
-def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder_alone(tmp_path):
+def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder_alone(tmp_path, tiny_two_tower):
     """End to end on a tiny synthetic catalogue: every SparCode path's ranks are saved, each row
     is paired with the two-tower's ranks and with the encoder alone, whose ranks are the encoder
     state's dot product with the item tower, computed here without the serving path."""
@@ -342,8 +361,8 @@ def test_sparcode_rows_save_ranks_and_compare_with_the_two_tower_and_the_encoder
 
     sparcode = _import_benchmark("sparcode")
     common = _import_benchmark("common")
-    configs, split, reference = _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=16",
-                                                                  "model.options.num_query_tokens=2"])
+    configs, split, reference = _tiny_runs(
+        tmp_path, tiny_two_tower, "sparcode", ["model.options.num_codewords=16", "model.options.num_query_tokens=2"])
 
     base = {"dataset": "synthetic", "model": "sparcode", "train_seed": 0, "epochs": 1, "best_epoch": 1,
             "train_seconds": 1.0, "settings": configs["sparcode"].to_dict()["model"]}
@@ -586,10 +605,10 @@ def test_the_export_benchmark_under_load_makes_every_call_once_and_counts_them()
         t2diff_export._concurrent_calls(failing, requests, 3, tf)
 
 
-def test_the_evaluation_pass_benchmark_times_both_ways_with_the_same_ranking(tmp_path):
+def test_the_evaluation_pass_benchmark_times_both_ways_with_the_same_ranking(tmp_path, tiny_two_tower):
     evaluation_pass = _import_benchmark("evaluation_pass")
-    _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=16", "model.options.num_query_tokens=2",
-                                      "model.options.serving_cache_fraction=0.1"])
+    _tiny_runs(tmp_path, tiny_two_tower, "sparcode", ["model.options.num_codewords=16", "model.options.num_query_tokens=2",
+                                                     "model.options.serving_cache_fraction=0.1"])
     row = evaluation_pass.measure(tmp_path / "sparcode", "validation", repeats=2)
     assert row["model"] == "sparcode" and row["serving_cache_fraction"] == 0.1 and row["users"] == 150
     assert len(row["per_batch_s"]) == len(row["per_pass_s"]) == 2
@@ -673,14 +692,14 @@ def test_code_budget_refuses_a_malformed_budget_quoting_it(text):
     assert budget.parse_budget("16X256") == (16, 256)
 
 
-def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path):
+def test_code_budget_rows_pair_each_budget_with_the_unquantized_encoder(tmp_path, tiny_two_tower):
     """End to end on a tiny SparCode run: the unquantized row is the encoder alone (a NumPy
     oracle), a budget that keeps almost every state value ranks almost like it, and every budget
     is paired with the unquantized ranks."""
     from tfx_xmatch import training
 
-    configs, split, _ = _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=8",
-                                                          "model.options.num_query_tokens=2"])
+    configs, split, _ = _tiny_runs(
+        tmp_path, tiny_two_tower, "sparcode", ["model.options.num_codewords=8", "model.options.num_query_tokens=2"])
     script = str(BENCHMARKS / "sparcode_code_budget.py")
     completed = _run([script, "--runs-dir", str(tmp_path), "--run", "sparcode", "--budgets", "1x2", "8x64",
                       "--sample", "1000", "--results-dir", str(tmp_path), "--output", "budget"], timeout=600)
@@ -798,12 +817,12 @@ def test_cache_selection_rules_hold_their_budget_and_the_baseline_is_exact_with_
     np.testing.assert_allclose(cut[codes].sum(axis=1) + baseline, table[codes].sum(axis=1), atol=1e-9)
 
 
-def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_with_the_full_table(tmp_path, stopped_calls):
+def test_cache_selection_ranks_through_the_models_codes_and_pairs_every_rule_with_the_full_table(tmp_path, tiny_two_tower, stopped_calls):
     from tfx_xmatch import training
     from tfx_xmatch.evaluation import evaluate_full_ranking
 
-    configs, split, _ = _tiny_runs(tmp_path, "sparcode", ["model.options.num_codewords=8",
-                                                          "model.options.num_query_tokens=2"])
+    configs, split, _ = _tiny_runs(
+        tmp_path, tiny_two_tower, "sparcode", ["model.options.num_codewords=8", "model.options.num_query_tokens=2"])
     completed = _run([str(BENCHMARKS / "sparcode_cache_selection.py"), "--runs-dir", str(tmp_path), "--run", "sparcode",
                       "--fraction", "0.25", "--results-dir", str(tmp_path), "--output", "selection"], timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
