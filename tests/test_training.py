@@ -21,6 +21,7 @@ TINY = (
     "data.synthetic={num_users: 150, num_items: 40, min_length: 8, max_length: 20, num_clusters: 4, noise: 0.1}",
     "model.embedding_dim=16",
     "model.max_length=12",
+    "model.num_blocks=1",  # what the tests check does not need a second block, and tracing it costs
     "model.dropout=0.0",
     "train.batch_size=32",
     "train.learning_rate=0.01",
@@ -260,11 +261,12 @@ def test_warm_start_continues_a_finished_run_with_its_adam_state_at_the_new_lear
 
 
 def test_warm_start_refuses_what_does_not_fit_and_names_it(tmp_path):
-    training.train(tiny_config("train.epochs=1"), tmp_path / "first")
+    # Two blocks, so that a model with fewer and one with more both differ from the source.
+    training.train(tiny_config("train.epochs=1", "model.num_blocks=2"), tmp_path / "first")
     split = training.prepare_split(tiny_config())
 
     def start(source, *overrides):
-        config = tiny_config(*overrides)
+        config = tiny_config("model.num_blocks=2", *overrides)
         model = training.build_model(config, split.dataset)
         training.compile_for_training(model, config, training.target_counts(split))
         return model, warm_start(model, source, 0.01)
