@@ -221,7 +221,7 @@ HISTORY = tf.constant(np.random.default_rng(0).integers(1, 31, (4, 12)), tf.int3
 def _tiny(model_class, **overrides):
     common = dict(num_items=30, embedding_dim=8, max_length=12, num_blocks=1, dropout=0.0)
     extra = {SparCode: dict(num_query_tokens=2, num_codewords=8, interaction_units=(8,)),
-             SPARC: dict(num_codewords=8),
+             SPARC: dict(num_codewords=8, num_levels=2),
              T2Diff: dict(denoiser="mlp", denoiser_units=(8,), session_length=3, history_length=5,
                           diffusion_steps=5, sampling_steps=2),
              TwoTower: {}}[model_class]
