@@ -137,16 +137,24 @@ def test_run_fn_writes_to_url_paths_through_tf_io_gfile(prepared, tmp_path, capl
     assert json.loads(tf.io.gfile.GFile(f"{base}/based-run/config.json").read())["train"]["warm_start"] == f"{base}/serving"
 
 
-def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def first_run(prepared, tmp_path_factory):
+    """A run of three steps that the warm-start tests start from; they only read it."""
     _, directory = prepared
-    trainer_module.run_fn(_fn_args(directory, tmp_path / "first", train_steps=3))
-    served = tf.saved_model.load(str(tmp_path / "first" / "serving"))
+    out = tmp_path_factory.mktemp("warm_start") / "first"
+    trainer_module.run_fn(_fn_args(directory, out, train_steps=3))
+    return out
+
+
+def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared, first_run, tmp_path, caplog):
+    _, directory = prepared
+    served = tf.saved_model.load(str(first_run / "serving"))
     # Another seed: a run that ignored base_model would start from other random weights.
     args = _fn_args(directory, tmp_path / "second", custom={"overrides": [*RUN_OVERRIDES, "train.seed=7"]},
-                    train_steps=1, base_model=str(tmp_path / "first" / "serving"))
+                    train_steps=1, base_model=str(first_run / "serving"))
     with caplog.at_level(logging.INFO, logger=warm_start.logger.name):
         trainer_module.run_fn(args)
-    assert f"warm start from {tmp_path / 'first' / 'serving'}" in caplog.text
+    assert f"warm start from {first_run / 'serving'}" in caplog.text
     # It started from the served weights: one step of a fresh Adam moves each by at most the
     # learning rate (0.01).
     items = tf.constant(np.arange(1, 11), tf.int64)
@@ -155,17 +163,17 @@ def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared
         item_ids=items)["item_embeddings"].numpy()
     assert 0 < np.abs(after - before).max() <= 0.0101
     # A second, different source is ambiguous: refused before any training.
-    overrides = [*RUN_OVERRIDES, f"train.warm_start={tmp_path / 'first' / 'run'}"]
+    overrides = [*RUN_OVERRIDES, f"train.warm_start={first_run / 'run'}"]
     args = _fn_args(directory, tmp_path / "third", custom={"overrides": overrides},
-                    base_model=str(tmp_path / "first" / "serving"))
+                    base_model=str(first_run / "serving"))
     with pytest.raises(ConfigError, match=r"train.warm_start='.*first/run' and the Trainer's "
                                           r"base_model='.*first/serving' both name a model"):
         trainer_module.run_fn(args)
     assert not (tmp_path / "third" / "run").exists()
     # The same model named both ways is no conflict.
-    config = load_config(None, [*RUN_OVERRIDES, f"train.warm_start={tmp_path / 'first' / 'serving'}/"])
-    assert trainer_module.with_base_model(config, str(tmp_path / "first" / "serving")).train.warm_start == str(
-        tmp_path / "first" / "serving")
+    config = load_config(None, [*RUN_OVERRIDES, f"train.warm_start={first_run / 'serving'}/"])
+    assert trainer_module.with_base_model(config, str(first_run / "serving")).train.warm_start == str(
+        first_run / "serving")
     # A base_model it cannot start from says so as the Trainer's input, not as a setting the user never made.
     args = _fn_args(directory, tmp_path / "fourth", base_model=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match=r"the Trainer's base_model .* cannot be used: train.warm_start='.*nowhere' "
@@ -173,32 +181,31 @@ def test_run_fn_warm_starts_from_base_model_and_refuses_a_second_source(prepared
         trainer_module.run_fn(args)
 
 
-def test_run_fn_warm_starts_across_a_changed_catalogue_by_item_id(prepared, tmp_path, caplog):
+def test_run_fn_warm_starts_across_a_changed_catalogue_by_item_id(prepared, first_run, tmp_path, caplog):
     # Continuous training: the next span's data numbers the items afresh, keeps 30 of them (now
     # at other indices), drops 10 and brings 10 new ones.
     split, directory = prepared
-    trainer_module.run_fn(_fn_args(directory, tmp_path / "first", train_steps=3))
     renamed = tmp_path / "renamed"
     shutil.copytree(directory, renamed)
     ids = [int(value) for value in split.dataset.item_vocab.ids(np.arange(1, split.num_items + 1))]
     Vocabulary([*reversed(ids[:30]), *range(1001, 1011)]).save(renamed / "item_vocab.json")
     args = _fn_args(renamed, tmp_path / "second", custom={"overrides": [*RUN_OVERRIDES, "train.seed=7"]},
-                    train_steps=1, base_model=str(tmp_path / "first" / "serving"))
+                    train_steps=1, base_model=str(first_run / "serving"))
     with caplog.at_level(logging.INFO, logger=warm_start.logger.name):
         trainer_module.run_fn(args)
     assert "30 of this run's 40 items carried over by id, 10 new ones" in caplog.text
     assert "10 of the source's 40 items no longer present" in caplog.text
 
-    def served(run, item_ids):
-        signature = tf.saved_model.load(str(tmp_path / run / "serving")).signatures["item_embeddings"]
+    def served(run_dir, item_ids):
+        signature = tf.saved_model.load(str(run_dir / "serving")).signatures["item_embeddings"]
         return signature(item_ids=tf.constant(item_ids, tf.int64))["item_embeddings"].numpy()
 
     # Each kept item starts from its own learnt vector: one step of a fresh Adam moves it by at
     # most the learning rate (0.01), where another item's vector would be far away.
     kept = np.array(ids[:30])
-    distance = np.abs(served("second", kept) - served("first", kept)).max(axis=1)
+    distance = np.abs(served(tmp_path / "second", kept) - served(first_run, kept)).max(axis=1)
     assert distance.max() <= 0.0101
-    assert np.abs(served("second", kept) - served("first", kept[::-1])).max(axis=1).min() > 0.0101
+    assert np.abs(served(tmp_path / "second", kept) - served(first_run, kept[::-1])).max(axis=1).min() > 0.0101
 
 
 def _first_item_id(directory):
