@@ -27,18 +27,29 @@ def test_train_then_evaluate(tmp_path, capsys):
                  "--set", "eval.mask_history=false"]) == 0
 
 
-def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def compared_runs(tmp_path_factory):
+    """Runs that the compare tests read: a0 and a1 (6 epochs, seeds 0 and 1), b0 (1 epoch, seed 0)."""
+    base = tmp_path_factory.mktemp("compared")
     runs = {}
-    for name, epochs in (("a", 6), ("b", 1)):
-        runs[name] = tmp_path / name
-        overrides = [arg for override in (*TINY, f"train.epochs={epochs}") for arg in ("--set", override)]
+    for name, epochs, seed in (("a0", 6, 0), ("a1", 6, 1), ("b0", 1, 0)):
+        runs[name] = base / name
+        overrides = [arg for override in (*TINY, f"train.epochs={epochs}", f"train.seed={seed}")
+                     for arg in ("--set", override)]
         assert main(["train", "--run-dir", str(runs[name]), *overrides]) == 0
+    return runs
+
+
+def test_compare_tests_two_runs_on_the_same_users(compared_runs, tmp_path, capsys):
+    # b is a copy: this test rewrites its config.
+    runs = {"a": compared_runs["a0"], "b": tmp_path / "b0"}
+    shutil.copytree(compared_runs["b0"], runs["b"])
     capsys.readouterr()
     output = tmp_path / "compare.json"
     assert main(["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["b"]), "--metric", "HR@10",
                  "NDCG@10", "TailRecall@10", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert "A = a, B = b" in printed and "paired test" in printed and "TailRecall@10" in printed
+    assert "A = a0, B = b0" in printed and "paired test" in printed and "TailRecall@10" in printed
     assert "(exact sign test)" in printed  # HR@10's test, named on its line
     written = json.loads(output.read_text())
     # Like every benchmark result, it says what ran, when, where and with which versions.
@@ -87,13 +98,8 @@ def test_compare_tests_two_runs_on_the_same_users(tmp_path, capsys):
              ["compare", "--run-dir", str(runs["a"]), "--run-dir", str(runs["a"]), "--metric", "HR@500"])
 
 
-def test_compare_runs_of_two_models_over_seeds(tmp_path, capsys):
-    runs = {}
-    for name, epochs, seed in (("a0", 6, 0), ("a1", 6, 1), ("b0", 1, 0)):
-        runs[name] = tmp_path / name
-        overrides = [arg for override in (*TINY, f"train.epochs={epochs}", f"train.seed={seed}")
-                     for arg in ("--set", override)]
-        assert main(["train", "--run-dir", str(runs[name]), *overrides]) == 0
+def test_compare_runs_of_two_models_over_seeds(compared_runs, tmp_path, capsys):
+    runs = compared_runs
     capsys.readouterr()
     output = tmp_path / "compare.json"
     assert main(["compare", "--runs-a", str(runs["a0"]), "--runs-a", str(runs["a1"]), "--runs-b", str(runs["b0"]),
