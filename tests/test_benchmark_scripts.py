@@ -23,9 +23,11 @@ def _run(args, timeout):
 
 
 # Script calls, each run as `python benchmarks/<script> ARGS` would run it, one after another in
-# a single process: each script imports TensorFlow, which a process per call paid every time (16
-# `--help` calls, 13 skips and refusals). "status" is what the process would exit with (0 for a
-# script that returns), or the traceback of an exception.
+# a single process: most scripts import TensorFlow, which a process per call paid every time (16
+# `--help` calls; 13 skips and refusals, 8 of which reach the import). "status" is what the process
+# would exit with (0 for a script that returns, 1 and the message on stderr for sys.exit("...")),
+# or the traceback of an exception. Only Python's own stderr is captured (not TensorFlow's C++
+# logs), and each module's import-time code runs once for all calls.
 RUN_SCRIPTS = """
 import contextlib, io, json, runpy, sys, traceback
 benchmarks, calls = sys.argv[1], json.loads(sys.argv[2])
@@ -41,7 +43,10 @@ for script, arguments in calls:
             runpy.run_path(path, run_name="__main__")
         status, exited = 0, False
     except SystemExit as exit_:
-        status = exit_.code or 0
+        status = 0 if exit_.code is None else exit_.code
+        if not isinstance(status, int):
+            stderr.write(f"{status}\\n")
+            status = 1
     except BaseException:
         status = traceback.format_exc()
     results.append({"status": status, "exited": exited, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})

@@ -219,7 +219,7 @@ def test_config_round_trip_and_save_reload_give_identical_retrievals(trained, tm
     path = export_retrieval_model(reloaded, vocab, tmp_path / "export", index_kind="sparse_code", k_max=10)
     request = tf.constant([list(vocab.ids(np.arange(1, 6))), list(vocab.ids(np.arange(30, 35)))])
     served = tf.saved_model.load(str(path)).signatures["top_k"](history=request, k=tf.constant(5))
-    # The model as trained, served in memory (its own export is checked against this module elsewhere).
+    # The reference: the model as trained, served from memory rather than through a second export.
     expected = build_serving_module(model, vocab, index_kind="sparse_code", k_max=10).top_k(request, tf.constant(5))
     np.testing.assert_array_equal(served["item_ids"].numpy(), expected["item_ids"].numpy())
 
