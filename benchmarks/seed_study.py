@@ -23,7 +23,19 @@ The spec (YAML) names the runs (directories under ``--runs-dir``) and the rank l
         paired_runs: true          # run i of A and of B are the same trained model
         ...
 
-A comparison whose runs lack rank files is reported as missing (which ones) and skipped.
+A comparison whose runs lack rank files is reported as missing (which ones). Rank files live
+beside the runs, outside the repository, so they can be gone while the runs' results pages are
+committed: a side may then name, per run, the results page (``benchmarks/results/<stem>.json``)
+and the row variant that recorded it, and the comparison gets the test over runs from those
+recorded values. That is half a verdict (no test over users), and the page says so:
+
+        a:
+          label: cache 100%
+          runs: [sparcode_chunks_continued-sparcode, sparcode_chunks_seed1-sparcode-seed1]
+          recorded: {variant: "cache=100%", results: [sparcode_chunks_continued, sparcode_chunks_seed1]}
+
+The row of a run is the one of its model (from the run's name), that variant and its training
+seed (a name ending ``-seed<N>``, else 0).
 
     python benchmarks/seed_study.py                       # benchmarks/seed_study.yaml
     python benchmarks/seed_study.py --spec my_study.yaml --output my_study
@@ -32,12 +44,14 @@ A comparison whose runs lack rank files is reported as missing (which ones) and 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
+import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from common import REPO_ROOT, default_data_dir, header, markdown_header, write_results  # noqa: E402
+from common import REPO_ROOT, RESULTS_DIR, default_data_dir, header, markdown_header, write_results  # noqa: E402
 from conform_results import run_identity  # noqa: E402
 
 import yaml  # noqa: E402
@@ -45,10 +59,12 @@ import yaml  # noqa: E402
 from tfx_xmatch import training  # noqa: E402
 from tfx_xmatch.bench.paired import load_ranks  # noqa: E402
 from tfx_xmatch.config import load_config  # noqa: E402
-from tfx_xmatch.evaluation import (check_metric, compare_run_groups, describe_recorded_tests,  # noqa: E402
+from tfx_xmatch.evaluation import (check_metric, compare_run_groups, compare_run_values,  # noqa: E402
+                                   describe_recorded_tests,
                                    format_difference, format_recorded_difference, is_tail_target)
 
 DEFAULT_SPEC = pathlib.Path(__file__).resolve().parent / "seed_study.yaml"
+SEEDED_RUN = re.compile(r"-seed(\d+)$")  # benchmarks/common.py's seeded_run_dir names
 
 
 def read_spec(path: pathlib.Path) -> dict:
@@ -86,6 +102,14 @@ def read_spec(path: pathlib.Path) -> dict:
             repeated = sorted({run for run in group["runs"] if group["runs"].count(run) > 1})
             if repeated:
                 raise ValueError(f"{where}: {side!r} names the same run more than once: {repeated}")
+            recorded = group.get("recorded")
+            if recorded is not None and (
+                    not isinstance(recorded, dict) or not isinstance(recorded.get("variant"), str)
+                    or not isinstance(recorded.get("results"), list)
+                    or not all(isinstance(stem, str) for stem in recorded["results"])
+                    or len(recorded["results"]) != len(group["runs"])):
+                raise ValueError(f"{where}: {side!r} 'recorded' must be {{variant: <row variant>, results: "
+                                 f"[<results stem>, one per run]}} ({len(group['runs'])} runs), got {recorded!r}")
         if not isinstance(comparison.get("paired_runs", False), bool):
             raise ValueError(f"{where}: 'paired_runs' must be true or false, got {comparison['paired_runs']!r}")
         if comparison.get("paired_runs") and len(comparison["a"]["runs"]) != len(comparison["b"]["runs"]):
@@ -102,8 +126,52 @@ def _run_config(run_dir: pathlib.Path):
     return training.load_run_config(run_dir) if (run_dir / "config.json").is_file() else None
 
 
-def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail) -> list[dict]:
-    """One entry per comparison: its runs, and ``compare_run_groups``'s result or what is missing."""
+def recorded_values(group: dict, metrics, results_dir: pathlib.Path = RESULTS_DIR) -> dict[str, list[float]]:
+    """Each metric's value per run of a spec side, as the side's ``recorded`` results pages hold it.
+
+    Raises:
+      ValueError: a missing results file, no row or several for a run (naming the file, the run,
+        the model, variant and seed looked for), or a row without one of ``metrics``.
+    """
+    variant, values = group["recorded"]["variant"], {metric: [] for metric in metrics}
+    for run, stem in zip(group["runs"], group["recorded"]["results"]):
+        path = results_dir / f"{stem}.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: no such results file (recorded values of run {run!r})")
+        seeded = SEEDED_RUN.search(run)
+        seed = int(seeded[1]) if seeded else 0
+        model = run_identity(run)["model"]
+        rows = [row for row in json.loads(path.read_text()).get("rows", [])
+                if row.get("model") == model and row.get("variant") == variant and (row.get("train_seed") or 0) == seed]
+        if len(rows) != 1:
+            raise ValueError(f"{path}: {len(rows)} rows of model {model!r}, variant {variant!r}, train_seed {seed} "
+                             f"(run {run!r}); need exactly one")
+        for metric in metrics:
+            if not isinstance(rows[0].get(metric), (int, float)):
+                raise ValueError(f"{path}: the row of run {run!r} records no {metric!r}")
+            values[metric].append(float(rows[0][metric]))
+    return values
+
+
+def recorded_comparison(comparison: dict, results_dir: pathlib.Path = RESULTS_DIR) -> dict:
+    """{metric: runs_a, runs_b, across_runs (``compare_run_values``), verdict} from recorded values."""
+    a, b = (recorded_values(comparison[side], comparison["metrics"], results_dir) for side in ("a", "b"))
+    result = {}
+    for metric in comparison["metrics"]:
+        across = compare_run_values(a[metric], b[metric], paired_runs=comparison.get("paired_runs", False))
+        if across is None:
+            verdict = "needs 2+ runs a side"
+        elif across["p_value"] is not None and across["p_value"] < 1.0 - across["confidence"]:
+            verdict = f"{'A' if across['difference'] > 0 else 'B'} better over runs (not tested over users)"
+        else:
+            verdict = "no significant difference over runs"
+        result[metric] = {"runs_a": a[metric], "runs_b": b[metric], "across_runs": across, "verdict": verdict}
+    return result
+
+
+def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail, results_dir: pathlib.Path = RESULTS_DIR) -> list[dict]:
+    """One entry per comparison: its runs, and ``compare_run_groups``'s result or what is missing
+    (with the test over runs of the recorded values when both sides name them)."""
     entries = []
     for comparison in spec["comparisons"]:
         groups, missing = [], []
@@ -115,7 +183,10 @@ def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail) -> list[dict]:
         entry = {"name": comparison["name"], "a": comparison["a"], "b": comparison["b"]}
         if missing:
             print(f"skipped {comparison['name']!r}: no saved ranks for {', '.join(missing)}", file=sys.stderr)
-            entries.append({**entry, "missing": missing})
+            entry["missing"] = missing
+            if all("recorded" in comparison[side] for side in ("a", "b")):
+                entry["recorded"] = recorded_comparison(comparison, results_dir)
+            entries.append(entry)
             continue
         entries.append({**entry, "paired_runs": comparison.get("paired_runs", False),
                         "metrics": compare_run_groups(groups[0], groups[1], comparison["metrics"], is_tail,
@@ -169,7 +240,18 @@ def to_markdown(result: dict) -> str:
         lines += ["- the same trained runs on both sides: over runs is a paired t-test, run i against run i", ""] \
             if entry.get("paired_runs") else [""]
         if "missing" in entry:
-            lines += [f"Not compared: no saved ranks for {', '.join(entry['missing'])}.", ""]
+            lines += [f"Not compared over users: no saved ranks for {', '.join(entry['missing'])}.", ""]
+            if "recorded" in entry:
+                pages = sorted({stem for side in (a, b) for stem in side["recorded"]["results"]})
+                lines += [f"Over runs only, from the values recorded in {', '.join(f'`{p}.json`' for p in pages)} "
+                          f"(A: variant {a['recorded']['variant']!r}, B: {b['recorded']['variant']!r}; rounded "
+                          "as recorded):", "",
+                          "| metric | A runs | B runs | A − B, over runs | verdict |", "|---|---|---|---|---|"]
+                for metric, value in entry["recorded"].items():
+                    across = format_difference(value["across_runs"]) if value["across_runs"] else "needs 2+ runs a side"
+                    lines.append(f"| {metric} | {' '.join(f'{v:.4f}' for v in value['runs_a'])} | "
+                                 f"{' '.join(f'{v:.4f}' for v in value['runs_b'])} | {across} | {value['verdict']} |")
+                lines.append("")
             continue
         lines += ["| metric | A runs | B runs | A − B, over users (runs averaged) | A − B, over runs | "
                   "pairings for A / for B | verdict |", "|---|---|---|---|---|---|---|"]

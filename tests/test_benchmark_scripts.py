@@ -464,8 +464,10 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
 
     seed_study = _import_benchmark("seed_study")
     common = _import_benchmark("common")
-    for shipped in (seed_study.DEFAULT_SPEC, seed_study.DEFAULT_SPEC.with_name("seed_study_sparcode.yaml")):
-        assert seed_study.read_spec(shipped)["comparisons"]  # the shipped specs are valid
+    shipped = sorted(seed_study.DEFAULT_SPEC.parent.glob("seed_study*.yaml"))
+    assert len(shipped) >= 3
+    for spec_file in shipped:
+        assert seed_study.read_spec(spec_file)["comparisons"], spec_file  # the shipped specs are valid
     rng = np.random.default_rng(0)
     targets = rng.integers(1, 50, 400)
     for run, shift in (("a0", 0), ("a1", 0), ("b0", 15), ("b1", 15)):
@@ -491,7 +493,7 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
     text = seed_study.to_markdown({**common.header("seed_study"), "dataset": "synthetic", "split": "leave_one_out",
                                    "num_users": 400, "comparisons": entries})
     assert "## A vs B" in text and "| HR@10 | " in text and "4 / 0 of 4 | A better |" in text
-    assert "Not compared: no saved ranks for b0/'other'." in text
+    assert "Not compared over users: no saved ranks for b0/'other'." in text
     assert "the test over users is the paired test of tfx_xmatch.evaluation.paired_difference: the exact sign" in text
     assert "†" not in text
     assert hr["averaged"]["test"] == "paired t-test"  # gains averaged over runs take more than two values
@@ -508,6 +510,64 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
         seed_study.study(spec, tmp_path, targets[::-1].copy(), targets < 10)
 
 
+def test_seed_study_tests_recorded_values_over_runs_when_the_ranks_are_gone(tmp_path):
+    from scipy import stats
+
+    seed_study = _import_benchmark("seed_study")
+    common = _import_benchmark("common")
+    results = tmp_path / "results"
+    results.mkdir()
+    pages = {  # one page per run, as the benchmarks write them; values chosen, not measured
+        "sc0": [{"model": "sparcode", "variant": "cache=100%", "train_seed": 0, "HR@10": 0.30, "NDCG@10": 0.17},
+                {"model": "sparcode", "variant": "cache=1%", "train_seed": 0, "HR@10": 0.07, "NDCG@10": 0.04}],
+        "sc1": [{"model": "sparcode", "variant": "cache=100%", "train_seed": 1, "HR@10": 0.31, "NDCG@10": 0.17}],
+        "tt": [{"model": "two_tower_sasrec", "variant": "exact", "train_seed": 0, "HR@10": 0.28, "NDCG@10": 0.16},
+               {"model": "two_tower_sasrec", "variant": "exact", "train_seed": 1, "HR@10": 0.29, "NDCG@10": 0.16},
+               {"model": "two_tower_sasrec", "variant": "exact", "train_seed": 2, "HR@10": 0.285, "NDCG@10": 0.16}],
+    }
+    for stem, rows in pages.items():
+        (results / f"{stem}.json").write_text(json.dumps({"rows": rows}))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        "dataset_config: configs/ml1m_sasrec.yaml\ncomparisons:\n"
+        "  - name: codes vs two-tower\n    metrics: [HR@10, NDCG@10]\n"
+        "    a: {label: cache 100%, runs: [x-sparcode, x-sparcode-seed1],"
+        " recorded: {variant: cache=100%, results: [sc0, sc1]}}\n"
+        "    b: {label: brute force, runs: [q-two_tower_sasrec, q-two_tower_sasrec-seed1, q-two_tower_sasrec-seed2],"
+        " recorded: {variant: exact, results: [tt, tt, tt]}}\n"
+        "  - {name: no record, metrics: [HR@10], a: {label: x, runs: [x-sparcode]}, b: {label: y, runs: [y-sparcode]}}\n")
+    spec = seed_study.read_spec(spec_path)
+    entries = seed_study.study(spec, tmp_path / "runs", np.arange(1, 5), np.ones(4, bool), results_dir=results)
+    assert entries[0]["missing"] and "metrics" not in entries[0]  # no over-users test, so no rows
+    hr = entries[0]["recorded"]["HR@10"]
+    assert hr["runs_a"] == [0.30, 0.31] and hr["runs_b"] == [0.28, 0.29, 0.285]  # seed from the run's name
+    welch = stats.ttest_ind([0.30, 0.31], [0.28, 0.29, 0.285], equal_var=False)
+    assert hr["across_runs"]["test"] == "Welch's t-test over runs"
+    assert hr["across_runs"]["p_value"] == pytest.approx(welch.pvalue)
+    assert hr["verdict"] == ("A better over runs (not tested over users)" if welch.pvalue < 0.05
+                             else "no significant difference over runs")
+    ndcg = entries[0]["recorded"]["NDCG@10"]
+    assert ndcg["across_runs"]["p_value"] is None and ndcg["verdict"] == "no significant difference over runs"
+    assert "recorded" not in entries[1]
+    assert seed_study.comparison_rows({"dataset": "ml-1m", "split": "leave_one_out", "comparisons": entries}) == []
+    text = seed_study.to_markdown({**common.header("seed_study"), "dataset": "synthetic", "split": "leave_one_out",
+                                   "num_users": 4, "comparisons": entries})
+    assert "Over runs only, from the values recorded in `sc0.json`, `sc1.json`, `tt.json`" in text
+    assert "| HR@10 | 0.3000 0.3100 | 0.2800 0.2900 0.2850 | +0.0200 [" in text
+    assert "| NDCG@10 | 0.1700 0.1700 | 0.1600 0.1600 0.1600 | +0.0100 (no test: no spread) |" in text
+    # A run its page does not record, a missing page, a row without the metric: named.
+    for page, message in ((pages["sc1"][0] | {"train_seed": 2}, "0 rows of model 'sparcode', variant 'cache=100%', "
+                                                                "train_seed 1 \\(run 'x-sparcode-seed1'\\)"),
+                          (None, "sc1.json: no such results file \\(recorded values of run 'x-sparcode-seed1'\\)"),
+                          ({"model": "sparcode", "variant": "cache=100%", "train_seed": 1, "HR@10": 0.3},
+                           "sc1.json: the row of run 'x-sparcode-seed1' records no 'NDCG@10'")):
+        (results / "sc1.json").unlink(missing_ok=True)
+        if page is not None:
+            (results / "sc1.json").write_text(json.dumps({"rows": [page]}))
+        with pytest.raises(ValueError, match=message):
+            seed_study.study(spec, tmp_path / "runs", np.arange(1, 5), np.ones(4, bool), results_dir=results)
+
+
 @pytest.mark.parametrize("text, message", [
     ("comparisons: []\n", "needs 'dataset_config'"),
     ("dataset_config: x.yaml\ncomparisons: []\n", "'comparisons' must be a non-empty list"),
@@ -521,6 +581,9 @@ def test_seed_study_compares_saved_ranks_of_several_runs(tmp_path):
      " b: {label: y, runs: [r]}}]\n", "runs \\['r'\\] are on both sides; set 'paired_runs: true'"),
     ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], paired_runs: true, a: {label: x, runs: [r]},"
      " b: {label: y, runs: [r, s]}}]\n", "'paired_runs' needs as many runs"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: [r, s],"
+     " recorded: {variant: v, results: [p]}}, b: {label: y, runs: [t]}}]\n",
+     "'a' 'recorded' must be \\{variant: <row variant>, results: \\[<results stem>, one per run\\]\\} \\(2 runs\\)"),
 ])
 def test_seed_study_spec_errors_name_the_comparison(tmp_path, text, message):
     seed_study = _import_benchmark("seed_study")

@@ -193,7 +193,6 @@ def test_masked_vectors_count_for_nothing(initialised):
 
 
 def test_vectors_that_do_not_count_leave_loss_and_state_finite_and_a_mixed_policy_trains_it():
-    rng = np.random.default_rng(7)
     real = _data(n=32)
     tf.keras.utils.set_random_seed(8)
     layer = ResidualQuantizer(num_levels=2, num_codewords=4)

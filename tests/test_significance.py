@@ -10,7 +10,7 @@ from scipy import stats
 
 from tfx_xmatch.data.dataset import EvalExamples, pad_histories
 from tfx_xmatch.evaluation import (
-    FullRankingEvaluator, compare_run_groups, evaluate_full_ranking, format_difference, is_tail_target,
+    FullRankingEvaluator, compare_run_groups, compare_run_values, evaluate_full_ranking, format_difference, is_tail_target,
     paired_difference, per_example_gain,
 )
 from tfx_xmatch.evaluation import significance
@@ -251,6 +251,23 @@ def test_paired_runs_compare_run_i_with_run_i():
     assert result["across_runs"]["p_value"] == pytest.approx(paired.pvalue, rel=1e-4)
     with pytest.raises(ValueError, match="as many runs on each side, got 3 and 2"):
         compare_run_groups(runs_a, runs_b[:2], ["HR@10"], paired_runs=True)
+
+
+def test_run_values_alone_get_the_same_test_over_runs():
+    runs_a, runs_b = _runs(1, 3.0, 2), _runs(2, 0.0, 3)
+    grouped = compare_run_groups(runs_a, runs_b, ["HR@10"])["HR@10"]
+    assert compare_run_values(grouped["runs_a"], grouped["runs_b"]) == grouped["across_runs"]
+    paired = compare_run_groups(runs_a, runs_b[:2], ["HR@10"], paired_runs=True)["HR@10"]
+    assert compare_run_values(paired["runs_a"], paired["runs_b"], paired_runs=True) == paired["across_runs"]
+    assert compare_run_values(np.float32([0.3, 0.31]), [0.28, 0.29])["num_runs_b"] == 2  # NumPy values count
+    assert compare_run_values([0.3], [0.28, 0.29]) is None
+    for bad in ([0.3, float("nan")], [0.3, "0.31"], [0.3, True]):
+        with pytest.raises(ValueError, match=re.escape(f"values_a must be finite numbers, one per run, got {bad!r}")):
+            compare_run_values(bad, [0.28, 0.29])
+    with pytest.raises(ValueError, match="as many runs on each side, got 2 and 3"):
+        compare_run_values([0.3, 0.31], [0.28, 0.29, 0.3], paired_runs=True)
+    with pytest.raises(ValueError, match="confidence"):
+        compare_run_values([0.3, 0.31], [0.28, 0.29], confidence=1.5)
 
 
 def test_docstring_examples():

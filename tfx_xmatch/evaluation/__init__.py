@@ -12,6 +12,7 @@ from tfx_xmatch.evaluation.significance import (
     check_metric,
     compare_metrics,
     compare_run_groups,
+    compare_run_values,
     describe_recorded_tests,
     format_difference,
     format_recorded_difference,
@@ -20,6 +21,6 @@ from tfx_xmatch.evaluation.significance import (
 )
 
 __all__ = ["TIE_POLICIES", "FullRankingEvaluator", "PairedDifference", "check_metric", "compare_metrics",
-           "compare_run_groups", "describe_recorded_tests", "evaluate_full_ranking", "format_difference",
-           "format_recorded_difference", "is_tail_target",
+           "compare_run_groups", "compare_run_values", "describe_recorded_tests", "evaluate_full_ranking",
+           "format_difference", "format_recorded_difference", "is_tail_target",
            "paired_difference", "per_example_gain"]

@@ -34,6 +34,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 import warnings
 from typing import Optional, Sequence
@@ -348,6 +350,41 @@ def compare_run_groups(runs_a: Sequence[ArrayLike], runs_b: Sequence[ArrayLike],
             "verdict": verdict,
         }
     return result
+
+
+def compare_run_values(values_a: Sequence[float], values_b: Sequence[float], confidence: float = 0.95,
+                       paired_runs: bool = False) -> Optional[dict]:
+    """The test over runs of ``compare_run_groups`` from the runs' metric values alone.
+
+    For runs whose per-example ranks are gone but whose metric values were recorded (a results
+    page): the run-to-run spread is still there to test, the per-example noise is not, so this is
+    half of ``compare_run_groups``'s verdict, never the whole of it.
+
+    Args:
+      values_a, values_b: One metric's value per training run of model A and of model B.
+      confidence: Level of the interval and the test, in (0, 1). Default 0.95.
+      paired_runs: Run i of A and run i of B share their training: a paired t-test (bool,
+        default False: Welch's t-test); needs as many values on each side.
+
+    Returns:
+      ``{"test", "difference", "num_runs_a", "num_runs_b", "confidence", "ci_low", "ci_high",
+      "p_value"}`` (p and the interval ``None``, with a ``note``, when no run differs from another),
+      or None with fewer than two runs a side.
+
+    Raises:
+      ValueError: a value that is not a finite number (quoted), unequal sides with
+        ``paired_runs``, or a confidence outside (0, 1).
+    """
+    _check_confidence(confidence)
+    checked = []
+    for name, values in (("values_a", values_a), ("values_b", values_b)):
+        values = list(values)
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{name} must be finite numbers, one per run, got {values!r}")
+        checked.append([float(v) for v in values])
+    if paired_runs and len(checked[0]) != len(checked[1]):
+        raise ValueError(f"paired_runs needs as many runs on each side, got {len(checked[0])} and {len(checked[1])}")
+    return _across_runs(checked[0], checked[1], confidence, paired_runs)
 
 
 def _across_runs(values_a: list, values_b: list, confidence: float, paired: bool) -> Optional[dict]:
