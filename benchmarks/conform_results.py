@@ -87,10 +87,16 @@ def _sparse_code_latency_row(row: dict) -> dict:
     return row
 
 
+MODELS = ("two_tower_sasrec", "two_tower_mean", "sparcode_all_to_all", "sparcode", "t2diff", "sparc")
+
+
 def run_identity(run: str) -> dict:
-    """Dataset, split and model of a run of these benchmarks, from its directory name."""
+    """Dataset, split and model of a run of these benchmarks, from its directory name: the model
+    it ends with (``<output>-<model>[-seed<N>]``, as the benchmarks name them), else the first
+    model named in it (older names, ``t2diff-<split>-<variant>``)."""
     split = "user_level" if "-user_level-" in run else "leave_one_out"
-    for model in ("two_tower_sasrec", "two_tower_mean", "sparcode", "t2diff", "sparc"):
+    last = re.sub(r"-seed\d+$", "", run).rsplit("-", 1)[-1]
+    for model in ((last,) if last in MODELS else MODELS):
         if model in run:
             return {"dataset": "ml-1m", "split": split, "model": model}
     raise ValueError(f"cannot tell the model of run {run!r}")

@@ -103,13 +103,16 @@ def read_spec(path: pathlib.Path) -> dict:
             if repeated:
                 raise ValueError(f"{where}: {side!r} names the same run more than once: {repeated}")
             recorded = group.get("recorded")
-            if recorded is not None and (
+            if "recorded" in group and (
                     not isinstance(recorded, dict) or not isinstance(recorded.get("variant"), str)
                     or not isinstance(recorded.get("results"), list)
                     or not all(isinstance(stem, str) for stem in recorded["results"])
                     or len(recorded["results"]) != len(group["runs"])):
                 raise ValueError(f"{where}: {side!r} 'recorded' must be {{variant: <row variant>, results: "
-                                 f"[<results stem>, one per run]}} ({len(group['runs'])} runs), got {recorded!r}")
+                                 f"[<results stem>, one per run]}} ({len(group['runs'])} runs), "
+                                 f"got {recorded!r}")
+        if ("recorded" in comparison["a"]) != ("recorded" in comparison["b"]):
+            raise ValueError(f"{where}: 'recorded' on one side only: the test over runs needs both sides' values")
         if not isinstance(comparison.get("paired_runs", False), bool):
             raise ValueError(f"{where}: 'paired_runs' must be true or false, got {comparison['paired_runs']!r}")
         if comparison.get("paired_runs") and len(comparison["a"]["runs"]) != len(comparison["b"]["runs"]):
@@ -126,30 +129,49 @@ def _run_config(run_dir: pathlib.Path):
     return training.load_run_config(run_dir) if (run_dir / "config.json").is_file() else None
 
 
+def _recorded_rows(path: pathlib.Path, run: str) -> list:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such results file (recorded values of run {run!r})")
+    try:
+        rows = json.loads(path.read_text()).get("rows")
+    except (ValueError, AttributeError):
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path}: not a results page (a JSON object with a list of 'rows')")
+    return rows
+
+
 def recorded_values(group: dict, metrics, results_dir: pathlib.Path = RESULTS_DIR) -> dict[str, list[float]]:
     """Each metric's value per run of a spec side, as the side's ``recorded`` results pages hold it.
 
+    A run's row is the one of its model (``conform_results.run_identity``: the model its name
+    ends with), ``recorded.variant``, its training seed (a name ending ``-seed<N>``, else 0) and,
+    where the row records them, its split and dataset.
+
     Raises:
-      ValueError: a missing results file, no row or several for a run (naming the file, the run,
-        the model, variant and seed looked for), or a row without one of ``metrics``.
+      ValueError: a missing or malformed results file, no row or several for a run (naming the
+        file, the run, what was looked for and which rows the page has), or a row without one
+        of ``metrics``.
     """
-    variant, values = group["recorded"]["variant"], {metric: [] for metric in metrics}
-    for run, stem in zip(group["runs"], group["recorded"]["results"]):
+    recorded, values = group["recorded"], {metric: [] for metric in metrics}
+    for run, stem in zip(group["runs"], recorded["results"]):
         path = results_dir / f"{stem}.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: no such results file (recorded values of run {run!r})")
+        rows = _recorded_rows(path, run)
         seeded = SEEDED_RUN.search(run)
-        seed = int(seeded[1]) if seeded else 0
-        model = run_identity(run)["model"]
-        rows = [row for row in json.loads(path.read_text()).get("rows", [])
-                if row.get("model") == model and row.get("variant") == variant and (row.get("train_seed") or 0) == seed]
-        if len(rows) != 1:
-            raise ValueError(f"{path}: {len(rows)} rows of model {model!r}, variant {variant!r}, train_seed {seed} "
-                             f"(run {run!r}); need exactly one")
+        wanted = {**run_identity(run), "variant": recorded["variant"], "train_seed": int(seeded[1]) if seeded else 0}
+        found = [row for row in rows
+                 if row.get("model") == wanted["model"] and row.get("variant") == wanted["variant"]
+                 and (row.get("train_seed") or 0) == wanted["train_seed"]
+                 and all(row.get(key, wanted[key]) == wanted[key] for key in ("split", "dataset"))]
+        if len(found) != 1:
+            held = sorted({(str(row.get("model")), str(row.get("variant")), row.get("train_seed") or 0)
+                           for row in rows})
+            raise ValueError(f"{path}: {len(found)} rows of {wanted} (run {run!r}); need exactly one. The page "
+                             f"holds (model, variant, train_seed): {held}")
         for metric in metrics:
-            if not isinstance(rows[0].get(metric), (int, float)):
+            if not isinstance(found[0].get(metric), (int, float)):
                 raise ValueError(f"{path}: the row of run {run!r} records no {metric!r}")
-            values[metric].append(float(rows[0][metric]))
+            values[metric].append(float(found[0][metric]))
     return values
 
 
@@ -161,7 +183,9 @@ def recorded_comparison(comparison: dict, results_dir: pathlib.Path = RESULTS_DI
         across = compare_run_values(a[metric], b[metric], paired_runs=comparison.get("paired_runs", False))
         if across is None:
             verdict = "needs 2+ runs a side"
-        elif across["p_value"] is not None and across["p_value"] < 1.0 - across["confidence"]:
+        elif across["p_value"] is None:
+            verdict = "no test over runs (no spread)"
+        elif across["p_value"] < 1.0 - across["confidence"]:
             verdict = f"{'A' if across['difference'] > 0 else 'B'} better over runs (not tested over users)"
         else:
             verdict = "no significant difference over runs"
@@ -180,16 +204,23 @@ def study(spec: dict, runs_dir: pathlib.Path, targets, is_tail, results_dir: pat
             ranks = [load_ranks(runs_dir / run, label, targets, _run_config(runs_dir / run)) for run in runs]
             missing += [f"{run}/{label!r}" for run, r in zip(runs, ranks) if r is None]
             groups.append(ranks)
-        entry = {"name": comparison["name"], "a": comparison["a"], "b": comparison["b"]}
+        entry = {"name": comparison["name"], "a": comparison["a"], "b": comparison["b"],
+                 "paired_runs": comparison.get("paired_runs", False)}
         if missing:
-            print(f"skipped {comparison['name']!r}: no saved ranks for {', '.join(missing)}", file=sys.stderr)
             entry["missing"] = missing
-            if all("recorded" in comparison[side] for side in ("a", "b")):
-                entry["recorded"] = recorded_comparison(comparison, results_dir)
+            if "recorded" not in comparison["a"]:
+                print(f"skipped {comparison['name']!r}: no saved ranks for {', '.join(missing)}", file=sys.stderr)
+            else:
+                print(f"{comparison['name']!r}: no saved ranks for {', '.join(missing)}; tested over runs only, "
+                      "from the recorded values", file=sys.stderr)
+                try:
+                    entry["recorded"] = recorded_comparison(comparison, results_dir)
+                except ValueError as error:  # the other comparisons still get their answer
+                    print(f"{comparison['name']!r}: not tested over runs: {error}", file=sys.stderr)
+                    entry["recorded_error"] = str(error)
             entries.append(entry)
             continue
-        entries.append({**entry, "paired_runs": comparison.get("paired_runs", False),
-                        "metrics": compare_run_groups(groups[0], groups[1], comparison["metrics"], is_tail,
+        entries.append({**entry, "metrics": compare_run_groups(groups[0], groups[1], comparison["metrics"], is_tail,
                                                       paired_runs=comparison.get("paired_runs", False))})
     return entries
 
@@ -220,9 +251,11 @@ def comparison_rows(result: dict) -> list[dict]:
 def to_markdown(result: dict) -> str:
     over_users = describe_recorded_tests([values["averaged"] for entry in result["comparisons"]
                                           for values in entry.get("metrics", {}).values()])
+    recorded_only = any("missing" in entry and "recorded" in entry["a"] for entry in result["comparisons"])
     lines = markdown_header(result, "one model against another over several training runs") + [
         f"- ranks of: {result['dataset']} ({result['split']}, {result['num_users']:,} test users); full ranking, "
-        "read from the runs' test_ranks/",
+        "read from the runs' test_ranks/" + ("; where a run's ranks are gone, its comparison is tested over runs "
+                                             "only, from the values its results page recorded" if recorded_only else ""),
         "- per metric: each run's value; over users: the gain of each user averaged over a "
         "model's runs (the runs held fixed); over runs: a t-test of the runs' values, the run-to-run spread as "
         "its noise (Welch's; paired run by run when both sides are the same runs; needs 2+ runs a side, and "
@@ -241,11 +274,15 @@ def to_markdown(result: dict) -> str:
             if entry.get("paired_runs") else [""]
         if "missing" in entry:
             lines += [f"Not compared over users: no saved ranks for {', '.join(entry['missing'])}.", ""]
+            if "recorded_error" in entry:
+                lines += [f"Not tested over runs either: {entry['recorded_error']}", ""]
             if "recorded" in entry:
                 pages = sorted({stem for side in (a, b) for stem in side["recorded"]["results"]})
-                lines += [f"Over runs only, from the values recorded in {', '.join(f'`{p}.json`' for p in pages)} "
-                          f"(A: variant {a['recorded']['variant']!r}, B: {b['recorded']['variant']!r}; rounded "
-                          "as recorded):", "",
+                test = next(iter(entry["recorded"].values()))["across_runs"]
+                lines += [f"Over runs only ({test['test'] if test else 'no test: one run a side'}), from the values "
+                          f"recorded in {', '.join(f'`{p}.json`' for p in pages)} (A: variant "
+                          f"{a['recorded']['variant']!r}, B: {b['recorded']['variant']!r}; rounded as recorded). "
+                          "Half of the verdict: without the ranks there is no test over users.", "",
                           "| metric | A runs | B runs | A − B, over runs | verdict |", "|---|---|---|---|---|"]
                 for metric, value in entry["recorded"].items():
                     across = format_difference(value["across_runs"]) if value["across_runs"] else "needs 2+ runs a side"

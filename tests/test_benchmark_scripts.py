@@ -517,55 +517,108 @@ def test_seed_study_tests_recorded_values_over_runs_when_the_ranks_are_gone(tmp_
     common = _import_benchmark("common")
     results = tmp_path / "results"
     results.mkdir()
-    pages = {  # one page per run, as the benchmarks write them; values chosen, not measured
-        "sc0": [{"model": "sparcode", "variant": "cache=100%", "train_seed": 0, "HR@10": 0.30, "NDCG@10": 0.17},
-                {"model": "sparcode", "variant": "cache=1%", "train_seed": 0, "HR@10": 0.07, "NDCG@10": 0.04}],
-        "sc1": [{"model": "sparcode", "variant": "cache=100%", "train_seed": 1, "HR@10": 0.31, "NDCG@10": 0.17}],
-        "tt": [{"model": "two_tower_sasrec", "variant": "exact", "train_seed": 0, "HR@10": 0.28, "NDCG@10": 0.16},
-               {"model": "two_tower_sasrec", "variant": "exact", "train_seed": 1, "HR@10": 0.29, "NDCG@10": 0.16},
-               {"model": "two_tower_sasrec", "variant": "exact", "train_seed": 2, "HR@10": 0.285, "NDCG@10": 0.16}],
+
+    def row(model, variant, seed, hr, ndcg, **extra):
+        return {"model": model, "variant": variant, "train_seed": seed, "HR@10": hr, "NDCG@10": ndcg, **extra}
+
+    pages = {  # values chosen, not measured; pages mix models, seeds and splits as real ones do
+        "sc0": [row("sparcode", "cache=100%", None, 0.300, 0.17), row("sparcode", "cache=1%", 0, 0.07, 0.04),
+                row("sparcode", "encoder", 0, 0.295, 0.17), row("two_tower_sasrec", "cache=100%", 0, 0.1, 0.1),
+                row("sparcode", "cache=100%", 0, 0.2, 0.1, split="user_level"),
+                row("sparcode_all_to_all", "cache=100%", 0, 0.1, 0.1)],
+        "sc1": [row("sparcode", "cache=100%", 1, 0.302, 0.17), row("sparcode", "encoder", 1, 0.296, 0.17)],
+        "tt": [row("two_tower_sasrec", "exact", 0, 0.280, 0.16), row("two_tower_sasrec", "exact", 1, 0.281, 0.16),
+               row("two_tower_sasrec", "exact", 2, 0.282, 0.16), row("sparcode", "exact", 1, 0.5, 0.5)],
+        "a2a": [row("sparcode_all_to_all", "cache=100%", 0, 0.25, 0.13)],
     }
     for stem, rows in pages.items():
         (results / f"{stem}.json").write_text(json.dumps({"rows": rows}))
+    sparcode = "[x-sparcode, x-sparcode-seed1]"
+    two_tower = "[q-two_tower_sasrec, q-two_tower_sasrec-seed1, q-two_tower_sasrec-seed2]"
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(
         "dataset_config: configs/ml1m_sasrec.yaml\ncomparisons:\n"
-        "  - name: codes vs two-tower\n    metrics: [HR@10, NDCG@10]\n"
-        "    a: {label: cache 100%, runs: [x-sparcode, x-sparcode-seed1],"
-        " recorded: {variant: cache=100%, results: [sc0, sc1]}}\n"
-        "    b: {label: brute force, runs: [q-two_tower_sasrec, q-two_tower_sasrec-seed1, q-two_tower_sasrec-seed2],"
-        " recorded: {variant: exact, results: [tt, tt, tt]}}\n"
+        f"  - {{name: codes vs two-tower, metrics: [HR@10, NDCG@10], a: {{label: l, runs: {sparcode},"
+        " recorded: {variant: cache=100%, results: [sc0, sc1]}},"
+        f" b: {{label: l, runs: {two_tower}, recorded: {{variant: exact, results: [tt, tt, tt]}}}}}}\n"
+        f"  - {{name: two-tower vs codes, metrics: [HR@10], a: {{label: l, runs: {two_tower},"
+        " recorded: {variant: exact, results: [tt, tt, tt]}},"
+        f" b: {{label: l, runs: {sparcode}, recorded: {{variant: cache=100%, results: [sc0, sc1]}}}}}}\n"
+        f"  - {{name: codes vs encoder, paired_runs: true, metrics: [HR@10], a: {{label: l, runs: {sparcode},"
+        " recorded: {variant: cache=100%, results: [sc0, sc1]}},"
+        f" b: {{label: m, runs: {sparcode}, recorded: {{variant: encoder, results: [sc0, sc1]}}}}}}\n"
+        "  - {name: all-to-all, metrics: [HR@10], a: {label: l, runs: [s-sparcode_all_to_all],"
+        " recorded: {variant: cache=100%, results: [a2a]}},"
+        " b: {label: l, runs: [q-two_tower_sasrec], recorded: {variant: exact, results: [tt]}}}\n"
+        "  - {name: a page missing, metrics: [HR@10], a: {label: l, runs: [x-sparcode],"
+        " recorded: {variant: cache=100%, results: [gone]}},"
+        " b: {label: l, runs: [q-two_tower_sasrec], recorded: {variant: exact, results: [tt]}}}\n"
         "  - {name: no record, metrics: [HR@10], a: {label: x, runs: [x-sparcode]}, b: {label: y, runs: [y-sparcode]}}\n")
     spec = seed_study.read_spec(spec_path)
     entries = seed_study.study(spec, tmp_path / "runs", np.arange(1, 5), np.ones(4, bool), results_dir=results)
-    assert entries[0]["missing"] and "metrics" not in entries[0]  # no over-users test, so no rows
+    assert all(entry["missing"] and "metrics" not in entry for entry in entries)  # no test over users: no rows
     hr = entries[0]["recorded"]["HR@10"]
-    assert hr["runs_a"] == [0.30, 0.31] and hr["runs_b"] == [0.28, 0.29, 0.285]  # seed from the run's name
-    welch = stats.ttest_ind([0.30, 0.31], [0.28, 0.29, 0.285], equal_var=False)
+    # Each run's own row: its model, variant and seed (from the name; None reads 0), its split.
+    assert hr["runs_a"] == [0.300, 0.302] and hr["runs_b"] == [0.280, 0.281, 0.282]
+    welch = stats.ttest_ind([0.300, 0.302], [0.280, 0.281, 0.282], equal_var=False)
+    assert welch.pvalue < 0.05
     assert hr["across_runs"]["test"] == "Welch's t-test over runs"
     assert hr["across_runs"]["p_value"] == pytest.approx(welch.pvalue)
-    assert hr["verdict"] == ("A better over runs (not tested over users)" if welch.pvalue < 0.05
-                             else "no significant difference over runs")
+    assert hr["verdict"] == "A better over runs (not tested over users)"
+    assert entries[1]["recorded"]["HR@10"]["verdict"] == "B better over runs (not tested over users)"
     ndcg = entries[0]["recorded"]["NDCG@10"]
-    assert ndcg["across_runs"]["p_value"] is None and ndcg["verdict"] == "no significant difference over runs"
-    assert "recorded" not in entries[1]
+    assert ndcg["across_runs"]["p_value"] is None and ndcg["verdict"] == "no test over runs (no spread)"
+    paired = entries[2]["recorded"]["HR@10"]
+    assert entries[2]["paired_runs"] and paired["runs_b"] == [0.295, 0.296]
+    assert paired["across_runs"]["test"] == "paired t-test over runs"
+    assert paired["across_runs"]["p_value"] == pytest.approx(stats.ttest_rel([0.300, 0.302], [0.295, 0.296]).pvalue)
+    assert entries[3]["recorded"]["HR@10"]["runs_a"] == [0.25]  # the model the name ends with, not 'sparcode'
+    assert entries[3]["recorded"]["HR@10"]["verdict"] == "needs 2+ runs a side"
+    assert "gone.json: no such results file (recorded values of run 'x-sparcode')" in entries[4]["recorded_error"]
+    assert "recorded" not in entries[4] and "recorded" not in entries[5]
     assert seed_study.comparison_rows({"dataset": "ml-1m", "split": "leave_one_out", "comparisons": entries}) == []
     text = seed_study.to_markdown({**common.header("seed_study"), "dataset": "synthetic", "split": "leave_one_out",
                                    "num_users": 4, "comparisons": entries})
-    assert "Over runs only, from the values recorded in `sc0.json`, `sc1.json`, `tt.json`" in text
-    assert "| HR@10 | 0.3000 0.3100 | 0.2800 0.2900 0.2850 | +0.0200 [" in text
-    assert "| NDCG@10 | 0.1700 0.1700 | 0.1600 0.1600 0.1600 | +0.0100 (no test: no spread) |" in text
-    # A run its page does not record, a missing page, a row without the metric: named.
-    for page, message in ((pages["sc1"][0] | {"train_seed": 2}, "0 rows of model 'sparcode', variant 'cache=100%', "
-                                                                "train_seed 1 \\(run 'x-sparcode-seed1'\\)"),
-                          (None, "sc1.json: no such results file \\(recorded values of run 'x-sparcode-seed1'\\)"),
-                          ({"model": "sparcode", "variant": "cache=100%", "train_seed": 1, "HR@10": 0.3},
-                           "sc1.json: the row of run 'x-sparcode-seed1' records no 'NDCG@10'")):
-        (results / "sc1.json").unlink(missing_ok=True)
-        if page is not None:
-            (results / "sc1.json").write_text(json.dumps({"rows": [page]}))
+    assert "its comparison is tested over runs only, from the values its results page recorded" in text
+    assert ("Over runs only (Welch's t-test over runs), from the values recorded in `sc0.json`, `sc1.json`, "
+            "`tt.json` (A: variant 'cache=100%', B: 'exact'; rounded as recorded). Half of the verdict") in text
+    assert "| HR@10 | 0.3000 0.3020 | 0.2800 0.2810 0.2820 | +0.0200 [" in text
+    assert "| NDCG@10 | 0.1700 0.1700 | 0.1600 0.1600 0.1600 | +0.0100 (no test: no spread) | no test over runs" in text
+    section = text.split("## codes vs encoder")[1].split("## ")[0]
+    assert "the same trained runs on both sides: over runs is a paired t-test" in section
+    assert "Over runs only (paired t-test over runs)" in section
+    assert "Not tested over runs either: " in text.split("## a page missing")[1]
+    # Errors name the page and the run: no row, two rows, a row without the metric, not a page.
+    for page, message in (
+            ([row("sparcode", "cache=100%", 2, 0.3, 0.17)],
+             "0 rows of .*'model': 'sparcode'.*'variant': 'cache=100%', 'train_seed': 1} \\(run 'x-sparcode-seed1'\\); "
+             "need exactly one. The page holds \\(model, variant, train_seed\\): \\[\\('sparcode', 'cache=100%', 2\\)\\]"),
+            ([row("sparcode", "cache=100%", 1, 0.3, 0.17)] * 2, "sc1.json: 2 rows of"),
+            ([{"model": "sparcode", "variant": "cache=100%", "train_seed": 1, "HR@10": 0.3}],
+             "sc1.json: the row of run 'x-sparcode-seed1' records no 'NDCG@10'"),
+            ("[1, 2]", "sc1.json: not a results page"), ("{not json", "sc1.json: not a results page")):
+        (results / "sc1.json").write_text(page if isinstance(page, str) else json.dumps({"rows": page}))
         with pytest.raises(ValueError, match=message):
-            seed_study.study(spec, tmp_path / "runs", np.arange(1, 5), np.ones(4, bool), results_dir=results)
+            seed_study.recorded_values(spec["comparisons"][0]["a"], ["HR@10", "NDCG@10"], results)
+
+
+def test_shipped_seed_study_specs_name_recorded_rows_that_exist():
+    seed_study = _import_benchmark("seed_study")
+    checked = 0
+    for spec_file in sorted(seed_study.DEFAULT_SPEC.parent.glob("seed_study*.yaml")):
+        for comparison in seed_study.read_spec(spec_file)["comparisons"]:
+            for side in ("a", "b"):
+                group = comparison[side]
+                if "recorded" not in group:
+                    continue
+                present = [(run, stem) for run, stem in zip(group["runs"], group["recorded"]["results"])
+                           if (seed_study.RESULTS_DIR / f"{stem}.json").is_file()]
+                if present:  # a page a running benchmark has yet to write is skipped
+                    runs, stems = zip(*present)
+                    present_only = {"runs": list(runs), "recorded": {**group["recorded"], "results": list(stems)}}
+                    seed_study.recorded_values(present_only, comparison["metrics"])
+                    checked += len(present)
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("text, message", [
@@ -584,6 +637,10 @@ def test_seed_study_tests_recorded_values_over_runs_when_the_ranks_are_gone(tmp_
     ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: [r, s],"
      " recorded: {variant: v, results: [p]}}, b: {label: y, runs: [t]}}]\n",
      "'a' 'recorded' must be \\{variant: <row variant>, results: \\[<results stem>, one per run\\]\\} \\(2 runs\\)"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: [r], recorded: },"
+     " b: {label: y, runs: [t], recorded: {variant: v, results: [p]}}}]\n", "'a' 'recorded' must be .*got None"),
+    ("dataset_config: x.yaml\ncomparisons: [{name: n, metrics: [HR@10], a: {label: x, runs: [r]},"
+     " b: {label: y, runs: [t], recorded: {variant: v, results: [p]}}}]\n", "'recorded' on one side only"),
 ])
 def test_seed_study_spec_errors_name_the_comparison(tmp_path, text, message):
     seed_study = _import_benchmark("seed_study")
