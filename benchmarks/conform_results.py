@@ -88,6 +88,7 @@ def _sparse_code_latency_row(row: dict) -> dict:
 
 
 MODELS = ("two_tower_sasrec", "two_tower_mean", "sparcode_all_to_all", "sparcode", "t2diff", "sparc")
+SEEDED_RUN = re.compile(r"-seed(\d+)$")  # the suffix of common.seeded_run_dir's names
 
 
 def run_identity(run: str) -> dict:
@@ -95,7 +96,7 @@ def run_identity(run: str) -> dict:
     it ends with (``<output>-<model>[-seed<N>]``, as the benchmarks name them), else the first
     model named in it (older names, ``t2diff-<split>-<variant>``)."""
     split = "user_level" if "-user_level-" in run else "leave_one_out"
-    last = re.sub(r"-seed\d+$", "", run).rsplit("-", 1)[-1]
+    last = SEEDED_RUN.sub("", run).rsplit("-", 1)[-1]
     for model in ((last,) if last in MODELS else MODELS):
         if model in run:
             return {"dataset": "ml-1m", "split": split, "model": model}

@@ -46,13 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfx_xmatch  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from common import REPO_ROOT, RESULTS_DIR, default_data_dir, header, markdown_header, write_results  # noqa: E402
-from conform_results import run_identity  # noqa: E402
+from conform_results import SEEDED_RUN, run_identity  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -64,7 +63,6 @@ from tfx_xmatch.evaluation import (check_metric, compare_run_groups, compare_run
                                    format_difference, format_recorded_difference, is_tail_target)
 
 DEFAULT_SPEC = pathlib.Path(__file__).resolve().parent / "seed_study.yaml"
-SEEDED_RUN = re.compile(r"-seed(\d+)$")  # benchmarks/common.py's seeded_run_dir names
 
 
 def read_spec(path: pathlib.Path) -> dict:
