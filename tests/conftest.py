@@ -24,20 +24,19 @@ def real_data_dir():
     return path
 
 
-# Seconds each test file took on the 2-core machine (`--durations=0`, session 37; the
-# subclassing file alone, session 38), for files of 10 s or more. scripts/test.sh hands whole
-# files to two workers in collection order (--no-loadscope-reorder); taking the longest first
-# lets the short ones even out the ends.
-# xdist's own order, by number of tests, left the 200-s distributed-training file (8 tests)
-# for last: a simulation of its scheduler on these times ends one worker 170 s before the other.
+# Seconds each test file took on the 2-core machine (`--durations=0` summed per file, two
+# workers, session 47), for files of 10 s or more. scripts/test.sh hands whole files to two
+# workers in collection order (--no-loadscope-reorder); taking the longest first lets the short
+# ones even out the ends (a simulation of xdist's scheduler on these times ends the two workers
+# within 10 s of each other). xdist's own order, by number of tests, left the distributed-training
+# file (8 tests, one of the longest) for last.
 FILE_SECONDS = {
-    "test_api_contracts.py": 285, "test_training.py": 276, "test_benchmark_scripts.py": 130,
-    "test_distributed_training.py": 203, "test_cli.py": 153, "test_tfx_trainer.py": 114,
-    "test_t2diff.py": 110, "test_export.py": 86, "test_sparcode.py": 84, "test_sparc.py": 76,
-    "test_beam_prepare.py": 68, "test_bench.py": 65, "test_index.py": 54, "test_serving.py": 46,
-    "test_subclassing.py": 40, "test_pipeline_run.py": 37, "test_beam_build_index.py": 31,
-    "test_beam_evaluate.py": 27, "test_data_tfrecord.py": 23, "test_two_tower.py": 21,
-    "test_residual_quantizer.py": 20, "test_package.py": 13, "test_model_manager.py": 10,
+    "test_api_contracts.py": 206, "test_training.py": 143, "test_distributed_training.py": 131,
+    "test_serving.py": 118, "test_benchmark_scripts.py": 114, "test_cli.py": 88, "test_tfx_trainer.py": 81,
+    "test_beam_prepare.py": 80, "test_export.py": 76, "test_t2diff.py": 70, "test_sparcode.py": 65,
+    "test_sparc.py": 60, "test_index.py": 55, "test_bench.py": 53, "test_pipeline_run.py": 49,
+    "test_subclassing.py": 46, "test_beam_evaluate.py": 42, "test_beam_build_index.py": 32,
+    "test_data_tfrecord.py": 30, "test_model_manager.py": 26, "test_two_tower.py": 22, "test_package.py": 13,
 }
 
 

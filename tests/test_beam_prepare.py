@@ -18,8 +18,9 @@ from tfx_xmatch.data import (  # noqa: E402
 from tfx_xmatch.data.loaders import load_table  # noqa: E402
 from tfx_xmatch.pipelines import prepare  # noqa: E402
 from tfx_xmatch.pipelines.prepare import DEAD_LETTER_FILE, PrepareSpec, run_prepare  # noqa: E402
+from tests.conftest import shared_data_dir  # noqa: E402
 
-DATA_DIR = pathlib.Path(os.environ.get("XMATCH_DATA_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_DIR = shared_data_dir()  # $XMATCH_DATA_DIR, else ../shared/data
 
 
 def same_outputs(expected_dir: pathlib.Path, actual_dir: pathlib.Path) -> None:

@@ -19,6 +19,7 @@ from tfx_xmatch.evaluation import evaluate_full_ranking  # noqa: E402
 from tfx_xmatch.pipelines import cli  # noqa: E402
 from tfx_xmatch.pipelines.run import run_pipeline  # noqa: E402
 from tfx_xmatch.serving.server import build_parser, options_from_args  # noqa: E402
+from tests.conftest import shared_data_dir  # noqa: E402
 
 OVERRIDES = ["data.format=pairs", "model.embedding_dim=16", "model.max_length=12", "model.num_blocks=1",
              "train.epochs=2", "train.verbose=0", "train.batch_size=32", "eval.ks=[5,10]"]
@@ -171,7 +172,7 @@ def test_command_line_reports_bad_stage_and_input(tmp_path, capsys):
     assert "matches no file" in capsys.readouterr().err
 
 
-DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = shared_data_dir()  # $XMATCH_DATA_DIR, else ../shared/data
 
 
 @pytest.mark.skipif(not (DATA_DIR / "ml-100k" / "u.data").is_file(), reason="ML-100K not under ../shared/data")
