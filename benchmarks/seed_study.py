@@ -31,8 +31,8 @@ recorded values. That is half a verdict (no test over users), and the page says 
 
         a:
           label: cache 100%
-          runs: [sparcode_chunks_continued-sparcode, sparcode_chunks_seed1-sparcode-seed1]
-          recorded: {variant: "cache=100%", results: [sparcode_chunks_continued, sparcode_chunks_seed1]}
+          runs: [sparcode_chunks_continued-sparcode, sparcode_chunks_seed1_continued-sparcode-seed1]
+          recorded: {variant: "cache=100%", results: [sparcode_chunks_continued, sparcode_chunks_seed1_continued]}
 
 The row of a run is the one of its model (from the run's name), that variant and its training
 seed (a name ending ``-seed<N>``, else 0).
